@@ -1,0 +1,405 @@
+"""Checkpoints: a lazy, read-only state dict over any source.
+
+A :class:`Checkpoint` answers ``keys()``, ``shape(key)`` and ``dtype(key)`` without reading
+tensor data, and reads a tensor (``get``) or a range of its rows (``get_slice``) on demand.
+Safetensors files are memory-mapped; torch files are loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import CheckpointError, UnsafeCheckpointError
+
+__all__ = ["Checkpoint", "StateDict", "StateDictLike", "load", "open_checkpoint"]
+
+StateDict = dict[str, torch.Tensor]
+StateDictLike = Union[Mapping[str, torch.Tensor], torch.nn.Module, str, os.PathLike, "Checkpoint"]
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+for _name in ("uint16", "uint32", "uint64"):  # torch >= 2.3 has them
+    _SAFETENSORS_DTYPES["U" + _name[4:]] = getattr(torch, _name)
+
+
+class Checkpoint:
+    """A lazy, read-only state dict.
+
+    Subclasses implement ``keys``, ``shape``, ``dtype`` and ``get_slice``; ``get`` reads a whole
+    tensor. Tensors returned may be backed by a read-only memory map: treat them as inputs and
+    never modify them in place.
+
+    Attributes:
+        name: how error messages refer to this checkpoint (a path, or a description).
+        path: the file or directory it reads, or ``None`` for in-memory sources.
+        metadata: string metadata stored with the checkpoint (safetensors header), if any.
+    """
+
+    name: str
+    path: Path | None = None
+    metadata: dict[str, str]
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, key: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def get_slice(self, key: str, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` (a slice along dimension 0) of tensor ``key``."""
+        raise NotImplementedError
+
+    def get(self, key: str, *, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The whole tensor ``key``, on ``device``."""
+        return self.get_slice(key, slice(None)).to(device)
+
+    def nbytes(self, key: str) -> int:
+        """Bytes of tensor ``key`` as stored."""
+        numel = 1
+        for size in self.shape(key):
+            numel *= size
+        return numel * self.dtype(key).itemsize
+
+    def _missing(self, key: str) -> CheckpointError:
+        return CheckpointError(f"{self.name}: no tensor named {key!r}")
+
+    def close(self) -> None:
+        """Release open files; the checkpoint may not be read afterwards."""
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __contains__(self, key: object) -> bool:
+        return key in set(self.keys())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} ({len(self)} tensors)>"
+
+
+class TensorMapCheckpoint(Checkpoint):
+    """A checkpoint over tensors already in hand (a mapping, a module, a loaded torch file)."""
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        name: str = "<state dict>",
+        path: Path | None = None,
+    ) -> None:
+        for key, value in tensors.items():
+            if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+                raise CheckpointError(
+                    f"{name}: expected a mapping of str to torch.Tensor, "
+                    f"found {type(key).__name__} -> {type(value).__name__} for {key!r}"
+                )
+        self._tensors = tensors
+        self.name = name
+        self.path = path
+        self.metadata = {}
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        try:
+            return self._tensors[key]
+        except KeyError:
+            raise self._missing(key) from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensor(key).shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensor(key).dtype
+
+    def get_slice(self, key: str, rows: slice) -> torch.Tensor:
+        tensor = self._tensor(key).detach()
+        return tensor if tensor.dim() == 0 else tensor[rows]
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One safetensors file, or the shards of one model, memory-mapped."""
+
+    def __init__(self, files: Mapping[str, Path], *, name: str, path: Path) -> None:
+        """``files`` maps each tensor key to the file holding it (one file, or shards)."""
+        self.name = name
+        self.path = path
+        self._handles: dict[Path, object] = {}
+        self._files = dict(files)
+        self.metadata = {}
+        for file in dict.fromkeys(self._files.values()):
+            self.metadata.update(self._open(file).metadata() or {})
+
+    @classmethod
+    def from_file(cls, file: Path) -> SafetensorsCheckpoint:
+        self = cls({}, name=str(file), path=file)
+        handle = self._open(file)
+        self._files = {key: file for key in handle.keys()}
+        self.metadata = dict(handle.metadata() or {})
+        return self
+
+    def _open(self, file: Path):  # type: ignore[no-untyped-def]
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError, ValueError) as err:
+                raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+            self._handles[file] = handle
+        return handle
+
+    def _slice(self, key: str):  # type: ignore[no-untyped-def]
+        try:
+            file = self._files[key]
+        except KeyError:
+            raise self._missing(key) from None
+        try:
+            return self._open(file).get_slice(key)
+        except SafetensorError as err:
+            raise CheckpointError(f"{file}: cannot read tensor {key!r} ({err})") from err
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        code = self._slice(key).get_dtype()
+        try:
+            return _SAFETENSORS_DTYPES[code]
+        except KeyError:
+            raise CheckpointError(
+                f"{self._files[key]}: tensor {key!r} has dtype {code}, which torch cannot hold"
+            ) from None
+
+    def get_slice(self, key: str, rows: slice) -> torch.Tensor:
+        view = self._slice(key)
+        try:
+            if len(view.get_shape()) == 0:
+                return self._open(self._files[key]).get_tensor(key)
+            return view[rows]
+        except (SafetensorError, RuntimeError, ValueError) as err:
+            raise CheckpointError(
+                f"{self._files[key]}: cannot read tensor {key!r} ({err})"
+            ) from err
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
+    """Load a torch file with ``weights_only=True``; a pickle that needs more is refused."""
+    try:
+        mmap = zipfile.is_zipfile(file)  # the legacy (non-zip) format cannot be memory-mapped
+        with warnings.catch_warnings():
+            # Raw pickles of other protocols are refused below if unsafe; the hint is noise.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"{file}: refused to unpickle: it needs more than tensors, and loading it could run "
+            f"code ({str(err).splitlines()[0] if str(err) else 'weights_only load failed'}). "
+            "Convert it to safetensors in a trusted environment."
+        ) from err
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{file}: not a readable torch file ({err})") from err
+    for wrapper in ("state_dict", "model"):  # common training-checkpoint layouts
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{file}: expected a state dict, found {type(loaded).__name__}")
+    return loaded
+
+
+class TorchShardsCheckpoint(Checkpoint):
+    """Shards of a torch checkpoint (``pytorch_model.bin.index.json``), loaded file by file."""
+
+    def __init__(self, files: Mapping[str, Path], *, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self.metadata = {}
+        self._files = dict(files)
+        self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        try:
+            file = self._files[key]
+        except KeyError:
+            raise self._missing(key) from None
+        if file not in self._loaded:
+            self._loaded[file] = load_torch_file(file)
+        try:
+            return self._loaded[file][key]
+        except KeyError:
+            raise CheckpointError(
+                f"{file}: the index lists {key!r} but the shard lacks it"
+            ) from None
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensor(key).shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensor(key).dtype
+
+    def get_slice(self, key: str, rows: slice) -> torch.Tensor:
+        tensor = self._tensor(key)
+        return tensor if tensor.dim() == 0 else tensor[rows]
+
+    def close(self) -> None:
+        self._loaded.clear()
+
+
+def _read_index(index: Path) -> dict[str, Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {str(key): index.parent / str(file) for key, file in weight_map.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
+    for file in set(files.values()):
+        if not file.is_file():
+            raise CheckpointError(f"{index}: lists shard {file.name}, which does not exist")
+    return files
+
+
+def _open_directory(directory: Path) -> Checkpoint:
+    """Prefer safetensors over torch files; a shard index over single files."""
+    name = str(directory)
+    for index in sorted(directory.glob("*.safetensors.index.json")):
+        return SafetensorsCheckpoint(_read_index(index), name=name, path=directory)
+    singles = sorted(directory.glob("*.safetensors"))
+    torch_files = sorted(p for p in directory.iterdir() if p.suffix in TORCH_SUFFIXES)
+    indexes = sorted(directory.glob("*.bin.index.json"))
+    if len(singles) == 1:
+        checkpoint = _open_file(singles[0])
+    elif indexes:
+        checkpoint = TorchShardsCheckpoint(_read_index(indexes[0]), name=name, path=directory)
+    elif not singles and len(torch_files) == 1:
+        checkpoint = _open_file(torch_files[0])
+    else:
+        found = [p.name for p in singles or torch_files][:5]
+        raise CheckpointError(
+            f"{directory}: expected one weights file or a *.index.json, found "
+            f"{', '.join(found) if found else 'none'}"
+        )
+    checkpoint.path = directory  # the whole directory is the input, not just its file
+    return checkpoint
+
+
+def _open_file(file: Path) -> Checkpoint:
+    if file.suffix == ".safetensors":
+        return SafetensorsCheckpoint.from_file(file)
+    if file.suffix in TORCH_SUFFIXES:
+        return TensorMapCheckpoint(load_torch_file(file), name=str(file), path=file)
+    raise CheckpointError(
+        f"{file}: unknown checkpoint format; expected .safetensors or one of "
+        f"{', '.join(TORCH_SUFFIXES)}"
+    )
+
+
+def open_checkpoint(source: StateDictLike) -> Checkpoint:
+    """Open ``source`` as a lazy, read-only :class:`Checkpoint`.
+
+    Args:
+        source: a mapping of names to tensors, an ``nn.Module`` (its ``state_dict()``), a
+            ``.safetensors`` file, a torch file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``; loaded
+            with ``weights_only=True``), a directory holding either (sharded with a
+            ``*.index.json`` or not), or an already open :class:`Checkpoint`.
+
+    Returns:
+        A :class:`Checkpoint`; use it as a context manager to close its files.
+
+    Raises:
+        CheckpointError: the source is missing, unreadable or of an unknown kind.
+        UnsafeCheckpointError: a torch file would need arbitrary unpickling.
+
+    Example:
+        >>> import torch, ladle
+        >>> ckpt = ladle.open_checkpoint({"w": torch.zeros(2, 3)})
+        >>> ckpt.keys(), ckpt.shape("w"), ckpt.dtype("w")
+        (['w'], (2, 3), torch.float32)
+    """
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, torch.nn.Module):
+        return TensorMapCheckpoint(source.state_dict(), name=f"<{type(source).__name__}>")
+    if isinstance(source, Mapping):
+        return TensorMapCheckpoint(source)
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if text.startswith("hf://"):
+            raise CheckpointError(f"{text}: Hugging Face Hub sources are not supported yet")
+        path = Path(text)
+        if path.is_dir():
+            return _open_directory(path)
+        if path.is_file():
+            return _open_file(path)
+        raise CheckpointError(f"{path}: no such file or directory")
+    raise TypeError(
+        f"expected a mapping, nn.Module, path or Checkpoint, found {type(source).__name__}"
+    )
+
+
+def load(source: StateDictLike, *, device: str | torch.device = "cpu") -> StateDict:
+    """Read every tensor of ``source`` into memory.
+
+    Args:
+        source: anything :func:`open_checkpoint` accepts.
+        device: where to put the tensors.
+
+    Returns:
+        A new state dict whose tensors the caller owns (not backed by the file).
+
+    Example:
+        >>> import torch, ladle
+        >>> ladle.load({"w": torch.ones(2)})
+        {'w': tensor([1., 1.])}
+    """
+    checkpoint = open_checkpoint(source)
+    try:
+        return {
+            key: checkpoint.get_slice(key, slice(None)).to(device, copy=True)
+            for key in checkpoint.keys()
+        }
+    finally:
+        if checkpoint is not source:
+            checkpoint.close()

@@ -1,0 +1,322 @@
+"""The streaming loop: keys -> fetch (device) -> kernel -> sink.
+
+A merge method supplies a :class:`Kernel`: its per-chunk math, folded over the models one
+tensor at a time, as an optax transformation is folded over steps. The engine owns everything
+else: opening sources, checking that they agree, the order of keys, cutting huge tensors into
+chunks of rows, placing them on the device in the compute dtype, progress, and handing results
+to a sink (an in-memory dict or the safetensors writer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, NamedTuple, Union
+
+import torch
+
+from ._version import __version__
+from .checkpoint import Checkpoint, StateDict, StateDictLike, open_checkpoint
+from .errors import IncompatibleError, LadleError
+from .writer import SafetensorsWriter
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "Kernel", "Progress", "fold", "merge", "open_models"]
+
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+"""Largest chunk of one tensor, per model, in the compute dtype (64 MiB)."""
+
+Progress = Union[bool, Callable[..., Any], None]  # noqa: UP007 (a runtime alias on Python 3.10)
+"""``True``: a tqdm bar over bytes; a tqdm-like class: your own; ``None``/``False``: none."""
+
+
+class Kernel(NamedTuple):
+    """The per-chunk math of a merge method, folded over the models.
+
+    For every chunk of rows of every floating key the engine calls
+    ``state = init(key, rows, base)``, then ``state = update(state, i, x_i)`` for each model
+    ``i`` in order, then ``finalize(state)`` for the merged chunk. ``base`` and ``x_i`` arrive on
+    the merge device in the compute dtype (float32, or float64 for float64 inputs); ``base`` is
+    ``None`` for methods without one. Inputs may be read-only views of a file: never modify
+    them in place; accumulate into tensors the state owns.
+    """
+
+    init: Callable[[str, slice, torch.Tensor | None], Any]
+    update: Callable[[Any, int, torch.Tensor], Any]
+    finalize: Callable[[Any], torch.Tensor]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` means CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """float64 when any input is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def row_chunks(shape: tuple[int, ...], chunk_bytes: int) -> list[slice]:
+    """Slices along dimension 0 whose float32 size is at most ``chunk_bytes`` (at least one row)."""
+    if len(shape) == 0:
+        return [slice(None)]
+    row_bytes = 4 * math.prod(shape[1:])
+    rows = max(1, chunk_bytes // max(row_bytes, 1))
+    if rows >= shape[0]:
+        return [slice(None)]
+    return [slice(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)]
+
+
+def _describe(index: int | None, checkpoint: Checkpoint) -> str:
+    return f"base ({checkpoint.name})" if index is None else f"model {index} ({checkpoint.name})"
+
+
+def _few(keys: Sequence[str]) -> str:
+    shown = ", ".join(repr(key) for key in keys[:3])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > 3 else ''})"
+
+
+def check_compatible(
+    models: Sequence[Checkpoint], base: Checkpoint | None = None, *, named: bool = False
+) -> None:
+    """Raise :class:`IncompatibleError` unless all checkpoints share keys, shapes and dtype kinds.
+
+    The reference is the base, or model 0 when there is none; messages name the model, the
+    keys (a few, and how many) or the key and both shapes. With ``named``, checkpoints are
+    called by their names alone (for arguments of the arithmetic functions).
+    """
+    reference = base if base is not None else models[0]
+
+    def label(index: int | None, checkpoint: Checkpoint) -> str:
+        return checkpoint.name if named else _describe(index, checkpoint)
+
+    ref_name = reference.name if named else ("base" if base is not None else "model 0")
+    ref_keys = reference.keys()
+    ref_set = set(ref_keys)
+    for index, model in enumerate(models):
+        if model is reference:
+            continue
+        keys = model.keys()
+        key_set = set(keys)
+        missing = [key for key in ref_keys if key not in key_set]
+        extra = [key for key in keys if key not in ref_set]
+        if missing or extra:
+            parts = ([f"missing {_few(missing)}"] if missing else []) + (
+                [f"extra {_few(extra)}"] if extra else []
+            )
+            raise IncompatibleError(
+                f"{label(index, model)}: keys differ from {ref_name}: {'; '.join(parts)}"
+            )
+        for key in ref_keys:
+            shape, ref_shape = model.shape(key), reference.shape(key)
+            if shape != ref_shape:
+                raise IncompatibleError(
+                    f"{label(index, model)}: key {key!r} has shape {shape}, "
+                    f"{ref_name} has {ref_shape}"
+                )
+            dtype, ref_dtype = model.dtype(key), reference.dtype(key)
+            if dtype.is_floating_point != ref_dtype.is_floating_point:
+                raise IncompatibleError(
+                    f"{label(index, model)}: key {key!r} has dtype {dtype}, "
+                    f"{ref_name} has {ref_dtype}; floating and integer tensors cannot be merged"
+                )
+
+
+def open_models(
+    models: Sequence[StateDictLike], base: StateDictLike | None, stack: ExitStack
+) -> tuple[list[Checkpoint], Checkpoint | None]:
+    """Open every source, closing on ``stack`` those that this call opened."""
+    if isinstance(models, (str, os.PathLike, Mapping, torch.nn.Module)):
+        raise TypeError("models: expected a sequence of models, found a single model")
+    if len(models) == 0:
+        raise ValueError("models: expected at least one model, found none")
+
+    def opened(source: StateDictLike) -> Checkpoint:
+        checkpoint = open_checkpoint(source)
+        if checkpoint is not source:
+            stack.callback(checkpoint.close)
+        return checkpoint
+
+    return [opened(m) for m in models], (None if base is None else opened(base))
+
+
+def _bar(progress: Any, total: int) -> Any:
+    if not progress:
+        return None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        progress = tqdm
+    return progress(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging")
+
+
+def fold(
+    models: Sequence[Checkpoint],
+    kernel: Kernel,
+    *,
+    base: Checkpoint | None = None,
+    keys: Sequence[str] | None = None,
+    device: torch.device,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    on_bytes: Callable[[int], object] | None = None,
+    copy_others: bool = False,
+) -> Iterator[tuple[str, slice, torch.Tensor]]:
+    """Run ``kernel`` over every chunk of every floating key; yield ``(key, rows, result)``.
+
+    Keys come in the order of ``keys`` (default: the base's, or model 0's). Non-floating keys
+    are skipped, or with ``copy_others`` yielded whole as copies of the base's (model 0's)
+    tensor. Methods call this directly for passes that gather statistics (a TIES threshold,
+    Model Stock's angles) before the pass that merges; ``on_bytes`` reports bytes read.
+    """
+    reference = base if base is not None else models[0]
+    sources = [*models, *([base] if base is not None else [])]
+    for key in reference.keys() if keys is None else keys:
+        if not reference.dtype(key).is_floating_point:
+            if copy_others:
+                if on_bytes is not None:
+                    on_bytes(sum(s.nbytes(key) for s in sources))
+                yield key, slice(None), reference.get_slice(key, slice(None)).clone()
+            continue
+        dtype = compute_dtype([s.dtype(key) for s in sources])
+        for rows in row_chunks(reference.shape(key), chunk_bytes):
+            base_rows = None if base is None else _fetch(base, key, rows, device, dtype)
+            state = kernel.init(key, rows, base_rows)
+            for index, model in enumerate(models):
+                state = kernel.update(state, index, _fetch(model, key, rows, device, dtype))
+            result = kernel.finalize(state)
+            if on_bytes is not None:
+                on_bytes(sum(_rows_nbytes(s, key, rows) for s in sources))
+            yield key, rows, result
+
+
+def _fetch(
+    checkpoint: Checkpoint, key: str, rows: slice, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    return checkpoint.get_slice(key, rows).to(device=device, dtype=dtype)
+
+
+def _rows_nbytes(checkpoint: Checkpoint, key: str, rows: slice) -> int:
+    shape = checkpoint.shape(key)
+    if not shape:
+        return checkpoint.dtype(key).itemsize
+    count = len(range(*rows.indices(shape[0])))
+    return count * math.prod(shape[1:]) * checkpoint.dtype(key).itemsize
+
+
+def _check_output(out: Path, sources: Sequence[Checkpoint]) -> None:
+    target = out.resolve()
+    for checkpoint in sources:
+        if checkpoint.path is None:
+            continue
+        source = checkpoint.path.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise LadleError(
+                f"{out}: refusing to write over or inside input {checkpoint.name}; "
+                "choose another output path"
+            )
+
+
+def provenance(
+    method: str,
+    parameters: Mapping[str, object],
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+) -> dict[str, str]:
+    """Header metadata recording how an output was made."""
+    meta = {
+        "ladle.version": __version__,
+        "ladle.method": method,
+        "ladle.parameters": json.dumps(dict(parameters), sort_keys=True, default=str),
+        "ladle.inputs": json.dumps([m.name for m in models]),
+    }
+    if base is not None:
+        meta["ladle.base"] = base.name
+    return meta
+
+
+def merge(
+    models: Sequence[StateDictLike],
+    kernel: Kernel,
+    *,
+    base: StateDictLike | None = None,
+    method: str,
+    parameters: Mapping[str, object],
+    out: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    progress: Any = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    prepare: Callable[[list[Checkpoint], Checkpoint | None], Kernel] | None = None,
+) -> StateDict | Path:
+    """Merge ``models`` (and ``base``) with ``kernel`` into a dict or, with ``out``, onto disk.
+
+    Floating tensors go through the kernel and come out in ``dtype`` (default: the dtype of
+    the base's, or model 0's, tensor); other tensors are copied from the base or model 0.
+    ``prepare``, when given, is called with the opened, checked checkpoints and returns the
+    kernel to use (for methods that first gather statistics over the inputs).
+    """
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype: expected a floating dtype, found {dtype}")
+    target = resolve_device(device)
+    with ExitStack() as stack:
+        checkpoints, base_ckpt = open_models(models, base, stack)
+        check_compatible(checkpoints, base_ckpt)
+        reference = base_ckpt if base_ckpt is not None else checkpoints[0]
+        sources = [*checkpoints, *([base_ckpt] if base_ckpt is not None else [])]
+        if out is not None:
+            _check_output(Path(out), sources)
+            if Path(out).exists() and not overwrite:
+                raise LadleError(f"{out}: already exists; pass overwrite=True to replace it")
+        if prepare is not None:
+            kernel = prepare(checkpoints, base_ckpt)
+
+        def out_dtype(key: str) -> torch.dtype:
+            stored = reference.dtype(key)
+            return dtype if dtype is not None and stored.is_floating_point else stored
+
+        specs = {key: (reference.shape(key), out_dtype(key)) for key in reference.keys()}
+        total = sum(s.nbytes(key) for s in sources for key in specs)
+        bar = _bar(progress, total)
+        if bar is not None:
+            stack.callback(bar.close)
+        results = fold(
+            checkpoints,
+            kernel,
+            base=base_ckpt,
+            device=target,
+            chunk_bytes=chunk_bytes,
+            on_bytes=None if bar is None else bar.update,
+            copy_others=True,
+        )
+        if out is None:
+            return _to_state_dict(results, specs)
+        meta = provenance(method, parameters, checkpoints, base_ckpt)
+        with SafetensorsWriter(
+            out, specs, max_shard_size=max_shard_size, metadata=meta, overwrite=overwrite
+        ) as writer:
+            for key, _, chunk in results:
+                writer.write(key, chunk.to(specs[key][1]))
+        return Path(out)
+
+
+def _to_state_dict(
+    results: Iterator[tuple[str, slice, torch.Tensor]],
+    specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+) -> StateDict:
+    state: StateDict = {}
+    for key, rows, chunk in results:
+        shape, dtype = specs[key]
+        if rows == slice(None):
+            state[key] = chunk.to("cpu", dtype)  # chunks are owned: kernel results or copies
+        else:
+            if key not in state:
+                state[key] = torch.empty(shape, dtype=dtype)
+            state[key][rows] = chunk
+    return state

@@ -1,0 +1,24 @@
+"""The one exception hierarchy of ladle.
+
+``LadleError`` is the root; catch it to handle every failure ladle reports on purpose.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CheckpointError", "IncompatibleError", "LadleError", "UnsafeCheckpointError"]
+
+
+class LadleError(Exception):
+    """Base class of every error ladle raises on purpose."""
+
+
+class CheckpointError(LadleError):
+    """A checkpoint cannot be found, opened or read; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A torch file needs more than tensors to unpickle; it was not loaded and nothing ran."""
+
+
+class IncompatibleError(LadleError, ValueError):
+    """Models disagree on keys, shapes or kinds of dtype; the message names model and key."""

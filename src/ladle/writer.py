@@ -1,0 +1,365 @@
+"""Streaming safetensors writer: sharded, atomic, with provenance metadata.
+
+The output's keys, shapes and dtypes are known before any data is merged, so the header of
+every shard is written first and tensor bytes are appended as they are computed, one chunk of
+rows at a time: the whole state dict never sits in memory. Everything is written under a
+temporary name beside the destination and renamed into place only once complete and re-read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import LadleError
+
+__all__ = ["SafetensorsWriter", "parse_size", "save"]
+
+INDEX_NAME = "model.safetensors.index.json"
+TEMP_MARK = ".ladle-tmp-"
+
+_DTYPE_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+for _bits in (16, 32, 64):
+    _DTYPE_CODES[getattr(torch, f"uint{_bits}")] = f"U{_bits}"
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+Spec = tuple[tuple[int, ...], torch.dtype]
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"``.
+
+    Example:
+        >>> parse_size("5GB"), parse_size("1KiB"), parse_size(42)
+        (5000000000, 1024, 42)
+    """
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
+        unit = match.group(2).upper() if match else ""
+        if not match or unit not in _UNITS:
+            raise ValueError(f"max_shard_size: expected e.g. '5GB' or '500MiB', found {size!r}")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"max_shard_size: must be positive, found {size!r}")
+    return value
+
+
+def _nbytes(spec: Spec) -> int:
+    shape, dtype = spec
+    numel = 1
+    for size in shape:
+        numel *= size
+    return numel * dtype.itemsize
+
+
+def _plan_shards(specs: Mapping[str, Spec], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, spec in specs.items():
+        nbytes = _nbytes(spec)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def _header(specs: Mapping[str, Spec], keys: list[str], metadata: Mapping[str, str]) -> bytes:
+    entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key in keys:
+        shape, dtype = specs[key]
+        if dtype not in _DTYPE_CODES:
+            raise LadleError(f"tensor {key!r}: safetensors cannot store dtype {dtype}")
+        end = offset + _nbytes(specs[key])
+        entries[key] = {
+            "dtype": _DTYPE_CODES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # data starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def _temporary_beside(path: Path) -> Path:
+    return path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class SafetensorsWriter:
+    """Write tensors, in a planned order and a chunk of rows at a time, into safetensors.
+
+    ``out`` ending in ``.safetensors`` is one file; any other ``out`` is a directory holding
+    ``model.safetensors``, or shards of at most ``max_shard_size`` bytes (a tensor larger than
+    that gets a shard of its own) with ``model.safetensors.index.json``. Use as a context
+    manager: leaving it without an exception re-reads the output and renames it into place;
+    leaving it with one deletes the temporary output.
+
+    Example:
+        >>> import tempfile, torch, ladle
+        >>> from ladle.writer import SafetensorsWriter
+        >>> path = tempfile.mkdtemp() + "/merged.safetensors"
+        >>> with SafetensorsWriter(path, {"w": ((2, 2), torch.float32)}) as writer:
+        ...     writer.write("w", torch.ones(1, 2))  # row 0
+        ...     writer.write("w", torch.zeros(1, 2))  # row 1
+        >>> ladle.load(path)["w"].tolist()
+        [[1.0, 1.0], [0.0, 0.0]]
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        specs: Mapping[str, Spec],
+        *,
+        max_shard_size: int | str = "5GB",
+        metadata: Mapping[str, str] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise LadleError(f"{self.out}: already exists; pass overwrite=True to replace it")
+        self._specs = dict(specs)
+        self._metadata = {"format": "pt", **(metadata or {})}
+        self._single_file = self.out.suffix == ".safetensors"
+        shards = (
+            [list(self._specs)]
+            if self._single_file
+            else _plan_shards(self._specs, parse_size(max_shard_size))
+        )
+        self._temp = _temporary_beside(self.out)
+        self._overwrite = overwrite
+        if self._single_file:
+            self._files = [self._temp]
+        else:
+            self._temp.mkdir(parents=False)
+            names = (
+                ["model.safetensors"]
+                if len(shards) == 1
+                else [
+                    f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                    for i in range(1, len(shards) + 1)
+                ]
+            )
+            self._files = [self._temp / name for name in names]
+        self._shards = shards
+        self._queue = [(shard, key) for shard, keys in enumerate(shards) for key in keys]
+        self._position = 0  # index into self._queue of the key being written
+        self._written = 0  # bytes of that key written so far
+        self._handle: BinaryIO | None = None
+        self._shard = -1
+
+    def write(self, key: str, chunk: torch.Tensor) -> None:
+        """Append ``chunk`` (the next rows of ``key``, or all of it) to the output."""
+        if chunk.numel() == 0 and key in self._specs:
+            return  # nothing to write; empty tensors are skipped in order
+        self._skip_empty()
+        if self._position >= len(self._queue):
+            raise LadleError(f"writer for {self.out}: got {key!r} after the last planned tensor")
+        shard, expected = self._queue[self._position]
+        shape, dtype = self._specs[expected]
+        if key != expected or chunk.dtype != dtype:
+            raise LadleError(
+                f"writer for {self.out}: expected the next rows of {expected!r} ({dtype}), "
+                f"got {key!r} ({chunk.dtype})"
+            )
+        if shard != self._shard:
+            self._start_shard(shard)
+        assert self._handle is not None
+        data = _raw_bytes(chunk)
+        total = _nbytes((shape, dtype))
+        if self._written + data.nbytes > total:
+            raise LadleError(
+                f"writer for {self.out}: more bytes for {key!r} than its shape {shape}"
+            )
+        self._handle.write(data)
+        self._written += data.nbytes
+        if self._written == total:
+            self._position += 1
+            self._written = 0
+            self._skip_empty()
+
+    def _skip_empty(self) -> None:
+        """Zero-sized tensors take no bytes and need no write."""
+        while (
+            self._position < len(self._queue)
+            and _nbytes(self._specs[self._queue[self._position][1]]) == 0
+        ):
+            shard = self._queue[self._position][0]
+            if shard != self._shard:
+                self._start_shard(shard)
+            self._position += 1
+
+    def _start_shard(self, shard: int) -> None:
+        self._close_handle()
+        self._shard = shard
+        self._handle = open(self._files[shard], "wb")  # noqa: SIM115 (closed in _close_handle)
+        self._handle.write(_header(self._specs, self._shards[shard], self._metadata))
+
+    def _close_handle(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+
+    def commit(self) -> Path:
+        """Check the output is complete, then rename it into place; returns the final path."""
+        self._skip_empty()
+        if self._position < len(self._queue) or self._written:
+            missing = self._queue[self._position][1]
+            raise LadleError(f"writer for {self.out}: closed before {missing!r} was written")
+        for shard in range(len(self._shards)):  # shards of only empty tensors still need a header
+            if shard > self._shard:
+                self._start_shard(shard)
+        self._close_handle()
+        if not self._single_file:
+            self._write_index()
+        self._verify()
+        self._rename_into_place()
+        return self.out
+
+    def abort(self) -> None:
+        """Delete the temporary output; nothing appears under the final name."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self._temp.is_dir():
+            shutil.rmtree(self._temp, ignore_errors=True)
+        else:
+            self._temp.unlink(missing_ok=True)
+
+    def _write_index(self) -> None:
+        if len(self._files) == 1:
+            return
+        total = sum(_nbytes(spec) for spec in self._specs.values())
+        weight_map = {key: self._files[shard].name for shard, key in self._queue}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self._temp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def _verify(self) -> None:
+        """Re-read every header: the keys, shapes and dtypes must be those planned."""
+        for file, keys in zip(self._files, self._shards):
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            except (SafetensorError, OSError) as err:
+                raise LadleError(
+                    f"{self.out}: the written file does not read back ({err})"
+                ) from err
+            expected = {key: self._specs[key][0] for key in keys}
+            if found != expected:
+                raise LadleError(f"{self.out}: the written file does not hold what was planned")
+            if file.stat().st_size != len(_header(self._specs, keys, self._metadata)) + sum(
+                _nbytes(self._specs[key]) for key in keys
+            ):
+                raise LadleError(f"{self.out}: the written file has the wrong size")
+
+    def _rename_into_place(self) -> None:
+        if not self.out.exists():
+            os.replace(self._temp, self.out)  # fails if a directory appeared meanwhile
+            return
+        if not self._overwrite:
+            raise LadleError(f"{self.out}: appeared while merging; the result is left unwritten")
+        if self._single_file and not self.out.is_dir():
+            os.replace(self._temp, self.out)
+            return
+        old = self.out.parent / f".{self.out.name}.ladle-old-{uuid.uuid4().hex[:8]}"
+        os.replace(self.out, old)
+        os.replace(self._temp, self.out)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise
+
+
+def save(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``state_dict`` as safetensors, atomically.
+
+    Args:
+        state_dict: names to tensors (any device; written as they are, in this order).
+        path: a ``.safetensors`` file, or a directory written Hugging Face style
+            (``model.safetensors``, or shards with ``model.safetensors.index.json``).
+        max_shard_size: largest shard of a directory output, e.g. ``"5GB"`` or ``"500MiB"``.
+        metadata: strings stored in every shard's header.
+        overwrite: replace an existing output (atomically) instead of refusing.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile, torch, ladle
+        >>> out = ladle.save({"w": torch.ones(3)}, tempfile.mkdtemp() + "/model")
+        >>> sorted(p.name for p in out.iterdir())
+        ['model.safetensors']
+    """
+    specs = {key: (tuple(t.shape), t.dtype) for key, t in state_dict.items()}
+    with SafetensorsWriter(
+        path, specs, max_shard_size=max_shard_size, metadata=metadata, overwrite=overwrite
+    ) as writer:
+        for key, tensor in state_dict.items():
+            writer.write(key, tensor)
+    return Path(path)

@@ -1,0 +1,32 @@
+"""Shared test helpers: small model families and a naive reference."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+
+# Timings on shared CI machines vary too much for per-example deadlines.
+settings.register_profile("ladle", deadline=None, max_examples=40)
+settings.load_profile("ladle")
+
+SHAPES = {"layer.weight": (4, 3), "layer.bias": (4,), "head.weight": (2, 4), "scalar": ()}
+
+
+def family(n: int, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> list[dict]:
+    """``n`` models sharing keys and shapes, with an integer buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    models = []
+    for i in range(n):
+        model = {k: torch.randn(s, generator=gen).to(dtype) for k, s in SHAPES.items()}
+        model["bn.num_batches_tracked"] = torch.tensor(100 + i)
+        models.append(model)
+    return models
+
+
+@st.composite
+def families(draw: st.DrawFn, min_n: int = 1, max_n: int = 5) -> list[dict]:
+    n = draw(st.integers(min_n, max_n))
+    seed = draw(st.integers(0, 2**16))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    return family(n, seed=seed, dtype=dtype)

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from conftest import family
+from safetensors.torch import save_file
+
+import ladle
+
+
+def test_open_mapping_and_module_report_keys_shapes_dtypes():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ckpt = ladle.open_checkpoint(model)
+    assert ckpt.keys() == list(model.state_dict())
+    assert ckpt.shape("0.weight") == (2, 3)
+    assert ckpt.dtype("1.num_batches_tracked") == torch.int64
+    assert torch.equal(ckpt.get("0.weight"), model.state_dict()["0.weight"])
+
+
+def test_safetensors_file_is_read_lazily_and_sliced(tmp_path):
+    tensors = {"a": torch.arange(12.0).reshape(6, 2), "b": torch.tensor(7)}
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"note": "hi"})
+    with ladle.open_checkpoint(tmp_path / "m.safetensors") as ckpt:
+        assert sorted(ckpt.keys()) == ["a", "b"]
+        assert ckpt.shape("a") == (6, 2) and ckpt.dtype("b") == torch.int64
+        assert torch.equal(ckpt.get_slice("a", slice(2, 4)), tensors["a"][2:4])
+        assert torch.equal(ckpt.get("b"), tensors["b"])
+        assert ckpt.metadata["note"] == "hi"
+
+
+def test_torch_file_loads_with_weights_only(tmp_path):
+    tensors = family(1)[0]
+    torch.save(tensors, tmp_path / "m.pt")
+    loaded = ladle.load(tmp_path / "m.pt")
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
+def test_torch_training_checkpoint_with_state_dict_key_is_unwrapped(tmp_path):
+    tensors = family(1)[0]
+    torch.save({"state_dict": tensors, "epoch": 3}, tmp_path / "ckpt.pth")
+    assert set(ladle.load(tmp_path / "ckpt.pth")) == set(tensors)
+
+
+class Payload:
+    """Unpickling this would create a marker file: code execution."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_torch_file_with_code_payload_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"w": Payload(marker)}, f)
+    with pytest.raises(ladle.UnsafeCheckpointError, match="evil.pt"):
+        ladle.open_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_torch_zip_file_with_code_payload_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"w": torch.zeros(2), "evil": Payload(marker)}, tmp_path / "evil.bin")
+    assert not marker.exists()
+    with pytest.raises(ladle.UnsafeCheckpointError):
+        ladle.load(tmp_path / "evil.bin")
+    assert not marker.exists()
+
+
+def test_sharded_safetensors_directory(tmp_path):
+    save_file({"a": torch.ones(2)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"b": torch.zeros(3)}, tmp_path / "model-00002-of-00002.safetensors")
+    index = {
+        "metadata": {"total_size": 20},
+        "weight_map": {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors",
+        },
+    }
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    loaded = ladle.load(tmp_path)
+    assert torch.equal(loaded["a"], torch.ones(2)) and torch.equal(loaded["b"], torch.zeros(3))
+
+
+def test_sharded_torch_directory(tmp_path):
+    torch.save({"a": torch.ones(2)}, tmp_path / "pytorch_model-00001-of-00002.bin")
+    torch.save({"b": torch.zeros(3)}, tmp_path / "pytorch_model-00002-of-00002.bin")
+    index = {
+        "weight_map": {
+            "a": "pytorch_model-00001-of-00002.bin",
+            "b": "pytorch_model-00002-of-00002.bin",
+        }
+    }
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    loaded = ladle.load(tmp_path)
+    assert torch.equal(loaded["b"], torch.zeros(3))
+
+
+def test_directory_prefers_safetensors_over_torch_files(tmp_path):
+    save_file({"w": torch.ones(1)}, tmp_path / "model.safetensors")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    assert ladle.load(tmp_path)["w"].item() == 1.0
+
+
+def test_index_naming_a_missing_shard_is_a_checkpoint_error(tmp_path):
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ladle.CheckpointError, match="model-00001-of-00002.safetensors"):
+        ladle.open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 3, b"not a safetensors file at all"])
+def test_corrupt_safetensors_is_a_checkpoint_error_naming_the_file(tmp_path, content):
+    (tmp_path / "bad.safetensors").write_bytes(content)
+    with pytest.raises(ladle.CheckpointError, match="bad.safetensors"):
+        ladle.open_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_missing_path_and_hub_source_are_checkpoint_errors(tmp_path):
+    with pytest.raises(ladle.CheckpointError, match="no such file"):
+        ladle.open_checkpoint(tmp_path / "nope.safetensors")
+    with pytest.raises(ladle.CheckpointError, match="hf://"):
+        ladle.open_checkpoint("hf://owner/repo")
+
+
+def test_load_returns_tensors_the_caller_owns(tmp_path):
+    save_file({"w": torch.zeros(3)}, tmp_path / "m.safetensors")
+    loaded = ladle.load(tmp_path / "m.safetensors")
+    loaded["w"] += 1  # would fail on a read-only mmap
+    assert ladle.load(tmp_path / "m.safetensors")["w"].sum().item() == 0

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import family
+from safetensors.torch import save_file
+
+import ladle
+from ladle.cli import main
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    paths = []
+    for i, model in enumerate(family(3, seed=7)):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    return paths
+
+
+def test_soup_writes_the_weighted_mean(tmp_path, inputs, capsys):
+    out = tmp_path / "soup"
+    assert (
+        main(
+            [
+                "soup",
+                *inputs,
+                "-o",
+                str(out),
+                "--weights",
+                "1",
+                "1",
+                "2",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    expected = ladle.uniform_soup(inputs, weights=[1, 1, 2], device="cpu")
+    merged = ladle.load(out)
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert capsys.readouterr().out.strip() == str(out)
+
+
+def test_soup_dtype_and_shard_options(tmp_path, inputs):
+    out = tmp_path / "soup"
+    assert (
+        main(
+            [
+                "soup",
+                *inputs,
+                "-o",
+                str(out),
+                "--dtype",
+                "bf16",
+                "--max-shard-size",
+                "40B",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert (out / "model.safetensors.index.json").exists()
+    assert ladle.load(out)["layer.weight"].dtype == torch.bfloat16
+
+
+def test_merge_error_is_one_line_on_stderr_with_exit_1(tmp_path, inputs, capsys):
+    bad = tmp_path / "bad.safetensors"
+    save_file({"other": torch.zeros(1)}, bad)
+    assert main(["soup", inputs[0], str(bad), "-o", str(tmp_path / "x.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ladle: error: model 1")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_existing_output_exits_1_unless_overwrite(tmp_path, inputs, capsys):
+    out = tmp_path / "o.safetensors"
+    assert main(["soup", *inputs, "-o", str(out)]) == 0
+    assert main(["soup", *inputs, "-o", str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["soup", *inputs, "-o", str(out), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["soup"], ["soup", "a"], ["soup", "a", "-o", "x", "--dtype", "int8"]]
+)
+def test_usage_errors_exit_2(argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+
+
+def test_inspect_lists_keys_and_totals(inputs, capsys):
+    assert main(["inspect", inputs[0]]) == 0
+    out = capsys.readouterr().out
+    assert "layer.weight" in out and "float32" in out and "4x3" in out
+    params = sum(t.numel() for t in family(1, seed=7)[0].values())
+    assert f"5 tensors, {params:,} parameters" in out
+
+
+def test_inspect_json(inputs, capsys):
+    assert main(["inspect", inputs[0], "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    shapes = {t["key"]: t["shape"] for t in report["tensors"]}
+    assert shapes["layer.weight"] == [4, 3] and shapes["scalar"] == []
+    assert report["bytes"] == sum(t.nbytes for t in family(1, seed=7)[0].values())
+
+
+@pytest.mark.slow
+def test_console_entry_point_runs_as_a_module(tmp_path, inputs):
+    result = subprocess.run(
+        [sys.executable, "-m", "ladle.cli", "soup", *inputs, "-o", str(tmp_path / "o.safetensors")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "ladle.cli", "inspect", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 1 and "no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr

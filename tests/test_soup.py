@@ -1,0 +1,239 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import families, family
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import ladle
+
+
+def naive_soup(models, weights=None):
+    """Load everything, mean in float64."""
+    weights = weights or [1.0] * len(models)
+    total = sum(weights)
+    out = {}
+    for key, ref in models[0].items():
+        if ref.is_floating_point():
+            acc = sum(w * m[key].double() for w, m in zip(weights, models)) / total
+            out[key] = acc.to(ref.dtype)
+        else:
+            out[key] = ref
+    return out
+
+
+def assert_close_to_naive(actual, expected):
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        assert actual[key].dtype == value.dtype
+        if value.dtype == torch.float32:
+            torch.testing.assert_close(actual[key], value, rtol=1e-6, atol=1e-6)
+        elif value.is_floating_point():  # one rounding of the float32 sum: within one ulp
+            torch.testing.assert_close(actual[key].float(), value.float(), rtol=2**-7, atol=1e-3)
+        else:
+            assert torch.equal(actual[key], value)
+
+
+@given(families())
+def test_uniform_soup_matches_naive_mean(models):
+    assert_close_to_naive(ladle.uniform_soup(models, device="cpu"), naive_soup(models))
+
+
+@given(families(min_n=2), st.lists(st.floats(0.1, 10), min_size=5, max_size=5))
+def test_weights_normalise(models, weights):
+    weights = weights[: len(models)]
+    scaled = [3.0 * w for w in weights]
+    a = ladle.uniform_soup(models, weights=weights, device="cpu")
+    b = ladle.uniform_soup(models, weights=scaled, device="cpu")
+    assert_close_to_naive(a, naive_soup(models, weights))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
+@given(families(min_n=2), st.randoms())
+def test_permutation_invariance(models, rng):
+    order = list(range(len(models)))
+    rng.shuffle(order)
+    a = ladle.uniform_soup(models, device="cpu")
+    b = ladle.uniform_soup([models[i] for i in order], device="cpu")
+    for key in a:
+        if a[key].is_floating_point():  # float sums are reassociated: equal within rounding
+            torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-2, atol=1e-5)
+
+
+@given(st.integers(1, 6), st.sampled_from([torch.bfloat16, torch.float16]), st.integers(0, 99))
+def test_soup_of_identical_low_precision_models_is_that_model_exactly(n, dtype, seed):
+    model = family(1, seed=seed, dtype=dtype)[0]
+    soup = ladle.uniform_soup([model] * n, device="cpu")
+    for key in model:
+        assert torch.equal(soup[key], model[key])
+
+
+@given(st.integers(1, 6), st.integers(0, 99))
+def test_soup_of_identical_float32_models_is_that_model(n, seed):
+    model = family(1, seed=seed)[0]
+    soup = ladle.uniform_soup([model] * n, device="cpu")
+    for key in model:
+        torch.testing.assert_close(soup[key], model[key], rtol=2e-7, atol=0)
+
+
+@given(families(), st.integers(4, 64), st.sampled_from([None, torch.float32, torch.bfloat16]))
+def test_streaming_output_equals_in_memory_bit_for_bit(tmp_path_factory, models, chunk, dtype):
+    directory = tmp_path_factory.mktemp("soup")
+    paths = []
+    for i, model in enumerate(models):
+        save_file(model, directory / f"m{i}.safetensors")
+        paths.append(directory / f"m{i}.safetensors")
+    in_memory = ladle.uniform_soup(models, device="cpu", dtype=dtype, chunk_bytes=chunk)
+    out = ladle.uniform_soup(
+        paths,
+        out=directory / "out",
+        device="cpu",
+        dtype=dtype,
+        chunk_bytes=chunk,
+        max_shard_size=64,
+    )
+    streamed = ladle.load(out)
+    assert set(streamed) == set(in_memory)
+    for key in in_memory:
+        assert streamed[key].dtype == in_memory[key].dtype
+        assert torch.equal(streamed[key], in_memory[key]), key
+
+
+def test_chunking_does_not_change_the_result():
+    models = family(3, seed=1)
+    whole = ladle.uniform_soup(models, device="cpu")
+    rows = ladle.uniform_soup(models, device="cpu", chunk_bytes=1)
+    for key in whole:
+        assert torch.equal(whole[key], rows[key])
+
+
+def test_bf16_inputs_accumulate_in_float32():
+    big = {"w": torch.full((4,), 256.0, dtype=torch.bfloat16)}
+    one = {"w": torch.ones(4, dtype=torch.bfloat16)}
+    # mean = (256 + 1 + 1 + 1 + 1) / 5 = 52; folding in bf16 would lose every +1/5 step.
+    soup = ladle.uniform_soup([big, one, one, one, one], device="cpu")
+    assert soup["w"].dtype == torch.bfloat16
+    assert soup["w"].tolist() == [52.0] * 4
+
+
+def test_mixed_float_dtypes_merge_in_float32_and_output_in_model_0_dtype():
+    a = {"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)}
+    b = {"w": torch.tensor([2.0, 4.0])}
+    soup = ladle.uniform_soup([a, b], device="cpu")
+    assert soup["w"].dtype == torch.bfloat16 and soup["w"].tolist() == [1.5, 3.0]
+    assert ladle.uniform_soup([b, a], device="cpu")["w"].dtype == torch.float32
+
+
+def test_integer_buffers_are_copied_from_model_0():
+    models = family(3)
+    soup = ladle.uniform_soup(models, device="cpu")
+    assert soup["bn.num_batches_tracked"].item() == 100
+    assert soup["bn.num_batches_tracked"].dtype == torch.int64
+
+
+def test_dtype_argument_sets_output_of_floating_tensors_only():
+    soup = ladle.uniform_soup(family(2), device="cpu", dtype=torch.float16)
+    assert soup["layer.weight"].dtype == torch.float16
+    assert soup["bn.num_batches_tracked"].dtype == torch.int64
+
+
+def test_mismatched_shapes_raise_with_model_key_and_shapes():
+    models = family(3)
+    models[2]["layer.weight"] = torch.zeros(4, 7)
+    with pytest.raises(
+        ladle.IncompatibleError,
+        match=r"model 2 .*'layer.weight' has shape \(4, 7\), model 0 has \(4, 3\)",
+    ):
+        ladle.uniform_soup(models)
+
+
+def test_mismatched_keys_raise_listing_a_few_and_how_many():
+    models = family(2)
+    for key in ["x1", "x2", "x3", "x4"]:
+        models[1][key] = torch.zeros(1)
+    with pytest.raises(
+        ladle.IncompatibleError, match=r"model 1 .*extra 4 \('x1', 'x2', 'x3', \.\.\.\)"
+    ):
+        ladle.uniform_soup(models)
+
+
+def test_integer_versus_float_for_one_key_is_an_error():
+    a, b = family(2)
+    b["layer.bias"] = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ladle.IncompatibleError, match="layer.bias"):
+        ladle.uniform_soup([a, b])
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [([1.0], "weights"), ([1.0, -1.0], "weights"), ([float("nan"), 1.0], "weights")],
+)
+def test_bad_weights_are_value_errors_naming_the_parameter(weights, match):
+    with pytest.raises(ValueError, match=match):
+        ladle.uniform_soup(family(2), weights=weights)
+
+
+def test_empty_model_list_is_a_value_error():
+    with pytest.raises(ValueError, match="models"):
+        ladle.uniform_soup([])
+
+
+def test_provenance_is_stored_in_the_header(tmp_path):
+    paths = []
+    for i, model in enumerate(family(2)):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    out = ladle.uniform_soup(paths, weights=[1, 3], out=tmp_path / "o.safetensors")
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["ladle.method"] == "uniform_soup"
+    assert meta["ladle.version"] == ladle.__version__
+    assert '"weights": [0.25, 0.75]' in meta["ladle.parameters"]
+    assert "m0.safetensors" in meta["ladle.inputs"] and "m1.safetensors" in meta["ladle.inputs"]
+
+
+def test_output_equal_to_or_inside_an_input_is_refused(tmp_path):
+    model = family(1)[0]
+    ladle.save(model, tmp_path / "a")
+    ladle.save(model, tmp_path / "b.safetensors")
+    for out in (tmp_path / "a", tmp_path / "a" / "merged.safetensors", tmp_path / "b.safetensors"):
+        with pytest.raises(ladle.LadleError, match="refusing"):
+            ladle.uniform_soup(
+                [tmp_path / "a", tmp_path / "b.safetensors"], out=out, overwrite=True
+            )
+    assert torch.equal(
+        ladle.load(tmp_path / "b.safetensors")["layer.weight"], model["layer.weight"]
+    )
+
+
+def test_progress_accepts_a_tqdm_like_class():
+    seen = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            seen.append(("total", total))
+
+        def update(self, n):
+            seen.append(("update", n))
+
+        def close(self):
+            seen.append(("close", None))
+
+    models = family(2)
+    ladle.uniform_soup(models, progress=Bar, device="cpu")
+    total = seen[0][1]
+    assert total == sum(t.nbytes for m in models for t in m.values())
+    assert sum(n for what, n in seen if what == "update") == total
+    assert seen[-1] == ("close", None)
+
+
+def test_module_inputs_work():
+    torch.manual_seed(0)
+    nets = [torch.nn.Linear(3, 2) for _ in range(3)]
+    soup = ladle.uniform_soup(nets, device="cpu")
+    expected = sum(n.weight.detach() for n in nets) / 3
+    torch.testing.assert_close(soup["weight"], expected)

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import family
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors import safe_open
+
+import ladle
+from ladle.writer import SafetensorsWriter, parse_size
+
+
+@given(max_shard=st.integers(1, 400), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_sharded_round_trip_save_then_load(tmp_path_factory, max_shard, dtype):
+    model = family(1, seed=max_shard, dtype=dtype)[0]
+    out = ladle.save(model, tmp_path_factory.mktemp("out") / "model", max_shard_size=max_shard)
+    loaded = ladle.load(out)
+    assert set(loaded) == set(model)
+    for key in model:
+        assert loaded[key].dtype == model[key].dtype and torch.equal(loaded[key], model[key])
+    files = sorted(p.name for p in out.iterdir())
+    if len(files) > 1:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert index["metadata"]["total_size"] == sum(t.nbytes for t in model.values())
+        assert set(index["weight_map"]) == set(model)
+        assert set(index["weight_map"].values()) | {"model.safetensors.index.json"} == set(files)
+    else:
+        assert files == ["model.safetensors"]
+
+
+def test_shards_respect_max_size_unless_one_tensor_is_larger(tmp_path):
+    model = {f"t{i}": torch.zeros(10) for i in range(5)}  # 40 bytes each
+    out = ladle.save(model, tmp_path / "m", max_shard_size=100)
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) == 3  # 2 + 2 + 1 tensors
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            assert sum(f.get_tensor(k).nbytes for k in f.keys()) <= 100
+
+
+def test_chunked_writes_equal_whole_writes(tmp_path):
+    tensor = torch.arange(20.0).reshape(5, 4)
+    with SafetensorsWriter(tmp_path / "a.safetensors", {"w": ((5, 4), torch.float32)}) as w:
+        for rows in (slice(0, 2), slice(2, 3), slice(3, 5)):
+            w.write("w", tensor[rows])
+    ladle.save({"w": tensor}, tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_failed_write_leaves_no_file_under_final_name_nor_temporaries(tmp_path):
+    specs = {"a": ((2,), torch.float32), "b": ((2,), torch.float32)}
+    with pytest.raises(RuntimeError), SafetensorsWriter(tmp_path / "out", specs) as w:
+        w.write("a", torch.ones(2))
+        raise RuntimeError("merge failed half-way")
+    assert os.listdir(tmp_path) == []
+
+
+def test_incomplete_write_is_refused_and_cleaned(tmp_path):
+    specs = {"a": ((2,), torch.float32), "b": ((2,), torch.float32)}
+    with (
+        pytest.raises(ladle.LadleError, match="'b'"),
+        SafetensorsWriter(tmp_path / "o.safetensors", specs) as w,
+    ):
+        w.write("a", torch.ones(2))
+    assert os.listdir(tmp_path) == []
+
+
+def test_out_of_order_or_wrong_dtype_writes_are_refused(tmp_path):
+    specs = {"a": ((2,), torch.float32), "b": ((2,), torch.float32)}
+    with (
+        pytest.raises(ladle.LadleError, match="expected the next rows of 'a'"),
+        SafetensorsWriter(tmp_path / "o.safetensors", specs) as w,
+    ):
+        w.write("b", torch.ones(2))
+    with (
+        pytest.raises(ladle.LadleError, match="torch.float16"),
+        SafetensorsWriter(tmp_path / "o.safetensors", specs) as w,
+    ):
+        w.write("a", torch.ones(2, dtype=torch.float16))
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path):
+    path = ladle.save({"w": torch.zeros(1)}, tmp_path / "m.safetensors")
+    with pytest.raises(ladle.LadleError, match="already exists"):
+        ladle.save({"w": torch.ones(1)}, path)
+    ladle.save({"w": torch.ones(1)}, path, overwrite=True)
+    assert ladle.load(path)["w"].item() == 1.0
+    directory = ladle.save({"w": torch.zeros(1)}, tmp_path / "d")
+    ladle.save({"w": torch.ones(1)}, directory, overwrite=True)
+    assert ladle.load(directory)["w"].item() == 1.0
+    assert sorted(os.listdir(tmp_path)) == ["d", "m.safetensors"]
+
+
+def test_metadata_and_format_are_stored(tmp_path):
+    path = ladle.save({"w": torch.zeros(1)}, tmp_path / "m.safetensors", metadata={"k": "v"})
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt", "k": "v"}
+
+
+def test_empty_and_scalar_tensors_round_trip(tmp_path):
+    model = {"empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5), "w": torch.ones(2)}
+    loaded = ladle.load(ladle.save(model, tmp_path / "m", max_shard_size=1))
+    assert loaded["empty"].shape == (0, 3) and loaded["scalar"].item() == 2.5
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("5GB", 5 * 10**9), ("500MiB", 500 * 2**20), ("1.5KB", 1500), ("42", 42)]
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "5XB", "-1GB", "0"])
+def test_parse_size_rejects_nonsense(text):
+    with pytest.raises(ValueError, match="max_shard_size"):
+        parse_size(text)
