@@ -130,6 +130,28 @@ def _temporary_beside(path: Path) -> Path:
     return path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete leftovers of earlier writes to ``path`` whose process is gone (killed, crashed)."""
+    for leftover in path.parent.glob(f".{path.name}{TEMP_MARK}*"):
+        pid = leftover.name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class SafetensorsWriter:
     """Write tensors, in a planned order and a chunk of rows at a time, into safetensors.
 
@@ -170,6 +192,8 @@ class SafetensorsWriter:
             if self._single_file
             else _plan_shards(self._specs, parse_size(max_shard_size))
         )
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(self.out)
         self._temp = _temporary_beside(self.out)
         self._overwrite = overwrite
         if self._single_file:
