@@ -215,3 +215,47 @@ def test_inputs_are_never_modified_by_a_merge(tmp_path):
     before = [Path(p).read_bytes() for p in paths]
     ladle.uniform_soup(paths, out=tmp_path / "o.safetensors")
     assert [Path(p).read_bytes() for p in paths] == before
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_input_is_an_error_naming_model_and_key(bad):
+    models = family(3)
+    models[2]["layer.bias"][1] = bad
+    with pytest.raises(ladle.NonFiniteError, match=r"model 2 .*'layer.bias'"):
+        ladle.uniform_soup(models, device="cpu")
+    merged = ladle.uniform_soup(models, device="cpu", allow_nonfinite=True)
+    assert not torch.isfinite(merged["layer.bias"][1])
+    assert torch.isfinite(merged["layer.weight"]).all()
+
+
+def test_large_finite_values_whose_sum_overflows_are_not_flagged():
+    big = {"w": torch.full((8,), 3e38)}
+    half = {"w": torch.full((8,), 6e4, dtype=torch.float16)}  # float16 sum would overflow
+    assert ladle.uniform_soup([big, big], device="cpu")["w"][0].item() == pytest.approx(3e38)
+    assert ladle.uniform_soup([half, half], device="cpu")["w"][0].item() == 6e4
+
+
+def test_read_errors_on_the_prefetch_thread_reach_the_caller_and_the_thread_ends(tmp_path):
+    import threading
+
+    class Failing(ladle.Checkpoint):
+        name, metadata = "failing", {}
+
+        def keys(self):
+            return ["a", "b"]
+
+        def shape(self, key):
+            return (4,)
+
+        def dtype(self, key):
+            return torch.float32
+
+        def get_slice(self, key, rows):
+            if key == "b":
+                raise ladle.CheckpointError("failing: cannot read 'b'")
+            return torch.ones(4)[rows]
+
+    before = threading.active_count()
+    with pytest.raises(ladle.CheckpointError, match="cannot read 'b'"):
+        ladle.uniform_soup([Failing(), Failing()], device="cpu")
+    assert threading.active_count() == before

@@ -22,30 +22,62 @@ from .checkpoint import StateDict as StateDict
 from .checkpoint import StateDictLike as StateDictLike
 from .checkpoint import load as load
 from .checkpoint import open_checkpoint as open_checkpoint
+from .compare import DiffReport as DiffReport
+from .compare import TensorDiff as TensorDiff
+from .compare import diff as diff
 from .errors import CheckpointError as CheckpointError
 from .errors import IncompatibleError as IncompatibleError
 from .errors import LadleError as LadleError
+from .errors import NonFiniteError as NonFiniteError
 from .errors import UnsafeCheckpointError as UnsafeCheckpointError
+from .methods.dare import dare as dare
+from .methods.ratatouille import ratatouille as ratatouille
+from .methods.ratatouille import ratatouille_init as ratatouille_init
+from .methods.soup import GreedySoupResult as GreedySoupResult
+from .methods.soup import GreedySoupStep as GreedySoupStep
+from .methods.soup import greedy_soup as greedy_soup
 from .methods.soup import uniform_soup as uniform_soup
+from .methods.stock import ModelStockWarning as ModelStockWarning
+from .methods.stock import model_stock as model_stock
+from .methods.task_arithmetic import task_arithmetic as task_arithmetic
+from .methods.ties import ties as ties
+from .recipe import load_recipe as load_recipe
+from .recipe import run_recipe as run_recipe
 from .writer import save as save
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "DiffReport",
+    "GreedySoupResult",
+    "GreedySoupStep",
     "IncompatibleError",
     "LadleError",
+    "ModelStockWarning",
+    "NonFiniteError",
     "StateDict",
     "StateDictLike",
+    "TensorDiff",
     "UnsafeCheckpointError",
     "__version__",
     "add",
+    "dare",
+    "diff",
+    "greedy_soup",
     "lerp",
     "load",
+    "load_recipe",
+    "model_stock",
     "open_checkpoint",
+    "ratatouille",
+    "ratatouille_init",
+    "run_recipe",
     "save",
     "scale",
     "sub",
+    "task_arithmetic",
     "task_vector",
+    "ties",
     "uniform_soup",
     "weighted_sum",
 ]

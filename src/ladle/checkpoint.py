@@ -80,6 +80,10 @@ class Checkpoint:
         """The whole tensor ``key``, on ``device``."""
         return self.get_slice(key, slice(None)).to(device)
 
+    def files(self) -> dict[str, Path]:
+        """The file holding each tensor (shards of a sharded checkpoint); empty in memory."""
+        return {}
+
     def nbytes(self, key: str) -> int:
         """Bytes of tensor ``key`` as stored."""
         numel = 1
@@ -197,6 +201,9 @@ class SafetensorsCheckpoint(Checkpoint):
     def keys(self) -> list[str]:
         return list(self._files)
 
+    def files(self) -> dict[str, Path]:
+        return dict(self._files)
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._slice(key).get_shape())
 
@@ -275,6 +282,9 @@ class TorchShardsCheckpoint(Checkpoint):
     def keys(self) -> list[str]:
         return list(self._files)
 
+    def files(self) -> dict[str, Path]:
+        return dict(self._files)
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._tensor(key).shape)
 
@@ -343,7 +353,9 @@ def open_checkpoint(source: StateDictLike) -> Checkpoint:
         source: a mapping of names to tensors, an ``nn.Module`` (its ``state_dict()``), a
             ``.safetensors`` file, a torch file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``; loaded
             with ``weights_only=True``), a directory holding either (sharded with a
-            ``*.index.json`` or not), or an already open :class:`Checkpoint`.
+            ``*.index.json`` or not), a Hugging Face Hub repo
+            ``hf://owner/repo[@revision][/subfolder]`` (see :mod:`ladle.hub`), or an already
+            open :class:`Checkpoint`.
 
     Returns:
         A :class:`Checkpoint`; use it as a context manager to close its files.
@@ -367,7 +379,9 @@ def open_checkpoint(source: StateDictLike) -> Checkpoint:
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if text.startswith("hf://"):
-            raise CheckpointError(f"{text}: Hugging Face Hub sources are not supported yet")
+            from .hub import open_hub_checkpoint  # huggingface_hub is imported only when needed
+
+            return open_hub_checkpoint(text)
         path = Path(text)
         if path.is_dir():
             return _open_directory(path)

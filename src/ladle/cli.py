@@ -7,17 +7,28 @@ traceback), 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
-from .checkpoint import open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
+from .compare import TensorDiff, diff
 from .errors import LadleError
-from .methods.soup import uniform_soup
+from .methods.dare import dare
+from .methods.soup import greedy_soup, uniform_soup
+from .methods.stock import model_stock
+from .methods.task_arithmetic import task_arithmetic
+from .methods.ties import ties
+from .recipe import run_recipe
 from .writer import parse_size
 
 __all__ = ["main"]
@@ -77,6 +88,12 @@ def merge_options() -> argparse.ArgumentParser:
         help="largest shard of a directory output (default: 5GB)",
     )
     parent.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parent.add_argument(
+        "--push-to-hub",
+        metavar="OWNER/REPO",
+        default=None,
+        help="after merging, upload the output directory to this Hub model repo",
+    )
     parent.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parent
 
@@ -98,6 +115,99 @@ def _run_soup(args: argparse.Namespace) -> None:
     print(out)
 
 
+def _run_task_arithmetic(args: argparse.Namespace) -> None:
+    out = task_arithmetic(
+        args.models, args.base, scale=args.scale, weights=args.weights, **merge_kwargs(args)
+    )
+    print(out)
+
+
+def _run_ties(args: argparse.Namespace) -> None:
+    out = ties(
+        args.models,
+        args.base,
+        density=args.density,
+        scale=args.scale,
+        trim=args.trim,
+        **merge_kwargs(args),
+    )
+    print(out)
+
+
+def _run_dare(args: argparse.Namespace) -> None:
+    out = dare(
+        args.models,
+        args.base,
+        density=args.density,
+        scale=args.scale,
+        seed=args.seed,
+        combine=args.combine,
+        **merge_kwargs(args),
+    )
+    print(out)
+
+
+def _run_stock(args: argparse.Namespace) -> None:
+    print(model_stock(args.models, args.base, **merge_kwargs(args)))
+
+
+def _callable(spec: str) -> Callable[..., Any]:
+    """``pkg.module:function`` (or ``path/to/file.py:function``), imported; else a usage error."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise argparse.ArgumentTypeError(
+            f"expected MODULE:FUNCTION, e.g. mypkg.evals:accuracy, found {spec!r}"
+        )
+    try:
+        if module_name.endswith(".py"):
+            file_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            if file_spec is None or file_spec.loader is None or not Path(module_name).is_file():
+                raise ImportError(f"no such file {module_name}")
+            module = importlib.util.module_from_spec(file_spec)
+            file_spec.loader.exec_module(module)
+        else:
+            added = os.getcwd() not in sys.path  # a console script does not search the cwd
+            if added:
+                sys.path.insert(0, os.getcwd())
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                if added:
+                    sys.path.remove(os.getcwd())
+        target: Any = module
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except Exception as err:  # the user's module may raise anything while importing
+        raise argparse.ArgumentTypeError(
+            f"cannot import {spec!r}: {type(err).__name__}: {err}"
+        ) from None
+    if not callable(target):
+        raise argparse.ArgumentTypeError(f"{spec!r} is a {type(target).__name__}, not a callable")
+    return target  # type: ignore[no-any-return]
+
+
+def _run_greedy_soup(args: argparse.Namespace) -> None:
+    result = greedy_soup(
+        args.models, args.evaluate, scores=args.scores, strict=args.strict, **merge_kwargs(args)
+    )
+    width = max(len(str(len(args.models) - 1)), len("model"))
+    print(f"{'model':<{width}}  {'score':>10}  kept  source")
+    for step in result.history:
+        kept = "yes" if step.accepted else "no"
+        print(f"{step.index:<{width}}  {step.score:>10.6g}  {kept:<4}  {args.models[step.index]}")
+    print(
+        f"selected {len(result.selected)} of {len(args.models)} models "
+        f"({', '.join(map(str, result.selected))}); score {result.score:.6g}"
+    )
+    print(args.out)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(seed=args.seed, size=args.size, workdir=args.workdir, device=args.device)
+
+
 def _format_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if count < 1024 or unit == "TiB":
@@ -106,12 +216,28 @@ def _format_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _shards(ckpt: Checkpoint, keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The files of a checkpoint in order of first use: name, tensors, bytes."""
+    files = ckpt.files()
+    shards: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        if key in files:
+            shard = shards.setdefault(
+                str(files[key]), {"file": files[key].name, "tensors": 0, "bytes": 0}
+            )
+            shard["tensors"] += 1
+            shard["bytes"] += ckpt.nbytes(key)
+    return list(shards.values())
+
+
 def _run_inspect(args: argparse.Namespace) -> None:
     with open_checkpoint(args.checkpoint) as ckpt:
         keys = ckpt.keys()
         rows = [(key, ckpt.shape(key), ckpt.dtype(key), ckpt.nbytes(key)) for key in keys]
         params = sum(nbytes // dtype.itemsize for _, _, dtype, nbytes in rows)
         total = sum(nbytes for *_, nbytes in rows)
+        shards = _shards(ckpt, keys)
+        files = {key: path.name for key, path in ckpt.files().items()}
         if args.json:
             print(
                 json.dumps(
@@ -123,11 +249,14 @@ def _run_inspect(args: argparse.Namespace) -> None:
                                 "shape": list(s),
                                 "dtype": str(d).removeprefix("torch."),
                                 "bytes": n,
+                                "file": files.get(k),
                             }
                             for k, s, d, n in rows
                         ],
                         "parameters": params,
                         "bytes": total,
+                        "path": None if ckpt.path is None else str(ckpt.path),
+                        "shards": shards,
                         "metadata": ckpt.metadata,
                     },
                     indent=2,
@@ -142,8 +271,74 @@ def _run_inspect(args: argparse.Namespace) -> None:
                 f"{_format_bytes(nbytes)}"
             )
         print(f"{len(keys)} tensors, {params:,} parameters, {_format_bytes(total)} ({ckpt.name})")
+        if ckpt.path is not None and str(ckpt.path) != ckpt.name:
+            print(f"path {ckpt.path}")  # e.g. the snapshot in the HF cache of an hf:// source
+        for shard in shards if len(shards) > 1 else []:
+            print(
+                f"shard {shard['file']}: {shard['tensors']} tensors, "
+                f"{_format_bytes(shard['bytes'])}"
+            )
         for name, value in sorted(ckpt.metadata.items()):
             print(f"metadata {name}: {value}")
+
+
+def _number(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.6g}"
+
+
+def _run_diff(args: argparse.Namespace) -> None:
+    report = diff(args.a, args.b, base=args.base, device=args.device or "cpu")
+    if args.json:
+
+        def fields(row: TensorDiff) -> dict[str, Any]:
+            values = row._asdict()
+            return {
+                k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()
+            }
+
+        print(
+            json.dumps(
+                {
+                    "a": args.a,
+                    "b": args.b,
+                    "base": args.base,
+                    "tensors": [fields(row) for row in report.tensors],
+                    "total": {k: v for k, v in fields(report.total).items() if k != "key"},
+                    "skipped": report.skipped,
+                },
+                indent=2,
+            )
+        )
+        return
+    a, b = ("|A-base|", "|B-base|") if args.base is not None else ("|A|", "|B|")
+    width = max([len(row.key) for row in report.tensors] + [3])
+    print(f"{'key':<{width}}  {a:>12}  {b:>12}  {'|A-B|':>12}  {'cosine':>9}")
+    for row in report.tensors:
+        print(
+            f"{row.key:<{width}}  {_number(row.norm_a):>12}  {_number(row.norm_b):>12}  "
+            f"{_number(row.norm_diff):>12}  {_number(row.cosine):>9}"
+        )
+    total = report.total
+    same = sum(row.norm_diff == 0 for row in report.tensors)
+    what = "task vectors" if args.base is not None else "models"
+    print(
+        f"{len(report.tensors)} tensors: {a} {_number(total.norm_a)}, {b} "
+        f"{_number(total.norm_b)}, |A-B| {_number(total.norm_diff)}, cosine of the {what} "
+        f"{_number(total.cosine)}; {same} identical"
+        + (f"; {len(report.skipped)} non-floating skipped" if report.skipped else "")
+    )
+
+
+def _run_recipe(args: argparse.Namespace) -> None:
+    results = run_recipe(
+        args.recipe,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    for name, result in results.items():
+        if isinstance(result, Path):
+            print(f"{name}: {result}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,10 +362,127 @@ def build_parser() -> argparse.ArgumentParser:
     )
     soup.set_defaults(run=_run_soup)
 
+    arithmetic = commands.add_parser(
+        "task-arithmetic",
+        parents=[merge_options()],
+        help="task arithmetic: base + scale·Σ wᵢ·(modelᵢ − base)",
+    )
+    arithmetic.add_argument("models", nargs="+", help="fine-tuned checkpoints")
+    arithmetic.add_argument("--base", required=True, help="the model they were tuned from")
+    arithmetic.add_argument("--scale", type=float, default=1.0, help="λ (default: 1.0)")
+    arithmetic.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        default=None,
+        help="one weight per task vector, used as given (default: 1 each; negative negates)",
+    )
+    arithmetic.set_defaults(run=_run_task_arithmetic)
+
+    ties_parser = commands.add_parser(
+        "ties",
+        parents=[merge_options()],
+        help="TIES-Merging: trim, elect signs, disjoint mean",
+    )
+    ties_parser.add_argument("models", nargs="+", help="fine-tuned checkpoints")
+    ties_parser.add_argument("--base", required=True, help="the model they were tuned from")
+    ties_parser.add_argument(
+        "--density", type=float, default=0.2, help="fraction of entries kept (default: 0.2)"
+    )
+    ties_parser.add_argument("--scale", type=float, default=1.0, help="λ (default: 1.0)")
+    ties_parser.add_argument(
+        "--trim",
+        choices=["global", "tensor"],
+        default="global",
+        help="rank magnitudes over the whole model (paper) or per tensor (default: global)",
+    )
+    ties_parser.set_defaults(run=_run_ties)
+
+    dare_parser = commands.add_parser(
+        "dare",
+        parents=[merge_options()],
+        help="DARE: drop and rescale task-vector entries, then sum or TIES-combine",
+    )
+    dare_parser.add_argument("models", nargs="+", help="fine-tuned checkpoints")
+    dare_parser.add_argument("--base", required=True, help="the model they were tuned from")
+    dare_parser.add_argument(
+        "--density", type=float, default=0.1, help="probability of keeping an entry (default: 0.1)"
+    )
+    dare_parser.add_argument("--scale", type=float, default=1.0, help="λ (default: 1.0)")
+    dare_parser.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
+    dare_parser.add_argument(
+        "--combine", choices=["sum", "ties"], default="sum", help="how to combine (default: sum)"
+    )
+    dare_parser.set_defaults(run=_run_dare)
+
+    stock = commands.add_parser(
+        "stock",
+        parents=[merge_options()],
+        help="Model Stock: per tensor, t·mean + (1 − t)·base, t from the task vectors' angle",
+    )
+    stock.add_argument("models", nargs="+", help="two or more fine-tuned checkpoints")
+    stock.add_argument("--base", required=True, help="the model they were tuned from")
+    stock.set_defaults(run=_run_stock)
+
+    greedy = commands.add_parser(
+        "greedy-soup",
+        parents=[merge_options()],
+        help="greedy soup: add models best first while a held-out score does not drop",
+    )
+    greedy.add_argument("models", nargs="+", help="checkpoints: files or directories")
+    greedy.add_argument(
+        "--evaluate",
+        type=_callable,
+        required=True,
+        metavar="MODULE:FUNCTION",
+        help="evaluate(state_dict) -> float, higher is better (imported with importlib)",
+    )
+    greedy.add_argument(
+        "--scores",
+        type=float,
+        nargs="+",
+        default=None,
+        help="the models' own scores (default: evaluate each model once)",
+    )
+    greedy.add_argument(
+        "--strict", action="store_true", help="keep a model only if the score improves"
+    )
+    greedy.set_defaults(run=_run_greedy_soup)
+
+    demo = commands.add_parser(
+        "demo", help="an end-to-end demo on a synthetic problem (a minute on a laptop CPU)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the problem and training")
+    demo.add_argument(
+        "--size", choices=["small", "default"], default="default", help="small: a quick check"
+    )
+    demo.add_argument(
+        "--workdir", default=None, help="keep the checkpoints here (default: a temp dir)"
+    )
+    demo.add_argument("--device", default="cpu", help="where training and merging run")
+    demo.set_defaults(run=_run_demo)
+
     inspect = commands.add_parser("inspect", help="keys, shapes, dtypes and size of a checkpoint")
     inspect.add_argument("checkpoint")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=_run_inspect)
+
+    compare = commands.add_parser(
+        "diff", help="per-tensor norms of A - B (or of task vectors) and their cosine"
+    )
+    compare.add_argument("a", metavar="A")
+    compare.add_argument("b", metavar="B")
+    compare.add_argument("--base", default=None, help="compare the task vectors A - BASE, B - BASE")
+    compare.add_argument("--device", default=None, help="where the sums run (default: cpu)")
+    compare.add_argument("--json", action="store_true", help="machine-readable output")
+    compare.set_defaults(run=_run_diff)
+
+    recipe = commands.add_parser("run", help="run the merge steps of a TOML recipe")
+    recipe.add_argument("recipe", metavar="RECIPE.toml")
+    recipe.add_argument("--device", default=None, help="overrides the recipe's device")
+    recipe.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    recipe.add_argument("--no-progress", action="store_true", help="no progress bar")
+    recipe.set_defaults(run=_run_recipe)
     return parser
 
 
@@ -179,8 +491,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run
+    push = getattr(args, "push_to_hub", None)
+    if push is not None and str(args.out).endswith(".safetensors"):
+        parser.error("--push-to-hub needs a directory output (-o DIR), not a .safetensors file")
     try:
         run(args)
+        if push is not None:
+            from .hub import push_to_hub
+
+            print(push_to_hub(args.out, push))
     except (LadleError, ValueError, OSError) as err:
         if args.debug:
             raise

@@ -9,10 +9,13 @@ to a sink (an in-memory dict or the safetensors writer).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, NamedTuple, Union
@@ -21,7 +24,8 @@ import torch
 
 from ._version import __version__
 from .checkpoint import Checkpoint, StateDict, StateDictLike, open_checkpoint
-from .errors import IncompatibleError, LadleError
+from .errors import IncompatibleError, LadleError, NonFiniteError
+from .modelcard import output_files
 from .writer import SafetensorsWriter
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "Kernel", "Progress", "fold", "merge", "open_models"]
@@ -165,6 +169,8 @@ def fold(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_bytes: Callable[[int], object] | None = None,
     copy_others: bool = False,
+    allow_nonfinite: bool = False,
+    prefetch: int = 2,
 ) -> Iterator[tuple[str, slice, torch.Tensor]]:
     """Run ``kernel`` over every chunk of every floating key; yield ``(key, rows, result)``.
 
@@ -172,32 +178,128 @@ def fold(
     are skipped, or with ``copy_others`` yielded whole as copies of the base's (model 0's)
     tensor. Methods call this directly for passes that gather statistics (a TIES threshold,
     Model Stock's angles) before the pass that merges; ``on_bytes`` reports bytes read.
+
+    A background thread reads (and checks) up to ``prefetch`` chunks ahead of the arithmetic,
+    one model's chunk at a time, so reading overlaps computing and memory stays independent
+    of the number of models. An input holding NaN or Inf raises :class:`NonFiniteError`
+    naming the model and key, unless ``allow_nonfinite``.
     """
     reference = base if base is not None else models[0]
-    sources = [*models, *([base] if base is not None else [])]
-    for key in reference.keys() if keys is None else keys:
-        if not reference.dtype(key).is_floating_point:
-            if copy_others:
-                if on_bytes is not None:
-                    on_bytes(sum(s.nbytes(key) for s in sources))
-                yield key, slice(None), reference.get_slice(key, slice(None)).clone()
-            continue
-        dtype = compute_dtype([s.dtype(key) for s in sources])
-        for rows in row_chunks(reference.shape(key), chunk_bytes):
-            base_rows = None if base is None else _fetch(base, key, rows, device, dtype)
-            state = kernel.init(key, rows, base_rows)
-            for index, model in enumerate(models):
-                state = kernel.update(state, index, _fetch(model, key, rows, device, dtype))
-            result = kernel.finalize(state)
+    sources = [*([base] if base is not None else []), *models]
+    plan = _plan(reference, sources, keys, chunk_bytes, copy_others)
+    reads = _prefetched(
+        _read(plan, models, base, reference, device, allow_nonfinite), depth=max(prefetch, 0)
+    )
+    try:
+        for key, rows, dtype in plan:
+            if dtype is None:  # a non-floating key, copied from the reference
+                result = next(reads)
+            else:
+                state = kernel.init(key, rows, next(reads) if base is not None else None)
+                for index in range(len(models)):
+                    state = kernel.update(state, index, next(reads))
+                result = kernel.finalize(state)
             if on_bytes is not None:
                 on_bytes(sum(_rows_nbytes(s, key, rows) for s in sources))
             yield key, rows, result
+    finally:
+        reads.close()
 
 
-def _fetch(
-    checkpoint: Checkpoint, key: str, rows: slice, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    return checkpoint.get_slice(key, rows).to(device=device, dtype=dtype)
+Plan = list[tuple[str, slice, "torch.dtype | None"]]
+
+
+def _plan(
+    reference: Checkpoint,
+    sources: Sequence[Checkpoint],
+    keys: Sequence[str] | None,
+    chunk_bytes: int,
+    copy_others: bool,
+) -> Plan:
+    """``(key, rows, compute dtype)`` for every chunk; ``None`` marks a key to copy."""
+    plan: Plan = []
+    for key in reference.keys() if keys is None else keys:
+        if not reference.dtype(key).is_floating_point:
+            if copy_others:
+                plan.append((key, slice(None), None))
+            continue
+        dtype = compute_dtype([s.dtype(key) for s in sources])
+        plan.extend((key, rows, dtype) for rows in row_chunks(reference.shape(key), chunk_bytes))
+    return plan
+
+
+def _read(
+    plan: Plan,
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    reference: Checkpoint,
+    device: torch.device,
+    allow_nonfinite: bool,
+) -> Iterator[torch.Tensor]:
+    """Every chunk ``fold`` consumes, in the order it consumes them: base first, then models."""
+    for key, rows, dtype in plan:
+        if dtype is None:
+            yield reference.get_slice(key, rows).clone()
+            continue
+        labelled = [*([(None, base)] if base is not None else []), *enumerate(models)]
+        for index, checkpoint in labelled:
+            chunk = checkpoint.get_slice(key, rows)
+            if not allow_nonfinite:
+                _check_finite(chunk, index, checkpoint, key)
+            yield chunk.to(device=device, dtype=dtype)
+
+
+def _check_finite(chunk: torch.Tensor, index: int | None, checkpoint: Checkpoint, key: str) -> None:
+    # One cheap reduction; only a non-finite sum (NaN, Inf, or overflow) needs the full test.
+    total = torch.sum(chunk, dtype=compute_dtype([chunk.dtype]))
+    if not torch.isfinite(total) and not bool(torch.isfinite(chunk).all()):
+        raise NonFiniteError(
+            f"{_describe(index, checkpoint)}: key {key!r} holds NaN or Inf values; "
+            "pass allow_nonfinite=True (--allow-nonfinite) to merge anyway"
+        )
+
+
+def _prefetched(items: Iterator[torch.Tensor], *, depth: int) -> Generator[torch.Tensor]:
+    """Produce ``items`` on a background thread, at most ``depth`` ahead of the consumer."""
+    if depth == 0:
+        yield from items
+        return
+    slots: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(("end", None))
+        except BaseException as err:  # handed to the consumer, raised there
+            slots.put(("error", err))
+
+    worker = threading.Thread(target=produce, name="ladle-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                assert isinstance(value, BaseException)
+                raise value
+            assert isinstance(value, torch.Tensor)
+            yield value
+    finally:
+        stop.set()
+        while worker.is_alive():
+            with contextlib.suppress(queue.Empty):
+                slots.get(timeout=0.1)
+        worker.join()
 
 
 def _rows_nbytes(checkpoint: Checkpoint, key: str, rows: slice) -> int:
@@ -253,6 +355,7 @@ def merge(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    allow_nonfinite: bool = False,
     prepare: Callable[[list[Checkpoint], Checkpoint | None], Kernel] | None = None,
 ) -> StateDict | Path:
     """Merge ``models`` (and ``base``) with ``kernel`` into a dict or, with ``out``, onto disk.
@@ -294,12 +397,23 @@ def merge(
             chunk_bytes=chunk_bytes,
             on_bytes=None if bar is None else bar.update,
             copy_others=True,
+            allow_nonfinite=allow_nonfinite,
         )
         if out is None:
             return _to_state_dict(results, specs)
         meta = provenance(method, parameters, checkpoints, base_ckpt)
+        extra = (  # a directory output also gets config/tokenizer files and a model card
+            None
+            if Path(out).suffix == ".safetensors"
+            else output_files(method, parameters, checkpoints, base_ckpt, out=out)
+        )
         with SafetensorsWriter(
-            out, specs, max_shard_size=max_shard_size, metadata=meta, overwrite=overwrite
+            out,
+            specs,
+            max_shard_size=max_shard_size,
+            metadata=meta,
+            overwrite=overwrite,
+            extra_files=extra,
         ) as writer:
             for key, _, chunk in results:
                 writer.write(key, chunk.to(specs[key][1]))

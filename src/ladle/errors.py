@@ -5,7 +5,13 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "IncompatibleError", "LadleError", "UnsafeCheckpointError"]
+__all__ = [
+    "CheckpointError",
+    "IncompatibleError",
+    "LadleError",
+    "NonFiniteError",
+    "UnsafeCheckpointError",
+]
 
 
 class LadleError(Exception):
@@ -22,3 +28,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 class IncompatibleError(LadleError, ValueError):
     """Models disagree on keys, shapes or kinds of dtype; the message names model and key."""
+
+
+class NonFiniteError(LadleError, ValueError):
+    """An input tensor holds NaN or Inf; the message names the model and key."""

@@ -152,12 +152,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _checked_extra_files(
+    out: Path, single_file: bool, files: Mapping[str, bytes | str | os.PathLike]
+) -> dict[str, bytes | str | os.PathLike]:
+    """Extra files of a directory output: plain names that are not weights or the index."""
+    if files and single_file:
+        raise LadleError(f"{out}: extra files need a directory output, not a .safetensors file")
+    for name in files:
+        if (
+            name in ("", ".", "..", INDEX_NAME)
+            or "/" in name
+            or "\\" in name
+            or name.endswith(".safetensors")
+        ):
+            raise LadleError(f"{out}: {name!r} cannot be an extra file of the output")
+    return dict(files)
+
+
 class SafetensorsWriter:
     """Write tensors, in a planned order and a chunk of rows at a time, into safetensors.
 
     ``out`` ending in ``.safetensors`` is one file; any other ``out`` is a directory holding
     ``model.safetensors``, or shards of at most ``max_shard_size`` bytes (a tensor larger than
-    that gets a shard of its own) with ``model.safetensors.index.json``. Use as a context
+    that gets a shard of its own) with ``model.safetensors.index.json``, plus ``extra_files``
+    (a name to bytes or to a file to copy: a config, a model card) written into the temporary
+    directory so that they land with the weights. Use as a context
     manager: leaving it without an exception re-reads the output and renames it into place;
     leaving it with one deletes the temporary output.
 
@@ -180,6 +199,7 @@ class SafetensorsWriter:
         max_shard_size: int | str = "5GB",
         metadata: Mapping[str, str] | None = None,
         overwrite: bool = False,
+        extra_files: Mapping[str, bytes | str | os.PathLike] | None = None,
     ) -> None:
         self.out = Path(out)
         if self.out.exists() and not overwrite:
@@ -187,6 +207,7 @@ class SafetensorsWriter:
         self._specs = dict(specs)
         self._metadata = {"format": "pt", **(metadata or {})}
         self._single_file = self.out.suffix == ".safetensors"
+        self._extra = _checked_extra_files(self.out, self._single_file, extra_files or {})
         shards = (
             [list(self._specs)]
             if self._single_file
@@ -282,6 +303,11 @@ class SafetensorsWriter:
         self._close_handle()
         if not self._single_file:
             self._write_index()
+            for name, content in self._extra.items():  # renamed into place with the weights
+                if isinstance(content, bytes):
+                    (self._temp / name).write_bytes(content)
+                else:
+                    shutil.copyfile(content, self._temp / name)
         self._verify()
         self._rename_into_place()
         return self.out

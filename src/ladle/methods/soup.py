@@ -1,18 +1,46 @@
-"""Model soups (Wortsman et al. 2022): the (weighted) mean of fine-tuned models."""
+"""Model soups (Wortsman et al. 2022): the mean of fine-tuned models, uniform or greedy."""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from ..checkpoint import StateDict, StateDictLike
-from ..engine import DEFAULT_CHUNK_BYTES, Kernel, Progress, merge
+from ..checkpoint import Checkpoint, StateDict, StateDictLike, TensorMapCheckpoint
+from ..engine import (
+    DEFAULT_CHUNK_BYTES,
+    Kernel,
+    Progress,
+    _check_output,
+    check_compatible,
+    fold,
+    merge,
+    open_models,
+    provenance,
+    resolve_device,
+)
+from ..errors import LadleError
+from ..modelcard import output_files
+from ..writer import SafetensorsWriter
 
-__all__ = ["normalized_weights", "uniform_soup", "weighted_mean_kernel"]
+__all__ = [
+    "Evaluate",
+    "GreedySoupResult",
+    "GreedySoupStep",
+    "greedy_soup",
+    "normalized_weights",
+    "run_greedy",
+    "running_mean_kernel",
+    "uniform_soup",
+    "weighted_mean_kernel",
+]
 
 
 def normalized_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -58,6 +86,7 @@ def uniform_soup(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    allow_nonfinite: bool = False,
 ) -> StateDict | Path:
     """The uniform (or weighted) soup: the mean of the models' weights.
 
@@ -77,6 +106,7 @@ def uniform_soup(
         max_shard_size: largest shard of a directory output.
         overwrite: replace an existing ``out`` (atomically) instead of refusing.
         chunk_bytes: largest piece of one tensor processed at a time, per model.
+        allow_nonfinite: merge inputs holding NaN or Inf instead of raising NonFiniteError.
 
     Returns:
         The merged state dict, or the path written.
@@ -102,4 +132,298 @@ def uniform_soup(
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         chunk_bytes=chunk_bytes,
+        allow_nonfinite=allow_nonfinite,
+    )
+
+
+@dataclass(frozen=True)
+class GreedySoupStep:
+    """One try of the greedy soup: model ``index`` (into ``models``), its soup's score, the rule."""
+
+    index: int
+    score: float
+    accepted: bool
+
+
+class GreedySoupResult(NamedTuple):
+    """What :func:`greedy_soup` returns.
+
+    Attributes:
+        state_dict: the final soup, on the CPU in the output dtype (also with ``out=``).
+        selected: indices into ``models`` of the ingredients, in the order they were added
+            (the best-scoring model first).
+        score: ``evaluate``'s score of ``state_dict`` (for one ingredient: that model's score).
+        history: one :class:`GreedySoupStep` per model, in rank order; the first is the
+            starting ingredient with its own score, each later one a candidate soup.
+    """
+
+    state_dict: StateDict
+    selected: list[int]
+    score: float
+    history: list[GreedySoupStep]
+
+
+Evaluate = Callable[[StateDict], float]
+"""``evaluate(state_dict) -> score``; higher is better (a held-out accuracy)."""
+
+
+def running_mean_kernel(count: int) -> Kernel:
+    """Fold ``(soup, model)`` into ``soup·n/(n+1) + model/(n+1)`` with ``n = count``.
+
+    Computed as ``torch.lerp(soup, model, 1/(n+1))``, which is exactly ``soup`` where the two
+    agree. With ``count == 0`` the only input is the model and the result is an owned copy.
+    """
+
+    def init(key: str, rows: slice, base: torch.Tensor | None) -> None:
+        return None
+
+    def update(state: torch.Tensor | None, index: int, x: torch.Tensor) -> torch.Tensor:
+        if state is None:
+            return x if count else x.clone()  # x may be a file's view: the soup owns a copy
+        return torch.lerp(state, x, 1.0 / (count + 1))
+
+    def finalize(state: torch.Tensor) -> torch.Tensor:
+        return state
+
+    return Kernel(init, update, finalize)
+
+
+def _checked_scores(scores: Sequence[float], count: int) -> list[float]:
+    values = [float(s) for s in scores]
+    if len(values) != count:
+        raise ValueError(f"scores: expected {count} scores (one per model), found {len(values)}")
+    if any(math.isnan(s) for s in values):
+        raise ValueError(f"scores: expected numbers, found NaN in {values}")
+    return values
+
+
+def _score(evaluate: Evaluate, state_dict: StateDict, what: str) -> float:
+    value = float(evaluate(state_dict))
+    if math.isnan(value):
+        raise ValueError(f"evaluate: returned NaN for {what}; scores must be comparable")
+    return value
+
+
+def _bar(progress: Progress, total: int):  # type: ignore[no-untyped-def]
+    if not progress:
+        return None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, unit="eval", desc="greedy soup")
+    return progress(total=total, unit="eval", desc="greedy soup")
+
+
+def _greedy(
+    checkpoints: Sequence[Checkpoint],
+    evaluate: Evaluate,
+    *,
+    scores: Sequence[float] | None,
+    strict: bool,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    progress: Progress,
+    allow_nonfinite: bool,
+) -> GreedySoupResult:
+    """The greedy rule over opened, checked checkpoints."""
+    count = len(checkpoints)
+    bar = _bar(progress, count - 1 + (count if scores is None else 0))
+
+    def soup_of(sources: list[Checkpoint], n: int, keys: list[str]) -> StateDict:
+        # The soup lives in memory anyway (evaluate needs it): one chunk per tensor.
+        results = fold(
+            sources,
+            running_mean_kernel(n),
+            keys=keys,
+            device=device,
+            chunk_bytes=sys.maxsize,
+            copy_others=True,
+            allow_nonfinite=allow_nonfinite,
+        )
+        return {key: tensor for key, _, tensor in results}
+
+    def output(soup: Mapping[str, torch.Tensor], reference: Checkpoint) -> StateDict:
+        def dtype_of(key: str, tensor: torch.Tensor) -> torch.dtype:
+            if dtype is not None and tensor.is_floating_point():
+                return dtype
+            return reference.dtype(key)
+
+        return {key: t.to(dtype_of(key, t)) for key, t in soup.items()}
+
+    def score_of(state_dict: StateDict, what: str) -> float:
+        value = float(evaluate(state_dict))
+        if bar is not None:
+            bar.update(1)
+        if math.isnan(value):
+            raise ValueError(f"evaluate: returned NaN for {what}; scores must be comparable")
+        return value
+
+    try:
+        if scores is None:
+            values = [
+                score_of(output(soup_of([c], 0, c.keys()), c), f"model {i} ({c.name})")
+                for i, c in enumerate(checkpoints)
+            ]
+        else:
+            values = _checked_scores(scores, count)
+        ranked = sorted(range(count), key=lambda i: -values[i])  # stable: ties keep input order
+        best = checkpoints[ranked[0]]
+        keys = best.keys()
+        soup = soup_of([best], 0, keys)
+        selected, score = [ranked[0]], values[ranked[0]]
+        history = [GreedySoupStep(ranked[0], score, True)]
+        for index in ranked[1:]:
+            candidate = soup_of(
+                [TensorMapCheckpoint(soup), checkpoints[index]], len(selected), keys
+            )
+            tried = score_of(output(candidate, best), f"the soup with model {index}")
+            accepted = tried > score if strict else tried >= score
+            history.append(GreedySoupStep(index, tried, accepted))
+            if accepted:
+                soup, score = candidate, tried
+                selected.append(index)
+            del candidate  # at most the soup and one candidate are alive
+    finally:
+        if bar is not None:
+            bar.close()
+    state = {key: t.to("cpu") for key, t in output(soup, best).items()}
+    return GreedySoupResult(state, selected, score, history)
+
+
+def run_greedy(
+    models: Sequence[StateDictLike],
+    evaluate: Evaluate,
+    *,
+    method: str,
+    parameters: Mapping[str, object],
+    scores: Sequence[float] | None,
+    strict: bool,
+    out: str | os.PathLike | None,
+    device: str | torch.device | None,
+    dtype: torch.dtype | None,
+    progress: Progress,
+    max_shard_size: int | str,
+    overwrite: bool,
+    allow_nonfinite: bool,
+) -> GreedySoupResult:
+    """Open and check ``models``, run the greedy rule, write the soup to ``out`` if given."""
+    if not callable(evaluate):
+        raise TypeError(f"evaluate: expected a callable, found {type(evaluate).__name__}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype: expected a floating dtype, found {dtype}")
+    with ExitStack() as stack:
+        checkpoints, _ = open_models(models, None, stack)
+        check_compatible(checkpoints)
+        if out is not None:  # refuse before the (costly) evaluations, not after
+            _check_output(Path(out), checkpoints)
+            if Path(out).exists() and not overwrite:
+                raise LadleError(f"{out}: already exists; pass overwrite=True to replace it")
+        result = _greedy(
+            checkpoints,
+            evaluate,
+            scores=scores,
+            strict=strict,
+            device=resolve_device(device),
+            dtype=dtype,
+            progress=progress,
+            allow_nonfinite=allow_nonfinite,
+        )
+        if out is not None:
+            recorded = {**parameters, "selected": result.selected, "score": result.score}
+            state = result.state_dict
+            extra = (  # as every merge: a directory also gets config/tokenizer and a card
+                None
+                if Path(out).suffix == ".safetensors"
+                else output_files(method, recorded, checkpoints, None, out=out)
+            )
+            with SafetensorsWriter(
+                out,
+                {key: (tuple(t.shape), t.dtype) for key, t in state.items()},
+                max_shard_size=max_shard_size,
+                metadata=provenance(method, recorded, checkpoints, None),
+                overwrite=overwrite,
+                extra_files=extra,
+            ) as writer:
+                for key, tensor in state.items():
+                    writer.write(key, tensor)
+    return result
+
+
+def greedy_soup(
+    models: Sequence[StateDictLike],
+    evaluate: Evaluate,
+    *,
+    scores: Sequence[float] | None = None,
+    strict: bool = False,
+    out: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    progress: Progress = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+) -> GreedySoupResult:
+    """The greedy soup: add models best first, keeping each one that does not lower the score.
+
+    Models are ranked by score, best first (ties keep input order). The soup starts as the
+    best model; for each next model ``θ`` the candidate is the running mean with it added,
+    ``soup·n/(n+1) + θ/(n+1)`` for a soup of ``n`` ingredients, and is kept when
+    ``evaluate(candidate) ≥ best score so far`` (``>`` with ``strict=True``). Greedy soup of
+    Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models improves
+    accuracy without increasing inference time", ICML 2022 (Algorithm 1; ``≥`` as in the
+    paper and the DiWA/ratatouille code, ``>`` as in the model-soups code).
+
+    ``evaluate`` is called once per candidate, and once per model only when ``scores`` is
+    ``None``. The running mean is computed in float32 (float64 stays float64) on ``device``,
+    as ``torch.lerp(soup, θ, 1/(n+1))``, and handed to ``evaluate`` in the output dtype. The
+    returned ``state_dict`` is exactly the last accepted candidate, so ``score`` is its score;
+    it equals ``uniform_soup([models[i] for i in selected])`` up to float32 rounding (the
+    running mean rounds once per ingredient). Integer buffers come from the best-ranked
+    model. Memory: the running soup and one candidate, whatever the number of models; models
+    are read lazily, one tensor at a time.
+
+    Args:
+        models: the fine-tuned models (mappings, modules, paths or checkpoints).
+        evaluate: ``evaluate(state_dict) -> float``, higher is better. It receives tensors on
+            ``device`` in the output dtype and must not modify them in place (load them into
+            a module, or call ``torch.func.functional_call`` in eval mode).
+        scores: each model's own score, when known; default: ``evaluate`` each model once.
+        strict: keep a candidate only when it improves the score strictly.
+        out: also write the final soup there (``.safetensors`` or a directory), atomically.
+        device: where the arithmetic runs; default CUDA when available, else the CPU.
+        dtype: output dtype of floating tensors; default that of the best-ranked model.
+        progress: ``True`` for a tqdm bar over evaluations, or a tqdm-like class.
+        max_shard_size: largest shard of a directory output.
+        overwrite: replace an existing ``out`` (atomically) instead of refusing.
+        allow_nonfinite: merge inputs holding NaN or Inf instead of raising NonFiniteError.
+
+    Returns:
+        ``GreedySoupResult(state_dict, selected, score, history)``; the state dict is on the
+        CPU, and is returned with ``out`` too (it was in memory for ``evaluate`` anyway).
+
+    Example:
+        >>> import torch, ladle
+        >>> models = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])},
+        ...           {"w": torch.tensor([9.0])}]
+        >>> closeness_to_2 = lambda sd: 1 / (1 + abs(sd["w"].item() - 2.0))
+        >>> result = ladle.greedy_soup(models, closeness_to_2, device="cpu")
+        >>> result.selected, result.score, result.state_dict
+        ([0, 1], 1.0, {'w': tensor([2.])})
+        >>> [(step.index, step.accepted) for step in result.history]
+        [(0, True), (1, True), (2, False)]
+    """
+    return run_greedy(
+        models,
+        evaluate,
+        method="greedy_soup",
+        parameters={"strict": strict},
+        scores=scores,
+        strict=strict,
+        out=out,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
     )

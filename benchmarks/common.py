@@ -1,0 +1,128 @@
+"""What the benchmarks share: building inputs, timing a child process, sampling its memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+MIB = 2**20
+STARTUP = "import torch, safetensors, ladle"
+
+
+@dataclass(frozen=True)
+class Run:
+    seconds: float
+    peak_anon: int  # bytes of RssAnon at its highest
+
+
+def run(argv: list[str]) -> Run:
+    """Wall seconds and peak RssAnon of a child process, sampled every millisecond.
+
+    RssAnon leaves out file pages mapped from the page cache (VmRSS counts them), so it is the
+    memory a merge really takes from the machine.
+    """
+    start = time.perf_counter()
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    status = Path(f"/proc/{child.pid}/status")
+    peak = 0
+    while child.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.001)
+    seconds = time.perf_counter() - start
+    _, err = child.communicate()
+    if child.returncode != 0:
+        raise SystemExit(f"benchmark step failed: {' '.join(argv)}\n{err.decode()[-2000:]}")
+    return Run(seconds, peak)
+
+
+def best_of(repeat: int, argv: list[str]) -> Run:
+    """The fastest of ``repeat`` runs, with the highest memory peak seen."""
+    runs = [run(argv) for _ in range(repeat)]
+    return Run(min(r.seconds for r in runs), max(r.peak_anon for r in runs))
+
+
+def warm(paths: list[Path]) -> None:
+    """Read every input once so that timings see a warm page cache."""
+    subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
+
+
+def llama_family(
+    workdir: Path,
+    count: int,
+    *,
+    hidden: int = 1024,
+    intermediate: int = 2816,
+    layers: int = 4,
+    vocab: int = 8192,
+    dtype: torch.dtype = torch.float32,
+    spread: float = 0.01,
+) -> tuple[Path, list[Path]]:
+    """A base and ``count`` fine-tunes, each a tiny LLaMA directory (config.json + safetensors).
+
+    Fine-tunes are the base plus small random task vectors, as real fine-tunes are, so that
+    TIES and Model Stock see realistic magnitudes. Other tools (mergekit) read the same files.
+    """
+    gen = torch.Generator().manual_seed(0)
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{p}self_attn.{name}.weight"] = (hidden, hidden)
+        shapes[f"{p}mlp.gate_proj.weight"] = (intermediate, hidden)
+        shapes[f"{p}mlp.up_proj.weight"] = (intermediate, hidden)
+        shapes[f"{p}mlp.down_proj.weight"] = (hidden, intermediate)
+        shapes[f"{p}input_layernorm.weight"] = (hidden,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (hidden,)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "hidden_act": "silu",
+    }
+    base = {key: torch.randn(shape, generator=gen) * 0.02 for key, shape in shapes.items()}
+
+    def write(name: str, tensors: dict[str, torch.Tensor]) -> Path:
+        directory = workdir / name
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.to(dtype).contiguous() for k, v in tensors.items()},
+            directory / "model.safetensors",
+            metadata={"format": "pt"},
+        )
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        return directory
+
+    base_dir = write("base", base)
+    fine_tunes = []
+    for i in range(count):
+        tuned = {k: v + spread * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        fine_tunes.append(write(f"ft{i:02d}", tuned))
+    return base_dir, fine_tunes
+
+
+def weights_file(directory: Path) -> Path:
+    return directory / "model.safetensors"

@@ -1,0 +1,129 @@
+"""Comparing two checkpoints tensor by tensor: norms of their difference and their cosine."""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from typing import Any, NamedTuple
+
+import torch
+
+from .checkpoint import StateDictLike
+from .engine import DEFAULT_CHUNK_BYTES, Kernel, check_compatible, fold, open_models
+
+__all__ = ["DiffReport", "TensorDiff", "diff"]
+
+
+class TensorDiff(NamedTuple):
+    """How two tensors (or the whole models, for ``DiffReport.total``) differ.
+
+    Attributes:
+        key: the tensor's name (``""`` for the total).
+        norm_a: ‖a‖₂, or ‖a − base‖₂ with a base.
+        norm_b: ‖b‖₂, or ‖b − base‖₂ with a base.
+        norm_diff: ‖a − b‖₂.
+        cosine: ⟨a, b⟩ / (‖a‖·‖b‖) (of the task vectors with a base); NaN when a norm is 0.
+    """
+
+    key: str
+    norm_a: float
+    norm_b: float
+    norm_diff: float
+    cosine: float
+
+
+class DiffReport(NamedTuple):
+    """What :func:`diff` returns.
+
+    Attributes:
+        tensors: one :class:`TensorDiff` per floating tensor, in the reference's key order.
+        total: the same over all floating tensors taken as one vector.
+        skipped: non-floating keys (integer buffers), not compared.
+    """
+
+    tensors: list[TensorDiff]
+    total: TensorDiff
+    skipped: list[str]
+
+
+def _row(key: str, aa: float, bb: float, ab: float, dd: float) -> TensorDiff:
+    denominator = math.sqrt(aa) * math.sqrt(bb)
+    cosine = ab / denominator if denominator > 0 else math.nan
+    return TensorDiff(key, math.sqrt(aa), math.sqrt(bb), math.sqrt(dd), cosine)
+
+
+def _stats_kernel() -> Kernel:
+    """Per chunk: [Σa², Σb², Σab, Σ(a−b)²] in float64, a and b the task vectors with a base."""
+
+    def init(key: str, rows: slice, base: torch.Tensor | None) -> list[Any]:
+        return [None if base is None else base.double(), None, None]  # base, a, b
+
+    def update(state: list[Any], index: int, x: torch.Tensor) -> list[Any]:
+        state[1 + index] = x.double() if state[0] is None else x.double() - state[0]
+        return state
+
+    def finalize(state: list[Any]) -> torch.Tensor:
+        a, b = state[1].reshape(-1), state[2].reshape(-1)
+        d = a - b
+        return torch.stack([a.dot(a), b.dot(b), a.dot(b), d.dot(d)]).cpu()
+
+    return Kernel(init, update, finalize)
+
+
+def diff(
+    a: StateDictLike,
+    b: StateDictLike,
+    *,
+    base: StateDictLike | None = None,
+    device: str | torch.device = "cpu",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> DiffReport:
+    """Per-tensor L2 norms of ``a − b`` and the cosine of ``a`` and ``b`` (or of their task
+    vectors ``a − base``, ``b − base``), streamed key by key.
+
+    ``cos = ⟨a, b⟩ / (‖a‖₂·‖b‖₂)`` per tensor and over the whole model; sums run in float64.
+    With a base, the cosine of task vectors is the quantity Model Stock (Jang et al. 2024)
+    builds on; ≈1 means two fine-tunings moved the same way. Only a chunk of each tensor is in
+    memory at a time.
+
+    Args:
+        a: the first model (anything :func:`ladle.open_checkpoint` accepts).
+        b: the second model; same keys and shapes.
+        base: a common base; compare the task vectors ``a − base`` and ``b − base``.
+        device: where the sums run.
+        chunk_bytes: largest piece of one tensor read at a time.
+
+    Returns:
+        A :class:`DiffReport`.
+
+    Raises:
+        IncompatibleError: the models' keys, shapes or dtype kinds differ.
+
+    Example:
+        >>> import torch, ladle
+        >>> a = {"w": torch.tensor([3.0, 0.0])}
+        >>> b = {"w": torch.tensor([0.0, 4.0])}
+        >>> report = ladle.diff(a, b)
+        >>> report.tensors[0]
+        TensorDiff(key='w', norm_a=3.0, norm_b=4.0, norm_diff=5.0, cosine=0.0)
+        >>> ladle.diff(a, {"w": torch.tensor([6.0, 0.0])}, base={"w": torch.zeros(2)}).total
+        TensorDiff(key='', norm_a=3.0, norm_b=6.0, norm_diff=3.0, cosine=1.0)
+    """
+    with ExitStack() as stack:
+        (ckpt_a, ckpt_b), ckpt_base = open_models([a, b], base, stack)
+        check_compatible([ckpt_a, ckpt_b], ckpt_base, named=True)
+        reference = ckpt_base if ckpt_base is not None else ckpt_a
+        sums: dict[str, torch.Tensor] = {}
+        for key, _, stats in fold(
+            [ckpt_a, ckpt_b],
+            _stats_kernel(),
+            base=ckpt_base,
+            device=torch.device(device),
+            chunk_bytes=chunk_bytes,
+        ):
+            sums[key] = sums[key] + stats if key in sums else stats
+        keys = reference.keys()
+        skipped = [key for key in keys if not reference.dtype(key).is_floating_point]
+    tensors = [_row(key, *sums[key].tolist()) for key in keys if key in sums]
+    total = torch.stack(list(sums.values())).sum(0).tolist() if sums else [0.0] * 4
+    return DiffReport(tensors, _row("", *total), skipped)

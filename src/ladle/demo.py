@@ -1,0 +1,473 @@
+"""``ladle demo``: the whole recipe, end to end, on a synthetic domain-generalisation problem.
+
+Everything is generated from the seed and trained on the spot (nothing is downloaded):
+
+1. A *problem*: inputs are a latent point seen through a domain-specific distortion, plus a
+   few "spurious" features that predict the class in each training domain, differently in
+   each, and not at all in the unseen test domain. Several training domains, one test domain.
+2. A tiny MLP *pre-trained* on a broad task (many classes, many other domains).
+3. *Auxiliary* fine-tunings of it on other tasks.
+4. A *linear probe* for the target task on the pre-trained features, then *target
+   fine-tunings*: from the pre-trained init with varied hyper-parameters (the model-soups
+   setting), and from each auxiliary init (:func:`ladle.ratatouille_init`, the ratatouille).
+5. Every checkpoint is written as safetensors into the work directory, and merged from those
+   files through the public API, streaming (``out=``): uniform and greedy soup, ratatouille
+   (uniform and greedy), and Model Stock, task arithmetic and TIES when this ladle has them.
+
+The table reports in-domain accuracy (held-out samples of the training domains) and
+out-of-domain accuracy (the unseen domain); choices that need data (the best single model,
+greedy selection, the task-arithmetic scale) use a separate in-domain validation split.
+Whatever the numbers are is what is printed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple, TextIO
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import ladle
+
+__all__ = ["DemoRow", "format_table", "run_demo"]
+
+LATENT, OBSERVED, SPURIOUS, HIDDEN = 8, 16, 8, 64
+TARGET_CLASSES, PRETRAIN_CLASSES, AUX_CLASSES = 5, 16, 6
+TRAIN_DOMAINS, PRETRAIN_DOMAINS = 3, 6
+HEAD = ("head.*",)  # the keys of a task's own head, dropped by ratatouille_init
+
+
+class Size(NamedTuple):
+    pretrain_samples: int
+    pretrain_steps: int
+    aux_tasks: int
+    aux_steps: int
+    train_per_domain: int
+    eval_per_domain: int
+    ood_samples: int
+    probe_steps: int
+    pretrained_runs: int
+    runs_per_aux: int
+    step_scale: float
+
+
+SIZES = {
+    "small": Size(1500, 150, 2, 60, 80, 60, 300, 80, 3, 1, 0.3),
+    "default": Size(6000, 600, 4, 300, 150, 200, 2000, 300, 6, 2, 1.0),
+}
+
+# Target fine-tuning hyper-parameters: (learning rate, steps, weight decay), used in turn.
+HYPER = [(1e-3, 300, 0.0), (3e-3, 200, 1e-4), (1e-3, 500, 1e-4), (3e-3, 400, 0.0),
+         (2e-3, 300, 1e-3), (5e-3, 150, 0.0), (2e-3, 400, 0.0), (1e-3, 200, 1e-3)]  # fmt: skip
+
+
+class DemoRow(NamedTuple):
+    """One line of the demo's table: accuracies are fractions in [0, 1]."""
+
+    method: str
+    models: int
+    in_domain: float
+    out_of_domain: float
+
+
+class Domain(NamedTuple):
+    mixing: torch.Tensor  # OBSERVED x LATENT
+    offset: torch.Tensor  # OBSERVED
+    spurious: torch.Tensor  # TARGET_CLASSES x SPURIOUS: this domain's class codes
+
+
+class Data(NamedTuple):
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+class MLP(nn.Module):
+    """``features`` (two hidden ReLU layers) and a linear ``head``."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Linear(LATENT + OBSERVED, HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, HIDDEN),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(HIDDEN, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _domain(shared: torch.Tensor, gen: torch.Generator) -> Domain:
+    distortion = torch.eye(LATENT) + 0.6 * torch.randn(LATENT, LATENT, generator=gen) / 3
+    return Domain(
+        shared @ distortion,
+        0.5 * torch.randn(OBSERVED, generator=gen),
+        1.5 * torch.randn(TARGET_CLASSES, SPURIOUS, generator=gen),
+    )
+
+
+def _sample(
+    prototypes: torch.Tensor, domain: Domain, n: int, gen: torch.Generator, *, target: bool
+) -> Data:
+    """``n`` labelled inputs of a task (its class prototypes) seen through ``domain``."""
+    y = torch.randint(len(prototypes), (n,), generator=gen)
+    z = prototypes[y] + torch.randn(n, LATENT, generator=gen)
+    observed = z @ domain.mixing.T + domain.offset + 0.3 * torch.randn(n, OBSERVED, generator=gen)
+    noise = torch.randn(n, SPURIOUS, generator=gen)
+    spurious = domain.spurious[y] + 0.5 * noise if target else noise
+    return Data(torch.cat([observed, spurious], dim=1), y)
+
+
+def _concat(parts: Sequence[Data]) -> Data:
+    return Data(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+
+
+def _train(
+    model: nn.Module,
+    data: Data,
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    seed: int,
+    parameters: Sequence[nn.Parameter] | None = None,
+) -> None:
+    """AdamW on minibatches of 64, written out (cheaper to start than ``torch.optim``)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = list(model.parameters()) if parameters is None else list(parameters)
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    for step in range(1, max(steps, 1) + 1):
+        index = torch.randint(len(data.y), (64,), generator=gen).to(data.x.device)
+        loss = F.cross_entropy(model(data.x[index]), data.y[index])
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g, (m, v) in zip(params, grads, moments):
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denominator = (v / (1 - beta2**step)).sqrt_().add_(eps)
+                p.mul_(1 - lr * weight_decay)
+                p.addcdiv_(m, denominator, value=-lr / (1 - beta1**step))
+
+
+def _accuracy(model: nn.Module, state_dict: ladle.StateDict | None, data: Data) -> float:
+    with torch.no_grad():
+        if state_dict is None:
+            logits = model(data.x)
+        else:
+            placed = {key: t.to(data.x.device) for key, t in state_dict.items()}
+            logits = torch.func.functional_call(model, placed, (data.x,))
+    return float((logits.argmax(dim=1) == data.y).float().mean())
+
+
+def _new_model(classes: int, seed: int, device: torch.device) -> MLP:
+    with torch.random.fork_rng(devices=[]):  # deterministic init; the caller's RNG untouched
+        torch.manual_seed(seed)
+        return MLP(classes).to(device)
+
+
+def _save(model: nn.Module | ladle.StateDict, path: Path) -> Path:
+    tensors = model.state_dict() if isinstance(model, nn.Module) else model
+    return ladle.save({k: t.detach().cpu() for k, t in tensors.items()}, path, overwrite=True)
+
+
+def format_table(rows: Sequence[DemoRow]) -> str:
+    """The rows as a text table (accuracies in percent).
+
+    Example:
+        >>> print(format_table([DemoRow("uniform soup", 6, 0.9, 0.75)]))
+        method        models  in-domain  out-of-domain
+        uniform soup       6      90.0%          75.0%
+    """
+    width = max([len("method"), *(len(row.method) for row in rows)])
+    lines = [f"{'method':<{width}}  models  in-domain  out-of-domain"]
+    for row in rows:
+        lines.append(
+            f"{row.method:<{width}}  {row.models:>6}  {100 * row.in_domain:>8.1f}%  "
+            f"{100 * row.out_of_domain:>12.1f}%"
+        )
+    return "\n".join(lines)
+
+
+def run_demo(
+    *,
+    seed: int = 0,
+    size: str = "default",
+    workdir: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    stream: TextIO | None = None,
+) -> list[DemoRow]:
+    """Run the demo: train, write checkpoints, merge them from disk, print the table.
+
+    Pre-train a tiny MLP, fine-tune it on auxiliary tasks, fine-tune it on a target task
+    from the pre-trained init (model soups, Wortsman et al. ICML 2022) and from each
+    auxiliary init (model ratatouille, Ramé et al. ICML 2023), then compare merges of the
+    target fine-tunings in and out of the training domains. Deterministic for ``seed`` on a
+    given machine and torch version.
+
+    Args:
+        seed: seeds the problem (domains, tasks, samples) and every training run.
+        size: ``"default"`` (under a minute on two CPU cores) or ``"small"`` (a few seconds).
+        workdir: where checkpoints are written and kept (files named by the demo are
+            replaced); default a temporary directory, deleted afterwards.
+        device: where training and merging run.
+        stream: where the table goes; default standard output. Progress goes to stderr.
+
+    Returns:
+        The table's rows.
+
+    Example:
+        >>> import io
+        >>> rows = run_demo(size="small", stream=io.StringIO())
+        >>> [row.method for row in rows][:3]
+        ['linear probe', 'best single fine-tuning', 'uniform soup']
+    """
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {sorted(SIZES)}, found {size!r}")
+    out = sys.stdout if stream is None else stream
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small only lose time to threads (restored below)
+    try:
+        if workdir is None:
+            with tempfile.TemporaryDirectory(prefix="ladle-demo-") as temporary:
+                return _run(seed, SIZES[size], Path(temporary), torch.device(device), out)
+        rows = _run(seed, SIZES[size], Path(workdir), torch.device(device), out)
+        _log(f"checkpoints and merges kept in {workdir}")
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _log(message: str) -> None:
+    print(f"ladle demo: {message}", file=sys.stderr)
+
+
+def _run(seed: int, size: Size, workdir: Path, device: torch.device, out: TextIO) -> list[DemoRow]:
+    start = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    shared = torch.randn(OBSERVED, LATENT, generator=gen) / math.sqrt(LATENT)
+
+    def prototypes(classes: int) -> torch.Tensor:
+        return 1.2 * torch.randn(classes, LATENT, generator=gen)
+
+    pretrain_domains = [_domain(shared, gen) for _ in range(PRETRAIN_DOMAINS)]
+    train_domains = [_domain(shared, gen) for _ in range(TRAIN_DOMAINS)]
+    test_domain = _domain(shared, gen)
+    target = prototypes(TARGET_CLASSES)
+
+    def target_split(per_domain: int) -> Data:
+        return _concat([_sample(target, d, per_domain, gen, target=True) for d in train_domains])
+
+    train = target_split(size.train_per_domain)
+    val = target_split(size.eval_per_domain)
+    test = target_split(size.eval_per_domain)
+    ood = _sample(target, test_domain, size.ood_samples, gen, target=True)
+    train, val, test, ood = (Data(d.x.to(device), d.y.to(device)) for d in (train, val, test, ood))
+
+    _log(f"pre-training on a {PRETRAIN_CLASSES}-class task over {PRETRAIN_DOMAINS} domains")
+    broad = prototypes(PRETRAIN_CLASSES)
+    per_domain = size.pretrain_samples // PRETRAIN_DOMAINS
+    pre_data = _concat([_sample(broad, d, per_domain, gen, target=False) for d in pretrain_domains])
+    pretrained = _new_model(PRETRAIN_CLASSES, seed, device)
+    _train(
+        pretrained,
+        Data(pre_data.x.to(device), pre_data.y.to(device)),
+        steps=size.pretrain_steps,
+        lr=3e-3,
+        seed=seed,
+    )
+    _save(pretrained, workdir / "pretrained.safetensors")
+
+    _log(f"fine-tuning on {size.aux_tasks} auxiliary tasks")
+    aux_paths = []
+    for task in range(size.aux_tasks):
+        task_prototypes = prototypes(AUX_CLASSES)
+        domains = [*train_domains, *pretrain_domains]
+        data = _concat(
+            [_sample(task_prototypes, d, per_domain // 2, gen, target=False) for d in domains]
+        )
+        aux = _new_model(AUX_CLASSES, seed + 1 + task, device)
+        body = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("head.")}
+        aux.load_state_dict(body, strict=False)
+        _train(
+            aux,
+            Data(data.x.to(device), data.y.to(device)),
+            steps=size.aux_steps,
+            lr=2e-3,
+            seed=seed + 100 + task,
+        )
+        aux_paths.append(_save(aux, workdir / f"aux-{task}.safetensors"))
+
+    _log("linear probe on the pre-trained features, then target fine-tunings")
+    probe = _new_model(TARGET_CLASSES, seed + 50, device)
+    probe.load_state_dict(
+        {k: v for k, v in pretrained.state_dict().items() if not k.startswith("head.")},
+        strict=False,
+    )
+    _train(
+        probe,
+        train,
+        steps=size.probe_steps,
+        lr=1e-2,
+        seed=seed + 200,
+        parameters=list(probe.head.parameters()),
+    )
+    head = {k: v for k, v in probe.state_dict().items() if k.startswith("head.")}
+    _save(head, workdir / "probe.safetensors")
+    inits = [("pretrained", workdir / "pretrained.safetensors")] + [
+        (f"aux-{i}", path) for i, path in enumerate(aux_paths)
+    ]
+    init_paths = {}
+    for name, source in inits:
+        init = ladle.ratatouille_init(source, workdir / "probe.safetensors", drop=HEAD)
+        init_paths[name] = _save(init, workdir / f"init-{name}.safetensors")
+
+    model = _new_model(TARGET_CLASSES, seed, device)  # the module evaluations run through
+    runs: dict[str, list[Path]] = {"pretrained": [], "aux": []}
+    plan = [("pretrained", j) for j in range(size.pretrained_runs)] + [
+        (f"aux-{i}", j) for i in range(size.aux_tasks) for j in range(size.runs_per_aux)
+    ]
+    for number, (name, j) in enumerate(plan):
+        lr, steps, weight_decay = HYPER[number % len(HYPER)]
+        model.load_state_dict(ladle.load(init_paths[name], device=device))
+        _train(
+            model,
+            train,
+            steps=round(steps * size.step_scale),
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed + 1000 + number,
+        )
+        path = _save(model, workdir / f"ft-{name}-{j}.safetensors")
+        runs["pretrained" if name == "pretrained" else "aux"].append(path)
+
+    rows = _merge_and_score(model, runs, init_paths["pretrained"], workdir, device, val, test, ood)
+    print(
+        f"ladle demo (seed {seed}): {TRAIN_DOMAINS} training domains, 1 unseen test domain, "
+        f"{TARGET_CLASSES} classes; MLP {LATENT + OBSERVED}-{HIDDEN}-{HIDDEN}-{TARGET_CLASSES}",
+        file=out,
+    )
+    print(format_table(rows), file=out)
+    print(
+        "in-domain: held-out samples of the training domains; out-of-domain: the unseen "
+        "domain.\nBest single model, greedy selection and the task-arithmetic scale are "
+        "chosen on a separate in-domain validation split.",
+        file=out,
+    )
+    _log(f"done in {time.perf_counter() - start:.1f} s")
+    return rows
+
+
+def _merge_and_score(
+    model: nn.Module,
+    runs: dict[str, list[Path]],
+    base: Path,
+    workdir: Path,
+    device: torch.device,
+    val: Data,
+    test: Data,
+    ood: Data,
+) -> list[DemoRow]:
+    merged = workdir / "merged"
+    merged.mkdir(exist_ok=True)
+
+    def val_accuracy(state_dict: ladle.StateDict) -> float:
+        return _accuracy(model, state_dict, val)
+
+    def row(method: str, count: int, source: ladle.StateDictLike) -> DemoRow:
+        state_dict = ladle.load(source, device=device)
+        return DemoRow(
+            method, count, _accuracy(model, state_dict, test), _accuracy(model, state_dict, ood)
+        )
+
+    everything = runs["pretrained"] + runs["aux"]
+    scores = {path: val_accuracy(ladle.load(path, device=device)) for path in everything}
+    best = max(everything, key=lambda p: scores[p])  # max keeps the first of equal scores
+    soups, ratatouilles = runs["pretrained"], runs["aux"]
+    rows = [row("linear probe", 1, base), row("best single fine-tuning", 1, best)]
+
+    _log("merging the checkpoints from disk")
+    out = ladle.uniform_soup(
+        soups, out=merged / "uniform-soup.safetensors", device=device, overwrite=True
+    )
+    rows.append(row("uniform soup", len(soups), out))
+    greedy = ladle.greedy_soup(
+        soups,
+        val_accuracy,
+        scores=[scores[p] for p in soups],
+        out=merged / "greedy-soup.safetensors",
+        device=device,
+        overwrite=True,
+    )
+    rows.append(row("greedy soup", len(greedy.selected), merged / "greedy-soup.safetensors"))
+    out = ladle.ratatouille(
+        ratatouilles, out=merged / "ratatouille.safetensors", device=device, overwrite=True
+    )
+    rows.append(row("ratatouille (uniform)", len(ratatouilles), out))
+    greedy = ladle.ratatouille(
+        ratatouilles,
+        selection="greedy",
+        evaluate=val_accuracy,
+        scores=[scores[p] for p in ratatouilles],
+        out=merged / "ratatouille-greedy.safetensors",
+        device=device,
+        overwrite=True,
+    )
+    rows.append(
+        row(
+            "ratatouille (greedy)",
+            len(greedy.selected),
+            merged / "ratatouille-greedy.safetensors",
+        )
+    )
+    rows.extend(_optional_rows(soups, base, merged, device, val_accuracy, row))
+    return rows
+
+
+def _optional_rows(
+    soups: list[Path],
+    base: Path,
+    merged: Path,
+    device: torch.device,
+    val_accuracy: Callable[[ladle.StateDict], float],
+    row: Callable[[str, int, ladle.StateDictLike], DemoRow],
+) -> list[DemoRow]:
+    """Rows for the methods with a base, when this ladle has them (the probe init is the base)."""
+    rows = []
+    model_stock = getattr(ladle, "model_stock", None)
+    if model_stock is not None:
+        out = model_stock(
+            soups, base, out=merged / "model-stock.safetensors", device=device, overwrite=True
+        )
+        rows.append(row("Model Stock", len(soups), out))
+    task_arithmetic = getattr(ladle, "task_arithmetic", None)
+    if task_arithmetic is not None:
+        grid = [round(0.1 * i, 1) for i in range(1, 11)]  # the paper's grid, on validation
+        chosen = max(
+            grid,
+            key=lambda s: val_accuracy(task_arithmetic(soups, base, scale=s, device=device)),
+        )
+        out = task_arithmetic(
+            soups,
+            base,
+            scale=chosen,
+            out=merged / "task-arithmetic.safetensors",
+            device=device,
+            overwrite=True,
+        )
+        rows.append(row(f"task arithmetic (scale {chosen})", len(soups), out))
+    ties = getattr(ladle, "ties", None)
+    if ties is not None:
+        out = ties(soups, base, out=merged / "ties.safetensors", device=device, overwrite=True)
+        rows.append(row("TIES (density 0.2, scale 1)", len(soups), out))
+    return rows

@@ -1,0 +1,336 @@
+"""Hugging Face Hub sources (``hf://owner/repo[@revision][/subfolder]``) through huggingface_hub.
+
+A Hub source is resolved to a local snapshot in the Hugging Face cache by
+``huggingface_hub.snapshot_download``, downloading only what a merge needs: the safetensors
+weights (and their index), or the torch weights when a repo has no safetensors, plus the
+config and tokenizer files. The revision (a branch, a tag or a commit hash) is resolved to a
+commit hash, which names the opened checkpoint (``hf://owner/repo@<commit>``) and so is
+recorded in the output's provenance. ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE`` / ``HF_HOME``,
+``HF_ENDPOINT`` and ``HF_TOKEN`` (or the stored login) are honoured, read when a source is
+opened; no token is ever printed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+from urllib.parse import unquote
+
+from ._version import __version__
+from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+
+__all__ = [
+    "COMPANION_FILES",
+    "HubSource",
+    "open_hub_checkpoint",
+    "parse_hf_url",
+    "push_to_hub",
+    "snapshot",
+]
+
+PREFIX = "hf://"
+
+COMPANION_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "*.model",
+)
+"""Files beside the weights that a loader needs (config and tokenizer); ``*.model`` for
+sentencepiece tokenizers."""
+
+_TORCH_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+_NOT_WEIGHTS = (  # torch files that trainers save beside the weights
+    "training_args.bin",
+    "optimizer.*",
+    "scheduler.*",
+    "scaler.*",
+    "rng_state*",
+)
+_OTHER_REPO_TYPES = ("datasets", "spaces", "buckets", "kernels")
+_SPECIAL_REF = re.compile(r"refs/(?:pr/\d+|convert/[\w.-]+)")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+class HubSource(NamedTuple):
+    """A parsed ``hf://`` source: repository id, revision (``None``: the default branch) and
+    subfolder (``""``: the repository root)."""
+
+    repo_id: str
+    revision: str | None
+    subfolder: str
+
+    def url(self, revision: str | None = None) -> str:
+        """The ``hf://`` form, with ``revision`` (e.g. the resolved commit) in place of ours."""
+        rev = self.revision if revision is None else revision
+        text = PREFIX + self.repo_id
+        if rev is not None:
+            text += "@" + (rev if _SPECIAL_REF.fullmatch(rev) else rev.replace("/", "%2F"))
+        return text + (f"/{self.subfolder}" if self.subfolder else "")
+
+
+def parse_hf_url(url: str) -> HubSource:
+    """Parse ``hf://owner/repo[@revision][/subfolder]`` (HfFileSystem's syntax, model repos).
+
+    A revision is a branch, a tag or a commit hash; one holding ``/`` is written
+    percent-encoded (``@release%2Fv1``), except ``refs/pr/N`` and ``refs/convert/NAME``, which
+    are written as they are. A leading ``models/`` is accepted; datasets and spaces are not.
+
+    Args:
+        url: the source, starting with ``hf://``.
+
+    Returns:
+        A :class:`HubSource`.
+
+    Raises:
+        CheckpointError: the URL is malformed; the message shows the expected form.
+
+    Example:
+        >>> parse_hf_url("hf://org/model@v1.0/unet")
+        HubSource(repo_id='org/model', revision='v1.0', subfolder='unet')
+        >>> parse_hf_url("hf://org/model@refs/pr/3")
+        HubSource(repo_id='org/model', revision='refs/pr/3', subfolder='')
+    """
+    usage = "expected hf://owner/repo[@revision][/subfolder]"
+    if not url.startswith(PREFIX):
+        raise CheckpointError(f"{url}: not a Hugging Face Hub source; {usage}")
+    rest = url[len(PREFIX) :].strip("/")
+    if rest.startswith("models/"):
+        rest = rest[len("models/") :]
+    if rest.split("/", 1)[0] in _OTHER_REPO_TYPES:
+        raise CheckpointError(f"{url}: only model repositories hold checkpoints; {usage}")
+    parts = rest.split("/", 2)
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise CheckpointError(f"{url}: no repository id; {usage}")
+    owner, name, tail = parts[0], parts[1], parts[2] if len(parts) == 3 else ""
+    revision: str | None = None
+    if "@" in name:
+        name, after = name.split("@", 1)
+        after = f"{after}/{tail}" if tail else after
+        special = _SPECIAL_REF.match(after)
+        if special is not None:
+            revision, tail = special.group(0), after[special.end() :].lstrip("/")
+        else:
+            encoded, _, tail = after.partition("/")
+            revision = unquote(encoded)
+        if not revision:
+            raise CheckpointError(f"{url}: empty revision after '@'; {usage}")
+    if "@" in owner or not name:
+        raise CheckpointError(f"{url}: malformed repository id; {usage}")
+    subfolder = "/".join(part for part in tail.split("/") if part)
+    if any(part in (".", "..") for part in subfolder.split("/")):
+        raise CheckpointError(f"{url}: subfolder may not contain '.' or '..'")
+    return HubSource(f"{owner}/{name}", revision, subfolder)
+
+
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _offline() -> bool:
+    """``HF_HUB_OFFLINE`` as set now, else as huggingface_hub read it at import.
+
+    huggingface_hub's HTTP layer also refuses requests when the variable was set at its
+    import; setting it to 0 later cannot undo that (ladle keeps no global state).
+    """
+    from huggingface_hub import constants
+
+    flag = _env_flag("HF_HUB_OFFLINE")
+    return bool(constants.HF_HUB_OFFLINE) if flag is None else flag
+
+
+def _cache_dir() -> str:
+    """``HF_HUB_CACHE``, else ``HF_HOME``/hub, as set now; else huggingface_hub's default."""
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return os.path.expanduser(os.path.expandvars(os.environ[name]))
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.path.expandvars(os.environ["HF_HOME"])), "hub")
+    return str(constants.HF_HUB_CACHE)
+
+
+def _patterns(prefix: str, names: tuple[str, ...] | list[str]) -> list[str]:
+    return [prefix + name for name in names]
+
+
+def _weight_patterns(folder: Path, prefix: str) -> list[list[str]]:
+    """Ordered choices of weight files to fetch: a safetensors index's shards, single
+    safetensors files, a torch index's shards, single torch files."""
+
+    def shards(index: Path) -> list[str]:
+        try:
+            files = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
+        return [prefix + glob.escape(str(name)) for name in sorted(files)]
+
+    choices: list[list[str]] = []
+    for index in sorted(folder.glob("*.safetensors.index.json"))[:1]:
+        choices.append(shards(index))
+    choices.append([prefix + "*.safetensors"])
+    for index in sorted(folder.glob("*.bin.index.json"))[:1]:
+        choices.append(shards(index))
+    choices.append(_patterns(prefix, _TORCH_PATTERNS))
+    return choices
+
+
+def _has_weights(folder: Path) -> bool:
+    suffixes = {".safetensors", *(p[1:] for p in _TORCH_PATTERNS)}
+    return folder.is_dir() and any(
+        p.suffix in suffixes and not any(fnmatch.fnmatchcase(p.name, n) for n in _NOT_WEIGHTS)
+        for p in folder.iterdir()
+    )
+
+
+def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """Fetch what a merge needs from ``url`` into the Hugging Face cache.
+
+    Downloads (or, offline, finds in the cache) the config and tokenizer files, then the
+    weights: a safetensors index and its shards, else single safetensors files, and only when
+    there are none, torch files (``*.bin``, ``*.pt``, ...). Files in deeper subfolders are
+    never fetched.
+
+    Args:
+        url: ``hf://owner/repo[@revision][/subfolder]``.
+        cache_dir: the Hugging Face cache; default ``HF_HUB_CACHE`` (or ``HF_HOME``/hub).
+
+    Returns:
+        The local folder holding the weights (the snapshot, or its subfolder) and the commit
+        hash the revision resolved to.
+
+    Raises:
+        CheckpointError: the repository or revision does not exist or is not accessible, it
+            is not cached while offline, or it holds no weights.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    source = parse_hf_url(url)
+    prefix = f"{source.subfolder}/" if source.subfolder else ""
+    offline = _offline()
+    cache = str(cache_dir) if cache_dir is not None else _cache_dir()
+
+    def fetch(revision: str | None, allow: list[str]) -> Path:
+        return Path(
+            snapshot_download(
+                source.repo_id,
+                revision=revision,
+                cache_dir=cache,
+                local_files_only=offline,
+                allow_patterns=allow,
+                # nothing from deeper folders, no optimizer or trainer state
+                ignore_patterns=[prefix + "*/*", *_patterns(prefix, _NOT_WEIGHTS)],
+                endpoint=os.environ.get("HF_ENDPOINT") or None,
+                library_name="ladle",
+                library_version=__version__,
+            )
+        )
+
+    try:
+        root = fetch(source.revision, [*_patterns(prefix, COMPANION_FILES), prefix + "*.json"])
+        commit = root.name  # snapshots/<commit hash>
+        folder = root / source.subfolder if source.subfolder else root
+        for allow in _weight_patterns(folder, prefix):
+            fetch(commit, allow)
+            if _has_weights(folder):
+                break
+    except RepositoryNotFoundError as err:  # also gated repos
+        raise CheckpointError(
+            f"{url}: repository not found on the Hub, or private or gated and not accessible "
+            "with the current login (set HF_TOKEN or run `hf auth login`)"
+        ) from err
+    except RevisionNotFoundError as err:
+        raise CheckpointError(
+            f"{url}: revision {source.revision!r} not found in {source.repo_id}"
+        ) from err
+    except LocalEntryNotFoundError as err:
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
+        raise CheckpointError(
+            f"{url}: not in the Hugging Face cache ({cache}) and {why}: "
+            f"{' '.join(str(err).split())}"
+        ) from err
+    except (HfHubHTTPError, OSError) as err:
+        raise CheckpointError(f"{url}: cannot fetch from the Hub ({err})") from err
+    if not _COMMIT.fullmatch(commit):
+        raise CheckpointError(f"{url}: resolved to {root}, which is not a cached snapshot")
+    if not _has_weights(folder):
+        where = f"subfolder {source.subfolder!r}" if source.subfolder else "the repository root"
+        found = sorted(p.name for p in folder.iterdir())[:5] if folder.is_dir() else []
+        raise CheckpointError(
+            f"{source.url(commit)}: no weights in {where}: expected *.safetensors or a torch "
+            f"file (*.bin, *.pt, *.pth, *.ckpt), found {', '.join(found) if found else 'none'}"
+        )
+    return folder, commit
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None) -> str:
+    """Upload a merged output directory to the Hub repository ``repo_id`` (created if needed).
+
+    Uses ``HfApi.create_repo`` and ``HfApi.upload_folder`` with the current login
+    (``HF_TOKEN`` or ``hf auth login``).
+
+    Args:
+        folder: a directory written by a merge (weights, config, tokenizer, model card).
+        repo_id: ``owner/name`` of the model repository.
+        private: create the repository as private (``None``: the Hub's default).
+
+    Returns:
+        The URL of the commit made.
+    """
+    from huggingface_hub import HfApi
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"push_to_hub: expected an output directory, found {path}")
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, library_name="ladle")
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=path, commit_message="Upload merge made with ladle"
+    )
+    return str(getattr(info, "commit_url", info))
+
+
+def open_hub_checkpoint(url: str, *, cache_dir: str | os.PathLike | None = None) -> Checkpoint:
+    """Open ``url`` (``hf://...``) as a lazy checkpoint over its snapshot in the HF cache.
+
+    The checkpoint's ``name`` is ``url`` with the revision replaced by the resolved commit hash
+    (``hf://owner/repo@<commit>[/subfolder]``), so provenance and error messages name exactly
+    what was read; its ``path`` is the local snapshot folder.
+    """
+    from .checkpoint import _open_directory
+
+    folder, commit = snapshot(url, cache_dir=cache_dir)
+    name = parse_hf_url(url).url(commit)
+    try:
+        checkpoint = _open_directory(folder)
+    except CheckpointError as err:
+        raise CheckpointError(f"{name}: {err}") from err
+    checkpoint.name = name
+    return checkpoint

@@ -1,0 +1,206 @@
+"""DARE (Yu et al. 2024): drop task-vector entries at random, rescale the survivors, combine.
+
+The mask is a function of (seed, model index, key, position) alone, so a merge gives the same
+numbers on the CPU and a GPU, streamed or in memory, whatever the chunk size or key order:
+each tensor, flattened in row-major order, is cut into blocks of ``BLOCK`` entries; block ``b``
+of key ``K`` of model ``i`` draws ``torch.rand(L)`` (``L = min(BLOCK, numel − b·BLOCK)``,
+float32) from a CPU ``torch.Generator`` seeded with :func:`block_seed`, and an entry survives
+where its number is ``< density``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint, StateDict, StateDictLike
+from ..engine import DEFAULT_CHUNK_BYTES, Kernel, Progress, merge, resolve_device
+from .task_arithmetic import Delta, check_inputs, check_scale, task_vector_sum_kernel
+from .ties import SignElection, check_density, election_kernel, majority_votes
+
+__all__ = ["BLOCK", "block_seed", "dare", "keep_mask"]
+
+BLOCK = 2**20
+"""Entries per block of the flattened tensor; each block has its own generator."""
+
+COMBINES = ("sum", "ties")
+
+
+def block_seed(seed: int, index: int, key: str, block: int) -> int:
+    """The generator seed of block ``block`` of tensor ``key`` of model ``index``.
+
+    The first 8 bytes of ``blake2b(f"ladle.dare:{seed}:{index}:{key}:{block}")``, read as a
+    little-endian integer, top bit cleared: stable across runs, machines and Python versions.
+    """
+    text = f"ladle.dare:{seed}:{index}:{key}:{block}".encode()
+    digest = hashlib.blake2b(text, digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def keep_mask(
+    seed: int, index: int, key: str, *, numel: int, start: int, count: int, density: float
+) -> torch.Tensor:
+    """Which of entries ``start .. start+count`` of flattened tensor ``key`` (of ``numel``
+    entries) model ``index`` keeps: a flat boolean CPU tensor.
+
+    Example:
+        >>> from ladle.methods.dare import keep_mask
+        >>> whole = keep_mask(0, 0, "w", numel=10, start=0, count=10, density=0.5)
+        >>> part = keep_mask(0, 0, "w", numel=10, start=4, count=3, density=0.5)
+        >>> bool((whole[4:7] == part).all())
+        True
+    """
+    pieces = []
+    stop = start + count
+    for block in range(start // BLOCK, -(-stop // BLOCK)):
+        first = block * BLOCK
+        generator = torch.Generator(device="cpu").manual_seed(block_seed(seed, index, key, block))
+        numbers = torch.rand(min(BLOCK, numel - first), generator=generator)
+        pieces.append(numbers[max(start, first) - first : min(stop, first + BLOCK) - first])
+    if not pieces:
+        return torch.zeros(0, dtype=torch.bool)
+    return torch.cat(pieces) < density
+
+
+def _dropper(shapes: dict[str, tuple[int, ...]], seed: int, density: float) -> Delta:
+    """``δᵢ = mᵢ ⊙ τᵢ / density``, the mask ``mᵢ`` drawn per block of the flattened tensor."""
+
+    def drop(
+        key: str, rows: slice, index: int, tau: torch.Tensor, scratch: torch.Tensor
+    ) -> torch.Tensor:
+        if density == 1.0:  # every uniform number in [0, 1) survives, and τ/1 = τ
+            return tau
+        shape = shapes[key]
+        row_size = math.prod(shape[1:]) if shape else 1
+        start = (rows.start or 0) * row_size
+        keep = keep_mask(
+            seed,
+            index,
+            key,
+            numel=math.prod(shape),
+            start=start,
+            count=tau.numel(),
+            density=density,
+        )
+        keep = keep.view(tau.shape).to(tau.device)
+        return tau.div_(density).masked_fill_(keep.logical_not_(), 0.0)
+
+    return drop
+
+
+def dare(
+    models: Sequence[StateDictLike],
+    base: StateDictLike,
+    *,
+    density: float = 0.1,
+    scale: float = 1.0,
+    seed: int = 0,
+    combine: str = "sum",
+    out: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    progress: Progress = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    allow_nonfinite: bool = False,
+) -> StateDict | Path:
+    """DARE: drop each task-vector entry with probability ``1 − density``, rescale, combine.
+
+    With ``τᵢ = θᵢ − θ_base`` and a Bernoulli(``density``) mask ``mᵢ`` per entry,
+    ``δᵢ = mᵢ ⊙ τᵢ / density``; then ``combine="sum"``: ``θ = θ_base + scale·Σᵢ δᵢ`` (task
+    arithmetic of the ``δᵢ``), or ``combine="ties"``: TIES's sign election and disjoint mean
+    over the ``δᵢ`` (no trim), ``θ = θ_base + scale·merged``, the sign for ``γ = 0`` being the
+    majority over the whole model. Yu et al., "Language models are Super Mario: absorbing
+    abilities from homologous models as a free lunch", ICML 2024.
+
+    The masks depend only on ``seed``, the model's position in ``models``, the key and the
+    entry's position (see the module docs), so results are reproducible across devices, chunk
+    sizes and key orders; reordering ``models`` changes which mask each model gets.
+
+    Args:
+        models: the fine-tuned models (mappings, modules, paths or checkpoints).
+        base: the model they were fine-tuned from; task vectors are ``model − base``.
+        density: the probability that an entry is kept, in (0, 1].
+        scale: the factor λ applied to the combined task vectors.
+        seed: seeds the masks.
+        combine: ``"sum"`` or ``"ties"``.
+        out: ``None`` to return a state dict on the CPU; a ``.safetensors`` path or a directory
+            to stream the result to disk and return its path.
+        device: where the arithmetic runs; default CUDA when available, else the CPU. Masks are
+            drawn on the CPU.
+        dtype: output dtype of floating tensors; default that of the base.
+        progress: ``True`` for a tqdm bar over bytes read by the merge pass, or a tqdm-like
+            class.
+        max_shard_size: largest shard of a directory output.
+        overwrite: replace an existing ``out`` (atomically) instead of refusing.
+        chunk_bytes: largest piece of one tensor processed at a time, per model.
+        allow_nonfinite: merge inputs holding NaN or Inf instead of raising NonFiniteError.
+
+    Returns:
+        The merged state dict, or the path written.
+
+    Example:
+        >>> import torch, ladle
+        >>> base, model = {"w": torch.zeros(8)}, {"w": torch.ones(8)}
+        >>> ladle.dare([model], base, density=0.5, seed=0)["w"]  # survivors rescaled to 1/0.5
+        tensor([0., 0., 2., 0., 2., 2., 2., 0.])
+        >>> ladle.dare([model], base, density=1.0)["w"]  # nothing dropped: task arithmetic
+        tensor([1., 1., 1., 1., 1., 1., 1., 1.])
+    """
+    density = check_density(density)
+    scale = check_scale(scale)
+    if combine not in COMBINES:
+        raise ValueError(f"combine: expected one of {COMBINES}, found {combine!r}")
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise ValueError(f"seed: expected an integer, found {seed!r}") from None
+    check_inputs(models, base)
+    target = resolve_device(device)
+
+    def prepare(checkpoints: list[Checkpoint], base_ckpt: Checkpoint | None) -> Kernel:
+        assert base_ckpt is not None
+        shapes = {key: base_ckpt.shape(key) for key in base_ckpt.keys()}
+        dropper = _dropper(shapes, seed, density)
+        if combine == "sum":
+            return task_vector_sum_kernel([1.0] * len(checkpoints), scale, dropper)
+        floating = [k for k in base_ckpt.keys() if base_ckpt.dtype(k).is_floating_point]
+        majority = majority_votes(
+            checkpoints,
+            base_ckpt,
+            dropper,
+            keys=floating,
+            per_tensor=False,
+            device=target,
+            chunk_bytes=chunk_bytes,
+            allow_nonfinite=allow_nonfinite,
+        )
+
+        def finish(state: SignElection) -> torch.Tensor:
+            return state.merged(majority[state.key]).mul_(scale).add_(state.base)
+
+        return election_kernel(dropper, finish)
+
+    return merge(
+        models,
+        task_vector_sum_kernel([], scale),  # replaced by prepare
+        base=base,
+        method="dare",
+        parameters={"density": density, "scale": scale, "seed": seed, "combine": combine},
+        out=out,
+        device=target,
+        dtype=dtype,
+        progress=progress,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        chunk_bytes=chunk_bytes,
+        allow_nonfinite=allow_nonfinite,
+        prepare=prepare,
+    )

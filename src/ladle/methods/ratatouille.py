@@ -1,0 +1,244 @@
+"""Model ratatouille (Ramé et al. 2023): recycle fine-tunings of auxiliary tasks.
+
+The recipe: fine-tune the pre-trained model on auxiliary tasks; train a linear probe for the
+target task on the pre-trained featurizer; fine-tune on the target task starting from each
+auxiliary model with the probe put in (:func:`ratatouille_init`); average the target
+fine-tunings (:func:`ratatouille`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Literal, overload
+
+import torch
+
+from ..checkpoint import StateDict, StateDictLike, open_checkpoint
+from ..engine import DEFAULT_CHUNK_BYTES, Progress, merge
+from ..errors import IncompatibleError
+from .soup import Evaluate, GreedySoupResult, normalized_weights, run_greedy, weighted_mean_kernel
+
+__all__ = ["ratatouille", "ratatouille_init"]
+
+SELECTIONS = ("uniform", "greedy")
+
+
+def ratatouille_init(
+    auxiliary: StateDictLike,
+    head: StateDictLike,
+    *,
+    drop: Sequence[str] = (),
+) -> StateDict:
+    """An initialisation for one target fine-tuning: auxiliary weights with the target's head.
+
+    ``init = {k: auxiliary[k] for k not matching drop} | head``: the auxiliary model's weights,
+    without the keys that match a pattern of ``drop`` (the auxiliary task's own head), with
+    every key of ``head`` (the target task's linear probe, trained on the pre-trained
+    featurizer) put in. Step 3 of model ratatouille, Ramé et al., "Model Ratatouille:
+    Recycling diverse models for out-of-distribution generalization", ICML 2023.
+
+    ``drop`` holds ``fnmatch``-style globs matched against whole keys, case-sensitively
+    (``"head.*"``, ``"classifier.weight"``); a key without wildcards matches only itself. A
+    head key that replaces a dropped key, or that is new, may have any shape; a head key that
+    replaces a kept auxiliary key must have its shape and dtype kind. Key order: the
+    auxiliary's, with new head keys last. Tensors are copies, in their own dtypes.
+
+    Args:
+        auxiliary: the model fine-tuned on an auxiliary task (a mapping, module or path).
+        head: the target task's head: names to tensors (a mapping, module or path).
+        drop: glob patterns of auxiliary keys to remove (its task's head); each must match.
+
+    Returns:
+        A new state dict on the CPU, ready to load into the target model.
+
+    Raises:
+        IncompatibleError: a pattern of ``drop`` matches no key, or a head key disagrees in
+            shape or dtype kind with a kept auxiliary key.
+
+    Example:
+        >>> import torch, ladle
+        >>> aux = {"body.weight": torch.ones(4, 3), "head.weight": torch.zeros(10, 4),
+        ...        "head.bias": torch.zeros(10)}
+        >>> probe = {"head.weight": torch.full((5, 4), 0.5), "head.bias": torch.zeros(5)}
+        >>> init = ladle.ratatouille_init(aux, probe, drop=["head.*"])
+        >>> {key: tuple(t.shape) for key, t in init.items()}
+        {'body.weight': (4, 3), 'head.weight': (5, 4), 'head.bias': (5,)}
+    """
+    if isinstance(drop, str):
+        raise TypeError(f"drop: expected a sequence of patterns, found the string {drop!r}")
+    aux = open_checkpoint(auxiliary)
+    probe = open_checkpoint(head)
+    try:
+        keys = aux.keys()
+        for pattern in drop:
+            if not any(fnmatchcase(key, pattern) for key in keys):
+                shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+                raise IncompatibleError(
+                    f"auxiliary ({aux.name}): drop pattern {pattern!r} matches none of its "
+                    f"{len(keys)} keys ({shown})"
+                )
+        kept = [key for key in keys if not any(fnmatchcase(key, p) for p in drop)]
+        kept_set = set(kept)
+        for key in probe.keys():
+            if key not in kept_set:
+                continue
+            shape, aux_shape = probe.shape(key), aux.shape(key)
+            if shape != aux_shape:
+                raise IncompatibleError(
+                    f"head ({probe.name}): key {key!r} has shape {shape}, auxiliary "
+                    f"({aux.name}) has {aux_shape}; if it belongs to the auxiliary task's "
+                    f"head, pass drop=[{key!r}]"
+                )
+            if probe.dtype(key).is_floating_point != aux.dtype(key).is_floating_point:
+                raise IncompatibleError(
+                    f"head ({probe.name}): key {key!r} has dtype {probe.dtype(key)}, "
+                    f"auxiliary ({aux.name}) has {aux.dtype(key)}"
+                )
+        head_keys = set(probe.keys())
+        init = {
+            key: (probe if key in head_keys else aux).get_slice(key, slice(None)).clone()
+            for key in kept
+        }
+        for key in probe.keys():
+            if key not in init:
+                init[key] = probe.get_slice(key, slice(None)).clone()
+        return {key: tensor.to("cpu") for key, tensor in init.items()}
+    finally:
+        for checkpoint, source in ((aux, auxiliary), (probe, head)):
+            if checkpoint is not source:
+                checkpoint.close()
+
+
+@overload
+def ratatouille(
+    models: Sequence[StateDictLike],
+    *,
+    selection: Literal["uniform"] = ...,
+    evaluate: None = ...,
+    scores: None = ...,
+    strict: bool = ...,
+    out: str | os.PathLike | None = ...,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int = ...,
+    allow_nonfinite: bool = ...,
+) -> StateDict | Path: ...
+
+
+@overload
+def ratatouille(
+    models: Sequence[StateDictLike],
+    *,
+    selection: Literal["greedy"],
+    evaluate: Evaluate,
+    scores: Sequence[float] | None = ...,
+    strict: bool = ...,
+    out: str | os.PathLike | None = ...,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int = ...,
+    allow_nonfinite: bool = ...,
+) -> GreedySoupResult: ...
+
+
+def ratatouille(
+    models: Sequence[StateDictLike],
+    *,
+    selection: str = "uniform",
+    evaluate: Evaluate | None = None,
+    scores: Sequence[float] | None = None,
+    strict: bool = False,
+    out: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    progress: Progress = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    allow_nonfinite: bool = False,
+) -> StateDict | Path | GreedySoupResult:
+    """The ratatouille: average the target fine-tunings that started from auxiliary inits.
+
+    ``θ = (1/M) Σⱼ θⱼ`` over the M target fine-tunings (one or more per auxiliary
+    initialisation from :func:`ratatouille_init`), or with ``selection="greedy"`` the greedy
+    rule of :func:`greedy_soup` (keep a fine-tuning when the held-out score does not drop).
+    Step 4 of Ramé et al., "Model Ratatouille: Recycling diverse models for out-of-distribution
+    generalization", ICML 2023. ``selection="uniform"`` gives exactly ``uniform_soup(models)``
+    (the same fold, bit for bit); only the recorded method name differs.
+
+    Args:
+        models: the target fine-tunings (mappings, modules, paths or checkpoints).
+        selection: ``"uniform"`` (all of them) or ``"greedy"``.
+        evaluate: ``evaluate(state_dict) -> float``, higher is better; ``"greedy"`` only.
+        scores: the models' own scores, when known; ``"greedy"`` only.
+        strict: with ``"greedy"``, keep a candidate only when it improves the score strictly.
+        out: ``None`` for an in-memory result, or a path to write the soup to.
+        device: where the arithmetic runs; default CUDA when available, else the CPU.
+        dtype: output dtype of floating tensors; default the inputs'.
+        progress: ``True`` for a tqdm bar, or a tqdm-like class.
+        max_shard_size: largest shard of a directory output.
+        overwrite: replace an existing ``out`` (atomically) instead of refusing.
+        chunk_bytes: largest piece of one tensor processed at a time (``"uniform"``).
+        allow_nonfinite: merge inputs holding NaN or Inf instead of raising NonFiniteError.
+
+    Returns:
+        ``"uniform"``: the state dict, or the path written. ``"greedy"``: a
+        :class:`~ladle.GreedySoupResult` (its state dict populated also with ``out``).
+
+    Example:
+        >>> import torch, ladle
+        >>> runs = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}]
+        >>> ladle.ratatouille(runs)
+        {'w': tensor([0.5000, 0.5000])}
+        >>> ladle.ratatouille(runs, selection="greedy", scores=[0.7, 0.8],
+        ...                   evaluate=lambda sd: 0.9).selected
+        [1, 0]
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection: expected one of {SELECTIONS}, found {selection!r}")
+    if selection == "uniform":
+        if evaluate is not None or scores is not None:
+            raise ValueError(
+                "evaluate: used only with selection='greedy'; "
+                "pass selection='greedy' or leave evaluate and scores out"
+            )
+        return merge(
+            models,
+            weighted_mean_kernel(normalized_weights(None, len(models))),
+            method="ratatouille",
+            parameters={"selection": "uniform"},
+            out=out,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            chunk_bytes=chunk_bytes,
+            allow_nonfinite=allow_nonfinite,
+        )
+    if evaluate is None:
+        raise ValueError("evaluate: selection='greedy' needs evaluate(state_dict) -> float")
+    return run_greedy(
+        models,
+        evaluate,
+        method="ratatouille",
+        parameters={"selection": "greedy", "strict": strict},
+        scores=scores,
+        strict=strict,
+        out=out,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+    )

@@ -1,0 +1,237 @@
+"""Model Stock (Jang et al. 2024): interpolate from the base towards the mean, per tensor.
+
+Two passes over the inputs. The first folds, chunk of rows by chunk of rows, the Gram matrix
+``Gᵢⱼ = ⟨τᵢ, τⱼ⟩`` of the task vectors ``τᵢ = modelᵢ − base`` of every key (float64); the
+second folds ``Σᵢ modelᵢ`` into one accumulator and finishes each chunk with that key's ratio
+``t``. Memory is a few chunks per model, never a whole tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint, StateDict, StateDictLike
+from ..engine import DEFAULT_CHUNK_BYTES, Kernel, Progress, fold, merge, resolve_device
+
+__all__ = [
+    "EPS",
+    "T_MIN",
+    "ModelStockWarning",
+    "gram_kernel",
+    "mean_cosine",
+    "model_stock",
+    "stock_kernel",
+    "stock_ratio",
+]
+
+EPS = 1e-8
+"""The released code's epsilon: added to ``‖τᵢ‖·‖τⱼ‖`` and to the denominator of ``t``."""
+
+T_MIN = -1.0
+"""Lower bound of ``t``; the formula's pole at ``(N−1)·cos θ + 1 = 0`` is clamped to it."""
+
+
+class ModelStockWarning(UserWarning):
+    """A key's ratio ``t`` fell below :data:`T_MIN` (near the formula's pole) and was clamped."""
+
+
+def mean_cosine(gram: Sequence[Sequence[float]]) -> float:
+    """The mean over pairs ``i < j`` of ``Gᵢⱼ / (√(Gᵢᵢ·Gⱼⱼ) + 1e-8)``, each clamped to [−1, 1].
+
+    ``gram`` is the N×N Gram matrix of the task vectors. Summed with :func:`math.fsum`, so the
+    result does not depend on the order of the models.
+
+    Example:
+        >>> mean_cosine([[25.0, 15.0], [15.0, 25.0]])  # τ₁ = [5, 0], τ₂ = [3, 4]
+        0.59999999976
+    """
+    n = len(gram)
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            cosine = gram[i][j] / (math.sqrt(gram[i][i] * gram[j][j]) + EPS)
+            cosines.append(cosine if math.isnan(cosine) else min(1.0, max(-1.0, cosine)))
+    return math.fsum(cosines) / len(cosines)
+
+
+def stock_ratio(cosine: float, n: int, *, key: str = "") -> float:
+    """Model Stock's interpolation ratio ``t = N·cos θ / ((N−1)·cos θ + 1 + 1e-8)``, clamped.
+
+    For real vectors the mean pairwise cosine is at least ``−1/(N−1)`` (the unit task vectors
+    sum to a vector of squared norm ``N + N(N−1)·cos θ ≥ 0``), so ``t ≤ 1`` and ``t`` has a pole
+    only where the unit task vectors cancel exactly. Near it ``t`` runs to −∞: ``t`` below
+    :data:`T_MIN` (also a non-positive denominator, which only rounding produces) becomes
+    ``T_MIN`` with a :class:`ModelStockWarning` naming ``key``. Elsewhere it is the released
+    code's value.
+
+    Example:
+        >>> round(stock_ratio(0.6, 2), 6)
+        0.75
+    """
+    denominator = (n - 1) * cosine + 1 + EPS
+    ratio = n * cosine / denominator if denominator > 0 else -math.inf
+    if not ratio >= T_MIN:  # also catches NaN
+        warnings.warn(
+            f"model_stock: key {key!r}: t = {ratio:.6g} (mean cosine {cosine:.9g} of {n} task "
+            f"vectors, near the pole at cos θ = {-1 / (n - 1):.6g}) clamped to {T_MIN:g}",
+            ModelStockWarning,
+            stacklevel=2,
+        )
+        return T_MIN
+    return ratio
+
+
+def gram_kernel(n: int) -> Kernel:
+    """Fold the float64 Gram matrix ``⟨τᵢ, τⱼ⟩`` of one chunk of rows, one model at a time.
+
+    The state holds the base chunk and an N×rows matrix of the task vectors, both float64
+    (differences of float32 values are then nearly exact); ``finalize`` multiplies it by its
+    transpose in one float64 matrix product, which no float32 matmul precision setting
+    (TF32, bfloat16) affects. The matrix lives in one scratch buffer that this kernel reuses
+    from chunk to chunk (the engine finishes a chunk before it starts the next), so fresh
+    memory is not faulted in for every chunk.
+    """
+    scratch: list[torch.Tensor] = []
+
+    def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
+        assert base is not None  # model_stock always merges against a base
+        flat = base.reshape(-1).to(torch.float64)
+        size = n * flat.numel()
+        if not scratch or scratch[0].numel() < size or scratch[0].device != flat.device:
+            scratch[:] = [torch.empty(size, dtype=torch.float64, device=flat.device)]
+        return flat, scratch[0][:size].view(n, flat.numel())
+
+    def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
+        base, taus = state
+        # Copy, then subtract in place: x may be a file's view (never written), and a
+        # mixed-dtype subtraction is several times slower than the cast and a float64 one.
+        taus[index].copy_(x.reshape(-1)).sub_(base)
+        return state
+
+    def finalize(state: tuple) -> torch.Tensor:
+        taus = state[1]
+        return taus @ taus.T
+
+    return Kernel(init, update, finalize)
+
+
+def stock_kernel(ratios: Mapping[str, float], n: int) -> Kernel:
+    """Fold ``Σᵢ modelᵢ`` into one accumulator; finish with ``t·mean + (1 − t)·base``."""
+
+    def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
+        assert base is not None
+        return ratios[key], base, None
+
+    def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
+        t, base, acc = state
+        return t, base, x.clone() if acc is None else acc.add_(x)
+
+    def finalize(state: tuple) -> torch.Tensor:
+        t, base, acc = state
+        return acc.mul_(t / n).add_(base, alpha=1.0 - t)
+
+    return Kernel(init, update, finalize)
+
+
+def model_stock(
+    models: Sequence[StateDictLike],
+    base: StateDictLike,
+    *,
+    out: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    progress: Progress = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    allow_nonfinite: bool = False,
+) -> StateDict | Path:
+    """Model Stock: per tensor, move from the base towards the mean by the task vectors' angle.
+
+    For every floating key, with ``τᵢ = θᵢ − θ_base`` flattened and N models::
+
+        cos θᵢⱼ = clamp(⟨τᵢ, τⱼ⟩ / (‖τᵢ‖·‖τⱼ‖ + 1e-8), −1, 1)
+        cos θ   = mean of cos θᵢⱼ over the pairs i < j
+        t       = N·cos θ / ((N − 1)·cos θ + 1 + 1e-8)
+        θ       = t·mean(θᵢ) + (1 − t)·θ_base
+
+    Jang et al., "Model Stock: All we need is just a few fine-tuned models", ECCV 2024; the
+    epsilons are those of the released code (N = 2), and the mean over pairs for N > 2 is
+    mergekit's extension. Zero task vectors give ``t = 0``: the base. ``t ≤ 1`` always; near
+    the pole where ``(N − 1)·cos θ + 1 = 0`` it is clamped below at ``−1``
+    (:data:`T_MIN`), with a :class:`ModelStockWarning` naming the key.
+
+    The Gram matrices are accumulated in float64, chunk by chunk in row order, so the in-memory
+    and streaming paths agree bit for bit; a different ``chunk_bytes`` changes ``t`` only by
+    float64 rounding (about 1e-16 relative). Integer tensors are copied from the base.
+
+    Args:
+        models: at least two fine-tuned models (mappings, modules, paths or checkpoints).
+        base: the model they were fine-tuned from.
+        out: ``None`` to return a state dict on the CPU; a ``.safetensors`` path or a directory
+            to stream the result to disk and return its path.
+        device: where the arithmetic runs; default CUDA when available, else the CPU.
+        dtype: output dtype of floating tensors; default that of the base.
+        progress: ``True`` for a tqdm bar over bytes read (the merging pass), or a tqdm-like
+            class.
+        max_shard_size: largest shard of a directory output.
+        overwrite: replace an existing ``out`` (atomically) instead of refusing.
+        chunk_bytes: largest piece of one tensor processed at a time, per model.
+        allow_nonfinite: merge inputs holding NaN or Inf instead of raising NonFiniteError.
+
+    Returns:
+        The merged state dict, or the path written.
+
+    Example:
+        >>> import torch, ladle
+        >>> base = {"w": torch.tensor([1.0, 1.0])}
+        >>> a, b = {"w": torch.tensor([6.0, 1.0])}, {"w": torch.tensor([4.0, 5.0])}
+        >>> ladle.model_stock([a, b], base)  # cos θ = 0.6, t = 0.75
+        {'w': tensor([4.0000, 2.5000])}
+    """
+    if base is None:
+        raise ValueError("base: model_stock needs the base model, found None")
+    single = isinstance(models, (str, os.PathLike, Mapping, torch.nn.Module))
+    if not single and len(models) < 2:  # a single model is the engine's TypeError
+        raise ValueError(f"models: model_stock needs at least 2 models, found {len(models)}")
+    target = resolve_device(device)
+
+    def prepare(checkpoints: list[Checkpoint], base_checkpoint: Checkpoint | None) -> Kernel:
+        n = len(checkpoints)
+        grams: dict[str, torch.Tensor] = {}
+        for key, _, partial in fold(
+            checkpoints,
+            gram_kernel(n),
+            base=base_checkpoint,
+            device=target,
+            chunk_bytes=max(1, chunk_bytes // 2),  # float64 task vectors: half the rows
+            allow_nonfinite=allow_nonfinite,
+        ):
+            grams[key] = partial if key not in grams else grams[key] + partial
+        ratios = {
+            key: stock_ratio(mean_cosine(gram.tolist()), n, key=key) for key, gram in grams.items()
+        }
+        return stock_kernel(ratios, n)
+
+    return merge(
+        models,
+        stock_kernel({}, 0),  # replaced by prepare's kernel once the ratios are known
+        base=base,
+        method="model_stock",
+        parameters={"eps": EPS, "t_min": T_MIN},
+        out=out,
+        device=target,
+        dtype=dtype,
+        progress=progress,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        chunk_bytes=chunk_bytes,
+        allow_nonfinite=allow_nonfinite,
+        prepare=prepare,
+    )

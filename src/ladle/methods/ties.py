@@ -1,0 +1,536 @@
+"""TIES-Merging (Yadav et al. 2023): trim task vectors, elect signs, take the disjoint mean.
+
+Streaming needs each task vector's magnitude threshold before the merge pass. It is found
+exactly, without loading a model, by a radix select: magnitudes are non-negative floats, whose
+bit patterns order like the integers they spell, so the k-th smallest is found 16 bits at a
+time from histograms gathered by extra passes over the checkpoints (two passes for float32).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint, StateDict, StateDictLike
+from ..engine import (
+    DEFAULT_CHUNK_BYTES,
+    Kernel,
+    Progress,
+    check_compatible,
+    compute_dtype,
+    fold,
+    merge,
+    open_models,
+    resolve_device,
+    row_chunks,
+)
+from .task_arithmetic import Delta, check_inputs, check_scale
+
+__all__ = [
+    "SignElection",
+    "check_density",
+    "election_kernel",
+    "keep_rank",
+    "magnitude_thresholds",
+    "majority_votes",
+    "ties",
+]
+
+TRIMS = ("global", "tensor")
+_DIGIT = 16
+_BINS = 1 << _DIGIT
+
+
+def check_density(density: float) -> float:
+    """``density`` as a float in (0, 1], or a ``ValueError`` naming it."""
+    density = float(density)
+    if not 0.0 < density <= 1.0:  # also false for NaN
+        raise ValueError(f"density: expected a number in (0, 1], found {density}")
+    return density
+
+
+def keep_rank(count: int, density: float) -> int:
+    """The paper code's rank ``k = d − int(d·density)``: keep ``|τ| ≥`` the k-th smallest.
+
+    Below 1 (``density = 1``, or no entries) nothing is trimmed.
+    """
+    return count - int(count * density)
+
+
+# --- exact k-th smallest magnitude by radix select -------------------------------------------
+
+
+def _magnitude_bits(tau: torch.Tensor, width: int) -> torch.Tensor:
+    """``|tau|`` (owned, overwritten) as integers of ``width`` bits that order like the floats."""
+    magnitude = tau.abs_()
+    if width == 64:
+        return magnitude.to(torch.float64).view(torch.int64).flatten()
+    return magnitude.view(torch.int32).flatten()
+
+
+def _histogram_kernel(
+    groups: Mapping[str, str],
+    widths: Mapping[str, int],
+    prefixes: Mapping[str, list[int]],
+    step: int,
+    counts: dict[str, torch.Tensor],
+    models: int,
+) -> Kernel:
+    """Count, per group and model, digit ``step`` (16 bits, most significant first) of the
+    magnitudes whose higher digits equal the prefix found so far, into ``counts[group]`` (a
+    models × 65536 tensor that outlives the chunk; the kernel's own result is empty)."""
+
+    def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
+        assert base is not None
+        return key, base, torch.empty_like(base)  # one buffer for every model's |τ|
+
+    def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
+        key, base, buffer = state
+        group = groups[key]
+        width = widths[group]
+        shift = width - _DIGIT * (step + 1)
+        bits = _magnitude_bits(torch.sub(x, base, out=buffer), width)
+        if step > 0:
+            bits = bits[(bits >> (shift + _DIGIT)) == prefixes[group][index]]
+        digits = bits >> shift  # a new tensor: bits may be the buffer's view
+        if step > 0:  # drop the prefix's bits
+            digits &= _BINS - 1
+        if group not in counts:
+            counts[group] = torch.zeros(models, _BINS, dtype=torch.int64, device=x.device)
+        if digits.numel() < _BINS // 16:  # a small chunk: no pass over all bins
+            counts[group][index].index_add_(0, digits, torch.ones_like(digits, dtype=torch.int64))
+        else:
+            counts[group][index] += torch.bincount(digits, minlength=_BINS)
+        return state
+
+    def finalize(state: tuple) -> torch.Tensor:
+        return torch.empty(0)
+
+    return Kernel(init, update, finalize)
+
+
+def _radix_select(
+    models: Sequence[Checkpoint],
+    base: Checkpoint,
+    *,
+    groups: Mapping[str, str],
+    ranks: Mapping[str, int],
+    device: torch.device,
+    chunk_bytes: int,
+    allow_nonfinite: bool = False,
+) -> dict[str, list[float]]:
+    """For every group ``g`` of keys and model ``i``: the ``ranks[g]``-th smallest (1-based)
+    ``|modelᵢ − base|`` over all entries of the keys of ``g``, exactly as ``torch.kthvalue``
+    over their concatenation would find it, in float32 (float64 if a key of ``g`` is)."""
+    n = len(models)
+    widths: dict[str, int] = {}
+    for key, group in groups.items():
+        wide = compute_dtype([c.dtype(key) for c in [*models, base]]) == torch.float64
+        widths[group] = max(widths.get(group, 32), 64 if wide else 32)
+    prefixes = {group: [0] * n for group in ranks}
+    left = {group: [ranks[group]] * n for group in ranks}
+    counts: dict[str, torch.Tensor] = {}
+
+    def resolve(group: str) -> None:
+        cumulative = counts.pop(group).cpu().cumsum(1)
+        for i in range(n):  # the first digit whose cumulative count reaches the rank
+            digit = int(torch.searchsorted(cumulative[i], left[group][i]))
+            left[group][i] -= int(cumulative[i, digit - 1]) if digit else 0
+            prefixes[group][i] = (prefixes[group][i] << _DIGIT) | digit
+
+    for step in range(64 // _DIGIT):
+        keys = [k for k, g in groups.items() if g in ranks and step < widths[g] // _DIGIT]
+        if not keys:
+            break
+        kernel = _histogram_kernel(groups, widths, prefixes, step, counts, n)
+        current = None
+        # Keys come in order, so a group's counts are complete when the next group starts:
+        # one models × 65536 histogram is held at a time.
+        for key, _, _ in fold(
+            models,
+            kernel,
+            base=base,
+            keys=keys,
+            device=device,
+            chunk_bytes=chunk_bytes,
+            allow_nonfinite=allow_nonfinite,
+        ):
+            if groups[key] != current and current is not None:
+                resolve(current)
+            current = groups[key]
+        if current is not None:
+            resolve(current)
+
+    found: dict[str, list[float]] = {}
+    for group, bits in prefixes.items():
+        kind = (torch.int64, torch.float64) if widths[group] == 64 else (torch.int32, torch.float32)
+        found[group] = torch.tensor(bits, dtype=kind[0]).view(kind[1]).tolist()
+    return found
+
+
+def _at_least(value: float, dtype: torch.dtype) -> float:
+    """The smallest number of ``dtype`` that is ``≥ value`` (so ``|τ| ≥`` it stays exact)."""
+    if dtype == torch.float64:
+        return value
+    rounded = torch.tensor(value, dtype=torch.float64).to(dtype)
+    if rounded.item() < value:
+        rounded = torch.nextafter(rounded, torch.tensor(float("inf"), dtype=dtype))
+    return rounded.item()
+
+
+def _thresholds(
+    models: Sequence[Checkpoint],
+    base: Checkpoint,
+    *,
+    keys: Sequence[str],
+    density: float,
+    trim: str,
+    device: torch.device,
+    chunk_bytes: int,
+    allow_nonfinite: bool = False,
+) -> dict[str, list[float]]:
+    """Per key, per model: the magnitude below which an entry is trimmed (0.0: keep all)."""
+    groups = {key: "" if trim == "global" else key for key in keys}
+    counts: dict[str, int] = {}
+    for key, group in groups.items():
+        size = 1
+        for dim in base.shape(key):
+            size *= dim
+        counts[group] = counts.get(group, 0) + size
+    ranks = {g: keep_rank(c, density) for g, c in counts.items() if keep_rank(c, density) >= 1}
+    found = _radix_select(
+        models,
+        base,
+        groups=groups,
+        ranks=ranks,
+        device=device,
+        chunk_bytes=chunk_bytes,
+        allow_nonfinite=allow_nonfinite,
+    )
+    limits = {}
+    for key, group in groups.items():
+        dtype = compute_dtype([c.dtype(key) for c in [*models, base]])
+        limits[key] = [_at_least(v, dtype) for v in found.get(group, [0.0] * len(models))]
+    return limits
+
+
+def magnitude_thresholds(
+    models: Sequence[StateDictLike],
+    base: StateDictLike,
+    *,
+    density: float = 0.2,
+    trim: str = "global",
+    device: str | torch.device | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> list[dict[str, float]]:
+    """TIES trim thresholds, found by streaming passes: per model, per floating key.
+
+    Model ``i`` keeps the entries of ``τᵢ = modelᵢ − base`` with ``|τᵢ| ≥ tᵢ``, ``tᵢ`` the
+    ``(d − ⌊d·density⌋)``-th smallest magnitude (``torch.kthvalue``'s rank, 1-based), ``d`` the
+    number of entries: of the whole model (``trim="global"``: every key gets the same
+    threshold) or of each tensor (``trim="tensor"``). Where nothing is trimmed it is 0.0.
+    Found by a radix select over the magnitudes' bit patterns, never holding a whole tensor.
+
+    Args:
+        models: the fine-tuned models.
+        base: the model they were fine-tuned from.
+        density: the fraction of entries kept, in (0, 1].
+        trim: ``"global"`` or ``"tensor"``, the scope of the ranking.
+        device: where the arithmetic runs; default CUDA when available, else the CPU.
+        chunk_bytes: largest piece of one tensor processed at a time, per model.
+
+    Returns:
+        One dict per model, mapping each floating key to its threshold.
+
+    Example:
+        >>> import torch
+        >>> from ladle.methods.ties import magnitude_thresholds
+        >>> base = {"w": torch.zeros(4)}
+        >>> magnitude_thresholds([{"w": torch.tensor([0.5, -3.0, 1.0, 2.0])}], base, density=0.5)
+        [{'w': 1.0}]
+    """
+    density = check_density(density)
+    if trim not in TRIMS:
+        raise ValueError(f"trim: expected one of {TRIMS}, found {trim!r}")
+    check_inputs(models, base)
+    with ExitStack() as stack:
+        checkpoints, base_ckpt = open_models(models, base, stack)
+        assert base_ckpt is not None
+        check_compatible(checkpoints, base_ckpt)
+        keys = [k for k in base_ckpt.keys() if base_ckpt.dtype(k).is_floating_point]
+        limits = _thresholds(
+            checkpoints,
+            base_ckpt,
+            keys=keys,
+            density=density,
+            trim=trim,
+            device=resolve_device(device),
+            chunk_bytes=chunk_bytes,
+        )
+    return [{key: limits[key][i] for key in keys} for i in range(len(checkpoints))]
+
+
+# --- sign election and disjoint mean ---------------------------------------------------------
+
+
+class SignElection:
+    """Running sums for TIES's sign election and disjoint mean, one task vector at a time.
+
+    Holds the positive and negative mass and counts of each entry: four tensors of the chunk's
+    size whatever the number of models, plus two buffers reused for every model (``tau``, for
+    ``x − base``, and ``scratch``). ``Σᵢ τᵢ`` is the positive mass plus the negative mass.
+    """
+
+    def __init__(self, key: str, rows: slice, base: torch.Tensor) -> None:
+        self.key, self.rows, self.base = key, rows, base
+        self.tau, self.scratch = torch.empty_like(base), torch.empty_like(base)
+        self.pos_sum: torch.Tensor | None = None
+        self.neg_sum = self.pos_count = self.neg_count = torch.empty(0)
+
+    def add(self, delta: torch.Tensor) -> SignElection:
+        """Fold in one model's ``delta`` (which may be ``self.tau``, not ``self.scratch``)."""
+        if self.pos_sum is None:
+            self.pos_sum = delta.clamp(min=0)
+            self.neg_sum = delta.clamp(max=0)
+            self.pos_count = torch.gt(delta, 0, out=torch.empty_like(delta))
+            self.neg_count = torch.lt(delta, 0, out=torch.empty_like(delta))
+            return self
+        # out= into one scratch buffer: fresh large temporaries cost more than the arithmetic.
+        scratch = self.scratch
+        self.pos_sum.add_(torch.clamp(delta, min=0, out=scratch))
+        self.neg_sum.add_(torch.clamp(delta, max=0, out=scratch))
+        self.pos_count.add_(torch.gt(delta, 0, out=scratch))
+        self.neg_count.add_(torch.lt(delta, 0, out=scratch))
+        return self
+
+    def _mass(self) -> torch.Tensor:
+        assert self.pos_sum is not None
+        return torch.add(self.pos_sum, self.neg_sum, out=self.scratch)
+
+    def vote(self) -> torch.Tensor:
+        """``Σ sign(γ)`` over the entries: positive minus negative elected signs (int64)."""
+        mass = self._mass()
+        return (mass > 0).sum() - (mass < 0).sum()
+
+    def merged(self, majority: float | None) -> torch.Tensor:
+        """The disjoint mean: per entry, the mean of the ``τᵢ`` whose sign is the elected one.
+
+        ``γ = sign(Σᵢ τᵢ)``; where ``γ = 0``, ``majority`` (or, for ``None``, the sign of this
+        chunk's vote); where that is 0 too, the entry is 0. Consumes the state.
+        """
+        assert self.pos_sum is not None
+        if majority is None:
+            majority = float(torch.sign(self.vote()))
+        mass = self._mass()
+        up = mass >= 0 if majority > 0 else mass > 0
+        down = mass <= 0 if majority < 0 else mass < 0
+        positive = self.pos_sum.div_(self.pos_count.clamp_(min=1))
+        negative = self.neg_sum.div_(self.neg_count.clamp_(min=1))
+        return positive.masked_fill_(up.logical_not_(), 0.0).add_(
+            negative.masked_fill_(down.logical_not_(), 0.0)
+        )
+
+
+def election_kernel(delta: Delta, finish: Callable[[SignElection], torch.Tensor]) -> Kernel:
+    """Fold ``δᵢ = delta(modelᵢ − base)`` into a :class:`SignElection`, then ``finish`` it."""
+
+    def init(key: str, rows: slice, base: torch.Tensor | None) -> SignElection:
+        assert base is not None  # task-vector methods always merge against a base
+        return SignElection(key, rows, base)
+
+    def update(state: SignElection, index: int, x: torch.Tensor) -> SignElection:
+        tau = torch.sub(x, state.base, out=state.tau)
+        return state.add(delta(state.key, state.rows, index, tau, state.scratch))
+
+    return Kernel(init, update, finish)
+
+
+def majority_votes(
+    models: Sequence[Checkpoint],
+    base: Checkpoint,
+    delta: Delta,
+    *,
+    keys: Sequence[str],
+    per_tensor: bool,
+    device: torch.device,
+    chunk_bytes: int,
+    allow_nonfinite: bool = False,
+) -> dict[str, float]:
+    """The paper code's sign for ``γ = 0``: ``sign(Σ sign(γ))`` over all entries of ``keys``
+    (one value for every key), or over each key's entries with ``per_tensor``; a pass."""
+    votes = dict.fromkeys(keys, 0)
+    kernel = election_kernel(delta, SignElection.vote)
+    for key, _, vote in fold(
+        models,
+        kernel,
+        base=base,
+        keys=keys,
+        device=device,
+        chunk_bytes=chunk_bytes,
+        allow_nonfinite=allow_nonfinite,
+    ):
+        votes[key] += int(vote)
+    if per_tensor:
+        return {key: float((v > 0) - (v < 0)) for key, v in votes.items()}
+    total = sum(votes.values())
+    return dict.fromkeys(keys, float((total > 0) - (total < 0)))
+
+
+def _kth_magnitude(tau: torch.Tensor, rank: int, scratch: torch.Tensor) -> float:
+    """The ``rank``-th smallest ``|tau|`` of an in-memory tensor, as ``torch.kthvalue`` finds
+    it: a histogram of the top 16 bits picks the bucket, ``kthvalue`` finishes inside it."""
+    magnitude = torch.abs(tau, out=scratch).flatten()
+    if magnitude.numel() <= _BINS:
+        return magnitude.kthvalue(rank).values.item()
+    width = 64 if magnitude.dtype == torch.float64 else 32
+    bits = magnitude.view(torch.int64 if width == 64 else torch.int32)
+    top = bits >> (width - _DIGIT)
+    cumulative = torch.bincount(top, minlength=_BINS).cumsum(0)
+    digit = int(torch.searchsorted(cumulative, rank))
+    below = int(cumulative[digit - 1]) if digit else 0
+    return magnitude[top == digit].kthvalue(rank - below).values.item()
+
+
+def _trimmer(limits: Mapping[str, list[float]], density: float) -> Delta:
+    """Zero the entries of ``τᵢ`` below its threshold (in place); keys without one are whole
+    tensors, trimmed within themselves here (finding what the streaming select would)."""
+
+    def trim(
+        key: str, rows: slice, index: int, tau: torch.Tensor, scratch: torch.Tensor
+    ) -> torch.Tensor:
+        found = limits.get(key)
+        if found is not None:
+            limit = found[index]
+        else:
+            rank = keep_rank(tau.numel(), density)
+            limit = _kth_magnitude(tau, rank, scratch) if rank >= 1 else 0.0
+        if limit <= 0:  # nothing to trim (every |τ| ≥ 0)
+            return tau
+        keep = torch.ge(torch.abs(tau, out=scratch), limit, out=scratch)  # 1.0 or 0.0
+        return tau.mul_(keep)
+
+    return trim
+
+
+def ties(
+    models: Sequence[StateDictLike],
+    base: StateDictLike,
+    *,
+    density: float = 0.2,
+    scale: float = 1.0,
+    trim: str = "global",
+    out: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    progress: Progress = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    allow_nonfinite: bool = False,
+) -> StateDict | Path:
+    """TIES-Merging: trim each task vector, elect a sign per entry, average the agreeing ones.
+
+    With ``τᵢ = θᵢ − θ_base``: (1) trim: keep the entries of ``τᵢ`` with ``|τᵢ| ≥`` its
+    ``(d − ⌊d·density⌋)``-th smallest magnitude, ``d`` the number of entries of the whole model
+    (``trim="global"``, as the paper's code) or of each tensor (``trim="tensor"``, as mergekit
+    and PEFT), zero the rest; (2) elect ``γ = sign(Σᵢ τ̂ᵢ)``, and where ``γ = 0`` use the sign
+    of ``Σ γ`` over the same scope as the trim (the paper code's "majority" rule); (3) disjoint
+    mean: per entry, the mean of the ``τ̂ᵢ`` whose sign is ``γ`` (0 if none); (4)
+    ``θ = θ_base + scale·merged``. Yadav et al., "TIES-Merging: Resolving interference when
+    merging models", NeurIPS 2023.
+
+    Streaming: the thresholds come from radix-select passes over the checkpoints (two for
+    float32) and the global majority sign from one more pass, so memory stays a few chunks
+    (``chunk_bytes``) per model whatever the model's size. ``trim="tensor"`` needs extra
+    passes only for tensors larger than one chunk.
+
+    Args:
+        models: the fine-tuned models (mappings, modules, paths or checkpoints).
+        base: the model they were fine-tuned from; task vectors are ``model − base``.
+        density: the fraction of each task vector's entries kept, in (0, 1].
+        scale: the factor λ applied to the merged task vector.
+        trim: ``"global"`` (rank over all floating entries of the model) or ``"tensor"``
+            (rank within each tensor); the scope of the sign-tie majority follows it.
+        out: ``None`` to return a state dict on the CPU; a ``.safetensors`` path or a directory
+            to stream the result to disk and return its path.
+        device: where the arithmetic runs; default CUDA when available, else the CPU.
+        dtype: output dtype of floating tensors; default that of the base.
+        progress: ``True`` for a tqdm bar over bytes read by the merge pass, or a tqdm-like
+            class.
+        max_shard_size: largest shard of a directory output.
+        overwrite: replace an existing ``out`` (atomically) instead of refusing.
+        chunk_bytes: largest piece of one tensor processed at a time, per model.
+        allow_nonfinite: merge inputs holding NaN or Inf instead of raising NonFiniteError.
+
+    Returns:
+        The merged state dict, or the path written.
+
+    Example:
+        >>> import torch, ladle
+        >>> base = {"w": torch.ones(4)}
+        >>> taus = [[1.0, -2.0, 0.5, 3.0], [-1.5, 1.0, 2.0, -0.5], [-2.5, 0.25, 4.0, -1.0]]
+        >>> models = [{"w": base["w"] + torch.tensor(t)} for t in taus]
+        >>> ladle.ties(models, base, density=0.5, scale=0.5)
+        {'w': tensor([0.0000, 0.0000, 2.5000, 2.5000])}
+    """
+    density = check_density(density)
+    scale = check_scale(scale)
+    if trim not in TRIMS:
+        raise ValueError(f"trim: expected one of {TRIMS}, found {trim!r}")
+    check_inputs(models, base)
+    target = resolve_device(device)
+
+    def prepare(checkpoints: list[Checkpoint], base_ckpt: Checkpoint | None) -> Kernel:
+        assert base_ckpt is not None
+        floating = [k for k in base_ckpt.keys() if base_ckpt.dtype(k).is_floating_point]
+        if trim == "global":
+            streamed = floating
+        else:  # tensors of one chunk are trimmed and voted on inside the merge kernel
+            streamed = [k for k in floating if len(row_chunks(base_ckpt.shape(k), chunk_bytes)) > 1]
+        limits = _thresholds(
+            checkpoints,
+            base_ckpt,
+            keys=streamed,
+            density=density,
+            trim=trim,
+            device=target,
+            chunk_bytes=chunk_bytes,
+            allow_nonfinite=allow_nonfinite,
+        )
+        trimmer = _trimmer(limits, density)
+        majority = majority_votes(
+            checkpoints,
+            base_ckpt,
+            trimmer,
+            keys=streamed,
+            per_tensor=trim == "tensor",
+            device=target,
+            chunk_bytes=chunk_bytes,
+            allow_nonfinite=allow_nonfinite,
+        )
+
+        def finish(state: SignElection) -> torch.Tensor:
+            return state.merged(majority.get(state.key)).mul_(scale).add_(state.base)
+
+        return election_kernel(trimmer, finish)
+
+    return merge(
+        models,
+        election_kernel(_trimmer({}, density), SignElection.vote),  # replaced by prepare
+        base=base,
+        method="ties",
+        parameters={"density": density, "scale": scale, "trim": trim},
+        out=out,
+        device=target,
+        dtype=dtype,
+        progress=progress,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        chunk_bytes=chunk_bytes,
+        allow_nonfinite=allow_nonfinite,
+        prepare=prepare,
+    )

@@ -1,0 +1,174 @@
+"""What a merged directory holds besides its weights: loader files and a model card.
+
+A directory output is meant to load with ``transformers``: the config, generation config and
+tokenizer files of the base (or first) input are copied beside the weights when that input is
+a model directory (local, or a Hub snapshot), and a ``README.md`` model card records the
+merge: YAML front matter (``base_model``, ``tags``), the method, parameters, inputs with their
+resolved revisions, and a recipe that ``ladle run`` reproduces.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ._version import __version__
+from .checkpoint import Checkpoint
+from .hub import COMPANION_FILES, PREFIX, parse_hf_url
+
+__all__ = ["companion_files", "model_card", "output_files"]
+
+
+def companion_files(directory: Path | None) -> dict[str, Path]:
+    """Config and tokenizer files directly inside ``directory`` (none if it is not a folder).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> for name in ("config.json", "tokenizer.model", "model.safetensors", "notes.txt"):
+        ...     _ = (folder / name).write_text("x")
+        >>> sorted(companion_files(folder))
+        ['config.json', 'tokenizer.model']
+    """
+    if directory is None or not directory.is_dir():
+        return {}
+    return {
+        path.name: path
+        for path in sorted(directory.iterdir())
+        if path.is_file() and any(fnmatch.fnmatchcase(path.name, p) for p in COMPANION_FILES)
+    }
+
+
+def _repo_id(name: str) -> str:
+    """``owner/repo`` for a Hub input (its card's ``base_model``), else the name as is."""
+    if name.startswith(PREFIX):
+        return parse_hf_url(name).repo_id
+    return name
+
+
+def _toml(value: object) -> str:
+    """``value`` as a TOML value (strings, numbers, booleans, lists, tables)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value), ensure_ascii=False)  # a basic string; JSON escapes are TOML's
+
+
+def _yaml_list(key: str, items: Sequence[str]) -> str:
+    # JSON strings are valid YAML double-quoted scalars.
+    return f"{key}:\n" + "".join(f"- {json.dumps(item, ensure_ascii=False)}\n" for item in items)
+
+
+def model_card(
+    method: str,
+    parameters: Mapping[str, object],
+    models: Sequence[str],
+    base: str | None = None,
+    *,
+    title: str = "Merged model",
+) -> str:
+    """The ``README.md`` of a merged model: YAML front matter, inputs, parameters, recipe.
+
+    Args:
+        method: the merge method's name, e.g. ``"uniform_soup"``.
+        parameters: the method's parameters as recorded in the output's provenance.
+        models: the inputs' names (Hub inputs as ``hf://owner/repo@<commit>``).
+        base: the base model's name, if the method has one.
+        title: the card's heading.
+
+    Returns:
+        The card's text.
+
+    Example:
+        >>> card = model_card("uniform_soup", {"weights": [0.5, 0.5]},
+        ...                   ["hf://org/a@" + "1" * 40, "models/b"])
+        >>> print(card.split("---")[1].strip())
+        base_model:
+        - "org/a"
+        - "models/b"
+        tags:
+        - "merge"
+        - "ladle"
+    """
+    sources = ([base] if base is not None else []) + list(models)
+    in_memory = [name for name in sources if name.startswith("<")]  # "<state dict>", modules
+    base_models = list(dict.fromkeys(_repo_id(n) for n in sources if n not in in_memory))
+    lines = [
+        "---",
+        _yaml_list("base_model", base_models) + _yaml_list("tags", ["merge", "ladle"]).rstrip(),
+        "---",
+        "",
+        f"# {title}",
+        "",
+        f"This model was merged with [ladle](https://pypi.org/project/ladle/) {__version__} "
+        f"using **{method}**.",
+        "",
+        "## Inputs",
+        "",
+        "| role | source | revision |",
+        "| --- | --- | --- |",
+    ]
+    for role, name in ([("base", base)] if base is not None else []) + [
+        (f"model {i}", name) for i, name in enumerate(models)
+    ]:
+        revision = parse_hf_url(name).revision if name.startswith(PREFIX) else None
+        lines.append(f"| {role} | `{_repo_id(name)}` | {f'`{revision}`' if revision else '-'} |")
+    lines += ["", "## Parameters", ""]
+    lines += [f"- `{key}`: `{json.dumps(value, default=str)}`" for key, value in parameters.items()]
+    if not parameters:
+        lines.append("None.")
+    recipe = [f"method = {_toml(method)}"]
+    if base is not None:
+        recipe.append(f"base = {_toml(base)}")
+    recipe += [f"models = {_toml(list(models))}", 'output = "merged"']
+    if parameters:
+        recipe += ["", "[parameters]"]
+        recipe += [f"{json.dumps(str(k))} = {_toml(v)}" for k, v in parameters.items()]
+    lines += ["", "## Recipe", ""]
+    if in_memory:
+        lines += ["Some inputs were in memory, not files: no recipe can reproduce this merge.", ""]
+    else:
+        lines += ["Reproduce this merge with `ladle run recipe.toml`:", "", "```toml"]
+        lines += [*recipe, "```", ""]
+    return "\n".join(lines)
+
+
+def output_files(
+    method: str,
+    parameters: Mapping[str, object],
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    *,
+    out: str | os.PathLike,
+) -> dict[str, Path | bytes]:
+    """Files to place beside the weights of a directory output ``out``.
+
+    The config and tokenizer files of the base (else model 0), when it is a model directory,
+    and ``README.md`` (the model card). Keys are file names; values are files to copy or bytes.
+    """
+    reference = base if base is not None else models[0]
+    files: dict[str, Path | bytes] = dict(companion_files(reference.path))
+    card = model_card(
+        method,
+        parameters,
+        [m.name for m in models],
+        None if base is None else base.name,
+        title=Path(out).name or "Merged model",
+    )
+    files["README.md"] = card.encode()
+    return files

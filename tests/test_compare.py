@@ -1,0 +1,112 @@
+"""ladle.diff and the `ladle diff` / `ladle inspect` commands on known inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import family
+from hypothesis import given
+from safetensors.torch import save_file
+
+import ladle
+from ladle.cli import main
+
+A = {"w": torch.tensor([[3.0, 0.0]]), "b": torch.tensor([1.0, 1.0]), "n": torch.tensor(7)}
+B = {"w": torch.tensor([[0.0, 4.0]]), "b": torch.tensor([1.0, 1.0]), "n": torch.tensor(8)}
+BASE = {"w": torch.tensor([[1.0, 1.0]]), "b": torch.tensor([0.0, 0.0]), "n": torch.tensor(0)}
+
+
+def test_diff_hand_worked_norms_and_cosines():
+    report = ladle.diff(A, B)
+    w, b = report.tensors
+    assert w == ladle.TensorDiff("w", 3.0, 4.0, 5.0, 0.0)
+    assert b.key == "b" and b.norm_diff == 0.0 and b.cosine == pytest.approx(1.0)
+    assert report.skipped == ["n"]
+    # whole model: a = [3, 0, 1, 1], b = [0, 4, 1, 1]: ⟨a,b⟩ = 2, ‖a‖² = 11, ‖b‖² = 18
+    assert report.total.norm_diff == 5.0
+    assert report.total.cosine == pytest.approx(2 / math.sqrt(11 * 18))
+
+
+def test_diff_with_base_compares_task_vectors():
+    report = ladle.diff(A, B, base=BASE)
+    w, b = report.tensors
+    # task vectors of w: [2, -1] and [-1, 3]: ⟨,⟩ = -5, norms √5 and √10
+    assert w.norm_a == pytest.approx(math.sqrt(5)) and w.norm_b == pytest.approx(math.sqrt(10))
+    assert w.cosine == pytest.approx(-5 / math.sqrt(50)) and w.norm_diff == 5.0
+    assert b.cosine == pytest.approx(1.0)
+
+
+def test_zero_task_vectors_have_nan_cosine():
+    assert math.isnan(ladle.diff(A, A, base=A).tensors[0].cosine)
+
+
+@given(models=__import__("conftest").families(min_n=2, max_n=2))
+def test_diff_matches_a_naive_float64_reference_and_is_chunk_independent(models):
+    a, b = models
+    report = ladle.diff(a, b, chunk_bytes=8)
+    for row in report.tensors:
+        x, y = a[row.key].double().flatten(), b[row.key].double().flatten()
+        assert row.norm_diff == pytest.approx(float((x - y).norm()), rel=1e-9, abs=1e-12)
+        assert row.norm_a == pytest.approx(float(x.norm()), rel=1e-9, abs=1e-12)
+        if x.norm() > 0 and y.norm() > 0:
+            assert row.cosine == pytest.approx(float(x @ y / (x.norm() * y.norm())), abs=1e-9)
+
+
+def test_diff_of_incompatible_models_names_them():
+    with pytest.raises(ladle.IncompatibleError, match="'w'"):
+        ladle.diff(A, {**B, "w": torch.zeros(2, 2)})
+
+
+@pytest.fixture
+def files(tmp_path):
+    paths = {}
+    for name, model in {"a": A, "b": B, "base": BASE}.items():
+        save_file(model, tmp_path / f"{name}.safetensors")
+        paths[name] = str(tmp_path / f"{name}.safetensors")
+    return paths
+
+
+def test_cli_diff_table_and_summary(files, capsys):
+    assert main(["diff", files["a"], files["b"]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["key", "|A|", "|B|", "|A-B|", "cosine"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:-1]}  # files sort keys
+    assert rows == {"w": ["3", "4", "5", "0"], "b": ["1.41421", "1.41421", "0", "1"]}
+    assert lines[-1].startswith(
+        "2 tensors: |A| 3.31662, |B| 4.24264, |A-B| 5, cosine of the models"
+    )
+    assert lines[-1].endswith("1 identical; 1 non-floating skipped")
+
+
+def test_cli_diff_json_with_base(files, capsys):
+    assert main(["diff", files["a"], files["b"], "--base", files["base"], "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["base"] == files["base"]
+    w = {t["key"]: t for t in report["tensors"]}["w"]
+    assert w["norm_diff"] == 5.0
+    assert w["cosine"] == pytest.approx(-5 / math.sqrt(50))
+    assert main(["diff", files["a"], files["a"], "--base", files["a"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"]["cosine"] is None  # NaN is not JSON
+
+
+def test_cli_inspect_shows_shards_path_and_full_metadata(tmp_path, capsys):
+    model = family(1, seed=3)[0]
+    out = ladle.uniform_soup([model, model], out=tmp_path / "m", max_shard_size=40, device="cpu")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shard_names = sorted(set(index["weight_map"].values()))
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    shard_lines = [line for line in text.splitlines() if line.startswith("shard ")]
+    assert [line.split(":")[0] for line in shard_lines] == [f"shard {n}" for n in shard_names]
+    counts = [sum(f == n for f in index["weight_map"].values()) for n in shard_names]
+    assert [int(line.split(": ")[1].split()[0]) for line in shard_lines] == counts
+    assert 'metadata ladle.parameters: {"weights": [0.5, 0.5]}' in text
+    assert main(["inspect", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [s["file"] for s in report["shards"]] == shard_names
+    assert sum(s["bytes"] for s in report["shards"]) == report["bytes"]
+    assert {t["key"]: t["file"] for t in report["tensors"]} == index["weight_map"]
+    assert report["metadata"]["ladle.method"] == "uniform_soup"

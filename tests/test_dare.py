@@ -1,0 +1,257 @@
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import families, family
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+from test_ties import naive_elect
+
+import ladle
+from ladle.cli import main
+from ladle.methods.dare import BLOCK, keep_mask
+
+
+def naive_mask(seed, index, key, numel, density):
+    """The documented mask, written out again: a generator per block of 2**20 entries."""
+    pieces = []
+    for block, first in enumerate(range(0, numel, 2**20)):
+        text = f"ladle.dare:{seed}:{index}:{key}:{block}".encode()
+        block_seed = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+        generator = torch.Generator().manual_seed(block_seed)
+        pieces.append(torch.rand(min(2**20, numel - first), generator=generator))
+    return torch.cat(pieces) < density if pieces else torch.zeros(0, dtype=torch.bool)
+
+
+def naive_dare(models, base, *, density, scale, seed, combine):
+    """Flatten everything, drop with the documented masks, combine in float64."""
+    keys = [k for k, v in base.items() if v.is_floating_point()]
+    offsets = np.cumsum([0, *(base[k].numel() for k in keys)])
+    deltas = []
+    for i, model in enumerate(models):
+        parts = []
+        for key in keys:
+            tau = (model[key].float() - base[key].float()).flatten()
+            keep = naive_mask(seed, i, key, tau.numel(), density)
+            parts.append(torch.where(keep, tau / density, 0.0).double().numpy())
+        deltas.append(np.concatenate(parts))
+    stacked = np.stack(deltas)
+    # "ties": no trim; the sign for γ = 0 is the majority over the whole model.
+    merged = stacked.sum(axis=0) if combine == "sum" else naive_elect(stacked, [(0, offsets[-1])])
+    out = dict(base)
+    for key, lo, hi in zip(keys, offsets[:-1], offsets[1:]):
+        value = base[key].double().numpy().ravel() + scale * merged[lo:hi]
+        out[key] = torch.from_numpy(value.reshape(base[key].shape)).to(base[key].dtype)
+    return out
+
+
+def assert_close(actual, expected):
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        assert actual[key].dtype == value.dtype, key
+        if value.dtype == torch.float32:
+            torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-4)
+        elif value.is_floating_point():  # one rounding of the float32 result
+            torch.testing.assert_close(actual[key].float(), value.float(), rtol=2**-7, atol=1e-2)
+        else:
+            assert torch.equal(actual[key], value)
+
+
+def save_all(models, directory):
+    paths = []
+    for i, model in enumerate(models):
+        save_file(model, directory / f"m{i}.safetensors")
+        paths.append(directory / f"m{i}.safetensors")
+    return paths
+
+
+# --- hand-worked formulas ------------------------------------------------------------------
+
+
+def test_survivors_are_rescaled_by_one_over_density_and_the_rest_dropped():
+    base = {"w": torch.full((1000,), 2.0)}
+    model = {"w": torch.full((1000,), 3.0)}  # τ = 1 everywhere
+    merged = ladle.dare([model], base, density=0.25, scale=1.0, seed=7)["w"]
+    keep = naive_mask(7, 0, "w", 1000, 0.25)
+    # kept: 2 + 1/0.25 = 6; dropped: the base, 2.
+    assert torch.equal(merged, torch.where(keep, 6.0, 2.0))
+    assert 0.2 < keep.float().mean().item() < 0.3
+
+
+def test_sum_combines_like_task_arithmetic_of_the_dropped_vectors():
+    base = {"w": torch.zeros(6)}
+    a, b = {"w": torch.full((6,), 1.0)}, {"w": torch.full((6,), -3.0)}
+    keep_a, keep_b = (naive_mask(1, i, "w", 6, 0.5) for i in range(2))
+    # δa = 2·keep_a, δb = −6·keep_b; θ = 0.5·(δa + δb).
+    expected = 0.5 * (2.0 * keep_a - 6.0 * keep_b)
+    assert torch.equal(ladle.dare([a, b], base, density=0.5, scale=0.5, seed=1)["w"], expected)
+
+
+def test_ties_combine_elects_a_sign_and_averages_the_agreeing_deltas():
+    base = {"w": torch.zeros(4)}
+    models = [
+        {"w": torch.tensor([1.0, -2.0, 3.0, 0.5])},
+        {"w": torch.tensor([3.0, 1.0, -1.0, 0.5])},
+    ]
+    # density 1 keeps everything: Σ = [4, −1, 2, 1]; γ = [+, −, +, +];
+    # disjoint means: [2, −2, 3, 0.5].
+    merged = ladle.dare(models, base, density=1.0, combine="ties")
+    assert merged["w"].tolist() == [2.0, -2.0, 3.0, 0.5]
+
+
+# --- the mask ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("numel", "start", "count"), [(10, 0, 10), (10, 3, 4), (3 * BLOCK, BLOCK - 5, BLOCK + 10)]
+)
+def test_mask_of_a_slice_is_the_slice_of_the_whole_mask(numel, start, count):
+    whole = naive_mask(3, 1, "layer.weight", numel, 0.3)
+    part = keep_mask(3, 1, "layer.weight", numel=numel, start=start, count=count, density=0.3)
+    assert torch.equal(part, whole[start : start + count])
+
+
+def test_masks_differ_between_seeds_models_and_keys():
+    masks = [
+        keep_mask(seed, index, key, numel=256, start=0, count=256, density=0.5)
+        for seed, index, key in [(0, 0, "a"), (1, 0, "a"), (0, 1, "a"), (0, 0, "b")]
+    ]
+    for i in range(len(masks)):
+        for j in range(i):
+            assert not torch.equal(masks[i], masks[j])
+
+
+def test_chunk_size_and_key_order_do_not_change_a_single_bit():
+    gen = torch.Generator().manual_seed(0)
+    base = {"emb": torch.randn(50, 7, generator=gen), "b": torch.randn(5, generator=gen)}
+    models = [
+        {k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)
+    ]
+    for combine in ("sum", "ties"):
+        whole = ladle.dare(models, base, density=0.4, seed=3, combine=combine, device="cpu")
+        for chunk in (1, 60, 600):
+            rows = ladle.dare(
+                models, base, density=0.4, seed=3, combine=combine, device="cpu", chunk_bytes=chunk
+            )
+            assert all(torch.equal(whole[k], rows[k]) for k in whole), (combine, chunk)
+        reversed_keys = [dict(reversed(m.items())) for m in models]
+        flipped = ladle.dare(
+            reversed_keys, dict(reversed(base.items())), density=0.4, seed=3, combine=combine
+        )
+        assert all(torch.equal(whole[k], flipped[k]) for k in whole), combine
+
+
+# --- properties -----------------------------------------------------------------------------
+
+
+@given(
+    families(min_n=2), st.floats(0.1, 1.0), st.integers(0, 2**32), st.sampled_from(["sum", "ties"])
+)
+def test_dare_matches_naive_reference(fam, density, seed, combine):
+    base, *models = fam
+    actual = ladle.dare(
+        models, base, density=density, scale=0.8, seed=seed, combine=combine, device="cpu"
+    )
+    expected = naive_dare(models, base, density=density, scale=0.8, seed=seed, combine=combine)
+    assert_close(actual, expected)
+
+
+@given(families(min_n=2), st.floats(-2, 2))
+def test_density_one_equals_task_arithmetic_bit_for_bit(fam, scale):
+    base, *models = fam
+    dare = ladle.dare(models, base, density=1.0, scale=scale, device="cpu")
+    arithmetic = ladle.task_arithmetic(models, base, scale=scale, device="cpu")
+    assert all(torch.equal(dare[k], arithmetic[k]) for k in dare)
+
+
+@given(families(min_n=2), st.floats(-2, 2))
+def test_density_one_with_ties_combine_equals_ties_without_trim(fam, scale):
+    base, *models = fam
+    dare = ladle.dare(models, base, density=1.0, scale=scale, combine="ties", device="cpu")
+    ties = ladle.ties(models, base, density=1.0, scale=scale, device="cpu")
+    assert all(torch.equal(dare[k], ties[k]) for k in dare)
+
+
+@settings(max_examples=20)
+@given(families(min_n=3), st.sampled_from(["sum", "ties"]), st.randoms())
+def test_density_one_is_invariant_to_the_order_of_models(fam, combine, rng):
+    # Below density 1 each model's mask follows its position, so reordering redraws them.
+    base, *models = fam
+    order = list(range(len(models)))
+    rng.shuffle(order)
+    a = ladle.dare(models, base, density=1.0, combine=combine, device="cpu")
+    b = ladle.dare([models[i] for i in order], base, density=1.0, combine=combine, device="cpu")
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-2, atol=1e-5)
+
+
+@settings(max_examples=15)
+@given(
+    families(min_n=2),
+    st.sampled_from(["sum", "ties"]),
+    st.integers(4, 64),
+    st.sampled_from([None, torch.float32, torch.bfloat16]),
+)
+def test_streaming_output_equals_in_memory_bit_for_bit(
+    tmp_path_factory, fam, combine, chunk, dtype
+):
+    directory = tmp_path_factory.mktemp("dare")
+    base_path, *paths = save_all(fam, directory)
+    base, *models = fam
+    options = {"density": 0.3, "seed": 5, "combine": combine, "device": "cpu", "dtype": dtype}
+    in_memory = ladle.dare(models, base, chunk_bytes=chunk, **options)
+    out = ladle.dare(
+        paths, base_path, out=directory / "out", chunk_bytes=chunk, max_shard_size=64, **options
+    )
+    streamed = ladle.load(out)
+    assert set(streamed) == set(in_memory)
+    for key in in_memory:
+        assert streamed[key].dtype == in_memory[key].dtype
+        assert torch.equal(streamed[key], in_memory[key]), key
+
+
+def test_integer_buffers_come_from_the_base():
+    base, *models = family(3)
+    assert ladle.dare(models, base, device="cpu")["bn.num_batches_tracked"].item() == 100
+
+
+# --- errors and the command line --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"density": 0.0}, "density"),
+        ({"density": 1.01}, "density"),
+        ({"combine": "mean"}, "combine"),
+        ({"seed": 1.5}, "seed"),
+        ({"scale": float("inf")}, "scale"),
+    ],
+)
+def test_bad_arguments_are_value_errors_naming_the_parameter(kwargs, match):
+    base, *models = family(3)
+    with pytest.raises(ValueError, match=match):
+        ladle.dare(models, base, **kwargs)
+
+
+def test_empty_models_is_a_value_error():
+    with pytest.raises(ValueError, match="models"):
+        ladle.dare([], family(1)[0])
+
+
+def test_cli_dare_writes_the_merge(tmp_path, capsys):
+    base_path, *paths = save_all(family(3, seed=6), tmp_path)
+    out = tmp_path / "merged"
+    argv = ["dare", "--base", str(base_path), *map(str, paths), "--density", "0.5", "--seed", "9"]
+    argv += ["--combine", "ties", "--scale", "0.7", "-o", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    expected = ladle.dare(
+        paths, base_path, density=0.5, seed=9, combine="ties", scale=0.7, device="cpu"
+    )
+    merged = ladle.load(out)
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert capsys.readouterr().out.strip() == str(out)

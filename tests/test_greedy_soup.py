@@ -1,0 +1,345 @@
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import ClassVar
+
+import pytest
+import torch
+from conftest import family
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import ladle
+from ladle.checkpoint import Checkpoint
+from ladle.cli import main
+
+
+def one_hot_family(n: int, dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Model i holds e_i in "w": a soup's "w" is positive exactly on its ingredients."""
+    models = []
+    for i in range(n):
+        w = torch.zeros(n, dtype=dtype)
+        w[i] = 1
+        models.append({"w": w, "b": torch.full((2,), float(i), dtype=dtype), "n": torch.tensor(i)})
+    return models
+
+
+def ingredients(state_dict) -> frozenset[int]:
+    return frozenset(int(i) for i in torch.nonzero(state_dict["w"] > 0).flatten())
+
+
+class Scripted:
+    """``evaluate`` scripted by the set of ingredients; records every call."""
+
+    def __init__(self, table):
+        self.table = {frozenset(k): v for k, v in table.items()}
+        self.calls: list[frozenset[int]] = []
+
+    def __call__(self, state_dict) -> float:
+        subset = ingredients(state_dict)
+        self.calls.append(subset)
+        return self.table[subset]
+
+
+# Scores 0.5, 0.9, 0.7, 0.7: ranked 1, 2, 3, 0 (2 and 3 tie: input order).
+SCORES = [0.5, 0.9, 0.7, 0.7]
+TABLE = {
+    (1, 2): 0.9,  # equal to the best so far: kept unless strict
+    (1, 2, 3): 0.92,
+    (0, 1, 2, 3): 0.91,
+    (1, 3): 0.89,
+    (0, 1): 0.93,
+}
+
+
+def steps(result):
+    return [(s.index, s.score, s.accepted) for s in result.history]
+
+
+def test_greedy_soup_keeps_a_candidate_whose_score_equals_the_best():
+    evaluate = Scripted(TABLE)
+    result = ladle.greedy_soup(one_hot_family(4), evaluate, scores=SCORES, device="cpu")
+    assert result.selected == [1, 2, 3]
+    assert result.score == 0.92
+    assert steps(result) == [(1, 0.9, True), (2, 0.9, True), (3, 0.92, True), (0, 0.91, False)]
+    assert ingredients(result.state_dict) == {1, 2, 3}
+
+
+def test_strict_greedy_soup_keeps_only_strict_improvements():
+    evaluate = Scripted(TABLE)
+    result = ladle.greedy_soup(
+        one_hot_family(4), evaluate, scores=SCORES, strict=True, device="cpu"
+    )
+    assert result.selected == [1, 0]
+    assert result.score == 0.93
+    assert steps(result) == [(1, 0.9, True), (2, 0.9, False), (3, 0.89, False), (0, 0.93, True)]
+    torch.testing.assert_close(result.state_dict["w"], torch.tensor([0.5, 0.5, 0.0, 0.0]))
+
+
+def test_evaluate_is_called_once_per_candidate_when_scores_are_given():
+    evaluate = Scripted(TABLE)
+    ladle.greedy_soup(one_hot_family(4), evaluate, scores=SCORES, device="cpu")
+    assert evaluate.calls == [{1, 2}, {1, 2, 3}, {0, 1, 2, 3}]
+
+
+def test_evaluate_is_called_once_per_model_then_once_per_candidate_without_scores():
+    table = {**TABLE, **{(i,): s for i, s in enumerate(SCORES)}}
+    evaluate = Scripted(table)
+    result = ladle.greedy_soup(one_hot_family(4), evaluate, device="cpu")
+    assert evaluate.calls == [{0}, {1}, {2}, {3}, {1, 2}, {1, 2, 3}, {0, 1, 2, 3}]
+    assert result.selected == [1, 2, 3]
+
+
+def test_ties_in_scores_keep_input_order():
+    evaluate = Scripted({(0, 1): 0.0, (0, 2): 0.0})
+    result = ladle.greedy_soup(one_hot_family(3), evaluate, scores=[0.5, 0.5, 0.5], device="cpu")
+    assert [s.index for s in result.history] == [0, 1, 2]
+
+
+def naive_greedy(scores, table, strict):
+    """Algorithm 1 of Wortsman et al., on subsets."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    soup, best = [order[0]], scores[order[0]]
+    history = [(order[0], best, True)]
+    for i in order[1:]:
+        tried = table[frozenset([*soup, i])]
+        kept = tried > best if strict else tried >= best
+        history.append((i, tried, kept))
+        if kept:
+            soup, best = [*soup, i], tried
+    return soup, best, history
+
+
+@given(
+    st.integers(1, 6),
+    st.data(),
+    st.booleans(),
+)
+def test_greedy_soup_matches_a_naive_greedy_rule(n, data, strict):
+    level = st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0])  # few values: many ties
+    scores = [data.draw(level) for _ in range(n)]
+    table: dict = {}
+
+    def evaluate(state_dict):
+        return table.setdefault(ingredients(state_dict), data.draw(level))
+
+    result = ladle.greedy_soup(one_hot_family(n), evaluate, scores=scores, strict=strict)
+    assert (result.selected, result.score, steps(result)) == naive_greedy(scores, table, strict)
+
+
+def test_result_is_the_last_accepted_candidate_exactly_and_near_the_uniform_soup():
+    models = family(5, seed=3)
+    seen = []
+
+    def evaluate(state_dict):
+        seen.append({k: v.clone() for k, v in state_dict.items()})
+        return float(len(seen) % 3 != 0)  # rejects the 3rd candidate
+
+    result = ladle.greedy_soup(models, evaluate, scores=[1.0] * 5, device="cpu")
+    assert result.selected == [0, 1, 2, 4]
+    last_accepted = seen[3]
+    assert all(torch.equal(result.state_dict[k], last_accepted[k]) for k in last_accepted)
+    uniform = ladle.uniform_soup([models[i] for i in result.selected], device="cpu")
+    for key in uniform:
+        torch.testing.assert_close(result.state_dict[key], uniform[key], rtol=1e-6, atol=1e-6)
+
+
+def test_running_mean_of_identical_low_precision_models_is_that_model_exactly():
+    model = family(1, seed=4, dtype=torch.bfloat16)[0]
+    result = ladle.greedy_soup([model] * 5, lambda sd: 1.0, scores=[1.0] * 5, device="cpu")
+    assert result.selected == [0, 1, 2, 3, 4]
+    assert all(torch.equal(result.state_dict[k], model[k]) for k in model)
+
+
+def test_evaluate_sees_the_output_dtype_and_integer_buffers_come_from_the_best_model():
+    models = one_hot_family(3, dtype=torch.bfloat16)
+    dtypes = []
+
+    def evaluate(state_dict):
+        dtypes.append((state_dict["w"].dtype, state_dict["n"].dtype))
+        return 1.0
+
+    result = ladle.greedy_soup(models, evaluate, scores=[0, 2, 1], device="cpu")
+    assert set(dtypes) == {(torch.bfloat16, torch.int64)}
+    assert result.state_dict["w"].dtype == torch.bfloat16
+    assert result.state_dict["n"].item() == 1  # model 1 ranks first
+    as_fp32 = ladle.greedy_soup(models, evaluate, scores=[0, 2, 1], dtype=torch.float32)
+    assert as_fp32.state_dict["w"].dtype == torch.float32
+    assert as_fp32.state_dict["n"].dtype == torch.int64
+
+
+def test_one_model_is_its_own_soup_and_evaluated_once_without_scores():
+    evaluate = Scripted({(0,): 0.4})
+    result = ladle.greedy_soup(one_hot_family(1), evaluate, device="cpu")
+    assert (result.selected, result.score, steps(result)) == ([0], 0.4, [(0, 0.4, True)])
+    assert evaluate.calls == [{0}]
+
+
+def test_out_writes_the_returned_soup_from_paths(tmp_path):
+    paths = []
+    for i, model in enumerate(one_hot_family(4)):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    out = tmp_path / "greedy"
+    result = ladle.greedy_soup(paths, Scripted(TABLE), scores=SCORES, out=out, device="cpu")
+    written = ladle.load(out)
+    assert set(written) == set(result.state_dict)
+    assert all(torch.equal(written[k], result.state_dict[k]) for k in written)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ladle.method"] == "greedy_soup"
+    assert '"selected": [1, 2, 3]' in meta["ladle.parameters"]
+
+
+def test_existing_output_is_refused_before_any_evaluation(tmp_path):
+    ladle.save({"x": torch.zeros(1)}, tmp_path / "o.safetensors")
+    evaluate = Scripted(TABLE)
+    with pytest.raises(ladle.LadleError, match="already exists"):
+        ladle.greedy_soup(one_hot_family(4), evaluate, out=tmp_path / "o.safetensors")
+    assert evaluate.calls == []
+
+
+def test_incompatible_models_raise_before_any_evaluation():
+    models = one_hot_family(3)
+    models[2]["w"] = torch.zeros(5)
+    evaluate = Scripted(TABLE)
+    with pytest.raises(ladle.IncompatibleError, match=r"model 2 .*'w' has shape \(5,\)"):
+        ladle.greedy_soup(models, evaluate)
+    assert evaluate.calls == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"scores": [1.0, 2.0]}, ValueError, "scores: expected 3"),
+        ({"scores": [1.0, float("nan"), 2.0]}, ValueError, "scores"),
+        ({"dtype": torch.int32}, ValueError, "dtype"),
+    ],
+)
+def test_bad_arguments_are_errors_naming_the_parameter(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ladle.greedy_soup(one_hot_family(3), lambda sd: 0.0, **kwargs)
+
+
+def test_evaluate_must_be_callable_and_must_not_return_nan():
+    with pytest.raises(TypeError, match="evaluate"):
+        ladle.greedy_soup(one_hot_family(2), "acc")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="evaluate: returned NaN for the soup with model 1"):
+        ladle.greedy_soup(one_hot_family(2), lambda sd: float("nan"), scores=[1, 0])
+
+
+class Generated(Checkpoint):
+    """A model made up on read (nothing held); counts the tensors it hands out that are alive."""
+
+    live: ClassVar[weakref.WeakSet] = weakref.WeakSet()
+
+    def __init__(self, index: int) -> None:
+        self.index, self.name, self.metadata = index, f"generated-{index}", {}
+
+    def keys(self):
+        return [f"layer{j}.weight" for j in range(4)] + ["steps"]
+
+    def shape(self, key):
+        return () if key == "steps" else (8, 8)
+
+    def dtype(self, key):
+        return torch.int64 if key == "steps" else torch.float32
+
+    def get_slice(self, key, rows):
+        if key == "steps":
+            tensor = torch.tensor(self.index)
+        else:
+            tensor = torch.full((8, 8), float(self.index))[rows]
+        Generated.live.add(tensor)
+        return tensor
+
+
+def tensors_alive_during_evaluate(n: int) -> tuple[int, int]:
+    """(most model tensors alive at any evaluate call, tensors of their shape at the last)."""
+    peak, calls, shaped = 0, 0, 0
+
+    def evaluate(state_dict):
+        nonlocal peak, calls, shaped
+        peak = max(peak, len(Generated.live))
+        calls += 1
+        if calls == 2 * n - 1:  # the last candidate, with every model in the soup
+            gc.collect()
+            shaped = sum(
+                1 for obj in gc.get_objects() if type(obj) is torch.Tensor and obj.shape == (8, 8)
+            )
+        return 1.0  # every candidate is kept
+
+    result = ladle.greedy_soup([Generated(i) for i in range(n)], evaluate, device="cpu")
+    assert result.selected == list(range(n))
+    torch.testing.assert_close(result.state_dict["layer0.weight"], torch.full((8, 8), (n - 1) / 2))
+    return peak, shaped
+
+
+def test_memory_does_not_grow_with_the_number_of_models():
+    few_inputs, few_total = tensors_alive_during_evaluate(3)
+    many_inputs, many_total = tensors_alive_during_evaluate(30)
+    assert many_inputs == few_inputs == 0  # no tensor read from a model outlives its use
+    assert many_total == few_total == 2 * 4  # the soup and one candidate (4 tensors each)
+
+
+def test_progress_counts_evaluations():
+    updates = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            updates.append(("total", total))
+
+        def update(self, n):
+            updates.append(("update", n))
+
+        def close(self):
+            updates.append(("close", None))
+
+    ladle.greedy_soup(one_hot_family(3), lambda sd: 1.0, progress=Bar, device="cpu")
+    assert updates[0] == ("total", 5) and updates[-1] == ("close", None)
+    assert sum(n for what, n in updates if what == "update") == 5
+
+
+@pytest.fixture
+def evaluate_module(tmp_path, monkeypatch):
+    (tmp_path / "soup_evals.py").write_text(
+        "def score(sd):\n    return {1: 1.0, 2: 1.5, 3: 0.5}[int((sd['w'] > 0).sum())]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    paths = []
+    for i, model in enumerate(one_hot_family(3)):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    return paths
+
+
+def test_cli_greedy_soup_imports_evaluate_and_writes_the_soup(tmp_path, evaluate_module, capsys):
+    out = tmp_path / "o.safetensors"
+    argv = ["greedy-soup", *evaluate_module, "--evaluate", "soup_evals:score", "-o", str(out)]
+    assert main([*argv, "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == str(out)
+    assert "selected 2 of 3 models (0, 1)" in lines[-2]  # the 3-soup scores 0.5 < 1.5
+    expected = ladle.uniform_soup([evaluate_module[0], evaluate_module[1]])
+    assert torch.equal(ladle.load(out)["w"], expected["w"])
+
+
+def test_cli_greedy_soup_strict_and_scores(tmp_path, evaluate_module, capsys):
+    out = tmp_path / "o.safetensors"
+    argv = ["greedy-soup", *evaluate_module, "--evaluate", "soup_evals:score", "-o", str(out)]
+    assert main([*argv, "--scores", "1", "3", "2", "--strict"]) == 0
+    assert "selected 1 of 3 models (1)" in capsys.readouterr().out  # 1.5 < 3
+
+
+@pytest.mark.parametrize(
+    "spec", ["soup_evals", "soup_evals:missing", "no_such_module_xyz:f", "soup_evals:__name__"]
+)
+def test_cli_bad_evaluate_spec_is_a_usage_error(tmp_path, evaluate_module, capsys, spec):
+    argv = ["greedy-soup", *evaluate_module, "--evaluate", spec, "-o", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "--evaluate" in capsys.readouterr().err

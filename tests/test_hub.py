@@ -1,0 +1,388 @@
+"""hf:// sources against a Hub cache written here in the real layout (no network).
+
+The cache is ``models--owner--repo/{blobs,refs,snapshots}``: blobs named by content hash,
+snapshot files as relative symlinks into blobs, refs holding commit hashes; exactly what
+``huggingface_hub.snapshot_download`` writes and reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import family
+from safetensors.torch import save, save_file
+
+import ladle
+from ladle.hub import parse_hf_url, snapshot
+
+COMMIT_A = "a" * 40
+COMMIT_B = "b" * 40
+
+
+def weights(model: dict[str, torch.Tensor]) -> bytes:
+    return save(model)
+
+
+def write_cached_repo(
+    cache: Path,
+    repo_id: str,
+    commit: str,
+    files: dict[str, bytes],
+    refs: dict[str, str] | None = None,
+) -> Path:
+    """A snapshot of ``repo_id`` at ``commit`` in the HF cache layout; returns its folder."""
+    storage = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot_dir = storage / "snapshots" / commit
+    for name, data in files.items():
+        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot_dir / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref, target in (refs or {}).items():
+        path = storage / "refs" / ref
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(target)
+    return snapshot_dir
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline Hub: HF_HUB_CACHE points at an empty cache under tmp_path."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    return cache
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("hf://org/model", ("org/model", None, "")),
+        ("hf://org/model/", ("org/model", None, "")),
+        ("hf://models/org/model", ("org/model", None, "")),
+        ("hf://org/model@main", ("org/model", "main", "")),
+        ("hf://org/model@v1.0/text_encoder", ("org/model", "v1.0", "text_encoder")),
+        ("hf://org/model/unet/fp16", ("org/model", None, "unet/fp16")),
+        ("hf://org/model@" + COMMIT_A + "/sub", ("org/model", COMMIT_A, "sub")),
+        ("hf://org/model@release%2Fv2/sub", ("org/model", "release/v2", "sub")),
+        ("hf://org/model@refs/pr/12/sub", ("org/model", "refs/pr/12", "sub")),
+        ("hf://org/model@refs/convert/parquet", ("org/model", "refs/convert/parquet", "")),
+    ],
+)
+def test_parse_hf_url_splits_repo_revision_and_subfolder(url, expected):
+    assert tuple(parse_hf_url(url)) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["hf://", "hf://org", "hf://org/model@", "hf://datasets/org/data", "hf://org/m/../x", "x"],
+)
+def test_parse_hf_url_rejects_malformed_urls_naming_them(url):
+    with pytest.raises(ladle.CheckpointError, match="expected|subfolder") as err:
+        parse_hf_url(url)
+    assert url in str(err.value)
+
+
+def test_url_round_trips_through_parse():
+    for url in ["hf://o/m", "hf://o/m@v1/sub", "hf://o/m@release%2Fv2", "hf://o/m@refs/pr/3/s"]:
+        assert parse_hf_url(url).url() == url
+
+
+def test_hf_source_reads_the_cached_snapshot_of_the_default_branch(hub_cache):
+    model = family(1, seed=1)[0]
+    write_cached_repo(
+        hub_cache,
+        "org/model",
+        COMMIT_A,
+        {"model.safetensors": weights(model), "config.json": b"{}"},
+        refs={"main": COMMIT_A},
+    )
+    with ladle.open_checkpoint("hf://org/model") as ckpt:
+        assert ckpt.name == f"hf://org/model@{COMMIT_A}"
+        assert sorted(ckpt.keys()) == sorted(model)
+    loaded = ladle.load("hf://org/model")
+    assert all(torch.equal(loaded[k], model[k]) for k in model)
+
+
+def test_revision_pins_a_branch_a_tag_or_a_commit(hub_cache):
+    old, new = family(2, seed=2)
+    write_cached_repo(hub_cache, "org/m", COMMIT_A, {"model.safetensors": weights(old)})
+    write_cached_repo(hub_cache, "org/m", COMMIT_B, {"model.safetensors": weights(new)})
+    refs = hub_cache / "models--org--m" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text(COMMIT_B)
+    (refs / "v1.0").write_text(COMMIT_A)  # a tag: refs are stored by name, like branches
+
+    def weight(url: str) -> torch.Tensor:
+        return ladle.load(url)["layer.weight"]
+
+    assert torch.equal(weight("hf://org/m"), new["layer.weight"])
+    assert torch.equal(weight("hf://org/m@main"), new["layer.weight"])
+    assert torch.equal(weight("hf://org/m@v1.0"), old["layer.weight"])
+    assert torch.equal(weight(f"hf://org/m@{COMMIT_A}"), old["layer.weight"])
+    with ladle.open_checkpoint("hf://org/m@v1.0") as ckpt:
+        assert ckpt.name == f"hf://org/m@{COMMIT_A}"
+
+
+def test_subfolder_reads_only_that_folder(hub_cache):
+    top, sub = family(2, seed=3)
+    write_cached_repo(
+        hub_cache,
+        "org/pipe",
+        COMMIT_A,
+        {"model.safetensors": weights(top), "text_encoder/model.safetensors": weights(sub)},
+        refs={"main": COMMIT_A},
+    )
+    with ladle.open_checkpoint("hf://org/pipe/text_encoder") as ckpt:
+        assert ckpt.name == f"hf://org/pipe@{COMMIT_A}/text_encoder"
+        assert torch.equal(ckpt.get("head.weight"), sub["head.weight"])
+
+
+def test_sharded_hub_source_is_read_through_its_index(hub_cache):
+    model = family(1, seed=4)[0]
+    first = {k: v for k, v in model.items() if k.startswith("layer")}
+    second = {k: v for k, v in model.items() if not k.startswith("layer")}
+    index = {
+        "metadata": {},
+        "weight_map": {
+            **dict.fromkeys(first, "model-00001-of-00002.safetensors"),
+            **dict.fromkeys(second, "model-00002-of-00002.safetensors"),
+        },
+    }
+    write_cached_repo(
+        hub_cache,
+        "org/sharded",
+        COMMIT_A,
+        {
+            "model.safetensors.index.json": json.dumps(index).encode(),
+            "model-00001-of-00002.safetensors": weights(first),
+            "model-00002-of-00002.safetensors": weights(second),
+        },
+        refs={"main": COMMIT_A},
+    )
+    loaded = ladle.load("hf://org/sharded")
+    assert set(loaded) == set(model) and all(torch.equal(loaded[k], model[k]) for k in model)
+
+
+def test_torch_bin_is_used_when_a_repo_has_no_safetensors(hub_cache):
+    model = family(1, seed=5)[0]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    write_cached_repo(
+        hub_cache,
+        "org/legacy",
+        COMMIT_A,
+        {"pytorch_model.bin": buffer.getvalue(), "config.json": b"{}"},
+        refs={"main": COMMIT_A},
+    )
+    loaded = ladle.load("hf://org/legacy")
+    assert all(torch.equal(loaded[k], model[k]) for k in model)
+
+
+def test_offline_and_not_cached_is_a_checkpoint_error_naming_the_source(hub_cache):
+    with pytest.raises(ladle.CheckpointError, match=r"hf://org/absent: not in the Hugging Face"):
+        ladle.open_checkpoint("hf://org/absent")
+    write_cached_repo(hub_cache, "org/m", COMMIT_A, {"model.safetensors": weights({})})
+    with pytest.raises(ladle.CheckpointError, match=r"hf://org/m@v9: not in the Hugging Face"):
+        ladle.open_checkpoint("hf://org/m@v9")  # a revision never fetched
+
+
+def test_repo_without_weights_is_a_checkpoint_error(hub_cache):
+    write_cached_repo(
+        hub_cache, "org/empty", COMMIT_A, {"config.json": b"{}"}, refs={"main": COMMIT_A}
+    )
+    with pytest.raises(ladle.CheckpointError, match=r"hf://org/empty@a{40}: no weights in"):
+        ladle.open_checkpoint("hf://org/empty")
+
+
+def test_hub_cache_from_hf_home_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    model = {"w": torch.arange(3.0)}
+    write_cached_repo(
+        tmp_path / "home" / "hub",
+        "org/m",
+        COMMIT_A,
+        {"model.safetensors": weights(model)},
+        refs={"main": COMMIT_A},
+    )
+    folder, commit = snapshot("hf://org/m")
+    assert commit == COMMIT_A and folder == tmp_path / "home" / "hub" / "models--org--m" / (
+        "snapshots/" + COMMIT_A
+    )
+
+
+def test_merge_of_hub_sources_records_resolved_commits_in_provenance(hub_cache, tmp_path):
+    a, b = family(2, seed=6)
+    write_cached_repo(
+        hub_cache, "org/a", COMMIT_A, {"model.safetensors": weights(a)}, refs={"main": COMMIT_A}
+    )
+    write_cached_repo(
+        hub_cache, "org/b", COMMIT_B, {"model.safetensors": weights(b)}, refs={"v2": COMMIT_B}
+    )
+    out = ladle.uniform_soup(
+        ["hf://org/a", "hf://org/b@v2"], out=tmp_path / "soup.safetensors", device="cpu"
+    )
+    with ladle.open_checkpoint(out) as merged:
+        inputs = json.loads(merged.metadata["ladle.inputs"])
+    assert inputs == [f"hf://org/a@{COMMIT_A}", f"hf://org/b@{COMMIT_B}"]
+    expected = ladle.uniform_soup([a, b], device="cpu")
+    assert torch.equal(ladle.load(out)["layer.weight"], expected["layer.weight"])
+
+
+def test_output_inside_the_hub_cache_snapshot_is_refused(hub_cache):
+    model = family(1, seed=7)[0]
+    folder = write_cached_repo(
+        hub_cache, "org/a", COMMIT_A, {"model.safetensors": weights(model)}, {"main": COMMIT_A}
+    )
+    with pytest.raises(ladle.LadleError, match="refusing to write"):
+        ladle.uniform_soup(["hf://org/a"], out=folder / "merged", device="cpu")
+
+
+def test_local_file_named_like_a_source_is_not_confused_with_the_hub(tmp_path):
+    save_file({"w": torch.zeros(1)}, tmp_path / "hf.safetensors")
+    assert ladle.load(tmp_path / "hf.safetensors")["w"].tolist() == [0.0]
+
+
+class LocalHub:
+    """A tiny Hub on 127.0.0.1 answering what snapshot_download calls: repo info at a
+    revision, the recursive tree of a commit, and HEAD/GET of /{repo}/resolve/{rev}/{file}."""
+
+    def __init__(self, repos: dict[str, dict]) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import unquote, urlsplit
+
+        self.requests: list[tuple[str, str]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def reply(self, code: int, body: bytes = b"", headers: dict | None = None) -> None:
+                self.send_response(code)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                path = unquote(urlsplit(self.path).path).strip("/").split("/")
+                hub.requests.append((self.command, "/".join(path)))
+                api = path[:2] == ["api", "models"]
+                repo_id = "/".join(path[2:4] if api else path[:2])
+                repo = repos.get(repo_id)
+                if repo is None:
+                    return self.reply(
+                        404, b'{"error": "not found"}', {"X-Error-Code": "RepoNotFound"}
+                    )
+                rev = "/".join(path[5:]) if api else path[3]
+                commit = repo["refs"].get(rev, rev)
+                files = repo["commits"].get(commit)
+                if files is None:
+                    return self.reply(404, b"{}", {"X-Error-Code": "RevisionNotFound"})
+                if api and path[4] == "revision":
+                    info = {"id": repo_id, "sha": commit, "siblings": []}
+                    return self.reply(200, json.dumps(info).encode())
+                if api:  # tree
+                    tree = [
+                        {
+                            "type": "file",
+                            "path": p,
+                            "size": len(d),
+                            "oid": hashlib.sha1(d).hexdigest(),
+                        }
+                        for p, d in files.items()
+                    ]
+                    return self.reply(200, json.dumps(tree).encode())
+                data = files.get("/".join(path[4:]))
+                if data is None:
+                    return self.reply(404, b"", {"X-Error-Code": "EntryNotFound"})
+                etag = f'"{hashlib.sha1(data).hexdigest()}"'
+                return self.reply(200, data, {"X-Repo-Commit": commit, "ETag": etag})
+
+            do_HEAD = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def downloaded(self) -> set[str]:
+        return {
+            path.split("/", 4)[4]
+            for method, path in self.requests
+            if method == "GET" and "/resolve/" in f"/{path}"
+        }
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    model = family(1, seed=9)[0]
+    repos = {
+        "org/m": {
+            "refs": {"main": COMMIT_B, "v1": COMMIT_A},
+            "commits": {
+                COMMIT_A: {"model.safetensors": weights({"w": torch.zeros(2)})},
+                COMMIT_B: {
+                    "model.safetensors": weights(model),
+                    "config.json": b'{"model_type": "toy"}',
+                    "pytorch_model.bin": b"never fetched: safetensors exist",
+                    "training_args.bin": b"never fetched",
+                    "onnx/model.safetensors": b"never fetched: deeper folder",
+                    "README.md": b"never fetched",
+                },
+            },
+        }
+    }
+    hub = LocalHub(repos)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import, perhaps during an offline test.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield hub, model
+    hub.close()
+
+
+def test_local_hub_download_fetches_only_what_a_merge_needs(local_hub, monkeypatch):
+    hub, model = local_hub
+    with ladle.open_checkpoint("hf://org/m") as ckpt:
+        assert ckpt.name == f"hf://org/m@{COMMIT_B}"
+        assert torch.equal(ckpt.get("layer.weight"), model["layer.weight"])
+    assert hub.downloaded() == {"config.json", "model.safetensors"}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the ref and files are now in the cache
+    hub.requests.clear()
+    assert torch.equal(ladle.load("hf://org/m")["layer.weight"], model["layer.weight"])
+    assert hub.requests == []
+
+
+def test_local_hub_tag_and_errors(local_hub):
+    with ladle.open_checkpoint("hf://org/m@v1") as ckpt:
+        assert ckpt.name == f"hf://org/m@{COMMIT_A}"
+    with pytest.raises(ladle.CheckpointError, match="hf://org/none: repository not found"):
+        ladle.open_checkpoint("hf://org/none")
+    with pytest.raises(ladle.CheckpointError, match="revision 'v9' not found in org/m"):
+        ladle.open_checkpoint("hf://org/m@v9")

@@ -1,0 +1,175 @@
+"""Directory outputs in the Hugging Face layout: weights, loader files, model card."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import family
+from safetensors.torch import save_file
+from test_hub import COMMIT_A, write_cached_repo
+
+import ladle
+from ladle.errors import LadleError
+from ladle.writer import SafetensorsWriter
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    tomllib = pytest.importorskip("tomli")
+
+LOADER_FILES = {
+    "config.json": b'{"model_type": "toy"}',
+    "generation_config.json": b"{}",
+    "tokenizer.json": b'{"version": "1.0"}',
+    "tokenizer_config.json": b"{}",
+    "special_tokens_map.json": b"{}",
+    "merges.txt": b"#version: 0.2\n",
+    "vocab.json": b"{}",
+    "tokenizer.model": b"\x00\x01",
+}
+
+
+def model_dir(path, model, extra=LOADER_FILES):
+    path.mkdir()
+    save_file(model, path / "model.safetensors")
+    for name, data in extra.items():
+        (path / name).write_bytes(data)
+    (path / "training_args.bin").write_bytes(b"not copied")
+    (path / "README.md").write_text("the input's card, not copied")
+    return path
+
+
+def front_matter(card: str) -> list[str]:
+    assert card.startswith("---\n")
+    return card.split("---\n")[1].splitlines()
+
+
+def test_directory_output_copies_loader_files_from_the_first_model(tmp_path):
+    a, b = family(2, seed=1)
+    first = model_dir(tmp_path / "a", a)
+    second = model_dir(tmp_path / "b", b, extra={"config.json": b'{"other": 1}'})
+    out = ladle.uniform_soup([first, second], out=tmp_path / "merged", device="cpu")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([*LOADER_FILES, "README.md", "model.safetensors"])
+    for name, data in LOADER_FILES.items():
+        assert (out / name).read_bytes() == data
+    assert not (out / name).is_symlink()
+
+
+def test_loader_files_come_from_the_base_when_there_is_one(tmp_path):
+    model = family(1, seed=2)[0]
+    base = model_dir(tmp_path / "base", model, extra={"config.json": b'{"from": "base"}'})
+    plain = tmp_path / "m.safetensors"
+    save_file(model, plain)
+    merged = ladle.engine.merge(
+        [plain],
+        ladle.methods.soup.weighted_mean_kernel([1.0]),
+        base=base,
+        method="test",
+        parameters={},
+        out=tmp_path / "out",
+        device="cpu",
+    )
+    assert (merged / "config.json").read_bytes() == b'{"from": "base"}'
+
+
+def test_model_card_front_matter_lists_base_models_and_tags(tmp_path):
+    a, b = family(2, seed=3)
+    paths = []
+    for i, model in enumerate((a, b)):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    out = ladle.uniform_soup(paths, weights=[3, 1], out=tmp_path / "soup", device="cpu")
+    card = (out / "README.md").read_text()
+    assert front_matter(card) == [
+        "base_model:",
+        f'- "{paths[0]}"',
+        f'- "{paths[1]}"',
+        "tags:",
+        '- "merge"',
+        '- "ladle"',
+    ]
+    assert "**uniform_soup**" in card and "`weights`: `[0.75, 0.25]`" in card
+
+
+def test_model_card_recipe_is_valid_toml_that_names_resolved_revisions(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    model = family(1, seed=4)[0]
+    from safetensors.torch import save
+
+    write_cached_repo(
+        cache,
+        "org/a",
+        COMMIT_A,
+        {"model.safetensors": save(model), **LOADER_FILES},
+        refs={"main": COMMIT_A},
+    )
+    out = ladle.uniform_soup(["hf://org/a", "hf://org/a"], out=tmp_path / "soup", device="cpu")
+    card = (out / "README.md").read_text()
+    assert front_matter(card)[:3] == ["base_model:", '- "org/a"', "tags:"]  # listed once
+    assert f"| model 0 | `org/a` | `{COMMIT_A}` |" in card
+    recipe = tomllib.loads(card.split("```toml\n")[1].split("```")[0])
+    assert recipe["method"] == "uniform_soup"
+    assert recipe["models"] == [f"hf://org/a@{COMMIT_A}"] * 2
+    assert recipe["parameters"] == {"weights": [0.5, 0.5]}
+    for name, data in LOADER_FILES.items():  # copied out of the snapshot, not symlinked
+        assert (out / name).read_bytes() == data and not (out / name).is_symlink()
+
+
+def test_single_file_output_gets_no_companions(tmp_path):
+    model = family(1, seed=5)[0]
+    source = model_dir(tmp_path / "src", model)
+    ladle.uniform_soup([source], out=tmp_path / "out" / "m.safetensors", device="cpu")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.safetensors"]
+
+
+def test_sharded_output_keeps_the_index_and_the_card(tmp_path):
+    model = family(1, seed=6)[0]
+    source = model_dir(tmp_path / "src", model)
+    out = ladle.uniform_soup([source], out=tmp_path / "out", device="cpu", max_shard_size=40)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(model)
+    assert (out / "README.md").exists() and (out / "config.json").exists()
+
+
+def test_failed_merge_leaves_no_companions_behind(tmp_path):
+    a = family(1, seed=7)[0]
+    source = model_dir(tmp_path / "src", a)
+    bad = {"other": torch.zeros(1)}
+    with pytest.raises(ladle.IncompatibleError):
+        ladle.uniform_soup([source, bad], out=tmp_path / "out", device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.safetensors.index.json", "a/b", ""])
+def test_writer_refuses_extra_files_that_clash_with_weights(tmp_path, name):
+    with pytest.raises(LadleError, match="cannot be an extra file"):
+        SafetensorsWriter(tmp_path / "d", {}, extra_files={name: b"x"})
+
+
+def test_writer_refuses_extra_files_for_a_single_file_output(tmp_path):
+    with pytest.raises(LadleError, match="directory output"):
+        SafetensorsWriter(tmp_path / "m.safetensors", {}, extra_files={"README.md": b"x"})
+
+
+def test_merged_tiny_model_loads_with_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
+    sources = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = transformers.GPT2LMHeadModel(config)
+        model.save_pretrained(tmp_path / f"m{seed}")
+        sources.append(tmp_path / f"m{seed}")
+    out = ladle.uniform_soup(sources, out=tmp_path / "merged", device="cpu")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out)
+    expected = ladle.uniform_soup(sources, device="cpu")
+    state = merged.state_dict()
+    for key, tensor in expected.items():
+        if key in state:
+            assert torch.allclose(state[key], tensor)

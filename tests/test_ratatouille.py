@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import families, family
+from hypothesis import given
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import ladle
+
+
+def auxiliary() -> dict:
+    return {
+        "body.weight": torch.arange(12.0).reshape(4, 3),
+        "body.bias": torch.ones(4),
+        "bn.num_batches_tracked": torch.tensor(7),
+        "aux_head.weight": torch.zeros(10, 4),
+        "aux_head.bias": torch.zeros(10),
+    }
+
+
+def probe() -> dict:
+    return {"head.weight": torch.full((5, 4), 0.5), "head.bias": torch.arange(5.0)}
+
+
+def test_init_drops_the_auxiliary_head_and_puts_the_probe_in():
+    init = ladle.ratatouille_init(auxiliary(), probe(), drop=["aux_head.*"])
+    assert list(init) == [
+        "body.weight",
+        "body.bias",
+        "bn.num_batches_tracked",
+        "head.weight",
+        "head.bias",
+    ]
+    assert torch.equal(init["body.weight"], auxiliary()["body.weight"])
+    assert init["bn.num_batches_tracked"].item() == 7
+    assert torch.equal(init["head.bias"], torch.arange(5.0))
+
+
+def test_head_keys_replace_dropped_keys_of_another_shape_in_place():
+    aux = {"body.weight": torch.ones(4, 3), "head.weight": torch.zeros(10, 4)}
+    init = ladle.ratatouille_init(aux, {"head.weight": torch.ones(5, 4)}, drop=["head.weight"])
+    assert list(init) == ["body.weight", "head.weight"]
+    assert init["head.weight"].shape == (5, 4)
+
+
+def test_head_keys_replace_kept_keys_of_the_same_shape():
+    aux = {"body.weight": torch.ones(4, 3), "head.weight": torch.zeros(5, 4)}
+    init = ladle.ratatouille_init(aux, {"head.weight": torch.ones(5, 4)})
+    assert torch.equal(init["head.weight"], torch.ones(5, 4))
+
+
+def test_drop_patterns_are_whole_key_globs():
+    aux = {"head.weight": torch.zeros(2), "head.bias": torch.zeros(2), "headless.w": torch.ones(1)}
+    init = ladle.ratatouille_init(aux, {}, drop=["head.*"])
+    assert list(init) == ["headless.w"]
+    only = ladle.ratatouille_init(aux, {}, drop=["head.bias"])
+    assert list(only) == ["head.weight", "headless.w"]
+
+
+def test_a_head_key_of_another_shape_than_a_kept_key_is_incompatible():
+    with pytest.raises(
+        ladle.IncompatibleError,
+        match=r"head .*'body.weight' has shape \(2, 3\), auxiliary .* has \(4, 3\)",
+    ):
+        ladle.ratatouille_init(auxiliary(), {"body.weight": torch.zeros(2, 3)}, drop=["aux_*"])
+
+
+def test_a_head_key_of_another_dtype_kind_than_a_kept_key_is_incompatible():
+    with pytest.raises(ladle.IncompatibleError, match="bn.num_batches_tracked"):
+        ladle.ratatouille_init(auxiliary(), {"bn.num_batches_tracked": torch.tensor(1.0)})
+
+
+def test_a_drop_pattern_matching_nothing_is_incompatible():
+    with pytest.raises(ladle.IncompatibleError, match="'classifier.*' matches none"):
+        ladle.ratatouille_init(auxiliary(), probe(), drop=["classifier.*"])
+
+
+def test_drop_must_be_a_sequence_of_patterns_not_a_string():
+    with pytest.raises(TypeError, match="drop"):
+        ladle.ratatouille_init(auxiliary(), probe(), drop="aux_head.*")  # type: ignore[arg-type]
+
+
+def test_init_returns_copies_and_reads_paths(tmp_path):
+    save_file(auxiliary(), tmp_path / "aux.safetensors")
+    save_file(probe(), tmp_path / "probe.safetensors")
+    init = ladle.ratatouille_init(
+        tmp_path / "aux.safetensors", tmp_path / "probe.safetensors", drop=["aux_head.*"]
+    )
+    init["body.weight"].add_(1)  # writable: not a read-only view of the file
+    assert torch.equal(
+        ladle.load(tmp_path / "aux.safetensors")["body.weight"], auxiliary()["body.weight"]
+    )
+    assert set(init) == {
+        "body.weight",
+        "body.bias",
+        "bn.num_batches_tracked",
+        "head.weight",
+        "head.bias",
+    }
+
+
+def test_init_loads_into_the_target_module():
+    torch.manual_seed(0)
+    target = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 5))
+    aux = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 10))
+    head = {k: v for k, v in target.state_dict().items() if k.startswith("1.")}
+    init = ladle.ratatouille_init(aux, head, drop=["1.*"])
+    target.load_state_dict(init)
+    assert torch.equal(target[0].weight, aux[0].weight)
+
+
+@given(families())
+def test_uniform_ratatouille_equals_uniform_soup_exactly(models):
+    soup = ladle.uniform_soup(models, device="cpu")
+    rat = ladle.ratatouille(models, device="cpu")
+    assert list(rat) == list(soup)
+    assert all(torch.equal(rat[k], soup[k]) and rat[k].dtype == soup[k].dtype for k in soup)
+
+
+def test_uniform_ratatouille_streams_like_uniform_soup(tmp_path):
+    paths = []
+    for i, model in enumerate(family(3, seed=2)):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    out = ladle.ratatouille(paths, out=tmp_path / "r.safetensors", device="cpu")
+    soup = ladle.uniform_soup(paths, device="cpu")
+    written = ladle.load(out)
+    assert all(torch.equal(written[k], soup[k]) for k in soup)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ladle.method"] == "ratatouille"
+
+
+def test_greedy_ratatouille_is_the_greedy_soup():
+    models = family(4, seed=5)
+
+    def evaluate(state_dict):
+        return -float(state_dict["layer.bias"].abs().sum())
+
+    scores = [0.3, 0.1, 0.4, 0.2]
+    rat = ladle.ratatouille(
+        models, selection="greedy", evaluate=evaluate, scores=scores, device="cpu"
+    )
+    soup = ladle.greedy_soup(models, evaluate, scores=scores, device="cpu")
+    assert (rat.selected, rat.score, rat.history) == (soup.selected, soup.score, soup.history)
+    assert all(torch.equal(rat.state_dict[k], soup.state_dict[k]) for k in soup.state_dict)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"selection": "best"}, "selection"),
+        ({"selection": "greedy"}, "evaluate"),
+        ({"evaluate": lambda sd: 0.0}, "evaluate"),
+        ({"scores": [1.0, 2.0]}, "evaluate"),
+    ],
+)
+def test_bad_arguments_are_value_errors_naming_the_parameter(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ladle.ratatouille(family(2), **kwargs)

@@ -1,0 +1,283 @@
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import ladle
+from ladle.cli import main
+from ladle.methods import stock
+from ladle.methods.stock import ModelStockWarning, stock_ratio
+from ladle.testing import BUFFER_KEY, assert_state_dicts_close, model_families
+
+
+def naive_model_stock(models, base):
+    """Flatten everything, numpy float64; the clamp rule of the docs."""
+    n = len(models)
+    out = {}
+    for key, ref in base.items():
+        if not ref.is_floating_point():
+            out[key] = ref.clone()
+            continue
+        b = ref.double().numpy().ravel()
+        xs = [m[key].double().numpy().ravel() for m in models]
+        taus = [x - b for x in xs]
+        cosines = []
+        for i in range(n):
+            for j in range(i + 1, n):
+                norms = np.sqrt(np.dot(taus[i], taus[i]) * np.dot(taus[j], taus[j]))
+                cosines.append(np.clip(np.dot(taus[i], taus[j]) / (norms + 1e-8), -1.0, 1.0))
+        cos = float(np.mean(cosines))
+        denominator = (n - 1) * cos + 1 + 1e-8
+        t = n * cos / denominator if denominator > 0 else -math.inf
+        t = max(t, -1.0)
+        merged = t * np.mean(xs, axis=0) + (1 - t) * b
+        out[key] = torch.from_numpy(merged.reshape(ref.shape)).to(ref.dtype)
+    return out
+
+
+def quiet_stock(models, base, **kwargs):
+    """model_stock with the near-pole warning silenced (random families may reach it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ModelStockWarning)
+        return ladle.model_stock(models, base, device="cpu", **kwargs)
+
+
+def t(values, dtype=torch.float32):
+    return torch.tensor(values, dtype=dtype)
+
+
+def test_two_models_hand_worked_cosine_six_tenths_gives_t_three_quarters():
+    # τ₁ = [5, 0], τ₂ = [3, 4]: cos = 15/25 = 0.6; t = 2·0.6/(0.6 + 1) = 0.75;
+    # mean = [5, 3]; 0.75·[5, 3] + 0.25·[1, 1] = [4, 2.5].
+    base = {"w": t([1.0, 1.0])}
+    merged = ladle.model_stock([{"w": t([6.0, 1.0])}, {"w": t([4.0, 5.0])}], base, device="cpu")
+    torch.testing.assert_close(merged["w"], t([4.0, 2.5]), rtol=0, atol=1e-6)
+
+
+def test_three_models_hand_worked_mean_of_pairs_and_per_key_ratios():
+    # key "w": τ₁ = [5, 0, 0], τ₂ = [3, 4, 0], τ₃ = [0, 0, 2]: cosines 0.6, 0, 0, mean 0.2;
+    # t = 3·0.2/(2·0.2 + 1) = 3/7; base + t·mean(τ) = [1, 2, 3] + 3/7·[8/3, 4/3, 2/3].
+    # key "o": τ₁ = [1, 1], τ₂ = [1, -1], τ₃ = [0, 0]: all cosines 0, t = 0, the base.
+    # key "s": identical task vectors [2, 0]·1e3: cos = 1 − 2.5e-15, t ≈ 1, the fine-tune.
+    n = torch.tensor
+    base = {"w": t([1.0, 2.0, 3.0]), "o": t([0.5, -0.5]), "s": t([1.0, 1.0]), "n": n(7)}
+    models = [
+        {"w": t([6.0, 2.0, 3.0]), "o": t([1.5, 0.5]), "s": t([2001.0, 1.0]), "n": n(1)},
+        {"w": t([4.0, 6.0, 3.0]), "o": t([1.5, -1.5]), "s": t([2001.0, 1.0]), "n": n(2)},
+        {"w": t([1.0, 2.0, 5.0]), "o": t([0.5, -0.5]), "s": t([2001.0, 1.0]), "n": n(3)},
+    ]
+    merged = ladle.model_stock(models, base, device="cpu")
+    torch.testing.assert_close(merged["w"], t([15 / 7, 18 / 7, 23 / 7]), rtol=0, atol=1e-6)
+    assert torch.equal(merged["o"], base["o"])
+    torch.testing.assert_close(merged["s"], t([2001.0, 1.0]), rtol=1e-7, atol=0)
+    assert merged["n"].item() == 7 and merged["n"].dtype == torch.int64
+
+
+def test_mildly_negative_cosine_follows_the_released_formula_without_warning():
+    # τ₁ = [1, 2, 2], τ₂ = [-1, 2, -2]: cos = -1/9, t = (-2/9)/(8/9) = -0.25; mean = [0, 2, 0].
+    base = {"w": t([0.0, 0.0, 0.0])}
+    merged = ladle.model_stock(
+        [{"w": t([1.0, 2.0, 2.0])}, {"w": t([-1.0, 2.0, -2.0])}], base, device="cpu"
+    )
+    torch.testing.assert_close(merged["w"], t([0.0, -0.5, 0.0]), rtol=0, atol=1e-6)
+
+
+def test_opposite_task_vectors_clamp_t_to_minus_one_and_warn_naming_the_key():
+    # τ₁ = [1, 2], τ₂ = -2·τ₁: cos = -1, the pole (released code: t ≈ -2e8·...); t = -1,
+    # so base - mean(τ) = [1, 1] - [-0.5, -1] = [1.5, 2].
+    base = {"layer.w": t([1.0, 1.0]), "fine": t([0.0, 0.0])}
+    models = [
+        {"layer.w": t([2.0, 3.0]), "fine": t([1.0, 0.0])},
+        {"layer.w": t([-1.0, -3.0]), "fine": t([0.0, 1.0])},
+    ]
+    with pytest.warns(ModelStockWarning, match=r"key 'layer\.w'.*clamped to -1") as record:
+        merged = ladle.model_stock(models, base, device="cpu")
+    assert len(record) == 1  # only the key at the pole
+    assert torch.isfinite(merged["layer.w"]).all()
+    torch.testing.assert_close(merged["layer.w"], t([1.5, 2.0]), rtol=0, atol=1e-6)
+    assert torch.equal(merged["fine"], base["fine"])  # orthogonal: the base
+
+
+def test_three_task_vectors_at_120_degrees_hit_the_pole_and_are_clamped():
+    s = math.sqrt(3) / 2
+    base = {"w": t([0.0, 0.0])}
+    models = [{"w": t([1.0, 0.0])}, {"w": t([-0.5, s])}, {"w": t([-0.5, -s])}]
+    with pytest.warns(ModelStockWarning, match="'w'"):
+        merged = ladle.model_stock([{k: v * 1e3 for k, v in m.items()} for m in models], base)
+    assert torch.isfinite(merged["w"]).all()
+
+
+@pytest.mark.parametrize("cosine", [-0.5 - 1e-9, -0.5 - 0.5e-8, -0.5, -0.6, -1.0, math.nan])
+def test_ratio_at_or_past_the_pole_is_minus_one_never_nan_or_an_exception(cosine):
+    with pytest.warns(ModelStockWarning, match="'k'"):
+        assert stock_ratio(cosine, 3, key="k") == -1.0
+
+
+@given(st.floats(-1.0, 1.0), st.integers(2, 8))
+def test_ratio_is_the_released_formula_within_minus_one_and_one(cosine, n):
+    released = n * cosine / ((n - 1) * cosine + 1 + 1e-8) if (n - 1) * cosine + 1 > 0 else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ratio = stock_ratio(cosine, n)
+    assert -1.0 <= ratio <= 1.0
+    if released is not None and released >= -1.0:
+        assert ratio == released and not caught
+    else:
+        assert ratio == -1.0 and len(caught) == 1
+
+
+@given(model_families(n=st.integers(2, 4)))
+def test_model_stock_agrees_with_a_naive_numpy_implementation(family):
+    base, models = family
+    assert_state_dicts_close(quiet_stock(models, base), naive_model_stock(models, base), atol=1e-4)
+
+
+@given(model_families(n=2, dtypes=[torch.float64]))
+def test_float64_inputs_are_merged_in_float64(family):
+    base, models = family
+    merged = quiet_stock(models, base)
+    assert all(merged[k].dtype == base[k].dtype for k in base)
+    assert_state_dicts_close(merged, naive_model_stock(models, base), rtol=1e-12, atol=1e-12)
+
+
+@given(model_families(n=1), st.integers(2, 5))
+def test_identical_fine_tunes_give_that_fine_tune(family, n):
+    base, (model,) = family
+    # The 1e-8 in the cosine keeps t a little under 1 for tiny task vectors: at most
+    # √G·1e-8/(G + 1e-8) ≤ 5e-5 away.
+    assert_state_dicts_close(
+        {k: v for k, v in quiet_stock([model] * n, base).items() if k != BUFFER_KEY},
+        {k: v for k, v in model.items() if k != BUFFER_KEY},
+        atol=1e-4,
+    )
+
+
+@given(model_families(n=st.integers(2, 4)))
+def test_orthogonal_task_vectors_give_the_base_exactly(family):
+    base, models = family
+    n = len(models)
+    # Disjoint supports: entry e of every key moves only in model e mod n.
+    for i, model in enumerate(models):
+        for key, value in base.items():
+            if value.is_floating_point():
+                owner = torch.arange(value.numel()).reshape(value.shape) % n == i
+                model[key] = torch.where(owner, model[key], value)
+    merged = ladle.model_stock(models, base, device="cpu")
+    for key in base:
+        assert torch.equal(merged[key], base[key]), key
+
+
+@given(model_families(n=st.integers(2, 4)), st.randoms())
+def test_model_order_does_not_matter(family, rng):
+    base, models = family
+    shuffled = list(models)
+    rng.shuffle(shuffled)
+    # t differs by float64 rounding at most (the Gram product sees rows in another order, the
+    # cosines are summed with fsum); Σ models is re-associated in float32.
+    assert_state_dicts_close(quiet_stock(shuffled, base), quiet_stock(models, base), atol=1e-4)
+
+
+@settings(max_examples=15)
+@given(
+    model_families(n=st.integers(2, 3), max_side=6),
+    st.integers(4, 64),
+    st.sampled_from([None, torch.float32, torch.bfloat16]),
+)
+def test_streaming_output_equals_in_memory_bit_for_bit(tmp_path_factory, family, chunk, dtype):
+    base, models = family
+    directory = tmp_path_factory.mktemp("stock")
+    save_file(base, directory / "base.safetensors")
+    paths = []
+    for i, model in enumerate(models):
+        save_file(model, directory / f"m{i}.safetensors")
+        paths.append(directory / f"m{i}.safetensors")
+    kwargs = {"dtype": dtype, "chunk_bytes": chunk}
+    in_memory = quiet_stock(models, base, **kwargs)
+    out = quiet_stock(
+        paths, directory / "base.safetensors", out=directory / "out", max_shard_size=64, **kwargs
+    )
+    streamed = ladle.load(out)
+    assert set(streamed) == set(in_memory)
+    for key in in_memory:
+        assert streamed[key].dtype == in_memory[key].dtype
+        assert torch.equal(streamed[key], in_memory[key]), key
+
+
+def test_chunk_size_changes_the_result_only_by_rounding():
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, 8, generator=gen)}
+    models = [{"w": base["w"] + 0.1 * torch.randn(64, 8, generator=gen)} for _ in range(3)]
+    whole = ladle.model_stock(models, base, device="cpu")
+    rows = ladle.model_stock(models, base, device="cpu", chunk_bytes=32)
+    torch.testing.assert_close(rows["w"], whole["w"], rtol=2e-7, atol=0)
+
+
+def test_statistics_pass_holds_row_chunks_not_whole_tensors(monkeypatch):
+    seen = []
+    original = stock.gram_kernel
+
+    def recording(n):
+        kernel = original(n)
+
+        def update(state, index, x):
+            seen.append(x.numel())
+            return kernel.update(state, index, x)
+
+        return kernel._replace(update=update)
+
+    monkeypatch.setattr(stock, "gram_kernel", recording)
+    gen = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(100, 10, generator=gen)}
+    models = [{"w": torch.randn(100, 10, generator=gen)} for _ in range(3)]
+    ladle.model_stock(models, base, device="cpu", chunk_bytes=400)  # 10 float32 rows
+    # float64 task vectors: half the rows (5 of 10 entries) per chunk, 20 chunks × 3 models.
+    assert seen == [50] * 60
+
+
+def test_integer_buffers_come_from_the_base_and_dtypes_are_kept():
+    gen = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(3, 2, generator=gen).bfloat16(), "n": torch.tensor(5)}
+    models = [{"w": torch.randn(3, 2, generator=gen).bfloat16(), "n": torch.tensor(9)}] * 2
+    merged = ladle.model_stock(models, base, device="cpu")
+    assert merged["w"].dtype == torch.bfloat16 and merged["n"].item() == 5
+    assert ladle.model_stock(models, base, dtype=torch.float32)["w"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_fewer_than_two_models_is_a_value_error_naming_models(count):
+    base = {"w": t([0.0])}
+    with pytest.raises(ValueError, match="models"):
+        ladle.model_stock([{"w": t([1.0])}] * count, base)
+
+
+def test_missing_base_is_a_value_error_naming_base():
+    with pytest.raises(ValueError, match="base"):
+        ladle.model_stock([{"w": t([1.0])}] * 2, None)  # type: ignore[arg-type]
+
+
+def test_mismatched_shapes_raise_incompatible_error():
+    base = {"w": t([0.0, 0.0])}
+    with pytest.raises(ladle.IncompatibleError, match=r"model 1 .*'w'"):
+        ladle.model_stock([{"w": t([1.0, 0.0])}, {"w": t([1.0])}], base)
+
+
+def test_cli_stock_writes_the_merge_and_rejects_a_single_model(tmp_path, capsys):
+    base = {"w": t([1.0, 1.0])}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file({"w": t([6.0, 1.0])}, tmp_path / "a.safetensors")
+    save_file({"w": t([4.0, 5.0])}, tmp_path / "b.safetensors")
+    out = tmp_path / "out.safetensors"
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    args = ["stock", "--base", str(tmp_path / "base.safetensors"), "--no-progress"]
+    assert main([*args, a, b, "-o", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    torch.testing.assert_close(ladle.load(out)["w"], t([4.0, 2.5]), rtol=0, atol=1e-6)
+    assert main([*args, a, "-o", str(tmp_path / "x.safetensors")]) == 1
+    assert "models" in capsys.readouterr().err

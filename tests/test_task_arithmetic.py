@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import families, family
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import ladle
+from ladle.cli import main
+
+
+def naive_task_arithmetic(models, base, *, scale=1.0, weights=None):
+    """Flatten nothing, trust nothing: numpy float64 of the formula."""
+    weights = weights or [1.0] * len(models)
+    out = {}
+    for key, ref in base.items():
+        if not ref.is_floating_point():
+            out[key] = ref
+            continue
+        b = ref.double().numpy()
+        total = sum(w * (m[key].double().numpy() - b) for w, m in zip(weights, models))
+        out[key] = torch.from_numpy(np.asarray(b + scale * total)).to(ref.dtype)
+    return out
+
+
+def assert_close(actual, expected):
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        assert actual[key].dtype == value.dtype, key
+        if value.dtype == torch.float32:
+            torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-5)
+        elif value.is_floating_point():  # one rounding of the float32 result
+            torch.testing.assert_close(actual[key].float(), value.float(), rtol=2**-7, atol=1e-2)
+        else:
+            assert torch.equal(actual[key], value)
+
+
+def save_all(models, directory):
+    paths = []
+    for i, model in enumerate(models):
+        save_file(model, directory / f"m{i}.safetensors")
+        paths.append(directory / f"m{i}.safetensors")
+    return paths
+
+
+def test_worked_example_adds_scaled_task_vectors():
+    base = {"w": torch.tensor([1.0, 1.0])}
+    a, b = {"w": torch.tensor([2.0, 3.0])}, {"w": torch.tensor([0.0, 2.0])}
+    # τa = [1, 2], τb = [−1, 1]; Σ = [0, 3]; 1 + 0.5·Σ = [1, 2.5].
+    assert ladle.task_arithmetic([a, b], base, scale=0.5)["w"].tolist() == [1.0, 2.5]
+    # 2·τa − τb = [3, 3]; 1 + 0.5·[3, 3] = [2.5, 2.5].
+    merged = ladle.task_arithmetic([a, b], base, scale=0.5, weights=[2, -1])
+    assert merged["w"].tolist() == [2.5, 2.5]
+
+
+def test_negative_weight_subtracts_a_task_and_weights_are_not_normalised():
+    base = {"w": torch.tensor([0.0, 4.0])}
+    model = {"w": torch.tensor([1.0, 6.0])}
+    # τ = [1, 2]: weight −1 gives [−1, 2]; weights [3] give [3, 10] (no division by 3).
+    assert ladle.task_arithmetic([model], base, weights=[-1])["w"].tolist() == [-1.0, 2.0]
+    assert ladle.task_arithmetic([model], base, weights=[3])["w"].tolist() == [3.0, 10.0]
+
+
+@given(families(min_n=2), st.floats(-2, 2), st.booleans())
+def test_task_arithmetic_matches_naive_reference(fam, scale, weighted):
+    base, *models = fam
+    weights = [0.5 - i for i in range(len(models))] if weighted else None
+    actual = ladle.task_arithmetic(models, base, scale=scale, weights=weights, device="cpu")
+    assert_close(actual, naive_task_arithmetic(models, base, scale=scale, weights=weights))
+
+
+@given(families(min_n=2))
+def test_scale_one_over_n_equals_the_uniform_soup(fam):
+    base, *models = fam
+    models = [{k: v.float() if v.is_floating_point() else v for k, v in m.items()} for m in models]
+    base = {k: v.float() if v.is_floating_point() else v for k, v in base.items()}
+    merged = ladle.task_arithmetic(models, base, scale=1 / len(models), device="cpu")
+    soup = ladle.uniform_soup(models, device="cpu")
+    for key in base:
+        if base[key].is_floating_point():
+            torch.testing.assert_close(merged[key], soup[key], rtol=1e-5, atol=1e-5)
+
+
+@given(families(min_n=3), st.randoms())
+def test_task_arithmetic_is_invariant_to_the_order_of_models(fam, rng):
+    base, *models = fam
+    order = list(range(len(models)))
+    rng.shuffle(order)
+    a = ladle.task_arithmetic(models, base, scale=0.3, device="cpu")
+    b = ladle.task_arithmetic([models[i] for i in order], base, scale=0.3, device="cpu")
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-2, atol=1e-5)
+
+
+@settings(max_examples=15)
+@given(
+    families(min_n=2),
+    st.integers(4, 64),
+    st.sampled_from([None, torch.float32, torch.bfloat16]),
+)
+def test_streaming_output_equals_in_memory_bit_for_bit(tmp_path_factory, fam, chunk, dtype):
+    directory = tmp_path_factory.mktemp("ta")
+    base_path, *paths = save_all(fam, directory)
+    base, *models = fam
+    options = {"scale": 0.6, "weights": [1.5] * len(models), "device": "cpu", "dtype": dtype}
+    in_memory = ladle.task_arithmetic(models, base, chunk_bytes=chunk, **options)
+    out = ladle.task_arithmetic(
+        paths, base_path, out=directory / "out", chunk_bytes=chunk, max_shard_size=64, **options
+    )
+    streamed = ladle.load(out)
+    assert set(streamed) == set(in_memory)
+    for key in in_memory:
+        assert streamed[key].dtype == in_memory[key].dtype
+        assert torch.equal(streamed[key], in_memory[key]), key
+
+
+def test_chunk_size_does_not_change_a_single_bit():
+    base, *models = family(4, seed=1)
+    whole = ladle.task_arithmetic(models, base, scale=0.7, weights=[0.3, -1.7, 2.1], device="cpu")
+    rows = ladle.task_arithmetic(
+        models, base, scale=0.7, weights=[0.3, -1.7, 2.1], device="cpu", chunk_bytes=1
+    )
+    for key in whole:
+        assert torch.equal(whole[key], rows[key]), key
+
+
+def test_integer_buffers_come_from_the_base_and_output_in_the_base_dtype():
+    base, *models = family(3, dtype=torch.bfloat16)
+    merged = ladle.task_arithmetic(models, base, device="cpu")
+    assert merged["bn.num_batches_tracked"].item() == 100
+    assert merged["layer.weight"].dtype == torch.bfloat16
+
+
+def test_memory_does_not_grow_with_the_number_of_models():
+    # The kernel holds the base chunk, one accumulator and one buffer: its state after any
+    # number of updates is the same few tensors.
+    from ladle.methods.task_arithmetic import task_vector_sum_kernel
+
+    kernel = task_vector_sum_kernel([1.0] * 50, 1.0)
+    base = torch.zeros(3)
+    state = kernel.init("w", slice(None), base)
+    for i in range(50):
+        state = kernel.update(state, i, torch.full((3,), float(i)))
+    tensors = [t for t in state if isinstance(t, torch.Tensor)]
+    assert len(tensors) == 3
+    assert kernel.finalize(state).tolist() == [1225.0] * 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"weights": [1.0]}, "weights"),
+        ({"weights": [1.0, float("nan")]}, "weights"),
+        ({"scale": float("nan")}, "scale"),
+    ],
+)
+def test_bad_arguments_are_value_errors_naming_the_parameter(kwargs, match):
+    base, *models = family(3)
+    with pytest.raises(ValueError, match=match):
+        ladle.task_arithmetic(models, base, **kwargs)
+
+
+def test_empty_models_or_no_base_are_value_errors():
+    base = family(1)[0]
+    with pytest.raises(ValueError, match="models"):
+        ladle.task_arithmetic([], base)
+    with pytest.raises(ValueError, match="base"):
+        ladle.task_arithmetic([base], None)
+
+
+def test_mismatched_keys_raise_naming_the_model():
+    base, *models = family(3)
+    del models[1]["layer.bias"]
+    with pytest.raises(ladle.IncompatibleError, match=r"model 1 .*missing 1 \('layer.bias'\)"):
+        ladle.task_arithmetic(models, base)
+
+
+def test_cli_task_arithmetic_writes_the_merge(tmp_path, capsys):
+    base_path, *paths = save_all(family(3, seed=4), tmp_path)
+    out = tmp_path / "merged.safetensors"
+    argv = ["task-arithmetic", "--base", str(base_path), *map(str, paths), "--scale", "0.5"]
+    argv += ["--weights", "1", "-0.5", "-o", str(out), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    expected = ladle.task_arithmetic(paths, base_path, scale=0.5, weights=[1, -0.5], device="cpu")
+    merged = ladle.load(out)
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert capsys.readouterr().out.strip() == str(out)
+
+
+def test_cli_task_arithmetic_needs_a_base(tmp_path, capsys):
+    paths = save_all(family(2), tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["task-arithmetic", *map(str, paths), "-o", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "--base" in capsys.readouterr().err

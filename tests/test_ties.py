@@ -1,0 +1,409 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import families, family
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import ladle
+from ladle.cli import main
+from ladle.methods.ties import magnitude_thresholds
+
+
+def floating_keys(model):
+    return [k for k, v in model.items() if v.is_floating_point()]
+
+
+def compute_dtype(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def task_vector(model, base, key):
+    """τ as the library defines it: model − base in the compute dtype."""
+    dtype = compute_dtype(model[key], base[key])
+    return model[key].to(dtype) - base[key].to(dtype)
+
+
+def kth_magnitude(magnitudes, density):
+    """torch.kthvalue at the paper code's rank, or None when nothing is trimmed."""
+    d = magnitudes.numel()
+    k = d - int(d * density)
+    return magnitudes.kthvalue(k).values.item() if k >= 1 else None
+
+
+def naive_ties(models, base, *, density, scale, trim):
+    """Flatten everything; trim on the float32 magnitudes; elect and average in float64."""
+    keys = floating_keys(base)
+    sizes = [base[k].numel() for k in keys]
+    offsets = np.cumsum([0, *sizes])
+    taus = [np.concatenate([task_vector(m, base, k).numpy().ravel() for k in keys]) for m in models]
+    segments = [(0, offsets[-1])] if trim == "global" else list(itertools.pairwise(offsets))
+    trimmed = []
+    for tau in taus:
+        kept = tau.copy()
+        for lo, hi in segments:
+            magnitude = np.abs(tau[lo:hi])
+            d = hi - lo
+            k = d - int(d * density)
+            if k >= 1:
+                kept[lo:hi][magnitude < np.sort(magnitude)[k - 1]] = 0
+        trimmed.append(kept.astype(np.float64))
+    merged = naive_elect(np.stack(trimmed), segments)
+    out = dict(base)
+    for key, lo, hi in zip(keys, offsets[:-1], offsets[1:]):
+        value = base[key].double().numpy().ravel() + scale * merged[lo:hi]
+        out[key] = torch.from_numpy(value.reshape(base[key].shape)).to(base[key].dtype)
+    return out
+
+
+def naive_elect(deltas, segments):
+    """Sign election and disjoint mean of the rows of ``deltas``; γ = 0 takes the sign of
+    Σγ over its segment."""
+    total = deltas.sum(axis=0)
+    gamma = np.sign(total)
+    for lo, hi in segments:
+        majority = np.sign(gamma[lo:hi].sum())
+        gamma[lo:hi][gamma[lo:hi] == 0] = majority
+    agree = (np.sign(deltas) == gamma) & (deltas != 0)
+    count = np.maximum(agree.sum(axis=0), 1)
+    return np.where(agree, deltas, 0).sum(axis=0) / count
+
+
+def assert_close(actual, expected):
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        assert actual[key].dtype == value.dtype, key
+        if value.dtype in (torch.float32, torch.float64):
+            torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-5)
+        elif value.is_floating_point():  # one rounding of the float32 result
+            torch.testing.assert_close(actual[key].float(), value.float(), rtol=2**-7, atol=1e-3)
+        else:
+            assert torch.equal(actual[key], value)
+
+
+def save_all(models, directory):
+    paths = []
+    for i, model in enumerate(models):
+        save_file(model, directory / f"m{i}.safetensors")
+        paths.append(directory / f"m{i}.safetensors")
+    return paths
+
+
+@st.composite
+def task_families(draw, min_n=1, max_n=4, dtypes=(torch.float32, torch.bfloat16, torch.float16)):
+    """A base and fine-tunes; half the time every weight is a multiple of 0.25 and the task
+    vectors lie in [−0.75, 0.75], so magnitudes tie, many are exactly zero, every sum is exact
+    and sign elections often cancel exactly (the majority rule decides)."""
+    n = draw(st.integers(min_n, max_n))
+    seed = draw(st.integers(0, 2**16))
+    dtype = draw(st.sampled_from(dtypes))
+    coarse = draw(st.booleans())
+    base = family(1, seed=seed, dtype=dtype)[0]
+    gen = torch.Generator().manual_seed(seed + 1)
+    if coarse:
+        base = {
+            k: (torch.randint(-8, 9, v.shape, generator=gen) * 0.25).to(dtype)
+            if v.is_floating_point()
+            else v
+            for k, v in base.items()
+        }
+    models = []
+    for i in range(n):
+        model = {}
+        for key, value in base.items():
+            if not value.is_floating_point():
+                model[key] = value + i + 1
+                continue
+            if coarse:
+                tau = torch.randint(-3, 4, value.shape, generator=gen).double() * 0.25
+            else:
+                tau = torch.randn(value.shape, generator=gen, dtype=torch.float64)
+            model[key] = (value.double() + tau).to(dtype)
+        models.append(model)
+    return models, base
+
+
+# --- hand-worked formulas ------------------------------------------------------------------
+
+
+def test_worked_example_trims_elects_and_takes_the_disjoint_mean():
+    base = {"w": torch.ones(4)}
+    taus = [[1.0, -2.0, 0.5, 3.0], [-1.5, 1.0, 2.0, -0.5], [-2.5, 0.25, 4.0, -1.0]]
+    models = [{"w": torch.tensor(t) + 1} for t in taus]
+    # density 0.5, d = 4: keep |τ| ≥ the 2nd smallest magnitude (1.0 for each model):
+    # trimmed [1, −2, 0, 3], [−1.5, 1, 2, 0], [−2.5, 0, 4, −1]; Σ = [−3, −1, 6, 2];
+    # γ = [−, −, +, +]; disjoint means [−2, −2, 3, 3]; 1 + 0.5·merged = [0, 0, 2.5, 2.5].
+    for trim in ("global", "tensor"):
+        merged = ladle.ties(models, base, density=0.5, scale=0.5, trim=trim, device="cpu")
+        assert merged["w"].tolist() == [0.0, 0.0, 2.5, 2.5]
+
+
+def test_entries_tied_with_the_threshold_are_all_kept():
+    base = {"w": torch.zeros(4)}
+    # d = 4, density 0.5: the 2nd smallest magnitude is 1.0, and all three 1.0s are kept.
+    merged = ladle.ties([{"w": torch.tensor([1.0, -1.0, 1.0, 0.5])}], base, density=0.5)
+    assert merged["w"].tolist() == [1.0, -1.0, 1.0, 0.0]
+
+
+def test_sign_ties_take_the_majority_of_the_trim_scope():
+    base = {"a": torch.zeros(4), "b": torch.zeros(3)}
+    one = {"a": torch.tensor([1.0, 2.0, 3.0, -1.0]), "b": torch.tensor([-2.0, 1.0, -1.0])}
+    two = {"a": torch.tensor([-1.0, 1.0, 1.0, 1.0]), "b": torch.tensor([-1.0, -1.0, 1.0])}
+    # Σ: a = [0, 3, 4, 0], b = [−3, 0, 0]; γ over a: [0, +, +, 0] (vote +2); over b: [−, 0, 0]
+    # (vote −1); over the whole model the vote is +1.
+    per_tensor = ladle.ties([one, two], base, density=1.0, trim="tensor")
+    assert per_tensor["a"].tolist() == [1.0, 1.5, 2.0, 1.0]
+    assert per_tensor["b"].tolist() == [-1.5, -1.0, -1.0]
+    whole = ladle.ties([one, two], base, density=1.0, trim="global")
+    assert whole["a"].tolist() == [1.0, 1.5, 2.0, 1.0]
+    assert whole["b"].tolist() == [-1.5, 1.0, 1.0]
+
+
+def test_entries_stay_at_the_base_when_the_majority_is_zero_too():
+    base = {"w": torch.tensor([5.0, 5.0])}
+    models = [{"w": torch.tensor([6.0, 4.0])}, {"w": torch.tensor([4.0, 6.0])}]
+    assert ladle.ties(models, base, density=1.0)["w"].tolist() == [5.0, 5.0]
+
+
+def test_global_trim_ranks_across_tensors_and_tensor_trim_within_each():
+    base = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    model = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([10.0, 20.0])}
+    # global: d = 4, k = 4 − 2 = 2: threshold 2, so a loses 1; tensor: d = 2, k = 1: keep all.
+    assert ladle.ties([model], base, density=0.5, trim="global")["a"].tolist() == [0.0, 2.0]
+    assert ladle.ties([model], base, density=0.5, trim="tensor")["a"].tolist() == [1.0, 2.0]
+
+
+def test_integer_buffers_come_from_the_base_and_dtype_is_kept():
+    base, *models = family(3, dtype=torch.bfloat16)
+    merged = ladle.ties(models, base, device="cpu")
+    assert merged["bn.num_batches_tracked"].item() == 100
+    assert merged["layer.weight"].dtype == torch.bfloat16
+
+
+# --- thresholds: the streaming radix select equals torch.kthvalue ---------------------------
+
+
+def check_thresholds(models, base, density, trim, chunk_bytes):
+    found = magnitude_thresholds(
+        models, base, density=density, trim=trim, device="cpu", chunk_bytes=chunk_bytes
+    )
+    keys = floating_keys(base)
+    for i, model in enumerate(models):
+        taus = {key: task_vector(model, base, key) for key in keys}
+        scopes = [keys] if trim == "global" else [[key] for key in keys]
+        for scope in scopes:
+            wide = any(taus[k].dtype == torch.float64 for k in scope)
+            magnitudes = torch.cat(
+                [
+                    taus[k].abs().flatten().to(torch.float64 if wide else torch.float32)
+                    for k in scope
+                ]
+            )
+            expected = kth_magnitude(magnitudes, density)
+            for key in scope:
+                if expected is None:
+                    assert found[i][key] == 0.0
+                elif taus[key].dtype == magnitudes.dtype:
+                    assert found[i][key] == expected, (i, key)
+                else:  # a float32 tensor ranked among float64 ones: the same entries survive
+                    assert torch.equal(
+                        taus[key].abs() >= found[i][key], taus[key].abs().double() >= expected
+                    )
+
+
+@given(
+    task_families(dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64)),
+    st.floats(0.01, 1.0),
+    st.sampled_from(["global", "tensor"]),
+    st.sampled_from([4, 12, 48, 2**20]),
+)
+def test_radix_select_threshold_equals_kthvalue_exactly(family_and_base, density, trim, chunk):
+    models, base = family_and_base
+    check_thresholds(models, base, density, trim, chunk)
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("trim", ["global", "tensor"])
+def test_radix_select_on_larger_chunked_tensors_with_many_ties(seed, trim):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"emb": (300, 7), "proj": (33, 5), "bias": (5,)}
+    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    models = []
+    for i in range(3):
+        model = {}
+        for key, value in base.items():
+            tau = torch.randint(-40, 41, value.shape, generator=gen) * 2.0**-6
+            if i == 1:  # fine magnitudes that share the top 16 bits, and zeros
+                tau = (1.0 + torch.randint(0, 64, value.shape, generator=gen) * 2.0**-23) * (
+                    torch.randint(0, 2, value.shape, generator=gen)
+                )
+            model[key] = value + tau
+        models.append(model)
+    for density in (0.05, 0.5, 0.93, 1.0):
+        check_thresholds(models, base, density, trim, chunk_bytes=256)
+
+
+def test_mixed_float32_and_float64_tensors_rank_together_exactly():
+    gen = torch.Generator().manual_seed(3)
+    base = {"a": torch.randn(50, generator=gen), "b": torch.randn(40, generator=gen).double()}
+    models = [{k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in base.items()}]
+    for density in (0.1, 0.37, 0.8):
+        check_thresholds(models, base, density, "global", chunk_bytes=16)
+
+
+# --- properties -----------------------------------------------------------------------------
+
+
+@given(families(min_n=2), st.floats(0.05, 1.0), st.sampled_from(["global", "tensor"]))
+def test_ties_matches_naive_flattened_reference(fam, density, trim):
+    base, *models = fam
+    expected = naive_ties(models, base, density=density, scale=0.7, trim=trim)
+    actual = ladle.ties(models, base, density=density, scale=0.7, trim=trim, device="cpu")
+    assert_close(actual, expected)
+
+
+@settings(max_examples=25)
+@given(task_families(min_n=2), st.floats(0.05, 1.0), st.sampled_from(["global", "tensor"]))
+def test_ties_matches_naive_reference_with_tied_and_zero_magnitudes(fb, density, trim):
+    models, base = fb
+    expected = naive_ties(models, base, density=density, scale=1.0, trim=trim)
+    actual = ladle.ties(models, base, density=density, trim=trim, device="cpu", chunk_bytes=8)
+    assert_close(actual, expected)
+
+
+@given(st.integers(1, 5), st.integers(0, 2**16), st.floats(-2, 2), st.booleans())
+def test_density_one_without_sign_conflicts_equals_base_plus_scaled_mean_task_vector(
+    n, seed, scale, tensor_trim
+):
+    gen = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=gen) for k, s in {"a": (5, 3), "b": (4,)}.items()}
+    signs = {k: torch.randint(0, 2, v.shape, generator=gen) * 2.0 - 1 for k, v in base.items()}
+    taus = [
+        {k: signs[k] * (0.1 + torch.rand(v.shape, generator=gen)) for k, v in base.items()}
+        for _ in range(n)
+    ]
+    models = [{k: base[k] + t[k] for k in base} for t in taus]
+    trim = "tensor" if tensor_trim else "global"
+    merged = ladle.ties(models, base, density=1.0, scale=scale, trim=trim, device="cpu")
+    for key in base:
+        mean = sum((m[key] - base[key]).double() for m in models) / n
+        expected = base[key].double() + scale * mean
+        torch.testing.assert_close(merged[key].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@given(families(min_n=2, max_n=2), st.floats(0.05, 1.0), st.sampled_from(["global", "tensor"]))
+def test_one_model_keeps_exactly_its_trimmed_task_vector(fam, density, trim):
+    base, model = (
+        {k: v.float() if v.is_floating_point() else v for k, v in m.items()} for m in fam
+    )
+    merged = ladle.ties([model], base, density=density, scale=1.0, trim=trim, device="cpu")
+    keys = floating_keys(base)
+    taus = {k: model[k] - base[k] for k in keys}
+    limits = {}
+    if trim == "global":
+        limit = kth_magnitude(torch.cat([t.abs().flatten() for t in taus.values()]), density)
+        limits = dict.fromkeys(keys, limit)
+    else:
+        limits = {k: kth_magnitude(t.abs().flatten(), density) for k, t in taus.items()}
+    for key, tau in taus.items():
+        kept = tau if limits[key] is None else tau.where(tau.abs() >= limits[key], 0.0)
+        assert torch.equal(merged[key], base[key] + kept), key
+
+
+@settings(max_examples=20)
+@given(families(min_n=3), st.floats(0.05, 1.0), st.sampled_from(["global", "tensor"]), st.randoms())
+def test_ties_is_invariant_to_the_order_of_models(fam, density, trim, rng):
+    base, *models = fam
+    order = list(range(len(models)))
+    rng.shuffle(order)
+    a = ladle.ties(models, base, density=density, trim=trim, device="cpu")
+    b = ladle.ties([models[i] for i in order], base, density=density, trim=trim, device="cpu")
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-2, atol=1e-5)
+
+
+@settings(max_examples=15)
+@given(
+    families(min_n=2),
+    st.sampled_from(["global", "tensor"]),
+    st.integers(4, 64),
+    st.sampled_from([None, torch.float32, torch.bfloat16]),
+)
+def test_streaming_output_equals_in_memory_bit_for_bit(tmp_path_factory, fam, trim, chunk, dtype):
+    directory = tmp_path_factory.mktemp("ties")
+    base_path, *paths = save_all(fam, directory)
+    base, *models = fam
+    options = {"density": 0.3, "scale": 0.8, "trim": trim, "device": "cpu", "dtype": dtype}
+    in_memory = ladle.ties(models, base, chunk_bytes=chunk, **options)
+    out = ladle.ties(
+        paths, base_path, out=directory / "out", chunk_bytes=chunk, max_shard_size=64, **options
+    )
+    streamed = ladle.load(out)
+    assert set(streamed) == set(in_memory)
+    for key in in_memory:
+        assert streamed[key].dtype == in_memory[key].dtype
+        assert torch.equal(streamed[key], in_memory[key]), key
+
+
+@pytest.mark.parametrize("trim", ["global", "tensor"])
+def test_chunk_size_does_not_change_a_single_bit(trim):
+    base, *models = family(4, seed=5)
+    base["big"] = torch.randn(40, 9)
+    for i, model in enumerate(models):
+        model["big"] = base["big"] + torch.randn(40, 9, generator=torch.Generator().manual_seed(i))
+    whole = ladle.ties(models, base, density=0.3, trim=trim, device="cpu")
+    for chunk in (1, 40, 400):
+        rows = ladle.ties(models, base, density=0.3, trim=trim, device="cpu", chunk_bytes=chunk)
+        for key in whole:
+            assert torch.equal(whole[key], rows[key]), (chunk, key)
+
+
+# --- errors and the command line --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("density", [0.0, -0.5, 1.5, float("nan")])
+def test_density_outside_the_unit_interval_is_a_value_error(density):
+    base, model = family(2)
+    with pytest.raises(ValueError, match="density"):
+        ladle.ties([model], base, density=density)
+
+
+def test_bad_trim_and_empty_models_are_value_errors():
+    base, model = family(2)
+    with pytest.raises(ValueError, match="trim"):
+        ladle.ties([model], base, trim="layer")
+    with pytest.raises(ValueError, match="models"):
+        ladle.ties([], base)
+    with pytest.raises(ValueError, match="scale"):
+        ladle.ties([model], base, scale=float("inf"))
+
+
+def test_mismatched_shapes_raise_naming_the_model_and_key():
+    base, *models = family(3)
+    models[1]["layer.weight"] = torch.zeros(4, 7)
+    with pytest.raises(ladle.IncompatibleError, match=r"model 1 .*'layer.weight'"):
+        ladle.ties(models, base)
+
+
+def test_cli_ties_writes_the_merge(tmp_path, capsys):
+    base_path, *paths = save_all(family(4, seed=2), tmp_path)
+    out = tmp_path / "merged"
+    argv = ["ties", "--base", str(base_path), *map(str, paths), "--density", "0.4"]
+    argv += ["--scale", "0.9", "--trim", "tensor", "-o", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    expected = ladle.ties(paths, base_path, density=0.4, scale=0.9, trim="tensor", device="cpu")
+    merged = ladle.load(out)
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert capsys.readouterr().out.strip() == str(out)
+
+
+def test_cli_ties_rejects_a_bad_density_with_one_line(tmp_path, capsys):
+    base_path, path = save_all(family(2), tmp_path)
+    argv = ["ties", "--base", str(base_path), str(path), "--density", "2", "-o", "x"]
+    assert main([*argv, "--device", "cpu"]) == 1
+    assert "density" in capsys.readouterr().err
