@@ -152,7 +152,10 @@ def report(workdir: Path, count: int, repeat: int, size: dict, mergekit: Path | 
         config = workdir / f"mergekit-{MERGEKIT[label][0]}.yml"
         config.write_text(mergekit_config(label, base, models))
         out = workdir / f"mergekit-{MERGEKIT[label][0]}"
-        run = best_of(repeat, [str(mergekit), str(config), str(out), "--allow-crimes"])
+        run = best_of(
+            repeat,
+            [str(mergekit), str(config), str(out), "--allow-crimes", "--quiet", "--device", "cpu"],
+        )
         net = run.seconds - mk_start.seconds
         ladle_net = results[f"ladle {label}"].seconds - start.seconds
         extra = max(run.peak_anon - mk_start.peak_anon, 0)

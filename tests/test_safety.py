@@ -235,6 +235,19 @@ def test_large_finite_values_whose_sum_overflows_are_not_flagged():
     assert ladle.uniform_soup([half, half], device="cpu")["w"][0].item() == 6e4
 
 
+def test_nonfinite_option_in_cli(tmp_path):
+    models = family(2)
+    models[1]["scalar"] = torch.tensor(float("nan"))
+    paths = []
+    for i, model in enumerate(models):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    from ladle.cli import main
+
+    assert main(["soup", *paths, "-o", str(tmp_path / "a.safetensors")]) == 1
+    assert main(["soup", *paths, "-o", str(tmp_path / "b.safetensors"), "--allow-nonfinite"]) == 0
+
+
 def test_read_errors_on_the_prefetch_thread_reach_the_caller_and_the_thread_ends(tmp_path):
     import threading
 

@@ -407,3 +407,29 @@ def test_cli_ties_rejects_a_bad_density_with_one_line(tmp_path, capsys):
     argv = ["ties", "--base", str(base_path), str(path), "--density", "2", "-o", "x"]
     assert main([*argv, "--device", "cpu"]) == 1
     assert "density" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("coarse", [False, True])
+def test_in_memory_select_of_a_large_tensor_equals_kthvalue(dtype, coarse):
+    from ladle.methods.ties import _kth_magnitude
+
+    gen = torch.Generator().manual_seed(11)
+    if coarse:  # few distinct magnitudes, many zeros
+        tau = (torch.randint(-5, 6, (300, 300), generator=gen) * 0.125).to(dtype)
+    else:
+        tau = torch.randn(300, 300, generator=gen, dtype=dtype)
+    for rank in (1, 2, 4500, 45000, 72001, 90000):
+        expected = tau.abs().flatten().kthvalue(rank).values.item()
+        assert _kth_magnitude(tau, rank, torch.empty_like(tau)) == expected, rank
+
+
+def test_tensor_trim_of_a_large_tensor_is_the_same_in_one_chunk_or_many():
+    gen = torch.Generator().manual_seed(12)
+    base = {"big": torch.randn(300, 300, generator=gen)}
+    models = [{"big": base["big"] + torch.randn(300, 300, generator=gen)} for _ in range(3)]
+    whole = ladle.ties(models, base, density=0.2, trim="tensor", device="cpu")
+    rows = ladle.ties(models, base, density=0.2, trim="tensor", device="cpu", chunk_bytes=40_000)
+    assert torch.equal(whole["big"], rows["big"])
+    expected = naive_ties(models, base, density=0.2, scale=1.0, trim="tensor")
+    torch.testing.assert_close(whole["big"], expected["big"], rtol=1e-5, atol=1e-5)

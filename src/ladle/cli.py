@@ -95,6 +95,11 @@ def merge_options() -> argparse.ArgumentParser:
         help="after merging, upload the output directory to this Hub model repo",
     )
     parent.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parent.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="merge inputs holding NaN or Inf instead of stopping with an error",
+    )
     return parent
 
 
@@ -107,6 +112,7 @@ def merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_shard_size": args.max_shard_size,
         "overwrite": args.overwrite,
         "progress": not args.no_progress and sys.stderr.isatty(),
+        "allow_nonfinite": args.allow_nonfinite,
     }
 
 

@@ -44,8 +44,8 @@ class ModelStockWarning(UserWarning):
 def mean_cosine(gram: Sequence[Sequence[float]]) -> float:
     """The mean over pairs ``i < j`` of ``Gᵢⱼ / (√(Gᵢᵢ·Gⱼⱼ) + 1e-8)``, each clamped to [−1, 1].
 
-    ``gram`` is the N×N Gram matrix of the task vectors. Summed with :func:`math.fsum`, so the
-    result does not depend on the order of the models.
+    ``gram`` is the N×N Gram matrix of the task vectors (only its upper triangle and diagonal
+    are read). Summed with :func:`math.fsum`, so the order of the pairs does not matter.
 
     Example:
         >>> mean_cosine([[25.0, 15.0], [15.0, 25.0]])  # τ₁ = [5, 0], τ₂ = [3, 4]
