@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,32 +20,47 @@ STARTUP = "import torch, safetensors, ladle"
 
 @dataclass(frozen=True)
 class Run:
-    seconds: float
+    seconds: float  # net of start-up for python_timed commands, else wall time
     peak_anon: int  # bytes of RssAnon at its highest
 
 
+def python_timed(setup: str, work: str, *args: str) -> list[str]:
+    """A python command that times ``work`` alone, after ``setup`` (imports) has run."""
+    code = (
+        f"{setup}\nimport os as _os, time as _time\n_t0 = _time.perf_counter()\n{work}\n"
+        "open(_os.environ['BENCH_SECONDS'], 'w').write(str(_time.perf_counter() - _t0))\n"
+    )
+    return [sys.executable, "-c", code, *args]
+
+
 def run(argv: list[str]) -> Run:
-    """Wall seconds and peak RssAnon of a child process, sampled every millisecond.
+    """Seconds and peak RssAnon of a child process (memory sampled every millisecond).
 
     RssAnon leaves out file pages mapped from the page cache (VmRSS counts them), so it is the
-    memory a merge really takes from the machine.
+    memory a merge really takes from the machine. A ``python_timed`` child reports its own
+    net seconds, which keeps interpreter and import start-up out of the figure.
     """
-    start = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    status = Path(f"/proc/{child.pid}/status")
-    peak = 0
-    while child.poll() is None:
-        try:
-            for line in status.read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
-        except (FileNotFoundError, ProcessLookupError):
-            break
-        time.sleep(0.001)
-    seconds = time.perf_counter() - start
-    _, err = child.communicate()
-    if child.returncode != 0:
-        raise SystemExit(f"benchmark step failed: {' '.join(argv)}\n{err.decode()[-2000:]}")
+    with tempfile.TemporaryDirectory() as scratch:
+        seconds_file = Path(scratch) / "seconds"
+        env = {**os.environ, "BENCH_SECONDS": str(seconds_file)}
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        status = Path(f"/proc/{child.pid}/status")
+        peak = 0
+        while child.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("RssAnon:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+            except (FileNotFoundError, ProcessLookupError):
+                break
+            time.sleep(0.001)
+        seconds = time.perf_counter() - start
+        _, err = child.communicate()
+        if child.returncode != 0:
+            raise SystemExit(f"benchmark step failed: {' '.join(argv)}\n{err.decode()[-2000:]}")
+        if seconds_file.exists():
+            seconds = float(seconds_file.read_text())
     return Run(seconds, peak)
 
 

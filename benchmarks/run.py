@@ -23,16 +23,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import MIB, STARTUP, Run, best_of, llama_family, warm, weights_file
+from common import MIB, Run, best_of, llama_family, python_timed, warm, weights_file
 
-NAIVE = """
-import sys, torch
-from safetensors.torch import load_file, save_file
+NAIVE_SETUP = "import sys, torch\nfrom safetensors.torch import load_file, save_file"
+NAIVE_WORK = """
 models = [load_file(p) for p in sys.argv[2:]]
 out = {k: (sum(m[k].float() for m in models) / len(models)).to(models[0][k].dtype)
        for k in models[0]}
 save_file(out, sys.argv[1])
 """
+LADLE_SETUP = "import sys\nfrom ladle.cli import main"
 
 MERGEKIT = {  # ladle label -> mergekit merge_method and per-model parameters
     "soup": ("linear", {"weight": 1.0}, {"normalize": True}),
@@ -44,26 +44,19 @@ MERGEKIT = {  # ladle label -> mergekit merge_method and per-model parameters
 
 def ladle_commands(base: Path, models: list[Path], out: Path) -> dict[str, list[str]]:
     """The ladle CLI invocation of each method, writing to ``out``."""
-    cli = [sys.executable, "-m", "ladle.cli"]
+
+    def cli(*args: str) -> list[str]:
+        return python_timed(LADLE_SETUP, "main(sys.argv[1:])", *args)
+
     common = ["--device", "cpu", "--no-progress", "--overwrite", "-o", str(out)]
     ms, b = [str(m) for m in models], ["--base", str(base)]
     return {
-        "soup": [*cli, "soup", *ms, *common],
-        "task-arithmetic": [*cli, "task-arithmetic", *b, *ms, *common],
-        "ties (trim=global)": [*cli, "ties", *b, *ms, "--density", "0.2", *common],
-        "ties (trim=tensor)": [
-            *cli,
-            "ties",
-            *b,
-            *ms,
-            "--density",
-            "0.2",
-            "--trim",
-            "tensor",
-            *common,
-        ],
-        "stock": [*cli, "stock", *b, *ms, *common],
-        "dare": [*cli, "dare", *b, *ms, "--density", "0.1", "--seed", "0", *common],
+        "soup": cli("soup", *ms, *common),
+        "task-arithmetic": cli("task-arithmetic", *b, *ms, *common),
+        "ties (trim=global)": cli("ties", *b, *ms, "--density", "0.2", *common),
+        "ties (trim=tensor)": cli("ties", *b, *ms, "--density", "0.2", "--trim", "tensor", *common),
+        "stock": cli("stock", *b, *ms, *common),
+        "dare": cli("dare", *b, *ms, "--density", "0.1", "--seed", "0", *common),
     }
 
 
@@ -115,56 +108,58 @@ def report(workdir: Path, count: int, repeat: int, size: dict, mergekit: Path | 
     warm(files)
     py = sys.executable
     cat = best_of(repeat, ["cat", *map(str, files)])
-    start = best_of(repeat, [py, "-c", STARTUP])
-    results: dict[str, Run] = {}
+    idle = {
+        "ladle": best_of(repeat, [py, "-c", LADLE_SETUP]),
+        "naive": best_of(repeat, [py, "-c", NAIVE_SETUP]),
+    }
+    results: dict[str, tuple[Run, Run]] = {}  # label -> (run, idle run of the same imports)
     outputs: dict[str, Path] = {}
-    naive_out = workdir / "naive.safetensors"
-    results["naive load-all soup"] = best_of(
-        repeat, [py, "-c", NAIVE, str(naive_out), *map(str, files[1:])]
+    naive_argv = [str(workdir / "naive.safetensors"), *map(str, files[1:])]
+    results["naive load-all soup"] = (
+        best_of(repeat, python_timed(NAIVE_SETUP, NAIVE_WORK, *naive_argv)),
+        idle["naive"],
     )
     for label, argv in ladle_commands(base, models, workdir / "out").items():
-        out = workdir / f"ladle-{label.split()[0]}-{len(outputs)}"
+        out = workdir / f"ladle-{len(outputs)}"
         argv[-1] = str(out)
-        results[f"ladle {label}"] = best_of(repeat, argv)
+        results[f"ladle {label}"] = (best_of(repeat, argv), idle["ladle"])
         outputs[label] = out
 
     print(
-        f"{count} fine-tunes + base, fp32, {one / MIB:.1f} MiB each; best of {repeat}; "
-        f"read floor (cat of {len(files)} files) {cat.seconds:.3f} s; start-up "
-        f"{start.seconds:.3f} s"
+        f"{count} fine-tunes + base, fp32, {one / MIB:.1f} MiB each; best of {repeat}; read "
+        f"floor (cat of {len(files)} files) {cat.seconds:.3f} s; times exclude start-up"
     )
-    soup = results["ladle soup"].seconds - start.seconds
-    print(f"{'run':<34}{'net s':>8}{'x floor':>9}{'x soup':>8}{'extra RssAnon':>15}{'x ckpt':>8}")
-    for label, run in results.items():
-        net = run.seconds - start.seconds
-        extra = max(run.peak_anon - start.peak_anon, 0)
+    soup = results["ladle soup"][0].seconds
+    print(f"{'run':<30}{'s':>8}{'x floor':>9}{'x soup':>8}{'extra RssAnon':>15}{'x ckpt':>8}")
+    for label, (run, baseline) in results.items():
+        extra = max(run.peak_anon - baseline.peak_anon, 0)
         print(
-            f"{label:<34}{net:8.3f}{net / cat.seconds:9.2f}{net / soup:8.2f}"
-            f"{extra / MIB:11.1f} MiB{extra / one:8.2f}"
+            f"{label:<30}{run.seconds:8.3f}{run.seconds / cat.seconds:9.2f}"
+            f"{run.seconds / soup:8.2f}{extra / MIB:11.1f} MiB{extra / one:8.2f}"
         )
     if mergekit is None:
-        print("mergekit: not run (pass --mergekit /path/to/mergekit-yaml)")
+        print("mergekit: not run (pass --mergekit /path/to/venv/bin/mergekit-yaml)")
         return
-    mk_start = best_of(
-        repeat, [str(Path(mergekit).parent / "python"), "-c", "import mergekit.merge"]
-    )
+    mk_python = str(Path(mergekit).parent / "python")
+    mk_setup = "import sys\nfrom mergekit.scripts.run_yaml import main"
+    mk_idle = best_of(repeat, [mk_python, "-c", mk_setup])
     for label in MERGEKIT:
-        config = workdir / f"mergekit-{MERGEKIT[label][0]}.yml"
+        method = MERGEKIT[label][0]
+        config = workdir / f"mergekit-{method}.yml"
         config.write_text(mergekit_config(label, base, models))
-        out = workdir / f"mergekit-{MERGEKIT[label][0]}"
-        run = best_of(
-            repeat,
-            [str(mergekit), str(config), str(out), "--allow-crimes", "--quiet", "--device", "cpu"],
+        out = workdir / f"mergekit-{method}"
+        work = "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code"
+        argv = python_timed(
+            mk_setup, work, str(config), str(out), "--allow-crimes", "--quiet", "--device", "cpu"
         )
-        net = run.seconds - mk_start.seconds
-        ladle_net = results[f"ladle {label}"].seconds - start.seconds
-        extra = max(run.peak_anon - mk_start.peak_anon, 0)
-        ladle_extra = max(results[f"ladle {label}"].peak_anon - start.peak_anon, 0)
-        diff = max_difference(outputs[label], out)
+        run = best_of(repeat, [mk_python, *argv[1:]])
+        mine, _ = results[f"ladle {label}"]
+        extra = max(run.peak_anon - mk_idle.peak_anon, 0)
+        mine_extra = max(mine.peak_anon - idle["ladle"].peak_anon, 0)
         print(
-            f"mergekit {MERGEKIT[label][0]:<17} net {net:7.3f} s (ladle {net / ladle_net:5.2f}x "
-            f"faster), extra RssAnon {extra / MIB:7.1f} MiB (ladle {ladle_extra / MIB:.1f}); "
-            f"outputs agree to max |diff| = {diff:.3g}"
+            f"mergekit {method:<16} {run.seconds:7.3f} s = {run.seconds / mine.seconds:5.2f}x "
+            f"ladle; extra RssAnon {extra / MIB:6.1f} MiB = {extra / max(mine_extra, 1):5.2f}x "
+            f"ladle; max |ladle - mergekit| = {max_difference(outputs[label], out):.3g}"
         )
 
 

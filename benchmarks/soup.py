@@ -19,19 +19,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import MIB, STARTUP, best_of, llama_family, warm, weights_file
+from common import MIB, best_of, llama_family, python_timed, warm, weights_file
 from safetensors import safe_open
 
-NAIVE = """
-import sys, torch
-from safetensors.torch import load_file, save_file
+NAIVE_SETUP = "import sys, torch\nfrom safetensors.torch import load_file, save_file"
+NAIVE_WORK = """
 models = [load_file(p) for p in sys.argv[2:]]
 out = {k: (sum(m[k].float() for m in models) / len(models)).to(models[0][k].dtype)
        for k in models[0]}
 if sys.argv[1] != "-":
     save_file(out, sys.argv[1])
 """
-IN_MEMORY = "import sys, ladle; ladle.uniform_soup(sys.argv[1:], device='cpu')"
+LADLE_SETUP = "import sys, ladle\nfrom ladle.cli import main"
 
 
 def largest_tensor(path: Path) -> int:
@@ -57,35 +56,24 @@ def main() -> None:
         warm([Path(f) for f in files])
         py, r = sys.executable, args.repeat
         cat = best_of(r, ["cat", *files])
-        start = best_of(r, [py, "-c", STARTUP])
+        ladle_idle = best_of(r, [py, "-c", LADLE_SETUP])
+        naive_idle = best_of(r, [py, "-c", NAIVE_SETUP])
         out = str(workdir / "soup.safetensors")
-        cli = [
-            py,
-            "-m",
-            "ladle.cli",
-            "soup",
-            "--no-progress",
-            "--device",
-            "cpu",
-            "--overwrite",
-            "-o",
-            out,
-        ]
-        ladle_run = best_of(r, [*cli, *files])
-        small_run = best_of(r, [*cli, *files[:4]])
-        naive_run = best_of(r, [py, "-c", NAIVE, out, *files])
-        memory_run = best_of(r, [py, "-c", IN_MEMORY, *files])
-        naive_memory_run = best_of(r, [py, "-c", NAIVE, "-", *files])
+        cli = ["soup", "--no-progress", "--device", "cpu", "--overwrite", "-o", out]
+        soup = "main(sys.argv[1:])"
+        ladle_run = best_of(r, python_timed(LADLE_SETUP, soup, *cli, *files))
+        small_run = best_of(r, python_timed(LADLE_SETUP, soup, *cli, *files[:4]))
+        naive_run = best_of(r, python_timed(NAIVE_SETUP, NAIVE_WORK, out, *files))
+        in_memory = "ladle.uniform_soup(sys.argv[1:], device='cpu')"
+        memory_run = best_of(r, python_timed(LADLE_SETUP, in_memory, *files))
+        naive_memory_run = best_of(r, python_timed(NAIVE_SETUP, NAIVE_WORK, "-", *files))
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def net(run) -> float:  # type: ignore[no-untyped-def]
-        return max(run.seconds - start.seconds, 1e-9)
-
     print(
         f"uniform soup of {args.models} fp32 checkpoints of {one / MIB:.1f} MiB (largest "
-        f"tensor {largest / MIB:.1f} MiB), best of {r}, start-up {start.seconds:.3f} s"
+        f"tensor {largest / MIB:.1f} MiB), best of {r}; times exclude interpreter start-up"
     )
     print(f"  read floor (cat, warm cache)     {cat.seconds:7.3f} s")
     rows = [
@@ -94,15 +82,15 @@ def main() -> None:
     ]
     for label, mine, naive in rows:
         print(
-            f"  {label:<31}{net(mine):7.3f} s  = {net(mine) / cat.seconds:5.2f}x read floor; "
-            f"naive {net(naive):.3f} s, ladle {net(naive) / net(mine):4.2f}x faster"
+            f"  {label:<31}{mine.seconds:7.3f} s  = {mine.seconds / cat.seconds:5.2f}x read "
+            f"floor; naive {naive.seconds:.3f} s = {naive.seconds / mine.seconds:4.2f}x ladle"
         )
-    for label, run in (
-        (f"ladle N={args.models}", ladle_run),
-        ("ladle N=4", small_run),
-        (f"naive N={args.models}", naive_run),
+    for label, run, idle in (
+        (f"ladle N={args.models}", ladle_run, ladle_idle),
+        ("ladle N=4", small_run, ladle_idle),
+        (f"naive N={args.models}", naive_run, naive_idle),
     ):
-        extra = max(run.peak_anon - start.peak_anon, 0)
+        extra = max(run.peak_anon - idle.peak_anon, 0)
         print(
             f"  peak extra RssAnon {label:<11} {extra / MIB:7.1f} MiB = "
             f"{extra / one:5.2f}x one checkpoint = {extra / largest:5.2f}x largest tensor"
