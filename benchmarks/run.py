@@ -75,11 +75,19 @@ def mergekit_config(method: str, base: Path, models: list[Path]) -> str:
     return "\n".join(lines).replace("'", "") + "\n"
 
 
-def max_difference(a: Path, b: Path) -> float:
+def difference(a: Path, b: Path) -> str:
+    """Largest absolute difference of two outputs, and how many entries differ at all."""
     import ladle
 
     x, y = ladle.load(a), ladle.load(b)
-    return max(float((x[k].double() - y[k].double()).abs().max()) for k in x if k in y)
+    keys = [k for k in x if k in y]
+    delta = [(x[k].double() - y[k].double()).abs() for k in keys]
+    differing = sum(int((d > 0).sum()) for d in delta)
+    total = sum(d.numel() for d in delta)
+    return (
+        f"max |ladle - mergekit| = {max(float(d.max()) for d in delta):.3g}, "
+        f"{differing} of {total} entries differ"
+    )
 
 
 def main() -> None:
@@ -159,7 +167,7 @@ def report(workdir: Path, count: int, repeat: int, size: dict, mergekit: Path | 
         print(
             f"mergekit {method:<16} {run.seconds:7.3f} s = {run.seconds / mine.seconds:5.2f}x "
             f"ladle; extra RssAnon {extra / MIB:6.1f} MiB = {extra / max(mine_extra, 1):5.2f}x "
-            f"ladle; max |ladle - mergekit| = {max_difference(outputs[label], out):.3g}"
+            f"ladle; {difference(outputs[label], out)}"
         )
 
 

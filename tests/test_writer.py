@@ -118,3 +118,25 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects_nonsense(text):
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size(text)
+
+
+def test_background_write_back_keeps_the_output_exact_and_leaves_no_threads(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setattr("ladle.writer.SYNC_EVERY", 64)  # a write-back after every 64 bytes
+    model = {f"t{i}": torch.randn(7, 5) for i in range(20)}
+    before = threading.active_count()
+    out = ladle.save(model, tmp_path / "m", max_shard_size=500)
+    loaded = ladle.load(out)
+    assert all(torch.equal(loaded[k], model[k]) for k in model)
+    with (
+        pytest.raises(RuntimeError),
+        SafetensorsWriter(
+            tmp_path / "x.safetensors", {k: (tuple(t.shape), t.dtype) for k, t in model.items()}
+        ) as writer,
+    ):
+        for key in list(model)[:10]:
+            writer.write(key, model[key])
+        raise RuntimeError("fails after several write-backs")
+    assert not (tmp_path / "x.safetensors").exists()
+    assert threading.active_count() == before

@@ -28,7 +28,15 @@ from .errors import IncompatibleError, LadleError, NonFiniteError
 from .modelcard import output_files
 from .writer import SafetensorsWriter
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "Kernel", "Progress", "fold", "merge", "open_models"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "Kernel",
+    "Progress",
+    "Scratch",
+    "fold",
+    "merge",
+    "open_models",
+]
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 """Largest chunk of one tensor, per model, in the compute dtype (64 MiB)."""
@@ -45,12 +53,35 @@ class Kernel(NamedTuple):
     ``i`` in order, then ``finalize(state)`` for the merged chunk. ``base`` and ``x_i`` arrive on
     the merge device in the compute dtype (float32, or float64 for float64 inputs); ``base`` is
     ``None`` for methods without one. Inputs may be read-only views of a file: never modify
-    them in place; accumulate into tensors the state owns.
+    them in place; accumulate into tensors the state owns. The engine writes or copies each
+    result before the next ``init``, so a kernel may reuse its buffers (see :class:`Scratch`).
     """
 
     init: Callable[[str, slice, torch.Tensor | None], Any]
     update: Callable[[Any, int, torch.Tensor], Any]
     finalize: Callable[[Any], torch.Tensor]
+
+
+class Scratch:
+    """One reusable buffer per dtype and device, handed out as views of the requested shape.
+
+    Fresh large tensors cost page faults on every allocation; a kernel that owns a
+    ``Scratch`` reuses the same memory for every chunk. A view is valid until the next
+    ``take`` of the same dtype and device.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def take(
+        self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffer = self._buffers.get((dtype, device))
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[(dtype, device)] = buffer
+        return buffer[:numel].view(shape)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -428,7 +459,8 @@ def _to_state_dict(
     for key, rows, chunk in results:
         shape, dtype = specs[key]
         if rows == slice(None):
-            state[key] = chunk.to("cpu", dtype)  # chunks are owned: kernel results or copies
+            # A copy: kernels may reuse the buffer of a result for the next chunk.
+            state[key] = chunk.to("cpu", dtype, copy=True)
         else:
             if key not in state:
                 state[key] = torch.empty(shape, dtype=dtype)

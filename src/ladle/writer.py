@@ -8,6 +8,7 @@ temporary name beside the destination and renamed into place only once complete 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import shutil
 import struct
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,6 +29,7 @@ __all__ = ["SafetensorsWriter", "parse_size", "save"]
 
 INDEX_NAME = "model.safetensors.index.json"
 TEMP_MARK = ".ladle-tmp-"
+SYNC_EVERY = 64 * 2**20  # bytes between background write-backs of the output
 
 _DTYPE_CODES = {
     torch.float64: "F64",
@@ -236,6 +239,9 @@ class SafetensorsWriter:
         self._written = 0  # bytes of that key written so far
         self._handle: BinaryIO | None = None
         self._shard = -1
+        self._unsynced = 0  # bytes written since the last write-back started
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ladle-sync")
+        self._sync: Future[None] | None = None
 
     def write(self, key: str, chunk: torch.Tensor) -> None:
         """Append ``chunk`` (the next rows of ``key``, or all of it) to the output."""
@@ -261,6 +267,13 @@ class SafetensorsWriter:
                 f"writer for {self.out}: more bytes for {key!r} than its shape {shape}"
             )
         self._handle.write(data)
+        self._unsynced += data.nbytes
+        if self._unsynced >= SYNC_EVERY and (self._sync is None or self._sync.done()):
+            # Start writing back what is written so far, on a thread, while merging goes on,
+            # so that the fsync before the rename has little left to wait for.
+            self._handle.flush()
+            self._sync = self._syncer.submit(os.fdatasync, self._handle.fileno())
+            self._unsynced = 0
         self._written += data.nbytes
         if self._written == total:
             self._position += 1
@@ -285,11 +298,15 @@ class SafetensorsWriter:
         self._handle.write(_header(self._specs, self._shards[shard], self._metadata))
 
     def _close_handle(self) -> None:
+        if self._sync is not None:
+            self._sync.result()
+            self._sync = None
         if self._handle is not None:
             self._handle.flush()
             os.fsync(self._handle.fileno())
             self._handle.close()
             self._handle = None
+        self._unsynced = 0
 
     def commit(self) -> Path:
         """Check the output is complete, then rename it into place; returns the final path."""
@@ -308,12 +325,18 @@ class SafetensorsWriter:
                     (self._temp / name).write_bytes(content)
                 else:
                     shutil.copyfile(content, self._temp / name)
+        self._syncer.shutdown()
         self._verify()
         self._rename_into_place()
         return self.out
 
     def abort(self) -> None:
         """Delete the temporary output; nothing appears under the final name."""
+        if self._sync is not None:
+            with contextlib.suppress(OSError):
+                self._sync.result()  # never close a file a write-back still uses
+            self._sync = None
+        self._syncer.shutdown()
         if self._handle is not None:
             self._handle.close()
             self._handle = None

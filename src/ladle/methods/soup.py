@@ -18,6 +18,7 @@ from ..engine import (
     DEFAULT_CHUNK_BYTES,
     Kernel,
     Progress,
+    Scratch,
     _check_output,
     check_compatible,
     fold,
@@ -59,14 +60,19 @@ def normalized_weights(weights: Sequence[float] | None, count: int) -> list[floa
 
 
 def weighted_mean_kernel(weights: Sequence[float]) -> Kernel:
-    """Fold ``Σᵢ wᵢ·xᵢ`` one model at a time into one accumulator (memory independent of N)."""
+    """Fold ``Σᵢ wᵢ·xᵢ`` one model at a time into one accumulator (memory independent of N).
+
+    The accumulator is one scratch buffer reused from chunk to chunk: allocating a fresh
+    tensor per key costs more (page faults on new memory) than the arithmetic itself.
+    """
+    scratch = Scratch()
 
     def init(key: str, rows: slice, base: torch.Tensor | None) -> torch.Tensor | None:
         return None
 
     def update(acc: torch.Tensor | None, index: int, x: torch.Tensor) -> torch.Tensor:
-        if acc is None:
-            return x * weights[index]  # a new tensor the kernel owns; x may be a file's view
+        if acc is None:  # x may be a read-only view of a file: never write into it
+            return torch.mul(x, weights[index], out=scratch.take(x.shape, x.dtype, x.device))
         return acc.add_(x, alpha=weights[index])
 
     def finalize(acc: torch.Tensor) -> torch.Tensor:
