@@ -28,7 +28,7 @@ StateDictLike = Union[Mapping[str, torch.Tensor], torch.nn.Module, str, os.PathL
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {  # safetensors' dtype codes; the writer uses the inverse
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -43,7 +43,7 @@ _SAFETENSORS_DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 for _name in ("uint16", "uint32", "uint64"):  # torch >= 2.3 has them
-    _SAFETENSORS_DTYPES["U" + _name[4:]] = getattr(torch, _name)
+    SAFETENSORS_DTYPES["U" + _name[4:]] = getattr(torch, _name)
 
 
 class Checkpoint:
@@ -210,7 +210,7 @@ class SafetensorsCheckpoint(Checkpoint):
     def dtype(self, key: str) -> torch.dtype:
         code = self._slice(key).get_dtype()
         try:
-            return _SAFETENSORS_DTYPES[code]
+            return SAFETENSORS_DTYPES[code]
         except KeyError:
             raise CheckpointError(
                 f"{self._files[key]}: tensor {key!r} has dtype {code}, which torch cannot hold"

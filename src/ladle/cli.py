@@ -28,21 +28,10 @@ from .methods.soup import greedy_soup, uniform_soup
 from .methods.stock import model_stock
 from .methods.task_arithmetic import task_arithmetic
 from .methods.ties import ties
-from .recipe import run_recipe
+from .recipe import DTYPES, run_recipe
 from .writer import parse_size
 
 __all__ = ["main"]
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-}
 
 
 def _dtype(text: str) -> torch.dtype:

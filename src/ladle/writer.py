@@ -23,6 +23,7 @@ from typing import BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .checkpoint import SAFETENSORS_DTYPES
 from .errors import LadleError
 
 __all__ = ["SafetensorsWriter", "parse_size", "save"]
@@ -31,22 +32,7 @@ INDEX_NAME = "model.safetensors.index.json"
 TEMP_MARK = ".ladle-tmp-"
 SYNC_EVERY = 64 * 2**20  # bytes between background write-backs of the output
 
-_DTYPE_CODES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-for _bits in (16, 32, 64):
-    _DTYPE_CODES[getattr(torch, f"uint{_bits}")] = f"U{_bits}"
+_DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 
 _UNITS = {
     "": 1,
