@@ -59,7 +59,8 @@ def _stats_kernel() -> Kernel:
         return [None if base is None else base.double(), None, None]  # base, a, b
 
     def update(state: list[Any], index: int, x: torch.Tensor) -> list[Any]:
-        state[1 + index] = x.double() if state[0] is None else x.double() - state[0]
+        # x is only valid during this call: keep an owned copy
+        state[1 + index] = x.to(torch.float64, copy=True) if state[0] is None else x - state[0]
         return state
 
     def finalize(state: list[Any]) -> torch.Tensor:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple, TypeVar, Union
 
 import torch
 
@@ -38,6 +38,8 @@ __all__ = [
     "open_models",
 ]
 
+T = TypeVar("T")
+
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 """Largest chunk of one tensor, per model, in the compute dtype (64 MiB)."""
 
@@ -52,9 +54,11 @@ class Kernel(NamedTuple):
     ``state = init(key, rows, base)``, then ``state = update(state, i, x_i)`` for each model
     ``i`` in order, then ``finalize(state)`` for the merged chunk. ``base`` and ``x_i`` arrive on
     the merge device in the compute dtype (float32, or float64 for float64 inputs); ``base`` is
-    ``None`` for methods without one. Inputs may be read-only views of a file: never modify
-    them in place; accumulate into tensors the state owns. The engine writes or copies each
-    result before the next ``init``, so a kernel may reuse its buffers (see :class:`Scratch`).
+    ``None`` for methods without one. Inputs are borrowed: never modify them in place, and
+    do not keep ``x_i`` past its ``update`` nor ``base`` past ``finalize`` (the engine reuses
+    their memory for the next reads); accumulate into tensors the state owns. The engine
+    writes or copies each result before the next ``init``, so a kernel may reuse its own
+    buffers (see :class:`Scratch`).
     """
 
     init: Callable[[str, slice, torch.Tensor | None], Any]
@@ -211,25 +215,35 @@ def fold(
     Model Stock's angles) before the pass that merges; ``on_bytes`` reports bytes read.
 
     A background thread reads (and checks) up to ``prefetch`` chunks ahead of the arithmetic,
-    one model's chunk at a time, so reading overlaps computing and memory stays independent
-    of the number of models. An input holding NaN or Inf raises :class:`NonFiniteError`
-    naming the model and key, unless ``allow_nonfinite``.
+    one model's chunk at a time, into a fixed pool of ``prefetch + 2`` buffers, so reading
+    overlaps computing and memory does not depend on the number of models. File chunks are
+    read with ``pread`` into those buffers (no page faults on a memory map); a model's chunk
+    is valid until ``update`` returns, the base's until ``finalize`` returns. An input holding
+    NaN or Inf raises :class:`NonFiniteError` naming the model and key, unless
+    ``allow_nonfinite``.
     """
     reference = base if base is not None else models[0]
     sources = [*([base] if base is not None else []), *models]
     plan = _plan(reference, sources, keys, chunk_bytes, copy_others)
+    pool = _Pool(_largest_read(plan, sources), count=max(prefetch, 0) + 2, device=device)
     reads = _prefetched(
-        _read(plan, models, base, reference, device, allow_nonfinite), depth=max(prefetch, 0)
+        _read(plan, models, base, reference, device, allow_nonfinite, pool),
+        depth=max(prefetch, 0),
     )
     try:
         for key, rows, dtype in plan:
             if dtype is None:  # a non-floating key, copied from the reference
-                result = next(reads)
+                result, held = next(reads)
+                pool.release(held)
             else:
-                state = kernel.init(key, rows, next(reads) if base is not None else None)
+                base_rows, base_held = next(reads) if base is not None else (None, None)
+                state = kernel.init(key, rows, base_rows)
                 for index in range(len(models)):
-                    state = kernel.update(state, index, next(reads))
+                    x, held = next(reads)
+                    state = kernel.update(state, index, x)
+                    pool.release(held)
                 result = kernel.finalize(state)
+                pool.release(base_held)
             if on_bytes is not None:
                 on_bytes(sum(_rows_nbytes(s, key, rows) for s in sources))
             yield key, rows, result
@@ -259,6 +273,38 @@ def _plan(
     return plan
 
 
+def _largest_read(plan: Plan, sources: Sequence[Checkpoint]) -> int:
+    """Bytes of the largest chunk in the compute dtype: the size of each pooled buffer."""
+    largest = 0
+    for key, rows, dtype in plan:
+        if dtype is not None:
+            itemsize = max(dtype.itemsize, *(s.dtype(key).itemsize for s in sources))
+            largest = max(largest, _rows_nbytes(sources[0], key, rows, itemsize))
+    return largest
+
+
+class _Pool:
+    """A fixed set of flat byte buffers, handed out and returned; ``take`` waits for one.
+
+    Buffers are allocated on first use; on CUDA they are pinned, for fast copies to the device.
+    """
+
+    def __init__(self, nbytes: int, *, count: int, device: torch.device) -> None:
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        self._nbytes, self._pin = nbytes, device.type == "cuda"
+        self._unmade = count
+
+    def take(self) -> torch.Tensor:
+        if self._unmade and self._free.empty():
+            self._unmade -= 1
+            return torch.empty(self._nbytes, dtype=torch.uint8, pin_memory=self._pin)
+        return self._free.get()
+
+    def release(self, buffer: torch.Tensor | None) -> None:
+        if buffer is not None:
+            self._free.put(buffer)
+
+
 def _read(
     plan: Plan,
     models: Sequence[Checkpoint],
@@ -266,18 +312,35 @@ def _read(
     reference: Checkpoint,
     device: torch.device,
     allow_nonfinite: bool,
-) -> Iterator[torch.Tensor]:
-    """Every chunk ``fold`` consumes, in the order it consumes them: base first, then models."""
+    pool: _Pool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Every chunk ``fold`` consumes, in its order (base first, then models), with the pooled
+    buffer it occupies (``None`` when it occupies none) for the consumer to release."""
+    staging = Scratch()  # the reader's own: raw bytes awaiting conversion
     for key, rows, dtype in plan:
         if dtype is None:
-            yield reference.get_slice(key, rows).clone()
+            yield reference.get_slice(key, rows).clone(), None
             continue
         labelled = [*([(None, base)] if base is not None else []), *enumerate(models)]
         for index, checkpoint in labelled:
-            chunk = checkpoint.get_slice(key, rows)
+            direct = checkpoint.dtype(key) == dtype and device.type == "cpu"
+            buffer = pool.take()
+            raw = buffer if direct else staging.take((buffer.numel(),), torch.uint8, buffer.device)
+            chunk = checkpoint.read_rows(key, rows, raw)
             if not allow_nonfinite:
                 _check_finite(chunk, index, checkpoint, key)
-            yield chunk.to(device=device, dtype=dtype)
+            if _shares(chunk, buffer):  # read straight into the pool
+                yield chunk, buffer
+            elif _shares(chunk, raw) and device.type == "cpu":  # read, then converted
+                converted = buffer.view(dtype)[: chunk.numel()].view(chunk.shape)
+                yield converted.copy_(chunk), buffer
+            else:  # a tensor in memory already, or a copy to the device
+                pool.release(buffer)
+                yield chunk.to(device=device, dtype=dtype), None
+
+
+def _shares(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
+    return tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
 
 
 def _check_finite(chunk: torch.Tensor, index: int | None, checkpoint: Checkpoint, key: str) -> None:
@@ -290,7 +353,7 @@ def _check_finite(chunk: torch.Tensor, index: int | None, checkpoint: Checkpoint
         )
 
 
-def _prefetched(items: Iterator[torch.Tensor], *, depth: int) -> Generator[torch.Tensor]:
+def _prefetched(items: Iterator[T], *, depth: int) -> Generator[T]:
     """Produce ``items`` on a background thread, at most ``depth`` ahead of the consumer."""
     if depth == 0:
         yield from items
@@ -323,8 +386,7 @@ def _prefetched(items: Iterator[torch.Tensor], *, depth: int) -> Generator[torch
             if kind == "error":
                 assert isinstance(value, BaseException)
                 raise value
-            assert isinstance(value, torch.Tensor)
-            yield value
+            yield value  # type: ignore[misc]
     finally:
         stop.set()
         while worker.is_alive():
@@ -333,12 +395,13 @@ def _prefetched(items: Iterator[torch.Tensor], *, depth: int) -> Generator[torch
         worker.join()
 
 
-def _rows_nbytes(checkpoint: Checkpoint, key: str, rows: slice) -> int:
+def _rows_nbytes(checkpoint: Checkpoint, key: str, rows: slice, itemsize: int | None = None) -> int:
     shape = checkpoint.shape(key)
+    itemsize = checkpoint.dtype(key).itemsize if itemsize is None else itemsize
     if not shape:
-        return checkpoint.dtype(key).itemsize
+        return itemsize
     count = len(range(*rows.indices(shape[0])))
-    return count * math.prod(shape[1:]) * checkpoint.dtype(key).itemsize
+    return count * math.prod(shape[1:]) * itemsize
 
 
 def _check_output(out: Path, sources: Sequence[Checkpoint]) -> None:

@@ -185,7 +185,10 @@ def running_mean_kernel(count: int) -> Kernel:
 
     def update(state: torch.Tensor | None, index: int, x: torch.Tensor) -> torch.Tensor:
         if state is None:
-            return x if count else x.clone()  # x may be a file's view: the soup owns a copy
+            # With count > 0, model 0 is the running soup, a dict in memory whose tensors the
+            # engine hands over as they are; a model read from a file is only valid during
+            # this call, so the first model of a new soup is copied.
+            return x if count else x.clone()
         return torch.lerp(state, x, 1.0 / (count + 1))
 
     def finalize(state: torch.Tensor) -> torch.Tensor:

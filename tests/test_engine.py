@@ -1,0 +1,101 @@
+"""The streaming engine: reading files through the buffer pool changes no result."""
+
+from __future__ import annotations
+
+import torch
+from conftest import family
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import ladle
+from ladle.engine import Kernel, Scratch, fold, open_models, resolve_device
+
+
+def collect_kernel() -> Kernel:
+    """Keeps an owned copy of every input of a chunk: shows exactly what update received."""
+
+    def init(key, rows, base):
+        return [base.clone() if base is not None else None]
+
+    def update(state, index, x):
+        state.append(x.clone())
+        return state
+
+    def finalize(state):
+        parts = [t for t in state if t is not None]
+        return torch.stack(parts)
+
+    return Kernel(init, update, finalize)
+
+
+@given(
+    n=st.integers(1, 6),
+    dtypes=st.lists(
+        st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+        min_size=7,
+        max_size=7,
+    ),
+    chunk=st.integers(1, 80),
+    prefetch=st.integers(0, 4),
+    with_base=st.booleans(),
+)
+def test_file_reads_through_the_pool_equal_the_tensors_in_memory(
+    tmp_path_factory, n, dtypes, chunk, prefetch, with_base
+):
+    directory = tmp_path_factory.mktemp("engine")
+    models = family(n + 1, seed=n)
+    for model, dtype in zip(models, dtypes):
+        for key, value in model.items():
+            if value.is_floating_point():
+                model[key] = value.to(dtype)
+    paths = []
+    for i, model in enumerate(models):
+        save_file(model, directory / f"m{i}.safetensors")
+        paths.append(directory / f"m{i}.safetensors")
+
+    def run(sources):
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            opened, base = open_models(sources[1:], sources[0] if with_base else None, stack)
+            return {
+                (key, str(rows)): result
+                for key, rows, result in fold(
+                    opened,
+                    collect_kernel(),
+                    base=base,
+                    device=resolve_device("cpu"),
+                    chunk_bytes=chunk,
+                    prefetch=prefetch,
+                    copy_others=True,
+                )
+            }
+
+    from_files, from_memory = run(paths), run(models)
+    assert from_files.keys() == from_memory.keys()
+    for key in from_memory:
+        assert from_files[key].dtype == from_memory[key].dtype
+        assert torch.equal(from_files[key], from_memory[key]), key
+
+
+def test_a_file_truncated_after_opening_is_a_checkpoint_error_naming_it(tmp_path):
+    import pytest
+
+    save_file({"w": torch.randn(64, 64)}, tmp_path / "m.safetensors")
+    with ladle.open_checkpoint(tmp_path / "m.safetensors") as ckpt:
+        ckpt.shape("w")
+        data = (tmp_path / "m.safetensors").read_bytes()
+        (tmp_path / "m.safetensors").write_bytes(data[:-100])
+        buffer = torch.empty(64 * 64 * 4, dtype=torch.uint8)
+        with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors.*'w'.*ends early"):
+            ckpt.read_rows("w", slice(None), buffer)
+
+
+def test_scratch_reuses_one_buffer_per_dtype():
+    scratch = Scratch()
+    a = scratch.take((4, 4), torch.float32, torch.device("cpu"))
+    b = scratch.take((2, 3), torch.float32, torch.device("cpu"))
+    c = scratch.take((5,), torch.float64, torch.device("cpu"))
+    assert a.data_ptr() == b.data_ptr() and b.shape == (2, 3)
+    assert c.dtype == torch.float64 and c.data_ptr() != a.data_ptr()
