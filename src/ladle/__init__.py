@@ -10,6 +10,8 @@ Example:
     {'w': tensor([2., 3.])}
 """
 
+# ladle.distributed (average_, merge) is a submodule; cheap: torch loads torch.distributed.
+from . import distributed as distributed
 from ._version import __version__
 from .arithmetic import add as add
 from .arithmetic import lerp as lerp
@@ -63,6 +65,7 @@ __all__ = [
     "add",
     "dare",
     "diff",
+    "distributed",
     "greedy_soup",
     "lerp",
     "load",

@@ -7,13 +7,14 @@ traceback), 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,22 +106,43 @@ def merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _world_size() -> int:
+    """The number of processes ``torchrun`` launched together (its ``WORLD_SIZE``), else 1."""
+    size = os.environ.get("WORLD_SIZE", "1")
+    return int(size) if size.isdigit() else 1
+
+
+def _merge(method: Callable[..., Any], models: Sequence[str], **kwargs: Any) -> Any:
+    """Call a merge method; under torchrun, split across the processes (ladle.distributed)."""
+    if _world_size() > 1:
+        from .distributed import merge
+
+        return merge(method, models, **kwargs)
+    return method(models, **kwargs)
+
+
 def _run_soup(args: argparse.Namespace) -> None:
-    out = uniform_soup(args.models, weights=args.weights, **merge_kwargs(args))
+    out = _merge(uniform_soup, args.models, weights=args.weights, **merge_kwargs(args))
     print(out)
 
 
 def _run_task_arithmetic(args: argparse.Namespace) -> None:
-    out = task_arithmetic(
-        args.models, args.base, scale=args.scale, weights=args.weights, **merge_kwargs(args)
+    out = _merge(
+        task_arithmetic,
+        args.models,
+        base=args.base,
+        scale=args.scale,
+        weights=args.weights,
+        **merge_kwargs(args),
     )
     print(out)
 
 
 def _run_ties(args: argparse.Namespace) -> None:
-    out = ties(
+    out = _merge(
+        ties,
         args.models,
-        args.base,
+        base=args.base,
         density=args.density,
         scale=args.scale,
         trim=args.trim,
@@ -130,9 +152,10 @@ def _run_ties(args: argparse.Namespace) -> None:
 
 
 def _run_dare(args: argparse.Namespace) -> None:
-    out = dare(
+    out = _merge(
+        dare,
         args.models,
-        args.base,
+        base=args.base,
         density=args.density,
         scale=args.scale,
         seed=args.seed,
@@ -143,7 +166,7 @@ def _run_dare(args: argparse.Namespace) -> None:
 
 
 def _run_stock(args: argparse.Namespace) -> None:
-    print(model_stock(args.models, args.base, **merge_kwargs(args)))
+    print(_merge(model_stock, args.models, base=args.base, **merge_kwargs(args)))
 
 
 def _callable(spec: str) -> Callable[..., Any]:
@@ -481,6 +504,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SPLIT_RUNS = (_run_soup, _run_task_arithmetic, _run_ties, _run_dare, _run_stock)
+"""Commands that torchrun splits across processes (ladle.distributed.merge)."""
+
+
+@contextlib.contextmanager
+def _torchrun(run: Callable[[argparse.Namespace], None], rank: int) -> Iterator[None]:
+    """Under torchrun, a merge command runs in a process group (NCCL with CUDA, else gloo)
+    and only rank 0 prints."""
+    if _world_size() == 1 or run not in _SPLIT_RUNS:
+        yield
+        return
+    from .distributed import _torchrun_group
+
+    with _torchrun_group(), contextlib.ExitStack() as stack:
+        if rank != 0:
+            devnull = stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(devnull))
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ladle`` command; returns the exit status."""
     parser = build_parser()
@@ -489,17 +532,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     push = getattr(args, "push_to_hub", None)
     if push is not None and str(args.out).endswith(".safetensors"):
         parser.error("--push-to-hub needs a directory output (-o DIR), not a .safetensors file")
+    rank = int(os.environ.get("RANK", "0")) if _world_size() > 1 else 0
+    if rank != 0 and run not in _SPLIT_RUNS:
+        return 0  # under torchrun, commands that do not split run on rank 0 alone
     try:
-        run(args)
-        if push is not None:
-            from .hub import push_to_hub
+        with _torchrun(run, rank):
+            run(args)
+            if push is not None and rank == 0:
+                from .hub import push_to_hub
 
-            print(push_to_hub(args.out, push))
+                print(push_to_hub(args.out, push))
     except (LadleError, ValueError, OSError) as err:
         if args.debug:
             raise
         message = " ".join(str(err).split())
-        print(f"ladle: error: {message}", file=sys.stderr)
+        if rank == 0:  # every rank raises a split merge's error; one line is enough
+            print(f"ladle: error: {message}", file=sys.stderr)
         return 1
     return 0
 

@@ -10,6 +10,7 @@ to a sink (an in-memory dict or the safetensors writer).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar, Union
+from typing import Any, NamedTuple, Protocol, TypeVar, Union
 
 import torch
 
@@ -30,18 +31,27 @@ from .writer import SafetensorsWriter
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "FOLD_CHUNK_BYTES",
     "Kernel",
+    "Partition",
     "Progress",
     "Scratch",
+    "current_partition",
     "fold",
     "merge",
     "open_models",
+    "partitioned",
 ]
 
 T = TypeVar("T")
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 """Largest chunk of one tensor, per model, in the compute dtype (64 MiB)."""
+
+FOLD_CHUNK_BYTES = 4 * 2**20
+"""Chunk size for methods that only fold (soups, task arithmetic): small enough that the
+accumulator stays in the CPU's cache while every model's chunk is added to it (measured
+faster than 64 MiB chunks: docs/benchmarks.md)."""
 
 Progress = Union[bool, Callable[..., Any], None]  # noqa: UP007 (a runtime alias on Python 3.10)
 """``True``: a tqdm bar over bytes; a tqdm-like class: your own; ``None``/``False``: none."""
@@ -86,6 +96,71 @@ class Scratch:
             buffer = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[(dtype, device)] = buffer
         return buffer[:numel].view(shape)
+
+
+class Sink(Protocol):
+    """Where :func:`merge` writes: ``write(key, rows)`` in key order, inside ``with``."""
+
+    def write(self, key: str, chunk: torch.Tensor) -> None: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any, /) -> Any: ...
+
+
+class Partition(Protocol):
+    """This process's share of a merge split across processes (see :mod:`ladle.distributed`).
+
+    Inside :func:`partitioned`, :func:`merge` merges only ``keys(reference)`` (``reference``:
+    the base, else model 0) and hands them to ``writer``; an in-memory merge returns only
+    those keys. Statistics passes in a method's ``prepare`` may run over the same keys alone,
+    combining what spans keys (TIES's global threshold) with ``all_reduce``; a method that
+    ignores the partition still gives the right result, gathering statistics over all keys.
+    """
+
+    def keys(self, reference: Checkpoint) -> list[str]:
+        """The keys of ``reference`` this process merges, in ``reference``'s order."""
+        ...
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the processes, in place; every process must call it alike."""
+        ...
+
+    def writer(
+        self,
+        out: Path,
+        specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+        *,
+        keys: Sequence[str],
+        metadata: Mapping[str, str],
+        extra_files: Mapping[str, bytes | str | os.PathLike] | None,
+        max_shard_size: int | str,
+    ) -> Sink:
+        """A sink for this process's ``keys`` of the output ``out``, whose tensors are ``specs``."""
+        ...
+
+
+# A context variable rather than a parameter: the method functions (their signatures are the
+# public contract) reach the engine only through merge(), and a split merge must pass through
+# them unchanged. Set only by partitioned(), scoped to its block and to the calling thread.
+_PARTITION: contextvars.ContextVar[Partition | None] = contextvars.ContextVar(
+    "ladle_partition", default=None
+)
+
+
+@contextlib.contextmanager
+def partitioned(partition: Partition) -> Iterator[Partition]:
+    """Within the block, :func:`merge` (and methods that ask) work on ``partition``'s share."""
+    token = _PARTITION.set(partition)
+    try:
+        yield partition
+    finally:
+        _PARTITION.reset(token)
+
+
+def current_partition() -> Partition | None:
+    """The partition set by the innermost :func:`partitioned` block, or ``None``."""
+    return _PARTITION.get()
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -205,7 +280,7 @@ def fold(
     on_bytes: Callable[[int], object] | None = None,
     copy_others: bool = False,
     allow_nonfinite: bool = False,
-    prefetch: int = 2,
+    prefetch: int | None = None,
 ) -> Iterator[tuple[str, slice, torch.Tensor]]:
     """Run ``kernel`` over every chunk of every floating key; yield ``(key, rows, result)``.
 
@@ -214,21 +289,26 @@ def fold(
     tensor. Methods call this directly for passes that gather statistics (a TIES threshold,
     Model Stock's angles) before the pass that merges; ``on_bytes`` reports bytes read.
 
-    A background thread reads (and checks) up to ``prefetch`` chunks ahead of the arithmetic,
-    one model's chunk at a time, into a fixed pool of ``prefetch + 2`` buffers, so reading
-    overlaps computing and memory does not depend on the number of models. File chunks are
-    read with ``pread`` into those buffers (no page faults on a memory map); a model's chunk
-    is valid until ``update`` returns, the base's until ``finalize`` returns. An input holding
-    NaN or Inf raises :class:`NonFiniteError` naming the model and key, unless
-    ``allow_nonfinite``.
+    With ``prefetch > 0`` a background thread reads (and checks) up to ``prefetch`` chunks
+    ahead of the arithmetic, one model's chunk at a time, into a fixed pool of
+    ``prefetch + 2`` buffers, so reading overlaps computing and memory does not depend on the
+    number of models. The default, ``None``, prefetches 2 chunks when the arithmetic runs on
+    an accelerator and none on the CPU, where torch's threads already use every core (on a
+    2-core machine a reading thread made the uniform soup slower: see docs/benchmarks.md).
+    File chunks are read with ``pread`` into pooled buffers (no page faults on a memory map);
+    a model's chunk is valid until ``update`` returns, the base's until ``finalize`` returns.
+    An input holding NaN or Inf raises :class:`NonFiniteError` naming the model and key,
+    unless ``allow_nonfinite``.
     """
     reference = base if base is not None else models[0]
     sources = [*([base] if base is not None else []), *models]
     plan = _plan(reference, sources, keys, chunk_bytes, copy_others)
-    pool = _Pool(_largest_read(plan, sources), count=max(prefetch, 0) + 2, device=device)
+    if prefetch is None:
+        prefetch = 0 if device.type == "cpu" else 2
+    depth = max(prefetch, 0)
+    pool = _Pool(_largest_read(plan, sources), count=depth + 2, device=device)
     reads = _prefetched(
-        _read(plan, models, base, reference, device, allow_nonfinite, pool),
-        depth=max(prefetch, 0),
+        _read(plan, models, base, reference, device, allow_nonfinite, pool), depth=depth
     )
     try:
         for key, rows, dtype in plan:
@@ -471,6 +551,8 @@ def merge(
             _check_output(Path(out), sources)
             if Path(out).exists() and not overwrite:
                 raise LadleError(f"{out}: already exists; pass overwrite=True to replace it")
+        part = _PARTITION.get()
+        keys = None if part is None else part.keys(reference)
         if prepare is not None:
             kernel = prepare(checkpoints, base_ckpt)
 
@@ -479,7 +561,7 @@ def merge(
             return dtype if dtype is not None and stored.is_floating_point else stored
 
         specs = {key: (reference.shape(key), out_dtype(key)) for key in reference.keys()}
-        total = sum(s.nbytes(key) for s in sources for key in specs)
+        total = sum(s.nbytes(key) for s in sources for key in (specs if keys is None else keys))
         bar = _bar(progress, total)
         if bar is not None:
             stack.callback(bar.close)
@@ -487,6 +569,7 @@ def merge(
             checkpoints,
             kernel,
             base=base_ckpt,
+            keys=keys,
             device=target,
             chunk_bytes=chunk_bytes,
             on_bytes=None if bar is None else bar.update,
@@ -501,14 +584,26 @@ def merge(
             if Path(out).suffix == ".safetensors"
             else output_files(method, parameters, checkpoints, base_ckpt, out=out)
         )
-        with SafetensorsWriter(
-            out,
-            specs,
-            max_shard_size=max_shard_size,
-            metadata=meta,
-            overwrite=overwrite,
-            extra_files=extra,
-        ) as writer:
+        sink: Sink = (
+            SafetensorsWriter(
+                out,
+                specs,
+                max_shard_size=max_shard_size,
+                metadata=meta,
+                overwrite=overwrite,
+                extra_files=extra,
+            )
+            if part is None or keys is None
+            else part.writer(
+                Path(out),
+                specs,
+                keys=keys,
+                metadata=meta,
+                extra_files=extra,
+                max_shard_size=max_shard_size,
+            )
+        )
+        with sink as writer:
             for key, _, chunk in results:
                 writer.write(key, chunk.to(specs[key][1]))
         return Path(out)

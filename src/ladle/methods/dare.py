@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint, StateDict, StateDictLike
-from ..engine import DEFAULT_CHUNK_BYTES, Kernel, Progress, merge, resolve_device
+from ..engine import (
+    DEFAULT_CHUNK_BYTES,
+    Kernel,
+    Progress,
+    current_partition,
+    merge,
+    resolve_device,
+)
 from .task_arithmetic import Delta, check_inputs, check_scale, task_vector_sum_kernel
 from .ties import SignElection, check_density, election_kernel, majority_votes
 
@@ -171,7 +178,9 @@ def dare(
         dropper = _dropper(shapes, seed, density)
         if combine == "sum":
             return task_vector_sum_kernel([1.0] * len(checkpoints), scale, dropper)
-        floating = [k for k in base_ckpt.keys() if base_ckpt.dtype(k).is_floating_point]
+        part = current_partition()  # a merge split across processes: votes of its keys, summed
+        own = base_ckpt.keys() if part is None else part.keys(base_ckpt)
+        floating = [k for k in own if base_ckpt.dtype(k).is_floating_point]
         majority = majority_votes(
             checkpoints,
             base_ckpt,
@@ -181,6 +190,7 @@ def dare(
             device=target,
             chunk_bytes=chunk_bytes,
             allow_nonfinite=allow_nonfinite,
+            reduce=None if part is None else part.all_reduce,
         )
 
         def finish(state: SignElection) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Literal, overload
 import torch
 
 from ..checkpoint import StateDict, StateDictLike, open_checkpoint
-from ..engine import DEFAULT_CHUNK_BYTES, Progress, merge
+from ..engine import FOLD_CHUNK_BYTES, Progress, merge
 from ..errors import IncompatibleError
 from .soup import Evaluate, GreedySoupResult, normalized_weights, run_greedy, weighted_mean_kernel
 
@@ -163,7 +163,7 @@ def ratatouille(
     progress: Progress = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = FOLD_CHUNK_BYTES,
     allow_nonfinite: bool = False,
 ) -> StateDict | Path | GreedySoupResult:
     """The ratatouille: average the target fine-tunings that started from auxiliary inits.

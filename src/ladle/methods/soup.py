@@ -15,7 +15,7 @@ import torch
 
 from ..checkpoint import Checkpoint, StateDict, StateDictLike, TensorMapCheckpoint
 from ..engine import (
-    DEFAULT_CHUNK_BYTES,
+    FOLD_CHUNK_BYTES,
     Kernel,
     Progress,
     Scratch,
@@ -91,7 +91,7 @@ def uniform_soup(
     progress: Progress = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = FOLD_CHUNK_BYTES,
     allow_nonfinite: bool = False,
 ) -> StateDict | Path:
     """The uniform (or weighted) soup: the mean of the models' weights.

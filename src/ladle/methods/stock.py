@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint, StateDict, StateDictLike
-from ..engine import DEFAULT_CHUNK_BYTES, Kernel, Progress, fold, merge, resolve_device
+from ..engine import (
+    DEFAULT_CHUNK_BYTES,
+    Kernel,
+    Progress,
+    current_partition,
+    fold,
+    merge,
+    resolve_device,
+)
 
 __all__ = [
     "EPS",
@@ -203,12 +211,15 @@ def model_stock(
     target = resolve_device(device)
 
     def prepare(checkpoints: list[Checkpoint], base_checkpoint: Checkpoint | None) -> Kernel:
+        assert base_checkpoint is not None
         n = len(checkpoints)
+        part = current_partition()  # a merge split across processes: ratios of its keys only
         grams: dict[str, torch.Tensor] = {}
         for key, _, partial in fold(
             checkpoints,
             gram_kernel(n),
             base=base_checkpoint,
+            keys=None if part is None else part.keys(base_checkpoint),
             device=target,
             chunk_bytes=max(1, chunk_bytes // 2),  # float64 task vectors: half the rows
             allow_nonfinite=allow_nonfinite,

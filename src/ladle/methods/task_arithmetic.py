@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import StateDict, StateDictLike
-from ..engine import DEFAULT_CHUNK_BYTES, Kernel, Progress, merge
+from ..engine import FOLD_CHUNK_BYTES, Kernel, Progress, merge
 
 __all__ = ["check_inputs", "check_scale", "task_arithmetic", "task_vector_sum_kernel"]
 
@@ -90,7 +90,7 @@ def task_arithmetic(
     progress: Progress = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = FOLD_CHUNK_BYTES,
     allow_nonfinite: bool = False,
 ) -> StateDict | Path:
     """Task arithmetic: add the (weighted, scaled) sum of task vectors to the base.

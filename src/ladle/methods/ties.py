@@ -22,6 +22,7 @@ from ..engine import (
     Progress,
     check_compatible,
     compute_dtype,
+    current_partition,
     fold,
     merge,
     open_models,
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 TRIMS = ("global", "tensor")
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over the processes of a split merge (``Partition.all_reduce``), in place."""
 _DIGIT = 16
 _BINS = 1 << _DIGIT
 
@@ -122,30 +125,46 @@ def _radix_select(
     device: torch.device,
     chunk_bytes: int,
     allow_nonfinite: bool = False,
+    reduce: Reduce | None = None,
 ) -> dict[str, list[float]]:
     """For every group ``g`` of keys and model ``i``: the ``ranks[g]``-th smallest (1-based)
     ``|modelᵢ − base|`` over all entries of the keys of ``g``, exactly as ``torch.kthvalue``
-    over their concatenation would find it, in float32 (float64 if a key of ``g`` is)."""
+    over their concatenation would find it, in float32 (float64 if a key of ``g`` is).
+
+    With ``reduce`` (a merge split across processes), each group's keys are spread over the
+    processes, which all pass the same ``ranks``: histograms are summed with ``reduce``.
+    """
     n = len(models)
     widths: dict[str, int] = {}
     for key, group in groups.items():
         wide = compute_dtype([c.dtype(key) for c in [*models, base]]) == torch.float64
         widths[group] = max(widths.get(group, 32), 64 if wide else 32)
+    if reduce is not None:  # float64 anywhere widens the group everywhere
+        for group in sorted(ranks):
+            anywhere = reduce(torch.tensor(int(widths.get(group, 32) == 64)))
+            widths[group] = 64 if int(anywhere) else 32
     prefixes = {group: [0] * n for group in ranks}
     left = {group: [ranks[group]] * n for group in ranks}
     counts: dict[str, torch.Tensor] = {}
 
     def resolve(group: str) -> None:
-        cumulative = counts.pop(group).cpu().cumsum(1)
+        histogram = counts.pop(group, None)
+        if histogram is None:  # this process holds none of the group's keys
+            histogram = torch.zeros(n, _BINS, dtype=torch.int64, device=device)
+        if reduce is not None:
+            histogram = reduce(histogram)
+        cumulative = histogram.cpu().cumsum(1)
         for i in range(n):  # the first digit whose cumulative count reaches the rank
             digit = int(torch.searchsorted(cumulative[i], left[group][i]))
             left[group][i] -= int(cumulative[i, digit - 1]) if digit else 0
             prefixes[group][i] = (prefixes[group][i] << _DIGIT) | digit
 
     for step in range(64 // _DIGIT):
-        keys = [k for k, g in groups.items() if g in ranks and step < widths[g] // _DIGIT]
-        if not keys:
+        active = sorted(g for g in ranks if step < widths[g] // _DIGIT)
+        if not active:
             break
+        keys = [k for k, g in groups.items() if g in ranks and step < widths[g] // _DIGIT]
+        done = set()
         kernel = _histogram_kernel(groups, widths, prefixes, step, counts, n)
         current = None
         # Keys come in order, so a group's counts are complete when the next group starts:
@@ -161,9 +180,14 @@ def _radix_select(
         ):
             if groups[key] != current and current is not None:
                 resolve(current)
+                done.add(current)
             current = groups[key]
         if current is not None:
             resolve(current)
+            done.add(current)
+        for group in active:  # split across processes: every process resolves alike
+            if group not in done:
+                resolve(group)
 
     found: dict[str, list[float]] = {}
     for group, bits in prefixes.items():
@@ -192,15 +216,24 @@ def _thresholds(
     device: torch.device,
     chunk_bytes: int,
     allow_nonfinite: bool = False,
+    reduce: Reduce | None = None,
 ) -> dict[str, list[float]]:
-    """Per key, per model: the magnitude below which an entry is trimmed (0.0: keep all)."""
+    """Per key, per model: the magnitude below which an entry is trimmed (0.0: keep all).
+
+    ``reduce`` (``trim="global"`` only): ``keys`` are this process's share of a merge split
+    across processes; counts and histograms are summed over the processes with it.
+    """
+    if reduce is not None and trim != "global":
+        raise ValueError(f"reduce: only trim='global' spans processes, found trim={trim!r}")
     groups = {key: "" if trim == "global" else key for key in keys}
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {"": 0} if reduce is not None else {}
     for key, group in groups.items():
         size = 1
         for dim in base.shape(key):
             size *= dim
         counts[group] = counts.get(group, 0) + size
+    if reduce is not None:  # the whole model's count, over every process's keys
+        counts[""] = int(reduce(torch.tensor(counts[""], dtype=torch.int64)))
     ranks = {g: keep_rank(c, density) for g, c in counts.items() if keep_rank(c, density) >= 1}
     found = _radix_select(
         models,
@@ -210,6 +243,7 @@ def _thresholds(
         device=device,
         chunk_bytes=chunk_bytes,
         allow_nonfinite=allow_nonfinite,
+        reduce=reduce,
     )
     limits = {}
     for key, group in groups.items():
@@ -359,9 +393,14 @@ def majority_votes(
     device: torch.device,
     chunk_bytes: int,
     allow_nonfinite: bool = False,
+    reduce: Reduce | None = None,
 ) -> dict[str, float]:
     """The paper code's sign for ``γ = 0``: ``sign(Σ sign(γ))`` over all entries of ``keys``
-    (one value for every key), or over each key's entries with ``per_tensor``; a pass."""
+    (one value for every key), or over each key's entries with ``per_tensor``; a pass.
+
+    ``reduce`` (not with ``per_tensor``): ``keys`` are this process's share of a merge split
+    across processes; the vote is summed over the processes with it.
+    """
     votes = dict.fromkeys(keys, 0)
     kernel = election_kernel(delta, SignElection.vote)
     for key, _, vote in fold(
@@ -377,6 +416,8 @@ def majority_votes(
     if per_tensor:
         return {key: float((v > 0) - (v < 0)) for key, v in votes.items()}
     total = sum(votes.values())
+    if reduce is not None:
+        total = int(reduce(torch.tensor(total, dtype=torch.int64)))
     return dict.fromkeys(keys, float((total > 0) - (total < 0)))
 
 
@@ -486,7 +527,10 @@ def ties(
 
     def prepare(checkpoints: list[Checkpoint], base_ckpt: Checkpoint | None) -> Kernel:
         assert base_ckpt is not None
-        floating = [k for k in base_ckpt.keys() if base_ckpt.dtype(k).is_floating_point]
+        part = current_partition()  # a merge split across processes: this one's keys
+        own = base_ckpt.keys() if part is None else part.keys(base_ckpt)
+        reduce = part.all_reduce if part is not None and trim == "global" else None
+        floating = [k for k in own if base_ckpt.dtype(k).is_floating_point]
         if trim == "global":
             streamed = floating
         else:  # tensors of one chunk are trimmed and voted on inside the merge kernel
@@ -500,6 +544,7 @@ def ties(
             device=target,
             chunk_bytes=chunk_bytes,
             allow_nonfinite=allow_nonfinite,
+            reduce=reduce,
         )
         trimmer = _trimmer(limits, density)
         majority = majority_votes(
@@ -511,6 +556,7 @@ def ties(
             device=target,
             chunk_bytes=chunk_bytes,
             allow_nonfinite=allow_nonfinite,
+            reduce=reduce,
         )
 
         def finish(state: SignElection) -> torch.Tensor:

@@ -1,0 +1,665 @@
+"""Merging beyond one process, on ``torch.distributed`` (gloo on CPU, NCCL on GPUs, torchrun).
+
+Two uses, nothing home-made underneath: collectives of the process group you already have.
+
+- In training code, :func:`average_` replaces every rank's floating parameters and buffers by
+  their (weighted) mean across a process group: soups of models fine-tuned on different
+  ranks, periodic averaging.
+- For large merges, :func:`merge` runs any merge method under ``torchrun``: the keys are split
+  across the ranks by bytes, each rank merges its keys (streaming, on its own GPU when there
+  is one) and writes its own shards, and rank 0 writes the index and renames the finished
+  directory into place. The result equals the single-process merge bit for bit.
+
+Importing this module is cheap: ``torch.distributed`` is part of ``import torch``, and the
+DTensor machinery is looked at only when it was imported by the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import typing
+import uuid
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import Checkpoint, StateDictLike
+from .engine import partitioned
+from .errors import IncompatibleError, LadleError
+from .methods.dare import dare
+from .methods.ratatouille import ratatouille
+from .methods.soup import uniform_soup
+from .methods.stock import model_stock
+from .methods.task_arithmetic import task_arithmetic
+from .methods.ties import ties
+from .writer import (
+    INDEX_NAME,
+    SafetensorsWriter,
+    _plan_shards,
+    _remove_stale_temporaries,
+    _temporary_beside,
+    parse_size,
+)
+
+__all__ = ["average_", "merge", "split_by_bytes"]
+
+Averageable = TypeVar("Averageable", torch.nn.Module, MutableMapping[str, torch.Tensor])
+
+BUCKET_BYTES = 64 * 2**20
+"""Largest flat buffer that :func:`average_` reduces in one collective (64 MiB)."""
+
+METHODS: dict[str, Callable[..., Any]] = {
+    "dare": dare,
+    "model_stock": model_stock,
+    "ratatouille": ratatouille,
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "uniform_soup": uniform_soup,
+}
+"""Merge methods :func:`merge` accepts by name."""
+
+Spec = tuple[tuple[int, ...], torch.dtype]
+
+
+# --- averaging across ranks -------------------------------------------------------------------
+
+
+def _world(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "group: no process group is initialised; call torch.distributed.init_process_group "
+            "(or launch with torchrun) first"
+        )
+    return group if group is not None else dist.group.WORLD  # type: ignore[return-value]
+
+
+def _comm_device(group: dist.ProcessGroup, tensor: torch.Tensor) -> torch.device:
+    """Where the backend wants ``tensor``: NCCL the current GPU, gloo the CPU."""
+    backend = str(dist.get_backend(group))
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "gloo":
+        return torch.device("cpu")
+    return tensor.device  # a backend per device type ("cpu:gloo,cuda:nccl") or a custom one
+
+
+def _all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    device = _comm_device(group, tensor)
+    moved = tensor if tensor.device == device else tensor.to(device)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
+    if moved is not tensor:
+        tensor.copy_(moved)
+    return tensor
+
+
+def _dtensor_class() -> type | None:
+    """DTensor, when the caller imported it (no DTensor can exist otherwise)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _local(name: str, tensor: torch.Tensor, members: set[int]) -> torch.Tensor:
+    """The tensor whose elements this rank averages: a DTensor's local shard, checked to be
+    the same shard on every member of the group (else the mean would mix different shards)."""
+    dtensor = _dtensor_class()
+    if dtensor is None or not isinstance(tensor, dtensor):
+        return tensor
+    mesh = tensor.device_mesh  # type: ignore[attr-defined]
+    for dim, placement in enumerate(tensor.placements):  # type: ignore[attr-defined]
+        if not placement.is_shard():
+            continue  # replicated and partial (pending-sum) placements average elementwise
+        holders = set(dist.get_process_group_ranks(mesh.get_group(dim)))
+        if len(holders & members) > 1:
+            names = mesh.mesh_dim_names
+            label = f"{dim} ({names[dim]!r})" if names else str(dim)
+            raise ValueError(
+                f"group: {name!r} is sharded over mesh dimension {label}, which this group "
+                f"spans (ranks {sorted(holders & members)} hold different shards); average "
+                "over a group across which the shards match, e.g. the replicate dimension of "
+                "an HSDP mesh: group=mesh.get_group('replicate')"
+            )
+    return tensor.to_local()  # type: ignore[attr-defined, no-any-return]
+
+
+def _named_tensors(target: torch.nn.Module | Mapping[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(target, torch.nn.Module):
+        # named_* skip tied duplicates and include non-persistent buffers.
+        return [*target.named_parameters(), *target.named_buffers()]
+    if isinstance(target, Mapping):
+        return [(k, v) for k, v in target.items() if isinstance(v, torch.Tensor)]
+    raise TypeError(
+        f"module_or_state_dict: expected an nn.Module or a state dict, found {type(target)}"
+    )
+
+
+def _rank_weights(given: Sequence[object], size: int) -> list[float] | None:
+    """Every rank's ``weights`` argument, gathered: one weight per rank, or ``None``."""
+    if all(w is None for w in given):
+        return None
+    if all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in given):
+        found = [float(w) for w in given]  # type: ignore[arg-type]
+    elif all(isinstance(w, (list, tuple)) for w in given) and all(w == given[0] for w in given):
+        found = [float(w) for w in given[0]]  # type: ignore[attr-defined]
+        if len(found) != size:
+            raise ValueError(
+                f"weights: expected {size} per-rank weights (the group's size), found {len(found)}"
+            )
+    else:
+        raise ValueError(
+            "weights: every rank must pass its own weight (a float), or every rank the same "
+            f"list of per-rank weights, or every rank None; found {list(given)}"
+        )
+    total = math.fsum(found)
+    if not all(math.isfinite(w) for w in found) or total == 0 or not math.isfinite(total):
+        raise ValueError(f"weights: expected finite weights with a non-zero sum, found {found}")
+    return found
+
+
+def _buckets(
+    tensors: Sequence[torch.Tensor], key: Callable[[torch.Tensor], tuple]
+) -> Iterator[tuple[tuple, list[torch.Tensor]]]:
+    """Consecutive runs of tensors sharing ``key``, of at most BUCKET_BYTES (at least one)."""
+    run: list[torch.Tensor] = []
+    run_key: tuple = ()
+    size = 0
+    for tensor in tensors:
+        k = key(tensor)
+        nbytes = tensor.numel() * k[0].itemsize
+        if run and (k != run_key or size + nbytes > BUCKET_BYTES):
+            yield run_key, run
+            run, size = [], 0
+        run_key = k
+        run.append(tensor)
+        size += nbytes
+    if run:
+        yield run_key, run
+
+
+def _flatten(
+    tensors: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)
+    offset = 0
+    for tensor in tensors:
+        flat[offset : offset + tensor.numel()].copy_(tensor.reshape(-1))
+        offset += tensor.numel()
+    return flat
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    offset = 0
+    for tensor in tensors:  # copy_ casts back to each tensor's dtype (round to nearest)
+        tensor.copy_(flat[offset : offset + tensor.numel()].view(tensor.shape))
+        offset += tensor.numel()
+
+
+def average_(
+    module_or_state_dict: Averageable,
+    *,
+    group: dist.ProcessGroup | None = None,
+    weights: float | Sequence[float] | None = None,
+) -> Averageable:
+    """In place, the (weighted) mean across the ranks of a process group of every floating tensor.
+
+    ``θ ← Σᵣ wᵣ·θᵣ / Σᵣ wᵣ`` over the ranks ``r`` of ``group``, for every floating (and
+    complex) parameter and buffer; afterwards every rank holds the same values. Computed with
+    ``all_reduce`` in float32 (float64 stays float64) on flat buffers of at most 64 MiB, then
+    cast back to each tensor's dtype. Non-floating tensors (``num_batches_tracked``, masks)
+    are not averaged: rank 0's (of the group) are broadcast, as merges copy model 0's. Every
+    rank must call it with the same keys, shapes and dtypes (checked: ``IncompatibleError``
+    names the rank and key). The uniform soup of Wortsman et al., "Model soups", ICML 2022,
+    across ranks; periodic averaging as in local SGD.
+
+    DTensor (FSDP2 ``fully_shard``, tensor parallel): each rank averages its local shard,
+    which is right when every rank of ``group`` holds the same shard of each tensor, e.g. the
+    replicate dimension of an HSDP mesh (``group=mesh.get_group("replicate")``); a tensor
+    sharded over a mesh dimension that ``group`` spans raises ``ValueError`` (its ranks hold
+    different shards). Replicated and partial placements average elementwise as they are.
+
+    Args:
+        module_or_state_dict: an ``nn.Module`` (its parameters and buffers, tied ones once)
+            or a mutable mapping of names to tensors, modified in place.
+        group: the process group; default the whole world.
+        weights: ``None`` for the plain mean; a number, this rank's weight (ranks pass
+            different numbers); or a list with one weight per rank of ``group``, the same on
+            every rank. Normalised by their sum, which must be finite and non-zero.
+
+    Returns:
+        ``module_or_state_dict``, averaged.
+
+    Example:
+        >>> import tempfile, torch, torch.distributed as dist
+        >>> from ladle.distributed import average_
+        >>> dist.init_process_group(  # torchrun does this for you, one process per rank
+        ...     "gloo", init_method=f"file://{tempfile.mkdtemp()}/rdv", rank=0, world_size=1)
+        >>> model = torch.nn.Linear(2, 1)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.fill_(3.0)
+        >>> average_(model, weights=0.5).weight  # the mean over the one rank of this example
+        Parameter containing:
+        tensor([[3., 3.]], requires_grad=True)
+        >>> dist.destroy_process_group()
+    """
+    world = _world(group)
+    size, me = dist.get_world_size(world), dist.get_rank(world)
+    members = set(dist.get_process_group_ranks(world))
+    named = [(n, _local(n, t, members)) for n, t in _named_tensors(module_or_state_dict)]
+    signature = [(n, tuple(t.shape), str(t.dtype), _comm_device(world, t).type) for n, t in named]
+    given: list[Any] = [None] * size
+    shown = list(weights) if isinstance(weights, Sequence) else weights
+    dist.all_gather_object(given, (signature, shown), group=world)
+    for rank, (theirs, _) in enumerate(given):
+        if theirs != signature:
+            raise IncompatibleError(_first_difference(signature, theirs, me, rank))
+    per_rank = _rank_weights([w for _, w in given], size)
+    mine, total = (1.0, float(size)) if per_rank is None else (per_rank[me], math.fsum(per_rank))
+
+    def reals(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+    floating = [reals(t) for _, t in named if t.is_floating_point() or t.is_complex()]
+    others = [t for _, t in named if not (t.is_floating_point() or t.is_complex())]
+    with torch.no_grad():
+        for (dtype, device), run in _buckets(
+            floating,
+            lambda t: (
+                torch.float64 if t.dtype == torch.float64 else torch.float32,
+                _comm_device(world, t),
+            ),
+        ):
+            flat = _flatten(run, dtype, device)
+            if mine != 1.0:
+                flat.mul_(mine)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=world)
+            _unflatten_into(flat.div_(total), run)
+        source = dist.get_global_rank(world, 0)
+        for (_, device), run in _buckets(others, lambda t: (t.dtype, _comm_device(world, t))):
+            raw = [t.view(torch.uint8) if t.dtype == torch.bool else t for t in run]
+            flat = _flatten(raw, raw[0].dtype, device)
+            dist.broadcast(flat, src=source, group=world)
+            _unflatten_into(flat, raw)
+    return module_or_state_dict
+
+
+def _first_difference(mine: list[tuple], theirs: list[tuple], me: int, rank: int) -> str:
+    names, other = {e[0]: e for e in mine}, {e[0]: e for e in theirs}
+    missing = [n for n in names if n not in other]
+    extra = [n for n in other if n not in names]
+    if missing or extra:
+        return (
+            f"average_: rank {rank}'s tensors differ from rank {me}'s: "
+            f"{len(missing)} missing {missing[:3]}, {len(extra)} extra {extra[:3]}"
+        )
+    for name, entry in names.items():
+        if other[name] != entry:
+            return (
+                f"average_: key {name!r} has shape {entry[1]}, {entry[2]} ({entry[3]}) on rank "
+                f"{me}, but {other[name][1]}, {other[name][2]} ({other[name][3]}) on rank {rank}"
+            )
+    return f"average_: rank {rank} lists the tensors in a different order than rank {me}"
+
+
+# --- merging across processes -----------------------------------------------------------------
+
+
+def split_by_bytes(sizes: Mapping[str, int], parts: int) -> list[list[str]]:
+    """Split keys, in order, into ``parts`` contiguous runs of about equal bytes.
+
+    Key ``k`` goes to part ``⌊(start + size/2)·parts / total⌋``: the part whose share of the
+    byte range holds the key's midpoint. Deterministic (integer arithmetic), so every rank
+    computes the same split; each part's bytes are within the largest key's of
+    ``total/parts``, and parts may be empty when keys are few or very uneven.
+
+    Args:
+        sizes: bytes of each key, in the order to keep.
+        parts: how many runs (the number of ranks).
+
+    Returns:
+        ``parts`` lists of keys; concatenated, they are the keys of ``sizes`` in order.
+
+    Example:
+        >>> split_by_bytes({"a": 100, "b": 100, "c": 50, "d": 150}, 2)
+        [['a', 'b'], ['c', 'd']]
+    """
+    if parts < 1:
+        raise ValueError(f"parts: expected at least 1, found {parts}")
+    counts = list(sizes.values())
+    if sum(counts) == 0:  # only empty tensors: split by count instead
+        counts = [1] * len(counts)
+    total = sum(counts)
+    split: list[list[str]] = [[] for _ in range(parts)]
+    start = 0
+    for key, size in zip(sizes, counts):
+        split[min(parts - 1, (2 * start + size) * parts // (2 * total))].append(key)
+        start += size
+    return split
+
+
+class _ShardWriter:
+    """Write ``specs``, in order, as shards ``PREFIX-00000.safetensors``, ... of at most
+    ``max_shard_size`` in ``directory``; each shard is a :class:`SafetensorsWriter` (written
+    under a temporary name, re-read, renamed), then ``extra_files`` are written."""
+
+    def __init__(
+        self,
+        directory: Path,
+        prefix: str,
+        specs: Mapping[str, Spec],
+        *,
+        metadata: Mapping[str, str],
+        max_shard_size: int | str,
+        extra_files: Mapping[str, bytes | str | os.PathLike] | None,
+        empty_shard: bool,
+    ) -> None:
+        self._specs = dict(specs)
+        plan = _plan_shards(self._specs, parse_size(max_shard_size))
+        self._shards = plan if self._specs or empty_shard else []
+        self.files = [directory / f"{prefix}-{j:05d}.safetensors" for j in range(len(self._shards))]
+        self._shard_of = {key: j for j, keys in enumerate(self._shards) for key in keys}
+        self._metadata, self._extra, self._directory = metadata, extra_files or {}, directory
+        self._open: SafetensorsWriter | None = None
+        self._next = 0
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {key: self.files[j].name for key, j in self._shard_of.items()}
+
+    def _advance(self) -> None:
+        if self._open is not None:
+            self._open.commit()
+            self._open = None
+        keys = self._shards[self._next]
+        self._open = SafetensorsWriter(
+            self.files[self._next], {k: self._specs[k] for k in keys}, metadata=self._metadata
+        )
+        self._next += 1
+
+    def write(self, key: str, chunk: torch.Tensor) -> None:
+        while self._next <= self._shard_of[key]:
+            self._advance()
+        assert self._open is not None
+        self._open.write(key, chunk)
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        try:
+            if exc_type is None:
+                while self._next < len(self._shards):
+                    self._advance()
+                if self._open is not None:
+                    self._open.commit()
+                    self._open = None
+                for name, content in self._extra.items():
+                    if isinstance(content, bytes):
+                        (self._directory / name).write_bytes(content)
+                    else:
+                        shutil.copyfile(content, self._directory / name)
+        finally:
+            if self._open is not None:
+                self._open.abort()
+                self._open = None
+
+
+class _Share:
+    """This rank's share of a split merge (an :class:`ladle.engine.Partition`)."""
+
+    def __init__(self, group: dist.ProcessGroup, directory: Path) -> None:
+        self.group, self.directory = group, directory
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.files: list[str] = []
+        self.weight_map: dict[str, str] = {}
+        self.specs: dict[str, Spec] = {}
+        self.used = False
+
+    def keys(self, reference: Checkpoint) -> list[str]:
+        sizes = {key: reference.nbytes(key) for key in reference.keys()}
+        return split_by_bytes(sizes, self.size)[self.rank]
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _all_reduce_sum(tensor, self.group)
+
+    def writer(
+        self,
+        out: Path,
+        specs: Mapping[str, Spec],
+        *,
+        keys: Sequence[str],
+        metadata: Mapping[str, str],
+        extra_files: Mapping[str, bytes | str | os.PathLike] | None,
+        max_shard_size: int | str,
+    ) -> _ShardWriter:
+        self.used, self.specs = True, dict(specs)
+        writer = _ShardWriter(
+            self.directory,
+            f"rank{self.rank:05d}",
+            {key: specs[key] for key in keys},
+            metadata=metadata,
+            max_shard_size=max_shard_size,
+            extra_files=extra_files if self.rank == 0 else None,
+            empty_shard=self.rank == 0 and not specs,  # an empty model is one empty file
+        )
+        self.files, self.weight_map = [f.name for f in writer.files], writer.weight_map
+        return writer
+
+
+def _method(method: str | Callable[..., Any], params: Mapping[str, object]) -> Callable[..., Any]:
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise ValueError(
+                f"method: expected one of {sorted(METHODS)} or a merge function, found {method!r}"
+            )
+        method = METHODS[method]
+    if not callable(method):
+        raise ValueError(f"method: expected a merge function or its name, found {method!r}")
+    name = getattr(method, "__name__", "")
+    if name == "greedy_soup" or (name == "ratatouille" and params.get("selection") == "greedy"):
+        raise ValueError(
+            f"method: {name} with greedy selection evaluates whole soups and cannot be split "
+            "across processes; run it in one process"
+        )
+    return method
+
+
+def _source(group: dist.ProcessGroup) -> int:
+    return dist.get_global_rank(group, 0)
+
+
+def _shared_temporary(out: Path, group: dist.ProcessGroup) -> Path:
+    """Rank 0 makes the temporary directory beside ``out``; every rank learns its name."""
+    box: list[object] = [None]
+    if dist.get_rank(group) == 0:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(out)
+            temporary = _temporary_beside(out)
+            temporary.mkdir()
+            box[0] = ("ok", str(temporary))
+        except OSError as err:
+            box[0] = ("error", f"{out}: cannot make the temporary directory beside it ({err})")
+    dist.broadcast_object_list(box, src=_source(group), group=group)
+    kind, value = typing.cast("tuple[str, str]", box[0])
+    if kind == "error":
+        raise LadleError(f"rank 0: {value}")
+    return Path(value)
+
+
+def _finish(
+    out: Path, directory: Path, specs: Mapping[str, Spec], reports: list, overwrite: bool
+) -> None:
+    """Rank 0, once every rank's shards are in ``directory``: names, index, rename."""
+    files = [name for _, names, _ in reports for name in names]
+    final = (
+        ["model.safetensors"]
+        if len(files) == 1
+        else [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    )
+    renamed = dict(zip(files, final))
+    for old, new in renamed.items():
+        os.replace(directory / old, directory / new)
+    if len(files) > 1:
+        where: dict[str, str] = {}
+        for _, _, weight_map in reports:
+            where.update(weight_map)
+        total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {key: renamed[where[key]] for key in specs if key in where},
+        }
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    if not out.exists():
+        os.replace(directory, out)
+        return
+    if not overwrite:
+        raise LadleError(f"{out}: appeared while merging; the result is left unwritten")
+    old_out = out.parent / f".{out.name}.ladle-old-{uuid.uuid4().hex[:8]}"
+    os.replace(out, old_out)
+    os.replace(directory, out)
+    if old_out.is_dir():
+        shutil.rmtree(old_out, ignore_errors=True)
+    else:
+        old_out.unlink(missing_ok=True)
+
+
+def merge(
+    method: str | Callable[..., Any],
+    models: Sequence[StateDictLike],
+    *,
+    out: str | os.PathLike,
+    group: dist.ProcessGroup | None = None,
+    **params: Any,
+) -> Path:
+    """Run a merge method split across the ranks of a process group, e.g. under ``torchrun``.
+
+    Every rank calls it with the same arguments. The keys of the reference (the base, else
+    model 0) are split into contiguous runs of about equal bytes (:func:`split_by_bytes`);
+    each rank merges its run with the method's own per-key math, streaming, on
+    ``cuda:LOCAL_RANK`` when CUDA is available and ``device`` is not given, and writes its
+    shards into a temporary directory beside ``out``; after every rank is done, rank 0 names
+    the shards ``model-0000i-of-0000n.safetensors``, writes ``model.safetensors.index.json``
+    (and the config/tokenizer files and model card of a single-process merge), and renames
+    the directory to ``out``: ``out`` appears only complete. Statistics that span keys are
+    combined with collectives: TIES ``trim="global"`` sums its radix-select histograms, entry
+    counts and majority votes with ``all_reduce`` (DARE ``combine="ties"`` its votes); Model
+    Stock's angles are per key. Loading ``out`` gives the tensors of the single-process
+    merge, bit for bit (on the same kind of device). An error on any rank is raised on every
+    rank (``"rank R: ..."`` on the others) and leaves nothing at ``out``. Only rank 0 shows a
+    progress bar (of its own share).
+
+    Without an initialised process group, or with one rank, this is ``method(models,
+    out=out, **params)``.
+
+    Args:
+        method: a merge function (``ladle.ties``) or its name (``"ties"``, ``"model_stock"``,
+            ``"uniform_soup"``, ``"task_arithmetic"``, ``"dare"``, ``"ratatouille"``); not
+            greedy soups, which evaluate whole models.
+        models: the models, as for the method; paths every rank can read.
+        out: the output directory, on a filesystem every rank sees (not a single
+            ``.safetensors`` file: ranks write separate shards).
+        group: the process group; default the whole world.
+        **params: the method's other arguments (``base=``, ``density=``, ``device=``, ...).
+
+    Returns:
+        ``out``, on every rank.
+
+    Example:
+        A script ``merge.py``, run with ``torchrun --nproc-per-node 2 merge.py``::
+
+            import torch.distributed as dist, ladle.distributed
+            dist.init_process_group("gloo")  # "nccl" on GPUs
+            ladle.distributed.merge("ties", ["a", "b"], base="base", out="merged")
+            dist.destroy_process_group()
+
+        Without a process group it is the plain merge:
+
+        >>> import tempfile, torch, ladle
+        >>> a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}
+        >>> out = ladle.distributed.merge("uniform_soup", [a, b], out=tempfile.mkdtemp() + "/m")
+        >>> ladle.load(out)
+        {'w': tensor([2., 4.])}
+    """
+    function = _method(method, params)
+    if out is None:
+        raise ValueError("out: a merge split across processes writes a directory; pass out=PATH")
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return Path(function(models, out=out, **params))
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        raise ValueError(
+            f"out: a merge split across processes writes a directory of shards, found {out}"
+        )
+    world = _world(group)
+    rank, size = dist.get_rank(world), dist.get_world_size(world)
+    if params.get("device") is None and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        params["device"] = torch.device("cuda", local % torch.cuda.device_count())
+    if rank != 0:
+        params["progress"] = None
+    directory = _shared_temporary(out, world)
+    share = _Share(world, directory)
+    error: Exception | None = None
+    try:
+        if not directory.is_dir():
+            raise LadleError(
+                f"{out}: rank 0's temporary directory {directory} is not visible on rank "
+                f"{rank}; the output must be on a filesystem every rank sees"
+            )
+        with partitioned(share):
+            function(models, out=out, **params)
+        if not share.used:
+            raise LadleError(
+                f"method: {getattr(function, '__name__', function)} did not write through "
+                "ladle.engine.merge, so it cannot be split across processes"
+            )
+    except Exception as err:  # every rank learns of it before anything is renamed
+        error = err
+    reports: list[Any] = [None] * size
+    mine = None if error is None else " ".join(str(error).split())
+    dist.all_gather_object(reports, (mine, share.files, share.weight_map), group=world)
+    failed = [(r, message) for r, (message, _, _) in enumerate(reports) if message is not None]
+    finished: list[object] = [None]
+    if rank == 0:
+        try:
+            if failed:
+                shutil.rmtree(directory, ignore_errors=True)
+            else:
+                _finish(out, directory, share.specs, reports, bool(params.get("overwrite")))
+        except Exception as err:
+            shutil.rmtree(directory, ignore_errors=True)
+            finished[0] = " ".join(str(err).split())
+            error = error or err
+    dist.broadcast_object_list(finished, src=_source(world), group=world)
+    if error is not None:
+        raise error
+    if failed:
+        raise LadleError(f"rank {failed[0][0]}: {failed[0][1]}")
+    if finished[0] is not None:
+        raise LadleError(f"rank 0: {finished[0]}")
+    return out
+
+
+@contextlib.contextmanager
+def _torchrun_group() -> Iterator[int]:
+    """The process group of a ``torchrun`` launch (NCCL with CUDA, else gloo); yields the rank.
+
+    An existing default group is used as is; one made here is destroyed on leaving.
+    """
+    if dist.is_initialized():
+        yield dist.get_rank()
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,357 @@
+"""ladle.distributed: averaging across ranks and merges split across processes (gloo, CPU).
+
+The spawned tests start one group of 3 processes that runs every check, each rank saving
+what it found; the assertions run here, against single-process merges and hand-worked means.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import ladle
+from ladle.distributed import average_, merge, split_by_bytes
+
+WORLD = 3
+CHUNK = 64  # bytes: tensors are read in several chunks of rows
+SHARD = 160  # bytes: each rank writes several shards
+
+SHAPES = {
+    "embed.weight": ((12, 4), torch.float32),
+    "layer.weight": ((6, 4), torch.float32),
+    "layer.bias": ((6,), torch.bfloat16),
+    "norm.weight": ((5,), torch.float64),
+    "empty": ((0, 3), torch.float32),
+    "scalar": ((), torch.float32),
+    "head.weight": ((3, 6), torch.float16),
+}
+
+# name -> (method, keyword arguments besides models); "base" is filled in with the base path.
+MERGES = {
+    "ties-global": ("ties", {"base": True, "density": 0.3, "trim": "global"}),
+    "ties-tensor": ("ties", {"base": True, "density": 0.4, "trim": "tensor", "scale": 0.5}),
+    "stock": ("model_stock", {"base": True}),
+    "soup": ("uniform_soup", {"weights": [1.0, 2.0, 3.0]}),
+    "dare-ties": ("dare", {"base": True, "density": 0.5, "combine": "ties", "seed": 3}),
+}
+
+
+def _models(root: Path) -> tuple[str, list[str]]:
+    """A base and three fine-tunings with keys of several dtypes and an integer buffer."""
+    gen = torch.Generator().manual_seed(8)
+    paths = []
+    for i in range(4):
+        model = {k: torch.randn(s, generator=gen).to(d) for k, (s, d) in SHAPES.items()}
+        model["bn.num_batches_tracked"] = torch.tensor(10 + i)
+        path = root / f"model{i}.safetensors"
+        save_file(model, path)
+        paths.append(str(path))
+    return paths[0], paths[1:]
+
+
+def _kwargs(extra: dict, base: str) -> dict:
+    return {**extra, "base": base} if "base" in extra else dict(extra)
+
+
+# --- without a process group ------------------------------------------------------------------
+
+
+@given(st.lists(st.integers(0, 1000), max_size=30), st.integers(1, 5))
+def test_split_by_bytes_is_contiguous_and_balanced_within_the_largest_key(sizes, parts):
+    keys = {f"k{i}": size for i, size in enumerate(sizes)}
+    split = split_by_bytes(keys, parts)
+    assert len(split) == parts
+    assert [key for part in split for key in part] == list(keys)
+    total, largest = sum(sizes), max(sizes, default=0)
+    if total:
+        for part in split:
+            assert abs(sum(keys[k] for k in part) - total / parts) <= largest
+
+
+def test_split_by_bytes_rejects_no_parts():
+    with pytest.raises(ValueError, match="parts"):
+        split_by_bytes({"a": 1}, 0)
+
+
+def test_merge_without_a_process_group_is_the_plain_merge(tmp_path):
+    base, models = _models(tmp_path)
+    out = merge(ladle.ties, models, base=base, out=tmp_path / "out", density=0.3, device="cpu")
+    expected = ladle.ties(models, base, density=0.3, device="cpu")
+    merged = ladle.load(out)
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+def test_merge_rejects_unknown_names_and_greedy_selection(tmp_path):
+    with pytest.raises(ValueError, match="method: expected one of"):
+        merge("soup", [], out=tmp_path / "out")
+    with pytest.raises(ValueError, match="greedy_soup .* cannot be split"):
+        merge(ladle.greedy_soup, [], out=tmp_path / "out")
+    with pytest.raises(ValueError, match="ratatouille .* cannot be split"):
+        merge("ratatouille", [], out=tmp_path / "out", selection="greedy")
+
+
+def test_average_without_a_process_group_names_group():
+    with pytest.raises(ValueError, match="group: no process group"):
+        average_({"w": torch.ones(2)})
+
+
+# --- spawned: 3 gloo processes ----------------------------------------------------------------
+
+
+def _catch(function, *args, **kwargs):
+    try:
+        function(*args, **kwargs)
+    except Exception as err:
+        return type(err).__name__, str(err)
+    return None
+
+
+def _averages(rank: int) -> dict:
+    found: dict = {}
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    gen = torch.Generator().manual_seed(rank)
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=gen))
+    module[1].num_batches_tracked.fill_(100 + rank)
+    found["before"] = {k: v.clone() for k, v in module.state_dict().items()}
+    found["module"] = average_(module).state_dict()
+    state = {
+        "exact": torch.full((4,), rank + 1.0),
+        "half": torch.full((3,), 2.0 * rank, dtype=torch.bfloat16),
+        "wide": torch.full((2,), rank + 0.25, dtype=torch.float64),
+        "complex": torch.full((2,), complex(rank, -rank), dtype=torch.complex64),
+        "mask": torch.tensor([rank == 0, rank == 1]),
+    }
+    found["own_weight"] = average_({k: v.clone() for k, v in state.items()}, weights=rank + 1.0)
+    found["rank_weights"] = average_({k: v.clone() for k, v in state.items()}, weights=[1, 2, 3])
+    odd = {"exact": torch.ones(4)} if rank != 2 else {"exact": torch.ones(5)}
+    found["shape_error"] = _catch(average_, odd)
+    found["weights_error"] = _catch(average_, {"w": torch.ones(1)}, weights=[1.0, -1.0, 0.0])
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    flat = init_device_mesh("cpu", (WORLD,))
+    value = torch.arange(6.0) * (rank + 1)  # each rank's own (local) replica
+    replicated = distribute_tensor(torch.zeros(6), flat, [Replicate()])
+    replicated.to_local().copy_(value)
+    found["dtensor_replicate"] = average_({"w": replicated})["w"].to_local().clone()
+    sharded = distribute_tensor(torch.zeros(6), flat, [Shard(0)])
+    found["dtensor_shard_error"] = _catch(average_, {"w": sharded})
+    mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+    hsdp = distribute_tensor(torch.zeros(6), mesh, [Replicate(), Shard(0)])
+    hsdp.to_local().copy_(value)
+    average_({"w": hsdp}, group=mesh.get_group("replicate"))
+    found["dtensor_hsdp"] = hsdp.to_local().clone()
+    return found
+
+
+def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
+    found: dict = {}
+    for name, (method, extra) in MERGES.items():
+        out = merge(
+            method,
+            models,
+            out=root / name,
+            device="cpu",
+            chunk_bytes=CHUNK,
+            max_shard_size=SHARD,
+            **_kwargs(extra, base),
+        )
+        found[name] = str(out)
+    # An existing output is refused on every rank; with overwrite it is replaced.
+    merge(ladle.uniform_soup, models, out=root / "again", device="cpu")
+    found["exists_error"] = _catch(merge, ladle.uniform_soup, models, out=root / "again")
+    merge(ladle.uniform_soup, models[:2], out=root / "again", overwrite=True, device="cpu")
+    # One floating key: two of three ranks hold no floating key, yet join TIES's reductions.
+    tiny = [str(root / f"tiny{i}.safetensors") for i in range(4)]
+    merge(ladle.ties, tiny[1:], base=tiny[0], out=root / "tiny", density=0.5, device="cpu")
+    # A failure on one rank (NaN in the last key, merged by the last rank) fails them all.
+    found["nan_error"] = _catch(merge, "uniform_soup", [root / "nan.safetensors"], out=root / "nan")
+    return found
+
+
+def _worker(rank: int, root: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=WORLD
+    )
+    try:
+        base, models = (
+            str(Path(root) / "model0.safetensors"),
+            [str(Path(root) / f"model{i}.safetensors") for i in range(1, 4)],
+        )
+        found = {**_merges(rank, Path(root), base, models), **_averages(rank)}
+        torch.save(found, Path(root) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    base, models = _models(root)
+    nan = {"a": torch.ones(64), "z": torch.tensor([1.0, float("nan")])}
+    save_file(nan, root / "nan.safetensors")
+    for i in range(4):
+        tiny = {
+            "w": torch.randn(8, generator=torch.Generator().manual_seed(i)),
+            "n": torch.tensor(i),
+        }
+        save_file(tiny, root / f"tiny{i}.safetensors")
+    mp.spawn(_worker, args=(str(root),), nprocs=WORLD)
+    ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return root, base, models, ranks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MERGES))
+def test_split_merge_equals_single_process_merge_bit_for_bit(spawned, name):
+    root, base, models, ranks = spawned
+    method, extra = MERGES[name]
+    with warnings.catch_warnings():  # Model Stock's 0-dim key sits at t's clamp
+        warnings.simplefilter("ignore", ladle.ModelStockWarning)
+        expected = getattr(ladle, method)(
+            models, device="cpu", chunk_bytes=CHUNK, **_kwargs(extra, base)
+        )
+    assert all(found[name] == str(root / name) for found in ranks)
+    merged = ladle.load(root / name)
+    assert list(merged) == list(expected)
+    for key in expected:
+        assert merged[key].dtype == expected[key].dtype, key
+        assert torch.equal(merged[key], expected[key]), key
+
+
+@pytest.mark.slow
+def test_split_merge_with_ranks_holding_no_keys_equals_single_process(spawned):
+    root, *_ = spawned
+    tiny = [str(root / f"tiny{i}.safetensors") for i in range(4)]
+    expected = ladle.ties(tiny[1:], tiny[0], density=0.5, device="cpu")
+    merged = ladle.load(root / "tiny")
+    # "n" (8 bytes) goes to rank 0, "w" (32 bytes) to rank 1, nothing to rank 2.
+    assert sorted(os.listdir(root / "tiny")) == [
+        "README.md",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_split_merge_writes_hf_shards_index_and_card_and_no_leftovers(spawned):
+    root, *_ = spawned
+    names = sorted(os.listdir(root / "ties-global"))
+    shards = [n for n in names if n.endswith(".safetensors")]
+    assert len(shards) > WORLD  # several shards per rank at 160 bytes
+    assert shards == [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]
+    assert {"README.md", "model.safetensors.index.json"} <= set(names)
+    with ladle.open_checkpoint(root / "ties-global") as checkpoint:
+        assert checkpoint.metadata["ladle.method"] == "ties"
+    assert not [p for p in os.listdir(root) if "ladle-tmp" in p or "ladle-old" in p]
+
+
+@pytest.mark.slow
+def test_split_merge_errors_reach_every_rank_and_leave_no_output(spawned):
+    root, _, models, ranks = spawned
+    for found in ranks:
+        kind, message = found["exists_error"]
+        assert kind == "LadleError" and "already exists" in message
+    assert torch.equal(
+        ladle.load(root / "again")["embed.weight"], ladle.uniform_soup(models[:2])["embed.weight"]
+    )
+    kinds = [found["nan_error"][0] for found in ranks]
+    assert kinds.count("NonFiniteError") == 1  # the rank that merged key "z"
+    assert all("'z'" in found["nan_error"][1] for found in ranks)
+    assert ranks[0]["nan_error"][1].startswith(f"rank {WORLD - 1}: ")
+    assert not (root / "nan").exists()
+
+
+@pytest.mark.slow
+def test_average_module_is_the_mean_on_every_rank_and_broadcasts_integers(spawned):
+    *_, ranks = spawned
+    for key in ranks[0]["before"]:
+        if key.endswith("num_batches_tracked"):
+            assert all(found["module"][key] == 100 for found in ranks)
+            continue
+        mean = sum(found["before"][key].double() for found in ranks) / WORLD
+        for found in ranks:
+            assert torch.equal(found["module"][key], ranks[0]["module"][key])
+            torch.testing.assert_close(found["module"][key].double(), mean, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_average_weights_per_rank_and_own_weight_agree_with_hand_worked_means(spawned):
+    *_, ranks = spawned
+    # ranks hold 1, 2, 3 (exact), 0, 2, 4 (bf16), 0.25, 1.25, 2.25 (f64); weights 1, 2, 3
+    for field in ("own_weight", "rank_weights"):
+        for found in ranks:
+            state = found[field]
+            assert torch.equal(state["exact"], torch.full((4,), 14.0 / 6.0))
+            assert state["half"].dtype == torch.bfloat16
+            assert torch.equal(state["half"], torch.full((3,), 16.0 / 6.0).to(torch.bfloat16))
+            assert torch.equal(state["wide"], torch.full((2,), 9.5 / 6.0, dtype=torch.float64))
+            assert torch.equal(state["complex"], torch.full((2,), complex(8 / 6, -8 / 6)))
+            assert state["mask"].tolist() == [True, False]  # rank 0's
+
+
+@pytest.mark.slow
+def test_average_refuses_mismatched_shapes_and_bad_weights_on_every_rank(spawned):
+    *_, ranks = spawned
+    for found in ranks:
+        kind, message = found["shape_error"]
+        assert kind == "IncompatibleError" and "'exact'" in message and "(5,)" in message
+        kind, message = found["weights_error"]
+        assert kind == "ValueError" and message.startswith("weights:")
+
+
+@pytest.mark.slow
+def test_average_dtensor_replicated_and_hsdp_shards_average_sharded_group_refused(spawned):
+    *_, ranks = spawned
+    expected = torch.arange(6.0) * 2  # mean of 1, 2, 3 times arange
+    for found in ranks:
+        assert torch.equal(found["dtensor_replicate"], expected)
+        assert torch.equal(found["dtensor_hsdp"], expected)
+        kind, message = found["dtensor_shard_error"]
+        assert kind == "ValueError" and "sharded over mesh dimension 0" in message
+
+
+# --- torchrun and the CLI ---------------------------------------------------------------------
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists() and not shutil.which("torchrun"), reason="no torchrun")
+def test_torchrun_cli_ties_equals_single_process_and_prints_once(tmp_path):
+    base, models = _models(tmp_path)
+    out = tmp_path / "merged"
+    command = [str(TORCHRUN) if TORCHRUN.exists() else "torchrun", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "ladle.cli", "ties", *models, "--base", base]
+    command += ["--density", "0.3", "-o", str(out), "--device", "cpu", "--max-shard-size", "100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(out)]
+    expected = ladle.ties(models, base, density=0.3, device="cpu")
+    merged = ladle.load(out)
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert len([n for n in os.listdir(out) if n.endswith(".safetensors")]) > 2
