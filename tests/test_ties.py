@@ -433,3 +433,29 @@ def test_tensor_trim_of_a_large_tensor_is_the_same_in_one_chunk_or_many():
     assert torch.equal(whole["big"], rows["big"])
     expected = naive_ties(models, base, density=0.2, scale=1.0, trim="tensor")
     torch.testing.assert_close(whole["big"], expected["big"], rtol=1e-5, atol=1e-5)
+
+
+def test_exact_cancellation_uses_the_majority_sign_streaming_or_not(tmp_path):
+    # e0: +3 and -3 cancel (elected sign 0); e1, e2 elect "-": the model's majority is "-",
+    # so e0 takes the mean of its negative entries, -3. Without the majority it would be +3.
+    base = {"w": torch.zeros(3)}
+    models = [
+        {"w": torch.tensor([3.0, -1.0, -2.0])},
+        {"w": torch.tensor([-3.0, -1.0, -2.0])},
+        {"w": torch.tensor([0.0, -1.0, 0.0])},
+    ]
+    expected = [-3.0, -1.0, -2.0]
+    assert ladle.ties(models, base, density=1.0)["w"].tolist() == expected
+    paths = []
+    for i, model in enumerate([base, *models]):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    out = ladle.ties(paths[1:], paths[0], density=1.0, out=tmp_path / "out.safetensors")
+    assert ladle.load(out)["w"].tolist() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m0.safetensors",
+        "m1.safetensors",
+        "m2.safetensors",
+        "m3.safetensors",
+        "out.safetensors",
+    ]
