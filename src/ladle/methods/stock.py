@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint import Checkpoint, StateDict, StateDictLike
 from ..engine import (
-    DEFAULT_CHUNK_BYTES,
+    FOLD_CHUNK_BYTES,
     Kernel,
     Progress,
     current_partition,
@@ -157,7 +157,7 @@ def model_stock(
     progress: Progress = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = FOLD_CHUNK_BYTES,
     allow_nonfinite: bool = False,
 ) -> StateDict | Path:
     """Model Stock: per tensor, move from the base towards the mean by the task vectors' angle.
