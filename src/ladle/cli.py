@@ -121,52 +121,10 @@ def _merge(method: Callable[..., Any], models: Sequence[str], **kwargs: Any) -> 
     return method(models, **kwargs)
 
 
-def _run_soup(args: argparse.Namespace) -> None:
-    out = _merge(uniform_soup, args.models, weights=args.weights, **merge_kwargs(args))
-    print(out)
-
-
-def _run_task_arithmetic(args: argparse.Namespace) -> None:
-    out = _merge(
-        task_arithmetic,
-        args.models,
-        base=args.base,
-        scale=args.scale,
-        weights=args.weights,
-        **merge_kwargs(args),
-    )
-    print(out)
-
-
-def _run_ties(args: argparse.Namespace) -> None:
-    out = _merge(
-        ties,
-        args.models,
-        base=args.base,
-        density=args.density,
-        scale=args.scale,
-        trim=args.trim,
-        **merge_kwargs(args),
-    )
-    print(out)
-
-
-def _run_dare(args: argparse.Namespace) -> None:
-    out = _merge(
-        dare,
-        args.models,
-        base=args.base,
-        density=args.density,
-        scale=args.scale,
-        seed=args.seed,
-        combine=args.combine,
-        **merge_kwargs(args),
-    )
-    print(out)
-
-
-def _run_stock(args: argparse.Namespace) -> None:
-    print(_merge(model_stock, args.models, base=args.base, **merge_kwargs(args)))
+def _run_method(args: argparse.Namespace) -> None:
+    """A merge sub-command: its method with the parameters it declared, plus the shared ones."""
+    params = {name: getattr(args, name) for name in args.params}
+    print(_merge(args.method, args.models, **params, **merge_kwargs(args)))
 
 
 def _callable(spec: str) -> Callable[..., Any]:
@@ -378,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="one weight per model (normalised to sum to 1)",
     )
-    soup.set_defaults(run=_run_soup)
+    soup.set_defaults(run=_run_method, method=uniform_soup, params=("weights",))
 
     arithmetic = commands.add_parser(
         "task-arithmetic",
@@ -395,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="one weight per task vector, used as given (default: 1 each; negative negates)",
     )
-    arithmetic.set_defaults(run=_run_task_arithmetic)
+    arithmetic.set_defaults(
+        run=_run_method, method=task_arithmetic, params=("base", "scale", "weights")
+    )
 
     ties_parser = commands.add_parser(
         "ties",
@@ -414,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="global",
         help="rank magnitudes over the whole model (paper) or per tensor (default: global)",
     )
-    ties_parser.set_defaults(run=_run_ties)
+    ties_parser.set_defaults(
+        run=_run_method, method=ties, params=("base", "density", "scale", "trim")
+    )
 
     dare_parser = commands.add_parser(
         "dare",
@@ -431,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     dare_parser.add_argument(
         "--combine", choices=["sum", "ties"], default="sum", help="how to combine (default: sum)"
     )
-    dare_parser.set_defaults(run=_run_dare)
+    dare_parser.set_defaults(
+        run=_run_method, method=dare, params=("base", "density", "scale", "seed", "combine")
+    )
 
     stock = commands.add_parser(
         "stock",
@@ -440,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stock.add_argument("models", nargs="+", help="two or more fine-tuned checkpoints")
     stock.add_argument("--base", required=True, help="the model they were tuned from")
-    stock.set_defaults(run=_run_stock)
+    stock.set_defaults(run=_run_method, method=model_stock, params=("base",))
 
     greedy = commands.add_parser(
         "greedy-soup",
@@ -504,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SPLIT_RUNS = (_run_soup, _run_task_arithmetic, _run_ties, _run_dare, _run_stock)
+_SPLIT_RUNS = (_run_method,)
 """Commands that torchrun splits across processes (ladle.distributed.merge)."""
 
 
