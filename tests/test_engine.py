@@ -99,3 +99,30 @@ def test_scratch_reuses_one_buffer_per_dtype():
     c = scratch.take((5,), torch.float64, torch.device("cpu"))
     assert a.data_ptr() == b.data_ptr() and b.shape == (2, 3)
     assert c.dtype == torch.float64 and c.data_ptr() != a.data_ptr()
+
+
+def test_sharded_directories_and_torch_files_merge_like_dicts(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    models = [
+        {
+            f"k{i}": torch.randn(7, 5, generator=gen).to(torch.bfloat16 if i % 2 else torch.float32)
+            for i in range(6)
+        }
+        | {"n": torch.tensor(3)}
+        for _ in range(3)
+    ]
+    shards = [ladle.save(m, tmp_path / f"m{j}", max_shard_size=100) for j, m in enumerate(models)]
+    assert len(list(shards[0].glob("*.safetensors"))) == 6
+    for from_files, from_memory in [
+        (ladle.uniform_soup(shards, chunk_bytes=40), ladle.uniform_soup(models, chunk_bytes=40)),
+        (
+            ladle.ties(shards[1:], shards[0], chunk_bytes=40),
+            ladle.ties(models[1:], models[0], chunk_bytes=40),
+        ),
+    ]:
+        assert all(torch.equal(from_files[k], from_memory[k]) for k in from_memory)
+    for j, model in enumerate(models[:2]):
+        torch.save(model, tmp_path / f"t{j}.pt")
+    soup = ladle.uniform_soup([tmp_path / "t0.pt", tmp_path / "t1.pt"])
+    expected = ladle.uniform_soup(models[:2])
+    assert all(torch.equal(soup[k], expected[k]) for k in expected)
