@@ -47,6 +47,7 @@ from .writer import (
     _remove_stale_temporaries,
     _temporary_beside,
     parse_size,
+    write_extra_files,
 )
 
 __all__ = ["average_", "merge", "split_by_bytes"]
@@ -399,11 +400,7 @@ class _ShardWriter:
                 if self._open is not None:
                     self._open.commit()
                     self._open = None
-                for name, content in self._extra.items():
-                    if isinstance(content, bytes):
-                        (self._directory / name).write_bytes(content)
-                    else:
-                        shutil.copyfile(content, self._directory / name)
+                write_extra_files(self._directory, self._extra)
         finally:
             if self._open is not None:
                 self._open.abort()

@@ -141,6 +141,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def write_extra_files(directory: Path, files: Mapping[str, bytes | str | os.PathLike]) -> None:
+    """Write each ``name: content`` into ``directory``: bytes as they are, a path copied."""
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            (directory / name).write_bytes(content)
+        else:
+            shutil.copyfile(content, directory / name)
+
+
 def _checked_extra_files(
     out: Path, single_file: bool, files: Mapping[str, bytes | str | os.PathLike]
 ) -> dict[str, bytes | str | os.PathLike]:
@@ -306,11 +315,7 @@ class SafetensorsWriter:
         self._close_handle()
         if not self._single_file:
             self._write_index()
-            for name, content in self._extra.items():  # renamed into place with the weights
-                if isinstance(content, bytes):
-                    (self._temp / name).write_bytes(content)
-                else:
-                    shutil.copyfile(content, self._temp / name)
+            write_extra_files(self._temp, self._extra)  # renamed into place with the weights
         self._syncer.shutdown()
         self._verify()
         self._rename_into_place()
