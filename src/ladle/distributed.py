@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 import typing
-import uuid
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +46,7 @@ from .writer import (
     _remove_stale_temporaries,
     _temporary_beside,
     parse_size,
+    rename_into_place,
     write_extra_files,
 )
 
@@ -513,18 +513,7 @@ def _finish(
             "weight_map": {key: renamed[where[key]] for key in specs if key in where},
         }
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    if not out.exists():
-        os.replace(directory, out)
-        return
-    if not overwrite:
-        raise LadleError(f"{out}: appeared while merging; the result is left unwritten")
-    old_out = out.parent / f".{out.name}.ladle-old-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old_out)
-    os.replace(directory, out)
-    if old_out.is_dir():
-        shutil.rmtree(old_out, ignore_errors=True)
-    else:
-        old_out.unlink(missing_ok=True)
+    rename_into_place(directory, out, overwrite=overwrite)
 
 
 def merge(

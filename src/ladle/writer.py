@@ -141,6 +141,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
+    """Move a finished output from its temporary name ``temp`` to ``out`` by renames only.
+
+    A file replaces a file in one rename. Otherwise an existing ``out`` (only with
+    ``overwrite``) is first renamed aside, then deleted once the new output is in place, so a
+    reader sees the old output or the new one, never a mix.
+    """
+    if not out.exists():
+        os.replace(temp, out)  # fails if a directory appeared meanwhile
+        return
+    if not overwrite:
+        raise LadleError(f"{out}: appeared while merging; the result is left unwritten")
+    if temp.is_file() and not out.is_dir():
+        os.replace(temp, out)
+        return
+    old = out.parent / f".{out.name}.ladle-old-{uuid.uuid4().hex[:8]}"
+    os.replace(out, old)
+    os.replace(temp, out)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
 def write_extra_files(directory: Path, files: Mapping[str, bytes | str | os.PathLike]) -> None:
     """Write each ``name: content`` into ``directory``: bytes as they are, a path copied."""
     for name, content in files.items():
@@ -363,21 +387,7 @@ class SafetensorsWriter:
                 raise LadleError(f"{self.out}: the written file has the wrong size")
 
     def _rename_into_place(self) -> None:
-        if not self.out.exists():
-            os.replace(self._temp, self.out)  # fails if a directory appeared meanwhile
-            return
-        if not self._overwrite:
-            raise LadleError(f"{self.out}: appeared while merging; the result is left unwritten")
-        if self._single_file and not self.out.is_dir():
-            os.replace(self._temp, self.out)
-            return
-        old = self.out.parent / f".{self.out.name}.ladle-old-{uuid.uuid4().hex[:8]}"
-        os.replace(self.out, old)
-        os.replace(self._temp, self.out)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        rename_into_place(self._temp, self.out, overwrite=self._overwrite)
 
     def __enter__(self) -> SafetensorsWriter:
         return self
