@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 # Timings on shared CI machines vary too much for per-example deadlines.
 settings.register_profile("ladle", deadline=None, max_examples=40)
@@ -30,3 +33,26 @@ def families(draw: st.DrawFn, min_n: int = 1, max_n: int = 5) -> list[dict]:
     seed = draw(st.integers(0, 2**16))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
     return family(n, seed=seed, dtype=dtype)
+
+
+def save_all(models, directory) -> list[Path]:
+    """Save each model as ``directory/m{i}.safetensors``; return the paths."""
+    paths = []
+    for i, model in enumerate(models):
+        save_file(model, directory / f"m{i}.safetensors")
+        paths.append(directory / f"m{i}.safetensors")
+    return paths
+
+
+def assert_close_by_dtype(actual, expected, *, precise, low, precise_dtypes=(torch.float32,)):
+    """Same keys in order and dtypes; ``precise_dtypes`` within ``precise`` (rtol, atol), other
+    floating dtypes (one rounding of a float32 result) within ``low``, the rest equal."""
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        assert actual[key].dtype == value.dtype, key
+        if value.dtype in precise_dtypes:
+            torch.testing.assert_close(actual[key], value, rtol=precise[0], atol=precise[1])
+        elif value.is_floating_point():
+            torch.testing.assert_close(actual[key].float(), value.float(), rtol=low[0], atol=low[1])
+        else:
+            assert torch.equal(actual[key], value)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import families, family
+from conftest import assert_close_by_dtype, families, family, save_all
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -26,15 +26,7 @@ def naive_soup(models, weights=None):
 
 
 def assert_close_to_naive(actual, expected):
-    assert list(actual) == list(expected)
-    for key, value in expected.items():
-        assert actual[key].dtype == value.dtype
-        if value.dtype == torch.float32:
-            torch.testing.assert_close(actual[key], value, rtol=1e-6, atol=1e-6)
-        elif value.is_floating_point():  # one rounding of the float32 sum: within one ulp
-            torch.testing.assert_close(actual[key].float(), value.float(), rtol=2**-7, atol=1e-3)
-        else:
-            assert torch.equal(actual[key], value)
+    assert_close_by_dtype(actual, expected, precise=(1e-6, 1e-6), low=(2**-7, 1e-3))
 
 
 @given(families())
@@ -83,10 +75,7 @@ def test_soup_of_identical_float32_models_is_that_model(n, seed):
 @given(families(), st.integers(4, 64), st.sampled_from([None, torch.float32, torch.bfloat16]))
 def test_streaming_output_equals_in_memory_bit_for_bit(tmp_path_factory, models, chunk, dtype):
     directory = tmp_path_factory.mktemp("soup")
-    paths = []
-    for i, model in enumerate(models):
-        save_file(model, directory / f"m{i}.safetensors")
-        paths.append(directory / f"m{i}.safetensors")
+    paths = save_all(models, directory)
     in_memory = ladle.uniform_soup(models, device="cpu", dtype=dtype, chunk_bytes=chunk)
     out = ladle.uniform_soup(
         paths,

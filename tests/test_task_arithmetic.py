@@ -3,10 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import families, family
+from conftest import assert_close_by_dtype, families, family, save_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
 import ladle
 from ladle.cli import main
@@ -27,23 +26,7 @@ def naive_task_arithmetic(models, base, *, scale=1.0, weights=None):
 
 
 def assert_close(actual, expected):
-    assert list(actual) == list(expected)
-    for key, value in expected.items():
-        assert actual[key].dtype == value.dtype, key
-        if value.dtype == torch.float32:
-            torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-5)
-        elif value.is_floating_point():  # one rounding of the float32 result
-            torch.testing.assert_close(actual[key].float(), value.float(), rtol=2**-7, atol=1e-2)
-        else:
-            assert torch.equal(actual[key], value)
-
-
-def save_all(models, directory):
-    paths = []
-    for i, model in enumerate(models):
-        save_file(model, directory / f"m{i}.safetensors")
-        paths.append(directory / f"m{i}.safetensors")
-    return paths
+    assert_close_by_dtype(actual, expected, precise=(1e-5, 1e-5), low=(2**-7, 1e-2))
 
 
 def test_worked_example_adds_scaled_task_vectors():
