@@ -406,20 +406,27 @@ def _read(
             continue
         labelled = [*([(None, base)] if base is not None else []), *enumerate(models)]
         for index, checkpoint in labelled:
-            direct = checkpoint.dtype(key) == dtype and device.type == "cpu"
+            on_cpu = device.type == "cpu"
+            # Read into the pool when the bytes can be used as they are: on the CPU in the
+            # compute dtype, or (pinned) as the source of a copy to the device.
+            direct = checkpoint.dtype(key) == dtype or not on_cpu
             buffer = pool.take()
             raw = buffer if direct else staging.take((buffer.numel(),), torch.uint8, buffer.device)
             chunk = checkpoint.read_rows(key, rows, raw)
             if not allow_nonfinite:
                 _check_finite(chunk, index, checkpoint, key)
-            if _shares(chunk, buffer):  # read straight into the pool
+            if not on_cpu:  # a synchronous copy: the buffer is free again once it returns
+                moved = chunk.to(device=device, dtype=dtype)
+                pool.release(buffer)
+                yield moved, None
+            elif _shares(chunk, buffer):  # read straight into the pool
                 yield chunk, buffer
-            elif _shares(chunk, raw) and device.type == "cpu":  # read, then converted
+            elif _shares(chunk, raw):  # read, then converted into the pool
                 converted = buffer.view(dtype)[: chunk.numel()].view(chunk.shape)
                 yield converted.copy_(chunk), buffer
-            else:  # a tensor in memory already, or a copy to the device
+            else:  # a tensor in memory already
                 pool.release(buffer)
-                yield chunk.to(device=device, dtype=dtype), None
+                yield chunk.to(dtype=dtype), None
 
 
 def _shares(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
