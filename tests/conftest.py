@@ -56,3 +56,11 @@ def assert_close_by_dtype(actual, expected, *, precise, low, precise_dtypes=(tor
             torch.testing.assert_close(actual[key].float(), value.float(), rtol=low[0], atol=low[1])
         else:
             assert torch.equal(actual[key], value)
+
+
+def assert_bit_for_bit(actual, expected):
+    """Same key set, and every tensor equal in dtype and in every bit."""
+    assert set(actual) == set(expected)
+    for key in expected:
+        assert actual[key].dtype == expected[key].dtype, key
+        assert torch.equal(actual[key], expected[key]), key

@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close_by_dtype, families, family, save_all
+from conftest import assert_bit_for_bit, assert_close_by_dtype, families, family, save_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_ties import naive_elect
@@ -191,10 +191,7 @@ def test_streaming_output_equals_in_memory_bit_for_bit(
         paths, base_path, out=directory / "out", chunk_bytes=chunk, max_shard_size=64, **options
     )
     streamed = ladle.load(out)
-    assert set(streamed) == set(in_memory)
-    for key in in_memory:
-        assert streamed[key].dtype == in_memory[key].dtype
-        assert torch.equal(streamed[key], in_memory[key]), key
+    assert_bit_for_bit(streamed, in_memory)
 
 
 def test_integer_buffers_come_from_the_base():

@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import assert_bit_for_bit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -204,10 +205,7 @@ def test_streaming_output_equals_in_memory_bit_for_bit(tmp_path_factory, family,
         paths, directory / "base.safetensors", out=directory / "out", max_shard_size=64, **kwargs
     )
     streamed = ladle.load(out)
-    assert set(streamed) == set(in_memory)
-    for key in in_memory:
-        assert streamed[key].dtype == in_memory[key].dtype
-        assert torch.equal(streamed[key], in_memory[key]), key
+    assert_bit_for_bit(streamed, in_memory)
 
 
 def test_chunk_size_changes_the_result_only_by_rounding():
