@@ -214,7 +214,8 @@ def test_chunk_size_changes_the_result_only_by_rounding():
     models = [{"w": base["w"] + 0.1 * torch.randn(64, 8, generator=gen)} for _ in range(3)]
     whole = ladle.model_stock(models, base, device="cpu")
     rows = ladle.model_stock(models, base, device="cpu", chunk_bytes=32)
-    torch.testing.assert_close(rows["w"], whole["w"], rtol=2e-7, atol=0)
+    # Per-chunk float32 Gram products round differently: at most two float32 steps.
+    torch.testing.assert_close(rows["w"], whole["w"], rtol=2 * 2.0**-23, atol=0)
 
 
 def test_statistics_pass_holds_row_chunks_not_whole_tensors(monkeypatch):
@@ -235,8 +236,8 @@ def test_statistics_pass_holds_row_chunks_not_whole_tensors(monkeypatch):
     base = {"w": torch.randn(100, 10, generator=gen)}
     models = [{"w": torch.randn(100, 10, generator=gen)} for _ in range(3)]
     ladle.model_stock(models, base, device="cpu", chunk_bytes=400)  # 10 float32 rows
-    # float64 task vectors: half the rows (5 of 10 entries) per chunk, 20 chunks × 3 models.
-    assert seen == [50] * 60
+    # 10 rows (100 entries) per chunk, 10 chunks × 3 models.
+    assert seen == [100] * 30
 
 
 def test_integer_buffers_come_from_the_base_and_dtypes_are_kept():
