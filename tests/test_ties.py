@@ -446,3 +446,50 @@ def test_exact_cancellation_uses_the_majority_sign_streaming_or_not(tmp_path):
         "m3.safetensors",
         "out.safetensors",
     ]
+
+
+def tied_family(seed, n=3, shape=(64, 8)):
+    """Task vectors of quarter steps in [-1, 1]: many entries cancel exactly (+a, -a)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(shape, generator=gen), "b": torch.randn(shape[0], generator=gen)}
+
+    def tau(size):
+        return torch.randint(-4, 5, size, generator=gen).float() / 4
+
+    models = [{k: v + tau(v.shape) for k, v in base.items()} for _ in range(n)]
+    return models, base
+
+
+@pytest.mark.parametrize("trim", ["global", "tensor"])
+@pytest.mark.parametrize("remembered", [0, 3, None])
+def test_ties_remembered_or_merged_again_give_the_same_bits(
+    monkeypatch, tmp_path, trim, remembered
+):
+    # TIES merges sign ties as if the majority were 0 and amends them once the vote is in:
+    # from remembered values, or past TIE_RECORD_LIMIT by merging the keys again.
+    from ladle.methods import ties as ties_module
+
+    models, base = tied_family(seed=7)
+    expected = naive_ties(models, base, density=0.6, scale=0.5, trim=trim)
+    if remembered is not None:
+        monkeypatch.setattr(ties_module, "TIE_RECORD_LIMIT", remembered)
+    kwargs = dict(density=0.6, scale=0.5, trim=trim, device="cpu", chunk_bytes=256)
+    in_memory = ladle.ties(models, base, **kwargs)
+    assert_close(in_memory, expected)
+    paths = save_all([base, *models], tmp_path)
+    streamed = ladle.load(ladle.ties(paths[1:], paths[0], out=tmp_path / "out", **kwargs))
+    assert_bit_for_bit(streamed, in_memory)
+    monkeypatch.undo()
+    assert_bit_for_bit(ladle.ties(models, base, **kwargs), in_memory)
+
+
+def test_tied_family_has_ties_the_majority_decides():
+    # The family above must exercise the amend path: some entries tie, and the vote is not 0.
+    from ladle.methods.ties import SignElection
+
+    models, base = tied_family(seed=7)
+    state = SignElection("w", slice(None), base["w"])
+    for model in models:
+        state.add(model["w"] - base["w"])
+    assert state.ties().numel() > 0
+    assert int(state.vote()) != 0

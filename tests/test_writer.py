@@ -140,3 +140,45 @@ def test_background_write_back_keeps_the_output_exact_and_leaves_no_threads(tmp_
         raise RuntimeError("fails after several write-backs")
     assert not (tmp_path / "x.safetensors").exists()
     assert threading.active_count() == before
+
+
+@given(
+    picks=st.lists(st.integers(0, 3 * 2**18 - 1), max_size=40),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    max_shard=st.sampled_from([10**9, 1]),
+)
+def test_amend_patches_entries_in_the_written_output(tmp_path_factory, picks, dtype, max_shard):
+    # Entries of "big" span three 1 MiB windows (float32); "small" sits in its own shard at 1.
+    tmp_path = tmp_path_factory.mktemp("amend")
+    tensors = {
+        "small": torch.arange(6.0).reshape(2, 3).to(dtype),
+        "big": torch.arange(3 * 2**18, dtype=torch.float32).reshape(-1, 1024).to(dtype),
+    }
+    specs = {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()}
+    index = torch.tensor(sorted(set(picks), reverse=True), dtype=torch.int64)
+    values = -(index.float() + 1).to(dtype)
+    out = tmp_path / "out"
+    with SafetensorsWriter(out, specs, max_shard_size=max_shard) as writer:
+        for key, tensor in tensors.items():
+            writer.write(key, tensor)
+        writer.amend("big", index, values)
+        writer.amend("small", torch.tensor([4]), torch.tensor([9.0], dtype=dtype))
+    expected = {key: t.clone() for key, t in tensors.items()}
+    expected["big"].view(-1)[index] = values
+    expected["small"].view(-1)[4] = 9.0
+    loaded = ladle.load(out)
+    assert all(torch.equal(loaded[key], expected[key]) for key in expected)
+
+
+def test_amend_before_the_last_write_or_with_wrong_values_is_refused(tmp_path):
+    specs = {"a": ((2,), torch.float32), "b": ((2,), torch.float32)}
+    early = pytest.raises(ladle.LadleError, match="before every tensor")
+    with early, SafetensorsWriter(tmp_path / "out", specs) as writer:
+        writer.write("a", torch.ones(2))
+        writer.amend("a", torch.tensor([0]), torch.zeros(1))
+    wrong = pytest.raises(ladle.LadleError, match=r"expected \(1,\) values of torch.float32")
+    with wrong, SafetensorsWriter(tmp_path / "out", specs) as writer:
+        writer.write("a", torch.ones(2))
+        writer.write("b", torch.ones(2))
+        writer.amend("a", torch.tensor([0]), torch.zeros(1, dtype=torch.float64))
+    assert os.listdir(tmp_path) == []

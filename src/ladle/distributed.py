@@ -389,6 +389,11 @@ class _ShardWriter:
         assert self._open is not None
         self._open.write(key, chunk)
 
+    def amend(self, key: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        # Shards are committed as the merge goes; methods sum what amend would need across
+        # processes before their merge pass instead (TIES's majority vote).
+        raise LadleError(f"{key!r}: a merge split across processes cannot amend written tensors")
+
     def __enter__(self) -> _ShardWriter:
         return self
 

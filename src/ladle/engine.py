@@ -16,7 +16,7 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar, Union
@@ -72,11 +72,17 @@ class Kernel(NamedTuple):
     their memory for the next reads); accumulate into tensors the state owns. The engine
     writes or copies each result before the next ``init``, so a kernel may reuse its own
     buffers (see :class:`Scratch`).
+
+    ``amend``, optional, is called once after the last chunk of a :func:`merge`, for methods
+    whose last statistic is known only then (TIES's sign for ties, a vote over every entry):
+    it yields ``(key, index, values)``, flat indices into ``key``'s tensor and the merged
+    values that replace what was produced there, already written or not.
     """
 
     init: Callable[[str, slice, torch.Tensor | None], Any]
     update: Callable[[Any, int, torch.Tensor], Any]
     finalize: Callable[[Any], torch.Tensor]
+    amend: Callable[[], Iterable[tuple[str, torch.Tensor, torch.Tensor]]] | None = None
 
 
 class Scratch:
@@ -102,9 +108,14 @@ class Scratch:
 
 
 class Sink(Protocol):
-    """Where :func:`merge` writes: ``write(key, rows)`` in key order, inside ``with``."""
+    """Where :func:`merge` writes: ``write(key, rows)`` in key order, then any ``amend``,
+    inside ``with``."""
 
     def write(self, key: str, chunk: torch.Tensor) -> None: ...
+
+    def amend(self, key: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the entries at flat ``index`` of ``key``'s tensor, after every write."""
+        ...
 
     def __enter__(self) -> Any: ...
 
@@ -587,7 +598,10 @@ def merge(
             allow_nonfinite=allow_nonfinite,
         )
         if out is None:
-            return _to_state_dict(results, specs)
+            state = _to_state_dict(results, specs)
+            for key, index, values in kernel.amend() if kernel.amend is not None else ():
+                state[key].view(-1)[index] = values.to("cpu", specs[key][1])
+            return state
         meta = provenance(method, parameters, checkpoints, base_ckpt)
         extra = (  # a directory output also gets config/tokenizer files and a model card
             None
@@ -616,6 +630,8 @@ def merge(
         with sink as writer:
             for key, _, chunk in results:
                 writer.write(key, chunk.to(specs[key][1]))
+            for key, index, values in kernel.amend() if kernel.amend is not None else ():
+                writer.amend(key, index, values.to("cpu", specs[key][1]))
         return Path(out)
 
 

@@ -299,6 +299,55 @@ class SafetensorsWriter:
             self._written = 0
             self._skip_empty()
 
+    def amend(self, key: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite the entries at flat ``index`` of ``key``, once every tensor is written.
+
+        For merges whose last statistic is known only at the end: the entries are patched in
+        the temporary output, in place, before it is renamed.
+        """
+        self._skip_empty()
+        if self._position < len(self._queue):
+            raise LadleError(
+                f"writer for {self.out}: amend({key!r}) before every tensor is written"
+            )
+        dtype = self._specs[key][1]
+        if values.dtype != dtype or values.shape != index.shape:
+            raise LadleError(
+                f"writer for {self.out}: amend({key!r}) expected {tuple(index.shape)} values "
+                f"of {dtype}, got {tuple(values.shape)} of {values.dtype}"
+            )
+        if index.numel() == 0:
+            return
+        if self._handle is not None:
+            self._handle.flush()
+        shard = next(j for j, keys in enumerate(self._shards) if key in keys)
+        keys = self._shards[shard]
+        start = len(_header(self._specs, keys, self._metadata)) + sum(
+            _nbytes(self._specs[k]) for k in keys[: keys.index(key)]
+        )
+        order = torch.argsort(index)
+        index, values = index[order].cpu(), values[order].cpu()
+        fd = os.open(self._files[shard], os.O_RDWR)
+        try:
+            # Patch a window of at most 1 MiB at a time: read it, change it, write it back.
+            step = max(1, 2**20 // dtype.itemsize)
+            first = 0
+            while first < index.numel():
+                low = int(index[first])
+                last = int(torch.searchsorted(index, low + step))
+                span = int(index[last - 1]) - low + 1
+                window = torch.empty(span * dtype.itemsize, dtype=torch.uint8)
+                view = memoryview(window.numpy())  # type: ignore[arg-type]
+                if os.preadv(fd, [view], start + low * dtype.itemsize) != view.nbytes:
+                    raise LadleError(f"{self.out}: short read while amending {key!r}")
+                window.view(dtype)[index[first:last] - low] = values[first:last]
+                if os.pwrite(fd, view, start + low * dtype.itemsize) != view.nbytes:
+                    raise LadleError(f"{self.out}: short write while amending {key!r}")
+                first = last
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def _skip_empty(self) -> None:
         """Zero-sized tensors take no bytes and need no write."""
         while (

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -352,6 +352,26 @@ class SignElection:
         mass = self._mass()
         return (mass > 0).sum() - (mass < 0).sum()
 
+    def ties(self) -> torch.Tensor:
+        """Flat indices, within the chunk, of the entries whose sign election is a tie
+        (``Σᵢ τᵢ = 0`` while some ``τᵢ ≠ 0``): those the majority decides. Before ``merged``."""
+        assert self.pos_sum is not None
+        tied = torch.eq(self._mass(), 0).logical_and_(self.pos_count > 0)
+        return torch.nonzero(tied.flatten()).squeeze(1)
+
+    def tie_values(self, index: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``base + scale·mean`` at flat ``index`` for a positive, then a negative majority:
+        bit for bit what ``merged(±1).mul_(scale).add_(base)`` gives there. Before ``merged``."""
+        assert self.pos_sum is not None
+
+        def mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+            return total.flatten()[index].div_(count.flatten()[index].clamp_(min=1))
+
+        base = self.base.flatten()[index]
+        up = mean(self.pos_sum, self.pos_count).mul_(scale).add_(base)
+        down = mean(self.neg_sum, self.neg_count).mul_(scale).add_(base)
+        return up, down
+
     def merged(self, majority: float | None) -> torch.Tensor:
         """The disjoint mean: per entry, the mean of the ``τᵢ`` whose sign is the elected one.
 
@@ -421,6 +441,57 @@ def majority_votes(
     if reduce is not None:
         total = int(reduce(torch.tensor(total, dtype=torch.int64)))
     return dict.fromkeys(keys, float((total > 0) - (total < 0)))
+
+
+MergeAgain = Callable[[set[str], Mapping[str, int]], Iterator[tuple[str, slice, torch.Tensor]]]
+"""Merges ``keys`` again given the majority sign of each scope: ``(key, rows, merged)``."""
+
+TIE_RECORD_LIMIT = 2**20
+"""Most tied entries :func:`ties` remembers while merging; past it, keys are merged again."""
+
+
+class _TiesLater:
+    """The merge pass of TIES without a pass for the sign-tie majority first.
+
+    The majority (the sign of ``Σ γ`` over a scope: the model, or a tensor) only decides the
+    entries whose election is a tie, exact cancellations that are rare in real task vectors.
+    So the merge pass gives ties the value for majority 0 (the base), counts the votes, and
+    remembers each tie's two possible values; ``amend`` then yields the right ones. Should
+    more than :data:`TIE_RECORD_LIMIT` ties turn up, the keys holding the rest are merged
+    again once the majority is known, so memory stays bounded.
+    """
+
+    def __init__(self, scopes: Mapping[str, str], scale: float, again: MergeAgain) -> None:
+        self.scopes, self.scale, self.merge_again = scopes, scale, again
+        self.votes = dict.fromkeys(scopes.values(), 0)
+        self.found: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.remembered = 0
+        self.redo: set[str] = set()
+
+    def finish(self, state: SignElection) -> torch.Tensor:
+        key = state.key
+        self.votes[self.scopes[key]] += int(state.vote())
+        tied = state.ties() if key not in self.redo else torch.empty(0)
+        if tied.numel() and self.remembered + tied.numel() > TIE_RECORD_LIMIT:
+            self.redo.add(key)
+        elif tied.numel():
+            up, down = state.tie_values(tied, self.scale)
+            start = (state.rows.start or 0) * math.prod(state.base.shape[1:])
+            self.found.append((key, tied.add_(start), up, down))
+            self.remembered += tied.numel()
+        return state.merged(0.0).mul_(self.scale).add_(state.base)
+
+    def amend(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        majority = {scope: (v > 0) - (v < 0) for scope, v in self.votes.items()}
+        for key, index, up, down in self.found:
+            sign = majority[self.scopes[key]]
+            if key not in self.redo and sign:
+                yield key, index, up if sign > 0 else down
+        if not self.redo:
+            return
+        for key, rows, merged in self.merge_again(self.redo, majority):
+            start = (rows.start or 0) * math.prod(merged.shape[1:])
+            yield key, torch.arange(start, start + merged.numel()), merged.flatten()
 
 
 def _kth_magnitude(tau: torch.Tensor, rank: int, scratch: torch.Tensor) -> float:
@@ -494,9 +565,10 @@ def ties(
     merging models", NeurIPS 2023.
 
     Streaming: the thresholds come from radix-select passes over the checkpoints (two for
-    float32) and the global majority sign from one more pass, so memory stays a few chunks
-    (``chunk_bytes``) per model whatever the model's size. ``trim="tensor"`` needs extra
-    passes only for tensors larger than one chunk.
+    float32), so memory stays a few chunks (``chunk_bytes``) per model whatever the model's
+    size; the majority sign, known only at the end of the merge pass, is patched into the
+    few sign-tied entries afterwards. ``trim="tensor"`` needs extra passes only for tensors
+    larger than one chunk.
 
     Args:
         models: the fine-tuned models (mappings, modules, paths or checkpoints).
@@ -561,22 +633,50 @@ def ties(
             reduce=reduce,
         )
         trimmer = _trimmer(limits, density)
-        majority = majority_votes(
-            checkpoints,
-            base_ckpt,
-            trimmer,
-            keys=streamed,
-            per_tensor=trim == "tensor",
-            device=target,
-            chunk_bytes=chunk_bytes,
-            allow_nonfinite=allow_nonfinite,
-            reduce=reduce,
-        )
+
+        def merged(majority: Mapping[str, float]) -> Callable[[SignElection], torch.Tensor]:
+            def finish(state: SignElection) -> torch.Tensor:
+                return state.merged(majority.get(state.key)).mul_(scale).add_(state.base)
+
+            return finish
+
+        if part is not None:  # a split merge: the vote is summed over processes first
+            majority = majority_votes(
+                checkpoints,
+                base_ckpt,
+                trimmer,
+                keys=streamed,
+                per_tensor=trim == "tensor",
+                device=target,
+                chunk_bytes=chunk_bytes,
+                allow_nonfinite=allow_nonfinite,
+                reduce=reduce,
+            )
+            return election_kernel(trimmer, merged(majority))
+
+        scopes = {key: "" if trim == "global" else key for key in streamed}
+
+        def again(
+            keys: set[str], signs: Mapping[str, int]
+        ) -> Iterator[tuple[str, slice, torch.Tensor]]:
+            majority = {key: float(signs[scopes[key]]) for key in keys}
+            return fold(
+                checkpoints,
+                election_kernel(trimmer, merged(majority)),
+                base=base_ckpt,
+                keys=[key for key in streamed if key in keys],
+                device=target,
+                chunk_bytes=chunk_bytes,
+                allow_nonfinite=True,  # checked by the first pass over these keys
+            )
+
+        later = _TiesLater(scopes, scale, again)
+        in_pass = merged({})  # keys of one chunk (trim="tensor"): their own vote decides
 
         def finish(state: SignElection) -> torch.Tensor:
-            return state.merged(majority.get(state.key)).mul_(scale).add_(state.base)
+            return (later.finish if state.key in scopes else in_pass)(state)
 
-        return election_kernel(trimmer, finish)
+        return election_kernel(trimmer, finish)._replace(amend=later.amend)
 
     return merge(
         models,
