@@ -272,3 +272,26 @@ def test_read_errors_on_the_prefetch_thread_reach_the_caller_and_the_thread_ends
     with pytest.raises(ladle.CheckpointError, match="cannot read 'b'"):
         ladle.uniform_soup([Failing(), Failing()], device="cpu")
     assert threading.active_count() == before
+
+
+METHODS_WITH_A_BASE = {
+    "task_arithmetic": lambda models, base: ladle.task_arithmetic(models, base, device="cpu"),
+    "ties global": lambda models, base: ladle.ties(models, base, device="cpu"),
+    "ties tensor": lambda models, base: ladle.ties(models, base, trim="tensor", device="cpu"),
+    "ties density 1": lambda models, base: ladle.ties(models, base, density=1.0, device="cpu"),
+    "ties in chunks": lambda models, base: ladle.ties(models, base, device="cpu", chunk_bytes=8),
+    "dare": lambda models, base: ladle.dare(models, base, device="cpu"),
+    "dare ties": lambda models, base: ladle.dare(models, base, combine="ties", device="cpu"),
+    "model_stock": lambda models, base: ladle.model_stock(models, base, device="cpu"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS_WITH_A_BASE))
+@pytest.mark.parametrize("where", ["base", "model 1"])
+def test_every_method_refuses_nonfinite_inputs_naming_them(method, where):
+    # Methods with several passes check on the first: a later pass must not be the only one.
+    base, *models = family(3)
+    target = base if where == "base" else models[1]
+    target["layer.weight"][2, 1] = float("nan")
+    with pytest.raises(ladle.NonFiniteError, match=rf"{where} .*'layer.weight'"):
+        METHODS_WITH_A_BASE[method](models, base)

@@ -260,6 +260,6 @@ def model_stock(
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         chunk_bytes=chunk_bytes,
-        allow_nonfinite=allow_nonfinite,
+        allow_nonfinite=True,  # prepare's pass over every floating key checked them
         prepare=prepare,
     )

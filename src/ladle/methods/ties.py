@@ -178,7 +178,7 @@ def _radix_select(
             keys=keys,
             device=device,
             chunk_bytes=chunk_bytes,
-            allow_nonfinite=allow_nonfinite,
+            allow_nonfinite=allow_nonfinite or step > 0,  # the first pass checked every key
         ):
             if groups[key] != current and current is not None:
                 resolve(current)
