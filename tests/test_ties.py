@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import ladle
 from ladle.cli import main
+from ladle.methods import ties as ties_module
 from ladle.methods.ties import magnitude_thresholds
 
 
@@ -206,15 +207,28 @@ def check_thresholds(models, base, density, trim, chunk_bytes):
                     )
 
 
+SELECTIONS = {  # module attributes patched: how the thresholds are found
+    "sample brackets it (one pass)": {},
+    "tiny sample (guesses miss)": {"SAMPLE": 3},
+    "radix select only (two passes)": {"_select_in_windows": lambda *a, **k: None},
+}
+
+
 @given(
     task_families(dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64)),
     st.floats(0.01, 1.0),
     st.sampled_from(["global", "tensor"]),
     st.sampled_from([4, 12, 48, 2**20]),
+    st.sampled_from(sorted(SELECTIONS)),
 )
-def test_radix_select_threshold_equals_kthvalue_exactly(family_and_base, density, trim, chunk):
+def test_radix_select_threshold_equals_kthvalue_exactly(
+    family_and_base, density, trim, chunk, selection
+):
     models, base = family_and_base
-    check_thresholds(models, base, density, trim, chunk)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in SELECTIONS[selection].items():
+            patch.setattr(ties_module, name, value)
+        check_thresholds(models, base, density, trim, chunk)
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -236,6 +250,28 @@ def test_radix_select_on_larger_chunked_tensors_with_many_ties(seed, trim):
         models.append(model)
     for density in (0.05, 0.5, 0.93, 1.0):
         check_thresholds(models, base, density, trim, chunk_bytes=256)
+
+
+@pytest.mark.parametrize("trim", ["global", "tensor"])
+def test_a_sample_finds_thresholds_in_one_pass_and_a_bad_guess_falls_back(monkeypatch, trim):
+    gen = torch.Generator().manual_seed(5)
+    base = {"emb": torch.randn(400, 64, generator=gen), "bias": torch.randn(64, generator=gen)}
+    models = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}]
+    models += [{k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()}]
+    calls = []
+    original = ties_module._radix_select
+    monkeypatch.setattr(
+        ties_module, "_radix_select", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    monkeypatch.setattr(ties_module, "SAMPLE", 2**12)  # fewer than the 25,664 entries
+    monkeypatch.setattr(ties_module, "WINDOW", 2**24)  # so few sampled: wide windows
+    for density in (0.03, 0.2, 0.5, 0.97):
+        check_thresholds(models, base, density, trim, chunk_bytes=2**16)
+    assert calls == []  # every threshold found by the one-pass window select
+    monkeypatch.setattr(ties_module, "_SPREAD", -3.0)  # windows that miss the rank
+    for density in (0.2, 0.5):
+        check_thresholds(models, base, density, trim, chunk_bytes=2**16)
+    assert len(calls) == 2
 
 
 def test_mixed_float32_and_float64_tensors_rank_together_exactly():
@@ -467,8 +503,6 @@ def test_ties_remembered_or_merged_again_give_the_same_bits(
 ):
     # TIES merges sign ties as if the majority were 0 and amends them once the vote is in:
     # from remembered values, or past TIE_RECORD_LIMIT by merging the keys again.
-    from ladle.methods import ties as ties_module
-
     models, base = tied_family(seed=7)
     expected = naive_ties(models, base, density=0.6, scale=0.5, trim=trim)
     if remembered is not None:

@@ -198,6 +198,151 @@ def _radix_select(
     return found
 
 
+# --- one pass, when a sample locates the threshold ---------------------------------------------
+
+SAMPLE = 2**17
+"""Magnitudes sampled per model and group of keys to guess where the threshold lies."""
+
+WINDOW = 2**19
+"""Most float32 bit patterns a guessed window may span (its histogram: 4 MiB per model)."""
+
+_SPREAD = 5.0  # standard deviations of the sample's rank kept on either side of the guess
+
+
+def _sample_blocks(shape: tuple[int, ...], entries: int) -> list[slice]:
+    """At most 16 evenly spaced blocks of rows of a tensor of ``shape``, ``entries`` in all."""
+    if not shape:
+        return [slice(None)]
+    rows, width = shape[0], max(1, math.prod(shape[1:]))
+    wanted = min(rows, -(-entries // width))
+    count = min(wanted, 16)
+    length = -(-wanted // count)
+    starts = sorted({j * rows // count for j in range(count)})
+    return [slice(start, min(start + length, rows)) for start in starts]
+
+
+def _windows(
+    models: Sequence[Checkpoint],
+    base: Checkpoint,
+    groups: Mapping[str, str],
+    ranks: Mapping[str, int],
+    sizes: Mapping[str, int],
+) -> dict[str, list[tuple[int, int]]] | None:
+    """Per group and model, a window ``(low, span)`` of float32 bit patterns of magnitudes
+    that should hold the ``ranks[g]``-th smallest: :data:`_SPREAD` deviations of a sample's
+    rank either side, the sample read from a few blocks of rows of each key. ``None`` if a
+    window would span more than :data:`WINDOW` patterns."""
+    samples: dict[str, list[list[torch.Tensor]]] = {g: [[] for _ in models] for g in ranks}
+    for key, group in groups.items():
+        if group not in ranks:
+            continue
+        entries = -(-SAMPLE * math.prod(base.shape(key)) // sizes[group])
+        for rows in _sample_blocks(base.shape(key), entries):
+            origin = base.get_slice(key, rows).to(torch.float32)
+            for i, model in enumerate(models):
+                tau = model.get_slice(key, rows).to(torch.float32) - origin
+                samples[group][i].append(_magnitude_bits(tau, 32))
+    found: dict[str, list[tuple[int, int]]] = {}
+    for group, rank in ranks.items():
+        found[group] = []
+        for parts in samples[group]:
+            sample = torch.cat(parts)
+            size, fraction = sample.numel(), rank / sizes[group]
+            spread = _SPREAD * math.sqrt(size * fraction * (1 - fraction)) + 1
+            first = min(max(math.floor(fraction * size - spread), 1), size)
+            last = min(max(math.ceil(fraction * size + spread), 1), size)
+            if size >= sizes[group]:  # the sample is every entry: the answer itself
+                first = last = rank
+            low, high = (int(sample.kthvalue(r).values) for r in (first, last))
+            if high - low >= WINDOW:
+                return None
+            found[group].append((low, max(high - low + 1, 1)))
+    return found
+
+
+def _window_kernel(
+    groups: Mapping[str, str],
+    windows: Mapping[str, list[tuple[int, int]]],
+    counts: dict[str, list[torch.Tensor]],
+) -> Kernel:
+    """Histogram, per group and model, the magnitudes' bit patterns inside the window, one
+    bin per pattern, with one bin for all below it and one for all above."""
+
+    def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
+        assert base is not None
+        return key, base, torch.empty_like(base)
+
+    def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
+        key, base, buffer = state
+        group = groups[key]
+        low, span = windows[group][index]
+        offsets = _magnitude_bits(torch.sub(x, base, out=buffer), 32).sub_(low)
+        histogram = counts[group][index]
+        # Most magnitudes fall outside the window: count those below and above with sums
+        # (a histogram of such lopsided bins is slow), then histogram the few inside.
+        below = int(torch.count_nonzero(offsets < 0))
+        inside = offsets[(offsets >= 0).logical_and_(offsets < span)]
+        histogram[0] += below
+        histogram[-1] += offsets.numel() - below - inside.numel()
+        histogram[1:-1].index_add_(0, inside, torch.ones_like(inside, dtype=torch.int64))
+        return state
+
+    def finalize(state: tuple) -> torch.Tensor:
+        return torch.empty(0)
+
+    return Kernel(init, update, finalize)
+
+
+def _select_in_windows(
+    models: Sequence[Checkpoint],
+    base: Checkpoint,
+    *,
+    groups: Mapping[str, str],
+    ranks: Mapping[str, int],
+    sizes: Mapping[str, int],
+    device: torch.device,
+    chunk_bytes: int,
+    allow_nonfinite: bool,
+) -> dict[str, list[float]] | None:
+    """The radix select's answer in one pass, or ``None`` when a guess misses.
+
+    A sample of the magnitudes brackets each threshold with a window of float32 bit
+    patterns; one pass counts every pattern inside the window (and those below and above
+    it); where the rank falls inside, the pattern that reaches it is the exact answer.
+    """
+    windows = _windows(models, base, groups, ranks, sizes)
+    if windows is None:
+        return None
+    counts = {
+        g: [torch.zeros(span + 2, dtype=torch.int64, device=device) for _, span in windows[g]]
+        for g in ranks
+    }
+    keys = [key for key, group in groups.items() if group in ranks]
+    kernel = _window_kernel(groups, windows, counts)
+    for _ in fold(
+        models,
+        kernel,
+        base=base,
+        keys=keys,
+        device=device,
+        chunk_bytes=chunk_bytes,
+        allow_nonfinite=allow_nonfinite,
+    ):
+        pass
+    found: dict[str, list[float]] = {}
+    for group, rank in ranks.items():
+        found[group] = []
+        for (low, _), histogram in zip(windows[group], counts[group]):
+            cumulative = histogram.cpu().cumsum(0)
+            if not int(cumulative[0]) < rank <= int(cumulative[-2]):
+                return None  # the k-th smallest lies below or above the window
+            pattern = low + int(torch.searchsorted(cumulative, rank)) - 1
+            found[group].append(
+                torch.tensor([pattern], dtype=torch.int32).view(torch.float32).item()
+            )
+    return found
+
+
 def _at_least(value: float, dtype: torch.dtype) -> float:
     """The smallest number of ``dtype`` that is ``≥ value`` (so ``|τ| ≥`` it stays exact)."""
     if dtype == torch.float64:
@@ -237,16 +382,34 @@ def _thresholds(
     if reduce is not None:  # the whole model's count, over every process's keys
         counts[""] = int(reduce(torch.tensor(counts[""], dtype=torch.int64)))
     ranks = {g: keep_rank(c, density) for g, c in counts.items() if keep_rank(c, density) >= 1}
-    found = _radix_select(
-        models,
-        base,
-        groups=groups,
-        ranks=ranks,
-        device=device,
-        chunk_bytes=chunk_bytes,
-        allow_nonfinite=allow_nonfinite,
-        reduce=reduce,
+    narrow = all(
+        compute_dtype([c.dtype(key) for c in [*models, base]]) != torch.float64 for key in groups
     )
+    found = (  # one pass where a sample brackets every threshold; else two
+        _select_in_windows(
+            models,
+            base,
+            groups=groups,
+            ranks=ranks,
+            sizes=counts,
+            device=device,
+            chunk_bytes=chunk_bytes,
+            allow_nonfinite=allow_nonfinite,
+        )
+        if reduce is None and narrow and ranks
+        else None
+    )
+    if found is None:
+        found = _radix_select(
+            models,
+            base,
+            groups=groups,
+            ranks=ranks,
+            device=device,
+            chunk_bytes=chunk_bytes,
+            allow_nonfinite=allow_nonfinite,
+            reduce=reduce,
+        )
     limits = {}
     for key, group in groups.items():
         dtype = compute_dtype([c.dtype(key) for c in [*models, base]])
