@@ -260,6 +260,11 @@ def _windows(
     return found
 
 
+def _as_float32(bits: int) -> float:
+    """The float32 number whose bit pattern is ``bits``."""
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
 def _window_kernel(
     groups: Mapping[str, str],
     windows: Mapping[str, list[tuple[int, int]]],
@@ -270,17 +275,19 @@ def _window_kernel(
 
     def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
         assert base is not None
-        return key, base, torch.empty_like(base)
+        return key, base, torch.empty_like(base), torch.empty_like(base)
 
     def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
-        key, base, buffer = state
+        key, base, buffer, scratch = state
         group = groups[key]
         low, span = windows[group][index]
-        offsets = _magnitude_bits(torch.sub(x, base, out=buffer), 32).sub_(low)
+        magnitudes = torch.sub(x, base, out=buffer).abs_()
         histogram = counts[group][index]
         # Most magnitudes fall outside the window: count those below and above with sums
         # (a histogram of such lopsided bins is slow), then histogram the few inside.
-        below = int(torch.count_nonzero(offsets < 0))
+        under = torch.lt(magnitudes, _as_float32(low), out=scratch)  # 1.0 or 0.0
+        below = int(under.sum(dtype=torch.float64))
+        offsets = magnitudes.view(torch.int32).flatten().sub_(low)
         inside = offsets[(offsets >= 0).logical_and_(offsets < span)]
         histogram[0] += below
         histogram[-1] += offsets.numel() - below - inside.numel()
@@ -337,9 +344,7 @@ def _select_in_windows(
             if not int(cumulative[0]) < rank <= int(cumulative[-2]):
                 return None  # the k-th smallest lies below or above the window
             pattern = low + int(torch.searchsorted(cumulative, rank)) - 1
-            found[group].append(
-                torch.tensor([pattern], dtype=torch.int32).view(torch.float32).item()
-            )
+            found[group].append(_as_float32(pattern))
     return found
 
 
