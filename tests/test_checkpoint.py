@@ -133,3 +133,44 @@ def test_load_returns_tensors_the_caller_owns(tmp_path):
     loaded = ladle.load(tmp_path / "m.safetensors")
     loaded["w"] += 1  # would fail on a read-only mmap
     assert ladle.load(tmp_path / "m.safetensors")["w"].sum().item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64])
+def test_mapped_rows_equal_read_rows_and_writes_never_reach_the_file(tmp_path, dtype):
+    tensor = (torch.arange(60, dtype=torch.float64).reshape(12, 5) - 7).to(dtype)
+    path = tmp_path / "m.safetensors"
+    save_file({"w": tensor, "s": torch.tensor(3.5, dtype=torch.float64)}, path)
+    before = path.read_bytes()
+    checkpoint = ladle.open_checkpoint(path)
+    buffer = torch.empty(tensor.numel() * tensor.element_size(), dtype=torch.uint8)
+    for rows in (slice(None), slice(0, 1), slice(4, 9), slice(11, 12)):
+        mapped = checkpoint.map_rows("w", rows)
+        assert mapped.dtype == dtype
+        assert torch.equal(mapped, checkpoint.read_rows("w", rows, buffer))
+        assert torch.equal(mapped, tensor[rows])
+    assert checkpoint.map_rows("s", slice(None)).item() == 3.5
+    mapped = checkpoint.map_rows("w", slice(None))
+    mapped.fill_(0)  # copy-on-write: this process's pages only
+    assert path.read_bytes() == before
+    checkpoint.close()  # a view still alive: no error, unmapped once the view goes
+    assert torch.equal(ladle.load(path)["w"], tensor)
+
+
+def test_misaligned_tensors_are_read_instead_of_mapped(tmp_path):
+    # Three uint8 entries before a float32 tensor leave its data at an odd offset; a memory
+    # map cannot view it as float32, so merges read it into a buffer instead.
+    from ladle.writer import SafetensorsWriter
+
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        specs = {"b": ((3,), torch.uint8), "w": ((2, 2), torch.float32)}
+        with SafetensorsWriter(paths[-1], specs) as writer:
+            writer.write("b", torch.tensor([1, 2, 3], dtype=torch.uint8))
+            writer.write("w", torch.full((2, 2), float(i + 1)))
+    checkpoint = ladle.open_checkpoint(paths[0])
+    assert checkpoint.map_rows("w", slice(None)) is None
+    assert checkpoint.map_rows("b", slice(None)).tolist() == [1, 2, 3]
+    merged = ladle.uniform_soup(paths, device="cpu")
+    assert merged["w"].tolist() == [[1.5, 1.5], [1.5, 1.5]]
+    assert merged["b"].tolist() == [1, 2, 3]

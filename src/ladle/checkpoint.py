@@ -7,8 +7,10 @@ Safetensors files are memory-mapped; torch files are loaded with ``weights_only=
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import mmap
 import os
 import pickle
 import struct
@@ -87,6 +89,11 @@ class Checkpoint:
         where the source is a file; other sources return their own view and leave ``into``
         untouched (the caller tells by comparing storages). ``into`` must hold the rows."""
         return self.get_slice(key, rows)
+
+    def map_rows(self, key: str, rows: slice) -> torch.Tensor | None:
+        """Rows ``rows`` of ``key`` as a view of the file's pages in the page cache (no copy),
+        or ``None`` where the source cannot give one. Never write to it."""
+        return None
 
     def files(self) -> dict[str, Path]:
         """The file holding each tensor (shards of a sharded checkpoint); empty in memory."""
@@ -174,6 +181,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self.path = path
         self._handles: dict[Path, object] = {}
         self._descriptors: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
         self._spans: dict[str, int] = {}  # key -> absolute offset of its data in its file
         self._files = dict(files)
         self.metadata = {}
@@ -237,8 +245,8 @@ class SafetensorsCheckpoint(Checkpoint):
                 f"{self._files[key]}: cannot read tensor {key!r} ({err})"
             ) from err
 
-    def read_rows(self, key: str, rows: slice, into: torch.Tensor) -> torch.Tensor:
-        """Read the rows with ``os.preadv`` into ``into``: no memory map, no page faults."""
+    def _extent(self, key: str, rows: slice) -> tuple[Path, int, int, tuple[int, ...]]:
+        """The file, byte offset and byte count of rows ``rows`` of ``key``, and their shape."""
         shape, dtype = self.shape(key), self.dtype(key)
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         first, stop = rows.indices(shape[0])[:2] if shape else (0, 1)
@@ -246,6 +254,32 @@ class SafetensorsCheckpoint(Checkpoint):
         nbytes = count * row_bytes if shape else dtype.itemsize
         file = self._files[key]
         offset = self._data_offset(file, key) + first * row_bytes
+        return file, offset, nbytes, ((count, *shape[1:]) if shape else ())
+
+    def map_rows(self, key: str, rows: slice) -> torch.Tensor | None:
+        """A view of the rows in a private (copy-on-write) map of the file: the page cache's
+        pages themselves, so reading costs no copy; a stray write would change only this
+        process's copy, never the file. ``None`` where the data is not aligned to its dtype."""
+        file, offset, nbytes, shape = self._extent(key, rows)
+        dtype = self.dtype(key)
+        if offset % dtype.itemsize or nbytes == 0:
+            return None
+        mapped = self._maps.get(file)
+        if mapped is None:
+            with open(file, "rb") as handle:
+                mapped = self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        if offset + nbytes > len(mapped):
+            raise CheckpointError(
+                f"{file}: tensor {key!r} ends early; expected {nbytes} bytes at offset "
+                f"{offset}, the file has {len(mapped)}"
+            )
+        flat = torch.frombuffer(mapped, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+        return flat.view(shape)
+
+    def read_rows(self, key: str, rows: slice, into: torch.Tensor) -> torch.Tensor:
+        """Read the rows with ``os.preadv`` into ``into``: no memory map, no page faults."""
+        file, offset, nbytes, shape = self._extent(key, rows)
+        dtype = self.dtype(key)
         view = into[:nbytes]
         done = 0
         while done < nbytes:  # a read may return less than asked (large or interrupted reads)
@@ -257,7 +291,7 @@ class SafetensorsCheckpoint(Checkpoint):
                     f"{offset}, found {done}"
                 )
             done += got
-        return view.view(dtype).view((count, *shape[1:]) if shape else ())
+        return view.view(dtype).view(shape)
 
     def _descriptor(self, file: Path) -> int:
         if file not in self._descriptors:
@@ -276,6 +310,10 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def close(self) -> None:
         self._handles.clear()
+        for mapped in self._maps.values():
+            with contextlib.suppress(BufferError):  # a view still alive: unmapped with it
+                mapped.close()
+        self._maps.clear()
         for descriptor in self._descriptors.values():
             os.close(descriptor)
         self._descriptors.clear()

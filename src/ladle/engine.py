@@ -309,8 +309,10 @@ def fold(
     number of models. The default, ``None``, prefetches 2 chunks when the arithmetic runs on
     an accelerator and none on the CPU, where torch's threads already use every core (on a
     2-core machine a reading thread made the uniform soup slower: see docs/benchmarks.md).
-    File chunks are read with ``pread`` into pooled buffers (no page faults on a memory map);
-    a model's chunk is valid until ``update`` returns, the base's until ``finalize`` returns.
+    On the CPU, file chunks are views of the page cache (:meth:`Checkpoint.map_rows`), or
+    converted from them into pooled buffers; for an accelerator they are read with ``pread``
+    into pooled pinned buffers. A model's chunk is valid until ``update`` returns, the base's
+    until ``finalize`` returns.
     An input holding NaN or Inf raises :class:`NonFiniteError` naming the model and key,
     unless ``allow_nonfinite``.
     """
@@ -418,6 +420,17 @@ def _read(
         labelled = [*([(None, base)] if base is not None else []), *enumerate(models)]
         for index, checkpoint in labelled:
             on_cpu = device.type == "cpu"
+            mapped = checkpoint.map_rows(key, rows) if on_cpu else None
+            if mapped is not None:  # the page cache's own pages: no copy unless converted
+                if not allow_nonfinite:
+                    _check_finite(mapped, index, checkpoint, key)
+                if mapped.dtype == dtype:
+                    yield mapped, None
+                else:
+                    buffer = pool.take()
+                    converted = buffer.view(dtype)[: mapped.numel()].view(mapped.shape)
+                    yield converted.copy_(mapped), buffer
+                continue
             # Read into the pool when the bytes can be used as they are: on the CPU in the
             # compute dtype, or (pinned) as the source of a copy to the device.
             direct = checkpoint.dtype(key) == dtype or not on_cpu
