@@ -92,6 +92,18 @@ def test_a_file_truncated_after_opening_is_a_checkpoint_error_naming_it(tmp_path
             ckpt.read_rows("w", slice(None), buffer)
 
 
+def test_a_file_truncated_after_mapping_is_a_checkpoint_error_not_a_crash(tmp_path):
+    import pytest
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.randn(8), "w": torch.randn(64, 64)}, path)
+    with ladle.open_checkpoint(path) as ckpt:
+        assert ckpt.map_rows("a", slice(None)) is not None  # the file is mapped now
+        path.write_bytes(path.read_bytes()[:-100])  # truncated in place, as "wb" does
+        with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors.*'w'.*ends early"):
+            ckpt.map_rows("w", slice(60, 64))
+
+
 def test_scratch_reuses_one_buffer_per_dtype():
     scratch = Scratch()
     a = scratch.take((4, 4), torch.float32, torch.device("cpu"))

@@ -264,14 +264,17 @@ class SafetensorsCheckpoint(Checkpoint):
         dtype = self.dtype(key)
         if offset % dtype.itemsize or nbytes == 0:
             return None
+        descriptor = self._descriptor(file)
         mapped = self._maps.get(file)
         if mapped is None:
-            with open(file, "rb") as handle:
-                mapped = self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        if offset + nbytes > len(mapped):
+            mapped = self._maps[file] = mmap.mmap(descriptor, 0, access=mmap.ACCESS_COPY)
+        # Pages past the end of a file that shrank since it was mapped cannot be read (the
+        # process would get SIGBUS): check the file's size now, as a read would.
+        size = min(len(mapped), os.fstat(descriptor).st_size)
+        if offset + nbytes > size:
             raise CheckpointError(
                 f"{file}: tensor {key!r} ends early; expected {nbytes} bytes at offset "
-                f"{offset}, the file has {len(mapped)}"
+                f"{offset}, the file has {size} (was it changed while being read?)"
             )
         flat = torch.frombuffer(mapped, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
         return flat.view(shape)
