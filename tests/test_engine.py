@@ -138,3 +138,16 @@ def test_sharded_directories_and_torch_files_merge_like_dicts(tmp_path):
     soup = ladle.uniform_soup([tmp_path / "t0.pt", tmp_path / "t1.pt"])
     expected = ladle.uniform_soup(models[:2])
     assert all(torch.equal(soup[k], expected[k]) for k in expected)
+
+
+def test_transfers_on_the_cpu_convert_results_and_copy_nothing():
+    from ladle.engine import Transfers
+
+    transfers = Transfers(torch.device("cpu"))
+    x = torch.arange(6.0)
+    assert transfers.to_device(x, torch.float32) is x
+    assert torch.equal(transfers.to_device(x, torch.float64), x.double())
+    results = [("a", slice(None), x), ("b", slice(0, 2), torch.ones(2, 3))]
+    out = list(transfers.to_host(iter(results), {"a": torch.float32, "b": torch.bfloat16}.get))
+    assert out[0][2] is x
+    assert out[1][:2] == ("b", slice(0, 2)) and out[1][2].dtype == torch.bfloat16

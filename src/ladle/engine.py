@@ -323,8 +323,10 @@ def fold(
         prefetch = 0 if device.type == "cpu" else 2
     depth = max(prefetch, 0)
     pool = _Pool(_largest_read(plan, sources), count=depth + 2, device=device)
+    transfers = Transfers(device)  # made here: the compute stream is this thread's
     reads = _prefetched(
-        _read(plan, models, base, reference, device, allow_nonfinite, pool), depth=depth
+        _read(plan, models, base, reference, device, allow_nonfinite, pool, transfers),
+        depth=depth,
     )
     try:
         for key, rows, dtype in plan:
@@ -409,6 +411,7 @@ def _read(
     device: torch.device,
     allow_nonfinite: bool,
     pool: _Pool,
+    transfers: Transfers,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Every chunk ``fold`` consumes, in its order (base first, then models), with the pooled
     buffer it occupies (``None`` when it occupies none) for the consumer to release."""
@@ -437,13 +440,16 @@ def _read(
             buffer = pool.take()
             raw = buffer if direct else staging.take((buffer.numel(),), torch.uint8, buffer.device)
             chunk = checkpoint.read_rows(key, rows, raw)
+            if not on_cpu:  # copied on the side stream; the buffer is free once it returns
+                moved = transfers.to_device(chunk, dtype)
+                pool.release(buffer)
+                if not allow_nonfinite:
+                    _check_finite(moved, index, checkpoint, key)
+                yield moved, None
+                continue
             if not allow_nonfinite:
                 _check_finite(chunk, index, checkpoint, key)
-            if not on_cpu:  # a synchronous copy: the buffer is free again once it returns
-                moved = chunk.to(device=device, dtype=dtype)
-                pool.release(buffer)
-                yield moved, None
-            elif _shares(chunk, buffer):  # read straight into the pool
+            if _shares(chunk, buffer):  # read straight into the pool
                 yield chunk, buffer
             elif _shares(chunk, raw):  # read, then converted into the pool
                 converted = buffer.view(dtype)[: chunk.numel()].view(chunk.shape)
@@ -451,6 +457,73 @@ def _read(
             else:  # a tensor in memory already
                 pool.release(buffer)
                 yield chunk.to(dtype=dtype), None
+
+
+class Transfers:
+    """Copies between the host and the merge device, overlapped with the arithmetic.
+
+    On CUDA: a chunk read into a pinned buffer is copied to the device with ``non_blocking``
+    on a side stream, from the reading thread; an event recorded after the copy is waited
+    on by the compute stream (the stream current when this object was made), and the copy's
+    memory is marked as used there (``record_stream``), so the device computes one chunk
+    while the next is copied. The reading thread waits for each copy before it refills the
+    pinned buffer. Results go back the other way through :meth:`to_host`. Elsewhere (the
+    CPU, other accelerators) the same calls copy synchronously, or not at all.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._cuda = device.type == "cuda"
+        if self._cuda:
+            self._compute = torch.cuda.current_stream(device)
+            self._copy = torch.cuda.Stream(device)
+
+    def to_device(self, chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``chunk`` on the device in ``dtype``, ready for the compute stream."""
+        if not self._cuda:
+            return chunk.to(device=self.device, dtype=dtype)
+        with torch.cuda.stream(self._copy):
+            moved = chunk.to(device=self.device, non_blocking=True).to(dtype)
+            copied = torch.cuda.Event()
+            copied.record(self._copy)
+        self._compute.wait_event(copied)
+        moved.record_stream(self._compute)
+        copied.synchronize()  # the source may be a pinned buffer that is refilled next
+        return moved
+
+    def to_host(
+        self,
+        results: Iterator[tuple[str, slice, torch.Tensor]],
+        dtype: Callable[[str], torch.dtype],
+    ) -> Iterator[tuple[str, slice, torch.Tensor]]:
+        """``results`` converted to ``dtype(key)`` and on the CPU.
+
+        On CUDA each result is copied into one of two pinned buffers on the compute stream and
+        handed on once the next result's copy is queued, so the device computes the next
+        chunk while the caller writes this one; a result is valid until the next is taken.
+        """
+        if not self._cuda:
+            for key, rows, result in results:
+                yield key, rows, result.to(dtype(key))
+            return
+        buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * 2
+        waiting: tuple[str, slice, torch.Tensor, torch.cuda.Event] | None = None
+        for turn, (key, rows, result) in enumerate(results):
+            converted = result.to(dtype(key))
+            nbytes = converted.numel() * converted.element_size()
+            if buffers[turn % 2].numel() < nbytes:
+                buffers[turn % 2] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            host = buffers[turn % 2][:nbytes].view(converted.dtype).view(converted.shape)
+            host.copy_(converted, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._compute)
+            if waiting is not None:
+                waiting[3].synchronize()
+                yield waiting[:3]
+            waiting = (key, rows, host, copied)
+        if waiting is not None:
+            waiting[3].synchronize()
+            yield waiting[:3]
 
 
 def _shares(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
@@ -610,6 +683,7 @@ def merge(
             copy_others=True,
             allow_nonfinite=allow_nonfinite,
         )
+        results = Transfers(target).to_host(results, lambda key: specs[key][1])
         if out is None:
             state = _to_state_dict(results, specs)
             for key, index, values in kernel.amend() if kernel.amend is not None else ():
@@ -642,7 +716,7 @@ def merge(
         )
         with sink as writer:
             for key, _, chunk in results:
-                writer.write(key, chunk.to(specs[key][1]))
+                writer.write(key, chunk)
             for key, index, values in kernel.amend() if kernel.amend is not None else ():
                 writer.amend(key, index, values.to("cpu", specs[key][1]))
         return Path(out)

@@ -1,0 +1,124 @@
+"""The CUDA pipeline: side-stream copies, events, pinned results. Skipped without CUDA.
+
+Every method runs on ``device="cuda"`` from files (pinned reads, copies on a side stream,
+results back through pinned buffers) and from memory, and must agree with the CPU: bit for
+bit where the arithmetic is the same (thresholds, masks, integer buffers), within float32
+rounding elsewhere (a GPU sums in another order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_bit_for_bit, save_all
+
+import ladle
+from ladle.engine import Transfers
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def llama_like(n: int, *, dtype: torch.dtype, seed: int = 0) -> tuple[dict, list[dict]]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"embed": (3000, 256), "q": (256, 256), "mlp": (700, 256), "norm": (256,)}
+    base = {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
+    base["steps"] = torch.tensor(7)
+    models = []
+    for _ in range(n):
+        model = {
+            k: v + 0.01 * torch.randn(v.shape, generator=gen).to(dtype)
+            for k, v in base.items()
+            if v.is_floating_point()
+        }
+        model["steps"] = torch.tensor(7)
+        models.append(model)
+    return base, models
+
+
+METHODS = {
+    "soup": lambda models, base, **kw: ladle.uniform_soup(models, **kw),
+    "task_arithmetic": lambda models, base, **kw: ladle.task_arithmetic(models, base, **kw),
+    "ties global": lambda models, base, **kw: ladle.ties(models, base, **kw),
+    "ties tensor": lambda models, base, **kw: ladle.ties(models, base, trim="tensor", **kw),
+    "dare": lambda models, base, **kw: ladle.dare(models, base, density=0.3, **kw),
+    "model_stock": lambda models, base, **kw: ladle.model_stock(models, base, **kw),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_from_files_agrees_with_the_cpu(tmp_path, method, dtype):
+    base, models = llama_like(4, dtype=dtype)
+    paths = save_all([base, *models], tmp_path)
+    merge = METHODS[method]
+    on_cpu = merge(paths[1:], paths[0], device="cpu")
+    on_gpu = merge(paths[1:], paths[0], device="cuda", chunk_bytes=2**16)  # many chunks
+    streamed = ladle.load(merge(paths[1:], paths[0], device="cuda", out=tmp_path / "out"))
+    assert_bit_for_bit(streamed, merge(paths[1:], paths[0], device="cuda"))
+    assert list(on_gpu) == list(on_cpu)
+    for key, expected in on_cpu.items():
+        assert on_gpu[key].device.type == "cpu" and on_gpu[key].dtype == expected.dtype
+        if expected.is_floating_point():
+            rtol = 1e-5 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(on_gpu[key].float(), expected.float(), rtol=rtol, atol=1e-5)
+        else:
+            assert torch.equal(on_gpu[key], expected)
+
+
+def test_ties_thresholds_on_cuda_equal_the_cpu_exactly(tmp_path):
+    from ladle.methods.ties import magnitude_thresholds
+
+    base, models = llama_like(3, dtype=torch.float32, seed=1)
+    paths = save_all([base, *models], tmp_path)
+    for trim in ("global", "tensor"):
+        cpu = magnitude_thresholds(paths[1:], paths[0], trim=trim, device="cpu")
+        gpu = magnitude_thresholds(paths[1:], paths[0], trim=trim, device="cuda", chunk_bytes=2**16)
+        assert gpu == cpu
+
+
+def test_prefetch_depth_does_not_change_a_bit(tmp_path):
+    from contextlib import ExitStack
+
+    from ladle.engine import fold, open_models
+    from ladle.methods.soup import weighted_mean_kernel
+
+    _, models = llama_like(5, dtype=torch.bfloat16, seed=2)
+    paths = save_all(models, tmp_path)
+    results = []
+    for prefetch in (0, 1, 3):
+        with ExitStack() as stack:
+            opened, _ = open_models(paths, None, stack)
+            kernel = weighted_mean_kernel([1 / len(paths)] * len(paths))
+            results.append(
+                [
+                    r.cpu().clone()
+                    for _, _, r in fold(
+                        opened,
+                        kernel,
+                        device=torch.device("cuda"),
+                        chunk_bytes=2**15,
+                        prefetch=prefetch,
+                    )
+                ]
+            )
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_results_come_back_through_alternating_pinned_buffers():
+    transfers = Transfers(torch.device("cuda"))
+    chunks = [torch.full((1000,), float(i), device="cuda") for i in range(5)]
+    seen = []
+    for key, _, host in transfers.to_host(
+        ((f"k{i}", slice(None), c) for i, c in enumerate(chunks)), lambda key: torch.bfloat16
+    ):
+        assert host.device.type == "cpu" and host.is_pinned() and host.dtype == torch.bfloat16
+        seen.append((key, host.clone()))
+    assert [k for k, _ in seen] == [f"k{i}" for i in range(5)]
+    assert all(
+        torch.equal(h, torch.full((1000,), float(i), dtype=torch.bfloat16))
+        for i, (_, h) in enumerate(seen)
+    )
