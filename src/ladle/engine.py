@@ -18,6 +18,7 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar, Union
 
@@ -441,10 +442,13 @@ def _read(
             raw = buffer if direct else staging.take((buffer.numel(),), torch.uint8, buffer.device)
             chunk = checkpoint.read_rows(key, rows, raw)
             if not on_cpu:  # copied on the side stream; the buffer is free once it returns
-                moved = transfers.to_device(chunk, dtype)
+                check = (
+                    None
+                    if allow_nonfinite
+                    else partial(_check_finite, index=index, checkpoint=checkpoint, key=key)
+                )
+                moved = transfers.to_device(chunk, dtype, check)
                 pool.release(buffer)
-                if not allow_nonfinite:
-                    _check_finite(moved, index, checkpoint, key)
                 yield moved, None
                 continue
             if not allow_nonfinite:
@@ -478,12 +482,23 @@ class Transfers:
             self._compute = torch.cuda.current_stream(device)
             self._copy = torch.cuda.Stream(device)
 
-    def to_device(self, chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``chunk`` on the device in ``dtype``, ready for the compute stream."""
+    def to_device(
+        self,
+        chunk: torch.Tensor,
+        dtype: torch.dtype,
+        check: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """``chunk`` on the device in ``dtype``, ready for the compute stream; ``check`` runs
+        on the copy first (on the side stream: its result waits for the copy alone)."""
         if not self._cuda:
-            return chunk.to(device=self.device, dtype=dtype)
+            moved = chunk.to(device=self.device, dtype=dtype)
+            if check is not None:
+                check(moved)
+            return moved
         with torch.cuda.stream(self._copy):
             moved = chunk.to(device=self.device, non_blocking=True).to(dtype)
+            if check is not None:
+                check(moved)
             copied = torch.cuda.Event()
             copied.record(self._copy)
         self._compute.wait_event(copied)
