@@ -90,7 +90,14 @@ def test_ties_combine_elects_a_sign_and_averages_the_agreeing_deltas():
 
 
 @pytest.mark.parametrize(
-    ("numel", "start", "count"), [(10, 0, 10), (10, 3, 4), (3 * BLOCK, BLOCK - 5, BLOCK + 10)]
+    ("numel", "start", "count"),
+    [
+        (10, 0, 10),
+        (10, 3, 4),
+        (3 * BLOCK, BLOCK - 5, BLOCK + 10),  # parts of blocks
+        (2 * BLOCK + 7, 0, 2 * BLOCK + 7),  # whole blocks, drawn on threads, and a short one
+        (3 * BLOCK, BLOCK, BLOCK),  # exactly one block
+    ],
 )
 def test_mask_of_a_slice_is_the_slice_of_the_whole_mask(numel, start, count):
     whole = naive_mask(3, 1, "layer.weight", numel, 0.3)

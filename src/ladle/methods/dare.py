@@ -15,6 +15,7 @@ import math
 import operator
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from ..engine import (
 from .task_arithmetic import Delta, check_inputs, check_scale, task_vector_sum_kernel
 from .ties import SignElection, check_density, election_kernel, majority_votes
 
-__all__ = ["BLOCK", "block_seed", "dare", "keep_mask"]
+__all__ = ["BLOCK", "block_seed", "dare", "keep_mask", "uniform_numbers"]
 
 BLOCK = 2**20
 """Entries per block of the flattened tensor; each block has its own generator."""
@@ -50,6 +51,48 @@ def block_seed(seed: int, index: int, key: str, block: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def uniform_numbers(
+    seed: int, index: int, key: str, *, numel: int, start: int, count: int
+) -> torch.Tensor:
+    """The uniform numbers in [0, 1) that decide entries ``start .. start+count`` of flattened
+    tensor ``key`` (of ``numel`` entries) of model ``index``: a flat float32 CPU tensor.
+
+    Blocks are drawn on a few threads at once: each has its own generator, and a CPU
+    generator draws on one core.
+    """
+    numbers = torch.empty(count)
+    stop = start + count
+
+    def draw(block: int) -> None:
+        first = block * BLOCK
+        size = min(BLOCK, numel - first)
+        low, high = max(start, first), min(stop, first + size)
+        generator = torch.Generator(device="cpu").manual_seed(block_seed(seed, index, key, block))
+        if (low, high) == (first, first + size):  # a whole block: drawn in place
+            torch.rand(size, generator=generator, out=numbers[low - start : high - start])
+        else:
+            drawn = torch.rand(size, generator=generator)
+            numbers[low - start : high - start] = drawn[low - first : high - first]
+
+    blocks = range(start // BLOCK, -(-stop // BLOCK))
+    if len(blocks) > 1:
+        list(_drawing_threads().map(draw, blocks))
+    else:
+        for block in blocks:
+            draw(block)
+    return numbers
+
+
+_THREADS: list[ThreadPoolExecutor] = []
+
+
+def _drawing_threads() -> ThreadPoolExecutor:
+    if not _THREADS:
+        workers = min(8, os.cpu_count() or 1)
+        _THREADS.append(ThreadPoolExecutor(workers, thread_name_prefix="ladle-dare"))
+    return _THREADS[0]
+
+
 def keep_mask(
     seed: int, index: int, key: str, *, numel: int, start: int, count: int, density: float
 ) -> torch.Tensor:
@@ -63,16 +106,8 @@ def keep_mask(
         >>> bool((whole[4:7] == part).all())
         True
     """
-    pieces = []
-    stop = start + count
-    for block in range(start // BLOCK, -(-stop // BLOCK)):
-        first = block * BLOCK
-        generator = torch.Generator(device="cpu").manual_seed(block_seed(seed, index, key, block))
-        numbers = torch.rand(min(BLOCK, numel - first), generator=generator)
-        pieces.append(numbers[max(start, first) - first : min(stop, first + BLOCK) - first])
-    if not pieces:
-        return torch.zeros(0, dtype=torch.bool)
-    return torch.cat(pieces) < density
+    numbers = uniform_numbers(seed, index, key, numel=numel, start=start, count=count)
+    return numbers < density
 
 
 def _dropper(shapes: dict[str, tuple[int, ...]], seed: int, density: float) -> Delta:
@@ -85,18 +120,18 @@ def _dropper(shapes: dict[str, tuple[int, ...]], seed: int, density: float) -> D
             return tau
         shape = shapes[key]
         row_size = math.prod(shape[1:]) if shape else 1
-        start = (rows.start or 0) * row_size
-        keep = keep_mask(
+        numbers = uniform_numbers(
             seed,
             index,
             key,
             numel=math.prod(shape),
-            start=start,
+            start=(rows.start or 0) * row_size,
             count=tau.numel(),
-            density=density,
         )
-        keep = keep.view(tau.shape).to(tau.device)
-        return tau.div_(density).masked_fill_(keep.logical_not_(), 0.0)
+        # 1.0 where kept, 0.0 where dropped: multiplying by a float mask is many times faster
+        # than masked_fill_ with a bool one (a dropped entry becomes ±0.0).
+        keep = torch.lt(numbers, density, out=numbers).view(tau.shape).to(tau.device)
+        return tau.div_(density).mul_(keep)
 
     return drop
 
