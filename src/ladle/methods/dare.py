@@ -30,7 +30,7 @@ from ..engine import (
     resolve_device,
 )
 from .task_arithmetic import Delta, check_inputs, check_scale, task_vector_sum_kernel
-from .ties import SignElection, check_density, election_kernel, majority_votes
+from .ties import check_density, elect_later, elected, election_kernel, majority_votes
 
 __all__ = ["BLOCK", "block_seed", "dare", "keep_mask", "uniform_numbers"]
 
@@ -216,6 +216,16 @@ def dare(
         part = current_partition()  # a merge split across processes: votes of its keys, summed
         own = base_ckpt.keys() if part is None else part.keys(base_ckpt)
         floating = [k for k in own if base_ckpt.dtype(k).is_floating_point]
+        if part is None:  # ties patched with the model's majority once the merge pass ends
+            return elect_later(
+                checkpoints,
+                base_ckpt,
+                dropper,
+                scopes=dict.fromkeys(floating, ""),
+                scale=scale,
+                device=target,
+                chunk_bytes=chunk_bytes,
+            )
         majority = majority_votes(
             checkpoints,
             base_ckpt,
@@ -225,13 +235,9 @@ def dare(
             device=target,
             chunk_bytes=chunk_bytes,
             allow_nonfinite=allow_nonfinite,
-            reduce=None if part is None else part.all_reduce,
+            reduce=part.all_reduce,
         )
-
-        def finish(state: SignElection) -> torch.Tensor:
-            return state.merged(majority[state.key]).mul_(scale).add_(state.base)
-
-        return election_kernel(dropper, finish)
+        return election_kernel(dropper, elected(majority, scale))
 
     return merge(
         models,

@@ -36,6 +36,8 @@ from .task_arithmetic import Delta, check_inputs, check_scale
 __all__ = [
     "SignElection",
     "check_density",
+    "elect_later",
+    "elected",
     "election_kernel",
     "keep_rank",
     "magnitude_thresholds",
@@ -662,6 +664,57 @@ class _TiesLater:
             yield key, torch.arange(start, start + merged.numel()), merged.flatten()
 
 
+def elected(majority: Mapping[str, float], scale: float) -> Callable[[SignElection], torch.Tensor]:
+    """Finish a chunk: ``base + scale·disjoint mean``, ties broken by ``majority[key]`` (keys
+    absent from it: by the chunk's own vote, a whole tensor's when it is one chunk)."""
+
+    def finish(state: SignElection) -> torch.Tensor:
+        return state.merged(majority.get(state.key)).mul_(scale).add_(state.base)
+
+    return finish
+
+
+def elect_later(
+    models: Sequence[Checkpoint],
+    base: Checkpoint,
+    delta: Delta,
+    *,
+    scopes: Mapping[str, str],
+    scale: float,
+    device: torch.device,
+    chunk_bytes: int,
+) -> Kernel:
+    """The merge kernel of a sign election whose tie-breaking majority is found while merging.
+
+    ``scopes`` maps each key whose ties the majority of a scope decides to that scope (``""``
+    for one vote over all of them, the key itself for a vote per tensor); other keys break
+    ties with their chunk's own vote. The kernel's ``amend`` patches the ties afterwards
+    (:class:`_TiesLater`), so no pass over the checkpoints is spent on the vote.
+    """
+
+    def again(
+        keys: set[str], signs: Mapping[str, int]
+    ) -> Iterator[tuple[str, slice, torch.Tensor]]:
+        majority = {key: float(signs[scopes[key]]) for key in keys}
+        return fold(
+            models,
+            election_kernel(delta, elected(majority, scale)),
+            base=base,
+            keys=[key for key in scopes if key in keys],
+            device=device,
+            chunk_bytes=chunk_bytes,
+            allow_nonfinite=True,  # checked by the first pass over these keys
+        )
+
+    later = _TiesLater(scopes, scale, again)
+    in_pass = elected({}, scale)
+
+    def finish(state: SignElection) -> torch.Tensor:
+        return (later.finish if state.key in scopes else in_pass)(state)
+
+    return election_kernel(delta, finish)._replace(amend=later.amend)
+
+
 def _kth_magnitude(tau: torch.Tensor, rank: int, scratch: torch.Tensor) -> float:
     """The ``rank``-th smallest ``|tau|`` of an in-memory tensor, as ``torch.kthvalue`` finds
     it: a histogram of the top 16 bits picks the bucket, ``kthvalue`` finishes inside it."""
@@ -801,13 +854,6 @@ def ties(
             reduce=reduce,
         )
         trimmer = _trimmer(limits, density)
-
-        def merged(majority: Mapping[str, float]) -> Callable[[SignElection], torch.Tensor]:
-            def finish(state: SignElection) -> torch.Tensor:
-                return state.merged(majority.get(state.key)).mul_(scale).add_(state.base)
-
-            return finish
-
         if part is not None:  # a split merge: the vote is summed over processes first
             majority = majority_votes(
                 checkpoints,
@@ -820,31 +866,16 @@ def ties(
                 allow_nonfinite=allow_nonfinite,
                 reduce=reduce,
             )
-            return election_kernel(trimmer, merged(majority))
-
-        scopes = {key: "" if trim == "global" else key for key in streamed}
-
-        def again(
-            keys: set[str], signs: Mapping[str, int]
-        ) -> Iterator[tuple[str, slice, torch.Tensor]]:
-            majority = {key: float(signs[scopes[key]]) for key in keys}
-            return fold(
-                checkpoints,
-                election_kernel(trimmer, merged(majority)),
-                base=base_ckpt,
-                keys=[key for key in streamed if key in keys],
-                device=target,
-                chunk_bytes=chunk_bytes,
-                allow_nonfinite=True,  # checked by the first pass over these keys
-            )
-
-        later = _TiesLater(scopes, scale, again)
-        in_pass = merged({})  # keys of one chunk (trim="tensor"): their own vote decides
-
-        def finish(state: SignElection) -> torch.Tensor:
-            return (later.finish if state.key in scopes else in_pass)(state)
-
-        return election_kernel(trimmer, finish)._replace(amend=later.amend)
+            return election_kernel(trimmer, elected(majority, scale))
+        return elect_later(
+            checkpoints,
+            base_ckpt,
+            trimmer,
+            scopes={key: "" if trim == "global" else key for key in streamed},
+            scale=scale,
+            device=target,
+            chunk_bytes=chunk_bytes,
+        )
 
     return merge(
         models,
