@@ -210,7 +210,7 @@ def check_thresholds(models, base, density, trim, chunk_bytes):
 SELECTIONS = {  # module attributes patched: how the thresholds are found
     "sample brackets it (one pass)": {},
     "tiny sample (guesses miss)": {"SAMPLE": 3},
-    "radix select only (two passes)": {"_select_in_windows": lambda *a, **k: None},
+    "radix select only (two passes)": {"_select_in_window": lambda *a, **k: None},
 }
 
 
@@ -527,3 +527,23 @@ def test_tied_family_has_ties_the_majority_decides():
         state.add(model["w"] - base["w"])
     assert state.ties().numel() > 0
     assert int(state.vote()) != 0
+
+
+def test_tensor_trim_selects_one_tensor_at_a_time(monkeypatch):
+    # Per-tensor thresholds: each tensor is its own group, sampled, counted and resolved on
+    # its own, so memory holds one tensor's histograms, whatever the number of tensors.
+    seen = []
+    original = ties_module._select_in_window
+    monkeypatch.setattr(
+        ties_module,
+        "_select_in_window",
+        lambda *a, **k: seen.append(list(k["keys"])) or original(*a, **k),
+    )
+    gen = torch.Generator().manual_seed(4)
+    base = {f"k{i}": torch.randn(30, 8, generator=gen) for i in range(4)}
+    models = [{k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()}]
+    check_thresholds(models, base, 0.3, "tensor", chunk_bytes=64)
+    assert seen == [["k0"], ["k1"], ["k2"], ["k3"]]
+    seen.clear()
+    check_thresholds(models, base, 0.3, "global", chunk_bytes=64)
+    assert seen == [["k0", "k1", "k2", "k3"]]

@@ -54,8 +54,8 @@ FOLD_CHUNK_BYTES = 4 * 2**20
 arithmetic, Model Stock): small enough that accumulators stay in the CPU's cache while every
 model's chunk is folded in. Measured against 64 MiB chunks on 12 fp32 models of 89 MiB:
 uniform soup 0.44 s vs 0.64 s, Model Stock 2.1 s and 62 MiB vs 2.7 s and 600 MiB
-(docs/benchmarks.md). TIES with a global trim uses it too; a per-tensor trim and DARE keep
-64 MiB (extra passes for every tensor larger than a chunk; random numbers drawn per block)."""
+(docs/benchmarks.md). TIES uses it too; DARE keeps 64 MiB (its random numbers are drawn per
+block of 2²⁰ entries, the blocks of a chunk on several threads)."""
 
 Progress = Union[bool, Callable[..., Any], None]  # noqa: UP007 (a runtime alias on Python 3.10)
 """``True``: a tqdm bar over bytes; a tqdm-like class: your own; ``None``/``False``: none."""

@@ -224,42 +224,34 @@ def _sample_blocks(shape: tuple[int, ...], entries: int) -> list[slice]:
 
 
 def _windows(
-    models: Sequence[Checkpoint],
-    base: Checkpoint,
-    groups: Mapping[str, str],
-    ranks: Mapping[str, int],
-    sizes: Mapping[str, int],
-) -> dict[str, list[tuple[int, int]]] | None:
-    """Per group and model, a window ``(low, span)`` of float32 bit patterns of magnitudes
-    that should hold the ``ranks[g]``-th smallest: :data:`_SPREAD` deviations of a sample's
-    rank either side, the sample read from a few blocks of rows of each key. ``None`` if a
-    window would span more than :data:`WINDOW` patterns."""
-    samples: dict[str, list[list[torch.Tensor]]] = {g: [[] for _ in models] for g in ranks}
-    for key, group in groups.items():
-        if group not in ranks:
-            continue
-        entries = -(-SAMPLE * math.prod(base.shape(key)) // sizes[group])
+    models: Sequence[Checkpoint], base: Checkpoint, keys: Sequence[str], rank: int, size: int
+) -> list[tuple[int, int]] | None:
+    """Per model, a window ``(low, span)`` of float32 bit patterns of magnitudes that should
+    hold the ``rank``-th smallest of the ``size`` entries of ``keys``: :data:`_SPREAD`
+    deviations of a sample's rank either side, the sample read from a few blocks of rows of
+    each key. ``None`` if a window would span more than :data:`WINDOW` patterns."""
+    samples: list[list[torch.Tensor]] = [[] for _ in models]
+    for key in keys:
+        entries = -(-SAMPLE * math.prod(base.shape(key)) // size)
         for rows in _sample_blocks(base.shape(key), entries):
             origin = base.get_slice(key, rows).to(torch.float32)
             for i, model in enumerate(models):
                 tau = model.get_slice(key, rows).to(torch.float32) - origin
-                samples[group][i].append(_magnitude_bits(tau, 32))
-    found: dict[str, list[tuple[int, int]]] = {}
-    for group, rank in ranks.items():
-        found[group] = []
-        for parts in samples[group]:
-            sample = torch.cat(parts)
-            size, fraction = sample.numel(), rank / sizes[group]
-            spread = _SPREAD * math.sqrt(size * fraction * (1 - fraction)) + 1
-            first = min(max(math.floor(fraction * size - spread), 1), size)
-            last = min(max(math.ceil(fraction * size + spread), 1), size)
-            if size >= sizes[group]:  # the sample is every entry: the answer itself
-                first = last = rank
-            low, high = (int(sample.kthvalue(r).values) for r in (first, last))
-            if high - low >= WINDOW:
-                return None
-            found[group].append((low, max(high - low + 1, 1)))
-    return found
+                samples[i].append(_magnitude_bits(tau, 32))
+    windows = []
+    for parts in samples:
+        sample = torch.cat(parts)
+        count, fraction = sample.numel(), rank / size
+        spread = _SPREAD * math.sqrt(count * fraction * (1 - fraction)) + 1
+        first = min(max(math.floor(fraction * count - spread), 1), count)
+        last = min(max(math.ceil(fraction * count + spread), 1), count)
+        if count >= size:  # the sample is every entry: the answer itself
+            first = last = rank
+        low, high = (int(sample.kthvalue(r).values) for r in (first, last))
+        if high - low >= WINDOW:
+            return None
+        windows.append((low, max(high - low + 1, 1)))
+    return windows
 
 
 def _as_float32(bits: int) -> float:
@@ -267,24 +259,19 @@ def _as_float32(bits: int) -> float:
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
 
 
-def _window_kernel(
-    groups: Mapping[str, str],
-    windows: Mapping[str, list[tuple[int, int]]],
-    counts: dict[str, list[torch.Tensor]],
-) -> Kernel:
-    """Histogram, per group and model, the magnitudes' bit patterns inside the window, one
-    bin per pattern, with one bin for all below it and one for all above."""
+def _window_kernel(windows: Sequence[tuple[int, int]], counts: list[torch.Tensor]) -> Kernel:
+    """Histogram, per model, the magnitudes' bit patterns inside its window, one bin per
+    pattern, with one bin for all below it and one for all above."""
 
     def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
         assert base is not None
-        return key, base, torch.empty_like(base), torch.empty_like(base)
+        return base, torch.empty_like(base), torch.empty_like(base)
 
     def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
-        key, base, buffer, scratch = state
-        group = groups[key]
-        low, span = windows[group][index]
+        base, buffer, scratch = state
+        low, span = windows[index]
         magnitudes = torch.sub(x, base, out=buffer).abs_()
-        histogram = counts[group][index]
+        histogram = counts[index]
         # Most magnitudes fall outside the window: count those below and above with sums
         # (a histogram of such lopsided bins is slow), then histogram the few inside.
         under = torch.lt(magnitudes, _as_float32(low), out=scratch)  # 1.0 or 0.0
@@ -303,35 +290,32 @@ def _window_kernel(
     return Kernel(init, update, finalize)
 
 
-def _select_in_windows(
+def _select_in_window(
     models: Sequence[Checkpoint],
     base: Checkpoint,
     *,
-    groups: Mapping[str, str],
-    ranks: Mapping[str, int],
-    sizes: Mapping[str, int],
+    keys: Sequence[str],
+    rank: int,
+    size: int,
     device: torch.device,
     chunk_bytes: int,
     allow_nonfinite: bool,
-) -> dict[str, list[float]] | None:
-    """The radix select's answer in one pass, or ``None`` when a guess misses.
+) -> list[float] | None:
+    """The radix select's answer for one group of keys in one pass, or ``None`` when a guess
+    misses.
 
-    A sample of the magnitudes brackets each threshold with a window of float32 bit
+    A sample of the magnitudes brackets each model's threshold with a window of float32 bit
     patterns; one pass counts every pattern inside the window (and those below and above
     it); where the rank falls inside, the pattern that reaches it is the exact answer.
+    Memory: the sample, and one histogram of at most :data:`WINDOW` bins per model.
     """
-    windows = _windows(models, base, groups, ranks, sizes)
+    windows = _windows(models, base, keys, rank, size)
     if windows is None:
         return None
-    counts = {
-        g: [torch.zeros(span + 2, dtype=torch.int64, device=device) for _, span in windows[g]]
-        for g in ranks
-    }
-    keys = [key for key, group in groups.items() if group in ranks]
-    kernel = _window_kernel(groups, windows, counts)
+    counts = [torch.zeros(span + 2, dtype=torch.int64, device=device) for _, span in windows]
     for _ in fold(
         models,
-        kernel,
+        _window_kernel(windows, counts),
         base=base,
         keys=keys,
         device=device,
@@ -339,15 +323,12 @@ def _select_in_windows(
         allow_nonfinite=allow_nonfinite,
     ):
         pass
-    found: dict[str, list[float]] = {}
-    for group, rank in ranks.items():
-        found[group] = []
-        for (low, _), histogram in zip(windows[group], counts[group]):
-            cumulative = histogram.cpu().cumsum(0)
-            if not int(cumulative[0]) < rank <= int(cumulative[-2]):
-                return None  # the k-th smallest lies below or above the window
-            pattern = low + int(torch.searchsorted(cumulative, rank)) - 1
-            found[group].append(_as_float32(pattern))
+    found = []
+    for (low, _), histogram in zip(windows, counts):
+        cumulative = histogram.cpu().cumsum(0)
+        if not int(cumulative[0]) < rank <= int(cumulative[-2]):
+            return None  # the k-th smallest lies below or above the window
+        found.append(_as_float32(low + int(torch.searchsorted(cumulative, rank)) - 1))
     return found
 
 
@@ -390,29 +371,33 @@ def _thresholds(
     if reduce is not None:  # the whole model's count, over every process's keys
         counts[""] = int(reduce(torch.tensor(counts[""], dtype=torch.int64)))
     ranks = {g: keep_rank(c, density) for g, c in counts.items() if keep_rank(c, density) >= 1}
-    narrow = all(
-        compute_dtype([c.dtype(key) for c in [*models, base]]) != torch.float64 for key in groups
-    )
-    found = (  # one pass where a sample brackets every threshold; else two
-        _select_in_windows(
+    found: dict[str, list[float]] = {}
+    if reduce is None:  # one pass for each group a sample brackets; float32 groups only
+        for group, rank in ranks.items():
+            members = [key for key, g in groups.items() if g == group]
+            if all(
+                compute_dtype([c.dtype(key) for c in [*models, base]]) != torch.float64
+                for key in members
+            ):
+                window = _select_in_window(
+                    models,
+                    base,
+                    keys=members,
+                    rank=rank,
+                    size=counts[group],
+                    device=device,
+                    chunk_bytes=chunk_bytes,
+                    allow_nonfinite=allow_nonfinite,
+                )
+                if window is not None:
+                    found[group] = window
+    missed = {group: rank for group, rank in ranks.items() if group not in found}
+    if missed:  # two radix passes (four for float64) over the keys of the other groups
+        found |= _radix_select(
             models,
             base,
-            groups=groups,
-            ranks=ranks,
-            sizes=counts,
-            device=device,
-            chunk_bytes=chunk_bytes,
-            allow_nonfinite=allow_nonfinite,
-        )
-        if reduce is None and narrow and ranks
-        else None
-    )
-    if found is None:
-        found = _radix_select(
-            models,
-            base,
-            groups=groups,
-            ranks=ranks,
+            groups={key: group for key, group in groups.items() if group in missed},
+            ranks=missed,
             device=device,
             chunk_bytes=chunk_bytes,
             allow_nonfinite=allow_nonfinite,
@@ -808,9 +793,9 @@ def ties(
         max_shard_size: largest shard of a directory output.
         overwrite: replace an existing ``out`` (atomically) instead of refusing.
         chunk_bytes: largest piece of one tensor processed at a time, per model; default
-            4 MiB for ``trim="global"`` (measured faster, and less memory: 5.1 s and 58 MiB
-            against 6.8 s and 240 MiB with 64 MiB on 12 fp32 models of 89 MiB), 64 MiB for
-            ``trim="tensor"`` (tensors larger than a chunk need extra passes).
+            4 MiB (``FOLD_CHUNK_BYTES``: running sums that stay in the CPU's cache; on 12
+            fp32 models of 89 MiB as fast as 64 MiB for both trims, with 86 MiB of extra
+            memory instead of 245 MiB for ``trim="tensor"``).
         allow_nonfinite: merge inputs holding NaN or Inf instead of raising NonFiniteError.
 
     Returns:
@@ -831,7 +816,7 @@ def ties(
     check_inputs(models, base)
     target = resolve_device(device)
     if chunk_bytes is None:
-        chunk_bytes = FOLD_CHUNK_BYTES if trim == "global" else DEFAULT_CHUNK_BYTES
+        chunk_bytes = FOLD_CHUNK_BYTES
 
     def prepare(checkpoints: list[Checkpoint], base_ckpt: Checkpoint | None) -> Kernel:
         assert base_ckpt is not None
