@@ -1,7 +1,8 @@
 """Benchmark every ladle method against the read floor, a naive script and (if present) mergekit.
 
 Builds its own inputs: a base and N fine-tunes as tiny LLaMA directories (config.json +
-model.safetensors) that mergekit can read too. Every number is measured in this run:
+model.safetensors) that mergekit can read too, one family in fp32 and one in bf16. Every
+number is measured in this run:
 - time: wall seconds net of the tool's own start-up (interpreter and imports), as a ratio to
   the read floor (``cat`` of the inputs, warm page cache) and to ladle's uniform soup;
 - memory: peak RssAnon (anonymous memory; mmap'd file pages excluded) above start-up, as a
@@ -12,7 +13,8 @@ model.safetensors) that mergekit can read too. Every number is measured in this 
 mergekit is never a dependency of ladle: install it in a separate venv (see
 docs/benchmarks.md) and pass ``--mergekit /path/to/venv/bin/mergekit-yaml``.
 
-Usage: python benchmarks/run.py [--quick] [--models 12] [--mergekit PATH] [--workdir DIR]
+Usage: python benchmarks/run.py [--quick] [--models 12] [--dtypes fp32,bf16] [--mergekit PATH]
+       [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from common import MIB, Run, best_of, llama_family, python_timed, warm, weights_file
 
 NAIVE_SETUP = "import sys, torch\nfrom safetensors.torch import load_file, save_file"
@@ -60,9 +63,14 @@ def ladle_commands(base: Path, models: list[Path], out: Path) -> dict[str, list[
     }
 
 
-def mergekit_config(method: str, base: Path, models: list[Path]) -> str:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def mergekit_config(method: str, base: Path, models: list[Path], dtype: str) -> str:
+    """mergekit computes in float32 and writes the inputs' dtype, as ladle does."""
     merge_method, per_model, parameters = MERGEKIT[method]
-    lines = [f"merge_method: {merge_method}", "dtype: float32"]
+    out_dtype = "bfloat16" if dtype == "bf16" else "float32"
+    lines = [f"merge_method: {merge_method}", "dtype: float32", f"out_dtype: {out_dtype}"]
     if merge_method != "linear":
         lines.append(f"base_model: {base}")
     lines.append("models:")
@@ -97,13 +105,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--mergekit", type=Path, default=None, help="path to mergekit-yaml")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--dtypes", default="fp32,bf16", help="families to run, of fp32 and bf16 (default both)"
+    )
     args = parser.parse_args()
     count, repeat = (4, 1) if args.quick else (args.models, args.repeat)
     size = {"layers": 1, "vocab": 1024} if args.quick else {"layers": 1, "vocab": 5120}
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ladle-bench-"))
     try:
-        report(workdir, count, repeat, size, args.mergekit)
+        for name in args.dtypes.split(","):
+            if name not in DTYPES:
+                parser.error(f"--dtypes: expected fp32 and/or bf16, found {name!r}")
+            report(workdir / name, count, repeat, {**size, "dtype": DTYPES[name]}, args.mergekit)
+            print()
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -133,8 +148,9 @@ def report(workdir: Path, count: int, repeat: int, size: dict, mergekit: Path | 
         results[f"ladle {label}"] = (best_of(repeat, argv), idle["ladle"])
         outputs[label] = out
 
+    name = next(k for k, v in DTYPES.items() if v == size["dtype"])
     print(
-        f"{count} fine-tunes + base, fp32, {one / MIB:.1f} MiB each; best of {repeat}; read "
+        f"{count} fine-tunes + base, {name}, {one / MIB:.1f} MiB each; best of {repeat}; read "
         f"floor (cat of {len(files)} files) {cat.seconds:.3f} s; times exclude start-up"
     )
     soup = results["ladle soup"][0].seconds
@@ -154,7 +170,7 @@ def report(workdir: Path, count: int, repeat: int, size: dict, mergekit: Path | 
     for label in MERGEKIT:
         method = MERGEKIT[label][0]
         config = workdir / f"mergekit-{method}.yml"
-        config.write_text(mergekit_config(label, base, models))
+        config.write_text(mergekit_config(label, base, models, name))
         out = workdir / f"mergekit-{method}"
         work = "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code"
         argv = python_timed(
