@@ -517,9 +517,13 @@ class Transfers:
         handed on once the next result's copy is queued, so the device computes the next
         chunk while the caller writes this one; a result is valid until the next is taken.
         """
-        if not self._cuda:
+        if not self._cuda:  # converted into one reused buffer (fresh ones grow the heap)
+            converted = Scratch()
             for key, rows, result in results:
-                yield key, rows, result.to(dtype(key))
+                if result.dtype != dtype(key):
+                    buffer = converted.take(result.shape, dtype(key), result.device)
+                    result = buffer.copy_(result)
+                yield key, rows, result
             return
         buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * 2
         waiting: tuple[str, slice, torch.Tensor, torch.cuda.Event] | None = None
