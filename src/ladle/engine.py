@@ -518,10 +518,10 @@ class Transfers:
         chunk while the caller writes this one; a result is valid until the next is taken.
         """
         if not self._cuda:  # converted into one reused buffer (fresh ones grow the heap)
-            converted = Scratch()
+            conversions = Scratch()
             for key, rows, result in results:
                 if result.dtype != dtype(key):
-                    buffer = converted.take(result.shape, dtype(key), result.device)
+                    buffer = conversions.take(result.shape, dtype(key), result.device)
                     result = buffer.copy_(result)
                 yield key, rows, result
             return
