@@ -426,14 +426,13 @@ def _read(
             on_cpu = device.type == "cpu"
             mapped = checkpoint.map_rows(key, rows) if on_cpu else None
             if mapped is not None:  # the page cache's own pages: no copy unless converted
-                if not allow_nonfinite:
-                    _check_finite(mapped, index, checkpoint, key)
-                if mapped.dtype == dtype:
-                    yield mapped, None
-                else:
-                    buffer = pool.take()
-                    converted = buffer.view(dtype)[: mapped.numel()].view(mapped.shape)
-                    yield converted.copy_(mapped), buffer
+                ready, held = mapped, None
+                if mapped.dtype != dtype:
+                    held = pool.take()
+                    ready = held.view(dtype)[: mapped.numel()].view(mapped.shape).copy_(mapped)
+                if not allow_nonfinite:  # in the compute dtype: no temporary copy to sum
+                    _check_finite(ready, index, checkpoint, key)
+                yield ready, held
                 continue
             # Read into the pool when the bytes can be used as they are: on the CPU in the
             # compute dtype, or (pinned) as the source of a copy to the device.
@@ -451,16 +450,17 @@ def _read(
                 pool.release(buffer)
                 yield moved, None
                 continue
-            if not allow_nonfinite:
-                _check_finite(chunk, index, checkpoint, key)
             if _shares(chunk, buffer):  # read straight into the pool
-                yield chunk, buffer
+                ready, held = chunk, buffer
             elif _shares(chunk, raw):  # read, then converted into the pool
-                converted = buffer.view(dtype)[: chunk.numel()].view(chunk.shape)
-                yield converted.copy_(chunk), buffer
+                ready, held = buffer.view(dtype)[: chunk.numel()].view(chunk.shape), buffer
+                ready.copy_(chunk)
             else:  # a tensor in memory already
                 pool.release(buffer)
-                yield chunk.to(dtype=dtype), None
+                ready, held = chunk.to(dtype=dtype), None
+            if not allow_nonfinite:
+                _check_finite(ready, index, checkpoint, key)
+            yield ready, held
 
 
 class Transfers:
