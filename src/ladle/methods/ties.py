@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -114,10 +115,12 @@ def _histogram_kernel(
             counts[group][index] += torch.bincount(digits, minlength=_BINS)
         return state
 
-    def finalize(state: tuple) -> torch.Tensor:
-        return torch.empty(0)
+    return _counting(init, update)
 
-    return Kernel(init, update, finalize)
+
+def _counting(init: Callable[..., Any], update: Callable[..., Any]) -> Kernel:
+    """A kernel that only counts into tensors of its own: its merged chunk is empty."""
+    return Kernel(init, update, lambda state: torch.empty(0))
 
 
 def _radix_select(
@@ -284,10 +287,7 @@ def _window_kernel(windows: Sequence[tuple[int, int]], counts: list[torch.Tensor
         histogram[1:-1].index_add_(0, inside, torch.ones_like(inside, dtype=torch.int64))
         return state
 
-    def finalize(state: tuple) -> torch.Tensor:
-        return torch.empty(0)
-
-    return Kernel(init, update, finalize)
+    return _counting(init, update)
 
 
 def _select_in_window(
