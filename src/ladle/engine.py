@@ -669,7 +669,8 @@ def merge(
         raise ValueError(f"dtype: expected a floating dtype, found {dtype}")
     target = resolve_device(device)
     with ExitStack() as stack:
-        checkpoints, base_ckpt = open_models(models, base, stack)
+        inputs = stack.enter_context(ExitStack())  # closed on a thread once read (see below)
+        checkpoints, base_ckpt = open_models(models, base, inputs)
         check_compatible(checkpoints, base_ckpt)
         reference = base_ckpt if base_ckpt is not None else checkpoints[0]
         sources = [*checkpoints, *([base_ckpt] if base_ckpt is not None else [])]
@@ -733,11 +734,19 @@ def merge(
                 max_shard_size=max_shard_size,
             )
         )
-        with sink as writer:
-            for key, _, chunk in results:
-                writer.write(key, chunk)
-            for key, index, values in kernel.amend() if kernel.amend is not None else ():
-                writer.amend(key, index, values.to("cpu", specs[key][1]))
+        # Once every read is done, the inputs are closed (their memory maps torn down) on a
+        # thread while the output is committed (its fsync waits on the disk).
+        closing = threading.Thread(target=inputs.close, name="ladle-close-inputs")
+        try:
+            with sink as writer:
+                for key, _, chunk in results:
+                    writer.write(key, chunk)
+                for key, index, values in kernel.amend() if kernel.amend is not None else ():
+                    writer.amend(key, index, values.to("cpu", specs[key][1]))
+                closing.start()
+        finally:
+            if closing.ident is not None:
+                closing.join()
         return Path(out)
 
 
