@@ -59,6 +59,13 @@ def uniform_numbers(
 
     Blocks are drawn on a few threads at once: each has its own generator, and a CPU
     generator draws on one core.
+
+    Example:
+        >>> from ladle.methods.dare import uniform_numbers
+        >>> whole = uniform_numbers(0, 0, "w", numel=10, start=0, count=10)
+        >>> part = uniform_numbers(0, 0, "w", numel=10, start=4, count=3)
+        >>> bool((part == whole[4:7]).all()), bool(((0 <= whole) & (whole < 1)).all())
+        (True, True)
     """
     numbers = torch.empty(count)
     stop = start + count
