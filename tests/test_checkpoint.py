@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +176,24 @@ def test_misaligned_tensors_are_read_instead_of_mapped(tmp_path):
     merged = ladle.uniform_soup(paths, device="cpu")
     assert merged["w"].tolist() == [[1.5, 1.5], [1.5, 1.5]]
     assert merged["b"].tolist() == [1, 2, 3]
+
+
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile line")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc only")
+def test_released_pages_leave_the_process_and_map_again_on_the_next_read(tmp_path):
+    tensor = torch.arange(2**21, dtype=torch.float32).reshape(2048, 1024)  # 8 MiB
+    save_file({"w": tensor, "b": torch.ones(3)}, tmp_path / "m.safetensors")
+    with ladle.open_checkpoint(tmp_path / "m.safetensors") as checkpoint:
+        assert float(checkpoint.map_rows("w", slice(None)).sum()) == float(tensor.sum())
+        touched = _rss_file_kib()
+        checkpoint.release("w")
+        assert _rss_file_kib() <= touched - 7 * 1024  # at least 7 of its 8 MiB let go
+        assert torch.equal(checkpoint.map_rows("w", slice(100, 200)), tensor[100:200])
+        checkpoint.release("b")  # smaller than a page: nothing to let go, no error
+        assert checkpoint.map_rows("b", slice(None)).tolist() == [1.0, 1.0, 1.0]

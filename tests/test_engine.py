@@ -151,3 +151,34 @@ def test_transfers_on_the_cpu_convert_results_and_copy_nothing():
     out = list(transfers.to_host(iter(results), {"a": torch.float32, "b": torch.bfloat16}.get))
     assert out[0][2] is x
     assert out[1][:2] == ("b", slice(0, 2)) and out[1][2].dtype == torch.bfloat16
+
+
+def test_releasing_each_tensor_after_its_pass_changes_no_bit(tmp_path, monkeypatch):
+    # Inputs larger than MAPPED_BYTES_KEPT are unmapped tensor by tensor as passes finish
+    # with them; later passes map them again. Every method gives the same bits either way.
+    from conftest import assert_bit_for_bit, save_all
+
+    import ladle.engine as engine
+
+    base, *models = family(4, seed=9)
+    paths = save_all([base, *models], tmp_path)
+    runs = {
+        "soup": lambda: ladle.uniform_soup(paths[1:], device="cpu"),
+        "ties": lambda: ladle.ties(paths[1:], paths[0], device="cpu", chunk_bytes=16),
+        "stock": lambda: ladle.model_stock(paths[1:], paths[0], device="cpu", chunk_bytes=16),
+        "dare": lambda: ladle.dare(paths[1:], paths[0], combine="ties", device="cpu"),
+    }
+    kept = {name: run() for name, run in runs.items()}
+    released = []
+    original = ladle.checkpoint.SafetensorsCheckpoint.release
+    monkeypatch.setattr(
+        ladle.checkpoint.SafetensorsCheckpoint,
+        "release",
+        lambda self, key: released.append(key) or original(self, key),
+    )
+    monkeypatch.setattr(engine, "MAPPED_BYTES_KEPT", 0)
+    for name, run in runs.items():
+        assert_bit_for_bit(run(), kept[name])
+    assert set(released) == {k for k, v in base.items() if v.is_floating_point()} | {
+        "bn.num_batches_tracked"
+    }
