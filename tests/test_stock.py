@@ -280,3 +280,12 @@ def test_cli_stock_writes_the_merge_and_rejects_a_single_model(tmp_path, capsys)
     torch.testing.assert_close(ladle.load(out)["w"], t([4.0, 2.5]), rtol=0, atol=1e-6)
     assert main([*args, a, "-o", str(tmp_path / "x.safetensors")]) == 1
     assert "models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 24, 29])
+def test_gram_over_blocks_and_a_tail_equals_the_float64_product(monkeypatch, count):
+    monkeypatch.setattr(stock, "GRAM_BLOCK", 8)
+    taus = torch.randn(5, count, generator=torch.Generator().manual_seed(count))
+    expected = taus.double() @ taus.double().T
+    torch.testing.assert_close(stock._gram(taus), expected, rtol=1e-6, atol=1e-6)
+    assert stock._gram(taus).dtype == torch.float64
