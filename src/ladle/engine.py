@@ -335,8 +335,8 @@ def fold(
         _read(plan, models, base, reference, device, allow_nonfinite, pool, transfers),
         depth=depth,
     )
-    mapped_bytes = sum(s.nbytes(key) for s in sources for key in s.keys())
-    release = device.type == "cpu" and mapped_bytes > MAPPED_BYTES_KEPT
+    files = {file for source in sources for file in source.files().values()}
+    release = device.type == "cpu" and sum(f.stat().st_size for f in files) > MAPPED_BYTES_KEPT
     try:
         for step, (key, rows, dtype) in enumerate(plan):
             if dtype is None:  # a non-floating key, copied from the reference
