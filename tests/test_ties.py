@@ -547,3 +547,15 @@ def test_tensor_trim_selects_one_tensor_at_a_time(monkeypatch):
     seen.clear()
     check_thresholds(models, base, 0.3, "global", chunk_bytes=64)
     assert seen == [["k0", "k1", "k2", "k3"]]
+
+
+@pytest.mark.parametrize(
+    ("shape", "entries"), [((20, 3), 10**6), ((20, 3), 30), ((1000, 7), 700), ((5,), 100)]
+)
+def test_sample_blocks_never_read_a_row_twice_and_cover_small_tensors(shape, entries):
+    blocks = ties_module._sample_blocks(shape, entries)
+    rows = [row for block in blocks for row in range(*block.indices(shape[0]))]
+    assert len(rows) == len(set(rows)) and len(blocks) <= 16
+    width = shape[1] if len(shape) > 1 else 1
+    wanted = min(shape[0], -(-entries // width))  # rows asked for, rounded up per block
+    assert wanted <= len(rows) < wanted + len(blocks)

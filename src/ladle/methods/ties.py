@@ -215,7 +215,8 @@ _SPREAD = 5.0  # standard deviations of the sample's rank kept on either side of
 
 
 def _sample_blocks(shape: tuple[int, ...], entries: int) -> list[slice]:
-    """At most 16 evenly spaced blocks of rows of a tensor of ``shape``, ``entries`` in all."""
+    """At most 16 evenly spaced, disjoint blocks of rows of a tensor of ``shape``, holding at
+    least ``entries`` (every row when it has fewer)."""
     if not shape:
         return [slice(None)]
     rows, width = shape[0], max(1, math.prod(shape[1:]))
@@ -223,7 +224,8 @@ def _sample_blocks(shape: tuple[int, ...], entries: int) -> list[slice]:
     count = min(wanted, 16)
     length = -(-wanted // count)
     starts = sorted({j * rows // count for j in range(count)})
-    return [slice(start, min(start + length, rows)) for start in starts]
+    stops = [*starts[1:], rows]  # a block never reaches into the next: no entry twice
+    return [slice(start, min(start + length, stop)) for start, stop in zip(starts, stops)]
 
 
 def _windows(
