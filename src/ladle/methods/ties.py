@@ -1,9 +1,11 @@
 """TIES-Merging (Yadav et al. 2023): trim task vectors, elect signs, take the disjoint mean.
 
 Streaming needs each task vector's magnitude threshold before the merge pass. It is found
-exactly, without loading a model, by a radix select: magnitudes are non-negative floats, whose
-bit patterns order like the integers they spell, so the k-th smallest is found 16 bits at a
-time from histograms gathered by extra passes over the checkpoints (two passes for float32).
+exactly, without loading a model: magnitudes are non-negative floats, whose bit patterns order
+like the integers they spell. Usually one pass does, counting every bit pattern inside a
+window that a sample of the magnitudes says holds the threshold; where the sample misleads,
+a radix select finds it 16 bits at a time from histograms gathered by two passes (float32).
+The sign-tie majority is patched into the output after the merge pass (:class:`_TiesLater`).
 """
 
 from __future__ import annotations
@@ -773,11 +775,12 @@ def ties(
     ``θ = θ_base + scale·merged``. Yadav et al., "TIES-Merging: Resolving interference when
     merging models", NeurIPS 2023.
 
-    Streaming: the thresholds come from radix-select passes over the checkpoints (two for
-    float32), so memory stays a few chunks (``chunk_bytes``) per model whatever the model's
-    size; the majority sign, known only at the end of the merge pass, is patched into the
-    few sign-tied entries afterwards. ``trim="tensor"`` needs extra passes only for tensors
-    larger than one chunk.
+    Streaming: the thresholds come from one pass over the checkpoints where a sample of the
+    magnitudes brackets them, else from two radix-select passes (float32), so memory stays a
+    few chunks (``chunk_bytes``) per model whatever the model's size; the majority sign,
+    known only at the end of the merge pass, is patched into the few sign-tied entries
+    afterwards. ``trim="tensor"`` needs a threshold pass only for tensors larger than one
+    chunk.
 
     Args:
         models: the fine-tuned models (mappings, modules, paths or checkpoints).
@@ -796,8 +799,8 @@ def ties(
         overwrite: replace an existing ``out`` (atomically) instead of refusing.
         chunk_bytes: largest piece of one tensor processed at a time, per model; default
             4 MiB (``FOLD_CHUNK_BYTES``: running sums that stay in the CPU's cache; on 12
-            fp32 models of 89 MiB as fast as 64 MiB for both trims, with 86 MiB of extra
-            memory instead of 245 MiB for ``trim="tensor"``).
+            fp32 models of 89 MiB about as fast as 64 MiB for both trims, with 65 MiB of
+            extra memory instead of 245 MiB for ``trim="tensor"``).
         allow_nonfinite: merge inputs holding NaN or Inf instead of raising NonFiniteError.
 
     Returns:
