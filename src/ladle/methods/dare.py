@@ -10,6 +10,7 @@ where its number is ``< density``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import operator
@@ -90,14 +91,10 @@ def uniform_numbers(
     return numbers
 
 
-_THREADS: list[ThreadPoolExecutor] = []
-
-
+@functools.cache
 def _drawing_threads() -> ThreadPoolExecutor:
-    if not _THREADS:
-        workers = min(8, os.cpu_count() or 1)
-        _THREADS.append(ThreadPoolExecutor(workers, thread_name_prefix="ladle-dare"))
-    return _THREADS[0]
+    """The threads that draw blocks of uniform numbers, made on first use."""
+    return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="ladle-dare")
 
 
 def keep_mask(

@@ -115,9 +115,9 @@ def gram_kernel(n: int) -> Kernel:
     multiplied in float32 on the CPU (half the time of float64; on 12 fine-tunes of 89 MiB,
     0.7% of the output entries move by one float32 step from an all-float64 computation),
     and in float64 wherever float32 products may run at reduced precision (TF32 or bfloat16
-    under ``torch.set_float32_matmul_precision``, CUDA). The matrix lives in one scratch buffer that
-    this kernel reuses from chunk to chunk (the engine finishes a chunk before it starts the
-    next), so fresh memory is not faulted in for every chunk.
+    under ``torch.set_float32_matmul_precision``, CUDA). The matrix lives in one scratch
+    buffer that this kernel reuses from chunk to chunk (the engine finishes a chunk before it
+    starts the next), so fresh memory is not faulted in for every chunk.
     """
     scratch: list[torch.Tensor] = []
 
@@ -126,7 +126,16 @@ def gram_kernel(n: int) -> Kernel:
         dtype = base.dtype if _exact_float32_matmul(base.device) else torch.float64
         flat = base.reshape(-1).to(dtype)
         size = n * flat.numel()
-        if not scratch or scratch[0].numel() < size or scratch[0].dtype != dtype:
+        buffer = scratch[0] if scratch else None
+        if (
+            buffer is None
+            or buffer.numel() < size
+            or (buffer.dtype, buffer.device)
+            != (
+                dtype,
+                flat.device,
+            )
+        ):
             scratch[:] = [torch.empty(size, dtype=dtype, device=flat.device)]
         return flat, scratch[0][:size].view(n, flat.numel())
 
