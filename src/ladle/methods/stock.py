@@ -21,6 +21,7 @@ from ..engine import (
     FOLD_CHUNK_BYTES,
     Kernel,
     Progress,
+    Scratch,
     current_partition,
     fold,
     merge,
@@ -119,25 +120,13 @@ def gram_kernel(n: int) -> Kernel:
     buffer that this kernel reuses from chunk to chunk (the engine finishes a chunk before it
     starts the next), so fresh memory is not faulted in for every chunk.
     """
-    scratch: list[torch.Tensor] = []
+    scratch = Scratch()
 
     def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
         assert base is not None  # model_stock always merges against a base
         dtype = base.dtype if _exact_float32_matmul(base.device) else torch.float64
         flat = base.reshape(-1).to(dtype)
-        size = n * flat.numel()
-        buffer = scratch[0] if scratch else None
-        if (
-            buffer is None
-            or buffer.numel() < size
-            or (buffer.dtype, buffer.device)
-            != (
-                dtype,
-                flat.device,
-            )
-        ):
-            scratch[:] = [torch.empty(size, dtype=dtype, device=flat.device)]
-        return flat, scratch[0][:size].view(n, flat.numel())
+        return flat, scratch.take((n, flat.numel()), dtype, flat.device)
 
     def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
         base, taus = state
