@@ -25,6 +25,7 @@ from ..engine import (
     FOLD_CHUNK_BYTES,
     Kernel,
     Progress,
+    Scratch,
     check_compatible,
     compute_dtype,
     current_partition,
@@ -270,9 +271,11 @@ def _window_kernel(windows: Sequence[tuple[int, int]], counts: list[torch.Tensor
     """Histogram, per model, the magnitudes' bit patterns inside its window, one bin per
     pattern, with one bin for all below it and one for all above."""
 
+    buffers = Scratch(), Scratch()  # reused from chunk to chunk: no fresh memory to fault in
+
     def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
         assert base is not None
-        return base, torch.empty_like(base), torch.empty_like(base)
+        return base, *(b.take(base.shape, base.dtype, base.device) for b in buffers)
 
     def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
         base, buffer, scratch = state
