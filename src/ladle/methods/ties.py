@@ -482,21 +482,29 @@ class SignElection:
     Holds the positive and negative mass and counts of each entry: four tensors of the chunk's
     size whatever the number of models, plus two buffers reused for every model (``tau``, for
     ``x − base``, and ``scratch``). ``Σᵢ τᵢ`` is the positive mass plus the negative mass.
+    The six tensors come from ``buffers`` (six :class:`Scratch`, reused from chunk to chunk:
+    fresh memory costs page faults), or are new when it is ``None``.
     """
 
-    def __init__(self, key: str, rows: slice, base: torch.Tensor) -> None:
+    def __init__(
+        self, key: str, rows: slice, base: torch.Tensor, buffers: Sequence[Scratch] | None = None
+    ) -> None:
         self.key, self.rows, self.base = key, rows, base
-        self.tau, self.scratch = torch.empty_like(base), torch.empty_like(base)
-        self.pos_sum: torch.Tensor | None = None
-        self.neg_sum = self.pos_count = self.neg_count = torch.empty(0)
+        tensors = [
+            torch.empty_like(base) if b is None else b.take(base.shape, base.dtype, base.device)
+            for b in (buffers if buffers is not None else [None] * 6)
+        ]
+        self.tau, self.scratch, self.pos_sum, self.neg_sum, self.pos_count, self.neg_count = tensors
+        self._empty = True
 
     def add(self, delta: torch.Tensor) -> SignElection:
         """Fold in one model's ``delta`` (which may be ``self.tau``, not ``self.scratch``)."""
-        if self.pos_sum is None:
-            self.pos_sum = delta.clamp(min=0)
-            self.neg_sum = delta.clamp(max=0)
-            self.pos_count = torch.gt(delta, 0, out=torch.empty_like(delta))
-            self.neg_count = torch.lt(delta, 0, out=torch.empty_like(delta))
+        if self._empty:
+            self._empty = False
+            torch.clamp(delta, min=0, out=self.pos_sum)
+            torch.clamp(delta, max=0, out=self.neg_sum)
+            torch.gt(delta, 0, out=self.pos_count)
+            torch.lt(delta, 0, out=self.neg_count)
             return self
         # out= into one scratch buffer: fresh large temporaries cost more than the arithmetic.
         scratch = self.scratch
@@ -507,7 +515,6 @@ class SignElection:
         return self
 
     def _mass(self) -> torch.Tensor:
-        assert self.pos_sum is not None
         return torch.add(self.pos_sum, self.neg_sum, out=self.scratch)
 
     def vote(self) -> torch.Tensor:
@@ -518,14 +525,12 @@ class SignElection:
     def ties(self) -> torch.Tensor:
         """Flat indices, within the chunk, of the entries whose sign election is a tie
         (``Σᵢ τᵢ = 0`` while some ``τᵢ ≠ 0``): those the majority decides. Before ``merged``."""
-        assert self.pos_sum is not None
         tied = torch.eq(self._mass(), 0).logical_and_(self.pos_count > 0)
         return torch.nonzero(tied.flatten()).squeeze(1)
 
     def tie_values(self, index: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``base + scale·mean`` at flat ``index`` for a positive, then a negative majority:
         bit for bit what ``merged(±1).mul_(scale).add_(base)`` gives there. Before ``merged``."""
-        assert self.pos_sum is not None
 
         def mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
             return total.flatten()[index].div_(count.flatten()[index].clamp_(min=1))
@@ -541,7 +546,6 @@ class SignElection:
         ``γ = sign(Σᵢ τᵢ)``; where ``γ = 0``, ``majority`` (or, for ``None``, the sign of this
         chunk's vote); where that is 0 too, the entry is 0. Consumes the state.
         """
-        assert self.pos_sum is not None
         if majority is None:
             majority = float(torch.sign(self.vote()))
         mass = self._mass()
@@ -557,9 +561,11 @@ class SignElection:
 def election_kernel(delta: Delta, finish: Callable[[SignElection], torch.Tensor]) -> Kernel:
     """Fold ``δᵢ = delta(modelᵢ − base)`` into a :class:`SignElection`, then ``finish`` it."""
 
+    buffers = [Scratch() for _ in range(6)]  # the engine copies a result before the next init
+
     def init(key: str, rows: slice, base: torch.Tensor | None) -> SignElection:
         assert base is not None  # task-vector methods always merge against a base
-        return SignElection(key, rows, base)
+        return SignElection(key, rows, base, buffers)
 
     def update(state: SignElection, index: int, x: torch.Tensor) -> SignElection:
         tau = torch.sub(x, state.base, out=state.tau)
