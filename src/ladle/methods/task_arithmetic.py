@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import StateDict, StateDictLike
-from ..engine import FOLD_CHUNK_BYTES, Kernel, Progress, merge
+from ..engine import FOLD_CHUNK_BYTES, Kernel, Progress, Scratch, merge
 
 __all__ = ["check_inputs", "check_scale", "task_arithmetic", "task_vector_sum_kernel"]
 
@@ -45,6 +45,14 @@ def task_vector_sum_kernel(
     does not grow with the number of models.
     """
 
+    # The accumulator, the buffer and the scratch of every chunk: reused from chunk to chunk
+    # (fresh large allocations cost more than the arithmetic; the engine copies a result
+    # before the next chunk starts).
+    memory = Scratch(), Scratch(), Scratch()
+
+    def take(which: int, like: torch.Tensor) -> torch.Tensor:
+        return memory[which].take(like.shape, like.dtype, like.device)
+
     def init(key: str, rows: slice, base: torch.Tensor | None) -> list:
         assert base is not None  # task-vector methods always merge against a base
         return [key, rows, base, None, None, None]  # ..., accumulator, buffer, scratch
@@ -52,14 +60,14 @@ def task_vector_sum_kernel(
     def update(state: list, index: int, x: torch.Tensor) -> list:
         key, rows, base, acc, buffer, scratch = state
         # x and base may be read-only views of a file; the first τ becomes the accumulator,
-        # later ones reuse one buffer (fresh large allocations cost more than the arithmetic).
+        # later ones reuse one buffer.
         if acc is None:
-            tau = x - base
+            tau = torch.sub(x, base, out=take(0, base))
         else:
-            buffer = state[4] = torch.empty_like(base) if buffer is None else buffer
+            buffer = state[4] = take(1, base) if buffer is None else buffer
             tau = torch.sub(x, base, out=buffer)
         if delta is not None:
-            scratch = state[5] = torch.empty_like(base) if scratch is None else scratch
+            scratch = state[5] = take(2, base) if scratch is None else scratch
             tau = delta(key, rows, index, tau, scratch)
         # Two separately rounded operations, never add_(alpha=): a fused multiply-add in some
         # kernels' vector paths would make the bits depend on how a tensor is chunked.
