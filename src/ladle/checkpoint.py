@@ -249,8 +249,9 @@ class SafetensorsCheckpoint(Checkpoint):
                 f"{self._files[key]}: cannot read tensor {key!r} ({err})"
             ) from err
 
-    def _extent(self, key: str, rows: slice) -> tuple[Path, int, int, tuple[int, ...]]:
-        """The file, byte offset and byte count of rows ``rows`` of ``key``, and their shape."""
+    def _extent(self, key: str, rows: slice) -> tuple[Path, int, int, tuple[int, ...], torch.dtype]:
+        """The file, byte offset and byte count of rows ``rows`` of ``key``, their shape and
+        the tensor's dtype."""
         shape, dtype = self.shape(key), self.dtype(key)
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         first, stop = rows.indices(shape[0])[:2] if shape else (0, 1)
@@ -258,14 +259,13 @@ class SafetensorsCheckpoint(Checkpoint):
         nbytes = count * row_bytes if shape else dtype.itemsize
         file = self._files[key]
         offset = self._data_offset(file, key) + first * row_bytes
-        return file, offset, nbytes, ((count, *shape[1:]) if shape else ())
+        return file, offset, nbytes, ((count, *shape[1:]) if shape else ()), dtype
 
     def map_rows(self, key: str, rows: slice) -> torch.Tensor | None:
         """A view of the rows in a private (copy-on-write) map of the file: the page cache's
         pages themselves, so reading costs no copy; a stray write would change only this
         process's copy, never the file. ``None`` where the data is not aligned to its dtype."""
-        file, offset, nbytes, shape = self._extent(key, rows)
-        dtype = self.dtype(key)
+        file, offset, nbytes, shape, dtype = self._extent(key, rows)
         if offset % dtype.itemsize or nbytes == 0:
             return None
         descriptor = self._descriptor(file)
@@ -292,7 +292,7 @@ class SafetensorsCheckpoint(Checkpoint):
         mapped = self._maps.get(file)
         if mapped is None:
             return
-        _, offset, nbytes, _ = self._extent(key, slice(None))
+        _, offset, nbytes, _, _ = self._extent(key, slice(None))
         start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: a page shared
         stop = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE  # with a neighbour stays
         if stop > start:
@@ -300,8 +300,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def read_rows(self, key: str, rows: slice, into: torch.Tensor) -> torch.Tensor:
         """Read the rows with ``os.preadv`` into ``into``: no memory map, no page faults."""
-        file, offset, nbytes, shape = self._extent(key, rows)
-        dtype = self.dtype(key)
+        file, offset, nbytes, shape, dtype = self._extent(key, rows)
         view = into[:nbytes]
         done = 0
         while done < nbytes:  # a read may return less than asked (large or interrupted reads)
