@@ -254,6 +254,8 @@ class SafetensorsWriter:
             self._files = [self._temp / name for name in names]
         self._shards = shards
         self._queue = [(shard, key) for shard, keys in enumerate(shards) for key in keys]
+        self._amending: dict[int, int] = {}  # shard -> descriptor patched by amend, till commit
+        self._data_starts: dict[str, tuple[int, int]] = {}  # key -> (shard, offset of its data)
         self._position = 0  # index into self._queue of the key being written
         self._written = 0  # bytes of that key written so far
         self._handle: BinaryIO | None = None
@@ -320,33 +322,47 @@ class SafetensorsWriter:
             return
         if self._handle is not None:
             self._handle.flush()
-        shard = next(j for j, keys in enumerate(self._shards) if key in keys)
-        keys = self._shards[shard]
-        start = len(_header(self._specs, keys, self._metadata)) + sum(
-            _nbytes(self._specs[k]) for k in keys[: keys.index(key)]
-        )
+        shard, start = self._data_start(key)
+        if shard not in self._amending:  # kept open, and flushed once, at commit
+            self._amending[shard] = os.open(self._files[shard], os.O_RDWR)
+        fd = self._amending[shard]
         order = torch.argsort(index)
         index, values = index[order].cpu(), values[order].cpu()
-        fd = os.open(self._files[shard], os.O_RDWR)
-        try:
-            # Patch a window of at most 1 MiB at a time: read it, change it, write it back.
-            step = max(1, 2**20 // dtype.itemsize)
-            first = 0
-            while first < index.numel():
-                low = int(index[first])
-                last = int(torch.searchsorted(index, low + step))
-                span = int(index[last - 1]) - low + 1
-                window = torch.empty(span * dtype.itemsize, dtype=torch.uint8)
-                view = memoryview(window.numpy())  # type: ignore[arg-type]
-                if os.preadv(fd, [view], start + low * dtype.itemsize) != view.nbytes:
-                    raise LadleError(f"{self.out}: short read while amending {key!r}")
-                window.view(dtype)[index[first:last] - low] = values[first:last]
-                if os.pwrite(fd, view, start + low * dtype.itemsize) != view.nbytes:
-                    raise LadleError(f"{self.out}: short write while amending {key!r}")
-                first = last
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # Patch a window of at most 1 MiB at a time: read it, change it, write it back.
+        step = max(1, 2**20 // dtype.itemsize)
+        first = 0
+        while first < index.numel():
+            low = int(index[first])
+            last = int(torch.searchsorted(index, low + step))
+            span = int(index[last - 1]) - low + 1
+            window = torch.empty(span * dtype.itemsize, dtype=torch.uint8)
+            view = memoryview(window.numpy())  # type: ignore[arg-type]
+            if os.preadv(fd, [view], start + low * dtype.itemsize) != view.nbytes:
+                raise LadleError(f"{self.out}: short read while amending {key!r}")
+            window.view(dtype)[index[first:last] - low] = values[first:last]
+            if os.pwrite(fd, view, start + low * dtype.itemsize) != view.nbytes:
+                raise LadleError(f"{self.out}: short write while amending {key!r}")
+            first = last
+
+    def _data_start(self, key: str) -> tuple[int, int]:
+        """The shard holding ``key`` and the offset of its data there (all keys, found once)."""
+        if not self._data_starts:
+            for shard, keys in enumerate(self._shards):
+                offset = len(_header(self._specs, keys, self._metadata))
+                for name in keys:
+                    self._data_starts[name] = (shard, offset)
+                    offset += _nbytes(self._specs[name])
+        return self._data_starts[key]
+
+    def _close_amended(self, *, sync: bool) -> None:
+        """Close the files ``amend`` patched, flushed to disk first with ``sync``."""
+        while self._amending:
+            _, descriptor = self._amending.popitem()
+            try:
+                if sync:
+                    os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
 
     def _skip_empty(self) -> None:
         """Zero-sized tensors take no bytes and need no write."""
@@ -386,6 +402,7 @@ class SafetensorsWriter:
             if shard > self._shard:
                 self._start_shard(shard)
         self._close_handle()
+        self._close_amended(sync=True)
         if not self._single_file:
             self._write_index()
             write_extra_files(self._temp, self._extra)  # renamed into place with the weights
@@ -396,6 +413,7 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         """Delete the temporary output; nothing appears under the final name."""
+        self._close_amended(sync=False)
         if self._sync is not None:
             with contextlib.suppress(OSError):
                 self._sync.result()  # never close a file a write-back still uses
