@@ -117,15 +117,18 @@ def main() -> None:
         for name in args.dtypes.split(","):
             if name not in DTYPES:
                 parser.error(f"--dtypes: expected fp32 and/or bf16, found {name!r}")
-            report(workdir / name, count, repeat, {**size, "dtype": DTYPES[name]}, args.mergekit)
+            report(workdir / name, count, repeat, size, name, args.mergekit)
             print()
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def report(workdir: Path, count: int, repeat: int, size: dict, mergekit: Path | None) -> None:
-    base, models = llama_family(workdir / "inputs", count, **size)
+def report(
+    workdir: Path, count: int, repeat: int, size: dict, name: str, mergekit: Path | None
+) -> None:
+    """One family (``name``: fp32 or bf16): every run, and mergekit's when given."""
+    base, models = llama_family(workdir / "inputs", count, **size, dtype=DTYPES[name])
     files = [weights_file(d) for d in (base, *models)]
     one = files[0].stat().st_size
     warm(files)
@@ -148,7 +151,6 @@ def report(workdir: Path, count: int, repeat: int, size: dict, mergekit: Path | 
         results[f"ladle {label}"] = (best_of(repeat, argv), idle["ladle"])
         outputs[label] = out
 
-    name = next(k for k, v in DTYPES.items() if v == size["dtype"])
     print(
         f"{count} fine-tunes + base, {name}, {one / MIB:.1f} MiB each; best of {repeat}; read "
         f"floor (cat of {len(files)} files) {cat.seconds:.3f} s; times exclude start-up"
