@@ -182,3 +182,35 @@ def test_releasing_each_tensor_after_its_pass_changes_no_bit(tmp_path, monkeypat
     assert set(released) == {k for k, v in base.items() if v.is_floating_point()} | {
         "bn.num_batches_tracked"
     }
+
+
+def test_a_cpu_reading_thread_leaves_torch_one_thread_fewer_and_restores_the_count(tmp_path):
+    import pytest
+
+    save_file({"w": torch.randn(16, 4), "v": torch.randn(3)}, tmp_path / "m.safetensors")
+    seen = []
+
+    def update(state, index, x):
+        seen.append(torch.get_num_threads())
+        return x.clone()
+
+    kernel = Kernel(lambda key, rows, base: None, update, lambda state: state)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ladle.open_checkpoint(tmp_path / "m.safetensors") as ckpt:
+            device = resolve_device("cpu")
+            list(fold([ckpt, ckpt], kernel, device=device, prefetch=2))
+            assert seen == [1] * 4 and torch.get_num_threads() == 2
+            list(fold([ckpt], kernel, device=device, prefetch=0))  # no reading thread
+            assert seen[4:] == [2, 2]
+            with pytest.raises(RuntimeError, match="stop"):  # restored on errors too
+                for _ in fold([ckpt], kernel._replace(finalize=stop), device=device, prefetch=1):
+                    pass
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def stop(state):
+    raise RuntimeError("stop")

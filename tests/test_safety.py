@@ -228,6 +228,53 @@ def test_nonfinite_input_is_an_error_naming_model_and_key(bad):
     assert torch.isfinite(merged["layer.weight"]).all()
 
 
+# Soups and task arithmetic check results rather than inputs (their kernels are linear): a
+# NaN or Inf must still be found, named, in a model whose weight is 0 and in a file.
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    ("merge", "where"),
+    [
+        (lambda models: ladle.uniform_soup(models, weights=[1, 1, 0], device="cpu"), "model 2"),
+        (lambda models: ladle.task_arithmetic(models[:2], models[2], device="cpu"), "base"),
+        (
+            lambda models: ladle.task_arithmetic(
+                models[1:], models[0], weights=[1.0, 0.0], scale=0.0, device="cpu"
+            ),
+            "model 1",
+        ),
+    ],
+    ids=["soup weight 0", "task arithmetic base", "task arithmetic weight 0 scale 0"],
+)
+def test_linear_methods_name_the_nonfinite_input_whatever_its_weight(tmp_path, bad, merge, where):
+    models = family(3)
+    models[2]["layer.weight"][3, 0] = bad
+    paths = []
+    for i, model in enumerate(models):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    for sources in (models, paths):
+        with pytest.raises(ladle.NonFiniteError, match=rf"{where} .*'layer.weight'"):
+            merge(sources)
+
+
+def test_first_nonfinite_input_of_a_chunk_is_the_one_named():
+    base, *models = family(4)
+    for model in models[1:]:
+        model["layer.bias"][0] = float("nan")
+    with pytest.raises(ladle.NonFiniteError, match=r"model 1 .*'layer.bias'"):
+        ladle.task_arithmetic(models, base, device="cpu")
+    base["layer.bias"][1] = float("inf")
+    with pytest.raises(ladle.NonFiniteError, match=r"base .*'layer.bias'"):
+        ladle.task_arithmetic(models, base, device="cpu")
+
+
+def test_task_vectors_whose_sum_overflows_are_not_flagged():
+    base = {"w": torch.zeros(4)}
+    big = {"w": torch.full((4,), 3e38)}
+    merged = ladle.task_arithmetic([big, big], base, device="cpu")
+    assert torch.isinf(merged["w"]).all()
+
+
 def test_large_finite_values_whose_sum_overflows_are_not_flagged():
     big = {"w": torch.full((8,), 3e38)}
     half = {"w": torch.full((8,), 6e4, dtype=torch.float16)}  # float16 sum would overflow

@@ -80,6 +80,8 @@ class Kernel(NamedTuple):
     writes or copies each result before the next ``init``, so a kernel may reuse its own
     buffers (see :class:`Scratch`).
 
+    ``linear`` (see the field) lets the engine check results rather than inputs for NaN/Inf.
+
     ``amend``, optional, is called once after the last chunk of a :func:`merge`, for methods
     whose last statistic is known only then (TIES's sign for ties, a vote over every entry):
     it yields ``(key, index, values)``, flat indices into ``key``'s tensor and the merged
@@ -90,6 +92,11 @@ class Kernel(NamedTuple):
     update: Callable[[Any, int, torch.Tensor], Any]
     finalize: Callable[[Any], torch.Tensor]
     amend: Callable[[], Iterable[tuple[str, torch.Tensor, torch.Tensor]]] | None = None
+    linear: bool = False
+    """Every input reaches the result through additions and multiplications alone, so a NaN
+    or Inf in any input leaves a NaN or Inf in the result (IEEE: ``0·Inf`` and ``0·NaN`` are
+    NaN). On the CPU the engine then checks each result instead of each input, and only
+    where a result is not finite looks for the input to blame."""
 
 
 class Scratch:
@@ -314,14 +321,16 @@ def fold(
     ahead of the arithmetic, one model's chunk at a time, into a fixed pool of
     ``prefetch + 2`` buffers, so reading overlaps computing and memory does not depend on the
     number of models. The default, ``None``, prefetches 2 chunks when the arithmetic runs on
-    an accelerator and none on the CPU, where torch's threads already use every core (on a
-    2-core machine a reading thread made the uniform soup slower: see docs/benchmarks.md).
-    On the CPU, file chunks are views of the page cache (:meth:`Checkpoint.map_rows`), or
-    converted from them into pooled buffers; for an accelerator they are read with ``pread``
-    into pooled pinned buffers. A model's chunk is valid until ``update`` returns, the base's
-    until ``finalize`` returns.
+    an accelerator and none on the CPU, where the arithmetic of most methods needs every
+    core; methods whose arithmetic is lighter than reading (the soups, task arithmetic) pass
+    a depth for the CPU too. Without a reading thread, CPU chunks are views of the page cache
+    (:meth:`Checkpoint.map_rows`), or converted from them into pooled buffers; with one, they
+    are read with ``pread`` into pooled buffers (pinned for an accelerator), so that the
+    reading thread does the copying from the page cache, and torch computes on one thread
+    fewer meanwhile (:func:`_threads_beside_reader`). A model's chunk is valid until
+    ``update`` returns, the base's until ``finalize`` returns.
     An input holding NaN or Inf raises :class:`NonFiniteError` naming the model and key,
-    unless ``allow_nonfinite``.
+    unless ``allow_nonfinite``; with a ``linear`` kernel, once the chunk's result shows it.
     """
     reference = base if base is not None else models[0]
     sources = [*([base] if base is not None else []), *models]
@@ -331,13 +340,22 @@ def fold(
     depth = max(prefetch, 0)
     pool = _Pool(_largest_read(plan, sources), count=depth + 2, device=device)
     transfers = Transfers(device)  # made here: the compute stream is this thread's
+    mapped = device.type == "cpu" and depth == 0
+    # A linear kernel's result shows a NaN/Inf input: one check per chunk instead of one per
+    # input, on the CPU (on an accelerator the inputs' checks run beside the arithmetic, on
+    # the copy stream, where a check of results would stall it for every chunk).
+    check_results = kernel.linear and not allow_nonfinite and device.type == "cpu"
+    check_inputs = not allow_nonfinite and not check_results
     reads = _prefetched(
-        _read(plan, models, base, reference, device, allow_nonfinite, pool, transfers),
+        _read(plan, models, base, reference, device, check_inputs, mapped, pool, transfers),
         depth=depth,
     )
     files = {file for source in sources for file in source.files().values()}
-    release = device.type == "cpu" and sum(f.stat().st_size for f in files) > MAPPED_BYTES_KEPT
-    try:
+    release = mapped and sum(f.stat().st_size for f in files) > MAPPED_BYTES_KEPT
+    with ExitStack() as stack:
+        if depth:  # before the reading thread starts: it takes the count set here
+            stack.enter_context(_threads_beside_reader(device))
+        stack.callback(reads.close)
         for step, (key, rows, dtype) in enumerate(plan):
             if dtype is None:  # a non-floating key, copied from the reference
                 result, held = next(reads)
@@ -351,14 +369,50 @@ def fold(
                     pool.release(held)
                 result = kernel.finalize(state)
                 pool.release(base_held)
+                if check_results:
+                    _check_result(result, key, rows, models, base)
             if on_bytes is not None:
                 on_bytes(sum(_rows_nbytes(s, key, rows) for s in sources))
             yield key, rows, result
             if release and (step + 1 == len(plan) or plan[step + 1][0] != key):
                 for source in sources:  # the pass is done with this tensor
                     source.release(key)
+
+
+@contextlib.contextmanager
+def _threads_beside_reader(device: torch.device) -> Iterator[None]:
+    """On the CPU, torch's intra-op threads one fewer (at least one) while a reading thread
+    runs: a thread per core, not the reader fighting a team of torch threads for a core (on 2
+    cores that fight made the soup 30% slower than computing on one thread)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before - 1))
+    try:
+        yield
     finally:
-        reads.close()
+        torch.set_num_threads(before)
+
+
+def _check_result(
+    result: torch.Tensor,
+    key: str,
+    rows: slice,
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+) -> None:
+    """For a linear kernel: a non-finite result has a non-finite input; find and name it.
+
+    A result that overflowed from finite inputs is not an input's fault and passes, as it
+    does for kernels whose inputs are checked one by one.
+    """
+    total = torch.sum(result)
+    if torch.isfinite(total) or bool(torch.isfinite(result).all()):
+        return
+    labelled = [*([(None, base)] if base is not None else []), *enumerate(models)]
+    for index, checkpoint in labelled:
+        _check_finite(checkpoint.get_slice(key, rows), index, checkpoint, key)
 
 
 Plan = list[tuple[str, slice, "torch.dtype | None"]]
@@ -421,12 +475,16 @@ def _read(
     base: Checkpoint | None,
     reference: Checkpoint,
     device: torch.device,
-    allow_nonfinite: bool,
+    check: bool,
+    mapped: bool,
     pool: _Pool,
     transfers: Transfers,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Every chunk ``fold`` consumes, in its order (base first, then models), with the pooled
-    buffer it occupies (``None`` when it occupies none) for the consumer to release."""
+    buffer it occupies (``None`` when it occupies none) for the consumer to release.
+
+    ``check``: raise on NaN/Inf in each chunk; ``mapped``: CPU chunks are views of the page
+    cache where the source has them."""
     staging = Scratch()  # the reader's own: raw bytes awaiting conversion
     for key, rows, dtype in plan:
         if dtype is None:
@@ -435,13 +493,13 @@ def _read(
         labelled = [*([(None, base)] if base is not None else []), *enumerate(models)]
         for index, checkpoint in labelled:
             on_cpu = device.type == "cpu"
-            mapped = checkpoint.map_rows(key, rows) if on_cpu else None
-            if mapped is not None:  # the page cache's own pages: no copy unless converted
-                ready, held = mapped, None
-                if mapped.dtype != dtype:
+            view = checkpoint.map_rows(key, rows) if mapped else None
+            if view is not None:  # the page cache's own pages: no copy unless converted
+                ready, held = view, None
+                if view.dtype != dtype:
                     held = pool.take()
-                    ready = held.view(dtype)[: mapped.numel()].view(mapped.shape).copy_(mapped)
-                if not allow_nonfinite:  # in the compute dtype: no temporary copy to sum
+                    ready = held.view(dtype)[: view.numel()].view(view.shape).copy_(view)
+                if check:  # in the compute dtype: no temporary copy to sum
                     _check_finite(ready, index, checkpoint, key)
                 yield ready, held
                 continue
@@ -452,12 +510,12 @@ def _read(
             raw = buffer if direct else staging.take((buffer.numel(),), torch.uint8, buffer.device)
             chunk = checkpoint.read_rows(key, rows, raw)
             if not on_cpu:  # copied on the side stream; the buffer is free once it returns
-                check = (
-                    None
-                    if allow_nonfinite
-                    else partial(_check_finite, index=index, checkpoint=checkpoint, key=key)
+                checker = (
+                    partial(_check_finite, index=index, checkpoint=checkpoint, key=key)
+                    if check
+                    else None
                 )
-                moved = transfers.to_device(chunk, dtype, check)
+                moved = transfers.to_device(chunk, dtype, checker)
                 pool.release(buffer)
                 yield moved, None
                 continue
@@ -469,7 +527,7 @@ def _read(
             else:  # a tensor in memory already
                 pool.release(buffer)
                 ready, held = chunk.to(dtype=dtype), None
-            if not allow_nonfinite:
+            if check:
                 _check_finite(ready, index, checkpoint, key)
             yield ready, held
 
@@ -668,13 +726,16 @@ def merge(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     allow_nonfinite: bool = False,
     prepare: Callable[[list[Checkpoint], Checkpoint | None], Kernel] | None = None,
+    prefetch: int | None = None,
 ) -> StateDict | Path:
     """Merge ``models`` (and ``base``) with ``kernel`` into a dict or, with ``out``, onto disk.
 
     Floating tensors go through the kernel and come out in ``dtype`` (default: the dtype of
     the base's, or model 0's, tensor); other tensors are copied from the base or model 0.
     ``prepare``, when given, is called with the opened, checked checkpoints and returns the
-    kernel to use (for methods that first gather statistics over the inputs).
+    kernel to use (for methods that first gather statistics over the inputs). ``prefetch``
+    is :func:`fold`'s: how many chunks a reading thread reads ahead (default: 2 on an
+    accelerator, none on the CPU).
     """
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype: expected a floating dtype, found {dtype}")
@@ -713,6 +774,7 @@ def merge(
             on_bytes=None if bar is None else bar.update,
             copy_others=True,
             allow_nonfinite=allow_nonfinite,
+            prefetch=prefetch,
         )
         results = Transfers(target).to_host(results, lambda key: specs[key][1])
         if out is None:

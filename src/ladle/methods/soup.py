@@ -78,7 +78,7 @@ def weighted_mean_kernel(weights: Sequence[float]) -> Kernel:
     def finalize(acc: torch.Tensor) -> torch.Tensor:
         return acc
 
-    return Kernel(init, update, finalize)
+    return Kernel(init, update, finalize, linear=True)
 
 
 def uniform_soup(
@@ -139,6 +139,7 @@ def uniform_soup(
         overwrite=overwrite,
         chunk_bytes=chunk_bytes,
         allow_nonfinite=allow_nonfinite,
+        prefetch=2,  # an addition per read: reading dominates, on its own thread
     )
 
 

@@ -83,7 +83,7 @@ def task_vector_sum_kernel(
         acc, base = state[3], state[2]
         return acc.mul_(scale).add_(base)
 
-    return Kernel(init, update, finalize)
+    return Kernel(init, update, finalize, linear=delta is None)
 
 
 def task_arithmetic(
@@ -161,4 +161,5 @@ def task_arithmetic(
         overwrite=overwrite,
         chunk_bytes=chunk_bytes,
         allow_nonfinite=allow_nonfinite,
+        prefetch=2,  # two operations per read: reading dominates, on its own thread
     )
