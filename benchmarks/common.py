@@ -33,6 +33,16 @@ def python_timed(setup: str, work: str, *args: str) -> list[str]:
     return [sys.executable, "-c", code, *args]
 
 
+def fresh(setup: str, out: str | Path) -> str:
+    """``setup`` that also deletes ``out`` (a file or a directory) before the clock starts, so
+    that a timed run writes a new output instead of freeing the last run's in its rename."""
+    return (
+        f"{setup}\nimport os as _os, shutil as _shutil\n_out = {str(out)!r}\n"
+        "if _os.path.isdir(_out):\n    _shutil.rmtree(_out)\n"
+        "elif _os.path.exists(_out):\n    _os.remove(_out)\n"
+    )
+
+
 def run(argv: list[str]) -> Run:
     """Seconds and peak RssAnon of a child process (memory sampled every millisecond).
 

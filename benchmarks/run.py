@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import MIB, Run, best_of, llama_family, python_timed, warm, weights_file
+from common import MIB, Run, best_of, fresh, llama_family, python_timed, warm, weights_file
 
 NAIVE_SETUP = "import sys, torch\nfrom safetensors.torch import load_file, save_file"
 NAIVE_WORK = """
@@ -45,21 +45,17 @@ MERGEKIT = {  # ladle label -> mergekit merge_method and per-model parameters
 }
 
 
-def ladle_commands(base: Path, models: list[Path], out: Path) -> dict[str, list[str]]:
-    """The ladle CLI invocation of each method, writing to ``out``."""
-
-    def cli(*args: str) -> list[str]:
-        return python_timed(LADLE_SETUP, "main(sys.argv[1:])", *args)
-
-    common = ["--device", "cpu", "--no-progress", "--overwrite", "-o", str(out)]
+def ladle_commands(base: Path, models: list[Path]) -> dict[str, list[str]]:
+    """The ladle CLI arguments of each method, but for ``-o OUT``."""
+    common = ["--device", "cpu", "--no-progress"]
     ms, b = [str(m) for m in models], ["--base", str(base)]
     return {
-        "soup": cli("soup", *ms, *common),
-        "task-arithmetic": cli("task-arithmetic", *b, *ms, *common),
-        "ties (trim=global)": cli("ties", *b, *ms, "--density", "0.2", *common),
-        "ties (trim=tensor)": cli("ties", *b, *ms, "--density", "0.2", "--trim", "tensor", *common),
-        "stock": cli("stock", *b, *ms, *common),
-        "dare": cli("dare", *b, *ms, "--density", "0.1", "--seed", "0", *common),
+        "soup": ["soup", *ms, *common],
+        "task-arithmetic": ["task-arithmetic", *b, *ms, *common],
+        "ties (trim=global)": ["ties", *b, *ms, "--density", "0.2", *common],
+        "ties (trim=tensor)": ["ties", *b, *ms, "--density", "0.2", "--trim", "tensor", *common],
+        "stock": ["stock", *b, *ms, *common],
+        "dare": ["dare", *b, *ms, "--density", "0.1", "--seed", "0", *common],
     }
 
 
@@ -142,12 +138,12 @@ def report(
     outputs: dict[str, Path] = {}
     naive_argv = [str(workdir / "naive.safetensors"), *map(str, files[1:])]
     results["naive load-all soup"] = (
-        best_of(repeat, python_timed(NAIVE_SETUP, NAIVE_WORK, *naive_argv)),
+        best_of(repeat, python_timed(fresh(NAIVE_SETUP, naive_argv[0]), NAIVE_WORK, *naive_argv)),
         idle["naive"],
     )
-    for label, argv in ladle_commands(base, models, workdir / "out").items():
-        out = workdir / f"ladle-{len(outputs)}"
-        argv[-1] = str(out)
+    for label, args in ladle_commands(base, models).items():
+        out = workdir / f"ladle-{len(outputs)}"  # deleted before each run: a new output
+        argv = python_timed(fresh(LADLE_SETUP, out), "main(sys.argv[1:])", *args, "-o", str(out))
         results[f"ladle {label}"] = (best_of(repeat, argv), idle["ladle"])
         outputs[label] = out
 
@@ -176,7 +172,9 @@ def report(
         out = workdir / f"mergekit-{method}"
         work = "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code"
         argv = python_timed(
-            mk_setup, work, str(config), str(out), "--allow-crimes", "--quiet", "--device", "cpu"
+            fresh(mk_setup, out),
+            work,
+            *(str(config), str(out), "--allow-crimes", "--quiet", "--device", "cpu"),
         )
         run = best_of(repeat, [mk_python, *argv[1:]])
         mine, _ = results[f"ladle {label}"]

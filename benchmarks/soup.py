@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import MIB, best_of, llama_family, python_timed, warm, weights_file
+from common import MIB, best_of, fresh, llama_family, python_timed, warm, weights_file
 from safetensors import safe_open
 
 NAIVE_SETUP = "import sys, torch\nfrom safetensors.torch import load_file, save_file"
@@ -65,12 +65,10 @@ def main() -> None:
         soup = "main(sys.argv[1:])"
         # A new output (the previous one deleted before the clock starts), then the same
         # output replaced: the replaced file's pages are freed inside the timed rename.
-        fresh = f"{LADLE_SETUP}\nimport os\nif os.path.exists({out!r}): os.remove({out!r})"
-        ladle_run = best_of(r, python_timed(fresh, soup, *cli, *files))
+        ladle_run = best_of(r, python_timed(fresh(LADLE_SETUP, out), soup, *cli, *files))
         replace_run = best_of(r, python_timed(LADLE_SETUP, soup, *cli, *files))
-        small_run = best_of(r, python_timed(fresh, soup, *cli, *files[:4]))
-        naive_fresh = f"{NAIVE_SETUP}\nimport os\nif os.path.exists({out!r}): os.remove({out!r})"
-        naive_run = best_of(r, python_timed(naive_fresh, NAIVE_WORK, out, *files))
+        small_run = best_of(r, python_timed(fresh(LADLE_SETUP, out), soup, *cli, *files[:4]))
+        naive_run = best_of(r, python_timed(fresh(NAIVE_SETUP, out), NAIVE_WORK, out, *files))
         naive_replace_run = best_of(r, python_timed(NAIVE_SETUP, NAIVE_WORK, out, *files))
         in_memory = "ladle.uniform_soup(sys.argv[1:], device='cpu')"
         memory_run = best_of(r, python_timed(LADLE_SETUP, in_memory, *files))
