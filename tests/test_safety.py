@@ -228,7 +228,7 @@ def test_nonfinite_input_is_an_error_naming_model_and_key(bad):
     assert torch.isfinite(merged["layer.weight"]).all()
 
 
-# Soups and task arithmetic check results rather than inputs (their kernels are linear): a
+# Soups and task arithmetic check results rather than inputs (their kernels propagate them): a
 # NaN or Inf must still be found, named, in a model whose weight is 0 and in a file.
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize(
@@ -335,10 +335,11 @@ METHODS_WITH_A_BASE = {
 
 @pytest.mark.parametrize("method", sorted(METHODS_WITH_A_BASE))
 @pytest.mark.parametrize("where", ["base", "model 1"])
-def test_every_method_refuses_nonfinite_inputs_naming_them(method, where):
+@pytest.mark.parametrize("bad", [float("nan"), -float("inf")])
+def test_every_method_refuses_nonfinite_inputs_naming_them(method, where, bad):
     # Methods with several passes check on the first: a later pass must not be the only one.
     base, *models = family(3)
     target = base if where == "base" else models[1]
-    target["layer.weight"][2, 1] = float("nan")
+    target["layer.weight"][2, 1] = bad
     with pytest.raises(ladle.NonFiniteError, match=rf"{where} .*'layer.weight'"):
         METHODS_WITH_A_BASE[method](models, base)

@@ -80,7 +80,8 @@ class Kernel(NamedTuple):
     writes or copies each result before the next ``init``, so a kernel may reuse its own
     buffers (see :class:`Scratch`).
 
-    ``linear`` (see the field) lets the engine check results rather than inputs for NaN/Inf.
+    ``propagates_nonfinite`` (see the field) lets the engine check results, not inputs, for
+    NaN/Inf.
 
     ``amend``, optional, is called once after the last chunk of a :func:`merge`, for methods
     whose last statistic is known only then (TIES's sign for ties, a vote over every entry):
@@ -92,11 +93,12 @@ class Kernel(NamedTuple):
     update: Callable[[Any, int, torch.Tensor], Any]
     finalize: Callable[[Any], torch.Tensor]
     amend: Callable[[], Iterable[tuple[str, torch.Tensor, torch.Tensor]]] | None = None
-    linear: bool = False
-    """Every input reaches the result through additions and multiplications alone, so a NaN
-    or Inf in any input leaves a NaN or Inf in the result (IEEE: ``0·Inf`` and ``0·NaN`` are
-    NaN). On the CPU the engine then checks each result instead of each input, and only
-    where a result is not finite looks for the input to blame."""
+    propagates_nonfinite: bool = False
+    """Every input reaches the result through additions and multiplications alone (a weighted
+    sum, a Gram matrix), so a NaN or Inf in any input leaves a NaN or Inf in the result
+    (IEEE: ``0·Inf`` and ``0·NaN`` are NaN). On the CPU the engine then checks each result
+    instead of each input, and only where a result is not finite looks for the input to
+    blame."""
 
 
 class Scratch:
@@ -330,7 +332,8 @@ def fold(
     fewer meanwhile (:func:`_threads_beside_reader`). A model's chunk is valid until
     ``update`` returns, the base's until ``finalize`` returns.
     An input holding NaN or Inf raises :class:`NonFiniteError` naming the model and key,
-    unless ``allow_nonfinite``; with a ``linear`` kernel, once the chunk's result shows it.
+    unless ``allow_nonfinite``; with a kernel that ``propagates_nonfinite``, once the chunk's
+    result shows it.
     """
     reference = base if base is not None else models[0]
     sources = [*([base] if base is not None else []), *models]
@@ -341,10 +344,10 @@ def fold(
     pool = _Pool(_largest_read(plan, sources), count=depth + 2, device=device)
     transfers = Transfers(device)  # made here: the compute stream is this thread's
     mapped = device.type == "cpu" and depth == 0
-    # A linear kernel's result shows a NaN/Inf input: one check per chunk instead of one per
+    # Such a kernel's result shows a NaN/Inf input: one check per chunk instead of one per
     # input, on the CPU (on an accelerator the inputs' checks run beside the arithmetic, on
     # the copy stream, where a check of results would stall it for every chunk).
-    check_results = kernel.linear and not allow_nonfinite and device.type == "cpu"
+    check_results = kernel.propagates_nonfinite and not allow_nonfinite and device.type == "cpu"
     check_inputs = not allow_nonfinite and not check_results
     reads = _prefetched(
         _read(plan, models, base, reference, device, check_inputs, mapped, pool, transfers),
@@ -402,7 +405,8 @@ def _check_result(
     models: Sequence[Checkpoint],
     base: Checkpoint | None,
 ) -> None:
-    """For a linear kernel: a non-finite result has a non-finite input; find and name it.
+    """For a kernel that propagates NaN/Inf: a non-finite result has a non-finite input (or
+    overflowed); find and name the input.
 
     A result that overflowed from finite inputs is not an input's fault and passes, as it
     does for kernels whose inputs are checked one by one.

@@ -78,7 +78,7 @@ def weighted_mean_kernel(weights: Sequence[float]) -> Kernel:
     def finalize(acc: torch.Tensor) -> torch.Tensor:
         return acc
 
-    return Kernel(init, update, finalize, linear=True)
+    return Kernel(init, update, finalize, propagates_nonfinite=True)
 
 
 def uniform_soup(

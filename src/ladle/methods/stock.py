@@ -139,7 +139,8 @@ def gram_kernel(n: int) -> Kernel:
     def finalize(state: tuple) -> torch.Tensor:
         return _gram(state[1])
 
-    return Kernel(init, update, finalize)
+    # A NaN or Inf in the base or a model makes its τ, and so the Gram matrix, non-finite.
+    return Kernel(init, update, finalize, propagates_nonfinite=True)
 
 
 GRAM_BLOCK = 2**16

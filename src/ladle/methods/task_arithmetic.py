@@ -83,7 +83,7 @@ def task_vector_sum_kernel(
         acc, base = state[3], state[2]
         return acc.mul_(scale).add_(base)
 
-    return Kernel(init, update, finalize, linear=delta is None)
+    return Kernel(init, update, finalize, propagates_nonfinite=delta is None)
 
 
 def task_arithmetic(
