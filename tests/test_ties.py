@@ -274,6 +274,30 @@ def test_a_sample_finds_thresholds_in_one_pass_and_a_bad_guess_falls_back(monkey
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("flush", [False, True])
+def test_thresholds_among_subnormal_and_huge_magnitudes_are_exact(flush):
+    # Windows in the subnormal range, at zero, and between huge normals: the window count
+    # compares bit patterns there, floats elsewhere (also with subnormals flushed to zero).
+    gen = torch.Generator().manual_seed(11)
+    base = {"w": torch.zeros(64, 32), "v": torch.randn(500, generator=gen)}
+    models = []
+    for _ in range(2):
+        tiny = torch.randint(-9, 10, (64, 32), generator=gen) * 2.0**-140  # subnormal
+        huge = torch.randn(64, 32, generator=gen) * 2.0**120
+        pick = torch.rand(64, 32, generator=gen)
+        tau = torch.where(pick < 0.6, tiny, torch.where(pick < 0.8, huge, 0.0))
+        models.append({"w": base["w"] + tau, "v": base["v"] + torch.randn(500, generator=gen)})
+    supported = torch.set_flush_denormal(flush)
+    try:
+        if flush and not supported:
+            pytest.skip("flushing subnormals is not supported on this CPU")
+        for density in (0.1, 0.3, 0.5, 0.7, 0.95):
+            check_thresholds(models, base, density, "tensor", chunk_bytes=512)
+            check_thresholds(models, base, density, "global", chunk_bytes=512)
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_mixed_float32_and_float64_tensors_rank_together_exactly():
     gen = torch.Generator().manual_seed(3)
     base = {"a": torch.randn(50, generator=gen), "b": torch.randn(40, generator=gen).double()}
