@@ -323,9 +323,9 @@ def fold(
     ahead of the arithmetic, one model's chunk at a time, into a fixed pool of
     ``prefetch + 2`` buffers, so reading overlaps computing and memory does not depend on the
     number of models. The default, ``None``, prefetches 2 chunks when the arithmetic runs on
-    an accelerator and none on the CPU, where the arithmetic of most methods needs every
-    core; methods whose arithmetic is lighter than reading (the soups, task arithmetic) pass
-    a depth for the CPU too. Without a reading thread, CPU chunks are views of the page cache
+    an accelerator and none on the CPU, where torch's threads use every core (a reading
+    thread made no method faster on 2 cores, with the inputs in the page cache or not: see
+    docs/streaming.md). Without a reading thread, CPU chunks are views of the page cache
     (:meth:`Checkpoint.map_rows`), or converted from them into pooled buffers; with one, they
     are read with ``pread`` into pooled buffers (pinned for an accelerator), so that the
     reading thread does the copying from the page cache, and torch computes on one thread
@@ -730,16 +730,13 @@ def merge(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     allow_nonfinite: bool = False,
     prepare: Callable[[list[Checkpoint], Checkpoint | None], Kernel] | None = None,
-    prefetch: int | None = None,
 ) -> StateDict | Path:
     """Merge ``models`` (and ``base``) with ``kernel`` into a dict or, with ``out``, onto disk.
 
     Floating tensors go through the kernel and come out in ``dtype`` (default: the dtype of
     the base's, or model 0's, tensor); other tensors are copied from the base or model 0.
     ``prepare``, when given, is called with the opened, checked checkpoints and returns the
-    kernel to use (for methods that first gather statistics over the inputs). ``prefetch``
-    is :func:`fold`'s: how many chunks a reading thread reads ahead (default: 2 on an
-    accelerator, none on the CPU).
+    kernel to use (for methods that first gather statistics over the inputs).
     """
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype: expected a floating dtype, found {dtype}")
@@ -778,7 +775,6 @@ def merge(
             on_bytes=None if bar is None else bar.update,
             copy_others=True,
             allow_nonfinite=allow_nonfinite,
-            prefetch=prefetch,
         )
         results = Transfers(target).to_host(results, lambda key: specs[key][1])
         if out is None:

@@ -139,7 +139,6 @@ def uniform_soup(
         overwrite=overwrite,
         chunk_bytes=chunk_bytes,
         allow_nonfinite=allow_nonfinite,
-        prefetch=1,  # an addition per read: reading dominates, on its own thread
     )
 
 

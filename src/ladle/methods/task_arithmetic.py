@@ -161,5 +161,4 @@ def task_arithmetic(
         overwrite=overwrite,
         chunk_bytes=chunk_bytes,
         allow_nonfinite=allow_nonfinite,
-        prefetch=2,  # two operations per read: reading dominates, on its own thread
     )
