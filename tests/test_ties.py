@@ -298,6 +298,26 @@ def test_thresholds_among_subnormal_and_huge_magnitudes_are_exact(flush):
         torch.set_flush_denormal(False)
 
 
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(width=32, allow_nan=True, allow_infinity=True),
+            st.sampled_from([0.0, -0.0, 1e-45, 1.0, 1.0]),  # subnormals, repeats
+        ),
+        min_size=1,
+        max_size=300,
+    ),
+    st.sampled_from([torch.float32, torch.float64]),
+    st.data(),
+)
+def test_kth_smallest_by_sorting_bit_patterns_equals_kthvalue(values, dtype, data):
+    magnitudes = torch.tensor(values, dtype=dtype).abs()
+    rank = data.draw(st.integers(1, magnitudes.numel()))
+    expected = magnitudes.kthvalue(rank).values
+    found = torch.tensor(ties_module._kth_smallest(magnitudes, rank), dtype=dtype)
+    assert torch.equal(found, expected) or (found.isnan() and expected.isnan())
+
+
 def test_mixed_float32_and_float64_tensors_rank_together_exactly():
     gen = torch.Generator().manual_seed(3)
     base = {"a": torch.randn(50, generator=gen), "b": torch.randn(40, generator=gen).double()}

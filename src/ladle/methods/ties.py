@@ -255,7 +255,8 @@ def _windows(
         last = min(max(math.ceil(fraction * count + spread), 1), count)
         if count >= size:  # the sample is every entry: the answer itself
             first = last = rank
-        low, high = (int(sample.kthvalue(r).values) for r in (first, last))
+        ordered = sample.sort().values  # a radix sort of integers: faster than two selections
+        low, high = int(ordered[first - 1]), int(ordered[last - 1])
         if high - low >= WINDOW:
             return None
         windows.append((low, max(high - low + 1, 1)))
@@ -731,14 +732,22 @@ def _kth_magnitude(tau: torch.Tensor, rank: int, scratch: torch.Tensor) -> float
     it: a histogram of the top 16 bits picks the bucket, ``kthvalue`` finishes inside it."""
     magnitude = torch.abs(tau, out=scratch).flatten()
     if magnitude.numel() <= _BINS:
-        return magnitude.kthvalue(rank).values.item()
+        return _kth_smallest(magnitude, rank)
     width = 64 if magnitude.dtype == torch.float64 else 32
     bits = magnitude.view(torch.int64 if width == 64 else torch.int32)
     top = bits >> (width - _DIGIT)
     cumulative = torch.bincount(top, minlength=_BINS).cumsum(0)
     digit = int(torch.searchsorted(cumulative, rank))
     below = int(cumulative[digit - 1]) if digit else 0
-    return magnitude[top == digit].kthvalue(rank - below).values.item()
+    return _kth_smallest(magnitude[top == digit], rank - below)
+
+
+def _kth_smallest(magnitude: torch.Tensor, rank: int) -> float:
+    """``magnitude.kthvalue(rank)`` of a flat tensor of magnitudes (no sign bit), found by
+    sorting their bit patterns, which order like the numbers: a radix sort of integers, a
+    few times faster than torch's selection on floats."""
+    bits = magnitude.view(torch.int64 if magnitude.dtype == torch.float64 else torch.int32)
+    return bits.sort().values[rank - 1 : rank].view(magnitude.dtype).item()
 
 
 def _below32(value: float) -> float:
