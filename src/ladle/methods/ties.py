@@ -531,15 +531,20 @@ class SignElection:
         return torch.add(self.pos_sum, self.neg_sum, out=self.scratch)
 
     def vote(self) -> torch.Tensor:
-        """``Σ sign(γ)`` over the entries: positive minus negative elected signs (int64)."""
-        mass = self._mass()
-        return (mass > 0).sum() - (mass < 0).sum()
+        """``Σ sign(γ)`` over the entries: positive minus negative elected signs (a 0-d float
+        tensor holding an integer). Before ``merged``."""
+        # Signs as ±1.0/0.0 floats (a float sign is several times faster than two bool
+        # comparisons), summed exactly: float32 holds every integer below 2²⁴.
+        signs = torch.sign(self._mass(), out=self.scratch)
+        return signs.nansum(dtype=torch.float32 if signs.numel() < 2**24 else torch.float64)
 
     def ties(self) -> torch.Tensor:
         """Flat indices, within the chunk, of the entries whose sign election is a tie
         (``Σᵢ τᵢ = 0`` while some ``τᵢ ≠ 0``): those the majority decides. Before ``merged``."""
-        tied = torch.eq(self._mass(), 0).logical_and_(self.pos_count > 0)
-        return torch.nonzero(tied.flatten()).squeeze(1)
+        # A float mask (in tau, free once every model is folded in): zero mass times a positive
+        # count of positive values; float comparisons are several times faster than bool ones.
+        tied = torch.eq(self._mass(), 0, out=self.tau).mul_(self.pos_count)
+        return torch.nonzero(tied.flatten().bool()).squeeze(1)
 
     def tie_values(self, index: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``base + scale·mean`` at flat ``index`` for a positive, then a negative majority:
