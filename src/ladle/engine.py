@@ -386,7 +386,9 @@ def fold(
 def _threads_beside_reader(device: torch.device) -> Iterator[None]:
     """On the CPU, torch's intra-op threads one fewer (at least one) while a reading thread
     runs: a thread per core, not the reader fighting a team of torch threads for a core (on 2
-    cores that fight made the soup 30% slower than computing on one thread)."""
+    cores that fight made the soup 30% slower than computing on one thread). The count is
+    torch's, for the whole process: other threads that start torch work meanwhile get it
+    too."""
     if device.type != "cpu":
         yield
         return
