@@ -143,6 +143,12 @@ def gram_kernel(n: int) -> Kernel:
     return Kernel(init, update, finalize, propagates_nonfinite=True)
 
 
+GRAM_CHUNK_BYTES = 2 * 2**20
+"""Largest chunk of the Gram pass, per model (2 MiB; the merging pass uses ``chunk_bytes``).
+The pass holds N chunks of task vectors: 24 MiB for 12 models, within a server CPU's last
+level cache, where the Gram product reads them. On 12 fp32 models of 89 MiB, Model Stock
+took 0.28 s against 0.29–0.31 s with 4 MiB chunks (1 MiB: the same as 2 MiB)."""
+
 GRAM_BLOCK = 2**16
 """Entries per block of the batched Gram product (see :func:`gram_kernel`)."""
 
@@ -257,7 +263,7 @@ def model_stock(
             base=base_checkpoint,
             keys=None if part is None else part.keys(base_checkpoint),
             device=target,
-            chunk_bytes=chunk_bytes,
+            chunk_bytes=min(chunk_bytes, GRAM_CHUNK_BYTES),
             allow_nonfinite=allow_nonfinite,
         ):
             grams[key] = partial if key not in grams else grams[key] + partial
