@@ -734,7 +734,7 @@ def elect_later(
 
 def _kth_magnitude(tau: torch.Tensor, rank: int, scratch: torch.Tensor) -> float:
     """The ``rank``-th smallest ``|tau|`` of an in-memory tensor, as ``torch.kthvalue`` finds
-    it: a histogram of the top 16 bits picks the bucket, ``kthvalue`` finishes inside it."""
+    it: a histogram of the top 16 bits picks the bucket, a sort finishes inside it."""
     magnitude = torch.abs(tau, out=scratch).flatten()
     if magnitude.numel() <= _BINS:
         return _kth_smallest(magnitude, rank)
