@@ -282,10 +282,13 @@ def test_cli_stock_writes_the_merge_and_rejects_a_single_model(tmp_path, capsys)
     assert "models" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 12])
 @pytest.mark.parametrize("count", [1, 7, 8, 9, 24, 29])
-def test_gram_over_blocks_and_a_tail_equals_the_float64_product(monkeypatch, count):
+def test_gram_over_blocks_and_a_tail_equals_the_float64_product(monkeypatch, count, n):
     monkeypatch.setattr(stock, "GRAM_BLOCK", 8)
-    taus = torch.randn(5, count, generator=torch.Generator().manual_seed(count))
+    taus = torch.randn(n, count, generator=torch.Generator().manual_seed(count))
     expected = taus.double() @ taus.double().T
-    torch.testing.assert_close(stock._gram(taus), expected, rtol=1e-6, atol=1e-6)
-    assert stock._gram(taus).dtype == torch.float64
+    gram = stock._gram(taus)
+    torch.testing.assert_close(gram, expected, rtol=1e-6, atol=1e-6)
+    assert gram.dtype == torch.float64
+    assert torch.equal(gram, gram.T)  # each pair's product is computed once, for both entries
