@@ -318,6 +318,24 @@ def test_kth_smallest_by_sorting_bit_patterns_equals_kthvalue(values, dtype, dat
     assert torch.equal(found, expected) or (found.isnan() and expected.isnan())
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_the_window_pass_names_a_nonfinite_input(monkeypatch, bad):
+    # The window pass checks its sums of magnitudes, not each input: the error must still
+    # name the model and the key, from that pass alone.
+    monkeypatch.setattr(ties_module, "SAMPLE", 2**10)
+    monkeypatch.setattr(ties_module, "WINDOW", 2**24)
+    monkeypatch.setattr(ties_module, "_radix_select", lambda *a, **k: pytest.fail("radix"))
+    gen = torch.Generator().manual_seed(2)
+    base = {"emb": torch.randn(400, 64, generator=gen), "bias": torch.randn(64, generator=gen)}
+    models = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}]
+    models *= 3
+    models[1] = {k: v.clone() for k, v in models[1].items()}
+    models[1]["emb"][397, 5] = bad
+    for trim in ("global", "tensor"):
+        with pytest.raises(ladle.NonFiniteError, match=r"model 1 .*'emb'"):
+            ladle.ties(models, base, trim=trim, device="cpu", chunk_bytes=2**12)
+
+
 def test_mixed_float32_and_float64_tensors_rank_together_exactly():
     gen = torch.Generator().manual_seed(3)
     base = {"a": torch.randn(50, generator=gen), "b": torch.randn(40, generator=gen).double()}

@@ -274,18 +274,24 @@ def _as_float32(bits: int) -> float:
 
 def _window_kernel(windows: Sequence[tuple[int, int]], counts: list[torch.Tensor]) -> Kernel:
     """Histogram, per model, the magnitudes' bit patterns inside its window, one bin per
-    pattern, with one bin for all below it and one for all above."""
+    pattern, with one bin for all below it and one for all above.
+
+    A chunk's result is each model's sum of magnitudes: NaN or Inf in the base or a model
+    makes it non-finite, so the engine checks these sums (``propagates_nonfinite``) instead
+    of every input, summed again from memory.
+    """
 
     buffers = Scratch(), Scratch(), Scratch()  # reused from chunk to chunk: no page faults
 
     def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
         assert base is not None
-        return base, *(b.take(base.shape, base.dtype, base.device) for b in buffers)
+        return base, *(b.take(base.shape, base.dtype, base.device) for b in buffers), []
 
     def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
-        base, buffer, scratch, mask = state
+        base, buffer, scratch, mask, sums = state
         low, span = windows[index]
         magnitudes = torch.sub(x, base, out=buffer).abs_()
+        sums.append(magnitudes.sum())  # in cache now; the bit patterns below overwrite it
         histogram = counts[index]
         # Most magnitudes fall outside the window: count those below and above with sums
         # (a histogram of such lopsided bins is slow), then histogram the few inside.
@@ -307,7 +313,7 @@ def _window_kernel(windows: Sequence[tuple[int, int]], counts: list[torch.Tensor
         histogram[1:-1].index_add_(0, inside, torch.ones_like(inside, dtype=torch.int64))
         return state
 
-    return _counting(init, update)
+    return Kernel(init, update, lambda state: torch.stack(state[-1]), propagates_nonfinite=True)
 
 
 def _select_in_window(
