@@ -260,3 +260,18 @@ def test_ties_combine_breaks_exact_cancellations_with_the_majority_streamed_or_n
     paths = save_all([base, *models], tmp_path)
     out = ladle.dare(paths[1:], paths[0], out=tmp_path / "o", chunk_bytes=256, **options)
     assert_bit_for_bit(ladle.load(out), in_memory)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("combine", ["sum", "ties"])
+def test_a_nonfinite_entry_that_the_mask_drops_is_still_an_error(tmp_path, bad, combine):
+    # DARE (sum) checks its results, not its inputs: a dropped NaN or Inf is multiplied by
+    # 0.0, which leaves a NaN, so the error still names the model and the key.
+    base, *models = family(3)
+    numel = models[1]["layer.weight"].numel()
+    kept = keep_mask(0, 1, "layer.weight", numel=numel, start=0, count=numel, density=0.1)
+    dropped = int(torch.nonzero(~kept)[0])
+    models[1]["layer.weight"].view(-1)[dropped] = bad
+    paths = save_all([base, *models], tmp_path)
+    with pytest.raises(ladle.NonFiniteError, match=r"model 1 .*'layer.weight'"):
+        ladle.dare(paths[1:], paths[0], density=0.1, seed=0, combine=combine, device="cpu")

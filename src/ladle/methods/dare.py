@@ -216,7 +216,11 @@ def dare(
         shapes = {key: base_ckpt.shape(key) for key in base_ckpt.keys()}
         dropper = _dropper(shapes, seed, density)
         if combine == "sum":
-            return task_vector_sum_kernel([1.0] * len(checkpoints), scale, dropper)
+            # A dropped entry is multiplied by 0.0, and 0·NaN, 0·Inf are NaN: non-finite inputs
+            # still show in the result.
+            return task_vector_sum_kernel(
+                [1.0] * len(checkpoints), scale, dropper, delta_propagates_nonfinite=True
+            )
         part = current_partition()  # a merge split across processes: votes of its keys, summed
         own = base_ckpt.keys() if part is None else part.keys(base_ckpt)
         floating = [k for k in own if base_ckpt.dtype(k).is_floating_point]

@@ -37,12 +37,18 @@ def check_inputs(models: Sequence[StateDictLike], base: StateDictLike | None) ->
 
 
 def task_vector_sum_kernel(
-    weights: Sequence[float], scale: float, delta: Delta | None = None
+    weights: Sequence[float],
+    scale: float,
+    delta: Delta | None = None,
+    *,
+    delta_propagates_nonfinite: bool = False,
 ) -> Kernel:
     """Fold ``base + scale·Σᵢ wᵢ·δᵢ`` one model at a time, ``δᵢ = delta(τᵢ)`` (default ``τᵢ``).
 
     The state is the base chunk, one accumulator and a buffer (two with ``delta``), so memory
-    does not grow with the number of models.
+    does not grow with the number of models. The kernel propagates NaN/Inf (the engine then
+    checks results, not inputs) without ``delta``, or with one that keeps every NaN/Inf of
+    ``τᵢ`` non-finite (``delta_propagates_nonfinite``).
     """
 
     # The accumulator, the buffer and the scratch of every chunk: reused from chunk to chunk
@@ -83,7 +89,8 @@ def task_vector_sum_kernel(
         acc, base = state[3], state[2]
         return acc.mul_(scale).add_(base)
 
-    return Kernel(init, update, finalize, propagates_nonfinite=delta is None)
+    propagates = delta is None or delta_propagates_nonfinite
+    return Kernel(init, update, finalize, propagates_nonfinite=propagates)
 
 
 def task_arithmetic(
