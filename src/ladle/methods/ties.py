@@ -95,9 +95,11 @@ def _histogram_kernel(
     magnitudes whose higher digits equal the prefix found so far, into ``counts[group]`` (a
     models × 65536 tensor that outlives the chunk; the kernel's own result is empty)."""
 
+    scratch = Scratch()  # one buffer for every model's |τ|, reused from chunk to chunk
+
     def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
         assert base is not None
-        return key, base, torch.empty_like(base)  # one buffer for every model's |τ|
+        return key, base, scratch.take(base.shape, base.dtype, base.device)
 
     def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
         key, base, buffer = state
