@@ -416,9 +416,15 @@ def _check_result(
     total = torch.sum(result)
     if torch.isfinite(total) or bool(torch.isfinite(result).all()):
         return
-    labelled = [*([(None, base)] if base is not None else []), *enumerate(models)]
-    for index, checkpoint in labelled:
+    for index, checkpoint in _labelled(models, base):
         _check_finite(checkpoint.get_slice(key, rows), index, checkpoint, key)
+
+
+def _labelled(
+    models: Sequence[Checkpoint], base: Checkpoint | None
+) -> list[tuple[int | None, Checkpoint]]:
+    """The inputs in reading order, each with its index (``None`` for the base)."""
+    return [*([(None, base)] if base is not None else []), *enumerate(models)]
 
 
 Plan = list[tuple[str, slice, "torch.dtype | None"]]
@@ -496,8 +502,7 @@ def _read(
         if dtype is None:
             yield reference.get_slice(key, rows).clone(), None
             continue
-        labelled = [*([(None, base)] if base is not None else []), *enumerate(models)]
-        for index, checkpoint in labelled:
+        for index, checkpoint in _labelled(models, base):
             on_cpu = device.type == "cpu"
             view = checkpoint.map_rows(key, rows) if mapped else None
             if view is not None:  # the page cache's own pages: no copy unless converted
