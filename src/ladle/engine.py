@@ -784,9 +784,10 @@ def merge(
             allow_nonfinite=allow_nonfinite,
         )
         results = Transfers(target).to_host(results, lambda key: specs[key][1])
+        amendments = kernel.amend or (lambda: ())  # called once the last chunk is out
         if out is None:
             state = _to_state_dict(results, specs)
-            for key, index, values in kernel.amend() if kernel.amend is not None else ():
+            for key, index, values in amendments():
                 state[key].view(-1)[index] = values.to("cpu", specs[key][1])
             return state
         meta = provenance(method, parameters, checkpoints, base_ckpt)
@@ -821,7 +822,7 @@ def merge(
             with sink as writer:
                 for key, _, chunk in results:
                     writer.write(key, chunk)
-                for key, index, values in kernel.amend() if kernel.amend is not None else ():
+                for key, index, values in amendments():
                     writer.amend(key, index, values.to("cpu", specs[key][1]))
                 closing.start()
         finally:
