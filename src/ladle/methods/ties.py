@@ -21,7 +21,6 @@ import torch
 
 from ..checkpoint import Checkpoint, StateDict, StateDictLike
 from ..engine import (
-    DEFAULT_CHUNK_BYTES,
     FOLD_CHUNK_BYTES,
     Kernel,
     Progress,
@@ -445,7 +444,7 @@ def magnitude_thresholds(
     density: float = 0.2,
     trim: str = "global",
     device: str | torch.device | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = FOLD_CHUNK_BYTES,
 ) -> list[dict[str, float]]:
     """TIES trim thresholds, found by streaming passes: per model, per floating key.
 
@@ -461,7 +460,8 @@ def magnitude_thresholds(
         density: the fraction of entries kept, in (0, 1].
         trim: ``"global"`` or ``"tensor"``, the scope of the ranking.
         device: where the arithmetic runs; default CUDA when available, else the CPU.
-        chunk_bytes: largest piece of one tensor processed at a time, per model.
+        chunk_bytes: largest piece of one tensor processed at a time, per model; default
+            4 MiB, as :func:`ties` (the thresholds do not depend on it).
 
     Returns:
         One dict per model, mapping each floating key to its threshold.
