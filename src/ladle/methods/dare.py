@@ -31,7 +31,7 @@ from ..engine import (
     resolve_device,
 )
 from .task_arithmetic import Delta, check_inputs, check_scale, task_vector_sum_kernel
-from .ties import check_density, elect_later, elected, election_kernel, majority_votes
+from .ties import check_density, majority_election
 
 __all__ = ["BLOCK", "block_seed", "dare", "keep_mask", "uniform_numbers"]
 
@@ -223,29 +223,19 @@ def dare(
             )
         part = current_partition()  # a merge split across processes: votes of its keys, summed
         own = base_ckpt.keys() if part is None else part.keys(base_ckpt)
-        floating = [k for k in own if base_ckpt.dtype(k).is_floating_point]
-        if part is None:  # ties patched with the model's majority once the merge pass ends
-            return elect_later(
-                checkpoints,
-                base_ckpt,
-                dropper,
-                scopes=dict.fromkeys(floating, ""),
-                scale=scale,
-                device=target,
-                chunk_bytes=chunk_bytes,
-            )
-        majority = majority_votes(
+        return majority_election(
             checkpoints,
             base_ckpt,
             dropper,
-            keys=floating,
+            keys=[k for k in own if base_ckpt.dtype(k).is_floating_point],
             per_tensor=False,
+            scale=scale,
             device=target,
             chunk_bytes=chunk_bytes,
             allow_nonfinite=allow_nonfinite,
-            reduce=part.all_reduce,
+            split=part is not None,
+            reduce=None if part is None else part.all_reduce,
         )
-        return election_kernel(dropper, elected(majority, scale))
 
     return merge(
         models,

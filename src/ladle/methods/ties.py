@@ -44,6 +44,7 @@ __all__ = [
     "election_kernel",
     "keep_rank",
     "magnitude_thresholds",
+    "majority_election",
     "majority_votes",
     "ties",
 ]
@@ -740,6 +741,52 @@ def elect_later(
     return election_kernel(delta, finish)._replace(amend=later.amend)
 
 
+def majority_election(
+    models: Sequence[Checkpoint],
+    base: Checkpoint,
+    delta: Delta,
+    *,
+    keys: Sequence[str],
+    per_tensor: bool,
+    scale: float,
+    device: torch.device,
+    chunk_bytes: int,
+    allow_nonfinite: bool,
+    split: bool,
+    reduce: Reduce | None = None,
+) -> Kernel:
+    """The merge kernel of a sign election whose ties ``keys`` break by the paper code's
+    majority, over all of them or (``per_tensor``) over each.
+
+    In one process the majority is found while merging and the ties patched afterwards
+    (:func:`elect_later`). In a merge ``split`` across processes, whose shards are committed
+    as it goes, a vote pass (:func:`majority_votes`, summed over the processes with
+    ``reduce``) runs first.
+    """
+    if not split:
+        return elect_later(
+            models,
+            base,
+            delta,
+            scopes={key: key if per_tensor else "" for key in keys},
+            scale=scale,
+            device=device,
+            chunk_bytes=chunk_bytes,
+        )
+    majority = majority_votes(
+        models,
+        base,
+        delta,
+        keys=keys,
+        per_tensor=per_tensor,
+        device=device,
+        chunk_bytes=chunk_bytes,
+        allow_nonfinite=allow_nonfinite,
+        reduce=reduce,
+    )
+    return election_kernel(delta, elected(majority, scale))
+
+
 def _kth_magnitude(tau: torch.Tensor, rank: int, scratch: torch.Tensor) -> float:
     """The ``rank``-th smallest ``|tau|`` of an in-memory tensor, as ``torch.kthvalue`` finds
     it: a histogram of the top 16 bits picks the bucket, a sort finishes inside it."""
@@ -887,28 +934,18 @@ def ties(
             allow_nonfinite=allow_nonfinite,
             reduce=reduce,
         )
-        trimmer = _trimmer(limits, density)
-        if part is not None:  # a split merge: the vote is summed over processes first
-            majority = majority_votes(
-                checkpoints,
-                base_ckpt,
-                trimmer,
-                keys=streamed,
-                per_tensor=trim == "tensor",
-                device=target,
-                chunk_bytes=chunk_bytes,
-                allow_nonfinite=allow_nonfinite,
-                reduce=reduce,
-            )
-            return election_kernel(trimmer, elected(majority, scale))
-        return elect_later(
+        return majority_election(
             checkpoints,
             base_ckpt,
-            trimmer,
-            scopes={key: "" if trim == "global" else key for key in streamed},
+            _trimmer(limits, density),
+            keys=streamed,
+            per_tensor=trim == "tensor",
             scale=scale,
             device=target,
             chunk_bytes=chunk_bytes,
+            allow_nonfinite=allow_nonfinite,
+            split=part is not None,
+            reduce=reduce,
         )
 
     return merge(
