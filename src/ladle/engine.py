@@ -498,12 +498,12 @@ def _read(
     ``check``: raise on NaN/Inf in each chunk; ``mapped``: CPU chunks are views of the page
     cache where the source has them."""
     staging = Scratch()  # the reader's own: raw bytes awaiting conversion
+    on_cpu = device.type == "cpu"
     for key, rows, dtype in plan:
         if dtype is None:
             yield reference.get_slice(key, rows).clone(), None
             continue
         for index, checkpoint in _labelled(models, base):
-            on_cpu = device.type == "cpu"
             view = checkpoint.map_rows(key, rows) if mapped else None
             if view is not None:  # the page cache's own pages: no copy unless converted
                 ready, held = view, None
