@@ -159,7 +159,7 @@ def _gram(taus: torch.Tensor) -> torch.Tensor:
     faster than one product of an N × rows matrix on the CPU (BLAS handles N = 12 outputs
     poorly), and each float32 sum runs over 65,536 terms at most. The matrix is symmetric, so
     the rows are split in two halves and the block below the diagonal is the transpose of the
-    one above: three quarters of the products (20% faster for 12 models). The upper triangle
+    one above: three quarters of the products (10–20% faster for 12 models). The upper triangle
     is mirrored, so ``gram[i, j]`` equals ``gram[j, i]`` exactly."""
     n, count = taus.shape
     whole = count // GRAM_BLOCK * GRAM_BLOCK
