@@ -209,6 +209,7 @@ def check_thresholds(models, base, density, trim, chunk_bytes):
 
 SELECTIONS = {  # module attributes patched: how the thresholds are found
     "sample brackets it (one pass)": {},
+    "one pass, each chunk's window counted at once": {"INSIDE_BATCH": 1},
     "tiny sample (guesses miss)": {"SAMPLE": 3},
     "radix select only (two passes)": {"_select_in_window": lambda *a, **k: None},
 }
