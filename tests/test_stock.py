@@ -214,8 +214,12 @@ def test_chunk_size_changes_the_result_only_by_rounding():
     models = [{"w": base["w"] + 0.1 * torch.randn(64, 8, generator=gen)} for _ in range(3)]
     whole = ladle.model_stock(models, base, device="cpu")
     rows = ladle.model_stock(models, base, device="cpu", chunk_bytes=32)
-    # Per-chunk float32 Gram products round differently: at most two float32 steps.
-    torch.testing.assert_close(rows["w"], whole["w"], rtol=2 * 2.0**-23, atol=0)
+    # Per-chunk float32 Gram products round differently, which moves t by a few float32
+    # steps: the result moves by at most two steps of its own size or of mean − base.
+    step = (torch.stack([m["w"] for m in models]).mean(0) - base["w"]).abs()
+    bound = 2 * 2.0**-23 * torch.maximum(whole["w"].abs(), step)
+    assert ((rows["w"] - whole["w"]).abs() <= bound).all()
+    assert not torch.equal(rows["w"], whole["w"])  # the chunks did change the rounding
 
 
 def test_statistics_pass_holds_row_chunks_not_whole_tensors(monkeypatch):
@@ -282,10 +286,12 @@ def test_cli_stock_writes_the_merge_and_rejects_a_single_model(tmp_path, capsys)
     assert "models" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("n", [1, 2, 5, 12])
+@pytest.mark.parametrize("rows", [1, 4, 5])
+@pytest.mark.parametrize("n", [1, 2, 5, 9, 12])
 @pytest.mark.parametrize("count", [1, 7, 8, 9, 24, 29])
-def test_gram_over_blocks_and_a_tail_equals_the_float64_product(monkeypatch, count, n):
+def test_gram_over_blocks_and_a_tail_equals_the_float64_product(monkeypatch, count, n, rows):
     monkeypatch.setattr(stock, "GRAM_BLOCK", 8)
+    monkeypatch.setattr(stock, "GRAM_ROWS", rows)
     taus = torch.randn(n, count, generator=torch.Generator().manual_seed(count))
     expected = taus.double() @ taus.double().T
     gram = stock._gram(taus)

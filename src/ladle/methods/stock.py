@@ -153,26 +153,34 @@ GRAM_BLOCK = 2**16
 """Entries per block of the batched Gram product (see :func:`gram_kernel`)."""
 
 
+GRAM_ROWS = 4
+"""Task vectors per group in the Gram product: the matrix is computed as products of groups
+of this many rows (see :func:`_gram`)."""
+
+
 def _gram(taus: torch.Tensor) -> torch.Tensor:
     """``taus @ taus.T`` in float64, as batches of products over blocks of
     :data:`GRAM_BLOCK` columns (and the remaining columns), summed in float64: a third
     faster than one product of an N × rows matrix on the CPU (BLAS handles N = 12 outputs
-    poorly), and each float32 sum runs over 65,536 terms at most. The matrix is symmetric, so
-    the rows are split in two halves and the block below the diagonal is the transpose of the
-    one above: three quarters of the products (10–20% faster for 12 models). The upper triangle
-    is mirrored, so ``gram[i, j]`` equals ``gram[j, i]`` exactly."""
+    poorly), and each float32 sum runs over 65,536 terms at most.
+
+    The rows are split into groups of :data:`GRAM_ROWS`, and only the products of a group
+    with itself and with the groups after it are computed: the matrix is symmetric, and its
+    upper triangle is mirrored, so ``gram[i, j]`` equals ``gram[j, i]`` exactly. On 2 CPU cores
+    and 2 MiB of rows per model, groups of 4 took 1.43 ms for 12 models against 1.83 ms for
+    two halves and 2.02 ms for the whole matrix, and were as fast or faster for every N from
+    4 to 24 tried (BLAS handles some output shapes far better than others)."""
     n, count = taus.shape
     whole = count // GRAM_BLOCK * GRAM_BLOCK
     batches = [taus[:, :whole].view(n, -1, GRAM_BLOCK).transpose(0, 1)] if whole else []
     if whole < count:
         batches.append(taus[:, whole:].unsqueeze(0))
     gram = torch.zeros(n, n, dtype=torch.float64, device=taus.device)
-    half = n // 2
+    groups = [slice(start, start + GRAM_ROWS) for start in range(0, n, GRAM_ROWS)]
     for blocks in batches:
-        top, bottom = blocks[:, :half], blocks[:, half:]
-        gram[:half, :half] += _products(top, top)
-        gram[:half, half:] += _products(top, bottom)
-        gram[half:, half:] += _products(bottom, bottom)
+        for i, rows in enumerate(groups):
+            for columns in groups[i:]:
+                gram[rows, columns] += _products(blocks[:, rows], blocks[:, columns])
     return gram.triu() + gram.triu(1).T
 
 
