@@ -190,7 +190,11 @@ def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def stock_kernel(ratios: Mapping[str, float], n: int) -> Kernel:
-    """Fold ``Σᵢ modelᵢ`` into one accumulator; finish with ``t·mean + (1 − t)·base``."""
+    """Fold ``Σᵢ modelᵢ`` into one accumulator; finish with ``t·mean + (1 − t)·base``.
+
+    The accumulator is one scratch buffer, reused from chunk to chunk (fresh memory for every
+    chunk costs page faults)."""
+    scratch = Scratch()
 
     def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
         assert base is not None
@@ -198,7 +202,9 @@ def stock_kernel(ratios: Mapping[str, float], n: int) -> Kernel:
 
     def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
         t, base, acc = state
-        return t, base, x.clone() if acc is None else acc.add_(x)
+        if acc is None:  # x may be a read-only view of a file: never write into it
+            return t, base, scratch.take(x.shape, x.dtype, x.device).copy_(x)
+        return t, base, acc.add_(x)
 
     def finalize(state: tuple) -> torch.Tensor:
         t, base, acc = state
