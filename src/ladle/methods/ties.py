@@ -428,6 +428,7 @@ def _thresholds(
     if reduce is not None and trim != "global":
         raise ValueError(f"reduce: only trim='global' spans processes, found trim={trim!r}")
     groups = {key: "" if trim == "global" else key for key in keys}
+    dtypes = {key: compute_dtype([c.dtype(key) for c in [*models, base]]) for key in keys}
     counts: dict[str, int] = {"": 0} if reduce is not None else {}
     for key, group in groups.items():
         size = 1
@@ -441,10 +442,7 @@ def _thresholds(
     if reduce is None:  # one pass for each group a sample brackets; float32 groups only
         for group, rank in ranks.items():
             members = [key for key, g in groups.items() if g == group]
-            if all(
-                compute_dtype([c.dtype(key) for c in [*models, base]]) != torch.float64
-                for key in members
-            ):
+            if all(dtypes[key] != torch.float64 for key in members):
                 window = _select_in_window(
                     models,
                     base,
@@ -471,8 +469,7 @@ def _thresholds(
         )
     limits = {}
     for key, group in groups.items():
-        dtype = compute_dtype([c.dtype(key) for c in [*models, base]])
-        limits[key] = [_at_least(v, dtype) for v in found.get(group, [0.0] * len(models))]
+        limits[key] = [_at_least(v, dtypes[key]) for v in found.get(group, [0.0] * len(models))]
     return limits
 
 
