@@ -311,12 +311,16 @@ def test_thresholds_among_subnormal_and_huge_magnitudes_are_exact(flush):
     st.sampled_from([torch.float32, torch.float64]),
     st.data(),
 )
-def test_kth_smallest_by_sorting_bit_patterns_equals_kthvalue(values, dtype, data):
+def test_kth_patterns_by_sorting_bit_patterns_equals_kthvalue(values, dtype, data):
     magnitudes = torch.tensor(values, dtype=dtype).abs()
-    rank = data.draw(st.integers(1, magnitudes.numel()))
-    expected = magnitudes.kthvalue(rank).values
-    found = torch.tensor(ties_module._kth_smallest(magnitudes, rank), dtype=dtype)
-    assert torch.equal(found, expected) or (found.isnan() and expected.isnan())
+    bits = magnitudes.view(torch.int64 if dtype == torch.float64 else torch.int32)
+    ranks = data.draw(st.lists(st.integers(1, magnitudes.numel()), min_size=1, max_size=3))
+    for sort_below in (0, len(values)):  # the histogram of top bits, and one sort of all
+        found = ties_module._kth_patterns(bits, ranks, sort_below=sort_below)
+        for rank, pattern in zip(ranks, found):
+            expected = magnitudes.kthvalue(rank).values
+            got = torch.tensor(pattern, dtype=bits.dtype).view(dtype)
+            assert torch.equal(got, expected) or (got.isnan() and expected.isnan())
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

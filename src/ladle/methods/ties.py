@@ -257,8 +257,7 @@ def _windows(
         last = min(max(math.ceil(fraction * count + spread), 1), count)
         if count >= size:  # the sample is every entry: the answer itself
             first = last = rank
-        ordered = sample.sort().values  # a radix sort of integers: faster than two selections
-        low, high = int(ordered[first - 1]), int(ordered[last - 1])
+        low, high = _kth_patterns(sample, [first, last])
         if high - low >= WINDOW:
             return None
         windows.append((low, max(high - low + 1, 1)))
@@ -825,25 +824,35 @@ def majority_election(
 
 def _kth_magnitude(tau: torch.Tensor, rank: int, scratch: torch.Tensor) -> float:
     """The ``rank``-th smallest ``|tau|`` of an in-memory tensor, as ``torch.kthvalue`` finds
-    it: a histogram of the top 16 bits picks the bucket, a sort finishes inside it."""
+    it (:func:`_kth_patterns` over the magnitudes' bit patterns)."""
     magnitude = torch.abs(tau, out=scratch).flatten()
-    if magnitude.numel() <= _BINS:
-        return _kth_smallest(magnitude, rank)
-    width = 64 if magnitude.dtype == torch.float64 else 32
-    bits = magnitude.view(torch.int64 if width == 64 else torch.int32)
-    top = bits >> (width - _DIGIT)
-    cumulative = torch.bincount(top, minlength=_BINS).cumsum(0)
-    digit = int(torch.searchsorted(cumulative, rank))
-    below = int(cumulative[digit - 1]) if digit else 0
-    return _kth_smallest(magnitude[top == digit], rank - below)
-
-
-def _kth_smallest(magnitude: torch.Tensor, rank: int) -> float:
-    """``magnitude.kthvalue(rank)`` of a flat tensor of magnitudes (no sign bit), found by
-    sorting their bit patterns, which order like the numbers: a radix sort of integers, a
-    few times faster than torch's selection on floats."""
     bits = magnitude.view(torch.int64 if magnitude.dtype == torch.float64 else torch.int32)
-    return bits.sort().values[rank - 1 : rank].view(magnitude.dtype).item()
+    (pattern,) = _kth_patterns(bits, [rank])
+    return torch.tensor(pattern, dtype=bits.dtype).view(magnitude.dtype).item()
+
+
+def _kth_patterns(
+    bits: torch.Tensor, ranks: Sequence[int], *, sort_below: int = _BINS
+) -> list[int]:
+    """The ``ranks``-th smallest (1-based) of a flat tensor of magnitudes' bit patterns
+    (int32 or int64 with the sign bit clear, which order like the numbers they spell).
+
+    Up to ``sort_below`` patterns are sorted (a radix sort of integers, a few times faster
+    than ``torch.kthvalue`` on floats). Past it a histogram of the top 16 bits picks each
+    rank's bucket and a sort finishes inside it: 0.25 ms for two ranks of 2¹⁷ patterns
+    against 1.0 ms for sorting them all.
+    """
+    if bits.numel() <= sort_below:
+        ordered = bits.sort().values
+        return [int(ordered[rank - 1]) for rank in ranks]
+    top = bits >> (8 * bits.element_size() - _DIGIT)
+    cumulative = torch.bincount(top, minlength=_BINS).cumsum(0)
+    found = []
+    for rank in ranks:
+        digit = int(torch.searchsorted(cumulative, rank))
+        below = int(cumulative[digit - 1]) if digit else 0
+        found.append(int(bits[top == digit].sort().values[rank - below - 1]))
+    return found
 
 
 def _below32(value: float) -> float:
