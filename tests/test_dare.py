@@ -26,28 +26,35 @@ def naive_mask(seed, index, key, numel, density):
     return torch.cat(pieces) < density if pieces else torch.zeros(0, dtype=torch.bool)
 
 
-def naive_deltas(models, base, *, density, seed):
-    """Every model's dropped and rescaled task vector, flattened over the floating keys: a
-    models × entries float64 array (of float32 values)."""
+def naive_dropped(models, base, *, density, seed):
+    """Every model's task vector (float32, as the library computes it) with the dropped
+    entries zeroed, flattened over the floating keys: a models × entries float64 array."""
     keys = [k for k, v in base.items() if v.is_floating_point()]
-    deltas = []
+    dropped = []
     for i, model in enumerate(models):
         parts = []
         for key in keys:
             tau = (model[key].float() - base[key].float()).flatten()
             keep = naive_mask(seed, i, key, tau.numel(), density)
-            parts.append(torch.where(keep, tau / density, 0.0).double().numpy())
-        deltas.append(np.concatenate(parts))
-    return np.stack(deltas)
+            parts.append(torch.where(keep, tau, 0.0).double().numpy())
+        dropped.append(np.concatenate(parts))
+    return np.stack(dropped)
 
 
 def naive_dare(models, base, *, density, scale, seed, combine):
-    """Flatten everything, drop with the documented masks, combine in float64."""
+    """Flatten everything, drop with the documented masks, rescale, combine in float64.
+
+    The sign election of "ties" sums the dropped task vectors before the rescale by
+    1/density, which is the same sign in exact arithmetic (a common positive factor) and
+    exact in float64 for these few float32 terms."""
     keys = [k for k, v in base.items() if v.is_floating_point()]
     offsets = np.cumsum([0, *(base[k].numel() for k in keys)])
-    stacked = naive_deltas(models, base, density=density, seed=seed)
+    stacked = naive_dropped(models, base, density=density, seed=seed)
     # "ties": no trim; the sign for γ = 0 is the majority over the whole model.
-    merged = stacked.sum(axis=0) if combine == "sum" else naive_elect(stacked, [(0, offsets[-1])])
+    if combine == "sum":
+        merged = (stacked / density).sum(axis=0)
+    else:
+        merged = naive_elect(stacked, [(0, offsets[-1])]) / density
     out = dict(base)
     for key, lo, hi in zip(keys, offsets[:-1], offsets[1:]):
         value = base[key].double().numpy().ravel() + scale * merged[lo:hi]
@@ -91,6 +98,24 @@ def test_ties_combine_elects_a_sign_and_averages_the_agreeing_deltas():
     # disjoint means: [2, −2, 3, 0.5].
     merged = ladle.dare(models, base, density=1.0, combine="ties")
     assert merged["w"].tolist() == [2.0, -2.0, 3.0, 0.5]
+
+
+def test_ties_combine_elects_on_the_task_vectors_before_the_rescale():
+    # Entry 0's task vectors cancel exactly (bf16 values: −0.59765625 + 0.181640625 +
+    # 0.416015625 = 0), so γ = 0 and the model's majority (+, from entry 1) decides. Divided by
+    # 0.625 first, the three quotients would round and sum to −6e-8 in float32: γ = −.
+    density = 0.625
+    seed = next(
+        s for s in range(1000) if all(naive_mask(s, i, "w", 2, density).all() for i in range(3))
+    )
+    base = {"w": torch.zeros(2)}
+    taus = [[-0.59765625, 1.0], [0.181640625, 1.0], [0.416015625, 1.0]]
+    merged = ladle.dare(
+        [{"w": torch.tensor(t)} for t in taus], base, density=density, seed=seed, combine="ties"
+    )["w"]
+    # The mean of the positive entries, rescaled: (0.181640625 + 0.416015625) / 2 / 0.625.
+    expected = torch.tensor([0.298828125 / density, 1.0 / density])
+    assert torch.equal(merged, expected)
 
 
 # --- the mask ----------------------------------------------------------------------------------
@@ -151,12 +176,11 @@ def test_chunk_size_and_key_order_do_not_change_a_single_bit():
 def test_dare_matches_naive_reference(fam, density, seed, combine):
     base, *models = fam
     if combine == "ties":
-        # Rescaled by 1/density, task vectors that cancel exactly (+a, −a, as bf16 weights
-        # often give) sum to a float32 rounding error of either sign: the elected sign of
-        # such an entry depends on the order of the additions, in float32 as in float64.
-        deltas = naive_deltas(models, base, density=density, seed=seed)
-        total, size = np.abs(deltas.sum(axis=0)), np.abs(deltas).sum(axis=0)
-        assume(np.all((total == 0) & (size == 0) | (total > 2.0**-16 * size)))
+        # Where the float32 task vectors' exact sum lies within float32 rounding of zero
+        # without being zero, the elected sign depends on the order of the additions.
+        dropped = naive_dropped(models, base, density=density, seed=seed)
+        total, size = np.abs(dropped.sum(axis=0)), np.abs(dropped).sum(axis=0)
+        assume(np.all((total == 0) | (total > 2.0**-16 * size)))
     actual = ladle.dare(
         models, base, density=density, scale=0.8, seed=seed, combine=combine, device="cpu"
     )

@@ -115,12 +115,13 @@ def keep_mask(
 
 
 def _dropper(shapes: dict[str, tuple[int, ...]], seed: int, density: float) -> Delta:
-    """``δᵢ = mᵢ ⊙ τᵢ / density``, the mask ``mᵢ`` drawn per block of the flattened tensor."""
+    """``mᵢ ⊙ τᵢ``, the mask ``mᵢ`` drawn per block of the flattened tensor; the rescale by
+    ``1/density`` is left to the combination (see :func:`dare`)."""
 
     def drop(
         key: str, rows: slice, index: int, tau: torch.Tensor, scratch: torch.Tensor
     ) -> torch.Tensor:
-        if density == 1.0:  # every uniform number in [0, 1) survives, and τ/1 = τ
+        if density == 1.0:  # every uniform number in [0, 1) survives
             return tau
         shape = shapes[key]
         row_size = math.prod(shape[1:]) if shape else 1
@@ -135,7 +136,7 @@ def _dropper(shapes: dict[str, tuple[int, ...]], seed: int, density: float) -> D
         # 1.0 where kept, 0.0 where dropped: multiplying by a float mask is many times faster
         # than masked_fill_ with a bool one (a dropped entry becomes ±0.0).
         keep = torch.lt(numbers, density, out=numbers).view(tau.shape).to(tau.device)
-        return tau.div_(density).mul_(keep)
+        return tau.mul_(keep)
 
     return drop
 
@@ -164,7 +165,9 @@ def dare(
     arithmetic of the ``δᵢ``), or ``combine="ties"``: TIES's sign election and disjoint mean
     over the ``δᵢ`` (no trim), ``θ = θ_base + scale·merged``, the sign for ``γ = 0`` being the
     majority over the whole model. Yu et al., "Language models are Super Mario: absorbing
-    abilities from homologous models as a free lunch", ICML 2024.
+    abilities from homologous models as a free lunch", ICML 2024. The rescale by
+    ``1/density`` is applied once, to the combination (the same in exact arithmetic), so the
+    signs are elected on the task vectors' own sums: exact cancellations elect 0.
 
     The masks depend only on ``seed``, the model's position in ``models``, the key and the
     entry's position (see the module docs), so results are reproducible across devices, chunk
@@ -211,6 +214,13 @@ def dare(
     check_inputs(models, base)
     target = resolve_device(device)
 
+    # The rescale by 1/density multiplies every δᵢ alike, so it is applied once, to the
+    # combination: Σᵢ δᵢ = (Σᵢ mᵢ⊙τᵢ)/density, and the sign election and disjoint mean of the
+    # δᵢ are those of the mᵢ⊙τᵢ, divided by density. The election then sums the task vectors'
+    # own values: entries that cancel exactly elect 0 (the majority rule), where rounded
+    # quotients τᵢ/density would leave a rounding error of either sign.
+    rescaled = scale / density
+
     def prepare(checkpoints: list[Checkpoint], base_ckpt: Checkpoint | None) -> Kernel:
         assert base_ckpt is not None
         shapes = {key: base_ckpt.shape(key) for key in base_ckpt.keys()}
@@ -219,7 +229,7 @@ def dare(
             # A dropped entry is multiplied by 0.0, and 0·NaN, 0·Inf are NaN: non-finite inputs
             # still show in the result.
             return task_vector_sum_kernel(
-                [1.0] * len(checkpoints), scale, dropper, delta_propagates_nonfinite=True
+                [1.0] * len(checkpoints), rescaled, dropper, delta_propagates_nonfinite=True
             )
         part = current_partition()  # a merge split across processes: votes of its keys, summed
         own = base_ckpt.keys() if part is None else part.keys(base_ckpt)
@@ -229,7 +239,7 @@ def dare(
             dropper,
             keys=[k for k in own if base_ckpt.dtype(k).is_floating_point],
             per_tensor=False,
-            scale=scale,
+            scale=rescaled,
             device=target,
             chunk_bytes=chunk_bytes,
             allow_nonfinite=allow_nonfinite,
