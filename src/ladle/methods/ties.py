@@ -289,14 +289,14 @@ class _WindowCounts:
         self.histograms = [
             torch.zeros(span + 2, dtype=torch.int64, device=device) for _, span in windows
         ]
+        self.outside = [[0, 0] for _ in windows]  # below and above, until ``cumulative``
         self.pending: list[list[torch.Tensor]] = [[] for _ in windows]
         self.waiting = [0] * len(windows)
 
     def add(self, index: int, below: int, above: int, inside: torch.Tensor) -> None:
         """Count ``below`` and ``above`` the window, and ``inside``: offsets into it."""
-        histogram = self.histograms[index]
-        histogram[0] += below
-        histogram[-1] += above
+        self.outside[index][0] += below
+        self.outside[index][1] += above
         self.pending[index].append(inside)
         self.waiting[index] += inside.numel()
         if self.waiting[index] >= INSIDE_BATCH:
@@ -312,7 +312,9 @@ class _WindowCounts:
     def cumulative(self, index: int) -> torch.Tensor:
         """Model ``index``'s cumulative counts, every pattern gathered so far counted."""
         self._count(index)
-        return self.histograms[index].cpu().cumsum(0)
+        histogram = self.histograms[index].cpu()
+        histogram[0], histogram[-1] = self.outside[index]
+        return histogram.cumsum(0)
 
 
 def _window_kernel(windows: Sequence[tuple[int, int]], counts: _WindowCounts) -> Kernel:
