@@ -555,6 +555,7 @@ class SignElection:
         ]
         self.tau, self.scratch, self.pos_sum, self.neg_sum, self.pos_count, self.neg_count = tensors
         self._empty = True
+        self._total: torch.Tensor | None = None  # Σᵢ τᵢ, once every model is folded in
 
     def add(self, delta: torch.Tensor) -> SignElection:
         """Fold in one model's ``delta`` (which may be ``self.tau``, not ``self.scratch``)."""
@@ -574,7 +575,10 @@ class SignElection:
         return self
 
     def _mass(self) -> torch.Tensor:
-        return torch.add(self.pos_sum, self.neg_sum, out=self.scratch)
+        """``Σᵢ τᵢ``, added once, into ``tau`` (free once every model is folded in)."""
+        if self._total is None:
+            self._total = torch.add(self.pos_sum, self.neg_sum, out=self.tau)
+        return self._total
 
     def vote(self) -> torch.Tensor:
         """``Σ sign(γ)`` over the entries: positive minus negative elected signs (a 0-d float
@@ -587,9 +591,9 @@ class SignElection:
     def ties(self) -> torch.Tensor:
         """Flat indices, within the chunk, of the entries whose sign election is a tie
         (``Σᵢ τᵢ = 0`` while some ``τᵢ ≠ 0``): those the majority decides. Before ``merged``."""
-        # A float mask (in tau, free once every model is folded in): zero mass times a positive
-        # count of positive values; float comparisons are several times faster than bool ones.
-        tied = torch.eq(self._mass(), 0, out=self.tau).mul_(self.pos_count)
+        # A float mask (in scratch): zero mass times a positive count of positive values;
+        # float comparisons are several times faster than bool ones.
+        tied = torch.eq(self._mass(), 0, out=self.scratch).mul_(self.pos_count)
         return torch.nonzero(tied.flatten().bool()).squeeze(1)
 
     def tie_values(self, index: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
