@@ -268,9 +268,10 @@ _NORMAL, _INFINITY = 0x00800000, 0x7F800000
 """Bit patterns of the smallest normal float32 and of infinity."""
 
 
-def _as_float32(bits: int) -> float:
-    """The float32 number whose bit pattern is ``bits``."""
-    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+def _as_float(bits: int, dtype: torch.dtype = torch.float32) -> float:
+    """The number of ``dtype`` (float32 or float64) whose bit pattern is ``bits``."""
+    integer = torch.int64 if dtype == torch.float64 else torch.int32
+    return torch.tensor([bits], dtype=integer).view(dtype).item()
 
 
 INSIDE_BATCH = 2**16
@@ -326,6 +327,13 @@ def _window_kernel(windows: Sequence[tuple[int, int]], counts: _WindowCounts) ->
     """
 
     buffers = Scratch(), Scratch(), Scratch()  # reused from chunk to chunk: no page faults
+    # Each window's first pattern as a float and, for a window between two normal floats,
+    # the float just past it (``None`` elsewhere): found once, not for every chunk.
+    lows = [_as_float(low) for low, _ in windows]
+    pasts = [
+        _as_float(low + span) if low >= _NORMAL and low + span <= _INFINITY else None
+        for low, span in windows
+    ]
 
     def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
         assert base is not None
@@ -338,15 +346,16 @@ def _window_kernel(windows: Sequence[tuple[int, int]], counts: _WindowCounts) ->
         sums.append(magnitudes.sum())  # in cache now; the bit patterns below overwrite it
         # Most magnitudes fall outside the window: count those below and above with sums
         # (a histogram of such lopsided bins is slow), then histogram the few inside.
-        under = torch.lt(magnitudes, _as_float32(low), out=scratch)  # 1.0 or 0.0
+        under = torch.lt(magnitudes, lows[index], out=scratch)  # 1.0 or 0.0
         # Sums of 0/1 floats are exact below 2²⁴ in float32 (faster than float64).
         below = int(under.sum(dtype=torch.float32 if under.numel() < 2**24 else torch.float64))
         bits = magnitudes.view(torch.int32).flatten()
-        if low >= _NORMAL and low + span <= _INFINITY:
+        past = pasts[index]
+        if past is not None:
             # Between two normal floats, float order is bit-pattern order (flushing
             # subnormals to zero cannot change it); comparisons into float masks run several
             # times faster than comparisons into bool ones.
-            end = torch.lt(magnitudes, _as_float32(low + span), out=mask)
+            end = torch.lt(magnitudes, past, out=mask)
             inside = bits[end.sub_(under).flatten().bool()].sub_(low)
         else:  # a window reaching subnormal, infinite or NaN patterns: compare the patterns
             offsets = bits.sub_(low)
@@ -396,7 +405,7 @@ def _select_in_window(
         cumulative = counts.cumulative(index)
         if not int(cumulative[0]) < rank <= int(cumulative[-2]):
             return None  # the k-th smallest lies below or above the window
-        found.append(_as_float32(low + int(torch.searchsorted(cumulative, rank)) - 1))
+        found.append(_as_float(low + int(torch.searchsorted(cumulative, rank)) - 1))
     return found
 
 
@@ -834,7 +843,7 @@ def _kth_magnitude(tau: torch.Tensor, rank: int, scratch: torch.Tensor) -> float
     magnitude = torch.abs(tau, out=scratch).flatten()
     bits = magnitude.view(torch.int64 if magnitude.dtype == torch.float64 else torch.int32)
     (pattern,) = _kth_patterns(bits, [rank])
-    return torch.tensor(pattern, dtype=bits.dtype).view(magnitude.dtype).item()
+    return _as_float(pattern, magnitude.dtype)
 
 
 def _kth_patterns(
