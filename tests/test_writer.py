@@ -182,3 +182,47 @@ def test_amend_before_the_last_write_or_with_wrong_values_is_refused(tmp_path):
         writer.write("b", torch.ones(2))
         writer.amend("a", torch.tensor([0]), torch.zeros(1, dtype=torch.float64))
     assert os.listdir(tmp_path) == []
+
+
+def _reserves_disk(directory) -> bool:
+    """Whether files in ``directory`` get disk reserved by ``fallocate`` (Linux, most
+    filesystems); elsewhere the writer allocates as it writes and cannot fail early."""
+    from ladle.writer import _fallocate
+
+    function = _fallocate()
+    if function is None:
+        return False
+    probe = directory / "probe"
+    descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT)
+    try:
+        return function(descriptor, 1, 0, 4096) == 0
+    finally:
+        os.close(descriptor)
+        probe.unlink()
+
+
+@pytest.mark.parametrize("out", ["o.safetensors", "sharded"])
+def test_an_output_the_disk_cannot_hold_is_refused_before_any_write(tmp_path, out):
+    if not _reserves_disk(tmp_path):
+        pytest.skip("this filesystem reserves no disk ahead of writes")
+    huge = 2**58  # 1 EiB of float32: past any disk and past ext4's largest file
+    specs = {"a": ((2,), torch.float32), "b": ((huge,), torch.float32)}
+    pattern = rf"{out}: cannot reserve (\d+) bytes of disk for the output \(.+\); \d+ bytes are"
+    with pytest.raises(ladle.LadleError, match=pattern) as caught:
+        SafetensorsWriter(tmp_path / out, specs, max_shard_size=100)
+    reserved = int(caught.value.args[0].split("cannot reserve ")[1].split()[0])
+    assert reserved > 4 * huge  # the data and its header
+    assert os.listdir(tmp_path) == []  # the temporary output is gone
+
+
+def test_reserved_disk_leaves_the_size_to_the_writes(tmp_path):
+    # Only what was written counts in the size: a short output still fails the size check.
+    specs = {"a": ((2**14,), torch.float32), "b": ((2**14,), torch.float32)}  # 64 KiB each
+    with SafetensorsWriter(tmp_path / "o.safetensors", specs) as writer:
+        (temporary,) = tmp_path.iterdir()
+        assert temporary.stat().st_size == 0
+        writer.write("a", torch.ones(2**14))  # past the file's buffer: on disk now
+        header = temporary.stat().st_size - 2**16
+        assert 0 < header < 2**10
+        writer.write("b", torch.ones(2**14))
+    assert (tmp_path / "o.safetensors").stat().st_size == header + 2**17
