@@ -323,6 +323,25 @@ def test_kth_patterns_by_sorting_bit_patterns_equals_kthvalue(values, dtype, dat
             assert torch.equal(got, expected) or (got.isnan() and expected.isnan())
 
 
+@given(
+    st.lists(st.booleans(), max_size=100).map(lambda bits: bits * 3),  # runs of words
+    st.integers(0, 2),
+    st.integers(0, 9),
+)
+def test_flat_nonzero_by_words_equals_nonzero(entries, density, offset):
+    mask = torch.tensor(entries, dtype=torch.bool)
+    if density == 0 and entries:  # sparse: most words empty
+        mask &= torch.arange(mask.numel()) % 13 == 0
+    if density == 2:
+        mask |= torch.arange(mask.numel()) % 2 == 0  # dense: every word has a hit
+    padded = torch.zeros(offset + mask.numel(), dtype=torch.bool)
+    padded[offset:] = mask
+    for flat in (mask, padded[offset:]):  # a word-aligned start, and maybe not
+        got = ties_module._flat_nonzero(flat)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, torch.nonzero(flat).squeeze(1))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_the_window_pass_names_a_nonfinite_input(monkeypatch, bad):
     # The window pass checks its sums of magnitudes, not each input: the error must still
