@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import json
 import os
 import re
@@ -123,12 +122,12 @@ _KEEP_SIZE = 1  # FALLOC_FL_KEEP_SIZE: reserve disk blocks, leave the file's siz
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-@functools.cache
 def _fallocate() -> Callable[[int, int, int, int], int] | None:
     """libc's ``fallocate(fd, mode, offset, length)`` on Linux; ``None`` elsewhere.
 
     Not ``os.posix_fallocate``: that sets the file's size, and glibc emulates it, writing a
-    byte in every block, on filesystems that cannot allocate without writing.
+    byte in every block, on filesystems that cannot allocate without writing. Looked up for
+    each output file (microseconds), not cached.
     """
     if not sys.platform.startswith("linux"):
         return None
