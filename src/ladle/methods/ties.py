@@ -887,7 +887,8 @@ def _kth_patterns(
     for rank in ranks:
         digit = int(torch.searchsorted(cumulative, rank))
         below = int(cumulative[digit - 1]) if digit else 0
-        found.append(int(bits[top == digit].sort().values[rank - below - 1]))
+        bucket = bits.index_select(0, _flat_nonzero(top == digit))
+        found.append(int(bucket.sort().values[rank - below - 1]))
     return found
 
 
