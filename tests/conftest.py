@@ -9,8 +9,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-# Timings on shared CI machines vary too much for per-example deadlines.
+# Timings on shared CI machines vary too much for per-example deadlines. The default keeps
+# CI short; `pytest --hypothesis-profile thorough` tries 500 examples per property.
 settings.register_profile("ladle", deadline=None, max_examples=40)
+settings.register_profile("thorough", deadline=None, max_examples=500)
 settings.load_profile("ladle")
 
 SHAPES = {"layer.weight": (4, 3), "layer.bias": (4,), "head.weight": (2, 4), "scalar": ()}

@@ -278,10 +278,10 @@ def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     """The indices of the true entries of a flat, contiguous bool tensor, in order: what
     ``torch.nonzero(mask).squeeze(1)`` gives, found faster when few entries are true.
 
-    ``nonzero`` reads the mask as 64-bit words, 8 entries each, to find the words holding a
-    true one, then searches only those: on 2²⁰ entries of which 2% true, 340 µs against
-    425 µs for ``torch.nonzero``, which spends a byte-wise search on every entry. On an
-    accelerator, and for a mask not aligned to a word, ``torch.nonzero`` itself.
+    One ``nonzero`` over the mask read as 64-bit words (8 entries each) finds the words that
+    hold a true entry; a second searches those words alone. On 2²⁰ entries of which 2% are
+    true: 340 µs, against 425 µs for ``torch.nonzero`` over every entry. On an accelerator,
+    and for a mask that does not start on a word, ``torch.nonzero`` itself.
     """
     if mask.device.type != "cpu" or mask.storage_offset() % 8:
         return torch.nonzero(mask).squeeze(1)
