@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from test_ties import naive_elect
 
 import ladle
 from ladle.cli import main
-from ladle.methods.dare import BLOCK, keep_mask
+from ladle.methods.dare import BLOCK, keep_mask, uniform_numbers
 
 
 def naive_mask(seed, index, key, numel, density):
@@ -127,7 +129,7 @@ def test_ties_combine_elects_on_the_task_vectors_before_the_rescale():
         (10, 0, 10),
         (10, 3, 4),
         (3 * BLOCK, BLOCK - 5, BLOCK + 10),  # parts of blocks
-        (2 * BLOCK + 7, 0, 2 * BLOCK + 7),  # whole blocks, drawn on threads, and a short one
+        (2 * BLOCK + 7, 0, 2 * BLOCK + 7),  # whole blocks and a short one
         (3 * BLOCK, BLOCK, BLOCK),  # exactly one block
     ],
 )
@@ -135,6 +137,18 @@ def test_mask_of_a_slice_is_the_slice_of_the_whole_mask(numel, start, count):
     whole = naive_mask(3, 1, "layer.weight", numel, 0.3)
     part = keep_mask(3, 1, "layer.weight", numel=numel, start=start, count=count, density=0.3)
     assert torch.equal(part, whole[start : start + count])
+
+
+@pytest.mark.parametrize(("start", "count"), [(0, 3 * BLOCK + 7), (BLOCK - 5, BLOCK + 10)])
+def test_numbers_drawn_on_threads_are_those_drawn_in_turn(start, count):
+    numel = 3 * BLOCK + 7
+    alone = uniform_numbers(2, 4, "w", numel=numel, start=start, count=count)
+    with ThreadPoolExecutor(3) as threads:
+        together = uniform_numbers(
+            2, 4, "w", numel=numel, start=start, count=count, threads=threads
+        )
+    assert torch.equal(together, alone)
+    assert torch.equal(alone < 0.3, naive_mask(2, 4, "w", numel, 0.3)[start : start + count])
 
 
 def test_masks_differ_between_seeds_models_and_keys():
@@ -165,6 +179,18 @@ def test_chunk_size_and_key_order_do_not_change_a_single_bit():
             reversed_keys, dict(reversed(base.items())), density=0.4, seed=3, combine=combine
         )
         assert all(torch.equal(whole[k], flipped[k]) for k in whole), combine
+
+
+def test_tensors_of_several_blocks_draw_the_documented_mask_and_leave_no_threads():
+    gen = torch.Generator().manual_seed(1)
+    numel = 2 * BLOCK + 3  # blocks drawn on the merge's threads
+    base = {"w": torch.randn(numel, generator=gen)}
+    models = [{"w": base["w"] + torch.randn(numel, generator=gen)} for _ in range(2)]
+    merged = ladle.dare(models, base, density=0.25, seed=5, device="cpu")
+    kept = [naive_mask(5, i, "w", numel, 0.25) for i in range(2)]
+    total = sum((m["w"] - base["w"]) * k for m, k in zip(models, kept))
+    torch.testing.assert_close(merged["w"], base["w"] + total / 0.25, rtol=0, atol=1e-5)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ladle-dare")]
 
 
 # --- properties -----------------------------------------------------------------------------
