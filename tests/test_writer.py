@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 
@@ -226,3 +228,27 @@ def test_reserved_disk_leaves_the_size_to_the_writes(tmp_path):
         assert 0 < header < 2**10
         writer.write("b", torch.ones(2**14))
     assert (tmp_path / "o.safetensors").stat().st_size == header + 2**17
+
+
+@pytest.mark.parametrize(
+    ("code", "refused"), [(errno.EOPNOTSUPP, False), (errno.ENOSPC, True), (errno.EDQUOT, True)]
+)
+def test_a_filesystem_that_cannot_reserve_still_gets_the_output(
+    tmp_path, monkeypatch, code, refused
+):
+    # fallocate failing: a full disk or quota refuses the output; no support for it (NFSv3,
+    # some FUSE filesystems) leaves the writes to allocate as they go.
+    def failing(descriptor: int, mode: int, offset: int, length: int) -> int:
+        ctypes.set_errno(code)
+        return -1
+
+    monkeypatch.setattr("ladle.writer._fallocate", lambda: failing)
+    model = {"w": torch.arange(6.0).reshape(2, 3)}
+    if refused:
+        with pytest.raises(ladle.LadleError, match=os.strerror(code)):
+            ladle.save(model, tmp_path / "o.safetensors")
+        assert os.listdir(tmp_path) == []
+    else:
+        assert torch.equal(
+            ladle.load(ladle.save(model, tmp_path / "o.safetensors"))["w"], model["w"]
+        )
