@@ -252,7 +252,9 @@ class SafetensorsWriter:
     ``model.safetensors``, or shards of at most ``max_shard_size`` bytes (a tensor larger than
     that gets a shard of its own) with ``model.safetensors.index.json``, plus ``extra_files``
     (a name to bytes or to a file to copy: a config, a model card) written into the temporary
-    directory so that they land with the weights. Use as a context
+    directory so that they land with the weights. Making a writer creates the temporary
+    output's files with their disk space reserved (where the filesystem can): a disk or
+    quota too small raises ``LadleError`` then, before anything is merged. Use as a context
     manager: leaving it without an exception re-reads the output and renames it into place;
     leaving it with one deletes the temporary output.
 
