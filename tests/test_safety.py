@@ -135,7 +135,32 @@ def test_file_size_limit_mid_write_fails_cleanly(tmp_path, out_name):
     result = run_cli("soup", *paths, "-o", str(out), "--no-progress", preexec=limit)
     assert result.returncode == 1, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("ladle: error:")
+    # The line names the output and the tensor being written, and why it failed.
+    assert f"{out}: writing 'big' failed: File too large" in result.stderr, result.stderr
     assert os.listdir(out.parent) == []  # no final file, no temporaries
+
+
+@pytest.mark.slow
+def test_a_failed_write_is_an_output_error_and_an_os_error(tmp_path):
+    paths = save_family(tmp_path, n=2)
+    out = tmp_path / "soup.safetensors"
+    code = textwrap.dedent(
+        f"""
+        import errno, resource, signal, sys, ladle
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        try:
+            ladle.uniform_soup({paths!r}, out={str(out)!r}, device="cpu")
+        except ladle.OutputError as err:
+            assert isinstance(err, OSError) and isinstance(err, ladle.LadleError)
+            assert err.__cause__.errno == errno.EFBIG
+            print(err)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{out}: writing 'big' failed: File too large\n"
+    assert sorted(os.listdir(tmp_path)) == ["m0.safetensors", "m1.safetensors"]
 
 
 KILLER = textwrap.dedent(

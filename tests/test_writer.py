@@ -252,3 +252,12 @@ def test_a_filesystem_that_cannot_reserve_still_gets_the_output(
         assert torch.equal(
             ladle.load(ladle.save(model, tmp_path / "o.safetensors"))["w"], model["w"]
         )
+
+
+def test_an_output_that_cannot_be_created_is_an_output_error_naming_it(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    out = tmp_path / "a-file" / "o.safetensors"
+    with pytest.raises(ladle.OutputError, match=rf"{out}: creating the output failed: ") as caught:
+        ladle.save({"w": torch.ones(2)}, out)
+    assert isinstance(caught.value, OSError) and isinstance(caught.value.__cause__, OSError)
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]

@@ -31,6 +31,7 @@ from .errors import CheckpointError as CheckpointError
 from .errors import IncompatibleError as IncompatibleError
 from .errors import LadleError as LadleError
 from .errors import NonFiniteError as NonFiniteError
+from .errors import OutputError as OutputError
 from .errors import UnsafeCheckpointError as UnsafeCheckpointError
 from .methods.dare import dare as dare
 from .methods.ratatouille import ratatouille as ratatouille
@@ -57,6 +58,7 @@ __all__ = [
     "LadleError",
     "ModelStockWarning",
     "NonFiniteError",
+    "OutputError",
     "StateDict",
     "StateDictLike",
     "TensorDiff",

@@ -10,6 +10,7 @@ __all__ = [
     "IncompatibleError",
     "LadleError",
     "NonFiniteError",
+    "OutputError",
     "UnsafeCheckpointError",
 ]
 
@@ -32,3 +33,9 @@ class IncompatibleError(LadleError, ValueError):
 
 class NonFiniteError(LadleError, ValueError):
     """An input tensor holds NaN or Inf; the message names the model and key."""
+
+
+class OutputError(LadleError, OSError):
+    """The output cannot be written (a full disk or quota, a file-size limit, no permission,
+    an I/O error); the message names the output and what was being written. Also an
+    ``OSError``, like the failure it wraps (``__cause__``)."""

@@ -18,7 +18,7 @@ import shutil
 import struct
 import sys
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import SAFETENSORS_DTYPES
-from .errors import LadleError
+from .errors import LadleError, OutputError
 
 __all__ = ["SafetensorsWriter", "parse_size", "save"]
 
@@ -118,6 +118,18 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
+@contextlib.contextmanager
+def _output_errors(out: Path, what: str) -> Iterator[None]:
+    """An ``OSError`` raised inside (a full disk, a file-size limit, no permission, an I/O
+    error) as an :class:`OutputError` naming the output ``out`` and ``what`` failed."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as err:
+        raise OutputError(f"{out}: {what} failed: {err.strerror or err}") from err
+
+
 _KEEP_SIZE = 1  # FALLOC_FL_KEEP_SIZE: reserve disk blocks, leave the file's size as it is
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -148,7 +160,7 @@ def _fallocate() -> Callable[[int, int, int, int], int] | None:
 def _create_reserved(path: Path, size: int, out: Path) -> None:
     """Create the empty file ``path`` with ``size`` bytes of disk reserved for it.
 
-    A disk or quota that cannot hold it raises ``LadleError`` now, naming ``out``, rather than
+    A disk or quota that cannot hold it raises ``OutputError`` now, naming ``out``, rather than
     once the merge has run for as long as it takes to get there. The reservation also makes
     the writes cheaper: on ext4, 89 MiB were written in 9.6 ms instead of 15.6 ms. Where the
     filesystem cannot reserve (no ``fallocate``), the writes allocate as they go.
@@ -161,7 +173,7 @@ def _create_reserved(path: Path, size: int, out: Path) -> None:
         code = ctypes.get_errno()
         if code in _FULL:
             free = shutil.disk_usage(path.parent).free
-            raise LadleError(
+            raise OutputError(
                 f"{out}: cannot reserve {size} bytes of disk for the output "
                 f"({os.strerror(code)}); {free} bytes are free there"
             )
@@ -291,14 +303,16 @@ class SafetensorsWriter:
             if self._single_file
             else _plan_shards(self._specs, parse_size(max_shard_size))
         )
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(self.out)
         self._temp = _temporary_beside(self.out)
         self._overwrite = overwrite
+        with _output_errors(self.out, "creating the output"):
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(self.out)
+            if not self._single_file:
+                self._temp.mkdir(parents=False)
         if self._single_file:
             self._files = [self._temp]
         else:
-            self._temp.mkdir(parents=False)
             names = (
                 ["model.safetensors"]
                 if len(shards) == 1
@@ -320,14 +334,19 @@ class SafetensorsWriter:
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ladle-sync")
         self._sync: Future[None] | None = None
         try:  # every shard's disk space, before anything is merged
-            for file, keys in zip(self._files, shards):
-                _create_reserved(file, self._shard_bytes(keys), self.out)
+            with _output_errors(self.out, "creating the output"):
+                for file, keys in zip(self._files, shards):
+                    _create_reserved(file, self._shard_bytes(keys), self.out)
         except BaseException:
             self.abort()
             raise
 
     def write(self, key: str, chunk: torch.Tensor) -> None:
         """Append ``chunk`` (the next rows of ``key``, or all of it) to the output."""
+        with _output_errors(self.out, f"writing {key!r}"):
+            self._write(key, chunk)
+
+    def _write(self, key: str, chunk: torch.Tensor) -> None:
         if chunk.numel() == 0 and key in self._specs:
             return  # nothing to write; empty tensors are skipped in order
         self._skip_empty()
@@ -369,6 +388,10 @@ class SafetensorsWriter:
         For merges whose last statistic is known only at the end: the entries are patched in
         the temporary output, in place, before it is renamed.
         """
+        with _output_errors(self.out, f"amending {key!r}"):
+            self._amend(key, index, values)
+
+    def _amend(self, key: str, index: torch.Tensor, values: torch.Tensor) -> None:
         self._skip_empty()
         if self._position < len(self._queue):
             raise LadleError(
@@ -457,6 +480,10 @@ class SafetensorsWriter:
 
     def commit(self) -> Path:
         """Check the output is complete, then rename it into place; returns the final path."""
+        with _output_errors(self.out, "finishing the output"):
+            return self._commit()
+
+    def _commit(self) -> Path:
         self._skip_empty()
         if self._position < len(self._queue) or self._written:
             missing = self._queue[self._position][1]
