@@ -178,6 +178,29 @@ def test_misaligned_tensors_are_read_instead_of_mapped(tmp_path):
     assert merged["b"].tolist() == [1, 2, 3]
 
 
+def test_files_that_cannot_be_mapped_are_read_instead(tmp_path, monkeypatch):
+    # Some filesystems (FUSE ones, say) refuse memory maps: merges read those files instead.
+    import errno
+    import mmap
+
+    models = family(3, seed=4)
+    paths = []
+    for i, model in enumerate(models):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(model, paths[-1])
+    mapped = ladle.uniform_soup(paths, device="cpu")
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    assert ladle.open_checkpoint(paths[0]).map_rows("layer.weight", slice(None)) is None
+    for out in (None, tmp_path / "soup.safetensors"):
+        read = ladle.uniform_soup(paths, device="cpu", out=out)
+        read = read if out is None else ladle.load(read)
+        assert all(torch.equal(read[key], mapped[key]) for key in mapped)
+
+
 def _rss_file_kib() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssFile:"):

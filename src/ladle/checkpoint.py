@@ -186,6 +186,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self._handles: dict[Path, object] = {}
         self._descriptors: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
+        self._unmappable: set[Path] = set()  # files on filesystems that cannot map them
         self._spans: dict[str, int] = {}  # key -> absolute offset of its data in its file
         self._files = dict(files)
         self.metadata = {}
@@ -264,14 +265,22 @@ class SafetensorsCheckpoint(Checkpoint):
     def map_rows(self, key: str, rows: slice) -> torch.Tensor | None:
         """A view of the rows in a private (copy-on-write) map of the file: the page cache's
         pages themselves, so reading costs no copy; a stray write would change only this
-        process's copy, never the file. ``None`` where the data is not aligned to its dtype."""
+        process's copy, never the file. ``None`` where the data is not aligned to its dtype,
+        or the file cannot be mapped (callers then read it)."""
         file, offset, nbytes, shape, dtype = self._extent(key, rows)
         if offset % dtype.itemsize or nbytes == 0:
+            return None
+        if file in self._unmappable:
             return None
         descriptor = self._descriptor(file)
         mapped = self._maps.get(file)
         if mapped is None:
-            mapped = self._maps[file] = mmap.mmap(descriptor, 0, access=mmap.ACCESS_COPY)
+            try:
+                mapped = mmap.mmap(descriptor, 0, access=mmap.ACCESS_COPY)
+            except OSError:  # a filesystem that cannot map files (some FUSE ones): read them
+                self._unmappable.add(file)
+                return None
+            self._maps[file] = mapped
         # Pages past the end of a file that shrank since it was mapped cannot be read (the
         # process would get SIGBUS): check the file's size now, as a read would.
         size = min(len(mapped), os.fstat(descriptor).st_size)
