@@ -201,6 +201,22 @@ def test_files_that_cannot_be_mapped_are_read_instead(tmp_path, monkeypatch):
         assert all(torch.equal(read[key], mapped[key]) for key in mapped)
 
 
+def test_an_error_reading_a_file_is_a_checkpoint_error_naming_file_and_key(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "m.safetensors"
+    save_file(family(1)[0], path)
+    checkpoint = ladle.open_checkpoint(path)
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "preadv", failing)
+    into = torch.empty(1024, dtype=torch.uint8)
+    with pytest.raises(ladle.CheckpointError, match=rf"{path}: cannot read tensor 'layer.weight'"):
+        checkpoint.read_rows("layer.weight", slice(None), into)
+
+
 def _rss_file_kib() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssFile:"):

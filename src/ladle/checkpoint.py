@@ -314,7 +314,12 @@ class SafetensorsCheckpoint(Checkpoint):
         done = 0
         while done < nbytes:  # a read may return less than asked (large or interrupted reads)
             target = memoryview(view[done:].numpy())  # type: ignore[arg-type]
-            got = os.preadv(self._descriptor(file), [target], offset + done)
+            try:
+                got = os.preadv(self._descriptor(file), [target], offset + done)
+            except OSError as err:  # an I/O error, a file gone from a network filesystem
+                raise CheckpointError(
+                    f"{file}: cannot read tensor {key!r} ({err.strerror or err})"
+                ) from err
             if got <= 0:
                 raise CheckpointError(
                     f"{file}: tensor {key!r} ends early; expected {nbytes} bytes at offset "
