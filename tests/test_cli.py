@@ -80,6 +80,21 @@ def test_merge_error_is_one_line_on_stderr_with_exit_1(tmp_path, inputs, capsys)
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_ctrl_c_exits_130_with_one_line_and_leaves_no_output(tmp_path, inputs, capsys, monkeypatch):
+    from ladle.writer import SafetensorsWriter
+
+    def interrupted(self, key, chunk):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SafetensorsWriter, "write", interrupted)
+    out = tmp_path / "out"
+    assert main(["soup", *inputs, "-o", str(out), "--no-progress"]) == 130
+    assert capsys.readouterr().err == "ladle: interrupted\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+    with pytest.raises(KeyboardInterrupt):  # --debug: the traceback, as for other errors
+        main(["--debug", "soup", *inputs, "-o", str(out), "--no-progress"])
+
+
 def test_existing_output_exits_1_unless_overwrite(tmp_path, inputs, capsys):
     out = tmp_path / "o.safetensors"
     assert main(["soup", *inputs, "-o", str(out)]) == 0

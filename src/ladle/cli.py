@@ -513,6 +513,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:  # every rank raises a split merge's error; one line is enough
             print(f"ladle: error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the temporary output is deleted on the way out
+        if args.debug:
+            raise
+        if rank == 0:
+            print("ladle: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     return 0
 
 
