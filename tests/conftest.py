@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -14,6 +18,24 @@ from safetensors.torch import save_file
 settings.register_profile("ladle", deadline=None, max_examples=40)
 settings.register_profile("thorough", deadline=None, max_examples=500)
 settings.load_profile("ladle")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_files_under_pytest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Temporary files of the tests, of the processes they start (``torchrun``) and of the
+    docstring examples run after them (``tempfile.mkdtemp()``) go under pytest's own base
+    directory, which pytest prunes to the last three runs, instead of piling up in the
+    system's. Session-wide: it stays in place until the last test of the run."""
+    folder = str(tmp_path_factory.mktemp("tmp"))
+    before = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+    yield
+    if before[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before[0]
+    tempfile.tempdir = before[1]
+
 
 SHAPES = {"layer.weight": (4, 3), "layer.bias": (4,), "head.weight": (2, 4), "scalar": ()}
 
