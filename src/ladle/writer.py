@@ -266,7 +266,7 @@ class SafetensorsWriter:
     (a name to bytes or to a file to copy: a config, a model card) written into the temporary
     directory so that they land with the weights. Making a writer creates the temporary
     output's files with their disk space reserved (where the filesystem can): a disk or
-    quota too small raises ``LadleError`` then, before anything is merged. Use as a context
+    quota too small raises ``OutputError`` then, before anything is merged. Use as a context
     manager: leaving it without an exception re-reads the output and renames it into place;
     leaving it with one deletes the temporary output.
 
