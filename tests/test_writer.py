@@ -210,7 +210,7 @@ def test_an_output_the_disk_cannot_hold_is_refused_before_any_write(tmp_path, ou
     huge = 2**58  # 1 EiB of float32: past any disk and past ext4's largest file
     specs = {"a": ((2,), torch.float32), "b": ((huge,), torch.float32)}
     pattern = rf"{out}: cannot reserve (\d+) bytes of disk for the output \(.+\); \d+ bytes are"
-    with pytest.raises(ladle.LadleError, match=pattern) as caught:
+    with pytest.raises(ladle.OutputError, match=pattern) as caught:
         SafetensorsWriter(tmp_path / out, specs, max_shard_size=100)
     reserved = int(caught.value.args[0].split("cannot reserve ")[1].split()[0])
     assert reserved > 4 * huge  # the data and its header
@@ -245,7 +245,7 @@ def test_a_filesystem_that_cannot_reserve_still_gets_the_output(
     monkeypatch.setattr("ladle.writer._fallocate", lambda: failing)
     model = {"w": torch.arange(6.0).reshape(2, 3)}
     if refused:
-        with pytest.raises(ladle.LadleError, match=os.strerror(code)):
+        with pytest.raises(ladle.OutputError, match=os.strerror(code)):
             ladle.save(model, tmp_path / "o.safetensors")
         assert os.listdir(tmp_path) == []
     else:
