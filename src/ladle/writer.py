@@ -323,6 +323,8 @@ class SafetensorsWriter:
             )
             self._files = [self._temp / name for name in names]
         self._shards = shards
+        # Each shard's header, built once: written first, and the offsets and sizes after it.
+        self._headers = [_header(self._specs, keys, self._metadata) for keys in shards]
         self._queue = [(shard, key) for shard, keys in enumerate(shards) for key in keys]
         self._amending: dict[int, int] = {}  # shard -> descriptor patched by amend, till commit
         self._data_starts: dict[str, tuple[int, int]] = {}  # key -> (shard, offset of its data)
@@ -335,8 +337,8 @@ class SafetensorsWriter:
         self._sync: Future[None] | None = None
         try:  # every shard's disk space, before anything is merged
             with _output_errors(self.out, "creating the output"):
-                for file, keys in zip(self._files, shards):
-                    _create_reserved(file, self._shard_bytes(keys), self.out)
+                for shard, file in enumerate(self._files):
+                    _create_reserved(file, self._shard_bytes(shard), self.out)
         except BaseException:
             self.abort()
             raise
@@ -433,7 +435,7 @@ class SafetensorsWriter:
         """The shard holding ``key`` and the offset of its data there (all keys, found once)."""
         if not self._data_starts:
             for shard, keys in enumerate(self._shards):
-                offset = len(_header(self._specs, keys, self._metadata))
+                offset = len(self._headers[shard])
                 for name in keys:
                     self._data_starts[name] = (shard, offset)
                     offset += _nbytes(self._specs[name])
@@ -465,7 +467,7 @@ class SafetensorsWriter:
         self._shard = shard
         # "r+b": the file exists, empty, with its disk reserved; "wb" would free that space.
         self._handle = open(self._files[shard], "r+b")  # noqa: SIM115 (closed in _close_handle)
-        self._handle.write(_header(self._specs, self._shards[shard], self._metadata))
+        self._handle.write(self._headers[shard])
 
     def _close_handle(self) -> None:
         if self._sync is not None:
@@ -527,7 +529,7 @@ class SafetensorsWriter:
 
     def _verify(self) -> None:
         """Re-read every header: the keys, shapes and dtypes must be those planned."""
-        for file, keys in zip(self._files, self._shards):
+        for shard, (file, keys) in enumerate(zip(self._files, self._shards)):
             try:
                 with safe_open(str(file), framework="pt") as handle:
                     found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
@@ -538,13 +540,13 @@ class SafetensorsWriter:
             expected = {key: self._specs[key][0] for key in keys}
             if found != expected:
                 raise LadleError(f"{self.out}: the written file does not hold what was planned")
-            if file.stat().st_size != self._shard_bytes(keys):
+            if file.stat().st_size != self._shard_bytes(shard):
                 raise LadleError(f"{self.out}: the written file has the wrong size")
 
-    def _shard_bytes(self, keys: list[str]) -> int:
-        """The size of a finished shard holding ``keys``: its header, then their data."""
-        return len(_header(self._specs, keys, self._metadata)) + sum(
-            _nbytes(self._specs[key]) for key in keys
+    def _shard_bytes(self, shard: int) -> int:
+        """The size of finished shard ``shard``: its header, then its tensors' data."""
+        return len(self._headers[shard]) + sum(
+            _nbytes(self._specs[key]) for key in self._shards[shard]
         )
 
     def _rename_into_place(self) -> None:
