@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import family
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import ladle
+from ladle.testing import model_families
 from ladle.writer import TEMP_MARK
 
 VALID = None
@@ -293,11 +294,149 @@ def test_first_nonfinite_input_of_a_chunk_is_the_one_named():
         ladle.task_arithmetic(models, base, device="cpu")
 
 
-def test_task_vectors_whose_sum_overflows_are_not_flagged():
+def test_task_vectors_whose_sum_overflows_float32_are_an_error():
     base = {"w": torch.zeros(4)}
     big = {"w": torch.full((4,), 3e38)}
-    merged = ladle.task_arithmetic([big, big], base, device="cpu")
+    message = r"4 of the 4 merged values of key 'w' overflow float32 .*every input is finite"
+    with pytest.raises(ladle.NonFiniteError, match=message):
+        ladle.task_arithmetic([big, big], base, device="cpu")
+    merged = ladle.task_arithmetic([big, big], base, device="cpu", allow_nonfinite=True)
     assert torch.isinf(merged["w"]).all()
+
+
+def overflowing_float16(tmp_path):
+    """A float16 base and fine-tune whose task arithmetic at scale 3 overflows float16 in
+    entry 0 alone: 6e4 + 3·(6.5e4 − 6e4) ≈ 7.5e4 > 65504."""
+    base = {"w": torch.tensor([6e4, 1.0, -2.0], dtype=torch.float16), "n": torch.arange(3)}
+    model = {"w": torch.tensor([6.5e4, 2.0, -1.0], dtype=torch.float16), "n": torch.arange(3)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(model, tmp_path / "m.safetensors")
+    return base, model
+
+
+def test_merged_values_that_overflow_the_output_dtype_are_an_error(tmp_path):
+    base, model = overflowing_float16(tmp_path)
+    expected = base["w"].float() + 3 * (model["w"].float() - base["w"].float())
+    message = (
+        r"1 of the 3 merged values of key 'w' overflow float16 \(largest finite value 65504\) "
+        r"although every input is finite; lower the scale or weights, or merge into a wider "
+        r"dtype \(dtype=torch.float32, --dtype float32\)"
+    )
+    with pytest.raises(ladle.NonFiniteError, match=r"the merged state dict: " + message):
+        ladle.task_arithmetic([model], base, scale=3.0, device="cpu")
+    out = tmp_path / "out.safetensors"
+    paths = [str(tmp_path / "m.safetensors")], str(tmp_path / "base.safetensors")
+    with pytest.raises(ladle.NonFiniteError, match=message):
+        ladle.task_arithmetic(*paths, scale=3.0, out=out, device="cpu")
+    assert sorted(os.listdir(tmp_path)) == ["base.safetensors", "m.safetensors"]  # nothing left
+    # The remedies the message names: a wider dtype keeps every value ...
+    wide = ladle.task_arithmetic(*paths, scale=3.0, device="cpu", dtype=torch.float32)
+    torch.testing.assert_close(wide["w"], expected, rtol=0, atol=0)
+    # ... and allow_nonfinite writes the Inf as it is.
+    kept = ladle.task_arithmetic(*paths, scale=3.0, out=out, device="cpu", allow_nonfinite=True)
+    written = load_file(kept)["w"]
+    assert torch.isinf(written[0]) and written[0] > 0
+    assert torch.equal(written[1:], expected[1:].half())
+
+
+def test_overflow_names_the_rows_of_a_chunked_tensor():
+    base = {"w": torch.zeros(64, 4, dtype=torch.float16)}
+    model = {"w": torch.ones(64, 4, dtype=torch.float16)}
+    model["w"][40, 2] = 4e4
+    message = r"1 of the 16 merged values of key 'w' in rows 40–43 overflow"
+    with pytest.raises(ladle.NonFiniteError, match=message):
+        # 64 bytes of float32 (the compute dtype) per chunk: 4 rows of 4
+        ladle.task_arithmetic([model], base, scale=2.0, device="cpu", chunk_bytes=64)
+
+
+def test_overflow_in_the_cast_to_a_narrower_output_dtype_is_an_error():
+    # Finite in float32, beyond bfloat16's largest finite value (3.3895e38) once rounded.
+    big = {"w": torch.tensor([3.3999e38, 1.0])}
+    assert ladle.uniform_soup([big, big], device="cpu")["w"][0] == big["w"][0]
+    with pytest.raises(ladle.NonFiniteError, match=r"1 of the 2 .* overflow bfloat16"):
+        ladle.uniform_soup([big, big], device="cpu", dtype=torch.bfloat16)
+
+
+def test_each_method_checks_its_merged_values_for_overflow():
+    base = {"w": torch.zeros(4, dtype=torch.float16)}
+    models = [{"w": torch.full((4,), 4e4, dtype=torch.float16)} for _ in range(2)]
+    with pytest.raises(ladle.NonFiniteError, match="overflow float16"):
+        ladle.ties(models, base, scale=2.0, device="cpu")  # trim="global": inputs checked first
+    with pytest.raises(ladle.NonFiniteError, match="overflow float16"):
+        ladle.ties(models, base, scale=2.0, trim="tensor", density=1.0, device="cpu")
+    with pytest.raises(ladle.NonFiniteError, match="overflow float16"):
+        ladle.dare(models, base, density=0.5, device="cpu")  # survivors ×2: 8e4
+    with pytest.raises(ladle.NonFiniteError, match="overflow float16"):
+        ladle.dare(models, base, density=0.5, combine="ties", device="cpu")
+    with pytest.raises(ladle.NonFiniteError, match="overflow float16"):
+        ladle.task_arithmetic(models, base, device="cpu")  # 4e4 + 4e4
+
+
+@pytest.mark.parametrize(
+    "merge",
+    [
+        lambda models, base, scale, **kw: ladle.task_arithmetic(models, base, scale=scale, **kw),
+        lambda models, base, scale, **kw: ladle.ties(models, base, scale=scale, **kw),
+        lambda models, base, scale, **kw: ladle.ties(
+            models, base, scale=scale, trim="tensor", **kw
+        ),
+        lambda models, base, scale, **kw: ladle.dare(models, base, scale=scale, density=0.5, **kw),
+    ],
+    ids=["task_arithmetic", "ties", "ties tensor", "dare"],
+)
+@given(
+    family=model_families(n=st.integers(1, 3), dtypes=[torch.float16]),
+    scale=st.one_of(st.floats(-1e4, 1e4), st.floats(-1e9, 1e9)),
+)
+def test_a_merge_fails_exactly_when_its_output_would_hold_inf(merge, family, scale):
+    base, models = family
+    written = merge(models, base, scale, device="cpu", allow_nonfinite=True)
+    overflows = any(not torch.isfinite(t).all() for t in written.values() if t.is_floating_point())
+    event(f"overflows: {overflows}")  # both branches run: see --hypothesis-show-statistics
+    try:
+        checked = merge(models, base, scale, device="cpu")
+    except ladle.NonFiniteError as err:
+        assert overflows, err
+        assert "although every input is finite" in str(err)
+    else:
+        assert not overflows
+        assert checked.keys() == written.keys()
+        for key in written:
+            assert torch.equal(checked[key], written[key]), key
+
+
+def test_overflow_is_one_line_in_cli(tmp_path, capsys):
+    overflowing_float16(tmp_path)
+    from ladle.cli import main
+
+    model, base = str(tmp_path / "m.safetensors"), str(tmp_path / "base.safetensors")
+    args = ["task-arithmetic", model, "--base", base, "--scale", "3"]
+    assert main([*args, "-o", str(tmp_path / "a.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ladle: ") and err.count("\n") == 1
+    assert "merged values of key 'w' overflow float16" in err and "--dtype float32" in err
+    assert not (tmp_path / "a.safetensors").exists()
+    assert main([*args, "-o", str(tmp_path / "b.safetensors"), "--dtype", "float32"]) == 0
+    assert main([*args, "-o", str(tmp_path / "c.safetensors"), "--allow-nonfinite"]) == 0
+
+
+def test_overflow_in_a_patched_sign_tie_is_an_error():
+    # Entry 0 is a sign tie (τ = ±6016, exact in float16) that the majority (+, from entries 1
+    # and 2) decides after the merge pass: its patch (amend), base + 2·6016 = 71040, overflows
+    # float16, while the pass itself wrote the base's finite value there.
+    base = {"w": torch.tensor([59008.0, 1.0, 1.0], dtype=torch.float16)}
+    models = [
+        {"w": torch.tensor([65024.0, 2.0, 2.0], dtype=torch.float16)},
+        {"w": torch.tensor([52992.0, 2.0, 2.0], dtype=torch.float16)},
+    ]
+    taus = [m["w"].float() - base["w"].float() for m in models]
+    assert taus[0][0] == -taus[1][0] == 6016
+    message = r"1 of the 1 merged values of key 'w' overflow float16"
+    with pytest.raises(ladle.NonFiniteError, match=message):
+        ladle.ties(models, base, density=1.0, scale=2.0, device="cpu")
+    merged = ladle.ties(models, base, density=1.0, scale=2.0, device="cpu", allow_nonfinite=True)
+    assert torch.isinf(merged["w"][0]) and merged["w"][0] > 0
+    assert torch.equal(merged["w"][1:], torch.tensor([3.0, 3.0], dtype=torch.float16))
 
 
 def test_large_finite_values_whose_sum_overflows_are_not_flagged():

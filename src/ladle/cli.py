@@ -88,7 +88,8 @@ def merge_options() -> argparse.ArgumentParser:
     parent.add_argument(
         "--allow-nonfinite",
         action="store_true",
-        help="merge inputs holding NaN or Inf instead of stopping with an error",
+        help="merge inputs holding NaN or Inf, and write merged values that overflow the "
+        "output dtype, instead of stopping with an error",
     )
     return parent
 

@@ -32,7 +32,9 @@ class IncompatibleError(LadleError, ValueError):
 
 
 class NonFiniteError(LadleError, ValueError):
-    """An input tensor holds NaN or Inf; the message names the model and key."""
+    """An input tensor holds NaN or Inf (the message names the model and key), or merged
+    values overflow the output dtype although every input is finite (it names the output,
+    the key, the dtype and how many values)."""
 
 
 class OutputError(LadleError, OSError):

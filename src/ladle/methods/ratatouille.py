@@ -188,7 +188,8 @@ def ratatouille(
         max_shard_size: largest shard of a directory output.
         overwrite: replace an existing ``out`` (atomically) instead of refusing.
         chunk_bytes: largest piece of one tensor processed at a time (``"uniform"``).
-        allow_nonfinite: merge inputs holding NaN or Inf instead of raising NonFiniteError.
+        allow_nonfinite: merge inputs holding NaN or Inf, and keep merged values that
+            overflow the output dtype, instead of raising NonFiniteError.
 
     Returns:
         ``"uniform"``: the state dict, or the path written. ``"greedy"``: a

@@ -112,7 +112,8 @@ def uniform_soup(
         max_shard_size: largest shard of a directory output.
         overwrite: replace an existing ``out`` (atomically) instead of refusing.
         chunk_bytes: largest piece of one tensor processed at a time, per model.
-        allow_nonfinite: merge inputs holding NaN or Inf instead of raising NonFiniteError.
+        allow_nonfinite: merge inputs holding NaN or Inf, and keep merged values that
+            overflow the output dtype, instead of raising NonFiniteError.
 
     Returns:
         The merged state dict, or the path written.
@@ -404,7 +405,8 @@ def greedy_soup(
         progress: ``True`` for a tqdm bar over evaluations, or a tqdm-like class.
         max_shard_size: largest shard of a directory output.
         overwrite: replace an existing ``out`` (atomically) instead of refusing.
-        allow_nonfinite: merge inputs holding NaN or Inf instead of raising NonFiniteError.
+        allow_nonfinite: merge inputs holding NaN or Inf, and keep merged values that
+            overflow the output dtype, instead of raising NonFiniteError.
 
     Returns:
         ``GreedySoupResult(state_dict, selected, score, history)``; the state dict is on the

@@ -260,7 +260,8 @@ def model_stock(
         max_shard_size: largest shard of a directory output.
         overwrite: replace an existing ``out`` (atomically) instead of refusing.
         chunk_bytes: largest piece of one tensor processed at a time, per model.
-        allow_nonfinite: merge inputs holding NaN or Inf instead of raising NonFiniteError.
+        allow_nonfinite: merge inputs holding NaN or Inf, and keep merged values that
+            overflow the output dtype, instead of raising NonFiniteError.
 
     Returns:
         The merged state dict, or the path written.
@@ -312,6 +313,7 @@ def model_stock(
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         chunk_bytes=chunk_bytes,
-        allow_nonfinite=True,  # prepare's pass over every floating key checked them
+        allow_nonfinite=allow_nonfinite,
+        inputs_checked=True,  # prepare's pass over every floating key checked them
         prepare=prepare,
     )

@@ -128,7 +128,8 @@ def task_arithmetic(
         max_shard_size: largest shard of a directory output.
         overwrite: replace an existing ``out`` (atomically) instead of refusing.
         chunk_bytes: largest piece of one tensor processed at a time, per model.
-        allow_nonfinite: merge inputs holding NaN or Inf instead of raising NonFiniteError.
+        allow_nonfinite: merge inputs holding NaN or Inf, and keep merged values that
+            overflow the output dtype, instead of raising NonFiniteError.
 
     Returns:
         The merged state dict, or the path written.

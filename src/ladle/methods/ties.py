@@ -982,7 +982,8 @@ def ties(
             4 MiB (``FOLD_CHUNK_BYTES``: running sums that stay in the CPU's cache; on 12
             fp32 models of 89 MiB about as fast as 64 MiB for both trims, with 65 MiB of
             extra memory instead of 245 MiB for ``trim="tensor"``).
-        allow_nonfinite: merge inputs holding NaN or Inf instead of raising NonFiniteError.
+        allow_nonfinite: merge inputs holding NaN or Inf, and keep merged values that
+            overflow the output dtype, instead of raising NonFiniteError.
 
     Returns:
         The merged state dict, or the path written.
@@ -1052,8 +1053,9 @@ def ties(
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         chunk_bytes=chunk_bytes,
+        allow_nonfinite=allow_nonfinite,
         # A global trim below density 1 runs a threshold pass over every floating key first,
         # which checks them for NaN and Inf; the merge pass need not check again.
-        allow_nonfinite=allow_nonfinite or (trim == "global" and density < 1.0),
+        inputs_checked=trim == "global" and density < 1.0,
         prepare=prepare,
     )
