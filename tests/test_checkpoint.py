@@ -236,3 +236,83 @@ def test_released_pages_leave_the_process_and_map_again_on_the_next_read(tmp_pat
         assert torch.equal(checkpoint.map_rows("w", slice(100, 200)), tensor[100:200])
         checkpoint.release("b")  # smaller than a page: nothing to let go, no error
         assert checkpoint.map_rows("b", slice(None)).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_key_left_in_another_shard_is_read_from_the_shard_the_index_names(tmp_path):
+    # "b" lies in both shards; the index puts it in shard 2. Every way of reading must give
+    # shard 2's values, never bytes at shard 1's offset for "b" read from shard 2.
+    save_file({"a": torch.ones(4), "b": torch.zeros(4)}, tmp_path / "s1.safetensors")
+    save_file(
+        {"b": torch.full((4,), 2.0), "c": torch.full((64,), 3.0)}, tmp_path / "s2.safetensors"
+    )
+    index = {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors", "c": "s2.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    expected = torch.full((4,), 2.0)
+    with ladle.open_checkpoint(tmp_path) as ckpt:
+        ckpt.read_rows("a", slice(None), torch.empty(16, dtype=torch.uint8))  # s1's header read
+        assert torch.equal(ckpt.get("b"), expected)
+        assert torch.equal(
+            ckpt.read_rows("b", slice(None), torch.empty(16, dtype=torch.uint8)), expected
+        )
+        assert torch.equal(ckpt.map_rows("b", slice(None)), expected)
+    out = ladle.uniform_soup([tmp_path, tmp_path], out=tmp_path.parent / "soup.safetensors")
+    assert torch.equal(ladle.load(out)["b"], expected)
+
+
+@pytest.mark.parametrize(
+    "shard", ["../outside.safetensors", "/abs/outside.safetensors", "sub/../../x.safetensors"]
+)
+def test_an_index_naming_a_shard_outside_its_folder_is_refused(tmp_path, shard):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file({"w": torch.ones(1)}, folder / "model.safetensors")
+    save_file({"secret": torch.arange(3.0)}, tmp_path / "outside.safetensors")
+    index = {"weight_map": {"w": "model.safetensors", "secret": shard}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ladle.CheckpointError, match=r"is not a file inside .*model; refused"):
+        ladle.open_checkpoint(folder)
+
+
+def test_shards_in_a_subfolder_of_the_index_are_read(tmp_path):
+    (tmp_path / "weights").mkdir()
+    save_file({"w": torch.ones(2)}, tmp_path / "weights" / "part.safetensors")
+    index = {"weight_map": {"w": "weights/part.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert torch.equal(ladle.load(tmp_path)["w"], torch.ones(2))
+
+
+def test_a_trainer_checkpoint_folder_opens_its_weights_not_its_trainer_state(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    for name in ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"):
+        torch.save({"state": torch.zeros(1)}, tmp_path / name)
+    assert ladle.load(tmp_path).keys() == {"w"}
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n",
+            "a Git LFS pointer",
+        ),
+        (None, "a safetensors file under a torch suffix"),
+        (b"\x00\x01garbage bytes", "not a torch file"),
+        (b"", "not a torch file"),
+    ],
+    ids=["lfs pointer", "safetensors", "garbage", "empty"],
+)
+def test_files_that_are_not_torch_files_say_what_they_are(tmp_path, content, why):
+    path = tmp_path / "pytorch_model.bin"
+    if content is None:
+        save_file({"w": torch.ones(2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ladle.CheckpointError, match=rf"pytorch_model\.bin: {why}") as info:
+        ladle.load(path)
+    assert not isinstance(info.value, ladle.UnsafeCheckpointError)
+
+
+def test_an_unsafe_pickle_names_what_was_refused(tmp_path):
+    torch.save({"w": torch.zeros(2), "evil": Payload(tmp_path / "pwned")}, tmp_path / "evil.bin")
+    with pytest.raises(ladle.UnsafeCheckpointError, match=r"\(it references io\.open\)\. Convert"):
+        ladle.load(tmp_path / "evil.bin")

@@ -88,8 +88,32 @@ def test_a_file_truncated_after_opening_is_a_checkpoint_error_naming_it(tmp_path
         data = (tmp_path / "m.safetensors").read_bytes()
         (tmp_path / "m.safetensors").write_bytes(data[:-100])
         buffer = torch.empty(64 * 64 * 4, dtype=torch.uint8)
-        with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors.*'w'.*ends early"):
+        with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors: changed since it was"):
             ckpt.read_rows("w", slice(None), buffer)
+
+
+def test_a_file_replaced_after_opening_is_refused_not_read_with_the_old_header(tmp_path):
+    import os
+
+    import pytest
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.full((4,), 2.0)}, path)
+    with ladle.open_checkpoint(path) as ckpt:
+        assert ckpt.shape("a") == (4,)
+        # Same keys, other layout: read with the old header, "a" would be int32 bytes.
+        save_file(
+            {"a": torch.full((2, 2), 5, dtype=torch.int32), "b": torch.ones(8)},
+            tmp_path / "new.safetensors",
+        )
+        os.replace(tmp_path / "new.safetensors", path)
+        buffer = torch.empty(16, dtype=torch.uint8)
+        for read in (
+            lambda: ckpt.read_rows("a", slice(None), buffer),
+            lambda: ckpt.map_rows("a", slice(None)),
+        ):
+            with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors: changed since"):
+                read()
 
 
 def test_a_file_truncated_after_mapping_is_a_checkpoint_error_not_a_crash(tmp_path):

@@ -386,3 +386,55 @@ def test_local_hub_tag_and_errors(local_hub):
         ladle.open_checkpoint("hf://org/none")
     with pytest.raises(ladle.CheckpointError, match="revision 'v9' not found in org/m"):
         ladle.open_checkpoint("hf://org/m@v9")
+
+
+def test_a_torch_shard_left_by_an_interrupted_download_does_not_stop_the_others(
+    tmp_path, monkeypatch
+):
+    model = family(1, seed=4)[0]
+    keys = sorted(model)
+    shards = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :]), start=1):
+        buffer = io.BytesIO()
+        torch.save({k: model[k] for k in part}, buffer)
+        shards[f"pytorch_model-0000{i}-of-00002.bin"] = (part, buffer.getvalue())
+    index = {"weight_map": {k: name for name, (part, _) in shards.items() for k in part}}
+    files = {name: data for name, (_, data) in shards.items()}
+    files["pytorch_model.bin.index.json"] = json.dumps(index).encode()
+    hub = LocalHub({"org/t": {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}})
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        from huggingface_hub import constants, snapshot_download
+
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        cache = tmp_path / "cache"
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        first = "pytorch_model-00001-of-00002.bin"
+        snapshot_download("org/t", cache_dir=cache, allow_patterns=[first], endpoint=hub.url)
+        hub.requests.clear()
+        loaded = ladle.load("hf://org/t")
+        assert loaded.keys() == model.keys()
+        assert all(torch.equal(loaded[k], model[k]) for k in model)
+        assert "pytorch_model-00002-of-00002.bin" in hub.downloaded()
+    finally:
+        hub.close()
+
+
+def test_offline_without_cached_weights_says_the_cache_was_asked(hub_cache):
+    write_cached_repo(hub_cache, "org/c", COMMIT_A, {"config.json": b"{}"}, refs={"main": COMMIT_A})
+    with pytest.raises(
+        ladle.CheckpointError,
+        match=r"no weights in the repository root in the Hugging Face cache .*HF_HUB_OFFLINE",
+    ):
+        ladle.open_checkpoint("hf://org/c")
+
+
+def test_a_cached_snapshot_with_trainer_files_opens_its_weights(hub_cache):
+    model = family(1, seed=6)[0]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    files = {"pytorch_model.bin": buffer.getvalue(), "training_args.bin": b"trainer state"}
+    write_cached_repo(hub_cache, "org/trained", COMMIT_A, files, refs={"main": COMMIT_A})
+    loaded = ladle.load("hf://org/trained")
+    assert all(torch.equal(loaded[k], model[k]) for k in model)

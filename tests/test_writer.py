@@ -261,3 +261,25 @@ def test_an_output_that_cannot_be_created_is_an_output_error_naming_it(tmp_path)
         ladle.save({"w": torch.ones(2)}, out)
     assert isinstance(caught.value, OSError) and isinstance(caught.value.__cause__, OSError)
     assert sorted(os.listdir(tmp_path)) == ["a-file"]
+
+
+@pytest.mark.parametrize("name", ["out", "out.safetensors"])
+def test_what_the_header_refuses_is_refused_before_anything_is_created(tmp_path, name):
+    out = tmp_path / name
+    with pytest.raises(ladle.LadleError, match=r"tensor 'w': safetensors cannot store"):
+        ladle.save({"w": torch.zeros(2, dtype=torch.complex128)}, out)
+    with pytest.raises(ladle.LadleError, match=r"metadata: safetensors stores text only"):
+        ladle.save({"w": torch.zeros(2)}, out, metadata={"epochs": 3})
+    with pytest.raises(ladle.LadleError, match=r"safetensors reads at most 100000000"):
+        ladle.save({"w": torch.zeros(2)}, out, metadata={"notes": "x" * 100_000_001})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_leftovers_of_a_dead_process_are_removed_whatever_the_output_is_called(tmp_path):
+    from ladle.writer import TEMP_MARK
+
+    for name in ("model[v2].safetensors", "a*b.safetensors", "plain.safetensors"):
+        dead = tmp_path / f".{name}{TEMP_MARK}999999999-deadbeef"  # no such process
+        dead.write_bytes(b"partial")
+        ladle.save({"w": torch.ones(1)}, tmp_path / name)
+        assert not dead.exists(), name

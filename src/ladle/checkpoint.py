@@ -8,11 +8,13 @@ Safetensors files are memory-mapped; torch files are loaded with ``weights_only=
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import math
 import mmap
 import os
 import pickle
+import re
 import struct
 import warnings
 import zipfile
@@ -31,6 +33,14 @@ StateDict = dict[str, torch.Tensor]
 StateDictLike = Union[Mapping[str, torch.Tensor], torch.nn.Module, str, os.PathLike, "Checkpoint"]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+NOT_WEIGHTS = (  # torch files that trainers save beside the weights (fnmatch patterns)
+    "training_args.bin",
+    "optimizer.*",
+    "scheduler.*",
+    "scaler.*",
+    "rng_state*",
+)
 
 SAFETENSORS_DTYPES = {  # safetensors' dtype codes; the writer uses the inverse
     "F64": torch.float64,
@@ -187,7 +197,10 @@ class SafetensorsCheckpoint(Checkpoint):
         self._descriptors: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._unmappable: set[Path] = set()  # files on filesystems that cannot map them
-        self._spans: dict[str, int] = {}  # key -> absolute offset of its data in its file
+        # (file, key) -> absolute offset of the key's data in that file. Per file: a key that
+        # an index puts in one shard may also lie, stale, in another.
+        self._spans: dict[tuple[Path, str], int] = {}
+        self._identities: dict[Path, tuple[int, ...]] = {}  # each file as safe_open found it
         self._files = dict(files)
         self.metadata = {}
         for file in dict.fromkeys(self._files.values()):
@@ -206,6 +219,7 @@ class SafetensorsCheckpoint(Checkpoint):
         if handle is None:
             try:
                 handle = safe_open(str(file), framework="pt")
+                self._identities[file] = _identity(os.stat(file))
             except (SafetensorError, OSError, ValueError) as err:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
             self._handles[file] = handle
@@ -329,19 +343,32 @@ class SafetensorsCheckpoint(Checkpoint):
         return view.view(dtype).view(shape)
 
     def _descriptor(self, file: Path) -> int:
+        """The file opened for reading, checked to be the file :meth:`_open` read the header
+        of: shapes and dtypes come from that header, data from this descriptor."""
         if file not in self._descriptors:
-            self._descriptors[file] = os.open(file, os.O_RDONLY)
+            self._open(file)
+            try:
+                descriptor = os.open(file, os.O_RDONLY)
+            except OSError as err:
+                raise CheckpointError(f"{file}: cannot open ({err.strerror or err})") from err
+            if _identity(os.fstat(descriptor)) != self._identities[file]:
+                os.close(descriptor)
+                raise CheckpointError(
+                    f"{file}: changed since it was opened (replaced or rewritten while being "
+                    "merged); its header no longer describes its data"
+                )
+            self._descriptors[file] = descriptor
         return self._descriptors[file]
 
     def _data_offset(self, file: Path, key: str) -> int:
-        if key not in self._spans:  # the header was validated by safe_open already
-            with open(file, "rb") as handle:
-                (size,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(size))
+        if (file, key) not in self._spans:  # the header was validated by safe_open already
+            descriptor = self._descriptor(file)
+            (size,) = struct.unpack("<Q", os.pread(descriptor, 8, 0))
+            header = json.loads(os.pread(descriptor, size, 8))
             for name, entry in header.items():
                 if name != "__metadata__":
-                    self._spans[name] = 8 + size + int(entry["data_offsets"][0])
-        return self._spans[key]
+                    self._spans[(file, name)] = 8 + size + int(entry["data_offsets"][0])
+        return self._spans[(file, key)]
 
     def close(self) -> None:
         self._handles.clear()
@@ -354,8 +381,37 @@ class SafetensorsCheckpoint(Checkpoint):
         self._descriptors.clear()
 
 
+def _identity(stat: os.stat_result) -> tuple[int, ...]:
+    """What tells a file from its replacement: device, inode, size and modification time."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _not_a_torch_file(file: Path) -> str | None:
+    """Why ``file`` cannot be a torch file, judged from its first bytes, or ``None``.
+
+    torch writes a zip archive, or (the legacy format) a pickle, which starts with the PROTO
+    opcode. A Git LFS pointer (a clone without ``git lfs pull``) and a safetensors file under
+    a torch suffix are common mistakes worth naming.
+    """
+    try:
+        with open(file, "rb") as handle:
+            head = handle.read(64)
+    except OSError as err:
+        return f"cannot read it ({err.strerror or err})"
+    if head.startswith(b"version https://git-lfs.github.com/spec/"):
+        return "a Git LFS pointer, not the weights: fetch them (git lfs pull)"
+    if len(head) >= 10 and head[8:10] == b'{"':  # a header length, then a JSON header
+        return "a safetensors file under a torch suffix: give it the .safetensors suffix"
+    if not head.startswith((b"PK", b"\x80")):
+        return "not a torch file (neither a zip archive nor a pickle)"
+    return None
+
+
 def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     """Load a torch file with ``weights_only=True``; a pickle that needs more is refused."""
+    why = _not_a_torch_file(file)
+    if why is not None:
+        raise CheckpointError(f"{file}: {why}")
     try:
         mmap = zipfile.is_zipfile(file)  # the legacy (non-zip) format cannot be memory-mapped
         with warnings.catch_warnings():
@@ -365,8 +421,8 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
             f"{file}: refused to unpickle: it needs more than tensors, and loading it could run "
-            f"code ({str(err).splitlines()[0] if str(err) else 'weights_only load failed'}). "
-            "Convert it to safetensors in a trusted environment."
+            f"code ({_unpickling_reason(err)}). Convert it to safetensors in a trusted "
+            "environment."
         ) from err
     except (OSError, RuntimeError, EOFError, ValueError) as err:
         raise CheckpointError(f"{file}: not a readable torch file ({err})") from err
@@ -376,6 +432,20 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{file}: expected a state dict, found {type(loaded).__name__}")
     return loaded
+
+
+def _unpickling_reason(err: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused (a global, an opcode), without its
+    preamble and without its advice to allow the global: that is for files one trusts."""
+    text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it references {found.group(1)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("Unsupported"):
+            return line
+    return lines[0] if lines else "weights_only load failed"
 
 
 class TorchShardsCheckpoint(Checkpoint):
@@ -425,9 +495,18 @@ class TorchShardsCheckpoint(Checkpoint):
 def _read_index(index: Path) -> dict[str, Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        files = {str(key): index.parent / str(file) for key, file in weight_map.items()}
+        names = {str(key): str(file) for key, file in weight_map.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
+    for name in set(names.values()):
+        # A shard lies in the index's folder (or below it): never read a file elsewhere
+        # because a downloaded index names "../x" or "/x".
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
+            raise CheckpointError(
+                f"{index}: shard {name!r} is not a file inside {index.parent}; refused"
+            )
+    files = {key: index.parent / name for key, name in names.items()}
     for file in set(files.values()):
         if not file.is_file():
             raise CheckpointError(f"{index}: lists shard {file.name}, which does not exist")
@@ -440,7 +519,12 @@ def _open_directory(directory: Path) -> Checkpoint:
     for index in sorted(directory.glob("*.safetensors.index.json")):
         return SafetensorsCheckpoint(_read_index(index), name=name, path=directory)
     singles = sorted(directory.glob("*.safetensors"))
-    torch_files = sorted(p for p in directory.iterdir() if p.suffix in TORCH_SUFFIXES)
+    torch_files = sorted(
+        p
+        for p in directory.iterdir()
+        if p.suffix in TORCH_SUFFIXES
+        and not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in NOT_WEIGHTS)
+    )
     indexes = sorted(directory.glob("*.bin.index.json"))
     if len(singles) == 1:
         checkpoint = _open_file(singles[0])

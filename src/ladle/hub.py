@@ -17,11 +17,13 @@ import glob
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import unquote
 
 from ._version import __version__
+from .checkpoint import NOT_WEIGHTS
 from .errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -57,13 +59,6 @@ COMPANION_FILES = (
 sentencepiece tokenizers."""
 
 _TORCH_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-_NOT_WEIGHTS = (  # torch files that trainers save beside the weights
-    "training_args.bin",
-    "optimizer.*",
-    "scheduler.*",
-    "scaler.*",
-    "rng_state*",
-)
 _OTHER_REPO_TYPES = ("datasets", "spaces", "buckets", "kernels")
 _SPECIAL_REF = re.compile(r"refs/(?:pr/\d+|convert/[\w.-]+)")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -175,33 +170,44 @@ def _patterns(prefix: str, names: tuple[str, ...] | list[str]) -> list[str]:
     return [prefix + name for name in names]
 
 
-def _weight_patterns(folder: Path, prefix: str) -> list[list[str]]:
-    """Ordered choices of weight files to fetch: a safetensors index's shards, single
-    safetensors files, a torch index's shards, single torch files."""
+Choice = tuple[list[str], Callable[[], bool]]
+"""Weight files to fetch (``allow_patterns``), and whether the folder now holds them all."""
 
-    def shards(index: Path) -> list[str]:
+
+def _weight_choices(folder: Path, prefix: str) -> list[Choice]:
+    """Ordered choices of weight files to fetch: a safetensors index's shards, single
+    safetensors files, a torch index's shards, single torch files. A choice is taken once
+    the folder holds it whole, so a torch shard left in the cache by an interrupted download
+    does not pass for the weights while the other shards are missing."""
+
+    def shards(index: Path) -> Choice:
         try:
-            files = set(json.loads(index.read_text())["weight_map"].values())
+            names = sorted({str(n) for n in json.loads(index.read_text())["weight_map"].values()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
-        return [prefix + glob.escape(str(name)) for name in sorted(files)]
+        return (
+            [prefix + glob.escape(name) for name in names],
+            lambda: all((folder / name).is_file() for name in names),
+        )
 
-    choices: list[list[str]] = []
+    def singles(suffixes: set[str]) -> Callable[[], bool]:
+        return lambda: (
+            folder.is_dir()
+            and any(
+                p.suffix in suffixes
+                and not any(fnmatch.fnmatchcase(p.name, n) for n in NOT_WEIGHTS)
+                for p in folder.iterdir()
+            )
+        )
+
+    choices: list[Choice] = []
     for index in sorted(folder.glob("*.safetensors.index.json"))[:1]:
         choices.append(shards(index))
-    choices.append([prefix + "*.safetensors"])
+    choices.append(([prefix + "*.safetensors"], singles({".safetensors"})))
     for index in sorted(folder.glob("*.bin.index.json"))[:1]:
         choices.append(shards(index))
-    choices.append(_patterns(prefix, _TORCH_PATTERNS))
+    choices.append((_patterns(prefix, _TORCH_PATTERNS), singles({p[1:] for p in _TORCH_PATTERNS})))
     return choices
-
-
-def _has_weights(folder: Path) -> bool:
-    suffixes = {".safetensors", *(p[1:] for p in _TORCH_PATTERNS)}
-    return folder.is_dir() and any(
-        p.suffix in suffixes and not any(fnmatch.fnmatchcase(p.name, n) for n in _NOT_WEIGHTS)
-        for p in folder.iterdir()
-    )
 
 
 def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
@@ -246,7 +252,7 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
                 local_files_only=offline,
                 allow_patterns=allow,
                 # nothing from deeper folders, no optimizer or trainer state
-                ignore_patterns=[prefix + "*/*", *_patterns(prefix, _NOT_WEIGHTS)],
+                ignore_patterns=[prefix + "*/*", *_patterns(prefix, NOT_WEIGHTS)],
                 endpoint=os.environ.get("HF_ENDPOINT") or None,
                 library_name="ladle",
                 library_version=__version__,
@@ -257,9 +263,11 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         root = fetch(source.revision, [*_patterns(prefix, COMPANION_FILES), prefix + "*.json"])
         commit = root.name  # snapshots/<commit hash>
         folder = root / source.subfolder if source.subfolder else root
-        for allow in _weight_patterns(folder, prefix):
+        found = False
+        for allow, present in _weight_choices(folder, prefix):
             fetch(commit, allow)
-            if _has_weights(folder):
+            if present():
+                found = True
                 break
     except RepositoryNotFoundError as err:  # also gated repos
         raise CheckpointError(
@@ -280,12 +288,15 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         raise CheckpointError(f"{url}: cannot fetch from the Hub ({err})") from err
     if not _COMMIT.fullmatch(commit):
         raise CheckpointError(f"{url}: resolved to {root}, which is not a cached snapshot")
-    if not _has_weights(folder):
+    if not found:
         where = f"subfolder {source.subfolder!r}" if source.subfolder else "the repository root"
-        found = sorted(p.name for p in folder.iterdir())[:5] if folder.is_dir() else []
+        names = sorted(p.name for p in folder.iterdir())[:5] if folder.is_dir() else []
+        if offline:  # only the cache was asked: the Hub may well have them
+            where += f" in the Hugging Face cache ({cache}), and HF_HUB_OFFLINE is set"
         raise CheckpointError(
             f"{source.url(commit)}: no weights in {where}: expected *.safetensors or a torch "
-            f"file (*.bin, *.pt, *.pth, *.ckpt), found {', '.join(found) if found else 'none'}"
+            f"file (*.bin, *.pt, *.pth, *.ckpt), or every shard of an index; found "
+            f"{', '.join(names) if names else 'none'}"
         )
     return folder, commit
 

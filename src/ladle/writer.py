@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import json
 import os
 import re
@@ -94,7 +95,20 @@ def _plan_shards(specs: Mapping[str, Spec], max_bytes: int) -> list[list[str]]:
     return shards
 
 
+HEADER_LIMIT = 100_000_000
+"""Largest header safetensors reads (its ``MAX_HEADER_SIZE``): bytes of JSON per file."""
+
+
 def _header(specs: Mapping[str, Spec], keys: list[str], metadata: Mapping[str, str]) -> bytes:
+    """A shard's header (length, JSON, padding), or a ``LadleError`` for what safetensors
+    could not read back: a dtype it has no code for, metadata that is not text, a header
+    past :data:`HEADER_LIMIT`."""
+    for name, value in metadata.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise LadleError(
+                f"metadata: safetensors stores text only; found {type(name).__name__} "
+                f"{name!r} -> {type(value).__name__}"
+            )
     entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for key in keys:
@@ -110,6 +124,11 @@ def _header(specs: Mapping[str, Spec], keys: list[str], metadata: Mapping[str, s
         offset = end
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)  # data starts 8-byte aligned
+    if len(text) > HEADER_LIMIT:
+        raise LadleError(
+            f"header of {len(text)} bytes: safetensors reads at most {HEADER_LIMIT} "
+            "(shorter metadata, or more shards with a smaller max_shard_size)"
+        )
     return struct.pack("<Q", len(text)) + text
 
 
@@ -187,7 +206,7 @@ def _temporary_beside(path: Path) -> Path:
 
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete leftovers of earlier writes to ``path`` whose process is gone (killed, crashed)."""
-    for leftover in path.parent.glob(f".{path.name}{TEMP_MARK}*"):
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}{TEMP_MARK}*"):
         pid = leftover.name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
         if not pid.isdigit() or _alive(int(pid)):
             continue
@@ -303,6 +322,9 @@ class SafetensorsWriter:
             if self._single_file
             else _plan_shards(self._specs, parse_size(max_shard_size))
         )
+        # Each shard's header, built once: written first, and the offsets and sizes after it.
+        # Built before anything is created, so a dtype or metadata it refuses leaves nothing.
+        self._headers = [_header(self._specs, keys, self._metadata) for keys in shards]
         self._temp = _temporary_beside(self.out)
         self._overwrite = overwrite
         with _output_errors(self.out, "creating the output"):
@@ -323,8 +345,6 @@ class SafetensorsWriter:
             )
             self._files = [self._temp / name for name in names]
         self._shards = shards
-        # Each shard's header, built once: written first, and the offsets and sizes after it.
-        self._headers = [_header(self._specs, keys, self._metadata) for keys in shards]
         self._queue = [(shard, key) for shard, keys in enumerate(shards) for key in keys]
         self._amending: dict[int, int] = {}  # shard -> descriptor patched by amend, till commit
         self._data_starts: dict[str, tuple[int, int]] = {}  # key -> (shard, offset of its data)
