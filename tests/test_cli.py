@@ -143,3 +143,28 @@ def test_console_entry_point_runs_as_a_module(tmp_path, inputs):
     )
     assert missing.returncode == 1 and "no such file" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:99"])
+def test_a_device_torch_does_not_know_or_this_machine_lacks_is_one_line(
+    tmp_path, inputs, capsys, device
+):
+    out = tmp_path / "o.safetensors"
+    assert main(["soup", *inputs, "-o", str(out), "--device", device]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ladle: ") and err.count("\n") == 1 and "device: " in err
+    assert not out.exists()
+    assert main(["diff", inputs[0], inputs[1], "--device", device]) == 1
+
+
+def test_diff_of_models_holding_nan_needs_allow_nonfinite(tmp_path, inputs, capsys):
+    model = ladle.load(inputs[0])
+    model["layer.weight"][0, 0] = float("nan")
+    save_file(model, tmp_path / "nan.safetensors")
+    argv = ["diff", str(tmp_path / "nan.safetensors"), inputs[1]]
+    assert main(argv) == 1
+    assert "--allow-nonfinite" in capsys.readouterr().err
+    assert main([*argv, "--allow-nonfinite", "--json"]) == 0
+    rows = {row["key"]: row for row in json.loads(capsys.readouterr().out)["tensors"]}
+    assert rows["layer.weight"]["norm_a"] is None  # NaN, as JSON null
+    assert rows["layer.bias"]["norm_a"] == pytest.approx(float(model["layer.bias"].norm()))

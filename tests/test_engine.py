@@ -238,3 +238,19 @@ def test_a_cpu_reading_thread_leaves_torch_one_thread_fewer_and_restores_the_cou
 
 def stop(state):
     raise RuntimeError("stop")
+
+
+def test_resolve_device_refuses_what_torch_or_this_machine_cannot_use():
+    import pytest
+
+    from ladle.engine import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device: expected cpu, cuda, cuda:N .*found 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device: 'cuda', but CUDA is not available"):
+            resolve_device("cuda")
+    else:
+        with pytest.raises(ValueError, match=r"this machine has \d+ CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")

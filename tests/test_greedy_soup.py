@@ -343,3 +343,27 @@ def test_cli_bad_evaluate_spec_is_a_usage_error(tmp_path, evaluate_module, capsy
         main(argv)
     assert exc.value.code == 2
     assert "--evaluate" in capsys.readouterr().err
+
+
+def test_cli_evaluate_file_with_a_dataclass_and_a_sibling_import(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "evals"
+    folder.mkdir()
+    (folder / "helper_counts.py").write_text(
+        "def positives(sd):\n    return int((sd['w'] > 0).sum())\n"
+    )
+    (folder / "ev.py").write_text(
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n"
+        "from helper_counts import positives\n\n"
+        "@dataclass\nclass Table:\n    values: dict[int, float]\n\n"
+        "def score(sd):\n    return Table({1: 1.0, 2: 1.5, 3: 0.5}).values[positives(sd)]\n"
+    )
+    paths = []
+    for i, model in enumerate(one_hot_family(3)):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "o.safetensors"
+    argv = ["greedy-soup", *paths, "--evaluate", "evals/ev.py:score", "-o", str(out)]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert "selected 2 of 3 models (0, 1)" in capsys.readouterr().out

@@ -138,7 +138,46 @@ def test_example_recipes_are_valid(tmp_path):
         (
             '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "o"\n'
             '[steps.b]\nmethod = "soup"\nmodels = ["a"]\noutput = "o"\n',
-            r"steps\.a\.output: another step writes",
+            r"steps\.a\.output: step 'b' writes .*o too",
+        ),
+        (
+            '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "o"\n'
+            '[steps.b]\nmethod = "soup"\nmodels = ["a"]\noutput = "./sub/../o"\n',
+            r"steps\.a\.output: step 'b' writes",
+        ),
+        (
+            '[steps.x]\nmethod = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+            'output = "m2.safetensors"\n'
+            '[steps.y]\nmethod = "soup"\nmodels = ["x", "m2.safetensors"]\noutput = "e"\n',
+            r"steps\.x\.output: .*m2\.safetensors would overwrite .*m2\.safetensors, an input "
+            r"of step 'y'; a recipe never writes over its inputs",
+        ),
+        (
+            'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "m0.safetensors"\n',
+            r"recipe\.output: .* would overwrite .*, an input of the recipe",
+        ),
+        (
+            'method = "greedy_soup"\nmodels = ["m0.safetensors"]\noutput = "o"\n',
+            r"recipe\.parameters\.evaluate: required by greedy_soup",
+        ),
+        (
+            'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "o"\n'
+            "[parameters]\nweights = 3\n",
+            r"recipe\.parameters\.weights: expected a list of numbers, found 3",
+        ),
+        (
+            'method = "ties"\nmodels = ["m0.safetensors"]\nbase = "m1.safetensors"\n'
+            'output = "o"\n[parameters]\ndensity = "0.2"\n',
+            r"recipe\.parameters\.density: expected a number, found '0\.2'",
+        ),
+        (
+            'method = "dare"\nmodels = ["m0.safetensors"]\nbase = "m1.safetensors"\n'
+            'output = "o"\n[parameters]\nseed = 1.5\n',
+            r"recipe\.parameters\.seed: expected an integer, found 1\.5",
+        ),
+        (
+            'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "o"\nmax_shard_size = true\n',
+            r"recipe\.max_shard_size: expected",
         ),
     ],
 )
@@ -179,3 +218,73 @@ def test_cli_run_prints_outputs_and_reports_errors_in_one_line(folder, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already exists" in err
     assert main(["run", str(recipe), "--overwrite", "--device", "cpu"]) == 0
+
+
+def test_a_bad_device_fails_before_any_step_runs(folder):
+    recipe = write(
+        folder, 'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "o.safetensors"\n'
+    )
+    for device in ("tpu", "cuda:99"):
+        with pytest.raises(ValueError, match=r"device: "):
+            run_recipe(recipe, device=device)
+    assert not (folder / "o.safetensors").exists()
+
+
+def test_an_evaluate_that_cannot_be_imported_fails_before_any_step_runs(folder):
+    recipe = write(
+        folder,
+        '[steps.first]\nmethod = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+        'output = "first.safetensors"\n'
+        '[steps.greedy]\nmethod = "greedy_soup"\nmodels = ["first", "m2.safetensors"]\n'
+        'output = "g.safetensors"\n[steps.greedy.parameters]\nevaluate = "nosuchmod:acc"\n',
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"steps\.greedy\.parameters\.evaluate: cannot import 'nosuchmod:acc': "
+        r"ModuleNotFoundError",
+    ):
+        run_recipe(recipe, device="cpu")
+    assert not (folder / "first.safetensors").exists()
+
+
+EVALUATE = """
+from __future__ import annotations
+from dataclasses import dataclass
+from helpers import weight_of
+
+@dataclass
+class Config:
+    key: str = "layer.weight"
+
+def score(state_dict):
+    return -weight_of(state_dict, Config().key)
+"""
+
+
+@pytest.mark.parametrize("reference", ["evals:score", "evals.py:score", "sub/evals.py:score"])
+def test_evaluate_is_found_beside_the_recipe_from_any_working_directory(
+    folder, tmp_path_factory, monkeypatch, reference
+):
+    where = folder / "sub" if reference.startswith("sub/") else folder
+    where.mkdir(exist_ok=True)
+    (where / "evals.py").write_text(EVALUATE)  # a dataclass under postponed annotations
+    (where / "helpers.py").write_text(  # and a sibling import
+        "def weight_of(sd, key):\n    return float(sd[key].abs().sum())\n"
+    )
+    if reference == "evals:score":  # a module is searched for beside the recipe
+        (folder / "helpers.py").write_text((where / "helpers.py").read_text())
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))  # restored afterwards
+    for name in ("evals", "helpers"):
+        monkeypatch.delitem(__import__("sys").modules, name, raising=False)
+    recipe = write(
+        folder,
+        'method = "greedy_soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+        f'output = "g.safetensors"\n[parameters]\nevaluate = "{reference}"\n',
+    )
+    assert run_recipe(recipe, device="cpu")["main"] == folder / "g.safetensors"
+    models = [folder / f"m{i}.safetensors" for i in range(2)]
+    direct = ladle.greedy_soup(models, lambda sd: -float(sd["layer.weight"].abs().sum()))
+    written = ladle.load(folder / "g.safetensors")
+    assert written.keys() == direct.state_dict.keys()
+    assert all(torch.equal(written[k], direct.state_dict[k]) for k in written)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -29,7 +27,7 @@ from .methods.soup import greedy_soup, uniform_soup
 from .methods.stock import model_stock
 from .methods.task_arithmetic import task_arithmetic
 from .methods.ties import ties
-from .recipe import DTYPES, run_recipe
+from .recipe import DTYPES, load_callable, run_recipe
 from .writer import parse_size
 
 __all__ = ["main"]
@@ -130,37 +128,10 @@ def _run_method(args: argparse.Namespace) -> None:
 
 def _callable(spec: str) -> Callable[..., Any]:
     """``pkg.module:function`` (or ``path/to/file.py:function``), imported; else a usage error."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise argparse.ArgumentTypeError(
-            f"expected MODULE:FUNCTION, e.g. mypkg.evals:accuracy, found {spec!r}"
-        )
     try:
-        if module_name.endswith(".py"):
-            file_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            if file_spec is None or file_spec.loader is None or not Path(module_name).is_file():
-                raise ImportError(f"no such file {module_name}")
-            module = importlib.util.module_from_spec(file_spec)
-            file_spec.loader.exec_module(module)
-        else:
-            added = os.getcwd() not in sys.path  # a console script does not search the cwd
-            if added:
-                sys.path.insert(0, os.getcwd())
-            try:
-                module = importlib.import_module(module_name)
-            finally:
-                if added:
-                    sys.path.remove(os.getcwd())
-        target: Any = module
-        for part in attribute.split("."):
-            target = getattr(target, part)
-    except Exception as err:  # the user's module may raise anything while importing
-        raise argparse.ArgumentTypeError(
-            f"cannot import {spec!r}: {type(err).__name__}: {err}"
-        ) from None
-    if not callable(target):
-        raise argparse.ArgumentTypeError(f"{spec!r} is a {type(target).__name__}, not a callable")
-    return target  # type: ignore[no-any-return]
+        return load_callable(spec)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _run_greedy_soup(args: argparse.Namespace) -> None:
@@ -264,7 +235,13 @@ def _number(value: float) -> str:
 
 
 def _run_diff(args: argparse.Namespace) -> None:
-    report = diff(args.a, args.b, base=args.base, device=args.device or "cpu")
+    report = diff(
+        args.a,
+        args.b,
+        base=args.base,
+        device=args.device or "cpu",
+        allow_nonfinite=args.allow_nonfinite,
+    )
     if args.json:
 
         def fields(row: TensorDiff) -> dict[str, Any]:
@@ -458,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--base", default=None, help="compare the task vectors A - BASE, B - BASE")
     compare.add_argument("--device", default=None, help="where the sums run (default: cpu)")
     compare.add_argument("--json", action="store_true", help="machine-readable output")
+    compare.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="compare models holding NaN or Inf instead of stopping with an error",
+    )
     compare.set_defaults(run=_run_diff)
 
     recipe = commands.add_parser("run", help="run the merge steps of a TOML recipe")

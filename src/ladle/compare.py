@@ -9,7 +9,14 @@ from typing import Any, NamedTuple
 import torch
 
 from .checkpoint import StateDictLike
-from .engine import DEFAULT_CHUNK_BYTES, Kernel, check_compatible, fold, open_models
+from .engine import (
+    DEFAULT_CHUNK_BYTES,
+    Kernel,
+    check_compatible,
+    fold,
+    open_models,
+    resolve_device,
+)
 
 __all__ = ["DiffReport", "TensorDiff", "diff"]
 
@@ -78,6 +85,7 @@ def diff(
     base: StateDictLike | None = None,
     device: str | torch.device = "cpu",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    allow_nonfinite: bool = False,
 ) -> DiffReport:
     """Per-tensor L2 norms of ``a − b`` and the cosine of ``a`` and ``b`` (or of their task
     vectors ``a − base``, ``b − base``), streamed key by key.
@@ -93,12 +101,15 @@ def diff(
         base: a common base; compare the task vectors ``a − base`` and ``b − base``.
         device: where the sums run.
         chunk_bytes: largest piece of one tensor read at a time.
+        allow_nonfinite: compare models holding NaN or Inf (their norms and cosines are then
+            NaN or Inf where those values are) instead of raising NonFiniteError.
 
     Returns:
         A :class:`DiffReport`.
 
     Raises:
         IncompatibleError: the models' keys, shapes or dtype kinds differ.
+        NonFiniteError: a model holds NaN or Inf, unless ``allow_nonfinite``.
 
     Example:
         >>> import torch, ladle
@@ -119,8 +130,9 @@ def diff(
             [ckpt_a, ckpt_b],
             _stats_kernel(),
             base=ckpt_base,
-            device=torch.device(device),
+            device=resolve_device(device),
             chunk_bytes=chunk_bytes,
+            allow_nonfinite=allow_nonfinite,
         ):
             sums[key] = sums[key] + stats if key in sums else stats
         keys = reference.keys()

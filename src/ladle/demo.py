@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import ladle
+from ladle.engine import resolve_device
 
 __all__ = ["DemoRow", "format_table", "run_demo"]
 
@@ -234,13 +235,14 @@ def run_demo(
     if size not in SIZES:
         raise ValueError(f"size: expected one of {sorted(SIZES)}, found {size!r}")
     out = sys.stdout if stream is None else stream
+    target = resolve_device(device)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tensors this small only lose time to threads (restored below)
     try:
         if workdir is None:
             with tempfile.TemporaryDirectory(prefix="ladle-demo-") as temporary:
-                return _run(seed, SIZES[size], Path(temporary), torch.device(device), out)
-        rows = _run(seed, SIZES[size], Path(workdir), torch.device(device), out)
+                return _run(seed, SIZES[size], Path(temporary), target, out)
+        rows = _run(seed, SIZES[size], Path(workdir), target, out)
         _log(f"checkpoints and merges kept in {workdir}")
         return rows
     finally:

@@ -194,10 +194,26 @@ def current_partition() -> Partition | None:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` means CUDA when available, else the CPU."""
+    """``device`` as a ``torch.device``; ``None`` means CUDA when available, else the CPU.
+
+    A string torch does not know, or a CUDA device this machine lacks, is a ``ValueError``
+    naming it, before any work (torch would fail later, with a traceback of its own).
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device: expected cpu, cuda, cuda:N or another torch device, found {device!r}"
+        ) from err
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device: {device!r}, but CUDA is not available on this machine")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device: {device!r}, but this machine has {count} CUDA device(s)")
+    return resolved
 
 
 def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
@@ -696,7 +712,7 @@ def _check_finite(chunk: torch.Tensor, index: int | None, checkpoint: Checkpoint
     if not torch.isfinite(total) and not bool(torch.isfinite(chunk).all()):
         raise NonFiniteError(
             f"{_describe(index, checkpoint)}: key {key!r} holds NaN or Inf values; "
-            "pass allow_nonfinite=True (--allow-nonfinite) to merge anyway"
+            "pass allow_nonfinite=True (--allow-nonfinite) to go on anyway"
         )
 
 
@@ -825,7 +841,9 @@ def merge(
         if out is not None:
             _check_output(Path(out), sources)
             if Path(out).exists() and not overwrite:
-                raise LadleError(f"{out}: already exists; pass overwrite=True to replace it")
+                raise LadleError(
+                    f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"
+                )
         part = _PARTITION.get()
         keys = None if part is None else part.keys(reference)
         if prepare is not None:

@@ -9,22 +9,25 @@ to the recipe file. See ``docs/recipes.md``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import inspect
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from .checkpoint import StateDict
+from .engine import resolve_device
 from .errors import LadleError
 from .hub import PREFIX, parse_hf_url
 
-__all__ = ["Recipe", "Step", "StepRef", "load_recipe", "run_recipe"]
+__all__ = ["Recipe", "Step", "StepRef", "load_callable", "load_recipe", "run_recipe"]
 
 METHODS = (
     "dare",
@@ -85,6 +88,8 @@ class Recipe(NamedTuple):
     path: Path
     device: str | None
     steps: tuple[Step, ...]
+    single: bool = False
+    """A one-step recipe written at the top level (its errors say ``recipe.``)."""
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -156,7 +161,7 @@ def _check_parameters(
     value: object, where: str, method: str, signature: inspect.Signature
 ) -> dict[str, Any]:
     if value is None:
-        return {}
+        value = {}
     if not isinstance(value, dict):
         raise ValueError(f"{where}.parameters: expected a table, found {type(value).__name__}")
     accepted = [
@@ -176,11 +181,15 @@ def _check_parameters(
             )
     evaluate = value.get("evaluate")
     if evaluate is not None and (
-        not isinstance(evaluate, str) or not re.fullmatch(r"[\w.]+:[\w.]+", evaluate)
+        not isinstance(evaluate, str) or not re.fullmatch(r"[^:]+:[\w.]+", evaluate)
     ):
         raise ValueError(
-            f"{where}.parameters.evaluate: expected 'package.module:function', found {evaluate!r}"
+            f"{where}.parameters.evaluate: expected 'package.module:function' or "
+            f"'file.py:function', found {evaluate!r}"
         )
+    for key, item in value.items():
+        if key != "evaluate":
+            _check_type(item, signature.parameters[key].annotation, f"{where}.parameters.{key}")
     required = [
         name
         for name, p in signature.parameters.items()
@@ -190,6 +199,63 @@ def _check_parameters(
         if name not in value:
             raise ValueError(f"{where}.parameters.{name}: required by {method}")
     return dict(value)
+
+
+def _check_type(value: object, annotation: object, where: str) -> None:
+    """``value`` (from TOML) against a method parameter's annotation (a string, as the
+    methods' modules use postponed annotations): numbers, lists of numbers, flags, text."""
+    text = str(annotation)
+
+    def number(item: object) -> bool:
+        return isinstance(item, (int, float)) and not isinstance(item, bool)
+
+    if value is None and "None" in text:
+        return
+    if "Sequence[float]" in text:
+        ok, kind = isinstance(value, list) and all(number(v) for v in value), "a list of numbers"
+    elif text.startswith("bool"):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif "float" in text:
+        ok, kind = number(value), "a number"
+    elif text.startswith("int"):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif text.startswith("str"):
+        ok, kind = isinstance(value, str), "a string"
+    else:  # a type this check does not know: the method checks it
+        return
+    if not ok:
+        raise ValueError(f"{where}: expected {kind}, found {value!r}")
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """Whether writing ``a`` could touch ``b``: the same path, or one inside the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def _check_outputs(steps: Sequence[Step], single: bool) -> None:
+    """No two steps write the same place, and no step writes over an input of any step
+    (paths compared resolved: ``out.safetensors`` and ``../here/out.safetensors`` are one)."""
+
+    def inputs(step: Step) -> list[str]:
+        sources = [*step.models, *([step.base] if step.base is not None else [])]
+        return [s for s in sources if isinstance(s, str) and not s.startswith(PREFIX)]
+
+    for step in steps:
+        if step.output is None:
+            continue
+        where = "recipe" if single else f"steps.{step.name}"
+        written = step.output.resolve()
+        for other in steps:
+            theirs = other.output
+            if other is not step and theirs is not None and _overlaps(written, theirs.resolve()):
+                raise ValueError(f"{where}.output: step {other.name!r} writes {theirs} too")
+            for source in inputs(other):
+                if _overlaps(written, Path(source).resolve()):
+                    raise ValueError(
+                        f"{where}.output: {step.output} would overwrite {source}, an input of "
+                        f"{'the recipe' if single else f'step {other.name!r}'}; a recipe never "
+                        "writes over its inputs"
+                    )
 
 
 def _step(
@@ -236,7 +302,7 @@ def _step(
             raise ValueError(f"{where}.dtype: expected one of {', '.join(DTYPES)}, found {dtype!r}")
         dtype = DTYPES[dtype.lower()]
     shard = table.get("max_shard_size")
-    if shard is not None and not isinstance(shard, (int, str)):
+    if shard is not None and (not isinstance(shard, (int, str)) or isinstance(shard, bool)):
         raise ValueError(f"{where}.max_shard_size: expected e.g. '5GB', found {shard!r}")
     return Step(name, method, sources, base, parameters, output, dtype, shard)
 
@@ -293,21 +359,89 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if steps[-1].output is None:
         where = "recipe" if "steps" not in data else f"steps.{steps[-1].name}"
         raise ValueError(f"{where}.output: missing; the last step must write its result")
-    outputs = [s.output for s in steps if s.output is not None]
-    for step in steps:
-        if step.output is not None and outputs.count(step.output) > 1:
-            raise ValueError(f"steps.{step.name}.output: another step writes {step.output} too")
-    return Recipe(file, device, tuple(steps))
+    single = "steps" not in data
+    _check_outputs(steps, single)
+    return Recipe(file, device, tuple(steps), single)
 
 
-def _evaluate(reference: str) -> Callable[..., Any]:
-    module, _, attr = reference.partition(":")
-    target: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        target = getattr(target, part)
+def load_callable(reference: str, *, folder: str | os.PathLike | None = None) -> Callable[..., Any]:
+    """The function ``reference`` names: ``package.module:function`` or
+    ``path/to/file.py:function`` (``attr.attr`` paths too), imported.
+
+    Relative file paths are relative to ``folder`` (default: the working directory); modules
+    are searched in ``folder`` and the working directory first, as ``python -m`` would (a
+    console script does not). A file's own folder is searched too while it is imported, so it
+    may import modules beside it; it is registered in ``sys.modules`` as it runs, as imports
+    are (dataclasses need that).
+
+    Raises:
+        ValueError: the reference is malformed, cannot be imported (the message says why:
+            the module's own exception), or names something not callable.
+
+    Example:
+        >>> load_callable("math:sqrt")(16.0)
+        4.0
+    """
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(
+            f"expected MODULE:FUNCTION, e.g. mypkg.evals:accuracy, found {reference!r}"
+        )
+    here = Path(folder) if folder is not None else Path.cwd()
+    try:
+        if module_name.endswith(".py"):
+            module = _import_file(here / os.path.expanduser(module_name))
+        else:
+            with _searched([str(here), os.getcwd()]):
+                module = importlib.import_module(module_name)
+        target: Any = module
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except Exception as err:  # the user's module may raise anything while importing
+        raise ValueError(f"cannot import {reference!r}: {type(err).__name__}: {err}") from err
     if not callable(target):
-        raise ValueError(f"parameters.evaluate: {reference} is not callable")
+        raise ValueError(f"{reference!r} is a {type(target).__name__}, not a callable")
     return target  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def _searched(folders: Sequence[str]) -> Iterator[None]:
+    """``folders`` at the front of ``sys.path`` (those not there yet), for one import."""
+    added = [f for f in dict.fromkeys(folders) if f not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for folder in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(folder)
+
+
+def _import_file(path: Path) -> Any:
+    """The module of a ``.py`` file, run once and registered under its stem (or, when that
+    name is taken by another module, a name made unique by its path)."""
+    if not path.is_file():
+        raise ImportError(f"no such file {path}")
+    resolved = path.resolve()
+    name = path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        known = getattr(loaded, "__file__", None)
+        if known is not None and Path(known).resolve() == resolved:
+            return loaded
+        name = f"{path.stem}_{abs(hash(str(resolved))):x}"
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        with _searched([str(resolved.parent)]):
+            spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def run_recipe(
@@ -348,13 +482,28 @@ def run_recipe(
         [1.5, 3.5]
     """
     checked = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+    def where(step: Step) -> str:
+        return "recipe" if checked.single else f"steps.{step.name}"
+
+    resolve_device(device if device is not None else checked.device)  # a bad one fails now
     if not overwrite:
         for step in checked.steps:
             if step.output is not None and step.output.exists():
                 raise LadleError(
-                    f"steps.{step.name}.output: {step.output} already exists; "
+                    f"{where(step)}.output: {step.output} already exists; "
                     "pass overwrite=True (--overwrite) to replace it"
                 )
+    # Every evaluate function imported before the first step runs: a bad one leaves nothing.
+    evaluators = {}
+    for step in checked.steps:
+        if "evaluate" in step.parameters:
+            try:
+                evaluators[step.name] = load_callable(
+                    step.parameters["evaluate"], folder=checked.path.resolve().parent
+                )
+            except ValueError as err:
+                raise ValueError(f"{where(step)}.parameters.evaluate: {err}") from None
     results: dict[str, StateDict | Path] = {}
 
     def resolve(source: Input) -> Any:
@@ -364,8 +513,8 @@ def run_recipe(
         function = _function(step.method)
         accepted = inspect.signature(function).parameters
         kwargs: dict[str, Any] = dict(step.parameters)
-        if "evaluate" in kwargs:
-            kwargs["evaluate"] = _evaluate(kwargs["evaluate"])
+        if step.name in evaluators:
+            kwargs["evaluate"] = evaluators[step.name]
         if step.base is not None:
             kwargs["base"] = resolve(step.base)
         options = {

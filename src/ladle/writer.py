@@ -312,7 +312,9 @@ class SafetensorsWriter:
     ) -> None:
         self.out = Path(out)
         if self.out.exists() and not overwrite:
-            raise LadleError(f"{self.out}: already exists; pass overwrite=True to replace it")
+            raise LadleError(
+                f"{self.out}: already exists; pass overwrite=True (--overwrite) to replace it"
+            )
         self._specs = dict(specs)
         self._metadata = {"format": "pt", **(metadata or {})}
         self._single_file = self.out.suffix == ".safetensors"

@@ -327,7 +327,9 @@ def run_greedy(
         if out is not None:  # refuse before the (costly) evaluations, not after
             _check_output(Path(out), checkpoints)
             if Path(out).exists() and not overwrite:
-                raise LadleError(f"{out}: already exists; pass overwrite=True to replace it")
+                raise LadleError(
+                    f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"
+                )
         result = _greedy(
             checkpoints,
             evaluate,
