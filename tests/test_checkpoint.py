@@ -316,3 +316,29 @@ def test_an_unsafe_pickle_names_what_was_refused(tmp_path):
     torch.save({"w": torch.zeros(2), "evil": Payload(tmp_path / "pwned")}, tmp_path / "evil.bin")
     with pytest.raises(ladle.UnsafeCheckpointError, match=r"\(it references io\.open\)\. Convert"):
         ladle.load(tmp_path / "evil.bin")
+
+
+def test_rows_with_a_step_and_unknown_keys_are_refused_clearly(tmp_path):
+    save_file({"w": torch.arange(12.0).reshape(6, 2)}, tmp_path / "m.safetensors")
+    with ladle.open_checkpoint(tmp_path / "m.safetensors") as ckpt:
+        with pytest.raises(ValueError, match=r"rows: expected contiguous rows \(step 1\)"):
+            ckpt.map_rows("w", slice(0, 6, 2))
+        with pytest.raises(ValueError, match=r"rows: expected contiguous rows"):
+            ckpt.read_rows("w", slice(0, 6, 2), torch.empty(48, dtype=torch.uint8))
+        with pytest.raises(ladle.CheckpointError, match=r"no tensor named 'nope'"):
+            ckpt.release("nope")
+
+
+def test_complex_and_fnuz_float8_tensors_round_trip(tmp_path):
+    tensors = {
+        "c": torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64),
+        "f8": torch.tensor([1.0, -2.0]).to(torch.float8_e4m3fnuz),
+        "e5": torch.tensor([0.5, 4.0]).to(torch.float8_e5m2fnuz),
+    }
+    save_file(tensors, tmp_path / "st.safetensors")  # written by safetensors itself
+    out = ladle.save(tensors, tmp_path / "ours.safetensors")  # and by ladle's writer
+    for path in (tmp_path / "st.safetensors", out):
+        with ladle.open_checkpoint(path) as ckpt:
+            for key, tensor in tensors.items():
+                assert ckpt.dtype(key) == tensor.dtype
+                assert torch.equal(ckpt.get(key).view(torch.uint8), tensor.view(torch.uint8))

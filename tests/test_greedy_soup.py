@@ -367,3 +367,20 @@ def test_cli_evaluate_file_with_a_dataclass_and_a_sibling_import(tmp_path, capsy
     argv = ["greedy-soup", *paths, "--evaluate", "evals/ev.py:score", "-o", str(out)]
     assert main([*argv, "--device", "cpu"]) == 0
     assert "selected 2 of 3 models (0, 1)" in capsys.readouterr().out
+
+
+def test_cli_an_evaluate_that_raises_is_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "failing_evals.py").write_text("def score(sd):\n    return 1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    paths = []
+    for i, model in enumerate(one_hot_family(2)):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    out = tmp_path / "o.safetensors"
+    argv = ["greedy-soup", *paths, "--evaluate", "failing_evals:score", "-o", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "ladle: error: --evaluate failing_evals:score: raised ZeroDivisionError: division by zero\n"
+    )
+    assert not out.exists()

@@ -438,3 +438,12 @@ def test_a_cached_snapshot_with_trainer_files_opens_its_weights(hub_cache):
     write_cached_repo(hub_cache, "org/trained", COMMIT_A, files, refs={"main": COMMIT_A})
     loaded = ladle.load("hf://org/trained")
     assert all(torch.equal(loaded[k], model[k]) for k in model)
+
+
+@pytest.mark.parametrize(
+    "url", ["hf://org/m@refs/pr/12abc", "hf://org/m@refs/heads", "hf://org/m@refs/pr/x/sub"]
+)
+def test_a_refs_revision_that_is_no_pr_or_convert_ref_is_refused(url):
+    with pytest.raises(ladle.CheckpointError, match=r"expected refs/pr/N or refs/convert/NAME"):
+        parse_hf_url(url)
+    assert parse_hf_url("hf://org/m@refs/pr/12/abc") == ("org/m", "refs/pr/12", "abc")

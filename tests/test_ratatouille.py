@@ -153,9 +153,26 @@ def test_greedy_ratatouille_is_the_greedy_soup():
         ({"selection": "best"}, "selection"),
         ({"selection": "greedy"}, "evaluate"),
         ({"evaluate": lambda sd: 0.0}, "evaluate"),
-        ({"scores": [1.0, 2.0]}, "evaluate"),
+        ({"scores": [1.0, 2.0]}, "scores"),
     ],
 )
 def test_bad_arguments_are_value_errors_naming_the_parameter(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ladle.ratatouille(family(2), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"scores": [1.0, 2.0]}, r"scores: used only with selection='greedy'; .* leave scores out"),
+        ({"strict": True}, r"strict: used only with selection='greedy'"),
+        (
+            {"evaluate": lambda sd: 1.0, "scores": [1.0, 2.0]},
+            r"evaluate: used only .* leave evaluate and scores out",
+        ),
+    ],
+)
+def test_greedy_only_arguments_with_uniform_selection_are_named(extra, message):
+    runs = [{"w": torch.zeros(2)}, {"w": torch.ones(2)}]
+    with pytest.raises(ValueError, match=message):
+        ladle.ratatouille(runs, **extra)

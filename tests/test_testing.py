@@ -211,3 +211,234 @@ def test_ladle_imports_without_hypothesis():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "pip install hypothesis" in result.stdout
+
+
+# Infinite entries must match exactly, whatever the tolerances.
+
+INF = float("inf")
+
+
+@pytest.mark.parametrize(
+    ("actual", "expected", "shown"),
+    [
+        (-INF, INF, "actual -inf, expected inf"),
+        (5.0, INF, "actual 5, expected inf"),
+        (INF, 5.0, "actual inf, expected 5"),
+        (-1e30, -INF, "actual -1.00000002e+30, expected -inf"),
+    ],
+)
+def test_infinite_entries_must_match_an_infinity_of_the_same_sign(actual, expected, shown):
+    text = message_of({"w": torch.tensor([1.0, actual])}, {"w": torch.tensor([1.0, expected])})
+    assert text.splitlines()[-1] == (
+        "  'w': 1 of 2 elements differ; max abs error inf, max rel error inf "
+        f"(rtol=1.3e-06, atol=1e-05); worst at index (1,): {shown}"
+    )
+
+
+@given(
+    st.floats(allow_nan=False, width=32),
+    st.sampled_from([INF, -INF]),
+    st.floats(0, 1e30),
+    st.floats(0, 1e30),
+)
+def test_an_infinity_only_matches_itself_whatever_the_tolerance(value, inf, rtol, atol):
+    actual, expected = {"w": torch.tensor([value])}, {"w": torch.tensor([inf])}
+    if value == inf:
+        assert_state_dicts_close(actual, expected, rtol=rtol, atol=atol)
+    else:
+        message_of(actual, expected, rtol=rtol, atol=atol)
+        message_of(expected, actual, rtol=rtol, atol=atol)
+
+
+# Integer tensors are compared and reported exactly.
+
+
+def test_integers_beyond_2_53_are_compared_and_reported_exactly():
+    text = message_of({"w": torch.tensor([2**53 + 1])}, {"w": torch.tensor([2**53])})
+    assert text.splitlines()[-1] == (
+        "  'w': 1 of 1 elements differ; max abs error 1, max rel error 1.11022e-16 "
+        "(rtol=0, atol=0); worst at index (0,): actual 9007199254740993, "
+        "expected 9007199254740992"
+    )
+
+
+def test_integers_at_the_int64_extremes_do_not_overflow():
+    low, high = -(2**63), 2**63 - 1
+    text = message_of({"w": torch.tensor([low, 0])}, {"w": torch.tensor([high, 0])})
+    assert text.splitlines()[-1] == (
+        "  'w': 1 of 2 elements differ; max abs error 18446744073709551615, max rel error 2 "
+        "(rtol=0, atol=0); worst at index (0,): actual -9223372036854775808, "
+        "expected 9223372036854775807"
+    )
+
+
+def test_integer_tolerances_are_applied_to_the_exact_difference():
+    big = 2**60
+    a, e = {"n": torch.tensor([big + 1])}, {"n": torch.tensor([big])}
+    assert_state_dicts_close(a, e, atol=1)
+    assert "max abs error 1," in message_of(a, e, atol=0.5)
+
+
+@given(st.integers(-(2**63), 2**63 - 1), st.integers(-(2**63), 2**63 - 1))
+def test_int64_tensors_are_close_exactly_when_equal(x, y):
+    actual, expected = {"n": torch.tensor([x])}, {"n": torch.tensor([y])}
+    if x == y:
+        assert_state_dicts_close(actual, expected)
+    else:
+        text = message_of(actual, expected)
+        assert f"max abs error {abs(x - y)}," in text
+        assert text.endswith(f"actual {x}, expected {y}")
+
+
+def test_uint64_and_bool_tensors_are_compared_exactly():
+    top = torch.tensor([2**64 - 1, 7], dtype=torch.uint64)
+    below = torch.tensor([2**64 - 2, 6], dtype=torch.uint64)
+    text = message_of({"u": top}, {"u": below})
+    assert text.splitlines()[-1] == (
+        "  'u': 2 of 2 elements differ; max abs error 1, max rel error 0.166667 "
+        "(rtol=0, atol=0); worst at index (0,): actual 18446744073709551615, "
+        "expected 18446744073709551614"
+    )
+    assert_state_dicts_close({"u": top}, {"u": top.clone()})
+    text = message_of({"b": torch.tensor([[True, False]])}, {"b": torch.tensor([[True, True]])})
+    assert text.endswith("worst at index (0, 1): actual 0, expected 1")
+
+
+# Complex tensors are compared by the magnitude of the difference and shown in full.
+
+
+def test_complex_values_are_compared_by_magnitude_and_shown_in_full():
+    text = message_of({"z": torch.tensor([1 + 1j, 2j])}, {"z": torch.tensor([1 + 0j, 2j])})
+    assert text.splitlines()[-1] == (
+        "  'z': 1 of 2 elements differ; max abs error 1, max rel error 1 "
+        "(rtol=1.3e-06, atol=1e-05); worst at index (0,): actual 1+1j, expected 1+0j"
+    )
+    # |(3+4j) − 0| = 5: within atol=5, beyond atol=4.9 (not checked part by part).
+    assert_state_dicts_close({"z": torch.tensor([3 + 4j])}, {"z": torch.tensor([0j])}, atol=5)
+    message_of({"z": torch.tensor([3 + 4j])}, {"z": torch.tensor([0j])}, atol=4.9)
+
+
+def test_complex_default_tolerances_are_those_of_torch_testing():
+    assert default_tolerances(torch.complex64) == (1.3e-6, 1e-5)
+    assert default_tolerances(torch.complex128) == (1e-7, 1e-7)
+    z = torch.tensor([1 + 1j])
+    assert_state_dicts_close({"z": z + 1e-6}, {"z": z})
+
+
+def test_complex_infinities_and_nans():
+    inf = torch.tensor([complex(INF, 0)])
+    assert_state_dicts_close({"z": inf}, {"z": inf.clone()})
+    message_of({"z": torch.tensor([complex(5, 0)])}, {"z": inf}, rtol=1)
+    nan = torch.tensor([complex(float("nan"), 1)])
+    message_of({"z": nan}, {"z": nan.clone()})
+    assert_state_dicts_close({"z": nan}, {"z": nan.clone()}, equal_nan=True)
+
+
+# bound: any positive finite bound works, rounded down; values stay finite and within it.
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bound"),
+    [
+        (dtype, bound)
+        for dtype in [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+        for bound in [0.1, 1e-3, 1 / 3, 1e-7 if dtype == torch.float16 else 1e-30]
+    ],
+)
+def test_state_dicts_accept_any_bound_and_stay_within_it(dtype, bound):
+    @given(state_dicts(keys=["w"], dtypes=[dtype], bound=bound, buffers=False))
+    def check(sd):
+        assert sd["w"].dtype == dtype
+        assert bool(torch.isfinite(sd["w"]).all())
+        assert float(sd["w"].abs().max()) <= bound
+
+    check()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bound"),
+    [(torch.float16, 65504.0), (torch.bfloat16, 3.3895313892515355e38), (torch.float32, 3e38)],
+)
+def test_state_dicts_up_to_the_largest_finite_value_stay_finite(dtype, bound):
+    @given(state_dicts(shapes={"w": (4,)}, dtypes=[dtype], bound=bound, buffers=False))
+    def check(sd):
+        assert bool(torch.isfinite(sd["w"]).all())
+        assert float(sd["w"].abs().max()) <= bound
+
+    check()
+
+
+@pytest.mark.parametrize("bound", [0.1, 1e-3, 30000.0])
+def test_model_families_accept_any_bound_and_stay_finite(bound):
+    @given(model_families(n=2, keys=["w"], dtypes=[torch.float16], bound=bound, buffers=False))
+    def check(family):
+        base, models = family
+        for model in [base, *models]:
+            assert bool(torch.isfinite(model["w"]).all())
+        assert float(base["w"].abs().max()) <= bound
+        for model in models:
+            assert float((model["w"].float() - base["w"].float()).abs().max()) <= 2 * bound
+
+    check()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bound": float("inf")}, "bound: expected a finite number > 0, found inf"),
+        ({"bound": float("nan")}, "bound: expected a finite number > 0, found nan"),
+        ({"bound": -1.0}, "bound: expected a finite number > 0, found -1.0"),
+        (
+            {"bound": 1e39, "dtypes": [torch.float64]},
+            "bound: expected at most 3.40282347e+38 (the largest finite torch.float32, "
+            "in which values are drawn), found 1e+39",
+        ),
+        (
+            {"bound": 1e5, "dtypes": [torch.float32, torch.float16]},
+            "bound: expected at most 65504 (the largest finite torch.float16), found 100000.0",
+        ),
+        (
+            {"bound": 1e-10, "dtypes": [torch.float16]},
+            "bound: expected at least 5.96046448e-08 (the smallest positive torch.float16), "
+            "found 1e-10",
+        ),
+    ],
+)
+def test_bad_bounds_are_value_errors_with_the_limit(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        state_dicts(**kwargs)
+    assert str(info.value) == message
+
+
+def test_model_families_bound_leaves_room_for_base_plus_task_vector():
+    with pytest.raises(ValueError) as info:
+        model_families(dtypes=[torch.float16], bound=40000)
+    assert str(info.value) == (
+        "bound: expected at most 32752 (half the largest finite torch.float16, as a fine-tune "
+        "is the base plus a task vector), found 40000.0"
+    )
+    model_families(dtypes=[torch.float16], bound=32752)
+
+
+# shapes: like keys, must not use the buffer's name.
+
+
+def test_shapes_with_the_buffer_key_are_a_value_error():
+    message = (
+        f"shapes: expected keys other than {BUFFER_KEY!r}, found ['w', 'bn.num_batches_tracked']"
+    )
+    for strategy in (state_dicts, model_families):
+        with pytest.raises(ValueError) as info:
+            strategy(shapes={"w": (2,), BUFFER_KEY: (1,)})
+        assert str(info.value) == message
+        with pytest.raises(ValueError):
+            strategy(shapes={BUFFER_KEY: ()}, buffers=False)
+
+
+def test_keys_beyond_a_zero_tolerance_and_infinite_mismatches_tie_in_key_order():
+    # Both are infinitely beyond tolerance: neither outranks the other.
+    text = message_of(
+        {"n": torch.tensor(2**53 + 1), "w": torch.tensor([5.0, INF])},
+        {"n": torch.tensor(2**53), "w": torch.tensor([INF, INF])},
+    )
+    assert [line[:5] for line in text.splitlines()[2:]] == ["  'n'", "  'w'"]

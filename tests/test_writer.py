@@ -283,3 +283,25 @@ def test_leftovers_of_a_dead_process_are_removed_whatever_the_output_is_called(t
         dead.write_bytes(b"partial")
         ladle.save({"w": torch.ones(1)}, tmp_path / name)
         assert not dead.exists(), name
+
+
+@pytest.mark.parametrize("size", [True, 1.5e9, None, [5]])
+def test_parse_size_refuses_what_is_not_bytes_or_a_size_string(size):
+    with pytest.raises(ValueError, match=r"max_shard_size: expected bytes \(an int\)"):
+        parse_size(size)
+
+
+def test_writer_refuses_rows_of_the_wrong_shape_and_amends_outside_a_tensor(tmp_path):
+    specs = {"a": ((2, 3), torch.float32), "b": ((4,), torch.float32)}
+    writer = SafetensorsWriter(tmp_path / "o.safetensors", specs)
+    with writer:
+        with pytest.raises(ladle.LadleError, match=r"rows of shape \(3,\)\), got 'a' .*\(3, 2\)"):
+            writer.write("a", torch.zeros(3, 2))  # as many bytes, other rows
+        writer.write("a", torch.zeros(2, 3))
+        writer.write("b", torch.zeros(4))
+        for index in (-1, 6):
+            with pytest.raises(ladle.LadleError, match=rf"index {index} is outside .* 6 entries"):
+                writer.amend("a", torch.tensor([index]), torch.tensor([9.0]))
+        writer.amend("a", torch.tensor([5]), torch.tensor([9.0]))
+    loaded = ladle.load(tmp_path / "o.safetensors")
+    assert loaded["a"].flatten().tolist() == [0, 0, 0, 0, 0, 9] and loaded["b"].tolist() == [0] * 4

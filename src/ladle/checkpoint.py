@@ -58,6 +58,12 @@ SAFETENSORS_DTYPES = {  # safetensors' dtype codes; the writer uses the inverse
 }
 for _name in ("uint16", "uint32", "uint64"):  # torch >= 2.3 has them
     SAFETENSORS_DTYPES["U" + _name[4:]] = getattr(torch, _name)
+# Codes of newer safetensors releases (0.8 reads and writes them); merges copy complex
+# tensors from the base, as other non-floating ones.
+SAFETENSORS_DTYPES["C64"] = torch.complex64
+for _code, _name in (("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz")):
+    if hasattr(torch, _name):
+        SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
 
 
 class Checkpoint:
@@ -267,6 +273,8 @@ class SafetensorsCheckpoint(Checkpoint):
     def _extent(self, key: str, rows: slice) -> tuple[Path, int, int, tuple[int, ...], torch.dtype]:
         """The file, byte offset and byte count of rows ``rows`` of ``key``, their shape and
         the tensor's dtype."""
+        if rows.step not in (None, 1):
+            raise ValueError(f"rows: expected contiguous rows (step 1), found {rows}")
         shape, dtype = self.shape(key), self.dtype(key)
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         first, stop = rows.indices(shape[0])[:2] if shape else (0, 1)
@@ -311,7 +319,9 @@ class SafetensorsCheckpoint(Checkpoint):
         stay in the page cache, and a later read maps them again. The page tables of a
         mapping take about 0.2% of the bytes mapped, so merges of very large models release
         each tensor once a pass is done with it."""
-        file = self._files[key]
+        file = self._files.get(key)
+        if file is None:
+            raise self._missing(key)
         mapped = self._maps.get(file)
         if mapped is None:
             return

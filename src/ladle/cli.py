@@ -134,9 +134,24 @@ def _callable(spec: str) -> Callable[..., Any]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _reported(evaluate: Callable[..., Any]) -> Callable[..., Any]:
+    """``evaluate``, whose exceptions become one ``LadleError`` line naming it (``--debug``
+    shows the traceback of the user's code, chained)."""
+    spec = f"{getattr(evaluate, '__module__', '?')}:{getattr(evaluate, '__qualname__', evaluate)}"
+
+    def call(state_dict: Any) -> Any:
+        try:
+            return evaluate(state_dict)
+        except Exception as err:
+            raise LadleError(f"--evaluate {spec}: raised {type(err).__name__}: {err}") from err
+
+    return call
+
+
 def _run_greedy_soup(args: argparse.Namespace) -> None:
+    evaluate = _reported(args.evaluate)
     result = greedy_soup(
-        args.models, args.evaluate, scores=args.scores, strict=args.strict, **merge_kwargs(args)
+        args.models, evaluate, scores=args.scores, strict=args.strict, **merge_kwargs(args)
     )
     width = max(len(str(len(args.models) - 1)), len("model"))
     print(f"{'model':<{width}}  {'score':>10}  kept  source")

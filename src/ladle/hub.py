@@ -60,7 +60,7 @@ sentencepiece tokenizers."""
 
 _TORCH_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _OTHER_REPO_TYPES = ("datasets", "spaces", "buckets", "kernels")
-_SPECIAL_REF = re.compile(r"refs/(?:pr/\d+|convert/[\w.-]+)")
+_SPECIAL_REF = re.compile(r"refs/(?:pr/\d+|convert/[\w.-]+)(?=/|$)")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
@@ -120,6 +120,10 @@ def parse_hf_url(url: str) -> HubSource:
         name, after = name.split("@", 1)
         after = f"{after}/{tail}" if tail else after
         special = _SPECIAL_REF.match(after)
+        if special is None and after.startswith("refs/"):
+            raise CheckpointError(
+                f"{url}: revision {after!r}: expected refs/pr/N or refs/convert/NAME; {usage}"
+            )
         if special is not None:
             revision, tail = special.group(0), after[special.end() :].lstrip("/")
         else:

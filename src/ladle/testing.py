@@ -9,7 +9,7 @@ is built, so ``import ladle.testing`` works without it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,22 +52,40 @@ _TOLERANCES = {  # those of torch.testing.assert_close
     torch.bfloat16: (1.6e-2, 1e-5),
     torch.float32: (1.3e-6, 1e-5),
     torch.float64: (1e-7, 1e-7),
+    torch.complex32: (1e-3, 1e-5),
+    torch.complex64: (1.3e-6, 1e-5),
+    torch.complex128: (1e-7, 1e-7),
 }
 
 _WORST = 5  # keys with differing values shown in a failure message
+
+Number = int | float | complex
 
 
 def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
     """``(rtol, atol)`` for ``dtype`` as :func:`torch.testing.assert_close` picks them.
 
     float16 (1e-3, 1e-5), bfloat16 (1.6e-2, 1e-5), float32 (1.3e-6, 1e-5), float64 (1e-7, 1e-7);
-    other dtypes (integers, bool) must match exactly: (0, 0).
+    complex32, complex64 and complex128 as float16, float32 and float64; other dtypes
+    (integers, bool) must match exactly: (0, 0).
 
     Example:
         >>> default_tolerances(torch.bfloat16)
         (0.016, 1e-05)
+        >>> default_tolerances(torch.complex64)
+        (1.3e-06, 1e-05)
     """
     return _TOLERANCES.get(dtype, (0.0, 0.0))
+
+
+def _show(value: Number, digits: int) -> str:
+    """A reported number: integers in full, floats and complex to ``digits`` significant digits.
+
+    Example:
+        >>> _show(2**53 + 1, 9), _show(2.0**53 + 1, 9), _show(complex(1, -0.5), 9)
+        ('9007199254740993', '9.00719925e+15', '1-0.5j')
+    """
+    return str(value) if isinstance(value, int) else f"{value:.{digits}g}"
 
 
 @dataclass(frozen=True)
@@ -75,22 +93,100 @@ class _Mismatch:
     key: str
     count: int
     numel: int
-    max_abs: float
+    max_abs: int | float
     max_rel: float
     severity: float  # the largest |actual − expected| / (atol + rtol·|expected|)
     index: tuple[int, ...]
-    actual: float
-    expected: float
+    actual: Number
+    expected: Number
     rtol: float
     atol: float
 
     def describe(self) -> str:
         return (
             f"  {self.key!r}: {self.count} of {self.numel} elements differ; max abs error "
-            f"{self.max_abs:.6g}, max rel error {self.max_rel:.6g} (rtol={self.rtol:g}, "
-            f"atol={self.atol:g}); worst at index {self.index}: actual {self.actual:.9g}, "
-            f"expected {self.expected:.9g}"
+            f"{_show(self.max_abs, 6)}, max rel error {self.max_rel:.6g} (rtol={self.rtol:g}, "
+            f"atol={self.atol:g}); worst at index {self.index}: actual "
+            f"{_show(self.actual, 9)}, expected {_show(self.expected, 9)}"
         )
+
+
+def _is_exact(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds integers or bools, compared exactly rather than in float64."""
+    return not (tensor.is_floating_point() or tensor.is_complex())
+
+
+def _halves(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An integer or bool tensor as int64 ``(high, low)``, ``tensor = high·2**32 + low`` exactly.
+
+    Any integer dtype fits, uint64 included; the halves' differences are exact in int64 and
+    in float64.
+
+    Example:
+        >>> high, low = _halves(torch.tensor([2**64 - 1, 3], dtype=torch.uint64))
+        >>> high.tolist(), low.tolist()
+        ([4294967295, 0], [4294967295, 3])
+    """
+    if tensor.dtype == torch.uint64:  # no shifts for uint64: read its bits as int64
+        bits = tensor.view(torch.int64)
+        return (bits >> 32) + bits.lt(0).to(torch.int64) * 2**32, bits & 0xFFFFFFFF
+    tensor = tensor.to(torch.int64)
+    return tensor >> 32, tensor & 0xFFFFFFFF
+
+
+def _join(halves: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> list[int]:
+    """The exact integers of ``halves`` where ``mask`` holds."""
+    high, low = halves[0][mask].tolist(), halves[1][mask].tolist()
+    return [h * 2**32 + x for h, x in zip(high, low, strict=True)]
+
+
+def _to_float64(halves: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return halves[0].to(torch.float64) * 2.0**32 + halves[1].to(torch.float64)
+
+
+@dataclass(frozen=True)
+class _Compared:
+    """Elementwise: which elements differ, ``|actual − expected|`` and ``|expected|`` (both in
+    float64); the largest difference of those that differ (0 if none), and the exact values of
+    a selection of elements."""
+
+    bad: torch.Tensor
+    diff: torch.Tensor
+    magnitude: torch.Tensor
+    max_abs: int | float
+    actual: Callable[[torch.Tensor], Sequence[Number]]
+    expected: Callable[[torch.Tensor], Sequence[Number]]
+
+
+def _compare_exactly(a: torch.Tensor, e: torch.Tensor, rtol: float, atol: float) -> _Compared:
+    """Integers and bools: equal, or their exact difference (rounded once) within tolerance."""
+    ha, he = _halves(a), _halves(e)
+    diff = ((ha[0] - he[0]).to(torch.float64) * 2.0**32 + (ha[1] - he[1])).abs()
+    magnitude = _to_float64(he).abs()
+    equal = ha[0].eq(he[0]) & ha[1].eq(he[1])
+    bad = ~(equal | (diff <= atol + rtol * magnitude))
+    at = bad & diff.eq(diff[bad].max()) if bool(bad.any()) else bad  # rounding keeps the order
+    max_abs = max(
+        (abs(x - y) for x, y in zip(_join(ha, at), _join(he, at), strict=True)), default=0
+    )
+    return _Compared(bad, diff, magnitude, max_abs, lambda m: _join(ha, m), lambda m: _join(he, m))
+
+
+def _compare_numerically(
+    a: torch.Tensor, e: torch.Tensor, rtol: float, atol: float, equal_nan: bool
+) -> _Compared:
+    """Floats in float64, complex in complex128 (by the magnitude of the difference): equal,
+    or both finite and within tolerance, so that inf only matches the same inf."""
+    wide = torch.complex128 if a.is_complex() or e.is_complex() else torch.float64
+    a, e = a.to(wide), e.to(wide)
+    diff, magnitude = (a - e).abs(), e.abs()
+    close = a.eq(e) | (a.isfinite() & e.isfinite() & (diff <= atol + rtol * magnitude))
+    if equal_nan:
+        close |= a.isnan() & e.isnan()
+    max_abs = float(diff[~close].max()) if not bool(close.all()) else 0.0
+    return _Compared(
+        ~close, diff, magnitude, max_abs, lambda m: a[m].tolist(), lambda m: e[m].tolist()
+    )
 
 
 def _compare(
@@ -101,35 +197,32 @@ def _compare(
     atol: float,
     equal_nan: bool,
 ) -> _Mismatch | None:
-    a = actual.detach().to("cpu")
-    e = expected.detach().to("cpu")
-    exact = rtol == 0 and atol == 0 and not (a.is_floating_point() or e.is_floating_point())
-    a64, e64 = a.to(torch.float64), e.to(torch.float64)
-    diff = (a64 - e64).abs()
-    if exact:  # integers beyond 2**53 are not exact in float64
-        close = a.eq(e) if a.dtype == e.dtype else a64.eq(e64)
-    else:
-        close = a64.eq(e64) | (diff <= atol + rtol * e64.abs())
-        if equal_nan:
-            close |= a64.isnan() & e64.isnan()
-    bad = ~close
+    a, e = actual.detach().to("cpu"), expected.detach().to("cpu")
+    compared = (
+        _compare_exactly(a, e, rtol, atol)
+        if _is_exact(a) and _is_exact(e)
+        else _compare_numerically(a, e, rtol, atol, equal_nan)
+    )
+    bad, diff, magnitude = compared.bad, compared.diff, compared.magnitude
     if not bool(bad.any()):
         return None
-    ratio = diff / (atol + rtol * e64.abs())  # inf where the tolerance is 0, NaN for NaN
-    ratio = torch.where(bad, ratio.nan_to_num(nan=math.inf), -1.0)
-    worst = int(torch.argmax(ratio.reshape(-1)))
-    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a.shape))
-    rel = diff[bad] / e64.abs()[bad]
+    ratio = (diff / (atol + rtol * magnitude)).nan_to_num(nan=math.inf, posinf=math.inf)
+    ratio = torch.where(bad, ratio, -1.0)
+    worst = torch.zeros(a.numel(), dtype=torch.bool)
+    worst[int(torch.argmax(ratio.reshape(-1)))] = True
+    worst = worst.reshape(a.shape)
+    index = tuple(int(i) for i in worst.nonzero()[0]) if a.dim() else ()
+    rel = torch.where(diff.isinf(), math.inf, diff / magnitude)[bad]
     return _Mismatch(
         key=key,
         count=int(bad.sum()),
         numel=a.numel(),
-        max_abs=float(diff[bad].max()),
+        max_abs=compared.max_abs,
         max_rel=float(rel.max()),
-        severity=float(ratio.reshape(-1)[worst]),
+        severity=float(ratio[worst].max()),
         index=index,
-        actual=float(a64.reshape(-1)[worst]),
-        expected=float(e64.reshape(-1)[worst]),
+        actual=compared.actual(worst)[0],
+        expected=compared.expected(worst)[0],
         rtol=rtol,
         atol=atol,
     )
@@ -154,12 +247,13 @@ def assert_state_dicts_close(
 ) -> None:
     """Assert that two state dicts have the same keys, dtypes, shapes and close values.
 
-    Values are close where ``|actual − expected| ≤ atol + rtol·|expected|`` (computed in
-    float64); inf must match inf of the same sign, and NaN matches NaN only with
-    ``equal_nan``. On failure the :class:`AssertionError` lists every problem at once: missing
+    Values are close where ``|actual − expected| ≤ atol + rtol·|expected|``, computed in
+    float64 (complex in complex128, by the magnitude of the difference); integers and bools
+    are compared as exact integers, whatever their size. Whatever the tolerances, inf matches
+    only inf of the same sign, and NaN matches NaN only with ``equal_nan``. On failure the :class:`AssertionError` lists every problem at once: missing
     and extra keys, keys whose dtype or shape differ, and the (up to) five keys whose values
     differ most, each with its count of differing elements, max abs and max rel error, and
-    the worst element.
+    the worst element (integers in full, complex values as such).
 
     Args:
         actual: the state dict under test: a mapping, or anything :func:`ladle.load` reads
@@ -257,6 +351,10 @@ def _layouts(
     dtype_strategy = st.sampled_from(dtypes)
     if shapes is not None:
         fixed = {str(k): tuple(int(s) for s in shape) for k, shape in shapes.items()}
+        if BUFFER_KEY in fixed:
+            raise ValueError(
+                f"shapes: expected keys other than {BUFFER_KEY!r}, found {list(fixed)}"
+            )
         return st.tuples(st.just(fixed), dtype_strategy)
     pool = KEY_NAMES if keys is None else tuple(keys)
     if not pool or len(set(pool)) != len(pool) or BUFFER_KEY in pool:
@@ -289,11 +387,67 @@ def _float32_arrays(shape: tuple[int, ...], bound: float) -> SearchStrategy[torc
     )
 
 
-def _check_bound(bound: float) -> float:
+def _round_down(bound: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` that is at most ``bound`` (> 0, at most its largest).
+
+    Example:
+        >>> _round_down(0.1, torch.float32), _round_down(0.1, torch.bfloat16)
+        (0.09999999403953552, 0.099609375)
+    """
+    value = torch.tensor(bound, dtype=torch.float64).to(dtype)
+    if float(value) > bound:  # positive floats are ordered as their bits: step one down
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[value.element_size()]
+        value = (value.view(bits) - 1).view(dtype)
+    return float(value)
+
+
+def _drawn_in(dtypes: Sequence[torch.dtype]) -> list[torch.dtype]:
+    """The dtypes a value passes through: float32 (drawn in), then each narrower dtype."""
+    return list(dict.fromkeys([torch.float32, *(d for d in dtypes if d.itemsize <= 4)]))
+
+
+def _check_bound(
+    bound: float, dtypes: Sequence[torch.dtype], *, fine_tunes: bool = False
+) -> dict[torch.dtype, float]:
+    """Per dtype, ``bound`` rounded down to a value of that dtype and of float32.
+
+    Values are drawn in float32 within it and rounded to the dtype, so they stay finite and
+    within ``bound``. With ``fine_tunes`` (base plus task vector), twice the bound must be
+    finite too.
+
+    Example:
+        >>> _check_bound(0.1, [torch.float16, torch.float64])
+        {torch.float16: 0.0999755859375, torch.float64: 0.09999999403953552}
+        >>> _check_bound(1e5, [torch.float32, torch.float16])
+        Traceback (most recent call last):
+        ...
+        ValueError: bound: expected at most 65504 (the largest finite torch.float16), found 100000.0
+    """
     bound = float(bound)
     if not (bound > 0 and math.isfinite(bound)):
         raise ValueError(f"bound: expected a finite number > 0, found {bound}")
-    return bound
+    terms = 2 if fine_tunes else 1
+    passes = _drawn_in(dtypes)
+    largest = min(passes, key=lambda d: torch.finfo(d).max)
+    if bound * terms > torch.finfo(largest).max:
+        why = [f"{'half ' if fine_tunes else ''}the largest finite {largest}"]
+        if largest not in dtypes:
+            why.append("in which values are drawn")
+        if fine_tunes:
+            why.append("as a fine-tune is the base plus a task vector")
+        raise ValueError(
+            f"bound: expected at most {torch.finfo(largest).max / terms:.9g} "
+            f"({', '.join(why)}), found {bound}"
+        )
+    coarsest = max(passes, key=lambda d: torch.finfo(d).smallest_normal * torch.finfo(d).eps)
+    smallest = torch.finfo(coarsest).smallest_normal * torch.finfo(coarsest).eps
+    if bound < smallest:
+        raise ValueError(
+            f"bound: expected at least {smallest:.9g} (the smallest positive {coarsest}), "
+            f"found {bound}"
+        )
+    float32 = _round_down(bound, torch.float32)
+    return {d: float32 if d.itemsize > 4 else _round_down(float32, d) for d in dtypes}
 
 
 def state_dicts(
@@ -309,22 +463,29 @@ def state_dicts(
     """A hypothesis strategy for small state dicts.
 
     Each draw has one floating dtype for all its tensors (drawn from ``dtypes``), finite values
-    in ``[−bound, bound]`` (rounded to that dtype), and, with ``buffers``, an int64 0-d
-    :data:`BUFFER_KEY` (``bn.num_batches_tracked``).
+    in ``[−bound, bound]``, and, with ``buffers``, an int64 0-d :data:`BUFFER_KEY`
+    (``bn.num_batches_tracked``). Values are drawn in float32 and rounded to the dtype; the
+    bound is first rounded down (to the largest value of both at most ``bound``), so that no
+    value exceeds it.
 
     Args:
         keys: the key names, all of them in every draw; default 1 to ``max_keys`` names drawn
             from :data:`KEY_NAMES`.
-        shapes: fixed keys and shapes (overrides ``keys``); default shapes of 1 or 2
-            dimensions of 1 to ``max_side`` entries each, or now and then 0-d.
+        shapes: fixed keys and shapes (overrides ``keys``; no :data:`BUFFER_KEY`); default
+            shapes of 1 or 2 dimensions of 1 to ``max_side`` entries each, or now and then 0-d.
         dtypes: floating dtypes to draw from; default float32, bfloat16, float16.
         buffers: add the integer buffer.
         max_keys: most keys drawn when ``keys`` and ``shapes`` are not given.
         max_side: longest dimension of a drawn shape.
-        bound: largest magnitude of a value.
+        bound: largest magnitude of a value: finite, at most the largest finite value of
+            float32 and of each of ``dtypes`` (65504 with float16), and at least their
+            smallest positive value (5.96e-08 with float16).
 
     Returns:
         A strategy of ``dict[str, torch.Tensor]``.
+
+    Raises:
+        ValueError: an argument is out of range; the message names it, and the limit.
 
     Example:
         >>> from hypothesis import given, settings
@@ -337,13 +498,14 @@ def state_dicts(
     """
     st = _hypothesis()
     layouts = _layouts(keys, shapes, dtypes, max_keys, max_side)
-    bound = _check_bound(bound)
+    bounds = _check_bound(bound, dtypes)
 
     @st.composite
     def draw_state_dict(draw: Any) -> StateDict:
         layout, dtype = draw(layouts)
         state = {
-            key: draw(_float32_arrays(shape, bound)).to(dtype) for key, shape in layout.items()
+            key: draw(_float32_arrays(shape, bounds[dtype])).to(dtype)
+            for key, shape in layout.items()
         }
         if buffers:
             state[BUFFER_KEY] = torch.tensor(draw(st.integers(0, 10**6)), dtype=torch.int64)
@@ -379,10 +541,15 @@ def model_families(
         buffers: as :func:`state_dicts`.
         max_keys: as :func:`state_dicts`.
         max_side: as :func:`state_dicts`.
-        bound: largest magnitude of a base value and of a task-vector entry.
+        bound: largest magnitude of a base value and of a task-vector entry; as
+            :func:`state_dicts`, but at most *half* the largest finite value, so that
+            fine-tunes stay finite too (32752 with float16).
 
     Returns:
         A strategy of ``(base, [fine-tune, ...])``.
+
+    Raises:
+        ValueError: an argument is out of range; the message names it, and the limit.
 
     Example:
         >>> from hypothesis import given, settings
@@ -404,7 +571,7 @@ def model_families(
     else:
         counts = n
     layouts = _layouts(keys, shapes, dtypes, max_keys, max_side)
-    bound = _check_bound(bound)
+    bounds = _check_bound(bound, dtypes, fine_tunes=True)
 
     def draw_buffer(draw: Any, state: StateDict) -> None:
         if buffers:
@@ -414,12 +581,12 @@ def model_families(
     def draw_family(draw: Any) -> tuple[StateDict, list[StateDict]]:
         layout, dtype = draw(layouts)
         count = draw(counts)
-        base = {key: draw(_float32_arrays(shape, bound)).to(dtype) for key, shape in layout.items()}
+        arrays = {key: _float32_arrays(shape, bounds[dtype]) for key, shape in layout.items()}
+        base = {key: draw(values).to(dtype) for key, values in arrays.items()}
         models = []
         for _ in range(count):
             model = {
-                key: (base[key].float() + draw(_float32_arrays(shape, bound))).to(dtype)
-                for key, shape in layout.items()
+                key: (base[key].float() + draw(values)).to(dtype) for key, values in arrays.items()
             }
             draw_buffer(draw, model)
             models.append(model)

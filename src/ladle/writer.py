@@ -61,6 +61,10 @@ def parse_size(size: int | str) -> int:
         >>> parse_size("5GB"), parse_size("1KiB"), parse_size(42)
         (5000000000, 1024, 42)
     """
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(
+            f"max_shard_size: expected bytes (an int) or a string such as '5GB', found {size!r}"
+        )
     if isinstance(size, int):
         value = size
     else:
@@ -378,10 +382,10 @@ class SafetensorsWriter:
             raise LadleError(f"writer for {self.out}: got {key!r} after the last planned tensor")
         shard, expected = self._queue[self._position]
         shape, dtype = self._specs[expected]
-        if key != expected or chunk.dtype != dtype:
+        if key != expected or chunk.dtype != dtype or tuple(chunk.shape[1:]) != shape[1:]:
             raise LadleError(
-                f"writer for {self.out}: expected the next rows of {expected!r} ({dtype}), "
-                f"got {key!r} ({chunk.dtype})"
+                f"writer for {self.out}: expected the next rows of {expected!r} ({dtype}, rows "
+                f"of shape {tuple(shape[1:])}), got {key!r} ({chunk.dtype}, {tuple(chunk.shape)})"
             )
         if shard != self._shard:
             self._start_shard(shard)
@@ -429,6 +433,13 @@ class SafetensorsWriter:
             )
         if index.numel() == 0:
             return
+        numel = _nbytes(self._specs[key]) // dtype.itemsize
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= numel:
+            raise LadleError(
+                f"writer for {self.out}: amend({key!r}) index {low if low < 0 else high} is "
+                f"outside the tensor's {numel} entries"
+            )
         if self._handle is not None:
             self._handle.flush()
         shard, start = self._data_start(key)

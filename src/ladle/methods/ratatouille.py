@@ -207,10 +207,15 @@ def ratatouille(
     if selection not in SELECTIONS:
         raise ValueError(f"selection: expected one of {SELECTIONS}, found {selection!r}")
     if selection == "uniform":
-        if evaluate is not None or scores is not None:
+        given = [
+            name
+            for name, value in (("evaluate", evaluate), ("scores", scores), ("strict", strict))
+            if value is not None and value is not False
+        ]
+        if given:
             raise ValueError(
-                "evaluate: used only with selection='greedy'; "
-                "pass selection='greedy' or leave evaluate and scores out"
+                f"{given[0]}: used only with selection='greedy'; "
+                f"pass selection='greedy' or leave {' and '.join(given)} out"
             )
         return merge(
             models,
