@@ -305,3 +305,25 @@ def test_writer_refuses_rows_of_the_wrong_shape_and_amends_outside_a_tensor(tmp_
         writer.amend("a", torch.tensor([5]), torch.tensor([9.0]))
     loaded = ladle.load(tmp_path / "o.safetensors")
     assert loaded["a"].flatten().tolist() == [0, 0, 0, 0, 0, 9] and loaded["b"].tolist() == [0] * 4
+
+
+@pytest.mark.parametrize("kind", ["dangling", "to a directory", "to a file"])
+def test_an_output_that_is_a_symbolic_link(tmp_path, kind):
+    target = tmp_path / "target"
+    if kind == "to a directory":
+        target.mkdir()
+        (target / "keep.txt").write_text("kept")
+    elif kind == "to a file":
+        target.write_text("kept")
+    for out in (tmp_path / "out", tmp_path / "out.safetensors"):
+        out.symlink_to(target)
+        with pytest.raises(ladle.LadleError, match="already exists"):  # refused up front
+            ladle.save({"w": torch.ones(2)}, out)
+        ladle.save({"w": torch.ones(2)}, out, overwrite=True)  # the link is replaced
+        assert not out.is_symlink() and torch.equal(ladle.load(out)["w"], torch.ones(2))
+        leftovers = [p.name for p in tmp_path.iterdir() if "ladle-" in p.name]
+        assert leftovers == []
+    if kind == "to a directory":  # what the link pointed to is untouched
+        assert (target / "keep.txt").read_text() == "kept"
+    elif kind == "to a file":
+        assert target.read_text() == "kept"

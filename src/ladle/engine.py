@@ -840,7 +840,7 @@ def merge(
         sources = [*checkpoints, *([base_ckpt] if base_ckpt is not None else [])]
         if out is not None:
             _check_output(Path(out), sources)
-            if Path(out).exists() and not overwrite:
+            if os.path.lexists(out) and not overwrite:
                 raise LadleError(
                     f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"
                 )

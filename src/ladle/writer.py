@@ -237,20 +237,20 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
     ``overwrite``) is first renamed aside, then deleted once the new output is in place, so a
     reader sees the old output or the new one, never a mix.
     """
-    if not out.exists():
+    if not os.path.lexists(out):  # a symbolic link, even a dangling one, counts as there
         os.replace(temp, out)  # fails if a directory appeared meanwhile
         return
     if not overwrite:
         raise LadleError(f"{out}: appeared while merging; the result is left unwritten")
-    if temp.is_file() and not out.is_dir():
+    if temp.is_file() and not out.is_dir() and not out.is_symlink():
         os.replace(temp, out)
         return
     old = out.parent / f".{out.name}.ladle-old-{uuid.uuid4().hex[:8]}"
     os.replace(out, old)
     os.replace(temp, out)
-    if old.is_dir():
+    if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
-    else:
+    else:  # a file, or a link: the link goes, never what it points to
         old.unlink(missing_ok=True)
 
 
@@ -315,7 +315,7 @@ class SafetensorsWriter:
         extra_files: Mapping[str, bytes | str | os.PathLike] | None = None,
     ) -> None:
         self.out = Path(out)
-        if self.out.exists() and not overwrite:
+        if os.path.lexists(self.out) and not overwrite:
             raise LadleError(
                 f"{self.out}: already exists; pass overwrite=True (--overwrite) to replace it"
             )

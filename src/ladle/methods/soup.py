@@ -326,7 +326,7 @@ def run_greedy(
         check_compatible(checkpoints)
         if out is not None:  # refuse before the (costly) evaluations, not after
             _check_output(Path(out), checkpoints)
-            if Path(out).exists() and not overwrite:
+            if os.path.lexists(out) and not overwrite:
                 raise LadleError(
                     f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"
                 )
