@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import family
 from hypothesis import given
@@ -254,3 +255,34 @@ def test_resolve_device_refuses_what_torch_or_this_machine_cannot_use():
     else:
         with pytest.raises(ValueError, match=r"this machine has \d+ CUDA device"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+@pytest.mark.parametrize(
+    "merge",
+    [
+        lambda ms, b: ladle.uniform_soup(ms, device="cpu"),
+        lambda ms, b: ladle.task_arithmetic(ms, b, device="cpu"),
+        lambda ms, b: ladle.model_stock(ms, b, device="cpu"),
+        lambda ms, b: ladle.ties(ms, b, density=0.5, device="cpu"),
+        lambda ms, b: ladle.dare(ms, b, density=0.5, device="cpu"),
+    ],
+    ids=["soup", "task_arithmetic", "stock", "ties", "dare"],
+)
+def test_files_where_one_model_stores_a_key_in_float64(tmp_path, merge):
+    # Key "a" (3 float32 entries, 12 bytes) sizes the read buffers; key "b" is read into one
+    # as float64 (model 1 stores it so): the buffers must hold whole float64 entries.
+    base = {"a": torch.zeros(3), "b": torch.zeros(1)}
+    models = [
+        {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.ones(1, dtype=torch.float64)},
+        {"a": torch.tensor([3.0, 1.0, -1.0]), "b": torch.full((1,), 3.0)},
+    ]
+    save_file(base, tmp_path / "base.safetensors")
+    paths = []
+    for i, model in enumerate(models):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    from_files = merge(paths, tmp_path / "base.safetensors")
+    in_memory = merge(models, base)
+    assert from_files.keys() == in_memory.keys()
+    for key in in_memory:
+        assert torch.equal(from_files[key], in_memory[key]), key

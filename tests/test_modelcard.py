@@ -173,3 +173,58 @@ def test_merged_tiny_model_loads_with_transformers(tmp_path):
     for key, tensor in expected.items():
         if key in state:
             assert torch.allclose(state[key], tensor)
+
+
+def _card_recipe(folder) -> str:
+    card = (folder / "README.md").read_text()
+    return card.split("```toml\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "uniform_soup",
+        "task_arithmetic",
+        "ties",
+        "dare",
+        "model_stock",
+        "greedy_soup",
+        "ratatouille",
+    ],
+)
+def test_every_methods_card_recipe_runs_and_gives_its_weights(tmp_path, method):
+    from ladle.recipe import run_recipe
+
+    base, *models = family(4, seed=21)
+    paths = []
+    for i, model in enumerate([base, *models]):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    base_path, model_paths = paths[0], paths[1:]
+    out = tmp_path / "merged"
+    evaluate = lambda sd: -float(sd["layer.weight"].sum())  # noqa: E731
+    call = {
+        "uniform_soup": lambda: ladle.uniform_soup(model_paths, out=out, weights=[1, 2, 3]),
+        "task_arithmetic": lambda: ladle.task_arithmetic(
+            model_paths, base_path, out=out, scale=0.5
+        ),
+        "ties": lambda: ladle.ties(model_paths, base_path, out=out, density=0.4, trim="tensor"),
+        "dare": lambda: ladle.dare(model_paths, base_path, out=out, density=0.5, seed=3),
+        "model_stock": lambda: ladle.model_stock(model_paths, base_path, out=out),
+        "greedy_soup": lambda: ladle.greedy_soup(model_paths, evaluate, out=out),
+        "ratatouille": lambda: ladle.ratatouille(
+            model_paths, selection="greedy", evaluate=evaluate, out=out
+        ),
+    }[method]
+    call()
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    (replay / "recipe.toml").write_text(_card_recipe(out))
+    run_recipe(replay / "recipe.toml", device="cpu")
+    original, again = ladle.load(out), ladle.load(replay / "merged")
+    assert original.keys() == again.keys()
+    for key in original:
+        if method in ("greedy_soup", "ratatouille"):  # a running mean against a mean
+            torch.testing.assert_close(again[key], original[key], rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(again[key], original[key]), key

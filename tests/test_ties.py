@@ -645,3 +645,17 @@ def test_sample_blocks_never_read_a_row_twice_and_cover_small_tensors(shape, ent
     width = shape[1] if len(shape) > 1 else 1
     wanted = min(shape[0], -(-entries // width))  # rows asked for, rounded up per block
     assert wanted <= len(rows) < wanted + len(blocks)
+
+
+@pytest.mark.parametrize("empty", [(0, 4), (3, 0)])
+def test_empty_tensors_beside_others_in_a_global_trim(empty):
+    base = {"w": torch.zeros(4), "e": torch.zeros(empty)}
+    model = {"w": torch.tensor([1.0, -2.0, 3.0, 0.5]), "e": torch.zeros(empty)}
+    merged = ladle.ties([model], base, density=0.5, device="cpu")
+    # |τ| = 1, 2, 3, 0.5: rank 4 − ⌊4·0.5⌋ = 2 keeps |τ| ≥ 1 (the empty tensor adds no entries)
+    assert torch.equal(merged["w"], torch.tensor([1.0, -2.0, 3.0, 0.0]))
+    assert merged["e"].shape == empty
+    from ladle.methods.ties import magnitude_thresholds
+
+    thresholds = magnitude_thresholds([model], base, density=0.5)
+    assert thresholds[0]["w"] == 1.0

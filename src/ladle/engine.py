@@ -527,13 +527,15 @@ def _plan(
 
 
 def _largest_read(plan: Plan, sources: Sequence[Checkpoint]) -> int:
-    """Bytes of the largest chunk in the compute dtype: the size of each pooled buffer."""
+    """Bytes of the largest chunk in the compute dtype: the size of each pooled buffer,
+    rounded up to 8 so that it views as any dtype (12 bytes of a float32 key cannot hold the
+    one float64 entry of another)."""
     largest = 0
     for key, rows, dtype in plan:
         if dtype is not None:
             itemsize = max(dtype.itemsize, *(s.dtype(key).itemsize for s in sources))
             largest = max(largest, _rows_nbytes(sources[0], key, rows, itemsize))
-    return largest
+    return -(-largest // 8) * 8
 
 
 class _Pool:

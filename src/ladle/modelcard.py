@@ -10,6 +10,7 @@ resolved revisions, and a recipe that ``ladle run`` reproduces.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import json
 import math
 import os
@@ -132,13 +133,7 @@ def model_card(
     lines += [f"- `{key}`: `{json.dumps(value, default=str)}`" for key, value in parameters.items()]
     if not parameters:
         lines.append("None.")
-    recipe = [f"method = {_toml(method)}"]
-    if base is not None:
-        recipe.append(f"base = {_toml(base)}")
-    recipe += [f"models = {_toml(list(models))}", 'output = "merged"']
-    if parameters:
-        recipe += ["", "[parameters]"]
-        recipe += [f"{json.dumps(str(k))} = {_toml(v)}" for k, v in parameters.items()]
+    recipe = _recipe(method, parameters, models, base)
     lines += ["", "## Recipe", ""]
     if in_memory:
         lines += ["Some inputs were in memory, not files: no recipe can reproduce this merge.", ""]
@@ -146,6 +141,39 @@ def model_card(
         lines += ["Reproduce this merge with `ladle run recipe.toml`:", "", "```toml"]
         lines += [*recipe, "```", ""]
     return "\n".join(lines)
+
+
+def _recipe(
+    method: str, parameters: Mapping[str, object], models: Sequence[str], base: str | None
+) -> list[str]:
+    """The lines of a recipe that ``ladle run`` accepts and that gives this merge's weights.
+
+    Only the method's own parameters go under ``[parameters]`` (provenance also records
+    constants such as Model Stock's ``eps``). A greedy selection (``selected`` recorded)
+    becomes the uniform soup of the models it kept: re-running the selection would need the
+    user's ``evaluate``, which no file records.
+    """
+    import ladle  # the methods' signatures; imported here, as ladle imports this module
+
+    comments: list[str] = []
+    selected = parameters.get("selected")
+    if isinstance(selected, list) and all(isinstance(i, int) for i in selected):
+        comments = [
+            f"# The greedy selection ({method}) kept models {selected}; this averages them, as",
+            "# its output does. Re-running the selection needs your evaluate function.",
+        ]
+        method, models, base, parameters = "uniform_soup", [models[i] for i in selected], None, {}
+    function = getattr(ladle, method, None)
+    taken = inspect.signature(function).parameters if function is not None else {}
+    kept = {k: v for k, v in parameters.items() if k in taken and k != "evaluate"}
+    recipe = [*comments, f"method = {_toml(method)}"]
+    if base is not None:
+        recipe.append(f"base = {_toml(base)}")
+    recipe += [f"models = {_toml(list(models))}", 'output = "merged"']
+    if kept:
+        recipe += ["", "[parameters]"]
+        recipe += [f"{json.dumps(str(k))} = {_toml(v)}" for k, v in kept.items()]
+    return recipe
 
 
 def output_files(

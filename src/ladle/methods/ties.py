@@ -226,6 +226,8 @@ def _sample_blocks(shape: tuple[int, ...], entries: int) -> list[slice]:
         return [slice(None)]
     rows, width = shape[0], max(1, math.prod(shape[1:]))
     wanted = min(rows, -(-entries // width))
+    if wanted == 0 or math.prod(shape) == 0:  # an empty tensor, or nothing asked of it
+        return []
     count = min(wanted, 16)
     length = -(-wanted // count)
     starts = sorted({j * rows // count for j in range(count)})
