@@ -6,6 +6,7 @@ what it found; the assertions run here, against single-process merges and hand-w
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import subprocess
@@ -183,13 +184,25 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     merge(ladle.ties, tiny[1:], base=tiny[0], out=root / "tiny", density=0.5, device="cpu")
     # A failure on one rank (NaN in the last key, merged by the last rank) fails them all.
     found["nan_error"] = _catch(merge, "uniform_soup", [root / "nan.safetensors"], out=root / "nan")
+    # Also where the others wait in a reduction (TIES's threshold pass, DARE's vote pass)
+    # when it fails: they stop there, not at the process group's timeout.
+    nan, nan_base = [root / "nan.safetensors"], root / "nan_base.safetensors"
+    for name, method, extra in (
+        ("ties_nan_error", "ties", {"density": 0.5}),
+        ("dare_nan_error", "dare", {"density": 0.5, "combine": "ties"}),
+    ):
+        found[name] = _catch(merge, method, nan, base=nan_base, out=root / name, **extra)
     return found
 
 
 def _worker(rank: int, root: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=WORLD
+    dist.init_process_group(  # a short timeout: a hang fails the test within a minute
+        "gloo",
+        init_method=f"file://{root}/rendezvous",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
     )
     try:
         base, models = (
@@ -208,6 +221,7 @@ def spawned(tmp_path_factory):
     base, models = _models(root)
     nan = {"a": torch.ones(64), "z": torch.tensor([1.0, float("nan")])}
     save_file(nan, root / "nan.safetensors")
+    save_file({"a": torch.zeros(64), "z": torch.zeros(2)}, root / "nan_base.safetensors")
     for i in range(4):
         tiny = {
             "w": torch.randn(8, generator=torch.Generator().manual_seed(i)),
@@ -278,11 +292,12 @@ def test_split_merge_errors_reach_every_rank_and_leave_no_output(spawned):
     assert torch.equal(
         ladle.load(root / "again")["embed.weight"], ladle.uniform_soup(models[:2])["embed.weight"]
     )
-    kinds = [found["nan_error"][0] for found in ranks]
-    assert kinds.count("NonFiniteError") == 1  # the rank that merged key "z"
-    assert all("'z'" in found["nan_error"][1] for found in ranks)
-    assert ranks[0]["nan_error"][1].startswith(f"rank {WORLD - 1}: ")
-    assert not (root / "nan").exists()
+    for name in ("nan_error", "ties_nan_error", "dare_nan_error"):
+        kinds = [found[name][0] for found in ranks]
+        assert kinds.count("NonFiniteError") == 1, name  # the rank that merged key "z"
+        assert all("'z'" in found[name][1] for found in ranks), name
+        assert ranks[0][name][1].startswith(f"rank {WORLD - 1}: "), name
+    assert not [p for p in os.listdir(root) if "nan" in p and "safetensors" not in p]
 
 
 @pytest.mark.slow

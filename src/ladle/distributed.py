@@ -412,8 +412,19 @@ class _ShardWriter:
                 self._open = None
 
 
+class _OtherRankFailed(LadleError):
+    """Raised on a rank that learns, at a reduction, that another rank's merge failed."""
+
+
 class _Share:
-    """This rank's share of a split merge (an :class:`ladle.engine.Partition`)."""
+    """This rank's share of a split merge (an :class:`ladle.engine.Partition`).
+
+    Every reduction a method asks for is preceded by a reduction of a failure flag, and
+    :func:`merge` ends with one: a rank whose merge fails sends its flag (1) in place of the
+    reduction the others wait in, so that they stop there (:class:`_OtherRankFailed`)
+    instead of waiting until the process group's timeout, and every rank meets in the
+    exchange of reports.
+    """
 
     def __init__(self, group: dist.ProcessGroup, directory: Path) -> None:
         self.group, self.directory = group, directory
@@ -422,13 +433,21 @@ class _Share:
         self.weight_map: dict[str, str] = {}
         self.specs: dict[str, Spec] = {}
         self.used = False
+        self.stopped = False  # another rank failed: learnt at a flag, which is then spent
 
     def keys(self, reference: Checkpoint) -> list[str]:
         sizes = {key: reference.nbytes(key) for key in reference.keys()}
         return split_by_bytes(sizes, self.size)[self.rank]
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.flag(0):
+            self.stopped = True
+            raise _OtherRankFailed("another rank's merge failed")
         return _all_reduce_sum(tensor, self.group)
+
+    def flag(self, failed: int) -> int:
+        """Sum every rank's failure flag (0 or 1): how many ranks failed."""
+        return int(_all_reduce_sum(torch.tensor([failed], dtype=torch.int64), self.group))
 
     def writer(
         self,
@@ -613,8 +632,11 @@ def merge(
             )
     except Exception as err:  # every rank learns of it before anything is renamed
         error = err
+    if not share.stopped:  # the flag the others' next reduction (or this one) waits for
+        share.flag(int(error is not None))
+    own = error if not share.stopped else None  # a rank stopped by another reports nothing
     reports: list[Any] = [None] * size
-    mine = None if error is None else " ".join(str(error).split())
+    mine = None if own is None else " ".join(str(own).split())
     dist.all_gather_object(reports, (mine, share.files, share.weight_map), group=world)
     failed = [(r, message) for r, (message, _, _) in enumerate(reports) if message is not None]
     finished: list[object] = [None]
@@ -627,10 +649,10 @@ def merge(
         except Exception as err:
             shutil.rmtree(directory, ignore_errors=True)
             finished[0] = " ".join(str(err).split())
-            error = error or err
+            own = own or err
     dist.broadcast_object_list(finished, src=_source(world), group=world)
-    if error is not None:
-        raise error
+    if own is not None:
+        raise own
     if failed:
         raise LadleError(f"rank {failed[0][0]}: {failed[0][1]}")
     if finished[0] is not None:
