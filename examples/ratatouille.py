@@ -9,7 +9,7 @@
 Checkpoints are written as safetensors into a directory and merged from the files, the way
 one does with real models.
 
-    python examples/ratatouille.py             # about ten seconds on a laptop CPU
+    python examples/ratatouille.py             # a few seconds on a laptop CPU
     python examples/ratatouille.py --steps 40  # a quicker check
 """
 

@@ -5,7 +5,7 @@ weights), which is what makes their weights averageable. The state dicts stay in
 go straight to ladle; `evaluate` scores a candidate soup on held-out data through
 `torch.func.functional_call`, without touching the module's own parameters.
 
-    python examples/soup_in_training_loop.py            # about ten seconds on a laptop CPU
+    python examples/soup_in_training_loop.py            # a few seconds on a laptop CPU
     python examples/soup_in_training_loop.py --steps 50 # a quicker check
 """
 

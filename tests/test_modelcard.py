@@ -228,3 +228,14 @@ def test_every_methods_card_recipe_runs_and_gives_its_weights(tmp_path, method):
             torch.testing.assert_close(again[key], original[key], rtol=1e-6, atol=1e-7)
         else:
             assert torch.equal(again[key], original[key]), key
+
+
+def test_card_inputs_table_keeps_a_hub_subfolder():
+    from ladle.modelcard import model_card
+
+    commit = "a" * 40
+    card = model_card(
+        "uniform_soup", {}, [f"hf://org/m@{commit}/text_encoder", f"hf://org/m@{commit}"]
+    )
+    assert f"| model 0 | `org/m/text_encoder` | `{commit}` |" in card
+    assert f"| model 1 | `org/m` | `{commit}` |" in card

@@ -288,3 +288,39 @@ def test_evaluate_is_found_beside_the_recipe_from_any_working_directory(
     written = ladle.load(folder / "g.safetensors")
     assert written.keys() == direct.state_dict.keys()
     assert all(torch.equal(written[k], direct.state_dict[k]) for k in written)
+
+
+def test_an_evaluate_file_named_like_the_library_it_imports_gets_the_library(tmp_path, monkeypatch):
+    from ladle.recipe import load_callable
+
+    site = tmp_path / "site" / "evallib_x"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("def load(name):\n    return len(name)\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    runs = tmp_path / "runs.txt"
+    (work / "evallib_x.py").write_text(  # the user's file, named like the library
+        f"import evallib_x\nwith open({str(runs)!r}, 'a') as f:\n    f.write('ran\\n')\n"
+        "metric = evallib_x.load('accuracy')\n\ndef score(sd):\n    return float(metric)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    first = load_callable("work/evallib_x.py:score", folder=tmp_path)
+    again = load_callable("work/evallib_x.py:score", folder=tmp_path)
+    assert first({}) == 8.0 and again is first  # the library's load("accuracy"); run once
+    assert runs.read_text() == "ran\n"
+    assert __import__("sys").modules["evallib_x"].__file__ == str(site / "__init__.py")
+
+
+def test_a_dangling_link_as_a_later_steps_output_is_refused_before_any_step_runs(folder):
+    (folder / "link.safetensors").symlink_to(folder / "nowhere" / "x.safetensors")
+    recipe = write(
+        folder,
+        '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+        'output = "a.safetensors"\n'
+        '[steps.b]\nmethod = "soup"\nmodels = ["a", "m2.safetensors"]\n'
+        'output = "link.safetensors"\n',
+    )
+    with pytest.raises(ladle.LadleError, match=r"steps\.b\.output: .*link\.safetensors already"):
+        run_recipe(recipe, device="cpu")
+    assert not (folder / "a.safetensors").exists()

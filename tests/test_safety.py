@@ -164,6 +164,29 @@ def test_a_failed_write_is_an_output_error_and_an_os_error(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m0.safetensors", "m1.safetensors"]
 
 
+@pytest.mark.parametrize("out_name", ["small.safetensors", "small"])
+def test_a_file_size_limit_met_at_the_final_flush_leaves_nothing(tmp_path, out_name):
+    # 100 kB of tensor: written into the file's buffer, it fails only when flushed at commit.
+    out = tmp_path / "out" / out_name
+    out.parent.mkdir()
+    code = textwrap.dedent(
+        f"""
+        import resource, signal, torch, ladle
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        try:
+            ladle.uniform_soup([{{"w": torch.ones(25_000)}}], out={str(out)!r}, device="cpu")
+        except ladle.OutputError as err:
+            print(type(err).__name__, err)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"OutputError {out}: "), result.stdout
+    assert "File too large" in result.stdout
+    assert os.listdir(out.parent) == []
+
+
 KILLER = textwrap.dedent(
     """
     import os, signal, sys, ladle

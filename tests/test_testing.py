@@ -442,3 +442,19 @@ def test_keys_beyond_a_zero_tolerance_and_infinite_mismatches_tie_in_key_order()
         {"n": torch.tensor(2**53), "w": torch.tensor([INF, INF])},
     )
     assert [line[:5] for line in text.splitlines()[2:]] == ["  'n'", "  'w'"]
+
+
+@given(model_families(n=st.integers(1, 4)))
+def test_model_families_buffers_are_distinct_so_provenance_is_testable(family):
+    base, models = family
+    values = [int(m[BUFFER_KEY]) for m in [base, *models]]
+    assert len(set(values)) == len(values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@given(data=st.data())
+def test_float8_draws_stay_within_a_bound_float8_cannot_hold(dtype, data):
+    state = data.draw(state_dicts(dtypes=[dtype], bound=0.1))
+    for tensor in state.values():
+        if tensor.is_floating_point() and tensor.numel():
+            assert float(tensor.float().abs().max()) <= 0.1

@@ -413,7 +413,10 @@ def _not_a_torch_file(file: Path) -> str | None:
     if len(head) >= 10 and head[8:10] == b'{"':  # a header length, then a JSON header
         return "a safetensors file under a torch suffix: give it the .safetensors suffix"
     if not head.startswith((b"PK", b"\x80")):
-        return "not a torch file (neither a zip archive nor a pickle)"
+        return (
+            "not a torch file ladle can load (neither a zip archive nor a pickle of "
+            "protocol 2 or later)"
+        )
     return None
 
 

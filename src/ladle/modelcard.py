@@ -127,8 +127,12 @@ def model_card(
     for role, name in ([("base", base)] if base is not None else []) + [
         (f"model {i}", name) for i, name in enumerate(models)
     ]:
-        revision = parse_hf_url(name).revision if name.startswith(PREFIX) else None
-        lines.append(f"| {role} | `{_repo_id(name)}` | {f'`{revision}`' if revision else '-'} |")
+        source = parse_hf_url(name) if name.startswith(PREFIX) else None
+        shown = (
+            name if source is None else "/".join(filter(None, [source.repo_id, source.subfolder]))
+        )
+        revision = source.revision if source is not None else None
+        lines.append(f"| {role} | `{shown}` | {f'`{revision}`' if revision else '-'} |")
     lines += ["", "## Parameters", ""]
     lines += [f"- `{key}`: `{json.dumps(value, default=str)}`" for key, value in parameters.items()]
     if not parameters:

@@ -10,6 +10,7 @@ to the recipe file. See ``docs/recipes.md``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -370,9 +371,11 @@ def load_callable(reference: str, *, folder: str | os.PathLike | None = None) ->
 
     Relative file paths are relative to ``folder`` (default: the working directory); modules
     are searched in ``folder`` and the working directory first, as ``python -m`` would (a
-    console script does not). A file's own folder is searched too while it is imported, so it
-    may import modules beside it; it is registered in ``sys.modules`` as it runs, as imports
-    are (dataclasses need that).
+    console script does not). A file's own folder is searched last while it runs, so it may
+    import modules beside it but never shadows an installed one (an ``evaluate.py`` that
+    imports the ``evaluate`` library gets the library). It runs once per process, registered
+    in ``sys.modules`` under a name of its own (dataclasses need that), never under a name an
+    import could mean.
 
     Raises:
         ValueError: the reference is malformed, cannot be imported (the message says why:
@@ -418,29 +421,34 @@ def _searched(folders: Sequence[str]) -> Iterator[None]:
 
 
 def _import_file(path: Path) -> Any:
-    """The module of a ``.py`` file, run once and registered under its stem (or, when that
-    name is taken by another module, a name made unique by its path)."""
+    """The module of a ``.py`` file, run once per process: registered in ``sys.modules`` as
+    ``ladle_evaluate_<stem>_<digest of its path>``, looked up there by that name afterwards."""
     if not path.is_file():
         raise ImportError(f"no such file {path}")
     resolved = path.resolve()
-    name = path.stem
-    loaded = sys.modules.get(name)
-    if loaded is not None:
-        known = getattr(loaded, "__file__", None)
-        if known is not None and Path(known).resolve() == resolved:
-            return loaded
-        name = f"{path.stem}_{abs(hash(str(resolved))):x}"
+    digest = hashlib.blake2b(str(resolved).encode(), digest_size=6).hexdigest()
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"ladle_evaluate_{stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, resolved)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    folder = str(resolved.parent)
+    added = folder not in sys.path
+    if added:  # last: a module beside the file never shadows an installed one
+        sys.path.append(folder)
     try:
-        with _searched([str(resolved.parent)]):
-            spec.loader.exec_module(module)
+        spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[name]
         raise
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(folder)
     return module
 
 
@@ -489,7 +497,7 @@ def run_recipe(
     resolve_device(device if device is not None else checked.device)  # a bad one fails now
     if not overwrite:
         for step in checked.steps:
-            if step.output is not None and step.output.exists():
+            if step.output is not None and os.path.lexists(step.output):
                 raise LadleError(
                     f"{where(step)}.output: {step.output} already exists; "
                     "pass overwrite=True (--overwrite) to replace it"

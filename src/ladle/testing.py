@@ -396,7 +396,7 @@ def _round_down(bound: float, dtype: torch.dtype) -> float:
     """
     value = torch.tensor(bound, dtype=torch.float64).to(dtype)
     if float(value) > bound:  # positive floats are ordered as their bits: step one down
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[value.element_size()]
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[value.element_size()]
         value = (value.view(bits) - 1).view(dtype)
     return float(value)
 
@@ -530,7 +530,8 @@ def model_families(
     All members share keys, shapes and one floating dtype (drawn from ``dtypes``). Each
     fine-tune is the base plus a drawn task vector with entries in ``[−bound, bound]``,
     computed in float32 and rounded to the dtype, so shrinking moves towards fine-tunes equal
-    to the base. With ``buffers``, every member has its own int64 :data:`BUFFER_KEY` value.
+    to the base. With ``buffers``, every member has its own int64 :data:`BUFFER_KEY` value,
+    distinct from the others'.
     The other arguments are those of :func:`state_dicts`.
 
     Args:
@@ -573,10 +574,6 @@ def model_families(
     layouts = _layouts(keys, shapes, dtypes, max_keys, max_side)
     bounds = _check_bound(bound, dtypes, fine_tunes=True)
 
-    def draw_buffer(draw: Any, state: StateDict) -> None:
-        if buffers:
-            state[BUFFER_KEY] = torch.tensor(draw(st.integers(0, 10**6)), dtype=torch.int64)
-
     @st.composite
     def draw_family(draw: Any) -> tuple[StateDict, list[StateDict]]:
         layout, dtype = draw(layouts)
@@ -588,9 +585,13 @@ def model_families(
             model = {
                 key: (base[key].float() + draw(values)).to(dtype) for key, values in arrays.items()
             }
-            draw_buffer(draw, model)
             models.append(model)
-        draw_buffer(draw, base)
+        if buffers:  # distinct values, so that a test can tell whose buffer an output holds
+            values = draw(
+                st.lists(st.integers(0, 10**6), min_size=count + 1, max_size=count + 1, unique=True)
+            )
+            for state, value in zip([base, *models], values, strict=True):
+                state[BUFFER_KEY] = torch.tensor(value, dtype=torch.int64)
         return base, models
 
     return draw_family()

@@ -545,8 +545,11 @@ class SafetensorsWriter:
             self._sync = None
         self._syncer.shutdown()
         if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+            handle, self._handle = self._handle, None
+            # Closing flushes what is buffered, which fails again where the flush that brought
+            # us here failed (a file-size limit, a full disk): the file goes anyway.
+            with contextlib.suppress(OSError):
+                handle.close()
         if self._temp.is_dir():
             shutil.rmtree(self._temp, ignore_errors=True)
         else:

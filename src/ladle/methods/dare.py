@@ -43,8 +43,9 @@ COMBINES = ("sum", "ties")
 def block_seed(seed: int, index: int, key: str, block: int) -> int:
     """The generator seed of block ``block`` of tensor ``key`` of model ``index``.
 
-    The first 8 bytes of ``blake2b(f"ladle.dare:{seed}:{index}:{key}:{block}")``, read as a
-    little-endian integer, top bit cleared: stable across runs, machines and Python versions.
+    ``blake2b(f"ladle.dare:{seed}:{index}:{key}:{block}", digest_size=8)`` (a digest of its
+    own, not the first bytes of the default one) read as a little-endian integer and shifted
+    right by one bit: stable across runs, machines and Python versions.
     """
     text = f"ladle.dare:{seed}:{index}:{key}:{block}".encode()
     digest = hashlib.blake2b(text, digest_size=8).digest()
