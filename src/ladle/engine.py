@@ -436,6 +436,14 @@ def _check_result(
     total = torch.sum(result)
     if torch.isfinite(total) or bool(torch.isfinite(result).all()):
         return
+    _blame_input(key, rows, models, base)
+
+
+def _blame_input(
+    key: str, rows: slice, models: Sequence[Checkpoint], base: Checkpoint | None
+) -> None:
+    """Raise :class:`NonFiniteError` naming the first input (base first, then the models)
+    whose rows ``rows`` of ``key`` hold NaN or Inf; return if none does."""
     for index, checkpoint in _labelled(models, base):
         _check_finite(checkpoint.get_slice(key, rows), index, checkpoint, key)
 
@@ -468,15 +476,16 @@ def _check_merged(
     finite = torch.isfinite(chunk if size > 1 else chunk.float())
     if bool(finite.all()):  # the sum overflowed, not the values
         return
-    for index, checkpoint in _labelled(models, base):
-        _check_finite(checkpoint.get_slice(key, rows), index, checkpoint, key)
+    _blame_input(key, rows, models, base)
     count = finite.numel() - int(finite.sum())
     wider = (
         ""
         if chunk.dtype.itemsize >= 4
         else ", or merge into a wider dtype (dtype=torch.float32, --dtype float32)"
     )
-    part = "" if rows == slice(None) else f" in rows {rows.start}–{rows.stop - 1}"
+    part = (
+        "" if rows.start is None or rows.stop is None else f" in rows {rows.start}–{rows.stop - 1}"
+    )
     raise NonFiniteError(
         f"{where}: {count} of the {finite.numel()} merged values of key {key!r}{part} overflow "
         f"{str(chunk.dtype).removeprefix('torch.')} (largest finite value "
