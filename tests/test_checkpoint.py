@@ -342,3 +342,22 @@ def test_complex_and_fnuz_float8_tensors_round_trip(tmp_path):
             for key, tensor in tensors.items():
                 assert ckpt.dtype(key) == tensor.dtype
                 assert torch.equal(ckpt.get(key).view(torch.uint8), tensor.view(torch.uint8))
+
+
+def test_views_outlive_a_closed_checkpoint_and_release_the_map_with_them(tmp_path):
+    import gc
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(8.0)}, path)
+
+    def mapped() -> int:
+        with open("/proc/self/maps") as maps:
+            return sum(str(path) in line for line in maps)
+
+    ckpt = ladle.open_checkpoint(path)
+    view = ckpt.map_rows("w", slice(2, 6))
+    ckpt.close()
+    assert view.tolist() == [2.0, 3.0, 4.0, 5.0]  # still mapped: the view holds the map
+    del view
+    gc.collect()
+    assert mapped() == 0

@@ -530,3 +530,43 @@ def test_every_method_refuses_nonfinite_inputs_naming_them(method, where, bad):
     target["layer.weight"][2, 1] = bad
     with pytest.raises(ladle.NonFiniteError, match=rf"{where} .*'layer.weight'"):
         METHODS_WITH_A_BASE[method](models, base)
+
+
+CUTTER = textwrap.dedent(
+    """
+    import os, sys, torch, ladle
+    from safetensors.torch import save_file
+    folder = sys.argv[1]
+    paths = []
+    for i in range(3):  # the integer key is stored last, after 64 KiB of floats
+        save_file({"a": torch.randn(64, 256), "zz": torch.arange(4096, dtype=torch.int32)},
+                  f"{folder}/m{i}.safetensors")
+        paths.append(f"{folder}/m{i}.safetensors")
+
+    class Cut:
+        def __init__(self, total, **kwargs):
+            self.done = False
+        def update(self, n):
+            if not self.done:  # the files lose their last bytes once merging has begun
+                self.done = True
+                for p in paths:
+                    os.truncate(p, os.path.getsize(p) - 8192)
+        def close(self):
+            pass
+
+    try:
+        ladle.uniform_soup(paths, out=f"{folder}/out.safetensors", progress=Cut, device="cpu")
+    except ladle.CheckpointError as err:
+        print("CheckpointError", err)
+    """
+)
+
+
+def test_an_input_cut_short_before_its_integer_tensor_is_read_is_an_error_not_a_crash(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", CUTTER, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr  # a SIGBUS would be -7
+    assert result.stdout.startswith("CheckpointError "), result.stdout
+    assert "'zz'" in result.stdout
+    assert not [p for p in os.listdir(tmp_path) if "out" in p]

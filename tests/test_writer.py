@@ -327,3 +327,56 @@ def test_an_output_that_is_a_symbolic_link(tmp_path, kind):
         assert (target / "keep.txt").read_text() == "kept"
     elif kind == "to a file":
         assert target.read_text() == "kept"
+
+
+def _overwrite_many(out: str, value: float, count: int) -> list[str]:
+    errors = []
+    for _ in range(count):
+        try:
+            ladle.save({"w": torch.full((4,), value)}, out, overwrite=True)
+        except Exception as err:  # reported to the test, not raised in the worker
+            errors.append(f"{type(err).__name__}: {err}")
+    return errors
+
+
+def test_writers_racing_to_replace_one_directory_output_all_succeed(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+
+    out = str(tmp_path / "out")
+    with ProcessPoolExecutor(2) as pool:
+        runs = [pool.submit(_overwrite_many, out, float(v), 150) for v in (1, 2)]
+        errors = [e for run in runs for e in run.result()]
+    assert errors == []
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no ladle-tmp or ladle-old leftovers
+    value = ladle.load(out)["w"]
+    assert torch.equal(value, torch.full((4,), 1.0)) or torch.equal(value, torch.full((4,), 2.0))
+
+
+def test_leftovers_of_a_replaced_output_are_removed_once_their_process_is_gone(tmp_path):
+    from ladle.writer import OLD_MARK
+
+    dead = tmp_path / f".out{OLD_MARK}999999999-deadbeef"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"old")
+    ladle.save({"w": torch.ones(1)}, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_failure_to_delete_the_temporary_output_does_not_hide_the_error(tmp_path, monkeypatch):
+    import pathlib
+
+    out = tmp_path / "o.safetensors"
+    real_unlink = pathlib.Path.unlink
+
+    def refuse_rename(source, target):
+        raise PermissionError(errno.EACCES, "Permission denied", str(target))
+
+    def refuse_unlink(path, missing_ok=False):
+        if "ladle-tmp" in path.name:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(os, "replace", refuse_rename)
+    monkeypatch.setattr(pathlib.Path, "unlink", refuse_unlink)
+    with pytest.raises(ladle.OutputError, match=r"o\.safetensors: finishing the output failed"):
+        ladle.save({"w": torch.ones(2)}, out)

@@ -7,7 +7,6 @@ Safetensors files are memory-mapped; torch files are loaded with ``weights_only=
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import math
@@ -382,9 +381,9 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def close(self) -> None:
         self._handles.clear()
-        for mapped in self._maps.values():
-            with contextlib.suppress(BufferError):  # a view still alive: unmapped with it
-                mapped.close()
+        # Dropped, not closed: every view map_rows made holds the map (torch.frombuffer keeps
+        # a reference), which is unmapped when the last view goes. Closing it would leave
+        # live views (a failed merge's traceback holds some) pointing at unmapped memory.
         self._maps.clear()
         for descriptor in self._descriptors.values():
             os.close(descriptor)

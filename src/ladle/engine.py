@@ -588,8 +588,9 @@ def _read(
     staging = Scratch()  # the reader's own: raw bytes awaiting conversion
     on_cpu = device.type == "cpu"
     for key, rows, dtype in plan:
-        if dtype is None:
-            yield reference.get_slice(key, rows).clone(), None
+        if dtype is None:  # read with pread, which reports a file cut short; a map would crash
+            into = torch.empty(_rows_nbytes(reference, key, rows), dtype=torch.uint8)
+            yield reference.read_rows(key, rows, into).clone(), None
             continue
         for index, checkpoint in _labelled(models, base):
             view = checkpoint.map_rows(key, rows) if mapped else None

@@ -34,6 +34,9 @@ __all__ = ["SafetensorsWriter", "parse_size", "save"]
 
 INDEX_NAME = "model.safetensors.index.json"
 TEMP_MARK = ".ladle-tmp-"
+OLD_MARK = ".ladle-old-"
+"""Marks of a write's temporary output and of the output it replaces (renamed aside, then
+deleted), each followed by the writing process's id."""
 SYNC_EVERY = 64 * 2**20  # bytes between background write-backs of the output
 
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
@@ -209,15 +212,22 @@ def _temporary_beside(path: Path) -> Path:
 
 
 def _remove_stale_temporaries(path: Path) -> None:
-    """Delete leftovers of earlier writes to ``path`` whose process is gone (killed, crashed)."""
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}{TEMP_MARK}*"):
-        pid = leftover.name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
-            continue
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
+    """Delete leftovers of earlier writes to ``path`` whose process is gone (killed, crashed):
+    temporary outputs, and replaced outputs renamed aside."""
+    for mark in (TEMP_MARK, OLD_MARK):
+        for leftover in path.parent.glob(f".{glob.escape(path.name)}{mark}*"):
+            pid = leftover.name.rsplit(mark, 1)[1].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                _remove(leftover)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link (never what it points to) or a directory tree, quietly."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -230,6 +240,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+RENAME_ATTEMPTS = 16
+"""Tries to swap a directory output in while other writers swap theirs (see
+:func:`rename_into_place`)."""
+
+
 def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
     """Move a finished output from its temporary name ``temp`` to ``out`` by renames only.
 
@@ -237,21 +252,34 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
     ``overwrite``) is first renamed aside, then deleted once the new output is in place, so a
     reader sees the old output or the new one, never a mix.
     """
-    if not os.path.lexists(out):  # a symbolic link, even a dangling one, counts as there
+    if not overwrite:
+        if os.path.lexists(out):  # a symbolic link, even a dangling one, counts as there
+            raise LadleError(f"{out}: appeared while merging; the result is left unwritten")
         os.replace(temp, out)  # fails if a directory appeared meanwhile
         return
-    if not overwrite:
-        raise LadleError(f"{out}: appeared while merging; the result is left unwritten")
-    if temp.is_file() and not out.is_dir() and not out.is_symlink():
-        os.replace(temp, out)
+    # Other writers may be swapping outputs in at the same time: whatever stands at ``out``
+    # is renamed aside (it may be gone already) and ours renamed in; where another output
+    # took the place in between (a directory cannot replace a non-empty one), again.
+    for _ in range(RENAME_ATTEMPTS):
+        if temp.is_file() and not out.is_dir() and not out.is_symlink():
+            os.replace(temp, out)  # a file replaces a file (or nothing) in one rename
+            return
+        old = out.parent / f".{out.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with contextlib.suppress(FileNotFoundError):  # gone: another writer moved it away
+            os.replace(out, old)
+        try:
+            os.replace(temp, out)
+        except OSError as err:
+            if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                _remove(old)  # superseded by the output that took the place
+                continue
+            if os.path.lexists(old) and not os.path.lexists(out):  # put the old one back
+                with contextlib.suppress(OSError):
+                    os.replace(old, out)
+            raise
+        _remove(old)
         return
-    old = out.parent / f".{out.name}.ladle-old-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old)
-    os.replace(temp, out)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:  # a file, or a link: the link goes, never what it points to
-        old.unlink(missing_ok=True)
+    raise LadleError(f"{out}: other writers kept replacing it; the result is left unwritten")
 
 
 def write_extra_files(directory: Path, files: Mapping[str, bytes | str | os.PathLike]) -> None:
@@ -550,10 +578,7 @@ class SafetensorsWriter:
             # us here failed (a file-size limit, a full disk): the file goes anyway.
             with contextlib.suppress(OSError):
                 handle.close()
-        if self._temp.is_dir():
-            shutil.rmtree(self._temp, ignore_errors=True)
-        else:
-            self._temp.unlink(missing_ok=True)
+        _remove(self._temp)  # quietly: a failure to delete must not hide why we are here
 
     def _write_index(self) -> None:
         if len(self._files) == 1:
