@@ -361,3 +361,11 @@ def test_views_outlive_a_closed_checkpoint_and_release_the_map_with_them(tmp_pat
     del view
     gc.collect()
     assert mapped() == 0
+
+
+@pytest.mark.parametrize("kind", ["meta", "sparse"])
+def test_tensors_without_dense_data_are_refused_naming_the_key(tmp_path, kind):
+    tensor = torch.empty(3, 3, device="meta") if kind == "meta" else torch.eye(3).to_sparse()
+    torch.save({"ok": torch.ones(2), "w": tensor}, tmp_path / "m.pt")
+    with pytest.raises(ladle.CheckpointError, match=r"m\.pt: tensor 'w' is "):
+        ladle.open_checkpoint(tmp_path / "m.pt")

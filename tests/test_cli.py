@@ -168,3 +168,62 @@ def test_diff_of_models_holding_nan_needs_allow_nonfinite(tmp_path, inputs, caps
     rows = {row["key"]: row for row in json.loads(capsys.readouterr().out)["tensors"]}
     assert rows["layer.weight"]["norm_a"] is None  # NaN, as JSON null
     assert rows["layer.bias"]["norm_a"] == pytest.approx(float(model["layer.bias"].norm()))
+
+
+@pytest.mark.parametrize(
+    ("out", "repo", "message"),
+    [
+        ("o.safetensors/", "me/repo", "needs a directory output"),
+        ("o", "bad id//", "--push-to-hub"),
+        ("o", "", "--push-to-hub"),
+    ],
+)
+def test_push_to_hub_arguments_are_refused_before_merging(
+    tmp_path, inputs, capsys, out, repo, message
+):
+    with pytest.raises(SystemExit) as exc:
+        main(["soup", *inputs, "-o", str(tmp_path / out), "--push-to-hub", repo])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / out.rstrip("/")).exists()
+
+
+def test_a_push_that_cannot_reach_the_hub_is_one_line(tmp_path, inputs, capsys, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
+    out = tmp_path / "o"
+    assert main(["soup", *inputs, "-o", str(out), "--push-to-hub", "me/repo"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ladle: error: push_to_hub: uploading {out} to me/repo failed: ")
+    assert err.count("\n") == 1
+    assert out.is_dir()  # the merge itself is kept
+
+
+def test_inspect_prints_one_line_per_metadata_entry(tmp_path, capsys):
+    save_file(
+        {"w": torch.ones(2)}, tmp_path / "m.safetensors", metadata={"note": "a\nmetadata x: y"}
+    )
+    assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("metadata")]
+    assert lines == ['metadata note: "a\\nmetadata x: y"']
+
+
+def test_diff_json_writes_null_for_infinite_norms(tmp_path, capsys):
+    save_file({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.tensor([1.0, float("inf")])}, tmp_path / "b.safetensors")
+    argv = ["diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
+    assert main([*argv, "--allow-nonfinite", "--json"]) == 0
+    text = capsys.readouterr().out
+    assert "Infinity" not in text and "NaN" not in text
+    row = json.loads(text)["tensors"][0]
+    assert row["norm_b"] is None and row["norm_a"] == pytest.approx(2**0.5)
+
+
+@pytest.mark.parametrize("seed", ["18446744073709551615", "-1", "x"])
+def test_demo_seed_out_of_range_is_a_usage_error(capsys, seed):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--seed", seed])
+    assert exc.value.code == 2 and "--seed" in capsys.readouterr().err

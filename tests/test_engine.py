@@ -286,3 +286,15 @@ def test_files_where_one_model_stores_a_key_in_float64(tmp_path, merge):
     assert from_files.keys() == in_memory.keys()
     for key in in_memory:
         assert torch.equal(from_files[key], in_memory[key]), key
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
+def test_resolve_device_refuses_devices_without_data_or_not_here(device):
+    from ladle.engine import resolve_device
+
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has mps")
+    if device == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available():
+        pytest.skip("this machine has xpu")
+    with pytest.raises(ValueError, match=rf"device: '{device}'"):
+        resolve_device(device)

@@ -384,3 +384,11 @@ def test_cli_an_evaluate_that_raises_is_one_line(tmp_path, capsys, monkeypatch):
         "ladle: error: --evaluate failing_evals:score: raised ZeroDivisionError: division by zero\n"
     )
     assert not out.exists()
+
+
+def test_an_evaluate_returning_no_number_is_a_value_error_naming_it():
+    models = one_hot_family(2)
+    with pytest.raises(
+        ValueError, match=r"evaluate: returned None for model 0 .*expected a number"
+    ):
+        ladle.greedy_soup(models, lambda sd: None, device="cpu")

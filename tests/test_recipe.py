@@ -179,6 +179,12 @@ def test_example_recipes_are_valid(tmp_path):
             'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "o"\nmax_shard_size = true\n',
             r"recipe\.max_shard_size: expected",
         ),
+        (
+            '[steps.one]\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "a"\n'
+            '[steps.two]\nmethod = "soup"\nmodels = ["one"]\noutput = "b"\n'
+            'max_shard_size = "banana"\n',
+            r"steps\.two\.max_shard_size: expected e\.g\. '5GB', found 'banana'",
+        ),
     ],
 )
 def test_invalid_recipe_fails_up_front_naming_the_field(folder, text, message):

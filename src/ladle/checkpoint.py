@@ -60,6 +60,8 @@ for _name in ("uint16", "uint32", "uint64"):  # torch >= 2.3 has them
 # Codes of newer safetensors releases (0.8 reads and writes them); merges copy complex
 # tensors from the base, as other non-floating ones.
 SAFETENSORS_DTYPES["C64"] = torch.complex64
+if hasattr(torch, "float8_e8m0fnu"):
+    SAFETENSORS_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 for _code, _name in (("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz")):
     if hasattr(torch, _name):
         SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
@@ -165,6 +167,11 @@ class TensorMapCheckpoint(Checkpoint):
                 raise CheckpointError(
                     f"{name}: expected a mapping of str to torch.Tensor, "
                     f"found {type(key).__name__} -> {type(value).__name__} for {key!r}"
+                )
+            if value.layout != torch.strided or value.is_meta:
+                what = "on the meta device (no data)" if value.is_meta else f"{value.layout}"
+                raise CheckpointError(
+                    f"{name}: tensor {key!r} is {what}; ladle merges dense tensors with data"
                 )
         self._tensors = tensors
         self.name = name

@@ -42,6 +42,28 @@ def _dtype(text: str) -> torch.dtype:
         ) from None
 
 
+def _repo_id(text: str) -> str:
+    """A Hub repo id, checked as the Hub checks it, before any merging."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError as err:
+        raise argparse.ArgumentTypeError(" ".join(str(err).split())) from None
+    return text
+
+
+def _seed(text: str) -> int:
+    """A seed torch's generators take: an integer in [0, 2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, found {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), found {value}")
+    return value
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -79,6 +101,7 @@ def merge_options() -> argparse.ArgumentParser:
     parent.add_argument(
         "--push-to-hub",
         metavar="OWNER/REPO",
+        type=_repo_id,
         default=None,
         help="after merging, upload the output directory to this Hub model repo",
     )
@@ -242,7 +265,9 @@ def _run_inspect(args: argparse.Namespace) -> None:
                 f"{_format_bytes(shard['bytes'])}"
             )
         for name, value in sorted(ckpt.metadata.items()):
-            print(f"metadata {name}: {value}")
+            # A value from a downloaded file could hold line breaks: one line per entry.
+            shown = value if value.isprintable() else json.dumps(value, ensure_ascii=False)
+            print(f"metadata {name}: {shown}")
 
 
 def _number(value: float) -> str:
@@ -261,8 +286,9 @@ def _run_diff(args: argparse.Namespace) -> None:
 
         def fields(row: TensorDiff) -> dict[str, Any]:
             values = row._asdict()
-            return {
-                k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()
+            return {  # JSON has no NaN or Infinity: null
+                k: None if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in values.items()
             }
 
         print(
@@ -427,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="an end-to-end demo on a synthetic problem (a minute on a laptop CPU)"
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed of the problem and training")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of the problem and training")
     demo.add_argument(
         "--size", choices=["small", "default"], default="default", help="small: a quick check"
     )
@@ -492,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run
     push = getattr(args, "push_to_hub", None)
-    if push is not None and str(args.out).endswith(".safetensors"):
+    if push is not None and Path(args.out).suffix == ".safetensors":  # as the writer decides
         parser.error("--push-to-hub needs a directory output (-o DIR), not a .safetensors file")
     rank = int(os.environ.get("RANK", "0")) if _world_size() > 1 else 0
     if rank != 0 and run not in _SPLIT_RUNS:

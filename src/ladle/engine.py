@@ -207,12 +207,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ValueError(
             f"device: expected cpu, cuda, cuda:N or another torch device, found {device!r}"
         ) from err
+    if resolved.type == "meta":
+        raise ValueError(f"device: {device!r} holds no data; merge on cpu, cuda or another device")
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise ValueError(f"device: {device!r}, but CUDA is not available on this machine")
         if resolved.index is not None and resolved.index >= count:
             raise ValueError(f"device: {device!r}, but this machine has {count} CUDA device(s)")
+    elif resolved.type != "cpu":  # mps, xpu, ...: usable only if a tensor can live there
+        try:
+            torch.empty(1, device=resolved)
+        except Exception as err:  # torch raises RuntimeError, AssertionError, ImportError...
+            raise ValueError(
+                f"device: {device!r} is not usable here ({type(err).__name__}: {err})"
+            ) from err
     return resolved
 
 

@@ -24,7 +24,7 @@ from urllib.parse import unquote
 
 from ._version import __version__
 from .checkpoint import NOT_WEIGHTS
-from .errors import CheckpointError
+from .errors import CheckpointError, LadleError
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -325,10 +325,16 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None
     if not path.is_dir():
         raise ValueError(f"push_to_hub: expected an output directory, found {path}")
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, library_name="ladle")
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id, folder_path=path, commit_message="Upload merge made with ladle"
-    )
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=path, commit_message="Upload merge made with ladle"
+        )
+    except Exception as err:  # HTTP errors, and the transport's own (refused connections)
+        raise LadleError(
+            f"push_to_hub: uploading {path} to {repo_id} failed: {type(err).__name__}: "
+            f"{' '.join(str(err).split())}"
+        ) from err
     return str(getattr(info, "commit_url", info))
 
 

@@ -27,6 +27,7 @@ from .checkpoint import StateDict
 from .engine import resolve_device
 from .errors import LadleError
 from .hub import PREFIX, parse_hf_url
+from .writer import parse_size
 
 __all__ = ["Recipe", "Step", "StepRef", "load_callable", "load_recipe", "run_recipe"]
 
@@ -303,8 +304,13 @@ def _step(
             raise ValueError(f"{where}.dtype: expected one of {', '.join(DTYPES)}, found {dtype!r}")
         dtype = DTYPES[dtype.lower()]
     shard = table.get("max_shard_size")
-    if shard is not None and (not isinstance(shard, (int, str)) or isinstance(shard, bool)):
-        raise ValueError(f"{where}.max_shard_size: expected e.g. '5GB', found {shard!r}")
+    if shard is not None:
+        try:
+            parse_size(shard)
+        except ValueError:
+            raise ValueError(
+                f"{where}.max_shard_size: expected e.g. '5GB', found {shard!r}"
+            ) from None
     return Step(name, method, sources, base, parameters, output, dtype, shard)
 
 

@@ -362,6 +362,13 @@ class SafetensorsWriter:
         self._temp = _temporary_beside(self.out)
         self._overwrite = overwrite
         with _output_errors(self.out, "creating the output"):
+            for folder in self.out.parents:  # the deepest that exists must be a directory
+                if os.path.lexists(folder):
+                    if not folder.is_dir():
+                        raise NotADirectoryError(
+                            errno.ENOTDIR, f"{folder} is a file, not a directory"
+                        )
+                    break
             self.out.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(self.out)
             if not self._single_file:

@@ -261,7 +261,13 @@ def _greedy(
         return {key: t.to(dtype_of(key, t)) for key, t in soup.items()}
 
     def score_of(state_dict: StateDict, what: str) -> float:
-        value = float(evaluate(state_dict))
+        returned = evaluate(state_dict)
+        try:
+            value = float(returned)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"evaluate: returned {returned!r} for {what}; expected a number"
+            ) from None
         if bar is not None:
             bar.update(1)
         if math.isnan(value):
