@@ -879,7 +879,7 @@ def merge(
         bar = _bar(progress, total)
         if bar is not None:
             stack.callback(bar.close)
-        results = fold(
+        folded = fold(
             checkpoints,
             kernel,
             base=base_ckpt,
@@ -891,7 +891,11 @@ def merge(
             allow_nonfinite=allow_nonfinite or inputs_checked,
             check_results=False,  # checked below, in the output dtype
         )
-        results = Transfers(target).to_host(results, lambda key: specs[key][1])
+        results = Transfers(target).to_host(folded, lambda key: specs[key][1])
+        # On a failure each generator is closed, outermost first, before the inputs are: the
+        # reading thread stops, and no frame the exception keeps holds views of the inputs.
+        stack.callback(folded.close)
+        stack.callback(results.close)
         where = "the merged state dict" if out is None else str(out)
         if not allow_nonfinite:
             results = _checked_outputs(results, checkpoints, base_ckpt, where)
