@@ -570,3 +570,27 @@ def test_an_input_cut_short_before_its_integer_tensor_is_read_is_an_error_not_a_
     assert result.stdout.startswith("CheckpointError "), result.stdout
     assert "'zz'" in result.stdout
     assert not [p for p in os.listdir(tmp_path) if "out" in p]
+
+
+def test_a_failed_merge_holds_no_map_of_the_inputs_it_did_not_blame(tmp_path):
+    paths = []
+    for i in range(3):
+        bad = float("nan") if i == 1 else 2.0
+        save_file(
+            {"a": torch.randn(64, 64), "z": torch.tensor([1.0, bad])},
+            tmp_path / f"m{i}.safetensors",
+        )
+        paths.append(tmp_path / f"m{i}.safetensors")
+
+    def mapped(path) -> int:
+        with open("/proc/self/maps") as maps:
+            return sum(str(path) in line for line in maps)
+
+    try:
+        ladle.uniform_soup(paths, out=tmp_path / "o.safetensors", device="cpu", chunk_bytes=4096)
+    except ladle.NonFiniteError as err:
+        held = err  # as a REPL's sys.last_value would
+        assert "model 1" in str(held)
+        assert mapped(paths[0]) == 0 and mapped(paths[2]) == 0
+    else:
+        raise AssertionError("the NaN was not found")
