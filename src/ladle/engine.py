@@ -337,7 +337,7 @@ def fold(
     allow_nonfinite: bool = False,
     prefetch: int | None = None,
     check_results: bool = True,
-) -> Iterator[tuple[str, slice, torch.Tensor]]:
+) -> Generator[tuple[str, slice, torch.Tensor], None, None]:
     """Run ``kernel`` over every chunk of every floating key; yield ``(key, rows, result)``.
 
     Keys come in the order of ``keys`` (default: the base's, or model 0's). Non-floating keys
@@ -508,7 +508,7 @@ def _checked_outputs(
     models: Sequence[Checkpoint],
     base: Checkpoint | None,
     where: str,
-) -> Iterator[tuple[str, slice, torch.Tensor]]:
+) -> Generator[tuple[str, slice, torch.Tensor], None, None]:
     """``results``, each checked by :func:`_check_merged` before it is handed on."""
     for key, rows, chunk in results:
         _check_merged(chunk, key, rows, models, base, where)
@@ -688,7 +688,7 @@ class Transfers:
         self,
         results: Iterator[tuple[str, slice, torch.Tensor]],
         dtype: Callable[[str], torch.dtype],
-    ) -> Iterator[tuple[str, slice, torch.Tensor]]:
+    ) -> Generator[tuple[str, slice, torch.Tensor], None, None]:
         """``results`` converted to ``dtype(key)`` and on the CPU.
 
         On CUDA each result is copied into one of two pinned buffers on the compute stream and
