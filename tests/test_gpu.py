@@ -110,15 +110,20 @@ def test_prefetch_depth_does_not_change_a_bit(tmp_path):
 
 def test_results_come_back_through_alternating_pinned_buffers():
     transfers = Transfers(torch.device("cuda"))
-    chunks = [torch.full((1000,), float(i), device="cuda") for i in range(5)]
-    seen = []
-    for key, _, host in transfers.to_host(
-        ((f"k{i}", slice(None), c) for i, c in enumerate(chunks)), lambda key: torch.bfloat16
-    ):
+    n = 2**22  # large, and each result made after a sleep: a missing sync would show
+
+    def results():
+        for i in range(5):
+            torch.cuda._sleep(10**6)  # the device is busy when the copy is queued
+            yield f"k{i}", slice(None), torch.full((n,), float(i), device="cuda")
+
+    seen, buffers = [], set()
+    for key, _, host in transfers.to_host(results(), lambda key: torch.bfloat16):
         assert host.device.type == "cpu" and host.is_pinned() and host.dtype == torch.bfloat16
-        seen.append((key, host.clone()))
-    assert [k for k, _ in seen] == [f"k{i}" for i in range(5)]
-    assert all(
-        torch.equal(h, torch.full((1000,), float(i), dtype=torch.bfloat16))
-        for i, (_, h) in enumerate(seen)
-    )
+        # Complete when handed on, though the device was busy when its copy was queued (it
+        # is valid until the next result is taken: the next copy goes to the other buffer).
+        assert torch.equal(host, torch.full((n,), float(key[1:]), dtype=torch.bfloat16))
+        buffers.add(host.data_ptr())
+        seen.append(key)
+    assert seen == [f"k{i}" for i in range(5)]
+    assert len(buffers) == 2  # two pinned buffers, in turn

@@ -612,6 +612,9 @@ def merge(
     if params.get("device") is None and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
         params["device"] = torch.device("cuda", local % torch.cuda.device_count())
+    device = torch.device(params["device"]) if params.get("device") is not None else None
+    if device is not None and device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # NCCL's tensors (_comm_device) go to this rank's GPU
     if rank != 0:
         params["progress"] = None
     directory = _shared_temporary(out, world)

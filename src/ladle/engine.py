@@ -673,6 +673,8 @@ class Transfers:
             if check is not None:
                 check(moved)
             return moved
+        if chunk.is_cuda:  # made on a stream of its own (the compute stream): wait for it
+            self._copy.wait_stream(self._compute)
         with torch.cuda.stream(self._copy):
             moved = chunk.to(device=self.device, non_blocking=True).to(dtype)
             if check is not None:
@@ -902,7 +904,7 @@ def merge(
 
         def amendments() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
             for key, index, values in kernel.amend() if kernel.amend is not None else ():
-                values = values.to("cpu", specs[key][1])
+                index, values = index.to("cpu"), values.to("cpu", specs[key][1])
                 if not allow_nonfinite:
                     _check_merged(values, key, slice(None), checkpoints, base_ckpt, where)
                 yield key, index, values
