@@ -100,3 +100,37 @@ def test_mismatched_keys_lists_missing_and_extra():
 def test_weighted_sum_rejects_wrong_number_of_weights():
     with pytest.raises(ValueError, match="weights"):
         ladle.weighted_sum(family(2), [1.0])
+
+
+def test_lerp_keeps_infinities_and_is_exact_at_the_ends():
+    inf = float("inf")
+    a = {"mask": torch.tensor([0.0, -inf, 1.0]), "w": torch.tensor([-3e38, 2.0, 5.0])}
+    b = {"mask": torch.tensor([0.0, -inf, -inf]), "w": torch.tensor([3e38, 4.0, 5.0])}
+    for t, mask in ((0.0, [0.0, -inf, 1.0]), (0.25, [0.0, -inf, -inf]), (1.0, [0.0, -inf, -inf])):
+        merged = ladle.lerp(a, b, t)
+        assert merged["mask"].tolist() == mask, t
+    assert ladle.lerp(a, b, 0.5)["w"].tolist() == [0.0, 3.0, 5.0]  # y − x would overflow
+    assert torch.equal(ladle.lerp(a, b, 0.0)["w"], a["w"])
+    assert torch.equal(ladle.lerp(a, b, 1.0)["w"], b["w"])
+    # Finite entries are torch.lerp's own, bit for bit.
+    x, y = torch.randn(100), torch.randn(100)
+    assert torch.equal(ladle.lerp({"w": x}, {"w": y}, 0.3)["w"], torch.lerp(x, y, 0.3))
+
+
+def test_complex_tensors_are_computed_not_copied():
+    a = {"c": torch.tensor([1 + 1j, 2 - 1j]), "n": torch.tensor(3)}
+    b = {"c": torch.tensor([2 + 2j, 0 + 1j]), "n": torch.tensor(4)}
+    assert ladle.add(a, b)["c"].tolist() == [3 + 3j, 2 + 0j]
+    assert ladle.scale(a, 2.0)["c"].tolist() == [2 + 2j, 4 - 2j]
+    assert ladle.lerp(a, b, 0.5)["c"].tolist() == [1.5 + 1.5j, 1 + 0j]
+    assert ladle.task_vector(b, a)["c"].tolist() == [1 + 1j, -2 + 2j]
+    assert ladle.add(a, b)["n"].item() == 3  # integers still come from the first
+
+
+def test_arithmetic_takes_modules_and_files_like_every_function(tmp_path):
+    module = torch.nn.Linear(2, 1)
+    ladle.save(module.state_dict(), tmp_path / "m.safetensors")
+    doubled = ladle.add(module, tmp_path / "m.safetensors")
+    for key, value in module.state_dict().items():
+        assert torch.equal(doubled[key], value * 2)
+        assert not doubled[key].requires_grad

@@ -142,6 +142,24 @@ def _averages(rank: int) -> dict:
     found["rank_weights"] = average_({k: v.clone() for k, v in state.items()}, weights=[1, 2, 3])
     odd = {"exact": torch.ones(4)} if rank != 2 else {"exact": torch.ones(5)}
     found["shape_error"] = _catch(average_, odd)
+    # Integer dtypes gloo cannot broadcast as they are; values past int64's range for uint64.
+    ints = {
+        "i16": torch.tensor([-3 - rank, 7], dtype=torch.int16),
+        "u16": torch.tensor([65535 - rank], dtype=torch.uint16),
+        "u32": torch.tensor([2**32 - 1 - rank], dtype=torch.uint32),
+        "u64": torch.tensor([2**64 - 1 - rank, rank], dtype=torch.uint64),
+        "w": torch.full((2,), float(rank)),
+    }
+    found["integers"] = average_(ints)
+    # A module on one rank, its state dict (other order: buffers after each layer's weights)
+    # on another: matched by name.
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 1))
+    with torch.no_grad():
+        for tensor in net.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.fill_(float(rank))
+    average_(net if rank == 0 else net.state_dict())  # the state dict shares net's storage
+    found["mixed"] = {k: v.clone() for k, v in net.state_dict().items()}
     found["weights_error"] = _catch(average_, {"w": torch.ones(1)}, weights=[1.0, -1.0, 0.0])
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -370,3 +388,17 @@ def test_torchrun_cli_ties_equals_single_process_and_prints_once(tmp_path):
     merged = ladle.load(out)
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
     assert len([n for n in os.listdir(out) if n.endswith(".safetensors")]) > 2
+
+
+@pytest.mark.slow
+def test_average_broadcasts_every_integer_dtype_and_matches_tensors_by_name(spawned):
+    *_, ranks = spawned
+    for found in ranks:
+        ints = found["integers"]
+        assert ints["i16"].tolist() == [-3, 7] and ints["i16"].dtype == torch.int16
+        assert ints["u16"].tolist() == [65535] and ints["u32"].tolist() == [2**32 - 1]
+        assert ints["u64"].tolist() == [2**64 - 1, 0] and ints["u64"].dtype == torch.uint64
+        assert torch.equal(ints["w"], torch.full((2,), 1.0))  # (0 + 1 + 2) / 3
+        for key, value in found["mixed"].items():
+            if value.is_floating_point():
+                assert torch.equal(value, torch.full_like(value, 1.0)), key

@@ -108,7 +108,8 @@ def diff(
         A :class:`DiffReport`.
 
     Raises:
-        IncompatibleError: the models' keys, shapes or dtype kinds differ.
+        IncompatibleError: the models' keys, shapes or dtype kinds differ (the message calls
+            ``a`` "model 0" and ``b`` "model 1").
         NonFiniteError: a model holds NaN or Inf, unless ``allow_nonfinite``.
 
     Example:
@@ -123,7 +124,7 @@ def diff(
     """
     with ExitStack() as stack:
         (ckpt_a, ckpt_b), ckpt_base = open_models([a, b], base, stack)
-        check_compatible([ckpt_a, ckpt_b], ckpt_base, named=True)
+        check_compatible([ckpt_a, ckpt_b], ckpt_base)  # "model 1 (...)": a is model 0
         reference = ckpt_base if ckpt_base is not None else ckpt_a
         sums: dict[str, torch.Tensor] = {}
         for key, _, stats in fold(

@@ -3,8 +3,9 @@
 Everything is generated from the seed and trained on the spot (nothing is downloaded):
 
 1. A *problem*: inputs are a latent point seen through a domain-specific distortion, plus a
-   few "spurious" features that predict the class in each training domain, differently in
-   each, and not at all in the unseen test domain. Several training domains, one test domain.
+   few "spurious" features that predict the class through a per-class code of each domain's
+   own, so what a model learns of the training domains' codes is of no use in the unseen
+   test domain. Several training domains, one test domain.
 2. A tiny MLP *pre-trained* on a broad task (many classes, many other domains).
 3. *Auxiliary* fine-tunings of it on other tasks.
 4. A *linear probe* for the target task on the pre-trained features, then *target

@@ -130,12 +130,20 @@ def _local(name: str, tensor: torch.Tensor, members: set[int]) -> torch.Tensor:
     return tensor.to_local()  # type: ignore[attr-defined, no-any-return]
 
 
+def _first(pair: tuple[str, torch.Tensor]) -> str:
+    return pair[0]
+
+
 def _named_tensors(target: torch.nn.Module | Mapping[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    # Sorted by name: a module on one rank and its state dict on another, or dicts in other
+    # orders, list the same tensors in the same order.
     if isinstance(target, torch.nn.Module):
         # named_* skip tied duplicates and include non-persistent buffers.
-        return [*target.named_parameters(), *target.named_buffers()]
+        return sorted([*target.named_parameters(), *target.named_buffers()], key=_first)
     if isinstance(target, Mapping):
-        return [(k, v) for k, v in target.items() if isinstance(v, torch.Tensor)]
+        return sorted(
+            ((k, v) for k, v in target.items() if isinstance(v, torch.Tensor)), key=_first
+        )
     raise TypeError(
         f"module_or_state_dict: expected an nn.Module or a state dict, found {type(target)}"
     )
@@ -282,12 +290,23 @@ def average_(
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=world)
             _unflatten_into(flat.div_(total), run)
         source = dist.get_global_rank(world, 0)
-        for (_, device), run in _buckets(others, lambda t: (t.dtype, _comm_device(world, t))):
-            raw = [t.view(torch.uint8) if t.dtype == torch.bool else t for t in run]
-            flat = _flatten(raw, raw[0].dtype, device)
+        for (dtype, device), run in _buckets(
+            others, lambda t: (_BROADCAST_DTYPES.get(t.dtype, t.dtype), _comm_device(world, t))
+        ):
+            flat = _flatten(run, dtype, device)  # cast: exact, and cast back exactly
             dist.broadcast(flat, src=source, group=world)
-            _unflatten_into(flat, raw)
+            _unflatten_into(flat, run)
     return module_or_state_dict
+
+
+_BROADCAST_DTYPES = {
+    torch.bool: torch.uint8,
+    torch.int16: torch.int32,
+    torch.uint16: torch.int32,
+    torch.uint32: torch.int64,
+    torch.uint64: torch.int64,  # the same bits, cast back to the same value
+}
+"""Non-floating dtypes gloo cannot broadcast, and the dtype each travels in instead."""
 
 
 def _first_difference(mine: list[tuple], theirs: list[tuple], me: int, rank: int) -> str:
