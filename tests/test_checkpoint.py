@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import pytest
@@ -159,17 +160,20 @@ def test_mapped_rows_equal_read_rows_and_writes_never_reach_the_file(tmp_path, d
 
 
 def test_misaligned_tensors_are_read_instead_of_mapped(tmp_path):
-    # Three uint8 entries before a float32 tensor leave its data at an odd offset; a memory
-    # map cannot view it as float32, so merges read it into a buffer instead.
-    from ladle.writer import SafetensorsWriter
-
+    # Three uint8 entries before a float32 tensor leave its data at an odd offset (a file
+    # other writers may produce; ladle's own lays out larger elements first); a memory map
+    # cannot view it as float32, so merges read it into a buffer instead.
     paths = []
     for i in range(2):
         paths.append(tmp_path / f"m{i}.safetensors")
-        specs = {"b": ((3,), torch.uint8), "w": ((2, 2), torch.float32)}
-        with SafetensorsWriter(paths[-1], specs) as writer:
-            writer.write("b", torch.tensor([1, 2, 3], dtype=torch.uint8))
-            writer.write("w", torch.full((2, 2), float(i + 1)))
+        header = {
+            "b": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+            "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [3, 19]},
+        }
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        data = bytes([1, 2, 3]) + torch.full((2, 2), float(i + 1)).numpy().tobytes()
+        paths[-1].write_bytes(struct.pack("<Q", len(text)) + text + data)
     checkpoint = ladle.open_checkpoint(paths[0])
     assert checkpoint.map_rows("w", slice(None)) is None
     assert checkpoint.map_rows("b", slice(None)).tolist() == [1, 2, 3]

@@ -28,7 +28,7 @@ from ._version import __version__
 from .checkpoint import Checkpoint, StateDict, StateDictLike, open_checkpoint
 from .errors import IncompatibleError, LadleError, NonFiniteError
 from .modelcard import output_files
-from .writer import SafetensorsWriter
+from .writer import SafetensorsWriter, aligned_order
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -878,6 +878,9 @@ def merge(
 
         specs = {key: (reference.shape(key), out_dtype(key)) for key in reference.keys()}
         total = sum(s.nbytes(key) for s in sources for key in (specs if keys is None else keys))
+        if out is not None:  # merged in the order the output lays the tensors out
+            mine = set(specs if keys is None else keys)
+            keys = [key for key in aligned_order(specs) if key in mine]
         bar = _bar(progress, total)
         if bar is not None:
             stack.callback(bar.close)
@@ -929,11 +932,11 @@ def merge(
                 overwrite=overwrite,
                 extra_files=extra,
             )
-            if part is None or keys is None
+            if part is None
             else part.writer(
                 Path(out),
                 specs,
-                keys=keys,
+                keys=keys if keys is not None else list(specs),  # a list here: set above
                 metadata=meta,
                 extra_files=extra,
                 max_shard_size=max_shard_size,

@@ -89,6 +89,20 @@ def _nbytes(spec: Spec) -> int:
     return numel * dtype.itemsize
 
 
+def aligned_order(specs: Mapping[str, Spec]) -> list[str]:
+    """Keys in the order a file lays them out: by element size, largest first, in their own
+    order within one size. After the 8-byte aligned header every tensor then starts at a
+    multiple of its element size, as safetensors' own writer arranges (a float32 tensor after
+    3 bytes of bool would not: zero-copy readers need aligned data).
+
+    Example:
+        >>> aligned_order({"m": ((3,), torch.bool), "w": ((2,), torch.float32),
+        ...                "h": ((1,), torch.float16), "b": ((2,), torch.float32)})
+        ['w', 'b', 'h', 'm']
+    """
+    return sorted(specs, key=lambda key: -specs[key][1].itemsize)
+
+
 def _plan_shards(specs: Mapping[str, Spec], max_bytes: int) -> list[list[str]]:
     shards: list[list[str]] = [[]]
     size = 0
@@ -347,7 +361,7 @@ class SafetensorsWriter:
             raise LadleError(
                 f"{self.out}: already exists; pass overwrite=True (--overwrite) to replace it"
             )
-        self._specs = dict(specs)
+        self._specs = {key: specs[key] for key in aligned_order(specs)}  # the write order
         self._metadata = {"format": "pt", **(metadata or {})}
         self._single_file = self.out.suffix == ".safetensors"
         self._extra = _checked_extra_files(self.out, self._single_file, extra_files or {})
@@ -403,6 +417,11 @@ class SafetensorsWriter:
         except BaseException:
             self.abort()
             raise
+
+    @property
+    def order(self) -> list[str]:
+        """The keys in the order they are to be written (:func:`aligned_order`)."""
+        return list(self._specs)
 
     def write(self, key: str, chunk: torch.Tensor) -> None:
         """Append ``chunk`` (the next rows of ``key``, or all of it) to the output."""
@@ -645,7 +664,8 @@ def save(
     """Write ``state_dict`` as safetensors, atomically.
 
     Args:
-        state_dict: names to tensors (any device; written as they are, in this order).
+        state_dict: names to tensors (any device; written as they are, larger elements
+            first: :func:`aligned_order`).
         path: a ``.safetensors`` file, or a directory written Hugging Face style
             (``model.safetensors``, or shards with ``model.safetensors.index.json``).
         max_shard_size: largest shard of a directory output, e.g. ``"5GB"`` or ``"500MiB"``.
@@ -665,6 +685,6 @@ def save(
     with SafetensorsWriter(
         path, specs, max_shard_size=max_shard_size, metadata=metadata, overwrite=overwrite
     ) as writer:
-        for key, tensor in state_dict.items():
-            writer.write(key, tensor)
+        for key in writer.order:
+            writer.write(key, state_dict[key])
     return Path(path)

@@ -362,8 +362,8 @@ def run_greedy(
                 overwrite=overwrite,
                 extra_files=extra,
             ) as writer:
-                for key, tensor in state.items():
-                    writer.write(key, tensor)
+                for key in writer.order:
+                    writer.write(key, state[key])
     return result
 
 
