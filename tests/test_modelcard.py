@@ -84,10 +84,7 @@ def test_model_card_front_matter_lists_base_models_and_tags(tmp_path):
         paths.append(str(tmp_path / f"m{i}.safetensors"))
     out = ladle.uniform_soup(paths, weights=[3, 1], out=tmp_path / "soup", device="cpu")
     card = (out / "README.md").read_text()
-    assert front_matter(card) == [
-        "base_model:",
-        f'- "{paths[0]}"',
-        f'- "{paths[1]}"',
+    assert front_matter(card) == [  # local files are no Hub repo ids: no base_model
         "tags:",
         '- "merge"',
         '- "ladle"',
@@ -239,3 +236,21 @@ def test_card_inputs_table_keeps_a_hub_subfolder():
     )
     assert f"| model 0 | `org/m/text_encoder` | `{commit}` |" in card
     assert f"| model 1 | `org/m` | `{commit}` |" in card
+
+
+def test_output_config_says_the_output_dtype_and_custom_code_is_copied(tmp_path):
+    for i in range(2):
+        model_dir(tmp_path / f"m{i}", {k: v.bfloat16() for k, v in family(1, seed=i)[0].items()})
+        (tmp_path / f"m{i}" / "config.json").write_text(
+            json.dumps({"torch_dtype": "bfloat16", "x": 1})
+        )
+        (tmp_path / f"m{i}" / "modeling_custom.py").write_text("# custom code\n")
+        (tmp_path / f"m{i}" / "processor_config.json").write_text("{}")
+    out = ladle.uniform_soup(
+        [tmp_path / "m0", tmp_path / "m1"], out=tmp_path / "o", dtype=torch.float16, device="cpu"
+    )
+    assert json.loads((out / "config.json").read_text()) == {"torch_dtype": "float16", "x": 1}
+    assert (out / "modeling_custom.py").read_text() == "# custom code\n"
+    assert (out / "processor_config.json").exists()
+    same = ladle.uniform_soup([tmp_path / "m0", tmp_path / "m1"], out=tmp_path / "p", device="cpu")
+    assert (same / "config.json").read_bytes() == (tmp_path / "m0" / "config.json").read_bytes()

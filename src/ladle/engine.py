@@ -921,7 +921,7 @@ def merge(
         extra = (  # a directory output also gets config/tokenizer files and a model card
             None
             if Path(out).suffix == ".safetensors"
-            else output_files(method, parameters, checkpoints, base_ckpt, out=out)
+            else output_files(method, parameters, checkpoints, base_ckpt, out=out, dtype=dtype)
         )
         sink: Sink = (
             SafetensorsWriter(

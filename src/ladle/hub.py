@@ -53,10 +53,15 @@ COMPANION_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
     "*.model",
+    "*.tiktoken",
+    "*.py",
 )
-"""Files beside the weights that a loader needs (config and tokenizer); ``*.model`` for
-sentencepiece tokenizers."""
+"""Files beside the weights that a loader needs: config, tokenizer and processor files
+(``*.model`` for sentencepiece tokenizers, ``*.tiktoken``), and the custom code a config's
+``auto_map`` names (``*.py``; copied, never run)."""
 
 _TORCH_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _OTHER_REPO_TYPES = ("datasets", "spaces", "buckets", "kernels")

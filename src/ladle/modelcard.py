@@ -17,6 +17,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
+
 from ._version import __version__
 from .checkpoint import Checkpoint
 from .hub import COMPANION_FILES, PREFIX, parse_hf_url
@@ -98,20 +100,21 @@ def model_card(
     Example:
         >>> card = model_card("uniform_soup", {"weights": [0.5, 0.5]},
         ...                   ["hf://org/a@" + "1" * 40, "models/b"])
-        >>> print(card.split("---")[1].strip())
+        >>> print(card.split("---")[1].strip())  # a local folder is no Hub repo id
         base_model:
         - "org/a"
-        - "models/b"
         tags:
         - "merge"
         - "ladle"
     """
     sources = ([base] if base is not None else []) + list(models)
     in_memory = [name for name in sources if name.startswith("<")]  # "<state dict>", modules
-    base_models = list(dict.fromkeys(_repo_id(n) for n in sources if n not in in_memory))
+    # The Hub takes only repo ids in base_model: local files and folders are left out.
+    base_models = list(dict.fromkeys(_repo_id(n) for n in sources if n.startswith(PREFIX)))
     lines = [
         "---",
-        _yaml_list("base_model", base_models) + _yaml_list("tags", ["merge", "ladle"]).rstrip(),
+        (_yaml_list("base_model", base_models) if base_models else "")
+        + _yaml_list("tags", ["merge", "ladle"]).rstrip(),
         "---",
         "",
         f"# {title}",
@@ -180,6 +183,21 @@ def _recipe(
     return recipe
 
 
+def _with_dtype(config: Path, dtype: torch.dtype) -> Path | bytes:
+    """``config`` with its dtype fields set to ``dtype``; the file itself if it is not a JSON
+    object (copied as it is)."""
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return config
+    if not isinstance(data, dict):
+        return config
+    name = str(dtype).removeprefix("torch.")
+    for field in [f for f in ("torch_dtype", "dtype") if f in data] or ["torch_dtype"]:
+        data[field] = name
+    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
+
+
 def output_files(
     method: str,
     parameters: Mapping[str, object],
@@ -187,14 +205,20 @@ def output_files(
     base: Checkpoint | None,
     *,
     out: str | os.PathLike,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Path | bytes]:
     """Files to place beside the weights of a directory output ``out``.
 
     The config and tokenizer files of the base (else model 0), when it is a model directory,
     and ``README.md`` (the model card). Keys are file names; values are files to copy or bytes.
+    With ``dtype`` (the merge's output dtype), the config's ``torch_dtype`` (and ``dtype``)
+    say it, as loaders that read the dtype from the config (``torch_dtype="auto"``) need.
     """
     reference = base if base is not None else models[0]
     files: dict[str, Path | bytes] = dict(companion_files(reference.path))
+    config = files.get("config.json")
+    if dtype is not None and isinstance(config, Path):
+        files["config.json"] = _with_dtype(config, dtype)
     card = model_card(
         method,
         parameters,

@@ -352,7 +352,7 @@ def run_greedy(
             extra = (  # as every merge: a directory also gets config/tokenizer and a card
                 None
                 if Path(out).suffix == ".safetensors"
-                else output_files(method, recorded, checkpoints, None, out=out)
+                else output_files(method, recorded, checkpoints, None, out=out, dtype=dtype)
             )
             with SafetensorsWriter(
                 out,
