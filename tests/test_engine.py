@@ -299,3 +299,14 @@ def test_resolve_device_refuses_devices_without_data_or_not_here(device):
         pytest.skip("this machine has xpu")
     with pytest.raises(ValueError, match=rf"device: '{device}'"):
         resolve_device(device)
+
+
+def test_models_whose_floating_tensors_are_all_empty_merge_in_any_float_dtype(tmp_path):
+    base = {"w": torch.zeros(0), "n": torch.tensor(1)}
+    model = {"w": torch.zeros(0, dtype=torch.float8_e4m3fn), "n": torch.tensor(2)}
+    for source in ([model], [tmp_path / "m.safetensors"]):
+        save_file(model, tmp_path / "m.safetensors")
+        merged = ladle.task_arithmetic(source, base, device="cpu")
+        assert merged["w"].shape == (0,) and merged["w"].dtype == torch.float32
+        assert merged["n"].item() == 1
+    assert ladle.uniform_soup([base, model], device="cpu")["w"].shape == (0,)

@@ -223,3 +223,11 @@ def test_module_inputs_work():
     soup = ladle.uniform_soup(nets, device="cpu")
     expected = sum(n.weight.detach() for n in nets) / 3
     torch.testing.assert_close(soup["weight"], expected)
+
+
+def test_huge_finite_weights_are_normalised_like_small_ones():
+    models = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
+    huge = ladle.uniform_soup(models, weights=[1e308, 1e308], device="cpu")
+    assert torch.equal(huge["w"], ladle.uniform_soup(models, device="cpu")["w"])
+    with pytest.raises(ValueError, match="weights: expected finite weights with a non-zero sum"):
+        ladle.uniform_soup(models, weights=[1e308, -1e308], device="cpu")

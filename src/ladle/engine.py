@@ -726,7 +726,9 @@ class Transfers:
 
 
 def _shares(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
-    return tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    """Whether ``tensor`` lies in ``buffer``'s memory (empty ones, whose address is 0, never)."""
+    address = tensor.untyped_storage().data_ptr()
+    return address != 0 and address == buffer.untyped_storage().data_ptr()
 
 
 def _check_finite(chunk: torch.Tensor, index: int | None, checkpoint: Checkpoint, key: str) -> None:

@@ -53,9 +53,17 @@ def normalized_weights(weights: Sequence[float] | None, count: int) -> list[floa
     weights = [float(w) for w in weights]
     if len(weights) != count:
         raise ValueError(f"weights: expected {count} weights (one per model), found {len(weights)}")
-    total = math.fsum(weights)
-    if not all(math.isfinite(w) for w in weights) or total == 0 or not math.isfinite(total):
-        raise ValueError(f"weights: expected finite weights with a non-zero sum, found {weights}")
+    bad = ValueError(f"weights: expected finite weights with a non-zero sum, found {weights}")
+    if not all(math.isfinite(w) for w in weights):
+        raise bad
+    try:
+        total = math.fsum(weights)
+    except OverflowError:  # finite, but their sum passes float's range: scale them down first
+        largest = max(abs(w) for w in weights)
+        weights = [w / largest for w in weights]
+        total = math.fsum(weights)
+    if total == 0:
+        raise bad
     return [w / total for w in weights]
 
 
