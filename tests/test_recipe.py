@@ -150,7 +150,8 @@ def test_example_recipes_are_valid(tmp_path):
             'output = "m2.safetensors"\n'
             '[steps.y]\nmethod = "soup"\nmodels = ["x", "m2.safetensors"]\noutput = "e"\n',
             r"steps\.x\.output: .*m2\.safetensors would overwrite .*m2\.safetensors, an input "
-            r"of step 'y'; a recipe never writes over its inputs",
+            r"of step 'y'; a recipe never writes over its inputs; to use this step's output, "
+            r"name 'x' in its models",
         ),
         (
             'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "m0.safetensors"\n',

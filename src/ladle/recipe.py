@@ -242,21 +242,26 @@ def _check_outputs(steps: Sequence[Step], single: bool) -> None:
         sources = [*step.models, *([step.base] if step.base is not None else [])]
         return [s for s in sources if isinstance(s, str) and not s.startswith(PREFIX)]
 
-    for step in steps:
+    for position, step in enumerate(steps):
         if step.output is None:
             continue
         where = "recipe" if single else f"steps.{step.name}"
         written = step.output.resolve()
-        for other in steps:
+        for later, other in enumerate(steps):
             theirs = other.output
             if other is not step and theirs is not None and _overlaps(written, theirs.resolve()):
                 raise ValueError(f"{where}.output: step {other.name!r} writes {theirs} too")
             for source in inputs(other):
                 if _overlaps(written, Path(source).resolve()):
+                    hint = (  # a later step reading this output by its path: by name instead
+                        f"; to use this step's output, name {step.name!r} in its models"
+                        if later > position
+                        else ""
+                    )
                     raise ValueError(
                         f"{where}.output: {step.output} would overwrite {source}, an input of "
                         f"{'the recipe' if single else f'step {other.name!r}'}; a recipe never "
-                        "writes over its inputs"
+                        f"writes over its inputs{hint}"
                     )
 
 
