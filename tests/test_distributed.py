@@ -202,6 +202,7 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     merge(ladle.ties, tiny[1:], base=tiny[0], out=root / "tiny", density=0.5, device="cpu")
     # A failure on one rank (NaN in the last key, merged by the last rank) fails them all.
     found["nan_error"] = _catch(merge, "uniform_soup", [root / "nan.safetensors"], out=root / "nan")
+    found["device_error"] = _catch(merge, "uniform_soup", models, out=root / "dev", device="tpu")
     # Also where the others wait in a reduction (TIES's threshold pass, DARE's vote pass)
     # when it fails: they stop there, not at the process group's timeout.
     nan, nan_base = [root / "nan.safetensors"], root / "nan_base.safetensors"
@@ -402,3 +403,12 @@ def test_average_broadcasts_every_integer_dtype_and_matches_tensors_by_name(spaw
         for key, value in found["mixed"].items():
             if value.is_floating_point():
                 assert torch.equal(value, torch.full_like(value, 1.0)), key
+
+
+@pytest.mark.slow
+def test_a_bad_device_is_a_value_error_on_every_rank(spawned):
+    root, *_, ranks = spawned
+    for found in ranks:
+        kind, message = found["device_error"]
+        assert kind == "ValueError" and message.startswith("device: expected cpu, cuda")
+    assert not (root / "dev").exists()

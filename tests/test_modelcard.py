@@ -241,16 +241,20 @@ def test_card_inputs_table_keeps_a_hub_subfolder():
 def test_output_config_says_the_output_dtype_and_custom_code_is_copied(tmp_path):
     for i in range(2):
         model_dir(tmp_path / f"m{i}", {k: v.bfloat16() for k, v in family(1, seed=i)[0].items()})
-        (tmp_path / f"m{i}" / "config.json").write_text(
-            json.dumps({"torch_dtype": "bfloat16", "x": 1})
-        )
+        config = {"torch_dtype": "bfloat16", "auto_map": {"AutoModel": "modeling_custom.M"}}
+        (tmp_path / f"m{i}" / "config.json").write_text(json.dumps(config))
         (tmp_path / f"m{i}" / "modeling_custom.py").write_text("# custom code\n")
+        (tmp_path / f"m{i}" / "train_secret.py").write_text("TOKEN = 'x'\n")  # named by nothing
         (tmp_path / f"m{i}" / "processor_config.json").write_text("{}")
     out = ladle.uniform_soup(
         [tmp_path / "m0", tmp_path / "m1"], out=tmp_path / "o", dtype=torch.float16, device="cpu"
     )
-    assert json.loads((out / "config.json").read_text()) == {"torch_dtype": "float16", "x": 1}
+    assert json.loads((out / "config.json").read_text()) == {
+        "torch_dtype": "float16",
+        "auto_map": {"AutoModel": "modeling_custom.M"},
+    }
     assert (out / "modeling_custom.py").read_text() == "# custom code\n"
+    assert not (out / "train_secret.py").exists()
     assert (out / "processor_config.json").exists()
     same = ladle.uniform_soup([tmp_path / "m0", tmp_path / "m1"], out=tmp_path / "p", device="cpu")
     assert (same / "config.json").read_bytes() == (tmp_path / "m0" / "config.json").read_bytes()

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpoint, StateDictLike
-from .engine import partitioned
+from .engine import partitioned, resolve_device
 from .errors import IncompatibleError, LadleError
 from .methods.dare import dare
 from .methods.ratatouille import ratatouille
@@ -631,9 +631,11 @@ def merge(
     if params.get("device") is None and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
         params["device"] = torch.device("cuda", local % torch.cuda.device_count())
-    device = torch.device(params["device"]) if params.get("device") is not None else None
-    if device is not None and device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # NCCL's tensors (_comm_device) go to this rank's GPU
+    # Checked first (a ValueError on every rank alike, before any collective), then, for a
+    # CUDA device, made current: NCCL's tensors (_comm_device) go to this rank's GPU.
+    device = resolve_device(params.get("device"))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     if rank != 0:
         params["progress"] = None
     directory = _shared_temporary(out, world)

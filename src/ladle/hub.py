@@ -57,11 +57,10 @@ COMPANION_FILES = (
     "video_preprocessor_config.json",
     "*.model",
     "*.tiktoken",
-    "*.py",
 )
 """Files beside the weights that a loader needs: config, tokenizer and processor files
-(``*.model`` for sentencepiece tokenizers, ``*.tiktoken``), and the custom code a config's
-``auto_map`` names (``*.py``; copied, never run)."""
+(``*.model`` for sentencepiece tokenizers, ``*.tiktoken``). Custom code (``*.py``) is
+fetched too, and copied to outputs only where a config's ``auto_map`` names it."""
 
 _TORCH_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _OTHER_REPO_TYPES = ("datasets", "spaces", "buckets", "kernels")
@@ -269,7 +268,10 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         )
 
     try:
-        root = fetch(source.revision, [*_patterns(prefix, COMPANION_FILES), prefix + "*.json"])
+        root = fetch(
+            source.revision,
+            [*_patterns(prefix, COMPANION_FILES), prefix + "*.json", prefix + "*.py"],
+        )
         commit = root.name  # snapshots/<commit hash>
         folder = root / source.subfolder if source.subfolder else root
         found = False

@@ -14,7 +14,7 @@ import inspect
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -39,11 +39,34 @@ def companion_files(directory: Path | None) -> dict[str, Path]:
     """
     if directory is None or not directory.is_dir():
         return {}
-    return {
+    files = {
         path.name: path
         for path in sorted(directory.iterdir())
         if path.is_file() and any(fnmatch.fnmatchcase(path.name, p) for p in COMPANION_FILES)
     }
+    for module in sorted(_custom_code(files.values())):
+        if (directory / f"{module}.py").is_file():
+            files[f"{module}.py"] = directory / f"{module}.py"
+    return files
+
+
+def _custom_code(configs: Iterable[Path]) -> set[str]:
+    """The local modules the ``auto_map`` of the JSON files ``configs`` names
+    (``"modeling_x.MyModel"`` names ``modeling_x``; ``"org/repo--m.C"`` lives elsewhere)."""
+    modules: set[str] = set()
+    for config in configs:
+        if config.suffix != ".json":
+            continue
+        try:
+            auto_map = json.loads(config.read_text()).get("auto_map", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        values = auto_map.values() if isinstance(auto_map, dict) else []
+        for value in values:
+            for name in value if isinstance(value, list) else [value]:
+                if isinstance(name, str) and "--" not in name and "." in name:
+                    modules.add(name.rsplit(".", 1)[0])
+    return modules
 
 
 def _repo_id(name: str) -> str:

@@ -420,7 +420,8 @@ class SafetensorsWriter:
 
     @property
     def order(self) -> list[str]:
-        """The keys in the order they are to be written (:func:`aligned_order`)."""
+        """The keys in the order they are to be written: :func:`aligned_order` of ``specs``
+        (their own order where their dtypes agree). Writes in another order are refused."""
         return list(self._specs)
 
     def write(self, key: str, chunk: torch.Tensor) -> None:
