@@ -339,3 +339,10 @@ def test_a_nonfinite_entry_that_the_mask_drops_is_still_an_error(tmp_path, bad, 
     paths = save_all([base, *models], tmp_path)
     with pytest.raises(ladle.NonFiniteError, match=r"model 1 .*'layer.weight'"):
         ladle.dare(paths[1:], paths[0], density=0.1, seed=0, combine=combine, device="cpu")
+
+
+def test_densities_float32_random_numbers_cannot_draw_are_refused():
+    base, model = {"w": torch.zeros(4)}, {"w": torch.ones(4)}
+    with pytest.raises(ValueError, match=r"density: expected at least 2\*\*-24"):
+        ladle.dare([model], base, density=1e-8)
+    assert ladle.dare([model], base, density=2.0**-24)["w"].shape == (4,)

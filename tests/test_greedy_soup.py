@@ -392,3 +392,22 @@ def test_an_evaluate_returning_no_number_is_a_value_error_naming_it():
         ValueError, match=r"evaluate: returned None for model 0 .*expected a number"
     ):
         ladle.greedy_soup(models, lambda sd: None, device="cpu")
+
+
+def test_a_greedy_soup_that_overflows_its_output_dtype_is_an_error(tmp_path):
+    models = [{"w": torch.tensor([1e5, 1.0])}, {"w": torch.tensor([1e5, 2.0])}]
+    with pytest.raises(
+        ladle.NonFiniteError, match=r"the greedy soup: 1 of the 2 .* overflow float16"
+    ):
+        ladle.greedy_soup(models, lambda sd: 1.0, dtype=torch.float16, device="cpu")
+    with pytest.raises(ladle.NonFiniteError, match=r"o\.safetensors: .* overflow float16"):
+        ladle.greedy_soup(
+            models,
+            lambda sd: 1.0,
+            dtype=torch.float16,
+            device="cpu",
+            out=tmp_path / "o.safetensors",
+        )
+    assert not (tmp_path / "o.safetensors").exists()
+    kept = ladle.greedy_soup(models, lambda sd: 1.0, dtype=torch.float16, allow_nonfinite=True)
+    assert torch.isinf(kept.state_dict["w"][0])

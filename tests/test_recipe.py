@@ -158,6 +158,12 @@ def test_example_recipes_are_valid(tmp_path):
             r"recipe\.output: .* would overwrite .*, an input of the recipe",
         ),
         (
+            '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "s1"\n'
+            '[steps.b]\nmethod = "soup"\nmodels = ["s1", "m1.safetensors"]\noutput = "o"\n',
+            r"steps\.b\.models\[0\]: 's1': no such file or directory .*; to use step 'a''s "
+            r"output, name 'a'",
+        ),
+        (
             'method = "greedy_soup"\nmodels = ["m0.safetensors"]\noutput = "o"\n',
             r"recipe\.parameters\.evaluate: required by greedy_soup",
         ),

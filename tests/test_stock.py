@@ -298,3 +298,12 @@ def test_gram_over_blocks_and_a_tail_equals_the_float64_product(monkeypatch, cou
     torch.testing.assert_close(gram, expected, rtol=1e-6, atol=1e-6)
     assert gram.dtype == torch.float64
     assert torch.equal(gram, gram.T)  # each pair's product is computed once, for both entries
+
+
+def test_task_vectors_whose_products_overflow_float32_are_merged_in_float64():
+    base = {"w": torch.zeros(2)}
+    model = {"w": torch.tensor([2e19, 1e19])}  # 4e38 overflows float32 in the Gram product
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "near the pole" warning: cos θ = 1, t = 1
+        merged = ladle.model_stock([model, model], base, device="cpu")
+    torch.testing.assert_close(merged["w"], model["w"], rtol=1e-6, atol=0)

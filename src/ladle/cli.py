@@ -436,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_callable,
         required=True,
         metavar="MODULE:FUNCTION",
-        help="evaluate(state_dict) -> float, higher is better (imported with importlib)",
+        help="evaluate(state_dict) -> float, higher is better: MODULE:FUNCTION, or "
+        "path/to/file.py:FUNCTION",
     )
     greedy.add_argument(
         "--scores",
@@ -451,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     greedy.set_defaults(run=_run_greedy_soup)
 
     demo = commands.add_parser(
-        "demo", help="an end-to-end demo on a synthetic problem (a minute on a laptop CPU)"
+        "demo", help="an end-to-end demo on a synthetic problem (a few seconds on a laptop CPU)"
     )
     demo.add_argument("--seed", type=_seed, default=0, help="seed of the problem and training")
     demo.add_argument(

@@ -218,7 +218,7 @@ def run_demo(
 
     Args:
         seed: seeds the problem (domains, tasks, samples) and every training run.
-        size: ``"default"`` (under a minute on two CPU cores) or ``"small"`` (a few seconds).
+        size: ``"default"`` (a few seconds on two CPU cores) or ``"small"`` (a few seconds).
         workdir: where checkpoints are written and kept (files named by the demo are
             replaced); default a temporary directory, deleted afterwards.
         device: where training and merging run.

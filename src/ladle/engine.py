@@ -196,8 +196,9 @@ def current_partition() -> Partition | None:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device`` as a ``torch.device``; ``None`` means CUDA when available, else the CPU.
 
-    A string torch does not know, or a CUDA device this machine lacks, is a ``ValueError``
-    naming it, before any work (torch would fail later, with a traceback of its own).
+    A string torch does not know, ``meta`` (no data), or a CUDA device or other accelerator
+    (``mps``, ``xpu``) this machine lacks is a ``ValueError`` naming it, before any work
+    (torch would fail later, with a traceback of its own).
     """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -219,8 +220,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         try:
             torch.empty(1, device=resolved)
         except Exception as err:  # torch raises RuntimeError, AssertionError, ImportError...
+            why = " ".join(str(err).split())
+            why = why if len(why) <= 160 else why[:157] + "..."  # torch may list every backend
             raise ValueError(
-                f"device: {device!r} is not usable here ({type(err).__name__}: {err})"
+                f"device: {device!r} is not usable here ({type(err).__name__}: {why})"
             ) from err
     return resolved
 

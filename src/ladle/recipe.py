@@ -138,8 +138,15 @@ def _method_name(value: object, where: str) -> str:
 
 
 def _source(
-    value: object, field: str, earlier: Sequence[str], later: Sequence[str], root: Path
+    value: object,
+    field: str,
+    earlier: Sequence[str],
+    later: Sequence[str],
+    root: Path,
+    written: Mapping[Path, str],
 ) -> Input:
+    """An input: an earlier step (by name), an ``hf://`` URL or an existing path; ``written``
+    maps the resolved outputs of earlier steps to their names, for the error's hint."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{field}: expected a path, hf:// URL or step name, found {value!r}")
     if value in earlier:
@@ -155,7 +162,9 @@ def _source(
     path = Path(os.path.expanduser(value))
     path = path if path.is_absolute() else root / path
     if not path.exists():
-        raise ValueError(f"{field}: {value!r}: no such file or directory ({path})")
+        step = written.get(path.resolve())
+        hint = f"; to use step {step!r}'s output, name {step!r}" if step is not None else ""
+        raise ValueError(f"{field}: {value!r}: no such file or directory ({path}){hint}")
     return str(path)
 
 
@@ -272,6 +281,7 @@ def _step(
     earlier: Sequence[str],
     later: Sequence[str],
     root: Path,
+    written: Mapping[Path, str],
 ) -> Step:
     unknown = [key for key in table if key not in STEP_KEYS]
     if unknown:
@@ -286,12 +296,13 @@ def _step(
     if not isinstance(models, list) or not models:
         raise ValueError(f"{where}.models: expected a non-empty list of models, found {models!r}")
     sources = tuple(
-        _source(m, f"{where}.models[{i}]", earlier, later, root) for i, m in enumerate(models)
+        _source(m, f"{where}.models[{i}]", earlier, later, root, written)
+        for i, m in enumerate(models)
     )
     base: Input | None = None
     if "base" in signature.parameters:
         if "base" in table:
-            base = _source(table["base"], f"{where}.base", earlier, later, root)
+            base = _source(table["base"], f"{where}.base", earlier, later, root, written)
         elif signature.parameters["base"].default is inspect.Parameter.empty:
             raise ValueError(f"{where}.base: missing; {method} needs a base model")
     elif "base" in table:
@@ -360,14 +371,17 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     else:
         tables = {"main": {k: v for k, v in data.items() if k != "device"}}
     names = list(tables)
-    steps = []
+    steps: list[Step] = []
+    written: dict[Path, str] = {}  # outputs of the steps so far, resolved, to their names
     for i, name in enumerate(names):
         where = "recipe" if "steps" not in data else f"steps.{name}"
         if not _NAME.fullmatch(name):
             raise ValueError(f"{where}: step names are letters, digits, '_' and '-'")
         if not isinstance(tables[name], dict):
             raise ValueError(f"{where}: expected a table, found {type(tables[name]).__name__}")
-        steps.append(_step(name, tables[name], where, names[:i], names[i + 1 :], root))
+        steps.append(_step(name, tables[name], where, names[:i], names[i + 1 :], root, written))
+        if steps[-1].output is not None:
+            written[steps[-1].output.resolve()] = name
     if steps[-1].output is None:
         where = "recipe" if "steps" not in data else f"steps.{steps[-1].name}"
         raise ValueError(f"{where}.output: missing; the last step must write its result")

@@ -40,6 +40,13 @@ BLOCK = 2**20
 COMBINES = ("sum", "ties")
 
 
+DENSITY_FLOOR = 2.0**-24
+"""Smallest DARE density: ``torch.rand``'s float32 numbers lie on a grid of 2⁻²⁴, so an entry
+is kept with probability ⌈density·2²⁴⌉/2²⁴, density rounded up to the grid (survivors are
+still rescaled by 1/density, the paper's rule): 1.3% above density at 1e-6, 6e-7 at 0.1, and
+never below 2⁻²⁴."""
+
+
 def block_seed(seed: int, index: int, key: str, block: int) -> int:
     """The generator seed of block ``block`` of tensor ``key`` of model ``index``.
 
@@ -209,6 +216,11 @@ def dare(
         tensor([1., 1., 1., 1., 1., 1., 1., 1.])
     """
     density = check_density(density)
+    if density < DENSITY_FLOOR:
+        raise ValueError(
+            f"density: expected at least 2**-24 ({DENSITY_FLOOR:.3g}) for DARE, whose float32 "
+            f"random numbers keep an entry with probability at least that; found {density}"
+        )
     scale = check_scale(scale)
     if combine not in COMBINES:
         raise ValueError(f"combine: expected one of {COMBINES}, found {combine!r}")

@@ -19,6 +19,7 @@ from ..engine import (
     Kernel,
     Progress,
     Scratch,
+    _check_merged,
     _check_output,
     check_compatible,
     fold,
@@ -354,6 +355,10 @@ def run_greedy(
             progress=progress,
             allow_nonfinite=allow_nonfinite,
         )
+        if not allow_nonfinite:  # as every merge's output: overflow of the dtype is an error
+            where = "the greedy soup" if out is None else str(out)
+            for key, tensor in result.state_dict.items():
+                _check_merged(tensor, key, slice(None), checkpoints, None, where)
         if out is not None:
             recorded = {**parameters, "selected": result.selected, "score": result.score}
             state = result.state_dict

@@ -137,7 +137,14 @@ def gram_kernel(n: int) -> Kernel:
         return state
 
     def finalize(state: tuple) -> torch.Tensor:
-        return _gram(state[1])
+        taus = state[1]
+        gram = _gram(taus)
+        if taus.dtype == torch.float32 and not bool(torch.isfinite(gram).all()):
+            # Products of entries past ~1.8e19 overflow float32 (finite inputs, a NaN cosine,
+            # and t clamped to -1: the task vector reflected). Again in float64, which holds
+            # them; non-finite inputs stay non-finite there, for the engine's check to name.
+            gram = _gram(taus.double())
+        return gram
 
     # A NaN or Inf in the base or a model makes its τ, and so the Gram matrix, non-finite.
     return Kernel(init, update, finalize, propagates_nonfinite=True)
