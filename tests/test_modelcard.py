@@ -258,3 +258,21 @@ def test_output_config_says_the_output_dtype_and_custom_code_is_copied(tmp_path)
     assert (out / "processor_config.json").exists()
     same = ladle.uniform_soup([tmp_path / "m0", tmp_path / "m1"], out=tmp_path / "p", device="cpu")
     assert (same / "config.json").read_bytes() == (tmp_path / "m0" / "config.json").read_bytes()
+
+
+def test_custom_code_is_copied_only_from_beside_the_config(tmp_path):
+    from ladle.modelcard import companion_files
+
+    (tmp_path / "secret.py").write_text("TOKEN = 'x'\n")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "modeling_a.py").write_text("# a\n")
+    (folder / "tokenization_t.py").write_text("# t\n")
+    auto_map = {
+        "AutoModel": "modeling_a.M",
+        "AutoConfig": "../secret.C",  # a path: never followed
+        "AutoTokenizer": ["tokenization_t.T", None],
+        "AutoProcessor": "org/repo--processing_p.P",  # another repo's code
+    }
+    (folder / "config.json").write_text(json.dumps({"auto_map": auto_map}))
+    assert sorted(companion_files(folder)) == ["config.json", "modeling_a.py", "tokenization_t.py"]

@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -64,8 +65,11 @@ def _custom_code(configs: Iterable[Path]) -> set[str]:
         values = auto_map.values() if isinstance(auto_map, dict) else []
         for value in values:
             for name in value if isinstance(value, list) else [value]:
-                if isinstance(name, str) and "--" not in name and "." in name:
-                    modules.add(name.rsplit(".", 1)[0])
+                module = name.rsplit(".", 1)[0] if isinstance(name, str) else ""
+                # A plain module name only: "--" names another repo's code, and anything
+                # with a path in it ("../x") is not a file beside the config.
+                if re.fullmatch(r"[A-Za-z_]\w*", module):
+                    modules.add(module)
     return modules
 
 
