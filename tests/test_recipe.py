@@ -337,3 +337,11 @@ def test_a_dangling_link_as_a_later_steps_output_is_refused_before_any_step_runs
     with pytest.raises(ladle.LadleError, match=r"steps\.b\.output: .*link\.safetensors already"):
         run_recipe(recipe, device="cpu")
     assert not (folder / "a.safetensors").exists()
+
+
+def test_an_input_that_is_a_symbolic_link_loop_is_one_error(folder):
+    (folder / "loop1").symlink_to(folder / "loop2")
+    (folder / "loop2").symlink_to(folder / "loop1")
+    recipe = write(folder, 'method = "soup"\nmodels = ["m0.safetensors", "loop1"]\noutput = "o"\n')
+    with pytest.raises(ValueError, match=r"recipe\.models\[1\]: 'loop1': no such file"):
+        load_recipe(recipe)

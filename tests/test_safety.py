@@ -342,8 +342,9 @@ def test_merged_values_that_overflow_the_output_dtype_are_an_error(tmp_path):
     expected = base["w"].float() + 3 * (model["w"].float() - base["w"].float())
     message = (
         r"1 of the 3 merged values of key 'w' overflow float16 \(largest finite value 65504\) "
-        r"although every input is finite; lower the scale or weights, or merge into a wider "
-        r"dtype \(dtype=torch.float32, --dtype float32\)"
+        r"although every input is finite; lower the scale or weights where the method has them, "
+        r"or merge into a wider dtype \(dtype=torch.float32, --dtype float32\); "
+        r"allow_nonfinite=True \(--allow-nonfinite\) keeps them as they are"
     )
     with pytest.raises(ladle.NonFiniteError, match=r"the merged state dict: " + message):
         ladle.task_arithmetic([model], base, scale=3.0, device="cpu")

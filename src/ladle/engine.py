@@ -502,7 +502,8 @@ def _check_merged(
         f"{where}: {count} of the {finite.numel()} merged values of key {key!r}{part} overflow "
         f"{str(chunk.dtype).removeprefix('torch.')} (largest finite value "
         f"{torch.finfo(chunk.dtype).max:g}) although every input is finite; lower the scale "
-        f"or weights{wider}; allow_nonfinite=True (--allow-nonfinite) writes them as they are"
+        f"or weights where the method has them{wider}; allow_nonfinite=True "
+        "(--allow-nonfinite) keeps them as they are"
     )
 
 

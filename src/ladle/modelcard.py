@@ -65,7 +65,7 @@ def _custom_code(configs: Iterable[Path]) -> set[str]:
         values = auto_map.values() if isinstance(auto_map, dict) else []
         for value in values:
             for name in value if isinstance(value, list) else [value]:
-                module = name.rsplit(".", 1)[0] if isinstance(name, str) else ""
+                module = name.rsplit(".", 1)[0] if isinstance(name, str) and "." in name else ""
                 # A plain module name only: "--" names another repo's code, and anything
                 # with a path in it ("../x") is not a file beside the config.
                 if re.fullmatch(r"[A-Za-z_]\w*", module):

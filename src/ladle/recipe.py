@@ -162,7 +162,10 @@ def _source(
     path = Path(os.path.expanduser(value))
     path = path if path.is_absolute() else root / path
     if not path.exists():
-        step = written.get(path.resolve())
+        try:
+            step = written.get(path.resolve())
+        except (OSError, RuntimeError):  # a symbolic-link loop, say: no step's output
+            step = None
         hint = f"; to use step {step!r}'s output, name {step!r}" if step is not None else ""
         raise ValueError(f"{field}: {value!r}: no such file or directory ({path}){hint}")
     return str(path)

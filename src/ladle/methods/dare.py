@@ -43,7 +43,7 @@ COMBINES = ("sum", "ties")
 DENSITY_FLOOR = 2.0**-24
 """Smallest DARE density: ``torch.rand``'s float32 numbers lie on a grid of 2⁻²⁴, so an entry
 is kept with probability ⌈density·2²⁴⌉/2²⁴, density rounded up to the grid (survivors are
-still rescaled by 1/density, the paper's rule): 1.3% above density at 1e-6, 6e-7 at 0.1, and
+still rescaled by 1/density, the paper's rule): 1.3% above density at 1e-6, 2.4e-7 at 0.1, and
 never below 2⁻²⁴."""
 
 

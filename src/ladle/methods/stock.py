@@ -139,7 +139,8 @@ def gram_kernel(n: int) -> Kernel:
     def finalize(state: tuple) -> torch.Tensor:
         taus = state[1]
         gram = _gram(taus)
-        if taus.dtype == torch.float32 and not bool(torch.isfinite(gram).all()):
+        overflowed = not bool(torch.isfinite(gram).all()) and bool(torch.isfinite(taus).all())
+        if taus.dtype == torch.float32 and overflowed:
             # Products of entries past ~1.8e19 overflow float32 (finite inputs, a NaN cosine,
             # and t clamped to -1: the task vector reflected). Again in float64, which holds
             # them; non-finite inputs stay non-finite there, for the engine's check to name.
