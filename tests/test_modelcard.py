@@ -276,3 +276,12 @@ def test_custom_code_is_copied_only_from_beside_the_config(tmp_path):
     }
     (folder / "config.json").write_text(json.dumps({"auto_map": auto_map}))
     assert sorted(companion_files(folder)) == ["config.json", "modeling_a.py", "tokenization_t.py"]
+
+
+def test_named_chat_templates_folder_is_copied(tmp_path):
+    for i in range(2):
+        model_dir(tmp_path / f"m{i}", family(1, seed=i)[0])
+        (tmp_path / f"m{i}" / "additional_chat_templates").mkdir()
+        (tmp_path / f"m{i}" / "additional_chat_templates" / "tool_use.jinja").write_text("{{ x }}")
+    out = ladle.uniform_soup([tmp_path / "m0", tmp_path / "m1"], out=tmp_path / "o", device="cpu")
+    assert (out / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ x }}"

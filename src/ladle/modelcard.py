@@ -24,6 +24,9 @@ from ._version import __version__
 from .checkpoint import Checkpoint
 from .hub import COMPANION_FILES, PREFIX, parse_hf_url
 
+COMPANION_FOLDERS = ("additional_chat_templates",)
+"""Folders beside the weights that a loader reads, copied whole into directory outputs."""
+
 __all__ = ["companion_files", "model_card", "output_files"]
 
 
@@ -48,6 +51,9 @@ def companion_files(directory: Path | None) -> dict[str, Path]:
     for module in sorted(_custom_code(files.values())):
         if (directory / f"{module}.py").is_file():
             files[f"{module}.py"] = directory / f"{module}.py"
+    for folder in COMPANION_FOLDERS:  # named chat templates (transformers' CHAT_TEMPLATE_DIR)
+        if (directory / folder).is_dir():
+            files[folder] = directory / folder
     return files
 
 

@@ -297,10 +297,13 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
 
 
 def write_extra_files(directory: Path, files: Mapping[str, bytes | str | os.PathLike]) -> None:
-    """Write each ``name: content`` into ``directory``: bytes as they are, a path copied."""
+    """Write each ``name: content`` into ``directory``: bytes as they are, a file or a folder
+    copied (links followed: a Hub snapshot's files are links into its blobs)."""
     for name, content in files.items():
         if isinstance(content, bytes):
             (directory / name).write_bytes(content)
+        elif Path(content).is_dir():
+            shutil.copytree(content, directory / name)
         else:
             shutil.copyfile(content, directory / name)
 
