@@ -436,10 +436,14 @@ def load_callable(reference: str, *, folder: str | os.PathLike | None = None) ->
 
 
 @contextlib.contextmanager
-def _searched(folders: Sequence[str]) -> Iterator[None]:
-    """``folders`` at the front of ``sys.path`` (those not there yet), for one import."""
+def _searched(folders: Sequence[str], *, last: bool = False) -> Iterator[None]:
+    """``folders`` on ``sys.path`` (those not there yet) for one import: at the front, or
+    with ``last`` at the end, where they never shadow an installed module."""
     added = [f for f in dict.fromkeys(folders) if f not in sys.path]
-    sys.path[:0] = added
+    if last:
+        sys.path.extend(added)
+    else:
+        sys.path[:0] = added
     try:
         yield
     finally:
@@ -464,19 +468,12 @@ def _import_file(path: Path) -> Any:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    folder = str(resolved.parent)
-    added = folder not in sys.path
-    if added:  # last: a module beside the file never shadows an installed one
-        sys.path.append(folder)
     try:
-        spec.loader.exec_module(module)
+        with _searched([str(resolved.parent)], last=True):  # modules beside the file
+            spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[name]
         raise
-    finally:
-        if added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(folder)
     return module
 
 
