@@ -511,7 +511,10 @@ class TorchShardsCheckpoint(Checkpoint):
         self._loaded.clear()
 
 
-def _read_index(index: Path) -> dict[str, Path]:
+def shard_names(index: Path) -> dict[str, str]:
+    """Each key's shard as an ``*.index.json`` names it, checked to lie inside the index's
+    folder; a ``CheckpointError`` naming the index otherwise. The shards may not exist yet
+    (the Hub fetches what this lists)."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         names = {str(key): str(file) for key, file in weight_map.items()}
@@ -525,7 +528,11 @@ def _read_index(index: Path) -> dict[str, Path]:
             raise CheckpointError(
                 f"{index}: shard {name!r} is not a file inside {index.parent}; refused"
             )
-    files = {key: index.parent / name for key, name in names.items()}
+    return names
+
+
+def _read_index(index: Path) -> dict[str, Path]:
+    files = {key: index.parent / name for key, name in shard_names(index).items()}
     for file in set(files.values()):
         if not file.is_file():
             raise CheckpointError(f"{index}: lists shard {file.name}, which does not exist")

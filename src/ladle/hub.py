@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import json
 import os
 import re
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import unquote
 
 from ._version import __version__
-from .checkpoint import NOT_WEIGHTS
+from .checkpoint import NOT_WEIGHTS, shard_names
 from .errors import CheckpointError, LadleError
 
 if TYPE_CHECKING:
@@ -189,10 +188,7 @@ def _weight_choices(folder: Path, prefix: str) -> list[Choice]:
     does not pass for the weights while the other shards are missing."""
 
     def shards(index: Path) -> Choice:
-        try:
-            names = sorted({str(n) for n in json.loads(index.read_text())["weight_map"].values()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
+        names = sorted(set(shard_names(index).values()))
         return (
             [prefix + glob.escape(name) for name in names],
             lambda: all((folder / name).is_file() for name in names),
