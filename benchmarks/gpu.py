@@ -6,7 +6,9 @@ the pinned host-to-device bandwidth measured in the same run. Reports, all measu
 - the pageable host-to-device bandwidth, for comparison;
 - ladle's soup on ``device="cuda"`` of N bf16 checkpoints in the page cache, in memory and
   streamed to a file, as input bytes per second and as a ratio to the pinned bandwidth;
-- the same with ``prefetch=0`` (reads, copies and arithmetic in turn), to show the overlap.
+- the fold alone (results left on the device) with the default reading threads, with one
+  reading thread, and with ``prefetch=0`` (reads, copies and arithmetic in turn), to show
+  what the overlap and the parallel reads each give.
 
 Needs CUDA. Usage: python benchmarks/gpu.py [--models 8] [--hidden 2048] [--layers 4]
 """
@@ -24,7 +26,7 @@ import torch
 from common import MIB, llama_family, warm, weights_file
 
 import ladle
-from ladle.engine import FOLD_CHUNK_BYTES, fold, open_models
+from ladle.engine import FOLD_CHUNK_BYTES, fold, open_models, reading_threads
 from ladle.methods.soup import weighted_mean_kernel
 
 TARGET = 0.70
@@ -57,14 +59,19 @@ def timed(run, repeat: int) -> float:
     return best
 
 
-def fold_only(paths: list[Path], prefetch: int | None) -> None:
+def fold_only(paths: list[Path], prefetch: int | None, readers: int | None = None) -> None:
     """The soup's reads, copies and arithmetic, results left on the device."""
     with ExitStack() as stack:
         opened, _ = open_models(paths, None, stack)
         kernel = weighted_mean_kernel([1 / len(paths)] * len(paths))
         chunks = FOLD_CHUNK_BYTES  # the soup's own chunk size, so the rows compare
         for _ in fold(
-            opened, kernel, device=torch.device("cuda"), prefetch=prefetch, chunk_bytes=chunks
+            opened,
+            kernel,
+            device=torch.device("cuda"),
+            prefetch=prefetch,
+            readers=readers,
+            chunk_bytes=chunks,
         ):
             pass
 
@@ -100,8 +107,10 @@ def main() -> None:
         print(f"  pinned host-to-device     {pinned / 1e9:7.2f} GB/s")
         print(f"  pageable host-to-device   {pageable / 1e9:7.2f} GB/s")
         ratios: dict[str, float] = {}
+        threads = reading_threads(torch.device("cuda"))
         runs = {
-            "soup fold (prefetch 2)": lambda: fold_only(paths, None),
+            f"soup fold ({threads} readers)": lambda: fold_only(paths, None),
+            "soup fold (1 reader)": lambda: fold_only(paths, 2, readers=1),
             "soup fold (prefetch 0)": lambda: fold_only(paths, 0),
             "soup in memory": lambda: ladle.uniform_soup(paths, device="cuda"),
             "soup -o file": lambda: ladle.uniform_soup(

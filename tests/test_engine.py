@@ -39,10 +39,11 @@ def collect_kernel() -> Kernel:
     ),
     chunk=st.integers(1, 80),
     prefetch=st.integers(0, 4),
+    readers=st.integers(1, 3),
     with_base=st.booleans(),
 )
 def test_file_reads_through_the_pool_equal_the_tensors_in_memory(
-    tmp_path_factory, n, dtypes, chunk, prefetch, with_base
+    tmp_path_factory, n, dtypes, chunk, prefetch, readers, with_base
 ):
     directory = tmp_path_factory.mktemp("engine")
     models = family(n + 1, seed=n)
@@ -69,6 +70,7 @@ def test_file_reads_through_the_pool_equal_the_tensors_in_memory(
                     device=resolve_device("cpu"),
                     chunk_bytes=chunk,
                     prefetch=prefetch,
+                    readers=readers,
                     copy_others=True,
                 )
             }
@@ -171,8 +173,10 @@ def test_transfers_on_the_cpu_convert_results_and_copy_nothing():
 
     transfers = Transfers(torch.device("cpu"))
     x = torch.arange(6.0)
-    assert transfers.to_device(x, torch.float32) is x
-    assert torch.equal(transfers.to_device(x, torch.float64), x.double())
+    assert transfers.to_device(x, torch.float32) == (x, None)  # no copy, no event to wait on
+    moved, copied = transfers.to_device(x, torch.float64)
+    assert torch.equal(moved, x.double()) and copied is None
+    transfers.arrived(None)  # nothing to wait for
     results = [("a", slice(None), x), ("b", slice(0, 2), torch.ones(2, 3))]
     out = list(transfers.to_host(iter(results), {"a": torch.float32, "b": torch.bfloat16}.get))
     assert out[0][2] is x
@@ -310,3 +314,118 @@ def test_models_whose_floating_tensors_are_all_empty_merge_in_any_float_dtype(tm
         assert merged["w"].shape == (0,) and merged["w"].dtype == torch.float32
         assert merged["n"].item() == 1
     assert ladle.uniform_soup([base, model], device="cpu")["w"].shape == (0,)
+
+
+def test_reading_threads_hand_chunks_over_in_order_whichever_finishes_first():
+    import random
+    import time
+
+    from ladle.engine import _prefetched
+
+    def task(i):
+        def run():
+            time.sleep(random.Random(i).uniform(0, 0.004))  # finish out of order
+            return i
+
+        return run
+
+    for depth, threads in [(1, 1), (3, 3), (5, 2), (8, 4)]:
+        assert list(_prefetched((task(i) for i in range(40)), depth=depth, threads=threads)) == [
+            *range(40)
+        ]
+
+
+def test_reading_threads_stay_at_most_depth_ahead_and_end_when_the_consumer_stops():
+    import threading
+    import time
+
+    from ladle.engine import _prefetched
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def task(i):
+        def run():
+            with lock:
+                started.append(i)
+            return i
+
+        return run
+
+    before = threading.active_count()
+    results = _prefetched((task(i) for i in range(100)), depth=3, threads=3)
+    assert next(results) == 0
+    time.sleep(0.05)
+    assert max(started) <= 3  # the first, then three ahead of the consumer
+    results.close()  # tasks not started are cancelled; running ones are waited for
+    assert max(started) <= 3 and threading.active_count() == before
+
+
+def test_a_task_that_fails_on_a_reading_thread_raises_when_its_turn_comes():
+    import threading
+
+    from ladle.engine import _prefetched
+
+    def task(i):
+        def run():
+            if i == 5:
+                raise ladle.CheckpointError(f"cannot read chunk {i}")
+            return i
+
+        return run
+
+    before = threading.active_count()
+    seen = []
+    with pytest.raises(ladle.CheckpointError, match="chunk 5"):
+        for value in _prefetched((task(i) for i in range(20)), depth=4, threads=2):
+            seen.append(value)
+    assert seen == [0, 1, 2, 3, 4] and threading.active_count() == before
+
+
+@pytest.mark.parametrize("readers", [1, 2, 3])
+def test_several_reading_threads_merge_every_method_bit_for_bit(tmp_path, readers):
+    from conftest import assert_bit_for_bit, save_all
+
+    base, *models = family(4, seed=11)
+    paths = save_all([base, *models], tmp_path)
+    device = resolve_device("cpu")
+
+    def soup(prefetch):
+        from contextlib import ExitStack
+
+        from ladle.methods.soup import weighted_mean_kernel
+
+        with ExitStack() as stack:
+            opened, _ = open_models(paths[1:], None, stack)
+            kernel = weighted_mean_kernel([0.25] * 4)
+            return {
+                f"{key}{rows}": result.clone()
+                for key, rows, result in fold(
+                    opened,
+                    kernel,
+                    device=device,
+                    chunk_bytes=64,
+                    prefetch=prefetch,
+                    readers=readers,
+                )
+            }
+
+    assert_bit_for_bit(soup(4), soup(0))
+
+
+def test_fold_refuses_no_reading_threads(tmp_path):
+    save_file({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    with (
+        ladle.open_checkpoint(tmp_path / "m.safetensors") as ckpt,
+        pytest.raises(ValueError, match="readers: expected a positive number"),
+    ):
+        list(fold([ckpt], collect_kernel(), device=resolve_device("cpu"), readers=0))
+
+
+def test_reading_threads_for_an_accelerator_leave_a_core_to_the_arithmetic(monkeypatch):
+    import ladle.engine as engine
+
+    assert engine.reading_threads(torch.device("cpu")) == 1
+    for cores, expected in [(1, 1), (2, 1), (3, 2), (16, engine.READERS), (None, 1)]:
+        monkeypatch.setattr(engine.os, "cpu_count", lambda cores=cores: cores)
+        assert engine.reading_threads(torch.device("cuda")) == expected

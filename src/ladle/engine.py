@@ -9,6 +9,8 @@ to a sink (an in-memory dict or the safetensors writer).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import contextvars
 import json
@@ -56,6 +58,11 @@ model's chunk is folded in. Measured against 64 MiB chunks on 12 fp32 models of 
 uniform soup 0.44 s vs 0.64 s, Model Stock 2.1 s and 62 MiB vs 2.7 s and 600 MiB
 (docs/benchmarks.md). TIES uses it too; DARE keeps 64 MiB (its random numbers are drawn per
 block of 2²⁰ entries, the blocks of a chunk on several threads)."""
+
+READERS = 4
+"""Most threads that read inputs for an accelerator by default (:func:`reading_threads`): one
+thread's copies out of the page cache ran at 17 GB/s here (2 threads: 27 GB/s), a third of
+an H200's pinned host-to-device copies (about 50 GB/s)."""
 
 MAPPED_BYTES_KEPT = 4 * 2**30
 """Inputs of at most this many bytes in all stay mapped for the whole merge, so that passes
@@ -340,6 +347,7 @@ def fold(
     allow_nonfinite: bool = False,
     prefetch: int | None = None,
     check_results: bool = True,
+    readers: int | None = None,
 ) -> Generator[tuple[str, slice, torch.Tensor], None, None]:
     """Run ``kernel`` over every chunk of every floating key; yield ``(key, rows, result)``.
 
@@ -348,17 +356,20 @@ def fold(
     tensor. Methods call this directly for passes that gather statistics (a TIES threshold,
     Model Stock's angles) before the pass that merges; ``on_bytes`` reports bytes read.
 
-    With ``prefetch > 0`` a background thread reads (and checks) up to ``prefetch`` chunks
-    ahead of the arithmetic, one model's chunk at a time, into a fixed pool of
-    ``prefetch + 2`` buffers, so reading overlaps computing and memory does not depend on the
-    number of models. The default, ``None``, prefetches 2 chunks when the arithmetic runs on
-    an accelerator and none on the CPU, where torch's threads use every core (a reading
-    thread made no method faster on 2 cores, with the inputs in the page cache or not: see
-    docs/streaming.md). Without a reading thread, CPU chunks are views of the page cache
-    (:meth:`Checkpoint.map_rows`), or converted from them into pooled buffers; with one, they
-    are read with ``pread`` into pooled buffers (pinned for an accelerator), so that the
-    reading thread does the copying from the page cache, and torch computes on one thread
-    fewer meanwhile (:func:`_threads_beside_reader`). A model's chunk is valid until
+    With ``prefetch > 0``, ``readers`` background threads read (and check) up to
+    ``prefetch`` chunks ahead of the arithmetic, each chunk one model's rows, into a fixed
+    pool of ``prefetch + 2`` buffers, so reading overlaps computing and memory does not
+    depend on the number of models; chunks reach the kernel in order whichever thread read
+    them. The default, ``None``, prefetches none on the CPU, where torch's threads use every
+    core (a reading thread made no method faster on 2 cores, with the inputs in the page
+    cache or not: see docs/streaming.md), and on an accelerator :func:`reading_threads`
+    chunks, read by as many threads: one thread's copies out of the page cache are slower
+    than a host-to-device copy. ``readers`` defaults to 1 on the CPU. Without reading
+    threads, CPU chunks are views of the page cache (:meth:`Checkpoint.map_rows`), or
+    converted from them into pooled buffers; with them, they are read with ``pread`` into
+    pooled buffers (pinned for an accelerator), so that the readers do the copying from the
+    page cache, and on the CPU torch computes on as many threads fewer meanwhile
+    (:func:`_threads_beside_readers`). A model's chunk is valid until
     ``update`` returns, the base's until ``finalize`` returns.
     An input holding NaN or Inf raises :class:`NonFiniteError` naming the model and key,
     unless ``allow_nonfinite``; with a kernel that ``propagates_nonfinite``, once the chunk's
@@ -369,9 +380,13 @@ def fold(
     reference = base if base is not None else models[0]
     sources = [*([base] if base is not None else []), *models]
     plan = _plan(reference, sources, keys, chunk_bytes, copy_others)
+    threads = reading_threads(device) if readers is None else readers
+    if threads < 1:
+        raise ValueError(f"readers: expected a positive number of threads, found {threads}")
     if prefetch is None:
-        prefetch = 0 if device.type == "cpu" else 2
+        prefetch = 0 if device.type == "cpu" else threads
     depth = max(prefetch, 0)
+    threads = min(threads, depth)
     pool = _Pool(_largest_read(plan, sources), count=depth + 2, device=device)
     transfers = Transfers(device)  # made here: the compute stream is this thread's
     mapped = device.type == "cpu" and depth == 0
@@ -382,24 +397,32 @@ def fold(
     check_inputs = not allow_nonfinite and not on_results
     check_results = check_results and on_results
     reads = _prefetched(
-        _read(plan, models, base, reference, device, check_inputs, mapped, pool, transfers),
+        _reads(plan, models, base, reference, device, check_inputs, mapped, pool, transfers),
         depth=depth,
+        threads=threads,
     )
+
+    def take() -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next chunk read, ready for the compute stream, and the buffer it holds."""
+        chunk = next(reads)
+        transfers.arrived(chunk.copied)
+        return chunk.tensor, chunk.held
+
     files = {file for source in sources for file in source.files().values()}
     release = mapped and sum(f.stat().st_size for f in files) > MAPPED_BYTES_KEPT
     with ExitStack() as stack:
-        if depth:  # before the reading thread starts: it takes the count set here
-            stack.enter_context(_threads_beside_reader(device))
+        if depth:  # before the reading threads start: they take the count set here
+            stack.enter_context(_threads_beside_readers(device, threads))
         stack.callback(reads.close)
         for step, (key, rows, dtype) in enumerate(plan):
             if dtype is None:  # a non-floating key, copied from the reference
-                result, held = next(reads)
+                result, held = take()
                 pool.release(held)
             else:
-                base_rows, base_held = next(reads) if base is not None else (None, None)
+                base_rows, base_held = take() if base is not None else (None, None)
                 state = kernel.init(key, rows, base_rows)
                 for index in range(len(models)):
-                    x, held = next(reads)
+                    x, held = take()
                     state = kernel.update(state, index, x)
                     pool.release(held)
                 result = kernel.finalize(state)
@@ -414,18 +437,26 @@ def fold(
                     source.release(key)
 
 
+def reading_threads(device: torch.device) -> int:
+    """Threads that read a fold's inputs for ``device`` by default: 1 on the CPU; for an
+    accelerator, up to :data:`READERS`, leaving a core to the thread that computes."""
+    if device.type == "cpu":
+        return 1
+    return max(1, min(READERS, (os.cpu_count() or 1) - 1))
+
+
 @contextlib.contextmanager
-def _threads_beside_reader(device: torch.device) -> Iterator[None]:
-    """On the CPU, torch's intra-op threads one fewer (at least one) while a reading thread
-    runs: a thread per core, not the reader fighting a team of torch threads for a core (on 2
-    cores that fight made the soup 30% slower than computing on one thread). The count is
-    torch's, for the whole process: other threads that start torch work meanwhile get it
+def _threads_beside_readers(device: torch.device, readers: int) -> Iterator[None]:
+    """On the CPU, torch's intra-op threads fewer by ``readers`` (at least one) while reading
+    threads run: a thread per core, not a reader fighting a team of torch threads for a core
+    (on 2 cores that fight made the soup 30% slower than computing on one thread). The count
+    is torch's, for the whole process: other threads that start torch work meanwhile get it
     too."""
     if device.type != "cpu":
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before - 1))
+    torch.set_num_threads(max(1, before - readers))
     try:
         yield
     finally:
@@ -563,26 +594,44 @@ def _largest_read(plan: Plan, sources: Sequence[Checkpoint]) -> int:
 class _Pool:
     """A fixed set of flat byte buffers, handed out and returned; ``take`` waits for one.
 
-    Buffers are allocated on first use; on CUDA they are pinned, for fast copies to the device.
+    Buffers are allocated on first use; on CUDA they are pinned, for fast copies to the device,
+    and may be returned with the event of a copy still reading them: ``take`` waits for it.
     """
 
     def __init__(self, nbytes: int, *, count: int, device: torch.device) -> None:
-        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        self._free: queue.Queue[tuple[torch.Tensor, Any]] = queue.Queue()
         self._nbytes, self._pin = nbytes, device.type == "cuda"
         self._unmade = count
+        self._lock = threading.Lock()  # several reading threads take buffers
 
     def take(self) -> torch.Tensor:
-        if self._unmade and self._free.empty():
-            self._unmade -= 1
+        with self._lock:
+            make = bool(self._unmade) and self._free.empty()
+            self._unmade -= make
+        if make:
             return torch.empty(self._nbytes, dtype=torch.uint8, pin_memory=self._pin)
-        return self._free.get()
+        buffer, busy = self._free.get()
+        if busy is not None:  # a copy to the device still reads it
+            busy.synchronize()
+        return buffer
 
-    def release(self, buffer: torch.Tensor | None) -> None:
+    def release(self, buffer: torch.Tensor | None, *, after: Any = None) -> None:
+        """Return ``buffer``, free for reuse once the event ``after`` (if any) completes."""
         if buffer is not None:
-            self._free.put(buffer)
+            self._free.put((buffer, after))
 
 
-def _read(
+class _Chunk(NamedTuple):
+    """One chunk read for :func:`fold`: the tensor, the pooled buffer it occupies (``None``
+    when it occupies none) for the consumer to release, and the event its copy to the device
+    records (``None`` off CUDA), which the compute stream waits on before using it."""
+
+    tensor: torch.Tensor
+    held: torch.Tensor | None = None
+    copied: Any = None
+
+
+def _reads(
     plan: Plan,
     models: Sequence[Checkpoint],
     base: Checkpoint | None,
@@ -592,103 +641,138 @@ def _read(
     mapped: bool,
     pool: _Pool,
     transfers: Transfers,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Every chunk ``fold`` consumes, in its order (base first, then models), with the pooled
-    buffer it occupies (``None`` when it occupies none) for the consumer to release.
+) -> Iterator[Callable[[], _Chunk]]:
+    """A task for every chunk ``fold`` consumes, in its order (base first, then models):
+    each reads its chunk when called, on whichever thread, independently of the others.
 
     ``check``: raise on NaN/Inf in each chunk; ``mapped``: CPU chunks are views of the page
     cache where the source has them."""
-    staging = Scratch()  # the reader's own: raw bytes awaiting conversion
+    staging = threading.local()  # each thread's own: raw bytes awaiting conversion
     on_cpu = device.type == "cpu"
+
+    def other(key: str, rows: slice) -> _Chunk:
+        # Read with pread, which reports a file cut short; a map would crash.
+        into = torch.empty(_rows_nbytes(reference, key, rows), dtype=torch.uint8)
+        return _Chunk(reference.read_rows(key, rows, into).clone())
+
+    def floating(
+        index: int | None, checkpoint: Checkpoint, key: str, rows: slice, dtype: torch.dtype
+    ) -> _Chunk:
+        view = checkpoint.map_rows(key, rows) if mapped else None
+        if view is not None:  # the page cache's own pages: no copy unless converted
+            ready, held = view, None
+            if view.dtype != dtype:
+                held = pool.take()
+                ready = held.view(dtype)[: view.numel()].view(view.shape).copy_(view)
+            if check:  # in the compute dtype: no temporary copy to sum
+                _check_finite(ready, index, checkpoint, key)
+            return _Chunk(ready, held)
+        # Read into the pool when the bytes can be used as they are: on the CPU in the
+        # compute dtype, or (pinned) as the source of a copy to the device.
+        direct = checkpoint.dtype(key) == dtype or not on_cpu
+        buffer = pool.take()
+        if direct:
+            raw = buffer
+        else:
+            if not hasattr(staging, "scratch"):
+                staging.scratch = Scratch()
+            raw = staging.scratch.take((buffer.numel(),), torch.uint8, buffer.device)
+        chunk = checkpoint.read_rows(key, rows, raw)
+        if not on_cpu:  # copied on a side stream; the buffer is free once the copy is done
+            checker = (
+                partial(_check_finite, index=index, checkpoint=checkpoint, key=key)
+                if check
+                else None
+            )
+            try:
+                moved, copied = transfers.to_device(chunk, dtype, checker)
+            except BaseException:
+                pool.release(buffer)  # the failed copy is over (to_device waited for it)
+                raise
+            pool.release(buffer, after=copied if _shares(chunk, buffer) else None)
+            return _Chunk(moved, None, copied)
+        if _shares(chunk, buffer):  # read straight into the pool
+            ready, held = chunk, buffer
+        elif _shares(chunk, raw):  # read, then converted into the pool
+            ready, held = buffer.view(dtype)[: chunk.numel()].view(chunk.shape), buffer
+            ready.copy_(chunk)
+        else:  # a tensor in memory already
+            pool.release(buffer)
+            ready, held = chunk.to(dtype=dtype), None
+        if check:
+            _check_finite(ready, index, checkpoint, key)
+        return _Chunk(ready, held)
+
     for key, rows, dtype in plan:
-        if dtype is None:  # read with pread, which reports a file cut short; a map would crash
-            into = torch.empty(_rows_nbytes(reference, key, rows), dtype=torch.uint8)
-            yield reference.read_rows(key, rows, into).clone(), None
+        if dtype is None:
+            yield partial(other, key, rows)
             continue
         for index, checkpoint in _labelled(models, base):
-            view = checkpoint.map_rows(key, rows) if mapped else None
-            if view is not None:  # the page cache's own pages: no copy unless converted
-                ready, held = view, None
-                if view.dtype != dtype:
-                    held = pool.take()
-                    ready = held.view(dtype)[: view.numel()].view(view.shape).copy_(view)
-                if check:  # in the compute dtype: no temporary copy to sum
-                    _check_finite(ready, index, checkpoint, key)
-                yield ready, held
-                continue
-            # Read into the pool when the bytes can be used as they are: on the CPU in the
-            # compute dtype, or (pinned) as the source of a copy to the device.
-            direct = checkpoint.dtype(key) == dtype or not on_cpu
-            buffer = pool.take()
-            raw = buffer if direct else staging.take((buffer.numel(),), torch.uint8, buffer.device)
-            chunk = checkpoint.read_rows(key, rows, raw)
-            if not on_cpu:  # copied on the side stream; the buffer is free once it returns
-                checker = (
-                    partial(_check_finite, index=index, checkpoint=checkpoint, key=key)
-                    if check
-                    else None
-                )
-                moved = transfers.to_device(chunk, dtype, checker)
-                pool.release(buffer)
-                yield moved, None
-                continue
-            if _shares(chunk, buffer):  # read straight into the pool
-                ready, held = chunk, buffer
-            elif _shares(chunk, raw):  # read, then converted into the pool
-                ready, held = buffer.view(dtype)[: chunk.numel()].view(chunk.shape), buffer
-                ready.copy_(chunk)
-            else:  # a tensor in memory already
-                pool.release(buffer)
-                ready, held = chunk.to(dtype=dtype), None
-            if check:
-                _check_finite(ready, index, checkpoint, key)
-            yield ready, held
+            yield partial(floating, index, checkpoint, key, rows, dtype)
 
 
 class Transfers:
     """Copies between the host and the merge device, overlapped with the arithmetic.
 
     On CUDA: a chunk read into a pinned buffer is copied to the device with ``non_blocking``
-    on a side stream, from the reading thread; an event recorded after the copy is waited
-    on by the compute stream (the stream current when this object was made), and the copy's
+    on a side stream of the calling thread's own (reading threads copy side by side), which
+    records an event after the copy; :meth:`arrived` makes the compute stream (the stream
+    current when this object was made) wait on it before the chunk is used, and the copy's
     memory is marked as used there (``record_stream``), so the device computes one chunk
-    while the next is copied. The reading thread waits for each copy before it refills the
-    pinned buffer. Results go back the other way through :meth:`to_host`. Elsewhere (the
-    CPU, other accelerators) the same calls copy synchronously, or not at all.
+    while others are copied. The pinned buffer may be refilled once the event completes.
+    Results go back the other way through :meth:`to_host`. Elsewhere (the CPU, other
+    accelerators) the same calls copy synchronously, or not at all.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._cuda = device.type == "cuda"
+        self._streams = threading.local()  # each reading thread's copy stream
         if self._cuda:
             self._compute = torch.cuda.current_stream(device)
-            self._copy = torch.cuda.Stream(device)
+
+    def _copy_stream(self) -> Any:
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
+        return stream
 
     def to_device(
         self,
         chunk: torch.Tensor,
         dtype: torch.dtype,
         check: Callable[[torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """``chunk`` on the device in ``dtype``, ready for the compute stream; ``check`` runs
-        on the copy first (on the side stream: its result waits for the copy alone)."""
+    ) -> tuple[torch.Tensor, Any]:
+        """``chunk`` on the device in ``dtype``, and the event that marks the end of the copy
+        (``None`` where the copy is synchronous): pass it to :meth:`arrived` before the
+        compute stream uses the chunk, and keep ``chunk``'s memory until it completes.
+        ``check`` runs on the copy first (on the side stream: it waits for this copy alone).
+        """
         if not self._cuda:
             moved = chunk.to(device=self.device, dtype=dtype)
             if check is not None:
                 check(moved)
-            return moved
+            return moved, None
+        copy = self._copy_stream()
         if chunk.is_cuda:  # made on a stream of its own (the compute stream): wait for it
-            self._copy.wait_stream(self._compute)
-        with torch.cuda.stream(self._copy):
-            moved = chunk.to(device=self.device, non_blocking=True).to(dtype)
-            if check is not None:
-                check(moved)
+            copy.wait_stream(self._compute)
+        with torch.cuda.stream(copy):
+            try:
+                moved = chunk.to(device=self.device, non_blocking=True).to(dtype)
+                if check is not None:
+                    check(moved)
+            except BaseException:
+                copy.synchronize()  # no copy may still read ``chunk`` once this returns
+                raise
             copied = torch.cuda.Event()
-            copied.record(self._copy)
-        self._compute.wait_event(copied)
+            copied.record(copy)
         moved.record_stream(self._compute)
-        copied.synchronize()  # the source may be a pinned buffer that is refilled next
-        return moved
+        return moved, copied
+
+    def arrived(self, copied: Any) -> None:
+        """Make the compute stream wait for the copy that recorded ``copied`` (if any)."""
+        if copied is not None:
+            self._compute.wait_event(copied)
 
     def to_host(
         self,
@@ -745,46 +829,31 @@ def _check_finite(chunk: torch.Tensor, index: int | None, checkpoint: Checkpoint
         )
 
 
-def _prefetched(items: Iterator[T], *, depth: int) -> Generator[T]:
-    """Produce ``items`` on a background thread, at most ``depth`` ahead of the consumer."""
+def _prefetched(tasks: Iterator[Callable[[], T]], *, depth: int, threads: int = 1) -> Generator[T]:
+    """The results of ``tasks``, in order, run by ``threads`` background threads at most
+    ``depth`` ahead of the consumer (by the caller's thread, in turn, for ``depth == 0``).
+
+    A task's exception is raised when the consumer reaches its result. Closing the generator
+    cancels the tasks not started and waits for the running ones.
+    """
     if depth == 0:
-        yield from items
+        for task in tasks:
+            yield task()
         return
-    slots: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
+    pending: collections.deque[concurrent.futures.Future[T]] = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(1, min(threads, depth)), thread_name_prefix="ladle-read"
+    ) as workers:
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            slots.put(("end", None))
-        except BaseException as err:  # handed to the consumer, raised there
-            slots.put(("error", err))
-
-    worker = threading.Thread(target=produce, name="ladle-prefetch", daemon=True)
-    worker.start()
-    try:
-        while True:
-            kind, value = slots.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                assert isinstance(value, BaseException)
-                raise value
-            yield value  # type: ignore[misc]
-    finally:
-        stop.set()
-        while worker.is_alive():
-            with contextlib.suppress(queue.Empty):
-                slots.get(timeout=0.1)
-        worker.join()
+            for task in tasks:
+                if len(pending) == depth:
+                    yield pending.popleft().result()
+                pending.append(workers.submit(task))
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _rows_nbytes(checkpoint: Checkpoint, key: str, rows: slice, itemsize: int | None = None) -> int:
