@@ -266,6 +266,7 @@ class LocalHub:
         from urllib.parse import unquote, urlsplit
 
         self.requests: list[tuple[str, str]] = []
+        self.repos = repos  # tests may add repositories
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -447,3 +448,22 @@ def test_a_refs_revision_that_is_no_pr_or_convert_ref_is_refused(url):
     with pytest.raises(ladle.CheckpointError, match=r"expected refs/pr/N or refs/convert/NAME"):
         parse_hf_url(url)
     assert parse_hf_url("hf://org/m@refs/pr/12/abc") == ("org/m", "refs/pr/12", "abc")
+
+
+def test_named_chat_templates_are_fetched_and_copied_into_a_directory_output(local_hub, tmp_path):
+    hub, model = local_hub
+    files = {
+        "model.safetensors": weights(model),
+        "config.json": b'{"model_type": "toy"}',
+        "additional_chat_templates/tool_use.jinja": b"{{ tools }}",
+        "additional_chat_templates/old/x.jinja": b"never fetched: deeper still",
+        "onnx/tool_use.jinja": b"never fetched: another folder",
+    }
+    hub.repos["org/t"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
+    out = ladle.uniform_soup(["hf://org/t", "hf://org/t"], out=tmp_path / "merged")
+    assert (out / "additional_chat_templates" / "tool_use.jinja").read_bytes() == b"{{ tools }}"
+    assert hub.downloaded() == {
+        "model.safetensors",
+        "config.json",
+        "additional_chat_templates/tool_use.jinja",
+    }

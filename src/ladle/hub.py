@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMPANION_FILES",
+    "COMPANION_FOLDERS",
     "HubSource",
     "open_hub_checkpoint",
     "parse_hf_url",
@@ -60,6 +61,10 @@ COMPANION_FILES = (
 """Files beside the weights that a loader needs: config, tokenizer and processor files
 (``*.model`` for sentencepiece tokenizers, ``*.tiktoken``). Custom code (``*.py``) is
 fetched too, and copied to outputs only where a config's ``auto_map`` names it."""
+
+COMPANION_FOLDERS = ("additional_chat_templates",)
+"""Folders beside the weights that a loader reads (named chat templates, ``*.jinja``): fetched
+from the Hub and copied whole into directory outputs."""
 
 _TORCH_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _OTHER_REPO_TYPES = ("datasets", "spaces", "buckets", "kernels")
@@ -219,8 +224,8 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
 
     Downloads (or, offline, finds in the cache) the config and tokenizer files, then the
     weights: a safetensors index and its shards, else single safetensors files, and only when
-    there are none, torch files (``*.bin``, ``*.pt``, ...). Files in deeper subfolders are
-    never fetched.
+    there are none, torch files (``*.bin``, ``*.pt``, ...), and named chat templates
+    (``additional_chat_templates/*.jinja``). Files in other subfolders are never fetched.
 
     Args:
         url: ``hf://owner/repo[@revision][/subfolder]``.
@@ -247,7 +252,7 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
     offline = _offline()
     cache = str(cache_dir) if cache_dir is not None else _cache_dir()
 
-    def fetch(revision: str | None, allow: list[str]) -> Path:
+    def fetch(revision: str | None, allow: list[str], depth: int = 1) -> Path:
         return Path(
             snapshot_download(
                 source.repo_id,
@@ -256,7 +261,7 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
                 local_files_only=offline,
                 allow_patterns=allow,
                 # nothing from deeper folders, no optimizer or trainer state
-                ignore_patterns=[prefix + "*/*", *_patterns(prefix, NOT_WEIGHTS)],
+                ignore_patterns=[prefix + "*/" * depth + "*", *_patterns(prefix, NOT_WEIGHTS)],
                 endpoint=os.environ.get("HF_ENDPOINT") or None,
                 library_name="ladle",
                 library_version=__version__,
@@ -270,6 +275,7 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         )
         commit = root.name  # snapshots/<commit hash>
         folder = root / source.subfolder if source.subfolder else root
+        fetch(commit, [f"{prefix}{name}/*.jinja" for name in COMPANION_FOLDERS], depth=2)
         found = False
         for allow, present in _weight_choices(folder, prefix):
             fetch(commit, allow)

@@ -22,10 +22,7 @@ import torch
 
 from ._version import __version__
 from .checkpoint import Checkpoint
-from .hub import COMPANION_FILES, PREFIX, parse_hf_url
-
-COMPANION_FOLDERS = ("additional_chat_templates",)
-"""Folders beside the weights that a loader reads, copied whole into directory outputs."""
+from .hub import COMPANION_FILES, COMPANION_FOLDERS, PREFIX, parse_hf_url
 
 __all__ = ["companion_files", "model_card", "output_files"]
 
