@@ -151,6 +151,33 @@ def test_numbers_drawn_on_threads_are_those_drawn_in_turn(start, count):
     assert torch.equal(alone < 0.3, naive_mask(2, 4, "w", numel, 0.3)[start : start + count])
 
 
+@pytest.mark.parametrize("step", [1000, BLOCK // 3, BLOCK + 1])
+def test_consecutive_parts_draw_each_block_once_with_a_kept_block(monkeypatch, step):
+    import ladle.methods.dare as dare_module
+
+    numel = 3 * BLOCK + 5
+    whole = uniform_numbers(1, 2, "w", numel=numel, start=0, count=numel)
+    seeds = []
+    original = dare_module.block_seed
+    monkeypatch.setattr(
+        dare_module, "block_seed", lambda *args: seeds.append(args) or original(*args)
+    )
+    kept: dict = {}
+    parts = []
+    for start in range(0, 2 * BLOCK, step):  # two models' chunks interleaved, as merges ask
+        for index in (2, 0):
+            count = min(step, numel - start)
+            part = uniform_numbers(1, index, "w", numel=numel, start=start, count=count, kept=kept)
+            if index == 2:
+                parts.append(part)
+    assert torch.equal(torch.cat(parts), whole[: sum(p.numel() for p in parts)])
+    blocks = [args[3] for args in seeds if args[1] == 2]
+    assert sorted(blocks) == sorted(set(blocks))  # no block drawn twice
+    # A kept block is used again only for its own key: another key draws its own numbers.
+    other = uniform_numbers(1, 2, "v", numel=numel, start=step, count=5, kept=kept)
+    assert torch.equal(other, uniform_numbers(1, 2, "v", numel=numel, start=step, count=5))
+
+
 def test_masks_differ_between_seeds_models_and_keys():
     masks = [
         keep_mask(seed, index, key, numel=256, start=0, count=256, density=0.5)

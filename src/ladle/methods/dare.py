@@ -68,12 +68,16 @@ def uniform_numbers(
     start: int,
     count: int,
     threads: Executor | None = None,
+    kept: dict[int, tuple[str, int, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """The uniform numbers in [0, 1) that decide entries ``start .. start+count`` of flattened
     tensor ``key`` (of ``numel`` entries) of model ``index``: a flat float32 CPU tensor.
 
     With ``threads``, the blocks are drawn on them at once (each block has its own
-    generator, and a CPU generator draws on one core): the same numbers, sooner.
+    generator, and a CPU generator draws on one core): the same numbers, sooner. With
+    ``kept`` (a dict owned by the caller), a block of which only a part was asked for is
+    kept there for model ``index`` (one block per model, 4 MiB), so that asking for the
+    next entries does not draw it again: chunks smaller than a block draw each block once.
 
     Example:
         >>> from ladle.methods.dare import uniform_numbers
@@ -85,16 +89,28 @@ def uniform_numbers(
     numbers = torch.empty(count)
     stop = start + count
 
+    held = kept.get(index) if kept is not None else None
+    partial: dict[int, torch.Tensor] = {}  # blocks drawn whole but used in part
+
     def draw(block: int) -> None:
         first = block * BLOCK
         size = min(BLOCK, numel - first)
         low, high = max(start, first), min(stop, first + size)
-        generator = torch.Generator(device="cpu").manual_seed(block_seed(seed, index, key, block))
         if (low, high) == (first, first + size):  # a whole block: drawn in place
+            generator = torch.Generator(device="cpu").manual_seed(
+                block_seed(seed, index, key, block)
+            )
             torch.rand(size, generator=generator, out=numbers[low - start : high - start])
+            return
+        if held is not None and held[:2] == (key, block):
+            drawn = held[2]
         else:
+            generator = torch.Generator(device="cpu").manual_seed(
+                block_seed(seed, index, key, block)
+            )
             drawn = torch.rand(size, generator=generator)
-            numbers[low - start : high - start] = drawn[low - first : high - first]
+        numbers[low - start : high - start] = drawn[low - first : high - first]
+        partial[block] = drawn
 
     blocks = range(start // BLOCK, -(-stop // BLOCK))
     if threads is not None and len(blocks) > 1:
@@ -102,6 +118,10 @@ def uniform_numbers(
     else:
         for block in blocks:
             draw(block)
+    if kept is not None and blocks and blocks[-1] in partial:  # the next chunk starts there
+        kept[index] = (key, blocks[-1], partial[blocks[-1]])
+    elif kept is not None:
+        kept.pop(index, None)
     return numbers
 
 
@@ -128,6 +148,8 @@ def _dropper(
     """``mᵢ ⊙ τᵢ``, the mask ``mᵢ`` drawn per block of the flattened tensor (on ``threads``);
     the rescale by ``1/density`` is left to the combination (see :func:`dare`)."""
 
+    kept: dict[int, tuple[str, int, torch.Tensor]] = {}  # per model, a block used in part
+
     def drop(
         key: str, rows: slice, index: int, tau: torch.Tensor, scratch: torch.Tensor
     ) -> torch.Tensor:
@@ -143,6 +165,7 @@ def _dropper(
             start=(rows.start or 0) * row_size,
             count=tau.numel(),
             threads=threads,
+            kept=kept,
         )
         # 1.0 where kept, 0.0 where dropped: multiplying by a float mask is many times faster
         # than masked_fill_ with a bool one (a dropped entry becomes ±0.0).
