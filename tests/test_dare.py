@@ -25,7 +25,8 @@ def naive_mask(seed, index, key, numel, density):
         block_seed = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
         generator = torch.Generator().manual_seed(block_seed)
         pieces.append(torch.rand(min(2**20, numel - first), generator=generator))
-    return torch.cat(pieces) < density if pieces else torch.zeros(0, dtype=torch.bool)
+    # Compared as real numbers (float64 holds every float32 and the density exactly).
+    return torch.cat(pieces).double() < density if pieces else torch.zeros(0, dtype=torch.bool)
 
 
 def naive_dropped(models, base, *, density, seed):
@@ -366,6 +367,20 @@ def test_a_nonfinite_entry_that_the_mask_drops_is_still_an_error(tmp_path, bad, 
     paths = save_all([base, *models], tmp_path)
     with pytest.raises(ladle.NonFiniteError, match=r"model 1 .*'layer.weight'"):
         ladle.dare(paths[1:], paths[0], density=0.1, seed=0, combine=combine, device="cpu")
+
+
+def test_a_density_float32_would_round_down_keeps_the_numbers_below_it():
+    density = 0.5 + 2**-26  # float32(density) is 0.5: a number of exactly 0.5 must be kept
+    numel = 2**24
+    numbers = uniform_numbers(0, 0, "w", numel=numel, start=0, count=numel)
+    halves = torch.nonzero(numbers == 0.5).flatten()
+    assert halves.numel() > 0  # with this seed, two entries draw exactly 0.5
+    mask = keep_mask(0, 0, "w", numel=numel, start=0, count=numel, density=density)
+    assert mask[halves].all()
+    assert torch.equal(mask, naive_mask(0, 0, "w", numel, density))
+    base = {"w": torch.zeros(numel)}
+    merged = ladle.dare([{"w": torch.ones(numel)}], base, density=density, scale=density)
+    assert torch.equal(merged["w"] != 0, mask)
 
 
 def test_densities_float32_random_numbers_cannot_draw_are_refused():

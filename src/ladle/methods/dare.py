@@ -5,7 +5,7 @@ numbers on the CPU and a GPU, streamed or in memory, whatever the chunk size or 
 each tensor, flattened in row-major order, is cut into blocks of ``BLOCK`` entries; block ``b``
 of key ``K`` of model ``i`` draws ``torch.rand(L)`` (``L = min(BLOCK, numel − b·BLOCK)``,
 float32) from a CPU ``torch.Generator`` seeded with :func:`block_seed`, and an entry survives
-where its number is ``< density``.
+where its number is ``< density`` (compared exactly: :func:`keep_below`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ..engine import (
 from .task_arithmetic import Delta, check_inputs, check_scale, task_vector_sum_kernel
 from .ties import check_density, majority_election
 
-__all__ = ["BLOCK", "block_seed", "dare", "keep_mask", "uniform_numbers"]
+__all__ = ["BLOCK", "block_seed", "dare", "keep_below", "keep_mask", "uniform_numbers"]
 
 BLOCK = 2**20
 """Entries per block of the flattened tensor; each block has its own generator."""
@@ -45,6 +45,22 @@ DENSITY_FLOOR = 2.0**-24
 is kept with probability ⌈density·2²⁴⌉/2²⁴, density rounded up to the grid (survivors are
 still rescaled by 1/density, the paper's rule): 1.3% above density at 1e-6, 2.4e-7 at 0.1, and
 never below 2⁻²⁴."""
+
+
+def keep_below(density: float) -> float:
+    """The float32 number that ``uniform_numbers`` are compared with: ``⌈density·2²⁴⌉/2²⁴``.
+
+    Every number drawn is a multiple of 2⁻²⁴, and ``u < keep_below(d)`` exactly when ``u < d``
+    (as real numbers), so an entry is kept with probability ``⌈d·2²⁴⌉/2²⁴``. Comparing with
+    ``d`` itself would round it to float32 first, below ``d`` for some densities in
+    (0.25, 1): 0.5 + 2⁻²⁶ became 0.5.
+
+    Example:
+        >>> from ladle.methods.dare import keep_below
+        >>> keep_below(0.5 + 2**-26) == 0.5 + 2**-24, keep_below(0.5), keep_below(1.0)
+        (True, 0.5, 1.0)
+    """
+    return math.ceil(density * 2**24) / 2**24
 
 
 def block_seed(seed: int, index: int, key: str, block: int) -> int:
@@ -139,7 +155,7 @@ def keep_mask(
         True
     """
     numbers = uniform_numbers(seed, index, key, numel=numel, start=start, count=count)
-    return numbers < density
+    return numbers < keep_below(density)
 
 
 def _dropper(
@@ -149,6 +165,7 @@ def _dropper(
     the rescale by ``1/density`` is left to the combination (see :func:`dare`)."""
 
     kept: dict[int, tuple[str, int, torch.Tensor]] = {}  # per model, a block used in part
+    threshold = keep_below(density)
 
     def drop(
         key: str, rows: slice, index: int, tau: torch.Tensor, scratch: torch.Tensor
@@ -169,7 +186,7 @@ def _dropper(
         )
         # 1.0 where kept, 0.0 where dropped: multiplying by a float mask is many times faster
         # than masked_fill_ with a bool one (a dropped entry becomes ±0.0).
-        keep = torch.lt(numbers, density, out=numbers).view(tau.shape).to(tau.device)
+        keep = torch.lt(numbers, threshold, out=numbers).view(tau.shape).to(tau.device)
         return tau.mul_(keep)
 
     return drop
