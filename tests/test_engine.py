@@ -429,3 +429,22 @@ def test_reading_threads_for_an_accelerator_leave_a_core_to_the_arithmetic(monke
     for cores, expected in [(1, 1), (2, 1), (3, 2), (16, engine.READERS), (None, 1)]:
         monkeypatch.setattr(engine.os, "cpu_count", lambda cores=cores: cores)
         assert engine.reading_threads(torch.device("cuda")) == expected
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "kinds"),
+    [
+        (torch.float32, torch.int64, "floating and integer"),
+        (torch.float32, torch.complex64, "floating and complex"),
+        (torch.complex64, torch.int32, "complex and integer"),
+        (torch.int8, torch.bool, None),  # both integers: the base's is copied
+        (torch.complex64, torch.complex128, None),
+    ],
+)
+def test_keys_of_different_kinds_are_refused_naming_both_kinds(a, b, kinds):
+    first, second = {"w": torch.ones(2, dtype=a)}, {"w": torch.ones(2, dtype=b)}
+    if kinds is None:
+        ladle.add(first, second)
+        return
+    with pytest.raises(ladle.IncompatibleError, match=f"'w' has dtype {b}.*{kinds} tensors"):
+        ladle.add(first, second)

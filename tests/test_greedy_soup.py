@@ -386,6 +386,20 @@ def test_cli_an_evaluate_that_raises_is_one_line(tmp_path, capsys, monkeypatch):
     assert not out.exists()
 
 
+def test_cli_an_evaluate_file_that_raises_is_named_as_the_user_wrote_it(tmp_path, capsys):
+    (tmp_path / "evals.py").write_text("def score(sd):\n    raise RuntimeError('boom')\n")
+    paths = []
+    for i, model in enumerate(one_hot_family(2)):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    spec = f"{tmp_path / 'evals.py'}:score"
+    argv = ["greedy-soup", *paths, "--evaluate", spec, "-o", str(tmp_path / "o.safetensors")]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == (
+        f"ladle: error: --evaluate {spec}: raised RuntimeError: boom\n"
+    )
+
+
 def test_an_evaluate_returning_no_number_is_a_value_error_naming_it():
     models = one_hot_family(2)
     with pytest.raises(

@@ -150,17 +150,17 @@ def _run_method(args: argparse.Namespace) -> None:
 
 
 def _callable(spec: str) -> Callable[..., Any]:
-    """``pkg.module:function`` (or ``path/to/file.py:function``), imported; else a usage error."""
+    """``pkg.module:function`` (or ``path/to/file.py:function``), imported and
+    :func:`_reported` under ``spec``; else a usage error."""
     try:
-        return load_callable(spec)
+        return _reported(load_callable(spec), spec)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _reported(evaluate: Callable[..., Any]) -> Callable[..., Any]:
-    """``evaluate``, whose exceptions become one ``LadleError`` line naming it (``--debug``
-    shows the traceback of the user's code, chained)."""
-    spec = f"{getattr(evaluate, '__module__', '?')}:{getattr(evaluate, '__qualname__', evaluate)}"
+def _reported(evaluate: Callable[..., Any], spec: str) -> Callable[..., Any]:
+    """``evaluate``, whose exceptions become one ``LadleError`` line naming it by ``spec``, as
+    the user wrote it (``--debug`` shows the traceback of the user's code, chained)."""
 
     def call(state_dict: Any) -> Any:
         try:
@@ -172,9 +172,8 @@ def _reported(evaluate: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _run_greedy_soup(args: argparse.Namespace) -> None:
-    evaluate = _reported(args.evaluate)
     result = greedy_soup(
-        args.models, evaluate, scores=args.scores, strict=args.strict, **merge_kwargs(args)
+        args.models, args.evaluate, scores=args.scores, strict=args.strict, **merge_kwargs(args)
     )
     width = max(len(str(len(args.models) - 1)), len("model"))
     print(f"{'model':<{width}}  {'score':>10}  kept  source")

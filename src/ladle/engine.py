@@ -299,11 +299,18 @@ def check_compatible(
                     f"{ref_name} has {ref_shape}"
                 )
             dtype, ref_dtype = model.dtype(key), reference.dtype(key)
-            if dtype.is_floating_point != ref_dtype.is_floating_point:
+            if _kind(dtype) != _kind(ref_dtype):
                 raise IncompatibleError(
-                    f"{label(index, model)}: key {key!r} has dtype {dtype}, "
-                    f"{ref_name} has {ref_dtype}; floating and integer tensors cannot be merged"
+                    f"{label(index, model)}: key {key!r} has dtype {dtype}, {ref_name} has "
+                    f"{ref_dtype}; {_kind(ref_dtype)} and {_kind(dtype)} tensors cannot be merged"
                 )
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """``"floating"``, ``"complex"`` or ``"integer"`` (bool included): dtypes of one kind merge."""
+    if dtype.is_floating_point:
+        return "floating"
+    return "complex" if dtype.is_complex else "integer"
 
 
 def open_models(
