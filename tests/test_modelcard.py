@@ -285,3 +285,12 @@ def test_named_chat_templates_folder_is_copied(tmp_path):
         (tmp_path / f"m{i}" / "additional_chat_templates" / "tool_use.jinja").write_text("{{ x }}")
     out = ladle.uniform_soup([tmp_path / "m0", tmp_path / "m1"], out=tmp_path / "o", device="cpu")
     assert (out / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ x }}"
+
+
+def test_a_card_recipe_naming_a_path_with_a_del_character_is_valid_toml(tmp_path):
+    odd = tmp_path / "b\x7f.safetensors"
+    save_file({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.full((2,), 3.0)}, odd)
+    out = ladle.uniform_soup([tmp_path / "a.safetensors", odd], out=tmp_path / "merged")
+    recipe = tomllib.loads(_card_recipe(out))
+    assert str(odd) in json.dumps(recipe, ensure_ascii=False)

@@ -98,13 +98,14 @@ def _toml(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in value.items()) + "}"
-    return json.dumps(str(value), ensure_ascii=False)  # a basic string; JSON escapes are TOML's
+        return "{" + ", ".join(f"{_toml(str(k))} = {_toml(v)}" for k, v in value.items()) + "}"
+    # A basic string: JSON's escapes are TOML's, but TOML also forbids a raw DEL.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _yaml_list(key: str, items: Sequence[str]) -> str:
-    # JSON strings are valid YAML double-quoted scalars.
-    return f"{key}:\n" + "".join(f"- {json.dumps(item, ensure_ascii=False)}\n" for item in items)
+    # JSON strings are valid YAML double-quoted scalars, once DEL (not printable) is escaped.
+    return f"{key}:\n" + "".join(f"- {_toml(item)}\n" for item in items)
 
 
 def model_card(
@@ -209,7 +210,7 @@ def _recipe(
     recipe += [f"models = {_toml(list(models))}", 'output = "merged"']
     if kept:
         recipe += ["", "[parameters]"]
-        recipe += [f"{json.dumps(str(k))} = {_toml(v)}" for k, v in kept.items()]
+        recipe += [f"{_toml(str(k))} = {_toml(v)}" for k, v in kept.items()]
     return recipe
 
 
