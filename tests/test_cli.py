@@ -128,6 +128,16 @@ def test_inspect_json(inputs, capsys):
     assert report["bytes"] == sum(t.nbytes for t in family(1, seed=7)[0].values())
 
 
+def test_inspect_json_names_the_torch_file_holding_each_tensor(tmp_path, capsys):
+    torch.save({"w": torch.ones(2), "b": torch.zeros(3)}, tmp_path / "m.pt")
+    assert main(["inspect", str(tmp_path / "m.pt"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [t["file"] for t in report["tensors"]] == ["m.pt", "m.pt"]
+    assert report["shards"] == [{"file": "m.pt", "tensors": 2, "bytes": 20}]
+    with ladle.open_checkpoint({"w": torch.ones(2)}) as in_memory:
+        assert in_memory.files() == {}
+
+
 @pytest.mark.slow
 def test_console_entry_point_runs_as_a_module(tmp_path, inputs):
     result = subprocess.run(

@@ -153,7 +153,8 @@ class Checkpoint:
 
 
 class TensorMapCheckpoint(Checkpoint):
-    """A checkpoint over tensors already in hand (a mapping, a module, a loaded torch file)."""
+    """A checkpoint over tensors already in hand (a mapping, a module, a loaded torch file,
+    whose ``file`` :meth:`files` reports for every key)."""
 
     def __init__(
         self,
@@ -161,6 +162,7 @@ class TensorMapCheckpoint(Checkpoint):
         *,
         name: str = "<state dict>",
         path: Path | None = None,
+        file: Path | None = None,
     ) -> None:
         for key, value in tensors.items():
             if not isinstance(key, str) or not isinstance(value, torch.Tensor):
@@ -177,9 +179,13 @@ class TensorMapCheckpoint(Checkpoint):
         self.name = name
         self.path = path
         self.metadata = {}
+        self._file = file  # the torch file the tensors were loaded from, if any
 
     def keys(self) -> list[str]:
         return list(self._tensors)
+
+    def files(self) -> dict[str, Path]:
+        return {} if self._file is None else dict.fromkeys(self._tensors, self._file)
 
     def _tensor(self, key: str) -> torch.Tensor:
         try:
@@ -572,7 +578,7 @@ def _open_file(file: Path) -> Checkpoint:
     if file.suffix == ".safetensors":
         return SafetensorsCheckpoint.from_file(file)
     if file.suffix in TORCH_SUFFIXES:
-        return TensorMapCheckpoint(load_torch_file(file), name=str(file), path=file)
+        return TensorMapCheckpoint(load_torch_file(file), name=str(file), path=file, file=file)
     raise CheckpointError(
         f"{file}: unknown checkpoint format; expected .safetensors or one of "
         f"{', '.join(TORCH_SUFFIXES)}"
