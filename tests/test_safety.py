@@ -595,3 +595,66 @@ def test_a_failed_merge_holds_no_map_of_the_inputs_it_did_not_blame(tmp_path):
         assert mapped(paths[0]) == 0 and mapped(paths[2]) == 0
     else:
         raise AssertionError("the NaN was not found")
+
+
+E4M3 = torch.float8_e4m3fn  # casts saturate: 520 and Inf become 448, never Inf
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_float8_e4m3fn_outputs_that_would_saturate_are_an_error(tmp_path, streamed):
+    # base 384 and model 448 (both exact): 384 + s·64. Values up to 464, halfway to 480 (not
+    # representable), round to 448 (a tie goes to the even 448); past 464 they overflow.
+    base = {"w": torch.tensor([384.0, 1.0]).to(E4M3)}
+    model = {"w": torch.tensor([448.0, 1.0]).to(E4M3)}
+    out = {"out": tmp_path / "m.safetensors", "overwrite": True} if streamed else {}
+
+    def merged(scale, **kw):
+        result = ladle.task_arithmetic([model], base, scale=scale, device="cpu", **out, **kw)
+        return ladle.load(result) if streamed else result
+
+    assert merged(1.25)["w"].float().tolist() == [448.0, 1.0]  # 464: rounds to 448
+    with pytest.raises(ladle.NonFiniteError, match=r"1 of the 2 .*'w' overflow float8_e4m3fn"):
+        merged(1.2501)
+    with pytest.raises(ladle.NonFiniteError, match="overflow float8_e4m3fn"):
+        merged(-20.0)  # 384 − 1280: negative values saturate too
+    assert merged(3.0, allow_nonfinite=True)["w"].float().tolist() == [448.0, 1.0]
+
+
+@given(scale=st.floats(-12.0, 12.0), values=st.lists(st.floats(-448, 448), min_size=1, max_size=6))
+def test_a_float8_e4m3fn_merge_fails_exactly_when_a_value_rounds_past_448(scale, values):
+    base = {"w": torch.tensor(values).to(E4M3)}
+    model = {"w": torch.tensor(values[::-1]).to(E4M3)}
+    wide = ladle.task_arithmetic([model], base, scale=scale, device="cpu", dtype=torch.float32)
+    overflows = bool((wide["w"].abs() > 464).any())
+    event(f"overflows: {overflows}")
+    try:
+        narrow = ladle.task_arithmetic([model], base, scale=scale, device="cpu")
+    except ladle.NonFiniteError:
+        assert overflows
+    else:
+        assert not overflows
+        assert torch.equal(narrow["w"], wide["w"].to(E4M3))
+
+
+def test_a_patched_sign_tie_that_would_saturate_float8_e4m3fn_is_an_error():
+    # Entry 0 ties (τ = ±32); the majority (+) patches it to 384 + 3·32 = 480 after the pass.
+    base = {"w": torch.tensor([384.0, 1.0, 1.0]).to(E4M3)}
+    models = [
+        {"w": torch.tensor([416.0, 2.0, 2.0]).to(E4M3)},
+        {"w": torch.tensor([352.0, 2.0, 2.0]).to(E4M3)},
+    ]
+    with pytest.raises(ladle.NonFiniteError, match=r"1 of the 1 merged values .* float8_e4m3fn"):
+        ladle.ties(models, base, density=1.0, scale=3.0, device="cpu")
+    patched = ladle.ties(models, base, density=1.0, scale=1.0, device="cpu")
+    assert patched["w"].float().tolist() == [416.0, 2.0, 2.0]
+
+
+def test_saturation_limits_follow_the_rounding_of_torchs_casts():
+    from ladle.engine import saturation_limit
+
+    assert saturation_limit(E4M3) == (464.0, False)
+    for dtype in (torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.float16):
+        assert saturation_limit(dtype) is None  # overflow gives Inf or NaN: checked after
+    below, at, above = torch.tensor([463.99, 464.0, 464.01]).to(E4M3).float().tolist()
+    assert below == at == above == 448.0  # the cast saturates, so only the limit tells
+    assert torch.tensor([479.0]).to(torch.float32).to(E4M3).float().item() == 448.0

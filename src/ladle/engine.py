@@ -22,7 +22,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Se
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypeVar, Union
+from typing import Any, NamedTuple, NoReturn, Protocol, TypeVar, Union
 
 import torch
 
@@ -527,22 +527,75 @@ def _check_merged(
     if bool(finite.all()):  # the sum overflowed, not the values
         return
     _blame_input(key, rows, models, base)
-    count = finite.numel() - int(finite.sum())
+    _overflowed(where, key, rows, finite.numel() - int(finite.sum()), finite.numel(), chunk.dtype)
+
+
+def _overflowed(
+    where: str, key: str, rows: slice, count: int, total: int, dtype: torch.dtype
+) -> NoReturn:
+    """Raise the :class:`NonFiniteError` of ``count`` of ``total`` merged values of ``key``
+    that overflow ``dtype`` although every input is finite."""
     wider = (
         ""
-        if chunk.dtype.itemsize >= 4
+        if dtype.itemsize >= 4
         else ", or merge into a wider dtype (dtype=torch.float32, --dtype float32)"
     )
     part = (
         "" if rows.start is None or rows.stop is None else f" in rows {rows.start}–{rows.stop - 1}"
     )
     raise NonFiniteError(
-        f"{where}: {count} of the {finite.numel()} merged values of key {key!r}{part} overflow "
-        f"{str(chunk.dtype).removeprefix('torch.')} (largest finite value "
-        f"{torch.finfo(chunk.dtype).max:g}) although every input is finite; lower the scale "
+        f"{where}: {count} of the {total} merged values of key {key!r}{part} overflow "
+        f"{str(dtype).removeprefix('torch.')} (largest finite value "
+        f"{torch.finfo(dtype).max:g}) although every input is finite; lower the scale "
         f"or weights where the method has them{wider}; allow_nonfinite=True "
         "(--allow-nonfinite) keeps them as they are"
     )
+
+
+def saturation_limit(dtype: torch.dtype) -> tuple[float, bool] | None:
+    """For a dtype that holds no infinity and to which torch's casts saturate
+    (``float8_e4m3fn``: 520 and Inf become 448), the magnitude past which a value does not
+    round to the largest finite value but overflows, and whether that magnitude itself
+    overflows (a tie rounds to the even neighbour); ``None`` for other dtypes, whose casts
+    give Inf or NaN on overflow.
+
+    Example:
+        >>> import torch
+        >>> from ladle.engine import saturation_limit
+        >>> saturation_limit(torch.float8_e4m3fn), saturation_limit(torch.bfloat16)
+        ((464.0, False), None)
+    """
+    if not dtype.is_floating_point or dtype.itemsize != 1:
+        return None
+    if not bool(torch.isfinite(torch.tensor([math.inf]).to(dtype).float())):
+        return None  # an overflow shows as Inf or NaN after the cast
+    if dtype == torch.float8_e8m0fnu:  # powers of two only: no halfway point to round at
+        return None
+    largest = torch.tensor([torch.finfo(dtype).max]).to(dtype)
+    bits = largest.view(torch.uint8)
+    below = (bits - 1).view(dtype).float().item()
+    top = largest.float().item()
+    return top + (top - below) / 2, bool(int(bits) & 1)
+
+
+def _check_saturating(
+    result: torch.Tensor,
+    limit: tuple[float, bool],
+    dtype: torch.dtype,
+    key: str,
+    rows: slice,
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    where: str,
+) -> None:
+    """``result`` (before its cast to ``dtype``, which saturates): no value past ``limit``
+    (:func:`saturation_limit`) and no NaN or Inf, which the cast would hide."""
+    magnitude = result.abs()
+    bad = (magnitude >= limit[0]) if limit[1] else (magnitude > limit[0])
+    bad |= ~torch.isfinite(result)
+    if bool(bad.any()):
+        _blame_input(key, rows, models, base)
+        _overflowed(where, key, rows, int(bad.sum()), bad.numel(), dtype)
 
 
 def _checked_outputs(
@@ -966,6 +1019,7 @@ def merge(
         bar = _bar(progress, total)
         if bar is not None:
             stack.callback(bar.close)
+        where = "the merged state dict" if out is None else str(out)
         folded = fold(
             checkpoints,
             kernel,
@@ -978,17 +1032,38 @@ def merge(
             allow_nonfinite=allow_nonfinite or inputs_checked,
             check_results=False,  # checked below, in the output dtype
         )
+        limits = {key: saturation_limit(dtype) for key, (_, dtype) in specs.items()}
+        if not allow_nonfinite and any(limits.values()):  # checked before the cast hides it
+
+            def checked(
+                results: Iterator[tuple[str, slice, torch.Tensor]],
+            ) -> Generator[tuple[str, slice, torch.Tensor], None, None]:
+                for key, rows, result in results:
+                    limit = limits[key]
+                    if limit is not None and result.is_floating_point():
+                        dtype = specs[key][1]
+                        _check_saturating(
+                            result, limit, dtype, key, rows, checkpoints, base_ckpt, where
+                        )
+                    yield key, rows, result
+
+            folded = checked(folded)
         results = Transfers(target).to_host(folded, lambda key: specs[key][1])
         # On a failure each generator is closed, outermost first, before the inputs are: the
         # reading thread stops, and no frame the exception keeps holds views of the inputs.
         stack.callback(folded.close)
         stack.callback(results.close)
-        where = "the merged state dict" if out is None else str(out)
         if not allow_nonfinite:
             results = _checked_outputs(results, checkpoints, base_ckpt, where)
 
         def amendments() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
             for key, index, values in kernel.amend() if kernel.amend is not None else ():
+                limit, dtype = limits[key], specs[key][1]
+                if not allow_nonfinite and limit is not None:
+                    everywhere = slice(None)
+                    _check_saturating(
+                        values, limit, dtype, key, everywhere, checkpoints, base_ckpt, where
+                    )
                 index, values = index.to("cpu"), values.to("cpu", specs[key][1])
                 if not allow_nonfinite:
                     _check_merged(values, key, slice(None), checkpoints, base_ckpt, where)
