@@ -189,7 +189,8 @@ def _card_recipe(folder) -> str:
         "ratatouille",
     ],
 )
-def test_every_methods_card_recipe_runs_and_gives_its_weights(tmp_path, method):
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_every_methods_card_recipe_runs_and_gives_its_weights(tmp_path, method, dtype):
     from ladle.recipe import run_recipe
 
     base, *models = family(4, seed=21)
@@ -200,17 +201,17 @@ def test_every_methods_card_recipe_runs_and_gives_its_weights(tmp_path, method):
     base_path, model_paths = paths[0], paths[1:]
     out = tmp_path / "merged"
     evaluate = lambda sd: -float(sd["layer.weight"].sum())  # noqa: E731
+    kw = {"out": out, "dtype": dtype}
     call = {
-        "uniform_soup": lambda: ladle.uniform_soup(model_paths, out=out, weights=[1, 2, 3]),
-        "task_arithmetic": lambda: ladle.task_arithmetic(
-            model_paths, base_path, out=out, scale=0.5
-        ),
-        "ties": lambda: ladle.ties(model_paths, base_path, out=out, density=0.4, trim="tensor"),
-        "dare": lambda: ladle.dare(model_paths, base_path, out=out, density=0.5, seed=3),
-        "model_stock": lambda: ladle.model_stock(model_paths, base_path, out=out),
-        "greedy_soup": lambda: ladle.greedy_soup(model_paths, evaluate, out=out),
+        "uniform_soup": lambda: ladle.uniform_soup(model_paths, weights=[1, 2, 3], **kw),
+        "task_arithmetic": lambda: ladle.task_arithmetic(model_paths, base_path, scale=0.5, **kw),
+        "ties": lambda: ladle.ties(model_paths, base_path, density=0.4, trim="tensor", **kw),
+        "dare": lambda: ladle.dare(model_paths, base_path, density=0.5, seed=3, **kw),
+        # Chunks this small change the Gram sums' rounding: the recipe must carry them.
+        "model_stock": lambda: ladle.model_stock(model_paths, base_path, chunk_bytes=64, **kw),
+        "greedy_soup": lambda: ladle.greedy_soup(model_paths, evaluate, **kw),
         "ratatouille": lambda: ladle.ratatouille(
-            model_paths, selection="greedy", evaluate=evaluate, out=out
+            model_paths, selection="greedy", evaluate=evaluate, **kw
         ),
     }[method]
     call()
@@ -221,8 +222,10 @@ def test_every_methods_card_recipe_runs_and_gives_its_weights(tmp_path, method):
     original, again = ladle.load(out), ladle.load(replay / "merged")
     assert original.keys() == again.keys()
     for key in original:
+        assert again[key].dtype == original[key].dtype, key
         if method in ("greedy_soup", "ratatouille"):  # a running mean against a mean
-            torch.testing.assert_close(again[key], original[key], rtol=1e-6, atol=1e-7)
+            tolerance = {} if dtype is not None else {"rtol": 1e-6, "atol": 1e-7}
+            torch.testing.assert_close(again[key], original[key], **tolerance)
         else:
             assert torch.equal(again[key], original[key]), key
 
@@ -294,3 +297,14 @@ def test_a_card_recipe_naming_a_path_with_a_del_character_is_valid_toml(tmp_path
     out = ladle.uniform_soup([tmp_path / "a.safetensors", odd], out=tmp_path / "merged")
     recipe = tomllib.loads(_card_recipe(out))
     assert str(odd) in json.dumps(recipe, ensure_ascii=False)
+
+
+def test_a_card_recipe_names_an_output_dtype_recipes_cannot_hold_in_a_comment(tmp_path):
+    save_file({"w": torch.ones(4)}, tmp_path / "a.safetensors")
+    out = ladle.uniform_soup(
+        [tmp_path / "a.safetensors"] * 2, out=tmp_path / "f", dtype=torch.float8_e4m3fn
+    )
+    recipe = _card_recipe(out)
+    assert "# merged into float8_e4m3fn, which a recipe cannot name" in recipe
+    assert "dtype =" not in recipe
+    assert tomllib.loads(recipe)["method"] == "uniform_soup"

@@ -115,6 +115,7 @@ def model_card(
     base: str | None = None,
     *,
     title: str = "Merged model",
+    dtype: torch.dtype | None = None,
 ) -> str:
     """The ``README.md`` of a merged model: YAML front matter, inputs, parameters, recipe.
 
@@ -124,6 +125,8 @@ def model_card(
         models: the inputs' names (Hub inputs as ``hf://owner/repo@<commit>``).
         base: the base model's name, if the method has one.
         title: the card's heading.
+        dtype: the output dtype the merge was asked for (``dtype=``), if any: the recipe
+            asks for it too.
 
     Returns:
         The card's text.
@@ -171,7 +174,7 @@ def model_card(
     lines += [f"- `{key}`: `{json.dumps(value, default=str)}`" for key, value in parameters.items()]
     if not parameters:
         lines.append("None.")
-    recipe = _recipe(method, parameters, models, base)
+    recipe = _recipe(method, parameters, models, base, dtype)
     lines += ["", "## Recipe", ""]
     if in_memory:
         lines += ["Some inputs were in memory, not files: no recipe can reproduce this merge.", ""]
@@ -182,9 +185,14 @@ def model_card(
 
 
 def _recipe(
-    method: str, parameters: Mapping[str, object], models: Sequence[str], base: str | None
+    method: str,
+    parameters: Mapping[str, object],
+    models: Sequence[str],
+    base: str | None,
+    dtype: torch.dtype | None = None,
 ) -> list[str]:
-    """The lines of a recipe that ``ladle run`` accepts and that gives this merge's weights.
+    """The lines of a recipe that ``ladle run`` accepts and that gives this merge's weights
+    (in ``dtype``, when the merge asked for one).
 
     Only the method's own parameters go under ``[parameters]`` (provenance also records
     constants such as Model Stock's ``eps``). A greedy selection (``selected`` recorded)
@@ -208,6 +216,14 @@ def _recipe(
     if base is not None:
         recipe.append(f"base = {_toml(base)}")
     recipe += [f"models = {_toml(list(models))}", 'output = "merged"']
+    if dtype is not None:
+        from .recipe import DTYPES  # recipe imports this module's neighbours: imported here
+
+        name = str(dtype).removeprefix("torch.")
+        if DTYPES.get(name) == dtype:
+            recipe.append(f"dtype = {_toml(name)}")
+        else:
+            recipe.append(f"# merged into {name}, which a recipe cannot name: convert after it")
     if kept:
         recipe += ["", "[parameters]"]
         recipe += [f"{_toml(str(k))} = {_toml(v)}" for k, v in kept.items()]
@@ -256,6 +272,7 @@ def output_files(
         [m.name for m in models],
         None if base is None else base.name,
         title=Path(out).name or "Merged model",
+        dtype=dtype,
     )
     files["README.md"] = card.encode()
     return files

@@ -313,7 +313,9 @@ def model_stock(
         stock_kernel({}, 0),  # replaced by prepare's kernel once the ratios are known
         base=base,
         method="model_stock",
-        parameters={"eps": EPS, "t_min": T_MIN},
+        # chunk_bytes below GRAM_CHUNK_BYTES changes the Gram sums' rounding: recorded, so
+        # that the card's recipe gives the same weights.
+        parameters={"eps": EPS, "t_min": T_MIN, "chunk_bytes": chunk_bytes},
         out=out,
         device=target,
         dtype=dtype,
