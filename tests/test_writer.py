@@ -272,6 +272,12 @@ def test_what_the_header_refuses_is_refused_before_anything_is_created(tmp_path,
         ladle.save({"w": torch.zeros(2)}, out, metadata={"epochs": 3})
     with pytest.raises(ladle.LadleError, match=r"safetensors reads at most 100000000"):
         ladle.save({"w": torch.zeros(2)}, out, metadata={"notes": "x" * 100_000_001})
+    with pytest.raises(ladle.LadleError, match=r"tensor '__metadata__': safetensors keeps"):
+        ladle.save({"__metadata__": torch.zeros(2)}, out)
+    with pytest.raises(ladle.LadleError, match=r"tensor '__metadata__': safetensors keeps"):
+        # refused when the writer is made, before any merging
+        model = {"__metadata__": torch.ones(3)}
+        ladle.uniform_soup([model, model], out=out, device="cpu")
     assert list(tmp_path.iterdir()) == []
 
 

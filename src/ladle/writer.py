@@ -122,8 +122,8 @@ HEADER_LIMIT = 100_000_000
 
 def _header(specs: Mapping[str, Spec], keys: list[str], metadata: Mapping[str, str]) -> bytes:
     """A shard's header (length, JSON, padding), or a ``LadleError`` for what safetensors
-    could not read back: a dtype it has no code for, metadata that is not text, a header
-    past :data:`HEADER_LIMIT`."""
+    could not read back: a tensor named ``__metadata__``, a dtype it has no code for,
+    metadata that is not text, a header past :data:`HEADER_LIMIT`."""
     for name, value in metadata.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise LadleError(
@@ -134,6 +134,11 @@ def _header(specs: Mapping[str, Spec], keys: list[str], metadata: Mapping[str, s
     offset = 0
     for key in keys:
         shape, dtype = specs[key]
+        if key == "__metadata__":
+            raise LadleError(
+                "tensor '__metadata__': safetensors keeps that name for the header's "
+                "metadata and cannot store a tensor under it; rename the key"
+            )
         if dtype not in _DTYPE_CODES:
             raise LadleError(f"tensor {key!r}: safetensors cannot store dtype {dtype}")
         end = offset + _nbytes(specs[key])
