@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from conftest import family
@@ -448,3 +450,74 @@ def test_keys_of_different_kinds_are_refused_naming_both_kinds(a, b, kinds):
         return
     with pytest.raises(ladle.IncompatibleError, match=f"'w' has dtype {b}.*{kinds} tensors"):
         ladle.add(first, second)
+
+
+class _LateCopies:
+    """Stands in for :class:`Transfers` on an accelerator whose copies run late, as a GPU's
+    copy engine does: each copy reads its pinned source some time after ``to_device``
+    returns, and the host never waits for it (``arrived`` only orders the device's streams).
+    A source refilled before its copy has read it is recorded as a violation."""
+
+    violations: ClassVar[list[str]] = []
+
+    def __init__(self, device):
+        import concurrent.futures
+
+        self.engine = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="late-copy")
+
+    def to_device(self, chunk, dtype, check=None):
+        import time
+
+        moved = chunk.to(dtype=dtype, copy=True)  # what the copy will deliver
+        queued = chunk.clone()
+
+        def copy():
+            time.sleep(0.001)
+            if not torch.equal(chunk, queued):
+                _LateCopies.violations.append("a pinned buffer was refilled before its copy")
+
+        done = self.engine.submit(copy)
+        if check is not None:
+            check(moved)
+        return moved, type("Event", (), {"synchronize": lambda self: done.result()})()
+
+    def arrived(self, copied):
+        assert copied is not None  # the device would wait on it; the host goes on
+
+
+@pytest.mark.parametrize(("prefetch", "readers"), [(0, 1), (1, 1), (4, 3)])
+def test_a_pinned_buffer_is_refilled_only_once_its_copy_has_read_it(
+    tmp_path, monkeypatch, prefetch, readers
+):
+    import ladle.engine as engine
+
+    gen = torch.Generator().manual_seed(3)
+    paths = []
+    for i in range(3):
+        model = {"a": torch.randn(200, 8, generator=gen), "b": torch.randn(9, generator=gen)}
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+
+    def chunks(device):
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            opened, _ = open_models(paths, None, stack)
+            results = fold(
+                opened,
+                collect_kernel(),
+                device=device,
+                chunk_bytes=256,
+                prefetch=prefetch,
+                readers=readers,
+            )
+            return [result for _, _, result in results]
+
+    expected = chunks(resolve_device("cpu"))
+    monkeypatch.setattr(engine, "Transfers", _LateCopies)
+    monkeypatch.setattr(_LateCopies, "violations", [])
+    # An accelerator's code path (pinned reads, copies, events), run on the CPU's tensors.
+    late = chunks(torch.device("meta"))
+    assert _LateCopies.violations == []
+    assert len(late) == len(expected) > 20  # many chunks, each buffer reused
+    assert all(torch.equal(a, b) for a, b in zip(late, expected))
