@@ -521,3 +521,80 @@ def test_a_pinned_buffer_is_refilled_only_once_its_copy_has_read_it(
     assert _LateCopies.violations == []
     assert len(late) == len(expected) > 20  # many chunks, each buffer reused
     assert all(torch.equal(a, b) for a, b in zip(late, expected))
+
+
+def test_one_chunk_of_prefetch_is_read_while_the_consumer_uses_the_previous_one():
+    import threading
+
+    from ladle.engine import _prefetched
+
+    started = [threading.Event() for _ in range(4)]
+
+    def task(i):
+        def run():
+            started[i].set()
+            return i
+
+        return run
+
+    results = _prefetched((task(i) for i in range(4)), depth=1, threads=1)
+    assert next(results) == 0
+    assert started[1].wait(timeout=10)  # read ahead before the consumer asks for it
+    assert not started[2].wait(timeout=0.05)  # and no further
+    assert list(results) == [1, 2, 3]
+
+
+def test_pool_takers_racing_for_the_last_free_buffer_make_a_new_one_instead_of_waiting():
+    import queue
+    import threading
+    import time
+
+    from ladle.engine import _Pool
+
+    class SlowQueue(queue.Queue):
+        def get(self, *args, **kwargs):
+            time.sleep(0.02)  # a taker descheduled between its check and its get
+            return super().get(*args, **kwargs)
+
+    pool = _Pool(8, count=3, device=torch.device("cpu"))
+    pool._free = SlowQueue()
+    pool.release(pool.take())  # one made and free, two unmade
+    taken, barrier = [], threading.Barrier(2)
+
+    def taker():
+        barrier.wait()
+        taken.append(pool.take())
+
+    threads = [threading.Thread(target=taker, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len(taken) == 2  # neither waits for a buffer while one can still be made
+    assert taken[0].data_ptr() != taken[1].data_ptr()
+
+
+def test_threads_opening_a_file_at_once_leave_no_descriptor_behind(tmp_path):
+    import os
+    import threading
+
+    save_file({"w": torch.ones(4)}, tmp_path / "m.safetensors")
+
+    def open_descriptors():
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_descriptors()
+    for _ in range(20):
+        with ladle.open_checkpoint(tmp_path / "m.safetensors") as ckpt:
+            barrier = threading.Barrier(6)
+
+            def read(ckpt=ckpt, barrier=barrier):
+                barrier.wait()
+                ckpt.read_rows("w", slice(None), torch.empty(16, dtype=torch.uint8))
+
+            threads = [threading.Thread(target=read) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    assert open_descriptors() == before

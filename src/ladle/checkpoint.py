@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import struct
+import threading
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -72,7 +73,9 @@ class Checkpoint:
 
     Subclasses implement ``keys``, ``shape``, ``dtype`` and ``get_slice``; ``get`` reads a whole
     tensor. Tensors returned may be backed by a read-only memory map: treat them as inputs and
-    never modify them in place.
+    never modify them in place. Merges on an accelerator (and with ``prefetch``/``readers``)
+    call ``get_slice`` and ``read_rows`` from several reading threads at once: a subclass
+    must allow that.
 
     Attributes:
         name: how error messages refer to this checkpoint (a path, or a description).
@@ -379,7 +382,9 @@ class SafetensorsCheckpoint(Checkpoint):
                     f"{file}: changed since it was opened (replaced or rewritten while being "
                     "merged); its header no longer describes its data"
                 )
-            self._descriptors[file] = descriptor
+            # Reading threads may open a file at once: the first descriptor stored is kept.
+            if self._descriptors.setdefault(file, descriptor) != descriptor:
+                os.close(descriptor)
         return self._descriptors[file]
 
     def _data_offset(self, file: Path, key: str) -> int:
@@ -482,6 +487,7 @@ class TorchShardsCheckpoint(Checkpoint):
         self.metadata = {}
         self._files = dict(files)
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
+        self._loading = threading.Lock()  # reading threads would load a shard twice
 
     def _tensor(self, key: str) -> torch.Tensor:
         try:
@@ -489,7 +495,9 @@ class TorchShardsCheckpoint(Checkpoint):
         except KeyError:
             raise self._missing(key) from None
         if file not in self._loaded:
-            self._loaded[file] = load_torch_file(file)
+            with self._loading:
+                if file not in self._loaded:
+                    self._loaded[file] = load_torch_file(file)
         try:
             return self._loaded[file][key]
         except KeyError:

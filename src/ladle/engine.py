@@ -665,12 +665,18 @@ class _Pool:
         self._lock = threading.Lock()  # several reading threads take buffers
 
     def take(self) -> torch.Tensor:
+        # One decision under the lock: a free buffer, else a new one while some are unmade;
+        # only when every buffer is made and out does a taker wait for one to come back.
         with self._lock:
-            make = bool(self._unmade) and self._free.empty()
-            self._unmade -= make
-        if make:
-            return torch.empty(self._nbytes, dtype=torch.uint8, pin_memory=self._pin)
-        buffer, busy = self._free.get()
+            try:
+                buffer, busy = self._free.get_nowait()
+            except queue.Empty:
+                if self._unmade:
+                    self._unmade -= 1
+                    return torch.empty(self._nbytes, dtype=torch.uint8, pin_memory=self._pin)
+                buffer, busy = None, None
+        if buffer is None:
+            buffer, busy = self._free.get()
         if busy is not None:  # a copy to the device still reads it
             busy.synchronize()
         return buffer
@@ -906,9 +912,9 @@ def _prefetched(tasks: Iterator[Callable[[], T]], *, depth: int, threads: int = 
     ) as workers:
         try:
             for task in tasks:
-                if len(pending) == depth:
-                    yield pending.popleft().result()
                 pending.append(workers.submit(task))
+                if len(pending) > depth:  # ``depth`` more stay in flight while this is used
+                    yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
         finally:
