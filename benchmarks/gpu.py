@@ -6,9 +6,9 @@ the pinned host-to-device bandwidth measured in the same run. Reports, all measu
 - the pageable host-to-device bandwidth, for comparison;
 - ladle's soup on ``device="cuda"`` of N bf16 checkpoints in the page cache, in memory and
   streamed to a file, as input bytes per second and as a ratio to the pinned bandwidth;
-- the fold alone (results left on the device) with the default reading threads, with one
-  reading thread, and with ``prefetch=0`` (reads, copies and arithmetic in turn), to show
-  what the overlap and the parallel reads each give.
+- the fold alone (results left on the device) with the default reading threads, with 1, 2,
+  8 and 12 (fewer than the cores), and with ``prefetch=0`` (reads, copies and arithmetic in
+  turn), to show what the overlap and the parallel reads each give.
 
 Needs CUDA. Usage: python benchmarks/gpu.py [--models 8] [--hidden 2048] [--layers 4]
 """
@@ -16,10 +16,13 @@ Needs CUDA. Usage: python benchmarks/gpu.py [--models 8] [--hidden 2048] [--laye
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -108,9 +111,15 @@ def main() -> None:
         print(f"  pageable host-to-device   {pageable / 1e9:7.2f} GB/s")
         ratios: dict[str, float] = {}
         threads = reading_threads(torch.device("cuda"))
-        runs = {
-            f"soup fold ({threads} readers)": lambda: fold_only(paths, None),
-            "soup fold (1 reader)": lambda: fold_only(paths, 2, readers=1),
+        cores = os.cpu_count() or 1
+        # The default, then other counts of reading threads: READERS may want tuning.
+        runs: dict[str, Callable[[], object]] = {
+            f"soup fold ({threads} readers)": lambda: fold_only(paths, None)
+        }
+        for count in sorted({1, 2, 8, 12} - {threads}):
+            if count < cores:
+                runs[f"soup fold ({count} readers)"] = partial(fold_only, paths, count, count)
+        runs |= {
             "soup fold (prefetch 0)": lambda: fold_only(paths, 0),
             "soup in memory": lambda: ladle.uniform_soup(paths, device="cuda"),
             "soup -o file": lambda: ladle.uniform_soup(
