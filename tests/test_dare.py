@@ -388,3 +388,13 @@ def test_densities_float32_random_numbers_cannot_draw_are_refused():
     with pytest.raises(ValueError, match=r"density: expected at least 2\*\*-24"):
         ladle.dare([model], base, density=1e-8)
     assert ladle.dare([model], base, density=2.0**-24)["w"].shape == (4,)
+
+
+def test_a_kept_block_serves_only_the_seed_and_tensor_it_was_drawn_for():
+    kept: dict = {}
+    numel = 3 * BLOCK
+    uniform_numbers(0, 0, "w", numel=numel, start=0, count=1000, kept=kept)
+    for seed, size in [(1, numel), (0, numel + 5)]:  # another seed; a tensor of another size
+        again = uniform_numbers(seed, 0, "w", numel=size, start=1000, count=1000, kept=kept)
+        assert torch.equal(again, uniform_numbers(seed, 0, "w", numel=size, start=1000, count=1000))
+        uniform_numbers(0, 0, "w", numel=numel, start=0, count=1000, kept=kept)

@@ -658,3 +658,45 @@ def test_saturation_limits_follow_the_rounding_of_torchs_casts():
     below, at, above = torch.tensor([463.99, 464.0, 464.01]).to(E4M3).float().tolist()
     assert below == at == above == 448.0  # the cast saturates, so only the limit tells
     assert torch.tensor([479.0]).to(torch.float32).to(E4M3).float().item() == 448.0
+
+
+def test_greedy_soups_that_would_saturate_float8_e4m3fn_are_an_error(tmp_path):
+    a, b = {"w": torch.full((4,), 1000.0)}, {"w": torch.full((4,), 1000.0)}
+    with pytest.raises(ladle.NonFiniteError, match=r"the greedy soup: 4 of the 4 .*e4m3fn"):
+        ladle.greedy_soup([a, b], lambda sd: 1.0, dtype=E4M3)
+    out = tmp_path / "g.safetensors"
+    with pytest.raises(ladle.NonFiniteError, match=rf"{out}: 4 of the 4 .*e4m3fn"):
+        ladle.greedy_soup([a, b], lambda sd: 1.0, dtype=E4M3, out=out)
+    assert not out.exists()
+    with pytest.raises(ladle.NonFiniteError, match="e4m3fn"):
+        ladle.ratatouille([a, b], selection="greedy", evaluate=lambda sd: 1.0, dtype=E4M3)
+    # Inputs already in float8_e4m3fn whose soup stays in it: the same check.
+    small = {"w": torch.full((4,), 400.0).to(E4M3)}
+    kept = ladle.greedy_soup([small, small], lambda sd: 1.0)
+    assert kept.state_dict["w"].dtype == E4M3
+    saturated = ladle.greedy_soup([a, b], lambda sd: 1.0, dtype=E4M3, allow_nonfinite=True)
+    assert saturated.state_dict["w"].float().tolist() == [448.0] * 4
+
+
+def test_a_float8_overflow_stops_the_reading_threads_and_closes_the_inputs(tmp_path, monkeypatch):
+    import functools
+    import os
+    import threading
+
+    import ladle.engine as engine
+
+    # The accelerator's reading threads, on the CPU.
+    monkeypatch.setattr(engine, "fold", functools.partial(engine.fold, prefetch=4, readers=3))
+    model = {f"k{j:03d}": torch.ones(64, 64) for j in range(60)}
+    model["k000"] = torch.full((64, 64), 1000.0)  # first in the output's order
+    paths = []
+    for i in range(2):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    with pytest.raises(ladle.NonFiniteError, match="e4m3fn") as caught:
+        ladle.uniform_soup(paths, out=tmp_path / "o", dtype=E4M3, chunk_bytes=4096)
+    # The exception (kept, as a debugger or a REPL keeps it) holds no running merge.
+    assert caught.value.__traceback__ is not None
+    assert not [t for t in threading.enumerate() if t.name.startswith("ladle-read")]
+    held = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+    assert not [path for path in held if path.startswith(str(tmp_path))]

@@ -1038,6 +1038,7 @@ def merge(
             allow_nonfinite=allow_nonfinite or inputs_checked,
             check_results=False,  # checked below, in the output dtype
         )
+        stack.callback(folded.close)  # closed last, after any wrapper of it (below)
         limits = {key: saturation_limit(dtype) for key, (_, dtype) in specs.items()}
         if not allow_nonfinite and any(limits.values()):  # checked before the cast hides it
 
@@ -1056,7 +1057,7 @@ def merge(
             folded = checked(folded)
         results = Transfers(target).to_host(folded, lambda key: specs[key][1])
         # On a failure each generator is closed, outermost first, before the inputs are: the
-        # reading thread stops, and no frame the exception keeps holds views of the inputs.
+        # reading threads stop, and no frame the exception keeps holds views of the inputs.
         stack.callback(folded.close)
         stack.callback(results.close)
         if not allow_nonfinite:

@@ -52,8 +52,8 @@ def keep_below(density: float) -> float:
 
     Every number drawn is a multiple of 2⁻²⁴, and ``u < keep_below(d)`` exactly when ``u < d``
     (as real numbers), so an entry is kept with probability ``⌈d·2²⁴⌉/2²⁴``. Comparing with
-    ``d`` itself would round it to float32 first, below ``d`` for some densities in
-    (0.25, 1): 0.5 + 2⁻²⁶ became 0.5.
+    ``d`` itself would round it to float32 first, onto a multiple of 2⁻²⁴ below ``d`` for
+    densities a little above one: 0.5 + 2⁻²⁶ became 0.5, 0.125 + 2⁻⁴⁰ became 0.125.
 
     Example:
         >>> from ladle.methods.dare import keep_below
@@ -84,7 +84,7 @@ def uniform_numbers(
     start: int,
     count: int,
     threads: Executor | None = None,
-    kept: dict[int, tuple[str, int, torch.Tensor]] | None = None,
+    kept: dict[int, tuple[tuple[int, str, int, int], torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """The uniform numbers in [0, 1) that decide entries ``start .. start+count`` of flattened
     tensor ``key`` (of ``numel`` entries) of model ``index``: a flat float32 CPU tensor.
@@ -118,8 +118,8 @@ def uniform_numbers(
             )
             torch.rand(size, generator=generator, out=numbers[low - start : high - start])
             return
-        if held is not None and held[:2] == (key, block):
-            drawn = held[2]
+        if held is not None and held[0] == (seed, key, numel, block):
+            drawn = held[1]
         else:
             generator = torch.Generator(device="cpu").manual_seed(
                 block_seed(seed, index, key, block)
@@ -135,7 +135,7 @@ def uniform_numbers(
         for block in blocks:
             draw(block)
     if kept is not None and blocks and blocks[-1] in partial:  # the next chunk starts there
-        kept[index] = (key, blocks[-1], partial[blocks[-1]])
+        kept[index] = ((seed, key, numel, blocks[-1]), partial[blocks[-1]])
     elif kept is not None:
         kept.pop(index, None)
     return numbers
@@ -164,7 +164,7 @@ def _dropper(
     """``mᵢ ⊙ τᵢ``, the mask ``mᵢ`` drawn per block of the flattened tensor (on ``threads``);
     the rescale by ``1/density`` is left to the combination (see :func:`dare`)."""
 
-    kept: dict[int, tuple[str, int, torch.Tensor]] = {}  # per model, a block used in part
+    kept: dict[int, tuple[tuple[int, str, int, int], torch.Tensor]] = {}  # per model: a block
     threshold = keep_below(density)
 
     def drop(

@@ -21,12 +21,14 @@ from ..engine import (
     Scratch,
     _check_merged,
     _check_output,
+    _check_saturating,
     check_compatible,
     fold,
     merge,
     open_models,
     provenance,
     resolve_device,
+    saturation_limit,
 )
 from ..errors import LadleError
 from ..modelcard import output_files
@@ -243,8 +245,12 @@ def _greedy(
     dtype: torch.dtype | None,
     progress: Progress,
     allow_nonfinite: bool,
+    where: str = "the greedy soup",
 ) -> GreedySoupResult:
-    """The greedy rule over opened, checked checkpoints."""
+    """The greedy rule over opened, checked checkpoints. Unless ``allow_nonfinite``, the
+    final soup is checked before its cast to a dtype whose casts saturate (see
+    :func:`~ladle.engine.saturation_limit`; other dtypes' overflow shows after the cast),
+    ``where`` naming it in the error."""
     count = len(checkpoints)
     bar = _bar(progress, count - 1 + (count if scores is None else 0))
 
@@ -261,13 +267,13 @@ def _greedy(
         )
         return {key: tensor for key, _, tensor in results}
 
-    def output(soup: Mapping[str, torch.Tensor], reference: Checkpoint) -> StateDict:
-        def dtype_of(key: str, tensor: torch.Tensor) -> torch.dtype:
-            if dtype is not None and tensor.is_floating_point():
-                return dtype
-            return reference.dtype(key)
+    def dtype_of(key: str, tensor: torch.Tensor, reference: Checkpoint) -> torch.dtype:
+        if dtype is not None and tensor.is_floating_point():
+            return dtype
+        return reference.dtype(key)
 
-        return {key: t.to(dtype_of(key, t)) for key, t in soup.items()}
+    def output(soup: Mapping[str, torch.Tensor], reference: Checkpoint) -> StateDict:
+        return {key: t.to(dtype_of(key, t, reference)) for key, t in soup.items()}
 
     def score_of(state_dict: StateDict, what: str) -> float:
         returned = evaluate(state_dict)
@@ -311,6 +317,12 @@ def _greedy(
     finally:
         if bar is not None:
             bar.close()
+    if not allow_nonfinite:
+        for key, tensor in soup.items():
+            target = dtype_of(key, tensor, best)
+            limit = saturation_limit(target)
+            if limit is not None and tensor.is_floating_point():
+                _check_saturating(tensor, limit, target, key, slice(None), checkpoints, None, where)
     state = {key: t.to("cpu") for key, t in output(soup, best).items()}
     return GreedySoupResult(state, selected, score, history)
 
@@ -345,6 +357,7 @@ def run_greedy(
                 raise LadleError(
                     f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"
                 )
+        where = "the greedy soup" if out is None else str(out)
         result = _greedy(
             checkpoints,
             evaluate,
@@ -354,9 +367,9 @@ def run_greedy(
             dtype=dtype,
             progress=progress,
             allow_nonfinite=allow_nonfinite,
+            where=where,
         )
         if not allow_nonfinite:  # as every merge's output: overflow of the dtype is an error
-            where = "the greedy soup" if out is None else str(out)
             for key, tensor in result.state_dict.items():
                 _check_merged(tensor, key, slice(None), checkpoints, None, where)
         if out is not None:
