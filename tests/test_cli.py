@@ -237,3 +237,45 @@ def test_demo_seed_out_of_range_is_a_usage_error(capsys, seed):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--seed", seed])
     assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+def test_sigterm_exits_143_and_leaves_no_output(tmp_path, inputs, capsys, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from ladle.writer import SafetensorsWriter
+
+    def terminated(self, key, chunk):  # as `kill`, `timeout` or a scheduler would
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in here, long before this ends
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(SafetensorsWriter, "write", terminated)
+    out = tmp_path / "out"
+    assert main(["soup", *inputs, "-o", str(out), "--no-progress"]) == 143
+    assert capsys.readouterr().err == "ladle: terminated\n"
+    # The temporary output, whose disk space was reserved, is gone with the rest.
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+    assert signal.getsignal(signal.SIGTERM) is before  # the process's own handling again
+
+
+@pytest.mark.filterwarnings("default")  # as a plain `ladle` process shows them
+def test_warnings_are_one_line_like_errors(tmp_path, capsys):
+    base = {"w": torch.tensor([1.0, 1.0])}
+    models = [{"w": torch.tensor([2.0, 3.0])}, {"w": torch.tensor([-1.0, -3.0])}]  # cos = -1
+    for name, model in [("base", base), ("a", models[0]), ("b", models[1])]:
+        save_file(model, tmp_path / f"{name}.safetensors")
+    argv = ["stock", "--base", str(tmp_path / "base.safetensors")]
+    argv += [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
+    assert main([*argv, "-o", str(tmp_path / "o.safetensors"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("ladle: warning: model_stock: key 'w'") and err.count("\n") == 1
+
+
+def test_push_to_hub_while_offline_is_refused_before_merging(tmp_path, inputs, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as caught:
+        main(["soup", *inputs, "-o", str(out), "--push-to-hub", "me/merged"])
+    assert caught.value.code == 2 and not out.exists()

@@ -11,7 +11,10 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -512,6 +515,34 @@ def _torchrun(run: Callable[[argparse.Namespace], None], rank: int) -> Iterator[
         yield
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a scheduler's preemption, torchrun stopping the other
+    ranks), raised in the main thread like Ctrl-C, so that the same clean-up runs."""
+
+
+@contextlib.contextmanager
+def _terminate_like_interrupt() -> Iterator[None]:
+    """While the command runs, SIGTERM raises :class:`_Terminated` instead of killing the
+    process outright (which left the reserved temporary output behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def terminated(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _show_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+    """Warnings as one ``ladle: warning:`` line, like errors (no source line)."""
+    print(f"ladle: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ladle`` command; returns the exit status."""
     parser = build_parser()
@@ -520,16 +551,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     push = getattr(args, "push_to_hub", None)
     if push is not None and Path(args.out).suffix == ".safetensors":  # as the writer decides
         parser.error("--push-to-hub needs a directory output (-o DIR), not a .safetensors file")
+    if push is not None:
+        from .hub import _offline
+
+        if _offline():  # known now: refused before the merge, not after it
+            parser.error("--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set")
     rank = int(os.environ.get("RANK", "0")) if _world_size() > 1 else 0
     if rank != 0 and run not in _SPLIT_RUNS:
         return 0  # under torchrun, commands that do not split run on rank 0 alone
     try:
-        with _torchrun(run, rank):
-            run(args)
-            if push is not None and rank == 0:
-                from .hub import push_to_hub
+        with _terminate_like_interrupt(), warnings.catch_warnings():
+            if not args.debug:
+                warnings.showwarning = _show_warning
+            with _torchrun(run, rank):
+                run(args)
+                if push is not None and rank == 0:
+                    from .hub import push_to_hub
 
-                print(push_to_hub(args.out, push))
+                    print(push_to_hub(args.out, push))
     except (LadleError, ValueError, OSError) as err:
         if args.debug:
             raise
@@ -537,12 +576,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:  # every rank raises a split merge's error; one line is enough
             print(f"ladle: error: {message}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: the temporary output is deleted on the way out
+    except KeyboardInterrupt as err:  # the temporary output is deleted on the way out
         if args.debug:
             raise
+        terminated = isinstance(err, _Terminated)
         if rank == 0:
-            print("ladle: interrupted", file=sys.stderr)
-        return 130  # 128 + SIGINT, as shells report it
+            print(f"ladle: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130  # 128 + SIGTERM or SIGINT, as shells report them
     return 0
 
 
