@@ -700,3 +700,31 @@ def test_a_float8_overflow_stops_the_reading_threads_and_closes_the_inputs(tmp_p
     assert not [t for t in threading.enumerate() if t.name.startswith("ladle-read")]
     held = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
     assert not [path for path in held if path.startswith(str(tmp_path))]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("bf16", torch.bfloat16),
+        ("bfloat16", torch.bfloat16),
+        ("torch.float16", torch.float16),
+        ("FP32", torch.float32),
+        ("float8_e4m3fn", E4M3),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_output_dtypes_may_be_named_as_the_cli_and_recipes_name_them(name, expected):
+    models = [{"w": torch.ones(3)}, {"w": torch.full((3,), 3.0)}]
+    assert ladle.uniform_soup(models, dtype=name)["w"].dtype == expected
+    assert ladle.greedy_soup(models, lambda sd: 1.0, dtype=name).state_dict["w"].dtype == expected
+    base = {"w": torch.zeros(3)}
+    assert ladle.ties(models, base, dtype=name)["w"].dtype == expected
+
+
+@pytest.mark.parametrize("name", ["fp17", "int8", "", 16, torch.int32])
+def test_an_output_dtype_that_is_no_floating_dtype_is_a_value_error_naming_it(name):
+    models = [{"w": torch.ones(3)}, {"w": torch.full((3,), 3.0)}]
+    with pytest.raises(ValueError, match=r"dtype: expected a floating dtype .*found"):
+        ladle.uniform_soup(models, dtype=name)
+    with pytest.raises(ValueError, match=r"dtype: expected a floating dtype"):
+        ladle.greedy_soup(models, lambda sd: 1.0, dtype=name)

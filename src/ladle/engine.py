@@ -235,6 +235,40 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp64": torch.float64,
+}
+"""Short names of output dtypes (the CLI's ``--dtype``), besides torch's own names."""
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """An output dtype as a floating ``torch.dtype``: given as one, by torch's name for it
+    (``"bfloat16"``, ``"float8_e4m3fn"``) or by a short name (``"bf16"``, ``"fp16"``,
+    ``"fp32"``, ``"fp64"``); ``None`` stays ``None``; anything else is a ``ValueError``.
+
+    Example:
+        >>> import torch
+        >>> from ladle.engine import resolve_dtype
+        >>> resolve_dtype("bf16"), resolve_dtype("float16"), resolve_dtype(torch.float64)
+        (torch.bfloat16, torch.float16, torch.float64)
+    """
+    resolved: object = dtype
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        resolved = DTYPE_NAMES.get(name, getattr(torch, name, None))
+    if dtype is None:
+        return None
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(
+            f"dtype: expected a floating dtype (torch.bfloat16, or a name such as 'bf16', "
+            f"'float16', 'float8_e4m3fn'), found {dtype!r}"
+        )
+    return resolved
+
+
 def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     """float64 when any input is float64, else float32."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
@@ -971,7 +1005,7 @@ def merge(
     parameters: Mapping[str, object],
     out: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     progress: Any = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
@@ -993,8 +1027,7 @@ def merge(
     ``inputs_checked``: ``prepare``'s passes checked every floating input already, so the
     merging pass does not check them again (its outputs still are).
     """
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dtype: expected a floating dtype, found {dtype}")
+    dtype = resolve_dtype(dtype)
     target = resolve_device(device)
     with ExitStack() as stack:
         inputs = stack.enter_context(ExitStack())  # closed on a thread once read (see below)

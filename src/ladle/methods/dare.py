@@ -202,7 +202,7 @@ def dare(
     combine: str = "sum",
     out: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     progress: Progress = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,

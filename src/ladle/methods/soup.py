@@ -28,6 +28,7 @@ from ..engine import (
     open_models,
     provenance,
     resolve_device,
+    resolve_dtype,
     saturation_limit,
 )
 from ..errors import LadleError
@@ -98,7 +99,7 @@ def uniform_soup(
     weights: Sequence[float] | None = None,
     out: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     progress: Progress = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
@@ -337,7 +338,7 @@ def run_greedy(
     strict: bool,
     out: str | os.PathLike | None,
     device: str | torch.device | None,
-    dtype: torch.dtype | None,
+    dtype: torch.dtype | str | None,
     progress: Progress,
     max_shard_size: int | str,
     overwrite: bool,
@@ -346,8 +347,7 @@ def run_greedy(
     """Open and check ``models``, run the greedy rule, write the soup to ``out`` if given."""
     if not callable(evaluate):
         raise TypeError(f"evaluate: expected a callable, found {type(evaluate).__name__}")
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dtype: expected a floating dtype, found {dtype}")
+    dtype = resolve_dtype(dtype)
     with ExitStack() as stack:
         checkpoints, _ = open_models(models, None, stack)
         check_compatible(checkpoints)
@@ -401,7 +401,7 @@ def greedy_soup(
     strict: bool = False,
     out: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     progress: Progress = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
