@@ -598,3 +598,49 @@ def test_threads_opening_a_file_at_once_leave_no_descriptor_behind(tmp_path):
             for thread in threads:
                 thread.join()
     assert open_descriptors() == before
+
+
+def test_incompatible_inputs_name_both_files_and_blame_a_base_every_model_disagrees_with(
+    tmp_path,
+):
+    def saved(name, model):
+        save_file(model, tmp_path / f"{name}.safetensors")
+        return tmp_path / f"{name}.safetensors"
+
+    good = [saved(f"m{i}", {"w": torch.ones(4, 2), "b": torch.ones(2)}) for i in range(2)]
+    narrow = saved("narrow", {"w": torch.ones(4, 3), "b": torch.ones(2)})
+    other = saved("other", {"v": torch.ones(2)})
+    # A base whose shape no model has: the base is named, with a hint.
+    with pytest.raises(
+        ladle.IncompatibleError,
+        match=r"^base \(.*narrow.safetensors\): key 'w' has shape \(4, 3\), every model has "
+        r"\(4, 2\); is it the model they were fine-tuned from\?",
+    ):
+        ladle.task_arithmetic(good, narrow)
+    with pytest.raises(
+        ladle.IncompatibleError,
+        match=r"^base \(.*other.safetensors\): keys differ from those of every model: "
+        r"missing 2 \('b', 'w'\); extra 1 \('v'\)",
+    ):
+        ladle.task_arithmetic(good, other)
+    # One model of three differs: that model is named, and the reference by its file.
+    with pytest.raises(
+        ladle.IncompatibleError,
+        match=r"^model 2 \(.*narrow.safetensors\): key 'w' has shape \(4, 3\), "
+        r"model 0 \(.*m0.safetensors\) has \(4, 2\)$",
+    ):
+        ladle.uniform_soup([*good, narrow])
+    # Model 0 is the odd one of three: it is blamed, not model 1.
+    with pytest.raises(
+        ladle.IncompatibleError,
+        match=r"^model 0 \(.*narrow.safetensors\): key 'w' has shape \(4, 3\), every other "
+        r"model has \(4, 2\)$",
+    ):
+        ladle.uniform_soup([narrow, *good])
+    # With a single model against the base, both are named; nothing tells which is wrong.
+    with pytest.raises(
+        ladle.IncompatibleError,
+        match=r"^model 0 \(.*m0.safetensors\): key 'w' has shape \(4, 2\), "
+        r"base \(.*narrow.safetensors\) has \(4, 3\)$",
+    ):
+        ladle.task_arithmetic(good[:1], narrow)

@@ -299,45 +299,74 @@ def check_compatible(
 ) -> None:
     """Raise :class:`IncompatibleError` unless all checkpoints share keys, shapes and dtype kinds.
 
-    The reference is the base, or model 0 when there is none; messages name the model, the
-    keys (a few, and how many) or the key and both shapes. With ``named``, checkpoints are
-    called by their names alone (for arguments of the arithmetic functions).
+    The reference is the base, or model 0 when there is none; messages name the model and
+    the reference (their files), the keys (a few, and how many) or the key and both shapes.
+    Where the reference alone differs from models that all agree (a wrong base), the message
+    blames the reference. With ``named``, checkpoints are called by their names alone (for
+    arguments of the arithmetic functions).
     """
     reference = base if base is not None else models[0]
+    others = [(i, m) for i, m in enumerate(models) if m is not reference]
 
     def label(index: int | None, checkpoint: Checkpoint) -> str:
         return checkpoint.name if named else _describe(index, checkpoint)
 
-    ref_name = reference.name if named else ("base" if base is not None else "model 0")
+    ref_label = label(None if base is not None else 0, reference)
+    every = "every model" if base is not None else "every other model"
+
+    def odd_reference(of: Callable[[Checkpoint], object]) -> bool:
+        """Whether the models other than the reference (two or more) agree on ``of``."""
+        return len(others) >= 2 and len({repr(of(m)) for _, m in others}) == 1
+
     ref_keys = reference.keys()
     ref_set = set(ref_keys)
-    for index, model in enumerate(models):
-        if model is reference:
-            continue
+    for index, model in others:
         keys = model.keys()
         key_set = set(keys)
         missing = [key for key in ref_keys if key not in key_set]
         extra = [key for key in keys if key not in ref_set]
         if missing or extra:
+            if odd_reference(lambda m: sorted(m.keys())):
+                missing, extra = extra, missing  # as the reference lacks or adds them
+                parts = ([f"missing {_few(missing)}"] if missing else []) + (
+                    [f"extra {_few(extra)}"] if extra else []
+                )
+                raise IncompatibleError(
+                    f"{ref_label}: keys differ from those of {every}: {'; '.join(parts)}"
+                    + _wrong_base_hint(base)
+                )
             parts = ([f"missing {_few(missing)}"] if missing else []) + (
                 [f"extra {_few(extra)}"] if extra else []
             )
             raise IncompatibleError(
-                f"{label(index, model)}: keys differ from {ref_name}: {'; '.join(parts)}"
+                f"{label(index, model)}: keys differ from {ref_label}: {'; '.join(parts)}"
             )
         for key in ref_keys:
             shape, ref_shape = model.shape(key), reference.shape(key)
             if shape != ref_shape:
+                if odd_reference(partial(_shape_of, key=key)):
+                    raise IncompatibleError(
+                        f"{ref_label}: key {key!r} has shape {ref_shape}, {every} has {shape}"
+                        + _wrong_base_hint(base)
+                    )
                 raise IncompatibleError(
                     f"{label(index, model)}: key {key!r} has shape {shape}, "
-                    f"{ref_name} has {ref_shape}"
+                    f"{ref_label} has {ref_shape}"
                 )
             dtype, ref_dtype = model.dtype(key), reference.dtype(key)
             if _kind(dtype) != _kind(ref_dtype):
                 raise IncompatibleError(
-                    f"{label(index, model)}: key {key!r} has dtype {dtype}, {ref_name} has "
+                    f"{label(index, model)}: key {key!r} has dtype {dtype}, {ref_label} has "
                     f"{ref_dtype}; {_kind(ref_dtype)} and {_kind(dtype)} tensors cannot be merged"
                 )
+
+
+def _shape_of(checkpoint: Checkpoint, key: str) -> tuple[int, ...]:
+    return checkpoint.shape(key)
+
+
+def _wrong_base_hint(base: Checkpoint | None) -> str:
+    return "; is it the model they were fine-tuned from?" if base is not None else ""
 
 
 def _kind(dtype: torch.dtype) -> str:
