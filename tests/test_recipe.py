@@ -345,3 +345,100 @@ def test_an_input_that_is_a_symbolic_link_loop_is_one_error(folder):
     recipe = write(folder, 'method = "soup"\nmodels = ["m0.safetensors", "loop1"]\noutput = "o"\n')
     with pytest.raises(ValueError, match=r"recipe\.models\[1\]: 'loop1': no such file"):
         load_recipe(recipe)
+
+
+TIES = (
+    'method = "ties"\nmodels = ["m0.safetensors", "m1.safetensors"]\nbase = "m2.safetensors"\n'
+    'output = "o"\n'
+)
+DARE = TIES.replace('"ties"', '"dare"')
+ARITHMETIC = TIES.replace('"ties"', '"task_arithmetic"')
+SOUP = 'method = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\noutput = "o"\n'
+GREEDY = SOUP.replace('"soup"', '"greedy_soup"')
+RATATOUILLE = SOUP.replace('"soup"', '"ratatouille"')
+STOCK = 'method = "stock"\nmodels = ["m0.safetensors"]\nbase = "m2.safetensors"\noutput = "o"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            TIES + "[parameters]\ndensity = 50\n",
+            r"density: expected a number in \(0, 1\], found 50",
+        ),
+        (TIES + "[parameters]\ndensity = 0\n", r"density: expected a number in \(0, 1\]"),
+        (TIES + '[parameters]\ntrim = "layer"\n', r"trim: expected one of 'global', 'tensor'"),
+        (TIES + "[parameters]\nscale = inf\n", r"scale: expected a finite number, found inf"),
+        (DARE + '[parameters]\ncombine = "tie"\n', r"combine: expected one of 'sum', 'ties'"),
+        (DARE + "[parameters]\ndensity = 1e-9\n", r"density: expected at least 2\*\*-24"),
+        (DARE + "[parameters]\ndensity = 1.5\n", r"density: expected a number in \(0, 1\]"),
+        (ARITHMETIC + "[parameters]\nweights = [1, 2, 3]\n", r"weights: expected 2 weights"),
+        (ARITHMETIC + "[parameters]\nweights = [1, nan]\n", r"weights: expected finite numbers"),
+        (ARITHMETIC + "[parameters]\nscale = nan\n", r"scale: expected a finite number"),
+        (SOUP + "[parameters]\nweights = [1, 2, 3]\n", r"weights: expected 2 weights \(one per"),
+        (SOUP + "[parameters]\nweights = [1, -1]\n", r"weights: expected finite weights with a"),
+        (
+            GREEDY + '[parameters]\nevaluate = "math:fabs"\nscores = [0.5]\n',
+            r"scores: expected 2 scores \(one per model\), found 1",
+        ),
+        (
+            RATATOUILLE + '[parameters]\nselection = "greedyy"\n',
+            r"selection: expected one of 'uniform', 'greedy', found 'greedyy'",
+        ),
+        (
+            RATATOUILLE + '[parameters]\nevaluate = "math:fabs"\n',
+            r"evaluate: used only with selection = 'greedy'",
+        ),
+        (
+            RATATOUILLE + "[parameters]\nstrict = true\n",
+            r"strict: used only with selection = 'greedy'",
+        ),
+        (
+            RATATOUILLE + '[parameters]\nselection = "greedy"\n',
+            r"evaluate: required by ratatouille with selection = 'greedy'",
+        ),
+        (
+            RATATOUILLE + '[parameters]\nselection = "greedy"\nevaluate = "math:fabs"\n'
+            "scores = [1, nan]\n",
+            r"scores: expected numbers, found NaN",
+        ),
+    ],
+)
+def test_parameter_values_are_checked_before_anything_runs(folder, text, message):
+    with pytest.raises(ValueError, match=r"^recipe\.parameters\." + message):
+        load_recipe(write(folder, text))
+
+
+def test_model_stock_needs_two_models_before_anything_runs(folder):
+    with pytest.raises(ValueError, match=r"^recipe\.models: model_stock needs at least 2 models"):
+        load_recipe(write(folder, STOCK))
+
+
+def test_a_later_steps_bad_value_fails_before_the_first_step_writes(folder):
+    recipe = write(
+        folder,
+        '[steps.first]\nmethod = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+        'output = "first.safetensors"\n'
+        '[steps.t2]\nmethod = "ties"\nmodels = ["first", "m2.safetensors"]\n'
+        'base = "m0.safetensors"\noutput = "t2.safetensors"\n'
+        "[steps.t2.parameters]\ndensity = 50\n",
+    )
+    with pytest.raises(
+        ValueError, match=r"^steps\.t2\.parameters\.density: expected a number in \(0, 1\]"
+    ):
+        run_recipe(recipe, device="cpu")
+    assert not (folder / "first.safetensors").exists()
+
+
+def test_valid_parameter_values_pass_the_check(folder):
+    for text in (
+        TIES + '[parameters]\ndensity = 1\ntrim = "tensor"\nscale = 0.5\n',
+        DARE + '[parameters]\ndensity = 0.5\ncombine = "ties"\nseed = 3\n',
+        ARITHMETIC + "[parameters]\nweights = [1, -1]\n",
+        SOUP + "[parameters]\nweights = [3, 1]\n",
+        RATATOUILLE + '[parameters]\nselection = "greedy"\nevaluate = "math:fabs"\n'
+        "scores = [1, 2]\nstrict = true\n",
+        RATATOUILLE + "[parameters]\nstrict = false\n",
+        STOCK.replace('["m0.safetensors"]', '["m0.safetensors", "m1.safetensors"]'),
+    ):
+        load_recipe(write(folder, text))

@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import math
 import os
 import re
 import sys
@@ -215,6 +216,76 @@ def _check_parameters(
     return dict(value)
 
 
+def _check_values(method: str, parameters: Mapping[str, Any], count: int, where: str) -> None:
+    """The values of a built-in method's parameters (types already checked), as the method
+    itself checks them when it runs: ranges, choices, one weight or score per model, and
+    ratatouille's selection rules; ``count`` is the step's number of models. An error names
+    the step and key (``steps.NAME.parameters.density: ...``)."""
+    from .methods import dare, ratatouille, soup, task_arithmetic, ties
+
+    def check(key: str, rule: Callable[[Any], object]) -> None:
+        if key not in parameters:
+            return
+        try:
+            rule(parameters[key])
+        except ValueError as err:  # the method's own message, "key: expected ..."
+            message = str(err).removeprefix(f"{key}: ")
+            raise ValueError(f"{where}.parameters.{key}: {message}") from None
+
+    def choice(choices: Sequence[str]) -> Callable[[Any], None]:
+        def rule(value: Any) -> None:
+            if value not in choices:
+                expected = ", ".join(repr(c) for c in choices)
+                raise ValueError(f"expected one of {expected}, found {value!r}")
+
+        return rule
+
+    def dare_density(value: Any) -> None:
+        if ties.check_density(value) < dare.DENSITY_FLOOR:
+            raise ValueError(
+                f"expected at least 2**-24 ({dare.DENSITY_FLOOR:.3g}) for DARE, whose float32 "
+                f"random numbers keep an entry with probability at least that; found {value}"
+            )
+
+    def task_weights(value: Any) -> None:
+        weights = [float(w) for w in value]
+        if len(weights) != count:
+            raise ValueError(f"expected {count} weights (one per model), found {len(weights)}")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"expected finite numbers, found {weights}")
+
+    if method in ("task_arithmetic", "ties", "dare"):
+        check("scale", task_arithmetic.check_scale)
+    if method == "uniform_soup":
+        check("weights", lambda value: soup.normalized_weights(value, count))
+    elif method == "task_arithmetic":
+        check("weights", task_weights)
+    elif method == "ties":
+        check("density", ties.check_density)
+        check("trim", choice(ties.TRIMS))
+    elif method == "dare":
+        check("density", dare_density)
+        check("combine", choice(dare.COMBINES))
+    elif method == "model_stock" and count < 2:
+        raise ValueError(f"{where}.models: model_stock needs at least 2 models, found {count}")
+    if method == "ratatouille":
+        check("selection", choice(ratatouille.SELECTIONS))
+        if parameters.get("selection", "uniform") == "uniform":
+            for key in ("evaluate", "scores", "strict"):
+                if parameters.get(key, False) is not False:
+                    raise ValueError(
+                        f"{where}.parameters.{key}: used only with selection = 'greedy'; "
+                        f"set selection = 'greedy' or leave {key} out"
+                    )
+        elif "evaluate" not in parameters:
+            raise ValueError(
+                f"{where}.parameters.evaluate: required by ratatouille with "
+                "selection = 'greedy' ('package.module:function' or 'file.py:function')"
+            )
+    if method in ("greedy_soup", "ratatouille"):
+        check("scores", lambda value: soup._checked_scores(value, count))
+
+
 def _check_type(value: object, annotation: object, where: str) -> None:
     """``value`` (from TOML) against a method parameter's annotation (a string, as the
     methods' modules use postponed annotations): numbers, lists of numbers, flags, text."""
@@ -311,6 +382,7 @@ def _step(
     elif "base" in table:
         raise ValueError(f"{where}.base: {method} takes no base model")
     parameters = _check_parameters(table.get("parameters"), where, method, signature)
+    _check_values(method, parameters, len(sources), where)
     output = table.get("output")
     if output is not None:
         if not isinstance(output, str) or not output:
@@ -343,8 +415,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         A :class:`Recipe` whose inputs are resolved paths, ``hf://`` URLs or :class:`StepRef`.
 
     Raises:
-        ValueError: the file is not valid TOML, or a field is wrong; the message names the
-            step and field (``steps.final.parameters.scale``).
+        ValueError: the file is not valid TOML, or a field is wrong (a parameter's value
+            too: one the method would refuse when it runs); the message names the step and
+            field (``steps.final.parameters.scale``).
 
     Example:
         >>> import pathlib, tempfile, torch, ladle
