@@ -442,3 +442,25 @@ def test_valid_parameter_values_pass_the_check(folder):
         STOCK.replace('["m0.safetensors"]', '["m0.safetensors", "m1.safetensors"]'),
     ):
         load_recipe(write(folder, text))
+
+
+def test_an_error_while_a_step_runs_names_the_step_and_keeps_its_type(folder, capsys):
+    save_file({"layer.weight": torch.zeros(5)}, folder / "odd.safetensors")
+    recipe = write(
+        folder,
+        '[steps.first]\nmethod = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+        'output = "first.safetensors"\n'
+        '[steps.t2]\nmethod = "soup"\nmodels = ["first", "odd.safetensors"]\n'
+        'output = "t2.safetensors"\n',
+    )
+    with pytest.raises(ladle.IncompatibleError, match=r"^steps\.t2: ") as caught:
+        run_recipe(recipe, device="cpu", overwrite=True)
+    assert isinstance(caught.value.__cause__, ladle.IncompatibleError)
+    assert str(caught.value) == f"steps.t2: {caught.value.__cause__}"
+    assert main(["run", str(recipe), "--device", "cpu", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ladle: error: steps.t2: ") and err.count("\n") == 1
+    (folder / "bad.safetensors").write_bytes(b"\x00" * 16)
+    single = write(folder, 'method = "soup"\nmodels = ["bad.safetensors"]\noutput = "o"\n')
+    with pytest.raises(ladle.CheckpointError, match=r"^recipe: .*bad\.safetensors"):
+        run_recipe(single, device="cpu")

@@ -550,6 +550,23 @@ def _import_file(path: Path) -> Any:
     return module
 
 
+def _named(err: Exception, where: str) -> Exception | None:
+    """``err`` again, of the same type and attributes, its message prefixed with ``where``
+    (``steps.NAME: ...``); ``None`` for an exception that cannot be rebuilt from a message
+    (the original is raised as it is)."""
+    message = f"{where}: {err}"
+    try:
+        named = type(err)(message)
+    except Exception:
+        return None
+    if str(named) != message:  # a KeyError quotes its message, say
+        return None
+    named.__dict__.update(getattr(err, "__dict__", {}))
+    if isinstance(err, OSError) and isinstance(named, OSError):
+        named.errno = err.errno  # the message stays as given: no strerror or filename
+    return named
+
+
 def run_recipe(
     recipe: str | os.PathLike | Recipe,
     *,
@@ -568,6 +585,11 @@ def run_recipe(
 
     Returns:
         Each step's result by name: the path written, or the state dict kept in memory.
+
+    Raises:
+        ValueError, LadleError: as :func:`load_recipe`, and for what fails while a step runs
+            (an unreadable input, models that disagree): the same type, its message prefixed
+            with the step (``steps.final: ...``; ``recipe: ...`` for a one-step recipe).
 
     Example:
         >>> import pathlib, tempfile, torch, ladle
@@ -632,7 +654,13 @@ def run_recipe(
             "max_shard_size": step.max_shard_size,
         }
         kwargs.update({k: v for k, v in options.items() if k in accepted and v is not None})
-        result = function([resolve(m) for m in step.models], **kwargs)
+        try:
+            result = function([resolve(m) for m in step.models], **kwargs)
+        except Exception as err:  # the step's name on the one line the CLI prints
+            named = _named(err, where(step))
+            if named is None:
+                raise
+            raise named from err
         if step.output is not None:
             results[step.name] = step.output
         elif isinstance(result, (Mapping, Path)):
