@@ -464,3 +464,12 @@ def test_an_error_while_a_step_runs_names_the_step_and_keeps_its_type(folder, ca
     single = write(folder, 'method = "soup"\nmodels = ["bad.safetensors"]\noutput = "o"\n')
     with pytest.raises(ladle.CheckpointError, match=r"^recipe: .*bad\.safetensors"):
         run_recipe(single, device="cpu")
+
+
+def test_a_binary_file_is_not_a_recipe_and_the_error_names_it(folder, capsys):
+    path = folder / "m0.safetensors"
+    with pytest.raises(ValueError, match=r"m0\.safetensors: not a TOML recipe \(not UTF-8 text"):
+        load_recipe(path)
+    assert main(["run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ladle: error: {path}: not a TOML recipe") and err.count("\n") == 1

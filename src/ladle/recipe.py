@@ -113,6 +113,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ValueError(f"recipe: cannot read {path} ({err.strerror or err})") from err
     except tomllib.TOMLDecodeError as err:  # its message gives the line and column
         raise ValueError(f"{path}: not valid TOML: {err}") from err
+    except UnicodeDecodeError as err:  # a checkpoint named by mistake, say
+        raise ValueError(
+            f"{path}: not a TOML recipe (not UTF-8 text: byte {err.object[err.start]:#04x} "
+            f"at offset {err.start})"
+        ) from err
 
 
 def _function(method: str) -> Callable[..., Any]:
