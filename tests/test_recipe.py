@@ -473,3 +473,13 @@ def test_a_binary_file_is_not_a_recipe_and_the_error_names_it(folder, capsys):
     assert main(["run", str(path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"ladle: error: {path}: not a TOML recipe") and err.count("\n") == 1
+
+
+def test_the_docs_name_a_one_step_recipes_step_as_it_is_named(folder, capsys):
+    docs = (Path(__file__).parent.parent / "docs" / "recipes.md").read_text()
+    recipe = write(folder, 'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "soup"\n')
+    assert main(["run", str(recipe), "--device", "cpu"]) == 0
+    name = load_recipe(recipe).steps[0].name
+    printed = capsys.readouterr().out
+    assert printed == f"{name}: {folder / 'soup'}\n"
+    assert f"step is named `{name}`" in docs and f"prints `{name}: " in docs

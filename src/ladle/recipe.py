@@ -1,10 +1,10 @@
 """Recipes: merges written down in a TOML file and run with ``ladle run RECIPE.toml``.
 
 A recipe is one step (``method``, ``models``, ``base``, ``parameters``, ``output`` at the top
-level) or several named steps (``[steps.NAME]`` tables, run in file order), where a later
-step may name an earlier step in ``models`` or ``base`` to use its output. The whole recipe is
-checked before anything runs; errors name the step and the field. Relative paths are relative
-to the recipe file. See ``docs/recipes.md``.
+level; the step is named ``main``) or several named steps (``[steps.NAME]`` tables, run in
+file order), where a later step may name an earlier step in ``models`` or ``base`` to use its
+output. The whole recipe is checked before anything runs; errors name the step and the field.
+Relative paths are relative to the recipe file. See ``docs/recipes.md``.
 """
 
 from __future__ import annotations
@@ -589,7 +589,8 @@ def run_recipe(
         progress: ``True`` for tqdm bars, or a tqdm-like class.
 
     Returns:
-        Each step's result by name: the path written, or the state dict kept in memory.
+        Each step's result by name: the path written, or the state dict kept in memory. A
+        one-step recipe's step is named ``main``.
 
     Raises:
         ValueError, LadleError: as :func:`load_recipe`, and for what fails while a step runs
