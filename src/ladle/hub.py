@@ -292,10 +292,17 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             f"{url}: revision {source.revision!r} not found in {source.repo_id}"
         ) from err
     except LocalEntryNotFoundError as err:
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
+        # huggingface_hub's own text advises `local_files_only=False`, which ladle has not.
+        revision = f" --revision {source.revision}" if source.revision else ""
+        fetch_first = f"`hf download {source.repo_id}{revision}`"
+        why = (
+            f"HF_HUB_OFFLINE is set: unset it, or fetch it first ({fetch_first})"
+            if offline
+            else f"the Hub could not be reached ({' '.join(str(err).split())})"
+        )
+        what = f"revision {source.revision!r} of " if source.revision else ""
         raise CheckpointError(
-            f"{url}: not in the Hugging Face cache ({cache}) and {why}: "
-            f"{' '.join(str(err).split())}"
+            f"{url}: {what}{source.repo_id} is not in the Hugging Face cache ({cache}) and {why}"
         ) from err
     except (HfHubHTTPError, OSError) as err:
         raise CheckpointError(f"{url}: cannot fetch from the Hub ({err})") from err
