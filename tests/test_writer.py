@@ -447,3 +447,27 @@ def test_a_merge_of_aligned_inputs_writes_aligned_output(tmp_path):
     # And the output's float tensor can be viewed in place (no copy) when read back.
     with ladle.open_checkpoint(out) as ckpt:
         assert ckpt.map_rows("h.weight", slice(None)) is not None
+
+
+@pytest.mark.parametrize("name", ["merged.pt", "merged.BIN", "m.pth", "m.ckpt", "m.safetensor"])
+def test_outputs_named_like_another_weight_format_are_refused_before_any_work(tmp_path, name):
+    model = {"w": torch.ones(2)}
+    out = tmp_path / name
+    with pytest.raises(ladle.LadleError, match=r"ladle writes safetensors: name the output"):
+        ladle.save(model, out)
+    with pytest.raises(ladle.LadleError, match=r"ladle writes safetensors"):
+        ladle.uniform_soup([model, model], out=out)
+    with pytest.raises(ladle.LadleError, match=r"ladle writes safetensors"):
+        ladle.greedy_soup([model, model], lambda sd: 1.0, out=out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_output_path_is_refused_naming_out(tmp_path, monkeypatch):
+    from ladle.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    model = {"w": torch.ones(2)}
+    with pytest.raises(ladle.LadleError, match=r"out: expected a path, found an empty one"):
+        ladle.uniform_soup([model, model], out="")
+    ladle.save(model, tmp_path / "a.safetensors")
+    assert main(["soup", "a.safetensors", "a.safetensors", "-o", ""]) == 1

@@ -30,7 +30,7 @@ from ._version import __version__
 from .checkpoint import Checkpoint, StateDict, StateDictLike, open_checkpoint
 from .errors import IncompatibleError, LadleError, NonFiniteError
 from .modelcard import output_files
-from .writer import SafetensorsWriter, aligned_order
+from .writer import SafetensorsWriter, aligned_order, check_output_name
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -994,8 +994,9 @@ def _rows_nbytes(checkpoint: Checkpoint, key: str, rows: slice, itemsize: int | 
     return count * math.prod(shape[1:]) * itemsize
 
 
-def _check_output(out: Path, sources: Sequence[Checkpoint]) -> None:
-    target = out.resolve()
+def _check_output(out: str | os.PathLike, sources: Sequence[Checkpoint]) -> None:
+    check_output_name(out)
+    target = Path(out).resolve()
     for checkpoint in sources:
         if checkpoint.path is None:
             continue
@@ -1065,7 +1066,7 @@ def merge(
         reference = base_ckpt if base_ckpt is not None else checkpoints[0]
         sources = [*checkpoints, *([base_ckpt] if base_ckpt is not None else [])]
         if out is not None:
-            _check_output(Path(out), sources)
+            _check_output(out, sources)
             if os.path.lexists(out) and not overwrite:
                 raise LadleError(
                     f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"

@@ -116,6 +116,35 @@ def _plan_shards(specs: Mapping[str, Spec], max_bytes: int) -> list[list[str]]:
     return shards
 
 
+MISLEADING_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensor", ".st")
+"""Output suffixes of other weight formats, or misspellings of ``.safetensors``: an output
+so named would be a directory (only ``.safetensors`` makes a file), which loaders pointed
+at it take for a file."""
+
+
+def check_output_name(out: str | os.PathLike) -> None:
+    """A ``LadleError`` for an output path that cannot mean what it says: empty, or ending in
+    another weight format's suffix (:data:`MISLEADING_SUFFIXES`).
+
+    Example:
+        >>> from ladle.writer import check_output_name
+        >>> check_output_name("merged.safetensors"), check_output_name("merged")
+        (None, None)
+        >>> try:
+        ...     check_output_name("merged.pt")
+        ... except LadleError as err:
+        ...     print(str(err).split(":")[:2])
+        ['merged.pt', ' ladle writes safetensors']
+    """
+    if not os.fspath(out):
+        raise LadleError("out: expected a path, found an empty one")
+    if Path(out).suffix.lower() in MISLEADING_SUFFIXES:
+        raise LadleError(
+            f"{out}: ladle writes safetensors: name the output NAME.safetensors (one file) "
+            "or a directory without a weights suffix"
+        )
+
+
 HEADER_LIMIT = 100_000_000
 """Largest header safetensors reads (its ``MAX_HEADER_SIZE``): bytes of JSON per file."""
 
@@ -364,6 +393,7 @@ class SafetensorsWriter:
         overwrite: bool = False,
         extra_files: Mapping[str, bytes | str | os.PathLike] | None = None,
     ) -> None:
+        check_output_name(out)
         self.out = Path(out)
         if os.path.lexists(self.out) and not overwrite:
             raise LadleError(

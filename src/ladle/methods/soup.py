@@ -352,7 +352,7 @@ def run_greedy(
         checkpoints, _ = open_models(models, None, stack)
         check_compatible(checkpoints)
         if out is not None:  # refuse before the (costly) evaluations, not after
-            _check_output(Path(out), checkpoints)
+            _check_output(out, checkpoints)
             if os.path.lexists(out) and not overwrite:
                 raise LadleError(
                     f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"
