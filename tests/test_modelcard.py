@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -308,3 +309,25 @@ def test_a_card_recipe_names_an_output_dtype_recipes_cannot_hold_in_a_comment(tm
     assert "# merged into float8_e4m3fn, which a recipe cannot name" in recipe
     assert "dtype =" not in recipe
     assert tomllib.loads(recipe)["method"] == "uniform_soup"
+
+
+def test_a_single_file_model_folder_is_recorded_as_the_folder_and_its_recipe_copies_its_files(
+    tmp_path, monkeypatch
+):
+    from ladle.recipe import run_recipe
+
+    monkeypatch.chdir(tmp_path)
+    for i, model in enumerate(family(2, seed=5)):
+        (tmp_path / f"m{i}").mkdir()
+        save_file(model, tmp_path / f"m{i}" / "model.safetensors")
+        (tmp_path / f"m{i}" / "config.json").write_text('{"model_type": "toy"}')
+    out = ladle.uniform_soup(["m0", "m1"], out="merged")
+    with ladle.open_checkpoint(out) as ckpt:
+        assert json.loads(ckpt.metadata["ladle.inputs"]) == ["m0", "m1"]
+    with ladle.open_checkpoint("m0") as ckpt:  # errors still name the file itself
+        assert ckpt.name == str(Path("m0") / "model.safetensors")
+    card = (out / "README.md").read_text()
+    assert "the recipe saved in the\ndirectory the merge ran from" in card
+    (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"again"'))
+    run_recipe(tmp_path / "recipe.toml", device="cpu")
+    assert (tmp_path / "again" / "config.json").is_file()  # the folders were the inputs

@@ -553,6 +553,26 @@ def _read_index(index: Path) -> dict[str, Path]:
     return files
 
 
+def recorded_name(checkpoint: Checkpoint) -> str:
+    """How provenance and model cards record ``checkpoint``: its name, except that a model
+    folder holding one weights file is recorded as the folder the user gave (its name is the
+    file, which error messages want), so that a recipe replaying the merge reads the folder,
+    config and tokenizer files included.
+
+    Example:
+        >>> import pathlib, tempfile, torch, ladle
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = ladle.save({"w": torch.ones(1)}, folder / "model.safetensors")
+        >>> with ladle.open_checkpoint(folder) as ckpt:
+        ...     ckpt.name == str(folder / "model.safetensors"), recorded_name(ckpt) == str(folder)
+        (True, True)
+    """
+    path = checkpoint.path
+    if path is not None and Path(checkpoint.name).parent == path and path.is_dir():
+        return str(path)
+    return checkpoint.name
+
+
 def _open_directory(directory: Path) -> Checkpoint:
     """Prefer safetensors over torch files; a shard index over single files."""
     name = str(directory)

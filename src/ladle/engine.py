@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, NoReturn, Protocol, TypeVar, Union
 import torch
 
 from ._version import __version__
-from .checkpoint import Checkpoint, StateDict, StateDictLike, open_checkpoint
+from .checkpoint import Checkpoint, StateDict, StateDictLike, open_checkpoint, recorded_name
 from .errors import IncompatibleError, LadleError, NonFiniteError
 from .modelcard import output_files
 from .writer import SafetensorsWriter, aligned_order, check_output_name
@@ -1019,10 +1019,10 @@ def provenance(
         "ladle.version": __version__,
         "ladle.method": method,
         "ladle.parameters": json.dumps(dict(parameters), sort_keys=True, default=str),
-        "ladle.inputs": json.dumps([m.name for m in models]),
+        "ladle.inputs": json.dumps([recorded_name(m) for m in models]),
     }
     if base is not None:
-        meta["ladle.base"] = base.name
+        meta["ladle.base"] = recorded_name(base)
     return meta
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ._version import __version__
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, recorded_name
 from .hub import COMPANION_FILES, COMPANION_FOLDERS, PREFIX, parse_hf_url
 
 __all__ = ["companion_files", "model_card", "output_files"]
@@ -179,7 +179,12 @@ def model_card(
     if in_memory:
         lines += ["Some inputs were in memory, not files: no recipe can reproduce this merge.", ""]
     else:
-        lines += ["Reproduce this merge with `ladle run recipe.toml`:", "", "```toml"]
+        lines += [
+            "Reproduce this merge with `ladle run recipe.toml`, the recipe saved in the",
+            "directory the merge ran from (relative paths below are relative to it):",
+            "",
+            "```toml",
+        ]
         lines += [*recipe, "```", ""]
     return "\n".join(lines)
 
@@ -269,8 +274,8 @@ def output_files(
     card = model_card(
         method,
         parameters,
-        [m.name for m in models],
-        None if base is None else base.name,
+        [recorded_name(m) for m in models],
+        None if base is None else recorded_name(base),
         title=Path(out).name or "Merged model",
         dtype=dtype,
     )
