@@ -98,3 +98,13 @@ def test_default_workdir_is_removed_afterwards(monkeypatch, tmp_path):
     run_demo(size="small", stream=io.StringIO())
     assert list(tmp_path.iterdir()) == []
     assert "ladle.demo" in sys.modules
+
+
+def test_a_workdir_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    from ladle.cli import main
+
+    (tmp_path / "afile").write_text("mine")
+    assert main(["demo", "--size", "small", "--workdir", str(tmp_path / "afile")]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith("afile: the demo's workdir must be a directory; this is a file\n")
+    assert (tmp_path / "afile").read_text() == "mine"

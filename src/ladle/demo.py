@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 import ladle
 from ladle.engine import resolve_device
+from ladle.errors import LadleError
 
 __all__ = ["DemoRow", "format_table", "run_demo"]
 
@@ -256,6 +257,8 @@ def _log(message: str) -> None:
 
 def _run(seed: int, size: Size, workdir: Path, device: torch.device, out: TextIO) -> list[DemoRow]:
     start = time.perf_counter()
+    if workdir.exists() and not workdir.is_dir():
+        raise LadleError(f"{workdir}: the demo's workdir must be a directory; this is a file")
     workdir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     shared = torch.randn(OBSERVED, LATENT, generator=gen) / math.sqrt(LATENT)
