@@ -279,3 +279,13 @@ def test_push_to_hub_while_offline_is_refused_before_merging(tmp_path, inputs, m
     with pytest.raises(SystemExit) as caught:
         main(["soup", *inputs, "-o", str(out), "--push-to-hub", "me/merged"])
     assert caught.value.code == 2 and not out.exists()
+
+
+def test_max_shard_size_with_a_single_file_output_is_a_usage_error(tmp_path, inputs, capsys):
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(SystemExit) as caught:
+        main(["soup", *inputs, "-o", str(out), "--max-shard-size", "1KB"])
+    assert caught.value.code == 2 and not out.exists()
+    assert "--max-shard-size applies to a directory output" in capsys.readouterr().err
+    assert main(["soup", *inputs, "-o", str(tmp_path / "d"), "--max-shard-size", "64"]) == 0
+    assert len(list((tmp_path / "d").glob("model-*-of-*.safetensors"))) > 1

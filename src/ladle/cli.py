@@ -97,7 +97,7 @@ def merge_options() -> argparse.ArgumentParser:
     parent.add_argument(
         "--max-shard-size",
         type=_size,
-        default="5GB",
+        default=None,
         help="largest shard of a directory output (default: 5GB)",
     )
     parent.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -124,7 +124,7 @@ def merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "out": args.out,
         "device": args.device,
         "dtype": args.dtype,
-        "max_shard_size": args.max_shard_size,
+        "max_shard_size": "5GB" if args.max_shard_size is None else args.max_shard_size,
         "overwrite": args.overwrite,
         "progress": not args.no_progress and sys.stderr.isatty(),
         "allow_nonfinite": args.allow_nonfinite,
@@ -551,6 +551,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     push = getattr(args, "push_to_hub", None)
     if push is not None and Path(args.out).suffix == ".safetensors":  # as the writer decides
         parser.error("--push-to-hub needs a directory output (-o DIR), not a .safetensors file")
+    shard = getattr(args, "max_shard_size", None)
+    if shard is not None and Path(args.out).suffix == ".safetensors":
+        parser.error(
+            "--max-shard-size applies to a directory output (-o DIR); a .safetensors output "
+            "is one file"
+        )
     if push is not None:
         from .hub import _offline
 
