@@ -7,11 +7,15 @@ what it found; the assertions run here, against single-process merges and hand-w
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -23,7 +27,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import ladle
-from ladle.distributed import average_, merge, split_by_bytes
+from ladle.distributed import _torchrun_group, average_, merge, split_by_bytes
 
 WORLD = 3
 CHUNK = 64  # bytes: tensors are read in several chunks of rows
@@ -412,3 +416,96 @@ def test_a_bad_device_is_a_value_error_on_every_rank(spawned):
         kind, message = found["device_error"]
         assert kind == "ValueError" and message.startswith("device: expected cpu, cuda")
     assert not (root / "dev").exists()
+
+
+# --- the process group is freed when a merge fails (else: SIGABRT at exit) --------------------
+
+
+def _fail_holding_the_group() -> None:
+    """Fail as a method could: this frame holds the group and, through the error, itself."""
+    group = dist.group.WORLD
+    try:
+        raise ladle.LadleError(f"failed on one of {dist.get_world_size(group)} ranks")
+    except ladle.LadleError as err:
+        error = err
+    raise error
+
+
+def _freeing_worker(rank: int, root: str, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(  # as torchrun sets them: _torchrun_group makes the group from these
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"
+    )
+    models = [str(Path(root) / f"model{i}.safetensors") for i in range(1, 3)]
+    found: dict = {}
+    gc.disable()  # a cycle holding the group must not be freed by chance
+    try:
+        with _torchrun_group():
+            group = weakref.ref(dist.group.WORLD)
+            found["merge_error"] = _catch(merge, "uniform_soup", models, out=Path(root) / "exists")
+        found["merge_freed"] = group() is None
+        try:
+            with _torchrun_group():
+                group = weakref.ref(dist.group.WORLD)
+                _fail_holding_the_group()
+        except ladle.LadleError as err:
+            found["cli_error"] = str(err)
+        found["cli_freed"] = group() is None
+    finally:
+        gc.enable()
+    torch.save(found, Path(root) / f"freed{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_a_failed_merge_leaves_nothing_holding_the_process_group(tmp_path):
+    # gloo's worker threads stop only when the group is freed; one still running when Python
+    # shuts down aborts the process (SIGABRT) as it drops a collective's tensors. A failed
+    # merge's frame held its error, and so the group, in a cycle; _torchrun_group (the CLI's
+    # group) clears the frames of any error leaving it before destroying the group.
+    _models(tmp_path)
+    (tmp_path / "exists").mkdir()
+    context = mp.start_processes(
+        _freeing_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=False
+    )
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the spawned ranks hung")
+    for rank in range(2):
+        found = torch.load(tmp_path / f"freed{rank}.pt", weights_only=False)
+        kind, message = found["merge_error"]
+        assert kind == "LadleError" and "already exists" in message
+        assert found["merge_freed"], rank
+        assert found["cli_error"] == "failed on one of 2 ranks"
+        assert found["cli_freed"], rank
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists() and not shutil.which("torchrun"), reason="no torchrun")
+def test_torchrun_cli_errors_exit_1_with_one_line_and_no_abort(tmp_path):
+    # Before the fix, about half of these runs ended in "terminate called without an active
+    # exception" and SIGABRT (exit -6) on one rank or both.
+    _, models = _models(tmp_path)
+    (tmp_path / "exists").mkdir()
+    command = [str(TORCHRUN) if TORCHRUN.exists() else "torchrun", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "ladle.cli", "soup", *models[:2]]
+    command += ["-o", str(tmp_path / "exists"), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(3):
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 1, done.stderr
+        assert "terminate called" not in done.stderr and "SIGABRT" not in done.stderr
+        errors = [line for line in done.stderr.splitlines() if line.startswith("ladle: error:")]
+        assert errors == [
+            f"ladle: error: {tmp_path / 'exists'}: already exists; pass "
+            "overwrite=True (--overwrite) to replace it"
+        ], done.stderr
+    assert os.listdir(tmp_path / "exists") == []

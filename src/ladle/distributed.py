@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import sys
+import traceback
 import typing
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
@@ -675,13 +676,20 @@ def merge(
             finished[0] = " ".join(str(err).split())
             own = own or err
     dist.broadcast_object_list(finished, src=_source(world), group=world)
-    if own is not None:
-        raise own
-    if failed:
-        raise LadleError(f"rank {failed[0][0]}: {failed[0][1]}")
-    if finished[0] is not None:
-        raise LadleError(f"rank 0: {finished[0]}")
-    return out
+    try:
+        if own is not None:
+            raise own
+        if failed:
+            raise LadleError(f"rank {failed[0][0]}: {failed[0][1]}")
+        if finished[0] is not None:
+            raise LadleError(f"rank 0: {finished[0]}")
+        return out
+    finally:
+        # The error's traceback holds this frame, which holds the process group: were the
+        # frame to hold the error too (a cycle, freed only by the garbage collector), the
+        # group would outlive destroy_process_group, and with it gloo's worker threads, which
+        # abort the process when they drop a collective's tensors while Python shuts down.
+        error = own = None
 
 
 @contextlib.contextmanager
@@ -698,5 +706,28 @@ def _torchrun_group() -> Iterator[int]:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield dist.get_rank()
+    except BaseException as err:
+        _release_frames(err)
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def _release_frames(error: BaseException) -> None:
+    """Clear the local variables of the finished frames in ``error``'s tracebacks (and its
+    causes'), so that none keeps the process group alive past ``destroy_process_group``.
+
+    The group's worker threads stop only when the group is freed. One left running when
+    the interpreter shuts down (the group held by a frame of a failed merge, in a reference
+    cycle or in the error the CLI is about to print) is ended there as it drops a finished
+    collective's tensors, which takes the GIL: ``terminate called without an active
+    exception``, SIGABRT. The lines of the traceback stay; frames still running are kept.
+    """
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        found = pending.pop()
+        if id(found) not in seen:
+            seen.add(id(found))
+            traceback.clear_frames(found.__traceback__)
+            pending += [e for e in (found.__cause__, found.__context__) if e is not None]
