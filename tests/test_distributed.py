@@ -100,10 +100,32 @@ def test_merge_without_a_process_group_is_the_plain_merge(tmp_path):
 
 
 def test_merge_rejects_unknown_names_and_greedy_selection(tmp_path):
-    with pytest.raises(ValueError, match="method: expected one of"):
-        merge("soup", [], out=tmp_path / "out")
+    with pytest.raises(ValueError, match="method: expected one of .*'soup', 'stock'.*'souup'"):
+        merge("souup", [], out=tmp_path / "out")
     with pytest.raises(ValueError, match="greedy_soup .* cannot be split"):
         merge(ladle.greedy_soup, [], out=tmp_path / "out")
+    with pytest.raises(ValueError, match="greedy_soup .* cannot be split"):
+        merge("greedy-soup", [], out=tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("short", "name", "extra"),
+    [
+        ("soup", "uniform_soup", {}),
+        ("stock", "model_stock", {"base": True}),
+        ("task-arithmetic", "task_arithmetic", {"base": True, "scale": 0.5}),
+        ("model-stock", "model_stock", {"base": True}),
+    ],
+)
+def test_merge_accepts_the_names_recipes_and_the_cli_use(tmp_path, short, name, extra):
+    base, models = _models(tmp_path)
+    with warnings.catch_warnings():  # Model Stock's 0-dim key sits at t's clamp
+        warnings.simplefilter("ignore", ladle.ModelStockWarning)
+        out = merge(short, models, out=tmp_path / "out", device="cpu", **_kwargs(extra, base))
+        expected = getattr(ladle, name)(models, device="cpu", **_kwargs(extra, base))
+    merged = ladle.load(out)
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
     with pytest.raises(ValueError, match="ratatouille .* cannot be split"):
         merge("ratatouille", [], out=tmp_path / "out", selection="greedy")
 

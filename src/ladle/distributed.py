@@ -36,10 +36,11 @@ from .engine import partitioned, resolve_device
 from .errors import IncompatibleError, LadleError
 from .methods.dare import dare
 from .methods.ratatouille import ratatouille
-from .methods.soup import uniform_soup
+from .methods.soup import greedy_soup, uniform_soup
 from .methods.stock import model_stock
 from .methods.task_arithmetic import task_arithmetic
 from .methods.ties import ties
+from .recipe import ALIASES
 from .writer import (
     INDEX_NAME,
     SafetensorsWriter,
@@ -66,7 +67,8 @@ METHODS: dict[str, Callable[..., Any]] = {
     "ties": ties,
     "uniform_soup": uniform_soup,
 }
-"""Merge methods :func:`merge` accepts by name."""
+"""Merge methods :func:`merge` accepts by name; also by the short names of recipes and the CLI
+(``"soup"``, ``"stock"``: ``ladle.recipe.ALIASES``), and with ``-`` for ``_``."""
 
 Spec = tuple[tuple[int, ...], torch.dtype]
 
@@ -495,11 +497,15 @@ class _Share:
 
 def _method(method: str | Callable[..., Any], params: Mapping[str, object]) -> Callable[..., Any]:
     if isinstance(method, str):
-        if method not in METHODS:
+        name = method.replace("-", "_")  # read as recipes read it: "task-arithmetic", "soup"
+        name = ALIASES.get(name, name)
+        named = {**METHODS, "greedy_soup": greedy_soup}  # greedy_soup: refused below, saying why
+        if name not in named:
+            known = sorted([*METHODS, *(a for a, m in ALIASES.items() if m in METHODS)])
             raise ValueError(
-                f"method: expected one of {sorted(METHODS)} or a merge function, found {method!r}"
+                f"method: expected one of {known} or a merge function, found {method!r}"
             )
-        method = METHODS[method]
+        method = named[name]
     if not callable(method):
         raise ValueError(f"method: expected a merge function or its name, found {method!r}")
     name = getattr(method, "__name__", "")
@@ -590,8 +596,9 @@ def merge(
 
     Args:
         method: a merge function (``ladle.ties``) or its name (``"ties"``, ``"model_stock"``,
-            ``"uniform_soup"``, ``"task_arithmetic"``, ``"dare"``, ``"ratatouille"``); not
-            greedy soups, which evaluate whole models.
+            ``"uniform_soup"``, ``"task_arithmetic"``, ``"dare"``, ``"ratatouille"``), also
+            as recipes and the CLI write it (``"soup"``, ``"stock"``, ``"task-arithmetic"``);
+            not greedy soups, which evaluate whole models.
         models: the models, as for the method; paths every rank can read.
         out: the output directory, on a filesystem every rank sees (not a single
             ``.safetensors`` file: ranks write separate shards).
