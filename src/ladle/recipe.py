@@ -14,7 +14,6 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import math
 import os
 import re
 import sys
@@ -245,31 +244,17 @@ def _check_values(method: str, parameters: Mapping[str, Any], count: int, where:
 
         return rule
 
-    def dare_density(value: Any) -> None:
-        if ties.check_density(value) < dare.DENSITY_FLOOR:
-            raise ValueError(
-                f"expected at least 2**-24 ({dare.DENSITY_FLOOR:.3g}) for DARE, whose float32 "
-                f"random numbers keep an entry with probability at least that; found {value}"
-            )
-
-    def task_weights(value: Any) -> None:
-        weights = [float(w) for w in value]
-        if len(weights) != count:
-            raise ValueError(f"expected {count} weights (one per model), found {len(weights)}")
-        if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"expected finite numbers, found {weights}")
-
     if method in ("task_arithmetic", "ties", "dare"):
         check("scale", task_arithmetic.check_scale)
     if method == "uniform_soup":
         check("weights", lambda value: soup.normalized_weights(value, count))
     elif method == "task_arithmetic":
-        check("weights", task_weights)
+        check("weights", lambda value: task_arithmetic.check_weights(value, count))
     elif method == "ties":
         check("density", ties.check_density)
         check("trim", choice(ties.TRIMS))
     elif method == "dare":
-        check("density", dare_density)
+        check("density", dare.check_dare_density)
         check("combine", choice(dare.COMBINES))
     elif method == "model_stock" and count < 2:
         raise ValueError(f"{where}.models: model_stock needs at least 2 models, found {count}")

@@ -32,7 +32,15 @@ from ..engine import (
 from .task_arithmetic import Delta, check_inputs, check_scale, task_vector_sum_kernel
 from .ties import check_density, majority_election
 
-__all__ = ["BLOCK", "block_seed", "dare", "keep_below", "keep_mask", "uniform_numbers"]
+__all__ = [
+    "BLOCK",
+    "block_seed",
+    "check_dare_density",
+    "dare",
+    "keep_below",
+    "keep_mask",
+    "uniform_numbers",
+]
 
 BLOCK = 2**20
 """Entries per block of the flattened tensor; each block has its own generator."""
@@ -45,6 +53,17 @@ DENSITY_FLOOR = 2.0**-24
 is kept with probability ⌈density·2²⁴⌉/2²⁴, density rounded up to the grid (survivors are
 still rescaled by 1/density, the paper's rule): 1.3% above density at 1e-6, 2.4e-7 at 0.1, and
 never below 2⁻²⁴."""
+
+
+def check_dare_density(density: float) -> float:
+    """``density`` as a float in [:data:`DENSITY_FLOOR`, 1], or a ``ValueError`` naming it."""
+    density = check_density(density)
+    if density < DENSITY_FLOOR:
+        raise ValueError(
+            f"density: expected at least 2**-24 ({DENSITY_FLOOR:.3g}) for DARE, whose float32 "
+            f"random numbers keep an entry with probability at least that; found {density}"
+        )
+    return density
 
 
 def keep_below(density: float) -> float:
@@ -255,12 +274,7 @@ def dare(
         >>> ladle.dare([model], base, density=1.0)["w"]  # nothing dropped: task arithmetic
         tensor([1., 1., 1., 1., 1., 1., 1., 1.])
     """
-    density = check_density(density)
-    if density < DENSITY_FLOOR:
-        raise ValueError(
-            f"density: expected at least 2**-24 ({DENSITY_FLOOR:.3g}) for DARE, whose float32 "
-            f"random numbers keep an entry with probability at least that; found {density}"
-        )
+    density = check_dare_density(density)
     scale = check_scale(scale)
     if combine not in COMBINES:
         raise ValueError(f"combine: expected one of {COMBINES}, found {combine!r}")

@@ -12,12 +12,31 @@ import torch
 from ..checkpoint import StateDict, StateDictLike
 from ..engine import FOLD_CHUNK_BYTES, Kernel, Progress, Scratch, merge
 
-__all__ = ["check_inputs", "check_scale", "task_arithmetic", "task_vector_sum_kernel"]
+__all__ = [
+    "check_inputs",
+    "check_scale",
+    "check_weights",
+    "task_arithmetic",
+    "task_vector_sum_kernel",
+]
 
 Delta = Callable[[str, slice, int, torch.Tensor, torch.Tensor], torch.Tensor]
 """``delta(key, rows, index, tau, scratch)``: what model ``index`` contributes, given its task
 vector ``tau`` (the kernel's own buffer: change it in place and return it) and ``scratch``, a
 buffer of the same shape and dtype free to overwrite."""
+
+
+def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """Task arithmetic's ``weights`` for ``count`` models as floats (1.0 each for ``None``),
+    or a ``ValueError`` naming them: one finite number per model."""
+    if weights is None:
+        return [1.0] * count
+    checked = [float(w) for w in weights]
+    if len(checked) != count:
+        raise ValueError(f"weights: expected {count} weights (one per model), found {len(checked)}")
+    if not all(math.isfinite(w) for w in checked):
+        raise ValueError(f"weights: expected finite numbers, found {checked}")
+    return checked
 
 
 def check_scale(scale: float) -> float:
@@ -145,16 +164,7 @@ def task_arithmetic(
     """
     check_inputs(models, base)
     scale = check_scale(scale)
-    if weights is None:
-        checked = [1.0] * len(models)
-    else:
-        checked = [float(w) for w in weights]
-        if len(checked) != len(models):
-            raise ValueError(
-                f"weights: expected {len(models)} weights (one per model), found {len(checked)}"
-            )
-        if not all(math.isfinite(w) for w in checked):
-            raise ValueError(f"weights: expected finite numbers, found {checked}")
+    checked = check_weights(weights, len(models))
     return merge(
         models,
         task_vector_sum_kernel(checked, scale),
