@@ -289,3 +289,35 @@ def test_max_shard_size_with_a_single_file_output_is_a_usage_error(tmp_path, inp
     assert "--max-shard-size applies to a directory output" in capsys.readouterr().err
     assert main(["soup", *inputs, "-o", str(tmp_path / "d"), "--max-shard-size", "64"]) == 0
     assert len(list((tmp_path / "d").glob("model-*-of-*.safetensors"))) > 1
+
+
+def test_sigterm_left_alone_where_it_is_ignored_handled_or_under_torchrun(
+    tmp_path, inputs, monkeypatch
+):
+    import os
+    import signal
+
+    from ladle.cli import _terminate_like_interrupt
+    from ladle.writer import SafetensorsWriter
+
+    original = SafetensorsWriter.write
+
+    def terminated(self, key, chunk):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, key, chunk)
+
+    monkeypatch.setattr(SafetensorsWriter, "write", terminated)
+    seen = []
+    dispositions = (signal.SIG_IGN, lambda signum, frame: seen.append(signum))
+    for number, disposition in enumerate(dispositions):
+        before = signal.signal(signal.SIGTERM, disposition)
+        try:
+            out = tmp_path / f"out{number}"
+            assert main(["soup", *inputs, "-o", str(out), "--no-progress"]) == 0
+            assert out.is_dir()
+        finally:
+            signal.signal(signal.SIGTERM, before)
+    assert seen and set(seen) == {signal.SIGTERM}  # the program's own handler ran
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a torchrun rank: torchrun's SIGTERM must kill
+    with _terminate_like_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

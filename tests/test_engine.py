@@ -644,3 +644,23 @@ def test_incompatible_inputs_name_both_files_and_blame_a_base_every_model_disagr
         r"base \(.*narrow.safetensors\) has \(4, 3\)$",
     ):
         ladle.task_arithmetic(good[:1], narrow)
+
+
+def test_key_sets_are_compared_for_every_model_before_any_shape():
+    # Model 1 differs in shape, model 2 lacks the key: the key set is the first complaint,
+    # never a read of a key model 2 does not have.
+    models = [{"a": torch.zeros(2)}, {"a": torch.zeros(3)}, {"c": torch.zeros(3)}]
+    with pytest.raises(ladle.IncompatibleError, match=r"^model 2 .*keys differ from model 0"):
+        ladle.uniform_soup(models)
+    base = {"a": torch.zeros(2), "b": torch.zeros(1)}
+    odd = [{"a": torch.zeros(3), "b": torch.zeros(1)}, {"b": torch.zeros(1)}]
+    with pytest.raises(ladle.IncompatibleError, match=r"^model 1 .*keys differ from base"):
+        ladle.task_arithmetic(odd, base)
+
+
+def test_a_weighted_sum_calls_its_first_model_a_model_not_a_base():
+    a, b, c = {"w": torch.zeros(2)}, {"w": torch.zeros(3)}, {"w": torch.ones(3)}
+    with pytest.raises(ladle.IncompatibleError) as caught:
+        ladle.weighted_sum([a, b, c], [1, 1, 1])
+    message = str(caught.value)
+    assert "every other model has (3,)" in message and "fine-tuned" not in message

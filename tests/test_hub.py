@@ -193,14 +193,15 @@ def test_offline_and_not_cached_is_a_checkpoint_error_naming_the_source(hub_cach
     with pytest.raises(
         ladle.CheckpointError,
         match=r"^hf://org/absent: org/absent is not in the Hugging Face cache \(.*\) and "
-        r"HF_HUB_OFFLINE is set: unset it, or fetch it first \(`hf download org/absent`\)$",
+        r"HF_HUB_OFFLINE is set: unset it, or fetch it first \(`hf download org/absent`, or "
+        r"`huggingface-cli download`\)$",
     ):
         ladle.open_checkpoint("hf://org/absent")
     write_cached_repo(hub_cache, "org/m", COMMIT_A, {"model.safetensors": weights({})})
     with pytest.raises(
         ladle.CheckpointError,
         match=r"^hf://org/m@v9: revision 'v9' of org/m is not in the Hugging Face cache .*"
-        r"\(`hf download org/m --revision v9`\)$",
+        r"\(`hf download org/m --revision v9`, or `huggingface-cli download`\)$",
     ) as caught:
         ladle.open_checkpoint("hf://org/m@v9")  # a revision never fetched
     assert "local_files_only" not in str(caught.value)  # huggingface_hub's advice, not ours

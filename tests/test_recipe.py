@@ -483,3 +483,17 @@ def test_the_docs_name_a_one_step_recipes_step_as_it_is_named(folder, capsys):
     printed = capsys.readouterr().out
     assert printed == f"{name}: {folder / 'soup'}\n"
     assert f"step is named `{name}`" in docs and f"prints `{name}: " in docs
+
+
+def test_a_later_steps_output_named_like_another_format_is_refused_before_any_step(tmp_path):
+    for name in ("a", "b", "c"):
+        ladle.save({"w": torch.rand(4)}, tmp_path / f"{name}.safetensors")
+    (tmp_path / "r.toml").write_text(
+        '[steps.first]\nmethod = "soup"\nmodels = ["a.safetensors", "b.safetensors"]\n'
+        'output = "first"\n'
+        '[steps.final]\nmethod = "soup"\nmodels = ["first", "c.safetensors"]\n'
+        'output = "final.pt"\n'
+    )
+    with pytest.raises(ValueError, match=r"steps.final.output: .*final.pt: ladle writes"):
+        ladle.load_recipe(tmp_path / "r.toml")
+    assert not (tmp_path / "first").exists()

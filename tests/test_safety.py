@@ -728,3 +728,12 @@ def test_an_output_dtype_that_is_no_floating_dtype_is_a_value_error_naming_it(na
         ladle.uniform_soup(models, dtype=name)
     with pytest.raises(ValueError, match=r"dtype: expected a floating dtype"):
         ladle.greedy_soup(models, lambda sd: 1.0, dtype=name)
+
+
+@pytest.mark.parametrize("name", ["float8_e8m0fnu", "float4_e2m1fn_x2"])
+def test_output_dtypes_that_cannot_hold_signed_values_one_per_element_are_refused(name):
+    models = [{"w": torch.tensor([-1.0, 0.3])}, {"w": torch.tensor([-3.0, 0.5])}]
+    with pytest.raises(ValueError, match=r"dtype: expected a floating dtype"):
+        ladle.uniform_soup(models, dtype=name)
+    with pytest.raises(ValueError, match=r"dtype: expected a floating dtype"):
+        ladle.uniform_soup(models, dtype=getattr(torch, name))

@@ -523,9 +523,20 @@ class _Terminated(KeyboardInterrupt):
 @contextlib.contextmanager
 def _terminate_like_interrupt() -> Iterator[None]:
     """While the command runs, SIGTERM raises :class:`_Terminated` instead of killing the
-    process outright (which left the reserved temporary output behind)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
+    process outright (which left the reserved temporary output behind).
+
+    Only where SIGTERM would kill the process anyway: not where it is ignored or handled
+    already (a program calling :func:`main` with a handler of its own), not from a thread
+    (handlers belong to the main thread), and not under torchrun, where a rank waiting for
+    a dead peer inside a collective runs no Python handler, so torchrun's SIGTERM must kill
+    it as it did (else torchrun waits 30 s and sends SIGKILL).
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        or _world_size() > 1
+    ):
+        yield
         return
 
     def terminated(signum: int, frame: object) -> None:

@@ -664,6 +664,10 @@ def merge(
             )
     except Exception as err:  # every rank learns of it before anything is renamed
         error = err
+    except BaseException:  # Ctrl-C reaches every rank: rank 0 removes the shared output
+        if rank == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
     if not share.stopped:  # the flag the others' next reduction (or this one) waits for
         share.flag(int(error is not None))
     own = error if not share.stopped else None  # a rank stopped by another reports nothing

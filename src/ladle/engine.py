@@ -244,6 +244,21 @@ DTYPE_NAMES = {
 """Short names of output dtypes (the CLI's ``--dtype``), besides torch's own names."""
 
 
+OUTPUT_DTYPES = (
+    torch.float64,
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+)
+"""Dtypes a merge may write: signed floating types that hold one value per element (not
+the unsigned, scale-only ``float8_e8m0fnu``, which turned -2 into 2 and 0 into 5.9e-39, nor
+packed ``float4_e2m1fn_x2``)."""
+
+
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """An output dtype as a floating ``torch.dtype``: given as one, by torch's name for it
     (``"bfloat16"``, ``"float8_e4m3fn"``) or by a short name (``"bf16"``, ``"fp16"``,
@@ -261,11 +276,12 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         resolved = DTYPE_NAMES.get(name, getattr(torch, name, None))
     if dtype is None:
         return None
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+    if resolved not in OUTPUT_DTYPES:
         raise ValueError(
             f"dtype: expected a floating dtype (torch.bfloat16, or a name such as 'bf16', "
             f"'float16', 'float8_e4m3fn'), found {dtype!r}"
         )
+    assert isinstance(resolved, torch.dtype)
     return resolved
 
 
@@ -299,24 +315,31 @@ def check_compatible(
 ) -> None:
     """Raise :class:`IncompatibleError` unless all checkpoints share keys, shapes and dtype kinds.
 
-    The reference is the base, or model 0 when there is none; messages name the model and
-    the reference (their files), the keys (a few, and how many) or the key and both shapes.
-    Where the reference alone differs from models that all agree (a wrong base), the message
-    blames the reference. With ``named``, checkpoints are called by their names alone (for
-    arguments of the arithmetic functions).
+    The reference is the base, or model 0 when there is none (a ``base`` that is one of
+    ``models`` is that model); messages name the model and the reference (their files), the
+    keys (a few, and how many) or the key and both shapes. Key sets are compared first, for
+    every model, then shapes and dtypes. Where the reference alone differs from models that
+    all agree (a wrong base), the message blames the reference. With ``named``, checkpoints
+    are called by their names alone (for arguments of the arithmetic functions).
     """
     reference = base if base is not None else models[0]
+    own = next((i for i, m in enumerate(models) if m is reference), None)  # a model's index
     others = [(i, m) for i, m in enumerate(models) if m is not reference]
 
     def label(index: int | None, checkpoint: Checkpoint) -> str:
         return checkpoint.name if named else _describe(index, checkpoint)
 
-    ref_label = label(None if base is not None else 0, reference)
-    every = "every model" if base is not None else "every other model"
+    ref_label = label(own, reference)
+    every = "every model" if own is None else "every other model"
+    hint = "; is it the model they were fine-tuned from?" if own is None else ""
 
     def odd_reference(of: Callable[[Checkpoint], object]) -> bool:
         """Whether the models other than the reference (two or more) agree on ``of``."""
         return len(others) >= 2 and len({repr(of(m)) for _, m in others}) == 1
+
+    def listed(missing: list[str], extra: list[str]) -> str:
+        parts = [f"missing {_few(missing)}"] if missing else []
+        return "; ".join(parts + ([f"extra {_few(extra)}"] if extra else []))
 
     ref_keys = reference.keys()
     ref_set = set(ref_keys)
@@ -325,29 +348,23 @@ def check_compatible(
         key_set = set(keys)
         missing = [key for key in ref_keys if key not in key_set]
         extra = [key for key in keys if key not in ref_set]
-        if missing or extra:
-            if odd_reference(lambda m: sorted(m.keys())):
-                missing, extra = extra, missing  # as the reference lacks or adds them
-                parts = ([f"missing {_few(missing)}"] if missing else []) + (
-                    [f"extra {_few(extra)}"] if extra else []
-                )
-                raise IncompatibleError(
-                    f"{ref_label}: keys differ from those of {every}: {'; '.join(parts)}"
-                    + _wrong_base_hint(base)
-                )
-            parts = ([f"missing {_few(missing)}"] if missing else []) + (
-                [f"extra {_few(extra)}"] if extra else []
-            )
+        if not (missing or extra):
+            continue
+        if odd_reference(lambda m: sorted(m.keys())):  # the reference lacks or adds them
             raise IncompatibleError(
-                f"{label(index, model)}: keys differ from {ref_label}: {'; '.join(parts)}"
+                f"{ref_label}: keys differ from those of {every}: {listed(extra, missing)}{hint}"
             )
+        raise IncompatibleError(
+            f"{label(index, model)}: keys differ from {ref_label}: {listed(missing, extra)}"
+        )
+    for index, model in others:  # every model has the reference's keys now
         for key in ref_keys:
             shape, ref_shape = model.shape(key), reference.shape(key)
             if shape != ref_shape:
                 if odd_reference(partial(_shape_of, key=key)):
                     raise IncompatibleError(
                         f"{ref_label}: key {key!r} has shape {ref_shape}, {every} has {shape}"
-                        + _wrong_base_hint(base)
+                        + hint
                     )
                 raise IncompatibleError(
                     f"{label(index, model)}: key {key!r} has shape {shape}, "
@@ -363,10 +380,6 @@ def check_compatible(
 
 def _shape_of(checkpoint: Checkpoint, key: str) -> tuple[int, ...]:
     return checkpoint.shape(key)
-
-
-def _wrong_base_hint(base: Checkpoint | None) -> str:
-    return "; is it the model they were fine-tuned from?" if base is not None else ""
 
 
 def _kind(dtype: torch.dtype) -> str:

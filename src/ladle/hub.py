@@ -294,7 +294,8 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
     except LocalEntryNotFoundError as err:
         # huggingface_hub's own text advises `local_files_only=False`, which ladle has not.
         revision = f" --revision {source.revision}" if source.revision else ""
-        fetch_first = f"`hf download {source.repo_id}{revision}`"
+        # `hf` came with huggingface_hub 0.34; `huggingface-cli` before it.
+        fetch_first = f"`hf download {source.repo_id}{revision}`, or `huggingface-cli download`"
         why = (
             f"HF_HUB_OFFLINE is set: unset it, or fetch it first ({fetch_first})"
             if offline

@@ -27,7 +27,7 @@ from .checkpoint import StateDict
 from .engine import resolve_device
 from .errors import LadleError
 from .hub import PREFIX, parse_hf_url
-from .writer import parse_size
+from .writer import check_output_name, parse_size
 
 __all__ = ["Recipe", "Step", "StepRef", "load_callable", "load_recipe", "run_recipe"]
 
@@ -377,6 +377,10 @@ def _step(
     if output is not None:
         if not isinstance(output, str) or not output:
             raise ValueError(f"{where}.output: expected a path, found {output!r}")
+        try:
+            check_output_name(output)
+        except LadleError as err:
+            raise ValueError(f"{where}.output: {err}") from None
         output = Path(os.path.expanduser(output))
         output = output if output.is_absolute() else root / output
     dtype = table.get("dtype")
@@ -543,7 +547,8 @@ def _import_file(path: Path) -> Any:
 def _named(err: Exception, where: str) -> Exception | None:
     """``err`` again, of the same type and attributes, its message prefixed with ``where``
     (``steps.NAME: ...``); ``None`` for an exception that cannot be rebuilt from a message
-    (the original is raised as it is)."""
+    (the original is raised as it is). An ``OSError`` keeps its ``errno`` but not its
+    ``filename`` or ``strerror`` (both are in the message, and on the cause)."""
     message = f"{where}: {err}"
     try:
         named = type(err)(message)
