@@ -664,3 +664,16 @@ def test_a_weighted_sum_calls_its_first_model_a_model_not_a_base():
         ladle.weighted_sum([a, b, c], [1, 1, 1])
     message = str(caught.value)
     assert "every other model has (3,)" in message and "fine-tuned" not in message
+
+
+def test_a_base_alone_of_another_dtype_kind_is_blamed():
+    g = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    i = {"a": torch.zeros(2, dtype=torch.int64), "b": torch.zeros(3)}
+    with pytest.raises(
+        ladle.IncompatibleError,
+        match=r"^base .*'a' has dtype torch.int64, every model has torch.float32; integer and "
+        r"floating tensors cannot be merged; is it the model they were fine-tuned from\?$",
+    ):
+        ladle.task_arithmetic([g, g], i)
+    with pytest.raises(ladle.IncompatibleError, match=r"^model 0 .*every other model has"):
+        ladle.uniform_soup([i, g, g])

@@ -724,16 +724,28 @@ def test_output_dtypes_may_be_named_as_the_cli_and_recipes_name_them(name, expec
 @pytest.mark.parametrize("name", ["fp17", "int8", "", 16, torch.int32])
 def test_an_output_dtype_that_is_no_floating_dtype_is_a_value_error_naming_it(name):
     models = [{"w": torch.ones(3)}, {"w": torch.full((3,), 3.0)}]
-    with pytest.raises(ValueError, match=r"dtype: expected a floating dtype .*found"):
+    with pytest.raises(ValueError, match=r"dtype: expected a signed floating output dtype .*found"):
         ladle.uniform_soup(models, dtype=name)
-    with pytest.raises(ValueError, match=r"dtype: expected a floating dtype"):
+    with pytest.raises(ValueError, match=r"dtype: expected a signed floating output dtype"):
         ladle.greedy_soup(models, lambda sd: 1.0, dtype=name)
 
 
 @pytest.mark.parametrize("name", ["float8_e8m0fnu", "float4_e2m1fn_x2"])
 def test_output_dtypes_that_cannot_hold_signed_values_one_per_element_are_refused(name):
     models = [{"w": torch.tensor([-1.0, 0.3])}, {"w": torch.tensor([-3.0, 0.5])}]
-    with pytest.raises(ValueError, match=r"dtype: expected a floating dtype"):
+    with pytest.raises(ValueError, match=r"dtype: expected a signed floating output dtype"):
         ladle.uniform_soup(models, dtype=name)
-    with pytest.raises(ValueError, match=r"dtype: expected a floating dtype"):
+    with pytest.raises(ValueError, match=r"dtype: expected a signed floating output dtype"):
         ladle.uniform_soup(models, dtype=getattr(torch, name))
+
+
+def test_inputs_stored_in_an_unsigned_float_dtype_need_an_output_dtype():
+    e8 = torch.float8_e8m0fnu
+    base = {"s": torch.tensor([1.0, 4.0]).to(e8), "w": torch.tensor([1.0, 2.0])}
+    model = {"s": torch.tensor([4.0, 4.0]).to(e8), "w": torch.tensor([1.0, 2.0])}
+    with pytest.raises(ValueError, match=r"key 's' is stored as float8_e8m0fnu.*dtype="):
+        ladle.task_arithmetic([model], base, scale=-1.0)
+    with pytest.raises(ValueError, match=r"key 's' is stored as float8_e8m0fnu"):
+        ladle.greedy_soup([model, model], lambda sd: 1.0)
+    merged = ladle.task_arithmetic([model], base, scale=-1.0, dtype=torch.float32)
+    assert merged["s"].tolist() == [-2.0, 4.0]  # 1 - (4 - 1), 4 - 0

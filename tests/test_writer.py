@@ -471,3 +471,18 @@ def test_an_empty_output_path_is_refused_naming_out(tmp_path, monkeypatch):
         ladle.uniform_soup([model, model], out="")
     ladle.save(model, tmp_path / "a.safetensors")
     assert main(["soup", "a.safetensors", "a.safetensors", "-o", ""]) == 1
+
+
+@pytest.mark.parametrize("name", ["M.SAFETENSORS", "m.SafeTensors"])
+def test_a_safetensors_suffix_not_in_lower_case_is_refused(tmp_path, name):
+    with pytest.raises(ladle.LadleError, match=r"only a lower-case .safetensors suffix"):
+        ladle.save({"w": torch.ones(2)}, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_split_merge_checks_its_output_name_first(tmp_path):
+    from ladle.distributed import merge
+
+    model = {"w": torch.ones(2)}
+    with pytest.raises(ladle.LadleError, match=r"out: expected a path, found an empty one"):
+        merge("soup", [model, model], out="")

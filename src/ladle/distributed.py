@@ -47,6 +47,7 @@ from .writer import (
     _plan_shards,
     _remove_stale_temporaries,
     _temporary_beside,
+    check_output_name,
     parse_size,
     rename_into_place,
     write_extra_files,
@@ -627,6 +628,7 @@ def merge(
     function = _method(method, params)
     if out is None:
         raise ValueError("out: a merge split across processes writes a directory; pass out=PATH")
+    check_output_name(out)
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return Path(function(models, out=out, **params))
     out = Path(out)
@@ -668,25 +670,31 @@ def merge(
         if rank == 0:
             shutil.rmtree(directory, ignore_errors=True)
         raise
-    if not share.stopped:  # the flag the others' next reduction (or this one) waits for
-        share.flag(int(error is not None))
-    own = error if not share.stopped else None  # a rank stopped by another reports nothing
-    reports: list[Any] = [None] * size
-    mine = None if own is None else " ".join(str(own).split())
-    dist.all_gather_object(reports, (mine, share.files, share.weight_map), group=world)
-    failed = [(r, message) for r, (message, _, _) in enumerate(reports) if message is not None]
-    finished: list[object] = [None]
-    if rank == 0:
-        try:
-            if failed:
+    try:  # until every rank knows the outcome; then only rank 0 touches the output
+        if not share.stopped:  # the flag the others' next reduction (or this one) waits for
+            share.flag(int(error is not None))
+        own = error if not share.stopped else None  # a rank stopped by another reports nothing
+        reports: list[Any] = [None] * size
+        mine = None if own is None else " ".join(str(own).split())
+        dist.all_gather_object(reports, (mine, share.files, share.weight_map), group=world)
+        failed = [(r, message) for r, (message, _, _) in enumerate(reports) if message is not None]
+        finished: list[object] = [None]
+        if rank == 0:
+            try:
+                if failed:
+                    shutil.rmtree(directory, ignore_errors=True)
+                else:
+                    _finish(out, directory, share.specs, reports, bool(params.get("overwrite")))
+            except Exception as err:
                 shutil.rmtree(directory, ignore_errors=True)
-            else:
-                _finish(out, directory, share.specs, reports, bool(params.get("overwrite")))
-        except Exception as err:
+                finished[0] = " ".join(str(err).split())
+                own = own or err
+        dist.broadcast_object_list(finished, src=_source(world), group=world)
+    except BaseException:  # Ctrl-C or a lost peer while waiting: no shards left behind
+        if rank == 0:
             shutil.rmtree(directory, ignore_errors=True)
-            finished[0] = " ".join(str(err).split())
-            own = own or err
-    dist.broadcast_object_list(finished, src=_source(world), group=world)
+        error = own = None  # as below: no cycle through this frame holds the group
+        raise
     try:
         if own is not None:
             raise own

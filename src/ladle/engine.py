@@ -259,6 +259,21 @@ the unsigned, scale-only ``float8_e8m0fnu``, which turned -2 into 2 and 0 into 5
 packed ``float4_e2m1fn_x2``)."""
 
 
+def check_output_dtypes(
+    specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], reference: Checkpoint
+) -> None:
+    """A ``ValueError`` for a floating key whose output dtype (its stored one, when no
+    ``dtype`` was given) is none of :data:`OUTPUT_DTYPES`: merged values would be written
+    in it wrongly (``float8_e8m0fnu`` holds no sign: -2 became 2)."""
+    for key, (_, dtype) in specs.items():
+        if dtype.is_floating_point and dtype not in OUTPUT_DTYPES:
+            raise ValueError(
+                f"{reference.name}: key {key!r} is stored as {str(dtype).removeprefix('torch.')}"
+                ", in which merged values cannot be written (unsigned or packed); pass an "
+                "output dtype (dtype=torch.float32, --dtype float32)"
+            )
+
+
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """An output dtype as a floating ``torch.dtype``: given as one, by torch's name for it
     (``"bfloat16"``, ``"float8_e4m3fn"``) or by a short name (``"bf16"``, ``"fp16"``,
@@ -278,8 +293,8 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return None
     if resolved not in OUTPUT_DTYPES:
         raise ValueError(
-            f"dtype: expected a floating dtype (torch.bfloat16, or a name such as 'bf16', "
-            f"'float16', 'float8_e4m3fn'), found {dtype!r}"
+            f"dtype: expected a signed floating output dtype (torch.bfloat16, or a name such "
+            f"as 'bf16', 'float16', 'float8_e4m3fn'), found {dtype!r}"
         )
     assert isinstance(resolved, torch.dtype)
     return resolved
@@ -372,6 +387,11 @@ def check_compatible(
                 )
             dtype, ref_dtype = model.dtype(key), reference.dtype(key)
             if _kind(dtype) != _kind(ref_dtype):
+                if odd_reference(partial(_kind_of, key=key)):
+                    raise IncompatibleError(
+                        f"{ref_label}: key {key!r} has dtype {ref_dtype}, {every} has {dtype}; "
+                        f"{_kind(ref_dtype)} and {_kind(dtype)} tensors cannot be merged{hint}"
+                    )
                 raise IncompatibleError(
                     f"{label(index, model)}: key {key!r} has dtype {dtype}, {ref_label} has "
                     f"{ref_dtype}; {_kind(ref_dtype)} and {_kind(dtype)} tensors cannot be merged"
@@ -380,6 +400,10 @@ def check_compatible(
 
 def _shape_of(checkpoint: Checkpoint, key: str) -> tuple[int, ...]:
     return checkpoint.shape(key)
+
+
+def _kind_of(checkpoint: Checkpoint, key: str) -> str:
+    return _kind(checkpoint.dtype(key))
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -1094,6 +1118,7 @@ def merge(
             return dtype if dtype is not None and stored.is_floating_point else stored
 
         specs = {key: (reference.shape(key), out_dtype(key)) for key in reference.keys()}
+        check_output_dtypes(specs, reference)
         total = sum(s.nbytes(key) for s in sources for key in (specs if keys is None else keys))
         if out is not None:  # merged in the order the output lays the tensors out
             mine = set(specs if keys is None else keys)

@@ -138,7 +138,13 @@ def check_output_name(out: str | os.PathLike) -> None:
     """
     if not os.fspath(out):
         raise LadleError("out: expected a path, found an empty one")
-    if Path(out).suffix.lower() in MISLEADING_SUFFIXES:
+    suffix = Path(out).suffix
+    if suffix.lower() == ".safetensors" and suffix != ".safetensors":
+        raise LadleError(
+            f"{out}: only a lower-case .safetensors suffix writes one file (this would be a "
+            "directory): name it NAME.safetensors"
+        )
+    if suffix.lower() in MISLEADING_SUFFIXES:
         raise LadleError(
             f"{out}: ladle writes safetensors: name the output NAME.safetensors (one file) "
             "or a directory without a weights suffix"
