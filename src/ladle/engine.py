@@ -244,15 +244,19 @@ DTYPE_NAMES = {
 """Short names of output dtypes (the CLI's ``--dtype``), besides torch's own names."""
 
 
-OUTPUT_DTYPES = (
-    torch.float64,
-    torch.float32,
-    torch.bfloat16,
-    torch.float16,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-    torch.float8_e4m3fnuz,
-    torch.float8_e5m2fnuz,
+OUTPUT_DTYPES = tuple(
+    getattr(torch, name)
+    for name in (
+        "float64",
+        "float32",
+        "bfloat16",
+        "float16",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3fnuz",  # not in every torch this package allows
+        "float8_e5m2fnuz",
+    )
+    if hasattr(torch, name)
 )
 """Dtypes a merge may write: signed floating types that hold one value per element (not
 the unsigned, scale-only ``float8_e8m0fnu``, which turned -2 into 2 and 0 into 5.9e-39, nor
@@ -669,7 +673,7 @@ def saturation_limit(dtype: torch.dtype) -> tuple[float, bool] | None:
         return None
     if not bool(torch.isfinite(torch.tensor([math.inf]).to(dtype).float())):
         return None  # an overflow shows as Inf or NaN after the cast
-    if dtype == torch.float8_e8m0fnu:  # powers of two only: no halfway point to round at
+    if dtype == getattr(torch, "float8_e8m0fnu", None):  # powers of two: no halfway point
         return None
     largest = torch.tensor([torch.finfo(dtype).max]).to(dtype)
     bits = largest.view(torch.uint8)
