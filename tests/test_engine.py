@@ -677,3 +677,10 @@ def test_a_base_alone_of_another_dtype_kind_is_blamed():
         ladle.task_arithmetic([g, g], i)
     with pytest.raises(ladle.IncompatibleError, match=r"^model 0 .*every other model has"):
         ladle.uniform_soup([i, g, g])
+
+
+def test_a_blamed_base_names_the_models_kind_when_their_dtypes_differ():
+    a, b = {"w": torch.zeros(2)}, {"w": torch.zeros(2, dtype=torch.bfloat16)}
+    base = {"w": torch.zeros(2, dtype=torch.int64)}
+    with pytest.raises(ladle.IncompatibleError, match=r"every model has a floating dtype;"):
+        ladle.task_arithmetic([a, b], base)

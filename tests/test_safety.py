@@ -749,3 +749,37 @@ def test_inputs_stored_in_an_unsigned_float_dtype_need_an_output_dtype():
         ladle.greedy_soup([model, model], lambda sd: 1.0)
     merged = ladle.task_arithmetic([model], base, scale=-1.0, dtype=torch.float32)
     assert merged["s"].tolist() == [-2.0, 4.0]  # 1 - (4 - 1), 4 - 0
+
+
+def test_a_greedy_soup_checks_the_dtypes_of_every_model_that_could_rank_best():
+    e8 = torch.float8_e8m0fnu
+    plain, scale_only = {"s": torch.tensor([-5.0, 2.0])}, {"s": torch.tensor([1.0, 4.0]).to(e8)}
+    score = lambda sd: 2.0 if sd["s"].dtype == e8 else 1.0  # noqa: E731  the e8m0 model wins
+    for models in ([plain, scale_only], [scale_only, plain]):
+        with pytest.raises(ValueError, match=r"key 's' is stored as float8_e8m0fnu"):
+            ladle.greedy_soup(models, score)
+    soup = ladle.greedy_soup([plain, scale_only], score, dtype=torch.float32)
+    assert soup.state_dict["s"].tolist() == [-2.0, 3.0]
+
+
+def test_unwritable_dtypes_are_refused_before_any_pass_over_the_inputs(monkeypatch):
+    import ladle.methods.ties as ties_module
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the threshold pass ran before the dtype was refused")
+
+    monkeypatch.setattr(ties_module, "_thresholds", no_pass)
+    e8 = torch.float8_e8m0fnu
+    base = {"s": torch.tensor([1.0, 4.0]).to(e8), "w": torch.zeros(8)}
+    model = {"s": torch.tensor([4.0, 4.0]).to(e8), "w": torch.ones(8)}
+    with pytest.raises(ValueError, match=r"key 's' is stored as float8_e8m0fnu"):
+        ladle.ties([model, model], base)
+
+
+def test_packed_float_dtypes_cannot_be_merged_even_into_another_dtype():
+    packed = {"w": torch.tensor([1, 2, 3], dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}
+    for dtype in (None, torch.float32):
+        with pytest.raises(ValueError, match=r"packs several values per element: unpack it"):
+            ladle.uniform_soup([packed, packed], dtype=dtype)
+    with pytest.raises(ladle.IncompatibleError, match=r"floating and packed tensors"):
+        ladle.uniform_soup([{"w": torch.zeros(3)}, packed])

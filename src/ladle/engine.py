@@ -270,11 +270,17 @@ def check_output_dtypes(
     ``dtype`` was given) is none of :data:`OUTPUT_DTYPES`: merged values would be written
     in it wrongly (``float8_e8m0fnu`` holds no sign: -2 became 2)."""
     for key, (_, dtype) in specs.items():
+        stored = reference.dtype(key)
+        if _kind(stored) == "packed":
+            raise ValueError(
+                f"{reference.name}: key {key!r} is stored as {str(stored).removeprefix('torch.')}"
+                ", which packs several values per element: unpack it before merging"
+            )
         if dtype.is_floating_point and dtype not in OUTPUT_DTYPES:
             raise ValueError(
                 f"{reference.name}: key {key!r} is stored as {str(dtype).removeprefix('torch.')}"
-                ", in which merged values cannot be written (unsigned or packed); pass an "
-                "output dtype (dtype=torch.float32, --dtype float32)"
+                ", in which merged values cannot be written (unsigned, powers of two only); pass "
+                "an output dtype (dtype=torch.float32, --dtype float32)"
             )
 
 
@@ -392,8 +398,13 @@ def check_compatible(
             dtype, ref_dtype = model.dtype(key), reference.dtype(key)
             if _kind(dtype) != _kind(ref_dtype):
                 if odd_reference(partial(_kind_of, key=key)):
+                    theirs = (
+                        dtype
+                        if odd_reference(partial(_dtype_of, key=key))
+                        else f"a {_kind(dtype)} dtype"
+                    )
                     raise IncompatibleError(
-                        f"{ref_label}: key {key!r} has dtype {ref_dtype}, {every} has {dtype}; "
+                        f"{ref_label}: key {key!r} has dtype {ref_dtype}, {every} has {theirs}; "
                         f"{_kind(ref_dtype)} and {_kind(dtype)} tensors cannot be merged{hint}"
                     )
                 raise IncompatibleError(
@@ -406,14 +417,19 @@ def _shape_of(checkpoint: Checkpoint, key: str) -> tuple[int, ...]:
     return checkpoint.shape(key)
 
 
+def _dtype_of(checkpoint: Checkpoint, key: str) -> torch.dtype:
+    return checkpoint.dtype(key)
+
+
 def _kind_of(checkpoint: Checkpoint, key: str) -> str:
     return _kind(checkpoint.dtype(key))
 
 
 def _kind(dtype: torch.dtype) -> str:
-    """``"floating"``, ``"complex"`` or ``"integer"`` (bool included): dtypes of one kind merge."""
+    """``"floating"``, ``"packed"`` (several floats per element: ``float4_e2m1fn_x2``),
+    ``"complex"`` or ``"integer"`` (bool included): dtypes of one kind merge."""
     if dtype.is_floating_point:
-        return "floating"
+        return "packed" if str(dtype).endswith("_x2") else "floating"
     return "complex" if dtype.is_complex else "integer"
 
 
@@ -1112,17 +1128,17 @@ def merge(
                 raise LadleError(
                     f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"
                 )
-        part = _PARTITION.get()
-        keys = None if part is None else part.keys(reference)
-        if prepare is not None:
-            kernel = prepare(checkpoints, base_ckpt)
 
         def out_dtype(key: str) -> torch.dtype:
             stored = reference.dtype(key)
             return dtype if dtype is not None and stored.is_floating_point else stored
 
         specs = {key: (reference.shape(key), out_dtype(key)) for key in reference.keys()}
-        check_output_dtypes(specs, reference)
+        check_output_dtypes(specs, reference)  # before prepare's passes over the inputs
+        part = _PARTITION.get()
+        keys = None if part is None else part.keys(reference)
+        if prepare is not None:
+            kernel = prepare(checkpoints, base_ckpt)
         total = sum(s.nbytes(key) for s in sources for key in (specs if keys is None else keys))
         if out is not None:  # merged in the order the output lays the tensors out
             mine = set(specs if keys is None else keys)

@@ -352,14 +352,14 @@ def run_greedy(
     with ExitStack() as stack:
         checkpoints, _ = open_models(models, None, stack)
         check_compatible(checkpoints)
-        first = checkpoints[0]
-        check_output_dtypes(
-            {
-                key: ((), dtype if dtype is not None and stored.is_floating_point else stored)
-                for key, stored in ((k, first.dtype(k)) for k in first.keys())
-            },
-            first,
-        )
+        for checkpoint in checkpoints:  # the best-ranked model's dtypes are the soup's
+            check_output_dtypes(
+                {
+                    key: ((), dtype if dtype is not None and stored.is_floating_point else stored)
+                    for key, stored in ((k, checkpoint.dtype(k)) for k in checkpoint.keys())
+                },
+                checkpoint,
+            )
         if out is not None:  # refuse before the (costly) evaluations, not after
             _check_output(out, checkpoints)
             if os.path.lexists(out) and not overwrite:
