@@ -497,3 +497,14 @@ def test_a_later_steps_output_named_like_another_format_is_refused_before_any_st
     with pytest.raises(ValueError, match=r"steps.final.output: .*final.pt: ladle writes"):
         ladle.load_recipe(tmp_path / "r.toml")
     assert not (tmp_path / "first").exists()
+
+
+def test_max_shard_size_with_a_single_file_output_is_refused_as_the_cli_refuses_it(tmp_path):
+    for name in ("a", "b"):
+        ladle.save({"w": torch.rand(4)}, tmp_path / f"{name}.safetensors")
+    (tmp_path / "r.toml").write_text(
+        'method = "soup"\nmodels = ["a.safetensors", "b.safetensors"]\n'
+        'output = "o.safetensors"\nmax_shard_size = "1MB"\n'
+    )
+    with pytest.raises(ValueError, match=r"max_shard_size: applies to a directory output"):
+        ladle.load_recipe(tmp_path / "r.toml")

@@ -396,6 +396,10 @@ def _step(
             raise ValueError(
                 f"{where}.max_shard_size: expected e.g. '5GB', found {shard!r}"
             ) from None
+        if output is not None and output.suffix == ".safetensors":  # as the CLI refuses it
+            raise ValueError(
+                f"{where}.max_shard_size: applies to a directory output; {output.name} is one file"
+            )
     return Step(name, method, sources, base, parameters, output, dtype, shard)
 
 
