@@ -263,24 +263,32 @@ the unsigned, scale-only ``float8_e8m0fnu``, which turned -2 into 2 and 0 into 5
 packed ``float4_e2m1fn_x2``)."""
 
 
-def check_output_dtypes(
-    specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], reference: Checkpoint
-) -> None:
-    """A ``ValueError`` for a floating key whose output dtype (its stored one, when no
-    ``dtype`` was given) is none of :data:`OUTPUT_DTYPES`: merged values would be written
-    in it wrongly (``float8_e8m0fnu`` holds no sign: -2 became 2)."""
-    for key, (_, dtype) in specs.items():
-        stored = reference.dtype(key)
+def output_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a merge writes a tensor stored as ``stored`` in: ``dtype`` for a floating
+    tensor when one is given, else ``stored``."""
+    return dtype if dtype is not None and stored.is_floating_point else stored
+
+
+def check_output_dtypes(checkpoint: Checkpoint, dtype: torch.dtype | None) -> None:
+    """A ``ValueError`` for a floating key of ``checkpoint`` that packs several values per
+    element, or whose output dtype (:func:`output_dtype`) is none of :data:`OUTPUT_DTYPES`:
+    merged values would be written in it wrongly (``float8_e8m0fnu`` holds no sign: -2
+    became 2)."""
+    for key in checkpoint.keys():
+        stored = checkpoint.dtype(key)
+        written = output_dtype(stored, dtype)
         if _kind(stored) == "packed":
             raise ValueError(
-                f"{reference.name}: key {key!r} is stored as {str(stored).removeprefix('torch.')}"
-                ", which packs several values per element: unpack it before merging"
+                f"{checkpoint.name}: key {key!r} is stored as "
+                f"{str(stored).removeprefix('torch.')}, which packs several values per element: "
+                "unpack it before merging"
             )
-        if dtype.is_floating_point and dtype not in OUTPUT_DTYPES:
+        if written.is_floating_point and written not in OUTPUT_DTYPES:
             raise ValueError(
-                f"{reference.name}: key {key!r} is stored as {str(dtype).removeprefix('torch.')}"
-                ", in which merged values cannot be written (unsigned, powers of two only); pass "
-                "an output dtype (dtype=torch.float32, --dtype float32)"
+                f"{checkpoint.name}: key {key!r} is stored as "
+                f"{str(written).removeprefix('torch.')}, in which merged values cannot be written "
+                "(unsigned, powers of two only); pass an output dtype (dtype=torch.float32, "
+                "--dtype float32)"
             )
 
 
@@ -1128,13 +1136,11 @@ def merge(
                 raise LadleError(
                     f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"
                 )
-
-        def out_dtype(key: str) -> torch.dtype:
-            stored = reference.dtype(key)
-            return dtype if dtype is not None and stored.is_floating_point else stored
-
-        specs = {key: (reference.shape(key), out_dtype(key)) for key in reference.keys()}
-        check_output_dtypes(specs, reference)  # before prepare's passes over the inputs
+        check_output_dtypes(reference, dtype)  # before prepare's passes over the inputs
+        specs = {
+            key: (reference.shape(key), output_dtype(reference.dtype(key), dtype))
+            for key in reference.keys()
+        }
         part = _PARTITION.get()
         keys = None if part is None else part.keys(reference)
         if prepare is not None:

@@ -27,6 +27,7 @@ from ..engine import (
     fold,
     merge,
     open_models,
+    output_dtype,
     provenance,
     resolve_device,
     resolve_dtype,
@@ -269,13 +270,8 @@ def _greedy(
         )
         return {key: tensor for key, _, tensor in results}
 
-    def dtype_of(key: str, tensor: torch.Tensor, reference: Checkpoint) -> torch.dtype:
-        if dtype is not None and tensor.is_floating_point():
-            return dtype
-        return reference.dtype(key)
-
     def output(soup: Mapping[str, torch.Tensor], reference: Checkpoint) -> StateDict:
-        return {key: t.to(dtype_of(key, t, reference)) for key, t in soup.items()}
+        return {key: t.to(output_dtype(reference.dtype(key), dtype)) for key, t in soup.items()}
 
     def score_of(state_dict: StateDict, what: str) -> float:
         returned = evaluate(state_dict)
@@ -321,7 +317,7 @@ def _greedy(
             bar.close()
     if not allow_nonfinite:
         for key, tensor in soup.items():
-            target = dtype_of(key, tensor, best)
+            target = output_dtype(best.dtype(key), dtype)
             limit = saturation_limit(target)
             if limit is not None and tensor.is_floating_point():
                 _check_saturating(tensor, limit, target, key, slice(None), checkpoints, None, where)
@@ -353,13 +349,7 @@ def run_greedy(
         checkpoints, _ = open_models(models, None, stack)
         check_compatible(checkpoints)
         for checkpoint in checkpoints:  # the best-ranked model's dtypes are the soup's
-            check_output_dtypes(
-                {
-                    key: ((), dtype if dtype is not None and stored.is_floating_point else stored)
-                    for key, stored in ((k, checkpoint.dtype(k)) for k in checkpoint.keys())
-                },
-                checkpoint,
-            )
+            check_output_dtypes(checkpoint, dtype)
         if out is not None:  # refuse before the (costly) evaluations, not after
             _check_output(out, checkpoints)
             if os.path.lexists(out) and not overwrite:
