@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .checkpoint import StateDict
-from .engine import resolve_device
+from .engine import DTYPE_NAMES, resolve_device
 from .errors import LadleError
 from .hub import PREFIX, parse_hf_url
 from .writer import check_output_name, parse_size
@@ -46,15 +46,10 @@ ALIASES = {"soup": "uniform_soup", "stock": "model_stock"}
 """Short names (the CLI's sub-commands); ``-`` may be written for ``_``."""
 
 DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
+    **{str(d).removeprefix("torch."): d for d in DTYPE_NAMES.values()},
+    **DTYPE_NAMES,
 }
+"""The output dtypes ``--dtype`` and recipes name: torch's names and the short ones."""
 
 STEP_KEYS = ("method", "models", "base", "parameters", "output", "dtype", "max_shard_size")
 # Set by the recipe's own fields or by run_recipe, never inside [parameters].
