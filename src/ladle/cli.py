@@ -31,7 +31,7 @@ from .methods.stock import model_stock
 from .methods.task_arithmetic import task_arithmetic
 from .methods.ties import ties
 from .recipe import DTYPES, load_callable, run_recipe
-from .writer import parse_size
+from .writer import parse_size, single_file
 
 __all__ = ["main"]
 
@@ -516,8 +516,8 @@ def _torchrun(run: Callable[[argparse.Namespace], None], rank: int) -> Iterator[
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, ``timeout``, a scheduler's preemption, torchrun stopping the other
-    ranks), raised in the main thread like Ctrl-C, so that the same clean-up runs."""
+    """SIGTERM (``kill``, ``timeout``, a scheduler's preemption), raised in the main thread
+    like Ctrl-C, so that the same clean-up runs (see :func:`_terminate_like_interrupt`)."""
 
 
 @contextlib.contextmanager
@@ -560,10 +560,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run
     push = getattr(args, "push_to_hub", None)
-    if push is not None and Path(args.out).suffix == ".safetensors":  # as the writer decides
+    if push is not None and single_file(args.out):
         parser.error("--push-to-hub needs a directory output (-o DIR), not a .safetensors file")
     shard = getattr(args, "max_shard_size", None)
-    if shard is not None and Path(args.out).suffix == ".safetensors":
+    if shard is not None and single_file(args.out):
         parser.error(
             "--max-shard-size applies to a directory output (-o DIR); a .safetensors output "
             "is one file"

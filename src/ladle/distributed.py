@@ -50,6 +50,7 @@ from .writer import (
     check_output_name,
     parse_size,
     rename_into_place,
+    single_file,
     write_extra_files,
 )
 
@@ -632,7 +633,7 @@ def merge(
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return Path(function(models, out=out, **params))
     out = Path(out)
-    if out.suffix == ".safetensors":
+    if single_file(out):
         raise ValueError(
             f"out: a merge split across processes writes a directory of shards, found {out}"
         )

@@ -30,7 +30,7 @@ from ._version import __version__
 from .checkpoint import Checkpoint, StateDict, StateDictLike, open_checkpoint, recorded_name
 from .errors import IncompatibleError, LadleError, NonFiniteError
 from .modelcard import output_files
-from .writer import SafetensorsWriter, aligned_order, check_output_name
+from .writer import SafetensorsWriter, aligned_order, check_output_name, single_file
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -1211,7 +1211,7 @@ def merge(
         meta = provenance(method, parameters, checkpoints, base_ckpt)
         extra = (  # a directory output also gets config/tokenizer files and a model card
             None
-            if Path(out).suffix == ".safetensors"
+            if single_file(out)
             else output_files(method, parameters, checkpoints, base_ckpt, out=out, dtype=dtype)
         )
         sink: Sink = (

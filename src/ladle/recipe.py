@@ -27,7 +27,7 @@ from .checkpoint import StateDict
 from .engine import DTYPE_NAMES, resolve_device
 from .errors import LadleError
 from .hub import PREFIX, parse_hf_url
-from .writer import check_output_name, parse_size
+from .writer import check_output_name, parse_size, single_file
 
 __all__ = ["Recipe", "Step", "StepRef", "load_callable", "load_recipe", "run_recipe"]
 
@@ -391,7 +391,7 @@ def _step(
             raise ValueError(
                 f"{where}.max_shard_size: expected e.g. '5GB', found {shard!r}"
             ) from None
-        if output is not None and output.suffix == ".safetensors":  # as the CLI refuses it
+        if output is not None and single_file(output):  # as the CLI refuses it
             raise ValueError(
                 f"{where}.max_shard_size: applies to a directory output; {output.name} is one file"
             )

@@ -27,7 +27,7 @@ from typing import BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import SAFETENSORS_DTYPES
+from .checkpoint import SAFETENSORS_DTYPES, TORCH_SUFFIXES
 from .errors import LadleError, OutputError
 
 __all__ = ["SafetensorsWriter", "parse_size", "save"]
@@ -116,10 +116,16 @@ def _plan_shards(specs: Mapping[str, Spec], max_bytes: int) -> list[list[str]]:
     return shards
 
 
-MISLEADING_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensor", ".st")
+MISLEADING_SUFFIXES = (*TORCH_SUFFIXES, ".safetensor", ".st")
 """Output suffixes of other weight formats, or misspellings of ``.safetensors``: an output
 so named would be a directory (only ``.safetensors`` makes a file), which loaders pointed
 at it take for a file."""
+
+
+def single_file(out: str | os.PathLike) -> bool:
+    """Whether output ``out`` is one safetensors file (a ``.safetensors`` name) rather than a
+    directory: the writer's rule, which every caller that must know beforehand asks here."""
+    return Path(out).suffix == ".safetensors"
 
 
 def check_output_name(out: str | os.PathLike) -> None:
@@ -407,7 +413,7 @@ class SafetensorsWriter:
             )
         self._specs = {key: specs[key] for key in aligned_order(specs)}  # the write order
         self._metadata = {"format": "pt", **(metadata or {})}
-        self._single_file = self.out.suffix == ".safetensors"
+        self._single_file = single_file(self.out)
         self._extra = _checked_extra_files(self.out, self._single_file, extra_files or {})
         shards = (
             [list(self._specs)]

@@ -35,7 +35,7 @@ from ..engine import (
 )
 from ..errors import LadleError
 from ..modelcard import output_files
-from ..writer import SafetensorsWriter
+from ..writer import SafetensorsWriter, single_file
 
 __all__ = [
     "Evaluate",
@@ -376,7 +376,7 @@ def run_greedy(
             state = result.state_dict
             extra = (  # as every merge: a directory also gets config/tokenizer and a card
                 None
-                if Path(out).suffix == ".safetensors"
+                if single_file(out)
                 else output_files(method, recorded, checkpoints, None, out=out, dtype=dtype)
             )
             with SafetensorsWriter(
