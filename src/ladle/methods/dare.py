@@ -131,19 +131,15 @@ def uniform_numbers(
         first = block * BLOCK
         size = min(BLOCK, numel - first)
         low, high = max(start, first), min(stop, first + size)
-        if (low, high) == (first, first + size):  # a whole block: drawn in place
-            generator = torch.Generator(device="cpu").manual_seed(
-                block_seed(seed, index, key, block)
-            )
-            torch.rand(size, generator=generator, out=numbers[low - start : high - start])
-            return
-        if held is not None and held[0] == (seed, key, numel, block):
+        whole = (low, high) == (first, first + size)
+        if not whole and held is not None and held[0] == (seed, key, numel, block):
             drawn = held[1]
         else:
-            generator = torch.Generator(device="cpu").manual_seed(
-                block_seed(seed, index, key, block)
-            )
-            drawn = torch.rand(size, generator=generator)
+            seeded = torch.Generator(device="cpu").manual_seed(block_seed(seed, index, key, block))
+            if whole:  # drawn in place
+                torch.rand(size, generator=seeded, out=numbers[low - start : high - start])
+                return
+            drawn = torch.rand(size, generator=seeded)
         numbers[low - start : high - start] = drawn[low - first : high - first]
         partial[block] = drawn
 
