@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -645,6 +646,20 @@ def test_sample_blocks_never_read_a_row_twice_and_cover_small_tensors(shape, ent
     width = shape[1] if len(shape) > 1 else 1
     wanted = min(shape[0], -(-entries // width))  # rows asked for, rounded up per block
     assert wanted <= len(rows) < wanted + len(blocks)
+
+
+@pytest.mark.parametrize(
+    ("shape", "entries", "count"),
+    [((64,), 27, 1), ((5000, 1), 3000, 2), ((5120, 1024), 29_600, 16), ((4096,), 9, 1)],
+)
+def test_sample_blocks_are_few_for_small_tensors(shape, entries, count):
+    # each block is a read per model: a model of 5000 tensors of 64 entries read 16 blocks of
+    # 2 rows from each; blocks of fewer than SAMPLE_BLOCK entries only where one block is all
+    blocks = ties_module._sample_blocks(shape, entries)
+    assert len(blocks) == count
+    sizes = [len(range(*b.indices(shape[0]))) * math.prod(shape[1:]) for b in blocks]
+    assert sum(sizes) >= min(entries, math.prod(shape))
+    assert count == 1 or min(sizes) >= ties_module.SAMPLE_BLOCK
 
 
 @pytest.mark.parametrize("empty", [(0, 4), (3, 0)])

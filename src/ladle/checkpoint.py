@@ -222,6 +222,7 @@ class SafetensorsCheckpoint(Checkpoint):
         # an index puts in one shard may also lie, stale, in another.
         self._spans: dict[tuple[Path, str], int] = {}
         self._identities: dict[Path, tuple[int, ...]] = {}  # each file as safe_open found it
+        self._specs: dict[str, tuple[tuple[int, ...], str]] = {}  # key -> (shape, dtype code)
         self._files = dict(files)
         self.metadata = {}
         for file in dict.fromkeys(self._files.values()):
@@ -262,11 +263,20 @@ class SafetensorsCheckpoint(Checkpoint):
     def files(self) -> dict[str, Path]:
         return dict(self._files)
 
+    def _spec(self, key: str) -> tuple[tuple[int, ...], str]:
+        """``key``'s shape and safetensors dtype code, asked of its header once: a merge asks
+        for them several times per chunk read."""
+        spec = self._specs.get(key)
+        if spec is None:
+            view = self._slice(key)
+            spec = self._specs[key] = (tuple(view.get_shape()), view.get_dtype())
+        return spec
+
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._slice(key).get_shape())
+        return self._spec(key)[0]
 
     def dtype(self, key: str) -> torch.dtype:
-        code = self._slice(key).get_dtype()
+        code = self._spec(key)[1]
         try:
             return SAFETENSORS_DTYPES[code]
         except KeyError:
