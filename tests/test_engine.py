@@ -684,3 +684,58 @@ def test_a_blamed_base_names_the_models_kind_when_their_dtypes_differ():
     base = {"w": torch.zeros(2, dtype=torch.int64)}
     with pytest.raises(ladle.IncompatibleError, match=r"every model has a floating dtype;"):
         ladle.task_arithmetic([a, b], base)
+
+
+def test_integer_tensors_are_copied_a_chunk_of_rows_at_a_time_without_a_second_copy(
+    tmp_path, monkeypatch
+):
+    """A large non-floating tensor (quantized weights, an int8 table) is copied from the
+    reference in chunks of at most ``chunk_bytes`` as stored, each read straight into memory
+    of its own: no chunk, and no clone, the size of the whole tensor (it took twice the
+    tensor's size in anonymous memory, whatever ``chunk_bytes``)."""
+    table = torch.randint(-100, 100, (256, 64), dtype=torch.int8)
+    ids = torch.arange(512, dtype=torch.int64).view(64, 8)
+    for i in range(2):
+        save_file({"q": table, "ids": ids, "w": torch.randn(8, 8)}, tmp_path / f"m{i}.safetensors")
+    cloned = []
+    original_clone = torch.Tensor.clone
+
+    def counting_clone(self, *args, **kwargs):
+        cloned.append(self.nbytes)
+        return original_clone(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", counting_clone)
+    sizes: dict[str, list[int]] = {"q": [], "ids": []}
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        opened, _ = open_models(
+            [tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"], None, stack
+        )
+        parts: dict[str, list[torch.Tensor]] = {"q": [], "ids": []}
+        for key, _, result in fold(
+            opened,
+            collect_kernel(),
+            device=resolve_device("cpu"),
+            chunk_bytes=1024,
+            copy_others=True,
+        ):
+            if key in sizes:
+                sizes[key].append(result.nbytes)
+                parts[key].append(original_clone(result))
+    assert len(sizes["q"]) > 1 and max(sizes["q"]) <= 1024, sizes["q"]
+    assert len(sizes["ids"]) > 1 and max(sizes["ids"]) <= 1024, sizes["ids"]
+    assert torch.equal(torch.cat(parts["q"]), table) and torch.equal(torch.cat(parts["ids"]), ids)
+    assert not [n for n in cloned if n > 1024], cloned  # collect_kernel clones the float key
+    with_files = ladle.uniform_soup(
+        [tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"], chunk_bytes=1024
+    )
+    assert torch.equal(with_files["q"], table) and torch.equal(with_files["ids"], ids)
+    out = ladle.uniform_soup(
+        [tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"],
+        out=tmp_path / "soup.safetensors",
+        chunk_bytes=1024,
+        device="cpu",
+    )
+    written = ladle.load(out)
+    assert torch.equal(written["q"], table) and torch.equal(written["ids"], ids)

@@ -487,8 +487,9 @@ def fold(
     """Run ``kernel`` over every chunk of every floating key; yield ``(key, rows, result)``.
 
     Keys come in the order of ``keys`` (default: the base's, or model 0's). Non-floating keys
-    are skipped, or with ``copy_others`` yielded whole as copies of the base's (model 0's)
-    tensor. Methods call this directly for passes that gather statistics (a TIES threshold,
+    are skipped, or with ``copy_others`` yielded as copies of the base's (model 0's) tensor,
+    in chunks of rows of at most ``chunk_bytes`` as stored (at least one row). Methods call
+    this directly for passes that gather statistics (a TIES threshold,
     Model Stock's angles) before the pass that merges; ``on_bytes`` reports bytes read.
 
     With ``prefetch > 0``, ``readers`` background threads read (and check) up to
@@ -759,8 +760,10 @@ def _plan(
     plan: Plan = []
     for key in reference.keys() if keys is None else keys:
         if not reference.dtype(key).is_floating_point:
-            if copy_others:
-                plan.append((key, slice(None), None))
+            if copy_others:  # copied a chunk of rows at a time too, as they are stored
+                itemsize = reference.dtype(key).itemsize
+                budget = max(1, chunk_bytes * 4 // max(itemsize, 4))  # row_chunks counts 4 B
+                plan.extend((key, rows, None) for rows in row_chunks(reference.shape(key), budget))
             continue
         dtype = compute_dtype([s.dtype(key) for s in sources])
         plan.extend((key, rows, dtype) for rows in row_chunks(reference.shape(key), chunk_bytes))
@@ -845,9 +848,11 @@ def _reads(
     on_cpu = device.type == "cpu"
 
     def other(key: str, rows: slice) -> _Chunk:
-        # Read with pread, which reports a file cut short; a map would crash.
+        # Read with pread, which reports a file cut short; a map would crash. Bytes read into
+        # ``into`` are this chunk's own; a source's own tensor (in memory) is copied.
         into = torch.empty(_rows_nbytes(reference, key, rows), dtype=torch.uint8)
-        return _Chunk(reference.read_rows(key, rows, into).clone())
+        chunk = reference.read_rows(key, rows, into)
+        return _Chunk(chunk if _shares(chunk, into) else chunk.clone())
 
     def floating(
         index: int | None, checkpoint: Checkpoint, key: str, rows: slice, dtype: torch.dtype
