@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import ClassVar
 
 import pytest
@@ -59,8 +60,6 @@ def test_file_reads_through_the_pool_equal_the_tensors_in_memory(
         paths.append(directory / f"m{i}.safetensors")
 
     def run(sources):
-        from contextlib import ExitStack
-
         with ExitStack() as stack:
             opened, base = open_models(sources[1:], sources[0] if with_base else None, stack)
             return {
@@ -393,8 +392,6 @@ def test_several_reading_threads_merge_every_method_bit_for_bit(tmp_path, reader
     device = resolve_device("cpu")
 
     def soup(prefetch):
-        from contextlib import ExitStack
-
         from ladle.methods.soup import weighted_mean_kernel
 
         with ExitStack() as stack:
@@ -499,8 +496,6 @@ def test_a_pinned_buffer_is_refilled_only_once_its_copy_has_read_it(
         paths.append(tmp_path / f"m{i}.safetensors")
 
     def chunks(device):
-        from contextlib import ExitStack
-
         with ExitStack() as stack:
             opened, _ = open_models(paths, None, stack)
             results = fold(
@@ -706,8 +701,6 @@ def test_integer_tensors_are_copied_a_chunk_of_rows_at_a_time_without_a_second_c
 
     monkeypatch.setattr(torch.Tensor, "clone", counting_clone)
     sizes: dict[str, list[int]] = {"q": [], "ids": []}
-    from contextlib import ExitStack
-
     with ExitStack() as stack:
         opened, _ = open_models(
             [tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"], None, stack

@@ -760,10 +760,9 @@ def _plan(
     plan: Plan = []
     for key in reference.keys() if keys is None else keys:
         if not reference.dtype(key).is_floating_point:
-            if copy_others:  # copied a chunk of rows at a time too, as they are stored
-                itemsize = reference.dtype(key).itemsize
-                budget = max(1, chunk_bytes * 4 // max(itemsize, 4))  # row_chunks counts 4 B
-                plan.extend((key, rows, None) for rows in row_chunks(reference.shape(key), budget))
+            if copy_others:  # copied a chunk of rows at a time too, of chunk_bytes as stored
+                stored = chunk_bytes * 4 // reference.dtype(key).itemsize  # row_chunks counts 4 B
+                plan.extend((key, rows, None) for rows in row_chunks(reference.shape(key), stored))
             continue
         dtype = compute_dtype([s.dtype(key) for s in sources])
         plan.extend((key, rows, dtype) for rows in row_chunks(reference.shape(key), chunk_bytes))
