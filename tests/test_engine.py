@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from typing import ClassVar
 
@@ -13,7 +14,15 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import ladle
-from ladle.engine import Kernel, Scratch, fold, open_models, resolve_device
+from ladle.engine import (
+    Kernel,
+    Scratch,
+    chunk_shape,
+    fold,
+    open_models,
+    resolve_device,
+    row_chunks,
+)
 
 
 def collect_kernel() -> Kernel:
@@ -732,3 +741,104 @@ def test_integer_tensors_are_copied_a_chunk_of_rows_at_a_time_without_a_second_c
     )
     written = ladle.load(out)
     assert torch.equal(written["q"], table) and torch.equal(written["ids"], ids)
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunk_bytes", "view"),
+    [
+        ((8, 4), 64, (8, 4)),  # a row of 16 bytes fits: the tensor's own rows
+        ((1, 100), 64, (100,)),  # one row of 400 bytes: read as entries
+        ((3, 5, 4), 32, (15, 4)),  # rows of 80 bytes: fused experts read as (E·H, I)
+        ((3, 5, 40), 32, (600,)),  # not even I fits
+        ((2, 0, 9), 8, (2, 0, 9)),  # empty rows fit any chunk
+        ((), 4, ()),
+        ((7,), 4, (7,)),
+    ],
+)
+def test_chunk_shape_merges_leading_dimensions_until_a_row_fits(shape, chunk_bytes, view):
+    assert chunk_shape(shape, chunk_bytes) == view
+    rows = row_chunks(shape, chunk_bytes)
+    if view and math.prod(view):
+        width = 4 * math.prod(view[1:])
+        sizes = [len(range(*r.indices(view[0]))) * width for r in rows]
+        assert sum(sizes) == 4 * math.prod(shape) and max(sizes) <= max(chunk_bytes, width)
+
+
+def family_with_long_rows(seed: int) -> list[dict[str, torch.Tensor]]:
+    """A base and three fine-tunes whose tensors have rows longer than 64 bytes."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"experts": (3, 5, 40), "row": (1, 300), "w": (6, 4), "half": (2, 3, 20)}
+    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    base["half"] = base["half"].to(torch.bfloat16)
+    base["ids"] = torch.arange(50, dtype=torch.int64).view(1, 50)
+    models = [
+        {
+            k: (v + torch.randn(v.shape, generator=gen).to(v.dtype)) if v.is_floating_point() else v
+            for k, v in base.items()
+        }
+        for _ in range(3)
+    ]
+    return [base, *models]
+
+
+MERGES = {
+    "soup": lambda ms, b, **k: ladle.uniform_soup(ms, **k),
+    "task_arithmetic": lambda ms, b, **k: ladle.task_arithmetic(ms, b, scale=0.7, **k),
+    "ties global": lambda ms, b, **k: ladle.ties(ms, b, density=0.3, **k),
+    "ties tensor": lambda ms, b, **k: ladle.ties(ms, b, density=0.3, trim="tensor", **k),
+    "dare": lambda ms, b, **k: ladle.dare(ms, b, density=0.5, seed=3, **k),
+    "dare ties": lambda ms, b, **k: ladle.dare(ms, b, density=0.5, combine="ties", **k),
+    "model_stock": lambda ms, b, **k: ladle.model_stock(ms, b, **k),
+}
+
+
+@pytest.mark.parametrize("method", list(MERGES))
+def test_rows_longer_than_a_chunk_are_read_in_pieces_and_merge_as_if_stored_so(tmp_path, method):
+    """A tensor one row of which exceeds ``chunk_bytes`` (a (1, n) tensor, fused experts) is
+    read as ``chunk_shape``, its leading dimensions merged: every method gives, bit for bit,
+    what it gives on the tensors stored in that shape, from files and from memory."""
+    from conftest import assert_bit_for_bit, save_all
+
+    merge = MERGES[method]
+    stored = family_with_long_rows(5)
+    views = [{k: v.reshape(chunk_shape(tuple(v.shape), 64)) for k, v in m.items()} for m in stored]
+    expected = merge(views[1:], views[0], chunk_bytes=64, device="cpu")
+    expected = {k: v.reshape(stored[0][k].shape) for k, v in expected.items()}
+    paths = save_all(stored, tmp_path)
+    from_files = merge(paths[1:], paths[0], chunk_bytes=64, device="cpu")
+    assert_bit_for_bit(from_files, expected)
+    assert_bit_for_bit(merge(stored[1:], stored[0], chunk_bytes=64, device="cpu"), expected)
+    out = merge(paths[1:], paths[0], chunk_bytes=64, device="cpu", out=tmp_path / "m.safetensors")
+    assert_bit_for_bit(ladle.load(out), expected)
+
+
+def test_a_long_row_is_read_a_chunk_at_a_time_by_reading_threads_too(tmp_path):
+    from conftest import save_all
+
+    stored = family_with_long_rows(6)
+    paths = save_all(stored, tmp_path)
+    for prefetch, readers in [(0, 1), (2, 2)]:
+        with ExitStack() as stack:
+            opened, base = open_models(paths[1:], paths[0], stack)
+            seen = {}
+            for key, _, result in fold(
+                opened,
+                collect_kernel(),
+                base=base,
+                device=resolve_device("cpu"),
+                chunk_bytes=64,
+                copy_others=True,
+                prefetch=prefetch,
+                readers=readers,
+            ):
+                assert result[0].nbytes <= 64 * (2 if result.dtype == torch.int64 else 1), key
+                seen.setdefault(key, []).append(result.clone())
+        for key, parts in seen.items():
+            if stored[0][key].is_floating_point():
+                whole = torch.cat([p.flatten(1) for p in parts], dim=1)
+                for i, model in enumerate(stored):
+                    assert torch.equal(whole[i].view(model[key].shape), model[key].float()), key
+            else:
+                assert torch.equal(
+                    torch.cat([p.flatten() for p in parts]), stored[0][key].flatten()
+                )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import subprocess
@@ -371,6 +372,19 @@ def test_overflow_names_the_rows_of_a_chunked_tensor():
     with pytest.raises(ladle.NonFiniteError, match=message):
         # 64 bytes of float32 (the compute dtype) per chunk: 4 rows of 4
         ladle.task_arithmetic([model], base, scale=2.0, device="cpu", chunk_bytes=64)
+
+
+def test_overflow_in_a_row_longer_than_a_chunk_names_flat_entries_and_a_nonfinite_input():
+    base = {"w": torch.zeros(1, 64, dtype=torch.float16)}
+    model = {"w": torch.ones(1, 64, dtype=torch.float16)}
+    model["w"][0, 41] = 4e4
+    # one row of 256 bytes of float32, read 16 entries at a time (ladle.engine.chunk_shape)
+    message = r"1 of the 16 merged values of key 'w' in \(flat\) entries 32–47 overflow"
+    with pytest.raises(ladle.NonFiniteError, match=message):
+        ladle.task_arithmetic([model], base, scale=2.0, device="cpu", chunk_bytes=64)
+    model["w"][0, 41] = math.inf  # an input's own Inf is named, found in the same entries
+    with pytest.raises(ladle.NonFiniteError, match=r"model 0 .*'w'"):
+        ladle.task_arithmetic([model], base, device="cpu", chunk_bytes=64, dtype=torch.float16)
 
 
 def test_overflow_in_the_cast_to_a_narrower_output_dtype_is_an_error():

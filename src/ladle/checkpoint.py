@@ -104,15 +104,31 @@ class Checkpoint:
         """The whole tensor ``key``, on ``device``."""
         return self.get_slice(key, slice(None)).to(device)
 
-    def read_rows(self, key: str, rows: slice, into: torch.Tensor) -> torch.Tensor:
-        """Rows ``rows`` of ``key``, read into the bytes of ``into`` (a flat uint8 CPU tensor)
-        where the source is a file; other sources return their own view and leave ``into``
-        untouched (the caller tells by comparing storages). ``into`` must hold the rows."""
-        return self.get_slice(key, rows)
+    def get_rows(self, key: str, rows: slice, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Rows ``rows`` of ``key`` read as ``shape``: its own shape (the default: what
+        :meth:`get_slice` gives) or its own with leading dimensions merged, whose rows are
+        pieces of its rows (how a merge reads a tensor one row of which exceeds a chunk:
+        :func:`ladle.engine.chunk_shape`). This default reads the whole tensor to reshape
+        it; file-backed sources read the rows alone."""
+        if shape is None or shape == self.shape(key):
+            return self.get_slice(key, rows)
+        return self.get_slice(key, slice(None)).reshape(shape)[rows]
 
-    def map_rows(self, key: str, rows: slice) -> torch.Tensor | None:
-        """Rows ``rows`` of ``key`` as a view of the file's pages in the page cache (no copy),
-        or ``None`` where the source cannot give one. Never write to it."""
+    def read_rows(
+        self, key: str, rows: slice, into: torch.Tensor, shape: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """Rows ``rows`` of ``key`` (read as ``shape``, see :meth:`get_rows`), read into the
+        bytes of ``into`` (a flat uint8 CPU tensor) where the source is a file; other sources
+        return their own view and leave ``into`` untouched (the caller tells by comparing
+        storages). ``into`` must hold the rows."""
+        return self.get_rows(key, rows, shape)
+
+    def map_rows(
+        self, key: str, rows: slice, shape: tuple[int, ...] | None = None
+    ) -> torch.Tensor | None:
+        """Rows ``rows`` of ``key`` (read as ``shape``, see :meth:`get_rows`) as a view of the
+        file's pages in the page cache (no copy), or ``None`` where the source cannot give
+        one. Never write to it."""
         return None
 
     def release(self, key: str) -> None:
@@ -295,12 +311,27 @@ class SafetensorsCheckpoint(Checkpoint):
                 f"{self._files[key]}: cannot read tensor {key!r} ({err})"
             ) from err
 
-    def _extent(self, key: str, rows: slice) -> tuple[Path, int, int, tuple[int, ...], torch.dtype]:
-        """The file, byte offset and byte count of rows ``rows`` of ``key``, their shape and
-        the tensor's dtype."""
+    def get_rows(self, key: str, rows: slice, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        if shape is None or shape == self.shape(key):
+            return self.get_slice(key, rows)
+        mapped = self.map_rows(key, rows, shape)
+        if mapped is not None:
+            return mapped
+        into = torch.empty(self._extent(key, rows, shape)[2], dtype=torch.uint8)
+        return self.read_rows(key, rows, into, shape)
+
+    def _extent(
+        self, key: str, rows: slice, shape: tuple[int, ...] | None = None
+    ) -> tuple[Path, int, int, tuple[int, ...], torch.dtype]:
+        """The file, byte offset and byte count of rows ``rows`` of ``key`` read as ``shape``
+        (default its own), their shape and the tensor's dtype."""
         if rows.step not in (None, 1):
             raise ValueError(f"rows: expected contiguous rows (step 1), found {rows}")
-        shape, dtype = self.shape(key), self.dtype(key)
+        stored, dtype = self.shape(key), self.dtype(key)
+        if shape is None:
+            shape = stored
+        elif math.prod(shape) != math.prod(stored) or bool(shape) != bool(stored):
+            raise ValueError(f"{key!r}: cannot read a tensor of shape {stored} as {shape}")
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         first, stop = rows.indices(shape[0])[:2] if shape else (0, 1)
         count = max(stop - first, 0)
@@ -309,12 +340,14 @@ class SafetensorsCheckpoint(Checkpoint):
         offset = self._data_offset(file, key) + first * row_bytes
         return file, offset, nbytes, ((count, *shape[1:]) if shape else ()), dtype
 
-    def map_rows(self, key: str, rows: slice) -> torch.Tensor | None:
+    def map_rows(
+        self, key: str, rows: slice, shape: tuple[int, ...] | None = None
+    ) -> torch.Tensor | None:
         """A view of the rows in a private (copy-on-write) map of the file: the page cache's
         pages themselves, so reading costs no copy; a stray write would change only this
         process's copy, never the file. ``None`` where the data is not aligned to its dtype,
         or the file cannot be mapped (callers then read it)."""
-        file, offset, nbytes, shape, dtype = self._extent(key, rows)
+        file, offset, nbytes, shape, dtype = self._extent(key, rows, shape)
         if offset % dtype.itemsize or nbytes == 0:
             return None
         if file in self._unmappable:
@@ -356,9 +389,11 @@ class SafetensorsCheckpoint(Checkpoint):
         if stop > start:
             mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
-    def read_rows(self, key: str, rows: slice, into: torch.Tensor) -> torch.Tensor:
+    def read_rows(
+        self, key: str, rows: slice, into: torch.Tensor, shape: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
         """Read the rows with ``os.preadv`` into ``into``: no memory map, no page faults."""
-        file, offset, nbytes, shape, dtype = self._extent(key, rows)
+        file, offset, nbytes, shape, dtype = self._extent(key, rows, shape)
         view = into[:nbytes]
         done = 0
         while done < nbytes:  # a read may return less than asked (large or interrupted reads)

@@ -323,8 +323,22 @@ def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def chunk_shape(shape: tuple[int, ...], chunk_bytes: int) -> tuple[int, ...]:
+    """The shape a tensor of ``shape`` is read in, a chunk of rows at a time: its own where one
+    row fits in ``chunk_bytes`` as float32, else its own with the leading dimensions merged
+    until one does (fused experts ``(E, H, I)`` are read as ``(E·H, I)``, a ``(1, n)`` tensor
+    as ``(n,)``), so that no chunk exceeds ``chunk_bytes`` by more than a row of that shape.
+    Its rows are contiguous pieces of the stored rows."""
+    view = tuple(shape)
+    while len(view) > 1 and 4 * math.prod(view[1:]) > chunk_bytes:
+        view = (view[0] * view[1], *view[2:])
+    return view
+
+
 def row_chunks(shape: tuple[int, ...], chunk_bytes: int) -> list[slice]:
-    """Slices along dimension 0 whose float32 size is at most ``chunk_bytes`` (at least one row)."""
+    """Slices along dimension 0 of :func:`chunk_shape` ``(shape, chunk_bytes)`` whose float32
+    size is at most ``chunk_bytes`` (at least one row)."""
+    shape = chunk_shape(shape, chunk_bytes)
     if len(shape) == 0:
         return [slice(None)]
     row_bytes = 4 * math.prod(shape[1:])
@@ -550,7 +564,7 @@ def fold(
         if depth:  # before the reading threads start: they take the count set here
             stack.enter_context(_threads_beside_readers(device, threads))
         stack.callback(reads.close)
-        for step, (key, rows, dtype) in enumerate(plan):
+        for step, (key, rows, dtype, view) in enumerate(plan):
             if dtype is None:  # a non-floating key, copied from the reference
                 result, held = take()
                 pool.release(held)
@@ -564,9 +578,9 @@ def fold(
                 result = kernel.finalize(state)
                 pool.release(base_held)
                 if check_results:
-                    _check_result(result, key, rows, models, base)
+                    _check_result(result, key, rows, models, base, view)
             if on_bytes is not None:
-                on_bytes(sum(_rows_nbytes(s, key, rows) for s in sources))
+                on_bytes(sum(_rows_nbytes(s, key, rows, shape=view) for s in sources))
             yield key, rows, result
             if release and (step + 1 == len(plan) or plan[step + 1][0] != key):
                 for source in sources:  # the pass is done with this tensor
@@ -605,9 +619,10 @@ def _check_result(
     rows: slice,
     models: Sequence[Checkpoint],
     base: Checkpoint | None,
+    shape: tuple[int, ...] | None = None,
 ) -> None:
     """For a kernel that propagates NaN/Inf: a non-finite result has a non-finite input (or
-    overflowed); find and name the input.
+    overflowed); find and name the input (``rows`` of the key read as ``shape``).
 
     A result that overflowed from finite inputs is not an input's fault and passes here (a
     statistic of a pass); :func:`merge` checks its outputs for overflow (:func:`_check_merged`).
@@ -615,16 +630,20 @@ def _check_result(
     total = torch.sum(result)
     if torch.isfinite(total) or bool(torch.isfinite(result).all()):
         return
-    _blame_input(key, rows, models, base)
+    _blame_input(key, rows, models, base, shape)
 
 
 def _blame_input(
-    key: str, rows: slice, models: Sequence[Checkpoint], base: Checkpoint | None
+    key: str,
+    rows: slice,
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    shape: tuple[int, ...] | None = None,
 ) -> None:
     """Raise :class:`NonFiniteError` naming the first input (base first, then the models)
-    whose rows ``rows`` of ``key`` hold NaN or Inf; return if none does."""
+    whose rows ``rows`` of ``key`` (read as ``shape``) hold NaN or Inf; return if none does."""
     for index, checkpoint in _labelled(models, base):
-        _check_finite(checkpoint.get_slice(key, rows), index, checkpoint, key)
+        _check_finite(checkpoint.get_rows(key, rows, shape), index, checkpoint, key)
 
 
 def _check_merged(
@@ -655,23 +674,47 @@ def _check_merged(
     finite = torch.isfinite(chunk if size > 1 else chunk.float())
     if bool(finite.all()):  # the sum overflowed, not the values
         return
-    _blame_input(key, rows, models, base)
-    _overflowed(where, key, rows, finite.numel() - int(finite.sum()), finite.numel(), chunk.dtype)
+    shape = _read_as(base if base is not None else models[0], key, rows, chunk)
+    _blame_input(key, rows, models, base, shape)
+    bad = finite.numel() - int(finite.sum())
+    _overflowed(where, key, rows, bad, finite.numel(), chunk.dtype, shape)
+
+
+def _read_as(
+    reference: Checkpoint, key: str, rows: slice, chunk: torch.Tensor
+) -> tuple[int, ...] | None:
+    """The shape ``key`` was read as (:func:`chunk_shape`) for ``chunk``, its rows ``rows``;
+    ``None`` for its own shape."""
+    stored, rest = reference.shape(key), tuple(chunk.shape[1:])
+    if rows == slice(None) or rest == stored[1:]:
+        return None
+    return (math.prod(stored) // math.prod(rest), *rest)
 
 
 def _overflowed(
-    where: str, key: str, rows: slice, count: int, total: int, dtype: torch.dtype
+    where: str,
+    key: str,
+    rows: slice,
+    count: int,
+    total: int,
+    dtype: torch.dtype,
+    shape: tuple[int, ...] | None = None,
 ) -> NoReturn:
     """Raise the :class:`NonFiniteError` of ``count`` of ``total`` merged values of ``key``
-    that overflow ``dtype`` although every input is finite."""
+    (``rows`` of it read as ``shape``) that overflow ``dtype`` although every input is
+    finite."""
     wider = (
         ""
         if dtype.itemsize >= 4
         else ", or merge into a wider dtype (dtype=torch.float32, --dtype float32)"
     )
-    part = (
-        "" if rows.start is None or rows.stop is None else f" in rows {rows.start}–{rows.stop - 1}"
-    )
+    if rows.start is None or rows.stop is None:
+        part = ""
+    elif shape is None:
+        part = f" in rows {rows.start}–{rows.stop - 1}"
+    else:  # rows of a merged view: say which entries of the flattened tensor
+        width = math.prod(shape[1:])
+        part = f" in (flat) entries {rows.start * width}–{rows.stop * width - 1}"
     raise NonFiniteError(
         f"{where}: {count} of the {total} merged values of key {key!r}{part} overflow "
         f"{str(dtype).removeprefix('torch.')} (largest finite value "
@@ -723,8 +766,9 @@ def _check_saturating(
     bad = (magnitude >= limit[0]) if limit[1] else (magnitude > limit[0])
     bad |= ~torch.isfinite(result)
     if bool(bad.any()):
-        _blame_input(key, rows, models, base)
-        _overflowed(where, key, rows, int(bad.sum()), bad.numel(), dtype)
+        shape = _read_as(base if base is not None else models[0], key, rows, result)
+        _blame_input(key, rows, models, base, shape)
+        _overflowed(where, key, rows, int(bad.sum()), bad.numel(), dtype, shape)
 
 
 def _checked_outputs(
@@ -746,7 +790,7 @@ def _labelled(
     return [*([(None, base)] if base is not None else []), *enumerate(models)]
 
 
-Plan = list[tuple[str, slice, "torch.dtype | None"]]
+Plan = list[tuple[str, slice, "torch.dtype | None", tuple[int, ...]]]
 
 
 def _plan(
@@ -756,16 +800,20 @@ def _plan(
     chunk_bytes: int,
     copy_others: bool,
 ) -> Plan:
-    """``(key, rows, compute dtype)`` for every chunk; ``None`` marks a key to copy."""
+    """``(key, rows, compute dtype, shape read as)`` for every chunk, the rows of
+    :func:`chunk_shape`; ``None`` marks a key to copy."""
     plan: Plan = []
     for key in reference.keys() if keys is None else keys:
+        shape = reference.shape(key)
         if not reference.dtype(key).is_floating_point:
             if copy_others:  # copied a chunk of rows at a time too, of chunk_bytes as stored
                 stored = chunk_bytes * 4 // reference.dtype(key).itemsize  # row_chunks counts 4 B
-                plan.extend((key, rows, None) for rows in row_chunks(reference.shape(key), stored))
+                view = chunk_shape(shape, stored)
+                plan.extend((key, rows, None, view) for rows in row_chunks(shape, stored))
             continue
         dtype = compute_dtype([s.dtype(key) for s in sources])
-        plan.extend((key, rows, dtype) for rows in row_chunks(reference.shape(key), chunk_bytes))
+        view = chunk_shape(shape, chunk_bytes)
+        plan.extend((key, rows, dtype, view) for rows in row_chunks(shape, chunk_bytes))
     return plan
 
 
@@ -774,10 +822,10 @@ def _largest_read(plan: Plan, sources: Sequence[Checkpoint]) -> int:
     rounded up to 8 so that it views as any dtype (12 bytes of a float32 key cannot hold the
     one float64 entry of another)."""
     largest = 0
-    for key, rows, dtype in plan:
+    for key, rows, dtype, view in plan:
         if dtype is not None:
             itemsize = max(dtype.itemsize, *(s.dtype(key).itemsize for s in sources))
-            largest = max(largest, _rows_nbytes(sources[0], key, rows, itemsize))
+            largest = max(largest, _rows_nbytes(sources[0], key, rows, itemsize, view))
     return -(-largest // 8) * 8
 
 
@@ -846,17 +894,22 @@ def _reads(
     staging = threading.local()  # each thread's own: raw bytes awaiting conversion
     on_cpu = device.type == "cpu"
 
-    def other(key: str, rows: slice) -> _Chunk:
+    def other(key: str, rows: slice, view: tuple[int, ...]) -> _Chunk:
         # Read with pread, which reports a file cut short; a map would crash. Bytes read into
         # ``into`` are this chunk's own; a source's own tensor (in memory) is copied.
-        into = torch.empty(_rows_nbytes(reference, key, rows), dtype=torch.uint8)
-        chunk = reference.read_rows(key, rows, into)
+        into = torch.empty(_rows_nbytes(reference, key, rows, shape=view), dtype=torch.uint8)
+        chunk = reference.read_rows(key, rows, into, view)
         return _Chunk(chunk if _shares(chunk, into) else chunk.clone())
 
     def floating(
-        index: int | None, checkpoint: Checkpoint, key: str, rows: slice, dtype: torch.dtype
+        index: int | None,
+        checkpoint: Checkpoint,
+        key: str,
+        rows: slice,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
     ) -> _Chunk:
-        view = checkpoint.map_rows(key, rows) if mapped else None
+        view = checkpoint.map_rows(key, rows, shape) if mapped else None
         if view is not None:  # the page cache's own pages: no copy unless converted
             ready, held = view, None
             if view.dtype != dtype:
@@ -875,7 +928,7 @@ def _reads(
             if not hasattr(staging, "scratch"):
                 staging.scratch = Scratch()
             raw = staging.scratch.take((buffer.numel(),), torch.uint8, buffer.device)
-        chunk = checkpoint.read_rows(key, rows, raw)
+        chunk = checkpoint.read_rows(key, rows, raw, shape)
         if not on_cpu:  # copied on a side stream; the buffer is free once the copy is done
             checker = (
                 partial(_check_finite, index=index, checkpoint=checkpoint, key=key)
@@ -901,12 +954,12 @@ def _reads(
             _check_finite(ready, index, checkpoint, key)
         return _Chunk(ready, held)
 
-    for key, rows, dtype in plan:
+    for key, rows, dtype, view in plan:
         if dtype is None:
-            yield partial(other, key, rows)
+            yield partial(other, key, rows, view)
             continue
         for index, checkpoint in _labelled(models, base):
-            yield partial(floating, index, checkpoint, key, rows, dtype)
+            yield partial(floating, index, checkpoint, key, rows, dtype, view)
 
 
 class Transfers:
@@ -1054,8 +1107,16 @@ def _prefetched(tasks: Iterator[Callable[[], T]], *, depth: int, threads: int = 
                 future.cancel()
 
 
-def _rows_nbytes(checkpoint: Checkpoint, key: str, rows: slice, itemsize: int | None = None) -> int:
-    shape = checkpoint.shape(key)
+def _rows_nbytes(
+    checkpoint: Checkpoint,
+    key: str,
+    rows: slice,
+    itemsize: int | None = None,
+    shape: tuple[int, ...] | None = None,
+) -> int:
+    """Bytes of rows ``rows`` of ``key`` read as ``shape`` (default its own), in ``itemsize``
+    bytes per entry (default as stored)."""
+    shape = checkpoint.shape(key) if shape is None else shape
     itemsize = checkpoint.dtype(key).itemsize if itemsize is None else itemsize
     if not shape:
         return itemsize
@@ -1262,9 +1323,9 @@ def _to_state_dict(
         shape, dtype = specs[key]
         if rows == slice(None):
             # A copy: kernels may reuse the buffer of a result for the next chunk.
-            state[key] = chunk.to("cpu", dtype, copy=True)
+            state[key] = chunk.to("cpu", dtype, copy=True).view(shape)
         else:
             if key not in state:
                 state[key] = torch.empty(shape, dtype=dtype)
-            state[key][rows] = chunk
+            state[key].view(-1, *chunk.shape[1:])[rows] = chunk  # rows of chunk_shape
     return state

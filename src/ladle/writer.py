@@ -475,7 +475,9 @@ class SafetensorsWriter:
         return list(self._specs)
 
     def write(self, key: str, chunk: torch.Tensor) -> None:
-        """Append ``chunk`` (the next rows of ``key``, or all of it) to the output."""
+        """Append ``chunk`` (the next rows of ``key``, or all of it) to the output; its rows
+        may be those of ``key`` with leading dimensions merged (``(E·H, I)`` for a tensor of
+        shape ``(E, H, I)``)."""
         with _output_errors(self.out, f"writing {key!r}"):
             self._write(key, chunk)
 
@@ -487,7 +489,9 @@ class SafetensorsWriter:
             raise LadleError(f"writer for {self.out}: got {key!r} after the last planned tensor")
         shard, expected = self._queue[self._position]
         shape, dtype = self._specs[expected]
-        if key != expected or chunk.dtype != dtype or tuple(chunk.shape[1:]) != shape[1:]:
+        # Rows of the tensor, or of it with leading dimensions merged (engine.chunk_shape).
+        rows = {tuple(shape[start:]) for start in range(1, max(len(shape), 1) + 1)}
+        if key != expected or chunk.dtype != dtype or tuple(chunk.shape[1:]) not in rows:
             raise LadleError(
                 f"writer for {self.out}: expected the next rows of {expected!r} ({dtype}, rows "
                 f"of shape {tuple(shape[1:])}), got {key!r} ({chunk.dtype}, {tuple(chunk.shape)})"

@@ -187,13 +187,12 @@ def _dropper(
     ) -> torch.Tensor:
         if density == 1.0:  # every uniform number in [0, 1) survives
             return tau
-        shape = shapes[key]
-        row_size = math.prod(shape[1:]) if shape else 1
+        row_size = math.prod(tau.shape[1:])  # the rows read (engine.chunk_shape), not stored
         numbers = uniform_numbers(
             seed,
             index,
             key,
-            numel=math.prod(shape),
+            numel=math.prod(shapes[key]),
             start=(rows.start or 0) * row_size,
             count=tau.numel(),
             threads=threads,

@@ -26,6 +26,7 @@ from ..engine import (
     Progress,
     Scratch,
     check_compatible,
+    chunk_shape,
     compute_dtype,
     current_partition,
     fold,
@@ -242,29 +243,36 @@ def _sample_blocks(shape: tuple[int, ...], entries: int) -> list[slice]:
     return [slice(start, min(start + length, stop)) for start, stop in zip(starts, stops)]
 
 
-def _rows(checkpoint: Checkpoint, key: str, rows: slice) -> torch.Tensor:
-    """Rows of ``key`` to read, never to write: a view of the file's pages where the
+def _rows(checkpoint: Checkpoint, key: str, rows: slice, shape: tuple[int, ...]) -> torch.Tensor:
+    """Rows of ``key`` read as ``shape``, never to write: a view of the file's pages where the
     checkpoint has one (no copy, and the first touch is in the map the passes read later:
     sampling took 27–31 ms against 31–51 ms through ``get_slice`` on 13 files of 89 MiB),
-    else ``get_slice``."""
-    view = checkpoint.map_rows(key, rows)
-    return view if view is not None else checkpoint.get_slice(key, rows)
+    else ``get_rows``."""
+    view = checkpoint.map_rows(key, rows, shape)
+    return view if view is not None else checkpoint.get_rows(key, rows, shape)
 
 
 def _windows(
-    models: Sequence[Checkpoint], base: Checkpoint, keys: Sequence[str], rank: int, size: int
+    models: Sequence[Checkpoint],
+    base: Checkpoint,
+    keys: Sequence[str],
+    rank: int,
+    size: int,
+    chunk_bytes: int,
 ) -> list[tuple[int, int]] | None:
     """Per model, a window ``(low, span)`` of float32 bit patterns of magnitudes that should
     hold the ``rank``-th smallest of the ``size`` entries of ``keys``: :data:`_SPREAD`
     deviations of a sample's rank either side, the sample read from a few blocks of rows of
-    each key. ``None`` if a window would span more than :data:`WINDOW` patterns."""
+    each key (rows of :func:`~ladle.engine.chunk_shape`: a ``(1, n)`` tensor's one row is not
+    a block). ``None`` if a window would span more than :data:`WINDOW` patterns."""
     samples: list[list[torch.Tensor]] = [[] for _ in models]
     for key in keys:
-        entries = -(-SAMPLE * math.prod(base.shape(key)) // size)
-        for rows in _sample_blocks(base.shape(key), entries):
-            origin = _rows(base, key, rows).to(torch.float32)
+        shape = chunk_shape(base.shape(key), chunk_bytes)
+        entries = -(-SAMPLE * math.prod(shape) // size)
+        for rows in _sample_blocks(shape, entries):
+            origin = _rows(base, key, rows, shape).to(torch.float32)
             for i, model in enumerate(models):
-                tau = _rows(model, key, rows).to(torch.float32) - origin
+                tau = _rows(model, key, rows, shape).to(torch.float32) - origin
                 samples[i].append(_magnitude_bits(tau, 32))
     windows = []
     for parts in samples:
@@ -425,7 +433,7 @@ def _select_in_window(
     Memory: the sample, and per model one histogram of at most :data:`WINDOW` bins and
     about :data:`INSIDE_BATCH` patterns waiting to be counted.
     """
-    windows = _windows(models, base, keys, rank, size)
+    windows = _windows(models, base, keys, rank, size, chunk_bytes)
     if windows is None:
         return None
     counts = _WindowCounts(windows, device)
