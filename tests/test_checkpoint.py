@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -9,9 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import family
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import ladle
+from ladle.checkpoint import TensorMapCheckpoint
 
 
 def test_open_mapping_and_module_report_keys_shapes_dtypes():
@@ -373,3 +377,44 @@ def test_tensors_without_dense_data_are_refused_naming_the_key(tmp_path, kind):
     torch.save({"ok": torch.ones(2), "w": tensor}, tmp_path / "m.pt")
     with pytest.raises(ladle.CheckpointError, match=r"m\.pt: tensor 'w' is "):
         ladle.open_checkpoint(tmp_path / "m.pt")
+
+
+@given(
+    dims=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+    order=st.randoms(use_true_random=False),
+    merged=st.integers(2, 4),
+    first=st.integers(0, 400),
+    count=st.integers(0, 400),
+)
+def test_get_rows_of_a_permuted_tensor_in_memory_match_a_reshape(dims, order, merged, first, count):
+    """Rows of a tensor read with its leading dimensions merged (engine.chunk_shape) are those
+    of the reshaped tensor, for tensors whose strides do not merge (permuted in memory)."""
+    merged = min(merged, len(dims))
+    permutation = list(range(len(dims)))
+    order.shuffle(permutation)
+    source = torch.arange(math.prod(dims), dtype=torch.float32)
+    tensor = source.reshape([dims[p] for p in permutation]).permute(
+        [permutation.index(i) for i in range(len(dims))]
+    )
+    assert tuple(tensor.shape) == tuple(dims)
+    shape = (math.prod(dims[:merged]), *dims[merged:])
+    rows = slice(min(first, shape[0]), min(first + count, shape[0]))
+    got = TensorMapCheckpoint({"t": tensor}).get_rows("t", rows, shape)
+    assert torch.equal(got, tensor.reshape(shape)[rows])
+
+
+def test_get_rows_of_a_permuted_tensor_copies_only_the_rows_asked_for():
+    """A permuted (E, H, I) tensor in memory read as (E·H, I) a few rows at a time: reshaping
+    it whole for every chunk made a merge copy the whole tensor per chunk and model (the soup
+    of three (2, 2048, 4096) such tensors took 132 MiB and 6.6 s instead of 4 MiB and 0.5 s)."""
+    tensor = torch.randn(64, 32, 2).permute(2, 1, 0)  # (2, 32, 64), strides that do not merge
+    checkpoint = TensorMapCheckpoint({"t": tensor})
+    for start in range(0, 64, 5):  # 5 rows at a time, one chunk across the two experts
+        rows = slice(start, min(start + 5, 64))
+        got = checkpoint.get_rows("t", rows, (64, 64))
+        assert torch.equal(got, tensor.reshape(64, 64)[rows])
+        storage = got.untyped_storage()
+        # a view of the tensor itself, or a copy of these rows alone
+        assert storage.data_ptr() == tensor.untyped_storage().data_ptr() or (
+            storage.nbytes() == got.nbytes
+        )

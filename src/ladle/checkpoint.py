@@ -18,7 +18,8 @@ import struct
 import threading
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Union
 
@@ -108,11 +109,14 @@ class Checkpoint:
         """Rows ``rows`` of ``key`` read as ``shape``: its own shape (the default: what
         :meth:`get_slice` gives) or its own with leading dimensions merged, whose rows are
         pieces of its rows (how a merge reads a tensor one row of which exceeds a chunk:
-        :func:`ladle.engine.chunk_shape`). This default reads the whole tensor to reshape
-        it; file-backed sources read the rows alone."""
-        if shape is None or shape == self.shape(key):
+        :func:`ladle.engine.chunk_shape`). This default reads the stored rows that hold
+        them with :meth:`get_slice` and views them as ``shape``; where their strides cannot be
+        merged (a transposed or permuted tensor in memory), only the rows asked for are
+        copied, never the whole tensor. File-backed sources read the rows alone."""
+        stored = self.shape(key)
+        if shape is None or shape == stored:
             return self.get_slice(key, rows)
-        return self.get_slice(key, slice(None)).reshape(shape)[rows]
+        return _merged_rows(partial(self.get_slice, key), stored, rows, tuple(shape))
 
     def read_rows(
         self, key: str, rows: slice, into: torch.Tensor, shape: tuple[int, ...] | None = None
@@ -169,6 +173,53 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} ({len(self)} tensors)>"
+
+
+def _merged_rows(
+    read: Callable[[slice], torch.Tensor],
+    stored: tuple[int, ...],
+    rows: slice,
+    shape: tuple[int, ...],
+) -> torch.Tensor:
+    """Rows ``rows`` of a tensor of shape ``stored`` read as ``shape``, its leading dimensions
+    merged, from ``read(stored_rows)``: the stored rows holding them, viewed as ``shape`` where
+    their strides allow, else the rows asked for alone copied piece by piece (reshaping a
+    permuted tensor copies all of it, for every chunk)."""
+    merged = len(stored) - len(shape) + 1  # leading dimensions merged into shape[0]
+    rest = shape[1:]
+    if (
+        merged < 2
+        or tuple(stored[merged:]) != rest
+        or math.prod(stored[:merged]) != shape[0]
+        or math.prod(stored) == 0
+        or rows.step not in (None, 1)
+    ):  # not a merge of leading dimensions (or nothing to read): reshape it all
+        return read(slice(None)).reshape(shape)[rows]
+    first, stop = rows.indices(shape[0])[:2]
+    count = max(stop - first, 0)
+    per_row = math.prod(stored[1:merged])  # rows of ``shape`` in a stored row
+    low = first // per_row
+    block = read(slice(low, max(low, -(-(first + count) // per_row))))
+    start = first - low * per_row
+    try:  # strides that merge (a contiguous tensor): a view
+        return block.view(-1, *rest)[start : start + count]
+    except RuntimeError:
+        pass
+    lead, last = block.shape[: merged - 1], block.shape[merged - 1]
+    pieces = []
+    position, end = start, start + count
+    while position < end:  # runs along the last merged dimension, each a view
+        outer, inner = divmod(position, last)
+        index = []
+        for size in reversed(lead):
+            outer, digit = divmod(outer, size)
+            index.append(digit)
+        take = min(last - inner, end - position)
+        pieces.append(block[tuple(reversed(index))][inner : inner + take])
+        position += take
+    if len(pieces) == 1:
+        return pieces[0]
+    return torch.cat(pieces) if pieces else block.new_empty((0, *rest))
 
 
 class TensorMapCheckpoint(Checkpoint):
