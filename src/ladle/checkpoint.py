@@ -183,43 +183,22 @@ def _merged_rows(
 ) -> torch.Tensor:
     """Rows ``rows`` of a tensor of shape ``stored`` read as ``shape``, its leading dimensions
     merged, from ``read(stored_rows)``: the stored rows holding them, viewed as ``shape`` where
-    their strides allow, else the rows asked for alone copied piece by piece (reshaping a
-    permuted tensor copies all of it, for every chunk)."""
+    their strides allow, else the rows asked for alone gathered (reshaping a permuted tensor
+    copies all of it, for every chunk)."""
     merged = len(stored) - len(shape) + 1  # leading dimensions merged into shape[0]
-    rest = shape[1:]
-    if (
-        merged < 2
-        or tuple(stored[merged:]) != rest
-        or math.prod(stored[:merged]) != shape[0]
-        or math.prod(stored) == 0
-        or rows.step not in (None, 1)
-    ):  # not a merge of leading dimensions (or nothing to read): reshape it all
-        return read(slice(None)).reshape(shape)[rows]
+    plain = rows.step in (None, 1) and math.prod(stored) > 0  # contiguous rows of data
+    if merged < 2 or stored[merged:] != shape[1:] or not plain:
+        return read(slice(None)).reshape(shape)[rows]  # not such a view (or nothing to read)
     first, stop = rows.indices(shape[0])[:2]
-    count = max(stop - first, 0)
     per_row = math.prod(stored[1:merged])  # rows of ``shape`` in a stored row
     low = first // per_row
-    block = read(slice(low, max(low, -(-(first + count) // per_row))))
-    start = first - low * per_row
+    block = read(slice(low, max(low, -(-stop // per_row))))
+    start, count = first - low * per_row, max(stop - first, 0)
     try:  # strides that merge (a contiguous tensor): a view
-        return block.view(-1, *rest)[start : start + count]
-    except RuntimeError:
-        pass
-    lead, last = block.shape[: merged - 1], block.shape[merged - 1]
-    pieces = []
-    position, end = start, start + count
-    while position < end:  # runs along the last merged dimension, each a view
-        outer, inner = divmod(position, last)
-        index = []
-        for size in reversed(lead):
-            outer, digit = divmod(outer, size)
-            index.append(digit)
-        take = min(last - inner, end - position)
-        pieces.append(block[tuple(reversed(index))][inner : inner + take])
-        position += take
-    if len(pieces) == 1:
-        return pieces[0]
-    return torch.cat(pieces) if pieces else block.new_empty((0, *rest))
+        return block.view(-1, *shape[1:])[start : start + count]
+    except RuntimeError:  # a copy of these rows alone, found by their index in each dimension
+        index = torch.unravel_index(torch.arange(start, start + count), block.shape[:merged])
+        return block[index]
 
 
 class TensorMapCheckpoint(Checkpoint):
