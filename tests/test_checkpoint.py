@@ -108,6 +108,24 @@ def test_sharded_torch_directory(tmp_path):
     assert torch.equal(loaded["b"], torch.zeros(3))
 
 
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_file_sizes_name_each_file_once_with_its_size(tmp_path, kind):
+    # Asked once per pass (and per tensor by TIES's per-tensor trim): one entry per file.
+    suffix = ".safetensors" if kind == "safetensors" else ".bin"
+    save = save_file if kind == "safetensors" else torch.save
+    shards = {"a": f"m-1{suffix}", "b": f"m-2{suffix}", "c": f"m-2{suffix}"}
+    for name in set(shards.values()):
+        save({k: torch.ones(3) for k, file in shards.items() if file == name}, tmp_path / name)
+    (tmp_path / f"model{suffix}.index.json").write_text(json.dumps({"weight_map": shards}))
+    sizes = {tmp_path / n: (tmp_path / n).stat().st_size for n in sorted(set(shards.values()))}
+    with ladle.open_checkpoint(tmp_path) as sharded:
+        assert sharded.file_sizes() == sizes
+    second = tmp_path / f"m-2{suffix}"
+    with ladle.open_checkpoint(second) as single:
+        assert single.file_sizes() == {second: sizes[second]}
+    assert ladle.open_checkpoint({"w": torch.ones(1)}).file_sizes() == {}
+
+
 def test_directory_prefers_safetensors_over_torch_files(tmp_path):
     save_file({"w": torch.ones(1)}, tmp_path / "model.safetensors")
     torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")

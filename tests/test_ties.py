@@ -674,3 +674,26 @@ def test_empty_tensors_beside_others_in_a_global_trim(empty):
 
     thresholds = magnitude_thresholds([model], base, density=0.5)
     assert thresholds[0]["w"] == 1.0
+
+
+def test_per_tensor_trim_reads_no_per_key_map_per_tensor(tmp_path, monkeypatch):
+    # trim="tensor" runs a pass per tensor larger than a chunk. Each pass asked every
+    # checkpoint for its map of every key to its file (to total the bytes mapped): a pass
+    # over all keys per tensor, 22.5 s instead of 10 s for 8000 keys of 4 models.
+    from ladle.checkpoint import Checkpoint, SafetensorsCheckpoint
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = {f"w{i}": torch.randn(4, 8, generator=gen) for i in range(6)}
+    paths = []
+    for m in range(3):
+        path = tmp_path / f"m{m}.safetensors"
+        save_file(
+            {k: v + m * 0.1 * torch.randn(v.shape, generator=gen) for k, v in tensors.items()}, path
+        )
+        paths.append(path)
+    asked = []
+    for cls in (Checkpoint, SafetensorsCheckpoint):
+        original = cls.files
+        monkeypatch.setattr(cls, "files", lambda self, f=original: asked.append(1) or f(self))
+    ladle.ties(paths[1:], paths[0], trim="tensor", device="cpu", chunk_bytes=64)
+    assert asked == []

@@ -143,6 +143,12 @@ class Checkpoint:
         """The file holding each tensor (shards of a sharded checkpoint); empty in memory."""
         return {}
 
+    def file_sizes(self) -> dict[Path, int]:
+        """Each distinct file of :meth:`files` and its size in bytes. Subclasses answer
+        without a pass over every key: a merge asks once per pass, and TIES's per-tensor trim
+        once per tensor (a pass over every key each time made that quadratic in the keys)."""
+        return {file: file.stat().st_size for file in dict.fromkeys(self.files().values())}
+
     def nbytes(self, key: str) -> int:
         """Bytes of tensor ``key`` as stored."""
         numel = 1
@@ -236,6 +242,9 @@ class TensorMapCheckpoint(Checkpoint):
     def files(self) -> dict[str, Path]:
         return {} if self._file is None else dict.fromkeys(self._tensors, self._file)
 
+    def file_sizes(self) -> dict[Path, int]:
+        return {} if self._file is None else {self._file: self._file.stat().st_size}
+
     def _tensor(self, key: str) -> torch.Tensor:
         try:
             return self._tensors[key]
@@ -308,6 +317,11 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def files(self) -> dict[str, Path]:
         return dict(self._files)
+
+    def file_sizes(self) -> dict[Path, int]:
+        """Sizes as each file was when opened (every file is, on opening the checkpoint): a
+        file changed since is refused when read (:meth:`_descriptor`)."""
+        return {file: identity[2] for file, identity in self._identities.items()}
 
     def _spec(self, key: str) -> tuple[tuple[int, ...], str]:
         """``key``'s shape and safetensors dtype code, asked of its header once: a merge asks
@@ -561,6 +575,7 @@ class TorchShardsCheckpoint(Checkpoint):
         self.path = path
         self.metadata = {}
         self._files = dict(files)
+        self._shards = list(dict.fromkeys(self._files.values()))  # each file once, in order
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
         self._loading = threading.Lock()  # reading threads would load a shard twice
 
@@ -585,6 +600,9 @@ class TorchShardsCheckpoint(Checkpoint):
 
     def files(self) -> dict[str, Path]:
         return dict(self._files)
+
+    def file_sizes(self) -> dict[Path, int]:
+        return {file: file.stat().st_size for file in self._shards}
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._tensor(key).shape)

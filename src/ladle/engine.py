@@ -558,8 +558,8 @@ def fold(
         transfers.arrived(chunk.copied)
         return chunk.tensor, chunk.held
 
-    files = {file for source in sources for file in source.files().values()}
-    release = mapped and sum(f.stat().st_size for f in files) > MAPPED_BYTES_KEPT
+    sizes = {file: size for source in sources for file, size in source.file_sizes().items()}
+    release = mapped and sum(sizes.values()) > MAPPED_BYTES_KEPT
     with ExitStack() as stack:
         if depth:  # before the reading threads start: they take the count set here
             stack.enter_context(_threads_beside_readers(device, threads))

@@ -498,8 +498,11 @@ def _thresholds(
     ranks = {g: keep_rank(c, density) for g, c in counts.items() if keep_rank(c, density) >= 1}
     found: dict[str, list[float]] = {}
     if reduce is None:  # one pass for each group a sample brackets; float32 groups only
+        members_of: dict[str, list[str]] = {}  # once: a search per group is quadratic in keys
+        for key, group in groups.items():
+            members_of.setdefault(group, []).append(key)
         for group, rank in ranks.items():
-            members = [key for key, g in groups.items() if g == group]
+            members = members_of[group]
             if all(dtypes[key] != torch.float64 for key in members):
                 window = _select_in_window(
                     models,
