@@ -453,10 +453,10 @@ def _fail_holding_the_group() -> None:
     raise error
 
 
-def _freeing_worker(rank: int, root: str, port: int) -> None:
+def _freeing_worker(rank: int, root: str, ports: tuple[int, int]) -> None:
     torch.set_num_threads(1)
     os.environ.update(  # as torchrun sets them: _torchrun_group makes the group from these
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), RANK=str(rank), WORLD_SIZE="2"
     )
     models = [str(Path(root) / f"model{i}.safetensors") for i in range(1, 3)]
     found: dict = {}
@@ -466,6 +466,9 @@ def _freeing_worker(rank: int, root: str, port: int) -> None:
             group = weakref.ref(dist.group.WORLD)
             found["merge_error"] = _catch(merge, "uniform_soup", models, out=Path(root) / "exists")
         found["merge_freed"] = group() is None
+        # A second group on a port of its own: on the first one's port, a rank quicker to get
+        # there could reach the first group's store, still open on the other rank, and hang.
+        os.environ["MASTER_PORT"] = str(ports[1])
         try:
             with _torchrun_group():
                 group = weakref.ref(dist.group.WORLD)
@@ -493,7 +496,7 @@ def test_a_failed_merge_leaves_nothing_holding_the_process_group(tmp_path):
     _models(tmp_path)
     (tmp_path / "exists").mkdir()
     context = mp.start_processes(
-        _freeing_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=False
+        _freeing_worker, args=(str(tmp_path), (_free_port(), _free_port())), nprocs=2, join=False
     )
     deadline = time.monotonic() + 60
     while not context.join(timeout=1):
