@@ -139,15 +139,18 @@ def test_inspect_json_names_the_torch_file_holding_each_tensor(tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_console_entry_point_runs_as_a_module(tmp_path, inputs):
+@pytest.mark.parametrize("module", ["ladle.cli", "ladle"])
+def test_console_entry_point_runs_as_a_module(tmp_path, inputs, module):
     result = subprocess.run(
-        [sys.executable, "-m", "ladle.cli", "soup", *inputs, "-o", str(tmp_path / "o.safetensors")],
+        [sys.executable, "-m", module, "soup", *inputs, "-o", str(tmp_path / "o.safetensors")],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr
+    written, expected = ladle.load(tmp_path / "o.safetensors"), ladle.uniform_soup(inputs)
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
     missing = subprocess.run(
-        [sys.executable, "-m", "ladle.cli", "inspect", str(tmp_path / "none")],
+        [sys.executable, "-m", module, "inspect", str(tmp_path / "none")],
         capture_output=True,
         text=True,
     )
