@@ -500,11 +500,12 @@ def fold(
 ) -> Generator[tuple[str, slice, torch.Tensor], None, None]:
     """Run ``kernel`` over every chunk of every floating key; yield ``(key, rows, result)``.
 
-    Keys come in the order of ``keys`` (default: the base's, or model 0's). Non-floating keys
-    are skipped, or with ``copy_others`` yielded as copies of the base's (model 0's) tensor,
-    in chunks of rows of at most ``chunk_bytes`` as stored (at least one row). Methods call
-    this directly for passes that gather statistics (a TIES threshold,
-    Model Stock's angles) before the pass that merges; ``on_bytes`` reports bytes read.
+    Keys come in the order of ``keys`` (default: the base's, or model 0's), each a chunk of
+    rows of :func:`chunk_shape` at a time. Non-floating keys are skipped, or with
+    ``copy_others`` yielded as copies of the base's (model 0's) tensor, in chunks of at most
+    ``chunk_bytes`` as stored. Methods call this directly for passes that gather statistics
+    (a TIES threshold, Model Stock's angles) before the pass that merges; ``on_bytes``
+    reports bytes read.
 
     With ``prefetch > 0``, ``readers`` background threads read (and check) up to
     ``prefetch`` chunks ahead of the arithmetic, each chunk one model's rows, into a fixed
