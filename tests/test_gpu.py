@@ -23,7 +23,14 @@ pytestmark = [
 
 def llama_like(n: int, *, dtype: torch.dtype, seed: int = 0) -> tuple[dict, list[dict]]:
     gen = torch.Generator().manual_seed(seed)
-    shapes = {"embed": (3000, 256), "q": (256, 256), "mlp": (700, 256), "norm": (256,)}
+    # "row": one row of 80 kB, read in pieces (engine.chunk_shape) at 64 KiB chunks
+    shapes = {
+        "embed": (3000, 256),
+        "q": (256, 256),
+        "mlp": (700, 256),
+        "norm": (256,),
+        "row": (1, 20000),
+    }
     base = {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
     base["steps"] = torch.tensor(7)
     models = []
