@@ -451,3 +451,32 @@ def test_get_rows_of_a_permuted_tensor_copies_only_the_rows_asked_for():
         assert storage.data_ptr() == tensor.untyped_storage().data_ptr() or (
             storage.nbytes() == got.nbytes
         )
+
+
+def test_get_rows_of_a_subclass_answering_list_shapes_reads_only_the_rows_holding_them():
+    """A subclass whose ``shape`` answers a list (the documented API: keys, shape, dtype,
+    get_slice) is read as one answering a tuple: the stored rows holding the chunk, not the
+    whole tensor reshaped for every chunk."""
+
+    class Listed(ladle.Checkpoint):
+        def __init__(self, tensors):
+            self.name, self.metadata, self.tensors, self.asked = "listed", {}, tensors, []
+
+        def keys(self):
+            return list(self.tensors)
+
+        def shape(self, key):
+            return list(self.tensors[key].shape)
+
+        def dtype(self, key):
+            return self.tensors[key].dtype
+
+        def get_slice(self, key, rows):
+            self.asked.append(rows)
+            return self.tensors[key][rows]
+
+    tensor = torch.randn(4, 8, 16)
+    checkpoint = Listed({"t": tensor})
+    assert torch.equal(checkpoint.get_rows("t", slice(8, 12), (32, 16)), tensor.view(32, 16)[8:12])
+    assert torch.equal(checkpoint.get_rows("t", slice(2, 5), [4, 8, 16]), tensor[2:5])
+    assert checkpoint.asked == [slice(1, 2), slice(2, 5)]

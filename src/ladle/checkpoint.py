@@ -113,8 +113,8 @@ class Checkpoint:
         them with :meth:`get_slice` and views them as ``shape``; where their strides cannot be
         merged (a transposed or permuted tensor in memory), only the rows asked for are
         copied, never the whole tensor. File-backed sources read the rows alone."""
-        stored = self.shape(key)
-        if shape is None or shape == stored:
+        stored = tuple(self.shape(key))  # a subclass may answer a list
+        if shape is None or tuple(shape) == stored:
             return self.get_slice(key, rows)
         return _merged_rows(partial(self.get_slice, key), stored, rows, tuple(shape))
 

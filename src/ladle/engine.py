@@ -686,7 +686,7 @@ def _read_as(
 ) -> tuple[int, ...] | None:
     """The shape ``key`` was read as (:func:`chunk_shape`) for ``chunk``, its rows ``rows``;
     ``None`` for its own shape."""
-    stored, rest = reference.shape(key), tuple(chunk.shape[1:])
+    stored, rest = tuple(reference.shape(key)), tuple(chunk.shape[1:])
     if rows == slice(None) or rest == stored[1:]:
         return None
     return (math.prod(stored) // math.prod(rest), *rest)
