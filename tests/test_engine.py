@@ -842,3 +842,53 @@ def test_a_long_row_is_read_a_chunk_at_a_time_by_reading_threads_too(tmp_path):
                 assert torch.equal(
                     torch.cat([p.flatten() for p in parts]), stored[0][key].flatten()
                 )
+
+
+def test_subclasses_overriding_read_rows_and_map_rows_without_shape_still_merge(tmp_path):
+    """``read_rows``/``map_rows`` are given ``shape`` only for a tensor read with its leading
+    dimensions merged: a subclass that overrides them as they were before (no ``shape``)
+    still merges every tensor whose rows fit in a chunk, in every reading mode and in TIES's
+    sample."""
+
+    class Former(ladle.Checkpoint):
+        def __init__(self, tensors):
+            self.name, self.metadata, self.tensors = "former", {}, tensors
+
+        def keys(self):
+            return list(self.tensors)
+
+        def shape(self, key):
+            return tuple(self.tensors[key].shape)
+
+        def dtype(self, key):
+            return self.tensors[key].dtype
+
+        def get_slice(self, key, rows):
+            tensor = self.tensors[key]
+            return tensor if tensor.dim() == 0 else tensor[rows]
+
+        def read_rows(self, key, rows, into):
+            return self.get_slice(key, rows)
+
+        def map_rows(self, key, rows):
+            return None
+
+    from conftest import assert_bit_for_bit
+
+    states = family(3, seed=2)
+    expected = ladle.uniform_soup(states, device="cpu")
+    formers = [Former(s) for s in states]
+    assert_bit_for_bit(ladle.uniform_soup(formers, device="cpu"), expected)
+    for prefetch in (0, 2):
+        with ExitStack() as stack:
+            opened, _ = open_models(formers, None, stack)
+            for _ in fold(
+                opened,
+                collect_kernel(),
+                device=resolve_device("cpu"),
+                copy_others=True,
+                prefetch=prefetch,
+            ):
+                pass
+    merged = ladle.ties(formers[1:], formers[0], density=0.5, device="cpu")
+    assert_bit_for_bit(merged, ladle.ties(states[1:], states[0], density=0.5, device="cpu"))

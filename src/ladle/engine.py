@@ -791,7 +791,7 @@ def _labelled(
     return [*([(None, base)] if base is not None else []), *enumerate(models)]
 
 
-Plan = list[tuple[str, slice, "torch.dtype | None", tuple[int, ...]]]
+Plan = list[tuple[str, slice, "torch.dtype | None", "tuple[int, ...] | None"]]
 
 
 def _plan(
@@ -802,20 +802,34 @@ def _plan(
     copy_others: bool,
 ) -> Plan:
     """``(key, rows, compute dtype, shape read as)`` for every chunk, the rows of
-    :func:`chunk_shape`; ``None`` marks a key to copy."""
+    :func:`chunk_shape` (``None`` where that is the key's own shape); a ``None`` dtype marks
+    a key to copy."""
     plan: Plan = []
     for key in reference.keys() if keys is None else keys:
-        shape = reference.shape(key)
+        shape = tuple(reference.shape(key))
         if not reference.dtype(key).is_floating_point:
             if copy_others:  # copied a chunk of rows at a time too, of chunk_bytes as stored
                 stored = chunk_bytes * 4 // reference.dtype(key).itemsize  # row_chunks counts 4 B
-                view = chunk_shape(shape, stored)
+                view = _merged_view(shape, stored)
                 plan.extend((key, rows, None, view) for rows in row_chunks(shape, stored))
             continue
         dtype = compute_dtype([s.dtype(key) for s in sources])
-        view = chunk_shape(shape, chunk_bytes)
+        view = _merged_view(shape, chunk_bytes)
         plan.extend((key, rows, dtype, view) for rows in row_chunks(shape, chunk_bytes))
     return plan
+
+
+def _merged_view(shape: tuple[int, ...], chunk_bytes: int) -> tuple[int, ...] | None:
+    """:func:`chunk_shape`, or ``None`` where it is ``shape`` itself."""
+    view = chunk_shape(shape, chunk_bytes)
+    return None if view == shape else view
+
+
+def _shaped(view: tuple[int, ...] | None) -> tuple[tuple[int, ...], ...]:
+    """The ``shape`` argument of ``read_rows``/``map_rows``, given only for a merged view:
+    a subclass that overrides them as they were before ``shape`` (``read_rows(key, rows,
+    into)``) still reads every tensor whose rows fit in a chunk."""
+    return () if view is None else (view,)
 
 
 def _largest_read(plan: Plan, sources: Sequence[Checkpoint]) -> int:
@@ -895,11 +909,11 @@ def _reads(
     staging = threading.local()  # each thread's own: raw bytes awaiting conversion
     on_cpu = device.type == "cpu"
 
-    def other(key: str, rows: slice, view: tuple[int, ...]) -> _Chunk:
+    def other(key: str, rows: slice, view: tuple[int, ...] | None) -> _Chunk:
         # Read with pread, which reports a file cut short; a map would crash. Bytes read into
         # ``into`` are this chunk's own; a source's own tensor (in memory) is copied.
         into = torch.empty(_rows_nbytes(reference, key, rows, shape=view), dtype=torch.uint8)
-        chunk = reference.read_rows(key, rows, into, view)
+        chunk = reference.read_rows(key, rows, into, *_shaped(view))
         return _Chunk(chunk if _shares(chunk, into) else chunk.clone())
 
     def floating(
@@ -908,9 +922,9 @@ def _reads(
         key: str,
         rows: slice,
         dtype: torch.dtype,
-        shape: tuple[int, ...],
+        shape: tuple[int, ...] | None,
     ) -> _Chunk:
-        view = checkpoint.map_rows(key, rows, shape) if mapped else None
+        view = checkpoint.map_rows(key, rows, *_shaped(shape)) if mapped else None
         if view is not None:  # the page cache's own pages: no copy unless converted
             ready, held = view, None
             if view.dtype != dtype:
@@ -929,7 +943,7 @@ def _reads(
             if not hasattr(staging, "scratch"):
                 staging.scratch = Scratch()
             raw = staging.scratch.take((buffer.numel(),), torch.uint8, buffer.device)
-        chunk = checkpoint.read_rows(key, rows, raw, shape)
+        chunk = checkpoint.read_rows(key, rows, raw, *_shaped(shape))
         if not on_cpu:  # copied on a side stream; the buffer is free once the copy is done
             checker = (
                 partial(_check_finite, index=index, checkpoint=checkpoint, key=key)
