@@ -112,7 +112,9 @@ class Checkpoint:
         :func:`ladle.engine.chunk_shape`). This default reads the stored rows that hold
         them with :meth:`get_slice` and views them as ``shape``; where their strides cannot be
         merged (a transposed or permuted tensor in memory), only the rows asked for are
-        copied, never the whole tensor. File-backed sources read the rows alone."""
+        copied, never the whole tensor. File-backed sources read the rows alone; a subclass
+        whose ``get_slice`` reads from storage reads such a stored row once per chunk in it
+        unless it overrides this method."""
         stored = tuple(self.shape(key))  # a subclass may answer a list
         if shape is None or tuple(shape) == stored:
             return self.get_slice(key, rows)

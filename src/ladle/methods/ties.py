@@ -25,8 +25,9 @@ from ..engine import (
     Kernel,
     Progress,
     Scratch,
+    _merged_view,
+    _shaped,
     check_compatible,
-    chunk_shape,
     compute_dtype,
     current_partition,
     fold,
@@ -221,15 +222,15 @@ _SPREAD = 5.0  # standard deviations of the sample's rank kept on either side of
 
 
 SAMPLE_BLOCK = 1024
-"""Fewest entries in a sample block, where a tensor has that many to give: each block is a
-read, and a model of many small tensors (5000 of 64 entries) spent 9 of its 10 s sampling
-them 2 rows at a time."""
+"""Entries sampled from a tensor per block of rows read, at least (one block for fewer): each
+block is a read, and a model of many small tensors (5000 of 64 entries) spent 9 of its 10 s
+sampling them 2 rows at a time."""
 
 
 def _sample_blocks(shape: tuple[int, ...], entries: int) -> list[slice]:
     """At most 16 evenly spaced, disjoint blocks of rows of a tensor of ``shape``, holding at
-    least ``entries`` (every row when it has fewer), each of at least :data:`SAMPLE_BLOCK`
-    entries where the blocks hold that many together."""
+    least ``entries`` (every row when it has fewer): at most one block per
+    :data:`SAMPLE_BLOCK` entries they hold together, and at least one."""
     if not shape:
         return [slice(None)]
     rows, width = shape[0], max(1, math.prod(shape[1:]))
@@ -243,14 +244,15 @@ def _sample_blocks(shape: tuple[int, ...], entries: int) -> list[slice]:
     return [slice(start, min(start + length, stop)) for start, stop in zip(starts, stops)]
 
 
-def _rows(checkpoint: Checkpoint, key: str, rows: slice, shape: tuple[int, ...]) -> torch.Tensor:
-    """Rows of ``key`` read as ``shape``, never to write: a view of the file's pages where the
-    checkpoint has one (no copy, and the first touch is in the map the passes read later:
-    sampling took 27–31 ms against 31–51 ms through ``get_slice`` on 13 files of 89 MiB),
-    else ``get_rows``."""
-    merged = () if shape == tuple(checkpoint.shape(key)) else (shape,)  # as engine._shaped
-    view = checkpoint.map_rows(key, rows, *merged)
-    return view if view is not None else checkpoint.get_rows(key, rows, shape)
+def _rows(
+    checkpoint: Checkpoint, key: str, rows: slice, view: tuple[int, ...] | None
+) -> torch.Tensor:
+    """Rows of ``key`` (of its merged ``view``, if any), never to write: a view of the file's
+    pages where the checkpoint has one (no copy, and the first touch is in the map the passes
+    read later: sampling took 27–31 ms against 31–51 ms through ``get_slice`` on 13 files of
+    89 MiB), else ``get_rows``."""
+    mapped = checkpoint.map_rows(key, rows, *_shaped(view))
+    return mapped if mapped is not None else checkpoint.get_rows(key, rows, view)
 
 
 def _windows(
@@ -268,12 +270,13 @@ def _windows(
     a block). ``None`` if a window would span more than :data:`WINDOW` patterns."""
     samples: list[list[torch.Tensor]] = [[] for _ in models]
     for key in keys:
-        shape = chunk_shape(base.shape(key), chunk_bytes)
-        entries = -(-SAMPLE * math.prod(shape) // size)
-        for rows in _sample_blocks(shape, entries):
-            origin = _rows(base, key, rows, shape).to(torch.float32)
+        stored = tuple(base.shape(key))
+        view = _merged_view(stored, chunk_bytes)
+        entries = -(-SAMPLE * math.prod(stored) // size)
+        for rows in _sample_blocks(view or stored, entries):
+            origin = _rows(base, key, rows, view).to(torch.float32)
             for i, model in enumerate(models):
-                tau = _rows(model, key, rows, shape).to(torch.float32) - origin
+                tau = _rows(model, key, rows, view).to(torch.float32) - origin
                 samples[i].append(_magnitude_bits(tau, 32))
     windows = []
     for parts in samples:
