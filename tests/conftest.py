@@ -13,6 +13,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+import ladle
+
 # Timings on shared CI machines vary too much for per-example deadlines. The default keeps
 # CI short; `pytest --hypothesis-profile thorough` tries 500 examples per property.
 settings.register_profile("ladle", deadline=None, max_examples=40)
@@ -88,3 +90,24 @@ def assert_bit_for_bit(actual, expected):
     for key in expected:
         assert actual[key].dtype == expected[key].dtype, key
         assert torch.equal(actual[key], expected[key]), key
+
+
+class DictCheckpoint(ladle.Checkpoint):
+    """A user's own checkpoint over a dict of tensors: only what the docs ask a subclass to
+    implement (``keys``, ``shape``, ``dtype``, ``get_slice``)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], name: str = "user's") -> None:
+        self.name, self.metadata, self.tensors = name, {}, tensors
+
+    def keys(self):
+        return list(self.tensors)
+
+    def shape(self, key):
+        return tuple(self.tensors[key].shape)
+
+    def dtype(self, key):
+        return self.tensors[key].dtype
+
+    def get_slice(self, key, rows):
+        tensor = self.tensors[key]
+        return tensor if tensor.dim() == 0 else tensor[rows]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import family
+from conftest import DictCheckpoint, family
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -458,18 +458,13 @@ def test_get_rows_of_a_subclass_answering_list_shapes_reads_only_the_rows_holdin
     get_slice) is read as one answering a tuple: the stored rows holding the chunk, not the
     whole tensor reshaped for every chunk."""
 
-    class Listed(ladle.Checkpoint):
+    class Listed(DictCheckpoint):
         def __init__(self, tensors):
-            self.name, self.metadata, self.tensors, self.asked = "listed", {}, tensors, []
-
-        def keys(self):
-            return list(self.tensors)
+            super().__init__(tensors, "listed")
+            self.asked: list[slice] = []
 
         def shape(self, key):
             return list(self.tensors[key].shape)
-
-        def dtype(self, key):
-            return self.tensors[key].dtype
 
         def get_slice(self, key, rows):
             self.asked.append(rows)

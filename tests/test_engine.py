@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import family
+from conftest import DictCheckpoint, family
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -850,23 +850,7 @@ def test_subclasses_overriding_read_rows_and_map_rows_without_shape_still_merge(
     still merges every tensor whose rows fit in a chunk, in every reading mode and in TIES's
     sample."""
 
-    class Former(ladle.Checkpoint):
-        def __init__(self, tensors):
-            self.name, self.metadata, self.tensors = "former", {}, tensors
-
-        def keys(self):
-            return list(self.tensors)
-
-        def shape(self, key):
-            return tuple(self.tensors[key].shape)
-
-        def dtype(self, key):
-            return self.tensors[key].dtype
-
-        def get_slice(self, key, rows):
-            tensor = self.tensors[key]
-            return tensor if tensor.dim() == 0 else tensor[rows]
-
+    class Former(DictCheckpoint):
         def read_rows(self, key, rows, into):
             return self.get_slice(key, rows)
 
