@@ -809,9 +809,9 @@ def _plan(
         shape = tuple(reference.shape(key))
         if not reference.dtype(key).is_floating_point:
             if copy_others:  # copied a chunk of rows at a time too, of chunk_bytes as stored
-                stored = chunk_bytes * 4 // reference.dtype(key).itemsize  # row_chunks counts 4 B
-                view = _merged_view(shape, stored)
-                plan.extend((key, rows, None, view) for rows in row_chunks(shape, stored))
+                budget = chunk_bytes * 4 // reference.dtype(key).itemsize  # row_chunks counts 4 B
+                view = _merged_view(shape, budget)
+                plan.extend((key, rows, None, view) for rows in row_chunks(shape, budget))
             continue
         dtype = compute_dtype([s.dtype(key) for s in sources])
         view = _merged_view(shape, chunk_bytes)
