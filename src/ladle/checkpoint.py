@@ -205,7 +205,8 @@ def _merged_rows(
     try:  # strides that merge (a contiguous tensor): a view
         return block.view(-1, *shape[1:])[start : start + count]
     except RuntimeError:  # a copy of these rows alone, found by their index in each dimension
-        index = torch.unravel_index(torch.arange(start, start + count), block.shape[:merged])
+        positions = torch.arange(start, start + count, device=block.device)
+        index = torch.unravel_index(positions, block.shape[:merged])
         return block[index]
 
 
