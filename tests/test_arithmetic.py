@@ -134,3 +134,83 @@ def test_arithmetic_takes_modules_and_files_like_every_function(tmp_path):
     for key, value in module.state_dict().items():
         assert torch.equal(doubled[key], value * 2)
         assert not doubled[key].requires_grad
+
+
+def test_weighted_sum_of_a_single_model_is_a_type_error_as_in_every_method():
+    model = {"w": torch.ones(2)}
+    with pytest.raises(TypeError, match="models: expected a sequence of models, found a single"):
+        ladle.weighted_sum(model, [1.0])  # was read as a path per key: "w: no such file"
+    with pytest.raises(TypeError, match="models: expected a sequence of models"):
+        ladle.weighted_sum(torch.nn.Linear(2, 1), [1.0])
+
+
+def test_scalars_are_numbers_not_tensors_that_broadcast_into_other_shapes():
+    a, b = {"w": torch.ones(2)}, {"w": torch.ones(2)}
+    with pytest.raises(
+        TypeError, match=r"factor: expected a number, found a tensor of shape \(3, 1\)"
+    ):
+        ladle.scale(a, torch.ones(3, 1))  # broadcast the result to (3, 2)
+    with pytest.raises(TypeError, match=r"weights\[0\]: expected a number, found a tensor"):
+        ladle.weighted_sum([a], torch.tensor([[1.0, 2.0]]))  # scaled entry by entry
+    with pytest.raises(TypeError, match=r"t: expected a number, found a tensor of shape \(2,\)"):
+        ladle.lerp(a, b, torch.tensor([0.5, 0.2]))
+    with pytest.raises(TypeError, match=r"alpha: expected a number, found str"):
+        ladle.add(a, b, alpha="2")
+    # Numbers of any kind are fine: ints, numpy scalars, 0-d tensors, one weight per model.
+    np = pytest.importorskip("numpy")
+    for factor in (2, np.float32(2.0), np.int64(2), torch.tensor(2.0), torch.tensor(2)):
+        assert ladle.scale(a, factor)["w"].tolist() == [2.0, 2.0]
+    assert ladle.weighted_sum([a, b], torch.tensor([1.0, 2.0]))["w"].tolist() == [3.0, 3.0]
+    assert ladle.weighted_sum([a, b], np.array([1.0, 2.0]))["w"].tolist() == [3.0, 3.0]
+    assert ladle.lerp(a, {"w": torch.full((2,), 3.0)}, torch.tensor(0.5))["w"].tolist() == [2.0] * 2
+    assert ladle.scale(a, 2**70)["w"].tolist() == [2.0**70] * 2  # was an OverflowError
+
+
+def test_a_complex_scalar_with_real_tensors_is_refused_not_cast_to_its_real_part():
+    a = {"w": torch.ones(2), "c": torch.ones(2, dtype=torch.complex64)}
+    with pytest.raises(
+        TypeError, match=r"factor: 1j is complex, and key 'w' is real \(torch.float32\)"
+    ):
+        ladle.scale(a, 1j)  # was [0., 0.] with a UserWarning
+    with pytest.raises(TypeError, match=r"weights\[1\]: 2j is complex, and key 'w' is real"):
+        ladle.weighted_sum([a, a], [1.0, 2j])
+    complex_only = {"c": torch.tensor([1 + 1j])}
+    assert ladle.scale(complex_only, 1j)["c"].tolist() == [-1 + 1j]
+    assert ladle.scale(a, 2 + 0j)["w"].tolist() == [2.0, 2.0]  # no imaginary part: real
+
+
+@given(
+    x=st.floats(1e-30, 1e30),
+    factor=st.one_of(st.floats(1e-60, 1e-38), st.floats(1e38, 1e60)),
+    negative=st.booleans(),
+)
+def test_scalars_outside_float32s_normal_range_keep_float32_precision(x, factor, negative):
+    # torch rounds a scalar to the compute dtype: 1e-40 kept ~5 digits in float32, 1e-46
+    # became 0, 1e39 inf, whatever the tensor; the result must be x·factor rounded once.
+    factor = -factor if negative else factor
+    a = {"w": torch.tensor([x], dtype=torch.float32)}
+    x32 = float(a["w"])
+    expected = torch.tensor([x32 * factor], dtype=torch.float64).float()
+    b = {"w": torch.zeros(1)}
+    torch.testing.assert_close(ladle.scale(a, factor)["w"], expected)
+    torch.testing.assert_close(ladle.weighted_sum([a, b], [factor, 1.0])["w"], expected)
+    torch.testing.assert_close(ladle.add(b, a, alpha=factor)["w"], expected)
+    assert ladle.scale(a, factor)["w"].dtype == torch.float32
+
+
+def test_results_in_a_dtype_that_cannot_hold_them_are_refused_as_in_every_method():
+    e8 = torch.float8_e8m0fnu  # unsigned, powers of two only: 1 − 4 was written as 4
+    a = {"s": torch.tensor([1.0, 4.0]).to(e8), "w": torch.ones(2)}
+    b = {"s": torch.tensor([4.0, 4.0]).to(e8), "w": torch.ones(2)}
+    with pytest.raises(ValueError, match=r"a: key 's' is stored as float8_e8m0fnu.*float\(\)"):
+        ladle.sub(a, b)
+    with pytest.raises(ValueError, match=r"base: key 's' is stored as float8_e8m0fnu"):
+        ladle.task_vector(a, b)
+    with pytest.raises(ValueError, match=r"a: key 's' is stored as float8_e8m0fnu"):
+        ladle.scale(a, -2.0)
+    # As an input beside a dtype that holds the result it is read fine.
+    as_float = {k: v.float() for k, v in a.items()}
+    assert ladle.sub(as_float, b)["s"].tolist() == [-3.0, 0.0]
+    packed = {"w": torch.tensor([1, 2], dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}
+    with pytest.raises(ValueError, match=r"packs several values per element: unpack it"):
+        ladle.add(packed, packed)  # was a NotImplementedError from torch's copy kernel

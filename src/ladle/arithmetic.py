@@ -6,46 +6,126 @@ are computed in float32 (float64 stays float64), complex ones in complex64 (comp
 complex128), and returned in the dtype of the first argument (``base`` for
 :func:`task_vector`); integer and boolean tensors, such as ``num_batches_tracked``, are
 copied from that same argument. Key sets and shapes must agree, else
-:class:`~ladle.IncompatibleError` names the argument, the key and both shapes.
+:class:`~ladle.IncompatibleError` names the argument, the key and both shapes. A result
+whose dtype cannot hold signed values one per element (``float8_e8m0fnu``, packed
+``float4_e2m1fn_x2``) is a ``ValueError``, as in every merge method: convert it first.
+
+Scalars (``alpha``, ``factor``, ``t``, ``weights``) are numbers: ints, floats, numpy
+scalars or 0-d tensors; anything else, a tensor of more than one element included, is a
+``TypeError`` naming it. A complex scalar needs complex tensors. A scalar that float32
+would round beyond its precision (a nonzero magnitude below 1.18e-38 or above 3.4e38) is
+applied in float64, so that the result is still the exact one rounded once.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from .checkpoint import StateDict, StateDictLike, TensorMapCheckpoint, load
-from .engine import check_compatible, compute_dtype
+from .engine import OUTPUT_DTYPES, _kind, check_compatible, compute_dtype
 
 __all__ = ["add", "lerp", "scale", "sub", "task_vector", "weighted_sum"]
 
 Tensors = StateDictLike  # a mapping, module, path, hf:// repo or Checkpoint
+Scalar = float | complex
+
+_FLOAT32 = torch.finfo(torch.float32)
+
+
+def _scalar(name: str, value: object) -> Scalar:
+    """``value`` as a Python float, or a complex with a nonzero imaginary part: a number, a
+    numpy scalar or a 0-d tensor (or array); anything else is a ``TypeError`` naming ``name``.
+
+    Example:
+        >>> _scalar("t", torch.tensor(0.5)), _scalar("t", 2), _scalar("t", 1 + 0j)
+        (0.5, 2.0, 1.0)
+    """
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, numbers.Number):
+        if tuple(shape) != ():
+            raise TypeError(f"{name}: expected a number, found a tensor of shape {tuple(shape)}")
+        value = value.item()  # type: ignore[attr-defined]  # a 0-d tensor or array
+    if isinstance(value, numbers.Real):  # bool, int, float, numpy's real scalars
+        return float(value)
+    if isinstance(value, numbers.Complex):
+        number = complex(value)
+        return number if number.imag else number.real
+    raise TypeError(f"{name}: expected a number, found {type(value).__name__}")
+
+
+def _beyond_float32(value: Scalar) -> bool:
+    """Whether float32 would round ``value`` (a part of it) to fewer than its 24 bits: a
+    finite nonzero magnitude below its smallest normal or above its largest value."""
+    parts = (value.real, value.imag) if isinstance(value, complex) else (value,)
+    return any(
+        part != 0
+        and math.isfinite(part)
+        and not (_FLOAT32.smallest_normal <= abs(part) <= _FLOAT32.max)
+        for part in parts
+    )
 
 
 def _map(
     fn: Callable[..., torch.Tensor],
     named: Sequence[tuple[str, Tensors]],
     reference: int = 0,
+    scalars: Sequence[tuple[str, Scalar]] = (),
 ) -> StateDict:
-    """Apply ``fn`` key by key to the upcast tensors of ``named``; dtypes follow ``reference``."""
+    """Apply ``fn`` key by key to the upcast tensors of ``named``; dtypes follow ``reference``.
+
+    ``scalars`` (already checked by :func:`_scalar`) are those ``fn`` applies: a complex one
+    is refused for real tensors, and one float32 cannot hold computes in float64.
+    """
     opened = [(name, _tensors(sd)) for name, sd in named]
     checkpoints = [TensorMapCheckpoint(sd, name=name) for name, sd in opened]
     ref = checkpoints[reference]
     check_compatible(checkpoints, ref, named=True)
+    ref_name, ref_tensors = opened[reference]
+    _check_result_dtypes(ref_name, ref_tensors)
+    wide = any(_beyond_float32(value) for _, value in scalars)
+    imaginary = next(((n, v) for n, v in scalars if isinstance(v, complex)), None)
     result: StateDict = {}
-    for key, ref_tensor in opened[reference][1].items():
+    for key, ref_tensor in ref_tensors.items():
         tensors = [sd[key].detach() for _, sd in opened]
         if not (ref_tensor.is_floating_point() or ref_tensor.is_complex()):
             result[key] = ref_tensor.detach().clone()
             continue
-        if any(t.is_complex() for t in tensors):
-            wide = any(t.dtype in (torch.complex128, torch.float64) for t in tensors)
-            dtype = torch.complex128 if wide else torch.complex64
+        if ref_tensor.is_complex():
+            wide_input = any(t.dtype == torch.complex128 for t in tensors)
+            dtype = torch.complex128 if wide or wide_input else torch.complex64
+        elif imaginary is not None:
+            name, value = imaginary
+            raise TypeError(
+                f"{name}: {value} is complex, and key {key!r} is real ({ref_tensor.dtype}); "
+                "its result would lose the imaginary part"
+            )
         else:
-            dtype = compute_dtype([t.dtype for t in tensors])
+            dtype = torch.float64 if wide else compute_dtype([t.dtype for t in tensors])
         result[key] = fn(*(t.to(dtype) for t in tensors)).to(ref_tensor.dtype)
     return result
+
+
+def _check_result_dtypes(name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """A ``ValueError`` for a floating tensor of ``tensors`` (the argument results take their
+    dtypes from) whose dtype cannot hold results: packed, or unsigned (``float8_e8m0fnu``)."""
+    for key, tensor in tensors.items():
+        stored = tensor.dtype
+        shown = str(stored).removeprefix("torch.")
+        if _kind(stored) == "packed":
+            raise ValueError(
+                f"{name}: key {key!r} is stored as {shown}, which packs several values per "
+                "element: unpack it first"
+            )
+        if stored.is_floating_point and stored not in OUTPUT_DTYPES:
+            raise ValueError(
+                f"{name}: key {key!r} is stored as {shown}, in which results cannot be written "
+                "(unsigned, powers of two only); convert it first (tensor.float())"
+            )
 
 
 def _tensors(source: object) -> Mapping[str, torch.Tensor]:
@@ -65,7 +145,12 @@ def add(a: Tensors, b: Tensors, alpha: float = 1.0) -> StateDict:
         >>> ladle.add({"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 1.0])}, alpha=2)
         {'w': tensor([3., 4.])}
     """
-    return _map(lambda x, y: torch.add(x, y, alpha=alpha), [("a", a), ("b", b)])
+    number = _scalar("alpha", alpha)
+    return _map(
+        lambda x, y: torch.add(x, y, alpha=number),
+        [("a", a), ("b", b)],
+        scalars=[("alpha", number)],
+    )
 
 
 def sub(a: Tensors, b: Tensors) -> StateDict:
@@ -87,7 +172,8 @@ def scale(a: Tensors, factor: float) -> StateDict:
         >>> ladle.scale({"w": torch.tensor([1.0, -2.0])}, 0.5)
         {'w': tensor([ 0.5000, -1.0000])}
     """
-    return _map(lambda x: x * factor, [("a", a)])
+    number = _scalar("factor", factor)
+    return _map(lambda x: x * number, [("a", a)], scalars=[("factor", number)])
 
 
 def lerp(a: Tensors, b: Tensors, t: float) -> StateDict:
@@ -98,10 +184,11 @@ def lerp(a: Tensors, b: Tensors, t: float) -> StateDict:
         >>> ladle.lerp({"w": torch.tensor([0.0])}, {"w": torch.tensor([4.0])}, 0.25)
         {'w': tensor([1.])}
     """
-    return _map(lambda x, y: _lerp(x, y, t), [("a", a), ("b", b)])
+    number = _scalar("t", t)
+    return _map(lambda x, y: _lerp(x, y, number), [("a", a), ("b", b)], scalars=[("t", number)])
 
 
-def _lerp(x: torch.Tensor, y: torch.Tensor, t: float) -> torch.Tensor:
+def _lerp(x: torch.Tensor, y: torch.Tensor, t: Scalar) -> torch.Tensor:
     """``torch.lerp`` (exact at the ends, monotonic) where it is finite; elsewhere
     ``(1−t)·x + t·y``, which keeps infinities (``-inf`` mask entries) that ``lerp``'s
     ``y − x`` turns into NaN, and does not overflow where ``y − x`` would."""
@@ -125,18 +212,24 @@ def weighted_sum(models: Sequence[Tensors], weights: Sequence[float]) -> StateDi
         >>> ladle.weighted_sum(ms, [0.5, 0.5])
         {'w': tensor([2.])}
     """
+    if isinstance(models, (str, os.PathLike, Mapping, torch.nn.Module)):
+        raise TypeError("models: expected a sequence of models, found a single model")
     if len(models) == 0:
         raise ValueError("models: expected at least one model, found none")
+    if isinstance(weights, str):
+        raise TypeError("weights: expected a sequence of numbers, found str")
     if len(weights) != len(models):
         raise ValueError(f"weights: expected {len(models)} weights, found {len(weights)}")
+    values = [_scalar(f"weights[{i}]", weight) for i, weight in enumerate(weights)]
 
     def combine(*tensors: torch.Tensor) -> torch.Tensor:
-        total = tensors[0] * weights[0]
-        for weight, tensor in zip(weights[1:], tensors[1:]):
+        total = tensors[0] * values[0]
+        for weight, tensor in zip(values[1:], tensors[1:]):
             total.add_(tensor, alpha=weight)
         return total
 
-    return _map(combine, [(f"model {i}", m) for i, m in enumerate(models)])
+    named = [(f"model {i}", m) for i, m in enumerate(models)]
+    return _map(combine, named, scalars=[(f"weights[{i}]", w) for i, w in enumerate(values)])
 
 
 def task_vector(finetuned: Tensors, base: Tensors) -> StateDict:
