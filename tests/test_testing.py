@@ -458,3 +458,46 @@ def test_float8_draws_stay_within_a_bound_float8_cannot_hold(dtype, data):
     for tensor in state.values():
         if tensor.is_floating_point() and tensor.numel():
             assert float(tensor.float().abs().max()) <= 0.1
+
+
+def test_drawn_shapes_are_mostly_vectors_and_matrices_with_a_0d_tensor_now_and_then():
+    from hypothesis import settings
+
+    dims: list[int] = []
+
+    @settings(max_examples=300, database=None, derandomize=True)
+    @given(state_dicts(buffers=False))
+    def collect(sd):
+        dims.extend(v.dim() for v in sd.values())
+
+    collect()
+    share = dims.count(0) / len(dims)
+    assert 0 < share < 0.2, share  # one_of(shapes, ()) drew 0-d as often as vectors (~38%)
+
+
+@pytest.mark.parametrize(
+    "shapes, shown",
+    [({"w": (-1, 2)}, r"\(-1, 2\)"), ({"w": (2.5,)}, r"\(2.5,\)"), ({}, r"\{\}")],
+)
+def test_bad_fixed_shapes_are_value_errors_when_the_strategy_is_built(shapes, shown):
+    # A negative side was "negative dimensions are not allowed" from numpy, mid-test, naming
+    # no parameter; an empty mapping drew buffer-only dicts, where keys=[] is refused.
+    for strategy in (state_dicts, model_families):
+        with pytest.raises(ValueError, match=rf"shapes: expected .*, found .*{shown}"):
+            strategy(shapes=shapes)
+    from hypothesis import find
+
+    empty = find(state_dicts(shapes={"w": (0, 3)}), lambda sd: True)  # empty tensors are fine
+    assert empty["w"].shape == (0, 3)
+
+
+def test_model_families_with_a_count_strategy_drawing_below_one_is_a_value_error():
+    from hypothesis import settings
+
+    @settings(max_examples=5, database=None)
+    @given(model_families(n=st.just(0)))
+    def check(family):
+        pass  # drew (base, []): not the "n fine-tunes" asked for
+
+    with pytest.raises(ValueError, match=r"n: expected at least 1 fine-tune, drew 0"):
+        check()

@@ -9,6 +9,7 @@ is built, so ``import ladle.testing`` works without it.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -350,7 +351,16 @@ def _layouts(
         raise ValueError(f"max_side: expected at least 1, found {max_side}")
     dtype_strategy = st.sampled_from(dtypes)
     if shapes is not None:
-        fixed = {str(k): tuple(int(s) for s in shape) for k, shape in shapes.items()}
+        fixed = {str(k): tuple(shape) for k, shape in shapes.items()}
+        try:  # ints (numpy's too), not floats that int() would truncate
+            fixed = {k: tuple(operator.index(side) for side in v) for k, v in fixed.items()}
+        except TypeError:
+            fixed = {}  # reported with the shapes as given
+        if not fixed or any(side < 0 for shape in fixed.values() for side in shape):
+            raise ValueError(
+                "shapes: expected one or more keys with sides that are ints ≥ 0, found "
+                f"{ {str(k): tuple(v) for k, v in shapes.items()} }"
+            )
         if BUFFER_KEY in fixed:
             raise ValueError(
                 f"shapes: expected keys other than {BUFFER_KEY!r}, found {list(fixed)}"
@@ -364,9 +374,11 @@ def _layouts(
         if keys is None
         else st.just(list(pool))
     )
-    # Mostly vectors and matrices; a 0-d tensor (a scalar parameter) now and then.
-    one_shape = st.one_of(
-        array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=max_side), st.just(())
+    # Mostly vectors and matrices; a 0-d tensor (a scalar parameter) now and then: one draw
+    # in eight (``one_of`` of the two drew 0-d as often as vectors). Shrinks to a vector.
+    arrays = array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=max_side)
+    one_shape = st.sampled_from([False] * 7 + [True]).flatmap(
+        lambda scalar: st.just(()) if scalar else arrays
     )
 
     @st.composite
@@ -471,8 +483,9 @@ def state_dicts(
     Args:
         keys: the key names, all of them in every draw; default 1 to ``max_keys`` names drawn
             from :data:`KEY_NAMES`.
-        shapes: fixed keys and shapes (overrides ``keys``; no :data:`BUFFER_KEY`); default
-            shapes of 1 or 2 dimensions of 1 to ``max_side`` entries each, or now and then 0-d.
+        shapes: fixed keys and shapes (overrides ``keys``; no :data:`BUFFER_KEY`; sides are
+            ints ≥ 0); default shapes of 1 or 2 dimensions of 1 to ``max_side`` entries each,
+            or now and then (one in eight) 0-d.
         dtypes: floating dtypes to draw from; default float32, bfloat16, float16.
         buffers: add the integer buffer.
         max_keys: most keys drawn when ``keys`` and ``shapes`` are not given.
@@ -535,7 +548,8 @@ def model_families(
     The other arguments are those of :func:`state_dicts`.
 
     Args:
-        n: the number of fine-tunes, or a strategy for it (e.g. ``st.integers(2, 4)``).
+        n: the number of fine-tunes, or a strategy for it (e.g. ``st.integers(2, 4)``); at
+            least 1 (a strategy drawing less raises ``ValueError`` in the test).
         keys: as :func:`state_dicts`.
         shapes: as :func:`state_dicts`.
         dtypes: as :func:`state_dicts`.
@@ -578,6 +592,8 @@ def model_families(
     def draw_family(draw: Any) -> tuple[StateDict, list[StateDict]]:
         layout, dtype = draw(layouts)
         count = draw(counts)
+        if count < 1:
+            raise ValueError(f"n: expected at least 1 fine-tune, drew {count} from {n!r}")
         arrays = {key: _float32_arrays(shape, bounds[dtype]) for key, shape in layout.items()}
         base = {key: draw(values).to(dtype) for key, values in arrays.items()}
         models = []
