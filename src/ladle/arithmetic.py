@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from .checkpoint import StateDict, StateDictLike, TensorMapCheckpoint, load
-from .engine import OUTPUT_DTYPES, _kind, check_compatible, compute_dtype
+from .engine import check_compatible, check_models, check_output_dtypes, compute_dtype
 
 __all__ = ["add", "lerp", "scale", "sub", "task_vector", "weighted_sum"]
 
@@ -85,8 +84,8 @@ def _map(
     checkpoints = [TensorMapCheckpoint(sd, name=name) for name, sd in opened]
     ref = checkpoints[reference]
     check_compatible(checkpoints, ref, named=True)
-    ref_name, ref_tensors = opened[reference]
-    _check_result_dtypes(ref_name, ref_tensors)
+    ref_tensors = opened[reference][1]
+    check_output_dtypes(ref, None, remedy="convert it first (tensor.float())")
     wide = any(_beyond_float32(value) for _, value in scalars)
     imaginary = next(((n, v) for n, v in scalars if isinstance(v, complex)), None)
     result: StateDict = {}
@@ -108,24 +107,6 @@ def _map(
             dtype = torch.float64 if wide else compute_dtype([t.dtype for t in tensors])
         result[key] = fn(*(t.to(dtype) for t in tensors)).to(ref_tensor.dtype)
     return result
-
-
-def _check_result_dtypes(name: str, tensors: Mapping[str, torch.Tensor]) -> None:
-    """A ``ValueError`` for a floating tensor of ``tensors`` (the argument results take their
-    dtypes from) whose dtype cannot hold results: packed, or unsigned (``float8_e8m0fnu``)."""
-    for key, tensor in tensors.items():
-        stored = tensor.dtype
-        shown = str(stored).removeprefix("torch.")
-        if _kind(stored) == "packed":
-            raise ValueError(
-                f"{name}: key {key!r} is stored as {shown}, which packs several values per "
-                "element: unpack it first"
-            )
-        if stored.is_floating_point and stored not in OUTPUT_DTYPES:
-            raise ValueError(
-                f"{name}: key {key!r} is stored as {shown}, in which results cannot be written "
-                "(unsigned, powers of two only); convert it first (tensor.float())"
-            )
 
 
 def _tensors(source: object) -> Mapping[str, torch.Tensor]:
@@ -212,10 +193,7 @@ def weighted_sum(models: Sequence[Tensors], weights: Sequence[float]) -> StateDi
         >>> ladle.weighted_sum(ms, [0.5, 0.5])
         {'w': tensor([2.])}
     """
-    if isinstance(models, (str, os.PathLike, Mapping, torch.nn.Module)):
-        raise TypeError("models: expected a sequence of models, found a single model")
-    if len(models) == 0:
-        raise ValueError("models: expected at least one model, found none")
+    check_models(models)
     if isinstance(weights, str):
         raise TypeError("weights: expected a sequence of numbers, found str")
     if len(weights) != len(models):

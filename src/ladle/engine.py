@@ -269,11 +269,16 @@ def output_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and stored.is_floating_point else stored
 
 
-def check_output_dtypes(checkpoint: Checkpoint, dtype: torch.dtype | None) -> None:
+MERGE_REMEDY = "pass an output dtype (dtype=torch.float32, --dtype float32)"
+
+
+def check_output_dtypes(
+    checkpoint: Checkpoint, dtype: torch.dtype | None, *, remedy: str = MERGE_REMEDY
+) -> None:
     """A ``ValueError`` for a floating key of ``checkpoint`` that packs several values per
     element, or whose output dtype (:func:`output_dtype`) is none of :data:`OUTPUT_DTYPES`:
     merged values would be written in it wrongly (``float8_e8m0fnu`` holds no sign: -2
-    became 2)."""
+    became 2). ``remedy``: what the message advises for the latter."""
     for key in checkpoint.keys():
         stored = checkpoint.dtype(key)
         written = output_dtype(stored, dtype)
@@ -281,14 +286,13 @@ def check_output_dtypes(checkpoint: Checkpoint, dtype: torch.dtype | None) -> No
             raise ValueError(
                 f"{checkpoint.name}: key {key!r} is stored as "
                 f"{str(stored).removeprefix('torch.')}, which packs several values per element: "
-                "unpack it before merging"
+                "unpack it first"
             )
         if written.is_floating_point and written not in OUTPUT_DTYPES:
             raise ValueError(
                 f"{checkpoint.name}: key {key!r} is stored as "
-                f"{str(written).removeprefix('torch.')}, in which merged values cannot be written "
-                "(unsigned, powers of two only); pass an output dtype (dtype=torch.float32, "
-                "--dtype float32)"
+                f"{str(written).removeprefix('torch.')}, in which results cannot be written "
+                f"(unsigned, powers of two only); {remedy}"
             )
 
 
@@ -455,14 +459,21 @@ def _kind(dtype: torch.dtype) -> str:
     return "complex" if dtype.is_complex else "integer"
 
 
-def open_models(
-    models: Sequence[StateDictLike], base: StateDictLike | None, stack: ExitStack
-) -> tuple[list[Checkpoint], Checkpoint | None]:
-    """Open every source, closing on ``stack`` those that this call opened."""
+def check_models(models: Sequence[StateDictLike]) -> None:
+    """A ``TypeError`` for one model given where a sequence of them is expected (a path, a
+    mapping or a module: iterating it would read its keys or characters as models), a
+    ``ValueError`` for none."""
     if isinstance(models, (str, os.PathLike, Mapping, torch.nn.Module)):
         raise TypeError("models: expected a sequence of models, found a single model")
     if len(models) == 0:
         raise ValueError("models: expected at least one model, found none")
+
+
+def open_models(
+    models: Sequence[StateDictLike], base: StateDictLike | None, stack: ExitStack
+) -> tuple[list[Checkpoint], Checkpoint | None]:
+    """Open every source, closing on ``stack`` those that this call opened."""
+    check_models(models)
 
     def opened(source: StateDictLike) -> Checkpoint:
         checkpoint = open_checkpoint(source)
