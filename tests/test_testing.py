@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -99,6 +100,19 @@ def test_nan_fails_unless_equal_nan():
     assert "1 of 2 elements differ" in message_of(nan, {"w": torch.tensor([0.0, 1.0])})
     message_of(nan, {k: v.clone() for k, v in nan.items()})
     assert_state_dicts_close(nan, {k: v.clone() for k, v in nan.items()}, equal_nan=True)
+
+
+def test_a_nan_is_counted_apart_and_does_not_hide_the_other_errors():
+    actual = {"w": torch.tensor([math.nan, 2.5, 1.0]), "v": torch.tensor([1.0, math.nan])}
+    expected = {"w": torch.tensor([1.0, 2.0, 1.0]), "v": torch.tensor([math.nan, 2.0])}
+    with pytest.raises(AssertionError) as raised:
+        assert_state_dicts_close(actual, expected)
+    lines = str(raised.value).splitlines()
+    # |2.5 − 2| = 0.5 is the largest error without a NaN: the NaN made both maxima NaN
+    (w,) = [line for line in lines if line.startswith("  'w'")]
+    assert "2 of 3 elements differ (1 NaN); max abs error 0.5, max rel error 0.25" in w
+    (v,) = [line for line in lines if line.startswith("  'v'")]
+    assert "2 of 2 elements differ (2 NaN); max abs error nan, max rel error nan" in v
 
 
 def test_explicit_tolerances_override_the_defaults():

@@ -102,10 +102,12 @@ class _Mismatch:
     expected: Number
     rtol: float
     atol: float
+    nans: int = 0  # differing elements where either side is NaN (left out of the maxima)
 
     def describe(self) -> str:
+        nans = f" ({self.nans} NaN)" if self.nans else ""
         return (
-            f"  {self.key!r}: {self.count} of {self.numel} elements differ; max abs error "
+            f"  {self.key!r}: {self.count} of {self.numel} elements differ{nans}; max abs error "
             f"{_show(self.max_abs, 6)}, max rel error {self.max_rel:.6g} (rtol={self.rtol:g}, "
             f"atol={self.atol:g}); worst at index {self.index}: actual "
             f"{_show(self.actual, 9)}, expected {_show(self.expected, 9)}"
@@ -184,10 +186,17 @@ def _compare_numerically(
     close = a.eq(e) | (a.isfinite() & e.isfinite() & (diff <= atol + rtol * magnitude))
     if equal_nan:
         close |= a.isnan() & e.isnan()
-    max_abs = float(diff[~close].max()) if not bool(close.all()) else 0.0
+    max_abs = _max_not_nan(diff[~close]) if not bool(close.all()) else 0.0
     return _Compared(
         ~close, diff, magnitude, max_abs, lambda m: a[m].tolist(), lambda m: e[m].tolist()
     )
+
+
+def _max_not_nan(values: torch.Tensor) -> float:
+    """The largest of ``values`` that is not NaN (NaN if they all are): one NaN would hide
+    how far the other elements are off."""
+    kept = values[~values.isnan()]
+    return float(kept.max()) if kept.numel() else math.nan
 
 
 def _compare(
@@ -219,13 +228,14 @@ def _compare(
         count=int(bad.sum()),
         numel=a.numel(),
         max_abs=compared.max_abs,
-        max_rel=float(rel.max()),
+        max_rel=_max_not_nan(rel),
         severity=float(ratio[worst].max()),
         index=index,
         actual=compared.actual(worst)[0],
         expected=compared.expected(worst)[0],
         rtol=rtol,
         atol=atol,
+        nans=0 if _is_exact(a) and _is_exact(e) else int((a.isnan() | e.isnan())[bad].sum()),
     )
 
 
@@ -251,10 +261,12 @@ def assert_state_dicts_close(
     Values are close where ``|actual − expected| ≤ atol + rtol·|expected|``, computed in
     float64 (complex in complex128, by the magnitude of the difference); integers and bools
     are compared as exact integers, whatever their size. Whatever the tolerances, inf matches
-    only inf of the same sign, and NaN matches NaN only with ``equal_nan``. On failure the :class:`AssertionError` lists every problem at once: missing
-    and extra keys, keys whose dtype or shape differ, and the (up to) five keys whose values
-    differ most, each with its count of differing elements, max abs and max rel error, and
-    the worst element (integers in full, complex values as such).
+    only inf of the same sign, and NaN matches NaN only with ``equal_nan``. On failure the
+    :class:`AssertionError` lists every problem at once: missing and extra keys, keys whose
+    dtype or shape differ, and the (up to) five keys whose values differ most, each with its
+    count of differing elements (and of those with a NaN), max abs and max rel error (over
+    the elements without NaN), and the worst element (integers in full, complex values as
+    such).
 
     Args:
         actual: the state dict under test: a mapping, or anything :func:`ladle.load` reads
