@@ -115,6 +115,13 @@ def test_a_nan_is_counted_apart_and_does_not_hide_the_other_errors():
     assert "2 of 2 elements differ (2 NaN); max abs error nan, max rel error nan" in v
 
 
+def test_values_that_are_not_tensors_are_a_type_error_naming_the_side_and_key():
+    with pytest.raises(TypeError, match=r"actual: expected a tensor for key 'w', found float"):
+        assert_state_dicts_close({"w": 1.0}, {"w": torch.ones(())})
+    with pytest.raises(TypeError, match=r"expected: expected a tensor for key 'b', found list"):
+        assert_state_dicts_close({"b": torch.ones(2)}, {"b": [1.0, 1.0]})
+
+
 def test_explicit_tolerances_override_the_defaults():
     assert_state_dicts_close({"w": torch.tensor([1.5])}, {"w": torch.tensor([1.0])}, atol=0.5)
     text = message_of({"w": torch.tensor([1.5])}, {"w": torch.tensor([1.0])}, rtol=0.1, atol=0)

@@ -244,8 +244,18 @@ def _few(keys: Sequence[str]) -> str:
     return f"{len(keys)} ({shown}{', ...' if len(keys) > 5 else ''})"
 
 
-def _as_state_dict(value: Mapping[str, torch.Tensor] | StateDictLike) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else load(value)
+def _as_state_dict(
+    name: str, value: Mapping[str, torch.Tensor] | StateDictLike
+) -> Mapping[str, torch.Tensor]:
+    """``value`` as a mapping of tensors (loaded with :func:`ladle.load` unless a mapping);
+    a ``TypeError`` naming ``name`` and the key for a value that is no tensor."""
+    state = value if isinstance(value, Mapping) else load(value)
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"{name}: expected a tensor for key {key!r}, found {type(tensor).__name__}"
+            )
+    return state
 
 
 def assert_state_dicts_close(
@@ -297,7 +307,7 @@ def assert_state_dicts_close(
         raise ValueError(f"rtol: expected a finite number ≥ 0, found {rtol}")
     if atol is not None and not (atol >= 0 and math.isfinite(atol)):
         raise ValueError(f"atol: expected a finite number ≥ 0, found {atol}")
-    got, want = _as_state_dict(actual), _as_state_dict(expected)
+    got, want = _as_state_dict("actual", actual), _as_state_dict("expected", expected)
     problems = []
     missing = [key for key in want if key not in got]
     extra = [key for key in got if key not in want]
