@@ -68,7 +68,7 @@ def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
 
     float16 (1e-3, 1e-5), bfloat16 (1.6e-2, 1e-5), float32 (1.3e-6, 1e-5), float64 (1e-7, 1e-7);
     complex32, complex64 and complex128 as float16, float32 and float64; other dtypes
-    (integers, bool) must match exactly: (0, 0).
+    (integers, bool, and the float8 dtypes, as in torch) must match exactly: (0, 0).
 
     Example:
         >>> default_tolerances(torch.bfloat16)
