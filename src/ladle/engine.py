@@ -686,10 +686,26 @@ def _check_merged(
     finite = torch.isfinite(chunk if size > 1 else chunk.float())
     if bool(finite.all()):  # the sum overflowed, not the values
         return
+    bad = finite.numel() - int(finite.sum())
+    _refuse_nonfinite(chunk, bad, chunk.dtype, key, rows, models, base, where)
+
+
+def _refuse_nonfinite(
+    chunk: torch.Tensor,
+    count: int,
+    dtype: torch.dtype,
+    key: str,
+    rows: slice,
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    where: str,
+) -> NoReturn:
+    """Raise for ``count`` of ``chunk``'s merged values that are not finite in ``dtype``: the
+    :class:`NonFiniteError` naming an input of these rows that holds NaN or Inf, else the
+    one saying the merge overflowed."""
     shape = _read_as(base if base is not None else models[0], key, rows, chunk)
     _blame_input(key, rows, models, base, shape)
-    bad = finite.numel() - int(finite.sum())
-    _overflowed(where, key, rows, bad, finite.numel(), chunk.dtype, shape)
+    _overflowed(where, key, rows, count, chunk.numel(), dtype, shape)
 
 
 def _read_as(
@@ -778,9 +794,7 @@ def _check_saturating(
     bad = (magnitude >= limit[0]) if limit[1] else (magnitude > limit[0])
     bad |= ~torch.isfinite(result)
     if bool(bad.any()):
-        shape = _read_as(base if base is not None else models[0], key, rows, result)
-        _blame_input(key, rows, models, base, shape)
-        _overflowed(where, key, rows, int(bad.sum()), bad.numel(), dtype, shape)
+        _refuse_nonfinite(result, int(bad.sum()), dtype, key, rows, models, base, where)
 
 
 def _checked_outputs(
