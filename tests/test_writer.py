@@ -71,6 +71,23 @@ def test_incomplete_write_is_refused_and_cleaned(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_rows_of_a_merged_view_are_written_but_a_flattened_chunk_of_rows_is_refused(tmp_path):
+    # (2, 3, 4) read as (6, 4) or (24,) when a row of 48 bytes exceeds the chunk: such chunks
+    # never hold more than one stored row (12 entries)
+    tensor = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
+    specs = {"t": ((2, 3, 4), torch.float32)}
+    with SafetensorsWriter(tmp_path / "o.safetensors", specs) as w:
+        w.write("t", tensor.view(6, 4)[:3])  # rows of (6, 4)
+        w.write("t", tensor.view(24)[12:20])  # entries of (24,)
+        w.write("t", tensor[1, 2:])  # the last row of (6, 4)
+    assert torch.equal(ladle.load(tmp_path / "o.safetensors")["t"], tensor)
+    with (
+        pytest.raises(ladle.LadleError, match=r"expected the next rows of 't'.*\(24,\)"),
+        SafetensorsWriter(tmp_path / "p.safetensors", specs) as w,
+    ):
+        w.write("t", tensor.reshape(24))  # two stored rows flattened: not rows of any view
+
+
 def test_out_of_order_or_wrong_dtype_writes_are_refused(tmp_path):
     specs = {"a": ((2,), torch.float32), "b": ((2,), torch.float32)}
     with (

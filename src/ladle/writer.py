@@ -13,6 +13,7 @@ import ctypes
 import errno
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -371,6 +372,17 @@ def _checked_extra_files(
     return dict(files)
 
 
+def _rows_of(chunk: torch.Tensor, shape: tuple[int, ...]) -> bool:
+    """Whether ``chunk`` holds rows of a tensor of ``shape``: its own rows, or rows of it with
+    leading dimensions merged (``engine.chunk_shape``, for a tensor one row of which exceeds a
+    chunk), which never hold more than one of its own rows between them."""
+    rest, shape = tuple(chunk.shape[1:]), tuple(shape)
+    if rest == shape[1:]:
+        return True
+    merged = {tuple(shape[start:]) for start in range(2, len(shape) + 1)}
+    return rest in merged and chunk.numel() <= math.prod(shape[1:])
+
+
 class SafetensorsWriter:
     """Write tensors, in a planned order and a chunk of rows at a time, into safetensors.
 
@@ -489,9 +501,7 @@ class SafetensorsWriter:
             raise LadleError(f"writer for {self.out}: got {key!r} after the last planned tensor")
         shard, expected = self._queue[self._position]
         shape, dtype = self._specs[expected]
-        # Rows of the tensor, or of it with leading dimensions merged (engine.chunk_shape).
-        rows = {tuple(shape[start:]) for start in range(1, max(len(shape), 1) + 1)}
-        if key != expected or chunk.dtype != dtype or tuple(chunk.shape[1:]) not in rows:
+        if key != expected or chunk.dtype != dtype or not _rows_of(chunk, shape):
             raise LadleError(
                 f"writer for {self.out}: expected the next rows of {expected!r} ({dtype}, rows "
                 f"of shape {tuple(shape[1:])}), got {key!r} ({chunk.dtype}, {tuple(chunk.shape)})"
