@@ -876,3 +876,43 @@ def test_subclasses_overriding_read_rows_and_map_rows_without_shape_still_merge(
                 pass
     merged = ladle.ties(formers[1:], formers[0], density=0.5, device="cpu")
     assert_bit_for_bit(merged, ladle.ties(states[1:], states[0], density=0.5, device="cpu"))
+
+
+class _Bar:
+    """A tqdm-like bar that records what a merge tells it."""
+
+    made: ClassVar[list[_Bar]] = []
+
+    def __init__(self, total: int, desc: str, **kwargs: object) -> None:
+        self.total, self.desc, self.done, self.closed = total, desc, 0, False
+        _Bar.made.append(self)
+
+    def update(self, n: int) -> None:
+        self.done += n
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("method", ["ties", "model_stock"])
+@pytest.mark.filterwarnings("ignore:model_stock")  # random task vectors: some t clamped
+def test_the_passes_that_prepare_a_merge_show_progress_too(method):
+    # TIES's threshold pass and Model Stock's angle pass read every floating tensor before the
+    # merging pass starts: half the merge, which showed no bar before.
+    models, base = family(3, seed=1), family(1, seed=2)[0]
+    _Bar.made.clear()
+    getattr(ladle, method)(models, base, progress=_Bar, device="cpu")
+    sources = [base, *models]
+    floating = sum(t.nbytes for m in sources for t in m.values() if t.is_floating_point())
+    everything = sum(t.nbytes for m in sources for t in m.values())
+    assert [(bar.desc, bar.total) for bar in _Bar.made] == [
+        ("preparing", floating),
+        ("merging", everything),
+    ]
+    assert all(bar.done == bar.total and bar.closed for bar in _Bar.made)
+
+
+def test_a_merge_without_preparation_shows_one_bar():
+    _Bar.made.clear()
+    ladle.task_arithmetic(family(2, seed=1), family(1, seed=2)[0], progress=_Bar, device="cpu")
+    assert [bar.desc for bar in _Bar.made] == ["merging"]

@@ -200,6 +200,22 @@ def current_partition() -> Partition | None:
     return _PARTITION.get()
 
 
+# Set by merge() while a method's ``prepare`` runs, to the merge's ``progress``: each pass that
+# gathers statistics (TIES's thresholds, Model Stock's angles) shows a bar of its own, as the
+# merging pass does, instead of leaving a long first half of the merge without one.
+_PREPARING: contextvars.ContextVar[Any] = contextvars.ContextVar("ladle_preparing", default=None)
+
+
+@contextlib.contextmanager
+def _preparing(progress: Any) -> Iterator[None]:
+    """Within the block, :func:`fold` calls without ``on_bytes`` report to a ``progress`` bar."""
+    token = _PREPARING.set(progress)
+    try:
+        yield
+    finally:
+        _PREPARING.reset(token)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device`` as a ``torch.device``; ``None`` means CUDA when available, else the CPU.
 
@@ -484,14 +500,14 @@ def open_models(
     return [opened(m) for m in models], (None if base is None else opened(base))
 
 
-def _bar(progress: Any, total: int) -> Any:
+def _bar(progress: Any, total: int, desc: str = "merging") -> Any:
     if not progress:
         return None
     if progress is True:
         from tqdm.auto import tqdm
 
         progress = tqdm
-    return progress(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging")
+    return progress(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
 
 
 def fold(
@@ -573,6 +589,15 @@ def fold(
     sizes = {file: size for source in sources for file, size in source.file_sizes().items()}
     release = mapped and sum(sizes.values()) > MAPPED_BYTES_KEPT
     with ExitStack() as stack:
+        if on_bytes is None and _PREPARING.get():  # a pass of a merge's preparation
+            total = sum(
+                _rows_nbytes(s, key, rows, shape=view)
+                for key, rows, _, view in plan
+                for s in sources
+            )
+            bar = _bar(_PREPARING.get(), total, desc="preparing")
+            stack.callback(bar.close)
+            on_bytes = bar.update
         if depth:  # before the reading threads start: they take the count set here
             stack.enter_context(_threads_beside_readers(device, threads))
         stack.callback(reads.close)
@@ -1249,7 +1274,8 @@ def merge(
         part = _PARTITION.get()
         keys = None if part is None else part.keys(reference)
         if prepare is not None:
-            kernel = prepare(checkpoints, base_ckpt)
+            with _preparing(progress):
+                kernel = prepare(checkpoints, base_ckpt)
         total = sum(s.nbytes(key) for s in sources for key in (specs if keys is None else keys))
         if out is not None:  # merged in the order the output lays the tensors out
             mine = set(specs if keys is None else keys)
