@@ -508,3 +508,12 @@ def test_max_shard_size_with_a_single_file_output_is_refused_as_the_cli_refuses_
     )
     with pytest.raises(ValueError, match=r"max_shard_size: applies to a directory output"):
         ladle.load_recipe(tmp_path / "r.toml")
+
+
+def test_an_hf_url_as_output_is_refused_naming_the_field(tmp_path):
+    save_file({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('method = "soup"\nmodels = ["a.safetensors"]\noutput = "hf://me/merged"\n')
+    with pytest.raises(ValueError, match=r"recipe\.output: hf://me/merged.*--push-to-hub"):
+        ladle.load_recipe(recipe)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "r.toml"]

@@ -503,3 +503,15 @@ def test_a_split_merge_checks_its_output_name_first(tmp_path):
     model = {"w": torch.ones(2)}
     with pytest.raises(ladle.LadleError, match=r"out: expected a path, found an empty one"):
         merge("soup", [model, model], out="")
+
+
+@pytest.mark.parametrize("out", ["hf://me/merged", "hf://me/merged.safetensors"])
+def test_an_hf_url_as_output_is_refused_before_any_work(tmp_path, monkeypatch, out):
+    # Path("hf://me/merged") is the local folder hf:/me/merged: the user meant the Hub.
+    monkeypatch.chdir(tmp_path)
+    model = {"w": torch.ones(2)}
+    with pytest.raises(ladle.LadleError, match=r"hf://me/merged.*--push-to-hub"):
+        ladle.uniform_soup([model, model], out=out)
+    with pytest.raises(ladle.LadleError, match=r"push-to-hub"):
+        ladle.save(model, out)
+    assert list(tmp_path.iterdir()) == []

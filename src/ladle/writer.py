@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 
 from .checkpoint import SAFETENSORS_DTYPES, TORCH_SUFFIXES
 from .errors import LadleError, OutputError
+from .hub import PREFIX
 
 __all__ = ["SafetensorsWriter", "parse_size", "save"]
 
@@ -130,8 +131,9 @@ def single_file(out: str | os.PathLike) -> bool:
 
 
 def check_output_name(out: str | os.PathLike) -> None:
-    """A ``LadleError`` for an output path that cannot mean what it says: empty, or ending in
-    another weight format's suffix (:data:`MISLEADING_SUFFIXES`).
+    """A ``LadleError`` for an output path that cannot mean what it says: empty, an ``hf://``
+    URL (a local ``hf:/`` folder otherwise), or ending in another weight format's suffix
+    (:data:`MISLEADING_SUFFIXES`).
 
     Example:
         >>> from ladle.writer import check_output_name
@@ -145,6 +147,11 @@ def check_output_name(out: str | os.PathLike) -> None:
     """
     if not os.fspath(out):
         raise LadleError("out: expected a path, found an empty one")
+    if os.fspath(out).startswith(PREFIX):  # else written to the local folder hf:/owner/name
+        raise LadleError(
+            f"{out}: an output is a local path, not a Hub repo; write a directory and upload "
+            "it with --push-to-hub OWNER/REPO (ladle.hub.push_to_hub in Python)"
+        )
     suffix = Path(out).suffix
     if suffix.lower() == ".safetensors" and suffix != ".safetensors":
         raise LadleError(
