@@ -475,3 +475,19 @@ def test_get_rows_of_a_subclass_answering_list_shapes_reads_only_the_rows_holdin
     assert torch.equal(checkpoint.get_rows("t", slice(8, 12), (32, 16)), tensor.view(32, 16)[8:12])
     assert torch.equal(checkpoint.get_rows("t", slice(2, 5), [4, 8, 16]), tensor[2:5])
     assert checkpoint.asked == [slice(1, 2), slice(2, 5)]
+
+
+def test_an_index_listing_a_key_its_shard_lacks_is_refused_on_opening(tmp_path):
+    # Else the key looked missing from every other model ("model 1: missing 'ghost'"),
+    # blaming the wrong input, or the merge failed midway on reading it.
+    save_file({"a": torch.ones(2)}, tmp_path / "s1.safetensors")
+    save_file({"b": torch.ones(2)}, tmp_path / "s2.safetensors")
+    index = {
+        "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors", "ghost": "s1.safetensors"}
+    }
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ladle.CheckpointError, match=r"index.json: lists 'ghost' in s1.safetensors"):
+        ladle.open_checkpoint(tmp_path)
+    other = {"a": torch.ones(2), "b": torch.ones(2), "ghost": torch.ones(2)}
+    with pytest.raises(ladle.CheckpointError, match=r"model.safetensors.index.json.*'ghost'"):
+        ladle.uniform_soup([other, tmp_path])

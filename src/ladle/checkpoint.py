@@ -294,6 +294,19 @@ class SafetensorsCheckpoint(Checkpoint):
         self.metadata = dict(handle.metadata() or {})
         return self
 
+    def check_listed(self, index: Path) -> None:
+        """Every key ``index`` lists is in the shard it names (the headers read on opening):
+        else the key looks missing from the other models, or a merge fails midway."""
+        held: dict[Path, set[str]] = {}
+        for key, file in self._files.items():
+            if file not in held:
+                held[file] = set(self._open(file).keys())
+            if key not in held[file]:
+                raise CheckpointError(
+                    f"{index}: lists {key!r} in {file.name}, which does not hold it (the index "
+                    "and its shards disagree: was a shard replaced, or the index edited?)"
+                )
+
     def _open(self, file: Path):  # type: ignore[no-untyped-def]
         handle = self._handles.get(file)
         if handle is None:
@@ -677,7 +690,13 @@ def _open_directory(directory: Path) -> Checkpoint:
     """Prefer safetensors over torch files; a shard index over single files."""
     name = str(directory)
     for index in sorted(directory.glob("*.safetensors.index.json")):
-        return SafetensorsCheckpoint(_read_index(index), name=name, path=directory)
+        sharded = SafetensorsCheckpoint(_read_index(index), name=name, path=directory)
+        try:
+            sharded.check_listed(index)
+        except CheckpointError:
+            sharded.close()
+            raise
+        return sharded
     singles = sorted(directory.glob("*.safetensors"))
     torch_files = sorted(
         p
