@@ -110,3 +110,16 @@ def test_cli_inspect_shows_shards_path_and_full_metadata(tmp_path, capsys):
     assert sum(s["bytes"] for s in report["shards"]) == report["bytes"]
     assert {t["key"]: t["file"] for t in report["tensors"]} == index["weight_map"]
     assert report["metadata"]["ladle.method"] == "uniform_soup"
+
+
+def test_cosine_stays_within_minus_one_and_one_so_acos_takes_it():
+    # sqrt(aa)·sqrt(bb) rounds below |ab| for some tensors compared with themselves (or
+    # their negation): a cosine of 1.0000000000000002, which math.acos refuses.
+    gen = torch.Generator().manual_seed(0)
+    model = {f"w{i}": torch.randn(64, 16, generator=gen) for i in range(32)}
+    negated = {k: -v for k, v in model.items()}
+    for other in (model, negated):
+        report = ladle.diff(model, other)
+        for row in [*report.tensors, report.total]:
+            assert -1.0 <= row.cosine <= 1.0, row
+            math.acos(row.cosine)

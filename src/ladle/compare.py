@@ -29,7 +29,8 @@ class TensorDiff(NamedTuple):
         norm_a: ‖a‖₂, or ‖a − base‖₂ with a base.
         norm_b: ‖b‖₂, or ‖b − base‖₂ with a base.
         norm_diff: ‖a − b‖₂.
-        cosine: ⟨a, b⟩ / (‖a‖·‖b‖) (of the task vectors with a base); NaN when a norm is 0.
+        cosine: ⟨a, b⟩ / (‖a‖·‖b‖) (of the task vectors with a base), rounded into [-1, 1];
+            NaN when a norm is 0.
     """
 
     key: str
@@ -56,6 +57,8 @@ class DiffReport(NamedTuple):
 def _row(key: str, aa: float, bb: float, ab: float, dd: float) -> TensorDiff:
     denominator = math.sqrt(aa) * math.sqrt(bb)
     cosine = ab / denominator if denominator > 0 else math.nan
+    if abs(cosine) > 1.0:  # rounding (1.0000000000000002 for a tensor and itself): acos-safe
+        cosine = math.copysign(1.0, cosine)
     return TensorDiff(key, math.sqrt(aa), math.sqrt(bb), math.sqrt(dd), cosine)
 
 
