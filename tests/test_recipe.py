@@ -132,6 +132,14 @@ def test_example_recipes_are_valid(tmp_path):
             r"steps\.a\.models\[0\]: step 'b' comes later",
         ),
         (
+            '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors", "a"]\noutput = "o"\n',
+            r"steps\.a\.models\[1\]: 'a': no such file .*this step's own name",
+        ),
+        (
+            '[steps.a]\nmethod = "ties"\nmodels = ["m0.safetensors"]\nbase = "a"\noutput = "o"\n',
+            r"steps\.a\.base: 'a': no such file .*this step's own name",
+        ),
+        (
             'output = "o"\n[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors"]\n',
             r"output: with \[steps\.\*\] tables",
         ),

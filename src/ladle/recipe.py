@@ -144,9 +144,11 @@ def _source(
     later: Sequence[str],
     root: Path,
     written: Mapping[Path, str],
+    own: str = "",
 ) -> Input:
     """An input: an earlier step (by name), an ``hf://`` URL or an existing path; ``written``
-    maps the resolved outputs of earlier steps to their names, for the error's hint."""
+    maps the resolved outputs of earlier steps to their names, and ``own`` is the name of
+    the step asking, for the error's hint."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{field}: expected a path, hf:// URL or step name, found {value!r}")
     if value in earlier:
@@ -167,6 +169,8 @@ def _source(
         except (OSError, RuntimeError):  # a symbolic-link loop, say: no step's output
             step = None
         hint = f"; to use step {step!r}'s output, name {step!r}" if step is not None else ""
+        if value == own:
+            hint = "; that is this step's own name, and a step may only use earlier ones"
         raise ValueError(f"{field}: {value!r}: no such file or directory ({path}){hint}")
     return str(path)
 
@@ -355,13 +359,13 @@ def _step(
     if not isinstance(models, list) or not models:
         raise ValueError(f"{where}.models: expected a non-empty list of models, found {models!r}")
     sources = tuple(
-        _source(m, f"{where}.models[{i}]", earlier, later, root, written)
+        _source(m, f"{where}.models[{i}]", earlier, later, root, written, name)
         for i, m in enumerate(models)
     )
     base: Input | None = None
     if "base" in signature.parameters:
         if "base" in table:
-            base = _source(table["base"], f"{where}.base", earlier, later, root, written)
+            base = _source(table["base"], f"{where}.base", earlier, later, root, written, name)
         elif signature.parameters["base"].default is inspect.Parameter.empty:
             raise ValueError(f"{where}.base: missing; {method} needs a base model")
     elif "base" in table:
