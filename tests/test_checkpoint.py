@@ -491,3 +491,30 @@ def test_an_index_listing_a_key_its_shard_lacks_is_refused_on_opening(tmp_path):
     other = {"a": torch.ones(2), "b": torch.ones(2), "ghost": torch.ones(2)}
     with pytest.raises(ladle.CheckpointError, match=r"model.safetensors.index.json.*'ghost'"):
         ladle.uniform_soup([other, tmp_path])
+
+
+def test_an_index_leaving_out_a_tensor_of_its_shards_is_refused_on_opening(tmp_path):
+    # Else a merge dropped the tensor without a word (transformers loads it from the shard).
+    save_file({"a": torch.ones(2), "lm_head": torch.ones(2)}, tmp_path / "s1.safetensors")
+    save_file(
+        {"b": torch.ones(2), "c": torch.ones(1), "d": torch.ones(1)}, tmp_path / "s2.safetensors"
+    )
+    index = {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        ladle.CheckpointError, match=r"index.json: does not list 'lm_head', which s1.safetensors"
+    ):
+        ladle.open_checkpoint(tmp_path)
+    index["weight_map"]["lm_head"] = "s1.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ladle.CheckpointError, match=r"does not list 'c' and 1 more, which s2"):
+        ladle.open_checkpoint(tmp_path)
+
+
+def test_a_tensor_held_twice_is_read_from_the_shard_the_index_names(tmp_path):
+    # A stale copy left in another shard is no loss: the index says which one to read.
+    save_file({"a": torch.ones(2), "b": torch.zeros(2)}, tmp_path / "s1.safetensors")
+    save_file({"b": torch.full((2,), 7.0)}, tmp_path / "s2.safetensors")
+    index = {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert ladle.load(tmp_path)["b"].tolist() == [7.0, 7.0]

@@ -295,8 +295,11 @@ class SafetensorsCheckpoint(Checkpoint):
         return self
 
     def check_listed(self, index: Path) -> None:
-        """Every key ``index`` lists is in the shard it names (the headers read on opening):
-        else the key looks missing from the other models, or a merge fails midway."""
+        """``index`` and its shards agree (the headers read on opening): every key it lists is
+        in the shard it names, else the key looks missing from the other models, or a merge
+        fails midway; and every tensor of a shard is listed (in some shard), else a merge
+        would drop it without a word. A tensor held twice, listed in one shard, is read
+        from that one."""
         held: dict[Path, set[str]] = {}
         for key, file in self._files.items():
             if file not in held:
@@ -305,6 +308,14 @@ class SafetensorsCheckpoint(Checkpoint):
                 raise CheckpointError(
                     f"{index}: lists {key!r} in {file.name}, which does not hold it (the index "
                     "and its shards disagree: was a shard replaced, or the index edited?)"
+                )
+        for file, keys in held.items():
+            unlisted = sorted(keys.difference(self._files))
+            if unlisted:
+                more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""
+                raise CheckpointError(
+                    f"{index}: does not list {unlisted[0]!r}{more}, which {file.name} holds (a "
+                    "merge would drop it; add it to the index's weight_map)"
                 )
 
     def _open(self, file: Path):  # type: ignore[no-untyped-def]
