@@ -518,3 +518,72 @@ def test_a_tensor_held_twice_is_read_from_the_shard_the_index_names(tmp_path):
     index = {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     assert ladle.load(tmp_path)["b"].tolist() == [7.0, 7.0]
+
+
+@pytest.mark.parametrize(
+    ("pickled", "reason"),
+    [
+        (b"\x80\x02}(K\x01e.", r"Can only extend lists, but got <class 'dict'>"),
+        (b"\x80\x02X\x01\x00\x00\x00aQ.", r"persistent_load id must be tuple or int"),
+    ],
+    ids=["appends to a dict", "persistent id"],
+)
+def test_a_refused_pickle_names_torchs_reason_without_its_advice_to_load_unsafely(
+    tmp_path, pickled, reason
+):
+    """torch's weights-only errors other than a refused global or opcode come wrapped in a
+    preamble advising ``weights_only=False``: the message gives the reason alone."""
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(pickled)
+    with pytest.raises(ladle.UnsafeCheckpointError, match=rf"could run code \({reason}") as info:
+        ladle.load(path)
+    assert "weights_only" not in str(info.value)
+    assert "Weights only load failed" not in str(info.value)
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_a_torch_file_cut_anywhere_is_a_checkpoint_error_saying_why(tmp_path, legacy):
+    """Cut short anywhere (from 4 bytes: "PK" alone is taken for a pickle), a torch file is a
+    CheckpointError naming it and why, never an unsafe pickle (a global's name cut short) nor
+    torch's IndexError or struct.error, nor an empty reason (a bare EOFError)."""
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(
+        {"w": torch.arange(6.0), "i": torch.arange(3)},
+        path,
+        _use_new_zipfile_serialization=not legacy,
+    )
+    data = path.read_bytes()
+    for cut in range(4, len(data), 1 if legacy else 7):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ladle.CheckpointError, match=r"pytorch_model\.bin: ") as info:
+            ladle.load(path)
+        assert not isinstance(info.value, ladle.UnsafeCheckpointError), (cut, info.value)
+        assert not str(info.value).endswith("()"), cut
+
+
+def test_a_legacy_torch_file_loads_the_same_numbers_as_a_zip_file(tmp_path):
+    tensors = {"w": torch.randn(3, 4), "i": torch.arange(5), "s": torch.tensor(2.5)}
+    torch.save(tensors, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    torch.save(tensors, tmp_path / "zip.bin")
+    for name in ("legacy.bin", "zip.bin"):
+        loaded = ladle.load(tmp_path / name)
+        assert loaded.keys() == tensors.keys()
+        assert all(torch.equal(loaded[key], tensors[key]) for key in tensors)
+
+
+@pytest.mark.parametrize(
+    ("saved", "found"),
+    [
+        (torch.ones(3), r"expected a state dict, found Tensor"),
+        ([torch.ones(3)], r"expected a state dict, found list"),
+        ({"w": torch.ones(3), "epoch": 3}, r"found str -> int for 'epoch'"),
+        ({1: torch.ones(3)}, r"found int -> Tensor for 1"),
+    ],
+    ids=["tensor", "list", "int value", "int key"],
+)
+def test_a_torch_file_that_holds_no_state_dict_is_refused_naming_what_it_holds(
+    tmp_path, saved, found
+):
+    torch.save(saved, tmp_path / "m.pt")
+    with pytest.raises(ladle.CheckpointError, match=rf"m\.pt: .*{found}"):
+        ladle.load(tmp_path / "m.pt")

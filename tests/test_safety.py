@@ -71,6 +71,51 @@ def test_random_headers_raise_only_checkpoint_error(tmp_path_factory, header):
         assert "m.safetensors" in str(err)
 
 
+TORCH_FILES: dict[bool, bytes] = {}
+
+
+def torch_file_bytes(legacy: bool) -> bytes:
+    """A small torch file, in the legacy (pickles, then the storages' bytes) or zip format."""
+    if legacy not in TORCH_FILES:
+        import io
+
+        buffer = io.BytesIO()
+        tensors = {"a": torch.randn(4, 3), "b": torch.arange(5)}
+        torch.save(tensors, buffer, _use_new_zipfile_serialization=not legacy)
+        TORCH_FILES[legacy] = buffer.getvalue()
+    return TORCH_FILES[legacy]
+
+
+@given(
+    legacy=st.booleans(),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=3),
+    cut=st.one_of(st.none(), st.integers(0, 2000)),
+)
+def test_fuzzed_torch_files_raise_only_checkpoint_error(tmp_path_factory, legacy, flips, cut):
+    """Corrupt or truncated torch files: unpickling them raised IndexError, KeyError,
+    struct.error, AssertionError, TypeError, zipfile.BadZipFile or MemoryError, and a legacy
+    file cut inside a global's name was called unsafe."""
+    data = bytearray(torch_file_bytes(legacy))
+    # The legacy format ends with the storages' bytes (48 + 40, each after an 8-byte size):
+    # flipping a size there would make torch allocate gigabytes before finding it wrong.
+    flippable = len(data) - (48 + 8 + 40 + 8 if legacy else 0)
+    for position, value in flips:
+        data[position % flippable] ^= value
+    if cut is not None:
+        data = data[:cut]
+    path = tmp_path_factory.mktemp("fuzz") / "pytorch_model.bin"
+    path.write_bytes(bytes(data))
+    try:
+        loaded = ladle.load(path)
+    except ladle.CheckpointError as err:
+        assert "pytorch_model.bin" in str(err)
+        event(type(err).__name__)
+        if cut is not None and not flips and isinstance(err, ladle.UnsafeCheckpointError):
+            assert cut < 4, err  # only "PK" alone (taken for a pickle) is refused, not truncated
+    else:  # a flip in a name or a value: still a state dict
+        assert all(isinstance(value, torch.Tensor) for value in loaded.values())
+
+
 @pytest.mark.parametrize(
     "data",
     [

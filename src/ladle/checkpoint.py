@@ -13,6 +13,7 @@ import math
 import mmap
 import os
 import pickle
+import pickletools
 import re
 import struct
 import threading
@@ -565,13 +566,20 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
+        if _ends_early(file):  # a name cut short is no allowed global: refused, but truncated
+            raise CheckpointError(f"{file}: not a readable torch file ({ENDS_EARLY})") from err
         raise UnsafeCheckpointError(
             f"{file}: refused to unpickle: it needs more than tensors, and loading it could run "
             f"code ({_unpickling_reason(err)}). Convert it to safetensors in a trusted "
             "environment."
         ) from err
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{file}: not a readable torch file ({err})") from err
+    except Exception as err:
+        # Unpickling corrupt bytes raises what it meets (EOFError, IndexError, KeyError,
+        # struct.error, AssertionError, zipfile.BadZipFile, MemoryError for a wild size...):
+        # each is the file's fault, and says so naming it.
+        raise CheckpointError(
+            f"{file}: not a readable torch file ({_load_failure(file, err)})"
+        ) from err
     for wrapper in ("state_dict", "model"):  # common training-checkpoint layouts
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
@@ -580,9 +588,61 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
+ENDS_EARLY = "it ends early: truncated?"
+
+
+def _load_failure(file: Path, err: Exception) -> str:
+    """Why torch could not load ``file``: that it ends early where it does (a legacy pickle
+    cut short raises a bare ``EOFError``, an ``IndexError`` or a ``struct.error``), else
+    torch's message, with the exception's type where that alone would not say much."""
+    if isinstance(err, EOFError) or _ends_early(file):
+        return ENDS_EARLY
+    if isinstance(err, (OSError, RuntimeError, ValueError)) and str(err):
+        return str(err)
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+LEGACY_PICKLES = 5
+"""Pickles a legacy (non-zip) torch file begins with: magic number, protocol version, system
+information, the object, its storages' keys; the storages' bytes follow."""
+
+
+def _ends_early(file: Path) -> bool:
+    """Whether ``file``, a legacy torch file, ends inside one of its leading pickles (not
+    between them: a single pickle, as ``pickle.dump`` writes, is no file cut short).
+
+    Parsed with ``pickletools.genops``, which reads opcodes and builds no object, from a
+    memory map, whose reads stop at the end of the file (a file object would first allocate
+    the bytes a corrupt length asks for): a pickle that needs bytes past the end of the file is
+    one cut short, where an unknown opcode before the end is corruption."""
+    try:
+        with (
+            open(file, "rb") as handle,
+            mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data,
+        ):
+            if data[:2] == b"PK":  # a zip archive: its own reader says what is wrong
+                return False
+            try:
+                for _ in range(LEGACY_PICKLES):
+                    if data.tell() == len(data):  # ends between pickles: a pickle of its own
+                        return False
+                    for _ in pickletools.genops(data):  # type: ignore[arg-type]
+                        pass
+            except ValueError:
+                return data.tell() >= len(data)
+    except (OSError, ValueError):  # gone, or empty (nothing to map)
+        return False
+    return False
+
+
+TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+"""How the lines torch wraps around its weights-only unpickler's reason begin: a preamble
+advising ``weights_only=False``, a request to file an issue, a link to its documentation."""
+
+
 def _unpickling_reason(err: pickle.UnpicklingError) -> str:
-    """What torch's weights-only unpickler refused (a global, an opcode), without its
-    preamble and without its advice to allow the global: that is for files one trusts."""
+    """What torch's weights-only unpickler refused (a global, an opcode, a structure), without
+    its preamble and without its advice to load unsafely: that is for files one trusts."""
     text = str(err)
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
@@ -591,7 +651,8 @@ def _unpickling_reason(err: pickle.UnpicklingError) -> str:
     for line in lines:
         if line.startswith("Unsupported"):
             return line
-    return lines[0] if lines else "weights_only load failed"
+    reasons = [line for line in lines if not line.startswith(TORCH_ADVICE)]
+    return reasons[0] if reasons else "weights_only load failed"
 
 
 class TorchShardsCheckpoint(Checkpoint):
