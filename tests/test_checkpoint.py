@@ -587,3 +587,85 @@ def test_a_torch_file_that_holds_no_state_dict_is_refused_naming_what_it_holds(
     torch.save(saved, tmp_path / "m.pt")
     with pytest.raises(ladle.CheckpointError, match=rf"m\.pt: .*{found}"):
         ladle.load(tmp_path / "m.pt")
+
+
+def test_a_file_cut_short_after_opening_fails_every_read_instead_of_giving_zeros(tmp_path):
+    """``get``/``get_slice``/``get_rows`` (``load``, a merge naming a NaN's input, TIES's reads of
+    unaligned files) read through safetensors' own map, unchecked: a file cut short inside its
+    last page read as zeros, and past it the process died of SIGBUS."""
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(12.0).reshape(6, 2), "i": torch.arange(4)}, path)
+    checkpoint = ladle.open_checkpoint(path)
+    assert checkpoint.get("w")[-1].tolist() == [10.0, 11.0]
+    os.truncate(path, path.stat().st_size - 8)  # the last row's second half
+    for read in (
+        lambda: checkpoint.get("w"),
+        lambda: checkpoint.get_slice("w", slice(4, 6)),
+        lambda: checkpoint.get_rows("w", slice(4, 6)),
+    ):
+        with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors: tensor 'w' ends early"):
+            read()
+    assert checkpoint.get_slice("w", slice(0, 2)).tolist() == [[0.0, 1.0], [2.0, 3.0]]
+
+
+def test_a_file_replaced_after_opening_is_refused_by_get(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(3)}, path)
+    checkpoint = ladle.open_checkpoint(path)
+    save_file({"w": torch.ones(3, dtype=torch.float64)}, tmp_path / "new.safetensors")
+    os.replace(tmp_path / "new.safetensors", path)
+    with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors: changed since it was opened"):
+        checkpoint.get("w")
+
+
+def test_a_tensor_of_a_dtype_torch_lacks_is_named_by_every_read(tmp_path):
+    path = tmp_path / "m.safetensors"
+    header = json.dumps({"w": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\x12\x34")
+    with ladle.open_checkpoint(path) as checkpoint:
+        assert checkpoint.shape("w") == (4,)
+        for read in (lambda: checkpoint.dtype("w"), lambda: checkpoint.get("w")):
+            with pytest.raises(
+                ladle.CheckpointError, match=r"tensor 'w' has dtype F4, which torch"
+            ):
+                read()
+    with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors: tensor 'w' has dtype F4"):
+        ladle.load(path)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_get_slice_and_get_rows_of_a_file_equal_those_of_the_tensor(tmp_path, aligned):
+    """Steps, empty ranges, rows past the end, a 0-d tensor, an empty tensor and leading
+    dimensions merged read as the tensor in memory does; unaligned data is read, not mapped."""
+    tensors = {"t": torch.randn(3, 4, 5), "s": torch.tensor(2.5), "e": torch.zeros(0, 3)}
+    path = tmp_path / "m.safetensors"
+    if aligned:
+        save_file(tensors, path)
+    else:  # a byte before the float32 data (a file another writer may produce)
+        header, offset = {"b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, 1
+        for key, tensor in tensors.items():
+            end = offset + tensor.nbytes
+            header[key] = {
+                "dtype": "F32",
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, end],
+            }
+            offset = end
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        data = b"\x07" + b"".join(t.numpy().tobytes() for t in tensors.values())
+        path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    in_memory = TensorMapCheckpoint(tensors)
+    with ladle.open_checkpoint(path) as checkpoint:
+        assert (checkpoint.map_rows("t", slice(None)) is None) == (not aligned)
+        for rows in (slice(None), slice(1, 3), slice(0, 3, 2), slice(2, 2), slice(1, 99)):
+            assert torch.equal(checkpoint.get_slice("t", rows), in_memory.get_slice("t", rows))
+        for rows in (slice(0, 12), slice(5, 9), slice(11, 12), slice(7, 7)):
+            got = checkpoint.get_rows("t", rows, (12, 5))
+            assert torch.equal(got, tensors["t"].reshape(12, 5)[rows])
+        assert torch.equal(checkpoint.get("s"), tensors["s"])
+        assert checkpoint.get_rows("e", slice(0, 0), (0,)).shape == (0,)
+        assert checkpoint.get_slice("e", slice(None)).shape == (0, 3)
+        with pytest.raises(ValueError):
+            checkpoint.get_slice("t", slice(None, None, -1))

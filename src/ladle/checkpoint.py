@@ -373,19 +373,24 @@ class SafetensorsCheckpoint(Checkpoint):
             ) from None
 
     def get_slice(self, key: str, rows: slice) -> torch.Tensor:
-        view = self._slice(key)
-        try:
-            if len(view.get_shape()) == 0:
-                return self._open(self._files[key]).get_tensor(key)
-            return view[rows]
-        except (SafetensorError, RuntimeError, ValueError) as err:
-            raise CheckpointError(
-                f"{self._files[key]}: cannot read tensor {key!r} ({err})"
-            ) from err
+        """Rows ``rows`` of ``key``, read as :meth:`get_rows` reads them: a file cut short or
+        replaced since it was opened is a ``CheckpointError``, never zeros or a crash (SIGBUS)
+        from reading through safetensors' own map. A step (``slice(0, 6, 2)``) reads the rows
+        it spans; a 0-d tensor is read whole whatever ``rows``."""
+        shape = self.shape(key)
+        if not shape:
+            return self.get_rows(key, slice(None))
+        first, stop, step = rows.indices(shape[0])
+        if step < 0:  # as torch refuses for tensors in memory
+            raise ValueError(f"rows: expected a positive step, found {rows}")
+        if step == 1:
+            return self.get_rows(key, slice(first, stop))
+        return self.get_rows(key, slice(first, max(first, stop)))[::step]
 
     def get_rows(self, key: str, rows: slice, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        if shape is None or shape == self.shape(key):
-            return self.get_slice(key, rows)
+        """Rows ``rows`` of ``key`` read as ``shape`` (:meth:`Checkpoint.get_rows`): a view of
+        the file's pages (:meth:`map_rows`), else (unaligned data, a file that cannot be
+        mapped, no rows) read into memory of their own (:meth:`read_rows`)."""
         mapped = self.map_rows(key, rows, shape)
         if mapped is not None:
             return mapped
