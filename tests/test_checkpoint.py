@@ -669,3 +669,205 @@ def test_get_slice_and_get_rows_of_a_file_equal_those_of_the_tensor(tmp_path, al
         assert checkpoint.get_slice("e", slice(None)).shape == (0, 3)
         with pytest.raises(ValueError):
             checkpoint.get_slice("t", slice(None, None, -1))
+
+
+def test_a_subclass_with_only_the_documented_methods_is_a_container_and_merges():
+    checkpoint = DictCheckpoint({"w": torch.arange(6.0).reshape(3, 2), "s": torch.tensor(1.0)})
+    assert "w" in checkpoint and "nope" not in checkpoint
+    assert list(checkpoint) == ["w", "s"] and len(checkpoint) == 2
+    assert repr(checkpoint) == "<DictCheckpoint user's (2 tensors)>"
+    assert torch.equal(checkpoint.get("w"), torch.arange(6.0).reshape(3, 2))
+    merged = ladle.uniform_soup([checkpoint, {"w": torch.zeros(3, 2), "s": torch.tensor(3.0)}])
+    assert merged["w"].tolist() == [[0.0, 0.5], [1.0, 1.5], [2.0, 2.5]]
+    assert merged["s"].item() == 2.0
+
+
+@pytest.mark.parametrize("method", ["keys", "shape", "dtype", "get_slice", "get"])
+def test_a_subclass_missing_a_documented_method_says_so(method):
+    class Partial(ladle.Checkpoint):
+        name, metadata = "partial", {}
+
+    arguments = {"keys": (), "shape": ("w",), "dtype": ("w",), "get": ("w",)}
+    with pytest.raises(NotImplementedError):
+        getattr(Partial(), method)(*arguments.get(method, ("w", slice(None))))
+
+
+def _torch_shards(directory: Path, weight_map: dict[str, str]) -> Path:
+    torch.save({"a": torch.arange(6.0).reshape(2, 3)}, directory / "s1.bin")
+    torch.save({"b": torch.arange(4), "c": torch.tensor(1.5)}, directory / "s2.bin")
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["mapping", "safetensors", "torch shards"])
+def test_an_unknown_key_is_a_checkpoint_error_naming_source_and_key(tmp_path, kind):
+    if kind == "mapping":
+        source: object = {"a": torch.ones(2)}
+    elif kind == "safetensors":
+        source = tmp_path / "m.safetensors"
+        save_file({"a": torch.ones(2)}, source)
+    else:
+        source = _torch_shards(tmp_path, {"a": "s1.bin"})
+    checkpoint = ladle.open_checkpoint(source)
+    for read in (checkpoint.shape, checkpoint.dtype, checkpoint.get):
+        with pytest.raises(ladle.CheckpointError, match=r": no tensor named 'nope'"):
+            read("nope")
+
+
+def test_torch_shards_answer_shapes_and_dtypes_and_name_a_shard_lacking_a_key(tmp_path):
+    directory = _torch_shards(
+        tmp_path, {"a": "s1.bin", "b": "s2.bin", "c": "s2.bin", "d": "s2.bin"}
+    )
+    with ladle.open_checkpoint(directory) as checkpoint:
+        assert [checkpoint.shape(key) for key in "abc"] == [(2, 3), (4,), ()]
+        assert [checkpoint.dtype(key) for key in "abc"] == [
+            torch.float32,
+            torch.int64,
+            torch.float32,
+        ]
+        assert checkpoint.get_slice("a", slice(1, 2)).tolist() == [[3.0, 4.0, 5.0]]
+        assert checkpoint.get("c").item() == 1.5
+        with pytest.raises(ladle.CheckpointError, match=r"s2\.bin: the index lists 'd' but the"):
+            checkpoint.shape("d")
+
+
+def test_a_torch_shard_deleted_after_opening_is_a_checkpoint_error_naming_it(tmp_path):
+    directory = _torch_shards(tmp_path, {"a": "s1.bin", "b": "s2.bin"})
+    checkpoint = ladle.open_checkpoint(directory)
+    os.remove(directory / "s1.bin")
+    with pytest.raises(ladle.CheckpointError, match=r"s1\.bin: cannot read it \(No such file"):
+        checkpoint.get("a")
+    assert checkpoint.get("b").tolist() == [0, 1, 2, 3]
+
+
+def test_reading_threads_asking_for_one_torch_shard_at_once_load_it_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import ladle.checkpoint as module
+
+    directory = _torch_shards(tmp_path, {"a": "s1.bin", "b": "s2.bin"})
+    checkpoint = ladle.open_checkpoint(directory)
+    loads: list[Path] = []
+    original = module.load_torch_file
+
+    def slow_load(file: Path) -> dict[str, torch.Tensor]:
+        loads.append(file)
+        time.sleep(0.2)  # the other threads reach the lock meanwhile
+        return original(file)
+
+    monkeypatch.setattr(module, "load_torch_file", slow_load)
+    start, results = threading.Barrier(4), []
+
+    def read() -> None:
+        start.wait()
+        results.append(checkpoint.get("a"))
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert loads == [directory / "s1.bin"]
+    assert len(results) == 4 and all(
+        torch.equal(r, torch.arange(6.0).reshape(2, 3)) for r in results
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (b"{", r"Expecting property name"),
+        (b"[]", r"list indices must be integers"),
+        (b'{"weight_map": []}', r"'list' object has no attribute 'items'"),
+        (b'{"metadata": {}}', r"'weight_map'"),
+        (b"\xff\xfe", r"can't decode byte 0xff"),
+    ],
+    ids=["truncated", "list", "map a list", "no map", "not utf-8"],
+)
+def test_a_malformed_shard_index_is_a_checkpoint_error_naming_it(tmp_path, content, found):
+    (tmp_path / "model.safetensors.index.json").write_bytes(content)
+    with pytest.raises(
+        ladle.CheckpointError, match=rf"index\.json: not a valid shard index .*{found}"
+    ):
+        ladle.open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("files", "found"),
+    [
+        ((), "found none"),
+        (("a.safetensors", "b.safetensors"), "found a.safetensors, b.safetensors"),
+        (("a.bin", "b.pt"), "found a.bin, b.pt"),
+    ],
+)
+def test_a_folder_without_one_weights_file_or_an_index_is_refused_naming_what_it_holds(
+    tmp_path, files, found
+):
+    for name in files:
+        path = tmp_path / name
+        if name.endswith(".safetensors"):
+            save_file({"w": torch.ones(1)}, path)
+        else:
+            torch.save({"w": torch.ones(1)}, path)
+    with pytest.raises(
+        ladle.CheckpointError, match=rf"expected one weights file or a \*\.index\.json, {found}"
+    ):
+        ladle.open_checkpoint(tmp_path)
+
+
+def test_sources_of_unknown_kinds_are_refused(tmp_path):
+    (tmp_path / "weights.npz").write_bytes(b"PK\x03\x04")
+    with pytest.raises(ladle.CheckpointError, match=r"weights\.npz: unknown checkpoint format"):
+        ladle.open_checkpoint(tmp_path / "weights.npz")
+    for source in (3, [torch.ones(1)], None):
+        with pytest.raises(TypeError, match=r"expected a mapping, nn\.Module, path or Checkpoint"):
+            ladle.open_checkpoint(source)  # type: ignore[arg-type]
+
+
+def test_read_rows_of_a_file_cut_or_deleted_after_opening_name_file_key_and_bytes(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(12.0).reshape(6, 2)}, path)
+    into = torch.empty(48, dtype=torch.uint8)
+    checkpoint = ladle.open_checkpoint(path)
+    assert checkpoint.read_rows("w", slice(0, 1), into).tolist() == [[0.0, 1.0]]
+    os.truncate(path, path.stat().st_size - 8)
+    with pytest.raises(
+        ladle.CheckpointError,
+        match=r"tensor 'w' ends early; expected 48 bytes at offset \d+, found 40",
+    ):
+        checkpoint.read_rows("w", slice(None), into)
+    save_file({"w": torch.arange(12.0).reshape(6, 2)}, path)
+    deleted = ladle.open_checkpoint(path)
+    os.remove(path)
+    with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors: cannot open \(No such file"):
+        deleted.read_rows("w", slice(0, 1), into)
+
+
+@pytest.mark.parametrize("source", ["memory", "file"])
+def test_rows_read_as_a_shape_of_another_size_are_refused(tmp_path, source):
+    tensor = torch.arange(12.0).reshape(3, 4)
+    if source == "file":
+        save_file({"t": tensor}, tmp_path / "m.safetensors")
+        checkpoint = ladle.open_checkpoint(tmp_path / "m.safetensors")
+        with pytest.raises(
+            ValueError, match=r"'t': cannot read a tensor of shape \(3, 4\) as \(5, 2\)"
+        ):
+            checkpoint.get_rows("t", slice(0, 1), (5, 2))
+    else:
+        with pytest.raises(RuntimeError, match=r"invalid for input of size 12"):
+            DictCheckpoint({"t": tensor}).get_rows("t", slice(0, 1), (5, 2))
+
+
+@pytest.mark.parametrize("stored", [(0, 64), (2, 0, 64)])
+def test_empty_tensors_whose_rows_exceed_a_chunk_merge_to_empty_tensors(tmp_path, stored):
+    """A row longer than a chunk is read with leading dimensions merged (engine.chunk_shape);
+    an empty such tensor has nothing to read and keeps its shape, in memory and from files."""
+    models = [{"e": torch.zeros(stored), "w": torch.full((1, 64), float(i))} for i in range(2)]
+    paths = [tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"]
+    for model, path in zip(models, paths):
+        save_file(model, path)
+    for inputs in ([DictCheckpoint(m) for m in models], paths):
+        merged = ladle.uniform_soup(inputs, device="cpu", chunk_bytes=64)
+        assert merged["e"].shape == stored
+        assert merged["w"].tolist() == [[0.5] * 64]
