@@ -4,6 +4,7 @@ import ctypes
 import errno
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 import ladle
-from ladle.writer import SafetensorsWriter, parse_size
+from ladle.writer import TEMP_MARK, SafetensorsWriter, parse_size
 
 
 @given(max_shard=st.integers(1, 400), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
@@ -515,3 +516,233 @@ def test_an_hf_url_as_output_is_refused_before_any_work(tmp_path, monkeypatch, o
     with pytest.raises(ladle.LadleError, match=r"push-to-hub"):
         ladle.save(model, out)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", [".", "sub/..", "/"])
+def test_an_output_naming_a_folder_by_dot_or_dot_dot_is_refused_before_anything_is_made(
+    tmp_path, monkeypatch, name
+):
+    """Such an output could never be renamed into place: it was found out only once the merge
+    was done ("Device or resource busy"), having made the folders before ``..``."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ladle.LadleError, match=r"names no file or folder of its own"):
+        ladle.save({"w": torch.ones(2)}, name, overwrite=True)
+    with pytest.raises(ladle.LadleError, match=r"names no file or folder of its own"):
+        ladle.uniform_soup([{"w": torch.ones(2)}] * 2, out=name, overwrite=True)
+    assert os.listdir(tmp_path) == []
+
+
+def _written_temporary(out) -> str:
+    (temporary,) = [name for name in os.listdir(out.parent) if ".ladle-tmp-" in name]
+    return os.path.join(out.parent, temporary)
+
+
+def _retype_v(path: str) -> None:
+    """Change tensor 'v' from F32 to I32 in a file's header: same length, same size."""
+    data = Path(path).read_bytes()
+    at = data.index(b'"F32"', data.index(b'"v"'))
+    with open(path, "r+b") as file:
+        file.seek(at)
+        file.write(b'"I32"')
+
+
+def _rename_v(path: str) -> None:
+    data = Path(path).read_bytes()
+    with open(path, "r+b") as file:
+        file.seek(data.index(b'"v"'))
+        file.write(b'"u"')
+
+
+def _cut(path: str) -> None:
+    os.truncate(path, os.path.getsize(path) - 4)
+
+
+def _rewrite_without_metadata(path: str) -> None:
+    """The same tensors, shapes and dtypes, as safetensors writes them without metadata: a
+    readable file of another size (a shorter header)."""
+    from safetensors.torch import load_file, save
+
+    data = save(load_file(path))
+    with open(path, "r+b") as file:
+        file.truncate(0)
+        file.write(data)
+
+
+@pytest.mark.parametrize(
+    ("change", "found"),
+    [
+        (_cut, r"does not read back \(.*not fully covered"),
+        (
+            _rename_v,
+            r"does not hold what was planned: expected 'v' \(3,\) torch\.float32, found none",
+        ),
+        (
+            _retype_v,
+            r"does not hold what was planned: expected 'v' \(3,\) torch\.float32, "
+            r"found \(3,\) torch\.int32",
+        ),
+        (_rewrite_without_metadata, r"has \d+ bytes, expected \d+"),
+    ],
+    ids=["cut", "renamed key", "changed dtype", "other header"],
+)
+def test_an_output_changed_before_its_rename_is_never_renamed_into_place(tmp_path, change, found):
+    out = tmp_path / "o.safetensors"
+    specs = {"w": ((64, 64), torch.float32), "v": ((3,), torch.float32)}
+    with (
+        pytest.raises(
+            ladle.LadleError, match=rf"o\.safetensors: the written file o\.safetensors {found}"
+        ),
+        SafetensorsWriter(out, specs) as writer,
+    ):
+        writer.write("w", torch.ones(64, 64))  # larger than the write buffer: on disk already
+        writer.write("v", torch.ones(3))
+        writer._handle.flush()
+        change(_written_temporary(out))
+    assert os.listdir(tmp_path) == []
+
+
+def test_writes_past_a_tensor_or_the_last_tensor_are_refused_saying_how_much(tmp_path):
+    specs = {"w": ((4, 3), torch.float32)}
+    too_many = r"more bytes for 'w' than its shape \(4, 3\): 36 of its 48 bytes written, then 24"
+    with (
+        pytest.raises(ladle.LadleError, match=too_many),
+        SafetensorsWriter(tmp_path / "o.safetensors", specs) as writer,
+    ):
+        writer.write("w", torch.ones(3, 3))
+        writer.write("w", torch.ones(2, 3))
+    with (
+        pytest.raises(ladle.LadleError, match=r"got 'x' after the last planned tensor"),
+        SafetensorsWriter(tmp_path / "o.safetensors", specs) as writer,
+    ):
+        writer.write("w", torch.ones(4, 3))
+        writer.write("x", torch.ones(0))  # not planned, even empty
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_output_that_appears_while_merging_is_kept_and_the_merge_refused(tmp_path):
+    out = tmp_path / "o.safetensors"
+    with (
+        pytest.raises(ladle.LadleError, match=r"o\.safetensors: appeared while merging"),
+        SafetensorsWriter(out, {"w": ((2,), torch.float32)}) as writer,
+    ):
+        writer.write("w", torch.ones(2))
+        out.write_bytes(b"someone else's")
+    assert out.read_bytes() == b"someone else's"
+    assert os.listdir(tmp_path) == ["o.safetensors"]
+
+
+def test_temporary_outputs_of_live_processes_are_left_alone(tmp_path):
+    """Two writers of one output at once in one process, and a leftover of a live process
+    (pid 1) or of no process (no pid): a new writer removes none of them."""
+    out = tmp_path / "out"
+    first = SafetensorsWriter(out, {"w": ((2,), torch.float32)})
+    foreign = [tmp_path / f".out{TEMP_MARK}1-0123abcd", tmp_path / f".out{TEMP_MARK}x-0123abcd"]
+    for path in foreign:
+        path.mkdir()
+    with SafetensorsWriter(out, {"w": ((2,), torch.float32)}, overwrite=True) as second:
+        second.write("w", torch.zeros(2))
+    assert all(path.is_dir() for path in foreign)
+    first.write("w", torch.ones(2))
+    with pytest.raises(ladle.LadleError, match=r"out: appeared while merging"):
+        first.commit()
+    first.abort()
+    assert ladle.load(out)["w"].tolist() == [0.0, 0.0]
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", *(path.name for path in foreign)])
+
+
+def _interfering_replace(monkeypatch, out, times: int, make) -> None:
+    """After each time the writer moves ``out`` aside, another writer's output (``make``)
+    takes its place, ``times`` times: the interleaving a race between writers gives."""
+    import ladle.writer as module
+
+    real = os.replace
+    left = [times]
+
+    def replace(source, target):
+        real(source, target)
+        if os.fspath(source) == os.fspath(out) and left[0] > 0:
+            left[0] -= 1
+            make(out)
+
+    monkeypatch.setattr(module.os, "replace", replace)
+
+
+def _other_output(out) -> None:
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"another writer's")
+
+
+def test_an_output_taken_again_by_other_writers_is_replaced_once_it_stays(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    ladle.save({"w": torch.zeros(2)}, out)
+    _interfering_replace(monkeypatch, out, 3, _other_output)
+    ladle.save({"w": torch.ones(2)}, out, overwrite=True)
+    assert ladle.load(out)["w"].tolist() == [1.0, 1.0]
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_an_output_other_writers_keep_taking_is_left_to_them(tmp_path, monkeypatch):
+    from ladle.writer import RENAME_ATTEMPTS
+
+    out = tmp_path / "out"
+    ladle.save({"w": torch.zeros(2)}, out)
+    _interfering_replace(monkeypatch, out, RENAME_ATTEMPTS, _other_output)
+    with pytest.raises(ladle.LadleError, match=r"out: other writers kept replacing it"):
+        ladle.save({"w": torch.ones(2)}, out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == b"another writer's"
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_failed_rename_into_place_puts_the_replaced_output_back(tmp_path, monkeypatch):
+    import ladle.writer as module
+
+    out = tmp_path / "out"
+    ladle.save({"w": torch.zeros(2)}, out)
+    real = os.replace
+
+    def replace(source, target):
+        if os.fspath(target) == os.fspath(out) and TEMP_MARK in os.fspath(source):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(source, target)
+
+    monkeypatch.setattr(module.os, "replace", replace)
+    with pytest.raises(ladle.OutputError, match=r"out: finishing the output failed: No space"):
+        ladle.save({"w": torch.ones(2)}, out, overwrite=True)
+    assert ladle.load(out)["w"].tolist() == [0.0, 0.0]
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_merge_failing_after_amend_closes_what_it_patched_and_leaves_nothing(tmp_path):
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = descriptors()
+    with (
+        pytest.raises(RuntimeError, match="after the amend"),
+        SafetensorsWriter(tmp_path / "out", {"w": ((2,), torch.float32)}) as writer,
+    ):
+        writer.write("w", torch.ones(2))
+        writer.amend("w", torch.tensor([1]), torch.tensor([5.0]))
+        raise RuntimeError("after the amend")
+    assert descriptors() == before
+    assert os.listdir(tmp_path) == []
+
+
+def test_amending_a_temporary_output_cut_short_is_refused(tmp_path):
+    out = tmp_path / "o.safetensors"
+    with (
+        pytest.raises(ladle.LadleError, match=r"short read while amending 'w'"),
+        SafetensorsWriter(out, {"w": ((64, 64), torch.float32)}) as writer,
+    ):
+        writer.write("w", torch.ones(64, 64))  # larger than the write buffer: on disk already
+        os.truncate(_written_temporary(out), 1024)
+        writer.amend("w", torch.tensor([4000]), torch.tensor([5.0]))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("out", ["o.safetensors", "o"])
+def test_an_empty_state_dict_is_written_as_a_header_alone(tmp_path, out):
+    path = ladle.save({}, tmp_path / out, metadata={"k": "v"})
+    assert ladle.load(path) == {}
+    with ladle.open_checkpoint(path) as checkpoint:
+        assert checkpoint.metadata == {"format": "pt", "k": "v"}

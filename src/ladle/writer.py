@@ -152,6 +152,11 @@ def check_output_name(out: str | os.PathLike) -> None:
             f"{out}: an output is a local path, not a Hub repo; write a directory and upload "
             "it with --push-to-hub OWNER/REPO (ladle.hub.push_to_hub in Python)"
         )
+    if Path(out).name in ("", ".."):  # ".", "/", "x/..": a folder's own name, never renamed into
+        raise LadleError(
+            f"{out}: names no file or folder of its own (it ends in '.' or '..'); name the "
+            "output, e.g. DIR/merged or DIR/merged.safetensors"
+        )
     suffix = Path(out).suffix
     if suffix.lower() == ".safetensors" and suffix != ".safetensors":
         raise LadleError(
@@ -390,6 +395,31 @@ def _rows_of(chunk: torch.Tensor, shape: tuple[int, ...]) -> bool:
     return rest in merged and chunk.numel() <= math.prod(shape[1:])
 
 
+FoundSpec = tuple[tuple[int, ...], object]  # a shape, and a dtype or a dtype's code
+
+
+def _found_spec(handle, key: str) -> FoundSpec:  # type: ignore[no-untyped-def]
+    """The shape and dtype of ``key`` in an open safetensors file (the dtype's code where
+    torch has no such dtype)."""
+    view = handle.get_slice(key)
+    code = view.get_dtype()
+    return tuple(view.get_shape()), SAFETENSORS_DTYPES.get(code, code)
+
+
+def _first_difference(expected: Mapping[str, FoundSpec], found: Mapping[str, FoundSpec]) -> str:
+    """The first key, in planned order, whose shape and dtype differ from those planned (or
+    the first key found that was not planned), as "expected ..., found ..."."""
+
+    def spec(value: FoundSpec | None) -> str:
+        return "none" if value is None else f"{tuple(value[0])} {value[1]}"
+
+    for key, planned in expected.items():
+        if found.get(key) != planned:
+            return f"expected {key!r} {spec(planned)}, found {spec(found.get(key))}"
+    extra = next(key for key in found if key not in expected)
+    return f"expected no {extra!r}, found {spec(found[extra])}"
+
+
 class SafetensorsWriter:
     """Write tensors, in a planned order and a chunk of rows at a time, into safetensors.
 
@@ -520,7 +550,8 @@ class SafetensorsWriter:
         total = _nbytes((shape, dtype))
         if self._written + data.nbytes > total:
             raise LadleError(
-                f"writer for {self.out}: more bytes for {key!r} than its shape {shape}"
+                f"writer for {self.out}: more bytes for {key!r} than its shape {tuple(shape)}: "
+                f"{self._written} of its {total} bytes written, then {data.nbytes}"
             )
         self._handle.write(data)
         self._unsynced += data.nbytes
@@ -687,20 +718,25 @@ class SafetensorsWriter:
         (self._temp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def _verify(self) -> None:
-        """Re-read every header: the keys, shapes and dtypes must be those planned."""
+        """Re-read every header: the keys, shapes and dtypes must be those planned, and each
+        file as long as they make it."""
         for shard, (file, keys) in enumerate(zip(self._files, self._shards)):
+            where = (
+                f"{self.out}: the written file {self.out.name if self._single_file else file.name}"
+            )
             try:
                 with safe_open(str(file), framework="pt") as handle:
-                    found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+                    found = {key: _found_spec(handle, key) for key in handle.keys()}
             except (SafetensorError, OSError) as err:
-                raise LadleError(
-                    f"{self.out}: the written file does not read back ({err})"
-                ) from err
-            expected = {key: self._specs[key][0] for key in keys}
+                raise LadleError(f"{where} does not read back ({err})") from err
+            expected = {key: (tuple(self._specs[key][0]), self._specs[key][1]) for key in keys}
             if found != expected:
-                raise LadleError(f"{self.out}: the written file does not hold what was planned")
-            if file.stat().st_size != self._shard_bytes(shard):
-                raise LadleError(f"{self.out}: the written file has the wrong size")
+                raise LadleError(
+                    f"{where} does not hold what was planned: {_first_difference(expected, found)}"
+                )
+            size, planned = file.stat().st_size, self._shard_bytes(shard)
+            if size != planned:
+                raise LadleError(f"{where} has {size} bytes, expected {planned}")
 
     def _shard_bytes(self, shard: int) -> int:
         """The size of finished shard ``shard``: its header, then its tensors' data."""
