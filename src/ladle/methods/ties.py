@@ -334,14 +334,12 @@ CPU's cache took 39 ms of the window pass on 12 fp32 models of 89 MiB; batches o
 
 class _WindowCounts:
     """Per model, a histogram of the magnitudes' bit patterns inside its window, one bin per
-    pattern, with one bin for all below it and one for all above."""
+    pattern, made on the first batch counted, and the counts below and above the window."""
 
-    def __init__(self, windows: Sequence[tuple[int, int]], device: torch.device) -> None:
+    def __init__(self, windows: Sequence[tuple[int, int]]) -> None:
         self.windows = windows
-        self.histograms = [
-            torch.zeros(span + 2, dtype=torch.int64, device=device) for _, span in windows
-        ]
-        self.outside = [[0, 0] for _ in windows]  # below and above, until ``cumulative``
+        self.histograms: list[torch.Tensor | None] = [None] * len(windows)
+        self.outside = [[0, 0] for _ in windows]  # below and above
         self.pending: list[list[torch.Tensor]] = [[] for _ in windows]
         self.waiting = [0] * len(windows)
 
@@ -356,17 +354,25 @@ class _WindowCounts:
 
     def _count(self, index: int) -> None:
         if self.waiting[index]:
-            offsets = torch.cat(self.pending[index])
-            span = self.windows[index][1]
-            self.histograms[index][1:-1] += torch.bincount(offsets, minlength=span)
+            counted = torch.bincount(
+                torch.cat(self.pending[index]), minlength=self.windows[index][1]
+            )
+            histogram = self.histograms[index]
+            self.histograms[index] = counted if histogram is None else histogram.add_(counted)
         self.pending[index], self.waiting[index] = [], 0
 
-    def cumulative(self, index: int) -> torch.Tensor:
-        """Model ``index``'s cumulative counts, every pattern gathered so far counted."""
+    def offset_of(self, index: int, rank: int) -> int | None:
+        """The offset in model ``index``'s window of its ``rank``-th smallest pattern (every
+        pattern gathered so far counted), or ``None`` where that lies below or above the
+        window. Searched where the histogram is: only two numbers reach the host."""
         self._count(index)
-        histogram = self.histograms[index].cpu()
-        histogram[0], histogram[-1] = self.outside[index]
-        return histogram.cumsum(0)
+        below, histogram = self.outside[index][0], self.histograms[index]
+        if histogram is None or rank <= below:
+            return None
+        cumulative = histogram.cumsum_(0)  # the histogram is done with
+        if rank - below > int(cumulative[-1]):
+            return None
+        return int(torch.searchsorted(cumulative, rank - below))
 
 
 def _window_kernel(windows: Sequence[tuple[int, int]], counts: _WindowCounts) -> Kernel:
@@ -440,7 +446,7 @@ def _select_in_window(
     windows = _windows(models, base, keys, rank, size, chunk_bytes)
     if windows is None:
         return None
-    counts = _WindowCounts(windows, device)
+    counts = _WindowCounts(windows)
     for _ in fold(
         models,
         _window_kernel(windows, counts),
@@ -453,10 +459,10 @@ def _select_in_window(
         pass
     found = []
     for index, (low, _) in enumerate(windows):
-        cumulative = counts.cumulative(index)
-        if not int(cumulative[0]) < rank <= int(cumulative[-2]):
+        offset = counts.offset_of(index, rank)
+        if offset is None:
             return None  # the k-th smallest lies below or above the window
-        found.append(_as_float(low + int(torch.searchsorted(cumulative, rank)) - 1))
+        found.append(_as_float(low + offset))
     return found
 
 
