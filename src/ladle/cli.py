@@ -1,7 +1,8 @@
 """The ``ladle`` command: parses arguments and calls the public API, nothing more.
 
 Exit status: 0 on success, 1 on a merge error (one line on stderr; ``--debug`` for the
-traceback), 2 on a usage error.
+traceback), 2 on a usage error, 130 when interrupted (Ctrl-C) and 143 when terminated
+(SIGTERM), the output being written deleted either way.
 """
 
 from __future__ import annotations
