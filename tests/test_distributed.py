@@ -166,6 +166,11 @@ def _averages(rank: int) -> dict:
     }
     found["own_weight"] = average_({k: v.clone() for k, v in state.items()}, weights=rank + 1.0)
     found["rank_weights"] = average_({k: v.clone() for k, v in state.items()}, weights=[1, 2, 3])
+    # Weights far from 1 (finite, their sum non-zero): float32 must neither underflow nor
+    # overflow on them. Powers of two times 1, 2, 3 give the means of 1, 2, 3 exactly.
+    for field, factor in (("tiny_weights", 2.0**-160), ("huge_weights", 2.0**130)):
+        found[field] = average_({"exact": state["exact"].clone()}, weights=(rank + 1) * factor)
+    found["small_weights"] = average_({"exact": state["exact"].clone()}, weights=1e-46)
     odd = {"exact": torch.ones(4)} if rank != 2 else {"exact": torch.ones(5)}
     found["shape_error"] = _catch(average_, odd)
     # Integer dtypes gloo cannot broadcast as they are; values past int64's range for uint64.
@@ -371,6 +376,17 @@ def test_average_weights_per_rank_and_own_weight_agree_with_hand_worked_means(sp
             assert torch.equal(state["wide"], torch.full((2,), 9.5 / 6.0, dtype=torch.float64))
             assert torch.equal(state["complex"], torch.full((2,), complex(8 / 6, -8 / 6)))
             assert state["mask"].tolist() == [True, False]  # rank 0's
+
+
+@pytest.mark.slow
+def test_average_weights_far_from_one_neither_underflow_nor_overflow(spawned):
+    *_, ranks = spawned
+    # Before: the weights were multiplied in float32: 2⁻¹⁶⁰ and 1e-46 became 0 (0/0: NaN),
+    # 2¹³⁰ became Inf (Inf/Inf: NaN).
+    for found in ranks:
+        assert torch.equal(found["tiny_weights"]["exact"], torch.full((4,), 14.0 / 6.0))
+        assert torch.equal(found["huge_weights"]["exact"], torch.full((4,), 14.0 / 6.0))
+        assert torch.equal(found["small_weights"]["exact"], torch.full((4,), 2.0))
 
 
 @pytest.mark.slow

@@ -177,6 +177,18 @@ def _rank_weights(given: Sequence[object], size: int) -> list[float] | None:
     return found
 
 
+def _scaled(weights: Sequence[float], me: int) -> tuple[float, float]:
+    """Rank ``me``'s weight and the weights' sum, both scaled by the power of two that brings
+    the largest weight's magnitude into [0.5, 1).
+
+    The reduction multiplies by the weight and divides by the sum in float32: weights far
+    from 1 (2⁻¹⁶⁰, 1e39) would underflow to 0 or overflow to Inf there (a NaN mean). A power
+    of two changes no digit of either, so the mean is the one of the weights as given.
+    """
+    _, exponent = math.frexp(max(abs(w) for w in weights))
+    return math.ldexp(weights[me], -exponent), math.ldexp(math.fsum(weights), -exponent)
+
+
 def _buckets(
     tensors: Sequence[torch.Tensor], key: Callable[[torch.Tensor], tuple]
 ) -> Iterator[tuple[tuple, list[torch.Tensor]]]:
@@ -274,7 +286,7 @@ def average_(
         if theirs != signature:
             raise IncompatibleError(_first_difference(signature, theirs, me, rank))
     per_rank = _rank_weights([w for _, w in given], size)
-    mine, total = (1.0, float(size)) if per_rank is None else (per_rank[me], math.fsum(per_rank))
+    mine, total = (1.0, float(size)) if per_rank is None else _scaled(per_rank, me)
 
     def reals(tensor: torch.Tensor) -> torch.Tensor:
         return torch.view_as_real(tensor) if tensor.is_complex() else tensor
