@@ -208,6 +208,11 @@ def _averages(rank: int) -> dict:
     hsdp.to_local().copy_(value)
     average_({"w": hsdp}, group=mesh.get_group("replicate"))
     found["dtensor_hsdp"] = hsdp.to_local().clone()
+    # A group without rank 2: its members average, rank 2 is told it is not a member.
+    pair = dist.new_group([0, 1])
+    found["non_member"] = _catch(average_, {"w": torch.full((2,), float(rank))}, group=pair)
+    if rank == 2:
+        found["non_member_merge"] = _catch(merge, "uniform_soup", [], out="unused", group=pair)
     return found
 
 
@@ -376,6 +381,18 @@ def test_average_weights_per_rank_and_own_weight_agree_with_hand_worked_means(sp
             assert torch.equal(state["wide"], torch.full((2,), 9.5 / 6.0, dtype=torch.float64))
             assert torch.equal(state["complex"], torch.full((2,), complex(8 / 6, -8 / 6)))
             assert state["mask"].tolist() == [True, False]  # rank 0's
+
+
+@pytest.mark.slow
+def test_a_rank_outside_the_group_is_told_so(spawned):
+    *_, ranks = spawned
+    assert ranks[0]["non_member"] is None and ranks[1]["non_member"] is None
+    # Before: "Invalid process group specified" from average_, and from merge a TypeError,
+    # "cannot unpack non-iterable NoneType object" (torch skips collectives on non-members).
+    for field in ("non_member", "non_member_merge"):
+        kind, message = ranks[2][field]
+        assert kind == "ValueError", field
+        assert message.startswith("group: this process (global rank 2) is not a member"), field
 
 
 @pytest.mark.slow

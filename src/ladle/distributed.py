@@ -84,6 +84,11 @@ def _world(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
             "group: no process group is initialised; call torch.distributed.init_process_group "
             "(or launch with torchrun) first"
         )
+    if group is not None and dist.get_rank(group) < 0:  # torch's own collectives skip it
+        raise ValueError(
+            f"group: this process (global rank {dist.get_rank()}) is not a member of the "
+            "group; call it on the group's members only"
+        )
     return group if group is not None else dist.group.WORLD  # type: ignore[return-value]
 
 
