@@ -473,6 +473,41 @@ def test_a_bad_device_is_a_value_error_on_every_rank(spawned):
     assert not (root / "dev").exists()
 
 
+def _leaving_worker(rank: int, root: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{root}/rendezvous",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=20),
+    )
+    try:
+        if rank == 0:  # rank 1 never joins: it failed before the merge, and left
+            models = [str(Path(root) / f"model{i}.safetensors") for i in range(1, 3)]
+            found = _catch(merge, "uniform_soup", models, out=Path(root) / "out", device="cpu")
+            torch.save(found, Path(root) / "left.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_merge_whose_peer_is_gone_leaves_no_temporary_directory(tmp_path):
+    # Rank 0 makes the temporary output directory, then tells the others its name: when that
+    # fails (a rank gone, as here, or the group's timeout), the directory stayed behind.
+    _models(tmp_path)
+    context = mp.start_processes(_leaving_worker, args=(str(tmp_path),), nprocs=2, join=False)
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the spawned ranks hung")
+    kind, _ = torch.load(tmp_path / "left.pt", weights_only=False)
+    assert kind == "RuntimeError"  # gloo's: the peer closed the connection
+    assert [p for p in os.listdir(tmp_path) if "out" in p] == []
+
+
 # --- the process group is freed when a merge fails (else: SIGABRT at exit) --------------------
 
 

@@ -541,18 +541,28 @@ def _source(group: dist.ProcessGroup) -> int:
 
 
 def _shared_temporary(out: Path, group: dist.ProcessGroup) -> Path:
-    """Rank 0 makes the temporary directory beside ``out``; every rank learns its name."""
+    """Rank 0 makes the temporary directory beside ``out``; every rank learns its name.
+
+    Should the others not learn it (a rank gone or timed out, Ctrl-C), rank 0 deletes it.
+    """
     box: list[object] = [None]
+    made: Path | None = None
     if dist.get_rank(group) == 0:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(out)
-            temporary = _temporary_beside(out)
-            temporary.mkdir()
-            box[0] = ("ok", str(temporary))
+            made = _temporary_beside(out)
+            made.mkdir()
+            box[0] = ("ok", str(made))
         except OSError as err:
+            made = None
             box[0] = ("error", f"{out}: cannot make the temporary directory beside it ({err})")
-    dist.broadcast_object_list(box, src=_source(group), group=group)
+    try:
+        dist.broadcast_object_list(box, src=_source(group), group=group)
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     kind, value = typing.cast("tuple[str, str]", box[0])
     if kind == "error":
         raise LadleError(f"rank 0: {value}")
