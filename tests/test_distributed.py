@@ -491,18 +491,23 @@ def _leaving_worker(rank: int, root: str) -> None:
         dist.destroy_process_group()
 
 
+def _join_or_fail(context, seconds: float = 60) -> None:
+    """Wait for spawned ranks; kill them and fail the test should they hang."""
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the spawned ranks hung")
+
+
 @pytest.mark.slow
 def test_a_merge_whose_peer_is_gone_leaves_no_temporary_directory(tmp_path):
     # Rank 0 makes the temporary output directory, then tells the others its name: when that
     # fails (a rank gone, as here, or the group's timeout), the directory stayed behind.
     _models(tmp_path)
     context = mp.start_processes(_leaving_worker, args=(str(tmp_path),), nprocs=2, join=False)
-    deadline = time.monotonic() + 60
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the spawned ranks hung")
+    _join_or_fail(context)
     kind, _ = torch.load(tmp_path / "left.pt", weights_only=False)
     assert kind == "RuntimeError"  # gloo's: the peer closed the connection
     assert [p for p in os.listdir(tmp_path) if "out" in p] == []
@@ -566,12 +571,7 @@ def test_a_failed_merge_leaves_nothing_holding_the_process_group(tmp_path):
     context = mp.start_processes(
         _freeing_worker, args=(str(tmp_path), (_free_port(), _free_port())), nprocs=2, join=False
     )
-    deadline = time.monotonic() + 60
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the spawned ranks hung")
+    _join_or_fail(context)
     for rank in range(2):
         found = torch.load(tmp_path / f"freed{rank}.pt", weights_only=False)
         kind, message = found["merge_error"]
