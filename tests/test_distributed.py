@@ -18,6 +18,7 @@ import warnings
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -171,6 +172,13 @@ def _averages(rank: int) -> dict:
     for field, factor in (("tiny_weights", 2.0**-160), ("huge_weights", 2.0**130)):
         found[field] = average_({"exact": state["exact"].clone()}, weights=(rank + 1) * factor)
     found["small_weights"] = average_({"exact": state["exact"].clone()}, weights=1e-46)
+    # A metric's value as a weight: a 0-d tensor, a numpy scalar; per-rank weights as a tensor.
+    for field, weights in (
+        ("tensor_weight", torch.tensor(rank + 1.0)),
+        ("numpy_weight", np.float32(rank + 1)),
+        ("tensor_weights", torch.tensor([1.0, 2.0, 3.0])),
+    ):
+        found[field] = average_({"exact": state["exact"].clone()}, weights=weights)
     odd = {"exact": torch.ones(4)} if rank != 2 else {"exact": torch.ones(5)}
     found["shape_error"] = _catch(average_, odd)
     # Integer dtypes gloo cannot broadcast as they are; values past int64's range for uint64.
@@ -404,6 +412,15 @@ def test_average_weights_far_from_one_neither_underflow_nor_overflow(spawned):
         assert torch.equal(found["tiny_weights"]["exact"], torch.full((4,), 14.0 / 6.0))
         assert torch.equal(found["huge_weights"]["exact"], torch.full((4,), 14.0 / 6.0))
         assert torch.equal(found["small_weights"]["exact"], torch.full((4,), 2.0))
+
+
+@pytest.mark.slow
+def test_average_takes_numpy_and_tensor_weights_as_numbers(spawned):
+    *_, ranks = spawned
+    # Before: "weights: every rank must pass its own weight (a float), ..." for each.
+    for found in ranks:
+        for field in ("tensor_weight", "numpy_weight", "tensor_weights"):
+            assert torch.equal(found[field]["exact"], torch.full((4,), 14.0 / 6.0)), field
 
 
 @pytest.mark.slow

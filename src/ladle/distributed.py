@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import shutil
 import sys
@@ -159,6 +160,29 @@ def _named_tensors(target: torch.nn.Module | Mapping[str, Any]) -> list[tuple[st
     )
 
 
+def _plain(weights: object) -> object:
+    """``weights`` as the numbers :func:`_rank_weights` checks, before they are gathered: a
+    numpy scalar or a 0-d tensor or array (an accuracy from torchmetrics, say) as a float, a
+    1-d one or a sequence as a list of those; anything else as it is, for every rank to
+    refuse alike (raising here, on one rank, would leave the others waiting).
+
+    Example:
+        >>> import numpy as np, torch
+        >>> _plain(torch.tensor(0.5)), _plain(np.float32(2)), _plain(torch.tensor([1, 2]))
+        (0.5, 2.0, [1.0, 2.0])
+    """
+    shape = getattr(weights, "shape", None)
+    if shape is not None and len(shape) == 1 and not isinstance(weights, numbers.Number):
+        weights = weights.tolist()  # type: ignore[attr-defined]
+    if isinstance(weights, Sequence) and not isinstance(weights, (str, bytes)):
+        return [_plain(w) for w in weights]
+    if shape == () and not isinstance(weights, numbers.Number):
+        weights = weights.item()  # type: ignore[attr-defined]
+    if isinstance(weights, numbers.Real) and not isinstance(weights, bool):
+        return float(weights)
+    return weights
+
+
 def _rank_weights(given: Sequence[object], size: int) -> list[float] | None:
     """Every rank's ``weights`` argument, gathered: one weight per rank, or ``None``."""
     if all(w is None for w in given):
@@ -236,7 +260,7 @@ def average_(
     module_or_state_dict: Averageable,
     *,
     group: dist.ProcessGroup | None = None,
-    weights: float | Sequence[float] | None = None,
+    weights: float | Sequence[float] | torch.Tensor | None = None,
 ) -> Averageable:
     """In place, the (weighted) mean across the ranks of a process group of every floating tensor.
 
@@ -261,7 +285,8 @@ def average_(
         group: the process group; default the whole world.
         weights: ``None`` for the plain mean; a number, this rank's weight (ranks pass
             different numbers); or a list with one weight per rank of ``group``, the same on
-            every rank. Normalised by their sum, which must be finite and non-zero.
+            every rank. Normalised by their sum, which must be finite and non-zero. Numbers
+            may be numpy scalars or 0-d tensors (a metric's value), a list a 1-d tensor.
 
     Returns:
         ``module_or_state_dict``, averaged.
@@ -285,7 +310,7 @@ def average_(
     named = [(n, _local(n, t, members)) for n, t in _named_tensors(module_or_state_dict)]
     signature = [(n, tuple(t.shape), str(t.dtype), _comm_device(world, t).type) for n, t in named]
     given: list[Any] = [None] * size
-    shown = list(weights) if isinstance(weights, Sequence) else weights
+    shown = _plain(weights)
     dist.all_gather_object(given, (signature, shown), group=world)
     for rank, (theirs, _) in enumerate(given):
         if theirs != signature:
