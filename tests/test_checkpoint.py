@@ -561,6 +561,25 @@ def test_a_torch_file_cut_anywhere_is_a_checkpoint_error_saying_why(tmp_path, le
         assert not str(info.value).endswith("()"), cut
 
 
+def test_a_large_unsafe_pickle_is_refused_without_reading_its_payload(tmp_path):
+    """A plain pickle (``pickle.dump``) of a large tensor is refused as unsafe; telling it
+    from a file cut short parses its opcodes, but copies no payload into memory (a pickle
+    larger than memory raised MemoryError instead of UnsafeCheckpointError)."""
+    import tracemalloc
+
+    path = tmp_path / "pytorch_model.bin"
+    with open(path, "wb") as handle:
+        pickle.dump({"w": torch.zeros(32 * 2**20, dtype=torch.uint8)}, handle, protocol=4)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ladle.UnsafeCheckpointError, match=r"pytorch_model\.bin: refused"):
+            ladle.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, peak
+
+
 def test_a_legacy_torch_file_loads_the_same_numbers_as_a_zip_file(tmp_path):
     tensors = {"w": torch.randn(3, 4), "i": torch.arange(5), "s": torch.tensor(2.5)}
     torch.save(tensors, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)

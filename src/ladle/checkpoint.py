@@ -619,25 +619,54 @@ def _ends_early(file: Path) -> bool:
     Parsed with ``pickletools.genops``, which reads opcodes and builds no object, from a
     memory map, whose reads stop at the end of the file (a file object would first allocate
     the bytes a corrupt length asks for): a pickle that needs bytes past the end of the file is
-    one cut short, where an unknown opcode before the end is corruption."""
+    one cut short, where an unknown opcode before the end is corruption. Payloads are skimmed
+    (:class:`_Skimmed`): a plain pickle of a large tensor is parsed without copying it."""
     try:
-        with (
-            open(file, "rb") as handle,
-            mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data,
-        ):
-            if data[:2] == b"PK":  # a zip archive: its own reader says what is wrong
-                return False
-            try:
-                for _ in range(LEGACY_PICKLES):
-                    if data.tell() == len(data):  # ends between pickles: a pickle of its own
-                        return False
-                    for _ in pickletools.genops(data):  # type: ignore[arg-type]
-                        pass
-            except ValueError:
-                return data.tell() >= len(data)
+        with open(file, "rb") as handle:
+            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):  # gone, or empty (nothing to map)
         return False
+    # Not closed here: views of it that :class:`_Skimmed` gave may outlive this frame (in a
+    # traceback); it is unmapped when the last goes.
+    if data[:2] == b"PK":  # a zip archive: its own reader says what is wrong
+        return False
+    try:
+        for _ in range(LEGACY_PICKLES):
+            if data.tell() == len(data):  # ends between pickles: a pickle of its own
+                return False
+            for _ in pickletools.genops(_Skimmed(data)):  # type: ignore[arg-type]
+                pass
+    except (ValueError, AttributeError):  # AttributeError: a long Python 2 string, a view
+        return data.tell() >= len(data)
     return False
+
+
+SKIMMED = 1 << 16
+"""Reads longer than this (bytes) are views of the map, not copies (:class:`_Skimmed`)."""
+
+
+class _Skimmed:
+    """A memory map as ``pickletools.genops`` reads a pickle, except that a long read (a
+    tensor's bytes in a plain pickle, or a length corruption made wild) is a view of the map,
+    not a copy: a pickle larger than memory is parsed in little of it. A read past the end
+    stops there, as a file's would."""
+
+    def __init__(self, data: mmap.mmap) -> None:
+        self._data = data
+
+    def read(self, size: int) -> bytes | memoryview:
+        if size <= SKIMMED:
+            return self._data.read(size)
+        start = self._data.tell()
+        stop = min(start + size, len(self._data))
+        self._data.seek(stop)
+        return memoryview(self._data)[start:stop]
+
+    def readline(self) -> bytes:
+        return self._data.readline()
+
+    def tell(self) -> int:
+        return self._data.tell()
 
 
 TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
