@@ -912,6 +912,22 @@ def test_the_passes_that_prepare_a_merge_show_progress_too(method):
     assert all(bar.done == bar.total and bar.closed for bar in _Bar.made)
 
 
+def test_passes_of_one_preparation_share_one_bar():
+    # trim="tensor" runs a threshold pass per tensor larger than a chunk (here the (4, 3) and
+    # (2, 4) ones, at 16 bytes a chunk): one "preparing" bar, not one per tensor (hundreds
+    # of lines for an LLM).
+    models, base = family(3, seed=1), family(1, seed=2)[0]
+    _Bar.made.clear()
+    ladle.ties(models, base, trim="tensor", chunk_bytes=16, progress=_Bar, device="cpu")
+    large = sum(m[k].nbytes for m in [base, *models] for k in ("layer.weight", "head.weight"))
+    everything = sum(t.nbytes for m in [base, *models] for t in m.values())
+    assert [(bar.desc, bar.total) for bar in _Bar.made] == [
+        ("preparing", large),
+        ("merging", everything),
+    ]
+    assert all(bar.done == bar.total and bar.closed for bar in _Bar.made)
+
+
 def test_a_merge_without_preparation_shows_one_bar():
     _Bar.made.clear()
     ladle.task_arithmetic(family(2, seed=1), family(1, seed=2)[0], progress=_Bar, device="cpu")

@@ -200,20 +200,49 @@ def current_partition() -> Partition | None:
     return _PARTITION.get()
 
 
-# Set by merge() while a method's ``prepare`` runs, to the merge's ``progress``: each pass that
-# gathers statistics (TIES's thresholds, Model Stock's angles) shows a bar of its own, as the
-# merging pass does, instead of leaving a long first half of the merge without one.
-_PREPARING: contextvars.ContextVar[Any] = contextvars.ContextVar("ladle_preparing", default=None)
+class _Preparation:
+    """The one "preparing" bar of a merge's ``prepare`` passes: made by the first pass that
+    reads, each later pass (TIES with ``trim="tensor"`` makes one per large tensor) adding
+    its bytes to its total, closed when ``prepare`` returns."""
+
+    def __init__(self, progress: Any) -> None:
+        self.progress = progress
+        self.bar: Any = None
+
+    def reading(self, total: int) -> Callable[[int], object]:
+        """The bar's ``update``, for a pass reading ``total`` bytes more."""
+        if self.bar is None:
+            self.bar = _bar(self.progress, total, desc="preparing")
+        elif hasattr(self.bar, "total"):  # tqdm's; a tqdm-like class may lack it
+            self.bar.total += total
+            getattr(self.bar, "refresh", lambda: None)()
+        return self.bar.update
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# Set by merge() while a method's ``prepare`` runs, when it shows progress: the passes that
+# gather statistics (TIES's thresholds, Model Stock's angles) report to one "preparing" bar,
+# instead of leaving a long first half of the merge without one.
+_PREPARING: contextvars.ContextVar[_Preparation | None] = contextvars.ContextVar(
+    "ladle_preparing", default=None
+)
 
 
 @contextlib.contextmanager
 def _preparing(progress: Any) -> Iterator[None]:
-    """Within the block, :func:`fold` calls without ``on_bytes`` report to a ``progress`` bar."""
-    token = _PREPARING.set(progress)
+    """Within the block, :func:`fold` calls without ``on_bytes`` report to a "preparing" bar
+    of ``progress`` (none when it is false)."""
+    preparation = _Preparation(progress) if progress else None
+    token = _PREPARING.set(preparation)
     try:
         yield
     finally:
         _PREPARING.reset(token)
+        if preparation is not None:
+            preparation.close()
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -589,15 +618,14 @@ def fold(
     sizes = {file: size for source in sources for file, size in source.file_sizes().items()}
     release = mapped and sum(sizes.values()) > MAPPED_BYTES_KEPT
     with ExitStack() as stack:
-        if on_bytes is None and _PREPARING.get():  # a pass of a merge's preparation
+        preparation = _PREPARING.get()
+        if on_bytes is None and preparation is not None:  # a pass of a merge's preparation
             total = sum(
                 _rows_nbytes(s, key, rows, shape=view)
                 for key, rows, _, view in plan
                 for s in sources
             )
-            bar = _bar(_PREPARING.get(), total, desc="preparing")
-            stack.callback(bar.close)
-            on_bytes = bar.update
+            on_bytes = preparation.reading(total)
         if depth:  # before the reading threads start: they take the count set here
             stack.enter_context(_threads_beside_readers(device, threads))
         stack.callback(reads.close)

@@ -1004,8 +1004,8 @@ def ties(
             to stream the result to disk and return its path.
         device: where the arithmetic runs; default CUDA when available, else the CPU.
         dtype: output dtype of floating tensors; default that of the base.
-        progress: ``True`` for tqdm bars over bytes read, one per pass over the inputs
-            ("preparing" for the thresholds' pass, then "merging"), or a tqdm-like class.
+        progress: ``True`` for tqdm bars over bytes read ("preparing" for the thresholds'
+            passes, then "merging"), or a tqdm-like class.
         max_shard_size: largest shard of a directory output.
         overwrite: replace an existing ``out`` (atomically) instead of refusing.
         chunk_bytes: largest piece of one tensor processed at a time, per model; default
