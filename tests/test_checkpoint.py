@@ -493,21 +493,27 @@ def test_an_index_listing_a_key_its_shard_lacks_is_refused_on_opening(tmp_path):
         ladle.uniform_soup([other, tmp_path])
 
 
-def test_an_index_leaving_out_a_tensor_of_its_shards_is_refused_on_opening(tmp_path):
-    # Else a merge dropped the tensor without a word (transformers loads it from the shard).
-    save_file({"a": torch.ones(2), "lm_head": torch.ones(2)}, tmp_path / "s1.safetensors")
-    save_file(
-        {"b": torch.ones(2), "c": torch.ones(1), "d": torch.ones(1)}, tmp_path / "s2.safetensors"
-    )
+def test_a_tensor_its_index_leaves_out_is_read_from_the_shard_holding_it(tmp_path):
+    # As transformers loads it; a merge dropped it without a word before.
+    save_file({"a": torch.ones(2), "lm_head": torch.full((2,), 3.0)}, tmp_path / "s1.safetensors")
+    save_file({"b": torch.zeros(2), "c": torch.ones(1)}, tmp_path / "s2.safetensors")
+    index = {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    loaded = ladle.load(tmp_path)
+    assert sorted(loaded) == ["a", "b", "c", "lm_head"]
+    assert loaded["lm_head"].tolist() == [3.0, 3.0] and loaded["c"].tolist() == [1.0]
+    listed = {"a": torch.ones(2), "b": torch.zeros(2), "c": torch.ones(1), "lm_head": torch.ones(2)}
+    assert ladle.uniform_soup([listed, tmp_path])["lm_head"].tolist() == [2.0, 2.0]
+
+
+def test_a_tensor_its_index_leaves_out_held_by_two_shards_is_refused(tmp_path):
+    save_file({"a": torch.ones(2), "x": torch.ones(2)}, tmp_path / "s1.safetensors")
+    save_file({"b": torch.zeros(2), "x": torch.zeros(2)}, tmp_path / "s2.safetensors")
     index = {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(
-        ladle.CheckpointError, match=r"index.json: does not list 'lm_head', which s1.safetensors"
+        ladle.CheckpointError, match=r"index.json: lists 'x' in no shard, and both s1.* and s2"
     ):
-        ladle.open_checkpoint(tmp_path)
-    index["weight_map"]["lm_head"] = "s1.safetensors"
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ladle.CheckpointError, match=r"does not list 'c' and 1 more, which s2"):
         ladle.open_checkpoint(tmp_path)
 
 

@@ -295,12 +295,13 @@ class SafetensorsCheckpoint(Checkpoint):
         self.metadata = dict(handle.metadata() or {})
         return self
 
-    def check_listed(self, index: Path) -> None:
-        """``index`` and its shards agree (the headers read on opening): every key it lists is
-        in the shard it names, else the key looks missing from the other models, or a merge
-        fails midway; and every tensor of a shard is listed (in some shard), else a merge
-        would drop it without a word. A tensor held twice, listed in one shard, is read
-        from that one."""
+    def match_index(self, index: Path) -> None:
+        """Reconcile ``index`` with its shards' headers (read on opening). Every key it lists
+        must be in the shard it names: else the key would look missing from the other models,
+        or a merge would fail midway. A tensor that a shard holds and the index lists in no
+        shard is read from that shard, as transformers loads it (a merge dropped it without
+        a word before); two shards holding such a tensor are a ``CheckpointError``. A stale
+        second copy of a listed tensor is read from the shard the index names."""
         held: dict[Path, set[str]] = {}
         for key, file in self._files.items():
             if file not in held:
@@ -310,14 +311,16 @@ class SafetensorsCheckpoint(Checkpoint):
                     f"{index}: lists {key!r} in {file.name}, which does not hold it (the index "
                     "and its shards disagree: was a shard replaced, or the index edited?)"
                 )
+        unlisted: dict[str, Path] = {}
         for file, keys in held.items():
-            unlisted = sorted(keys.difference(self._files))
-            if unlisted:
-                more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""
-                raise CheckpointError(
-                    f"{index}: does not list {unlisted[0]!r}{more}, which {file.name} holds (a "
-                    "merge would drop it; add it to the index's weight_map)"
-                )
+            for key in sorted(keys.difference(self._files)):
+                if key in unlisted:
+                    raise CheckpointError(
+                        f"{index}: lists {key!r} in no shard, and both {unlisted[key].name} "
+                        f"and {file.name} hold it: which one to read is not known"
+                    )
+                unlisted[key] = file
+        self._files.update(unlisted)
 
     def _open(self, file: Path):  # type: ignore[no-untyped-def]
         handle = self._handles.get(file)
@@ -798,7 +801,7 @@ def _open_directory(directory: Path) -> Checkpoint:
     for index in sorted(directory.glob("*.safetensors.index.json")):
         sharded = SafetensorsCheckpoint(_read_index(index), name=name, path=directory)
         try:
-            sharded.check_listed(index)
+            sharded.match_index(index)
         except CheckpointError:
             sharded.close()
             raise
