@@ -398,3 +398,21 @@ def test_a_kept_block_serves_only_the_seed_and_tensor_it_was_drawn_for():
         again = uniform_numbers(seed, 0, "w", numel=size, start=1000, count=1000, kept=kept)
         assert torch.equal(again, uniform_numbers(seed, 0, "w", numel=size, start=1000, count=1000))
         uniform_numbers(0, 0, "w", numel=numel, start=0, count=1000, kept=kept)
+
+
+def test_numbers_drawn_ahead_are_used_only_for_the_call_they_were_drawn_for():
+    # The dropper draws model i + 1's numbers while model i's chunk is computed. Calls in
+    # another order (a key merged again, say) must get their own numbers all the same.
+    from ladle.methods.dare import _dropper
+
+    shapes = {"a": (3, 5), "b": (7,)}
+    with ThreadPoolExecutor(2) as threads, ThreadPoolExecutor(1) as ahead:
+        drop = _dropper(shapes, 9, 0.5, threads, models=3, ahead=ahead)
+        calls = [("a", 0), ("a", 1), ("b", 0), ("a", 2), ("b", 1), ("b", 2), ("a", 1), ("a", 2)]
+        for key, index in calls:
+            tau = torch.arange(1.0, 1.0 + torch.Size(shapes[key]).numel()).view(shapes[key])
+            dropped = drop(key, slice(None), index, tau.clone(), torch.empty(shapes[key]))
+            mask = keep_mask(
+                9, index, key, numel=tau.numel(), start=0, count=tau.numel(), density=0.5
+            )
+            assert torch.equal(dropped, tau * mask.view(tau.shape)), (key, index)
