@@ -132,6 +132,11 @@ def test_example_recipes_are_valid(tmp_path):
             r"steps\.a\.models\[0\]: step 'b' comes later",
         ),
         (
+            '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors"]\nmax_shard_size = "1GB"\n'
+            '[steps.b]\nmethod = "soup"\nmodels = ["a"]\noutput = "o"\n',
+            r"steps\.a\.max_shard_size: applies to a directory output; this step has no output",
+        ),
+        (
             '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors", "a"]\noutput = "o"\n',
             r"steps\.a\.models\[1\]: 'a': no such file .*this step's own name",
         ),

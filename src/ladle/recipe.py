@@ -395,7 +395,12 @@ def _step(
             raise ValueError(
                 f"{where}.max_shard_size: expected e.g. '5GB', found {shard!r}"
             ) from None
-        if output is not None and single_file(output):  # as the CLI refuses it
+        if output is None:
+            raise ValueError(
+                f"{where}.max_shard_size: applies to a directory output; this step has no "
+                "output (it is kept in memory)"
+            )
+        if single_file(output):  # as the CLI refuses it
             raise ValueError(
                 f"{where}.max_shard_size: applies to a directory output; {output.name} is one file"
             )
