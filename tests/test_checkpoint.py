@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -896,3 +897,22 @@ def test_empty_tensors_whose_rows_exceed_a_chunk_merge_to_empty_tensors(tmp_path
         merged = ladle.uniform_soup(inputs, device="cpu", chunk_bytes=64)
         assert merged["e"].shape == stored
         assert merged["w"].tolist() == [[0.5] * 64]
+
+
+def test_a_warning_made_an_error_while_loading_a_torch_file_is_not_blamed_on_the_file(
+    tmp_path, monkeypatch
+):
+    # Under `python -W error` a warning torch gives while loading is an exception; it is the
+    # caller's setting, not a corrupt file ("not a readable torch file").
+    torch.save({"w": torch.ones(2)}, tmp_path / "m.pt")
+    original = torch.load
+
+    def warning_load(*args, **kwargs):
+        warnings.warn("a future default changes", FutureWarning, stacklevel=2)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", warning_load)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with pytest.raises(FutureWarning, match="a future default changes"):
+            ladle.load(tmp_path / "m.pt")

@@ -581,6 +581,8 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
             f"code ({_unpickling_reason(err)}). Convert it to safetensors in a trusted "
             "environment."
         ) from err
+    except Warning:  # a warning the caller made an error (python -W error): theirs to see
+        raise
     except Exception as err:
         # Unpickling corrupt bytes raises what it meets (EOFError, IndexError, KeyError,
         # struct.error, AssertionError, zipfile.BadZipFile, MemoryError for a wild size...):
