@@ -352,7 +352,9 @@ def dare(
             reduce=None if part is None else part.all_reduce,
         )
 
-    with threads, ahead, _threads_beside_readers(target, drawers):  # all undone with the merge
+    # The numbers are drawn on the CPU whatever the device: fewer CPU torch threads there too.
+    beside = _threads_beside_readers(torch.device("cpu"), drawers)
+    with threads, ahead, beside:  # all undone with the merge
         return merge(
             models,
             task_vector_sum_kernel([], scale),  # replaced by prepare
