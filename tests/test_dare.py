@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -416,3 +417,29 @@ def test_numbers_drawn_ahead_are_used_only_for_the_call_they_were_drawn_for():
                 9, index, key, numel=tau.numel(), start=0, count=tau.numel(), density=0.5
             )
             assert torch.equal(dropped, tau * mask.view(tau.shape)), (key, index)
+
+
+def test_torch_threads_are_fewer_while_numbers_are_drawn_and_restored_after(tmp_path):
+    # DARE computes on fewer torch threads while its own threads draw numbers; the process's
+    # count must come back, also when the merge fails.
+    before = torch.get_num_threads()
+    seen = []
+
+    class Bar:  # progress reports arrive while the merge runs
+        def __init__(self, **kwargs):
+            pass
+
+        def update(self, n):
+            seen.append(torch.get_num_threads())
+
+        def close(self):
+            pass
+
+    models, base = family(2, seed=3), family(1, seed=4)[0]
+    ladle.dare(models, base, density=0.5, progress=Bar, device="cpu")
+    assert seen and max(seen) == max(1, before - min(8, os.cpu_count() or 1))
+    assert torch.get_num_threads() == before
+    bad = {**models[0], "layer.weight": torch.ones(5)}
+    with pytest.raises(ladle.IncompatibleError):
+        ladle.dare([bad, models[1]], base, device="cpu")
+    assert torch.get_num_threads() == before
