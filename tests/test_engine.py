@@ -932,3 +932,26 @@ def test_a_merge_without_preparation_shows_one_bar():
     _Bar.made.clear()
     ladle.task_arithmetic(family(2, seed=1), family(1, seed=2)[0], progress=_Bar, device="cpu")
     assert [bar.desc for bar in _Bar.made] == ["merging"]
+
+
+def test_merges_overlapping_in_threads_give_torch_its_thread_count_back():
+    # Each merge with threads of its own lowers torch's (process-wide) count while it runs;
+    # two overlapping in two threads, each restoring the count it found, left the process
+    # with fewer threads once both were done.
+    from ladle.engine import _threads_beside_readers
+
+    original = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        cpu = torch.device("cpu")
+        first, second = _threads_beside_readers(cpu, 1), _threads_beside_readers(cpu, 1)
+        first.__enter__()
+        assert torch.get_num_threads() == 3
+        second.__enter__()
+        assert torch.get_num_threads() == 2
+        first.__exit__(None, None, None)
+        assert torch.get_num_threads() == 3
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(original)

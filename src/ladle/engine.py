@@ -660,22 +660,35 @@ def reading_threads(device: torch.device) -> int:
     return max(1, min(READERS, (os.cpu_count() or 1) - 1))
 
 
+_BESIDE_LOCK = threading.Lock()
+_BESIDE = {"busy": 0, "before": 0}
+"""Threads that merges running now asked torch to leave free (:func:`_threads_beside_readers`)
+and torch's count before the first of them: merges in several threads of one process
+overlap, and each restoring the count it found would leave the process with fewer threads."""
+
+
 @contextlib.contextmanager
 def _threads_beside_readers(device: torch.device, readers: int) -> Iterator[None]:
     """On the CPU, torch's intra-op threads fewer by ``readers`` (at least one) while reading
     threads run: a thread per core, not a reader fighting a team of torch threads for a core
     (on 2 cores that fight made the soup 30% slower than computing on one thread). The count
     is torch's, for the whole process: other threads that start torch work meanwhile get it
-    too."""
+    too. Merges running at once in several threads each take their readers off the count
+    torch had before the first began, which comes back when the last ends."""
     if device.type != "cpu":
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before - readers))
+    with _BESIDE_LOCK:
+        if _BESIDE["busy"] == 0:
+            _BESIDE["before"] = torch.get_num_threads()
+        _BESIDE["busy"] += readers
+        torch.set_num_threads(max(1, _BESIDE["before"] - _BESIDE["busy"]))
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _BESIDE_LOCK:
+            _BESIDE["busy"] -= readers
+            torch.set_num_threads(max(1, _BESIDE["before"] - _BESIDE["busy"]))
 
 
 def _check_result(
