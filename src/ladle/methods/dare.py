@@ -187,8 +187,8 @@ def _dropper(
     the rescale by ``1/density`` is left to the combination (see :func:`dare`).
 
     While model ``i``'s chunk is computed, model ``i + 1``'s numbers for the same rows are
-    drawn on ``ahead`` (one thread): the random numbers, a third of DARE's time, overlap the
-    arithmetic. One chunk's numbers more are held (float32, a chunk's entries)."""
+    drawn on ``ahead`` (one thread): the random numbers, most of DARE's CPU time, overlap
+    the arithmetic. One chunk's numbers more are held (float32, a chunk's entries)."""
 
     kept: dict[int, tuple[tuple[int, str, int, int], torch.Tensor]] = {}  # per model: a block
     threshold = keep_below(density)
@@ -208,12 +208,12 @@ def _dropper(
             )
 
         drawn = None
-        if waiting:  # waited for even when not these: two draws at once would share kept
+        if waiting:
             ((wanted, future),) = waiting
             waiting.clear()
-            drawn = future.result() if wanted == (key, start, count, index) else None
-            if drawn is None:
-                future.result()
+            ahead_of_time = future.result()  # also when not these: two draws would share kept
+            if wanted == (key, start, count, index):
+                drawn = ahead_of_time
         if drawn is None:
             drawn = draw(index)
         if index + 1 < models:
