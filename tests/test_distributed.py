@@ -181,6 +181,9 @@ def _averages(rank: int) -> dict:
         found[field] = average_({"exact": state["exact"].clone()}, weights=weights)
     odd = {"exact": torch.ones(4)} if rank != 2 else {"exact": torch.ones(5)}
     found["shape_error"] = _catch(average_, odd)
+    # One rank alone fails before any collective (not a module or a state dict): every rank
+    # must raise, where the others waited for it until the group's timeout.
+    found["one_rank_error"] = _catch(average_, [1.0] if rank == 2 else {"exact": torch.ones(4)})
     # Integer dtypes gloo cannot broadcast as they are; values past int64's range for uint64.
     ints = {
         "i16": torch.tensor([-3 - rank, 7], dtype=torch.int16),
@@ -421,6 +424,17 @@ def test_average_takes_numpy_and_tensor_weights_as_numbers(spawned):
     for found in ranks:
         for field in ("tensor_weight", "numpy_weight", "tensor_weights"):
             assert torch.equal(found[field]["exact"], torch.full((4,), 14.0 / 6.0)), field
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_alone_is_raised_on_every_rank(spawned):
+    *_, ranks = spawned
+    kind, message = ranks[2]["one_rank_error"]
+    assert kind == "TypeError" and "expected an nn.Module or a state dict" in message
+    for found in ranks[:2]:
+        kind, message = found["one_rank_error"]
+        assert kind == "LadleError", message
+        assert message.startswith("rank 2 of the group could not average: TypeError: ")
 
 
 @pytest.mark.slow

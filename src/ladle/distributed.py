@@ -307,15 +307,26 @@ def average_(
     world = _world(group)
     size, me = dist.get_world_size(world), dist.get_rank(world)
     members = set(dist.get_process_group_ranks(world))
-    named = [(n, _local(n, t, members)) for n, t in _named_tensors(module_or_state_dict)]
-    signature = [(n, tuple(t.shape), str(t.dtype), _comm_device(world, t).type) for n, t in named]
+    failed: Exception | None = None
+    try:
+        named = [(n, _local(n, t, members)) for n, t in _named_tensors(module_or_state_dict)]
+        signature = [
+            (n, tuple(t.shape), str(t.dtype), _comm_device(world, t).type) for n, t in named
+        ]
+        shown = _plain(weights)
+    except Exception as err:  # this rank alone: the others must hear of it, not wait for it
+        failed, named, signature, shown = err, [], [], None
+    problem = None if failed is None else f"{type(failed).__name__}: {failed}"
     given: list[Any] = [None] * size
-    shown = _plain(weights)
-    dist.all_gather_object(given, (signature, shown), group=world)
-    for rank, (theirs, _) in enumerate(given):
+    dist.all_gather_object(given, (signature, shown, problem), group=world)
+    if failed is not None:
+        raise failed
+    for rank, (theirs, _, trouble) in enumerate(given):
+        if trouble is not None:
+            raise LadleError(f"rank {rank} of the group could not average: {trouble}")
         if theirs != signature:
             raise IncompatibleError(_first_difference(signature, theirs, me, rank))
-    per_rank = _rank_weights([w for _, w in given], size)
+    per_rank = _rank_weights([w for _, w, _ in given], size)
     mine, total = (1.0, float(size)) if per_rank is None else _scaled(per_rank, me)
 
     def reals(tensor: torch.Tensor) -> torch.Tensor:
