@@ -701,18 +701,18 @@ def test_per_tensor_trim_reads_no_per_key_map_per_tensor(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("batch", [1, 2, 2**16])
 def test_window_counts_find_the_rank_inside_or_say_it_lies_outside(monkeypatch, batch):
-    # Hand-worked: a window of 5 patterns; 3 magnitudes below it, 2 above, and inside the
-    # offsets 0, 2, 2, 4 (counted in batches of ``batch`` patterns): the ranks 1–3 lie below,
-    # 4–7 at offsets 0, 2, 2, 4, and 8–9 above.
+    # Hand-worked: a window of 5 patterns; 3 magnitudes below it and, inside, the offsets
+    # 0, 2, 2, 4 (counted in batches of ``batch`` patterns); the rest lie above: the ranks
+    # 1–3 lie below, 4–7 at offsets 0, 2, 2, 4, and 8 on above.
     monkeypatch.setattr(ties_module, "INSIDE_BATCH", batch)
 
     def offset_of(rank: int) -> int | None:
         counts = ties_module._WindowCounts([(10, 5)])  # offset_of consumes the histogram
-        counts.add(0, 2, 1, torch.tensor([2, 0]))
-        counts.add(0, 1, 1, torch.tensor([4, 2]))
+        counts.add(0, 2, torch.tensor([2, 0]))
+        counts.add(0, 1, torch.tensor([4, 2]))
         return counts.offset_of(0, rank)
 
     assert [offset_of(rank) for rank in range(1, 10)] == [None, None, None, 0, 2, 2, 4, None, None]
     empty = ties_module._WindowCounts([(7, 3)])
-    empty.add(0, 4, 0, torch.tensor([], dtype=torch.int64))  # nothing inside: never in it
+    empty.add(0, 4, torch.tensor([], dtype=torch.int64))  # nothing inside: never in it
     assert empty.offset_of(0, 4) is None

@@ -334,19 +334,19 @@ CPU's cache took 39 ms of the window pass on 12 fp32 models of 89 MiB; batches o
 
 class _WindowCounts:
     """Per model, a histogram of the magnitudes' bit patterns inside its window, one bin per
-    pattern, made on the first batch counted, and the counts below and above the window."""
+    pattern, made on the first batch counted, and the count of those below the window (those
+    above it are the rest: the search needs no count of them)."""
 
     def __init__(self, windows: Sequence[tuple[int, int]]) -> None:
         self.windows = windows
         self.histograms: list[torch.Tensor | None] = [None] * len(windows)
-        self.outside = [[0, 0] for _ in windows]  # below and above
+        self.below = [0] * len(windows)
         self.pending: list[list[torch.Tensor]] = [[] for _ in windows]
         self.waiting = [0] * len(windows)
 
-    def add(self, index: int, below: int, above: int, inside: torch.Tensor) -> None:
-        """Count ``below`` and ``above`` the window, and ``inside``: offsets into it."""
-        self.outside[index][0] += below
-        self.outside[index][1] += above
+    def add(self, index: int, below: int, inside: torch.Tensor) -> None:
+        """Count ``below`` the window, and ``inside``: offsets into it."""
+        self.below[index] += below
         self.pending[index].append(inside)
         self.waiting[index] += inside.numel()
         if self.waiting[index] >= INSIDE_BATCH:
@@ -366,7 +366,7 @@ class _WindowCounts:
         pattern gathered so far counted), or ``None`` where that lies below or above the
         window. Searched where the histogram is: only two numbers reach the host."""
         self._count(index)
-        below, histogram = self.outside[index][0], self.histograms[index]
+        below, histogram = self.below[index], self.histograms[index]
         if histogram is None or rank <= below:
             return None
         cumulative = histogram.cumsum_(0)  # the histogram is done with
@@ -401,8 +401,8 @@ def _window_kernel(windows: Sequence[tuple[int, int]], counts: _WindowCounts) ->
         low, span = windows[index]
         magnitudes = torch.sub(x, base, out=buffer).abs_()
         sums.append(magnitudes.sum())  # in cache now; the bit patterns below overwrite it
-        # Most magnitudes fall outside the window: count those below and above with sums
-        # (a histogram of such lopsided bins is slow), then histogram the few inside.
+        # Most magnitudes fall outside the window: count those below with a sum (a histogram
+        # of such lopsided bins is slow), then histogram the few inside.
         under = torch.lt(magnitudes, lows[index], out=scratch)  # 1.0 or 0.0
         # Sums of 0/1 floats are exact below 2²⁴ in float32 (faster than float64).
         below = int(under.sum(dtype=torch.float32 if under.numel() < 2**24 else torch.float64))
@@ -417,7 +417,7 @@ def _window_kernel(windows: Sequence[tuple[int, int]], counts: _WindowCounts) ->
         else:  # a window reaching subnormal, infinite or NaN patterns: compare the patterns
             offsets = bits.sub_(low)
             inside = offsets[(offsets >= 0).logical_and_(offsets < span)]
-        counts.add(index, below, bits.numel() - below - inside.numel(), inside)
+        counts.add(index, below, inside)
         return state
 
     return Kernel(init, update, lambda state: torch.stack(state[-1]), propagates_nonfinite=True)
