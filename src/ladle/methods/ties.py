@@ -376,7 +376,7 @@ class _WindowCounts:
 
 
 def _window_kernel(windows: Sequence[tuple[int, int]], counts: _WindowCounts) -> Kernel:
-    """Count each model's magnitudes below, inside and above its window into ``counts``.
+    """Count each model's magnitudes below and inside its window into ``counts``.
 
     A chunk's result is each model's sum of magnitudes: NaN or Inf in the base or a model
     makes it non-finite, so the engine checks these sums (``propagates_nonfinite``) instead
@@ -438,8 +438,8 @@ def _select_in_window(
     misses.
 
     A sample of the magnitudes brackets each model's threshold with a window of float32 bit
-    patterns; one pass counts every pattern inside the window (and those below and above
-    it); where the rank falls inside, the pattern that reaches it is the exact answer.
+    patterns; one pass counts every pattern inside the window (and those below it); where
+    the rank falls inside, the pattern that reaches it is the exact answer.
     Memory: the sample, and per model one histogram of at most :data:`WINDOW` bins and
     about :data:`INSIDE_BATCH` patterns waiting to be counted.
     """
