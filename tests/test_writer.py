@@ -746,3 +746,93 @@ def test_an_empty_state_dict_is_written_as_a_header_alone(tmp_path, out):
     assert ladle.load(path) == {}
     with ladle.open_checkpoint(path) as checkpoint:
         assert checkpoint.metadata == {"format": "pt", "k": "v"}
+
+
+def _stray_file(out) -> None:
+    out.write_bytes(b"a stray file")
+
+
+def _stray_directory(out) -> None:
+    out.mkdir()
+    (out / "x").write_bytes(b"a stray directory")
+
+
+@pytest.mark.parametrize(
+    ("name", "appears"),
+    [("out", _stray_file), ("o.safetensors", _stray_directory)],
+    ids=["a file where a directory goes", "a directory where a file goes"],
+)
+def test_an_output_of_the_other_kind_taking_the_place_is_replaced_leaving_nothing_aside(
+    tmp_path, monkeypatch, name, appears
+):
+    """The rename fails with ENOTDIR or EISDIR, not ENOTEMPTY: the replaced output used to
+    stay aside as .NAME.ladle-old-PID-... and the merge fail."""
+    out = tmp_path / name
+    if name == "o.safetensors":  # renamed aside, not replaced in one rename: a link
+        target = ladle.save({"w": torch.zeros(2)}, tmp_path / "old.safetensors")
+        out.symlink_to(target)
+    else:
+        ladle.save({"w": torch.zeros(2)}, out)
+    _interfering_replace(monkeypatch, out, 1, appears)
+    ladle.save({"w": torch.ones(2)}, out, overwrite=True)
+    assert ladle.load(out)["w"].tolist() == [1.0, 1.0]
+    assert sorted(os.listdir(tmp_path)) == sorted([name] + ["old.safetensors"] * (name != "out"))
+
+
+def _failing_rename_into_place(monkeypatch, out, error: BaseException, make=None) -> None:
+    """Renaming the temporary output to ``out`` raises ``error``; ``make`` first puts another
+    output at ``out`` (taken meanwhile by another writer)."""
+    import ladle.writer as module
+
+    real = os.replace
+
+    def replace(source, target):
+        if os.fspath(target) == os.fspath(out) and TEMP_MARK in os.fspath(source):
+            if make is not None:
+                make(out)
+            raise error
+        real(source, target)
+
+    monkeypatch.setattr(module.os, "replace", replace)
+
+
+def test_a_replaced_output_superseded_by_another_is_deleted_when_ours_fails(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    ladle.save({"w": torch.zeros(2)}, out)
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    _failing_rename_into_place(monkeypatch, out, denied, make=_other_output)
+    with pytest.raises(ladle.OutputError, match=r"out: finishing the output failed: Permission"):
+        ladle.save({"w": torch.ones(2)}, out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == b"another writer's"
+    assert os.listdir(tmp_path) == ["out"]  # the old output is not left aside
+
+
+def test_an_interrupted_rename_into_place_puts_the_replaced_output_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    ladle.save({"w": torch.zeros(2)}, out)
+    _failing_rename_into_place(monkeypatch, out, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        ladle.save({"w": torch.ones(2)}, out, overwrite=True)
+    assert ladle.load(out)["w"].tolist() == [0.0, 0.0]
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_replaced_output_that_cannot_go_back_is_kept_aside(tmp_path, monkeypatch):
+    """Its only copy: never deleted, whatever fails."""
+    import ladle.writer as module
+
+    out = tmp_path / "out"
+    ladle.save({"w": torch.zeros(2)}, out)
+    real = os.replace
+
+    def replace(source, target):
+        if os.fspath(target) == os.fspath(out):  # ours, and the old one going back
+            raise OSError(errno.EIO, "Input/output error")
+        real(source, target)
+
+    monkeypatch.setattr(module.os, "replace", replace)
+    with pytest.raises(ladle.OutputError, match=r"out: finishing the output failed: Input/output"):
+        ladle.save({"w": torch.ones(2)}, out, overwrite=True)
+    (aside,) = os.listdir(tmp_path)
+    assert aside.startswith(".out.ladle-old-")
+    assert ladle.load(tmp_path / aside)["w"].tolist() == [0.0, 0.0]

@@ -318,12 +318,19 @@ RENAME_ATTEMPTS = 16
 :func:`rename_into_place`)."""
 
 
+_TAKEN = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
+"""What a rename onto an output fails with where another output took its place meanwhile: a
+non-empty directory, or an output of the other kind (a file where a directory goes, or the
+reverse)."""
+
+
 def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
     """Move a finished output from its temporary name ``temp`` to ``out`` by renames only.
 
     A file replaces a file in one rename. Otherwise an existing ``out`` (only with
     ``overwrite``) is first renamed aside, then deleted once the new output is in place, so a
-    reader sees the old output or the new one, never a mix.
+    reader sees the old output or the new one, never a mix. Where the new one cannot take
+    its place, the old one goes back (see :func:`_put_back`).
     """
     if not overwrite:
         if os.path.lexists(out):  # a symbolic link, even a dangling one, counts as there
@@ -332,27 +339,44 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
         return
     # Other writers may be swapping outputs in at the same time: whatever stands at ``out``
     # is renamed aside (it may be gone already) and ours renamed in; where another output
-    # took the place in between (a directory cannot replace a non-empty one), again.
+    # took the place in between (a directory cannot replace a non-empty one, nor an output
+    # of the other kind: _TAKEN), again.
     for _ in range(RENAME_ATTEMPTS):
-        if temp.is_file() and not out.is_dir() and not out.is_symlink():
-            os.replace(temp, out)  # a file replaces a file (or nothing) in one rename
-            return
-        old = out.parent / f".{out.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        with contextlib.suppress(FileNotFoundError):  # gone: another writer moved it away
-            os.replace(out, old)
+        in_one = temp.is_file() and not out.is_dir() and not out.is_symlink()
+        old = None if in_one else _aside(out)
         try:
-            os.replace(temp, out)
-        except OSError as err:
-            if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                _remove(old)  # superseded by the output that took the place
+            if old is not None:
+                with contextlib.suppress(FileNotFoundError):  # gone: another writer moved it
+                    os.replace(out, old)
+            os.replace(temp, out)  # a file replaces a file (or nothing) in this one rename
+        except BaseException as err:  # an interrupt too: the old output must not stay aside
+            if old is not None:
+                _put_back(old, out)
+            if isinstance(err, OSError) and err.errno in _TAKEN and os.path.lexists(out):
                 continue
-            if os.path.lexists(old) and not os.path.lexists(out):  # put the old one back
-                with contextlib.suppress(OSError):
-                    os.replace(old, out)
             raise
-        _remove(old)
+        if old is not None:
+            _remove(old)
         return
     raise LadleError(f"{out}: other writers kept replacing it; the result is left unwritten")
+
+
+def _aside(out: Path) -> Path:
+    """The name the output at ``out`` is renamed to while a new one takes its place."""
+    return out.parent / f".{out.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _put_back(old: Path, out: Path) -> None:
+    """Return the output renamed aside to ``old`` to ``out``, where ours failed to take its
+    place. Where another output took the place meanwhile, the old one is superseded by it and
+    deleted; where it can go neither back nor away (the only copy), it stays aside."""
+    if not os.path.lexists(old):  # never moved aside: it was gone already
+        return
+    if not os.path.lexists(out):
+        with contextlib.suppress(OSError):  # e.g. a non-empty directory appeared meanwhile
+            os.replace(old, out)
+    if os.path.lexists(old) and os.path.lexists(out):
+        _remove(old)
 
 
 def write_extra_files(directory: Path, files: Mapping[str, bytes | str | os.PathLike]) -> None:
