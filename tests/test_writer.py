@@ -4,6 +4,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -836,3 +837,60 @@ def test_a_replaced_output_that_cannot_go_back_is_kept_aside(tmp_path, monkeypat
     (aside,) = os.listdir(tmp_path)
     assert aside.startswith(".out.ladle-old-")
     assert ladle.load(tmp_path / aside)["w"].tolist() == [0.0, 0.0]
+
+
+def _ended_writer(out, how: str) -> SafetensorsWriter:
+    """A writer of ``w`` (2 rows) and ``v`` ended ``how``: committed, aborted half-way, or
+    whose commit failed (the output appeared meanwhile) and that was not aborted."""
+    writer = SafetensorsWriter(out, {"w": ((2, 2), torch.float32), "v": ((2,), torch.float32)})
+    writer.write("w", torch.ones(1, 2))
+    if how == "aborted":
+        writer.abort()
+        return writer
+    writer.write("w", torch.ones(1, 2))
+    writer.write("v", torch.ones(2))
+    if how == "committed":
+        writer.commit()
+    else:
+        Path(out).write_bytes(b"someone else's")
+        with pytest.raises(ladle.LadleError, match="appeared while merging"):
+            writer.commit()
+    return writer
+
+
+@pytest.mark.parametrize("name", ["o.safetensors", "o"])
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [
+        ("committed", r"already committed \(its output is in place\)"),
+        ("aborted", r"already aborted \(its temporary output is deleted\)"),
+        ("commit failed", r"whose commit\(\) failed \(only abort\(\) is left to call\)"),
+    ],
+    ids=["committed", "aborted", "commit failed"],
+)
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        (lambda writer: writer.write("w", torch.ones(1, 2)), r"write\('w'\)"),
+        (lambda writer: writer.amend("w", torch.tensor([0]), torch.zeros(1)), r"amend\('w'\)"),
+        (lambda writer: writer.commit(), r"commit\(\)"),
+    ],
+    ids=["write", "amend", "commit"],
+)
+def test_writing_with_a_writer_that_has_ended_is_refused_saying_how_it_ended(
+    tmp_path, name, how, said, call, named
+):
+    """It used to fail as whatever the deleted or renamed files made of it: an
+    AssertionError, an OutputError ("No such file"), "after the last planned tensor"."""
+    out = tmp_path / name
+    writer = _ended_writer(out, how)
+    before = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*")}
+    message = re.escape(f"writer for {out}: ") + rf"{named} on a writer {said}; a writer writes "
+    with pytest.raises(ladle.LadleError, match=message) as caught:
+        call(writer)
+    assert type(caught.value) is ladle.LadleError  # not an OutputError: nothing failed on disk
+    assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*")} == before
+    writer.abort()  # still allowed: it deletes what is left, or does nothing
+    if how == "committed":
+        assert ladle.load(out)["v"].tolist() == [1.0, 1.0]
+    assert sorted(os.listdir(tmp_path)) == ([] if how == "aborted" else [name])

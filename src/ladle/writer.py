@@ -444,6 +444,14 @@ def _first_difference(expected: Mapping[str, FoundSpec], found: Mapping[str, Fou
     return f"expected no {extra!r}, found {spec(found[extra])}"
 
 
+_ENDED = {
+    "committed": "already committed (its output is in place)",
+    "aborted": "already aborted (its temporary output is deleted)",
+    "commit failed": "whose commit() failed (only abort() is left to call)",
+}
+"""How a writer ended, as the error for a later write says it."""
+
+
 class SafetensorsWriter:
     """Write tensors, in a planned order and a chunk of rows at a time, into safetensors.
 
@@ -533,6 +541,7 @@ class SafetensorsWriter:
         self._unsynced = 0  # bytes written since the last write-back started
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ladle-sync")
         self._sync: Future[None] | None = None
+        self._ended: str | None = None  # "committed", "aborted" or "commit failed"
         try:  # every shard's disk space, before anything is merged
             with _output_errors(self.out, "creating the output"):
                 for shard, file in enumerate(self._files):
@@ -551,6 +560,7 @@ class SafetensorsWriter:
         """Append ``chunk`` (the next rows of ``key``, or all of it) to the output; its rows
         may be those of ``key`` with leading dimensions merged (``(E·H, I)`` for a tensor of
         shape ``(E, H, I)``)."""
+        self._check_open(f"write({key!r})")
         with _output_errors(self.out, f"writing {key!r}"):
             self._write(key, chunk)
 
@@ -597,8 +607,19 @@ class SafetensorsWriter:
         For merges whose last statistic is known only at the end: the entries are patched in
         the temporary output, in place, before it is renamed.
         """
+        self._check_open(f"amend({key!r})")
         with _output_errors(self.out, f"amending {key!r}"):
             self._amend(key, index, values)
+
+    def _check_open(self, call: str) -> None:
+        """A ``LadleError`` for ``call`` on a writer that has ended: committed, aborted, or
+        whose commit failed (then only ``abort`` is left to call). A writer writes one output,
+        once: writing again takes a new writer."""
+        if self._ended is not None:
+            raise LadleError(
+                f"writer for {self.out}: {call} on a writer {_ENDED[self._ended]}; a writer "
+                "writes its output once: make a new SafetensorsWriter to write again"
+            )
 
     def _amend(self, key: str, index: torch.Tensor, values: torch.Tensor) -> None:
         self._skip_empty()
@@ -695,9 +716,17 @@ class SafetensorsWriter:
         self._unsynced = 0
 
     def commit(self) -> Path:
-        """Check the output is complete, then rename it into place; returns the final path."""
+        """Check the output is complete, then rename it into place; returns the final path.
+
+        Once called, the writer writes nothing more, even where the commit fails: then only
+        :meth:`abort` is left to call.
+        """
+        self._check_open("commit()")
+        self._ended = "commit failed"  # until it succeeds
         with _output_errors(self.out, "finishing the output"):
-            return self._commit()
+            path = self._commit()
+        self._ended = "committed"
+        return path
 
     def _commit(self) -> Path:
         self._skip_empty()
@@ -718,7 +747,11 @@ class SafetensorsWriter:
         return self.out
 
     def abort(self) -> None:
-        """Delete the temporary output; nothing appears under the final name."""
+        """Delete the temporary output; nothing appears under the final name. Again, or after
+        a commit that succeeded, it does nothing."""
+        if self._ended == "committed":
+            return
+        self._ended = "aborted"
         self._close_amended(sync=False)
         if self._sync is not None:
             with contextlib.suppress(OSError):
