@@ -894,3 +894,32 @@ def test_writing_with_a_writer_that_has_ended_is_refused_saying_how_it_ended(
     if how == "committed":
         assert ladle.load(out)["v"].tolist() == [1.0, 1.0]
     assert sorted(os.listdir(tmp_path)) == ([] if how == "aborted" else [name])
+
+
+def test_every_writing_function_defaults_to_the_one_max_shard_size():
+    """``DEFAULT_MAX_SHARD_SIZE``, "5GB" as before, is the default everywhere: the functions
+    that write, the engine, the writer and the CLI (its value and its help)."""
+    import inspect
+
+    from ladle.cli import merge_kwargs, merge_options
+    from ladle.engine import merge
+    from ladle.writer import DEFAULT_MAX_SHARD_SIZE
+
+    assert DEFAULT_MAX_SHARD_SIZE == "5GB"
+    public = [getattr(ladle, name) for name in ladle.__all__]
+    writing = [
+        function
+        for function in [*filter(inspect.isfunction, public), merge, SafetensorsWriter]
+        if "max_shard_size" in inspect.signature(function).parameters
+    ]
+    names = {function.__name__ for function in writing}
+    assert {"save", "uniform_soup", "ties", "dare", "merge", "SafetensorsWriter"} <= names
+    defaults = {
+        function.__name__: inspect.signature(function).parameters["max_shard_size"].default
+        for function in writing
+    }
+    assert defaults == dict.fromkeys(names, DEFAULT_MAX_SHARD_SIZE)
+    parser = merge_options()
+    assert merge_kwargs(parser.parse_args(["-o", "out"]))["max_shard_size"] == "5GB"
+    (option,) = [a for a in parser._actions if "--max-shard-size" in a.option_strings]
+    assert option.help == "largest shard of a directory output (default: 5GB)"

@@ -32,7 +32,7 @@ from .methods.stock import model_stock
 from .methods.task_arithmetic import task_arithmetic
 from .methods.ties import ties
 from .recipe import DTYPES, load_callable, run_recipe
-from .writer import parse_size, single_file
+from .writer import DEFAULT_MAX_SHARD_SIZE, parse_size, single_file
 
 __all__ = ["main"]
 
@@ -99,7 +99,7 @@ def merge_options() -> argparse.ArgumentParser:
         "--max-shard-size",
         type=_size,
         default=None,
-        help="largest shard of a directory output (default: 5GB)",
+        help=f"largest shard of a directory output (default: {DEFAULT_MAX_SHARD_SIZE})",
     )
     parent.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parent.add_argument(
@@ -125,7 +125,9 @@ def merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "out": args.out,
         "device": args.device,
         "dtype": args.dtype,
-        "max_shard_size": "5GB" if args.max_shard_size is None else args.max_shard_size,
+        "max_shard_size": (
+            DEFAULT_MAX_SHARD_SIZE if args.max_shard_size is None else args.max_shard_size
+        ),
         "overwrite": args.overwrite,
         "progress": not args.no_progress and sys.stderr.isatty(),
         "allow_nonfinite": args.allow_nonfinite,

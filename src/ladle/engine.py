@@ -30,7 +30,13 @@ from ._version import __version__
 from .checkpoint import Checkpoint, StateDict, StateDictLike, open_checkpoint, recorded_name
 from .errors import IncompatibleError, LadleError, NonFiniteError
 from .modelcard import output_files
-from .writer import SafetensorsWriter, aligned_order, check_output_name, single_file
+from .writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    SafetensorsWriter,
+    aligned_order,
+    check_output_name,
+    single_file,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -1273,7 +1279,7 @@ def merge(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     progress: Any = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     allow_nonfinite: bool = False,

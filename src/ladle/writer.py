@@ -39,6 +39,9 @@ TEMP_MARK = ".ladle-tmp-"
 OLD_MARK = ".ladle-old-"
 """Marks of a write's temporary output and of the output it replaces (renamed aside, then
 deleted), each followed by the writing process's id."""
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+"""The default ``max_shard_size`` of every function that writes a directory output, and of
+the CLI's ``--max-shard-size``: huggingface_hub's (``split_torch_state_dict_into_shards``)."""
 SYNC_EVERY = 64 * 2**20  # bytes between background write-backs of the output
 
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
@@ -481,7 +484,7 @@ class SafetensorsWriter:
         out: str | os.PathLike,
         specs: Mapping[str, Spec],
         *,
-        max_shard_size: int | str = "5GB",
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         metadata: Mapping[str, str] | None = None,
         overwrite: bool = False,
         extra_files: Mapping[str, bytes | str | os.PathLike] | None = None,
@@ -822,7 +825,7 @@ def save(
     state_dict: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
     *,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     metadata: Mapping[str, str] | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -833,7 +836,8 @@ def save(
             first: :func:`aligned_order`).
         path: a ``.safetensors`` file, or a directory written Hugging Face style
             (``model.safetensors``, or shards with ``model.safetensors.index.json``).
-        max_shard_size: largest shard of a directory output, e.g. ``"5GB"`` or ``"500MiB"``.
+        max_shard_size: largest shard of a directory output, e.g. ``"5GB"`` (the default,
+            :data:`DEFAULT_MAX_SHARD_SIZE`) or ``"500MiB"``.
         metadata: strings stored in every shard's header.
         overwrite: replace an existing output (atomically) instead of refusing.
 

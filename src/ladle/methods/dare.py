@@ -30,6 +30,7 @@ from ..engine import (
     merge,
     resolve_device,
 )
+from ..writer import DEFAULT_MAX_SHARD_SIZE
 from .task_arithmetic import Delta, check_inputs, check_scale, task_vector_sum_kernel
 from .ties import check_density, majority_election
 
@@ -247,7 +248,7 @@ def dare(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     progress: Progress = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     allow_nonfinite: bool = False,

@@ -19,6 +19,7 @@ import torch
 from ..checkpoint import StateDict, StateDictLike, open_checkpoint
 from ..engine import FOLD_CHUNK_BYTES, Progress, merge
 from ..errors import IncompatibleError
+from ..writer import DEFAULT_MAX_SHARD_SIZE
 from .soup import Evaluate, GreedySoupResult, normalized_weights, run_greedy, weighted_mean_kernel
 
 __all__ = ["ratatouille", "ratatouille_init"]
@@ -161,7 +162,7 @@ def ratatouille(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     progress: Progress = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     chunk_bytes: int = FOLD_CHUNK_BYTES,
     allow_nonfinite: bool = False,

@@ -35,7 +35,7 @@ from ..engine import (
 )
 from ..errors import LadleError
 from ..modelcard import output_files
-from ..writer import SafetensorsWriter, single_file
+from ..writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, single_file
 
 __all__ = [
     "Evaluate",
@@ -103,7 +103,7 @@ def uniform_soup(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     progress: Progress = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     chunk_bytes: int = FOLD_CHUNK_BYTES,
     allow_nonfinite: bool = False,
@@ -402,7 +402,7 @@ def greedy_soup(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     progress: Progress = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
 ) -> GreedySoupResult:

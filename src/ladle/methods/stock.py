@@ -27,6 +27,7 @@ from ..engine import (
     merge,
     resolve_device,
 )
+from ..writer import DEFAULT_MAX_SHARD_SIZE
 
 __all__ = [
     "EPS",
@@ -231,7 +232,7 @@ def model_stock(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     progress: Progress = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     chunk_bytes: int = FOLD_CHUNK_BYTES,
     allow_nonfinite: bool = False,

@@ -11,6 +11,7 @@ import torch
 
 from ..checkpoint import StateDict, StateDictLike
 from ..engine import FOLD_CHUNK_BYTES, Kernel, Progress, Scratch, merge
+from ..writer import DEFAULT_MAX_SHARD_SIZE
 
 __all__ = [
     "check_inputs",
@@ -122,7 +123,7 @@ def task_arithmetic(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     progress: Progress = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     chunk_bytes: int = FOLD_CHUNK_BYTES,
     allow_nonfinite: bool = False,

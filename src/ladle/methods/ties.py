@@ -36,6 +36,7 @@ from ..engine import (
     resolve_device,
     row_chunks,
 )
+from ..writer import DEFAULT_MAX_SHARD_SIZE
 from .task_arithmetic import Delta, check_inputs, check_scale
 
 __all__ = [
@@ -970,7 +971,7 @@ def ties(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     progress: Progress = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     chunk_bytes: int | None = None,
     allow_nonfinite: bool = False,
