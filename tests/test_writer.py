@@ -923,3 +923,23 @@ def test_every_writing_function_defaults_to_the_one_max_shard_size():
     assert merge_kwargs(parser.parse_args(["-o", "out"]))["max_shard_size"] == "5GB"
     (option,) = [a for a in parser._actions if "--max-shard-size" in a.option_strings]
     assert option.help == "largest shard of a directory output (default: 5GB)"
+
+
+def test_keys_sharing_storage_are_each_written_with_their_own_bytes(tmp_path):
+    """Tied weights (docs/sources.md): both keys are written, as safetensors' save_file
+    would refuse to and save_model would not (it keeps one name)."""
+    from safetensors.torch import load_file
+
+    embedding = torch.arange(6.0).reshape(3, 2)
+    tied = {"embed_tokens.weight": embedding, "lm_head.weight": embedding}
+    out = ladle.save(tied, tmp_path / "o.safetensors")
+    loaded = load_file(out)
+    assert sorted(loaded) == ["embed_tokens.weight", "lm_head.weight"]
+    assert all(torch.equal(loaded[key], embedding) for key in loaded)
+    assert out.stat().st_size == len(_header_bytes(out)) + 2 * embedding.nbytes
+
+
+def _header_bytes(path) -> bytes:
+    with open(path, "rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        return size.to_bytes(8, "little") + file.read(size)
