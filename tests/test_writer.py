@@ -943,3 +943,25 @@ def _header_bytes(path) -> bytes:
     with open(path, "rb") as file:
         size = int.from_bytes(file.read(8), "little")
         return size.to_bytes(8, "little") + file.read(size)
+
+
+@pytest.mark.parametrize(
+    ("key", "index", "message"),
+    [
+        ("x", torch.tensor([0]), r"amend\('x'\) of a tensor not planned"),
+        ("w", torch.tensor([0.0]), r"amend\('w'\) expected an index .* got torch\.float32"),
+        ("w", torch.tensor([1], dtype=torch.uint8), r"amend\(.w.\) expected .* got torch\.uint8"),
+    ],
+    ids=["unknown key", "float index", "uint8 index (a mask)"],
+)
+def test_amend_of_an_unknown_key_or_with_an_index_that_is_not_integers_is_refused(
+    tmp_path, key, index, message
+):
+    """They were a KeyError, an IndexError from torch, and a uint8 index taken for a mask."""
+    with (
+        pytest.raises(ladle.LadleError, match=re.escape(f"writer for {tmp_path}/o: ") + message),
+        SafetensorsWriter(tmp_path / "o", {"w": ((2,), torch.float32)}) as writer,
+    ):
+        writer.write("w", torch.ones(2))
+        writer.amend(key, index, torch.zeros(1))
+    assert os.listdir(tmp_path) == []

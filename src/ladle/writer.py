@@ -630,6 +630,13 @@ class SafetensorsWriter:
             raise LadleError(
                 f"writer for {self.out}: amend({key!r}) before every tensor is written"
             )
+        if key not in self._specs:
+            raise LadleError(f"writer for {self.out}: amend({key!r}) of a tensor not planned")
+        if index.dtype not in (torch.int64, torch.int32):  # uint8 would index as a mask
+            raise LadleError(
+                f"writer for {self.out}: amend({key!r}) expected an index of torch.int64 or "
+                f"torch.int32, got {index.dtype}"
+            )
         dtype = self._specs[key][1]
         if values.dtype != dtype or values.shape != index.shape:
             raise LadleError(
