@@ -544,6 +544,56 @@ def test_a_merge_whose_peer_is_gone_leaves_no_temporary_directory(tmp_path):
     assert [p for p in os.listdir(tmp_path) if "out" in p] == []
 
 
+def _alone_worker(rank: int, root: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2
+    )
+    # The merges run on a group with a short timeout: a rank left waiting fails within seconds.
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=5))
+    found: dict = {}
+    try:
+        base = str(Path(root) / "model0.safetensors")
+        models = [str(Path(root) / f"model{i}.safetensors") for i in range(1, 4)]
+        # A device only rank 1 lacks: refused on rank 1 before any collective.
+        device = "cpu" if rank == 0 else "meta"
+        found["device"] = _catch(
+            merge, "uniform_soup", models, out=Path(root) / "device", group=group, device=device
+        )
+        # A model only rank 0 can read (a file on its node alone).
+        mine = models if rank == 0 else [*models[:2], str(Path(root) / "elsewhere.safetensors")]
+        extra = {"base": base, "density": 0.3, "trim": "global", "device": "cpu"}
+        found["missing"] = _catch(merge, "ties", mine, out=Path(root) / "missing", **extra)
+        # Still in step: the next merge on the same group succeeds on both ranks.
+        found["after"] = _catch(
+            merge, "uniform_soup", models, out=Path(root) / "after", group=group, device="cpu"
+        )
+    finally:
+        torch.save(found, Path(root) / f"alone{rank}.pt")
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_split_merge_failing_on_one_rank_before_any_collective_fails_on_every_rank(tmp_path):
+    # Before: rank 1 raised at once, rank 0 waited for it in its first collective until the
+    # group's timeout, and the ranks' later collectives were paired with the wrong ones.
+    _, models = _models(tmp_path)
+    context = mp.start_processes(_alone_worker, args=(str(tmp_path),), nprocs=2, join=False)
+    _join_or_fail(context)
+    found = [torch.load(tmp_path / f"alone{r}.pt", weights_only=False) for r in range(2)]
+    expected = "device: 'meta' holds no data; merge on cpu, cuda or another device"
+    assert found[1]["device"] == ("ValueError", expected)
+    assert found[0]["device"] == ("LadleError", f"rank 1: {expected}")
+    missing = f"{tmp_path / 'elsewhere.safetensors'}: no such file or directory"
+    assert found[1]["missing"] == ("CheckpointError", missing)
+    assert found[0]["missing"] == ("LadleError", f"rank 1: {missing}")
+    assert found[0]["after"] is None and found[1]["after"] is None
+    merged, single = ladle.load(tmp_path / "after"), ladle.uniform_soup(models, device="cpu")
+    assert all(torch.equal(merged[k], single[k]) for k in single)
+    left = [p for p in os.listdir(tmp_path) if "device" in p or "missing" in p or "ladle" in p]
+    assert left == []
+
+
 # --- the process group is freed when a merge fails (else: SIGABRT at exit) --------------------
 
 
@@ -569,6 +619,11 @@ def _freeing_worker(rank: int, root: str, ports: tuple[int, int]) -> None:
         with _torchrun_group():
             group = weakref.ref(dist.group.WORLD)
             found["merge_error"] = _catch(merge, "uniform_soup", models, out=Path(root) / "exists")
+            # Also a failure before the first collective (a device this rank lacks).
+            device = "cpu" if rank == 0 else "meta"
+            found["early_error"] = _catch(
+                merge, "uniform_soup", models, out=Path(root) / "new", device=device
+            )
         found["merge_freed"] = group() is None
         # A second group on a port of its own: on the first one's port, a rank quicker to get
         # there could reach the first group's store, still open on the other rank, and hang.
@@ -607,6 +662,7 @@ def test_a_failed_merge_leaves_nothing_holding_the_process_group(tmp_path):
         found = torch.load(tmp_path / f"freed{rank}.pt", weights_only=False)
         kind, message = found["merge_error"]
         assert kind == "LadleError" and "already exists" in message
+        assert found["early_error"][0] == ("LadleError", "ValueError")[rank]
         assert found["merge_freed"], rank
         assert found["cli_error"] == "failed on one of 2 ranks"
         assert found["cli_freed"], rank

@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 import traceback
-import typing
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -576,33 +575,64 @@ def _source(group: dist.ProcessGroup) -> int:
     return dist.get_global_rank(group, 0)
 
 
-def _shared_temporary(out: Path, group: dist.ProcessGroup) -> Path:
-    """Rank 0 makes the temporary directory beside ``out``; every rank learns its name.
+def _shared_temporary(
+    out: Path | None, group: dist.ProcessGroup, problem: str | None
+) -> Path | str:
+    """Rank 0 makes the temporary directory beside ``out``; in one gather, every rank learns
+    its name and whether a rank failed before (its ``problem``: its own arguments, a device
+    it lacks), so that none waits for a rank that will not come.
 
-    Should the others not learn it (a rank gone or timed out, Ctrl-C), rank 0 deletes it.
+    Returns the directory, or else, on every rank alike, ``"rank R: ..."`` naming the first
+    rank that failed (rank 0, should it fail to make the directory). Then, and should the
+    others not learn the name (a rank gone or timed out, Ctrl-C), rank 0 deletes it.
     """
-    box: list[object] = [None]
     made: Path | None = None
-    if dist.get_rank(group) == 0:
+    if dist.get_rank(group) == 0 and out is not None:  # None where this rank failed
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(out)
             made = _temporary_beside(out)
             made.mkdir()
-            box[0] = ("ok", str(made))
         except OSError as err:
             made = None
-            box[0] = ("error", f"{out}: cannot make the temporary directory beside it ({err})")
+            problem = f"{out}: cannot make the temporary directory beside it ({err})"
+    given: list[Any] = [None] * dist.get_world_size(group)
     try:
-        dist.broadcast_object_list(box, src=_source(group), group=group)
+        dist.all_gather_object(given, (problem, None if made is None else str(made)), group=group)
     except BaseException:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
         raise
-    kind, value = typing.cast("tuple[str, str]", box[0])
-    if kind == "error":
-        raise LadleError(f"rank 0: {value}")
-    return Path(value)
+    for rank, (trouble, _) in enumerate(given):
+        if trouble is not None:
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+            return f"rank {rank}: {trouble}"
+    return Path(given[0][1])
+
+
+def _check_out(out: str | os.PathLike | None, *, split: bool = False) -> None:
+    """Check ``out``: given, a name that means what it says, and, for a merge ``split``
+    across processes, a directory (ranks write separate shards)."""
+    if out is None:
+        raise ValueError("out: a merge split across processes writes a directory; pass out=PATH")
+    check_output_name(out)
+    if split and single_file(out):
+        raise ValueError(
+            f"out: a merge split across processes writes a directory of shards, found {out}"
+        )
+
+
+def _take_device(params: dict[str, Any]) -> None:
+    """This rank's ``device`` in ``params``: ``cuda:LOCAL_RANK`` when CUDA is available and
+    none is given. Checked (:func:`ladle.engine.resolve_device`), then, for a CUDA device,
+    made current: NCCL's tensors (:func:`_comm_device`) go to this rank's GPU."""
+    if params.get("device") is None and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        params["device"] = torch.device("cuda", local % torch.cuda.device_count())
+    device = resolve_device(params.get("device"))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 def _finish(
@@ -689,30 +719,31 @@ def merge(
         >>> ladle.load(out)
         {'w': tensor([2., 4.])}
     """
-    function = _method(method, params)
-    if out is None:
-        raise ValueError("out: a merge split across processes writes a directory; pass out=PATH")
-    check_output_name(out)
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        function = _method(method, params)
+        _check_out(out)
         return Path(function(models, out=out, **params))
-    out = Path(out)
-    if single_file(out):
-        raise ValueError(
-            f"out: a merge split across processes writes a directory of shards, found {out}"
-        )
     world = _world(group)
     rank, size = dist.get_rank(world), dist.get_world_size(world)
-    if params.get("device") is None and torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
-        params["device"] = torch.device("cuda", local % torch.cuda.device_count())
-    # Checked first (a ValueError on every rank alike, before any collective), then, for a
-    # CUDA device, made current: NCCL's tensors (_comm_device) go to this rank's GPU.
-    device = resolve_device(params.get("device"))
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
+    early: Exception | None = None
+    try:  # this rank's own arguments and device, before the first collective
+        function = _method(method, params)
+        _check_out(out, split=True)
+        _take_device(params)
+    except Exception as err:  # this rank alone: the others must hear of it, not wait for it
+        early = err
     if rank != 0:
         params["progress"] = None
-    directory = _shared_temporary(out, world)
+    problem = None if early is None else " ".join(str(early).split())
+    directory = _shared_temporary(Path(out) if early is None else None, world, problem)
+    if early is not None:
+        try:
+            raise early
+        finally:
+            early = None  # as at the end: no cycle through this frame holds the group
+    if isinstance(directory, str):
+        raise LadleError(directory)
+    out = Path(out)
     share = _Share(world, directory)
     error: Exception | None = None
     try:
