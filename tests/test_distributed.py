@@ -624,6 +624,7 @@ def _freeing_worker(rank: int, root: str, ports: tuple[int, int]) -> None:
             found["early_error"] = _catch(
                 merge, "uniform_soup", models, out=Path(root) / "new", device=device
             )
+            found["average_error"] = _catch(average_, [1.0] if rank else {"w": torch.ones(2)})
         found["merge_freed"] = group() is None
         # A second group on a port of its own: on the first one's port, a rank quicker to get
         # there could reach the first group's store, still open on the other rank, and hang.
@@ -650,8 +651,9 @@ def _free_port() -> int:
 def test_a_failed_merge_leaves_nothing_holding_the_process_group(tmp_path):
     # gloo's worker threads stop only when the group is freed; one still running when Python
     # shuts down aborts the process (SIGABRT) as it drops a collective's tensors. A failed
-    # merge's frame held its error, and so the group, in a cycle; _torchrun_group (the CLI's
-    # group) clears the frames of any error leaving it before destroying the group.
+    # merge's frame held its error, and so the group, in a cycle (so did average_'s, on the
+    # rank that failed before its first collective); _torchrun_group (the CLI's group) clears
+    # the frames of any error leaving it before destroying the group.
     _models(tmp_path)
     (tmp_path / "exists").mkdir()
     context = mp.start_processes(
@@ -663,6 +665,7 @@ def test_a_failed_merge_leaves_nothing_holding_the_process_group(tmp_path):
         kind, message = found["merge_error"]
         assert kind == "LadleError" and "already exists" in message
         assert found["early_error"][0] == ("LadleError", "ValueError")[rank]
+        assert found["average_error"][0] == ("LadleError", "TypeError")[rank]
         assert found["merge_freed"], rank
         assert found["cli_error"] == "failed on one of 2 ranks"
         assert found["cli_freed"], rank

@@ -319,7 +319,10 @@ def average_(
     given: list[Any] = [None] * size
     dist.all_gather_object(given, (signature, shown, problem), group=world)
     if failed is not None:
-        raise failed
+        try:
+            raise failed
+        finally:  # as in merge: no cycle through this frame (it holds the group) and the error
+            failed = None
     for rank, (theirs, _, trouble) in enumerate(given):
         if trouble is not None:
             raise LadleError(f"rank {rank} of the group could not average: {trouble}")
