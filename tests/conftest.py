@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,3 +112,21 @@ class DictCheckpoint(ladle.Checkpoint):
     def get_slice(self, key, rows):
         tensor = self.tensors[key]
         return tensor if tensor.dim() == 0 else tensor[rows]
+
+
+DEAD_PID = 999_999_999
+"""A process id above any pid_max (at most 2²² on Linux): no process has it."""
+
+
+def leftover(out: Path, *, host: str | None = None, mark: str = ".ladle-tmp-") -> Path:
+    """The name that a write to ``out`` by process :data:`DEAD_PID` on ``host`` (default:
+    this one) gives its temporary output (``mark`` ``.ladle-old-``: the output it replaces),
+    as the writer names it there; nothing is made."""
+    from ladle.writer import TEMP_MARK, _temporary_beside
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "getpid", lambda: DEAD_PID)
+        if host is not None:
+            patch.setattr(socket, "gethostname", lambda: host)
+        made = _temporary_beside(out)
+    return made.with_name(made.name.replace(TEMP_MARK, mark))

@@ -23,12 +23,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import leftover
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import ladle
 from ladle.distributed import _torchrun_group, average_, merge, split_by_bytes
+from ladle.writer import TEMP_MARK
 
 WORLD = 3
 CHUNK = 64  # bytes: tensors are read in several chunks of rows
@@ -250,6 +252,8 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     # A failure on one rank (NaN in the last key, merged by the last rank) fails them all.
     found["nan_error"] = _catch(merge, "uniform_soup", [root / "nan.safetensors"], out=root / "nan")
     found["device_error"] = _catch(merge, "uniform_soup", models, out=root / "dev", device="tpu")
+    # Beside an output with leftovers of another host and of a process gone from this one.
+    merge("uniform_soup", models, out=root / "hosts" / "soup", device="cpu")
     # Also where the others wait in a reduction (TIES's threshold pass, DARE's vote pass)
     # when it fails: they stop there, not at the process group's timeout.
     nan, nan_base = [root / "nan.safetensors"], root / "nan_base.safetensors"
@@ -294,6 +298,11 @@ def spawned(tmp_path_factory):
             "n": torch.tensor(i),
         }
         save_file(tiny, root / f"tiny{i}.safetensors")
+    (root / "hosts").mkdir()
+    theirs = leftover(root / "hosts" / "soup", host="node-b.example")
+    theirs.mkdir()
+    (theirs / "model.safetensors").write_bytes(b"being written on node-b")
+    leftover(root / "hosts" / "soup").mkdir()
     mp.spawn(_worker, args=(str(root),), nprocs=WORLD)
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return root, base, models, ranks
@@ -347,6 +356,19 @@ def test_split_merge_writes_hf_shards_index_and_card_and_no_leftovers(spawned):
     with ladle.open_checkpoint(root / "ties-global") as checkpoint:
         assert checkpoint.metadata["ladle.method"] == "ties"
     assert not [p for p in os.listdir(root) if "ladle-tmp" in p or "ladle-old" in p]
+
+
+@pytest.mark.slow
+def test_rank_0_removes_the_leftovers_of_its_own_host_only(spawned):
+    # On a filesystem several nodes mount, rank 0 deleted another node's temporary output
+    # (a merge still running there) whenever no process of its own node had its writer's id.
+    root, *_ = spawned
+    kept = [name for name in os.listdir(root / "hosts") if TEMP_MARK in name]
+    assert len(kept) == 1  # the one of this host whose process is gone was removed
+    assert (
+        root / "hosts" / kept[0] / "model.safetensors"
+    ).read_bytes() == b"being written on node-b"
+    assert sorted(os.listdir(root / "hosts")) == sorted(["soup", kept[0]])
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import family
+from conftest import DEAD_PID, family, leftover
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -301,10 +301,8 @@ def test_what_the_header_refuses_is_refused_before_anything_is_created(tmp_path,
 
 
 def test_leftovers_of_a_dead_process_are_removed_whatever_the_output_is_called(tmp_path):
-    from ladle.writer import TEMP_MARK
-
     for name in ("model[v2].safetensors", "a*b.safetensors", "plain.safetensors"):
-        dead = tmp_path / f".{name}{TEMP_MARK}999999999-deadbeef"  # no such process
+        dead = leftover(tmp_path / name)  # of this host, of no process
         dead.write_bytes(b"partial")
         ladle.save({"w": torch.ones(1)}, tmp_path / name)
         assert not dead.exists(), name
@@ -377,10 +375,25 @@ def test_writers_racing_to_replace_one_directory_output_all_succeed(tmp_path):
     assert torch.equal(value, torch.full((4,), 1.0)) or torch.equal(value, torch.full((4,), 2.0))
 
 
+def test_a_temporary_output_of_another_host_is_left_alone(tmp_path):
+    # On a filesystem several hosts mount, a process id names a process of its own host only:
+    # a write here deleted another host's temporary output (a merge still running there)
+    # whenever no process of this host had its writer's id.
+    theirs = leftover(tmp_path / "out", host="node-b.example")
+    theirs.mkdir()
+    (theirs / "model.safetensors").write_bytes(b"being written on node-b")
+    ours = leftover(tmp_path / "out")  # this host's, of a process gone: removed
+    ours.mkdir()
+    assert str(DEAD_PID) in theirs.name and str(DEAD_PID) in ours.name
+    ladle.save({"w": torch.ones(1)}, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", theirs.name])
+    assert (theirs / "model.safetensors").read_bytes() == b"being written on node-b"
+
+
 def test_leftovers_of_a_replaced_output_are_removed_once_their_process_is_gone(tmp_path):
     from ladle.writer import OLD_MARK
 
-    dead = tmp_path / f".out{OLD_MARK}999999999-deadbeef"
+    dead = leftover(tmp_path / "out", mark=OLD_MARK)
     dead.mkdir()
     (dead / "model.safetensors").write_bytes(b"old")
     ladle.save({"w": torch.ones(1)}, tmp_path / "out")
@@ -633,11 +646,18 @@ def test_an_output_that_appears_while_merging_is_kept_and_the_merge_refused(tmp_
 
 
 def test_temporary_outputs_of_live_processes_are_left_alone(tmp_path):
-    """Two writers of one output at once in one process, and a leftover of a live process
-    (pid 1) or of no process (no pid): a new writer removes none of them."""
+    """Two writers of one output at once in one process, and leftovers of a live process of
+    this host (pid 1), of no process (no pid), or named otherwise (no host): a new writer
+    removes none of them."""
+    from ladle.writer import _host_tag
+
     out = tmp_path / "out"
     first = SafetensorsWriter(out, {"w": ((2,), torch.float32)})
-    foreign = [tmp_path / f".out{TEMP_MARK}1-0123abcd", tmp_path / f".out{TEMP_MARK}x-0123abcd"]
+    host = _host_tag()
+    foreign = [
+        tmp_path / f".out{TEMP_MARK}{name}"
+        for name in (f"1-{host}-0123abcd", f"x-{host}-0123abcd", f"{DEAD_PID}-0123abcd")
+    ]
     for path in foreign:
         path.mkdir()
     with SafetensorsWriter(out, {"w": ((2,), torch.float32)}, overwrite=True) as second:

@@ -12,11 +12,13 @@ import contextlib
 import ctypes
 import errno
 import glob
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import struct
 import sys
 import uuid
@@ -38,7 +40,8 @@ INDEX_NAME = "model.safetensors.index.json"
 TEMP_MARK = ".ladle-tmp-"
 OLD_MARK = ".ladle-old-"
 """Marks of a write's temporary output and of the output it replaces (renamed aside, then
-deleted), each followed by the writing process's id."""
+deleted), each followed by ``PID-HOST-XXXXXXXX``: the writing process's id, a tag of its
+host (:func:`_host_tag`) and 8 random hex digits."""
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 """The default ``max_shard_size`` of every function that writes a directory output, and of
 the CLI's ``--max-shard-size``: huggingface_hub's (``split_torch_state_dict_into_shards``)."""
@@ -283,17 +286,36 @@ def _create_reserved(path: Path, size: int, out: Path) -> None:
         os.close(descriptor)
 
 
+def _host_tag() -> str:
+    """This host's tag in the names of temporary outputs: 8 hex digits of a hash of its name.
+
+    A process id names a process of its own host only; on a filesystem that several hosts
+    mount, the tag tells which host can judge whether the writer is still running.
+    """
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def _marked(path: Path, mark: str) -> Path:
+    """A new name beside ``path`` for this process's write: ``.NAME{mark}PID-HOST-XXXXXXXX``."""
+    suffix = f"{os.getpid()}-{_host_tag()}-{uuid.uuid4().hex[:8]}"
+    return path.parent / f".{path.name}{mark}{suffix}"
+
+
 def _temporary_beside(path: Path) -> Path:
-    return path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return _marked(path, TEMP_MARK)
 
 
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete leftovers of earlier writes to ``path`` whose process is gone (killed, crashed):
-    temporary outputs, and replaced outputs renamed aside."""
+    temporary outputs, and replaced outputs renamed aside. Only this host's are judged: the
+    process of another host's leftover may be running there (a filesystem several mount)."""
+    host = _host_tag()
     for mark in (TEMP_MARK, OLD_MARK):
         for leftover in path.parent.glob(f".{glob.escape(path.name)}{mark}*"):
-            pid = leftover.name.rsplit(mark, 1)[1].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            fields = leftover.name.rsplit(mark, 1)[1].split("-")
+            if len(fields) != 3 or fields[1] != host or not fields[0].isdigit():
+                continue
+            if not _alive(int(fields[0])):
                 _remove(leftover)
 
 
@@ -346,7 +368,7 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
     # of the other kind: _TAKEN), again.
     for _ in range(RENAME_ATTEMPTS):
         in_one = temp.is_file() and not out.is_dir() and not out.is_symlink()
-        old = None if in_one else _aside(out)
+        old = None if in_one else _marked(out, OLD_MARK)
         try:
             if old is not None:
                 with contextlib.suppress(FileNotFoundError):  # gone: another writer moved it
@@ -362,11 +384,6 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
             _remove(old)
         return
     raise LadleError(f"{out}: other writers kept replacing it; the result is left unwritten")
-
-
-def _aside(out: Path) -> Path:
-    """The name the output at ``out`` is renamed to while a new one takes its place."""
-    return out.parent / f".{out.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _put_back(old: Path, out: Path) -> None:
