@@ -205,6 +205,12 @@ def _averages(rank: int) -> dict:
     average_(net if rank == 0 else net.state_dict())  # the state dict shares net's storage
     found["mixed"] = {k: v.clone() for k, v in net.state_dict().items()}
     found["weights_error"] = _catch(average_, {"w": torch.ones(1)}, weights=[1.0, -1.0, 0.0])
+    # A NaN on a rank of weight 0 reaches every rank (0·NaN is NaN); zeroed first, the rank
+    # adds exact zeros and takes the others' mean (docs/distributed.md).
+    held = torch.tensor([rank + 1.0, float("nan") if rank == 2 else 4.0])
+    found["nan_weight_0"] = average_({"w": held.clone()}, weights=0.0 if rank == 2 else 1.0)
+    zeroed = {"w": held.clone().zero_() if rank == 2 else held.clone()}
+    found["zeroed_weight_0"] = average_(zeroed, weights=0.0 if rank == 2 else 1.0)
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -467,6 +473,16 @@ def test_average_refuses_mismatched_shapes_and_bad_weights_on_every_rank(spawned
         assert kind == "IncompatibleError" and "'exact'" in message and "(5,)" in message
         kind, message = found["weights_error"]
         assert kind == "ValueError" and message.startswith("weights:")
+
+
+@pytest.mark.slow
+def test_average_weight_0_is_a_weight_and_a_zeroed_rank_takes_the_others_mean(spawned):
+    *_, ranks = spawned
+    for found in ranks:
+        # ranks hold [1, 4], [2, 4], [3, NaN]; weights 1, 1, 0
+        nan_mean = found["nan_weight_0"]["w"]
+        assert nan_mean[0] == 1.5 and nan_mean[1].isnan()
+        assert torch.equal(found["zeroed_weight_0"]["w"], torch.tensor([1.5, 4.0]))
 
 
 @pytest.mark.slow

@@ -272,6 +272,12 @@ def average_(
     names the rank and key). The uniform soup of Wortsman et al., "Model soups", ICML 2022,
     across ranks; periodic averaging as in local SGD.
 
+    NaN and Inf are not checked: as in :func:`ladle.weighted_sum`, a NaN or Inf on any rank
+    makes those entries NaN (or Inf) on every rank, even on a rank of weight 0 (``0·NaN``
+    is NaN; a weight of 0 is a weight, as in the merge methods, which refuse a NaN in a
+    model of weight 0). To leave a rank out, zero its floating tensors before the call: it
+    then adds exact zeros, and receives the others' mean.
+
     DTensor (FSDP2 ``fully_shard``, tensor parallel): each rank averages its local shard,
     which is right when every rank of ``group`` holds the same shard of each tensor, e.g. the
     replicate dimension of an HSDP mesh (``group=mesh.get_group("replicate")``); a tensor
