@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +137,33 @@ def test_inspect_json_names_the_torch_file_holding_each_tensor(tmp_path, capsys)
     assert report["shards"] == [{"file": "m.pt", "tensors": 2, "bytes": 20}]
     with ladle.open_checkpoint({"w": torch.ones(2)}) as in_memory:
         assert in_memory.files() == {}
+
+
+def test_inspect_of_a_one_file_model_folder_shows_its_file_and_no_path_line(
+    tmp_path, monkeypatch, capsys
+):
+    from test_hub import COMMIT_A, weights, write_cached_repo
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    save_file({"w": torch.ones(2)}, tmp_path / "folder" / "model.safetensors")
+    assert main(["inspect", "folder"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == [  # the folder and its file in one line, as a single file shows it
+        f"1 tensors, 2 parameters, 8 B ({Path('folder', 'model.safetensors')})"
+    ]
+    # A Hub source still shows where its snapshot is: its name does not say it.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    snapshot = write_cached_repo(
+        tmp_path / "cache", "org/m", COMMIT_A, {"model.safetensors": weights({"w": torch.ones(2)})}
+    )
+    assert main(["inspect", f"hf://org/m@{COMMIT_A}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:3] == [
+        f"1 tensors, 2 parameters, 8 B (hf://org/m@{COMMIT_A})",
+        f"path {snapshot}",
+    ]
 
 
 @pytest.mark.slow

@@ -262,8 +262,10 @@ def _run_inspect(args: argparse.Namespace) -> None:
                 f"{_format_bytes(nbytes)}"
             )
         print(f"{len(keys)} tensors, {params:,} parameters, {_format_bytes(total)} ({ckpt.name})")
-        if ckpt.path is not None and str(ckpt.path) != ckpt.name:
-            print(f"path {ckpt.path}")  # e.g. the snapshot in the HF cache of an hf:// source
+        if ckpt.path is not None and ckpt.path not in (Path(ckpt.name), Path(ckpt.name).parent):
+            # e.g. the snapshot in the HF cache of an hf:// source; not the folder of a model
+            # folder holding one weights file, which its name (folder/file) shows already
+            print(f"path {ckpt.path}")
         for shard in shards if len(shards) > 1 else []:
             print(
                 f"shard {shard['file']}: {shard['tensors']} tensors, "
