@@ -334,6 +334,16 @@ def test_cli_greedy_soup_strict_and_scores(tmp_path, evaluate_module, capsys):
     assert "selected 1 of 3 models (1)" in capsys.readouterr().out  # 1.5 < 3
 
 
+def test_cli_greedy_soup_prints_a_negative_zero_score_as_0(tmp_path, evaluate_module, capsys):
+    (tmp_path / "zero_evals.py").write_text("def score(sd):\n    return -0.0\n")
+    out = tmp_path / "o.safetensors"
+    argv = ["greedy-soup", *evaluate_module, "--evaluate", "zero_evals:score", "-o", str(out)]
+    assert main([*argv, "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines[1:4]] == [[str(i), "0", "yes"] for i in range(3)]
+    assert lines[4] == "selected 3 of 3 models (0, 1, 2); score 0"
+
+
 @pytest.mark.parametrize(
     "spec", ["soup_evals", "soup_evals:missing", "no_such_module_xyz:f", "soup_evals:__name__"]
 )

@@ -185,10 +185,11 @@ def _run_greedy_soup(args: argparse.Namespace) -> None:
     print(f"{'model':<{width}}  {'score':>10}  kept  source")
     for step in result.history:
         kept = "yes" if step.accepted else "no"
-        print(f"{step.index:<{width}}  {step.score:>10.6g}  {kept:<4}  {args.models[step.index]}")
+        score = _number(step.score)
+        print(f"{step.index:<{width}}  {score:>10}  {kept:<4}  {args.models[step.index]}")
     print(
         f"selected {len(result.selected)} of {len(args.models)} models "
-        f"({', '.join(map(str, result.selected))}); score {result.score:.6g}"
+        f"({', '.join(map(str, result.selected))}); score {_number(result.score)}"
     )
     print(args.out)
 
@@ -278,7 +279,8 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
 
 def _number(value: float) -> str:
-    return "nan" if math.isnan(value) else f"{value:.6g}"
+    """``value`` in 6 significant digits; ``nan``, and ``0`` for -0.0 (never ``-0``)."""
+    return "nan" if math.isnan(value) else f"{value + 0.0:.6g}"  # -0.0 + 0.0 is 0.0
 
 
 def _run_diff(args: argparse.Namespace) -> None:
