@@ -39,6 +39,23 @@ def test_diff_with_base_compares_task_vectors():
     assert b.cosine == pytest.approx(1.0)
 
 
+def test_identical_tensors_have_cosine_exactly_1_and_opposite_ones_minus_1(tmp_path, capsys):
+    a = {"w": torch.tensor([1.0, 1.0])}  # ‖a‖² = 2, and √2·√2 = 2.0000000000000004
+    report = ladle.diff(a, {"w": a["w"].clone()})
+    assert report.tensors == [ladle.TensorDiff("w", math.sqrt(2), math.sqrt(2), 0.0, 1.0)]
+    assert report.total == ladle.TensorDiff("", math.sqrt(2), math.sqrt(2), 0.0, 1.0)
+    assert ladle.diff(a, {"w": -a["w"]}).tensors[0].cosine == -1.0
+    assert ladle.diff(a, {"w": 4 * a["w"]}).tensors[0].cosine == 1.0
+    twice = {"w": torch.tensor([3.0, 3.0])}  # task vectors [2, 2] and [2, 2]
+    assert ladle.diff(twice, twice, base=a).total.cosine == 1.0
+    save_file(a, tmp_path / "a.safetensors")
+    argv = ["diff", str(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors")]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["w", "1.41421", "1.41421", "0", "1"]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"]["cosine"] == 1.0
+
+
 def test_zero_task_vectors_have_nan_cosine():
     assert math.isnan(ladle.diff(A, A, base=A).tensors[0].cosine)
 

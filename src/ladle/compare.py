@@ -30,7 +30,7 @@ class TensorDiff(NamedTuple):
         norm_b: ‖b‖₂, or ‖b − base‖₂ with a base.
         norm_diff: ‖a − b‖₂.
         cosine: ⟨a, b⟩ / (‖a‖·‖b‖) (of the task vectors with a base), rounded into [-1, 1];
-            NaN when a norm is 0.
+            exactly 1 for identical tensors (``norm_diff`` 0), NaN when a norm is 0.
     """
 
     key: str
@@ -55,9 +55,14 @@ class DiffReport(NamedTuple):
 
 
 def _row(key: str, aa: float, bb: float, ab: float, dd: float) -> TensorDiff:
-    denominator = math.sqrt(aa) * math.sqrt(bb)
+    """The row of the sums Σa², Σb², Σab, Σ(a−b)²: identical tensors (Σ(a−b)² = 0) have
+    the same norm and a cosine of exactly 1 (NaN if both are 0)."""
+    if dd == 0.0:  # a == b: whatever order the dot products summed in
+        return TensorDiff(key, math.sqrt(aa), math.sqrt(aa), 0.0, 1.0 if aa > 0 else math.nan)
+    product = aa * bb  # √(aa·bb) rounds once: ±1 exactly for b = ±2ᵏ·a (√aa·√bb: 0.99...98)
+    denominator = math.sqrt(product) if 0.0 < product < math.inf else math.sqrt(aa) * math.sqrt(bb)
     cosine = ab / denominator if denominator > 0 else math.nan
-    if abs(cosine) > 1.0:  # rounding (1.0000000000000002 for a tensor and itself): acos-safe
+    if abs(cosine) > 1.0:  # rounding (1.0000000000000002): acos-safe
         cosine = math.copysign(1.0, cosine)
     return TensorDiff(key, math.sqrt(aa), math.sqrt(bb), math.sqrt(dd), cosine)
 
