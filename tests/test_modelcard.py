@@ -331,3 +331,34 @@ def test_a_single_file_model_folder_is_recorded_as_the_folder_and_its_recipe_cop
     (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"again"'))
     run_recipe(tmp_path / "recipe.toml", device="cpu")
     assert (tmp_path / "again" / "config.json").is_file()  # the folders were the inputs
+
+
+def test_inputs_in_the_home_folder_are_recorded_from_tilde_and_the_recipe_still_runs(
+    tmp_path, monkeypatch
+):
+    from ladle.recipe import run_recipe
+
+    home = tmp_path / "home" / "alice"
+    monkeypatch.setenv("HOME", str(home))
+    (home / "models").mkdir(parents=True)
+    a, b = family(2, seed=3)
+    save_file(a, home / "models" / "a.safetensors")
+    model_dir(home / "models" / "b", b)
+    save_file(a, tmp_path / "elsewhere.safetensors")
+    inputs = [
+        home / "models" / "a.safetensors",
+        home / "models" / "b",
+        tmp_path / "elsewhere.safetensors",
+    ]
+    out = ladle.uniform_soup(inputs, out=tmp_path / "merged")
+    recorded = ["~/models/a.safetensors", "~/models/b", str(tmp_path / "elsewhere.safetensors")]
+    with ladle.open_checkpoint(out) as ckpt:
+        assert json.loads(ckpt.metadata["ladle.inputs"]) == recorded
+    card = (out / "README.md").read_text()
+    assert "alice" not in card
+    assert "| model 0 | `~/models/a.safetensors` | - |" in card
+    assert tomllib.loads(_card_recipe(out))["models"] == recorded
+    (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"again"'))
+    run_recipe(tmp_path / "recipe.toml", device="cpu")  # ~ is the home folder again
+    again, merged = ladle.load(tmp_path / "again"), ladle.load(out)
+    assert all(torch.equal(again[k], merged[k]) for k in merged)

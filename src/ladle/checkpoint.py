@@ -781,7 +781,8 @@ def recorded_name(checkpoint: Checkpoint) -> str:
     """How provenance and model cards record ``checkpoint``: its name, except that a model
     folder holding one weights file is recorded as the folder the user gave (its name is the
     file, which error messages want), so that a recipe replaying the merge reads the folder,
-    config and tokenizer files included.
+    config and tokenizer files included; and that an absolute path in the user's home folder
+    starts with ``~`` instead of that folder.
 
     Example:
         >>> import pathlib, tempfile, torch, ladle
@@ -793,8 +794,32 @@ def recorded_name(checkpoint: Checkpoint) -> str:
     """
     path = checkpoint.path
     if path is not None and Path(checkpoint.name).parent == path and path.is_dir():
-        return str(path)
-    return checkpoint.name
+        return _home_as_tilde(str(path))
+    return _home_as_tilde(checkpoint.name)
+
+
+def _home_as_tilde(name: str) -> str:
+    """``name`` with the user's home folder written ``~`` (which recipes expand), so that a
+    card or header published with the weights shows no user name (the shell turns
+    ``~/models/a`` into ``/home/NAME/models/a``); other names as they are.
+
+    Example:
+        >>> import os
+        >>> _home_as_tilde(os.path.join(os.path.expanduser("~"), "m", "a.safetensors")) == (
+        ...     os.path.join("~", "m", "a.safetensors"))
+        True
+        >>> _home_as_tilde("models/a.safetensors"), _home_as_tilde("hf://org/a@main")
+        ('models/a.safetensors', 'hf://org/a@main')
+    """
+    home = os.path.expanduser("~")
+    if not os.path.isabs(name) or not os.path.isabs(home):
+        return name  # relative, hf://, "<state dict>"; or no home folder known
+    home = os.path.normpath(home)
+    if home == os.path.dirname(home):  # "/": every path is under it, none is the user's
+        return name
+    if name == home or name.startswith(home.rstrip(os.sep) + os.sep):
+        return "~" + name[len(home) :]
+    return name
 
 
 def _open_directory(directory: Path) -> Checkpoint:

@@ -181,7 +181,8 @@ def model_card(
     else:
         lines += [
             "Reproduce this merge with `ladle run recipe.toml`, the recipe saved in the",
-            "directory the merge ran from (relative paths below are relative to it):",
+            "directory the merge ran from (relative paths below are relative to it; `~` is the",
+            "home folder):",
             "",
             "```toml",
         ]
