@@ -916,3 +916,59 @@ def test_a_warning_made_an_error_while_loading_a_torch_file_is_not_blamed_on_the
         warnings.simplefilter("error", FutureWarning)
         with pytest.raises(FutureWarning, match="a future default changes"):
             ladle.load(tmp_path / "m.pt")
+
+
+class Exploding:
+    """A class a user allows in torch's weights-only unpickler whose constructor refuses its
+    arguments: its error is the user's code speaking, not a corrupt file."""
+
+    def __init__(self, value: str) -> None:
+        raise ValueError(f"Exploding refuses {value!r}")
+
+    def __reduce__(self):
+        return (Exploding, ("stale",))
+
+
+@pytest.mark.skipif(not hasattr(torch.serialization, "safe_globals"), reason="torch < 2.5")
+def test_an_error_raised_by_a_global_the_user_allowed_propagates_as_itself(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(2), "extra": object.__new__(Exploding)}, path)
+    with torch.serialization.safe_globals([Exploding]):
+        with pytest.raises(ValueError, match=r"^Exploding refuses 'stale'$") as info:
+            ladle.load(path)
+        assert not isinstance(info.value, ladle.CheckpointError)
+        # A corrupt file is still the file's fault with the user's global allowed.
+        path.write_bytes(path.read_bytes()[:-30])
+        with pytest.raises(ladle.CheckpointError, match=r"m\.pt: not a readable torch file"):
+            ladle.load(path)
+
+
+def test_memory_error_while_loading_a_whole_torch_file_is_the_machines(tmp_path, monkeypatch):
+    # Blamed on the file ("not a readable torch file") before, which is intact.
+    torch.save({"w": torch.ones(2)}, tmp_path / "m.pt")
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(MemoryError) as info:
+        ladle.load(tmp_path / "m.pt")
+    assert not isinstance(info.value, ladle.CheckpointError)
+
+
+def test_memory_error_for_a_length_past_the_end_of_the_file_is_the_files(tmp_path, monkeypatch):
+    # A corrupt length in a legacy file's pickle asks for more bytes than the file holds;
+    # reading them can fail for memory first (as under a limit on address space).
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"X\x01\x00\x00\x00w")  # BINUNICODE of length 1: the key
+    data[at + 1 : at + 5] = struct.pack("<I", 0xFFFFFFF0)
+    path.write_bytes(bytes(data))
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(ladle.CheckpointError, match=r"m\.pt: not a readable torch file \(it ends"):
+        ladle.load(path)
