@@ -568,6 +568,17 @@ def test_a_torch_file_cut_anywhere_is_a_checkpoint_error_saying_why(tmp_path, le
         assert not str(info.value).endswith("()"), cut
 
 
+def test_a_global_named_with_an_invalid_escape_is_refused_without_a_warning(tmp_path):
+    # Telling a truncated file from an unsafe one parses its opcodes; pickletools warned
+    # (DeprecationWarning) for the escape "\\d" in a global's name, an error under -W error.
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(b"\x80\x02ctorch\n_rebui\\d\n.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ladle.UnsafeCheckpointError, match=r"it references torch\._rebui"):
+            ladle.load(path)
+
+
 def test_a_large_unsafe_pickle_is_refused_without_reading_its_payload(tmp_path):
     """A plain pickle (``pickle.dump``) of a large tensor is refused as unsafe; telling it
     from a file cut short parses its opcodes, but copies no payload into memory (a pickle

@@ -692,11 +692,15 @@ def _ends_early(file: Path) -> bool:
     if data[:2] == b"PK":  # a zip archive: its own reader says what is wrong
         return False
     try:
-        for _ in range(LEGACY_PICKLES):
-            if data.tell() == len(data):  # ends between pickles: a pickle of its own
-                return False
-            for _ in pickletools.genops(_Skimmed(data)):  # type: ignore[arg-type]
-                pass
+        with warnings.catch_warnings():
+            # pickletools undoes escapes in a text argument (a global's name) with a warning
+            # for an invalid one: a corrupt byte, not the caller's to see (-W error raised it).
+            warnings.filterwarnings("ignore", message="invalid escape sequence")
+            for _ in range(LEGACY_PICKLES):
+                if data.tell() == len(data):  # ends between pickles: a pickle of its own
+                    return False
+                for _ in pickletools.genops(_Skimmed(data)):  # type: ignore[arg-type]
+                    pass
     except (ValueError, AttributeError):  # AttributeError: a long Python 2 string, a view
         return data.tell() >= len(data)
     return False
