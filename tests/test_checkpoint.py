@@ -550,9 +550,9 @@ def test_a_refused_pickle_names_torchs_reason_without_its_advice_to_load_unsafel
 
 @pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
 def test_a_torch_file_cut_anywhere_is_a_checkpoint_error_saying_why(tmp_path, legacy):
-    """Cut short anywhere (from 4 bytes: "PK" alone is taken for a pickle), a torch file is a
-    CheckpointError naming it and why, never an unsafe pickle (a global's name cut short) nor
-    torch's IndexError or struct.error, nor an empty reason (a bare EOFError)."""
+    """Cut short anywhere, a torch file is a CheckpointError naming it and why, never an unsafe
+    pickle (a global's name cut short, or "PK" alone) nor torch's IndexError or struct.error,
+    nor an empty reason (a bare EOFError)."""
     path = tmp_path / "pytorch_model.bin"
     torch.save(
         {"w": torch.arange(6.0), "i": torch.arange(3)},
@@ -560,7 +560,7 @@ def test_a_torch_file_cut_anywhere_is_a_checkpoint_error_saying_why(tmp_path, le
         _use_new_zipfile_serialization=not legacy,
     )
     data = path.read_bytes()
-    for cut in range(4, len(data), 1 if legacy else 7):
+    for cut in [*range(1, 8), *range(8, len(data), 1 if legacy else 7)]:
         path.write_bytes(data[:cut])
         with pytest.raises(ladle.CheckpointError, match=r"pytorch_model\.bin: ") as info:
             ladle.load(path)
@@ -577,6 +577,28 @@ def test_a_global_named_with_an_invalid_escape_is_refused_without_a_warning(tmp_
         warnings.simplefilter("error")
         with pytest.raises(ladle.UnsafeCheckpointError, match=r"it references torch\._rebui"):
             ladle.load(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"PK", r"not a readable torch file \(a zip archive's signature alone: it ends early"),
+        (b"PK\x03", r"not a readable torch file \(a zip archive's signature alone: it ends"),
+        (b"PK\x05\x06" + bytes(18), r"not a torch file ladle can load"),
+        (b"PKzz", r"not a torch file ladle can load"),
+    ],
+    ids=["PK", "PK 3", "empty zip", "PK then garbage"],
+)
+def test_a_file_beginning_with_pk_but_no_zip_torch_reads_is_no_unsafe_pickle(
+    tmp_path, content, why
+):
+    # torch reads a file not beginning with a zip's local header as a legacy pickle, whose
+    # "P" opcode it refuses: such a file was called an unsafe pickle that could run code.
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(content)
+    with pytest.raises(ladle.CheckpointError, match=rf"pytorch_model\.bin: {why}") as info:
+        ladle.load(path)
+    assert not isinstance(info.value, ladle.UnsafeCheckpointError)
 
 
 def test_a_large_unsafe_pickle_is_refused_without_reading_its_payload(tmp_path):

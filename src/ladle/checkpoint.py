@@ -539,6 +539,10 @@ def _identity(stat: os.stat_result) -> tuple[int, ...]:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+"""How a zip archive torch writes begins (torch reads any other file as a legacy pickle)."""
+
+
 def _not_a_torch_file(file: Path) -> str | None:
     """Why ``file`` cannot be a torch file, judged from its first bytes, or ``None``.
 
@@ -555,7 +559,9 @@ def _not_a_torch_file(file: Path) -> str | None:
         return "a Git LFS pointer, not the weights: fetch them (git lfs pull)"
     if len(head) >= 10 and head[8:10] == b'{"':  # a header length, then a JSON header
         return "a safetensors file under a torch suffix: give it the .safetensors suffix"
-    if not head.startswith((b"PK", b"\x80")):
+    if head.startswith(b"PK") and ZIP_MAGIC.startswith(head):  # torch would unpickle "PK"
+        return f"not a readable torch file (a zip archive's signature alone: {ENDS_EARLY})"
+    if not head.startswith((ZIP_MAGIC, b"\x80")):
         return (
             "not a torch file ladle can load (neither a zip archive nor a pickle of "
             "protocol 2 or later)"
