@@ -773,10 +773,8 @@ def test_an_unknown_key_is_a_checkpoint_error_naming_source_and_key(tmp_path, ki
             read("nope")
 
 
-def test_torch_shards_answer_shapes_and_dtypes_and_name_a_shard_lacking_a_key(tmp_path):
-    directory = _torch_shards(
-        tmp_path, {"a": "s1.bin", "b": "s2.bin", "c": "s2.bin", "d": "s2.bin"}
-    )
+def test_torch_shards_answer_shapes_and_dtypes(tmp_path):
+    directory = _torch_shards(tmp_path, {"a": "s1.bin", "b": "s2.bin", "c": "s2.bin"})
     with ladle.open_checkpoint(directory) as checkpoint:
         assert [checkpoint.shape(key) for key in "abc"] == [(2, 3), (4,), ()]
         assert [checkpoint.dtype(key) for key in "abc"] == [
@@ -786,8 +784,79 @@ def test_torch_shards_answer_shapes_and_dtypes_and_name_a_shard_lacking_a_key(tm
         ]
         assert checkpoint.get_slice("a", slice(1, 2)).tolist() == [[3.0, 4.0, 5.0]]
         assert checkpoint.get("c").item() == 1.5
-        with pytest.raises(ladle.CheckpointError, match=r"s2\.bin: the index lists 'd' but the"):
-            checkpoint.shape("d")
+
+
+def _count_loads(monkeypatch) -> list[str]:
+    import ladle.checkpoint as module
+
+    loads: list[str] = []
+    original = module.load_torch_file
+
+    def counted(file: Path) -> dict[str, torch.Tensor]:
+        loads.append(file.name)
+        return original(file)
+
+    monkeypatch.setattr(module, "load_torch_file", counted)
+    return loads
+
+
+def test_a_torch_index_listing_a_key_its_shard_lacks_is_refused_when_the_shard_loads(
+    tmp_path, monkeypatch
+):
+    # The error named the shard alone ("s2.bin: the index lists 'd' but the shard lacks it"),
+    # and only on reading 'd'; the shard's other tensors were read as if all were well.
+    directory = _torch_shards(
+        tmp_path, {"a": "s1.bin", "b": "s2.bin", "c": "s2.bin", "d": "s2.bin"}
+    )
+    loads = _count_loads(monkeypatch)
+    refused = r"pytorch_model\.bin\.index\.json: lists 'd' in s2\.bin, which does not hold it"
+    with ladle.open_checkpoint(directory) as checkpoint:
+        assert loads == []  # opening loads no shard
+        assert checkpoint.get("a").shape == (2, 3) and loads == ["s1.bin"]
+        for read in (checkpoint.get, checkpoint.shape):
+            with pytest.raises(ladle.CheckpointError, match=refused):
+                read("b")
+        with pytest.raises(ladle.CheckpointError, match=refused):
+            checkpoint.keys()
+    other = {"a": torch.ones(2, 3), "b": torch.ones(4), "c": torch.tensor(1.0), "d": torch.ones(1)}
+    with pytest.raises(ladle.CheckpointError, match=refused):
+        ladle.uniform_soup([other, directory])
+
+
+def test_a_tensor_a_torch_index_leaves_out_is_read_from_the_shard_holding_it(tmp_path):
+    # As transformers loads a shard's whole state dict; a merge dropped 'c' without a word.
+    directory = _torch_shards(tmp_path, {"a": "s1.bin", "b": "s2.bin"})
+    with ladle.open_checkpoint(directory) as checkpoint:
+        assert checkpoint.get("c").item() == 1.5  # loads every shard to find it
+    with ladle.open_checkpoint(directory) as checkpoint:
+        assert checkpoint.keys() == ["a", "b", "c"]
+        assert checkpoint.files()["c"] == directory / "s2.bin"
+    loaded = ladle.load(directory)
+    assert sorted(loaded) == ["a", "b", "c"] and loaded["c"].item() == 1.5
+    listed = {"a": torch.zeros(2, 3), "b": torch.arange(4), "c": torch.tensor(0.5)}
+    assert ladle.uniform_soup([listed, directory], device="cpu")["c"].item() == 1.0
+
+
+def test_a_tensor_a_torch_index_leaves_out_held_by_two_shards_is_refused(tmp_path):
+    torch.save({"a": torch.ones(2), "x": torch.ones(2)}, tmp_path / "s1.bin")
+    torch.save({"b": torch.zeros(2), "x": torch.zeros(2)}, tmp_path / "s2.bin")
+    index = {"weight_map": {"a": "s1.bin", "b": "s2.bin"}}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    refused = r"index\.json: lists 'x' in no shard, and both s1\.bin and s2\.bin hold it"
+    with ladle.open_checkpoint(tmp_path) as checkpoint:
+        assert checkpoint.get("a").tolist() == [1.0, 1.0]  # s1 alone is no conflict
+        for read in (checkpoint.keys, lambda: checkpoint.get("x")):
+            with pytest.raises(ladle.CheckpointError, match=refused):
+                read()
+
+
+def test_a_tensor_held_by_two_torch_shards_is_read_from_the_shard_the_index_names(tmp_path):
+    torch.save({"a": torch.ones(2), "b": torch.zeros(2)}, tmp_path / "s1.bin")
+    torch.save({"b": torch.full((2,), 7.0)}, tmp_path / "s2.bin")
+    index = {"weight_map": {"a": "s1.bin", "b": "s2.bin"}}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    loaded = ladle.load(tmp_path)
+    assert list(loaded) == ["a", "b"] and loaded["b"].tolist() == [7.0, 7.0]
 
 
 def test_a_torch_shard_deleted_after_opening_is_a_checkpoint_error_naming_it(tmp_path):

@@ -761,38 +761,87 @@ def _unpickling_reason(err: pickle.UnpicklingError) -> str:
 
 
 class TorchShardsCheckpoint(Checkpoint):
-    """Shards of a torch checkpoint (``pytorch_model.bin.index.json``), loaded file by file."""
+    """Shards of a torch checkpoint (``pytorch_model.bin.index.json``), loaded file by file.
 
-    def __init__(self, files: Mapping[str, Path], *, name: str, path: Path) -> None:
+    Which tensors a torch file holds is known only by loading it, so ``index`` is reconciled
+    with each shard when that shard is first loaded, as
+    :meth:`SafetensorsCheckpoint.match_index` reconciles safetensors shards on opening: a key
+    the index lists in a shard that lacks it is a ``CheckpointError`` naming index, key and
+    shard; a tensor a shard holds that the index lists in no shard is read from that shard,
+    as transformers loads a shard's whole state dict, unless two shards hold it (an error).
+    :meth:`keys`, :meth:`files` and reading a key the index does not list load every shard
+    first, so they answer every tensor the shards hold. Zip-format shards (torch's default)
+    are memory-mapped: loading one reads its pickle, not its tensors; legacy-format ones are
+    read whole, as reading any of their tensors would."""
+
+    def __init__(self, files: Mapping[str, Path], *, name: str, path: Path, index: Path) -> None:
+        """``files`` maps each key ``index`` lists to its shard."""
         self.name = name
         self.path = path
         self.metadata = {}
+        self._index = index
         self._files = dict(files)
-        self._shards = list(dict.fromkeys(self._files.values()))  # each file once, in order
+        self._listed: dict[Path, list[str]] = {}  # each shard (once, in order): keys listed in it
+        for key, file in self._files.items():
+            self._listed.setdefault(file, []).append(key)
+        self._shards = list(self._listed)
+        self._unlisted: dict[str, Path] = {}  # tensors the index lists in no shard: their shard
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
         self._loading = threading.Lock()  # reading threads would load a shard twice
 
-    def _tensor(self, key: str) -> torch.Tensor:
-        try:
-            file = self._files[key]
-        except KeyError:
-            raise self._missing(key) from None
-        if file not in self._loaded:
+    def _shard(self, file: Path) -> dict[str, torch.Tensor]:
+        """The tensors of shard ``file``, loaded and reconciled with the index once."""
+        tensors = self._loaded.get(file)
+        if tensors is None:
             with self._loading:
-                if file not in self._loaded:
-                    self._loaded[file] = load_torch_file(file)
-        try:
-            return self._loaded[file][key]
-        except KeyError:
-            raise CheckpointError(
-                f"{file}: the index lists {key!r} but the shard lacks it"
-            ) from None
+                tensors = self._loaded.get(file)
+                if tensors is None:
+                    tensors = load_torch_file(file)
+                    self._match(file, tensors)
+                    self._loaded[file] = tensors
+        return tensors
+
+    def _match(self, file: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Reconcile shard ``file``, holding ``tensors``, with the index (see the class)."""
+        for key in self._listed[file]:
+            if key not in tensors:
+                raise CheckpointError(
+                    f"{self._index}: lists {key!r} in {file.name}, which does not hold it (the "
+                    "index and its shards disagree: was a shard replaced, or the index edited?)"
+                )
+        unlisted = [key for key in tensors if key not in self._files]  # not a stale copy
+        for key in unlisted:
+            other = self._unlisted.get(key, file)
+            if other != file:
+                raise CheckpointError(
+                    f"{self._index}: lists {key!r} in no shard, and both {other.name} and "
+                    f"{file.name} hold it: which one to read is not known"
+                )
+        self._unlisted.update(dict.fromkeys(unlisted, file))
+
+    def _load_all(self) -> None:
+        for file in self._shards:
+            self._shard(file)
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        file = self._files.get(key)
+        if file is None:  # perhaps a tensor the index leaves out: known once all are loaded
+            self._load_all()
+            file = self._unlisted.get(key)
+            if file is None:
+                raise self._missing(key)
+        return self._shard(file)[key]
 
     def keys(self) -> list[str]:
-        return list(self._files)
+        return list(self.files())
 
     def files(self) -> dict[str, Path]:
-        return dict(self._files)
+        """Each tensor's shard, every shard loaded: those the index lists, in its order, then
+        those it leaves out, shard by shard."""
+        self._load_all()
+        order = {file: i for i, file in enumerate(self._shards)}
+        unlisted = sorted(self._unlisted.items(), key=lambda item: order[item[1]])
+        return {**self._files, **dict(unlisted)}
 
     def file_sizes(self) -> dict[Path, int]:
         return {file: file.stat().st_size for file in self._shards}
@@ -910,7 +959,9 @@ def _open_directory(directory: Path) -> Checkpoint:
     if len(singles) == 1:
         checkpoint = _open_file(singles[0])
     elif indexes:
-        checkpoint = TorchShardsCheckpoint(_read_index(indexes[0]), name=name, path=directory)
+        checkpoint = TorchShardsCheckpoint(
+            _read_index(indexes[0]), name=name, path=directory, index=indexes[0]
+        )
     elif not singles and len(torch_files) == 1:
         checkpoint = _open_file(torch_files[0])
     else:
