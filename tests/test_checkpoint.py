@@ -169,6 +169,39 @@ def test_missing_path_and_hub_source_are_checkpoint_errors(tmp_path):
         ladle.open_checkpoint("hf://owner/repo")
 
 
+def test_a_path_that_cannot_be_stated_is_a_checkpoint_error_naming_it(tmp_path, monkeypatch):
+    # os.stat failing otherwise than "no such file" (a name too long; no permission on a
+    # folder above it, which root cannot be refused) escaped as a bare OSError.
+    long = tmp_path / ("x" * 300 + ".safetensors")
+    with pytest.raises(
+        ladle.CheckpointError, match=r"xxx\.safetensors: cannot read it \(File name"
+    ):
+        ladle.open_checkpoint(long)
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    with pytest.raises(ladle.CheckpointError, match=r"pipe\.safetensors: neither a file nor a dir"):
+        ladle.open_checkpoint(tmp_path / "pipe.safetensors")
+    folder = tmp_path / "model"
+    folder.mkdir()
+
+    def refused(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    with pytest.raises(ladle.CheckpointError, match=r"model: cannot read it \(Permission denied\)"):
+        ladle.open_checkpoint(folder)
+
+
+def test_a_safetensors_file_without_read_permission_says_so(tmp_path):
+    # safetensors reports every failure to open a file as "No such file or directory".
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(2)}, path)
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        pytest.skip("this process may read any file (root)")
+    with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors: cannot read it \(Permission"):
+        ladle.open_checkpoint(path)
+
+
 def test_load_returns_tensors_the_caller_owns(tmp_path):
     save_file({"w": torch.zeros(3)}, tmp_path / "m.safetensors")
     loaded = ladle.load(tmp_path / "m.safetensors")

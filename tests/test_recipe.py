@@ -360,6 +360,40 @@ def test_an_input_that_is_a_symbolic_link_loop_is_one_error(folder):
         load_recipe(recipe)
 
 
+def test_an_input_that_cannot_be_stated_is_refused_naming_field_and_path(folder):
+    # os.stat failing otherwise than "no such file" (a name too long here; no permission on
+    # a folder above it) escaped load_recipe as a bare OSError naming no field.
+    name = "x" * 300 + ".safetensors"
+    recipe = write(
+        folder, f'method = "soup"\nmodels = ["m0.safetensors", "{name}"]\noutput = "o"\n'
+    )
+    with pytest.raises(
+        ValueError, match=rf"^recipe\.models\[1\]: '{name}': cannot read {folder}/{name} \(File"
+    ):
+        load_recipe(recipe)
+
+
+def test_an_os_error_while_a_step_runs_keeps_the_file_in_its_message(folder, monkeypatch):
+    # _named rebuilds the error from its message: the file named there stays named.
+    def unreadable(source):
+        raise PermissionError(13, "Permission denied", str(source))
+
+    monkeypatch.setattr(ladle, "uniform_soup", lambda models, **kwargs: unreadable(models[1]))
+    recipe = write(
+        folder,
+        'method = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+        'output = "o.safetensors"\n',
+    )
+    with pytest.raises(PermissionError) as info:
+        run_recipe(recipe, device="cpu")
+    assert str(info.value) == (
+        f"recipe: [Errno 13] Permission denied: '{folder / 'm1.safetensors'}'"
+    )
+    assert info.value.errno == 13 and info.value.__cause__.filename == str(
+        folder / "m1.safetensors"
+    )
+
+
 TIES = (
     'method = "ties"\nmodels = ["m0.safetensors", "m1.safetensors"]\nbase = "m2.safetensors"\n'
     'output = "o"\n'

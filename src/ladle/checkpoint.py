@@ -7,6 +7,7 @@ Safetensors files are memory-mapped; torch files are loaded with ``weights_only=
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import math
@@ -22,6 +23,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 from types import CodeType
 from typing import Union
 
@@ -36,6 +38,10 @@ StateDict = dict[str, torch.Tensor]
 StateDictLike = Union[Mapping[str, torch.Tensor], torch.nn.Module, str, os.PathLike, "Checkpoint"]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
+"""Errors stating a path that say it names nothing (as ``Path.exists`` reads them); any other
+(no permission on a folder above it, a name too long, an I/O error) makes it unreadable."""
 
 NOT_WEIGHTS = (  # torch files that trainers save beside the weights (fnmatch patterns)
     "training_args.bin",
@@ -330,6 +336,10 @@ class SafetensorsCheckpoint(Checkpoint):
                 handle = safe_open(str(file), framework="pt")
                 self._identities[file] = _identity(os.stat(file))
             except (SafetensorError, OSError, ValueError) as err:
+                # safetensors says "No such file or directory" whatever kept it from opening
+                why = _unopenable(file) if isinstance(err, OSError) else None
+                if why is not None:
+                    raise CheckpointError(f"{file}: cannot read it ({why})") from err
                 raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
             self._handles[file] = handle
         return handle
@@ -532,6 +542,16 @@ class SafetensorsCheckpoint(Checkpoint):
         for descriptor in self._descriptors.values():
             os.close(descriptor)
         self._descriptors.clear()
+
+
+def _unopenable(file: Path) -> str | None:
+    """Why ``file`` cannot be opened for reading, as the system says (no permission, gone),
+    or ``None``."""
+    try:
+        os.close(os.open(file, os.O_RDONLY))
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
 
 
 def _identity(stat: os.stat_result) -> tuple[int, ...]:
@@ -1022,11 +1042,20 @@ def open_checkpoint(source: StateDictLike) -> Checkpoint:
 
             return open_hub_checkpoint(text)
         path = Path(text)
-        if path.is_dir():
-            return _open_directory(path)
-        if path.is_file():
+        try:
+            mode = path.stat().st_mode
+        except OSError as err:
+            if err.errno in MISSING:
+                raise CheckpointError(f"{path}: no such file or directory") from None
+            raise CheckpointError(f"{path}: cannot read it ({err.strerror or err})") from err
+        if S_ISDIR(mode):
+            try:
+                return _open_directory(path)
+            except OSError as err:  # listing it: no permission, an I/O error
+                raise CheckpointError(f"{path}: cannot read it ({err.strerror or err})") from err
+        if S_ISREG(mode):
             return _open_file(path)
-        raise CheckpointError(f"{path}: no such file or directory")
+        raise CheckpointError(f"{path}: neither a file nor a directory")
     raise TypeError(
         f"expected a mapping, nn.Module, path or Checkpoint, found {type(source).__name__}"
     )

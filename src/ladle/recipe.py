@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .checkpoint import StateDict
+from .checkpoint import MISSING, StateDict
 from .engine import DTYPE_NAMES, resolve_device
 from .errors import LadleError
 from .hub import PREFIX, parse_hf_url
@@ -163,7 +163,7 @@ def _source(
         return value
     path = Path(os.path.expanduser(value))
     path = path if path.is_absolute() else root / path
-    if not path.exists():
+    if not _exists(path, f"{field}: {value!r}"):
         try:
             step = written.get(path.resolve())
         except (OSError, RuntimeError):  # a symbolic-link loop, say: no step's output
@@ -173,6 +173,19 @@ def _source(
             hint = "; that is this step's own name, and a step may only use earlier ones"
         raise ValueError(f"{field}: {value!r}: no such file or directory ({path}){hint}")
     return str(path)
+
+
+def _exists(path: Path, where: str) -> bool:
+    """Whether ``path`` names a file or folder. An error stating it that does not say it
+    names nothing (no permission on a folder above it, a name too long, an I/O error) is a
+    ``ValueError`` naming ``where``, the path and why, not "no such file"."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno in MISSING:
+            return False
+        raise ValueError(f"{where}: cannot read {path} ({err.strerror or err})") from err
+    return True
 
 
 def _check_parameters(
