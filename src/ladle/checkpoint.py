@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
-from types import CodeType
 from typing import Union
 
 import torch
@@ -617,8 +616,6 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     except Warning:  # a warning the caller made an error (python -W error): theirs to see
         raise
     except Exception as err:
-        if _raised_in_allowed_global(err):  # the user's code, called with the file's values
-            raise
         # Unpickling corrupt bytes raises what it meets (EOFError, IndexError, KeyError,
         # struct.error, AssertionError, zipfile.BadZipFile...): each is the file's fault,
         # and says so naming it.
@@ -634,53 +631,6 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
 
 
 ENDS_EARLY = "it ends early: truncated?"
-
-
-def _raised_in_allowed_global(err: Exception) -> bool:
-    """Whether ``err`` came through the code of a global the user allowed torch's weights-only
-    unpickler to call (``torch.serialization.add_safe_globals`` or ``safe_globals``): a
-    constructor, ``__setstate__`` or function of theirs refusing the values it was given
-    speaks for itself, where torch's own rebuilding functions failing is the file's fault.
-    Globals written in C leave no frame to tell by: their errors are the file's."""
-    allowed = _allowed_code()
-    traceback = err.__traceback__
-    while traceback is not None:
-        if traceback.tb_frame.f_code in allowed:
-            return True
-        traceback = traceback.tb_next
-    return False
-
-
-def _allowed_code() -> set[CodeType]:
-    """The code objects of the globals the user allowed: each function, and each method
-    (static, class, property accessors included) of each class and of its bases but torch's
-    own (a ``torch.Tensor`` subclass's ``Tensor.__setstate__`` fails on the file's values)."""
-    get_safe_globals = getattr(torch.serialization, "get_safe_globals", None)  # torch >= 2.5
-    entries = get_safe_globals() if get_safe_globals is not None else []
-    codes: set[CodeType] = set()
-    for entry in entries:
-        target = entry[0] if isinstance(entry, tuple) else entry
-        members = (
-            [
-                member
-                for owner in target.__mro__
-                if owner is target or owner.__module__.partition(".")[0] != "torch"
-                for member in vars(owner).values()
-            ]
-            if isinstance(target, type)
-            else [target]
-        )
-        for member in members:
-            functions: list[object] = (
-                [member.fget, member.fset, member.fdel]
-                if isinstance(member, property)
-                else [member, getattr(member, "__func__", None)]  # static and class methods
-            )
-            for function in functions:
-                code = getattr(function, "__code__", None)
-                if isinstance(code, CodeType):
-                    codes.add(code)
-    return codes
 
 
 def _load_failure(file: Path, err: Exception) -> str:
