@@ -812,6 +812,43 @@ def test_rows_longer_than_a_chunk_are_read_in_pieces_and_merge_as_if_stored_so(t
     assert_bit_for_bit(ladle.load(out), expected)
 
 
+class _CountingRows(DictCheckpoint):
+    """A user's checkpoint that records how many rows of a key each read asks for."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], reads: list[tuple[str, int]]) -> None:
+        super().__init__(tensors)
+        self.reads = reads
+
+    def get_slice(self, key, rows):
+        tensor = self.tensors[key]
+        if tensor.dim():
+            self.reads.append((key, len(range(*rows.indices(tensor.shape[0])))))
+        return super().get_slice(key, rows)
+
+
+@pytest.mark.parametrize("method", list(MERGES))
+def test_every_pass_reads_a_large_tensor_a_chunk_of_rows_at_a_time(tmp_path, monkeypatch, method):
+    """Streaming memory is a few chunks per model, never a whole tensor: TIES's threshold
+    passes, Model Stock's Gram pass and every merge pass read at most a chunk of rows at a
+    time (TIES's sample, at most ``SAMPLE`` entries whatever the chunk, is made small here)."""
+    from ladle.methods import ties as ties_module
+
+    monkeypatch.setattr(ties_module, "SAMPLE", 16)
+    gen = torch.Generator().manual_seed(8)
+    base = {"big": torch.randn(200, 16, generator=gen), "small": torch.randn(3, generator=gen)}
+    models = [
+        {k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)
+    ]
+    reads: list[tuple[str, int]] = []
+    opened = [_CountingRows(m, reads) for m in [base, *models]]
+    rows = 10  # 640 bytes: ten float32 rows of 16
+    out = MERGES[method](opened[1:], opened[0], chunk_bytes=640, device="cpu", out=tmp_path / "o")
+    big = [count for key, count in reads if key == "big"]
+    assert big and max(big) <= rows, sorted(set(big))
+    expected = MERGES[method](models, base, chunk_bytes=640, device="cpu")
+    assert all(torch.equal(ladle.load(out)[k], expected[k]) for k in expected)
+
+
 def test_a_long_row_is_read_a_chunk_at_a_time_by_reading_threads_too(tmp_path):
     from conftest import save_all
 
