@@ -11,11 +11,12 @@ import torch
 from conftest import assert_bit_for_bit, assert_close_by_dtype, families, family, save_all
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from test_ties import naive_elect
+from test_ties import elections_are_exact, naive_elect
 
 import ladle
 from ladle.cli import main
 from ladle.methods.dare import BLOCK, keep_mask, uniform_numbers
+from ladle.testing import model_families
 
 
 def naive_mask(seed, index, key, numel, density):
@@ -236,6 +237,25 @@ def test_dare_matches_naive_reference(fam, density, seed, combine):
         dropped = naive_dropped(models, base, density=density, seed=seed)
         total, size = np.abs(dropped.sum(axis=0)), np.abs(dropped).sum(axis=0)
         assume(np.all((total == 0) | (total > 2.0**-16 * size)))
+    actual = ladle.dare(
+        models, base, density=density, scale=0.8, seed=seed, combine=combine, device="cpu"
+    )
+    expected = naive_dare(models, base, density=density, scale=0.8, seed=seed, combine=combine)
+    assert_close(actual, expected)
+
+
+@given(
+    model_families(n=st.integers(1, 4), bound=2.0),
+    st.floats(0.1, 1.0),
+    st.integers(0, 2**32),
+    st.sampled_from(["sum", "ties"]),
+)
+def test_dare_matches_naive_reference_on_ladle_testing_families(family, density, seed, combine):
+    # ladle.testing's families: hypothesis floats (zeros, subnormals, repeated values) in
+    # float32, bfloat16 or float16, with 0-d tensors and an integer buffer.
+    base, models = family
+    if combine == "ties":
+        assume(elections_are_exact(naive_dropped(models, base, density=density, seed=seed)))
     actual = ladle.dare(
         models, base, density=density, scale=0.8, seed=seed, combine=combine, device="cpu"
     )

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import ladle
 from ladle.cli import main
+from ladle.testing import model_families
 
 
 def naive_task_arithmetic(models, base, *, scale=1.0, weights=None):
@@ -53,6 +54,19 @@ def test_task_arithmetic_matches_naive_reference(fam, scale, weighted):
     weights = [0.5 - i for i in range(len(models))] if weighted else None
     actual = ladle.task_arithmetic(models, base, scale=scale, weights=weights, device="cpu")
     assert_close(actual, naive_task_arithmetic(models, base, scale=scale, weights=weights))
+
+
+@given(model_families(n=st.integers(1, 4)), st.floats(-2, 2), st.booleans())
+def test_task_arithmetic_matches_naive_reference_on_ladle_testing_families(family, scale, weighted):
+    # ladle.testing's families: hypothesis floats in float32, bfloat16 or float16, with 0-d
+    # tensors and an integer buffer (copied from the base).
+    base, models = family
+    weights = [0.5 - i for i in range(len(models))] if weighted else None
+    actual = ladle.task_arithmetic(models, base, scale=scale, weights=weights, device="cpu")
+    expected = naive_task_arithmetic(models, base, scale=scale, weights=weights)
+    # The sums reach about 200 (bound 10, weights up to 2.5, scale up to 2): float32 steps of
+    # 1.5e-5 there, whatever the (cancelled) result.
+    assert_close_by_dtype(actual, expected, precise=(1e-5, 1e-4), low=(2**-7, 1e-2))
 
 
 @given(families(min_n=2))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_bit_for_bit, assert_close_by_dtype, families, family, save_all
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
@@ -15,6 +15,7 @@ import ladle
 from ladle.cli import main
 from ladle.methods import ties as ties_module
 from ladle.methods.ties import magnitude_thresholds
+from ladle.testing import model_families
 
 
 def floating_keys(model):
@@ -41,6 +42,19 @@ def kth_magnitude(magnitudes, density):
 def naive_ties(models, base, *, density, scale, trim):
     """Flatten everything; trim on the float32 magnitudes; elect and average in float64."""
     keys = floating_keys(base)
+    offsets, segments, trimmed = naive_trim(models, base, density=density, trim=trim)
+    merged = naive_elect(trimmed, segments)
+    out = dict(base)
+    for key, lo, hi in zip(keys, offsets[:-1], offsets[1:]):
+        value = base[key].double().numpy().ravel() + scale * merged[lo:hi]
+        out[key] = torch.from_numpy(value.reshape(base[key].shape)).to(base[key].dtype)
+    return out
+
+
+def naive_trim(models, base, *, density, trim):
+    """The floating keys' offsets in the flattened model, the trim's segments of it, and the
+    trimmed task vectors: a models × entries float64 array."""
+    keys = floating_keys(base)
     sizes = [base[k].numel() for k in keys]
     offsets = np.cumsum([0, *sizes])
     taus = [np.concatenate([task_vector(m, base, k).numpy().ravel() for k in keys]) for m in models]
@@ -55,12 +69,16 @@ def naive_ties(models, base, *, density, scale, trim):
             if k >= 1:
                 kept[lo:hi][magnitude < np.sort(magnitude)[k - 1]] = 0
         trimmed.append(kept.astype(np.float64))
-    merged = naive_elect(np.stack(trimmed), segments)
-    out = dict(base)
-    for key, lo, hi in zip(keys, offsets[:-1], offsets[1:]):
-        value = base[key].double().numpy().ravel() + scale * merged[lo:hi]
-        out[key] = torch.from_numpy(value.reshape(base[key].shape)).to(base[key].dtype)
-    return out
+    return offsets, segments, np.stack(trimmed)
+
+
+def elections_are_exact(deltas):
+    """Whether every entry's sum over the models of ``deltas`` (a models × entries float64
+    array of float32 values) is 0 or far from float32 rounding of 0: where it is not, the
+    elected sign depends on the order of the additions (ladle adds the positive values, then
+    the negative ones, in float32)."""
+    total, size = np.abs(deltas.sum(axis=0)), np.abs(deltas).sum(axis=0)
+    return bool(np.all((total == 0) | (total > 2.0**-16 * size)))
 
 
 def naive_elect(deltas, segments):
@@ -386,6 +404,20 @@ def test_ties_matches_naive_reference_with_tied_and_zero_magnitudes(fb, density,
     models, base = fb
     expected = naive_ties(models, base, density=density, scale=1.0, trim=trim)
     actual = ladle.ties(models, base, density=density, trim=trim, device="cpu", chunk_bytes=8)
+    assert_close(actual, expected)
+
+
+@given(
+    model_families(n=st.integers(1, 4)), st.floats(0.05, 1.0), st.sampled_from(["global", "tensor"])
+)
+def test_ties_matches_naive_reference_on_ladle_testing_families(family, density, trim):
+    # ladle.testing's families: a base plus task vectors of hypothesis floats (zeros, repeated
+    # and subnormal values, so that magnitudes tie at the threshold), in float32, bfloat16 or
+    # float16, with 0-d tensors and an integer buffer.
+    base, models = family
+    assume(elections_are_exact(naive_trim(models, base, density=density, trim=trim)[2]))
+    expected = naive_ties(models, base, density=density, scale=0.7, trim=trim)
+    actual = ladle.ties(models, base, density=density, scale=0.7, trim=trim, device="cpu")
     assert_close(actual, expected)
 
 
