@@ -184,9 +184,11 @@ def test_cli_task_arithmetic_writes_the_merge(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out)
 
 
-def test_cli_task_arithmetic_needs_a_base(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["task-arithmetic", "ties", "dare", "stock"])
+def test_cli_task_vector_commands_need_a_base(tmp_path, capsys, command):
     paths = save_all(family(2), tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(["task-arithmetic", *map(str, paths), "-o", str(tmp_path / "x")])
+        main([command, *map(str, paths), "-o", str(tmp_path / "x")])
     assert exit_info.value.code == 2
-    assert "--base" in capsys.readouterr().err
+    assert "the following arguments are required: --base" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
