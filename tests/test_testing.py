@@ -496,6 +496,30 @@ def test_drawn_shapes_are_mostly_vectors_and_matrices_with_a_0d_tensor_now_and_t
     assert 0 < share < 0.2, share  # one_of(shapes, ()) drew 0-d as often as vectors (~38%)
 
 
+def test_default_draws_reach_every_float_dtype_and_opposite_task_vectors():
+    # Property tests built on the defaults rely on them to reach the cases that matter:
+    # bfloat16 and float16 besides float32, and fine-tunes that move an entry in opposite
+    # directions (the sign conflicts TIES resolves).
+    from hypothesis import settings
+
+    dtypes: dict[str, set[torch.dtype]] = {"state_dicts": set(), "model_families": set()}
+    conflicts = []
+
+    @settings(max_examples=200, database=None, derandomize=True)
+    @given(state_dicts(buffers=False), model_families(n=2, buffers=False))
+    def collect(sd, family):
+        dtypes["state_dicts"].update(v.dtype for v in sd.values())
+        base, (one, two) = family
+        dtypes["model_families"].update(v.dtype for v in base.values())
+        for key, value in base.items():
+            first, second = one[key].float() - value.float(), two[key].float() - value.float()
+            conflicts.append(bool((first * second < 0).any()))
+
+    collect()
+    assert dtypes == {key: set(FLOAT_DTYPES) for key in dtypes}
+    assert 0.2 < sum(conflicts) / len(conflicts) < 1, sum(conflicts) / len(conflicts)
+
+
 @pytest.mark.parametrize(
     "shapes, shown",
     [({"w": (-1, 2)}, r"\(-1, 2\)"), ({"w": (2.5,)}, r"\(2.5,\)"), ({}, r"\{\}")],
