@@ -294,6 +294,33 @@ def test_a_sample_finds_thresholds_in_one_pass_and_a_bad_guess_falls_back(monkey
     assert len(calls) == 2
 
 
+def test_the_sample_holds_about_sample_entries_when_every_key_has_long_rows(monkeypatch):
+    # 300 keys of 2 rows of 2048: a key's share of the sample is 54 entries, far less than a
+    # row. Whole rows made a sample of 300 × 2048 = 614,400 entries per model (a 70B LLaMA
+    # layout: 6.2M, 24 MiB per model) where SAMPLE promises about 2**15 here.
+    gen = torch.Generator().manual_seed(9)
+    base = {f"k{i:03d}": torch.randn(2, 2048, generator=gen) for i in range(300)}
+    models = [
+        {k: v + torch.randn(v.shape, generator=gen) * (1 + i) for k, v in base.items()}
+        for i in range(2)
+    ]
+    monkeypatch.setattr(ties_module, "SAMPLE", 2**15)
+    sizes, fallbacks = [], []
+    kth, radix = ties_module._kth_patterns, ties_module._radix_select
+    monkeypatch.setattr(
+        ties_module,
+        "_kth_patterns",
+        lambda bits, ranks: sizes.append(bits.numel()) or kth(bits, ranks),
+    )
+    monkeypatch.setattr(
+        ties_module, "_radix_select", lambda *a, **k: fallbacks.append(1) or radix(*a, **k)
+    )
+    check_thresholds(models, base, 0.2, "global", chunk_bytes=2**16)
+    assert sizes and max(sizes) <= 1.1 * 2**15, sizes  # each key's share, rounded up a little
+    assert min(sizes) >= 2**15, sizes
+    assert fallbacks == []  # the smaller sample still brackets the threshold: one pass
+
+
 @pytest.mark.parametrize("flush", [False, True])
 def test_thresholds_among_subnormal_and_huge_magnitudes_are_exact(flush):
     # Windows in the subnormal range, at zero, and between huge normals: the window count

@@ -274,10 +274,17 @@ def _windows(
         stored = tuple(base.shape(key))
         view = _merged_view(stored, chunk_bytes)
         entries = -(-SAMPLE * math.prod(stored) // size)
-        for rows in _sample_blocks(view or stored, entries):
-            origin = _rows(base, key, rows, view).to(torch.float32)
+        blocks = _sample_blocks(view or stored, entries)
+        for rows in blocks:
+            origin = _rows(base, key, rows, view)
+            # Blocks are whole rows: where they hold more than this key's share, every
+            # ``step``-th entry (a strided view), so that a model of many keys whose rows
+            # are long still samples about SAMPLE entries, not a row of every key.
+            step = max(1, origin.numel() * len(blocks) // max(entries, 1))
+            origin = origin.flatten()[::step].to(torch.float32)
             for i, model in enumerate(models):
-                tau = _rows(model, key, rows, view).to(torch.float32) - origin
+                rows_of_model = _rows(model, key, rows, view).flatten()[::step]
+                tau = rows_of_model.to(torch.float32) - origin
                 samples[i].append(_magnitude_bits(tau, 32))
     windows = []
     for parts in samples:
