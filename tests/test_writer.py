@@ -859,10 +859,43 @@ def test_a_replaced_output_that_cannot_go_back_is_kept_aside(tmp_path, monkeypat
     assert ladle.load(tmp_path / aside)["w"].tolist() == [0.0, 0.0]
 
 
+class _FillingUp:
+    """An output file whose disk fills up at its second write (the first data after the
+    header): half of that write is stored, then it fails, as a full disk makes it."""
+
+    def __init__(self, file) -> None:  # type: ignore[no-untyped-def]
+        self._file, self._writes = file, 0
+
+    def write(self, data) -> int:  # type: ignore[no-untyped-def]
+        self._writes += 1
+        if self._writes == 2:
+            self._file.write(memoryview(data).cast("B")[: len(memoryview(data).cast("B")) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._file.write(data)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._file, name)
+
+
+def _input_output_error(*args: object) -> int:
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
 def _ended_writer(out, how: str) -> SafetensorsWriter:
-    """A writer of ``w`` (2 rows) and ``v`` ended ``how``: committed, aborted half-way, or
-    whose commit failed (the output appeared meanwhile) and that was not aborted."""
+    """A writer of ``w`` (2 rows) and ``v`` ended ``how``: committed, aborted half-way,
+    whose commit failed (the output appeared meanwhile), whose write failed half-way (a full
+    disk) or whose amend failed (an I/O error), and that was not aborted."""
     writer = SafetensorsWriter(out, {"w": ((2, 2), torch.float32), "v": ((2,), torch.float32)})
+    if how == "write failed":
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(
+                "ladle.writer.open",
+                lambda *args: _FillingUp(open(*args)),  # noqa: SIM115 (the writer closes it)
+                raising=False,
+            )
+            with pytest.raises(ladle.OutputError, match="writing 'w' failed: No space left"):
+                writer.write("w", torch.ones(1, 2))
+        return writer
     writer.write("w", torch.ones(1, 2))
     if how == "aborted":
         writer.abort()
@@ -871,6 +904,11 @@ def _ended_writer(out, how: str) -> SafetensorsWriter:
     writer.write("v", torch.ones(2))
     if how == "committed":
         writer.commit()
+    elif how == "amend failed":
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "pwrite", _input_output_error)
+            with pytest.raises(ladle.OutputError, match="amending 'v' failed: Input/output"):
+                writer.amend("v", torch.tensor([0]), torch.tensor([5.0]))
     else:
         Path(out).write_bytes(b"someone else's")
         with pytest.raises(ladle.LadleError, match="appeared while merging"):
@@ -885,8 +923,10 @@ def _ended_writer(out, how: str) -> SafetensorsWriter:
         ("committed", r"already committed \(its output is in place\)"),
         ("aborted", r"already aborted \(its temporary output is deleted\)"),
         ("commit failed", r"whose commit\(\) failed \(only abort\(\) is left to call\)"),
+        ("write failed", r"whose write\(\) failed \(only abort\(\) is left to call\)"),
+        ("amend failed", r"whose amend\(\) failed \(only abort\(\) is left to call\)"),
     ],
-    ids=["committed", "aborted", "commit failed"],
+    ids=["committed", "aborted", "commit failed", "write failed", "amend failed"],
 )
 @pytest.mark.parametrize(
     ("call", "named"),
@@ -901,7 +941,10 @@ def test_writing_with_a_writer_that_has_ended_is_refused_saying_how_it_ended(
     tmp_path, name, how, said, call, named
 ):
     """It used to fail as whatever the deleted or renamed files made of it: an
-    AssertionError, an OutputError ("No such file"), "after the last planned tensor"."""
+    AssertionError, an OutputError ("No such file"), "after the last planned tensor". After a
+    write that failed half-way, another write was taken, its bytes after the half written
+    (the output then too long, which only commit's check of its size caught); after a failed
+    amend, commit put the output in place without the patch."""
     out = tmp_path / name
     writer = _ended_writer(out, how)
     before = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*")}
@@ -913,7 +956,7 @@ def test_writing_with_a_writer_that_has_ended_is_refused_saying_how_it_ended(
     writer.abort()  # still allowed: it deletes what is left, or does nothing
     if how == "committed":
         assert ladle.load(out)["v"].tolist() == [1.0, 1.0]
-    assert sorted(os.listdir(tmp_path)) == ([] if how == "aborted" else [name])
+    assert sorted(os.listdir(tmp_path)) == ([name] if how in ("committed", "commit failed") else [])
 
 
 def test_every_writing_function_defaults_to_the_one_max_shard_size():

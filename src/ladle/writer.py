@@ -468,6 +468,8 @@ _ENDED = {
     "committed": "already committed (its output is in place)",
     "aborted": "already aborted (its temporary output is deleted)",
     "commit failed": "whose commit() failed (only abort() is left to call)",
+    "write failed": "whose write() failed (only abort() is left to call)",
+    "amend failed": "whose amend() failed (only abort() is left to call)",
 }
 """How a writer ended, as the error for a later write says it."""
 
@@ -561,7 +563,7 @@ class SafetensorsWriter:
         self._unsynced = 0  # bytes written since the last write-back started
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ladle-sync")
         self._sync: Future[None] | None = None
-        self._ended: str | None = None  # "committed", "aborted" or "commit failed"
+        self._ended: str | None = None  # how it ended: a key of _ENDED
         try:  # every shard's disk space, before anything is merged
             with _output_errors(self.out, "creating the output"):
                 for shard, file in enumerate(self._files):
@@ -581,32 +583,53 @@ class SafetensorsWriter:
         may be those of ``key`` with leading dimensions merged (``(E·H, I)`` for a tensor of
         shape ``(E, H, I)``)."""
         self._check_open(f"write({key!r})")
-        with _output_errors(self.out, f"writing {key!r}"):
-            self._write(key, chunk)
-
-    def _write(self, key: str, chunk: torch.Tensor) -> None:
         if chunk.numel() == 0 and key in self._specs:
             return  # nothing to write; empty tensors are skipped in order
-        self._skip_empty()
-        if self._position >= len(self._queue):
+        self._check_rows(key, chunk)  # a refused write leaves the writer as it was
+        # Until the chunk is written: one that fails part-way (a full disk, an interrupt)
+        # leaves the output and the writer's count of it out of step, so nothing follows.
+        self._ended = "write failed"
+        with _output_errors(self.out, f"writing {key!r}"):
+            self._write(chunk)
+        self._ended = None
+
+    def _check_rows(self, key: str, chunk: torch.Tensor) -> None:
+        """A ``LadleError`` unless ``chunk`` holds the next rows due: of the next tensor
+        planned, of its dtype, no more than it has left. Reads the writer, changes nothing."""
+        position = self._due()
+        if position >= len(self._queue):
             raise LadleError(f"writer for {self.out}: got {key!r} after the last planned tensor")
-        shard, expected = self._queue[self._position]
+        expected = self._queue[position][1]
         shape, dtype = self._specs[expected]
         if key != expected or chunk.dtype != dtype or not _rows_of(chunk, shape):
             raise LadleError(
                 f"writer for {self.out}: expected the next rows of {expected!r} ({dtype}, rows "
                 f"of shape {tuple(shape[1:])}), got {key!r} ({chunk.dtype}, {tuple(chunk.shape)})"
             )
+        total, nbytes = _nbytes((shape, dtype)), chunk.numel() * dtype.itemsize
+        if self._written + nbytes > total:
+            raise LadleError(
+                f"writer for {self.out}: more bytes for {key!r} than its shape {tuple(shape)}: "
+                f"{self._written} of its {total} bytes written, then {nbytes}"
+            )
+
+    def _due(self) -> int:
+        """The position in the queue of the tensor due next: the current one, or where
+        :meth:`_skip_empty` will move past empty tensors (found here without moving)."""
+        position = self._position
+        while position < len(self._queue) and _nbytes(self._specs[self._queue[position][1]]) == 0:
+            position += 1
+        return position
+
+    def _write(self, chunk: torch.Tensor) -> None:
+        """Append ``chunk``, which :meth:`_check_rows` found due."""
+        self._skip_empty()
+        shard, key = self._queue[self._position]
         if shard != self._shard:
             self._start_shard(shard)
         assert self._handle is not None
         data = _raw_bytes(chunk)
-        total = _nbytes((shape, dtype))
-        if self._written + data.nbytes > total:
-            raise LadleError(
-                f"writer for {self.out}: more bytes for {key!r} than its shape {tuple(shape)}: "
-                f"{self._written} of its {total} bytes written, then {data.nbytes}"
-            )
+        total = _nbytes(self._specs[key])
         self._handle.write(data)
         self._unsynced += data.nbytes
         if self._unsynced >= SYNC_EVERY and (self._sync is None or self._sync.done()):
@@ -628,22 +651,26 @@ class SafetensorsWriter:
         the temporary output, in place, before it is renamed.
         """
         self._check_open(f"amend({key!r})")
+        self._check_amend(key, index, values)  # a refused amend leaves the writer as it was
+        self._ended = "amend failed"  # until every entry is patched: never commit a part
         with _output_errors(self.out, f"amending {key!r}"):
             self._amend(key, index, values)
+        self._ended = None
 
     def _check_open(self, call: str) -> None:
         """A ``LadleError`` for ``call`` on a writer that has ended: committed, aborted, or
-        whose commit failed (then only ``abort`` is left to call). A writer writes one output,
-        once: writing again takes a new writer."""
+        whose commit, a write or an amend failed (then only ``abort`` is left to call). A
+        writer writes one output, once: writing again takes a new writer."""
         if self._ended is not None:
             raise LadleError(
                 f"writer for {self.out}: {call} on a writer {_ENDED[self._ended]}; a writer "
                 "writes its output once: make a new SafetensorsWriter to write again"
             )
 
-    def _amend(self, key: str, index: torch.Tensor, values: torch.Tensor) -> None:
-        self._skip_empty()
-        if self._position < len(self._queue):
+    def _check_amend(self, key: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        """A ``LadleError`` unless every tensor is written and ``index`` and ``values`` are
+        entries of ``key``. Reads the writer, changes nothing."""
+        if self._due() < len(self._queue):
             raise LadleError(
                 f"writer for {self.out}: amend({key!r}) before every tensor is written"
             )
@@ -669,6 +696,12 @@ class SafetensorsWriter:
                 f"writer for {self.out}: amend({key!r}) index {low if low < 0 else high} is "
                 f"outside the tensor's {numel} entries"
             )
+
+    def _amend(self, key: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Patch the entries, which :meth:`_check_amend` found to be ``key``'s."""
+        if index.numel() == 0:
+            return
+        dtype = self._specs[key][1]
         if self._handle is not None:
             self._handle.flush()
         shard, start = self._data_start(key)
