@@ -6,9 +6,11 @@ what it found; the assertions run here, against single-process merges and hand-w
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -29,7 +31,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import ladle
-from ladle.distributed import _torchrun_group, average_, merge, split_by_bytes
+from ladle.distributed import _ShardWriter, _torchrun_group, average_, merge, split_by_bytes
 from ladle.writer import TEMP_MARK
 
 WORLD = 3
@@ -131,6 +133,36 @@ def test_merge_accepts_the_names_recipes_and_the_cli_use(tmp_path, short, name, 
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
     with pytest.raises(ValueError, match="ratatouille .* cannot be split"):
         merge("ratatouille", [], out=tmp_path / "out", selection="greedy")
+
+
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [
+        ("committed", r"already committed \(its output is in place\)"),
+        ("aborted", r"already aborted \(its temporary output is deleted\)"),
+    ],
+)
+def test_a_rank_s_shard_writer_that_has_ended_refuses_a_write_saying_how(tmp_path, how, said):
+    """After its shards were committed, a write failed an assert (AssertionError); after an
+    abort, it began the next shard, whose temporary file was left behind."""
+    specs = {"a": ((2,), torch.float32), "b": ((2,), torch.float32)}  # a shard each
+    options = {"metadata": {}, "max_shard_size": 8, "extra_files": None, "empty_shard": False}
+    writer = _ShardWriter(tmp_path, "rank00000", specs, **options)
+    with contextlib.suppress(RuntimeError), writer:
+        writer.write("a", torch.ones(2))
+        if how == "aborted":
+            raise RuntimeError("the merge failed")
+        writer.write("b", torch.ones(2))
+    files = sorted(os.listdir(tmp_path))
+    name = re.escape(f"{tmp_path / 'rank00000-'}*.safetensors")
+    message = rf"writer for {name}: write\('b'\) on a writer {said}$"
+    with pytest.raises(ladle.LadleError, match=message) as caught:
+        writer.write("b", torch.ones(2))
+    assert type(caught.value) is ladle.LadleError
+    assert sorted(os.listdir(tmp_path)) == files
+    assert files == (
+        [] if how == "aborted" else ["rank00000-00000.safetensors", "rank00000-00001.safetensors"]
+    )
 
 
 def test_average_without_a_process_group_names_group():

@@ -42,6 +42,7 @@ from .methods.task_arithmetic import task_arithmetic
 from .methods.ties import ties
 from .recipe import ALIASES
 from .writer import (
+    _ENDED,
     INDEX_NAME,
     SafetensorsWriter,
     _plan_shards,
@@ -451,8 +452,10 @@ class _ShardWriter:
         self.files = [directory / f"{prefix}-{j:05d}.safetensors" for j in range(len(self._shards))]
         self._shard_of = {key: j for j, keys in enumerate(self._shards) for key in keys}
         self._metadata, self._extra, self._directory = metadata, extra_files or {}, directory
+        self._name = directory / f"{prefix}-*.safetensors"  # in errors
         self._open: SafetensorsWriter | None = None
         self._next = 0
+        self._ended: str | None = None  # "committed" or "aborted", as SafetensorsWriter says
 
     @property
     def weight_map(self) -> dict[str, str]:
@@ -469,6 +472,10 @@ class _ShardWriter:
         self._next += 1
 
     def write(self, key: str, chunk: torch.Tensor) -> None:
+        if self._ended is not None:  # else a new shard would be begun, or nothing be open
+            raise LadleError(
+                f"writer for {self._name}: write({key!r}) on a writer {_ENDED[self._ended]}"
+            )
         while self._next <= self._shard_of[key]:
             self._advance()
         assert self._open is not None
@@ -483,6 +490,7 @@ class _ShardWriter:
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
+        self._ended = "aborted"  # until every shard is committed
         try:
             if exc_type is None:
                 while self._next < len(self._shards):
@@ -491,6 +499,7 @@ class _ShardWriter:
                     self._open.commit()
                     self._open = None
                 write_extra_files(self._directory, self._extra)
+                self._ended = "committed"
         finally:
             if self._open is not None:
                 self._open.abort()
