@@ -935,6 +935,55 @@ def test_reading_threads_asking_for_one_torch_shard_at_once_load_it_once(tmp_pat
     )
 
 
+def test_threads_loading_torch_files_at_once_leave_the_warning_filters_as_they_were(
+    tmp_path, monkeypatch
+):
+    # Loading a torch file, and telling a truncated legacy one from an unsafe one, each ignore
+    # a warning inside warnings.catch_warnings, which saves and restores the filters of the
+    # whole process: threads restored each other's, and an "ignore" was left for good.
+    import sys
+    import threading
+    import time
+
+    original = torch.load
+
+    def slow_load(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.001)  # as a larger file takes: the other threads load meanwhile
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", slow_load)
+    torch.save({"w": torch.arange(3.0)}, tmp_path / "m.pt")
+    torch.save({"w": torch.ones(2)}, tmp_path / "l.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "l.pt").read_bytes()[:200])  # in a pickle
+    start, failures = threading.Barrier(8), []
+
+    def load(thread: int) -> None:
+        start.wait()
+        for attempt in range(20):
+            try:
+                if (thread + attempt) % 2:
+                    assert ladle.load(tmp_path / "m.pt")["w"].tolist() == [0.0, 1.0, 2.0]
+                else:
+                    with pytest.raises(ladle.CheckpointError, match=r"cut\.pt: .* ends early"):
+                        ladle.load(tmp_path / "cut.pt")
+            except BaseException as err:  # reported below, in the test's thread
+                failures.append(err)
+
+    before = list(warnings.filters)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often: their loads overlap every way
+    try:
+        threads = [threading.Thread(target=load, args=(thread,)) for thread in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []
+    assert warnings.filters == before
+
+
 @pytest.mark.parametrize(
     ("content", "found"),
     [

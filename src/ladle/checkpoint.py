@@ -7,6 +7,7 @@ Safetensors files are memory-mapped; torch files are loaded with ``weights_only=
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import json
@@ -588,6 +589,22 @@ def _not_a_torch_file(file: Path) -> str | None:
     return None
 
 
+_WARNING_FILTERS = threading.RLock()
+"""Held while ladle changes the warning filters (:func:`_ignoring`). ``catch_warnings``
+saves them on entry and puts them back on exit for the whole process, not one thread (before
+Python 3.14): threads loading torch files at once (the engine's readers, a user's threads)
+put back each other's changes, and an "ignore" of one was left in place for good."""
+
+
+@contextlib.contextmanager
+def _ignoring(message: str) -> Iterator[None]:
+    """Inside, warnings whose text begins with ``message`` are ignored; one thread at a time
+    (:data:`_WARNING_FILTERS`), so the filters are as they were once every thread is out."""
+    with _WARNING_FILTERS, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=message)
+        yield
+
+
 def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     """Load a torch file with ``weights_only=True``; a pickle that needs more is refused."""
     why = _not_a_torch_file(file)
@@ -595,9 +612,8 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: {why}")
     try:
         mmap = zipfile.is_zipfile(file)  # the legacy (non-zip) format cannot be memory-mapped
-        with warnings.catch_warnings():
-            # Raw pickles of other protocols are refused below if unsafe; the hint is noise.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        # Raw pickles of other protocols are refused below if unsafe; the hint is noise.
+        with _ignoring("Detected pickle protocol"):
             loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if _ends_early(file):  # a name cut short is no allowed global: refused, but truncated
@@ -668,10 +684,9 @@ def _ends_early(file: Path) -> bool:
     if data[:2] == b"PK":  # a zip archive: its own reader says what is wrong
         return False
     try:
-        with warnings.catch_warnings():
-            # pickletools undoes escapes in a text argument (a global's name) with a warning
-            # for an invalid one: a corrupt byte, not the caller's to see (-W error raised it).
-            warnings.filterwarnings("ignore", message="invalid escape sequence")
+        # pickletools undoes escapes in a text argument (a global's name) with a warning for
+        # an invalid one: a corrupt byte, not the caller's to see (-W error raised it).
+        with _ignoring("invalid escape sequence"):
             for _ in range(LEGACY_PICKLES):
                 if data.tell() == len(data):  # ends between pickles: a pickle of its own
                     return False
