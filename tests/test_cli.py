@@ -121,6 +121,27 @@ def test_inspect_lists_keys_and_totals(inputs, capsys):
     assert f"5 tensors, {params:,} parameters" in out
 
 
+def test_inspect_and_diff_count_one_tensor_or_parameter_in_the_singular(tmp_path, capsys):
+    # They printed "1 tensors", "1 parameters", "shard ...: 1 tensors".
+    save_file({"s": torch.tensor(2.0)}, tmp_path / "one.safetensors")  # no metadata lines
+    assert main(["inspect", str(tmp_path / "one.safetensors")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"1 tensor, 1 parameter, 4 B ({tmp_path / 'one.safetensors'})"
+    ladle.save({"a": torch.tensor(1.0), "b": torch.ones(2)}, tmp_path / "two", max_shard_size=4)
+    assert main(["inspect", str(tmp_path / "two")]) == 0
+    assert capsys.readouterr().out.splitlines()[-4:] == [
+        f"2 tensors, 3 parameters, 12 B ({tmp_path / 'two'})",
+        "shard model-00001-of-00002.safetensors: 1 tensor, 4 B",
+        "shard model-00002-of-00002.safetensors: 1 tensor, 8 B",
+        "metadata format: pt",
+    ]
+    one = str(tmp_path / "one.safetensors")
+    assert main(["diff", one, one]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "1 tensor: |A| 2, |B| 2, |A-B| 0, cosine of the models 1; 1 identical"
+    )
+
+
 def test_inspect_json(inputs, capsys):
     assert main(["inspect", inputs[0], "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -150,7 +171,7 @@ def test_inspect_of_a_one_file_model_folder_shows_its_file_and_no_path_line(
     assert main(["inspect", "folder"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1:] == [  # the folder and its file in one line, as a single file shows it
-        f"1 tensors, 2 parameters, 8 B ({Path('folder', 'model.safetensors')})"
+        f"1 tensor, 2 parameters, 8 B ({Path('folder', 'model.safetensors')})"
     ]
     # A Hub source still shows where its snapshot is: its name does not say it.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -161,7 +182,7 @@ def test_inspect_of_a_one_file_model_folder_shows_its_file_and_no_path_line(
     assert main(["inspect", f"hf://org/m@{COMMIT_A}"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1:3] == [
-        f"1 tensors, 2 parameters, 8 B (hf://org/m@{COMMIT_A})",
+        f"1 tensor, 2 parameters, 8 B (hf://org/m@{COMMIT_A})",
         f"path {snapshot}",
     ]
 

@@ -327,6 +327,14 @@ def test_cli_greedy_soup_imports_evaluate_and_writes_the_soup(tmp_path, evaluate
     assert torch.equal(ladle.load(out)["w"], expected["w"])
 
 
+def test_cli_greedy_soup_of_one_model_says_model_in_the_singular(tmp_path, evaluate_module, capsys):
+    out = tmp_path / "o.safetensors"
+    argv = ["greedy-soup", evaluate_module[0], "--evaluate", "soup_evals:score", "-o", str(out)]
+    assert main([*argv, "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2] == "selected 1 of 1 model (0); score 1"  # was "of 1 models"
+
+
 def test_cli_greedy_soup_strict_and_scores(tmp_path, evaluate_module, capsys):
     out = tmp_path / "o.safetensors"
     argv = ["greedy-soup", *evaluate_module, "--evaluate", "soup_evals:score", "-o", str(out)]

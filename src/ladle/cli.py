@@ -188,7 +188,8 @@ def _run_greedy_soup(args: argparse.Namespace) -> None:
         score = _number(step.score)
         print(f"{step.index:<{width}}  {score:>10}  {kept:<4}  {args.models[step.index]}")
     print(
-        f"selected {len(result.selected)} of {len(args.models)} models "
+        f"selected {len(result.selected)} of {len(args.models)} "
+        f"{_plural(len(args.models), 'model')} "
         f"({', '.join(map(str, result.selected))}); score {_number(result.score)}"
     )
     print(args.out)
@@ -198,6 +199,11 @@ def _run_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(seed=args.seed, size=args.size, workdir=args.workdir, device=args.device)
+
+
+def _plural(count: int, noun: str) -> str:
+    """``noun`` as it follows the number ``count``: "tensor" for 1, else "tensors"."""
+    return noun if count == 1 else f"{noun}s"
 
 
 def _format_bytes(count: float) -> str:
@@ -262,14 +268,19 @@ def _run_inspect(args: argparse.Namespace) -> None:
                 f"{key:<{width}}  {str(dtype).removeprefix('torch.'):<9} {dims:<16} "
                 f"{_format_bytes(nbytes)}"
             )
-        print(f"{len(keys)} tensors, {params:,} parameters, {_format_bytes(total)} ({ckpt.name})")
+        print(
+            f"{len(keys)} {_plural(len(keys), 'tensor')}, "
+            f"{params:,} {_plural(params, 'parameter')}, "
+            f"{_format_bytes(total)} ({ckpt.name})"
+        )
         if ckpt.path is not None and ckpt.path not in (Path(ckpt.name), Path(ckpt.name).parent):
             # e.g. the snapshot in the HF cache of an hf:// source; not the folder of a model
             # folder holding one weights file, which its name (folder/file) shows already
             print(f"path {ckpt.path}")
         for shard in shards if len(shards) > 1 else []:
+            count = shard["tensors"]
             print(
-                f"shard {shard['file']}: {shard['tensors']} tensors, "
+                f"shard {shard['file']}: {count} {_plural(count, 'tensor')}, "
                 f"{_format_bytes(shard['bytes'])}"
             )
         for name, value in sorted(ckpt.metadata.items()):
@@ -326,7 +337,8 @@ def _run_diff(args: argparse.Namespace) -> None:
     same = sum(row.norm_diff == 0 for row in report.tensors)
     what = "task vectors" if args.base is not None else "models"
     print(
-        f"{len(report.tensors)} tensors: {a} {_number(total.norm_a)}, {b} "
+        f"{len(report.tensors)} {_plural(len(report.tensors), 'tensor')}: "
+        f"{a} {_number(total.norm_a)}, {b} "
         f"{_number(total.norm_b)}, |A-B| {_number(total.norm_diff)}, cosine of the {what} "
         f"{_number(total.cosine)}; {same} identical"
         + (f"; {len(report.skipped)} non-floating skipped" if report.skipped else "")
