@@ -36,6 +36,7 @@ out = {k: (sum(m[k].float() for m in models) / len(models)).to(models[0][k].dtyp
 save_file(out, sys.argv[1])
 """
 LADLE_SETUP = "import sys\nfrom ladle.cli import main"
+FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 MERGEKIT = {  # ladle label -> mergekit merge_method and per-model parameters
     "soup": ("linear", {"weight": 1.0}, {"normalize": True}),
@@ -80,17 +81,34 @@ def mergekit_config(method: str, base: Path, models: list[Path], dtype: str) -> 
 
 
 def difference(a: Path, b: Path) -> str:
-    """Largest absolute difference of two outputs, and how many entries differ at all."""
+    """Largest absolute difference of two outputs, how many entries differ at all, and a
+    verdict: they agree where no entry differs by more than rounding, one step of its dtype
+    (``eps · max(|a|, |b|)``) plus eight float32 steps of the tensor's largest magnitude
+    (float32 arithmetic in another order: a result near 0 from larger terms)."""
     import ladle
 
     x, y = ladle.load(a), ladle.load(b)
     keys = [k for k in x if k in y]
-    delta = [(x[k].double() - y[k].double()).abs() for k in keys]
-    differing = sum(int((d > 0).sum()) for d in delta)
-    total = sum(d.numel() for d in delta)
+    differing = beyond = total = 0
+    largest = 0.0
+    for key in keys:
+        p, q = x[key].double(), y[key].double()
+        delta = (p - q).abs()
+        if delta.numel() == 0:
+            continue
+        tolerance = torch.zeros_like(delta)
+        if x[key].is_floating_point():
+            magnitude = torch.maximum(p.abs(), q.abs())
+            scale = float(magnitude.max()) * 8 * FLOAT32_EPS
+            tolerance = magnitude.mul_(torch.finfo(x[key].dtype).eps).add_(scale)
+        differing += int((delta > 0).sum())
+        beyond += int((delta > tolerance).sum())
+        total += delta.numel()
+        largest = max(largest, float(delta.max()))
+    verdict = "agree" if beyond == 0 and set(x) == set(y) else "DIFFER"
     return (
-        f"max |ladle - mergekit| = {max(float(d.max()) for d in delta):.3g}, "
-        f"{differing} of {total} entries differ"
+        f"{verdict}: {beyond} of {total} entries beyond rounding, {differing} differ at all; "
+        f"max |ladle - mergekit| = {largest:.3g}"
     )
 
 
