@@ -193,6 +193,30 @@ def test_transfers_on_the_cpu_convert_results_and_copy_nothing():
     assert out[1][:2] == ("b", slice(0, 2)) and out[1][2].dtype == torch.bfloat16
 
 
+def test_transfers_to_cuda_without_an_index_copy_to_the_device_current_where_made(monkeypatch):
+    # "cuda" is the current device, and each thread has its own: a reading thread starts on
+    # device 0. After torch.cuda.set_device(1) a merge on "cuda" runs its kernel on device 1,
+    # so the copy streams of the reading threads (which copy the chunks) must be device 1's
+    # too, not device 0's, whose streams the compute stream's events do not order.
+    import threading
+
+    from ladle.engine import Transfers
+
+    current = threading.local()  # the CUDA runtime's current device: per thread, 0 at first
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: getattr(current, "index", 0))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("compute", device))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: ("copy", device))
+    current.index = 1  # torch.cuda.set_device(1) on this thread
+    transfers = Transfers(torch.device("cuda"))
+    made: list[object] = []
+    reader = threading.Thread(target=lambda: made.append(transfers._copy_stream()))
+    reader.start()
+    reader.join()
+    assert transfers.device == torch.device("cuda", 1)
+    assert made == [("copy", torch.device("cuda", 1))]
+    assert Transfers(torch.device("cuda", 0)).device == torch.device("cuda", 0)  # as named
+
+
 def test_releasing_each_tensor_after_its_pass_changes_no_bit(tmp_path, monkeypatch):
     # Inputs larger than MAPPED_BYTES_KEPT are unmapped tensor by tensor as passes finish
     # with them; later passes map them again. Every method gives the same bits either way.

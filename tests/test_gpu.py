@@ -134,3 +134,23 @@ def test_results_come_back_through_alternating_pinned_buffers():
         seen.append(key)
     assert seen == [f"k{i}" for i in range(5)]
     assert len(buffers) == 2  # two pinned buffers, in turn
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_without_an_index_merges_on_the_current_device_alone(tmp_path):
+    # Reading threads start on device 0; after set_device(1), "cuda" is device 1 for the
+    # merge's own thread, and every copy, kernel and result must be there.
+    base, models = llama_like(3, dtype=torch.bfloat16, seed=3)
+    paths = save_all([base, *models], tmp_path)
+    expected = ladle.task_arithmetic(paths[1:], paths[0], device="cuda:1", chunk_bytes=2**16)
+    previous = torch.cuda.current_device()
+    torch.cuda.set_device(1)
+    try:
+        torch.cuda.synchronize(0)
+        before = torch.cuda.memory_allocated(0)
+        torch.cuda.reset_peak_memory_stats(0)
+        merged = ladle.task_arithmetic(paths[1:], paths[0], device="cuda", chunk_bytes=2**16)
+        assert torch.cuda.max_memory_allocated(0) == before  # nothing went to device 0
+    finally:
+        torch.cuda.set_device(previous)
+    assert_bit_for_bit(merged, expected)

@@ -1088,8 +1088,12 @@ class Transfers:
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
         self._cuda = device.type == "cuda"
+        if self._cuda and device.index is None:
+            # "cuda" is the current device, which is each thread's own: reading threads start
+            # on device 0. This thread's, named, so that copies land where the kernel runs.
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self._streams = threading.local()  # each reading thread's copy stream
         if self._cuda:
             self._compute = torch.cuda.current_stream(device)
