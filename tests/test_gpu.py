@@ -154,3 +154,19 @@ def test_cuda_without_an_index_merges_on_the_current_device_alone(tmp_path):
     finally:
         torch.cuda.set_device(previous)
     assert_bit_for_bit(merged, expected)
+
+
+def test_inputs_held_on_cuda_merge_on_the_cpu_and_beside_inputs_on_the_cpu():
+    # State dicts of modules on a GPU next to a base on the CPU: each input goes to the
+    # merge device, whichever device holds it. On the CPU the models' chunks stayed on
+    # CUDA (torch.sub of a CUDA x and a CPU base: RuntimeError); TIES's threshold sample
+    # subtracted a CPU base from CUDA rows, on any merge device.
+    base, models = llama_like(3, dtype=torch.float32, seed=4)
+    held = [{k: v.cuda() for k, v in m.items()} for m in models]
+    for method in ("task_arithmetic", "ties global", "ties tensor"):
+        merge = METHODS[method]
+        for device in ("cpu", "cuda"):
+            expected = merge(models, base, device=device, chunk_bytes=2**16)
+            assert_bit_for_bit(merge(held, base, device=device, chunk_bytes=2**16), expected)
+    soup = ladle.uniform_soup([held[0], models[1]], device="cpu")
+    assert_bit_for_bit(soup, ladle.uniform_soup(models[:2], device="cpu"))

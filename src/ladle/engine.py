@@ -1059,9 +1059,9 @@ def _reads(
         elif _shares(chunk, raw):  # read, then converted into the pool
             ready, held = buffer.view(dtype)[: chunk.numel()].view(chunk.shape), buffer
             ready.copy_(chunk)
-        else:  # a tensor in memory already
+        else:  # a tensor in memory already (on whichever device its source holds it)
             pool.release(buffer)
-            ready, held = chunk.to(dtype=dtype), None
+            ready, held = chunk.to(device=device, dtype=dtype), None
         if check:
             _check_finite(ready, index, checkpoint, key)
         return _Chunk(ready, held)

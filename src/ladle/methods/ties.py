@@ -281,10 +281,11 @@ def _windows(
             # ``step``-th entry (a strided view), so that a model of many keys whose rows
             # are long still samples about SAMPLE entries, not a row of every key.
             step = max(1, origin.numel() * len(blocks) // max(entries, 1))
-            origin = origin.flatten()[::step].to(torch.float32)
+            # On the CPU: sources in memory may hold their tensors on other devices.
+            origin = origin.flatten()[::step].to("cpu", torch.float32)
             for i, model in enumerate(models):
                 rows_of_model = _rows(model, key, rows, view).flatten()[::step]
-                tau = rows_of_model.to(torch.float32) - origin
+                tau = rows_of_model.to("cpu", torch.float32) - origin
                 samples[i].append(_magnitude_bits(tau, 32))
     windows = []
     for parts in samples:
