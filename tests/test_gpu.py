@@ -170,3 +170,23 @@ def test_inputs_held_on_cuda_merge_on_the_cpu_and_beside_inputs_on_the_cpu():
             assert_bit_for_bit(merge(held, base, device=device, chunk_bytes=2**16), expected)
     soup = ladle.uniform_soup([held[0], models[1]], device="cpu")
     assert_bit_for_bit(soup, ladle.uniform_soup(models[:2], device="cpu"))
+
+
+def test_greedy_soup_hands_evaluate_every_tensor_on_the_device(tmp_path):
+    # As documented: evaluate receives tensors on ``device``, integer buffers included
+    # (they were copied from the inputs and stayed on the CPU).
+    _, models = llama_like(3, dtype=torch.bfloat16, seed=5)
+    paths = save_all(models, tmp_path)
+    seen: list[set[str]] = []
+
+    def evaluate(state_dict):
+        seen.append({str(t.device) for t in state_dict.values()})
+        return float(state_dict["norm"].float().sum())
+
+    for sources in (paths, models):
+        seen.clear()
+        result = ladle.greedy_soup(sources, evaluate, device="cuda")
+        here = {f"cuda:{torch.cuda.current_device()}"}
+        assert seen and all(devices == here for devices in seen), seen
+        assert {t.device.type for t in result.state_dict.values()} == {"cpu"}
+        assert torch.equal(result.state_dict["steps"], torch.tensor(7))

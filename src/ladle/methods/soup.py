@@ -271,7 +271,10 @@ def _greedy(
         return {key: tensor for key, _, tensor in results}
 
     def output(soup: Mapping[str, torch.Tensor], reference: Checkpoint) -> StateDict:
-        return {key: t.to(output_dtype(reference.dtype(key), dtype)) for key, t in soup.items()}
+        # On ``device``: integer buffers come from the inputs as they are (on the CPU).
+        return {
+            key: t.to(device, output_dtype(reference.dtype(key), dtype)) for key, t in soup.items()
+        }
 
     def score_of(state_dict: StateDict, what: str) -> float:
         returned = evaluate(state_dict)
