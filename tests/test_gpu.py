@@ -190,3 +190,27 @@ def test_greedy_soup_hands_evaluate_every_tensor_on_the_device(tmp_path):
         assert seen and all(devices == here for devices in seen), seen
         assert {t.device.type for t in result.state_dict.values()} == {"cpu"}
         assert torch.equal(result.state_dict["steps"], torch.tensor(7))
+
+
+def test_integer_buffers_held_on_cuda_arrive_whole_when_the_merge_runs_on_a_side_stream():
+    # The merge's stream is the caller's current one; integer tensors are copied by reading
+    # threads. Their copy ran on the reading thread's own (default) stream, which the
+    # merge's copy to the host did not wait for: with that stream busy, the result was
+    # handed on before the copy was made.
+    _, models = llama_like(2, dtype=torch.float32, seed=6)
+    steps = torch.arange(2**24, dtype=torch.int64)
+
+    def held(buffer: torch.Tensor) -> list[dict]:
+        return [{**{k: v.cuda() for k, v in m.items()}, "steps": buffer.cuda()} for m in models]
+
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # first with zeros: the memory it frees holds no steps
+        expected = ladle.uniform_soup(held(torch.zeros_like(steps)), device="cuda")
+    inputs = held(steps)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2 * 10**9)  # the default stream busy for about a second
+    with torch.cuda.stream(side):
+        merged = ladle.uniform_soup(inputs, device="cuda")
+    assert torch.equal(merged.pop("steps"), steps)
+    expected.pop("steps")
+    assert_bit_for_bit(merged, expected)

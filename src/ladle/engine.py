@@ -1008,10 +1008,12 @@ def _reads(
 
     def other(key: str, rows: slice, view: tuple[int, ...] | None) -> _Chunk:
         # Read with pread, which reports a file cut short; a map would crash. Bytes read into
-        # ``into`` are this chunk's own; a source's own tensor (in memory) is copied.
+        # ``into`` are this chunk's own; a source's own tensor (in memory) is copied, to the
+        # CPU as a file's are: a copy on a GPU would run on this thread's stream, which the
+        # stream that copies results to the host does not wait for.
         into = torch.empty(_rows_nbytes(reference, key, rows, shape=view), dtype=torch.uint8)
         chunk = reference.read_rows(key, rows, into, *_shaped(view))
-        return _Chunk(chunk if _shares(chunk, into) else chunk.clone())
+        return _Chunk(chunk if _shares(chunk, into) else chunk.to("cpu", copy=True))
 
     def floating(
         index: int | None,
