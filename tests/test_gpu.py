@@ -214,3 +214,26 @@ def test_integer_buffers_held_on_cuda_arrive_whole_when_the_merge_runs_on_a_side
     assert torch.equal(merged.pop("steps"), steps)
     expected.pop("steps")
     assert_bit_for_bit(merged, expected)
+
+
+def test_rows_a_source_gathers_on_cuda_are_ready_before_a_side_stream_reads_them():
+    # A strided tensor whose rows exceed a chunk is read by gathering rows (checkpoint
+    # ._merged_rows), on the reading thread's own stream; the copy stream waited for the
+    # merge's stream alone, so a merge inside torch.cuda.stream(...) read the rows before
+    # they were gathered.
+    gen = torch.Generator().manual_seed(7)
+    models = [{"experts": torch.randn(2, 600, 64, generator=gen).transpose(1, 2)} for _ in "abc"]
+    expected = ladle.uniform_soup(
+        [{"experts": m["experts"].contiguous()} for m in models], device="cuda", chunk_bytes=2**16
+    )
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # first with zeros: the memory it frees holds no rows
+        zeros = [{"experts": torch.zeros_like(m["experts"]).cuda()} for m in models]
+        ladle.uniform_soup(zeros, device="cuda", chunk_bytes=2**16)
+    held = [{"experts": m["experts"].cuda()} for m in models]
+    assert not held[0]["experts"].is_contiguous()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2 * 10**9)  # the default stream busy for about a second
+    with torch.cuda.stream(side):
+        merged = ladle.uniform_soup(held, device="cuda", chunk_bytes=2**16)
+    assert_bit_for_bit(merged, expected)

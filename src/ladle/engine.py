@@ -1123,8 +1123,10 @@ class Transfers:
                 check(moved)
             return moved, None
         copy = self._copy_stream()
-        if chunk.is_cuda:  # made on a stream of its own (the compute stream): wait for it
+        if chunk.is_cuda:  # made on the compute stream, or (rows a source gathered, as of a
+            # strided tensor) on this thread's current stream: wait for both
             copy.wait_stream(self._compute)
+            copy.wait_stream(torch.cuda.current_stream(chunk.device))
         with torch.cuda.stream(copy):
             try:
                 moved = chunk.to(device=self.device, non_blocking=True).to(dtype)
