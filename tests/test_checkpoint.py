@@ -601,11 +601,13 @@ def test_a_torch_file_cut_anywhere_is_a_checkpoint_error_saying_why(tmp_path, le
         assert not str(info.value).endswith("()"), cut
 
 
-def test_a_global_named_with_an_invalid_escape_is_refused_without_a_warning(tmp_path):
+@pytest.mark.parametrize("escape", [b"\\d", b"\\777"], ids=["invalid", "invalid octal"])
+def test_a_global_named_with_an_invalid_escape_is_refused_without_a_warning(tmp_path, escape):
     # Telling a truncated file from an unsafe one parses its opcodes; pickletools warned
-    # (DeprecationWarning) for the escape "\\d" in a global's name, an error under -W error.
+    # (DeprecationWarning) for the escape "\\d" in a global's name, an error under -W error;
+    # "\\777" (past 0o377) warns "invalid octal escape sequence", which the filter missed.
     path = tmp_path / "pytorch_model.bin"
-    path.write_bytes(b"\x80\x02ctorch\n_rebui\\d\n.")
+    path.write_bytes(b"\x80\x02ctorch\n_rebui" + escape + b"\n.")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(ladle.UnsafeCheckpointError, match=r"it references torch\._rebui"):

@@ -598,8 +598,9 @@ put back each other's changes, and an "ignore" of one was left in place for good
 
 @contextlib.contextmanager
 def _ignoring(message: str) -> Iterator[None]:
-    """Inside, warnings whose text begins with ``message`` are ignored; one thread at a time
-    (:data:`_WARNING_FILTERS`), so the filters are as they were once every thread is out."""
+    """Inside, warnings whose text begins with a match of ``message`` (a regular expression)
+    are ignored; one thread at a time (:data:`_WARNING_FILTERS`), so the filters are as they
+    were once every thread is out."""
     with _WARNING_FILTERS, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=message)
         yield
@@ -685,8 +686,9 @@ def _ends_early(file: Path) -> bool:
         return False
     try:
         # pickletools undoes escapes in a text argument (a global's name) with a warning for
-        # an invalid one: a corrupt byte, not the caller's to see (-W error raised it).
-        with _ignoring("invalid escape sequence"):
+        # an invalid one ("invalid escape sequence '\d'", "invalid octal escape sequence
+        # '\777'"): a corrupt byte, not the caller's to see (-W error raised it).
+        with _ignoring(r"invalid (octal )?escape sequence"):
             for _ in range(LEGACY_PICKLES):
                 if data.tell() == len(data):  # ends between pickles: a pickle of its own
                     return False
