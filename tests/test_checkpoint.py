@@ -167,6 +167,9 @@ def test_missing_path_and_hub_source_are_checkpoint_errors(tmp_path):
         ladle.open_checkpoint(tmp_path / "nope.safetensors")
     with pytest.raises(ladle.CheckpointError, match="hf://"):
         ladle.open_checkpoint("hf://owner/repo")
+    # A NUL in the name names no file (as Path.exists says); os.stat raises ValueError.
+    with pytest.raises(ladle.CheckpointError, match="a\x00b.safetensors: no such file"):
+        ladle.open_checkpoint("a\x00b.safetensors")
 
 
 def test_a_path_that_cannot_be_stated_is_a_checkpoint_error_naming_it(tmp_path, monkeypatch):

@@ -1011,8 +1011,8 @@ def open_checkpoint(source: StateDictLike) -> Checkpoint:
         path = Path(text)
         try:
             mode = path.stat().st_mode
-        except OSError as err:
-            if err.errno in MISSING:
+        except (OSError, ValueError) as err:  # ValueError: a NUL in the name, naming nothing
+            if not isinstance(err, OSError) or err.errno in MISSING:
                 raise CheckpointError(f"{path}: no such file or directory") from None
             raise CheckpointError(f"{path}: cannot read it ({err.strerror or err})") from err
         if S_ISDIR(mode):
