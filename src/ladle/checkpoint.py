@@ -314,18 +314,12 @@ class SafetensorsCheckpoint(Checkpoint):
             if file not in held:
                 held[file] = set(self._open(file).keys())
             if key not in held[file]:
-                raise CheckpointError(
-                    f"{index}: lists {key!r} in {file.name}, which does not hold it (the index "
-                    "and its shards disagree: was a shard replaced, or the index edited?)"
-                )
+                raise _not_in_its_shard(index, key, file)
         unlisted: dict[str, Path] = {}
         for file, keys in held.items():
             for key in sorted(keys.difference(self._files)):
                 if key in unlisted:
-                    raise CheckpointError(
-                        f"{index}: lists {key!r} in no shard, and both {unlisted[key].name} "
-                        f"and {file.name} hold it: which one to read is not known"
-                    )
+                    raise _in_no_shard_but_two(index, key, unlisted[key], file)
                 unlisted[key] = file
         self._files.update(unlisted)
 
@@ -542,6 +536,22 @@ class SafetensorsCheckpoint(Checkpoint):
         for descriptor in self._descriptors.values():
             os.close(descriptor)
         self._descriptors.clear()
+
+
+def _not_in_its_shard(index: Path, key: str, shard: Path) -> CheckpointError:
+    """The error for a shard ``index`` lists ``key`` in that does not hold it."""
+    return CheckpointError(
+        f"{index}: lists {key!r} in {shard.name}, which does not hold it (the index and its "
+        "shards disagree: was a shard replaced, or the index edited?)"
+    )
+
+
+def _in_no_shard_but_two(index: Path, key: str, first: Path, second: Path) -> CheckpointError:
+    """The error for ``key``, which ``index`` lists in no shard, held by two shards."""
+    return CheckpointError(
+        f"{index}: lists {key!r} in no shard, and both {first.name} and {second.name} hold "
+        "it: which one to read is not known"
+    )
 
 
 def _unopenable(file: Path) -> str | None:
@@ -792,18 +802,12 @@ class TorchShardsCheckpoint(Checkpoint):
         """Reconcile shard ``file``, holding ``tensors``, with the index (see the class)."""
         for key in self._listed[file]:
             if key not in tensors:
-                raise CheckpointError(
-                    f"{self._index}: lists {key!r} in {file.name}, which does not hold it (the "
-                    "index and its shards disagree: was a shard replaced, or the index edited?)"
-                )
+                raise _not_in_its_shard(self._index, key, file)
         unlisted = [key for key in tensors if key not in self._files]  # not a stale copy
         for key in unlisted:
             other = self._unlisted.get(key, file)
             if other != file:
-                raise CheckpointError(
-                    f"{self._index}: lists {key!r} in no shard, and both {other.name} and "
-                    f"{file.name} hold it: which one to read is not known"
-                )
+                raise _in_no_shard_but_two(self._index, key, other, file)
         self._unlisted.update(dict.fromkeys(unlisted, file))
 
     def _load_all(self) -> None:
