@@ -715,18 +715,9 @@ def test_an_output_other_writers_keep_taking_is_left_to_them(tmp_path, monkeypat
 
 
 def test_a_failed_rename_into_place_puts_the_replaced_output_back(tmp_path, monkeypatch):
-    import ladle.writer as module
-
     out = tmp_path / "out"
     ladle.save({"w": torch.zeros(2)}, out)
-    real = os.replace
-
-    def replace(source, target):
-        if os.fspath(target) == os.fspath(out) and TEMP_MARK in os.fspath(source):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(source, target)
-
-    monkeypatch.setattr(module.os, "replace", replace)
+    _failing_rename_into_place(monkeypatch, out, OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(ladle.OutputError, match=r"out: finishing the output failed: No space"):
         ladle.save({"w": torch.ones(2)}, out, overwrite=True)
     assert ladle.load(out)["w"].tolist() == [0.0, 0.0]
