@@ -747,11 +747,9 @@ class SafetensorsWriter:
                 os.close(descriptor)
 
     def _skip_empty(self) -> None:
-        """Zero-sized tensors take no bytes and need no write."""
-        while (
-            self._position < len(self._queue)
-            and _nbytes(self._specs[self._queue[self._position][1]]) == 0
-        ):
+        """Zero-sized tensors take no bytes and need no write: move past them (to
+        :meth:`_due`), beginning the shards they lie in."""
+        for _ in range(self._due() - self._position):
             shard = self._queue[self._position][0]
             if shard != self._shard:
                 self._start_shard(shard)
