@@ -989,16 +989,22 @@ def test_threads_loading_torch_files_at_once_leave_the_warning_filters_as_they_w
     assert warnings.filters == before
 
 
+EXPECTED_MAP = r'\(expected a JSON object whose "weight_map" maps each tensor to its shard file'
+
+
 @pytest.mark.parametrize(
     ("content", "found"),
     [
         (b"{", r"Expecting property name"),
-        (b"[]", r"list indices must be integers"),
-        (b'{"weight_map": []}', r"'list' object has no attribute 'items'"),
-        (b'{"metadata": {}}', r"'weight_map'"),
+        (b"[]", EXPECTED_MAP + r", found an array\)$"),
+        (b'{"weight_map": []}', EXPECTED_MAP + r', found an array as "weight_map"\)$'),
+        (b'{"metadata": {}}', EXPECTED_MAP + r', found no "weight_map"\)$'),
+        (b'{"weight_map": {"w": 3}}', r"expected a shard file name for key 'w', found 3\)$"),
+        (b'{"weight_map": {"w": null}}', r"expected a shard file name for key 'w', found null"),
         (b"\xff\xfe", r"can't decode byte 0xff"),
+        (b"[" * 100_000, r"\(nested too deeply\)$"),
     ],
-    ids=["truncated", "list", "map a list", "no map", "not utf-8"],
+    ids=["truncated", "list", "map a list", "no map", "a number", "null", "not utf-8", "deep"],
 )
 def test_a_malformed_shard_index_is_a_checkpoint_error_naming_it(tmp_path, content, found):
     (tmp_path / "model.safetensors.index.json").write_bytes(content)

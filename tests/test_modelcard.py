@@ -264,6 +264,20 @@ def test_output_config_says_the_output_dtype_and_custom_code_is_copied(tmp_path)
     assert (same / "config.json").read_bytes() == (tmp_path / "m0" / "config.json").read_bytes()
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float16], ids=["as is", "dtype set"])
+def test_a_config_nested_too_deeply_for_json_is_copied_as_it_is(tmp_path, dtype):
+    # json.loads recurses once per level: "[[[[..." raised RecursionError out of the merge
+    nested = b"[" * 100_000
+    for i in range(2):
+        model_dir(tmp_path / f"m{i}", family(1, seed=i)[0])
+        (tmp_path / f"m{i}" / "config.json").write_bytes(nested)
+        (tmp_path / f"m{i}" / "tokenizer_config.json").write_bytes(nested)
+    models = [tmp_path / "m0", tmp_path / "m1"]
+    out = ladle.uniform_soup(models, out=tmp_path / "o", dtype=dtype, device="cpu")
+    assert (out / "config.json").read_bytes() == nested
+    assert (out / "tokenizer_config.json").read_bytes() == nested
+
+
 def test_custom_code_is_copied_only_from_beside_the_config(tmp_path):
     from ladle.modelcard import companion_files
 

@@ -851,15 +851,53 @@ class TorchShardsCheckpoint(Checkpoint):
         self._loaded.clear()
 
 
+_JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+"""JSON's names for the types ``json.loads`` returns, for messages about a file's JSON."""
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of the ``*.index.json`` ``index``, checked to map names to names;
+    a ``CheckpointError`` naming the index, and what it holds instead, otherwise."""
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
+    except RecursionError:  # "[[[[...": json recurses once per level
+        raise CheckpointError(f"{index}: not a valid shard index (nested too deeply)") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        if not isinstance(data, dict):
+            found = _JSON_TYPES[type(data)]
+        elif "weight_map" not in data:
+            found = 'no "weight_map"'
+        else:
+            found = f'{_JSON_TYPES[type(weight_map)]} as "weight_map"'
+        raise CheckpointError(
+            f'{index}: not a valid shard index (expected a JSON object whose "weight_map" '
+            f"maps each tensor to its shard file, found {found})"
+        )
+    for key, file in weight_map.items():
+        if not isinstance(file, str):
+            raise CheckpointError(
+                f"{index}: not a valid shard index (expected a shard file name for key "
+                f"{key!r}, found {json.dumps(file)})"
+            )
+    return weight_map
+
+
 def shard_names(index: Path) -> dict[str, str]:
     """Each key's shard as an ``*.index.json`` names it, checked to lie inside the index's
     folder; a ``CheckpointError`` naming the index otherwise. The shards may not exist yet
     (the Hub fetches what this lists)."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = {str(key): str(file) for key, file in weight_map.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
+    names = _weight_map(index)
     for name in set(names.values()):
         # A shard lies in the index's folder (or below it): never read a file elsewhere
         # because a downloaded index names "../x" or "/x".

@@ -63,7 +63,7 @@ def _custom_code(configs: Iterable[Path]) -> set[str]:
             continue
         try:
             auto_map = json.loads(config.read_text()).get("auto_map", {})
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):  # not a JSON object
             continue
         values = auto_map.values() if isinstance(auto_map, dict) else []
         for value in values:
@@ -241,7 +241,7 @@ def _with_dtype(config: Path, dtype: torch.dtype) -> Path | bytes:
     object (copied as it is)."""
     try:
         data = json.loads(config.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeply
         return config
     if not isinstance(data, dict):
         return config
