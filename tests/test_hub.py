@@ -93,6 +93,24 @@ def test_parse_hf_url_rejects_malformed_urls_naming_them(url):
     assert url in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("hf://my org/my model", r"must use alphanumeric chars.*length is 96\)$"),
+        ("hf://org/a--b", r"Cannot have -- or \.\. in repo_id\)$"),
+        ("hf://org/m.git@v1/sub", r"cannot end by '\.git'\)$"),
+    ],
+)
+def test_a_repo_id_the_hub_refuses_is_a_checkpoint_error_naming_the_url(url, why):
+    # huggingface_hub's HFValidationError escaped, without the source, once it was fetched
+    repo_id = url.removeprefix("hf://").split("@")[0]
+    with pytest.raises(ladle.CheckpointError, match=rf"malformed repository id .*{why}") as err:
+        parse_hf_url(url)
+    assert str(err.value).startswith(f"{url}: malformed repository id {repo_id!r} (")
+    with pytest.raises(ladle.CheckpointError, match=why):
+        ladle.load(url)
+
+
 def test_url_round_trips_through_parse():
     for url in ["hf://o/m", "hf://o/m@v1/sub", "hf://o/m@release%2Fv2", "hf://o/m@refs/pr/3/s"]:
         assert parse_hf_url(url).url() == url

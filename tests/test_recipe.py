@@ -106,6 +106,10 @@ def test_example_recipes_are_valid(tmp_path):
         ),
         ('method = "soup"\nmodels = ["hf://x"]\noutput = "o"\n', r"models\[0\]: hf://x: no repo"),
         (
+            'method = "soup"\nmodels = ["hf://o/a--b"]\noutput = "o"\n',
+            r"models\[0\]: hf://o/a--b: malformed repository id 'o/a--b' \(Cannot have --",
+        ),
+        (
             'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "o"\n[parameters]\nscale = 2\n',
             r"recipe\.parameters\.scale: uniform_soup has no parameter 'scale'",
         ),

@@ -144,7 +144,21 @@ def parse_hf_url(url: str) -> HubSource:
     subfolder = "/".join(part for part in tail.split("/") if part)
     if any(part in (".", "..") for part in subfolder.split("/")):
         raise CheckpointError(f"{url}: subfolder may not contain '.' or '..'")
+    _check_repo_id(url, f"{owner}/{name}")
     return HubSource(f"{owner}/{name}", revision, subfolder)
+
+
+def _check_repo_id(url: str, repo_id: str) -> None:
+    """A ``CheckpointError`` naming ``url`` for a repo id the Hub refuses (``a b/c``,
+    ``org/m--x``), as huggingface_hub checks it; its own ``HFValidationError`` did not name
+    the source, and escaped only when the repository was fetched."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        why = " ".join(str(err).split()).removesuffix(f": '{repo_id}'.")
+        raise CheckpointError(f"{url}: malformed repository id {repo_id!r} ({why})") from None
 
 
 def _env_flag(name: str) -> bool | None:
