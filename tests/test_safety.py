@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import family
@@ -842,3 +843,46 @@ def test_packed_float_dtypes_cannot_be_merged_even_into_another_dtype():
             ladle.uniform_soup([packed, packed], dtype=dtype)
     with pytest.raises(ladle.IncompatibleError, match=r"floating and packed tensors"):
         ladle.uniform_soup([{"w": torch.zeros(3)}, packed])
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "message"),
+    [
+        ("uniform_soup", {"weights": [1.0, "2"]}, "weights[1]: expected a number, found str"),
+        ("uniform_soup", {"weights": "12"}, "weights: expected a sequence of numbers, found str"),
+        ("uniform_soup", {"weights": 3}, "weights: expected a sequence of numbers, found int"),
+        ("uniform_soup", {"weights": [1.0, 1j]}, "weights[1]: expected a number, found complex"),
+        ("task_arithmetic", {"scale": "0.5"}, "scale: expected a number, found str"),
+        (
+            "task_arithmetic",
+            {"weights": [None, 1]},
+            "weights[0]: expected a number, found None",
+        ),
+        ("ties", {"density": "0.5"}, "density: expected a number, found str"),
+        ("dare", {"density": None}, "density: expected a number, found None"),
+        ("dare", {"scale": [1.0]}, "scale: expected a number, found list"),
+        ("greedy_soup", {"scores": ["a", 1.0]}, "scores[0]: expected a number, found str"),
+    ],
+)
+def test_a_parameter_that_is_no_number_is_a_type_error_naming_it(method, kwargs, message):
+    # float() raised its own error, naming no parameter ("could not convert string to float"),
+    # or took weights="12" as the weights 1 and 2
+    base, *models = family(3)
+    if method in ("uniform_soup", "greedy_soup"):
+        extra = {"evaluate": lambda state_dict: 0.0} if method == "greedy_soup" else {}
+        call = lambda: getattr(ladle, method)(models, **extra, **kwargs)  # noqa: E731
+    else:
+        call = lambda: getattr(ladle, method)(models, base, **kwargs)  # noqa: E731
+    with pytest.raises(TypeError) as err:
+        call()
+    assert str(err.value) == message
+
+
+def test_numbers_as_numpy_scalars_and_0_d_tensors_are_still_accepted():
+    base, *models = family(3)
+    weights = [torch.tensor(1.0), np.float32(3.0)]
+    expected = ladle.uniform_soup(models, weights=[0.25, 0.75])
+    for key, tensor in ladle.uniform_soup(models, weights=weights).items():
+        assert torch.equal(tensor, expected[key]), key
+    merged = ladle.ties(models, base, density=torch.tensor(0.5), scale=np.int64(1))
+    assert all(torch.equal(merged[k], v) for k, v in ladle.ties(models, base, density=0.5).items())

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import json
 import math
+import numbers
 import os
 import queue
 import threading
@@ -518,6 +519,50 @@ def check_models(models: Sequence[StateDictLike]) -> None:
         raise TypeError("models: expected a sequence of models, found a single model")
     if len(models) == 0:
         raise ValueError("models: expected at least one model, found none")
+
+
+def check_number(name: str, value: object) -> float:
+    """``value`` as a float: a real number (bool, int, float, numpy's real scalars) or a 0-d
+    tensor or array; anything else (a string, a complex number, ``None``, a tensor of more
+    than one element) is a ``TypeError`` naming parameter ``name``, where ``float()`` raised
+    its own ("could not convert string to float: 'x'").
+
+    Example:
+        >>> check_number("scale", torch.tensor(0.5)), check_number("scale", 2)
+        (0.5, 2.0)
+        >>> check_number("density", "0.5")
+        Traceback (most recent call last):
+        TypeError: density: expected a number, found str
+    """
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, numbers.Number):
+        if tuple(shape) != ():
+            raise TypeError(f"{name}: expected a number, found a tensor of shape {tuple(shape)}")
+        value = value.item()  # type: ignore[attr-defined]  # a 0-d tensor or array
+    if not isinstance(value, numbers.Real):
+        found = "None" if value is None else type(value).__name__
+        raise TypeError(f"{name}: expected a number, found {found}")
+    return float(value)
+
+
+def check_numbers(name: str, values: object, count: int, each: str) -> list[float]:
+    """``values`` as ``count`` floats (:func:`check_number` each, named ``name[i]``), or a
+    ``TypeError`` for what is no sequence of numbers (a string, a number), a ``ValueError``
+    for the wrong length; ``each`` says what one value is for ("weights (one per model)").
+
+    Example:
+        >>> check_numbers("weights", [1, 0.5], 2, "weights (one per model)")
+        [1.0, 0.5]
+        >>> check_numbers("weights", [1], 2, "weights (one per model)")
+        Traceback (most recent call last):
+        ValueError: weights: expected 2 weights (one per model), found 1
+    """
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name}: expected a sequence of numbers, found {type(values).__name__}")
+    checked = [check_number(f"{name}[{i}]", value) for i, value in enumerate(values)]
+    if len(checked) != count:
+        raise ValueError(f"{name}: expected {count} {each}, found {len(checked)}")
+    return checked
 
 
 def open_models(

@@ -23,6 +23,7 @@ from ..engine import (
     _check_output,
     _check_saturating,
     check_compatible,
+    check_numbers,
     check_output_dtypes,
     fold,
     merge,
@@ -51,14 +52,13 @@ __all__ = [
 
 
 def normalized_weights(weights: Sequence[float] | None, count: int) -> list[float]:
-    """``weights`` divided by their sum (uniform when ``None``); checked for length and sum."""
+    """``weights`` divided by their sum (uniform when ``None``); checked for length and sum
+    (``ValueError``) and to be numbers (``TypeError``)."""
     if count == 0:
         raise ValueError("models: expected at least one model, found none")
     if weights is None:
         return [1.0 / count] * count
-    weights = [float(w) for w in weights]
-    if len(weights) != count:
-        raise ValueError(f"weights: expected {count} weights (one per model), found {len(weights)}")
+    weights = check_numbers("weights", weights, count, "weights (one per model)")
     bad = ValueError(f"weights: expected finite weights with a non-zero sum, found {weights}")
     if not all(math.isfinite(w) for w in weights):
         raise bad
@@ -213,9 +213,7 @@ def running_mean_kernel(count: int) -> Kernel:
 
 
 def _checked_scores(scores: Sequence[float], count: int) -> list[float]:
-    values = [float(s) for s in scores]
-    if len(values) != count:
-        raise ValueError(f"scores: expected {count} scores (one per model), found {len(values)}")
+    values = check_numbers("scores", scores, count, "scores (one per model)")
     if any(math.isnan(s) for s in values):
         raise ValueError(f"scores: expected numbers, found NaN in {values}")
     return values

@@ -10,7 +10,15 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import StateDict, StateDictLike
-from ..engine import FOLD_CHUNK_BYTES, Kernel, Progress, Scratch, merge
+from ..engine import (
+    FOLD_CHUNK_BYTES,
+    Kernel,
+    Progress,
+    Scratch,
+    check_number,
+    check_numbers,
+    merge,
+)
 from ..writer import DEFAULT_MAX_SHARD_SIZE
 
 __all__ = [
@@ -29,20 +37,20 @@ buffer of the same shape and dtype free to overwrite."""
 
 def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     """Task arithmetic's ``weights`` for ``count`` models as floats (1.0 each for ``None``),
-    or a ``ValueError`` naming them: one finite number per model."""
+    or a ``ValueError`` naming them: one finite number per model (a ``TypeError`` for what is
+    no sequence of numbers)."""
     if weights is None:
         return [1.0] * count
-    checked = [float(w) for w in weights]
-    if len(checked) != count:
-        raise ValueError(f"weights: expected {count} weights (one per model), found {len(checked)}")
+    checked = check_numbers("weights", weights, count, "weights (one per model)")
     if not all(math.isfinite(w) for w in checked):
         raise ValueError(f"weights: expected finite numbers, found {checked}")
     return checked
 
 
 def check_scale(scale: float) -> float:
-    """``scale`` as a float, or a ``ValueError`` when it is not finite."""
-    scale = float(scale)
+    """``scale`` as a float, or a ``ValueError`` when it is not finite (a ``TypeError`` naming
+    it for what is no number)."""
+    scale = check_number("scale", scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite number, found {scale}")
     return scale

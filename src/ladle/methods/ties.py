@@ -28,6 +28,7 @@ from ..engine import (
     _merged_view,
     _shaped,
     check_compatible,
+    check_number,
     compute_dtype,
     current_partition,
     fold,
@@ -60,8 +61,9 @@ _BINS = 1 << _DIGIT
 
 
 def check_density(density: float) -> float:
-    """``density`` as a float in (0, 1], or a ``ValueError`` naming it."""
-    density = float(density)
+    """``density`` as a float in (0, 1], or a ``ValueError`` naming it (a ``TypeError`` for
+    what is no number)."""
+    density = check_number("density", density)
     if not 0.0 < density <= 1.0:  # also false for NaN
         raise ValueError(f"density: expected a number in (0, 1], found {density}")
     return density
