@@ -285,18 +285,59 @@ def test_an_output_that_cannot_be_created_is_an_output_error_naming_it(tmp_path)
 @pytest.mark.parametrize("name", ["out", "out.safetensors"])
 def test_what_the_header_refuses_is_refused_before_anything_is_created(tmp_path, name):
     out = tmp_path / name
-    with pytest.raises(ladle.LadleError, match=r"tensor 'w': safetensors cannot store"):
+    named = re.escape(f"{out}: ")  # each message starts with the output
+    with pytest.raises(ladle.LadleError, match=rf"^{named}tensor 'w': safetensors cannot store"):
         ladle.save({"w": torch.zeros(2, dtype=torch.complex128)}, out)
-    with pytest.raises(ladle.LadleError, match=r"metadata: safetensors stores text only"):
+    with pytest.raises(ladle.LadleError, match=rf"^{named}metadata: safetensors stores text"):
         ladle.save({"w": torch.zeros(2)}, out, metadata={"epochs": 3})
-    with pytest.raises(ladle.LadleError, match=r"safetensors reads at most 100000000"):
+    with pytest.raises(ladle.LadleError, match=rf"^{named}.*safetensors reads at most 100000000"):
         ladle.save({"w": torch.zeros(2)}, out, metadata={"notes": "x" * 100_000_001})
-    with pytest.raises(ladle.LadleError, match=r"tensor '__metadata__': safetensors keeps"):
+    with pytest.raises(ladle.LadleError, match=rf"^{named}tensor '__metadata__': safetensors"):
         ladle.save({"__metadata__": torch.zeros(2)}, out)
-    with pytest.raises(ladle.LadleError, match=r"tensor '__metadata__': safetensors keeps"):
+    with pytest.raises(ladle.LadleError, match=rf"^{named}tensor '__metadata__': safetensors"):
         # refused when the writer is made, before any merging
         model = {"__metadata__": torch.ones(3)}
         ladle.uniform_soup([model, model], out=out, device="cpu")
+    with pytest.raises(ladle.LadleError, match=rf"^{named}tensor 1: safetensors names tensors"):
+        SafetensorsWriter(out, {1: ((2,), torch.float32)})  # type: ignore[dict-item]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("state_dict", "error", "message"),
+    [
+        (
+            {"w": 1.0},
+            TypeError,
+            "state_dict: expected a mapping of str to torch.Tensor, found str -> float for 'w'",
+        ),
+        (
+            {1: torch.ones(1)},
+            TypeError,
+            "state_dict: expected a mapping of str to torch.Tensor, found int -> Tensor for 1",
+        ),
+        (
+            {"w": torch.empty(2, device="meta")},
+            ValueError,
+            "state_dict: tensor 'w' is on the meta device (no data); safetensors stores dense "
+            "tensors",
+        ),
+        (
+            {"w": torch.ones(2).to_sparse()},
+            ValueError,
+            "state_dict: tensor 'w' is torch.sparse_coo; safetensors stores dense tensors",
+        ),
+    ],
+    ids=["no tensor", "no str", "meta", "sparse"],
+)
+def test_save_refuses_what_is_no_dense_tensor_under_a_string_naming_the_key(
+    tmp_path, state_dict, error, message
+):
+    # AttributeError, NotImplementedError or torch's RuntimeError escaped; an int key was
+    # written as "1" and then failed the read-back check
+    with pytest.raises(error) as err:
+        ladle.save(state_dict, tmp_path / "out.safetensors")
+    assert str(err.value) == message
     assert list(tmp_path.iterdir()) == []
 
 

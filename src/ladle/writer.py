@@ -180,27 +180,34 @@ HEADER_LIMIT = 100_000_000
 """Largest header safetensors reads (its ``MAX_HEADER_SIZE``): bytes of JSON per file."""
 
 
-def _header(specs: Mapping[str, Spec], keys: list[str], metadata: Mapping[str, str]) -> bytes:
-    """A shard's header (length, JSON, padding), or a ``LadleError`` for what safetensors
-    could not read back: a tensor named ``__metadata__``, a dtype it has no code for,
-    metadata that is not text, a header past :data:`HEADER_LIMIT`."""
+def _header(
+    out: Path, specs: Mapping[str, Spec], keys: list[str], metadata: Mapping[str, str]
+) -> bytes:
+    """A shard's header (length, JSON, padding), or a ``LadleError`` naming output ``out`` for
+    what safetensors could not read back: a tensor named ``__metadata__`` or by no string, a
+    dtype it has no code for, metadata that is not text, a header past :data:`HEADER_LIMIT`."""
     for name, value in metadata.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise LadleError(
-                f"metadata: safetensors stores text only; found {type(name).__name__} "
+                f"{out}: metadata: safetensors stores text only; found {type(name).__name__} "
                 f"{name!r} -> {type(value).__name__}"
             )
     entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for key in keys:
         shape, dtype = specs[key]
+        if not isinstance(key, str):
+            raise LadleError(
+                f"{out}: tensor {key!r}: safetensors names tensors by strings, found "
+                f"{type(key).__name__}"
+            )
         if key == "__metadata__":
             raise LadleError(
-                "tensor '__metadata__': safetensors keeps that name for the header's "
+                f"{out}: tensor '__metadata__': safetensors keeps that name for the header's "
                 "metadata and cannot store a tensor under it; rename the key"
             )
         if dtype not in _DTYPE_CODES:
-            raise LadleError(f"tensor {key!r}: safetensors cannot store dtype {dtype}")
+            raise LadleError(f"{out}: tensor {key!r}: safetensors cannot store dtype {dtype}")
         end = offset + _nbytes(specs[key])
         entries[key] = {
             "dtype": _DTYPE_CODES[dtype],
@@ -212,7 +219,7 @@ def _header(specs: Mapping[str, Spec], keys: list[str], metadata: Mapping[str, s
     text += b" " * (-(8 + len(text)) % 8)  # data starts 8-byte aligned
     if len(text) > HEADER_LIMIT:
         raise LadleError(
-            f"header of {len(text)} bytes: safetensors reads at most {HEADER_LIMIT} "
+            f"{out}: header of {len(text)} bytes: safetensors reads at most {HEADER_LIMIT} "
             "(shorter metadata, or more shards with a smaller max_shard_size)"
         )
     return struct.pack("<Q", len(text)) + text
@@ -525,7 +532,7 @@ class SafetensorsWriter:
         )
         # Each shard's header, built once: written first, and the offsets and sizes after it.
         # Built before anything is created, so a dtype or metadata it refuses leaves nothing.
-        self._headers = [_header(self._specs, keys, self._metadata) for keys in shards]
+        self._headers = [_header(self.out, self._specs, keys, self._metadata) for keys in shards]
         self._temp = _temporary_beside(self.out)
         self._overwrite = overwrite
         with _output_errors(self.out, "creating the output"):
@@ -899,12 +906,30 @@ def save(
     Returns:
         The path written.
 
+    Raises:
+        TypeError: ``state_dict`` maps something other than strings to tensors.
+        ValueError: a tensor is sparse or on the meta device (no data to write).
+        LadleError: the output exists (without ``overwrite``), or safetensors cannot hold a
+            tensor's dtype or the metadata; the message names the output.
+        OutputError: writing failed (a full disk, no permission), naming the output.
+
     Example:
         >>> import tempfile, torch, ladle
         >>> out = ladle.save({"w": torch.ones(3)}, tempfile.mkdtemp() + "/model")
         >>> sorted(p.name for p in out.iterdir())
         ['model.safetensors']
     """
+    for key, tensor in state_dict.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"state_dict: expected a mapping of str to torch.Tensor, found "
+                f"{type(key).__name__} -> {type(tensor).__name__} for {key!r}"
+            )
+        if tensor.layout != torch.strided or tensor.is_meta:
+            what = "on the meta device (no data)" if tensor.is_meta else f"{tensor.layout}"
+            raise ValueError(
+                f"state_dict: tensor {key!r} is {what}; safetensors stores dense tensors"
+            )
     specs = {key: (tuple(t.shape), t.dtype) for key, t in state_dict.items()}
     with SafetensorsWriter(
         path, specs, max_shard_size=max_shard_size, metadata=metadata, overwrite=overwrite
