@@ -90,6 +90,16 @@ class Checkpoint:
         name: how error messages refer to this checkpoint (a path, or a description).
         path: the file or directory it reads, or ``None`` for in-memory sources.
         metadata: string metadata stored with the checkpoint (safetensors header), if any.
+
+    Example:
+        >>> import tempfile, torch, ladle
+        >>> path = ladle.save({"w": torch.arange(6.0).reshape(3, 2)},
+        ...                   tempfile.mkdtemp() + "/model.safetensors", metadata={"note": "x"})
+        >>> with ladle.open_checkpoint(path) as ckpt:  # reads the header only
+        ...     print(ckpt.keys(), ckpt.shape("w"), ckpt.dtype("w"), ckpt.nbytes("w"))
+        ...     print(ckpt.get_slice("w", slice(1, 3)).tolist(), ckpt.metadata["note"])
+        ['w'] (3, 2) torch.float32 24
+        [[2.0, 3.0], [4.0, 5.0]] x
     """
 
     name: str

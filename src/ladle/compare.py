@@ -47,6 +47,14 @@ class DiffReport(NamedTuple):
         tensors: one :class:`TensorDiff` per floating tensor, in the reference's key order.
         total: the same over all floating tensors taken as one vector.
         skipped: non-floating keys (integer buffers), not compared.
+
+    Example:
+        >>> import torch, ladle
+        >>> a = {"w": torch.tensor([1.0, 0.0]), "steps": torch.tensor(3)}
+        >>> b = {"w": torch.tensor([1.0, 1.0]), "steps": torch.tensor(5)}
+        >>> tensors, total, skipped = ladle.diff(a, b)
+        >>> [row.key for row in tensors], round(total.cosine, 4), skipped
+        (['w'], 0.7071, ['steps'])
     """
 
     tensors: list[TensorDiff]

@@ -16,28 +16,87 @@ __all__ = [
 
 
 class LadleError(Exception):
-    """Base class of every error ladle raises on purpose."""
+    """Base class of every error ladle raises on purpose.
+
+    Example:
+        >>> import torch, ladle
+        >>> try:
+        ...     ladle.uniform_soup([{"w": torch.ones(2)}, {"v": torch.ones(2)}])
+        ... except ladle.LadleError as err:
+        ...     print(type(err).__name__)
+        IncompatibleError
+    """
 
 
 class CheckpointError(LadleError):
-    """A checkpoint cannot be found, opened or read; the message names the file."""
+    """A checkpoint cannot be found, opened or read; the message names the file.
+
+    Example:
+        >>> import ladle
+        >>> ladle.load("no/such/model.safetensors")
+        Traceback (most recent call last):
+        ladle.errors.CheckpointError: no/such/model.safetensors: no such file or directory
+    """
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """A torch file needs more than tensors to unpickle; it was not loaded and nothing ran."""
+    """A torch file needs more than tensors to unpickle; it was not loaded and nothing ran.
+
+    Example:
+        >>> import pathlib, pickle, tempfile, ladle
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.pt"
+        >>> _ = path.write_bytes(pickle.dumps({"w": print}, protocol=2))  # a reference to code
+        >>> try:
+        ...     ladle.load(path)
+        ... except ladle.UnsafeCheckpointError as err:
+        ...     print("refused to unpickle" in str(err), "it references print" in str(err))
+        True True
+    """
 
 
 class IncompatibleError(LadleError, ValueError):
-    """Models disagree on keys, shapes or kinds of dtype; the message names model and key."""
+    """Models disagree on keys, shapes or kinds of dtype; the message names model and key.
+
+    Example:
+        >>> import torch, ladle
+        >>> try:
+        ...     ladle.uniform_soup([{"w": torch.ones(2)}, {"w": torch.ones(3)}])
+        ... except ladle.IncompatibleError as err:
+        ...     print(err)
+        model 1 (<state dict>): key 'w' has shape (3,), model 0 (<state dict>) has (2,)
+    """
 
 
 class NonFiniteError(LadleError, ValueError):
     """An input tensor holds NaN or Inf (the message names the model and key), or merged
     values overflow the output dtype although every input is finite (it names the output,
-    the key, the dtype and how many values)."""
+    the key, the dtype and how many values).
+
+    Example:
+        >>> import torch, ladle
+        >>> bad = {"w": torch.tensor([1.0, float("nan")])}
+        >>> try:
+        ...     ladle.uniform_soup([{"w": torch.ones(2)}, bad])
+        ... except ladle.NonFiniteError as err:
+        ...     print(str(err).split(";")[0])
+        model 1 (<state dict>): key 'w' holds NaN or Inf values
+        >>> ladle.uniform_soup([{"w": torch.ones(2)}, bad], allow_nonfinite=True)["w"]
+        tensor([1., nan])
+    """
 
 
 class OutputError(LadleError, OSError):
     """The output cannot be written (a full disk or quota, a file-size limit, no permission,
     an I/O error); the message names the output and what was being written. Also an
-    ``OSError``, like the failure it wraps (``__cause__``)."""
+    ``OSError``, like the failure it wraps (``__cause__``).
+
+    Example:
+        >>> import pathlib, tempfile, torch, ladle
+        >>> a_file = pathlib.Path(tempfile.mkdtemp()) / "notes.txt"
+        >>> _ = a_file.write_text("not a folder")
+        >>> try:
+        ...     ladle.save({"w": torch.ones(2)}, a_file / "merged.safetensors")
+        ... except ladle.OutputError as err:
+        ...     print(isinstance(err, OSError), str(err).endswith("is a file, not a directory"))
+        True True
+    """

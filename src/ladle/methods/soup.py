@@ -176,6 +176,15 @@ class GreedySoupResult(NamedTuple):
         score: ``evaluate``'s score of ``state_dict`` (for one ingredient: that model's score).
         history: one :class:`GreedySoupStep` per model, in rank order; the first is the
             starting ingredient with its own score, each later one a candidate soup.
+
+    Example:
+        >>> import torch, ladle
+        >>> models = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}]
+        >>> def accuracy(state_dict):  # best at w = 2
+        ...     return 10.0 - abs(state_dict["w"].item() - 2.0)
+        >>> state_dict, selected, score, history = ladle.greedy_soup(models, accuracy)
+        >>> selected, score, history[1]
+        ([0, 1], 10.0, GreedySoupStep(index=1, score=10.0, accepted=True))
     """
 
     state_dict: StateDict

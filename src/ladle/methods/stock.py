@@ -48,7 +48,18 @@ T_MIN = -1.0
 
 
 class ModelStockWarning(UserWarning):
-    """A key's ratio ``t`` fell below :data:`T_MIN` (near the formula's pole) and was clamped."""
+    """A key's ratio ``t`` fell below :data:`T_MIN` (near the formula's pole) and was clamped.
+
+    Example:
+        >>> import warnings, torch, ladle
+        >>> base = {"w": torch.zeros(2)}
+        >>> opposite = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([-1.0, 0.0])}]
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always", ladle.ModelStockWarning)
+        ...     merged = ladle.model_stock(opposite, base, device="cpu")
+        >>> [w.category.__name__ for w in caught], merged["w"].tolist()  # t = T_MIN = -1
+        (['ModelStockWarning'], [0.0, 0.0])
+    """
 
 
 def mean_cosine(gram: Sequence[Sequence[float]]) -> float:
