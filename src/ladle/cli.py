@@ -574,7 +574,24 @@ def _show_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``ladle`` command; returns the exit status."""
+    """Run the ``ladle`` command; returns the exit status.
+
+    Args:
+        argv: the arguments after ``ladle`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 1 after a merge error (one ``ladle: error:`` line on stderr), 130 or
+        143 when interrupted or terminated; usage errors exit with status 2 (``SystemExit``).
+
+    Example:
+        >>> import tempfile, torch, ladle
+        >>> path = ladle.save({"w": torch.ones(2, 3)}, tempfile.mkdtemp() + "/m.safetensors")
+        >>> main(["inspect", str(path)])  # doctest: +ELLIPSIS
+        w  float32   2x3              24 B
+        1 tensor, 6 parameters, 24 B (.../m.safetensors)
+        metadata format: pt
+        0
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run

@@ -101,6 +101,19 @@ class Kernel(NamedTuple):
     whose last statistic is known only then (TIES's sign for ties, a vote over every entry):
     it yields ``(key, index, values)``, flat indices into ``key``'s tensor and the merged
     values that replace what was produced there, already written or not.
+
+    Example:
+        >>> import torch
+        >>> from ladle.engine import Kernel, merge
+        >>> elementwise_max = Kernel(
+        ...     init=lambda key, rows, base: None,
+        ...     update=lambda state, i, x: x.clone() if state is None else torch.maximum(state, x),
+        ...     finalize=lambda state: state,
+        ... )
+        >>> a = {"w": torch.tensor([1.0, 5.0]), "steps": torch.tensor(7)}
+        >>> b = {"w": torch.tensor([4.0, 2.0]), "steps": torch.tensor(9)}
+        >>> merge([a, b], elementwise_max, method="max", parameters={}, device="cpu")
+        {'w': tensor([4., 5.]), 'steps': tensor(7)}
     """
 
     init: Callable[[str, slice, torch.Tensor | None], Any]
@@ -121,6 +134,14 @@ class Scratch:
     Fresh large tensors cost page faults on every allocation; a kernel that owns a
     ``Scratch`` reuses the same memory for every chunk. A view is valid until the next
     ``take`` of the same dtype and device.
+
+    Example:
+        >>> import torch
+        >>> scratch, cpu = Scratch(), torch.device("cpu")
+        >>> x = scratch.take((2, 3), torch.float32, cpu)
+        >>> y = scratch.take((6,), torch.float32, cpu)  # the same memory, reshaped
+        >>> tuple(y.shape), x.data_ptr() == y.data_ptr()
+        ((6,), True)
     """
 
     def __init__(self) -> None:
@@ -568,7 +589,15 @@ def check_numbers(name: str, values: object, count: int, each: str) -> list[floa
 def open_models(
     models: Sequence[StateDictLike], base: StateDictLike | None, stack: ExitStack
 ) -> tuple[list[Checkpoint], Checkpoint | None]:
-    """Open every source, closing on ``stack`` those that this call opened."""
+    """Open every source, closing on ``stack`` those that this call opened.
+
+    Example:
+        >>> import contextlib, torch
+        >>> with contextlib.ExitStack() as stack:
+        ...     models, base = open_models([{"w": torch.ones(2)}], {"w": torch.zeros(2)}, stack)
+        ...     print(models[0].keys(), base.shape("w"))
+        ['w'] (2,)
+    """
     check_models(models)
 
     def opened(source: StateDictLike) -> Checkpoint:
@@ -634,6 +663,20 @@ def fold(
     result shows it. ``check_results=False`` leaves that check of results to the caller (as
     :func:`merge` does, after the cast to the output dtype, with :func:`_check_merged`); the
     inputs such a result would show are then not checked here either.
+
+    Example:
+        >>> import torch
+        >>> from ladle import open_checkpoint
+        >>> squares = Kernel(  # Σᵢ ‖xᵢ‖² of each chunk
+        ...     init=lambda key, rows, base: torch.zeros(()),
+        ...     update=lambda total, i, x: total + (x * x).sum(),
+        ...     finalize=lambda total: total,
+        ... )
+        >>> models = [open_checkpoint({"w": torch.tensor([1.0, 2.0])}),
+        ...           open_checkpoint({"w": torch.tensor([3.0, 4.0])})]
+        >>> [(key, rows, total.item()) for key, rows, total in
+        ...  fold(models, squares, device=torch.device("cpu"))]
+        [('w', slice(None, None, None), 30.0)]
     """
     reference = base if base is not None else models[0]
     sources = [*([base] if base is not None else []), *models]
@@ -1351,6 +1394,18 @@ def merge(
     compute dtype) from finite inputs: every merged chunk is checked after its cast.
     ``inputs_checked``: ``prepare``'s passes checked every floating input already, so the
     merging pass does not check them again (its outputs still are).
+
+    Example:
+        >>> import tempfile, torch, ladle
+        >>> from ladle.methods.soup import weighted_mean_kernel
+        >>> out = merge(
+        ...     [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}],
+        ...     weighted_mean_kernel([0.25, 0.75]),
+        ...     method="my_mean", parameters={"weights": [0.25, 0.75]},
+        ...     out=tempfile.mkdtemp() + "/merged.safetensors", device="cpu",
+        ... )
+        >>> ladle.load(out)["w"].tolist()
+        [2.5, 5.0]
     """
     dtype = resolve_dtype(dtype)
     target = resolve_device(device)

@@ -74,7 +74,15 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 class HubSource(NamedTuple):
     """A parsed ``hf://`` source: repository id, revision (``None``: the default branch) and
-    subfolder (``""``: the repository root)."""
+    subfolder (``""``: the repository root).
+
+    Example:
+        >>> source = HubSource("org/model", "release/v2", "unet")
+        >>> source.url()
+        'hf://org/model@release%2Fv2/unet'
+        >>> source.url("0123abcd" * 5)  # the commit it resolved to
+        'hf://org/model@0123abcd0123abcd0123abcd0123abcd0123abcd/unet'
+    """
 
     repo_id: str
     revision: str | None

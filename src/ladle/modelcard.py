@@ -266,6 +266,15 @@ def output_files(
     and ``README.md`` (the model card). Keys are file names; values are files to copy or bytes.
     With ``dtype`` (the merge's output dtype), the config's ``torch_dtype`` (and ``dtype``)
     say it, as loaders that read the dtype from the config (``torch_dtype="auto"``) need.
+
+    Example:
+        >>> import json, pathlib, tempfile, torch, ladle
+        >>> folder = ladle.save({"w": torch.ones(2)}, pathlib.Path(tempfile.mkdtemp()) / "m")
+        >>> _ = (folder / "config.json").write_text('{"torch_dtype": "float32"}')
+        >>> files = output_files("uniform_soup", {}, [ladle.open_checkpoint(folder)], None,
+        ...                      out=folder.parent / "merged", dtype=torch.bfloat16)
+        >>> sorted(files), json.loads(files["config.json"])
+        (['README.md', 'config.json'], {'torch_dtype': 'bfloat16'})
     """
     reference = base if base is not None else models[0]
     files: dict[str, Path | bytes] = dict(companion_files(reference.path))

@@ -58,7 +58,15 @@ never below 2⁻²⁴."""
 
 
 def check_dare_density(density: float) -> float:
-    """``density`` as a float in [:data:`DENSITY_FLOOR`, 1], or a ``ValueError`` naming it."""
+    """``density`` as a float in [:data:`DENSITY_FLOOR`, 1], or a ``ValueError`` naming it.
+
+    Example:
+        >>> check_dare_density(0.1)
+        0.1
+        >>> check_dare_density(1e-9)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: density: expected at least 2**-24 (5.96e-08) for DARE, ... found 1e-09
+    """
     density = check_density(density)
     if density < DENSITY_FLOOR:
         raise ValueError(
@@ -90,6 +98,10 @@ def block_seed(seed: int, index: int, key: str, block: int) -> int:
     ``blake2b(f"ladle.dare:{seed}:{index}:{key}:{block}", digest_size=8)`` (a digest of its
     own, not the first bytes of the default one) read as a little-endian integer and shifted
     right by one bit: stable across runs, machines and Python versions.
+
+    Example:
+        >>> block_seed(0, 0, "w", 0), block_seed(0, 0, "w", 0) != block_seed(0, 0, "w", 1)
+        (6416004986558706948, True)
     """
     text = f"ladle.dare:{seed}:{index}:{key}:{block}".encode()
     digest = hashlib.blake2b(text, digest_size=8).digest()

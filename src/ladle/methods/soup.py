@@ -53,7 +53,15 @@ __all__ = [
 
 def normalized_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     """``weights`` divided by their sum (uniform when ``None``); checked for length and sum
-    (``ValueError``) and to be numbers (``TypeError``)."""
+    (``ValueError``) and to be numbers (``TypeError``).
+
+    Example:
+        >>> normalized_weights([1, 3], 2), normalized_weights(None, 4)
+        ([0.25, 0.75], [0.25, 0.25, 0.25, 0.25])
+        >>> normalized_weights([1, -1], 2)
+        Traceback (most recent call last):
+        ValueError: weights: expected finite weights with a non-zero sum, found [1.0, -1.0]
+    """
     if count == 0:
         raise ValueError("models: expected at least one model, found none")
     if weights is None:
@@ -78,6 +86,14 @@ def weighted_mean_kernel(weights: Sequence[float]) -> Kernel:
 
     The accumulator is one scratch buffer reused from chunk to chunk: allocating a fresh
     tensor per key costs more (page faults on new memory) than the arithmetic itself.
+
+    Example:
+        >>> import torch
+        >>> from ladle.engine import merge
+        >>> models = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
+        >>> merge(models, weighted_mean_kernel([0.25, 0.75]), method="soup", parameters={},
+        ...       device="cpu")
+        {'w': tensor([2.5000, 5.0000])}
     """
     scratch = Scratch()
 
@@ -202,6 +218,14 @@ def running_mean_kernel(count: int) -> Kernel:
 
     Computed as ``torch.lerp(soup, model, 1/(n+1))``, which is exactly ``soup`` where the two
     agree. With ``count == 0`` the only input is the model and the result is an owned copy.
+
+    Example:
+        >>> import torch
+        >>> from ladle.engine import merge
+        >>> soup = {"w": torch.tensor([2.0, 4.0])}  # the mean of 2 models so far
+        >>> merge([soup, {"w": torch.tensor([5.0, 1.0])}], running_mean_kernel(2),
+        ...       method="soup", parameters={}, device="cpu")
+        {'w': tensor([3., 3.])}
     """
 
     def init(key: str, rows: slice, base: torch.Tensor | None) -> None:

@@ -131,6 +131,17 @@ def gram_kernel(n: int) -> Kernel:
     under ``torch.set_float32_matmul_precision``, CUDA). The matrix lives in one scratch
     buffer that this kernel reuses from chunk to chunk (the engine finishes a chunk before it
     starts the next), so fresh memory is not faulted in for every chunk.
+
+    Example:
+        >>> import torch
+        >>> from ladle import open_checkpoint
+        >>> from ladle.engine import fold
+        >>> base = open_checkpoint({"w": torch.zeros(2)})
+        >>> models = [open_checkpoint({"w": torch.tensor([3.0, 0.0])}),
+        ...           open_checkpoint({"w": torch.tensor([3.0, 4.0])})]
+        >>> [(key, gram.tolist()) for key, _, gram in
+        ...  fold(models, gram_kernel(2), base=base, device=torch.device("cpu"))]
+        [('w', [[9.0, 9.0], [9.0, 25.0]])]
     """
     scratch = Scratch()
 
@@ -215,7 +226,16 @@ def stock_kernel(ratios: Mapping[str, float], n: int) -> Kernel:
     """Fold ``Σᵢ modelᵢ`` into one accumulator; finish with ``t·mean + (1 − t)·base``.
 
     The accumulator is one scratch buffer, reused from chunk to chunk (fresh memory for every
-    chunk costs page faults)."""
+    chunk costs page faults).
+
+    Example:
+        >>> import torch
+        >>> from ladle.engine import merge
+        >>> models = [{"w": torch.tensor([3.0, 0.0])}, {"w": torch.tensor([3.0, 4.0])}]
+        >>> merge(models, stock_kernel({"w": 0.5}, 2), base={"w": torch.zeros(2)},
+        ...       method="model_stock", parameters={}, device="cpu")  # t = 0.5
+        {'w': tensor([1.5000, 1.0000])}
+    """
     scratch = Scratch()
 
     def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:

@@ -38,7 +38,12 @@ buffer of the same shape and dtype free to overwrite."""
 def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     """Task arithmetic's ``weights`` for ``count`` models as floats (1.0 each for ``None``),
     or a ``ValueError`` naming them: one finite number per model (a ``TypeError`` for what is
-    no sequence of numbers)."""
+    no sequence of numbers).
+
+    Example:
+        >>> check_weights(None, 2), check_weights([1, 0.5], 2)
+        ([1.0, 1.0], [1.0, 0.5])
+    """
     if weights is None:
         return [1.0] * count
     checked = check_numbers("weights", weights, count, "weights (one per model)")
@@ -49,7 +54,15 @@ def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
 
 def check_scale(scale: float) -> float:
     """``scale`` as a float, or a ``ValueError`` when it is not finite (a ``TypeError`` naming
-    it for what is no number)."""
+    it for what is no number).
+
+    Example:
+        >>> check_scale(2)
+        2.0
+        >>> check_scale(float("inf"))
+        Traceback (most recent call last):
+        ValueError: scale: expected a finite number, found inf
+    """
     scale = check_number("scale", scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite number, found {scale}")
@@ -57,7 +70,14 @@ def check_scale(scale: float) -> float:
 
 
 def check_inputs(models: Sequence[StateDictLike], base: StateDictLike | None) -> None:
-    """``ValueError`` for an empty model list or a missing base."""
+    """``ValueError`` for an empty model list or a missing base.
+
+    Example:
+        >>> import torch
+        >>> check_inputs([{"w": torch.ones(1)}], None)
+        Traceback (most recent call last):
+        ValueError: base: task-vector methods need the base model, found None
+    """
     if len(models) == 0:
         raise ValueError("models: expected at least one model, found none")
     if base is None:
@@ -77,6 +97,14 @@ def task_vector_sum_kernel(
     does not grow with the number of models. The kernel propagates NaN/Inf (the engine then
     checks results, not inputs) without ``delta``, or with one that keeps every NaN/Inf of
     ``τᵢ`` non-finite (``delta_propagates_nonfinite``).
+
+    Example:
+        >>> import torch
+        >>> from ladle.engine import merge
+        >>> models = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
+        >>> merge(models, task_vector_sum_kernel([1.0, 1.0], 0.5), base={"w": torch.ones(2)},
+        ...       method="task_arithmetic", parameters={}, device="cpu")  # 1 + 0.5·(τ₁ + τ₂)
+        {'w': tensor([2., 4.])}
     """
 
     # The accumulator, the buffer and the scratch of every chunk: reused from chunk to chunk

@@ -62,7 +62,15 @@ _BINS = 1 << _DIGIT
 
 def check_density(density: float) -> float:
     """``density`` as a float in (0, 1], or a ``ValueError`` naming it (a ``TypeError`` for
-    what is no number)."""
+    what is no number).
+
+    Example:
+        >>> check_density(0.2)
+        0.2
+        >>> check_density(0)
+        Traceback (most recent call last):
+        ValueError: density: expected a number in (0, 1], found 0.0
+    """
     density = check_number("density", density)
     if not 0.0 < density <= 1.0:  # also false for NaN
         raise ValueError(f"density: expected a number in (0, 1], found {density}")
@@ -73,6 +81,10 @@ def keep_rank(count: int, density: float) -> int:
     """The paper code's rank ``k = d − int(d·density)``: keep ``|τ| ≥`` the k-th smallest.
 
     Below 1 (``density = 1``, or no entries) nothing is trimmed.
+
+    Example:
+        >>> keep_rank(10, 0.2), keep_rank(10, 1.0), keep_rank(3, 0.5)
+        (8, 0, 2)
     """
     return count - int(count * density)
 
