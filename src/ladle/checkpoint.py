@@ -228,6 +228,28 @@ def _merged_rows(
         return block[index]
 
 
+def not_a_dense_tensor(key: object, value: object) -> str | None:
+    """Why ``key: value`` is no entry of a state dict that ladle reads or writes (a ``str`` key,
+    a dense tensor holding data), or ``None`` where it is one.
+
+    Example:
+        >>> import torch
+        >>> not_a_dense_tensor("w", torch.ones(2)) is None
+        True
+        >>> not_a_dense_tensor("w", 1.0)
+        "expected a mapping of str to torch.Tensor, found str -> float for 'w'"
+    """
+    if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+        return (
+            "expected a mapping of str to torch.Tensor, "
+            f"found {type(key).__name__} -> {type(value).__name__} for {key!r}"
+        )
+    if value.layout != torch.strided or value.is_meta:
+        what = "on the meta device (no data)" if value.is_meta else f"{value.layout}"
+        return f"tensor {key!r} is {what}"
+    return None
+
+
 class TensorMapCheckpoint(Checkpoint):
     """A checkpoint over tensors already in hand (a mapping, a module, a loaded torch file,
     whose ``file`` :meth:`files` reports for every key)."""
@@ -241,16 +263,9 @@ class TensorMapCheckpoint(Checkpoint):
         file: Path | None = None,
     ) -> None:
         for key, value in tensors.items():
-            if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-                raise CheckpointError(
-                    f"{name}: expected a mapping of str to torch.Tensor, "
-                    f"found {type(key).__name__} -> {type(value).__name__} for {key!r}"
-                )
-            if value.layout != torch.strided or value.is_meta:
-                what = "on the meta device (no data)" if value.is_meta else f"{value.layout}"
-                raise CheckpointError(
-                    f"{name}: tensor {key!r} is {what}; ladle merges dense tensors with data"
-                )
+            problem = not_a_dense_tensor(key, value)
+            if problem is not None:
+                raise CheckpointError(f"{name}: {problem}; ladle merges dense tensors with data")
         self._tensors = tensors
         self.name = name
         self.path = path

@@ -30,7 +30,7 @@ from typing import BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import SAFETENSORS_DTYPES, TORCH_SUFFIXES
+from .checkpoint import SAFETENSORS_DTYPES, TORCH_SUFFIXES, not_a_dense_tensor
 from .errors import LadleError, OutputError
 from .hub import PREFIX
 
@@ -920,16 +920,12 @@ def save(
         ['model.safetensors']
     """
     for key, tensor in state_dict.items():
-        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
-            raise TypeError(
-                f"state_dict: expected a mapping of str to torch.Tensor, found "
-                f"{type(key).__name__} -> {type(tensor).__name__} for {key!r}"
-            )
-        if tensor.layout != torch.strided or tensor.is_meta:
-            what = "on the meta device (no data)" if tensor.is_meta else f"{tensor.layout}"
-            raise ValueError(
-                f"state_dict: tensor {key!r} is {what}; safetensors stores dense tensors"
-            )
+        problem = not_a_dense_tensor(key, tensor)
+        if problem is None:
+            continue
+        if isinstance(key, str) and isinstance(tensor, torch.Tensor):  # without dense data
+            raise ValueError(f"state_dict: {problem}; safetensors stores dense tensors")
+        raise TypeError(f"state_dict: {problem}")
     specs = {key: (tuple(t.shape), t.dtype) for key, t in state_dict.items()}
     with SafetensorsWriter(
         path, specs, max_shard_size=max_shard_size, metadata=metadata, overwrite=overwrite
