@@ -170,6 +170,43 @@ def test_average_without_a_process_group_names_group():
         average_({"w": torch.ones(2)})
 
 
+@pytest.fixture
+def one_rank(tmp_path):
+    """A process group of this process alone (gloo), destroyed afterwards."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdv", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "weights, kind, message",
+    [
+        ("0.5", TypeError, "weights (rank 0): expected a number, found str"),
+        (True, TypeError, "weights (rank 0): expected a number, found bool"),
+        (2j, TypeError, "weights (rank 0): expected a number, found complex"),
+        (["0.5"], TypeError, "weights[0]: expected a number, found str"),
+        (["a"], TypeError, "weights[0]: expected a number, found str"),
+        ([None], TypeError, "weights[0]: expected a number, found None"),
+        ([torch.ones(2)], TypeError, "weights[0]: expected a number, found list"),
+        ([1, 2], ValueError, "weights: expected 1 per-rank weights (the group's size), found 2"),
+    ],
+)
+def test_average_names_a_weight_that_is_no_number_like_the_merge_methods(
+    one_rank, weights, kind, message
+):
+    with pytest.raises(kind) as caught:
+        average_({"w": torch.ones(2)}, weights=weights)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    "weights", [2, 0.5, np.float32(2), torch.tensor(2.0), [3], (np.int64(1),), torch.tensor([2.0])]
+)
+def test_average_takes_numbers_numpy_scalars_and_tensors_as_weights(one_rank, weights):
+    state = {"w": torch.tensor([1.0, -2.5])}
+    assert torch.equal(average_(state, weights=weights)["w"], torch.tensor([1.0, -2.5]))
+
+
 # --- spawned: 3 gloo processes ----------------------------------------------------------------
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpoint, StateDictLike
-from .engine import partitioned, resolve_device
+from .engine import check_number, check_numbers, partitioned, resolve_device
 from .errors import IncompatibleError, LadleError
 from .methods.dare import dare
 from .methods.ratatouille import ratatouille
@@ -183,18 +183,25 @@ def _plain(weights: object) -> object:
     return weights
 
 
+def _rank_weight(rank: int, weight: object) -> float:
+    """Rank ``rank``'s own weight as a float, or a ``TypeError`` naming the rank."""
+    name = f"weights (rank {rank})"
+    if isinstance(weight, bool):
+        raise TypeError(f"{name}: expected a number, found bool")
+    return check_number(name, weight)
+
+
 def _rank_weights(given: Sequence[object], size: int) -> list[float] | None:
-    """Every rank's ``weights`` argument, gathered: one weight per rank, or ``None``."""
+    """Every rank's ``weights`` argument, gathered: one weight per rank, or ``None``. A weight
+    that is no number (:func:`~ladle.engine.check_number`; a lone ``bool`` neither) is a
+    ``TypeError`` naming it, ``weights[i]`` in a list, ``weights (rank r)`` on its own.
+    """
     if all(w is None for w in given):
         return None
-    if all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in given):
-        found = [float(w) for w in given]  # type: ignore[arg-type]
-    elif all(isinstance(w, (list, tuple)) for w in given) and all(w == given[0] for w in given):
-        found = [float(w) for w in given[0]]  # type: ignore[attr-defined]
-        if len(found) != size:
-            raise ValueError(
-                f"weights: expected {size} per-rank weights (the group's size), found {len(found)}"
-            )
+    if all(isinstance(w, (list, tuple)) for w in given) and all(w == given[0] for w in given):
+        found = check_numbers("weights", given[0], size, "per-rank weights (the group's size)")
+    elif not any(w is None or isinstance(w, (list, tuple)) for w in given):
+        found = [_rank_weight(rank, w) for rank, w in enumerate(given)]
     else:
         raise ValueError(
             "weights: every rank must pass its own weight (a float), or every rank the same "
