@@ -252,13 +252,6 @@ def _checked_scores(scores: Sequence[float], count: int) -> list[float]:
     return values
 
 
-def _score(evaluate: Evaluate, state_dict: StateDict, what: str) -> float:
-    value = float(evaluate(state_dict))
-    if math.isnan(value):
-        raise ValueError(f"evaluate: returned NaN for {what}; scores must be comparable")
-    return value
-
-
 def _bar(progress: Progress, total: int):  # type: ignore[no-untyped-def]
     if not progress:
         return None
