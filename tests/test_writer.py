@@ -288,8 +288,11 @@ def test_what_the_header_refuses_is_refused_before_anything_is_created(tmp_path,
     named = re.escape(f"{out}: ")  # each message starts with the output
     with pytest.raises(ladle.LadleError, match=rf"^{named}tensor 'w': safetensors cannot store"):
         ladle.save({"w": torch.zeros(2, dtype=torch.complex128)}, out)
-    with pytest.raises(ladle.LadleError, match=rf"^{named}metadata: safetensors stores text"):
-        ladle.save({"w": torch.zeros(2)}, out, metadata={"epochs": 3})
+    for metadata, found in (({"epochs": 3}, "str 'epochs' -> int"), ({3: "x"}, "int 3 -> str")):
+        # a bad argument: a TypeError, as docs/safety.md has it, not a LadleError
+        with pytest.raises(TypeError) as caught:
+            ladle.save({"w": torch.zeros(2)}, out, metadata=metadata)
+        assert str(caught.value) == f"{out}: metadata: safetensors stores text only; found {found}"
     with pytest.raises(ladle.LadleError, match=rf"^{named}.*safetensors reads at most 100000000"):
         ladle.save({"w": torch.zeros(2)}, out, metadata={"notes": "x" * 100_000_001})
     with pytest.raises(ladle.LadleError, match=rf"^{named}tensor '__metadata__': safetensors"):

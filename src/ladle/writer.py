@@ -185,10 +185,11 @@ def _header(
 ) -> bytes:
     """A shard's header (length, JSON, padding), or a ``LadleError`` naming output ``out`` for
     what safetensors could not read back: a tensor named ``__metadata__`` or by no string, a
-    dtype it has no code for, metadata that is not text, a header past :data:`HEADER_LIMIT`."""
+    dtype it has no code for, a header past :data:`HEADER_LIMIT`; metadata that is not text
+    is a bad argument, a ``TypeError`` naming ``out`` too."""
     for name, value in metadata.items():
         if not isinstance(name, str) or not isinstance(value, str):
-            raise LadleError(
+            raise TypeError(
                 f"{out}: metadata: safetensors stores text only; found {type(name).__name__} "
                 f"{name!r} -> {type(value).__name__}"
             )
@@ -907,10 +908,11 @@ def save(
         The path written.
 
     Raises:
-        TypeError: ``state_dict`` maps something other than strings to tensors.
+        TypeError: ``state_dict`` maps something other than strings to tensors, or
+            ``metadata`` something other than strings to strings (naming the output).
         ValueError: a tensor is sparse or on the meta device (no data to write).
         LadleError: the output exists (without ``overwrite``), or safetensors cannot hold a
-            tensor's dtype or the metadata; the message names the output.
+            tensor's dtype or the header; the message names the output.
         OutputError: writing failed (a full disk, no permission), naming the output.
 
     Example:
