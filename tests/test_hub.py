@@ -19,7 +19,7 @@ from conftest import family
 from safetensors.torch import save, save_file
 
 import ladle
-from ladle.hub import parse_hf_url, snapshot
+from ladle.hub import parse_hf_url, push_to_hub, snapshot
 
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
@@ -495,3 +495,28 @@ def test_named_chat_templates_are_fetched_and_copied_into_a_directory_output(loc
         "config.json",
         "additional_chat_templates/tool_use.jinja",
     }
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "kind", "message"),
+    [
+        ("bad id//", ValueError, "HFValidationError: Repo id must be in the form 'repo_name' or"),
+        ("a/b--c", ValueError, "HFValidationError: Cannot have -- or .. in repo_id: 'a/b--c'."),
+        (None, TypeError, "push_to_hub: repo_id: expected a str, found NoneType"),
+    ],
+)
+def test_push_to_hub_refuses_a_bad_repo_id_as_a_bad_argument(
+    tmp_path, monkeypatch, repo_id, kind, message
+):
+    import huggingface_hub
+
+    def contacted(*args, **kwargs):
+        raise AssertionError("the Hub was contacted")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", contacted)
+    with pytest.raises(kind) as caught:
+        push_to_hub(tmp_path, repo_id)
+    assert not isinstance(caught.value, ladle.LadleError)  # docs/safety.md: bad arguments
+    assert message in str(caught.value)
+    if kind is ValueError:
+        assert str(caught.value).startswith(f"push_to_hub: uploading {tmp_path} to {repo_id} ")

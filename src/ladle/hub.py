@@ -357,12 +357,27 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None
 
     Returns:
         The URL of the commit made.
+
+    Raises:
+        ValueError: ``folder`` is no directory, or ``repo_id`` one the Hub refuses
+            (``TypeError`` for no string); checked before anything is sent.
+        LadleError: the upload failed.
     """
     from huggingface_hub import HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     path = Path(folder)
     if not path.is_dir():
         raise ValueError(f"push_to_hub: expected an output directory, found {path}")
+    if not isinstance(repo_id, str):
+        raise TypeError(f"push_to_hub: repo_id: expected a str, found {type(repo_id).__name__}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(
+            f"push_to_hub: uploading {path} to {repo_id} failed: {type(err).__name__}: "
+            f"{' '.join(str(err).split())}"
+        ) from None
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, library_name="ladle")
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
