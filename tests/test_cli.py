@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -271,6 +272,26 @@ def test_inspect_prints_one_line_per_metadata_entry(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("metadata")]
     assert lines == ['metadata note: "a\\nmetadata x: y"']
+
+
+def test_inspect_escapes_keys_that_would_break_a_line_or_the_encoding(tmp_path):
+    # A torch file's keys may hold line breaks and lone surrogates; stdout is strict UTF-8 as
+    # on most terminals (C.UTF-8 would write the surrogate as a raw byte instead).
+    torch.save(
+        {"a\nb": torch.ones(2), "c\udce9": torch.ones(2), "é.w": torch.ones(3)}, tmp_path / "k.pt"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "ladle", "inspect", str(tmp_path / "k.pt")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:3] == [
+        "'a\\nb'     float32   2                8 B",
+        "'c\\udce9'  float32   2                8 B",
+        "é.w        float32   3                12 B",
+    ]
 
 
 def test_diff_json_writes_null_for_infinite_norms(tmp_path, capsys):

@@ -228,6 +228,18 @@ def _shards(ckpt: Checkpoint, keys: Sequence[str]) -> list[dict[str, Any]]:
     return list(shards.values())
 
 
+def _printable(key: str) -> str:
+    """``key`` as it is, or escaped as ``repr`` does where it holds what would break a line of
+    the table or the output's encoding (a line break, a control character, a lone surrogate
+    from a torch file).
+
+    Example:
+        >>> _printable("model.layer.0.weight"), _printable("a\\nb"), _printable("c\\udce9")
+        ('model.layer.0.weight', "'a\\\\nb'", "'c\\\\udce9'")
+    """
+    return key if key.isprintable() else repr(key)
+
+
 def _run_inspect(args: argparse.Namespace) -> None:
     with open_checkpoint(args.checkpoint) as ckpt:
         keys = ckpt.keys()
@@ -261,8 +273,9 @@ def _run_inspect(args: argparse.Namespace) -> None:
                 )
             )
             return
-        width = max((len(k) for k in keys), default=3)
-        for key, shape, dtype, nbytes in rows:
+        printed = [_printable(key) for key in keys]
+        width = max((len(k) for k in printed), default=3)
+        for key, (_, shape, dtype, nbytes) in zip(printed, rows):
             dims = "x".join(map(str, shape)) or "scalar"
             print(
                 f"{key:<{width}}  {str(dtype).removeprefix('torch.'):<9} {dims:<16} "
