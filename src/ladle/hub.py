@@ -374,9 +374,9 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
+        why = " ".join(str(err).split()).removesuffix(f": '{repo_id}'.")
         raise ValueError(
-            f"push_to_hub: uploading {path} to {repo_id} failed: {type(err).__name__}: "
-            f"{' '.join(str(err).split())}"
+            f"push_to_hub: repo_id: malformed repository id {repo_id!r} ({why}); nothing was sent"
         ) from None
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, library_name="ladle")
     try:
