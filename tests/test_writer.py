@@ -1063,3 +1063,25 @@ def test_amend_of_an_unknown_key_or_with_an_index_that_is_not_integers_is_refuse
         writer.write("w", torch.ones(2))
         writer.amend(key, index, torch.zeros(1))
     assert os.listdir(tmp_path) == []
+
+
+def test_without_preadv_and_fdatasync_writes_amends_and_reads_are_the_same(tmp_path, monkeypatch):
+    # macOS has no os.fdatasync (every write-back raised AttributeError on its thread, and
+    # the commit then failed), and Python built for macOS before 11 no os.preadv.
+    import ladle.writer as module
+
+    monkeypatch.delattr(os, "preadv", raising=False)
+    monkeypatch.delattr(os, "fdatasync", raising=False)
+    monkeypatch.setattr(module, "SYNC_EVERY", 1024)  # a write-back every 4 rows
+    tensor = torch.arange(64 * 64, dtype=torch.float32).reshape(64, 64)
+    out = tmp_path / "out.safetensors"
+    with SafetensorsWriter(out, {"w": ((64, 64), torch.float32)}) as writer:
+        for start in range(0, 64, 8):
+            writer.write("w", tensor[start : start + 8])
+        writer.amend("w", torch.tensor([5, 4000]), torch.tensor([-1.0, -2.0]))
+    expected = tensor.clone()
+    expected.view(-1)[torch.tensor([5, 4000])] = torch.tensor([-1.0, -2.0])
+    assert torch.equal(ladle.load(out)["w"], expected)
+    with ladle.open_checkpoint(out) as checkpoint:
+        into = torch.empty(64 * 64 * 4, dtype=torch.uint8)
+        assert torch.equal(checkpoint.read_rows("w", slice(10, 63), into), expected[10:63])

@@ -228,6 +228,28 @@ def _merged_rows(
         return block[index]
 
 
+def pread_into(descriptor: int, target: memoryview, offset: int) -> int:
+    """Read into ``target`` from ``offset`` of an open file, as ``os.preadv`` does (straight
+    into ``target``); the bytes read, fewer at the end of the file. Where Python has no
+    ``os.preadv`` (macOS before 11), ``os.pread`` and a copy.
+
+    Example:
+        >>> import os, tempfile
+        >>> fd, name = tempfile.mkstemp()
+        >>> _ = os.write(fd, b"abcdef")
+        >>> buffer = bytearray(4)
+        >>> pread_into(fd, memoryview(buffer), 2), bytes(buffer)
+        (4, b'cdef')
+        >>> os.close(fd); os.remove(name)
+    """
+    preadv = getattr(os, "preadv", None)
+    if preadv is not None:
+        return int(preadv(descriptor, [target], offset))
+    data = os.pread(descriptor, target.nbytes, offset)
+    target.cast("B")[: len(data)] = data
+    return len(data)
+
+
 def not_a_dense_tensor(key: object, value: object) -> str | None:
     """Why ``key: value`` is no entry of a state dict that ladle reads or writes (a ``str`` key,
     a dense tensor holding data), or ``None`` where it is one.
@@ -502,14 +524,14 @@ class SafetensorsCheckpoint(Checkpoint):
     def read_rows(
         self, key: str, rows: slice, into: torch.Tensor, shape: tuple[int, ...] | None = None
     ) -> torch.Tensor:
-        """Read the rows with ``os.preadv`` into ``into``: no memory map, no page faults."""
+        """Read the rows with ``pread`` into ``into``: no memory map, no page faults."""
         file, offset, nbytes, shape, dtype = self._extent(key, rows, shape)
         view = into[:nbytes]
         done = 0
         while done < nbytes:  # a read may return less than asked (large or interrupted reads)
             target = memoryview(view[done:].numpy())  # type: ignore[arg-type]
             try:
-                got = os.preadv(self._descriptor(file), [target], offset + done)
+                got = pread_into(self._descriptor(file), target, offset + done)
             except OSError as err:  # an I/O error, a file gone from a network filesystem
                 raise CheckpointError(
                     f"{file}: cannot read tensor {key!r} ({err.strerror or err})"

@@ -30,7 +30,7 @@ from typing import BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import SAFETENSORS_DTYPES, TORCH_SUFFIXES, not_a_dense_tensor
+from .checkpoint import SAFETENSORS_DTYPES, TORCH_SUFFIXES, not_a_dense_tensor, pread_into
 from .errors import LadleError, OutputError
 from .hub import PREFIX
 
@@ -292,6 +292,13 @@ def _create_reserved(path: Path, size: int, out: Path) -> None:
             )
     finally:
         os.close(descriptor)
+
+
+def _write_back(descriptor: int) -> None:
+    """Write a file's data to disk: ``os.fdatasync`` where Python has it, else ``os.fsync``
+    (macOS has no ``fdatasync``)."""
+    sync = getattr(os, "fdatasync", None) or os.fsync
+    sync(descriptor)
 
 
 def _host_tag() -> str:
@@ -644,7 +651,7 @@ class SafetensorsWriter:
             # Start writing back what is written so far, on a thread, while merging goes on,
             # so that the fsync before the rename has little left to wait for.
             self._handle.flush()
-            self._sync = self._syncer.submit(os.fdatasync, self._handle.fileno())
+            self._sync = self._syncer.submit(_write_back, self._handle.fileno())
             self._unsynced = 0
         self._written += data.nbytes
         if self._written == total:
@@ -727,7 +734,7 @@ class SafetensorsWriter:
             span = int(index[last - 1]) - low + 1
             window = torch.empty(span * dtype.itemsize, dtype=torch.uint8)
             view = memoryview(window.numpy())  # type: ignore[arg-type]
-            if os.preadv(fd, [view], start + low * dtype.itemsize) != view.nbytes:
+            if pread_into(fd, view, start + low * dtype.itemsize) != view.nbytes:
                 raise LadleError(f"{self.out}: short read while amending {key!r}")
             window.view(dtype)[index[first:last] - low] = values[first:last]
             if os.pwrite(fd, view, start + low * dtype.itemsize) != view.nbytes:
