@@ -443,3 +443,37 @@ def test_a_greedy_soup_that_overflows_its_output_dtype_is_an_error(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
     kept = ladle.greedy_soup(models, lambda sd: 1.0, dtype=torch.float16, allow_nonfinite=True)
     assert torch.isinf(kept.state_dict["w"][0])
+
+
+def test_greedy_soup_folds_a_large_tensor_a_chunk_of_rows_at_a_time(monkeypatch):
+    # Its folds read whole tensors (chunk_bytes=sys.maxsize): the fold's buffers, pinned on
+    # CUDA, were each as large as the largest tensor in float32. The soup is the same bits.
+    from conftest import DictCheckpoint
+
+    from ladle.methods import soup as soup_module
+
+    class CountingRows(DictCheckpoint):
+        def get_slice(self, key, rows):
+            if self.tensors[key].dim():
+                reads.append((key, len(range(*rows.indices(self.tensors[key].shape[0])))))
+            return super().get_slice(key, rows)
+
+    gen = torch.Generator().manual_seed(3)
+    models = [
+        {"big": torch.randn(200, 16, generator=gen), "steps": torch.tensor(i)} for i in range(4)
+    ]
+
+    target = (models[0]["big"] + models[1]["big"]) / 2  # models 0 and 1 help, 2 and 3 not
+
+    def evaluate(state_dict):
+        return -float((state_dict["big"] - target).abs().mean())
+
+    expected = ladle.greedy_soup(models, evaluate, device="cpu")
+    reads: list[tuple[str, int]] = []
+    monkeypatch.setattr(soup_module, "FOLD_CHUNK_BYTES", 640)  # ten float32 rows of 16
+    found = ladle.greedy_soup([CountingRows(m) for m in models], evaluate, device="cpu")
+    big = [count for key, count in reads if key == "big"]
+    assert big and max(big) <= 10, sorted(set(big))
+    assert 1 < len(found.selected) < 4  # candidates were both kept and refused
+    assert found.selected == expected.selected and found.score == expected.score
+    assert all(torch.equal(found.state_dict[k], v) for k, v in expected.state_dict.items())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -282,17 +281,26 @@ def _greedy(
     bar = _bar(progress, count - 1 + (count if scores is None else 0))
 
     def soup_of(sources: list[Checkpoint], n: int, keys: list[str]) -> StateDict:
-        # The soup lives in memory anyway (evaluate needs it): one chunk per tensor.
-        results = fold(
+        # The soup lives in memory (evaluate needs it), on the device; it is folded a chunk of
+        # rows at a time, so that the fold's buffers (pinned on CUDA) are chunks, not tensors.
+        soup: StateDict = {}
+        for key, rows, chunk in fold(
             sources,
             running_mean_kernel(n),
             keys=keys,
             device=device,
-            chunk_bytes=sys.maxsize,
+            chunk_bytes=FOLD_CHUNK_BYTES,
             copy_others=True,
             allow_nonfinite=allow_nonfinite,
-        )
-        return {key: tensor for key, _, tensor in results}
+        ):
+            if rows == slice(None):  # the kernel's own tensor, or a copy of an input's
+                soup[key] = chunk
+                continue
+            if key not in soup:
+                shape = tuple(sources[0].shape(key))
+                soup[key] = torch.empty(shape, dtype=chunk.dtype, device=chunk.device)
+            soup[key].view(-1, *chunk.shape[1:])[rows] = chunk  # rows of chunk_shape
+        return soup
 
     def output(soup: Mapping[str, torch.Tensor], reference: Checkpoint) -> StateDict:
         # On ``device``: integer buffers come from the inputs as they are (on the CPU).
