@@ -294,6 +294,25 @@ def test_inspect_escapes_keys_that_would_break_a_line_or_the_encoding(tmp_path):
     ]
 
 
+def test_diff_escapes_keys_that_would_break_a_line_or_the_encoding(tmp_path):
+    # as inspect does: the table printed "a", a line break and "b"; the lone surrogate
+    # failed the whole command ("'utf-8' codec can't encode character")
+    for name, value in (("x.pt", 1.0), ("y.pt", 0.0)):
+        torch.save({"a\nb": torch.full((2,), value), "c\udce9": torch.ones(2)}, tmp_path / name)
+    result = subprocess.run(
+        [sys.executable, "-m", "ladle", "diff", str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:3] == [
+        "key                 |A|           |B|         |A-B|     cosine",
+        "'a\\nb'          1.41421             0       1.41421        nan",
+        "'c\\udce9'       1.41421       1.41421             0          1",
+    ]
+
+
 def test_diff_json_writes_null_for_infinite_norms(tmp_path, capsys):
     save_file({"w": torch.ones(2)}, tmp_path / "a.safetensors")
     save_file({"w": torch.tensor([1.0, float("inf")])}, tmp_path / "b.safetensors")

@@ -339,11 +339,12 @@ def _run_diff(args: argparse.Namespace) -> None:
         )
         return
     a, b = ("|A-base|", "|B-base|") if args.base is not None else ("|A|", "|B|")
-    width = max([len(row.key) for row in report.tensors] + [3])
+    printed = [_printable(row.key) for row in report.tensors]
+    width = max([len(key) for key in printed] + [3])
     print(f"{'key':<{width}}  {a:>12}  {b:>12}  {'|A-B|':>12}  {'cosine':>9}")
-    for row in report.tensors:
+    for key, row in zip(printed, report.tensors):
         print(
-            f"{row.key:<{width}}  {_number(row.norm_a):>12}  {_number(row.norm_b):>12}  "
+            f"{key:<{width}}  {_number(row.norm_a):>12}  {_number(row.norm_b):>12}  "
             f"{_number(row.norm_diff):>12}  {_number(row.cosine):>9}"
         )
     total = report.total
