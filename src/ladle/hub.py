@@ -156,17 +156,31 @@ def parse_hf_url(url: str) -> HubSource:
     return HubSource(f"{owner}/{name}", revision, subfolder)
 
 
-def _check_repo_id(url: str, repo_id: str) -> None:
-    """A ``CheckpointError`` naming ``url`` for a repo id the Hub refuses (``a b/c``,
-    ``org/m--x``), as huggingface_hub checks it; its own ``HFValidationError`` did not name
-    the source, and escaped only when the repository was fetched."""
+def _repo_id_problem(repo_id: str) -> str | None:
+    """Why the Hub refuses ``repo_id`` (``a b/c``, ``org/m--x``), as huggingface_hub checks
+    it, or ``None`` where it takes it.
+
+    Example:
+        >>> _repo_id_problem("org/model") is None, _repo_id_problem("org/a--b")
+        (True, "malformed repository id 'org/a--b' (Cannot have -- or .. in repo_id)")
+    """
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
         why = " ".join(str(err).split()).removesuffix(f": '{repo_id}'.")
-        raise CheckpointError(f"{url}: malformed repository id {repo_id!r} ({why})") from None
+        return f"malformed repository id {repo_id!r} ({why})"
+    return None
+
+
+def _check_repo_id(url: str, repo_id: str) -> None:
+    """A ``CheckpointError`` naming ``url`` for a repo id the Hub refuses
+    (:func:`_repo_id_problem`); huggingface_hub's own ``HFValidationError`` did not name the
+    source, and escaped only when the repository was fetched."""
+    problem = _repo_id_problem(repo_id)
+    if problem is not None:
+        raise CheckpointError(f"{url}: {problem}")
 
 
 def _env_flag(name: str) -> bool | None:
@@ -364,20 +378,15 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None
         LadleError: the upload failed.
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     path = Path(folder)
     if not path.is_dir():
         raise ValueError(f"push_to_hub: expected an output directory, found {path}")
     if not isinstance(repo_id, str):
         raise TypeError(f"push_to_hub: repo_id: expected a str, found {type(repo_id).__name__}")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        why = " ".join(str(err).split()).removesuffix(f": '{repo_id}'.")
-        raise ValueError(
-            f"push_to_hub: repo_id: malformed repository id {repo_id!r} ({why}); nothing was sent"
-        ) from None
+    problem = _repo_id_problem(repo_id)
+    if problem is not None:
+        raise ValueError(f"push_to_hub: repo_id: {problem}; nothing was sent")
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, library_name="ladle")
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
