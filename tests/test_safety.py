@@ -851,6 +851,16 @@ def test_packed_float_dtypes_cannot_be_merged_even_into_another_dtype():
         ("uniform_soup", {"weights": [1.0, "2"]}, "weights[1]: expected a number, found str"),
         ("uniform_soup", {"weights": "12"}, "weights: expected a sequence of numbers, found str"),
         ("uniform_soup", {"weights": 3}, "weights: expected a sequence of numbers, found int"),
+        (
+            "uniform_soup",
+            {"weights": torch.tensor(3.0)},  # torch's "iteration over a 0-d tensor"
+            "weights: expected a sequence of numbers, found Tensor",
+        ),
+        (
+            "task_arithmetic",
+            {"weights": np.array(3.0)},  # numpy's "iteration over a 0-d array"
+            "weights: expected a sequence of numbers, found ndarray",
+        ),
         ("uniform_soup", {"weights": [1.0, 1j]}, "weights[1]: expected a number, found complex"),
         ("task_arithmetic", {"scale": "0.5"}, "scale: expected a number, found str"),
         (

@@ -568,8 +568,9 @@ def check_number(name: str, value: object) -> float:
 
 def check_numbers(name: str, values: object, count: int, each: str) -> list[float]:
     """``values`` as ``count`` floats (:func:`check_number` each, named ``name[i]``), or a
-    ``TypeError`` for what is no sequence of numbers (a string, a number), a ``ValueError``
-    for the wrong length; ``each`` says what one value is for ("weights (one per model)").
+    ``TypeError`` for what is no sequence of numbers (a string, a number, a 0-d tensor), a
+    ``ValueError`` for the wrong length; ``each`` says what one value is for ("weights (one
+    per model)").
 
     Example:
         >>> check_numbers("weights", [1, 0.5], 2, "weights (one per model)")
@@ -578,7 +579,11 @@ def check_numbers(name: str, values: object, count: int, each: str) -> list[floa
         Traceback (most recent call last):
         ValueError: weights: expected 2 weights (one per model), found 1
     """
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+    if (
+        isinstance(values, (str, bytes))
+        or not isinstance(values, Iterable)
+        or getattr(values, "shape", None) == ()  # a 0-d tensor or array: iterating it fails
+    ):
         raise TypeError(f"{name}: expected a sequence of numbers, found {type(values).__name__}")
     checked = [check_number(f"{name}[{i}]", value) for i, value in enumerate(values)]
     if len(checked) != count:
