@@ -280,12 +280,7 @@ def test_inspect_escapes_keys_that_would_break_a_line_or_the_encoding(tmp_path):
     torch.save(
         {"a\nb": torch.ones(2), "c\udce9": torch.ones(2), "é.w": torch.ones(3)}, tmp_path / "k.pt"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "ladle", "inspect", str(tmp_path / "k.pt")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )
+    result = _ladle_with_utf8_output("inspect", str(tmp_path / "k.pt"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[:3] == [
         "'a\\nb'     float32   2                8 B",
@@ -294,17 +289,23 @@ def test_inspect_escapes_keys_that_would_break_a_line_or_the_encoding(tmp_path):
     ]
 
 
+def _ladle_with_utf8_output(*args: str) -> subprocess.CompletedProcess:
+    """``python -m ladle ARGS`` with strict UTF-8 output, where a lone surrogate cannot be
+    written (this machine's C.UTF-8 locale would write it as a raw byte)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ladle", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+
+
 def test_diff_escapes_keys_that_would_break_a_line_or_the_encoding(tmp_path):
     # as inspect does: the table printed "a", a line break and "b"; the lone surrogate
     # failed the whole command ("'utf-8' codec can't encode character")
     for name, value in (("x.pt", 1.0), ("y.pt", 0.0)):
         torch.save({"a\nb": torch.full((2,), value), "c\udce9": torch.ones(2)}, tmp_path / name)
-    result = subprocess.run(
-        [sys.executable, "-m", "ladle", "diff", str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )
+    result = _ladle_with_utf8_output("diff", str(tmp_path / "x.pt"), str(tmp_path / "y.pt"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[:3] == [
         "key                 |A|           |B|         |A-B|     cosine",
