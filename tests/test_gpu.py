@@ -237,3 +237,27 @@ def test_rows_a_source_gathers_on_cuda_are_ready_before_a_side_stream_reads_them
     with torch.cuda.stream(side):
         merged = ladle.uniform_soup(held, device="cuda", chunk_bytes=2**16)
     assert_bit_for_bit(merged, expected)
+
+
+def test_rows_a_source_gathers_on_cuda_are_not_reused_while_the_copy_stream_converts_them():
+    # Rows of a strided bfloat16 tensor are gathered on the reading thread's stream and
+    # converted to float32 on the copy stream, held back here by the merge's busy stream.
+    # The gathered rows were dropped when read: the reader's next gather took their memory
+    # and wrote other rows before the conversion read them. Without the finiteness check
+    # (allow_nonfinite, or TIES's and Model Stock's merging pass) nothing waited for it.
+    gen = torch.Generator().manual_seed(8)
+    models = [
+        {"experts": torch.randn(2, 600, 64, generator=gen).to(torch.bfloat16).transpose(1, 2)}
+        for _ in "abc"
+    ]
+    expected = ladle.uniform_soup(
+        [{"experts": m["experts"].contiguous()} for m in models], device="cuda", chunk_bytes=2**16
+    )
+    held = [{"experts": m["experts"].cuda()} for m in models]
+    assert not held[0]["experts"].is_contiguous()
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(2 * 10**9)  # the merge's stream, which every copy waits for, busy
+        merged = ladle.uniform_soup(held, device="cuda", chunk_bytes=2**16, allow_nonfinite=True)
+    assert_bit_for_bit(merged, expected)

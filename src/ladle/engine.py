@@ -1207,8 +1207,9 @@ class Transfers:
     ) -> tuple[torch.Tensor, Any]:
         """``chunk`` on the device in ``dtype``, and the event that marks the end of the copy
         (``None`` where the copy is synchronous): pass it to :meth:`arrived` before the
-        compute stream uses the chunk, and keep ``chunk``'s memory until it completes.
-        ``check`` runs on the copy first (on the side stream: it waits for this copy alone).
+        compute stream uses the chunk, and keep ``chunk``'s memory until it completes where
+        it is on the host (a chunk on the device is marked as used by the copy). ``check``
+        runs on the copy first (on the side stream: it waits for this copy alone).
         """
         if not self._cuda:
             moved = chunk.to(device=self.device, dtype=dtype)
@@ -1231,6 +1232,11 @@ class Transfers:
             copied = torch.cuda.Event()
             copied.record(copy)
         moved.record_stream(self._compute)
+        if chunk.is_cuda and chunk.device == self.device:
+            # Read on the copy stream (converted, checked), which the stream that made it does
+            # not wait for: rows a source gathered on this thread's stream went back to that
+            # stream when dropped, and its next gather wrote them while they were converted.
+            chunk.record_stream(copy)
         return moved, copied
 
     def arrived(self, copied: Any) -> None:
