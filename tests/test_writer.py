@@ -1085,3 +1085,26 @@ def test_without_preadv_and_fdatasync_writes_amends_and_reads_are_the_same(tmp_p
     with ladle.open_checkpoint(out) as checkpoint:
         into = torch.empty(64 * 64 * 4, dtype=torch.uint8)
         assert torch.equal(checkpoint.read_rows("w", slice(10, 63), into), expected[10:63])
+
+
+def test_outputs_are_flushed_past_the_drive_cache_where_fsync_is_not_enough(tmp_path, monkeypatch):
+    # macOS: fsync leaves the data in the drive's cache (fcntl F_FULLFSYNC flushes it); a
+    # power cut after the rename could leave a partial file under the final name.
+    import fcntl
+
+    calls: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(fcntl, "F_FULLFSYNC", 51, raising=False)  # macOS's value
+    monkeypatch.setattr(fcntl, "fcntl", lambda fd, command: calls.append(f"fcntl {command}"))
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    out = ladle.save({"w": torch.ones(3)}, tmp_path / "m.safetensors")
+    assert ladle.load(out)["w"].tolist() == [1.0, 1.0, 1.0]
+    assert calls == ["fcntl 51"]  # the output file, flushed with F_FULLFSYNC, not fsync
+
+    def refused(fd, command):  # a filesystem without F_FULLFSYNC: fsync instead
+        raise OSError(25, "Inappropriate ioctl for device")
+
+    monkeypatch.setattr(fcntl, "fcntl", refused)
+    calls.clear()
+    ladle.save({"w": torch.zeros(3)}, tmp_path / "n.safetensors")
+    assert "fsync" in calls

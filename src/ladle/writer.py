@@ -294,6 +294,22 @@ def _create_reserved(path: Path, size: int, out: Path) -> None:
         os.close(descriptor)
 
 
+def _flush_to_disk(descriptor: int) -> None:
+    """Flush a file's data to the disk itself before it is renamed into place: ``os.fsync``,
+    or on macOS ``fcntl(F_FULLFSYNC)``, since its ``fsync`` leaves the data in the drive's
+    cache, where a power cut loses it (``fsync`` where a filesystem refuses the call)."""
+    import fcntl  # POSIX only: here, so that importing ladle needs none of it
+
+    full = getattr(fcntl, "F_FULLFSYNC", None)
+    if full is not None:
+        try:
+            fcntl.fcntl(descriptor, full)
+            return
+        except OSError:  # a filesystem without it (some network ones): fsync at least
+            pass
+    os.fsync(descriptor)
+
+
 def _write_back(descriptor: int) -> None:
     """Write a file's data to disk: ``os.fdatasync`` where Python has it, else ``os.fsync``
     (macOS has no ``fdatasync``)."""
@@ -757,7 +773,7 @@ class SafetensorsWriter:
             _, descriptor = self._amending.popitem()
             try:
                 if sync:
-                    os.fsync(descriptor)
+                    _flush_to_disk(descriptor)
             finally:
                 os.close(descriptor)
 
@@ -783,7 +799,7 @@ class SafetensorsWriter:
             self._sync = None
         if self._handle is not None:
             self._handle.flush()
-            os.fsync(self._handle.fileno())
+            _flush_to_disk(self._handle.fileno())
             self._handle.close()
             self._handle = None
         self._unsynced = 0
