@@ -26,7 +26,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from .checkpoint import StateDict, StateDictLike, TensorMapCheckpoint, load
-from .engine import check_compatible, check_models, check_output_dtypes, compute_dtype
+from .engine import (
+    check_compatible,
+    check_models,
+    check_output_dtypes,
+    compute_dtype,
+    unwrap_scalar,
+)
 
 __all__ = ["add", "lerp", "scale", "sub", "task_vector", "weighted_sum"]
 
@@ -44,11 +50,7 @@ def _scalar(name: str, value: object) -> Scalar:
         >>> _scalar("t", torch.tensor(0.5)), _scalar("t", 2), _scalar("t", 1 + 0j)
         (0.5, 2.0, 1.0)
     """
-    shape = getattr(value, "shape", None)
-    if shape is not None and not isinstance(value, numbers.Number):
-        if tuple(shape) != ():
-            raise TypeError(f"{name}: expected a number, found a tensor of shape {tuple(shape)}")
-        value = value.item()  # type: ignore[attr-defined]  # a 0-d tensor or array
+    value = unwrap_scalar(name, value)
     if isinstance(value, numbers.Real):  # bool, int, float, numpy's real scalars
         return float(value)
     if isinstance(value, numbers.Complex):

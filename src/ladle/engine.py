@@ -555,15 +555,28 @@ def check_number(name: str, value: object) -> float:
         Traceback (most recent call last):
         TypeError: density: expected a number, found str
     """
-    shape = getattr(value, "shape", None)
-    if shape is not None and not isinstance(value, numbers.Number):
-        if tuple(shape) != ():
-            raise TypeError(f"{name}: expected a number, found a tensor of shape {tuple(shape)}")
-        value = value.item()  # type: ignore[attr-defined]  # a 0-d tensor or array
+    value = unwrap_scalar(name, value)
     if not isinstance(value, numbers.Real):
         found = "None" if value is None else type(value).__name__
         raise TypeError(f"{name}: expected a number, found {found}")
     return float(value)
+
+
+def unwrap_scalar(name: str, value: object) -> object:
+    """``value``, or the Python number a 0-d tensor or array holds; a tensor or array of
+    any other shape is a ``TypeError`` naming parameter ``name``. For the checks of numbers
+    (:func:`check_number`, the arithmetic's scalars) to judge what is left.
+
+    Example:
+        >>> unwrap_scalar("t", torch.tensor(0.5)), unwrap_scalar("t", "x")
+        (0.5, 'x')
+    """
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, numbers.Number):
+        if tuple(shape) != ():
+            raise TypeError(f"{name}: expected a number, found a tensor of shape {tuple(shape)}")
+        return value.item()  # type: ignore[attr-defined]  # a 0-d tensor or array
+    return value
 
 
 def check_numbers(name: str, values: object, count: int, each: str) -> list[float]:
