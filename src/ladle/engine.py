@@ -62,9 +62,9 @@ FOLD_CHUNK_BYTES = 4 * 2**20
 """Chunk size for methods whose passes are plain folds over the models (soups, task
 arithmetic, Model Stock): small enough that accumulators stay in the CPU's cache while every
 model's chunk is folded in. Measured against 64 MiB chunks on 12 fp32 models of 89 MiB:
-uniform soup 0.44 s vs 0.64 s, Model Stock 2.1 s and 62 MiB vs 2.7 s and 600 MiB
-(docs/benchmarks.md). TIES uses it too; DARE keeps 64 MiB (its random numbers are drawn per
-block of 2²⁰ entries, the blocks of a chunk on several threads)."""
+uniform soup 0.44 s vs 0.64 s, Model Stock 2.1 s and 62 MiB vs 2.7 s and 600 MiB. TIES
+uses it too; DARE keeps 64 MiB (its random numbers are drawn per block of 2²⁰ entries, the
+blocks of a chunk on several threads). See docs/streaming.md, "Chunks of rows"."""
 
 READERS = 4
 """Most threads that read inputs for an accelerator by default (:func:`reading_threads`): one
@@ -159,8 +159,9 @@ class Scratch:
 
 
 class Sink(Protocol):
-    """Where :func:`merge` writes: ``write(key, rows)`` in key order, then any ``amend``,
-    inside ``with``."""
+    """Where :func:`merge` writes: ``write(key, chunk)`` for each chunk of rows, key by key
+    in the output's order (:func:`~ladle.writer.aligned_order`), then any ``amend``, inside
+    ``with``."""
 
     def write(self, key: str, chunk: torch.Tensor) -> None: ...
 
@@ -544,8 +545,8 @@ def check_models(models: Sequence[StateDictLike]) -> None:
 
 def check_number(name: str, value: object) -> float:
     """``value`` as a float: a real number (bool, int, float, numpy's real scalars) or a 0-d
-    tensor or array; anything else (a string, a complex number, ``None``, a tensor of more
-    than one element) is a ``TypeError`` naming parameter ``name``, where ``float()`` raised
+    tensor or array; anything else (a string, a complex number, ``None``, a tensor or array
+    that is not 0-d) is a ``TypeError`` naming parameter ``name``, where ``float()`` raised
     its own ("could not convert string to float: 'x'").
 
     Example:
@@ -667,20 +668,21 @@ def fold(
     depend on the number of models; chunks reach the kernel in order whichever thread read
     them. The default, ``None``, prefetches none on the CPU, where torch's threads use every
     core (a reading thread made no method faster on 2 cores, with the inputs in the page
-    cache or not: see docs/streaming.md), and on an accelerator :func:`reading_threads`
-    chunks, read by as many threads: one thread's copies out of the page cache are slower
-    than a host-to-device copy. ``readers`` defaults to 1 on the CPU. Without reading
-    threads, CPU chunks are views of the page cache (:meth:`Checkpoint.map_rows`), or
-    converted from them into pooled buffers; with them, they are read with ``pread`` into
-    pooled buffers (pinned for an accelerator), so that the readers do the copying from the
-    page cache, and on the CPU torch computes on as many threads fewer meanwhile
-    (:func:`_threads_beside_readers`). A model's chunk is valid until
+    cache or not: see docs/streaming.md), and on an accelerator as many chunks as there are
+    reading threads: one thread's copies out of the page cache are slower than a
+    host-to-device copy. ``readers`` defaults to :func:`reading_threads` (1 on the CPU).
+    Without reading threads, CPU chunks are views of the page cache
+    (:meth:`Checkpoint.map_rows`), or converted from them into pooled buffers; with them,
+    they are read with ``pread`` into pooled buffers (pinned for an accelerator), so that the
+    readers do the copying from the page cache, and on the CPU torch computes on as many
+    threads fewer meanwhile (:func:`_threads_beside_readers`). A model's chunk is valid until
     ``update`` returns, the base's until ``finalize`` returns.
     An input holding NaN or Inf raises :class:`NonFiniteError` naming the model and key,
-    unless ``allow_nonfinite``; with a kernel that ``propagates_nonfinite``, once the chunk's
-    result shows it. ``check_results=False`` leaves that check of results to the caller (as
-    :func:`merge` does, after the cast to the output dtype, with :func:`_check_merged`); the
-    inputs such a result would show are then not checked here either.
+    unless ``allow_nonfinite``; with a kernel that ``propagates_nonfinite``, on the CPU, once
+    the chunk's result shows it. ``check_results=False`` leaves that check of results to the
+    caller (as :func:`merge` does, after the cast to the output dtype, with
+    :func:`_check_merged`); the inputs such a result would show are then not checked here
+    either.
 
     Example:
         >>> import torch
@@ -809,7 +811,7 @@ def _check_result(
     rows: slice,
     models: Sequence[Checkpoint],
     base: Checkpoint | None,
-    shape: tuple[int, ...] | None = None,
+    shape: tuple[int, ...] | None,
 ) -> None:
     """For a kernel that propagates NaN/Inf: a non-finite result has a non-finite input (or
     overflowed); find and name the input (``rows`` of the key read as ``shape``).
@@ -828,7 +830,7 @@ def _blame_input(
     rows: slice,
     models: Sequence[Checkpoint],
     base: Checkpoint | None,
-    shape: tuple[int, ...] | None = None,
+    shape: tuple[int, ...] | None,
 ) -> None:
     """Raise :class:`NonFiniteError` naming the first input (base first, then the models)
     whose rows ``rows`` of ``key`` (read as ``shape``) hold NaN or Inf; return if none does."""
@@ -904,7 +906,7 @@ def _overflowed(
     count: int,
     total: int,
     dtype: torch.dtype,
-    shape: tuple[int, ...] | None = None,
+    shape: tuple[int, ...] | None,
 ) -> NoReturn:
     """Raise the :class:`NonFiniteError` of ``count`` of ``total`` merged values of ``key``
     (``rows`` of it read as ``shape``) that overflow ``dtype`` although every input is
