@@ -81,8 +81,9 @@ class Checkpoint:
     """A lazy, read-only state dict.
 
     Subclasses implement ``keys``, ``shape``, ``dtype`` and ``get_slice``; ``get`` reads a whole
-    tensor. Tensors returned may be backed by a read-only memory map: treat them as inputs and
-    never modify them in place. Merges on an accelerator (and with ``prefetch``/``readers``)
+    tensor. Tensors returned may be views of a memory map of the file (a private one: a write
+    changes this process's pages, not the file): treat them as inputs and never modify them
+    in place. Merges on an accelerator (and on the CPU with ``prefetch``)
     call ``get_slice`` and ``read_rows`` from several reading threads at once: a subclass
     must allow that.
 
@@ -130,7 +131,7 @@ class Checkpoint:
         :func:`ladle.engine.chunk_shape`). This default reads the stored rows that hold
         them with :meth:`get_slice` and views them as ``shape``; where their strides cannot be
         merged (a transposed or permuted tensor in memory), only the rows asked for are
-        copied, never the whole tensor. File-backed sources read the rows alone; a subclass
+        copied, never the whole tensor. Safetensors files read the rows alone; a subclass
         whose ``get_slice`` reads from storage reads such a stored row once per chunk in it
         unless it overrides this method."""
         stored = tuple(self.shape(key))  # a subclass may answer a list
@@ -142,9 +143,10 @@ class Checkpoint:
         self, key: str, rows: slice, into: torch.Tensor, shape: tuple[int, ...] | None = None
     ) -> torch.Tensor:
         """Rows ``rows`` of ``key`` (read as ``shape``, see :meth:`get_rows`), read into the
-        bytes of ``into`` (a flat uint8 CPU tensor) where the source is a file; other sources
-        return their own view and leave ``into`` untouched (the caller tells by comparing
-        storages). ``into`` must hold the rows."""
+        bytes of ``into`` (a flat uint8 CPU tensor) where the source is a safetensors file;
+        other sources (tensors in memory, torch files) return their own view and leave
+        ``into`` untouched (the caller tells by comparing storages). ``into`` must hold the
+        rows."""
         return self.get_rows(key, rows, shape)
 
     def map_rows(
@@ -1014,7 +1016,9 @@ def _home_as_tilde(name: str) -> str:
 
 
 def _open_directory(directory: Path) -> Checkpoint:
-    """Prefer safetensors over torch files; a shard index over single files."""
+    """The first there is of: a safetensors shard index (the first by name), a single
+    ``*.safetensors`` file, a torch shard index (``*.bin.index.json``), a single torch
+    weights file with no ``*.safetensors`` beside it; else a ``CheckpointError``."""
     name = str(directory)
     for index in sorted(directory.glob("*.safetensors.index.json")):
         sharded = SafetensorsCheckpoint(_read_index(index), name=name, path=directory)
@@ -1078,6 +1082,7 @@ def open_checkpoint(source: StateDictLike) -> Checkpoint:
     Raises:
         CheckpointError: the source is missing, unreadable or of an unknown kind.
         UnsafeCheckpointError: a torch file would need arbitrary unpickling.
+        TypeError: ``source`` is none of these kinds.
 
     Example:
         >>> import torch, ladle
