@@ -1,8 +1,8 @@
 """Streaming safetensors writer: sharded, atomic, with provenance metadata.
 
-The output's keys, shapes and dtypes are known before any data is merged, so the header of
-every shard is written first and tensor bytes are appended as they are computed, one chunk of
-rows at a time: the whole state dict never sits in memory. Everything is written under a
+The output's keys, shapes and dtypes are known before any data is merged, so each shard's
+header is written before its data and tensor bytes are appended as they are computed, one
+chunk of rows at a time: the whole state dict never sits in memory. Everything is written under a
 temporary name beside the destination and renamed into place only once complete and re-read.
 """
 
@@ -138,7 +138,8 @@ def single_file(out: str | os.PathLike) -> bool:
 
 def check_output_name(out: str | os.PathLike) -> None:
     """A ``LadleError`` for an output path that cannot mean what it says: empty, an ``hf://``
-    URL (a local ``hf:/`` folder otherwise), or ending in another weight format's suffix
+    URL (a local ``hf:/`` folder otherwise), ending in ``.`` or ``..`` (a folder's own name),
+    in ``.safetensors`` not in lower case (a directory), or in another weight format's suffix
     (:data:`MISLEADING_SUFFIXES`).
 
     Example:
@@ -554,8 +555,9 @@ class SafetensorsWriter:
             if self._single_file
             else _plan_shards(self._specs, parse_size(max_shard_size))
         )
-        # Each shard's header, built once: written first, and the offsets and sizes after it.
-        # Built before anything is created, so a dtype or metadata it refuses leaves nothing.
+        # Each shard's header, built once: written first, its length places the data and
+        # sizes the file. Built before anything is created, so that a dtype or metadata it
+        # refuses leaves nothing.
         self._headers = [_header(self.out, self._specs, keys, self._metadata) for keys in shards]
         self._temp = _temporary_beside(self.out)
         self._overwrite = overwrite
@@ -933,9 +935,11 @@ def save(
     Raises:
         TypeError: ``state_dict`` maps something other than strings to tensors, or
             ``metadata`` something other than strings to strings (naming the output).
-        ValueError: a tensor is sparse or on the meta device (no data to write).
-        LadleError: the output exists (without ``overwrite``), or safetensors cannot hold a
-            tensor's dtype or the header; the message names the output.
+        ValueError: a tensor is sparse or on the meta device (no data to write), or (for a
+            directory output) ``max_shard_size`` is no positive size.
+        LadleError: the output exists (without ``overwrite``), its name is refused
+            (:func:`check_output_name`), or safetensors cannot hold a tensor's dtype or the
+            header; the message names the output.
         OutputError: writing failed (a full disk, no permission), naming the output.
 
     Example:
