@@ -352,6 +352,18 @@ def test_leftovers_of_a_dead_process_are_removed_whatever_the_output_is_called(t
         assert not dead.exists(), name
 
 
+def test_a_leftover_naming_a_pid_no_process_can_have_is_left_alone(tmp_path):
+    # A name this host's writers never make (pid 0, or past what os.kill takes): not judged,
+    # not deleted, and no OverflowError from os.kill ends the save.
+    made = leftover(tmp_path / "out.safetensors")
+    for pid in ("0", "9" * 20):
+        fields = made.name.split("-")
+        fields[-3] = pid  # .NAME.ladle-tmp-PID-HOST-XXXXXXXX
+        made.with_name("-".join(fields)).write_bytes(b"not ours")
+    ladle.save({"w": torch.ones(1)}, tmp_path / "out.safetensors")
+    assert sorted(p.name.split("-")[-3] for p in tmp_path.glob(".out*")) == ["0", "9" * 20]
+
+
 @pytest.mark.parametrize("size", [True, 1.5e9, None, [5]])
 def test_parse_size_refuses_what_is_not_bytes_or_a_size_string(size):
     with pytest.raises(ValueError, match=r"max_shard_size: expected bytes \(an int\)"):

@@ -337,6 +337,11 @@ def _temporary_beside(path: Path) -> Path:
     return _marked(path, TEMP_MARK)
 
 
+_MAX_PID = 2**31 - 1
+"""The largest process id there can be (``pid_t`` is 32 bits; ``os.kill`` raises
+``OverflowError`` past it)."""
+
+
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete leftovers of earlier writes to ``path`` whose process is gone (killed, crashed):
     temporary outputs, and replaced outputs renamed aside. Only this host's are judged: the
@@ -347,7 +352,8 @@ def _remove_stale_temporaries(path: Path) -> None:
             fields = leftover.name.rsplit(mark, 1)[1].split("-")
             if len(fields) != 3 or fields[1] != host or not fields[0].isdigit():
                 continue
-            if not _alive(int(fields[0])):
+            pid = int(fields[0])
+            if 0 < pid <= _MAX_PID and not _alive(pid):  # others: no write of ours made them
                 _remove(leftover)
 
 
