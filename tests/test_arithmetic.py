@@ -102,6 +102,18 @@ def test_weighted_sum_rejects_wrong_number_of_weights():
         ladle.weighted_sum(family(2), [1.0])
 
 
+@pytest.mark.parametrize(
+    ("weights", "found"),
+    [(0.5, "float"), (None, "NoneType"), (torch.tensor(0.5), "Tensor"), (b"\x01", "bytes")],
+)
+def test_weighted_sum_weights_that_are_no_sequence_are_a_type_error_naming_them(weights, found):
+    # Was "object of type 'float' has no len()" (and bytes were read as small integers).
+    with pytest.raises(
+        TypeError, match=rf"^weights: expected a sequence of numbers, found {found}$"
+    ):
+        ladle.weighted_sum([{"w": torch.ones(2)}], weights)
+
+
 def test_lerp_keeps_infinities_and_is_exact_at_the_ends():
     inf = float("inf")
     a = {"mask": torch.tensor([0.0, -inf, 1.0]), "w": torch.tensor([-3e38, 2.0, 5.0])}

@@ -196,8 +196,12 @@ def weighted_sum(models: Sequence[Tensors], weights: Sequence[float]) -> StateDi
         {'w': tensor([2.])}
     """
     check_models(models)
-    if isinstance(weights, str):
-        raise TypeError("weights: expected a sequence of numbers, found str")
+    if (
+        isinstance(weights, (str, bytes))
+        or not hasattr(weights, "__len__")
+        or getattr(weights, "shape", None) == ()  # a 0-d tensor or array: len() fails
+    ):
+        raise TypeError(f"weights: expected a sequence of numbers, found {type(weights).__name__}")
     if len(weights) != len(models):
         raise ValueError(f"weights: expected {len(models)} weights, found {len(weights)}")
     values = [_scalar(f"weights[{i}]", weight) for i, weight in enumerate(weights)]
