@@ -283,7 +283,8 @@ def dare(
     Args:
         models: the fine-tuned models (mappings, modules, paths or checkpoints).
         base: the model they were fine-tuned from; task vectors are ``model − base``.
-        density: the probability that an entry is kept, in (0, 1].
+        density: the probability that an entry is kept, in [2⁻²⁴, 1]
+            (:data:`DENSITY_FLOOR`).
         scale: the factor λ applied to the combined task vectors.
         seed: seeds the masks.
         combine: ``"sum"`` or ``"ties"``.

@@ -174,7 +174,7 @@ def ratatouille(
     rule of :func:`greedy_soup` (keep a fine-tuning when the held-out score does not drop).
     Step 4 of Ramé et al., "Model Ratatouille: Recycling diverse models for out-of-distribution
     generalization", ICML 2023. ``selection="uniform"`` gives exactly ``uniform_soup(models)``
-    (the same fold, bit for bit); only the recorded method name differs.
+    (the same fold, bit for bit); only what the output records (method, parameters) differs.
 
     Args:
         models: the target fine-tunings (mappings, modules, paths or checkpoints).
@@ -184,7 +184,8 @@ def ratatouille(
         strict: with ``"greedy"``, keep a candidate only when it improves the score strictly.
         out: ``None`` for an in-memory result, or a path to write the soup to.
         device: where the arithmetic runs; default CUDA when available, else the CPU.
-        dtype: output dtype of floating tensors; default the inputs'.
+        dtype: output dtype of floating tensors; default that of model 0 (``"greedy"``: of
+            the best-ranked model).
         progress: ``True`` for a tqdm bar, or a tqdm-like class.
         max_shard_size: largest shard of a directory output.
         overwrite: replace an existing ``out`` (atomically) instead of refusing.

@@ -174,7 +174,8 @@ def uniform_soup(
 
 @dataclass(frozen=True)
 class GreedySoupStep:
-    """One try of the greedy soup: model ``index`` (into ``models``), its soup's score, the rule."""
+    """One try of the greedy soup: model ``index`` (into ``models``), the score of the soup
+    with it (the first: that model's own), and whether the rule kept it."""
 
     index: int
     score: float
