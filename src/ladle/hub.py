@@ -203,7 +203,8 @@ def _offline() -> bool:
 
 
 def _cache_dir() -> str:
-    """``HF_HUB_CACHE``, else ``HF_HOME``/hub, as set now; else huggingface_hub's default."""
+    """``HF_HUB_CACHE`` (or the older ``HUGGINGFACE_HUB_CACHE``), else ``HF_HOME``/hub, as set
+    now; else huggingface_hub's default."""
     from huggingface_hub import constants
 
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):

@@ -28,7 +28,9 @@ __all__ = ["companion_files", "model_card", "output_files"]
 
 
 def companion_files(directory: Path | None) -> dict[str, Path]:
-    """Config and tokenizer files directly inside ``directory`` (none if it is not a folder).
+    """Loader files directly inside ``directory`` (none if it is not a folder): config,
+    tokenizer and processor files (:data:`~ladle.hub.COMPANION_FILES`), the custom code a
+    config's ``auto_map`` names, and named chat template folders.
 
     Example:
         >>> import tempfile, pathlib
