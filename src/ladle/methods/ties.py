@@ -245,7 +245,8 @@ sampling them 2 rows at a time."""
 def _sample_blocks(shape: tuple[int, ...], entries: int) -> list[slice]:
     """At most 16 evenly spaced, disjoint blocks of rows of a tensor of ``shape``, holding at
     least ``entries`` (every row when it has fewer): at most one block per
-    :data:`SAMPLE_BLOCK` entries they hold together, and at least one."""
+    :data:`SAMPLE_BLOCK` entries they hold together, and at least one (none for an empty
+    tensor, or for ``entries`` 0)."""
     if not shape:
         return [slice(None)]
     rows, width = shape[0], max(1, math.prod(shape[1:]))
@@ -888,8 +889,8 @@ def majority_election(
     split: bool,
     reduce: Reduce | None = None,
 ) -> Kernel:
-    """The merge kernel of a sign election whose ties ``keys`` break by the paper code's
-    majority, over all of them or (``per_tensor``) over each.
+    """The merge kernel of a sign election in which the ties of ``keys`` break by the paper
+    code's majority, over all of them or (``per_tensor``) over each.
 
     In one process the majority is found while merging and the ties patched afterwards
     (:func:`elect_later`). In a merge ``split`` across processes, whose shards are committed
