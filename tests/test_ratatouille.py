@@ -42,10 +42,10 @@ def test_init_drops_the_auxiliary_head_and_puts_the_probe_in():
     assert torch.equal(init["head.bias"], torch.arange(5.0))
 
 
-def test_head_keys_replace_dropped_keys_of_another_shape_in_place():
-    aux = {"body.weight": torch.ones(4, 3), "head.weight": torch.zeros(10, 4)}
+def test_head_keys_replace_dropped_keys_of_another_shape_and_come_last():
+    aux = {"body.weight": torch.ones(4, 3), "head.weight": torch.zeros(10, 4), "z": torch.ones(1)}
     init = ladle.ratatouille_init(aux, {"head.weight": torch.ones(5, 4)}, drop=["head.weight"])
-    assert list(init) == ["body.weight", "head.weight"]
+    assert list(init) == ["body.weight", "z", "head.weight"]
     assert init["head.weight"].shape == (5, 4)
 
 

@@ -45,7 +45,8 @@ def ratatouille_init(
     (``"head.*"``, ``"classifier.weight"``); a key without wildcards matches only itself. A
     head key that replaces a dropped key, or that is new, may have any shape; a head key that
     replaces a kept auxiliary key must have its shape and dtype kind. Key order: the
-    auxiliary's, with new head keys last. Tensors are copies, in their own dtypes.
+    auxiliary's kept keys (a head key that replaces one in its place), then the head's other
+    keys, those that replace dropped keys included. Tensors are copies, in their own dtypes.
 
     Args:
         auxiliary: the model fine-tuned on an auxiliary task (a mapping, module or path).
