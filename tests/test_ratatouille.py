@@ -76,6 +76,18 @@ def test_a_head_key_of_another_dtype_kind_than_a_kept_key_is_incompatible():
         ladle.ratatouille_init(auxiliary(), {"bn.num_batches_tracked": torch.tensor(1.0)})
 
 
+@pytest.mark.parametrize(
+    ("kept", "head"),
+    [(torch.complex64, torch.int8), (torch.float32, torch.float4_e2m1fn_x2)],
+)
+def test_dtype_kinds_are_the_engines_kinds(kept, head):
+    # Kinds as merges tell them (floating, packed, complex, integer): an integer head key
+    # cannot stand in for a complex one, nor a packed float4 one for float32.
+    aux = {"w": torch.zeros(2, 3, dtype=kept)}
+    with pytest.raises(ladle.IncompatibleError, match=r"key 'w' has dtype torch\."):
+        ladle.ratatouille_init(aux, {"w": torch.zeros(2, 3, dtype=torch.uint8).view(head)})
+
+
 def test_a_drop_pattern_matching_nothing_is_incompatible():
     with pytest.raises(ladle.IncompatibleError, match="'classifier.*' matches none"):
         ladle.ratatouille_init(auxiliary(), probe(), drop=["classifier.*"])

@@ -17,7 +17,7 @@ from typing import Literal, overload
 import torch
 
 from ..checkpoint import StateDict, StateDictLike, open_checkpoint
-from ..engine import FOLD_CHUNK_BYTES, Progress, merge
+from ..engine import FOLD_CHUNK_BYTES, Progress, _kind, merge
 from ..errors import IncompatibleError
 from ..writer import DEFAULT_MAX_SHARD_SIZE
 from .soup import Evaluate, GreedySoupResult, normalized_weights, run_greedy, weighted_mean_kernel
@@ -94,7 +94,7 @@ def ratatouille_init(
                     f"({aux.name}) has {aux_shape}; if it belongs to the auxiliary task's "
                     f"head, pass drop=[{key!r}]"
                 )
-            if probe.dtype(key).is_floating_point != aux.dtype(key).is_floating_point:
+            if _kind(probe.dtype(key)) != _kind(aux.dtype(key)):
                 raise IncompatibleError(
                     f"head ({probe.name}): key {key!r} has dtype {probe.dtype(key)}, "
                     f"auxiliary ({aux.name}) has {aux.dtype(key)}"
