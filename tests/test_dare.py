@@ -338,6 +338,29 @@ def test_bad_arguments_are_value_errors_naming_the_parameter(kwargs, match):
         ladle.dare(models, base, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("seed", "found"),
+    [("3", "str"), (None, "None"), (1j, "complex"), (torch.tensor(2.5), None)],
+)
+def test_seed_that_is_no_integer_number_is_a_type_error_naming_it(seed, found):
+    # docs/safety.md: a value that is no number is a TypeError naming the parameter; a real
+    # number that is no integer (1.5, a 0-d float tensor) is a ValueError.
+    base, *models = family(2)
+    if found is None:
+        with pytest.raises(ValueError, match=r"^seed: expected an integer, found 2\.5$"):
+            ladle.dare(models, base, seed=seed)
+        return
+    with pytest.raises(TypeError, match=rf"^seed: expected an integer, found {found}$"):
+        ladle.dare(models, base, seed=seed)
+
+
+def test_seed_may_be_a_zero_dimensional_integer_tensor():
+    base, *models = family(2)
+    expected = ladle.dare(models, base, density=0.5, seed=7, device="cpu")
+    merged = ladle.dare(models, base, density=0.5, seed=torch.tensor(7), device="cpu")
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
 def test_empty_models_is_a_value_error():
     with pytest.raises(ValueError, match="models"):
         ladle.dare([], family(1)[0])

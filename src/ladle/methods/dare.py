@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import operator
 import os
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from ..engine import (
     current_partition,
     merge,
     resolve_device,
+    unwrap_scalar,
 )
 from ..writer import DEFAULT_MAX_SHARD_SIZE
 from .task_arithmetic import Delta, check_inputs, check_scale, task_vector_sum_kernel
@@ -74,6 +76,27 @@ def check_dare_density(density: float) -> float:
             f"random numbers keep an entry with probability at least that; found {density}"
         )
     return density
+
+
+def _check_seed(seed: object) -> int:
+    """``seed`` as an int: a number that is not an integer (``1.5``) is a ``ValueError``, what
+    is no number (a string, ``None``) a ``TypeError``, as for every numeric parameter.
+
+    Example:
+        >>> _check_seed(3), _check_seed(torch.tensor(4))
+        (3, 4)
+        >>> _check_seed("3")
+        Traceback (most recent call last):
+        TypeError: seed: expected an integer, found str
+    """
+    value = unwrap_scalar("seed", seed)  # a 0-d tensor or array: the number it holds
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        if isinstance(value, numbers.Real):
+            raise ValueError(f"seed: expected an integer, found {value!r}") from None
+        found = "None" if value is None else type(value).__name__
+        raise TypeError(f"seed: expected an integer, found {found}") from None
 
 
 def keep_below(density: float) -> float:
@@ -316,10 +339,7 @@ def dare(
     scale = check_scale(scale)
     if combine not in COMBINES:
         raise ValueError(f"combine: expected one of {COMBINES}, found {combine!r}")
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise ValueError(f"seed: expected an integer, found {seed!r}") from None
+    seed = _check_seed(seed)
     check_inputs(models, base)
     target = resolve_device(device)
 
