@@ -1016,3 +1016,40 @@ def test_merges_overlapping_in_threads_give_torch_its_thread_count_back():
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(original)
+
+
+@pytest.mark.parametrize(
+    ("chunk_bytes", "error", "found"),
+    [
+        ("4MB", TypeError, "found str"),
+        (1.5, TypeError, "found float"),
+        (True, TypeError, "bool"),
+        (0, ValueError, "found 0"),
+        (-64, ValueError, "found -64"),
+    ],
+)
+@pytest.mark.parametrize(
+    "method", ["uniform_soup", "task_arithmetic", "ties", "dare", "model_stock", "ratatouille"]
+)
+def test_chunk_bytes_that_is_no_positive_int_is_refused_naming_it(
+    method, chunk_bytes, error, found
+):
+    # Before: "4MB" failed deep in the chunk plan with an operand TypeError naming nothing,
+    # and 0 or a negative size merged one row at a time.
+    base = {"w": torch.zeros(3, 2)}
+    models = [{"w": torch.ones(3, 2)}, {"w": torch.full((3, 2), 2.0)}]
+    kwargs = {"chunk_bytes": chunk_bytes, "device": "cpu"}
+    if method in ("task_arithmetic", "ties", "dare", "model_stock"):
+        kwargs["base"] = base
+    with pytest.raises(error, match=rf"chunk_bytes: expected .*{found}"):
+        getattr(ladle, method)(models, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("chunk_bytes", "error"), [(0, ValueError), (None, TypeError), (torch.tensor(8.0), TypeError)]
+)
+def test_fold_refuses_a_chunk_bytes_that_is_no_positive_int(chunk_bytes, error):
+    kernel = Kernel(lambda key, rows, base: None, lambda state, i, x: x, lambda state: state)
+    models = [ladle.open_checkpoint({"w": torch.ones(2)})]
+    with pytest.raises(error, match="chunk_bytes: expected a"):
+        list(fold(models, kernel, device=torch.device("cpu"), chunk_bytes=chunk_bytes))

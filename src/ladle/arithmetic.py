@@ -30,6 +30,7 @@ from .engine import (
     check_compatible,
     check_models,
     check_output_dtypes,
+    check_sequence,
     compute_dtype,
     unwrap_scalar,
 )
@@ -196,15 +197,10 @@ def weighted_sum(models: Sequence[Tensors], weights: Sequence[float]) -> StateDi
         {'w': tensor([2.])}
     """
     check_models(models)
-    if (
-        isinstance(weights, (str, bytes))
-        or not hasattr(weights, "__len__")
-        or getattr(weights, "shape", None) == ()  # a 0-d tensor or array: len() fails
-    ):
-        raise TypeError(f"weights: expected a sequence of numbers, found {type(weights).__name__}")
-    if len(weights) != len(models):
-        raise ValueError(f"weights: expected {len(models)} weights, found {len(weights)}")
-    values = [_scalar(f"weights[{i}]", weight) for i, weight in enumerate(weights)]
+    given = check_sequence("weights", weights)
+    if len(given) != len(models):
+        raise ValueError(f"weights: expected {len(models)} weights, found {len(given)}")
+    values = [_scalar(f"weights[{i}]", weight) for i, weight in enumerate(given)]
 
     def combine(*tensors: torch.Tensor) -> torch.Tensor:
         total = tensors[0] * values[0]

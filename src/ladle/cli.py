@@ -382,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     soup = commands.add_parser(
         "soup", parents=[merge_options()], help="uniform or weighted mean of models"
     )
-    soup.add_argument("models", nargs="+", help="checkpoints: files or directories")
+    soup.add_argument(
+        "models", nargs="+", help="checkpoints: files, directories or hf://owner/repo[@revision]"
+    )
     soup.add_argument(
         "--weights",
         type=float,
@@ -465,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[merge_options()],
         help="greedy soup: add models best first while a held-out score does not drop",
     )
-    greedy.add_argument("models", nargs="+", help="checkpoints: files or directories")
+    greedy.add_argument(
+        "models", nargs="+", help="checkpoints: files, directories or hf://owner/repo[@revision]"
+    )
     greedy.add_argument(
         "--evaluate",
         type=_callable,

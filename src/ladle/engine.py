@@ -16,6 +16,7 @@ import contextvars
 import json
 import math
 import numbers
+import operator
 import os
 import queue
 import threading
@@ -580,6 +581,49 @@ def unwrap_scalar(name: str, value: object) -> object:
     return value
 
 
+def check_chunk_bytes(chunk_bytes: object) -> int:
+    """``chunk_bytes`` as a positive int, or a ``TypeError`` (no integer: a string, a float,
+    a bool) or ``ValueError`` (zero or negative) naming it.
+
+    Example:
+        >>> check_chunk_bytes(2**20)
+        1048576
+        >>> check_chunk_bytes(0)
+        Traceback (most recent call last):
+        ValueError: chunk_bytes: expected a positive number of bytes, found 0
+    """
+    if isinstance(chunk_bytes, bool):
+        raise TypeError("chunk_bytes: expected an int (bytes), found bool")
+    try:
+        size = operator.index(chunk_bytes)  # type: ignore[arg-type]
+    except TypeError:
+        found = "None" if chunk_bytes is None else type(chunk_bytes).__name__
+        raise TypeError(f"chunk_bytes: expected an int (bytes), found {found}") from None
+    if size < 1:
+        raise ValueError(f"chunk_bytes: expected a positive number of bytes, found {size}")
+    return size
+
+
+def check_sequence(name: str, values: object) -> list[object]:
+    """The items of ``values`` as a list, or a ``TypeError`` naming parameter ``name`` for what
+    is no sequence of numbers: a string or bytes, a number, ``None``, a 0-d tensor or array.
+
+    Example:
+        >>> check_sequence("weights", (1, 0.5))
+        [1, 0.5]
+        >>> check_sequence("weights", 0.5)
+        Traceback (most recent call last):
+        TypeError: weights: expected a sequence of numbers, found float
+    """
+    if (
+        isinstance(values, (str, bytes))
+        or not isinstance(values, Iterable)
+        or getattr(values, "shape", None) == ()  # a 0-d tensor or array: iterating it fails
+    ):
+        raise TypeError(f"{name}: expected a sequence of numbers, found {type(values).__name__}")
+    return list(values)
+
+
 def check_numbers(name: str, values: object, count: int, each: str) -> list[float]:
     """``values`` as ``count`` floats (:func:`check_number` each, named ``name[i]``), or a
     ``TypeError`` for what is no sequence of numbers (a string, a number, a 0-d tensor), a
@@ -593,13 +637,8 @@ def check_numbers(name: str, values: object, count: int, each: str) -> list[floa
         Traceback (most recent call last):
         ValueError: weights: expected 2 weights (one per model), found 1
     """
-    if (
-        isinstance(values, (str, bytes))
-        or not isinstance(values, Iterable)
-        or getattr(values, "shape", None) == ()  # a 0-d tensor or array: iterating it fails
-    ):
-        raise TypeError(f"{name}: expected a sequence of numbers, found {type(values).__name__}")
-    checked = [check_number(f"{name}[{i}]", value) for i, value in enumerate(values)]
+    given = check_sequence(name, values)
+    checked = [check_number(f"{name}[{i}]", value) for i, value in enumerate(given)]
     if len(checked) != count:
         raise ValueError(f"{name}: expected {count} {each}, found {len(checked)}")
     return checked
@@ -698,6 +737,7 @@ def fold(
         ...  fold(models, squares, device=torch.device("cpu"))]
         [('w', slice(None, None, None), 30.0)]
     """
+    chunk_bytes = check_chunk_bytes(chunk_bytes)
     reference = base if base is not None else models[0]
     sources = [*([base] if base is not None else []), *models]
     plan = _plan(reference, sources, keys, chunk_bytes, copy_others)
@@ -1435,6 +1475,7 @@ def merge(
     """
     dtype = resolve_dtype(dtype)
     target = resolve_device(device)
+    chunk_bytes = check_chunk_bytes(chunk_bytes)
     with ExitStack() as stack:
         inputs = stack.enter_context(ExitStack())  # closed on a thread once read (see below)
         checkpoints, base_ckpt = open_models(models, base, inputs)

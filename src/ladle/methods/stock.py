@@ -22,6 +22,7 @@ from ..engine import (
     Kernel,
     Progress,
     Scratch,
+    check_chunk_bytes,
     current_partition,
     fold,
     merge,
@@ -319,6 +320,7 @@ def model_stock(
     if not single and len(models) < 2:  # a single model is the engine's TypeError
         raise ValueError(f"models: model_stock needs at least 2 models, found {len(models)}")
     target = resolve_device(device)
+    chunk_bytes = check_chunk_bytes(chunk_bytes)  # recorded in the output's parameters
 
     def prepare(checkpoints: list[Checkpoint], base_checkpoint: Checkpoint | None) -> Kernel:
         assert base_checkpoint is not None

@@ -27,6 +27,7 @@ from ..engine import (
     Scratch,
     _merged_view,
     _shaped,
+    check_chunk_bytes,
     check_compatible,
     check_number,
     compute_dtype,
@@ -1056,8 +1057,7 @@ def ties(
         raise ValueError(f"trim: expected one of {TRIMS}, found {trim!r}")
     check_inputs(models, base)
     target = resolve_device(device)
-    if chunk_bytes is None:
-        chunk_bytes = FOLD_CHUNK_BYTES
+    chunk_bytes = FOLD_CHUNK_BYTES if chunk_bytes is None else check_chunk_bytes(chunk_bytes)
 
     def prepare(checkpoints: list[Checkpoint], base_ckpt: Checkpoint | None) -> Kernel:
         assert base_ckpt is not None
