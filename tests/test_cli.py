@@ -208,6 +208,35 @@ def test_console_entry_point_runs_as_a_module(tmp_path, inputs, module):
     assert "Traceback" not in missing.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_output_read_by_a_pipe_that_closes_early_ends_quietly_with_141(
+    tmp_path, inputs, unbuffered
+):
+    # `ladle inspect X | head`: the reader is gone (here before the first write). Without
+    # PYTHONUNBUFFERED the failure came at exit ("Exception ignored ... BrokenPipeError",
+    # status 120), with it as "ladle: error: [Errno 32] Broken pipe" (status 1).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    out = tmp_path / "o.safetensors"
+    for args in (["inspect", inputs[0]], ["soup", *inputs, "-o", str(out)]):
+        reader, writer = os.pipe()
+        os.close(reader)
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "ladle", *args],
+                stdout=writer,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        finally:
+            os.close(writer)
+        assert (result.returncode, result.stderr) == (141, "")
+    assert out.is_file()  # the merge was complete when its path could not be printed
+
+
 @pytest.mark.parametrize("device", ["tpu", "cuda:99"])
 def test_a_device_torch_does_not_know_or_this_machine_lacks_is_one_line(
     tmp_path, inputs, capsys, device

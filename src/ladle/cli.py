@@ -2,7 +2,8 @@
 
 Exit status: 0 on success, 1 on a merge error (one line on stderr; ``--debug`` for the
 traceback), 2 on a usage error, 130 when interrupted (Ctrl-C) and 143 when terminated
-(SIGTERM), the output being written deleted either way.
+(SIGTERM), the output being written deleted either way; 141, silently, when the reader of
+its standard output goes first (``ladle inspect X | head``).
 """
 
 from __future__ import annotations
@@ -591,6 +592,20 @@ def _show_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> Non
     print(f"ladle: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+def _discard_stdout() -> None:
+    """Point standard output at ``/dev/null`` once its pipe has closed, so that what is
+    still buffered does not fail again when the interpreter flushes it at exit."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without one
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, descriptor)
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ladle`` command; returns the exit status.
 
@@ -599,7 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         0 on success, 1 after a merge error (one ``ladle: error:`` line on stderr), 130 or
-        143 when interrupted or terminated; usage errors exit with status 2 (``SystemExit``).
+        143 when interrupted or terminated, 141 when standard output's reader has gone;
+        usage errors exit with status 2 (``SystemExit``).
 
     Example:
         >>> import tempfile, torch, ladle
@@ -640,6 +656,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     from .hub import push_to_hub
 
                     print(push_to_hub(args.out, push))
+                sys.stdout.flush()  # a reader gone early fails here, not at exit
+    except BrokenPipeError:  # stdout's reader left (`ladle inspect X | head`): stop quietly
+        _discard_stdout()
+        return 141  # 128 + SIGPIPE, as shells report a process the closed pipe stopped
     except (LadleError, ValueError, OSError) as err:
         if args.debug:
             raise
