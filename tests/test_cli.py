@@ -413,6 +413,30 @@ def test_max_shard_size_with_a_single_file_output_is_a_usage_error(tmp_path, inp
     assert len(list((tmp_path / "d").glob("model-*-of-*.safetensors"))) > 1
 
 
+@pytest.mark.parametrize(
+    ("options", "offline", "message"),
+    [
+        (["-o", "o.safetensors", "--max-shard-size", "1KB"], "0", "--max-shard-size applies"),
+        (["-o", "o.safetensors", "--push-to-hub", "me/m"], "0", "--push-to-hub needs a dir"),
+        (["-o", "o", "--push-to-hub", "me/m"], "1", "--push-to-hub needs the Hub"),
+    ],
+)
+def test_usage_errors_found_after_parsing_show_the_sub_commands_usage(
+    tmp_path, inputs, capsys, monkeypatch, options, offline, message
+):
+    # As argparse's own errors do (`ladle soup: error: ...`); they showed `ladle`'s usage
+    # line (`ladle [-h] [--version] [--debug] COMMAND ...`) and `ladle: error: ...`.
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(SystemExit) as caught:
+        main(["ties", "--base", inputs[0], *inputs[1:], *options])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.startswith("usage: ladle ties [-h] -o OUT")
+    assert err.splitlines()[-1].startswith(f"ladle ties: error: {message}")
+    assert list((tmp_path / "work").iterdir()) == []
+
+
 def test_sigterm_left_alone_where_it_is_ignored_handled_or_under_torchrun(
     tmp_path, inputs, monkeypatch
 ):

@@ -530,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     recipe.add_argument("--no-progress", action="store_true", help="no progress bar")
     recipe.set_defaults(run=_run_recipe)
+    for command in commands.choices.values():  # its usage errors found after parsing
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -626,15 +628,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         metadata format: pt
         0
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run
+    command: argparse.ArgumentParser = args.command_parser  # usage errors show its usage
     push = getattr(args, "push_to_hub", None)
     if push is not None and single_file(args.out):
-        parser.error("--push-to-hub needs a directory output (-o DIR), not a .safetensors file")
+        command.error("--push-to-hub needs a directory output (-o DIR), not a .safetensors file")
     shard = getattr(args, "max_shard_size", None)
     if shard is not None and single_file(args.out):
-        parser.error(
+        command.error(
             "--max-shard-size applies to a directory output (-o DIR); a .safetensors output "
             "is one file"
         )
@@ -642,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .hub import _offline
 
         if _offline():  # known now: refused before the merge, not after it
-            parser.error("--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set")
+            command.error("--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set")
     rank = int(os.environ.get("RANK", "0")) if _world_size() > 1 else 0
     if rank != 0 and run not in _SPLIT_RUNS:
         return 0  # under torchrun, commands that do not split run on rank 0 alone
