@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 
 import ladle
 from ladle.cli import main
+from ladle.recipe import DTYPES
 
 
 @pytest.fixture
@@ -112,6 +114,31 @@ def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def _sub_commands() -> dict[str, argparse.ArgumentParser]:
+    from ladle.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(commands.choices)
+
+
+@pytest.mark.parametrize("name", sorted(_sub_commands()))
+def test_help_shows_every_default_the_dtypes_and_the_sources_a_model_can_be(name):
+    # `ladle demo --help` showed no default; --dtype named no dtype; the model arguments
+    # said "files or directories", though hf:// URLs work too.
+    for action in _sub_commands()[name]._actions:
+        shown = action.help or ""
+        defaulted = action.default not in (None, argparse.SUPPRESS) and action.nargs != 0
+        if action.option_strings and defaulted:  # (store_true flags take no value)
+            assert f"(default: {action.default})" in shown, (name, action.dest)
+        if action.dest in ("models", "checkpoint", "a"):
+            assert "hf://OWNER/REPO[@REVISION]" in shown, (name, action.dest)
+        if action.dest == "dtype":
+            assert all(f"{dtype}" in shown for dtype in DTYPES), name
+        if not action.option_strings:  # a positional argument says what it is
+            assert shown and action.metavar, (name, action.dest)
 
 
 def test_inspect_lists_keys_and_totals(inputs, capsys):

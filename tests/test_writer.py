@@ -1032,7 +1032,7 @@ def test_every_writing_function_defaults_to_the_one_max_shard_size():
     parser = merge_options()
     assert merge_kwargs(parser.parse_args(["-o", "out"]))["max_shard_size"] == "5GB"
     (option,) = [a for a in parser._actions if "--max-shard-size" in a.option_strings]
-    assert option.help == "largest shard of a directory output (default: 5GB)"
+    assert option.help == "largest shard of a directory output: 500MB, 2GiB, ... (default: 5GB)"
 
 
 def test_keys_sharing_storage_are_each_written_with_their_own_bytes(tmp_path):

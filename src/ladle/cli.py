@@ -94,13 +94,17 @@ def merge_options() -> argparse.ArgumentParser:
         "--dtype",
         type=_dtype,
         default=None,
-        help="output dtype of floating tensors (default: that of the inputs)",
+        metavar="DTYPE",
+        help="output dtype of floating tensors: float32 (fp32), bfloat16 (bf16), float16 (fp16) "
+        "or float64 (fp64) (default: the base's, else the first model's)",
     )
     parent.add_argument(
         "--max-shard-size",
         type=_size,
         default=None,
-        help=f"largest shard of a directory output (default: {DEFAULT_MAX_SHARD_SIZE})",
+        metavar="SIZE",
+        help=f"largest shard of a directory output: 500MB, 2GiB, ... "
+        f"(default: {DEFAULT_MAX_SHARD_SIZE})",
     )
     parent.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parent.add_argument(
@@ -372,6 +376,11 @@ def _run_recipe(args: argparse.Namespace) -> None:
             print(f"{name}: {result}")
 
 
+_SOURCE = "a file, a directory or hf://OWNER/REPO[@REVISION][/SUBFOLDER]"
+_SOURCES = "files, directories or hf://OWNER/REPO[@REVISION][/SUBFOLDER]"
+_FINETUNED = f"fine-tuned checkpoints: {_SOURCES}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ladle", description="Merge neural-network weights (model soups and more)."
@@ -383,9 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     soup = commands.add_parser(
         "soup", parents=[merge_options()], help="uniform or weighted mean of models"
     )
-    soup.add_argument(
-        "models", nargs="+", help="checkpoints: files, directories or hf://owner/repo[@revision]"
-    )
+    soup.add_argument("models", nargs="+", metavar="MODEL", help=f"checkpoints: {_SOURCES}")
     soup.add_argument(
         "--weights",
         type=float,
@@ -400,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[merge_options()],
         help="task arithmetic: base + scale·Σ wᵢ·(modelᵢ − base)",
     )
-    arithmetic.add_argument("models", nargs="+", help="fine-tuned checkpoints")
+    arithmetic.add_argument("models", nargs="+", metavar="MODEL", help=_FINETUNED)
     arithmetic.add_argument("--base", required=True, help="the model they were tuned from")
     arithmetic.add_argument("--scale", type=float, default=1.0, help="λ (default: 1.0)")
     arithmetic.add_argument(
@@ -419,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[merge_options()],
         help="TIES-Merging: trim, elect signs, disjoint mean",
     )
-    ties_parser.add_argument("models", nargs="+", help="fine-tuned checkpoints")
+    ties_parser.add_argument("models", nargs="+", metavar="MODEL", help=_FINETUNED)
     ties_parser.add_argument("--base", required=True, help="the model they were tuned from")
     ties_parser.add_argument(
         "--density", type=float, default=0.2, help="fraction of entries kept (default: 0.2)"
@@ -440,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[merge_options()],
         help="DARE: drop and rescale task-vector entries, then sum or TIES-combine",
     )
-    dare_parser.add_argument("models", nargs="+", help="fine-tuned checkpoints")
+    dare_parser.add_argument("models", nargs="+", metavar="MODEL", help=_FINETUNED)
     dare_parser.add_argument("--base", required=True, help="the model they were tuned from")
     dare_parser.add_argument(
         "--density", type=float, default=0.1, help="probability of keeping an entry (default: 0.1)"
@@ -459,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[merge_options()],
         help="Model Stock: per tensor, t·mean + (1 − t)·base, t from the task vectors' angle",
     )
-    stock.add_argument("models", nargs="+", help="two or more fine-tuned checkpoints")
+    stock.add_argument("models", nargs="+", metavar="MODEL", help=f"two or more {_FINETUNED}")
     stock.add_argument("--base", required=True, help="the model they were tuned from")
     stock.set_defaults(run=_run_method, method=model_stock, params=("base",))
 
@@ -468,9 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[merge_options()],
         help="greedy soup: add models best first while a held-out score does not drop",
     )
-    greedy.add_argument(
-        "models", nargs="+", help="checkpoints: files, directories or hf://owner/repo[@revision]"
-    )
+    greedy.add_argument("models", nargs="+", metavar="MODEL", help=f"checkpoints: {_SOURCES}")
     greedy.add_argument(
         "--evaluate",
         type=_callable,
@@ -494,26 +499,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="an end-to-end demo on a synthetic problem (a few seconds on a laptop CPU)"
     )
-    demo.add_argument("--seed", type=_seed, default=0, help="seed of the problem and training")
     demo.add_argument(
-        "--size", choices=["small", "default"], default="default", help="small: a quick check"
+        "--seed", type=_seed, default=0, help="seed of the problem and training (default: 0)"
     )
     demo.add_argument(
-        "--workdir", default=None, help="keep the checkpoints here (default: a temp dir)"
+        "--size",
+        choices=["small", "default"],
+        default="default",
+        help="small: a quick check (default: default)",
     )
-    demo.add_argument("--device", default="cpu", help="where training and merging run")
+    demo.add_argument(
+        "--workdir",
+        default=None,
+        help="keep the checkpoints and merges here, replacing files of the names the demo "
+        "writes (default: a temporary directory, deleted afterwards)",
+    )
+    demo.add_argument(
+        "--device", default="cpu", help="where training and merging run (default: cpu)"
+    )
     demo.set_defaults(run=_run_demo)
 
     inspect = commands.add_parser("inspect", help="keys, shapes, dtypes and size of a checkpoint")
-    inspect.add_argument("checkpoint")
+    inspect.add_argument("checkpoint", metavar="CKPT", help=f"a checkpoint: {_SOURCE}")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=_run_inspect)
 
     compare = commands.add_parser(
         "diff", help="per-tensor norms of A - B (or of task vectors) and their cosine"
     )
-    compare.add_argument("a", metavar="A")
-    compare.add_argument("b", metavar="B")
+    compare.add_argument("a", metavar="A", help=f"a checkpoint: {_SOURCE}")
+    compare.add_argument("b", metavar="B", help="another, of the same keys and shapes")
     compare.add_argument("--base", default=None, help="compare the task vectors A - BASE, B - BASE")
     compare.add_argument("--device", default=None, help="where the sums run (default: cpu)")
     compare.add_argument("--json", action="store_true", help="machine-readable output")
@@ -525,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(run=_run_diff)
 
     recipe = commands.add_parser("run", help="run the merge steps of a TOML recipe")
-    recipe.add_argument("recipe", metavar="RECIPE.toml")
+    recipe.add_argument("recipe", metavar="RECIPE.toml", help="the recipe (docs/recipes.md)")
     recipe.add_argument("--device", default=None, help="overrides the recipe's device")
     recipe.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     recipe.add_argument("--no-progress", action="store_true", help="no progress bar")
