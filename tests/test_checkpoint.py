@@ -1037,6 +1037,30 @@ def test_a_folder_without_one_weights_file_or_an_index_is_refused_naming_what_it
         ladle.open_checkpoint(tmp_path)
 
 
+def test_a_folder_of_many_weights_files_says_how_many_it_leaves_out(tmp_path):
+    # The message named the first five alone, as if the folder held no others.
+    for i in range(8):
+        save_file({"w": torch.ones(1)}, tmp_path / f"ft-{i}.safetensors")
+    found = ", ".join(f"ft-{i}.safetensors" for i in range(5))
+    with pytest.raises(ladle.CheckpointError, match=rf"found {found} and 3 more$"):
+        ladle.open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("index", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
+def test_a_shard_index_named_instead_of_its_folder_says_to_name_the_folder(tmp_path, index):
+    # It said "unknown checkpoint format; expected .safetensors or one of .pt, ...".
+    ladle.save({"w": torch.ones(4), "b": torch.ones(4)}, tmp_path / "m", max_shard_size=16)
+    if index.startswith("pytorch"):
+        (tmp_path / "m" / "model.safetensors.index.json").rename(tmp_path / "m" / index)
+    path = tmp_path / "m" / index
+    with pytest.raises(ladle.CheckpointError) as caught:
+        ladle.open_checkpoint(path)
+    assert str(caught.value) == (
+        f"{path}: a shard index, not a checkpoint; name the folder that holds it and its "
+        f"shards ({tmp_path / 'm'})"
+    )
+
+
 def test_sources_of_unknown_kinds_are_refused(tmp_path):
     (tmp_path / "weights.npz").write_bytes(b"PK\x03\x04")
     with pytest.raises(ladle.CheckpointError, match=r"weights\.npz: unknown checkpoint format"):

@@ -21,7 +21,7 @@ import struct
 import threading
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
@@ -1045,16 +1045,33 @@ def _open_directory(directory: Path) -> Checkpoint:
     elif not singles and len(torch_files) == 1:
         checkpoint = _open_file(torch_files[0])
     else:
-        found = [p.name for p in singles or torch_files][:5]
         raise CheckpointError(
             f"{directory}: expected one weights file or a *.index.json, found "
-            f"{', '.join(found) if found else 'none'}"
+            f"{_some([p.name for p in singles or torch_files])}"
         )
     checkpoint.path = directory  # the whole directory is the input, not just its file
     return checkpoint
 
 
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``names``, and how many more there are.
+
+    Example:
+        >>> _some([]), _some(["a", "b"]), _some(list("abcdefgh"), 3)
+        ('none', 'a, b', 'a, b, c and 5 more')
+    """
+    if not names:
+        return "none"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def _open_file(file: Path) -> Checkpoint:
+    if file.name.endswith(".index.json"):
+        raise CheckpointError(
+            f"{file}: a shard index, not a checkpoint; name the folder that holds it and its "
+            f"shards ({file.parent})"
+        )
     if file.suffix == ".safetensors":
         return SafetensorsCheckpoint.from_file(file)
     if file.suffix in TORCH_SUFFIXES:
