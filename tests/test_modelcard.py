@@ -341,7 +341,10 @@ def test_a_single_file_model_folder_is_recorded_as_the_folder_and_its_recipe_cop
     with ladle.open_checkpoint("m0") as ckpt:  # errors still name the file itself
         assert ckpt.name == str(Path("m0") / "model.safetensors")
     card = (out / "README.md").read_text()
-    assert "the recipe saved in the\ndirectory the merge ran from" in card
+    # It said "Reproduce this merge with `ladle run recipe.toml`, the recipe saved in the
+    # directory the merge ran from", as if a recipe.toml had been written there.
+    assert "save this recipe as `recipe.toml` in the directory the\nmerge ran from" in card
+    assert "(no recipe file was written)" in card and not (tmp_path / "recipe.toml").exists()
     (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"again"'))
     run_recipe(tmp_path / "recipe.toml", device="cpu")
     assert (tmp_path / "again" / "config.json").is_file()  # the folders were the inputs

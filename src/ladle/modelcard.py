@@ -182,9 +182,9 @@ def model_card(
         lines += ["Some inputs were in memory, not files: no recipe can reproduce this merge.", ""]
     else:
         lines += [
-            "Reproduce this merge with `ladle run recipe.toml`, the recipe saved in the",
-            "directory the merge ran from (relative paths below are relative to it; `~` is the",
-            "home folder):",
+            "To reproduce this merge, save this recipe as `recipe.toml` in the directory the",
+            "merge ran from (relative paths below are relative to it; `~` is the home folder)",
+            "and run `ladle run recipe.toml` there (no recipe file was written):",
             "",
             "```toml",
         ]
