@@ -327,6 +327,19 @@ def test_cli_greedy_soup_imports_evaluate_and_writes_the_soup(tmp_path, evaluate
     assert torch.equal(ladle.load(out)["w"], expected["w"])
 
 
+def test_cli_greedy_soup_prints_its_output_path_as_soup_does(tmp_path, evaluate_module, capsys):
+    # `-o DIR/` printed "DIR/" as typed, where `ladle soup -o DIR/` prints "DIR".
+    printed = []
+    for argv in (
+        ["greedy-soup", *evaluate_module, "--evaluate", "soup_evals:score", "-o"],
+        ["soup", *evaluate_module, "-o"],
+    ):
+        out = f"{tmp_path / argv[0]}/"
+        assert main([*argv, out, "--device", "cpu"]) == 0
+        printed.append(capsys.readouterr().out.splitlines()[-1])
+    assert printed == [str(tmp_path / "greedy-soup"), str(tmp_path / "soup")]
+
+
 def test_cli_greedy_soup_of_one_model_says_model_in_the_singular(tmp_path, evaluate_module, capsys):
     out = tmp_path / "o.safetensors"
     argv = ["greedy-soup", evaluate_module[0], "--evaluate", "soup_evals:score", "-o", str(out)]

@@ -197,7 +197,7 @@ def _run_greedy_soup(args: argparse.Namespace) -> None:
         f"{_plural(len(args.models), 'model')} "
         f"({', '.join(map(str, result.selected))}); score {_number(result.score)}"
     )
-    print(args.out)
+    print(Path(args.out))  # as the other merge commands print the path their method returns
 
 
 def _run_demo(args: argparse.Namespace) -> None:
