@@ -494,3 +494,20 @@ def test_sigterm_left_alone_where_it_is_ignored_handled_or_under_torchrun(
     monkeypatch.setenv("WORLD_SIZE", "2")  # a torchrun rank: torchrun's SIGTERM must kill
     with _terminate_like_interrupt():
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_file_output_under_torchrun_is_a_usage_error_on_every_rank(
+    tmp_path, inputs, monkeypatch, capsys, rank
+):
+    # Refused at parsing, before any process group: found in the merge, one rank's error
+    # could end the other before it printed why.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ties", inputs[1], "--base", inputs[0], "-o", str(tmp_path / "m.safetensors")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: ladle ties" in err
+    assert "split across processes (torchrun) writes a directory of shards" in err
+    assert not list(tmp_path.glob("*m.safetensors*"))

@@ -660,6 +660,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if _offline():  # known now: refused before the merge, not after it
             command.error("--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set")
+    if _world_size() > 1 and run in _SPLIT_RUNS and single_file(args.out):
+        # Every rank refuses it now: found in the merge, the first rank to fail could end
+        # the others (torchrun stops them) before any printed why.
+        command.error(
+            "a merge split across processes (torchrun) writes a directory of shards: "
+            "-o DIR, not a .safetensors file"
+        )
     rank = int(os.environ.get("RANK", "0")) if _world_size() > 1 else 0
     if rank != 0 and run not in _SPLIT_RUNS:
         return 0  # under torchrun, commands that do not split run on rank 0 alone
