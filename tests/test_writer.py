@@ -1120,3 +1120,37 @@ def test_outputs_are_flushed_past_the_drive_cache_where_fsync_is_not_enough(tmp_
     calls.clear()
     ladle.save({"w": torch.zeros(3)}, tmp_path / "n.safetensors")
     assert "fsync" in calls
+
+
+def test_an_empty_directory_is_no_output_to_refuse_where_a_directory_output_goes(tmp_path):
+    # `mkdir out` before the merge: nothing in it to lose, so no overwrite is needed; the
+    # output replaces it by a rename. Anything in it, or a file output's name, still counts.
+    models = family(2, seed=5)
+    (tmp_path / "made").mkdir()
+    written = ladle.uniform_soup(models, out=tmp_path / "made")
+    assert ladle.load(written).keys() == models[0].keys()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["made"]
+    (tmp_path / "saved").mkdir()
+    ladle.save(models[0], tmp_path / "saved")
+    assert (tmp_path / "saved" / "model.safetensors").is_file()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("keep me")
+    (tmp_path / "d.safetensors").mkdir()
+    for taken in ("full", "d.safetensors"):
+        with pytest.raises(ladle.LadleError, match="already exists"):
+            ladle.uniform_soup(models, out=tmp_path / taken)
+    assert (tmp_path / "full" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_directory_filled_while_merging_is_not_replaced(tmp_path, monkeypatch):
+    # Empty when the merge began, not when its output is renamed into place: the rename
+    # fails (a non-empty directory), and the error says the output appeared.
+    from ladle import writer
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "theirs").write_text("theirs")
+    (tmp_path / "temp").mkdir()
+    monkeypatch.setattr(writer, "output_taken", lambda out: False)  # as at the start
+    with pytest.raises(ladle.LadleError, match="appeared while merging"):
+        writer.rename_into_place(tmp_path / "temp", tmp_path / "out", overwrite=False)
+    assert (tmp_path / "out" / "theirs").read_text() == "theirs"

@@ -37,6 +37,7 @@ from .writer import (
     SafetensorsWriter,
     aligned_order,
     check_output_name,
+    output_taken,
     single_file,
 )
 
@@ -1484,7 +1485,7 @@ def merge(
         sources = [*checkpoints, *([base_ckpt] if base_ckpt is not None else [])]
         if out is not None:
             _check_output(out, sources)
-            if os.path.lexists(out) and not overwrite:
+            if output_taken(out) and not overwrite:
                 raise LadleError(
                     f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"
                 )

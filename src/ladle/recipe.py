@@ -27,7 +27,7 @@ from .checkpoint import MISSING, StateDict
 from .engine import DTYPE_NAMES, resolve_device
 from .errors import LadleError
 from .hub import PREFIX, parse_hf_url
-from .writer import check_output_name, parse_size, single_file
+from .writer import check_output_name, output_taken, parse_size, single_file
 
 __all__ = ["Recipe", "Step", "StepRef", "load_callable", "load_recipe", "run_recipe"]
 
@@ -634,7 +634,7 @@ def run_recipe(
     resolve_device(device if device is not None else checked.device)  # a bad one fails now
     if not overwrite:
         for step in checked.steps:
-            if step.output is not None and os.path.lexists(step.output):
+            if step.output is not None and output_taken(step.output):
                 raise LadleError(
                     f"{where(step)}.output: {step.output} already exists; "
                     "pass overwrite=True (--overwrite) to replace it"

@@ -136,6 +136,31 @@ def single_file(out: str | os.PathLike) -> bool:
     return Path(out).suffix == ".safetensors"
 
 
+def output_taken(out: str | os.PathLike) -> bool:
+    """Whether something stands at ``out`` that only ``overwrite`` may replace: anything but
+    an empty directory where a directory output goes (``mkdir out`` first), which the output
+    replaces by a rename, as it replaces nothing.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> output_taken(folder), output_taken(folder / "new")
+        (False, False)
+        >>> (folder / "x").touch(); output_taken(folder)
+        True
+    """
+    path = Path(out)
+    if not os.path.lexists(path):
+        return False
+    if single_file(path) or path.is_symlink() or not path.is_dir():
+        return True
+    try:
+        with os.scandir(path) as entries:
+            return any(True for _ in entries)
+    except OSError:  # unreadable: not known to be empty
+        return True
+
+
 def check_output_name(out: str | os.PathLike) -> None:
     """A ``LadleError`` for an output path that cannot mean what it says: empty, an ``hf://``
     URL (a local ``hf:/`` folder otherwise), ending in ``.`` or ``..`` (a folder's own name),
@@ -396,9 +421,15 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
     its place, the old one goes back (see :func:`_put_back`).
     """
     if not overwrite:
-        if os.path.lexists(out):  # a symbolic link, even a dangling one, counts as there
-            raise LadleError(f"{out}: appeared while merging; the result is left unwritten")
-        os.replace(temp, out)  # fails if a directory appeared meanwhile
+        appeared = f"{out}: appeared while merging; the result is left unwritten"
+        if output_taken(out):  # a symbolic link, even a dangling one, counts as there
+            raise LadleError(appeared)
+        try:  # replaces an empty directory too; fails if anything else appeared meanwhile
+            os.replace(temp, out)
+        except OSError as err:
+            if err.errno in _TAKEN:
+                raise LadleError(appeared) from err
+            raise
         return
     # Other writers may be swapping outputs in at the same time: whatever stands at ``out``
     # is renamed aside (it may be gone already) and ours renamed in; where another output
@@ -548,7 +579,7 @@ class SafetensorsWriter:
     ) -> None:
         check_output_name(out)
         self.out = Path(out)
-        if os.path.lexists(self.out) and not overwrite:
+        if output_taken(self.out) and not overwrite:
             raise LadleError(
                 f"{self.out}: already exists; pass overwrite=True (--overwrite) to replace it"
             )
