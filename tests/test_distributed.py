@@ -763,6 +763,7 @@ def test_a_failed_merge_leaves_nothing_holding_the_process_group(tmp_path):
     # the frames of any error leaving it before destroying the group.
     _models(tmp_path)
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "model.safetensors").touch()  # an output there: not empty
     context = mp.start_processes(
         _freeing_worker, args=(str(tmp_path), (_free_port(), _free_port())), nprocs=2, join=False
     )
@@ -785,6 +786,7 @@ def test_torchrun_cli_errors_exit_1_with_one_line_and_no_abort(tmp_path):
     # exception" and SIGABRT (exit -6) on one rank or both.
     _, models = _models(tmp_path)
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "model.safetensors").touch()  # an output there: not empty
     command = [str(TORCHRUN) if TORCHRUN.exists() else "torchrun", "--standalone"]
     command += ["--nproc-per-node", "2", "-m", "ladle.cli", "soup", *models[:2]]
     command += ["-o", str(tmp_path / "exists"), "--device", "cpu"]
@@ -798,4 +800,4 @@ def test_torchrun_cli_errors_exit_1_with_one_line_and_no_abort(tmp_path):
             f"ladle: error: {tmp_path / 'exists'}: already exists; pass "
             "overwrite=True (--overwrite) to replace it"
         ], done.stderr
-    assert os.listdir(tmp_path / "exists") == []
+    assert os.listdir(tmp_path / "exists") == ["model.safetensors"]
