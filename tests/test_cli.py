@@ -511,3 +511,36 @@ def test_a_file_output_under_torchrun_is_a_usage_error_on_every_rank(
     assert "usage: ladle ties" in err
     assert "split across processes (torchrun) writes a directory of shards" in err
     assert not list(tmp_path.glob("*m.safetensors*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ties", "--density", "0"], "argument --density: expected a number in (0, 1], found 0.0"),
+        (
+            ["ties", "--density", "nan"],
+            "argument --density: expected a number in (0, 1], found nan",
+        ),
+        (["ties", "--density", "x"], "argument --density: expected a number, found 'x'"),
+        (["dare", "--density", "1e-9"], "argument --density: expected at least 2**-24"),
+        (
+            ["dare", "--density", "1.5"],
+            "argument --density: expected a number in (0, 1], found 1.5",
+        ),
+        (["task-arithmetic", "--scale", "inf"], "argument --scale: expected a finite number"),
+        (["ties", "--scale", "nan"], "argument --scale: expected a finite number, found nan"),
+    ],
+)
+def test_a_bad_density_or_scale_is_a_usage_error_before_any_merging(
+    tmp_path, inputs, capsys, args, message
+):
+    # The methods' own checks, run by the parser: exit status 2 with the command's usage,
+    # as README says of usage errors (they were merge errors, status 1).
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *inputs[1:], "--base", inputs[0], "-o", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: ladle {args[0]}" in err
+    assert f"ladle {args[0]}: error: {message}" in err
+    assert not out.exists()

@@ -27,11 +27,11 @@ from . import __version__
 from .checkpoint import Checkpoint, open_checkpoint
 from .compare import TensorDiff, diff
 from .errors import LadleError
-from .methods.dare import dare
+from .methods.dare import check_dare_density, dare
 from .methods.soup import greedy_soup, uniform_soup
 from .methods.stock import model_stock
-from .methods.task_arithmetic import task_arithmetic
-from .methods.ties import ties
+from .methods.task_arithmetic import check_scale, task_arithmetic
+from .methods.ties import check_density, ties
 from .recipe import DTYPES, load_callable, run_recipe
 from .writer import DEFAULT_MAX_SHARD_SIZE, parse_size, single_file
 
@@ -67,6 +67,23 @@ def _seed(text: str) -> int:
     if not 0 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), found {value}")
     return value
+
+
+def _checked_float(check: Callable[[float], float]) -> Callable[[str], float]:
+    """An argparse type: a float that ``check`` (a method's own check of a parameter) takes,
+    so that a bad ``--density`` or ``--scale`` is a usage error, found before any merging."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
+        try:
+            return check(value)
+        except ValueError as err:  # "density: expected ...": argparse names the option
+            raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
+
+    return parse
 
 
 def _size(text: str) -> int:
@@ -381,6 +398,9 @@ _SOURCES = "files, directories or hf://OWNER/REPO[@REVISION][/SUBFOLDER]"
 _FINETUNED = f"fine-tuned checkpoints: {_SOURCES}"
 
 
+_SCALE = _checked_float(check_scale)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ladle", description="Merge neural-network weights (model soups and more)."
@@ -409,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arithmetic.add_argument("models", nargs="+", metavar="MODEL", help=_FINETUNED)
     arithmetic.add_argument("--base", required=True, help="the model they were tuned from")
-    arithmetic.add_argument("--scale", type=float, default=1.0, help="λ (default: 1.0)")
+    arithmetic.add_argument("--scale", type=_SCALE, default=1.0, help="λ (default: 1.0)")
     arithmetic.add_argument(
         "--weights",
         type=float,
@@ -429,9 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     ties_parser.add_argument("models", nargs="+", metavar="MODEL", help=_FINETUNED)
     ties_parser.add_argument("--base", required=True, help="the model they were tuned from")
     ties_parser.add_argument(
-        "--density", type=float, default=0.2, help="fraction of entries kept (default: 0.2)"
+        "--density",
+        type=_checked_float(check_density),
+        default=0.2,
+        help="fraction of entries kept, in (0, 1] (default: 0.2)",
     )
-    ties_parser.add_argument("--scale", type=float, default=1.0, help="λ (default: 1.0)")
+    ties_parser.add_argument("--scale", type=_SCALE, default=1.0, help="λ (default: 1.0)")
     ties_parser.add_argument(
         "--trim",
         choices=["global", "tensor"],
@@ -450,9 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     dare_parser.add_argument("models", nargs="+", metavar="MODEL", help=_FINETUNED)
     dare_parser.add_argument("--base", required=True, help="the model they were tuned from")
     dare_parser.add_argument(
-        "--density", type=float, default=0.1, help="probability of keeping an entry (default: 0.1)"
+        "--density",
+        type=_checked_float(check_dare_density),
+        default=0.1,
+        help="probability of keeping an entry, in [2**-24, 1] (default: 0.1)",
     )
-    dare_parser.add_argument("--scale", type=float, default=1.0, help="λ (default: 1.0)")
+    dare_parser.add_argument("--scale", type=_SCALE, default=1.0, help="λ (default: 1.0)")
     dare_parser.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
     dare_parser.add_argument(
         "--combine", choices=["sum", "ties"], default="sum", help="how to combine (default: sum)"
