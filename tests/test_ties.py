@@ -572,10 +572,14 @@ def test_cli_ties_writes_the_merge(tmp_path, capsys):
 
 
 def test_cli_ties_rejects_a_bad_density_with_one_line(tmp_path, capsys):
+    # A usage error (status 2) found by the parser, before any merging.
     base_path, path = save_all(family(2), tmp_path)
     argv = ["ties", "--base", str(base_path), str(path), "--density", "2", "-o", "x"]
-    assert main([*argv, "--device", "cpu"]) == 1
-    assert "density" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --density: expected a number in (0, 1], found 2.0" in err
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
