@@ -153,10 +153,15 @@ def test_worked_example_trims_elects_and_takes_the_disjoint_mean():
         assert merged["w"].tolist() == [0.0, 0.0, 2.5, 2.5]
 
 
-def test_entries_tied_with_the_threshold_are_all_kept():
-    base = {"w": torch.zeros(4)}
+@pytest.mark.parametrize("trim", ["global", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_entries_tied_with_the_threshold_are_all_kept(dtype, trim):
+    # float64 trims through its own path (the number below the threshold in float64).
+    base = {"w": torch.zeros(4, dtype=dtype)}
+    model = {"w": torch.tensor([1.0, -1.0, 1.0, 0.5], dtype=dtype)}
     # d = 4, density 0.5: the 2nd smallest magnitude is 1.0, and all three 1.0s are kept.
-    merged = ladle.ties([{"w": torch.tensor([1.0, -1.0, 1.0, 0.5])}], base, density=0.5)
+    merged = ladle.ties([model], base, density=0.5, trim=trim, device="cpu")
+    assert merged["w"].dtype == dtype
     assert merged["w"].tolist() == [1.0, -1.0, 1.0, 0.0]
 
 
@@ -412,6 +417,48 @@ def test_mixed_float32_and_float64_tensors_rank_together_exactly():
     models = [{k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in base.items()}]
     for density in (0.1, 0.37, 0.8):
         check_thresholds(models, base, density, "global", chunk_bytes=16)
+
+
+@pytest.mark.parametrize("selection", sorted(SELECTIONS))
+def test_a_key_a_model_stores_in_float64_and_the_base_in_float32_ranks_in_float64(selection):
+    # τ of key "a" is float64 (the model's dtype), though the base stores it in float32: the
+    # radix select must read its magnitudes as 64-bit patterns, not the base's 32.
+    gen = torch.Generator().manual_seed(3)
+    base = {"a": torch.randn(50, generator=gen), "b": torch.randn(40, generator=gen)}
+    models = [
+        {
+            "a": base["a"].double() + torch.randn(50, generator=gen, dtype=torch.float64),
+            "b": base["b"] + torch.randn(40, generator=gen),
+        }
+    ]
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in SELECTIONS[selection].items():
+            patch.setattr(ties_module, name, value)
+        for density in (0.1, 0.37, 0.8):
+            check_thresholds(models, base, density, "global", chunk_bytes=16)
+            check_thresholds(models, base, density, "tensor", chunk_bytes=16)
+
+
+def test_a_threshold_on_the_last_pattern_of_the_samples_window_takes_one_pass(monkeypatch):
+    # Magnitudes a = 1 and b = 1 + 2⁻²⁰ (8 patterns apart), half each, shuffled. The rank
+    # 2130 of 4096 lies just past the a's: the threshold is b. The sample's window runs from
+    # a's pattern to b's, b's included: counted inside it, no radix passes are needed.
+    a, b = 1.0, 1.0 + 2.0**-20
+    gen = torch.Generator().manual_seed(4)
+    magnitude = torch.where(torch.randperm(4096, generator=gen) < 2048, a, b)
+    sign = torch.randint(0, 2, (4096,), generator=gen) * 2.0 - 1.0
+    base = {"w": torch.zeros(64, 64)}
+    models = [{"w": (magnitude * sign).reshape(64, 64)}]
+    monkeypatch.setattr(ties_module, "SAMPLE", 2**10)  # a quarter of the entries
+    calls = []
+    original = ties_module._radix_select
+    monkeypatch.setattr(
+        ties_module, "_radix_select", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    density = 0.48  # k = 4096 − ⌊4096·0.48⌋ = 2130 > 2048
+    assert magnitude_thresholds(models, base, density=density, device="cpu") == [{"w": b}]
+    assert calls == []  # found by the one-pass window select
+    check_thresholds(models, base, density, "global", chunk_bytes=2**12)
 
 
 # --- properties -----------------------------------------------------------------------------
@@ -700,7 +747,14 @@ def test_tensor_trim_selects_one_tensor_at_a_time(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("shape", "entries"), [((20, 3), 10**6), ((20, 3), 30), ((1000, 7), 700), ((5,), 100)]
+    ("shape", "entries"),
+    [
+        ((20, 3), 10**6),
+        ((20, 3), 30),
+        ((1000, 7), 700),
+        ((5,), 100),
+        ((1000, 7), 7000),  # every row, in 6 blocks of ⌈1000/6⌉ rows: each stops at the next
+    ],
 )
 def test_sample_blocks_never_read_a_row_twice_and_cover_small_tensors(shape, entries):
     blocks = ties_module._sample_blocks(shape, entries)
@@ -779,3 +833,34 @@ def test_window_counts_find_the_rank_inside_or_say_it_lies_outside(monkeypatch, 
     empty = ties_module._WindowCounts([(7, 3)])
     empty.add(0, 4, torch.tensor([], dtype=torch.int64))  # nothing inside: never in it
     assert empty.offset_of(0, 4) is None
+
+
+def test_majority_votes_are_the_signs_of_the_summed_elected_signs_zero_included():
+    # The vote pass of a merge split across processes, hand-worked (no trim): elected signs
+    # w: [+, −] (Σ 0), v: Σ = [3, 2] (+2), u: Σ = [−2, −2] (−2); over the model: 0.
+    from ladle import open_checkpoint
+    from ladle.methods.ties import majority_votes
+
+    base = open_checkpoint({k: torch.zeros(2) for k in ("w", "v", "u")})
+    taus = [
+        {"w": [1.0, -1.0], "v": [2.0, 3.0], "u": [-1.0, -2.0]},
+        {"w": [0.0, 0.0], "v": [1.0, -1.0], "u": [-1.0, 0.0]},
+    ]
+    models = [open_checkpoint({k: torch.tensor(v) for k, v in tau.items()}) for tau in taus]
+
+    def votes(per_tensor, reduce=None):
+        return majority_votes(
+            models,
+            base,
+            lambda key, rows, index, tau, scratch: tau,
+            keys=["w", "v", "u"],
+            per_tensor=per_tensor,
+            device=torch.device("cpu"),
+            chunk_bytes=2**20,
+            reduce=reduce,
+        )
+
+    assert votes(per_tensor=True) == {"w": 0.0, "v": 1.0, "u": -1.0}
+    assert votes(per_tensor=False) == {"w": 0.0, "v": 0.0, "u": 0.0}
+    # Another process's vote of +1, summed in: the model's majority is +.
+    assert votes(per_tensor=False, reduce=lambda t: t.add_(1)) == dict.fromkeys("wvu", 1.0)
