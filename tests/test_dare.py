@@ -123,6 +123,29 @@ def test_ties_combine_elects_on_the_task_vectors_before_the_rescale():
     assert torch.equal(merged, expected)
 
 
+def test_ties_combine_breaks_sign_ties_by_the_majority_of_the_whole_model():
+    # Σ: a = [0, 3, 4, 0], b = [−3, 0, 0]; elected over a: [0, +, +, 0] (vote +2), over b:
+    # [−, 0, 0] (vote −1); over the whole model +1, which decides b's ties too (b's own vote
+    # would make them −1).
+    base = {"a": torch.zeros(4), "b": torch.zeros(3)}
+    one = {"a": torch.tensor([1.0, 2.0, 3.0, -1.0]), "b": torch.tensor([-2.0, 1.0, -1.0])}
+    two = {"a": torch.tensor([-1.0, 1.0, 1.0, 1.0]), "b": torch.tensor([-1.0, -1.0, 1.0])}
+    merged = ladle.dare([one, two], base, density=1.0, combine="ties", device="cpu")
+    assert merged["a"].tolist() == [1.0, 1.5, 2.0, 1.0]
+    assert merged["b"].tolist() == [-1.5, 1.0, 1.0]
+
+
+def test_a_density_just_below_one_still_drops_entries():
+    base = {"w": torch.full((4000,), 2.0)}
+    model = {"w": torch.full((4000,), 3.0)}  # τ = 1 everywhere
+    merged = ladle.dare([model], base, density=0.99, seed=5, device="cpu")["w"]
+    keep = naive_mask(5, 0, "w", 4000, 0.99)
+    assert 0 < int((~keep).sum()) < 100  # about 40 dropped
+    assert torch.equal(merged[~keep], torch.full((int((~keep).sum()),), 2.0))
+    kept = torch.ones(1).mul_(1 / 0.99).add_(2.0)  # base + τ/density, in float32
+    assert torch.equal(merged[keep], kept.expand(int(keep.sum())))
+
+
 # --- the mask ----------------------------------------------------------------------------------
 
 
@@ -179,6 +202,21 @@ def test_consecutive_parts_draw_each_block_once_with_a_kept_block(monkeypatch, s
     # A kept block is used again only for its own key: another key draws its own numbers.
     other = uniform_numbers(1, 2, "v", numel=numel, start=step, count=5, kept=kept)
     assert torch.equal(other, uniform_numbers(1, 2, "v", numel=numel, start=step, count=5))
+
+
+def test_a_block_draws_only_the_numbers_of_its_own_entries(monkeypatch):
+    # L = min(BLOCK, numel − b·BLOCK) numbers per block (the module docs): a small tensor, or
+    # the last block of a large one, draws its own entries' numbers, not a block's 2**20.
+    sizes = []
+    rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda size, **kw: sizes.append(size) or rand(size, **kw))
+    small = uniform_numbers(0, 0, "w", numel=10, start=2, count=3)
+    last = uniform_numbers(0, 0, "w", numel=BLOCK + 10, start=BLOCK + 4, count=6)
+    assert sizes == [10, 10]
+    monkeypatch.undo()
+    assert torch.equal(small, uniform_numbers(0, 0, "w", numel=10, start=0, count=10)[2:5])
+    whole = uniform_numbers(0, 0, "w", numel=BLOCK + 10, start=BLOCK, count=10)
+    assert torch.equal(last, whole[4:])
 
 
 def test_masks_differ_between_seeds_models_and_keys():
