@@ -121,6 +121,24 @@ def test_ratio_at_or_past_the_pole_is_minus_one_never_nan_or_an_exception(cosine
         assert stock_ratio(cosine, 3, key="k") == -1.0
 
 
+def test_mean_cosine_clamps_each_pair_before_the_mean():
+    # Gram matrices with |Gᵢⱼ| > √(Gᵢᵢ·Gⱼⱼ), which rounding of real task vectors' sums can
+    # give: each pair's cosine is clamped to [−1, 1], then averaged.
+    assert stock.mean_cosine([[1.0, 2.0], [2.0, 1.0]]) == 1.0
+    assert stock.mean_cosine([[1.0, -2.0], [-2.0, 1.0]]) == -1.0
+    # pairs (0, 1): 3 clamped to 1; (0, 2) and (1, 2): 0; the mean of [1, 0, 0].
+    assert stock.mean_cosine([[1.0, 3.0, 0.0], [3.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) == 1 / 3
+
+
+def test_a_ratio_of_exactly_t_min_is_kept_without_a_warning():
+    # Clamped (with a warning) only below T_MIN: this cosine gives t = −1.0 exactly.
+    cosine, n = -0.200000002, 3
+    assert n * cosine / ((n - 1) * cosine + 1 + stock.EPS) == stock.T_MIN
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert stock_ratio(cosine, n, key="k") == stock.T_MIN
+
+
 @given(st.floats(-1.0, 1.0), st.integers(2, 8))
 def test_ratio_is_the_released_formula_within_minus_one_and_one(cosine, n):
     released = n * cosine / ((n - 1) * cosine + 1 + 1e-8) if (n - 1) * cosine + 1 > 0 else None
@@ -307,3 +325,26 @@ def test_task_vectors_whose_products_overflow_float32_are_merged_in_float64():
         warnings.simplefilter("error")  # no "near the pole" warning: cos θ = 1, t = 1
         merged = ladle.model_stock([model, model], base, device="cpu")
     torch.testing.assert_close(merged["w"], model["w"], rtol=1e-6, atol=0)
+
+
+def test_gram_sums_blocks_and_the_tail_in_float64(monkeypatch):
+    # Blocks of 8 columns: block 0 gives 1, block 1 gives 4096² = 2²⁴, the tail gives 1. Each
+    # product is exact in float32; their sum 2²⁴ + 2 only in float64 (float32 sums of 2²⁴ and
+    # 1 round to 2²⁴), and only if no float32 product spans block 1 and the tail.
+    monkeypatch.setattr(stock, "GRAM_BLOCK", 8)
+    row = torch.zeros(21)
+    row[0], row[8], row[16] = 1.0, 4096.0, 1.0
+    gram = stock._gram(torch.stack([row, row]))
+    assert gram.dtype == torch.float64
+    assert gram.tolist() == [[2.0**24 + 2] * 2] * 2
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_a_reduced_float32_matmul_precision_has_the_gram_pass_compute_in_float64(precision):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)  # TF32 or bfloat16 products allowed
+    try:
+        assert not stock._exact_float32_matmul(torch.device("cpu"))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert not stock._exact_float32_matmul(torch.device("cuda"))
