@@ -231,3 +231,14 @@ def test_huge_finite_weights_are_normalised_like_small_ones():
     assert torch.equal(huge["w"], ladle.uniform_soup(models, device="cpu")["w"])
     with pytest.raises(ValueError, match="weights: expected finite weights with a non-zero sum"):
         ladle.uniform_soup(models, weights=[1e308, -1e308], device="cpu")
+
+
+def test_huge_negative_weights_are_scaled_down_by_their_largest_magnitude():
+    # Σ overflows: divided first by the largest |w| (1e308), not the largest w (1.0, which
+    # would overflow again): [−1, −1, 1e-308], sum −2.
+    from ladle.methods.soup import normalized_weights
+
+    assert normalized_weights([-1e308, -1e308, 1.0], 3) == [0.5, 0.5, -5e-309]
+    models = [{"w": torch.tensor([2.0])}, {"w": torch.tensor([4.0])}, {"w": torch.tensor([8.0])}]
+    merged = ladle.uniform_soup(models, weights=[-1e308, -1e308, 1.0], device="cpu")
+    assert merged["w"].tolist() == [3.0]
