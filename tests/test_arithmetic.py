@@ -122,6 +122,10 @@ def test_lerp_keeps_infinities_and_is_exact_at_the_ends():
         merged = ladle.lerp(a, b, t)
         assert merged["mask"].tolist() == mask, t
     assert ladle.lerp(a, b, 0.5)["w"].tolist() == [0.0, 3.0, 5.0]  # y − x would overflow
+    # Off the middle, (1 − t)·x + t·y weighs x by 1 − t: 0.75·(−3e38) + 0.25·3e38.
+    x, y = a["w"][:1], b["w"][:1]
+    assert torch.equal(ladle.lerp(a, b, 0.25)["w"][:1], 0.75 * x + 0.25 * y)
+    assert ladle.lerp(a, b, 0.25)["w"][0].item() == pytest.approx(-1.5e38, rel=1e-6)
     assert torch.equal(ladle.lerp(a, b, 0.0)["w"], a["w"])
     assert torch.equal(ladle.lerp(a, b, 1.0)["w"], b["w"])
     # Finite entries are torch.lerp's own, bit for bit.
@@ -226,3 +230,18 @@ def test_results_in_a_dtype_that_cannot_hold_them_are_refused_as_in_every_method
     packed = {"w": torch.tensor([1, 2], dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}
     with pytest.raises(ValueError, match=r"packs several values per element: unpack it"):
         ladle.add(packed, packed)  # was a NotImplementedError from torch's copy kernel
+
+
+def test_a_wider_argument_after_the_first_makes_the_computation_wider():
+    # Computed in float64 (complex128) when any argument is, though returned in the first's
+    # dtype: 1 − (1 + 2⁻⁴⁰) is −2⁻⁴⁰, exact in float32; in float32 1 + 2⁻⁴⁰ would be 1.
+    one = torch.tensor([1.0])
+    wide = torch.tensor([1.0 + 2.0**-40], dtype=torch.float64)
+    assert ladle.sub({"w": one}, {"w": wide})["w"].tolist() == [-(2.0**-40)]
+    assert ladle.sub({"w": one}, {"w": wide})["w"].dtype == torch.float32
+    assert ladle.add({"w": one}, {"w": wide}, alpha=-1.0)["w"].tolist() == [-(2.0**-40)]
+    assert ladle.weighted_sum([{"w": one}, {"w": wide}], [1, -1])["w"].tolist() == [-(2.0**-40)]
+    complex_one = {"c": one.to(torch.complex64)}
+    complex_wide = {"c": wide.to(torch.complex128)}
+    found = ladle.sub(complex_one, complex_wide)["c"]
+    assert found.dtype == torch.complex64 and found.tolist() == [complex(-(2.0**-40), 0.0)]
