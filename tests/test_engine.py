@@ -771,6 +771,8 @@ def test_integer_tensors_are_copied_a_chunk_of_rows_at_a_time_without_a_second_c
     ("shape", "chunk_bytes", "view"),
     [
         ((8, 4), 64, (8, 4)),  # a row of 16 bytes fits: the tensor's own rows
+        ((4, 16), 64, (4, 16)),  # a row of exactly 64 bytes fits too
+        ((10, 3), 32, (10, 3)),  # rows of 12 bytes: 2 a chunk (24 bytes), never 3 (36)
         ((1, 100), 64, (100,)),  # one row of 400 bytes: read as entries
         ((3, 5, 4), 32, (15, 4)),  # rows of 80 bytes: fused experts read as (E·H, I)
         ((3, 5, 40), 32, (600,)),  # not even I fits
@@ -786,6 +788,24 @@ def test_chunk_shape_merges_leading_dimensions_until_a_row_fits(shape, chunk_byt
         width = 4 * math.prod(view[1:])
         sizes = [len(range(*r.indices(view[0]))) * width for r in rows]
         assert sum(sizes) == 4 * math.prod(shape) and max(sizes) <= max(chunk_bytes, width)
+
+
+def test_row_chunks_are_the_whole_tensor_or_end_at_its_last_row():
+    assert row_chunks((5, 4), 32) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert row_chunks((4, 4), 32) == [slice(0, 2), slice(2, 4)]
+    assert row_chunks((2, 4), 32) == [slice(None)]  # exactly one chunk: the whole tensor
+    assert row_chunks((1, 100), 64) == [slice(i, min(i + 16, 100)) for i in range(0, 100, 16)]
+
+
+def test_a_float64_input_after_the_first_makes_the_merge_compute_in_float64():
+    # The mean of 1 and b = 1 + 2⁻²³ + 2⁻³⁰ in float64 is 1 + 2⁻²⁴ + 2⁻³¹, which rounds to
+    # float32's 1 + 2⁻²³; with b read as float32 (1 + 2⁻²³) it is 1 + 2⁻²⁴, a tie: 1.0.
+    a = {"w": torch.tensor([1.0])}
+    b = {"w": torch.tensor([1.0 + 2.0**-23 + 2.0**-30], dtype=torch.float64)}
+    assert ladle.uniform_soup([a, b], device="cpu")["w"].tolist() == [1.0 + 2.0**-23]
+    base = {"w": torch.tensor([0.0])}
+    merged = ladle.task_arithmetic([a, b], base, scale=0.5, device="cpu")
+    assert merged["w"].tolist() == [1.0 + 2.0**-23]
 
 
 def family_with_long_rows(seed: int) -> list[dict[str, torch.Tensor]]:
