@@ -433,6 +433,25 @@ def test_overflow_in_a_row_longer_than_a_chunk_names_flat_entries_and_a_nonfinit
         ladle.task_arithmetic([model], base, device="cpu", chunk_bytes=64, dtype=torch.float16)
 
 
+def test_overflow_in_a_row_longer_than_a_chunk_read_from_files_names_flat_entries(tmp_path):
+    # Every input is read again, as the chunk was (16 entries of the merged view), to find
+    # which holds a NaN or Inf: a safetensors file reads exactly that view's rows.
+    base = {"w": torch.zeros(1, 64, dtype=torch.float16)}
+    model = {"w": torch.ones(1, 64, dtype=torch.float16)}
+    model["w"][0, 41] = 4e4
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(model, tmp_path / "m.safetensors")
+    message = r"1 of the 16 merged values of key 'w' in \(flat\) entries 32–47 overflow"
+    with pytest.raises(ladle.NonFiniteError, match=message):
+        ladle.task_arithmetic(
+            [tmp_path / "m.safetensors"],
+            tmp_path / "base.safetensors",
+            scale=2.0,
+            device="cpu",
+            chunk_bytes=64,
+        )
+
+
 def test_overflow_in_the_cast_to_a_narrower_output_dtype_is_an_error():
     # Finite in float32, beyond bfloat16's largest finite value (3.3895e38) once rounded.
     big = {"w": torch.tensor([3.3999e38, 1.0])}
