@@ -46,6 +46,14 @@ def test_shards_respect_max_size_unless_one_tensor_is_larger(tmp_path):
             assert sum(f.get_tensor(k).nbytes for k in f.keys()) <= 100
 
 
+def test_tensors_that_fill_a_shard_exactly_share_it(tmp_path):
+    model = {"a": torch.zeros(5), "b": torch.ones(5)}  # 20 bytes each
+    out = ladle.save(model, tmp_path / "fits", max_shard_size=40)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    out = ladle.save(model, tmp_path / "over", max_shard_size=39)
+    assert len(list(out.glob("*.safetensors"))) == 2
+
+
 def test_chunked_writes_equal_whole_writes(tmp_path):
     tensor = torch.arange(20.0).reshape(5, 4)
     with SafetensorsWriter(tmp_path / "a.safetensors", {"w": ((5, 4), torch.float32)}) as w:
@@ -680,6 +688,12 @@ def test_writes_past_a_tensor_or_the_last_tensor_are_refused_saying_how_much(tmp
     ):
         writer.write("w", torch.ones(3, 3))
         writer.write("w", torch.ones(2, 3))
+    one_more = r"more bytes for 'v' than its shape \(2,\): 0 of its 8 bytes written, then 12"
+    with (
+        pytest.raises(ladle.LadleError, match=one_more),
+        SafetensorsWriter(tmp_path / "o.safetensors", {"v": ((2,), torch.float32)}) as writer,
+    ):
+        writer.write("v", torch.ones(3))  # one entry past the tensor
     with (
         pytest.raises(ladle.LadleError, match=r"got 'x' after the last planned tensor"),
         SafetensorsWriter(tmp_path / "o.safetensors", specs) as writer,
