@@ -512,6 +512,10 @@ def test_get_rows_of_a_subclass_answering_list_shapes_reads_only_the_rows_holdin
     assert torch.equal(checkpoint.get_rows("t", slice(8, 12), (32, 16)), tensor.view(32, 16)[8:12])
     assert torch.equal(checkpoint.get_rows("t", slice(2, 5), [4, 8, 16]), tensor[2:5])
     assert checkpoint.asked == [slice(1, 2), slice(2, 5)]
+    # rows ending with a stored row: that row is the last read, not the next one too
+    assert torch.equal(checkpoint.get_rows("t", slice(8, 16), (32, 16)), tensor.view(32, 16)[8:16])
+    assert torch.equal(checkpoint.get_rows("t", slice(4, 16), (32, 16)), tensor.view(32, 16)[4:16])
+    assert checkpoint.asked[2:] == [slice(1, 2), slice(0, 2)]
 
 
 def test_an_index_listing_a_key_its_shard_lacks_is_refused_on_opening(tmp_path):
@@ -703,6 +707,18 @@ def test_a_file_cut_short_after_opening_fails_every_read_instead_of_giving_zeros
         with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors: tensor 'w' ends early"):
             read()
     assert checkpoint.get_slice("w", slice(0, 2)).tolist() == [[0.0, 1.0], [2.0, 3.0]]
+
+
+def test_a_file_cut_by_one_byte_after_opening_fails_a_read_of_its_last_row(tmp_path):
+    # The page past the end still maps (zeros): one byte short is as short as a row.
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(12.0).reshape(6, 2)}, path)
+    checkpoint = ladle.open_checkpoint(path)
+    assert checkpoint.get_rows("w", slice(5, 6)).tolist() == [[10.0, 11.0]]
+    os.truncate(path, path.stat().st_size - 1)
+    with pytest.raises(ladle.CheckpointError, match=r"tensor 'w' ends early; expected 8 bytes"):
+        checkpoint.get_rows("w", slice(5, 6))
+    assert checkpoint.get_rows("w", slice(4, 5)).tolist() == [[8.0, 9.0]]
 
 
 def test_a_file_replaced_after_opening_is_refused_by_get(tmp_path):
