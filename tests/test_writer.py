@@ -1168,3 +1168,30 @@ def test_a_directory_filled_while_merging_is_not_replaced(tmp_path, monkeypatch)
     with pytest.raises(ladle.LadleError, match="appeared while merging"):
         writer.rename_into_place(tmp_path / "temp", tmp_path / "out", overwrite=False)
     assert (tmp_path / "out" / "theirs").read_text() == "theirs"
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [torch.arange(8.0)[::4][:1], torch.arange(8)[::4][:1], torch.arange(6.0).reshape(1, 6)[:, 2]],
+    ids=["float one of every four", "int64 one of every four", "column of a one-row matrix"],
+)
+def test_a_one_element_view_whose_stride_is_not_1_is_saved(tmp_path, tensor):
+    """torch calls such a view contiguous; its bytes are still written (was a RuntimeError:
+    'self.stride(-1) must be 1 to view ... as Byte')."""
+    from safetensors.torch import load_file
+
+    assert tensor.numel() == 1 and tensor.stride(0) != 1 and tensor.is_contiguous()
+    out = ladle.save({"w": tensor}, tmp_path / "o.safetensors")
+    loaded = load_file(out)["w"]
+    assert loaded.dtype == tensor.dtype and loaded.shape == tensor.shape
+    assert loaded.tolist() == tensor.tolist()
+
+
+def test_a_merge_copying_a_transposed_integer_buffer_in_one_element_chunks_writes_it(tmp_path):
+    """Non-floating tensors are copied in chunks of ``chunk_bytes``; one element of a
+    transposed buffer is a one-element view with stride 4, which the writer refused."""
+    buffer = torch.arange(16).reshape(4, 4).t()
+    models = [{"w": torch.ones(2), "buf": buffer}, {"w": torch.zeros(2), "buf": buffer.t()}]
+    out = ladle.uniform_soup(models, out=tmp_path / "o.safetensors", chunk_bytes=8, device="cpu")
+    loaded = ladle.load(out)
+    assert torch.equal(loaded["buf"], buffer) and loaded["w"].tolist() == [0.5, 0.5]

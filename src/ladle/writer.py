@@ -253,7 +253,14 @@ def _header(
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of ``tensor`` in row-major order.
+
+    torch calls a tensor of one element contiguous whatever its strides (``w[::4][:1]``, a
+    column of a one-row matrix), and ``view(torch.uint8)`` refuses such a tensor whose
+    stride is not 1: it is copied first."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:
+        flat = flat.clone(memory_format=torch.contiguous_format)
     return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
