@@ -808,6 +808,12 @@ def test_a_float64_input_after_the_first_makes_the_merge_compute_in_float64():
     assert merged["w"].tolist() == [1.0 + 2.0**-23]
 
 
+def test_row_chunks_of_a_tensor_without_entries_is_the_whole_tensor():
+    assert row_chunks((5, 0), 4) == [slice(None)]
+    assert row_chunks((2, 0, 3), 1) == [slice(None)]
+    assert row_chunks((0,), 1) == [slice(None)]
+
+
 def family_with_long_rows(seed: int) -> list[dict[str, torch.Tensor]]:
     """A base and three fine-tunes whose tensors have rows longer than 64 bytes."""
     gen = torch.Generator().manual_seed(seed)
@@ -834,6 +840,29 @@ MERGES = {
     "dare ties": lambda ms, b, **k: ladle.dare(ms, b, density=0.5, combine="ties", **k),
     "model_stock": lambda ms, b, **k: ladle.model_stock(ms, b, **k),
 }
+
+
+@pytest.mark.parametrize(
+    "method", ["soup", "ties global", "ties tensor", "dare ties", "model_stock"]
+)
+def test_empty_tensors_of_more_rows_than_a_chunk_merge_in_memory(method):
+    """A (5, 0) tensor (and an integer (4, 0) one, copied) with chunk_bytes below its row
+    count was cut into chunks of rows, which the in-memory result could not place: torch's
+    "cannot reshape tensor of 0 elements into shape [-1, 0]"."""
+    merge = MERGES[method]
+    members = [
+        {
+            "e": torch.zeros(5, 0),
+            "ids": torch.zeros(4, 0, dtype=torch.int64),
+            "w": torch.tensor([1.0, -2.0]) * i,
+        }
+        for i in range(3)
+    ]
+    merged = merge(members[1:], members[0], chunk_bytes=4, device="cpu")
+    assert merged["e"].shape == (5, 0) and merged["e"].dtype == torch.float32
+    assert merged["ids"].shape == (4, 0) and merged["ids"].dtype == torch.int64
+    expected = merge(members[1:], members[0], device="cpu")["w"]
+    assert torch.equal(merged["w"], expected)
 
 
 @pytest.mark.parametrize("method", list(MERGES))

@@ -417,9 +417,11 @@ def chunk_shape(shape: tuple[int, ...], chunk_bytes: int) -> tuple[int, ...]:
 
 def row_chunks(shape: tuple[int, ...], chunk_bytes: int) -> list[slice]:
     """Slices along dimension 0 of :func:`chunk_shape` ``(shape, chunk_bytes)`` whose float32
-    size is at most ``chunk_bytes`` (at least one row)."""
+    size is at most ``chunk_bytes`` (at least one row); one, the whole tensor, for a tensor
+    without entries (a ``(5, 0)`` tensor cut into rows gave chunks that a row view of the
+    result, ``view(-1, 0)``, could not place)."""
     shape = chunk_shape(shape, chunk_bytes)
-    if len(shape) == 0:
+    if len(shape) == 0 or math.prod(shape) == 0:
         return [slice(None)]
     row_bytes = 4 * math.prod(shape[1:])
     rows = max(1, chunk_bytes // max(row_bytes, 1))
