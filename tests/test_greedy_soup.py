@@ -323,6 +323,13 @@ def test_cli_greedy_soup_imports_evaluate_and_writes_the_soup(tmp_path, evaluate
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == str(out)
     assert "selected 2 of 3 models (0, 1)" in lines[-2]  # the 3-soup scores 0.5 < 1.5
+    # Each row scores the soup with that model added, the first the best model alone.
+    assert lines[0].split() == ["model", "soup", "score", "kept", "source"]
+    assert [line.split()[:3] for line in lines[1:4]] == [
+        ["0", "1", "yes"],
+        ["1", "1.5", "yes"],
+        ["2", "0.5", "no"],
+    ]
     expected = ladle.uniform_soup([evaluate_module[0], evaluate_module[1]])
     assert torch.equal(ladle.load(out)["w"], expected["w"])
 

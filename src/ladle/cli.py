@@ -204,7 +204,8 @@ def _run_greedy_soup(args: argparse.Namespace) -> None:
         args.models, args.evaluate, scores=args.scores, strict=args.strict, **merge_kwargs(args)
     )
     width = max(len(str(len(args.models) - 1)), len("model"))
-    print(f"{'model':<{width}}  {'score':>10}  kept  source")
+    # Each row scores the soup with that model added (the first: the best model alone).
+    print(f"{'model':<{width}}  {'soup score':>10}  kept  source")
     for step in result.history:
         kept = "yes" if step.accepted else "no"
         score = _number(step.score)
