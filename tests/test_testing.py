@@ -546,3 +546,87 @@ def test_model_families_with_a_count_strategy_drawing_below_one_is_a_value_error
 
     with pytest.raises(ValueError, match=r"n: expected at least 1 fine-tune, drew 0"):
         check()
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def test_keys_whose_dtypes_differ_are_compared_with_the_looser_tolerance_and_reported():
+    # float16 1.0005 is 1.00048828125: within float16's rtol 1e-3 of 1.0, not float32's
+    # 1.3e-6. Only the dtype is wrong, and it is all the message says.
+    text = message_of(
+        {"w": torch.tensor([1.0005], dtype=torch.float16)}, {"w": torch.tensor([1.0])}
+    )
+    assert text == "state dicts are not close:\n  'w': dtype torch.float16, expected torch.float32"
+    # A key whose dtype differs still has its values compared: both problems are listed.
+    text = message_of({"w": torch.tensor([2.0], dtype=torch.float16)}, {"w": torch.tensor([1.0])})
+    assert text.splitlines()[1:] == [
+        "  'w': dtype torch.float16, expected torch.float32",
+        "  values differ in 1 key, worst first:",
+        "  'w': 1 of 1 elements differ; max abs error 1, max rel error 1 (rtol=0.001, "
+        "atol=1e-05); worst at index (0,): actual 2, expected 1",
+    ]
+
+
+def test_exactly_five_differing_or_missing_keys_are_all_shown_with_no_more_line():
+    expected = {f"k{i}": torch.tensor([1.0]) for i in range(5)}
+    actual = {f"k{i}": torch.tensor([2.0 + i]) for i in range(5)}
+    lines = message_of(actual, expected).splitlines()
+    assert lines[1] == "  values differ in 5 keys, worst first:"
+    assert [line[:6] for line in lines[2:]] == ["  'k4'", "  'k3'", "  'k2'", "  'k1'", "  'k0'"]
+    text = message_of({}, expected)
+    assert text.splitlines()[1] == (
+        "  missing keys (in expected, not in actual): 5 ('k0', 'k1', 'k2', 'k3', 'k4')"
+    )
+
+
+def test_equal_nan_matches_a_nan_only_with_a_nan_at_the_same_place():
+    nan = math.nan
+    for actual, expected in [([nan, 1.0], [1.0, 1.0]), ([1.0, 1.0], [1.0, nan])]:
+        text = message_of(
+            {"w": torch.tensor(actual)}, {"w": torch.tensor(expected)}, equal_nan=True
+        )
+        assert "'w': 1 of 2 elements differ (1 NaN)" in text
+    text = message_of(
+        {"w": torch.tensor([nan, 1.0])}, {"w": torch.tensor([1.0, nan])}, equal_nan=True
+    )
+    assert "'w': 2 of 2 elements differ (2 NaN)" in text
+
+
+def test_a_nan_is_the_worst_element_and_ranks_its_key_first():
+    # A NaN is infinitely far off: it is the worst element shown, and a key with only a NaN
+    # ranks before a key that is off by a finite amount.
+    text = message_of(
+        {"a": torch.tensor([1.0, 100.0]), "b": torch.tensor([1.0, 2.5, math.nan])},
+        {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([1.0, 2.0, 1.0])},
+    )
+    lines = text.splitlines()
+    assert lines[2] == (
+        "  'b': 2 of 3 elements differ (1 NaN); max abs error 0.5, max rel error 0.25 "
+        "(rtol=1.3e-06, atol=1e-05); worst at index (2,): actual nan, expected 1"
+    )
+    assert lines[3].startswith("  'a': 1 of 2 elements differ")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bound"),
+    [(torch.float32, 0.5), (torch.float16, 65504.0), (torch.bfloat16, 0.25), (torch.float64, 2.0)],
+)
+def test_a_bound_the_dtype_holds_exactly_is_kept_and_can_be_drawn(dtype, bound):
+    # Rounded down only when the dtype cannot hold it: a bound it holds stays as it is.
+    from hypothesis import find, settings
+
+    strategy = state_dicts(shapes={"w": (3,)}, dtypes=[dtype], bound=bound, buffers=False)
+    found = find(
+        strategy,
+        lambda sd: float(sd["w"].abs().max()) == bound,
+        settings=settings(database=None, max_examples=1000),
+    )
+    assert float(found["w"].abs().max()) == bound
+
+
+@given(model_families(n=st.integers(1, 3)))
+def test_every_family_member_has_a_0d_int64_buffer(family):
+    base, models = family
+    for state in [base, *models]:
+        assert state[BUFFER_KEY].dtype == torch.int64 and state[BUFFER_KEY].dim() == 0
