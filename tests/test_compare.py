@@ -140,3 +140,34 @@ def test_cosine_stays_within_minus_one_and_one_so_acos_takes_it():
         for row in [*report.tensors, report.total]:
             assert -1.0 <= row.cosine <= 1.0, row
             math.acos(row.cosine)
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def test_a_cosine_that_rounds_above_one_is_clamped_to_exactly_one():
+    # b is a rounded to float32 after scaling by 2.69: ⟨a,b⟩ / √(‖a‖²·‖b‖²) rounds to
+    # 1.0000000000000002 in float64, which math.acos refuses.
+    a = torch.tensor([-0.014956028200685978, -0.14325273036956787])
+    b = torch.tensor([-0.04023582860827446, -0.3853892385959625])
+    assert ladle.diff({"w": a}, {"w": b}).tensors[0].cosine == 1.0
+    assert ladle.diff({"w": a}, {"w": -b}).tensors[0].cosine == -1.0
+
+
+def test_a_zero_task_vector_against_a_nonzero_one_has_nan_cosine_and_true_norms():
+    report = ladle.diff(A, B, base=A)  # a − base = 0; b − base = [[-3, 4]] for w
+    w = report.tensors[0]
+    assert (w.key, w.norm_a, w.norm_b, w.norm_diff) == ("w", 0.0, 5.0, 5.0)
+    assert math.isnan(w.cosine)
+    assert math.isnan(report.total.cosine)
+
+
+def test_cosine_of_float64_values_whose_squared_norms_overflow_or_underflow_in_product():
+    # ‖a‖²·‖b‖² is inf (1e200·2e200) or 0 (1e-170·2e-170) in float64 though each is finite
+    # and positive: the cosine is still 1/√2 = 0.7071...
+    for scale in (1e100, 1e-85):
+        a = {"w": torch.tensor([scale, 0.0], dtype=torch.float64)}
+        b = {"w": torch.tensor([scale, scale], dtype=torch.float64)}
+        row = ladle.diff(a, b).tensors[0]
+        assert row.cosine == pytest.approx(1 / math.sqrt(2), rel=1e-15)
+        assert row.norm_b == pytest.approx(math.sqrt(2) * scale, rel=1e-15)
