@@ -381,7 +381,7 @@ def test_diff_json_writes_null_for_infinite_norms(tmp_path, capsys):
     assert row["norm_b"] is None and row["norm_a"] == pytest.approx(2**0.5)
 
 
-@pytest.mark.parametrize("seed", ["18446744073709551615", "-1", "x"])
+@pytest.mark.parametrize("seed", ["9223372036854775808", "18446744073709551615", "-1", "x"])
 def test_demo_seed_out_of_range_is_a_usage_error(capsys, seed):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--seed", seed])
@@ -544,3 +544,61 @@ def test_a_bad_density_or_scale_is_a_usage_error_before_any_merging(
     assert f"usage: ladle {args[0]}" in err
     assert f"ladle {args[0]}: error: {message}" in err
     assert not out.exists()
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def test_inspect_shows_sizes_at_the_unit_boundary_and_0d_tensors_as_scalar(tmp_path, capsys):
+    tensors = {
+        "s": torch.tensor(1.0),
+        "u": torch.zeros(1023, dtype=torch.uint8),
+        "w": torch.zeros(256),  # exactly 1024 bytes: 1.0 KiB, not 1024 B
+    }
+    save_file(tensors, tmp_path / "m.safetensors")
+    assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "s  float32   scalar           4 B",
+        "u  uint8     1023             1023 B",
+        "w  float32   256              1.0 KiB",
+        f"3 tensors, 1,280 parameters, 2.0 KiB ({tmp_path / 'm.safetensors'})",
+    ]
+
+
+def test_byte_counts_beyond_the_largest_unit_stay_in_tib():
+    from ladle.cli import _format_bytes
+
+    assert _format_bytes(1023) == "1023 B"
+    assert _format_bytes(1024) == "1.0 KiB"
+    assert _format_bytes(3 * 2**40) == "3.0 TiB"
+    assert _format_bytes(2**50) == "1024.0 TiB"
+
+
+def test_inspect_of_an_empty_checkpoint_says_0_tensors_and_sorts_its_metadata(tmp_path, capsys):
+    # safetensors returns the metadata in no fixed order: twelve entries are sorted by ladle.
+    names = list("qwertyuiopzx")
+    save_file({}, tmp_path / "e.safetensors", metadata={n: n.upper() for n in names})
+    assert main(["inspect", str(tmp_path / "e.safetensors")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"0 tensors, 0 parameters, 0 B ({tmp_path / 'e.safetensors'})",
+        *[f"metadata {n}: {n.upper()}" for n in sorted(names)],
+    ]
+
+
+def test_diff_table_columns_line_up_under_the_header_for_a_short_key(tmp_path, capsys):
+    save_file({"w": torch.tensor([1.0, 0.0])}, tmp_path / "a.safetensors")
+    save_file({"w": torch.tensor([0.0, 2.0])}, tmp_path / "b.safetensors")
+    assert main(["diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "key           |A|           |B|         |A-B|     cosine",
+        "w               1             2       2.23607          0",
+    ]
+
+
+def test_a_world_size_that_is_not_a_number_means_one_process(tmp_path, inputs, monkeypatch):
+    # Only torchrun's WORLD_SIZE (digits) splits a merge; anything else runs it here, so a
+    # single-file output is fine.
+    monkeypatch.setenv("WORLD_SIZE", "auto")
+    out = tmp_path / "o.safetensors"
+    assert main(["soup", *inputs, "-o", str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert out.is_file()

@@ -497,3 +497,37 @@ def test_greedy_soup_folds_a_large_tensor_a_chunk_of_rows_at_a_time(monkeypatch)
     assert 1 < len(found.selected) < 4  # candidates were both kept and refused
     assert found.selected == expected.selected and found.score == expected.score
     assert all(torch.equal(found.state_dict[k], v) for k, v in expected.state_dict.items())
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def test_cli_greedy_soup_table_lines_up_under_its_header(tmp_path, evaluate_module, capsys):
+    out = tmp_path / "o.safetensors"
+    argv = ["greedy-soup", *evaluate_module, "--evaluate", "soup_evals:score", "-o", str(out)]
+    assert main([*argv, "--device", "cpu"]) == 0
+    m0, m1, m2 = evaluate_module
+    assert capsys.readouterr().out.splitlines()[:4] == [
+        "model       score  kept  source",
+        f"0               1  yes   {m0}",
+        f"1             1.5  yes   {m1}",
+        f"2             0.5  no    {m2}",
+    ]
+
+
+@pytest.mark.filterwarnings("default")  # as a plain `ladle` process shows them
+def test_cli_errors_and_warnings_with_line_breaks_are_one_line(tmp_path, evaluate_module, capsys):
+    (tmp_path / "noisy_evals.py").write_text(
+        "import warnings\n"
+        "def warns(sd):\n    warnings.warn('first line\\n  second line')\n    return 1.0\n"
+        "def fails(sd):\n    raise ValueError('bad\\nscore')\n"
+    )
+    out = tmp_path / "o.safetensors"
+    argv = ["greedy-soup", *evaluate_module, "-o", str(out), "--device", "cpu"]
+    assert main([*argv, "--evaluate", "noisy_evals:warns"]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == "ladle: warning: first line second line"
+    assert main([*argv, "--evaluate", "noisy_evals:fails", "--overwrite"]) == 1
+    assert capsys.readouterr().err == (
+        "ladle: error: --evaluate noisy_evals:fails: raised ValueError: bad score\n"
+    )
