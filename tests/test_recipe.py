@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import ladle
 from ladle.cli import main
-from ladle.recipe import StepRef, load_recipe, run_recipe
+from ladle.recipe import StepRef, load_callable, load_recipe, run_recipe
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "recipes"
 
@@ -568,3 +568,104 @@ def test_an_hf_url_as_output_is_refused_naming_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"recipe\.output: hf://me/merged.*--push-to-hub"):
         ladle.load_recipe(recipe)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "r.toml"]
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def test_paths_of_a_recipe_loaded_by_a_relative_name_are_absolute(folder, monkeypatch):
+    write(folder, 'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "o.safetensors"\n')
+    monkeypatch.chdir(folder)
+    (step,) = load_recipe("recipe.toml").steps
+    assert step.models == (str(folder / "m0.safetensors"),)
+    assert step.output == folder / "o.safetensors"
+
+
+def test_an_output_under_the_home_folder_is_written_from_tilde(folder, monkeypatch):
+    home = folder / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    recipe = write(folder, 'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "~/o"\n')
+    assert load_recipe(recipe).steps[0].output == home / "o"
+
+
+def test_the_recipe_device_applies_to_every_step_and_the_device_argument_overrides_it(folder):
+    # A single-step recipe may set device too (it is no field of the step); with steps, at
+    # the top level beside them. "cuda:99" exists on no test machine: the override wins.
+    single = 'device = "cuda:99"\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "o"\n'
+    steps = (
+        'device = "cuda:99"\n'
+        '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "p"\n'
+    )
+    for text, name, out in [(single, "main", "o"), (steps, "a", "p")]:
+        recipe = write(folder, text)
+        assert load_recipe(recipe).device == "cuda:99"
+        assert run_recipe(recipe, device="cpu") == {name: folder / out}
+
+
+def test_a_greedy_soup_step_kept_in_memory_feeds_its_state_dict_to_a_later_step(folder):
+    (folder / "ev.py").write_text("def score(sd):\n    return float(sd['layer.weight'].sum())\n")
+    recipe = write(
+        folder,
+        '[steps.g]\nmethod = "greedy_soup"\n'
+        'models = ["m0.safetensors", "m1.safetensors", "m2.safetensors"]\n'
+        '[steps.g.parameters]\nevaluate = "ev.py:score"\n'
+        '[steps.final]\nmethod = "soup"\nmodels = ["g", "m0.safetensors"]\n'
+        'output = "o.safetensors"\n',
+    )
+    results = run_recipe(recipe, device="cpu")
+    paths = [folder / f"m{i}.safetensors" for i in range(3)]
+    score = load_callable("ev.py:score", folder=folder)
+    greedy = ladle.greedy_soup(paths, score, device="cpu").state_dict
+    assert set(results["g"]) == set(greedy)
+    assert all(torch.equal(results["g"][k], greedy[k]) for k in greedy)
+    expected = ladle.uniform_soup([greedy, paths[0]], device="cpu")
+    merged = ladle.load(folder / "o.safetensors")
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+def test_an_output_inside_an_input_folder_is_refused(folder):
+    ladle.save(family(1, seed=2)[0], folder / "d")
+    text = 'method = "soup"\nmodels = ["d", "m0.safetensors"]\noutput = "d/merged.safetensors"\n'
+    with pytest.raises(ValueError) as info:
+        load_recipe(write(folder, text))
+    assert str(info.value) == (
+        f"recipe.output: {folder / 'd' / 'merged.safetensors'} would overwrite "
+        f"{folder / 'd'}, an input of the recipe; a recipe never writes over its inputs"
+    )
+
+
+def test_an_output_over_the_steps_own_input_gets_no_hint_to_name_the_step(folder):
+    text = (
+        '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+        'output = "m1.safetensors"\n'
+    )
+    with pytest.raises(ValueError) as info:
+        load_recipe(write(folder, text))
+    assert str(info.value) == (
+        f"steps.a.output: {folder / 'm1.safetensors'} would overwrite "
+        f"{folder / 'm1.safetensors'}, an input of step 'a'; a recipe never writes over its "
+        "inputs"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (TIES + "[parameters]\ndensity = true\n", "recipe.parameters.density: expected a number"),
+        (
+            GREEDY + '[parameters]\nevaluate = "score"\n',
+            "recipe.parameters.evaluate: expected 'package.module:function' or "
+            "'file.py:function', found 'score'",
+        ),
+        (
+            '[steps.1st]\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "o"\n',
+            "steps.1st: step names are letters, digits, '_' and '-'",
+        ),
+        ("[steps]\na = 1\n", "steps.a: expected a table, found int"),
+    ],
+)
+def test_more_invalid_recipes_fail_up_front_naming_the_field(folder, text, message):
+    with pytest.raises(ValueError) as info:
+        load_recipe(write(folder, text))
+    assert str(info.value).startswith(message)
