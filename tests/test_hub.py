@@ -520,3 +520,111 @@ def test_push_to_hub_refuses_a_bad_repo_id_as_a_bad_argument(
     assert message in str(caught.value)
     if kind is ValueError:
         assert str(caught.value).startswith("push_to_hub: repo_id: malformed repository id ")
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("hf:///org/model", ("org/model", None, "")),
+        ("hf://org/model/unet//fp16/", ("org/model", None, "unet/fp16")),
+    ],
+)
+def test_parse_hf_url_drops_empty_path_parts(url, expected):
+    assert tuple(parse_hf_url(url)) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("hf://org/m/./x", "hf://org/m/./x: subfolder may not contain '.' or '..'"),
+        (
+            "hf://org@v1/model",
+            "hf://org@v1/model: malformed repository id; "
+            "expected hf://owner/repo[@revision][/subfolder]",
+        ),
+    ],
+)
+def test_parse_hf_url_refuses_a_dot_subfolder_and_a_revision_on_the_owner(url, message):
+    with pytest.raises(ladle.CheckpointError) as err:
+        parse_hf_url(url)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    ("value", "offline"),
+    [("1", True), (" yes ", True), ("On", True), ("TRUE", True), ("0", False), ("no", False)],
+)
+def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it_and_overrides_the_import(
+    monkeypatch, value, offline
+):
+    from huggingface_hub import constants
+
+    from ladle.hub import _offline
+
+    for at_import in (True, False):  # set (or not) when huggingface_hub was imported
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", at_import)
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert _offline() is offline
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        assert _offline() is at_import
+
+
+def test_hub_cache_variables_expand_home_and_variables_and_take_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("LADLE_TEST_ROOT", str(tmp_path / "var"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "unused"))  # the cache variables win
+    model = {"w": torch.arange(3.0)}
+    for name, value, cache in [
+        ("HF_HUB_CACHE", "~/cache", tmp_path / "user" / "cache"),
+        ("HUGGINGFACE_HUB_CACHE", "$LADLE_TEST_ROOT/cache", tmp_path / "var" / "cache"),
+    ]:
+        monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+        monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+        monkeypatch.setenv(name, value)
+        write_cached_repo(
+            cache, "org/m", COMMIT_A, {"model.safetensors": weights(model)}, refs={"main": COMMIT_A}
+        )
+        assert snapshot("hf://org/m") == (
+            cache / "models--org--m" / "snapshots" / COMMIT_A,
+            COMMIT_A,
+        )
+
+
+def test_no_weights_error_lists_the_first_five_files_found(hub_cache):
+    files = {f"{c}.json": b"{}" for c in "fedcba"}
+    write_cached_repo(hub_cache, "org/six", COMMIT_A, files, refs={"main": COMMIT_A})
+    with pytest.raises(ladle.CheckpointError) as err:
+        ladle.open_checkpoint("hf://org/six")
+    assert str(err.value).endswith("; found a.json, b.json, c.json, d.json, e.json")
+
+
+def test_an_unreadable_hub_weights_file_is_an_error_naming_the_source_and_commit(hub_cache):
+    write_cached_repo(
+        hub_cache,
+        "org/bad",
+        COMMIT_A,
+        {"model.safetensors": b"garbage!" * 4},
+        refs={"main": COMMIT_A},
+    )
+    with pytest.raises(ladle.CheckpointError) as err:
+        ladle.open_checkpoint("hf://org/bad")
+    assert str(err.value).startswith(f"hf://org/bad@{COMMIT_A}: ")
+    assert "model.safetensors: not a readable safetensors file" in str(err.value)
+
+
+def test_push_to_hub_of_a_file_is_refused_before_anything_is_sent(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def contacted(*args, **kwargs):
+        raise AssertionError("the Hub was contacted")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", contacted)
+    file = tmp_path / "merged.safetensors"
+    save_file({"w": torch.ones(1)}, file)
+    with pytest.raises(ValueError) as err:
+        push_to_hub(file, "org/model")
+    assert str(err.value) == f"push_to_hub: expected an output directory, found {file}"
