@@ -379,3 +379,156 @@ def test_inputs_in_the_home_folder_are_recorded_from_tilde_and_the_recipe_still_
     run_recipe(tmp_path / "recipe.toml", device="cpu")  # ~ is the home folder again
     again, merged = ladle.load(tmp_path / "again"), ladle.load(out)
     assert all(torch.equal(again[k], merged[k]) for k in merged)
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def test_model_card_of_a_merge_with_a_hub_base_in_full():
+    from ladle.modelcard import model_card
+
+    commit = "c" * 40
+    card = model_card(
+        "ties",
+        {"density": 0.5, "trim": "tensor", "eps": 1e-8},  # eps: no parameter of ties
+        [f"hf://org/ft@{commit}", "models/local.safetensors"],
+        f"hf://org/base@{commit}/unet",
+        title="my-merge",
+        dtype=torch.bfloat16,
+    )
+    assert card == "\n".join(
+        [
+            "---",
+            "base_model:",
+            '- "org/base"',  # the base first
+            '- "org/ft"',
+            "tags:",
+            '- "merge"',
+            '- "ladle"',
+            "---",
+            "",
+            "# my-merge",
+            "",
+            f"This model was merged with [ladle](https://pypi.org/project/ladle/) "
+            f"{ladle.__version__} using **ties**.",
+            "",
+            "## Inputs",
+            "",
+            "| role | source | revision |",
+            "| --- | --- | --- |",
+            f"| base | `org/base/unet` | `{commit}` |",
+            f"| model 0 | `org/ft` | `{commit}` |",
+            "| model 1 | `models/local.safetensors` | - |",
+            "",
+            "## Parameters",
+            "",
+            "- `density`: `0.5`",
+            '- `trim`: `"tensor"`',
+            "- `eps`: `1e-08`",
+            "",
+            "## Recipe",
+            "",
+            "To reproduce this merge, save this recipe as `recipe.toml` in the directory the",
+            "merge ran from (relative paths below are relative to it; `~` is the home folder)",
+            "and run `ladle run recipe.toml` there (no recipe file was written):",
+            "",
+            "```toml",
+            'method = "ties"',
+            f'base = "hf://org/base@{commit}/unet"',
+            f'models = ["hf://org/ft@{commit}", "models/local.safetensors"]',
+            'output = "merged"',
+            'dtype = "bfloat16"',
+            "",
+            "[parameters]",
+            '"density" = 0.5',
+            '"trim" = "tensor"',
+            "```",
+            "",
+        ]
+    )
+
+
+def test_model_card_recipe_writes_flags_non_finite_numbers_and_tables_as_toml():
+    from ladle.modelcard import model_card
+
+    nan, inf = float("nan"), float("inf")
+    card = model_card("greedy_soup", {"strict": True, "scores": [nan, inf, -inf, 2]}, ["a"])
+    recipe = card.split("```toml\n", 1)[1].split("```", 1)[0]
+    assert recipe.splitlines()[-2:] == ['"strict" = true', '"scores" = [nan, inf, -inf, 2]']
+    card = model_card("ties", {"trim": {"a key": [1.5, False]}}, ["a"], "b")
+    recipe = tomllib.loads(card.split("```toml\n", 1)[1].split("```", 1)[0])
+    assert recipe["parameters"] == {"trim": {"a key": [1.5, False]}}
+
+
+def test_model_card_without_parameters_or_with_an_input_in_memory():
+    from ladle.modelcard import model_card
+
+    card = model_card("uniform_soup", {}, ["a.safetensors"])
+    assert "## Parameters\n\nNone.\n\n## Recipe" in card
+    card = model_card("uniform_soup", {"weights": [0.5, 0.5]}, ["<state dict>", "a.safetensors"])
+    assert card.endswith(
+        "## Recipe\n\nSome inputs were in memory, not files: no recipe can reproduce this merge.\n"
+    )
+    assert "```toml" not in card
+    card = model_card("ties", {}, ["a.safetensors"], "<state dict>")  # the base too
+    assert "no recipe can reproduce this merge" in card and "```toml" not in card
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"dtype": "float32"}, {"dtype": "bfloat16"}),  # newer transformers: no torch_dtype
+        (
+            {"torch_dtype": "float32", "dtype": "float32"},
+            {"torch_dtype": "bfloat16", "dtype": "bfloat16"},
+        ),
+        ({"model_type": "toy"}, {"model_type": "toy", "torch_dtype": "bfloat16"}),
+    ],
+)
+def test_output_config_dtype_fields_are_those_the_config_has(tmp_path, config, expected):
+    from ladle.modelcard import output_files
+
+    folder = ladle.save({"w": torch.ones(2)}, tmp_path / "m")
+    (folder / "config.json").write_text(json.dumps(config))
+    with ladle.open_checkpoint(folder) as ckpt:
+        files = output_files(
+            "uniform_soup", {}, [ckpt], None, out=tmp_path / "o", dtype=torch.bfloat16
+        )
+    assert json.loads(files["config.json"]) == expected
+
+
+def test_an_output_config_that_is_no_json_object_is_copied_as_it_is(tmp_path):
+    from ladle.modelcard import output_files
+
+    folder = ladle.save({"w": torch.ones(2)}, tmp_path / "m")
+    (folder / "config.json").write_text("[1, 2]")
+    with ladle.open_checkpoint(folder) as ckpt:
+        files = output_files(
+            "uniform_soup", {}, [ckpt], None, out=tmp_path / "o", dtype=torch.bfloat16
+        )
+    assert files["config.json"] == folder / "config.json"
+    assert "\n# o\n" in files["README.md"].decode()  # headed by the output's name
+
+
+@pytest.mark.parametrize(
+    ("home", "recorded"),
+    [
+        ("alice", ["~/a.safetensors", "{tmp}/alice2/b.safetensors"]),  # not alice's folder
+        ("alice/", ["~/a.safetensors", "{tmp}/alice2/b.safetensors"]),  # HOME with a slash
+        ("./alice", ["~/a.safetensors", "{tmp}/alice2/b.safetensors"]),  # HOME not normalised
+        ("/", ["{tmp}/alice/a.safetensors", "{tmp}/alice2/b.safetensors"]),  # no user's folder
+    ],
+)
+def test_only_paths_inside_the_home_folder_are_recorded_from_tilde(
+    tmp_path, monkeypatch, home, recorded
+):
+    for folder in ("alice", "alice2"):
+        (tmp_path / folder).mkdir()
+    a, b = tmp_path / "alice" / "a.safetensors", tmp_path / "alice2" / "b.safetensors"
+    save_file({"w": torch.ones(2)}, a)
+    save_file({"w": torch.zeros(2)}, b)
+    monkeypatch.setenv("HOME", home if home == "/" else f"{tmp_path}/{home}")
+    out = ladle.uniform_soup([a, b], out=tmp_path / "o.safetensors")
+    with ladle.open_checkpoint(out) as ckpt:
+        inputs = json.loads(ckpt.metadata["ladle.inputs"])
+    assert inputs == [name.format(tmp=tmp_path) for name in recorded]
