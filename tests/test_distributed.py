@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import json
 import os
 import re
 import shutil
@@ -301,6 +302,17 @@ def _averages(rank: int) -> dict:
     found["non_member"] = _catch(average_, {"w": torch.full((2,), float(rank))}, group=pair)
     if rank == 2:
         found["non_member_merge"] = _catch(merge, "uniform_soup", [], out="unused", group=pair)
+    # float64 beside float32 (by name, the float32 last): each in a bucket of its own dtype.
+    two = {
+        "a64": torch.tensor([1.0 + (rank + 1) * 2.0**-40], dtype=torch.float64),
+        "b32": torch.full((2,), float(rank)),
+    }
+    found["mixed_dtypes"] = average_(two)
+    # A group without global rank 0: integers come from its own first rank, global rank 1.
+    others = dist.new_group([1, 2])
+    if rank != 0:
+        ints = {"n": torch.tensor([10 + rank]), "w": torch.tensor([float(rank)])}
+        found["without_rank_0"] = average_(ints, group=others)
     return found
 
 
@@ -337,6 +349,27 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
         ("dare_nan_error", "dare", {"density": 0.5, "combine": "ties"}),
     ):
         found[name] = _catch(merge, method, nan, base=nan_base, out=root / name, **extra)
+    # Only rank 0 shows a progress bar; one key makes one shard, named as a single file;
+    # a single-file output is refused on every rank.
+    bars: list[int] = []
+
+    class Bar:
+        def __init__(self, **kwargs: object) -> None:
+            bars.append(rank)
+
+        def update(self, n: int) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    merge("uniform_soup", models, out=root / "bars", device="cpu", progress=Bar)
+    found["bars"] = len(bars)
+    one_key = [root / "one_key.safetensors"] * 2
+    merge("uniform_soup", one_key, out=root / "one_key", device="cpu")
+    found["file_out_error"] = _catch(
+        merge, "uniform_soup", models, out=root / "m.safetensors", device="cpu"
+    )
     return found
 
 
@@ -373,6 +406,7 @@ def spawned(tmp_path_factory):
             "n": torch.tensor(i),
         }
         save_file(tiny, root / f"tiny{i}.safetensors")
+    save_file({"w": torch.arange(4.0)}, root / "one_key.safetensors")
     (root / "hosts").mkdir()
     theirs = leftover(root / "hosts" / "soup", host="node-b.example")
     theirs.mkdir()
@@ -801,3 +835,68 @@ def test_torchrun_cli_errors_exit_1_with_one_line_and_no_abort(tmp_path):
             "overwrite=True (--overwrite) to replace it"
         ], done.stderr
     assert os.listdir(tmp_path / "exists") == ["model.safetensors"]
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def test_split_by_bytes_puts_trailing_empty_keys_in_the_last_part():
+    # "b" (0 bytes) sits at the end of the byte range: the last part, not one past it.
+    assert split_by_bytes({"a": 5, "b": 0}, 2) == [[], ["a", "b"]]
+    assert split_by_bytes({"a": 0, "b": 0, "c": 0}, 2) == [["a"], ["b", "c"]]  # by count
+
+
+@pytest.mark.slow
+def test_split_merge_of_one_key_writes_one_file_named_as_a_single_file(spawned):
+    root, *_ = spawned
+    # The one key goes to rank 1; ranks 0 and 2 write no shard.
+    assert sorted(os.listdir(root / "one_key")) == ["README.md", "model.safetensors"]
+    assert torch.equal(ladle.load(root / "one_key")["w"], torch.arange(4.0))
+
+
+@pytest.mark.slow
+def test_split_merge_index_total_size_is_the_bytes_of_the_tensors(spawned):
+    root, *_ = spawned
+    for name in MERGES:
+        index = json.loads((root / name / "model.safetensors.index.json").read_text())
+        merged = ladle.load(root / name)
+        total = sum(t.numel() * t.element_size() for t in merged.values())
+        assert index["metadata"] == {"total_size": total}, name
+
+
+@pytest.mark.slow
+def test_a_single_file_output_of_a_split_merge_is_refused_on_every_rank(spawned):
+    root, *_, ranks = spawned
+    for found in ranks:
+        kind, message = found["file_out_error"]
+        assert kind == "ValueError"
+        assert message == (
+            "out: a merge split across processes writes a directory of shards, found "
+            f"{root / 'm.safetensors'}"
+        )
+    assert not (root / "m.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_only_rank_0_shows_a_progress_bar(spawned):
+    *_, ranks = spawned
+    assert ranks[0]["bars"] >= 1
+    assert [found["bars"] for found in ranks[1:]] == [0, 0]
+
+
+@pytest.mark.slow
+def test_average_reduces_each_dtype_in_its_own_bucket(spawned):
+    *_, ranks = spawned
+    for found in ranks:  # 1 + 2⁻⁴⁰·(1, 2, 3): float32 would round each to 1
+        state = found["mixed_dtypes"]
+        assert torch.equal(state["a64"], torch.tensor([1.0 + 2.0**-39], dtype=torch.float64))
+        assert torch.equal(state["b32"], torch.full((2,), 1.0))
+
+
+@pytest.mark.slow
+def test_average_in_a_group_without_global_rank_0_broadcasts_from_its_first_rank(spawned):
+    *_, ranks = spawned
+    assert "without_rank_0" not in ranks[0]
+    for found in ranks[1:]:
+        assert torch.equal(found["without_rank_0"]["n"], torch.tensor([11]))
+        assert torch.equal(found["without_rank_0"]["w"], torch.tensor([1.5]))
