@@ -531,3 +531,38 @@ def test_cli_errors_and_warnings_with_line_breaks_are_one_line(tmp_path, evaluat
     assert capsys.readouterr().err == (
         "ladle: error: --evaluate noisy_evals:fails: raised ValueError: bad score\n"
     )
+
+
+def test_every_candidate_is_evaluated_in_the_best_ranked_models_dtypes():
+    # Model 1 ranks first: float32. The candidate with model 0 (bfloat16) is float32 too.
+    models = [{"w": torch.ones(2, dtype=torch.bfloat16)}, {"w": torch.zeros(2)}]
+    seen: list[torch.dtype] = []
+    result = ladle.greedy_soup(
+        models, lambda sd: seen.append(sd["w"].dtype) or 1.0, scores=[1.0, 2.0], device="cpu"
+    )
+    assert seen == [torch.float32]
+    assert result.state_dict["w"].dtype == torch.float32
+
+
+def test_a_model_of_a_dtype_results_cannot_be_written_in_is_refused_before_evaluating():
+    # Only model 1, which ranks first, is stored in such a dtype: it is checked too.
+    models = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 4.0])}]
+    models[1]["w"] = models[1]["w"].to(torch.float8_e8m0fnu)
+    calls: list[int] = []
+    with pytest.raises(ValueError, match=r"key 'w' is stored as float8_e8m0fnu, in which"):
+        ladle.greedy_soup(models, lambda sd: calls.append(1) or 1.0, scores=[1.0, 2.0])
+    assert calls == []
+
+
+def test_a_greedy_soup_that_saturates_float8_e4m3fn_is_an_error():
+    # float8_e4m3fn has no Inf: the cast of 1000 gives 448 silently, so it is checked before.
+    models = [{"w": torch.tensor([1000.0, 1.0])}, {"w": torch.tensor([1000.0, 2.0])}]
+    with pytest.raises(
+        ladle.NonFiniteError,
+        match=r"^the greedy soup: 1 of the 2 merged values of key 'w' overflow float8_e4m3fn",
+    ):
+        ladle.greedy_soup(models, lambda sd: 1.0, dtype=torch.float8_e4m3fn, device="cpu")
+    kept = ladle.greedy_soup(
+        models, lambda sd: 1.0, dtype=torch.float8_e4m3fn, device="cpu", allow_nonfinite=True
+    )
+    assert kept.state_dict["w"].float().tolist() == [448.0, 1.5]

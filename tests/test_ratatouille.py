@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import typing
 
 import pytest
@@ -202,3 +203,64 @@ def test_overloads_take_every_argument_type_the_function_takes():
         for name, parameter in inspect.signature(overload).parameters.items():
             if name not in narrowed:
                 assert parameter.annotation == implementation[name].annotation, name
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def test_an_unknown_selection_is_refused_naming_the_choices():
+    with pytest.raises(ValueError) as info:
+        ladle.ratatouille(family(2), selection="Greedy", evaluate=lambda sd: 1.0)
+    assert str(info.value) == "selection: expected one of ('uniform', 'greedy'), found 'Greedy'"
+
+
+def test_the_output_records_the_selection_and_for_greedy_strict_and_what_was_kept(tmp_path):
+    import json
+
+    runs = [{"w": torch.zeros(2)}, {"w": torch.ones(2)}]
+    out = ladle.ratatouille(runs, out=tmp_path / "u.safetensors")
+    with safe_open(out, "pt") as f:
+        assert json.loads(f.metadata()["ladle.parameters"]) == {"selection": "uniform"}
+    ladle.ratatouille(
+        runs,
+        selection="greedy",
+        evaluate=lambda sd: 1.0,
+        scores=[2.0, 1.0],
+        strict=True,
+        out=tmp_path / "g.safetensors",
+    )
+    with safe_open(tmp_path / "g.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["ladle.parameters"]) == {
+            "selection": "greedy",
+            "strict": True,
+            "selected": [0],
+            "score": 2.0,
+        }
+
+
+def test_a_head_key_replacing_a_kept_key_takes_its_place():
+    aux = {"a": torch.ones(1), "head.weight": torch.zeros(2), "z": torch.ones(1)}
+    init = ladle.ratatouille_init(aux, {"head.weight": torch.ones(2), "new": torch.ones(3)})
+    assert list(init) == ["a", "head.weight", "z", "new"]
+    assert torch.equal(init["head.weight"], torch.ones(2))
+
+
+def test_a_drop_pattern_matching_nothing_names_the_first_five_keys():
+    aux = {k: torch.ones(1) for k in "abcdef"}
+    with pytest.raises(ladle.IncompatibleError) as info:
+        ladle.ratatouille_init(aux, {}, drop=["head.*"])
+    assert str(info.value) == (
+        "auxiliary (<state dict>): drop pattern 'head.*' matches none of its 6 keys "
+        "('a', 'b', 'c', 'd', 'e', ...)"
+    )
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+def test_init_from_paths_closes_the_files_it_opened(tmp_path):
+    save_file(auxiliary(), tmp_path / "aux.safetensors")
+    save_file(probe(), tmp_path / "probe.safetensors")
+    before = len(os.listdir("/proc/self/fd"))
+    ladle.ratatouille_init(
+        tmp_path / "aux.safetensors", tmp_path / "probe.safetensors", drop=["aux_head.*"]
+    )
+    assert len(os.listdir("/proc/self/fd")) == before
