@@ -1195,3 +1195,52 @@ def test_a_merge_copying_a_transposed_integer_buffer_in_one_element_chunks_write
     out = ladle.uniform_soup(models, out=tmp_path / "o.safetensors", chunk_bytes=8, device="cpu")
     loaded = ladle.load(out)
     assert torch.equal(loaded["buf"], buffer) and loaded["w"].tolist() == [0.5, 0.5]
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def test_abort_after_a_commit_keeps_the_output_and_the_writer_says_it_was_committed(tmp_path):
+    out = tmp_path / "o.safetensors"
+    writer = SafetensorsWriter(out, {"w": ((2,), torch.float32)})
+    writer.write("w", torch.ones(2))
+    assert writer.commit() == out
+    writer.abort()  # does nothing once committed
+    assert torch.equal(ladle.load(out)["w"], torch.ones(2))
+    with pytest.raises(ladle.LadleError, match=r"on a writer already committed \(its output"):
+        writer.write("w", torch.ones(2))
+
+
+def test_a_symbolic_link_to_an_empty_directory_is_an_existing_output(tmp_path):
+    # An empty directory is no output yet (mkdir out first); a link to one is a link.
+    target = tmp_path / "empty"
+    target.mkdir()
+    out = tmp_path / "out"
+    out.symlink_to(target)
+    with pytest.raises(ladle.LadleError, match="already exists"):
+        ladle.save({"w": torch.ones(2)}, out)
+    assert out.is_symlink() and list(target.iterdir()) == []
+
+
+def test_a_leftover_of_a_process_this_user_may_not_signal_is_left_alone(tmp_path, monkeypatch):
+    # os.kill(pid, 0) refused (PermissionError): the process runs, under another user.
+    made = leftover(tmp_path / "out.safetensors")
+    made.write_bytes(b"another user's write")
+
+    def refused(pid: int, signal: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", refused)
+    ladle.save({"w": torch.ones(1)}, tmp_path / "out.safetensors")
+    assert made.read_bytes() == b"another user's write"
+
+
+def test_a_rename_into_a_path_under_a_file_fails_at_once_with_the_os_error(tmp_path):
+    from ladle.writer import rename_into_place
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):  # no retries that end in "other writers kept..."
+        rename_into_place(temp, tmp_path / "file" / "out", overwrite=True)
+    assert temp.is_dir()
