@@ -1210,3 +1210,97 @@ def test_memory_error_for_a_length_past_the_end_of_the_file_is_the_files(tmp_pat
     monkeypatch.setattr(torch, "load", out_of_memory)
     with pytest.raises(ladle.CheckpointError, match=r"m\.pt: not a readable torch file \(it ends"):
         ladle.load(path)
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def _index(folder: Path, weight_map: dict[str, str], name: str = "model") -> None:
+    text = json.dumps({"metadata": {}, "weight_map": weight_map})
+    (folder / f"{name}.safetensors.index.json").write_text(text)
+
+
+def test_a_torch_training_checkpoint_with_the_weights_under_model_is_unwrapped(tmp_path):
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "ckpt.pt")
+    assert list(ladle.load(tmp_path / "ckpt.pt")) == ["w"]
+
+
+def test_tensors_a_safetensors_index_leaves_out_come_after_the_listed_ones_sorted(tmp_path):
+    unlisted = ["h", "c", "f", "a", "g", "b", "e", "d"]
+    save_file(
+        {"w": torch.ones(1), **{k: torch.zeros(1) for k in unlisted}}, tmp_path / "s.safetensors"
+    )
+    _index(tmp_path, {"w": "s.safetensors"})
+    with ladle.open_checkpoint(tmp_path) as ckpt:
+        assert ckpt.keys() == ["w", *sorted(unlisted)]
+
+
+def test_tensors_a_torch_index_leaves_out_come_in_shard_order_whichever_was_read_first(tmp_path):
+    torch.save({"a": torch.ones(1), "x1": torch.zeros(1)}, tmp_path / "p1.bin")
+    torch.save({"b": torch.ones(1), "x2": torch.zeros(1)}, tmp_path / "p2.bin")
+    index = {"weight_map": {"a": "p1.bin", "b": "p2.bin"}}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with ladle.open_checkpoint(tmp_path) as ckpt:
+        assert ckpt.shape("b") == (1,)  # loads p2.bin first
+        assert ckpt.keys() == ["a", "b", "x1", "x2"]
+
+
+def test_a_folder_opens_its_first_safetensors_index_by_name(tmp_path):
+    save_file({"w": torch.ones(1)}, tmp_path / "one.safetensors")
+    save_file({"v": torch.ones(1)}, tmp_path / "two.safetensors")
+    _index(tmp_path, {"w": "one.safetensors"}, name="a")
+    _index(tmp_path, {"v": "two.safetensors"}, name="b")
+    with ladle.open_checkpoint(tmp_path) as ckpt:
+        assert ckpt.keys() == ["w"]
+
+
+def test_a_single_safetensors_file_wins_over_a_torch_index_beside_it(tmp_path):
+    save_file({"w": torch.ones(1)}, tmp_path / "model.safetensors")
+    torch.save({"t": torch.ones(1)}, tmp_path / "pytorch_model.bin")
+    index = {"weight_map": {"t": "pytorch_model.bin"}}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with ladle.open_checkpoint(tmp_path) as ckpt:
+        assert ckpt.keys() == ["w"]
+
+
+def test_several_safetensors_files_without_an_index_are_no_checkpoint_even_beside_one_torch_file(
+    tmp_path,
+):
+    for name in ("a", "b"):
+        save_file({"w": torch.ones(1)}, tmp_path / f"{name}.safetensors")
+    torch.save({"t": torch.ones(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.open_checkpoint(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path}: expected one weights file or a *.index.json, found "
+        "a.safetensors, b.safetensors"
+    )
+
+
+def test_an_index_naming_a_shard_with_a_backslash_is_refused(tmp_path):
+    save_file({"w": torch.ones(1)}, tmp_path / "s.safetensors")
+    _index(tmp_path, {"w": "..\\s.safetensors"})
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.open_checkpoint(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / 'model.safetensors.index.json'}: shard '..\\\\s.safetensors' is not a "
+        f"file inside {tmp_path}; refused"
+    )
+
+
+def test_an_index_listing_a_shard_that_does_not_exist_says_so(tmp_path):
+    save_file({"w": torch.ones(1)}, tmp_path / "s.safetensors")
+    _index(tmp_path, {"w": "s.safetensors", "v": "gone.safetensors"})
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.open_checkpoint(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / 'model.safetensors.index.json'}: lists shard gone.safetensors, which "
+        "does not exist"
+    )
+
+
+def test_load_of_a_mapping_returns_copies_the_caller_owns():
+    source = {"w": torch.zeros(2)}
+    loaded = ladle.load(source)
+    loaded["w"].add_(1)
+    assert torch.equal(source["w"], torch.zeros(2))
