@@ -508,7 +508,7 @@ def test_cli_greedy_soup_table_lines_up_under_its_header(tmp_path, evaluate_modu
     assert main([*argv, "--device", "cpu"]) == 0
     m0, m1, m2 = evaluate_module
     assert capsys.readouterr().out.splitlines()[:4] == [
-        "model       score  kept  source",
+        "model  soup score  kept  source",
         f"0               1  yes   {m0}",
         f"1             1.5  yes   {m1}",
         f"2             0.5  no    {m2}",
