@@ -261,3 +261,33 @@ def test_rows_a_source_gathers_on_cuda_are_not_reused_while_the_copy_stream_conv
         torch.cuda._sleep(2 * 10**9)  # the merge's stream, which every copy waits for, busy
         merged = ladle.uniform_soup(held, device="cuda", chunk_bytes=2**16, allow_nonfinite=True)
     assert_bit_for_bit(merged, expected)
+
+
+def test_diff_on_cuda_agrees_with_the_cpu(tmp_path):
+    # Chunks read on CUDA come in pooled buffers the next read reuses: diff's kernel copies
+    # each before it keeps it. float64 sums in another order: equal to 1e-12.
+    base, models = llama_like(2, dtype=torch.float64, seed=3)
+    paths = save_all([base, *models], tmp_path)
+    for kwargs in ({}, {"base": paths[0]}):
+        cpu = ladle.diff(paths[1], paths[2], device="cpu", chunk_bytes=64 * 1024, **kwargs)
+        gpu = ladle.diff(paths[1], paths[2], device="cuda", chunk_bytes=64 * 1024, **kwargs)
+        assert [t.key for t in gpu.tensors] == [t.key for t in cpu.tensors]
+        assert gpu.skipped == cpu.skipped == ["steps"]
+        for found, expected in zip([*gpu.tensors, gpu.total], [*cpu.tensors, cpu.total]):
+            for field in ("norm_a", "norm_b", "norm_diff", "cosine"):
+                assert getattr(found, field) == pytest.approx(getattr(expected, field), rel=1e-12)
+
+
+def test_ratatouille_init_of_tensors_on_cuda_returns_them_on_the_cpu():
+    gen = torch.Generator().manual_seed(5)
+    aux = {"body.weight": torch.randn(3, 4, generator=gen), "aux_head.weight": torch.ones(2, 4)}
+    head = {"head.weight": torch.randn(5, 4, generator=gen)}
+    init = ladle.ratatouille_init(
+        {k: v.cuda() for k, v in aux.items()},
+        {k: v.cuda() for k, v in head.items()},
+        drop=["aux_head.*"],
+    )
+    assert list(init) == ["body.weight", "head.weight"]
+    assert all(tensor.device.type == "cpu" for tensor in init.values())
+    assert torch.equal(init["body.weight"], aux["body.weight"])
+    assert torch.equal(init["head.weight"], head["head.weight"])
