@@ -547,6 +547,17 @@ def check_models(models: Sequence[StateDictLike]) -> None:
         raise ValueError("models: expected at least one model, found none")
 
 
+def type_name(value: object) -> str:
+    """What the argument checks say they found where a value is of the wrong kind: its type's
+    name, or ``None``.
+
+    Example:
+        >>> type_name("0.5"), type_name(None), type_name(1j)
+        ('str', 'None', 'complex')
+    """
+    return "None" if value is None else type(value).__name__
+
+
 def check_number(name: str, value: object) -> float:
     """``value`` as a float: a real number (bool, int, float, numpy's real scalars) or a 0-d
     tensor or array; anything else (a string, a complex number, ``None``, a tensor or array
@@ -562,8 +573,7 @@ def check_number(name: str, value: object) -> float:
     """
     value = unwrap_scalar(name, value)
     if not isinstance(value, numbers.Real):
-        found = "None" if value is None else type(value).__name__
-        raise TypeError(f"{name}: expected a number, found {found}")
+        raise TypeError(f"{name}: expected a number, found {type_name(value)}")
     return float(value)
 
 
@@ -600,8 +610,9 @@ def check_chunk_bytes(chunk_bytes: object) -> int:
     try:
         size = operator.index(chunk_bytes)  # type: ignore[arg-type]
     except TypeError:
-        found = "None" if chunk_bytes is None else type(chunk_bytes).__name__
-        raise TypeError(f"chunk_bytes: expected an int (bytes), found {found}") from None
+        raise TypeError(
+            f"chunk_bytes: expected an int (bytes), found {type_name(chunk_bytes)}"
+        ) from None
     if size < 1:
         raise ValueError(f"chunk_bytes: expected a positive number of bytes, found {size}")
     return size

@@ -30,6 +30,7 @@ from ..engine import (
     current_partition,
     merge,
     resolve_device,
+    type_name,
     unwrap_scalar,
 )
 from ..writer import DEFAULT_MAX_SHARD_SIZE
@@ -95,8 +96,7 @@ def _check_seed(seed: object) -> int:
     except TypeError:
         if isinstance(value, numbers.Real):
             raise ValueError(f"seed: expected an integer, found {value!r}") from None
-        found = "None" if value is None else type(value).__name__
-        raise TypeError(f"seed: expected an integer, found {found}") from None
+        raise TypeError(f"seed: expected an integer, found {type_name(value)}") from None
 
 
 def keep_below(density: float) -> float:
