@@ -107,6 +107,18 @@ def test_existing_output_exits_1_unless_overwrite(tmp_path, inputs, capsys):
     assert main(["soup", *inputs, "-o", str(out), "--overwrite"]) == 0
 
 
+def test_overwrite_refuses_a_folder_of_other_files_in_one_line(tmp_path, inputs, capsys):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "main.py").write_text("print('mine')")
+    assert main(["soup", *inputs, "-o", str(code), "--overwrite", "--no-progress"]) == 1
+    assert capsys.readouterr().err == (
+        f"ladle: error: {code}: is a folder without safetensors weights (main.py): overwrite "
+        "replaces only an earlier output; move it away or choose another output\n"
+    )
+    assert os.listdir(code) == ["main.py"]
+
+
 @pytest.mark.parametrize(
     "argv", [[], ["soup"], ["soup", "a"], ["soup", "a", "-o", "x", "--dtype", "int8"]]
 )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import weakref
 from typing import ClassVar
 
@@ -200,6 +201,19 @@ def test_existing_output_is_refused_before_any_evaluation(tmp_path):
     with pytest.raises(ladle.LadleError, match="already exists"):
         ladle.greedy_soup(one_hot_family(4), evaluate, out=tmp_path / "o.safetensors")
     assert evaluate.calls == []
+
+
+def test_an_empty_folder_is_no_existing_output_and_a_folder_of_other_files_is_kept(tmp_path):
+    # An empty folder counted as an existing output here alone; overwrite replaced anything.
+    (tmp_path / "empty").mkdir()
+    ladle.greedy_soup(one_hot_family(4), Scripted(TABLE), scores=SCORES, out=tmp_path / "empty")
+    assert ladle.load(tmp_path / "empty")["w"].shape == (4,)
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "main.py").write_text("mine")
+    evaluate = Scripted(TABLE)
+    with pytest.raises(ladle.LadleError, match="is a folder without safetensors weights"):
+        ladle.greedy_soup(one_hot_family(4), evaluate, out=tmp_path / "code", overwrite=True)
+    assert evaluate.calls == [] and os.listdir(tmp_path / "code") == ["main.py"]
 
 
 def test_incompatible_models_raise_before_any_evaluation():

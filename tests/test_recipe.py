@@ -240,6 +240,19 @@ def test_existing_output_is_refused_before_any_step_runs(folder):
     assert not (folder / "a.safetensors").exists()
 
 
+def test_overwrite_refuses_a_later_output_that_is_no_earlier_output_before_any_step(folder):
+    (folder / "notes").write_text("mine")  # a file where a folder output goes
+    recipe = write(
+        folder,
+        '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "a.safetensors"\n'
+        '[steps.b]\nmethod = "soup"\nmodels = ["a"]\noutput = "notes"\n',
+    )
+    with pytest.raises(ladle.LadleError, match=r"^steps\.b\.output: .*notes: is a file, where"):
+        run_recipe(recipe, device="cpu", overwrite=True)
+    assert not (folder / "a.safetensors").exists()
+    assert (folder / "notes").read_text() == "mine"
+
+
 def test_cli_run_prints_outputs_and_reports_errors_in_one_line(folder, capsys):
     recipe = write(folder, 'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "o"\n')
     assert main(["run", str(recipe), "--device", "cpu"]) == 0
@@ -351,7 +364,7 @@ def test_a_dangling_link_as_a_later_steps_output_is_refused_before_any_step_runs
         '[steps.b]\nmethod = "soup"\nmodels = ["a", "m2.safetensors"]\n'
         'output = "link.safetensors"\n',
     )
-    with pytest.raises(ladle.LadleError, match=r"steps\.b\.output: .*link\.safetensors already"):
+    with pytest.raises(ladle.LadleError, match=r"steps\.b\.output: .*link\.safetensors: already"):
         run_recipe(recipe, device="cpu")
     assert not (folder / "a.safetensors").exists()
 

@@ -112,6 +112,58 @@ def test_out_of_order_or_wrong_dtype_writes_are_refused(tmp_path):
         w.write("a", torch.ones(2, dtype=torch.float16))
 
 
+def _project(folder):
+    folder.mkdir()
+    (folder / "main.py").write_text("print('mine')")
+    (folder / "logs").mkdir()
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "why"),
+    [
+        ("code", _project, r"is a folder without safetensors weights \(logs, main\.py\)"),
+        ("notes.py", lambda p: p.write_text("mine"), "is a file, where an output not named"),
+        ("m.safetensors", _project, "is a folder, where a .safetensors output is a file"),
+    ],
+    ids=["a folder of other files", "a file", "a folder named .safetensors"],
+)
+def test_overwrite_replaces_no_folder_of_other_files_nor_a_thing_of_the_other_kind(
+    tmp_path, name, make, why
+):
+    # --overwrite deleted a folder of source code given as -o, and turned a file into a folder.
+    out = tmp_path / name
+    make(out)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ladle.LadleError, match=rf"^{re.escape(str(out))}: {why}.*only an earlier"):
+        ladle.save({"w": torch.ones(1)}, out, overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    if out.is_file():
+        assert out.read_text() == "mine"
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "model.safetensors.index.json"])
+def test_overwrite_replaces_a_folder_holding_safetensors_weights_with_other_files(
+    tmp_path, weights
+):
+    # A downloaded or earlier checkpoint: its weights file or index, beside config files.
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / weights).write_text("old")
+    (out / "config.json").write_text("{}")
+    (out / "tokenizer").mkdir()
+    ladle.save({"w": torch.ones(1)}, out, overwrite=True)
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    assert ladle.load(out)["w"].item() == 1.0
+
+
+def test_overwrite_replaces_a_link_not_what_it_points_to(tmp_path):
+    target = _project(tmp_path / "code")
+    (tmp_path / "out").symlink_to(target)
+    ladle.save({"w": torch.ones(1)}, tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out").is_symlink() and (target / "main.py").exists()
+
+
 def test_existing_output_is_refused_unless_overwrite(tmp_path):
     path = ladle.save({"w": torch.zeros(1)}, tmp_path / "m.safetensors")
     with pytest.raises(ladle.LadleError, match="already exists"):
@@ -844,11 +896,13 @@ def _stray_directory(out) -> None:
     [("out", _stray_file), ("o.safetensors", _stray_directory)],
     ids=["a file where a directory goes", "a directory where a file goes"],
 )
-def test_an_output_of_the_other_kind_taking_the_place_is_replaced_leaving_nothing_aside(
+def test_a_stray_of_the_other_kind_taking_the_place_stays_and_nothing_is_left_aside(
     tmp_path, monkeypatch, name, appears
 ):
     """The rename fails with ENOTDIR or EISDIR, not ENOTEMPTY: the replaced output used to
-    stay aside as .NAME.ladle-old-PID-... and the merge fail."""
+    stay aside as .NAME.ladle-old-PID-... A file where a folder output goes (or the reverse)
+    is no earlier output, which is all that ``overwrite`` replaces: it stays, and the merge
+    fails saying so, leaving nothing aside."""
     out = tmp_path / name
     if name == "o.safetensors":  # renamed aside, not replaced in one rename: a link
         target = ladle.save({"w": torch.zeros(2)}, tmp_path / "old.safetensors")
@@ -856,8 +910,10 @@ def test_an_output_of_the_other_kind_taking_the_place_is_replaced_leaving_nothin
     else:
         ladle.save({"w": torch.zeros(2)}, out)
     _interfering_replace(monkeypatch, out, 1, appears)
-    ladle.save({"w": torch.ones(2)}, out, overwrite=True)
-    assert ladle.load(out)["w"].tolist() == [1.0, 1.0]
+    with pytest.raises(ladle.LadleError, match="appeared while merging.*left unwritten"):
+        ladle.save({"w": torch.ones(2)}, out, overwrite=True)
+    stray = out / "x" if name == "o.safetensors" else out
+    assert stray.read_bytes().startswith(b"a stray")
     assert sorted(os.listdir(tmp_path)) == sorted([name] + ["old.safetensors"] * (name != "out"))
 
 

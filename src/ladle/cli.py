@@ -123,7 +123,12 @@ def merge_options() -> argparse.ArgumentParser:
         help=f"largest shard of a directory output: 500MB, 2GiB, ... "
         f"(default: {DEFAULT_MAX_SHARD_SIZE})",
     )
-    parent.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parent.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier output at -o (a .safetensors file, or a directory holding "
+        "safetensors weights; anything else is refused)",
+    )
     parent.add_argument(
         "--push-to-hub",
         metavar="OWNER/REPO",

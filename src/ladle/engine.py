@@ -36,8 +36,8 @@ from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
     SafetensorsWriter,
     aligned_order,
+    check_output_free,
     check_output_name,
-    output_taken,
     single_file,
 )
 
@@ -1498,10 +1498,7 @@ def merge(
         sources = [*checkpoints, *([base_ckpt] if base_ckpt is not None else [])]
         if out is not None:
             _check_output(out, sources)
-            if output_taken(out) and not overwrite:
-                raise LadleError(
-                    f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"
-                )
+            check_output_free(out, overwrite=overwrite)
         check_output_dtypes(reference, dtype)  # before prepare's passes over the inputs
         specs = {
             key: (reference.shape(key), output_dtype(reference.dtype(key), dtype))

@@ -27,7 +27,7 @@ from .checkpoint import MISSING, StateDict
 from .engine import DTYPE_NAMES, resolve_device
 from .errors import LadleError
 from .hub import PREFIX, parse_hf_url
-from .writer import check_output_name, output_taken, parse_size, single_file
+from .writer import check_output_free, check_output_name, parse_size, single_file
 
 __all__ = ["Recipe", "Step", "StepRef", "load_callable", "load_recipe", "run_recipe"]
 
@@ -632,13 +632,12 @@ def run_recipe(
         return "recipe" if checked.single else f"steps.{step.name}"
 
     resolve_device(device if device is not None else checked.device)  # a bad one fails now
-    if not overwrite:
-        for step in checked.steps:
-            if step.output is not None and output_taken(step.output):
-                raise LadleError(
-                    f"{where(step)}.output: {step.output} already exists; "
-                    "pass overwrite=True (--overwrite) to replace it"
-                )
+    for step in checked.steps:  # none is written if one cannot be
+        if step.output is not None:
+            try:
+                check_output_free(step.output, overwrite=overwrite)
+            except LadleError as err:
+                raise LadleError(f"{where(step)}.output: {err}") from None
     # Every evaluate function imported before the first step runs: a bad one leaves nothing.
     evaluators = {}
     for step in checked.steps:

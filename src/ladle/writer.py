@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import struct
 import sys
 import uuid
@@ -30,7 +31,13 @@ from typing import BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import SAFETENSORS_DTYPES, TORCH_SUFFIXES, not_a_dense_tensor, pread_into
+from .checkpoint import (
+    SAFETENSORS_DTYPES,
+    TORCH_SUFFIXES,
+    _some,
+    not_a_dense_tensor,
+    pread_into,
+)
 from .errors import LadleError, OutputError
 from .hub import PREFIX
 
@@ -159,6 +166,61 @@ def output_taken(out: str | os.PathLike) -> bool:
             return any(True for _ in entries)
     except OSError:  # unreadable: not known to be empty
         return True
+
+
+def check_output_free(out: str | os.PathLike, *, overwrite: bool) -> None:
+    """Raise a :class:`LadleError` naming ``out`` where writing it would replace what it may
+    not: without ``overwrite``, anything there (see :func:`output_taken`); with it, anything
+    but an earlier output of the same kind (see :func:`_not_an_output`). So ``overwrite``
+    never deletes a folder of other files (a project, a training run's logs) nor turns a file
+    into a folder or the reverse.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> (folder / "code").mkdir(); (folder / "code" / "main.py").touch()
+        >>> try:
+        ...     check_output_free(folder / "code", overwrite=True)
+        ... except LadleError as err:
+        ...     print(str(err).split(": ")[1])
+        is a folder without safetensors weights (main.py)
+    """
+    if not output_taken(out):
+        return
+    if not overwrite:
+        raise LadleError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
+    why = _not_an_output(Path(out))
+    if why is not None:
+        raise LadleError(
+            f"{out}: {why}: overwrite replaces only an earlier output; move it away or choose "
+            "another output"
+        )
+
+
+def _not_an_output(path: Path) -> str | None:
+    """Why what stands at ``path`` is no earlier output that ``overwrite`` may replace, or
+    ``None``: a file (not a folder) where a ``.safetensors`` output goes; a folder holding
+    safetensors weights (a ``*.safetensors`` file or a ``*.safetensors.index.json``) where a
+    folder output goes; a symbolic link, which is replaced itself (never what it points to)."""
+    try:  # one look: other writers may be moving outputs in and out meanwhile
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:  # gone: another writer moved it aside
+        return None
+    if stat.S_ISLNK(mode):
+        return None
+    if single_file(path):
+        return "is a folder, where a .safetensors output is a file" if stat.S_ISDIR(mode) else None
+    if not stat.S_ISDIR(mode):
+        return "is a file, where an output not named *.safetensors is a folder"
+    try:
+        names = sorted(entry.name for entry in os.scandir(path))
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        return f"is a folder that cannot be listed ({err.strerror or err})"
+    if any(name.endswith((".safetensors", ".safetensors.index.json")) for name in names):
+        return None
+    return f"is a folder without safetensors weights ({_some(names)})"
 
 
 def check_output_name(out: str | os.PathLike) -> None:
@@ -443,6 +505,12 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
     # took the place in between (a directory cannot replace a non-empty one, nor an output
     # of the other kind: _TAKEN), again.
     for _ in range(RENAME_ATTEMPTS):
+        why = _not_an_output(out) if output_taken(out) else None
+        if why is not None:  # another writer's output passes; anything else stays
+            raise LadleError(
+                f"{out}: {why} (it appeared while merging): overwrite replaces only an earlier "
+                "output; the result is left unwritten"
+            )
         in_one = temp.is_file() and not out.is_dir() and not out.is_symlink()
         old = None if in_one else _marked(out, OLD_MARK)
         try:
@@ -586,10 +654,7 @@ class SafetensorsWriter:
     ) -> None:
         check_output_name(out)
         self.out = Path(out)
-        if output_taken(self.out) and not overwrite:
-            raise LadleError(
-                f"{self.out}: already exists; pass overwrite=True (--overwrite) to replace it"
-            )
+        check_output_free(self.out, overwrite=overwrite)
         self._specs = {key: specs[key] for key in aligned_order(specs)}  # the write order
         self._metadata = {"format": "pt", **(metadata or {})}
         self._single_file = single_file(self.out)
@@ -971,7 +1036,9 @@ def save(
         max_shard_size: largest shard of a directory output, e.g. ``"5GB"`` (the default,
             :data:`DEFAULT_MAX_SHARD_SIZE`) or ``"500MiB"``.
         metadata: strings stored in every shard's header.
-        overwrite: replace an existing output (atomically) instead of refusing.
+        overwrite: replace an earlier output (atomically) instead of refusing: a file where
+            a ``.safetensors`` output goes, a directory holding safetensors weights where a
+            directory output goes (anything else is refused: see :func:`check_output_free`).
 
     Returns:
         The path written.
@@ -981,9 +1048,9 @@ def save(
             ``metadata`` something other than strings to strings (naming the output).
         ValueError: a tensor is sparse or on the meta device (no data to write), or (for a
             directory output) ``max_shard_size`` is no positive size.
-        LadleError: the output exists (without ``overwrite``), its name is refused
-            (:func:`check_output_name`), or safetensors cannot hold a tensor's dtype or the
-            header; the message names the output.
+        LadleError: the output exists (without ``overwrite``) or is no earlier output (with
+            it), its name is refused (:func:`check_output_name`), or safetensors cannot hold
+            a tensor's dtype or the header; the message names the output.
         OutputError: writing failed (a full disk, no permission), naming the output.
 
     Example:

@@ -189,7 +189,7 @@ def ratatouille(
             the best-ranked model).
         progress: ``True`` for a tqdm bar, or a tqdm-like class.
         max_shard_size: largest shard of a directory output.
-        overwrite: replace an existing ``out`` (atomically) instead of refusing.
+        overwrite: replace an earlier output at ``out`` (atomically) instead of refusing.
         chunk_bytes: largest piece of one tensor processed at a time (``"uniform"``).
         allow_nonfinite: merge inputs holding NaN or Inf, and keep merged values that
             overflow the output dtype, instead of raising NonFiniteError.

@@ -33,9 +33,8 @@ from ..engine import (
     resolve_dtype,
     saturation_limit,
 )
-from ..errors import LadleError
 from ..modelcard import output_files
-from ..writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, single_file
+from ..writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, check_output_free, single_file
 
 __all__ = [
     "Evaluate",
@@ -139,7 +138,7 @@ def uniform_soup(
         dtype: output dtype of floating tensors; default that of model 0.
         progress: ``True`` for a tqdm bar over bytes read, or a tqdm-like class.
         max_shard_size: largest shard of a directory output.
-        overwrite: replace an existing ``out`` (atomically) instead of refusing.
+        overwrite: replace an earlier output at ``out`` (atomically) instead of refusing.
         chunk_bytes: largest piece of one tensor processed at a time, per model.
         allow_nonfinite: merge inputs holding NaN or Inf, and keep merged values that
             overflow the output dtype, instead of raising NonFiniteError.
@@ -388,10 +387,7 @@ def run_greedy(
             check_output_dtypes(checkpoint, dtype)
         if out is not None:  # refuse before the (costly) evaluations, not after
             _check_output(out, checkpoints)
-            if os.path.lexists(out) and not overwrite:
-                raise LadleError(
-                    f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"
-                )
+            check_output_free(out, overwrite=overwrite)
         where = "the greedy soup" if out is None else str(out)
         result = _greedy(
             checkpoints,
@@ -473,7 +469,7 @@ def greedy_soup(
         dtype: output dtype of floating tensors; default that of the best-ranked model.
         progress: ``True`` for a tqdm bar over evaluations, or a tqdm-like class.
         max_shard_size: largest shard of a directory output.
-        overwrite: replace an existing ``out`` (atomically) instead of refusing.
+        overwrite: replace an earlier output at ``out`` (atomically) instead of refusing.
         allow_nonfinite: merge inputs holding NaN or Inf, and keep merged values that
             overflow the output dtype, instead of raising NonFiniteError.
 

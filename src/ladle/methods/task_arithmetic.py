@@ -182,7 +182,7 @@ def task_arithmetic(
         dtype: output dtype of floating tensors; default that of the base.
         progress: ``True`` for a tqdm bar over bytes read, or a tqdm-like class.
         max_shard_size: largest shard of a directory output.
-        overwrite: replace an existing ``out`` (atomically) instead of refusing.
+        overwrite: replace an earlier output at ``out`` (atomically) instead of refusing.
         chunk_bytes: largest piece of one tensor processed at a time, per model.
         allow_nonfinite: merge inputs holding NaN or Inf, and keep merged values that
             overflow the output dtype, instead of raising NonFiniteError.

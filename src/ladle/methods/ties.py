@@ -1032,7 +1032,7 @@ def ties(
         progress: ``True`` for tqdm bars over bytes read ("preparing" for the thresholds'
             passes, then "merging"), or a tqdm-like class.
         max_shard_size: largest shard of a directory output.
-        overwrite: replace an existing ``out`` (atomically) instead of refusing.
+        overwrite: replace an earlier output at ``out`` (atomically) instead of refusing.
         chunk_bytes: largest piece of one tensor processed at a time, per model; default
             4 MiB (``FOLD_CHUNK_BYTES``: running sums that stay in the CPU's cache; on 12
             fp32 models of 89 MiB about as fast as 64 MiB for both trims, with 65 MiB of
