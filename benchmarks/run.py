@@ -4,7 +4,8 @@ Builds its own inputs: a base and N fine-tunes as tiny LLaMA directories (config
 model.safetensors) that mergekit can read too, one family in fp32 and one in bf16. Every
 number is measured in this run:
 - time: wall seconds net of the tool's own start-up (interpreter and imports), as a ratio to
-  the read floor (``cat`` of the inputs, warm page cache) and to ladle's uniform soup;
+  the read floor (``cat`` of the run's own inputs, warm page cache: the N fine-tunes for the
+  soups, the base too for the methods that take one) and to ladle's uniform soup;
 - memory: peak RssAnon (anonymous memory; mmap'd file pages excluded) above start-up, as a
   ratio to one checkpoint;
 - agreement: where ladle and mergekit compute the same thing (linear, task arithmetic, TIES
@@ -148,6 +149,7 @@ def report(
     warm(files)
     py = sys.executable
     cat = best_of(repeat, ["cat", *map(str, files)])
+    cat_models = best_of(repeat, ["cat", *map(str, files[1:])])  # the soups read no base
     idle = {
         "ladle": best_of(repeat, [py, "-c", LADLE_SETUP]),
         "naive": best_of(repeat, [py, "-c", NAIVE_SETUP]),
@@ -167,14 +169,17 @@ def report(
 
     print(
         f"{count} fine-tunes + base, {name}, {one / MIB:.1f} MiB each; best of {repeat}; read "
-        f"floor (cat of {len(files)} files) {cat.seconds:.3f} s; times exclude start-up"
+        f"floor: cat of the {len(models)} fine-tunes {cat_models.seconds:.3f} s (the soups' "
+        f"floor), of all {len(files)} files {cat.seconds:.3f} s (the others'); times exclude "
+        "start-up"
     )
     soup = results["ladle soup"][0].seconds
     print(f"{'run':<30}{'s':>8}{'x floor':>9}{'x soup':>8}{'extra RssAnon':>15}{'x ckpt':>8}")
     for label, (run, baseline) in results.items():
         extra = max(run.peak_anon - baseline.peak_anon, 0)
+        floor = cat_models if label in ("naive load-all soup", "ladle soup") else cat
         print(
-            f"{label:<30}{run.seconds:8.3f}{run.seconds / cat.seconds:9.2f}"
+            f"{label:<30}{run.seconds:8.3f}{run.seconds / floor.seconds:9.2f}"
             f"{run.seconds / soup:8.2f}{extra / MIB:11.1f} MiB{extra / one:8.2f}"
         )
     if mergekit is None:
