@@ -104,7 +104,7 @@ def test_weighted_sum_rejects_wrong_number_of_weights():
 
 @pytest.mark.parametrize(
     ("weights", "found"),
-    [(0.5, "float"), (None, "NoneType"), (torch.tensor(0.5), "Tensor"), (b"\x01", "bytes")],
+    [(0.5, "float"), (None, "None"), (torch.tensor(0.5), "Tensor"), (b"\x01", "bytes")],
 )
 def test_weighted_sum_weights_that_are_no_sequence_are_a_type_error_naming_them(weights, found):
     # Was "object of type 'float' has no len()" (and bytes were read as small integers).

@@ -1304,3 +1304,12 @@ def test_load_of_a_mapping_returns_copies_the_caller_owns():
     loaded = ladle.load(source)
     loaded["w"].add_(1)
     assert torch.equal(source["w"], torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    ("source", "found"), [(None, "None"), (3, "int"), ([{"w": torch.ones(1)}], "list")]
+)
+def test_a_source_of_no_known_kind_is_a_type_error_naming_what_was_found(source, found):
+    # None read "found NoneType", unlike every other argument check ("found None").
+    with pytest.raises(TypeError, match=rf"expected a mapping, .*Checkpoint, found {found}$"):
+        ladle.open_checkpoint(source)

@@ -34,6 +34,7 @@ from .engine import (
     compute_dtype,
     unwrap_scalar,
 )
+from .errors import type_name
 
 __all__ = ["add", "lerp", "scale", "sub", "task_vector", "weighted_sum"]
 
@@ -57,7 +58,7 @@ def _scalar(name: str, value: object) -> Scalar:
     if isinstance(value, numbers.Complex):
         number = complex(value)
         return number if number.imag else number.real
-    raise TypeError(f"{name}: expected a number, found {type(value).__name__}")
+    raise TypeError(f"{name}: expected a number, found {type_name(value)}")
 
 
 def _beyond_float32(value: Scalar) -> bool:

@@ -30,7 +30,7 @@ from typing import Union
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import CheckpointError, UnsafeCheckpointError
+from .errors import CheckpointError, UnsafeCheckpointError, type_name
 
 __all__ = ["Checkpoint", "StateDict", "StateDictLike", "load", "open_checkpoint"]
 
@@ -266,7 +266,7 @@ def not_a_dense_tensor(key: object, value: object) -> str | None:
     if not isinstance(key, str) or not isinstance(value, torch.Tensor):
         return (
             "expected a mapping of str to torch.Tensor, "
-            f"found {type(key).__name__} -> {type(value).__name__} for {key!r}"
+            f"found {type_name(key)} -> {type_name(value)} for {key!r}"
         )
     if value.layout != torch.strided or value.is_meta:
         what = "on the meta device (no data)" if value.is_meta else f"{value.layout}"
@@ -702,7 +702,7 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
     if not isinstance(loaded, dict):
-        raise CheckpointError(f"{file}: expected a state dict, found {type(loaded).__name__}")
+        raise CheckpointError(f"{file}: expected a state dict, found {type_name(loaded)}")
     return loaded
 
 
@@ -1134,9 +1134,7 @@ def open_checkpoint(source: StateDictLike) -> Checkpoint:
         if S_ISREG(mode):
             return _open_file(path)
         raise CheckpointError(f"{path}: neither a file nor a directory")
-    raise TypeError(
-        f"expected a mapping, nn.Module, path or Checkpoint, found {type(source).__name__}"
-    )
+    raise TypeError(f"expected a mapping, nn.Module, path or Checkpoint, found {type_name(source)}")
 
 
 def load(source: StateDictLike, *, device: str | torch.device = "cpu") -> StateDict:

@@ -30,7 +30,7 @@ import torch
 
 from ._version import __version__
 from .checkpoint import Checkpoint, StateDict, StateDictLike, open_checkpoint, recorded_name
-from .errors import IncompatibleError, LadleError, NonFiniteError
+from .errors import IncompatibleError, LadleError, NonFiniteError, type_name
 from .modelcard import output_files
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -547,17 +547,6 @@ def check_models(models: Sequence[StateDictLike]) -> None:
         raise ValueError("models: expected at least one model, found none")
 
 
-def type_name(value: object) -> str:
-    """What the argument checks say they found where a value is of the wrong kind: its type's
-    name, or ``None``.
-
-    Example:
-        >>> type_name("0.5"), type_name(None), type_name(1j)
-        ('str', 'None', 'complex')
-    """
-    return "None" if value is None else type(value).__name__
-
-
 def check_number(name: str, value: object) -> float:
     """``value`` as a float: a real number (bool, int, float, numpy's real scalars) or a 0-d
     tensor or array; anything else (a string, a complex number, ``None``, a tensor or array
@@ -634,7 +623,7 @@ def check_sequence(name: str, values: object) -> list[object]:
         or not isinstance(values, Iterable)
         or getattr(values, "shape", None) == ()  # a 0-d tensor or array: iterating it fails
     ):
-        raise TypeError(f"{name}: expected a sequence of numbers, found {type(values).__name__}")
+        raise TypeError(f"{name}: expected a sequence of numbers, found {type_name(values)}")
     return list(values)
 
 

@@ -100,3 +100,14 @@ class OutputError(LadleError, OSError):
         ...     print(isinstance(err, OSError), str(err).endswith("is a file, not a directory"))
         True True
     """
+
+
+def type_name(value: object) -> str:
+    """What the argument checks say they found where a value is of the wrong kind: its type's
+    name, or ``None``.
+
+    Example:
+        >>> type_name("0.5"), type_name(None), type_name(1j)
+        ('str', 'None', 'complex')
+    """
+    return "None" if value is None else type(value).__name__

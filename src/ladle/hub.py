@@ -23,7 +23,7 @@ from urllib.parse import unquote
 
 from ._version import __version__
 from .checkpoint import NOT_WEIGHTS, shard_names
-from .errors import CheckpointError, LadleError
+from .errors import CheckpointError, LadleError, type_name
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -384,7 +384,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None
     if not path.is_dir():
         raise ValueError(f"push_to_hub: expected an output directory, found {path}")
     if not isinstance(repo_id, str):
-        raise TypeError(f"push_to_hub: repo_id: expected a str, found {type(repo_id).__name__}")
+        raise TypeError(f"push_to_hub: repo_id: expected a str, found {type_name(repo_id)}")
     problem = _repo_id_problem(repo_id)
     if problem is not None:
         raise ValueError(f"push_to_hub: repo_id: {problem}; nothing was sent")

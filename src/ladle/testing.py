@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpoint import StateDict, StateDictLike, load
+from .errors import type_name
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
@@ -252,9 +253,7 @@ def _as_state_dict(
     state = value if isinstance(value, Mapping) else load(value)
     for key, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(
-                f"{name}: expected a tensor for key {key!r}, found {type(tensor).__name__}"
-            )
+            raise TypeError(f"{name}: expected a tensor for key {key!r}, found {type_name(tensor)}")
     return state
 
 

@@ -38,7 +38,7 @@ from .checkpoint import (
     not_a_dense_tensor,
     pread_into,
 )
-from .errors import LadleError, OutputError
+from .errors import LadleError, OutputError, type_name
 from .hub import PREFIX
 
 __all__ = ["SafetensorsWriter", "parse_size", "save"]
@@ -278,8 +278,8 @@ def _header(
     for name, value in metadata.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise TypeError(
-                f"{out}: metadata: safetensors stores text only; found {type(name).__name__} "
-                f"{name!r} -> {type(value).__name__}"
+                f"{out}: metadata: safetensors stores text only; found {type_name(name)} "
+                f"{name!r} -> {type_name(value)}"
             )
     entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
@@ -288,7 +288,7 @@ def _header(
         if not isinstance(key, str):
             raise LadleError(
                 f"{out}: tensor {key!r}: safetensors names tensors by strings, found "
-                f"{type(key).__name__}"
+                f"{type_name(key)}"
             )
         if key == "__metadata__":
             raise LadleError(

@@ -30,9 +30,9 @@ from ..engine import (
     current_partition,
     merge,
     resolve_device,
-    type_name,
     unwrap_scalar,
 )
+from ..errors import type_name
 from ..writer import DEFAULT_MAX_SHARD_SIZE
 from .task_arithmetic import Delta, check_inputs, check_scale, task_vector_sum_kernel
 from .ties import check_density, majority_election

@@ -33,6 +33,7 @@ from ..engine import (
     resolve_dtype,
     saturation_limit,
 )
+from ..errors import type_name
 from ..modelcard import output_files
 from ..writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, check_output_free, single_file
 
@@ -378,7 +379,7 @@ def run_greedy(
 ) -> GreedySoupResult:
     """Open and check ``models``, run the greedy rule, write the soup to ``out`` if given."""
     if not callable(evaluate):
-        raise TypeError(f"evaluate: expected a callable, found {type(evaluate).__name__}")
+        raise TypeError(f"evaluate: expected a callable, found {type_name(evaluate)}")
     dtype = resolve_dtype(dtype)
     with ExitStack() as stack:
         checkpoints, _ = open_models(models, None, stack)
