@@ -1102,3 +1102,40 @@ def test_fold_refuses_a_chunk_bytes_that_is_no_positive_int(chunk_bytes, error):
     models = [ladle.open_checkpoint({"w": torch.ones(2)})]
     with pytest.raises(error, match="chunk_bytes: expected a"):
         list(fold(models, kernel, device=torch.device("cpu"), chunk_bytes=chunk_bytes))
+
+
+SEQUENCE_METHODS = {
+    "uniform_soup": lambda models: ladle.uniform_soup(models, device="cpu"),
+    "uniform_soup weighted": lambda models: ladle.uniform_soup(models, weights=[1, 1]),
+    "greedy_soup": lambda models: ladle.greedy_soup(models, lambda sd: 0.0, device="cpu"),
+    "ratatouille": lambda models: ladle.ratatouille(models, device="cpu"),
+    "task_arithmetic": lambda models: ladle.task_arithmetic(models, BASE, device="cpu"),
+    "task_arithmetic weighted": lambda models: ladle.task_arithmetic(models, BASE, weights=[1, 1]),
+    "ties": lambda models: ladle.ties(models, BASE, device="cpu"),
+    "dare": lambda models: ladle.dare(models, BASE, device="cpu"),
+    "model_stock": lambda models: ladle.model_stock(models, BASE, device="cpu"),
+    "weighted_sum": lambda models: ladle.weighted_sum(models, [1, 1]),
+}
+BASE = {"w": torch.zeros(3), "b": torch.zeros(2)}
+
+
+@pytest.mark.parametrize("method", SEQUENCE_METHODS.values(), ids=list(SEQUENCE_METHODS))
+@pytest.mark.parametrize("single", ["module", "path", "mapping"])
+def test_every_method_names_one_model_given_where_a_list_goes(tmp_path, method, single):
+    # A module or Path reached len(models): "object of type 'Linear' has no len()"; a mapping
+    # with weights counted its keys as models: "weights: expected 2 weights ..., found 2".
+    module = torch.nn.Linear(3, 2)
+    ladle.save(module.state_dict(), tmp_path / "model.safetensors")
+    model = {"module": module, "path": tmp_path / "model.safetensors"}.get(single, BASE)
+    with pytest.raises(TypeError, match=r"^models: expected a sequence of models, found a single"):
+        method(model)
+
+
+@pytest.mark.parametrize("method", SEQUENCE_METHODS.values(), ids=list(SEQUENCE_METHODS))
+def test_every_method_refuses_a_generator_of_models_naming_it(method):
+    # Was "object of type 'generator' has no len()".
+    models = (dict(BASE) for _ in range(2))
+    with pytest.raises(
+        TypeError, match=r"^models: expected a sequence of models \(a list or tuple\), found gen"
+    ):
+        method(models)

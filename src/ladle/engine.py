@@ -539,10 +539,21 @@ def _kind(dtype: torch.dtype) -> str:
 
 def check_models(models: Sequence[StateDictLike]) -> None:
     """A ``TypeError`` for one model given where a sequence of them is expected (a path, a
-    mapping or a module: iterating it would read its keys or characters as models), a
-    ``ValueError`` for none."""
+    mapping or a module: iterating it would read its keys or characters as models) or for
+    something without a length (a generator: the weights and indices count models), a
+    ``ValueError`` for none.
+
+    Example:
+        >>> check_models(iter([{}]))
+        Traceback (most recent call last):
+        TypeError: models: expected a sequence of models (a list or tuple), found list_iterator
+    """
     if isinstance(models, (str, os.PathLike, Mapping, torch.nn.Module)):
         raise TypeError("models: expected a sequence of models, found a single model")
+    if not hasattr(models, "__len__"):
+        raise TypeError(
+            f"models: expected a sequence of models (a list or tuple), found {type_name(models)}"
+        )
     if len(models) == 0:
         raise ValueError("models: expected at least one model, found none")
 

@@ -17,7 +17,7 @@ from typing import Literal, overload
 import torch
 
 from ..checkpoint import StateDict, StateDictLike, open_checkpoint
-from ..engine import FOLD_CHUNK_BYTES, Progress, _kind, merge
+from ..engine import FOLD_CHUNK_BYTES, Progress, _kind, check_models, merge
 from ..errors import IncompatibleError
 from ..writer import DEFAULT_MAX_SHARD_SIZE
 from .soup import Evaluate, GreedySoupResult, normalized_weights, run_greedy, weighted_mean_kernel
@@ -207,6 +207,7 @@ def ratatouille(
         ...                   evaluate=lambda sd: 0.9).selected
         [1, 0]
     """
+    check_models(models)
     if selection not in SELECTIONS:
         raise ValueError(f"selection: expected one of {SELECTIONS}, found {selection!r}")
     if selection == "uniform":

@@ -22,6 +22,7 @@ from ..engine import (
     _check_output,
     _check_saturating,
     check_compatible,
+    check_models,
     check_numbers,
     check_output_dtypes,
     fold,
@@ -155,6 +156,7 @@ def uniform_soup(
         >>> ladle.uniform_soup([a, b], weights=[3, 1])
         {'w': tensor([1.5000, 3.0000])}
     """
+    check_models(models)
     normalized = normalized_weights(weights, len(models))
     return merge(
         models,

@@ -23,6 +23,7 @@ from ..engine import (
     Progress,
     Scratch,
     check_chunk_bytes,
+    check_models,
     current_partition,
     fold,
     merge,
@@ -316,8 +317,8 @@ def model_stock(
     """
     if base is None:
         raise ValueError("base: model_stock needs the base model, found None")
-    single = isinstance(models, (str, os.PathLike, Mapping, torch.nn.Module))
-    if not single and len(models) < 2:  # a single model is the engine's TypeError
+    check_models(models)
+    if len(models) < 2:
         raise ValueError(f"models: model_stock needs at least 2 models, found {len(models)}")
     target = resolve_device(device)
     chunk_bytes = check_chunk_bytes(chunk_bytes)  # recorded in the output's parameters

@@ -15,6 +15,7 @@ from ..engine import (
     Kernel,
     Progress,
     Scratch,
+    check_models,
     check_number,
     check_numbers,
     merge,
@@ -70,7 +71,8 @@ def check_scale(scale: float) -> float:
 
 
 def check_inputs(models: Sequence[StateDictLike], base: StateDictLike | None) -> None:
-    """``ValueError`` for an empty model list or a missing base.
+    """:func:`~ladle.engine.check_models` (``TypeError`` for one model or no sequence,
+    ``ValueError`` for none), and a ``ValueError`` for a missing base.
 
     Example:
         >>> import torch
@@ -78,8 +80,7 @@ def check_inputs(models: Sequence[StateDictLike], base: StateDictLike | None) ->
         Traceback (most recent call last):
         ValueError: base: task-vector methods need the base model, found None
     """
-    if len(models) == 0:
-        raise ValueError("models: expected at least one model, found none")
+    check_models(models)
     if base is None:
         raise ValueError("base: task-vector methods need the base model, found None")
 
