@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import ladle
+import ladle.testing
 from ladle.engine import (
     Kernel,
     Scratch,
@@ -1139,3 +1140,40 @@ def test_every_method_refuses_a_generator_of_models_naming_it(method):
         TypeError, match=r"^models: expected a sequence of models \(a list or tuple\), found gen"
     ):
         method(models)
+
+
+MODEL = {"w": torch.ones(2)}
+NAMED_ARGUMENTS = {
+    "uniform_soup": (lambda: ladle.uniform_soup([MODEL, 3]), "model 1", "int"),
+    "greedy_soup": (
+        lambda: ladle.greedy_soup([MODEL, None], lambda sd: 0.0),
+        "model 1",
+        "NoneType",
+    ),
+    "task_arithmetic": (lambda: ladle.task_arithmetic([MODEL], [MODEL]), "base", "list"),
+    "ties": (lambda: ladle.ties([MODEL, 1.5], MODEL), "model 1", "float"),
+    "model_stock": (lambda: ladle.model_stock([MODEL, MODEL], [MODEL]), "base", "list"),
+    "add": (lambda: ladle.add(MODEL, [1]), "b", "list"),
+    "weighted_sum": (lambda: ladle.weighted_sum([MODEL, 2], [1, 1]), "model 1", "int"),
+    "task_vector": (lambda: ladle.task_vector(MODEL, None), "base", "NoneType"),
+    "ratatouille_init": (lambda: ladle.ratatouille_init(MODEL, [MODEL]), "head", "list"),
+    "diff": (lambda: ladle.diff(MODEL, MODEL, base=[MODEL]), "base", "list"),
+    "assert_state_dicts_close": (
+        lambda: ladle.testing.assert_state_dicts_close(MODEL, 3),
+        "expected",
+        "int",
+    ),
+    "load": (lambda: ladle.load(3), "source", "int"),
+}
+
+
+@pytest.mark.parametrize(
+    ("call", "name", "found"), NAMED_ARGUMENTS.values(), ids=list(NAMED_ARGUMENTS)
+)
+def test_a_model_of_no_known_kind_is_a_type_error_naming_the_argument(call, name, found):
+    # Was "expected a mapping, nn.Module, path or Checkpoint, found int": which of the inputs?
+    with pytest.raises(
+        TypeError,
+        match=rf"^{name}: expected a mapping, nn.Module, path or Checkpoint, found {found}$",
+    ):
+        call()

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .checkpoint import StateDict, StateDictLike, TensorMapCheckpoint, load
+from .checkpoint import StateDict, StateDictLike, TensorMapCheckpoint, check_source, load
 from .engine import (
     check_compatible,
     check_models,
@@ -84,6 +84,8 @@ def _map(
     ``scalars`` (already checked by :func:`_scalar`) are those ``fn`` applies: a complex one
     is refused for real tensors, and one float32 cannot hold computes in float64.
     """
+    for name, sd in named:
+        check_source(name, sd)
     opened = [(name, _tensors(sd)) for name, sd in named]
     checkpoints = [TensorMapCheckpoint(sd, name=name) for name, sd in opened]
     ref = checkpoints[reference]

@@ -1134,7 +1134,26 @@ def open_checkpoint(source: StateDictLike) -> Checkpoint:
         if S_ISREG(mode):
             return _open_file(path)
         raise CheckpointError(f"{path}: neither a file nor a directory")
-    raise TypeError(f"expected a mapping, nn.Module, path or Checkpoint, found {type_name(source)}")
+    check_source("source", source)
+    raise AssertionError("unreachable: check_source accepts only the kinds above")
+
+
+_SOURCE_KINDS = (Checkpoint, torch.nn.Module, Mapping, str, os.PathLike)
+
+
+def check_source(name: str, source: object) -> None:
+    """A ``TypeError`` naming argument ``name`` unless ``source`` is of a kind
+    :func:`open_checkpoint` opens (it is not opened).
+
+    Example:
+        >>> check_source("model 1", None)
+        Traceback (most recent call last):
+        TypeError: model 1: expected a mapping, nn.Module, path or Checkpoint, found None
+    """
+    if not isinstance(source, _SOURCE_KINDS):
+        raise TypeError(
+            f"{name}: expected a mapping, nn.Module, path or Checkpoint, found {type_name(source)}"
+        )
 
 
 def load(source: StateDictLike, *, device: str | torch.device = "cpu") -> StateDict:

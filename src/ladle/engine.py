@@ -29,7 +29,14 @@ from typing import Any, NamedTuple, NoReturn, Protocol, TypeVar, Union
 import torch
 
 from ._version import __version__
-from .checkpoint import Checkpoint, StateDict, StateDictLike, open_checkpoint, recorded_name
+from .checkpoint import (
+    Checkpoint,
+    StateDict,
+    StateDictLike,
+    check_source,
+    open_checkpoint,
+    recorded_name,
+)
 from .errors import IncompatibleError, LadleError, NonFiniteError, type_name
 from .modelcard import output_files
 from .writer import (
@@ -671,6 +678,10 @@ def open_models(
         ['w'] (2,)
     """
     check_models(models)
+    for index, source in enumerate(models):
+        check_source(f"model {index}", source)
+    if base is not None:
+        check_source("base", base)
 
     def opened(source: StateDictLike) -> Checkpoint:
         checkpoint = open_checkpoint(source)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import StateDict, StateDictLike, load
+from .checkpoint import StateDict, StateDictLike, check_source, load
 from .errors import type_name
 
 if TYPE_CHECKING:
@@ -250,6 +250,7 @@ def _as_state_dict(
 ) -> Mapping[str, torch.Tensor]:
     """``value`` as a mapping of tensors (loaded with :func:`ladle.load` unless a mapping);
     a ``TypeError`` naming ``name`` and the key for a value that is no tensor."""
+    check_source(name, value)
     state = value if isinstance(value, Mapping) else load(value)
     for key, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):

@@ -16,7 +16,7 @@ from typing import Literal, overload
 
 import torch
 
-from ..checkpoint import StateDict, StateDictLike, open_checkpoint
+from ..checkpoint import StateDict, StateDictLike, check_source, open_checkpoint
 from ..engine import FOLD_CHUNK_BYTES, Progress, _kind, check_models, merge
 from ..errors import IncompatibleError
 from ..writer import DEFAULT_MAX_SHARD_SIZE
@@ -71,6 +71,8 @@ def ratatouille_init(
     """
     if isinstance(drop, str):
         raise TypeError(f"drop: expected a sequence of patterns, found the string {drop!r}")
+    check_source("auxiliary", auxiliary)
+    check_source("head", head)
     aux = open_checkpoint(auxiliary)
     probe = open_checkpoint(head)
     try:
