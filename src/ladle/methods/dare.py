@@ -18,6 +18,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import overload
 
 import torch
 
@@ -269,6 +270,46 @@ def _dropper(
         return tau.mul_(keep)
 
     return drop
+
+
+@overload
+def dare(
+    models: Sequence[StateDictLike],
+    base: StateDictLike,
+    *,
+    density: float = ...,
+    scale: float = ...,
+    seed: int = ...,
+    combine: str = ...,
+    out: None = ...,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int = ...,
+    allow_nonfinite: bool = ...,
+) -> StateDict: ...
+
+
+@overload
+def dare(
+    models: Sequence[StateDictLike],
+    base: StateDictLike,
+    *,
+    density: float = ...,
+    scale: float = ...,
+    seed: int = ...,
+    combine: str = ...,
+    out: str | os.PathLike,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int = ...,
+    allow_nonfinite: bool = ...,
+) -> Path: ...
 
 
 def dare(

@@ -124,7 +124,7 @@ def ratatouille(
     evaluate: None = ...,
     scores: None = ...,
     strict: bool = ...,
-    out: str | os.PathLike | None = ...,
+    out: None = ...,
     device: str | torch.device | None = ...,
     dtype: torch.dtype | str | None = ...,
     progress: Progress = ...,
@@ -132,7 +132,26 @@ def ratatouille(
     overwrite: bool = ...,
     chunk_bytes: int = ...,
     allow_nonfinite: bool = ...,
-) -> StateDict | Path: ...
+) -> StateDict: ...
+
+
+@overload
+def ratatouille(
+    models: Sequence[StateDictLike],
+    *,
+    selection: Literal["uniform"] = ...,
+    evaluate: None = ...,
+    scores: None = ...,
+    strict: bool = ...,
+    out: str | os.PathLike,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int = ...,
+    allow_nonfinite: bool = ...,
+) -> Path: ...
 
 
 @overload

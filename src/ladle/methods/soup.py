@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import torch
 
@@ -109,6 +109,38 @@ def weighted_mean_kernel(weights: Sequence[float]) -> Kernel:
         return acc
 
     return Kernel(init, update, finalize, propagates_nonfinite=True)
+
+
+@overload
+def uniform_soup(
+    models: Sequence[StateDictLike],
+    *,
+    weights: Sequence[float] | None = ...,
+    out: None = ...,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int = ...,
+    allow_nonfinite: bool = ...,
+) -> StateDict: ...
+
+
+@overload
+def uniform_soup(
+    models: Sequence[StateDictLike],
+    *,
+    weights: Sequence[float] | None = ...,
+    out: str | os.PathLike,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int = ...,
+    allow_nonfinite: bool = ...,
+) -> Path: ...
 
 
 def uniform_soup(

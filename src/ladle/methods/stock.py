@@ -13,6 +13,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import overload
 
 import torch
 
@@ -255,6 +256,38 @@ def stock_kernel(ratios: Mapping[str, float], n: int) -> Kernel:
         return acc.mul_(t / n).add_(base, alpha=1.0 - t)
 
     return Kernel(init, update, finalize)
+
+
+@overload
+def model_stock(
+    models: Sequence[StateDictLike],
+    base: StateDictLike,
+    *,
+    out: None = ...,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int = ...,
+    allow_nonfinite: bool = ...,
+) -> StateDict: ...
+
+
+@overload
+def model_stock(
+    models: Sequence[StateDictLike],
+    base: StateDictLike,
+    *,
+    out: str | os.PathLike,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int = ...,
+    allow_nonfinite: bool = ...,
+) -> Path: ...
 
 
 def model_stock(

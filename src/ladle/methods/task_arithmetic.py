@@ -6,6 +6,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import overload
 
 import torch
 
@@ -148,6 +149,42 @@ def task_vector_sum_kernel(
 
     propagates = delta is None or delta_propagates_nonfinite
     return Kernel(init, update, finalize, propagates_nonfinite=propagates)
+
+
+@overload
+def task_arithmetic(
+    models: Sequence[StateDictLike],
+    base: StateDictLike,
+    *,
+    scale: float = ...,
+    weights: Sequence[float] | None = ...,
+    out: None = ...,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int = ...,
+    allow_nonfinite: bool = ...,
+) -> StateDict: ...
+
+
+@overload
+def task_arithmetic(
+    models: Sequence[StateDictLike],
+    base: StateDictLike,
+    *,
+    scale: float = ...,
+    weights: Sequence[float] | None = ...,
+    out: str | os.PathLike,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int = ...,
+    allow_nonfinite: bool = ...,
+) -> Path: ...
 
 
 def task_arithmetic(

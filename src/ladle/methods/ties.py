@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -982,6 +982,44 @@ def _trimmer(limits: Mapping[str, list[float]], density: float) -> Delta:
         return torch.hardshrink(tau, below, out=tau)
 
     return trim
+
+
+@overload
+def ties(
+    models: Sequence[StateDictLike],
+    base: StateDictLike,
+    *,
+    density: float = ...,
+    scale: float = ...,
+    trim: str = ...,
+    out: None = ...,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int | None = ...,
+    allow_nonfinite: bool = ...,
+) -> StateDict: ...
+
+
+@overload
+def ties(
+    models: Sequence[StateDictLike],
+    base: StateDictLike,
+    *,
+    density: float = ...,
+    scale: float = ...,
+    trim: str = ...,
+    out: str | os.PathLike,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int | None = ...,
+    allow_nonfinite: bool = ...,
+) -> Path: ...
 
 
 def ties(
