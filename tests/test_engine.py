@@ -1177,3 +1177,40 @@ def test_a_model_of_no_known_kind_is_a_type_error_naming_the_argument(call, name
         match=rf"^{name}: expected a mapping, nn.Module, path or Checkpoint, found {found}$",
     ):
         call()
+
+
+class Wrapped(torch.nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.add_module(name, torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("prefix", "how"),
+    [
+        ("_orig_mod", r"torch\.compile's: pass model\._orig_mod, or strip it"),
+        (
+            "module",
+            r"DistributedDataParallel's or AveragedModel's: pass model\.module, or strip it",
+        ),
+        ("encoder", "strip it"),
+    ],
+)
+def test_keys_that_differ_by_a_prefix_are_named_with_how_to_unwrap(prefix, how):
+    # A torch.compile'd model (keys '_orig_mod.*') merged with a plain one listed the missing
+    # and extra keys and left the user to see that they were the same keys.
+    plain, wrapped = torch.nn.Linear(2, 2), Wrapped(prefix)
+    hint = rf"; the keys differ by the prefix '{prefix}\.' \({how}\)$"
+    with pytest.raises(ladle.IncompatibleError, match=r"^model 1 .*extra 2 .*" + hint):
+        ladle.uniform_soup([plain, wrapped], device="cpu")
+    with pytest.raises(ladle.IncompatibleError, match=r"^base .*missing 2 .*" + hint):
+        ladle.task_arithmetic([wrapped, wrapped], plain, device="cpu")
+    with pytest.raises(ladle.IncompatibleError, match=r"^b: keys differ from a: .*" + hint):
+        ladle.sub(wrapped, plain)
+
+
+def test_keys_that_differ_otherwise_get_no_prefix_hint():
+    a = {"w": torch.ones(1), "b": torch.ones(1)}
+    b = {"x.w": torch.ones(1), "b2": torch.ones(1)}  # one key prefixed, not all of them
+    with pytest.raises(ladle.IncompatibleError, match=r"extra 2 \('x\.w', 'b2'\)$"):
+        ladle.uniform_soup([a, b], device="cpu")

@@ -446,6 +446,33 @@ def _few(keys: Sequence[str]) -> str:
     return f"{len(keys)} ({shown}{', ...' if len(keys) > 3 else ''})"
 
 
+_WRAPPERS = {  # prefixes that wrappers add to a module's keys, and how to unwrap it
+    "_orig_mod.": "torch.compile's: pass model._orig_mod",
+    "module.": "DistributedDataParallel's or AveragedModel's: pass model.module",
+}
+
+
+def _prefix_hint(missing: Sequence[str], extra: Sequence[str]) -> str:
+    """Where one side's keys are the other's with a prefix (torch.compile's ``_orig_mod.``,
+    DDP's ``module.``), a hint that says so and how to unwrap it; else ``""``.
+
+    Example:
+        >>> _prefix_hint(["w", "b"], ["_orig_mod.w", "_orig_mod.b"])
+        "; the keys differ by the prefix '_orig_mod.' (torch.compile's: pass model._orig_mod, or strip it)"
+        >>> _prefix_hint(["enc.w"], ["w"]), _prefix_hint(["w"], ["v"])
+        ("; the keys differ by the prefix 'enc.' (strip it)", '')
+    """  # noqa: E501
+    for short, long in ((missing, extra), (extra, missing)):
+        if not short or len(long) < len(short):
+            continue
+        first = short[0]
+        prefix = next((k[: -len(first)] for k in long if k.endswith(first) and k != first), "")
+        if prefix and set(long) >= {prefix + key for key in short}:
+            how = f"{_WRAPPERS[prefix]}, or strip it" if prefix in _WRAPPERS else "strip it"
+            return f"; the keys differ by the prefix {prefix!r} ({how})"
+    return ""
+
+
 def check_compatible(
     models: Sequence[Checkpoint], base: Checkpoint | None = None, *, named: bool = False
 ) -> None:
@@ -475,7 +502,9 @@ def check_compatible(
 
     def listed(missing: list[str], extra: list[str]) -> str:
         parts = [f"missing {_few(missing)}"] if missing else []
-        return "; ".join(parts + ([f"extra {_few(extra)}"] if extra else []))
+        return "; ".join(parts + ([f"extra {_few(extra)}"] if extra else [])) + _prefix_hint(
+            missing, extra
+        )
 
     ref_keys = reference.keys()
     ref_set = set(ref_keys)
@@ -487,8 +516,10 @@ def check_compatible(
         if not (missing or extra):
             continue
         if odd_reference(lambda m: sorted(m.keys())):  # the reference lacks or adds them
+            wrapped = _prefix_hint(missing, extra)  # a wrapped model, not a wrong one
             raise IncompatibleError(
-                f"{ref_label}: keys differ from those of {every}: {listed(extra, missing)}{hint}"
+                f"{ref_label}: keys differ from those of {every}: {listed(extra, missing)}"
+                + ("" if wrapped else hint)
             )
         raise IncompatibleError(
             f"{label(index, model)}: keys differ from {ref_label}: {listed(missing, extra)}"
