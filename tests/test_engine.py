@@ -1214,3 +1214,22 @@ def test_keys_that_differ_otherwise_get_no_prefix_hint():
     b = {"x.w": torch.ones(1), "b2": torch.ones(1)}  # one key prefixed, not all of them
     with pytest.raises(ladle.IncompatibleError, match=r"extra 2 \('x\.w', 'b2'\)$"):
         ladle.uniform_soup([a, b], device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("merge", "which"),
+    [
+        (lambda ok, bad: ladle.uniform_soup([ok, ok, bad], device="cpu"), "model 2"),
+        (lambda ok, bad: ladle.task_arithmetic([ok, ok], bad, device="cpu"), "base"),
+        (lambda ok, bad: ladle.greedy_soup([ok, bad], lambda sd: 0.0, device="cpu"), "model 1"),
+        (lambda ok, bad: ladle.ties([bad, ok], ok, device="cpu"), "model 0"),
+    ],
+)
+def test_a_tensor_without_data_in_memory_names_the_model_holding_it(merge, which):
+    # Was "<state dict>: tensor 'w' is on the meta device ...": which of the state dicts?
+    ok, meta = {"w": torch.ones(2)}, {"w": torch.empty(2, device="meta")}
+    problem = r"tensor 'w' is on the meta device \(no data\); ladle merges dense tensors"
+    with pytest.raises(ladle.CheckpointError, match=rf"^{which} \(<state dict>\): {problem}"):
+        merge(ok, meta)
+    with pytest.raises(ladle.CheckpointError, match=rf"^{which} \(<Linear>\): tensor 'weight'"):
+        merge(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta"))

@@ -37,7 +37,7 @@ from .checkpoint import (
     open_checkpoint,
     recorded_name,
 )
-from .errors import IncompatibleError, LadleError, NonFiniteError, type_name
+from .errors import CheckpointError, IncompatibleError, LadleError, NonFiniteError, type_name
 from .modelcard import output_files
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -714,13 +714,20 @@ def open_models(
     if base is not None:
         check_source("base", base)
 
-    def opened(source: StateDictLike) -> Checkpoint:
-        checkpoint = open_checkpoint(source)
+    def opened(source: StateDictLike, which: str) -> Checkpoint:
+        try:
+            checkpoint = open_checkpoint(source)
+        except CheckpointError as err:  # "<state dict>: tensor 'w' is on the meta device"
+            if isinstance(source, (Mapping, torch.nn.Module)):  # which of the models?
+                name, _, problem = str(err).partition(": ")
+                raise CheckpointError(f"{which} ({name}): {problem}") from None
+            raise
         if checkpoint is not source:
             stack.callback(checkpoint.close)
         return checkpoint
 
-    return [opened(m) for m in models], (None if base is None else opened(base))
+    opened_models = [opened(m, f"model {i}") for i, m in enumerate(models)]
+    return opened_models, (None if base is None else opened(base, "base"))
 
 
 def _bar(progress: Any, total: int, desc: str = "merging") -> Any:
