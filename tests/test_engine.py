@@ -1148,14 +1148,14 @@ NAMED_ARGUMENTS = {
     "greedy_soup": (
         lambda: ladle.greedy_soup([MODEL, None], lambda sd: 0.0),
         "model 1",
-        "NoneType",
+        "None",
     ),
     "task_arithmetic": (lambda: ladle.task_arithmetic([MODEL], [MODEL]), "base", "list"),
     "ties": (lambda: ladle.ties([MODEL, 1.5], MODEL), "model 1", "float"),
     "model_stock": (lambda: ladle.model_stock([MODEL, MODEL], [MODEL]), "base", "list"),
     "add": (lambda: ladle.add(MODEL, [1]), "b", "list"),
     "weighted_sum": (lambda: ladle.weighted_sum([MODEL, 2], [1, 1]), "model 1", "int"),
-    "task_vector": (lambda: ladle.task_vector(MODEL, None), "base", "NoneType"),
+    "task_vector": (lambda: ladle.task_vector(MODEL, None), "base", "None"),
     "ratatouille_init": (lambda: ladle.ratatouille_init(MODEL, [MODEL]), "head", "list"),
     "diff": (lambda: ladle.diff(MODEL, MODEL, base=[MODEL]), "base", "list"),
     "assert_state_dicts_close": (
