@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,30 @@ def test_merge_methods_return_a_state_dict_without_out_and_a_path_with_it(tmp_pa
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+OVERLOADED = {  # each method, and the parameters that tell its overloads apart
+    "uniform_soup": {"out"},
+    "task_arithmetic": {"out"},
+    "ties": {"out"},
+    "dare": {"out"},
+    "model_stock": {"out"},
+    "ratatouille": {"selection", "evaluate", "scores", "out"},
+}
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="typing.get_overloads: Python 3.11")
+@pytest.mark.parametrize("name", list(OVERLOADED))
+def test_overloads_take_every_argument_type_the_function_takes(name):
+    # The overloads are what a type checker sees: ratatouille(dtype="bf16") ran but was
+    # refused by mypy. Each overload takes every parameter, with the implementation's type.
+    function = getattr(ladle, name)
+    implementation = inspect.signature(function).parameters
+    overloads = typing.get_overloads(function)
+    assert len(overloads) >= 2
+    for overload in overloads:
+        parameters = inspect.signature(overload).parameters
+        assert list(parameters) == list(implementation), name
+        for argument, parameter in parameters.items():
+            if argument not in OVERLOADED[name]:
+                assert parameter.annotation == implementation[argument].annotation, argument
