@@ -1313,3 +1313,56 @@ def test_a_source_of_no_known_kind_is_a_type_error_naming_what_was_found(source,
     # None read "found NoneType", unlike every other argument check ("found None").
     with pytest.raises(TypeError, match=rf"expected a mapping, .*Checkpoint, found {found}$"):
         ladle.open_checkpoint(source)
+
+
+def _swa_and_plain():
+    """An AveragedModel over a model with a BatchNorm, and two plain fine-tunes of it."""
+    from torch.optim.swa_utils import AveragedModel
+
+    gen = torch.Generator().manual_seed(0)
+
+    def model():
+        net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+        for p in net.parameters():
+            p.data = torch.randn(p.shape, generator=gen)
+        return net
+
+    swa = AveragedModel(model())
+    swa.update_parameters(model())  # n_averaged = 1
+    swa.update_parameters(model())  # n_averaged = 2: the mean of two models
+    return swa, model(), model()
+
+
+def test_an_averaged_models_state_dict_merges_with_plain_ones_and_loads_into_the_model(tmp_path):
+    # An SWA/EMA average (keys 'module.*' and an 'n_averaged' count) was incompatible with
+    # the plain fine-tunes it came from; it is the averaged model's own state dict now.
+    swa, a, b = _swa_and_plain()
+    assert set(swa.state_dict()) == {f"module.{k}" for k in a.state_dict()} | {"n_averaged"}
+    torch.save(swa.state_dict(), tmp_path / "swa.pt")
+    own = swa.module.state_dict()
+    for source in (swa, swa.state_dict(), tmp_path / "swa.pt"):
+        merged = ladle.uniform_soup([source, a, b.state_dict()], device="cpu")
+        assert list(merged) == list(a.state_dict())
+        for key, value in merged.items():
+            parts = [own[key], a.state_dict()[key], b.state_dict()[key]]
+            if value.is_floating_point():
+                expected = (parts[0] + parts[1] + parts[2]) / 3
+                assert torch.allclose(value, expected, rtol=1e-6, atol=1e-7), key
+            else:  # num_batches_tracked: copied from model 0, the averaged model
+                assert torch.equal(value, parts[0]), key
+        a.load_state_dict(merged)  # strict: the plain model's keys exactly
+    assert list(ladle.load(swa)) == list(own)
+    assert list(ladle.scale(swa.state_dict(), 2.0)) == list(own)
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {"module.w": torch.ones(1), "v": torch.ones(1), "n_averaged": torch.tensor(1)},
+        {"module.w": torch.ones(1)},
+        {"n_averaged": torch.tensor(1)},
+    ],
+    ids=["a key without the prefix", "no n_averaged", "n_averaged alone"],
+)
+def test_only_an_averaged_models_whole_layout_is_unwrapped(tensors):
+    assert ladle.open_checkpoint(tensors).keys() == list(tensors)

@@ -1189,10 +1189,7 @@ class Wrapped(torch.nn.Module):
     ("prefix", "how"),
     [
         ("_orig_mod", r"torch\.compile's: pass model\._orig_mod, or strip it"),
-        (
-            "module",
-            r"DistributedDataParallel's or AveragedModel's: pass model\.module, or strip it",
-        ),
+        ("module", r"DistributedDataParallel's: pass model\.module, or strip it"),
         ("encoder", "strip it"),
     ],
 )

@@ -25,7 +25,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .checkpoint import StateDict, StateDictLike, TensorMapCheckpoint, check_source, load
+from .checkpoint import (
+    StateDict,
+    StateDictLike,
+    TensorMapCheckpoint,
+    check_source,
+    load,
+    unwrap_averaged,
+)
 from .engine import (
     check_compatible,
     check_models,
@@ -116,11 +123,12 @@ def _map(
 
 
 def _tensors(source: object) -> Mapping[str, torch.Tensor]:
-    """A mapping as it is; a module's ``state_dict()``; anything else read with :func:`load`."""
+    """A mapping as it is; a module's ``state_dict()``; anything else read with :func:`load`.
+    An ``AveragedModel``'s tensors are the averaged model's own (:func:`unwrap_averaged`)."""
     if isinstance(source, Mapping):
-        return source
+        return unwrap_averaged(source)
     if isinstance(source, torch.nn.Module):
-        return source.state_dict()
+        return unwrap_averaged(source.state_dict())
     return load(source)  # type: ignore[arg-type]  # a path, hf:// repo or Checkpoint
 
 

@@ -274,9 +274,37 @@ def not_a_dense_tensor(key: object, value: object) -> str | None:
     return None
 
 
+AVERAGED_PREFIX = "module."
+"""The prefix of every parameter and buffer key of a ``torch.optim.swa_utils.AveragedModel``,
+whose state dict also counts the models averaged in ``n_averaged``."""
+
+
+def unwrap_averaged(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """The model's own tensors where ``tensors`` is the state dict of a
+    ``torch.optim.swa_utils.AveragedModel`` (an ``n_averaged`` entry, every other key
+    ``module.``-prefixed): the prefix stripped, ``n_averaged`` dropped; else ``tensors``.
+
+    So an SWA or EMA average merges with plain fine-tunes of the same model, and the result
+    loads into the model itself.
+
+    Example:
+        >>> import torch
+        >>> swa = {"module.w": torch.ones(2), "n_averaged": torch.tensor(5)}
+        >>> list(unwrap_averaged(swa)), list(unwrap_averaged({"w": torch.ones(2)}))
+        (['w'], ['w'])
+    """
+    if "n_averaged" not in tensors or len(tensors) < 2:
+        return tensors
+    if not all(key.startswith(AVERAGED_PREFIX) for key in tensors if key != "n_averaged"):
+        return tensors
+    cut = len(AVERAGED_PREFIX)
+    return {key[cut:]: value for key, value in tensors.items() if key != "n_averaged"}
+
+
 class TensorMapCheckpoint(Checkpoint):
     """A checkpoint over tensors already in hand (a mapping, a module, a loaded torch file,
-    whose ``file`` :meth:`files` reports for every key)."""
+    whose ``file`` :meth:`files` reports for every key). An ``AveragedModel``'s tensors are
+    the averaged model's own (:func:`unwrap_averaged`)."""
 
     def __init__(
         self,
@@ -286,6 +314,7 @@ class TensorMapCheckpoint(Checkpoint):
         path: Path | None = None,
         file: Path | None = None,
     ) -> None:
+        tensors = unwrap_averaged(tensors)
         for key, value in tensors.items():
             problem = not_a_dense_tensor(key, value)
             if problem is not None:

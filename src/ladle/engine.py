@@ -448,7 +448,7 @@ def _few(keys: Sequence[str]) -> str:
 
 _WRAPPERS = {  # prefixes that wrappers add to a module's keys, and how to unwrap it
     "_orig_mod.": "torch.compile's: pass model._orig_mod",
-    "module.": "DistributedDataParallel's or AveragedModel's: pass model.module",
+    "module.": "DistributedDataParallel's: pass model.module",
 }
 
 
