@@ -218,7 +218,10 @@ def _not_an_output(path: Path) -> str | None:
         return None
     except OSError as err:
         return f"is a folder that cannot be listed ({err.strerror or err})"
-    if any(name.endswith((".safetensors", ".safetensors.index.json")) for name in names):
+    # Empty: nothing to lose (also a replaced output emptied by its writer while listed).
+    if not names or any(
+        name.endswith((".safetensors", ".safetensors.index.json")) for name in names
+    ):
         return None
     return f"is a folder without safetensors weights ({_some(names)})"
 
