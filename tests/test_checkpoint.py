@@ -1366,3 +1366,32 @@ def test_an_averaged_models_state_dict_merges_with_plain_ones_and_loads_into_the
 )
 def test_only_an_averaged_models_whole_layout_is_unwrapped(tensors):
     assert ladle.open_checkpoint(tensors).keys() == list(tensors)
+
+
+@pytest.mark.parametrize(
+    ("default", "variants"),
+    [
+        ("model.safetensors", ["model.fp16.safetensors", "model-00001-of-00002.safetensors"]),
+        ("pytorch_model.bin", ["pytorch_model.fp16.bin", "model.pt"]),
+    ],
+)
+def test_a_folder_with_variants_beside_the_default_weights_file_reads_the_default(
+    tmp_path, default, variants
+):
+    # from_pretrained reads model.safetensors beside model.fp16.safetensors; ladle refused
+    # the folder ("expected one weights file or a *.index.json").
+    def write(name, value):
+        tensors = {"w": torch.full((2,), value)}
+        if name.endswith(".safetensors"):
+            save_file(tensors, tmp_path / name)
+        else:
+            torch.save(tensors, tmp_path / name)
+
+    write(default, 1.0)
+    for name in variants:
+        write(name, 2.0)
+    with ladle.open_checkpoint(tmp_path) as ckpt:
+        assert ckpt.get("w").tolist() == [1.0, 1.0]
+    (tmp_path / default).unlink()  # variants alone: which one is meant is unknown
+    with pytest.raises(ladle.CheckpointError, match="expected one weights file"):
+        ladle.open_checkpoint(tmp_path)

@@ -1044,10 +1044,23 @@ def _home_as_tilde(name: str) -> str:
     return name
 
 
+DEFAULT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+"""transformers' names for unsharded weights: where a folder holds several weights files
+(variants such as ``model.fp16.safetensors`` beside them), the one ``from_pretrained`` reads."""
+
+
+def _preferred(files: list[Path]) -> list[Path]:
+    """``files``, or of several the one of them named as :data:`DEFAULT_WEIGHTS` names it."""
+    defaults = [p for p in files if p.name in DEFAULT_WEIGHTS]
+    return defaults if len(files) > 1 and len(defaults) == 1 else files
+
+
 def _open_directory(directory: Path) -> Checkpoint:
     """The first there is of: a safetensors shard index (the first by name), a single
     ``*.safetensors`` file, a torch shard index (``*.bin.index.json``), a single torch
-    weights file with no ``*.safetensors`` beside it; else a ``CheckpointError``."""
+    weights file with no ``*.safetensors`` beside it; else a ``CheckpointError``. Of several
+    files, ``model.safetensors`` (``pytorch_model.bin``) counts as the single one, as
+    ``from_pretrained`` reads it beside variants (:data:`DEFAULT_WEIGHTS`)."""
     name = str(directory)
     for index in sorted(directory.glob("*.safetensors.index.json")):
         sharded = SafetensorsCheckpoint(_read_index(index), name=name, path=directory)
@@ -1057,12 +1070,14 @@ def _open_directory(directory: Path) -> Checkpoint:
             sharded.close()
             raise
         return sharded
-    singles = sorted(directory.glob("*.safetensors"))
-    torch_files = sorted(
-        p
-        for p in directory.iterdir()
-        if p.suffix in TORCH_SUFFIXES
-        and not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in NOT_WEIGHTS)
+    singles = _preferred(sorted(directory.glob("*.safetensors")))
+    torch_files = _preferred(
+        sorted(
+            p
+            for p in directory.iterdir()
+            if p.suffix in TORCH_SUFFIXES
+            and not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in NOT_WEIGHTS)
+        )
     )
     indexes = sorted(directory.glob("*.bin.index.json"))
     if len(singles) == 1:
