@@ -1395,3 +1395,26 @@ def test_a_folder_with_variants_beside_the_default_weights_file_reads_the_defaul
     (tmp_path / default).unlink()  # variants alone: which one is meant is unknown
     with pytest.raises(ladle.CheckpointError, match="expected one weights file"):
         ladle.open_checkpoint(tmp_path)
+
+
+def test_aliases_are_keys_naming_the_very_same_tensor(tmp_path):
+    w = torch.arange(16.0).reshape(4, 4)
+    tensors = {
+        "emb": w,
+        "head": w,  # the same tensor: an alias of the first name
+        "also": w.view(4, 4),  # another tensor object, the same storage, offset and strides
+        "copy": w.clone(),  # equal values, its own storage
+        "transposed": w.t(),  # the same storage, offset and shape; other strides
+        "rows": w[1:],  # the same storage, another offset
+        "bytes": w.view(torch.int32),  # the same bytes as another dtype
+        "empty": w[:0],
+        "empty_too": w[:0],  # no entries: no tensor to tie
+    }
+    assert ladle.open_checkpoint(tensors).aliases() == {"head": "emb", "also": "emb"}
+    del tensors["bytes"]  # torch.save refuses one storage seen as two dtypes
+    torch.save(tensors, tmp_path / "tied.bin")  # torch files keep storages shared
+    with ladle.open_checkpoint(tmp_path / "tied.bin") as loaded:
+        assert loaded.aliases() == {"head": "emb", "also": "emb"}
+    ladle.save({"emb": w, "copy": w.clone()}, tmp_path / "m.safetensors")
+    with ladle.open_checkpoint(tmp_path / "m.safetensors") as stored:  # one tensor per name
+        assert stored.aliases() == {}

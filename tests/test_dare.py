@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -524,3 +525,115 @@ def test_torch_threads_are_fewer_while_numbers_are_drawn_and_restored_after(tmp_
     with pytest.raises(ladle.IncompatibleError):
         ladle.dare([bad, models[1]], base, device="cpu")
     assert torch.get_num_threads() == before
+
+
+# --- tied weights ------------------------------------------------------------------------
+
+
+class Tied(torch.nn.Module):
+    """A language model in miniature whose head is its embedding (``tie_word_embeddings``),
+    with integer weights: DARE at density 0.5 and scale 0.5 (factor 1) is then exact."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(6, 4)
+        self.body = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 6, bias=False)
+        self.head.weight = self.emb.weight  # one tensor, two names in the state dict
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randint(-9, 10, parameter.shape, generator=gen))
+
+
+def dare_by_hand(models, base, *, names=None):
+    """DARE at density 0.5, scale 0.5, seed 0 with the documented masks, key ``k`` drawing
+    under ``names.get(k, k)``: base + Σᵢ mᵢ⊙τᵢ, exact for integer weights."""
+    merged = {}
+    for key, value in base.items():
+        total = value.clone()
+        for i, model in enumerate(models):
+            tau = model[key] - value
+            keep = keep_mask(
+                0,
+                i,
+                (names or {}).get(key, key),
+                numel=tau.numel(),
+                start=0,
+                count=tau.numel(),
+                density=0.5,
+            )
+            total += tau * keep.view(tau.shape)
+        merged[key] = total
+    return merged
+
+
+def as_source(model, kind, path):
+    """``model`` given to ladle as a module, its state dict or a torch file of that."""
+    if kind == "module":
+        return model
+    if kind == "state_dict":
+        return model.state_dict()
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["module", "state_dict", "torch_file"])
+@pytest.mark.parametrize("to_disk", [False, True])
+def test_tied_weights_draw_one_mask_and_stay_tied(tmp_path, kind, to_disk):
+    base, *models = Tied(0), Tied(1), Tied(2)
+    sources = [as_source(m, kind, tmp_path / f"m{i}.bin") for i, m in enumerate([base, *models])]
+    out = tmp_path / "out.safetensors" if to_disk else None
+    merged = ladle.dare(sources[1:], sources[0], density=0.5, scale=0.5, seed=0, out=out)
+    merged = ladle.load(merged) if to_disk else merged
+    assert torch.equal(merged["head.weight"], merged["emb.weight"])
+    # The head draws the embedding's masks (the first of its names in the base's order);
+    # every other key its own, bit for bit as before.
+    states = [m.state_dict() for m in models]
+    expected = dare_by_hand(states, base.state_dict(), names={"head.weight": "emb.weight"})
+    assert_bit_for_bit(merged, expected)
+    separately = dare_by_hand(states, base.state_dict())  # masks by name, as before: untied
+    assert not torch.equal(separately["head.weight"], separately["emb.weight"])
+    assert all(torch.equal(separately[k], merged[k]) for k in merged if k != "head.weight")
+
+
+@pytest.mark.parametrize("combine", ["sum", "ties"])
+def test_tied_weights_stay_tied_whatever_the_chunks_and_combination(combine):
+    base, *models = Tied(0), Tied(1), Tied(2), Tied(3)
+    options = {"density": 0.3, "seed": 5, "combine": combine, "device": "cpu"}
+    whole = ladle.dare(models, base, **options)
+    chunked = ladle.dare(models, base, chunk_bytes=16, **options)
+    assert_bit_for_bit(chunked, whole)
+    assert torch.equal(whole["head.weight"], whole["emb.weight"])
+
+
+def test_keys_tied_in_the_base_but_untied_in_a_model_keep_their_own_masks():
+    base, *models = Tied(0), Tied(1), Tied(2)
+    untied = models[1].state_dict()
+    untied["head.weight"] = untied["head.weight"].clone()  # equal values, its own tensor
+    states = [models[0].state_dict(), untied]
+    merged = ladle.dare(states, base, density=0.5, scale=0.5, seed=0)
+    assert_bit_for_bit(merged, dare_by_hand(states, base.state_dict()))
+    assert not torch.equal(merged["head.weight"], merged["emb.weight"])
+
+
+def test_a_sharded_torch_checkpoint_keeps_its_tied_weights_tied(tmp_path):
+    base, model = Tied(0), Tied(1)
+    folders = []
+    for name, module in [("base", base), ("model", model)]:
+        folder = tmp_path / name
+        folder.mkdir()
+        state = module.state_dict()
+        torch.save({k: state[k] for k in ("emb.weight", "head.weight")}, folder / "a.bin")
+        torch.save({k: state[k] for k in ("body.weight", "body.bias")}, folder / "b.bin")
+        weight_map = {"emb.weight": "a.bin", "head.weight": "a.bin"}
+        weight_map.update({"body.weight": "b.bin", "body.bias": "b.bin"})
+        index = folder / "pytorch_model.bin.index.json"
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        folders.append(folder)
+    with ladle.open_checkpoint(folders[0]) as opened:
+        assert opened.aliases() == {"head.weight": "emb.weight"}
+    merged = ladle.dare([folders[1]], folders[0], density=0.5, scale=0.5, seed=0)
+    expected = dare_by_hand([model.state_dict()], base.state_dict())
+    expected["head.weight"] = expected["emb.weight"]
+    assert_bit_for_bit(merged, {k: expected[k] for k in merged})

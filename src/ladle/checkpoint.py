@@ -21,7 +21,7 @@ import struct
 import threading
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
@@ -171,6 +171,14 @@ class Checkpoint:
         once per tensor (a pass over every key each time made that quadratic in the keys)."""
         return {file: file.stat().st_size for file in dict.fromkeys(self.files().values())}
 
+    def aliases(self) -> dict[str, str]:
+        """Each key naming the very tensor an earlier key names (same storage, offset, shape,
+        strides and dtype: tied weights, such as ``lm_head.weight`` of a model with
+        ``tie_word_embeddings``) -> the first key in :meth:`keys` order that names it; keys
+        naming a tensor of their own are absent. This default finds none: a safetensors file
+        cannot hold one tensor twice (``save_model`` keeps one name of each)."""
+        return {}
+
     def nbytes(self, key: str) -> int:
         """Bytes of tensor ``key`` as stored."""
         numel = 1
@@ -301,6 +309,37 @@ def unwrap_averaged(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.T
     return {key[cut:]: value for key, value in tensors.items() if key != "n_averaged"}
 
 
+def tensor_aliases(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """Each key of ``tensors`` whose tensor is exactly an earlier one's (the same storage,
+    storage offset, shape, strides and dtype: an alias, not merely equal values) -> the first
+    key holding it (see :meth:`Checkpoint.aliases`). Tensors without entries alias nothing.
+
+    Example:
+        >>> import torch
+        >>> w = torch.ones(2, 3)
+        >>> tensor_aliases([("emb", w), ("head", w), ("copy", w.clone()), ("t", w.t())])
+        {'head': 'emb'}
+    """
+    first: dict[tuple[object, ...], str] = {}
+    aliases = {}
+    for key, tensor in tensors:
+        if tensor.numel() == 0:  # no bytes: every empty storage may sit at address 0
+            continue
+        storage = tensor.untyped_storage()
+        identity = (
+            tensor.device,
+            storage.data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+        )
+        holder = first.setdefault(identity, key)
+        if holder != key:
+            aliases[key] = holder
+    return aliases
+
+
 class TensorMapCheckpoint(Checkpoint):
     """A checkpoint over tensors already in hand (a mapping, a module, a loaded torch file,
     whose ``file`` :meth:`files` reports for every key). An ``AveragedModel``'s tensors are
@@ -330,6 +369,11 @@ class TensorMapCheckpoint(Checkpoint):
 
     def files(self) -> dict[str, Path]:
         return {} if self._file is None else dict.fromkeys(self._tensors, self._file)
+
+    def aliases(self) -> dict[str, str]:
+        """Keys naming one tensor (a module's or a loaded torch file's tied weights): see
+        :meth:`Checkpoint.aliases`."""
+        return tensor_aliases(self._tensors.items())
 
     def file_sizes(self) -> dict[Path, int]:
         return {} if self._file is None else {self._file: self._file.stat().st_size}
@@ -914,6 +958,12 @@ class TorchShardsCheckpoint(Checkpoint):
 
     def file_sizes(self) -> dict[Path, int]:
         return {file: file.stat().st_size for file in self._shards}
+
+    def aliases(self) -> dict[str, str]:
+        """Keys naming one tensor within a shard (:meth:`Checkpoint.aliases`; every shard is
+        loaded, as for :meth:`keys`). transformers writes tied weights into one shard; two
+        shards cannot share a tensor."""
+        return tensor_aliases((key, self._tensor(key)) for key in self.keys())
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._tensor(key).shape)

@@ -5,7 +5,9 @@ numbers on the CPU and a GPU, streamed or in memory, whatever the chunk size or 
 each tensor, flattened in row-major order, is cut into blocks of ``BLOCK`` entries; block ``b``
 of key ``K`` of model ``i`` draws ``torch.rand(L)`` (``L = min(BLOCK, numel − b·BLOCK)``,
 float32) from a CPU ``torch.Generator`` seeded with :func:`block_seed`, and an entry survives
-where its number is ``< density`` (compared exactly: :func:`keep_below`).
+where its number is ``< density`` (compared exactly: :func:`keep_below`). Tied weights, keys
+naming one tensor in the base and in every model (:func:`tied_names`), draw their masks under
+the first of their names in the base's key order, so they stay equal.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
     "dare",
     "keep_below",
     "keep_mask",
+    "tied_names",
     "uniform_numbers",
 ]
 
@@ -211,6 +214,34 @@ def keep_mask(
     return numbers < keep_below(density)
 
 
+def tied_names(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
+    """Each key that names one tensor with an earlier key in every one of ``checkpoints``
+    (:meth:`Checkpoint.aliases`: tied weights) -> the first such key in the first
+    checkpoint's key order (the base's), under whose name DARE draws its masks, so that
+    tied keys stay equal. Keys tied in some inputs only (a fine-tune that untied them holds
+    two tensors) keep their own names.
+
+    Example:
+        >>> import torch, ladle
+        >>> w, v = torch.ones(2), torch.zeros(2)
+        >>> tied = ladle.open_checkpoint({"emb": w, "head": w, "x": w, "y": w})
+        >>> untied = ladle.open_checkpoint({"emb": v, "head": v, "x": v, "y": v.clone()})
+        >>> tied_names([tied, untied])
+        {'head': 'emb', 'x': 'emb'}
+    """
+    maps = [checkpoint.aliases() for checkpoint in checkpoints]
+    if not all(maps):  # no key is tied in every input (the usual case: safetensors files)
+        return {}
+    first: dict[tuple[str, ...], str] = {}  # each group of keys tied everywhere: its first
+    names = {}
+    for key in checkpoints[0].keys():
+        group = tuple(aliases.get(key, key) for aliases in maps)
+        name = first.setdefault(group, key)
+        if name != key:
+            names[key] = name
+    return names
+
+
 def _dropper(
     shapes: dict[str, tuple[int, ...]],
     seed: int,
@@ -219,9 +250,11 @@ def _dropper(
     *,
     models: int,
     ahead: Executor,
+    names: dict[str, str] | None = None,
 ) -> Delta:
     """``mᵢ ⊙ τᵢ``, the mask ``mᵢ`` drawn per block of the flattened tensor (on ``threads``);
-    the rescale by ``1/density`` is left to the combination (see :func:`dare`).
+    the rescale by ``1/density`` is left to the combination (see :func:`dare`). A key in
+    ``names`` (:func:`tied_names`) draws its mask under the name it maps to.
 
     While model ``i``'s chunk is computed, model ``i + 1``'s numbers for the same rows are
     drawn on ``ahead`` (one thread): the random numbers, most of DARE's CPU time, overlap
@@ -262,6 +295,8 @@ def _dropper(
     ) -> torch.Tensor:
         if density == 1.0:  # every uniform number in [0, 1) survives
             return tau
+        if names:
+            key = names.get(key, key)  # tied weights: one mask for every name of the tensor
         row_size = math.prod(tau.shape[1:])  # the rows read (engine.chunk_shape), not stored
         drawn = numbers(key, (rows.start or 0) * row_size, tau.numel(), index)
         # 1.0 where kept, 0.0 where dropped: multiplying by a float mask is many times faster
@@ -342,7 +377,9 @@ def dare(
 
     The masks depend only on ``seed``, the model's position in ``models``, the key and the
     entry's position (see the module docs), so results are reproducible across devices, chunk
-    sizes and key orders; reordering ``models`` changes which mask each model gets.
+    sizes and key orders; reordering ``models`` changes which mask each model gets. Keys that
+    name one tensor (tied weights) in the base and every model (a module, its state dict, a
+    torch file) draw the masks of the first of them in the base's key order, and stay equal.
 
     Args:
         models: the fine-tuned models (mappings, modules, paths or checkpoints).
@@ -404,7 +441,10 @@ def dare(
     def prepare(checkpoints: list[Checkpoint], base_ckpt: Checkpoint | None) -> Kernel:
         assert base_ckpt is not None
         shapes = {key: base_ckpt.shape(key) for key in base_ckpt.keys()}
-        dropper = _dropper(shapes, seed, density, threads, models=len(checkpoints), ahead=ahead)
+        names = tied_names([base_ckpt, *checkpoints])
+        dropper = _dropper(
+            shapes, seed, density, threads, models=len(checkpoints), ahead=ahead, names=names
+        )
         if combine == "sum":
             # A dropped entry is multiplied by 0.0, and 0·NaN, 0·Inf are NaN: non-finite inputs
             # still show in the result.
