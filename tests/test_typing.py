@@ -32,13 +32,13 @@ assert_type(ladle.uniform_soup(models, weights=[1, 2], out=folder / "s.safetenso
 assert_type(ladle.task_arithmetic(models, base, scale=0.5), dict[str, torch.Tensor])
 assert_type(ladle.task_arithmetic(models, base, out="ta"), Path)
 assert_type(ladle.ties(models, base, density=0.5), dict[str, torch.Tensor])
-assert_type(ladle.ties(models, base, out=folder), Path)
+assert_type(ladle.ties(models, base, out=folder / "ties"), Path)
 assert_type(ladle.dare(models, base, seed=1), dict[str, torch.Tensor])
-assert_type(ladle.dare(models, base, out=folder), Path)
+assert_type(ladle.dare(models, base, out=folder / "dare"), Path)
 assert_type(ladle.model_stock(models, base), dict[str, torch.Tensor])
-assert_type(ladle.model_stock(models, base, out=folder), Path)
+assert_type(ladle.model_stock(models, base, out=folder / "model_stock"), Path)
 assert_type(ladle.ratatouille(models), dict[str, torch.Tensor])
-assert_type(ladle.ratatouille(models, out=folder), Path)
+assert_type(ladle.ratatouille(models, out=folder / "ratatouille"), Path)
 assert_type(
     ladle.ratatouille(models, selection="greedy", evaluate=lambda sd: 0.0),
     ladle.GreedySoupResult,
@@ -48,6 +48,61 @@ assert_type(ladle.uniform_soup(models, out=maybe), dict[str, torch.Tensor] | Pat
 torch.nn.Linear(2, 2).load_state_dict(ladle.uniform_soup([torch.nn.Linear(2, 2)]))
 """
 
+# Numbers as users hold them (0-d tensors, metrics, numpy scalars, 1-d tensors and arrays of
+# weights) where ladle.NumberLike / NumbersLike are taken: each call type-checks (part of the
+# script above) and gives exactly what the plain floats give (run on its own too).
+NUMBERS_SCRIPT = """
+import numpy as np
+import torch
+
+import ladle
+
+pair = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([5.0, 10.0])}]
+origin = {"w": torch.tensor([1.0, 1.0])}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (a, b)
+
+
+def score(state_dict: dict[str, torch.Tensor]) -> torch.Tensor:  # a metric, not a float
+    return -(state_dict["w"] - 2.0).abs().sum()
+
+
+soup = ladle.uniform_soup(pair, weights=[1, 3])
+same(ladle.uniform_soup(pair, weights=torch.tensor([1.0, 3.0])), soup)
+same(ladle.uniform_soup(pair, weights=np.array([1.0, 3.0])), soup)
+same(ladle.uniform_soup(pair, weights=[torch.tensor(1.0), np.float32(3)]), soup)
+same(ladle.uniform_soup(pair, weights=torch.softmax(torch.zeros(2), 0)), ladle.uniform_soup(pair))
+same(
+    ladle.task_arithmetic(pair, origin, scale=torch.tensor(0.5), weights=torch.tensor([1, 2])),
+    ladle.task_arithmetic(pair, origin, scale=0.5, weights=[1, 2]),
+)
+same(
+    ladle.task_arithmetic(pair, origin, scale=np.float32(0.5), weights=np.array([1, 2])),
+    ladle.task_arithmetic(pair, origin, scale=0.5, weights=[1, 2]),
+)
+same(
+    ladle.ties(pair, origin, density=torch.tensor(0.5), scale=np.array(2.0)),
+    ladle.ties(pair, origin, density=0.5, scale=2.0),
+)
+same(
+    ladle.dare(pair, origin, density=np.float64(0.5), scale=torch.tensor(2.0), seed=3),
+    ladle.dare(pair, origin, density=0.5, scale=2.0, seed=3),
+)
+same(ladle.scale(pair[0], torch.tensor(0.5)), ladle.scale(pair[0], 0.5))
+same(ladle.add(pair[0], pair[1], alpha=np.float32(2)), ladle.add(pair[0], pair[1], alpha=2))
+same(ladle.lerp(pair[0], pair[1], np.array(0.25)), ladle.lerp(pair[0], pair[1], 0.25))
+same(ladle.weighted_sum(pair, torch.tensor([0.5, 0.25])), ladle.weighted_sum(pair, [0.5, 0.25]))
+same(ladle.weighted_sum(pair, np.array([0.5, 0.25])), ladle.weighted_sum(pair, [0.5, 0.25]))
+greedy = ladle.greedy_soup(pair, score, scores=torch.tensor([1.0, 2.0]))
+assert greedy.selected == [1] and greedy.score == 2.0, greedy  # scores as given; 0 lowers it
+same(greedy.state_dict, pair[1])
+chosen = ladle.ratatouille(pair, selection="greedy", evaluate=score, scores=np.array([2, 1]))
+assert chosen.selected == [0], chosen
+same(chosen.state_dict, pair[0])
+"""
+
 
 @pytest.mark.slow
 def test_merge_methods_return_a_state_dict_without_out_and_a_path_with_it(tmp_path):
@@ -55,7 +110,7 @@ def test_merge_methods_return_a_state_dict_without_out_and_a_path_with_it(tmp_pa
     # model.load_state_dict(ladle.uniform_soup(models)) failed to type-check.
     pytest.importorskip("mypy")
     script = tmp_path / "user_script.py"
-    script.write_text(textwrap.dedent(USER_SCRIPT))
+    script.write_text(textwrap.dedent(USER_SCRIPT) + textwrap.dedent(NUMBERS_SCRIPT))
     source = Path(ladle.__file__).resolve().parent.parent  # the ladle under test
     result = subprocess.run(
         [
@@ -76,6 +131,20 @@ def test_merge_methods_return_a_state_dict_without_out_and_a_path_with_it(tmp_pa
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_user_scripts_run_and_numbers_given_as_tensors_or_arrays_merge_as_floats(
+    tmp_path, monkeypatch
+):
+    # "Every line runs": the scripts that mypy checks above, run. The numbers script asserts
+    # that weights=torch.tensor([1., 3.]), np.array([1., 3.]), density=torch.tensor(0.5),
+    # ... merge exactly as [1, 3], 0.5 do (what ladle.NumberLike/NumbersLike promise).
+    pytest.importorskip("typing_extensions")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(textwrap.dedent(USER_SCRIPT), "user_script", "exec"), {})
+    written = ["dare", "model_stock", "ratatouille", "s.safetensors", "ties"]
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == written
+    exec(compile(textwrap.dedent(NUMBERS_SCRIPT), "numbers_script", "exec"), {})
 
 
 OVERLOADED = {  # each method, and the parameters that tell its overloads apart

@@ -27,6 +27,8 @@ from .checkpoint import open_checkpoint as open_checkpoint
 from .compare import DiffReport as DiffReport
 from .compare import TensorDiff as TensorDiff
 from .compare import diff as diff
+from .engine import NumberLike as NumberLike
+from .engine import NumbersLike as NumbersLike
 from .errors import CheckpointError as CheckpointError
 from .errors import IncompatibleError as IncompatibleError
 from .errors import LadleError as LadleError
@@ -58,6 +60,8 @@ __all__ = [
     "LadleError",
     "ModelStockWarning",
     "NonFiniteError",
+    "NumberLike",
+    "NumbersLike",
     "OutputError",
     "StateDict",
     "StateDictLike",

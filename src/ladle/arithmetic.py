@@ -34,6 +34,8 @@ from .checkpoint import (
     unwrap_averaged,
 )
 from .engine import (
+    NumberLike,
+    NumbersLike,
     check_compatible,
     check_models,
     check_output_dtypes,
@@ -132,7 +134,7 @@ def _tensors(source: object) -> Mapping[str, torch.Tensor]:
     return load(source)  # type: ignore[arg-type]  # a path, hf:// repo or Checkpoint
 
 
-def add(a: Tensors, b: Tensors, alpha: float = 1.0) -> StateDict:
+def add(a: Tensors, b: Tensors, alpha: NumberLike | complex = 1.0) -> StateDict:
     """``a + alpha·b``, key by key.
 
     Example:
@@ -159,7 +161,7 @@ def sub(a: Tensors, b: Tensors) -> StateDict:
     return _map(torch.sub, [("a", a), ("b", b)])
 
 
-def scale(a: Tensors, factor: float) -> StateDict:
+def scale(a: Tensors, factor: NumberLike | complex) -> StateDict:
     """``factor·a``, key by key.
 
     Example:
@@ -171,7 +173,7 @@ def scale(a: Tensors, factor: float) -> StateDict:
     return _map(lambda x: x * number, [("a", a)], scalars=[("factor", number)])
 
 
-def lerp(a: Tensors, b: Tensors, t: float) -> StateDict:
+def lerp(a: Tensors, b: Tensors, t: NumberLike | complex) -> StateDict:
     """``(1−t)·a + t·b``, key by key (exactly ``a`` at t = 0 and ``b`` at t = 1).
 
     Example:
@@ -198,7 +200,9 @@ def _lerp(x: torch.Tensor, y: torch.Tensor, t: Scalar) -> torch.Tensor:
     return merged
 
 
-def weighted_sum(models: Sequence[Tensors], weights: Sequence[float]) -> StateDict:
+def weighted_sum(
+    models: Sequence[Tensors], weights: NumbersLike | Sequence[NumberLike | complex]
+) -> StateDict:
     """``Σᵢ weights[i]·models[i]``, key by key (weights are used as given, not normalised).
 
     Example:

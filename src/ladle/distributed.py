@@ -32,7 +32,14 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpoint, StateDictLike
-from .engine import check_number, check_numbers, partitioned, resolve_device
+from .engine import (
+    NumberLike,
+    NumbersLike,
+    check_number,
+    check_numbers,
+    partitioned,
+    resolve_device,
+)
 from .errors import IncompatibleError, LadleError
 from .methods.dare import dare
 from .methods.ratatouille import ratatouille
@@ -267,7 +274,7 @@ def average_(
     module_or_state_dict: Averageable,
     *,
     group: dist.ProcessGroup | None = None,
-    weights: float | Sequence[float] | torch.Tensor | None = None,
+    weights: NumberLike | NumbersLike | None = None,
 ) -> Averageable:
     """In place, the (weighted) mean across the ranks of a process group of every floating tensor.
 

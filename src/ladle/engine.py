@@ -26,7 +26,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, Protocol, TypeVar, Union
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from ._version import __version__
 from .checkpoint import (
@@ -52,6 +54,8 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "FOLD_CHUNK_BYTES",
     "Kernel",
+    "NumberLike",
+    "NumbersLike",
     "Partition",
     "Progress",
     "Scratch",
@@ -88,6 +92,26 @@ mapped: 3.4 GB for twelve 70B-parameter bf16 models) stay a few tensors' worth."
 
 Progress = Union[bool, Callable[..., Any], None]  # noqa: UP007 (a runtime alias on Python 3.10)
 """``True``: a tqdm bar over bytes; a tqdm-like class: your own; ``None``/``False``: none."""
+
+NumberLike = Union[  # noqa: UP007 (a runtime alias on Python 3.10)
+    float,
+    torch.Tensor,
+    np.floating[Any],
+    np.integer[Any],
+    NDArray[np.floating[Any] | np.integer[Any]],
+]
+"""A real number as the merge methods take it (``density``, ``scale``, ``factor``...): an
+int or float, a numpy real scalar (``np.float32(0.5)``), or a 0-d tensor or array
+(``torch.tensor(0.5)``, a metric's value). Checked at run time by :func:`check_number`: a
+tensor or array of any other shape is a ``TypeError``."""
+
+NumbersLike = Union[  # noqa: UP007 (a runtime alias on Python 3.10)
+    Sequence[NumberLike], torch.Tensor, NDArray[np.floating[Any] | np.integer[Any]]
+]
+"""Numbers as the merge methods take them (``weights``, ``scores``): a sequence of
+:data:`NumberLike`, or a 1-d tensor or array (``torch.softmax(logits, 0)``,
+``np.array([1, 3])``). Checked at run time by :func:`check_numbers`: a string, a lone number
+or a 0-d tensor is a ``TypeError``, the wrong length a ``ValueError``."""
 
 
 class Kernel(NamedTuple):

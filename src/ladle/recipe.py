@@ -290,7 +290,8 @@ def _check_values(method: str, parameters: Mapping[str, Any], count: int, where:
 
 def _check_type(value: object, annotation: object, where: str) -> None:
     """``value`` (from TOML) against a method parameter's annotation (a string, as the
-    methods' modules use postponed annotations): numbers, lists of numbers, flags, text."""
+    methods' modules use postponed annotations): numbers (``NumberLike``), lists of numbers
+    (``NumbersLike``), flags, text."""
     text = str(annotation)
 
     def number(item: object) -> bool:
@@ -298,11 +299,11 @@ def _check_type(value: object, annotation: object, where: str) -> None:
 
     if value is None and "None" in text:
         return
-    if "Sequence[float]" in text:
+    if "Sequence[float]" in text or "NumbersLike" in text:
         ok, kind = isinstance(value, list) and all(number(v) for v in value), "a list of numbers"
     elif text.startswith("bool"):
         ok, kind = isinstance(value, bool), "true or false"
-    elif "float" in text:
+    elif "float" in text or "NumberLike" in text:
         ok, kind = number(value), "a number"
     elif text.startswith("int"):
         ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"

@@ -28,6 +28,7 @@ from ..checkpoint import Checkpoint, StateDict, StateDictLike
 from ..engine import (
     DEFAULT_CHUNK_BYTES,
     Kernel,
+    NumberLike,
     Progress,
     _threads_beside_readers,
     current_partition,
@@ -64,7 +65,7 @@ still rescaled by 1/density, the paper's rule): 1.3% above density at 1e-6, 2.4e
 never below 2⁻²⁴."""
 
 
-def check_dare_density(density: float) -> float:
+def check_dare_density(density: NumberLike) -> float:
     """``density`` as a float in [:data:`DENSITY_FLOOR`, 1], or a ``ValueError`` naming it.
 
     Example:
@@ -312,8 +313,8 @@ def dare(
     models: Sequence[StateDictLike],
     base: StateDictLike,
     *,
-    density: float = ...,
-    scale: float = ...,
+    density: NumberLike = ...,
+    scale: NumberLike = ...,
     seed: int = ...,
     combine: str = ...,
     out: None = ...,
@@ -332,8 +333,8 @@ def dare(
     models: Sequence[StateDictLike],
     base: StateDictLike,
     *,
-    density: float = ...,
-    scale: float = ...,
+    density: NumberLike = ...,
+    scale: NumberLike = ...,
     seed: int = ...,
     combine: str = ...,
     out: str | os.PathLike,
@@ -351,8 +352,8 @@ def dare(
     models: Sequence[StateDictLike],
     base: StateDictLike,
     *,
-    density: float = 0.1,
-    scale: float = 1.0,
+    density: NumberLike = 0.1,
+    scale: NumberLike = 1.0,
     seed: int = 0,
     combine: str = "sum",
     out: str | os.PathLike | None = None,

@@ -17,7 +17,7 @@ from typing import Literal, overload
 import torch
 
 from ..checkpoint import StateDict, StateDictLike, check_source, open_checkpoint
-from ..engine import FOLD_CHUNK_BYTES, Progress, _kind, check_models, merge
+from ..engine import FOLD_CHUNK_BYTES, NumbersLike, Progress, _kind, check_models, merge
 from ..errors import IncompatibleError
 from ..writer import DEFAULT_MAX_SHARD_SIZE
 from .soup import Evaluate, GreedySoupResult, normalized_weights, run_greedy, weighted_mean_kernel
@@ -160,7 +160,7 @@ def ratatouille(
     *,
     selection: Literal["greedy"],
     evaluate: Evaluate,
-    scores: Sequence[float] | None = ...,
+    scores: NumbersLike | None = ...,
     strict: bool = ...,
     out: str | os.PathLike | None = ...,
     device: str | torch.device | None = ...,
@@ -178,7 +178,7 @@ def ratatouille(
     *,
     selection: str = "uniform",
     evaluate: Evaluate | None = None,
-    scores: Sequence[float] | None = None,
+    scores: NumbersLike | None = None,
     strict: bool = False,
     out: str | os.PathLike | None = None,
     device: str | torch.device | None = None,

@@ -16,6 +16,8 @@ from ..checkpoint import Checkpoint, StateDict, StateDictLike, TensorMapCheckpoi
 from ..engine import (
     FOLD_CHUNK_BYTES,
     Kernel,
+    NumberLike,
+    NumbersLike,
     Progress,
     Scratch,
     _check_merged,
@@ -51,7 +53,7 @@ __all__ = [
 ]
 
 
-def normalized_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+def normalized_weights(weights: NumbersLike | None, count: int) -> list[float]:
     """``weights`` divided by their sum (uniform when ``None``); checked for length and sum
     (``ValueError``) and to be numbers (``TypeError``).
 
@@ -66,19 +68,19 @@ def normalized_weights(weights: Sequence[float] | None, count: int) -> list[floa
         raise ValueError("models: expected at least one model, found none")
     if weights is None:
         return [1.0 / count] * count
-    weights = check_numbers("weights", weights, count, "weights (one per model)")
-    bad = ValueError(f"weights: expected finite weights with a non-zero sum, found {weights}")
-    if not all(math.isfinite(w) for w in weights):
+    values = check_numbers("weights", weights, count, "weights (one per model)")
+    bad = ValueError(f"weights: expected finite weights with a non-zero sum, found {values}")
+    if not all(math.isfinite(w) for w in values):
         raise bad
     try:
-        total = math.fsum(weights)
+        total = math.fsum(values)
     except OverflowError:  # finite, but their sum passes float's range: scale them down first
-        largest = max(abs(w) for w in weights)
-        weights = [w / largest for w in weights]
-        total = math.fsum(weights)
+        largest = max(abs(w) for w in values)
+        values = [w / largest for w in values]
+        total = math.fsum(values)
     if total == 0:
         raise bad
-    return [w / total for w in weights]
+    return [w / total for w in values]
 
 
 def weighted_mean_kernel(weights: Sequence[float]) -> Kernel:
@@ -115,7 +117,7 @@ def weighted_mean_kernel(weights: Sequence[float]) -> Kernel:
 def uniform_soup(
     models: Sequence[StateDictLike],
     *,
-    weights: Sequence[float] | None = ...,
+    weights: NumbersLike | None = ...,
     out: None = ...,
     device: str | torch.device | None = ...,
     dtype: torch.dtype | str | None = ...,
@@ -131,7 +133,7 @@ def uniform_soup(
 def uniform_soup(
     models: Sequence[StateDictLike],
     *,
-    weights: Sequence[float] | None = ...,
+    weights: NumbersLike | None = ...,
     out: str | os.PathLike,
     device: str | torch.device | None = ...,
     dtype: torch.dtype | str | None = ...,
@@ -146,7 +148,7 @@ def uniform_soup(
 def uniform_soup(
     models: Sequence[StateDictLike],
     *,
-    weights: Sequence[float] | None = None,
+    weights: NumbersLike | None = None,
     out: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
@@ -243,8 +245,9 @@ class GreedySoupResult(NamedTuple):
     history: list[GreedySoupStep]
 
 
-Evaluate = Callable[[StateDict], float]
-"""``evaluate(state_dict) -> score``; higher is better (a held-out accuracy)."""
+Evaluate = Callable[[StateDict], NumberLike]
+"""``evaluate(state_dict) -> score``; higher is better (a held-out accuracy): a number, or a
+0-d tensor or array (what ``float()`` takes)."""
 
 
 def running_mean_kernel(count: int) -> Kernel:
@@ -279,7 +282,7 @@ def running_mean_kernel(count: int) -> Kernel:
     return Kernel(init, update, finalize)
 
 
-def _checked_scores(scores: Sequence[float], count: int) -> list[float]:
+def _checked_scores(scores: NumbersLike, count: int) -> list[float]:
     values = check_numbers("scores", scores, count, "scores (one per model)")
     if any(math.isnan(s) for s in values):
         raise ValueError(f"scores: expected numbers, found NaN in {values}")
@@ -300,7 +303,7 @@ def _greedy(
     checkpoints: Sequence[Checkpoint],
     evaluate: Evaluate,
     *,
-    scores: Sequence[float] | None,
+    scores: NumbersLike | None,
     strict: bool,
     device: torch.device,
     dtype: torch.dtype | None,
@@ -401,7 +404,7 @@ def run_greedy(
     *,
     method: str,
     parameters: Mapping[str, object],
-    scores: Sequence[float] | None,
+    scores: NumbersLike | None,
     strict: bool,
     out: str | os.PathLike | None,
     device: str | torch.device | None,
@@ -463,7 +466,7 @@ def greedy_soup(
     models: Sequence[StateDictLike],
     evaluate: Evaluate,
     *,
-    scores: Sequence[float] | None = None,
+    scores: NumbersLike | None = None,
     strict: bool = False,
     out: str | os.PathLike | None = None,
     device: str | torch.device | None = None,

@@ -14,6 +14,8 @@ from ..checkpoint import StateDict, StateDictLike
 from ..engine import (
     FOLD_CHUNK_BYTES,
     Kernel,
+    NumberLike,
+    NumbersLike,
     Progress,
     Scratch,
     check_models,
@@ -37,7 +39,7 @@ vector ``tau`` (the kernel's own buffer: change it in place and return it) and `
 buffer of the same shape and dtype free to overwrite."""
 
 
-def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+def check_weights(weights: NumbersLike | None, count: int) -> list[float]:
     """Task arithmetic's ``weights`` for ``count`` models as floats (1.0 each for ``None``),
     or a ``ValueError`` naming them: one finite number per model (a ``TypeError`` for what is
     no sequence of numbers).
@@ -54,7 +56,7 @@ def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     return checked
 
 
-def check_scale(scale: float) -> float:
+def check_scale(scale: NumberLike) -> float:
     """``scale`` as a float, or a ``ValueError`` when it is not finite (a ``TypeError`` naming
     it for what is no number).
 
@@ -156,8 +158,8 @@ def task_arithmetic(
     models: Sequence[StateDictLike],
     base: StateDictLike,
     *,
-    scale: float = ...,
-    weights: Sequence[float] | None = ...,
+    scale: NumberLike = ...,
+    weights: NumbersLike | None = ...,
     out: None = ...,
     device: str | torch.device | None = ...,
     dtype: torch.dtype | str | None = ...,
@@ -174,8 +176,8 @@ def task_arithmetic(
     models: Sequence[StateDictLike],
     base: StateDictLike,
     *,
-    scale: float = ...,
-    weights: Sequence[float] | None = ...,
+    scale: NumberLike = ...,
+    weights: NumbersLike | None = ...,
     out: str | os.PathLike,
     device: str | torch.device | None = ...,
     dtype: torch.dtype | str | None = ...,
@@ -191,8 +193,8 @@ def task_arithmetic(
     models: Sequence[StateDictLike],
     base: StateDictLike,
     *,
-    scale: float = 1.0,
-    weights: Sequence[float] | None = None,
+    scale: NumberLike = 1.0,
+    weights: NumbersLike | None = None,
     out: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,

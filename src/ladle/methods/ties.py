@@ -23,6 +23,7 @@ from ..checkpoint import Checkpoint, StateDict, StateDictLike
 from ..engine import (
     FOLD_CHUNK_BYTES,
     Kernel,
+    NumberLike,
     Progress,
     Scratch,
     _merged_view,
@@ -61,7 +62,7 @@ _DIGIT = 16
 _BINS = 1 << _DIGIT
 
 
-def check_density(density: float) -> float:
+def check_density(density: NumberLike) -> float:
     """``density`` as a float in (0, 1], or a ``ValueError`` naming it (a ``TypeError`` for
     what is no number).
 
@@ -573,7 +574,7 @@ def magnitude_thresholds(
     models: Sequence[StateDictLike],
     base: StateDictLike,
     *,
-    density: float = 0.2,
+    density: NumberLike = 0.2,
     trim: str = "global",
     device: str | torch.device | None = None,
     chunk_bytes: int = FOLD_CHUNK_BYTES,
@@ -989,8 +990,8 @@ def ties(
     models: Sequence[StateDictLike],
     base: StateDictLike,
     *,
-    density: float = ...,
-    scale: float = ...,
+    density: NumberLike = ...,
+    scale: NumberLike = ...,
     trim: str = ...,
     out: None = ...,
     device: str | torch.device | None = ...,
@@ -1008,8 +1009,8 @@ def ties(
     models: Sequence[StateDictLike],
     base: StateDictLike,
     *,
-    density: float = ...,
-    scale: float = ...,
+    density: NumberLike = ...,
+    scale: NumberLike = ...,
     trim: str = ...,
     out: str | os.PathLike,
     device: str | torch.device | None = ...,
@@ -1026,8 +1027,8 @@ def ties(
     models: Sequence[StateDictLike],
     base: StateDictLike,
     *,
-    density: float = 0.2,
-    scale: float = 1.0,
+    density: NumberLike = 0.2,
+    scale: NumberLike = 1.0,
     trim: str = "global",
     out: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
