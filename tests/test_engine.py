@@ -1142,6 +1142,18 @@ def test_every_method_refuses_a_generator_of_models_naming_it(method):
         method(models)
 
 
+@pytest.mark.parametrize("method", SEQUENCE_METHODS.values(), ids=list(SEQUENCE_METHODS))
+def test_every_method_refuses_a_set_of_models_whose_order_is_not_stable(tmp_path, method):
+    # A set of paths merged in an order PYTHONHASHSEED picks: weights, scores and a greedy
+    # soup's selected indices could follow other models than the user listed.
+    paths = {ladle.save(dict(BASE), tmp_path / f"m{i}.safetensors") for i in range(2)}
+    for models in (paths, frozenset(paths), {str(p): 0 for p in paths}.keys()):
+        with pytest.raises(
+            TypeError, match=r"^models: expected a sequence of models \(a list or tuple\), found"
+        ):
+            method(models)
+
+
 MODEL = {"w": torch.ones(2)}
 NAMED_ARGUMENTS = {
     "uniform_soup": (lambda: ladle.uniform_soup([MODEL, 3]), "model 1", "int"),

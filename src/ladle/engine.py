@@ -21,6 +21,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -602,8 +603,10 @@ def _kind(dtype: torch.dtype) -> str:
 def check_models(models: Sequence[StateDictLike]) -> None:
     """A ``TypeError`` for one model given where a sequence of them is expected (a path, a
     mapping or a module: iterating it would read its keys or characters as models) or for
-    something without a length (a generator: the weights and indices count models), a
-    ``ValueError`` for none.
+    something without a length (a generator: the weights and indices count models) or order
+    (a set: weights, scores and the indices a greedy soup selects follow the models' order,
+    which a set of paths changes from run to run with ``PYTHONHASHSEED``), a ``ValueError``
+    for none.
 
     Example:
         >>> check_models(iter([{}]))
@@ -612,7 +615,7 @@ def check_models(models: Sequence[StateDictLike]) -> None:
     """
     if isinstance(models, (str, os.PathLike, Mapping, torch.nn.Module)):
         raise TypeError("models: expected a sequence of models, found a single model")
-    if not hasattr(models, "__len__"):
+    if not hasattr(models, "__len__") or isinstance(models, AbstractSet):
         raise TypeError(
             f"models: expected a sequence of models (a list or tuple), found {type_name(models)}"
         )
