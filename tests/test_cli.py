@@ -200,6 +200,26 @@ def test_inspect_json_names_the_torch_file_holding_each_tensor(tmp_path, capsys)
         assert in_memory.files() == {}
 
 
+def test_inspect_counts_tied_weights_once_and_says_which_name_they_share(tmp_path, capsys):
+    # A torch file of a model with a tied head counted the embedding under each name: more
+    # parameters and bytes than the file holds.
+    embedding = torch.ones(4, 3)
+    torch.save({"emb": embedding, "head": embedding, "b": torch.zeros(2)}, tmp_path / "m.pt")
+    assert main(["inspect", str(tmp_path / "m.pt")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [
+        "emb   float32   4x3              48 B",
+        "head  float32   4x3              48 B  (tied to emb)",
+        "b     float32   2                8 B",
+    ]
+    assert lines[3] == f"3 tensors (1 tied to another), 14 parameters, 56 B ({tmp_path / 'm.pt'})"
+    assert main(["inspect", str(tmp_path / "m.pt"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [t["tied_to"] for t in report["tensors"]] == [None, "emb", None]
+    assert (report["parameters"], report["bytes"]) == (14, 56)
+    assert report["shards"] == [{"file": "m.pt", "tensors": 2, "bytes": 56}]
+
+
 def test_inspect_of_a_one_file_model_folder_shows_its_file_and_no_path_line(
     tmp_path, monkeypatch, capsys
 ):

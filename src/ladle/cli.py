@@ -272,9 +272,11 @@ def _run_inspect(args: argparse.Namespace) -> None:
     with open_checkpoint(args.checkpoint) as ckpt:
         keys = ckpt.keys()
         rows = [(key, ckpt.shape(key), ckpt.dtype(key), ckpt.nbytes(key)) for key in keys]
-        params = sum(nbytes // dtype.itemsize for _, _, dtype, nbytes in rows)
-        total = sum(nbytes for *_, nbytes in rows)
-        shards = _shards(ckpt, keys)
+        tied = ckpt.aliases()  # tied weights: one tensor under several names, counted once
+        own = [row for row in rows if row[0] not in tied]
+        params = sum(nbytes // dtype.itemsize for _, _, dtype, nbytes in own)
+        total = sum(nbytes for *_, nbytes in own)
+        shards = _shards(ckpt, [key for key in keys if key not in tied])
         files = {key: path.name for key, path in ckpt.files().items()}
         if args.json:
             print(
@@ -288,6 +290,7 @@ def _run_inspect(args: argparse.Namespace) -> None:
                                 "dtype": str(d).removeprefix("torch."),
                                 "bytes": n,
                                 "file": files.get(k),
+                                "tied_to": tied.get(k),
                             }
                             for k, s, d, n in rows
                         ],
@@ -303,14 +306,17 @@ def _run_inspect(args: argparse.Namespace) -> None:
             return
         printed = [_printable(key) for key in keys]
         width = max((len(k) for k in printed), default=3)
-        for key, (_, shape, dtype, nbytes) in zip(printed, rows):
+        for key, (name, shape, dtype, nbytes) in zip(printed, rows):
             dims = "x".join(map(str, shape)) or "scalar"
-            print(
+            line = (
                 f"{key:<{width}}  {str(dtype).removeprefix('torch.'):<9} {dims:<16} "
                 f"{_format_bytes(nbytes)}"
             )
+            original = tied.get(name)
+            print(line if original is None else f"{line}  (tied to {_printable(original)})")
+        shared = f" ({len(tied)} tied to another)" if tied else ""
         print(
-            f"{len(keys)} {_plural(len(keys), 'tensor')}, "
+            f"{len(keys)} {_plural(len(keys), 'tensor')}{shared}, "
             f"{params:,} {_plural(params, 'parameter')}, "
             f"{_format_bytes(total)} ({ckpt.name})"
         )
