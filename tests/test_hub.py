@@ -408,6 +408,32 @@ def test_local_hub_download_fetches_only_what_a_merge_needs(local_hub, monkeypat
     assert hub.requests == []
 
 
+def test_local_hub_fetches_model_safetensors_alone_beside_its_variants(local_hub):
+    # Every *.safetensors was downloaded (a repo's fp16 and fp32 variants too), then the
+    # folder refused as ambiguous; from_pretrained reads model.safetensors.
+    hub, model = local_hub
+    hub.repos["org/v"] = {
+        "refs": {"main": COMMIT_A},
+        "commits": {
+            COMMIT_A: {
+                "model.safetensors": weights(model),
+                "model.fp16.safetensors": b"never fetched: a variant",
+                "config.json": b'{"model_type": "toy"}',
+            }
+        },
+    }
+    assert torch.equal(ladle.load("hf://org/v")["layer.weight"], model["layer.weight"])
+    assert hub.downloaded() == {"config.json", "model.safetensors"}
+
+
+def test_local_hub_takes_a_single_safetensors_file_of_another_name(local_hub):
+    hub, model = local_hub
+    files = {"weights.safetensors": weights(model), "config.json": b"{}"}
+    hub.repos["org/w"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
+    assert torch.equal(ladle.load("hf://org/w")["layer.weight"], model["layer.weight"])
+    assert hub.downloaded() == {"config.json", "weights.safetensors"}
+
+
 def test_local_hub_tag_and_errors(local_hub):
     with ladle.open_checkpoint("hf://org/m@v1") as ckpt:
         assert ckpt.name == f"hf://org/m@{COMMIT_A}"

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import unquote
 
 from ._version import __version__
-from .checkpoint import NOT_WEIGHTS, shard_names
+from .checkpoint import DEFAULT_WEIGHTS, NOT_WEIGHTS, shard_names
 from .errors import CheckpointError, LadleError, type_name
 
 if TYPE_CHECKING:
@@ -249,6 +249,10 @@ def _weight_choices(folder: Path, prefix: str) -> list[Choice]:
     choices: list[Choice] = []
     for index in sorted(folder.glob("*.safetensors.index.json"))[:1]:
         choices.append(shards(index))
+    # transformers' own name first: beside variants (model.fp16.safetensors) it is the one
+    # read (checkpoint.DEFAULT_WEIGHTS), so the variants are not downloaded for nothing.
+    default = DEFAULT_WEIGHTS[0]
+    choices.append(([prefix + default], lambda: (folder / default).is_file()))
     choices.append(([prefix + "*.safetensors"], singles({".safetensors"})))
     for index in sorted(folder.glob("*.bin.index.json"))[:1]:
         choices.append(shards(index))
