@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import leftover
+from conftest import assert_bit_for_bit, leftover
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -333,6 +333,14 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     merge(ladle.uniform_soup, models, out=root / "again", device="cpu")
     found["exists_error"] = _catch(merge, ladle.uniform_soup, models, out=root / "again")
     merge(ladle.uniform_soup, models[:2], out=root / "again", overwrite=True, device="cpu")
+    # Torch files of a tied model (head = embedding, one tensor): the ranks holding the head
+    # neither rank it nor vote with it, as the rank holding the embedding does.
+    tied = [str(root / f"tied{i}.pt") for i in range(3)]
+    for name, method, extra in (
+        ("tied_ties", ladle.ties, {"density": 0.5}),
+        ("tied_dare", ladle.dare, {"density": 1.0, "combine": "ties"}),
+    ):
+        merge(method, tied[1:], base=tied[0], out=root / name, device="cpu", **extra)
     # One floating key: two of three ranks hold no floating key, yet join TIES's reductions.
     tiny = [str(root / f"tiny{i}.safetensors") for i in range(4)]
     merge(ladle.ties, tiny[1:], base=tiny[0], out=root / "tiny", density=0.5, device="cpu")
@@ -407,6 +415,11 @@ def spawned(tmp_path_factory):
         }
         save_file(tiny, root / f"tiny{i}.safetensors")
     save_file({"w": torch.arange(4.0)}, root / "one_key.safetensors")
+    for i, (emb, body) in enumerate(TIED):  # as test_ties's hand-worked vote, one key a rank
+        embedding = torch.tensor(emb)
+        torch.save(
+            {"emb": embedding, "body": torch.tensor(body), "head": embedding}, root / f"tied{i}.pt"
+        )
     (root / "hosts").mkdir()
     theirs = leftover(root / "hosts" / "soup", host="node-b.example")
     theirs.mkdir()
@@ -433,6 +446,30 @@ def test_split_merge_equals_single_process_merge_bit_for_bit(spawned, name):
     for key in expected:
         assert merged[key].dtype == expected[key].dtype, key
         assert torch.equal(merged[key], expected[key]), key
+
+
+TIED = [  # base, two models: the embedding elects + on 6 entries, the body − on 8 and ties on 1
+    ([0.0] * 6, [0.0] * 9),
+    ([1.0] * 6, [-1.0] * 8 + [1.0]),
+    ([1.0] * 6, [-1.0] * 9),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tied_ties", "tied_dare"])
+def test_split_merge_counts_a_tied_tensor_once_wherever_its_names_are(spawned, name):
+    # Counted once, 6 − 8 votes: the body's tie takes the negative mean, −1 (twice: +1).
+    root, *_ = spawned
+    merged = ladle.load(root / name)
+    assert merged["body"].tolist() == [-1.0] * 9
+    assert merged["emb"].tolist() == merged["head"].tolist() == [1.0] * 6
+    tied = [root / f"tied{i}.pt" for i in range(3)]
+    method, extra = (
+        (ladle.ties, {"density": 0.5})
+        if name == "tied_ties"
+        else (ladle.dare, {"density": 1.0, "combine": "ties"})
+    )
+    assert_bit_for_bit(merged, method(tied[1:], tied[0], device="cpu", **extra))
 
 
 @pytest.mark.slow

@@ -864,3 +864,51 @@ def test_majority_votes_are_the_signs_of_the_summed_elected_signs_zero_included(
     assert votes(per_tensor=False) == {"w": 0.0, "v": 0.0, "u": 0.0}
     # Another process's vote of +1, summed in: the model's majority is +.
     assert votes(per_tensor=False, reduce=lambda t: t.add_(1)) == dict.fromkeys("wvu", 1.0)
+
+
+def _tied(emb: torch.Tensor, body: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A model whose head is its embedding (one tensor, two names), as a tied module's
+    state dict or a torch file of it holds them."""
+    return {"emb.weight": emb, "body.weight": body, "head.weight": emb}
+
+
+def _once(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same model with the tied tensor stored once, as save_pretrained's safetensors."""
+    return {key: value for key, value in model.items() if key != "head.weight"}
+
+
+@pytest.mark.parametrize("to_disk", [False, True], ids=["in memory", "streamed"])
+def test_global_trim_counts_a_tied_tensor_once_as_when_it_is_stored_once(tmp_path, to_disk):
+    # The head named the embedding's tensor again: the global ranking counted it twice, and
+    # the same models merged from a module (two names) and from safetensors (one) differed.
+    gen = torch.Generator().manual_seed(3)
+    base = _tied(torch.randn(8, 4, generator=gen), torch.randn(16, 4, generator=gen))
+    models = [
+        _tied(base["emb.weight"] + torch.randn(8, 4, generator=gen), base["body.weight"] + 0.1)
+        for _ in range(3)
+    ]
+    models[1]["body.weight"] = base["body.weight"] + torch.randn(16, 4, generator=gen)
+    out = (lambda name: tmp_path / f"{name}.safetensors") if to_disk else (lambda name: None)
+    tied = ladle.ties(models, base, density=0.3, out=out("tied"), device="cpu")
+    once = ladle.ties(
+        [_once(m) for m in models], _once(base), density=0.3, out=out("once"), device="cpu"
+    )
+    tied, once = ladle.load(tied), ladle.load(once)
+    assert torch.equal(tied["head.weight"], tied["emb.weight"])
+    assert_bit_for_bit(_once(tied), once)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_the_sign_tie_majority_counts_a_tied_tensor_once(method):
+    # Hand-worked: the embedding elects + on its 6 entries (6 votes), the body − on 8 of its
+    # 9 and ties on the last (τ = +1 and −1). Counted once: 6 − 8 < 0, the tie takes the
+    # mean of the negative τ, −1. Counted twice (its head too): 12 − 8 > 0, +1.
+    base = _tied(torch.zeros(6), torch.zeros(9))
+    body = [torch.tensor([-1.0] * 8 + [1.0]), torch.tensor([-1.0] * 8 + [-1.0])]
+    models = [_tied(torch.ones(6), b) for b in body]
+    if method == "ties":
+        merged = ladle.ties(models, base, density=1.0, device="cpu")
+    else:  # density 1 keeps every entry: DARE's election is TIES's
+        merged = ladle.dare(models, base, density=1.0, combine="ties", device="cpu")
+    assert merged["body.weight"].tolist() == [-1.0] * 9
+    assert merged["emb.weight"].tolist() == merged["head.weight"].tolist() == [1.0] * 6

@@ -340,6 +340,35 @@ def tensor_aliases(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str
     return aliases
 
 
+def tied_names(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
+    """Each key that names one tensor with an earlier key in every one of ``checkpoints``
+    (:meth:`Checkpoint.aliases`: tied weights) -> the first such key in the first
+    checkpoint's key order (the base's). DARE draws the masks of that name, so tied keys
+    stay equal; TIES's model-wide statistics count that name alone, so a tied tensor counts
+    once. Keys tied in some inputs only (a fine-tune that untied them holds two tensors)
+    keep their own names.
+
+    Example:
+        >>> import torch, ladle
+        >>> w, v = torch.ones(2), torch.zeros(2)
+        >>> tied = ladle.open_checkpoint({"emb": w, "head": w, "x": w, "y": w})
+        >>> untied = ladle.open_checkpoint({"emb": v, "head": v, "x": v, "y": v.clone()})
+        >>> tied_names([tied, untied])
+        {'head': 'emb', 'x': 'emb'}
+    """
+    maps = [checkpoint.aliases() for checkpoint in checkpoints]
+    if not all(maps):  # no key is tied in every input (the usual case: safetensors files)
+        return {}
+    first: dict[tuple[str, ...], str] = {}  # each group of keys tied everywhere: its first
+    names = {}
+    for key in checkpoints[0].keys():
+        group = tuple(aliases.get(key, key) for aliases in maps)
+        name = first.setdefault(group, key)
+        if name != key:
+            names[key] = name
+    return names
+
+
 class TensorMapCheckpoint(Checkpoint):
     """A checkpoint over tensors already in hand (a mapping, a module, a loaded torch file,
     whose ``file`` :meth:`files` reports for every key). An ``AveragedModel``'s tensors are

@@ -24,7 +24,7 @@ from typing import overload
 
 import torch
 
-from ..checkpoint import Checkpoint, StateDict, StateDictLike
+from ..checkpoint import Checkpoint, StateDict, StateDictLike, tied_names
 from ..engine import (
     DEFAULT_CHUNK_BYTES,
     Kernel,
@@ -213,34 +213,6 @@ def keep_mask(
     """
     numbers = uniform_numbers(seed, index, key, numel=numel, start=start, count=count)
     return numbers < keep_below(density)
-
-
-def tied_names(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
-    """Each key that names one tensor with an earlier key in every one of ``checkpoints``
-    (:meth:`Checkpoint.aliases`: tied weights) -> the first such key in the first
-    checkpoint's key order (the base's), under whose name DARE draws its masks, so that
-    tied keys stay equal. Keys tied in some inputs only (a fine-tune that untied them holds
-    two tensors) keep their own names.
-
-    Example:
-        >>> import torch, ladle
-        >>> w, v = torch.ones(2), torch.zeros(2)
-        >>> tied = ladle.open_checkpoint({"emb": w, "head": w, "x": w, "y": w})
-        >>> untied = ladle.open_checkpoint({"emb": v, "head": v, "x": v, "y": v.clone()})
-        >>> tied_names([tied, untied])
-        {'head': 'emb', 'x': 'emb'}
-    """
-    maps = [checkpoint.aliases() for checkpoint in checkpoints]
-    if not all(maps):  # no key is tied in every input (the usual case: safetensors files)
-        return {}
-    first: dict[tuple[str, ...], str] = {}  # each group of keys tied everywhere: its first
-    names = {}
-    for key in checkpoints[0].keys():
-        group = tuple(aliases.get(key, key) for aliases in maps)
-        name = first.setdefault(group, key)
-        if name != key:
-            names[key] = name
-    return names
 
 
 def _dropper(
@@ -466,6 +438,7 @@ def dare(
             allow_nonfinite=allow_nonfinite,
             split=part is not None,
             reduce=None if part is None else part.all_reduce,
+            uncounted=names,
         )
 
     # The numbers are drawn on the CPU whatever the device: fewer CPU torch threads there too.

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, overload
 
 import torch
 
-from ..checkpoint import Checkpoint, StateDict, StateDictLike
+from ..checkpoint import Checkpoint, StateDict, StateDictLike, tied_names
 from ..engine import (
     FOLD_CHUNK_BYTES,
     Kernel,
@@ -513,15 +513,23 @@ def _thresholds(
     chunk_bytes: int,
     allow_nonfinite: bool = False,
     reduce: Reduce | None = None,
+    tied: Mapping[str, str] | None = None,
 ) -> dict[str, list[float]]:
     """Per key, per model: the magnitude below which an entry is trimmed (0.0: keep all).
 
     ``reduce`` (``trim="global"`` only): ``keys`` are this process's share of a merge split
     across processes; counts and histograms are summed over the processes with it.
+    ``tied`` (``trim="global"`` only; :func:`~ladle.checkpoint.tied_names`): keys naming the
+    tensor of another key, left out of the ranking (a tied tensor counts once, as in the
+    paper code, whose scripts drop the tied copies by name) and given its thresholds.
     """
     if reduce is not None and trim != "global":
         raise ValueError(f"reduce: only trim='global' spans processes, found trim={trim!r}")
-    groups = {key: "" if trim == "global" else key for key in keys}
+    if tied and trim != "global":
+        raise ValueError(f"tied: only trim='global' ranks keys together, found trim={trim!r}")
+    tied = tied or {}
+    every = {key: "" if trim == "global" else key for key in keys}  # the keys given limits
+    groups = {key: group for key, group in every.items() if key not in tied}  # those ranked
     dtypes = {key: compute_dtype([c.dtype(key) for c in [*models, base]]) for key in keys}
     counts: dict[str, int] = {"": 0} if reduce is not None else {}
     for key, group in groups.items():
@@ -565,7 +573,7 @@ def _thresholds(
             reduce=reduce,
         )
     limits = {}
-    for key, group in groups.items():
+    for key, group in every.items():
         limits[key] = [_at_least(v, dtypes[key]) for v in found.get(group, [0.0] * len(models))]
     return limits
 
@@ -748,20 +756,25 @@ def majority_votes(
     chunk_bytes: int,
     allow_nonfinite: bool = False,
     reduce: Reduce | None = None,
+    uncounted: Collection[str] = (),
 ) -> dict[str, float]:
     """The paper code's sign for ``γ = 0``: ``sign(Σ sign(γ))`` over all entries of ``keys``
     (one value for every key), or over each key's entries with ``per_tensor``; a pass.
 
     ``reduce`` (not with ``per_tensor``): ``keys`` are this process's share of a merge split
-    across processes; the vote is summed over the processes with it.
+    across processes; the vote is summed over the processes with it. ``uncounted`` (not
+    with ``per_tensor``): keys whose entries do not vote (tied copies of another key's
+    tensor), given the sign too.
     """
-    votes = dict.fromkeys(keys, 0)
+    skipped = set(uncounted)
+    counted = [key for key in keys if key not in skipped]
+    votes = dict.fromkeys(counted, 0)
     kernel = election_kernel(delta, SignElection.vote)
     for key, _, vote in fold(
         models,
         kernel,
         base=base,
-        keys=keys,
+        keys=counted,
         device=device,
         chunk_bytes=chunk_bytes,
         allow_nonfinite=allow_nonfinite,
@@ -793,8 +806,15 @@ class _TiesLater:
     again once the majority is known, so memory stays bounded.
     """
 
-    def __init__(self, scopes: Mapping[str, str], scale: float, again: MergeAgain) -> None:
+    def __init__(
+        self,
+        scopes: Mapping[str, str],
+        scale: float,
+        again: MergeAgain,
+        uncounted: Collection[str] = (),
+    ) -> None:
         self.scopes, self.scale, self.merge_again = scopes, scale, again
+        self.uncounted = frozenset(uncounted)  # tied copies: decided by the vote, not in it
         self.votes = dict.fromkeys(scopes.values(), 0)
         self.found: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.remembered = 0
@@ -802,7 +822,8 @@ class _TiesLater:
 
     def finish(self, state: SignElection) -> torch.Tensor:
         key = state.key
-        self.votes[self.scopes[key]] += int(state.vote())
+        if key not in self.uncounted:
+            self.votes[self.scopes[key]] += int(state.vote())
         tied = state.ties() if key not in self.redo else torch.empty(0)
         if tied.numel() and self.remembered + tied.numel() > TIE_RECORD_LIMIT:
             self.redo.add(key)
@@ -845,6 +866,7 @@ def elect_later(
     scale: float,
     device: torch.device,
     chunk_bytes: int,
+    uncounted: Collection[str] = (),
 ) -> Kernel:
     """The merge kernel of a sign election whose tie-breaking majority is found while merging.
 
@@ -868,7 +890,7 @@ def elect_later(
             allow_nonfinite=True,  # checked by the first pass over these keys
         )
 
-    later = _TiesLater(scopes, scale, again)
+    later = _TiesLater(scopes, scale, again, uncounted)
     in_pass = elected({}, scale)
 
     def finish(state: SignElection) -> torch.Tensor:
@@ -890,9 +912,11 @@ def majority_election(
     allow_nonfinite: bool,
     split: bool,
     reduce: Reduce | None = None,
+    uncounted: Collection[str] = (),
 ) -> Kernel:
     """The merge kernel of a sign election in which the ties of ``keys`` break by the paper
-    code's majority, over all of them or (``per_tensor``) over each.
+    code's majority, over all of them or (``per_tensor``) over each; the entries of
+    ``uncounted`` keys (tied copies of another key's tensor) follow it without voting.
 
     In one process the majority is found while merging and the ties patched afterwards
     (:func:`elect_later`). In a merge ``split`` across processes, whose shards are committed
@@ -908,6 +932,7 @@ def majority_election(
             scale=scale,
             device=device,
             chunk_bytes=chunk_bytes,
+            uncounted=uncounted,
         )
     majority = majority_votes(
         models,
@@ -919,6 +944,7 @@ def majority_election(
         chunk_bytes=chunk_bytes,
         allow_nonfinite=allow_nonfinite,
         reduce=reduce,
+        uncounted=uncounted,
     )
     return election_kernel(delta, elected(majority, scale))
 
@@ -1108,6 +1134,9 @@ def ties(
             streamed = floating
         else:  # tensors of one chunk are trimmed and voted on inside the merge kernel
             streamed = [k for k in floating if len(row_chunks(base_ckpt.shape(k), chunk_bytes)) > 1]
+        # A tied tensor (a module's or torch file's head naming the embedding) counts once in
+        # the model-wide ranking and vote, as when it is stored once.
+        tied = tied_names([base_ckpt, *checkpoints]) if trim == "global" else {}
         limits = _thresholds(
             checkpoints,
             base_ckpt,
@@ -1118,6 +1147,7 @@ def ties(
             chunk_bytes=chunk_bytes,
             allow_nonfinite=allow_nonfinite,
             reduce=reduce,
+            tied=tied,
         )
         return majority_election(
             checkpoints,
@@ -1131,6 +1161,7 @@ def ties(
             allow_nonfinite=allow_nonfinite,
             split=part is not None,
             reduce=reduce,
+            uncounted=tied,
         )
 
     return merge(
