@@ -912,3 +912,36 @@ def test_the_sign_tie_majority_counts_a_tied_tensor_once(method):
         merged = ladle.dare(models, base, density=1.0, combine="ties", device="cpu")
     assert merged["body.weight"].tolist() == [-1.0] * 9
     assert merged["emb.weight"].tolist() == merged["head.weight"].tolist() == [1.0] * 6
+
+
+@pytest.mark.parametrize(
+    "method", [ladle.task_arithmetic, ladle.ties, ladle.model_stock, ladle.dare]
+)
+def test_fine_tunes_holding_a_tied_head_merge_with_a_base_stored_once(tmp_path, method):
+    # The Hub's safetensors base holds the embedding once; fine-tunes saved with torch.save
+    # hold it under two names: "keys differ: extra 1 ('head.weight')". The merge follows the
+    # base's keys and gives what the fine-tunes stored once give.
+    gen = torch.Generator().manual_seed(5)
+    base = _tied(torch.randn(8, 4, generator=gen), torch.randn(16, 4, generator=gen))
+    models = [
+        _tied(base["emb.weight"] + torch.randn(8, 4, generator=gen), torch.randn(16, 4))
+        for _ in range(2)
+    ]
+    for i, model in enumerate(models):
+        torch.save(model, tmp_path / f"ft{i}.pt")
+    files = [tmp_path / f"ft{i}.pt" for i in range(2)]
+    merged = method(files, _once(base), device="cpu")
+    assert_bit_for_bit(merged, method([_once(m) for m in models], _once(base), device="cpu"))
+
+
+def test_a_base_holding_a_tied_head_beside_models_stored_once_says_so():
+    base = _tied(torch.zeros(4), torch.zeros(2))
+    models = [_once(_tied(torch.ones(4), torch.ones(2))) for _ in range(2)]
+    with pytest.raises(ladle.IncompatibleError) as info:
+        ladle.ties(models, base, device="cpu")
+    assert str(info.value) == (
+        "base (<state dict>): keys differ from those of every model: extra 1 ('head.weight'); "
+        "in base (<state dict>), 'head.weight' names the tensor of 'emb.weight' (tied weights), "
+        "which the other inputs store once: give every input in one form (all safetensors, or "
+        "all modules, state dicts or torch files)"
+    )

@@ -498,6 +498,27 @@ def _prefix_hint(missing: Sequence[str], extra: Sequence[str]) -> str:
     return ""
 
 
+def _tied_hint(
+    missing: Sequence[str], aliases: Mapping[str, str], present: set[str], where: str
+) -> str:
+    """Where every key in ``missing`` is, in the checkpoint ``where``, a second name of a
+    tensor (``aliases``: tied weights) whose first name is ``present``, a hint that says so;
+    else ``""``.
+
+    Example:
+        >>> _tied_hint(["head"], {"head": "emb"}, {"emb", "body"}, "base")
+        "; in base, 'head' names the tensor of 'emb' (tied weights), which the other inputs store once: give every input in one form (all safetensors, or all modules, state dicts or torch files)"
+    """  # noqa: E501
+    if not missing or any(aliases.get(key) not in present for key in missing):
+        return ""
+    pairs = ", ".join(f"{key!r} names the tensor of {aliases[key]!r}" for key in missing[:3])
+    more = ", ..." if len(missing) > 3 else ""
+    return (
+        f"; in {where}, {pairs}{more} (tied weights), which the other inputs store once: give "
+        "every input in one form (all safetensors, or all modules, state dicts or torch files)"
+    )
+
+
 def check_compatible(
     models: Sequence[Checkpoint], base: Checkpoint | None = None, *, named: bool = False
 ) -> None:
@@ -538,16 +559,23 @@ def check_compatible(
         key_set = set(keys)
         missing = [key for key in ref_keys if key not in key_set]
         extra = [key for key in keys if key not in ref_set]
+        if extra:  # a second name of a tensor the reference has (a tied head): never read
+            second = model.aliases()
+            extra = [key for key in extra if second.get(key) not in ref_set]
         if not (missing or extra):
             continue
+        # Missing names of a tensor the reference holds under another name too (tied
+        # weights) would be asked of the model, which stores it once: say so.
+        tied = _tied_hint(missing, reference.aliases(), key_set, ref_label) if not extra else ""
         if odd_reference(lambda m: sorted(m.keys())):  # the reference lacks or adds them
-            wrapped = _prefix_hint(missing, extra)  # a wrapped model, not a wrong one
+            wrapped = _prefix_hint(missing, extra) or tied  # not a wrong model
             raise IncompatibleError(
                 f"{ref_label}: keys differ from those of {every}: {listed(extra, missing)}"
+                + tied
                 + ("" if wrapped else hint)
             )
         raise IncompatibleError(
-            f"{label(index, model)}: keys differ from {ref_label}: {listed(missing, extra)}"
+            f"{label(index, model)}: keys differ from {ref_label}: {listed(missing, extra)}" + tied
         )
     for index, model in others:  # every model has the reference's keys now
         for key in ref_keys:
