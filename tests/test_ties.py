@@ -945,3 +945,14 @@ def test_a_base_holding_a_tied_head_beside_models_stored_once_says_so():
         "which the other inputs store once: give every input in one form (all safetensors, or "
         "all modules, state dicts or torch files)"
     )
+
+
+def test_magnitude_thresholds_count_a_tied_tensor_once_as_ties_does():
+    from ladle.methods.ties import magnitude_thresholds
+
+    gen = torch.Generator().manual_seed(8)
+    base = _tied(torch.zeros(8), torch.zeros(16))
+    models = [_tied(torch.randn(8, generator=gen) * 4, torch.randn(16, generator=gen))]
+    tied = magnitude_thresholds(models, base, density=0.25)
+    once = magnitude_thresholds([_once(m) for m in models], _once(base), density=0.25)
+    assert tied == [{**once[0], "head.weight": once[0]["emb.weight"]}]

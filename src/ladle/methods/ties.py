@@ -631,6 +631,7 @@ def magnitude_thresholds(
             trim=trim,
             device=resolve_device(device),
             chunk_bytes=chunk_bytes,
+            tied=tied_names([base_ckpt, *checkpoints]) if trim == "global" else None,
         )
     return [{key: limits[key][i] for key in keys} for i in range(len(checkpoints))]
 
