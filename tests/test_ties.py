@@ -934,16 +934,39 @@ def test_fine_tunes_holding_a_tied_head_merge_with_a_base_stored_once(tmp_path, 
     assert_bit_for_bit(merged, method([_once(m) for m in models], _once(base), device="cpu"))
 
 
-def test_a_base_holding_a_tied_head_beside_models_stored_once_says_so():
-    base = _tied(torch.zeros(4), torch.zeros(2))
-    models = [_once(_tied(torch.ones(4), torch.ones(2))) for _ in range(2)]
+@pytest.mark.parametrize(
+    "method", [ladle.task_arithmetic, ladle.ties, ladle.model_stock, ladle.dare]
+)
+def test_a_base_holding_a_tied_head_merges_with_fine_tunes_stored_once(tmp_path, method):
+    # A pre-trained module (head and embedding one tensor, two names) as the base of
+    # fine-tunes saved as safetensors (the embedding once): "keys differ: extra 1". The
+    # models answer the head's name with the embedding; the merge has the base's keys, the
+    # head equal to the embedding, and the values of the merge stored once.
+    gen = torch.Generator().manual_seed(6)
+    base = _tied(torch.randn(8, 4, generator=gen), torch.randn(16, 4, generator=gen))
+    models = [
+        _once(_tied(base["emb.weight"] + torch.randn(8, 4, generator=gen), torch.randn(16, 4)))
+        for _ in range(2)
+    ]
+    for i, model in enumerate(models):
+        save_file(model, tmp_path / f"ft{i}.safetensors")
+    files = [tmp_path / f"ft{i}.safetensors" for i in range(2)]
+    merged = method(files, base, out=tmp_path / "out.safetensors", device="cpu")
+    merged = ladle.load(merged)
+    assert set(merged) == set(base)
+    assert torch.equal(merged["head.weight"], merged["emb.weight"])
+    once = method(models, _once(base), device="cpu")
+    assert_bit_for_bit(_once(merged), once)
+
+
+def test_arithmetic_on_a_tied_state_dict_and_one_stored_once_says_which_names_are_tied():
+    tied, once = _tied(torch.zeros(4), torch.zeros(2)), _once(_tied(torch.ones(4), torch.ones(2)))
     with pytest.raises(ladle.IncompatibleError) as info:
-        ladle.ties(models, base, device="cpu")
+        ladle.add(tied, once)
     assert str(info.value) == (
-        "base (<state dict>): keys differ from those of every model: extra 1 ('head.weight'); "
-        "in base (<state dict>), 'head.weight' names the tensor of 'emb.weight' (tied weights), "
-        "which the other inputs store once: give every input in one form (all safetensors, or "
-        "all modules, state dicts or torch files)"
+        "b: keys differ from a: missing 1 ('head.weight'); in a, 'head.weight' names the tensor "
+        "of 'emb.weight' (tied weights), which the other inputs store once: give every input "
+        "in one form (all safetensors, or all modules, state dicts or torch files)"
     )
 
 

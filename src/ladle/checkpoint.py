@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
-from typing import Union
+from typing import Any, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -367,6 +367,87 @@ def tied_names(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
         if name != key:
             names[key] = name
     return names
+
+
+class _SecondNames(Checkpoint):
+    """``checkpoint`` with second names for some of its tensors (``names``: each new key ->
+    the key holding the tensor), as :func:`second_names` makes it."""
+
+    def __init__(self, checkpoint: Checkpoint, names: Mapping[str, str]) -> None:
+        self._inner, self._names = checkpoint, dict(names)
+        self.name, self.path, self.metadata = checkpoint.name, checkpoint.path, checkpoint.metadata
+
+    def __getattr__(self, attribute: str) -> Any:  # what a source kind adds (a Hub commit)
+        if attribute in ("_inner", "_names"):  # not set yet: no recursion
+            raise AttributeError(attribute)
+        return getattr(self._inner, attribute)
+
+    def _key(self, key: str) -> str:
+        return self._names.get(key, key)
+
+    def keys(self) -> list[str]:
+        return [*self._inner.keys(), *self._names]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._inner.shape(self._key(key))
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._inner.dtype(self._key(key))
+
+    def get_slice(self, key: str, rows: slice) -> torch.Tensor:
+        return self._inner.get_slice(self._key(key), rows)
+
+    def get(self, key: str, *, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self._inner.get(self._key(key), device=device)
+
+    def get_rows(self, key: str, rows: slice, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        return self._inner.get_rows(self._key(key), rows, shape)
+
+    def read_rows(
+        self, key: str, rows: slice, into: torch.Tensor, shape: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        return self._inner.read_rows(self._key(key), rows, into, shape)
+
+    def map_rows(
+        self, key: str, rows: slice, shape: tuple[int, ...] | None = None
+    ) -> torch.Tensor | None:
+        return self._inner.map_rows(self._key(key), rows, shape)
+
+    def release(self, key: str) -> None:
+        self._inner.release(self._key(key))
+
+    def files(self) -> dict[str, Path]:
+        files = self._inner.files()
+        return {**files, **{new: files[old] for new, old in self._names.items() if old in files}}
+
+    def file_sizes(self) -> dict[Path, int]:
+        return self._inner.file_sizes()
+
+    def aliases(self) -> dict[str, str]:
+        tied = self._inner.aliases()
+        return {**tied, **{new: tied.get(old, old) for new, old in self._names.items()}}
+
+    def nbytes(self, key: str) -> int:
+        return self._inner.nbytes(self._key(key))
+
+
+def second_names(checkpoint: Checkpoint, tied: Mapping[str, str]) -> Checkpoint:
+    """``checkpoint`` answering, besides its own keys, the second names ``tied`` gives to
+    tensors it holds (tied weights: ``{"lm_head.weight": "model.embed_tokens.weight"}``, the
+    :meth:`Checkpoint.aliases` of a reference that names the tensor twice), where it lacks
+    them; ``checkpoint`` itself where it lacks none. So a model stored once (safetensors)
+    merges beside a base named twice (a module), and the result has the base's keys.
+
+    Example:
+        >>> import torch
+        >>> once = open_checkpoint({"emb": torch.ones(2)})
+        >>> named = second_names(once, {"head": "emb"})
+        >>> named.keys(), named.get("head").tolist(), named.aliases()
+        (['emb', 'head'], [1.0, 1.0], {'head': 'emb'})
+    """
+    own = set(checkpoint.keys())
+    names = {new: old for new, old in tied.items() if new not in own and old in own}
+    return _SecondNames(checkpoint, names) if names else checkpoint
 
 
 class TensorMapCheckpoint(Checkpoint):

@@ -39,6 +39,7 @@ from .checkpoint import (
     check_source,
     open_checkpoint,
     recorded_name,
+    second_names,
 )
 from .errors import CheckpointError, IncompatibleError, LadleError, NonFiniteError, type_name
 from .modelcard import output_files
@@ -782,7 +783,14 @@ def open_models(
         return checkpoint
 
     opened_models = [opened(m, f"model {i}") for i, m in enumerate(models)]
-    return opened_models, (None if base is None else opened(base, "base"))
+    opened_base = None if base is None else opened(base, "base")
+    # Tied weights the reference (the base, or model 0) names twice and a model stores once
+    # (a module's head and embedding beside save_pretrained's safetensors): read by either.
+    reference = opened_base if opened_base is not None else opened_models[0]
+    tied = reference.aliases()
+    if tied:
+        opened_models = [m if m is reference else second_names(m, tied) for m in opened_models]
+    return opened_models, opened_base
 
 
 def _bar(progress: Any, total: int, desc: str = "merging") -> Any:
