@@ -914,6 +914,19 @@ def test_the_sign_tie_majority_counts_a_tied_tensor_once(method):
     assert merged["emb.weight"].tolist() == merged["head.weight"].tolist() == [1.0] * 6
 
 
+def _tied_family(seed: int) -> tuple[dict, list[dict]]:
+    """A tied base and two tied fine-tunes of it (each head naming its embedding)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = _tied(torch.randn(8, 4, generator=gen), torch.randn(16, 4, generator=gen))
+    models = [
+        _tied(
+            base["emb.weight"] + torch.randn(8, 4, generator=gen), torch.randn(16, 4, generator=gen)
+        )
+        for _ in range(2)
+    ]
+    return base, models
+
+
 @pytest.mark.parametrize(
     "method", [ladle.task_arithmetic, ladle.ties, ladle.model_stock, ladle.dare]
 )
@@ -921,12 +934,7 @@ def test_fine_tunes_holding_a_tied_head_merge_with_a_base_stored_once(tmp_path, 
     # The Hub's safetensors base holds the embedding once; fine-tunes saved with torch.save
     # hold it under two names: "keys differ: extra 1 ('head.weight')". The merge follows the
     # base's keys and gives what the fine-tunes stored once give.
-    gen = torch.Generator().manual_seed(5)
-    base = _tied(torch.randn(8, 4, generator=gen), torch.randn(16, 4, generator=gen))
-    models = [
-        _tied(base["emb.weight"] + torch.randn(8, 4, generator=gen), torch.randn(16, 4))
-        for _ in range(2)
-    ]
+    base, models = _tied_family(5)
     for i, model in enumerate(models):
         torch.save(model, tmp_path / f"ft{i}.pt")
     files = [tmp_path / f"ft{i}.pt" for i in range(2)]
@@ -942,12 +950,8 @@ def test_a_base_holding_a_tied_head_merges_with_fine_tunes_stored_once(tmp_path,
     # fine-tunes saved as safetensors (the embedding once): "keys differ: extra 1". The
     # models answer the head's name with the embedding; the merge has the base's keys, the
     # head equal to the embedding, and the values of the merge stored once.
-    gen = torch.Generator().manual_seed(6)
-    base = _tied(torch.randn(8, 4, generator=gen), torch.randn(16, 4, generator=gen))
-    models = [
-        _once(_tied(base["emb.weight"] + torch.randn(8, 4, generator=gen), torch.randn(16, 4)))
-        for _ in range(2)
-    ]
+    base, tied = _tied_family(6)
+    models = [_once(model) for model in tied]
     for i, model in enumerate(models):
         save_file(model, tmp_path / f"ft{i}.safetensors")
     files = [tmp_path / f"ft{i}.safetensors" for i in range(2)]
