@@ -508,7 +508,7 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
     # took the place in between (a directory cannot replace a non-empty one, nor an output
     # of the other kind: _TAKEN), again.
     for _ in range(RENAME_ATTEMPTS):
-        why = _not_an_output(out) if output_taken(out) else None
+        why = _not_an_output(out)  # nothing there, or an empty folder, passes too
         if why is not None:  # another writer's output passes; anything else stays
             raise LadleError(
                 f"{out}: {why} (it appeared while merging): overwrite replaces only an earlier "
