@@ -160,6 +160,23 @@ def test_weighted_sum_of_a_single_model_is_a_type_error_as_in_every_method():
         ladle.weighted_sum(torch.nn.Linear(2, 1), [1.0])
 
 
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda a: ladle.scale(a, True), "factor"),
+        (lambda a: ladle.scale(a, torch.tensor(False)), "factor"),
+        (lambda a: ladle.add(a, a, alpha=True), "alpha"),
+        (lambda a: ladle.lerp(a, a, False), "t"),
+        (lambda a: ladle.weighted_sum([a, a], [1.0, True]), "weights[1]"),
+    ],
+)
+def test_a_bool_scalar_is_a_type_error_naming_it(call, name):
+    # Before: scale(a, True) returned a itself (1.0x), lerp(a, b, False) returned a.
+    with pytest.raises(TypeError) as err:
+        call({"w": torch.ones(2)})
+    assert str(err.value) == f"{name}: expected a number, found bool"
+
+
 def test_scalars_are_numbers_not_tensors_that_broadcast_into_other_shapes():
     a, b = {"w": torch.ones(2)}, {"w": torch.ones(2)}
     with pytest.raises(

@@ -188,6 +188,7 @@ def one_rank(tmp_path):
         (["0.5"], TypeError, "weights[0]: expected a number, found str"),
         (["a"], TypeError, "weights[0]: expected a number, found str"),
         ([None], TypeError, "weights[0]: expected a number, found None"),
+        ([True], TypeError, "weights[0]: expected a number, found bool"),  # was weight 1
         ([torch.ones(2)], TypeError, "weights[0]: expected a number, found list"),
         ([1, 2], ValueError, "weights: expected 1 per-rank weights (the group's size), found 2"),
     ],

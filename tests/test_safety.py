@@ -907,6 +907,36 @@ def test_a_parameter_that_is_no_number_is_a_type_error_naming_it(method, kwargs,
     assert str(err.value) == message
 
 
+@pytest.mark.parametrize(
+    ("method", "kwargs", "name"),
+    [
+        ("uniform_soup", {"weights": [1.0, True]}, "weights[1]"),
+        ("uniform_soup", {"weights": torch.tensor([True, False])}, "weights[0]"),
+        ("task_arithmetic", {"scale": True}, "scale"),
+        ("task_arithmetic", {"weights": [False, 1.0]}, "weights[0]"),
+        ("ties", {"density": True}, "density"),
+        ("ties", {"scale": torch.tensor(True)}, "scale"),
+        ("dare", {"density": True}, "density"),
+        ("dare", {"scale": np.bool_(True)}, "scale"),
+        ("dare", {"seed": True}, "seed"),
+        ("greedy_soup", {"scores": [True, 0.5]}, "scores[0]"),
+    ],
+)
+def test_a_bool_where_a_number_is_expected_is_a_type_error_naming_it(method, kwargs, name):
+    # Before: True was read as 1 (scale=True merged at 1.0x, density=True kept everything,
+    # seed=True drew seed 1's masks): a flag passed in the wrong place ran a merge.
+    base, *models = family(3)
+    if method in ("uniform_soup", "greedy_soup"):
+        extra = {"evaluate": lambda state_dict: 0.0} if method == "greedy_soup" else {}
+        call = lambda: getattr(ladle, method)(models, **extra, **kwargs)  # noqa: E731
+    else:
+        call = lambda: getattr(ladle, method)(models, base, **kwargs)  # noqa: E731
+    kind = "an integer" if name == "seed" else "a number"
+    with pytest.raises(TypeError) as err:
+        call()
+    assert str(err.value) == f"{name}: expected {kind}, found bool"
+
+
 def test_numbers_as_numpy_scalars_and_0_d_tensors_are_still_accepted():
     base, *models = family(3)
     weights = [torch.tensor(1.0), np.float32(3.0)]

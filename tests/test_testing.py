@@ -136,6 +136,23 @@ def test_bad_tolerances_are_value_errors_naming_the_parameter():
         assert_state_dicts_close(sd, sd, atol=float("nan"))
 
 
+@pytest.mark.parametrize(
+    ("tolerances", "message"),
+    [
+        ({"rtol": True}, "rtol: expected a number, found bool"),
+        ({"atol": "1e-3"}, "atol: expected a number, found str"),
+        ({"atol": torch.ones(2)}, "atol: expected a number, found a tensor of shape (2,)"),
+    ],
+)
+def test_tolerances_that_are_no_number_are_type_errors_naming_them(tolerances, message):
+    # Before: rtol=True compared as rtol=1 (the check passed nearly anything), a string
+    # failed in a bare comparison naming neither tolerance.
+    sd = {"w": torch.zeros(1)}
+    with pytest.raises(TypeError) as err:
+        assert_state_dicts_close(sd, sd, **tolerances)
+    assert str(err.value) == message
+
+
 def test_paths_are_loaded(tmp_path):
     sd = {"w": torch.tensor([1.0, 2.0])}
     save_file(sd, tmp_path / "a.safetensors")

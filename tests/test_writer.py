@@ -424,10 +424,17 @@ def test_a_leftover_naming_a_pid_no_process_can_have_is_left_alone(tmp_path):
     assert sorted(p.name.split("-")[-3] for p in tmp_path.glob(".out*")) == ["0", "9" * 20]
 
 
-@pytest.mark.parametrize("size", [True, 1.5e9, None, [5]])
-def test_parse_size_refuses_what_is_not_bytes_or_a_size_string(size):
-    with pytest.raises(ValueError, match=r"max_shard_size: expected bytes \(an int\)"):
+@pytest.mark.parametrize(
+    ("size", "found"), [(True, "bool"), (1.5e9, "float"), (None, "None"), ([5], "list")]
+)
+def test_parse_size_refuses_what_is_not_bytes_or_a_size_string(size, found):
+    # A TypeError naming the type found, as chunk_bytes' check: it was a ValueError ("found
+    # True"), where every other numeric parameter given no number raises a TypeError.
+    with pytest.raises(TypeError) as err:
         parse_size(size)
+    assert str(err.value) == (
+        f"max_shard_size: expected bytes (an int) or a string such as '5GB', found {found}"
+    )
 
 
 def test_writer_refuses_rows_of_the_wrong_shape_and_amends_outside_a_tensor(tmp_path):

@@ -11,8 +11,8 @@ whose dtype cannot hold signed values one per element (``float8_e8m0fnu``, packe
 ``float4_e2m1fn_x2``) is a ``ValueError``, as in every merge method: convert it first.
 
 Scalars (``alpha``, ``factor``, ``t``, ``weights``) are numbers: ints, floats, numpy
-scalars or 0-d tensors; anything else, a tensor of more than one element included, is a
-``TypeError`` naming it. A complex scalar needs complex tensors. A scalar that float32
+scalars or 0-d tensors; anything else, a bool or a tensor of more than one element included,
+is a ``TypeError`` naming it. A complex scalar needs complex tensors. A scalar that float32
 would round beyond its precision (a nonzero magnitude below 1.18e-38 or above 3.4e38) is
 applied in float64, so that the result is still the exact one rounded once.
 """
@@ -55,14 +55,17 @@ _FLOAT32 = torch.finfo(torch.float32)
 
 def _scalar(name: str, value: object) -> Scalar:
     """``value`` as a Python float, or a complex with a nonzero imaginary part: a number, a
-    numpy scalar or a 0-d tensor (or array); anything else is a ``TypeError`` naming ``name``.
+    numpy scalar or a 0-d tensor (or array); anything else (a bool too) is a ``TypeError``
+    naming ``name``.
 
     Example:
         >>> _scalar("t", torch.tensor(0.5)), _scalar("t", 2), _scalar("t", 1 + 0j)
         (0.5, 2.0, 1.0)
     """
     value = unwrap_scalar(name, value)
-    if isinstance(value, numbers.Real):  # bool, int, float, numpy's real scalars
+    if isinstance(value, bool):  # a Real to Python, but no number a user means (True: 1.0x)
+        raise TypeError(f"{name}: expected a number, found bool")
+    if isinstance(value, numbers.Real):  # int, float, numpy's real scalars
         return float(value)
     if isinstance(value, numbers.Complex):
         number = complex(value)

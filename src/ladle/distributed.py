@@ -192,15 +192,12 @@ def _plain(weights: object) -> object:
 
 def _rank_weight(rank: int, weight: object) -> float:
     """Rank ``rank``'s own weight as a float, or a ``TypeError`` naming the rank."""
-    name = f"weights (rank {rank})"
-    if isinstance(weight, bool):
-        raise TypeError(f"{name}: expected a number, found bool")
-    return check_number(name, weight)
+    return check_number(f"weights (rank {rank})", weight)
 
 
 def _rank_weights(given: Sequence[object], size: int) -> list[float] | None:
     """Every rank's ``weights`` argument, gathered: one weight per rank, or ``None``. A weight
-    that is no number (:func:`~ladle.engine.check_number`; a lone ``bool`` neither) is a
+    that is no number (:func:`~ladle.engine.check_number`: a ``bool`` neither) is a
     ``TypeError`` naming it, ``weights[i]`` in a list, ``weights (rank r)`` on its own.
     """
     if all(w is None for w in given):

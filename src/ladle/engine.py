@@ -105,7 +105,7 @@ NumberLike = Union[  # noqa: UP007 (a runtime alias on Python 3.10)
 """A real number as the merge methods take it (``density``, ``scale``, ``factor``...): an
 int or float, a numpy real scalar (``np.float32(0.5)``), or a 0-d tensor or array
 (``torch.tensor(0.5)``, a metric's value). Checked at run time by :func:`check_number`: a
-tensor or array of any other shape is a ``TypeError``."""
+bool, or a tensor or array of any other shape, is a ``TypeError``."""
 
 NumbersLike = Union[  # noqa: UP007 (a runtime alias on Python 3.10)
     Sequence[NumberLike], torch.Tensor, NDArray[np.floating[Any] | np.integer[Any]]
@@ -653,10 +653,10 @@ def check_models(models: Sequence[StateDictLike]) -> None:
 
 
 def check_number(name: str, value: object) -> float:
-    """``value`` as a float: a real number (bool, int, float, numpy's real scalars) or a 0-d
-    tensor or array; anything else (a string, a complex number, ``None``, a tensor or array
+    """``value`` as a float: a real number (int, float, numpy's real scalars) or a 0-d tensor
+    or array; anything else (a bool, a string, a complex number, ``None``, a tensor or array
     that is not 0-d) is a ``TypeError`` naming parameter ``name``, where ``float()`` raised
-    its own ("could not convert string to float: 'x'").
+    its own ("could not convert string to float: 'x'") or read ``True`` as 1.
 
     Example:
         >>> check_number("scale", torch.tensor(0.5)), check_number("scale", 2)
@@ -664,9 +664,12 @@ def check_number(name: str, value: object) -> float:
         >>> check_number("density", "0.5")
         Traceback (most recent call last):
         TypeError: density: expected a number, found str
+        >>> check_number("scale", True)
+        Traceback (most recent call last):
+        TypeError: scale: expected a number, found bool
     """
     value = unwrap_scalar(name, value)
-    if not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a number, found {type_name(value)}")
     return float(value)
 
@@ -674,7 +677,8 @@ def check_number(name: str, value: object) -> float:
 def unwrap_scalar(name: str, value: object) -> object:
     """``value``, or the Python number a 0-d tensor or array holds; a tensor or array of
     any other shape is a ``TypeError`` naming parameter ``name``. For the checks of numbers
-    (:func:`check_number`, the arithmetic's scalars) to judge what is left.
+    (:func:`check_number`, the arithmetic's scalars) to judge what is left: a bool tensor
+    leaves a ``bool``, which they refuse.
 
     Example:
         >>> unwrap_scalar("t", torch.tensor(0.5)), unwrap_scalar("t", "x")

@@ -405,7 +405,7 @@ def _step(
     if shard is not None:
         try:
             parse_size(shard)
-        except ValueError:
+        except (TypeError, ValueError):  # TOML gives true, 1.5 or a list as well
             raise ValueError(
                 f"{where}.max_shard_size: expected e.g. '5GB', found {shard!r}"
             ) from None

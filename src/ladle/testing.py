@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpoint import StateDict, StateDictLike, check_source, load
+from .engine import check_number
 from .errors import type_name
 
 if TYPE_CHECKING:
@@ -289,6 +290,8 @@ def assert_state_dicts_close(
 
     Raises:
         AssertionError: the state dicts differ; the message says where and by how much.
+        TypeError: ``rtol`` or ``atol`` is no number (a string, a bool); it is named.
+        ValueError: ``rtol`` or ``atol`` is negative or not finite; it is named.
 
     Example:
         >>> import torch
@@ -303,6 +306,8 @@ def assert_state_dicts_close(
           values differ in 1 key, worst first:
           'w': 1 of 2 elements differ; max abs error 0.5, max rel error 0.25 (rtol=1.3e-06, atol=1e-05); worst at index (1,): actual 2.5, expected 2
     """  # noqa: E501
+    rtol = None if rtol is None else check_number("rtol", rtol)
+    atol = None if atol is None else check_number("atol", atol)
     if rtol is not None and not (rtol >= 0 and math.isfinite(rtol)):
         raise ValueError(f"rtol: expected a finite number ≥ 0, found {rtol}")
     if atol is not None and not (atol >= 0 and math.isfinite(atol)):

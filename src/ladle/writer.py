@@ -74,14 +74,20 @@ Spec = tuple[tuple[int, ...], torch.dtype]
 
 def parse_size(size: int | str) -> int:
     """Bytes in ``size``: an int, or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"``.
+    Anything else (a bool, a float, ``None``) is a ``TypeError``, a string that is no size or
+    a size below one byte a ``ValueError``, naming ``max_shard_size``.
 
     Example:
         >>> parse_size("5GB"), parse_size("1KiB"), parse_size(42)
         (5000000000, 1024, 42)
+        >>> parse_size(True)
+        Traceback (most recent call last):
+        TypeError: max_shard_size: expected bytes (an int) or a string such as '5GB', found bool
     """
     if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise ValueError(
-            f"max_shard_size: expected bytes (an int) or a string such as '5GB', found {size!r}"
+        raise TypeError(
+            "max_shard_size: expected bytes (an int) or a string such as '5GB', "
+            f"found {type_name(size)}"
         )
     if isinstance(size, int):
         value = size
@@ -1048,7 +1054,8 @@ def save(
 
     Raises:
         TypeError: ``state_dict`` maps something other than strings to tensors, or
-            ``metadata`` something other than strings to strings (naming the output).
+            ``metadata`` something other than strings to strings (naming the output), or
+            (for a directory output) ``max_shard_size`` is neither an int nor a string.
         ValueError: a tensor is sparse or on the meta device (no data to write), or (for a
             directory output) ``max_shard_size`` is no positive size.
         LadleError: the output exists (without ``overwrite``) or is no earlier output (with

@@ -86,7 +86,7 @@ def check_dare_density(density: NumberLike) -> float:
 
 def _check_seed(seed: object) -> int:
     """``seed`` as an int: a number that is not an integer (``1.5``) is a ``ValueError``, what
-    is no number (a string, ``None``) a ``TypeError``, as for every numeric parameter.
+    is no number (a string, ``None``, a bool) a ``TypeError``, as for every numeric parameter.
 
     Example:
         >>> _check_seed(3), _check_seed(torch.tensor(4))
@@ -96,6 +96,8 @@ def _check_seed(seed: object) -> int:
         TypeError: seed: expected an integer, found str
     """
     value = unwrap_scalar("seed", seed)  # a 0-d tensor or array: the number it holds
+    if isinstance(value, bool):  # operator.index takes it as 0 or 1
+        raise TypeError("seed: expected an integer, found bool")
     try:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
