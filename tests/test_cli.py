@@ -420,6 +420,43 @@ def test_demo_seed_out_of_range_is_a_usage_error(capsys, seed):
     assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["dare", "demo"])
+@pytest.mark.parametrize("seed", ["1.5", "x", "1e3"])
+def test_a_seed_that_is_no_integer_is_one_message_in_every_command(
+    tmp_path, inputs, capsys, command, seed
+):
+    # Before: `ladle dare --seed 1.5` said argparse's "invalid int value: '1.5'", where
+    # `ladle demo` said "expected an integer, found '1.5'" and dare(seed=1.5) "seed: expected
+    # an integer, found 1.5".
+    models = [*inputs[1:], "--base", inputs[0], "-o", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--seed", seed, *(models if command == "dare" else [])])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert f"ladle {command}: error: argument --seed: expected an integer, found '{seed}'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_negative_dare_seed_merges_alike_from_the_cli_the_api_and_a_recipe(tmp_path, inputs):
+    # DARE hashes its seed (docs/methods/dare.md), so every integer is a seed of its own;
+    # the demo, whose seed goes to torch's generators, takes [0, 2**63) in both ways.
+    out = tmp_path / "cli.safetensors"
+    assert main(["dare", *inputs[1:], "--base", inputs[0], "--seed", "-1", "-o", str(out)]) == 0
+    expected = ladle.dare(inputs[1:], inputs[0], seed=-1)
+    assert not all(
+        torch.equal(v, ladle.dare(inputs[1:], inputs[0], seed=0)[k]) for k, v in expected.items()
+    )
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        f'method = "dare"\nmodels = {json.dumps(inputs[1:])}\nbase = {json.dumps(inputs[0])}\n'
+        'output = "recipe.safetensors"\n[parameters]\nseed = -1\n'
+    )
+    assert main(["run", str(recipe)]) == 0
+    for path in (out, tmp_path / "recipe.safetensors"):
+        merged = ladle.load(path)
+        assert all(torch.equal(merged[k], v) for k, v in expected.items()), path
+
+
 def test_sigterm_exits_143_and_leaves_no_output(tmp_path, inputs, capsys, monkeypatch):
     import os
     import signal

@@ -20,6 +20,28 @@ BASE_ROWS = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("seed", "error", "message"),
+    [
+        (-1, ValueError, "seed: expected an integer in [0, 2**63), found -1"),
+        (2**63, ValueError, "seed: expected an integer in [0, 2**63), found 9223372036854775808"),
+        (2**64, ValueError, "seed: expected an integer in [0, 2**63), found 18446744073709551616"),
+        (1.5, ValueError, "seed: expected an integer, found 1.5"),
+        (True, TypeError, "seed: expected an integer, found bool"),
+        ("3", TypeError, "seed: expected an integer, found str"),
+    ],
+)
+def test_run_demo_refuses_the_seeds_the_cli_refuses_before_anything_runs(
+    tmp_path, seed, error, message
+):
+    # Before: run_demo took seeds the CLI refuses (-1 ran the demo), and seed=2**64 failed in
+    # torch ("Overflow when unpacking long long") after creating the workdir.
+    with pytest.raises(error) as caught:
+        run_demo(seed=seed, size="small", workdir=tmp_path / "w", stream=io.StringIO())
+    assert str(caught.value) == message
+    assert not (tmp_path / "w").exists()
+
+
 def test_ladle_demo_small_exits_0_and_prints_the_table(tmp_path, capsys):
     assert main(["demo", "--size", "small", "--seed", "3", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

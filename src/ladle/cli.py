@@ -27,7 +27,7 @@ from . import __version__
 from .checkpoint import Checkpoint, open_checkpoint
 from .compare import TensorDiff, diff
 from .errors import LadleError
-from .methods.dare import check_dare_density, dare
+from .methods.dare import check_dare_density, check_seed, dare
 from .methods.soup import greedy_soup, uniform_soup
 from .methods.stock import model_stock
 from .methods.task_arithmetic import check_scale, task_arithmetic
@@ -58,15 +58,27 @@ def _repo_id(text: str) -> str:
     return text
 
 
-def _seed(text: str) -> int:
-    """A seed torch's generators take: an integer in [0, 2**63)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, found {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), found {value}")
-    return value
+def _checked_int(check: Callable[[int], int]) -> Callable[[str], int]:
+    """An argparse type: an integer that ``check`` (the API's own check of a seed) takes, so
+    that ``--seed`` is refused, with the API's message, where the API refuses it."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, found {text!r}") from None
+        try:
+            return check(value)
+        except ValueError as err:  # "seed: expected ...": argparse names the option
+            raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
+
+    return parse
+
+
+def _demo_seed(seed: int) -> int:
+    from .demo import check_demo_seed  # the demo module loads when its command runs
+
+    return check_demo_seed(seed)
 
 
 def _checked_float(check: Callable[[float], float]) -> Callable[[str], float]:
@@ -491,7 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="probability of keeping an entry, in [2**-24, 1] (default: 0.1)",
     )
     dare_parser.add_argument("--scale", type=_SCALE, default=1.0, help="λ (default: 1.0)")
-    dare_parser.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
+    dare_parser.add_argument(
+        "--seed",
+        type=_checked_int(check_seed),
+        default=0,
+        help="seed of the masks, any integer (default: 0)",
+    )
     dare_parser.add_argument(
         "--combine", choices=["sum", "ties"], default="sum", help="how to combine (default: sum)"
     )
@@ -538,7 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="an end-to-end demo on a synthetic problem (a few seconds on a laptop CPU)"
     )
     demo.add_argument(
-        "--seed", type=_seed, default=0, help="seed of the problem and training (default: 0)"
+        "--seed",
+        type=_checked_int(_demo_seed),
+        default=0,
+        help="seed of the problem and training, in [0, 2**63) (default: 0)",
     )
     demo.add_argument(
         "--size",

@@ -39,8 +39,9 @@ from torch.nn import functional as F
 import ladle
 from ladle.engine import resolve_device
 from ladle.errors import LadleError
+from ladle.methods.dare import check_seed
 
-__all__ = ["DemoRow", "format_table", "run_demo"]
+__all__ = ["DemoRow", "check_demo_seed", "format_table", "run_demo"]
 
 LATENT, OBSERVED, SPURIOUS, HIDDEN = 8, 16, 8, 64
 TARGET_CLASSES, PRETRAIN_CLASSES, AUX_CLASSES = 5, 16, 6
@@ -183,6 +184,25 @@ def _save(model: nn.Module | ladle.StateDict, path: Path) -> Path:
     return ladle.save({k: t.detach().cpu() for k, t in tensors.items()}, path, overwrite=True)
 
 
+def check_demo_seed(seed: object) -> int:
+    """``seed`` as an int in [0, 2**63): it seeds torch's generators directly (with small
+    offsets, one per training run), unlike DARE's, which is hashed and may be any integer
+    (:func:`~ladle.methods.dare.check_seed`, whose ``TypeError`` a non-integer is). An
+    integer outside the range is a ``ValueError`` naming ``seed``.
+
+    Example:
+        >>> check_demo_seed(7)
+        7
+        >>> check_demo_seed(-1)
+        Traceback (most recent call last):
+        ValueError: seed: expected an integer in [0, 2**63), found -1
+    """
+    value = check_seed(seed)
+    if not 0 <= value < 2**63:
+        raise ValueError(f"seed: expected an integer in [0, 2**63), found {value}")
+    return value
+
+
 def format_table(rows: Sequence[DemoRow]) -> str:
     """The rows as a text table (accuracies in percent).
 
@@ -218,7 +238,8 @@ def run_demo(
     given machine and torch version.
 
     Args:
-        seed: seeds the problem (domains, tasks, samples) and every training run.
+        seed: seeds the problem (domains, tasks, samples) and every training run: an
+            integer in [0, 2**63) (:func:`check_demo_seed`), checked before anything runs.
         size: ``"default"`` (a few seconds on two CPU cores) or ``"small"`` (a few seconds).
         workdir: where checkpoints are written and kept (files named by the demo are
             replaced); default a temporary directory, deleted afterwards.
@@ -234,6 +255,7 @@ def run_demo(
         >>> [row.method for row in rows][:3]
         ['linear probe', 'best single fine-tuning', 'uniform soup']
     """
+    seed = check_demo_seed(seed)
     if size not in SIZES:
         raise ValueError(f"size: expected one of {sorted(SIZES)}, found {size!r}")
     out = sys.stdout if stream is None else stream

@@ -45,6 +45,7 @@ __all__ = [
     "BLOCK",
     "block_seed",
     "check_dare_density",
+    "check_seed",
     "dare",
     "keep_below",
     "keep_mask",
@@ -84,14 +85,16 @@ def check_dare_density(density: NumberLike) -> float:
     return density
 
 
-def _check_seed(seed: object) -> int:
-    """``seed`` as an int: a number that is not an integer (``1.5``) is a ``ValueError``, what
-    is no number (a string, ``None``, a bool) a ``TypeError``, as for every numeric parameter.
+def check_seed(seed: object) -> int:
+    """``seed`` as an int: any integer, negative or beyond 64 bits too (it is hashed into each
+    block's generator seed by :func:`block_seed`, never given to a generator itself). A number
+    that is not an integer (``1.5``) is a ``ValueError``, what is no number (a string,
+    ``None``, a bool) a ``TypeError``, as for every numeric parameter.
 
     Example:
-        >>> _check_seed(3), _check_seed(torch.tensor(4))
-        (3, 4)
-        >>> _check_seed("3")
+        >>> check_seed(3), check_seed(torch.tensor(4)), check_seed(-1)
+        (3, 4, -1)
+        >>> check_seed("3")
         Traceback (most recent call last):
         TypeError: seed: expected an integer, found str
     """
@@ -362,7 +365,7 @@ def dare(
         density: the probability that an entry is kept, in [2⁻²⁴, 1]
             (:data:`DENSITY_FLOOR`).
         scale: the factor λ applied to the combined task vectors.
-        seed: seeds the masks.
+        seed: seeds the masks: any integer, negative ones too (:func:`check_seed`).
         combine: ``"sum"`` or ``"ties"``.
         out: ``None`` to return a state dict on the CPU; a ``.safetensors`` path or a directory
             to stream the result to disk and return its path.
@@ -392,7 +395,7 @@ def dare(
     scale = check_scale(scale)
     if combine not in COMBINES:
         raise ValueError(f"combine: expected one of {COMBINES}, found {combine!r}")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     check_inputs(models, base)
     target = resolve_device(device)
 
