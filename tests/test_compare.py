@@ -77,6 +77,59 @@ def test_diff_of_incompatible_models_names_them():
         ladle.diff(A, {**B, "w": torch.zeros(2, 2)})
 
 
+@pytest.mark.parametrize(
+    ("a", "b", "error", "message"),
+    [
+        (
+            A,
+            {**B, "w": torch.zeros(2, 2)},
+            ladle.IncompatibleError,
+            "b (<state dict>): key 'w' has shape (2, 2), a (<state dict>) has (1, 2)",
+        ),
+        (
+            {"w": A["w"]},
+            A,
+            ladle.IncompatibleError,
+            "b (<state dict>): keys differ from a (<state dict>): extra 2 ('b', 'n')",
+        ),
+        (
+            {**A, "w": torch.tensor([[math.nan, 0.0]])},
+            B,
+            ladle.NonFiniteError,
+            "a (<state dict>): key 'w' holds NaN or Inf values; pass allow_nonfinite=True "
+            "(--allow-nonfinite) to go on anyway",
+        ),
+        (
+            A,
+            {**B, "w": torch.empty(1, 2, device="meta")},
+            ladle.CheckpointError,
+            "b (<state dict>): tensor 'w' is on the meta device (no data); ladle merges dense "
+            "tensors with data",
+        ),
+        (3, B, TypeError, "a: expected a mapping, nn.Module, path or Checkpoint, found int"),
+    ],
+)
+def test_diff_errors_call_the_models_a_and_b_as_its_parameters(a, b, error, message):
+    # Before: "model 1 (<state dict>): ... model 0 (<state dict>) ...", the engine's names
+    # for a list of models; diff takes two arguments, a and b.
+    with pytest.raises(error) as caught:
+        ladle.diff(a, b)
+    assert str(caught.value) == message
+
+
+def test_cli_diff_error_names_a_and_b_with_the_paths_typed(files, tmp_path, capsys):
+    odd = tmp_path / "odd.safetensors"
+    save_file({**B, "w": torch.zeros(2, 2)}, odd)
+    assert main(["diff", files["a"], str(odd), "--base", files["base"]]) == 1
+    assert capsys.readouterr().err == (
+        f"ladle: error: b ({odd}): key 'w' has shape (2, 2), base ({files['base']}) has (1, 2)\n"
+    )
+    assert main(["diff", str(odd), files["b"]]) == 1
+    assert capsys.readouterr().err == (
+        f"ladle: error: b ({files['b']}): key 'w' has shape (1, 2), a ({odd}) has (2, 2)\n"
+    )
+
+
 @pytest.fixture
 def files(tmp_path):
     paths = {}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -17,6 +18,7 @@ from .engine import (
     open_models,
     resolve_device,
 )
+from .errors import LadleError
 
 __all__ = ["DiffReport", "TensorDiff", "diff"]
 
@@ -94,6 +96,40 @@ def _stats_kernel() -> Kernel:
     return Kernel(init, update, finalize)
 
 
+@contextmanager
+def _named_a_and_b(names: list[str]) -> Iterator[None]:
+    """Errors inside called by the parameters' names: ``a`` and ``b``, where the engine says
+    "model 0" and "model 1" (its inputs are a list). ``names`` holds the checkpoints' names
+    once they are open: until then, only the input that failed to open is named, first.
+    """
+    try:
+        yield
+    except (LadleError, TypeError) as err:
+        if len(err.args) == 1 and isinstance(err.args[0], str):
+            err.args = (_renamed(err.args[0], names),)
+        raise
+
+
+def _renamed(message: str, names: list[str]) -> str:
+    """``message`` with the engine's labels of the two models, ``model 0 (NAME)`` (or the
+    leading ``model 0`` of a source that did not open) and ``model 1``, as ``a`` and ``b``.
+
+    Example:
+        >>> _renamed("model 1 (y.pt): key 'w' has shape (3,), model 0 (x.pt) has (2,)",
+        ...          ["x.pt", "y.pt"])
+        "b (y.pt): key 'w' has shape (3,), a (x.pt) has (2,)"
+        >>> _renamed("model 1: expected a mapping, nn.Module, path or Checkpoint, found int", [])
+        'b: expected a mapping, nn.Module, path or Checkpoint, found int'
+    """
+    for index, label in enumerate(("a", "b")):
+        engine = f"model {index}"
+        if message.startswith((f"{engine} (", f"{engine}:")):
+            message = label + message[len(engine) :]
+        if index < len(names):
+            message = message.replace(f"{engine} ({names[index]})", f"{label} ({names[index]})")
+    return message
+
+
 def diff(
     a: StateDictLike,
     b: StateDictLike,
@@ -124,9 +160,13 @@ def diff(
         A :class:`DiffReport`.
 
     Raises:
-        IncompatibleError: the models' keys, shapes or dtype kinds differ (the message calls
-            ``a`` "model 0" and ``b`` "model 1").
+        IncompatibleError: the models' keys, shapes or dtype kinds differ; the message names
+            them ``a`` and ``b`` (and ``base``), each with its file: "b (ft.safetensors): key
+            'w' has shape (3,), a (pre.safetensors) has (2,)".
         NonFiniteError: a model holds NaN or Inf, unless ``allow_nonfinite``.
+        CheckpointError: a model cannot be read (or a state dict holds a tensor without
+            data, named ``a`` or ``b`` as above).
+        TypeError: ``a``, ``b`` or ``base`` is no model (named so).
 
     Example:
         >>> import torch, ladle
@@ -138,9 +178,11 @@ def diff(
         >>> ladle.diff(a, {"w": torch.tensor([6.0, 0.0])}, base={"w": torch.zeros(2)}).total
         TensorDiff(key='', norm_a=3.0, norm_b=6.0, norm_diff=3.0, cosine=1.0)
     """
-    with ExitStack() as stack:
+    names: list[str] = []
+    with ExitStack() as stack, _named_a_and_b(names):
         (ckpt_a, ckpt_b), ckpt_base = open_models([a, b], base, stack)
-        check_compatible([ckpt_a, ckpt_b], ckpt_base)  # "model 1 (...)": a is model 0
+        names += [ckpt_a.name, ckpt_b.name]
+        check_compatible([ckpt_a, ckpt_b], ckpt_base)
         reference = ckpt_base if ckpt_base is not None else ckpt_a
         sums: dict[str, torch.Tensor] = {}
         for key, _, stats in fold(
