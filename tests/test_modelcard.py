@@ -109,7 +109,12 @@ def test_model_card_recipe_is_valid_toml_that_names_resolved_revisions(tmp_path,
     )
     out = ladle.uniform_soup(["hf://org/a", "hf://org/a"], out=tmp_path / "soup", device="cpu")
     card = (out / "README.md").read_text()
-    assert front_matter(card)[:3] == ["base_model:", '- "org/a"', "tags:"]  # listed once
+    assert front_matter(card)[:4] == [  # listed once
+        "base_model:",
+        '- "org/a"',
+        "base_model_relation: merge",
+        "tags:",
+    ]
     assert f"| model 0 | `org/a` | `{COMMIT_A}` |" in card
     recipe = tomllib.loads(card.split("```toml\n")[1].split("```")[0])
     assert recipe["method"] == "uniform_soup"
@@ -402,6 +407,7 @@ def test_model_card_of_a_merge_with_a_hub_base_in_full():
             "base_model:",
             '- "org/base"',  # the base first
             '- "org/ft"',
+            "base_model_relation: merge",
             "tags:",
             '- "merge"',
             '- "ladle"',
@@ -532,3 +538,34 @@ def test_only_paths_inside_the_home_folder_are_recorded_from_tilde(
     with ladle.open_checkpoint(out) as ckpt:
         inputs = json.loads(ckpt.metadata["ladle.inputs"])
     assert inputs == [name.format(tmp=tmp_path) for name in recorded]
+
+
+# Hub conventions for the front matter: a card huggingface_hub parses, whose lineage
+# (base_model, base_model_relation) the Hub's model tree shows as a merge of what it holds.
+
+
+def test_a_card_with_one_hub_input_says_it_is_a_merge_as_the_hub_reads_it():
+    from huggingface_hub import ModelCard
+
+    from ladle.modelcard import model_card
+
+    commit = "c" * 40
+    card = model_card("ties", {"density": 0.5}, ["ft/a", "ft/b"], f"hf://org/base@{commit}")
+    # The Hub guesses the relation of a single base_model from the files ("finetune" for a
+    # config and weights): the merge was listed as a fine-tune of its base.
+    assert front_matter(card) == [
+        "base_model:",
+        '- "org/base"',
+        "base_model_relation: merge",
+        "tags:",
+        '- "merge"',
+        '- "ladle"',
+    ]
+    data = ModelCard(card).data.to_dict()
+    assert data == {
+        "base_model": ["org/base"],
+        "base_model_relation": "merge",
+        "tags": ["merge", "ladle"],
+    }
+    # With no Hub input there is no base_model, and no relation to one.
+    assert "base_model_relation" not in model_card("ties", {}, ["ft/a"], "base")

@@ -3,8 +3,9 @@
 A directory output is meant to load with ``transformers``: the config, generation config and
 tokenizer files of the base (or first) input are copied beside the weights when that input is
 a model directory (local, or a Hub snapshot), and a ``README.md`` model card records the
-merge: YAML front matter (``base_model``, ``tags``), the method, parameters, inputs with their
-resolved revisions, and a recipe that ``ladle run`` reproduces.
+merge: YAML front matter (``base_model``, ``base_model_relation: merge``, ``tags``), the
+method, parameters, inputs with their resolved revisions, and a recipe that ``ladle run``
+reproduces.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def model_card(
         >>> print(card.split("---")[1].strip())  # a local folder is no Hub repo id
         base_model:
         - "org/a"
+        base_model_relation: merge
         tags:
         - "merge"
         - "ladle"
@@ -147,10 +149,12 @@ def model_card(
     in_memory = [name for name in sources if name.startswith("<")]  # "<state dict>", modules
     # The Hub takes only repo ids in base_model: local files and folders are left out.
     base_models = list(dict.fromkeys(_repo_id(n) for n in sources if n.startswith(PREFIX)))
+    # base_model_relation: the Hub guesses the relation to a single base model from the
+    # files ("finetune" for a config and weights); every ladle output is a merge.
+    lineage = _yaml_list("base_model", base_models) + "base_model_relation: merge\n"
     lines = [
         "---",
-        (_yaml_list("base_model", base_models) if base_models else "")
-        + _yaml_list("tags", ["merge", "ladle"]).rstrip(),
+        (lineage if base_models else "") + _yaml_list("tags", ["merge", "ladle"]).rstrip(),
         "---",
         "",
         f"# {title}",
