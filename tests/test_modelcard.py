@@ -569,3 +569,20 @@ def test_a_card_with_one_hub_input_says_it_is_a_merge_as_the_hub_reads_it():
     }
     # With no Hub input there is no base_model, and no relation to one.
     assert "base_model_relation" not in model_card("ties", {}, ["ft/a"], "base")
+
+
+def test_a_greedy_soups_card_lists_only_the_hub_models_it_kept_as_base_models():
+    from huggingface_hub import ModelCard
+
+    from ladle.modelcard import model_card
+
+    a, b, c = (f"hf://org/{name}@{'c' * 40}" for name in "abc")
+    for method, parameters in [
+        ("greedy_soup", {"strict": False, "selected": [2, 0], "score": 1.0}),
+        ("ratatouille", {"selection": "greedy", "strict": False, "selected": [2, 0]}),
+    ]:
+        card = model_card(method, parameters, [a, b, c])
+        # org/b was tried and left out: the output holds none of its weights, and the Hub
+        # listed the soup among org/b's merges.
+        assert ModelCard(card).data.base_model == ["org/c", "org/a"], method
+        assert "| model 1 | `org/b` |" in card  # the inputs table still shows every input

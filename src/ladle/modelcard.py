@@ -147,8 +147,11 @@ def model_card(
     """
     sources = ([base] if base is not None else []) + list(models)
     in_memory = [name for name in sources if name.startswith("<")]  # "<state dict>", modules
-    # The Hub takes only repo ids in base_model: local files and folders are left out.
-    base_models = list(dict.fromkeys(_repo_id(n) for n in sources if n.startswith(PREFIX)))
+    # The Hub takes only repo ids in base_model: local files and folders are left out. A
+    # greedy selection's output holds the models it kept, and nothing of the others.
+    kept = _selected(parameters, models)
+    ancestors = ([base] if base is not None else []) + list(models if kept is None else kept)
+    base_models = list(dict.fromkeys(_repo_id(n) for n in ancestors if n.startswith(PREFIX)))
     # base_model_relation: the Hub guesses the relation to a single base model from the
     # files ("finetune" for a config and weights); every ladle output is a merge.
     lineage = _yaml_list("base_model", base_models) + "base_model_relation: merge\n"
@@ -196,6 +199,20 @@ def model_card(
     return "\n".join(lines)
 
 
+def _selected(parameters: Mapping[str, object], models: Sequence[str]) -> list[str] | None:
+    """The models a greedy selection kept, in the order it added them (``selected``
+    recorded: greedy soup, ratatouille's ``selection="greedy"``); ``None`` for other merges.
+
+    Example:
+        >>> _selected({"selected": [2, 0], "score": 0.9}, ["a", "b", "c"]), _selected({}, ["a"])
+        (['c', 'a'], None)
+    """
+    selected = parameters.get("selected")
+    if isinstance(selected, list) and all(isinstance(i, int) for i in selected):
+        return [models[i] for i in selected]
+    return None
+
+
 def _recipe(
     method: str,
     parameters: Mapping[str, object],
@@ -214,13 +231,14 @@ def _recipe(
     import ladle  # the methods' signatures; imported here, as ladle imports this module
 
     comments: list[str] = []
-    selected = parameters.get("selected")
-    if isinstance(selected, list) and all(isinstance(i, int) for i in selected):
+    greedy = _selected(parameters, models)
+    if greedy is not None:
+        selected = parameters["selected"]
         comments = [
             f"# The greedy selection ({method}) kept models {selected}; this averages them, as",
             "# its output does. Re-running the selection needs your evaluate function.",
         ]
-        method, models, base, parameters = "uniform_soup", [models[i] for i in selected], None, {}
+        method, models, base, parameters = "uniform_soup", greedy, None, {}
     function = getattr(ladle, method, None)
     taken = inspect.signature(function).parameters if function is not None else {}
     kept = {k: v for k, v in parameters.items() if k in taken and k != "evaluate"}
