@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -221,11 +222,10 @@ def test_every_methods_card_recipe_runs_and_gives_its_weights(tmp_path, method, 
         ),
     }[method]
     call()
-    replay = tmp_path / "replay"
-    replay.mkdir()
-    (replay / "recipe.toml").write_text(_card_recipe(out))
-    run_recipe(replay / "recipe.toml", device="cpu")
-    original, again = ladle.load(out), ladle.load(replay / "merged")
+    # As the card says: saved beside the output, whose folder its paths are relative to.
+    (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"again"'))
+    run_recipe(tmp_path / "recipe.toml", device="cpu")
+    original, again = ladle.load(out), ladle.load(tmp_path / "again")
     assert original.keys() == again.keys()
     for key in original:
         assert again[key].dtype == original[key].dtype, key
@@ -316,7 +316,7 @@ def test_a_card_recipe_naming_a_path_with_a_del_character_is_valid_toml(tmp_path
     save_file({"w": torch.full((2,), 3.0)}, odd)
     out = ladle.uniform_soup([tmp_path / "a.safetensors", odd], out=tmp_path / "merged")
     recipe = tomllib.loads(_card_recipe(out))
-    assert str(odd) in json.dumps(recipe, ensure_ascii=False)
+    assert recipe["models"] == ["a.safetensors", odd.name]
 
 
 def test_a_card_recipe_names_an_output_dtype_recipes_cannot_hold_in_a_comment(tmp_path):
@@ -348,7 +348,7 @@ def test_a_single_file_model_folder_is_recorded_as_the_folder_and_its_recipe_cop
     card = (out / "README.md").read_text()
     # It said "Reproduce this merge with `ladle run recipe.toml`, the recipe saved in the
     # directory the merge ran from", as if a recipe.toml had been written there.
-    assert "save this recipe as `recipe.toml` in the directory the\nmerge ran from" in card
+    assert "save this recipe as `recipe.toml` beside this model's\nfolder" in card
     assert "(no recipe file was written)" in card and not (tmp_path / "recipe.toml").exists()
     (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"again"'))
     run_recipe(tmp_path / "recipe.toml", device="cpu")
@@ -373,7 +373,8 @@ def test_inputs_in_the_home_folder_are_recorded_from_tilde_and_the_recipe_still_
         tmp_path / "elsewhere.safetensors",
     ]
     out = ladle.uniform_soup(inputs, out=tmp_path / "merged")
-    recorded = ["~/models/a.safetensors", "~/models/b", str(tmp_path / "elsewhere.safetensors")]
+    # Relative to tmp_path, which holds the output, the first two would name alice.
+    recorded = ["~/models/a.safetensors", "~/models/b", "elsewhere.safetensors"]
     with ladle.open_checkpoint(out) as ckpt:
         assert json.loads(ckpt.metadata["ladle.inputs"]) == recorded
     card = (out / "README.md").read_text()
@@ -434,9 +435,9 @@ def test_model_card_of_a_merge_with_a_hub_base_in_full():
             "",
             "## Recipe",
             "",
-            "To reproduce this merge, save this recipe as `recipe.toml` in the directory the",
-            "merge ran from (relative paths below are relative to it; `~` is the home folder)",
-            "and run `ladle run recipe.toml` there (no recipe file was written):",
+            "To reproduce this merge, save this recipe as `recipe.toml` beside this model's",
+            "folder (relative paths below are relative to the folder holding both; `~` is the",
+            "home folder) and run `ladle run recipe.toml` (no recipe file was written):",
             "",
             "```toml",
             'method = "ties"',
@@ -519,10 +520,10 @@ def test_an_output_config_that_is_no_json_object_is_copied_as_it_is(tmp_path):
 @pytest.mark.parametrize(
     ("home", "recorded"),
     [
-        ("alice", ["~/a.safetensors", "{tmp}/alice2/b.safetensors"]),  # not alice's folder
-        ("alice/", ["~/a.safetensors", "{tmp}/alice2/b.safetensors"]),  # HOME with a slash
-        ("./alice", ["~/a.safetensors", "{tmp}/alice2/b.safetensors"]),  # HOME not normalised
-        ("/", ["{tmp}/alice/a.safetensors", "{tmp}/alice2/b.safetensors"]),  # no user's folder
+        ("alice", ["~/a.safetensors", "alice2/b.safetensors"]),  # not alice's folder
+        ("alice/", ["~/a.safetensors", "alice2/b.safetensors"]),  # HOME with a slash
+        ("./alice", ["~/a.safetensors", "alice2/b.safetensors"]),  # HOME not normalised
+        ("/", ["alice/a.safetensors", "alice2/b.safetensors"]),  # no user's folder
     ],
 )
 def test_only_paths_inside_the_home_folder_are_recorded_from_tilde(
@@ -586,3 +587,90 @@ def test_a_greedy_soups_card_lists_only_the_hub_models_it_kept_as_base_models():
         # listed the soup among org/b's merges.
         assert ModelCard(card).data.base_model == ["org/c", "org/a"], method
         assert "| model 1 | `org/b` |" in card  # the inputs table still shows every input
+
+
+# Local inputs are recorded relative to the folder holding the output: a published card or
+# header shows no folder above them, and the card's recipe, saved beside the output, runs.
+
+
+def test_a_cards_recipe_run_beside_the_output_rewrites_its_weights_byte_for_byte(
+    tmp_path, monkeypatch
+):
+    from ladle.cli import main
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    base, a, b = family(3, seed=31)
+    from safetensors.torch import save
+
+    write_cached_repo(
+        cache, "org/base", COMMIT_A, {"model.safetensors": save(base)}, refs={"main": COMMIT_A}
+    )
+    ckpts = tmp_path / "data" / "alice" / "ckpts"
+    ckpts.mkdir(parents=True)
+    model_dir(ckpts / "run3", a)
+    save_file(b, ckpts / "b.safetensors")
+    merges = tmp_path / "data" / "alice" / "merges"
+    merges.mkdir()
+    monkeypatch.chdir(tmp_path)  # one input relative to the working folder, one absolute
+    argv = [
+        "ties",
+        "--base",
+        "hf://org/base",
+        "data/alice/ckpts/run3",
+        str(ckpts / "b.safetensors"),
+    ]
+    assert main([*argv, "--density", "0.5", "-o", str(merges / "out"), "--no-progress"]) == 0
+    out = merges / "out"
+    recorded = ["../ckpts/run3", "../ckpts/b.safetensors"]
+    recipe = tomllib.loads(_card_recipe(out))
+    # They were "data/alice/ckpts/run3" (from where the merge ran) and "/tmp/.../ckpts/...".
+    assert recipe["models"] == recorded
+    assert recipe["base"] == f"hf://org/base@{COMMIT_A}"
+    with ladle.open_checkpoint(out) as ckpt:
+        assert json.loads(ckpt.metadata["ladle.inputs"]) == recorded
+    assert str(tmp_path) not in (out / "README.md").read_text()
+
+    (merges / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"again"'))
+    monkeypatch.chdir(ckpts)  # the recipe's folder, not the working one, anchors its paths
+    assert main(["run", str(merges / "recipe.toml"), "--no-progress"]) == 0
+    again = merges / "again"
+    # The same names in the header (ladle run recorded the absolute paths it resolved):
+    # the weights file is the same bytes.
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert tomllib.loads(_card_recipe(again))["models"] == recorded
+    assert str(tmp_path) not in (again / "README.md").read_text()
+
+
+def test_inputs_are_recorded_relative_to_the_output_folder_as_its_links_resolve(tmp_path):
+    from ladle.recipe import run_recipe
+
+    a, b = family(2, seed=32)
+    (tmp_path / "ckpts").mkdir()
+    save_file(a, tmp_path / "ckpts" / "run7.safetensors")
+    (tmp_path / "ckpts" / "latest.safetensors").symlink_to("run7.safetensors")
+    save_file(b, tmp_path / "ckpts" / "b.safetensors")
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "deep")
+    inputs = [tmp_path / "ckpts" / "latest.safetensors", tmp_path / "ckpts" / "b.safetensors"]
+    out = ladle.uniform_soup(inputs, out=tmp_path / "link" / "out")
+    # "../ckpts/..." from link/ would be real/ckpts/...: the real path climbs two folders.
+    # A linked file is named as given (latest, not run7).
+    expected = ["../../ckpts/latest.safetensors", "../../ckpts/b.safetensors"]
+    assert tomllib.loads(_card_recipe(out))["models"] == expected
+    (tmp_path / "link" / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"r"'))
+    run_recipe(tmp_path / "link" / "recipe.toml", device="cpu")
+    again, merged = ladle.load(tmp_path / "link" / "r"), ladle.load(out)
+    assert all(torch.equal(again[k], merged[k]) for k in merged)
+
+
+def test_an_input_sharing_only_the_root_with_the_output_is_recorded_absolute(tmp_path):
+    from ladle.checkpoint import recorded_name
+
+    save_file({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    root = Path(os.path.abspath(os.sep))
+    with ladle.open_checkpoint(tmp_path / "a.safetensors") as ckpt:
+        assert recorded_name(ckpt, root / "merged") == str(tmp_path / "a.safetensors")
+        assert recorded_name(ckpt, tmp_path / "merged") == "a.safetensors"
+        assert recorded_name(ckpt) == str(tmp_path / "a.safetensors")  # no output: as given

@@ -1159,25 +1159,73 @@ def _read_index(index: Path) -> dict[str, Path]:
     return {key: shards[name] for key, name in names.items()}
 
 
-def recorded_name(checkpoint: Checkpoint) -> str:
+def recorded_name(checkpoint: Checkpoint, out: str | os.PathLike | None = None) -> str:
     """How provenance and model cards record ``checkpoint``: its name, except that a model
     folder holding one weights file is recorded as the folder the user gave (its name is the
     file, which error messages want), so that a recipe replaying the merge reads the folder,
     config and tokenizer files included; and that an absolute path in the user's home folder
     starts with ``~`` instead of that folder.
 
+    With ``out``, the output being written, a local input is recorded relative to the folder
+    holding ``out`` where the two lie below one folder other than the file system's root
+    (``/data/NAME/ckpts/a`` for ``/data/NAME/merges/out`` is ``../ckpts/a``), so that a
+    published card or header shows no folder above them, and the card's recipe, saved beside
+    the output, reads the same files wherever the merge ran from; else, or where the input is
+    in the home folder and ``out`` is not, as an absolute path (from ``~`` in the home
+    folder).
+
     Example:
         >>> import pathlib, tempfile, torch, ladle
         >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> _ = ladle.save({"w": torch.ones(1)}, folder / "model.safetensors")
-        >>> with ladle.open_checkpoint(folder) as ckpt:
-        ...     ckpt.name == str(folder / "model.safetensors"), recorded_name(ckpt) == str(folder)
-        (True, True)
+        >>> _ = ladle.save({"w": torch.ones(1)}, folder / "a" / "model.safetensors")
+        >>> with ladle.open_checkpoint(folder / "a") as ckpt:
+        ...     ckpt.name == str(folder / "a" / "model.safetensors"), (
+        ...         recorded_name(ckpt) == str(folder / "a"), recorded_name(ckpt, folder / "o"))
+        (True, (True, 'a'))
     """
     path = checkpoint.path
+    name = checkpoint.name
     if path is not None and Path(checkpoint.name).parent == path and path.is_dir():
-        return _home_as_tilde(str(path))
-    return _home_as_tilde(checkpoint.name)
+        name = str(path)
+    if out is None or path is None or name.startswith(("hf://", "<")):
+        return _home_as_tilde(name)
+    absolute, folder = _home_as_tilde(os.path.abspath(name)), Path(out).parent
+    if absolute.startswith("~") and not _home_as_tilde(os.path.abspath(folder)).startswith("~"):
+        return absolute  # from a folder outside the home folder, "../NAME/..." names the user
+    relative = _relative_to(name, folder)
+    return absolute if relative is None else relative
+
+
+def _relative_to(name: str, folder: Path) -> str | None:
+    """``name``, a local path, relative to ``folder`` as ``folder / result`` resolves it
+    (symbolic links followed, as a recipe beside ``folder``'s contents reads it), where
+    the two lie below one folder other than the file system's root; else ``None``.
+
+    Example:
+        >>> import pathlib
+        >>> _relative_to("/data/alice/ckpts/a", pathlib.Path("/data/alice/merges"))
+        '../ckpts/a'
+        >>> _relative_to("/mnt/ckpts/a", pathlib.Path("/home/alice")) is None
+        True
+    """
+    try:
+        target, start = os.path.realpath(name), os.path.realpath(folder)
+        common = os.path.commonpath([target, start])
+        if common == os.path.dirname(common):  # only the root ("/", a drive) holds both
+            return None
+        absolute = os.path.abspath(name)
+        real_folder = os.path.join(os.path.realpath(os.path.dirname(absolute)), "")
+        candidates = (  # as named (a link "ckpts/latest" stays so), then less and less so
+            os.path.relpath(absolute, os.path.abspath(folder)),
+            os.path.relpath(real_folder + os.path.basename(absolute), start),
+            os.path.relpath(target, start),
+        )
+        # ".." after a linked folder leaves the folder it links to, not the link's parent.
+        return next(
+            (c for c in candidates if os.path.realpath(os.path.join(start, c)) == target), None
+        )
+    except ValueError:  # different drives
+        return None
 
 
 def _home_as_tilde(name: str) -> str:

@@ -1547,16 +1547,18 @@ def provenance(
     parameters: Mapping[str, object],
     models: Sequence[Checkpoint],
     base: Checkpoint | None,
+    out: str | os.PathLike | None = None,
 ) -> dict[str, str]:
-    """Header metadata recording how an output was made."""
+    """Header metadata recording how the output ``out`` was made (local inputs relative to
+    the folder holding it: :func:`~ladle.checkpoint.recorded_name`)."""
     meta = {
         "ladle.version": __version__,
         "ladle.method": method,
         "ladle.parameters": json.dumps(dict(parameters), sort_keys=True, default=str),
-        "ladle.inputs": json.dumps([recorded_name(m) for m in models]),
+        "ladle.inputs": json.dumps([recorded_name(m, out) for m in models]),
     }
     if base is not None:
-        meta["ladle.base"] = recorded_name(base)
+        meta["ladle.base"] = recorded_name(base, out)
     return meta
 
 
@@ -1688,7 +1690,7 @@ def merge(
             for key, index, values in amendments():  # once the last chunk is out
                 state[key].view(-1)[index] = values
             return state
-        meta = provenance(method, parameters, checkpoints, base_ckpt)
+        meta = provenance(method, parameters, checkpoints, base_ckpt, out)
         extra = (  # a directory output also gets config/tokenizer files and a model card
             None
             if single_file(out)

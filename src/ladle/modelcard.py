@@ -125,7 +125,9 @@ def model_card(
     Args:
         method: the merge method's name, e.g. ``"uniform_soup"``.
         parameters: the method's parameters as recorded in the output's provenance.
-        models: the inputs' names (Hub inputs as ``hf://owner/repo@<commit>``).
+        models: the inputs' names (Hub inputs as ``hf://owner/repo@<commit>``; local ones
+            relative to the folder holding the output, or absolute: the recipe is read
+            from there).
         base: the base model's name, if the method has one.
         title: the card's heading.
         dtype: the output dtype the merge was asked for (``dtype=``), if any: the recipe
@@ -189,9 +191,9 @@ def model_card(
         lines += ["Some inputs were in memory, not files: no recipe can reproduce this merge.", ""]
     else:
         lines += [
-            "To reproduce this merge, save this recipe as `recipe.toml` in the directory the",
-            "merge ran from (relative paths below are relative to it; `~` is the home folder)",
-            "and run `ladle run recipe.toml` there (no recipe file was written):",
+            "To reproduce this merge, save this recipe as `recipe.toml` beside this model's",
+            "folder (relative paths below are relative to the folder holding both; `~` is the",
+            "home folder) and run `ladle run recipe.toml` (no recipe file was written):",
             "",
             "```toml",
         ]
@@ -308,8 +310,8 @@ def output_files(
     card = model_card(
         method,
         parameters,
-        [recorded_name(m) for m in models],
-        None if base is None else recorded_name(base),
+        [recorded_name(m, out) for m in models],
+        None if base is None else recorded_name(base, out),
         title=Path(out).name or "Merged model",
         dtype=dtype,
     )

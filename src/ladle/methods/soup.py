@@ -453,7 +453,7 @@ def run_greedy(
                 out,
                 {key: (tuple(t.shape), t.dtype) for key, t in state.items()},
                 max_shard_size=max_shard_size,
-                metadata=provenance(method, recorded, checkpoints, None),
+                metadata=provenance(method, recorded, checkpoints, None, out),
                 overwrite=overwrite,
                 extra_files=extra,
             ) as writer:
