@@ -674,3 +674,35 @@ def test_an_input_sharing_only_the_root_with_the_output_is_recorded_absolute(tmp
         assert recorded_name(ckpt, root / "merged") == str(tmp_path / "a.safetensors")
         assert recorded_name(ckpt, tmp_path / "merged") == "a.safetensors"
         assert recorded_name(ckpt) == str(tmp_path / "a.safetensors")  # no output: as given
+
+
+@pytest.mark.parametrize("size", [50, "50B"])
+def test_a_sharded_outputs_card_recipe_names_its_shard_size_and_rewrites_its_shards(tmp_path, size):
+    from ladle.recipe import run_recipe
+
+    paths = []
+    for i, model in enumerate(family(2, seed=33)):
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    out = ladle.uniform_soup(paths, out=tmp_path / "merged", max_shard_size=size)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    recipe = tomllib.loads(_card_recipe(out))
+    assert recipe["max_shard_size"] == size  # it had none: the recipe wrote one file
+    (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"again"'))
+    run_recipe(tmp_path / "recipe.toml", device="cpu")
+    again = tmp_path / "again"
+    assert sorted(p.name for p in again.glob("model-*.safetensors")) == shards
+    for name in [*shards, "model.safetensors.index.json"]:
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    ladle.greedy_soup(paths, lambda sd: 0.0, out=tmp_path / "g", max_shard_size=size)
+    assert tomllib.loads(_card_recipe(tmp_path / "g"))["max_shard_size"] == size
+
+
+def test_a_card_recipe_leaves_out_the_default_shard_size(tmp_path):
+    save_file({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    for size in (ladle.writer.DEFAULT_MAX_SHARD_SIZE, 5 * 10**9):
+        out = ladle.uniform_soup(
+            [tmp_path / "a.safetensors"], out=tmp_path / f"o{size}", max_shard_size=size
+        )
+        assert "max_shard_size" not in _card_recipe(out)

@@ -1694,7 +1694,15 @@ def merge(
         extra = (  # a directory output also gets config/tokenizer files and a model card
             None
             if single_file(out)
-            else output_files(method, parameters, checkpoints, base_ckpt, out=out, dtype=dtype)
+            else output_files(
+                method,
+                parameters,
+                checkpoints,
+                base_ckpt,
+                out=out,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+            )
         )
         sink: Sink = (
             SafetensorsWriter(

@@ -24,6 +24,7 @@ import torch
 from ._version import __version__
 from .checkpoint import Checkpoint, recorded_name
 from .hub import COMPANION_FILES, COMPANION_FOLDERS, PREFIX, parse_hf_url
+from .writer import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 __all__ = ["companion_files", "model_card", "output_files"]
 
@@ -119,6 +120,7 @@ def model_card(
     *,
     title: str = "Merged model",
     dtype: torch.dtype | None = None,
+    max_shard_size: int | str | None = None,
 ) -> str:
     """The ``README.md`` of a merged model: YAML front matter, inputs, parameters, recipe.
 
@@ -132,6 +134,8 @@ def model_card(
         title: the card's heading.
         dtype: the output dtype the merge was asked for (``dtype=``), if any: the recipe
             asks for it too.
+        max_shard_size: the output's largest shard, if not the default: the recipe asks for
+            it too, and writes the same shards.
 
     Returns:
         The card's text.
@@ -185,7 +189,7 @@ def model_card(
     lines += [f"- `{key}`: `{json.dumps(value, default=str)}`" for key, value in parameters.items()]
     if not parameters:
         lines.append("None.")
-    recipe = _recipe(method, parameters, models, base, dtype)
+    recipe = _recipe(method, parameters, models, base, dtype, max_shard_size)
     lines += ["", "## Recipe", ""]
     if in_memory:
         lines += ["Some inputs were in memory, not files: no recipe can reproduce this merge.", ""]
@@ -221,9 +225,11 @@ def _recipe(
     models: Sequence[str],
     base: str | None,
     dtype: torch.dtype | None = None,
+    max_shard_size: int | str | None = None,
 ) -> list[str]:
     """The lines of a recipe that ``ladle run`` accepts and that gives this merge's weights
-    (in ``dtype``, when the merge asked for one).
+    (in ``dtype``, when the merge asked for one), in shards of ``max_shard_size`` unless it
+    is the default.
 
     Only the method's own parameters go under ``[parameters]`` (provenance also records
     constants such as Model Stock's ``eps``). A greedy selection (``selected`` recorded)
@@ -256,6 +262,10 @@ def _recipe(
             recipe.append(f"dtype = {_toml(name)}")
         else:
             recipe.append(f"# merged into {name}, which a recipe cannot name: convert after it")
+    if max_shard_size is not None and parse_size(max_shard_size) != parse_size(
+        DEFAULT_MAX_SHARD_SIZE
+    ):
+        recipe.append(f"max_shard_size = {_toml(max_shard_size)}")
     if kept:
         recipe += ["", "[parameters]"]
         recipe += [f"{_toml(str(k))} = {_toml(v)}" for k, v in kept.items()]
@@ -285,6 +295,7 @@ def output_files(
     *,
     out: str | os.PathLike,
     dtype: torch.dtype | None = None,
+    max_shard_size: int | str | None = None,
 ) -> dict[str, Path | bytes]:
     """Files to place beside the weights of a directory output ``out``.
 
@@ -292,6 +303,7 @@ def output_files(
     and ``README.md`` (the model card). Keys are file names; values are files to copy or bytes.
     With ``dtype`` (the merge's output dtype), the config's ``torch_dtype`` (and ``dtype``)
     say it, as loaders that read the dtype from the config (``torch_dtype="auto"``) need.
+    ``max_shard_size`` (the output's) goes into the card's recipe.
 
     Example:
         >>> import json, pathlib, tempfile, torch, ladle
@@ -314,6 +326,7 @@ def output_files(
         None if base is None else recorded_name(base, out),
         title=Path(out).name or "Merged model",
         dtype=dtype,
+        max_shard_size=max_shard_size,
     )
     files["README.md"] = card.encode()
     return files

@@ -447,7 +447,15 @@ def run_greedy(
             extra = (  # as every merge: a directory also gets config/tokenizer and a card
                 None
                 if single_file(out)
-                else output_files(method, recorded, checkpoints, None, out=out, dtype=dtype)
+                else output_files(
+                    method,
+                    recorded,
+                    checkpoints,
+                    None,
+                    out=out,
+                    dtype=dtype,
+                    max_shard_size=max_shard_size,
+                )
             )
             with SafetensorsWriter(
                 out,
