@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import DictCheckpoint, family
+from conftest import DictCheckpoint, assert_bit_for_bit, family
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -20,6 +20,7 @@ from ladle.engine import (
     Scratch,
     chunk_shape,
     fold,
+    merge,
     open_models,
     resolve_device,
     row_chunks,
@@ -1242,3 +1243,101 @@ def test_a_tensor_without_data_in_memory_names_the_model_holding_it(merge, which
         merge(ok, meta)
     with pytest.raises(ladle.CheckpointError, match=rf"^{which} \(<Linear>\): tensor 'weight'"):
         merge(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta"))
+
+
+# --- tied weights in memory ----------------------------------------------------------------
+
+
+class TiedLM(torch.nn.Module):
+    """A language model in miniature whose head is its embedding (``tie_word_embeddings``):
+    its state dict names one tensor ``emb.weight`` and ``head.weight``."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 8)
+        self.body = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("steps", torch.tensor(seed))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=gen))
+
+
+IN_MEMORY_METHODS = {
+    "uniform_soup": lambda models, base: ladle.uniform_soup(models, device="cpu"),
+    "ratatouille": lambda models, base: ladle.ratatouille(models, device="cpu"),
+    "task_arithmetic": lambda models, base: ladle.task_arithmetic(models, base, device="cpu"),
+    "ties": lambda models, base: ladle.ties(models, base, density=0.4, device="cpu"),
+    "ties_tensor": lambda models, base: ladle.ties(models, base, trim="tensor", device="cpu"),
+    "dare": lambda models, base: ladle.dare(models, base, density=0.5, device="cpu"),
+    "model_stock": lambda models, base: ladle.model_stock(models, base, device="cpu"),
+}
+
+
+def _stored_once(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with its tied head left out, as save_pretrained's safetensors store it."""
+    return {key: value for key, value in state.items() if key != "head.weight"}
+
+
+@pytest.mark.parametrize("method", list(IN_MEMORY_METHODS))
+def test_a_merge_in_memory_returns_a_tensor_every_input_ties_once_under_both_names(method):
+    # Each name came back as its own tensor: twice the memory of the embedding (2 GiB more
+    # for a 128k x 4k fp32 one), computed twice. Now the result holds it as the inputs do.
+    base, *models = TiedLM(0), TiedLM(1), TiedLM(2), TiedLM(3)
+    merged = IN_MEMORY_METHODS[method](models, base)
+    assert list(merged) == list(base.state_dict())
+    assert merged["head.weight"] is merged["emb.weight"]
+    # The values of the same models stored once, bit for bit; the head is the embedding.
+    once = IN_MEMORY_METHODS[method](
+        [_stored_once(m.state_dict()) for m in models], _stored_once(base.state_dict())
+    )
+    assert_bit_for_bit(_stored_once(merged), once)
+    loaded = TiedLM(9)
+    loaded.load_state_dict(merged, strict=True)
+    assert loaded.head.weight is loaded.emb.weight
+    assert torch.equal(loaded.emb.weight, merged["emb.weight"])
+
+
+def test_a_tensor_every_input_ties_is_merged_once_in_memory_and_under_each_name_to_a_file(
+    tmp_path,
+):
+    computed: list[str] = []
+
+    def init(key, rows, base):
+        computed.append(key)
+        return None
+
+    kernel = Kernel(init, lambda state, index, x: x.clone(), lambda state: state)
+    models = [TiedLM(1), TiedLM(2)]
+    merged = merge(models, kernel, method="first", parameters={}, device="cpu")
+    assert computed == ["emb.weight", "body.weight", "body.bias"]
+    assert merged["head.weight"] is merged["emb.weight"]
+    computed.clear()  # a file holds each name's bytes: the head is merged as its own key
+    out = merge(models, kernel, method="first", parameters={}, device="cpu", out=tmp_path / "o")
+    assert sorted(computed) == ["body.bias", "body.weight", "emb.weight", "head.weight"]
+    assert_bit_for_bit(ladle.load(out), {k: v.clone() for k, v in merged.items()})
+
+
+def test_keys_tied_in_some_inputs_only_are_merged_each_on_its_own():
+    untied = TiedLM(2).state_dict()
+    untied["head.weight"] = untied["head.weight"] * 2  # a fine-tune that untied its head
+    merged = ladle.uniform_soup([TiedLM(1), untied], device="cpu")
+    assert merged["head.weight"].data_ptr() != merged["emb.weight"].data_ptr()
+    emb, head = (untied[k] for k in ("emb.weight", "head.weight"))
+    assert torch.equal(merged["emb.weight"], (TiedLM(1).emb.weight.detach() + emb) / 2)
+    assert torch.equal(merged["head.weight"], (TiedLM(1).emb.weight.detach() + head) / 2)
+
+
+def test_a_base_tying_what_the_models_store_once_gives_a_tied_result_in_memory(tmp_path):
+    # A pre-trained module as the base of save_pretrained fine-tunes (the embedding once):
+    # the models answer the head's name with their embedding, so the result ties them too.
+    base, models = TiedLM(0), [TiedLM(1), TiedLM(2)]
+    files = []
+    for i, model in enumerate(models):
+        save_file(_stored_once(model.state_dict()), tmp_path / f"ft{i}.safetensors")
+        files.append(tmp_path / f"ft{i}.safetensors")
+    merged = ladle.task_arithmetic(files, base, scale=0.5, device="cpu")
+    assert list(merged) == list(base.state_dict())
+    assert merged["head.weight"] is merged["emb.weight"]

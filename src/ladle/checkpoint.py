@@ -21,7 +21,7 @@ import struct
 import threading
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
@@ -343,8 +343,9 @@ def tensor_aliases(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str
 def tied_names(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
     """Each key that names one tensor with an earlier key in every one of ``checkpoints``
     (:meth:`Checkpoint.aliases`: tied weights) -> the first such key in the first
-    checkpoint's key order (the base's). DARE draws the masks of that name, so tied keys
-    stay equal; TIES's model-wide statistics count that name alone, so a tied tensor counts
+    checkpoint's key order (the base's). A merge in memory computes such a tensor once, under
+    that name (:func:`first_names`); DARE draws the masks of that name, so tied keys stay
+    equal; TIES's model-wide statistics count that name alone, so a tied tensor counts
     once. Keys tied in some inputs only (a fine-tune that untied them holds two tensors)
     keep their own names.
 
@@ -356,9 +357,12 @@ def tied_names(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
         >>> tied_names([tied, untied])
         {'head': 'emb', 'x': 'emb'}
     """
-    maps = [checkpoint.aliases() for checkpoint in checkpoints]
-    if not all(maps):  # no key is tied in every input (the usual case: safetensors files)
-        return {}
+    maps = []
+    for checkpoint in checkpoints:
+        aliases = checkpoint.aliases()
+        if not aliases:  # no key is tied in every input (the usual case: safetensors files)
+            return {}
+        maps.append(aliases)
     first: dict[tuple[str, ...], str] = {}  # each group of keys tied everywhere: its first
     names = {}
     for key in checkpoints[0].keys():
@@ -369,16 +373,23 @@ def tied_names(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
     return names
 
 
-class _SecondNames(Checkpoint):
+class _Renamed(Checkpoint):
     """``checkpoint`` with second names for some of its tensors (``names``: each new key ->
-    the key holding the tensor), as :func:`second_names` makes it."""
+    the key holding the tensor), as :func:`second_names` makes it, or without some of its
+    keys (``hidden``), as :func:`first_names` makes it."""
 
-    def __init__(self, checkpoint: Checkpoint, names: Mapping[str, str]) -> None:
-        self._inner, self._names = checkpoint, dict(names)
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        names: Mapping[str, str] | None = None,
+        hidden: Collection[str] = (),
+    ) -> None:
+        self._inner, self._names = checkpoint, dict(names or {})
+        self._hidden = frozenset(hidden)
         self.name, self.path, self.metadata = checkpoint.name, checkpoint.path, checkpoint.metadata
 
     def __getattr__(self, attribute: str) -> Any:  # what a source kind adds (a Hub commit)
-        if attribute in ("_inner", "_names"):  # not set yet: no recursion
+        if attribute in ("_inner", "_names", "_hidden"):  # not set yet: no recursion
             raise AttributeError(attribute)
         return getattr(self._inner, attribute)
 
@@ -386,7 +397,7 @@ class _SecondNames(Checkpoint):
         return self._names.get(key, key)
 
     def keys(self) -> list[str]:
-        return [*self._inner.keys(), *self._names]
+        return [*(key for key in self._inner.keys() if key not in self._hidden), *self._names]
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._inner.shape(self._key(key))
@@ -417,14 +428,14 @@ class _SecondNames(Checkpoint):
         self._inner.release(self._key(key))
 
     def files(self) -> dict[str, Path]:
-        files = self._inner.files()
+        files = {k: f for k, f in self._inner.files().items() if k not in self._hidden}
         return {**files, **{new: files[old] for new, old in self._names.items() if old in files}}
 
     def file_sizes(self) -> dict[Path, int]:
         return self._inner.file_sizes()
 
     def aliases(self) -> dict[str, str]:
-        tied = self._inner.aliases()
+        tied = {new: old for new, old in self._inner.aliases().items() if new not in self._hidden}
         return {**tied, **{new: tied.get(old, old) for new, old in self._names.items()}}
 
     def nbytes(self, key: str) -> int:
@@ -447,7 +458,24 @@ def second_names(checkpoint: Checkpoint, tied: Mapping[str, str]) -> Checkpoint:
     """
     own = set(checkpoint.keys())
     names = {new: old for new, old in tied.items() if new not in own and old in own}
-    return _SecondNames(checkpoint, names) if names else checkpoint
+    return _Renamed(checkpoint, names) if names else checkpoint
+
+
+def first_names(checkpoint: Checkpoint, tied: Mapping[str, str]) -> Checkpoint:
+    """``checkpoint`` without the second names of ``tied`` (:func:`tied_names`: keys naming
+    the tensor of an earlier key in every input), so that a merge in memory computes a tied
+    tensor once, under its first name, and returns it under every name
+    (:func:`ladle.engine.merge`); ``checkpoint`` itself where it holds none of them.
+
+    Example:
+        >>> import torch
+        >>> w = torch.ones(2)
+        >>> once = first_names(open_checkpoint({"emb": w, "head": w}), {"head": "emb"})
+        >>> once.keys(), once.aliases()
+        (['emb'], {})
+    """
+    hidden = set(tied).intersection(checkpoint.keys())
+    return _Renamed(checkpoint, hidden=hidden) if hidden else checkpoint
 
 
 class TensorMapCheckpoint(Checkpoint):

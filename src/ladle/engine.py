@@ -37,9 +37,11 @@ from .checkpoint import (
     StateDict,
     StateDictLike,
     check_source,
+    first_names,
     open_checkpoint,
     recorded_name,
     second_names,
+    tied_names,
 )
 from .errors import CheckpointError, IncompatibleError, LadleError, NonFiniteError, type_name
 from .modelcard import output_files
@@ -1593,6 +1595,11 @@ def merge(
     ``inputs_checked``: ``prepare``'s passes checked every floating input already, so the
     merging pass does not check them again (its outputs still are).
 
+    In memory, a tensor that the base and every model name twice (tied weights:
+    :func:`~ladle.checkpoint.tied_names`) is merged once, under its first name (``prepare``
+    and ``kernel`` see that name alone), and the dict holds it under both, one tensor, as
+    the inputs do; a file holds each name's bytes.
+
     Example:
         >>> import tempfile, torch, ladle
         >>> from ladle.methods.soup import weighted_mean_kernel
@@ -1613,6 +1620,13 @@ def merge(
         checkpoints, base_ckpt = open_models(models, base, inputs)
         check_compatible(checkpoints, base_ckpt)
         reference = base_ckpt if base_ckpt is not None else checkpoints[0]
+        names = reference.keys()  # the result's keys, in order
+        # In memory, a tensor that every input names twice (tied weights) is merged once and
+        # returned under both names, as the inputs hold it; a file holds each name's bytes.
+        tied = tied_names([reference, *checkpoints]) if out is None else {}
+        if tied:
+            checkpoints, base_ckpt = _first_names(checkpoints, base_ckpt, tied)
+            reference = base_ckpt if base_ckpt is not None else checkpoints[0]
         sources = [*checkpoints, *([base_ckpt] if base_ckpt is not None else [])]
         if out is not None:
             _check_output(out, sources)
@@ -1689,7 +1703,7 @@ def merge(
             state = _to_state_dict(results, specs)
             for key, index, values in amendments():  # once the last chunk is out
                 state[key].view(-1)[index] = values
-            return state
+            return {key: state[tied.get(key, key)] for key in names if tied.get(key, key) in state}
         meta = provenance(method, parameters, checkpoints, base_ckpt, out)
         extra = (  # a directory output also gets config/tokenizer files and a model card
             None
@@ -1737,6 +1751,19 @@ def merge(
             if closing.ident is not None:
                 closing.join()
         return Path(out)
+
+
+def _first_names(
+    models: Sequence[Checkpoint], base: Checkpoint | None, tied: Mapping[str, str]
+) -> tuple[list[Checkpoint], Checkpoint | None]:
+    """``models`` and ``base`` without the second names of ``tied`` (:func:`first_names`); a
+    checkpoint given twice (a base that is one of the models) stays one object."""
+    views: dict[int, Checkpoint] = {}
+
+    def view(checkpoint: Checkpoint) -> Checkpoint:
+        return views.setdefault(id(checkpoint), first_names(checkpoint, tied))
+
+    return [view(m) for m in models], None if base is None else view(base)
 
 
 def _to_state_dict(
