@@ -262,3 +262,65 @@ def test_a_wider_argument_after_the_first_makes_the_computation_wider():
     complex_wide = {"c": wide.to(torch.complex128)}
     found = ladle.sub(complex_one, complex_wide)["c"]
     assert found.dtype == torch.complex64 and found.tolist() == [complex(-(2.0**-40), 0.0)]
+
+
+# --- tied weights ----------------------------------------------------------------------------
+
+
+def tied(emb: torch.Tensor, body: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A model whose head is its embedding: one tensor under two names, as a tied module's
+    state dict (or a torch file of it) holds them."""
+    return {"emb.weight": emb, "body.weight": body, "head.weight": emb, "steps": torch.tensor(3)}
+
+
+def stored_once(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model`` with its tied head left out, as save_pretrained's safetensors store it."""
+    return {key: value for key, value in model.items() if key != "head.weight"}
+
+
+ARITHMETIC = {
+    "add": lambda a, b: ladle.add(a, b, alpha=0.5),
+    "sub": ladle.sub,
+    "scale": lambda a, b: ladle.scale(a, 3),
+    "lerp": lambda a, b: ladle.lerp(a, b, 0.25),
+    "weighted_sum": lambda a, b: ladle.weighted_sum([a, b, a], [1, 2, 3]),
+    "task_vector": ladle.task_vector,
+}
+
+
+@pytest.mark.parametrize("name", list(ARITHMETIC))
+def test_a_tensor_every_argument_ties_comes_back_once_under_both_names(name):
+    # Each name came back as a tensor of its own, computed twice: twice the memory.
+    gen = torch.Generator().manual_seed(4)
+    a = tied(torch.randn(6, 3, generator=gen), torch.randn(5, generator=gen))
+    b = tied(torch.randn(6, 3, generator=gen), torch.randn(5, generator=gen))
+    result = ARITHMETIC[name](a, b)
+    assert list(result) == ["emb.weight", "body.weight", "head.weight", "steps"]
+    assert result["head.weight"] is result["emb.weight"]
+    once = ARITHMETIC[name](stored_once(a), stored_once(b))  # the values, bit for bit
+    assert all(torch.equal(result[key], once[key]) for key in once)
+    assert result["emb.weight"].dtype == torch.float32
+
+
+def test_a_tied_module_takes_the_result_and_stays_tied():
+    def lm(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8, bias=False))
+        model[1].weight = model[0].weight
+        return model
+
+    merged = ladle.lerp(lm(0), lm(1), 0.5)
+    assert merged["1.weight"] is merged["0.weight"]
+    target = lm(2)
+    target.load_state_dict(merged, strict=True)
+    assert target[1].weight is target[0].weight
+    expected = torch.lerp(lm(0)[0].weight.detach(), lm(1)[0].weight.detach(), 0.5)
+    assert torch.equal(target[0].weight.detach(), expected)
+
+
+def test_keys_tied_in_one_argument_only_are_computed_each_on_its_own():
+    a = tied(torch.ones(4), torch.ones(2))
+    b = {**tied(torch.ones(4), torch.ones(2)), "head.weight": torch.full((4,), 3.0)}
+    result = ladle.add(a, b)
+    assert result["emb.weight"].tolist() == [2.0] * 4
+    assert result["head.weight"].tolist() == [4.0] * 4

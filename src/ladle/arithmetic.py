@@ -6,7 +6,9 @@ are computed in float32 (float64 stays float64), complex ones in complex64 (comp
 complex128), and returned in the dtype of the first argument (``base`` for
 :func:`task_vector`); integer and boolean tensors, such as ``num_batches_tracked``, are
 copied from that same argument. Key sets and shapes must agree, else
-:class:`~ladle.IncompatibleError` names the argument, the key and both shapes. A result
+:class:`~ladle.IncompatibleError` names the argument, the key and both shapes. A tensor
+that every argument names twice (tied weights, as a tied module's state dict holds its
+embedding and head) is computed once and returned under both names, one tensor. A result
 whose dtype cannot hold signed values one per element (``float8_e8m0fnu``, packed
 ``float4_e2m1fn_x2``) is a ``ValueError``, as in every merge method: convert it first.
 
@@ -31,6 +33,7 @@ from .checkpoint import (
     TensorMapCheckpoint,
     check_source,
     load,
+    tied_names,
     unwrap_averaged,
 )
 from .engine import (
@@ -98,17 +101,20 @@ def _map(
     """
     for name, sd in named:
         check_source(name, sd)
-    opened = [(name, _tensors(sd)) for name, sd in named]
-    checkpoints = [TensorMapCheckpoint(sd, name=name) for name, sd in opened]
+    checkpoints = [TensorMapCheckpoint(_tensors(sd), name=name) for name, sd in named]
     ref = checkpoints[reference]
     check_compatible(checkpoints, ref, named=True)
-    ref_tensors = opened[reference][1]
     check_output_dtypes(ref, None, remedy="convert it first (tensor.float())")
     wide = any(_beyond_float32(value) for _, value in scalars)
     imaginary = next(((n, v) for n, v in scalars if isinstance(v, complex)), None)
+    # A tensor every argument names twice (tied weights) is computed once, returned twice.
+    tied = tied_names([ref, *checkpoints])
     result: StateDict = {}
-    for key, ref_tensor in ref_tensors.items():
-        tensors = [sd[key].detach() for _, sd in opened]
+    for key in ref.keys():
+        if key in tied:
+            continue
+        tensors = [c.get_slice(key, slice(None)) for c in checkpoints]  # on their devices
+        ref_tensor = tensors[reference]
         if not (ref_tensor.is_floating_point() or ref_tensor.is_complex()):
             result[key] = ref_tensor.detach().clone()
             continue
@@ -124,7 +130,7 @@ def _map(
         else:
             dtype = torch.float64 if wide else compute_dtype([t.dtype for t in tensors])
         result[key] = fn(*(t.to(dtype) for t in tensors)).to(ref_tensor.dtype)
-    return result
+    return {key: result[tied.get(key, key)] for key in ref.keys()}
 
 
 def _tensors(source: object) -> Mapping[str, torch.Tensor]:
