@@ -963,17 +963,6 @@ def test_a_base_holding_a_tied_head_merges_with_fine_tunes_stored_once(tmp_path,
     assert_bit_for_bit(_once(merged), once)
 
 
-def test_arithmetic_on_a_tied_state_dict_and_one_stored_once_says_which_names_are_tied():
-    tied, once = _tied(torch.zeros(4), torch.zeros(2)), _once(_tied(torch.ones(4), torch.ones(2)))
-    with pytest.raises(ladle.IncompatibleError) as info:
-        ladle.add(tied, once)
-    assert str(info.value) == (
-        "b: keys differ from a: missing 1 ('head.weight'); in a, 'head.weight' names the tensor "
-        "of 'emb.weight' (tied weights), which the other inputs store once: give every input "
-        "in one form (all safetensors, or all modules, state dicts or torch files)"
-    )
-
-
 def test_magnitude_thresholds_count_a_tied_tensor_once_as_ties_does():
     from ladle.methods.ties import magnitude_thresholds
 

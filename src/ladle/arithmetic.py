@@ -6,11 +6,16 @@ are computed in float32 (float64 stays float64), complex ones in complex64 (comp
 complex128), and returned in the dtype of the first argument (``base`` for
 :func:`task_vector`); integer and boolean tensors, such as ``num_batches_tracked``, are
 copied from that same argument. Key sets and shapes must agree, else
-:class:`~ladle.IncompatibleError` names the argument, the key and both shapes. A tensor
-that every argument names twice (tied weights, as a tied module's state dict holds its
-embedding and head) is computed once and returned under both names, one tensor. A result
+:class:`~ladle.IncompatibleError` names the argument, the key and both shapes. A result
 whose dtype cannot hold signed values one per element (``float8_e8m0fnu``, packed
 ``float4_e2m1fn_x2``) is a ``ValueError``, as in every merge method: convert it first.
+
+Tied weights (one tensor under two names, as a tied module's state dict holds its embedding
+and head): a tensor that every argument names twice is computed once and returned under
+both names, one tensor. Where the first argument (``base`` for :func:`task_vector`) names
+it twice and another stores it once, under its first name (``save_pretrained``'s
+safetensors), that one answers the second name with it; a second name that the first
+argument lacks is not read. The result has the first argument's keys.
 
 Scalars (``alpha``, ``factor``, ``t``, ``weights``) are numbers: ints, floats, numpy
 scalars or 0-d tensors; anything else, a bool or a tensor of more than one element included,
@@ -33,6 +38,7 @@ from .checkpoint import (
     TensorMapCheckpoint,
     check_source,
     load,
+    second_names,
     tied_names,
     unwrap_averaged,
 )
@@ -101,8 +107,12 @@ def _map(
     """
     for name, sd in named:
         check_source(name, sd)
-    checkpoints = [TensorMapCheckpoint(_tensors(sd), name=name) for name, sd in named]
-    ref = checkpoints[reference]
+    opened = [TensorMapCheckpoint(_tensors(sd), name=name) for name, sd in named]
+    ref = opened[reference]
+    # A tied tensor that the reference names twice and an argument stores once (a module
+    # beside save_pretrained's safetensors): that argument answers the second name with it.
+    named_twice = ref.aliases()
+    checkpoints = [c if c is ref else second_names(c, named_twice) for c in opened]
     check_compatible(checkpoints, ref, named=True)
     check_output_dtypes(ref, None, remedy="convert it first (tensor.float())")
     wide = any(_beyond_float32(value) for _, value in scalars)
