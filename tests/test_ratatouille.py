@@ -251,3 +251,72 @@ def test_init_from_paths_closes_the_files_it_opened(tmp_path):
         tmp_path / "aux.safetensors", tmp_path / "probe.safetensors", drop=["aux_head.*"]
     )
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# --- tied weights ----------------------------------------------------------------------------
+
+
+class TiedLM(torch.nn.Module):
+    """A language model whose output head is its embedding (``tie_word_embeddings``), with a
+    classifier for the target task; ``tied=False`` gives the head a parameter of its own."""
+
+    def __init__(self, seed: int, *, tied: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = torch.nn.Embedding(6, 4)
+        self.body = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 6, bias=False)
+        self.classifier = torch.nn.Linear(4, 3)
+        if tied:
+            self.head.weight = self.emb.weight
+
+
+@pytest.mark.parametrize("drop", [(), ["head.weight"], ["head.*"]])
+def test_a_probe_under_a_tied_name_of_the_auxiliary_is_refused_naming_both_keys(drop):
+    # The init held the auxiliary's embedding and the probe as two tensors; loaded into the
+    # tied model, both went into one parameter and the probe replaced the embedding.
+    aux = TiedLM(0)
+    probe = {"head.weight": torch.full((6, 4), 0.5)}
+    with pytest.raises(ladle.IncompatibleError) as info:
+        ladle.ratatouille_init(aux, probe, drop=drop)
+    assert str(info.value) == (
+        "head (<state dict>): key 'head.weight' is tied to 'emb.weight' in auxiliary "
+        "(<TiedLM>) (one tensor, two names): a model that ties them loads the probe and the "
+        "auxiliary's 'emb.weight' into one parameter, and keeps the one loaded last. A linear "
+        "probe needs a head of its own: untie it in the target model (transformers: "
+        "tie_word_embeddings=False) and pass the auxiliary as that untied model, or with "
+        "'head.weight' cloned"
+    )
+    if not drop:  # the first name given, the second kept: the same
+        with pytest.raises(ladle.IncompatibleError, match=r"key 'emb\.weight' is tied to 'head"):
+            ladle.ratatouille_init(aux, {"emb.weight": torch.ones(6, 4)})
+
+
+def test_an_auxiliary_with_its_head_untied_takes_the_probe_for_an_untied_target():
+    aux = TiedLM(0)
+    untied = {**aux.state_dict(), "head.weight": aux.head.weight.detach().clone()}
+    probe = {"head.weight": torch.full((6, 4), 0.5)}
+    target = TiedLM(1, tied=False)
+    target.load_state_dict(ladle.ratatouille_init(untied, probe), strict=True)
+    assert torch.equal(target.emb.weight, aux.emb.weight)
+    assert torch.equal(target.head.weight, probe["head.weight"])
+
+
+def test_tied_auxiliary_weights_stay_one_tensor_beside_a_probe_of_their_own():
+    aux = TiedLM(0)
+    probe = {f"classifier.{k}": v for k, v in TiedLM(2).classifier.state_dict().items()}
+    init = ladle.ratatouille_init(aux, probe, drop=["classifier.*"])
+    assert init["head.weight"] is init["emb.weight"]  # one copy, as the auxiliary has it
+    assert init["emb.weight"] is not aux.emb.weight
+    target = TiedLM(1)
+    target.load_state_dict(init, strict=True)
+    assert target.head.weight is target.emb.weight
+    assert torch.equal(target.emb.weight, aux.emb.weight)
+    assert torch.equal(target.classifier.weight, probe["classifier.weight"])
+
+
+def test_a_head_giving_every_name_of_a_tied_tensor_replaces_it():
+    aux, probe = TiedLM(0), torch.full((6, 4), 0.5)
+    init = ladle.ratatouille_init(aux, {"emb.weight": probe, "head.weight": probe})
+    assert torch.equal(init["emb.weight"], probe)
+    assert torch.equal(init["head.weight"], probe)

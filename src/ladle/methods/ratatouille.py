@@ -9,7 +9,7 @@ fine-tunings (:func:`ratatouille`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal, overload
@@ -46,7 +46,10 @@ def ratatouille_init(
     head key that replaces a dropped key, or that is new, may have any shape; a head key that
     replaces a kept auxiliary key must have its shape and dtype kind. Key order: the
     auxiliary's kept keys (a head key that replaces one in its place), then the head's other
-    keys, those that replace dropped keys included. Tensors are copies, in their own dtypes.
+    keys, those that replace dropped keys included. Tensors are copies, in their own dtypes;
+    auxiliary keys naming one tensor (tied weights, as a tied module's state dict holds them)
+    name one copy. A head key that is such a name while another stays the auxiliary's is
+    refused: a model that ties them cannot hold both the probe and that tensor.
 
     Args:
         auxiliary: the model fine-tuned on an auxiliary task (a mapping, module or path).
@@ -57,8 +60,9 @@ def ratatouille_init(
         A new state dict on the CPU, ready to load into the target model.
 
     Raises:
-        IncompatibleError: a pattern of ``drop`` matches no key, or a head key disagrees in
-            shape or dtype kind with a kept auxiliary key.
+        IncompatibleError: a pattern of ``drop`` matches no key, a head key disagrees in
+            shape or dtype kind with a kept auxiliary key, or is tied to a kept auxiliary key
+            (one tensor, two names) that the head does not replace.
 
     Example:
         >>> import torch, ladle
@@ -102,18 +106,54 @@ def ratatouille_init(
                     f"auxiliary ({aux.name}) has {aux.dtype(key)}"
                 )
         head_keys = set(probe.keys())
-        init = {
-            key: (probe if key in head_keys else aux).get_slice(key, slice(None)).clone()
-            for key in kept
-        }
+        tied = aux.aliases()
+        _check_tied(keys, kept_set, head_keys, tied, aux.name, probe.name)
+        init: StateDict = {}
+        for key in kept:
+            first = tied.get(key)
+            if key not in head_keys and first in init:  # tied weights (the head takes none)
+                init[key] = init[first]  # one copy under both names, as the auxiliary has
+            else:
+                holder = probe if key in head_keys else aux
+                init[key] = holder.get_slice(key, slice(None)).to("cpu", copy=True)
         for key in probe.keys():
             if key not in init:
-                init[key] = probe.get_slice(key, slice(None)).clone()
-        return {key: tensor.to("cpu") for key, tensor in init.items()}
+                init[key] = probe.get_slice(key, slice(None)).to("cpu", copy=True)
+        return init
     finally:
         for checkpoint, source in ((aux, auxiliary), (probe, head)):
             if checkpoint is not source:
                 checkpoint.close()
+
+
+def _check_tied(
+    keys: Sequence[str],
+    kept: Collection[str],
+    head_keys: Collection[str],
+    tied: Mapping[str, str],
+    aux: str,
+    probe: str,
+) -> None:
+    """An :class:`IncompatibleError` where the head gives one name of a tensor that the
+    auxiliary names twice (``tied``: its :meth:`~ladle.Checkpoint.aliases`, tied weights), a
+    name dropped or not, and another name stays the auxiliary's (in ``kept``): loaded into a
+    model that ties them, one parameter would take both, the last loaded."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(tied.get(key, key), []).append(key)
+    for names in groups.values():
+        given = [key for key in names if key in head_keys]
+        others = [key for key in names if key in kept and key not in head_keys]
+        if given and others:
+            key, other = given[0], others[0]
+            raise IncompatibleError(
+                f"head ({probe}): key {key!r} is tied to {other!r} in auxiliary ({aux}) (one "
+                f"tensor, two names): a model that ties them loads the probe and the "
+                f"auxiliary's {other!r} into one parameter, and keeps the one loaded last. A "
+                "linear probe needs a head of its own: untie it in the target model "
+                "(transformers: tie_word_embeddings=False) and pass the auxiliary as that "
+                f"untied model, or with {key!r} cloned"
+            )
 
 
 @overload
