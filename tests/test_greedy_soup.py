@@ -580,3 +580,52 @@ def test_a_greedy_soup_that_saturates_float8_e4m3fn_is_an_error():
         models, lambda sd: 1.0, dtype=torch.float8_e4m3fn, device="cpu", allow_nonfinite=True
     )
     assert kept.state_dict["w"].float().tolist() == [448.0, 1.5]
+
+
+# --- tied weights ----------------------------------------------------------------------------
+
+
+class TiedLM(torch.nn.Module):
+    """A language model in miniature whose head is its embedding (``tie_word_embeddings``)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = torch.nn.Embedding(10, 4)
+        self.body = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.body(self.emb(tokens))))
+
+
+@pytest.mark.parametrize("method", ["greedy_soup", "ratatouille"])
+def test_candidates_and_the_soup_hold_a_tensor_every_model_ties_once_under_both_names(method):
+    # Each name was a tensor of its own, averaged twice: functional_call refused every
+    # candidate ("got multiple values for keys ['emb.weight', 'head.weight'], which are
+    # tied") unless told tie_weights=False, and the soup took the embedding's memory twice.
+    module, tokens = TiedLM(9), torch.arange(10)
+    seen = []
+
+    def evaluate(state_dict):
+        seen.append(
+            "head.weight" not in state_dict or state_dict["head.weight"] is state_dict["emb.weight"]
+        )
+        with torch.no_grad():
+            logits = torch.func.functional_call(module, state_dict, (tokens,))
+        return -float(torch.nn.functional.cross_entropy(logits, tokens))
+
+    def run(models):
+        if method == "greedy_soup":
+            return ladle.greedy_soup(models, evaluate, device="cpu")
+        return ladle.ratatouille(models, selection="greedy", evaluate=evaluate, device="cpu")
+
+    models = [TiedLM(seed) for seed in range(4)]
+    result = run(models)
+    assert seen == [True] * 7  # 4 models, 3 candidates
+    assert list(result.state_dict) == list(models[0].state_dict())
+    assert result.state_dict["head.weight"] is result.state_dict["emb.weight"]
+    once = run([{k: v for k, v in m.state_dict().items() if k != "head.weight"} for m in models])
+    assert result.selected == once.selected
+    assert all(torch.equal(result.state_dict[k], v) for k, v in once.state_dict.items())

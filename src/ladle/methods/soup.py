@@ -12,7 +12,7 @@ from typing import NamedTuple, overload
 
 import torch
 
-from ..checkpoint import Checkpoint, StateDict, StateDictLike, TensorMapCheckpoint
+from ..checkpoint import Checkpoint, StateDict, StateDictLike, TensorMapCheckpoint, tied_names
 from ..engine import (
     FOLD_CHUNK_BYTES,
     Kernel,
@@ -314,8 +314,10 @@ def _greedy(
     """The greedy rule over opened, checked checkpoints. Unless ``allow_nonfinite``, the
     final soup is checked before its cast to a dtype whose casts saturate (see
     :func:`~ladle.engine.saturation_limit`; other dtypes' overflow shows after the cast),
-    ``where`` naming it in the error."""
+    ``where`` naming it in the error. A tensor every model names twice (tied weights) is
+    averaged once, under its first name, and handed out under both, one tensor."""
     count = len(checkpoints)
+    tied = tied_names(checkpoints)
     bar = _bar(progress, count - 1 + (count if scores is None else 0))
 
     def soup_of(sources: list[Checkpoint], n: int, keys: list[str]) -> StateDict:
@@ -340,11 +342,19 @@ def _greedy(
             soup[key].view(-1, *chunk.shape[1:])[rows] = chunk  # rows of chunk_shape
         return soup
 
-    def output(soup: Mapping[str, torch.Tensor], reference: Checkpoint) -> StateDict:
+    def output(
+        soup: Mapping[str, torch.Tensor], reference: Checkpoint, cpu: bool = False
+    ) -> StateDict:
         # On ``device``: integer buffers come from the inputs as they are (on the CPU).
-        return {
+        cast = {
             key: t.to(device, output_dtype(reference.dtype(key), dtype)) for key, t in soup.items()
         }
+        if cpu:
+            cast = {key: t.to("cpu") for key, t in cast.items()}
+        return {key: cast[tied.get(key, key)] for key in reference.keys()}
+
+    def merged(checkpoint: Checkpoint) -> list[str]:
+        return [key for key in checkpoint.keys() if key not in tied]  # tied: the first name
 
     def score_of(state_dict: StateDict, what: str) -> float:
         returned = evaluate(state_dict)
@@ -363,14 +373,14 @@ def _greedy(
     try:
         if scores is None:
             values = [
-                score_of(output(soup_of([c], 0, c.keys()), c), f"model {i} ({c.name})")
+                score_of(output(soup_of([c], 0, merged(c)), c), f"model {i} ({c.name})")
                 for i, c in enumerate(checkpoints)
             ]
         else:
             values = _checked_scores(scores, count)
         ranked = sorted(range(count), key=lambda i: -values[i])  # stable: ties keep input order
         best = checkpoints[ranked[0]]
-        keys = best.keys()
+        keys = merged(best)
         soup = soup_of([best], 0, keys)
         selected, score = [ranked[0]], values[ranked[0]]
         history = [GreedySoupStep(ranked[0], score, True)]
@@ -394,8 +404,7 @@ def _greedy(
             limit = saturation_limit(target)
             if limit is not None and tensor.is_floating_point():
                 _check_saturating(tensor, limit, target, key, slice(None), checkpoints, None, where)
-    state = {key: t.to("cpu") for key, t in output(soup, best).items()}
-    return GreedySoupResult(state, selected, score, history)
+    return GreedySoupResult(output(soup, best, cpu=True), selected, score, history)
 
 
 def run_greedy(
