@@ -224,3 +224,21 @@ def test_cosine_of_float64_values_whose_squared_norms_overflow_or_underflow_in_p
         row = ladle.diff(a, b).tensors[0]
         assert row.cosine == pytest.approx(1 / math.sqrt(2), rel=1e-15)
         assert row.norm_b == pytest.approx(math.sqrt(2) * scale, rel=1e-15)
+
+
+def test_diff_counts_a_tensor_every_input_ties_once_in_the_total():
+    # A torch file or module of a tied model names its embedding twice: the total counted
+    # it twice, so the same models compared from safetensors (stored once) differed.
+    # Hand-worked: emb a = [3, 0], b = [0, 4]; body a = b = [1, 1]. Once: ‖a‖² = 11,
+    # ‖b‖² = 18, ⟨a,b⟩ = 2, ‖a−b‖ = 5 (twice, the embedding's share doubled: ‖a−b‖ = √50).
+    emb_a, emb_b = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])
+    a = {"emb": emb_a, "body": torch.ones(2), "head": emb_a}
+    b = {"emb": emb_b, "body": torch.ones(2), "head": emb_b}
+    report = ladle.diff(a, b)
+    assert [row.key for row in report.tensors] == ["emb", "body", "head"]
+    assert report.tensors[2] == ladle.TensorDiff("head", 3.0, 4.0, 5.0, 0.0)
+    assert report.total.norm_diff == 5.0
+    assert report.total.norm_a == math.sqrt(11) and report.total.norm_b == math.sqrt(18)
+    assert report.total.cosine == pytest.approx(2 / math.sqrt(11 * 18))
+    once = ladle.diff({"emb": emb_a, "body": torch.ones(2)}, {"emb": emb_b, "body": torch.ones(2)})
+    assert report.total == once.total

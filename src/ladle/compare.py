@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .checkpoint import StateDictLike
+from .checkpoint import StateDictLike, tied_names
 from .engine import (
     DEFAULT_CHUNK_BYTES,
     Kernel,
@@ -47,7 +47,8 @@ class DiffReport(NamedTuple):
 
     Attributes:
         tensors: one :class:`TensorDiff` per floating tensor, in the reference's key order.
-        total: the same over all floating tensors taken as one vector.
+        total: the same over all floating tensors taken as one vector, a tensor named twice
+            in every input (tied weights: its rows are equal) counted once.
         skipped: non-floating keys (integer buffers), not compared.
 
     Example:
@@ -184,18 +185,23 @@ def diff(
         names += [ckpt_a.name, ckpt_b.name]
         check_compatible([ckpt_a, ckpt_b], ckpt_base)
         reference = ckpt_base if ckpt_base is not None else ckpt_a
+        keys = reference.keys()
+        # A tensor that every input names twice (tied weights) is compared once, under its
+        # first name, and counted once in the total, as when it is stored once.
+        tied = tied_names([reference, ckpt_a, ckpt_b])
         sums: dict[str, torch.Tensor] = {}
         for key, _, stats in fold(
             [ckpt_a, ckpt_b],
             _stats_kernel(),
             base=ckpt_base,
+            keys=[key for key in keys if key not in tied],
             device=resolve_device(device),
             chunk_bytes=chunk_bytes,
             allow_nonfinite=allow_nonfinite,
         ):
             sums[key] = sums[key] + stats if key in sums else stats
-        keys = reference.keys()
         skipped = [key for key in keys if not reference.dtype(key).is_floating_point]
-    tensors = [_row(key, *sums[key].tolist()) for key in keys if key in sums]
+    found = [(key, sums.get(tied.get(key, key))) for key in keys]
+    tensors = [_row(key, *stats.tolist()) for key, stats in found if stats is not None]
     total = torch.stack(list(sums.values())).sum(0).tolist() if sums else [0.0] * 4
     return DiffReport(tensors, _row("", *total), skipped)
