@@ -706,3 +706,26 @@ def test_a_card_recipe_leaves_out_the_default_shard_size(tmp_path):
             [tmp_path / "a.safetensors"], out=tmp_path / f"o{size}", max_shard_size=size
         )
         assert "max_shard_size" not in _card_recipe(out)
+
+
+def test_an_output_leaves_out_where_its_inputs_were_loaded_from(tmp_path):
+    # transformers writes the folder a model was loaded from into config.json
+    # (_name_or_path) and, before 4.27, tokenizer_config.json (name_or_path): a published
+    # merge showed the user's folders, and named the base as the model it is.
+    config = {"_name_or_path": "/home/alice/ckpts/base", "model_type": "toy"}
+    tokenizer = {"name_or_path": "/home/alice/ckpts/base", "model_max_length": 8}
+    for i in range(2):
+        model_dir(tmp_path / f"m{i}", family(1, seed=i)[0])
+        (tmp_path / f"m{i}" / "config.json").write_text(json.dumps(config))
+        (tmp_path / f"m{i}" / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+        (tmp_path / f"m{i}" / "generation_config.json").write_text('{"_name_or_path": "x"}')
+    models = [tmp_path / "m0", tmp_path / "m1"]
+    for dtype, expected in ((None, {}), (torch.bfloat16, {"torch_dtype": "bfloat16"})):
+        out = ladle.uniform_soup(models, out=tmp_path / f"o{dtype}", dtype=dtype, device="cpu")
+        assert json.loads((out / "config.json").read_text()) == {"model_type": "toy", **expected}
+        assert json.loads((out / "tokenizer_config.json").read_text()) == {"model_max_length": 8}
+        # files that name no loading path are copied byte for byte
+        generation = (out / "generation_config.json").read_bytes()
+        assert generation == (tmp_path / "m0" / "generation_config.json").read_bytes()
+    for name in ("config.json", "tokenizer_config.json"):  # the inputs are left as they were
+        assert "/home/alice" in (tmp_path / "m0" / name).read_text()

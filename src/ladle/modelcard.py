@@ -272,18 +272,31 @@ def _recipe(
     return recipe
 
 
-def _with_dtype(config: Path, dtype: torch.dtype) -> Path | bytes:
-    """``config`` with its dtype fields set to ``dtype``; the file itself if it is not a JSON
-    object (copied as it is)."""
+LOADING_PATHS = {"config.json": "_name_or_path", "tokenizer_config.json": "name_or_path"}
+"""The field of each loader file that names where it was loaded from (a local path such as
+``/home/NAME/ckpts/base``, or the base's repo id): left out of an output's copy, as
+transformers leaves ``name_or_path`` out of the tokenizer files it saves, since it names
+another model than the merge and may publish a user's folders."""
+
+
+def _edited(file: Path, dtype: torch.dtype | None = None) -> Path | bytes:
+    """``file`` as it goes beside the output: without its :data:`LOADING_PATHS` field and,
+    with ``dtype``, a config whose dtype fields say it; the file itself where nothing changes
+    or it is no JSON object (copied as it is, byte for byte)."""
+    field = LOADING_PATHS.get(file.name)
+    if field is None and dtype is None:
+        return file
     try:
-        data = json.loads(config.read_text())
+        data = json.loads(file.read_text())
     except (OSError, ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeply
-        return config
-    if not isinstance(data, dict):
-        return config
-    name = str(dtype).removeprefix("torch.")
-    for field in [f for f in ("torch_dtype", "dtype") if f in data] or ["torch_dtype"]:
-        data[field] = name
+        return file
+    if not isinstance(data, dict) or (field not in data and dtype is None):
+        return file
+    data.pop(field, None)
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        for key in [k for k in ("torch_dtype", "dtype") if k in data] or ["torch_dtype"]:
+            data[key] = name
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
 
 
@@ -303,6 +316,9 @@ def output_files(
     and ``README.md`` (the model card). Keys are file names; values are files to copy or bytes.
     With ``dtype`` (the merge's output dtype), the config's ``torch_dtype`` (and ``dtype``)
     say it, as loaders that read the dtype from the config (``torch_dtype="auto"``) need.
+    The config's ``_name_or_path`` and the tokenizer config's ``name_or_path`` (where the
+    input was loaded from: :data:`LOADING_PATHS`) are left out; other files are copied as
+    they are.
     ``max_shard_size`` (the output's) goes into the card's recipe.
 
     Example:
@@ -316,9 +332,9 @@ def output_files(
     """
     reference = base if base is not None else models[0]
     files: dict[str, Path | bytes] = dict(companion_files(reference.path))
-    config = files.get("config.json")
-    if dtype is not None and isinstance(config, Path):
-        files["config.json"] = _with_dtype(config, dtype)
+    for name, file in list(files.items()):
+        if name in LOADING_PATHS and isinstance(file, Path):
+            files[name] = _edited(file, dtype if name == "config.json" else None)
     card = model_card(
         method,
         parameters,
