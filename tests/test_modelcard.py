@@ -490,6 +490,10 @@ def test_model_card_without_parameters_or_with_an_input_in_memory():
             {"torch_dtype": "bfloat16", "dtype": "bfloat16"},
         ),
         ({"model_type": "toy"}, {"model_type": "toy", "torch_dtype": "bfloat16"}),
+        (  # a composite model's sub-configs say theirs too; others are left as they are
+            {"dtype": "float32", "text_config": {"dtype": "float32", "n": 1}, "v": {"n": 2}},
+            {"dtype": "bfloat16", "text_config": {"dtype": "bfloat16", "n": 1}, "v": {"n": 2}},
+        ),
     ],
 )
 def test_output_config_dtype_fields_are_those_the_config_has(tmp_path, config, expected):

@@ -281,7 +281,8 @@ another model than the merge and may publish a user's folders."""
 
 def _edited(file: Path, dtype: torch.dtype | None = None) -> Path | bytes:
     """``file`` as it goes beside the output: without its :data:`LOADING_PATHS` field and,
-    with ``dtype``, a config whose dtype fields say it; the file itself where nothing changes
+    with ``dtype``, a config whose dtype fields (its sub-configs' too) say it; the file
+    itself where nothing changes
     or it is no JSON object (copied as it is, byte for byte)."""
     field = LOADING_PATHS.get(file.name)
     if field is None and dtype is None:
@@ -297,6 +298,9 @@ def _edited(file: Path, dtype: torch.dtype | None = None) -> Path | bytes:
         name = str(dtype).removeprefix("torch.")
         for key in [k for k in ("torch_dtype", "dtype") if k in data] or ["torch_dtype"]:
             data[key] = name
+        # A composite model's sub-configs (text_config, vision_config...) say theirs too.
+        for sub in (value for value in data.values() if isinstance(value, dict)):
+            sub.update((key, name) for key in ("torch_dtype", "dtype") if key in sub)
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
 
 
