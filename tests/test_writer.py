@@ -1307,3 +1307,67 @@ def test_a_rename_into_a_path_under_a_file_fails_at_once_with_the_os_error(tmp_p
     with pytest.raises(NotADirectoryError):  # no retries that end in "other writers kept..."
         rename_into_place(temp, tmp_path / "file" / "out", overwrite=True)
     assert temp.is_dir()
+
+
+def test_overwrite_writes_into_an_empty_directory(tmp_path):
+    # `mkdir out` then --overwrite: the empty folder is nothing to lose, before the merge and
+    # at the rename alike (it read 'is a folder without safetensors weights ()').
+    (tmp_path / "out").mkdir()
+    ladle.save({"w": torch.ones(2)}, tmp_path / "out", overwrite=True)
+    assert os.listdir(tmp_path) == ["out"]
+    assert os.listdir(tmp_path / "out") == ["model.safetensors"]
+    assert ladle.load(tmp_path / "out")["w"].tolist() == [1.0, 1.0]
+
+
+def _unlistable(monkeypatch, folder: Path) -> None:
+    """``folder`` cannot be listed (as without read permission, which root ignores)."""
+    scandir = os.scandir
+
+    def refused(path=".", *args, **kwargs):
+        if os.fspath(path) == os.fspath(folder):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return scandir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", refused)
+
+
+def test_a_folder_that_cannot_be_listed_is_taken_and_overwrite_does_not_replace_it(
+    tmp_path, monkeypatch
+):
+    # Not known to be empty: without overwrite it already exists (not 'appeared while
+    # merging' once the merge is done); with it, it is no known earlier output.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    _unlistable(monkeypatch, out)
+    with pytest.raises(ladle.LadleError, match=rf"^{re.escape(str(out))}: already exists; pass"):
+        ladle.save({"w": torch.ones(1)}, out)
+    with pytest.raises(
+        ladle.LadleError,
+        match=rf"^{re.escape(str(out))}: is a folder that cannot be listed \(Permission denied\): "
+        "overwrite replaces only an earlier output",
+    ):
+        ladle.save({"w": torch.ones(1)}, out, overwrite=True)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["out"]
+    assert (out / "notes.txt").read_text() == "keep me" and os.listdir(out) == ["notes.txt"]
+
+
+def test_overwrite_replaces_a_file_output_in_one_rename_never_leaving_it_missing(
+    tmp_path, monkeypatch
+):
+    # A reader opening the output at any moment finds the old file or the new one.
+    out = ladle.save({"w": torch.zeros(2)}, tmp_path / "m.safetensors")
+    replace = os.replace
+    present = []
+
+    def recorded(src, dst, *args, **kwargs):
+        replace(src, dst, *args, **kwargs)
+        if out in (Path(src), Path(dst)):
+            present.append(os.path.lexists(out))
+
+    monkeypatch.setattr(os, "replace", recorded)
+    ladle.save({"w": torch.ones(2)}, out, overwrite=True)
+    monkeypatch.undo()
+    assert present == [True]
+    assert ladle.load(out)["w"].tolist() == [1.0, 1.0] and os.listdir(tmp_path) == [out.name]
