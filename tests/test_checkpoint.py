@@ -1418,3 +1418,61 @@ def test_aliases_are_keys_naming_the_very_same_tensor(tmp_path):
     ladle.save({"emb": w, "copy": w.clone()}, tmp_path / "m.safetensors")
     with ladle.open_checkpoint(tmp_path / "m.safetensors") as stored:  # one tensor per name
         assert stored.aliases() == {}
+
+
+def test_views_of_one_storage_are_aliases_only_at_the_same_offset_shape_and_strides():
+    # A fused buffer cut into equal parts (q, k: same shape and strides, other offsets) and
+    # the first rows of a matrix (same offset and strides, another shape) are tensors of their
+    # own: tying them would give them one DARE mask and count them once in TIES.
+    fused = torch.arange(8.0)
+    w = torch.arange(16.0).reshape(4, 4)
+    tensors = {"q": fused[:4], "k": fused[4:], "w": w, "top": w[:2]}
+    assert ladle.open_checkpoint(tensors).aliases() == {}
+    assert ladle.open_checkpoint({**tensors, "k_again": fused[4:]}).aliases() == {"k_again": "k"}
+
+
+def test_tied_names_are_keys_tied_in_every_input_named_in_the_base_s_key_order():
+    from ladle.checkpoint import tied_names
+
+    w, v = torch.ones(2), torch.zeros(2)
+    base = ladle.open_checkpoint({"emb": w, "head": w, "x": v, "y": v.clone()})
+    u = torch.full((2,), 2.0)  # tied everywhere, listed head first; x and y tied here only
+    model = ladle.open_checkpoint({"head": u, "emb": u, "y": u, "x": u})
+    assert tied_names([base, model]) == {"head": "emb"}
+    assert tied_names([model, base]) == {"emb": "head"}  # the first input's order
+
+
+def test_second_names_answer_every_read_with_the_tensor_they_name(tmp_path):
+    from ladle.checkpoint import second_names
+
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    save_file(
+        {"emb": torch.arange(6.0).reshape(3, 2), "b": torch.ones(1)},
+        folder / "model.safetensors",
+        metadata={"note": "kept"},
+    )
+    with ladle.open_checkpoint(folder) as once:
+        assert second_names(once, {"x": "gone"}) is once  # nothing to name: itself
+        assert second_names(once, {"emb": "b"}) is once  # a name of its own stays its own
+        named = second_names(once, {"head": "emb", "x": "gone"})
+        assert named.keys() == ["b", "emb", "head"]  # safetensors lists keys sorted
+        assert (named.name, named.path, named.metadata) == (once.name, folder, once.metadata)
+        assert named.metadata["note"] == "kept"
+        assert named.shape("head") == (3, 2) and named.dtype("head") == torch.float32
+        assert named.nbytes("head") == 24
+        assert named.get_slice("head", slice(1, 3)).tolist() == [[2.0, 3.0], [4.0, 5.0]]
+        assert named.get_rows("head", slice(0, 1)).tolist() == [[0.0, 1.0]]
+        assert named.get_rows("head", slice(1, 3), (6,)).tolist() == [1.0, 2.0]
+        into = torch.empty(24, dtype=torch.uint8)
+        assert named.read_rows("head", slice(2, 3), into).tolist() == [[4.0, 5.0]]
+        assert named.map_rows("head", slice(0, 1)).tolist() == [[0.0, 1.0]]
+        named.release("head")  # the embedding's pages: no 'no tensor named' error
+        assert named.files() == dict.fromkeys(["b", "emb", "head"], folder / "model.safetensors")
+        assert named.file_sizes() == once.file_sizes() != {}
+        assert named.aliases() == {"head": "emb"}
+    w = torch.ones(2)  # a second name of a tensor already named twice: its first name
+    assert second_names(ladle.open_checkpoint({"a": w, "b": w}), {"c": "b"}).aliases() == {
+        "b": "a",
+        "c": "a",
+    }

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -961,6 +962,49 @@ def test_a_base_holding_a_tied_head_merges_with_fine_tunes_stored_once(tmp_path,
     assert torch.equal(merged["head.weight"], merged["emb.weight"])
     once = method(models, _once(base), device="cpu")
     assert_bit_for_bit(_once(merged), once)
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        (ladle.task_arithmetic, {}),
+        (ladle.ties, {"trim": "tensor", "chunk_bytes": 32}),  # the head's rows sampled alone
+        (ladle.dare, {"density": 0.5}),
+    ],
+    ids=["task_arithmetic", "ties per tensor", "dare"],
+)
+def test_a_tied_base_merges_with_fine_tunes_stored_once_in_memory(method, extra):
+    # State dicts loaded from save_pretrained's safetensors (no map of a file's pages: the
+    # models' rows are read, and sampled for the per-tensor trim, under the head's name).
+    base, tied = _tied_family(7)
+    models = [_once(model) for model in tied]
+    merged = method(models, base, device="cpu", **extra)
+    assert list(merged) == list(base)
+    assert torch.equal(merged["head.weight"], merged["emb.weight"])
+    assert_bit_for_bit(_once(merged), method(models, _once(base), device="cpu", **extra))
+
+
+def test_a_tied_base_merges_with_fine_tunes_stored_once_whose_pages_are_released(
+    tmp_path, monkeypatch
+):
+    # Inputs over MAPPED_BYTES_KEPT (a 3B model with tied embeddings): each tensor's pages
+    # are released after its pass, the head's too, which the fine-tunes hold as the embedding.
+    from ladle import engine
+
+    base, tied = _tied_family(8)
+    models = [_once(model) for model in tied]
+    for i, model in enumerate(models):
+        (tmp_path / f"ft{i}").mkdir()
+        save_file(model, tmp_path / f"ft{i}" / "model.safetensors")
+    folders = [tmp_path / f"ft{i}" for i in range(2)]
+    expected = ladle.ties(models, _once(base), device="cpu")
+    monkeypatch.setattr(engine, "MAPPED_BYTES_KEPT", 0)
+    out = ladle.ties(folders, base, out=tmp_path / "out.safetensors", device="cpu")
+    with ladle.open_checkpoint(out) as merged:  # the folders are named, as stored once
+        assert json.loads(merged.metadata["ladle.inputs"]) == ["ft0", "ft1"]  # beside out
+    merged = ladle.load(out)
+    assert torch.equal(merged["head.weight"], merged["emb.weight"])
+    assert_bit_for_bit(_once(merged), expected)
 
 
 def test_magnitude_thresholds_count_a_tied_tensor_once_as_ties_does():
