@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from contextlib import ExitStack
 from typing import ClassVar
 
@@ -1341,3 +1342,125 @@ def test_a_base_tying_what_the_models_store_once_gives_a_tied_result_in_memory(t
     merged = ladle.task_arithmetic(files, base, scale=0.5, device="cpu")
     assert list(merged) == list(base.state_dict())
     assert merged["head.weight"] is merged["emb.weight"]
+
+
+def test_a_file_holding_a_tensor_without_data_is_named_by_its_path_alone(tmp_path):
+    # The path names the model already: no 'model 1 (...)' before it, as for state dicts.
+    torch.save({"w": torch.empty(2, device="meta")}, tmp_path / "meta.pt")
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.uniform_soup([{"w": torch.ones(2)}, tmp_path / "meta.pt"], device="cpu")
+    assert str(info.value) == (
+        f"{tmp_path / 'meta.pt'}: tensor 'w' is on the meta device (no data); ladle merges "
+        "dense tensors with data"
+    )
+
+
+def test_a_merge_onto_an_existing_output_is_refused_before_any_pass_over_the_inputs(tmp_path):
+    # TIES's preparation reads every input (the thresholds): the refusal comes first, not a
+    # NonFiniteError (or minutes of reading) before it.
+    out = ladle.save({"w": torch.zeros(2)}, tmp_path / "o.safetensors")
+    model, base = {"w": torch.tensor([float("nan"), 1.0])}, {"w": torch.zeros(2)}
+    with pytest.raises(ladle.LadleError) as info:
+        ladle.ties([model], base, out=out, device="cpu")
+    assert (
+        str(info.value) == f"{out}: already exists; pass overwrite=True (--overwrite) to replace it"
+    )
+
+
+@pytest.mark.parametrize("value", [1j, complex(0.5, 0.0)])
+def test_a_complex_number_is_no_number_for_a_method(value):
+    with pytest.raises(TypeError) as info:
+        ladle.task_arithmetic([{"w": torch.ones(2)}], {"w": torch.zeros(2)}, scale=value)
+    assert str(info.value) == "scale: expected a number, found complex"
+
+
+_HINT = (
+    "(tied weights), which the other inputs store once: give every input in one form (all "
+    "safetensors, or all modules, state dicts or torch files)"
+)
+
+
+def _check_named(*state_dicts, names):
+    """check_compatible as the arithmetic called it before it read second names itself: the
+    tied-weights hint is for code that checks checkpoints of mixed forms directly."""
+    from ladle.checkpoint import TensorMapCheckpoint
+    from ladle.engine import check_compatible
+
+    checkpoints = [TensorMapCheckpoint(sd, name=n) for sd, n in zip(state_dicts, names)]
+    check_compatible(checkpoints, named=True)
+
+
+@pytest.mark.parametrize("count", [3, 4])
+def test_missing_names_of_a_tensor_tied_several_times_are_hinted_three_at_most(count):
+    # T5 names its shared embedding four times (shared, encoder's, decoder's, lm_head).
+    shared = torch.ones(2)
+    names = ["dec.embed", "enc.embed", "lm_head", "x.embed"][:count]
+    tied = {"shared": shared, **dict.fromkeys(names, shared), "body": torch.zeros(3)}
+    with pytest.raises(ladle.IncompatibleError) as info:
+        _check_named(tied, {"shared": torch.zeros(2), "body": torch.zeros(3)}, names="ab")
+    pairs = ", ".join(f"{name!r} names the tensor of 'shared'" for name in names[:3])
+    more = ", ..." if count > 3 else ""
+    missing = ", ".join(repr(name) for name in names[:3]) + more
+    assert str(info.value) == (
+        f"b: keys differ from a: missing {count} ({missing}); in a, {pairs}{more} {_HINT}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        ({"emb": torch.ones(2)}, "missing 2 ('head', 'body')"),  # not tied alone: no hint
+        (
+            {"emb": torch.ones(2), "body": torch.zeros(3), "x": torch.zeros(3)},
+            "missing 1 ('head'); extra 1 ('x')",  # another model, not another form
+        ),
+    ],
+    ids=["another key missing too", "a key of its own"],
+)
+def test_missing_tied_names_get_no_hint_where_the_keys_differ_otherwise_too(other, message):
+    embedding = torch.ones(2)
+    tied = {"emb": embedding, "head": embedding, "body": torch.zeros(3)}
+    with pytest.raises(ladle.IncompatibleError) as info:
+        _check_named(tied, other, names="ab")
+    assert str(info.value) == f"b: keys differ from a: {message}"
+
+
+def test_extra_names_of_a_tensor_the_reference_lacks_are_all_listed():
+    # Only a second name of a tensor the reference holds is never read; these are extra.
+    embedding = torch.ones(2)
+    with pytest.raises(ladle.IncompatibleError) as info:
+        ladle.add(
+            {"body": torch.zeros(3)}, {"body": torch.zeros(3), "emb": embedding, "head": embedding}
+        )
+    assert str(info.value) == "b: keys differ from a: extra 2 ('emb', 'head')"
+
+
+def test_a_tied_reference_beside_models_storing_it_once_is_blamed_with_the_hint():
+    embedding, body = torch.ones(2), torch.zeros(3)
+    tied = {"emb": embedding, "head": embedding, "body": body}
+    once = {"emb": torch.ones(2), "body": torch.zeros(3)}
+    with pytest.raises(ladle.IncompatibleError) as info:
+        _check_named(tied, once, dict(once), names=["model 0", "model 1", "model 2"])
+    assert str(info.value) == (
+        "model 0: keys differ from those of every other model: extra 1 ('head'); in model 0, "
+        f"'head' names the tensor of 'emb' {_HINT}"
+    )
+
+
+def test_a_merge_closes_the_files_it_opened_and_only_those(tmp_path):
+    # Files of path inputs are closed once merged (a long-lived process merging in a loop ran
+    # out of descriptors otherwise); a checkpoint the caller opened is the caller's to close.
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("counts this process's open files in /proc/self/fd (Linux)")
+    save_file({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.zeros(2)}, tmp_path / "b.safetensors")
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    before = len(os.listdir("/proc/self/fd"))
+    assert ladle.uniform_soup(paths, device="cpu")["w"].tolist() == [0.5, 0.5]
+    assert len(os.listdir("/proc/self/fd")) == before
+    with ladle.open_checkpoint(paths[0]) as opened:
+        opened.get("w")  # its file open
+        held = len(os.listdir("/proc/self/fd"))
+        assert ladle.uniform_soup([opened, paths[1]], device="cpu")["w"].tolist() == [0.5, 0.5]
+        assert len(os.listdir("/proc/self/fd")) == held
+    assert len(os.listdir("/proc/self/fd")) == before
