@@ -637,3 +637,27 @@ def test_a_sharded_torch_checkpoint_keeps_its_tied_weights_tied(tmp_path):
     expected = dare_by_hand([model.state_dict()], base.state_dict())
     expected["head.weight"] = expected["emb.weight"]
     assert_bit_for_bit(merged, {k: expected[k] for k in merged})
+
+
+def test_keys_tied_in_every_model_but_not_in_the_base_keep_their_own_masks():
+    # A base whose head is a tensor of its own (untied), fine-tunes that tie it: the keys
+    # name one tensor in the models alone, so each draws its own mask.
+    base, *models = Tied(0), Tied(1), Tied(2)
+    untied = base.state_dict()
+    untied["head.weight"] = untied["head.weight"].clone()
+    states = [model.state_dict() for model in models]
+    merged = ladle.dare(states, untied, density=0.5, scale=0.5, seed=0)
+    assert_bit_for_bit(merged, dare_by_hand(states, untied))
+    assert not torch.equal(merged["head.weight"], merged["emb.weight"])
+
+
+def test_tied_keys_draw_under_the_first_name_in_the_base_s_order_whatever_the_models_order():
+    # Fine-tunes listing the head before the embedding (a torch file of another layout):
+    # the masks are still the embedding's, as the base lists it first.
+    base, *models = Tied(0), Tied(1), Tied(2)
+    reordered = [dict(reversed(model.state_dict().items())) for model in models]
+    assert next(iter(reordered[0])) == "head.weight"
+    merged = ladle.dare(reordered, base, density=0.5, scale=0.5, seed=0)
+    expected = dare_by_hand([m.state_dict() for m in models], base.state_dict())
+    expected["head.weight"] = expected["emb.weight"]
+    assert_bit_for_bit(merged, expected)

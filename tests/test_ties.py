@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -899,20 +900,40 @@ def test_global_trim_counts_a_tied_tensor_once_as_when_it_is_stored_once(tmp_pat
     assert_bit_for_bit(_once(tied), once)
 
 
+class _EveryKey:
+    """A split merge's partition in one process, holding every key: the path whose majority
+    is voted in a pass before the merge (majority_votes), not patched in after it."""
+
+    def keys(self, reference):
+        return reference.keys()
+
+    def all_reduce(self, tensor):
+        return tensor
+
+    def writer(self, *args, **kwargs):
+        raise AssertionError("in-memory merges write nothing")
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one process", "split"])
 @pytest.mark.parametrize("method", ["ties", "dare"])
-def test_the_sign_tie_majority_counts_a_tied_tensor_once(method):
-    # Hand-worked: the embedding elects + on its 6 entries (6 votes), the body − on 8 of its
-    # 9 and ties on the last (τ = +1 and −1). Counted once: 6 − 8 < 0, the tie takes the
-    # mean of the negative τ, −1. Counted twice (its head too): 12 − 8 > 0, +1.
+def test_the_sign_tie_majority_counts_a_tied_tensor_once(method, split):
+    # Hand-worked: the embedding elects + on 5 of its 6 entries (5 votes), the body − on 8
+    # of its 9; each ties on its last (τ = +1 and −1). Counted once: 5 − 8 < 0, the ties
+    # take the mean of the negative τ, −1, the head's too (it follows the model-wide vote,
+    # not its own). Counted twice (its head too): 10 − 8 > 0, +1.
+    from ladle.engine import partitioned
+
     base = _tied(torch.zeros(6), torch.zeros(9))
     body = [torch.tensor([-1.0] * 8 + [1.0]), torch.tensor([-1.0] * 8 + [-1.0])]
-    models = [_tied(torch.ones(6), b) for b in body]
-    if method == "ties":
-        merged = ladle.ties(models, base, density=1.0, device="cpu")
-    else:  # density 1 keeps every entry: DARE's election is TIES's
-        merged = ladle.dare(models, base, density=1.0, combine="ties", device="cpu")
+    emb = [torch.tensor([1.0] * 5 + [1.0]), torch.tensor([1.0] * 5 + [-1.0])]
+    models = [_tied(e, b) for e, b in zip(emb, body)]
+    with partitioned(_EveryKey()) if split else contextlib.nullcontext():
+        if method == "ties":
+            merged = ladle.ties(models, base, density=1.0, device="cpu")
+        else:  # density 1 keeps every entry: DARE's election is TIES's
+            merged = ladle.dare(models, base, density=1.0, combine="ties", device="cpu")
     assert merged["body.weight"].tolist() == [-1.0] * 9
-    assert merged["emb.weight"].tolist() == merged["head.weight"].tolist() == [1.0] * 6
+    assert merged["emb.weight"].tolist() == merged["head.weight"].tolist() == [1.0] * 5 + [-1.0]
 
 
 def _tied_family(seed: int) -> tuple[dict, list[dict]]:
@@ -1005,6 +1026,19 @@ def test_a_tied_base_merges_with_fine_tunes_stored_once_whose_pages_are_released
     merged = ladle.load(out)
     assert torch.equal(merged["head.weight"], merged["emb.weight"])
     assert_bit_for_bit(_once(merged), expected)
+
+
+def test_magnitude_thresholds_per_tensor_of_tied_models_are_those_stored_once():
+    # trim="tensor" ranks each key alone: the head's thresholds are the embedding's.
+    gen = torch.Generator().manual_seed(9)
+    base = _tied(torch.zeros(8), torch.zeros(16))
+    models = [_tied(torch.randn(8, generator=gen), torch.randn(16, generator=gen))]
+    tied = magnitude_thresholds(models, base, density=0.25, trim="tensor")
+    once = magnitude_thresholds(
+        [_once(m) for m in models], _once(base), density=0.25, trim="tensor"
+    )
+    assert tied == [{**once[0], "head.weight": once[0]["emb.weight"]}]
+    assert once[0]["emb.weight"] != once[0]["body.weight"]
 
 
 def test_magnitude_thresholds_count_a_tied_tensor_once_as_ties_does():
