@@ -220,6 +220,21 @@ def test_inspect_counts_tied_weights_once_and_says_which_name_they_share(tmp_pat
     assert report["shards"] == [{"file": "m.pt", "tensors": 2, "bytes": 56}]
 
 
+def test_inspect_escapes_tied_names_and_counts_every_second_name(tmp_path, capsys):
+    # Keys from a torch file may hold line breaks: the row and its '(tied to ...)' escape them.
+    embedding = torch.ones(2)
+    tensors = {"emb\n": embedding, "head\t": embedding, "b": torch.zeros(1), "out": embedding}
+    torch.save(tensors, tmp_path / "m.pt")
+    assert main(["inspect", str(tmp_path / "m.pt")]) == 0
+    assert capsys.readouterr().out.splitlines()[:5] == [
+        "'emb\\n'   float32   2                8 B",
+        "'head\\t'  float32   2                8 B  (tied to 'emb\\n')",
+        "b         float32   1                4 B",
+        "out       float32   2                8 B  (tied to 'emb\\n')",
+        f"4 tensors (2 tied to another), 3 parameters, 12 B ({tmp_path / 'm.pt'})",
+    ]
+
+
 def test_inspect_of_a_one_file_model_folder_shows_its_file_and_no_path_line(
     tmp_path, monkeypatch, capsys
 ):

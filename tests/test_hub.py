@@ -426,6 +426,21 @@ def test_local_hub_fetches_model_safetensors_alone_beside_its_variants(local_hub
     assert hub.downloaded() == {"config.json", "model.safetensors"}
 
 
+def test_local_hub_fetches_a_subfolder_s_model_safetensors_alone_beside_its_variants(local_hub):
+    # A diffusers repo: text_encoder/ holds model.safetensors and model.fp16.safetensors.
+    hub, model = local_hub
+    files = {
+        "model_index.json": b"{}",
+        "text_encoder/model.safetensors": weights(model),
+        "text_encoder/model.fp16.safetensors": b"never fetched: a variant",
+        "text_encoder/config.json": b'{"model_type": "toy"}',
+    }
+    hub.repos["org/sd"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
+    loaded = ladle.load("hf://org/sd/text_encoder")
+    assert torch.equal(loaded["layer.weight"], model["layer.weight"])
+    assert hub.downloaded() == {"text_encoder/config.json", "text_encoder/model.safetensors"}
+
+
 def test_local_hub_takes_a_single_safetensors_file_of_another_name(local_hub):
     hub, model = local_hub
     files = {"weights.safetensors": weights(model), "config.json": b"{}"}
