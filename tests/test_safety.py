@@ -864,6 +864,16 @@ def test_packed_float_dtypes_cannot_be_merged_even_into_another_dtype():
         ladle.uniform_soup([{"w": torch.zeros(3)}, packed])
 
 
+def _method_call(method: str, kwargs: dict):
+    """A call of ``ladle.<method>`` on a small family with ``kwargs`` (a soup takes no base;
+    a greedy soup an evaluate that scores every soup 0)."""
+    base, *models = family(3)
+    if method in ("uniform_soup", "greedy_soup"):
+        extra = {"evaluate": lambda state_dict: 0.0} if method == "greedy_soup" else {}
+        return lambda: getattr(ladle, method)(models, **extra, **kwargs)
+    return lambda: getattr(ladle, method)(models, base, **kwargs)
+
+
 @pytest.mark.parametrize(
     ("method", "kwargs", "message"),
     [
@@ -896,12 +906,7 @@ def test_packed_float_dtypes_cannot_be_merged_even_into_another_dtype():
 def test_a_parameter_that_is_no_number_is_a_type_error_naming_it(method, kwargs, message):
     # float() raised its own error, naming no parameter ("could not convert string to float"),
     # or took weights="12" as the weights 1 and 2
-    base, *models = family(3)
-    if method in ("uniform_soup", "greedy_soup"):
-        extra = {"evaluate": lambda state_dict: 0.0} if method == "greedy_soup" else {}
-        call = lambda: getattr(ladle, method)(models, **extra, **kwargs)  # noqa: E731
-    else:
-        call = lambda: getattr(ladle, method)(models, base, **kwargs)  # noqa: E731
+    call = _method_call(method, kwargs)
     with pytest.raises(TypeError) as err:
         call()
     assert str(err.value) == message
@@ -925,12 +930,7 @@ def test_a_parameter_that_is_no_number_is_a_type_error_naming_it(method, kwargs,
 def test_a_bool_where_a_number_is_expected_is_a_type_error_naming_it(method, kwargs, name):
     # Before: True was read as 1 (scale=True merged at 1.0x, density=True kept everything,
     # seed=True drew seed 1's masks): a flag passed in the wrong place ran a merge.
-    base, *models = family(3)
-    if method in ("uniform_soup", "greedy_soup"):
-        extra = {"evaluate": lambda state_dict: 0.0} if method == "greedy_soup" else {}
-        call = lambda: getattr(ladle, method)(models, **extra, **kwargs)  # noqa: E731
-    else:
-        call = lambda: getattr(ladle, method)(models, base, **kwargs)  # noqa: E731
+    call = _method_call(method, kwargs)
     kind = "an integer" if name == "seed" else "a number"
     with pytest.raises(TypeError) as err:
         call()

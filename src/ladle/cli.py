@@ -19,7 +19,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -47,6 +47,9 @@ def _dtype(text: str) -> torch.dtype:
         ) from None
 
 
+_N = TypeVar("_N", int, float)
+
+
 def _repo_id(text: str) -> str:
     """A Hub repo id, checked as the Hub checks it, before any merging."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -58,18 +61,20 @@ def _repo_id(text: str) -> str:
     return text
 
 
-def _checked_int(check: Callable[[int], int]) -> Callable[[str], int]:
-    """An argparse type: an integer that ``check`` (the API's own check of a seed) takes, so
-    that ``--seed`` is refused, with the API's message, where the API refuses it."""
+def _checked(kind: Callable[[str], _N], check: Callable[[_N], _N]) -> Callable[[str], _N]:
+    """An argparse type: a number of ``kind`` (``int`` or ``float``) that ``check`` (the API's
+    own check of the parameter) takes, so that a bad ``--density``, ``--scale`` or ``--seed``
+    is a usage error with the API's message, found before any merging."""
+    noun = "an integer" if kind is int else "a number"
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> _N:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, found {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {noun}, found {text!r}") from None
         try:
             return check(value)
-        except ValueError as err:  # "seed: expected ...": argparse names the option
+        except ValueError as err:  # "density: expected ...": argparse names the option
             raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
 
     return parse
@@ -79,23 +84,6 @@ def _demo_seed(seed: int) -> int:
     from .demo import check_demo_seed  # the demo module loads when its command runs
 
     return check_demo_seed(seed)
-
-
-def _checked_float(check: Callable[[float], float]) -> Callable[[str], float]:
-    """An argparse type: a float that ``check`` (a method's own check of a parameter) takes,
-    so that a bad ``--density`` or ``--scale`` is a usage error, found before any merging."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
-        try:
-            return check(value)
-        except ValueError as err:  # "density: expected ...": argparse names the option
-            raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
-
-    return parse
 
 
 def _size(text: str) -> int:
@@ -422,7 +410,7 @@ _SOURCES = "files, directories or hf://OWNER/REPO[@REVISION][/SUBFOLDER]"
 _FINETUNED = f"fine-tuned checkpoints: {_SOURCES}"
 
 
-_SCALE = _checked_float(check_scale)
+_SCALE = _checked(float, check_scale)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -474,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     ties_parser.add_argument("--base", required=True, help="the model they were tuned from")
     ties_parser.add_argument(
         "--density",
-        type=_checked_float(check_density),
+        type=_checked(float, check_density),
         default=0.2,
         help="fraction of entries kept, in (0, 1] (default: 0.2)",
     )
@@ -498,14 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     dare_parser.add_argument("--base", required=True, help="the model they were tuned from")
     dare_parser.add_argument(
         "--density",
-        type=_checked_float(check_dare_density),
+        type=_checked(float, check_dare_density),
         default=0.1,
         help="probability of keeping an entry, in [2**-24, 1] (default: 0.1)",
     )
     dare_parser.add_argument("--scale", type=_SCALE, default=1.0, help="λ (default: 1.0)")
     dare_parser.add_argument(
         "--seed",
-        type=_checked_int(check_seed),
+        type=_checked(int, check_seed),
         default=0,
         help="seed of the masks, any integer (default: 0)",
     )
@@ -556,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--seed",
-        type=_checked_int(_demo_seed),
+        type=_checked(int, _demo_seed),
         default=0,
         help="seed of the problem and training, in [0, 2**63) (default: 0)",
     )
