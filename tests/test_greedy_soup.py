@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import family
+from conftest import assert_bit_for_bit, family
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -629,3 +629,50 @@ def test_candidates_and_the_soup_hold_a_tensor_every_model_ties_once_under_both_
     once = run([{k: v for k, v in m.state_dict().items() if k != "head.weight"} for m in models])
     assert result.selected == once.selected
     assert all(torch.equal(result.state_dict[k], v) for k, v in once.state_dict.items())
+
+
+def _stored_once(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s tensors with its tied head left out, as save_pretrained's safetensors."""
+    return {k: v for k, v in model.state_dict().items() if k != "head.weight"}
+
+
+def _greedy(method, models, **kwargs):
+    if method == "greedy_soup":
+        return ladle.greedy_soup(models, device="cpu", **kwargs)
+    return ladle.ratatouille(models, selection="greedy", device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("method", ["greedy_soup", "ratatouille"])
+def test_a_soup_has_model_0s_keys_where_model_0_stores_once_what_the_best_model_ties(
+    method, tmp_path
+):
+    # The best-ranked model's keys were the soup's: model 0, stored as save_pretrained
+    # stores it (the embedding once), was asked for the head ("m0.safetensors: no tensor
+    # named 'head.weight'"), where uniform_soup of the same models merges, with model 0's keys.
+    models = [TiedLM(seed) for seed in range(3)]
+    save_file(_stored_once(models[0]), tmp_path / "m0.safetensors")
+    given = [tmp_path / "m0.safetensors", *models[1:]]
+    result = _greedy(method, given, evaluate=lambda sd: 1.0, scores=[0.1, 0.9, 0.5])
+    assert result.selected == [1, 2, 0]
+    assert list(result.state_dict) == ladle.open_checkpoint(given[0]).keys()
+    assert list(ladle.uniform_soup(given, device="cpu")) == list(result.state_dict)
+    once = _greedy(
+        method, [_stored_once(m) for m in models], evaluate=lambda sd: 1.0, scores=[0.1, 0.9, 0.5]
+    )
+    assert_bit_for_bit(result.state_dict, once.state_dict)
+
+
+def test_a_soup_and_its_candidates_list_model_0s_keys_in_its_order():
+    # They listed the best-ranked model's keys in its order; merges list their reference's.
+    models = [{k: v * (i + 1) for k, v in TiedLM(0).state_dict().items()} for i in range(3)]
+    models[2] = dict(reversed(models[2].items()))  # the best-ranked: keys in another order
+    seen = []
+
+    def evaluate(state_dict):
+        seen.append(list(state_dict))
+        return float(state_dict["body.bias"].sum())
+
+    result = ladle.greedy_soup(models, evaluate, scores=[0.0, 1.0, 2.0], device="cpu")
+    assert result.selected[0] == 2
+    assert seen == [list(models[0])] * 2
+    assert list(result.state_dict) == list(models[0])

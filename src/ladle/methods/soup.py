@@ -315,9 +315,13 @@ def _greedy(
     final soup is checked before its cast to a dtype whose casts saturate (see
     :func:`~ladle.engine.saturation_limit`; other dtypes' overflow shows after the cast),
     ``where`` naming it in the error. A tensor every model names twice (tied weights) is
-    averaged once, under its first name, and handed out under both, one tensor."""
+    averaged once, under its first name, and handed out under both, one tensor. Every
+    state dict handed out has model 0's keys, as every merge has its reference's: a second
+    name that model 0 lacks (it stores the tensor once) is read from no model."""
     count = len(checkpoints)
     tied = tied_names(checkpoints)
+    names = checkpoints[0].keys()  # the reference's (open_models answers its second names)
+    keys = [key for key in names if key not in tied]  # tied: the first name
     bar = _bar(progress, count - 1 + (count if scores is None else 0))
 
     def soup_of(sources: list[Checkpoint], n: int, keys: list[str]) -> StateDict:
@@ -351,10 +355,7 @@ def _greedy(
         }
         if cpu:
             cast = {key: t.to("cpu") for key, t in cast.items()}
-        return {key: cast[tied.get(key, key)] for key in reference.keys()}
-
-    def merged(checkpoint: Checkpoint) -> list[str]:
-        return [key for key in checkpoint.keys() if key not in tied]  # tied: the first name
+        return {key: cast[tied.get(key, key)] for key in names}
 
     def score_of(state_dict: StateDict, what: str) -> float:
         returned = evaluate(state_dict)
@@ -373,14 +374,13 @@ def _greedy(
     try:
         if scores is None:
             values = [
-                score_of(output(soup_of([c], 0, merged(c)), c), f"model {i} ({c.name})")
+                score_of(output(soup_of([c], 0, keys), c), f"model {i} ({c.name})")
                 for i, c in enumerate(checkpoints)
             ]
         else:
             values = _checked_scores(scores, count)
         ranked = sorted(range(count), key=lambda i: -values[i])  # stable: ties keep input order
         best = checkpoints[ranked[0]]
-        keys = merged(best)
         soup = soup_of([best], 0, keys)
         selected, score = [ranked[0]], values[ranked[0]]
         history = [GreedySoupStep(ranked[0], score, True)]
