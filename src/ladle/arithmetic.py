@@ -10,12 +10,12 @@ copied from that same argument. Key sets and shapes must agree, else
 whose dtype cannot hold signed values one per element (``float8_e8m0fnu``, packed
 ``float4_e2m1fn_x2``) is a ``ValueError``, as in every merge method: convert it first.
 
-Tied weights (one tensor under two names, as a tied module's state dict holds its embedding
-and head): a tensor that every argument names twice is computed once and returned under
-both names, one tensor. Where the first argument (``base`` for :func:`task_vector`) names
-it twice and another stores it once, under its first name (``save_pretrained``'s
-safetensors), that one answers the second name with it; a second name that the first
-argument lacks is not read. The result has the first argument's keys.
+Tied weights (one tensor under two names, as a tied module's state dict, or a torch file of
+it, holds its embedding and head): a tensor that every argument names twice is computed
+once and returned under both names, one tensor. Where the first argument (``base`` for
+:func:`task_vector`) names it twice and another stores it once, under its first name
+(``save_pretrained``'s safetensors), that one answers the second name with it; a second
+name that the first argument lacks is not read. The result has the first argument's keys.
 
 Scalars (``alpha``, ``factor``, ``t``, ``weights``) are numbers: ints, floats, numpy
 scalars or 0-d tensors; anything else, a bool or a tensor of more than one element included,
@@ -37,7 +37,7 @@ from .checkpoint import (
     StateDictLike,
     TensorMapCheckpoint,
     check_source,
-    load,
+    load_tied,
     second_names,
     tied_names,
     unwrap_averaged,
@@ -144,13 +144,15 @@ def _map(
 
 
 def _tensors(source: object) -> Mapping[str, torch.Tensor]:
-    """A mapping as it is; a module's ``state_dict()``; anything else read with :func:`load`.
-    An ``AveragedModel``'s tensors are the averaged model's own (:func:`unwrap_averaged`)."""
+    """A mapping as it is; a module's ``state_dict()``; anything else read whole, a tensor it
+    names twice (a torch file's tied weights) once, under both names (:func:`load_tied`), as
+    a mapping or module holds it. An ``AveragedModel``'s tensors are the averaged model's own
+    (:func:`unwrap_averaged`)."""
     if isinstance(source, Mapping):
         return unwrap_averaged(source)
     if isinstance(source, torch.nn.Module):
         return unwrap_averaged(source.state_dict())
-    return load(source)  # type: ignore[arg-type]  # a path, hf:// repo or Checkpoint
+    return load_tied(source)  # type: ignore[arg-type]  # a path, hf:// repo or Checkpoint
 
 
 def add(a: Tensors, b: Tensors, alpha: NumberLike | complex = 1.0) -> StateDict:

@@ -1460,3 +1460,33 @@ def load(source: StateDictLike, *, device: str | torch.device = "cpu") -> StateD
     finally:
         if checkpoint is not source:
             checkpoint.close()
+
+
+def load_tied(source: StateDictLike) -> StateDict:
+    """Every tensor of ``source`` read into memory on the CPU, as :func:`load` reads them,
+    except that a tensor ``source`` names twice (tied weights, :meth:`Checkpoint.aliases`: a
+    torch file of a tied model) is read once and held under each name, one tensor, as the
+    source holds it; :func:`load` gives each name a copy of its own.
+
+    Example:
+        >>> import torch
+        >>> w = torch.ones(2)
+        >>> tensors = load_tied({"emb": w, "head": w})
+        >>> tensors["head"] is tensors["emb"], tensors["emb"] is w
+        (True, False)
+    """
+    checkpoint = open_checkpoint(source)
+    try:
+        tied = checkpoint.aliases()
+        tensors: StateDict = {}
+        for key in checkpoint.keys():
+            first = tied.get(key)  # an earlier key: read already
+            tensors[key] = (
+                tensors[first]
+                if first is not None
+                else checkpoint.get_slice(key, slice(None)).to("cpu", copy=True)
+            )
+        return tensors
+    finally:
+        if checkpoint is not source:
+            checkpoint.close()
