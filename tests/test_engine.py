@@ -1464,3 +1464,81 @@ def test_a_merge_closes_the_files_it_opened_and_only_those(tmp_path):
         assert ladle.uniform_soup([opened, paths[1]], device="cpu")["w"].tolist() == [0.5, 0.5]
         assert len(os.listdir("/proc/self/fd")) == held
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+class HubLM(torch.nn.Module):
+    """A tied language model named as transformers names one: ``model.embed_tokens.weight``
+    first, ``lm_head.weight`` (the same tensor) last, which sorts first."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(12, 4)
+        self.model.norm = torch.nn.LayerNorm(4)
+        self.lm_head = torch.nn.Linear(4, 12, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=gen))
+
+
+WITH_A_BASE = ["task_arithmetic", "ties", "ties_tensor", "dare", "model_stock"]
+
+
+def _save_model(model: HubLM, path) -> dict[str, torch.Tensor]:
+    """``model`` saved by safetensors' save_model, which keeps one name of a tied tensor,
+    the first in sorted order (``lm_head.weight``); the state dict it holds."""
+    from safetensors.torch import save_model
+
+    save_model(model, path)
+    return {k: v for k, v in model.state_dict().items() if k != "model.embed_tokens.weight"}
+
+
+@pytest.mark.parametrize("method", WITH_A_BASE)
+def test_models_storing_a_tied_tensor_under_its_later_name_merge_beside_a_tied_base(
+    method, tmp_path
+):
+    # Only a model storing the base's first name of a tied tensor answered its other names:
+    # fine-tunes saved by save_model (lm_head.weight kept) beside the tied module were
+    # "base (<HubLM>): keys differ from those of every model: extra 1
+    # ('model.embed_tokens.weight'); is it the model they were fine-tuned from?", where
+    # save_pretrained's (the embedding kept) merged.
+    base, models = HubLM(0), [HubLM(seed) for seed in (1, 2, 3)]
+    files = [tmp_path / f"ft{i}.safetensors" for i in range(3)]
+    for model, file in zip(models, files):
+        _save_model(model, file)
+    merged = IN_MEMORY_METHODS[method](files, base)
+    assert list(merged) == list(base.state_dict())
+    assert merged["lm_head.weight"] is merged["model.embed_tokens.weight"]
+    assert_bit_for_bit(merged, IN_MEMORY_METHODS[method](models, base))  # as the modules
+
+
+@pytest.mark.parametrize("method", WITH_A_BASE)
+def test_a_base_storing_a_tied_tensor_under_its_later_name_merges_tied_models(method, tmp_path):
+    # The models' other name of it, 'model.embed_tokens.weight', was "extra 1": only a
+    # second name of a tensor the base holds (a later one in the model) was never read.
+    base, models = HubLM(0), [HubLM(seed) for seed in (1, 2, 3)]
+    once = _save_model(base, tmp_path / "base.safetensors")
+    merged = IN_MEMORY_METHODS[method](models, tmp_path / "base.safetensors")
+    assert sorted(merged) == ["lm_head.weight", "model.norm.bias", "model.norm.weight"]
+    stored = [{k: v for k, v in m.state_dict().items() if k in once} for m in models]
+    assert_bit_for_bit(merged, IN_MEMORY_METHODS[method](stored, once))
+
+
+def test_soups_and_arithmetic_take_a_tied_tensor_stored_under_its_later_name(tmp_path):
+    first, second = HubLM(1), HubLM(2)
+    stored = _save_model(second, tmp_path / "ft.safetensors")
+    expected = ladle.uniform_soup([first, second], device="cpu")
+    soup = ladle.uniform_soup([first, tmp_path / "ft.safetensors"], device="cpu")
+    assert soup["lm_head.weight"] is soup["model.embed_tokens.weight"]
+    assert_bit_for_bit(soup, expected)
+    assert_bit_for_bit(ladle.uniform_soup([stored, first], device="cpu"), _without_embed(expected))
+    vector = ladle.task_vector(tmp_path / "ft.safetensors", first)
+    assert vector["lm_head.weight"] is vector["model.embed_tokens.weight"]
+    assert_bit_for_bit(vector, ladle.task_vector(second, first))
+    assert_bit_for_bit(ladle.sub(stored, first), _without_embed(ladle.sub(second, first)))
+
+
+def _without_embed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k != "model.embed_tokens.weight"}

@@ -443,11 +443,13 @@ class _Renamed(Checkpoint):
 
 
 def second_names(checkpoint: Checkpoint, tied: Mapping[str, str]) -> Checkpoint:
-    """``checkpoint`` answering, besides its own keys, the second names ``tied`` gives to
+    """``checkpoint`` answering, besides its own keys, the other names ``tied`` gives to
     tensors it holds (tied weights: ``{"lm_head.weight": "model.embed_tokens.weight"}``, the
     :meth:`Checkpoint.aliases` of a reference that names the tensor twice), where it lacks
-    them; ``checkpoint`` itself where it lacks none. So a model stored once (safetensors)
-    merges beside a base named twice (a module), and the result has the base's keys.
+    them, whichever of the names it holds (``save_pretrained`` keeps the embedding's,
+    safetensors' ``save_model`` the first in sorted order: ``lm_head.weight``);
+    ``checkpoint`` itself where it lacks none. So a model stored once (safetensors) merges
+    beside a base named twice (a module), and the result has the base's keys.
 
     Example:
         >>> import torch
@@ -455,9 +457,18 @@ def second_names(checkpoint: Checkpoint, tied: Mapping[str, str]) -> Checkpoint:
         >>> named = second_names(once, {"head": "emb"})
         >>> named.keys(), named.get("head").tolist(), named.aliases()
         (['emb', 'head'], [1.0, 1.0], {'head': 'emb'})
+        >>> second_names(open_checkpoint({"head": torch.ones(2)}), {"head": "emb"}).keys()
+        ['head', 'emb']
     """
     own = set(checkpoint.keys())
-    names = {new: old for new, old in tied.items() if new not in own and old in own}
+    groups: dict[str, list[str]] = {}  # each tensor's first name -> its names
+    for new, old in tied.items():
+        groups.setdefault(old, [old]).append(new)
+    names = {}
+    for group in groups.values():
+        held = next((key for key in group if key in own), None)  # a name it is stored under
+        if held is not None:
+            names.update({key: held for key in group if key not in own})
     return _Renamed(checkpoint, names) if names else checkpoint
 
 

@@ -562,9 +562,10 @@ def check_compatible(
         key_set = set(keys)
         missing = [key for key in ref_keys if key not in key_set]
         extra = [key for key in keys if key not in ref_set]
-        if extra:  # a second name of a tensor the reference has (a tied head): never read
-            second = model.aliases()
-            extra = [key for key in extra if second.get(key) not in ref_set]
+        if extra:  # another name of a tensor the reference has (a tied head): never read
+            first = model.aliases()
+            held = {first.get(key, key) for key in keys if key in ref_set}
+            extra = [key for key in extra if first.get(key, key) not in held]
         if not (missing or extra):
             continue
         # Missing names of a tensor the reference holds under another name too (tied
