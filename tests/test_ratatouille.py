@@ -315,6 +315,18 @@ def test_tied_auxiliary_weights_stay_one_tensor_beside_a_probe_of_their_own():
     assert torch.equal(target.classifier.weight, probe["classifier.weight"])
 
 
+def test_names_of_a_tied_tensor_kept_after_its_first_is_dropped_stay_one_copy():
+    # T5 names its shared embedding thrice and more: with the first name dropped, each
+    # other name got a copy of its own (the tensor's memory twice), not one copy.
+    shared, body = torch.arange(6.0), torch.ones(2)
+    aux = {"shared": shared, "body": body, "enc.embed": shared, "dec.embed": shared}
+    init = ladle.ratatouille_init(aux, {"classifier": torch.zeros(3)}, drop=["shared"])
+    assert list(init) == ["body", "enc.embed", "dec.embed", "classifier"]
+    assert init["dec.embed"] is init["enc.embed"]
+    assert init["enc.embed"].tolist() == shared.tolist()
+    assert init["enc.embed"] is not shared
+
+
 def test_a_head_giving_every_name_of_a_tied_tensor_replaces_it():
     aux, probe = TiedLM(0), torch.full((6, 4), 0.5)
     init = ladle.ratatouille_init(aux, {"emb.weight": probe, "head.weight": probe})

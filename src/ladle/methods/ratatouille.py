@@ -109,13 +109,15 @@ def ratatouille_init(
         tied = aux.aliases()
         _check_tied(keys, kept_set, head_keys, tied, aux.name, probe.name)
         init: StateDict = {}
+        copies: StateDict = {}  # tied weights the head takes none of: one copy, every name
         for key in kept:
-            first = tied.get(key)
-            if key not in head_keys and first in init:  # tied weights (the head takes none)
-                init[key] = init[first]  # one copy under both names, as the auxiliary has
-            else:
-                holder = probe if key in head_keys else aux
-                init[key] = holder.get_slice(key, slice(None)).to("cpu", copy=True)
+            if key in head_keys:
+                init[key] = probe.get_slice(key, slice(None)).to("cpu", copy=True)
+                continue
+            first = tied.get(key, key)  # its first name, which drop may have removed
+            if first not in copies:
+                copies[first] = aux.get_slice(key, slice(None)).to("cpu", copy=True)
+            init[key] = copies[first]
         for key in probe.keys():
             if key not in init:
                 init[key] = probe.get_slice(key, slice(None)).to("cpu", copy=True)
