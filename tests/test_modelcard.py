@@ -508,6 +508,30 @@ def test_output_config_dtype_fields_are_those_the_config_has(tmp_path, config, e
     assert json.loads(files["config.json"]) == expected
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_an_output_config_leaves_out_where_its_sub_configs_were_loaded_from(tmp_path, dtype):
+    # A composite model (LLaVA, a VLM) records in text_config and vision_config where each
+    # part was loaded from: "/home/alice/..." was published in the copy.
+    from ladle.modelcard import output_files
+
+    loaded = {"_name_or_path": "/home/alice/ckpts/llm", "dtype": "float32"}
+    config = {"_name_or_path": "/home/alice/vlm", "text_config": loaded, "v": {"n": 2}}
+    folder = ladle.save({"w": torch.ones(2)}, tmp_path / "m")
+    (folder / "config.json").write_text(json.dumps(config))
+    with ladle.open_checkpoint(folder) as ckpt:
+        files = output_files("uniform_soup", {}, [ckpt], None, out=tmp_path / "o", dtype=dtype)
+    named = {} if dtype is None else {"torch_dtype": "bfloat16"}
+    assert json.loads(files["config.json"]) == {
+        "text_config": {"dtype": "float32" if dtype is None else "bfloat16"},
+        "v": {"n": 2},
+        **named,
+    }
+    (folder / "config.json").write_text(json.dumps({"text_config": loaded}))
+    with ladle.open_checkpoint(folder) as ckpt:  # a sub-config's alone is left out too
+        files = output_files("uniform_soup", {}, [ckpt], None, out=tmp_path / "o")
+    assert json.loads(files["config.json"]) == {"text_config": {"dtype": "float32"}}
+
+
 def test_an_output_config_that_is_no_json_object_is_copied_as_it_is(tmp_path):
     from ladle.modelcard import output_files
 

@@ -280,10 +280,10 @@ another model than the merge and may publish a user's folders."""
 
 
 def _edited(file: Path, dtype: torch.dtype | None = None) -> Path | bytes:
-    """``file`` as it goes beside the output: without its :data:`LOADING_PATHS` field and,
-    with ``dtype``, a config whose dtype fields (its sub-configs' too) say it; the file
-    itself where nothing changes
-    or it is no JSON object (copied as it is, byte for byte)."""
+    """``file`` as it goes beside the output: without its :data:`LOADING_PATHS` field (its
+    sub-configs' too) and, with ``dtype``, a config whose dtype fields (its sub-configs' too)
+    say it; the file itself where nothing changes or it is no JSON object (copied as it is,
+    byte for byte)."""
     field = LOADING_PATHS.get(file.name)
     if field is None and dtype is None:
         return file
@@ -291,15 +291,20 @@ def _edited(file: Path, dtype: torch.dtype | None = None) -> Path | bytes:
         data = json.loads(file.read_text())
     except (OSError, ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeply
         return file
-    if not isinstance(data, dict) or (field not in data and dtype is None):
+    if not isinstance(data, dict):
         return file
-    data.pop(field, None)
+    # A composite model's sub-configs (text_config, vision_config...) hold both fields too:
+    # transformers writes where each part was loaded from into it.
+    parts = [data, *(value for value in data.values() if isinstance(value, dict))]
+    if dtype is None and not any(field in part for part in parts):
+        return file
+    for part in parts:
+        part.pop(field, None)
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")
         for key in [k for k in ("torch_dtype", "dtype") if k in data] or ["torch_dtype"]:
             data[key] = name
-        # A composite model's sub-configs (text_config, vision_config...) say theirs too.
-        for sub in (value for value in data.values() if isinstance(value, dict)):
+        for sub in parts[1:]:
             sub.update((key, name) for key in ("torch_dtype", "dtype") if key in sub)
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
 
