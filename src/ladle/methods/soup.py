@@ -347,14 +347,10 @@ def _greedy(
         return soup
 
     def output(
-        soup: Mapping[str, torch.Tensor], reference: Checkpoint, cpu: bool = False
+        soup: Mapping[str, torch.Tensor], reference: Checkpoint, to: torch.device | str = device
     ) -> StateDict:
-        # On ``device``: integer buffers come from the inputs as they are (on the CPU).
-        cast = {
-            key: t.to(device, output_dtype(reference.dtype(key), dtype)) for key, t in soup.items()
-        }
-        if cpu:
-            cast = {key: t.to("cpu") for key, t in cast.items()}
+        # On ``to`` (``device`` for evaluate): integer buffers come from the inputs as they are.
+        cast = {key: t.to(to, output_dtype(reference.dtype(key), dtype)) for key, t in soup.items()}
         return {key: cast[tied.get(key, key)] for key in names}
 
     def score_of(state_dict: StateDict, what: str) -> float:
@@ -404,7 +400,7 @@ def _greedy(
             limit = saturation_limit(target)
             if limit is not None and tensor.is_floating_point():
                 _check_saturating(tensor, limit, target, key, slice(None), checkpoints, None, where)
-    return GreedySoupResult(output(soup, best, cpu=True), selected, score, history)
+    return GreedySoupResult(output(soup, best, to="cpu"), selected, score, history)
 
 
 def run_greedy(
