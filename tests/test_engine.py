@@ -1025,6 +1025,27 @@ def test_the_passes_that_prepare_a_merge_show_progress_too(method):
     assert all(bar.done == bar.total and bar.closed for bar in _Bar.made)
 
 
+@pytest.mark.parametrize(
+    "method", ["ties", "model_stock", "dare", "task_arithmetic", "greedy_soup", "uniform_soup"]
+)
+def test_a_bad_shard_size_is_refused_before_any_pass_over_the_inputs(method, tmp_path):
+    # It was refused by the writer, after TIES's or Model Stock's preparing pass (minutes on
+    # an LLM) or after every evaluation of a greedy soup.
+    models, base = family(3, seed=1), family(1, seed=2)[0]
+    evaluations: list[int] = []
+    extra = {
+        "greedy_soup": lambda: (lambda sd: evaluations.append(1) or 0.0,),
+        "uniform_soup": lambda: (),
+    }.get(method, lambda: (base,))()
+    _Bar.made.clear()
+    with pytest.raises(ValueError, match=r"^max_shard_size: expected e\.g\. '5GB'"):
+        getattr(ladle, method)(
+            models, *extra, out=tmp_path / "out", max_shard_size="5 apples", progress=_Bar
+        )
+    assert _Bar.made == [] and evaluations == []
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_passes_of_one_preparation_share_one_bar():
     # trim="tensor" runs a threshold pass per tensor larger than a chunk (here the (4, 3) and
     # (2, 4) ones, at 16 bytes a chunk): one "preparing" bar, not one per tensor (hundreds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from test_hub import COMMIT_A, write_cached_repo
 
 import ladle
 from ladle.errors import LadleError
+from ladle.modelcard import model_card
 from ladle.writer import SafetensorsWriter
 
 if sys.version_info >= (3, 11):
@@ -757,3 +759,32 @@ def test_an_output_leaves_out_where_its_inputs_were_loaded_from(tmp_path):
         assert generation == (tmp_path / "m0" / "generation_config.json").read_bytes()
     for name in ("config.json", "tokenizer_config.json"):  # the inputs are left as they were
         assert "/home/alice" in (tmp_path / "m0" / name).read_text()
+
+
+def _table_cells(row: str) -> list[str]:
+    """A Markdown table row's cells as GitHub renders them: split at every ``|`` not escaped,
+    ``\\|`` read as ``|``, a code span's fence (and the one space padding both ends) dropped."""
+    cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]]
+    shown = []
+    for cell in (cell.replace("\\|", "|") for cell in cells):
+        fence = re.match("`*", cell).group()
+        if fence:
+            assert cell.endswith(fence) and len(cell) > 2 * len(fence)
+            cell = cell[len(fence) : -len(fence)]
+            # A run of backticks as long as the fence inside would close the span there.
+            assert len(fence) not in {len(run) for run in re.findall("`+", cell)}
+            if cell.startswith(" ") and cell.endswith(" ") and cell.strip():
+                cell = cell[1:-1]
+        shown.append(cell)
+    return shown
+
+
+@pytest.mark.parametrize(
+    "name", ["runs/a|b.safetensors", "x`y", "`edge`", "a``b|`c", "plain/path.safetensors"]
+)
+def test_a_source_name_shows_whole_in_its_own_cell_of_the_inputs_table(name):
+    # A "|" in a path ended the cell (even inside backticks), and a backtick ended the code
+    # span: the table showed a fourth column, or the path cut short.
+    card = model_card("soup", {}, [name])
+    (row,) = [line for line in card.splitlines() if line.startswith("| model 0 |")]
+    assert _table_cells(row) == ["model 0", name, "-"]

@@ -51,6 +51,7 @@ from .writer import (
     aligned_order,
     check_output_free,
     check_output_name,
+    parse_size,
     single_file,
 )
 
@@ -1531,7 +1532,23 @@ def _rows_nbytes(
     return count * math.prod(shape[1:]) * itemsize
 
 
-def _check_output(out: str | os.PathLike, sources: Sequence[Checkpoint]) -> None:
+def _check_output(
+    out: str | os.PathLike,
+    sources: Sequence[Checkpoint],
+    *,
+    overwrite: bool,
+    max_shard_size: int | str,
+) -> None:
+    """Refuse ``out`` before any pass over the inputs, not once the merge is done: a bad name,
+    an input's path (or a folder holding one, or inside one), an existing output without
+    ``overwrite``, or (for a directory output) a ``max_shard_size`` that is no size."""
+    _check_not_an_input(out, sources)
+    check_output_free(out, overwrite=overwrite)
+    if not single_file(out):
+        parse_size(max_shard_size)
+
+
+def _check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) -> None:
     check_output_name(out)
     target = Path(out).resolve()
     for checkpoint in sources:
@@ -1630,8 +1647,7 @@ def merge(
             reference = base_ckpt if base_ckpt is not None else checkpoints[0]
         sources = [*checkpoints, *([base_ckpt] if base_ckpt is not None else [])]
         if out is not None:
-            _check_output(out, sources)
-            check_output_free(out, overwrite=overwrite)
+            _check_output(out, sources, overwrite=overwrite, max_shard_size=max_shard_size)
         check_output_dtypes(reference, dtype)  # before prepare's passes over the inputs
         specs = {
             key: (reference.shape(key), output_dtype(reference.dtype(key), dtype))

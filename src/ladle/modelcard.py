@@ -184,7 +184,9 @@ def model_card(
             name if source is None else "/".join(filter(None, [source.repo_id, source.subfolder]))
         )
         revision = source.revision if source is not None else None
-        lines.append(f"| {role} | `{shown}` | {f'`{revision}`' if revision else '-'} |")
+        lines.append(
+            f"| {role} | {_code_cell(shown)} | {_code_cell(revision) if revision else '-'} |"
+        )
     lines += ["", "## Parameters", ""]
     lines += [f"- `{key}`: `{json.dumps(value, default=str)}`" for key, value in parameters.items()]
     if not parameters:
@@ -203,6 +205,22 @@ def model_card(
         ]
         lines += [*recipe, "```", ""]
     return "\n".join(lines)
+
+
+def _code_cell(text: str) -> str:
+    """``text`` as a code span in a cell of a Markdown table, shown as it is: a ``|`` in it
+    escaped (else it ends the cell, even in a code span), and fenced by more backticks than
+    any run of them it holds (padded where it starts or ends with one).
+
+    Example:
+        >>> print(_code_cell("runs/a|b"), _code_cell("x`y"))
+        `runs/a\\|b` ``x`y``
+    """
+    text = text.replace("|", "\\|")
+    longest = max((len(run) for run in re.findall("`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _selected(parameters: Mapping[str, object], models: Sequence[str]) -> list[str] | None:

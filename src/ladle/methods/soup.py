@@ -38,7 +38,7 @@ from ..engine import (
 )
 from ..errors import type_name
 from ..modelcard import output_files
-from ..writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, check_output_free, single_file
+from ..writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, single_file
 
 __all__ = [
     "Evaluate",
@@ -429,8 +429,7 @@ def run_greedy(
         for checkpoint in checkpoints:  # the best-ranked model's dtypes are the soup's
             check_output_dtypes(checkpoint, dtype)
         if out is not None:  # refuse before the (costly) evaluations, not after
-            _check_output(out, checkpoints)
-            check_output_free(out, overwrite=overwrite)
+            _check_output(out, checkpoints, overwrite=overwrite, max_shard_size=max_shard_size)
         where = "the greedy soup" if out is None else str(out)
         result = _greedy(
             checkpoints,
