@@ -348,3 +348,30 @@ def test_a_reduced_float32_matmul_precision_has_the_gram_pass_compute_in_float64
     finally:
         torch.set_float32_matmul_precision(previous)
     assert not stock._exact_float32_matmul(torch.device("cuda"))
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def test_a_matmul_precision_set_by_fp32_precision_is_read_not_an_error():
+    # torch's fp32_precision settings (which replace set_float32_matmul_precision) make
+    # torch.get_float32_matmul_precision() raise: model_stock on the CPU was that RuntimeError
+    # ("... used mix of the legacy and new APIs ...") for a script that asked for TF32 on CUDA.
+    backends = torch.backends
+    cpu, cuda = backends.mkldnn.matmul, backends.cuda.matmul
+    if not hasattr(cpu, "fp32_precision") or not hasattr(cuda, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision settings")
+    previous = cpu.fp32_precision, cuda.fp32_precision
+    legacy = torch.get_float32_matmul_precision()
+    base = {"w": torch.tensor([1.0, 1.0])}
+    models = [{"w": torch.tensor([6.0, 1.0])}, {"w": torch.tensor([4.0, 5.0])}]  # t = 0.75
+    try:
+        cuda.fp32_precision = "tf32"  # CUDA's products only: the CPU's stay float32
+        assert stock._exact_float32_matmul(torch.device("cpu"))
+        assert ladle.model_stock(models, base, device="cpu")["w"].tolist() == [4.0, 2.5]
+        cpu.fp32_precision = "tf32"  # the CPU's products may run in TF32: float64 instead
+        assert not stock._exact_float32_matmul(torch.device("cpu"))
+        assert ladle.model_stock(models, base, device="cpu")["w"].tolist() == [4.0, 2.5]
+    finally:
+        cpu.fp32_precision, cuda.fp32_precision = previous
+    assert torch.get_float32_matmul_precision() == legacy  # settings left as they were

@@ -113,13 +113,17 @@ def stock_ratio(cosine: float, n: int, *, key: str = "") -> float:
 
 def _exact_float32_matmul(device: torch.device) -> bool:
     """Whether a float32 matrix product on ``device`` is computed in float32 (IEEE), not in
-    TF32 or bfloat16 as ``torch.set_float32_matmul_precision("high" | "medium")`` allows."""
+    TF32 or bfloat16 as ``torch.set_float32_matmul_precision("high" | "medium")`` allows, or
+    the ``fp32_precision`` settings (``torch.backends.mkldnn.matmul.fp32_precision``, which
+    follows ``torch.backends.fp32_precision``)."""
+    if device.type != "cpu":
+        return False
     mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    return (
-        device.type == "cpu"
-        and torch.get_float32_matmul_precision() == "highest"
-        and getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
-    )
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # raised once an fp32_precision is set: the CPU's is read below
+        legacy = "highest"
+    return legacy == "highest" and getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
 
 
 def gram_kernel(n: int) -> Kernel:
@@ -131,9 +135,10 @@ def gram_kernel(n: int) -> Kernel:
     multiplied in float32 on the CPU (half the time of float64; on 12 fine-tunes of 89 MiB,
     0.7% of the output entries move by one float32 step from an all-float64 computation),
     and in float64 wherever float32 products may run at reduced precision (TF32 or bfloat16
-    under ``torch.set_float32_matmul_precision``, CUDA). The matrix lives in one scratch
-    buffer that this kernel reuses from chunk to chunk (the engine finishes a chunk before it
-    starts the next), so fresh memory is not faulted in for every chunk.
+    under ``torch.set_float32_matmul_precision`` or ``fp32_precision``, CUDA). The matrix
+    lives in one scratch buffer that this kernel reuses from chunk to chunk (the engine
+    finishes a chunk before it starts the next), so fresh memory is not faulted in for every
+    chunk.
 
     Example:
         >>> import torch
