@@ -375,3 +375,75 @@ def test_a_matmul_precision_set_by_fp32_precision_is_read_not_an_error():
     finally:
         cpu.fp32_precision, cuda.fp32_precision = previous
     assert torch.get_float32_matmul_precision() == legacy  # settings left as they were
+
+
+def test_a_nan_cosine_makes_the_mean_nan_so_the_ratio_is_clamped_with_a_warning():
+    # An infinite τ₀ (allow_nonfinite) makes its Gram entries infinite and its cosines
+    # inf/inf = NaN: kept NaN (not clamped to −1), so the mean is NaN and t is clamped with
+    # a warning. Clamped to −1, with τ₁ = τ₂ = τ₃ the six cosines would be three −1s and
+    # three 1s: a mean of about 0, t ≈ 0 and no warning.
+    inf = math.inf
+    gram = [[inf, inf, inf, inf], *([inf, 1.0, 1.0, 1.0] for _ in range(3))]
+    assert math.isnan(stock.mean_cosine(gram))
+    with pytest.warns(ModelStockWarning, match="'w'"):
+        assert stock_ratio(stock.mean_cosine(gram), 4, key="w") == stock.T_MIN
+
+
+def test_mean_cosine_divides_by_the_root_of_the_product_of_squared_norms():
+    # The released code's ‖τᵢ‖·‖τⱼ‖ as √(‖τᵢ‖²·‖τⱼ‖²): for squared norms 2 and 3, √6 rounds
+    # differently from √2·√3, and the cosine follows it bit for bit.
+    gram = [[2.0, 1.0], [1.0, 3.0]]
+    assert stock.mean_cosine(gram) == 1.0 / (math.sqrt(6.0) + 1e-8)
+    assert 1.0 / (math.sqrt(2.0) * math.sqrt(3.0) + 1e-8) != stock.mean_cosine(gram)
+
+
+def test_mean_cosine_sums_the_pairs_exactly_so_their_order_does_not_matter():
+    # Cosines 0.1, 0.2, 0.2 (over 1 + 1e-8): summed left to right they round otherwise than
+    # math.fsum's exact sum, and otherwise than in the order 0.2, 0.2, 0.1 (models reordered).
+    gram = [[1.0, 0.1, 0.2], [0.1, 1.0, 0.2], [0.2, 0.2, 1.0]]
+    cosines = [value / (1.0 + 1e-8) for value in (0.1, 0.2, 0.2)]
+    assert sum(cosines) != math.fsum(cosines)  # the order would show
+    assert stock.mean_cosine(gram) == math.fsum(cosines) / 3
+    reordered = [[1.0, 0.2, 0.2], [0.2, 1.0, 0.1], [0.2, 0.1, 1.0]]  # models 2, 0, 1
+    assert stock.mean_cosine(reordered) == stock.mean_cosine(gram)
+
+
+def test_the_gram_pass_reads_chunks_of_at_most_gram_chunk_bytes(monkeypatch):
+    # The Gram pass's chunks are capped at GRAM_CHUNK_BYTES (here 400 bytes, 10 float32 rows)
+    # whatever chunk_bytes the merging pass uses (800: 20 rows).
+    seen = []
+    original = stock.gram_kernel
+
+    def recording(n):
+        kernel = original(n)
+
+        def update(state, index, x):
+            seen.append(x.numel())
+            return kernel.update(state, index, x)
+
+        return kernel._replace(update=update)
+
+    monkeypatch.setattr(stock, "gram_kernel", recording)
+    monkeypatch.setattr(stock, "GRAM_CHUNK_BYTES", 400)
+    gen = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(100, 10, generator=gen)}
+    models = [{"w": torch.randn(100, 10, generator=gen)} for _ in range(3)]
+    ladle.model_stock(models, base, device="cpu", chunk_bytes=800)
+    assert seen == [100] * 30  # 10 chunks of 10 rows × 3 models
+
+
+def test_the_float64_gram_pass_subtracts_the_base_from_each_cast_model():
+    # Under a reduced float32 matmul precision the Gram pass casts each float32 chunk to
+    # float64 and subtracts the base there: the hand-worked examples hold (t = 0.75, 3/7).
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert not stock._exact_float32_matmul(torch.device("cpu"))
+        two = [{"w": t([6.0, 1.0])}, {"w": t([4.0, 5.0])}]
+        worked = ladle.model_stock(two, {"w": t([1.0, 1.0])}, device="cpu")
+        assert worked["w"].tolist() == [4.0, 2.5]
+        three = [{"w": t(v)} for v in ([6.0, 2, 3], [4.0, 6, 3], [1.0, 2, 5])]
+        merged = ladle.model_stock(three, {"w": t([1.0, 2.0, 3.0])}, device="cpu")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    torch.testing.assert_close(merged["w"], t([15 / 7, 18 / 7, 23 / 7]), rtol=1e-6, atol=1e-6)

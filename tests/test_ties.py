@@ -1050,3 +1050,93 @@ def test_magnitude_thresholds_count_a_tied_tensor_once_as_ties_does():
     tied = magnitude_thresholds(models, base, density=0.25)
     once = magnitude_thresholds([_once(m) for m in models], _once(base), density=0.25)
     assert tied == [{**once[0], "head.weight": once[0]["emb.weight"]}]
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def test_a_float32_key_ranked_among_float64_ones_trims_below_the_float64_threshold():
+    # Magnitudes 1, 4 (float32 key a) and 1 + 2⁻³⁰, 3 (float64 key b), density 0.5: d = 4,
+    # k = 2, t = 1 + 2⁻³⁰. a's 1.0 is below t and trimmed, though the float32 number nearest
+    # t is 1.0: a's threshold is the float32 number just above t, 1 + 2⁻²³.
+    t = 1.0 + 2.0**-30
+    base = {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float64)}
+    model = {"a": torch.tensor([1.0, -4.0]), "b": torch.tensor([-t, 3.0], dtype=torch.float64)}
+    found = magnitude_thresholds([model], base, density=0.5, device="cpu")
+    assert found == [{"a": 1.0 + 2.0**-23, "b": t}]
+    merged = ladle.ties([model], base, density=0.5, device="cpu")
+    assert merged["a"].tolist() == [0.0, -4.0]
+    assert merged["b"].tolist() == [-t, 3.0]
+
+
+@pytest.mark.parametrize("trim", ["global", "tensor"])
+def test_a_float64_trim_keeps_nothing_a_float64_step_below_the_threshold(trim):
+    # Magnitudes 1, 1 + 2⁻⁴⁰, 2, 3, density 0.5: k = 2, t = 1 + 2⁻⁴⁰, so 1.0 is trimmed; a
+    # float32 step below t (1 − 2⁻²⁴, as float32 rounds t to 1.0) would keep it.
+    t = 1.0 + 2.0**-40
+    base = {"w": torch.zeros(4, dtype=torch.float64)}
+    model = {"w": torch.tensor([1.0, -t, 2.0, -3.0], dtype=torch.float64)}
+    merged = ladle.ties([model], base, density=0.5, trim=trim, device="cpu")
+    assert merged["w"].tolist() == [0.0, -t, 2.0, -3.0]
+
+
+def test_an_entry_every_model_leaves_at_zero_is_no_sign_tie():
+    # Σ τ = [0, 0, 0, 3]: entries 0 and 2 cancel (ties the majority decides); entry 1 is 0 in
+    # every model (trimmed everywhere, most entries of a TIES merge): no tie to remember.
+    from ladle.methods.ties import SignElection
+
+    state = SignElection("w", slice(None), torch.zeros(4))
+    for delta in ([1.0, 0.0, 2.0, 0.0], [-1.0, 0.0, -2.0, 3.0]):
+        state.add(torch.tensor(delta))
+    assert state.ties().tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_the_sign_tie_majority_counts_a_tied_tensor_once_in_a_file(tmp_path, method):
+    # test_the_sign_tie_majority_counts_a_tied_tensor_once, written to a file: there the head
+    # is merged under its own name too (in memory a tied tensor is merged once), and must not
+    # vote. Counted once: 5 − 8 < 0, the ties take −1; counted twice: 10 − 8 > 0, +1.
+    base = _tied(torch.zeros(6), torch.zeros(9))
+    body = [torch.tensor([-1.0] * 8 + [1.0]), torch.tensor([-1.0] * 8 + [-1.0])]
+    emb = [torch.tensor([1.0] * 5 + [1.0]), torch.tensor([1.0] * 5 + [-1.0])]
+    models = [_tied(e, b) for e, b in zip(emb, body)]
+    out = tmp_path / "merged.safetensors"
+    if method == "ties":
+        ladle.ties(models, base, density=1.0, out=out, device="cpu")
+    else:
+        ladle.dare(models, base, density=1.0, combine="ties", out=out, device="cpu")
+    merged = ladle.load(out)
+    assert merged["body.weight"].tolist() == [-1.0] * 9
+    assert merged["emb.weight"].tolist() == merged["head.weight"].tolist() == [1.0] * 5 + [-1.0]
+
+
+def test_tensor_trim_of_tensors_of_one_chunk_runs_no_threshold_pass(monkeypatch):
+    # trim="tensor": a tensor that fits in one chunk is trimmed inside the merge pass, so a
+    # model of such tensors needs no pass to find thresholds (docs/methods/ties.md).
+    for name in ("_select_in_window", "_radix_select"):
+        monkeypatch.setattr(ties_module, name, lambda *a, **k: pytest.fail("a threshold pass"))
+    gen = torch.Generator().manual_seed(6)
+    base = {"a": torch.randn(8, 4, generator=gen), "b": torch.randn(5, generator=gen)}
+    models = [{k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in "ab"]
+    merged = ladle.ties(models, base, density=0.4, trim="tensor", device="cpu")
+    assert_close(merged, naive_ties(models, base, density=0.4, scale=1.0, trim="tensor"))
+
+
+def test_a_threshold_among_the_smallest_magnitudes_takes_one_pass(monkeypatch):
+    # 819 of 4096 magnitudes are 0.5, the rest in [1, 2); density 0.99: k = 4096 − 4055 = 41,
+    # inside the 0.5s. The sample's window starts at its smallest pattern (rank 1, where
+    # k·count/size − spread < 1), 0.5, and holds the answer: no radix passes.
+    gen = torch.Generator().manual_seed(12)
+    magnitude = torch.where(torch.randperm(4096, generator=gen) < 819, 0.5, 1.0)
+    magnitude += torch.rand(4096, generator=gen) * (magnitude > 0.5)
+    sign = torch.randint(0, 2, (4096,), generator=gen) * 2.0 - 1.0
+    base = {"w": torch.zeros(64, 64)}
+    models = [{"w": (magnitude * sign).reshape(64, 64)}]
+    monkeypatch.setattr(ties_module, "SAMPLE", 2**10)  # a quarter of the entries
+    calls = []
+    original = ties_module._radix_select
+    monkeypatch.setattr(
+        ties_module, "_radix_select", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    assert magnitude_thresholds(models, base, density=0.99, device="cpu") == [{"w": 0.5}]
+    assert calls == []  # found by the one-pass window select
