@@ -1140,3 +1140,74 @@ def test_a_threshold_among_the_smallest_magnitudes_takes_one_pass(monkeypatch):
     )
     assert magnitude_thresholds(models, base, density=0.99, device="cpu") == [{"w": 0.5}]
     assert calls == []  # found by the one-pass window select
+
+
+@pytest.mark.parametrize("selection", ["window", "radix"])
+def test_the_threshold_pass_names_a_nonfinite_input_before_the_merge_pass(monkeypatch, selection):
+    # The threshold pass (the window's sums of magnitudes, or the radix select's first pass)
+    # is the one check of the inputs of a global trim: the merge pass does not read them
+    # again for it. The error must come from that pass, not from the merged output.
+    monkeypatch.setattr(ties_module, "SAMPLE", 2**10)
+    monkeypatch.setattr(ties_module, "WINDOW", 2**24)
+    if selection == "radix":
+        monkeypatch.setattr(ties_module, "_select_in_window", lambda *a, **k: None)
+    else:
+        monkeypatch.setattr(ties_module, "_radix_select", lambda *a, **k: pytest.fail("radix"))
+    monkeypatch.setattr(
+        ties_module, "majority_election", lambda *a, **k: pytest.fail("the merge pass")
+    )
+    gen = torch.Generator().manual_seed(2)
+    base = {"emb": torch.randn(400, 64, generator=gen), "bias": torch.randn(64, generator=gen)}
+    models = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}]
+    models *= 3
+    models[1] = {k: v.clone() for k, v in models[1].items()}
+    models[1]["emb"][397, 5] = float("nan")
+    with pytest.raises(ladle.NonFiniteError, match=r"model 1 .*'emb'"):
+        ladle.ties(models, base, device="cpu", chunk_bytes=2**12)
+
+
+def test_a_window_reaching_infinity_counts_bit_patterns_there(monkeypatch):
+    # allow_nonfinite: half the magnitudes are Inf, the others within 0.1% of float32's
+    # largest. The sample's window ends on Inf's pattern, past which lies no number (NaN's
+    # pattern): it compares patterns, not floats, and finds what kthvalue does.
+    from ladle import open_checkpoint
+
+    gen = torch.Generator().manual_seed(3)
+    magnitude = torch.finfo(torch.float32).max * (1 - torch.rand(4096, generator=gen) * 1e-3)
+    magnitude[torch.randperm(4096, generator=gen)[:2048]] = math.inf
+    sign = torch.randint(0, 2, (4096,), generator=gen) * 2.0 - 1.0
+    base = open_checkpoint({"w": torch.zeros(64, 64)})
+    model = open_checkpoint({"w": (magnitude * sign).reshape(64, 64)})
+    monkeypatch.setattr(ties_module, "SAMPLE", 2**10)  # a quarter of the entries
+    infinity = torch.tensor(math.inf).view(torch.int32).item()
+    for rank in (2040, 2049):
+        [(low, span)] = ties_module._windows([model], base, ["w"], rank, 4096, 2**14)
+        assert low + span - 1 == infinity  # the window's last pattern is Inf's
+        found = ties_module._select_in_window(
+            [model],
+            base,
+            keys=["w"],
+            rank=rank,
+            size=4096,
+            device=torch.device("cpu"),
+            chunk_bytes=2**14,
+            allow_nonfinite=True,
+        )
+        assert found == [magnitude.kthvalue(rank).values.item()]
+
+
+def test_a_window_at_zero_leaves_out_the_pattern_just_past_it(monkeypatch):
+    # Three quarters of τ are 0 (the first rows), the rest alternate 2⁻¹⁴⁹ (the pattern
+    # just past 0) and 1. The rank, half the entries, is a 0: the window is 0's pattern
+    # alone, and the chunks of the last rows, counted in later batches, hold the next one.
+    rows = torch.zeros(512, 512)
+    rows[384:, 0::2], rows[384:, 1::2] = 2.0**-149, 1.0
+    base, models = {"w": torch.zeros(512, 512)}, [{"w": rows}]
+    calls = []
+    original = ties_module._radix_select
+    monkeypatch.setattr(
+        ties_module, "_radix_select", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    found = magnitude_thresholds(models, base, density=0.5, device="cpu", chunk_bytes=2**16)
+    assert found == [{"w": 0.0}]
+    assert calls == []  # found by the one-pass window select
