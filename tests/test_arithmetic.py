@@ -374,3 +374,30 @@ def test_a_torch_file_of_a_tied_model_computes_as_the_state_dict_saved_in_it(nam
     assert_bit_for_bit(result, ARITHMETIC[name](*in_memory))  # the keys and every bit
     if "head.weight" in result:
         assert result["head.weight"] is result["emb.weight"]
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def test_lerp_extrapolates_beyond_the_ends():
+    # (1 − t)·a + t·b holds for every t: t = 2 and t = −1 are not b and a.
+    a, b = {"w": torch.tensor([0.0, 1.0])}, {"w": torch.tensor([4.0, 3.0])}
+    assert ladle.lerp(a, b, 2.0)["w"].tolist() == [8.0, 5.0]
+    assert ladle.lerp(a, b, -1.0)["w"].tolist() == [-4.0, -1.0]
+
+
+def test_a_complex_scalar_with_a_part_outside_float32s_range_is_applied_in_complex128():
+    # The imaginary part 2⁻¹⁵⁰ is below float32's subnormals: complex64 made it 0, and
+    # 3·(1 + 2⁻¹⁵⁰j) lost its imaginary part; rounded once, 1.5·2⁻¹⁴⁹ is 2⁻¹⁴⁸ (ties to even).
+    a = {"c": torch.tensor([3 + 0j], dtype=torch.complex64)}
+    found = ladle.scale(a, complex(1.0, 2.0**-150))["c"]
+    assert found.dtype == torch.complex64
+    assert found.tolist() == [complex(3.0, 2.0**-148)]
+
+
+def test_integer_tensors_of_a_result_are_copies_not_the_inputs_own():
+    a = {"w": torch.ones(2), "steps": torch.tensor([5])}
+    b = {"w": torch.ones(2), "steps": torch.tensor([7])}
+    for result in (ladle.add(a, b), ladle.scale(a, 2.0), ladle.task_vector(b, a)):
+        result["steps"] += 1  # a result is new: changing it leaves the inputs alone
+    assert a["steps"].tolist() == [5] and b["steps"].tolist() == [7]

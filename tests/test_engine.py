@@ -1563,3 +1563,73 @@ def test_soups_and_arithmetic_take_a_tied_tensor_stored_under_its_later_name(tmp
 
 def _without_embed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k != "model.embed_tokens.weight"}
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def test_torch_leaves_a_core_per_reading_thread_that_runs_not_per_thread_asked_for():
+    # prefetch=1 runs one reading thread whatever ``readers`` says; torch kept 4 − 3 = 1.
+    seen = []
+
+    def update(state, index, x):
+        seen.append(torch.get_num_threads())
+        return x.clone()
+
+    kernel = Kernel(lambda key, rows, base: None, update, lambda state: state)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        model = ladle.open_checkpoint({"w": torch.ones(3)})
+        list(fold([model], kernel, device=resolve_device("cpu"), prefetch=1, readers=3))
+        assert seen == [3] and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_negative_prefetch_reads_on_the_consumers_thread_as_none_does():
+    seen = []
+
+    def update(state, index, x):
+        seen.append(torch.get_num_threads())
+        return x.clone()
+
+    kernel = Kernel(lambda key, rows, base: None, update, lambda state: state)
+    model = ladle.open_checkpoint({"w": torch.tensor([1.0, 2.0])})
+    before = torch.get_num_threads()
+    found = list(fold([model], kernel, device=resolve_device("cpu"), prefetch=-1))
+    assert [(key, rows, result.tolist()) for key, rows, result in found] == [
+        ("w", slice(None), [1.0, 2.0])
+    ]
+    assert seen == [before] and torch.get_num_threads() == before
+
+
+def test_an_output_folder_holding_an_input_is_refused_and_the_input_kept(tmp_path):
+    model = {"w": torch.tensor([1.0, 2.0])}
+    ladle.save(model, tmp_path / "runs" / "a.safetensors")
+    with pytest.raises(ladle.LadleError, match=r"refusing to write over or inside input"):
+        ladle.uniform_soup(
+            [tmp_path / "runs" / "a.safetensors", model], out=tmp_path / "runs", overwrite=True
+        )
+    assert ladle.load(tmp_path / "runs" / "a.safetensors")["w"].tolist() == [1.0, 2.0]
+
+
+def test_scratch_hands_out_the_same_buffer_for_the_same_size():
+    scratch, cpu = Scratch(), torch.device("cpu")
+    first = scratch.take((4,), torch.float32, cpu).data_ptr()
+    assert scratch.take((2, 2), torch.float32, cpu).data_ptr() == first
+
+
+def test_a_merged_files_header_records_the_base_beside_the_models(tmp_path):
+    from safetensors import safe_open
+
+    ladle.save({"w": torch.ones(2)}, tmp_path / "base.safetensors")
+    ladle.save({"w": torch.full((2,), 3.0)}, tmp_path / "ft.safetensors")
+    out = ladle.task_arithmetic(
+        [tmp_path / "ft.safetensors"], tmp_path / "base.safetensors", out=tmp_path / "m.safetensors"
+    )
+    with safe_open(str(out), "pt") as merged:
+        meta = merged.metadata()
+        assert merged.get_tensor("w").tolist() == [3.0, 3.0]
+    assert meta["ladle.base"] == "base.safetensors"
+    assert meta["ladle.inputs"] == '["ft.safetensors"]'
