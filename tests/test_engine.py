@@ -1633,3 +1633,17 @@ def test_a_merged_files_header_records_the_base_beside_the_models(tmp_path):
         assert merged.get_tensor("w").tolist() == [3.0, 3.0]
     assert meta["ladle.base"] == "base.safetensors"
     assert meta["ladle.inputs"] == '["ft.safetensors"]'
+
+
+@pytest.mark.parametrize("to_file", [False, True])
+def test_a_short_integer_tensor_whose_row_fits_as_stored_is_copied_whole(tmp_path, to_file):
+    # int16 rows of 100 (200 B) fit in chunk_bytes=300 as stored, not as float32 (400 B):
+    # the rows were cut by the one budget and read as rows of the other, and 2 of the
+    # 200 entries were copied (the rest left as torch.empty made them).
+    ids = torch.arange(200, dtype=torch.int16).view(2, 100)
+    models = [{"ids": ids, "w": torch.ones(2)}, {"ids": ids + 1, "w": torch.zeros(2)}]
+    out = tmp_path / "m.safetensors" if to_file else None
+    merged = ladle.uniform_soup(models, out=out, device="cpu", chunk_bytes=300)
+    merged = ladle.load(merged) if to_file else merged
+    assert torch.equal(merged["ids"], ids)
+    assert merged["w"].tolist() == [0.5, 0.5]
