@@ -1025,12 +1025,14 @@ def test_the_passes_that_prepare_a_merge_show_progress_too(method):
     assert all(bar.done == bar.total and bar.closed for bar in _Bar.made)
 
 
+@pytest.mark.parametrize("out", ["out", "out.safetensors"])
 @pytest.mark.parametrize(
     "method", ["ties", "model_stock", "dare", "task_arithmetic", "greedy_soup", "uniform_soup"]
 )
-def test_a_bad_shard_size_is_refused_before_any_pass_over_the_inputs(method, tmp_path):
+def test_a_bad_shard_size_is_refused_before_any_pass_over_the_inputs(method, out, tmp_path):
     # It was refused by the writer, after TIES's or Model Stock's preparing pass (minutes on
-    # an LLM) or after every evaluation of a greedy soup.
+    # an LLM) or after every evaluation of a greedy soup; with a single-file output, whose
+    # one file has no use for it, not at all.
     models, base = family(3, seed=1), family(1, seed=2)[0]
     evaluations: list[int] = []
     extra = {
@@ -1040,7 +1042,7 @@ def test_a_bad_shard_size_is_refused_before_any_pass_over_the_inputs(method, tmp
     _Bar.made.clear()
     with pytest.raises(ValueError, match=r"^max_shard_size: expected e\.g\. '5GB'"):
         getattr(ladle, method)(
-            models, *extra, out=tmp_path / "out", max_shard_size="5 apples", progress=_Bar
+            models, *extra, out=tmp_path / out, max_shard_size="5 apples", progress=_Bar
         )
     assert _Bar.made == [] and evaluations == []
     assert list(tmp_path.iterdir()) == []

@@ -1541,11 +1541,11 @@ def _check_output(
 ) -> None:
     """Refuse ``out`` before any pass over the inputs, not once the merge is done: a bad name,
     an input's path (or a folder holding one, or inside one), an existing output without
-    ``overwrite``, or (for a directory output) a ``max_shard_size`` that is no size."""
+    ``overwrite``, or a ``max_shard_size`` that is no size (a single file's has no use, but
+    a typo there is one too)."""
     _check_not_an_input(out, sources)
     check_output_free(out, overwrite=overwrite)
-    if not single_file(out):
-        parse_size(max_shard_size)
+    parse_size(max_shard_size)
 
 
 def _check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) -> None:
