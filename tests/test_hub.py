@@ -378,7 +378,9 @@ def local_hub(tmp_path, monkeypatch):
                     "pytorch_model.bin": b"never fetched: safetensors exist",
                     "training_args.bin": b"never fetched",
                     "onnx/model.safetensors": b"never fetched: deeper folder",
-                    "README.md": b"never fetched",
+                    "README.md": b"---\nlicense: mit\n---\n# m\n",  # for its license fields
+                    "LICENSE": b"MIT License ...",
+                    "docs/LICENSE": b"never fetched: deeper folder",
                 },
             },
         }
@@ -401,7 +403,7 @@ def test_local_hub_download_fetches_only_what_a_merge_needs(local_hub, monkeypat
     with ladle.open_checkpoint("hf://org/m") as ckpt:
         assert ckpt.name == f"hf://org/m@{COMMIT_B}"
         assert torch.equal(ckpt.get("layer.weight"), model["layer.weight"])
-    assert hub.downloaded() == {"config.json", "model.safetensors"}
+    assert hub.downloaded() == {"config.json", "model.safetensors", "README.md", "LICENSE"}
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the ref and files are now in the cache
     hub.requests.clear()
     assert torch.equal(ladle.load("hf://org/m")["layer.weight"], model["layer.weight"])
@@ -669,3 +671,12 @@ def test_push_to_hub_of_a_file_is_refused_before_anything_is_sent(tmp_path, monk
     with pytest.raises(ValueError) as err:
         push_to_hub(file, "org/model")
     assert str(err.value) == f"push_to_hub: expected an output directory, found {file}"
+
+
+def test_a_hub_models_license_files_and_license_reach_a_merged_directory(local_hub, tmp_path):
+    # A Llama-style license asks redistributions to carry its text; the output had none,
+    # and its card no license field (the Hub then lists the merge as unlicensed).
+    out = ladle.uniform_soup(["hf://org/m", "hf://org/m"], out=tmp_path / "merged", device="cpu")
+    assert (out / "LICENSE").read_bytes() == b"MIT License ..."
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlicense: mit\nbase_model:\n") and "# m\n" not in card

@@ -16,7 +16,7 @@ from test_hub import COMMIT_A, write_cached_repo
 
 import ladle
 from ladle.errors import LadleError
-from ladle.modelcard import model_card
+from ladle.modelcard import license_fields, model_card
 from ladle.writer import SafetensorsWriter
 
 if sys.version_info >= (3, 11):
@@ -788,3 +788,56 @@ def test_a_source_name_shows_whole_in_its_own_cell_of_the_inputs_table(name):
     card = model_card("soup", {}, [name])
     (row,) = [line for line in card.splitlines() if line.startswith("| model 0 |")]
     assert _table_cells(row) == ["model 0", name, "-"]
+
+
+def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copied(tmp_path):
+    base, model = family(2, seed=4)
+    model_dir(tmp_path / "base", base)
+    model_dir(tmp_path / "ft", model)
+    terms = {
+        "LICENSE": "LLAMA 3 COMMUNITY LICENSE AGREEMENT\n",
+        "USE_POLICY.md": "# Acceptable Use Policy\n",
+        "NOTICE.txt": "notice\n",
+    }
+    for name, text in terms.items():
+        (tmp_path / "base" / name).write_text(text)
+    (tmp_path / "base" / "README.md").write_text(
+        "---\nlanguage:\n- en\nlicense: other\nlicense_name: llama3\n"
+        "license_link: LICENSE\ntags: [a, b]\n---\n# Base\nlicense: not front matter\n"
+    )
+    (tmp_path / "ft" / "LICENSE").write_text("the fine-tune's own: not copied\n")
+    (tmp_path / "ft" / "README.md").write_text("---\nlicense: mit\n---\n")
+    out = ladle.task_arithmetic([tmp_path / "ft"], tmp_path / "base", out=tmp_path / "o")
+    assert {name: (out / name).read_text() for name in terms} == terms
+    card = (out / "README.md").read_text()
+    front = card.split("---\n")[1]
+    assert front.splitlines()[:3] == [
+        "license: other",
+        "license_name: llama3",
+        "license_link: LICENSE",
+    ]
+    assert "# Base" not in card and "mit" not in front
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("# no front matter\nlicense: mit\n", {}),
+        ("---\nlicense: mit\n", {}),  # never closed: no front matter
+        ("---\nlicense: |\n  custom terms\n---\n", {}),  # a block scalar: left out
+        ("---\nlicense:\n---\n", {}),
+        (
+            "---\nextra:\n  license: mit\nlicense: 'apache-2.0' # ok\n---\n",
+            {"license": "'apache-2.0' # ok"},
+        ),
+        ("---\r\nlicense: mit\r\n---\r\n", {"license": "mit"}),
+    ],
+    ids=["none", "unclosed", "block scalar", "empty", "nested and quoted", "crlf"],
+)
+def test_license_fields_reads_top_level_single_line_values_of_the_front_matter(
+    tmp_path, text, expected
+):
+    card = tmp_path / "README.md"
+    card.write_bytes(text.encode())
+    assert license_fields(card) == expected
+    assert license_fields(tmp_path / "missing.md") == {}

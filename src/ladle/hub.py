@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COMPANION_FILES",
     "COMPANION_FOLDERS",
+    "LICENSE_FILES",
     "HubSource",
     "open_hub_checkpoint",
     "parse_hf_url",
@@ -61,6 +62,20 @@ COMPANION_FILES = (
 """Files beside the weights that a loader needs: config, tokenizer and processor files
 (``*.model`` for sentencepiece tokenizers, ``*.tiktoken``). Custom code (``*.py``) is
 fetched too, and copied to outputs only where a config's ``auto_map`` names it."""
+
+LICENSE_FILES = (
+    "LICENSE",
+    "LICENSE.*",
+    "LICENCE",
+    "LICENCE.*",
+    "NOTICE",
+    "NOTICE.*",
+    "USE_POLICY.md",
+)
+"""The license texts and use policies a model's terms ask redistributions to carry (Llama's
+``LICENSE`` and ``USE_POLICY.md``, Apache's ``NOTICE``): fetched beside the weights and
+copied to directory outputs like :data:`COMPANION_FILES`. The model card (``README.md``) is
+fetched too, for its ``license`` fields, and never copied: the output gets a card of its own."""
 
 COMPANION_FOLDERS = ("additional_chat_templates",)
 """Folders beside the weights that a loader reads (named chat templates, ``*.jinja``): fetched
@@ -312,7 +327,11 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
     try:
         root = fetch(
             source.revision,
-            [*_patterns(prefix, COMPANION_FILES), prefix + "*.json", prefix + "*.py"],
+            [
+                *_patterns(prefix, (*COMPANION_FILES, *LICENSE_FILES, "README.md")),
+                prefix + "*.json",
+                prefix + "*.py",
+            ],
         )
         commit = root.name  # snapshots/<commit hash>
         folder = root / source.subfolder if source.subfolder else root

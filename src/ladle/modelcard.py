@@ -23,31 +23,33 @@ import torch
 
 from ._version import __version__
 from .checkpoint import Checkpoint, recorded_name
-from .hub import COMPANION_FILES, COMPANION_FOLDERS, PREFIX, parse_hf_url
+from .hub import COMPANION_FILES, COMPANION_FOLDERS, LICENSE_FILES, PREFIX, parse_hf_url
 from .writer import DEFAULT_MAX_SHARD_SIZE, parse_size
 
-__all__ = ["companion_files", "model_card", "output_files"]
+__all__ = ["LICENSE_FIELDS", "companion_files", "license_fields", "model_card", "output_files"]
 
 
 def companion_files(directory: Path | None) -> dict[str, Path]:
     """Loader files directly inside ``directory`` (none if it is not a folder): config,
-    tokenizer and processor files (:data:`~ladle.hub.COMPANION_FILES`), the custom code a
-    config's ``auto_map`` names, and named chat template folders.
+    tokenizer and processor files (:data:`~ladle.hub.COMPANION_FILES`), license texts and
+    use policies (:data:`~ladle.hub.LICENSE_FILES`), the custom code a config's ``auto_map``
+    names, and named chat template folders.
 
     Example:
         >>> import tempfile, pathlib
         >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> for name in ("config.json", "tokenizer.model", "model.safetensors", "notes.txt"):
+        >>> for name in ("config.json", "LICENSE", "model.safetensors", "README.md"):
         ...     _ = (folder / name).write_text("x")
         >>> sorted(companion_files(folder))
-        ['config.json', 'tokenizer.model']
+        ['LICENSE', 'config.json']
     """
     if directory is None or not directory.is_dir():
         return {}
+    patterns = (*COMPANION_FILES, *LICENSE_FILES)
     files = {
         path.name: path
         for path in sorted(directory.iterdir())
-        if path.is_file() and any(fnmatch.fnmatchcase(path.name, p) for p in COMPANION_FILES)
+        if path.is_file() and any(fnmatch.fnmatchcase(path.name, p) for p in patterns)
     }
     for module in sorted(_custom_code(files.values())):
         if (directory / f"{module}.py").is_file():
@@ -121,6 +123,7 @@ def model_card(
     title: str = "Merged model",
     dtype: torch.dtype | None = None,
     max_shard_size: int | str | None = None,
+    license: Mapping[str, str] | None = None,
 ) -> str:
     """The ``README.md`` of a merged model: YAML front matter, inputs, parameters, recipe.
 
@@ -136,6 +139,9 @@ def model_card(
             asks for it too.
         max_shard_size: the output's largest shard, if not the default: the recipe asks for
             it too, and writes the same shards.
+        license: front matter lines to put first, ``{"license": "apache-2.0"}``: the
+            ``license``, ``license_name`` and ``license_link`` of the card of the input whose
+            config is copied (:func:`license_fields`), as YAML values written there.
 
     Returns:
         The card's text.
@@ -161,9 +167,10 @@ def model_card(
     # base_model_relation: the Hub guesses the relation to a single base model from the
     # files ("finetune" for a config and weights); every ladle output is a merge.
     lineage = _yaml_list("base_model", base_models) + "base_model_relation: merge\n"
+    terms = "".join(f"{field}: {value}\n" for field, value in (license or {}).items())
     lines = [
         "---",
-        (lineage if base_models else "") + _yaml_list("tags", ["merge", "ladle"]).rstrip(),
+        terms + (lineage if base_models else "") + _yaml_list("tags", ["merge", "ladle"]).rstrip(),
         "---",
         "",
         f"# {title}",
@@ -327,6 +334,46 @@ def _edited(file: Path, dtype: torch.dtype | None = None) -> Path | bytes:
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
 
 
+LICENSE_FIELDS = ("license", "license_name", "license_link")
+"""The model card metadata fields that say a model's license (the Hub's ``license``, and
+``license_name`` / ``license_link`` for ``license: other``)."""
+
+
+def license_fields(card: Path | None) -> dict[str, str]:
+    """The :data:`LICENSE_FIELDS` of the YAML front matter of the model card ``card``, as
+    written there (a single-line value each: a scalar or a flow list); ``{}`` where the file
+    is missing or unreadable, or has no front matter.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> card = pathlib.Path(tempfile.mkdtemp()) / "README.md"
+        >>> _ = card.write_text("---\\nlicense: other\\nlicense_name: x\\ntags: [a]\\n---\\n# M")
+        >>> license_fields(card)
+        {'license': 'other', 'license_name': 'x'}
+    """
+    if card is None:
+        return {}
+    try:
+        with open(card, encoding="utf-8", errors="replace") as file:
+            text = file.read(2**20)  # front matter comes first; a card may be long
+    except OSError:
+        return {}
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return {}
+    found: dict[str, str] = {}
+    for line in lines[1:]:
+        if line.strip() == "---":
+            return found
+        field, colon, value = line.partition(":")
+        value = value.strip()
+        # A top-level field with its value on the line (a block scalar, "|" or ">", or a
+        # list on the lines below would need a YAML parser: left out).
+        if colon and field in LICENSE_FIELDS and value and value[0] not in "|>#":
+            found[field] = value
+    return {}  # no closing line: no front matter
+
+
 def output_files(
     method: str,
     parameters: Mapping[str, object],
@@ -358,7 +405,8 @@ def output_files(
         (['README.md', 'config.json'], {'torch_dtype': 'bfloat16'})
     """
     reference = base if base is not None else models[0]
-    files: dict[str, Path | bytes] = dict(companion_files(reference.path))
+    folder = reference.path if reference.path is not None and reference.path.is_dir() else None
+    files: dict[str, Path | bytes] = dict(companion_files(folder))
     for name, file in list(files.items()):
         if name in LOADING_PATHS and isinstance(file, Path):
             files[name] = _edited(file, dtype if name == "config.json" else None)
@@ -370,6 +418,7 @@ def output_files(
         title=Path(out).name or "Merged model",
         dtype=dtype,
         max_shard_size=max_shard_size,
+        license=license_fields(folder / "README.md" if folder is not None else None),
     )
     files["README.md"] = card.encode()
     return files
