@@ -831,8 +831,9 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
             {"license": "'apache-2.0' # ok"},
         ),
         ("---\r\nlicense: mit\r\n---\r\n", {"license": "mit"}),
+        ("\ufeff---\nlicense: mit\n---\n", {"license": "mit"}),
     ],
-    ids=["none", "unclosed", "block scalar", "empty", "nested and quoted", "crlf"],
+    ids=["none", "unclosed", "block scalar", "empty", "nested and quoted", "crlf", "bom"],
 )
 def test_license_fields_reads_top_level_single_line_values_of_the_front_matter(
     tmp_path, text, expected

@@ -358,7 +358,7 @@ def license_fields(card: Path | None) -> dict[str, str]:
             text = file.read(2**20)  # front matter comes first; a card may be long
     except OSError:
         return {}
-    lines = text.splitlines()
+    lines = text.removeprefix("\ufeff").splitlines()  # a byte order mark before "---"
     if not lines or lines[0].strip() != "---":
         return {}
     found: dict[str, str] = {}
