@@ -240,7 +240,16 @@ def test_chunk_size_changes_the_result_only_by_rounding():
     assert not torch.equal(rows["w"], whole["w"])  # the chunks did change the rounding
 
 
-def test_statistics_pass_holds_row_chunks_not_whole_tensors(monkeypatch):
+@pytest.mark.parametrize(
+    ("gram_cap", "chunk_bytes"),
+    [(None, 400), (400, 800)],
+    ids=["chunk_bytes", "capped at GRAM_CHUNK_BYTES"],
+)
+def test_statistics_pass_holds_row_chunks_not_whole_tensors(monkeypatch, gram_cap, chunk_bytes):
+    # The Gram pass's chunks are chunk_bytes (400: 10 float32 rows), capped at
+    # GRAM_CHUNK_BYTES (here 400) whatever chunk_bytes the merging pass uses (800: 20 rows).
+    if gram_cap is not None:
+        monkeypatch.setattr(stock, "GRAM_CHUNK_BYTES", gram_cap)
     seen = []
     original = stock.gram_kernel
 
@@ -257,7 +266,7 @@ def test_statistics_pass_holds_row_chunks_not_whole_tensors(monkeypatch):
     gen = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(100, 10, generator=gen)}
     models = [{"w": torch.randn(100, 10, generator=gen)} for _ in range(3)]
-    ladle.model_stock(models, base, device="cpu", chunk_bytes=400)  # 10 float32 rows
+    ladle.model_stock(models, base, device="cpu", chunk_bytes=chunk_bytes)
     # 10 rows (100 entries) per chunk, 10 chunks × 3 models.
     assert seen == [100] * 30
 
@@ -406,30 +415,6 @@ def test_mean_cosine_sums_the_pairs_exactly_so_their_order_does_not_matter():
     assert stock.mean_cosine(gram) == math.fsum(cosines) / 3
     reordered = [[1.0, 0.2, 0.2], [0.2, 1.0, 0.1], [0.2, 0.1, 1.0]]  # models 2, 0, 1
     assert stock.mean_cosine(reordered) == stock.mean_cosine(gram)
-
-
-def test_the_gram_pass_reads_chunks_of_at_most_gram_chunk_bytes(monkeypatch):
-    # The Gram pass's chunks are capped at GRAM_CHUNK_BYTES (here 400 bytes, 10 float32 rows)
-    # whatever chunk_bytes the merging pass uses (800: 20 rows).
-    seen = []
-    original = stock.gram_kernel
-
-    def recording(n):
-        kernel = original(n)
-
-        def update(state, index, x):
-            seen.append(x.numel())
-            return kernel.update(state, index, x)
-
-        return kernel._replace(update=update)
-
-    monkeypatch.setattr(stock, "gram_kernel", recording)
-    monkeypatch.setattr(stock, "GRAM_CHUNK_BYTES", 400)
-    gen = torch.Generator().manual_seed(1)
-    base = {"w": torch.randn(100, 10, generator=gen)}
-    models = [{"w": torch.randn(100, 10, generator=gen)} for _ in range(3)]
-    ladle.model_stock(models, base, device="cpu", chunk_bytes=800)
-    assert seen == [100] * 30  # 10 chunks of 10 rows × 3 models
 
 
 def test_the_float64_gram_pass_subtracts_the_base_from_each_cast_model():

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -914,24 +915,27 @@ class _EveryKey:
         raise AssertionError("in-memory merges write nothing")
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["one process", "split"])
+@pytest.mark.parametrize("where", ["in memory", "split", "in a file"])
 @pytest.mark.parametrize("method", ["ties", "dare"])
-def test_the_sign_tie_majority_counts_a_tied_tensor_once(method, split):
+def test_the_sign_tie_majority_counts_a_tied_tensor_once(method, where, tmp_path):
     # Hand-worked: the embedding elects + on 5 of its 6 entries (5 votes), the body − on 8
     # of its 9; each ties on its last (τ = +1 and −1). Counted once: 5 − 8 < 0, the ties
     # take the mean of the negative τ, −1, the head's too (it follows the model-wide vote,
-    # not its own). Counted twice (its head too): 10 − 8 > 0, +1.
+    # not its own). Counted twice (its head too): 10 − 8 > 0, +1. In a file the head is
+    # merged under its own name too (in memory a tied tensor is merged once) and must not
+    # vote there either.
     from ladle.engine import partitioned
 
     base = _tied(torch.zeros(6), torch.zeros(9))
     body = [torch.tensor([-1.0] * 8 + [1.0]), torch.tensor([-1.0] * 8 + [-1.0])]
     emb = [torch.tensor([1.0] * 5 + [1.0]), torch.tensor([1.0] * 5 + [-1.0])]
     models = [_tied(e, b) for e, b in zip(emb, body)]
-    with partitioned(_EveryKey()) if split else contextlib.nullcontext():
-        if method == "ties":
-            merged = ladle.ties(models, base, density=1.0, device="cpu")
-        else:  # density 1 keeps every entry: DARE's election is TIES's
-            merged = ladle.dare(models, base, density=1.0, combine="ties", device="cpu")
+    # density 1 keeps every entry: DARE's election is TIES's
+    merge = ladle.ties if method == "ties" else functools.partial(ladle.dare, combine="ties")
+    out = tmp_path / "merged.safetensors" if where == "in a file" else None
+    with partitioned(_EveryKey()) if where == "split" else contextlib.nullcontext():
+        result = merge(models, base, density=1.0, out=out, device="cpu")
+    merged = ladle.load(result) if out is not None else result
     assert merged["body.weight"].tolist() == [-1.0] * 9
     assert merged["emb.weight"].tolist() == merged["head.weight"].tolist() == [1.0] * 5 + [-1.0]
 
@@ -1089,25 +1093,6 @@ def test_an_entry_every_model_leaves_at_zero_is_no_sign_tie():
     for delta in ([1.0, 0.0, 2.0, 0.0], [-1.0, 0.0, -2.0, 3.0]):
         state.add(torch.tensor(delta))
     assert state.ties().tolist() == [0, 2]
-
-
-@pytest.mark.parametrize("method", ["ties", "dare"])
-def test_the_sign_tie_majority_counts_a_tied_tensor_once_in_a_file(tmp_path, method):
-    # test_the_sign_tie_majority_counts_a_tied_tensor_once, written to a file: there the head
-    # is merged under its own name too (in memory a tied tensor is merged once), and must not
-    # vote. Counted once: 5 − 8 < 0, the ties take −1; counted twice: 10 − 8 > 0, +1.
-    base = _tied(torch.zeros(6), torch.zeros(9))
-    body = [torch.tensor([-1.0] * 8 + [1.0]), torch.tensor([-1.0] * 8 + [-1.0])]
-    emb = [torch.tensor([1.0] * 5 + [1.0]), torch.tensor([1.0] * 5 + [-1.0])]
-    models = [_tied(e, b) for e, b in zip(emb, body)]
-    out = tmp_path / "merged.safetensors"
-    if method == "ties":
-        ladle.ties(models, base, density=1.0, out=out, device="cpu")
-    else:
-        ladle.dare(models, base, density=1.0, combine="ties", out=out, device="cpu")
-    merged = ladle.load(out)
-    assert merged["body.weight"].tolist() == [-1.0] * 9
-    assert merged["emb.weight"].tolist() == merged["head.weight"].tolist() == [1.0] * 5 + [-1.0]
 
 
 def test_tensor_trim_of_tensors_of_one_chunk_runs_no_threshold_pass(monkeypatch):
