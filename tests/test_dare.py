@@ -661,3 +661,58 @@ def test_tied_keys_draw_under_the_first_name_in_the_base_s_order_whatever_the_mo
     expected = dare_by_hand([m.state_dict() for m in models], base.state_dict())
     expected["head.weight"] = expected["emb.weight"]
     assert_bit_for_bit(merged, expected)
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+def test_a_merge_draws_each_block_of_each_model_once_and_nothing_at_density_one(monkeypatch):
+    import ladle.methods.dare as dare_module
+
+    drawn = []
+    original = dare_module.block_seed
+    monkeypatch.setattr(
+        dare_module, "block_seed", lambda *args: drawn.append(args) or original(*args)
+    )
+    # "big" is read in chunks of exactly one block (1024 rows of 1024 entries): a chunk that
+    # ends on a block's end draws no numbers of the next block, and no model past the last
+    # has its numbers drawn ahead.
+    base = {"big": torch.zeros(2048, 1024), "small": torch.zeros(3)}
+    models = [{"big": torch.ones(2048, 1024), "small": torch.ones(3)} for _ in range(2)]
+    merged = ladle.dare(models, base, density=0.5, seed=4, chunk_bytes=4 * BLOCK, device="cpu")
+    expected = [(4, i, key, block) for i in range(2) for key, block in [("big", 0), ("big", 1)]]
+    expected += [(4, i, "small", 0) for i in range(2)]
+    assert sorted(drawn) == sorted(expected)
+    # τ = 1: each entry is 2 (1/0.5) per model that keeps it.
+    kept = sum(naive_mask(4, i, "small", 3, 0.5).float() for i in range(2))
+    assert torch.equal(merged["small"], 2.0 * kept)
+    drawn.clear()
+    merged = ladle.dare(models, base, density=1.0, seed=4, device="cpu")
+    assert drawn == []  # every number in [0, 1) is below 1: nothing to draw
+    assert torch.equal(merged["small"], torch.full((3,), 2.0))
+
+
+def test_numbers_drawn_ahead_serve_neither_another_key_of_that_shape_nor_another_model():
+    # After model 0's chunk of "a", model 1's numbers for it are drawn ahead: "c" (same
+    # shape and rows) of model 1, and "a" of model 0 again, must draw their own.
+    from ladle.methods.dare import _dropper
+
+    shapes = {"a": (2, 3), "c": (2, 3)}
+    tau = torch.arange(1.0, 7.0).view(2, 3)
+    with ThreadPoolExecutor(2) as threads, ThreadPoolExecutor(1) as ahead:
+        drop = _dropper(shapes, 9, 0.5, threads, models=3, ahead=ahead)
+        for key, index in [("a", 0), ("c", 1), ("a", 0), ("a", 0), ("a", 2)]:
+            dropped = drop(key, slice(None), index, tau.clone(), torch.empty(2, 3))
+            mask = naive_mask(9, index, key, 6, 0.5).view(2, 3)
+            assert torch.equal(dropped, tau * mask), (key, index)
+
+
+@pytest.mark.parametrize(("seed", "other"), [(-1, 1), (2**32 + 1, 1), (2**64 + 5, 5)])
+def test_negative_and_large_seeds_are_hashed_as_they_are(seed, other):
+    # block_seed hashes the seed's decimal digits, sign included, whatever its size: -1 and
+    # 1, 2**32 + 1 and 1, 2**64 + 5 and 5 draw other masks.
+    mask = keep_mask(seed, 0, "w", numel=64, start=0, count=64, density=0.5)
+    assert torch.equal(mask, naive_mask(seed, 0, "w", 64, 0.5))
+    assert not torch.equal(mask, naive_mask(other, 0, "w", 64, 0.5))
+    merged = ladle.dare([{"w": torch.ones(64)}], {"w": torch.zeros(64)}, density=0.5, seed=seed)
+    assert torch.equal(merged["w"], 2.0 * mask.float())
