@@ -242,3 +242,21 @@ def test_huge_negative_weights_are_scaled_down_by_their_largest_magnitude():
     models = [{"w": torch.tensor([2.0])}, {"w": torch.tensor([4.0])}, {"w": torch.tensor([8.0])}]
     merged = ladle.uniform_soup(models, weights=[-1e308, -1e308, 1.0], device="cpu")
     assert merged["w"].tolist() == [3.0]
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+@pytest.mark.parametrize(
+    "weights", [[float("inf"), 1.0], [1.0, float("nan")], [float("-inf"), float("inf")]]
+)
+def test_a_weight_that_is_no_finite_number_is_refused_before_merging(weights):
+    # Refused by the check of the weights, not by the merge's check of its results (an
+    # infinite weight made every merged value NaN: "overflow float32 ... lower the scale or
+    # weights"), nor by math.fsum ("-inf + inf in fsum").
+    with pytest.raises(ValueError) as info:
+        ladle.uniform_soup(family(2), weights=weights, device="cpu")
+    assert type(info.value) is ValueError
+    assert str(info.value) == (
+        f"weights: expected finite weights with a non-zero sum, found {weights}"
+    )

@@ -192,3 +192,17 @@ def test_cli_task_vector_commands_need_a_base(tmp_path, capsys, command):
     assert exit_info.value.code == 2
     assert "the following arguments are required: --base" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+
+@pytest.mark.parametrize("weights", [[float("inf"), 1.0], [1.0, float("-inf")]])
+def test_an_infinite_weight_is_refused_before_merging(weights):
+    # Refused by the check of the weights, not by the merge's check of its results (inf·τ
+    # overflows, and inf·0 is NaN).
+    base, *models = family(3)
+    with pytest.raises(ValueError) as info:
+        ladle.task_arithmetic(models, base, weights=weights, device="cpu")
+    assert type(info.value) is ValueError
+    assert str(info.value) == f"weights: expected finite numbers, found {weights}"
