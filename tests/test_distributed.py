@@ -342,6 +342,9 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
         ("tied_dare", ladle.dare, {"density": 1.0, "combine": "ties"}),
     ):
         merge(method, tied[1:], base=tied[0], out=root / name, device="cpu", **extra)
+    # DARE's sign ties with combine="ties": one key a rank, the tie's rank outvoted (VOTE).
+    vote = [str(root / f"vote{i}.safetensors") for i in range(3)]
+    merge(ladle.dare, vote[1:], base=vote[0], out=root / "vote_dare", device="cpu", **VOTED)
     # One floating key: two of three ranks hold no floating key, yet join TIES's reductions.
     tiny = [str(root / f"tiny{i}.safetensors") for i in range(4)]
     merge(ladle.ties, tiny[1:], base=tiny[0], out=root / "tiny", density=0.5, device="cpu")
@@ -416,6 +419,8 @@ def spawned(tmp_path_factory):
         }
         save_file(tiny, root / f"tiny{i}.safetensors")
     save_file({"w": torch.arange(4.0)}, root / "one_key.safetensors")
+    for i, (a, b) in enumerate(VOTE):
+        save_file({"a": torch.tensor(a), "b": torch.tensor(b)}, root / f"vote{i}.safetensors")
     for i, (emb, body) in enumerate(TIED):  # as test_ties's hand-worked vote, one key a rank
         embedding = torch.tensor(emb)
         torch.save(
@@ -938,3 +943,25 @@ def test_average_in_a_group_without_global_rank_0_broadcasts_from_its_first_rank
     for found in ranks[1:]:
         assert torch.equal(found["without_rank_0"]["n"], torch.tensor([11]))
         assert torch.equal(found["without_rank_0"]["w"], torch.tensor([1.5]))
+
+
+# Gaps found by mutation testing: each test below fails on a small change to the code.
+
+VOTE = [  # base, two models: "a" (rank 0) elects + on 6 entries, "b" (rank 2) − on 4, ties on 1
+    ([0.0] * 6, [0.0] * 5),
+    ([1.0] * 6, [-1.0] * 4 + [1.0]),
+    ([1.0] * 6, [-1.0] * 5),
+]
+VOTED = {"density": 1.0, "combine": "ties"}
+
+
+@pytest.mark.slow
+def test_split_dare_ties_breaks_sign_ties_by_the_vote_of_every_rank(spawned):
+    # The model-wide vote is 6 − 4 = +2: "b"'s tie takes the positive mean, 1. The rank
+    # holding "b" alone, which votes −4, would take −1.
+    root, *_ = spawned
+    merged = ladle.load(root / "vote_dare")
+    assert merged["a"].tolist() == [1.0] * 6
+    assert merged["b"].tolist() == [-1.0] * 4 + [1.0]
+    vote = [root / f"vote{i}.safetensors" for i in range(3)]
+    assert_bit_for_bit(merged, ladle.dare(vote[1:], vote[0], device="cpu", **VOTED))
