@@ -260,3 +260,14 @@ def test_a_weight_that_is_no_finite_number_is_refused_before_merging(weights):
     assert str(info.value) == (
         f"weights: expected finite weights with a non-zero sum, found {weights}"
     )
+
+
+@pytest.mark.parametrize("weights", [None, []])
+def test_normalized_weights_of_no_models_is_a_value_error_naming_the_models(weights):
+    # Not a ZeroDivisionError (1/0 for uniform weights), nor the weights' message (an empty
+    # sum is 0).
+    from ladle.methods.soup import normalized_weights
+
+    with pytest.raises(ValueError) as info:
+        normalized_weights(weights, 0)
+    assert str(info.value) == "models: expected at least one model, found none"

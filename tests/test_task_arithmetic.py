@@ -206,3 +206,21 @@ def test_an_infinite_weight_is_refused_before_merging(weights):
         ladle.task_arithmetic(models, base, weights=weights, device="cpu")
     assert type(info.value) is ValueError
     assert str(info.value) == f"weights: expected finite numbers, found {weights}"
+
+
+def test_a_delta_may_overwrite_its_scratch_buffer_without_changing_the_task_vectors():
+    # Delta's contract: ``scratch`` is free to overwrite, ``tau`` is the model's task vector.
+    # Were the scratch the buffer that holds τᵢ (i > 0), this delta would make it 99.
+    from ladle.engine import merge
+    from ladle.methods.task_arithmetic import task_vector_sum_kernel
+
+    def delta(key, rows, index, tau, scratch):
+        scratch.fill_(99.0)
+        return tau
+
+    base = {"w": torch.tensor([1.0, 2.0])}
+    models = [{"w": torch.tensor([2.0, 4.0])}, {"w": torch.tensor([0.0, 5.0])}]
+    kernel = task_vector_sum_kernel([1.0, 2.0], 0.5, delta)
+    merged = merge(models, kernel, base=base, method="x", parameters={}, device="cpu")
+    # τ = [1, 2] and [−1, 3]: 1·τ₁ + 2·τ₂ = [−1, 8]; base + 0.5·that = [0.5, 6].
+    assert merged["w"].tolist() == [0.5, 6.0]
