@@ -716,3 +716,19 @@ def test_negative_and_large_seeds_are_hashed_as_they_are(seed, other):
     assert not torch.equal(mask, naive_mask(other, 0, "w", 64, 0.5))
     merged = ladle.dare([{"w": torch.ones(64)}], {"w": torch.zeros(64)}, density=0.5, seed=seed)
     assert torch.equal(merged["w"], 2.0 * mask.float())
+
+
+def test_float64_survivors_are_rescaled_by_scale_over_density_as_documented():
+    # θ = θ₀ + (scale/density)·Σᵢ mᵢ⊙τᵢ: in float64, 0.3/0.7 is 0.4285714285714286, while
+    # 0.3·(1/0.7) rounds to 0.42857142857142855.
+    base, model = {"w": torch.zeros(64, dtype=torch.float64)}, {"w": torch.ones(64).double()}
+    merged = ladle.dare([model], base, density=0.7, scale=0.3, seed=2, device="cpu")["w"]
+    keep = naive_mask(2, 0, "w", 64, 0.7)
+    assert torch.equal(merged, torch.zeros(64, dtype=torch.float64).masked_fill(keep, 0.3 / 0.7))
+    assert 0.3 / 0.7 != 0.3 * (1 / 0.7)
+
+
+def test_no_base_is_a_value_error_naming_it():
+    with pytest.raises(ValueError) as info:
+        ladle.dare([{"w": torch.ones(2)}], None)
+    assert str(info.value) == "base: task-vector methods need the base model, found None"
