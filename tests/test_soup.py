@@ -271,3 +271,21 @@ def test_normalized_weights_of_no_models_is_a_value_error_naming_the_models(weig
     with pytest.raises(ValueError) as info:
         normalized_weights(weights, 0)
     assert str(info.value) == "models: expected at least one model, found none"
+
+
+def test_weights_are_divided_by_their_sum_not_multiplied_by_its_inverse():
+    # 3/10 is 0.3 and 7/10 is 0.7 (the doubles nearest), while 3·(1/10) and 7·(1/10) round to
+    # 0.30000000000000004 and 0.7000000000000001.
+    from ladle.methods.soup import normalized_weights
+
+    assert normalized_weights([3, 7], 2) == [0.3, 0.7]
+    assert [3 * (1 / 10), 7 * (1 / 10)] != [0.3, 0.7]
+
+
+def test_a_nan_in_model_0_of_weight_zero_is_still_an_error():
+    # 0·NaN is NaN: the fold starts from model 0 times its weight, 0 too, so the NaN shows
+    # in the result and is reported with the model and key (test_safety.py: later models).
+    models = [{"w": torch.ones(3)}, {"w": torch.ones(3)}]
+    models[0]["w"][1] = float("nan")
+    with pytest.raises(ladle.NonFiniteError, match=r"model 0 .*'w'"):
+        ladle.uniform_soup(models, weights=[0.0, 1.0], device="cpu")
