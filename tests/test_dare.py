@@ -732,3 +732,14 @@ def test_no_base_is_a_value_error_naming_it():
     with pytest.raises(ValueError) as info:
         ladle.dare([{"w": torch.ones(2)}], None)
     assert str(info.value) == "base: task-vector methods need the base model, found None"
+
+
+@pytest.mark.parametrize("combine", ["sum", "ties"])
+def test_an_empty_tensor_merges_to_an_empty_tensor_beside_dropped_ones(combine):
+    # No entries, no blocks: nothing is drawn for it (test_distributed.py's split merges hold
+    # one too, but only in a spawned process group).
+    base = {"empty": torch.zeros(0, 3), "w": torch.zeros(4)}
+    models = [{"empty": torch.zeros(0, 3), "w": torch.ones(4)}]
+    merged = ladle.dare(models, base, density=0.5, seed=1, combine=combine, chunk_bytes=8)
+    assert merged["empty"].shape == (0, 3)
+    assert torch.equal(merged["w"], 2.0 * naive_mask(1, 0, "w", 4, 0.5).float())
