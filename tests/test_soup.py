@@ -244,6 +244,18 @@ def test_huge_negative_weights_are_scaled_down_by_their_largest_magnitude():
     assert merged["w"].tolist() == [3.0]
 
 
+def test_weights_whose_sum_is_tiny_beside_them_are_a_value_error_not_an_overflow():
+    # 1e300 / 1e-300 passes float's range: the weights became [1.0, inf, -inf], and the
+    # merge failed on its output, "overflow float32 ... although every input is finite".
+    models = [{"w": torch.ones(2)}] * 3
+    with pytest.raises(ValueError) as info:
+        ladle.uniform_soup(models, weights=[1e-300, 1e300, -1e300], device="cpu")
+    assert str(info.value) == (
+        "weights: [1e-300, 1e+300, -1e+300] divided by their sum (1e-300) pass float's range; "
+        "expected weights whose sum is not nearly zero beside them"
+    )
+
+
 # Gaps found by mutation testing: each test below fails on a small change to the code.
 
 

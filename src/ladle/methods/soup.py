@@ -80,7 +80,13 @@ def normalized_weights(weights: NumbersLike | None, count: int) -> list[float]:
         total = math.fsum(values)
     if total == 0:
         raise bad
-    return [w / total for w in values]
+    normalized = [w / total for w in values]
+    if not all(math.isfinite(w) for w in normalized):  # a sum tiny beside the weights
+        raise ValueError(
+            f"weights: {values} divided by their sum ({total!r}) pass float's range; "
+            "expected weights whose sum is not nearly zero beside them"
+        )
+    return normalized
 
 
 def weighted_mean_kernel(weights: Sequence[float]) -> Kernel:
