@@ -449,19 +449,27 @@ def test_a_threshold_on_the_last_pattern_of_the_samples_window_takes_one_pass(mo
     a, b = 1.0, 1.0 + 2.0**-20
     gen = torch.Generator().manual_seed(4)
     magnitude = torch.where(torch.randperm(4096, generator=gen) < 2048, a, b)
+    density = 0.48  # k = 4096 − ⌊4096·0.48⌋ = 2130 > 2048
+    models, base, calls = _sampled_quarter(monkeypatch, magnitude, gen)
+    assert magnitude_thresholds(models, base, density=density, device="cpu") == [{"w": b}]
+    assert calls == []  # found by the one-pass window select
+    check_thresholds(models, base, density, "global", chunk_bytes=2**12)
+
+
+def _sampled_quarter(monkeypatch, magnitude, gen):
+    """A model of 4096 entries of ``magnitude`` (64 × 64) with random signs over a zero base,
+    a sample of a quarter of the entries, and the list that each radix-select call (a
+    fallback from the one-pass window select) appends to."""
     sign = torch.randint(0, 2, (4096,), generator=gen) * 2.0 - 1.0
     base = {"w": torch.zeros(64, 64)}
     models = [{"w": (magnitude * sign).reshape(64, 64)}]
     monkeypatch.setattr(ties_module, "SAMPLE", 2**10)  # a quarter of the entries
-    calls = []
+    calls: list[int] = []
     original = ties_module._radix_select
     monkeypatch.setattr(
         ties_module, "_radix_select", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
-    density = 0.48  # k = 4096 − ⌊4096·0.48⌋ = 2130 > 2048
-    assert magnitude_thresholds(models, base, density=density, device="cpu") == [{"w": b}]
-    assert calls == []  # found by the one-pass window select
-    check_thresholds(models, base, density, "global", chunk_bytes=2**12)
+    return models, base, calls
 
 
 # --- properties -----------------------------------------------------------------------------
@@ -1114,15 +1122,7 @@ def test_a_threshold_among_the_smallest_magnitudes_takes_one_pass(monkeypatch):
     gen = torch.Generator().manual_seed(12)
     magnitude = torch.where(torch.randperm(4096, generator=gen) < 819, 0.5, 1.0)
     magnitude += torch.rand(4096, generator=gen) * (magnitude > 0.5)
-    sign = torch.randint(0, 2, (4096,), generator=gen) * 2.0 - 1.0
-    base = {"w": torch.zeros(64, 64)}
-    models = [{"w": (magnitude * sign).reshape(64, 64)}]
-    monkeypatch.setattr(ties_module, "SAMPLE", 2**10)  # a quarter of the entries
-    calls = []
-    original = ties_module._radix_select
-    monkeypatch.setattr(
-        ties_module, "_radix_select", lambda *a, **k: calls.append(1) or original(*a, **k)
-    )
+    models, base, calls = _sampled_quarter(monkeypatch, magnitude, gen)
     assert magnitude_thresholds(models, base, density=0.99, device="cpu") == [{"w": 0.5}]
     assert calls == []  # found by the one-pass window select
 
