@@ -680,3 +680,33 @@ def test_a_hub_models_license_files_and_license_reach_a_merged_directory(local_h
     assert (out / "LICENSE").read_bytes() == b"MIT License ..."
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlicense: mit\nbase_model:\n") and "# m\n" not in card
+
+
+def test_a_hub_subfolders_model_comes_under_the_repositorys_license(local_hub, tmp_path):
+    # diffusers keeps LICENSE.md and the card at the repository's root, not in unet/.
+    hub, model = local_hub
+    files = {
+        "LICENSE.md": b"CreativeML Open RAIL++-M License ...",
+        "README.md": b"---\nlicense: openrail++\n---\n# SD\n",
+        "unet/model.safetensors": weights(model),
+        "unet/config.json": b'{"_class_name": "UNet2DConditionModel"}',
+        "vae/LICENSE": b"never fetched: another subfolder",
+    }
+    hub.repos["org/sd"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
+    out = ladle.uniform_soup(["hf://org/sd/unet"] * 2, out=tmp_path / "merged", device="cpu")
+    assert hub.downloaded() == {
+        "LICENSE.md",
+        "README.md",
+        "unet/config.json",
+        "unet/model.safetensors",
+    }
+    assert (out / "LICENSE.md").read_bytes() == files["LICENSE.md"]
+    assert (out / "README.md").read_text().startswith("---\nlicense: openrail++\n")
+    # A subfolder with terms of its own gives those alone.
+    files["unet/LICENSE"] = b"the unet's own"
+    hub.repos["org/sd"]["commits"] = {COMMIT_B: files}
+    hub.repos["org/sd"]["refs"] = {"main": COMMIT_B}
+    again = ladle.uniform_soup(["hf://org/sd/unet"] * 2, out=tmp_path / "again", device="cpu")
+    assert sorted(p.name for p in again.iterdir() if "LICENSE" in p.name) == ["LICENSE"]
+    assert (again / "LICENSE").read_bytes() == b"the unet's own"
+    assert (again / "README.md").read_text().startswith("---\nbase_model:")

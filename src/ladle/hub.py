@@ -75,7 +75,9 @@ LICENSE_FILES = (
 """The license texts and use policies a model's terms ask redistributions to carry (Llama's
 ``LICENSE`` and ``USE_POLICY.md``, Apache's ``NOTICE``): fetched beside the weights and
 copied to directory outputs like :data:`COMPANION_FILES`. The model card (``README.md``) is
-fetched too, for its ``license`` fields, and never copied: the output gets a card of its own."""
+fetched too, for its ``license`` fields, and never copied: the output gets a card of its own.
+For a subfolder (``hf://org/sd/unet``) the repository root's are fetched too, and used where
+the subfolder has none."""
 
 COMPANION_FOLDERS = ("additional_chat_templates",)
 """Folders beside the weights that a loader reads (named chat templates, ``*.jinja``): fetched
@@ -331,6 +333,8 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
                 *_patterns(prefix, (*COMPANION_FILES, *LICENSE_FILES, "README.md")),
                 prefix + "*.json",
                 prefix + "*.py",
+                # A subfolder's model (diffusers' unet/) comes under the repository's terms.
+                *(_patterns("", (*LICENSE_FILES, "README.md")) if prefix else []),
             ],
         )
         commit = root.name  # snapshots/<commit hash>

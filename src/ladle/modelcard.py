@@ -374,6 +374,23 @@ def license_fields(card: Path | None) -> dict[str, str]:
     return {}  # no closing line: no front matter
 
 
+def _terms(name: str) -> bool:
+    """Whether the file ``name`` is a license text or use policy (:data:`LICENSE_FILES`)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in LICENSE_FILES)
+
+
+def _terms_folder(reference: Checkpoint, folder: Path | None) -> Path | None:
+    """The folder whose license files and model card give ``reference``'s terms: its own
+    ``folder``, or, for a Hub subfolder (``hf://org/sd@<commit>/unet``) holding neither, the
+    snapshot's root, where a repository keeps them."""
+    if folder is None or not reference.name.startswith(PREFIX):
+        return folder
+    subfolder = parse_hf_url(reference.name).subfolder
+    if not subfolder or (folder / "README.md").is_file() or any(map(_terms, os.listdir(folder))):
+        return folder
+    return folder.parents[len(Path(subfolder).parts) - 1]
+
+
 def output_files(
     method: str,
     parameters: Mapping[str, object],
@@ -407,6 +424,9 @@ def output_files(
     reference = base if base is not None else models[0]
     folder = reference.path if reference.path is not None and reference.path.is_dir() else None
     files: dict[str, Path | bytes] = dict(companion_files(folder))
+    terms = _terms_folder(reference, folder)
+    if terms is not folder:  # a Hub subfolder without terms of its own: the repository's
+        files |= {name: file for name, file in companion_files(terms).items() if _terms(name)}
     for name, file in list(files.items()):
         if name in LOADING_PATHS and isinstance(file, Path):
             files[name] = _edited(file, dtype if name == "config.json" else None)
@@ -418,7 +438,7 @@ def output_files(
         title=Path(out).name or "Merged model",
         dtype=dtype,
         max_shard_size=max_shard_size,
-        license=license_fields(folder / "README.md" if folder is not None else None),
+        license=license_fields(terms / "README.md" if terms is not None else None),
     )
     files["README.md"] = card.encode()
     return files
