@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from contextlib import ExitStack
@@ -255,26 +256,38 @@ def test_a_cpu_reading_thread_leaves_torch_one_thread_fewer_and_restores_the_cou
     import pytest
 
     save_file({"w": torch.randn(16, 4), "v": torch.randn(3)}, tmp_path / "m.safetensors")
-    seen = []
+    kernel, seen = _recording_thread_counts()
+    with _torch_threads(2), ladle.open_checkpoint(tmp_path / "m.safetensors") as ckpt:
+        device = resolve_device("cpu")
+        list(fold([ckpt, ckpt], kernel, device=device, prefetch=2))
+        assert seen == [1] * 4 and torch.get_num_threads() == 2
+        list(fold([ckpt], kernel, device=device, prefetch=0))  # no reading thread
+        assert seen[4:] == [2, 2]
+        with pytest.raises(RuntimeError, match="stop"):  # restored on errors too
+            for _ in fold([ckpt], kernel._replace(finalize=stop), device=device, prefetch=1):
+                pass
+        assert torch.get_num_threads() == 2
+
+
+def _recording_thread_counts() -> tuple[Kernel, list[int]]:
+    """A kernel whose result is each chunk, and the list of torch's thread count at each
+    ``update`` it appends to."""
+    seen: list[int] = []
 
     def update(state, index, x):
         seen.append(torch.get_num_threads())
         return x.clone()
 
-    kernel = Kernel(lambda key, rows, base: None, update, lambda state: state)
+    return Kernel(lambda key, rows, base: None, update, lambda state: state), seen
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    """torch's intra-op thread count set to ``count``, then put back."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(count)
     try:
-        with ladle.open_checkpoint(tmp_path / "m.safetensors") as ckpt:
-            device = resolve_device("cpu")
-            list(fold([ckpt, ckpt], kernel, device=device, prefetch=2))
-            assert seen == [1] * 4 and torch.get_num_threads() == 2
-            list(fold([ckpt], kernel, device=device, prefetch=0))  # no reading thread
-            assert seen[4:] == [2, 2]
-            with pytest.raises(RuntimeError, match="stop"):  # restored on errors too
-                for _ in fold([ckpt], kernel._replace(finalize=stop), device=device, prefetch=1):
-                    pass
-            assert torch.get_num_threads() == 2
+        yield
     finally:
         torch.set_num_threads(before)
 
@@ -1572,21 +1585,11 @@ def _without_embed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def test_torch_leaves_a_core_per_reading_thread_that_runs_not_per_thread_asked_for():
     # prefetch=1 runs one reading thread whatever ``readers`` says; torch kept 4 − 3 = 1.
-    seen = []
-
-    def update(state, index, x):
-        seen.append(torch.get_num_threads())
-        return x.clone()
-
-    kernel = Kernel(lambda key, rows, base: None, update, lambda state: state)
-    before = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
+    kernel, seen = _recording_thread_counts()
+    with _torch_threads(4):
         model = ladle.open_checkpoint({"w": torch.ones(3)})
         list(fold([model], kernel, device=resolve_device("cpu"), prefetch=1, readers=3))
         assert seen == [3] and torch.get_num_threads() == 4
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_a_negative_prefetch_reads_on_the_consumers_thread_as_none_does():
