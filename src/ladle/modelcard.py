@@ -45,12 +45,7 @@ def companion_files(directory: Path | None) -> dict[str, Path]:
     """
     if directory is None or not directory.is_dir():
         return {}
-    patterns = (*COMPANION_FILES, *LICENSE_FILES)
-    files = {
-        path.name: path
-        for path in sorted(directory.iterdir())
-        if path.is_file() and any(fnmatch.fnmatchcase(path.name, p) for p in patterns)
-    }
+    files = _files_matching(directory, (*COMPANION_FILES, *LICENSE_FILES))
     for module in sorted(_custom_code(files.values())):
         if (directory / f"{module}.py").is_file():
             files[f"{module}.py"] = directory / f"{module}.py"
@@ -58,6 +53,16 @@ def companion_files(directory: Path | None) -> dict[str, Path]:
         if (directory / folder).is_dir():
             files[folder] = directory / folder
     return files
+
+
+def _files_matching(directory: Path, patterns: Sequence[str]) -> dict[str, Path]:
+    """The files directly inside ``directory`` whose names match one of ``patterns``, by name,
+    in sorted order."""
+    return {
+        path.name: path
+        for path in sorted(directory.iterdir())
+        if path.is_file() and any(fnmatch.fnmatchcase(path.name, p) for p in patterns)
+    }
 
 
 def _custom_code(configs: Iterable[Path]) -> set[str]:
@@ -374,11 +379,6 @@ def license_fields(card: Path | None) -> dict[str, str]:
     return {}  # no closing line: no front matter
 
 
-def _terms(name: str) -> bool:
-    """Whether the file ``name`` is a license text or use policy (:data:`LICENSE_FILES`)."""
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in LICENSE_FILES)
-
-
 def _terms_folder(reference: Checkpoint, folder: Path | None) -> Path | None:
     """The folder whose license files and model card give ``reference``'s terms: its own
     ``folder``, or, for a Hub subfolder (``hf://org/sd@<commit>/unet``) holding neither, the
@@ -386,7 +386,7 @@ def _terms_folder(reference: Checkpoint, folder: Path | None) -> Path | None:
     if folder is None or not reference.name.startswith(PREFIX):
         return folder
     subfolder = parse_hf_url(reference.name).subfolder
-    if not subfolder or (folder / "README.md").is_file() or any(map(_terms, os.listdir(folder))):
+    if not subfolder or (folder / "README.md").is_file() or _files_matching(folder, LICENSE_FILES):
         return folder
     return folder.parents[len(Path(subfolder).parts) - 1]
 
@@ -425,8 +425,8 @@ def output_files(
     folder = reference.path if reference.path is not None and reference.path.is_dir() else None
     files: dict[str, Path | bytes] = dict(companion_files(folder))
     terms = _terms_folder(reference, folder)
-    if terms is not folder:  # a Hub subfolder without terms of its own: the repository's
-        files |= {name: file for name, file in companion_files(terms).items() if _terms(name)}
+    if terms is not None and terms is not folder:  # a Hub subfolder without terms: its repo's
+        files |= _files_matching(terms, LICENSE_FILES)
     for name, file in list(files.items()):
         if name in LOADING_PATHS and isinstance(file, Path):
             files[name] = _edited(file, dtype if name == "config.json" else None)
