@@ -1462,15 +1462,7 @@ def load(source: StateDictLike, *, device: str | torch.device = "cpu") -> StateD
         >>> ladle.load({"w": torch.ones(2)})
         {'w': tensor([1., 1.])}
     """
-    checkpoint = open_checkpoint(source)
-    try:
-        return {
-            key: checkpoint.get_slice(key, slice(None)).to(device, copy=True)
-            for key in checkpoint.keys()
-        }
-    finally:
-        if checkpoint is not source:
-            checkpoint.close()
+    return _read_whole(source, device, shared=False)
 
 
 def load_tied(source: StateDictLike) -> StateDict:
@@ -1486,16 +1478,22 @@ def load_tied(source: StateDictLike) -> StateDict:
         >>> tensors["head"] is tensors["emb"], tensors["emb"] is w
         (True, False)
     """
+    return _read_whole(source, "cpu", shared=True)
+
+
+def _read_whole(source: StateDictLike, device: str | torch.device, *, shared: bool) -> StateDict:
+    """Every tensor of ``source`` copied to ``device``; with ``shared``, a tensor it names
+    twice (:meth:`Checkpoint.aliases`) read once, under each name."""
     checkpoint = open_checkpoint(source)
     try:
-        tied = checkpoint.aliases()
+        tied = checkpoint.aliases() if shared else {}
         tensors: StateDict = {}
         for key in checkpoint.keys():
             first = tied.get(key)  # an earlier key: read already
             tensors[key] = (
                 tensors[first]
                 if first is not None
-                else checkpoint.get_slice(key, slice(None)).to("cpu", copy=True)
+                else checkpoint.get_slice(key, slice(None)).to(device, copy=True)
             )
         return tensors
     finally:
