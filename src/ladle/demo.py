@@ -187,8 +187,9 @@ def _save(model: nn.Module | ladle.StateDict, path: Path) -> Path:
 def check_demo_seed(seed: object) -> int:
     """``seed`` as an int in [0, 2**63): it seeds torch's generators directly (with small
     offsets, one per training run), unlike DARE's, which is hashed and may be any integer
-    (:func:`~ladle.methods.dare.check_seed`, whose ``TypeError`` a non-integer is). An
-    integer outside the range is a ``ValueError`` naming ``seed``.
+    (:func:`~ladle.methods.dare.check_seed`: a number that is no integer is a ``ValueError``,
+    what is no number a ``TypeError``). An integer outside the range is a ``ValueError``
+    naming ``seed``.
 
     Example:
         >>> check_demo_seed(7)
