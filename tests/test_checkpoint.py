@@ -366,11 +366,14 @@ def test_a_trainer_checkpoint_folder_opens_its_weights_not_its_trainer_state(tmp
     assert ladle.load(tmp_path).keys() == {"w"}
 
 
+LFS_POINTER_TEXT = b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n"
+
+
 @pytest.mark.parametrize(
     ("content", "why"),
     [
         (
-            b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n",
+            LFS_POINTER_TEXT,
             "a Git LFS pointer",
         ),
         (None, "a safetensors file under a torch suffix"),
@@ -388,6 +391,26 @@ def test_files_that_are_not_torch_files_say_what_they_are(tmp_path, content, why
     with pytest.raises(ladle.CheckpointError, match=rf"pytorch_model\.bin: {why}") as info:
         ladle.load(path)
     assert not isinstance(info.value, ladle.UnsafeCheckpointError)
+
+
+@pytest.mark.parametrize("layout", ["file", "folder", "shard"])
+def test_a_safetensors_file_that_is_a_git_lfs_pointer_says_so(tmp_path, layout):
+    # What a clone of a Hub repository without `git lfs pull` leaves for its weights.
+    folder = tmp_path / "clone"
+    folder.mkdir()
+    name = "model-00002-of-00002.safetensors" if layout == "shard" else "model.safetensors"
+    if layout == "shard":
+        save_file({"a": torch.ones(2)}, folder / "model-00001-of-00002.safetensors")
+        index = {"a": "model-00001-of-00002.safetensors", "b": name}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    (folder / name).write_bytes(LFS_POINTER_TEXT)
+    source = folder / name if layout == "file" else folder
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.load(source)
+    assert (
+        str(info.value)
+        == f"{folder / name}: a Git LFS pointer, not the weights: fetch them (git lfs pull)"
+    )
 
 
 def test_an_unsafe_pickle_names_what_was_refused(tmp_path):

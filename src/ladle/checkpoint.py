@@ -605,6 +605,8 @@ class SafetensorsCheckpoint(Checkpoint):
                 why = _unopenable(file) if isinstance(err, OSError) else None
                 if why is not None:
                     raise CheckpointError(f"{file}: cannot read it ({why})") from err
+                if _is_lfs_pointer(file):
+                    raise CheckpointError(f"{file}: {FETCH_LFS}") from err
                 raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
             self._handles[file] = handle
         return handle
@@ -843,6 +845,20 @@ def _identity(stat: os.stat_result) -> tuple[int, ...]:
 ZIP_MAGIC = b"PK\x03\x04"
 """How a zip archive torch writes begins (torch reads any other file as a legacy pickle)."""
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+"""How a Git LFS pointer begins: what a clone without ``git lfs pull`` holds for weights."""
+
+FETCH_LFS = "a Git LFS pointer, not the weights: fetch them (git lfs pull)"
+
+
+def _is_lfs_pointer(file: Path) -> bool:
+    """Whether ``file`` is a Git LFS pointer (``False`` where it cannot be read)."""
+    try:
+        with open(file, "rb") as handle:
+            return handle.read(len(LFS_POINTER)) == LFS_POINTER
+    except OSError:
+        return False
+
 
 def _not_a_torch_file(file: Path) -> str | None:
     """Why ``file`` cannot be a torch file, judged from its first bytes, or ``None``.
@@ -856,8 +872,8 @@ def _not_a_torch_file(file: Path) -> str | None:
             head = handle.read(64)
     except OSError as err:
         return f"cannot read it ({err.strerror or err})"
-    if head.startswith(b"version https://git-lfs.github.com/spec/"):
-        return "a Git LFS pointer, not the weights: fetch them (git lfs pull)"
+    if head.startswith(LFS_POINTER):
+        return FETCH_LFS
     if len(head) >= 10 and head[8:10] == b'{"':  # a header length, then a JSON header
         return "a safetensors file under a torch suffix: give it the .safetensors suffix"
     if head.startswith(b"PK") and ZIP_MAGIC.startswith(head):  # torch would unpickle "PK"
