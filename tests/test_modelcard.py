@@ -152,7 +152,9 @@ def test_failed_merge_leaves_no_companions_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "model.safetensors.index.json", "a/b", ""])
+@pytest.mark.parametrize(
+    "name", ["model.safetensors", "model.safetensors.index.json", "a/b", "a\\b", ""]
+)
 def test_writer_refuses_extra_files_that_clash_with_weights(tmp_path, name):
     with pytest.raises(LadleError, match="cannot be an extra file"):
         SafetensorsWriter(tmp_path / "d", {}, extra_files={name: b"x"})

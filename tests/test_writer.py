@@ -40,7 +40,10 @@ def test_shards_respect_max_size_unless_one_tensor_is_larger(tmp_path):
     model = {f"t{i}": torch.zeros(10) for i in range(5)}  # 40 bytes each
     out = ladle.save(model, tmp_path / "m", max_shard_size=100)
     shards = sorted(out.glob("*.safetensors"))
-    assert len(shards) == 3  # 2 + 2 + 1 tensors
+    names = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]  # as transformers names
+    assert [shard.name for shard in shards] == names  # 2 + 2 + 1 tensors
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {f"t{i}": names[i // 2] for i in range(5)}
     for shard in shards:
         with safe_open(str(shard), "pt") as f:
             assert sum(f.get_tensor(k).nbytes for k in f.keys()) <= 100
@@ -189,7 +192,16 @@ def test_empty_and_scalar_tensors_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"), [("5GB", 5 * 10**9), ("500MiB", 500 * 2**20), ("1.5KB", 1500), ("42", 42)]
+    ("text", "expected"),
+    [
+        ("5GB", 5 * 10**9),
+        ("500MiB", 500 * 2**20),
+        ("1.5KB", 1500),
+        ("42", 42),
+        ("2TB", 2 * 10**12),
+        ("3GiB", 3 * 2**30),
+        ("1TiB", 2**40),
+    ],
 )
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
@@ -604,7 +616,9 @@ def test_a_merge_of_aligned_inputs_writes_aligned_output(tmp_path):
         assert ckpt.map_rows("h.weight", slice(None)) is not None
 
 
-@pytest.mark.parametrize("name", ["merged.pt", "merged.BIN", "m.pth", "m.ckpt", "m.safetensor"])
+@pytest.mark.parametrize(
+    "name", ["merged.pt", "merged.BIN", "m.pth", "m.ckpt", "m.safetensor", "m.st"]
+)
 def test_outputs_named_like_another_weight_format_are_refused_before_any_work(tmp_path, name):
     model = {"w": torch.ones(2)}
     out = tmp_path / name
