@@ -335,8 +335,9 @@ def test_a_filesystem_that_cannot_reserve_still_gets_the_output(
 
     monkeypatch.setattr("ladle.writer._fallocate", lambda: failing)
     model = {"w": torch.arange(6.0).reshape(2, 3)}
-    if refused:
-        with pytest.raises(ladle.OutputError, match=os.strerror(code)):
+    if refused:  # the reservation's own message, not wrapped in "creating the output failed"
+        named = re.escape(f"{tmp_path / 'o.safetensors'}: cannot reserve ")
+        with pytest.raises(ladle.OutputError, match=rf"^{named}\d+ .*\({os.strerror(code)}\)"):
             ladle.save(model, tmp_path / "o.safetensors")
         assert os.listdir(tmp_path) == []
     else:
@@ -535,11 +536,14 @@ def test_leftovers_of_a_replaced_output_are_removed_once_their_process_is_gone(t
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
-def test_a_failure_to_delete_the_temporary_output_does_not_hide_the_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["o.safetensors", "o"])
+def test_a_failure_to_delete_the_temporary_output_does_not_hide_the_error(
+    tmp_path, monkeypatch, name
+):
     import pathlib
 
-    out = tmp_path / "o.safetensors"
-    real_unlink = pathlib.Path.unlink
+    out = tmp_path / name
+    real_unlink, real_rmdir = pathlib.Path.unlink, os.rmdir
 
     def refuse_rename(source, target):
         raise PermissionError(errno.EACCES, "Permission denied", str(target))
@@ -549,9 +553,15 @@ def test_a_failure_to_delete_the_temporary_output_does_not_hide_the_error(tmp_pa
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_unlink(path, missing_ok=missing_ok)
 
+    def refuse_rmdir(path, *args, **kwargs):  # the temporary directory of a directory output
+        if "ladle-tmp" in os.fspath(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_rmdir(path, *args, **kwargs)
+
     monkeypatch.setattr(os, "replace", refuse_rename)
     monkeypatch.setattr(pathlib.Path, "unlink", refuse_unlink)
-    with pytest.raises(ladle.OutputError, match=r"o\.safetensors: finishing the output failed"):
+    monkeypatch.setattr(os, "rmdir", refuse_rmdir)
+    with pytest.raises(ladle.OutputError, match=rf"/{name}: finishing the output failed"):
         ladle.save({"w": torch.ones(2)}, out)
 
 
