@@ -1343,13 +1343,15 @@ def test_overwrite_writes_into_an_empty_directory(tmp_path):
     assert ladle.load(tmp_path / "out")["w"].tolist() == [1.0, 1.0]
 
 
-def _unlistable(monkeypatch, folder: Path) -> None:
-    """``folder`` cannot be listed (as without read permission, which root ignores)."""
+def _unlistable(monkeypatch, folder: Path, error: type[OSError] = PermissionError) -> None:
+    """``folder`` cannot be listed (as without read permission, which root ignores); with
+    ``FileNotFoundError``, as when another writer moves it away once it was looked at."""
     scandir = os.scandir
+    code = errno.ENOENT if error is FileNotFoundError else errno.EACCES
 
     def refused(path=".", *args, **kwargs):
-        if os.fspath(path) == os.fspath(folder):
-            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        if not isinstance(path, int) and os.fspath(path) == os.fspath(folder):  # not an fd
+            raise error(code, os.strerror(code), os.fspath(path))
         return scandir(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "scandir", refused)
@@ -1395,3 +1397,52 @@ def test_overwrite_replaces_a_file_output_in_one_rename_never_leaving_it_missing
     monkeypatch.undo()
     assert present == [True]
     assert ladle.load(out)["w"].tolist() == [1.0, 1.0] and os.listdir(tmp_path) == [out.name]
+
+
+def test_a_folder_output_moved_away_while_listed_is_replaced_with_overwrite(tmp_path, monkeypatch):
+    # Another writer renamed the old output aside between the look at it and its listing:
+    # nothing there to keep, so overwrite goes on (it is no "folder that cannot be listed").
+    out = ladle.save({"w": torch.zeros(2)}, tmp_path / "out")
+    _unlistable(monkeypatch, out, FileNotFoundError)
+    ladle.save({"w": torch.ones(2)}, out, overwrite=True)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["out"] and ladle.load(out)["w"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.slow  # 200 MB of headers written and read
+def test_a_header_of_exactly_the_limit_safetensors_reads_is_written_one_past_it_refused(tmp_path):
+    # safetensors reads a header of HEADER_LIMIT bytes, no more; padding keeps a header's
+    # length a multiple of 8 (as the limit is), so one more byte of metadata makes it 8 more.
+    from ladle.writer import HEADER_LIMIT
+
+    probe = ladle.save({"w": torch.ones(2)}, tmp_path / "probe.safetensors", metadata={"n": ""})
+    unpadded = len(_header_bytes(probe)[8:].rstrip(b" "))  # of the JSON, with empty notes
+    notes = "x" * (HEADER_LIMIT - unpadded)
+    out = ladle.save({"w": torch.ones(2)}, tmp_path / "at.safetensors", metadata={"n": notes})
+    assert len(_header_bytes(out)) == 8 + HEADER_LIMIT
+    assert ladle.load(out)["w"].tolist() == [1.0, 1.0]
+    past = re.escape(f"{tmp_path / 'past.safetensors'}: header of {HEADER_LIMIT + 8} bytes")
+    with pytest.raises(ladle.LadleError, match=rf"^{past}: safetensors reads at most"):
+        ladle.save({"w": torch.ones(2)}, tmp_path / "past.safetensors", metadata={"n": notes + "x"})
+
+
+def test_a_file_beside_the_output_not_named_as_a_leftover_is_left_alone(tmp_path):
+    # .NAME.ladle-tmp- followed by other than PID-HOST-XXXXXXXX: no write of ladle's made it
+    # (nor was the save to end in an IndexError for it).
+    made = leftover(tmp_path / "out.safetensors")  # of this host, of a dead process
+    prefix, fields = made.name.split(TEMP_MARK)
+    for odd in (fields.split("-")[0], f"{fields}-copy"):
+        (tmp_path / f"{prefix}{TEMP_MARK}{odd}").write_bytes(b"not ours")
+    ladle.save({"w": torch.ones(1)}, tmp_path / "out.safetensors")
+    assert len(list(tmp_path.glob(f"*{TEMP_MARK}*"))) == 2
+
+
+def test_a_single_file_output_takes_no_max_shard_size_so_checks_none(tmp_path):
+    # As save documents: max_shard_size is parsed (and refused) for a directory output only.
+    model = {"w": torch.ones(3)}
+    for size in ("no size", None, 1):
+        out = tmp_path / f"{size}.safetensors"
+        ladle.save(model, out, max_shard_size=size)  # type: ignore[arg-type]
+        assert ladle.load(out)["w"].tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="max_shard_size: expected e.g."):
+        ladle.save(model, tmp_path / "folder", max_shard_size="no size")
