@@ -317,6 +317,8 @@ def test_reserved_disk_leaves_the_size_to_the_writes(tmp_path):
         writer.write("a", torch.ones(2**14))  # past the file's buffer: on disk now
         header = temporary.stat().st_size - 2**16
         assert 0 < header < 2**10
+        if _reserves_disk(tmp_path):  # still reserved for what is to come (not truncated away)
+            assert temporary.stat().st_blocks * 512 >= header + 2**17
         writer.write("b", torch.ones(2**14))
     assert (tmp_path / "o.safetensors").stat().st_size == header + 2**17
 
@@ -349,7 +351,8 @@ def test_a_filesystem_that_cannot_reserve_still_gets_the_output(
 def test_an_output_that_cannot_be_created_is_an_output_error_naming_it(tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
     out = tmp_path / "a-file" / "o.safetensors"
-    with pytest.raises(ladle.OutputError, match=rf"{out}: creating the output failed: ") as caught:
+    failed = rf"{out}: creating the output failed: .*a-file is a file, not a directory"
+    with pytest.raises(ladle.OutputError, match=failed) as caught:
         ladle.save({"w": torch.ones(2)}, out)
     assert isinstance(caught.value, OSError) and isinstance(caught.value.__cause__, OSError)
     assert sorted(os.listdir(tmp_path)) == ["a-file"]
@@ -1446,3 +1449,32 @@ def test_a_single_file_output_takes_no_max_shard_size_so_checks_none(tmp_path):
         assert ladle.load(out)["w"].tolist() == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="max_shard_size: expected e.g."):
         ladle.save(model, tmp_path / "folder", max_shard_size="no size")
+
+
+def test_amend_with_fewer_values_than_entries_is_refused_not_broadcast(tmp_path):
+    specs = {"w": ((4,), torch.float32)}
+    with (
+        pytest.raises(ladle.LadleError, match=r"amend\('w'\) expected \(2,\) values .* got \(1,\)"),
+        SafetensorsWriter(tmp_path / "o.safetensors", specs) as writer,
+    ):
+        writer.write("w", torch.zeros(4))
+        writer.amend("w", torch.tensor([0, 3]), torch.tensor([9.0]))  # not 9 at both
+    assert os.listdir(tmp_path) == []
+
+
+def test_amended_entries_are_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
+    # The patch goes through a descriptor of its own: without a flush of that one too, a
+    # power cut after the rename could leave the output with entries unpatched.
+    import ladle.writer as module
+
+    events: list[str] = []
+    flush, pwrite = module._flush_to_disk, os.pwrite
+    monkeypatch.setattr(module, "_flush_to_disk", lambda fd: events.append("flush") or flush(fd))
+    monkeypatch.setattr(os, "pwrite", lambda *args: events.append("patch") or pwrite(*args))
+    out = tmp_path / "o.safetensors"
+    with SafetensorsWriter(out, {"w": ((4,), torch.float32)}) as writer:
+        writer.write("w", torch.zeros(4))
+        writer.amend("w", torch.tensor([1]), torch.tensor([5.0]))
+        events.append("commit")
+    assert events == ["patch", "commit", "flush", "flush"]  # the written file, the patched one
+    assert ladle.load(out)["w"].tolist() == [0.0, 5.0, 0.0, 0.0]
