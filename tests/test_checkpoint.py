@@ -95,6 +95,14 @@ def test_sharded_safetensors_directory(tmp_path):
     assert torch.equal(loaded["a"], torch.ones(2)) and torch.equal(loaded["b"], torch.zeros(3))
 
 
+def test_sharded_safetensors_metadata_holds_every_shards_entries(tmp_path):
+    save_file({"a": torch.ones(2)}, tmp_path / "s1.safetensors", metadata={"format": "pt"})
+    save_file({"b": torch.ones(2)}, tmp_path / "s2.safetensors", metadata={"note": "x"})
+    _index(tmp_path, {"a": "s1.safetensors", "b": "s2.safetensors"})
+    with ladle.open_checkpoint(tmp_path) as ckpt:
+        assert ckpt.metadata == {"format": "pt", "note": "x"}
+
+
 @pytest.mark.parametrize("kind", ["safetensors", "bin"])
 def test_keys_of_one_shard_share_one_path_object(tmp_path, kind):
     # Reads look files up in dicts keyed by Path; an equal but distinct Path per key made
@@ -205,6 +213,16 @@ def test_a_safetensors_file_without_read_permission_says_so(tmp_path):
         ladle.open_checkpoint(path)
 
 
+def test_a_safetensors_file_gone_when_opened_says_it_cannot_be_read(tmp_path):
+    # As for a file without read permission (which root may read): the system's reason.
+    from ladle.checkpoint import SafetensorsCheckpoint
+
+    with pytest.raises(
+        ladle.CheckpointError, match=r"gone\.safetensors: cannot read it \(No such file"
+    ):
+        SafetensorsCheckpoint.from_file(tmp_path / "gone.safetensors")
+
+
 def test_load_returns_tensors_the_caller_owns(tmp_path):
     save_file({"w": torch.zeros(3)}, tmp_path / "m.safetensors")
     loaded = ladle.load(tmp_path / "m.safetensors")
@@ -293,6 +311,35 @@ def test_an_error_reading_a_file_is_a_checkpoint_error_naming_file_and_key(tmp_p
     into = torch.empty(1024, dtype=torch.uint8)
     with pytest.raises(ladle.CheckpointError, match=rf"{path}: cannot read tensor 'layer.weight'"):
         checkpoint.read_rows("layer.weight", slice(None), into)
+
+
+def test_reads_without_preadv_use_pread_and_find_a_file_cut_short(tmp_path, monkeypatch):
+    # Python lacks os.preadv on macOS before 11: pread_into copies what os.pread returns.
+    monkeypatch.delattr(os, "preadv")
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(12.0).reshape(6, 2)}, path)
+    into = torch.empty(48, dtype=torch.uint8)
+    checkpoint = ladle.open_checkpoint(path)
+    assert checkpoint.read_rows("w", slice(1, 3), into).tolist() == [[2.0, 3.0], [4.0, 5.0]]
+    os.truncate(path, path.stat().st_size - 8)
+    with pytest.raises(ladle.CheckpointError, match=r"expected 48 bytes at offset \d+, found 40"):
+        checkpoint.read_rows("w", slice(None), into)
+
+
+def test_a_read_returning_fewer_bytes_than_asked_resumes_where_it_stopped(tmp_path, monkeypatch):
+    import ladle.checkpoint
+
+    whole = ladle.checkpoint.pread_into
+
+    def five_at_most(descriptor, target, offset):  # as a large or interrupted read may
+        return whole(descriptor, target[:5], offset)
+
+    monkeypatch.setattr(ladle.checkpoint, "pread_into", five_at_most)
+    tensor = torch.arange(24.0).reshape(6, 4)
+    save_file({"w": tensor}, tmp_path / "m.safetensors")
+    with ladle.open_checkpoint(tmp_path / "m.safetensors") as checkpoint:
+        into = torch.empty(96, dtype=torch.uint8)
+        assert torch.equal(checkpoint.read_rows("w", slice(2, 5), into), tensor[2:5])
 
 
 def _rss_file_kib() -> int:
@@ -547,6 +594,29 @@ def test_get_rows_of_a_subclass_answering_list_shapes_reads_only_the_rows_holdin
     assert torch.equal(checkpoint.get_rows("t", slice(8, 16), (32, 16)), tensor.view(32, 16)[8:16])
     assert torch.equal(checkpoint.get_rows("t", slice(4, 16), (32, 16)), tensor.view(32, 16)[4:16])
     assert checkpoint.asked[2:] == [slice(1, 2), slice(0, 2)]
+    # a step of 1 is contiguous rows too
+    assert torch.equal(checkpoint.get_rows("t", slice(4, 8, 1), (32, 16)), tensor.view(32, 16)[4:8])
+    assert checkpoint.asked[4:] == [slice(0, 1)]
+
+
+def test_empty_tensors_read_with_leading_dimensions_merged_are_empty():
+    checkpoint = DictCheckpoint({"e": torch.zeros(2, 0, 64), "f": torch.zeros(0, 3, 4)})
+    assert checkpoint.get_rows("e", slice(0, 0), (0, 64)).shape == (0, 64)
+    assert checkpoint.get_rows("f", slice(0, 0), (0, 4)).shape == (0, 4)
+
+
+@pytest.mark.parametrize("source", ["memory", "file"])
+def test_rows_read_as_a_shape_not_merging_leading_dimensions_match_a_reshape(tmp_path, source):
+    tensor = torch.arange(24.0).reshape(2, 3, 4)
+    save_file({"t": tensor}, tmp_path / "m.safetensors")
+    checkpoint = (
+        DictCheckpoint({"t": tensor})
+        if source == "memory"
+        else ladle.open_checkpoint(tmp_path / "m.safetensors")
+    )
+    for shape in ((3, 8), (6, 2, 2), (4, 6)):
+        got = checkpoint.get_rows("t", slice(1, 3), shape)
+        assert torch.equal(got, tensor.reshape(shape)[1:3]), shape
 
 
 def test_an_index_listing_a_key_its_shard_lacks_is_refused_on_opening(tmp_path):
@@ -762,6 +832,20 @@ def test_a_file_replaced_after_opening_is_refused_by_get(tmp_path):
         checkpoint.get("w")
 
 
+def test_a_file_rewritten_in_place_after_opening_is_refused_by_get(tmp_path):
+    # The same file (inode) and size, other bytes: only its modification time tells.
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(3)}, path)
+    checkpoint = ladle.open_checkpoint(path)
+    with open(path, "r+b") as file:
+        file.seek(-4, os.SEEK_END)
+        file.write(struct.pack("<f", 1.0))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # coarse clocks
+    with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors: changed since it was opened"):
+        checkpoint.get("w")
+
+
 def test_a_tensor_of_a_dtype_torch_lacks_is_named_by_every_read(tmp_path):
     path = tmp_path / "m.safetensors"
     header = json.dumps({"w": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}).encode()
@@ -803,15 +887,22 @@ def test_get_slice_and_get_rows_of_a_file_equal_those_of_the_tensor(tmp_path, al
     in_memory = TensorMapCheckpoint(tensors)
     with ladle.open_checkpoint(path) as checkpoint:
         assert (checkpoint.map_rows("t", slice(None)) is None) == (not aligned)
-        for rows in (slice(None), slice(1, 3), slice(0, 3, 2), slice(2, 2), slice(1, 99)):
+        for rows in (
+            slice(None),
+            slice(1, 3),
+            slice(0, 3, 2),
+            slice(2, 2),
+            slice(1, 99),
+            slice(3, 1),
+        ):
             assert torch.equal(checkpoint.get_slice("t", rows), in_memory.get_slice("t", rows))
-        for rows in (slice(0, 12), slice(5, 9), slice(11, 12), slice(7, 7)):
+        for rows in (slice(0, 12), slice(5, 9), slice(11, 12), slice(7, 7), slice(9, 5)):
             got = checkpoint.get_rows("t", rows, (12, 5))
             assert torch.equal(got, tensors["t"].reshape(12, 5)[rows])
         assert torch.equal(checkpoint.get("s"), tensors["s"])
         assert checkpoint.get_rows("e", slice(0, 0), (0,)).shape == (0,)
         assert checkpoint.get_slice("e", slice(None)).shape == (0, 3)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"rows: expected a positive step"):
             checkpoint.get_slice("t", slice(None, None, -1))
 
 
@@ -1149,6 +1240,17 @@ def test_rows_read_as_a_shape_of_another_size_are_refused(tmp_path, source):
     else:
         with pytest.raises(RuntimeError, match=r"invalid for input of size 12"):
             DictCheckpoint({"t": tensor}).get_rows("t", slice(0, 1), (5, 2))
+
+
+def test_rows_of_a_file_read_with_or_without_dimensions_of_one_size_are_refused(tmp_path):
+    save_file({"one": torch.ones(1), "s": torch.tensor(2.0)}, tmp_path / "m.safetensors")
+    with ladle.open_checkpoint(tmp_path / "m.safetensors") as checkpoint:
+        with pytest.raises(
+            ValueError, match=r"'one': cannot read a tensor of shape \(1,\) as \(\)"
+        ):
+            checkpoint.get_rows("one", slice(None), ())
+        with pytest.raises(ValueError, match=r"'s': cannot read a tensor of shape \(\) as \(1,\)"):
+            checkpoint.get_rows("s", slice(None), (1,))
 
 
 @pytest.mark.parametrize("stored", [(0, 64), (2, 0, 64)])
