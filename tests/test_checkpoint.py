@@ -385,7 +385,7 @@ def test_a_key_left_in_another_shard_is_read_from_the_shard_the_index_names(tmp_
 
 
 @pytest.mark.parametrize(
-    "shard", ["../outside.safetensors", "/abs/outside.safetensors", "sub/../../x.safetensors"]
+    "shard", ["../outside.safetensors", "/abs/outside.safetensors", "sub/../../x.safetensors", "."]
 )
 def test_an_index_naming_a_shard_outside_its_folder_is_refused(tmp_path, shard):
     folder = tmp_path / "model"
@@ -406,8 +406,9 @@ def test_shards_in_a_subfolder_of_the_index_are_read(tmp_path):
     assert torch.equal(ladle.load(tmp_path)["w"], torch.ones(2))
 
 
-def test_a_trainer_checkpoint_folder_opens_its_weights_not_its_trainer_state(tmp_path):
-    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+@pytest.mark.parametrize("weights", ["pytorch_model.bin", "model.pt"])
+def test_a_trainer_checkpoint_folder_opens_its_weights_not_its_trainer_state(tmp_path, weights):
+    torch.save({"w": torch.ones(2)}, tmp_path / weights)
     for name in ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"):
         torch.save({"state": torch.zeros(1)}, tmp_path / name)
     assert ladle.load(tmp_path).keys() == {"w"}
@@ -695,18 +696,19 @@ def test_a_torch_file_cut_anywhere_is_a_checkpoint_error_saying_why(tmp_path, le
     pickle (a global's name cut short, or "PK" alone) nor torch's IndexError or struct.error,
     nor an empty reason (a bare EOFError)."""
     path = tmp_path / "pytorch_model.bin"
-    torch.save(
-        {"w": torch.arange(6.0), "i": torch.arange(3)},
-        path,
-        _use_new_zipfile_serialization=not legacy,
-    )
+    tensors = {"w": torch.arange(6.0), "i": torch.arange(3)}
+    torch.save(tensors, path, _use_new_zipfile_serialization=not legacy)
     data = path.read_bytes()
+    # A legacy file: five pickles, then each storage's size (8 bytes) and bytes.
+    pickled = len(data) - sum(8 + t.nbytes for t in tensors.values()) if legacy else 0
     for cut in [*range(1, 8), *range(8, len(data), 1 if legacy else 7)]:
         path.write_bytes(data[:cut])
         with pytest.raises(ladle.CheckpointError, match=r"pytorch_model\.bin: ") as info:
             ladle.load(path)
         assert not isinstance(info.value, ladle.UnsafeCheckpointError), (cut, info.value)
         assert not str(info.value).endswith("()"), cut
+        if cut < pickled:  # inside the pickles, between them included
+            assert str(info.value).endswith("(it ends early: truncated?)"), (cut, info.value)
 
 
 @pytest.mark.parametrize("escape", [b"\\d", b"\\777"], ids=["invalid", "invalid octal"])
@@ -771,6 +773,16 @@ def test_a_legacy_torch_file_loads_the_same_numbers_as_a_zip_file(tmp_path):
         loaded = ladle.load(tmp_path / name)
         assert loaded.keys() == tensors.keys()
         assert all(torch.equal(loaded[key], tensors[key]) for key in tensors)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux /proc only")
+def test_a_zip_torch_file_is_memory_mapped_not_read_into_memory(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.arange(4.0)}, path)
+    with ladle.open_checkpoint(path) as checkpoint:
+        assert checkpoint.get("w").tolist() == [0.0, 1.0, 2.0, 3.0]
+        with open("/proc/self/maps") as maps:
+            assert any(str(path) in line for line in maps)
 
 
 @pytest.mark.parametrize(
@@ -1175,12 +1187,13 @@ def test_a_folder_without_one_weights_file_or_an_index_is_refused_naming_what_it
         ladle.open_checkpoint(tmp_path)
 
 
-def test_a_folder_of_many_weights_files_says_how_many_it_leaves_out(tmp_path):
+@pytest.mark.parametrize(("files", "more"), [(8, " and 3 more"), (5, "")])
+def test_a_folder_of_many_weights_files_says_how_many_it_leaves_out(tmp_path, files, more):
     # The message named the first five alone, as if the folder held no others.
-    for i in range(8):
+    for i in range(files):
         save_file({"w": torch.ones(1)}, tmp_path / f"ft-{i}.safetensors")
     found = ", ".join(f"ft-{i}.safetensors" for i in range(5))
-    with pytest.raises(ladle.CheckpointError, match=rf"found {found} and 3 more$"):
+    with pytest.raises(ladle.CheckpointError, match=rf"found {found}{more}$"):
         ladle.open_checkpoint(tmp_path)
 
 
@@ -1327,6 +1340,30 @@ def test_memory_error_while_loading_a_whole_torch_file_is_the_machines(tmp_path,
     assert not isinstance(info.value, ladle.CheckpointError)
 
 
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [
+        (RuntimeError("bad record"), "bad record"),
+        (ValueError("bad value"), "bad value"),
+        (KeyError("w"), "KeyError: 'w'"),
+        (AssertionError(), "AssertionError"),
+        (EOFError(), "it ends early: truncated?"),
+    ],
+)
+def test_why_torch_could_not_load_a_file_is_its_message_or_the_errors_type(
+    tmp_path, monkeypatch, error, why
+):
+    torch.save({"w": torch.ones(2)}, tmp_path / "m.pt")
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "load", failing)
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.load(tmp_path / "m.pt")
+    assert str(info.value) == f"{tmp_path / 'm.pt'}: not a readable torch file ({why})"
+
+
 def test_memory_error_for_a_length_past_the_end_of_the_file_is_the_files(tmp_path, monkeypatch):
     # A corrupt length in a legacy file's pickle asks for more bytes than the file holds;
     # reading them can fail for memory first (as under a limit on address space).
@@ -1356,6 +1393,12 @@ def _index(folder: Path, weight_map: dict[str, str], name: str = "model") -> Non
 def test_a_torch_training_checkpoint_with_the_weights_under_model_is_unwrapped(tmp_path):
     torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "ckpt.pt")
     assert list(ladle.load(tmp_path / "ckpt.pt")) == ["w"]
+
+
+def test_a_state_dict_with_tensors_named_model_and_state_dict_is_not_unwrapped(tmp_path):
+    tensors = {"model": torch.ones(2), "state_dict": torch.zeros(1)}
+    torch.save(tensors, tmp_path / "m.pt")
+    assert ladle.load(tmp_path / "m.pt").keys() == tensors.keys()
 
 
 def test_tensors_a_safetensors_index_leaves_out_come_after_the_listed_ones_sorted(tmp_path):
