@@ -22,10 +22,19 @@ from ladle.checkpoint import TensorMapCheckpoint
 def test_open_mapping_and_module_report_keys_shapes_dtypes():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     ckpt = ladle.open_checkpoint(model)
+    assert ckpt.name == "<Sequential>"  # how errors name it
     assert ckpt.keys() == list(model.state_dict())
     assert ckpt.shape("0.weight") == (2, 3)
     assert ckpt.dtype("1.num_batches_tracked") == torch.int64
     assert torch.equal(ckpt.get("0.weight"), model.state_dict()["0.weight"])
+
+
+def test_tensors_in_memory_are_read_without_their_autograd_history():
+    weight = torch.ones(2, 2, requires_grad=True)
+    checkpoint = ladle.open_checkpoint({"w": weight * 2})
+    for got in (checkpoint.get("w"), checkpoint.get_slice("w", slice(0, 1))):
+        assert not got.requires_grad and got.grad_fn is None
+    assert not ladle.load({"w": weight})["w"].requires_grad
 
 
 def test_safetensors_file_is_read_lazily_and_sliced(tmp_path):
@@ -1476,10 +1485,28 @@ def test_an_index_listing_a_shard_that_does_not_exist_says_so(tmp_path):
 
 
 def test_load_of_a_mapping_returns_copies_the_caller_owns():
-    source = {"w": torch.zeros(2)}
+    w = torch.zeros(2)
+    source = {"w": w, "tied": w}
     loaded = ladle.load(source)
     loaded["w"].add_(1)
     assert torch.equal(source["w"], torch.zeros(2))
+    assert torch.equal(loaded["tied"], torch.zeros(2))  # each name a copy of its own
+    assert ladle.load(source, device="meta")["w"].device == torch.device("meta")
+
+
+def test_load_of_an_open_checkpoint_leaves_it_open():
+    from ladle.checkpoint import load_tied
+
+    class Closing(DictCheckpoint):
+        closed = 0
+
+        def close(self):
+            self.closed += 1
+
+    checkpoint = Closing({"w": torch.arange(3.0)})
+    assert ladle.load(checkpoint)["w"].tolist() == [0.0, 1.0, 2.0]
+    assert load_tied(checkpoint)["w"].tolist() == [0.0, 1.0, 2.0]
+    assert checkpoint.closed == 0  # the caller's to close
 
 
 @pytest.mark.parametrize(
@@ -1596,6 +1623,16 @@ def test_aliases_are_keys_naming_the_very_same_tensor(tmp_path):
         assert stored.aliases() == {}
 
 
+def test_aliases_of_torch_shards_are_keys_naming_one_tensor_in_a_shard(tmp_path):
+    w = torch.arange(4.0)
+    torch.save({"emb": w, "head": w}, tmp_path / "s1.bin")
+    torch.save({"b": w.clone()}, tmp_path / "s2.bin")  # equal values, a tensor of its own
+    weight_map = {"emb": "s1.bin", "head": "s1.bin", "b": "s2.bin"}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with ladle.open_checkpoint(tmp_path) as sharded:
+        assert sharded.aliases() == {"head": "emb"}
+
+
 def test_views_of_one_storage_are_aliases_only_at_the_same_offset_shape_and_strides():
     # A fused buffer cut into equal parts (q, k: same shape and strides, other offsets) and
     # the first rows of a matrix (same offset and strides, another shape) are tensors of their
@@ -1618,6 +1655,19 @@ def test_tied_names_are_keys_tied_in_every_input_named_in_the_base_s_key_order()
     assert tied_names([model, base]) == {"emb": "head"}  # the first input's order
 
 
+def test_first_names_leave_second_names_out_of_every_listing(tmp_path):
+    from ladle.checkpoint import first_names
+
+    w = torch.arange(4.0)
+    torch.save({"emb": w, "head": w, "b": torch.ones(1)}, tmp_path / "tied.bin")
+    with ladle.open_checkpoint(tmp_path / "tied.bin") as tied:
+        once = first_names(tied, {"head": "emb", "absent": "emb"})
+        assert once.keys() == ["emb", "b"] and "head" not in once
+        assert once.files() == dict.fromkeys(["emb", "b"], tmp_path / "tied.bin")
+        assert once.aliases() == {}
+        assert first_names(tied, {"absent": "emb"}) is tied
+
+
 def test_second_names_answer_every_read_with_the_tensor_they_name(tmp_path):
     from ladle.checkpoint import second_names
 
@@ -1638,10 +1688,12 @@ def test_second_names_answer_every_read_with_the_tensor_they_name(tmp_path):
         assert named.shape("head") == (3, 2) and named.dtype("head") == torch.float32
         assert named.nbytes("head") == 24
         assert named.get_slice("head", slice(1, 3)).tolist() == [[2.0, 3.0], [4.0, 5.0]]
+        assert named.get("head", device="meta").device == torch.device("meta")
         assert named.get_rows("head", slice(0, 1)).tolist() == [[0.0, 1.0]]
         assert named.get_rows("head", slice(1, 3), (6,)).tolist() == [1.0, 2.0]
         into = torch.empty(24, dtype=torch.uint8)
         assert named.read_rows("head", slice(2, 3), into).tolist() == [[4.0, 5.0]]
+        assert named.read_rows("head", slice(3, 5), into, (6,)).tolist() == [3.0, 4.0]
         assert named.map_rows("head", slice(0, 1)).tolist() == [[0.0, 1.0]]
         named.release("head")  # the embedding's pages: no 'no tensor named' error
         assert named.files() == dict.fromkeys(["b", "emb", "head"], folder / "model.safetensors")
