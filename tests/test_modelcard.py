@@ -697,7 +697,7 @@ def test_inputs_are_recorded_relative_to_the_output_folder_as_its_links_resolve(
     assert all(torch.equal(again[k], merged[k]) for k in merged)
 
 
-def test_an_input_sharing_only_the_root_with_the_output_is_recorded_absolute(tmp_path):
+def test_an_input_sharing_only_the_root_with_the_output_is_recorded_absolute(tmp_path, monkeypatch):
     from ladle.checkpoint import recorded_name
 
     save_file({"w": torch.ones(2)}, tmp_path / "a.safetensors")
@@ -706,6 +706,19 @@ def test_an_input_sharing_only_the_root_with_the_output_is_recorded_absolute(tmp
         assert recorded_name(ckpt, root / "merged") == str(tmp_path / "a.safetensors")
         assert recorded_name(ckpt, tmp_path / "merged") == "a.safetensors"
         assert recorded_name(ckpt) == str(tmp_path / "a.safetensors")  # no output: as given
+        monkeypatch.setenv("HOME", os.sep)  # the root as home folder: no user's folder
+        assert recorded_name(ckpt) == str(tmp_path / "a.safetensors")
+
+
+def test_an_input_in_a_linked_folder_is_recorded_through_the_link(tmp_path):
+    from ladle.checkpoint import recorded_name
+
+    (tmp_path / "ckpts" / "v2").mkdir(parents=True)
+    (tmp_path / "ckpts" / "latest").symlink_to("v2")
+    save_file({"w": torch.ones(2)}, tmp_path / "ckpts" / "v2" / "a.safetensors")
+    with ladle.open_checkpoint(tmp_path / "ckpts" / "latest" / "a.safetensors") as ckpt:
+        recorded = recorded_name(ckpt, tmp_path / "merges" / "out")
+    assert recorded == "../ckpts/latest/a.safetensors"  # as named, not the link's target
 
 
 @pytest.mark.parametrize("size", [50, "50B"])
