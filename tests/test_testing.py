@@ -163,6 +163,8 @@ def test_paths_are_loaded(tmp_path):
 def test_default_tolerances_are_those_of_torch_testing():
     assert default_tolerances(torch.float32) == (1.3e-6, 1e-5)
     assert default_tolerances(torch.float16) == (1e-3, 1e-5)
+    assert default_tolerances(torch.bfloat16) == (1.6e-2, 1e-5)
+    assert default_tolerances(torch.float64) == (1e-7, 1e-7)
     assert default_tolerances(torch.int64) == (0.0, 0.0)
 
 
@@ -359,6 +361,7 @@ def test_complex_values_are_compared_by_magnitude_and_shown_in_full():
 def test_complex_default_tolerances_are_those_of_torch_testing():
     assert default_tolerances(torch.complex64) == (1.3e-6, 1e-5)
     assert default_tolerances(torch.complex128) == (1e-7, 1e-7)
+    assert default_tolerances(torch.complex32) == (1e-3, 1e-5)
     z = torch.tensor([1 + 1j])
     assert_state_dicts_close({"z": z + 1e-6}, {"z": z})
 
@@ -647,3 +650,80 @@ def test_every_family_member_has_a_0d_int64_buffer(family):
     base, models = family
     for state in [base, *models]:
         assert state[BUFFER_KEY].dtype == torch.int64 and state[BUFFER_KEY].dim() == 0
+
+
+def test_uint64_zero_is_compared_as_zero():
+    # uint64 is read through its int64 bits: only bits < 0 (values of 2**63 and more) need
+    # 2**64 added, not a zero.
+    text = message_of(
+        {"u": torch.tensor([0, 5], dtype=torch.uint64)},
+        {"u": torch.tensor([1, 5], dtype=torch.uint64)},
+    )
+    assert text.splitlines()[-1] == (
+        "  'u': 1 of 2 elements differ; max abs error 1, max rel error 1 (rtol=0, atol=0); "
+        "worst at index (0,): actual 0, expected 1"
+    )
+
+
+def test_integer_max_abs_error_is_the_largest_of_the_differing_elements():
+    text = message_of({"n": torch.tensor([10, 1, 3])}, {"n": torch.tensor([0, 0, 3])})
+    assert "'n': 2 of 3 elements differ; max abs error 10, max rel error inf" in text
+
+
+@pytest.mark.parametrize(
+    ("actual", "expected", "shown"),
+    [
+        (torch.tensor([1 + 1j]), torch.tensor([1.0]), "actual 1+1j, expected 1+0j"),
+        (torch.tensor([2.0]), torch.tensor([1 + 0j]), "actual 2+0j, expected 1+0j"),
+    ],
+)
+def test_a_complex_key_against_a_real_one_is_compared_as_complex(actual, expected, shown):
+    # Both sides widen to complex128 when either is complex: the imaginary part counts.
+    text = message_of({"z": actual}, {"z": expected})
+    assert text.splitlines()[1:] == [
+        f"  'z': dtype {actual.dtype}, expected {expected.dtype}",
+        "  values differ in 1 key, worst first:",
+        "  'z': 1 of 1 elements differ; max abs error 1, max rel error 1 (rtol=1.3e-06, "
+        f"atol=1e-05); worst at index (0,): {shown}",
+    ]
+
+
+def test_an_infinity_is_not_close_to_a_value_whose_tolerance_overflows():
+    # rtol·|expected| = 1e10·1e300 is inf in float64, and inf − 1e300 ≤ inf holds.
+    text = message_of(
+        {"w": torch.tensor([math.inf], dtype=torch.float64)},
+        {"w": torch.tensor([1e300], dtype=torch.float64)},
+        rtol=1e10,
+    )
+    assert text.endswith("worst at index (0,): actual inf, expected 1e+300")
+
+
+def test_keys_rank_by_their_error_over_atol_plus_rtol_times_expected():
+    # 'a': 100 / (1e-5 + 1.3e-6·1e6) ≈ 77 tolerances off; 'b': 5e-4 / 1e-5 = 50. With rtol
+    # and atol swapped ('a' ≈ 10, 'b' ≈ 385), or by max rel error alone, they swap.
+    text = message_of(
+        {"a": torch.tensor([1e6 + 100], dtype=torch.float64), "b": torch.tensor([5e-4])},
+        {"a": torch.tensor([1e6], dtype=torch.float64), "b": torch.tensor([0.0])},
+        rtol=1.3e-6,
+        atol=1e-5,
+    )
+    assert [line[:5] for line in text.splitlines()[2:]] == ["  'a'", "  'b'"]
+
+
+@pytest.mark.parametrize(
+    ("actual", "expected"), [(torch.float64, torch.float32), (torch.float32, torch.float64)]
+)
+def test_float64_against_float32_takes_the_looser_atol_of_either_side(actual, expected):
+    # 5e-6 is within float32's atol 1e-5, not float64's 1e-7: only the dtype is wrong.
+    text = message_of(
+        {"w": torch.tensor([5e-6], dtype=actual)}, {"w": torch.tensor([0.0], dtype=expected)}
+    )
+    assert text == f"state dicts are not close:\n  'w': dtype {actual}, expected {expected}"
+
+
+@pytest.mark.parametrize("name", ["rtol", "atol"])
+def test_infinite_tolerances_are_value_errors_naming_them(name):
+    sd = {"w": torch.zeros(1)}
+    with pytest.raises(ValueError) as info:
+        assert_state_dicts_close(sd, sd, **{name: math.inf})
+    assert str(info.value) == f"{name}: expected a finite number ≥ 0, found inf"
