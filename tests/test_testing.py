@@ -226,6 +226,8 @@ def test_model_families_respect_n_dtypes_and_buffers(family):
         ({"bound": 0}, "bound"),
         ({"keys": ["a", "a"]}, "keys"),
         ({"keys": [BUFFER_KEY]}, "keys"),
+        ({"dtypes": [torch.float32, torch.int64]}, "dtypes"),
+        ({"keys": []}, "keys"),
     ],
 )
 def test_bad_strategy_arguments_are_value_errors_naming_the_parameter(kwargs, match):
@@ -630,7 +632,13 @@ def test_a_nan_is_the_worst_element_and_ranks_its_key_first():
 
 @pytest.mark.parametrize(
     ("dtype", "bound"),
-    [(torch.float32, 0.5), (torch.float16, 65504.0), (torch.bfloat16, 0.25), (torch.float64, 2.0)],
+    [
+        (torch.float32, 0.5),
+        (torch.float16, 65504.0),
+        (torch.bfloat16, 0.25),
+        (torch.float64, 2.0),
+        (torch.float16, 2.0**-24),  # its smallest positive value: the least bound allowed
+    ],
 )
 def test_a_bound_the_dtype_holds_exactly_is_kept_and_can_be_drawn(dtype, bound):
     # Rounded down only when the dtype cannot hold it: a bound it holds stays as it is.
@@ -727,3 +735,31 @@ def test_infinite_tolerances_are_value_errors_naming_them(name):
     with pytest.raises(ValueError) as info:
         assert_state_dicts_close(sd, sd, **{name: math.inf})
     assert str(info.value) == f"{name}: expected a finite number ≥ 0, found inf"
+
+
+def test_one_key_of_sides_one_is_the_smallest_layout_allowed():
+    @given(
+        state_dicts(max_keys=1, max_side=1, buffers=False),
+        model_families(max_keys=1, max_side=1, buffers=False),
+    )
+    def check(sd, family):
+        for state in (sd, family[0]):
+            assert len(state) == 1
+            assert all(side == 1 for tensor in state.values() for side in tensor.shape)
+
+    check()
+
+
+def test_a_single_fine_tune_can_move_by_the_whole_bound():
+    from hypothesis import find, settings
+
+    strategy = model_families(
+        n=1, shapes={"w": (2,)}, dtypes=[torch.float32], bound=0.5, buffers=False
+    )
+    base, models = find(
+        strategy,
+        lambda family: float((family[1][0]["w"] - family[0]["w"]).abs().max()) == 0.5,
+        settings=settings(database=None, max_examples=1000),
+    )
+    assert len(models) == 1
+    assert float((models[0]["w"] - base["w"]).abs().max()) == 0.5
