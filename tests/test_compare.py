@@ -242,3 +242,58 @@ def test_diff_counts_a_tensor_every_input_ties_once_in_the_total():
     assert report.total.cosine == pytest.approx(2 / math.sqrt(11 * 18))
     once = ladle.diff({"emb": emb_a, "body": torch.ones(2)}, {"emb": emb_b, "body": torch.ones(2)})
     assert report.total == once.total
+
+
+def test_identical_tensors_whose_squared_norm_overflows_still_have_cosine_exactly_1():
+    # ‖a‖² = 2e310 is inf in float64: ⟨a,b⟩ / (‖a‖·‖b‖) is inf / inf, NaN, for a == b.
+    a = {"w": torch.tensor([1e155, 1e155], dtype=torch.float64)}
+    report = ladle.diff(a, {"w": a["w"].clone()})
+    assert report.tensors == [ladle.TensorDiff("w", math.inf, math.inf, 0.0, 1.0)]
+
+
+def test_task_vectors_are_taken_in_float64_not_in_the_models_dtype():
+    # a − base = 2**-30 − 1 exactly in float64; float32 rounds it to −1 = b − base, and the
+    # two fine-tunes looked identical (|A-B| 0).
+    report = ladle.diff(
+        {"w": torch.tensor([2.0**-30])}, {"w": torch.tensor([0.0])}, base={"w": torch.ones(1)}
+    )
+    row = report.tensors[0]
+    assert (row.norm_a, row.norm_b, row.norm_diff) == (1 - 2**-30, 1.0, 2**-30)
+
+
+def test_with_a_base_rows_follow_the_bases_key_order():
+    # As the merges order their outputs: task_arithmetic's keys are the base's.
+    base = {"b": torch.zeros(1), "w": torch.zeros(2)}
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([1.0])}
+    b = {"w": torch.tensor([0.0, 2.0]), "b": torch.tensor([3.0])}
+    report = ladle.diff(a, b, base=base)
+    assert [row.key for row in report.tensors] == ["b", "w"]
+    assert report.tensors[0] == ladle.TensorDiff("b", 1.0, 3.0, 2.0, 1.0)
+
+
+def test_a_tensor_tied_in_one_model_only_is_compared_under_each_name():
+    # b untied its head: the head's row is its own, not the embedding's, and counts in the
+    # total. a = [3, 0, 3, 0], b = [3, 0, 0, 4]: ‖a‖² = 18, ‖b‖² = 25, ⟨a,b⟩ = 9, ‖a−b‖ = 5.
+    emb = torch.tensor([3.0, 0.0])
+    report = ladle.diff(
+        {"emb": emb, "head": emb}, {"emb": emb.clone(), "head": torch.tensor([0.0, 4.0])}
+    )
+    assert report.tensors == [
+        ladle.TensorDiff("emb", 3.0, 3.0, 0.0, 1.0),
+        ladle.TensorDiff("head", 3.0, 4.0, 5.0, 0.0),
+    ]
+    assert report.total == ladle.TensorDiff("", math.sqrt(18), 5.0, 5.0, 9 / math.sqrt(450))
+
+
+def test_every_non_floating_key_is_skipped_whatever_its_dtype():
+    a = {"w": torch.ones(2), "mask": torch.tensor([True, False]), "n": torch.tensor(3).int()}
+    report = ladle.diff(a, {key: value.clone() for key, value in a.items()})
+    assert [row.key for row in report.tensors] == ["w"]
+    assert report.skipped == ["mask", "n"]
+
+
+def test_models_without_floating_tensors_have_no_rows_and_a_zero_total():
+    report = ladle.diff({"n": torch.tensor(1)}, {"n": torch.tensor(2)})
+    assert (report.tensors, report.skipped) == ([], ["n"])
+    assert report.total[:4] == ("", 0.0, 0.0, 0.0)
+    assert math.isnan(report.total.cosine)
