@@ -297,3 +297,26 @@ def test_models_without_floating_tensors_have_no_rows_and_a_zero_total():
     assert (report.tensors, report.skipped) == ([], ["n"])
     assert report.total[:4] == ("", 0.0, 0.0, 0.0)
     assert math.isnan(report.total.cosine)
+
+
+def test_cli_diff_with_base_labels_the_task_vectors(files, capsys):
+    # Task vectors of the whole model: [2, -1, 1, 1] and [-1, 3, 1, 1]: ‖·‖² = 7 and 12,
+    # ⟨,⟩ = -3, cosine -3/√84.
+    assert main(["diff", files["a"], files["b"], "--base", files["base"]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["key", "|A-base|", "|B-base|", "|A-B|", "cosine"]
+    assert lines[-1] == (
+        "2 tensors: |A-base| 2.64575, |B-base| 3.4641, |A-B| 5, cosine of the task vectors "
+        "-0.327327; 1 identical; 1 non-floating skipped"
+    )
+    assert main(["diff", files["a"], files["b"], "--base", files["base"], "--json"]) == 0
+    total = json.loads(capsys.readouterr().out)["total"]
+    assert list(total) == ["norm_a", "norm_b", "norm_diff", "cosine"]
+
+
+def test_cli_diff_counts_as_identical_only_tensors_that_are_equal(tmp_path, capsys):
+    # b = 2a: a cosine of 1, but not identical.
+    save_file({"w": torch.tensor([1.0, 1.0])}, tmp_path / "a.safetensors")
+    save_file({"w": torch.tensor([2.0, 2.0])}, tmp_path / "b.safetensors")
+    assert main(["diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("cosine of the models 1; 0 identical")
