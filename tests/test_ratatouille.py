@@ -240,6 +240,9 @@ def test_a_drop_pattern_matching_nothing_names_the_first_five_keys():
         "auxiliary (<state dict>): drop pattern 'head.*' matches none of its 6 keys "
         "('a', 'b', 'c', 'd', 'e', ...)"
     )
+    with pytest.raises(ladle.IncompatibleError) as info:
+        ladle.ratatouille_init({k: torch.ones(1) for k in "abcde"}, {}, drop=["head.*"])
+    assert str(info.value).endswith("matches none of its 5 keys ('a', 'b', 'c', 'd', 'e')")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
@@ -332,3 +335,49 @@ def test_a_head_giving_every_name_of_a_tied_tensor_replaces_it():
     init = ladle.ratatouille_init(aux, {"emb.weight": probe, "head.weight": probe})
     assert torch.equal(init["emb.weight"], probe)
     assert torch.equal(init["head.weight"], probe)
+
+
+def test_every_drop_pattern_removes_its_keys():
+    aux = {"a.w": torch.ones(1), "b.w": torch.ones(1), "c.w": torch.ones(1)}
+    assert list(ladle.ratatouille_init(aux, {}, drop=["a.*", "b.*"])) == ["c.w"]
+
+
+def test_a_head_key_of_another_floating_dtype_replaces_a_kept_key_in_its_own_dtype():
+    # Only the dtype kind must agree: a bfloat16 probe stands in for a float32 head.
+    aux = {"body.weight": torch.ones(2), "head.weight": torch.zeros(3, 2)}
+    init = ladle.ratatouille_init(aux, {"head.weight": torch.ones(3, 2, dtype=torch.bfloat16)})
+    assert init["head.weight"].dtype == torch.bfloat16
+    assert init["body.weight"].dtype == torch.float32
+
+
+def test_init_tensors_share_no_memory_with_the_input_mappings():
+    # Head keys replacing a kept key, head keys of their own and the auxiliary's kept keys:
+    # writing to the init leaves both inputs as they were.
+    aux, head = auxiliary(), {**probe(), "body.bias": torch.zeros(4)}
+    init = ladle.ratatouille_init(aux, head, drop=["aux_head.*"])
+    for tensor in init.values():
+        tensor.add_(1)
+    for state, fresh in ((aux, auxiliary()), (head, {**probe(), "body.bias": torch.zeros(4)})):
+        assert all(torch.equal(state[key], fresh[key]) for key in fresh)
+
+
+def test_a_probe_for_a_tied_name_is_taken_when_the_other_names_are_dropped():
+    # No other name of the tensor stays the auxiliary's: nothing for the probe to clash with.
+    probe = torch.full((6, 4), 0.5)
+    init = ladle.ratatouille_init(TiedLM(0), {"head.weight": probe}, drop=["emb.weight"])
+    assert "emb.weight" not in init
+    assert torch.equal(init["head.weight"], probe)
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["enc.embed", "dec.embed"], "key 'enc.embed' is tied to 'shared'"),
+        (["dec.embed"], "key 'dec.embed' is tied to 'shared'"),
+    ],
+)
+def test_a_tied_probe_is_refused_naming_the_first_name_given_and_the_first_kept(names, message):
+    shared = torch.arange(6.0)
+    aux = {"shared": shared, "enc.embed": shared, "dec.embed": shared}
+    with pytest.raises(ladle.IncompatibleError, match=message):
+        ladle.ratatouille_init(aux, {key: torch.zeros(6) for key in names})
