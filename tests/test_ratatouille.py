@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import math
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -164,10 +166,11 @@ def test_greedy_ratatouille_is_the_greedy_soup():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"selection": "best"}, "selection"),
-        ({"selection": "greedy"}, "evaluate"),
-        ({"evaluate": lambda sd: 0.0}, "evaluate"),
-        ({"scores": [1.0, 2.0]}, "scores"),
+        ({"selection": "best"}, "^selection:"),
+        ({"selection": "greedy"}, "^evaluate:"),
+        ({"selection": "greedy", "scores": [1.0, 2.0]}, "^evaluate: selection='greedy' needs"),
+        ({"evaluate": lambda sd: 0.0}, "^evaluate:"),
+        ({"scores": [1.0, 2.0]}, "^scores:"),
     ],
 )
 def test_bad_arguments_are_value_errors_naming_the_parameter(kwargs, match):
@@ -180,6 +183,7 @@ def test_bad_arguments_are_value_errors_naming_the_parameter(kwargs, match):
     [
         ({"scores": [1.0, 2.0]}, r"scores: used only with selection='greedy'; .* leave scores out"),
         ({"strict": True}, r"strict: used only with selection='greedy'"),
+        ({"scores": torch.tensor([1.0, 2.0])}, r"scores: used only with selection='greedy'"),
         (
             {"evaluate": lambda sd: 1.0, "scores": [1.0, 2.0]},
             r"evaluate: used only .* leave evaluate and scores out",
@@ -381,3 +385,35 @@ def test_a_tied_probe_is_refused_naming_the_first_name_given_and_the_first_kept(
     aux = {"shared": shared, "enc.embed": shared, "dec.embed": shared}
     with pytest.raises(ladle.IncompatibleError, match=message):
         ladle.ratatouille_init(aux, {key: torch.zeros(6) for key in names})
+
+
+@pytest.mark.parametrize("selection", ["uniform", "greedy"])
+def test_the_merge_options_reach_either_selections_merge(selection, tmp_path):
+    # dtype, allow_nonfinite, max_shard_size, overwrite and progress are passed on to the
+    # uniform soup's fold and to the greedy soup alike.
+    runs = [
+        {"a": torch.tensor([1.0, math.nan]), "b": torch.tensor([2.0])},
+        {"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([4.0])},
+    ]
+    bar = mock.MagicMock()  # a tqdm-like class: bar(total=..., ...) makes the bar
+    greedy = {"evaluate": lambda sd: 1.0, "scores": [1.0, 1.0]} if selection == "greedy" else {}
+    options = {"dtype": torch.float16, "allow_nonfinite": True, "max_shard_size": 4, **greedy}
+    ladle.ratatouille(runs, selection=selection, out=tmp_path / "soup", **options)
+    ladle.ratatouille(
+        runs, selection=selection, out=tmp_path / "soup", overwrite=True, progress=bar, **options
+    )
+    assert bar.called
+    assert len(list((tmp_path / "soup").glob("*.safetensors"))) == 2  # a: 4 bytes, b: 2
+    soup = ladle.load(tmp_path / "soup")
+    assert soup["a"].dtype == soup["b"].dtype == torch.float16
+    assert soup["a"][0].item() == 2.0 and math.isnan(soup["a"][1].item())
+    assert soup["b"].tolist() == [3.0]
+
+
+@pytest.mark.parametrize(("strict", "selected"), [(False, [0, 1]), (True, [0])])
+def test_greedy_strict_keeps_a_candidate_only_when_the_score_rises(strict, selected):
+    runs = [{"w": torch.zeros(2)}, {"w": torch.ones(2)}]
+    result = ladle.ratatouille(
+        runs, selection="greedy", evaluate=lambda sd: 1.0, scores=[1.0, 1.0], strict=strict
+    )
+    assert result.selected == selected
