@@ -49,7 +49,8 @@ class DiffReport(NamedTuple):
         tensors: one :class:`TensorDiff` per floating tensor, in the reference's key order.
         total: the same over all floating tensors taken as one vector, a tensor named twice
             in every input (tied weights: its rows are equal) counted once.
-        skipped: non-floating keys (integer buffers), not compared.
+        skipped: keys that are not real floating tensors (integer and bool buffers, complex
+            tensors), not compared.
 
     Example:
         >>> import torch, ladle
