@@ -196,6 +196,17 @@ def test_greedy_only_arguments_with_uniform_selection_are_named(extra, message):
         ladle.ratatouille(runs, **extra)
 
 
+@pytest.mark.parametrize(("chunk_bytes", "error"), [(2**20, ValueError), ("4MB", TypeError)])
+def test_a_chunk_size_with_greedy_selection_is_refused_before_any_evaluation(chunk_bytes, error):
+    # The greedy rule folds chunks of its own size: a chunk size given with it was ignored.
+    calls = []
+    with pytest.raises(error, match="^chunk_bytes: "):
+        ladle.ratatouille(
+            family(2), selection="greedy", evaluate=calls.append, chunk_bytes=chunk_bytes
+        )
+    assert calls == []
+
+
 # Gaps found by mutation testing: each test below fails on a small change to the code.
 
 

@@ -17,7 +17,15 @@ from typing import Literal, overload
 import torch
 
 from ..checkpoint import StateDict, StateDictLike, check_source, open_checkpoint
-from ..engine import FOLD_CHUNK_BYTES, NumbersLike, Progress, _kind, check_models, merge
+from ..engine import (
+    FOLD_CHUNK_BYTES,
+    NumbersLike,
+    Progress,
+    _kind,
+    check_chunk_bytes,
+    check_models,
+    merge,
+)
 from ..errors import IncompatibleError
 from ..writer import DEFAULT_MAX_SHARD_SIZE
 from .soup import Evaluate, GreedySoupResult, normalized_weights, run_greedy, weighted_mean_kernel
@@ -253,7 +261,8 @@ def ratatouille(
         progress: ``True`` for a tqdm bar, or a tqdm-like class.
         max_shard_size: largest shard of a directory output.
         overwrite: replace an earlier output at ``out`` (atomically) instead of refusing.
-        chunk_bytes: largest piece of one tensor processed at a time (``"uniform"``).
+        chunk_bytes: largest piece of one tensor processed at a time (``"uniform"``; with
+            ``"greedy"`` any other value than the default is a ``ValueError``).
         allow_nonfinite: merge inputs holding NaN or Inf, and keep merged values that
             overflow the output dtype, instead of raising NonFiniteError.
 
@@ -300,6 +309,11 @@ def ratatouille(
         )
     if evaluate is None:
         raise ValueError("evaluate: selection='greedy' needs evaluate(state_dict) -> float")
+    if check_chunk_bytes(chunk_bytes) != FOLD_CHUNK_BYTES:  # the greedy rule folds its own
+        raise ValueError(
+            f"chunk_bytes: used only with selection='uniform' (the greedy rule folds "
+            f"{FOLD_CHUNK_BYTES} bytes at a time); leave chunk_bytes out, found {chunk_bytes}"
+        )
     return run_greedy(
         models,
         evaluate,
