@@ -433,6 +433,7 @@ STOCK = 'method = "stock"\nmodels = ["m0.safetensors"]\nbase = "m2.safetensors"\
         (TIES + "[parameters]\ndensity = 0\n", r"density: expected a number in \(0, 1\]"),
         (TIES + '[parameters]\ntrim = "layer"\n', r"trim: expected one of 'global', 'tensor'"),
         (TIES + "[parameters]\nscale = inf\n", r"scale: expected a finite number, found inf"),
+        (DARE + "[parameters]\nscale = inf\n", r"scale: expected a finite number, found inf"),
         (DARE + '[parameters]\ncombine = "tie"\n', r"combine: expected one of 'sum', 'ties'"),
         (DARE + "[parameters]\ndensity = 1e-9\n", r"density: expected at least 2\*\*-24"),
         (DARE + "[parameters]\ndensity = 1.5\n", r"density: expected a number in \(0, 1\]"),
@@ -456,6 +457,14 @@ STOCK = 'method = "stock"\nmodels = ["m0.safetensors"]\nbase = "m2.safetensors"\
         (
             RATATOUILLE + "[parameters]\nstrict = true\n",
             r"strict: used only with selection = 'greedy'",
+        ),
+        (
+            RATATOUILLE + "[parameters]\nscores = [1, 2]\n",
+            r"scores: used only with selection = 'greedy'",
+        ),
+        (
+            GREEDY + '[parameters]\nevaluate = "evals:"\n',
+            r"evaluate: expected 'package\.module:function' or 'file\.py:function'",
         ),
         (
             RATATOUILLE + '[parameters]\nselection = "greedy"\n',
@@ -503,6 +512,7 @@ def test_valid_parameter_values_pass_the_check(folder):
         RATATOUILLE + '[parameters]\nselection = "greedy"\nevaluate = "math:fabs"\n'
         "scores = [1, 2]\nstrict = true\n",
         RATATOUILLE + "[parameters]\nstrict = false\n",
+        GREEDY + '[parameters]\nevaluate = "evals:Metrics.score"\n',  # a dotted attribute
         STOCK.replace('["m0.safetensors"]', '["m0.safetensors", "m1.safetensors"]'),
     ):
         load_recipe(write(folder, text))
@@ -676,9 +686,78 @@ def test_an_output_over_the_steps_own_input_gets_no_hint_to_name_the_step(folder
             "steps.1st: step names are letters, digits, '_' and '-'",
         ),
         ("[steps]\na = 1\n", "steps.a: expected a table, found int"),
+        ("steps = {}\n", "steps: expected one or more [steps.NAME] tables"),
+        (
+            'device = 1\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "o"\n',
+            "device: expected a string such as 'cpu', found 1",
+        ),
+        (
+            'method = 1\nmodels = ["m0.safetensors"]\noutput = "o"\n',
+            "recipe.method: expected a string, found int",
+        ),
+        (
+            'method = "blend"\nmodels = ["m0.safetensors"]\noutput = "o"\n',
+            "recipe.method: unknown method 'blend'; expected one of dare, greedy_soup, "
+            "model_stock, ratatouille, soup, stock, task_arithmetic, ties, uniform_soup",
+        ),
+        (
+            'method = "soup"\nmodels = "m0.safetensors"\noutput = "o"\n',
+            "recipe.models: expected a non-empty list of models, found 'm0.safetensors'",
+        ),
+        (
+            'method = "soup"\nmodels = ["m0.safetensors", ""]\noutput = "o"\n',
+            "recipe.models[1]: expected a path, hf:// URL or step name, found ''",
+        ),
+        (
+            'method = "soup"\nmodels = [1]\noutput = "o"\n',
+            "recipe.models[0]: expected a path, hf:// URL or step name, found 1",
+        ),
+        (
+            'method = "soup"\nmodels = ["m0.safetensors"]\noutput = 1\n',
+            "recipe.output: expected a path, found 1",
+        ),
+        (SOUP + "parameters = 3\n", "recipe.parameters: expected a table, found int"),
+        (
+            SOUP + '[parameters]\nweights = [1, "a"]\n',
+            "recipe.parameters.weights: expected a list of numbers, found [1, 'a']",
+        ),
+        (
+            GREEDY + '[parameters]\nevaluate = "m:f"\nstrict = 1\n',
+            "recipe.parameters.strict: expected true or false, found 1",
+        ),
+        (DARE + "[parameters]\nseed = true\n", "recipe.parameters.seed: expected an integer"),
     ],
 )
 def test_more_invalid_recipes_fail_up_front_naming_the_field(folder, text, message):
     with pytest.raises(ValueError) as info:
         load_recipe(write(folder, text))
     assert str(info.value).startswith(message)
+
+
+def test_an_output_folder_holding_an_input_or_over_the_base_is_refused(folder):
+    ladle.save(family(1, seed=2)[0], folder / "d" / "x.safetensors")
+    text = 'method = "soup"\nmodels = ["d/x.safetensors", "m0.safetensors"]\noutput = "d"\n'
+    with pytest.raises(ValueError) as info:
+        load_recipe(write(folder, text))
+    assert str(info.value) == (
+        f"recipe.output: {folder / 'd'} would overwrite {folder / 'd' / 'x.safetensors'}, an "
+        "input of the recipe; a recipe never writes over its inputs"
+    )
+    with pytest.raises(ValueError) as info:
+        load_recipe(write(folder, TIES.replace('"o"', '"m2.safetensors"')))
+    assert str(info.value).startswith(
+        f"recipe.output: {folder / 'm2.safetensors'} would overwrite {folder / 'm2.safetensors'}"
+    )
+
+
+def test_a_missing_recipe_file_is_a_value_error_naming_it(tmp_path):
+    with pytest.raises(ValueError) as info:
+        load_recipe(tmp_path / "none.toml")
+    assert str(info.value) == (
+        f"recipe: cannot read {tmp_path / 'none.toml'} (No such file or directory)"
+    )
+
+
+def test_a_dtype_is_named_in_any_case_as_the_cli_takes_it(folder):
+    text = SOUP.replace('output = "o"', 'output = "o"\ndtype = "BF16"')
+    assert load_recipe(write(folder, text)).steps[0].dtype == torch.bfloat16
