@@ -761,3 +761,90 @@ def test_a_missing_recipe_file_is_a_value_error_naming_it(tmp_path):
 def test_a_dtype_is_named_in_any_case_as_the_cli_takes_it(folder):
     text = SOUP.replace('output = "o"', 'output = "o"\ndtype = "BF16"')
     assert load_recipe(write(folder, text)).steps[0].dtype == torch.bfloat16
+
+
+def test_a_steps_max_shard_size_shards_its_output(folder):
+    recipe = write(folder, SOUP + "max_shard_size = 64\n")
+    assert run_recipe(recipe, device="cpu") == {"main": folder / "o"}
+    assert len(list((folder / "o").glob("model-*-of-*.safetensors"))) > 1
+    expected = ladle.uniform_soup([folder / "m0.safetensors", folder / "m1.safetensors"])
+    merged = ladle.load(folder / "o")
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+def test_load_callable_follows_dotted_names_and_refuses_what_it_cannot_call():
+    import os.path
+
+    assert load_callable("os:path.join") is os.path.join
+    with pytest.raises(ValueError, match=r"^'math:pi' is a float, not a callable$"):
+        load_callable("math:pi")
+    for reference in (":sqrt", "math:", "math"):
+        with pytest.raises(ValueError, match=r"^expected MODULE:FUNCTION, e\.g\. "):
+            load_callable(reference)
+
+
+def test_load_callable_leaves_sys_path_as_it_found_it(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "h80_scores.py").write_text("def score(sd):\n    return 1.0\n")
+    monkeypatch.delitem(sys.modules, "h80_scores", raising=False)  # removed again afterwards
+    before = list(sys.path)
+    assert load_callable("h80_scores:score", folder=tmp_path)({}) == 1.0
+    assert load_callable("h80_scores.py:score", folder=tmp_path)({}) == 1.0
+    assert sys.path == before
+
+
+def test_an_evaluate_file_that_failed_to_import_is_imported_again_once_fixed(tmp_path):
+    (tmp_path / "ev.py").write_text("raise RuntimeError('not yet')\n")
+    with pytest.raises(ValueError, match=r"cannot import 'ev\.py:score': RuntimeError: not yet"):
+        load_callable("ev.py:score", folder=tmp_path)
+    (tmp_path / "ev.py").write_text("def score(state_dict):\n    return 2.0\n")
+    assert load_callable("ev.py:score", folder=tmp_path)({}) == 2.0
+
+
+def test_an_error_while_a_step_runs_keeps_its_attributes_or_is_raised_as_it_is(folder, monkeypatch):
+    class Refused(ValueError):
+        key = None
+
+    def raising(err: Exception):
+        def merge(models, **kwargs):
+            raise err
+
+        return merge
+
+    refused = Refused("bad key")
+    refused.key = "layer.weight"
+    recipe = write(folder, SOUP)
+    monkeypatch.setattr(ladle, "uniform_soup", raising(refused))
+    with pytest.raises(Refused) as info:
+        run_recipe(recipe, device="cpu")
+    assert str(info.value) == "recipe: bad key" and info.value.key == "layer.weight"
+    # A KeyError would quote a message rebuilt from it: it is raised unchanged.
+    missing = KeyError("layer.weight")
+    monkeypatch.setattr(ladle, "uniform_soup", raising(missing))
+    with pytest.raises(KeyError) as info:
+        run_recipe(recipe, device="cpu")
+    assert info.value is missing
+
+
+def test_a_step_gets_the_recipes_device_and_the_callers_progress_and_overwrite(folder, monkeypatch):
+    import functools
+
+    seen = []
+    real = ladle.uniform_soup
+
+    @functools.wraps(real)
+    def spy(models, **kwargs):
+        seen.append(kwargs)
+        return real(models, **kwargs)
+
+    monkeypatch.setattr(ladle, "uniform_soup", spy)
+    recipe = write(folder, 'device = "cpu"\n' + SOUP)
+    assert run_recipe(recipe, progress=False) == {"main": folder / "o"}
+    assert run_recipe(recipe, progress=True, overwrite=True) == {"main": folder / "o"}
+    out = folder / "o"
+    assert seen == [
+        {"out": out, "device": "cpu", "progress": False, "overwrite": False},
+        {"out": out, "device": "cpu", "progress": True, "overwrite": True},
+    ]
