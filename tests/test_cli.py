@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -82,6 +83,8 @@ def test_merge_error_is_one_line_on_stderr_with_exit_1(tmp_path, inputs, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("ladle: error: model 1")
     assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(ladle.IncompatibleError, match="^model 1"):  # --debug: the traceback
+        main(["--debug", "soup", inputs[0], str(bad), "-o", str(tmp_path / "x.safetensors")])
 
 
 def test_ctrl_c_exits_130_with_one_line_and_leaves_no_output(tmp_path, inputs, capsys, monkeypatch):
@@ -188,6 +191,8 @@ def test_inspect_json(inputs, capsys):
     shapes = {t["key"]: t["shape"] for t in report["tensors"]}
     assert shapes["layer.weight"] == [4, 3] and shapes["scalar"] == []
     assert report["bytes"] == sum(t.nbytes for t in family(1, seed=7)[0].values())
+    assert (report["source"], report["path"], report["metadata"]) == (inputs[0], inputs[0], {})
+    assert report["parameters"] == sum(t.numel() for t in family(1, seed=7)[0].values())
 
 
 def test_inspect_json_names_the_torch_file_holding_each_tensor(tmp_path, capsys):
@@ -260,6 +265,8 @@ def test_inspect_of_a_one_file_model_folder_shows_its_file_and_no_path_line(
         f"1 tensor, 2 parameters, 8 B (hf://org/m@{COMMIT_A})",
         f"path {snapshot}",
     ]
+    assert main(["inspect", f"hf://org/m@{COMMIT_A}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(snapshot)
 
 
 @pytest.mark.slow
@@ -375,6 +382,8 @@ def test_inspect_prints_one_line_per_metadata_entry(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("metadata")]
     assert lines == ['metadata note: "a\\nmetadata x: y"']
+    assert main(["inspect", str(tmp_path / "m.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metadata"] == {"note": "a\nmetadata x: y"}
 
 
 def test_inspect_escapes_keys_that_would_break_a_line_or_the_encoding(tmp_path):
@@ -686,3 +695,129 @@ def test_a_world_size_that_is_not_a_number_means_one_process(tmp_path, inputs, m
     out = tmp_path / "o.safetensors"
     assert main(["soup", *inputs, "-o", str(out), "--device", "cpu", "--no-progress"]) == 0
     assert out.is_file()
+
+
+@pytest.mark.parametrize(
+    ("command", "method", "options", "parameters"),
+    [
+        ("soup", "uniform_soup", ["--weights", "1", "3", "2"], {"weights": [1, 3, 2]}),
+        (
+            "task-arithmetic",
+            "task_arithmetic",
+            ["--scale", "0.5", "--weights", "1", "-2"],
+            {"scale": 0.5, "weights": [1, -2]},
+        ),
+        (
+            "ties",
+            "ties",
+            ["--density", "0.5", "--scale", "0.7", "--trim", "tensor"],
+            {"density": 0.5, "scale": 0.7, "trim": "tensor"},
+        ),
+        (
+            "dare",
+            "dare",
+            ["--density", "0.5", "--scale", "0.7", "--seed", "3", "--combine", "ties"],
+            {"density": 0.5, "scale": 0.7, "seed": 3, "combine": "ties"},
+        ),
+        ("stock", "model_stock", [], {}),
+    ],
+)
+def test_each_merge_command_writes_what_its_method_returns_by_default_and_with_options(
+    tmp_path, inputs, command, method, options, parameters
+):
+    # Every option reaches its parameter, and a default left out is the method's own.
+    from ladle.cli import build_parser
+
+    function = getattr(ladle, method)
+    models, base = (inputs, {}) if command == "soup" else (inputs[1:], {"base": inputs[0]})
+    argv = [command, *models, *(["--base", base["base"]] if base else [])]
+    parsed = build_parser().parse_args([*argv, "-o", "o"])
+    signature = inspect.signature(function).parameters
+    assert {p: getattr(parsed, p) for p in parsed.params if p != "base"} == {
+        p: signature[p].default for p in parsed.params if p != "base"
+    }
+    for given, kwargs in [([], {}), (options, parameters)][: 2 if options else 1]:
+        out = tmp_path / f"{command}{len(given)}.safetensors"
+        assert main([*argv, *given, "-o", str(out), "--device", "cpu", "--no-progress"]) == 0
+        expected = function(models, **base, **kwargs, device="cpu")
+        merged = ladle.load(out)
+        assert merged.keys() == expected.keys()
+        assert all(torch.equal(merged[k], expected[k]) for k in expected), given
+        if given:  # the options make a difference the test can see
+            default = ladle.load(tmp_path / f"{command}0.safetensors")
+            assert not all(torch.equal(merged[k], default[k]) for k in merged), command
+
+
+def test_the_shared_options_reach_the_merge_and_progress_shows_only_on_a_terminal(
+    monkeypatch,
+):
+    from ladle.cli import build_parser, merge_kwargs
+    from ladle.writer import DEFAULT_MAX_SHARD_SIZE
+
+    def kwargs(*options: str, terminal: bool) -> dict:
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+        return merge_kwargs(build_parser().parse_args(["soup", "a", "-o", "d", *options]))
+
+    defaults = {
+        "out": "d",
+        "device": None,
+        "dtype": None,
+        "max_shard_size": DEFAULT_MAX_SHARD_SIZE,
+        "overwrite": False,
+        "progress": True,
+        "allow_nonfinite": False,
+    }
+    assert kwargs(terminal=True) == defaults
+    assert kwargs(terminal=False) == {**defaults, "progress": False}
+    assert kwargs("--no-progress", terminal=True) == {**defaults, "progress": False}
+    given = ["--device", "cpu", "--dtype", "FP16", "--max-shard-size", "1KB"]
+    assert kwargs(*given, "--overwrite", "--allow-nonfinite", terminal=True) == {
+        **defaults,
+        "device": "cpu",
+        "dtype": torch.float16,
+        "max_shard_size": 1000,
+        "overwrite": True,
+        "allow_nonfinite": True,
+    }
+
+
+def test_run_passes_device_overwrite_and_progress_on_a_terminal_to_run_recipe(monkeypatch):
+    import ladle.cli
+
+    calls = []
+    monkeypatch.setattr(ladle.cli, "run_recipe", lambda recipe, **kw: calls.append(kw) or {})
+    for terminal, options in [(True, []), (False, []), (True, ["--no-progress"])]:
+        monkeypatch.setattr(sys.stderr, "isatty", lambda terminal=terminal: terminal)
+        assert main(["run", "r.toml", *options]) == 0
+    assert main(["run", "r.toml", "--device", "cpu", "--overwrite"]) == 0
+    assert calls == [
+        {"device": None, "overwrite": False, "progress": True},
+        {"device": None, "overwrite": False, "progress": False},
+        {"device": None, "overwrite": False, "progress": False},
+        {"device": "cpu", "overwrite": True, "progress": True},
+    ]
+
+
+def test_demo_passes_its_options_and_runs_on_the_cpu_by_default(monkeypatch):
+    import ladle.demo
+
+    calls = []
+    monkeypatch.setattr(ladle.demo, "run_demo", lambda **kwargs: calls.append(kwargs))
+    assert main(["demo"]) == 0
+    assert main(["demo", "--seed", "5", "--size", "small", "--workdir", "w", "--device", "x"]) == 0
+    assert calls == [
+        {"seed": 0, "size": "default", "workdir": None, "device": "cpu"},
+        {"seed": 5, "size": "small", "workdir": "w", "device": "x"},
+    ]
+
+
+def test_under_torchrun_a_command_that_does_not_split_runs_on_rank_0_alone(
+    inputs, monkeypatch, capsys
+):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["inspect", inputs[0]]) == 0
+        printed = capsys.readouterr().out
+        assert (printed == "") == (rank == "1"), rank
+    assert "5 tensors" in printed
