@@ -111,7 +111,8 @@ def test_example_recipes_are_valid(tmp_path):
         ),
         (
             'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "o"\n[parameters]\nscale = 2\n',
-            r"recipe\.parameters\.scale: uniform_soup has no parameter 'scale'",
+            r"recipe\.parameters\.scale: uniform_soup has no parameter 'scale'; expected one of "
+            r"weights, chunk_bytes, allow_nonfinite$",
         ),
         (
             'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "o"\n[parameters]\nout = "x"\n',
@@ -848,3 +849,13 @@ def test_a_step_gets_the_recipes_device_and_the_callers_progress_and_overwrite(f
         {"out": out, "device": "cpu", "progress": False, "overwrite": False},
         {"out": out, "device": "cpu", "progress": True, "overwrite": True},
     ]
+
+
+def test_cli_run_prints_only_the_outputs_written(folder, capsys):
+    recipe = write(
+        folder,
+        '[steps.pair]\nmethod = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+        '[steps.final]\nmethod = "soup"\nmodels = ["pair", "m2.safetensors"]\noutput = "f"\n',
+    )
+    assert main(["run", str(recipe), "--device", "cpu", "--no-progress"]) == 0
+    assert capsys.readouterr().out == f"final: {folder / 'f'}\n"
