@@ -164,6 +164,11 @@ def test_example_recipes_are_valid(tmp_path):
             r"steps\.a\.output: step 'b' writes",
         ),
         (
+            '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "o"\n'
+            '[steps.b]\nmethod = "soup"\nmodels = ["a"]\noutput = "o/b.safetensors"\n',
+            r"steps\.a\.output: step 'b' writes .*o/b\.safetensors too",
+        ),
+        (
             '[steps.x]\nmethod = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
             'output = "m2.safetensors"\n'
             '[steps.y]\nmethod = "soup"\nmodels = ["x", "m2.safetensors"]\noutput = "e"\n',
@@ -462,6 +467,11 @@ STOCK = 'method = "stock"\nmodels = ["m0.safetensors"]\nbase = "m2.safetensors"\
         (
             RATATOUILLE + "[parameters]\nscores = [1, 2]\n",
             r"scores: used only with selection = 'greedy'",
+        ),
+        (RATATOUILLE + "[parameters]\nscores = []\n", r"scores: used only with selection"),
+        (
+            GREEDY + '[parameters]\nevaluate = "m:f"\nscores = [1, "a"]\n',
+            r"scores: expected a list of numbers, found \[1, 'a'\]",
         ),
         (
             GREEDY + '[parameters]\nevaluate = "evals:"\n',
