@@ -187,6 +187,11 @@ def test_example_recipes_are_valid(tmp_path):
             r"output, name 'a'",
         ),
         (
+            '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "s1"\n'
+            '[steps.b]\nmethod = "soup"\nmodels = ["x/../s1", "m1.safetensors"]\noutput = "o"\n',
+            r"steps\.b\.models\[0\]: 'x/\.\./s1': no such file .*; to use step 'a''s output",
+        ),
+        (
             'method = "greedy_soup"\nmodels = ["m0.safetensors"]\noutput = "o"\n',
             r"recipe\.parameters\.evaluate: required by greedy_soup",
         ),
@@ -274,7 +279,7 @@ def test_a_bad_device_fails_before_any_step_runs(folder):
         folder, 'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "o.safetensors"\n'
     )
     for device in ("tpu", "cuda:99"):
-        with pytest.raises(ValueError, match=r"device: "):
+        with pytest.raises(ValueError, match=r"^device: "):  # no step's, checked up front
             run_recipe(recipe, device=device)
     assert not (folder / "o.safetensors").exists()
 
@@ -869,3 +874,32 @@ def test_cli_run_prints_only_the_outputs_written(folder, capsys):
     )
     assert main(["run", str(recipe), "--device", "cpu", "--no-progress"]) == 0
     assert capsys.readouterr().out == f"final: {folder / 'f'}\n"
+
+
+def test_a_step_may_use_an_earlier_steps_output_as_its_base(folder):
+    recipe = write(
+        folder,
+        '[steps.pair]\nmethod = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+        '[steps.t]\nmethod = "task_arithmetic"\nmodels = ["m2.safetensors"]\nbase = "pair"\n'
+        'output = "t.safetensors"\n[steps.t.parameters]\nscale = 0.5\n',
+    )
+    run_recipe(recipe, device="cpu")
+    m0, m1, m2 = family(3, seed=11)
+    merged = ladle.load(folder / "t.safetensors")
+    for key in ("layer.weight", "layer.bias"):
+        pair = (m0[key] + m1[key]) / 2
+        assert torch.allclose(merged[key], pair + 0.5 * (m2[key] - pair)), key
+
+
+def test_an_existing_output_of_a_middle_step_is_refused_before_the_first_step_writes(folder):
+    (folder / "mid.safetensors").write_bytes(b"mine")
+    recipe = write(
+        folder,
+        '[steps.first]\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "f.safetensors"\n'
+        '[steps.mid]\nmethod = "soup"\nmodels = ["first"]\noutput = "mid.safetensors"\n'
+        '[steps.last]\nmethod = "soup"\nmodels = ["mid"]\noutput = "l.safetensors"\n',
+    )
+    with pytest.raises(ladle.LadleError, match=r"^steps\.mid\.output: .*already exists"):
+        run_recipe(recipe, device="cpu")
+    assert not (folder / "f.safetensors").exists()
+    assert (folder / "mid.safetensors").read_bytes() == b"mine"
