@@ -374,6 +374,12 @@ def test_cli_greedy_soup_strict_and_scores(tmp_path, evaluate_module, capsys):
     argv = ["greedy-soup", *evaluate_module, "--evaluate", "soup_evals:score", "-o", str(out)]
     assert main([*argv, "--scores", "1", "3", "2", "--strict"]) == 0
     assert "selected 1 of 3 models (1)" in capsys.readouterr().out  # 1.5 < 3
+    # A soup scoring as the best model alone (1.5) is kept, unless --strict.
+    argv = [*argv, "--scores", "1.5", "1", "1", "--overwrite"]
+    assert main(argv) == 0
+    assert "selected 2 of 3 models (0, 1)" in capsys.readouterr().out
+    assert main([*argv, "--strict"]) == 0
+    assert "selected 1 of 3 models (0)" in capsys.readouterr().out
 
 
 def test_cli_greedy_soup_prints_a_negative_zero_score_as_0(tmp_path, evaluate_module, capsys):
