@@ -821,3 +821,15 @@ def test_under_torchrun_a_command_that_does_not_split_runs_on_rank_0_alone(
         printed = capsys.readouterr().out
         assert (printed == "") == (rank == "1"), rank
     assert "5 tensors" in printed
+
+
+def test_an_os_error_in_a_merge_is_one_line_with_exit_1(tmp_path, inputs, monkeypatch, capsys):
+    import ladle.cli
+
+    def unreadable(models, **kwargs):
+        raise PermissionError(13, "Permission denied", models[1])
+
+    monkeypatch.setattr(ladle.cli, "uniform_soup", unreadable)
+    assert main(["soup", *inputs, "-o", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"ladle: error: [Errno 13] Permission denied: '{inputs[1]}'\n"
