@@ -833,3 +833,14 @@ def test_an_os_error_in_a_merge_is_one_line_with_exit_1(tmp_path, inputs, monkey
     assert main(["soup", *inputs, "-o", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert err == f"ladle: error: [Errno 13] Permission denied: '{inputs[1]}'\n"
+
+
+def test_a_bad_max_shard_size_is_a_usage_error_saying_what_a_size_looks_like(
+    tmp_path, inputs, capsys
+):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["soup", *inputs, "-o", str(tmp_path / "o"), "--max-shard-size", "banana"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "ladle soup: error: argument --max-shard-size: " in err
+    assert "expected e.g. '5GB' or '500MiB', found 'banana'" in err
+    assert not (tmp_path / "o").exists()
