@@ -551,6 +551,10 @@ def test_cli_errors_and_warnings_with_line_breaks_are_one_line(tmp_path, evaluat
     assert capsys.readouterr().err == (
         "ladle: error: --evaluate noisy_evals:fails: raised ValueError: bad score\n"
     )
+    with pytest.raises(ladle.LadleError) as info:  # --debug: the user's traceback, chained
+        main(["--debug", *argv, "--evaluate", "noisy_evals:fails", "--overwrite"])
+    assert isinstance(info.value.__cause__, ValueError)
+    assert str(info.value.__cause__) == "bad\nscore"
 
 
 def test_every_candidate_is_evaluated_in_the_best_ranked_models_dtypes():
