@@ -347,8 +347,8 @@ def test_diff_of_models_holding_nan_needs_allow_nonfinite(tmp_path, inputs, caps
     ("out", "repo", "message"),
     [
         ("o.safetensors/", "me/repo", "needs a directory output"),
-        ("o", "bad id//", "--push-to-hub"),
-        ("o", "", "--push-to-hub"),
+        ("o", "bad id//", "error: argument --push-to-hub: "),
+        ("o", "", "error: argument --push-to-hub: "),
     ],
 )
 def test_push_to_hub_arguments_are_refused_before_merging(
@@ -844,3 +844,15 @@ def test_a_bad_max_shard_size_is_a_usage_error_saying_what_a_size_looks_like(
     assert exit_info.value.code == 2 and "ladle soup: error: argument --max-shard-size: " in err
     assert "expected e.g. '5GB' or '500MiB', found 'banana'" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_main_called_from_a_thread_runs_without_touching_signals(inputs, capsys):
+    # Signal handlers belong to the main thread: from another, SIGTERM is left as it is.
+    import threading
+
+    statuses = []
+    thread = threading.Thread(target=lambda: statuses.append(main(["inspect", inputs[0]])))
+    thread.start()
+    thread.join()
+    assert statuses == [0]
+    assert "5 tensors" in capsys.readouterr().out
