@@ -85,7 +85,17 @@ def test_parse_hf_url_splits_repo_revision_and_subfolder(url, expected):
 
 @pytest.mark.parametrize(
     "url",
-    ["hf://", "hf://org", "hf://org/model@", "hf://datasets/org/data", "hf://org/m/../x", "x"],
+    [
+        "hf://",
+        "hf://org",
+        "hf://org/model@",
+        "hf://datasets/org/data",
+        "hf://spaces/org/app",
+        "hf://buckets/org/b",
+        "hf://kernels/org/k",
+        "hf://org/m/../x",
+        "x",
+    ],
 )
 def test_parse_hf_url_rejects_malformed_urls_naming_them(url):
     with pytest.raises(ladle.CheckpointError, match="expected|subfolder") as err:
@@ -112,7 +122,15 @@ def test_a_repo_id_the_hub_refuses_is_a_checkpoint_error_naming_the_url(url, why
 
 
 def test_url_round_trips_through_parse():
-    for url in ["hf://o/m", "hf://o/m@v1/sub", "hf://o/m@release%2Fv2", "hf://o/m@refs/pr/3/s"]:
+    # A branch named like a PR ref, but longer, stays percent-encoded: not refs/pr/3 and /x.
+    branch = "hf://o/m@refs%2Fpr%2F3%2Fx"
+    for url in [
+        "hf://o/m",
+        "hf://o/m@v1/sub",
+        "hf://o/m@release%2Fv2",
+        "hf://o/m@refs/pr/3/s",
+        branch,
+    ]:
         assert parse_hf_url(url).url() == url
 
 
@@ -528,6 +546,7 @@ def test_named_chat_templates_are_fetched_and_copied_into_a_directory_output(loc
         "config.json": b'{"model_type": "toy"}',
         "additional_chat_templates/tool_use.jinja": b"{{ tools }}",
         "additional_chat_templates/old/x.jinja": b"never fetched: deeper still",
+        "additional_chat_templates/notes.txt": b"never fetched: no template",
         "onnx/tool_use.jinja": b"never fetched: another folder",
     }
     hub.repos["org/t"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
@@ -710,3 +729,125 @@ def test_a_hub_subfolders_model_comes_under_the_repositorys_license(local_hub, t
     assert sorted(p.name for p in again.iterdir() if "LICENSE" in p.name) == ["LICENSE"]
     assert (again / "LICENSE").read_bytes() == b"the unet's own"
     assert (again / "README.md").read_text().startswith("---\nbase_model:")
+
+
+def test_parse_hf_url_refuses_a_url_without_the_hf_prefix():
+    for url in ("org/model", "hf:/org/model"):
+        with pytest.raises(ladle.CheckpointError) as err:
+            parse_hf_url(url)
+        assert str(err.value) == (
+            f"{url}: not a Hugging Face Hub source; expected hf://owner/repo[@revision][/subfolder]"
+        )
+
+
+@pytest.mark.parametrize("stem", ["model", "model[v2]"])  # "[": no fnmatch class
+def test_local_hub_fetches_a_safetensors_index_s_shards_and_no_other_safetensors(local_hub, stem):
+    # Mistral's repos keep consolidated.safetensors (the same weights again) beside the shards.
+    hub, model = local_hub
+    keys = sorted(model)
+    parts = {f"{stem}-0000{i}-of-00002.safetensors": keys[i - 1 :: 2] for i in (1, 2)}
+    index = {"weight_map": {k: name for name, part in parts.items() for k in part}}
+    files = {name: weights({k: model[k] for k in part}) for name, part in parts.items()}
+    files[f"{stem}.safetensors.index.json"] = json.dumps(index).encode()
+    files["consolidated.safetensors"] = b"never fetched: not in the index"
+    hub.repos["org/s"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
+    loaded = ladle.load("hf://org/s")
+    assert loaded.keys() == model.keys()
+    assert all(torch.equal(loaded[k], model[k]) for k in model)
+    assert hub.downloaded() == {f"{stem}.safetensors.index.json", *parts}
+
+
+def test_local_hub_fetches_a_torch_index_s_shards_and_no_other_torch_file(local_hub):
+    # Llama 2's repos kept consolidated.00.pth (Meta's own format) beside the shards.
+    hub, model = local_hub
+    keys = sorted(model)
+    files = {}
+    for i, part in enumerate((keys[::2], keys[1::2]), start=1):
+        buffer = io.BytesIO()
+        torch.save({k: model[k] for k in part}, buffer)
+        files[f"pytorch_model-0000{i}-of-00002.bin"] = buffer.getvalue()
+    shards = sorted(files)
+    index = {"weight_map": {k: shards[i % 2] for i, k in enumerate(keys)}}
+    files["pytorch_model.bin.index.json"] = json.dumps(index).encode()
+    files["consolidated.00.pth"] = b"never fetched: not in the index"
+    hub.repos["org/t"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
+    loaded = ladle.load("hf://org/t")
+    assert all(torch.equal(loaded[k], model[k]) for k in model)
+    assert hub.downloaded() == {"pytorch_model.bin.index.json", *shards}
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "model.pth", "model.ckpt"])
+def test_local_hub_fetches_a_torch_file_of_each_suffix_and_no_trainer_state(local_hub, name):
+    hub, model = local_hub
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    trainer = ["training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"]
+    files = {name: buffer.getvalue(), **dict.fromkeys(trainer, b"never fetched: trainer state")}
+    hub.repos["org/t"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
+    loaded = ladle.load("hf://org/t")
+    assert all(torch.equal(loaded[k], model[k]) for k in model)
+    assert hub.downloaded() == {name}
+
+
+def test_local_hub_fetches_the_custom_code_a_config_names(local_hub, tmp_path):
+    hub, model = local_hub
+    config = {"model_type": "toy", "auto_map": {"AutoModel": "modeling_toy.ToyModel"}}
+    files = {
+        "model.safetensors": weights(model),
+        "config.json": json.dumps(config).encode(),
+        "modeling_toy.py": b"class ToyModel: ...\n",
+    }
+    hub.repos["org/c"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
+    out = ladle.uniform_soup(["hf://org/c"] * 2, out=tmp_path / "merged", device="cpu")
+    assert (out / "modeling_toy.py").read_bytes() == files["modeling_toy.py"]
+
+
+def test_an_offline_cache_holding_only_trainer_state_has_no_weights(hub_cache):
+    files = {"training_args.bin": b"trainer state", "optimizer.pt": b"trainer state"}
+    write_cached_repo(hub_cache, "org/run", COMMIT_A, files, refs={"main": COMMIT_A})
+    with pytest.raises(ladle.CheckpointError) as err:
+        ladle.open_checkpoint("hf://org/run")
+    assert str(err.value) == (
+        f"hf://org/run@{COMMIT_A}: no weights in the repository root in the Hugging Face cache "
+        f"({hub_cache}), and HF_HUB_OFFLINE is set: expected *.safetensors or a torch file "
+        "(*.bin, *.pt, *.pth, *.ckpt), or every shard of an index; found optimizer.pt, "
+        "training_args.bin"
+    )
+
+
+def test_no_weights_in_a_subfolder_names_the_subfolder(hub_cache):
+    files = {"model.safetensors": weights({"w": torch.ones(1)}), "unet/config.json": b"{}"}
+    write_cached_repo(hub_cache, "org/sd", COMMIT_A, files, refs={"main": COMMIT_A})
+    with pytest.raises(ladle.CheckpointError) as err:
+        ladle.open_checkpoint("hf://org/sd/unet")
+    assert str(err.value).startswith(
+        f"hf://org/sd@{COMMIT_A}/unet: no weights in subfolder 'unet' in the Hugging Face cache"
+    )
+    assert str(err.value).endswith("; found config.json")
+
+
+def test_snapshot_reads_the_cache_it_is_given_over_the_environment(hub_cache, tmp_path):
+    cache = tmp_path / "other-cache"
+    model = {"w": torch.arange(3.0)}
+    files = {"model.safetensors": weights(model)}
+    write_cached_repo(cache, "org/m", COMMIT_A, files, refs={"main": COMMIT_A})
+    expected = cache / "models--org--m" / "snapshots" / COMMIT_A
+    assert snapshot("hf://org/m", cache_dir=cache) == (expected, COMMIT_A)
+
+
+def test_a_cached_snapshot_not_named_by_a_commit_is_refused(hub_cache):
+    # Refs holding no commit hash (a cache written by hand): the checkpoint, and provenance,
+    # were named hf://org/m@latest, as if pinned.
+    files = {"model.safetensors": weights({"w": torch.ones(1)})}
+    refs = {"main": "latest", "latest": "latest"}
+    folder = write_cached_repo(hub_cache, "org/m", "latest", files, refs=refs)
+    with pytest.raises(ladle.CheckpointError) as err:
+        ladle.open_checkpoint("hf://org/m")
+    assert str(err.value) == f"hf://org/m: resolved to {folder}, which is not a cached snapshot"
+
+
+def test_a_cache_that_cannot_be_written_is_a_checkpoint_error(local_hub, monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "file"))
+    with pytest.raises(ladle.CheckpointError, match=r"^hf://org/m: cannot fetch from the Hub \("):
+        ladle.open_checkpoint("hf://org/m")
