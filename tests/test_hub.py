@@ -12,6 +12,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -851,3 +852,67 @@ def test_a_cache_that_cannot_be_written_is_a_checkpoint_error(local_hub, monkeyp
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "file"))
     with pytest.raises(ladle.CheckpointError, match=r"^hf://org/m: cannot fetch from the Hub \("):
         ladle.open_checkpoint("hf://org/m")
+
+
+class FakeHfApi:
+    """Records what push_to_hub asks of ``huggingface_hub.HfApi``; sends nothing."""
+
+    calls: ClassVar[list[tuple[str, dict]]] = []
+    fails: ClassVar[Exception | None] = None
+
+    def __init__(self, **kwargs: object) -> None:
+        self.calls.append(("HfApi", kwargs))
+
+    def create_repo(self, repo_id: str, **kwargs: object) -> None:
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, **kwargs: object) -> object:
+        self.calls.append(("upload_folder", kwargs))
+        if self.fails is not None:
+            raise self.fails
+
+        class CommitInfo(str):  # huggingface_hub's CommitInfo is a str of the commit URL too
+            commit_url = "https://hub.example/org/merged/commit/abc"
+
+        return CommitInfo("https://hub.example/org/merged")
+
+
+@pytest.mark.parametrize("private", [None, True])
+def test_push_to_hub_creates_the_repo_and_uploads_the_folder(tmp_path, monkeypatch, private):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(FakeHfApi, "calls", [])
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    url = push_to_hub(tmp_path, "org/merged", private=private)
+    assert url == "https://hub.example/org/merged/commit/abc"
+    assert FakeHfApi.calls == [
+        ("HfApi", {"endpoint": "http://127.0.0.1:9", "library_name": "ladle"}),
+        (
+            "create_repo",
+            {"repo_id": "org/merged", "repo_type": "model", "private": private, "exist_ok": True},
+        ),
+        (
+            "upload_folder",
+            {
+                "repo_id": "org/merged",
+                "folder_path": tmp_path,
+                "commit_message": "Upload merge made with ladle",
+            },
+        ),
+    ]
+
+
+def test_a_failed_push_to_hub_is_a_ladle_error_naming_the_folder_and_the_cause(
+    tmp_path, monkeypatch
+):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(FakeHfApi, "calls", [])
+    monkeypatch.setattr(FakeHfApi, "fails", ConnectionError("refused\n  twice"))
+    with pytest.raises(ladle.LadleError) as err:
+        push_to_hub(tmp_path, "org/merged")
+    assert str(err.value) == (
+        f"push_to_hub: uploading {tmp_path} to org/merged failed: ConnectionError: refused twice"
+    )
