@@ -783,8 +783,8 @@ def _table_cells(row: str) -> list[str]:
     shown = []
     for cell in (cell.replace("\\|", "|") for cell in cells):
         fence = re.match("`*", cell).group()
-        if fence:
-            assert cell.endswith(fence) and len(cell) > 2 * len(fence)
+        if fence:  # closed by a run of backticks as long, and no longer
+            assert re.search("`*$", cell).group() == fence and len(cell) > 2 * len(fence)
             cell = cell[len(fence) : -len(fence)]
             # A run of backticks as long as the fence inside would close the span there.
             assert len(fence) not in {len(run) for run in re.findall("`+", cell)}
@@ -795,7 +795,8 @@ def _table_cells(row: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "name", ["runs/a|b.safetensors", "x`y", "`edge`", "a``b|`c", "plain/path.safetensors"]
+    "name",
+    ["runs/a|b.safetensors", "x`y", "`edge`", "edge`", "a``b|`c", "plain/path.safetensors"],
 )
 def test_a_source_name_shows_whole_in_its_own_cell_of_the_inputs_table(name):
     # A "|" in a path ended the cell (even inside backticks), and a backtick ended the code
@@ -847,13 +848,109 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
         ),
         ("---\r\nlicense: mit\r\n---\r\n", {"license": "mit"}),
         ("\ufeff---\nlicense: mit\n---\n", {"license": "mit"}),
+        ("---\nlicense: >\n  apache-2.0\n---\n", {}),  # a folded block scalar: left out
+        ("---\nlicense: # to be decided\n---\n", {}),  # a comment: no value
+        (b"---\nlicense: mit\n---\n# Mod\xe8le\n", {"license": "mit"}),  # Latin-1, not UTF-8
+        ("---\n" + "tags:\n" + "- x\n" * 50_000 + "license: mit\n---\n", {"license": "mit"}),
     ],
-    ids=["none", "unclosed", "block scalar", "empty", "nested and quoted", "crlf", "bom"],
+    ids=[
+        "none",
+        "unclosed",
+        "block scalar",
+        "empty",
+        "nested and quoted",
+        "crlf",
+        "bom",
+        "folded",
+        "comment",
+        "latin-1",
+        "long front matter",
+    ],
 )
 def test_license_fields_reads_top_level_single_line_values_of_the_front_matter(
     tmp_path, text, expected
 ):
     card = tmp_path / "README.md"
-    card.write_bytes(text.encode())
+    card.write_bytes(text if isinstance(text, bytes) else text.encode())
     assert license_fields(card) == expected
     assert license_fields(tmp_path / "missing.md") == {}
+
+
+def test_companion_files_of_no_folder_and_of_code_a_config_names_but_lacks(tmp_path):
+    from ladle.modelcard import companion_files
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "LICENSE.d").mkdir()  # a folder, though named like a license file
+    (folder / "tokenization_t.py").write_text("# t\n")
+    (folder / "config.json").write_text(
+        json.dumps({"auto_map": {"AutoModel": "modeling_absent.M"}})  # its file is missing
+    )
+    # The tokenizer's code is named by tokenizer_config.json alone.
+    auto_map = {"AutoTokenizer": ["tokenization_t.T", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": auto_map}))
+    assert sorted(companion_files(folder)) == [
+        "config.json",
+        "tokenization_t.py",
+        "tokenizer_config.json",
+    ]
+    assert companion_files(folder / "config.json") == {}  # a file is no folder
+    assert companion_files(tmp_path / "missing") == {}
+
+
+@pytest.mark.parametrize("auto_map", [None, ["modeling_a.M"], "modeling_a.M"])
+def test_a_config_whose_auto_map_is_no_object_names_no_custom_code(tmp_path, auto_map):
+    from ladle.modelcard import companion_files
+
+    (tmp_path / "modeling_a.py").write_text("# a\n")
+    (tmp_path / "config.json").write_text(json.dumps({"auto_map": auto_map}))
+    assert sorted(companion_files(tmp_path)) == ["config.json"]
+
+
+def test_a_recipe_writes_a_tuple_as_a_list_and_leaves_out_evaluate():
+    card = model_card("ties", {"density": (0.5, 0.25)}, ["a"], "b")
+    recipe = tomllib.loads(card.split("```toml\n", 1)[1].split("```", 1)[0])
+    assert recipe["parameters"] == {"density": [0.5, 0.25]}
+    # ratatouille takes an evaluate function, which no recipe can hold
+    card = model_card("ratatouille", {"selection": "uniform", "evaluate": "<function f>"}, ["a"])
+    recipe = tomllib.loads(card.split("```toml\n", 1)[1].split("```", 1)[0])
+    assert recipe["parameters"] == {"selection": "uniform"}
+
+
+@pytest.mark.parametrize("selected", ["all", ["a"], [0.5], None])
+def test_a_selected_parameter_that_is_no_list_of_indices_is_no_greedy_selection(selected):
+    # A method of the user's (engine.merge) may record a "selected" of its own.
+    a, b = (f"hf://org/{name}@{'c' * 40}" for name in "ab")
+    card = model_card("uniform_soup", {"selected": selected}, [a, b])
+    assert front_matter(card)[:3] == ["base_model:", '- "org/a"', '- "org/b"']
+    recipe = card.split("```toml\n", 1)[1]
+    assert recipe.startswith('method = "uniform_soup"\n') and "greedy" not in recipe
+
+
+@pytest.mark.parametrize(
+    ("subfolder", "own"),
+    [("unet", True), ("unet", False), ("models/unet", False)],
+    ids=["own card", "root's terms", "nested"],
+)
+def test_a_hub_subfolders_terms_are_its_own_card_s_else_the_repository_root_s(
+    tmp_path, monkeypatch, subfolder, own
+):
+    from safetensors.torch import save
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    files = {
+        "LICENSE": b"the repository's license",
+        "README.md": b"---\nlicense: openrail\n---\n",
+        f"{subfolder}/model.safetensors": save(family(1, seed=8)[0]),
+    }
+    if own:  # a card, and no license file, of the subfolder's own
+        files[f"{subfolder}/README.md"] = b"---\nlicense: apache-2.0\n---\n"
+    write_cached_repo(cache, "org/sd", COMMIT_A, files, refs={"main": COMMIT_A})
+    source = f"hf://org/sd/{subfolder}"
+    out = ladle.uniform_soup([source] * 2, out=tmp_path / "merged", device="cpu")
+    assert front_matter((out / "README.md").read_text())[0] == (
+        "license: apache-2.0" if own else "license: openrail"
+    )
+    assert (out / "LICENSE").exists() is not own
