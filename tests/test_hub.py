@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -777,15 +778,26 @@ def test_local_hub_fetches_a_torch_index_s_shards_and_no_other_torch_file(local_
     assert hub.downloaded() == {"pytorch_model.bin.index.json", *shards}
 
 
-@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "model.pth", "model.ckpt"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "pytorch_model.bin",
+        "model.pt",
+        "model.pth",
+        "model.ckpt",
+        "checkpoint-500/pytorch_model.bin",
+    ],
+)
 def test_local_hub_fetches_a_torch_file_of_each_suffix_and_no_trainer_state(local_hub, name):
     hub, model = local_hub
     buffer = io.BytesIO()
     torch.save(model, buffer)
+    folder = name.rpartition("/")[0]  # a Trainer's checkpoint folder holds its state too
     trainer = ["training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"]
-    files = {name: buffer.getvalue(), **dict.fromkeys(trainer, b"never fetched: trainer state")}
+    files = {f"{folder}/{t}".lstrip("/"): b"never fetched: trainer state" for t in trainer}
+    files[name] = buffer.getvalue()
     hub.repos["org/t"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
-    loaded = ladle.load("hf://org/t")
+    loaded = ladle.load(f"hf://org/t/{folder}")
     assert all(torch.equal(loaded[k], model[k]) for k in model)
     assert hub.downloaded() == {name}
 
@@ -845,6 +857,19 @@ def test_a_cached_snapshot_not_named_by_a_commit_is_refused(hub_cache):
     with pytest.raises(ladle.CheckpointError) as err:
         ladle.open_checkpoint("hf://org/m")
     assert str(err.value) == f"hf://org/m: resolved to {folder}, which is not a cached snapshot"
+
+
+def test_a_hub_that_cannot_be_reached_is_a_one_line_checkpoint_error(local_hub, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(ladle.CheckpointError) as err:
+        ladle.open_checkpoint("hf://org/m")
+    message = str(err.value)
+    assert re.fullmatch(
+        r"hf://org/m: org/m is not in the Hugging Face cache \(.*\) and the Hub could not be "
+        r"reached \(.*Connection refused.*\)",
+        message,
+    )
+    assert "\n" not in message
 
 
 def test_a_cache_that_cannot_be_written_is_a_checkpoint_error(local_hub, monkeypatch, tmp_path):
