@@ -619,6 +619,12 @@ def test_a_greedy_soups_card_lists_only_the_hub_models_it_kept_as_base_models():
         # listed the soup among org/b's merges.
         assert ModelCard(card).data.base_model == ["org/c", "org/a"], method
         assert "| model 1 | `org/b` |" in card  # the inputs table still shows every input
+        recipe = card.split("```toml\n", 1)[1].splitlines()
+        assert recipe[:3] == [
+            f"# The greedy selection ({method}) kept models [2, 0]; this averages them, as",
+            "# its output does. Re-running the selection needs your evaluate function.",
+            'method = "uniform_soup"',
+        ]
 
 
 # Local inputs are recorded relative to the folder holding the output: a published card or
@@ -848,6 +854,10 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
         ),
         ("---\r\nlicense: mit\r\n---\r\n", {"license": "mit"}),
         ("\ufeff---\nlicense: mit\n---\n", {"license": "mit"}),
+        (
+            "---\nlicense: other\nlicense_link: https://example.com/LICENSE\n---\n",
+            {"license": "other", "license_link": "https://example.com/LICENSE"},
+        ),
         ("---\nlicense: >\n  apache-2.0\n---\n", {}),  # a folded block scalar: left out
         ("---\nlicense: # to be decided\n---\n", {}),  # a comment: no value
         (b"---\nlicense: mit\n---\n# Mod\xe8le\n", {"license": "mit"}),  # Latin-1, not UTF-8
@@ -861,6 +871,7 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
         "nested and quoted",
         "crlf",
         "bom",
+        "link",
         "folded",
         "comment",
         "latin-1",
@@ -943,7 +954,9 @@ def test_a_hub_subfolders_terms_are_its_own_card_s_else_the_repository_root_s(
     files = {
         "LICENSE": b"the repository's license",
         "README.md": b"---\nlicense: openrail\n---\n",
+        "config.json": b'{"of": "the root model"}',  # only the root's terms are taken
         f"{subfolder}/model.safetensors": save(family(1, seed=8)[0]),
+        f"{subfolder}/config.json": b'{"of": "the subfolder model"}',
     }
     if own:  # a card, and no license file, of the subfolder's own
         files[f"{subfolder}/README.md"] = b"---\nlicense: apache-2.0\n---\n"
@@ -954,3 +967,4 @@ def test_a_hub_subfolders_terms_are_its_own_card_s_else_the_repository_root_s(
         "license: apache-2.0" if own else "license: openrail"
     )
     assert (out / "LICENSE").exists() is not own
+    assert (out / "config.json").read_bytes() == files[f"{subfolder}/config.json"]
