@@ -854,6 +854,7 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
         ),
         ("---\r\nlicense: mit\r\n---\r\n", {"license": "mit"}),
         ("\ufeff---\nlicense: mit\n---\n", {"license": "mit"}),
+        ("\n \n---\nlicense: mit\n---\n", {"license": "mit"}),  # the Hub reads it too
         (
             "---\nlicense: other\nlicense_link: https://example.com/LICENSE\n---\n",
             {"license": "other", "license_link": "https://example.com/LICENSE"},
@@ -871,6 +872,7 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
         "nested and quoted",
         "crlf",
         "bom",
+        "blank lines first",
         "link",
         "folded",
         "comment",

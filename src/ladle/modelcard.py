@@ -363,7 +363,8 @@ def license_fields(card: Path | None) -> dict[str, str]:
             text = file.read(2**20)  # front matter comes first; a card may be long
     except OSError:
         return {}
-    lines = text.removeprefix("\ufeff").splitlines()  # a byte order mark before "---"
+    # A byte order mark, or blank lines, before "---": the Hub reads the front matter still.
+    lines = text.removeprefix("\ufeff").lstrip().splitlines()
     if not lines or lines[0].strip() != "---":
         return {}
     found: dict[str, str] = {}
