@@ -529,6 +529,37 @@ def test_views_outlive_a_closed_checkpoint_and_release_the_map_with_them(tmp_pat
     assert mapped() == 0
 
 
+@pytest.mark.parametrize("layout", ["safetensors", "safetensors shards", "torch shards"])
+def test_a_closed_checkpoint_of_files_refuses_reads_instead_of_opening_them_again(tmp_path, layout):
+    tensors = {"a": torch.arange(4.0), "b": torch.ones(2, 3)}
+    if layout == "safetensors":
+        path = ladle.save(tensors, tmp_path / "m.safetensors")
+    elif layout == "safetensors shards":
+        path = ladle.save(tensors, tmp_path / "m", max_shard_size=20)
+    else:
+        path = tmp_path / "m"
+        path.mkdir()
+        torch.save({"a": tensors["a"]}, path / "pytorch_model-1.bin")
+        torch.save({"b": tensors["b"]}, path / "pytorch_model-2.bin")
+        weight_map = {"a": "pytorch_model-1.bin", "b": "pytorch_model-2.bin"}
+        (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ckpt = ladle.open_checkpoint(path)
+    first = ckpt.get("a")  # read before closing: stays valid
+    ckpt.close()
+    assert first.tolist() == [0.0, 1.0, 2.0, 3.0]
+    for read in (
+        lambda: ckpt.get("a"),
+        lambda: ckpt.get_slice("b", slice(0, 1)),
+        lambda: ckpt.get_rows("b", slice(1, 2)),
+    ):
+        with pytest.raises(ladle.CheckpointError) as caught:
+            read()
+        assert str(caught.value) == f"{path}: closed; open it again to read its tensors"
+    ckpt.close()  # closing twice is harmless
+    with ladle.open_checkpoint(path) as again:  # a new one reads
+        assert torch.equal(again.get("b"), tensors["b"])
+
+
 @pytest.mark.parametrize("kind", ["meta", "sparse"])
 def test_tensors_without_dense_data_are_refused_naming_the_key(tmp_path, kind):
     tensor = torch.empty(3, 3, device="meta") if kind == "meta" else torch.eye(3).to_sparse()

@@ -843,6 +843,7 @@ def test_a_bad_max_shard_size_is_a_usage_error_saying_what_a_size_looks_like(
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "ladle soup: error: argument --max-shard-size: " in err
     assert "expected e.g. '5GB' or '500MiB', found 'banana'" in err
+    assert "max_shard_size" not in err  # the option is named once, as the command line spells it
     assert not (tmp_path / "o").exists()
 
 

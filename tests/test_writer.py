@@ -188,6 +188,18 @@ def test_metadata_and_format_are_stored(tmp_path):
         assert f.metadata() == {"format": "pt", "k": "v"}
 
 
+def test_metadata_may_repeat_format_pt_but_no_other_format(tmp_path):
+    kept = ladle.save({"w": torch.zeros(1)}, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    with safe_open(str(kept), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    for out in (tmp_path / "np.safetensors", tmp_path / "dir"):
+        with pytest.raises(ValueError) as caught:
+            ladle.save({"w": torch.zeros(1)}, out, metadata={"format": "np", "k": "v"})
+        assert str(caught.value).startswith(f"{out}: metadata: 'format' names the framework")
+        assert str(caught.value).endswith("found 'np'")
+        assert not out.exists() and not list(tmp_path.glob(".*"))  # nothing left behind
+
+
 def test_empty_and_scalar_tensors_round_trip(tmp_path):
     model = {"empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5), "w": torch.ones(2)}
     loaded = ladle.load(ladle.save(model, tmp_path / "m", max_shard_size=1))

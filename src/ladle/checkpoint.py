@@ -190,7 +190,9 @@ class Checkpoint:
         return CheckpointError(f"{self.name}: no tensor named {key!r}")
 
     def close(self) -> None:
-        """Release open files; the checkpoint may not be read afterwards."""
+        """Release open files. Reading tensors afterwards is a ``CheckpointError`` for
+        checkpoints of files (tensors in memory stay readable); views read before stay
+        valid."""
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -561,6 +563,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self._identities: dict[Path, tuple[int, ...]] = {}  # each file as safe_open found it
         self._specs: dict[str, tuple[tuple[int, ...], str]] = {}  # key -> (shape, dtype code)
         self._files = dict(files)
+        self._closed = False
         self.metadata = {}
         for file in dict.fromkeys(self._files.values()):
             self.metadata.update(self._open(file).metadata() or {})
@@ -597,6 +600,8 @@ class SafetensorsCheckpoint(Checkpoint):
     def _open(self, file: Path):  # type: ignore[no-untyped-def]
         handle = self._handles.get(file)
         if handle is None:
+            if self._closed:  # every read of data comes here first (via _descriptor)
+                raise _closed_error(self.name)
             try:
                 handle = safe_open(str(file), framework="pt")
                 self._identities[file] = _identity(os.stat(file))
@@ -801,6 +806,7 @@ class SafetensorsCheckpoint(Checkpoint):
         return self._spans[(file, key)]
 
     def close(self) -> None:
+        self._closed = True
         self._handles.clear()
         # Dropped, not closed: every view map_rows made holds the map (torch.frombuffer keeps
         # a reference), which is unmapped when the last view goes. Closing it would leave
@@ -809,6 +815,11 @@ class SafetensorsCheckpoint(Checkpoint):
         for descriptor in self._descriptors.values():
             os.close(descriptor)
         self._descriptors.clear()
+
+
+def _closed_error(name: str) -> CheckpointError:
+    """The error for reading a checkpoint's data after :meth:`Checkpoint.close`."""
+    return CheckpointError(f"{name}: closed; open it again to read its tensors")
 
 
 def _not_in_its_shard(index: Path, key: str, shard: Path) -> CheckpointError:
@@ -1072,11 +1083,14 @@ class TorchShardsCheckpoint(Checkpoint):
         self._unlisted: dict[str, Path] = {}  # tensors the index lists in no shard: their shard
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
         self._loading = threading.Lock()  # reading threads would load a shard twice
+        self._closed = False
 
     def _shard(self, file: Path) -> dict[str, torch.Tensor]:
         """The tensors of shard ``file``, loaded and reconciled with the index once."""
         tensors = self._loaded.get(file)
         if tensors is None:
+            if self._closed:
+                raise _closed_error(self.name)
             with self._loading:
                 tensors = self._loaded.get(file)
                 if tensors is None:
@@ -1141,6 +1155,7 @@ class TorchShardsCheckpoint(Checkpoint):
         return tensor if tensor.dim() == 0 else tensor[rows]
 
     def close(self) -> None:
+        self._closed = True
         self._loaded.clear()
 
 

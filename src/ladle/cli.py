@@ -89,8 +89,8 @@ def _demo_seed(seed: int) -> int:
 def _size(text: str) -> int:
     try:
         return parse_size(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    except ValueError as err:  # "max_shard_size: expected ...": argparse names the option
+        raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
 
 
 def merge_options() -> argparse.ArgumentParser:

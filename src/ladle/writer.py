@@ -283,13 +283,20 @@ def _header(
     """A shard's header (length, JSON, padding), or a ``LadleError`` naming output ``out`` for
     what safetensors could not read back: a tensor named ``__metadata__`` or by no string, a
     dtype it has no code for, a header past :data:`HEADER_LIMIT`; metadata that is not text
-    is a bad argument, a ``TypeError`` naming ``out`` too."""
+    is a bad argument, a ``TypeError`` naming ``out`` too, and a ``"format"`` other than
+    ``"pt"`` a ``ValueError``."""
     for name, value in metadata.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise TypeError(
                 f"{out}: metadata: safetensors stores text only; found {type_name(name)} "
                 f"{name!r} -> {type_name(value)}"
             )
+    if metadata.get("format", "pt") != "pt":
+        # transformers reads "format" to choose its loader: torch tensors must say "pt".
+        raise ValueError(
+            f"{out}: metadata: 'format' names the framework of the tensors, 'pt' for torch "
+            f"(transformers reads it to choose a loader); found {metadata['format']!r}"
+        )
     entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for key in keys:
@@ -1056,8 +1063,9 @@ def save(
         TypeError: ``state_dict`` maps something other than strings to tensors, or
             ``metadata`` something other than strings to strings (naming the output), or
             (for a directory output) ``max_shard_size`` is neither an int nor a string.
-        ValueError: a tensor is sparse or on the meta device (no data to write), or (for a
-            directory output) ``max_shard_size`` is no positive size.
+        ValueError: a tensor is sparse or on the meta device (no data to write), ``metadata``
+            gives a ``"format"`` other than ``"pt"`` (the default, which transformers reads),
+            or (for a directory output) ``max_shard_size`` is no positive size.
         LadleError: the output exists (without ``overwrite``) or is no earlier output (with
             it), its name is refused (:func:`check_output_name`), or safetensors cannot hold
             a tensor's dtype or the header; the message names the output.
