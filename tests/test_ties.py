@@ -1103,6 +1103,39 @@ def test_an_entry_every_model_leaves_at_zero_is_no_sign_tie():
     assert state.ties().tolist() == [0, 2]
 
 
+def test_sign_election_counts_the_positive_and_negative_entries_of_each_position():
+    # Kept as sums of signs and of squared signs; the counts follow once every model is in.
+    from ladle.methods.ties import SignElection
+
+    deltas = [[1.0, -1.0, 0.0, 2.0, -0.5], [3.0, 0.0, 0.0, -1.0, -0.25], [-2.0, -5.0, 0.0, 4.0, -1]]
+    state = SignElection("w", slice(None), torch.zeros(5))
+    for delta in deltas:
+        state.add(torch.tensor(delta))
+    positive, negative = state.counts()
+    assert positive.tolist() == [2.0, 0.0, 0.0, 2.0, 0.0]
+    assert negative.tolist() == [1.0, 2.0, 0.0, 1.0, 3.0]
+    assert state.counts()[0] is positive  # found once
+
+
+@settings(max_examples=50)
+@given(st.integers(1, 9), st.integers(0, 2**31 - 1))
+def test_sign_election_counts_match_counting_comparisons(models, seed):
+    from ladle.methods.ties import SignElection
+
+    generator = torch.Generator().manual_seed(seed)
+    # Many exact zeros (trimmed entries), as in a TIES merge.
+    deltas = [
+        torch.randn(64, generator=generator).mul_(torch.rand(64, generator=generator) < 0.5)
+        for _ in range(models)
+    ]
+    state = SignElection("w", slice(None), torch.zeros(64))
+    for delta in deltas:
+        state.add(delta.clone())
+    positive, negative = state.counts()
+    assert torch.equal(positive, sum((d > 0).float() for d in deltas))
+    assert torch.equal(negative, sum((d < 0).float() for d in deltas))
+
+
 def test_tensor_trim_of_tensors_of_one_chunk_runs_no_threshold_pass(monkeypatch):
     # trim="tensor": a tensor that fits in one chunk is trimmed inside the merge pass, so a
     # model of such tensors needs no pass to find thresholds (docs/methods/ties.md).
