@@ -48,9 +48,11 @@ def test_run_demo_refuses_the_seeds_the_cli_refuses_before_anything_runs(
 
 def test_ladle_demo_small_exits_0_and_prints_the_table(tmp_path, capsys):
     assert main(["demo", "--size", "small", "--seed", "3", "--workdir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    assert header == 1  # the problem's line, then the table: progress goes to stderr
+    assert "ladle demo: pre-training on a 16-class task over 6 domains" in err.splitlines()
     assert lines[header].split() == ["method", "models", "in-domain", "out-of-domain"]
     for name, line in zip(BASE_ROWS, lines[header + 1 :]):
         assert line.startswith(name)
