@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import gc
 import json
+import math
 import os
 import re
 import shutil
@@ -32,7 +33,16 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import ladle
-from ladle.distributed import _ShardWriter, _torchrun_group, average_, merge, split_by_bytes
+from ladle import distributed
+from ladle.distributed import (
+    _buckets,
+    _rank_weights,
+    _ShardWriter,
+    _torchrun_group,
+    average_,
+    merge,
+    split_by_bytes,
+)
 from ladle.writer import TEMP_MARK
 
 WORLD = 3
@@ -965,3 +975,61 @@ def test_split_dare_ties_breaks_sign_ties_by_the_vote_of_every_rank(spawned):
     assert merged["b"].tolist() == [-1.0] * 4 + [1.0]
     vote = [root / f"vote{i}.safetensors" for i in range(3)]
     assert_bit_for_bit(merged, ladle.dare(vote[1:], vote[0], device="cpu", **VOTED))
+
+
+# Gaps found by mutation testing (one rank, or no process group): each test below fails on a
+# small change to the code.
+
+
+@pytest.mark.parametrize(
+    "given",
+    [[math.inf, -math.inf], [1e308, 1e308], [[1e308, 1e308], [1e308, 1e308]], [math.nan, 1.0]],
+)
+def test_rank_weights_of_no_finite_sum_are_a_value_error_naming_weights(given):
+    # Before: math.fsum's own "-inf + inf in fsum" (ValueError) and "intermediate overflow in
+    # fsum" (OverflowError), naming no weights.
+    found = given[0] if isinstance(given[0], list) else given
+    with pytest.raises(ValueError) as caught:
+        _rank_weights(given, 2)
+    assert str(caught.value) == (
+        f"weights: expected finite weights with a non-zero sum, found {found}"
+    )
+
+
+@pytest.mark.parametrize(
+    "given", [[None, 1.0], [1.0, None], [[1.0, 2.0], [2.0, 1.0]], [[1.0, 2.0], 1.0]]
+)
+def test_rank_weights_that_ranks_pass_differently_are_refused(given):
+    with pytest.raises(ValueError) as caught:
+        _rank_weights(given, 2)
+    assert str(caught.value) == (
+        "weights: every rank must pass its own weight (a float), or every rank the same list "
+        f"of per-rank weights, or every rank None; found {given}"
+    )
+
+
+def test_rank_weights_name_the_rank_whose_own_weight_is_no_number():
+    assert _rank_weights([1, 2.5], 2) == [1.0, 2.5]
+    assert _rank_weights([None, None], 2) is None
+    with pytest.raises(TypeError, match=r"^weights \(rank 1\): expected a number, found str$"):
+        _rank_weights([1.0, "2"], 2)
+
+
+def test_buckets_are_runs_of_one_key_within_bucket_bytes_counted_in_the_key_s_dtype(
+    monkeypatch,
+):
+    monkeypatch.setattr(distributed, "BUCKET_BYTES", 16)
+    f32, f64 = torch.float32, torch.float64
+    numels = [(2, f32), (2, f32), (1, f64), (1, f32), (1, f32), (1, f32), (5, f32), (1, f32)]
+    tensors = [torch.zeros(n, dtype=d) for n, d in numels]
+    # 8 + 8 bytes fill a bucket; a float64 key starts its own; 4 + 4 + 4 then 20 (alone, too
+    # big for any bucket), then 4: each bucket at most 16 bytes but for one tensor alone.
+    buckets = list(_buckets(tensors, lambda t: (t.dtype,)))
+    assert [(key, [t.numel() for t in run]) for key, run in buckets] == [
+        ((f32,), [2, 2]),
+        ((f64,), [1]),
+        ((f32,), [1, 1, 1]),
+        ((f32,), [5]),
+        ((f32,), [1]),
+    ]
+    assert all(a is b for a, b in zip(tensors, [t for _, run in buckets for t in run]))

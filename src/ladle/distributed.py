@@ -211,8 +211,11 @@ def _rank_weights(given: Sequence[object], size: int) -> list[float] | None:
             "weights: every rank must pass its own weight (a float), or every rank the same "
             f"list of per-rank weights, or every rank None; found {list(given)}"
         )
-    total = math.fsum(found)
-    if not all(math.isfinite(w) for w in found) or total == 0 or not math.isfinite(total):
+    try:  # finite weights first: fsum raises on inf + -inf, and on a sum past float's range
+        total = math.fsum(found) if all(math.isfinite(w) for w in found) else math.nan
+    except OverflowError:
+        total = math.inf
+    if total == 0 or not math.isfinite(total):
         raise ValueError(f"weights: expected finite weights with a non-zero sum, found {found}")
     return found
 
