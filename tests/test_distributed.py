@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -99,6 +100,13 @@ def test_split_by_bytes_is_contiguous_and_balanced_within_the_largest_key(sizes,
     if total:
         for part in split:
             assert abs(sum(keys[k] for k in part) - total / parts) <= largest
+
+
+def test_split_by_bytes_puts_each_key_in_the_part_holding_its_midpoint():
+    # Midpoints 5 and 15 of 20 bytes: halves 0 and 1 (the ends, 10 and 20, both fall in 1).
+    assert split_by_bytes({"a": 10, "b": 10}, 2) == [["a"], ["b"]]
+    # Midpoints 1, 6 and 15 of 20 bytes: thirds 0, 0 and 2; the middle third holds none.
+    assert split_by_bytes({"a": 2, "b": 8, "c": 10}, 3) == [["a", "b"], [], ["c"]]
 
 
 def test_split_by_bytes_rejects_no_parts():
@@ -201,6 +209,11 @@ def one_rank(tmp_path):
         ([True], TypeError, "weights[0]: expected a number, found bool"),  # was weight 1
         ([torch.ones(2)], TypeError, "weights[0]: expected a number, found list"),
         ([1, 2], ValueError, "weights: expected 1 per-rank weights (the group's size), found 2"),
+        (
+            torch.ones(1, 1),
+            TypeError,
+            "weights (rank 0): expected a number, found a tensor of shape (1, 1)",
+        ),
     ],
 )
 def test_average_names_a_weight_that_is_no_number_like_the_merge_methods(
@@ -308,9 +321,14 @@ def _averages(rank: int) -> dict:
     hsdp.to_local().copy_(value)
     average_({"w": hsdp}, group=mesh.get_group("replicate"))
     found["dtensor_hsdp"] = hsdp.to_local().clone()
+    # Sharded over a named mesh dimension; and over the whole world averaged in a pair of it.
+    over = distribute_tensor(torch.zeros(6), mesh, [Shard(0), Replicate()])
+    found["dtensor_named_error"] = _catch(average_, {"w": over})
     # A group without rank 2: its members average, rank 2 is told it is not a member.
     pair = dist.new_group([0, 1])
     found["non_member"] = _catch(average_, {"w": torch.full((2,), float(rank))}, group=pair)
+    if rank != 2:
+        found["dtensor_pair_error"] = _catch(average_, {"w": sharded}, group=pair)
     if rank == 2:
         found["non_member_merge"] = _catch(merge, "uniform_soup", [], out="unused", group=pair)
     # float64 beside float32 (by name, the float32 last): each in a bucket of its own dtype.
@@ -319,6 +337,15 @@ def _averages(rank: int) -> dict:
         "b32": torch.full((2,), float(rank)),
     }
     found["mixed_dtypes"] = average_(two)
+    # Keys only one rank holds, and a dtype only one rank holds: named on every rank.
+    keys = ["w", "a", "b", "c", "d"] if rank == 2 else ["w"]
+    found["keys_error"] = _catch(average_, {k: torch.ones(1) for k in keys})
+    dtype = torch.float64 if rank == 2 else torch.float32
+    found["dtype_error"] = _catch(average_, {"w": torch.ones(1, dtype=dtype)})
+    # Weights of both signs, far apart: scaled by the largest magnitude, 2¹³⁰, not by the
+    # largest weight, 2⁻¹⁵⁹, which takes −2¹³⁰ past float32's range.
+    signed = (2.0**-160, 2.0**-159, -(2.0**130))[rank]
+    found["signed_weights"] = average_({"exact": torch.full((4,), rank + 1.0)}, weights=signed)
     # A group without global rank 0: integers come from its own first rank, global rank 1.
     others = dist.new_group([1, 2])
     if rank != 0:
@@ -389,6 +416,7 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     found["bars"] = len(bars)
     one_key = [root / "one_key.safetensors"] * 2
     merge("uniform_soup", one_key, out=root / "one_key", device="cpu")
+    merge("uniform_soup", [root / "no_keys.safetensors"] * 2, out=root / "no_keys", device="cpu")
     found["file_out_error"] = _catch(
         merge, "uniform_soup", models, out=root / "m.safetensors", device="cpu"
     )
@@ -429,6 +457,7 @@ def spawned(tmp_path_factory):
         }
         save_file(tiny, root / f"tiny{i}.safetensors")
     save_file({"w": torch.arange(4.0)}, root / "one_key.safetensors")
+    save_file({}, root / "no_keys.safetensors")
     for i, (a, b) in enumerate(VOTE):
         save_file({"a": torch.tensor(a), "b": torch.tensor(b)}, root / f"vote{i}.safetensors")
     for i, (emb, body) in enumerate(TIED):  # as test_ties's hand-worked vote, one key a rank
@@ -1033,3 +1062,121 @@ def test_buckets_are_runs_of_one_key_within_bucket_bytes_counted_in_the_key_s_dt
         ((f32,), [1]),
     ]
     assert all(a is b for a, b in zip(tensors, [t for _, run in buckets for t in run]))
+
+
+def test_average_leaves_the_values_of_a_state_dict_that_are_no_tensors(one_rank):
+    state = {"w": torch.tensor([1.0, -2.5]), "step": 3, "note": "epoch 2"}
+    assert average_(state) == {"w": state["w"], "step": 3, "note": "epoch 2"}
+    assert torch.equal(state["w"], torch.tensor([1.0, -2.5]))
+
+
+def test_gloo_reduces_on_the_cpu_whatever_device_a_tensor_is_on(one_rank):
+    held = torch.empty(2, device="meta")  # a CUDA tensor would go the same way
+    assert distributed._comm_device(dist.group.WORLD, held) == torch.device("cpu")
+
+
+def test_merge_with_one_rank_is_the_plain_merge_and_may_write_one_file(one_rank, tmp_path):
+    a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}
+    out = merge("soup", [a, b], out=tmp_path / "m.safetensors")
+    assert out == tmp_path / "m.safetensors" and out.is_file()
+    assert torch.equal(ladle.load(out)["w"], torch.tensor([2.0, 4.0]))
+
+
+def test_merge_refuses_a_method_that_is_no_function_and_no_output():
+    with pytest.raises(ValueError) as caught:
+        merge(42, [], out="unused")
+    assert str(caught.value) == "method: expected a merge function or its name, found 42"
+    with pytest.raises(ValueError, match=r"^out: .* pass out=PATH$"):
+        merge("soup", [{"w": torch.ones(1)}], out=None)
+
+
+def _fail_holding(held: list, message: str, cause: BaseException | None = None) -> None:
+    raise ValueError(message) from cause
+
+
+def test_release_frames_clears_the_frames_of_an_error_its_cause_and_context():
+    def failed(message: str, cause: BaseException | None = None) -> BaseException:
+        try:
+            _fail_holding([message], message, cause)
+        except ValueError as err:
+            return err
+        raise AssertionError("no error")
+
+    cause, context = failed("cause"), failed("context")
+    error = failed("error", cause)
+    error.__context__ = context
+    cause.__cause__ = error  # a cycle: each error is visited once
+    frames = [e.__traceback__.tb_next.tb_frame for e in (error, cause, context)]
+    assert all("held" in frame.f_locals for frame in frames)
+    done = threading.Thread(target=distributed._release_frames, args=(error,), daemon=True)
+    done.start()
+    done.join(timeout=10)
+    assert not done.is_alive()
+    assert [frame.f_locals for frame in frames] == [{}, {}, {}]
+
+
+@pytest.mark.slow
+def test_average_names_a_mesh_dimension_by_name_and_the_group_s_ranks_holding_its_shards(
+    spawned,
+):
+    *_, ranks = spawned
+    for rank, found in enumerate(ranks):
+        kind, message = found["dtensor_named_error"]
+        assert kind == "ValueError"
+        assert message.startswith(
+            "group: 'w' is sharded over mesh dimension 0 ('replicate'), which this group spans "
+            "(ranks [0, 1, 2] hold different shards)"
+        )
+        if rank != 2:  # the pair [0, 1] of the world's three shard holders
+            kind, message = found["dtensor_pair_error"]
+            assert kind == "ValueError" and "(ranks [0, 1] hold different shards)" in message
+    assert "dtensor_pair_error" not in ranks[2]
+
+
+@pytest.mark.slow
+def test_average_names_the_keys_and_dtypes_that_differ_between_ranks(spawned):
+    *_, ranks = spawned
+    # Ranks 0 and 1 hold "w"; rank 2 also "a" to "d": each rank names the first rank unlike it.
+    assert [found["keys_error"] for found in ranks] == [
+        (
+            "IncompatibleError",
+            "average_: rank 2's tensors differ from rank 0's: "
+            "0 missing [], 4 extra ['a', 'b', 'c']",
+        ),
+        (
+            "IncompatibleError",
+            "average_: rank 2's tensors differ from rank 1's: "
+            "0 missing [], 4 extra ['a', 'b', 'c']",
+        ),
+        (
+            "IncompatibleError",
+            "average_: rank 0's tensors differ from rank 2's: "
+            "4 missing ['a', 'b', 'c'], 0 extra []",
+        ),
+    ]
+    assert ranks[0]["dtype_error"] == (
+        "IncompatibleError",
+        "average_: key 'w' has shape (1,), torch.float32 (cpu) on rank 0, but (1,), "
+        "torch.float64 (cpu) on rank 2",
+    )
+    assert ranks[2]["dtype_error"] == (
+        "IncompatibleError",
+        "average_: key 'w' has shape (1,), torch.float64 (cpu) on rank 2, but (1,), "
+        "torch.float32 (cpu) on rank 0",
+    )
+
+
+@pytest.mark.slow
+def test_average_scales_weights_of_both_signs_by_the_largest_magnitude(spawned):
+    *_, ranks = spawned
+    # Σ wᵣ·(r + 1) / Σ wᵣ: the −2¹³⁰ of rank 2 outweighs the others by 2²⁹⁰: its 3, exactly.
+    for found in ranks:
+        assert torch.equal(found["signed_weights"]["exact"], torch.full((4,), 3.0))
+
+
+@pytest.mark.slow
+def test_split_merge_of_a_model_without_keys_writes_one_empty_file(spawned):
+    root, *_ = spawned
+    # Rank 0 writes the one empty shard; the others, holding no keys either, write none.
+    assert sorted(os.listdir(root / "no_keys")) == ["README.md", "model.safetensors"]
+    assert ladle.load(root / "no_keys") == {}
