@@ -417,6 +417,18 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     one_key = [root / "one_key.safetensors"] * 2
     merge("uniform_soup", one_key, out=root / "one_key", device="cpu")
     merge("uniform_soup", [root / "no_keys.safetensors"] * 2, out=root / "no_keys", device="cpu")
+    # On a group without global rank 0, into folders not made yet: the group's rank 0 (global
+    # rank 1) makes them, and names the shards.
+    later = dist.new_group([1, 2])
+    if rank != 0:
+        found["merge_without_rank_0"] = _catch(
+            merge,
+            "uniform_soup",
+            models,
+            out=root / "new" / "dir" / "soup",
+            group=later,
+            device="cpu",
+        )
     found["file_out_error"] = _catch(
         merge, "uniform_soup", models, out=root / "m.safetensors", device="cpu"
     )
@@ -1180,3 +1192,12 @@ def test_split_merge_of_a_model_without_keys_writes_one_empty_file(spawned):
     # Rank 0 writes the one empty shard; the others, holding no keys either, write none.
     assert sorted(os.listdir(root / "no_keys")) == ["README.md", "model.safetensors"]
     assert ladle.load(root / "no_keys") == {}
+
+
+@pytest.mark.slow
+def test_split_merge_on_a_group_without_global_rank_0_into_new_folders(spawned):
+    root, _, models, ranks = spawned
+    assert "merge_without_rank_0" not in ranks[0]
+    assert ranks[1]["merge_without_rank_0"] is None and ranks[2]["merge_without_rank_0"] is None
+    assert_bit_for_bit(ladle.load(root / "new" / "dir" / "soup"), ladle.uniform_soup(models))
+    assert os.listdir(root / "new" / "dir") == ["soup"]
