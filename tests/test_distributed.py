@@ -22,6 +22,7 @@ import time
 import warnings
 import weakref
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -354,6 +355,17 @@ def _averages(rank: int) -> dict:
     return found
 
 
+_SHARED_TEMPORARY = distributed._shared_temporary
+
+
+def _elsewhere_on_rank_2(out: Path | None, group: object, problem: str | None) -> Path | str:
+    """The shared temporary directory, as rank 2 would name it on a filesystem of its own."""
+    directory = _SHARED_TEMPORARY(out, group, problem)
+    if isinstance(directory, str) or dist.get_rank() != 2:
+        return directory
+    return directory.with_name(directory.name + "-elsewhere")
+
+
 def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     found: dict = {}
     for name, (method, extra) in MERGES.items():
@@ -417,6 +429,35 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     one_key = [root / "one_key.safetensors"] * 2
     merge("uniform_soup", one_key, out=root / "one_key", device="cpu")
     merge("uniform_soup", [root / "no_keys.safetensors"] * 2, out=root / "no_keys", device="cpu")
+
+    # Rank 0's renaming fails (another process put a folder at the output meanwhile): rank 0
+    # raises its own error, the others hear of it.
+    def taken(models: list, *, out: Path, **params: object) -> object:
+        merged = ladle.uniform_soup(models, out=out, **params)
+        if rank == 0:
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+        return merged
+
+    found["taken_error"] = _catch(merge, taken, models, out=root / "taken", device="cpu")
+
+    def unwritten(models: list, *, out: Path, **params: object) -> Path:
+        return out  # writes nothing through ladle.engine.merge
+
+    found["unwritten_error"] = _catch(merge, unwritten, models, out=root / "unwritten")
+    # Keys "x", "y", "z" go to ranks 0, 1, 2: "y" and "z" hold NaN; the first is named.
+    twice = [root / "nan_twice.safetensors"]
+    found["twice_error"] = _catch(merge, "uniform_soup", twice, out=root / "twice", device="cpu")
+    # Rank 0's temporary directory, not on rank 2's filesystem: refused on every rank.
+    with mock.patch.object(distributed, "_shared_temporary", _elsewhere_on_rank_2):
+        found["unseen_error"] = _catch(
+            merge, "uniform_soup", models, out=root / "unseen", device="cpu"
+        )
+    # Rank 0 cannot make the temporary directory (beside a file, not in a folder): every
+    # rank hears of it, none waits for it.
+    found["parent_error"] = _catch(
+        merge, "uniform_soup", models, out=root / "nan.safetensors" / "out", device="cpu"
+    )
     # On a group without global rank 0, into folders not made yet: the group's rank 0 (global
     # rank 1) makes them, and names the shards.
     later = dist.new_group([1, 2])
@@ -470,6 +511,10 @@ def spawned(tmp_path_factory):
         save_file(tiny, root / f"tiny{i}.safetensors")
     save_file({"w": torch.arange(4.0)}, root / "one_key.safetensors")
     save_file({}, root / "no_keys.safetensors")
+    nan_twice = {
+        k: torch.tensor([1.0, v]) for k, v in (("x", 2.0), ("y", math.nan), ("z", math.nan))
+    }
+    save_file(nan_twice, root / "nan_twice.safetensors")
     for i, (a, b) in enumerate(VOTE):
         save_file({"a": torch.tensor(a), "b": torch.tensor(b)}, root / f"vote{i}.safetensors")
     for i, (emb, body) in enumerate(TIED):  # as test_ties's hand-worked vote, one key a rank
@@ -1201,3 +1246,58 @@ def test_split_merge_on_a_group_without_global_rank_0_into_new_folders(spawned):
     assert ranks[1]["merge_without_rank_0"] is None and ranks[2]["merge_without_rank_0"] is None
     assert_bit_for_bit(ladle.load(root / "new" / "dir" / "soup"), ladle.uniform_soup(models))
     assert os.listdir(root / "new" / "dir") == ["soup"]
+
+
+@pytest.mark.slow
+def test_a_temporary_directory_rank_0_cannot_make_is_an_error_on_every_rank(spawned):
+    root, *_, ranks = spawned
+    out = root / "nan.safetensors" / "out"
+    for found in ranks:
+        kind, message = found["parent_error"]
+        assert kind == "LadleError"
+        assert message.startswith(f"rank 0: {out}: cannot make the temporary directory beside it (")
+
+
+@pytest.mark.slow
+def test_rank_0_failing_to_rename_the_output_raises_its_error_and_tells_the_others(spawned):
+    root, *_, ranks = spawned
+    said = f"{root / 'taken'}: appeared while merging; the result is left unwritten"
+    assert ranks[0]["taken_error"] == ("LadleError", said)
+    assert [found["taken_error"] for found in ranks[1:]] == [("LadleError", f"rank 0: {said}")] * 2
+    assert os.listdir(root / "taken") == ["theirs.txt"]
+    assert [p for p in os.listdir(root) if p.lstrip(".").startswith("taken")] == ["taken"]
+
+
+@pytest.mark.slow
+def test_a_split_merge_by_a_function_that_writes_nothing_is_refused_on_every_rank(spawned):
+    root, *_, ranks = spawned
+    said = (
+        "method: unwritten did not write through ladle.engine.merge, so it cannot be split "
+        "across processes"
+    )
+    assert [found["unwritten_error"] for found in ranks] == [("LadleError", said)] * WORLD
+    assert not [p for p in os.listdir(root) if p.lstrip(".").startswith("unwritten")]
+
+
+@pytest.mark.slow
+def test_a_split_merge_failing_on_two_ranks_names_the_first_on_the_others(spawned):
+    root, *_, ranks = spawned
+    kinds = [found["twice_error"][0] for found in ranks]
+    assert kinds == ["LadleError", "NonFiniteError", "NonFiniteError"]
+    assert "'y'" in ranks[1]["twice_error"][1] and "'z'" in ranks[2]["twice_error"][1]
+    assert ranks[0]["twice_error"][1] == f"rank 1: {ranks[1]['twice_error'][1]}"
+    assert not [p for p in os.listdir(root) if p.lstrip(".").startswith("twice")]
+
+
+@pytest.mark.slow
+def test_a_temporary_directory_a_rank_cannot_see_is_refused_on_every_rank(spawned):
+    root, *_, ranks = spawned
+    kind, message = ranks[2]["unseen_error"]
+    assert kind == "LadleError"
+    assert re.fullmatch(
+        rf"{re.escape(str(root / 'unseen'))}: rank 0's temporary directory .*-elsewhere is "
+        "not visible on rank 2; the output must be on a filesystem every rank sees",
+        message,
+    )
+    assert ranks[0]["unseen_error"] == ("LadleError", f"rank 2: {message}")
+    assert not [p for p in os.listdir(root) if p.lstrip(".").startswith("unseen")]
