@@ -185,6 +185,18 @@ def test_a_rank_s_shard_writer_that_has_ended_refuses_a_write_saying_how(tmp_pat
     )
 
 
+def test_a_rank_s_shard_writer_refuses_to_amend_what_it_wrote(tmp_path):
+    # Its shards are committed as the merge goes: an amendment would be lost without a word.
+    specs = {"a": ((2,), torch.float32)}
+    options = {"metadata": {}, "max_shard_size": 8, "extra_files": None, "empty_shard": False}
+    with _ShardWriter(tmp_path, "rank00000", specs, **options) as writer:
+        writer.write("a", torch.ones(2))
+        with pytest.raises(ladle.LadleError) as caught:
+            writer.amend("a", torch.tensor([0]), torch.tensor([2.0]))
+    assert str(caught.value) == "'a': a merge split across processes cannot amend written tensors"
+    assert torch.equal(ladle.load(tmp_path / "rank00000-00000.safetensors")["a"], torch.ones(2))
+
+
 def test_average_without_a_process_group_names_group():
     with pytest.raises(ValueError, match="group: no process group"):
         average_({"w": torch.ones(2)})
@@ -1301,3 +1313,10 @@ def test_a_temporary_directory_a_rank_cannot_see_is_refused_on_every_rank(spawne
     )
     assert ranks[0]["unseen_error"] == ("LadleError", f"rank 2: {message}")
     assert not [p for p in os.listdir(root) if p.lstrip(".").startswith("unseen")]
+
+
+def test_torchrun_group_uses_an_existing_group_as_is_and_leaves_it(one_rank):
+    world = dist.group.WORLD
+    with _torchrun_group() as rank:
+        assert rank == 0 and dist.group.WORLD is world
+    assert dist.is_initialized() and dist.group.WORLD is world
