@@ -1320,3 +1320,13 @@ def test_torchrun_group_uses_an_existing_group_as_is_and_leaves_it(one_rank):
     with _torchrun_group() as rank:
         assert rank == 0 and dist.group.WORLD is world
     assert dist.is_initialized() and dist.group.WORLD is world
+
+
+@pytest.mark.slow
+def test_split_merge_shards_hold_the_keys_in_order_as_a_single_process_writes_them(spawned):
+    root, *_ = spawned
+    for name in MERGES:
+        index = json.loads((root / name / "model.safetensors.index.json").read_text())
+        shards = list(index["weight_map"].values())  # in the reference's key order
+        assert shards == sorted(shards), name  # rank 0's keys in the first shards
+        assert shards[0] == f"model-00001-of-{len(set(shards)):05d}.safetensors", name
