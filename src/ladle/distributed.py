@@ -647,7 +647,10 @@ def _check_out(out: str | os.PathLike | None, *, split: bool = False) -> None:
     """Check ``out``: given, a name that means what it says, and, for a merge ``split``
     across processes, a directory (ranks write separate shards)."""
     if out is None:
-        raise ValueError("out: a merge split across processes writes a directory; pass out=PATH")
+        raise ValueError(
+            "out: ladle.distributed.merge writes its result to disk (a directory of shards "
+            "when split across processes); pass out=PATH"
+        )
     check_output_name(out)
     if split and single_file(out):
         raise ValueError(
