@@ -1117,7 +1117,6 @@ def test_sign_election_counts_the_positive_and_negative_entries_of_each_position
     assert state.counts()[0] is positive  # found once
 
 
-@settings(max_examples=50)
 @given(st.integers(1, 9), st.integers(0, 2**31 - 1))
 def test_sign_election_counts_match_counting_comparisons(models, seed):
     from ladle.methods.ties import SignElection
