@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -9,10 +10,12 @@ import torch
 from conftest import assert_bit_for_bit
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import ladle
 from ladle.cli import main
+from ladle.engine import fold
 from ladle.methods import stock
 from ladle.methods.stock import ModelStockWarning, stock_ratio
 from ladle.testing import BUFFER_KEY, assert_state_dicts_close, model_families
@@ -240,16 +243,8 @@ def test_chunk_size_changes_the_result_only_by_rounding():
     assert not torch.equal(rows["w"], whole["w"])  # the chunks did change the rounding
 
 
-@pytest.mark.parametrize(
-    ("gram_cap", "chunk_bytes"),
-    [(None, 400), (400, 800)],
-    ids=["chunk_bytes", "capped at GRAM_CHUNK_BYTES"],
-)
-def test_statistics_pass_holds_row_chunks_not_whole_tensors(monkeypatch, gram_cap, chunk_bytes):
-    # The Gram pass's chunks are chunk_bytes (400: 10 float32 rows), capped at
-    # GRAM_CHUNK_BYTES (here 400) whatever chunk_bytes the merging pass uses (800: 20 rows).
-    if gram_cap is not None:
-        monkeypatch.setattr(stock, "GRAM_CHUNK_BYTES", gram_cap)
+def record_gram_chunks(monkeypatch):
+    """The entries of every chunk the Gram pass reads, in order, as a list filled as it runs."""
     seen = []
     original = stock.gram_kernel
 
@@ -263,6 +258,20 @@ def test_statistics_pass_holds_row_chunks_not_whole_tensors(monkeypatch, gram_ca
         return kernel._replace(update=update)
 
     monkeypatch.setattr(stock, "gram_kernel", recording)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("gram_cap", "chunk_bytes"),
+    [(None, 400), (400, 800)],
+    ids=["chunk_bytes", "capped at GRAM_CHUNK_BYTES"],
+)
+def test_statistics_pass_holds_row_chunks_not_whole_tensors(monkeypatch, gram_cap, chunk_bytes):
+    # The Gram pass's chunks are chunk_bytes (400: 10 float32 rows), capped at
+    # GRAM_CHUNK_BYTES (here 400) whatever chunk_bytes the merging pass uses (800: 20 rows).
+    if gram_cap is not None:
+        monkeypatch.setattr(stock, "GRAM_CHUNK_BYTES", gram_cap)
+    seen = record_gram_chunks(monkeypatch)
     gen = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(100, 10, generator=gen)}
     models = [{"w": torch.randn(100, 10, generator=gen)} for _ in range(3)]
@@ -432,3 +441,77 @@ def test_the_float64_gram_pass_subtracts_the_base_from_each_cast_model():
     finally:
         torch.set_float32_matmul_precision(previous)
     torch.testing.assert_close(merged["w"], t([15 / 7, 18 / 7, 23 / 7]), rtol=1e-6, atol=1e-6)
+
+
+def test_the_clamp_warning_states_t_the_cosine_and_the_pole_and_points_at_the_caller():
+    # cos θ = −0.45 of 3 task vectors: t = 3·(−0.45)/(2·(−0.45) + 1 + 1e-8) = −13.4999987;
+    # the pole of N = 3 is at cos θ = −1/2.
+    with pytest.warns(ModelStockWarning) as record:
+        assert stock_ratio(-0.45, 3, key="k") == -1.0
+    assert str(record[0].message) == (
+        "model_stock: key 'k': t = -13.5 (mean cosine -0.45 of 3 task vectors, near the pole "
+        "at cos θ = -0.5) clamped to -1"
+    )
+    assert record[0].filename == __file__  # the caller of stock_ratio, not the module
+
+
+def test_mean_cosine_reads_only_the_upper_triangle_and_the_diagonal():
+    # The lower triangle may hold anything: here 99, which would clamp to a cosine of 1.
+    assert stock.mean_cosine([[25.0, 15.0], [99.0, 25.0]]) == 15.0 / (25.0 + 1e-8)
+
+
+@pytest.mark.parametrize(("precision", "exact"), [("highest", False), ("high", True)])
+def test_the_gram_pass_multiplies_float32_on_the_cpu_float64_under_tf32(precision, exact):
+    # τ = [1 + 2⁻¹²]: ⟨τ, τ⟩ = 1 + 2⁻¹¹ + 2⁻²⁴ needs 25 bits. A float32 product rounds it to
+    # 1 + 2⁻¹¹ (a tie, to even); a float64 one, as under a reduced precision, holds it.
+    base = ladle.open_checkpoint({"w": torch.zeros(1)})
+    models = [ladle.open_checkpoint({"w": torch.tensor([1.0 + 2**-12])})] * 2
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        ((_, _, gram),) = fold(models, stock.gram_kernel(2), base=base, device=torch.device("cpu"))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    value = 1 + 2**-11 + 2**-24 if exact else 1 + 2**-11
+    assert gram.tolist() == [[value, value], [value, value]]
+
+
+def test_the_gram_pass_reads_chunks_of_two_mib_whatever_the_default_chunk_bytes(monkeypatch):
+    # GRAM_CHUNK_BYTES is 2 MiB: a 4 MiB float32 tensor, one chunk of the merging pass, is
+    # read by the Gram pass as two chunks of 512 rows per model.
+    seen = record_gram_chunks(monkeypatch)
+    base = {"w": torch.zeros(1024, 1024)}
+    models = [{"w": torch.ones(1024, 1024)}, {"w": torch.full((1024, 1024), 2.0)}]
+    merged = ladle.model_stock(models, base, device="cpu")
+    assert seen == [512 * 1024] * 4
+    torch.testing.assert_close(merged["w"], torch.full((1024, 1024), 1.5), rtol=1e-6, atol=0)
+
+
+def test_the_gram_product_sums_float32_blocks_of_65536_columns_in_float64():
+    # 4096² and 1² in the first block of 2¹⁶ columns: their float32 sum 2²⁴ + 1 rounds to 2²⁴
+    # (a tie, to even). The 1² in the next block is added in float64: 2²⁴ + 1. Blocks of 2¹⁵
+    # columns would give 2²⁴ + 2, one float32 sum over all 2¹⁶ + 1 columns 2²⁴ or 2²⁴ + 2.
+    row = torch.zeros(2**16 + 1)
+    row[0], row[2**15], row[2**16] = 4096.0, 1.0, 1.0
+    assert stock._gram(torch.stack([row, row])).tolist() == [[2.0**24 + 1] * 2] * 2
+
+
+def test_allow_nonfinite_merges_a_nan_input_with_t_clamped_to_minus_one():
+    # The Gram pass lets the NaN through too: the cosine is NaN, so t = −1 with a warning,
+    # θ = 2·θ₀ − mean(θᵢ): [NaN, 2 − (3 + 5)/2 = −2]. Without the flag: NonFiniteError.
+    base = {"w": t([1.0, 1.0])}
+    models = [{"w": t([math.nan, 3.0])}, {"w": t([2.0, 5.0])}]
+    with pytest.warns(ModelStockWarning, match="'w'"):
+        merged = ladle.model_stock(models, base, device="cpu", allow_nonfinite=True)
+    assert math.isnan(merged["w"][0].item()) and merged["w"][1].item() == -2.0
+    with pytest.raises(ladle.NonFiniteError, match=r"model 0 .*'w'"):
+        ladle.model_stock(models, base, device="cpu")
+
+
+def test_the_output_records_the_epsilon_the_clamp_and_the_chunk_size(tmp_path):
+    base = {"w": t([1.0, 1.0])}
+    models = [{"w": t([6.0, 1.0])}, {"w": t([4.0, 5.0])}]
+    out = ladle.model_stock(models, base, out=tmp_path / "o.safetensors", chunk_bytes=64)
+    with safe_open(str(out), "pt") as f:
+        parameters = json.loads(f.metadata()["ladle.parameters"])
+    assert parameters == {"eps": 1e-8, "t_min": -1.0, "chunk_bytes": 64}
