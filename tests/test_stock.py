@@ -511,7 +511,9 @@ def test_allow_nonfinite_merges_a_nan_input_with_t_clamped_to_minus_one():
 def test_the_output_records_the_epsilon_the_clamp_and_the_chunk_size(tmp_path):
     base = {"w": t([1.0, 1.0])}
     models = [{"w": t([6.0, 1.0])}, {"w": t([4.0, 5.0])}]
-    out = ladle.model_stock(models, base, out=tmp_path / "o.safetensors", chunk_bytes=64)
+    # chunk_bytes as the int it stands for (a numpy integer would not be one in the recipe).
+    size = np.int64(64)
+    out = ladle.model_stock(models, base, out=tmp_path / "o.safetensors", chunk_bytes=size)
     with safe_open(str(out), "pt") as f:
         parameters = json.loads(f.metadata()["ladle.parameters"])
     assert parameters == {"eps": 1e-8, "t_min": -1.0, "chunk_bytes": 64}
