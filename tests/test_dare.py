@@ -233,6 +233,7 @@ def test_masks_differ_between_seeds_models_and_keys():
 def test_chunk_size_and_key_order_do_not_change_a_single_bit():
     gen = torch.Generator().manual_seed(0)
     base = {"emb": torch.randn(50, 7, generator=gen), "b": torch.randn(5, generator=gen)}
+    base["experts"] = torch.randn(6, 3, 4, generator=gen)  # rows of 3·4 entries
     models = [
         {k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)
     ]
@@ -379,7 +380,7 @@ def test_bad_arguments_are_value_errors_naming_the_parameter(kwargs, match):
 
 @pytest.mark.parametrize(
     ("seed", "found"),
-    [("3", "str"), (None, "None"), (1j, "complex"), (torch.tensor(2.5), None)],
+    [("3", "str"), (None, "None"), (1j, "complex"), (True, "bool"), (torch.tensor(2.5), None)],
 )
 def test_seed_that_is_no_integer_number_is_a_type_error_naming_it(seed, found):
     # docs/safety.md: a value that is no number is a TypeError naming the parameter; a real
@@ -474,13 +475,16 @@ def test_densities_float32_random_numbers_cannot_draw_are_refused():
 
 
 def test_a_kept_block_serves_only_the_seed_and_tensor_it_was_drawn_for():
+    # The kept block is block 2 of "w", of 10 entries; each call asks for the rest of block 2
+    # of another seed, of a tensor whose block 2 is longer (its first 10 numbers are the
+    # same: torch.rand's are a prefix of a longer draw's), or of another key.
     kept: dict = {}
-    numel = 3 * BLOCK
-    uniform_numbers(0, 0, "w", numel=numel, start=0, count=1000, kept=kept)
-    for seed, size in [(1, numel), (0, numel + 5)]:  # another seed; a tensor of another size
-        again = uniform_numbers(seed, 0, "w", numel=size, start=1000, count=1000, kept=kept)
-        assert torch.equal(again, uniform_numbers(seed, 0, "w", numel=size, start=1000, count=1000))
-        uniform_numbers(0, 0, "w", numel=numel, start=0, count=1000, kept=kept)
+    first, numel = 2 * BLOCK, 2 * BLOCK + 10
+    for seed, size, key in [(1, numel, "w"), (0, numel + 10, "w"), (0, numel, "v")]:
+        uniform_numbers(0, 0, "w", numel=numel, start=first, count=5, kept=kept)
+        rest = {"numel": size, "start": first + 5, "count": size - first - 5}
+        again = uniform_numbers(seed, 0, key, **rest, kept=kept)
+        assert torch.equal(again, uniform_numbers(seed, 0, key, **rest)), (seed, size, key)
 
 
 def test_numbers_drawn_ahead_are_used_only_for_the_call_they_were_drawn_for():
@@ -501,30 +505,36 @@ def test_numbers_drawn_ahead_are_used_only_for_the_call_they_were_drawn_for():
             assert torch.equal(dropped, tau * mask.view(tau.shape)), (key, index)
 
 
-def test_torch_threads_are_fewer_while_numbers_are_drawn_and_restored_after(tmp_path):
+def test_torch_threads_are_fewer_while_numbers_are_drawn_and_restored_after():
     # DARE computes on fewer torch threads while its own threads draw numbers; the process's
-    # count must come back, also when the merge fails.
-    before = torch.get_num_threads()
-    seen = []
+    # count must come back, also when the merge fails. From 4 threads, so that fewer shows
+    # whatever OMP_NUM_THREADS the suite runs under.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        before = torch.get_num_threads()
+        seen = []
 
-    class Bar:  # progress reports arrive while the merge runs
-        def __init__(self, **kwargs):
-            pass
+        class Bar:  # progress reports arrive while the merge runs
+            def __init__(self, **kwargs):
+                pass
 
-        def update(self, n):
-            seen.append(torch.get_num_threads())
+            def update(self, n):
+                seen.append(torch.get_num_threads())
 
-        def close(self):
-            pass
+            def close(self):
+                pass
 
-    models, base = family(2, seed=3), family(1, seed=4)[0]
-    ladle.dare(models, base, density=0.5, progress=Bar, device="cpu")
-    assert seen and max(seen) == max(1, before - min(8, os.cpu_count() or 1))
-    assert torch.get_num_threads() == before
-    bad = {**models[0], "layer.weight": torch.ones(5)}
-    with pytest.raises(ladle.IncompatibleError):
-        ladle.dare([bad, models[1]], base, device="cpu")
-    assert torch.get_num_threads() == before
+        models, base = family(2, seed=3), family(1, seed=4)[0]
+        ladle.dare(models, base, density=0.5, progress=Bar, device="cpu")
+        assert seen and max(seen) == max(1, before - min(8, os.cpu_count() or 1))
+        assert torch.get_num_threads() == before
+        bad = {**models[0], "layer.weight": torch.ones(5)}
+        with pytest.raises(ladle.IncompatibleError):
+            ladle.dare([bad, models[1]], base, device="cpu")
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(previous)
 
 
 # --- tied weights ------------------------------------------------------------------------
@@ -694,7 +704,8 @@ def test_a_merge_draws_each_block_of_each_model_once_and_nothing_at_density_one(
 
 def test_numbers_drawn_ahead_serve_neither_another_key_of_that_shape_nor_another_model():
     # After model 0's chunk of "a", model 1's numbers for it are drawn ahead: "c" (same
-    # shape and rows) of model 1, and "a" of model 0 again, must draw their own.
+    # shape and rows) of model 1, "a" of model 0 again, and model 1's next row of "a" (as
+    # many entries), must draw their own.
     from ladle.methods.dare import _dropper
 
     shapes = {"a": (2, 3), "c": (2, 3)}
@@ -705,6 +716,11 @@ def test_numbers_drawn_ahead_serve_neither_another_key_of_that_shape_nor_another
             dropped = drop(key, slice(None), index, tau.clone(), torch.empty(2, 3))
             mask = naive_mask(9, index, key, 6, 0.5).view(2, 3)
             assert torch.equal(dropped, tau * mask), (key, index)
+        for row, index in [(0, 0), (1, 1)]:
+            rows = slice(row, row + 1)
+            dropped = drop("a", rows, index, tau[rows].clone(), torch.empty(1, 3))
+            mask = naive_mask(9, index, "a", 6, 0.5).view(2, 3)[rows]
+            assert torch.equal(dropped, tau[rows] * mask), (row, index)
 
 
 @pytest.mark.parametrize(("seed", "other"), [(-1, 1), (2**32 + 1, 1), (2**64 + 5, 5)])
