@@ -401,3 +401,37 @@ def test_integer_tensors_of_a_result_are_copies_not_the_inputs_own():
     for result in (ladle.add(a, b), ladle.scale(a, 2.0), ladle.task_vector(b, a)):
         result["steps"] += 1  # a result is new: changing it leaves the inputs alone
     assert a["steps"].tolist() == [5] and b["steps"].tolist() == [7]
+
+
+@pytest.mark.parametrize(
+    ("weight", "expected"),
+    [
+        (0.0, 1.0),
+        (2.0**-126, 1.0),  # float32's smallest normal: held exactly
+        (torch.finfo(torch.float32).max, 1.0),
+        (2.0**-127, 1.0 + 2.0**-23),  # below it: the computation is float64
+    ],
+)
+def test_only_scalars_beyond_float32s_normal_range_widen_the_computation(weight, expected):
+    # 1 + 2⁻²⁴ + 2⁻²⁴ is 1 in float32 (each sum ties to even) and 1 + 2⁻²³ computed in
+    # float64: a weight of 0, or one at the edges of float32's range, keeps it in float32.
+    def model(value):
+        return {"w": torch.tensor([value])}
+
+    models = [model(0.0), model(1.0), model(2.0**-24), model(2.0**-24)]
+    result = ladle.weighted_sum(models, [weight, 1.0, 1.0, 1.0])["w"]
+    assert result.dtype == torch.float32 and result.tolist() == [expected]
+
+
+def test_lerp_at_its_ends_returns_copies_not_the_inputs_own_tensors():
+    a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 4.0])}
+    for t in (0.0, 1.0):
+        ladle.lerp(a, b, t)["w"].add_(10.0)  # a result is new: changing it leaves a, b alone
+    assert a["w"].tolist() == [1.0, 2.0] and b["w"].tolist() == [3.0, 4.0]
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_weighted_sum_with_too_few_or_too_many_weights_says_how_many_it_expected(count):
+    with pytest.raises(ValueError) as info:
+        ladle.weighted_sum(family(2), [1.0] * count)
+    assert str(info.value) == f"weights: expected 2 weights, found {count}"
