@@ -193,6 +193,8 @@ def test_out_writes_the_returned_soup_from_paths(tmp_path):
         meta = f.metadata()
     assert meta["ladle.method"] == "greedy_soup"
     assert '"selected": [1, 2, 3]' in meta["ladle.parameters"]
+    assert '"score": 0.92' in meta["ladle.parameters"]
+    assert '"strict": false' in meta["ladle.parameters"]
 
 
 def test_existing_output_is_refused_before_any_evaluation(tmp_path):
@@ -458,12 +460,14 @@ def test_cli_an_evaluate_file_that_raises_is_named_as_the_user_wrote_it(tmp_path
     )
 
 
-def test_an_evaluate_returning_no_number_is_a_value_error_naming_it():
+@pytest.mark.parametrize("returned", [None, "high"])  # float() raises TypeError, ValueError
+def test_an_evaluate_returning_no_number_is_a_value_error_naming_it(returned):
     models = one_hot_family(2)
-    with pytest.raises(
-        ValueError, match=r"evaluate: returned None for model 0 .*expected a number"
-    ):
-        ladle.greedy_soup(models, lambda sd: None, device="cpu")
+    with pytest.raises(ValueError) as info:
+        ladle.greedy_soup(models, lambda sd: returned, device="cpu")
+    assert str(info.value) == (
+        f"evaluate: returned {returned!r} for model 0 (<state dict>); expected a number"
+    )
 
 
 def test_a_greedy_soup_that_overflows_its_output_dtype_is_an_error(tmp_path):
@@ -590,6 +594,35 @@ def test_a_greedy_soup_that_saturates_float8_e4m3fn_is_an_error():
         models, lambda sd: 1.0, dtype=torch.float8_e4m3fn, device="cpu", allow_nonfinite=True
     )
     assert kept.state_dict["w"].float().tolist() == [448.0, 1.5]
+
+
+def test_progress_with_scores_given_counts_the_candidates_only():
+    calls = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            calls.append(("init", total, kwargs["unit"]))
+
+        def update(self, n):
+            calls.append(("update", n))
+
+        def close(self):
+            calls.append(("close",))
+
+    ladle.greedy_soup(one_hot_family(3), lambda sd: 1.0, scores=[1, 2, 3], progress=Bar)
+    assert calls == [("init", 2, "eval"), ("update", 1), ("update", 1), ("close",)]
+
+
+def test_saturation_is_checked_in_the_best_ranked_models_dtype_not_model_0s():
+    # Model 1 ranks first and is stored in float8_e4m3fn, the soup's dtype: the mean 724 of
+    # 1000 (model 0, float32) and 448 would be written as 448. Model 0's dtype saw no limit.
+    models = [{"w": torch.tensor([1000.0, 1.0])}, {"w": torch.tensor([448.0, 2.0])}]
+    models[1]["w"] = models[1]["w"].to(torch.float8_e4m3fn)
+    with pytest.raises(
+        ladle.NonFiniteError,
+        match=r"^the greedy soup: 1 of the 2 merged values of key 'w' overflow float8_e4m3fn",
+    ):
+        ladle.greedy_soup(models, lambda sd: 1.0, scores=[0.0, 1.0], device="cpu")
 
 
 # --- tied weights ----------------------------------------------------------------------------
