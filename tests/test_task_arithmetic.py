@@ -6,6 +6,7 @@ import torch
 from conftest import assert_bit_for_bit, assert_close_by_dtype, families, family, save_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 
 import ladle
 from ladle.cli import main
@@ -224,3 +225,62 @@ def test_a_delta_may_overwrite_its_scratch_buffer_without_changing_the_task_vect
     merged = merge(models, kernel, base=base, method="x", parameters={}, device="cpu")
     # τ = [1, 2] and [−1, 3]: 1·τ₁ + 2·τ₂ = [−1, 8]; base + 0.5·that = [0.5, 6].
     assert merged["w"].tolist() == [0.5, 6.0]
+
+
+def test_a_delta_gets_each_models_index_and_rows_and_what_it_leaves_in_tau_is_added():
+    # Delta's contract: called per chunk of rows and per model, with that model's index; τ
+    # as it leaves it (changed in place, with the scratch as a temporary) is what it adds.
+    from ladle.engine import merge
+    from ladle.methods.task_arithmetic import task_vector_sum_kernel
+
+    calls = []
+
+    def delta(key, rows, index, tau, scratch):
+        calls.append((key, rows, index))
+        return tau.add_(torch.mul(tau, index, out=scratch))  # model i counts i + 1 times
+
+    base = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}
+    models = [{"w": base["w"] + 1.0}, {"w": base["w"] + torch.tensor([[2.0, 0.0], [0.0, 2.0]])}]
+    kernel = task_vector_sum_kernel([1.0, 1.0], 1.0, delta)
+    merged = merge(
+        models, kernel, base=base, method="x", parameters={}, device="cpu", chunk_bytes=8
+    )
+    # base + 1·τ₀ + 2·τ₁, τ₀ = 1 everywhere, τ₁ = 2 on the diagonal.
+    assert merged["w"].tolist() == [[6.0, 3.0], [4.0, 9.0]]
+    first, second = slice(0, 1), slice(1, 2)  # 8 bytes: one row of two float32 at a time
+    assert calls == [("w", first, 0), ("w", first, 1), ("w", second, 0), ("w", second, 1)]
+
+
+def test_a_weight_of_zero_leaves_its_task_out():
+    base = {"w": torch.tensor([0.0, 4.0])}
+    a, b = {"w": torch.tensor([1.0, 6.0])}, {"w": torch.tensor([2.0, 8.0])}
+    assert ladle.task_arithmetic([a, b], base, weights=[0, 1])["w"].tolist() == [2.0, 8.0]
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf")])
+def test_a_scale_that_is_no_finite_number_is_refused_before_merging(scale):
+    # Refused by the check of the scale, not by the merge's check of its results.
+    base, *models = family(3)
+    with pytest.raises(ValueError) as info:
+        ladle.task_arithmetic(models, base, scale=scale, device="cpu")
+    assert type(info.value) is ValueError
+    assert str(info.value) == f"scale: expected a finite number, found {scale}"
+
+
+def test_dtype_argument_sets_output_of_floating_tensors_only():
+    base, *models = family(3)
+    merged = ladle.task_arithmetic(models, base, scale=0.5, device="cpu")
+    half = ladle.task_arithmetic(models, base, scale=0.5, device="cpu", dtype=torch.float16)
+    assert half["layer.weight"].dtype == torch.float16
+    assert torch.equal(half["layer.weight"], merged["layer.weight"].half())  # rounded once
+    assert half["bn.num_batches_tracked"].dtype == torch.int64
+
+
+def test_provenance_records_the_method_and_the_checked_scale_and_weights(tmp_path):
+    base, *models = family(3)
+    out = ladle.task_arithmetic(models, base, scale=0.5, out=tmp_path / "o.safetensors")
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["ladle.method"] == "task_arithmetic"
+    assert '"scale": 0.5' in meta["ladle.parameters"]
+    assert '"weights": [1.0, 1.0]' in meta["ladle.parameters"]  # the default, as used
