@@ -284,3 +284,23 @@ def test_provenance_records_the_method_and_the_checked_scale_and_weights(tmp_pat
     assert meta["ladle.method"] == "task_arithmetic"
     assert '"scale": 0.5' in meta["ladle.parameters"]
     assert '"weights": [1.0, 1.0]' in meta["ladle.parameters"]  # the default, as used
+
+
+def test_a_delta_that_may_drop_a_nan_leaves_the_inputs_checked_for_it():
+    # With a delta that replaces τ (here by zeros), a NaN input need not show in the result:
+    # the engine checks the inputs, unless the delta says it keeps NaN/Inf non-finite.
+    from ladle.engine import merge
+    from ladle.methods.task_arithmetic import task_vector_sum_kernel
+
+    def delta(key, rows, index, tau, scratch):
+        return tau.zero_()
+
+    base = {"w": torch.zeros(2)}
+    models = [{"w": torch.ones(2)}, {"w": torch.tensor([1.0, float("nan")])}]
+    kernel = task_vector_sum_kernel([1.0, 1.0], 1.0, delta)
+    with pytest.raises(ladle.NonFiniteError, match=r"model 1 .*'w'"):
+        merge(models, kernel, base=base, method="x", parameters={}, device="cpu")
+    assert not task_vector_sum_kernel([1.0], 1.0, delta).propagates_nonfinite
+    assert task_vector_sum_kernel(
+        [1.0], 1.0, delta, delta_propagates_nonfinite=True
+    ).propagates_nonfinite
