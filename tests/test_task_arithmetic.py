@@ -198,15 +198,26 @@ def test_cli_task_vector_commands_need_a_base(tmp_path, capsys, command):
 # Gaps found by mutation testing: each test below fails on a small change to the code.
 
 
-@pytest.mark.parametrize("weights", [[float("inf"), 1.0], [1.0, float("-inf")]])
-def test_an_infinite_weight_is_refused_before_merging(weights):
-    # Refused by the check of the weights, not by the merge's check of its results (inf·τ
-    # overflows, and inf·0 is NaN).
+@pytest.mark.parametrize(
+    ("argument", "value", "expected"),
+    [
+        ("weights", [float("inf"), 1.0], "weights: expected finite numbers, found [inf, 1.0]"),
+        ("weights", [1.0, float("-inf")], "weights: expected finite numbers, found [1.0, -inf]"),
+        ("scale", float("nan"), "scale: expected a finite number, found nan"),
+        ("scale", float("inf"), "scale: expected a finite number, found inf"),
+        ("scale", float("-inf"), "scale: expected a finite number, found -inf"),
+    ],
+)
+def test_a_weight_or_scale_that_is_no_finite_number_is_refused_before_merging(
+    argument, value, expected
+):
+    # Refused by the argument's own check (a plain ValueError), not by the merge's check of
+    # its results (a NonFiniteError: inf·τ overflows, and inf·0 is NaN).
     base, *models = family(3)
     with pytest.raises(ValueError) as info:
-        ladle.task_arithmetic(models, base, weights=weights, device="cpu")
+        ladle.task_arithmetic(models, base, device="cpu", **{argument: value})
     assert type(info.value) is ValueError
-    assert str(info.value) == f"weights: expected finite numbers, found {weights}"
+    assert str(info.value) == expected
 
 
 def test_a_delta_may_overwrite_its_scratch_buffer_without_changing_the_task_vectors():
@@ -255,16 +266,6 @@ def test_a_weight_of_zero_leaves_its_task_out():
     base = {"w": torch.tensor([0.0, 4.0])}
     a, b = {"w": torch.tensor([1.0, 6.0])}, {"w": torch.tensor([2.0, 8.0])}
     assert ladle.task_arithmetic([a, b], base, weights=[0, 1])["w"].tolist() == [2.0, 8.0]
-
-
-@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf")])
-def test_a_scale_that_is_no_finite_number_is_refused_before_merging(scale):
-    # Refused by the check of the scale, not by the merge's check of its results.
-    base, *models = family(3)
-    with pytest.raises(ValueError) as info:
-        ladle.task_arithmetic(models, base, scale=scale, device="cpu")
-    assert type(info.value) is ValueError
-    assert str(info.value) == f"scale: expected a finite number, found {scale}"
 
 
 def test_dtype_argument_sets_output_of_floating_tensors_only():
