@@ -292,7 +292,6 @@ def _header(
                 f"{name!r} -> {type_name(value)}"
             )
     if metadata.get("format", "pt") != "pt":
-        # transformers reads "format" to choose its loader: torch tensors must say "pt".
         raise ValueError(
             f"{out}: metadata: 'format' names the framework of the tensors, 'pt' for torch "
             f"(transformers reads it to choose a loader); found {metadata['format']!r}"
