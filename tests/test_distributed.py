@@ -422,6 +422,17 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
         ("dare_nan_error", "dare", {"density": 0.5, "combine": "ties"}),
     ):
         found[name] = _catch(merge, method, nan, base=nan_base, out=root / name, **extra)
+    # Allowed, the NaN is merged (the vote pass of a split DARE-TIES is told so too).
+    merge(
+        "dare",
+        nan,
+        base=nan_base,
+        out=root / "dare_nonfinite_allowed",
+        device="cpu",
+        density=0.5,
+        combine="ties",
+        allow_nonfinite=True,
+    )
     # Only rank 0 shows a progress bar; one key makes one shard, named as a single file;
     # a single-file output is refused on every rank.
     bars: list[int] = []
@@ -646,6 +657,24 @@ def test_split_merge_errors_reach_every_rank_and_leave_no_output(spawned):
         assert all("'z'" in found[name][1] for found in ranks), name
         assert ranks[0][name][1].startswith(f"rank {WORLD - 1}: "), name
     assert not [p for p in os.listdir(root) if "nan" in p and "safetensors" not in p]
+
+
+@pytest.mark.slow
+def test_split_dare_ties_allowed_nonfinite_merges_a_nan_as_one_process_does(spawned):
+    root, *_ = spawned
+    expected = ladle.dare(
+        [root / "nan.safetensors"],
+        root / "nan_base.safetensors",
+        density=0.5,
+        combine="ties",
+        allow_nonfinite=True,
+        device="cpu",
+    )
+    merged = ladle.load(root / "dare_nonfinite_allowed")
+    assert list(merged) == list(expected) == ["a", "z"]
+    for key in expected:
+        torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=0, equal_nan=True)
+    assert merged["z"][1].isnan()
 
 
 @pytest.mark.slow
