@@ -39,12 +39,14 @@ from ladle import distributed
 from ladle.distributed import (
     _buckets,
     _rank_weights,
+    _scaled,
     _ShardWriter,
     _torchrun_group,
     average_,
     merge,
     split_by_bytes,
 )
+from ladle.methods.soup import normalized_weights
 from ladle.writer import TEMP_MARK
 
 WORLD = 3
@@ -1110,17 +1112,45 @@ def test_split_dare_ties_breaks_sign_ties_by_the_vote_of_every_rank(spawned):
 
 @pytest.mark.parametrize(
     "given",
-    [[math.inf, -math.inf], [1e308, 1e308], [[1e308, 1e308], [1e308, 1e308]], [math.nan, 1.0]],
+    [[math.inf, -math.inf], [[math.inf, 1.0], [math.inf, 1.0]], [math.nan, 1.0], [0.0, -0.0]],
 )
 def test_rank_weights_of_no_finite_sum_are_a_value_error_naming_weights(given):
-    # Before: math.fsum's own "-inf + inf in fsum" (ValueError) and "intermediate overflow in
-    # fsum" (OverflowError), naming no weights.
+    # Before: math.fsum's own "-inf + inf in fsum" (ValueError), naming no weights.
     found = given[0] if isinstance(given[0], list) else given
     with pytest.raises(ValueError) as caught:
         _rank_weights(given, 2)
     assert str(caught.value) == (
         f"weights: expected finite weights with a non-zero sum, found {found}"
     )
+
+
+UNIT = math.ldexp(1e308, -1024)  # 1e308 scaled by the power of two that brings it below 1
+
+
+@pytest.mark.parametrize(
+    ("given", "size", "scaled"),
+    [([1e308, 1e308, -1e308], 3, (UNIT, UNIT)), ([[1e308, 1e308]] * 2, 2, (UNIT, 2 * UNIT))],
+)
+def test_rank_weights_whose_sum_passes_float_s_range_are_scaled_as_the_soup_s(given, size, scaled):
+    # Before: refused ("expected finite weights with a non-zero sum") though uniform_soup
+    # takes them: their sum, not they, passes float's range. Scaled by 2⁻¹⁰²⁴, it does not.
+    found = _rank_weights(given, size)
+    assert found == [1e308, 1e308, -1e308][:size]
+    assert _scaled(found, 0) == scaled  # rank 0's weight and the sum
+
+
+def test_rank_weights_whose_sum_is_nearly_zero_beside_them_are_refused_as_the_soup_s():
+    # Before: accepted, then divided by their sum scaled to 0.0: a mean of Inf and NaN.
+    given = [1e308, -1e308, 1e-300]
+    with pytest.raises(ValueError) as caught:
+        _rank_weights(given, 3)
+    assert str(caught.value) == (
+        "weights: [1e+308, -1e+308, 1e-300] divided by their sum (1e-300) pass float's "
+        "range; expected weights whose sum is not nearly zero beside them"
+    )
+    with pytest.raises(ValueError) as soup:
+        normalized_weights(given, 3)
+    assert str(soup.value) == str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ from .engine import (
 from .errors import IncompatibleError, LadleError
 from .methods.dare import dare
 from .methods.ratatouille import ratatouille
-from .methods.soup import greedy_soup, uniform_soup
+from .methods.soup import greedy_soup, normalized_weights, uniform_soup
 from .methods.stock import model_stock
 from .methods.task_arithmetic import task_arithmetic
 from .methods.ties import ties
@@ -211,12 +211,7 @@ def _rank_weights(given: Sequence[object], size: int) -> list[float] | None:
             "weights: every rank must pass its own weight (a float), or every rank the same "
             f"list of per-rank weights, or every rank None; found {list(given)}"
         )
-    try:  # finite weights first: fsum raises on inf + -inf, and on a sum past float's range
-        total = math.fsum(found) if all(math.isfinite(w) for w in found) else math.nan
-    except OverflowError:
-        total = math.inf
-    if total == 0 or not math.isfinite(total):
-        raise ValueError(f"weights: expected finite weights with a non-zero sum, found {found}")
+    normalized_weights(found, size)  # the soup's checks: finite, a non-zero sum, in range
     return found
 
 
@@ -229,7 +224,11 @@ def _scaled(weights: Sequence[float], me: int) -> tuple[float, float]:
     of two changes no digit of either, so the mean is the one of the weights as given.
     """
     _, exponent = math.frexp(max(abs(w) for w in weights))
-    return math.ldexp(weights[me], -exponent), math.ldexp(math.fsum(weights), -exponent)
+    try:
+        total = math.ldexp(math.fsum(weights), -exponent)
+    except OverflowError:  # a sum past float's range ([1e308, 1e308]): scale, then add
+        total = math.fsum(math.ldexp(w, -exponent) for w in weights)
+    return math.ldexp(weights[me], -exponent), total
 
 
 def _buckets(
