@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -494,7 +495,8 @@ def test_numbers_drawn_ahead_are_used_only_for_the_call_they_were_drawn_for():
 
     shapes = {"a": (3, 5), "b": (7,)}
     with ThreadPoolExecutor(2) as threads, ThreadPoolExecutor(1) as ahead:
-        drop = _dropper(shapes, 9, 0.5, threads, models=3, ahead=ahead)
+        sizes = {key: math.prod(shape) for key, shape in shapes.items()}
+        drop = _dropper(sizes, 9, 0.5, threads, models=3, ahead=ahead)
         calls = [("a", 0), ("a", 1), ("b", 0), ("a", 2), ("b", 1), ("b", 2), ("a", 1), ("a", 2)]
         for key, index in calls:
             tau = torch.arange(1.0, 1.0 + torch.Size(shapes[key]).numel()).view(shapes[key])
@@ -711,7 +713,8 @@ def test_numbers_drawn_ahead_serve_neither_another_key_of_that_shape_nor_another
     shapes = {"a": (2, 3), "c": (2, 3)}
     tau = torch.arange(1.0, 7.0).view(2, 3)
     with ThreadPoolExecutor(2) as threads, ThreadPoolExecutor(1) as ahead:
-        drop = _dropper(shapes, 9, 0.5, threads, models=3, ahead=ahead)
+        sizes = {key: math.prod(shape) for key, shape in shapes.items()}
+        drop = _dropper(sizes, 9, 0.5, threads, models=3, ahead=ahead)
         for key, index in [("a", 0), ("c", 1), ("a", 0), ("a", 0), ("a", 2)]:
             dropped = drop(key, slice(None), index, tau.clone(), torch.empty(2, 3))
             mask = naive_mask(9, index, key, 6, 0.5).view(2, 3)

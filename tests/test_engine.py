@@ -1652,3 +1652,130 @@ def test_a_short_integer_tensor_whose_row_fits_as_stored_is_copied_whole(tmp_pat
     merged = ladle.load(merged) if to_file else merged
     assert torch.equal(merged["ids"], ids)
     assert merged["w"].tolist() == [0.5, 0.5]
+
+
+# Complex tensors: merged as their real and imaginary parts (they were copied from the base or
+# model 0 as integer buffers are: a soup of complex weights was model 0's weights).
+
+
+def _complex_family(dtype, n=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (40, 33)
+
+    def noise(like):
+        return 0.1 * torch.randn(like.shape, dtype=like.dtype, generator=generator)
+
+    base = {
+        "spectral": torch.randn(shape, dtype=dtype, generator=generator),
+        "w": torch.randn(shape, generator=generator),
+        "steps": torch.tensor(7),
+    }
+    models = [{k: v + noise(v) if k != "steps" else v for k, v in base.items()} for _ in range(n)]
+    return base, models
+
+
+def _as_real(state_dict):
+    """Complex tensors as float ones with a last dimension of 2 (their parts), copied."""
+    return {
+        k: torch.view_as_real(v).clone() if v.is_complex() else v for k, v in state_dict.items()
+    }
+
+
+COMPLEX_METHODS = {
+    "uniform_soup": lambda models, base, **kw: ladle.uniform_soup(
+        models, weights=[1, 2, 3, 4], **kw
+    ),
+    "task_arithmetic": lambda models, base, **kw: ladle.task_arithmetic(
+        models, base, scale=0.7, **kw
+    ),
+    "ties_global": lambda models, base, **kw: ladle.ties(models, base, density=0.3, **kw),
+    "ties_tensor": lambda models, base, **kw: ladle.ties(
+        models, base, density=0.3, trim="tensor", chunk_bytes=1024, **kw
+    ),
+    "dare": lambda models, base, **kw: ladle.dare(models, base, density=0.3, seed=5, **kw),
+    "dare_ties": lambda models, base, **kw: ladle.dare(
+        models, base, density=0.3, combine="ties", **kw
+    ),
+    "model_stock": lambda models, base, **kw: ladle.model_stock(models, base, **kw),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("method", sorted(COMPLEX_METHODS))
+def test_every_method_merges_a_complex_tensor_as_its_real_and_imaginary_parts(
+    method, dtype, tmp_path
+):
+    base, models = _complex_family(dtype)
+    merge = COMPLEX_METHODS[method]
+    merged = merge(models, base, device="cpu")
+    # The same method over the parts stored as float tensors of a last dimension 2.
+    expected = merge([_as_real(m) for m in models], _as_real(base), device="cpu")
+    assert merged["spectral"].dtype == dtype
+    assert_bit_for_bit(_as_real(merged), expected)
+    assert not torch.equal(merged["spectral"], base["spectral"])  # not copied
+    if method != "uniform_soup":
+        assert not torch.equal(merged["spectral"], models[0]["spectral"])
+    if dtype == torch.complex64:  # safetensors stores no complex128
+        out = merge(models, base, device="cpu", out=tmp_path / "merged.safetensors")
+        assert_bit_for_bit(ladle.load(out), merged)  # streamed to disk: the same numbers
+
+
+def test_a_soup_of_complex_tensors_is_their_mean_by_hand():
+    a = {"z": torch.tensor([1 + 2j, 3 - 1j])}
+    b = {"z": torch.tensor([3 + 0j, 1 + 1j])}
+    assert ladle.uniform_soup([a, b])["z"].tolist() == [2 + 1j, 2 + 0j]
+    # τ = (2 − 2j, −2 + 2j): scale 0.5 of their sum is 0; one model: half its τ.
+    base = {"z": torch.tensor([1 + 2j, 3 - 1j])}
+    models = [{"z": base["z"] + torch.tensor([2 - 2j, 4 + 0j])}, {"z": base["z"]}]
+    got = ladle.task_arithmetic(models, base, scale=0.5)["z"]
+    assert got.tolist() == [2 + 1j, 5 - 1j]
+    greedy = ladle.greedy_soup([a, b], lambda sd: 1.0).state_dict["z"]
+    assert greedy.tolist() == [2 + 1j, 2 + 0j]
+
+
+def test_complex_tensors_of_complex64_and_complex128_merge_in_complex128():
+    a = {"z": torch.tensor([1 + 1e-9j], dtype=torch.complex128)}
+    b = {"z": torch.tensor([1 + 0j], dtype=torch.complex64)}
+    merged = ladle.uniform_soup([a, b], device="cpu")["z"]
+    assert merged.dtype == torch.complex128  # model 0's dtype
+    assert merged.item() == 1 + 0.5e-9j  # 1e-9 survives: summed in complex128
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_ties_sign_ties_of_complex_entries_are_patched_as_those_of_real_ones(dtype, tmp_path):
+    # Parts that cancel exactly (1 and −1) tie; the model-wide vote decides them, after the
+    # merge pass, through the writer's amend on a file.
+    base = {"z": torch.zeros(3, dtype=dtype), "w": torch.zeros(4)}
+    taus = [
+        {"z": torch.tensor([1 + 2j, -1 + 1j, 3 - 1j], dtype=dtype), "w": torch.tensor([1.0] * 4)},
+        {"z": torch.tensor([-1 - 2j, 1 + 1j, 3 + 1j], dtype=dtype), "w": torch.tensor([2.0] * 4)},
+    ]
+    merged = ladle.ties(taus, base, density=1.0, device="cpu")
+    expected = ladle.ties([_as_real(t) for t in taus], _as_real(base), density=1.0, device="cpu")
+    assert_bit_for_bit(_as_real(merged), expected)
+    # The vote is positive (more positive parts): ties take the positive mean.
+    assert merged["z"].tolist() == [1 + 2j, 1 + 1j, 3 + 1j]
+    if dtype == torch.complex128:  # safetensors stores no complex128
+        return
+    streamed = ladle.load(
+        ladle.ties(taus, base, density=1.0, device="cpu", out=tmp_path / "t.safetensors")
+    )
+    assert_bit_for_bit(streamed, merged)
+
+
+def test_a_complex_input_holding_nan_is_named():
+    base, models = _complex_family(torch.complex64, n=2)
+    models[1]["spectral"][3, 4] = complex(0.0, math.nan)
+    with pytest.raises(ladle.NonFiniteError, match=r"^model 1 \(.*\): key 'spectral' holds NaN"):
+        ladle.task_arithmetic(models, base, device="cpu")
+
+
+def test_diff_compares_complex_tensors_as_their_parts_and_skips_integers_only():
+    a = {"z": torch.tensor([1 + 1j, 0j]), "steps": torch.tensor(3)}
+    b = {"z": torch.tensor([1 + 0j, 2j]), "steps": torch.tensor(4)}
+    report = ladle.diff(a, b)
+    assert report.skipped == ["steps"]
+    (row,) = report.tensors
+    # As vectors of parts: a = (1, 1, 0, 0), b = (1, 0, 0, 2): ⟨a, b⟩ = 1, ‖a‖² = 2, ‖b‖² = 5.
+    assert row.key == "z" and row.cosine == pytest.approx(1 / math.sqrt(10), rel=1e-12)
+    assert row.norm_diff == pytest.approx(math.sqrt(5), rel=1e-12)

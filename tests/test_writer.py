@@ -278,6 +278,20 @@ def test_amend_patches_entries_in_the_written_output(tmp_path_factory, picks, dt
     assert all(torch.equal(loaded[key], expected[key]) for key in expected)
 
 
+def test_amend_of_a_complex_tensor_patches_parts_of_its_real_view(tmp_path):
+    # Merges compute a complex tensor as its parts (torch.view_as_real): entry 2k is the real
+    # part of entry k, 2k + 1 its imaginary part; values come in the real dtype.
+    z = torch.tensor([1 + 2j, 3 + 4j, 5 + 6j])
+    with SafetensorsWriter(tmp_path / "z.safetensors", {"z": ((3,), z.dtype)}) as writer:
+        writer.write("z", z)
+        writer.amend("z", torch.tensor([1, 4, 5]), torch.tensor([-2.0, -5.0, 0.5]))
+        with pytest.raises(ladle.LadleError, match=r"expected \(1,\) values of torch.float32"):
+            writer.amend("z", torch.tensor([0]), torch.tensor([1j]))
+        with pytest.raises(ladle.LadleError, match="index 6 is outside the tensor's 6 entries"):
+            writer.amend("z", torch.tensor([6]), torch.tensor([1.0]))
+    assert ladle.load(tmp_path / "z.safetensors")["z"].tolist() == [1 - 2j, 3 + 4j, -5 + 0.5j]
+
+
 def test_amend_before_the_last_write_or_with_wrong_values_is_refused(tmp_path):
     specs = {"a": ((2,), torch.float32), "b": ((2,), torch.float32)}
     early = pytest.raises(ladle.LadleError, match="before every tensor")

@@ -67,8 +67,8 @@ SAFETENSORS_DTYPES = {  # safetensors' dtype codes; the writer uses the inverse
 }
 for _name in ("uint16", "uint32", "uint64"):  # torch >= 2.3 has them
     SAFETENSORS_DTYPES["U" + _name[4:]] = getattr(torch, _name)
-# Codes of newer safetensors releases (0.8 reads and writes them); merges copy complex
-# tensors from the base, as other non-floating ones.
+# Codes of newer safetensors releases (0.8 reads and writes them); merges compute complex
+# tensors as their real and imaginary parts.
 SAFETENSORS_DTYPES["C64"] = torch.complex64
 if hasattr(torch, "float8_e8m0fnu"):
     SAFETENSORS_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu

@@ -389,7 +389,7 @@ def _run_diff(args: argparse.Namespace) -> None:
         f"{a} {_number(total.norm_a)}, {b} "
         f"{_number(total.norm_b)}, |A-B| {_number(total.norm_diff)}, cosine of the {what} "
         f"{_number(total.cosine)}; {same} identical"
-        + (f"; {len(report.skipped)} non-floating skipped" if report.skipped else "")
+        + (f"; {len(report.skipped)} integer skipped" if report.skipped else "")
     )
 
 

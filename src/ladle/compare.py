@@ -15,6 +15,7 @@ from .engine import (
     Kernel,
     check_compatible,
     fold,
+    merged_kind,
     open_models,
     resolve_device,
 )
@@ -46,11 +47,12 @@ class DiffReport(NamedTuple):
     """What :func:`diff` returns.
 
     Attributes:
-        tensors: one :class:`TensorDiff` per floating tensor, in the reference's key order.
+        tensors: one :class:`TensorDiff` per floating or complex tensor (a complex one as
+            its real and imaginary parts: the cosine of ``Re⟨a, b⟩``), in the reference's
+            key order.
         total: the same over all floating tensors taken as one vector, a tensor named twice
             in every input (tied weights: its rows are equal) counted once.
-        skipped: keys that are not real floating tensors (integer and bool buffers, complex
-            tensors), not compared.
+        skipped: keys of integer and bool tensors (buffers), not compared.
 
     Example:
         >>> import torch, ladle
@@ -201,7 +203,7 @@ def diff(
             allow_nonfinite=allow_nonfinite,
         ):
             sums[key] = sums[key] + stats if key in sums else stats
-        skipped = [key for key in keys if not reference.dtype(key).is_floating_point]
+        skipped = [key for key in keys if not merged_kind(reference.dtype(key))]
     found = [(key, sums.get(tied.get(key, key))) for key in keys]
     tensors = [_row(key, *stats.tolist()) for key, stats in found if stats is not None]
     total = torch.stack(list(sums.values())).sum(0).tolist() if sums else [0.0] * 4

@@ -122,15 +122,16 @@ or a 0-d tensor is a ``TypeError``, the wrong length a ``ValueError``."""
 class Kernel(NamedTuple):
     """The per-chunk math of a merge method, folded over the models.
 
-    For every chunk of rows of every floating key the engine calls
+    For every chunk of rows of every floating or complex key the engine calls
     ``state = init(key, rows, base)``, then ``state = update(state, i, x_i)`` for each model
     ``i`` in order, then ``finalize(state)`` for the merged chunk. ``base`` and ``x_i`` arrive on
-    the merge device in the compute dtype (float32, or float64 for float64 inputs); ``base`` is
-    ``None`` for methods without one. Inputs are borrowed: never modify them in place, and
-    do not keep ``x_i`` past its ``update`` nor ``base`` past ``finalize`` (the engine reuses
-    their memory for the next reads); accumulate into tensors the state owns. The engine
-    writes or copies each result before the next ``init``, so a kernel may reuse its own
-    buffers (see :class:`Scratch`).
+    the merge device in the compute dtype (float32, or float64 for float64 inputs); complex
+    chunks as their real and imaginary parts (:func:`real_view`), so that every method
+    merges a complex number as two real ones. ``base`` is ``None`` for methods without one.
+    Inputs are borrowed: never modify them in place, and do not keep ``x_i`` past its
+    ``update`` nor ``base`` past ``finalize`` (the engine reuses their memory for the next
+    reads); accumulate into tensors the state owns. The engine writes or copies each result
+    before the next ``init``, so a kernel may reuse its own buffers (see :class:`Scratch`).
 
     ``propagates_nonfinite`` (see the field) lets the engine check results, not inputs, for
     NaN/Inf.
@@ -435,8 +436,53 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    """float64 when any input is float64, else float32."""
+    """float64 when any input is float64, else float32; for complex inputs complex128 when
+    any is complex128, else complex64.
+
+    Example:
+        >>> import torch
+        >>> compute_dtype([torch.bfloat16, torch.float16]), compute_dtype([torch.complex32])
+        (torch.float32, torch.complex64)
+    """
+    if any(dtype.is_complex for dtype in dtypes):
+        return torch.complex128 if torch.complex128 in dtypes else torch.complex64
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def merged_kind(dtype: torch.dtype) -> bool:
+    """Whether merges compute on tensors of ``dtype``: floating and complex ones (the latter
+    as pairs of real numbers, :func:`real_view`); integer and boolean ones are copied.
+
+    Example:
+        >>> import torch
+        >>> [merged_kind(d) for d in (torch.bfloat16, torch.complex64, torch.int64, torch.bool)]
+        [True, True, False, False]
+    """
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def real_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real and imaginary parts (:func:`torch.view_as_real`: a last
+    dimension of 2, the same memory); any other tensor as it is. Kernels see complex
+    tensors so: every method merges a complex number as two real ones.
+
+    Example:
+        >>> import torch
+        >>> real_view(torch.tensor([1 + 2j])).tolist(), real_view(torch.ones(1)).tolist()
+        ([[1.0, 2.0]], [1.0])
+    """
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def entry_count(shape: Sequence[int], dtype: torch.dtype) -> int:
+    """Real numbers in a tensor of ``shape`` and ``dtype``: two per complex entry.
+
+    Example:
+        >>> import torch
+        >>> entry_count((3, 2), torch.float32), entry_count((3, 2), torch.complex64)
+        (6, 12)
+    """
+    return math.prod(shape) * (2 if dtype.is_complex else 1)
 
 
 def chunk_shape(shape: tuple[int, ...], chunk_bytes: int) -> tuple[int, ...]:
@@ -829,11 +875,13 @@ def fold(
     """Run ``kernel`` over every chunk of every floating key; yield ``(key, rows, result)``.
 
     Keys come in the order of ``keys`` (default: the base's, or model 0's), each a chunk of
-    rows of :func:`chunk_shape` at a time. Non-floating keys are skipped, or with
+    rows of :func:`chunk_shape` at a time. Integer and boolean keys are skipped, or with
     ``copy_others`` yielded as copies of the base's (model 0's) tensor, in chunks of at most
-    ``chunk_bytes`` as stored. Methods call this directly for passes that gather statistics
-    (a TIES threshold, Model Stock's angles) before the pass that merges; ``on_bytes``
-    reports bytes read.
+    ``chunk_bytes`` as stored. The kernel sees complex chunks as real ones
+    (:func:`real_view`); with ``copy_others`` (a fold that yields a model's tensors) their
+    results come back complex, else as the kernel returns them. Methods call this directly
+    for passes that gather statistics (a TIES threshold, Model Stock's angles) before the
+    pass that merges; ``on_bytes`` reports bytes read.
 
     With ``prefetch > 0``, ``readers`` background threads read (and check) up to
     ``prefetch`` chunks ahead of the arithmetic, each chunk one model's rows, into a fixed
@@ -918,20 +966,22 @@ def fold(
             stack.enter_context(_threads_beside_readers(device, threads))
         stack.callback(reads.close)
         for step, (key, rows, dtype, view) in enumerate(plan):
-            if dtype is None:  # a non-floating key, copied from the reference
+            if dtype is None:  # an integer (or bool) key, copied from the reference
                 result, held = take()
                 pool.release(held)
-            else:
+            else:  # kernels see a complex chunk as its real and imaginary parts
                 base_rows, base_held = take() if base is not None else (None, None)
-                state = kernel.init(key, rows, base_rows)
+                state = kernel.init(key, rows, None if base_rows is None else real_view(base_rows))
                 for index in range(len(models)):
                     x, held = take()
-                    state = kernel.update(state, index, x)
+                    state = kernel.update(state, index, real_view(x))
                     pool.release(held)
                 result = kernel.finalize(state)
                 pool.release(base_held)
                 if check_results:
                     _check_result(result, key, rows, models, base, view)
+                if dtype.is_complex and copy_others:  # a model's tensors: complex again
+                    result = torch.view_as_complex(result.contiguous())
             if on_bytes is not None:
                 on_bytes(sum(_rows_nbytes(s, key, rows, shape=view) for s in sources))
             yield key, rows, result
@@ -1027,7 +1077,7 @@ def _check_merged(
     the compute dtype, and :class:`NonFiniteError` says so: an Inf written into a model
     breaks it as surely as a NaN read from one.
     """
-    if not chunk.is_floating_point():
+    if not merged_kind(chunk.dtype):
         return
     # A sum in the chunk's own dtype is the cheap test (summing bfloat16 into float32 costs
     # a converted copy: 0.33 ms per 2²⁰ values against 0.04 ms, first calls included). Past
@@ -1186,7 +1236,7 @@ def _plan(
     plan: Plan = []
     for key in reference.keys() if keys is None else keys:
         shape = tuple(reference.shape(key))
-        if not reference.dtype(key).is_floating_point:
+        if not merged_kind(reference.dtype(key)):
             if copy_others:  # copied a chunk of rows at a time too, of chunk_bytes as stored
                 budget = chunk_bytes * 4 // reference.dtype(key).itemsize  # row_chunks counts 4 B
                 view = _merged_view(shape, budget)
@@ -1603,7 +1653,9 @@ def merge(
     """Merge ``models`` (and ``base``) with ``kernel`` into a dict or, with ``out``, onto disk.
 
     Floating tensors go through the kernel and come out in ``dtype`` (default: the dtype of
-    the base's, or model 0's, tensor); other tensors are copied from the base or model 0.
+    the base's, or model 0's, tensor); complex ones go through it as their real and
+    imaginary parts and come out in their own dtype; integer and bool tensors are copied
+    from the base or model 0.
     ``prepare``, when given, is called with the opened, checked checkpoints and returns the
     kernel to use (for methods that first gather statistics over the inputs).
 
@@ -1711,7 +1763,8 @@ def merge(
                     _check_saturating(
                         values, limit, dtype, key, everywhere, checkpoints, base_ckpt, where
                     )
-                index, values = index.to("cpu"), values.to("cpu", specs[key][1])
+                # Of a complex tensor: entries of its real view (real and imaginary parts).
+                index, values = index.to("cpu"), values.to("cpu", specs[key][1].to_real())
                 if not allow_nonfinite:
                     _check_merged(values, key, slice(None), checkpoints, base_ckpt, where)
                 yield key, index, values
@@ -1719,7 +1772,7 @@ def merge(
         if out is None:
             state = _to_state_dict(results, specs)
             for key, index, values in amendments():  # once the last chunk is out
-                state[key].view(-1)[index] = values
+                real_view(state[key]).view(-1)[index] = values
             return {key: state[tied.get(key, key)] for key in names if tied.get(key, key) in state}
         meta = provenance(method, parameters, checkpoints, base_ckpt, out)
         extra = (  # a directory output also gets config/tokenizer files and a model card

@@ -805,7 +805,10 @@ class SafetensorsWriter:
         """Overwrite the entries at flat ``index`` of ``key``, once every tensor is written.
 
         For merges whose last statistic is known only at the end: the entries are patched in
-        the temporary output, in place, before it is renamed.
+        the temporary output, in place, before it is renamed. ``values`` are of the tensor's
+        dtype; for a complex tensor, of its real dtype, and ``index`` is into its real view
+        (:func:`torch.view_as_real`: entry ``2k`` is the real part of entry ``k``, ``2k + 1``
+        its imaginary part), as merges compute.
         """
         self._check_open(f"amend({key!r})")
         self._check_amend(key, index, values)  # a refused amend leaves the writer as it was
@@ -838,7 +841,7 @@ class SafetensorsWriter:
                 f"writer for {self.out}: amend({key!r}) expected an index of torch.int64 or "
                 f"torch.int32, got {index.dtype}"
             )
-        dtype = self._specs[key][1]
+        dtype = self._specs[key][1].to_real()  # a complex tensor's parts
         if values.dtype != dtype or values.shape != index.shape:
             raise LadleError(
                 f"writer for {self.out}: amend({key!r}) expected {tuple(index.shape)} values "
@@ -846,7 +849,7 @@ class SafetensorsWriter:
             )
         if index.numel() == 0:
             return
-        numel = _nbytes(self._specs[key]) // dtype.itemsize
+        numel = _nbytes(self._specs[key]) // dtype.itemsize  # parts, for complex
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= numel:
             raise LadleError(
@@ -858,7 +861,7 @@ class SafetensorsWriter:
         """Patch the entries, which :meth:`_check_amend` found to be ``key``'s."""
         if index.numel() == 0:
             return
-        dtype = self._specs[key][1]
+        dtype = self._specs[key][1].to_real()
         if self._handle is not None:
             self._handle.flush()
         shard, start = self._data_start(key)

@@ -32,7 +32,9 @@ from ..engine import (
     Progress,
     _threads_beside_readers,
     current_partition,
+    entry_count,
     merge,
+    merged_kind,
     resolve_device,
     unwrap_scalar,
 )
@@ -221,7 +223,7 @@ def keep_mask(
 
 
 def _dropper(
-    shapes: dict[str, tuple[int, ...]],
+    sizes: dict[str, int],
     seed: int,
     density: float,
     threads: Executor,
@@ -248,7 +250,7 @@ def _dropper(
                 seed,
                 index,
                 key,
-                numel=math.prod(shapes[key]),
+                numel=sizes[key],
                 start=start,
                 count=count,
                 threads=threads,
@@ -418,10 +420,13 @@ def dare(
 
     def prepare(checkpoints: list[Checkpoint], base_ckpt: Checkpoint | None) -> Kernel:
         assert base_ckpt is not None
-        shapes = {key: base_ckpt.shape(key) for key in base_ckpt.keys()}
+        # Entries as kernels see them: a complex one is two, its real and imaginary parts.
+        sizes = {
+            key: entry_count(base_ckpt.shape(key), base_ckpt.dtype(key)) for key in base_ckpt.keys()
+        }
         names = tied_names([base_ckpt, *checkpoints])
         dropper = _dropper(
-            shapes, seed, density, threads, models=len(checkpoints), ahead=ahead, names=names
+            sizes, seed, density, threads, models=len(checkpoints), ahead=ahead, names=names
         )
         if combine == "sum":
             # A dropped entry is multiplied by 0.0, and 0·NaN, 0·Inf are NaN: non-finite inputs
@@ -435,7 +440,7 @@ def dare(
             checkpoints,
             base_ckpt,
             dropper,
-            keys=[k for k in own if base_ckpt.dtype(k).is_floating_point],
+            keys=[k for k in own if merged_kind(base_ckpt.dtype(k))],
             per_tensor=False,
             scale=rescaled,
             device=target,

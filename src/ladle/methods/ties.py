@@ -33,9 +33,12 @@ from ..engine import (
     check_number,
     compute_dtype,
     current_partition,
+    entry_count,
     fold,
     merge,
+    merged_kind,
     open_models,
+    real_view,
     resolve_device,
     row_chunks,
 )
@@ -168,7 +171,7 @@ def _radix_select(
     n = len(models)
     widths: dict[str, int] = {}
     for key, group in groups.items():
-        wide = compute_dtype([c.dtype(key) for c in [*models, base]]) == torch.float64
+        wide = compute_dtype([c.dtype(key) for c in [*models, base]]).to_real() == torch.float64
         widths[group] = max(widths.get(group, 32), 64 if wide else 32)
     if reduce is not None:  # float64 anywhere widens the group everywhere
         for group in sorted(ranks):
@@ -290,10 +293,11 @@ def _windows(
     for key in keys:
         stored = tuple(base.shape(key))
         view = _merged_view(stored, chunk_bytes)
-        entries = -(-SAMPLE * math.prod(stored) // size)
-        blocks = _sample_blocks(view or stored, entries)
+        per = 2 if base.dtype(key).is_complex else 1  # a complex entry is two numbers
+        entries = -(-SAMPLE * math.prod(stored) * per // size)
+        blocks = _sample_blocks(view or stored, -(-entries // per))
         for rows in blocks:
-            origin = _rows(base, key, rows, view)
+            origin = real_view(_rows(base, key, rows, view))
             # Blocks are whole rows: where they hold more than this key's share, every
             # ``step``-th entry (a strided view), so that a model of many keys whose rows
             # are long still samples about SAMPLE entries, not a row of every key.
@@ -301,7 +305,7 @@ def _windows(
             # On the CPU: sources in memory may hold their tensors on other devices.
             origin = origin.flatten()[::step].to("cpu", torch.float32)
             for i, model in enumerate(models):
-                rows_of_model = _rows(model, key, rows, view).flatten()[::step]
+                rows_of_model = real_view(_rows(model, key, rows, view)).flatten()[::step]
                 tau = rows_of_model.to("cpu", torch.float32) - origin
                 samples[i].append(_magnitude_bits(tau, 32))
     windows = []
@@ -530,12 +534,11 @@ def _thresholds(
     tied = tied or {}
     every = {key: "" if trim == "global" else key for key in keys}  # the keys given limits
     groups = {key: group for key, group in every.items() if key not in tied}  # those ranked
-    dtypes = {key: compute_dtype([c.dtype(key) for c in [*models, base]]) for key in keys}
+    # Magnitudes are of real numbers: a complex entry's two parts are two of them.
+    dtypes = {key: compute_dtype([c.dtype(key) for c in [*models, base]]).to_real() for key in keys}
     counts: dict[str, int] = {"": 0} if reduce is not None else {}
     for key, group in groups.items():
-        size = 1
-        for dim in base.shape(key):
-            size *= dim
+        size = entry_count(base.shape(key), base.dtype(key))
         counts[group] = counts.get(group, 0) + size
     if reduce is not None:  # the whole model's count, over every process's keys
         counts[""] = int(reduce(torch.tensor(counts[""], dtype=torch.int64)))
@@ -622,7 +625,7 @@ def magnitude_thresholds(
         checkpoints, base_ckpt = open_models(models, base, stack)
         assert base_ckpt is not None
         check_compatible(checkpoints, base_ckpt)
-        keys = [k for k in base_ckpt.keys() if base_ckpt.dtype(k).is_floating_point]
+        keys = [k for k in base_ckpt.keys() if merged_kind(base_ckpt.dtype(k))]
         limits = _thresholds(
             checkpoints,
             base_ckpt,
@@ -1145,7 +1148,7 @@ def ties(
         part = current_partition()  # a merge split across processes: this one's keys
         own = base_ckpt.keys() if part is None else part.keys(base_ckpt)
         reduce = part.all_reduce if part is not None and trim == "global" else None
-        floating = [k for k in own if base_ckpt.dtype(k).is_floating_point]
+        floating = [k for k in own if merged_kind(base_ckpt.dtype(k))]
         if trim == "global":
             streamed = floating
         else:  # tensors of one chunk are trimmed and voted on inside the merge kernel
