@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 from contextlib import ExitStack
@@ -17,6 +18,8 @@ from safetensors.torch import save_file
 
 import ladle
 import ladle.testing
+from ladle.checkpoint import declared_quantization
+from ladle.cli import main
 from ladle.engine import (
     Kernel,
     Scratch,
@@ -27,6 +30,7 @@ from ladle.engine import (
     resolve_device,
     row_chunks,
 )
+from ladle.methods.ties import magnitude_thresholds
 
 
 def collect_kernel() -> Kernel:
@@ -1779,3 +1783,104 @@ def test_diff_compares_complex_tensors_as_their_parts_and_skips_integers_only():
     # As vectors of parts: a = (1, 1, 0, 0), b = (1, 0, 0, 2): ⟨a, b⟩ = 1, ‖a‖² = 2, ‖b‖² = 5.
     assert row.key == "z" and row.cosine == pytest.approx(1 / math.sqrt(10), rel=1e-12)
     assert row.norm_diff == pytest.approx(math.sqrt(5), rel=1e-12)
+
+
+# Quantized checkpoints: their tensors are codes (integers, copied) and scales (floats,
+# averaged); merging them merged no weights, and wrote a model that loads and is wrong.
+
+
+def _model_dir(path, config, seed):
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        "layer.qweight": torch.randint(
+            0, 2**31 - 1, (4, 8), dtype=torch.int32, generator=generator
+        ),
+        "layer.scales": torch.rand(1, 8, generator=generator).half(),
+        "norm.weight": torch.rand(8, generator=generator),
+    }
+    folder = ladle.save(tensors, path)
+    if config is not None:
+        (folder / "config.json").write_text(
+            config if isinstance(config, str) else json.dumps(config)
+        )
+    return folder
+
+
+GPTQ = {"model_type": "llama", "quantization_config": {"quant_method": "gptq", "bits": 4}}
+
+
+@pytest.mark.parametrize(
+    ("method", "which"),
+    [
+        *[(m, "model 1") for m in ("uniform_soup", "greedy_soup", "ties", "thresholds", "dare")],
+        *[(m, "base") for m in ("ties", "thresholds", "dare")],
+    ],
+)
+def test_a_merge_of_a_quantized_model_directory_is_refused_before_anything_is_written(
+    tmp_path, method, which
+):
+    plain = {"model_type": "llama"}
+    base = _model_dir(tmp_path / "base", GPTQ if which == "base" else plain, 0)
+    models = [
+        _model_dir(tmp_path / f"m{i}", GPTQ if i == 1 and which != "base" else plain, i + 1)
+        for i in range(2)
+    ]
+    out = tmp_path / "out"
+    calls = {
+        "uniform_soup": lambda: ladle.uniform_soup(models, out=out),
+        "greedy_soup": lambda: ladle.greedy_soup(models, lambda sd: 1.0),
+        "ties": lambda: ladle.ties(models, base, out=out),
+        "thresholds": lambda: magnitude_thresholds(models, base),
+        "dare": lambda: ladle.dare(models, base, out=out),
+    }
+    quantized = models[1] if which == "model 1" else base
+    named = f"{which} ({ladle.open_checkpoint(quantized).name})"
+    with pytest.raises(ladle.CheckpointError) as caught:
+        calls[method]()
+    assert str(caught.value) == (
+        f"{named}: its config.json declares its weights quantized (quant_method 'gptq'): "
+        "merging their codes and scales would merge no weights; dequantize it to a floating "
+        "dtype first"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        None,
+        {"model_type": "llama"},
+        {"quantization_config": None},
+        "{not json",
+        {"quantization_config": {"quant_method": "compressed-tensors", "format": "dense"}},
+    ],
+)
+def test_model_directories_declaring_no_quantized_weights_merge(tmp_path, config):
+    models = [_model_dir(tmp_path / f"m{i}", config, i) for i in range(2)]
+    merged = ladle.uniform_soup(models)
+    loaded = [ladle.load(m) for m in models]
+    assert torch.equal(merged["layer.qweight"], loaded[0]["layer.qweight"])  # copied, as ever
+    assert torch.equal(
+        merged["norm.weight"], (loaded[0]["norm.weight"] + loaded[1]["norm.weight"]) / 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("declared", "method"),
+    [
+        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "fp8"),
+        ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "compressed-tensors"),
+        ({"load_in_4bit": True}, "unnamed"),
+    ],
+)
+def test_the_quantization_a_directory_declares_is_named(tmp_path, declared, method):
+    folder = _model_dir(tmp_path / "m", {"quantization_config": declared}, 0)
+    assert declared_quantization(ladle.open_checkpoint(folder)) == method
+    assert declared_quantization(ladle.open_checkpoint(folder / "model.safetensors")) is None
+
+
+def test_the_cli_refuses_a_quantized_model_with_one_line(tmp_path, capsys):
+    models = [_model_dir(tmp_path / f"m{i}", GPTQ, i) for i in range(2)]
+    assert main(["soup", str(models[0]), str(models[1]), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "quant_method 'gptq'" in err

@@ -1333,6 +1333,38 @@ def _preferred(files: list[Path]) -> list[Path]:
     return defaults if len(files) > 1 and len(defaults) == 1 else files
 
 
+def declared_quantization(checkpoint: Checkpoint) -> str | None:
+    """The quantization a model directory declares for its stored weights: the
+    ``quant_method`` of its ``config.json``'s ``quantization_config`` (``"unnamed"`` without
+    one), or ``None``: not a directory, no readable config, no quantization, or
+    compressed-tensors stored ``"dense"`` (sparsity alone: the weights are floats).
+
+    Example:
+        >>> import json, pathlib, tempfile, torch, ladle
+        >>> folder = ladle.save({"w": torch.ones(2)}, pathlib.Path(tempfile.mkdtemp()) / "m")
+        >>> declared_quantization(ladle.open_checkpoint(folder)) is None
+        True
+        >>> config = {"quantization_config": {"quant_method": "gptq", "bits": 4}}
+        >>> _ = (folder / "config.json").write_text(json.dumps(config))
+        >>> declared_quantization(ladle.open_checkpoint(folder))
+        'gptq'
+    """
+    folder = checkpoint.path
+    if folder is None or not folder.is_dir():
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # none, not JSON, or nested past parsing
+        return None
+    declared = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(declared, dict):
+        return None
+    method = str(declared.get("quant_method", "unnamed"))
+    if method == "compressed-tensors" and declared.get("format") == "dense":
+        return None
+    return method
+
+
 def _open_directory(directory: Path) -> Checkpoint:
     """The first there is of: a safetensors shard index (the first by name), a single
     ``*.safetensors`` file, a torch shard index (``*.bin.index.json``), a single torch

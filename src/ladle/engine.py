@@ -37,6 +37,7 @@ from .checkpoint import (
     StateDict,
     StateDictLike,
     check_source,
+    declared_quantization,
     first_names,
     open_checkpoint,
     recorded_name,
@@ -567,6 +568,32 @@ def _tied_hint(
         f"; in {where}, {pairs}{more} (tied weights), which the other inputs store once: give "
         "every input in one form (all safetensors, or all modules, state dicts or torch files)"
     )
+
+
+def check_unquantized(models: Sequence[Checkpoint], base: Checkpoint | None = None) -> None:
+    """A :class:`CheckpointError` for an input whose ``config.json`` declares its weights
+    quantized (:func:`~ladle.checkpoint.declared_quantization`: GPTQ, AWQ, bitsandbytes,
+    FP8 with scales, ...): its tensors are codes and scales, copied (integers) and averaged
+    (floats) apart, which merges no weights; the result would load, and be wrong. Base
+    first, then the models.
+
+    Example:
+        >>> import json, pathlib, tempfile, torch, ladle
+        >>> folder = ladle.save({"w": torch.ones(2)}, pathlib.Path(tempfile.mkdtemp()) / "q")
+        >>> config = {"quantization_config": {"quant_method": "awq"}}
+        >>> _ = (folder / "config.json").write_text(json.dumps(config))
+        >>> check_unquantized([ladle.open_checkpoint(folder)])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ladle.errors.CheckpointError: model 0 (...): its config.json ... (quant_method 'awq'): ...
+    """
+    for index, checkpoint in _labelled(models, base):
+        method = declared_quantization(checkpoint)
+        if method is not None:
+            raise CheckpointError(
+                f"{_describe(index, checkpoint)}: its config.json declares its weights "
+                f"quantized (quant_method {method!r}): merging their codes and scales would "
+                "merge no weights; dequantize it to a floating dtype first"
+            )
 
 
 def check_compatible(
@@ -1689,6 +1716,7 @@ def merge(
         inputs = stack.enter_context(ExitStack())  # closed on a thread once read (see below)
         checkpoints, base_ckpt = open_models(models, base, inputs)
         check_compatible(checkpoints, base_ckpt)
+        check_unquantized(checkpoints, base_ckpt)
         reference = base_ckpt if base_ckpt is not None else checkpoints[0]
         names = reference.keys()  # the result's keys, in order
         # In memory, a tensor that every input names twice (tied weights) is merged once and

@@ -27,6 +27,7 @@ from ..engine import (
     check_models,
     check_numbers,
     check_output_dtypes,
+    check_unquantized,
     fold,
     merge,
     open_models,
@@ -432,6 +433,7 @@ def run_greedy(
     with ExitStack() as stack:
         checkpoints, _ = open_models(models, None, stack)
         check_compatible(checkpoints)
+        check_unquantized(checkpoints)
         for checkpoint in checkpoints:  # the best-ranked model's dtypes are the soup's
             check_output_dtypes(checkpoint, dtype)
         if out is not None:  # refuse before the (costly) evaluations, not after

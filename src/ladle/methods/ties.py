@@ -31,6 +31,7 @@ from ..engine import (
     check_chunk_bytes,
     check_compatible,
     check_number,
+    check_unquantized,
     compute_dtype,
     current_partition,
     entry_count,
@@ -625,6 +626,7 @@ def magnitude_thresholds(
         checkpoints, base_ckpt = open_models(models, base, stack)
         assert base_ckpt is not None
         check_compatible(checkpoints, base_ckpt)
+        check_unquantized(checkpoints, base_ckpt)
         keys = [k for k in base_ckpt.keys() if merged_kind(base_ckpt.dtype(k))]
         limits = _thresholds(
             checkpoints,
