@@ -6,13 +6,14 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from contextlib import ExitStack
 from typing import ClassVar
 
 import pytest
 import torch
 from conftest import DictCheckpoint, assert_bit_for_bit, family
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
@@ -1687,7 +1688,7 @@ def _as_real(state_dict):
 
 COMPLEX_METHODS = {
     "uniform_soup": lambda models, base, **kw: ladle.uniform_soup(
-        models, weights=[1, 2, 3, 4], **kw
+        models, weights=[1, 2, 3, 4][: len(models)], **kw
     ),
     "task_arithmetic": lambda models, base, **kw: ladle.task_arithmetic(
         models, base, scale=0.7, **kw
@@ -1722,6 +1723,22 @@ def test_every_method_merges_a_complex_tensor_as_its_real_and_imaginary_parts(
     if dtype == torch.complex64:  # safetensors stores no complex128
         out = merge(models, base, device="cpu", out=tmp_path / "merged.safetensors")
         assert_bit_for_bit(ladle.load(out), merged)  # streamed to disk: the same numbers
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    family=ladle.testing.model_families(
+        n=st.integers(2, 4), dtypes=ladle.testing.COMPLEX_DTYPES, max_side=6
+    )
+)
+def test_complex_merges_equal_merges_of_the_parts_for_random_families(family):
+    base, models = family
+    with warnings.catch_warnings():  # Model Stock's clamped ratio: the same warning twice
+        warnings.simplefilter("ignore", ladle.ModelStockWarning)
+        for method in COMPLEX_METHODS.values():
+            merged = method(models, base, device="cpu")
+            parts = method([_as_real(m) for m in models], _as_real(base), device="cpu")
+            assert_bit_for_bit(_as_real(merged), parts)
 
 
 def test_a_soup_of_complex_tensors_is_their_mean_by_hand():

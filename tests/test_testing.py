@@ -216,11 +216,34 @@ def test_model_families_respect_n_dtypes_and_buffers(family):
     assert all(v.dtype == torch.bfloat16 for v in base.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_state_dicts_and_families_draw_each_part_within_the_bound(dtype):
+    @given(model_families(n=2, dtypes=[dtype], bound=0.5, buffers=False))
+    def check(family):
+        base, models = family
+        for key, value in base.items():
+            assert value.dtype == dtype
+            parts = torch.view_as_real(value)
+            assert float(parts.abs().max()) <= 0.5
+            for model in models:  # the base's parts plus a task vector's, each within 0.5
+                delta = torch.view_as_real(model[key]).double() - parts.double()
+                assert float(delta.abs().max()) <= 0.5 + 1e-6
+
+    @given(state_dicts(dtypes=[dtype], bound=2.0))
+    def check_one(state_dict):
+        for key, value in state_dict.items():
+            assert value.dtype == (torch.int64 if key == BUFFER_KEY else dtype)
+
+    check()
+    check_one()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"dtypes": []}, "dtypes"),
         ({"dtypes": [torch.int64]}, "dtypes"),
+        ({"dtypes": [torch.complex32]}, "dtypes"),
         ({"max_keys": 0}, "max_keys"),
         ({"max_side": 0}, "max_side"),
         ({"bound": 0}, "bound"),

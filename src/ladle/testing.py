@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUFFER_KEY",
+    "COMPLEX_DTYPES",
     "FLOAT_DTYPES",
     "KEY_NAMES",
     "assert_state_dicts_close",
@@ -35,6 +36,10 @@ __all__ = [
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """The floating dtypes the strategies draw from by default."""
+
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+"""The complex dtypes the strategies may draw (``dtypes=``): real and imaginary parts each
+drawn as a float32 value within the bound."""
 
 KEY_NAMES = (
     "embed.weight",
@@ -370,8 +375,11 @@ def _layouts(
     from hypothesis.extra.numpy import array_shapes
 
     dtypes = tuple(dtypes)
-    if not dtypes or not all(d.is_floating_point for d in dtypes):
-        raise ValueError(f"dtypes: expected one or more floating dtypes, found {dtypes}")
+    if not dtypes or not all(d.is_floating_point or d in COMPLEX_DTYPES for d in dtypes):
+        raise ValueError(
+            f"dtypes: expected one or more floating dtypes (or complex64, complex128), found "
+            f"{dtypes}"
+        )
     if max_keys < 1:
         raise ValueError(f"max_keys: expected at least 1, found {max_keys}")
     if max_side < 1:
@@ -424,6 +432,22 @@ def _float32_arrays(shape: tuple[int, ...], bound: float) -> SearchStrategy[torc
     return arrays(np.float32, shape, elements=elements, fill=st.nothing()).map(
         lambda array: torch.from_numpy(np.array(array, dtype=np.float32))
     )
+
+
+def _parts_of(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, ...]:
+    """The shape of the float32 values drawn for a tensor of ``shape`` and ``dtype``: with a
+    last dimension of 2, its real and imaginary parts, for a complex one."""
+    return (*shape, 2) if dtype.is_complex else shape
+
+
+def _stored(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Drawn float32 ``values`` (:func:`_parts_of`) as a tensor of ``dtype``.
+
+    Example:
+        >>> _stored(torch.tensor([[1.0, -2.0]]), torch.complex64)
+        tensor([1.-2.j])
+    """
+    return torch.view_as_complex(values).to(dtype) if dtype.is_complex else values.to(dtype)
 
 
 def _round_down(bound: float, dtype: torch.dtype) -> float:
@@ -513,7 +537,9 @@ def state_dicts(
         shapes: fixed keys and shapes (overrides ``keys``; no :data:`BUFFER_KEY`; sides are
             ints ≥ 0); default shapes of 1 or 2 dimensions of 1 to ``max_side`` entries each,
             or now and then (one in eight) 0-d.
-        dtypes: floating dtypes to draw from; default float32, bfloat16, float16.
+        dtypes: floating dtypes to draw from; default float32, bfloat16, float16. May hold
+            :data:`COMPLEX_DTYPES` (complex64, complex128), whose real and imaginary parts
+            are each drawn within ``bound``.
         buffers: add the integer buffer.
         max_keys: most keys drawn when ``keys`` and ``shapes`` are not given.
         max_side: longest dimension of a drawn shape.
@@ -544,7 +570,7 @@ def state_dicts(
     def draw_state_dict(draw: Any) -> StateDict:
         layout, dtype = draw(layouts)
         state = {
-            key: draw(_float32_arrays(shape, bounds[dtype])).to(dtype)
+            key: _stored(draw(_float32_arrays(_parts_of(shape, dtype), bounds[dtype])), dtype)
             for key, shape in layout.items()
         }
         if buffers:
@@ -621,12 +647,18 @@ def model_families(
         count = draw(counts)
         if count < 1:
             raise ValueError(f"n: expected at least 1 fine-tune, drew {count} from {n!r}")
-        arrays = {key: _float32_arrays(shape, bounds[dtype]) for key, shape in layout.items()}
-        base = {key: draw(values).to(dtype) for key, values in arrays.items()}
+        arrays = {
+            key: _float32_arrays(_parts_of(shape, dtype), bounds[dtype])
+            for key, shape in layout.items()
+        }
+        base = {key: _stored(draw(values), dtype) for key, values in arrays.items()}
         models = []
         for _ in range(count):
-            model = {
-                key: (base[key].float() + draw(values)).to(dtype) for key, values in arrays.items()
+            model = {  # the base's values (a complex one's parts) plus a task vector's
+                key: _stored(torch.view_as_real(base[key]).float() + draw(values), dtype)
+                if dtype.is_complex
+                else (base[key].float() + draw(values)).to(dtype)
+                for key, values in arrays.items()
             }
             models.append(model)
         if buffers:  # distinct values, so that a test can tell whose buffer an output holds
