@@ -290,6 +290,22 @@ def test_merge_of_hub_sources_records_resolved_commits_in_provenance(hub_cache, 
     assert torch.equal(ladle.load(out)["layer.weight"], expected["layer.weight"])
 
 
+def test_a_merge_of_a_quantized_hub_model_is_refused_naming_it(hub_cache, tmp_path):
+    a, b = family(2, seed=6)
+    write_cached_repo(
+        hub_cache, "org/a", COMMIT_A, {"model.safetensors": weights(a)}, refs={"main": COMMIT_A}
+    )
+    config = {"quantization_config": {"quant_method": "awq", "bits": 4}}
+    files = {"model.safetensors": weights(b), "config.json": json.dumps(config).encode()}
+    write_cached_repo(hub_cache, "org/b-awq", COMMIT_B, files, refs={"main": COMMIT_B})
+    out = tmp_path / "soup.safetensors"
+    with pytest.raises(ladle.CheckpointError) as caught:
+        ladle.uniform_soup(["hf://org/a", "hf://org/b-awq"], out=out, device="cpu")
+    assert str(caught.value).startswith("model 1 (hf://org/b-awq")
+    assert "quantized (quant_method 'awq')" in str(caught.value)
+    assert not out.exists()
+
+
 def test_output_inside_the_hub_cache_snapshot_is_refused(hub_cache):
     model = family(1, seed=7)[0]
     folder = write_cached_repo(
