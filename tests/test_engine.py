@@ -1901,3 +1901,48 @@ def test_the_cli_refuses_a_quantized_model_with_one_line(tmp_path, capsys):
     assert main(["soup", str(models[0]), str(models[1]), "-o", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "quant_method 'gptq'" in err
+
+
+def _adapter_dir(path, seed, config=True):
+    generator = torch.Generator().manual_seed(seed)
+    path.mkdir()
+    lora = {
+        "base_model.model.q_proj.lora_A.weight": torch.randn(2, 8, generator=generator),
+        "base_model.model.q_proj.lora_B.weight": torch.randn(8, 2, generator=generator),
+    }
+    ladle.save(lora, path / "adapter_model.safetensors")
+    if config:
+        (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    return path
+
+
+def test_a_merge_of_peft_adapters_is_refused_naming_the_adapter(tmp_path):
+    # Before: lora_A and lora_B averaged apart (not the mean of the updates B·A), written as
+    # model.safetensors without adapter_config.json: no adapter PEFT could load.
+    adapters = [_adapter_dir(tmp_path / f"a{i}", i) for i in range(2)]
+    out = tmp_path / "out"
+    for merge_them, who in (
+        (lambda: ladle.uniform_soup(adapters, out=out), "model 0"),
+        (lambda: ladle.task_arithmetic(adapters[1:], adapters[0]), "base"),
+        (lambda: ladle.greedy_soup(adapters, lambda sd: 1.0), "model 0"),
+    ):
+        with pytest.raises(ladle.CheckpointError) as caught:
+            merge_them()
+        # The base first, then the models: adapters[0] is named either way.
+        assert str(caught.value).startswith(f"{who} ({ladle.open_checkpoint(adapters[0]).name}): ")
+        assert "a PEFT adapter (adapter_config.json)" in str(caught.value)
+        assert "merge_and_unload" in str(caught.value)
+    assert not out.exists()
+
+
+def test_adapter_weights_without_their_config_and_models_beside_an_adapter_config_merge(tmp_path):
+    # Tensors of an adapter named without adapter_config.json are merged as given, and so
+    # is a whole model (config.json) that also holds an adapter's config.
+    bare = [_adapter_dir(tmp_path / f"b{i}", i, config=False) for i in range(2)]
+    merged = ladle.uniform_soup(bare)
+    key = "base_model.model.q_proj.lora_A.weight"
+    assert torch.equal(merged[key], (ladle.load(bare[0])[key] + ladle.load(bare[1])[key]) / 2)
+    both = [_model_dir(tmp_path / f"m{i}", {"model_type": "llama"}, i) for i in range(2)]
+    for folder in both:
+        (folder / "adapter_config.json").write_text("{}")
+    assert set(ladle.uniform_soup(both)) == set(ladle.load(both[0]))

@@ -1365,6 +1365,24 @@ def declared_quantization(checkpoint: Checkpoint) -> str | None:
     return method
 
 
+def is_adapter(checkpoint: Checkpoint) -> bool:
+    """Whether a checkpoint is a PEFT adapter directory: an ``adapter_config.json`` beside its
+    weights, and no model ``config.json`` (which a directory holding a whole model has).
+
+    Example:
+        >>> import pathlib, tempfile, torch, ladle
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = ladle.save({"w": torch.ones(2)}, folder / "adapter_model.safetensors")
+        >>> _ = (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+        >>> is_adapter(ladle.open_checkpoint(folder)), is_adapter(ladle.open_checkpoint({}))
+        (True, False)
+    """
+    folder = checkpoint.path
+    if folder is None or not folder.is_dir():
+        return False
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
 def _open_directory(directory: Path) -> Checkpoint:
     """The first there is of: a safetensors shard index (the first by name), a single
     ``*.safetensors`` file, a torch shard index (``*.bin.index.json``), a single torch

@@ -39,6 +39,7 @@ from .checkpoint import (
     check_source,
     declared_quantization,
     first_names,
+    is_adapter,
     open_checkpoint,
     recorded_name,
     second_names,
@@ -570,19 +571,24 @@ def _tied_hint(
     )
 
 
-def check_unquantized(models: Sequence[Checkpoint], base: Checkpoint | None = None) -> None:
-    """A :class:`CheckpointError` for an input whose ``config.json`` declares its weights
-    quantized (:func:`~ladle.checkpoint.declared_quantization`: GPTQ, AWQ, bitsandbytes,
-    FP8 with scales, ...): its tensors are codes and scales, copied (integers) and averaged
-    (floats) apart, which merges no weights; the result would load, and be wrong. Base
-    first, then the models.
+def check_mergeable(models: Sequence[Checkpoint], base: Checkpoint | None = None) -> None:
+    """A :class:`CheckpointError` for an input whose tensors are no weights to merge
+    entry by entry, though their keys and shapes agree. Base first, then the models.
+
+    - A model directory whose ``config.json`` declares its weights quantized
+      (:func:`~ladle.checkpoint.declared_quantization`: GPTQ, AWQ, bitsandbytes, FP8 with
+      scales, ...): its tensors are codes and scales, copied (integers) and averaged
+      (floats) apart; the result would load, and be wrong.
+    - A PEFT adapter directory (:func:`~ladle.checkpoint.is_adapter`): the mean of LoRA
+      factors ``B`` and ``A`` taken apart is not the mean of the updates ``B·A``, and the
+      output would be no adapter (no ``adapter_config.json``).
 
     Example:
         >>> import json, pathlib, tempfile, torch, ladle
         >>> folder = ladle.save({"w": torch.ones(2)}, pathlib.Path(tempfile.mkdtemp()) / "q")
         >>> config = {"quantization_config": {"quant_method": "awq"}}
         >>> _ = (folder / "config.json").write_text(json.dumps(config))
-        >>> check_unquantized([ladle.open_checkpoint(folder)])  # doctest: +ELLIPSIS
+        >>> check_mergeable([ladle.open_checkpoint(folder)])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ladle.errors.CheckpointError: model 0 (...): its config.json ... (quant_method 'awq'): ...
     """
@@ -593,6 +599,14 @@ def check_unquantized(models: Sequence[Checkpoint], base: Checkpoint | None = No
                 f"{_describe(index, checkpoint)}: its config.json declares its weights "
                 f"quantized (quant_method {method!r}): merging their codes and scales would "
                 "merge no weights; dequantize it to a floating dtype first"
+            )
+        if is_adapter(checkpoint):
+            raise CheckpointError(
+                f"{_describe(index, checkpoint)}: a PEFT adapter (adapter_config.json): its "
+                "LoRA factors merged apart would not merge its weight updates (a mean of B·A "
+                "is not the mean of B times the mean of A), and the output would be no "
+                "adapter; merge each adapter into its base model first (peft: "
+                "merge_and_unload), then merge those models"
             )
 
 
@@ -1716,7 +1730,7 @@ def merge(
         inputs = stack.enter_context(ExitStack())  # closed on a thread once read (see below)
         checkpoints, base_ckpt = open_models(models, base, inputs)
         check_compatible(checkpoints, base_ckpt)
-        check_unquantized(checkpoints, base_ckpt)
+        check_mergeable(checkpoints, base_ckpt)
         reference = base_ckpt if base_ckpt is not None else checkpoints[0]
         names = reference.keys()  # the result's keys, in order
         # In memory, a tensor that every input names twice (tied weights) is merged once and

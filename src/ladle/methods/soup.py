@@ -24,10 +24,10 @@ from ..engine import (
     _check_output,
     _check_saturating,
     check_compatible,
+    check_mergeable,
     check_models,
     check_numbers,
     check_output_dtypes,
-    check_unquantized,
     fold,
     merge,
     open_models,
@@ -433,7 +433,7 @@ def run_greedy(
     with ExitStack() as stack:
         checkpoints, _ = open_models(models, None, stack)
         check_compatible(checkpoints)
-        check_unquantized(checkpoints)
+        check_mergeable(checkpoints)
         for checkpoint in checkpoints:  # the best-ranked model's dtypes are the soup's
             check_output_dtypes(checkpoint, dtype)
         if out is not None:  # refuse before the (costly) evaluations, not after

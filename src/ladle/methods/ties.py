@@ -30,8 +30,8 @@ from ..engine import (
     _shaped,
     check_chunk_bytes,
     check_compatible,
+    check_mergeable,
     check_number,
-    check_unquantized,
     compute_dtype,
     current_partition,
     entry_count,
@@ -626,7 +626,7 @@ def magnitude_thresholds(
         checkpoints, base_ckpt = open_models(models, base, stack)
         assert base_ckpt is not None
         check_compatible(checkpoints, base_ckpt)
-        check_unquantized(checkpoints, base_ckpt)
+        check_mergeable(checkpoints, base_ckpt)
         keys = [k for k in base_ckpt.keys() if merged_kind(base_ckpt.dtype(k))]
         limits = _thresholds(
             checkpoints,
