@@ -15,7 +15,7 @@ from .engine import (
     Kernel,
     check_compatible,
     fold,
-    merged_kind,
+    is_merged_dtype,
     open_models,
     resolve_device,
 )
@@ -203,7 +203,7 @@ def diff(
             allow_nonfinite=allow_nonfinite,
         ):
             sums[key] = sums[key] + stats if key in sums else stats
-        skipped = [key for key in keys if not merged_kind(reference.dtype(key))]
+        skipped = [key for key in keys if not is_merged_dtype(reference.dtype(key))]
     found = [(key, sums.get(tied.get(key, key))) for key in keys]
     tensors = [_row(key, *stats.tolist()) for key, stats in found if stats is not None]
     total = torch.stack(list(sums.values())).sum(0).tolist() if sums else [0.0] * 4

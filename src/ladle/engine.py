@@ -451,13 +451,13 @@ def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def merged_kind(dtype: torch.dtype) -> bool:
+def is_merged_dtype(dtype: torch.dtype) -> bool:
     """Whether merges compute on tensors of ``dtype``: floating and complex ones (the latter
     as pairs of real numbers, :func:`real_view`); integer and boolean ones are copied.
 
     Example:
         >>> import torch
-        >>> [merged_kind(d) for d in (torch.bfloat16, torch.complex64, torch.int64, torch.bool)]
+        >>> [is_merged_dtype(d) for d in (torch.bfloat16, torch.complex64, torch.int64, torch.bool)]
         [True, True, False, False]
     """
     return dtype.is_floating_point or dtype.is_complex
@@ -913,7 +913,7 @@ def fold(
     check_results: bool = True,
     readers: int | None = None,
 ) -> Generator[tuple[str, slice, torch.Tensor], None, None]:
-    """Run ``kernel`` over every chunk of every floating key; yield ``(key, rows, result)``.
+    """Run ``kernel`` on each chunk of each floating or complex key; yield ``(key, rows, result)``.
 
     Keys come in the order of ``keys`` (default: the base's, or model 0's), each a chunk of
     rows of :func:`chunk_shape` at a time. Integer and boolean keys are skipped, or with
@@ -1118,7 +1118,7 @@ def _check_merged(
     the compute dtype, and :class:`NonFiniteError` says so: an Inf written into a model
     breaks it as surely as a NaN read from one.
     """
-    if not merged_kind(chunk.dtype):
+    if not is_merged_dtype(chunk.dtype):
         return
     # A sum in the chunk's own dtype is the cheap test (summing bfloat16 into float32 costs
     # a converted copy: 0.33 ms per 2²⁰ values against 0.04 ms, first calls included). Past
@@ -1277,7 +1277,7 @@ def _plan(
     plan: Plan = []
     for key in reference.keys() if keys is None else keys:
         shape = tuple(reference.shape(key))
-        if not merged_kind(reference.dtype(key)):
+        if not is_merged_dtype(reference.dtype(key)):
             if copy_others:  # copied a chunk of rows at a time too, of chunk_bytes as stored
                 budget = chunk_bytes * 4 // reference.dtype(key).itemsize  # row_chunks counts 4 B
                 view = _merged_view(shape, budget)

@@ -33,8 +33,8 @@ from ..engine import (
     _threads_beside_readers,
     current_partition,
     entry_count,
+    is_merged_dtype,
     merge,
-    merged_kind,
     resolve_device,
     unwrap_scalar,
 )
@@ -440,7 +440,7 @@ def dare(
             checkpoints,
             base_ckpt,
             dropper,
-            keys=[k for k in own if merged_kind(base_ckpt.dtype(k))],
+            keys=[k for k in own if is_merged_dtype(base_ckpt.dtype(k))],
             per_tensor=False,
             scale=rescaled,
             device=target,

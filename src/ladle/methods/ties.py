@@ -36,8 +36,8 @@ from ..engine import (
     current_partition,
     entry_count,
     fold,
+    is_merged_dtype,
     merge,
-    merged_kind,
     open_models,
     real_view,
     resolve_device,
@@ -627,7 +627,7 @@ def magnitude_thresholds(
         assert base_ckpt is not None
         check_compatible(checkpoints, base_ckpt)
         check_mergeable(checkpoints, base_ckpt)
-        keys = [k for k in base_ckpt.keys() if merged_kind(base_ckpt.dtype(k))]
+        keys = [k for k in base_ckpt.keys() if is_merged_dtype(base_ckpt.dtype(k))]
         limits = _thresholds(
             checkpoints,
             base_ckpt,
@@ -1150,7 +1150,7 @@ def ties(
         part = current_partition()  # a merge split across processes: this one's keys
         own = base_ckpt.keys() if part is None else part.keys(base_ckpt)
         reduce = part.all_reduce if part is not None and trim == "global" else None
-        floating = [k for k in own if merged_kind(base_ckpt.dtype(k))]
+        floating = [k for k in own if is_merged_dtype(base_ckpt.dtype(k))]
         if trim == "global":
             streamed = floating
         else:  # tensors of one chunk are trimmed and voted on inside the merge kernel
