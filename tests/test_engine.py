@@ -1946,3 +1946,24 @@ def test_adapter_weights_without_their_config_and_models_beside_an_adapter_confi
     for folder in both:
         (folder / "adapter_config.json").write_text("{}")
     assert set(ladle.uniform_soup(both)) == set(ladle.load(both[0]))
+
+
+def test_a_complex128_merge_to_a_file_is_refused_before_any_pass(tmp_path, monkeypatch):
+    # safetensors has no complex128 code: the writer refused it, once TIES's threshold pass
+    # (or every evaluation of a greedy soup) was done.
+    base, models = _complex_family(torch.complex128, n=2)
+    out = tmp_path / "merged.safetensors"
+    expected = f"{out}: tensor 'spectral': safetensors cannot store dtype torch.complex128"
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a pass over the inputs ran")
+
+    monkeypatch.setattr(ladle.methods.ties, "fold", no_pass)
+    monkeypatch.setattr(ladle.engine, "fold", no_pass)
+    with pytest.raises(ladle.LadleError) as caught:
+        ladle.ties(models, base, out=out)
+    assert str(caught.value) == expected
+    with pytest.raises(ladle.LadleError) as caught:
+        ladle.greedy_soup(models, lambda sd: pytest.fail("evaluated"), out=out)
+    assert str(caught.value) == expected
+    assert not out.exists()

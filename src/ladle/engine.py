@@ -53,6 +53,7 @@ from .writer import (
     aligned_order,
     check_output_free,
     check_output_name,
+    check_storable,
     parse_size,
     single_file,
 )
@@ -1747,6 +1748,8 @@ def merge(
             key: (reference.shape(key), output_dtype(reference.dtype(key), dtype))
             for key in reference.keys()
         }
+        if out is not None:  # a dtype safetensors has no code for: before any pass
+            check_storable(out, specs)
         part = _PARTITION.get()
         keys = None if part is None else part.keys(reference)
         if prepare is not None:

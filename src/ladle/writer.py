@@ -277,6 +277,32 @@ HEADER_LIMIT = 100_000_000
 """Largest header safetensors reads (its ``MAX_HEADER_SIZE``): bytes of JSON per file."""
 
 
+def check_storable(out: str | os.PathLike, specs: Mapping[str, Spec]) -> None:
+    """A ``LadleError`` naming output ``out`` for a tensor of ``specs`` that safetensors cannot
+    store: one named ``__metadata__`` or by no string, or of a dtype it has no code for
+    (``complex128``). Merges call it before their first pass over the inputs.
+
+    Example:
+        >>> import torch
+        >>> check_storable("out.safetensors", {"z": ((2,), torch.complex128)})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ladle.errors.LadleError: out.safetensors: tensor 'z': safetensors cannot store dtype ...
+    """
+    for key, (_, dtype) in specs.items():
+        if not isinstance(key, str):
+            raise LadleError(
+                f"{out}: tensor {key!r}: safetensors names tensors by strings, found "
+                f"{type_name(key)}"
+            )
+        if key == "__metadata__":
+            raise LadleError(
+                f"{out}: tensor '__metadata__': safetensors keeps that name for the header's "
+                "metadata and cannot store a tensor under it; rename the key"
+            )
+        if dtype not in _DTYPE_CODES:
+            raise LadleError(f"{out}: tensor {key!r}: safetensors cannot store dtype {dtype}")
+
+
 def _header(
     out: Path, specs: Mapping[str, Spec], keys: list[str], metadata: Mapping[str, str]
 ) -> bytes:
@@ -297,21 +323,10 @@ def _header(
             f"(transformers reads it to choose a loader); found {metadata['format']!r}"
         )
     entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    check_storable(out, {key: specs[key] for key in keys})
     offset = 0
     for key in keys:
         shape, dtype = specs[key]
-        if not isinstance(key, str):
-            raise LadleError(
-                f"{out}: tensor {key!r}: safetensors names tensors by strings, found "
-                f"{type_name(key)}"
-            )
-        if key == "__metadata__":
-            raise LadleError(
-                f"{out}: tensor '__metadata__': safetensors keeps that name for the header's "
-                "metadata and cannot store a tensor under it; rename the key"
-            )
-        if dtype not in _DTYPE_CODES:
-            raise LadleError(f"{out}: tensor {key!r}: safetensors cannot store dtype {dtype}")
         end = offset + _nbytes(specs[key])
         entries[key] = {
             "dtype": _DTYPE_CODES[dtype],

@@ -39,7 +39,7 @@ from ..engine import (
 )
 from ..errors import type_name
 from ..modelcard import output_files
-from ..writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, single_file
+from ..writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, check_storable, single_file
 
 __all__ = [
     "Evaluate",
@@ -438,6 +438,14 @@ def run_greedy(
             check_output_dtypes(checkpoint, dtype)
         if out is not None:  # refuse before the (costly) evaluations, not after
             _check_output(out, checkpoints, overwrite=overwrite, max_shard_size=max_shard_size)
+            for checkpoint in checkpoints:  # whichever ranks best, its dtypes are written
+                check_storable(
+                    out,
+                    {
+                        key: (checkpoint.shape(key), output_dtype(checkpoint.dtype(key), dtype))
+                        for key in checkpoint.keys()
+                    },
+                )
         where = "the greedy soup" if out is None else str(out)
         result = _greedy(
             checkpoints,
