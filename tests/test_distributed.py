@@ -459,6 +459,9 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     # raises its own error, the others hear of it.
     def taken(models: list, *, out: Path, **params: object) -> object:
         merged = ladle.uniform_soup(models, out=out, **params)
+        # Every rank past its own check that the output is free: without this, a rank that
+        # came to it after rank 0 made the folder raised "already exists" (1 run in 6).
+        dist.barrier()
         if rank == 0:
             out.mkdir()
             (out / "theirs.txt").write_text("theirs")
