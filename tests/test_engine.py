@@ -546,6 +546,7 @@ def test_a_pinned_buffer_is_refilled_only_once_its_copy_has_read_it(
     paths = []
     for i in range(3):
         model = {"a": torch.randn(200, 8, generator=gen), "b": torch.randn(9, generator=gen)}
+        model["c"] = torch.randn(30, 4, dtype=torch.complex64, generator=gen)  # read as bytes
         save_file(model, tmp_path / f"m{i}.safetensors")
         paths.append(tmp_path / f"m{i}.safetensors")
 
