@@ -75,6 +75,30 @@ def test_cuda_from_files_agrees_with_the_cpu(tmp_path, method, dtype):
             assert torch.equal(on_gpu[key], expected)
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cuda_merges_complex_tensors_as_the_cpu_does(tmp_path, method):
+    gen = torch.Generator().manual_seed(5)
+    base = {
+        "z": torch.randn(300, 40, dtype=torch.complex64, generator=gen),
+        "steps": torch.tensor(3),
+    }
+    models = [
+        {
+            "z": base["z"] + 0.01 * torch.randn(300, 40, dtype=torch.complex64, generator=gen),
+            "steps": torch.tensor(3),
+        }
+        for _ in range(3)
+    ]
+    paths = save_all([base, *models], tmp_path)
+    merge = METHODS[method]
+    on_cpu = merge(paths[1:], paths[0], device="cpu")
+    on_gpu = merge(paths[1:], paths[0], device="cuda", chunk_bytes=2**14)  # many chunks
+    assert on_gpu["z"].dtype == torch.complex64 and on_gpu["z"].device.type == "cpu"
+    torch.testing.assert_close(on_gpu["z"], on_cpu["z"], rtol=1e-5, atol=1e-5)
+    streamed = ladle.load(merge(paths[1:], paths[0], device="cuda", out=tmp_path / "out"))
+    assert_bit_for_bit(streamed, merge(paths[1:], paths[0], device="cuda"))
+
+
 def test_ties_thresholds_on_cuda_equal_the_cpu_exactly(tmp_path):
     from ladle.methods.ties import magnitude_thresholds
 
