@@ -193,6 +193,28 @@ def test_inspect_json(inputs, capsys):
     assert report["bytes"] == sum(t.nbytes for t in family(1, seed=7)[0].values())
     assert (report["source"], report["path"], report["metadata"]) == (inputs[0], inputs[0], {})
     assert report["parameters"] == sum(t.numel() for t in family(1, seed=7)[0].values())
+    assert (report["quantization"], report["adapter"]) == (None, False)
+
+
+@pytest.mark.parametrize("kind", ["quantized", "adapter"])
+def test_inspect_says_that_merges_refuse_a_quantized_model_or_an_adapter(tmp_path, capsys, kind):
+    folder = ladle.save({"w": torch.ones(2)}, tmp_path / "m")
+    if kind == "quantized":
+        config = {"quantization_config": {"quant_method": "gptq"}}
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    assert main(["inspect", str(folder)]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == (
+        "quantized ('gptq'): merges refuse it; dequantize it first"
+        if kind == "quantized"
+        else "a PEFT adapter: merges refuse it; merge it into its base model first"
+    )
+    assert main(["inspect", str(folder), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    expected = ("gptq", False) if kind == "quantized" else (None, True)
+    assert (report["quantization"], report["adapter"]) == expected
 
 
 def test_inspect_json_names_the_torch_file_holding_each_tensor(tmp_path, capsys):

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import torch
 
 from . import __version__
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, declared_quantization, is_adapter, open_checkpoint
 from .compare import TensorDiff, diff
 from .errors import LadleError
 from .methods.dare import check_dare_density, check_seed, dare
@@ -278,6 +278,7 @@ def _run_inspect(args: argparse.Namespace) -> None:
         total = sum(nbytes for *_, nbytes in own)
         shards = _shards(ckpt, [key for key in keys if key not in tied])
         files = {key: path.name for key, path in ckpt.files().items()}
+        quantized, adapter = declared_quantization(ckpt), is_adapter(ckpt)
         if args.json:
             print(
                 json.dumps(
@@ -299,6 +300,8 @@ def _run_inspect(args: argparse.Namespace) -> None:
                         "path": None if ckpt.path is None else str(ckpt.path),
                         "shards": shards,
                         "metadata": ckpt.metadata,
+                        "quantization": quantized,
+                        "adapter": adapter,
                     },
                     indent=2,
                 )
@@ -334,6 +337,10 @@ def _run_inspect(args: argparse.Namespace) -> None:
             # A value from a downloaded file could hold line breaks: one line per entry.
             shown = value if value.isprintable() else json.dumps(value, ensure_ascii=False)
             print(f"metadata {name}: {shown}")
+        if quantized is not None:  # what a merge would refuse, and why (docs/sources.md)
+            print(f"quantized ({quantized!r}): merges refuse it; dequantize it first")
+        if adapter:
+            print("a PEFT adapter: merges refuse it; merge it into its base model first")
 
 
 def _number(value: float) -> str:
