@@ -1333,6 +1333,14 @@ def _preferred(files: list[Path]) -> list[Path]:
     return defaults if len(files) > 1 and len(defaults) == 1 else files
 
 
+def model_folder(checkpoint: Checkpoint) -> Path | None:
+    """The directory a checkpoint was opened from (a model folder, a Hub snapshot), whose
+    companion files (``config.json``, ``adapter_config.json``) describe it; ``None`` for a
+    file or a checkpoint in memory."""
+    folder = checkpoint.path
+    return folder if folder is not None and folder.is_dir() else None
+
+
 def declared_quantization(checkpoint: Checkpoint) -> str | None:
     """The quantization a model directory declares for its stored weights: the
     ``quant_method`` of its ``config.json``'s ``quantization_config`` (``"unnamed"`` without
@@ -1349,8 +1357,8 @@ def declared_quantization(checkpoint: Checkpoint) -> str | None:
         >>> declared_quantization(ladle.open_checkpoint(folder))
         'gptq'
     """
-    folder = checkpoint.path
-    if folder is None or not folder.is_dir():
+    folder = model_folder(checkpoint)
+    if folder is None:
         return None
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -1377,8 +1385,8 @@ def is_adapter(checkpoint: Checkpoint) -> bool:
         >>> is_adapter(ladle.open_checkpoint(folder)), is_adapter(ladle.open_checkpoint({}))
         (True, False)
     """
-    folder = checkpoint.path
-    if folder is None or not folder.is_dir():
+    folder = model_folder(checkpoint)
+    if folder is None:
         return False
     return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
 

@@ -388,6 +388,17 @@ def output_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
 MERGE_REMEDY = "pass an output dtype (dtype=torch.float32, --dtype float32)"
 
 
+def output_specs(
+    checkpoint: Checkpoint, dtype: torch.dtype | None
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Each key's shape and the dtype a merge writes it in (:func:`output_dtype`), in the
+    checkpoint's order: the specs of an output whose tensors take ``checkpoint``'s."""
+    return {
+        key: (checkpoint.shape(key), output_dtype(checkpoint.dtype(key), dtype))
+        for key in checkpoint.keys()
+    }
+
+
 def check_output_dtypes(
     checkpoint: Checkpoint, dtype: torch.dtype | None, *, remedy: str = MERGE_REMEDY
 ) -> None:
@@ -1744,10 +1755,7 @@ def merge(
         if out is not None:
             _check_output(out, sources, overwrite=overwrite, max_shard_size=max_shard_size)
         check_output_dtypes(reference, dtype)  # before prepare's passes over the inputs
-        specs = {
-            key: (reference.shape(key), output_dtype(reference.dtype(key), dtype))
-            for key in reference.keys()
-        }
+        specs = output_specs(reference, dtype)
         if out is not None:  # a dtype safetensors has no code for: before any pass
             check_storable(out, specs)
         part = _PARTITION.get()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ._version import __version__
-from .checkpoint import Checkpoint, recorded_name
+from .checkpoint import Checkpoint, model_folder, recorded_name
 from .hub import COMPANION_FILES, COMPANION_FOLDERS, LICENSE_FILES, PREFIX, parse_hf_url
 from .writer import DEFAULT_MAX_SHARD_SIZE, parse_size
 
@@ -423,7 +423,7 @@ def output_files(
         (['README.md', 'config.json'], {'torch_dtype': 'bfloat16'})
     """
     reference = base if base is not None else models[0]
-    folder = reference.path if reference.path is not None and reference.path.is_dir() else None
+    folder = model_folder(reference)
     files: dict[str, Path | bytes] = dict(companion_files(folder))
     terms = _terms_folder(reference, folder)
     if terms is not None and terms is not folder:  # a Hub subfolder without terms: its repo's

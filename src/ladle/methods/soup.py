@@ -32,6 +32,7 @@ from ..engine import (
     merge,
     open_models,
     output_dtype,
+    output_specs,
     provenance,
     resolve_device,
     resolve_dtype,
@@ -439,13 +440,7 @@ def run_greedy(
         if out is not None:  # refuse before the (costly) evaluations, not after
             _check_output(out, checkpoints, overwrite=overwrite, max_shard_size=max_shard_size)
             for checkpoint in checkpoints:  # whichever ranks best, its dtypes are written
-                check_storable(
-                    out,
-                    {
-                        key: (checkpoint.shape(key), output_dtype(checkpoint.dtype(key), dtype))
-                        for key in checkpoint.keys()
-                    },
-                )
+                check_storable(out, output_specs(checkpoint, dtype))
         where = "the greedy soup" if out is None else str(out)
         result = _greedy(
             checkpoints,
