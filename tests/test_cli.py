@@ -198,11 +198,14 @@ def test_inspect_json(inputs, capsys):
 
 @pytest.mark.parametrize("kind", ["quantized", "adapter"])
 def test_inspect_says_that_merges_refuse_a_quantized_model_or_an_adapter(tmp_path, capsys, kind):
-    folder = ladle.save({"w": torch.ones(2)}, tmp_path / "m")
+    folder = tmp_path / "m"
+    folder.mkdir()
     if kind == "quantized":
+        ladle.save({"w": torch.ones(2)}, folder / "model.safetensors")
         config = {"quantization_config": {"quant_method": "gptq"}}
         (folder / "config.json").write_text(json.dumps(config))
     else:
+        ladle.save({"w": torch.ones(2)}, folder / "adapter_model.safetensors")
         (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     assert main(["inspect", str(folder)]) == 0
     last = capsys.readouterr().out.splitlines()[-1]

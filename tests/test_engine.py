@@ -1938,7 +1938,7 @@ def test_a_merge_of_peft_adapters_is_refused_naming_the_adapter(tmp_path):
 
 def test_adapter_weights_without_their_config_and_models_beside_an_adapter_config_merge(tmp_path):
     # Tensors of an adapter named without adapter_config.json are merged as given, and so
-    # is a whole model (config.json) that also holds an adapter's config.
+    # is a whole model (model.safetensors, read first) beside an adapter's files.
     bare = [_adapter_dir(tmp_path / f"b{i}", i, config=False) for i in range(2)]
     merged = ladle.uniform_soup(bare)
     key = "base_model.model.q_proj.lora_A.weight"
@@ -1946,7 +1946,14 @@ def test_adapter_weights_without_their_config_and_models_beside_an_adapter_confi
     both = [_model_dir(tmp_path / f"m{i}", {"model_type": "llama"}, i) for i in range(2)]
     for folder in both:
         (folder / "adapter_config.json").write_text("{}")
+        ladle.save({"lora": torch.ones(1)}, folder / "adapter_model.safetensors")
     assert set(ladle.uniform_soup(both)) == set(ladle.load(both[0]))
+    # An adapter whose folder also holds a config.json (the base model's) is still one.
+    for folder in bare:
+        (folder / "adapter_config.json").write_text("{}")
+        (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ladle.CheckpointError, match="a PEFT adapter"):
+        ladle.uniform_soup(bare)
 
 
 def test_a_complex128_merge_to_a_file_is_refused_before_any_pass(tmp_path, monkeypatch):

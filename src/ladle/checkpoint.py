@@ -1374,8 +1374,9 @@ def declared_quantization(checkpoint: Checkpoint) -> str | None:
 
 
 def is_adapter(checkpoint: Checkpoint) -> bool:
-    """Whether a checkpoint is a PEFT adapter directory: an ``adapter_config.json`` beside its
-    weights, and no model ``config.json`` (which a directory holding a whole model has).
+    """Whether a checkpoint is a PEFT adapter: weights read from ``adapter_model.*`` files of
+    a directory that holds ``adapter_config.json`` (a model's own weights beside an adapter,
+    ``model.safetensors``, are read first and are no adapter).
 
     Example:
         >>> import pathlib, tempfile, torch, ladle
@@ -1386,9 +1387,9 @@ def is_adapter(checkpoint: Checkpoint) -> bool:
         (True, False)
     """
     folder = model_folder(checkpoint)
-    if folder is None:
+    if folder is None or not (folder / "adapter_config.json").is_file():
         return False
-    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+    return any(file.name.startswith("adapter_model") for file in checkpoint.file_sizes())
 
 
 def _open_directory(directory: Path) -> Checkpoint:
