@@ -1756,11 +1756,12 @@ def test_a_soup_of_complex_tensors_is_their_mean_by_hand():
 
 
 def test_complex_tensors_of_complex64_and_complex128_merge_in_complex128():
-    a = {"z": torch.tensor([1 + 1e-9j], dtype=torch.complex128)}
-    b = {"z": torch.tensor([1 + 0j], dtype=torch.complex64)}
+    a = {"z": torch.tensor([complex(1 + 2**-40, 3)], dtype=torch.complex128)}
+    b = {"z": torch.tensor([1 - 1j], dtype=torch.complex64)}
     merged = ladle.uniform_soup([a, b], device="cpu")["z"]
     assert merged.dtype == torch.complex128  # model 0's dtype
-    assert merged.item() == 1 + 0.5e-9j  # 1e-9 survives: summed in complex128
+    # 2⁻⁴⁰ beside 1 survives: summed in complex128 (complex64 would round it away).
+    assert merged.item() == complex(1 + 2**-41, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
