@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import warnings
 from contextlib import ExitStack
 from typing import ClassVar
@@ -1976,3 +1977,17 @@ def test_a_complex128_merge_to_a_file_is_refused_before_any_pass(tmp_path, monke
         ladle.greedy_soup(models, lambda sd: pytest.fail("evaluated"), out=out)
     assert str(caught.value) == expected
     assert not out.exists()
+
+
+def test_complex128_values_past_complex64_s_range_are_an_overflow_of_the_output(tmp_path):
+    # The output takes the base's complex64; 1e300 fits complex128, where it is computed.
+    base = {"z": torch.zeros(2, dtype=torch.complex64)}
+    models = [{"z": torch.tensor([1e300 + 0j, 1 + 1j], dtype=torch.complex128)}] * 2
+    expected = (
+        "1 of the 2 merged values of key 'z' overflow complex64 (largest finite value "
+        "3.40282e+38) although every input is finite"
+    )
+    with pytest.raises(ladle.NonFiniteError, match=re.escape(expected)):
+        ladle.task_arithmetic(models, base)
+    merged = ladle.task_arithmetic(models, base, allow_nonfinite=True)["z"]
+    assert merged.dtype == torch.complex64 and merged[1].item() == 2 + 2j
