@@ -1991,3 +1991,23 @@ def test_complex128_values_past_complex64_s_range_are_an_overflow_of_the_output(
         ladle.task_arithmetic(models, base)
     merged = ladle.task_arithmetic(models, base, allow_nonfinite=True)["z"]
     assert merged.dtype == torch.complex64 and merged[1].item() == 2 + 2j
+
+
+@pytest.mark.parametrize(
+    "merge",
+    [
+        lambda models, base: ladle.ties(models, base, density=1.0, device="cpu"),
+        lambda models, base: ladle.dare(models, base, density=1.0, combine="ties", device="cpu"),
+    ],
+    ids=["ties", "dare_ties"],
+)
+def test_sign_ties_of_a_complex_key_follow_the_model_wide_vote_not_the_key_s_own(merge):
+    # Entry 0's parts cancel exactly (a tie). The key's own other parts vote negative (4),
+    # the float key positive (8): the model-wide vote, +4, gives the tie the positive mean.
+    base = {"z": torch.zeros(3, dtype=torch.complex64), "w": torch.zeros(8)}
+    models = [
+        {"z": torch.tensor([1 + 2j, -1 - 1j, -2 - 1j]), "w": torch.ones(8)},
+        {"z": torch.tensor([-1 - 2j, -1 - 1j, -2 - 1j]), "w": torch.ones(8)},
+    ]
+    merged = merge(models, base)
+    assert merged["z"].tolist() == [1 + 2j, -1 - 1j, -2 - 1j]
