@@ -2011,3 +2011,13 @@ def test_sign_ties_of_a_complex_key_follow_the_model_wide_vote_not_the_key_s_own
     ]
     merged = merge(models, base)
     assert merged["z"].tolist() == [1 + 2j, -1 - 1j, -2 - 1j]
+
+
+@pytest.mark.parametrize("trim", ["global", "tensor"])
+def test_trim_thresholds_of_complex_tensors_are_those_of_their_parts(trim):
+    base, models = _complex_family(torch.complex64, n=3, seed=4)
+    found = magnitude_thresholds(models, base, density=0.3, trim=trim, device="cpu")
+    parts = magnitude_thresholds(
+        [_as_real(m) for m in models], _as_real(base), density=0.3, trim=trim, device="cpu"
+    )
+    assert found == parts and all("spectral" in limits for limits in found)
