@@ -1872,6 +1872,7 @@ def test_a_merge_of_a_quantized_model_directory_is_refused_before_anything_is_wr
         {"model_type": "llama"},
         {"quantization_config": None},
         "{not json",
+        "[1, 2]",
         {"quantization_config": {"quant_method": "compressed-tensors", "format": "dense"}},
     ],
 )
