@@ -1897,7 +1897,21 @@ def test_model_directories_declaring_no_quantized_weights_merge(tmp_path, config
 def test_the_quantization_a_directory_declares_is_named(tmp_path, declared, method):
     folder = _model_dir(tmp_path / "m", {"quantization_config": declared}, 0)
     assert declared_quantization(ladle.open_checkpoint(folder)) == method
-    assert declared_quantization(ladle.open_checkpoint(folder / "model.safetensors")) is None
+    # Its weights file, named as save_pretrained names it, is described by the same config;
+    # a file under another name beside it is not.
+    assert declared_quantization(ladle.open_checkpoint(folder / "model.safetensors")) == method
+    (folder / "model.safetensors").rename(folder / "ft.safetensors")
+    assert declared_quantization(ladle.open_checkpoint(folder / "ft.safetensors")) is None
+
+
+def test_weights_files_of_a_quantized_model_or_an_adapter_named_on_their_own_are_refused(tmp_path):
+    # Before: `ladle soup q/model.safetensors ...` merged what `ladle soup q ...` refused.
+    models = [_model_dir(tmp_path / f"q{i}", GPTQ, i) / "model.safetensors" for i in range(2)]
+    with pytest.raises(ladle.CheckpointError, match=r"^model 0 \(.*\): .*'gptq'"):
+        ladle.uniform_soup(models)
+    adapters = [_adapter_dir(tmp_path / f"a{i}", i) / "adapter_model.safetensors" for i in range(2)]
+    with pytest.raises(ladle.CheckpointError, match=r"^model 0 \(.*\): a PEFT adapter"):
+        ladle.uniform_soup(adapters)
 
 
 def test_the_cli_refuses_a_quantized_model_with_one_line(tmp_path, capsys):

@@ -1341,11 +1341,32 @@ def model_folder(checkpoint: Checkpoint) -> Path | None:
     return folder if folder is not None and folder.is_dir() else None
 
 
+_PRETRAINED_WEIGHTS = re.compile(
+    r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)"
+)
+"""Names ``save_pretrained`` gives weights files (a shard's too): such a file, named on its
+own, is described by the configs beside it."""
+
+
+def _described_by(checkpoint: Checkpoint) -> Path | None:
+    """The folder whose ``config.json`` or ``adapter_config.json`` describes ``checkpoint``:
+    its own directory (:func:`model_folder`), or the folder holding a weights file named as
+    ``save_pretrained`` names them (``model.safetensors``, ``adapter_model.bin``, a shard)."""
+    folder = model_folder(checkpoint)
+    if folder is not None:
+        return folder
+    path = checkpoint.path
+    if path is not None and _PRETRAINED_WEIGHTS.fullmatch(path.name) and path.is_file():
+        return path.parent
+    return None
+
+
 def declared_quantization(checkpoint: Checkpoint) -> str | None:
-    """The quantization a model directory declares for its stored weights: the
-    ``quant_method`` of its ``config.json``'s ``quantization_config`` (``"unnamed"`` without
-    one), or ``None``: not a directory, no readable config, no quantization, or
-    compressed-tensors stored ``"dense"`` (sparsity alone: the weights are floats).
+    """The quantization a model directory (or a weights file of one, named as
+    ``save_pretrained`` names them) declares for its stored weights: the ``quant_method`` of
+    its ``config.json``'s ``quantization_config`` (``"unnamed"`` without one), or ``None``:
+    no such folder, no readable config, no quantization, or compressed-tensors stored
+    ``"dense"`` (sparsity alone: the weights are floats).
 
     Example:
         >>> import json, pathlib, tempfile, torch, ladle
@@ -1357,7 +1378,7 @@ def declared_quantization(checkpoint: Checkpoint) -> str | None:
         >>> declared_quantization(ladle.open_checkpoint(folder))
         'gptq'
     """
-    folder = model_folder(checkpoint)
+    folder = _described_by(checkpoint)
     if folder is None:
         return None
     try:
@@ -1375,8 +1396,9 @@ def declared_quantization(checkpoint: Checkpoint) -> str | None:
 
 def is_adapter(checkpoint: Checkpoint) -> bool:
     """Whether a checkpoint is a PEFT adapter: weights read from ``adapter_model.*`` files of
-    a directory that holds ``adapter_config.json`` (a model's own weights beside an adapter,
-    ``model.safetensors``, are read first and are no adapter).
+    a directory that holds ``adapter_config.json`` (the directory, or such a file, named; a
+    model's own weights beside an adapter, ``model.safetensors``, are read first and are no
+    adapter).
 
     Example:
         >>> import pathlib, tempfile, torch, ladle
@@ -1386,7 +1408,7 @@ def is_adapter(checkpoint: Checkpoint) -> bool:
         >>> is_adapter(ladle.open_checkpoint(folder)), is_adapter(ladle.open_checkpoint({}))
         (True, False)
     """
-    folder = model_folder(checkpoint)
+    folder = _described_by(checkpoint)
     if folder is None or not (folder / "adapter_config.json").is_file():
         return False
     return any(file.name.startswith("adapter_model") for file in checkpoint.file_sizes())
