@@ -50,6 +50,7 @@ from .engine import (
     check_output_dtypes,
     check_sequence,
     compute_dtype,
+    is_merged_dtype,
     unwrap_scalar,
 )
 from .errors import type_name
@@ -125,7 +126,7 @@ def _map(
             continue
         tensors = [c.get_slice(key, slice(None)) for c in checkpoints]  # on their devices
         ref_tensor = tensors[reference]
-        if not (ref_tensor.is_floating_point() or ref_tensor.is_complex()):
+        if not is_merged_dtype(ref_tensor.dtype):
             result[key] = ref_tensor.detach().clone()
             continue
         if ref_tensor.is_complex():

@@ -37,7 +37,9 @@ from .engine import (
     NumbersLike,
     check_number,
     check_numbers,
+    is_merged_dtype,
     partitioned,
+    real_view,
     resolve_device,
 )
 from .errors import IncompatibleError, LadleError
@@ -351,11 +353,8 @@ def average_(
     per_rank = _rank_weights([w for _, w, _ in given], size)
     mine, total = (1.0, float(size)) if per_rank is None else _scaled(per_rank, me)
 
-    def reals(tensor: torch.Tensor) -> torch.Tensor:
-        return torch.view_as_real(tensor) if tensor.is_complex() else tensor
-
-    floating = [reals(t) for _, t in named if t.is_floating_point() or t.is_complex()]
-    others = [t for _, t in named if not (t.is_floating_point() or t.is_complex())]
+    floating = [real_view(t) for _, t in named if is_merged_dtype(t.dtype)]
+    others = [t for _, t in named if not is_merged_dtype(t.dtype)]
     with torch.no_grad():
         for (dtype, device), run in _buckets(
             floating,
