@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpoint import StateDict, StateDictLike, check_source, load
-from .engine import check_number
+from .engine import check_number, real_view
 from .errors import type_name
 
 if TYPE_CHECKING:
@@ -655,9 +655,7 @@ def model_families(
         models = []
         for _ in range(count):
             model = {  # the base's values (a complex one's parts) plus a task vector's
-                key: _stored(torch.view_as_real(base[key]).float() + draw(values), dtype)
-                if dtype.is_complex
-                else (base[key].float() + draw(values)).to(dtype)
+                key: _stored(real_view(base[key]).float() + draw(values), dtype)
                 for key, values in arrays.items()
             }
             models.append(model)
