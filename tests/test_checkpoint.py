@@ -1607,6 +1607,14 @@ def test_only_an_averaged_models_whole_layout_is_unwrapped(tensors):
     [
         ("model.safetensors", ["model.fp16.safetensors", "model-00001-of-00002.safetensors"]),
         ("pytorch_model.bin", ["pytorch_model.fp16.bin", "model.pt"]),
+        (  # diffusers' unet/, vae/
+            "diffusion_pytorch_model.safetensors",
+            [
+                "diffusion_pytorch_model.fp16.safetensors",
+                "diffusion_pytorch_model.non_ema.safetensors",
+            ],
+        ),
+        ("diffusion_pytorch_model.bin", ["diffusion_pytorch_model.fp16.bin", "model.pt"]),
     ],
 )
 def test_a_folder_with_variants_beside_the_default_weights_file_reads_the_default(

@@ -1398,6 +1398,26 @@ def test_a_file_holding_a_tensor_without_data_is_named_by_its_path_alone(tmp_pat
     )
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserWarning")  # torch.load's
+def test_quantized_torch_tensors_are_refused_not_copied_from_model_0(tmp_path):
+    # A qint8 tensor is integer codes with a scale: it was copied from model 0 like an
+    # integer buffer, so the "soup" of it was model 0's weights, without a word.
+    files = []
+    for i in range(2):
+        w = torch.quantize_per_tensor(torch.randn(4, 4), 0.1, 0, torch.qint8)
+        torch.save({"w": w, "b": torch.randn(4)}, tmp_path / f"q{i}.pt")
+        files.append(tmp_path / f"q{i}.pt")
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.uniform_soup(files, device="cpu")
+    assert str(info.value) == (
+        f"{files[0]}: tensor 'w' is quantized (torch.qint8): dequantize it first; ladle merges "
+        "dense tensors with data"
+    )
+    with pytest.raises(ladle.CheckpointError, match="model 1 .*quantized"):
+        ladle.uniform_soup([{"w": torch.ones(2)}, {"w": w}], device="cpu")
+
+
 def test_a_merge_onto_an_existing_output_is_refused_before_any_pass_over_the_inputs(tmp_path):
     # TIES's preparation reads every input (the thresholds): the refusal comes first, not a
     # NonFiniteError (or minutes of reading) before it.

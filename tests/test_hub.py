@@ -321,8 +321,9 @@ def test_local_file_named_like_a_source_is_not_confused_with_the_hub(tmp_path):
 
 
 class LocalHub:
-    """A tiny Hub on 127.0.0.1 answering what snapshot_download calls: repo info at a
-    revision, the recursive tree of a commit, and HEAD/GET of /{repo}/resolve/{rev}/{file}."""
+    """A tiny Hub on 127.0.0.1 answering what snapshot_download and list_repo_tree call: repo
+    info at a revision, the tree of a commit (recursive, or one folder's entries), and
+    HEAD/GET of /{repo}/resolve/{rev}/{file}."""
 
     def __init__(self, repos: dict[str, dict]) -> None:
         import threading
@@ -356,7 +357,8 @@ class LocalHub:
                     return self.reply(
                         404, b'{"error": "not found"}', {"X-Error-Code": "RepoNotFound"}
                     )
-                rev = "/".join(path[5:]) if api else path[3]
+                tree = api and path[4] == "tree"  # /api/models/{repo}/tree/{commit}[/{folder}]
+                rev = path[5] if tree else "/".join(path[5:]) if api else path[3]
                 commit = repo["refs"].get(rev, rev)
                 files = repo["commits"].get(commit)
                 if files is None:
@@ -364,17 +366,31 @@ class LocalHub:
                 if api and path[4] == "revision":
                     info = {"id": repo_id, "sha": commit, "siblings": []}
                     return self.reply(200, json.dumps(info).encode())
-                if api:  # tree
-                    tree = [
+                if tree:  # recursive (as snapshot_download asks), or one folder's entries
+                    folder = "/".join(path[6:])
+                    within = f"{folder}/" if folder else ""
+                    recursive = "recursive=true" in urlsplit(self.path).query.lower()
+                    listed = [
+                        p
+                        for p in files
+                        if p.startswith(within) and (recursive or "/" not in p[len(within) :])
+                    ]
+                    below = [p[len(within) :] for p in files if p.startswith(within)]
+                    folders = (
+                        []
+                        if recursive
+                        else sorted({within + p.split("/")[0] for p in below if "/" in p})
+                    )
+                    entries = [
                         {
                             "type": "file",
                             "path": p,
-                            "size": len(d),
-                            "oid": hashlib.sha1(d).hexdigest(),
+                            "size": len(files[p]),
+                            "oid": hashlib.sha1(files[p]).hexdigest(),
                         }
-                        for p, d in files.items()
-                    ]
-                    return self.reply(200, json.dumps(tree).encode())
+                        for p in listed
+                    ] + [{"type": "directory", "path": p, "oid": "0" * 40} for p in folders]
+                    return self.reply(200, json.dumps(entries).encode())
                 data = files.get("/".join(path[4:]))
                 if data is None:
                     return self.reply(404, b"", {"X-Error-Code": "EntryNotFound"})
@@ -479,6 +495,66 @@ def test_local_hub_fetches_a_subfolder_s_model_safetensors_alone_beside_its_vari
     assert hub.downloaded() == {"text_encoder/config.json", "text_encoder/model.safetensors"}
 
 
+def test_local_hub_fetches_diffusers_default_weights_alone_beside_their_variants(local_hub):
+    # unet/ of a diffusers repo: every *.safetensors was fetched (gigabytes of variants), then
+    # the folder was refused: "expected one weights file ..., found ...fp16.safetensors, ...".
+    hub, model = local_hub
+    files = {
+        "unet/diffusion_pytorch_model.safetensors": weights(model),
+        "unet/diffusion_pytorch_model.fp16.safetensors": b"never fetched: a variant",
+        "unet/diffusion_pytorch_model.non_ema.safetensors": b"never fetched: a variant",
+        "unet/config.json": b"{}",
+    }
+    hub.repos["org/sd"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
+    loaded = ladle.load("hf://org/sd/unet")
+    assert torch.equal(loaded["layer.weight"], model["layer.weight"])
+    assert hub.downloaded() == {"unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
+
+
+def test_local_hub_reads_what_a_local_folder_of_the_same_files_would(local_hub, tmp_path):
+    # Two safetensors variants and no default beside a torch index: a folder is read from the
+    # torch shards; the Hub fetched both variants, not the shards, and failed.
+    hub, model = local_hub
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    shard = "pytorch_model-00001-of-00001.bin"
+    files = {
+        "model.fp16.safetensors": b"never fetched: a variant",
+        "model.fp32.safetensors": b"never fetched: a variant",
+        "pytorch_model.bin.index.json": json.dumps(
+            {"weight_map": dict.fromkeys(model, shard)}
+        ).encode(),
+        shard: buffer.getvalue(),
+    }
+    hub.repos["org/mixed"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
+    loaded = ladle.load("hf://org/mixed")
+    assert all(torch.equal(loaded[k], model[k]) for k in model)
+    assert hub.downloaded() == {"pytorch_model.bin.index.json", shard}
+
+
+def test_local_hub_refuses_several_weights_files_before_fetching_any(local_hub):
+    hub, model = local_hub
+    files = {"a.safetensors": weights(model), "b.safetensors": weights(model)}
+    hub.repos["org/ab"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.load("hf://org/ab")
+    assert str(info.value) == (
+        f"hf://org/ab@{COMMIT_A}: expected one weights file or a *.index.json, found "
+        "a.safetensors, b.safetensors"
+    )
+    assert hub.downloaded() == set()
+
+
+def test_local_hub_fetches_a_subfolder_whose_name_holds_glob_characters(local_hub):
+    # "ckpt[1]" was read as a character class in the fetch's patterns: nothing was fetched.
+    hub, model = local_hub
+    files = {"ckpt[1]/model.safetensors": weights(model), "ckpt[1]/config.json": b"{}"}
+    hub.repos["org/br"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
+    loaded = ladle.load("hf://org/br/ckpt[1]")
+    assert torch.equal(loaded["layer.weight"], model["layer.weight"])
+    assert hub.downloaded() == {"ckpt[1]/config.json", "ckpt[1]/model.safetensors"}
+
+
 def test_local_hub_takes_a_single_safetensors_file_of_another_name(local_hub):
     hub, model = local_hub
     files = {"weights.safetensors": weights(model), "config.json": b"{}"}
@@ -536,6 +612,28 @@ def test_offline_without_cached_weights_says_the_cache_was_asked(hub_cache):
         match=r"no weights in the repository root in the Hugging Face cache .*HF_HUB_OFFLINE",
     ):
         ladle.open_checkpoint("hf://org/c")
+
+
+def test_offline_with_a_shard_missing_from_the_cache_says_the_cache_was_asked(hub_cache):
+    # Was "...index.json: lists shard model-00002-of-00002.safetensors, which does not exist",
+    # with no word of the cache or of HF_HUB_OFFLINE.
+    index = {
+        "weight_map": {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors",
+        }
+    }
+    files = {
+        "model.safetensors.index.json": json.dumps(index).encode(),
+        "model-00001-of-00002.safetensors": weights({"a": torch.ones(2)}),
+    }
+    write_cached_repo(hub_cache, "org/part", COMMIT_A, files, refs={"main": COMMIT_A})
+    with pytest.raises(
+        ladle.CheckpointError,
+        match=r"no weights in the repository root in the Hugging Face cache .*HF_HUB_OFFLINE.*"
+        r"every shard of an index",
+    ):
+        ladle.open_checkpoint("hf://org/part")
 
 
 def test_a_cached_snapshot_with_trainer_files_opens_its_weights(hub_cache):

@@ -281,6 +281,8 @@ def not_a_dense_tensor(key: object, value: object) -> str | None:
     if value.layout != torch.strided or value.is_meta:
         what = "on the meta device (no data)" if value.is_meta else f"{value.layout}"
         return f"tensor {key!r} is {what}"
+    if value.is_quantized:  # integer codes with scales: averaged entry by entry, a wrong model
+        return f"tensor {key!r} is quantized ({value.dtype}): dequantize it first"
     return None
 
 
@@ -1322,15 +1324,59 @@ def _home_as_tilde(name: str) -> str:
     return name
 
 
-DEFAULT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-"""transformers' names for unsharded weights: where a folder holds several weights files
-(variants such as ``model.fp16.safetensors`` beside them), the one ``from_pretrained`` reads."""
+DEFAULT_WEIGHTS = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+)
+"""transformers' and diffusers' names for unsharded weights: where a folder holds several
+weights files (variants such as ``model.fp16.safetensors`` beside them), the one
+``from_pretrained`` reads."""
 
 
-def _preferred(files: list[Path]) -> list[Path]:
-    """``files``, or of several the one of them named as :data:`DEFAULT_WEIGHTS` names it."""
-    defaults = [p for p in files if p.name in DEFAULT_WEIGHTS]
-    return defaults if len(files) > 1 and len(defaults) == 1 else files
+def _preferred(names: list[str]) -> list[str]:
+    """``names``, or of several the one of them named as :data:`DEFAULT_WEIGHTS` names it."""
+    defaults = [name for name in names if name in DEFAULT_WEIGHTS]
+    return defaults if len(names) > 1 and len(defaults) == 1 else names
+
+
+def weights_layout(names: Iterable[str]) -> tuple[str | None, list[str]]:
+    """Which of a model folder's files (``names``) holds its weights, as a directory is read:
+    the first there is of a safetensors shard index (the first by name), a single
+    ``*.safetensors`` file, a torch shard index (``*.bin.index.json``), a single torch
+    weights file with no ``*.safetensors`` beside it. Of several files, the one named as
+    :data:`DEFAULT_WEIGHTS` names it counts as the single one, as ``from_pretrained`` reads it
+    beside variants. Returns the chosen name and the weights files seen, or ``None`` and those
+    files where no single choice is there. The Hub reader decides by it what to download.
+
+    Example:
+        >>> weights_layout(["config.json", "model.safetensors", "model.fp16.safetensors"])
+        ('model.safetensors', ['model.safetensors'])
+        >>> weights_layout(["a.safetensors", "b.safetensors"])
+        (None, ['a.safetensors', 'b.safetensors'])
+    """
+    names = sorted(names)
+    indexes = [name for name in names if name.endswith(".safetensors.index.json")]
+    if indexes:
+        return indexes[0], indexes
+    singles = _preferred([name for name in names if name.endswith(".safetensors")])
+    torch_files = _preferred(
+        [
+            name
+            for name in names
+            if os.path.splitext(name)[1] in TORCH_SUFFIXES
+            and not any(fnmatch.fnmatchcase(name, pattern) for pattern in NOT_WEIGHTS)
+        ]
+    )
+    torch_indexes = [name for name in names if name.endswith(".bin.index.json")]
+    if len(singles) == 1:
+        return singles[0], singles
+    if torch_indexes:
+        return torch_indexes[0], torch_indexes
+    if not singles and len(torch_files) == 1:
+        return torch_files[0], torch_files
+    return None, singles or torch_files
 
 
 def model_folder(checkpoint: Checkpoint) -> Path | None:
@@ -1342,7 +1388,7 @@ def model_folder(checkpoint: Checkpoint) -> Path | None:
 
 
 _PRETRAINED_WEIGHTS = re.compile(
-    r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)"
+    r"(model|pytorch_model|diffusion_pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)"
 )
 """Names ``save_pretrained`` gives weights files (a shard's too): such a file, named on its
 own, is described by the configs beside it."""
@@ -1415,43 +1461,28 @@ def is_adapter(checkpoint: Checkpoint) -> bool:
 
 
 def _open_directory(directory: Path) -> Checkpoint:
-    """The first there is of: a safetensors shard index (the first by name), a single
-    ``*.safetensors`` file, a torch shard index (``*.bin.index.json``), a single torch
-    weights file with no ``*.safetensors`` beside it; else a ``CheckpointError``. Of several
-    files, ``model.safetensors`` (``pytorch_model.bin``) counts as the single one, as
-    ``from_pretrained`` reads it beside variants (:data:`DEFAULT_WEIGHTS`)."""
+    """The checkpoint of a model folder, read from the file :func:`weights_layout` chooses;
+    else a ``CheckpointError`` naming the weights files there."""
     name = str(directory)
-    for index in sorted(directory.glob("*.safetensors.index.json")):
-        sharded = SafetensorsCheckpoint(_read_index(index), name=name, path=directory)
+    chosen, seen = weights_layout(p.name for p in directory.iterdir())
+    if chosen is None:
+        raise CheckpointError(
+            f"{directory}: expected one weights file or a *.index.json, found {_some(seen)}"
+        )
+    path = directory / chosen
+    checkpoint: Checkpoint
+    if chosen.endswith(".safetensors.index.json"):
+        sharded = SafetensorsCheckpoint(_read_index(path), name=name, path=directory)
         try:
-            sharded.match_index(index)
+            sharded.match_index(path)
         except CheckpointError:
             sharded.close()
             raise
         return sharded
-    singles = _preferred(sorted(directory.glob("*.safetensors")))
-    torch_files = _preferred(
-        sorted(
-            p
-            for p in directory.iterdir()
-            if p.suffix in TORCH_SUFFIXES
-            and not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in NOT_WEIGHTS)
-        )
-    )
-    indexes = sorted(directory.glob("*.bin.index.json"))
-    if len(singles) == 1:
-        checkpoint = _open_file(singles[0])
-    elif indexes:
-        checkpoint = TorchShardsCheckpoint(
-            _read_index(indexes[0]), name=name, path=directory, index=indexes[0]
-        )
-    elif not singles and len(torch_files) == 1:
-        checkpoint = _open_file(torch_files[0])
+    if chosen.endswith(".index.json"):
+        checkpoint = TorchShardsCheckpoint(_read_index(path), name=name, path=directory, index=path)
     else:
-        raise CheckpointError(
-            f"{directory}: expected one weights file or a *.index.json, found "
-            f"{_some([p.name for p in singles or torch_files])}"
-        )
+        checkpoint = _open_file(path)
     checkpoint.path = directory  # the whole directory is the input, not just its file
     return checkpoint
 

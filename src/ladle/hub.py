@@ -12,17 +12,15 @@ opened; no token is ever printed.
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import unquote
 
 from ._version import __version__
-from .checkpoint import DEFAULT_WEIGHTS, NOT_WEIGHTS, shard_names
+from .checkpoint import NOT_WEIGHTS, _some, shard_names, weights_layout
 from .errors import CheckpointError, LadleError, type_name
 
 if TYPE_CHECKING:
@@ -83,7 +81,6 @@ COMPANION_FOLDERS = ("additional_chat_templates",)
 """Folders beside the weights that a loader reads (named chat templates, ``*.jinja``): fetched
 from the Hub and copied whole into directory outputs."""
 
-_TORCH_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _OTHER_REPO_TYPES = ("datasets", "spaces", "buckets", "kernels")
 _SPECIAL_REF = re.compile(r"refs/(?:pr/\d+|convert/[\w.-]+)(?=/|$)")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -236,54 +233,53 @@ def _patterns(prefix: str, names: tuple[str, ...] | list[str]) -> list[str]:
     return [prefix + name for name in names]
 
 
-Choice = tuple[list[str], Callable[[], bool]]
-"""Weight files to fetch (``allow_patterns``), and whether the folder now holds them all."""
+def _listed(repo_id: str, commit: str, subfolder: str) -> list[str]:
+    """The names of the files directly in ``subfolder`` (``""``: the root) of ``repo_id`` at
+    ``commit``, as the Hub lists them."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    api = HfApi(
+        endpoint=os.environ.get("HF_ENDPOINT") or None,
+        library_name="ladle",
+        library_version=__version__,
+    )
+    prefix = f"{subfolder}/" if subfolder else ""
+    entries = api.list_repo_tree(repo_id, path_in_repo=subfolder or None, revision=commit)
+    return [
+        entry.path[len(prefix) :]
+        for entry in entries
+        if isinstance(entry, RepoFile)
+        and entry.path.startswith(prefix)
+        and "/" not in entry.path[len(prefix) :]
+    ]
 
 
-def _weight_choices(folder: Path, prefix: str) -> list[Choice]:
-    """Ordered choices of weight files to fetch: a safetensors index's shards, single
-    safetensors files, a torch index's shards, single torch files. A choice is taken once
-    the folder holds it whole, so a torch shard left in the cache by an interrupted download
-    does not pass for the weights while the other shards are missing."""
-
-    def shards(index: Path) -> Choice:
-        names = sorted(set(shard_names(index).values()))
-        return (
-            [prefix + glob.escape(name) for name in names],
-            lambda: all((folder / name).is_file() for name in names),
-        )
-
-    def singles(suffixes: set[str]) -> Callable[[], bool]:
-        return lambda: (
-            folder.is_dir()
-            and any(
-                p.suffix in suffixes
-                and not any(fnmatch.fnmatchcase(p.name, n) for n in NOT_WEIGHTS)
-                for p in folder.iterdir()
+def _weight_files(folder: Path, names: list[str], where: str) -> list[str]:
+    """The files of ``folder`` that hold its weights, chosen from ``names`` (the folder's
+    files, on the Hub or in the cache) as a directory is read (:func:`weights_layout`): an
+    index's shards (the index itself is fetched with the JSON files), or the one file; none
+    where there are none; a ``CheckpointError`` where no single one is there (variants)."""
+    chosen, seen = weights_layout(names)
+    if chosen is None:
+        if seen:
+            raise CheckpointError(
+                f"{where}: expected one weights file or a *.index.json, found {_some(seen)}"
             )
-        )
-
-    choices: list[Choice] = []
-    for index in sorted(folder.glob("*.safetensors.index.json"))[:1]:
-        choices.append(shards(index))
-    # transformers' own name first: beside variants (model.fp16.safetensors) it is the one
-    # read (checkpoint.DEFAULT_WEIGHTS), so the variants are not downloaded for nothing.
-    default = DEFAULT_WEIGHTS[0]
-    choices.append(([prefix + default], lambda: (folder / default).is_file()))
-    choices.append(([prefix + "*.safetensors"], singles({".safetensors"})))
-    for index in sorted(folder.glob("*.bin.index.json"))[:1]:
-        choices.append(shards(index))
-    choices.append((_patterns(prefix, _TORCH_PATTERNS), singles({p[1:] for p in _TORCH_PATTERNS})))
-    return choices
+        return []
+    if chosen.endswith(".index.json"):
+        return sorted(set(shard_names(folder / chosen).values()))
+    return [chosen]
 
 
 def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
     """Fetch what a merge needs from ``url`` into the Hugging Face cache.
 
-    Downloads (or, offline, finds in the cache) the config and tokenizer files, then the
-    weights: a safetensors index and its shards, else single safetensors files, and only when
-    there are none, torch files (``*.bin``, ``*.pt``, ...), and named chat templates
-    (``additional_chat_templates/*.jinja``). Files in other subfolders are never fetched.
+    Downloads (or, offline, finds in the cache) the config and tokenizer files, named chat
+    templates (``additional_chat_templates/*.jinja``), then only the weights files a local
+    folder holding the same files would be read from (:func:`~ladle.checkpoint.weights_layout`):
+    a shard index's shards, or the one weights file (``model.safetensors`` beside variants).
+    Files in other subfolders are never fetched.
 
     Args:
         url: ``hf://owner/repo[@revision][/subfolder]``.
@@ -306,7 +302,8 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
     )
 
     source = parse_hf_url(url)
-    prefix = f"{source.subfolder}/" if source.subfolder else ""
+    # fnmatch patterns: a subfolder named "ckpt[1]" is no character class
+    prefix = f"{glob.escape(source.subfolder)}/" if source.subfolder else ""
     offline = _offline()
     cache = str(cache_dir) if cache_dir is not None else _cache_dir()
 
@@ -340,12 +337,14 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         commit = root.name  # snapshots/<commit hash>
         folder = root / source.subfolder if source.subfolder else root
         fetch(commit, [f"{prefix}{name}/*.jinja" for name in COMPANION_FOLDERS], depth=2)
-        found = False
-        for allow, present in _weight_choices(folder, prefix):
-            fetch(commit, allow)
-            if present():
-                found = True
-                break
+        if offline:  # what the cache holds; a shard missing there makes found False below
+            names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+        else:
+            names = _listed(source.repo_id, commit, source.subfolder)
+        files = _weight_files(folder, names, source.url(commit))
+        if files:
+            fetch(commit, [prefix + glob.escape(name) for name in files])
+        found = bool(files) and all((folder / name).is_file() for name in files)
     except RepositoryNotFoundError as err:  # also gated repos
         raise CheckpointError(
             f"{url}: repository not found on the Hub, or private or gated and not accessible "
