@@ -401,14 +401,18 @@ def test_a_push_that_cannot_reach_the_hub_is_one_line(tmp_path, inputs, capsys, 
 
 
 def test_inspect_prints_one_line_per_metadata_entry(tmp_path, capsys):
-    save_file(
-        {"w": torch.ones(2)}, tmp_path / "m.safetensors", metadata={"note": "a\nmetadata x: y"}
-    )
+    # names too: "evil\nmetadata injected: yes" printed a line of its own (and \x1b a colour)
+    metadata = {"note": "a\nmetadata x: y", "evil\nmetadata injected: yes": "v", "c\x1b[31m": "r"}
+    save_file({"w": torch.ones(2)}, tmp_path / "m.safetensors", metadata=metadata)
     assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("metadata")]
-    assert lines == ['metadata note: "a\\nmetadata x: y"']
+    assert lines == [
+        "metadata 'c\\x1b[31m': r",
+        "metadata 'evil\\nmetadata injected: yes': v",
+        'metadata note: "a\\nmetadata x: y"',
+    ]
     assert main(["inspect", str(tmp_path / "m.safetensors"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["metadata"] == {"note": "a\nmetadata x: y"}
+    assert json.loads(capsys.readouterr().out)["metadata"] == metadata
 
 
 def test_inspect_escapes_keys_that_would_break_a_line_or_the_encoding(tmp_path):

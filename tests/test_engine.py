@@ -1646,6 +1646,46 @@ def test_an_output_folder_holding_an_input_is_refused_and_the_input_kept(tmp_pat
     assert ladle.load(tmp_path / "runs" / "a.safetensors")["w"].tolist() == [1.0, 2.0]
 
 
+@pytest.mark.parametrize("out", ["store", "store/ft1.safetensors"])
+def test_an_output_over_the_file_an_input_folder_links_to_is_refused(tmp_path, out):
+    # ft1/model.safetensors -> ../store/ft1.safetensors (a link farm, a --local-dir download):
+    # only the folder was compared with the output, so --overwrite replaced the linked file.
+    model = {"w": torch.tensor([1.0, 2.0])}
+    ladle.save(model, tmp_path / "store" / "ft1.safetensors")
+    (tmp_path / "ft1").mkdir()
+    (tmp_path / "ft1" / "model.safetensors").symlink_to("../store/ft1.safetensors")
+    with pytest.raises(ladle.LadleError) as info:
+        ladle.uniform_soup([tmp_path / "ft1", model], out=tmp_path / out, overwrite=True)
+    assert str(info.value) == (
+        f"{tmp_path / out}: refusing to write over or inside input "
+        f"{tmp_path / 'ft1' / 'model.safetensors'}; "
+        "choose another output path"
+    )
+    assert ladle.load(tmp_path / "ft1")["w"].tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        lambda models, base: ladle.uniform_soup(models, device="cpu"),
+        lambda models, base: ladle.task_arithmetic(models, base, device="cpu"),
+        lambda models, base: ladle.ties(models, base, density=0.5, device="cpu"),
+        lambda models, base: ladle.dare(models, base, density=0.5, device="cpu"),
+        lambda models, base: ladle.model_stock(models, base, device="cpu"),
+    ],
+    ids=["soup", "task arithmetic", "ties", "dare", "stock"],
+)
+def test_a_lazy_conjugate_in_a_state_dict_merges_as_its_values(method):
+    # torch.view_as_real refused x.conj(): a RuntimeError from every method.
+    gen = torch.Generator().manual_seed(3)
+    values = [torch.randn(2, 5, dtype=torch.complex64, generator=gen) for _ in range(3)]
+    lazy = [{"z": v.conj()} for v in values[:2]]
+    made = [{"z": v.conj().resolve_conj()} for v in values[:2]]
+    base = {"z": values[2]}
+    assert lazy[0]["z"].is_conj() and not made[0]["z"].is_conj()
+    assert torch.equal(method(lazy, base)["z"], method(made, base)["z"])
+
+
 def test_scratch_hands_out_the_same_buffer_for_the_same_size():
     scratch, cpu = Scratch(), torch.device("cpu")
     first = scratch.take((4,), torch.float32, cpu).data_ptr()

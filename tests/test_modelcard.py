@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -780,6 +781,34 @@ def test_an_output_leaves_out_where_its_inputs_were_loaded_from(tmp_path):
         assert generation == (tmp_path / "m0" / "generation_config.json").read_bytes()
     for name in ("config.json", "tokenizer_config.json"):  # the inputs are left as they were
         assert "/home/alice" in (tmp_path / "m0" / name).read_text()
+
+
+def test_configs_are_read_as_utf_8_whatever_the_locale(tmp_path):
+    # Read in the locale's encoding, a config under LC_ALL=C (ASCII) was no JSON, so copied
+    # unedited (its dtype unchanged, the user's folder kept); under Latin-1, re-encoded
+    # as mojibake ("cafÃ©").
+    config = {"_name_or_path": "/home/alice/base", "note": "café ▁", "torch_dtype": "float32"}
+    for i in range(2):
+        model_dir(tmp_path / f"m{i}", family(1, seed=i)[0])
+        text = json.dumps(config, ensure_ascii=False)  # as transformers writes it
+        (tmp_path / f"m{i}" / "config.json").write_text(text, encoding="utf-8")
+    # m1 sharded, its index's metadata not ASCII: the index was read in the locale's encoding
+    shard = "model-00001-of-00001.safetensors"
+    (tmp_path / "m1" / "model.safetensors").rename(tmp_path / "m1" / shard)
+    keys = ladle.open_checkpoint(tmp_path / "m1").keys()
+    index = {"metadata": {"note": "café"}, "weight_map": dict.fromkeys(keys, shard)}
+    (tmp_path / "m1" / "model.safetensors.index.json").write_text(
+        json.dumps(index, ensure_ascii=False), encoding="utf-8"
+    )
+    script = (
+        "import sys, torch, ladle; "
+        "ladle.uniform_soup(sys.argv[1:3], out=sys.argv[3], dtype=torch.bfloat16, device='cpu')"
+    )
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    args = [str(tmp_path / "m0"), str(tmp_path / "m1"), str(tmp_path / "out")]
+    subprocess.run([sys.executable, "-c", script, *args], env=env, check=True)
+    written = json.loads((tmp_path / "out" / "config.json").read_text(encoding="utf-8"))
+    assert written == {"note": "café ▁", "torch_dtype": "bfloat16"}
 
 
 def _table_cells(row: str) -> list[str]:

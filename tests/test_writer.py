@@ -216,6 +216,9 @@ def test_empty_and_scalar_tensors_round_trip(tmp_path):
         ("2TB", 2 * 10**12),
         ("3GiB", 3 * 2**30),
         ("1TiB", 2**40),
+        ("9" * 400, int("9" * 400)),  # was an OverflowError (float) from argparse
+        ("12345678901234567891", 12345678901234567891),  # exact past 2**53
+        ("0.001KB", 1),
     ],
 )
 def test_parse_size(text, expected):
@@ -387,6 +390,15 @@ def test_an_output_that_cannot_be_created_is_an_output_error_naming_it(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["a-file"]
 
 
+def test_an_output_under_a_broken_link_says_the_link_is_broken(tmp_path):
+    (tmp_path / "dl").symlink_to(tmp_path / "nowhere")  # was "dl is a file, not a directory"
+    out = tmp_path / "dl" / "o.safetensors"
+    failed = rf"{out}: creating the output failed: .*dl is a broken symbolic link, not a dir"
+    with pytest.raises(ladle.OutputError, match=failed):
+        ladle.save({"w": torch.ones(2)}, out)
+    assert os.listdir(tmp_path) == ["dl"] and not (tmp_path / "nowhere").exists()
+
+
 @pytest.mark.parametrize("name", ["out", "out.safetensors"])
 def test_what_the_header_refuses_is_refused_before_anything_is_created(tmp_path, name):
     out = tmp_path / name
@@ -455,6 +467,41 @@ def test_leftovers_of_a_dead_process_are_removed_whatever_the_output_is_called(t
         dead.write_bytes(b"partial")
         ladle.save({"w": torch.ones(1)}, tmp_path / name)
         assert not dead.exists(), name
+
+
+@pytest.mark.parametrize(
+    "name", ["a" * 230 + ".safetensors", "é" * 120 + ".safetensors", "b" * 250, "c" * 255]
+)
+def test_an_output_name_the_system_takes_is_written_however_long(tmp_path, name):
+    # Its temporary, ".NAME.ladle-tmp-PID-HOST-XXXXXXXX", passed 255 bytes: "File name too
+    # long", blamed on the output, and for one file masked by the clean-up's own OSError.
+    dead = leftover(tmp_path / name)  # a dead writer's leftover, named as the writer names it
+    dead.write_bytes(b"partial")
+    ladle.save({"w": torch.ones(2)}, tmp_path / name)
+    assert ladle.load(tmp_path / name)["w"].tolist() == [1.0, 1.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # the leftover removed
+    assert len(os.fsencode(dead.name)) <= 255
+
+
+@pytest.mark.parametrize("name", ["c" * 256, "é" * 124 + ".safetensors"])
+def test_an_output_name_longer_than_a_file_name_may_be_is_refused_before_any_work(tmp_path, name):
+    with pytest.raises(ladle.LadleError) as info:
+        ladle.uniform_soup([{"w": torch.ones(2)}], out=tmp_path / name)
+    size = len(os.fsencode(name))
+    assert str(info.value) == (
+        f"{tmp_path / name}: its name is {size} bytes long; a file name may have 255 at most"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_writes_the_values_of_conjugate_and_negative_views(tmp_path):
+    # torch's lazy conjugate (x.conj()) and negative (x.conj().imag) views: view(uint8)
+    # raised a RuntimeError; their values are written.
+    x = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    views = {"c": x.conj(), "r": x.conj().imag}
+    assert views["c"].is_conj() and views["r"].is_neg()
+    loaded = ladle.load(ladle.save(views, tmp_path / "v.safetensors"))
+    assert loaded["c"].tolist() == [1 - 2j, 3 + 4j] and loaded["r"].tolist() == [-2.0, 4.0]
 
 
 def test_a_leftover_naming_a_pid_no_process_can_have_is_left_alone(tmp_path):

@@ -1177,7 +1177,7 @@ def _weight_map(index: Path) -> dict[str, str]:
     """The ``weight_map`` of the ``*.index.json`` ``index``, checked to map names to names;
     a ``CheckpointError`` naming the index, and what it holds instead, otherwise."""
     try:
-        data = json.loads(index.read_text())
+        data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
         raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
     except RecursionError:  # "[[[[...": json recurses once per level

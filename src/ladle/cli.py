@@ -334,9 +334,9 @@ def _run_inspect(args: argparse.Namespace) -> None:
                 f"{_format_bytes(shard['bytes'])}"
             )
         for name, value in sorted(ckpt.metadata.items()):
-            # A value from a downloaded file could hold line breaks: one line per entry.
+            # A name or value from a downloaded file could hold line breaks: one line each.
             shown = value if value.isprintable() else json.dumps(value, ensure_ascii=False)
-            print(f"metadata {name}: {shown}")
+            print(f"metadata {_printable(name)}: {shown}")
         if quantized is not None:  # what a merge would refuse, and why (docs/sources.md)
             print(f"quantized ({quantized!r}): merges refuse it; dequantize it first")
         if adapter:

@@ -477,15 +477,18 @@ def is_merged_dtype(dtype: torch.dtype) -> bool:
 
 def real_view(tensor: torch.Tensor) -> torch.Tensor:
     """A complex tensor as its real and imaginary parts (:func:`torch.view_as_real`: a last
-    dimension of 2, the same memory); any other tensor as it is. Kernels see complex
-    tensors so: every method merges a complex number as two real ones.
+    dimension of 2, the same memory, but for a lazy conjugate's); any other tensor as it is.
+    Kernels see complex tensors so: every method merges a complex number as two real ones.
 
     Example:
         >>> import torch
         >>> real_view(torch.tensor([1 + 2j])).tolist(), real_view(torch.ones(1)).tolist()
         ([[1.0, 2.0]], [1.0])
     """
-    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+    if not tensor.is_complex():
+        return tensor
+    # A lazy conjugate (x.conj(), a state dict's own) has no real view: its values are made.
+    return torch.view_as_real(tensor.resolve_conj().resolve_neg())
 
 
 def entry_count(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -1655,10 +1658,11 @@ def _check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) -
     check_output_name(out)
     target = Path(out).resolve()
     for checkpoint in sources:
-        if checkpoint.path is None:
-            continue
-        source = checkpoint.path.resolve()
-        if target == source or source in target.parents or target in source.parents:
+        # The files read too: a folder's weights file may be a link to a file elsewhere.
+        paths = [file.resolve() for file in checkpoint.file_sizes()]
+        if checkpoint.path is not None:
+            paths.append(checkpoint.path.resolve())
+        if any(target == p or target in p.parents or p in target.parents for p in paths):
             raise LadleError(
                 f"{out}: refusing to write over or inside input {checkpoint.name}; "
                 "choose another output path"

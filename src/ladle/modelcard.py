@@ -73,7 +73,7 @@ def _custom_code(configs: Iterable[Path]) -> set[str]:
         if config.suffix != ".json":
             continue
         try:
-            auto_map = json.loads(config.read_text()).get("auto_map", {})
+            auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map", {})
         except (OSError, ValueError, AttributeError, RecursionError):  # not a JSON object
             continue
         values = auto_map.values() if isinstance(auto_map, dict) else []
@@ -318,7 +318,7 @@ def _edited(file: Path, dtype: torch.dtype | None = None) -> Path | bytes:
     if field is None and dtype is None:
         return file
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeply
         return file
     if not isinstance(data, dict):

@@ -25,6 +25,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
@@ -96,7 +97,8 @@ def parse_size(size: int | str) -> int:
         unit = match.group(2).upper() if match else ""
         if not match or unit not in _UNITS:
             raise ValueError(f"max_shard_size: expected e.g. '5GB' or '500MiB', found {size!r}")
-        value = int(float(match.group(1)) * _UNITS[unit])
+        # exact: float(...) overflowed for 400 digits and rounded 17 of them
+        value = int(Fraction(match.group(1)) * _UNITS[unit])
     if value <= 0:
         raise ValueError(f"max_shard_size: must be positive, found {size!r}")
     return value
@@ -235,8 +237,8 @@ def _not_an_output(path: Path) -> str | None:
 def check_output_name(out: str | os.PathLike) -> None:
     """A ``LadleError`` for an output path that cannot mean what it says: empty, an ``hf://``
     URL (a local ``hf:/`` folder otherwise), ending in ``.`` or ``..`` (a folder's own name),
-    in ``.safetensors`` not in lower case (a directory), or in another weight format's suffix
-    (:data:`MISLEADING_SUFFIXES`).
+    in ``.safetensors`` not in lower case (a directory), in another weight format's suffix
+    (:data:`MISLEADING_SUFFIXES`), or named with more bytes than a file name may have.
 
     Example:
         >>> from ladle.writer import check_output_name
@@ -270,6 +272,11 @@ def check_output_name(out: str | os.PathLike) -> None:
         raise LadleError(
             f"{out}: ladle writes safetensors: name the output NAME.safetensors (one file) "
             "or a directory without a weights suffix"
+        )
+    size = len(os.fsencode(Path(out).name))
+    if size > _NAME_MAX:  # else refused by the final rename, once the merge is done
+        raise LadleError(
+            f"{out}: its name is {size} bytes long; a file name may have {_NAME_MAX} at most"
         )
 
 
@@ -350,7 +357,8 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     torch calls a tensor of one element contiguous whatever its strides (``w[::4][:1]``, a
     column of a one-row matrix), and ``view(torch.uint8)`` refuses such a tensor whose
     stride is not 1: it is copied first."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    # conjugate and negative views (x.conj(), x.conj().imag) have no bytes of their own yet
+    flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
     if flat.numel() and flat.stride(0) != 1:
         flat = flat.clone(memory_format=torch.contiguous_format)
     return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
@@ -452,9 +460,36 @@ def _host_tag() -> str:
 
 
 def _marked(path: Path, mark: str) -> Path:
-    """A new name beside ``path`` for this process's write: ``.NAME{mark}PID-HOST-XXXXXXXX``."""
+    """A new name beside ``path`` for this process's write: ``.NAME{mark}PID-HOST-XXXXXXXX``
+    (NAME shortened where the whole would pass a file name's 255 bytes: :func:`_stem`)."""
     suffix = f"{os.getpid()}-{_host_tag()}-{uuid.uuid4().hex[:8]}"
-    return path.parent / f".{path.name}{mark}{suffix}"
+    return path.parent / f".{_stem(path.name, mark)}{mark}{suffix}"
+
+
+_NAME_MAX = 255
+"""The bytes most filesystems allow in a file name (ext4, XFS, APFS, NTFS's 255 characters)."""
+
+
+def _stem(name: str, mark: str) -> str:
+    """``name`` as the names of temporaries beside it begin: whole, or where one of them would
+    pass :data:`_NAME_MAX` bytes (an output named with 230 bytes is a name the system takes,
+    its temporary was not), its first characters and a hash of the whole.
+
+    Example:
+        >>> _stem("out.safetensors", TEMP_MARK)
+        'out.safetensors'
+        >>> long = _stem("a" * 230 + ".safetensors", TEMP_MARK)
+        >>> len(long), long[:3], long[-9]
+        (215, 'aaa', '~')
+    """
+    room = _NAME_MAX - len(f".{mark}{_MAX_PID}-{'0' * 8}-{'0' * 8}")
+    if len(os.fsencode(name)) <= room:
+        return name
+    digest = "~" + hashlib.blake2b(os.fsencode(name), digest_size=4).hexdigest()
+    cut = name
+    while len(os.fsencode(cut + digest)) > room:
+        cut = cut[:-1]
+    return cut + digest
 
 
 def _temporary_beside(path: Path) -> Path:
@@ -472,7 +507,7 @@ def _remove_stale_temporaries(path: Path) -> None:
     process of another host's leftover may be running there (a filesystem several mount)."""
     host = _host_tag()
     for mark in (TEMP_MARK, OLD_MARK):
-        for leftover in path.parent.glob(f".{glob.escape(path.name)}{mark}*"):
+        for leftover in path.parent.glob(f".{glob.escape(_stem(path.name, mark))}{mark}*"):
             fields = leftover.name.rsplit(mark, 1)[1].split("-")
             if len(fields) != 3 or fields[1] != host or not fields[0].isdigit():
                 continue
@@ -482,11 +517,12 @@ def _remove_stale_temporaries(path: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    """Delete a file, a link (never what it points to) or a directory tree, quietly."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
+    """Delete a file, a link (never what it points to) or a directory tree, quietly (even
+    where the name itself is refused, too long: it must not hide why we are here)."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             path.unlink(missing_ok=True)
 
 
@@ -704,8 +740,9 @@ class SafetensorsWriter:
             for folder in self.out.parents:  # the deepest that exists must be a directory
                 if os.path.lexists(folder):
                     if not folder.is_dir():
+                        what = "a broken symbolic link" if folder.is_symlink() else "a file"
                         raise NotADirectoryError(
-                            errno.ENOTDIR, f"{folder} is a file, not a directory"
+                            errno.ENOTDIR, f"{folder} is {what}, not a directory"
                         )
                     break
             self.out.parent.mkdir(parents=True, exist_ok=True)
