@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import assert_bit_for_bit, family
@@ -435,3 +437,42 @@ def test_weighted_sum_with_too_few_or_too_many_weights_says_how_many_it_expected
     with pytest.raises(ValueError) as info:
         ladle.weighted_sum(family(2), [1.0] * count)
     assert str(info.value) == f"weights: expected 2 weights, found {count}"
+
+
+BEYOND_FLOAT = "expected a number within float's range, found one beyond it"
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda m: ladle.scale(m[0], 10**400), "factor"),
+        (lambda m: ladle.add(m[0], m[1], alpha=-(10**400)), "alpha"),
+        (lambda m: ladle.lerp(m[0], m[1], 10**400), "t"),
+        (lambda m: ladle.weighted_sum(m, [10**400, 1]), "weights[0]"),
+        (lambda m: ladle.task_arithmetic(m, m[1], scale=10**400, device="cpu"), "scale"),
+        (lambda m: ladle.uniform_soup(m, weights=[1, 10**400], device="cpu"), "weights[1]"),
+        (lambda m: ladle.ties(m, m[1], density=10**400, device="cpu"), "density"),
+    ],
+)
+def test_an_int_beyond_float_s_range_is_a_value_error_naming_it(call, name):
+    # float(10**400) raised a bare OverflowError, naming no parameter.
+    models = [{"w": torch.ones(2)}, {"w": torch.zeros(2)}]
+    with pytest.raises(ValueError) as info:
+        call(models)
+    assert str(info.value) == f"{name}: {BEYOND_FLOAT}"
+
+
+def test_float8_e4m3fn_results_that_overflow_are_nan_not_the_saturated_448():
+    # torch's cast to float8_e4m3fn (no Inf) saturates: Inf and 1e30 came back as ±448, a
+    # finite and wrong number, where the docs promise NaN or Inf as computed.
+    f8 = {"w": torch.tensor([1.0, -2.0, 224.0, 0.0]).to(torch.float8_e4m3fn)}
+    assert ladle.scale(f8, 2.0)["w"].float().tolist() == [2.0, -4.0, 448.0, 0.0]
+    tie = ladle.scale(f8, 464.0)["w"].float()  # halfway to the next step: rounds to 448
+    assert tie[0].item() == 448.0 and tie[1:3].isnan().all() and tie[3].item() == 0.0
+    assert ladle.scale(f8, 465.0)["w"].float()[0].isnan()
+    infinite = ladle.scale(f8, math.inf)["w"].float()
+    assert infinite[:3].isnan().all() and infinite[3].isnan()  # 0·Inf is NaN already
+    added = ladle.add(f8, f8, alpha=1e30)["w"].float()
+    assert added[:3].isnan().all() and added[3].item() == 0.0
+    e5m2 = {"w": torch.tensor([1.0, -2.0]).to(torch.float8_e5m2)}  # holds Inf: as computed
+    assert ladle.scale(e5m2, math.inf)["w"].float().tolist() == [math.inf, -math.inf]

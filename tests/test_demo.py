@@ -137,14 +137,23 @@ def test_default_workdir_is_removed_afterwards(monkeypatch, tmp_path):
     assert "ladle.demo" in sys.modules
 
 
-def test_a_workdir_that_is_a_file_is_one_error_line(tmp_path, capsys):
+@pytest.mark.parametrize("file", ["afile", "afile/merged"])
+def test_a_workdir_or_merged_folder_that_is_a_file_is_one_error_line_before_training(
+    tmp_path, capsys, monkeypatch, file
+):
+    # workdir/merged a file: "[Errno 17] File exists: 'w/merged'", after all the training.
+    from ladle import demo
     from ladle.cli import main
 
-    (tmp_path / "afile").write_text("mine")
-    assert main(["demo", "--size", "small", "--workdir", str(tmp_path / "afile")]) == 1
+    workdir = tmp_path / "afile"
+    if file != "afile":
+        workdir.mkdir()
+    (tmp_path / file).write_text("mine")
+    monkeypatch.setattr(demo, "_save", None)  # the training's first save: never reached
+    assert main(["demo", "--size", "small", "--workdir", str(workdir)]) == 1
     err = capsys.readouterr().err
-    assert err.endswith("afile: the demo's workdir must be a directory; this is a file\n")
-    assert (tmp_path / "afile").read_text() == "mine"
+    assert err.endswith(f"{tmp_path / file}: the demo writes a directory there; this is a file\n")
+    assert (tmp_path / file).read_text() == "mine"
 
 
 def test_the_table_is_as_wide_as_its_header_when_the_methods_are_shorter():

@@ -224,6 +224,16 @@ def one_rank(tmp_path):
         ([True], TypeError, "weights[0]: expected a number, found bool"),  # was weight 1
         ([torch.ones(2)], TypeError, "weights[0]: expected a number, found list"),
         ([1, 2], ValueError, "weights: expected 1 per-rank weights (the group's size), found 2"),
+        (  # was a bare OverflowError, on each rank apart
+            10**400,
+            ValueError,
+            "weights (rank 0): expected a number within float's range, found one beyond it",
+        ),
+        (
+            [10**400],
+            ValueError,
+            "weights[0]: expected a number within float's range, found one beyond it",
+        ),
         (
             torch.ones(1, 1),
             TypeError,
@@ -237,6 +247,18 @@ def test_average_names_a_weight_that_is_no_number_like_the_merge_methods(
     with pytest.raises(kind) as caught:
         average_({"w": torch.ones(2)}, weights=weights)
     assert str(caught.value) == message
+
+
+def test_average_refuses_a_lazy_conjugate_whose_mean_would_go_to_a_copy(one_rank):
+    z = torch.tensor([1 + 2j], dtype=torch.complex64)
+    with pytest.raises(ValueError) as caught:
+        average_({"z": z.conj()})
+    assert str(caught.value) == (
+        "'z': a lazy conjugate (x.conj()) cannot be averaged in place; resolve it first "
+        "(x.resolve_conj())"
+    )
+    negative = {"r": z.conj().imag}  # a negative view is written through: averaged as it is
+    assert average_(negative)["r"].tolist() == [-2.0] and negative["r"].is_neg()
 
 
 @pytest.mark.parametrize(
@@ -314,6 +336,16 @@ def _averages(rank: int) -> dict:
     average_(net if rank == 0 else net.state_dict())  # the state dict shares net's storage
     found["mixed"] = {k: v.clone() for k, v in net.state_dict().items()}
     found["weights_error"] = _catch(average_, {"w": torch.ones(1)}, weights=[1.0, -1.0, 0.0])
+    # An expanded tensor (rank 1's alone) cannot take its mean: refused before any data moves.
+    # Its write failed after the collective: 'a' averaged, 'c' not, a RuntimeError from torch.
+    b = torch.tensor([float(rank)])
+    overlapping = {
+        "a": torch.full((2,), float(rank)),
+        "b": b.expand(3) if rank == 1 else b.repeat(3),
+        "c": torch.full((2,), float(rank)),
+    }
+    found["overlap_error"] = _catch(average_, overlapping)
+    found["overlap_kept"] = {k: v.clone() for k, v in overlapping.items()}
     # A NaN on a rank of weight 0 reaches every rank (0·NaN is NaN); zeroed first, the rank
     # adds exact zeros and takes the others' mean (docs/distributed.md).
     held = torch.tensor([rank + 1.0, float("nan") if rank == 2 else 4.0])
@@ -761,6 +793,17 @@ def test_average_refuses_mismatched_shapes_and_bad_weights_on_every_rank(spawned
         assert kind == "IncompatibleError" and "'exact'" in message and "(5,)" in message
         kind, message = found["weights_error"]
         assert kind == "ValueError" and message.startswith("weights:")
+        problem = (
+            "'b': several of its elements are one in memory (an expanded tensor); average a "
+            "tensor of its own (.clone())"
+        )
+        rank = int(found["overlap_kept"]["c"][0])
+        assert found["overlap_error"] == (
+            ("ValueError", problem)
+            if rank == 1
+            else ("LadleError", f"rank 1 of the group could not average: ValueError: {problem}")
+        )
+        assert found["overlap_kept"]["a"].tolist() == [rank, rank]  # nothing averaged
 
 
 @pytest.mark.slow

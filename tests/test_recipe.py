@@ -491,6 +491,9 @@ STOCK = 'method = "stock"\nmodels = ["m0.safetensors"]\nbase = "m2.safetensors"\
             "scores = [1, nan]\n",
             r"scores: expected numbers, found NaN",
         ),
+        # was accepted, then refused when the step ran, after the steps before it had written
+        (SOUP + "[parameters]\nchunk_bytes = 0\n", r"chunk_bytes: expected a positive number"),
+        (TIES + "[parameters]\nchunk_bytes = -4\n", r"chunk_bytes: expected a positive number"),
     ],
 )
 def test_parameter_values_are_checked_before_anything_runs(folder, text, message):
@@ -530,6 +533,7 @@ def test_valid_parameter_values_pass_the_check(folder):
         RATATOUILLE + "[parameters]\nstrict = false\n",
         GREEDY + '[parameters]\nevaluate = "evals:Metrics.score"\n',  # a dotted attribute
         STOCK.replace('["m0.safetensors"]', '["m0.safetensors", "m1.safetensors"]'),
+        SOUP + "[parameters]\nchunk_bytes = 64\n",
     ):
         load_recipe(write(folder, text))
 

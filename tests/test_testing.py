@@ -501,13 +501,14 @@ def test_shapes_with_the_buffer_key_are_a_value_error():
             strategy(shapes={BUFFER_KEY: ()}, buffers=False)
 
 
-def test_keys_beyond_a_zero_tolerance_and_infinite_mismatches_tie_in_key_order():
-    # Both are infinitely beyond tolerance: neither outranks the other.
+def test_keys_infinitely_beyond_tolerance_rank_by_their_largest_error():
+    # Both are infinitely beyond tolerance: the infinite error outranks the error of 1 (they
+    # tied, and came in key order).
     text = message_of(
         {"n": torch.tensor(2**53 + 1), "w": torch.tensor([5.0, INF])},
         {"n": torch.tensor(2**53), "w": torch.tensor([INF, INF])},
     )
-    assert [line[:5] for line in text.splitlines()[2:]] == ["  'n'", "  'w'"]
+    assert [line[:5] for line in text.splitlines()[2:]] == ["  'w'", "  'n'"]
 
 
 @given(model_families(n=st.integers(1, 4)))
@@ -786,3 +787,36 @@ def test_a_single_fine_tune_can_move_by_the_whole_bound():
     )
     assert len(models) == 1
     assert float((models[0]["w"] - base["w"]).abs().max()) == 0.5
+
+
+def test_with_no_tolerance_the_worst_element_and_key_are_the_largest_errors():
+    # Every failing ratio of error to tolerance is inf where the tolerance is 0 (integers;
+    # atol=0 where 0 is expected): the first failing element and the keys' own order were
+    # reported as the worst.
+    message = message_of({"n": torch.tensor([1, 1000])}, {"n": torch.tensor([0, 0])})
+    assert "worst at index (1,): actual 1000, expected 0" in message
+    message = message_of(
+        {"small": torch.tensor([1]), "big": torch.tensor([10**9])},
+        {"small": torch.tensor([0]), "big": torch.tensor([0])},
+    )
+    assert message.index("'big'") < message.index("'small'")
+    message = message_of(
+        {"w": torch.tensor([1e-3, 1000.0])}, {"w": torch.tensor([0.0, 0.0])}, rtol=0.1, atol=0
+    )
+    assert "worst at index (1,): actual 1000, expected 0" in message
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0), (2, 0, 4)])
+def test_complex_strategies_draw_empty_tensors(dtype, shape):
+    # view_as_complex refused the strides of an empty array: every draw raised.
+    @given(
+        state_dicts(shapes={"w": shape}, dtypes=[dtype], buffers=False),
+        model_families(n=2, shapes={"w": shape}, dtypes=[dtype], buffers=False),
+    )
+    def check(sd, family):
+        base, models = family
+        for tensor in [sd["w"], base["w"], *(m["w"] for m in models)]:
+            assert tensor.shape == shape and tensor.dtype == dtype
+
+    check()

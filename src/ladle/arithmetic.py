@@ -51,6 +51,8 @@ from .engine import (
     check_sequence,
     compute_dtype,
     is_merged_dtype,
+    real_float,
+    saturation_limit,
     unwrap_scalar,
 )
 from .errors import type_name
@@ -76,7 +78,7 @@ def _scalar(name: str, value: object) -> Scalar:
     if isinstance(value, bool):  # a Real to Python, but no number a user means (True: 1.0x)
         raise TypeError(f"{name}: expected a number, found bool")
     if isinstance(value, numbers.Real):  # int, float, numpy's real scalars
-        return float(value)
+        return real_float(name, value)
     if isinstance(value, numbers.Complex):
         number = complex(value)
         return number if number.imag else number.real
@@ -140,8 +142,25 @@ def _map(
             )
         else:
             dtype = torch.float64 if wide else compute_dtype([t.dtype for t in tensors])
-        result[key] = fn(*(t.to(dtype) for t in tensors)).to(ref_tensor.dtype)
+        result[key] = _cast(fn(*(t.to(dtype) for t in tensors)), ref_tensor.dtype)
     return {key: result[tied.get(key, key)] for key in ref.keys()}
+
+
+def _cast(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` in ``dtype``; in one to which torch's cast saturates (``float8_e4m3fn``:
+    Inf and 520 become 448), what overflows is NaN, as other dtypes show an overflow.
+
+    Example:
+        >>> _cast(torch.tensor([1.0, 520.0, -math.inf]), torch.float8_e4m3fn).float().tolist()
+        [1.0, nan, nan]
+    """
+    limit = saturation_limit(dtype)
+    if limit is not None:
+        bound, tie_overflows = limit
+        magnitude = values.abs()
+        over = magnitude >= bound if tie_overflows else magnitude > bound  # Inf too
+        values = values.masked_fill(over, math.nan)
+    return values.to(dtype)
 
 
 def _tensors(source: object) -> Mapping[str, torch.Tensor]:

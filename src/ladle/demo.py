@@ -280,9 +280,10 @@ def _log(message: str) -> None:
 
 def _run(seed: int, size: Size, workdir: Path, device: torch.device, out: TextIO) -> list[DemoRow]:
     start = time.perf_counter()
-    if workdir.exists() and not workdir.is_dir():
-        raise LadleError(f"{workdir}: the demo's workdir must be a directory; this is a file")
-    workdir.mkdir(parents=True, exist_ok=True)
+    for folder in (workdir, workdir / "merged"):  # before the training, not after it
+        if os.path.lexists(folder) and not folder.is_dir():
+            raise LadleError(f"{folder}: the demo writes a directory there; this is a file")
+    (workdir / "merged").mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     shared = torch.randn(OBSERVED, LATENT, generator=gen) / math.sqrt(LATENT)
 
@@ -407,8 +408,7 @@ def _merge_and_score(
     test: Data,
     ood: Data,
 ) -> list[DemoRow]:
-    merged = workdir / "merged"
-    merged.mkdir(exist_ok=True)
+    merged = workdir / "merged"  # made by _run
 
     def val_accuracy(state_dict: ladle.StateDict) -> float:
         return _accuracy(model, state_dict, val)

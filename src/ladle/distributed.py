@@ -150,6 +150,24 @@ def _local(name: str, tensor: torch.Tensor, members: set[int]) -> torch.Tensor:
     return tensor.to_local()  # type: ignore[attr-defined, no-any-return]
 
 
+def _writable(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a ``ValueError`` naming it where its mean cannot be written into it:
+    elements that share memory (an ``expand``), or a lazy conjugate (``x.conj()``), whose
+    values a write through its real view would not reach. Checked before any data moves: a
+    failed write after the collective left the tensors before it averaged, those after not."""
+    if any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride())):
+        raise ValueError(
+            f"{name!r}: several of its elements are one in memory (an expanded tensor); "
+            "average a tensor of its own (.clone())"
+        )
+    if tensor.is_conj():  # it has no real view: the mean would go to a copy of its values
+        raise ValueError(
+            f"{name!r}: a lazy conjugate (x.conj()) cannot be averaged in place; resolve it "
+            "first (x.resolve_conj())"
+        )
+    return tensor
+
+
 def _first(pair: tuple[str, torch.Tensor]) -> str:
     return pair[0]
 
@@ -188,7 +206,8 @@ def _plain(weights: object) -> object:
     if shape == () and not isinstance(weights, numbers.Number):
         weights = weights.item()  # type: ignore[attr-defined]
     if isinstance(weights, numbers.Real) and not isinstance(weights, bool):
-        return float(weights)
+        with contextlib.suppress(OverflowError):  # else refused by every rank, as the rest
+            return float(weights)
     return weights
 
 
@@ -330,7 +349,10 @@ def average_(
     members = set(dist.get_process_group_ranks(world))
     failed: Exception | None = None
     try:
-        named = [(n, _local(n, t, members)) for n, t in _named_tensors(module_or_state_dict)]
+        named = [
+            (n, _writable(n, _local(n, t, members)))
+            for n, t in _named_tensors(module_or_state_dict)
+        ]
         signature = [
             (n, tuple(t.shape), str(t.dtype), _comm_device(world, t).type) for n, t in named
         ]

@@ -777,7 +777,23 @@ def check_number(name: str, value: object) -> float:
     value = unwrap_scalar(name, value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a number, found {type_name(value)}")
-    return float(value)
+    return real_float(name, value)
+
+
+def real_float(name: str, value: numbers.Real) -> float:
+    """``float(value)``, or a ``ValueError`` naming parameter ``name`` for a number beyond
+    float's range (an int of 400 digits), where ``float()`` raised a bare ``OverflowError``.
+
+    Example:
+        >>> real_float("scale", 10**400)
+        Traceback (most recent call last):
+        ValueError: scale: expected a number within float's range, found one beyond it
+    """
+    try:
+        return float(value)
+    except OverflowError:
+        problem = "expected a number within float's range, found one beyond it"
+        raise ValueError(f"{name}: {problem}") from None
 
 
 def unwrap_scalar(name: str, value: object) -> object:

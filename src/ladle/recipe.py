@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .checkpoint import MISSING, StateDict
-from .engine import DTYPE_NAMES, resolve_device
+from .engine import DTYPE_NAMES, check_chunk_bytes, resolve_device
 from .errors import LadleError
 from .hub import PREFIX, parse_hf_url
 from .writer import check_output_free, check_output_name, parse_size, single_file
@@ -256,6 +256,8 @@ def _check_values(method: str, parameters: Mapping[str, Any], count: int, where:
 
         return rule
 
+    if parameters.get("chunk_bytes") is not None:  # TIES takes None: its default
+        check("chunk_bytes", check_chunk_bytes)
     if method in ("task_arithmetic", "ties", "dare"):
         check("scale", task_arithmetic.check_scale)
     if method == "uniform_soup":

@@ -224,9 +224,12 @@ def _compare(
     if not bool(bad.any()):
         return None
     ratio = (diff / (atol + rtol * magnitude)).nan_to_num(nan=math.inf, posinf=math.inf)
-    ratio = torch.where(bad, ratio, -1.0)
+    ratio = torch.where(bad, ratio, -1.0).reshape(-1)
+    # Of the elements of the largest ratio, the largest error: with no tolerance (integers,
+    # atol=0 where 0 is expected) every failing ratio is inf, and the first was taken.
+    tied = torch.where(ratio == ratio.max(), diff.reshape(-1).nan_to_num(nan=math.inf), -1.0)
     worst = torch.zeros(a.numel(), dtype=torch.bool)
-    worst[int(torch.argmax(ratio.reshape(-1)))] = True
+    worst[int(torch.argmax(tied))] = True
     worst = worst.reshape(a.shape)
     index = tuple(int(i) for i in worst.nonzero()[0]) if a.dim() else ()
     rel = torch.where(diff.isinf(), math.inf, diff / magnitude)[bad]
@@ -236,7 +239,7 @@ def _compare(
         numel=a.numel(),
         max_abs=compared.max_abs,
         max_rel=_max_not_nan(rel),
-        severity=float(ratio[worst].max()),
+        severity=float(ratio.max()),
         index=index,
         actual=compared.actual(worst)[0],
         expected=compared.expected(worst)[0],
@@ -279,7 +282,8 @@ def assert_state_dicts_close(
     are compared as exact integers, whatever their size. Whatever the tolerances, inf matches
     only inf of the same sign, and NaN matches NaN only with ``equal_nan``. On failure the
     :class:`AssertionError` lists every problem at once: missing and extra keys, keys whose
-    dtype or shape differ, and the (up to) five keys whose values differ most, each with its
+    dtype or shape differ, and the (up to) five keys whose values differ most (of equal ratios
+    of error to tolerance, the larger error first), each with its
     count of differing elements (and of those with a NaN), max abs and max rel error (over
     the elements without NaN), and the worst element (integers in full, complex values as
     such).
@@ -344,7 +348,7 @@ def assert_state_dicts_close(
     if not problems and not mismatches:
         return
     if mismatches:
-        mismatches.sort(key=lambda m: -m.severity)
+        mismatches.sort(key=lambda m: (-m.severity, -m.max_abs))  # the larger error first
         plural = "key" if len(mismatches) == 1 else "keys"
         problems.append(f"  values differ in {len(mismatches)} {plural}, worst first:")
         problems.extend(m.describe() for m in mismatches[:_WORST])
@@ -447,7 +451,9 @@ def _stored(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         >>> _stored(torch.tensor([[1.0, -2.0]]), torch.complex64)
         tensor([1.-2.j])
     """
-    return torch.view_as_complex(values).to(dtype) if dtype.is_complex else values.to(dtype)
+    if dtype.is_complex:  # view_as_complex refuses an empty tensor's strides (0, 0)
+        return torch.complex(values[..., 0], values[..., 1]).to(dtype)
+    return values.to(dtype)
 
 
 def _round_down(bound: float, dtype: torch.dtype) -> float:
