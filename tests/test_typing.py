@@ -101,6 +101,26 @@ same(greedy.state_dict, pair[1])
 chosen = ladle.ratatouille(pair, selection="greedy", evaluate=score, scores=np.array([2, 1]))
 assert chosen.selected == [0], chosen
 same(chosen.state_dict, pair[0])
+# Seeds as numbers are taken (a numpy int, a 0-d tensor); mypy refused all but int.
+same(ladle.dare(pair, origin, seed=np.int64(3)), ladle.dare(pair, origin, seed=3))
+same(ladle.dare(pair, origin, seed=torch.tensor(3)), ladle.dare(pair, origin, seed=3))
+# numpy's complex scalars for complex tensors (np.complex64 is no Python complex)
+waves = {"z": torch.tensor([1 + 2j, 3 - 1j])}
+same(ladle.scale(waves, np.complex64(2j)), ladle.scale(waves, 2j))
+same(ladle.lerp(waves, waves, np.complex64(0.5)), ladle.lerp(waves, waves, 0.5))
+same(ladle.add(waves, waves, alpha=np.complex64(1j)), ladle.add(waves, waves, alpha=1j))
+twice = [waves, waves]
+same(ladle.weighted_sum(twice, [np.complex64(1j), 1]), ladle.weighted_sum(twice, [1j, 1]))
+# average_ gives back the type it is given (it was nn.Module, MutableMapping).
+import tempfile
+import torch.distributed as dist
+from ladle.distributed import average_
+
+rendezvous = f"file://{tempfile.mkdtemp()}/rdv"
+dist.init_process_group("gloo", init_method=rendezvous, rank=0, world_size=1)
+linear: torch.nn.Linear = average_(torch.nn.Linear(2, 2))
+state: dict[str, torch.Tensor] = average_({"w": torch.ones(2)})
+dist.destroy_process_group()
 """
 
 

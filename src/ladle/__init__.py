@@ -27,6 +27,7 @@ from .checkpoint import open_checkpoint as open_checkpoint
 from .compare import DiffReport as DiffReport
 from .compare import TensorDiff as TensorDiff
 from .compare import diff as diff
+from .engine import IntegerLike as IntegerLike
 from .engine import NumberLike as NumberLike
 from .engine import NumbersLike as NumbersLike
 from .errors import CheckpointError as CheckpointError
@@ -57,6 +58,7 @@ __all__ = [
     "GreedySoupResult",
     "GreedySoupStep",
     "IncompatibleError",
+    "IntegerLike",
     "LadleError",
     "ModelStockWarning",
     "NonFiniteError",

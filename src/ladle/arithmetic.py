@@ -29,7 +29,9 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
 
+import numpy as np
 import torch
 
 from .checkpoint import (
@@ -60,6 +62,9 @@ from .errors import type_name
 __all__ = ["add", "lerp", "scale", "sub", "task_vector", "weighted_sum"]
 
 Tensors = StateDictLike  # a mapping, module, path, hf:// repo or Checkpoint
+ComplexLike = Union[NumberLike, complex, np.complexfloating[Any, Any]]  # noqa: UP007
+"""A scalar of the arithmetic: a :data:`~ladle.NumberLike`, or a complex number (Python's or
+numpy's) for complex tensors."""
 Scalar = float | complex
 
 _FLOAT32 = torch.finfo(torch.float32)
@@ -175,7 +180,7 @@ def _tensors(source: object) -> Mapping[str, torch.Tensor]:
     return load_tied(source)  # type: ignore[arg-type]  # a path, hf:// repo or Checkpoint
 
 
-def add(a: Tensors, b: Tensors, alpha: NumberLike | complex = 1.0) -> StateDict:
+def add(a: Tensors, b: Tensors, alpha: ComplexLike = 1.0) -> StateDict:
     """``a + alpha·b``, key by key.
 
     Example:
@@ -202,7 +207,7 @@ def sub(a: Tensors, b: Tensors) -> StateDict:
     return _map(torch.sub, [("a", a), ("b", b)])
 
 
-def scale(a: Tensors, factor: NumberLike | complex) -> StateDict:
+def scale(a: Tensors, factor: ComplexLike) -> StateDict:
     """``factor·a``, key by key.
 
     Example:
@@ -214,7 +219,7 @@ def scale(a: Tensors, factor: NumberLike | complex) -> StateDict:
     return _map(lambda x: x * number, [("a", a)], scalars=[("factor", number)])
 
 
-def lerp(a: Tensors, b: Tensors, t: NumberLike | complex) -> StateDict:
+def lerp(a: Tensors, b: Tensors, t: ComplexLike) -> StateDict:
     """``(1−t)·a + t·b``, key by key (exactly ``a`` at t = 0 and ``b`` at t = 1).
 
     Example:
@@ -242,7 +247,7 @@ def _lerp(x: torch.Tensor, y: torch.Tensor, t: Scalar) -> torch.Tensor:
 
 
 def weighted_sum(
-    models: Sequence[Tensors], weights: NumbersLike | Sequence[NumberLike | complex]
+    models: Sequence[Tensors], weights: NumbersLike | Sequence[ComplexLike]
 ) -> StateDict:
     """``Σᵢ weights[i]·models[i]``, key by key (weights are used as given, not normalised).
 

@@ -26,7 +26,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -66,7 +66,10 @@ from .writer import (
 
 __all__ = ["average_", "merge", "split_by_bytes"]
 
-Averageable = TypeVar("Averageable", torch.nn.Module, MutableMapping[str, torch.Tensor])
+Averageable = TypeVar(  # bound: average_(linear) is typed as the nn.Linear given
+    "Averageable",
+    bound=Union[torch.nn.Module, MutableMapping[str, torch.Tensor]],  # noqa: UP007
+)
 
 BUCKET_BYTES = 64 * 2**20
 """Largest flat buffer that :func:`average_` reduces in one collective (64 MiB)."""

@@ -113,6 +113,13 @@ int or float, a numpy real scalar (``np.float32(0.5)``), or a 0-d tensor or arra
 (``torch.tensor(0.5)``, a metric's value). Checked at run time by :func:`check_number`: a
 bool, or a tensor or array of any other shape, is a ``TypeError``."""
 
+IntegerLike = Union[  # noqa: UP007 (a runtime alias on Python 3.10)
+    int, torch.Tensor, np.integer[Any], NDArray[np.integer[Any]]
+]
+"""An integer as the merge methods take it (DARE's ``seed``): an int, a numpy integer, or a
+0-d tensor or array holding one. Checked at run time (:func:`~ladle.methods.dare.check_seed`):
+a number that is no integer is a ``ValueError``, a bool a ``TypeError``."""
+
 NumbersLike = Union[  # noqa: UP007 (a runtime alias on Python 3.10)
     Sequence[NumberLike], torch.Tensor, NDArray[np.floating[Any] | np.integer[Any]]
 ]
@@ -1847,6 +1854,8 @@ def merge(
             for key, index, values in amendments():  # once the last chunk is out
                 real_view(state[key]).view(-1)[index] = values
             return {key: state[tied.get(key, key)] for key in names if tied.get(key, key) in state}
+        if allow_nonfinite:  # recorded: the card's recipe must let the same NaN through
+            parameters = {**parameters, "allow_nonfinite": True}
         meta = provenance(method, parameters, checkpoints, base_ckpt, out)
         extra = (  # a directory output also gets config/tokenizer files and a model card
             None

@@ -262,7 +262,8 @@ def _recipe(
     is the default.
 
     Only the method's own parameters go under ``[parameters]`` (provenance also records
-    constants such as Model Stock's ``eps``). A greedy selection (``selected`` recorded)
+    constants such as Model Stock's ``eps``), ``allow_nonfinite`` among them where the merge
+    let NaN or Inf through. A greedy selection (``selected`` recorded)
     becomes the uniform soup of the models it kept: re-running the selection would need the
     user's ``evaluate``, which no file records.
     """
@@ -276,7 +277,8 @@ def _recipe(
             f"# The greedy selection ({method}) kept models {selected}; this averages them, as",
             "# its output does. Re-running the selection needs your evaluate function.",
         ]
-        method, models, base, parameters = "uniform_soup", greedy, None, {}
+        nonfinite = {k: v for k, v in parameters.items() if k == "allow_nonfinite"}
+        method, models, base, parameters = "uniform_soup", greedy, None, nonfinite
     function = getattr(ladle, method, None)
     taken = inspect.signature(function).parameters if function is not None else {}
     kept = {k: v for k, v in parameters.items() if k in taken and k != "evaluate"}

@@ -292,8 +292,8 @@ def _check_values(method: str, parameters: Mapping[str, Any], count: int, where:
 
 def _check_type(value: object, annotation: object, where: str) -> None:
     """``value`` (from TOML) against a method parameter's annotation (a string, as the
-    methods' modules use postponed annotations): numbers (``NumberLike``), lists of numbers
-    (``NumbersLike``), flags, text."""
+    methods' modules use postponed annotations): numbers (``NumberLike``), integers
+    (``IntegerLike``), lists of numbers (``NumbersLike``), flags, text."""
     text = str(annotation)
 
     def number(item: object) -> bool:
@@ -307,7 +307,7 @@ def _check_type(value: object, annotation: object, where: str) -> None:
         ok, kind = isinstance(value, bool), "true or false"
     elif "float" in text or "NumberLike" in text:
         ok, kind = number(value), "a number"
-    elif text.startswith("int"):
+    elif text.startswith(("int", "IntegerLike")):
         ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
     elif text.startswith("str"):
         ok, kind = isinstance(value, str), "a string"

@@ -200,11 +200,18 @@ def uniform_soup(
     """
     check_models(models)
     normalized = normalized_weights(weights, len(models))
+    # Recorded as given (uniform: as used): a recipe replaying the merge divides them by
+    # their sum as this did. Weights divided twice may differ in the last bit (float64).
+    recorded = (
+        normalized
+        if weights is None
+        else check_numbers("weights", weights, len(models), "weights (one per model)")
+    )
     return merge(
         models,
         weighted_mean_kernel(normalized),
         method="uniform_soup",
-        parameters={"weights": normalized},
+        parameters={"weights": recorded},
         out=out,
         device=device,
         dtype=dtype,
@@ -458,6 +465,8 @@ def run_greedy(
                 _check_merged(tensor, key, slice(None), checkpoints, None, where)
         if out is not None:
             recorded = {**parameters, "selected": result.selected, "score": result.score}
+            if allow_nonfinite:  # as every merge records it (its card's recipe needs it)
+                recorded["allow_nonfinite"] = True
             state = result.state_dict
             extra = (  # as every merge: a directory also gets config/tokenizer and a card
                 None
