@@ -5,6 +5,8 @@ import math
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -896,6 +898,88 @@ def test_a_file_rewritten_in_place_after_opening_is_refused_by_get(tmp_path):
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # coarse clocks
     with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors: changed since it was opened"):
         checkpoint.get("w")
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_memory_mapped_torch_file_cut_short_is_refused_not_a_bus_error(tmp_path, sharded):
+    # torch.load(mmap=True) reads tensors from the file: cut short after loading (a trainer
+    # saving over it), reading them stopped the process with SIGBUS.
+    path = tmp_path / ("pytorch_model-00001-of-00001.bin" if sharded else "m.pt")
+    torch.save({"w": torch.ones(1 << 16)}, path)
+    if sharded:
+        index = {"weight_map": {"w": path.name}}
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    checkpoint = ladle.open_checkpoint(tmp_path if sharded else path)
+    assert checkpoint.get_slice("w", slice(0, 2)).tolist() == [1.0, 1.0]
+    os.truncate(path, 100)
+    with pytest.raises(ladle.CheckpointError) as info:
+        checkpoint.get_slice("w", slice(0, 2))
+    assert str(info.value) == (
+        f"{path}: changed since it was opened (replaced or rewritten while being merged); its "
+        "tensors can no longer be read"
+    )
+    with pytest.raises(ladle.CheckpointError, match="changed since it was opened"):
+        checkpoint.check_unchanged()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_an_input_rewritten_at_the_same_size_between_passes_is_refused(
+    tmp_path, monkeypatch, suffix
+):
+    # After TIES's threshold pass, the merge pass read the new numbers, trimmed by the old
+    # thresholds: a wrong merge, without a word. Each pass now checks its inputs first.
+    import ladle.methods.ties as ties_module
+
+    gen = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"m{i}{suffix}"
+        tensors = {"w": torch.randn(64, generator=gen)}
+        save_file(tensors, path) if suffix == ".safetensors" else torch.save(tensors, path)
+        paths.append(path)
+    thresholds = ties_module._thresholds
+
+    def then_rewritten(*args, **kwargs):
+        found = thresholds(*args, **kwargs)
+        data = bytearray(paths[1].read_bytes())
+        data[-8:] = bytes(8) if suffix == ".safetensors" else data[-8:]  # same size
+        with open(paths[1], "r+b") as file:  # in place: the same inode
+            file.write(data)
+        stat = paths[1].stat()
+        os.utime(paths[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # coarse clocks
+        return found
+
+    monkeypatch.setattr(ties_module, "_thresholds", then_rewritten)
+    with pytest.raises(ladle.CheckpointError, match=rf"m1\{suffix}: changed since it was opened"):
+        ladle.ties(paths[1:], paths[0], density=0.5, device="cpu")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin", "config.json"])
+def test_a_fifo_in_a_model_folder_is_refused_not_waited_on(tmp_path, name):
+    # Opened as the weights (or read as the config), a FIFO blocked for ever; for
+    # model.safetensors even SIGTERM and Ctrl-C could not stop it. In a child process, so a
+    # regression fails here (timeout) instead of hanging the suite.
+    folder = tmp_path / "m"
+    folder.mkdir()
+    if name == "config.json":
+        save_file({"w": torch.ones(2)}, folder / "model.safetensors")
+    os.mkfifo(folder / name)
+    script = (
+        "import sys, ladle\n"
+        "try:\n"
+        "    print(sorted(ladle.uniform_soup([sys.argv[1]], device='cpu')))\n"
+        "except ladle.CheckpointError as err:\n"
+        "    print(err)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=60
+    )
+    expected = (
+        "['w']"
+        if name == "config.json"
+        else f"{folder / name}: not a regular file; expected the weights"
+    )
+    assert result.stdout.strip() == expected, result.stderr
 
 
 def test_a_tensor_of_a_dtype_torch_lacks_is_named_by_every_read(tmp_path):

@@ -854,6 +854,30 @@ def test_configs_are_read_as_utf_8_whatever_the_locale(tmp_path):
     assert written == {"note": "café ▁", "torch_dtype": "bfloat16"}
 
 
+def test_an_unreadable_companion_file_is_named_before_the_merge(tmp_path, monkeypatch):
+    # Its copy failed as the output was committed, after the merge: "out: finishing the
+    # output failed: Permission denied", naming neither the file nor the input.
+    from ladle import modelcard
+
+    for i in range(2):
+        model_dir(tmp_path / f"m{i}", family(1, seed=i)[0])
+    locked = tmp_path / "m0" / "tokenizer.json"
+    opened = os.open
+
+    def refusing(path, flags, *args):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied")
+        return opened(path, flags, *args)
+
+    monkeypatch.setattr(modelcard.os, "open", refusing)
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.uniform_soup([tmp_path / "m0", tmp_path / "m1"], out=tmp_path / "out")
+    assert str(info.value) == (
+        f"{locked}: cannot read it (Permission denied); it is copied beside the output"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def _table_cells(row: str) -> list[str]:
     """A Markdown table row's cells as GitHub renders them: split at every ``|`` not escaped,
     ``\\|`` read as ``|``, a code span's fence (and the one space padding both ends) dropped."""

@@ -569,6 +569,17 @@ def test_a_binary_file_is_not_a_recipe_and_the_error_names_it(folder, capsys):
     assert err.startswith(f"ladle: error: {path}: not a TOML recipe") and err.count("\n") == 1
 
 
+def test_a_recipe_nested_too_deeply_is_one_error_line(folder, capsys):
+    # tomllib recursed into the arrays: a RecursionError, and its traceback of ~2800 lines.
+    path = write(folder, "a = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ValueError) as info:
+        load_recipe(path)
+    assert str(info.value) == f"{path}: not a TOML recipe (nested too deeply)"
+    assert main(["run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"ladle: error: {path}: not a TOML recipe (nested too deeply)\n"
+
+
 def test_the_docs_name_a_one_step_recipes_step_as_it_is_named(folder, capsys):
     docs = (Path(__file__).parent.parent / "docs" / "recipes.md").read_text()
     recipe = write(folder, 'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "soup"\n')

@@ -340,6 +340,30 @@ def test_an_output_the_disk_cannot_hold_is_refused_before_any_write(tmp_path, ou
     assert os.listdir(tmp_path) == []  # the temporary output is gone
 
 
+def test_an_output_larger_than_the_free_disk_is_refused_without_reserving_any(
+    tmp_path, monkeypatch
+):
+    # fallocate was asked for it all: failing, it kept what it got (ext4), so every other
+    # writer to the disk met ENOSPC until the temporary was deleted; and the message then
+    # said "0 bytes are free".
+    import shutil
+
+    calls = []
+    monkeypatch.setattr("ladle.writer._fallocate", lambda: lambda *args: calls.append(args) or 0)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(ladle.OutputError) as caught:
+        ladle.save({"w": torch.zeros(1000)}, out)
+    found = re.fullmatch(
+        rf"{re.escape(str(out))}: cannot reserve (\d+) bytes of disk for the output \(No space "
+        r"left on device\); 1000 bytes are free there",
+        str(caught.value),
+    )
+    assert found and int(found.group(1)) >= 4000  # the data and a header
+    assert calls == [] and os.listdir(tmp_path) == []
+
+
 def test_reserved_disk_leaves_the_size_to_the_writes(tmp_path):
     # Only what was written counts in the size: a short output still fails the size check.
     specs = {"a": ((2**14,), torch.float32), "b": ((2**14,), torch.float32)}  # 64 KiB each

@@ -124,6 +124,13 @@ class Checkpoint:
         """The whole tensor ``key``, on ``device``."""
         return self.get_slice(key, slice(None)).to(device)
 
+    def check_unchanged(self) -> None:
+        """A ``CheckpointError`` where a file this checkpoint reads from changed since it was
+        opened (rewritten or replaced, even at the same size: a trainer saving over it).
+        Merges call it before each pass over the inputs: a pass after a rewrite would read
+        other numbers than the passes before it (TIES's thresholds), or stop the process
+        where the file was cut short. Tensors in memory never change."""
+
     def get_rows(self, key: str, rows: slice, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """Rows ``rows`` of ``key`` read as ``shape``: its own shape (the default: what
         :meth:`get_slice` gives) or its own with leading dimensions merged, whose rows are
@@ -412,6 +419,9 @@ class _Renamed(Checkpoint):
     def get_slice(self, key: str, rows: slice) -> torch.Tensor:
         return self._inner.get_slice(self._key(key), rows)
 
+    def check_unchanged(self) -> None:
+        self._inner.check_unchanged()
+
     def get(self, key: str, *, device: str | torch.device = "cpu") -> torch.Tensor:
         return self._inner.get(self._key(key), device=device)
 
@@ -516,6 +526,7 @@ class TensorMapCheckpoint(Checkpoint):
         self.path = path
         self.metadata = {}
         self._file = file  # the torch file the tensors were loaded from, if any
+        self._mapped = None if file is None else _mapped_identity(file)
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -544,8 +555,13 @@ class TensorMapCheckpoint(Checkpoint):
         return self._tensor(key).dtype
 
     def get_slice(self, key: str, rows: slice) -> torch.Tensor:
+        self.check_unchanged()  # a memory-mapped file cut short: SIGBUS, not an error
         tensor = self._tensor(key).detach()
         return tensor if tensor.dim() == 0 else tensor[rows]
+
+    def check_unchanged(self) -> None:
+        if self._file is not None:
+            _check_mapped(self._file, self._mapped)
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -777,6 +793,24 @@ class SafetensorsCheckpoint(Checkpoint):
             done += got
         return view.view(dtype).view(shape)
 
+    def check_unchanged(self) -> None:
+        for file, descriptor in list(self._descriptors.items()):
+            try:
+                now: tuple[int, ...] | None = _identity(os.fstat(descriptor))
+            except OSError:  # closed meanwhile (close()): reading says so
+                continue
+            if now != self._identities[file]:
+                raise CheckpointError(f"{file}: {CHANGED}; its header no longer describes its data")
+        for file, identity in list(self._identities.items()):
+            if file in self._descriptors:
+                continue
+            try:
+                now = _identity(os.stat(file))
+            except OSError as err:
+                raise CheckpointError(f"{file}: cannot open ({err.strerror or err})") from err
+            if now != identity:
+                raise CheckpointError(f"{file}: {CHANGED}; its header no longer describes its data")
+
     def _descriptor(self, file: Path) -> int:
         """The file opened for reading, checked to be the file :meth:`_open` read the header
         of: shapes and dtypes come from that header, data from this descriptor."""
@@ -788,10 +822,7 @@ class SafetensorsCheckpoint(Checkpoint):
                 raise CheckpointError(f"{file}: cannot open ({err.strerror or err})") from err
             if _identity(os.fstat(descriptor)) != self._identities[file]:
                 os.close(descriptor)
-                raise CheckpointError(
-                    f"{file}: changed since it was opened (replaced or rewritten while being "
-                    "merged); its header no longer describes its data"
-                )
+                raise CheckpointError(f"{file}: {CHANGED}; its header no longer describes its data")
             # Reading threads may open a file at once: the first descriptor stored is kept.
             if self._descriptors.setdefault(file, descriptor) != descriptor:
                 os.close(descriptor)
@@ -853,6 +884,32 @@ def _unopenable(file: Path) -> str | None:
 def _identity(stat: os.stat_result) -> tuple[int, ...]:
     """What tells a file from its replacement: device, inode, size and modification time."""
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+CHANGED = "changed since it was opened (replaced or rewritten while being merged)"
+
+
+def _mapped_identity(file: Path) -> tuple[int, ...] | None:
+    """The :func:`_identity` of a torch file that ``torch.load`` memory-maps (a zip archive:
+    its tensors are read from the file while merging); ``None`` for one read whole."""
+    try:
+        return _identity(os.stat(file)) if zipfile.is_zipfile(file) else None
+    except OSError:
+        return None
+
+
+def _check_mapped(file: Path, identity: tuple[int, ...] | None) -> None:
+    """A ``CheckpointError`` where the memory-mapped torch file ``file`` (of ``identity``)
+    changed since it was loaded: cut short, reading its tensors would stop the process
+    (SIGBUS); rewritten, they would be other numbers."""
+    if identity is None:
+        return
+    try:
+        now: tuple[int, ...] | None = _identity(os.stat(file))
+    except OSError:
+        now = None
+    if now != identity:
+        raise CheckpointError(f"{file}: {CHANGED}; its tensors can no longer be read")
 
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -1084,6 +1141,7 @@ class TorchShardsCheckpoint(Checkpoint):
         self._shards = list(self._listed)
         self._unlisted: dict[str, Path] = {}  # tensors the index lists in no shard: their shard
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
+        self._mapped: dict[Path, tuple[int, ...] | None] = {}  # each loaded shard's identity
         self._loading = threading.Lock()  # reading threads would load a shard twice
         self._closed = False
 
@@ -1098,6 +1156,7 @@ class TorchShardsCheckpoint(Checkpoint):
                 if tensors is None:
                     tensors = load_torch_file(file)
                     self._match(file, tensors)
+                    self._mapped[file] = _mapped_identity(file)
                     self._loaded[file] = tensors
         return tensors
 
@@ -1154,7 +1213,13 @@ class TorchShardsCheckpoint(Checkpoint):
 
     def get_slice(self, key: str, rows: slice) -> torch.Tensor:
         tensor = self._tensor(key)
+        file = self._files.get(key) or self._unlisted[key]
+        _check_mapped(file, self._mapped.get(file))  # cut short: SIGBUS, not an error
         return tensor if tensor.dim() == 0 else tensor[rows]
+
+    def check_unchanged(self) -> None:
+        for file, identity in list(self._mapped.items()):
+            _check_mapped(file, identity)
 
     def close(self) -> None:
         self._closed = True
@@ -1227,7 +1292,8 @@ def _read_index(index: Path) -> dict[str, Path]:
     shards = {name: index.parent / name for name in dict.fromkeys(names.values())}
     for file in shards.values():
         if not file.is_file():
-            raise CheckpointError(f"{index}: lists shard {file.name}, which does not exist")
+            what = "is not a regular file" if os.path.lexists(file) else "does not exist"
+            raise CheckpointError(f"{index}: lists shard {file.name}, which {what}")
     return {key: shards[name] for key, name in names.items()}
 
 
@@ -1425,7 +1491,7 @@ def declared_quantization(checkpoint: Checkpoint) -> str | None:
         'gptq'
     """
     folder = _described_by(checkpoint)
-    if folder is None:
+    if folder is None or not (folder / "config.json").is_file():  # a FIFO: reading waits
         return None
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -1470,6 +1536,8 @@ def _open_directory(directory: Path) -> Checkpoint:
             f"{directory}: expected one weights file or a *.index.json, found {_some(seen)}"
         )
     path = directory / chosen
+    if not path.is_file():  # a FIFO would be waited on for ever, deaf to Ctrl-C
+        raise CheckpointError(f"{path}: not a regular file; expected the weights")
     checkpoint: Checkpoint
     if chosen.endswith(".safetensors.index.json"):
         sharded = SafetensorsCheckpoint(_read_index(path), name=name, path=directory)

@@ -1001,6 +1001,8 @@ def fold(
     chunk_bytes = check_chunk_bytes(chunk_bytes)
     reference = base if base is not None else models[0]
     sources = [*([base] if base is not None else []), *models]
+    for source in sources:  # rewritten since the pass before (a trainer saving over it)?
+        source.check_unchanged()
     plan = _plan(reference, sources, keys, chunk_bytes, copy_others)
     threads = reading_threads(device) if readers is None else readers
     if threads < 1:

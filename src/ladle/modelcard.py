@@ -23,6 +23,7 @@ import torch
 
 from ._version import __version__
 from .checkpoint import Checkpoint, model_folder, recorded_name
+from .errors import CheckpointError
 from .hub import COMPANION_FILES, COMPANION_FOLDERS, LICENSE_FILES, PREFIX, parse_hf_url
 from .writer import DEFAULT_MAX_SHARD_SIZE, parse_size
 
@@ -52,7 +53,23 @@ def companion_files(directory: Path | None) -> dict[str, Path]:
     for folder in COMPANION_FOLDERS:  # named chat templates (transformers' CHAT_TEMPLATE_DIR)
         if (directory / folder).is_dir():
             files[folder] = directory / folder
+    for file in files.values():  # copied as the output is committed: refused now, named
+        _check_readable(file)
     return files
+
+
+def _check_readable(path: Path) -> None:
+    """A ``CheckpointError`` naming ``path`` (a file or folder that goes beside an output)
+    where it cannot be read: the copy failed after the merge, blamed on the output."""
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    except OSError as err:
+        raise CheckpointError(
+            f"{path}: cannot read it ({err.strerror or err}); it is copied beside the output"
+        ) from err
 
 
 def _files_matching(directory: Path, patterns: Sequence[str]) -> dict[str, Path]:

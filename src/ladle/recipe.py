@@ -112,6 +112,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             f"{path}: not a TOML recipe (not UTF-8 text: byte {err.object[err.start]:#04x} "
             f"at offset {err.start})"
         ) from err
+    except RecursionError:  # tomllib recurses into arrays: "a = [[[[...]]]]" from a stranger
+        raise ValueError(f"{path}: not a TOML recipe (nested too deeply)") from None
 
 
 def _function(method: str) -> Callable[..., Any]:

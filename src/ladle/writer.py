@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -414,17 +414,28 @@ def _create_reserved(path: Path, size: int, out: Path) -> None:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         function = _fallocate()
-        if function is None or size == 0 or function(descriptor, _KEEP_SIZE, 0, size) == 0:
+        if function is None or size == 0:
+            return
+        # Refused first where the disk has not the room: a failed fallocate keeps what it got
+        # (ext4), so the disk was full for every other writer until the file went.
+        free = shutil.disk_usage(path.parent).free
+        if size > free:
+            _no_room(out, size, os.strerror(errno.ENOSPC), free)
+        if function(descriptor, _KEEP_SIZE, 0, size) == 0:
             return
         code = ctypes.get_errno()
-        if code in _FULL:
-            free = shutil.disk_usage(path.parent).free
-            raise OutputError(
-                f"{out}: cannot reserve {size} bytes of disk for the output "
-                f"({os.strerror(code)}); {free} bytes are free there"
-            )
+        if code in _FULL:  # a quota, or a disk filled meanwhile
+            os.ftruncate(descriptor, 0)  # gives back what was reserved, before measuring
+            _no_room(out, size, os.strerror(code), shutil.disk_usage(path.parent).free)
     finally:
         os.close(descriptor)
+
+
+def _no_room(out: Path, size: int, why: str, free: int) -> NoReturn:
+    raise OutputError(
+        f"{out}: cannot reserve {size} bytes of disk for the output ({why}); {free} bytes are "
+        "free there"
+    )
 
 
 def _flush_to_disk(descriptor: int) -> None:
