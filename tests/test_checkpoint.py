@@ -1827,3 +1827,34 @@ def test_second_names_answer_every_read_with_the_tensor_they_name(tmp_path):
         "b": "a",
         "c": "a",
     }
+
+
+def test_a_subclass_implementing_only_the_documented_methods_merges():
+    # Without a name of its own, every merge, diff and error message raised AttributeError.
+    class Mine(ladle.Checkpoint):
+        def __init__(self, tensors):
+            self.tensors = tensors
+
+        def keys(self):
+            return list(self.tensors)
+
+        def shape(self, key):
+            return tuple(self.tensors[key].shape)
+
+        def dtype(self, key):
+            return self.tensors[key].dtype
+
+        def get_slice(self, key, rows):
+            tensor = self.tensors[key]
+            return tensor if tensor.dim() == 0 else tensor[rows]
+
+    a = Mine({"w": torch.tensor([1.0, 3.0]), "s": torch.tensor(3.0)})
+    b = Mine({"w": torch.tensor([3.0, 5.0]), "s": torch.tensor(1.0)})
+    soup = ladle.uniform_soup([a, b], device="cpu")
+    assert soup["w"].tolist() == [2.0, 4.0] and soup["s"].item() == 2.0
+    assert ladle.diff(a, b).total.norm_diff == pytest.approx(math.sqrt(12))
+    with pytest.raises(ladle.IncompatibleError) as info:
+        ladle.uniform_soup([a, Mine({"w": torch.zeros(3), "s": torch.tensor(1.0)})])
+    assert str(info.value) == (
+        "model 1 (<checkpoint>): key 'w' has shape (3,), model 0 (<checkpoint>) has (2,)"
+    )

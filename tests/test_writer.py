@@ -1578,3 +1578,15 @@ def test_amended_entries_are_flushed_to_disk_before_the_rename(tmp_path, monkeyp
         events.append("commit")
     assert events == ["patch", "commit", "flush", "flush"]  # the written file, the patched one
     assert ladle.load(out)["w"].tolist() == [0.0, 5.0, 0.0, 0.0]
+
+
+def test_save_of_a_module_says_to_pass_its_state_dict(tmp_path):
+    # Every other function takes modules; save raised "'Linear' object has no attribute
+    # 'items'".
+    with pytest.raises(TypeError) as info:
+        ladle.save(torch.nn.Linear(2, 2), tmp_path / "o.safetensors")  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "state_dict: expected a mapping of str to torch.Tensor, found Linear; pass its "
+        ".state_dict()"
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -103,7 +103,7 @@ class Checkpoint:
         [[2.0, 3.0], [4.0, 5.0]] x
     """
 
-    name: str
+    name: str = "<checkpoint>"  # a subclass sets its own
     path: Path | None = None
     metadata: dict[str, str]
 
@@ -117,7 +117,8 @@ class Checkpoint:
         raise NotImplementedError
 
     def get_slice(self, key: str, rows: slice) -> torch.Tensor:
-        """Rows ``rows`` (a slice along dimension 0) of tensor ``key``."""
+        """Rows ``rows`` (a slice along dimension 0) of tensor ``key``; for a 0-d tensor,
+        ``rows`` is ``slice(None)``, and the tensor itself is the answer."""
         raise NotImplementedError
 
     def get(self, key: str, *, device: str | torch.device = "cpu") -> torch.Tensor:

@@ -1142,6 +1142,12 @@ def save(
         >>> sorted(p.name for p in out.iterdir())
         ['model.safetensors']
     """
+    if not isinstance(state_dict, Mapping):  # a module: "'Linear' has no attribute 'items'"
+        hint = "; pass its .state_dict()" if isinstance(state_dict, torch.nn.Module) else ""
+        raise TypeError(
+            f"state_dict: expected a mapping of str to torch.Tensor, found "
+            f"{type_name(state_dict)}{hint}"
+        )
     for key, tensor in state_dict.items():
         problem = not_a_dense_tensor(key, tensor)
         if problem is None:
