@@ -1831,22 +1831,11 @@ def test_second_names_answer_every_read_with_the_tensor_they_name(tmp_path):
 
 def test_a_subclass_implementing_only_the_documented_methods_merges():
     # Without a name of its own, every merge, diff and error message raised AttributeError.
-    class Mine(ladle.Checkpoint):
-        def __init__(self, tensors):
+    from conftest import DictCheckpoint
+
+    class Mine(DictCheckpoint):
+        def __init__(self, tensors):  # neither a name nor metadata of its own
             self.tensors = tensors
-
-        def keys(self):
-            return list(self.tensors)
-
-        def shape(self, key):
-            return tuple(self.tensors[key].shape)
-
-        def dtype(self, key):
-            return self.tensors[key].dtype
-
-        def get_slice(self, key, rows):
-            tensor = self.tensors[key]
-            return tensor if tensor.dim() == 0 else tensor[rows]
 
     a = Mine({"w": torch.tensor([1.0, 3.0]), "s": torch.tensor(3.0)})
     b = Mine({"w": torch.tensor([3.0, 5.0]), "s": torch.tensor(1.0)})

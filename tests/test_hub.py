@@ -485,35 +485,37 @@ def test_local_hub_fetches_model_safetensors_alone_beside_its_variants(local_hub
     assert hub.downloaded() == {"config.json", "model.safetensors"}
 
 
-def test_local_hub_fetches_a_subfolder_s_model_safetensors_alone_beside_its_variants(local_hub):
-    # A diffusers repo: text_encoder/ holds model.safetensors and model.fp16.safetensors.
+@pytest.mark.parametrize(
+    ("folder", "default", "variants"),
+    [
+        # transformers' model.safetensors in a diffusers repo's text_encoder/
+        ("text_encoder", "model.safetensors", ["model.fp16.safetensors"]),
+        # diffusers' own unet/: every *.safetensors was fetched (gigabytes of variants), then
+        # the folder was refused: "expected one weights file ..., found ...fp16.safetensors"
+        (
+            "unet",
+            "diffusion_pytorch_model.safetensors",
+            [
+                "diffusion_pytorch_model.fp16.safetensors",
+                "diffusion_pytorch_model.non_ema.safetensors",
+            ],
+        ),
+    ],
+)
+def test_local_hub_fetches_a_subfolder_s_default_weights_alone_beside_its_variants(
+    local_hub, folder, default, variants
+):
     hub, model = local_hub
     files = {
         "model_index.json": b"{}",
-        "text_encoder/model.safetensors": weights(model),
-        "text_encoder/model.fp16.safetensors": b"never fetched: a variant",
-        "text_encoder/config.json": b'{"model_type": "toy"}',
+        f"{folder}/{default}": weights(model),
+        f"{folder}/config.json": b'{"model_type": "toy"}',
+        **{f"{folder}/{name}": b"never fetched: a variant" for name in variants},
     }
     hub.repos["org/sd"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
-    loaded = ladle.load("hf://org/sd/text_encoder")
+    loaded = ladle.load(f"hf://org/sd/{folder}")
     assert torch.equal(loaded["layer.weight"], model["layer.weight"])
-    assert hub.downloaded() == {"text_encoder/config.json", "text_encoder/model.safetensors"}
-
-
-def test_local_hub_fetches_diffusers_default_weights_alone_beside_their_variants(local_hub):
-    # unet/ of a diffusers repo: every *.safetensors was fetched (gigabytes of variants), then
-    # the folder was refused: "expected one weights file ..., found ...fp16.safetensors, ...".
-    hub, model = local_hub
-    files = {
-        "unet/diffusion_pytorch_model.safetensors": weights(model),
-        "unet/diffusion_pytorch_model.fp16.safetensors": b"never fetched: a variant",
-        "unet/diffusion_pytorch_model.non_ema.safetensors": b"never fetched: a variant",
-        "unet/config.json": b"{}",
-    }
-    hub.repos["org/sd"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
-    loaded = ladle.load("hf://org/sd/unet")
-    assert torch.equal(loaded["layer.weight"], model["layer.weight"])
-    assert hub.downloaded() == {"unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
+    assert hub.downloaded() == {f"{folder}/config.json", f"{folder}/{default}"}
 
 
 def test_local_hub_reads_what_a_local_folder_of_the_same_files_would(local_hub, tmp_path):
