@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -726,6 +727,10 @@ def test_a_refused_pickle_names_torchs_reason_without_its_advice_to_load_unsafel
     preamble advising ``weights_only=False``: the message gives the reason alone."""
     path = tmp_path / "pytorch_model.bin"
     path.write_bytes(pickled)
+    with pytest.raises(pickle.UnpicklingError) as torchs:
+        torch.load(path, weights_only=True)
+    if not re.search(reason, str(torchs.value)):  # torch before 2.9 does not say why
+        pytest.skip("this torch's weights-only error gives no reason")
     with pytest.raises(ladle.UnsafeCheckpointError, match=rf"could run code \({reason}") as info:
         ladle.load(path)
     assert "weights_only" not in str(info.value)

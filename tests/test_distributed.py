@@ -843,7 +843,9 @@ def test_torchrun_cli_ties_equals_single_process_and_prints_once(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [str(out)]
+    # torch 2.8's Gloo prints "[Gloo] Rank 0 is connected to 1 peer ranks..." to stdout itself
+    ours = [line for line in done.stdout.splitlines() if not line.startswith("[Gloo]")]
+    assert " ".join(ours).split() == [str(out)]
     expected = ladle.ties(models, base, density=0.3, device="cpu")
     merged = ladle.load(out)
     assert all(torch.equal(merged[k], expected[k]) for k in expected)

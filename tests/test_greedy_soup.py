@@ -582,6 +582,10 @@ def test_a_model_of_a_dtype_results_cannot_be_written_in_is_refused_before_evalu
     assert calls == []
 
 
+@pytest.mark.skipif(
+    ladle.engine.saturation_limit(torch.float8_e4m3fn) is None,
+    reason="this torch casts to float8_e4m3fn with NaN for an overflow (2.8): none saturates",
+)
 def test_a_greedy_soup_that_saturates_float8_e4m3fn_is_an_error():
     # float8_e4m3fn has no Inf: the cast of 1000 gives 448 silently, so it is checked before.
     models = [{"w": torch.tensor([1000.0, 1.0])}, {"w": torch.tensor([1000.0, 2.0])}]

@@ -1107,6 +1107,9 @@ def _unpickling_reason(err: pickle.UnpicklingError) -> str:
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
         return f"it references {found.group(1)}"
+    same_line = re.search(r"WeightsUnpickler error:[ \t]*(\S[^\n]*)", text)  # torch < 2.9
+    if same_line:
+        return same_line.group(1).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in lines:
         if line.startswith("Unsupported"):
