@@ -562,7 +562,7 @@ class TensorMapCheckpoint(Checkpoint):
 
     def check_unchanged(self) -> None:
         if self._file is not None:
-            _check_mapped(self._file, self._mapped)
+            _check_same_file(self._file, self._mapped, MAPPED_GONE)
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -795,22 +795,8 @@ class SafetensorsCheckpoint(Checkpoint):
         return view.view(dtype).view(shape)
 
     def check_unchanged(self) -> None:
-        for file, descriptor in list(self._descriptors.items()):
-            try:
-                now: tuple[int, ...] | None = _identity(os.fstat(descriptor))
-            except OSError:  # closed meanwhile (close()): reading says so
-                continue
-            if now != self._identities[file]:
-                raise CheckpointError(f"{file}: {CHANGED}; its header no longer describes its data")
         for file, identity in list(self._identities.items()):
-            if file in self._descriptors:
-                continue
-            try:
-                now = _identity(os.stat(file))
-            except OSError as err:
-                raise CheckpointError(f"{file}: cannot open ({err.strerror or err})") from err
-            if now != identity:
-                raise CheckpointError(f"{file}: {CHANGED}; its header no longer describes its data")
+            _check_same_file(file, identity, "its header no longer describes its data")
 
     def _descriptor(self, file: Path) -> int:
         """The file opened for reading, checked to be the file :meth:`_open` read the header
@@ -899,18 +885,21 @@ def _mapped_identity(file: Path) -> tuple[int, ...] | None:
         return None
 
 
-def _check_mapped(file: Path, identity: tuple[int, ...] | None) -> None:
-    """A ``CheckpointError`` where the memory-mapped torch file ``file`` (of ``identity``)
-    changed since it was loaded: cut short, reading its tensors would stop the process
-    (SIGBUS); rewritten, they would be other numbers."""
+def _check_same_file(file: Path, identity: tuple[int, ...] | None, why: str) -> None:
+    """A ``CheckpointError`` where ``file`` is no longer the file of ``identity`` (``None``:
+    nothing to check), saying ``why`` that matters: a file cut short stops a reader of its
+    memory map (SIGBUS), one rewritten gives other numbers than a pass before read."""
     if identity is None:
         return
     try:
         now: tuple[int, ...] | None = _identity(os.stat(file))
-    except OSError:
+    except OSError:  # gone
         now = None
     if now != identity:
-        raise CheckpointError(f"{file}: {CHANGED}; its tensors can no longer be read")
+        raise CheckpointError(f"{file}: {CHANGED}; {why}")
+
+
+MAPPED_GONE = "its tensors can no longer be read"
 
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -1180,14 +1169,17 @@ class TorchShardsCheckpoint(Checkpoint):
         for file in self._shards:
             self._shard(file)
 
-    def _tensor(self, key: str) -> torch.Tensor:
+    def _file_of(self, key: str) -> Path:
         file = self._files.get(key)
         if file is None:  # perhaps a tensor the index leaves out: known once all are loaded
             self._load_all()
             file = self._unlisted.get(key)
             if file is None:
                 raise self._missing(key)
-        return self._shard(file)[key]
+        return file
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        return self._shard(self._file_of(key))[key]
 
     def keys(self) -> list[str]:
         return list(self.files())
@@ -1216,14 +1208,14 @@ class TorchShardsCheckpoint(Checkpoint):
         return self._tensor(key).dtype
 
     def get_slice(self, key: str, rows: slice) -> torch.Tensor:
-        tensor = self._tensor(key)
-        file = self._files.get(key) or self._unlisted[key]
-        _check_mapped(file, self._mapped.get(file))  # cut short: SIGBUS, not an error
+        file = self._file_of(key)
+        tensor = self._shard(file)[key]
+        _check_same_file(file, self._mapped.get(file), MAPPED_GONE)  # cut short: no SIGBUS
         return tensor if tensor.dim() == 0 else tensor[rows]
 
     def check_unchanged(self) -> None:
         for file, identity in list(self._mapped.items()):
-            _check_mapped(file, identity)
+            _check_same_file(file, identity, MAPPED_GONE)
 
     def close(self) -> None:
         self._closed = True
