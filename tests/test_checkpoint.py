@@ -1852,3 +1852,19 @@ def test_a_subclass_implementing_only_the_documented_methods_merges():
     assert str(info.value) == (
         "model 1 (<checkpoint>): key 'w' has shape (3,), model 0 (<checkpoint>) has (2,)"
     )
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_an_index_listing_no_tensors_is_refused_not_read_as_an_empty_model(tmp_path, kind):
+    # No shard was read, so the model had no tensors: merged, an empty output without a word.
+    if kind == "safetensors":
+        save_file({"w": torch.ones(2)}, tmp_path / "model-00001-of-00001.safetensors")
+        index = tmp_path / "model.safetensors.index.json"
+    else:
+        torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model-00001-of-00001.bin")
+        index = tmp_path / "pytorch_model.bin.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.uniform_soup([tmp_path, tmp_path], out=tmp_path.parent / "o.safetensors")
+    assert str(info.value) == f"{index}: lists no tensors (an empty weight_map)"
+    assert not (tmp_path.parent / "o.safetensors").exists()

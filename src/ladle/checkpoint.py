@@ -1285,6 +1285,8 @@ def _read_index(index: Path) -> dict[str, Path]:
     keyed by it, where another key's equal but distinct ``Path`` costs a comparison in
     Python (a soup of 8 models of 5000 keys in 500 shards: 1.1 s against 0.7 s unsharded)."""
     names = shard_names(index)
+    if not names:  # no shard is read, whatever the folder holds: an empty model, silently
+        raise CheckpointError(f"{index}: lists no tensors (an empty weight_map)")
     shards = {name: index.parent / name for name in dict.fromkeys(names.values())}
     for file in shards.values():
         if not file.is_file():
