@@ -53,6 +53,7 @@ from .engine import (
     check_sequence,
     compute_dtype,
     is_merged_dtype,
+    past_saturation,
     real_float,
     saturation_limit,
     unwrap_scalar,
@@ -161,10 +162,7 @@ def _cast(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     limit = saturation_limit(dtype)
     if limit is not None:
-        bound, tie_overflows = limit
-        magnitude = values.abs()
-        over = magnitude >= bound if tie_overflows else magnitude > bound  # Inf too
-        values = values.masked_fill(over, math.nan)
+        values = values.masked_fill(past_saturation(values, limit), math.nan)
     return values.to(dtype)
 
 

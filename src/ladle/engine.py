@@ -1265,6 +1265,20 @@ def saturation_limit(dtype: torch.dtype) -> tuple[float, bool] | None:
     return top + (top - below) / 2, bool(int(bits) & 1)
 
 
+def past_saturation(values: torch.Tensor, limit: tuple[float, bool]) -> torch.Tensor:
+    """Where ``values`` overflow a dtype whose cast saturates, given its ``limit``
+    (:func:`saturation_limit`: the magnitude, and whether a value at it overflows), Inf
+    included: a bool mask.
+
+    Example:
+        >>> import torch
+        >>> past_saturation(torch.tensor([464.0, 465.0, -1e30]), (464.0, False)).tolist()
+        [False, True, True]
+    """
+    magnitude = values.abs()
+    return magnitude >= limit[0] if limit[1] else magnitude > limit[0]
+
+
 def _check_saturating(
     result: torch.Tensor,
     limit: tuple[float, bool],
@@ -1277,9 +1291,7 @@ def _check_saturating(
 ) -> None:
     """``result`` (before its cast to ``dtype``, which saturates): no value past ``limit``
     (:func:`saturation_limit`) and no NaN or Inf, which the cast would hide."""
-    magnitude = result.abs()
-    bad = (magnitude >= limit[0]) if limit[1] else (magnitude > limit[0])
-    bad |= ~torch.isfinite(result)
+    bad = past_saturation(result, limit) | ~torch.isfinite(result)
     if bool(bad.any()):
         _refuse_nonfinite(result, int(bad.sum()), dtype, key, rows, models, base, where)
 
