@@ -918,3 +918,62 @@ def test_an_existing_output_of_a_middle_step_is_refused_before_the_first_step_wr
         run_recipe(recipe, device="cpu")
     assert not (folder / "f.safetensors").exists()
     assert (folder / "mid.safetensors").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize(
+    ("body", "raised"),
+    [
+        ("return 1 / 0", "ZeroDivisionError: division by zero"),
+        ("return float(sd['missing'].sum())", "KeyError: 'missing'"),  # no message to prefix
+    ],
+)
+def test_an_evaluate_that_raises_is_one_line_naming_the_step_and_function(
+    folder, capsys, body, raised
+):
+    (folder / "ev.py").write_text(f"def score(sd):\n    {body}\n")
+    recipe = write(
+        folder,
+        '[steps.g]\nmethod = "greedy_soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+        'output = "o.safetensors"\n[steps.g.parameters]\nevaluate = "ev.py:score"\n',
+    )
+    assert main(["run", str(recipe), "--device", "cpu"]) == 1
+    assert (
+        capsys.readouterr().err == f"ladle: error: steps.g: evaluate ev.py:score: raised {raised}\n"
+    )
+    with pytest.raises(ladle.LadleError) as info:  # the function's own exception is the cause
+        run_recipe(recipe, device="cpu")
+    assert type(info.value.__cause__.__cause__).__name__ == raised.partition(":")[0]
+    assert not (folder / "o.safetensors").exists()
+
+
+def test_a_module_imported_from_another_recipes_folder_is_refused_not_reused(
+    folder, tmp_path_factory, monkeypatch
+):
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))  # restored afterwards
+    monkeypatch.delitem(__import__("sys").modules, "evals_twice", raising=False)
+    recipes = []
+    for sign in ("-", ""):  # the two recipes' functions choose different models
+        where = tmp_path_factory.mktemp("recipe")
+        (where / "evals_twice.py").write_text(
+            f"def score(sd):\n    return {sign}float(sd['layer.weight'].sum())\n"
+        )
+        recipes.append(
+            write(
+                where,
+                'method = "greedy_soup"\n'
+                f'models = ["{folder}/m0.safetensors", "{folder}/m1.safetensors"]\n'
+                'output = "g.safetensors"\n[parameters]\nevaluate = "evals_twice:score"\n',
+            )
+        )
+    run_recipe(recipes[0], device="cpu")
+    first = __import__("sys").modules["evals_twice"].__file__
+    with pytest.raises(ValueError) as info:
+        run_recipe(recipes[1], device="cpu")
+    assert str(info.value) == (
+        "recipe.parameters.evaluate: cannot import 'evals_twice:score': ImportError: module "
+        f"'evals_twice' is already imported from {first}, not from "
+        f"{recipes[1].parent / 'evals_twice.py'}; name the file instead "
+        "(path/to/file.py:function)"
+    )
+    assert not (recipes[1].parent / "g.safetensors").exists()
+    assert run_recipe(recipes[0], device="cpu", overwrite=True)  # its own module: still fine

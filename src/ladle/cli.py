@@ -32,7 +32,7 @@ from .methods.soup import greedy_soup, uniform_soup
 from .methods.stock import model_stock
 from .methods.task_arithmetic import check_scale, task_arithmetic
 from .methods.ties import check_density, ties
-from .recipe import DTYPES, load_callable, run_recipe
+from .recipe import DTYPES, load_callable, reported, run_recipe
 from .writer import DEFAULT_MAX_SHARD_SIZE, parse_size, single_file
 
 __all__ = ["main"]
@@ -183,25 +183,12 @@ def _run_method(args: argparse.Namespace) -> None:
 
 
 def _callable(spec: str) -> Callable[..., Any]:
-    """``pkg.module:function`` (or ``path/to/file.py:function``), imported and
-    :func:`_reported` under ``spec``; else a usage error."""
+    """``pkg.module:function`` (or ``path/to/file.py:function``), imported; its exceptions
+    become one ``LadleError`` line naming ``--evaluate SPEC``; else a usage error."""
     try:
-        return _reported(load_callable(spec), spec)
+        return reported(load_callable(spec), f"--evaluate {spec}")
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _reported(evaluate: Callable[..., Any], spec: str) -> Callable[..., Any]:
-    """``evaluate``, whose exceptions become one ``LadleError`` line naming it by ``spec``, as
-    the user wrote it (``--debug`` shows the traceback of the user's code, chained)."""
-
-    def call(state_dict: Any) -> Any:
-        try:
-            return evaluate(state_dict)
-        except Exception as err:
-            raise LadleError(f"--evaluate {spec}: raised {type(err).__name__}: {err}") from err
-
-    return call
 
 
 def _run_greedy_soup(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import os
@@ -500,7 +501,9 @@ def load_callable(reference: str, *, folder: str | os.PathLike | None = None) ->
 
     Raises:
         ValueError: the reference is malformed, cannot be imported (the message says why:
-            the module's own exception), or names something not callable.
+            the module's own exception), or names something not callable; or a module of
+            that name, imported before in this process, came from another file than the one
+            ``folder`` or the working directory holds now (Python would return the first).
 
     Example:
         >>> load_callable("math:sqrt")(16.0)
@@ -516,7 +519,9 @@ def load_callable(reference: str, *, folder: str | os.PathLike | None = None) ->
         if module_name.endswith(".py"):
             module = _import_file(here / os.path.expanduser(module_name))
         else:
-            with _searched([str(here), os.getcwd()]):
+            folders = [str(here), os.getcwd()]
+            _check_not_imported_elsewhere(module_name, folders)
+            with _searched(folders):
                 module = importlib.import_module(module_name)
         target: Any = module
         for part in attribute.split("."):
@@ -526,6 +531,37 @@ def load_callable(reference: str, *, folder: str | os.PathLike | None = None) ->
     if not callable(target):
         raise ValueError(f"{reference!r} is a {type(target).__name__}, not a callable")
     return target  # type: ignore[no-any-return]
+
+
+def _check_not_imported_elsewhere(name: str, folders: Sequence[str]) -> None:
+    """Refuse a module ``name`` whose top package this process imported from another file
+    than the one ``folders`` hold now: an import would return the first (a second recipe's
+    ``evals.py`` would be scored with the first recipe's)."""
+    top = name.partition(".")[0]
+    imported = sys.modules.get(top)
+    found = importlib.machinery.PathFinder.find_spec(top, list(folders))
+    if imported is None or found is None or found.origin is None:
+        return  # not imported yet, or not in these folders (an installed module, say)
+    before = getattr(imported, "__file__", None)
+    if before is None or Path(before).resolve() != Path(found.origin).resolve():
+        raise ImportError(
+            f"module {top!r} is already imported from {before}, not from {found.origin}; "
+            f"name the file instead (path/to/file.py:function)"
+        )
+
+
+def reported(evaluate: Callable[..., Any], label: str) -> Callable[..., Any]:
+    """``evaluate``, whose exceptions become one :class:`LadleError` line naming it by
+    ``label`` (``--evaluate evals:score``); the user's own exception is its cause, so a
+    traceback (``ladle --debug``) still shows where it came from."""
+
+    def call(state_dict: Any) -> Any:
+        try:
+            return evaluate(state_dict)
+        except Exception as err:
+            raise LadleError(f"{label}: raised {type(err).__name__}: {err}") from err
+
+    return call
 
 
 @contextlib.contextmanager
@@ -612,6 +648,8 @@ def run_recipe(
         ValueError, LadleError: as :func:`load_recipe`, and for what fails while a step runs
             (an unreadable input, models that disagree): the same type, its message prefixed
             with the step (``steps.final: ...``; ``recipe: ...`` for a one-step recipe).
+            An ``evaluate`` function that raises is a ``LadleError`` naming the step and the
+            function, the function's own exception its cause.
 
     Example:
         >>> import pathlib, tempfile, torch, ladle
@@ -648,11 +686,11 @@ def run_recipe(
     for step in checked.steps:
         if "evaluate" in step.parameters:
             try:
-                evaluators[step.name] = load_callable(
-                    step.parameters["evaluate"], folder=checked.path.resolve().parent
-                )
+                spec = step.parameters["evaluate"]
+                function = load_callable(spec, folder=checked.path.resolve().parent)
             except ValueError as err:
                 raise ValueError(f"{where(step)}.parameters.evaluate: {err}") from None
+            evaluators[step.name] = reported(function, f"evaluate {spec}")
     results: dict[str, StateDict | Path] = {}
 
     def resolve(source: Input) -> Any:
