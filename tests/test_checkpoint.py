@@ -64,6 +64,17 @@ def test_torch_training_checkpoint_with_state_dict_key_is_unwrapped(tmp_path):
     assert set(ladle.load(tmp_path / "ckpt.pth")) == set(tensors)
 
 
+def test_tensors_beside_a_state_dict_wrapper_are_refused_not_dropped(tmp_path):
+    # The wrapper won: {"state_dict": {}, "w": t} read as an empty model, dropping "w".
+    torch.save({"state_dict": {}, "w": torch.ones(2)}, tmp_path / "both.pt")
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.load(tmp_path / "both.pt")
+    assert str(info.value) == (
+        f"{tmp_path / 'both.pt'}: holds tensors (w) beside a dict 'state_dict'; expected a "
+        "state dict, or a training checkpoint whose 'state_dict' is one"
+    )
+
+
 class Payload:
     """Unpickling this would create a marker file: code execution."""
 
@@ -1726,6 +1737,43 @@ def test_a_folder_with_variants_beside_the_default_weights_file_reads_the_defaul
     (tmp_path / default).unlink()  # variants alone: which one is meant is unknown
     with pytest.raises(ladle.CheckpointError, match="expected one weights file"):
         ladle.open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("default", "others"),
+    [  # (an index is written with one shard, named from the index: model-00001-of-00001...)
+        ("model.safetensors.index.json", ["model.fp16.safetensors.index.json"]),
+        ("model.safetensors", ["model.fp16.safetensors.index.json"]),
+        ("pytorch_model.bin", ["model.fp16.safetensors"]),
+        ("pytorch_model.bin", ["model.fp16.safetensors", "model.bf16.safetensors"]),
+        ("pytorch_model.bin.index.json", ["model.fp16.safetensors"]),
+        ("model.safetensors.index.json", ["ema.safetensors.index.json"]),  # not a variant
+    ],
+)
+def test_a_default_weights_file_or_index_is_read_whatever_variants_sort_before_it(
+    tmp_path, default, others
+):
+    # The first index by name was read (model.fp16... sorts before model.safetensors...),
+    # a lone safetensors variant before pytorch_model.bin, and two of them were refused:
+    # from_pretrained reads the default in each of these folders.
+    def write(name, value):
+        tensors = {"w": torch.full((2,), value)}
+        if name.endswith(".index.json"):
+            stem, _, kind = name.removesuffix(".index.json").rpartition(".")
+            shard = f"{stem}-00001-of-00001.{kind}"
+            weight_map = {"metadata": {"total_size": 8}, "weight_map": {"w": shard}}
+            (tmp_path / name).write_text(json.dumps(weight_map))
+            name = shard
+        if name.endswith(".safetensors"):
+            save_file(tensors, tmp_path / name)
+        else:
+            torch.save(tensors, tmp_path / name)
+
+    write(default, 1.0)
+    for name in others:
+        write(name, 2.0)
+    with ladle.open_checkpoint(tmp_path) as ckpt:
+        assert ckpt.get("w").tolist() == [1.0, 1.0]
 
 
 def test_aliases_are_keys_naming_the_very_same_tensor(tmp_path):

@@ -500,6 +500,12 @@ def test_local_hub_fetches_model_safetensors_alone_beside_its_variants(local_hub
                 "diffusion_pytorch_model.non_ema.safetensors",
             ],
         ),
+        # a variant's index sorts before the default file: its shards were fetched and read
+        (
+            "text_encoder",
+            "model.safetensors",
+            ["model.fp16.safetensors.index.json", "model.fp16-00001-of-00001.safetensors"],
+        ),
     ],
 )
 def test_local_hub_fetches_a_subfolder_s_default_weights_alone_beside_its_variants(
@@ -515,7 +521,8 @@ def test_local_hub_fetches_a_subfolder_s_default_weights_alone_beside_its_varian
     hub.repos["org/sd"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
     loaded = ladle.load(f"hf://org/sd/{folder}")
     assert torch.equal(loaded["layer.weight"], model["layer.weight"])
-    assert hub.downloaded() == {f"{folder}/config.json", f"{folder}/{default}"}
+    indexes = {f"{folder}/{name}" for name in variants if name.endswith(".json")}  # JSON: all
+    assert hub.downloaded() == {f"{folder}/config.json", f"{folder}/{default}", *indexes}
 
 
 def test_local_hub_reads_what_a_local_folder_of_the_same_files_would(local_hub, tmp_path):

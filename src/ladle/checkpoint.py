@@ -998,6 +998,12 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
         ) from err
     for wrapper in ("state_dict", "model"):  # common training-checkpoint layouts
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            beside = [k for k, v in loaded.items() if isinstance(v, torch.Tensor)]
+            if beside:  # tensors beside the wrapper: which of them the model is, is unknown
+                raise CheckpointError(
+                    f"{file}: holds tensors ({_some(beside)}) beside a dict {wrapper!r}; "
+                    f"expected a state dict, or a training checkpoint whose {wrapper!r} is one"
+                )
             loaded = loaded[wrapper]
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{file}: expected a state dict, found {type_name(loaded)}")
@@ -1399,9 +1405,23 @@ weights files (variants such as ``model.fp16.safetensors`` beside them), the one
 ``from_pretrained`` reads."""
 
 
+_VARIANT = re.compile(
+    r"(model|pytorch_model|diffusion_pytorch_model)\.[^.]+\.(safetensors|bin)(\.index\.json)?"
+)
+"""A variant of the default weights (``model.fp16.safetensors``, its shards
+``model.fp16-00001-of-00002.safetensors``, ``diffusion_pytorch_model.non_ema.bin``, an index
+``model.fp16.safetensors.index.json``), which ``from_pretrained`` reads only when asked to."""
+
+
+def _is_default(name: str) -> bool:
+    """Whether ``name`` is one of :data:`DEFAULT_WEIGHTS`, or the shard index of one."""
+    return name in DEFAULT_WEIGHTS or name.removesuffix(".index.json") in DEFAULT_WEIGHTS
+
+
 def _preferred(names: list[str]) -> list[str]:
-    """``names``, or of several the one of them named as :data:`DEFAULT_WEIGHTS` names it."""
-    defaults = [name for name in names if name in DEFAULT_WEIGHTS]
+    """``names``, or of several the one of them named as :data:`DEFAULT_WEIGHTS` names it (or
+    its index)."""
+    defaults = [name for name in names if _is_default(name)]
     return defaults if len(names) > 1 and len(defaults) == 1 else names
 
 
@@ -1409,19 +1429,25 @@ def weights_layout(names: Iterable[str]) -> tuple[str | None, list[str]]:
     """Which of a model folder's files (``names``) holds its weights, as a directory is read:
     the first there is of a safetensors shard index (the first by name), a single
     ``*.safetensors`` file, a torch shard index (``*.bin.index.json``), a single torch
-    weights file with no ``*.safetensors`` beside it. Of several files, the one named as
-    :data:`DEFAULT_WEIGHTS` names it counts as the single one, as ``from_pretrained`` reads it
-    beside variants. Returns the chosen name and the weights files seen, or ``None`` and those
-    files where no single choice is there. The Hub reader decides by it what to download.
+    weights file with no ``*.safetensors`` beside it. Of several files (or indexes), the one
+    named as :data:`DEFAULT_WEIGHTS` names it (or its index) counts as the single one; where
+    one of those is there, variants (``model.fp16.safetensors``, its shards and index) are
+    not weights at all: ``from_pretrained`` reads the default beside them. Returns the chosen
+    name and the weights files seen, or ``None`` and those files where no single choice is
+    there. The Hub reader decides by it what to download.
 
     Example:
         >>> weights_layout(["config.json", "model.safetensors", "model.fp16.safetensors"])
         ('model.safetensors', ['model.safetensors'])
+        >>> weights_layout(["pytorch_model.bin", "model.fp16.safetensors"])
+        ('pytorch_model.bin', ['pytorch_model.bin'])
         >>> weights_layout(["a.safetensors", "b.safetensors"])
         (None, ['a.safetensors', 'b.safetensors'])
     """
     names = sorted(names)
-    indexes = [name for name in names if name.endswith(".safetensors.index.json")]
+    if any(_is_default(name) for name in names):
+        names = [name for name in names if not _VARIANT.fullmatch(name)]
+    indexes = _preferred([name for name in names if name.endswith(".safetensors.index.json")])
     if indexes:
         return indexes[0], indexes
     singles = _preferred([name for name in names if name.endswith(".safetensors")])
@@ -1433,7 +1459,7 @@ def weights_layout(names: Iterable[str]) -> tuple[str | None, list[str]]:
             and not any(fnmatch.fnmatchcase(name, pattern) for pattern in NOT_WEIGHTS)
         ]
     )
-    torch_indexes = [name for name in names if name.endswith(".bin.index.json")]
+    torch_indexes = _preferred([name for name in names if name.endswith(".bin.index.json")])
     if len(singles) == 1:
         return singles[0], singles
     if torch_indexes:
