@@ -959,6 +959,21 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
         ("---\nlicense: # to be decided\n---\n", {}),  # a comment: no value
         (b"---\nlicense: mit\n---\n# Mod\xe8le\n", {"license": "mit"}),  # Latin-1, not UTF-8
         ("---\n" + "tags:\n" + "- x\n" * 50_000 + "license: mit\n---\n", {"license": "mit"}),
+        # Values that go on over the next lines (YAML reads "acme research license v2"):
+        # the first line alone was copied, an unclosed quote broke the output's front matter
+        (
+            '---\nlicense: other\nlicense_name: "acme research\n  license v2"\n---\n',
+            {"license": "other"},
+        ),
+        (
+            "---\nlicense_name: acme research\n  license v2\nlicense: other\n---\n",
+            {"license": "other"},
+        ),
+        ("---\nlicense: ['mit',\n  'apache-2.0']\n---\n", {}),
+        (
+            "---\nlicense: 'mit'\nlicense_link: [a, b]\n---\n",
+            {"license": "'mit'", "license_link": "[a, b]"},
+        ),
     ],
     ids=[
         "none",
@@ -974,6 +989,10 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
         "comment",
         "latin-1",
         "long front matter",
+        "quote over two lines",
+        "plain value over two lines",
+        "flow list over two lines",
+        "closed quote and flow list",
     ],
 )
 def test_license_fields_reads_top_level_single_line_values_of_the_front_matter(

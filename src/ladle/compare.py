@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, NamedTuple
@@ -74,7 +75,9 @@ def _row(key: str, aa: float, bb: float, ab: float, dd: float) -> TensorDiff:
     if dd == 0.0:  # a == b: whatever order the dot products summed in
         return TensorDiff(key, math.sqrt(aa), math.sqrt(aa), 0.0, 1.0 if aa > 0 else math.nan)
     product = aa * bb  # √(aa·bb) rounds once: ±1 exactly for b = ±2ᵏ·a (√aa·√bb: 0.99...98)
-    denominator = math.sqrt(product) if 0.0 < product < math.inf else math.sqrt(aa) * math.sqrt(bb)
+    # (a subnormal product keeps too few bits: √aa·√bb then)
+    normal = sys.float_info.min <= product < math.inf
+    denominator = math.sqrt(product) if normal else math.sqrt(aa) * math.sqrt(bb)
     cosine = ab / denominator if denominator > 0 else math.nan
     if abs(cosine) > 1.0:  # rounding (1.0000000000000002): acos-safe
         cosine = math.copysign(1.0, cosine)

@@ -387,16 +387,27 @@ def license_fields(card: Path | None) -> dict[str, str]:
     if not lines or lines[0].strip() != "---":
         return {}
     found: dict[str, str] = {}
-    for line in lines[1:]:
+    for line, after in zip(lines[1:], [*lines[2:], ""]):
         if line.strip() == "---":
             return found
         field, colon, value = line.partition(":")
         value = value.strip()
-        # A top-level field with its value on the line (a block scalar, "|" or ">", or a
-        # list on the lines below would need a YAML parser: left out).
-        if colon and field in LICENSE_FIELDS and value and value[0] not in "|>#":
+        # A top-level field with its whole value on the line: a block scalar ("|", ">"), a
+        # list on the lines below, a value continued on indented lines, or a quote or flow
+        # list closed there would need a YAML parser: left out.
+        continued = after[:1].isspace() and after.strip()
+        if colon and field in LICENSE_FIELDS and _closed(value) and not continued:
             found[field] = value
     return {}  # no closing line: no front matter
+
+
+def _closed(value: str) -> bool:
+    """Whether a YAML value is whole on its line: not empty, a block scalar or a comment, and
+    any quote or flow list it opens closed on it (a comment may follow)."""
+    if not value or value[0] in "|>#":
+        return False
+    closing = {'"': '"', "'": "'", "[": "]", "{": "}"}.get(value[0])
+    return closing is None or closing in value[1:]
 
 
 def _terms_folder(reference: Checkpoint, folder: Path | None) -> Path | None:
