@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_bit_for_bit, family
@@ -107,7 +108,10 @@ def test_weighted_sum_rejects_wrong_number_of_weights():
 
 @pytest.mark.parametrize(
     ("weights", "found"),
-    [(0.5, "float"), (None, "None"), (torch.tensor(0.5), "Tensor"), (b"\x01", "bytes")],
+    [
+        *((0.5, "float"), (None, "None"), (torch.tensor(0.5), "Tensor"), (b"\x01", "bytes")),
+        ({0: 1.0}, "dict"),  # was its keys: weight 0
+    ],
 )
 def test_weighted_sum_weights_that_are_no_sequence_are_a_type_error_naming_them(weights, found):
     # Was "object of type 'float' has no len()" (and bytes were read as small integers).
@@ -190,10 +194,11 @@ def test_scalars_are_numbers_not_tensors_that_broadcast_into_other_shapes():
         ladle.weighted_sum([a], torch.tensor([[1.0, 2.0]]))  # scaled entry by entry
     with pytest.raises(TypeError, match=r"t: expected a number, found a tensor of shape \(2,\)"):
         ladle.lerp(a, b, torch.tensor([0.5, 0.2]))
+    with pytest.raises(TypeError, match=r"t: expected a number, found ndarray of shape \(2,\)"):
+        ladle.lerp(a, b, np.array([0.5, 0.2]))  # it said "a tensor"
     with pytest.raises(TypeError, match=r"alpha: expected a number, found str"):
         ladle.add(a, b, alpha="2")
     # Numbers of any kind are fine: ints, numpy scalars, 0-d tensors, one weight per model.
-    np = pytest.importorskip("numpy")
     for factor in (2, np.float32(2.0), np.int64(2), torch.tensor(2.0), torch.tensor(2)):
         assert ladle.scale(a, factor)["w"].tolist() == [2.0, 2.0]
     assert ladle.weighted_sum([a, b], torch.tensor([1.0, 2.0]))["w"].tolist() == [3.0, 3.0]

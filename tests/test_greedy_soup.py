@@ -460,7 +460,11 @@ def test_cli_an_evaluate_file_that_raises_is_named_as_the_user_wrote_it(tmp_path
     )
 
 
-@pytest.mark.parametrize("returned", [None, "high"])  # float() raises TypeError, ValueError
+# float() raised TypeError, ValueError, OverflowError (as it was: no evaluate, no model), or
+# took the string "0.5" and True (1.0) as scores
+@pytest.mark.parametrize(
+    "returned", [None, "high", 10**400, "0.5", True], ids=["none", "str", "huge", "digits", "bool"]
+)
 def test_an_evaluate_returning_no_number_is_a_value_error_naming_it(returned):
     models = one_hot_family(2)
     with pytest.raises(ValueError) as info:

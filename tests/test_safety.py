@@ -908,6 +908,28 @@ def _method_call(method: str, kwargs: dict):
         ("dare", {"density": None}, "density: expected a number, found None"),
         ("dare", {"scale": [1.0]}, "scale: expected a number, found list"),
         ("greedy_soup", {"scores": ["a", 1.0]}, "scores[0]: expected a number, found str"),
+        # A mapping was read as its keys (weights {0: 1.0, 1: 1.0} weighed 0 and 1), a set
+        # in no order; an iterator was used up by one check and found empty by the next
+        (
+            "uniform_soup",
+            {"weights": {0: 1.0, 1: 1.0}},
+            "weights: expected a sequence of numbers, found dict",
+        ),
+        (
+            "task_arithmetic",
+            {"weights": {1.0, 3.0}},
+            "weights: expected a sequence of numbers, found set",
+        ),
+        (
+            "greedy_soup",
+            {"scores": {0: 0.9, 1: 0.1}},
+            "scores: expected a sequence of numbers, found dict",
+        ),
+        (
+            "uniform_soup",
+            {"weights": (w for w in (3.0, 1.0))},
+            "weights: expected a sequence of numbers, found generator",
+        ),
     ],
 )
 def test_a_parameter_that_is_no_number_is_a_type_error_naming_it(method, kwargs, message):

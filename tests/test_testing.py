@@ -59,6 +59,13 @@ def test_failure_names_dtype_and_shape_differences():
     )
     assert "'w': dtype torch.float16, expected torch.float32" in text
     assert "'v': shape (2, 3), expected (3, 2)" in text
+    # Both at once: the dtype was left out where the shape differed too
+    text = message_of({"w": torch.zeros(3)}, {"w": torch.zeros(1, 3, dtype=torch.float16)})
+    assert text == (
+        "state dicts are not close:\n"
+        "  'w': dtype torch.float32, expected torch.float16\n"
+        "  'w': shape (3,), expected (1, 3)"
+    )
 
 
 def test_failure_shows_the_worst_five_keys_with_max_abs_and_rel_error_worst_first():
@@ -263,6 +270,36 @@ def test_bad_strategy_arguments_are_value_errors_naming_the_parameter(kwargs, ma
 def test_model_families_n_below_one_is_a_value_error():
     with pytest.raises(ValueError, match="n:"):
         model_families(n=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [  # AttributeError ('str' object has no attribute 'is_floating_point'), "'torch.dtype'
+        # object is not iterable", keys "abc" read as 'a', 'b', 'c'
+        (
+            {"dtypes": ["float16"]},
+            "dtypes: expected a sequence of torch dtypes, found the item 'float16'",
+        ),
+        (
+            {"dtypes": torch.float16},
+            "dtypes: expected a sequence of torch dtypes, found torch.float16 alone",
+        ),
+        ({"keys": "abc"}, "keys: expected a sequence of names, found 'abc' alone"),
+        ({"keys": [1, 2]}, "keys: expected a sequence of names, found the item 1"),
+    ],
+)
+def test_strategy_arguments_of_the_wrong_type_are_type_errors_naming_them(kwargs, message):
+    for strategy in (state_dicts, model_families):
+        with pytest.raises(TypeError) as info:
+            strategy(**kwargs)
+        assert str(info.value) == message
+
+
+@pytest.mark.parametrize("n", [2.0, True, "2"])
+def test_model_families_n_that_is_no_int_or_strategy_is_a_type_error(n):
+    # 2.0 was taken for a strategy: AttributeError inside hypothesis, at the first draw
+    with pytest.raises(TypeError, match=r"^n: expected an int or a strategy of ints, found "):
+        model_families(n=n)
 
 
 @pytest.mark.slow

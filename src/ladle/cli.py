@@ -113,7 +113,8 @@ def merge_options() -> argparse.ArgumentParser:
         default=None,
         metavar="DTYPE",
         help="output dtype of floating tensors: float32 (fp32), bfloat16 (bf16), float16 (fp16) "
-        "or float64 (fp64) (default: the base's, else the first model's)",
+        "or float64 (fp64) (default: the base's, else the first model's; for greedy-soup, the "
+        "best-ranked model's)",
     )
     parent.add_argument(
         "--max-shard-size",

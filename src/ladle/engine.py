@@ -816,7 +816,8 @@ def unwrap_scalar(name: str, value: object) -> object:
     shape = getattr(value, "shape", None)
     if shape is not None and not isinstance(value, numbers.Number):
         if tuple(shape) != ():
-            raise TypeError(f"{name}: expected a number, found a tensor of shape {tuple(shape)}")
+            kind = "a tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"{name}: expected a number, found {kind} of shape {tuple(shape)}")
         return value.item()  # type: ignore[attr-defined]  # a 0-d tensor or array
     return value
 
@@ -847,19 +848,23 @@ def check_chunk_bytes(chunk_bytes: object) -> int:
 
 def check_sequence(name: str, values: object) -> list[object]:
     """The items of ``values`` as a list, or a ``TypeError`` naming parameter ``name`` for what
-    is no sequence of numbers: a string or bytes, a number, ``None``, a 0-d tensor or array.
+    is no sequence (or tensor, or array) of numbers: a string or bytes, a number, ``None``, a
+    0-d tensor or array, a mapping or a set (whose iteration gives keys, or no order), an
+    iterator (read once: a second check would see none).
 
     Example:
         >>> check_sequence("weights", (1, 0.5))
         [1, 0.5]
-        >>> check_sequence("weights", 0.5)
+        >>> check_sequence("weights", {0: 1.0, 1: 0.5})
         Traceback (most recent call last):
-        TypeError: weights: expected a sequence of numbers, found float
+        TypeError: weights: expected a sequence of numbers, found dict
     """
+    shape = getattr(values, "shape", None)  # a tensor or array, iterated along its first axis
     if (
         isinstance(values, (str, bytes))
+        or not (isinstance(values, Sequence) or shape is not None)
         or not isinstance(values, Iterable)
-        or getattr(values, "shape", None) == ()  # a 0-d tensor or array: iterating it fails
+        or shape == ()  # a 0-d tensor or array: iterating it fails
     ):
         raise TypeError(f"{name}: expected a sequence of numbers, found {type_name(values)}")
     return list(values)

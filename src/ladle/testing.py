@@ -334,11 +334,11 @@ def assert_state_dicts_close(
         if key not in got:
             continue
         a, e = got[key], want[key]
+        if a.dtype != e.dtype:
+            problems.append(f"  {key!r}: dtype {a.dtype}, expected {e.dtype}")
         if tuple(a.shape) != tuple(e.shape):
             problems.append(f"  {key!r}: shape {tuple(a.shape)}, expected {tuple(e.shape)}")
             continue
-        if a.dtype != e.dtype:
-            problems.append(f"  {key!r}: dtype {a.dtype}, expected {e.dtype}")
         (r_a, t_a), (r_e, t_e) = default_tolerances(a.dtype), default_tolerances(e.dtype)
         key_rtol = max(r_a, r_e) if rtol is None else rtol
         key_atol = max(t_a, t_e) if atol is None else atol
@@ -367,6 +367,19 @@ def _hypothesis() -> Any:
     return strategies
 
 
+def _sequence_of(name: str, values: object, kind: type, what: str) -> tuple[Any, ...]:
+    """``values`` as a tuple of ``kind`` (``what``), or a ``TypeError`` naming ``name``: a
+    lone dtype or string where a sequence of them goes, or an item of another type."""
+    if isinstance(values, (kind, str)):
+        raise TypeError(f"{name}: expected a sequence of {what}, found {values!r} alone")
+    if not isinstance(values, Sequence):
+        raise TypeError(f"{name}: expected a sequence of {what}, found {type_name(values)}")
+    for value in values:
+        if not isinstance(value, kind):
+            raise TypeError(f"{name}: expected a sequence of {what}, found the item {value!r}")
+    return tuple(values)
+
+
 def _layouts(
     keys: Sequence[str] | None,
     shapes: Mapping[str, Sequence[int]] | None,
@@ -378,7 +391,9 @@ def _layouts(
     st = _hypothesis()
     from hypothesis.extra.numpy import array_shapes
 
-    dtypes = tuple(dtypes)
+    dtypes = _sequence_of("dtypes", dtypes, torch.dtype, "torch dtypes")
+    if keys is not None:
+        keys = _sequence_of("keys", keys, str, "names")
     if not dtypes or not all(d.is_floating_point or d in COMPLEX_DTYPES for d in dtypes):
         raise ValueError(
             f"dtypes: expected one or more floating dtypes (or complex64, complex128), found "
@@ -558,6 +573,7 @@ def state_dicts(
 
     Raises:
         ValueError: an argument is out of range; the message names it, and the limit.
+        TypeError: an argument of the wrong type (a lone dtype for ``dtypes``); it is named.
 
     Example:
         >>> from hypothesis import given, settings
@@ -624,6 +640,7 @@ def model_families(
 
     Raises:
         ValueError: an argument is out of range; the message names it, and the limit.
+        TypeError: an argument of the wrong type (a lone dtype for ``dtypes``); it is named.
 
     Example:
         >>> from hypothesis import given, settings
@@ -638,12 +655,14 @@ def model_families(
         >>> check()
     """
     st = _hypothesis()
-    if isinstance(n, int):
+    if isinstance(n, st.SearchStrategy):
+        counts = n
+    elif isinstance(n, int) and not isinstance(n, bool):
         if n < 1:
             raise ValueError(f"n: expected at least 1 fine-tune, found {n}")
         counts = st.just(n)
     else:
-        counts = n
+        raise TypeError(f"n: expected an int or a strategy of ints, found {type_name(n)}")
     layouts = _layouts(keys, shapes, dtypes, max_keys, max_side)
     bounds = _check_bound(bound, dtypes, fine_tunes=True)
 

@@ -26,6 +26,7 @@ from ..engine import (
     check_compatible,
     check_mergeable,
     check_models,
+    check_number,
     check_numbers,
     check_output_dtypes,
     fold,
@@ -261,8 +262,8 @@ class GreedySoupResult(NamedTuple):
 
 
 Evaluate = Callable[[StateDict], NumberLike]
-"""``evaluate(state_dict) -> score``; higher is better (a held-out accuracy): a number, or a
-0-d tensor or array (what ``float()`` takes)."""
+"""``evaluate(state_dict) -> score``; higher is better (a held-out accuracy): a number (not a
+bool), or a 0-d tensor or array, as :data:`~ladle.engine.NumberLike`."""
 
 
 def running_mean_kernel(count: int) -> Kernel:
@@ -370,8 +371,8 @@ def _greedy(
 
     def score_of(state_dict: StateDict, what: str) -> float:
         returned = evaluate(state_dict)
-        try:
-            value = float(returned)
+        try:  # as any number ladle takes: no bool, no string, within float's range
+            value = check_number("evaluate", returned)
         except (TypeError, ValueError):
             raise ValueError(
                 f"evaluate: returned {returned!r} for {what}; expected a number"
