@@ -974,3 +974,36 @@ def test_numbers_as_numpy_scalars_and_0_d_tensors_are_still_accepted():
         assert torch.equal(tensor, expected[key]), key
     merged = ladle.ties(models, base, density=torch.tensor(0.5), scale=np.int64(1))
     assert all(torch.equal(merged[k], v) for k, v in ladle.ties(models, base, density=0.5).items())
+
+
+@pytest.mark.filterwarnings("ignore::ladle.ModelStockWarning")  # this family's cosines: < 0
+@pytest.mark.parametrize("context", ["meta device", "float64 default", "float16 default"])
+@pytest.mark.parametrize("method", ["ties", "dare", "task_arithmetic", "model_stock"])
+def test_torch_s_default_device_and_dtype_change_no_merge(tmp_path, context, method):
+    # DARE drew float64 numbers under torch.set_default_dtype(torch.float64): other masks for
+    # the same seed (503 of 1000 entries differed); under `with torch.device("meta")` (a
+    # model skeleton being built) TIES and DARE made their own tensors on the meta device.
+    base, *models = family(3, seed=5)
+    files = []
+    for i, model in enumerate([base, *models]):
+        files.append(ladle.save(model, tmp_path / f"m{i}.safetensors"))
+    merge = getattr(ladle, method)
+    expected = merge(models, base, device="cpu")
+    default = torch.get_default_dtype()
+    try:
+        if context == "meta device":
+            scope = torch.device("meta")
+        else:
+            torch.set_default_dtype(torch.float64 if "64" in context else torch.float16)
+            scope = torch.device("cpu")
+        with scope:
+            results = [
+                merge(models, base, device="cpu"),
+                merge(files[1:], files[0], device="cpu"),
+                ladle.load(merge(files[1:], files[0], device="cpu", out=tmp_path / "o")),
+            ]
+    finally:
+        torch.set_default_dtype(default)
+    for result in results:
+        assert result.keys() == expected.keys()
+        assert all(torch.equal(result[k], expected[k]) for k in expected)

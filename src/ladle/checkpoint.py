@@ -699,7 +699,7 @@ class SafetensorsCheckpoint(Checkpoint):
         mapped = self.map_rows(key, rows, shape)
         if mapped is not None:
             return mapped
-        into = torch.empty(self._extent(key, rows, shape)[2], dtype=torch.uint8)
+        into = torch.empty(self._extent(key, rows, shape)[2], dtype=torch.uint8, device="cpu")
         return self.read_rows(key, rows, into, shape)
 
     def _extent(

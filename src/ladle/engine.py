@@ -1259,11 +1259,11 @@ def saturation_limit(dtype: torch.dtype) -> tuple[float, bool] | None:
     """
     if not dtype.is_floating_point or dtype.itemsize != 1:
         return None
-    if not bool(torch.isfinite(torch.tensor([math.inf]).to(dtype).float())):
+    if not bool(torch.isfinite(torch.tensor([math.inf], device="cpu").to(dtype).float())):
         return None  # an overflow shows as Inf or NaN after the cast
     if dtype == getattr(torch, "float8_e8m0fnu", None):  # powers of two: no halfway point
         return None
-    largest = torch.tensor([torch.finfo(dtype).max]).to(dtype)
+    largest = torch.tensor([torch.finfo(dtype).max], device="cpu").to(dtype)
     bits = largest.view(torch.uint8)
     below = (bits - 1).view(dtype).float().item()
     top = largest.float().item()
@@ -1395,7 +1395,9 @@ class _Pool:
             except queue.Empty:
                 if self._unmade:
                     self._unmade -= 1
-                    return torch.empty(self._nbytes, dtype=torch.uint8, pin_memory=self._pin)
+                    return torch.empty(
+                        self._nbytes, dtype=torch.uint8, device="cpu", pin_memory=self._pin
+                    )
                 buffer, busy = None, None
         if buffer is None:
             buffer, busy = self._free.get()
@@ -1443,7 +1445,9 @@ def _reads(
         # ``into`` are this chunk's own; a source's own tensor (in memory) is copied, to the
         # CPU as a file's are: a copy on a GPU would run on this thread's stream, which the
         # stream that copies results to the host does not wait for.
-        into = torch.empty(_rows_nbytes(reference, key, rows, shape=view), dtype=torch.uint8)
+        into = torch.empty(
+            _rows_nbytes(reference, key, rows, shape=view), dtype=torch.uint8, device="cpu"
+        )
         chunk = reference.read_rows(key, rows, into, *_shaped(view))
         return _Chunk(chunk if _shares(chunk, into) else chunk.to("cpu", copy=True))
 
@@ -1602,13 +1606,15 @@ class Transfers:
                     result = buffer.copy_(result)
                 yield key, rows, result
             return
-        buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * 2
+        buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8, device="cpu")] * 2
         waiting: tuple[str, slice, torch.Tensor, torch.cuda.Event] | None = None
         for turn, (key, rows, result) in enumerate(results):
             converted = result.to(dtype(key))
             nbytes = converted.numel() * converted.element_size()
             if buffers[turn % 2].numel() < nbytes:
-                buffers[turn % 2] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                buffers[turn % 2] = torch.empty(
+                    nbytes, dtype=torch.uint8, device="cpu", pin_memory=True
+                )
             host = buffers[turn % 2][:nbytes].view(converted.dtype).view(converted.shape)
             host.copy_(converted, non_blocking=True)
             copied = torch.cuda.Event()
@@ -1951,6 +1957,6 @@ def _to_state_dict(
             state[key] = chunk.to("cpu", dtype, copy=True).view(shape)
         else:
             if key not in state:
-                state[key] = torch.empty(shape, dtype=dtype)
+                state[key] = torch.empty(shape, dtype=dtype, device="cpu")
             state[key].view(-1, *chunk.shape[1:])[rows] = chunk  # rows of chunk_shape
     return state

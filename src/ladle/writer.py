@@ -940,7 +940,7 @@ class SafetensorsWriter:
             low = int(index[first])
             last = int(torch.searchsorted(index, low + step))
             span = int(index[last - 1]) - low + 1
-            window = torch.empty(span * dtype.itemsize, dtype=torch.uint8)
+            window = torch.empty(span * dtype.itemsize, dtype=torch.uint8, device="cpu")
             view = memoryview(window.numpy())  # type: ignore[arg-type]
             if pread_into(fd, view, start + low * dtype.itemsize) != view.nbytes:
                 raise LadleError(f"{self.out}: short read while amending {key!r}")

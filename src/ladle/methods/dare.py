@@ -171,7 +171,7 @@ def uniform_numbers(
         >>> bool((part == whole[4:7]).all()), bool(((0 <= whole) & (whole < 1)).all())
         (True, True)
     """
-    numbers = torch.empty(count)
+    numbers = torch.empty(count, dtype=torch.float32, device="cpu")  # whatever torch's defaults
     stop = start + count
 
     held = kept.get(index) if kept is not None else None
@@ -187,9 +187,11 @@ def uniform_numbers(
         else:
             seeded = torch.Generator(device="cpu").manual_seed(block_seed(seed, index, key, block))
             if whole:  # drawn in place
-                torch.rand(size, generator=seeded, out=numbers[low - start : high - start])
+                torch.rand(
+                    size, generator=seeded, device="cpu", out=numbers[low - start : high - start]
+                )
                 return
-            drawn = torch.rand(size, generator=seeded)
+            drawn = torch.rand(size, generator=seeded, dtype=torch.float32, device="cpu")
         numbers[low - start : high - start] = drawn[low - first : high - first]
         partial[block] = drawn
 

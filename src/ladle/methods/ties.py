@@ -148,7 +148,7 @@ def _histogram_kernel(
 
 def _counting(init: Callable[..., Any], update: Callable[..., Any]) -> Kernel:
     """A kernel that only counts into tensors of its own: its merged chunk is empty."""
-    return Kernel(init, update, lambda state: torch.empty(0))
+    return Kernel(init, update, lambda state: torch.empty(0, device="cpu"))
 
 
 def _radix_select(
@@ -176,7 +176,7 @@ def _radix_select(
         widths[group] = max(widths.get(group, 32), 64 if wide else 32)
     if reduce is not None:  # float64 anywhere widens the group everywhere
         for group in sorted(ranks):
-            anywhere = reduce(torch.tensor(int(widths.get(group, 32) == 64)))
+            anywhere = reduce(torch.tensor(int(widths.get(group, 32) == 64), device="cpu"))
             widths[group] = 64 if int(anywhere) else 32
     prefixes = {group: [0] * n for group in ranks}
     left = {group: [ranks[group]] * n for group in ranks}
@@ -227,7 +227,7 @@ def _radix_select(
     found: dict[str, list[float]] = {}
     for group, bits in prefixes.items():
         kind = (torch.int64, torch.float64) if widths[group] == 64 else (torch.int32, torch.float32)
-        found[group] = torch.tensor(bits, dtype=kind[0]).view(kind[1]).tolist()
+        found[group] = torch.tensor(bits, dtype=kind[0], device="cpu").view(kind[1]).tolist()
     return found
 
 
@@ -332,7 +332,7 @@ _NORMAL, _INFINITY = 0x00800000, 0x7F800000
 def _as_float(bits: int, dtype: torch.dtype = torch.float32) -> float:
     """The number of ``dtype`` (float32 or float64) whose bit pattern is ``bits``."""
     integer = torch.int64 if dtype == torch.float64 else torch.int32
-    return torch.tensor([bits], dtype=integer).view(dtype).item()
+    return torch.tensor([bits], dtype=integer, device="cpu").view(dtype).item()
 
 
 def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
@@ -501,9 +501,9 @@ def _at_least(value: float, dtype: torch.dtype) -> float:
     """The smallest number of ``dtype`` that is ``≥ value`` (so ``|τ| ≥`` it stays exact)."""
     if dtype == torch.float64:
         return value
-    rounded = torch.tensor(value, dtype=torch.float64).to(dtype)
+    rounded = torch.tensor(value, dtype=torch.float64, device="cpu").to(dtype)
     if rounded.item() < value:
-        rounded = torch.nextafter(rounded, torch.tensor(float("inf"), dtype=dtype))
+        rounded = torch.nextafter(rounded, torch.tensor(float("inf"), dtype=dtype, device="cpu"))
     return rounded.item()
 
 
@@ -542,7 +542,7 @@ def _thresholds(
         size = entry_count(base.shape(key), base.dtype(key))
         counts[group] = counts.get(group, 0) + size
     if reduce is not None:  # the whole model's count, over every process's keys
-        counts[""] = int(reduce(torch.tensor(counts[""], dtype=torch.int64)))
+        counts[""] = int(reduce(torch.tensor(counts[""], dtype=torch.int64, device="cpu")))
     ranks = {g: keep_rank(c, density) for g, c in counts.items() if keep_rank(c, density) >= 1}
     found: dict[str, list[float]] = {}
     if reduce is None:  # one pass for each group a sample brackets; float32 groups only
@@ -805,7 +805,7 @@ def majority_votes(
         return {key: float((v > 0) - (v < 0)) for key, v in votes.items()}
     total = sum(votes.values())
     if reduce is not None:
-        total = int(reduce(torch.tensor(total, dtype=torch.int64)))
+        total = int(reduce(torch.tensor(total, dtype=torch.int64, device="cpu")))
     return dict.fromkeys(keys, float((total > 0) - (total < 0)))
 
 
@@ -845,7 +845,7 @@ class _TiesLater:
         key = state.key
         if key not in self.uncounted:
             self.votes[self.scopes[key]] += int(state.vote())
-        tied = state.ties() if key not in self.redo else torch.empty(0)
+        tied = state.ties() if key not in self.redo else torch.empty(0, device="cpu")
         if tied.numel() and self.remembered + tied.numel() > TIE_RECORD_LIMIT:
             self.redo.add(key)
         elif tied.numel():
@@ -865,7 +865,7 @@ class _TiesLater:
             return
         for key, rows, merged in self.merge_again(self.redo, majority):
             start = (rows.start or 0) * math.prod(merged.shape[1:])
-            yield key, torch.arange(start, start + merged.numel()), merged.flatten()
+            yield key, torch.arange(start, start + merged.numel(), device="cpu"), merged.flatten()
 
 
 def elected(majority: Mapping[str, float], scale: float) -> Callable[[SignElection], torch.Tensor]:
@@ -1006,7 +1006,7 @@ def _kth_patterns(
 
 def _below32(value: float) -> float:
     """The largest float32 number below ``value`` (a positive float32 number)."""
-    as_float = torch.tensor(value, dtype=torch.float32)
+    as_float = torch.tensor(value, dtype=torch.float32, device="cpu")
     return torch.nextafter(as_float, torch.zeros_like(as_float)).item()
 
 
