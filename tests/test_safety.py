@@ -1007,3 +1007,37 @@ def test_torch_s_default_device_and_dtype_change_no_merge(tmp_path, context, met
     for result in results:
         assert result.keys() == expected.keys()
         assert all(torch.equal(result[k], expected[k]) for k in expected)
+
+
+METHODS = ["uniform_soup", "task_arithmetic", "ties", "dare", "model_stock"]
+
+
+def _merged(method: str, models: list, base: dict) -> dict:
+    if method == "uniform_soup":
+        return ladle.uniform_soup(models, device="cpu")
+    return getattr(ladle, method)(models, base, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e4m3fnuz"])
+@pytest.mark.parametrize("method", METHODS)
+def test_a_float8_input_holding_nan_is_named_as_any_other(method, dtype):
+    # torch has no isfinite for these two: NotImplementedError, a traceback from the CLI
+    bad = torch.tensor([1.0, float("nan"), 0.5, 2.0]).to(getattr(torch, dtype))
+    models = [{"w": torch.ones(4).to(bad.dtype)}, {"w": bad}]
+    with pytest.raises(ladle.NonFiniteError) as info:
+        _merged(method, models, {"w": torch.zeros(4)})
+    assert str(info.value).startswith("model 1 (<state dict>): key 'w' holds NaN or Inf values")
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("method", METHODS)
+def test_complex32_tensors_merge_as_complex64_ones_rounded_back(method):
+    # The finiteness check summed the result in complex32, which torch cannot: every method
+    # failed with NotImplementedError unless allow_nonfinite=True.
+    values = [torch.tensor([1 + 1j, 0.5 - 2j, -3 + 0.25j]) * (i + 1) for i in range(3)]
+    wide = [{"w": v.to(torch.complex64)} for v in values]
+    half = [{"w": v.to(torch.complex32)} for v in values]
+    merged = _merged(method, half[1:], half[0])["w"]
+    assert merged.dtype == torch.complex32
+    expected = _merged(method, wide[1:], wide[0])["w"].to(torch.complex32)
+    assert torch.equal(torch.view_as_real(merged), torch.view_as_real(expected))

@@ -1165,6 +1165,8 @@ def _check_merged(
     """
     if not is_merged_dtype(chunk.dtype):
         return
+    if chunk.dtype == torch.complex32:  # torch sums no complex32: its parts, float16, instead
+        chunk = real_view(chunk)
     # A sum in the chunk's own dtype is the cheap test (summing bfloat16 into float32 costs
     # a converted copy: 0.33 ms per 2²⁰ values against 0.04 ms, first calls included). Past
     # 65504 a float16 sum overflows on its own, so a float32 sum, which cannot, decides.
@@ -1637,7 +1639,9 @@ def _shares(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
 def _check_finite(chunk: torch.Tensor, index: int | None, checkpoint: Checkpoint, key: str) -> None:
     # One cheap reduction; only a non-finite sum (NaN, Inf, or overflow) needs the full test.
     total = torch.sum(chunk, dtype=compute_dtype([chunk.dtype]))
-    if not torch.isfinite(total) and not bool(torch.isfinite(chunk).all()):
+    # (torch has no isfinite of its own for float8_e4m3fn and e4m3fnuz)
+    values = chunk.float() if chunk.dtype.itemsize == 1 else chunk
+    if not torch.isfinite(total) and not bool(torch.isfinite(values).all()):
         raise NonFiniteError(
             f"{_describe(index, checkpoint)}: key {key!r} holds NaN or Inf values; "
             "pass allow_nonfinite=True (--allow-nonfinite) to go on anyway"
