@@ -155,6 +155,31 @@ def test_running_mean_of_identical_low_precision_models_is_that_model_exactly():
     assert all(torch.equal(result.state_dict[k], model[k]) for k in model)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_a_soup_of_identical_models_keeps_negative_zeros_and_infinities_bit_for_bit(dtype):
+    # lerp's soup + w·(model − soup): −0.0 + 0.0 gave +0.0, inf − inf gave NaN
+    values = torch.tensor([-0.0, float("inf"), 1.5, -float("inf"), 0.0], dtype=dtype)
+    result = ladle.greedy_soup(
+        [{"w": values}] * 3, lambda sd: 1.0, allow_nonfinite=True, device="cpu"
+    ).state_dict["w"]
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    assert torch.equal(result.view(bits), values.view(bits))  # -0.0 == 0.0 for torch.equal
+
+
+@pytest.mark.parametrize("scores", [None, [0.1, 0.2, 0.3, 0.05]])
+def test_a_non_finite_model_is_named_by_its_place_among_the_models(tmp_path, scores):
+    # Its place in the fold was named: "model 0" (scored alone), "model 1" (beside the soup)
+    paths = []
+    for i in range(4):
+        w = torch.full((8,), float(i))
+        w[2] = float("nan") if i == 3 else w[2]
+        save_file({"w": w}, tmp_path / f"g{i}.safetensors")
+        paths.append(tmp_path / f"g{i}.safetensors")
+    with pytest.raises(ladle.NonFiniteError) as info:
+        ladle.greedy_soup(paths, lambda sd: 1.0, scores=scores, device="cpu")
+    assert str(info.value).startswith(f"model 3 ({paths[3]}): key 'w' holds NaN or Inf values")
+
+
 def test_evaluate_sees_the_output_dtype_and_integer_buffers_come_from_the_best_model():
     models = one_hot_family(3, dtype=torch.bfloat16)
     dtypes = []

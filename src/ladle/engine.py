@@ -955,6 +955,7 @@ def fold(
     prefetch: int | None = None,
     check_results: bool = True,
     readers: int | None = None,
+    numbers: Sequence[int] | None = None,
 ) -> Generator[tuple[str, slice, torch.Tensor], None, None]:
     """Run ``kernel`` on each chunk of each floating or complex key; yield ``(key, rows, result)``.
 
@@ -982,7 +983,8 @@ def fold(
     readers do the copying from the page cache, and on the CPU torch computes on as many
     threads fewer meanwhile (:func:`_threads_beside_readers`). A model's chunk is valid until
     ``update`` returns, the base's until ``finalize`` returns.
-    An input holding NaN or Inf raises :class:`NonFiniteError` naming the model and key,
+    An input holding NaN or Inf raises :class:`NonFiniteError` naming the model (by its
+    position, or its number in ``numbers``) and key,
     unless ``allow_nonfinite``; with a kernel that ``propagates_nonfinite``, on the CPU, once
     the chunk's result shows it. ``check_results=False`` leaves that check of results to the
     caller (as :func:`merge` does, after the cast to the output dtype, with
@@ -1026,7 +1028,9 @@ def fold(
     check_inputs = not allow_nonfinite and not on_results
     check_results = check_results and on_results
     reads = _prefetched(
-        _reads(plan, models, base, reference, device, check_inputs, mapped, pool, transfers),
+        _reads(
+            plan, models, base, reference, device, check_inputs, mapped, pool, transfers, numbers
+        ),
         depth=depth,
         threads=threads,
     )
@@ -1065,7 +1069,7 @@ def fold(
                 result = kernel.finalize(state)
                 pool.release(base_held)
                 if check_results:
-                    _check_result(result, key, rows, models, base, view)
+                    _check_result(result, key, rows, models, base, view, numbers)
                 if dtype.is_complex and copy_others:  # a model's tensors: complex again
                     result = torch.view_as_complex(result.contiguous())
             if on_bytes is not None:
@@ -1122,9 +1126,11 @@ def _check_result(
     models: Sequence[Checkpoint],
     base: Checkpoint | None,
     shape: tuple[int, ...] | None,
+    numbers: Sequence[int] | None = None,
 ) -> None:
     """For a kernel that propagates NaN/Inf: a non-finite result has a non-finite input (or
-    overflowed); find and name the input (``rows`` of the key read as ``shape``).
+    overflowed); find and name the input (``rows`` of the key read as ``shape``; models by
+    their ``numbers``, as :func:`fold`).
 
     A result that overflowed from finite inputs is not an input's fault and passes here (a
     statistic of a pass); :func:`merge` checks its outputs for overflow (:func:`_check_merged`).
@@ -1132,7 +1138,7 @@ def _check_result(
     total = torch.sum(result)
     if torch.isfinite(total) or bool(torch.isfinite(result).all()):
         return
-    _blame_input(key, rows, models, base, shape)
+    _blame_input(key, rows, models, base, shape, numbers)
 
 
 def _blame_input(
@@ -1141,10 +1147,11 @@ def _blame_input(
     models: Sequence[Checkpoint],
     base: Checkpoint | None,
     shape: tuple[int, ...] | None,
+    numbers: Sequence[int] | None = None,
 ) -> None:
     """Raise :class:`NonFiniteError` naming the first input (base first, then the models)
     whose rows ``rows`` of ``key`` (read as ``shape``) hold NaN or Inf; return if none does."""
-    for index, checkpoint in _labelled(models, base):
+    for index, checkpoint in _labelled(models, base, numbers):
         _check_finite(checkpoint.get_rows(key, rows, shape), index, checkpoint, key)
 
 
@@ -1316,10 +1323,12 @@ def _checked_outputs(
 
 
 def _labelled(
-    models: Sequence[Checkpoint], base: Checkpoint | None
+    models: Sequence[Checkpoint], base: Checkpoint | None, numbers: Sequence[int] | None = None
 ) -> list[tuple[int | None, Checkpoint]]:
-    """The inputs in reading order, each with its index (``None`` for the base)."""
-    return [*([(None, base)] if base is not None else []), *enumerate(models)]
+    """The inputs in reading order, each with its index (``None`` for the base): its position,
+    or its number in ``numbers`` (a merge of some of the caller's models names them so)."""
+    indices = range(len(models)) if numbers is None else numbers
+    return [*([(None, base)] if base is not None else []), *zip(indices, models, strict=True)]
 
 
 Plan = list[tuple[str, slice, "torch.dtype | None", "tuple[int, ...] | None"]]
@@ -1433,6 +1442,7 @@ def _reads(
     mapped: bool,
     pool: _Pool,
     transfers: Transfers,
+    numbers: Sequence[int] | None = None,
 ) -> Iterator[Callable[[], _Chunk]]:
     """A task for every chunk ``fold`` consumes, in its order (base first, then models):
     each reads its chunk when called, on whichever thread, independently of the others.
@@ -1510,7 +1520,7 @@ def _reads(
         if dtype is None:
             yield partial(other, key, rows, view)
             continue
-        for index, checkpoint in _labelled(models, base):
+        for index, checkpoint in _labelled(models, base, numbers):
             yield partial(floating, index, checkpoint, key, rows, dtype, view)
 
 

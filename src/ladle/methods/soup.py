@@ -269,8 +269,10 @@ bool), or a 0-d tensor or array, as :data:`~ladle.engine.NumberLike`."""
 def running_mean_kernel(count: int) -> Kernel:
     """Fold ``(soup, model)`` into ``soup·n/(n+1) + model/(n+1)`` with ``n = count``.
 
-    Computed as ``torch.lerp(soup, model, 1/(n+1))``, which is exactly ``soup`` where the two
-    agree. With ``count == 0`` the only input is the model and the result is an owned copy.
+    Computed as ``torch.lerp(soup, model, 1/(n+1))``, and exactly ``soup`` where the two
+    agree bit for bit (lerp's ``soup + w·(model − soup)`` makes ``+0.0`` of two ``−0.0``
+    and NaN of two infinities). With ``count == 0`` the only input is the model and the
+    result is an owned copy.
 
     Example:
         >>> import torch
@@ -290,7 +292,9 @@ def running_mean_kernel(count: int) -> Kernel:
             # engine hands over as they are; a model read from a file is only valid during
             # this call, so the first model of a new soup is copied.
             return x if count else x.clone()
-        return torch.lerp(state, x, 1.0 / (count + 1))
+        merged = torch.lerp(state, x, 1.0 / (count + 1))
+        same = torch.eq(state, x).logical_and_(torch.signbit(state) == torch.signbit(x))
+        return torch.where(same, state, merged)
 
     def finalize(state: torch.Tensor) -> torch.Tensor:
         return state
@@ -340,7 +344,9 @@ def _greedy(
     keys = [key for key in names if key not in tied]  # tied: the first name
     bar = _bar(progress, count - 1 + (count if scores is None else 0))
 
-    def soup_of(sources: list[Checkpoint], n: int, keys: list[str]) -> StateDict:
+    def soup_of(
+        sources: list[Checkpoint], numbers: list[int], n: int, keys: list[str]
+    ) -> StateDict:
         # The soup lives in memory (evaluate needs it), on the device; it is folded a chunk of
         # rows at a time, so that the fold's buffers (pinned on CUDA) are chunks, not tensors.
         soup: StateDict = {}
@@ -352,6 +358,7 @@ def _greedy(
             chunk_bytes=FOLD_CHUNK_BYTES,
             copy_others=True,
             allow_nonfinite=allow_nonfinite,
+            numbers=numbers,  # errors name the models by their places in `models`
         ):
             if rows == slice(None):  # the kernel's own tensor, or a copy of an input's
                 soup[key] = chunk
@@ -386,19 +393,22 @@ def _greedy(
     try:
         if scores is None:
             values = [
-                score_of(output(soup_of([c], 0, keys), c), f"model {i} ({c.name})")
+                score_of(output(soup_of([c], [i], 0, keys), c), f"model {i} ({c.name})")
                 for i, c in enumerate(checkpoints)
             ]
         else:
             values = _checked_scores(scores, count)
         ranked = sorted(range(count), key=lambda i: -values[i])  # stable: ties keep input order
         best = checkpoints[ranked[0]]
-        soup = soup_of([best], 0, keys)
+        soup = soup_of([best], ranked[:1], 0, keys)
         selected, score = [ranked[0]], values[ranked[0]]
         history = [GreedySoupStep(ranked[0], score, True)]
         for index in ranked[1:]:
-            candidate = soup_of(
-                [TensorMapCheckpoint(soup), checkpoints[index]], len(selected), keys
+            candidate = soup_of(  # the soup (finite: checked) named after the first model in it
+                [TensorMapCheckpoint(soup), checkpoints[index]],
+                [ranked[0], index],
+                len(selected),
+                keys,
             )
             tried = score_of(output(candidate, best), f"the soup with model {index}")
             accepted = tried > score if strict else tried >= score
