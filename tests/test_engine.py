@@ -1289,6 +1289,25 @@ def test_a_tensor_without_data_in_memory_names_the_model_holding_it(merge, which
         merge(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta"))
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_nested_tensors_and_lazy_parameters_are_refused_naming_model_and_key():
+    # Both passed the layout check: torch's "NestedTensorImpl doesn't support sizes. Please
+    # file an issue", and "Attempted to use an uninitialized parameter", naming neither.
+    nested = {"w": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])}
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.uniform_soup([{"w": torch.ones(2)}, nested], device="cpu")
+    assert str(info.value) == (
+        "model 1 (<state dict>): tensor 'w' is a nested tensor; ladle merges dense tensors "
+        "with data"
+    )
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.uniform_soup([torch.nn.LazyLinear(3), torch.nn.LazyLinear(3)], device="cpu")
+    assert str(info.value).startswith(
+        "model 0 (<LazyLinear>): tensor 'weight' is an uninitialized parameter of a lazy "
+        "module: run it once first"
+    )
+
+
 # --- tied weights in memory ----------------------------------------------------------------
 
 

@@ -755,6 +755,23 @@ def test_an_empty_output_path_is_refused_naming_out(tmp_path, monkeypatch):
     assert main(["soup", "a.safetensors", "a.safetensors", "-o", ""]) == 1
 
 
+@pytest.mark.parametrize(("out", "found"), [(b"o.safetensors", "bytes"), (5, "int")])
+def test_an_output_that_is_no_str_path_is_a_type_error_naming_out(
+    tmp_path, monkeypatch, out, found
+):
+    # bytes: "startswith first arg must be bytes or a tuple of bytes, not str"
+    monkeypatch.chdir(tmp_path)
+    model = {"w": torch.ones(2)}
+    for write in (
+        lambda: ladle.uniform_soup([model, model], out=out),
+        lambda: ladle.save(model, out),
+    ):
+        with pytest.raises(TypeError) as info:
+            write()
+        assert str(info.value) == f"out: expected a str or os.PathLike path, found {found}"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("name", ["M.SAFETENSORS", "m.SafeTensors"])
 def test_a_safetensors_suffix_not_in_lower_case_is_refused(tmp_path, name):
     with pytest.raises(ladle.LadleError, match=r"only a lower-case .safetensors suffix"):

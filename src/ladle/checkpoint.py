@@ -291,6 +291,10 @@ def not_a_dense_tensor(key: object, value: object) -> str | None:
         return f"tensor {key!r} is {what}"
     if value.is_quantized:  # integer codes with scales: averaged entry by entry, a wrong model
         return f"tensor {key!r} is quantized ({value.dtype}): dequantize it first"
+    if value.is_nested:  # strided in layout, but no one shape
+        return f"tensor {key!r} is a nested tensor"
+    if isinstance(value, (torch.nn.UninitializedParameter, torch.nn.UninitializedBuffer)):
+        return f"tensor {key!r} is an uninitialized parameter of a lazy module: run it once first"
     return None
 
 

@@ -235,7 +235,8 @@ def _not_an_output(path: Path) -> str | None:
 
 
 def check_output_name(out: str | os.PathLike) -> None:
-    """A ``LadleError`` for an output path that cannot mean what it says: empty, an ``hf://``
+    """A ``TypeError`` for an output that is no str or ``os.PathLike`` path (bytes); a
+    ``LadleError`` for an output path that cannot mean what it says: empty, an ``hf://``
     URL (a local ``hf:/`` folder otherwise), ending in ``.`` or ``..`` (a folder's own name),
     in ``.safetensors`` not in lower case (a directory), in another weight format's suffix
     (:data:`MISLEADING_SUFFIXES`), or named with more bytes than a file name may have.
@@ -250,6 +251,8 @@ def check_output_name(out: str | os.PathLike) -> None:
         ...     print(str(err).split(":")[:2])
         ['merged.pt', ' ladle writes safetensors']
     """
+    if not isinstance(out, (str, os.PathLike)) or not isinstance(os.fspath(out), str):
+        raise TypeError(f"out: expected a str or os.PathLike path, found {type_name(out)}")
     if not os.fspath(out):
         raise LadleError("out: expected a path, found an empty one")
     if os.fspath(out).startswith(PREFIX):  # else written to the local folder hf:/owner/name
@@ -1126,8 +1129,9 @@ def save(
 
     Raises:
         TypeError: ``state_dict`` maps something other than strings to tensors, or
-            ``metadata`` something other than strings to strings (naming the output), or
-            (for a directory output) ``max_shard_size`` is neither an int nor a string.
+            ``metadata`` something other than strings to strings (naming the output),
+            ``out`` is no str or ``os.PathLike`` path (bytes, say), or (for a directory
+            output) ``max_shard_size`` is neither an int nor a string.
         ValueError: a tensor is sparse or on the meta device (no data to write), ``metadata``
             gives a ``"format"`` other than ``"pt"`` (the default, which transformers reads),
             or (for a directory output) ``max_shard_size`` is no positive size.
