@@ -118,7 +118,7 @@ def test_three_task_vectors_at_120_degrees_hit_the_pole_and_are_clamped():
     assert torch.isfinite(merged["w"]).all()
 
 
-@pytest.mark.parametrize("cosine", [-0.5 - 1e-9, -0.5 - 0.5e-8, -0.5, -0.6, -1.0, math.nan])
+@pytest.mark.parametrize("cosine", [-0.5 - 1e-9, -0.5 - 0.5e-8, -0.5, -0.6, -1.0])
 def test_ratio_at_or_past_the_pole_is_minus_one_never_nan_or_an_exception(cosine):
     with pytest.warns(ModelStockWarning, match="'k'"):
         assert stock_ratio(cosine, 3, key="k") == -1.0
@@ -395,16 +395,18 @@ def test_a_matmul_precision_set_by_fp32_precision_is_read_not_an_error():
     assert torch.get_float32_matmul_precision() == legacy  # settings left as they were
 
 
-def test_a_nan_cosine_makes_the_mean_nan_so_the_ratio_is_clamped_with_a_warning():
+def test_a_nan_cosine_makes_the_mean_nan_and_the_ratio_nan_without_a_warning():
     # An infinite τ₀ (allow_nonfinite) makes its Gram entries infinite and its cosines
-    # inf/inf = NaN: kept NaN (not clamped to −1), so the mean is NaN and t is clamped with
-    # a warning. Clamped to −1, with τ₁ = τ₂ = τ₃ the six cosines would be three −1s and
-    # three 1s: a mean of about 0, t ≈ 0 and no warning.
+    # inf/inf = NaN: kept NaN (not clamped to −1), so the mean is NaN. Clamped to −1, with
+    # τ₁ = τ₂ = τ₃ the six cosines would be three −1s and three 1s: a mean of about 0, t ≈ 0.
+    # t is NaN, as the formula gives; it was clamped to −1 with a warning about a pole that
+    # is not there, reflecting the key's finite entries through the base.
     inf = math.inf
     gram = [[inf, inf, inf, inf], *([inf, 1.0, 1.0, 1.0] for _ in range(3))]
     assert math.isnan(stock.mean_cosine(gram))
-    with pytest.warns(ModelStockWarning, match="'w'"):
-        assert stock_ratio(stock.mean_cosine(gram), 4, key="w") == stock.T_MIN
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(stock_ratio(stock.mean_cosine(gram), 4, key="w"))
 
 
 def test_mean_cosine_divides_by_the_root_of_the_product_of_squared_norms():
@@ -496,14 +498,21 @@ def test_the_gram_product_sums_float32_blocks_of_65536_columns_in_float64():
     assert stock._gram(torch.stack([row, row])).tolist() == [[2.0**24 + 1] * 2] * 2
 
 
-def test_allow_nonfinite_merges_a_nan_input_with_t_clamped_to_minus_one():
-    # The Gram pass lets the NaN through too: the cosine is NaN, so t = −1 with a warning,
-    # θ = 2·θ₀ − mean(θᵢ): [NaN, 2 − (3 + 5)/2 = −2]. Without the flag: NonFiniteError.
-    base = {"w": t([1.0, 1.0])}
-    models = [{"w": t([math.nan, 3.0])}, {"w": t([2.0, 5.0])}]
-    with pytest.warns(ModelStockWarning, match="'w'"):
+def test_allow_nonfinite_merges_a_nan_input_into_a_nan_tensor():
+    # The Gram pass lets the NaN through too: the cosine is NaN, so t is NaN and so is the
+    # key, as the formula gives. It was t = −1 with a warning about the pole:
+    # θ = 2·θ₀ − mean(θᵢ) = [NaN, 2 − (3 + 5)/2 = −2]. Without the flag: NonFiniteError.
+    base = {"w": t([1.0, 1.0]), "v": t([1.0, 2.0])}
+    models = [
+        {"w": t([math.nan, 3.0]), "v": t([2.0, 3.0])},
+        {"w": t([2.0, 5.0]), "v": t([3.0, 1.0])},
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         merged = ladle.model_stock(models, base, device="cpu", allow_nonfinite=True)
-    assert math.isnan(merged["w"][0].item()) and merged["w"][1].item() == -2.0
+    assert merged["w"].isnan().all()
+    expected = ladle.model_stock([{"v": m["v"]} for m in models], {"v": base["v"]}, device="cpu")
+    assert torch.equal(merged["v"], expected["v"])  # other keys as without the NaN
     with pytest.raises(ladle.NonFiniteError, match=r"model 0 .*'w'"):
         ladle.model_stock(models, base, device="cpu")
 

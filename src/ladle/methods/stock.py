@@ -92,15 +92,18 @@ def stock_ratio(cosine: float, n: int, *, key: str = "") -> float:
     only where the unit task vectors cancel exactly. Near it ``t`` runs to −∞: ``t`` below
     :data:`T_MIN` (also a non-positive denominator, which only rounding produces) becomes
     ``T_MIN`` with a :class:`ModelStockWarning` naming ``key``. Elsewhere it is the released
-    code's value.
+    code's value; a NaN cosine (task vectors holding NaN or Inf, merged with
+    ``allow_nonfinite=True``) gives NaN, as the formula does.
 
     Example:
         >>> round(stock_ratio(0.6, 2), 6)
         0.75
     """
+    if math.isnan(cosine):  # no pole: the formula's own NaN
+        return math.nan
     denominator = (n - 1) * cosine + 1 + EPS
     ratio = n * cosine / denominator if denominator > 0 else -math.inf
-    if not ratio >= T_MIN:  # also catches NaN
+    if not ratio >= T_MIN:
         warnings.warn(
             f"model_stock: key {key!r}: t = {ratio:.6g} (mean cosine {cosine:.9g} of {n} task "
             f"vectors, near the pole at cos θ = {-1 / (n - 1):.6g}) clamped to {T_MIN:g}",
