@@ -1607,3 +1607,35 @@ def test_save_of_a_module_says_to_pass_its_state_dict(tmp_path):
         ".state_dict()"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("out", ["x/o.safetensors", "x/odir"])
+def test_a_relative_output_stays_put_when_the_working_directory_changes_mid_merge(
+    tmp_path, monkeypatch, out
+):
+    # The writer reopened shards and renamed by the relative name: "writing 'w' failed: No
+    # such file or directory", and the temporary output was left in x/.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    models = [{"w": torch.randn(256, 64), "v": torch.randn(256, 64)} for _ in range(2)]
+
+    class Moving:  # a progress bar whose first update changes the working directory
+        def __init__(self, **kwargs):
+            self.moved = False
+
+        def update(self, n):
+            if not self.moved:
+                os.chdir(tmp_path / "y")
+                self.moved = True
+
+        def close(self):
+            pass
+
+    written = ladle.uniform_soup(models, out=out, progress=Moving, chunk_bytes=4096)
+    assert written == Path(out)  # as given
+    result = ladle.load(tmp_path / out)
+    expected = ladle.uniform_soup(models)
+    assert all(torch.equal(result[k], expected[k]) for k in expected)
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [Path(out).name]
+    assert list((tmp_path / "y").iterdir()) == []

@@ -748,10 +748,13 @@ class SafetensorsWriter:
         # sizes the file. Built before anything is created, so that a dtype or metadata it
         # refuses leaves nothing.
         self._headers = [_header(self.out, self._specs, keys, self._metadata) for keys in shards]
-        self._temp = _temporary_beside(self.out)
+        # Every file operation names absolute paths: the working directory may change while
+        # the merge runs (another thread's chdir), the output's place must not.
+        self._target = Path(os.path.abspath(self.out))
+        self._temp = _temporary_beside(self._target)
         self._overwrite = overwrite
         with _output_errors(self.out, "creating the output"):
-            for folder in self.out.parents:  # the deepest that exists must be a directory
+            for folder in self._target.parents:  # the deepest that exists must be a directory
                 if os.path.lexists(folder):
                     if not folder.is_dir():
                         what = "a broken symbolic link" if folder.is_symlink() else "a file"
@@ -759,8 +762,8 @@ class SafetensorsWriter:
                             errno.ENOTDIR, f"{folder} is {what}, not a directory"
                         )
                     break
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temporaries(self.out)
+            self._target.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(self._target)
             if not self._single_file:
                 self._temp.mkdir(parents=False)
         if self._single_file:
@@ -1086,7 +1089,7 @@ class SafetensorsWriter:
         )
 
     def _rename_into_place(self) -> None:
-        rename_into_place(self._temp, self.out, overwrite=self._overwrite)
+        rename_into_place(self._temp, self._target, overwrite=self._overwrite)
 
     def __enter__(self) -> SafetensorsWriter:
         return self
