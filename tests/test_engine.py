@@ -2115,3 +2115,75 @@ def test_trim_thresholds_of_complex_tensors_are_those_of_their_parts(trim):
         [_as_real(m) for m in models], _as_real(base), density=0.3, trim=trim, device="cpu"
     )
     assert found == parts and all("spectral" in limits for limits in found)
+
+
+# --- float64 results rounded once into narrow dtypes ---------------------------------------
+
+NARROW = {  # dtype: (bits of precision, smallest normal exponent), for a naive rounding
+    torch.bfloat16: (8, -126),
+    torch.float16: (11, -14),
+    torch.float8_e5m2: (3, -14),
+    torch.float8_e4m3fn: (4, -6),
+}
+
+
+def _rounded_once(x: float, precision: int, emin: int) -> float:
+    """``x`` rounded to nearest, ties to even, with ``precision`` bits (exact: Fractions)."""
+    from fractions import Fraction
+
+    if x == 0 or not math.isfinite(x):
+        return x
+    exponent = max(math.frexp(abs(x))[1] - 1, emin)
+    step = Fraction(2) ** (exponent - precision + 1)
+    count, rest = divmod(Fraction(abs(x)), step)
+    if rest > step / 2 or (rest == step / 2 and count % 2 == 1):
+        count += 1
+    return math.copysign(float(count * step), x)
+
+
+def _hard_cases(dtype: torch.dtype, count: int, seed: int) -> torch.Tensor:
+    """float64 values within ``dtype``'s range, many just off the midpoints between two of its
+    numbers (where rounding twice goes wrong), some on them, some anywhere."""
+    g = torch.Generator().manual_seed(seed)
+    top = torch.finfo(dtype).max / 2
+    near = torch.rand(count, generator=g, dtype=torch.float64) * top
+    near *= torch.exp2(-torch.randint(0, 40, (count,), generator=g).double())
+    bits = {1: torch.uint8, 2: torch.int16}[dtype.itemsize]
+    low = near.to(dtype).double()
+    high = (near.to(dtype).view(bits) + 1).view(dtype).double()  # the next one up (≥ 0)
+    middle = (low + high) / 2  # exact in float64
+    off = torch.randint(-3, 4, (count,), generator=g).double() * middle * 2.0**-40
+    signs = torch.where(torch.rand(count, generator=g) < 0.5, -1.0, 1.0).double()
+    return torch.cat([(middle + off) * signs, middle * signs, near * signs])
+
+
+@pytest.mark.parametrize("dtype", list(NARROW), ids=str)
+def test_float64_values_are_rounded_once_into_narrow_dtypes(dtype):
+    # torch rounds float64 to these dtypes through float32, twice: 1 + 2⁻¹¹ + 2⁻⁴⁰ became 1.0
+    # in float16 (1 + 2⁻¹⁰ is nearest), about one entry in 10⁴ of a float64 merge saved as fp16.
+    from ladle.engine import cast
+
+    values = _hard_cases(dtype, 4000, seed=7)
+    expected = [_rounded_once(v, *NARROW[dtype]) for v in values.tolist()]
+    assert cast(values, dtype).double().tolist() == expected
+    into = torch.empty(values.shape, dtype=dtype)
+    assert cast(values, dtype, out=into) is into and into.double().tolist() == expected
+
+
+def test_float64_merges_and_arithmetic_round_once_into_the_output_dtype(tmp_path):
+    for dtype in (torch.bfloat16, torch.float16):
+        hard = _hard_cases(dtype, 2000, seed=11)
+        models = [{"w": hard}, {"w": hard.clone()}]
+        exact = ladle.uniform_soup(models, device="cpu")["w"]  # float64, kept float64
+        assert torch.equal(exact, hard)  # (a + a)/2
+        expected = [_rounded_once(v, *NARROW[dtype]) for v in exact.tolist()]
+        in_memory = ladle.uniform_soup(models, dtype=dtype, device="cpu")["w"]
+        assert in_memory.double().tolist() == expected
+        written = ladle.uniform_soup(models, dtype=dtype, out=tmp_path / f"{dtype}.safetensors")
+        assert ladle.load(written)["w"].double().tolist() == expected
+        greedy = ladle.greedy_soup(models, lambda sd: 1.0, dtype=dtype, device="cpu")
+        assert greedy.state_dict["w"].double().tolist() == expected
+    hard = _hard_cases(torch.float16, 2000, seed=13)
+    narrow = {"w": torch.zeros(hard.shape, dtype=torch.float16)}  # the result takes its dtype
+    total = ladle.add(narrow, {"w": hard})["w"]
+    assert total.double().tolist() == [_rounded_once(v, 11, -14) for v in hard.tolist()]

@@ -47,6 +47,7 @@ from .checkpoint import (
 from .engine import (
     NumberLike,
     NumbersLike,
+    cast,
     check_compatible,
     check_models,
     check_output_dtypes,
@@ -163,7 +164,7 @@ def _cast(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     limit = saturation_limit(dtype)
     if limit is not None:
         values = values.masked_fill(past_saturation(values, limit), math.nan)
-    return values.to(dtype)
+    return cast(values, dtype)  # float64 rounded once
 
 
 def _tensors(source: object) -> Mapping[str, torch.Tensor]:

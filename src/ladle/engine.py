@@ -1251,6 +1251,34 @@ def _overflowed(
     )
 
 
+def cast(values: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``values`` in ``dtype`` (into ``out``, given), each value rounded once to nearest even.
+
+    torch casts float64 to float16, bfloat16 and the float8 dtypes through float32, rounding
+    twice (``1 + 2⁻¹¹ + 2⁻⁴⁰`` became 1.0 in float16, not ``1 + 2⁻¹⁰``). Here such values
+    go through float32 rounded to odd instead (toward zero, the last bit set where inexact),
+    which keeps what the first rounding dropped: float32's 24 bits are more than two beyond
+    any of those dtypes', so the second rounding is the only one. Other casts are torch's.
+
+    Example:
+        >>> x = torch.tensor([1 + 2**-11 + 2**-40], dtype=torch.float64)
+        >>> x.to(torch.float16).item(), cast(x, torch.float16).item()
+        (1.0, 1.0009765625)
+    """
+    if values.dtype == torch.float64 and dtype.is_floating_point and dtype.itemsize < 4:
+        single = values.to(torch.float32)
+        widened = single.double()
+        toward_zero = torch.where(  # where float32's rounding went away from zero: one back
+            widened.abs() > values.abs(), torch.nextafter(single, torch.zeros_like(single)), single
+        )
+        inexact = toward_zero.double() != values  # NaN too: its last bit set, a NaN still
+        bits = toward_zero.view(torch.int32)
+        values = torch.where(inexact, bits | 1, bits).view(torch.float32)
+    if out is None:
+        return values.to(dtype)
+    return out.copy_(values)
+
+
 def saturation_limit(dtype: torch.dtype) -> tuple[float, bool] | None:
     """For a dtype that holds no infinity and to which torch's casts saturate
     (``float8_e4m3fn``: 520 and Inf become 448), the magnitude past which a value does not
@@ -1615,13 +1643,13 @@ class Transfers:
             for key, rows, result in results:
                 if result.dtype != dtype(key):
                     buffer = conversions.take(result.shape, dtype(key), result.device)
-                    result = buffer.copy_(result)
+                    result = cast(result, dtype(key), out=buffer)
                 yield key, rows, result
             return
         buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8, device="cpu")] * 2
         waiting: tuple[str, slice, torch.Tensor, torch.cuda.Event] | None = None
         for turn, (key, rows, result) in enumerate(results):
-            converted = result.to(dtype(key))
+            converted = cast(result, dtype(key))
             nbytes = converted.numel() * converted.element_size()
             if buffers[turn % 2].numel() < nbytes:
                 buffers[turn % 2] = torch.empty(

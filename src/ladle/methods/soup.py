@@ -23,6 +23,7 @@ from ..engine import (
     _check_merged,
     _check_output,
     _check_saturating,
+    cast,
     check_compatible,
     check_mergeable,
     check_models,
@@ -373,8 +374,11 @@ def _greedy(
         soup: Mapping[str, torch.Tensor], reference: Checkpoint, to: torch.device | str = device
     ) -> StateDict:
         # On ``to`` (``device`` for evaluate): integer buffers come from the inputs as they are.
-        cast = {key: t.to(to, output_dtype(reference.dtype(key), dtype)) for key, t in soup.items()}
-        return {key: cast[tied.get(key, key)] for key in names}
+        converted = {
+            key: cast(t.to(to), output_dtype(reference.dtype(key), dtype))  # rounded once
+            for key, t in soup.items()
+        }
+        return {key: converted[tied.get(key, key)] for key in names}
 
     def score_of(state_dict: StateDict, what: str) -> float:
         returned = evaluate(state_dict)
