@@ -1916,3 +1916,27 @@ def test_an_index_listing_no_tensors_is_refused_not_read_as_an_empty_model(tmp_p
         ladle.uniform_soup([tmp_path, tmp_path], out=tmp_path.parent / "o.safetensors")
     assert str(info.value) == f"{index}: lists no tensors (an empty weight_map)"
     assert not (tmp_path.parent / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("CPU", "device: expected cpu, cuda, cuda:N or another torch device, found 'CPU'"),
+        ("cpu:x", "device: expected cpu, cuda, cuda:N or another torch device, found 'cpu:x'"),
+    ],
+)
+def test_load_checks_its_device_as_the_merges_do(tmp_path, device, message):
+    # torch's own errors: "Expected one of cpu, cuda, ... device type at start of device
+    # string: CPU" (a RuntimeError); "meta" stays allowed: shapes and dtypes alone
+    path = ladle.save({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError) as info:
+        ladle.load(path, device=device)
+    assert str(info.value) == message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")
+def test_load_onto_cuda_without_it_is_a_value_error_naming_the_device(tmp_path):
+    path = ladle.save({"w": torch.ones(2)}, tmp_path / "m.safetensors")  # was AssertionError
+    with pytest.raises(ValueError, match=r"^device: 'cuda', but CUDA is not available"):
+        ladle.load(path, device="cuda")
+    assert ladle.load(path, device="meta")["w"].shape == (2,)  # shapes alone, nothing read

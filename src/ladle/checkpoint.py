@@ -1691,17 +1691,28 @@ def load(source: StateDictLike, *, device: str | torch.device = "cpu") -> StateD
 
     Args:
         source: anything :func:`open_checkpoint` accepts.
-        device: where to put the tensors.
+        device: where to put the tensors (``"meta"``: their shapes and dtypes, nothing read).
 
     Returns:
         A new state dict whose tensors the caller owns (not backed by the file).
+
+    Raises:
+        ValueError: ``device`` is one torch does not know, or one this machine lacks
+            (``cuda`` without CUDA), before anything is read; as the merges check it.
+        CheckpointError: ``source`` cannot be read; the message names it and why.
 
     Example:
         >>> import torch, ladle
         >>> ladle.load({"w": torch.ones(2)})
         {'w': tensor([1., 1.])}
     """
-    return _read_whole(source, device, shared=False)
+    from .engine import resolve_device  # the engine builds on this module
+
+    try:  # "meta": the tensors' shapes and dtypes, nothing read
+        meta = torch.device(device).type == "meta"
+    except (RuntimeError, TypeError):
+        meta = False  # resolve_device names it
+    return _read_whole(source, device if meta else resolve_device(device), shared=False)
 
 
 def load_tied(source: StateDictLike) -> StateDict:
