@@ -357,6 +357,10 @@ class LocalHub:
                     return self.reply(
                         404, b'{"error": "not found"}', {"X-Error-Code": "RepoNotFound"}
                     )
+                if "refuse" in repo:  # a status to answer everything with (401, 403)
+                    return self.reply(
+                        repo["refuse"], b'{"error": "Access to this resource is disabled."}'
+                    )
                 tree = api and path[4] == "tree"  # /api/models/{repo}/tree/{commit}[/{folder}]
                 rev = path[5] if tree else "/".join(path[5:]) if api else path[3]
                 commit = repo["refs"].get(rev, rev)
@@ -381,6 +385,8 @@ class LocalHub:
                         if p.startswith(within) and (recursive or "/" not in p[len(within) :])
                     ]
                     below = [p[len(within) :] for p in files if p.startswith(within)]
+                    if folder and not below:  # as the Hub answers a folder it lacks
+                        return self.reply(404, b"{}", {"X-Error-Code": "EntryNotFound"})
                     folders = (
                         []
                         if recursive
@@ -1013,12 +1019,17 @@ class FakeHfApi:
 
     calls: ClassVar[list[tuple[str, dict]]] = []
     fails: ClassVar[Exception | None] = None
+    remote: ClassVar[list[str]] = []  # the files the repository holds already
 
     def __init__(self, **kwargs: object) -> None:
         self.calls.append(("HfApi", kwargs))
 
     def create_repo(self, repo_id: str, **kwargs: object) -> None:
         self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def list_repo_files(self, repo_id: str, **kwargs: object) -> list[str]:
+        self.calls.append(("list_repo_files", {"repo_id": repo_id, **kwargs}))
+        return list(self.remote)
 
     def upload_folder(self, **kwargs: object) -> object:
         self.calls.append(("upload_folder", kwargs))
@@ -1046,15 +1057,51 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_folder(tmp_path, monkeypat
             "create_repo",
             {"repo_id": "org/merged", "repo_type": "model", "private": private, "exist_ok": True},
         ),
+        ("list_repo_files", {"repo_id": "org/merged", "repo_type": "model"}),
         (
             "upload_folder",
             {
                 "repo_id": "org/merged",
                 "folder_path": tmp_path,
                 "commit_message": "Upload merge made with ladle",
+                "delete_patterns": None,
             },
         ),
     ]
+
+
+def test_push_to_hub_deletes_the_weights_an_earlier_upload_left_at_the_root(tmp_path, monkeypatch):
+    # An earlier sharded merge's index stayed beside the new model.safetensors, and was
+    # read instead of it (the index comes first): the repository served the old merge.
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    remote = [
+        ".gitattributes",
+        "README.md",
+        "config.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model[1].bin",  # a name with glob characters
+        "model.safetensors",  # replaced by the upload
+        "unet/diffusion_pytorch_model.safetensors",  # another folder's: left alone
+        "eval_results.json",
+    ]
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(FakeHfApi, "calls", [])
+    monkeypatch.setattr(FakeHfApi, "remote", remote)
+    ladle.save({"w": torch.ones(2)}, tmp_path / "out")
+    push_to_hub(tmp_path / "out", "org/merged")
+    patterns = FakeHfApi.calls[-1][1]["delete_patterns"]
+    # huggingface_hub deletes what its own filter matches among the repository's files
+    deleted = set(filter_repo_objects(remote, allow_patterns=patterns))
+    assert deleted == {
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model[1].bin",
+    }
 
 
 def test_a_failed_push_to_hub_is_a_ladle_error_naming_the_folder_and_the_cause(
@@ -1070,3 +1117,91 @@ def test_a_failed_push_to_hub_is_a_ladle_error_naming_the_folder_and_the_cause(
     assert str(err.value) == (
         f"push_to_hub: uploading {tmp_path} to org/merged failed: ConnectionError: refused twice"
     )
+
+
+def test_offline_a_cache_without_the_card_or_tokenizer_still_merges(
+    local_hub, monkeypatch, tmp_path
+):
+    # huggingface_hub ≥ 1 records the repository's files (trees/<commit>.json) and, offline,
+    # refused the snapshot when a file ladle asks for (README.md, LICENSE) was not cached:
+    # "org/m is not in the Hugging Face cache", after `hf download org/m model.safetensors`.
+    from huggingface_hub import snapshot_download
+
+    hub, model = local_hub
+    snapshot_download(
+        "org/m",
+        allow_patterns=["model.safetensors", "config.json"],
+        cache_dir=tmp_path / "cache",  # (huggingface_hub read HF_HUB_CACHE at its import)
+        endpoint=hub.url,
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.requests.clear()
+    loaded = ladle.load("hf://org/m")
+    assert all(torch.equal(loaded[k], model[k]) for k in model)
+    assert hub.requests == []
+
+
+def test_a_hub_merge_logs_no_warning_of_its_own_patterns(local_hub, caplog):
+    # Every hf:// input logged "No files matched allow_patterns=['additional_chat_templates/
+    # *.jinja'], ignore_patterns=[...]" (huggingface_hub ≥ 1 warns of patterns that match
+    # nothing): the templates folder is asked for only where the repository has one.
+    _, model = local_hub
+    with caplog.at_level("WARNING"):
+        loaded = ladle.load("hf://org/m")
+    assert torch.equal(loaded["layer.weight"], model["layer.weight"])
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+def test_a_subfolder_the_repository_lacks_is_named_as_holding_no_weights(local_hub):
+    # The Hub answers 404 for the tree of a folder it lacks: "cannot fetch from the Hub (404
+    # Client Error. Entry Not Found for url: ...)", as if the network had failed.
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.open_checkpoint("hf://org/m/unte")
+    assert str(info.value).startswith(f"hf://org/m@{COMMIT_B}/unte: no weights in subfolder 'unte'")
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_repository_the_hub_refuses_is_named_as_refused_not_unreachable(local_hub, status):
+    # "org/g is not in the Hugging Face cache (...) and the Hub could not be reached": it
+    # was reached, and said no.
+    hub, _ = local_hub
+    hub.repos["org/g"] = {"refs": {}, "commits": {}, "refuse": status}
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.open_checkpoint("hf://org/g")
+    assert str(info.value).startswith(f"hf://org/g: the Hub refused access to org/g ({status}: ")
+    assert str(info.value).endswith(
+        "set HF_TOKEN or run `hf auth login` with an account that can read it"
+    )
+    assert "\n" not in str(info.value)
+
+
+def test_a_revision_the_repository_lacks_is_named_main_where_none_was_given(local_hub):
+    hub, _ = local_hub
+    hub.repos["org/empty"] = {"refs": {}, "commits": {}}
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.open_checkpoint("hf://org/empty")
+    assert str(info.value) == "hf://org/empty: revision 'main' not found in org/empty"  # None
+
+
+def test_a_hub_index_whose_shards_lie_in_a_folder_below_it_is_read(local_hub):
+    # A local folder of these files is read; from the Hub the shards, one folder down, were
+    # never fetched ("no weights in the repository root").
+    hub, model = local_hub
+    index = {"weight_map": dict.fromkeys(model, "shards/part-1.safetensors")}
+    files = {
+        "model.safetensors.index.json": json.dumps(index).encode(),
+        "shards/part-1.safetensors": weights(model),
+    }
+    hub.repos["org/deep"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
+    loaded = ladle.load("hf://org/deep")
+    assert all(torch.equal(loaded[k], model[k]) for k in model)
+
+
+def test_a_bad_hub_index_is_named_by_its_source(local_hub):
+    hub, _ = local_hub
+    files = {"model.safetensors.index.json": b"{not json"}
+    hub.repos["org/bad"] = {"refs": {"main": COMMIT_A}, "commits": {COMMIT_A: files}}
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.open_checkpoint("hf://org/bad")
+    assert str(info.value).startswith(f"hf://org/bad@{COMMIT_A}: ")
+    assert "model.safetensors.index.json: not a valid shard index" in str(info.value)

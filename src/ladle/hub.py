@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import unquote
 
 from ._version import __version__
-from .checkpoint import NOT_WEIGHTS, _some, shard_names, weights_layout
+from .checkpoint import NOT_WEIGHTS, TORCH_SUFFIXES, _some, shard_names, weights_layout
 from .errors import CheckpointError, LadleError, type_name
 
 if TYPE_CHECKING:
@@ -235,9 +235,10 @@ def _patterns(prefix: str, names: tuple[str, ...] | list[str]) -> list[str]:
 
 def _listed(repo_id: str, commit: str, subfolder: str) -> list[str]:
     """The names of the files directly in ``subfolder`` (``""``: the root) of ``repo_id`` at
-    ``commit``, as the Hub lists them."""
+    ``commit``, as the Hub lists them, and of the folders there, each with a ``/`` after it."""
     from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.hf_api import RepoFile, RepoFolder
 
     api = HfApi(
         endpoint=os.environ.get("HF_ENDPOINT") or None,
@@ -245,11 +246,14 @@ def _listed(repo_id: str, commit: str, subfolder: str) -> list[str]:
         library_version=__version__,
     )
     prefix = f"{subfolder}/" if subfolder else ""
-    entries = api.list_repo_tree(repo_id, path_in_repo=subfolder or None, revision=commit)
+    try:
+        entries = list(api.list_repo_tree(repo_id, path_in_repo=subfolder or None, revision=commit))
+    except EntryNotFoundError:  # a subfolder the repository lacks: no files
+        return []
     return [
-        entry.path[len(prefix) :]
+        entry.path[len(prefix) :] + ("/" if isinstance(entry, RepoFolder) else "")
         for entry in entries
-        if isinstance(entry, RepoFile)
+        if isinstance(entry, (RepoFile, RepoFolder))
         and entry.path.startswith(prefix)
         and "/" not in entry.path[len(prefix) :]
     ]
@@ -268,8 +272,29 @@ def _weight_files(folder: Path, names: list[str], where: str) -> list[str]:
             )
         return []
     if chosen.endswith(".index.json"):
-        return sorted(set(shard_names(folder / chosen).values()))
+        try:
+            return sorted(set(shard_names(folder / chosen).values()))
+        except CheckpointError as err:  # named by the source, not by the cache's path
+            raise CheckpointError(f"{where}: {err}") from err
     return [chosen]
+
+
+def _check_access(err: BaseException, url: str, repo_id: str) -> None:
+    """A ``CheckpointError`` where the Hub answered ``err`` (or what caused it) with 401 or
+    403: it was reached, and refused this login (a fine-grained token without the repository,
+    a disabled repository); else nothing."""
+    cause: BaseException | None = err
+    for _ in range(8):  # the chain's first links (a cycle would never end)
+        if cause is None:
+            return
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise CheckpointError(
+                f"{url}: the Hub refused access to {repo_id} ({status}: "
+                f"{' '.join(str(cause).split())}); set HF_TOKEN or run `hf auth login` with "
+                "an account that can read it"
+            ) from err
+        cause = cause.__cause__ or cause.__context__
 
 
 def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
@@ -308,6 +333,18 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
     cache = str(cache_dir) if cache_dir is not None else _cache_dir()
 
     def fetch(revision: str | None, allow: list[str], depth: int = 1) -> Path:
+        try:
+            return _snapshot(revision, allow, depth)
+        except LocalEntryNotFoundError as err:
+            # huggingface_hub ≥ 1: offline, a snapshot whose cached file list names files
+            # these patterns match and the cache lacks (a README, a tokenizer) is refused
+            # whole; what it holds is checked below, as a folder's would be.
+            partial = getattr(err, "snapshot_path", None)
+            if partial is None:
+                raise
+            return Path(partial)
+
+    def _snapshot(revision: str | None, allow: list[str], depth: int) -> Path:
         return Path(
             snapshot_download(
                 source.repo_id,
@@ -336,14 +373,20 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         )
         commit = root.name  # snapshots/<commit hash>
         folder = root / source.subfolder if source.subfolder else root
-        fetch(commit, [f"{prefix}{name}/*.jinja" for name in COMPANION_FOLDERS], depth=2)
         if offline:  # what the cache holds; a shard missing there makes found False below
-            names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+            found_here = folder.iterdir() if folder.is_dir() else []
+            names = [p.name + ("/" if p.is_dir() else "") for p in found_here]
         else:
             names = _listed(source.repo_id, commit, source.subfolder)
+        # Only folders that are there: huggingface_hub warns of patterns that match nothing.
+        templates = [f"{prefix}{name}/*.jinja" for name in COMPANION_FOLDERS if f"{name}/" in names]
+        if templates:
+            fetch(commit, templates, depth=2)
         files = _weight_files(folder, names, source.url(commit))
         if files:
-            fetch(commit, [prefix + glob.escape(name) for name in files])
+            # exact names, a shard in a folder below the index's too
+            deepest = max(name.count("/") for name in files) + 1
+            fetch(commit, [prefix + glob.escape(name) for name in files], depth=deepest)
         found = bool(files) and all((folder / name).is_file() for name in files)
     except RepositoryNotFoundError as err:  # also gated repos
         raise CheckpointError(
@@ -352,9 +395,10 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         ) from err
     except RevisionNotFoundError as err:
         raise CheckpointError(
-            f"{url}: revision {source.revision!r} not found in {source.repo_id}"
+            f"{url}: revision {source.revision or 'main'!r} not found in {source.repo_id}"
         ) from err
     except LocalEntryNotFoundError as err:
+        _check_access(err, url, source.repo_id)  # reached, and refused: not a network failure
         # huggingface_hub's own text advises `local_files_only=False`, which ladle has not.
         revision = f" --revision {source.revision}" if source.revision else ""
         # `hf` came with huggingface_hub 0.34; `huggingface-cli` before it.
@@ -369,7 +413,10 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             f"{url}: {what}{source.repo_id} is not in the Hugging Face cache ({cache}) and {why}"
         ) from err
     except (HfHubHTTPError, OSError) as err:
-        raise CheckpointError(f"{url}: cannot fetch from the Hub ({err})") from err
+        _check_access(err, url, source.repo_id)
+        raise CheckpointError(
+            f"{url}: cannot fetch from the Hub ({' '.join(str(err).split())})"
+        ) from err
     if not _COMMIT.fullmatch(commit):
         raise CheckpointError(f"{url}: resolved to {root}, which is not a cached snapshot")
     if not found:
@@ -385,11 +432,18 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
     return folder, commit
 
 
+def _is_weights_file(name: str) -> bool:
+    """Whether ``name`` is a weights file or shard index of any format a folder is read from."""
+    return name.endswith((".safetensors", ".index.json")) or name.endswith(TORCH_SUFFIXES)
+
+
 def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None) -> str:
     """Upload a merged output directory to the Hub repository ``repo_id`` (created if needed).
 
     Uses ``HfApi.create_repo`` and ``HfApi.upload_folder`` with the current login
-    (``HF_TOKEN`` or ``hf auth login``).
+    (``HF_TOKEN`` or ``hf auth login``). Weights files and shard indexes at the repository's
+    root that ``folder`` lacks (an earlier merge's shards) are deleted in the same commit,
+    so the repository holds this output's weights alone; other files are left as they are.
 
     Args:
         folder: a directory written by a merge (weights, config, tokenizer, model card).
@@ -417,8 +471,18 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, library_name="ladle")
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        # Weights an earlier upload left at the root and this output lacks go in the same
+        # commit: a stale index beside new single-file weights would be read instead of them.
+        stale = [
+            name
+            for name in api.list_repo_files(repo_id, repo_type="model")
+            if "/" not in name and _is_weights_file(name) and not (path / name).exists()
+        ]
         info = api.upload_folder(
-            repo_id=repo_id, folder_path=path, commit_message="Upload merge made with ladle"
+            repo_id=repo_id,
+            folder_path=path,
+            commit_message="Upload merge made with ladle",
+            delete_patterns=[glob.escape(name) for name in stale] or None,
         )
     except Exception as err:  # HTTP errors, and the transport's own (refused connections)
         raise LadleError(
