@@ -261,6 +261,46 @@ def test_average_refuses_a_lazy_conjugate_whose_mean_would_go_to_a_copy(one_rank
     assert average_(negative)["r"].tolist() == [-2.0] and negative["r"].is_neg()
 
 
+def _inference_tensor() -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.ones(2)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        # BatchNorm's running_var reassigned in a validation pass under inference_mode: the
+        # write failed after the collective, leaving the tensors after it unaveraged (and a
+        # rank alone failing left the others waiting until the group's timeout)
+        (
+            _inference_tensor(),
+            "'w': an inference tensor (made under torch.inference_mode()) cannot be written "
+            "outside it; replace it with a clone made outside it",
+        ),
+        (torch.eye(2).to_sparse(), "'w': a tensor torch.sparse_coo cannot be averaged in place"),
+        (  # was "an expanded tensor ... (.clone())": sparse strides are 0
+            torch.empty(2, device="meta"),
+            "'w': a tensor on the meta device (no data) cannot be averaged in place",
+        ),
+    ],
+    ids=["inference", "sparse", "meta"],
+)
+def test_average_refuses_what_it_cannot_write_before_any_data_moves(one_rank, tensor, message):
+    state = {"a": torch.ones(2), "w": tensor}
+    with pytest.raises(ValueError) as caught:
+        average_(state)
+    assert str(caught.value) == message
+
+
+def test_every_rank_s_same_list_of_weights_holding_nan_is_refused_as_not_finite():
+    # Gathered lists are copies: [1.0, nan] != [1.0, nan], so the ranks were told that they
+    # passed different lists.
+    from ladle.distributed import _rank_weights
+
+    with pytest.raises(ValueError, match=r"^weights: expected finite weights"):
+        _rank_weights([[1.0, float("nan")], [1.0, float("nan")]], 2)  # two NaN objects
+
+
 @pytest.mark.parametrize(
     "weights", [2, 0.5, np.float32(2), torch.tensor(2.0), [3], (np.int64(1),), torch.tensor([2.0])]
 )
@@ -412,8 +452,28 @@ def _elsewhere_on_rank_2(out: Path | None, group: object, problem: str | None) -
     return directory.with_name(directory.name + "-elsewhere")
 
 
+def normalized(models: list, out: Path | None = None, **kwargs: object) -> object:
+    """A method of a user's own: a statistic over every key from a merge in memory (the
+    soup's norm), then the merge it writes."""
+    soup = ladle.uniform_soup(models, device="cpu")
+    norm = math.sqrt(sum(float(t.double().square().sum()) for t in soup.values()))
+    return ladle.task_arithmetic(models[1:], models[0], scale=1 / norm, out=out, **kwargs)
+
+
+def written_twice(models: list, out: Path, **kwargs: object) -> object:
+    """A method of a user's own that writes its output twice."""
+    ladle.uniform_soup(models, out=out, **kwargs)
+    return ladle.uniform_soup(models, out=out, overwrite=True, **kwargs)
+
+
 def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     found: dict = {}
+    # The in-memory soup ran on this rank's keys alone: each rank scaled by another norm.
+    merge(normalized, models, out=root / "custom", device="cpu", chunk_bytes=CHUNK)
+    # Its second merge wrote shards under the first's names: "already exists" (overwrite=True)
+    found["written_twice_error"] = _catch(
+        merge, written_twice, models, out=root / "written_twice", device="cpu"
+    )
     for name, (method, extra) in MERGES.items():
         out = merge(
             method,
@@ -608,6 +668,23 @@ def test_split_merge_equals_single_process_merge_bit_for_bit(spawned, name):
     for key in expected:
         assert merged[key].dtype == expected[key].dtype, key
         assert torch.equal(merged[key], expected[key]), key
+
+
+@pytest.mark.slow
+def test_a_method_s_own_steps_run_whole_in_a_split_merge_and_it_writes_once(spawned, tmp_path):
+    root, _, _, ranks = spawned
+    models = [str(root / f"model{i}.safetensors") for i in range(1, 4)]
+    expected = ladle.load(normalized(models, out=tmp_path / "custom", chunk_bytes=CHUNK))
+    merged = ladle.load(root / "custom")
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    for found in ranks:
+        assert found["written_twice_error"] == (
+            "LadleError",
+            f"{root / 'written_twice'}: a split merge writes its output once; the method "
+            "merged into it twice",
+        )
+    assert not (root / "written_twice").exists()
 
 
 TIED = [  # base, two models: the embedding elects + on 6 entries, the body − on 8 and ties on 1

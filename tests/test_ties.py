@@ -913,6 +913,9 @@ class _EveryKey:
     """A split merge's partition in one process, holding every key: the path whose majority
     is voted in a pass before the merge (majority_votes), not patched in after it."""
 
+    def writes(self, out):
+        return True  # the in-memory merge too, which a split leaves whole otherwise
+
     def keys(self, reference):
         return reference.keys()
 

@@ -155,9 +155,19 @@ def _local(name: str, tensor: torch.Tensor, members: set[int]) -> torch.Tensor:
 
 def _writable(name: str, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``, or a ``ValueError`` naming it where its mean cannot be written into it:
-    elements that share memory (an ``expand``), or a lazy conjugate (``x.conj()``), whose
-    values a write through its real view would not reach. Checked before any data moves: a
-    failed write after the collective left the tensors before it averaged, those after not."""
+    no dense tensor with data (sparse, on the meta device), an inference tensor outside
+    ``inference_mode`` (a buffer reassigned in a validation pass), elements that share memory
+    (an ``expand``), or a lazy conjugate (``x.conj()``), whose values a write through its
+    real view would not reach. Checked before any data moves: a failed write after the
+    collective left the tensors before it averaged, those after not."""
+    if tensor.layout != torch.strided or tensor.is_meta:
+        what = "on the meta device (no data)" if tensor.is_meta else f"{tensor.layout}"
+        raise ValueError(f"{name!r}: a tensor {what} cannot be averaged in place")
+    if tensor.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(
+            f"{name!r}: an inference tensor (made under torch.inference_mode()) cannot be "
+            "written outside it; replace it with a clone made outside it"
+        )
     if any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride())):
         raise ValueError(
             f"{name!r}: several of its elements are one in memory (an expanded tensor); "
@@ -219,6 +229,13 @@ def _rank_weight(rank: int, weight: object) -> float:
     return check_number(f"weights (rank {rank})", weight)
 
 
+def _same(a: object, b: object) -> bool:
+    """Whether two ranks' lists of weights agree, a NaN in both places included (which the
+    checks of the weights then refuse as such)."""
+    assert isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))
+    return len(a) == len(b) and all(x == y or (x != x and y != y) for x, y in zip(a, b))
+
+
 def _rank_weights(given: Sequence[object], size: int) -> list[float] | None:
     """Every rank's ``weights`` argument, gathered: one weight per rank, or ``None``. A weight
     that is no number (:func:`~ladle.engine.check_number`: a ``bool`` neither) is a
@@ -226,7 +243,7 @@ def _rank_weights(given: Sequence[object], size: int) -> list[float] | None:
     """
     if all(w is None for w in given):
         return None
-    if all(isinstance(w, (list, tuple)) for w in given) and all(w == given[0] for w in given):
+    if all(isinstance(w, (list, tuple)) for w in given) and all(_same(w, given[0]) for w in given):
         found = check_numbers("weights", given[0], size, "per-rank weights (the group's size)")
     elif not any(w is None or isinstance(w, (list, tuple)) for w in given):
         found = [_rank_weight(rank, w) for rank, w in enumerate(given)]
@@ -557,14 +574,17 @@ class _Share:
     exchange of reports.
     """
 
-    def __init__(self, group: dist.ProcessGroup, directory: Path) -> None:
-        self.group, self.directory = group, directory
+    def __init__(self, group: dist.ProcessGroup, directory: Path, out: Path) -> None:
+        self.group, self.directory, self.out = group, directory, Path(os.path.abspath(out))
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.files: list[str] = []
         self.weight_map: dict[str, str] = {}
         self.specs: dict[str, Spec] = {}
         self.used = False
         self.stopped = False  # another rank failed: learnt at a flag, which is then spent
+
+    def writes(self, out: str | os.PathLike | None) -> bool:
+        return out is not None and Path(os.path.abspath(out)) == self.out
 
     def keys(self, reference: Checkpoint) -> list[str]:
         sizes = {key: reference.nbytes(key) for key in reference.keys()}
@@ -590,6 +610,10 @@ class _Share:
         extra_files: Mapping[str, bytes | str | os.PathLike] | None,
         max_shard_size: int | str,
     ) -> _ShardWriter:
+        if self.used:  # its shards would take the names of the first merge's
+            raise LadleError(
+                f"{out}: a split merge writes its output once; the method merged into it twice"
+            )
         self.used, self.specs = True, dict(specs)
         writer = _ShardWriter(
             self.directory,
@@ -802,7 +826,7 @@ def merge(
     if isinstance(directory, str):
         raise LadleError(directory)
     out = Path(out)
-    share = _Share(world, directory)
+    share = _Share(world, directory, out)
     error: Exception | None = None
     try:
         if not directory.is_dir():

@@ -226,12 +226,18 @@ class Sink(Protocol):
 class Partition(Protocol):
     """This process's share of a merge split across processes (see :mod:`ladle.distributed`).
 
-    Inside :func:`partitioned`, :func:`merge` merges only ``keys(reference)`` (``reference``:
-    the base, else model 0) and hands them to ``writer``; an in-memory merge returns only
-    those keys. Statistics passes in a method's ``prepare`` may run over the same keys alone,
-    combining what spans keys (TIES's global threshold) with ``all_reduce``; a method that
-    ignores the partition still gives the right result, gathering statistics over all keys.
+    Inside :func:`partitioned`, the :func:`merge` to the split's output (``writes(out)``)
+    merges only ``keys(reference)`` (``reference``: the base, else model 0) and hands them
+    to ``writer``; any other merge in the block (in memory, or to another output: a method's
+    own intermediate steps) runs whole, as without the split. Statistics passes in a method's
+    ``prepare`` may run over the same keys alone, combining what spans keys (TIES's global
+    threshold) with ``all_reduce``; a method that ignores the partition still gives the
+    right result, gathering statistics over all keys.
     """
+
+    def writes(self, out: str | os.PathLike | None) -> bool:
+        """Whether a merge to ``out`` is the one split (``None``, in memory: never)."""
+        ...
 
     def keys(self, reference: Checkpoint) -> list[str]:
         """The keys of ``reference`` this process merges, in ``reference``'s order."""
@@ -1855,6 +1861,9 @@ def merge(
         if out is not None:  # a dtype safetensors has no code for: before any pass
             check_storable(out, specs)
         part = _PARTITION.get()
+        if part is not None and not part.writes(out):  # a step of the method's own: whole,
+            stack.callback(_PARTITION.reset, _PARTITION.set(None))  # its prepare's passes too
+            part = None
         keys = None if part is None else part.keys(reference)
         if prepare is not None:
             with _preparing(progress):
