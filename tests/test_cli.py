@@ -814,7 +814,13 @@ def test_run_passes_device_overwrite_and_progress_on_a_terminal_to_run_recipe(mo
     import ladle.cli
 
     calls = []
-    monkeypatch.setattr(ladle.cli, "run_recipe", lambda recipe, **kw: calls.append(kw) or {})
+
+    def run_recipe(recipe, *, on_output, **kw):
+        calls.append(kw)
+        on_output("step", Path("out"))  # printed as it comes
+        return {}
+
+    monkeypatch.setattr(ladle.cli, "run_recipe", run_recipe)
     for terminal, options in [(True, []), (False, []), (True, ["--no-progress"])]:
         monkeypatch.setattr(sys.stderr, "isatty", lambda terminal=terminal: terminal)
         assert main(["run", "r.toml", *options]) == 0
@@ -886,3 +892,88 @@ def test_main_called_from_a_thread_runs_without_touching_signals(inputs, capsys)
     thread.join()
     assert statuses == [0]
     assert "5 tensors" in capsys.readouterr().out
+
+
+def _ladle_shell(command: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """``python -m ladle`` run by a shell (for its redirections)."""
+    return subprocess.run(
+        ["sh", "-c", f'"{sys.executable}" -m ladle {command}'],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **env},
+    )
+
+
+@pytest.mark.slow
+def test_a_closed_standard_output_is_no_traceback(tmp_path, inputs):
+    # Closed (>&-): sys.stdout is None, and "'NoneType' object has no attribute 'flush'"
+    # came with a traceback and status 1 after a merge that had succeeded.
+    closed = _ladle_shell(f"soup {inputs[0]} {inputs[1]} -o {tmp_path / 'o'} >&-", tmp_path)
+    assert (closed.returncode, closed.stderr) == (0, "")
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_keys_an_ascii_standard_output_cannot_encode_are_escaped(tmp_path):
+    # "'ascii' codec can't encode characters in position 0-4", status 1, after one row
+    save_file({"вес": torch.ones(2), "w": torch.ones(1)}, tmp_path / "u.safetensors")
+    result = _ladle_shell("inspect u.safetensors", tmp_path, PYTHONIOENCODING="ascii")
+    assert result.returncode == 0, result.stderr
+    assert "\\u0432\\u0435\\u0441  float32" in result.stdout
+
+
+def test_negative_numbers_in_scientific_notation_are_numbers(tmp_path, inputs):
+    # "unrecognized arguments: -1e-3" (argparse before 3.13 took it for an option)
+    base, *models = inputs
+    out = tmp_path / "ta.safetensors"
+    argv = ["task-arithmetic", "--base", base, *models, "--weights", "1", "-1e-3"]
+    assert main([*argv, "--scale", "-2E0", "-o", str(out)]) == 0
+    expected = ladle.task_arithmetic(models, base, weights=[1, -1e-3], scale=-2.0)
+    merged = ladle.load(out)
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+def test_an_empty_device_or_workdir_or_a_rank_that_is_no_number_is_refused(
+    tmp_path, inputs, capsys, monkeypatch
+):
+    # diff took --device "" for the CPU; demo --workdir "" wrote into (and over files in)
+    # the working directory; RANK=x was a ValueError traceback
+    assert main(["diff", inputs[0], inputs[1], "--device", ""]) == 1
+    assert capsys.readouterr().err.startswith("ladle: error: device: expected cpu, cuda, ")
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--size", "small", "--workdir", ""]) == 1
+    assert capsys.readouterr().err == "ladle: error: workdir: expected a path, found an empty one\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m0.safetensors",
+        "m1.safetensors",
+        "m2.safetensors",
+    ]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(SystemExit) as exited:
+        main(["inspect", inputs[0]])
+    assert exited.value.code == 2
+    assert "RANK='x': expected the process's rank (0, 1, ...)" in capsys.readouterr().err
+
+
+def test_ladle_run_names_each_output_as_it_is_written_before_a_later_step_fails(
+    tmp_path, inputs, capsys
+):
+    # Nothing was printed when a later step failed, though step "one" had been written; the
+    # error told to pass --allow-nonfinite, which ladle run does not take.
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        f'[steps.one]\nmethod = "soup"\nmodels = ["{inputs[1]}", "{inputs[2]}"]\n'
+        'output = "one.safetensors"\n'
+        f'[steps.two]\nmethod = "task_arithmetic"\nmodels = ["one"]\nbase = "{inputs[0]}"\n'
+        'output = "two.safetensors"\n[steps.two.parameters]\nscale = 1e300\n'
+    )
+    assert main(["run", str(recipe), "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == f"one: {tmp_path / 'one.safetensors'}\n"
+    assert captured.err.startswith("ladle: error: steps.two: ")
+    assert captured.err.endswith(
+        "; allow_nonfinite = true (in the step's parameters) keeps them as they are\n"
+    )
+    assert not (tmp_path / "two.safetensors").exists()

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -93,9 +94,21 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
 
 
-def merge_options() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, reading ``-1e-3`` and ``-inf`` as the numbers they are: argparse
+    before Python 3.13 knows only ``-1`` and ``-0.5``, and took the others for options
+    (``--weights 1 -1e-3``: "unrecognized arguments")."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(
+            r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$|^-inf(?:inity)?$", re.IGNORECASE
+        )
+
+
+def merge_options() -> _Parser:
     """Options every merge sub-command shares."""
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = _Parser(add_help=False)
     parent.add_argument(
         "-o",
         "--out",
@@ -160,6 +173,20 @@ def merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "progress": not args.no_progress and sys.stderr.isatty(),
         "allow_nonfinite": args.allow_nonfinite,
     }
+
+
+def _rank() -> int:
+    """This process's rank among those ``torchrun`` launched (its ``RANK``); -1 for a value
+    that is none."""
+    rank = os.environ.get("RANK", "0")
+    return int(rank) if rank.isdigit() else -1
+
+
+def _flush_stdout() -> None:
+    """Standard output flushed; closed (``>&-``: ``sys.stdout`` is ``None``, and ``print``
+    writes nothing) there is nothing to flush."""
+    if sys.stdout is not None:
+        sys.stdout.flush()
 
 
 def _world_size() -> int:
@@ -341,7 +368,7 @@ def _run_diff(args: argparse.Namespace) -> None:
         args.a,
         args.b,
         base=args.base,
-        device=args.device or "cpu",
+        device="cpu" if args.device is None else args.device,  # "" is refused, as by merges
         allow_nonfinite=args.allow_nonfinite,
     )
     if args.json:
@@ -389,15 +416,14 @@ def _run_diff(args: argparse.Namespace) -> None:
 
 
 def _run_recipe(args: argparse.Namespace) -> None:
-    results = run_recipe(
+    # Each output as it is written: a later step's failure leaves the earlier ones on disk.
+    run_recipe(
         args.recipe,
         device=args.device,
         overwrite=args.overwrite,
         progress=not args.no_progress and sys.stderr.isatty(),
+        on_output=lambda name, path: print(f"{name}: {path}", flush=True),
     )
-    for name, result in results.items():
-        if isinstance(result, Path):
-            print(f"{name}: {result}")
 
 
 _SOURCE = "a file, a directory or hf://OWNER/REPO[@REVISION][/SUBFOLDER]"
@@ -409,7 +435,7 @@ _SCALE = _checked(float, check_scale)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(  # its sub-commands' parsers are of its class
         prog="ladle", description="Merge neural-network weights (model soups and more)."
     )
     parser.add_argument("--version", action="version", version=f"ladle {__version__}")
@@ -685,6 +711,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a key in no encoding of a terminal's: escaped
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     run: Callable[[argparse.Namespace], None] = args.run
     command: argparse.ArgumentParser = args.command_parser  # usage errors show its usage
     push = getattr(args, "push_to_hub", None)
@@ -708,7 +738,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "a merge split across processes (torchrun) writes a directory of shards: "
             "-o DIR, not a .safetensors file"
         )
-    rank = int(os.environ.get("RANK", "0")) if _world_size() > 1 else 0
+    rank = _rank() if _world_size() > 1 else 0
+    if rank < 0:
+        command.error(f"RANK={os.environ.get('RANK')!r}: expected the process's rank (0, 1, ...)")
     if rank != 0 and run not in _SPLIT_RUNS:
         return 0  # under torchrun, commands that do not split run on rank 0 alone
     try:
@@ -721,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     from .hub import push_to_hub
 
                     print(push_to_hub(args.out, push))
-                sys.stdout.flush()  # a reader gone early fails here, not at exit
+                _flush_stdout()  # a reader gone early fails here, not at exit
     except BrokenPipeError:  # stdout's reader left (`ladle inspect X | head`): stop quietly
         _discard_stdout()
         return 141  # 128 + SIGPIPE, as shells report a process the closed pipe stopped

@@ -257,6 +257,8 @@ def run_demo(
         ['linear probe', 'best single fine-tuning', 'uniform soup']
     """
     seed = check_demo_seed(seed)
+    if workdir is not None and not os.fspath(workdir):  # "" is the working directory itself
+        raise ValueError("workdir: expected a path, found an empty one")
     if size not in SIZES:
         raise ValueError(f"size: expected one of {sorted(SIZES)}, found {size!r}")
     out = sys.stdout if stream is None else stream

@@ -76,6 +76,9 @@ __all__ = [
 
 T = TypeVar("T")
 
+ALLOW_NONFINITE = "allow_nonfinite=True (--allow-nonfinite)"
+"""How errors about NaN and Inf say to go on anyway (a recipe's steps say it their way)."""
+
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 """Largest chunk of one tensor, per model, in the compute dtype (64 MiB)."""
 
@@ -1252,8 +1255,7 @@ def _overflowed(
         f"{where}: {count} of the {total} merged values of key {key!r}{part} overflow "
         f"{str(dtype).removeprefix('torch.')} (largest finite value "
         f"{torch.finfo(dtype).max:g}) although every input is finite; lower the scale "
-        f"or weights where the method has them{wider}; allow_nonfinite=True "
-        "(--allow-nonfinite) keeps them as they are"
+        f"or weights where the method has them{wider}; {ALLOW_NONFINITE} keeps them as they are"
     )
 
 
@@ -1688,7 +1690,7 @@ def _check_finite(chunk: torch.Tensor, index: int | None, checkpoint: Checkpoint
     if not torch.isfinite(total) and not bool(torch.isfinite(values).all()):
         raise NonFiniteError(
             f"{_describe(index, checkpoint)}: key {key!r} holds NaN or Inf values; "
-            "pass allow_nonfinite=True (--allow-nonfinite) to go on anyway"
+            f"pass {ALLOW_NONFINITE} to go on anyway"
         )
 
 

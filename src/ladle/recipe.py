@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .checkpoint import MISSING, StateDict
-from .engine import DTYPE_NAMES, check_chunk_bytes, resolve_device
+from .engine import ALLOW_NONFINITE, DTYPE_NAMES, check_chunk_bytes, resolve_device
 from .errors import LadleError
 from .hub import PREFIX, parse_hf_url
 from .writer import check_output_free, check_output_name, parse_size, single_file
@@ -611,7 +611,9 @@ def _named(err: Exception, where: str) -> Exception | None:
     (``steps.NAME: ...``); ``None`` for an exception that cannot be rebuilt from a message
     (the original is raised as it is). An ``OSError`` keeps its ``errno`` but not its
     ``filename`` or ``strerror`` (both are in the message, and on the cause)."""
-    message = f"{where}: {err}"
+    # A recipe has no --allow-nonfinite: its steps take the parameter.
+    said = str(err).replace(ALLOW_NONFINITE, "allow_nonfinite = true (in the step's parameters)")
+    message = f"{where}: {said}"
     try:
         named = type(err)(message)
     except Exception:
@@ -630,6 +632,7 @@ def run_recipe(
     device: str | torch.device | None = None,
     overwrite: bool = False,
     progress: Any = None,
+    on_output: Callable[[str, Path], object] | None = None,
 ) -> dict[str, StateDict | Path]:
     """Run every step of a recipe in order; a step without ``output`` stays in memory.
 
@@ -639,6 +642,8 @@ def run_recipe(
             available, else the CPU.
         overwrite: replace existing outputs (atomically) instead of refusing.
         progress: ``True`` for tqdm bars, or a tqdm-like class.
+        on_output: called with a step's name and path as soon as its output is written
+            (``ladle run`` prints them so: a later step's failure leaves them on disk).
 
     Returns:
         Each step's result by name: the path written, or the state dict kept in memory. A
@@ -722,6 +727,8 @@ def run_recipe(
             raise named from err
         if step.output is not None:
             results[step.name] = step.output
+            if on_output is not None:
+                on_output(step.name, step.output)
         elif isinstance(result, (Mapping, Path)):
             results[step.name] = result  # type: ignore[assignment]
         else:  # GreedySoupResult and the like
