@@ -1940,3 +1940,44 @@ def test_load_onto_cuda_without_it_is_a_value_error_naming_the_device(tmp_path):
     with pytest.raises(ValueError, match=r"^device: 'cuda', but CUDA is not available"):
         ladle.load(path, device="cuda")
     assert ladle.load(path, device="meta")["w"].shape == (2,)  # shapes alone, nothing read
+
+
+def test_a_lazy_conjugate_or_negative_view_is_no_alias_of_the_tensor_it_views(tmp_path):
+    # Same storage, offset, shape, strides and dtype, other values: read as an alias, "b"
+    # took "a"'s values in every merge in memory, in load_tied and in inspect.
+    from ladle.checkpoint import load_tied, tensor_aliases
+
+    x = torch.tensor([1 + 2j, 3 - 4j])
+    torch.save({"a": x, "b": x.conj()}, tmp_path / "conj.pt")
+    assert ladle.open_checkpoint(tmp_path / "conj.pt").aliases() == {}
+    assert torch.equal(load_tied(tmp_path / "conj.pt")["b"], x.conj())
+    soup = ladle.uniform_soup([tmp_path / "conj.pt"] * 2, device="cpu")
+    assert torch.equal(soup["b"], x.conj().resolve_conj())
+    assert tensor_aliases([("a", x), ("n", torch._neg_view(x)), ("c", x)]) == {"c": "a"}
+
+
+def test_a_legacy_torch_file_holding_a_zip_end_signature_is_read(tmp_path):
+    # zipfile.is_zipfile found "PK\x05\x06" in the last 64 KiB (here an int64's bytes) and
+    # took the file for a zip archive: torch refused to memory-map it, "not a readable
+    # torch file"
+    tensors = {"w": torch.randn(4, 4), "step": torch.tensor([101010256])}
+    torch.save(tensors, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    loaded = ladle.load(tmp_path / "legacy.bin")
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_a_torch_file_of_pickle_protocol_4_or_later_is_refused_for_what_it_is(tmp_path, protocol):
+    # It said "it needs more than tensors, and loading it could run code (Unsupported operand
+    # 149)" of a plain tensor, which torch's weights-only loader cannot read in that protocol
+    # (nor, so, tell from code: still refused as unsafe, saying why)
+    path = tmp_path / "p.pt"
+    torch.save({"w": torch.ones(2)}, path, pickle_protocol=protocol)
+    with pytest.raises(ladle.UnsafeCheckpointError) as info:
+        ladle.load(path)
+    assert str(info.value) == (
+        f"{path}: refused to unpickle: pickled with protocol 4 or later, which torch's "
+        "weights-only loader cannot read, so whether it holds only tensors is unknown; if "
+        "torch.save(..., pickle_protocol=4 or 5) wrote it, save it again with the default "
+        "protocol; else convert it to safetensors in a trusted environment"
+    )

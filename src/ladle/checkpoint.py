@@ -20,7 +20,6 @@ import re
 import struct
 import threading
 import warnings
-import zipfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -349,6 +348,8 @@ def tensor_aliases(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str
             tuple(tensor.shape),
             tensor.stride(),
             tensor.dtype,
+            tensor.is_conj(),  # a lazy conjugate or negative view: the same bytes, read
+            tensor.is_neg(),  # as other values
         )
         holder = first.setdefault(identity, key)
         if holder != key:
@@ -884,7 +885,7 @@ def _mapped_identity(file: Path) -> tuple[int, ...] | None:
     """The :func:`_identity` of a torch file that ``torch.load`` memory-maps (a zip archive:
     its tensors are read from the file while merging); ``None`` for one read whole."""
     try:
-        return _identity(os.stat(file)) if zipfile.is_zipfile(file) else None
+        return _identity(os.stat(file)) if _is_zip(file) else None
     except OSError:
         return None
 
@@ -913,6 +914,14 @@ LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 """How a Git LFS pointer begins: what a clone without ``git lfs pull`` holds for weights."""
 
 FETCH_LFS = "a Git LFS pointer, not the weights: fetch them (git lfs pull)"
+
+
+def _is_zip(file: Path) -> bool:
+    """Whether torch reads ``file`` as a zip archive: as torch decides, by its first bytes
+    (``zipfile.is_zipfile`` looks for an archive's end anywhere in the last 64 KiB: a
+    legacy file whose tensors hold the bytes ``PK\x05\x06`` there passed for one)."""
+    with open(file, "rb") as handle:
+        return handle.read(len(ZIP_MAGIC)) == ZIP_MAGIC
 
 
 def _is_lfs_pointer(file: Path) -> bool:
@@ -973,13 +982,20 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     if why is not None:
         raise CheckpointError(f"{file}: {why}")
     try:
-        mmap = zipfile.is_zipfile(file)  # the legacy (non-zip) format cannot be memory-mapped
+        mmap = _is_zip(file)  # the legacy (non-zip) format cannot be memory-mapped
         # Raw pickles of other protocols are refused below if unsafe; the hint is noise.
         with _ignoring("Detected pickle protocol"):
             loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if _ends_early(file):  # a name cut short is no allowed global: refused, but truncated
             raise CheckpointError(f"{file}: not a readable torch file ({ENDS_EARLY})") from err
+        if "Unsupported operand 149" in str(err):  # FRAME: what it holds is unknown
+            raise UnsafeCheckpointError(
+                f"{file}: refused to unpickle: pickled with protocol 4 or later, which torch's "
+                "weights-only loader cannot read, so whether it holds only tensors is unknown; "
+                "if torch.save(..., pickle_protocol=4 or 5) wrote it, save it again with the "
+                "default protocol; else convert it to safetensors in a trusted environment"
+            ) from err
         raise UnsafeCheckpointError(
             f"{file}: refused to unpickle: it needs more than tensors, and loading it could run "
             f"code ({_unpickling_reason(err)}). Convert it to safetensors in a trusted "
