@@ -1702,78 +1702,60 @@ def test_only_an_averaged_models_whole_layout_is_unwrapped(tensors):
     assert ladle.open_checkpoint(tensors).keys() == list(tensors)
 
 
+def _write_weights(folder: Path, name: str, value: float) -> None:
+    """``{"w": [value, value]}`` as ``folder/name``: safetensors, a torch file, or an index
+    (``*.index.json``) with one shard named from it (``model-00001-of-00001.safetensors``)."""
+    tensors = {"w": torch.full((2,), value)}
+    if name.endswith(".index.json"):
+        stem, _, kind = name.removesuffix(".index.json").rpartition(".")
+        shard = f"{stem}-00001-of-00001.{kind}"
+        index = {"metadata": {"total_size": 8}, "weight_map": {"w": shard}}
+        (folder / name).write_text(json.dumps(index))
+        name = shard
+    if name.endswith(".safetensors"):
+        save_file(tensors, folder / name)
+    else:
+        torch.save(tensors, folder / name)
+
+
 @pytest.mark.parametrize(
-    ("default", "variants"),
+    ("default", "others", "alone_refused"),
     [
-        ("model.safetensors", ["model.fp16.safetensors", "model-00001-of-00002.safetensors"]),
-        ("pytorch_model.bin", ["pytorch_model.fp16.bin", "model.pt"]),
+        ("model.safetensors", ["model.fp16.safetensors", "model-00001-of-00002.safetensors"], 1),
+        ("pytorch_model.bin", ["pytorch_model.fp16.bin", "model.pt"], 1),
         (  # diffusers' unet/, vae/
             "diffusion_pytorch_model.safetensors",
             [
                 "diffusion_pytorch_model.fp16.safetensors",
                 "diffusion_pytorch_model.non_ema.safetensors",
             ],
+            1,
         ),
-        ("diffusion_pytorch_model.bin", ["diffusion_pytorch_model.fp16.bin", "model.pt"]),
+        ("diffusion_pytorch_model.bin", ["diffusion_pytorch_model.fp16.bin", "model.pt"], 1),
+        # The first index by name was read (model.fp16... sorts before model.safetensors...),
+        # a lone safetensors variant before pytorch_model.bin, and two of them were refused
+        ("model.safetensors.index.json", ["model.fp16.safetensors.index.json"], 0),
+        ("model.safetensors", ["model.fp16.safetensors.index.json"], 0),
+        ("pytorch_model.bin", ["model.fp16.safetensors"], 0),
+        ("pytorch_model.bin", ["model.fp16.safetensors", "model.bf16.safetensors"], 1),
+        ("pytorch_model.bin.index.json", ["model.fp16.safetensors"], 0),
+        ("model.safetensors.index.json", ["ema.safetensors.index.json"], 0),  # not a variant
     ],
 )
-def test_a_folder_with_variants_beside_the_default_weights_file_reads_the_default(
-    tmp_path, default, variants
+def test_a_folder_reads_its_default_weights_whatever_variants_lie_beside_them(
+    tmp_path, default, others, alone_refused
 ):
-    # from_pretrained reads model.safetensors beside model.fp16.safetensors; ladle refused
-    # the folder ("expected one weights file or a *.index.json").
-    def write(name, value):
-        tensors = {"w": torch.full((2,), value)}
-        if name.endswith(".safetensors"):
-            save_file(tensors, tmp_path / name)
-        else:
-            torch.save(tensors, tmp_path / name)
-
-    write(default, 1.0)
-    for name in variants:
-        write(name, 2.0)
-    with ladle.open_checkpoint(tmp_path) as ckpt:
-        assert ckpt.get("w").tolist() == [1.0, 1.0]
-    (tmp_path / default).unlink()  # variants alone: which one is meant is unknown
-    with pytest.raises(ladle.CheckpointError, match="expected one weights file"):
-        ladle.open_checkpoint(tmp_path)
-
-
-@pytest.mark.parametrize(
-    ("default", "others"),
-    [  # (an index is written with one shard, named from the index: model-00001-of-00001...)
-        ("model.safetensors.index.json", ["model.fp16.safetensors.index.json"]),
-        ("model.safetensors", ["model.fp16.safetensors.index.json"]),
-        ("pytorch_model.bin", ["model.fp16.safetensors"]),
-        ("pytorch_model.bin", ["model.fp16.safetensors", "model.bf16.safetensors"]),
-        ("pytorch_model.bin.index.json", ["model.fp16.safetensors"]),
-        ("model.safetensors.index.json", ["ema.safetensors.index.json"]),  # not a variant
-    ],
-)
-def test_a_default_weights_file_or_index_is_read_whatever_variants_sort_before_it(
-    tmp_path, default, others
-):
-    # The first index by name was read (model.fp16... sorts before model.safetensors...),
-    # a lone safetensors variant before pytorch_model.bin, and two of them were refused:
-    # from_pretrained reads the default in each of these folders.
-    def write(name, value):
-        tensors = {"w": torch.full((2,), value)}
-        if name.endswith(".index.json"):
-            stem, _, kind = name.removesuffix(".index.json").rpartition(".")
-            shard = f"{stem}-00001-of-00001.{kind}"
-            weight_map = {"metadata": {"total_size": 8}, "weight_map": {"w": shard}}
-            (tmp_path / name).write_text(json.dumps(weight_map))
-            name = shard
-        if name.endswith(".safetensors"):
-            save_file(tensors, tmp_path / name)
-        else:
-            torch.save(tensors, tmp_path / name)
-
-    write(default, 1.0)
+    # from_pretrained reads the default (model.safetensors beside model.fp16.safetensors);
+    # ladle refused such folders ("expected one weights file or a *.index.json").
+    _write_weights(tmp_path, default, 1.0)
     for name in others:
-        write(name, 2.0)
+        _write_weights(tmp_path, name, 2.0)
     with ladle.open_checkpoint(tmp_path) as ckpt:
         assert ckpt.get("w").tolist() == [1.0, 1.0]
+    if alone_refused:  # the others alone: which one is meant is unknown
+        (tmp_path / default).unlink()
+        with pytest.raises(ladle.CheckpointError, match="expected one weights file"):
+            ladle.open_checkpoint(tmp_path)
 
 
 def test_aliases_are_keys_naming_the_very_same_tensor(tmp_path):
