@@ -1639,3 +1639,22 @@ def test_a_relative_output_stays_put_when_the_working_directory_changes_mid_merg
     assert all(torch.equal(result[k], expected[k]) for k in expected)
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [Path(out).name]
     assert list((tmp_path / "y").iterdir()) == []
+
+
+def test_names_that_are_no_utf8_are_refused_before_any_work(tmp_path):
+    # A torch file's key may hold a lone surrogate; JSON escapes it and safetensors refuses
+    # it: the whole merge ran, then "the written file ... does not read back".
+    torch.save({"\ud800": torch.ones(2)}, tmp_path / "s.pt")
+    with pytest.raises(ladle.LadleError) as info:
+        ladle.uniform_soup([tmp_path / "s.pt"] * 2, out=tmp_path / "o.safetensors")
+    assert str(info.value) == (
+        f"{tmp_path / 'o.safetensors'}: tensor '\\ud800': its name is no valid UTF-8 text, which "
+        "safetensors needs; rename the key"
+    )
+    with pytest.raises(ValueError) as info:
+        ladle.save({"w": torch.ones(2)}, tmp_path / "m.safetensors", metadata={"a": "\udc80"})
+    assert str(info.value) == (
+        f"{tmp_path / 'm.safetensors'}: metadata: 'a' -> '\\udc80' is no valid UTF-8 text (a "
+        "lone surrogate), which safetensors needs"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt"]

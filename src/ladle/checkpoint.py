@@ -667,7 +667,13 @@ class SafetensorsCheckpoint(Checkpoint):
         spec = self._specs.get(key)
         if spec is None:
             view = self._slice(key)
-            spec = self._specs[key] = (tuple(view.get_shape()), view.get_dtype())
+            shape = tuple(view.get_shape())
+            if any(side >= 2**63 for side in shape):  # torch indexes with int64
+                raise CheckpointError(
+                    f"{self._files[key]}: tensor {key!r} has shape {shape}, a side past what "
+                    "torch can index (2**63 - 1)"
+                )
+            spec = self._specs[key] = (shape, view.get_dtype())
         return spec
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -679,7 +685,8 @@ class SafetensorsCheckpoint(Checkpoint):
             return SAFETENSORS_DTYPES[code]
         except KeyError:
             raise CheckpointError(
-                f"{self._files[key]}: tensor {key!r} has dtype {code}, which torch cannot hold"
+                f"{self._files[key]}: tensor {key!r} has dtype {code}, which ladle does not read"
+                + (" (4-bit values packed two to a byte)" if code == "F4" else "")
             ) from None
 
     def get_slice(self, key: str, rows: slice) -> torch.Tensor:
@@ -982,7 +989,9 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     if why is not None:
         raise CheckpointError(f"{file}: {why}")
     try:
-        mmap = _is_zip(file)  # the legacy (non-zip) format cannot be memory-mapped
+        # The legacy (non-zip) format cannot be memory-mapped; nor a file whose path is no
+        # UTF-8 (torch's map takes a str it encodes so): read whole.
+        mmap = _is_zip(file) and os.fsencode(file) == str(file).encode("utf-8", "replace")
         # Raw pickles of other protocols are refused below if unsafe; the hint is noise.
         with _ignoring("Detected pickle protocol"):
             loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)

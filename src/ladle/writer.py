@@ -287,6 +287,15 @@ HEADER_LIMIT = 100_000_000
 """Largest header safetensors reads (its ``MAX_HEADER_SIZE``): bytes of JSON per file."""
 
 
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (no lone surrogate, as a torch file's key may hold)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_storable(out: str | os.PathLike, specs: Mapping[str, Spec]) -> None:
     """A ``LadleError`` naming output ``out`` for a tensor of ``specs`` that safetensors cannot
     store: one named ``__metadata__`` or by no string, or of a dtype it has no code for
@@ -309,6 +318,11 @@ def check_storable(out: str | os.PathLike, specs: Mapping[str, Spec]) -> None:
                 f"{out}: tensor '__metadata__': safetensors keeps that name for the header's "
                 "metadata and cannot store a tensor under it; rename the key"
             )
+        if not _is_utf8(key):  # a lone surrogate: JSON escapes it, safetensors refuses it
+            raise LadleError(
+                f"{out}: tensor {key!r}: its name is no valid UTF-8 text, which safetensors "
+                "needs; rename the key"
+            )
         if dtype not in _DTYPE_CODES:
             raise LadleError(f"{out}: tensor {key!r}: safetensors cannot store dtype {dtype}")
 
@@ -326,6 +340,11 @@ def _header(
             raise TypeError(
                 f"{out}: metadata: safetensors stores text only; found {type_name(name)} "
                 f"{name!r} -> {type_name(value)}"
+            )
+        if not (_is_utf8(name) and _is_utf8(value)):
+            raise ValueError(
+                f"{out}: metadata: {name!r} -> {value!r} is no valid UTF-8 text (a lone "
+                "surrogate), which safetensors needs"
             )
     if metadata.get("format", "pt") != "pt":
         raise ValueError(
