@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -762,3 +763,14 @@ def test_an_empty_tensor_merges_to_an_empty_tensor_beside_dropped_ones(combine):
     merged = ladle.dare(models, base, density=0.5, seed=1, combine=combine, chunk_bytes=8)
     assert merged["empty"].shape == (0, 3)
     assert torch.equal(merged["w"], 2.0 * naive_mask(1, 0, "w", 4, 0.5).float())
+
+
+def test_a_seed_past_python_s_digit_limit_is_refused_before_the_merge():
+    # It passed the check, then failed inside the drawing threads: "Exceeds the limit (4300
+    # digits) for integer string conversion"
+    limit = sys.get_int_max_str_digits()
+    if limit == 0:
+        pytest.skip("this Python writes integers of any length")
+    with pytest.raises(ValueError) as info:
+        ladle.dare([{"w": torch.ones(8)}], {"w": torch.zeros(8)}, seed=10**limit, device="cpu")
+    assert str(info.value) == f"seed: expected an integer of at most {limit} digits"

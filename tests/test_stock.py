@@ -526,3 +526,13 @@ def test_the_output_records_the_epsilon_the_clamp_and_the_chunk_size(tmp_path):
     with safe_open(str(out), "pt") as f:
         parameters = json.loads(f.metadata()["ladle.parameters"])
     assert parameters == {"eps": 1e-8, "t_min": -1.0, "chunk_bytes": 64}
+
+
+def test_float64_task_vectors_whose_norms_multiply_past_float_range_keep_their_cosine():
+    # ‖τ₁‖²·‖τ₂‖² = 2e400 is inf: the cosine was 0, t = 0, and the key came back as the
+    # base; parallel task vectors have cos θ = 1, t ≈ 1: their mean
+    base = {"w": torch.zeros(2, dtype=torch.float64)}
+    models = [{"w": torch.tensor([s * 1e100, 0.0], dtype=torch.float64)} for s in (1.0, 2.0)]
+    assert stock.mean_cosine([[1e200, 2e200], [2e200, 4e200]]) == pytest.approx(1.0, rel=1e-15)
+    merged = ladle.model_stock(models, base, device="cpu")["w"]
+    assert merged[0].item() == pytest.approx(1.5e100, rel=1e-7) and merged[1].item() == 0.0

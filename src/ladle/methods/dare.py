@@ -17,6 +17,7 @@ import math
 import numbers
 import operator
 import os
+import sys
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
@@ -105,11 +106,17 @@ def check_seed(seed: object) -> int:
     if isinstance(value, bool):  # operator.index takes it as 0 or 1
         raise TypeError("seed: expected an integer, found bool")
     try:
-        return operator.index(value)  # type: ignore[arg-type]
+        seed = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         if isinstance(value, numbers.Real):
             raise ValueError(f"seed: expected an integer, found {value!r}") from None
         raise TypeError(f"seed: expected an integer, found {type_name(value)}") from None
+    try:  # block_seed writes it in decimal: Python refuses more digits than its limit
+        str(seed)
+    except ValueError:
+        limit = sys.get_int_max_str_digits()
+        raise ValueError(f"seed: expected an integer of at most {limit} digits") from None
+    return seed
 
 
 def keep_below(density: float) -> float:

@@ -79,7 +79,13 @@ def mean_cosine(gram: Sequence[Sequence[float]]) -> float:
     cosines = []
     for i in range(n):
         for j in range(i + 1, n):
-            cosine = gram[i][j] / (math.sqrt(gram[i][i] * gram[j][j]) + EPS)
+            product = gram[i][i] * gram[j][j]  # past float's range (norms ≈ 1e77): apart
+            norms = (
+                math.sqrt(product)
+                if product < math.inf
+                else math.sqrt(gram[i][i]) * math.sqrt(gram[j][j])
+            )
+            cosine = gram[i][j] / (norms + EPS)
             cosines.append(cosine if math.isnan(cosine) else min(1.0, max(-1.0, cosine)))
     return math.fsum(cosines) / len(cosines)
 
