@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import weakref
 from typing import ClassVar
@@ -752,3 +753,19 @@ def test_a_soup_and_its_candidates_list_model_0s_keys_in_its_order():
     assert result.selected[0] == 2
     assert seen == [list(models[0])] * 2
     assert list(result.state_dict) == list(models[0])
+
+
+def test_a_greedy_soup_s_config_says_the_dtype_it_wrote(tmp_path):
+    # The config comes from model 0 (bf16 here); the weights are the best-ranked model's
+    # dtype (float32): the config said bfloat16, which torch_dtype="auto" loads them as.
+    for name, dtype, seed in (("m0", torch.bfloat16, 0), ("m1", torch.float32, 1)):
+        weights = torch.randn(4, 4, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        ladle.save({"w": weights}, tmp_path / name)
+        config = {"model_type": "toy", "torch_dtype": str(dtype).removeprefix("torch.")}
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "o"
+    ladle.greedy_soup(
+        [tmp_path / "m0", tmp_path / "m1"], lambda sd: 0.0, scores=[0.1, 0.9], out=out
+    )
+    assert ladle.load(out)["w"].dtype == torch.float32
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"

@@ -664,9 +664,10 @@ def test_a_greedy_soups_card_lists_only_the_hub_models_it_kept_as_base_models():
         assert ModelCard(card).data.base_model == ["org/c", "org/a"], method
         assert "| model 1 | `org/b` |" in card  # the inputs table still shows every input
         recipe = card.split("```toml\n", 1)[1].splitlines()
-        assert recipe[:3] == [
+        assert recipe[:4] == [
             f"# The greedy selection ({method}) kept models [2, 0]; this averages them, as",
-            "# its output does. Re-running the selection needs your evaluate function.",
+            "# its output does (up to float32 rounding: the selection folds a running mean).",
+            "# Re-running the selection needs your evaluate function.",
             'method = "uniform_soup"',
         ]
 

@@ -292,7 +292,8 @@ def _recipe(
         selected = parameters["selected"]
         comments = [
             f"# The greedy selection ({method}) kept models {selected}; this averages them, as",
-            "# its output does. Re-running the selection needs your evaluate function.",
+            "# its output does (up to float32 rounding: the selection folds a running mean).",
+            "# Re-running the selection needs your evaluate function.",
         ]
         nonfinite = {k: v for k, v in parameters.items() if k == "allow_nonfinite"}
         method, models, base, parameters = "uniform_soup", greedy, None, nonfinite

@@ -483,6 +483,9 @@ def run_greedy(
             if allow_nonfinite:  # as every merge records it (its card's recipe needs it)
                 recorded["allow_nonfinite"] = True
             state = result.state_dict
+            # Model 0's config, with the dtype written (the best-ranked model's) where the
+            # best is another model: the config said model 0's
+            written = next((t.dtype for t in state.values() if t.is_floating_point()), None)
             extra = (  # as every merge: a directory also gets config/tokenizer and a card
                 None
                 if single_file(out)
@@ -492,7 +495,7 @@ def run_greedy(
                     checkpoints,
                     None,
                     out=out,
-                    dtype=dtype,
+                    dtype=dtype if dtype is not None or result.selected[0] == 0 else written,
                     max_shard_size=max_shard_size,
                 )
             )
