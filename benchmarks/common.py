@@ -24,6 +24,11 @@ class Run:
     peak_anon: int  # bytes of RssAnon at its highest
 
 
+LADLE_MAIN = "_status = main(sys.argv[1:])\nif _status:\n    raise SystemExit(_status)"
+"""Timed work: the ``ladle`` command line on ``sys.argv[1:]``; a failed merge (status 1, its
+error on stderr) fails the benchmark instead of being timed as a run."""
+
+
 def python_timed(setup: str, work: str, *args: str) -> list[str]:
     """A python command that times ``work`` alone, after ``setup`` (imports) has run."""
     code = (

@@ -6,9 +6,9 @@
 # Runs tests/test_gpu.py (every method on CUDA against the CPU), then benchmarks/gpu.py (the
 # bf16 soup against the pinned host-to-device bandwidth); both logs go to LOG_DIR.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-logs=${1:-/tmp/ladle-gpu-check}
+logs=$(realpath -m "${1:-/tmp/ladle-gpu-check}")  # relative to where it is run from
 shift || true
+cd "$(dirname "$0")/.."
 mkdir -p "$logs"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}

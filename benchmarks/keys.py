@@ -42,7 +42,7 @@ METHODS = {
 
 def family(directory: Path, models: int, keys: int, width: int) -> list[str]:
     """A base and ``models`` fine-tunes of ``keys`` float32 tensors of ``width`` entries."""
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)  # a --workdir of an earlier run: rewritten
     gen = torch.Generator().manual_seed(0)
     base = {f"layer{k}.weight": torch.randn(width, generator=gen) for k in range(keys)}
     paths = []
@@ -80,7 +80,8 @@ def main() -> None:
             per_key = []  # microseconds per key and input file
             for paths, keys in ((few, args.keys // 4), (many, args.keys)):
                 seconds = best_of(r, python_timed(LADLE_SETUP, work, *paths)).seconds
-                per_key.append(1e6 * seconds / (keys * len(paths)))
+                files = len(paths) - (label == "soup")  # the soup reads no base
+                per_key.append(1e6 * seconds / (max(keys, 1) * files))
             print(
                 f"  ladle {label:<23} {per_key[0]:6.1f} and {per_key[1]:6.1f} us per key and "
                 f"file: {per_key[1] / per_key[0]:4.2f}x; {seconds:6.3f} s = "

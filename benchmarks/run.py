@@ -21,13 +21,24 @@ Usage: python benchmarks/run.py [--quick] [--models 12] [--dtypes fp32,bf16] [--
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from common import MIB, Run, best_of, fresh, llama_family, python_timed, warm, weights_file
+from common import (
+    LADLE_MAIN,
+    MIB,
+    Run,
+    best_of,
+    fresh,
+    llama_family,
+    python_timed,
+    warm,
+    weights_file,
+)
 
 NAIVE_SETUP = "import sys, torch\nfrom safetensors.torch import load_file, save_file"
 NAIVE_WORK = """
@@ -94,18 +105,25 @@ def difference(a: Path, b: Path) -> str:
     largest = 0.0
     for key in keys:
         p, q = x[key].double(), y[key].double()
-        delta = (p - q).abs()
-        if delta.numel() == 0:
+        if p.shape != q.shape or x[key].dtype != y[key].dtype:  # nothing to compare: differ
+            count = max(p.numel(), q.numel(), 1)
+            differing, beyond, total = differing + count, beyond + count, total + count
             continue
+        if p.numel() == 0:
+            continue
+        finite = torch.isfinite(p) & torch.isfinite(q)
+        # NaN against NaN, or the same infinity, agree; any other non-finite entry differs
+        special = ~finite & ~((p == q) | (p.isnan() & q.isnan()))
+        delta = (p - q).abs().where(finite, 0.0)
         tolerance = torch.zeros_like(delta)
         if x[key].is_floating_point():
-            magnitude = torch.maximum(p.abs(), q.abs())
+            magnitude = torch.maximum(p.abs(), q.abs()).where(finite, 0.0)
             scale = float(magnitude.max()) * 8 * FLOAT32_EPS
             tolerance = magnitude.mul_(torch.finfo(x[key].dtype).eps).add_(scale)
-        differing += int((delta > 0).sum())
-        beyond += int((delta > tolerance).sum())
+        differing += int((delta > 0).sum()) + int(special.sum())
+        beyond += int((delta > tolerance).sum()) + int(special.sum())
         total += delta.numel()
-        largest = max(largest, float(delta.max()))
+        largest = max(largest, float(delta.max()), math.inf if bool(special.any()) else 0.0)
     verdict = "agree" if beyond == 0 and set(x) == set(y) else "DIFFER"
     return (
         f"{verdict}: {beyond} of {total} entries beyond rounding, {differing} differ at all; "
@@ -127,11 +145,13 @@ def main() -> None:
     count, repeat = (4, 1) if args.quick else (args.models, args.repeat)
     size = {"layers": 1, "vocab": 1024} if args.quick else {"layers": 1, "vocab": 5120}
 
+    names = args.dtypes.split(",")
+    for name in names:  # all checked before the first family runs
+        if name not in DTYPES:
+            parser.error(f"--dtypes: expected fp32 and/or bf16, found {name!r}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ladle-bench-"))
     try:
-        for name in args.dtypes.split(","):
-            if name not in DTYPES:
-                parser.error(f"--dtypes: expected fp32 and/or bf16, found {name!r}")
+        for name in names:
             report(workdir / name, count, repeat, size, name, args.mergekit)
             print()
     finally:
@@ -163,7 +183,7 @@ def report(
     )
     for label, args in ladle_commands(base, models).items():
         out = workdir / f"ladle-{len(outputs)}"  # deleted before each run: a new output
-        argv = python_timed(fresh(LADLE_SETUP, out), "main(sys.argv[1:])", *args, "-o", str(out))
+        argv = python_timed(fresh(LADLE_SETUP, out), LADLE_MAIN, *args, "-o", str(out))
         results[f"ladle {label}"] = (best_of(repeat, argv), idle["ladle"])
         outputs[label] = out
 
@@ -205,7 +225,7 @@ def report(
         mine_extra = max(mine.peak_anon - idle["ladle"].peak_anon, 0)
         print(
             f"mergekit {method:<16} {run.seconds:7.3f} s = {run.seconds / mine.seconds:5.2f}x "
-            f"ladle; extra RssAnon {extra / MIB:6.1f} MiB = {extra / max(mine_extra, 1):5.2f}x "
+            f"ladle; extra RssAnon {extra / MIB:6.1f} MiB = {extra / max(mine_extra, MIB):5.2f}x "
             f"ladle; {difference(outputs[label], out)}"
         )
 

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import MIB, best_of, fresh, llama_family, python_timed, warm, weights_file
+from common import LADLE_MAIN, MIB, best_of, fresh, llama_family, python_timed, warm, weights_file
 from safetensors import safe_open
 
 NAIVE_SETUP = "import sys, torch\nfrom safetensors.torch import load_file, save_file"
@@ -50,6 +50,8 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ladle-bench-"))
+    # What a given --workdir held before is never deleted, only what this run made there
+    before = set(workdir.iterdir()) if args.workdir is not None and workdir.is_dir() else None
     try:
         # ~90 MB each: two 5120 x 1024 embeddings and one decoder layer, float32
         _, dirs = llama_family(workdir, args.models, layers=1, vocab=5120)
@@ -62,7 +64,7 @@ def main() -> None:
         naive_idle = best_of(r, [py, "-c", NAIVE_SETUP])
         out = str(workdir / "soup.safetensors")
         cli = ["soup", "--no-progress", "--device", "cpu", "--overwrite", "-o", out]
-        soup = "main(sys.argv[1:])"
+        soup = LADLE_MAIN
         # A new output (the previous one deleted before the clock starts), then the same
         # output replaced: the replaced file's pages are freed inside the timed rename.
         ladle_run = best_of(r, python_timed(fresh(LADLE_SETUP, out), soup, *cli, *files))
@@ -74,8 +76,11 @@ def main() -> None:
         memory_run = best_of(r, python_timed(LADLE_SETUP, in_memory, *files))
         naive_memory_run = best_of(r, python_timed(NAIVE_SETUP, NAIVE_WORK, "-", *files))
     finally:
-        if not args.keep:
+        if not args.keep and before is None:
             shutil.rmtree(workdir, ignore_errors=True)
+        elif not args.keep:
+            for made in set(workdir.iterdir()) - before:
+                shutil.rmtree(made) if made.is_dir() else made.unlink()
 
     print(
         f"uniform soup of {args.models} fp32 checkpoints of {one / MIB:.1f} MiB (largest "
@@ -94,7 +99,7 @@ def main() -> None:
         )
     for label, run, idle in (
         (f"ladle N={args.models}", ladle_run, ladle_idle),
-        ("ladle N=4", small_run, ladle_idle),
+        (f"ladle N={len(files[:4])}", small_run, ladle_idle),
         (f"naive N={args.models}", naive_run, naive_idle),
     ):
         extra = max(run.peak_anon - idle.peak_anon, 0)
