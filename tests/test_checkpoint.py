@@ -1992,3 +1992,31 @@ def test_a_zip_torch_file_under_a_path_that_is_no_utf8_is_read(tmp_path):
     folder.mkdir()
     torch.save({"w": torch.arange(3.0)}, folder / "a.pt")
     assert ladle.load(folder / "a.pt")["w"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_an_averaged_model_s_bad_entries_are_named_as_stored(tmp_path):
+    # A key that is no string was a bare AttributeError ('int' object has no attribute
+    # 'startswith'); a bad tensor was named 'w', a key the file does not hold
+    torch.save({"n_averaged": torch.tensor(5), 1: torch.ones(2)}, tmp_path / "x.pt")
+    with pytest.raises(ladle.CheckpointError, match=r"found int -> Tensor for 1; "):
+        ladle.load(tmp_path / "x.pt")
+    sparse = {"n_averaged": torch.tensor(5), "module.w": torch.ones(2).to_sparse()}
+    with pytest.raises(ladle.CheckpointError, match=r"tensor 'module\.w' is torch\.sparse_coo"):
+        ladle.load(sparse)
+
+
+def test_an_index_s_shards_in_folders_are_named_as_the_index_names_them(tmp_path):
+    # "lists shard s1.safetensors, which does not exist", of y/s1.safetensors, beside an
+    # s1.safetensors that does exist
+    save_file({"a": torch.ones(1)}, tmp_path / "s1.safetensors")
+    (tmp_path / "x").mkdir()
+    save_file({"a": torch.ones(1)}, tmp_path / "x" / "s1.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    for shard, said in (
+        ("y/s1.safetensors", "lists shard y/s1.safetensors, which does not exist"),
+        ("x/s1.safetensors", "lists 'b' in x/s1.safetensors, which does not hold it"),
+    ):
+        index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": shard}}))
+        with pytest.raises(ladle.CheckpointError) as info:
+            ladle.load(tmp_path)
+        assert str(info.value).startswith(f"{index}: {said}")

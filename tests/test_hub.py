@@ -1205,3 +1205,13 @@ def test_a_bad_hub_index_is_named_by_its_source(local_hub):
         ladle.open_checkpoint("hf://org/bad")
     assert str(info.value).startswith(f"hf://org/bad@{COMMIT_A}: ")
     assert "model.safetensors.index.json: not a valid shard index" in str(info.value)
+
+
+def test_an_hf_source_naming_a_file_says_to_name_its_folder(local_hub):
+    # "no weights in subfolder 'model.safetensors' ... found none", of a file that is there
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.open_checkpoint("hf://org/m/model.safetensors")
+    assert str(info.value) == (
+        "hf://org/m/model.safetensors: an hf:// source names a repository or a folder in it, "
+        "not a file ('model.safetensors'); name the folder holding it: hf://org/m"
+    )

@@ -1086,3 +1086,24 @@ def test_a_hub_subfolders_terms_are_its_own_card_s_else_the_repository_root_s(
     )
     assert (out / "LICENSE").exists() is not own
     assert (out / "config.json").read_bytes() == files[f"{subfolder}/config.json"]
+
+
+@pytest.mark.parametrize("kind", ["broken link", "named pipe"])
+def test_an_unreadable_file_in_a_companion_folder_is_refused_before_the_merge(tmp_path, kind):
+    # The copy failed after the merge: "out: finishing the output failed: [(..., '.../.out.
+    # ladle-tmp-.../additional_chat_templates/x.jinja', ...)]", the input blamed on the output
+    for name, value in (("a", 1.0), ("b", 0.0)):
+        ladle.save({"w": torch.full((2,), value)}, tmp_path / name)
+    (tmp_path / "a" / "config.json").write_text("{}")
+    templates = tmp_path / "a" / "additional_chat_templates"
+    templates.mkdir()
+    entry = templates / "x.jinja"
+    if kind == "broken link":
+        entry.symlink_to(tmp_path / "nowhere")
+    else:
+        os.mkfifo(entry)
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.uniform_soup([tmp_path / "a", tmp_path / "b"], out=tmp_path / "out")
+    assert str(info.value).startswith(f"{entry}: ")
+    assert str(info.value).endswith("; it is copied beside the output")
+    assert not (tmp_path / "out").exists()

@@ -1658,3 +1658,9 @@ def test_names_that_are_no_utf8_are_refused_before_any_work(tmp_path):
         "lone surrogate), which safetensors needs"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt"]
+
+
+def test_metadata_that_is_no_mapping_is_a_type_error_naming_it(tmp_path):
+    with pytest.raises(TypeError) as info:  # was "'list' object is not a mapping"
+        ladle.save({"w": torch.ones(2)}, tmp_path / "a.safetensors", metadata=[("a", "b")])
+    assert str(info.value) == "metadata: expected a mapping of str to str, found list"

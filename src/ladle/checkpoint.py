@@ -522,11 +522,11 @@ class TensorMapCheckpoint(Checkpoint):
         path: Path | None = None,
         file: Path | None = None,
     ) -> None:
-        tensors = unwrap_averaged(tensors)
-        for key, value in tensors.items():
+        for key, value in tensors.items():  # as stored (an AveragedModel's module.w too)
             problem = not_a_dense_tensor(key, value)
             if problem is not None:
                 raise CheckpointError(f"{name}: {problem}; ladle merges dense tensors with data")
+        tensors = unwrap_averaged(tensors)
         self._tensors = tensors
         self.name = name
         self.path = path
@@ -854,18 +854,26 @@ def _closed_error(name: str) -> CheckpointError:
     return CheckpointError(f"{name}: closed; open it again to read its tensors")
 
 
+def _shard(index: Path, shard: Path) -> str:
+    """``shard`` as ``index`` names it: relative to its folder (``x/s1.safetensors``)."""
+    return (
+        str(shard.relative_to(index.parent)) if shard.is_relative_to(index.parent) else str(shard)
+    )
+
+
 def _not_in_its_shard(index: Path, key: str, shard: Path) -> CheckpointError:
     """The error for a shard ``index`` lists ``key`` in that does not hold it."""
     return CheckpointError(
-        f"{index}: lists {key!r} in {shard.name}, which does not hold it (the index and its "
-        "shards disagree: was a shard replaced, or the index edited?)"
+        f"{index}: lists {key!r} in {_shard(index, shard)}, which does not hold it (the index "
+        "and its shards disagree: was a shard replaced, or the index edited?)"
     )
 
 
 def _in_no_shard_but_two(index: Path, key: str, first: Path, second: Path) -> CheckpointError:
     """The error for ``key``, which ``index`` lists in no shard, held by two shards."""
     return CheckpointError(
-        f"{index}: lists {key!r} in no shard, and both {first.name} and {second.name} hold "
+        f"{index}: lists {key!r} in no shard, and both {_shard(index, first)} and "
+        f"{_shard(index, second)} hold "
         "it: which one to read is not known"
     )
 
@@ -1326,7 +1334,7 @@ def _read_index(index: Path) -> dict[str, Path]:
     for file in shards.values():
         if not file.is_file():
             what = "is not a regular file" if os.path.lexists(file) else "does not exist"
-            raise CheckpointError(f"{index}: lists shard {file.name}, which {what}")
+            raise CheckpointError(f"{index}: lists shard {_shard(index, file)}, which {what}")
     return {key: shards[name] for key, name in names.items()}
 
 

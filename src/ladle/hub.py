@@ -420,6 +420,14 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
     if not _COMMIT.fullmatch(commit):
         raise CheckpointError(f"{url}: resolved to {root}, which is not a cached snapshot")
     if not found:
+        last = source.subfolder.rpartition("/")[2]
+        if last.endswith((".safetensors", ".json", *TORCH_SUFFIXES)):  # a file's name
+            parent = source.subfolder.rpartition("/")[0]
+            named = PREFIX + source.repo_id + (f"/{parent}" if parent else "")
+            raise CheckpointError(
+                f"{url}: an hf:// source names a repository or a folder in it, not a file "
+                f"({last!r}); name the folder holding it: {named}"
+            )
         where = f"subfolder {source.subfolder!r}" if source.subfolder else "the repository root"
         names = sorted(p.name for p in folder.iterdir())[:5] if folder.is_dir() else []
         if offline:  # only the cache was asked: the Hub may well have them

@@ -62,14 +62,17 @@ def _check_readable(path: Path) -> None:
     """A ``CheckpointError`` naming ``path`` (a file or folder that goes beside an output)
     where it cannot be read: the copy failed after the merge, blamed on the output."""
     try:
-        if path.is_dir():
-            os.listdir(path)
-        else:
-            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        if path.is_dir():  # each entry too: copied whole
+            for entry in os.listdir(path):
+                _check_readable(path / entry)
+            return
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
     except OSError as err:
         raise CheckpointError(
             f"{path}: cannot read it ({err.strerror or err}); it is copied beside the output"
         ) from err
+    if not path.is_file():  # a named pipe, a device: no file to copy
+        raise CheckpointError(f"{path}: not a regular file; it is copied beside the output")
 
 
 def _files_matching(directory: Path, patterns: Sequence[str]) -> dict[str, Path]:

@@ -755,6 +755,10 @@ class SafetensorsWriter:
         self.out = Path(out)
         check_output_free(self.out, overwrite=overwrite)
         self._specs = {key: specs[key] for key in aligned_order(specs)}  # the write order
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(
+                f"metadata: expected a mapping of str to str, found {type_name(metadata)}"
+            )
         self._metadata = {"format": "pt", **(metadata or {})}
         self._single_file = single_file(self.out)
         self._extra = _checked_extra_files(self.out, self._single_file, extra_files or {})
