@@ -15,12 +15,13 @@ from .engine import (
     DEFAULT_CHUNK_BYTES,
     Kernel,
     check_compatible,
+    check_unpacked,
     fold,
     is_merged_dtype,
     open_models,
     resolve_device,
 )
-from .errors import LadleError
+from .errors import LadleError, check_flag
 
 __all__ = ["DiffReport", "TensorDiff", "diff"]
 
@@ -185,11 +186,14 @@ def diff(
         >>> ladle.diff(a, {"w": torch.tensor([6.0, 0.0])}, base={"w": torch.zeros(2)}).total
         TensorDiff(key='', norm_a=3.0, norm_b=6.0, norm_diff=3.0, cosine=1.0)
     """
+    check_flag("allow_nonfinite", allow_nonfinite)
     names: list[str] = []
     with ExitStack() as stack, _named_a_and_b(names):
         (ckpt_a, ckpt_b), ckpt_base = open_models([a, b], base, stack)
         names += [ckpt_a.name, ckpt_b.name]
         check_compatible([ckpt_a, ckpt_b], ckpt_base)
+        for checkpoint in (ckpt_a, ckpt_b):  # a base agrees with them: checked with them
+            check_unpacked(checkpoint)
         reference = ckpt_base if ckpt_base is not None else ckpt_a
         keys = reference.keys()
         # A tensor that every input names twice (tied weights) is compared once, under its

@@ -45,7 +45,14 @@ from .checkpoint import (
     second_names,
     tied_names,
 )
-from .errors import CheckpointError, IncompatibleError, LadleError, NonFiniteError, type_name
+from .errors import (
+    CheckpointError,
+    IncompatibleError,
+    LadleError,
+    NonFiniteError,
+    check_flag,
+    type_name,
+)
 from .modelcard import output_files
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -422,20 +429,27 @@ def check_output_dtypes(
     element, or whose output dtype (:func:`output_dtype`) is none of :data:`OUTPUT_DTYPES`:
     merged values would be written in it wrongly (``float8_e8m0fnu`` holds no sign: -2
     became 2). ``remedy``: what the message advises for the latter."""
+    check_unpacked(checkpoint)
     for key in checkpoint.keys():
-        stored = checkpoint.dtype(key)
-        written = output_dtype(stored, dtype)
-        if _kind(stored) == "packed":
-            raise ValueError(
-                f"{checkpoint.name}: key {key!r} is stored as "
-                f"{str(stored).removeprefix('torch.')}, which packs several values per element: "
-                "unpack it first"
-            )
+        written = output_dtype(checkpoint.dtype(key), dtype)
         if written.is_floating_point and written not in OUTPUT_DTYPES:
             raise ValueError(
                 f"{checkpoint.name}: key {key!r} is stored as "
                 f"{str(written).removeprefix('torch.')}, in which results cannot be written "
                 f"(unsigned, powers of two only); {remedy}"
+            )
+
+
+def check_unpacked(checkpoint: Checkpoint) -> None:
+    """A ``ValueError`` for a key of ``checkpoint`` stored in a dtype that packs several values
+    per element (``float4_e2m1fn_x2``): torch computes nothing in it."""
+    for key in checkpoint.keys():
+        stored = checkpoint.dtype(key)
+        if _kind(stored) == "packed":
+            raise ValueError(
+                f"{checkpoint.name}: key {key!r} is stored as "
+                f"{str(stored).removeprefix('torch.')}, which packs several values per element: "
+                "unpack it first"
             )
 
 
@@ -1842,6 +1856,7 @@ def merge(
     dtype = resolve_dtype(dtype)
     target = resolve_device(device)
     chunk_bytes = check_chunk_bytes(chunk_bytes)
+    check_flag("allow_nonfinite", allow_nonfinite)
     with ExitStack() as stack:
         inputs = stack.enter_context(ExitStack())  # closed on a thread once read (see below)
         checkpoints, base_ckpt = open_models(models, base, inputs)

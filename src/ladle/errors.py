@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 __all__ = [
     "CheckpointError",
     "IncompatibleError",
@@ -111,3 +113,20 @@ def type_name(value: object) -> str:
         ('str', 'None', 'complex')
     """
     return "None" if value is None else type(value).__name__
+
+
+def check_flag(name: str, value: object) -> bool:
+    """``value`` as a bool: ``True`` or ``False`` (a numpy bool too); anything else is a
+    ``TypeError`` naming parameter ``name`` (``overwrite="no"``, being truthy, replaced an
+    output).
+
+    Example:
+        >>> check_flag("overwrite", False)
+        False
+        >>> check_flag("overwrite", "no")
+        Traceback (most recent call last):
+        TypeError: overwrite: expected True or False, found str
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name}: expected True or False, found {type_name(value)}")

@@ -39,7 +39,7 @@ from .checkpoint import (
     not_a_dense_tensor,
     pread_into,
 )
-from .errors import LadleError, OutputError, type_name
+from .errors import LadleError, OutputError, check_flag, type_name
 from .hub import PREFIX
 
 __all__ = ["SafetensorsWriter", "parse_size", "save"]
@@ -193,6 +193,7 @@ def check_output_free(out: str | os.PathLike, *, overwrite: bool) -> None:
         ...     print(str(err).split(": ")[1])
         is a folder without safetensors weights (main.py)
     """
+    check_flag("overwrite", overwrite)
     if not output_taken(out):
         return
     if not overwrite:

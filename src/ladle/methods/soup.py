@@ -40,7 +40,7 @@ from ..engine import (
     resolve_dtype,
     saturation_limit,
 )
-from ..errors import type_name
+from ..errors import check_flag, type_name
 from ..modelcard import output_files
 from ..writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, check_storable, single_file
 
@@ -450,6 +450,8 @@ def run_greedy(
     allow_nonfinite: bool,
 ) -> GreedySoupResult:
     """Open and check ``models``, run the greedy rule, write the soup to ``out`` if given."""
+    check_flag("strict", strict)
+    check_flag("allow_nonfinite", allow_nonfinite)
     if not callable(evaluate):
         raise TypeError(f"evaluate: expected a callable, found {type_name(evaluate)}")
     dtype = resolve_dtype(dtype)
