@@ -2187,3 +2187,14 @@ def test_float64_merges_and_arithmetic_round_once_into_the_output_dtype(tmp_path
     narrow = {"w": torch.zeros(hard.shape, dtype=torch.float16)}  # the result takes its dtype
     total = ladle.add(narrow, {"w": hard})["w"]
     assert total.double().tolist() == [_rounded_once(v, 11, -14) for v in hard.tolist()]
+
+
+@pytest.mark.parametrize("progress", [3, "yes"])
+def test_a_progress_that_is_no_class_is_a_type_error_naming_it(progress):
+    # "'int' object is not callable"
+    for call in (
+        lambda: ladle.uniform_soup([{"w": torch.ones(2)}] * 2, device="cpu", progress=progress),
+        lambda: ladle.greedy_soup([{"w": torch.ones(2)}] * 2, lambda sd: 1.0, progress=progress),
+    ):
+        with pytest.raises(TypeError, match=r"^progress: expected True, False, None or a tqdm"):
+            call()

@@ -428,3 +428,17 @@ def test_greedy_strict_keeps_a_candidate_only_when_the_score_rises(strict, selec
         runs, selection="greedy", evaluate=lambda sd: 1.0, scores=[1.0, 1.0], strict=strict
     )
     assert result.selected == selected
+
+
+@pytest.mark.parametrize(("drop", "found"), [(None, "None"), ([3], "[3]"), (b"head", "b'head'")])
+def test_a_drop_that_is_no_sequence_of_patterns_is_a_type_error_naming_it(drop, found):
+    # "'NoneType' object is not iterable", "object of type 'int' has no len()"
+    aux, probe = {"body": torch.ones(2), "head.w": torch.zeros(3)}, {"head.w": torch.ones(5)}
+    with pytest.raises(TypeError) as info:
+        ladle.ratatouille_init(aux, probe, drop=drop)
+    assert str(info.value) == f"drop: expected a sequence of patterns (strings), found {found}"
+
+
+def test_ratatouille_init_names_the_argument_whose_source_is_bad():
+    with pytest.raises(ladle.CheckpointError, match=r"^head: <state dict>: expected a mapping"):
+        ladle.ratatouille_init({"w": torch.ones(2)}, {1: torch.ones(2)})

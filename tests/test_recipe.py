@@ -977,3 +977,14 @@ def test_a_module_imported_from_another_recipes_folder_is_refused_not_reused(
     )
     assert not (recipes[1].parent / "g.safetensors").exists()
     assert run_recipe(recipes[0], device="cpu", overwrite=True)  # its own module: still fine
+
+
+def test_a_greedy_ratatouille_step_with_its_own_chunk_size_is_refused_up_front(folder):
+    # It passed load_recipe and failed when the step ran, after the evaluators were imported
+    text = (
+        'method = "ratatouille"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+        'output = "r.safetensors"\n[parameters]\nselection = "greedy"\n'
+        'evaluate = "math:fabs"\nchunk_bytes = 100\n'
+    )
+    with pytest.raises(ValueError, match=r"^recipe\.parameters\.chunk_bytes: used only with"):
+        load_recipe(write(folder, text))

@@ -954,14 +954,20 @@ def open_models(
     return opened_models, opened_base
 
 
-def _bar(progress: Any, total: int, desc: str = "merging") -> Any:
+def _bar(progress: Any, total: int, desc: str = "merging", unit: str = "B") -> Any:
+    """A progress bar of ``total`` ``unit`` (bytes: scaled by 1024): tqdm's for ``True``,
+    ``progress`` itself called as tqdm is for a class; ``None`` for no bar."""
     if not progress:
         return None
     if progress is True:
         from tqdm.auto import tqdm
 
         progress = tqdm
-    return progress(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+    elif not callable(progress):
+        found = type_name(progress)
+        raise TypeError(f"progress: expected True, False, None or a tqdm-like class, found {found}")
+    scaled = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+    return progress(total=total, unit=unit, desc=desc, **scaled)
 
 
 def fold(

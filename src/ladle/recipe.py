@@ -25,7 +25,13 @@ from typing import Any, NamedTuple
 import torch
 
 from .checkpoint import MISSING, StateDict
-from .engine import ALLOW_NONFINITE, DTYPE_NAMES, check_chunk_bytes, resolve_device
+from .engine import (
+    ALLOW_NONFINITE,
+    DTYPE_NAMES,
+    FOLD_CHUNK_BYTES,
+    check_chunk_bytes,
+    resolve_device,
+)
 from .errors import LadleError
 from .hub import PREFIX, parse_hf_url
 from .writer import check_output_free, check_output_name, parse_size, single_file
@@ -288,6 +294,11 @@ def _check_values(method: str, parameters: Mapping[str, Any], count: int, where:
             raise ValueError(
                 f"{where}.parameters.evaluate: required by ratatouille with "
                 "selection = 'greedy' ('package.module:function' or 'file.py:function')"
+            )
+        elif parameters.get("chunk_bytes", FOLD_CHUNK_BYTES) != FOLD_CHUNK_BYTES:
+            raise ValueError(  # as the method refuses it: the greedy rule folds its own size
+                f"{where}.parameters.chunk_bytes: used only with selection = 'uniform' (the "
+                f"greedy rule folds {FOLD_CHUNK_BYTES} bytes at a time); leave it out"
             )
     if method in ("greedy_soup", "ratatouille"):
         check("scores", lambda value: soup._checked_scores(value, count))

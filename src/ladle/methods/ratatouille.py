@@ -16,7 +16,7 @@ from typing import Literal, overload
 
 import torch
 
-from ..checkpoint import StateDict, StateDictLike, check_source, open_checkpoint
+from ..checkpoint import Checkpoint, StateDict, StateDictLike, check_source, open_checkpoint
 from ..engine import (
     FOLD_CHUNK_BYTES,
     NumbersLike,
@@ -26,7 +26,7 @@ from ..engine import (
     check_models,
     merge,
 )
-from ..errors import IncompatibleError
+from ..errors import CheckpointError, IncompatibleError, type_name
 from ..writer import DEFAULT_MAX_SHARD_SIZE
 from .soup import Evaluate, GreedySoupResult, normalized_weights, run_greedy, weighted_mean_kernel
 
@@ -83,10 +83,18 @@ def ratatouille_init(
     """
     if isinstance(drop, str):
         raise TypeError(f"drop: expected a sequence of patterns, found the string {drop!r}")
+    if not isinstance(drop, Sequence) or not all(isinstance(p, str) for p in drop):
+        found = type_name(drop) if not isinstance(drop, Sequence) else repr(drop)
+        raise TypeError(f"drop: expected a sequence of patterns (strings), found {found}")
     check_source("auxiliary", auxiliary)
     check_source("head", head)
-    aux = open_checkpoint(auxiliary)
-    probe = open_checkpoint(head)
+    aux = _opened("auxiliary", auxiliary)
+    try:
+        probe = _opened("head", head)
+    except BaseException:
+        if aux is not auxiliary:
+            aux.close()
+        raise
     try:
         keys = aux.keys()
         for pattern in drop:
@@ -134,6 +142,14 @@ def ratatouille_init(
         for checkpoint, source in ((aux, auxiliary), (probe, head)):
             if checkpoint is not source:
                 checkpoint.close()
+
+
+def _opened(role: str, source: StateDictLike) -> Checkpoint:
+    """``source`` opened; a ``CheckpointError`` it raises names its ``role`` first."""
+    try:
+        return open_checkpoint(source)
+    except CheckpointError as err:
+        raise CheckpointError(f"{role}: {err}") from err
 
 
 def _check_tied(

@@ -20,6 +20,7 @@ from ..engine import (
     NumbersLike,
     Progress,
     Scratch,
+    _bar,
     _check_merged,
     _check_output,
     _check_saturating,
@@ -310,16 +311,6 @@ def _checked_scores(scores: NumbersLike, count: int) -> list[float]:
     return values
 
 
-def _bar(progress: Progress, total: int):  # type: ignore[no-untyped-def]
-    if not progress:
-        return None
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, unit="eval", desc="greedy soup")
-    return progress(total=total, unit="eval", desc="greedy soup")
-
-
 def _greedy(
     checkpoints: Sequence[Checkpoint],
     evaluate: Evaluate,
@@ -343,7 +334,7 @@ def _greedy(
     tied = tied_names(checkpoints)
     names = checkpoints[0].keys()  # the reference's (open_models answers its second names)
     keys = [key for key in names if key not in tied]  # tied: the first name
-    bar = _bar(progress, count - 1 + (count if scores is None else 0))
+    bar = _bar(progress, count - 1 + (count if scores is None else 0), "greedy soup", "eval")
 
     def soup_of(
         sources: list[Checkpoint], numbers: list[int], n: int, keys: list[str]
