@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+import ladle
 from ladle.testing import (
     BUFFER_KEY,
     FLOAT_DTYPES,
@@ -857,3 +858,47 @@ def test_complex_strategies_draw_empty_tensors(dtype, shape):
             assert tensor.shape == shape and tensor.dtype == dtype
 
     check()
+
+
+def _float4() -> torch.Tensor:
+    return torch.ones(2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+
+
+def _quantized() -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8)
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda: torch.ones(2, device="meta"), "tensor 'w' is on the meta device (no data)"),
+        (lambda: torch.ones(2).to_sparse(), "tensor 'w' is torch.sparse_coo"),
+        (_quantized, "tensor 'w' is quantized (torch.quint8): dequantize it first"),
+    ],
+    ids=["meta", "sparse", "quantized"],
+)
+def test_tensors_without_values_to_compare_are_named(make, problem):
+    # torch's own errors: "Cannot copy out of meta tensor; no data!", "add(sparse, dense) is
+    # not supported", "Creation of quantized tensor requires quantized dtype"
+    with pytest.raises(ladle.CheckpointError) as info:
+        assert_state_dicts_close({"w": make()}, {"w": torch.ones(2)})
+    assert str(info.value) == f"actual: {problem}"
+
+
+@pytest.mark.skipif(not hasattr(torch, "float4_e2m1fn_x2"), reason="no packed float4")
+def test_packed_float4_is_refused_by_the_assertion_and_the_strategies():
+    with pytest.raises(ladle.CheckpointError, match=r"^expected: tensor 'w' packs two values"):
+        assert_state_dicts_close({"w": torch.ones(1)}, {"w": _float4()})
+    with pytest.raises(ValueError, match="^dtypes: "):
+        state_dicts(dtypes=[torch.float4_e2m1fn_x2])
+
+
+@pytest.mark.parametrize("limit", ["max_keys", "max_side"])
+@pytest.mark.parametrize("value", ["3", 1.5, True])
+def test_strategy_limits_that_are_no_int_are_type_errors_naming_them(limit, value):
+    with pytest.raises(TypeError, match=rf"^{limit}: expected an int, found "):
+        state_dicts(**{limit: value})

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import StateDict, StateDictLike, check_source, load
+from .checkpoint import StateDict, StateDictLike, check_source, load, not_a_dense_tensor
 from .engine import check_number, real_view
-from .errors import type_name
+from .errors import CheckpointError, type_name
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
@@ -264,6 +264,12 @@ def _as_state_dict(
     for key, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor for key {key!r}, found {type_name(tensor)}")
+        problem = not_a_dense_tensor(key, tensor)  # meta, sparse, quantized: no values here
+        if problem is None and str(tensor.dtype).endswith("_x2"):
+            problem = f"tensor {key!r} packs two values per element ({tensor.dtype})"
+            problem += ": compare tensor.view(torch.uint8)"
+        if problem is not None:
+            raise CheckpointError(f"{name}: {problem}")
     return state
 
 
@@ -301,6 +307,8 @@ def assert_state_dicts_close(
         AssertionError: the state dicts differ; the message says where and by how much.
         TypeError: ``rtol`` or ``atol`` is no number (a string, a bool); it is named.
         ValueError: ``rtol`` or ``atol`` is negative or not finite; it is named.
+        CheckpointError: a tensor holds no values to compare (on the meta device, sparse,
+            quantized, or packed two to an element: compare its ``view(torch.uint8)``).
 
     Example:
         >>> import torch
@@ -394,11 +402,15 @@ def _layouts(
     dtypes = _sequence_of("dtypes", dtypes, torch.dtype, "torch dtypes")
     if keys is not None:
         keys = _sequence_of("keys", keys, str, "names")
-    if not dtypes or not all(d.is_floating_point or d in COMPLEX_DTYPES for d in dtypes):
+    packed = [d for d in dtypes if str(d).endswith("_x2")]  # floating, but no arithmetic
+    if not dtypes or packed or not all(d.is_floating_point or d in COMPLEX_DTYPES for d in dtypes):
         raise ValueError(
             f"dtypes: expected one or more floating dtypes (or complex64, complex128), found "
             f"{dtypes}"
         )
+    for limit, value in (("max_keys", max_keys), ("max_side", max_side)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{limit}: expected an int, found {type_name(value)}")
     if max_keys < 1:
         raise ValueError(f"max_keys: expected at least 1, found {max_keys}")
     if max_side < 1:
