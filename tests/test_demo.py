@@ -415,3 +415,13 @@ def test_the_table_names_the_documented_problem_and_model(demo_run):
         "head.weight": (5, 64),
         "head.bias": (5,),
     }
+
+
+def test_a_size_or_workdir_of_the_wrong_kind_is_named():
+    # "unhashable type: 'list'", "expected str, bytes or os.PathLike object, not int"
+    from ladle.demo import run_demo
+
+    with pytest.raises(ValueError, match=r"^size: expected one of"):
+        run_demo(size=["x"])
+    with pytest.raises(TypeError, match=r"^workdir: expected a path, found int$"):
+        run_demo(workdir=3)

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 import ladle
 from ladle.engine import resolve_device
-from ladle.errors import LadleError
+from ladle.errors import LadleError, type_name
 from ladle.methods.dare import check_seed
 
 __all__ = ["DemoRow", "check_demo_seed", "format_table", "run_demo"]
@@ -257,9 +257,11 @@ def run_demo(
         ['linear probe', 'best single fine-tuning', 'uniform soup']
     """
     seed = check_demo_seed(seed)
+    if workdir is not None and not isinstance(workdir, (str, os.PathLike)):
+        raise TypeError(f"workdir: expected a path, found {type_name(workdir)}")
     if workdir is not None and not os.fspath(workdir):  # "" is the working directory itself
         raise ValueError("workdir: expected a path, found an empty one")
-    if size not in SIZES:
+    if not isinstance(size, str) or size not in SIZES:
         raise ValueError(f"size: expected one of {sorted(SIZES)}, found {size!r}")
     out = sys.stdout if stream is None else stream
     target = resolve_device(device)
