@@ -1076,3 +1076,64 @@ def test_diff_of_packed_float4_tensors_is_refused_naming_the_key():
     packed = {"w": torch.ones(2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}
     with pytest.raises(ValueError, match=r"key 'w' is stored as float4_e2m1fn_x2, which packs"):
         ladle.diff(packed, packed)
+
+
+def _checkpoint_get(device):
+    return ladle.open_checkpoint({"w": torch.ones(2)}).get("w", device=device)
+
+
+@pytest.mark.parametrize(
+    ("call", "kind", "message"),
+    [  # each was torch's or Python's own error, or a silent misreading
+        (lambda: _checkpoint_get(True), TypeError, "device: expected a torch device or its"),
+        (lambda: _checkpoint_get(1.5), ValueError, "device: expected cpu, cuda, cuda:N"),
+        (lambda: ladle.load({"w": torch.ones(1)}, device=10**400), ValueError, "device: expected"),
+        (lambda: ladle.uniform_soup(b"ab"), TypeError, "models: expected a sequence of models"),
+        (
+            lambda: ladle.uniform_soup(family(2), progress=torch.ones(2)),
+            TypeError,
+            "progress: expected True, False, None or a tqdm-like class, found Tensor",
+        ),
+        (
+            lambda: ladle.testing.assert_state_dicts_close(*family(2)[:1] * 2, equal_nan="no"),
+            TypeError,
+            "equal_nan: expected True or False, found str",
+        ),
+        (lambda: ladle.load_recipe(None), TypeError, "path: expected a str or os.PathLike path"),
+        (
+            lambda: ladle.run_recipe("r.toml", on_output="x"),
+            TypeError,
+            "on_output: expected a callable or None, found str",
+        ),
+        (
+            lambda: ladle.testing.default_tolerances("float16"),
+            TypeError,
+            "dtype: expected a torch.dtype, found str",
+        ),
+        (lambda: ladle.testing.state_dicts(bound=True), TypeError, "bound: expected a number"),
+        (lambda: ladle.testing.state_dicts(buffers="no"), TypeError, "buffers: expected True"),
+        (
+            lambda: ladle.testing.state_dicts(shapes=[("w", (2,))]),
+            TypeError,
+            "shapes: expected a mapping of keys to shapes, found list",
+        ),
+    ],
+    ids=[
+        "get-bool",
+        "get-float",
+        "load-huge",
+        "models-bytes",
+        "progress-tensor",
+        "equal_nan",
+        "recipe-path",
+        "on_output",
+        "tolerances",
+        "bound",
+        "buffers",
+        "shapes",
+    ],
+)
+def test_arguments_of_the_wrong_kind_are_named(call, kind, message):
+    with pytest.raises(kind) as info:
+        call()
+    assert str(info.value).startswith(message)

@@ -121,8 +121,8 @@ class Checkpoint:
         raise NotImplementedError
 
     def get(self, key: str, *, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The whole tensor ``key``, on ``device``."""
-        return self.get_slice(key, slice(None)).to(device)
+        """The whole tensor ``key``, on ``device`` (checked as :func:`load` checks it)."""
+        return self.get_slice(key, slice(None)).to(_target(device))
 
     def check_unchanged(self) -> None:
         """A ``CheckpointError`` where a file this checkpoint reads from changed since it was
@@ -1739,13 +1739,22 @@ def load(source: StateDictLike, *, device: str | torch.device = "cpu") -> StateD
         >>> ladle.load({"w": torch.ones(2)})
         {'w': tensor([1., 1.])}
     """
+    return _read_whole(source, _target(device), shared=False)
+
+
+def _target(device: str | torch.device) -> str | torch.device:
+    """``device`` where tensors read go, checked as merges check it
+    (:func:`~ladle.engine.resolve_device`: a ``ValueError`` naming it), ``"meta"`` allowed:
+    shapes and dtypes, nothing read."""
     from .engine import resolve_device  # the engine builds on this module
 
-    try:  # "meta": the tensors' shapes and dtypes, nothing read
-        meta = torch.device(device).type == "meta"
-    except (RuntimeError, TypeError):
-        meta = False  # resolve_device names it
-    return _read_whole(source, device if meta else resolve_device(device), shared=False)
+    if not isinstance(device, bool):
+        try:
+            if torch.device(device).type == "meta":
+                return device
+        except (RuntimeError, TypeError, ValueError, OverflowError):
+            pass  # resolve_device names it
+    return resolve_device(device)
 
 
 def load_tied(source: StateDictLike) -> StateDict:

@@ -348,9 +348,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, bool):  # torch.device(True) is cuda:1
+        raise TypeError("device: expected a torch device or its name, found bool")
     try:
         resolved = torch.device(device)
-    except (RuntimeError, TypeError) as err:
+    except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # 10**400: ValueError
         raise ValueError(
             f"device: expected cpu, cuda, cuda:N or another torch device, found {device!r}"
         ) from err
@@ -780,6 +782,10 @@ def check_models(models: Sequence[StateDictLike]) -> None:
     """
     if isinstance(models, (str, os.PathLike, Mapping, torch.nn.Module)):
         raise TypeError("models: expected a sequence of models, found a single model")
+    if isinstance(models, (bytes, bytearray, torch.Tensor, np.ndarray)):  # sequences of numbers
+        raise TypeError(
+            f"models: expected a sequence of models (a list or tuple), found {type_name(models)}"
+        )
     if not hasattr(models, "__len__") or isinstance(models, AbstractSet):
         raise TypeError(
             f"models: expected a sequence of models (a list or tuple), found {type_name(models)}"
@@ -957,13 +963,13 @@ def open_models(
 def _bar(progress: Any, total: int, desc: str = "merging", unit: str = "B") -> Any:
     """A progress bar of ``total`` ``unit`` (bytes: scaled by 1024): tqdm's for ``True``,
     ``progress`` itself called as tqdm is for a class; ``None`` for no bar."""
-    if not progress:
+    if progress is None or progress is False:
         return None
     if progress is True:
         from tqdm.auto import tqdm
 
         progress = tqdm
-    elif not callable(progress):
+    elif not callable(progress):  # 0, [], a tensor: no bar, and no truth value to take
         found = type_name(progress)
         raise TypeError(f"progress: expected True, False, None or a tqdm-like class, found {found}")
     scaled = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}

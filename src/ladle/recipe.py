@@ -32,7 +32,7 @@ from .engine import (
     check_chunk_bytes,
     resolve_device,
 )
-from .errors import LadleError
+from .errors import LadleError, type_name
 from .hub import PREFIX, parse_hf_url
 from .writer import check_output_free, check_output_name, parse_size, single_file
 
@@ -460,6 +460,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         >>> [(s.name, s.method, s.output.name) for s in load_recipe(folder / "r.toml").steps]
         [('main', 'uniform_soup', 'out.safetensors')]
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike path, found {type_name(path)}")
     file = Path(path)
     data = _read_toml(file)
     root = file.resolve().parent
@@ -685,6 +687,8 @@ def run_recipe(
         >>> ladle.load(results["final"])["w"].tolist()
         [1.5, 3.5]
     """
+    if on_output is not None and not callable(on_output):  # before any step writes
+        raise TypeError(f"on_output: expected a callable or None, found {type_name(on_output)}")
     checked = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
     def where(step: Step) -> str:

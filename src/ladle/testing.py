@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import StateDict, StateDictLike, check_source, load, not_a_dense_tensor
 from .engine import check_number, real_view
-from .errors import CheckpointError, type_name
+from .errors import CheckpointError, check_flag, type_name
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
@@ -83,6 +83,8 @@ def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
         >>> default_tolerances(torch.complex64)
         (1.3e-06, 1e-05)
     """
+    if not isinstance(dtype, torch.dtype):  # "float16" found no tolerance: exact, silently
+        raise TypeError(f"dtype: expected a torch.dtype, found {type_name(dtype)}")
     return _TOLERANCES.get(dtype, (0.0, 0.0))
 
 
@@ -329,6 +331,7 @@ def assert_state_dicts_close(
         raise ValueError(f"rtol: expected a finite number ≥ 0, found {rtol}")
     if atol is not None and not (atol >= 0 and math.isfinite(atol)):
         raise ValueError(f"atol: expected a finite number ≥ 0, found {atol}")
+    equal_nan = check_flag("equal_nan", equal_nan)  # "no", being truthy, let NaN pass
     got, want = _as_state_dict("actual", actual), _as_state_dict("expected", expected)
     problems = []
     missing = [key for key in want if key not in got]
@@ -416,6 +419,8 @@ def _layouts(
     if max_side < 1:
         raise ValueError(f"max_side: expected at least 1, found {max_side}")
     dtype_strategy = st.sampled_from(dtypes)
+    if shapes is not None and not isinstance(shapes, Mapping):
+        raise TypeError(f"shapes: expected a mapping of keys to shapes, found {type_name(shapes)}")
     if shapes is not None:
         fixed = {str(k): tuple(shape) for k, shape in shapes.items()}
         try:  # ints (numpy's too), not floats that int() would truncate
@@ -519,7 +524,7 @@ def _check_bound(
         ...
         ValueError: bound: expected at most 65504 (the largest finite torch.float16), found 100000.0
     """
-    bound = float(bound)
+    bound = check_number("bound", bound)  # no bool, no string, within float's range
     if not (bound > 0 and math.isfinite(bound)):
         raise ValueError(f"bound: expected a finite number > 0, found {bound}")
     terms = 2 if fine_tunes else 1
@@ -597,6 +602,7 @@ def state_dicts(
         >>> check()
     """
     st = _hypothesis()
+    buffers = check_flag("buffers", buffers)  # "no" added the buffer
     layouts = _layouts(keys, shapes, dtypes, max_keys, max_side)
     bounds = _check_bound(bound, dtypes)
 
@@ -667,6 +673,7 @@ def model_families(
         >>> check()
     """
     st = _hypothesis()
+    buffers = check_flag("buffers", buffers)  # "no" added the buffer
     if isinstance(n, st.SearchStrategy):
         counts = n
     elif isinstance(n, int) and not isinstance(n, bool):
