@@ -1518,3 +1518,17 @@ def test_split_merge_shards_hold_the_keys_in_order_as_a_single_process_writes_th
         shards = list(index["weight_map"].values())  # in the reference's key order
         assert shards == sorted(shards), name  # rank 0's keys in the first shards
         assert shards[0] == f"model-00001-of-{len(set(shards)):05d}.safetensors", name
+
+
+@pytest.mark.parametrize("group", ["x", []])
+def test_a_group_that_is_no_process_group_is_a_type_error_naming_it(tmp_path, group):
+    # "'str' object has no attribute 'size'", "unhashable type"; without a process group it
+    # was ignored
+    model = {"w": torch.ones(2)}
+    for call in (
+        lambda: merge("soup", [model, model], out=tmp_path / "o", group=group),
+        lambda: average_(model, group=group),
+    ):
+        with pytest.raises(TypeError, match=r"^group: expected a torch\.distributed ProcessGroup"):
+            call()
+    assert not (tmp_path / "o").exists()

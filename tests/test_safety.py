@@ -1101,6 +1101,11 @@ def _checkpoint_get(device):
         ),
         (lambda: ladle.load_recipe(None), TypeError, "path: expected a str or os.PathLike path"),
         (
+            lambda: ladle.uniform_soup(family(2), chunk_bytes=torch.tensor(True)),
+            TypeError,
+            "chunk_bytes: expected an int (bytes), found bool",
+        ),
+        (
             lambda: ladle.run_recipe("r.toml", on_output="x"),
             TypeError,
             "on_output: expected a callable or None, found str",
@@ -1126,6 +1131,7 @@ def _checkpoint_get(device):
         "progress-tensor",
         "equal_nan",
         "recipe-path",
+        "chunk_bytes",
         "on_output",
         "tolerances",
         "bound",

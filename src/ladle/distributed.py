@@ -42,7 +42,7 @@ from .engine import (
     real_view,
     resolve_device,
 )
-from .errors import IncompatibleError, LadleError
+from .errors import IncompatibleError, LadleError, type_name
 from .methods.dare import dare
 from .methods.ratatouille import ratatouille
 from .methods.soup import greedy_soup, normalized_weights, uniform_soup
@@ -92,6 +92,7 @@ Spec = tuple[tuple[int, ...], torch.dtype]
 
 
 def _world(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    _check_group(group)
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(
             "group: no process group is initialised; call torch.distributed.init_process_group "
@@ -103,6 +104,14 @@ def _world(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
             "group; call it on the group's members only"
         )
     return group if group is not None else dist.group.WORLD  # type: ignore[return-value]
+
+
+def _check_group(group: object) -> None:
+    """A ``TypeError`` for a ``group`` that is no process group (``None``: the world's)."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"group: expected a torch.distributed ProcessGroup, found {type_name(group)}"
+        )
 
 
 def _comm_device(group: dist.ProcessGroup, tensor: torch.Tensor) -> torch.device:
@@ -801,6 +810,7 @@ def merge(
         >>> ladle.load(out)
         {'w': tensor([2., 4.])}
     """
+    _check_group(group)  # also where it would go unused: no process group, one rank
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         function = _method(method, params)
         _check_out(out)

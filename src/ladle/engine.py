@@ -862,10 +862,11 @@ def check_chunk_bytes(chunk_bytes: object) -> int:
         Traceback (most recent call last):
         ValueError: chunk_bytes: expected a positive number of bytes, found 0
     """
-    if isinstance(chunk_bytes, bool):
+    value = unwrap_scalar("chunk_bytes", chunk_bytes)  # a bool tensor leaves a bool
+    if isinstance(value, bool):
         raise TypeError("chunk_bytes: expected an int (bytes), found bool")
     try:
-        size = operator.index(chunk_bytes)  # type: ignore[arg-type]
+        size = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(
             f"chunk_bytes: expected an int (bytes), found {type_name(chunk_bytes)}"
