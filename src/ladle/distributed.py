@@ -108,7 +108,11 @@ def _world(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
 
 def _check_group(group: object) -> None:
     """A ``TypeError`` for a ``group`` that is no process group (``None``: the world's)."""
-    if group is not None and not isinstance(group, dist.ProcessGroup):
+    # (new_group gives a process outside the group a marker of its own: told so by _world)
+    outside = getattr(dist.GroupMember, "NON_GROUP_MEMBER", None)  # an int: -100
+    if group is None or isinstance(group, dist.ProcessGroup):
+        return
+    if not (type(group) is type(outside) and group == outside):
         raise TypeError(
             f"group: expected a torch.distributed ProcessGroup, found {type_name(group)}"
         )
