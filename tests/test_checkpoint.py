@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import DictCheckpoint, family
@@ -2020,3 +2021,17 @@ def test_an_index_s_shards_in_folders_are_named_as_the_index_names_them(tmp_path
         with pytest.raises(ladle.CheckpointError) as info:
             ladle.load(tmp_path)
         assert str(info.value).startswith(f"{index}: {said}")
+
+
+@pytest.mark.parametrize("rows", [0, [1, 0], True, None, slice(0, 1.5)])
+def test_rows_that_are_no_slice_of_ints_are_a_type_error_naming_them(tmp_path, rows):
+    # In memory `tensor[rows]` took 0 as an index (a dimension dropped), a list as fancy
+    # indexing, True/None as a new dimension; a file raised "'int' object has no attribute
+    # 'indices'"
+    path = ladle.save({"w": torch.ones(2, 3)}, tmp_path / "g.safetensors")
+    for source in ({"w": torch.ones(2, 3)}, path):
+        checkpoint = ladle.open_checkpoint(source)
+        for read in (checkpoint.get_slice, checkpoint.get_rows):
+            with pytest.raises(TypeError, match=r"^rows: expected a slice of int bounds"):
+                read("w", rows)
+    assert ladle.open_checkpoint(path).get_slice("w", slice(np.int64(1), None)).shape == (1, 3)

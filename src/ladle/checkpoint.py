@@ -141,6 +141,7 @@ class Checkpoint:
         copied, never the whole tensor. Safetensors files read the rows alone; a subclass
         whose ``get_slice`` reads from storage reads such a stored row once per chunk in it
         unless it overrides this method."""
+        check_rows(rows)
         stored = tuple(self.shape(key))  # a subclass may answer a list
         if shape is None or tuple(shape) == stored:
             return self.get_slice(key, rows)
@@ -561,6 +562,7 @@ class TensorMapCheckpoint(Checkpoint):
         return self._tensor(key).dtype
 
     def get_slice(self, key: str, rows: slice) -> torch.Tensor:
+        check_rows(rows)
         self.check_unchanged()  # a memory-mapped file cut short: SIGBUS, not an error
         tensor = self._tensor(key).detach()
         return tensor if tensor.dim() == 0 else tensor[rows]
@@ -694,6 +696,7 @@ class SafetensorsCheckpoint(Checkpoint):
         replaced since it was opened is a ``CheckpointError``, never zeros or a crash (SIGBUS)
         from reading through safetensors' own map. A step (``slice(0, 6, 2)``) reads the rows
         it spans; a 0-d tensor is read whole whatever ``rows``."""
+        check_rows(rows)
         shape = self.shape(key)
         if not shape:
             return self.get_rows(key, slice(None))
@@ -708,6 +711,7 @@ class SafetensorsCheckpoint(Checkpoint):
         """Rows ``rows`` of ``key`` read as ``shape`` (:meth:`Checkpoint.get_rows`): a view of
         the file's pages (:meth:`map_rows`), else (unaligned data, a file that cannot be
         mapped, no rows) read into memory of their own (:meth:`read_rows`)."""
+        check_rows(rows)
         mapped = self.map_rows(key, rows, shape)
         if mapped is not None:
             return mapped
@@ -847,6 +851,17 @@ class SafetensorsCheckpoint(Checkpoint):
         for descriptor in self._descriptors.values():
             os.close(descriptor)
         self._descriptors.clear()
+
+
+def check_rows(rows: object) -> None:
+    """A ``TypeError`` naming ``rows`` for what is no slice of int bounds (``0``, a list, a
+    bool: a tensor in memory took them as an index, dropping or adding a dimension, a file
+    raised its own error)."""
+    if not isinstance(rows, slice) or not all(
+        bound is None or (hasattr(bound, "__index__") and not isinstance(bound, bool))
+        for bound in (rows.start, rows.stop, rows.step)
+    ):
+        raise TypeError(f"rows: expected a slice of int bounds (slice(0, 8)), found {rows!r}")
 
 
 def _closed_error(name: str) -> CheckpointError:
@@ -1251,6 +1266,7 @@ class TorchShardsCheckpoint(Checkpoint):
         return self._tensor(key).dtype
 
     def get_slice(self, key: str, rows: slice) -> torch.Tensor:
+        check_rows(rows)
         file = self._file_of(key)
         tensor = self._shard(file)[key]
         _check_same_file(file, self._mapped.get(file), MAPPED_GONE)  # cut short: no SIGBUS
