@@ -1532,3 +1532,15 @@ def test_a_group_that_is_no_process_group_is_a_type_error_naming_it(tmp_path, gr
         with pytest.raises(TypeError, match=r"^group: expected a torch\.distributed ProcessGroup"):
             call()
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("weights", "found"), [((w for w in [1.0]), "generator"), ({0: 1.0}, "dict")]
+)
+def test_average_weights_of_no_order_are_a_type_error_naming_them(one_rank, weights, found):
+    # A generator failed inside pickling ("cannot pickle 'generator' object")
+    with pytest.raises(TypeError) as caught:
+        average_({"w": torch.ones(2)}, weights=weights)
+    assert str(caught.value) == (
+        f"weights: expected a number or a sequence of numbers, found {found}"
+    )

@@ -25,6 +25,7 @@ import shutil
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
@@ -216,8 +217,9 @@ def _named_tensors(target: torch.nn.Module | Mapping[str, Any]) -> list[tuple[st
 def _plain(weights: object) -> object:
     """``weights`` as the numbers :func:`_rank_weights` checks, before they are gathered: a
     numpy scalar or a 0-d tensor or array (an accuracy from torchmetrics, say) as a float, a
-    1-d one or a sequence as a list of those; anything else as it is, for every rank to
-    refuse alike (raising here, on one rank, would leave the others waiting).
+    1-d one or a sequence as a list of those; an iterator, a mapping or a set (no order, or
+    nothing to send) is a ``TypeError`` (raised in :func:`average_`'s checks, which every
+    rank hears of); anything else as it is, for every rank to refuse alike.
 
     Example:
         >>> import numpy as np, torch
@@ -234,6 +236,10 @@ def _plain(weights: object) -> object:
     if isinstance(weights, numbers.Real) and not isinstance(weights, bool):
         with contextlib.suppress(OverflowError):  # else refused by every rank, as the rest
             return float(weights)
+    if isinstance(weights, (Iterator, Mapping, AbstractSet)):  # no order, or no pickle
+        raise TypeError(
+            f"weights: expected a number or a sequence of numbers, found {type_name(weights)}"
+        )
     return weights
 
 
