@@ -1143,3 +1143,17 @@ def test_arguments_of_the_wrong_kind_are_named(call, kind, message):
     with pytest.raises(kind) as info:
         call()
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.skipif(not hasattr(torch, "float4_e2m1fn_x2"), reason="no packed float4")
+def test_a_dtype_no_merge_can_write_is_named_with_the_model_or_base_holding_it():
+    # "<state dict>: key 'w' ...": of which state dict, the base or a model?
+    packed = lambda: {"w": torch.ones(2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}  # noqa: E731
+    e8m0 = {"w": torch.ones(2).to(torch.float8_e8m0fnu)}
+    for call, named in (
+        (lambda: ladle.task_arithmetic([packed(), packed()], packed(), device="cpu"), "base"),
+        (lambda: ladle.uniform_soup([e8m0, e8m0], device="cpu"), "model 0"),
+        (lambda: ladle.greedy_soup([packed(), packed()], lambda sd: 1.0), "model 0"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{named} \(<state dict>\): key 'w' is stored as"):
+            call()

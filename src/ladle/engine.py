@@ -425,31 +425,38 @@ def output_specs(
 
 
 def check_output_dtypes(
-    checkpoint: Checkpoint, dtype: torch.dtype | None, *, remedy: str = MERGE_REMEDY
+    checkpoint: Checkpoint,
+    dtype: torch.dtype | None,
+    *,
+    remedy: str = MERGE_REMEDY,
+    label: str | None = None,
 ) -> None:
     """A ``ValueError`` for a floating key of ``checkpoint`` that packs several values per
     element, or whose output dtype (:func:`output_dtype`) is none of :data:`OUTPUT_DTYPES`:
     merged values would be written in it wrongly (``float8_e8m0fnu`` holds no sign: -2
-    became 2). ``remedy``: what the message advises for the latter."""
-    check_unpacked(checkpoint)
+    became 2). ``remedy``: what the message advises for the latter; ``label``: how the
+    message names the checkpoint (``model 0 (NAME)``; default its name)."""
+    label = checkpoint.name if label is None else label
+    check_unpacked(checkpoint, label)
     for key in checkpoint.keys():
         written = output_dtype(checkpoint.dtype(key), dtype)
         if written.is_floating_point and written not in OUTPUT_DTYPES:
             raise ValueError(
-                f"{checkpoint.name}: key {key!r} is stored as "
+                f"{label}: key {key!r} is stored as "
                 f"{str(written).removeprefix('torch.')}, in which results cannot be written "
                 f"(unsigned, powers of two only); {remedy}"
             )
 
 
-def check_unpacked(checkpoint: Checkpoint) -> None:
-    """A ``ValueError`` for a key of ``checkpoint`` stored in a dtype that packs several values
-    per element (``float4_e2m1fn_x2``): torch computes nothing in it."""
+def check_unpacked(checkpoint: Checkpoint, label: str | None = None) -> None:
+    """A ``ValueError`` for a key of ``checkpoint`` (named ``label``, default its name) stored
+    in a dtype that packs several values per element (``float4_e2m1fn_x2``): torch computes
+    nothing in it."""
     for key in checkpoint.keys():
         stored = checkpoint.dtype(key)
         if _kind(stored) == "packed":
             raise ValueError(
-                f"{checkpoint.name}: key {key!r} is stored as "
+                f"{checkpoint.name if label is None else label}: key {key!r} is stored as "
                 f"{str(stored).removeprefix('torch.')}, which packs several values per element: "
                 "unpack it first"
             )
@@ -1886,7 +1893,9 @@ def merge(
         sources = [*checkpoints, *([base_ckpt] if base_ckpt is not None else [])]
         if out is not None:
             _check_output(out, sources, overwrite=overwrite, max_shard_size=max_shard_size)
-        check_output_dtypes(reference, dtype)  # before prepare's passes over the inputs
+        # before prepare's passes over the inputs; the others are of the reference's kinds
+        label = _describe(None if base_ckpt is not None else 0, reference)
+        check_output_dtypes(reference, dtype, label=label)
         specs = output_specs(reference, dtype)
         if out is not None:  # a dtype safetensors has no code for: before any pass
             check_storable(out, specs)

@@ -450,8 +450,8 @@ def run_greedy(
         checkpoints, _ = open_models(models, None, stack)
         check_compatible(checkpoints)
         check_mergeable(checkpoints)
-        for checkpoint in checkpoints:  # the best-ranked model's dtypes are the soup's
-            check_output_dtypes(checkpoint, dtype)
+        for i, checkpoint in enumerate(checkpoints):  # the best-ranked model's are the soup's
+            check_output_dtypes(checkpoint, dtype, label=f"model {i} ({checkpoint.name})")
         if out is not None:  # refuse before the (costly) evaluations, not after
             _check_output(out, checkpoints, overwrite=overwrite, max_shard_size=max_shard_size)
             for checkpoint in checkpoints:  # whichever ranks best, its dtypes are written
