@@ -766,11 +766,17 @@ def _kind_of(checkpoint: Checkpoint, key: str) -> str:
     return _kind(checkpoint.dtype(key))
 
 
+def is_packed(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` packs several floats per element (``float4_e2m1fn_x2``): floating to
+    torch, but with no arithmetic of its own."""
+    return dtype.is_floating_point and str(dtype).endswith("_x2")
+
+
 def _kind(dtype: torch.dtype) -> str:
     """``"floating"``, ``"packed"`` (several floats per element: ``float4_e2m1fn_x2``),
     ``"complex"`` or ``"integer"`` (bool included): dtypes of one kind merge."""
     if dtype.is_floating_point:
-        return "packed" if str(dtype).endswith("_x2") else "floating"
+        return "packed" if is_packed(dtype) else "floating"
     return "complex" if dtype.is_complex else "integer"
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpoint import StateDict, StateDictLike, check_source, load, not_a_dense_tensor
-from .engine import check_number, real_view
+from .engine import check_number, is_packed, real_view
 from .errors import CheckpointError, check_flag, type_name
 
 if TYPE_CHECKING:
@@ -267,7 +267,7 @@ def _as_state_dict(
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor for key {key!r}, found {type_name(tensor)}")
         problem = not_a_dense_tensor(key, tensor)  # meta, sparse, quantized: no values here
-        if problem is None and str(tensor.dtype).endswith("_x2"):
+        if problem is None and is_packed(tensor.dtype):
             problem = f"tensor {key!r} packs two values per element ({tensor.dtype})"
             problem += ": compare tensor.view(torch.uint8)"
         if problem is not None:
@@ -405,7 +405,7 @@ def _layouts(
     dtypes = _sequence_of("dtypes", dtypes, torch.dtype, "torch dtypes")
     if keys is not None:
         keys = _sequence_of("keys", keys, str, "names")
-    packed = [d for d in dtypes if str(d).endswith("_x2")]  # floating, but no arithmetic
+    packed = [d for d in dtypes if is_packed(d)]  # floating, but no arithmetic
     if not dtypes or packed or not all(d.is_floating_point or d in COMPLEX_DTYPES for d in dtypes):
         raise ValueError(
             f"dtypes: expected one or more floating dtypes (or complex64, complex128), found "
