@@ -2035,3 +2035,61 @@ def test_rows_that_are_no_slice_of_ints_are_a_type_error_naming_them(tmp_path, r
             with pytest.raises(TypeError, match=r"^rows: expected a slice of int bounds"):
                 read("w", rows)
     assert ladle.open_checkpoint(path).get_slice("w", slice(np.int64(1), None)).shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    ("value", "found"),
+    [
+        (5, r"found str -> int for 'b'"),
+        (torch.eye(2).to_sparse(), r"tensor 'b' is torch\.sparse_coo"),
+        ("quantized", r"'b' is quantized"),
+    ],
+    ids=["int", "sparse", "quantized"],
+)
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_a_torch_shard_holding_what_no_state_dict_holds_is_refused_naming_the_shard(
+    tmp_path, value, found
+):
+    if value == "quantized":
+        value = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8)
+    torch.save({"a": torch.ones(2), "b": value}, tmp_path / "s1.bin")
+    index = {"weight_map": {"a": "s1.bin", "b": "s1.bin"}}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        ladle.CheckpointError, match=re.escape(str(tmp_path / "s1.bin")) + ".*" + found
+    ):
+        ladle.load(tmp_path)
+
+
+def _rezipped(path: Path, compression: int, cut: str = "") -> None:
+    """Write the records of zip torch file ``path`` again with ``compression``, the record
+    whose name ends with ``cut`` (if given) cut to its first 8 bytes."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        for name, data in records:
+            archive.writestr(name, data[:8] if cut and name.endswith(cut) else data)
+
+
+def test_a_zip_torch_file_with_compressed_records_reads_their_numbers(tmp_path):
+    import zipfile
+
+    tensors = {"w": torch.zeros(64), "v": torch.arange(8.0)}
+    torch.save(tensors, tmp_path / "m.pt")
+    _rezipped(tmp_path / "m.pt", zipfile.ZIP_DEFLATED)  # a tool re-zipped it
+    loaded = ladle.load(tmp_path / "m.pt")
+    assert all(torch.equal(loaded[key], tensors[key]) for key in tensors)  # not the deflated bytes
+
+
+def test_a_zip_torch_file_whose_record_is_shorter_than_its_tensor_is_refused(tmp_path):
+    import zipfile
+
+    torch.save({"w": torch.arange(12.0), "v": torch.full((4,), 7.0)}, tmp_path / "m.pt")
+    _rezipped(tmp_path / "m.pt", zipfile.ZIP_STORED, cut="data/0")  # w's 48 bytes cut to 8
+    with pytest.raises(
+        ladle.CheckpointError,
+        match=r"m\.pt: .*'w': its record '.*data/0' holds 8 bytes, its storage 48",
+    ):
+        ladle.load(tmp_path / "m.pt")  # the bytes after the record are no numbers of w

@@ -1683,6 +1683,40 @@ def test_an_output_over_the_file_an_input_folder_links_to_is_refused(tmp_path, o
     assert ladle.load(tmp_path / "ft1")["w"].tolist() == [1.0, 2.0]
 
 
+def test_an_output_naming_an_input_by_another_path_to_its_file_is_refused(tmp_path):
+    # A hard link here; a bind mount of the input's folder the same: the paths differ, the
+    # file (device and inode) is the input's, and a bind mount's rename replaced it.
+    model = {"w": torch.tensor([1.0, 2.0])}
+    ladle.save(model, tmp_path / "a.safetensors")
+    os.link(tmp_path / "a.safetensors", tmp_path / "alias.safetensors")
+    with pytest.raises(ladle.LadleError, match=r"alias\.safetensors: refusing to write over"):
+        ladle.uniform_soup(
+            [tmp_path / "a.safetensors", {"w": torch.zeros(2)}],
+            out=tmp_path / "alias.safetensors",
+            overwrite=True,
+        )
+    assert ladle.load(tmp_path / "a.safetensors")["w"].tolist() == [1.0, 2.0]
+
+
+def test_an_output_through_a_link_then_dotdot_is_written_where_the_system_finds_it(
+    tmp_path, monkeypatch
+):
+    # link -> elsewhere/sub, so link/.. is elsewhere; os.path.abspath made it the folder
+    # holding the link, where the merge wrote (over an input there, with overwrite).
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "link").symlink_to(tmp_path / "elsewhere" / "sub")
+    monkeypatch.chdir(tmp_path / "work")
+    ladle.save({"w": torch.tensor([1.0, 2.0])}, "a.safetensors")
+    ladle.save({"w": torch.tensor([3.0, 4.0])}, "b.safetensors")
+    out = ladle.uniform_soup(
+        ["a.safetensors", "b.safetensors"], out="link/../a.safetensors", overwrite=True
+    )
+    assert ladle.load(out)["w"].tolist() == [2.0, 3.0]
+    assert ladle.load(tmp_path / "elsewhere" / "a.safetensors")["w"].tolist() == [2.0, 3.0]
+    assert ladle.load("a.safetensors")["w"].tolist() == [1.0, 2.0]  # the input, untouched
+
+
 @pytest.mark.parametrize(
     "method",
     [

@@ -1107,3 +1107,39 @@ def test_an_unreadable_file_in_a_companion_folder_is_refused_before_the_merge(tm
     assert str(info.value).startswith(f"{entry}: ")
     assert str(info.value).endswith("; it is copied beside the output")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_greedy_soup_card_recipe_keeps_each_tensors_dtype_when_model_0_ranks_below(tmp_path):
+    # The recipe asked for the first tensor's dtype (float32) where the best-ranked model was
+    # not model 0, and so wrote every tensor in it: h came back float32, not float16.
+    from ladle.recipe import run_recipe
+
+    gen = torch.Generator().manual_seed(2)
+    paths = [
+        ladle.save(
+            {"w": torch.randn(6, generator=gen), "h": torch.randn(4, generator=gen).half()},
+            tmp_path / f"m{i}.safetensors",
+        )
+        for i in range(3)
+    ]
+    ladle.greedy_soup(paths, lambda sd: 0.0, scores=[0.1, 0.2, 0.9], out=tmp_path / "merged")
+    assert "dtype" not in _card_recipe(tmp_path / "merged")
+    (tmp_path / "recipe.toml").write_text(
+        _card_recipe(tmp_path / "merged").replace('"merged"', '"again"')
+    )
+    run_recipe(tmp_path / "recipe.toml", device="cpu")
+    again, original = ladle.load(tmp_path / "again"), ladle.load(tmp_path / "merged")
+    assert {k: t.dtype for k, t in again.items()} == {"w": torch.float32, "h": torch.float16}
+    for key in original:
+        torch.testing.assert_close(again[key], original[key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes: Linux")
+def test_a_card_names_an_input_whose_file_name_is_no_utf8_by_its_escape(tmp_path):
+    # card.encode() raised UnicodeEncodeError on the lone surrogate, failing the merge.
+    path = tmp_path / os.fsdecode(b"m\xe9.pt")  # 'm\udce9.pt': a torch file may be so named
+    torch.save({"w": torch.ones(2)}, path)
+    ladle.uniform_soup([path, path], out=tmp_path / "merged")
+    card = (tmp_path / "merged" / "README.md").read_text(encoding="utf-8")
+    assert "m\\udce9.pt" in card
+    assert torch.equal(ladle.load(tmp_path / "merged")["w"], torch.ones(2))

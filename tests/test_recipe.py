@@ -988,3 +988,39 @@ def test_a_greedy_ratatouille_step_with_its_own_chunk_size_is_refused_up_front(f
     )
     with pytest.raises(ValueError, match=r"^recipe\.parameters\.chunk_bytes: used only with"):
         load_recipe(write(folder, text))
+
+
+def test_a_step_writing_over_a_file_another_steps_input_folder_links_to_is_refused(folder):
+    # m/model.safetensors -> store/ft.safetensors: the paths differ, the file is one; only
+    # each step's own inputs were checked as they resolve, so step b replaced step a's input.
+    (folder / "store").mkdir()
+    shutil.copy(folder / "m0.safetensors", folder / "store" / "ft.safetensors")
+    (folder / "m").mkdir()
+    (folder / "m" / "model.safetensors").symlink_to("../store/ft.safetensors")
+    text = (
+        '[steps.a]\nmethod = "soup"\nmodels = ["m", "m1.safetensors"]\n'
+        '[steps.b]\nmethod = "soup"\nmodels = ["a", "m2.safetensors"]\n'
+        'output = "store/ft.safetensors"\n'
+    )
+    before = ladle.load(folder / "m0.safetensors")
+    with pytest.raises(ladle.LadleError) as info:
+        run_recipe(write(folder, text), device="cpu", overwrite=True)
+    assert str(info.value) == (
+        f"steps.b.output: {folder / 'store' / 'ft.safetensors'}: refusing to write over or "
+        f"inside input {folder / 'm' / 'model.safetensors'}; choose another output path"
+    )
+    kept = ladle.load(folder / "store" / "ft.safetensors")
+    assert all(torch.equal(kept[key], before[key]) for key in before)
+
+
+def test_an_unreadable_input_of_a_later_step_stops_the_recipe_before_any_step_writes(folder):
+    text = (
+        '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+        'output = "a.safetensors"\n'
+        '[steps.b]\nmethod = "soup"\nmodels = ["a", "bad.safetensors"]\n'
+        'output = "b.safetensors"\n'
+    )
+    (folder / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ladle.CheckpointError, match=r"^steps\.b: .*bad\.safetensors"):
+        run_recipe(write(folder, text), device="cpu")
+    assert not (folder / "a.safetensors").exists()

@@ -20,6 +20,7 @@ import re
 import struct
 import threading
 import warnings
+import zipfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -1017,7 +1018,9 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
         mmap = _is_zip(file) and os.fsencode(file) == str(file).encode("utf-8", "replace")
         # Raw pickles of other protocols are refused below if unsafe; the hint is noise.
         with _ignoring("Detected pickle protocol"):
-            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+            loaded = torch.load(
+                file, map_location="cpu", weights_only=True, mmap=mmap and _mappable(file)
+            )
     except pickle.UnpicklingError as err:
         if _ends_early(file):  # a name cut short is no allowed global: refused, but truncated
             raise CheckpointError(f"{file}: not a readable torch file ({ENDS_EARLY})") from err
@@ -1059,7 +1062,71 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
             loaded = loaded[wrapper]
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{file}: expected a state dict, found {type_name(loaded)}")
+    for key, value in loaded.items():  # a shard's too, not only a file opened on its own
+        problem = not_a_dense_tensor(key, value)
+        if problem is not None:
+            raise CheckpointError(f"{file}: {problem}; ladle merges dense tensors with data")
     return loaded
+
+
+def _record_starts(file: Path) -> dict[int, zipfile.ZipInfo] | None:
+    """Each record of zip archive ``file`` by the offset of its first byte of data (after its
+    local header), or ``None`` where Python's reader cannot read the archive (torch's own
+    reader then says what is wrong)."""
+    try:
+        with zipfile.ZipFile(file) as archive, open(file, "rb") as handle:
+            starts = {}
+            for info in archive.infolist():
+                handle.seek(info.header_offset + 26)  # the local header's two lengths
+                name_length, extra_length = struct.unpack("<HH", handle.read(4))
+                starts[info.header_offset + 30 + name_length + extra_length] = info
+            return starts
+    except (OSError, zipfile.BadZipFile, struct.error, ValueError):
+        return None
+
+
+def _mappable(file: Path) -> bool:
+    """Whether torch may memory-map zip torch file ``file``: every storage's record holds its
+    bytes uncompressed. A memory map reads the record's bytes as they lie, where torch's
+    reader of the whole file decompresses a compressed record (an archive re-zipped by a
+    tool) and checks each record's size: mapped, a compressed record read as its compressed
+    bytes, a record shorter than its storage as the bytes after it. A record of another size
+    than its storage raises ``ValueError``; ``False`` where a record is compressed, or where
+    this torch does not say where a storage lies (``_checkpoint_offset``, torch ≥ 2.6): the
+    file is then read whole, checked by torch."""
+    starts = _record_starts(file)
+    if starts is None:
+        return False
+    try:  # the same unpickling with storages on the meta device: shapes and offsets, no data
+        with _ignoring(""):  # the load that follows warns as it must
+            layout = torch.load(file, map_location="meta", weights_only=True)
+    except Exception:  # no meta form: a sparse or quantized tensor, refused once loaded (a
+        return True  # whole read fails on a sparse one), or unreadable, as torch will say
+    tensors = layout.items() if isinstance(layout, dict) else ()
+    for key, tensor in _nested_tensors(tensors):
+        if tensor.layout != torch.strided:  # refused once loaded: no storage of its own
+            continue
+        storage = tensor.untyped_storage()
+        record = starts.get(getattr(storage, "_checkpoint_offset", None))  # type: ignore[arg-type]
+        if record is None or record.compress_type != zipfile.ZIP_STORED:
+            return False
+        if record.file_size != storage.nbytes():
+            raise ValueError(
+                f"tensor {key!r}: its record {record.filename!r} holds {record.file_size} "
+                f"bytes, its storage {storage.nbytes()}"
+            )
+    return True
+
+
+def _nested_tensors(items: Iterable[tuple[object, object]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of ``items`` and of the dicts among them (a training checkpoint's
+    ``state_dict``), each named by its path of keys (``"state_dict.w"``)."""
+    for key, value in items:
+        if isinstance(value, torch.Tensor):
+            yield str(key), value
+        elif isinstance(value, dict):
+            for inner, tensor in _nested_tensors(value.items()):
+                yield f"{key}.{inner}", tensor
 
 
 ENDS_EARLY = "it ends early: truncated?"

@@ -60,6 +60,7 @@ from .writer import (
     _temporary_beside,
     check_output_name,
     parse_size,
+    physical_path,
     rename_into_place,
     single_file,
     write_extra_files,
@@ -594,7 +595,7 @@ class _Share:
     """
 
     def __init__(self, group: dist.ProcessGroup, directory: Path, out: Path) -> None:
-        self.group, self.directory, self.out = group, directory, Path(os.path.abspath(out))
+        self.group, self.directory, self.out = group, directory, physical_path(out)
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.files: list[str] = []
         self.weight_map: dict[str, str] = {}
@@ -603,7 +604,7 @@ class _Share:
         self.stopped = False  # another rank failed: learnt at a flag, which is then spent
 
     def writes(self, out: str | os.PathLike | None) -> bool:
-        return out is not None and Path(os.path.abspath(out)) == self.out
+        return out is not None and physical_path(out) == self.out
 
     def keys(self, reference: Checkpoint) -> list[str]:
         sizes = {key: reference.nbytes(key) for key in reference.keys()}

@@ -1789,24 +1789,59 @@ def _check_output(
     an input's path (or a folder holding one, or inside one), an existing output without
     ``overwrite``, or a ``max_shard_size`` that is no size (a single file's has no use, but
     a typo there is one too)."""
-    _check_not_an_input(out, sources)
+    check_not_an_input(out, sources)
     check_output_free(out, overwrite=overwrite)
     parse_size(max_shard_size)
 
 
-def _check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) -> None:
+def check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) -> None:
+    """A ``LadleError`` where writing ``out`` would replace or delete a file of ``sources``:
+    ``out`` is one of their files or folders, lies inside one, or holds one, compared as
+    they resolve and by identity (a hard link, or a bind mount of an input's folder, is the
+    input).
+
+    Example:
+        >>> import torch
+        >>> from ladle.checkpoint import open_checkpoint
+        >>> check_not_an_input("merged.safetensors", [open_checkpoint({"w": torch.ones(2)})])
+    """
     check_output_name(out)
     target = Path(out).resolve()
+    around = _identities(target)  # the output's own, where it exists, then its folders'
     for checkpoint in sources:
         # The files read too: a folder's weights file may be a link to a file elsewhere.
         paths = [file.resolve() for file in checkpoint.file_sizes()]
         if checkpoint.path is not None:
             paths.append(checkpoint.path.resolve())
-        if any(target == p or target in p.parents or p in target.parents for p in paths):
+        if any(
+            target == p
+            or target in p.parents
+            or p in target.parents
+            or _identity(p) in around  # the same file or folder by another path (a bind
+            or (around and _identity(target) in _identities(p))  # mount, a hard link)
+            for p in paths
+        ):
             raise LadleError(
                 f"{out}: refusing to write over or inside input {checkpoint.name}; "
                 "choose another output path"
             )
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of ``path`` (``os.path.samefile``'s test), or ``None`` where
+    there is nothing to stat."""
+    try:
+        found = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return found.st_dev, found.st_ino
+
+
+def _identities(path: Path) -> set[tuple[int, int]]:
+    """The identities (:func:`_identity`) of ``path`` and of the folders above it that
+    exist: an output whose set holds an input's identity is that input or lies inside it."""
+    found = (_identity(folder) for folder in (path, *path.parents))
+    return {identity for identity in found if identity is not None}
 
 
 def provenance(

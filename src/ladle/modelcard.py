@@ -435,13 +435,16 @@ def output_files(
     out: str | os.PathLike,
     dtype: torch.dtype | None = None,
     max_shard_size: int | str | None = None,
+    config_dtype: torch.dtype | None = None,
 ) -> dict[str, Path | bytes]:
     """Files to place beside the weights of a directory output ``out``.
 
     The config and tokenizer files of the base (else model 0), when it is a model directory,
     and ``README.md`` (the model card). Keys are file names; values are files to copy or bytes.
     With ``dtype`` (the merge's output dtype), the config's ``torch_dtype`` (and ``dtype``)
-    say it, as loaders that read the dtype from the config (``torch_dtype="auto"``) need.
+    say it, as loaders that read the dtype from the config (``torch_dtype="auto"``) need;
+    ``config_dtype``, where given, is the dtype the config says instead, with none asked for
+    in the card's recipe (a greedy soup writes the dtypes of its best-ranked model).
     The config's ``_name_or_path`` and the tokenizer config's ``name_or_path`` (where the
     input was loaded from: :data:`LOADING_PATHS`) are left out; other files are copied as
     they are.
@@ -464,7 +467,8 @@ def output_files(
         files |= _files_matching(terms, LICENSE_FILES)
     for name, file in list(files.items()):
         if name in LOADING_PATHS and isinstance(file, Path):
-            files[name] = _edited(file, dtype if name == "config.json" else None)
+            said = config_dtype if config_dtype is not None else dtype
+            files[name] = _edited(file, said if name == "config.json" else None)
     card = model_card(
         method,
         parameters,
@@ -475,5 +479,7 @@ def output_files(
         max_shard_size=max_shard_size,
         license=license_fields(terms / "README.md" if terms is not None else None),
     )
-    files["README.md"] = card.encode()
+    # A name that is no UTF-8 (a path's undecodable bytes, as lone surrogates) is written
+    # as its escape (\udce9): a card is text, and its recipe names such a file no other way.
+    files["README.md"] = card.encode("utf-8", "backslashreplace")
     return files

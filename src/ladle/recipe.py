@@ -24,12 +24,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .checkpoint import MISSING, StateDict
+from .checkpoint import MISSING, StateDict, open_checkpoint
 from .engine import (
     ALLOW_NONFINITE,
     DTYPE_NAMES,
     FOLD_CHUNK_BYTES,
     check_chunk_bytes,
+    check_not_an_input,
     resolve_device,
 )
 from .errors import LadleError, type_name
@@ -639,6 +640,32 @@ def _named(err: Exception, where: str) -> Exception | None:
     return named
 
 
+def _check_inputs_kept(steps: Sequence[Step], where: Callable[[Step], str]) -> None:
+    """No step writes over a file that any step reads, found as the merges find them: each
+    input opened (a folder's weights file may link elsewhere, an ``hf://`` input is a
+    snapshot in the Hub's cache), where :func:`load_recipe` compared the paths written."""
+    if all(step.output is None for step in steps):
+        return
+    with contextlib.ExitStack() as stack:
+        opened = {}
+        for step in steps:
+            for source in (*step.models, *([step.base] if step.base is not None else [])):
+                if isinstance(source, str) and source not in opened:
+                    try:
+                        opened[source] = stack.enter_context(open_checkpoint(source))
+                    except Exception as err:  # the step's name, as when the step runs
+                        named = _named(err, where(step))
+                        if named is None:
+                            raise
+                        raise named from err
+        for step in steps:
+            if step.output is not None:
+                try:
+                    check_not_an_input(step.output, list(opened.values()))
+                except LadleError as err:
+                    raise LadleError(f"{where(step)}.output: {err}") from None
+
+
 def run_recipe(
     recipe: str | os.PathLike | Recipe,
     *,
@@ -701,6 +728,7 @@ def run_recipe(
                 check_output_free(step.output, overwrite=overwrite)
             except LadleError as err:
                 raise LadleError(f"{where(step)}.output: {err}") from None
+    _check_inputs_kept(checked.steps, where)
     # Every evaluate function imported before the first step runs: a bad one leaves nothing.
     evaluators = {}
     for step in checked.steps:

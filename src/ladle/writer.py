@@ -235,6 +235,26 @@ def _not_an_output(path: Path) -> str | None:
     return f"is a folder without safetensors weights ({_some(names)})"
 
 
+def physical_path(out: str | os.PathLike) -> Path:
+    """``out`` made absolute as the system finds it: a ``..`` after a symbolic link to a folder
+    leads to the parent of the folder linked to, where ``os.path.abspath`` drops ``link/..``
+    as text (naming another folder than the one the system writes to). What follows the
+    last ``..`` is kept as given: a link there is replaced, never written through.
+
+    Example:
+        >>> import os
+        >>> from ladle.writer import physical_path
+        >>> here = Path(os.getcwd()).resolve()
+        >>> physical_path("merged.safetensors") == here / "merged.safetensors"
+        True
+    """
+    parts = Path(out).parts  # ".." kept: pathlib parses without collapsing it
+    if ".." not in parts:  # the text is the place: folders are created as named
+        return Path(os.path.abspath(out))
+    last = len(parts) - 1 - parts[::-1].index("..")
+    return Path(os.path.realpath(Path(os.getcwd(), *parts[: last + 1])), *parts[last + 1 :])
+
+
 def check_output_name(out: str | os.PathLike) -> None:
     """A ``TypeError`` for an output that is no str or ``os.PathLike`` path (bytes); a
     ``LadleError`` for an output path that cannot mean what it says: empty, an ``hf://``
@@ -774,7 +794,7 @@ class SafetensorsWriter:
         self._headers = [_header(self.out, self._specs, keys, self._metadata) for keys in shards]
         # Every file operation names absolute paths: the working directory may change while
         # the merge runs (another thread's chdir), the output's place must not.
-        self._target = Path(os.path.abspath(self.out))
+        self._target = physical_path(self.out)
         self._temp = _temporary_beside(self._target)
         self._overwrite = overwrite
         with _output_errors(self.out, "creating the output"):

@@ -477,7 +477,9 @@ def run_greedy(
                 recorded["allow_nonfinite"] = True
             state = result.state_dict
             # Model 0's config, with the dtype written (the best-ranked model's) where the
-            # best is another model: the config said model 0's
+            # best is another model: the config said model 0's. The card's recipe asks for no
+            # dtype: a soup of the kept models, best first, writes the best one's dtypes, key
+            # by key (one dtype for all changed the keys of other dtypes).
             written = next((t.dtype for t in state.values() if t.is_floating_point()), None)
             extra = (  # as every merge: a directory also gets config/tokenizer and a card
                 None
@@ -488,8 +490,9 @@ def run_greedy(
                     checkpoints,
                     None,
                     out=out,
-                    dtype=dtype if dtype is not None or result.selected[0] == 0 else written,
+                    dtype=dtype,
                     max_shard_size=max_shard_size,
+                    config_dtype=None if dtype is not None or result.selected[0] == 0 else written,
                 )
             )
             with SafetensorsWriter(
