@@ -977,3 +977,30 @@ def test_ladle_run_names_each_output_as_it_is_written_before_a_later_step_fails(
         "; allow_nonfinite = true (in the step's parameters) keeps them as they are\n"
     )
     assert not (tmp_path / "two.safetensors").exists()
+
+
+def test_a_closed_standard_error_neither_fails_a_merge_nor_sends_errors_to_stdout(
+    tmp_path, inputs, monkeypatch, capsys
+):
+    # 2>&-: sys.stderr is None; "progress" asked it isatty(), an AttributeError that main
+    # did not catch: status 1, no output, and no word (the traceback went nowhere).
+    monkeypatch.setattr(sys, "stderr", None)
+    assert main(["soup", *inputs[:2], "-o", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+    assert capsys.readouterr().out == f"{tmp_path / 'o'}\n"
+    assert main(["soup", *inputs[:2], "-o", str(tmp_path / "o")]) == 1  # exists: refused
+    assert capsys.readouterr().out == ""  # print(file=None) wrote the error line here
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="Linux /dev/full")
+def test_a_full_standard_output_is_named_as_such_after_the_merge_is_written(
+    tmp_path, inputs, monkeypatch, capsys
+):
+    full = open("/dev/full", "w")  # noqa: SIM115
+    monkeypatch.setattr(sys, "stdout", full)
+    assert main(["soup", *inputs[:2], "-o", str(tmp_path / "o.safetensors")]) == 1
+    full.buffer.raw.close()  # what is buffered can never be written
+    assert capsys.readouterr().err == (
+        "ladle: error: [Errno 28] writing to standard output: No space left on device\n"
+    )
+    assert (tmp_path / "o.safetensors").is_file()

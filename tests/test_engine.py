@@ -2232,3 +2232,20 @@ def test_a_progress_that_is_no_class_is_a_type_error_naming_it(progress):
     ):
         with pytest.raises(TypeError, match=r"^progress: expected True, False, None or a tqdm"):
             call()
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        lambda models, **kw: ladle.uniform_soup(models, **kw),
+        lambda models, **kw: ladle.greedy_soup(models, lambda sd: 0.0, **kw),
+    ],
+    ids=["merge", "greedy soup"],
+)
+def test_a_max_shard_size_that_is_no_size_is_refused_in_memory_too(method):
+    # With out=None it went unchecked: a typo passed in memory, failed once written.
+    models = [{"w": torch.ones(2)}, {"w": torch.zeros(2)}]
+    with pytest.raises(TypeError, match=r"max_shard_size: expected bytes .* found float"):
+        method(models, max_shard_size=1.5)
+    with pytest.raises(ValueError, match=r"max_shard_size: must be positive, found 0"):
+        method(models, max_shard_size=0)

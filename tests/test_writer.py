@@ -1664,3 +1664,28 @@ def test_metadata_that_is_no_mapping_is_a_type_error_naming_it(tmp_path):
     with pytest.raises(TypeError) as info:  # was "'list' object is not a mapping"
         ladle.save({"w": torch.ones(2)}, tmp_path / "a.safetensors", metadata=[("a", "b")])
     assert str(info.value) == "metadata: expected a mapping of str to str, found list"
+
+
+def test_a_failed_write_removes_the_folders_it_made_for_the_output(tmp_path):
+    # new/sub was made for the output and left behind, empty, when the write failed.
+    (tmp_path / "keep").mkdir()
+    for out in (tmp_path / "new" / "sub" / "o.safetensors", tmp_path / "keep" / "sub" / "o"):
+        with pytest.raises(ladle.LadleError, match=r"safetensors cannot store"):
+            ladle.save({"w": torch.zeros(2, dtype=torch.complex128)}, out)
+        writer = SafetensorsWriter(out, {"w": ((2,), torch.float32)})  # makes the folders
+        with pytest.raises(RuntimeError, match="boom"), writer:
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == ["keep"] and os.listdir(tmp_path / "keep") == []
+
+
+def test_an_earlier_output_that_cannot_be_deleted_is_named_in_a_warning(tmp_path, monkeypatch):
+    # A folder of read-only folders cannot be deleted: it stayed, hidden, with no word.
+    ladle.save({"w": torch.ones(2)}, tmp_path / "out")
+    monkeypatch.setattr("ladle.writer._remove", lambda path: None)  # as a read-only tree
+    with pytest.warns(
+        UserWarning,
+        match=r"out: written; the earlier output, moved aside to .*"
+        r"\.out\.ladle-old-.*, could not be deleted",
+    ):
+        ladle.save({"w": torch.zeros(2)}, tmp_path / "out", overwrite=True)
+    assert ladle.load(tmp_path / "out")["w"].tolist() == [0.0, 0.0]

@@ -170,7 +170,7 @@ def merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             DEFAULT_MAX_SHARD_SIZE if args.max_shard_size is None else args.max_shard_size
         ),
         "overwrite": args.overwrite,
-        "progress": not args.no_progress and sys.stderr.isatty(),
+        "progress": _progress(args),
         "allow_nonfinite": args.allow_nonfinite,
     }
 
@@ -186,7 +186,40 @@ def _flush_stdout() -> None:
     """Standard output flushed; closed (``>&-``: ``sys.stdout`` is ``None``, and ``print``
     writes nothing) there is nothing to flush."""
     if sys.stdout is not None:
-        sys.stdout.flush()
+        with _on_stdout():
+            sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _on_stdout() -> Iterator[None]:
+    """Inside, a failure to write standard output (a full disk, ``>/dev/full``) is named as
+    standard output's: a merge's own output is written by then, and "No space left on
+    device" alone read as the merge's failure. A closed pipe stays itself (exit 141)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        raise OSError(err.errno, f"writing to standard output: {err.strerror or err}") from err
+
+
+def _print_output(path: object) -> None:
+    """Print the path a merge wrote (its output is complete by then)."""
+    with _on_stdout():
+        print(path)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars: unless ``--no-progress``, where standard error is a terminal (closed,
+    ``2>&-``, ``sys.stderr`` is ``None``)."""
+    return not args.no_progress and sys.stderr is not None and sys.stderr.isatty()
+
+
+def _stderr(line: str) -> None:
+    """``line`` on standard error; closed (``2>&-``), nowhere: ``print`` to ``None`` writes
+    to standard output, among what the command prints."""
+    if sys.stderr is not None:
+        print(line, file=sys.stderr)
 
 
 def _world_size() -> int:
@@ -207,7 +240,7 @@ def _merge(method: Callable[..., Any], models: Sequence[str], **kwargs: Any) -> 
 def _run_method(args: argparse.Namespace) -> None:
     """A merge sub-command: its method with the parameters it declared, plus the shared ones."""
     params = {name: getattr(args, name) for name in args.params}
-    print(_merge(args.method, args.models, **params, **merge_kwargs(args)))
+    _print_output(_merge(args.method, args.models, **params, **merge_kwargs(args)))
 
 
 def _callable(spec: str) -> Callable[..., Any]:
@@ -235,7 +268,7 @@ def _run_greedy_soup(args: argparse.Namespace) -> None:
         f"{_plural(len(args.models), 'model')} "
         f"({', '.join(map(str, result.selected))}); score {_number(result.score)}"
     )
-    print(Path(args.out))  # as the other merge commands print the path their method returns
+    _print_output(Path(args.out))  # as the other merge commands print their method's return
 
 
 def _run_demo(args: argparse.Namespace) -> None:
@@ -421,7 +454,7 @@ def _run_recipe(args: argparse.Namespace) -> None:
         args.recipe,
         device=args.device,
         overwrite=args.overwrite,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=_progress(args),
         on_output=lambda name, path: print(f"{name}: {path}", flush=True),
     )
 
@@ -673,7 +706,7 @@ def _terminate_like_interrupt() -> Iterator[None]:
 
 def _show_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
     """Warnings as one ``ladle: warning:`` line, like errors (no source line)."""
-    print(f"ladle: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    _stderr(f"ladle: warning: {' '.join(str(message).split())}")
 
 
 def _discard_stdout() -> None:
@@ -752,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if push is not None and rank == 0:
                     from .hub import push_to_hub
 
-                    print(push_to_hub(args.out, push))
+                    _print_output(push_to_hub(args.out, push))
                 _flush_stdout()  # a reader gone early fails here, not at exit
     except BrokenPipeError:  # stdout's reader left (`ladle inspect X | head`): stop quietly
         _discard_stdout()
@@ -762,14 +795,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message = " ".join(str(err).split())
         if rank == 0:  # every rank raises a split merge's error; one line is enough
-            print(f"ladle: error: {message}", file=sys.stderr)
+            _stderr(f"ladle: error: {message}")
         return 1
     except KeyboardInterrupt as err:  # the temporary output is deleted on the way out
         if args.debug:
             raise
         terminated = isinstance(err, _Terminated)
         if rank == 0:
-            print(f"ladle: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+            _stderr(f"ladle: {'terminated' if terminated else 'interrupted'}")
         return 143 if terminated else 130  # 128 + SIGTERM or SIGINT, as shells report them
     return 0
 

@@ -1934,6 +1934,8 @@ def merge(
         sources = [*checkpoints, *([base_ckpt] if base_ckpt is not None else [])]
         if out is not None:
             _check_output(out, sources, overwrite=overwrite, max_shard_size=max_shard_size)
+        else:  # of no use in memory, but a typo is one
+            parse_size(max_shard_size)
         # before prepare's passes over the inputs; the others are of the reference's kinds
         label = _describe(None if base_ckpt is not None else 0, reference)
         check_output_dtypes(reference, dtype, label=label)

@@ -23,6 +23,7 @@ import stat
 import struct
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
@@ -646,6 +647,12 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
             raise
         if old is not None:
             _remove(old)
+            if os.path.lexists(old):  # a folder of read-only folders, say: it stays hidden
+                warnings.warn(
+                    f"{out}: written; the earlier output, moved aside to {old}, could not be "
+                    "deleted (permissions?): delete it yourself",
+                    stacklevel=2,
+                )
         return
     raise LadleError(f"{out}: other writers kept replacing it; the result is left unwritten")
 
@@ -796,6 +803,7 @@ class SafetensorsWriter:
         # the merge runs (another thread's chdir), the output's place must not.
         self._target = physical_path(self.out)
         self._temp = _temporary_beside(self._target)
+        self._made: list[Path] = []  # folders made for the output, deepest first
         self._overwrite = overwrite
         with _output_errors(self.out, "creating the output"):
             for folder in self._target.parents:  # the deepest that exists must be a directory
@@ -806,6 +814,9 @@ class SafetensorsWriter:
                             errno.ENOTDIR, f"{folder} is {what}, not a directory"
                         )
                     break
+            # Folders made for the output go again with it, should it never be written.
+            above = (self._target.parent, *self._target.parent.parents)
+            self._made = [folder for folder in above if not os.path.lexists(folder)]
             self._target.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(self._target)
             if not self._single_file:
@@ -1096,6 +1107,9 @@ class SafetensorsWriter:
             with contextlib.suppress(OSError):
                 handle.close()
         _remove(self._temp)  # quietly: a failure to delete must not hide why we are here
+        for folder in self._made:  # deepest first; one something else put a file in stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def _write_index(self) -> None:
         if len(self._files) == 1:

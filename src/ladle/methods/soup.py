@@ -43,7 +43,13 @@ from ..engine import (
 )
 from ..errors import check_flag, type_name
 from ..modelcard import output_files
-from ..writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, check_storable, single_file
+from ..writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    SafetensorsWriter,
+    check_storable,
+    parse_size,
+    single_file,
+)
 
 __all__ = [
     "Evaluate",
@@ -456,6 +462,8 @@ def run_greedy(
             _check_output(out, checkpoints, overwrite=overwrite, max_shard_size=max_shard_size)
             for checkpoint in checkpoints:  # whichever ranks best, its dtypes are written
                 check_storable(out, output_specs(checkpoint, dtype))
+        else:  # of no use in memory, but a typo is one
+            parse_size(max_shard_size)
         where = "the greedy soup" if out is None else str(out)
         result = _greedy(
             checkpoints,
