@@ -2047,6 +2047,7 @@ def test_rows_that_are_no_slice_of_ints_are_a_type_error_naming_them(tmp_path, r
     ids=["int", "sparse", "quantized"],
 )
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserWarning")  # torch loading one
 def test_a_torch_shard_holding_what_no_state_dict_holds_is_refused_naming_the_shard(
     tmp_path, value, found
 ):
@@ -2093,3 +2094,77 @@ def test_a_zip_torch_file_whose_record_is_shorter_than_its_tensor_is_refused(tmp
         match=r"m\.pt: .*'w': its record '.*data/0' holds 8 bytes, its storage 48",
     ):
         ladle.load(tmp_path / "m.pt")  # the bytes after the record are no numbers of w
+
+
+def test_a_big_endian_zip_torch_file_loads_its_numbers(tmp_path, monkeypatch):
+    # As a big-endian machine's torch.save writes it (its byteorder record says "big"); a
+    # check of its records through torch.load(map_location="meta") crashed the process.
+    with monkeypatch.context() as patched:
+        patched.setattr(sys, "byteorder", "big")
+        swapped = torch.from_numpy(np.arange(6.0, dtype=np.float32).byteswap())
+        torch.save({"w": swapped}, tmp_path / "m.pt")  # its bytes as a big-endian one holds
+    assert ladle.load(tmp_path / "m.pt")["w"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_a_zip_torch_file_re_zipped_with_stored_records_is_still_memory_mapped(tmp_path):
+    import zipfile
+
+    torch.save({"w": torch.arange(4.0), "v": torch.ones(3)}, tmp_path / "m.pt")
+    _rezipped(tmp_path / "m.pt", zipfile.ZIP_STORED)  # records placed as Python's zipfile does
+    with ladle.open_checkpoint(tmp_path / "m.pt") as checkpoint:
+        assert checkpoint.get("w").tolist() == [0.0, 1.0, 2.0, 3.0]
+        with open("/proc/self/maps") as maps:
+            assert any(str(tmp_path / "m.pt") in line for line in maps)
+
+
+def test_a_compressed_record_of_a_tensor_in_a_list_is_read_as_torch_reads_it(tmp_path):
+    import zipfile
+
+    saved = {"state_dict": {"w": torch.arange(4.0)}, "optimizer": [{"m": torch.zeros(5000)}]}
+    torch.save(saved, tmp_path / "m.ckpt")
+    with zipfile.ZipFile(tmp_path / "m.ckpt") as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(tmp_path / "m.ckpt", "w") as archive:
+        for name, data in records:  # only the optimizer's zeros compressed (record data/1)
+            archive.writestr(name, data, zipfile.ZIP_DEFLATED if name.endswith("/1") else 0)
+    assert ladle.load(tmp_path / "m.ckpt")["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_safetensors_file_replaced_while_being_opened_is_read_whole_from_one_file(
+    tmp_path, monkeypatch
+):
+    # The identity was taken after safe_open: the old file's header (bf16) with the new
+    # file's bytes (fp32) read as numbers, no error, where an output was being overwritten.
+    from ladle import checkpoint as module
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(4.0).bfloat16()}, path)
+    save_file({"w": torch.arange(4.0) + 10}, tmp_path / "new.safetensors")
+    real, calls = module.safe_open, []
+
+    def replacing(name, **kwargs):
+        handle = real(name, **kwargs)
+        if not calls:  # the first open loses the race
+            os.replace(tmp_path / "new.safetensors", path)
+        calls.append(name)
+        return handle
+
+    monkeypatch.setattr(module, "safe_open", replacing)
+    loaded = ladle.load(path)
+    assert len(calls) == 2 and loaded["w"].tolist() == [10.0, 11.0, 12.0, 13.0]
+
+
+def test_a_safetensors_file_gone_while_torch_maps_it_is_a_checkpoint_error(tmp_path, monkeypatch):
+    # torch's map of the file raised a RuntimeError ("unable to open file"): a traceback.
+    from ladle import checkpoint as module
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(2)}, path)
+
+    def vanishing(name, **kwargs):
+        os.remove(path)
+        raise RuntimeError(f"unable to open file <{name}> in read-only mode")
+
+    monkeypatch.setattr(module, "safe_open", vanishing)
+    with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors: cannot read it \(No such"):
+        ladle.load(path)

@@ -2204,6 +2204,21 @@ def test_float64_values_are_rounded_once_into_narrow_dtypes(dtype):
     assert cast(values, dtype, out=into) is into and into.double().tolist() == expected
 
 
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental:UserWarning")
+def test_complex128_values_are_rounded_once_into_complex32():
+    # torch casts through complex64: each part rounded twice, as float64 to float16.
+    from ladle.engine import cast
+
+    real, imaginary = _hard_cases(torch.float16, 2000, seed=17).chunk(2)
+    values = torch.complex(real, imaginary)
+    expected = [[_rounded_once(v, 11, -14) for v in p.tolist()] for p in (real, imaginary)]
+    parts = torch.view_as_real(cast(values, torch.complex32)).double()
+    assert [parts[:, 0].tolist(), parts[:, 1].tolist()] == expected
+    into = torch.empty(values.shape, dtype=torch.complex32)
+    assert cast(values, torch.complex32, out=into) is into
+    assert torch.view_as_real(into).double()[:, 0].tolist() == expected[0]
+
+
 def test_float64_merges_and_arithmetic_round_once_into_the_output_dtype(tmp_path):
     for dtype in (torch.bfloat16, torch.float16):
         hard = _hard_cases(dtype, 2000, seed=11)

@@ -305,3 +305,15 @@ def test_a_delta_that_may_drop_a_nan_leaves_the_inputs_checked_for_it():
     assert task_vector_sum_kernel(
         [1.0], 1.0, delta, delta_propagates_nonfinite=True
     ).propagates_nonfinite
+
+
+@pytest.mark.parametrize("factor", [1e-44, 3e-42, 1e-39])
+def test_a_scale_or_weight_below_float32s_normals_is_applied_exactly(factor):
+    # float32 kept 1e-44 as a subnormal of a few bits: 3e38 · 1e-44 came out 2.94e-6.
+    base, model = {"w": torch.zeros(1)}, {"w": torch.tensor([3e38])}
+    expected = torch.tensor([3e38 * factor], dtype=torch.float64).float()  # rounded once
+    for merged in (
+        ladle.task_arithmetic([model], base, scale=factor, device="cpu"),
+        ladle.task_arithmetic([model], base, weights=[factor], device="cpu"),
+    ):
+        assert torch.equal(merged["w"], expected)

@@ -5,6 +5,7 @@ import functools
 import itertools
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -1231,3 +1232,20 @@ def test_a_window_at_zero_leaves_out_the_pattern_just_past_it(monkeypatch):
     found = magnitude_thresholds(models, base, density=0.5, device="cpu", chunk_bytes=2**16)
     assert found == [{"w": 0.0}]
     assert calls == []  # found by the one-pass window select
+
+
+@pytest.mark.parametrize("out", [False, True])
+def test_a_sign_tied_entry_written_in_float16_from_float64_is_rounded_once(tmp_path, out):
+    # The tie's value, patched in after the merge pass, went through torch's cast: float64
+    # to float32 to float16, 1 + 2⁻¹¹ + 2⁻⁴⁰ to 1.0 where one rounding gives 1 + 2⁻¹⁰.
+    d = 2.0**-11 + 2.0**-40
+    base = {"w": torch.tensor([1.0, 0.0], dtype=torch.float64)}
+    models = [{"w": torch.tensor([1.0 + d, 1.0], dtype=torch.float64)}]
+    models.append({"w": torch.tensor([1.0 - d, 1.0], dtype=torch.float64)})  # τ: +d, -d
+    kw = {"density": 1.0, "device": "cpu", "dtype": torch.float16}
+    for merge in (ladle.ties, functools.partial(ladle.dare, combine="ties")):
+        found = merge(models, base, **kw, **({"out": tmp_path / "o.safetensors"} if out else {}))
+        merged = ladle.load(found) if out else found
+        assert merged["w"].tolist() == [1.0 + 2**-10, 1.0]  # majority +: the mean of +d
+        if out:
+            os.remove(found)

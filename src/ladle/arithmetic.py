@@ -47,6 +47,7 @@ from .checkpoint import (
 from .engine import (
     NumberLike,
     NumbersLike,
+    beyond_float32,
     cast,
     check_compatible,
     check_models,
@@ -69,8 +70,6 @@ ComplexLike = Union[NumberLike, complex, np.complexfloating[Any, Any]]  # noqa: 
 numpy's) for complex tensors."""
 Scalar = float | complex
 
-_FLOAT32 = torch.finfo(torch.float32)
-
 
 def _scalar(name: str, value: object) -> Scalar:
     """``value`` as a Python float, or a complex with a nonzero imaginary part: a number, a
@@ -90,18 +89,6 @@ def _scalar(name: str, value: object) -> Scalar:
         number = complex(value)
         return number if number.imag else number.real
     raise TypeError(f"{name}: expected a number, found {type_name(value)}")
-
-
-def _beyond_float32(value: Scalar) -> bool:
-    """Whether float32 would round ``value`` (a part of it) to fewer than its 24 bits: a
-    finite nonzero magnitude below its smallest normal or above its largest value."""
-    parts = (value.real, value.imag) if isinstance(value, complex) else (value,)
-    return any(
-        part != 0
-        and math.isfinite(part)
-        and not (_FLOAT32.smallest_normal <= abs(part) <= _FLOAT32.max)
-        for part in parts
-    )
 
 
 def _map(
@@ -125,7 +112,7 @@ def _map(
     checkpoints = [c if c is ref else second_names(c, named_twice) for c in opened]
     check_compatible(checkpoints, ref, named=True)
     check_output_dtypes(ref, None, remedy="convert it first (tensor.float())")
-    wide = any(_beyond_float32(value) for _, value in scalars)
+    wide = any(beyond_float32(value) for _, value in scalars)
     imaginary = next(((n, v) for n, v in scalars if isinstance(v, complex)), None)
     # A tensor every argument names twice (tied weights) is computed once, returned twice.
     tied = tied_names([ref, *checkpoints])

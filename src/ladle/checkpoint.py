@@ -573,6 +573,10 @@ class TensorMapCheckpoint(Checkpoint):
             _check_same_file(self._file, self._mapped, MAPPED_GONE)
 
 
+OPEN_ATTEMPTS = 3
+"""Times a safetensors file replaced while being opened is opened again before giving up."""
+
+
 class SafetensorsCheckpoint(Checkpoint):
     """One safetensors file, or the shards of one model, memory-mapped."""
 
@@ -630,11 +634,11 @@ class SafetensorsCheckpoint(Checkpoint):
             if self._closed:  # every read of data comes here first (via _descriptor)
                 raise _closed_error(self.name)
             try:
-                handle = safe_open(str(file), framework="pt")
-                self._identities[file] = _identity(os.stat(file))
-            except (SafetensorError, OSError, ValueError) as err:
+                handle = self._opened(file)
+            except (SafetensorError, OSError, ValueError, RuntimeError) as err:
                 # safetensors says "No such file or directory" whatever kept it from opening
-                why = _unopenable(file) if isinstance(err, OSError) else None
+                # (torch's map of it raises a RuntimeError, a file gone meanwhile)
+                why = _unopenable(file) if isinstance(err, (OSError, RuntimeError)) else None
                 if why is not None:
                     raise CheckpointError(f"{file}: cannot read it ({why})") from err
                 if _is_lfs_pointer(file):
@@ -642,6 +646,22 @@ class SafetensorsCheckpoint(Checkpoint):
                 raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
             self._handles[file] = handle
         return handle
+
+    def _opened(self, file: Path):  # type: ignore[no-untyped-def]
+        """``safe_open`` of ``file``, its identity noted (:meth:`check_unchanged`): the same
+        before and after, or the file was replaced meanwhile (an output being overwritten)
+        and the header read may be the old file's, the bytes the new one's; tried again."""
+        for _ in range(OPEN_ATTEMPTS):
+            before = _identity(os.stat(file))
+            handle = safe_open(str(file), framework="pt")
+            identity = _identity(os.stat(file))
+            if identity == before:
+                self._identities[file] = identity
+                return handle
+        raise CheckpointError(
+            f"{file}: replaced while being opened, {OPEN_ATTEMPTS} times; is something "
+            "rewriting it?"
+        )
 
     def _slice(self, key: str):  # type: ignore[no-untyped-def]
         try:
@@ -1016,11 +1036,16 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
         # The legacy (non-zip) format cannot be memory-mapped; nor a file whose path is no
         # UTF-8 (torch's map takes a str it encodes so): read whole.
         mmap = _is_zip(file) and os.fsencode(file) == str(file).encode("utf-8", "replace")
+        # A map reads a record's bytes as they lie: a compressed one (an archive re-zipped
+        # by a tool) as its compressed bytes. Torch's reader of the whole file decompresses.
+        records = _data_records(file) if mmap else None
+        if records is None or any(r.compress_type != zipfile.ZIP_STORED for r in records.values()):
+            mmap = False
         # Raw pickles of other protocols are refused below if unsafe; the hint is noise.
         with _ignoring("Detected pickle protocol"):
-            loaded = torch.load(
-                file, map_location="cpu", weights_only=True, mmap=mmap and _mappable(file)
-            )
+            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+            if mmap and not _records_hold_storages(loaded, records):  # type: ignore[arg-type]
+                loaded = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if _ends_early(file):  # a name cut short is no allowed global: refused, but truncated
             raise CheckpointError(f"{file}: not a readable torch file ({ENDS_EARLY})") from err
@@ -1069,14 +1094,16 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def _record_starts(file: Path) -> dict[int, zipfile.ZipInfo] | None:
-    """Each record of zip archive ``file`` by the offset of its first byte of data (after its
-    local header), or ``None`` where Python's reader cannot read the archive (torch's own
-    reader then says what is wrong)."""
+def _data_records(file: Path) -> dict[int, zipfile.ZipInfo] | None:
+    """The storage records (``ARCHIVE/data/KEY``) of zip torch file ``file``, by the offset of
+    their first byte of data (after the local header), or ``None`` where Python's reader
+    cannot read the archive (torch's own reader then says what is wrong)."""
     try:
         with zipfile.ZipFile(file) as archive, open(file, "rb") as handle:
             starts = {}
             for info in archive.infolist():
+                if info.filename.split("/")[-2:-1] != ["data"]:
+                    continue
                 handle.seek(info.header_offset + 26)  # the local header's two lengths
                 name_length, extra_length = struct.unpack("<HH", handle.read(4))
                 starts[info.header_offset + 30 + name_length + extra_length] = info
@@ -1085,48 +1112,50 @@ def _record_starts(file: Path) -> dict[int, zipfile.ZipInfo] | None:
         return None
 
 
-def _mappable(file: Path) -> bool:
-    """Whether torch may memory-map zip torch file ``file``: every storage's record holds its
-    bytes uncompressed. A memory map reads the record's bytes as they lie, where torch's
-    reader of the whole file decompresses a compressed record (an archive re-zipped by a
-    tool) and checks each record's size: mapped, a compressed record read as its compressed
-    bytes, a record shorter than its storage as the bytes after it. A record of another size
-    than its storage raises ``ValueError``; ``False`` where a record is compressed, or where
-    this torch does not say where a storage lies (``_checkpoint_offset``, torch ≥ 2.6): the
-    file is then read whole, checked by torch."""
-    starts = _record_starts(file)
-    if starts is None:
+def _records_hold_storages(loaded: object, records: Mapping[int, zipfile.ZipInfo]) -> bool:
+    """Whether the storages of ``loaded`` (a zip torch file loaded memory-mapped) lie where
+    its ``records`` (:func:`_data_records`) do: one storage per record, at the same distances
+    from each other in memory as in the file. ``False`` where that cannot be told (records
+    no storage uses, say): the file is then read whole, checked by torch. A record of another
+    size than its storage raises ``ValueError`` naming the tensor: mapped, the bytes after a
+    short record were read as its numbers."""
+    storages: dict[int, tuple[str, int]] = {}
+    for name, tensor in _nested_tensors(loaded):
+        if tensor.layout != torch.strided or tensor.is_quantized:  # refused once loaded,
+            return True  # whatever its bytes
+        if tensor.untyped_storage().nbytes():
+            storage = tensor.untyped_storage()
+            storages.setdefault(storage.data_ptr(), (name, storage.nbytes()))
+    placed = sorted((start, info) for start, info in records.items() if info.file_size)
+    if len(placed) != len(storages):
         return False
-    try:  # the same unpickling with storages on the meta device: shapes and offsets, no data
-        with _ignoring(""):  # the load that follows warns as it must
-            layout = torch.load(file, map_location="meta", weights_only=True)
-    except Exception:  # no meta form: a sparse or quantized tensor, refused once loaded (a
-        return True  # whole read fails on a sparse one), or unreadable, as torch will say
-    tensors = layout.items() if isinstance(layout, dict) else ()
-    for key, tensor in _nested_tensors(tensors):
-        if tensor.layout != torch.strided:  # refused once loaded: no storage of its own
-            continue
-        storage = tensor.untyped_storage()
-        record = starts.get(getattr(storage, "_checkpoint_offset", None))  # type: ignore[arg-type]
-        if record is None or record.compress_type != zipfile.ZIP_STORED:
+    first_storage, (first_record, _) = min(storages), placed[0]
+    for pointer, (start, record) in zip(sorted(storages), placed, strict=True):
+        if pointer - first_storage != start - first_record:
             return False
-        if record.file_size != storage.nbytes():
+        name, size = storages[pointer]
+        if record.file_size != size:
             raise ValueError(
-                f"tensor {key!r}: its record {record.filename!r} holds {record.file_size} "
-                f"bytes, its storage {storage.nbytes()}"
+                f"tensor {name!r}: its record {record.filename!r} holds {record.file_size} "
+                f"bytes, its storage {size}"
             )
     return True
 
 
-def _nested_tensors(items: Iterable[tuple[object, object]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of ``items`` and of the dicts among them (a training checkpoint's
-    ``state_dict``), each named by its path of keys (``"state_dict.w"``)."""
-    for key, value in items:
-        if isinstance(value, torch.Tensor):
-            yield str(key), value
-        elif isinstance(value, dict):
-            for inner, tensor in _nested_tensors(value.items()):
-                yield f"{key}.{inner}", tensor
+def _nested_tensors(value: object, name: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors in ``value`` and in the dicts, lists and tuples in it (a training
+    checkpoint's ``state_dict``, its optimizer's states), each named by its path of keys
+    (``"state_dict.w"``, ``"optimizer_states.0.exp_avg"``)."""
+    if isinstance(value, torch.Tensor):
+        yield name, value
+        return
+    items: Iterable[tuple[object, object]] = ()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    for key, inner in items:
+        yield from _nested_tensors(inner, f"{name}.{key}" if name else str(key))
 
 
 ENDS_EARLY = "it ends early: truncated?"

@@ -488,6 +488,41 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return resolved
 
 
+_FLOAT32 = torch.finfo(torch.float32)
+
+
+def beyond_float32(value: float | complex) -> bool:
+    """Whether float32 would round ``value`` (a part of it) to fewer than its 24 bits: a
+    finite nonzero magnitude below its smallest normal or above its largest value.
+
+    Example:
+        >>> beyond_float32(1e-44), beyond_float32(0.5), beyond_float32(0.0)
+        (True, False, False)
+    """
+    parts = (value.real, value.imag) if isinstance(value, complex) else (value,)
+    return any(
+        part != 0
+        and math.isfinite(part)
+        and not (_FLOAT32.smallest_normal <= abs(part) <= _FLOAT32.max)
+        for part in parts
+    )
+
+
+def scale_(values: torch.Tensor, factor: float) -> torch.Tensor:
+    """``values`` multiplied by ``factor``, in place. A float32 tensor times a factor float32
+    cannot hold (:func:`beyond_float32`: ``1e-44``, which float32 keeps as a subnormal of
+    four bits, 2 % off) is multiplied in float64, then rounded back.
+
+    Example:
+        >>> x = torch.tensor([3e38])
+        >>> scale_(x.clone(), 1e-44).item(), x.mul_(1e-44).item()  # 3e-6 exactly rounded
+        (3.000000106112566e-06, 2.9427267236314947e-06)
+    """
+    if values.dtype == torch.float32 and beyond_float32(factor):
+        return values.copy_(values.double().mul_(factor))
+    return values.mul_(factor)
+
+
 def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     """float64 when any input is float64, else float32; for complex inputs complex128 when
     any is complex128, else complex64.
@@ -1303,7 +1338,8 @@ def cast(values: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = No
     """``values`` in ``dtype`` (into ``out``, given), each value rounded once to nearest even.
 
     torch casts float64 to float16, bfloat16 and the float8 dtypes through float32, rounding
-    twice (``1 + 2⁻¹¹ + 2⁻⁴⁰`` became 1.0 in float16, not ``1 + 2⁻¹⁰``). Here such values
+    twice (``1 + 2⁻¹¹ + 2⁻⁴⁰`` became 1.0 in float16, not ``1 + 2⁻¹⁰``; complex128 to
+    complex32 likewise, through complex64). Here such values
     go through float32 rounded to odd instead (toward zero, the last bit set where inexact),
     which keeps what the first rounding dropped: float32's 24 bits are more than two beyond
     any of those dtypes', so the second rounding is the only one. Other casts are torch's.
@@ -1313,6 +1349,9 @@ def cast(values: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = No
         >>> x.to(torch.float16).item(), cast(x, torch.float16).item()
         (1.0, 1.0009765625)
     """
+    if values.dtype == torch.complex128 and dtype == torch.complex32:  # each part so
+        parts = cast(torch.view_as_real(values.resolve_conj()), torch.float16)
+        values = torch.view_as_complex(parts)
     if values.dtype == torch.float64 and dtype.is_floating_point and dtype.itemsize < 4:
         single = values.to(torch.float32)
         widened = single.double()
@@ -2004,7 +2043,7 @@ def merge(
                         values, limit, dtype, key, everywhere, checkpoints, base_ckpt, where
                     )
                 # Of a complex tensor: entries of its real view (real and imaginary parts).
-                index, values = index.to("cpu"), values.to("cpu", specs[key][1].to_real())
+                index, values = index.to("cpu"), cast(values.to("cpu"), dtype.to_real())
                 if not allow_nonfinite:
                     _check_merged(values, key, slice(None), checkpoints, base_ckpt, where)
                 yield key, index, values

@@ -22,6 +22,7 @@ from ..engine import (
     check_number,
     check_numbers,
     merge,
+    scale_,
 )
 from ..writer import DEFAULT_MAX_SHARD_SIZE
 
@@ -138,7 +139,7 @@ def task_vector_sum_kernel(
         # Two separately rounded operations, never add_(alpha=): a fused multiply-add in some
         # kernels' vector paths would make the bits depend on how a tensor is chunked.
         if weights[index] != 1.0:
-            tau.mul_(weights[index])
+            scale_(tau, weights[index])
         if acc is None:
             state[3] = tau
         else:
@@ -147,7 +148,7 @@ def task_vector_sum_kernel(
 
     def finalize(state: list) -> torch.Tensor:
         acc, base = state[3], state[2]
-        return acc.mul_(scale).add_(base)
+        return scale_(acc, scale).add_(base)
 
     propagates = delta is None or delta_propagates_nonfinite
     return Kernel(init, update, finalize, propagates_nonfinite=propagates)

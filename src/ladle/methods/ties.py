@@ -42,6 +42,7 @@ from ..engine import (
     real_view,
     resolve_device,
     row_chunks,
+    scale_,
 )
 from ..writer import DEFAULT_MAX_SHARD_SIZE
 from .task_arithmetic import Delta, check_inputs, check_scale
@@ -721,14 +722,15 @@ class SignElection:
 
     def tie_values(self, index: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``base + scale·mean`` at flat ``index`` for a positive, then a negative majority:
-        bit for bit what ``merged(±1).mul_(scale).add_(base)`` gives there. Before ``merged``."""
+        bit for bit what ``scale_(merged(±1), scale).add_(base)`` gives there. Before
+        ``merged``."""
 
         def mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
             return total.flatten()[index].div_(count.flatten()[index].clamp_(min=1))
 
         base, (pos_count, neg_count) = self.base.flatten()[index], self.counts()
-        up = mean(self.pos_sum, pos_count).mul_(scale).add_(base)
-        down = mean(self.neg_sum, neg_count).mul_(scale).add_(base)
+        up = scale_(mean(self.pos_sum, pos_count), scale).add_(base)
+        down = scale_(mean(self.neg_sum, neg_count), scale).add_(base)
         return up, down
 
     def merged(self, majority: float | None) -> torch.Tensor:
@@ -853,7 +855,7 @@ class _TiesLater:
             start = (state.rows.start or 0) * math.prod(state.base.shape[1:])
             self.found.append((key, tied.add_(start), up, down))
             self.remembered += tied.numel()
-        return state.merged(0.0).mul_(self.scale).add_(state.base)
+        return scale_(state.merged(0.0), self.scale).add_(state.base)
 
     def amend(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         majority = {scope: (v > 0) - (v < 0) for scope, v in self.votes.items()}
@@ -873,7 +875,7 @@ def elected(majority: Mapping[str, float], scale: float) -> Callable[[SignElecti
     absent from it: by the chunk's own vote, a whole tensor's when it is one chunk)."""
 
     def finish(state: SignElection) -> torch.Tensor:
-        return state.merged(majority.get(state.key)).mul_(scale).add_(state.base)
+        return scale_(state.merged(majority.get(state.key)), scale).add_(state.base)
 
     return finish
 
