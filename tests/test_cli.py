@@ -993,12 +993,21 @@ def test_a_closed_standard_error_neither_fails_a_merge_nor_sends_errors_to_stdou
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="Linux /dev/full")
+@pytest.mark.parametrize("command", ["soup", "run"])
 def test_a_full_standard_output_is_named_as_such_after_the_merge_is_written(
-    tmp_path, inputs, monkeypatch, capsys
+    tmp_path, inputs, monkeypatch, capsys, command
 ):
+    recipe = tmp_path / "r.toml"
+    models = json.dumps([str(path) for path in inputs[:2]])  # a TOML array of strings too
+    recipe.write_text(f'method = "soup"\nmodels = {models}\noutput = "o.safetensors"\n')
+    argv = (
+        ["run", str(recipe)]
+        if command == "run"
+        else ["soup", *inputs[:2], "-o", str(tmp_path / "o.safetensors")]
+    )
     full = open("/dev/full", "w")  # noqa: SIM115
     monkeypatch.setattr(sys, "stdout", full)
-    assert main(["soup", *inputs[:2], "-o", str(tmp_path / "o.safetensors")]) == 1
+    assert main(argv) == 1
     full.buffer.raw.close()  # what is buffered can never be written
     assert capsys.readouterr().err == (
         "ladle: error: [Errno 28] writing to standard output: No space left on device\n"

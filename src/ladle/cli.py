@@ -203,10 +203,10 @@ def _on_stdout() -> Iterator[None]:
         raise OSError(err.errno, f"writing to standard output: {err.strerror or err}") from err
 
 
-def _print_output(path: object) -> None:
+def _print_output(path: object, *, flush: bool = False) -> None:
     """Print the path a merge wrote (its output is complete by then)."""
     with _on_stdout():
-        print(path)
+        print(path, flush=flush)
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -455,7 +455,7 @@ def _run_recipe(args: argparse.Namespace) -> None:
         device=args.device,
         overwrite=args.overwrite,
         progress=_progress(args),
-        on_output=lambda name, path: print(f"{name}: {path}", flush=True),
+        on_output=lambda name, path: _print_output(f"{name}: {path}", flush=True),
     )
 
 

@@ -279,7 +279,8 @@ def run_demo(
 
 
 def _log(message: str) -> None:
-    print(f"ladle demo: {message}", file=sys.stderr)
+    if sys.stderr is not None:  # closed (2>&-): print would write to standard output
+        print(f"ladle demo: {message}", file=sys.stderr)
 
 
 def _run(seed: int, size: Size, workdir: Path, device: torch.device, out: TextIO) -> list[DemoRow]:

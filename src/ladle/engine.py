@@ -1857,7 +1857,7 @@ def check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) ->
             or target in p.parents
             or p in target.parents
             or _identity(p) in around  # the same file or folder by another path (a bind
-            or (around and _identity(target) in _identities(p))  # mount, a hard link)
+            or _identity(target) in _identities(p)  # mount, a hard link)
             for p in paths
         ):
             raise LadleError(

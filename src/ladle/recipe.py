@@ -644,26 +644,27 @@ def _check_inputs_kept(steps: Sequence[Step], where: Callable[[Step], str]) -> N
     """No step writes over a file that any step reads, found as the merges find them: each
     input opened (a folder's weights file may link elsewhere, an ``hf://`` input is a
     snapshot in the Hub's cache), where :func:`load_recipe` compared the paths written."""
-    if all(step.output is None for step in steps):
-        return
-    with contextlib.ExitStack() as stack:
-        opened = {}
-        for step in steps:
-            for source in (*step.models, *([step.base] if step.base is not None else [])):
-                if isinstance(source, str) and source not in opened:
+    writing = [step for step in steps if step.output is not None]
+    seen: set[str] = set()
+    for step in steps:
+        for source in (*step.models, *([step.base] if step.base is not None else [])):
+            if not isinstance(source, str) or source in seen:
+                continue
+            seen.add(source)
+            try:  # one input open at a time: a torch file that cannot be mapped is in memory
+                opened = open_checkpoint(source)
+            except Exception as err:  # the step's name, as when the step runs
+                named = _named(err, where(step))
+                if named is None:
+                    raise
+                raise named from err
+            with opened:
+                for writer in writing:
+                    assert writer.output is not None
                     try:
-                        opened[source] = stack.enter_context(open_checkpoint(source))
-                    except Exception as err:  # the step's name, as when the step runs
-                        named = _named(err, where(step))
-                        if named is None:
-                            raise
-                        raise named from err
-        for step in steps:
-            if step.output is not None:
-                try:
-                    check_not_an_input(step.output, list(opened.values()))
-                except LadleError as err:
-                    raise LadleError(f"{where(step)}.output: {err}") from None
+                        check_not_an_input(writer.output, [opened])
+                    except LadleError as err:
+                        raise LadleError(f"{where(writer)}.output: {err}") from None
 
 
 def run_recipe(

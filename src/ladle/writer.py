@@ -240,7 +240,8 @@ def physical_path(out: str | os.PathLike) -> Path:
     """``out`` made absolute as the system finds it: a ``..`` after a symbolic link to a folder
     leads to the parent of the folder linked to, where ``os.path.abspath`` drops ``link/..``
     as text (naming another folder than the one the system writes to). What follows the
-    last ``..`` is kept as given: a link there is replaced, never written through.
+    last ``..`` is kept as given (resolved by the system as it is written: a link as the
+    last name is replaced, never written through).
 
     Example:
         >>> import os
@@ -651,7 +652,7 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
                 warnings.warn(
                     f"{out}: written; the earlier output, moved aside to {old}, could not be "
                     "deleted (permissions?): delete it yourself",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
         return
     raise LadleError(f"{out}: other writers kept replacing it; the result is left unwritten")

@@ -487,7 +487,7 @@ def run_greedy(
             # Model 0's config, with the dtype written (the best-ranked model's) where the
             # best is another model: the config said model 0's. The card's recipe asks for no
             # dtype: a soup of the kept models, best first, writes the best one's dtypes, key
-            # by key (one dtype for all changed the keys of other dtypes).
+            # by key (the dtype of one key, asked for, was written for every key).
             written = next((t.dtype for t in state.values() if t.is_floating_point()), None)
             extra = (  # as every merge: a directory also gets config/tokenizer and a card
                 None
