@@ -2264,3 +2264,23 @@ def test_a_max_shard_size_that_is_no_size_is_refused_in_memory_too(method):
         method(models, max_shard_size=1.5)
     with pytest.raises(ValueError, match=r"max_shard_size: must be positive, found 0"):
         method(models, max_shard_size=0)
+
+
+@pytest.mark.parametrize("name", ["o", "o.safetensors"])
+def test_ctrl_c_between_making_the_writer_and_using_it_leaves_no_temporary(
+    tmp_path, monkeypatch, name
+):
+    # The writer was made before the with statement that aborts it, a thread between them.
+    import threading
+
+    real = threading.Thread
+
+    def thread(*args, name=None, **kwargs):
+        if name == "ladle-close-inputs":
+            raise KeyboardInterrupt
+        return real(*args, name=name, **kwargs)
+
+    monkeypatch.setattr("ladle.engine.threading.Thread", thread)
+    with pytest.raises(KeyboardInterrupt):
+        ladle.uniform_soup([{"w": torch.ones(2)}] * 2, out=tmp_path / name, device="cpu")
+    assert os.listdir(tmp_path) == []

@@ -1690,3 +1690,36 @@ def test_an_earlier_output_that_cannot_be_deleted_is_named_in_a_warning(tmp_path
     ):
         ladle.save({"w": torch.zeros(2)}, tmp_path / "out", overwrite=True)
     assert ladle.load(tmp_path / "out")["w"].tolist() == [0.0, 0.0]
+
+
+def test_ctrl_c_while_the_replaced_output_is_deleted_still_deletes_it(tmp_path, monkeypatch):
+    # The new output was in place; the old one, renamed aside, stayed for good (the next
+    # write skips leftovers of a live process: this one).
+    import shutil
+
+    ladle.save({"w": torch.ones(2)}, tmp_path / "out")
+    real, calls = shutil.rmtree, []
+
+    def interrupted(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr("ladle.writer.shutil.rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ladle.save({"w": torch.zeros(2)}, tmp_path / "out", overwrite=True)
+    assert os.listdir(tmp_path) == ["out"] and len(calls) == 2
+    assert ladle.load(tmp_path / "out")["w"].tolist() == [0.0, 0.0]
+
+
+def test_ctrl_c_while_the_writer_is_being_made_leaves_nothing(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # The temporary folder was made before the writer's thread pool, outside the try that
+    # aborts: Ctrl-C between them left it.
+    monkeypatch.setattr("ladle.writer.ThreadPoolExecutor", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        SafetensorsWriter(tmp_path / "new" / "o", {"w": ((2,), torch.float32)})
+    assert os.listdir(tmp_path) == []

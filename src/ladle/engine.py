@@ -1818,7 +1818,7 @@ def _rows_nbytes(
 
 
 def _check_output(
-    out: str | os.PathLike,
+    out: str | os.PathLike | None,
     sources: Sequence[Checkpoint],
     *,
     overwrite: bool,
@@ -1826,11 +1826,12 @@ def _check_output(
 ) -> None:
     """Refuse ``out`` before any pass over the inputs, not once the merge is done: a bad name,
     an input's path (or a folder holding one, or inside one), an existing output without
-    ``overwrite``, or a ``max_shard_size`` that is no size (a single file's has no use, but
-    a typo there is one too)."""
-    check_not_an_input(out, sources)
-    check_output_free(out, overwrite=overwrite)
+    ``overwrite``, or a ``max_shard_size`` that is no size (of no use for a single file or
+    in memory, but a typo there is one too)."""
     parse_size(max_shard_size)
+    if out is not None:
+        check_not_an_input(out, sources)
+        check_output_free(out, overwrite=overwrite)
 
 
 def check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) -> None:
@@ -1846,18 +1847,16 @@ def check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) ->
     """
     check_output_name(out)
     target = Path(out).resolve()
-    around = _identities(target)  # the output's own, where it exists, then its folders'
+    around = _inodes_up(target)  # the output's own, where it exists, then its folders'
     for checkpoint in sources:
         # The files read too: a folder's weights file may be a link to a file elsewhere.
         paths = [file.resolve() for file in checkpoint.file_sizes()]
         if checkpoint.path is not None:
             paths.append(checkpoint.path.resolve())
         if any(
-            target == p
-            or target in p.parents
-            or p in target.parents
-            or _identity(p) in around  # the same file or folder by another path (a bind
-            or _identity(target) in _identities(p)  # mount, a hard link)
+            overlapping(target, p)
+            or _inode(p) in around  # the same file or folder by another path (a bind
+            or _inode(target) in _inodes_up(p)  # mount, a hard link)
             for p in paths
         ):
             raise LadleError(
@@ -1866,7 +1865,19 @@ def check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) ->
             )
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def overlapping(a: Path, b: Path) -> bool:
+    """Whether writing ``a`` could touch ``b`` (both resolved): the same path, or one inside
+    the other.
+
+    Example:
+        >>> overlapping(Path("/m/out"), Path("/m/out/model.safetensors")), overlapping(
+        ...     Path("/m/a"), Path("/m/b"))
+        (True, False)
+    """
+    return a == b or a in b.parents or b in a.parents
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
     """The device and inode of ``path`` (``os.path.samefile``'s test), or ``None`` where
     there is nothing to stat."""
     try:
@@ -1876,11 +1887,11 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return found.st_dev, found.st_ino
 
 
-def _identities(path: Path) -> set[tuple[int, int]]:
-    """The identities (:func:`_identity`) of ``path`` and of the folders above it that
-    exist: an output whose set holds an input's identity is that input or lies inside it."""
-    found = (_identity(folder) for folder in (path, *path.parents))
-    return {identity for identity in found if identity is not None}
+def _inodes_up(path: Path) -> set[tuple[int, int]]:
+    """The :func:`_inode` of ``path`` and of each folder above it that exists: an output
+    whose set holds an input's is that input, or lies inside it."""
+    found = (_inode(folder) for folder in (path, *path.parents))
+    return {inode for inode in found if inode is not None}
 
 
 def provenance(
@@ -1971,10 +1982,7 @@ def merge(
             checkpoints, base_ckpt = _first_names(checkpoints, base_ckpt, tied)
             reference = base_ckpt if base_ckpt is not None else checkpoints[0]
         sources = [*checkpoints, *([base_ckpt] if base_ckpt is not None else [])]
-        if out is not None:
-            _check_output(out, sources, overwrite=overwrite, max_shard_size=max_shard_size)
-        else:  # of no use in memory, but a typo is one
-            parse_size(max_shard_size)
+        _check_output(out, sources, overwrite=overwrite, max_shard_size=max_shard_size)
         # before prepare's passes over the inputs; the others are of the reference's kinds
         label = _describe(None if base_ckpt is not None else 0, reference)
         check_output_dtypes(reference, dtype, label=label)
@@ -2069,17 +2077,18 @@ def merge(
                 max_shard_size=max_shard_size,
             )
         )
-        sink: Sink = (
-            SafetensorsWriter(
-                out,
-                specs,
-                max_shard_size=max_shard_size,
-                metadata=meta,
-                overwrite=overwrite,
-                extra_files=extra,
-            )
-            if part is None
-            else part.writer(
+
+        def sink() -> Sink:
+            if part is None:
+                return SafetensorsWriter(
+                    out,
+                    specs,
+                    max_shard_size=max_shard_size,
+                    metadata=meta,
+                    overwrite=overwrite,
+                    extra_files=extra,
+                )
+            return part.writer(
                 Path(out),
                 specs,
                 keys=keys if keys is not None else list(specs),  # a list here: set above
@@ -2087,12 +2096,14 @@ def merge(
                 extra_files=extra,
                 max_shard_size=max_shard_size,
             )
-        )
+
         # Once every read is done, the inputs are closed (their memory maps torn down) on a
         # thread while the output is committed (its fsync waits on the disk).
         closing = threading.Thread(target=inputs.close, name="ladle-close-inputs")
         try:
-            with sink as writer:
+            # Made in the with statement: nothing runs between the temporary output's making
+            # and the with taking charge of it (Ctrl-C there left it on disk).
+            with sink() as writer:
                 for key, _, chunk in results:
                     writer.write(key, chunk)
                 for key, index, values in amendments():

@@ -31,6 +31,7 @@ from .engine import (
     FOLD_CHUNK_BYTES,
     check_chunk_bytes,
     check_not_an_input,
+    overlapping,
     resolve_device,
 )
 from .errors import LadleError, type_name
@@ -332,11 +333,6 @@ def _check_type(value: object, annotation: object, where: str) -> None:
         raise ValueError(f"{where}: expected {kind}, found {value!r}")
 
 
-def _overlaps(a: Path, b: Path) -> bool:
-    """Whether writing ``a`` could touch ``b``: the same path, or one inside the other."""
-    return a == b or a in b.parents or b in a.parents
-
-
 def _check_outputs(steps: Sequence[Step], single: bool) -> None:
     """No two steps write the same place, and no step writes over an input of any step
     (paths compared resolved: ``out.safetensors`` and ``../here/out.safetensors`` are one)."""
@@ -352,10 +348,10 @@ def _check_outputs(steps: Sequence[Step], single: bool) -> None:
         written = step.output.resolve()
         for later, other in enumerate(steps):
             theirs = other.output
-            if other is not step and theirs is not None and _overlaps(written, theirs.resolve()):
+            if other is not step and theirs is not None and overlapping(written, theirs.resolve()):
                 raise ValueError(f"{where}.output: step {other.name!r} writes {theirs} too")
             for source in inputs(other):
-                if _overlaps(written, Path(source).resolve()):
+                if overlapping(written, Path(source).resolve()):
                     hint = (  # a later step reading this output by its path: by name instead
                         f"; to use this step's output, name {step.name!r} in its models"
                         if later > position

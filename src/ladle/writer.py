@@ -647,7 +647,11 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
                 continue
             raise
         if old is not None:
-            _remove(old)
+            try:
+                _remove(old)
+            except BaseException:  # Ctrl-C while deleting: ours is in place, the old must go
+                _remove(old)
+                raise
             if os.path.lexists(old):  # a folder of read-only folders, say: it stays hidden
                 warnings.warn(
                     f"{out}: written; the earlier output, moved aside to {old}, could not be "
@@ -806,22 +810,6 @@ class SafetensorsWriter:
         self._temp = _temporary_beside(self._target)
         self._made: list[Path] = []  # folders made for the output, deepest first
         self._overwrite = overwrite
-        with _output_errors(self.out, "creating the output"):
-            for folder in self._target.parents:  # the deepest that exists must be a directory
-                if os.path.lexists(folder):
-                    if not folder.is_dir():
-                        what = "a broken symbolic link" if folder.is_symlink() else "a file"
-                        raise NotADirectoryError(
-                            errno.ENOTDIR, f"{folder} is {what}, not a directory"
-                        )
-                    break
-            # Folders made for the output go again with it, should it never be written.
-            above = (self._target.parent, *self._target.parent.parents)
-            self._made = [folder for folder in above if not os.path.lexists(folder)]
-            self._target.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temporaries(self._target)
-            if not self._single_file:
-                self._temp.mkdir(parents=False)
         if self._single_file:
             self._files = [self._temp]
         else:
@@ -846,13 +834,32 @@ class SafetensorsWriter:
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ladle-sync")
         self._sync: Future[None] | None = None
         self._ended: str | None = None  # how it ended: a key of _ENDED
-        try:  # every shard's disk space, before anything is merged
+        # Everything abort() needs is set: from here, whatever stops the constructor (an
+        # error, Ctrl-C) takes away what it made.
+        try:
             with _output_errors(self.out, "creating the output"):
-                for shard, file in enumerate(self._files):
-                    _create_reserved(file, self._shard_bytes(shard), self.out)
+                self._create()
         except BaseException:
             self.abort()
             raise
+
+    def _create(self) -> None:
+        """Make the output's folders, the temporary output and every shard's disk space."""
+        for folder in self._target.parents:  # the deepest that exists must be a directory
+            if os.path.lexists(folder):
+                if not folder.is_dir():
+                    what = "a broken symbolic link" if folder.is_symlink() else "a file"
+                    raise NotADirectoryError(errno.ENOTDIR, f"{folder} is {what}, not a directory")
+                break
+        # Folders made for the output go again with it, should it never be written.
+        above = (self._target.parent, *self._target.parent.parents)
+        self._made = [folder for folder in above if not os.path.lexists(folder)]
+        self._target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(self._target)
+        if not self._single_file:
+            self._temp.mkdir(parents=False)
+        for shard, file in enumerate(self._files):  # before anything is merged
+            _create_reserved(file, self._shard_bytes(shard), self.out)
 
     @property
     def order(self) -> list[str]:

@@ -47,7 +47,6 @@ from ..writer import (
     DEFAULT_MAX_SHARD_SIZE,
     SafetensorsWriter,
     check_storable,
-    parse_size,
     single_file,
 )
 
@@ -458,12 +457,11 @@ def run_greedy(
         check_mergeable(checkpoints)
         for i, checkpoint in enumerate(checkpoints):  # the best-ranked model's are the soup's
             check_output_dtypes(checkpoint, dtype, label=f"model {i} ({checkpoint.name})")
-        if out is not None:  # refuse before the (costly) evaluations, not after
-            _check_output(out, checkpoints, overwrite=overwrite, max_shard_size=max_shard_size)
+        # Refused before the (costly) evaluations, not after.
+        _check_output(out, checkpoints, overwrite=overwrite, max_shard_size=max_shard_size)
+        if out is not None:
             for checkpoint in checkpoints:  # whichever ranks best, its dtypes are written
                 check_storable(out, output_specs(checkpoint, dtype))
-        else:  # of no use in memory, but a typo is one
-            parse_size(max_shard_size)
         where = "the greedy soup" if out is None else str(out)
         result = _greedy(
             checkpoints,
