@@ -1387,17 +1387,24 @@ def test_read_rows_of_a_file_cut_or_deleted_after_opening_name_file_key_and_byte
 
 @pytest.mark.parametrize("source", ["memory", "file"])
 def test_rows_read_as_a_shape_of_another_size_are_refused(tmp_path, source):
+    # In memory: torch's "shape '[5, 2]' is invalid for input of size 12", naming no key
+    # (and a (3, 4, 5) tensor read as (10, 5) gave rows of a tensor it is not).
     tensor = torch.arange(12.0).reshape(3, 4)
-    if source == "file":
-        save_file({"t": tensor}, tmp_path / "m.safetensors")
-        checkpoint = ladle.open_checkpoint(tmp_path / "m.safetensors")
+    save_file({"t": tensor}, tmp_path / "m.safetensors")
+    checkpoint = (
+        ladle.open_checkpoint(tmp_path / "m.safetensors")
+        if source == "file"
+        else DictCheckpoint({"t": tensor})
+    )
+    for shape in ((5, 2), (6, 1), (13,)):
         with pytest.raises(
-            ValueError, match=r"'t': cannot read a tensor of shape \(3, 4\) as \(5, 2\)"
+            ValueError,
+            match=rf"'t': cannot read a tensor of shape \(3, 4\) as {re.escape(str(shape))}",
         ):
-            checkpoint.get_rows("t", slice(0, 1), (5, 2))
-    else:
-        with pytest.raises(RuntimeError, match=r"invalid for input of size 12"):
-            DictCheckpoint({"t": tensor}).get_rows("t", slice(0, 1), (5, 2))
+            checkpoint.get_rows("t", slice(0, 1), shape)
+    cube = DictCheckpoint({"c": torch.zeros(3, 4, 5)})
+    with pytest.raises(ValueError, match=r"'c': cannot read a tensor of shape \(3, 4, 5\) as"):
+        cube.get_rows("c", slice(0, 2), (10, 5))
 
 
 def test_rows_of_a_file_read_with_or_without_dimensions_of_one_size_are_refused(tmp_path):
@@ -2168,3 +2175,44 @@ def test_a_safetensors_file_gone_while_torch_maps_it_is_a_checkpoint_error(tmp_p
     monkeypatch.setattr(module, "safe_open", vanishing)
     with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors: cannot read it \(No such"):
         ladle.load(path)
+
+
+def test_a_closed_torch_file_reads_no_tensor_and_lets_go_of_its_map(tmp_path):
+    # close() did nothing for a single torch file: reads went on, the file stayed mapped.
+    torch.save({"w": torch.arange(4.0), "b": torch.ones(2)}, tmp_path / "m.pt")
+    with ladle.open_checkpoint(tmp_path / "m.pt") as checkpoint:
+        kept = checkpoint.get("w")
+    with pytest.raises(ladle.CheckpointError, match=r"m\.pt: closed; open it again"):
+        checkpoint.get("w")
+    assert checkpoint.keys() == ["w", "b"] and checkpoint.shape("b") == (2,)
+    assert kept.tolist() == [0.0, 1.0, 2.0, 3.0]  # a view read before stays valid
+    del kept
+    with open("/proc/self/maps") as maps:
+        assert not any(str(tmp_path / "m.pt") in line for line in maps)
+
+
+def test_a_closed_torch_shards_checkpoint_still_names_its_keys(tmp_path):
+    # keys(), len() and repr() loaded every shard, which a closed checkpoint refuses.
+    checkpoint = ladle.open_checkpoint(_torch_shards(tmp_path, {"a": "s1.bin", "b": "s2.bin"}))
+    before = checkpoint.keys()
+    checkpoint.close()
+    assert checkpoint.keys() == before == ["a", "b", "c"] and "TorchShardsCheckpoint" in repr(
+        checkpoint
+    )
+    with pytest.raises(ladle.CheckpointError, match=r"closed; open it again"):
+        checkpoint.get("a")
+
+
+def test_rows_read_into_a_buffer_too_small_are_refused_naming_it(tmp_path):
+    # The file was blamed: "tensor 'w' ends early; expected 48 bytes at offset 96, found 4".
+    save_file({"w": torch.zeros(4, 3)}, tmp_path / "m.safetensors")
+    with ladle.open_checkpoint(tmp_path / "m.safetensors") as checkpoint:
+        for into in (torch.empty(4, dtype=torch.uint8), torch.empty(48)):
+            with pytest.raises(
+                ValueError, match=r"^into: expected a flat uint8 tensor of at least 48"
+            ):
+                checkpoint.read_rows("w", slice(0, 4), into)
+        assert checkpoint.read_rows("w", slice(0, 4), torch.empty(48, dtype=torch.uint8)).shape == (
+            4,
+            3,
+        )

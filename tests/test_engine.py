@@ -2284,3 +2284,28 @@ def test_ctrl_c_between_making_the_writer_and_using_it_leaves_no_temporary(
     with pytest.raises(KeyboardInterrupt):
         ladle.uniform_soup([{"w": torch.ones(2)}] * 2, out=tmp_path / name, device="cpu")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "index", "values", "found"),
+    [
+        ("w", [-1], [9.0], r"amend\('w'\) index -1 is outside the tensor's 4 entries"),
+        ("w", [4], [9.0], r"amend\('w'\) index 4 is outside the tensor's 4 entries"),
+        ("w", [0, 1, 2], [9.0], r"amend\('w'\) expected \(3,\) values of torch\.float32"),
+        ("v", [0], [9.0], r"amend\('v'\) of a tensor not planned"),
+    ],
+    ids=["negative", "past the end", "too few values", "unknown key"],
+)
+def test_a_kernels_amendments_are_checked_in_memory_as_when_written(
+    tmp_path, key, index, values, found
+):
+    # In memory they were applied unchecked: -1 wrapped to the last entry, one value was
+    # broadcast to three, an unknown key was a bare KeyError on both paths.
+    def amend():
+        yield key, torch.tensor(index), torch.tensor(values)
+
+    kernel = Kernel(lambda k, rows, base: None, lambda state, i, x: x.clone(), lambda s: s)
+    kernel = kernel._replace(amend=amend)
+    for out in (None, tmp_path / "o.safetensors"):
+        with pytest.raises(ladle.LadleError, match=found):
+            merge([{"w": torch.zeros(4)}], kernel, method="m", parameters={}, out=out, device="cpu")

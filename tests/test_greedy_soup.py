@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import weakref
 from typing import ClassVar
@@ -769,3 +770,14 @@ def test_a_greedy_soup_s_config_says_the_dtype_it_wrote(tmp_path):
     )
     assert ladle.load(out)["w"].dtype == torch.float32
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_an_infinity_in_a_greedy_soup_stays_the_means_infinity():
+    # lerp(inf, 1, 1/2) is inf − inf: NaN, where the uniform soup of the kept models is inf.
+    models = [{"w": torch.tensor([math.inf, 1.0])}, {"w": torch.tensor([1.0, -math.inf])}]
+    for scores in ([1.0, 0.5], [0.5, 1.0]):  # either model first, the other folded in
+        soup = ladle.greedy_soup(
+            models, lambda sd: 1.0, scores=scores, allow_nonfinite=True, device="cpu"
+        )
+        assert len(soup.selected) == 2
+        assert soup.state_dict["w"].tolist() == [math.inf, -math.inf]

@@ -536,3 +536,16 @@ def test_float64_task_vectors_whose_norms_multiply_past_float_range_keep_their_c
     assert stock.mean_cosine([[1e200, 2e200], [2e200, 4e200]]) == pytest.approx(1.0, rel=1e-15)
     merged = ladle.model_stock(models, base, device="cpu")["w"]
     assert merged[0].item() == pytest.approx(1.5e100, rel=1e-7) and merged[1].item() == 0.0
+
+
+def test_a_ratio_below_float32s_normals_scales_the_sum_exactly():
+    # t/N = 1e-40 was rounded to a float32 subnormal first: 90 float32 steps off.
+    base = {"w": torch.zeros(2)}
+    models = [{"w": torch.tensor([1e30, 0.0])}, {"w": torch.tensor([1e-10, 1e30])}]
+    taus = torch.stack([m["w"].double() for m in models])
+    gram = taus @ taus.T
+    cosine = (gram[0, 1] / (gram[0, 0].sqrt() * gram[1, 1].sqrt() + 1e-8)).item()
+    t = 2 * cosine / (cosine + 1 + 1e-8)
+    total = (models[0]["w"] + models[1]["w"]).double()  # Σθ as float32 folds it (exact here)
+    expected = (total * (t / 2)).float()  # one rounding of the product
+    assert torch.equal(ladle.model_stock(models, base, device="cpu")["w"], expected)

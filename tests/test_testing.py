@@ -902,3 +902,38 @@ def test_packed_float4_is_refused_by_the_assertion_and_the_strategies():
 def test_strategy_limits_that_are_no_int_are_type_errors_naming_them(limit, value):
     with pytest.raises(TypeError, match=rf"^{limit}: expected an int, found "):
         state_dicts(**{limit: value})
+
+
+def test_integers_beyond_float64s_precision_are_judged_exactly_against_the_tolerance():
+    # |2⁶² + 2⁵⁴ + 1 − 2⁶²| rounded to 2⁵⁴ in float64, which rtol = 2⁻⁸ of 2⁶² allows: passed.
+    expected = {"n": torch.tensor([2**62], dtype=torch.int64)}
+    with pytest.raises(AssertionError, match=r"max abs error 18014398509481985"):
+        assert_state_dicts_close(
+            {"n": torch.tensor([2**62 + 2**54 + 1])}, expected, rtol=2**-8, atol=0
+        )
+    assert_state_dicts_close({"n": torch.tensor([2**62 + 2**54])}, expected, rtol=2**-8, atol=0)
+    with pytest.raises(AssertionError, match=r"max abs error 9007199254740993"):
+        assert_state_dicts_close(
+            {"n": torch.tensor([2**53 + 1])}, {"n": torch.tensor([0])}, rtol=0, atol=2.0**53
+        )
+
+
+def test_a_key_whose_worst_error_is_nan_is_listed_first_and_hides_no_larger_error():
+    # NaN in the sort key left the order undefined: 'big' (error 5) came after 'small' (1).
+    actual = {
+        "small": torch.tensor([1.0]),
+        "nan": torch.tensor([math.nan]),
+        "big": torch.tensor([5.0]),
+    }
+    expected = {key: torch.zeros(1) for key in actual}
+    with pytest.raises(AssertionError) as info:
+        assert_state_dicts_close(actual, expected, rtol=0, atol=0)
+    listed = [line.split("'")[1] for line in str(info.value).splitlines()[2:]]
+    assert listed == ["nan", "big", "small"]
+
+
+@pytest.mark.parametrize("strategy", [state_dicts, model_families])
+@pytest.mark.parametrize("shape", [3, None])
+def test_a_shape_that_is_no_sequence_is_a_type_error_naming_shapes(strategy, shape):
+    with pytest.raises(TypeError, match=r"^shapes: expected a sequence of sides for key 'w'"):
+        strategy(shapes={"w": shape})

@@ -146,6 +146,7 @@ class Checkpoint:
         stored = tuple(self.shape(key))  # a subclass may answer a list
         if shape is None or tuple(shape) == stored:
             return self.get_slice(key, rows)
+        check_reshape(key, stored, tuple(shape))
         return _merged_rows(partial(self.get_slice, key), stored, rows, tuple(shape))
 
     def read_rows(
@@ -220,6 +221,13 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} ({len(self)} tensors)>"
+
+
+def check_reshape(key: str, stored: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    """A ``ValueError`` where a tensor of shape ``stored`` cannot be read as ``shape`` (as
+    ``reshape`` would): another number of entries, or a 0-d tensor as rows or rows as one."""
+    if math.prod(shape) != math.prod(stored) or bool(shape) != bool(stored):
+        raise ValueError(f"{key!r}: cannot read a tensor of shape {stored} as {shape}")
 
 
 def _merged_rows(
@@ -535,6 +543,8 @@ class TensorMapCheckpoint(Checkpoint):
         self.metadata = {}
         self._file = file  # the torch file the tensors were loaded from, if any
         self._mapped = None if file is None else _mapped_identity(file)
+        self._closed = False
+        self._tied: dict[str, str] = {}  # the aliases, once closed
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -545,7 +555,19 @@ class TensorMapCheckpoint(Checkpoint):
     def aliases(self) -> dict[str, str]:
         """Keys naming one tensor (a module's or a loaded torch file's tied weights): see
         :meth:`Checkpoint.aliases`."""
-        return tensor_aliases(self._tensors.items())
+        return self._tied if self._closed else tensor_aliases(self._tensors.items())
+
+    def close(self) -> None:
+        """Of a torch file: let go of its tensors (and so of its memory map), keeping their
+        names, shapes and dtypes; tensors in memory stay readable."""
+        if self._file is None or self._closed:
+            return
+        self._tied = self.aliases()
+        self._tensors = {
+            key: torch.empty(t.shape, dtype=t.dtype, device="meta")
+            for key, t in self._tensors.items()
+        }
+        self._closed = True
 
     def file_sizes(self) -> dict[Path, int]:
         return {} if self._file is None else {self._file: self._file.stat().st_size}
@@ -564,6 +586,8 @@ class TensorMapCheckpoint(Checkpoint):
 
     def get_slice(self, key: str, rows: slice) -> torch.Tensor:
         check_rows(rows)
+        if self._closed:
+            raise _closed_error(self.name)
         self.check_unchanged()  # a memory-mapped file cut short: SIGBUS, not an error
         tensor = self._tensor(key).detach()
         return tensor if tensor.dim() == 0 else tensor[rows]
@@ -749,8 +773,8 @@ class SafetensorsCheckpoint(Checkpoint):
         stored, dtype = self.shape(key), self.dtype(key)
         if shape is None:
             shape = stored
-        elif math.prod(shape) != math.prod(stored) or bool(shape) != bool(stored):
-            raise ValueError(f"{key!r}: cannot read a tensor of shape {stored} as {shape}")
+        else:
+            check_reshape(key, stored, shape)
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         first, stop = rows.indices(shape[0])[:2] if shape else (0, 1)
         count = max(stop - first, 0)
@@ -813,6 +837,11 @@ class SafetensorsCheckpoint(Checkpoint):
     ) -> torch.Tensor:
         """Read the rows with ``pread`` into ``into``: no memory map, no page faults."""
         file, offset, nbytes, shape, dtype = self._extent(key, rows, shape)
+        if into.dtype != torch.uint8 or into.dim() != 1 or into.numel() < nbytes:
+            raise ValueError(
+                f"into: expected a flat uint8 tensor of at least {nbytes} bytes for rows {rows} "
+                f"of {key!r}, found {into.dtype} of shape {tuple(into.shape)}"
+            )
         view = into[:nbytes]
         done = 0
         while done < nbytes:  # a read may return less than asked (large or interrupted reads)
@@ -1340,8 +1369,9 @@ class TorchShardsCheckpoint(Checkpoint):
 
     def files(self) -> dict[str, Path]:
         """Each tensor's shard, every shard loaded: those the index lists, in its order, then
-        those it leaves out, shard by shard."""
-        self._load_all()
+        those it leaves out, shard by shard (once closed, those found before)."""
+        if not self._closed:
+            self._load_all()
         order = {file: i for i, file in enumerate(self._shards)}
         unlisted = sorted(self._unlisted.items(), key=lambda item: order[item[1]])
         return {**self._files, **dict(unlisted)}

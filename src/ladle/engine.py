@@ -58,6 +58,7 @@ from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
     SafetensorsWriter,
     aligned_order,
+    check_amendment,
     check_output_free,
     check_output_name,
     check_storable,
@@ -87,7 +88,8 @@ ALLOW_NONFINITE = "allow_nonfinite=True (--allow-nonfinite)"
 """How errors about NaN and Inf say to go on anyway (a recipe's steps say it their way)."""
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
-"""Largest chunk of one tensor, per model, in the compute dtype (64 MiB)."""
+"""Largest chunk of one tensor, per model, counted as float32 entries (64 MiB; a float64
+chunk of as many entries takes twice that)."""
 
 FOLD_CHUNK_BYTES = 4 * 2**20
 """Chunk size for methods whose passes are plain folds over the models (soups, task
@@ -2044,6 +2046,8 @@ def merge(
 
         def amendments() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
             for key, index, values in kernel.amend() if kernel.amend is not None else ():
+                if key not in specs:  # before its limits are looked up
+                    check_amendment(where, key, index, values, None)
                 limit, dtype = limits[key], specs[key][1]
                 if not allow_nonfinite and limit is not None:
                     everywhere = slice(None)
@@ -2052,6 +2056,7 @@ def merge(
                     )
                 # Of a complex tensor: entries of its real view (real and imaginary parts).
                 index, values = index.to("cpu"), cast(values.to("cpu"), dtype.to_real())
+                check_amendment(where, key, index, values, specs[key])
                 if not allow_nonfinite:
                     _check_merged(values, key, slice(None), checkpoints, base_ckpt, where)
                 yield key, index, values

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -177,6 +178,11 @@ def _compare_exactly(a: torch.Tensor, e: torch.Tensor, rtol: float, atol: float)
     magnitude = _to_float64(he).abs()
     equal = ha[0].eq(he[0]) & ha[1].eq(he[1])
     bad = ~(equal | (diff <= atol + rtol * magnitude))
+    rounded = ~equal & (diff.ge(2.0**53) | magnitude.ge(2.0**53))  # float64 rounds these
+    if bool(rounded.any()) and math.isfinite(atol + rtol):  # judged again, exactly
+        limit, relative = Fraction(atol), Fraction(rtol)
+        pairs = zip(_join(ha, rounded), _join(he, rounded), strict=True)
+        bad[rounded] = torch.tensor([abs(x - y) > limit + relative * abs(y) for x, y in pairs])
     at = bad & diff.eq(diff[bad].max()) if bool(bad.any()) else bad  # rounding keeps the order
     max_abs = max(
         (abs(x - y) for x, y in zip(_join(ha, at), _join(he, at), strict=True)), default=0
@@ -199,6 +205,11 @@ def _compare_numerically(
     return _Compared(
         ~close, diff, magnitude, max_abs, lambda m: a[m].tolist(), lambda m: e[m].tolist()
     )
+
+
+def _or_inf(error: float) -> float:
+    """``error``, or infinity for NaN (which no order places)."""
+    return math.inf if math.isnan(error) else error
 
 
 def _max_not_nan(values: torch.Tensor) -> float:
@@ -359,7 +370,8 @@ def assert_state_dicts_close(
     if not problems and not mismatches:
         return
     if mismatches:
-        mismatches.sort(key=lambda m: (-m.severity, -m.max_abs))  # the larger error first
+        # The larger error first; a NaN error (a NaN against a number) counts as the largest.
+        mismatches.sort(key=lambda m: (-m.severity, -_or_inf(m.max_abs)))
         plural = "key" if len(mismatches) == 1 else "keys"
         problems.append(f"  values differ in {len(mismatches)} {plural}, worst first:")
         problems.extend(m.describe() for m in mismatches[:_WORST])
@@ -422,7 +434,14 @@ def _layouts(
     if shapes is not None and not isinstance(shapes, Mapping):
         raise TypeError(f"shapes: expected a mapping of keys to shapes, found {type_name(shapes)}")
     if shapes is not None:
-        fixed = {str(k): tuple(shape) for k, shape in shapes.items()}
+        fixed = {}
+        for key, shape in shapes.items():
+            if not isinstance(shape, Iterable):  # tuple() would say "'int' object is ..."
+                raise TypeError(
+                    f"shapes: expected a sequence of sides for key {str(key)!r}, found "
+                    f"{type_name(shape)}"
+                )
+            fixed[str(key)] = tuple(shape)
         try:  # ints (numpy's too), not floats that int() would truncate
             fixed = {k: tuple(operator.index(side) for side in v) for k, v in fixed.items()}
         except TypeError:

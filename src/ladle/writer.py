@@ -257,6 +257,40 @@ def physical_path(out: str | os.PathLike) -> Path:
     return Path(os.path.realpath(Path(os.getcwd(), *parts[: last + 1])), *parts[last + 1 :])
 
 
+def check_amendment(
+    owner: str, key: str, index: torch.Tensor, values: torch.Tensor, spec: Spec | None
+) -> None:
+    """A ``LadleError`` (its message begun with ``owner``) unless ``index`` and ``values``
+    are entries of a tensor of ``spec`` (its shape and dtype; ``None``: no such tensor),
+    flat indices into it (into its real view, for complex) and values of its dtype.
+
+    Example:
+        >>> check_amendment("out", "w", torch.tensor([1]), torch.ones(1), ((2,), torch.float32))
+    """
+    if spec is None:
+        raise LadleError(f"{owner}: amend({key!r}) of a tensor not planned")
+    if index.dtype not in (torch.int64, torch.int32):  # uint8 would index as a mask
+        raise LadleError(
+            f"{owner}: amend({key!r}) expected an index of torch.int64 or torch.int32, got "
+            f"{index.dtype}"
+        )
+    dtype = spec[1].to_real()  # a complex tensor's parts
+    if values.dtype != dtype or values.shape != index.shape:
+        raise LadleError(
+            f"{owner}: amend({key!r}) expected {tuple(index.shape)} values of {dtype}, got "
+            f"{tuple(values.shape)} of {values.dtype}"
+        )
+    if index.numel() == 0:
+        return
+    numel = _nbytes(spec) // dtype.itemsize  # parts, for complex
+    low, high = int(index.min()), int(index.max())
+    if low < 0 or high >= numel:
+        raise LadleError(
+            f"{owner}: amend({key!r}) index {low if low < 0 else high} is outside the "
+            f"tensor's {numel} entries"
+        )
+
+
 def check_output_name(out: str | os.PathLike) -> None:
     """A ``TypeError`` for an output that is no str or ``os.PathLike`` path (bytes); a
     ``LadleError`` for an output path that cannot mean what it says: empty, an ``hf://``
@@ -966,28 +1000,7 @@ class SafetensorsWriter:
             raise LadleError(
                 f"writer for {self.out}: amend({key!r}) before every tensor is written"
             )
-        if key not in self._specs:
-            raise LadleError(f"writer for {self.out}: amend({key!r}) of a tensor not planned")
-        if index.dtype not in (torch.int64, torch.int32):  # uint8 would index as a mask
-            raise LadleError(
-                f"writer for {self.out}: amend({key!r}) expected an index of torch.int64 or "
-                f"torch.int32, got {index.dtype}"
-            )
-        dtype = self._specs[key][1].to_real()  # a complex tensor's parts
-        if values.dtype != dtype or values.shape != index.shape:
-            raise LadleError(
-                f"writer for {self.out}: amend({key!r}) expected {tuple(index.shape)} values "
-                f"of {dtype}, got {tuple(values.shape)} of {values.dtype}"
-            )
-        if index.numel() == 0:
-            return
-        numel = _nbytes(self._specs[key]) // dtype.itemsize  # parts, for complex
-        low, high = int(index.min()), int(index.max())
-        if low < 0 or high >= numel:
-            raise LadleError(
-                f"writer for {self.out}: amend({key!r}) index {low if low < 0 else high} is "
-                f"outside the tensor's {numel} entries"
-            )
+        check_amendment(f"writer for {self.out}", key, index, values, self._specs.get(key))
 
     def _amend(self, key: str, index: torch.Tensor, values: torch.Tensor) -> None:
         """Patch the entries, which :meth:`_check_amend` found to be ``key``'s."""

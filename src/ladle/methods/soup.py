@@ -278,8 +278,9 @@ def running_mean_kernel(count: int) -> Kernel:
 
     Computed as ``torch.lerp(soup, model, 1/(n+1))``, and exactly ``soup`` where the two
     agree bit for bit (lerp's ``soup + w·(model − soup)`` makes ``+0.0`` of two ``−0.0``
-    and NaN of two infinities). With ``count == 0`` the only input is the model and the
-    result is an owned copy.
+    and NaN of two infinities); where lerp makes NaN of an infinity and a number, as
+    ``(soup·n + model)/(n+1)`` (the mean's infinity). With ``count == 0`` the only input is
+    the model and the result is an owned copy.
 
     Example:
         >>> import torch
@@ -301,7 +302,11 @@ def running_mean_kernel(count: int) -> Kernel:
             return x if count else x.clone()
         merged = torch.lerp(state, x, 1.0 / (count + 1))
         same = torch.eq(state, x).logical_and_(torch.signbit(state) == torch.signbit(x))
-        return torch.where(same, state, merged)
+        result = torch.where(same, state, merged)
+        if torch.isnan(merged).any():  # lerp of an infinity and a number: inf − inf inside
+            lost = merged.isnan().logical_and_(~state.isnan()).logical_and_(~x.isnan())
+            result[lost] = (state[lost] * count + x[lost]) / (count + 1)  # ±inf, as the mean
+        return result
 
     def finalize(state: torch.Tensor) -> torch.Tensor:
         return state

@@ -29,6 +29,7 @@ from ..engine import (
     fold,
     merge,
     resolve_device,
+    scale_,
 )
 from ..writer import DEFAULT_MAX_SHARD_SIZE
 
@@ -267,7 +268,7 @@ def stock_kernel(ratios: Mapping[str, float], n: int) -> Kernel:
 
     def finalize(state: tuple) -> torch.Tensor:
         t, base, acc = state
-        return acc.mul_(t / n).add_(base, alpha=1.0 - t)
+        return scale_(acc, t / n).add_(base, alpha=1.0 - t)
 
     return Kernel(init, update, finalize)
 
