@@ -301,3 +301,28 @@ def test_a_nan_in_model_0_of_weight_zero_is_still_an_error():
     models[0]["w"][1] = float("nan")
     with pytest.raises(ladle.NonFiniteError, match=r"model 0 .*'w'"):
         ladle.uniform_soup(models, weights=[0.0, 1.0], device="cpu")
+
+
+def test_refused_weights_leave_no_reference_cycle_holding_the_callers_frames():
+    # The error was kept in a local and raised: a cycle through normalized_weights' frame
+    # kept every caller's frame alive until the collector ran (ladle.distributed's process
+    # group outlived destroy_process_group, and the process aborted at exit now and then).
+    import gc
+    import weakref
+
+    class Marker:
+        pass
+
+    def call(marker: Marker) -> None:
+        ladle.uniform_soup([{"w": torch.ones(1)}] * 2, weights=[1, -1])
+
+    marker = Marker()
+    alive = weakref.ref(marker)
+    gc.disable()
+    try:
+        with pytest.raises(ValueError, match="non-zero sum"):
+            call(marker)
+        del marker
+        assert alive() is None
+    finally:
+        gc.enable()

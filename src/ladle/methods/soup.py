@@ -79,9 +79,11 @@ def normalized_weights(weights: NumbersLike | None, count: int) -> list[float]:
     if weights is None:
         return [1.0 / count] * count
     values = check_numbers("weights", weights, count, "weights (one per model)")
-    bad = ValueError(f"weights: expected finite weights with a non-zero sum, found {values}")
+    # A message, not an exception kept in a local: raised, it would hold this frame (and
+    # the callers', ladle.distributed's process group among them) in a cycle.
+    bad = f"weights: expected finite weights with a non-zero sum, found {values}"
     if not all(math.isfinite(w) for w in values):
-        raise bad
+        raise ValueError(bad)
     try:
         total = math.fsum(values)
     except OverflowError:  # finite, but their sum passes float's range: scale them down first
@@ -89,7 +91,7 @@ def normalized_weights(weights: NumbersLike | None, count: int) -> list[float]:
         values = [w / largest for w in values]
         total = math.fsum(values)
     if total == 0:
-        raise bad
+        raise ValueError(bad)
     normalized = [w / total for w in values]
     if not all(math.isfinite(w) for w in normalized):  # a sum tiny beside the weights
         raise ValueError(
