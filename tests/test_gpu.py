@@ -196,6 +196,21 @@ def test_inputs_held_on_cuda_merge_on_the_cpu_and_beside_inputs_on_the_cpu():
     assert_bit_for_bit(soup, ladle.uniform_soup(models[:2], device="cpu"))
 
 
+def test_arithmetic_of_a_state_dict_on_cuda_and_one_on_the_cpu_runs_on_the_first_ones(
+    tmp_path,
+):
+    # torch.sub of a CUDA tensor and a CPU one: "Expected all tensors to be on the same
+    # device", from task_vector(model.state_dict(), "base.safetensors") with the model on a GPU.
+    base, models = llama_like(2, dtype=torch.float32, seed=6)
+    ladle.save(base, tmp_path / "base.safetensors")
+    held = {k: v.cuda() for k, v in models[0].items()}
+    vector = ladle.task_vector(held, tmp_path / "base.safetensors")  # on the base's device
+    assert_bit_for_bit(vector, ladle.task_vector(models[0], base))
+    total = ladle.add(held, base)  # on the first argument's device
+    assert all(t.is_cuda for t in total.values())
+    assert_bit_for_bit({k: t.cpu() for k, t in total.items()}, ladle.add(models[0], base))
+
+
 def test_greedy_soup_hands_evaluate_every_tensor_on_the_device(tmp_path):
     # As documented: evaluate receives tensors on ``device``, integer buffers included
     # (they were copied from the inputs and stayed on the CPU).

@@ -5,7 +5,8 @@ Arguments are mappings of names to tensors, modules (their ``state_dict()``), or
 are computed in float32 (float64 stays float64), complex ones in complex64 (complex128 stays
 complex128), and returned in the dtype of the first argument (``base`` for
 :func:`task_vector`); integer and boolean tensors, such as ``num_batches_tracked``, are
-copied from that same argument. Key sets and shapes must agree, else
+copied from that same argument, and the result is on that argument's device (the others'
+tensors are moved there). Key sets and shapes must agree, else
 :class:`~ladle.IncompatibleError` names the argument, the key and both shapes. A result
 whose dtype cannot hold signed values one per element (``float8_e8m0fnu``, packed
 ``float4_e2m1fn_x2``) is a ``ValueError``, as in every merge method: convert it first.
@@ -136,7 +137,10 @@ def _map(
             )
         else:
             dtype = torch.float64 if wide else compute_dtype([t.dtype for t in tensors])
-        result[key] = _cast(fn(*(t.to(dtype) for t in tensors)), ref_tensor.dtype)
+        # On the first argument's device: a module's state dict on a GPU beside a file
+        # read to the CPU (torch refuses tensors of two devices in one operation).
+        widened = (t.to(ref_tensor.device, dtype) for t in tensors)
+        result[key] = _cast(fn(*widened), ref_tensor.dtype)
     return {key: result[tied.get(key, key)] for key in ref.keys()}
 
 
