@@ -1158,6 +1158,8 @@ def _records_hold_storages(loaded: object, records: Mapping[int, zipfile.ZipInfo
     placed = sorted((start, info) for start, info in records.items() if info.file_size)
     if len(placed) != len(storages):
         return False
+    if not storages:  # no bytes to misread: an empty state dict, tensors of no entries
+        return True
     first_storage, (first_record, _) = min(storages), placed[0]
     for pointer, (start, record) in zip(sorted(storages), placed, strict=True):
         if pointer - first_storage != start - first_record:
