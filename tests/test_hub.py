@@ -1087,6 +1087,11 @@ def test_push_to_hub_deletes_the_weights_an_earlier_upload_left_at_the_root(tmp_
         "model.safetensors",  # replaced by the upload
         "unet/diffusion_pytorch_model.safetensors",  # another folder's: left alone
         "eval_results.json",
+        # a trainer's state, no weights (ladle never reads them as such): left alone
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "training_args.bin",
     ]
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     monkeypatch.setattr(FakeHfApi, "calls", [])
@@ -1215,3 +1220,40 @@ def test_an_hf_source_naming_a_file_says_to_name_its_folder(local_hub):
         "hf://org/m/model.safetensors: an hf:// source names a repository or a folder in it, "
         "not a file ('model.safetensors'); name the folder holding it: hf://org/m"
     )
+
+
+def _transport_error() -> Exception:
+    """The error huggingface_hub's HTTP client raises for a Hub it cannot reach."""
+    for client in ("httpx2", "httpx"):
+        try:
+            module = __import__(client)
+        except ImportError:
+            continue
+        return module.ConnectError("[Errno 111] Connection refused")
+    import requests
+
+    return requests.ConnectionError("[Errno 111] Connection refused")
+
+
+def test_a_cached_repo_is_read_when_the_hub_goes_away_after_the_download(local_hub, monkeypatch):
+    # httpx's errors derive from no OSError: listing the repository's files after
+    # snapshot_download had fallen back on the cache raised httpx's ConnectError, a
+    # traceback on the command line, where the cached snapshot was all that was needed.
+    _, model = local_hub
+    ladle.load(f"hf://org/m@{COMMIT_B}")  # now in the cache
+
+    def unreachable(*args, **kwargs):
+        raise _transport_error()
+
+    monkeypatch.setattr("ladle.hub._listed", unreachable)
+    loaded = ladle.load(f"hf://org/m@{COMMIT_B}")
+    assert torch.equal(loaded["layer.weight"], model["layer.weight"])
+
+
+def test_an_unreachable_hub_while_fetching_is_a_checkpoint_error(local_hub, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise _transport_error()
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", unreachable)
+    with pytest.raises(ladle.CheckpointError, match=r"^hf://org/m: cannot fetch from the Hub"):
+        ladle.open_checkpoint("hf://org/m")

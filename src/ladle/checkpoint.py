@@ -51,6 +51,19 @@ NOT_WEIGHTS = (  # torch files that trainers save beside the weights (fnmatch pa
     "rng_state*",
 )
 
+
+def is_trainer_state(name: str) -> bool:
+    """Whether file ``name`` (its last part) is a trainer's state saved beside the weights
+    (:data:`NOT_WEIGHTS`), not weights.
+
+    Example:
+        >>> is_trainer_state("ckpt/optimizer.pt"), is_trainer_state("pytorch_model.bin")
+        (True, False)
+    """
+    last = name.rpartition("/")[2]
+    return any(fnmatch.fnmatchcase(last, pattern) for pattern in NOT_WEIGHTS)
+
+
 SAFETENSORS_DTYPES = {  # safetensors' dtype codes; the writer uses the inverse
     "F64": torch.float64,
     "F32": torch.float32,
@@ -1636,8 +1649,7 @@ def weights_layout(names: Iterable[str]) -> tuple[str | None, list[str]]:
         [
             name
             for name in names
-            if os.path.splitext(name)[1] in TORCH_SUFFIXES
-            and not any(fnmatch.fnmatchcase(name, pattern) for pattern in NOT_WEIGHTS)
+            if os.path.splitext(name)[1] in TORCH_SUFFIXES and not is_trainer_state(name)
         ]
     )
     torch_indexes = _preferred([name for name in names if name.endswith(".bin.index.json")])

@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import unquote
 
 from ._version import __version__
-from .checkpoint import NOT_WEIGHTS, TORCH_SUFFIXES, _some, shard_names, weights_layout
+from .checkpoint import (
+    NOT_WEIGHTS,
+    TORCH_SUFFIXES,
+    _some,
+    is_trainer_state,
+    shard_names,
+    weights_layout,
+)
 from .errors import CheckpointError, LadleError, type_name
 
 if TYPE_CHECKING:
@@ -207,8 +214,9 @@ def _env_flag(name: str) -> bool | None:
 def _offline() -> bool:
     """``HF_HUB_OFFLINE`` as set now, else as huggingface_hub read it at import.
 
-    huggingface_hub's HTTP layer also refuses requests when the variable was set at its
-    import; setting it to 0 later cannot undo that (ladle keeps no global state).
+    Versions of huggingface_hub differ in when they read it: before 1.0 its HTTP layer
+    refused requests when the variable was set at its import, whatever it said later; 2.x
+    reads it at each request. ladle follows the variable as set now (and keeps no state).
     """
     from huggingface_hub import constants
 
@@ -373,11 +381,16 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         )
         commit = root.name  # snapshots/<commit hash>
         folder = root / source.subfolder if source.subfolder else root
-        if offline:  # what the cache holds; a shard missing there makes found False below
+        names = None
+        if not offline:
+            try:
+                names = _listed(source.repo_id, commit, source.subfolder)
+            except Exception as err:  # the Hub gone since (fetch fell back on the cache)
+                if not _unreachable(err):
+                    raise
+        if names is None:  # what the cache holds; a shard missing there: found False below
             found_here = folder.iterdir() if folder.is_dir() else []
             names = [p.name + ("/" if p.is_dir() else "") for p in found_here]
-        else:
-            names = _listed(source.repo_id, commit, source.subfolder)
         # Only folders that are there: huggingface_hub warns of patterns that match nothing.
         templates = [f"{prefix}{name}/*.jinja" for name in COMPANION_FOLDERS if f"{name}/" in names]
         if templates:
@@ -412,7 +425,9 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         raise CheckpointError(
             f"{url}: {what}{source.repo_id} is not in the Hugging Face cache ({cache}) and {why}"
         ) from err
-    except (HfHubHTTPError, OSError) as err:
+    except Exception as err:
+        if not isinstance(err, HfHubHTTPError) and not _unreachable(err):
+            raise
         _check_access(err, url, source.repo_id)
         raise CheckpointError(
             f"{url}: cannot fetch from the Hub ({' '.join(str(err).split())})"
@@ -440,8 +455,21 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
     return folder, commit
 
 
+def _unreachable(err: BaseException) -> bool:
+    """Whether ``err`` is the HTTP client's failure to reach the Hub (refused, no route, a
+    timeout): an ``OSError`` from ``requests`` (huggingface_hub before 1.0), a transport
+    error from ``httpx`` (after), which derives from no ``OSError``."""
+    return isinstance(err, OSError) or any(
+        cls.__name__ == "TransportError" and cls.__module__.startswith("httpx")
+        for cls in type(err).__mro__
+    )
+
+
 def _is_weights_file(name: str) -> bool:
-    """Whether ``name`` is a weights file or shard index of any format a folder is read from."""
+    """Whether ``name`` is a weights file or shard index of any format a folder is read from
+    (a trainer's state beside them, ``optimizer.pt``, ``training_args.bin``, is not)."""
+    if is_trainer_state(name):
+        return False
     return name.endswith((".safetensors", ".index.json")) or name.endswith(TORCH_SUFFIXES)
 
 
