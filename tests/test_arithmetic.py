@@ -481,3 +481,14 @@ def test_float8_e4m3fn_results_that_overflow_are_nan_not_the_saturated_448():
     assert added[:3].isnan().all() and added[3].item() == 0.0
     e5m2 = {"w": torch.tensor([1.0, -2.0]).to(torch.float8_e5m2)}  # holds Inf: as computed
     assert ladle.scale(e5m2, math.inf)["w"].float().tolist() == [math.inf, -math.inf]
+
+
+def test_an_argument_read_from_a_file_is_named_with_the_file(tmp_path):
+    # "b: key 'w' has shape (2, 3), a has (3, 2)": which files a and b were went unsaid.
+    x = ladle.save({"w": torch.zeros(3, 2)}, tmp_path / "x.safetensors")
+    y = ladle.save({"w": torch.zeros(2, 3)}, tmp_path / "y.safetensors")
+    with pytest.raises(ladle.IncompatibleError) as info:
+        ladle.add(x, y)
+    assert str(info.value) == f"b ({y}): key 'w' has shape (2, 3), a ({x}) has (3, 2)"
+    with pytest.raises(ladle.IncompatibleError, match=r"^b: key 'w' has shape \(2, 3\), a \("):
+        ladle.add(x, {"w": torch.zeros(2, 3)})  # in memory: the argument alone

@@ -2229,3 +2229,36 @@ def test_a_torch_file_holding_no_bytes_of_data_loads(tmp_path, saved):
     torch.save(saved, tmp_path / "m.pt")
     loaded = ladle.load(tmp_path / "m.pt")
     assert {k: t.shape for k, t in loaded.items()} == {k: t.shape for k, t in saved.items()}
+
+
+def test_torch_out_of_memory_while_loading_a_torch_file_is_the_machines(tmp_path, monkeypatch):
+    # torch's allocator raises a RuntimeError, not MemoryError: a whole read of an intact
+    # (compressed or legacy) file without the memory was "not a readable torch file".
+    torch.save({"w": torch.ones(2)}, tmp_path / "m.pt", _use_new_zipfile_serialization=False)
+
+    def out_of_memory(*args, **kwargs):
+        return torch.empty(2**62, dtype=torch.uint8)  # the allocator's own error
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(MemoryError, match=r"m\.pt: .*can't allocate memory"):
+        ladle.load(tmp_path / "m.pt")
+
+
+def test_public_functions_type_hints_resolve_in_a_fresh_interpreter():
+    # StateDictLike named "Checkpoint" as a string, looked up in each annotated function's
+    # module: typing.get_type_hints(ladle.add) raised NameError there.
+    code = (
+        "import typing, ladle, ladle.hub\n"
+        "for f in (ladle.add, ladle.task_vector, ladle.task_arithmetic, ladle.diff,\n"
+        "          ladle.hub.open_hub_checkpoint):\n"
+        "    typing.get_type_hints(f)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_hf_url_that_is_no_string_is_a_type_error_naming_it():
+    from ladle.hub import parse_hf_url
+
+    with pytest.raises(TypeError, match=r"^url: expected a str, found int"):
+        parse_hf_url(3)  # type: ignore[arg-type]

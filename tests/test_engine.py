@@ -2309,3 +2309,28 @@ def test_a_kernels_amendments_are_checked_in_memory_as_when_written(
     for out in (None, tmp_path / "o.safetensors"):
         with pytest.raises(ladle.LadleError, match=found):
             merge([{"w": torch.zeros(4)}], kernel, method="m", parameters={}, out=out, device="cpu")
+
+
+def test_an_output_through_a_loop_of_links_is_an_output_error(tmp_path):
+    # pathlib's resolve raised RuntimeError ("Symlink loop"): a traceback from the CLI.
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ladle.OutputError, match=r"loop/o\.safetensors: cannot resolve"):
+        ladle.uniform_soup([{"w": torch.ones(2)}] * 2, out=tmp_path / "loop" / "o.safetensors")
+
+
+def test_an_output_through_a_missing_folder_and_dotdot_is_refused_before_any_work(
+    tmp_path, monkeypatch
+):
+    # missing/../taken.safetensors is taken.safetensors once missing/ is made, as the writer
+    # makes it; "already exists" was found only after the merge ("appeared while merging").
+    monkeypatch.chdir(tmp_path)
+    ladle.save({"w": torch.ones(2)}, "taken.safetensors")
+    calls = []
+
+    def evaluate(sd):
+        calls.append(1)
+        return 1.0
+
+    with pytest.raises(ladle.LadleError, match=r"missing/\.\./taken\.safetensors: already exists"):
+        ladle.greedy_soup([{"w": torch.ones(2)}] * 2, evaluate, out="missing/../taken.safetensors")
+    assert calls == []

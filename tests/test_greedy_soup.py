@@ -781,3 +781,12 @@ def test_an_infinity_in_a_greedy_soup_stays_the_means_infinity():
         )
         assert len(soup.selected) == 2
         assert soup.state_dict["w"].tolist() == [math.inf, -math.inf]
+
+
+def test_a_greedy_soup_of_huge_values_of_opposite_signs_is_their_mean():
+    # lerp's model − soup overflowed: 3e38 and -3e38 gave inf (a false NonFiniteError
+    # without allow_nonfinite), where the uniform soup gives 0.
+    models = [{"w": torch.tensor([3e38, 1.0])}, {"w": torch.tensor([-3e38, 3.0])}]
+    soup = ladle.greedy_soup(models, lambda sd: 1.0, scores=[1.0, 0.5], device="cpu")
+    assert soup.selected == [0, 1]
+    assert soup.state_dict["w"].tolist() == [0.0, 2.0]

@@ -943,11 +943,12 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
     [
         ("# no front matter\nlicense: mit\n", {}),
         ("---\nlicense: mit\n", {}),  # never closed: no front matter
-        ("---\nlicense: |\n  custom terms\n---\n", {}),  # a block scalar: left out
+        ("---\nlicense: [unclosed\n---\n", {}),  # no YAML: nothing of it taken
+        ("---\nlicense: |\n  custom terms\n---\n", {"license": "custom terms"}),
         ("---\nlicense:\n---\n", {}),
         (
             "---\nextra:\n  license: mit\nlicense: 'apache-2.0' # ok\n---\n",
-            {"license": "'apache-2.0' # ok"},
+            {"license": "apache-2.0"},
         ),
         ("---\r\nlicense: mit\r\n---\r\n", {"license": "mit"}),
         ("\ufeff---\nlicense: mit\n---\n", {"license": "mit"}),
@@ -956,29 +957,30 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
             "---\nlicense: other\nlicense_link: https://example.com/LICENSE\n---\n",
             {"license": "other", "license_link": "https://example.com/LICENSE"},
         ),
-        ("---\nlicense: >\n  apache-2.0\n---\n", {}),  # a folded block scalar: left out
         ("---\nlicense: # to be decided\n---\n", {}),  # a comment: no value
         (b"---\nlicense: mit\n---\n# Mod\xe8le\n", {"license": "mit"}),  # Latin-1, not UTF-8
         ("---\n" + "tags:\n" + "- x\n" * 50_000 + "license: mit\n---\n", {"license": "mit"}),
-        # Values that go on over the next lines (YAML reads "acme research license v2"):
-        # the first line alone was copied, an unclosed quote broke the output's front matter
+        # Values that go on over the next lines, as YAML reads them (a line-by-line reading
+        # copied the first line alone, or took a line inside a value for a field)
         (
             '---\nlicense: other\nlicense_name: "acme research\n  license v2"\n---\n',
-            {"license": "other"},
+            {"license": "other", "license_name": "acme research license v2"},
         ),
         (
-            "---\nlicense_name: acme research\n  license v2\nlicense: other\n---\n",
+            '---\nlicense: other\ndescription: "terms\n  license: apache-2.0"\n---\n',
             {"license": "other"},
         ),
-        ("---\nlicense: ['mit',\n  'apache-2.0']\n---\n", {}),
+        ("---\nlicense: ['mit',\n  'apache-2.0']\n---\n", {"license": ["mit", "apache-2.0"]}),
+        ("---\nlanguage: &l apache-2.0\nlicense: *l\n---\n", {"license": "apache-2.0"}),
         (
-            "---\nlicense: 'mit'\nlicense_link: [a, b]\n---\n",
-            {"license": "'mit'", "license_link": "[a, b]"},
+            "---\nlicense: 'yes'\nlicense_name: 'a: b'\n---\n",
+            {"license": "yes", "license_name": "a: b"},
         ),
     ],
     ids=[
         "none",
         "unclosed",
+        "no yaml",
         "block scalar",
         "empty",
         "nested and quoted",
@@ -986,22 +988,25 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
         "bom",
         "blank lines first",
         "link",
-        "folded",
         "comment",
         "latin-1",
         "long front matter",
         "quote over two lines",
-        "plain value over two lines",
+        "field-like line inside a value",
         "flow list over two lines",
-        "closed quote and flow list",
+        "anchor",
+        "quoted where plain would read otherwise",
     ],
 )
-def test_license_fields_reads_top_level_single_line_values_of_the_front_matter(
-    tmp_path, text, expected
-):
+def test_license_fields_are_the_front_matters_values_written_back_as_yaml(tmp_path, text, expected):
+    from huggingface_hub import ModelCard
+
     card = tmp_path / "README.md"
     card.write_bytes(text if isinstance(text, bytes) else text.encode())
-    assert license_fields(card) == expected
+    fields = license_fields(card)
+    written = "".join(f"{field}: {value}\n" for field, value in fields.items())
+    read_back = ModelCard(f"---\n{written}---\n").data.to_dict() if fields else {}
+    assert read_back == expected
     assert license_fields(tmp_path / "missing.md") == {}
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
@@ -105,7 +106,7 @@ def _map(
     """
     for name, sd in named:
         check_source(name, sd)
-    opened = [TensorMapCheckpoint(_tensors(sd), name=name) for name, sd in named]
+    opened = [TensorMapCheckpoint(_tensors(sd), name=_named(name, sd)) for name, sd in named]
     ref = opened[reference]
     # A tied tensor that the reference names twice and an argument stores once (a module
     # beside save_pretrained's safetensors): that argument answers the second name with it.
@@ -156,6 +157,15 @@ def _cast(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if limit is not None:
         values = values.masked_fill(past_saturation(values, limit), math.nan)
     return cast(values, dtype)  # float64 rounded once
+
+
+def _named(argument: str, source: object) -> str:
+    """The argument's name, and where it was read from for a source read from storage (a
+    path, an ``hf://`` repo, a checkpoint): ``b (/data/ft.safetensors)``."""
+    if isinstance(source, (Mapping, torch.nn.Module)):
+        return argument
+    where = getattr(source, "name", None) if not isinstance(source, (str, os.PathLike)) else source
+    return f"{argument} ({os.fspath(where) if where is not None else source})"
 
 
 def _tensors(source: object) -> Mapping[str, torch.Tensor]:

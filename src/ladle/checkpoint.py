@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from functools import partial
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
-from typing import Any, Union
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -35,7 +35,6 @@ from .errors import CheckpointError, UnsafeCheckpointError, type_name
 __all__ = ["Checkpoint", "StateDict", "StateDictLike", "load", "open_checkpoint"]
 
 StateDict = dict[str, torch.Tensor]
-StateDictLike = Union[Mapping[str, torch.Tensor], torch.nn.Module, str, os.PathLike, "Checkpoint"]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -234,6 +233,11 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} ({len(self)} tensors)>"
+
+
+# After the class, naming it itself: a "Checkpoint" string would be looked up in the module
+# of each function annotated with it (typing.get_type_hints: NameError where it is not).
+StateDictLike = Mapping[str, torch.Tensor] | torch.nn.Module | str | os.PathLike | Checkpoint
 
 
 def check_reshape(key: str, stored: tuple[int, ...], shape: tuple[int, ...]) -> None:
@@ -1112,6 +1116,8 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     except Warning:  # a warning the caller made an error (python -W error): theirs to see
         raise
     except Exception as err:
+        if _out_of_memory(err) and not _ends_early(file):  # torch's allocator says so
+            raise MemoryError(f"{file}: {' '.join(str(err).split())}") from err
         # Unpickling corrupt bytes raises what it meets (EOFError, IndexError, KeyError,
         # struct.error, AssertionError, zipfile.BadZipFile...): each is the file's fault,
         # and says so naming it.
@@ -1200,6 +1206,12 @@ def _nested_tensors(value: object, name: str = "") -> Iterator[tuple[str, torch.
         items = enumerate(value)
     for key, inner in items:
         yield from _nested_tensors(inner, f"{name}.{key}" if name else str(key))
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is torch's allocator out of memory: a ``RuntimeError`` ("can't allocate
+    memory"), not the ``MemoryError`` Python raises."""
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
 
 
 ENDS_EARLY = "it ends early: truncated?"

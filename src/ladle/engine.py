@@ -50,6 +50,7 @@ from .errors import (
     IncompatibleError,
     LadleError,
     NonFiniteError,
+    OutputError,
     check_flag,
     type_name,
 )
@@ -1848,7 +1849,10 @@ def check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) ->
         >>> check_not_an_input("merged.safetensors", [open_checkpoint({"w": torch.ones(2)})])
     """
     check_output_name(out)
-    target = Path(out).resolve()
+    try:
+        target = Path(out).resolve()
+    except (OSError, RuntimeError) as err:  # a loop of symbolic links (RuntimeError < 3.13)
+        raise OutputError(f"{out}: cannot resolve the output's path ({err})") from None
     around = _inodes_up(target)  # the output's own, where it exists, then its folders'
     for checkpoint in sources:
         # The files read too: a folder's weights file may be a link to a file elsewhere.

@@ -16,22 +16,20 @@ import glob
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 from urllib.parse import unquote
 
 from ._version import __version__
 from .checkpoint import (
     NOT_WEIGHTS,
     TORCH_SUFFIXES,
+    Checkpoint,
     _some,
     is_trainer_state,
     shard_names,
     weights_layout,
 )
 from .errors import CheckpointError, LadleError, type_name
-
-if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
 
 __all__ = [
     "COMPANION_FILES",
@@ -141,6 +139,8 @@ def parse_hf_url(url: str) -> HubSource:
         HubSource(repo_id='org/model', revision='refs/pr/3', subfolder='')
     """
     usage = "expected hf://owner/repo[@revision][/subfolder]"
+    if not isinstance(url, str):
+        raise TypeError(f"url: expected a str, found {type_name(url)}")
     if not url.startswith(PREFIX):
         raise CheckpointError(f"{url}: not a Hugging Face Hub source; {usage}")
     rest = url[len(PREFIX) :].strip("/")

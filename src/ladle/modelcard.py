@@ -368,9 +368,11 @@ LICENSE_FIELDS = ("license", "license_name", "license_link")
 
 
 def license_fields(card: Path | None) -> dict[str, str]:
-    """The :data:`LICENSE_FIELDS` of the YAML front matter of the model card ``card``, as
-    written there (a single-line value each: a scalar or a flow list); ``{}`` where the file
-    is missing or unreadable, or has no front matter.
+    """The :data:`LICENSE_FIELDS` of the YAML front matter of the model card ``card``, each
+    as a YAML value to write (a plain word as it is, anything else quoted as JSON, which YAML
+    reads as written); ``{}`` where the file is missing or unreadable, or its front matter is
+    no YAML. Read as huggingface_hub's ``ModelCard`` reads it (anchors resolved; a line
+    inside a quoted value or a list is no field).
 
     Example:
         >>> import pathlib, tempfile
@@ -386,32 +388,29 @@ def license_fields(card: Path | None) -> dict[str, str]:
             text = file.read(2**20)  # front matter comes first; a card may be long
     except OSError:
         return {}
-    # A byte order mark, or blank lines, before "---": the Hub reads the front matter still.
-    lines = text.removeprefix("\ufeff").lstrip().splitlines()
-    if not lines or lines[0].strip() != "---":
+    from huggingface_hub import ModelCard
+
+    try:  # a byte order mark before "---": the Hub reads the front matter still
+        data = ModelCard(text.removeprefix("\ufeff"), ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # front matter that is no YAML (or no mapping): nothing of it is taken
         return {}
-    found: dict[str, str] = {}
-    for line, after in zip(lines[1:], [*lines[2:], ""]):
-        if line.strip() == "---":
-            return found
-        field, colon, value = line.partition(":")
-        value = value.strip()
-        # A top-level field with its whole value on the line: a block scalar ("|", ">"), a
-        # list on the lines below, a value continued on indented lines, or a quote or flow
-        # list closed there would need a YAML parser: left out.
-        continued = after[:1].isspace() and after.strip()
-        if colon and field in LICENSE_FIELDS and _closed(value) and not continued:
-            found[field] = value
-    return {}  # no closing line: no front matter
+    return {
+        field: _yaml_value(data[field])
+        for field in LICENSE_FIELDS
+        if data.get(field) not in (None, "", [])
+    }
 
 
-def _closed(value: str) -> bool:
-    """Whether a YAML value is whole on its line: not empty, a block scalar or a comment, and
-    any quote or flow list it opens closed on it (a comment may follow)."""
-    if not value or value[0] in "|>#":
-        return False
-    closing = {'"': '"', "'": "'", "[": "]", "{": "}"}.get(value[0])
-    return closing is None or closing in value[1:]
+_PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9._+-]*")
+_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "y", "n", "null"}
+
+
+def _yaml_value(value: object) -> str:
+    """``value`` (a YAML scalar or list, as parsed) written back as YAML: a plain word as it
+    is (``apache-2.0``), anything else as JSON (``"a: b"``, ``["mit", "x"]``)."""
+    if isinstance(value, str) and _PLAIN.fullmatch(value) and value.lower() not in _YAML_WORDS:
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str).replace("\x7f", "\\u007f")
 
 
 def _terms_folder(reference: Checkpoint, folder: Path | None) -> Path | None:

@@ -409,6 +409,10 @@ def _step(
             raise ValueError(f"{where}.output: {err}") from None
         output = Path(os.path.expanduser(output))
         output = output if output.is_absolute() else root / output
+        try:  # compared resolved with every input and output below
+            output.resolve()
+        except (OSError, RuntimeError) as err:  # a loop of symbolic links (RuntimeError < 3.13)
+            raise ValueError(f"{where}.output: cannot resolve {output} ({err})") from None
     dtype = table.get("dtype")
     if dtype is not None:
         if not isinstance(dtype, str) or dtype.lower() not in DTYPES:

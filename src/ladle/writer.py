@@ -165,7 +165,7 @@ def output_taken(out: str | os.PathLike) -> bool:
         >>> (folder / "x").touch(); output_taken(folder)
         True
     """
-    path = Path(out)
+    path = physical_path(out)  # "missing/../x" is x once its folders are made
     if not os.path.lexists(path):
         return False
     if single_file(path) or path.is_symlink() or not path.is_dir():
@@ -199,7 +199,7 @@ def check_output_free(out: str | os.PathLike, *, overwrite: bool) -> None:
         return
     if not overwrite:
         raise LadleError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
-    why = _not_an_output(Path(out))
+    why = _not_an_output(physical_path(out))
     if why is not None:
         raise LadleError(
             f"{out}: {why}: overwrite replaces only an earlier output; move it away or choose "

@@ -280,8 +280,9 @@ def running_mean_kernel(count: int) -> Kernel:
 
     Computed as ``torch.lerp(soup, model, 1/(n+1))``, and exactly ``soup`` where the two
     agree bit for bit (lerp's ``soup + w·(model − soup)`` makes ``+0.0`` of two ``−0.0``
-    and NaN of two infinities); where lerp makes NaN of an infinity and a number, as
-    ``(soup·n + model)/(n+1)`` (the mean's infinity). With ``count == 0`` the only input is
+    and NaN of two infinities); where lerp makes no finite value of numbers that are not
+    NaN (an infinity beside a number, or ``model − soup`` past float's range), as
+    ``(soup·n + model)/(n+1)`` in float64. With ``count == 0`` the only input is
     the model and the result is an owned copy.
 
     Example:
@@ -305,9 +306,12 @@ def running_mean_kernel(count: int) -> Kernel:
         merged = torch.lerp(state, x, 1.0 / (count + 1))
         same = torch.eq(state, x).logical_and_(torch.signbit(state) == torch.signbit(x))
         result = torch.where(same, state, merged)
-        if torch.isnan(merged).any():  # lerp of an infinity and a number: inf − inf inside
-            lost = merged.isnan().logical_and_(~state.isnan()).logical_and_(~x.isnan())
-            result[lost] = (state[lost] * count + x[lost]) / (count + 1)  # ±inf, as the mean
+        # lerp's own non-finite values: inf − inf inside (an infinity and a number), or
+        # model − soup past float's range (opposite signs near the largest value)
+        if not torch.isfinite(merged).all():
+            lost = (~torch.isfinite(merged)).logical_and_(~state.isnan()).logical_and_(~x.isnan())
+            wide = (state[lost].double() * count + x[lost].double()) / (count + 1)
+            result[lost] = wide.to(result.dtype)  # the mean's infinity, or its finite value
         return result
 
     def finalize(state: torch.Tensor) -> torch.Tensor:
