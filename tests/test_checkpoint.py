@@ -2231,17 +2231,27 @@ def test_a_torch_file_holding_no_bytes_of_data_loads(tmp_path, saved):
     assert {k: t.shape for k, t in loaded.items()} == {k: t.shape for k, t in saved.items()}
 
 
-def test_torch_out_of_memory_while_loading_a_torch_file_is_the_machines(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("asked", "machines"), [(8, True), (2**62, False)])
+def test_torch_out_of_memory_while_loading_a_torch_file_is_the_machines_if_the_file_holds_it(
+    tmp_path, monkeypatch, asked, machines
+):
     # torch's allocator raises a RuntimeError, not MemoryError: a whole read of an intact
-    # (compressed or legacy) file without the memory was "not a readable torch file".
+    # (compressed or legacy) file without the memory was "not a readable torch file". A
+    # size the file cannot hold (a corrupt length) stays the file's fault.
     torch.save({"w": torch.ones(2)}, tmp_path / "m.pt", _use_new_zipfile_serialization=False)
+    try:
+        torch.empty(2**62, dtype=torch.uint8)
+    except RuntimeError as err:  # the allocator's own words, for as many bytes as asked
+        words = str(err).replace(str(2**62), str(asked))
 
     def out_of_memory(*args, **kwargs):
-        return torch.empty(2**62, dtype=torch.uint8)  # the allocator's own error
+        raise RuntimeError(words)
 
     monkeypatch.setattr(torch, "load", out_of_memory)
-    with pytest.raises(MemoryError, match=r"m\.pt: .*can't allocate memory"):
+    expected = MemoryError if machines else ladle.CheckpointError
+    with pytest.raises(expected, match=r"m\.pt: .*can't allocate memory") as info:
         ladle.load(tmp_path / "m.pt")
+    assert isinstance(info.value, ladle.CheckpointError) != machines
 
 
 def test_public_functions_type_hints_resolve_in_a_fresh_interpreter():

@@ -2334,3 +2334,13 @@ def test_an_output_through_a_missing_folder_and_dotdot_is_refused_before_any_wor
     with pytest.raises(ladle.LadleError, match=r"missing/\.\./taken\.safetensors: already exists"):
         ladle.greedy_soup([{"w": torch.ones(2)}] * 2, evaluate, out="missing/../taken.safetensors")
     assert calls == []
+
+
+def test_an_output_whose_own_name_is_a_loop_of_links_is_replaced_with_overwrite(tmp_path):
+    # Only the output's folder must resolve: a link as its name is replaced, never followed,
+    # a looping one too ("cannot resolve" refused it, where a dangling link was replaced).
+    (tmp_path / "o.safetensors").symlink_to(tmp_path / "o.safetensors")
+    out = ladle.uniform_soup(
+        [{"w": torch.ones(2)}] * 2, out=tmp_path / "o.safetensors", overwrite=True
+    )
+    assert not out.is_symlink() and ladle.load(out)["w"].tolist() == [1.0, 1.0]

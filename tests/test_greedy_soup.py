@@ -790,3 +790,11 @@ def test_a_greedy_soup_of_huge_values_of_opposite_signs_is_their_mean():
     soup = ladle.greedy_soup(models, lambda sd: 1.0, scores=[1.0, 0.5], device="cpu")
     assert soup.selected == [0, 1]
     assert soup.state_dict["w"].tolist() == [0.0, 2.0]
+
+
+def test_a_float64_greedy_soup_of_huge_values_is_their_mean():
+    # The float64 fallback computed soup·n + model, which overflows float64 itself.
+    models = [{"w": torch.tensor([v], dtype=torch.float64)} for v in (1.5e308, 1.5e308, -1.5e308)]
+    soup = ladle.greedy_soup(models, lambda sd: 1.0, scores=[1.0, 0.9, 0.8], device="cpu")
+    assert soup.selected == [0, 1, 2]
+    assert soup.state_dict["w"].item() == pytest.approx(5e307, rel=1e-15)

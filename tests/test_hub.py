@@ -1235,10 +1235,13 @@ def _transport_error() -> Exception:
     return requests.ConnectionError("[Errno 111] Connection refused")
 
 
-def test_a_cached_repo_is_read_when_the_hub_goes_away_after_the_download(local_hub, monkeypatch):
+def test_a_hub_gone_after_the_download_is_a_checkpoint_error_pointing_at_the_cache(
+    local_hub, monkeypatch
+):
     # httpx's errors derive from no OSError: listing the repository's files after
     # snapshot_download had fallen back on the cache raised httpx's ConnectError, a
-    # traceback on the command line, where the cached snapshot was all that was needed.
+    # traceback on the command line. The listing decides which file holds the weights (the
+    # cache may hold a variant alone), so without it ladle says so, and how to read the cache.
     _, model = local_hub
     ladle.load(f"hf://org/m@{COMMIT_B}")  # now in the cache
 
@@ -1246,6 +1249,13 @@ def test_a_cached_repo_is_read_when_the_hub_goes_away_after_the_download(local_h
         raise _transport_error()
 
     monkeypatch.setattr("ladle.hub._listed", unreachable)
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.load(f"hf://org/m@{COMMIT_B}")
+    assert str(info.value).startswith(f"hf://org/m@{COMMIT_B}: the Hub could not be reached (")
+    assert str(info.value).endswith(
+        "; to read what the Hugging Face cache holds, set HF_HUB_OFFLINE=1"
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded = ladle.load(f"hf://org/m@{COMMIT_B}")
     assert torch.equal(loaded["layer.weight"], model["layer.weight"])
 
@@ -1255,5 +1265,5 @@ def test_an_unreachable_hub_while_fetching_is_a_checkpoint_error(local_hub, monk
         raise _transport_error()
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", unreachable)
-    with pytest.raises(ladle.CheckpointError, match=r"^hf://org/m: cannot fetch from the Hub"):
+    with pytest.raises(ladle.CheckpointError, match=r"^hf://org/m: the Hub could not be reached"):
         ladle.open_checkpoint("hf://org/m")

@@ -976,6 +976,18 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
             "---\nlicense: 'yes'\nlicense_name: 'a: b'\n---\n",
             {"license": "yes", "license_name": "a: b"},
         ),
+        # What ModelCard, json.dumps or the output card choked on, or what could blow up:
+        ("---\nlicense: mit\n2024: release\n---\n", {"license": "mit"}),  # a key no string
+        ("---\nlicense: &a [*a]\nlicense_name: x\n---\n", {"license_name": "x"}),  # a cycle
+        (
+            '---\nlicense: other\nlicense_name: "acme\\x80 terms\\uFFFE"\n---\n',
+            {"license": "other", "license_name": "acme\x80 terms\ufffe"},
+        ),
+        (
+            "---\na: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n"
+            "license: [*b, *b, *b, *b, *b, *b, *b, *b]\nlicense_link: L\n---\n",
+            {"license_link": "L"},
+        ),
     ],
     ids=[
         "none",
@@ -996,6 +1008,10 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
         "flow list over two lines",
         "anchor",
         "quoted where plain would read otherwise",
+        "key no string",
+        "cycle",
+        "characters yaml refuses raw",
+        "aliases",
     ],
 )
 def test_license_fields_are_the_front_matters_values_written_back_as_yaml(tmp_path, text, expected):

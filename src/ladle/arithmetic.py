@@ -165,7 +165,9 @@ def _named(argument: str, source: object) -> str:
     if isinstance(source, (Mapping, torch.nn.Module)):
         return argument
     where = getattr(source, "name", None) if not isinstance(source, (str, os.PathLike)) else source
-    return f"{argument} ({os.fspath(where) if where is not None else source})"
+    if where is None or str(where).startswith("<"):  # a checkpoint of tensors in memory
+        return argument
+    return f"{argument} ({os.fsdecode(where) if isinstance(where, os.PathLike) else where})"
 
 
 def _tensors(source: object) -> Mapping[str, torch.Tensor]:

@@ -1116,7 +1116,7 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     except Warning:  # a warning the caller made an error (python -W error): theirs to see
         raise
     except Exception as err:
-        if _out_of_memory(err) and not _ends_early(file):  # torch's allocator says so
+        if _out_of_memory(err, file):  # torch's allocator says so, of what the file holds
             raise MemoryError(f"{file}: {' '.join(str(err).split())}") from err
         # Unpickling corrupt bytes raises what it meets (EOFError, IndexError, KeyError,
         # struct.error, AssertionError, zipfile.BadZipFile...): each is the file's fault,
@@ -1208,10 +1208,20 @@ def _nested_tensors(value: object, name: str = "") -> Iterator[tuple[str, torch.
         yield from _nested_tensors(inner, f"{name}.{key}" if name else str(key))
 
 
-def _out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is torch's allocator out of memory: a ``RuntimeError`` ("can't allocate
-    memory"), not the ``MemoryError`` Python raises."""
-    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+def _out_of_memory(err: BaseException, file: Path) -> bool:
+    """Whether ``err`` is torch's allocator out of memory (a ``RuntimeError``, "can't
+    allocate memory", not the ``MemoryError`` Python raises) for no more bytes than torch
+    file ``file`` holds: its storage records uncompressed (zip), or its size (legacy). A
+    corrupt length asks for more (2⁶² bytes): the file's fault."""
+    asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(err))
+    if not isinstance(err, RuntimeError) or asked is None:
+        return False
+    records = _data_records(file) if _is_zip(file) else None
+    if records is not None:
+        holds = sum(record.file_size for record in records.values())
+    else:
+        holds = file.stat().st_size
+    return int(asked.group(1)) <= holds
 
 
 ENDS_EARLY = "it ends early: truncated?"

@@ -13,6 +13,7 @@ import collections
 import concurrent.futures
 import contextlib
 import contextvars
+import errno
 import json
 import math
 import numbers
@@ -1849,10 +1850,7 @@ def check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) ->
         >>> check_not_an_input("merged.safetensors", [open_checkpoint({"w": torch.ones(2)})])
     """
     check_output_name(out)
-    try:
-        target = Path(out).resolve()
-    except (OSError, RuntimeError) as err:  # a loop of symbolic links (RuntimeError < 3.13)
-        raise OutputError(f"{out}: cannot resolve the output's path ({err})") from None
+    target = resolved_output(out)
     around = _inodes_up(target)  # the output's own, where it exists, then its folders'
     for checkpoint in sources:
         # The files read too: a folder's weights file may be a link to a file elsewhere.
@@ -1881,6 +1879,31 @@ def overlapping(a: Path, b: Path) -> bool:
         (True, False)
     """
     return a == b or a in b.parents or b in a.parents
+
+
+def resolved_output(out: str | os.PathLike) -> Path:
+    """``out`` resolved: its folder, where a loop of symbolic links is an ``OutputError``
+    (pathlib raises ``RuntimeError`` before Python 3.13 and goes quietly on after), then its
+    own name, followed where it is a link (a loop there is a link the output replaces).
+
+    Example:
+        >>> resolved_output("merged.safetensors") == Path("merged.safetensors").resolve()
+        True
+    """
+    path = Path(out)
+    try:
+        os.stat(path.parent)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise OutputError(f"{out}: cannot resolve the output's path ({err})") from None
+    try:
+        folder = path.parent.resolve()
+    except (OSError, RuntimeError) as err:  # a loop found by pathlib before Python 3.13
+        raise OutputError(f"{out}: cannot resolve the output's path ({err})") from None
+    try:
+        return (folder / path.name).resolve()
+    except (OSError, RuntimeError):  # the name a loop of links: the link itself is replaced
+        return folder / path.name
 
 
 def _inode(path: Path) -> tuple[int, int] | None:

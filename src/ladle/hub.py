@@ -381,16 +381,11 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         )
         commit = root.name  # snapshots/<commit hash>
         folder = root / source.subfolder if source.subfolder else root
-        names = None
-        if not offline:
-            try:
-                names = _listed(source.repo_id, commit, source.subfolder)
-            except Exception as err:  # the Hub gone since (fetch fell back on the cache)
-                if not _unreachable(err):
-                    raise
-        if names is None:  # what the cache holds; a shard missing there: found False below
+        if offline:  # what the cache holds; a shard missing there makes found False below
             found_here = folder.iterdir() if folder.is_dir() else []
             names = [p.name + ("/" if p.is_dir() else "") for p in found_here]
+        else:  # the Hub's own list: which files are the weights (the cache may hold a variant)
+            names = _listed(source.repo_id, commit, source.subfolder)
         # Only folders that are there: huggingface_hub warns of patterns that match nothing.
         templates = [f"{prefix}{name}/*.jinja" for name in COMPANION_FOLDERS if f"{name}/" in names]
         if templates:
@@ -426,9 +421,15 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             f"{url}: {what}{source.repo_id} is not in the Hugging Face cache ({cache}) and {why}"
         ) from err
     except Exception as err:
-        if not isinstance(err, HfHubHTTPError) and not _unreachable(err):
+        if isinstance(err, HfHubHTTPError):
+            _check_access(err, url, source.repo_id)
+        elif _unreachable(err):  # snapshot_download falls back on the cache; a listing not
+            raise CheckpointError(
+                f"{url}: the Hub could not be reached ({' '.join(str(err).split())}); to read "
+                "what the Hugging Face cache holds, set HF_HUB_OFFLINE=1"
+            ) from err
+        elif not isinstance(err, OSError):  # a disk error writing the cache is one
             raise
-        _check_access(err, url, source.repo_id)
         raise CheckpointError(
             f"{url}: cannot fetch from the Hub ({' '.join(str(err).split())})"
         ) from err
@@ -456,11 +457,17 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
 
 
 def _unreachable(err: BaseException) -> bool:
-    """Whether ``err`` is the HTTP client's failure to reach the Hub (refused, no route, a
-    timeout): an ``OSError`` from ``requests`` (huggingface_hub before 1.0), a transport
-    error from ``httpx`` (after), which derives from no ``OSError``."""
-    return isinstance(err, OSError) or any(
-        cls.__name__ == "TransportError" and cls.__module__.startswith("httpx")
+    """Whether ``err`` is the HTTP client's failure to get an answer from the Hub (refused,
+    no route, a timeout, a broken answer): a request error of ``httpx`` (huggingface_hub
+    1.0 and later; no ``OSError``) or of ``requests`` (before). The Hub's own answers
+    (``HfHubHTTPError``, a ``requests`` error too before 1.0) are not such failures."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, HfHubHTTPError):
+        return False
+    return any(
+        (cls.__name__ == "RequestError" and cls.__module__.startswith("httpx"))
+        or (cls.__name__ == "RequestException" and cls.__module__.startswith("requests"))
         for cls in type(err).__mro__
     )
 

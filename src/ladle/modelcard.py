@@ -369,10 +369,10 @@ LICENSE_FIELDS = ("license", "license_name", "license_link")
 
 def license_fields(card: Path | None) -> dict[str, str]:
     """The :data:`LICENSE_FIELDS` of the YAML front matter of the model card ``card``, each
-    as a YAML value to write (a plain word as it is, anything else quoted as JSON, which YAML
-    reads as written); ``{}`` where the file is missing or unreadable, or its front matter is
-    no YAML. Read as huggingface_hub's ``ModelCard`` reads it (anchors resolved; a line
-    inside a quoted value or a list is no field).
+    as a YAML value to write (:func:`_yaml_value`); ``{}`` where the file is missing or
+    unreadable, or its front matter is no YAML mapping. Read as huggingface_hub's
+    ``metadata_load`` reads it (anchors resolved; a line inside a quoted value or a list is
+    no field).
 
     Example:
         >>> import pathlib, tempfile
@@ -388,16 +388,24 @@ def license_fields(card: Path | None) -> dict[str, str]:
             text = file.read(2**20)  # front matter comes first; a card may be long
     except OSError:
         return {}
-    from huggingface_hub import ModelCard
+    import yaml
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-    try:  # a byte order mark before "---": the Hub reads the front matter still
-        data = ModelCard(text.removeprefix("\ufeff"), ignore_metadata_errors=True).data.to_dict()
-    except Exception:  # front matter that is no YAML (or no mapping): nothing of it is taken
+    # As huggingface_hub reads it (metadata_load): the block between the first "---" lines,
+    # blank lines and a byte order mark before it allowed.
+    block = REGEX_YAML_BLOCK.search(text.removeprefix("\ufeff"))
+    if block is None:
+        return {}
+    try:
+        data = yaml.safe_load(block.group(2))
+    except (yaml.YAMLError, RecursionError, ValueError):  # no YAML: nothing of it is taken
+        return {}
+    if not isinstance(data, dict):
         return {}
     return {
-        field: _yaml_value(data[field])
+        field: written
         for field in LICENSE_FIELDS
-        if data.get(field) not in (None, "", [])
+        if (written := _yaml_value(data.get(field))) is not None
     }
 
 
@@ -405,12 +413,31 @@ _PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9._+-]*")
 _YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "y", "n", "null"}
 
 
-def _yaml_value(value: object) -> str:
-    """``value`` (a YAML scalar or list, as parsed) written back as YAML: a plain word as it
-    is (``apache-2.0``), anything else as JSON (``"a: b"``, ``["mit", "x"]``)."""
+def _yaml_value(value: object) -> str | None:
+    """A license field's ``value`` (as YAML parsed it) written back as YAML: a plain word as
+    it is (``apache-2.0``), other text as JSON with every character past ASCII escaped
+    (``"a: b"``: YAML reads JSON's strings, and no control character reaches the output); a
+    list of a few strings as a JSON list. ``None`` for anything else: no value, a number or
+    date, a mapping, a list of other things or of more than :data:`_MOST` entries (aliases
+    can make a short card hold a huge one), text longer than :data:`_LONGEST`."""
     if isinstance(value, str) and _PLAIN.fullmatch(value) and value.lower() not in _YAML_WORDS:
         return value
-    return json.dumps(value, ensure_ascii=False, default=str).replace("\x7f", "\\u007f")
+    if isinstance(value, str) and 0 < len(value) <= _LONGEST:
+        return json.dumps(value)
+    if (
+        isinstance(value, list)
+        and 0 < len(value) <= _MOST
+        and all(isinstance(v, str) and len(v) <= _LONGEST for v in value)
+    ):
+        return json.dumps(value)
+    return None
+
+
+_MOST = 16
+"""Most entries of a license field's list copied into an output card."""
+
+_LONGEST = 1000
+"""Longest license field (or entry of one) copied into an output card, in characters."""
 
 
 def _terms_folder(reference: Checkpoint, folder: Path | None) -> Path | None:

@@ -33,6 +33,7 @@ from .engine import (
     check_not_an_input,
     overlapping,
     resolve_device,
+    resolved_output,
 )
 from .errors import LadleError, type_name
 from .hub import PREFIX, parse_hf_url
@@ -410,9 +411,9 @@ def _step(
         output = Path(os.path.expanduser(output))
         output = output if output.is_absolute() else root / output
         try:  # compared resolved with every input and output below
-            output.resolve()
-        except (OSError, RuntimeError) as err:  # a loop of symbolic links (RuntimeError < 3.13)
-            raise ValueError(f"{where}.output: cannot resolve {output} ({err})") from None
+            resolved_output(output)
+        except LadleError as err:
+            raise ValueError(f"{where}.output: {err}") from None
     dtype = table.get("dtype")
     if dtype is not None:
         if not isinstance(dtype, str) or dtype.lower() not in DTYPES:

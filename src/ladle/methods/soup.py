@@ -282,7 +282,7 @@ def running_mean_kernel(count: int) -> Kernel:
     agree bit for bit (lerp's ``soup + w·(model − soup)`` makes ``+0.0`` of two ``−0.0``
     and NaN of two infinities); where lerp makes no finite value of numbers that are not
     NaN (an infinity beside a number, or ``model − soup`` past float's range), as
-    ``(soup·n + model)/(n+1)`` in float64. With ``count == 0`` the only input is
+    ``soup·n/(n+1) + model/(n+1)`` in float64. With ``count == 0`` the only input is
     the model and the result is an owned copy.
 
     Example:
@@ -310,7 +310,7 @@ def running_mean_kernel(count: int) -> Kernel:
         # model − soup past float's range (opposite signs near the largest value)
         if not torch.isfinite(merged).all():
             lost = (~torch.isfinite(merged)).logical_and_(~state.isnan()).logical_and_(~x.isnan())
-            wide = (state[lost].double() * count + x[lost].double()) / (count + 1)
+            wide = state[lost].double() * (count / (count + 1)) + x[lost].double() / (count + 1)
             result[lost] = wide.to(result.dtype)  # the mean's infinity, or its finite value
         return result
 
