@@ -988,6 +988,11 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
             "license: [*b, *b, *b, *b, *b, *b, *b, *b]\nlicense_link: L\n---\n",
             {"license_link": "L"},
         ),
+        ("---\nlicense: !!timestamp foo\nlicense_name: x\n---\n", {}),  # PyYAML raised
+        (
+            "---\nlicense: other\nlicense_name: smile 😀\n---\n",
+            {"license": "other", "license_name": "smile 😀"},
+        ),
     ],
     ids=[
         "none",
@@ -1012,6 +1017,8 @@ def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copi
         "cycle",
         "characters yaml refuses raw",
         "aliases",
+        "a tag pyyaml cannot build",
+        "past U+FFFF",
     ],
 )
 def test_license_fields_are_the_front_matters_values_written_back_as_yaml(tmp_path, text, expected):

@@ -1031,3 +1031,12 @@ def test_an_output_through_a_loop_of_links_is_a_value_error_naming_the_field(fol
     text = 'method = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
     with pytest.raises(ValueError, match=r"^recipe\.output: .*loop/o\.safetensors: cannot resolve"):
         load_recipe(write(folder, text + 'output = "loop/o.safetensors"\n'))
+
+
+def test_an_output_whose_name_is_a_loop_of_links_loads_as_any_output_name(folder):
+    # Its folder resolves; the looping link is replaced when written (with overwrite): the
+    # recipe's own comparisons of outputs raised pathlib's RuntimeError.
+    (folder / "o.safetensors").symlink_to(folder / "o.safetensors")
+    text = 'method = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+    recipe = load_recipe(write(folder, text + 'output = "o.safetensors"\n'))
+    assert recipe.steps[0].output == folder / "o.safetensors"

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .checkpoint import (
+    Checkpoint,
     StateDict,
     StateDictLike,
     TensorMapCheckpoint,
@@ -164,10 +165,10 @@ def _named(argument: str, source: object) -> str:
     path, an ``hf://`` repo, a checkpoint): ``b (/data/ft.safetensors)``."""
     if isinstance(source, (Mapping, torch.nn.Module)):
         return argument
-    where = getattr(source, "name", None) if not isinstance(source, (str, os.PathLike)) else source
-    if where is None or str(where).startswith("<"):  # a checkpoint of tensors in memory
-        return argument
-    return f"{argument} ({os.fsdecode(where) if isinstance(where, os.PathLike) else where})"
+    if isinstance(source, Checkpoint):  # of files (a path), or of tensors in memory (none)
+        return argument if source.path is None else f"{argument} ({source.name})"
+    where = os.fsdecode(source) if isinstance(source, os.PathLike) else source
+    return f"{argument} ({where})"
 
 
 def _tensors(source: object) -> Mapping[str, torch.Tensor]:

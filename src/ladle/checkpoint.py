@@ -1213,9 +1213,11 @@ def _out_of_memory(err: BaseException, file: Path) -> bool:
     allocate memory", not the ``MemoryError`` Python raises) for no more bytes than torch
     file ``file`` holds: its storage records uncompressed (zip), or its size (legacy). A
     corrupt length asks for more (2⁶² bytes): the file's fault."""
-    asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(err))
-    if not isinstance(err, RuntimeError) or asked is None:
+    if not isinstance(err, RuntimeError) or "can't allocate memory" not in str(err):
         return False
+    asked = re.search(r"you tried to allocate (\d+) bytes", str(err))
+    if asked is None:  # worded otherwise: as a MemoryError is judged
+        return not _ends_early(file)
     records = _data_records(file) if _is_zip(file) else None
     if records is not None:
         holds = sum(record.file_size for record in records.values())

@@ -385,7 +385,15 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             found_here = folder.iterdir() if folder.is_dir() else []
             names = [p.name + ("/" if p.is_dir() else "") for p in found_here]
         else:  # the Hub's own list: which files are the weights (the cache may hold a variant)
-            names = _listed(source.repo_id, commit, source.subfolder)
+            try:
+                names = _listed(source.repo_id, commit, source.subfolder)
+            except Exception as err:  # snapshot_download fell back on the cache; this cannot
+                if not _unreachable(err):
+                    raise
+                raise CheckpointError(
+                    f"{url}: the Hub could not be reached ({' '.join(str(err).split())}); to "
+                    "read what the Hugging Face cache holds, set HF_HUB_OFFLINE=1"
+                ) from err
         # Only folders that are there: huggingface_hub warns of patterns that match nothing.
         templates = [f"{prefix}{name}/*.jinja" for name in COMPANION_FOLDERS if f"{name}/" in names]
         if templates:
@@ -423,10 +431,9 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
     except Exception as err:
         if isinstance(err, HfHubHTTPError):
             _check_access(err, url, source.repo_id)
-        elif _unreachable(err):  # snapshot_download falls back on the cache; a listing not
+        elif _unreachable(err):
             raise CheckpointError(
-                f"{url}: the Hub could not be reached ({' '.join(str(err).split())}); to read "
-                "what the Hugging Face cache holds, set HF_HUB_OFFLINE=1"
+                f"{url}: the Hub could not be reached ({' '.join(str(err).split())})"
             ) from err
         elif not isinstance(err, OSError):  # a disk error writing the cache is one
             raise

@@ -398,7 +398,7 @@ def license_fields(card: Path | None) -> dict[str, str]:
         return {}
     try:
         data = yaml.safe_load(block.group(2))
-    except (yaml.YAMLError, RecursionError, ValueError):  # no YAML: nothing of it is taken
+    except Exception:  # no YAML (or a tag PyYAML cannot build): nothing of it is taken
         return {}
     if not isinstance(data, dict):
         return {}
@@ -415,22 +415,32 @@ _YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "y", "n", "null"}
 
 def _yaml_value(value: object) -> str | None:
     """A license field's ``value`` (as YAML parsed it) written back as YAML: a plain word as
-    it is (``apache-2.0``), other text as JSON with every character past ASCII escaped
-    (``"a: b"``: YAML reads JSON's strings, and no control character reaches the output); a
+    it is (``apache-2.0``), other text as JSON with the characters YAML refuses raw escaped
+    (``"a: b"``: YAML reads JSON's strings); a
     list of a few strings as a JSON list. ``None`` for anything else: no value, a number or
     date, a mapping, a list of other things or of more than :data:`_MOST` entries (aliases
     can make a short card hold a huge one), text longer than :data:`_LONGEST`."""
     if isinstance(value, str) and _PLAIN.fullmatch(value) and value.lower() not in _YAML_WORDS:
         return value
     if isinstance(value, str) and 0 < len(value) <= _LONGEST:
-        return json.dumps(value)
+        return _unprintable_escaped(json.dumps(value, ensure_ascii=False))
     if (
         isinstance(value, list)
         and 0 < len(value) <= _MOST
         and all(isinstance(v, str) and len(v) <= _LONGEST for v in value)
     ):
-        return json.dumps(value)
+        return _unprintable_escaped(json.dumps(value, ensure_ascii=False))
     return None
+
+
+_UNPRINTABLE = re.compile("[\x7f-\x84\x86-\x9f\ud800-\udfff\ufffe\uffff]")
+"""What YAML reads only escaped (JSON escapes the controls below U+0020 itself)."""
+
+
+def _unprintable_escaped(dumped: str) -> str:
+    """JSON text with the characters YAML refuses raw written as ``\\uXXXX`` (characters past
+    U+FFFF stay themselves: escaped, they would be two halves YAML reads apart)."""
+    return _UNPRINTABLE.sub(lambda found: f"\\u{ord(found.group()):04x}", dumped)
 
 
 _MOST = 16

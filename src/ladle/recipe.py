@@ -346,10 +346,14 @@ def _check_outputs(steps: Sequence[Step], single: bool) -> None:
         if step.output is None:
             continue
         where = "recipe" if single else f"steps.{step.name}"
-        written = step.output.resolve()
+        written = resolved_output(step.output)
         for later, other in enumerate(steps):
             theirs = other.output
-            if other is not step and theirs is not None and overlapping(written, theirs.resolve()):
+            if (
+                other is not step
+                and theirs is not None
+                and overlapping(written, resolved_output(theirs))
+            ):
                 raise ValueError(f"{where}.output: step {other.name!r} writes {theirs} too")
             for source in inputs(other):
                 if overlapping(written, Path(source).resolve()):
@@ -493,7 +497,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             raise ValueError(f"{where}: expected a table, found {type(tables[name]).__name__}")
         steps.append(_step(name, tables[name], where, names[:i], names[i + 1 :], root, written))
         if steps[-1].output is not None:
-            written[steps[-1].output.resolve()] = name
+            written[resolved_output(steps[-1].output)] = name
     if steps[-1].output is None:
         where = "recipe" if "steps" not in data else f"steps.{steps[-1].name}"
         raise ValueError(f"{where}.output: missing; the last step must write its result")

@@ -310,7 +310,13 @@ def running_mean_kernel(count: int) -> Kernel:
         # model − soup past float's range (opposite signs near the largest value)
         if not torch.isfinite(merged).all():
             lost = (~torch.isfinite(merged)).logical_and_(~state.isnan()).logical_and_(~x.isnan())
-            wide = state[lost].double() * (count / (count + 1)) + x[lost].double() / (count + 1)
+            s, m = state[lost].double(), x[lost].double()
+            # float64 holds soup·n + model of float32 values exactly enough to round once;
+            # of float64 values it may overflow, so their weights go first
+            if x.dtype == torch.float64:
+                wide = s * (count / (count + 1)) + m / (count + 1)
+            else:
+                wide = (s * count + m) / (count + 1)
             result[lost] = wide.to(result.dtype)  # the mean's infinity, or its finite value
         return result
 
