@@ -549,7 +549,8 @@ class TensorMapCheckpoint(Checkpoint):
         path: Path | None = None,
         file: Path | None = None,
     ) -> None:
-        for key, value in tensors.items():  # as stored (an AveragedModel's module.w too)
+        # As stored (an AveragedModel's module.w too); a torch file's, load_torch_file checked.
+        for key, value in tensors.items() if file is None else ():
             problem = not_a_dense_tensor(key, value)
             if problem is not None:
                 raise CheckpointError(f"{name}: {problem}; ladle merges dense tensors with data")
@@ -1171,8 +1172,8 @@ def _records_hold_storages(loaded: object, records: Mapping[int, zipfile.ZipInfo
     for name, tensor in _nested_tensors(loaded):
         if tensor.layout != torch.strided or tensor.is_quantized:  # refused once loaded,
             return True  # whatever its bytes
-        if tensor.untyped_storage().nbytes():
-            storage = tensor.untyped_storage()
+        storage = tensor.untyped_storage()
+        if storage.nbytes():
             storages.setdefault(storage.data_ptr(), (name, storage.nbytes()))
     placed = sorted((start, info) for start, info in records.items() if info.file_size)
     if len(placed) != len(storages):
