@@ -120,12 +120,33 @@ class Checkpoint:
     metadata: dict[str, str]
 
     def keys(self) -> list[str]:
+        """The tensors' names, in the checkpoint's order (a subclass implements it).
+
+        Example:
+            >>> import torch, ladle
+            >>> ladle.open_checkpoint({"b": torch.ones(2), "a": torch.zeros(3)}).keys()
+            ['b', 'a']
+        """
         raise NotImplementedError
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of tensor ``key``, read without its data (a subclass implements it).
+
+        Example:
+            >>> import torch, ladle
+            >>> ladle.open_checkpoint({"w": torch.ones(2, 3)}).shape("w")
+            (2, 3)
+        """
         raise NotImplementedError
 
     def dtype(self, key: str) -> torch.dtype:
+        """The dtype of tensor ``key``, read without its data (a subclass implements it).
+
+        Example:
+            >>> import torch, ladle
+            >>> ladle.open_checkpoint({"w": torch.ones(2, dtype=torch.bfloat16)}).dtype("w")
+            torch.bfloat16
+        """
         raise NotImplementedError
 
     def get_slice(self, key: str, rows: slice) -> torch.Tensor:

@@ -36,6 +36,13 @@ class TensorDiff(NamedTuple):
         norm_diff: ‖a − b‖₂.
         cosine: ⟨a, b⟩ / (‖a‖·‖b‖) (of the task vectors with a base), rounded into [-1, 1];
             exactly 1 for identical tensors (``norm_diff`` 0), NaN when a norm is 0.
+
+    Example:
+        >>> import torch, ladle
+        >>> report = ladle.diff({"w": torch.tensor([3.0, 0.0])}, {"w": torch.tensor([0.0, 4.0])})
+        >>> row = report.tensors[0]
+        >>> row.key, row.norm_a, row.norm_b, row.norm_diff, row.cosine
+        ('w', 3.0, 4.0, 5.0, 0.0)
     """
 
     key: str

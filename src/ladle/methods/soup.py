@@ -236,7 +236,15 @@ def uniform_soup(
 @dataclass(frozen=True)
 class GreedySoupStep:
     """One try of the greedy soup: model ``index`` (into ``models``), the score of the soup
-    with it (the first: that model's own), and whether the rule kept it."""
+    with it (the first: that model's own), and whether the rule kept it.
+
+    Example:
+        >>> import torch, ladle
+        >>> models = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([9.0])}]
+        >>> soup = ladle.greedy_soup(models, lambda sd: -float(sd["w"]), device="cpu")
+        >>> [(step.index, step.score, step.accepted) for step in soup.history]
+        [(0, -1.0, True), (1, -5.0, False)]
+    """
 
     index: int
     score: float
