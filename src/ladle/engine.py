@@ -1852,6 +1852,7 @@ def check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) ->
     check_output_name(out)
     target = resolved_output(out)
     around = _inodes_up(target)  # the output's own, where it exists, then its folders'
+    own = _inode(target)  # None for a new output: then it holds no input
     for checkpoint in sources:
         # The files read too: a folder's weights file may be a link to a file elsewhere.
         paths = [file.resolve() for file in checkpoint.file_sizes()]
@@ -1860,7 +1861,7 @@ def check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) ->
         if any(
             overlapping(target, p)
             or _inode(p) in around  # the same file or folder by another path (a bind
-            or _inode(target) in _inodes_up(p)  # mount, a hard link)
+            or (own is not None and own in _inodes_up(p))  # mount, a hard link)
             for p in paths
         ):
             raise LadleError(
