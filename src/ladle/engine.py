@@ -247,6 +247,22 @@ class Partition(Protocol):
     ``prepare`` may run over the same keys alone, combining what spans keys (TIES's global
     threshold) with ``all_reduce``; a method that ignores the partition still gives the
     right result, gathering statistics over all keys.
+
+    Example:
+        >>> import tempfile, torch, ladle
+        >>> from ladle.writer import SafetensorsWriter
+        >>> class Whole:  # one process that merges every key: the merge as if unsplit
+        ...     def writes(self, out): return out is not None
+        ...     def keys(self, reference): return list(reference.keys())
+        ...     def all_reduce(self, tensor): return tensor
+        ...     def writer(self, out, specs, *, keys, metadata, extra_files, max_shard_size):
+        ...         return SafetensorsWriter(out, specs, metadata=metadata,
+        ...                                  extra_files=extra_files, max_shard_size=max_shard_size)
+        >>> models = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 4.0])}]
+        >>> with partitioned(Whole()):
+        ...     out = ladle.uniform_soup(models, out=tempfile.mkdtemp() + "/soup.safetensors")
+        >>> ladle.load(out)["w"].tolist()
+        [2.0, 3.0]
     """
 
     def writes(self, out: str | os.PathLike | None) -> bool:
@@ -285,7 +301,20 @@ _PARTITION: contextvars.ContextVar[Partition | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def partitioned(partition: Partition) -> Iterator[Partition]:
-    """Within the block, :func:`merge` (and methods that ask) work on ``partition``'s share."""
+    """Within the block, :func:`merge` (and methods that ask) work on ``partition``'s share.
+
+    The block is scoped to the calling thread (a context variable); :mod:`ladle.distributed`
+    uses it to split a method's merge across processes (see :class:`Partition`).
+
+    Example:
+        >>> class Everything:  # a Partition that keeps every key (see Partition's example)
+        ...     def keys(self, reference): return list(reference.keys())
+        >>> with partitioned(Everything()) as part:
+        ...     current_partition() is part
+        True
+        >>> current_partition() is None
+        True
+    """
     token = _PARTITION.set(partition)
     try:
         yield partition
@@ -294,7 +323,13 @@ def partitioned(partition: Partition) -> Iterator[Partition]:
 
 
 def current_partition() -> Partition | None:
-    """The partition set by the innermost :func:`partitioned` block, or ``None``."""
+    """The partition set by the innermost :func:`partitioned` block, or ``None``.
+
+    Example:
+        >>> import ladle
+        >>> current_partition() is None  # outside any block: merges run whole
+        True
+    """
     return _PARTITION.get()
 
 

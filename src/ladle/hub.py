@@ -325,6 +325,18 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
     Raises:
         CheckpointError: the repository or revision does not exist or is not accessible, it
             is not cached while offline, or it holds no weights.
+
+    Example:
+        >>> import os, pathlib, tempfile, torch, ladle
+        >>> from unittest import mock
+        >>> cache = pathlib.Path(tempfile.mkdtemp())  # a Hub cache as huggingface_hub has it
+        >>> commit, repo = "0123456789abcdef" * 2 + "01234567", cache / "models--org--name"
+        >>> _ = ladle.save({"w": torch.ones(2)}, repo / "snapshots" / commit / "model.safetensors")
+        >>> (repo / "refs").mkdir(); _ = (repo / "refs" / "main").write_text(commit)
+        >>> with mock.patch.dict(os.environ, HF_HUB_OFFLINE="1"):  # the cache alone
+        ...     folder, found = snapshot("hf://org/name", cache_dir=cache)
+        >>> found == commit, sorted(path.name for path in folder.iterdir())
+        (True, ['model.safetensors'])
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -507,6 +519,15 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None
         ValueError: ``folder`` is no directory, or ``repo_id`` one the Hub refuses
             (``TypeError`` for no string); checked before anything is sent.
         LadleError: the upload failed.
+
+    Example:
+        >>> import tempfile, torch, ladle
+        >>> out = ladle.uniform_soup([{"w": torch.ones(2)}], out=tempfile.mkdtemp() + "/merged")
+        >>> push_to_hub(out, "me/merged-model")  # doctest: +SKIP
+        'https://huggingface.co/me/merged-model/commit/...'
+        >>> push_to_hub(out, "me/not a name")  # checked before anything is sent
+        Traceback (most recent call last):
+        ValueError: push_to_hub: repo_id: malformed repository id ...; nothing was sent
     """
     from huggingface_hub import HfApi
 
@@ -547,7 +568,25 @@ def open_hub_checkpoint(url: str, *, cache_dir: str | os.PathLike | None = None)
 
     The checkpoint's ``name`` is ``url`` with the revision replaced by the resolved commit hash
     (``hf://owner/repo@<commit>[/subfolder]``), so provenance and error messages name exactly
-    what was read; its ``path`` is the local snapshot folder.
+    what was read; its ``path`` is the local snapshot folder. ``ladle.open_checkpoint`` and
+    every merge open ``hf://`` sources through it.
+
+    Raises:
+        CheckpointError: as :func:`snapshot`, or the snapshot's weights cannot be read (the
+            message names ``url`` at the resolved commit).
+
+    Example:
+        >>> import os, pathlib, tempfile, torch, ladle
+        >>> from unittest import mock
+        >>> cache = pathlib.Path(tempfile.mkdtemp())  # a Hub cache as huggingface_hub has it
+        >>> commit, repo = "0123456789abcdef" * 2 + "01234567", cache / "models--org--name"
+        >>> _ = ladle.save({"w": torch.ones(2)}, repo / "snapshots" / commit / "model.safetensors")
+        >>> (repo / "refs").mkdir(); _ = (repo / "refs" / "main").write_text(commit)
+        >>> with mock.patch.dict(os.environ, HF_HUB_OFFLINE="1"):  # the cache alone
+        ...     checkpoint = open_hub_checkpoint("hf://org/name", cache_dir=cache)
+        >>> checkpoint.name == "hf://org/name@" + commit, checkpoint.get("w").tolist()
+        (True, [1.0, 1.0])
+        >>> checkpoint.close()
     """
     from .checkpoint import _open_directory
 

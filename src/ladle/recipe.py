@@ -68,7 +68,19 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 class StepRef(NamedTuple):
-    """An input that is the output of an earlier step."""
+    """An input that is the output of an earlier step, named in a recipe by the step's name.
+
+    Example:
+        >>> import pathlib, tempfile, torch, ladle
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = ladle.save({"w": torch.ones(2)}, folder / "a.safetensors")
+        >>> _ = (folder / "r.toml").write_text(
+        ...     '[steps.soup]\\nmethod = "soup"\\nmodels = ["a.safetensors"]\\n'
+        ...     '[steps.final]\\nmethod = "soup"\\nmodels = ["soup", "a.safetensors"]\\n'
+        ...     'output = "out.safetensors"\\n')
+        >>> load_recipe(folder / "r.toml").steps[1].models[0]
+        StepRef(step='soup')
+    """
 
     step: str
 
@@ -77,7 +89,22 @@ Input = str | StepRef
 
 
 class Step(NamedTuple):
-    """One checked step of a recipe."""
+    """One checked step of a recipe: its inputs resolved, its method's full name, its
+    parameters as the method takes them (checked), ``output`` ``None`` for a step whose
+    result stays in memory (an input of later steps).
+
+    Example:
+        >>> import pathlib, tempfile, torch, ladle
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = ladle.save({"w": torch.ones(2)}, folder / "a.safetensors")
+        >>> _ = (folder / "r.toml").write_text(
+        ...     'method = "task_arithmetic"\\nmodels = ["a.safetensors"]\\n'
+        ...     'base = "a.safetensors"\\noutput = "out.safetensors"\\ndtype = "bf16"\\n'
+        ...     '[parameters]\\nscale = 0.5\\n')
+        >>> step = load_recipe(folder / "r.toml").steps[0]
+        >>> step.method, step.parameters, step.dtype, pathlib.Path(step.base).name
+        ('task_arithmetic', {'scale': 0.5}, torch.bfloat16, 'a.safetensors')
+    """
 
     name: str
     method: str
@@ -90,7 +117,20 @@ class Step(NamedTuple):
 
 
 class Recipe(NamedTuple):
-    """A checked recipe: its file, its device (if set) and its steps in order."""
+    """A checked recipe, as :func:`load_recipe` returns it: its file, its device (if set)
+    and its steps in order; :func:`run_recipe` runs it.
+
+    Example:
+        >>> import pathlib, tempfile, torch, ladle
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = ladle.save({"w": torch.ones(2)}, folder / "a.safetensors")
+        >>> _ = (folder / "r.toml").write_text(
+        ...     'device = "cpu"\\nmethod = "soup"\\nmodels = ["a.safetensors"]\\n'
+        ...     'output = "out.safetensors"\\n')
+        >>> recipe = load_recipe(folder / "r.toml")
+        >>> recipe.device, len(recipe.steps), recipe.single, recipe.path.name
+        ('cpu', 1, True, 'r.toml')
+    """
 
     path: Path
     device: str | None

@@ -470,7 +470,28 @@ def run_greedy(
     overwrite: bool,
     allow_nonfinite: bool,
 ) -> GreedySoupResult:
-    """Open and check ``models``, run the greedy rule, write the soup to ``out`` if given."""
+    """Open and check ``models``, run the greedy rule, write the soup to ``out`` if given.
+
+    The body of :func:`greedy_soup` and of ``greedy_ratatouille``, every parameter explicit.
+    ``method`` and ``parameters`` are what the output's provenance and model card record
+    (with the selection and its score); the rest are :func:`greedy_soup`'s, and so are the
+    result and the errors.
+
+    Example:
+        >>> import tempfile, torch, ladle
+        >>> models = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}]
+        >>> out = tempfile.mkdtemp() + "/soup.safetensors"
+        >>> result = run_greedy(
+        ...     models, lambda sd: 10 - abs(sd["w"].item() - 2.0), method="my_greedy_soup",
+        ...     parameters={"note": "kept ties"}, scores=None, strict=False, out=out,
+        ...     device="cpu", dtype=None, progress=None, max_shard_size="5GB",
+        ...     overwrite=False, allow_nonfinite=False)
+        >>> result.selected, ladle.load(out)["w"].tolist()
+        ([0, 1], [2.0])
+        >>> with ladle.open_checkpoint(out) as written:
+        ...     written.metadata["ladle.method"], written.metadata["ladle.parameters"]
+        ('my_greedy_soup', '{"note": "kept ties", "score": 10.0, "selected": [0, 1]}')
+    """
     check_flag("strict", strict)
     check_flag("allow_nonfinite", allow_nonfinite)
     if not callable(evaluate):

@@ -657,6 +657,18 @@ class SignElection:
     the counts of positive and negative entries follow once every model is in. The six
     tensors come from ``buffers`` (six :class:`Scratch`, reused from chunk to chunk: fresh
     memory costs page faults), or are new when it is ``None``.
+
+    Example (the third entry's election is a tie, ``3 − 3 = 0``, which the majority breaks):
+        >>> import torch
+        >>> election = SignElection("w", slice(None), base=torch.zeros(3))
+        >>> for tau in (torch.tensor([1.0, -2.0, 3.0]), torch.tensor([3.0, 3.0, -3.0])):
+        ...     _ = election.add(tau)
+        >>> [count.tolist() for count in election.counts()]  # positive, negative
+        [[2.0, 1.0, 1.0], [0.0, 1.0, 1.0]]
+        >>> election.vote()  # Σ γ: two positive elections, one tie
+        tensor(2.)
+        >>> election.merged(majority=-1.0)  # disjoint means: (1 + 3)/2, 3/1, then −3/1
+        tensor([ 2.,  3., -3.])
     """
 
     def __init__(
@@ -753,7 +765,17 @@ class SignElection:
 
 
 def election_kernel(delta: Delta, finish: Callable[[SignElection], torch.Tensor]) -> Kernel:
-    """Fold ``δᵢ = delta(modelᵢ − base)`` into a :class:`SignElection`, then ``finish`` it."""
+    """Fold ``δᵢ = delta(modelᵢ − base)`` into a :class:`SignElection`, then ``finish`` it.
+
+    Example (a sign election without trimming, ties broken up, as :func:`elected` does):
+        >>> import torch
+        >>> from ladle.engine import merge
+        >>> def keep(key, rows, index, tau, scratch): return tau  # no trimming
+        >>> models = [{"w": torch.tensor([1.0, -2.0, 3.0])}, {"w": torch.tensor([3.0, 3.0, -3.0])}]
+        >>> kernel = election_kernel(keep, elected({"w": 1.0}, scale=1.0))
+        >>> merge(models, kernel, base={"w": torch.zeros(3)}, method="elect", parameters={})
+        {'w': tensor([2., 3., 3.])}
+    """
 
     buffers = [Scratch() for _ in range(6)]  # the engine copies a result before the next init
 
@@ -788,6 +810,16 @@ def majority_votes(
     across processes; the vote is summed over the processes with it. ``uncounted`` (not
     with ``per_tensor``): keys whose entries do not vote (tied copies of another key's
     tensor), given the sign too.
+
+    Example (``γ = (+, +, 0)``: a positive majority):
+        >>> import torch, ladle
+        >>> def keep(key, rows, index, tau, scratch): return tau  # no trimming
+        >>> models = [ladle.open_checkpoint({"w": torch.tensor([1.0, -2.0, 3.0])}),
+        ...           ladle.open_checkpoint({"w": torch.tensor([3.0, 3.0, -3.0])})]
+        >>> base = ladle.open_checkpoint({"w": torch.zeros(3)})
+        >>> majority_votes(models, base, keep, keys=["w"], per_tensor=False,
+        ...                device=torch.device("cpu"), chunk_bytes=2**20)
+        {'w': 1.0}
     """
     skipped = set(uncounted)
     counted = [key for key in keys if key not in skipped]
@@ -872,7 +904,15 @@ class _TiesLater:
 
 def elected(majority: Mapping[str, float], scale: float) -> Callable[[SignElection], torch.Tensor]:
     """Finish a chunk: ``base + scale·disjoint mean``, ties broken by ``majority[key]`` (keys
-    absent from it: by the chunk's own vote, a whole tensor's when it is one chunk)."""
+    absent from it: by the chunk's own vote, a whole tensor's when it is one chunk).
+
+    Example:
+        >>> import torch
+        >>> election = SignElection("w", slice(None), base=torch.ones(2))
+        >>> _ = election.add(torch.tensor([2.0, -4.0]))
+        >>> elected({"w": 1.0}, scale=0.5)(election)  # 1 + 0.5·τ
+        tensor([ 2., -1.])
+    """
 
     def finish(state: SignElection) -> torch.Tensor:
         return scale_(state.merged(majority.get(state.key)), scale).add_(state.base)
@@ -897,6 +937,17 @@ def elect_later(
     for one vote over all of them, the key itself for a vote per tensor); other keys break
     ties with their chunk's own vote. The kernel's ``amend`` patches the ties afterwards
     (:class:`_TiesLater`), so no pass over the checkpoints is spent on the vote.
+
+    Example (the third entry is a tie; the vote over ``scopes``' one scope ``""`` is +2):
+        >>> import torch, ladle
+        >>> def keep(key, rows, index, tau, scratch): return tau  # no trimming
+        >>> models = [ladle.open_checkpoint({"w": torch.tensor([1.0, -2.0, 3.0])}),
+        ...           ladle.open_checkpoint({"w": torch.tensor([3.0, 3.0, -3.0])})]
+        >>> base, cpu = ladle.open_checkpoint({"w": torch.zeros(3)}), torch.device("cpu")
+        >>> kernel = elect_later(models, base, keep, scopes={"w": ""}, scale=1.0, device=cpu,
+        ...                      chunk_bytes=2**20)
+        >>> ladle.engine.merge(models, kernel, base=base, method="elect", parameters={})
+        {'w': tensor([2., 3., 3.])}
     """
 
     def again(
@@ -944,7 +995,20 @@ def majority_election(
     In one process the majority is found while merging and the ties patched afterwards
     (:func:`elect_later`). In a merge ``split`` across processes, whose shards are committed
     as it goes, a vote pass (:func:`majority_votes`, summed over the processes with
-    ``reduce``) runs first.
+    ``reduce``) runs first. Both give the same numbers.
+
+    Example:
+        >>> import torch, ladle
+        >>> def keep(key, rows, index, tau, scratch): return tau  # no trimming
+        >>> models = [ladle.open_checkpoint({"w": torch.tensor([1.0, -2.0, 3.0])}),
+        ...           ladle.open_checkpoint({"w": torch.tensor([3.0, 3.0, -3.0])})]
+        >>> base, cpu = ladle.open_checkpoint({"w": torch.zeros(3)}), torch.device("cpu")
+        >>> for split in (False, True):
+        ...     kernel = majority_election(models, base, keep, keys=["w"], per_tensor=False,
+        ...         scale=1.0, device=cpu, chunk_bytes=2**20, allow_nonfinite=False, split=split)
+        ...     print(ladle.engine.merge(models, kernel, base=base, method="e", parameters={}))
+        {'w': tensor([2., 3., 3.])}
+        {'w': tensor([2., 3., 3.])}
     """
     if not split:
         return elect_later(
