@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import CheckpointError, UnsafeCheckpointError, type_name
+from .errors import CheckpointError, UnsafeCheckpointError, one_line, type_name
 
 __all__ = ["Checkpoint", "StateDict", "StateDictLike", "load", "open_checkpoint"]
 
@@ -1139,7 +1139,7 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as err:
         if _out_of_memory(err, file):  # torch's allocator says so, of what the file holds
-            raise MemoryError(f"{file}: {' '.join(str(err).split())}") from err
+            raise MemoryError(f"{file}: {one_line(err)}") from err
         # Unpickling corrupt bytes raises what it meets (EOFError, IndexError, KeyError,
         # struct.error, AssertionError, zipfile.BadZipFile...): each is the file's fault,
         # and says so naming it.

@@ -27,7 +27,7 @@ import torch
 from . import __version__
 from .checkpoint import Checkpoint, declared_quantization, is_adapter, open_checkpoint
 from .compare import TensorDiff, diff
-from .errors import LadleError
+from .errors import LadleError, one_line
 from .methods.dare import check_dare_density, check_seed, dare
 from .methods.soup import greedy_soup, uniform_soup
 from .methods.stock import model_stock
@@ -58,7 +58,7 @@ def _repo_id(text: str) -> str:
     try:
         validate_repo_id(text)
     except HFValidationError as err:
-        raise argparse.ArgumentTypeError(" ".join(str(err).split())) from None
+        raise argparse.ArgumentTypeError(one_line(err)) from None
     return text
 
 
@@ -706,7 +706,7 @@ def _terminate_like_interrupt() -> Iterator[None]:
 
 def _show_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
     """Warnings as one ``ladle: warning:`` line, like errors (no source line)."""
-    _stderr(f"ladle: warning: {' '.join(str(message).split())}")
+    _stderr(f"ladle: warning: {one_line(message)}")
 
 
 def _discard_stdout() -> None:
@@ -793,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LadleError, ValueError, OSError) as err:
         if args.debug:
             raise
-        message = " ".join(str(err).split())
+        message = one_line(err)
         if rank == 0:  # every rank raises a split merge's error; one line is enough
             _stderr(f"ladle: error: {message}")
         return 1

@@ -43,7 +43,7 @@ from .engine import (
     real_view,
     resolve_device,
 )
-from .errors import IncompatibleError, LadleError, type_name
+from .errors import IncompatibleError, LadleError, one_line, type_name
 from .methods.dare import dare
 from .methods.ratatouille import ratatouille
 from .methods.soup import greedy_soup, normalized_weights, uniform_soup
@@ -837,7 +837,7 @@ def merge(
         early = err
     if rank != 0:
         params["progress"] = None
-    problem = None if early is None else " ".join(str(early).split())
+    problem = None if early is None else one_line(early)
     directory = _shared_temporary(Path(out) if early is None else None, world, problem)
     if early is not None:
         try:
@@ -873,7 +873,7 @@ def merge(
             share.flag(int(error is not None))
         own = error if not share.stopped else None  # a rank stopped by another reports nothing
         reports: list[Any] = [None] * size
-        mine = None if own is None else " ".join(str(own).split())
+        mine = None if own is None else one_line(own)
         dist.all_gather_object(reports, (mine, share.files, share.weight_map), group=world)
         failed = [(r, message) for r, (message, _, _) in enumerate(reports) if message is not None]
         finished: list[object] = [None]
@@ -885,7 +885,7 @@ def merge(
                     _finish(out, directory, share.specs, reports, bool(params.get("overwrite")))
             except Exception as err:
                 shutil.rmtree(directory, ignore_errors=True)
-                finished[0] = " ".join(str(err).split())
+                finished[0] = one_line(err)
                 own = own or err
         dist.broadcast_object_list(finished, src=_source(world), group=world)
     except BaseException:  # Ctrl-C or a lost peer while waiting: no shards left behind

@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import errno
+import functools
 import json
 import math
 import numbers
@@ -53,12 +54,14 @@ from .errors import (
     NonFiniteError,
     OutputError,
     check_flag,
+    one_line,
     type_name,
 )
 from .modelcard import output_files
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
     SafetensorsWriter,
+    Spec,
     aligned_order,
     check_amendment,
     check_output_free,
@@ -407,7 +410,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         try:
             torch.empty(1, device=resolved)
         except Exception as err:  # torch raises RuntimeError, AssertionError, ImportError...
-            why = " ".join(str(err).split())
+            why = one_line(err)
             why = why if len(why) <= 160 else why[:157] + "..."  # torch may list every backend
             raise ValueError(
                 f"device: {device!r} is not usable here ({type(err).__name__}: {why})"
@@ -1449,7 +1452,7 @@ def past_saturation(values: torch.Tensor, limit: tuple[float, bool]) -> torch.Te
 
 def _check_saturating(
     result: torch.Tensor,
-    limit: tuple[float, bool],
+    limit: tuple[float, bool] | None,
     dtype: torch.dtype,
     key: str,
     rows: slice,
@@ -1458,7 +1461,11 @@ def _check_saturating(
     where: str,
 ) -> None:
     """``result`` (before its cast to ``dtype``, which saturates): no value past ``limit``
-    (:func:`saturation_limit`) and no NaN or Inf, which the cast would hide."""
+    (:func:`saturation_limit`) and no NaN or Inf, which the cast would hide. Nothing to
+    check where ``limit`` is ``None`` (``dtype``'s casts overflow visibly) or ``result`` is
+    not floating."""
+    if limit is None or not result.is_floating_point():
+        return
     bad = past_saturation(result, limit) | ~torch.isfinite(result)
     if bool(bad.any()):
         _refuse_nonfinite(result, int(bad.sum()), dtype, key, rows, models, base, where)
@@ -1474,6 +1481,47 @@ def _checked_outputs(
     for key, rows, chunk in results:
         _check_merged(chunk, key, rows, models, base, where)
         yield key, rows, chunk
+
+
+def _checked_before_cast(
+    results: Iterator[tuple[str, slice, torch.Tensor]],
+    specs: Mapping[str, Spec],
+    limits: Mapping[str, tuple[float, bool] | None],
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    where: str,
+) -> Generator[tuple[str, slice, torch.Tensor], None, None]:
+    """``results``, each checked by :func:`_check_saturating` against its key's ``limits``
+    (of its dtype in ``specs``) before it is handed on to the cast that would hide it."""
+    for key, rows, result in results:
+        _check_saturating(result, limits[key], specs[key][1], key, rows, models, base, where)
+        yield key, rows, result
+
+
+def _amendments(
+    kernel: Kernel,
+    specs: Mapping[str, Spec],
+    limits: Mapping[str, tuple[float, bool] | None],
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    where: str,
+    *,
+    allow_nonfinite: bool,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``kernel``'s amendments, once the last chunk is out: each on the CPU in its key's
+    output dtype (of a complex tensor: entries of its real view, real and imaginary parts),
+    checked as the merged chunks are."""
+    for key, index, values in kernel.amend() if kernel.amend is not None else ():
+        if key not in specs:  # before its limits are looked up
+            check_amendment(where, key, index, values, None)
+        dtype = specs[key][1]
+        if not allow_nonfinite:
+            _check_saturating(values, limits[key], dtype, key, slice(None), models, base, where)
+        index, values = index.to("cpu"), cast(values.to("cpu"), dtype.to_real())
+        check_amendment(where, key, index, values, specs[key])
+        if not allow_nonfinite:
+            _check_merged(values, key, slice(None), models, base, where)
+        yield key, index, values
 
 
 def _labelled(
@@ -1979,6 +2027,85 @@ def provenance(
     return meta
 
 
+def _writer(
+    out: str | os.PathLike,
+    specs: Mapping[str, Spec],
+    part: Partition | None,
+    keys: Sequence[str] | None,
+    *,
+    metadata: Mapping[str, str],
+    extra_files: Mapping[str, bytes | str | os.PathLike] | None,
+    max_shard_size: int | str,
+    overwrite: bool,
+) -> Sink:
+    """The sink of a merge to ``out``: the whole output, or ``part``'s share (its ``keys``,
+    every key of ``specs`` for ``None``) of a merge split across processes."""
+    if part is None:
+        return SafetensorsWriter(
+            out,
+            specs,
+            max_shard_size=max_shard_size,
+            metadata=metadata,
+            overwrite=overwrite,
+            extra_files=extra_files,
+        )
+    return part.writer(
+        Path(out),
+        specs,
+        keys=list(specs) if keys is None else keys,
+        metadata=metadata,
+        extra_files=extra_files,
+        max_shard_size=max_shard_size,
+    )
+
+
+def output_record(
+    method: str,
+    parameters: Mapping[str, object],
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    out: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None,
+    max_shard_size: int | str,
+    allow_nonfinite: bool,
+    config_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, str], dict[str, Path | bytes] | None]:
+    """What an output ``out`` records of its merge: the header's :func:`provenance`, and for a
+    directory the files placed beside the weights
+    (:func:`~ladle.modelcard.output_files`: config, tokenizer, model card; ``None`` for a
+    file). ``allow_nonfinite`` is recorded among the parameters, so that the card's recipe
+    lets the same NaN through.
+
+    Example:
+        >>> import tempfile, torch, ladle
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = ladle.save({"w": torch.ones(2)}, folder + "/a.safetensors")
+        >>> with ladle.open_checkpoint(folder + "/a.safetensors") as model:
+        ...     meta, extra = output_record("uniform_soup", {}, [model], None,
+        ...                                 folder + "/soup.safetensors", dtype=None,
+        ...                                 max_shard_size="5GB", allow_nonfinite=True)
+        >>> meta["ladle.inputs"], meta["ladle.parameters"], extra
+        ('["a.safetensors"]', '{"allow_nonfinite": true}', None)
+    """
+    if allow_nonfinite:
+        parameters = {**parameters, "allow_nonfinite": True}
+    meta = provenance(method, parameters, models, base, out)
+    if single_file(out):
+        return meta, None
+    extra = output_files(
+        method,
+        parameters,
+        models,
+        base,
+        out=out,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        config_dtype=config_dtype,
+    )
+    return meta, extra
+
+
 def merge(
     models: Sequence[StateDictLike],
     kernel: Kernel,
@@ -2085,20 +2212,7 @@ def merge(
         stack.callback(folded.close)  # closed last, after any wrapper of it (below)
         limits = {key: saturation_limit(dtype) for key, (_, dtype) in specs.items()}
         if not allow_nonfinite and any(limits.values()):  # checked before the cast hides it
-
-            def checked(
-                results: Iterator[tuple[str, slice, torch.Tensor]],
-            ) -> Generator[tuple[str, slice, torch.Tensor], None, None]:
-                for key, rows, result in results:
-                    limit = limits[key]
-                    if limit is not None and result.is_floating_point():
-                        dtype = specs[key][1]
-                        _check_saturating(
-                            result, limit, dtype, key, rows, checkpoints, base_ckpt, where
-                        )
-                    yield key, rows, result
-
-            folded = checked(folded)
+            folded = _checked_before_cast(folded, specs, limits, checkpoints, base_ckpt, where)
         results = Transfers(target).to_host(folded, lambda key: specs[key][1])
         # On a failure each generator is closed, outermost first, before the inputs are: the
         # reading threads stop, and no frame the exception keeps holds views of the inputs.
@@ -2106,72 +2220,47 @@ def merge(
         stack.callback(results.close)
         if not allow_nonfinite:
             results = _checked_outputs(results, checkpoints, base_ckpt, where)
-
-        def amendments() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-            for key, index, values in kernel.amend() if kernel.amend is not None else ():
-                if key not in specs:  # before its limits are looked up
-                    check_amendment(where, key, index, values, None)
-                limit, dtype = limits[key], specs[key][1]
-                if not allow_nonfinite and limit is not None:
-                    everywhere = slice(None)
-                    _check_saturating(
-                        values, limit, dtype, key, everywhere, checkpoints, base_ckpt, where
-                    )
-                # Of a complex tensor: entries of its real view (real and imaginary parts).
-                index, values = index.to("cpu"), cast(values.to("cpu"), dtype.to_real())
-                check_amendment(where, key, index, values, specs[key])
-                if not allow_nonfinite:
-                    _check_merged(values, key, slice(None), checkpoints, base_ckpt, where)
-                yield key, index, values
-
+        amendments = functools.partial(
+            _amendments,
+            kernel,
+            specs,
+            limits,
+            checkpoints,
+            base_ckpt,
+            where,
+            allow_nonfinite=allow_nonfinite,
+        )
         if out is None:
             state = _to_state_dict(results, specs)
             for key, index, values in amendments():  # once the last chunk is out
                 real_view(state[key]).view(-1)[index] = values
             return {key: state[tied.get(key, key)] for key in names if tied.get(key, key) in state}
-        if allow_nonfinite:  # recorded: the card's recipe must let the same NaN through
-            parameters = {**parameters, "allow_nonfinite": True}
-        meta = provenance(method, parameters, checkpoints, base_ckpt, out)
-        extra = (  # a directory output also gets config/tokenizer files and a model card
-            None
-            if single_file(out)
-            else output_files(
-                method,
-                parameters,
-                checkpoints,
-                base_ckpt,
-                out=out,
-                dtype=dtype,
-                max_shard_size=max_shard_size,
-            )
+        meta, extra = output_record(
+            method,
+            parameters,
+            checkpoints,
+            base_ckpt,
+            out,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            allow_nonfinite=allow_nonfinite,
         )
-
-        def sink() -> Sink:
-            if part is None:
-                return SafetensorsWriter(
-                    out,
-                    specs,
-                    max_shard_size=max_shard_size,
-                    metadata=meta,
-                    overwrite=overwrite,
-                    extra_files=extra,
-                )
-            return part.writer(
-                Path(out),
-                specs,
-                keys=keys if keys is not None else list(specs),  # a list here: set above
-                metadata=meta,
-                extra_files=extra,
-                max_shard_size=max_shard_size,
-            )
-
         # Once every read is done, the inputs are closed (their memory maps torn down) on a
         # thread while the output is committed (its fsync waits on the disk).
         closing = threading.Thread(target=inputs.close, name="ladle-close-inputs")
         try:
             # Made in the with statement: nothing runs between the temporary output's making
             # and the with taking charge of it (Ctrl-C there left it on disk).
-            with sink() as writer:
+            with _writer(
+                out,
+                specs,
+                part,
+                keys,
+                metadata=meta,
+                extra_files=extra,
+                max_shard_size=max_shard_size,
+                overwrite=overwrite,
+            ) as writer:
                 for key, _, chunk in results:
                     writer.write(key, chunk)
                 for key, index, values in amendments():

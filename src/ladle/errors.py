@@ -115,6 +115,17 @@ def type_name(value: object) -> str:
     return "None" if value is None else type(value).__name__
 
 
+def one_line(message: object) -> str:
+    """``str(message)`` with every run of whitespace, line breaks included, as one space: an
+    error of another library quoted inside one of ours, which the CLI prints as one line.
+
+    Example:
+        >>> one_line(ValueError("bad header:\\n  offsets overlap "))
+        'bad header: offsets overlap'
+    """
+    return " ".join(str(message).split())
+
+
 def check_flag(name: str, value: object) -> bool:
     """``value`` as a bool: ``True`` or ``False`` (a numpy bool too); anything else is a
     ``TypeError`` naming parameter ``name`` (``overwrite="no"``, being truthy, replaced an

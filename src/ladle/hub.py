@@ -29,7 +29,7 @@ from .checkpoint import (
     shard_names,
     weights_layout,
 )
-from .errors import CheckpointError, LadleError, type_name
+from .errors import CheckpointError, LadleError, one_line, type_name
 
 __all__ = [
     "COMPANION_FILES",
@@ -190,7 +190,7 @@ def _repo_id_problem(repo_id: str) -> str | None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        why = " ".join(str(err).split()).removesuffix(f": '{repo_id}'.")
+        why = one_line(err).removesuffix(f": '{repo_id}'.")
         return f"malformed repository id {repo_id!r} ({why})"
     return None
 
@@ -299,7 +299,7 @@ def _check_access(err: BaseException, url: str, repo_id: str) -> None:
         if status in (401, 403):
             raise CheckpointError(
                 f"{url}: the Hub refused access to {repo_id} ({status}: "
-                f"{' '.join(str(cause).split())}); set HF_TOKEN or run `hf auth login` with "
+                f"{one_line(cause)}); set HF_TOKEN or run `hf auth login` with "
                 "an account that can read it"
             ) from err
         cause = cause.__cause__ or cause.__context__
@@ -403,7 +403,7 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
                 if not _unreachable(err):
                     raise
                 raise CheckpointError(
-                    f"{url}: the Hub could not be reached ({' '.join(str(err).split())}); to "
+                    f"{url}: the Hub could not be reached ({one_line(err)}); to "
                     "read what the Hugging Face cache holds, set HF_HUB_OFFLINE=1"
                 ) from err
         # Only folders that are there: huggingface_hub warns of patterns that match nothing.
@@ -434,7 +434,7 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         why = (
             f"HF_HUB_OFFLINE is set: unset it, or fetch it first ({fetch_first})"
             if offline
-            else f"the Hub could not be reached ({' '.join(str(err).split())})"
+            else f"the Hub could not be reached ({one_line(err)})"
         )
         what = f"revision {source.revision!r} of " if source.revision else ""
         raise CheckpointError(
@@ -444,14 +444,10 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         if isinstance(err, HfHubHTTPError):
             _check_access(err, url, source.repo_id)
         elif _unreachable(err):
-            raise CheckpointError(
-                f"{url}: the Hub could not be reached ({' '.join(str(err).split())})"
-            ) from err
+            raise CheckpointError(f"{url}: the Hub could not be reached ({one_line(err)})") from err
         elif not isinstance(err, OSError):  # a disk error writing the cache is one
             raise
-        raise CheckpointError(
-            f"{url}: cannot fetch from the Hub ({' '.join(str(err).split())})"
-        ) from err
+        raise CheckpointError(f"{url}: cannot fetch from the Hub ({one_line(err)})") from err
     if not _COMMIT.fullmatch(commit):
         raise CheckpointError(f"{url}: resolved to {root}, which is not a cached snapshot")
     if not found:
@@ -558,7 +554,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None
     except Exception as err:  # HTTP errors, and the transport's own (refused connections)
         raise LadleError(
             f"push_to_hub: uploading {path} to {repo_id} failed: {type(err).__name__}: "
-            f"{' '.join(str(err).split())}"
+            f"{one_line(err)}"
         ) from err
     return str(getattr(info, "commit_url", info))
 

@@ -35,19 +35,17 @@ from ..engine import (
     merge,
     open_models,
     output_dtype,
+    output_record,
     output_specs,
-    provenance,
     resolve_device,
     resolve_dtype,
     saturation_limit,
 )
 from ..errors import check_flag, type_name
-from ..modelcard import output_files
 from ..writer import (
     DEFAULT_MAX_SHARD_SIZE,
     SafetensorsWriter,
     check_storable,
-    single_file,
 )
 
 __all__ = [
@@ -449,8 +447,7 @@ def _greedy(
         for key, tensor in soup.items():
             target = output_dtype(best.dtype(key), dtype)
             limit = saturation_limit(target)
-            if limit is not None and tensor.is_floating_point():
-                _check_saturating(tensor, limit, target, key, slice(None), checkpoints, None, where)
+            _check_saturating(tensor, limit, target, key, slice(None), checkpoints, None, where)
     return GreedySoupResult(output(soup, best, to="cpu"), selected, score, history)
 
 
@@ -524,34 +521,28 @@ def run_greedy(
             for key, tensor in result.state_dict.items():
                 _check_merged(tensor, key, slice(None), checkpoints, None, where)
         if out is not None:
-            recorded = {**parameters, "selected": result.selected, "score": result.score}
-            if allow_nonfinite:  # as every merge records it (its card's recipe needs it)
-                recorded["allow_nonfinite"] = True
             state = result.state_dict
             # Model 0's config, with the dtype written (the best-ranked model's) where the
             # best is another model: the config said model 0's. The card's recipe asks for no
             # dtype: a soup of the kept models, best first, writes the best one's dtypes, key
             # by key (the dtype of one key, asked for, was written for every key).
             written = next((t.dtype for t in state.values() if t.is_floating_point()), None)
-            extra = (  # as every merge: a directory also gets config/tokenizer and a card
-                None
-                if single_file(out)
-                else output_files(
-                    method,
-                    recorded,
-                    checkpoints,
-                    None,
-                    out=out,
-                    dtype=dtype,
-                    max_shard_size=max_shard_size,
-                    config_dtype=None if dtype is not None or result.selected[0] == 0 else written,
-                )
+            meta, extra = output_record(
+                method,
+                {**parameters, "selected": result.selected, "score": result.score},
+                checkpoints,
+                None,
+                out,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                allow_nonfinite=allow_nonfinite,
+                config_dtype=None if dtype is not None or result.selected[0] == 0 else written,
             )
             with SafetensorsWriter(
                 out,
                 {key: (tuple(t.shape), t.dtype) for key, t in state.items()},
                 max_shard_size=max_shard_size,
-                metadata=provenance(method, recorded, checkpoints, None, out),
+                metadata=meta,
                 overwrite=overwrite,
                 extra_files=extra,
             ) as writer:
