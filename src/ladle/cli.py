@@ -467,6 +467,26 @@ _FINETUNED = f"fine-tuned checkpoints: {_SOURCES}"
 _SCALE = _checked(float, check_scale)
 
 
+def _merge_command(
+    commands: Any,
+    name: str,
+    help: str,
+    method: Callable[..., Any],
+    params: tuple[str, ...],
+    *,
+    models_help: str = _FINETUNED,
+    base: bool = True,
+) -> argparse.ArgumentParser:
+    """A merge sub-command: the shared options, the models, ``--base`` where the method takes
+    one; it runs ``method`` with ``params`` (:func:`_run_method`)."""
+    command = commands.add_parser(name, parents=[merge_options()], help=help)
+    command.add_argument("models", nargs="+", metavar="MODEL", help=models_help)
+    if base:
+        command.add_argument("--base", required=True, help="the model they were tuned from")
+    command.set_defaults(run=_run_method, method=method, params=params)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(  # its sub-commands' parsers are of its class
         prog="ladle", description="Merge neural-network weights (model soups and more)."
@@ -475,10 +495,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    soup = commands.add_parser(
-        "soup", parents=[merge_options()], help="uniform or weighted mean of models"
+    soup = _merge_command(
+        commands,
+        "soup",
+        "uniform or weighted mean of models",
+        uniform_soup,
+        ("weights",),
+        models_help=f"checkpoints: {_SOURCES}",
+        base=False,
     )
-    soup.add_argument("models", nargs="+", metavar="MODEL", help=f"checkpoints: {_SOURCES}")
     soup.add_argument(
         "--weights",
         type=float,
@@ -486,15 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="one weight per model (normalised to sum to 1)",
     )
-    soup.set_defaults(run=_run_method, method=uniform_soup, params=("weights",))
 
-    arithmetic = commands.add_parser(
+    arithmetic = _merge_command(
+        commands,
         "task-arithmetic",
-        parents=[merge_options()],
-        help="task arithmetic: base + scale·Σ wᵢ·(modelᵢ − base)",
+        "task arithmetic: base + scale·Σ wᵢ·(modelᵢ − base)",
+        task_arithmetic,
+        ("base", "scale", "weights"),
     )
-    arithmetic.add_argument("models", nargs="+", metavar="MODEL", help=_FINETUNED)
-    arithmetic.add_argument("--base", required=True, help="the model they were tuned from")
     arithmetic.add_argument("--scale", type=_SCALE, default=1.0, help="λ (default: 1.0)")
     arithmetic.add_argument(
         "--weights",
@@ -503,17 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="one weight per task vector, used as given (default: 1 each; negative negates)",
     )
-    arithmetic.set_defaults(
-        run=_run_method, method=task_arithmetic, params=("base", "scale", "weights")
-    )
 
-    ties_parser = commands.add_parser(
+    ties_parser = _merge_command(
+        commands,
         "ties",
-        parents=[merge_options()],
-        help="TIES-Merging: trim, elect signs, disjoint mean",
+        "TIES-Merging: trim, elect signs, disjoint mean",
+        ties,
+        ("base", "density", "scale", "trim"),
     )
-    ties_parser.add_argument("models", nargs="+", metavar="MODEL", help=_FINETUNED)
-    ties_parser.add_argument("--base", required=True, help="the model they were tuned from")
     ties_parser.add_argument(
         "--density",
         type=_checked(float, check_density),
@@ -527,17 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="global",
         help="rank magnitudes over the whole model (paper) or per tensor (default: global)",
     )
-    ties_parser.set_defaults(
-        run=_run_method, method=ties, params=("base", "density", "scale", "trim")
-    )
 
-    dare_parser = commands.add_parser(
+    dare_parser = _merge_command(
+        commands,
         "dare",
-        parents=[merge_options()],
-        help="DARE: drop and rescale task-vector entries, then sum or TIES-combine",
+        "DARE: drop and rescale task-vector entries, then sum or TIES-combine",
+        dare,
+        ("base", "density", "scale", "seed", "combine"),
     )
-    dare_parser.add_argument("models", nargs="+", metavar="MODEL", help=_FINETUNED)
-    dare_parser.add_argument("--base", required=True, help="the model they were tuned from")
     dare_parser.add_argument(
         "--density",
         type=_checked(float, check_dare_density),
@@ -554,18 +572,15 @@ def build_parser() -> argparse.ArgumentParser:
     dare_parser.add_argument(
         "--combine", choices=["sum", "ties"], default="sum", help="how to combine (default: sum)"
     )
-    dare_parser.set_defaults(
-        run=_run_method, method=dare, params=("base", "density", "scale", "seed", "combine")
-    )
 
-    stock = commands.add_parser(
+    _merge_command(
+        commands,
         "stock",
-        parents=[merge_options()],
-        help="Model Stock: per tensor, t·mean + (1 − t)·base, t from the task vectors' angle",
+        "Model Stock: per tensor, t·mean + (1 − t)·base, t from the task vectors' angle",
+        model_stock,
+        ("base",),
+        models_help=f"two or more {_FINETUNED}",
     )
-    stock.add_argument("models", nargs="+", metavar="MODEL", help=f"two or more {_FINETUNED}")
-    stock.add_argument("--base", required=True, help="the model they were tuned from")
-    stock.set_defaults(run=_run_method, method=model_stock, params=("base",))
 
     greedy = commands.add_parser(
         "greedy-soup",
