@@ -339,12 +339,7 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         (True, ['model.safetensors'])
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     source = parse_hf_url(url)
     # fnmatch patterns: a subfolder named "ckpt[1]" is no character class
@@ -354,7 +349,20 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
 
     def fetch(revision: str | None, allow: list[str], depth: int = 1) -> Path:
         try:
-            return _snapshot(revision, allow, depth)
+            return Path(
+                snapshot_download(
+                    source.repo_id,
+                    revision=revision,
+                    cache_dir=cache,
+                    local_files_only=offline,
+                    allow_patterns=allow,
+                    # nothing from deeper folders, no optimizer or trainer state
+                    ignore_patterns=[prefix + "*/" * depth + "*", *_patterns(prefix, NOT_WEIGHTS)],
+                    endpoint=os.environ.get("HF_ENDPOINT") or None,
+                    library_name="ladle",
+                    library_version=__version__,
+                )
+            )
         except LocalEntryNotFoundError as err:
             # huggingface_hub ≥ 1: offline, a snapshot whose cached file list names files
             # these patterns match and the cache lacks (a README, a tokenizer) is refused
@@ -363,22 +371,6 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             if partial is None:
                 raise
             return Path(partial)
-
-    def _snapshot(revision: str | None, allow: list[str], depth: int) -> Path:
-        return Path(
-            snapshot_download(
-                source.repo_id,
-                revision=revision,
-                cache_dir=cache,
-                local_files_only=offline,
-                allow_patterns=allow,
-                # nothing from deeper folders, no optimizer or trainer state
-                ignore_patterns=[prefix + "*/" * depth + "*", *_patterns(prefix, NOT_WEIGHTS)],
-                endpoint=os.environ.get("HF_ENDPOINT") or None,
-                library_name="ladle",
-                library_version=__version__,
-            )
-        )
 
     try:
         root = fetch(
@@ -416,16 +408,41 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             deepest = max(name.count("/") for name in files) + 1
             fetch(commit, [prefix + glob.escape(name) for name in files], depth=deepest)
         found = bool(files) and all((folder / name).is_file() for name in files)
-    except RepositoryNotFoundError as err:  # also gated repos
-        raise CheckpointError(
+    except Exception as err:
+        error = _fetch_failure(err, url, source, offline=offline, cache=cache)
+        if error is None:
+            raise
+        raise error from err
+    if not _COMMIT.fullmatch(commit):
+        raise CheckpointError(f"{url}: resolved to {root}, which is not a cached snapshot")
+    if not found:
+        raise _no_weights(url, source, folder, commit, offline=offline, cache=cache)
+    return folder, commit
+
+
+def _fetch_failure(
+    err: Exception, url: str, source: HubSource, *, offline: bool, cache: str
+) -> CheckpointError | None:
+    """The error :func:`snapshot` raises for ``err``, met while fetching ``url``; ``None`` for
+    an error that is not the Hub's or the network's (a bug: raised as it is). A refusal of
+    access (401/403) is raised here, naming the login to use."""
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(err, RepositoryNotFoundError):  # also gated repos
+        return CheckpointError(
             f"{url}: repository not found on the Hub, or private or gated and not accessible "
             "with the current login (set HF_TOKEN or run `hf auth login`)"
-        ) from err
-    except RevisionNotFoundError as err:
-        raise CheckpointError(
+        )
+    if isinstance(err, RevisionNotFoundError):
+        return CheckpointError(
             f"{url}: revision {source.revision or 'main'!r} not found in {source.repo_id}"
-        ) from err
-    except LocalEntryNotFoundError as err:
+        )
+    if isinstance(err, LocalEntryNotFoundError):
         _check_access(err, url, source.repo_id)  # reached, and refused: not a network failure
         # huggingface_hub's own text advises `local_files_only=False`, which ladle has not.
         revision = f" --revision {source.revision}" if source.revision else ""
@@ -437,38 +454,40 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             else f"the Hub could not be reached ({one_line(err)})"
         )
         what = f"revision {source.revision!r} of " if source.revision else ""
-        raise CheckpointError(
+        return CheckpointError(
             f"{url}: {what}{source.repo_id} is not in the Hugging Face cache ({cache}) and {why}"
-        ) from err
-    except Exception as err:
-        if isinstance(err, HfHubHTTPError):
-            _check_access(err, url, source.repo_id)
-        elif _unreachable(err):
-            raise CheckpointError(f"{url}: the Hub could not be reached ({one_line(err)})") from err
-        elif not isinstance(err, OSError):  # a disk error writing the cache is one
-            raise
-        raise CheckpointError(f"{url}: cannot fetch from the Hub ({one_line(err)})") from err
-    if not _COMMIT.fullmatch(commit):
-        raise CheckpointError(f"{url}: resolved to {root}, which is not a cached snapshot")
-    if not found:
-        last = source.subfolder.rpartition("/")[2]
-        if last.endswith((".safetensors", ".json", *TORCH_SUFFIXES)):  # a file's name
-            parent = source.subfolder.rpartition("/")[0]
-            named = PREFIX + source.repo_id + (f"/{parent}" if parent else "")
-            raise CheckpointError(
-                f"{url}: an hf:// source names a repository or a folder in it, not a file "
-                f"({last!r}); name the folder holding it: {named}"
-            )
-        where = f"subfolder {source.subfolder!r}" if source.subfolder else "the repository root"
-        names = sorted(p.name for p in folder.iterdir())[:5] if folder.is_dir() else []
-        if offline:  # only the cache was asked: the Hub may well have them
-            where += f" in the Hugging Face cache ({cache}), and HF_HUB_OFFLINE is set"
-        raise CheckpointError(
-            f"{source.url(commit)}: no weights in {where}: expected *.safetensors or a torch "
-            f"file (*.bin, *.pt, *.pth, *.ckpt), or every shard of an index; found "
-            f"{', '.join(names) if names else 'none'}"
         )
-    return folder, commit
+    if isinstance(err, HfHubHTTPError):
+        _check_access(err, url, source.repo_id)
+    elif _unreachable(err):
+        return CheckpointError(f"{url}: the Hub could not be reached ({one_line(err)})")
+    elif not isinstance(err, OSError):  # a disk error writing the cache is one
+        return None
+    return CheckpointError(f"{url}: cannot fetch from the Hub ({one_line(err)})")
+
+
+def _no_weights(
+    url: str, source: HubSource, folder: Path, commit: str, *, offline: bool, cache: str
+) -> CheckpointError:
+    """The error of a snapshot (``folder``, at ``commit``) that holds no weights to read:
+    ``url`` naming a file rather than a folder, or what the folder holds instead."""
+    last = source.subfolder.rpartition("/")[2]
+    if last.endswith((".safetensors", ".json", *TORCH_SUFFIXES)):  # a file's name
+        parent = source.subfolder.rpartition("/")[0]
+        named = PREFIX + source.repo_id + (f"/{parent}" if parent else "")
+        return CheckpointError(
+            f"{url}: an hf:// source names a repository or a folder in it, not a file "
+            f"({last!r}); name the folder holding it: {named}"
+        )
+    where = f"subfolder {source.subfolder!r}" if source.subfolder else "the repository root"
+    names = sorted(p.name for p in folder.iterdir())[:5] if folder.is_dir() else []
+    if offline:  # only the cache was asked: the Hub may well have them
+        where += f" in the Hugging Face cache ({cache}), and HF_HUB_OFFLINE is set"
+    return CheckpointError(
+        f"{source.url(commit)}: no weights in {where}: expected *.safetensors or a torch "
+        f"file (*.bin, *.pt, *.pth, *.ckpt), or every shard of an index; found "
+        f"{', '.join(names) if names else 'none'}"
+    )
 
 
 def _unreachable(err: BaseException) -> bool:
