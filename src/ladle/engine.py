@@ -649,9 +649,15 @@ def _describe(index: int | None, checkpoint: Checkpoint) -> str:
     return f"base ({checkpoint.name})" if index is None else f"model {index} ({checkpoint.name})"
 
 
-def _few(keys: Sequence[str]) -> str:
-    shown = ", ".join(repr(key) for key in keys[:3])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > 3 else ''})"
+def _few(keys: Sequence[str], shown: int = 3) -> str:
+    """How many ``keys`` there are, and the first ``shown`` of them.
+
+    Example:
+        >>> _few(["a", "b", "c", "d"])
+        "4 ('a', 'b', 'c', ...)"
+    """
+    first = ", ".join(repr(key) for key in keys[:shown])
+    return f"{len(keys)} ({first}{', ...' if len(keys) > shown else ''})"
 
 
 _WRAPPERS = {  # prefixes that wrappers add to a module's keys, and how to unwrap it
@@ -872,11 +878,8 @@ def check_models(models: Sequence[StateDictLike]) -> None:
     """
     if isinstance(models, (str, os.PathLike, Mapping, torch.nn.Module)):
         raise TypeError("models: expected a sequence of models, found a single model")
-    if isinstance(models, (bytes, bytearray, torch.Tensor, np.ndarray)):  # sequences of numbers
-        raise TypeError(
-            f"models: expected a sequence of models (a list or tuple), found {type_name(models)}"
-        )
-    if not hasattr(models, "__len__") or isinstance(models, AbstractSet):
+    numbers = (bytes, bytearray, torch.Tensor, np.ndarray)  # sequences, of numbers
+    if isinstance(models, (*numbers, AbstractSet)) or not hasattr(models, "__len__"):
         raise TypeError(
             f"models: expected a sequence of models (a list or tuple), found {type_name(models)}"
         )

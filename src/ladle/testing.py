@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpoint import StateDict, StateDictLike, check_source, load, not_a_dense_tensor
-from .engine import check_number, is_packed, real_view
+from .engine import _few, check_number, is_packed, real_view
 from .errors import CheckpointError, check_flag, type_name
 
 if TYPE_CHECKING:
@@ -262,11 +262,6 @@ def _compare(
     )
 
 
-def _few(keys: Sequence[str]) -> str:
-    shown = ", ".join(repr(key) for key in keys[:5])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > 5 else ''})"
-
-
 def _as_state_dict(
     name: str, value: Mapping[str, torch.Tensor] | StateDictLike
 ) -> Mapping[str, torch.Tensor]:
@@ -348,9 +343,9 @@ def assert_state_dicts_close(
     missing = [key for key in want if key not in got]
     extra = [key for key in got if key not in want]
     if missing:
-        problems.append(f"  missing keys (in expected, not in actual): {_few(missing)}")
+        problems.append(f"  missing keys (in expected, not in actual): {_few(missing, 5)}")
     if extra:
-        problems.append(f"  extra keys (in actual, not in expected): {_few(extra)}")
+        problems.append(f"  extra keys (in actual, not in expected): {_few(extra, 5)}")
     mismatches = []
     for key in want:
         if key not in got:
