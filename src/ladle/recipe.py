@@ -685,6 +685,19 @@ def _named(err: Exception, where: str) -> Exception | None:
     return named
 
 
+@contextlib.contextmanager
+def _naming(where: str) -> Iterator[None]:
+    """An exception raised inside the block again, named after ``where`` (:func:`_named`),
+    from the original; one that cannot be rebuilt from a message is raised as it is."""
+    try:
+        yield
+    except Exception as err:
+        named = _named(err, where)
+        if named is None:
+            raise
+        raise named from err
+
+
 def _check_inputs_kept(steps: Sequence[Step], where: Callable[[Step], str]) -> None:
     """No step writes over a file that any step reads, found as the merges find them: each
     input opened (a folder's weights file may link elsewhere, an ``hf://`` input is a
@@ -696,13 +709,10 @@ def _check_inputs_kept(steps: Sequence[Step], where: Callable[[Step], str]) -> N
             if not isinstance(source, str) or source in seen:
                 continue
             seen.add(source)
-            try:  # one input open at a time: a torch file that cannot be mapped is in memory
+            # One input open at a time: a torch file that cannot be mapped is in memory. Its
+            # errors name the step, as when the step runs.
+            with _naming(where(step)):
                 opened = open_checkpoint(source)
-            except Exception as err:  # the step's name, as when the step runs
-                named = _named(err, where(step))
-                if named is None:
-                    raise
-                raise named from err
             with opened:
                 for writer in writing:
                     assert writer.output is not None
@@ -807,13 +817,8 @@ def run_recipe(
             "max_shard_size": step.max_shard_size,
         }
         kwargs.update({k: v for k, v in options.items() if k in accepted and v is not None})
-        try:
+        with _naming(where(step)):  # the step's name on the one line the CLI prints
             result = function([resolve(m) for m in step.models], **kwargs)
-        except Exception as err:  # the step's name on the one line the CLI prints
-            named = _named(err, where(step))
-            if named is None:
-                raise
-            raise named from err
         if step.output is not None:
             results[step.name] = step.output
             if on_output is not None:
