@@ -1116,7 +1116,7 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
                 loaded = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if _ends_early(file):  # a name cut short is no allowed global: refused, but truncated
-            raise CheckpointError(f"{file}: not a readable torch file ({ENDS_EARLY})") from err
+            raise _truncated(file) from err
         if "Unsupported operand 149" in str(err):  # FRAME: what it holds is unknown
             raise UnsafeCheckpointError(
                 f"{file}: refused to unpickle: pickled with protocol 4 or later, which torch's "
@@ -1133,7 +1133,7 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
         # The machine's, unless a length in the file reaches past its end: torch allocated
         # what a corrupt length asked for before finding the bytes missing.
         if _ends_early(file):
-            raise CheckpointError(f"{file}: not a readable torch file ({ENDS_EARLY})") from err
+            raise _truncated(file) from err
         raise
     except Warning:  # a warning the caller made an error (python -W error): theirs to see
         raise
@@ -1146,6 +1146,17 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{file}: not a readable torch file ({_load_failure(file, err)})"
         ) from err
+    return _state_dict_in(file, loaded)
+
+
+def _truncated(file: Path) -> CheckpointError:
+    return CheckpointError(f"{file}: not a readable torch file ({ENDS_EARLY})")
+
+
+def _state_dict_in(file: Path, loaded: object) -> dict[str, torch.Tensor]:
+    """The state dict that ``file`` unpickled to ``loaded``: itself, or the dict under a
+    training checkpoint's ``state_dict`` or ``model``; refused unless a dict of dense
+    tensors, or where tensors lie beside the wrapper."""
     for wrapper in ("state_dict", "model"):  # common training-checkpoint layouts
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             beside = [k for k, v in loaded.items() if isinstance(v, torch.Tensor)]
