@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, overload
+from typing import Any, NamedTuple, overload
 
 import torch
 
@@ -339,6 +340,56 @@ def _checked_scores(scores: NumbersLike, count: int) -> list[float]:
     return values
 
 
+def _running_mean(
+    sources: list[Checkpoint],
+    numbers: list[int],
+    n: int,
+    *,
+    keys: list[str],
+    device: torch.device,
+    allow_nonfinite: bool,
+) -> StateDict:
+    """``sources[0]`` (a soup of ``n`` models, or a model for ``n = 0``) with ``sources[1]``
+    folded into its running mean (:func:`running_mean_kernel`), in memory on ``device``
+    (``evaluate`` needs it there). Folded a chunk of rows at a time, so that the fold's
+    buffers (pinned on CUDA) are chunks, not tensors; ``numbers`` are the sources' places in
+    the caller's ``models``, which errors name."""
+    soup: StateDict = {}
+    for key, rows, chunk in fold(
+        sources,
+        running_mean_kernel(n),
+        keys=keys,
+        device=device,
+        chunk_bytes=FOLD_CHUNK_BYTES,
+        copy_others=True,
+        allow_nonfinite=allow_nonfinite,
+        numbers=numbers,
+    ):
+        if rows == slice(None):  # the kernel's own tensor, or a copy of an input's
+            soup[key] = chunk
+            continue
+        if key not in soup:
+            shape = tuple(sources[0].shape(key))
+            soup[key] = torch.empty(shape, dtype=chunk.dtype, device=chunk.device)
+        soup[key].view(-1, *chunk.shape[1:])[rows] = chunk  # rows of chunk_shape
+    return soup
+
+
+def _score(evaluate: Evaluate, bar: Any, state_dict: StateDict, what: str) -> float:
+    """``evaluate(state_dict)``, checked: a number, not NaN (``what`` names the candidate in
+    the error); counted on ``bar``."""
+    returned = evaluate(state_dict)
+    try:  # as any number ladle takes: no bool, no string, within float's range
+        value = check_number("evaluate", returned)
+    except (TypeError, ValueError):
+        raise ValueError(f"evaluate: returned {returned!r} for {what}; expected a number") from None
+    if bar is not None:
+        bar.update(1)
+    if math.isnan(value):
+        raise ValueError(f"evaluate: returned NaN for {what}; scores must be comparable")
+    return value
+
+
 def _greedy(
     checkpoints: Sequence[Checkpoint],
     evaluate: Evaluate,
@@ -363,31 +414,10 @@ def _greedy(
     names = checkpoints[0].keys()  # the reference's (open_models answers its second names)
     keys = [key for key in names if key not in tied]  # tied: the first name
     bar = _bar(progress, count - 1 + (count if scores is None else 0), "greedy soup", "eval")
-
-    def soup_of(
-        sources: list[Checkpoint], numbers: list[int], n: int, keys: list[str]
-    ) -> StateDict:
-        # The soup lives in memory (evaluate needs it), on the device; it is folded a chunk of
-        # rows at a time, so that the fold's buffers (pinned on CUDA) are chunks, not tensors.
-        soup: StateDict = {}
-        for key, rows, chunk in fold(
-            sources,
-            running_mean_kernel(n),
-            keys=keys,
-            device=device,
-            chunk_bytes=FOLD_CHUNK_BYTES,
-            copy_others=True,
-            allow_nonfinite=allow_nonfinite,
-            numbers=numbers,  # errors name the models by their places in `models`
-        ):
-            if rows == slice(None):  # the kernel's own tensor, or a copy of an input's
-                soup[key] = chunk
-                continue
-            if key not in soup:
-                shape = tuple(sources[0].shape(key))
-                soup[key] = torch.empty(shape, dtype=chunk.dtype, device=chunk.device)
-            soup[key].view(-1, *chunk.shape[1:])[rows] = chunk  # rows of chunk_shape
-        return soup
+    soup_of = functools.partial(
+        _running_mean, keys=keys, device=device, allow_nonfinite=allow_nonfinite
+    )
+    score_of = functools.partial(_score, evaluate, bar)
 
     def output(
         soup: Mapping[str, torch.Tensor], reference: Checkpoint, to: torch.device | str = device
@@ -399,31 +429,17 @@ def _greedy(
         }
         return {key: converted[tied.get(key, key)] for key in names}
 
-    def score_of(state_dict: StateDict, what: str) -> float:
-        returned = evaluate(state_dict)
-        try:  # as any number ladle takes: no bool, no string, within float's range
-            value = check_number("evaluate", returned)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"evaluate: returned {returned!r} for {what}; expected a number"
-            ) from None
-        if bar is not None:
-            bar.update(1)
-        if math.isnan(value):
-            raise ValueError(f"evaluate: returned NaN for {what}; scores must be comparable")
-        return value
-
     try:
         if scores is None:
             values = [
-                score_of(output(soup_of([c], [i], 0, keys), c), f"model {i} ({c.name})")
+                score_of(output(soup_of([c], [i], 0), c), f"model {i} ({c.name})")
                 for i, c in enumerate(checkpoints)
             ]
         else:
             values = _checked_scores(scores, count)
         ranked = sorted(range(count), key=lambda i: -values[i])  # stable: ties keep input order
         best = checkpoints[ranked[0]]
-        soup = soup_of([best], ranked[:1], 0, keys)
+        soup = soup_of([best], ranked[:1], 0)
         selected, score = [ranked[0]], values[ranked[0]]
         history = [GreedySoupStep(ranked[0], score, True)]
         for index in ranked[1:]:
@@ -431,7 +447,6 @@ def _greedy(
                 [TensorMapCheckpoint(soup), checkpoints[index]],
                 [ranked[0], index],
                 len(selected),
-                keys,
             )
             tried = score_of(output(candidate, best), f"the soup with model {index}")
             accepted = tried > score if strict else tried >= score
