@@ -738,6 +738,41 @@ def _discard_stdout() -> None:
         os.close(devnull)
 
 
+def _checked_usage(
+    args: argparse.Namespace, command: argparse.ArgumentParser, run: Callable[..., None]
+) -> int:
+    """This process's rank (0 unless under torchrun), once the usage errors that parsing
+    cannot find are refused through ``command`` (exit status 2, its usage shown): options
+    for a directory output given a file, ``--push-to-hub`` offline, a file output of a
+    merge split across processes, a bad ``RANK``."""
+    push = getattr(args, "push_to_hub", None)
+    file = single_file(args.out) if getattr(args, "out", None) is not None else False
+    if push is not None and file:
+        command.error("--push-to-hub needs a directory output (-o DIR), not a .safetensors file")
+    shard = getattr(args, "max_shard_size", None)
+    if shard is not None and file:
+        command.error(
+            "--max-shard-size applies to a directory output (-o DIR); a .safetensors output "
+            "is one file"
+        )
+    if push is not None:
+        from .hub import _offline
+
+        if _offline():  # known now: refused before the merge, not after it
+            command.error("--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set")
+    if _world_size() > 1 and run in _SPLIT_RUNS and file:
+        # Every rank refuses it now: found in the merge, the first rank to fail could end
+        # the others (torchrun stops them) before any printed why.
+        command.error(
+            "a merge split across processes (torchrun) writes a directory of shards: "
+            "-o DIR, not a .safetensors file"
+        )
+    rank = _rank() if _world_size() > 1 else 0
+    if rank < 0:
+        command.error(f"RANK={os.environ.get('RANK')!r}: expected the process's rank (0, 1, ...)")
+    return rank
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ladle`` command; returns the exit status.
 
@@ -766,29 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], None] = args.run
     command: argparse.ArgumentParser = args.command_parser  # usage errors show its usage
     push = getattr(args, "push_to_hub", None)
-    if push is not None and single_file(args.out):
-        command.error("--push-to-hub needs a directory output (-o DIR), not a .safetensors file")
-    shard = getattr(args, "max_shard_size", None)
-    if shard is not None and single_file(args.out):
-        command.error(
-            "--max-shard-size applies to a directory output (-o DIR); a .safetensors output "
-            "is one file"
-        )
-    if push is not None:
-        from .hub import _offline
-
-        if _offline():  # known now: refused before the merge, not after it
-            command.error("--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set")
-    if _world_size() > 1 and run in _SPLIT_RUNS and single_file(args.out):
-        # Every rank refuses it now: found in the merge, the first rank to fail could end
-        # the others (torchrun stops them) before any printed why.
-        command.error(
-            "a merge split across processes (torchrun) writes a directory of shards: "
-            "-o DIR, not a .safetensors file"
-        )
-    rank = _rank() if _world_size() > 1 else 0
-    if rank < 0:
-        command.error(f"RANK={os.environ.get('RANK')!r}: expected the process's rank (0, 1, ...)")
+    rank = _checked_usage(args, command, run)
     if rank != 0 and run not in _SPLIT_RUNS:
         return 0  # under torchrun, commands that do not split run on rank 0 alone
     try:
