@@ -438,6 +438,21 @@ def test_complex_infinities_and_nans():
     assert_state_dicts_close({"z": nan}, {"z": nan.clone()}, equal_nan=True)
 
 
+def test_complex_errors_leave_out_elements_with_a_nan_and_keep_infinite_ones():
+    nan = float("nan")
+    # The only differing element holds a NaN: its error (|−inf + NaNj| is inf) is left out.
+    text = message_of(
+        {"z": torch.tensor([0j, complex(0, nan)])}, {"z": torch.tensor([0j, complex(INF, 0)])}
+    )
+    assert "differ (1 NaN); max abs error nan, max rel error nan " in text
+    # |0 − (inf + infj)| is inf (torch's complex subtraction gives NaN + NaNj).
+    text = message_of({"z": torch.tensor([0j, 1 + 0j])}, {"z": torch.tensor([INF * (1 + 1j), 1])})
+    assert "1 of 2 elements differ; max abs error inf, max rel error inf " in text
+    # A finite error beside a NaN element is the maximum, as for real tensors.
+    text = message_of({"z": torch.tensor([complex(nan, 0), 3 + 4j])}, {"z": torch.tensor([0j, 0j])})
+    assert "2 of 2 elements differ (1 NaN); max abs error 5, max rel error inf " in text
+
+
 # bound: any positive finite bound works, rounded down; values stay finite and within it.
 
 

@@ -197,7 +197,11 @@ def _compare_numerically(
     or both finite and within tolerance, so that inf only matches the same inf."""
     wide = torch.complex128 if a.is_complex() or e.is_complex() else torch.float64
     a, e = a.to(wide), e.to(wide)
-    diff, magnitude = (a - e).abs(), e.abs()
+    # |a − e| of complex values from their parts: torch's complex subtraction makes NaN of
+    # infinities (0 − (inf+infj)), and the magnitude of inf + NaNj is inf. An element with a
+    # NaN has no error: NaN, left out of the maximum.
+    diff = torch.hypot(a.real - e.real, a.imag - e.imag) if a.is_complex() else (a - e).abs()
+    diff, magnitude = diff.masked_fill(a.isnan() | e.isnan(), math.nan), e.abs()
     close = a.eq(e) | (a.isfinite() & e.isfinite() & (diff <= atol + rtol * magnitude))
     if equal_nan:
         close |= a.isnan() & e.isnan()
