@@ -2311,6 +2311,19 @@ def test_a_kernels_amendments_are_checked_in_memory_as_when_written(
             merge([{"w": torch.zeros(4)}], kernel, method="m", parameters={}, out=out, device="cpu")
 
 
+def test_a_kernels_integer_amendments_are_checked_against_a_saturating_dtype(tmp_path):
+    # 1000 amended into float8_e4m3fn (largest 448) would saturate to 448 in the cast.
+    def amend():
+        yield "w", torch.tensor([0]), torch.tensor([1000])
+
+    kernel = Kernel(lambda k, rows, base: None, lambda state, i, x: x.clone(), lambda s: s)
+    kernel = kernel._replace(amend=amend)
+    model = {"w": torch.tensor([1.0, 2.0], dtype=torch.float8_e4m3fn)}
+    for out in (None, tmp_path / "o.safetensors"):
+        with pytest.raises(ladle.NonFiniteError, match=r"overflow float8_e4m3fn"):
+            merge([model], kernel, method="m", parameters={}, out=out, device="cpu")
+
+
 def test_an_output_through_a_loop_of_links_is_an_output_error(tmp_path):
     # pathlib's resolve raised RuntimeError ("Symlink loop"): a traceback from the CLI.
     (tmp_path / "loop").symlink_to(tmp_path / "loop")

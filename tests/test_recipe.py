@@ -560,6 +560,18 @@ def test_an_error_while_a_step_runs_names_the_step_and_keeps_its_type(folder, ca
         run_recipe(single, device="cpu")
 
 
+def test_a_stop_iteration_from_a_step_is_named_and_stays_one(folder, monkeypatch):
+    # Renamed inside a generator-based context manager, it became "RuntimeError: generator
+    # raised StopIteration" (PEP 479). A method that raises it stands for any such bug.
+    def method(models, **options):
+        raise StopIteration("no data")
+
+    monkeypatch.setattr("ladle.recipe._function", lambda name: method)
+    with pytest.raises(StopIteration, match=r"^recipe: no data$") as caught:
+        run_recipe(write(folder, SOUP), device="cpu")
+    assert isinstance(caught.value.__cause__, StopIteration)
+
+
 def test_a_binary_file_is_not_a_recipe_and_the_error_names_it(folder, capsys):
     path = folder / "m0.safetensors"
     with pytest.raises(ValueError, match=r"m0\.safetensors: not a TOML recipe \(not UTF-8 text"):

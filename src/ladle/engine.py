@@ -14,7 +14,6 @@ import concurrent.futures
 import contextlib
 import contextvars
 import errno
-import functools
 import json
 import math
 import numbers
@@ -878,8 +877,8 @@ def check_models(models: Sequence[StateDictLike]) -> None:
     """
     if isinstance(models, (str, os.PathLike, Mapping, torch.nn.Module)):
         raise TypeError("models: expected a sequence of models, found a single model")
-    numbers = (bytes, bytearray, torch.Tensor, np.ndarray)  # sequences, of numbers
-    if isinstance(models, (*numbers, AbstractSet)) or not hasattr(models, "__len__"):
+    of_numbers = (bytes, bytearray, torch.Tensor, np.ndarray)  # sequences, but of numbers
+    if isinstance(models, (*of_numbers, AbstractSet)) or not hasattr(models, "__len__"):
         raise TypeError(
             f"models: expected a sequence of models (a list or tuple), found {type_name(models)}"
         )
@@ -1465,9 +1464,8 @@ def _check_saturating(
 ) -> None:
     """``result`` (before its cast to ``dtype``, which saturates): no value past ``limit``
     (:func:`saturation_limit`) and no NaN or Inf, which the cast would hide. Nothing to
-    check where ``limit`` is ``None`` (``dtype``'s casts overflow visibly) or ``result`` is
-    not floating."""
-    if limit is None or not result.is_floating_point():
+    check where ``limit`` is ``None``: ``dtype``'s casts overflow visibly."""
+    if limit is None:
         return
     bad = past_saturation(result, limit) | ~torch.isfinite(result)
     if bool(bad.any()):
@@ -1494,10 +1492,12 @@ def _checked_before_cast(
     base: Checkpoint | None,
     where: str,
 ) -> Generator[tuple[str, slice, torch.Tensor], None, None]:
-    """``results``, each checked by :func:`_check_saturating` against its key's ``limits``
-    (of its dtype in ``specs``) before it is handed on to the cast that would hide it."""
+    """``results``, each floating one checked by :func:`_check_saturating` against its key's
+    ``limits`` (of its dtype in ``specs``) before it is handed on to the cast that would
+    hide it."""
     for key, rows, result in results:
-        _check_saturating(result, limits[key], specs[key][1], key, rows, models, base, where)
+        if result.is_floating_point():
+            _check_saturating(result, limits[key], specs[key][1], key, rows, models, base, where)
         yield key, rows, result
 
 
@@ -2223,19 +2223,13 @@ def merge(
         stack.callback(results.close)
         if not allow_nonfinite:
             results = _checked_outputs(results, checkpoints, base_ckpt, where)
-        amendments = functools.partial(
-            _amendments,
-            kernel,
-            specs,
-            limits,
-            checkpoints,
-            base_ckpt,
-            where,
-            allow_nonfinite=allow_nonfinite,
+        # Lazy: the kernel's amend() is called once the last chunk is out.
+        amendments = _amendments(
+            kernel, specs, limits, checkpoints, base_ckpt, where, allow_nonfinite=allow_nonfinite
         )
         if out is None:
             state = _to_state_dict(results, specs)
-            for key, index, values in amendments():  # once the last chunk is out
+            for key, index, values in amendments:
                 real_view(state[key]).view(-1)[index] = values
             return {key: state[tied.get(key, key)] for key in names if tied.get(key, key) in state}
         meta, extra = output_record(
@@ -2266,7 +2260,7 @@ def merge(
             ) as writer:
                 for key, _, chunk in results:
                     writer.write(key, chunk)
-                for key, index, values in amendments():
+                for key, index, values in amendments:
                     writer.amend(key, index, values)
                 closing.start()
         finally:

@@ -685,17 +685,23 @@ def _named(err: Exception, where: str) -> Exception | None:
     return named
 
 
-@contextlib.contextmanager
-def _naming(where: str) -> Iterator[None]:
-    """An exception raised inside the block again, named after ``where`` (:func:`_named`),
-    from the original; one that cannot be rebuilt from a message is raised as it is."""
-    try:
-        yield
-    except Exception as err:
-        named = _named(err, where)
-        if named is None:
-            raise
-        raise named from err
+class _Naming:
+    """Within the block, an exception is raised again named after ``where`` (:func:`_named`),
+    from the original; one that cannot be rebuilt from a message is raised as it is. A
+    class, not a generator: a ``StopIteration`` raised from a generator becomes a
+    ``RuntimeError``."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, err: BaseException | None, traceback: object) -> None:
+        if isinstance(err, Exception):
+            named = _named(err, self.where)
+            if named is not None:
+                raise named from err
 
 
 def _check_inputs_kept(steps: Sequence[Step], where: Callable[[Step], str]) -> None:
@@ -711,7 +717,7 @@ def _check_inputs_kept(steps: Sequence[Step], where: Callable[[Step], str]) -> N
             seen.add(source)
             # One input open at a time: a torch file that cannot be mapped is in memory. Its
             # errors name the step, as when the step runs.
-            with _naming(where(step)):
+            with _Naming(where(step)):
                 opened = open_checkpoint(source)
             with opened:
                 for writer in writing:
@@ -817,7 +823,7 @@ def run_recipe(
             "max_shard_size": step.max_shard_size,
         }
         kwargs.update({k: v for k, v in options.items() if k in accepted and v is not None})
-        with _naming(where(step)):  # the step's name on the one line the CLI prints
+        with _Naming(where(step)):  # the step's name on the one line the CLI prints
             result = function([resolve(m) for m in step.models], **kwargs)
         if step.output is not None:
             results[step.name] = step.output

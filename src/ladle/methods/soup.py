@@ -460,9 +460,10 @@ def _greedy(
             bar.close()
     if not allow_nonfinite:
         for key, tensor in soup.items():
-            target = output_dtype(best.dtype(key), dtype)
-            limit = saturation_limit(target)
-            _check_saturating(tensor, limit, target, key, slice(None), checkpoints, None, where)
+            if tensor.is_floating_point():
+                target = output_dtype(best.dtype(key), dtype)
+                limit = saturation_limit(target)
+                _check_saturating(tensor, limit, target, key, slice(None), checkpoints, None, where)
     return GreedySoupResult(output(soup, best, to="cpu"), selected, score, history)
 
 
