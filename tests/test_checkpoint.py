@@ -2272,3 +2272,11 @@ def test_an_hf_url_that_is_no_string_is_a_type_error_naming_it():
 
     with pytest.raises(TypeError, match=r"^url: expected a str, found int"):
         parse_hf_url(3)  # type: ignore[arg-type]
+
+
+def test_the_shortest_safetensors_start_under_a_torch_suffix_is_named_as_such(tmp_path):
+    # Ten bytes: the header's length, then '{"' (found by mutation testing: `> 10` passed).
+    path = tmp_path / "model.pt"
+    path.write_bytes((2).to_bytes(8, "little") + b'{"')
+    with pytest.raises(ladle.CheckpointError, match=r"a safetensors file under a torch suffix"):
+        ladle.load(path)

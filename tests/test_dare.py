@@ -774,3 +774,17 @@ def test_a_seed_past_python_s_digit_limit_is_refused_before_the_merge():
     with pytest.raises(ValueError) as info:
         ladle.dare([{"w": torch.ones(8)}], {"w": torch.zeros(8)}, seed=10**limit, device="cpu")
     assert str(info.value) == f"seed: expected an integer of at most {limit} digits"
+
+
+def test_a_tied_tensor_votes_once_in_the_majority_written_to_a_file_too(tmp_path):
+    # Votes: "w" +4, the tied tensor −3 (−6 were it counted under both names): the majority
+    # is +, so the sign-tied entry of "t" takes the positive mean, +1.
+    def model(w: float, tied: float, t: float) -> dict[str, torch.Tensor]:
+        shared = torch.full((3,), tied)
+        return {"w": torch.full((4,), w), "emb": shared, "head": shared, "t": torch.tensor([t])}
+
+    base, models = model(0.0, 0.0, 0.0), [model(1.0, -1.0, 1.0), model(1.0, -1.0, -1.0)]
+    for out in (None, tmp_path / "m.safetensors"):
+        merged = ladle.dare(models, base, density=1.0, combine="ties", out=out, device="cpu")
+        t = ladle.load(merged)["t"] if out is not None else merged["t"]
+        assert t.tolist() == [1.0]

@@ -798,3 +798,22 @@ def test_a_float64_greedy_soup_of_huge_values_is_their_mean():
     soup = ladle.greedy_soup(models, lambda sd: 1.0, scores=[1.0, 0.9, 0.8], device="cpu")
     assert soup.selected == [0, 1, 2]
     assert soup.state_dict["w"].item() == pytest.approx(5e307, rel=1e-15)
+
+
+def test_a_soup_of_a_negative_and_a_positive_zero_is_a_positive_zero():
+    # The mean of −0.0 and +0.0 is +0.0: the first model's −0.0 is no agreement of the two.
+    soup = ladle.greedy_soup(
+        [{"w": torch.tensor([-0.0, 1.0])}, {"w": torch.tensor([0.0, 1.0])}],
+        lambda sd: 1.0,
+        device="cpu",
+    )
+    assert soup.selected == [0, 1]
+    assert torch.signbit(soup.state_dict["w"]).tolist() == [False, False]
+
+
+def test_a_running_mean_past_float32s_range_is_the_mean_of_every_model_kept():
+    # (3e38 + 3e38 − 3e38) / 3 = 1e38: the fallback weighs the soup by its count, not by half.
+    models = [{"w": torch.tensor([value])} for value in (3e38, 3e38, -3e38)]
+    soup = ladle.greedy_soup(models, lambda sd: 1.0, device="cpu")
+    assert soup.selected == [0, 1, 2]
+    assert torch.equal(soup.state_dict["w"], torch.tensor([1e38]))

@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import ladle
+from ladle.methods.soup import normalized_weights
 
 
 def naive_soup(models, weights=None):
@@ -326,3 +327,10 @@ def test_refused_weights_leave_no_reference_cycle_holding_the_callers_frames():
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_weights_whose_sum_passes_floats_range_still_normalise():
+    # 3 × 1.7e308 is inf, and so is half of it: the weights are scaled by the largest.
+    assert normalized_weights([1.7e308] * 3, 3) == [1 / 3] * 3
+    merged = ladle.uniform_soup([{"w": torch.tensor([3.0])}] * 3, weights=[1.7e308] * 3)
+    assert merged["w"].tolist() == [3.0]

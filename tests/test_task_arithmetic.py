@@ -317,3 +317,12 @@ def test_a_scale_or_weight_below_float32s_normals_is_applied_exactly(factor):
         ladle.task_arithmetic([model], base, weights=[factor], device="cpu"),
     ):
         assert torch.equal(merged["w"], expected)
+
+
+def test_a_saturating_output_dtype_counts_nan_and_overflowing_results_alike():
+    # float8_e4m3fn's cast hides both: entry 0 is NaN (τ sums to inf, times scale 0), entry 1
+    # is 1000 (past 448).
+    base = {"w": torch.tensor([0.0, 1000.0])}
+    models = [{"w": torch.tensor([3e38, 1000.0])}] * 2
+    with pytest.raises(ladle.NonFiniteError, match=r"2 of the 2 merged values of key 'w'"):
+        ladle.task_arithmetic(models, base, scale=0.0, dtype=torch.float8_e4m3fn, device="cpu")

@@ -952,3 +952,26 @@ def test_a_key_whose_worst_error_is_nan_is_listed_first_and_hides_no_larger_erro
 def test_a_shape_that_is_no_sequence_is_a_type_error_naming_shapes(strategy, shape):
     with pytest.raises(TypeError, match=r"^shapes: expected a sequence of sides for key 'w'"):
         strategy(shapes={"w": shape})
+
+
+# Found by mutation testing: boundaries of |actual − expected| ≤ atol + rtol·|expected|.
+
+
+def test_the_relative_tolerance_is_of_the_expected_value():
+    # |2 − 1| = 1 > 0.5·|1|, though ≤ 0.5·|2|.
+    one, two = {"w": torch.tensor([1.0])}, {"w": torch.tensor([2.0])}
+    message_of(two, one, rtol=0.5, atol=0.0)
+    assert_state_dicts_close(one, two, rtol=0.5, atol=0.0)
+
+
+def test_an_integer_difference_equal_to_the_tolerance_passes():
+    assert_state_dicts_close({"n": torch.tensor([3])}, {"n": torch.tensor([1])}, rtol=0, atol=2.0)
+    message_of({"n": torch.tensor([4])}, {"n": torch.tensor([1])}, rtol=0, atol=2.0)
+
+
+def test_integers_beyond_float64s_precision_are_judged_exactly_by_their_expected_size():
+    # expected 2⁵⁴ + 6 (2⁵⁴ + 8 in float64), rtol 0.25: the bound is 2⁵² + 1.5 exactly (2⁵² + 2
+    # in float64), so a difference of 2⁵² + 2 fails.
+    expected = 2**54 + 6
+    actual = {"n": torch.tensor([expected - (2**52 + 2)])}
+    message_of(actual, {"n": torch.tensor([expected])}, rtol=0.25, atol=0)

@@ -1249,3 +1249,24 @@ def test_a_sign_tied_entry_written_in_float16_from_float64_is_rounded_once(tmp_p
         assert merged["w"].tolist() == [1.0 + 2**-10, 1.0]  # majority +: the mean of +d
         if out:
             os.remove(found)
+
+
+# Found by mutation testing (each test fails on a one-token change the suite let through).
+
+
+@pytest.mark.parametrize("trim", ["global", "tensor"])
+def test_a_nan_input_is_refused_at_density_one_too(tmp_path, trim):
+    # At density 1 no threshold pass reads the inputs, so the merge pass must check them.
+    base = {"w": torch.zeros(4)}
+    models = [{"w": torch.tensor([1.0, math.nan, 2.0, 3.0])}, {"w": torch.ones(4)}]
+    for out in (None, tmp_path / f"{trim}.safetensors"):
+        with pytest.raises(ladle.NonFiniteError, match=r"model 0 .*key 'w' holds NaN"):
+            ladle.ties(models, base, density=1.0, trim=trim, out=out, device="cpu")
+
+
+@pytest.mark.parametrize("trim", ["global", "tensor"])
+def test_task_vectors_of_tiny_magnitudes_are_trimmed_like_any_other(trim):
+    # d = 4, density 0.5: keep |τ| ≥ the 2nd smallest, whatever the scale of the magnitudes.
+    tau = torch.tensor([1e-32, 2e-32, 3e-32, 4e-32])
+    merged = ladle.ties([{"w": tau}], {"w": torch.zeros(4)}, density=0.5, trim=trim, device="cpu")
+    assert torch.equal(merged["w"], torch.tensor([0.0, 2e-32, 3e-32, 4e-32]))
