@@ -1270,3 +1270,13 @@ def test_task_vectors_of_tiny_magnitudes_are_trimmed_like_any_other(trim):
     tau = torch.tensor([1e-32, 2e-32, 3e-32, 4e-32])
     merged = ladle.ties([{"w": tau}], {"w": torch.zeros(4)}, density=0.5, trim=trim, device="cpu")
     assert torch.equal(merged["w"], torch.tensor([0.0, 2e-32, 3e-32, 4e-32]))
+
+
+@pytest.mark.slow  # about 450 MiB for a moment
+def test_the_vote_of_a_chunk_past_2_to_the_24_entries_is_exact():
+    # Summed in float32, 2²⁴ + 1 positive elections would count 2²⁴ (and a majority over a
+    # key voting −2²⁴ elsewhere would be 0, leaving its sign ties at the base).
+    n = 2**24 + 1
+    election = ties_module.SignElection("w", slice(None), base=torch.zeros(n))
+    election.add(torch.ones(n))
+    assert int(election.vote()) == n

@@ -99,6 +99,17 @@ def keep_rank(count: int, density: float) -> int:
 # --- exact k-th smallest magnitude by radix select -------------------------------------------
 
 
+def _exact_count_dtype(numel: int) -> torch.dtype:
+    """The dtype in which a sum of ``numel`` values of -1, 0 or 1 is exact: float32 (faster)
+    below 2²⁴ values, as it holds every integer up to 2²⁴; float64 from there on.
+
+    Example:
+        >>> _exact_count_dtype(2**24 - 1), _exact_count_dtype(2**24)
+        (torch.float32, torch.float64)
+    """
+    return torch.float32 if numel < 2**24 else torch.float64
+
+
 def _magnitude_bits(tau: torch.Tensor, width: int) -> torch.Tensor:
     """``|tau|`` (owned, overwritten) as integers of ``width`` bits that order like the floats."""
     magnitude = tau.abs_()
@@ -436,8 +447,7 @@ def _window_kernel(windows: Sequence[tuple[int, int]], counts: _WindowCounts) ->
         # Most magnitudes fall outside the window: count those below with a sum (a histogram
         # of such lopsided bins is slow), then histogram the few inside.
         under = torch.lt(magnitudes, lows[index], out=scratch)  # 1.0 or 0.0
-        # Sums of 0/1 floats are exact below 2²⁴ in float32 (faster than float64).
-        below = int(under.sum(dtype=torch.float32 if under.numel() < 2**24 else torch.float64))
+        below = int(under.sum(dtype=_exact_count_dtype(under.numel())))
         bits = magnitudes.view(torch.int32).flatten()
         past = pasts[index]
         if past is not None:
@@ -720,9 +730,9 @@ class SignElection:
         """``Σ sign(γ)`` over the entries: positive minus negative elected signs (a 0-d float
         tensor holding an integer). Before ``merged``."""
         # Signs as ±1.0/0.0 floats (a float sign is several times faster than two bool
-        # comparisons), summed exactly: float32 holds every integer below 2²⁴.
+        # comparisons), summed exactly.
         signs = torch.sign(self._mass(), out=self.scratch)
-        return signs.nansum(dtype=torch.float32 if signs.numel() < 2**24 else torch.float64)
+        return signs.nansum(dtype=_exact_count_dtype(signs.numel()))
 
     def ties(self) -> torch.Tensor:
         """Flat indices, within the chunk, of the entries whose sign election is a tie
