@@ -422,39 +422,16 @@ def _layouts(
             f"dtypes: expected one or more floating dtypes (or complex64, complex128), found "
             f"{dtypes}"
         )
-    for limit, value in (("max_keys", max_keys), ("max_side", max_side)):
+    limits = (("max_keys", max_keys), ("max_side", max_side))
+    for limit, value in limits:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{limit}: expected an int, found {type_name(value)}")
-    if max_keys < 1:
-        raise ValueError(f"max_keys: expected at least 1, found {max_keys}")
-    if max_side < 1:
-        raise ValueError(f"max_side: expected at least 1, found {max_side}")
+    for limit, value in limits:
+        if value < 1:
+            raise ValueError(f"{limit}: expected at least 1, found {value}")
     dtype_strategy = st.sampled_from(dtypes)
-    if shapes is not None and not isinstance(shapes, Mapping):
-        raise TypeError(f"shapes: expected a mapping of keys to shapes, found {type_name(shapes)}")
     if shapes is not None:
-        fixed = {}
-        for key, shape in shapes.items():
-            if not isinstance(shape, Iterable):  # tuple() would say "'int' object is ..."
-                raise TypeError(
-                    f"shapes: expected a sequence of sides for key {str(key)!r}, found "
-                    f"{type_name(shape)}"
-                )
-            fixed[str(key)] = tuple(shape)
-        try:  # ints (numpy's too), not floats that int() would truncate
-            fixed = {k: tuple(operator.index(side) for side in v) for k, v in fixed.items()}
-        except TypeError:
-            fixed = {}  # reported with the shapes as given
-        if not fixed or any(side < 0 for shape in fixed.values() for side in shape):
-            raise ValueError(
-                "shapes: expected one or more keys with sides that are ints ≥ 0, found "
-                f"{ {str(k): tuple(v) for k, v in shapes.items()} }"
-            )
-        if BUFFER_KEY in fixed:
-            raise ValueError(
-                f"shapes: expected keys other than {BUFFER_KEY!r}, found {list(fixed)}"
-            )
-        return st.tuples(st.just(fixed), dtype_strategy)
+        return st.tuples(st.just(_fixed_shapes(shapes)), dtype_strategy)
     pool = KEY_NAMES if keys is None else tuple(keys)
     if not pool or len(set(pool)) != len(pool) or BUFFER_KEY in pool:
         raise ValueError(f"keys: expected distinct names other than {BUFFER_KEY!r}, found {pool}")
@@ -475,6 +452,33 @@ def _layouts(
         return {name: draw(one_shape) for name in draw(names)}, draw(dtype_strategy)
 
     return layout()
+
+
+def _fixed_shapes(shapes: object) -> dict[str, tuple[int, ...]]:
+    """``shapes`` (a mapping of keys to sequences of sides, ints ≥ 0) as a dict of tuples;
+    anything else, or the buffer's key among them, is an error naming ``shapes``."""
+    if not isinstance(shapes, Mapping):
+        raise TypeError(f"shapes: expected a mapping of keys to shapes, found {type_name(shapes)}")
+    fixed = {}
+    for key, shape in shapes.items():
+        if not isinstance(shape, Iterable):  # tuple() would say "'int' object is ..."
+            raise TypeError(
+                f"shapes: expected a sequence of sides for key {str(key)!r}, found "
+                f"{type_name(shape)}"
+            )
+        fixed[str(key)] = tuple(shape)
+    try:  # ints (numpy's too), not floats that int() would truncate
+        fixed = {k: tuple(operator.index(side) for side in v) for k, v in fixed.items()}
+    except TypeError:
+        fixed = {}  # reported with the shapes as given
+    if not fixed or any(side < 0 for shape in fixed.values() for side in shape):
+        raise ValueError(
+            "shapes: expected one or more keys with sides that are ints ≥ 0, found "
+            f"{ {str(k): tuple(v) for k, v in shapes.items()} }"
+        )
+    if BUFFER_KEY in fixed:
+        raise ValueError(f"shapes: expected keys other than {BUFFER_KEY!r}, found {list(fixed)}")
+    return fixed
 
 
 def _float32_arrays(shape: tuple[int, ...], bound: float) -> SearchStrategy[torch.Tensor]:
