@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import ladle
-from ladle.checkpoint import TensorMapCheckpoint
+from ladle.checkpoint import TensorMapCheckpoint, weights_layout
 
 
 def test_open_mapping_and_module_report_keys_shapes_dtypes():
@@ -2231,14 +2231,19 @@ def test_a_torch_file_holding_no_bytes_of_data_loads(tmp_path, saved):
     assert {k: t.shape for k, t in loaded.items()} == {k: t.shape for k, t in saved.items()}
 
 
-@pytest.mark.parametrize(("asked", "machines"), [(8, True), (2**62, False)])
+@pytest.mark.parametrize(
+    ("asked", "machines"), [(8, True), ("size", True), ("size + 1", False), (2**62, False)]
+)
 def test_torch_out_of_memory_while_loading_a_torch_file_is_the_machines_if_the_file_holds_it(
     tmp_path, monkeypatch, asked, machines
 ):
     # torch's allocator raises a RuntimeError, not MemoryError: a whole read of an intact
     # (compressed or legacy) file without the memory was "not a readable torch file". A
-    # size the file cannot hold (a corrupt length) stays the file's fault.
+    # size the file cannot hold (a corrupt length) stays the file's fault; the legacy file
+    # holds its own size.
     torch.save({"w": torch.ones(2)}, tmp_path / "m.pt", _use_new_zipfile_serialization=False)
+    size = (tmp_path / "m.pt").stat().st_size
+    asked = {"size": size, "size + 1": size + 1}.get(asked, asked)
     try:
         torch.empty(2**62, dtype=torch.uint8)
     except RuntimeError as err:  # the allocator's own words, for as many bytes as asked
@@ -2280,3 +2285,50 @@ def test_the_shortest_safetensors_start_under_a_torch_suffix_is_named_as_such(tm
     path.write_bytes((2).to_bytes(8, "little") + b'{"')
     with pytest.raises(ladle.CheckpointError, match=r"a safetensors file under a torch suffix"):
         ladle.load(path)
+
+
+# Found by mutation testing (each test fails on a one-token change the suite let through).
+
+
+def test_read_rows_into_a_buffer_one_byte_short_is_the_callers_error(tmp_path):
+    path = ladle.save({"w": torch.arange(4.0)}, tmp_path / "m.safetensors")
+    short = torch.empty(15, dtype=torch.uint8)
+    found = r"into: expected a flat uint8 tensor of at least 16"
+    with ladle.open_checkpoint(path) as checkpoint, pytest.raises(ValueError, match=found):
+        checkpoint.read_rows("w", slice(None), short)
+
+
+def test_releasing_a_tensor_keeps_the_page_it_shares_with_its_neighbour(tmp_path):
+    # "a" and the start of "b" share a page: releasing "b" drops only the pages "b" has whole.
+    path = ladle.save({"a": torch.zeros(4), "b": torch.zeros(4096)}, tmp_path / "m.safetensors")
+    with ladle.open_checkpoint(path) as checkpoint:
+        a = checkpoint.map_rows("a", slice(None))
+        a += 7  # this process's copy of the page, which dropping it would lose
+        checkpoint.map_rows("b", slice(None))
+        checkpoint.release("b")
+        assert a.tolist() == [7.0] * 4
+
+
+def test_releasing_a_small_last_tensor_of_a_page_aligned_file(tmp_path):
+    # "b" lies inside the file's last page, which ends the file: nothing to release, no error.
+    import mmap
+
+    for pad in range(mmap.PAGESIZE):
+        path = ladle.save(
+            {"a": torch.zeros(1000), "b": torch.zeros(4)},
+            tmp_path / "m.safetensors",
+            metadata={"pad": "x" * pad},
+            overwrite=True,
+        )
+        if path.stat().st_size % mmap.PAGESIZE == 0:
+            break
+    assert path.stat().st_size % mmap.PAGESIZE == 0
+    with ladle.open_checkpoint(path) as checkpoint:
+        checkpoint.map_rows("a", slice(None))
+        checkpoint.release("b")
+        assert checkpoint.get("b").tolist() == [0.0] * 4
+
+
+def test_two_default_names_beside_another_weights_file_are_all_reported():
+    names = ["model.safetensors", "diffusion_pytorch_model.safetensors", "extra.safetensors"]
+    assert weights_layout(names) == (None, sorted(names))

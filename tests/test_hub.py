@@ -867,6 +867,14 @@ def test_a_hub_subfolders_model_comes_under_the_repositorys_license(local_hub, t
     assert (again / "README.md").read_text().startswith("---\nbase_model:")
 
 
+@pytest.mark.parametrize("url", ["hf://owner//name", "hf://models//owner/name", "hf:///name"])
+def test_parse_hf_url_with_an_empty_owner_or_name_has_no_repository_id(url):
+    # Found by mutation testing: without the empty-part test, huggingface_hub's validator
+    # answered "malformed repository id '/owner'".
+    with pytest.raises(ladle.CheckpointError, match=r": no repository id; expected hf://"):
+        parse_hf_url(url)
+
+
 def test_parse_hf_url_refuses_a_url_without_the_hf_prefix():
     for url in ("org/model", "hf:/org/model"):
         with pytest.raises(ladle.CheckpointError) as err:

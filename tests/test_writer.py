@@ -219,6 +219,8 @@ def test_empty_and_scalar_tensors_round_trip(tmp_path):
         ("9" * 400, int("9" * 400)),  # was an OverflowError (float) from argparse
         ("12345678901234567891", 12345678901234567891),  # exact past 2**53
         ("0.001KB", 1),
+        ("5 GB", 5 * 10**9),  # spaces, as "--max-shard-size '5 GB'" gives them
+        (" 500 MiB ", 500 * 2**20),
     ],
 )
 def test_parse_size(text, expected):
@@ -1723,3 +1725,36 @@ def test_ctrl_c_while_the_writer_is_being_made_leaves_nothing(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         SafetensorsWriter(tmp_path / "new" / "o", {"w": ((2,), torch.float32)})
     assert os.listdir(tmp_path) == []
+
+
+# Found by mutation testing (each test fails on a one-token change the suite let through).
+
+
+def test_a_shard_index_is_indented_json_ending_in_a_newline(tmp_path):
+    out = ladle.save({"a": torch.ones(4), "b": torch.ones(4)}, tmp_path / "m", max_shard_size=16)
+    text = (out / "model.safetensors.index.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=2) + "\n"
+
+
+@pytest.mark.parametrize(("pid", "removed"), [(2**31 - 1, True), (2**31, False)])
+def test_a_leftover_of_the_largest_pid_is_judged_and_one_past_it_left(tmp_path, pid, removed):
+    # No process has pid 2³¹ − 1 here: its leftover is stale. Past pid_t's range, no write of
+    # ours made it: left alone.
+    from ladle.writer import _host_tag
+
+    leftover = tmp_path / f".o.safetensors{TEMP_MARK}{pid}-{_host_tag()}-deadbeef"
+    leftover.write_bytes(b"x")
+    ladle.save({"w": torch.zeros(4)}, tmp_path / "o.safetensors")
+    assert leftover.exists() != removed
+
+
+def test_an_output_larger_than_the_free_disk_but_not_twice_it_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    calls = []
+    monkeypatch.setattr("ladle.writer._fallocate", lambda: lambda *args: calls.append(args) or 0)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=3000))
+    with pytest.raises(ladle.OutputError, match=r"3000 bytes are free there"):
+        ladle.save({"w": torch.zeros(1000)}, tmp_path / "o.safetensors")  # about 4.1 KB
+    assert calls == [] and os.listdir(tmp_path) == []

@@ -571,6 +571,8 @@ def _stem(name: str, mark: str) -> str:
         >>> long = _stem("a" * 230 + ".safetensors", TEMP_MARK)
         >>> len(long), long[:3], long[-9]
         (215, 'aaa', '~')
+        >>> _stem("a" * 215, TEMP_MARK) == "a" * 215, _stem("a" * 216, TEMP_MARK)[-9]
+        (True, '~')
     """
     room = _NAME_MAX - len(f".{mark}{_MAX_PID}-{'0' * 8}-{'0' * 8}")
     if len(os.fsencode(name)) <= room:
