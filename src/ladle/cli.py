@@ -20,7 +20,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -325,70 +325,103 @@ def _run_inspect(args: argparse.Namespace) -> None:
         params = sum(nbytes // dtype.itemsize for _, _, dtype, nbytes in own)
         total = sum(nbytes for *_, nbytes in own)
         shards = _shards(ckpt, [key for key in keys if key not in tied])
-        files = {key: path.name for key, path in ckpt.files().items()}
-        quantized, adapter = declared_quantization(ckpt), is_adapter(ckpt)
-        if args.json:
-            print(
-                json.dumps(
+        refused = _Refused(declared_quantization(ckpt), is_adapter(ckpt))
+        show = _inspect_json if args.json else _inspect_table
+        show(ckpt, rows, tied, params, total, shards, refused)
+
+
+class _Refused(NamedTuple):
+    """What in a checkpoint a merge would refuse: its declared quantization, and whether it
+    is a PEFT adapter."""
+
+    quantization: str | None
+    adapter: bool
+
+
+Row = tuple[str, tuple[int, ...], torch.dtype, int]  # key, shape, dtype, bytes
+
+
+def _inspect_json(
+    ckpt: Checkpoint,
+    rows: list[Row],
+    tied: dict[str, str],
+    params: int,
+    total: int,
+    shards: list[dict[str, Any]],
+    refused: _Refused,
+) -> None:
+    files = {key: path.name for key, path in ckpt.files().items()}
+    print(
+        json.dumps(
+            {
+                "source": ckpt.name,
+                "tensors": [
                     {
-                        "source": ckpt.name,
-                        "tensors": [
-                            {
-                                "key": k,
-                                "shape": list(s),
-                                "dtype": str(d).removeprefix("torch."),
-                                "bytes": n,
-                                "file": files.get(k),
-                                "tied_to": tied.get(k),
-                            }
-                            for k, s, d, n in rows
-                        ],
-                        "parameters": params,
-                        "bytes": total,
-                        "path": None if ckpt.path is None else str(ckpt.path),
-                        "shards": shards,
-                        "metadata": ckpt.metadata,
-                        "quantization": quantized,
-                        "adapter": adapter,
-                    },
-                    indent=2,
-                )
-            )
-            return
-        printed = [_printable(key) for key in keys]
-        width = max((len(k) for k in printed), default=3)
-        for key, (name, shape, dtype, nbytes) in zip(printed, rows):
-            dims = "x".join(map(str, shape)) or "scalar"
-            line = (
-                f"{key:<{width}}  {str(dtype).removeprefix('torch.'):<9} {dims:<16} "
-                f"{_format_bytes(nbytes)}"
-            )
-            original = tied.get(name)
-            print(line if original is None else f"{line}  (tied to {_printable(original)})")
-        shared = f" ({len(tied)} tied to another)" if tied else ""
-        print(
-            f"{len(keys)} {_plural(len(keys), 'tensor')}{shared}, "
-            f"{params:,} {_plural(params, 'parameter')}, "
-            f"{_format_bytes(total)} ({ckpt.name})"
+                        "key": k,
+                        "shape": list(s),
+                        "dtype": str(d).removeprefix("torch."),
+                        "bytes": n,
+                        "file": files.get(k),
+                        "tied_to": tied.get(k),
+                    }
+                    for k, s, d, n in rows
+                ],
+                "parameters": params,
+                "bytes": total,
+                "path": None if ckpt.path is None else str(ckpt.path),
+                "shards": shards,
+                "metadata": ckpt.metadata,
+                "quantization": refused.quantization,
+                "adapter": refused.adapter,
+            },
+            indent=2,
         )
-        if ckpt.path is not None and ckpt.path not in (Path(ckpt.name), Path(ckpt.name).parent):
-            # e.g. the snapshot in the HF cache of an hf:// source; not the folder of a model
-            # folder holding one weights file, which its name (folder/file) shows already
-            print(f"path {ckpt.path}")
-        for shard in shards if len(shards) > 1 else []:
-            count = shard["tensors"]
-            print(
-                f"shard {shard['file']}: {count} {_plural(count, 'tensor')}, "
-                f"{_format_bytes(shard['bytes'])}"
-            )
-        for name, value in sorted(ckpt.metadata.items()):
-            # A name or value from a downloaded file could hold line breaks: one line each.
-            shown = value if value.isprintable() else json.dumps(value, ensure_ascii=False)
-            print(f"metadata {_printable(name)}: {shown}")
-        if quantized is not None:  # what a merge would refuse, and why (docs/sources.md)
-            print(f"quantized ({quantized!r}): merges refuse it; dequantize it first")
-        if adapter:
-            print("a PEFT adapter: merges refuse it; merge it into its base model first")
+    )
+
+
+def _inspect_table(
+    ckpt: Checkpoint,
+    rows: list[Row],
+    tied: dict[str, str],
+    params: int,
+    total: int,
+    shards: list[dict[str, Any]],
+    refused: _Refused,
+) -> None:
+    printed = [_printable(key) for key, *_ in rows]
+    width = max((len(k) for k in printed), default=3)
+    for key, (name, shape, dtype, nbytes) in zip(printed, rows):
+        dims = "x".join(map(str, shape)) or "scalar"
+        line = (
+            f"{key:<{width}}  {str(dtype).removeprefix('torch.'):<9} {dims:<16} "
+            f"{_format_bytes(nbytes)}"
+        )
+        original = tied.get(name)
+        print(line if original is None else f"{line}  (tied to {_printable(original)})")
+    shared = f" ({len(tied)} tied to another)" if tied else ""
+    print(
+        f"{len(rows)} {_plural(len(rows), 'tensor')}{shared}, "
+        f"{params:,} {_plural(params, 'parameter')}, "
+        f"{_format_bytes(total)} ({ckpt.name})"
+    )
+    if ckpt.path is not None and ckpt.path not in (Path(ckpt.name), Path(ckpt.name).parent):
+        # e.g. the snapshot in the HF cache of an hf:// source; not the folder of a model
+        # folder holding one weights file, which its name (folder/file) shows already
+        print(f"path {ckpt.path}")
+    for shard in shards if len(shards) > 1 else []:
+        count = shard["tensors"]
+        print(
+            f"shard {shard['file']}: {count} {_plural(count, 'tensor')}, "
+            f"{_format_bytes(shard['bytes'])}"
+        )
+    for name, value in sorted(ckpt.metadata.items()):
+        # A name or value from a downloaded file could hold line breaks: one line each.
+        shown = value if value.isprintable() else json.dumps(value, ensure_ascii=False)
+        print(f"metadata {_printable(name)}: {shown}")
+    if refused.quantization is not None:  # what a merge would refuse, and why (docs/sources.md)
+        print(f"quantized ({refused.quantization!r}): merges refuse it; dequantize it first")
+    if refused.adapter:
+        print("a PEFT adapter: merges refuse it; merge it into its base model first")
 
 
 def _number(value: float) -> str:
