@@ -196,6 +196,16 @@ def test_inspect_json(inputs, capsys):
     assert (report["quantization"], report["adapter"]) == (None, False)
 
 
+def test_inspect_json_lists_metadata_in_one_order_run_after_run(tmp_path, capsys):
+    # safetensors returns the header's metadata in an order that changes from process to
+    # process: two runs of `ladle inspect --json` on one file printed different text.
+    metadata = {f"k{i:02d}": str(i) for i in range(12)}
+    path = ladle.save({"w": torch.ones(2)}, tmp_path / "m.safetensors", metadata=metadata)
+    assert main(["inspect", str(path), "--json"]) == 0
+    listed = list(json.loads(capsys.readouterr().out)["metadata"])
+    assert listed == sorted([*metadata, "format"])
+
+
 @pytest.mark.parametrize("kind", ["quantized", "adapter"])
 def test_inspect_says_that_merges_refuse_a_quantized_model_or_an_adapter(tmp_path, capsys, kind):
     folder = tmp_path / "m"

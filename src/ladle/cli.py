@@ -370,7 +370,8 @@ def _inspect_json(
                 "bytes": total,
                 "path": None if ckpt.path is None else str(ckpt.path),
                 "shards": shards,
-                "metadata": ckpt.metadata,
+                # sorted: safetensors hands the header's metadata out in a random order
+                "metadata": dict(sorted(ckpt.metadata.items())),
                 "quantization": refused.quantization,
                 "adapter": refused.adapter,
             },
