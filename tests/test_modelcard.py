@@ -1171,3 +1171,48 @@ def test_a_card_names_an_input_whose_file_name_is_no_utf8_by_its_escape(tmp_path
     card = (tmp_path / "merged" / "README.md").read_text(encoding="utf-8")
     assert "m\\udce9.pt" in card
     assert torch.equal(ladle.load(tmp_path / "merged")["w"], torch.ones(2))
+
+
+# Found by mutation testing: license fields the card reader must quote, or leave out.
+
+
+@pytest.mark.parametrize(
+    ("front", "expected"),
+    [
+        ('license: "Yes"', {"license": '"Yes"'}),  # a YAML word in any case stays a string
+        ('license: "NO"', {"license": '"NO"'}),
+        ("license: []\nlicense_name: x", {"license_name": "x"}),  # an empty list: left out
+        ('license: other\nlicense_name: "' + "x " * 600 + '"', {"license": "other"}),
+        ("license: other\nlicense_name: " + "x" * 1001, {"license": "other"}),  # one word too
+        (
+            "license: other\nlicense_name: " + "x" * 1000,
+            {"license": "other", "license_name": "x" * 1000},
+        ),
+        ('license: other\nlicense_link: ["' + "y" * 1500 + '"]', {"license": "other"}),
+        ("- license\n- mit", {}),  # front matter that is no mapping
+    ],
+    ids=[
+        "Yes",
+        "NO",
+        "empty list",
+        "long name",
+        "long word",
+        "longest word",
+        "long list entry",
+        "a list",
+    ],
+)
+def test_license_fields_quote_yaml_words_and_leave_out_what_cannot_be_written(
+    tmp_path, front, expected
+):
+    card = tmp_path / "README.md"
+    card.write_text(f"---\n{front}\n---\n# M\n")
+    assert license_fields(card) == expected
+
+
+def test_a_remote_code_module_that_is_no_plain_name_is_not_copied(tmp_path):
+    from ladle.modelcard import companion_files
+
+    (tmp_path / "config.json").write_text('{"auto_map": {"AutoModel": "my-model.Foo"}}')
+    (tmp_path / "my-model.py").write_text("x = 1\n")
+    assert sorted(companion_files(tmp_path)) == ["config.json"]

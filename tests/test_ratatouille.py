@@ -442,3 +442,11 @@ def test_a_drop_that_is_no_sequence_of_patterns_is_a_type_error_naming_it(drop, 
 def test_ratatouille_init_names_the_argument_whose_source_is_bad():
     with pytest.raises(ladle.CheckpointError, match=r"^head: <state dict>: expected a mapping"):
         ladle.ratatouille_init({"w": torch.ones(2)}, {1: torch.ones(2)})
+
+
+def test_drop_patterns_match_keys_case_sensitively():
+    # Found by mutation testing: a case-folding match would drop "HEAD.b" too.
+    aux = {"head.w": torch.zeros(2), "HEAD.b": torch.ones(2), "body": torch.ones(3)}
+    init = ladle.ratatouille_init(aux, {"head.w": torch.full((4,), 0.5)}, drop=["head.*"])
+    assert sorted(init) == ["HEAD.b", "body", "head.w"]
+    assert init["head.w"].tolist() == [0.5] * 4 and init["HEAD.b"].tolist() == [1.0, 1.0]

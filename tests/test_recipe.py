@@ -1052,3 +1052,57 @@ def test_an_output_whose_name_is_a_loop_of_links_loads_as_any_output_name(folder
     text = 'method = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
     recipe = load_recipe(write(folder, text + 'output = "o.safetensors"\n'))
     assert recipe.steps[0].output == folder / "o.safetensors"
+
+
+# Found by mutation testing: recipe fields refused when loaded, not later.
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            GREEDY + '[parameters]\nevaluate = "evals:score junk"\n',
+            r"^recipe\.parameters\.evaluate: expected 'package\.module:function'",
+        ),
+        ('[steps."bad name!"]\n' + SOUP, r"^steps\.bad name!: step names are letters, digits"),
+        (
+            SOUP.replace('output = "o"', 'output = ""'),
+            r"^recipe\.output: expected a path, found ''$",
+        ),
+    ],
+    ids=["evaluate with trailing text", "step name", "empty output"],
+)
+def test_fields_are_checked_whole_when_the_recipe_is_loaded(folder, text, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe(write(folder, text))
+
+
+def test_an_on_output_that_cannot_be_called_is_refused_before_anything_is_written(folder):
+    recipe = write(folder, SOUP)
+    with pytest.raises(TypeError, match=r"^on_output: expected a callable or None, found int$"):
+        run_recipe(recipe, device="cpu", on_output=5)
+    assert not (folder / "o").exists()
+
+
+def test_an_evaluate_module_is_found_in_the_working_directory_too(tmp_path, monkeypatch):
+    here, elsewhere = tmp_path / "cwd", tmp_path / "recipe-folder"
+    here.mkdir()
+    elsewhere.mkdir()
+    (here / "evals_in_cwd.py").write_text("def score(sd):\n    return 1.0\n")
+    monkeypatch.chdir(here)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))  # restored afterwards
+    monkeypatch.delitem(__import__("sys").modules, "evals_in_cwd", raising=False)
+    assert load_callable("evals_in_cwd:score", folder=elsewhere)({}) == 1.0
+
+
+def test_a_module_imported_before_without_a_file_is_not_taken_for_one_in_the_folder(
+    tmp_path, monkeypatch
+):
+    import types
+
+    (tmp_path / "evals_stale.py").write_text("def score(sd):\n    return 'from the file'\n")
+    stale = types.ModuleType("evals_stale")  # imported earlier, from no file
+    stale.score = lambda sd: "stale"  # type: ignore[attr-defined]
+    monkeypatch.setitem(__import__("sys").modules, "evals_stale", stale)
+    with pytest.raises(ValueError, match=r"already imported from None, not from .*evals_stale\.py"):
+        load_callable("evals_stale:score", folder=tmp_path)

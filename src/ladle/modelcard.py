@@ -420,9 +420,9 @@ def _yaml_value(value: object) -> str | None:
     list of a few strings as a JSON list. ``None`` for anything else: no value, a number or
     date, a mapping, a list of other things or of more than :data:`_MOST` entries (aliases
     can make a short card hold a huge one), text longer than :data:`_LONGEST`."""
-    if isinstance(value, str) and _PLAIN.fullmatch(value) and value.lower() not in _YAML_WORDS:
-        return value
     if isinstance(value, str) and 0 < len(value) <= _LONGEST:
+        if _PLAIN.fullmatch(value) and value.lower() not in _YAML_WORDS:
+            return value
         return _unprintable_escaped(json.dumps(value, ensure_ascii=False))
     if (
         isinstance(value, list)
