@@ -325,31 +325,27 @@ def _run_inspect(args: argparse.Namespace) -> None:
         params = sum(nbytes // dtype.itemsize for _, _, dtype, nbytes in own)
         total = sum(nbytes for *_, nbytes in own)
         shards = _shards(ckpt, [key for key in keys if key not in tied])
-        refused = _Refused(declared_quantization(ckpt), is_adapter(ckpt))
-        show = _inspect_json if args.json else _inspect_table
-        show(ckpt, rows, tied, params, total, shards, refused)
+        found = _Inventory(
+            rows, tied, params, total, shards, declared_quantization(ckpt), is_adapter(ckpt)
+        )
+        (_inspect_json if args.json else _inspect_table)(ckpt, found)
 
 
-class _Refused(NamedTuple):
-    """What in a checkpoint a merge would refuse: its declared quantization, and whether it
-    is a PEFT adapter."""
+class _Inventory(NamedTuple):
+    """What ``ladle inspect`` reports of a checkpoint: its tensors (key, shape, dtype,
+    bytes), tied names, parameters and bytes (a tied tensor counted once), its files, and
+    what a merge would refuse (a declared quantization, a PEFT adapter)."""
 
+    rows: list[tuple[str, tuple[int, ...], torch.dtype, int]]
+    tied: dict[str, str]
+    params: int
+    total: int
+    shards: list[dict[str, Any]]
     quantization: str | None
     adapter: bool
 
 
-Row = tuple[str, tuple[int, ...], torch.dtype, int]  # key, shape, dtype, bytes
-
-
-def _inspect_json(
-    ckpt: Checkpoint,
-    rows: list[Row],
-    tied: dict[str, str],
-    params: int,
-    total: int,
-    shards: list[dict[str, Any]],
-    refused: _Refused,
-) -> None:
+def _inspect_json(ckpt: Checkpoint, found: _Inventory) -> None:
     files = {key: path.name for key, path in ckpt.files().items()}
     print(
         json.dumps(
@@ -362,33 +358,26 @@ def _inspect_json(
                         "dtype": str(d).removeprefix("torch."),
                         "bytes": n,
                         "file": files.get(k),
-                        "tied_to": tied.get(k),
+                        "tied_to": found.tied.get(k),
                     }
-                    for k, s, d, n in rows
+                    for k, s, d, n in found.rows
                 ],
-                "parameters": params,
-                "bytes": total,
+                "parameters": found.params,
+                "bytes": found.total,
                 "path": None if ckpt.path is None else str(ckpt.path),
-                "shards": shards,
+                "shards": found.shards,
                 # sorted: safetensors hands the header's metadata out in a random order
                 "metadata": dict(sorted(ckpt.metadata.items())),
-                "quantization": refused.quantization,
-                "adapter": refused.adapter,
+                "quantization": found.quantization,
+                "adapter": found.adapter,
             },
             indent=2,
         )
     )
 
 
-def _inspect_table(
-    ckpt: Checkpoint,
-    rows: list[Row],
-    tied: dict[str, str],
-    params: int,
-    total: int,
-    shards: list[dict[str, Any]],
-    refused: _Refused,
-) -> None:
+def _inspect_table(ckpt: Checkpoint, found: _Inventory) -> None:
+    rows, tied, params, total = found.rows, found.tied, found.params, found.total
     printed = [_printable(key) for key, *_ in rows]
     width = max((len(k) for k in printed), default=3)
     for key, (name, shape, dtype, nbytes) in zip(printed, rows):
@@ -409,7 +398,7 @@ def _inspect_table(
         # e.g. the snapshot in the HF cache of an hf:// source; not the folder of a model
         # folder holding one weights file, which its name (folder/file) shows already
         print(f"path {ckpt.path}")
-    for shard in shards if len(shards) > 1 else []:
+    for shard in found.shards if len(found.shards) > 1 else []:
         count = shard["tensors"]
         print(
             f"shard {shard['file']}: {count} {_plural(count, 'tensor')}, "
@@ -419,9 +408,9 @@ def _inspect_table(
         # A name or value from a downloaded file could hold line breaks: one line each.
         shown = value if value.isprintable() else json.dumps(value, ensure_ascii=False)
         print(f"metadata {_printable(name)}: {shown}")
-    if refused.quantization is not None:  # what a merge would refuse, and why (docs/sources.md)
-        print(f"quantized ({refused.quantization!r}): merges refuse it; dequantize it first")
-    if refused.adapter:
+    if found.quantization is not None:  # what a merge would refuse, and why (docs/sources.md)
+        print(f"quantized ({found.quantization!r}): merges refuse it; dequantize it first")
+    if found.adapter:
         print("a PEFT adapter: merges refuse it; merge it into its base model first")
 
 
