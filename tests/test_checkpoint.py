@@ -2091,6 +2091,58 @@ def test_a_zip_torch_file_with_compressed_records_reads_their_numbers(tmp_path):
     assert all(torch.equal(loaded[key], tensors[key]) for key in tensors)  # not the deflated bytes
 
 
+def _bomb(path: Path, declared: int) -> None:
+    """A torch file at ``path`` whose one tensor's record is deflated and declares
+    ``declared`` bytes in the archive's directory (a zip bomb's claim, without its bytes)."""
+    import zipfile
+
+    torch.save({"w": torch.zeros(1000)}, path)
+    with zipfile.ZipFile(path) as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in records:
+            archive.writestr(name, data)
+            if name.endswith("data/0"):
+                archive.getinfo(name).file_size = declared  # written with the directory
+
+
+def test_a_compressed_torch_file_larger_than_memory_is_refused_before_decompressing(
+    tmp_path, capsys
+):
+    # Deflate packs zeros a thousandfold: a file of megabytes can ask torch for terabytes,
+    # which it decompressed into memory it took first (or all the machine's, short of that).
+    from ladle.cli import main
+
+    _bomb(tmp_path / "m.pt", declared=2**50)
+    expected = r"m\.pt: its compressed records decompress to 1,125,899,906,842,\d+ bytes, more "
+    with pytest.raises(MemoryError, match=expected + r"than the [\d,]+ bytes of memory"):
+        ladle.load(tmp_path / "m.pt")
+    assert main(["inspect", str(tmp_path / "m.pt")]) == 1
+    assert re.fullmatch(
+        "ladle: error: .*" + expected + ".*refused before decompressing.*\n",
+        capsys.readouterr().err,
+    )
+
+
+def test_a_compressed_torch_file_is_checked_against_the_memory_it_may_take(tmp_path):
+    from ladle import checkpoint
+
+    room = checkpoint._memory_available()
+    assert room is not None and room > 0  # Linux and macOS both say
+    if Path("/proc/meminfo").exists():  # at most the memory and swap there are
+        meminfo = Path("/proc/meminfo").read_text()
+        total = sum(
+            int(re.search(rf"{name}:\s+(\d+) kB", meminfo)[1]) * 1024
+            for name in ("MemTotal", "SwapTotal")
+        )
+        assert room <= total
+    _bomb(tmp_path / "m.pt", declared=2 * room)  # twice the room (which changes as it runs)
+    with pytest.raises(MemoryError, match="decompress to ([\\d,]+) bytes") as info:
+        ladle.load(tmp_path / "m.pt")
+    declared = re.search("to ([\\d,]+) bytes", str(info.value))[1]  # with its small records
+    assert 2 * room <= int(declared.replace(",", "")) < 2 * room + 4096
+
+
 def test_a_zip_torch_file_whose_record_is_shorter_than_its_tensor_is_refused(tmp_path):
     import zipfile
 

@@ -87,6 +87,20 @@ def test_merge_error_is_one_line_on_stderr_with_exit_1(tmp_path, inputs, capsys)
         main(["--debug", "soup", inputs[0], str(bad), "-o", str(tmp_path / "x.safetensors")])
 
 
+def test_out_of_memory_is_one_line_on_stderr_with_exit_1(tmp_path, inputs, capsys, monkeypatch):
+    from ladle.writer import SafetensorsWriter
+
+    def no_memory(self, key, chunk):
+        raise MemoryError  # as Python raises it: no message
+
+    monkeypatch.setattr(SafetensorsWriter, "write", no_memory)
+    assert main(["soup", *inputs, "-o", str(tmp_path / "x.safetensors"), "--no-progress"]) == 1
+    assert capsys.readouterr().err == "ladle: error: out of memory\n"
+    assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(MemoryError):  # --debug: the traceback
+        main(["--debug", "soup", *inputs, "-o", str(tmp_path / "x.safetensors")])
+
+
 def test_ctrl_c_exits_130_with_one_line_and_leaves_no_output(tmp_path, inputs, capsys, monkeypatch):
     from ladle.writer import SafetensorsWriter
 

@@ -1100,6 +1100,7 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     why = _not_a_torch_file(file)
     if why is not None:
         raise CheckpointError(f"{file}: {why}")
+    _check_room_to_decompress(file)
     try:
         # The legacy (non-zip) format cannot be memory-mapped; nor a file whose path is no
         # UTF-8 (torch's map takes a str it encodes so): read whole.
@@ -1147,6 +1148,69 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
             f"{file}: not a readable torch file ({_load_failure(file, err)})"
         ) from err
     return _state_dict_in(file, loaded)
+
+
+def _check_room_to_decompress(file: Path) -> None:
+    """Raise ``MemoryError`` before torch decompresses anything if the compressed records of
+    zip torch file ``file`` declare more bytes than this process has memory for: deflate packs
+    zeros a thousandfold, so a file of megabytes could fill the machine's memory (a "zip
+    bomb"). Torch decompresses each record whole, into a buffer of its declared size."""
+    if not _is_zip(file):
+        return
+    try:
+        with zipfile.ZipFile(file) as archive:
+            records = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # torch's own reader says what is wrong
+    declared = sum(r.file_size for r in records if r.compress_type != zipfile.ZIP_STORED)
+    room = _memory_available()
+    if declared and room is not None and declared > room:
+        raise MemoryError(
+            f"{file}: its compressed records decompress to {declared:,} bytes, more than the "
+            f"{room:,} bytes of memory available; refused before decompressing (torch never "
+            "compresses the files it saves: a tool re-zipped this one)"
+        )
+
+
+def _memory_available() -> int | None:
+    """Bytes of memory this process could take: the system's available memory and free swap
+    (``/proc/meminfo``; the physical memory where there is none), at most a cgroup (v2)
+    limit; ``None`` where none of them can be read."""
+    room = _meminfo_available()
+    if room is None:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            room = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limit = _cgroup_limit()
+    if limit is not None:
+        room = limit if room is None else min(room, limit)
+    return room
+
+
+def _meminfo_available() -> int | None:
+    """``MemAvailable`` + ``SwapFree`` of ``/proc/meminfo`` in bytes, or ``None``."""
+    fields: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                name, _, value = line.partition(":")
+                if value.split()[1:] == ["kB"]:
+                    fields[name] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        return None
+    if "MemAvailable" not in fields:
+        return None
+    return fields["MemAvailable"] + fields.get("SwapFree", 0)
+
+
+def _cgroup_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 ``memory.max``; what it holds now
+    counts page cache the kernel would reclaim, so is not subtracted), or ``None``."""
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as limit:
+            maximum = limit.read().strip()
+        return None if maximum == "max" else int(maximum)
+    except (OSError, ValueError):
+        return None
 
 
 def _truncated(file: Path) -> CheckpointError:

@@ -841,10 +841,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout's reader left (`ladle inspect X | head`): stop quietly
         _discard_stdout()
         return 141  # 128 + SIGPIPE, as shells report a process the closed pipe stopped
-    except (LadleError, ValueError, OSError) as err:
+    except (LadleError, ValueError, OSError, MemoryError) as err:
         if args.debug:
             raise
-        message = one_line(err)
+        message = one_line(err) or "out of memory"  # a bare MemoryError says nothing
         if rank == 0:  # every rank raises a split merge's error; one line is enough
             _stderr(f"ladle: error: {message}")
         return 1
