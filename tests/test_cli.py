@@ -367,6 +367,74 @@ def test_output_read_by_a_pipe_that_closes_early_ends_quietly_with_141(
     assert out.is_file()  # the merge was complete when its path could not be printed
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="Linux /dev/full")
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_every_command_says_when_standard_output_is_full(tmp_path, inputs, unbuffered):
+    # inspect, diff and greedy-soup said "[Errno 28] No space left on device" alone (read as
+    # the merge's failure); --help and --version printed nothing with status 0 (argparse
+    # ignores the failure); and without PYTHONUNBUFFERED what stayed buffered failed again
+    # at exit: status 120 and "Exception ignored ... OSError".
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    (tmp_path / "evals.py").write_text("def score(state_dict):\n    return 1.0\n")
+    commands = [
+        ["soup", *inputs, "-o", str(tmp_path / "s.safetensors")],
+        [
+            "greedy-soup",
+            *inputs,
+            "--evaluate",
+            f"{tmp_path / 'evals.py'}:score",
+            "-o",
+            str(tmp_path / "g.safetensors"),
+        ],
+        ["inspect", inputs[0]],
+        ["diff", inputs[0], inputs[1]],
+        ["--version"],
+        ["soup", "--help"],
+    ]
+    for args in commands:
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(
+                [sys.executable, "-m", "ladle", *args],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        assert (result.returncode, result.stderr) == (
+            1,
+            "ladle: error: [Errno 28] writing to standard output: No space left on device\n",
+        ), args
+    assert (tmp_path / "s.safetensors").is_file() and (tmp_path / "g.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_help_read_by_a_pipe_that_closes_early_ends_quietly_with_141():
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "ladle", "--help"], stdout=writer, stderr=subprocess.PIPE
+        )
+    finally:
+        os.close(writer)
+    assert (result.returncode, result.stderr) == (141, b"")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="Linux /dev/full")
+def test_the_demo_says_when_standard_output_is_full(tmp_path, monkeypatch, capsys):
+    full = open("/dev/full", "w")  # noqa: SIM115
+    monkeypatch.setattr(sys, "stdout", full)
+    assert main(["demo", "--size", "small", "--workdir", str(tmp_path / "d")]) == 1
+    full.close()
+    assert capsys.readouterr().err.endswith(
+        "ladle: error: [Errno 28] writing to standard output: No space left on device\n"
+    )
+    assert (tmp_path / "d" / "merged").is_dir()  # the table was all that was left to do
+
+
 @pytest.mark.parametrize("device", ["tpu", "cuda:99"])
 def test_a_device_torch_does_not_know_or_this_machine_lacks_is_one_line(
     tmp_path, inputs, capsys, device
@@ -512,6 +580,36 @@ def test_a_seed_that_is_no_integer_is_one_message_in_every_command(
     assert exc.value.code == 2
     assert f"ladle {command}: error: argument --seed: expected an integer, found '{seed}'" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("sign", ["", "-"])
+def test_a_seed_past_pythons_limit_on_digits_says_so_without_echoing_them(
+    tmp_path, inputs, capsys, sign
+):
+    # It said "expected an integer, found '999...'" with every digit, though an integer it
+    # is; dare(seed=...) says the limit, as the command now does.
+    limit = sys.get_int_max_str_digits()
+    seed = sign + "9" * (limit + 1)
+    with pytest.raises(SystemExit) as exc:
+        main(["dare", inputs[1], "--base", inputs[0], "--seed", seed, "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.endswith(
+        f"ladle dare: error: argument --seed: expected an integer of at most {limit} digits, "
+        f"found {limit + 1}\n"
+    )
+    with pytest.raises(ValueError, match=f"seed: expected an integer of at most {limit} digits"):
+        ladle.dare(inputs[1:], inputs[0], seed=int("9" * limit) * 10 + 9)
+
+
+def test_a_long_argument_that_is_no_number_is_shown_in_part(tmp_path, inputs, capsys):
+    with pytest.raises(SystemExit):
+        main(["ties", inputs[1], "--base", inputs[0], "--density", "x" * 5000, "-o", "o"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (
+        f"ladle ties: error: argument --density: expected a number, found {'x' * 40!r}... "
+        "(5000 characters)"
+    )
 
 
 def test_a_negative_dare_seed_merges_alike_from_the_cli_the_api_and_a_recipe(tmp_path, inputs):
@@ -864,10 +962,12 @@ def test_demo_passes_its_options_and_runs_on_the_cpu_by_default(monkeypatch):
     monkeypatch.setattr(ladle.demo, "run_demo", lambda **kwargs: calls.append(kwargs))
     assert main(["demo"]) == 0
     assert main(["demo", "--seed", "5", "--size", "small", "--workdir", "w", "--device", "x"]) == 0
+    streams = [call.pop("stream") for call in calls]  # standard output, failures named
     assert calls == [
         {"seed": 0, "size": "default", "workdir": None, "device": "cpu"},
         {"seed": 5, "size": "small", "workdir": "w", "device": "x"},
     ]
+    assert all(stream is ladle.cli._STDOUT for stream in streams)
 
 
 def test_under_torchrun_a_command_that_does_not_split_runs_on_rank_0_alone(

@@ -1717,6 +1717,31 @@ def test_an_output_through_a_link_then_dotdot_is_written_where_the_system_finds_
     assert ladle.load("a.safetensors")["w"].tolist() == [1.0, 2.0]  # the input, untouched
 
 
+@pytest.mark.parametrize("kind", ["file", "broken link"])
+@pytest.mark.parametrize("out", ["x/../o.safetensors", "x/../o", "x/../sub/../o.safetensors"])
+def test_an_output_through_a_file_then_dotdot_is_refused_as_the_system_refuses_it(
+    tmp_path, monkeypatch, kind, out
+):
+    # os.path.realpath drops "x/.." as text when x is a file: the merge wrote o.safetensors
+    # beside x, where `open("x/../o.safetensors")` fails (not a directory).
+    monkeypatch.chdir(tmp_path)
+    ladle.save({"w": torch.tensor([1.0, 2.0])}, "a.safetensors")
+    if kind == "file":
+        (tmp_path / "x").write_text("notes")
+    else:
+        os.symlink("gone", "x")
+    what = "a file" if kind == "file" else "a broken symbolic link"
+    with pytest.raises(ladle.OutputError) as info:
+        ladle.uniform_soup(["a.safetensors", "a.safetensors"], out=out)
+    assert str(info.value) == (
+        f"{out}: {tmp_path / 'x'} is {what}, not a directory: the system cannot resolve the "
+        "'..' after it"
+    )
+    assert isinstance(info.value, OSError)
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "x"]
+    assert main(["soup", "a.safetensors", "a.safetensors", "-o", out]) == 1
+
+
 @pytest.mark.parametrize(
     "method",
     [

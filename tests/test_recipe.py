@@ -846,6 +846,28 @@ def test_an_evaluate_file_that_failed_to_import_is_imported_again_once_fixed(tmp
     assert load_callable("ev.py:score", folder=tmp_path)({}) == 2.0
 
 
+def test_an_evaluate_function_a_module_lacks_is_named_as_the_reference_names_the_module(
+    tmp_path,
+):
+    # It said "AttributeError: module 'ladle_evaluate_ev_3f2a...' has no attribute 'nope'",
+    # the name the file is registered under, which the user never wrote.
+    (tmp_path / "ev.py").write_text("class Scores:\n    pass\ndef score(sd):\n    return 1\n")
+    cases = {
+        "ev.py:nope": "ev.py has no attribute 'nope'",
+        "ev.py:Scores.top1": "ev.py:Scores has no attribute 'top1'",
+        "math:nope": "math has no attribute 'nope'",
+        "math:pi.real.x": "math:pi.real has no attribute 'x'",
+    }
+    for reference, why in cases.items():
+        with pytest.raises(ValueError) as info:
+            load_callable(reference, folder=tmp_path)
+        assert str(info.value) == f"cannot import {reference!r}: {why}"
+        assert isinstance(info.value.__cause__, AttributeError)
+    (tmp_path / "lazy.py").write_text("def __getattr__(name):\n    raise KeyError(name)\n")
+    with pytest.raises(ValueError, match=r"^cannot import 'lazy\.py:f': KeyError: 'f'$"):
+        load_callable("lazy.py:f", folder=tmp_path)
+
+
 def test_an_error_while_a_step_runs_keeps_its_attributes_or_is_raised_as_it_is(folder, monkeypatch):
     class Refused(ValueError):
         key = None

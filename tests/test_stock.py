@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import warnings
@@ -107,6 +108,21 @@ def test_opposite_task_vectors_clamp_t_to_minus_one_and_warn_naming_the_key():
     assert torch.isfinite(merged["layer.w"]).all()
     torch.testing.assert_close(merged["layer.w"], t([1.5, 2.0]), rtol=0, atol=1e-6)
     assert torch.equal(merged["fine"], base["fine"])  # orthogonal: the base
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_clamp_warning_points_at_the_callers_line(tmp_path, streamed):
+    # stacklevel=2 named ladle's own line (methods/stock.py), whatever called model_stock.
+    base = {"w": t([1.0, 1.0])}
+    models = [{"w": t([2.0, 3.0])}, {"w": t([-1.0, -3.0])}]
+    out = tmp_path / "o.safetensors" if streamed else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ladle.model_stock(models, base, out=out, device="cpu")  # the line named
+    line = inspect.currentframe().f_lineno - 1
+    assert [(w.category, w.filename, w.lineno) for w in caught] == [
+        (ModelStockWarning, __file__, line)
+    ]
 
 
 def test_three_task_vectors_at_120_degrees_hit_the_pole_and_are_clamped():

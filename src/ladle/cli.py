@@ -20,7 +20,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TextIO, TypeVar, cast
 
 import torch
 
@@ -72,7 +72,13 @@ def _checked(kind: Callable[[str], _N], check: Callable[[_N], _N]) -> Callable[[
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {noun}, found {text!r}") from None
+            digits, limit = re.sub(r"[\s+\-_]", "", text), sys.get_int_max_str_digits()
+            if kind is int and digits.isdecimal() and len(digits) > limit:  # Python's limit
+                raise argparse.ArgumentTypeError(
+                    f"expected an integer of at most {limit} digits, found {len(digits)}"
+                ) from None
+            shown = repr(text) if len(text) <= 80 else f"{text[:40]!r}... ({len(text)} characters)"
+            raise argparse.ArgumentTypeError(f"expected {noun}, found {shown}") from None
         try:
             return check(value)
         except ValueError as err:  # "density: expected ...": argparse names the option
@@ -104,6 +110,15 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(
             r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$|^-inf(?:inity)?$", re.IGNORECASE
         )
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        """As argparse prints ``--help``, ``--version`` and usage, but a failure to write
+        standard output raised, named as its (argparse ignores it: exit status 0, nothing
+        printed)."""
+        if message and file is sys.stdout:
+            _STDOUT.write(message)
+        else:
+            super()._print_message(message, file)
 
 
 def merge_options() -> _Parser:
@@ -194,19 +209,43 @@ def _flush_stdout() -> None:
 def _on_stdout() -> Iterator[None]:
     """Inside, a failure to write standard output (a full disk, ``>/dev/full``) is named as
     standard output's: a merge's own output is written by then, and "No space left on
-    device" alone read as the merge's failure. A closed pipe stays itself (exit 141)."""
+    device" alone read as the merge's failure. What is buffered is dropped, since it can never
+    be written (the interpreter's flush at exit failed again: status 120, and a traceback). A
+    closed pipe stays itself (exit 141)."""
     try:
         yield
     except BrokenPipeError:
         raise
     except OSError as err:
+        _discard_stdout()
         raise OSError(err.errno, f"writing to standard output: {err.strerror or err}") from err
+
+
+class _Stdout:
+    """What ``print`` needs of standard output (``sys.stdout`` as it is at each call), a
+    failure named as standard output's (:func:`_on_stdout`); closed (``>&-``), nowhere."""
+
+    def write(self, text: str) -> int:
+        if sys.stdout is None:
+            return len(text)
+        with _on_stdout():
+            return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        _flush_stdout()
+
+
+_STDOUT = _Stdout()
+
+
+def _print(*values: object, flush: bool = False) -> None:
+    """``print`` to standard output, a failure to write it named as such."""
+    print(*values, file=_STDOUT, flush=flush)
 
 
 def _print_output(path: object, *, flush: bool = False) -> None:
     """Print the path a merge wrote (its output is complete by then)."""
-    with _on_stdout():
-        print(path, flush=flush)
+    _print(path, flush=flush)
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -258,12 +297,12 @@ def _run_greedy_soup(args: argparse.Namespace) -> None:
     )
     width = max(len(str(len(args.models) - 1)), len("model"))
     # Each row scores the soup with that model added (the first: the best model alone).
-    print(f"{'model':<{width}}  {'soup score':>10}  kept  source")
+    _print(f"{'model':<{width}}  {'soup score':>10}  kept  source")
     for step in result.history:
         kept = "yes" if step.accepted else "no"
         score = _number(step.score)
-        print(f"{step.index:<{width}}  {score:>10}  {kept:<4}  {args.models[step.index]}")
-    print(
+        _print(f"{step.index:<{width}}  {score:>10}  {kept:<4}  {args.models[step.index]}")
+    _print(
         f"selected {len(result.selected)} of {len(args.models)} "
         f"{_plural(len(args.models), 'model')} "
         f"({', '.join(map(str, result.selected))}); score {_number(result.score)}"
@@ -274,7 +313,10 @@ def _run_greedy_soup(args: argparse.Namespace) -> None:
 def _run_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(seed=args.seed, size=args.size, workdir=args.workdir, device=args.device)
+    stdout = cast(TextIO, _STDOUT)  # the table printed; a failure named as stdout's
+    run_demo(
+        seed=args.seed, size=args.size, workdir=args.workdir, device=args.device, stream=stdout
+    )
 
 
 def _plural(count: int, noun: str) -> str:
@@ -347,7 +389,7 @@ class _Inventory(NamedTuple):
 
 def _inspect_json(ckpt: Checkpoint, found: _Inventory) -> None:
     files = {key: path.name for key, path in ckpt.files().items()}
-    print(
+    _print(
         json.dumps(
             {
                 "source": ckpt.name,
@@ -387,9 +429,9 @@ def _inspect_table(ckpt: Checkpoint, found: _Inventory) -> None:
             f"{_format_bytes(nbytes)}"
         )
         original = tied.get(name)
-        print(line if original is None else f"{line}  (tied to {_printable(original)})")
+        _print(line if original is None else f"{line}  (tied to {_printable(original)})")
     shared = f" ({len(tied)} tied to another)" if tied else ""
-    print(
+    _print(
         f"{len(rows)} {_plural(len(rows), 'tensor')}{shared}, "
         f"{params:,} {_plural(params, 'parameter')}, "
         f"{_format_bytes(total)} ({ckpt.name})"
@@ -397,21 +439,21 @@ def _inspect_table(ckpt: Checkpoint, found: _Inventory) -> None:
     if ckpt.path is not None and ckpt.path not in (Path(ckpt.name), Path(ckpt.name).parent):
         # e.g. the snapshot in the HF cache of an hf:// source; not the folder of a model
         # folder holding one weights file, which its name (folder/file) shows already
-        print(f"path {ckpt.path}")
+        _print(f"path {ckpt.path}")
     for shard in found.shards if len(found.shards) > 1 else []:
         count = shard["tensors"]
-        print(
+        _print(
             f"shard {shard['file']}: {count} {_plural(count, 'tensor')}, "
             f"{_format_bytes(shard['bytes'])}"
         )
     for name, value in sorted(ckpt.metadata.items()):
         # A name or value from a downloaded file could hold line breaks: one line each.
         shown = value if value.isprintable() else json.dumps(value, ensure_ascii=False)
-        print(f"metadata {_printable(name)}: {shown}")
+        _print(f"metadata {_printable(name)}: {shown}")
     if found.quantization is not None:  # what a merge would refuse, and why (docs/sources.md)
-        print(f"quantized ({found.quantization!r}): merges refuse it; dequantize it first")
+        _print(f"quantized ({found.quantization!r}): merges refuse it; dequantize it first")
     if found.adapter:
-        print("a PEFT adapter: merges refuse it; merge it into its base model first")
+        _print("a PEFT adapter: merges refuse it; merge it into its base model first")
 
 
 def _number(value: float) -> str:
@@ -436,7 +478,7 @@ def _run_diff(args: argparse.Namespace) -> None:
                 for k, v in values.items()
             }
 
-        print(
+        _print(
             json.dumps(
                 {
                     "a": args.a,
@@ -453,16 +495,16 @@ def _run_diff(args: argparse.Namespace) -> None:
     a, b = ("|A-base|", "|B-base|") if args.base is not None else ("|A|", "|B|")
     printed = [_printable(row.key) for row in report.tensors]
     width = max([len(key) for key in printed] + [3])
-    print(f"{'key':<{width}}  {a:>12}  {b:>12}  {'|A-B|':>12}  {'cosine':>9}")
+    _print(f"{'key':<{width}}  {a:>12}  {b:>12}  {'|A-B|':>12}  {'cosine':>9}")
     for key, row in zip(printed, report.tensors):
-        print(
+        _print(
             f"{key:<{width}}  {_number(row.norm_a):>12}  {_number(row.norm_b):>12}  "
             f"{_number(row.norm_diff):>12}  {_number(row.cosine):>9}"
         )
     total = report.total
     same = sum(row.norm_diff == 0 for row in report.tensors)
     what = "task vectors" if args.base is not None else "models"
-    print(
+    _print(
         f"{len(report.tensors)} {_plural(len(report.tensors), 'tensor')}: "
         f"{a} {_number(total.norm_a)}, {b} "
         f"{_number(total.norm_b)}, |A-B| {_number(total.norm_diff)}, cosine of the {what} "
@@ -796,6 +838,17 @@ def _checked_usage(
     return rank
 
 
+def _parsed(argv: Sequence[str] | None) -> argparse.Namespace:
+    """``argv`` parsed; after ``--help`` or ``--version`` (``SystemExit(0)``) standard output
+    is flushed, so that a failure to write it shows."""
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit as done:
+        if done.code == 0:
+            _flush_stdout()
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ladle`` command; returns the exit status.
 
@@ -816,7 +869,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         metadata format: pt
         0
     """
-    args = build_parser().parse_args(argv)
+    try:
+        args = _parsed(argv)
+    except BrokenPipeError:  # `ladle --help | head -1`
+        _discard_stdout()
+        return 141
+    except OSError as err:  # --help or --version, and standard output cannot be written
+        _stderr(f"ladle: error: {one_line(err)}")
+        return 1
     for stream in (sys.stdout, sys.stderr):  # a key in no encoding of a terminal's: escaped
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:

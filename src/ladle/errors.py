@@ -5,6 +5,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+from types import FrameType
+
 import numpy as np
 
 __all__ = [
@@ -124,6 +129,26 @@ def one_line(message: object) -> str:
         'bad header: offsets overlap'
     """
     return " ".join(str(message).split())
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the caller's line that called into ladle, however deep
+    inside ladle the warning arises (a fixed ``stacklevel`` named a line of ladle's own).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn("look")
+        >>> caught[0].message.args, caught[0].filename.startswith("<doctest")
+        (('look',), True)
+    """
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame: FrameType | None = sys._getframe(1)
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level if frame is not None else 2)
 
 
 def check_flag(name: str, value: object) -> bool:

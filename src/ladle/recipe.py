@@ -582,11 +582,21 @@ def load_callable(reference: str, *, folder: str | os.PathLike | None = None) ->
             _check_not_imported_elsewhere(module_name, folders)
             with _searched(folders):
                 module = importlib.import_module(module_name)
-        target: Any = module
-        for part in attribute.split("."):
-            target = getattr(target, part)
     except Exception as err:  # the user's module may raise anything while importing
         raise ValueError(f"cannot import {reference!r}: {type(err).__name__}: {err}") from err
+    target: Any = module
+    owner = module_name  # named as the reference names it, not as sys.modules does
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except Exception as err:  # a module's __getattr__ or a property may raise anything
+            why = (
+                f"{owner} has no attribute {part!r}"
+                if isinstance(err, AttributeError)
+                else f"{type(err).__name__}: {err}"
+            )
+            raise ValueError(f"cannot import {reference!r}: {why}") from err
+        owner += f"{'.' if owner != module_name else ':'}{part}"
     if not callable(target):
         raise ValueError(f"{reference!r} is a {type(target).__name__}, not a callable")
     return target  # type: ignore[no-any-return]

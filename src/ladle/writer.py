@@ -23,7 +23,6 @@ import stat
 import struct
 import sys
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
@@ -40,7 +39,7 @@ from .checkpoint import (
     not_a_dense_tensor,
     pread_into,
 )
-from .errors import LadleError, OutputError, check_flag, type_name
+from .errors import LadleError, OutputError, check_flag, type_name, warn
 from .hub import PREFIX
 
 __all__ = ["SafetensorsWriter", "parse_size", "save"]
@@ -241,7 +240,8 @@ def physical_path(out: str | os.PathLike) -> Path:
     leads to the parent of the folder linked to, where ``os.path.abspath`` drops ``link/..``
     as text (naming another folder than the one the system writes to). What follows the
     last ``..`` is kept as given (resolved by the system as it is written: a link as the
-    last name is replaced, never written through).
+    last name is replaced, never written through). A file before a ``..`` is an
+    :class:`OutputError`, as the system refuses it (``os.path.realpath`` drops ``file/..``).
 
     Example:
         >>> import os
@@ -254,6 +254,14 @@ def physical_path(out: str | os.PathLike) -> Path:
     if ".." not in parts:  # the text is the place: folders are created as named
         return Path(os.path.abspath(out))
     last = len(parts) - 1 - parts[::-1].index("..")
+    climbed = Path(os.getcwd(), *parts[:last])  # what the last ".." leads out of
+    for folder in (*reversed(climbed.parents), climbed):  # realpath would drop a file and ..
+        if os.path.lexists(folder) and not folder.is_dir():
+            what = "a broken symbolic link" if folder.is_symlink() else "a file"
+            raise OutputError(
+                f"{out}: {folder} is {what}, not a directory: the system cannot resolve the "
+                "'..' after it"
+            )
     return Path(os.path.realpath(Path(os.getcwd(), *parts[: last + 1])), *parts[last + 1 :])
 
 
@@ -689,10 +697,9 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
                 _remove(old)
                 raise
             if os.path.lexists(old):  # a folder of read-only folders, say: it stays hidden
-                warnings.warn(
+                warn(
                     f"{out}: written; the earlier output, moved aside to {old}, could not be "
-                    "deleted (permissions?): delete it yourself",
-                    stacklevel=3,
+                    "deleted (permissions?): delete it yourself"
                 )
         return
     raise LadleError(f"{out}: other writers kept replacing it; the result is left unwritten")

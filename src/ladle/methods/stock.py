@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import overload
@@ -31,6 +30,7 @@ from ..engine import (
     resolve_device,
     scale_,
 )
+from ..errors import warn
 from ..writer import DEFAULT_MAX_SHARD_SIZE
 
 __all__ = [
@@ -111,11 +111,10 @@ def stock_ratio(cosine: float, n: int, *, key: str = "") -> float:
     denominator = (n - 1) * cosine + 1 + EPS
     ratio = n * cosine / denominator if denominator > 0 else -math.inf
     if not ratio >= T_MIN:
-        warnings.warn(
+        warn(
             f"model_stock: key {key!r}: t = {ratio:.6g} (mean cosine {cosine:.9g} of {n} task "
             f"vectors, near the pole at cos θ = {-1 / (n - 1):.6g}) clamped to {T_MIN:g}",
             ModelStockWarning,
-            stacklevel=2,
         )
         return T_MIN
     return ratio
