@@ -180,6 +180,18 @@ def test_directory_prefers_safetensors_over_torch_files(tmp_path):
     assert ladle.load(tmp_path)["w"].item() == 1.0
 
 
+@pytest.mark.parametrize("folder", ["b.safetensors", "model.safetensors.index.json", "x.bin"])
+def test_a_folder_named_like_a_weights_file_is_no_weights_file(tmp_path, folder):
+    # It counted: "expected one weights file or a *.index.json, found a.safetensors,
+    # b.safetensors" (the Hub reader passed folders over already).
+    save_file({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "notes.txt").write_text("not weights")
+    assert ladle.load(tmp_path)["w"].tolist() == [1.0, 1.0]
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / folder)  # a link to a folder too
+    assert ladle.load(tmp_path)["w"].tolist() == [1.0, 1.0]
+
+
 def test_index_naming_a_missing_shard_is_a_checkpoint_error(tmp_path):
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))

@@ -1137,3 +1137,87 @@ def test_a_full_standard_output_is_named_as_such_after_the_merge_is_written(
         "ladle: error: [Errno 28] writing to standard output: No space left on device\n"
     )
     assert (tmp_path / "o.safetensors").is_file()
+
+
+# --- pinned by mutation testing (round 4): each fails on the mutant named -------------------
+
+
+def test_a_command_that_does_not_split_writes_its_file_output_on_rank_0_under_torchrun(
+    tmp_path, inputs, monkeypatch
+):
+    # Only the split commands refuse a file output under torchrun (C04): greedy-soup runs on
+    # rank 0 alone, so its file output is fine there.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    (tmp_path / "evals.py").write_text("def score(sd):\n    return 1.0\n")
+    out = tmp_path / "g.safetensors"
+    evaluate = f"{tmp_path / 'evals.py'}:score"
+    assert main(["greedy-soup", *inputs, "--evaluate", evaluate, "-o", str(out)]) == 0
+    assert out.is_file()
+
+
+def test_rank_without_world_size_is_no_torchrun_and_runs_the_command(inputs, monkeypatch, capsys):
+    # A RANK left in the environment without torchrun's WORLD_SIZE: one process (C05: rank 1
+    # printed nothing, its work skipped).
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["inspect", inputs[0]]) == 0
+    assert "5 tensors" in capsys.readouterr().out
+
+
+@pytest.fixture
+def rank_1(monkeypatch):
+    """This process as rank 1 of 2 under torchrun, with no real group: the split merge is
+    stood in for by the function given to ``split``."""
+    import contextlib
+
+    import ladle.distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(ladle.distributed, "_torchrun_group", contextlib.nullcontext)
+
+    def split(merge):
+        monkeypatch.setattr(ladle.distributed, "merge", merge)
+
+    return split
+
+
+def test_under_torchrun_only_rank_0_pushes_the_output(tmp_path, monkeypatch, rank_1):
+    import ladle.hub
+
+    rank_1(lambda method, models, **kwargs: kwargs["out"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    pushed = []
+    monkeypatch.setattr(ladle.hub, "push_to_hub", lambda *args: pushed.append(args) or "url")
+    assert main(["soup", "a", "b", "-o", str(tmp_path / "o"), "--push-to-hub", "me/m"]) == 0
+    assert pushed == []  # C10: every rank pushed
+
+
+def test_under_torchrun_only_rank_0_prints_a_split_merge_s_error(tmp_path, rank_1, capsys):
+    def failing(method, models, **kwargs):
+        raise ladle.LadleError("the same error on every rank")
+
+    rank_1(failing)
+    assert main(["soup", "a", "b", "-o", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err == ""  # C11: each rank printed it
+
+
+def test_inspect_json_names_dtypes_without_torchs_prefix(tmp_path, capsys):
+    path = ladle.save({"w": torch.ones(2, dtype=torch.bfloat16)}, tmp_path / "m.safetensors")
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tensors"][0]["dtype"] == "bfloat16"  # C22
+
+
+@pytest.mark.parametrize("text", ["-inf", "-Infinity", "-1e-3", "-.5"])
+def test_negative_numbers_of_every_spelling_are_read_as_numbers(text):
+    from ladle.cli import build_parser
+
+    args = build_parser().parse_args(["soup", "a", "b", "-o", "x", "--weights", "1", text])
+    assert args.weights == [1.0, float(text)]  # C27: "-inf" was taken for an option
+
+
+def test_numbers_print_minus_zero_as_zero():
+    from ladle.cli import _number
+
+    assert (_number(-0.0), _number(0.0), _number(-1.5)) == ("0", "0", "-1.5")  # C36

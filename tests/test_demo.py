@@ -425,3 +425,46 @@ def test_a_size_or_workdir_of_the_wrong_kind_is_named():
         run_demo(size=["x"])
     with pytest.raises(TypeError, match=r"^workdir: expected a path, found int$"):
         run_demo(workdir=3)
+
+
+# --- pinned by mutation testing (round 4): each fails on the mutant named -------------------
+
+
+def test_an_empty_workdir_is_refused_before_anything_runs(monkeypatch):
+    monkeypatch.setattr(ladle.demo, "_run", None)  # never reached
+    with pytest.raises(ValueError, match="^workdir: expected a path, found an empty one$"):
+        run_demo(size="small", workdir="", stream=io.StringIO())  # M04: ran in "."
+
+
+def test_a_broken_link_where_the_merged_folder_goes_is_one_error_before_training(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "merged").symlink_to(tmp_path / "nowhere")
+    monkeypatch.setattr(ladle.demo, "_train", None)  # never reached
+    with pytest.raises(ladle.LadleError, match="merged: the demo writes a directory there"):
+        run_demo(size="small", workdir=tmp_path, stream=io.StringIO())  # M07: FileExistsError
+
+
+def test_the_target_fine_tunings_take_every_setting_of_hyper_parameters_in_turn(
+    tmp_path, monkeypatch
+):
+    # The default size trains 14 target fine-tunings: all 8 settings, then the first 6 again
+    # (M11: a cycle of 5 left 3 unused). Training is skipped: only its arguments are kept.
+    calls = []
+
+    def train(model, data, *, steps, lr, weight_decay=0.0, seed, parameters=None):
+        calls.append((seed, lr, steps, weight_decay))
+
+    monkeypatch.setattr(ladle.demo, "_train", train)
+    run_demo(size="default", workdir=tmp_path, stream=io.StringIO())
+    size = ladle.demo.SIZES["default"]
+    count = size.pretrained_runs + size.aux_tasks * size.runs_per_aux
+    targets = [call[1:] for call in calls if call[0] >= 1000]  # seeds seed + 1000 + number
+    assert targets == [(lr, steps, wd) for lr, steps, wd in ladle.demo.HYPER * 2][:count]
+    assert count == 14 and size.step_scale == 1.0
+
+
+def test_progress_goes_nowhere_when_standard_error_is_closed(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stderr", None)  # 2>&-
+    ladle.demo._log("hello")
+    assert capsys.readouterr().out == ""  # M13: print(file=None) wrote it to stdout

@@ -309,6 +309,40 @@ def test_average_takes_numbers_numpy_scalars_and_tensors_as_weights(one_rank, we
     assert torch.equal(average_(state, weights=weights)["w"], torch.tensor([1.0, -2.5]))
 
 
+def test_a_group_that_is_no_process_group_is_a_type_error(tmp_path):
+    a = {"w": torch.ones(2)}
+    for group in (3, "world", -100.0):  # D03: any int (the outside marker is one) passed
+        with pytest.raises(TypeError, match="^group: expected a torch.distributed ProcessGroup"):
+            merge("uniform_soup", [a, a], out=tmp_path / "m", group=group)
+
+
+def test_average_writes_an_inference_tensor_inside_inference_mode(one_rank):
+    # Refused outside inference_mode only (D10: refused inside it too, where it is writable).
+    with torch.inference_mode():
+        state = {"w": torch.full((2,), 3.0)}
+        assert average_(state)["w"].tolist() == [3.0, 3.0]
+
+
+def test_average_takes_a_dimension_of_one_with_stride_0_which_is_no_expansion(one_rank):
+    state = {"w": torch.tensor([1.0, 2.0, 3.0]).as_strided((1, 3), (0, 1))}
+    assert average_(state)["w"].tolist() == [[1.0, 2.0, 3.0]]  # D11: "an expanded tensor"
+
+
+def test_ranks_passing_lists_of_weights_of_different_lengths_are_refused():
+    # [1, 2] and [1, 2, 3] agree where both have weights; they are no same list (D18).
+    with pytest.raises(ValueError, match="^weights: every rank must pass its own weight"):
+        _rank_weights([[1.0, 2.0], [1.0, 2.0, 3.0]], 2)
+
+
+def test_a_split_merge_s_share_is_its_output_alone(one_rank, tmp_path):
+    # A method's own intermediate merge to another file runs whole (D66: it was split too,
+    # each rank writing part of it).
+    share = distributed._Share(dist.group.WORLD, tmp_path / "tmp", tmp_path / "out")
+    assert share.writes(tmp_path / "out") and share.writes(str(tmp_path / "out"))
+    assert not share.writes(tmp_path / "step.safetensors")
+    assert not share.writes(None)
+
+
 # --- spawned: 3 gloo processes ----------------------------------------------------------------
 
 

@@ -2382,3 +2382,117 @@ def test_an_output_whose_own_name_is_a_loop_of_links_is_replaced_with_overwrite(
         [{"w": torch.ones(2)}] * 2, out=tmp_path / "o.safetensors", overwrite=True
     )
     assert not out.is_symlink() and ladle.load(out)["w"].tolist() == [1.0, 1.0]
+
+
+# --- pinned by mutation testing (round 4): each fails on the mutant named -------------------
+
+
+class _FirstKey:
+    """A partition that merges the reference's first key alone, in one process; the split
+    output is ``split`` (a path), or none (``None``: no merge in the block is the split)."""
+
+    def __init__(self, split: object = None) -> None:
+        self.split = split
+
+    def writes(self, out):
+        return out is not None and self.split is not None and str(out) == str(self.split)
+
+    def keys(self, reference):
+        return list(reference.keys())[:1]
+
+    def all_reduce(self, tensor):
+        return tensor
+
+    def writer(self, out, specs, *, keys, metadata, extra_files, max_shard_size):
+        from ladle.writer import SafetensorsWriter
+
+        return SafetensorsWriter(out, {k: specs[k] for k in keys}, metadata=metadata)
+
+
+def test_leaving_a_nested_partitioned_block_restores_the_outer_partition():
+    from ladle.engine import current_partition, partitioned
+
+    outer, inner = _FirstKey(), _FirstKey()
+    with partitioned(outer):
+        with partitioned(inner):
+            assert current_partition() is inner
+        assert current_partition() is outer  # E01: None (set, not reset)
+    assert current_partition() is None
+
+
+def test_a_merge_in_a_partitioned_block_that_is_not_the_split_one_runs_whole():
+    # TIES trim="global" ranks every key's magnitudes in its prepare pass: over the first
+    # key alone (E02: the partition left in place for it) the threshold, and so the result,
+    # differ.
+    from ladle.engine import partitioned
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"a": torch.zeros(50), "b": torch.zeros(50)}
+    models = [
+        {"a": torch.randn(50, generator=gen), "b": 10 * torch.randn(50, generator=gen)}
+        for _ in range(2)
+    ]
+    whole = ladle.ties(models, base, density=0.3, trim="global")
+    with partitioned(_FirstKey()):
+        inside = ladle.ties(models, base, density=0.3, trim="global")
+    assert_bit_for_bit(inside, whole)
+
+
+def test_a_partition_s_progress_bar_counts_the_bytes_of_its_own_keys(tmp_path):
+    from ladle.engine import partitioned
+
+    seen = {"total": None, "done": 0}
+
+    class Bar:
+        def __init__(self, total=None, **kwargs):
+            seen["total"] = total
+
+        def update(self, n):
+            seen["done"] += n
+
+        def close(self):
+            pass
+
+    models = [{"a": torch.ones(100), "b": torch.ones(1000)}] * 2
+    out = tmp_path / "m.safetensors"
+    with partitioned(_FirstKey(split=out)):
+        ladle.uniform_soup(models, out=out, progress=Bar)
+    assert seen["total"] == seen["done"] == 2 * 100 * 4  # E04: the total counted "b" too
+
+
+def test_no_models_is_a_value_error_naming_the_parameter():
+    with pytest.raises(ValueError, match="^models: expected at least one model"):
+        ladle.task_arithmetic([], {"w": torch.ones(2)})  # E10: an AttributeError
+    with pytest.raises(ValueError, match="^models: expected at least one model"):
+        ladle.uniform_soup([])
+
+
+def test_a_tensor_given_as_the_models_is_no_sequence_of_models():
+    with pytest.raises(TypeError, match="^models: expected a sequence of models"):
+        ladle.uniform_soup(torch.ones(3, 2))  # E11: "model 0: expected a mapping..."
+
+
+def test_errors_are_also_the_builtin_exceptions_callers_catch():
+    # One hierarchy under LadleError; bad inputs are also ValueErrors (R05, R06: an
+    # `except ValueError` stopped catching a shape mismatch or a NaN), output failures
+    # OSErrors, unsafe files CheckpointErrors.
+    shapes = [{"w": torch.ones(2)}, {"w": torch.ones(3)}]
+    with pytest.raises(ValueError) as mismatch:
+        ladle.uniform_soup(shapes)
+    assert type(mismatch.value) is ladle.IncompatibleError
+    with pytest.raises(ValueError) as nan:
+        ladle.uniform_soup([{"w": torch.ones(2)}, {"w": torch.tensor([1.0, math.nan])}])
+    assert type(nan.value) is ladle.NonFiniteError
+    assert issubclass(ladle.OutputError, OSError)
+    assert issubclass(ladle.UnsafeCheckpointError, ladle.CheckpointError)
+    for error in (ladle.CheckpointError, ladle.IncompatibleError, ladle.NonFiniteError):
+        assert issubclass(error, ladle.LadleError)
+
+
+def test_check_flag_takes_numpy_bools_as_python_bools():
+    import numpy as np
+
+    from ladle.errors import check_flag
+
+    for flag in (np.True_, np.False_):  # R03: refused; R04: returned as numpy's
+        assert check_flag("overwrite", flag) is bool(flag)

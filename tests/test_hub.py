@@ -1275,3 +1275,26 @@ def test_an_unreachable_hub_while_fetching_is_a_checkpoint_error(local_hub, monk
     monkeypatch.setattr("huggingface_hub.snapshot_download", unreachable)
     with pytest.raises(ladle.CheckpointError, match=r"^hf://org/m: the Hub could not be reached"):
         ladle.open_checkpoint("hf://org/m")
+
+
+# --- pinned by mutation testing (round 4): each fails on the mutant named -------------------
+
+
+def test_a_bug_while_listing_the_repository_is_raised_as_itself(local_hub, monkeypatch):
+    # Only an unreachable Hub is said so (H08: any exception became "the Hub could not be
+    # reached ... set HF_HUB_OFFLINE=1", hiding the bug).
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the listing")
+
+    monkeypatch.setattr("ladle.hub._listed", broken)
+    with pytest.raises(RuntimeError, match="^a bug in the listing$"):
+        ladle.open_checkpoint("hf://org/m")
+
+
+def test_offline_a_folder_named_like_a_weights_file_is_no_weights_file(hub_cache):
+    # Offline, the cache's folders are listed with a "/" (H07: without it the folder
+    # b.safetensors/ counted as a second weights file: "expected one weights file").
+    files = {"a.safetensors": weights({"w": torch.ones(2)}), "b.safetensors/notes.txt": b"x"}
+    write_cached_repo(hub_cache, "org/name", COMMIT_A, files, refs={"main": COMMIT_A})
+    with ladle.open_checkpoint("hf://org/name") as checkpoint:
+        assert checkpoint.get("w").tolist() == [1.0, 1.0]

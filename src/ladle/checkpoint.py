@@ -1868,7 +1868,8 @@ def _open_directory(directory: Path) -> Checkpoint:
     """The checkpoint of a model folder, read from the file :func:`weights_layout` chooses;
     else a ``CheckpointError`` naming the weights files there."""
     name = str(directory)
-    chosen, seen = weights_layout(p.name for p in directory.iterdir())
+    # A folder's name ends with "/", as the Hub lists it: weights_layout passes it over.
+    chosen, seen = weights_layout(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir())
     if chosen is None:
         raise CheckpointError(
             f"{directory}: expected one weights file or a *.index.json, found {_some(seen)}"
