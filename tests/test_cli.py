@@ -338,6 +338,27 @@ def test_console_entry_point_runs_as_a_module(tmp_path, inputs, module):
     assert "Traceback" not in missing.stderr
 
 
+def _ladle(args: list[str], stdout: object, unbuffered: bool) -> subprocess.CompletedProcess:
+    """``python -m ladle ARGS`` writing to ``stdout``, its stderr captured as text, with
+    ``PYTHONUNBUFFERED`` set or not (a test environment may set it, which hides what a
+    buffered standard output does)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    command = [sys.executable, "-m", "ladle", *args]
+    return subprocess.run(command, stdout=stdout, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _to_a_closed_pipe(args: list[str], unbuffered: bool) -> subprocess.CompletedProcess:
+    """:func:`_ladle` writing to a pipe whose reader is gone before the first write."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return _ladle(args, writer, unbuffered)
+    finally:
+        os.close(writer)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("unbuffered", [False, True])
 def test_output_read_by_a_pipe_that_closes_early_ends_quietly_with_141(
@@ -345,25 +366,12 @@ def test_output_read_by_a_pipe_that_closes_early_ends_quietly_with_141(
 ):
     # `ladle inspect X | head`: the reader is gone (here before the first write). Without
     # PYTHONUNBUFFERED the failure came at exit ("Exception ignored ... BrokenPipeError",
-    # status 120), with it as "ladle: error: [Errno 32] Broken pipe" (status 1).
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    if unbuffered:
-        env["PYTHONUNBUFFERED"] = "1"
+    # status 120), with it as "ladle: error: [Errno 32] Broken pipe" (status 1). `ladle
+    # --help | head -1` too.
     out = tmp_path / "o.safetensors"
-    for args in (["inspect", inputs[0]], ["soup", *inputs, "-o", str(out)]):
-        reader, writer = os.pipe()
-        os.close(reader)
-        try:
-            result = subprocess.run(
-                [sys.executable, "-m", "ladle", *args],
-                stdout=writer,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-        finally:
-            os.close(writer)
-        assert (result.returncode, result.stderr) == (141, "")
+    for args in (["inspect", inputs[0]], ["soup", *inputs, "-o", str(out)], ["--help"]):
+        result = _to_a_closed_pipe(args, unbuffered)
+        assert (result.returncode, result.stderr) == (141, ""), args
     assert out.is_file()  # the merge was complete when its path could not be printed
 
 
@@ -375,9 +383,6 @@ def test_every_command_says_when_standard_output_is_full(tmp_path, inputs, unbuf
     # the merge's failure); --help and --version printed nothing with status 0 (argparse
     # ignores the failure); and without PYTHONUNBUFFERED what stayed buffered failed again
     # at exit: status 120 and "Exception ignored ... OSError".
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    if unbuffered:
-        env["PYTHONUNBUFFERED"] = "1"
     (tmp_path / "evals.py").write_text("def score(state_dict):\n    return 1.0\n")
     commands = [
         ["soup", *inputs, "-o", str(tmp_path / "s.safetensors")],
@@ -396,31 +401,12 @@ def test_every_command_says_when_standard_output_is_full(tmp_path, inputs, unbuf
     ]
     for args in commands:
         with open("/dev/full", "w") as full:
-            result = subprocess.run(
-                [sys.executable, "-m", "ladle", *args],
-                stdout=full,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
+            result = _ladle(args, full, unbuffered)
         assert (result.returncode, result.stderr) == (
             1,
             "ladle: error: [Errno 28] writing to standard output: No space left on device\n",
         ), args
     assert (tmp_path / "s.safetensors").is_file() and (tmp_path / "g.safetensors").is_file()
-
-
-@pytest.mark.slow
-def test_help_read_by_a_pipe_that_closes_early_ends_quietly_with_141():
-    reader, writer = os.pipe()
-    os.close(reader)
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "ladle", "--help"], stdout=writer, stderr=subprocess.PIPE
-        )
-    finally:
-        os.close(writer)
-    assert (result.returncode, result.stderr) == (141, b"")
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="Linux /dev/full")
