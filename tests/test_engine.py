@@ -2496,3 +2496,22 @@ def test_check_flag_takes_numpy_bools_as_python_bools():
 
     for flag in (np.True_, np.False_):  # R03: refused; R04: returned as numpy's
         assert check_flag("overwrite", flag) is bool(flag)
+
+
+def test_a_number_given_as_a_tensor_on_the_meta_device_is_a_type_error_naming_it():
+    # It was torch's "RuntimeError: Tensor.item() cannot be called on meta tensors".
+    a, b, base = {"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}, {"w": torch.zeros(1)}
+    meta = torch.tensor(0.5, device="meta")
+    calls = {
+        "scale": lambda: ladle.task_arithmetic([a, b], base, scale=meta),
+        "density": lambda: ladle.ties([a, b], base, density=meta),
+        "t": lambda: ladle.lerp(a, b, meta),
+        "weights[1]": lambda: ladle.uniform_soup([a, b], weights=[1.0, meta]),
+        "scores[0]": lambda: ladle.greedy_soup([a, b], lambda sd: 1.0, scores=[meta, meta]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError) as info:
+            call()
+        assert str(info.value) == f"{name}: expected a number, found a tensor on the meta device"
+    with pytest.raises(ValueError, match=r"^evaluate: returned tensor\(\.\.\., device='meta'"):
+        ladle.greedy_soup([a, b], lambda sd: meta)

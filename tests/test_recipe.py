@@ -1106,6 +1106,14 @@ def test_an_on_output_that_cannot_be_called_is_refused_before_anything_is_writte
     assert not (folder / "o").exists()
 
 
+@pytest.mark.parametrize(("recipe", "found"), [({"method": "soup"}, "dict"), (None, "None")])
+def test_a_recipe_that_is_no_path_or_recipe_is_refused_naming_the_parameter(recipe, found):
+    # It was load_recipe's "path: expected a str or os.PathLike path".
+    with pytest.raises(TypeError) as info:
+        run_recipe(recipe)
+    assert str(info.value) == f"recipe: expected a recipe file's path or a Recipe, found {found}"
+
+
 def test_an_evaluate_module_is_found_in_the_working_directory_too(tmp_path, monkeypatch):
     here, elsewhere = tmp_path / "cwd", tmp_path / "recipe-folder"
     here.mkdir()

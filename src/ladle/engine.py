@@ -939,6 +939,8 @@ def unwrap_scalar(name: str, value: object) -> object:
         if tuple(shape) != ():
             kind = "a tensor" if isinstance(value, torch.Tensor) else type(value).__name__
             raise TypeError(f"{name}: expected a number, found {kind} of shape {tuple(shape)}")
+        if isinstance(value, torch.Tensor) and value.is_meta:  # .item(): torch's RuntimeError
+            raise TypeError(f"{name}: expected a number, found a tensor on the meta device")
         return value.item()  # type: ignore[attr-defined]  # a 0-d tensor or array
     return value
 

@@ -788,6 +788,10 @@ def run_recipe(
     """
     if on_output is not None and not callable(on_output):  # before any step writes
         raise TypeError(f"on_output: expected a callable or None, found {type_name(on_output)}")
+    if not isinstance(recipe, (str, os.PathLike, Recipe)):  # load_recipe would say "path"
+        raise TypeError(
+            f"recipe: expected a recipe file's path or a Recipe, found {type_name(recipe)}"
+        )
     checked = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
     def where(step: Step) -> str:
