@@ -2136,6 +2136,17 @@ def test_a_compressed_torch_file_larger_than_memory_is_refused_before_decompress
     )
 
 
+def test_a_zip_torch_file_past_pythons_zip_reader_is_a_checkpoint_error(tmp_path):
+    # "version needed to extract" 6.4 in the archive's directory: Python's zipfile raises
+    # NotImplementedError, which the check of compressed sizes let out (found by fuzzing).
+    torch.save({"a": torch.randn(4, 3), "b": torch.arange(5)}, tmp_path / "m.bin")
+    data = bytearray((tmp_path / "m.bin").read_bytes())
+    data[data.index(b"PK\x01\x02") + 6] = 64
+    (tmp_path / "m.bin").write_bytes(bytes(data))
+    with pytest.raises(ladle.CheckpointError, match=r"m\.bin: not a readable torch file"):
+        ladle.load(tmp_path / "m.bin")
+
+
 def test_a_compressed_torch_file_is_checked_against_the_memory_it_may_take(tmp_path):
     from ladle import checkpoint
 
@@ -2396,3 +2407,109 @@ def test_releasing_a_small_last_tensor_of_a_page_aligned_file(tmp_path):
 def test_two_default_names_beside_another_weights_file_are_all_reported():
     names = ["model.safetensors", "diffusion_pytorch_model.safetensors", "extra.safetensors"]
     assert weights_layout(names) == (None, sorted(names))
+
+
+# --- pinned by mutation testing (round 5): each fails on the mutant named -------------------
+
+
+def test_reversed_rows_of_a_permuted_tensor_read_as_merged_rows_are_empty():
+    # round 5 mutant K04
+    # (2, 4, 3, 2) whose middle dimensions cannot be merged by a view: rows are gathered
+    w = torch.arange(48.0).reshape(2, 3, 4, 2).permute(0, 2, 1, 3)
+    ckpt = ladle.open_checkpoint({"w": w})
+    rows = ckpt.get_rows("w", slice(5, 4), shape=(24, 2))  # a reversed slice: no rows
+    assert rows.shape == (0, 2)
+    assert rows.shape == w.reshape(24, 2)[5:4].shape
+
+
+def test_a_nested_tensor_is_refused_on_opening():
+    # round 5 mutant K08
+    with warnings.catch_warnings():  # "the PyTorch API of nested tensors is in prototype stage"
+        warnings.simplefilter("ignore", UserWarning)
+        nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    with pytest.raises(ladle.CheckpointError, match="nested"):
+        ladle.open_checkpoint({"w": nested})
+
+
+def test_an_uninitialized_parameter_is_refused_on_opening():
+    # round 5 mutant K09
+    with pytest.raises(ladle.CheckpointError, match="uninitialized parameter"):
+        ladle.open_checkpoint({"w": torch.nn.UninitializedParameter()})
+
+
+def test_closing_a_checkpoint_of_tensors_in_memory_leaves_them_readable():
+    # round 5 mutant K21
+    ckpt = ladle.open_checkpoint({"w": torch.ones(2)})
+    ckpt.close()
+    assert ckpt.get("w").tolist() == [1.0, 1.0]
+    with ladle.open_checkpoint({"v": torch.zeros(1)}) as again:
+        pass
+    assert again.get_slice("v", slice(None)).tolist() == [0.0]
+
+
+def test_a_closed_torch_file_still_names_its_tied_weights(tmp_path):
+    # round 5 mutant K22
+    w = torch.ones(2, 3)
+    torch.save({"emb": w, "head": w}, tmp_path / "tied.pt")
+    ckpt = ladle.open_checkpoint(tmp_path / "tied.pt")
+    assert ckpt.aliases() == {"head": "emb"}
+    ckpt.close()
+    assert ckpt.aliases() == {"head": "emb"}
+
+
+def test_rows_of_an_aligned_safetensors_tensor_are_a_view_of_the_files_map(tmp_path):
+    # round 5 mutant K33
+    path = ladle.save({"w": torch.arange(12.0).reshape(4, 3)}, tmp_path / "a.safetensors")
+    with ladle.open_checkpoint(path) as ckpt:
+        rows = ckpt.get_rows("w", slice(1, 3))
+        mapped = ckpt.map_rows("w", slice(1, 3))
+        assert mapped is not None
+        assert rows.data_ptr() == mapped.data_ptr()  # the page cache's pages, no copy
+        assert ckpt.get("w").data_ptr() == ckpt.get("w").data_ptr()
+
+
+def test_a_bool_bound_of_rows_is_refused():
+    # round 5 mutant K44
+    ckpt = ladle.open_checkpoint({"w": torch.arange(4.0)})
+    with pytest.raises(TypeError, match="rows"):
+        ckpt.get_slice("w", slice(0, True))
+
+
+def test_stored_records_count_for_nothing_in_the_zip_bomb_check(tmp_path, monkeypatch):
+    # round 5 mutant K59
+    import ladle.checkpoint as checkpoint
+
+    torch.save({"w": torch.ones(1000)}, tmp_path / "plain.pt")  # torch stores, never deflates
+    monkeypatch.setattr(checkpoint, "_memory_available", lambda: 100)
+    assert ladle.load(tmp_path / "plain.pt")["w"].shape == (1000,)
+
+
+def test_an_index_listing_a_folder_as_a_shard_is_refused_naming_it(tmp_path):
+    # round 5 mutant K87
+    import json
+
+    (tmp_path / "s1.safetensors").mkdir()
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "s1.safetensors"}})
+    )
+    with pytest.raises(ladle.CheckpointError, match="is not a regular file"):
+        ladle.open_checkpoint(tmp_path)
+
+
+def test_a_legacy_torch_file_read_whole_stays_readable_after_a_rewrite(tmp_path):
+    # round 5 mutant K46
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+    ckpt = ladle.open_checkpoint(path)
+    torch.save({"w": torch.zeros(5)}, path, _use_new_zipfile_serialization=False)  # rewritten
+    assert ckpt.get("w").tolist() == [1.0, 1.0, 1.0]  # in memory since loaded: no map to lose
+
+
+def test_a_folder_beside_home_sharing_its_prefix_is_not_written_with_tilde(tmp_path, monkeypatch):
+    # round 5 mutant K92
+    from ladle.checkpoint import _home_as_tilde
+
+    monkeypatch.setenv("HOME", str(tmp_path / "alice"))
+    name = str(tmp_path / "alice2" / "m.safetensors")
+    assert _home_as_tilde(name) == name
+    assert _home_as_tilde(str(tmp_path / "alice" / "m")) == "~/m"

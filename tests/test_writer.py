@@ -1758,3 +1758,102 @@ def test_an_output_larger_than_the_free_disk_but_not_twice_it_is_refused(tmp_pat
     with pytest.raises(ladle.OutputError, match=r"3000 bytes are free there"):
         ladle.save({"w": torch.zeros(1000)}, tmp_path / "o.safetensors")  # about 4.1 KB
     assert calls == [] and os.listdir(tmp_path) == []
+
+
+# --- pinned by mutation testing (round 5): each fails on the mutant named -------------------
+
+
+def test_a_folder_named_with_an_upper_case_safetensors_suffix_is_a_folder_output(tmp_path):
+    # round 5 mutant V04
+    import ladle.writer as writer_module
+
+    out = tmp_path / "m.SAFETENSORS"  # a directory output, not one file
+    ladle.save({"w": torch.ones(2)}, out / "model.safetensors")
+    # An earlier folder output, which overwrite may replace (no error raised).
+    writer_module.check_output_free(out, overwrite=True)
+
+
+def test_physical_path_follows_the_last_dotdot(tmp_path, monkeypatch):
+    # round 5 mutant V14
+    import ladle.writer as writer_module
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    assert writer_module.physical_path("x/../y/../out") == tmp_path.resolve() / "out"
+
+
+def test_physical_path_keeps_a_link_named_after_the_last_dotdot(tmp_path):
+    # round 5 mutant V16
+    import ladle.writer as writer_module
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "target.safetensors").write_bytes(b"")
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "target.safetensors")
+    found = writer_module.physical_path(tmp_path / "d" / ".." / "link.safetensors")
+    assert found == tmp_path.resolve() / "link.safetensors"  # the link itself, not its target
+
+
+def test_a_metadata_name_that_is_no_utf8_is_refused_before_anything_is_written(tmp_path):
+    # round 5 mutant V31
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match="UTF-8"):
+        ladle.save({"w": torch.ones(2)}, out, metadata={"\ud800": "x"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_exactly_as_large_as_the_free_disk_is_written(tmp_path, monkeypatch):
+    # round 5 mutant V37
+    import shutil as _shutil
+
+    import ladle.writer as writer
+
+    if writer._fallocate() is None:
+        pytest.skip("no fallocate here")
+    first = ladle.save({"w": torch.ones(16)}, tmp_path / "first.safetensors")
+    size = first.stat().st_size
+    real = _shutil.disk_usage
+
+    def usage(path):
+        return real(path)._replace(free=size)
+
+    monkeypatch.setattr(writer.shutil, "disk_usage", usage)
+    out = ladle.save({"w": torch.ones(16)}, tmp_path / "second.safetensors")
+    assert out.stat().st_size == size
+
+
+def test_a_file_output_replaces_a_directory_that_passed_the_check(tmp_path, monkeypatch):
+    # round 5 mutant V49
+    import ladle.writer as writer
+
+    temp = tmp_path / ".tmp-out"
+    temp.write_bytes(b"new")
+    out = tmp_path / "out.safetensors"
+    out.mkdir()  # as if it appeared right after the check (the race rename_into_place handles)
+    monkeypatch.setattr(writer, "_not_an_output", lambda path: None)
+    writer.rename_into_place(temp, out, overwrite=True)
+    assert out.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+def test_the_index_name_is_refused_as_an_extra_file(tmp_path):
+    # round 5 mutant V58
+    from ladle.writer import INDEX_NAME, SafetensorsWriter
+
+    with pytest.raises(ladle.LadleError, match="cannot be an extra file"):
+        SafetensorsWriter(
+            tmp_path / "out", {"w": ((2,), torch.float32)}, extra_files={INDEX_NAME: b"{}"}
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_aside_is_not_put_back_over_one_that_took_its_place(tmp_path):
+    # round 5 mutant V54
+    from ladle.writer import _put_back
+
+    old, out = tmp_path / ".old", tmp_path / "out.safetensors"
+    old.write_bytes(b"old")
+    out.write_bytes(b"another writer's")
+    _put_back(old, out)
+    assert out.read_bytes() == b"another writer's"
+    assert not old.exists()
