@@ -2513,3 +2513,329 @@ def test_a_folder_beside_home_sharing_its_prefix_is_not_written_with_tilde(tmp_p
     name = str(tmp_path / "alice2" / "m.safetensors")
     assert _home_as_tilde(name) == name
     assert _home_as_tilde(str(tmp_path / "alice" / "m")) == "~/m"
+
+
+# --- pinned by mutation testing (round 6): each fails on the mutant named -------------------
+
+
+def test_a_file_of_a_zip_signature_alone_is_named_truncated(tmp_path):
+    # round 6 mutant K49
+    import pytest
+
+    import ladle
+
+    file = tmp_path / "m.pt"
+    file.write_bytes(b"PK\x03\x04")  # the whole signature, nothing after it
+    with pytest.raises(ladle.CheckpointError, match="signature alone"):
+        ladle.open_checkpoint(file)
+    file.write_bytes(b"PK\x05")  # no prefix of a torch zip's signature: no zip at all
+    with pytest.raises(ladle.CheckpointError, match="neither a zip archive nor a pickle"):
+        ladle.open_checkpoint(file)
+
+
+def _rezipped_torch_file(folder):
+    """A torch zip file whose records a tool compressed (deflate): 4096 zero bytes of data."""
+    import zipfile
+
+    import torch
+
+    plain = folder / "plain.pt"
+    torch.save({"w": torch.zeros(1024)}, plain)
+    out = folder / "deflated.pt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with zipfile.ZipFile(out) as archive:
+        declared = sum(r.file_size for r in archive.infolist())
+    return out, declared
+
+
+def test_compressed_records_declaring_just_more_than_memory_are_refused(tmp_path, monkeypatch):
+    # round 6 mutant K60
+    import pytest
+
+    import ladle
+    import ladle.checkpoint as checkpoint
+
+    file, declared = _rezipped_torch_file(tmp_path)
+    monkeypatch.setattr(checkpoint, "_memory_available", lambda: declared - 1)
+    with pytest.raises(MemoryError, match="decompress to"):
+        ladle.open_checkpoint(file)
+    monkeypatch.setattr(checkpoint, "_memory_available", lambda: declared)
+    assert ladle.open_checkpoint(file).keys() == ["w"]
+
+
+def test_a_cgroup_limit_below_the_free_memory_bounds_the_room(tmp_path, monkeypatch):
+    # round 6 mutant K61
+    import pytest
+
+    import ladle
+    import ladle.checkpoint as checkpoint
+
+    file, declared = _rezipped_torch_file(tmp_path)
+    monkeypatch.setattr(checkpoint, "_meminfo_available", lambda: 2**40)
+    monkeypatch.setattr(checkpoint, "_cgroup_limit", lambda: declared // 2)
+    with pytest.raises(MemoryError, match="decompress to"):
+        ladle.open_checkpoint(file)
+
+
+def test_free_swap_counts_as_room_to_decompress(tmp_path, monkeypatch):
+    # round 6 mutant K62
+    import builtins
+    import io
+
+    import ladle
+    import ladle.checkpoint as checkpoint
+
+    file, declared = _rezipped_torch_file(tmp_path)
+    meminfo = f"MemTotal: 1 kB\nMemAvailable: 1 kB\nSwapFree: {declared} kB\n"
+
+    def fake_open(name, *args, **kwargs):
+        if str(name) == "/proc/meminfo":
+            return io.StringIO(meminfo)
+        return builtins.open(name, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", fake_open, raising=False)
+    monkeypatch.setattr(checkpoint, "_cgroup_limit", lambda: None)
+    assert ladle.open_checkpoint(file).keys() == ["w"]  # 1 KiB of memory, swap enough
+
+
+def _maps_file(tensor, file):
+    """Whether ``tensor``'s storage lies in a memory map of ``file`` (Linux)."""
+    import os
+
+    pointer, real = tensor.untyped_storage().data_ptr(), os.path.realpath(file)
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split()
+            low, high = (int(x, 16) for x in parts[0].split("-"))
+            if len(parts) >= 6 and parts[5] == real and low <= pointer < high:
+                return True
+    return False
+
+
+def test_a_zip_torch_file_is_memory_mapped_not_read_whole(tmp_path):
+    # round 6 mutant K72
+    import sys
+
+    import pytest
+    import torch
+
+    import ladle
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    file = tmp_path / "m.ckpt"
+    # A training checkpoint: a state dict, beside it optimizer states in a tuple.
+    torch.save(
+        {"state_dict": {"w": torch.arange(4096.0)}, "optimizer_states": (torch.ones(3),)}, file
+    )
+    with ladle.open_checkpoint(file) as checkpoint:
+        tensor = checkpoint.get_slice("w", slice(None))
+        assert torch.equal(tensor, torch.arange(4096.0))
+        assert _maps_file(tensor, file)
+
+
+def test_a_zip_torch_file_of_many_records_is_memory_mapped(tmp_path):
+    # round 6 mutant K67
+    import sys
+
+    import pytest
+    import torch
+
+    import ladle
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    file = tmp_path / "m.pt"
+    # Records data/0 ... data/11: names of two lengths, so the local headers differ.
+    torch.save({f"w{i}": torch.full((1024,), float(i)) for i in range(12)}, file)
+    with ladle.open_checkpoint(file) as checkpoint:
+        tensor = checkpoint.get_slice("w11", slice(None))
+        assert torch.equal(tensor, torch.full((1024,), 11.0))
+        assert _maps_file(tensor, file)
+
+
+def test_out_of_memory_worded_otherwise_for_a_truncated_file_is_the_files_fault(
+    tmp_path, monkeypatch
+):
+    # round 6 mutant K73
+    import pytest
+    import torch
+
+    import ladle
+
+    whole = tmp_path / "whole.pt"
+    torch.save({"w": torch.ones(8)}, whole, _use_new_zipfile_serialization=False)
+    file = tmp_path / "cut.pt"
+    file.write_bytes(whole.read_bytes()[:40])  # cut inside its leading pickles
+
+    def out_of_memory(*args, **kwargs):  # torch's allocator, no byte count in its words
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(ladle.CheckpointError, match="ends early"):
+        ladle.open_checkpoint(file)
+
+
+def test_a_sparse_tensor_beside_the_state_dict_leaves_it_memory_mapped(tmp_path):
+    # round 6 mutant K68
+    import sys
+
+    import pytest
+    import torch
+
+    import ladle
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    file = tmp_path / "m.ckpt"
+    sparse = torch.eye(3).to_sparse()
+    torch.save({"state_dict": {"w": torch.arange(4096.0)}, "optimizer_states": [sparse]}, file)
+    with ladle.open_checkpoint(file) as checkpoint:
+        tensor = checkpoint.get_slice("w", slice(None))
+        assert torch.equal(tensor, torch.arange(4096.0))
+        assert _maps_file(tensor, file)
+
+
+def test_a_home_folder_of_root_writes_no_tilde(monkeypatch):
+    # round 6 mutant K91
+    import ladle.checkpoint as checkpoint
+
+    monkeypatch.setenv("HOME", "/")
+    assert checkpoint._home_as_tilde("/data/m/a.safetensors") == "/data/m/a.safetensors"
+
+
+def test_a_file_checkpoint_has_no_model_folder(tmp_path):
+    # round 6 mutant K98
+    import torch
+
+    import ladle
+    from ladle.checkpoint import model_folder
+
+    file = ladle.save({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    with ladle.open_checkpoint(file) as checkpoint:
+        assert model_folder(checkpoint) is None
+    with ladle.open_checkpoint(tmp_path) as checkpoint:
+        assert model_folder(checkpoint) == tmp_path
+
+
+def test_a_file_named_only_like_pretrained_weights_is_not_described_by_the_config(
+    tmp_path,
+):
+    # round 6 mutant K99
+    import json
+
+    import torch
+
+    import ladle
+    from ladle.checkpoint import declared_quantization
+
+    config = {"quantization_config": {"quant_method": "gptq"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    file = ladle.save({"w": torch.ones(2)}, tmp_path / "model.safetensors.safetensors")
+    with ladle.open_checkpoint(file) as checkpoint:
+        assert declared_quantization(checkpoint) is None
+    pretrained = ladle.save({"w": torch.ones(2)}, tmp_path / "model.safetensors")
+    with ladle.open_checkpoint(pretrained) as checkpoint:
+        assert declared_quantization(checkpoint) == "gptq"
+
+
+def test_compressed_tensors_packed_is_a_quantization(tmp_path):
+    # round 6 mutant K100
+    import json
+
+    import torch
+
+    import ladle
+    from ladle.checkpoint import declared_quantization
+
+    folder = ladle.save({"w": torch.ones(2)}, tmp_path / "m")
+    config = {
+        "quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    with ladle.open_checkpoint(folder) as checkpoint:
+        assert declared_quantization(checkpoint) == "compressed-tensors"
+
+
+def test_a_models_own_weights_beside_an_adapter_config_are_no_adapter(tmp_path):
+    # round 6 mutant K101
+    import torch
+
+    import ladle
+    from ladle.checkpoint import is_adapter
+
+    folder = ladle.save({"w": torch.ones(2)}, tmp_path / "m")  # model.safetensors
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with ladle.open_checkpoint(folder) as checkpoint:
+        assert not is_adapter(checkpoint)
+
+
+def test_a_hub_checkpoint_is_recorded_by_its_hub_name(tmp_path):
+    # round 6 mutant K88
+    import torch
+
+    from ladle.checkpoint import TensorMapCheckpoint, recorded_name
+
+    snapshot = tmp_path / "snapshot"  # where the Hub reader keeps its files: a folder
+    snapshot.mkdir()
+    checkpoint = TensorMapCheckpoint({"w": torch.ones(2)}, name="hf://org/a@main", path=snapshot)
+    assert recorded_name(checkpoint) == "hf://org/a@main"
+    assert recorded_name(checkpoint, tmp_path / "out") == "hf://org/a@main"
+
+
+def test_a_checkpoint_in_the_home_folder_is_recorded_with_a_tilde_from_outside_it(
+    tmp_path, monkeypatch
+):
+    # round 6 mutant K89
+    import torch
+
+    import ladle
+    from ladle.checkpoint import recorded_name
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    file = ladle.save({"w": torch.ones(2)}, home / "m" / "a.safetensors")
+    with ladle.open_checkpoint(file) as checkpoint:
+        assert recorded_name(checkpoint, tmp_path / "elsewhere" / "o.safetensors") == (
+            "~/m/a.safetensors"
+        )
+
+
+def test_a_corrupt_zip_is_judged_by_its_zip_reader_not_as_a_pickle(tmp_path):
+    # round 6 mutant K75
+    import pytest
+
+    import ladle
+
+    file = tmp_path / "m.pt"
+    file.write_bytes(b"PK\x03\x04" + b"A" * 100)  # read as a pickle: one line never ended
+    with pytest.raises(ladle.CheckpointError) as caught:
+        ladle.open_checkpoint(file)
+    assert "ends early" not in str(caught.value)
+    assert "zip" in str(caught.value).lower()
+
+
+def test_a_refused_sharded_folder_leaves_no_shard_mapped(tmp_path):
+    # round 6 mutant K104
+    import json
+    import sys
+
+    import pytest
+    import torch
+
+    import ladle
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    folder = ladle.save({"a": torch.ones(4), "b": torch.ones(4)}, tmp_path / "m", max_shard_size=16)
+    index = folder / "model.safetensors.index.json"
+    listed = json.loads(index.read_text())
+    listed["weight_map"]["zz"] = "model-00001-of-00002.safetensors"  # a shard lacks it
+    index.write_text(json.dumps(listed))
+    with pytest.raises(ladle.CheckpointError, match="does not hold it") as caught:
+        ladle.open_checkpoint(folder)
+    assert caught.value.__traceback__ is not None  # the error, and its frames, still held
+    with open("/proc/self/maps") as maps:
+        assert [line for line in maps if str(folder) in line] == []

@@ -1857,3 +1857,202 @@ def test_an_output_aside_is_not_put_back_over_one_that_took_its_place(tmp_path):
     _put_back(old, out)
     assert out.read_bytes() == b"another writer's"
     assert not old.exists()
+
+
+def test_a_failed_background_write_back_fails_the_next_write_not_lost(tmp_path, monkeypatch):
+    # The next write-back replaced the failed one's future unread: with a second write
+    # before the commit, an EIO of the write-back was never seen and the output committed
+    # (the final fsync on Linux need not report the same error again).
+    import errno
+    import time
+
+    import ladle.writer as writer_module
+
+    calls = []
+
+    def failing_once(descriptor):
+        calls.append(descriptor)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer_module, "SYNC_EVERY", 1)
+    monkeypatch.setattr(writer_module, "_write_back", failing_once)
+    out = tmp_path / "o.safetensors"
+    writer = writer_module.SafetensorsWriter(out, {"w": ((4,), torch.float32)})
+    writer.write("w", torch.ones(2))
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:  # the write-back ran, and failed
+        time.sleep(0.01)
+    time.sleep(0.05)
+    with pytest.raises(ladle.OutputError, match=r"writing 'w' failed: Input/output error"):
+        writer.write("w", torch.ones(2))
+    writer.abort()
+    assert os.listdir(tmp_path) == []
+
+
+# --- pinned by mutation testing (round 6): each fails on the mutant named -------------------
+
+
+def test_a_failed_background_write_back_fails_the_commit(tmp_path, monkeypatch):
+    # round 6 mutant V82
+    import errno
+
+    import pytest
+    import torch
+
+    import ladle
+    import ladle.writer as writer
+
+    def failing(descriptor):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer, "SYNC_EVERY", 1)
+    monkeypatch.setattr(writer, "_write_back", failing)
+    out = tmp_path / "o.safetensors"
+    w = writer.SafetensorsWriter(out, {"w": ((4,), torch.float32)})
+    w.write("w", torch.ones(4))
+    with pytest.raises(ladle.errors.OutputError, match="Input/output error"):
+        w.commit()
+    w.abort()
+    assert not out.exists()
+
+
+def test_abort_after_amend_does_not_flush_and_cannot_fail_on_it(tmp_path, monkeypatch):
+    # round 6 mutant V99
+    import errno
+
+    import torch
+
+    import ladle.writer as writer
+
+    out = tmp_path / "o.safetensors"
+    w = writer.SafetensorsWriter(out, {"w": ((4,), torch.float32)})
+    w.write("w", torch.ones(4))
+    w.amend("w", torch.tensor([1]), torch.tensor([5.0]))
+
+    def failing(descriptor):  # the disk failing now: abort must still clean up, quietly
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer, "_flush_to_disk", failing)
+    w.abort()  # no flush of what is being thrown away
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_extra_files_are_written_into_a_directory_output(tmp_path):
+    # round 6 mutant V85
+    import torch
+
+    import ladle.writer as writer
+
+    out = tmp_path / "merged"
+    with writer.SafetensorsWriter(
+        out, {"w": ((2,), torch.float32)}, extra_files={"config.json": b'{"a": 1}'}
+    ) as w:
+        w.write("w", torch.ones(2))
+    assert (out / "config.json").read_bytes() == b'{"a": 1}'
+    assert (out / "model.safetensors").is_file()
+
+
+def test_an_extra_folder_is_copied_into_a_directory_output(tmp_path):
+    # round 6 mutant V56
+    import torch
+
+    import ladle.writer as writer
+
+    extra = tmp_path / "tokenizer"
+    extra.mkdir()
+    (extra / "vocab.txt").write_text("a b")
+    out = tmp_path / "merged"
+    with writer.SafetensorsWriter(
+        out, {"w": ((2,), torch.float32)}, extra_files={"tokenizer": extra}
+    ) as w:
+        w.write("w", torch.ones(2))
+    assert (out / "tokenizer" / "vocab.txt").read_text() == "a b"
+
+
+def test_extra_files_of_a_single_file_output_are_refused(tmp_path):
+    # round 6 mutant V57
+    import pytest
+    import torch
+
+    import ladle
+    import ladle.writer as writer
+
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(ladle.LadleError, match="extra files need a directory output"):
+        writer.SafetensorsWriter(
+            out, {"w": ((2,), torch.float32)}, extra_files={"config.json": b"{}"}
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_extra_file_named_as_weights_is_refused(tmp_path):
+    # round 6 mutant V59
+    import pytest
+    import torch
+
+    import ladle
+    import ladle.writer as writer
+
+    with pytest.raises(ladle.LadleError, match="cannot be an extra file"):
+        writer.SafetensorsWriter(
+            tmp_path / "m", {"w": ((2,), torch.float32)}, extra_files={"x.safetensors": b""}
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_like_of_bytes_is_a_type_error(tmp_path):
+    # round 6 mutant V23
+    import os
+
+    import pytest
+    import torch
+
+    import ladle
+
+    class BytesPath(os.PathLike):
+        def __fspath__(self):
+            return b""  # an empty path of bytes: refused as bytes, before its emptiness
+
+    with pytest.raises(TypeError, match="out: expected a str or os.PathLike path"):
+        ladle.save({"w": torch.ones(2)}, BytesPath())
+
+
+def test_a_reservation_failing_part_way_gives_back_what_it_got(tmp_path, monkeypatch):
+    # round 6 mutant V39
+    import ctypes
+    import errno
+    import os
+    import shutil
+    import sys
+
+    import pytest
+    import torch
+
+    import ladle
+    import ladle.writer as writer
+
+    real = writer._fallocate()
+    if real is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs fallocate")
+    seen = {}
+
+    def part_way(descriptor, mode, offset, length):  # reserves, then a quota stops it
+        if real(descriptor, mode, offset, length) != 0:
+            pytest.skip("this filesystem cannot reserve")
+        seen["fd"] = descriptor
+        ctypes.set_errno(errno.EDQUOT)
+        return -1
+
+    usage = shutil.disk_usage
+
+    def measured(path):  # the free space is measured after what was reserved is given back
+        if "fd" in seen:
+            seen.setdefault("blocks", os.fstat(seen["fd"]).st_blocks)
+        return usage(path)
+
+    monkeypatch.setattr(writer, "_fallocate", lambda: part_way)
+    monkeypatch.setattr(shutil, "disk_usage", measured)
+    with pytest.raises(ladle.errors.OutputError, match="cannot reserve"):
+        ladle.save({"w": torch.ones(2**16)}, tmp_path / "o.safetensors")
+    assert seen["blocks"] == 0

@@ -965,6 +965,8 @@ class SafetensorsWriter:
         self._handle.write(data)
         self._unsynced += data.nbytes
         if self._unsynced >= SYNC_EVERY and (self._sync is None or self._sync.done()):
+            if self._sync is not None:  # its failure (EIO) is this write's: never dropped
+                self._sync.result()
             # Start writing back what is written so far, on a thread, while merging goes on,
             # so that the fsync before the rename has little left to wait for.
             self._handle.flush()
