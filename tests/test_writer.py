@@ -1859,26 +1859,35 @@ def test_an_output_aside_is_not_put_back_over_one_that_took_its_place(tmp_path):
     assert not old.exists()
 
 
-def test_a_failed_background_write_back_fails_the_next_write_not_lost(tmp_path, monkeypatch):
-    # The next write-back replaced the failed one's future unread: with a second write
-    # before the commit, an EIO of the write-back was never seen and the output committed
-    # (the final fsync on Linux need not report the same error again).
+def _failing_write_back(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A write-back after every write (``SYNC_EVERY = 1``), the first failing with EIO;
+    returns the descriptors written back so far."""
     import errno
-    import time
 
     import ladle.writer as writer_module
 
-    calls = []
+    calls: list[int] = []
 
-    def failing_once(descriptor):
+    def failing_once(descriptor: int) -> None:
         calls.append(descriptor)
         if len(calls) == 1:
             raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(writer_module, "SYNC_EVERY", 1)
     monkeypatch.setattr(writer_module, "_write_back", failing_once)
-    out = tmp_path / "o.safetensors"
-    writer = writer_module.SafetensorsWriter(out, {"w": ((4,), torch.float32)})
+    return calls
+
+
+def test_a_failed_background_write_back_fails_the_next_write_not_lost(tmp_path, monkeypatch):
+    # The next write-back replaced the failed one's future unread: with a second write
+    # before the commit, an EIO of the write-back was never seen and the output committed
+    # (the final fsync on Linux need not report the same error again).
+    import time
+
+    from ladle.writer import SafetensorsWriter
+
+    calls = _failing_write_back(monkeypatch)
+    writer = SafetensorsWriter(tmp_path / "o.safetensors", {"w": ((4,), torch.float32)})
     writer.write("w", torch.ones(2))
     deadline = time.monotonic() + 10
     while not calls and time.monotonic() < deadline:  # the write-back ran, and failed
@@ -1895,25 +1904,15 @@ def test_a_failed_background_write_back_fails_the_next_write_not_lost(tmp_path, 
 
 def test_a_failed_background_write_back_fails_the_commit(tmp_path, monkeypatch):
     # round 6 mutant V82
-    import errno
+    from ladle.writer import SafetensorsWriter
 
-    import pytest
-    import torch
-
-    import ladle
-    import ladle.writer as writer
-
-    def failing(descriptor):
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(writer, "SYNC_EVERY", 1)
-    monkeypatch.setattr(writer, "_write_back", failing)
+    _failing_write_back(monkeypatch)
     out = tmp_path / "o.safetensors"
-    w = writer.SafetensorsWriter(out, {"w": ((4,), torch.float32)})
-    w.write("w", torch.ones(4))
-    with pytest.raises(ladle.errors.OutputError, match="Input/output error"):
-        w.commit()
-    w.abort()
+    writer = SafetensorsWriter(out, {"w": ((4,), torch.float32)})
+    writer.write("w", torch.ones(4))
+    with pytest.raises(ladle.OutputError, match="Input/output error"):
+        writer.commit()
+    writer.abort()
     assert not out.exists()
 
 
