@@ -2520,10 +2520,6 @@ def test_a_folder_beside_home_sharing_its_prefix_is_not_written_with_tilde(tmp_p
 
 def test_a_file_of_a_zip_signature_alone_is_named_truncated(tmp_path):
     # round 6 mutant K49
-    import pytest
-
-    import ladle
-
     file = tmp_path / "m.pt"
     file.write_bytes(b"PK\x03\x04")  # the whole signature, nothing after it
     with pytest.raises(ladle.CheckpointError, match="signature alone"):
@@ -2536,8 +2532,6 @@ def test_a_file_of_a_zip_signature_alone_is_named_truncated(tmp_path):
 def _rezipped_torch_file(folder):
     """A torch zip file whose records a tool compressed (deflate): 4096 zero bytes of data."""
     import zipfile
-
-    import torch
 
     plain = folder / "plain.pt"
     torch.save({"w": torch.zeros(1024)}, plain)
@@ -2552,9 +2546,6 @@ def _rezipped_torch_file(folder):
 
 def test_compressed_records_declaring_just_more_than_memory_are_refused(tmp_path, monkeypatch):
     # round 6 mutant K60
-    import pytest
-
-    import ladle
     import ladle.checkpoint as checkpoint
 
     file, declared = _rezipped_torch_file(tmp_path)
@@ -2567,9 +2558,6 @@ def test_compressed_records_declaring_just_more_than_memory_are_refused(tmp_path
 
 def test_a_cgroup_limit_below_the_free_memory_bounds_the_room(tmp_path, monkeypatch):
     # round 6 mutant K61
-    import pytest
-
-    import ladle
     import ladle.checkpoint as checkpoint
 
     file, declared = _rezipped_torch_file(tmp_path)
@@ -2584,7 +2572,6 @@ def test_free_swap_counts_as_room_to_decompress(tmp_path, monkeypatch):
     import builtins
     import io
 
-    import ladle
     import ladle.checkpoint as checkpoint
 
     file, declared = _rezipped_torch_file(tmp_path)
@@ -2618,11 +2605,6 @@ def test_a_zip_torch_file_is_memory_mapped_not_read_whole(tmp_path):
     # round 6 mutant K72
     import sys
 
-    import pytest
-    import torch
-
-    import ladle
-
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/self/maps")
     file = tmp_path / "m.ckpt"
@@ -2640,11 +2622,6 @@ def test_a_zip_torch_file_of_many_records_is_memory_mapped(tmp_path):
     # round 6 mutant K67
     import sys
 
-    import pytest
-    import torch
-
-    import ladle
-
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/self/maps")
     file = tmp_path / "m.pt"
@@ -2660,11 +2637,6 @@ def test_out_of_memory_worded_otherwise_for_a_truncated_file_is_the_files_fault(
     tmp_path, monkeypatch
 ):
     # round 6 mutant K73
-    import pytest
-    import torch
-
-    import ladle
-
     whole = tmp_path / "whole.pt"
     torch.save({"w": torch.ones(8)}, whole, _use_new_zipfile_serialization=False)
     file = tmp_path / "cut.pt"
@@ -2681,11 +2653,6 @@ def test_out_of_memory_worded_otherwise_for_a_truncated_file_is_the_files_fault(
 def test_a_sparse_tensor_beside_the_state_dict_leaves_it_memory_mapped(tmp_path):
     # round 6 mutant K68
     import sys
-
-    import pytest
-    import torch
-
-    import ladle
 
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/self/maps")
@@ -2708,9 +2675,6 @@ def test_a_home_folder_of_root_writes_no_tilde(monkeypatch):
 
 def test_a_file_checkpoint_has_no_model_folder(tmp_path):
     # round 6 mutant K98
-    import torch
-
-    import ladle
     from ladle.checkpoint import model_folder
 
     file = ladle.save({"w": torch.ones(2)}, tmp_path / "a.safetensors")
@@ -2726,9 +2690,6 @@ def test_a_file_named_only_like_pretrained_weights_is_not_described_by_the_confi
     # round 6 mutant K99
     import json
 
-    import torch
-
-    import ladle
     from ladle.checkpoint import declared_quantization
 
     config = {"quantization_config": {"quant_method": "gptq"}}
@@ -2745,9 +2706,6 @@ def test_compressed_tensors_packed_is_a_quantization(tmp_path):
     # round 6 mutant K100
     import json
 
-    import torch
-
-    import ladle
     from ladle.checkpoint import declared_quantization
 
     folder = ladle.save({"w": torch.ones(2)}, tmp_path / "m")
@@ -2761,9 +2719,6 @@ def test_compressed_tensors_packed_is_a_quantization(tmp_path):
 
 def test_a_models_own_weights_beside_an_adapter_config_are_no_adapter(tmp_path):
     # round 6 mutant K101
-    import torch
-
-    import ladle
     from ladle.checkpoint import is_adapter
 
     folder = ladle.save({"w": torch.ones(2)}, tmp_path / "m")  # model.safetensors
@@ -2774,8 +2729,6 @@ def test_a_models_own_weights_beside_an_adapter_config_are_no_adapter(tmp_path):
 
 def test_a_hub_checkpoint_is_recorded_by_its_hub_name(tmp_path):
     # round 6 mutant K88
-    import torch
-
     from ladle.checkpoint import TensorMapCheckpoint, recorded_name
 
     snapshot = tmp_path / "snapshot"  # where the Hub reader keeps its files: a folder
@@ -2789,9 +2742,6 @@ def test_a_checkpoint_in_the_home_folder_is_recorded_with_a_tilde_from_outside_i
     tmp_path, monkeypatch
 ):
     # round 6 mutant K89
-    import torch
-
-    import ladle
     from ladle.checkpoint import recorded_name
 
     home = tmp_path / "home"
@@ -2805,10 +2755,6 @@ def test_a_checkpoint_in_the_home_folder_is_recorded_with_a_tilde_from_outside_i
 
 def test_a_corrupt_zip_is_judged_by_its_zip_reader_not_as_a_pickle(tmp_path):
     # round 6 mutant K75
-    import pytest
-
-    import ladle
-
     file = tmp_path / "m.pt"
     file.write_bytes(b"PK\x03\x04" + b"A" * 100)  # read as a pickle: one line never ended
     with pytest.raises(ladle.CheckpointError) as caught:
@@ -2821,11 +2767,6 @@ def test_a_refused_sharded_folder_leaves_no_shard_mapped(tmp_path):
     # round 6 mutant K104
     import json
     import sys
-
-    import pytest
-    import torch
-
-    import ladle
 
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/self/maps")
