@@ -239,13 +239,9 @@ _STDOUT = _Stdout()
 
 
 def _print(*values: object, flush: bool = False) -> None:
-    """``print`` to standard output, a failure to write it named as such."""
+    """``print`` to standard output, a failure to write it named as such (a merge's output,
+    whose path is printed, is complete by then)."""
     print(*values, file=_STDOUT, flush=flush)
-
-
-def _print_output(path: object, *, flush: bool = False) -> None:
-    """Print the path a merge wrote (its output is complete by then)."""
-    _print(path, flush=flush)
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -279,7 +275,7 @@ def _merge(method: Callable[..., Any], models: Sequence[str], **kwargs: Any) -> 
 def _run_method(args: argparse.Namespace) -> None:
     """A merge sub-command: its method with the parameters it declared, plus the shared ones."""
     params = {name: getattr(args, name) for name in args.params}
-    _print_output(_merge(args.method, args.models, **params, **merge_kwargs(args)))
+    _print(_merge(args.method, args.models, **params, **merge_kwargs(args)))
 
 
 def _callable(spec: str) -> Callable[..., Any]:
@@ -307,7 +303,7 @@ def _run_greedy_soup(args: argparse.Namespace) -> None:
         f"{_plural(len(args.models), 'model')} "
         f"({', '.join(map(str, result.selected))}); score {_number(result.score)}"
     )
-    _print_output(Path(args.out))  # as the other merge commands print their method's return
+    _print(Path(args.out))  # as the other merge commands print their method's return
 
 
 def _run_demo(args: argparse.Namespace) -> None:
@@ -520,7 +516,7 @@ def _run_recipe(args: argparse.Namespace) -> None:
         device=args.device,
         overwrite=args.overwrite,
         progress=_progress(args),
-        on_output=lambda name, path: _print_output(f"{name}: {path}", flush=True),
+        on_output=lambda name, path: _print(f"{name}: {path}", flush=True),
     )
 
 
@@ -896,7 +892,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if push is not None and rank == 0:
                     from .hub import push_to_hub
 
-                    _print_output(push_to_hub(args.out, push))
+                    _print(push_to_hub(args.out, push))
                 _flush_stdout()  # a reader gone early fails here, not at exit
     except BrokenPipeError:  # stdout's reader left (`ladle inspect X | head`): stop quietly
         _discard_stdout()
