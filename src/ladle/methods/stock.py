@@ -2,8 +2,8 @@
 
 Two passes over the inputs. The first folds, chunk of rows by chunk of rows, the Gram matrix
 ``Gᵢⱼ = ⟨τᵢ, τⱼ⟩`` of the task vectors ``τᵢ = modelᵢ − base`` of every key; the
-second folds ``Σᵢ modelᵢ`` into one accumulator and finishes each chunk with that key's ratio
-``t``. Memory is a few chunks per model, never a whole tensor.
+second folds the mean ``Σᵢ modelᵢ/N`` into one accumulator and finishes each chunk with that
+key's ratio ``t``. Memory is a few chunks per model, never a whole tensor.
 """
 
 from __future__ import annotations
@@ -240,7 +240,9 @@ def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def stock_kernel(ratios: Mapping[str, float], n: int) -> Kernel:
-    """Fold ``Σᵢ modelᵢ`` into one accumulator; finish with ``t·mean + (1 − t)·base``.
+    """Fold the mean ``Σᵢ modelᵢ/N`` into one accumulator (``add_`` with ``alpha=1/N``: a
+    sum of the models would overflow float32 past about 3.4e38/N, where the mean fits);
+    finish with ``t·mean + (1 − t)·base``.
 
     The accumulator is one scratch buffer, reused from chunk to chunk (fresh memory for every
     chunk costs page faults).
@@ -262,12 +264,12 @@ def stock_kernel(ratios: Mapping[str, float], n: int) -> Kernel:
     def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
         t, base, acc = state
         if acc is None:  # x may be a read-only view of a file: never write into it
-            return t, base, scratch.take(x.shape, x.dtype, x.device).copy_(x)
-        return t, base, acc.add_(x)
+            return t, base, torch.mul(x, 1.0 / n, out=scratch.take(x.shape, x.dtype, x.device))
+        return t, base, acc.add_(x, alpha=1.0 / n)
 
     def finalize(state: tuple) -> torch.Tensor:
         t, base, acc = state
-        return scale_(acc, t / n).add_(base, alpha=1.0 - t)
+        return scale_(acc, t).add_(base, alpha=1.0 - t)
 
     return Kernel(init, update, finalize)
 
