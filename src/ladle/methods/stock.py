@@ -32,6 +32,7 @@ from ..engine import (
 )
 from ..errors import warn
 from ..writer import DEFAULT_MAX_SHARD_SIZE
+from .soup import weighted_mean_kernel
 
 __all__ = [
     "EPS",
@@ -240,12 +241,9 @@ def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def stock_kernel(ratios: Mapping[str, float], n: int) -> Kernel:
-    """Fold the mean ``Σᵢ modelᵢ/N`` into one accumulator (``add_`` with ``alpha=1/N``: a
-    sum of the models would overflow float32 past about 3.4e38/N, where the mean fits);
-    finish with ``t·mean + (1 − t)·base``.
-
-    The accumulator is one scratch buffer, reused from chunk to chunk (fresh memory for every
-    chunk costs page faults).
+    """Fold the mean ``Σᵢ modelᵢ/N`` as the uniform soup does (:func:`weighted_mean_kernel`
+    with weights ``1/N``: a sum of the models would overflow float32 past about 3.4e38/N,
+    where the mean fits); finish with ``t·mean + (1 − t)·base``.
 
     Example:
         >>> import torch
@@ -255,21 +253,19 @@ def stock_kernel(ratios: Mapping[str, float], n: int) -> Kernel:
         ...       method="model_stock", parameters={}, device="cpu")  # t = 0.5
         {'w': tensor([1.5000, 1.0000])}
     """
-    scratch = Scratch()
+    mean = weighted_mean_kernel([1 / n for _ in range(n)])
 
     def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
         assert base is not None
-        return ratios[key], base, None
+        return ratios[key], base, mean.init(key, rows, base)
 
     def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
         t, base, acc = state
-        if acc is None:  # x may be a read-only view of a file: never write into it
-            return t, base, torch.mul(x, 1.0 / n, out=scratch.take(x.shape, x.dtype, x.device))
-        return t, base, acc.add_(x, alpha=1.0 / n)
+        return t, base, mean.update(acc, index, x)
 
     def finalize(state: tuple) -> torch.Tensor:
         t, base, acc = state
-        return scale_(acc, t).add_(base, alpha=1.0 - t)
+        return scale_(mean.finalize(acc), t).add_(base, alpha=1.0 - t)
 
     return Kernel(init, update, finalize)
 
