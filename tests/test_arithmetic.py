@@ -184,6 +184,21 @@ def test_a_bool_scalar_is_a_type_error_naming_it(call, name):
     assert str(err.value) == f"{name}: expected a number, found bool"
 
 
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda a: ladle.scale(a, np.timedelta64(2)), "factor"),
+        (lambda a: ladle.lerp(a, a, np.timedelta64(1)), "t"),
+        (lambda a: ladle.weighted_sum([a, a], [1.0, np.timedelta64(1)]), "weights[1]"),
+    ],
+)
+def test_a_numpy_duration_scalar_is_a_type_error_naming_it(call, name):
+    # Before: scale(a, np.timedelta64(2)) doubled a: numpy's durations are integers to Python.
+    with pytest.raises(TypeError) as err:
+        call({"w": torch.ones(2)})
+    assert str(err.value) == f"{name}: expected a number, found timedelta64"
+
+
 def test_scalars_are_numbers_not_tensors_that_broadcast_into_other_shapes():
     a, b = {"w": torch.ones(2)}, {"w": torch.ones(2)}
     with pytest.raises(

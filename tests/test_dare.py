@@ -382,7 +382,14 @@ def test_bad_arguments_are_value_errors_naming_the_parameter(kwargs, match):
 
 @pytest.mark.parametrize(
     ("seed", "found"),
-    [("3", "str"), (None, "None"), (1j, "complex"), (True, "bool"), (torch.tensor(2.5), None)],
+    [
+        ("3", "str"),
+        (None, "None"),
+        (1j, "complex"),
+        (True, "bool"),
+        (np.timedelta64(3), "timedelta64"),  # was a ValueError, as though a number
+        (torch.tensor(2.5), None),
+    ],
 )
 def test_seed_that_is_no_integer_number_is_a_type_error_naming_it(seed, found):
     # docs/safety.md: a value that is no number is a TypeError naming the parameter; a real

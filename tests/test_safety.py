@@ -966,6 +966,26 @@ def test_a_bool_where_a_number_is_expected_is_a_type_error_naming_it(method, kwa
     assert str(err.value) == f"{name}: expected {kind}, found bool"
 
 
+@pytest.mark.parametrize(
+    ("method", "kwargs", "message"),
+    [
+        ("task_arithmetic", {"scale": np.timedelta64(1)}, "scale: expected a number, found "),
+        ("ties", {"density": np.timedelta64(1, "D")}, "density: expected a number, found "),
+        ("uniform_soup", {"weights": [1.0, np.timedelta64(1)]}, "weights[1]: expected a number"),
+        ("dare", {"seed": np.timedelta64(3)}, "seed: expected an integer, found timedelta64"),
+    ],
+)
+def test_a_numpy_duration_where_a_number_is_expected_is_a_type_error_naming_it(
+    method, kwargs, message
+):
+    # numpy's timedelta64 is a signed integer to Python's number classes: scale=np.timedelta64(1)
+    # merged at 1.0x, density=np.timedelta64(1, "D") kept everything.
+    call = _method_call(method, kwargs)
+    with pytest.raises(TypeError) as err:
+        call()
+    assert str(err.value).startswith(message)
+
+
 def test_numbers_as_numpy_scalars_and_0_d_tensors_are_still_accepted():
     base, *models = family(3)
     weights = [torch.tensor(1.0), np.float32(3.0)]

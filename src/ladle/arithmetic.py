@@ -58,6 +58,7 @@ from .engine import (
     check_sequence,
     compute_dtype,
     is_merged_dtype,
+    is_real,
     past_saturation,
     real_float,
     saturation_limit,
@@ -84,11 +85,9 @@ def _scalar(name: str, value: object) -> Scalar:
         (0.5, 2.0, 1.0)
     """
     value = unwrap_scalar(name, value)
-    if isinstance(value, bool):  # a Real to Python, but no number a user means (True: 1.0x)
-        raise TypeError(f"{name}: expected a number, found bool")
-    if isinstance(value, numbers.Real):  # int, float, numpy's real scalars
+    if is_real(value):  # int, float, numpy's real scalars
         return real_float(name, value)
-    if isinstance(value, numbers.Complex):
+    if isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
         number = complex(value)
         return number if number.imag else number.real
     raise TypeError(f"{name}: expected a number, found {type_name(value)}")

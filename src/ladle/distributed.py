@@ -39,6 +39,7 @@ from .engine import (
     check_number,
     check_numbers,
     is_merged_dtype,
+    is_real,
     partitioned,
     real_view,
     resolve_device,
@@ -234,7 +235,7 @@ def _plain(weights: object) -> object:
         return [_plain(w) for w in weights]
     if shape == () and not isinstance(weights, numbers.Number):
         weights = weights.item()  # type: ignore[attr-defined]
-    if isinstance(weights, numbers.Real) and not isinstance(weights, bool):
+    if is_real(weights):
         with contextlib.suppress(OverflowError):  # else refused by every rank, as the rest
             return float(weights)
     if isinstance(weights, (Iterator, Mapping, AbstractSet)):  # no order, or no pickle

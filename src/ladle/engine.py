@@ -26,7 +26,7 @@ from collections.abc import Set as AbstractSet
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn, Protocol, TypeVar, Union
+from typing import Any, NamedTuple, NoReturn, Protocol, TypeGuard, TypeVar, Union
 
 import numpy as np
 import torch
@@ -903,9 +903,22 @@ def check_number(name: str, value: object) -> float:
         TypeError: scale: expected a number, found bool
     """
     value = unwrap_scalar(name, value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"{name}: expected a number, found {type_name(value)}")
     return real_float(name, value)
+
+
+def is_real(value: object) -> TypeGuard[numbers.Real]:
+    """Whether ``value`` is a real number as ladle's parameters take one: an int, a float,
+    numpy's real scalars; not a bool, nor numpy's ``timedelta64`` (a duration, which
+    Python's number classes count as an integer: ``scale=np.timedelta64(1)`` meant 1).
+
+    Example:
+        >>> import numpy as np
+        >>> is_real(2), is_real(np.float32(0.5)), is_real(True), is_real(np.timedelta64(1))
+        (True, True, False, False)
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.timedelta64))
 
 
 def real_float(name: str, value: numbers.Real) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import operator
 import os
 import sys
@@ -36,6 +35,7 @@ from ..engine import (
     current_partition,
     entry_count,
     is_merged_dtype,
+    is_real,
     merge,
     resolve_device,
     unwrap_scalar,
@@ -108,7 +108,7 @@ def check_seed(seed: object) -> int:
     try:
         seed = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        if isinstance(value, numbers.Real):
+        if is_real(value):
             raise ValueError(f"seed: expected an integer, found {value!r}") from None
         raise TypeError(f"seed: expected an integer, found {type_name(value)}") from None
     try:  # block_seed writes it in decimal: Python refuses more digits than its limit
