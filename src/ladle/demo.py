@@ -101,6 +101,17 @@ class Data(NamedTuple):
     y: torch.Tensor
 
 
+class Problem(NamedTuple):
+    """The synthetic problem: its domains, the target task, and the generator that drew them
+    (which goes on to draw every task and sample)."""
+
+    gen: torch.Generator
+    pretrain_domains: list[Domain]
+    train_domains: list[Domain]
+    test_domain: Domain
+    target: torch.Tensor  # the target task's class prototypes
+
+
 class MLP(nn.Module):
     """``features`` (two hidden ReLU layers) and a linear ``head``."""
 
@@ -125,6 +136,11 @@ def _domain(shared: torch.Tensor, gen: torch.Generator) -> Domain:
         0.5 * torch.randn(OBSERVED, generator=gen),
         1.5 * torch.randn(TARGET_CLASSES, SPURIOUS, generator=gen),
     )
+
+
+def _prototypes(classes: int, gen: torch.Generator) -> torch.Tensor:
+    """The class prototypes of a new task: a point in the latent space per class."""
+    return 1.2 * torch.randn(classes, LATENT, generator=gen)
 
 
 def _sample(
@@ -185,6 +201,15 @@ def _new_model(classes: int, seed: int, device: torch.device) -> MLP:
     with torch.random.fork_rng(devices=[]):  # deterministic init; the caller's RNG untouched
         torch.manual_seed(seed)
         return MLP(classes).to(device)
+
+
+def _to(data: Data, device: torch.device) -> Data:
+    return Data(data.x.to(device), data.y.to(device))
+
+
+def _features(model: MLP) -> dict[str, torch.Tensor]:
+    """The model's state dict without its head: what a new task's model starts from."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
 
 
 def _save(model: nn.Module | ladle.StateDict, path: Path) -> Path:
@@ -292,97 +317,139 @@ def _log(message: str) -> None:
 
 
 def _run(seed: int, size: Size, workdir: Path, device: torch.device, out: TextIO) -> list[DemoRow]:
+    """Train, save, merge and score, in the order of the module's docstring; every random
+    draw of the problem comes from one generator, in this order, so a seed is one table."""
     start = time.perf_counter()
+    _make_folders(workdir)
+    problem = _problem(seed)
+    train, val, test, ood = _target_splits(problem, size, device)
+    pretrained = _pretrain(problem, size, seed, device, workdir)
+    aux_paths = _aux_fine_tunings(problem, pretrained, size, seed, device, workdir)
+    inits = _inits(pretrained, aux_paths, train, size, seed, device, workdir)
+    model, runs = _target_fine_tunings(inits, train, size, seed, device, workdir)
+    rows = _merge_and_score(model, runs, inits["pretrained"], workdir, device, val, test, ood)
+    _print_table(rows, seed, out)
+    _log(f"done in {time.perf_counter() - start:.1f} s")
+    return rows
+
+
+def _make_folders(workdir: Path) -> None:
     for folder in (workdir, workdir / "merged"):  # before the training, not after it
         if os.path.lexists(folder) and not folder.is_dir():
             raise LadleError(f"{folder}: the demo writes a directory there; this is a file")
     (workdir / "merged").mkdir(parents=True, exist_ok=True)
+
+
+def _problem(seed: int) -> Problem:
     gen = torch.Generator().manual_seed(seed)
     shared = torch.randn(OBSERVED, LATENT, generator=gen) / math.sqrt(LATENT)
-
-    def prototypes(classes: int) -> torch.Tensor:
-        return 1.2 * torch.randn(classes, LATENT, generator=gen)
-
     pretrain_domains = [_domain(shared, gen) for _ in range(PRETRAIN_DOMAINS)]
     train_domains = [_domain(shared, gen) for _ in range(TRAIN_DOMAINS)]
     test_domain = _domain(shared, gen)
-    target = prototypes(TARGET_CLASSES)
+    target = _prototypes(TARGET_CLASSES, gen)
+    return Problem(gen, pretrain_domains, train_domains, test_domain, target)
 
-    def target_split(per_domain: int) -> Data:
-        return _concat([_sample(target, d, per_domain, gen, target=True) for d in train_domains])
 
-    train = target_split(size.train_per_domain)
-    val = target_split(size.eval_per_domain)
-    test = target_split(size.eval_per_domain)
-    ood = _sample(target, test_domain, size.ood_samples, gen, target=True)
-    train, val, test, ood = (Data(d.x.to(device), d.y.to(device)) for d in (train, val, test, ood))
+def _target_splits(problem: Problem, size: Size, device: torch.device) -> list[Data]:
+    """Train, validation and test samples of the training domains, and the unseen domain's."""
 
+    def sample(domain: Domain, count: int) -> Data:
+        return _sample(problem.target, domain, count, problem.gen, target=True)
+
+    def split(per_domain: int) -> Data:
+        return _concat([sample(domain, per_domain) for domain in problem.train_domains])
+
+    train = split(size.train_per_domain)
+    val = split(size.eval_per_domain)
+    test = split(size.eval_per_domain)
+    ood = sample(problem.test_domain, size.ood_samples)
+    return [_to(data, device) for data in (train, val, test, ood)]
+
+
+def _pretrain(problem: Problem, size: Size, seed: int, device: torch.device, workdir: Path) -> MLP:
     _log(f"pre-training on a {PRETRAIN_CLASSES}-class task over {PRETRAIN_DOMAINS} domains")
-    broad = prototypes(PRETRAIN_CLASSES)
+    broad = _prototypes(PRETRAIN_CLASSES, problem.gen)
     per_domain = size.pretrain_samples // PRETRAIN_DOMAINS
-    pre_data = _concat([_sample(broad, d, per_domain, gen, target=False) for d in pretrain_domains])
+    samples = [
+        _sample(broad, d, per_domain, problem.gen, target=False) for d in problem.pretrain_domains
+    ]
     pretrained = _new_model(PRETRAIN_CLASSES, seed, device)
-    _train(
-        pretrained,
-        Data(pre_data.x.to(device), pre_data.y.to(device)),
-        steps=size.pretrain_steps,
-        lr=3e-3,
-        seed=seed,
-    )
+    _train(pretrained, _to(_concat(samples), device), steps=size.pretrain_steps, lr=3e-3, seed=seed)
     _save(pretrained, workdir / "pretrained.safetensors")
+    return pretrained
 
+
+def _aux_fine_tunings(
+    problem: Problem, pretrained: MLP, size: Size, seed: int, device: torch.device, workdir: Path
+) -> list[Path]:
+    """Fine-tune the pre-trained features on auxiliary tasks over every domain; their files."""
     _log(f"fine-tuning on {size.aux_tasks} auxiliary tasks")
-    aux_paths = []
+    per_domain = size.pretrain_samples // PRETRAIN_DOMAINS // 2
+    paths = []
     for task in range(size.aux_tasks):
-        task_prototypes = prototypes(AUX_CLASSES)
-        domains = [*train_domains, *pretrain_domains]
+        prototypes = _prototypes(AUX_CLASSES, problem.gen)
+        domains = [*problem.train_domains, *problem.pretrain_domains]
         data = _concat(
-            [_sample(task_prototypes, d, per_domain // 2, gen, target=False) for d in domains]
+            [_sample(prototypes, d, per_domain, problem.gen, target=False) for d in domains]
         )
         aux = _new_model(AUX_CLASSES, seed + 1 + task, device)
-        body = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("head.")}
-        aux.load_state_dict(body, strict=False)
-        _train(
-            aux,
-            Data(data.x.to(device), data.y.to(device)),
-            steps=size.aux_steps,
-            lr=2e-3,
-            seed=seed + 100 + task,
-        )
-        aux_paths.append(_save(aux, workdir / f"aux-{task}.safetensors"))
+        aux.load_state_dict(_features(pretrained), strict=False)
+        _train(aux, _to(data, device), steps=size.aux_steps, lr=2e-3, seed=seed + 100 + task)
+        paths.append(_save(aux, workdir / f"aux-{task}.safetensors"))
+    return paths
 
+
+def _inits(
+    pretrained: MLP,
+    aux_paths: list[Path],
+    train: Data,
+    size: Size,
+    seed: int,
+    device: torch.device,
+    workdir: Path,
+) -> dict[str, Path]:
+    """A linear probe of the target task on the pre-trained features, and the inits of the
+    target fine-tunings: each of the pre-trained and auxiliary models with the probe's head
+    (:func:`ladle.ratatouille_init`), by name ("pretrained", "aux-0", ...)."""
     _log("linear probe on the pre-trained features, then target fine-tunings")
     probe = _new_model(TARGET_CLASSES, seed + 50, device)
-    probe.load_state_dict(
-        {k: v for k, v in pretrained.state_dict().items() if not k.startswith("head.")},
-        strict=False,
+    probe.load_state_dict(_features(pretrained), strict=False)
+    head = list(probe.head.parameters())
+    _train(probe, train, steps=size.probe_steps, lr=1e-2, seed=seed + 200, parameters=head)
+    head_path = _save(
+        {k: v for k, v in probe.state_dict().items() if k.startswith("head.")},
+        workdir / "probe.safetensors",
     )
-    _train(
-        probe,
-        train,
-        steps=size.probe_steps,
-        lr=1e-2,
-        seed=seed + 200,
-        parameters=list(probe.head.parameters()),
-    )
-    head = {k: v for k, v in probe.state_dict().items() if k.startswith("head.")}
-    _save(head, workdir / "probe.safetensors")
-    inits = [("pretrained", workdir / "pretrained.safetensors")] + [
-        (f"aux-{i}", path) for i, path in enumerate(aux_paths)
-    ]
-    init_paths = {}
-    for name, source in inits:
-        init = ladle.ratatouille_init(source, workdir / "probe.safetensors", drop=HEAD)
-        init_paths[name] = _save(init, workdir / f"init-{name}.safetensors")
+    sources = [("pretrained", workdir / "pretrained.safetensors")]
+    sources += [(f"aux-{i}", path) for i, path in enumerate(aux_paths)]
+    return {
+        name: _save(
+            ladle.ratatouille_init(source, head_path, drop=HEAD),
+            workdir / f"init-{name}.safetensors",
+        )
+        for name, source in sources
+    }
 
-    model = _new_model(TARGET_CLASSES, seed, device)  # the module evaluations run through
+
+def _target_fine_tunings(
+    inits: dict[str, Path],
+    train: Data,
+    size: Size,
+    seed: int,
+    device: torch.device,
+    workdir: Path,
+) -> tuple[MLP, dict[str, list[Path]]]:
+    """Fine-tune the target task from each init with varied hyper-parameters; the module
+    the evaluations run through, and the runs' files from the pre-trained init ("pretrained")
+    and from the auxiliary ones ("aux")."""
+    model = _new_model(TARGET_CLASSES, seed, device)
     runs: dict[str, list[Path]] = {"pretrained": [], "aux": []}
     plan = [("pretrained", j) for j in range(size.pretrained_runs)] + [
         (f"aux-{i}", j) for i in range(size.aux_tasks) for j in range(size.runs_per_aux)
     ]
     for number, (name, j) in enumerate(plan):
         lr, steps, weight_decay = HYPER[number % len(HYPER)]
-        model.load_state_dict(ladle.load(init_paths[name], device=device))
+        model.load_state_dict(ladle.load(inits[name], device=device))
         _train(
             model,
             train,
@@ -393,8 +460,10 @@ def _run(seed: int, size: Size, workdir: Path, device: torch.device, out: TextIO
         )
         path = _save(model, workdir / f"ft-{name}-{j}.safetensors")
         runs["pretrained" if name == "pretrained" else "aux"].append(path)
+    return model, runs
 
-    rows = _merge_and_score(model, runs, init_paths["pretrained"], workdir, device, val, test, ood)
+
+def _print_table(rows: Sequence[DemoRow], seed: int, out: TextIO) -> None:
     print(
         f"ladle demo (seed {seed}): {TRAIN_DOMAINS} training domains, 1 unseen test domain, "
         f"{TARGET_CLASSES} classes; MLP {LATENT + OBSERVED}-{HIDDEN}-{HIDDEN}-{TARGET_CLASSES}",
@@ -407,8 +476,6 @@ def _run(seed: int, size: Size, workdir: Path, device: torch.device, out: TextIO
         "chosen on a separate in-domain validation split.",
         file=out,
     )
-    _log(f"done in {time.perf_counter() - start:.1f} s")
-    return rows
 
 
 def _merge_and_score(
