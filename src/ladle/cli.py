@@ -548,14 +548,8 @@ def _merge_command(
     return command
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(  # its sub-commands' parsers are of its class
-        prog="ladle", description="Merge neural-network weights (model soups and more)."
-    )
-    parser.add_argument("--version", action="version", version=f"ladle {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_soup(commands: Any) -> None:
+    """``ladle soup``: the uniform or weighted soup of the models."""
     soup = _merge_command(
         commands,
         "soup",
@@ -573,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="one weight per model (normalised to sum to 1)",
     )
 
+
+def _add_task_arithmetic(commands: Any) -> None:
+    """``ladle task-arithmetic``: base + scale·Σ wᵢ·τᵢ."""
     arithmetic = _merge_command(
         commands,
         "task-arithmetic",
@@ -589,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="one weight per task vector, used as given (default: 1 each; negative negates)",
     )
 
+
+def _add_ties(commands: Any) -> None:
+    """``ladle ties``: TIES-Merging."""
     ties_parser = _merge_command(
         commands,
         "ties",
@@ -610,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank magnitudes over the whole model (paper) or per tensor (default: global)",
     )
 
+
+def _add_dare(commands: Any) -> None:
+    """``ladle dare``: DARE, combined by sum or TIES."""
     dare_parser = _merge_command(
         commands,
         "dare",
@@ -634,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--combine", choices=["sum", "ties"], default="sum", help="how to combine (default: sum)"
     )
 
+
+def _add_stock(commands: Any) -> None:
+    """``ladle stock``: Model Stock."""
     _merge_command(
         commands,
         "stock",
@@ -643,6 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
         models_help=f"two or more {_FINETUNED}",
     )
 
+
+def _add_greedy_soup(commands: Any) -> None:
+    """``ladle greedy-soup``: models added best first while a score holds."""
     greedy = commands.add_parser(
         "greedy-soup",
         parents=[merge_options()],
@@ -669,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     greedy.set_defaults(run=_run_greedy_soup)
 
+
+def _add_demo(commands: Any) -> None:
+    """``ladle demo``: the end-to-end demo (:mod:`ladle.demo`)."""
     demo = commands.add_parser(
         "demo", help="an end-to-end demo on a synthetic problem (a few seconds on a laptop CPU)"
     )
@@ -695,11 +707,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_run_demo)
 
+
+def _add_inspect(commands: Any) -> None:
+    """``ladle inspect``: a checkpoint's keys, shapes, dtypes and size."""
     inspect = commands.add_parser("inspect", help="keys, shapes, dtypes and size of a checkpoint")
     inspect.add_argument("checkpoint", metavar="CKPT", help=f"a checkpoint: {_SOURCE}")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=_run_inspect)
 
+
+def _add_diff(commands: Any) -> None:
+    """``ladle diff``: per-tensor norms and cosines of two models' difference."""
     compare = commands.add_parser(
         "diff", help="per-tensor norms of A - B (or of task vectors) and their cosine"
     )
@@ -715,12 +733,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.set_defaults(run=_run_diff)
 
+
+def _add_run(commands: Any) -> None:
+    """``ladle run``: a TOML recipe's merge steps."""
     recipe = commands.add_parser("run", help="run the merge steps of a TOML recipe")
     recipe.add_argument("recipe", metavar="RECIPE.toml", help="the recipe (docs/recipes.md)")
     recipe.add_argument("--device", default=None, help="overrides the recipe's device")
     recipe.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     recipe.add_argument("--no-progress", action="store_true", help="no progress bar")
     recipe.set_defaults(run=_run_recipe)
+
+
+_COMMANDS = (
+    _add_soup,
+    _add_task_arithmetic,
+    _add_ties,
+    _add_dare,
+    _add_stock,
+    _add_greedy_soup,
+    _add_demo,
+    _add_inspect,
+    _add_diff,
+    _add_run,
+)
+"""Each adds its sub-command to ``ladle``'s, in this order."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``ladle``'s command line: its options and sub-commands.
+
+    Example:
+        >>> build_parser().parse_args(["soup", "a.pt", "b.pt", "-o", "out.safetensors"]).models
+        ['a.pt', 'b.pt']
+    """
+    parser = _Parser(  # its sub-commands' parsers are of its class
+        prog="ladle", description="Merge neural-network weights (model soups and more)."
+    )
+    parser.add_argument("--version", action="version", version=f"ladle {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _COMMANDS:  # in the order --help lists them
+        add(commands)
     for command in commands.choices.values():  # its usage errors found after parsing
         command.set_defaults(command_parser=command)
     return parser
