@@ -185,6 +185,15 @@ def _tensors(source: object) -> Mapping[str, torch.Tensor]:
 def add(a: Tensors, b: Tensors, alpha: ComplexLike = 1.0) -> StateDict:
     """``a + alpha·b``, key by key.
 
+    Args:
+        a: a state dict, module or checkpoint (the result's dtypes, device and integer
+            buffers are its own).
+        b: another, of the same keys and shapes.
+        alpha: the factor of ``b``: a number, complex for complex tensors.
+
+    Returns:
+        A new state dict; ``a`` and ``b`` are untouched.
+
     Example:
         >>> import torch, ladle
         >>> ladle.add({"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 1.0])}, alpha=2)
@@ -201,6 +210,14 @@ def add(a: Tensors, b: Tensors, alpha: ComplexLike = 1.0) -> StateDict:
 def sub(a: Tensors, b: Tensors) -> StateDict:
     """``a − b``, key by key.
 
+    Args:
+        a: a state dict, module or checkpoint (the result's dtypes, device and integer
+            buffers are its own).
+        b: another, of the same keys and shapes.
+
+    Returns:
+        A new state dict; ``a`` and ``b`` are untouched.
+
     Example:
         >>> import torch, ladle
         >>> ladle.sub({"w": torch.tensor([3.0])}, {"w": torch.tensor([1.0])})
@@ -211,6 +228,13 @@ def sub(a: Tensors, b: Tensors) -> StateDict:
 
 def scale(a: Tensors, factor: ComplexLike) -> StateDict:
     """``factor·a``, key by key.
+
+    Args:
+        a: a state dict, module or checkpoint (integer buffers are copied as they are).
+        factor: a number, complex for complex tensors.
+
+    Returns:
+        A new state dict in ``a``'s dtypes, on its device; ``a`` is untouched.
 
     Example:
         >>> import torch, ladle
@@ -223,6 +247,19 @@ def scale(a: Tensors, factor: ComplexLike) -> StateDict:
 
 def lerp(a: Tensors, b: Tensors, t: ComplexLike) -> StateDict:
     """``(1−t)·a + t·b``, key by key (exactly ``a`` at t = 0 and ``b`` at t = 1).
+
+    Computed as ``torch.lerp``; where that is not finite, as the formula itself, which keeps
+    the infinities of ``-inf`` mask entries and does not overflow on ``b − a``.
+
+    Args:
+        a: a state dict, module or checkpoint (the result's dtypes, device and integer
+            buffers are its own).
+        b: another, of the same keys and shapes.
+        t: the weight of ``b``: a number (extrapolates outside [0, 1]), complex for complex
+            tensors.
+
+    Returns:
+        A new state dict; ``a`` and ``b`` are untouched.
 
     Example:
         >>> import torch, ladle
@@ -253,6 +290,15 @@ def weighted_sum(
 ) -> StateDict:
     """``Σᵢ weights[i]·models[i]``, key by key (weights are used as given, not normalised).
 
+    Args:
+        models: one or more state dicts, modules or checkpoints of the same keys and shapes
+            (the result's dtypes, device and integer buffers are model 0's).
+        weights: one number per model (a sequence, or a 1-d tensor or array).
+
+    Returns:
+        A new state dict; the models are untouched. For a normalised mean that streams from
+        files, see :func:`ladle.uniform_soup`.
+
     Example:
         >>> import torch, ladle
         >>> ms = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}]
@@ -277,6 +323,14 @@ def weighted_sum(
 
 def task_vector(finetuned: Tensors, base: Tensors) -> StateDict:
     """The task vector ``finetuned − base`` (Ilharco et al. 2023); integer buffers from ``base``.
+
+    Args:
+        finetuned: a state dict, module or checkpoint fine-tuned from ``base``.
+        base: the model it was fine-tuned from (the result's dtypes, device and integer
+            buffers are its own).
+
+    Returns:
+        A new state dict: the task vector; ``finetuned`` and ``base`` are untouched.
 
     Example:
         >>> import torch, ladle

@@ -78,6 +78,12 @@ def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
     complex32, complex64 and complex128 as float16, float32 and float64; other dtypes
     (integers, bool, and the float8 dtypes, as in torch) must match exactly: (0, 0).
 
+    Args:
+        dtype: a torch dtype (a string such as ``"float16"`` is a ``TypeError``).
+
+    Returns:
+        ``(rtol, atol)``, the defaults of :func:`assert_state_dicts_close`.
+
     Example:
         >>> default_tolerances(torch.bfloat16)
         (0.016, 1e-05)
