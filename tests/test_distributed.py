@@ -1546,6 +1546,32 @@ def test_torchrun_group_uses_an_existing_group_as_is_and_leaves_it(one_rank):
     assert dist.is_initialized() and dist.group.WORLD is world
 
 
+@pytest.mark.parametrize(("local_rank", "gpus", "chosen"), [("1", 1, 0), ("3", 2, 1), ("1", 4, 1)])
+def test_torchrun_group_makes_current_the_gpu_a_rank_merges_on(
+    monkeypatch, local_rank, gpus, chosen
+):
+    # torchrun with one GPU visible to each process (CUDA_VISIBLE_DEVICES): LOCAL_RANK 1 made
+    # device 1 current, "invalid device ordinal", before _take_device (which wraps the rank
+    # around the visible GPUs) ran. CUDA's own calls stand in for a machine with GPUs here.
+    made_current = []
+
+    class Stop(Exception):
+        pass
+
+    def init_process_group(backend: str) -> None:
+        raise Stop(backend)
+
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    with pytest.raises(Stop, match="nccl"), _torchrun_group():
+        pass
+    assert made_current == [chosen]
+
+
 @pytest.mark.slow
 def test_split_merge_shards_hold_the_keys_in_order_as_a_single_process_writes_them(spawned):
     root, *_ = spawned

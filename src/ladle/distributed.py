@@ -919,8 +919,8 @@ def _torchrun_group() -> Iterator[int]:
     if dist.is_initialized():
         yield dist.get_rank()
         return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():  # the GPU _take_device gives this rank (a process may see one)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield dist.get_rank()
