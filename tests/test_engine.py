@@ -216,6 +216,14 @@ def test_transfers_to_cuda_without_an_index_copy_to_the_device_current_where_mad
     monkeypatch.setattr(torch.cuda, "current_device", lambda: getattr(current, "index", 0))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("compute", device))
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: ("copy", device))
+
+    recorded = []
+
+    class Event:  # marks the work queued before the fold (Transfers.before_read)
+        def record(self, stream: object) -> None:
+            recorded.append(stream)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
     current.index = 1  # torch.cuda.set_device(1) on this thread
     transfers = Transfers(torch.device("cuda"))
     made: list[object] = []
@@ -224,6 +232,7 @@ def test_transfers_to_cuda_without_an_index_copy_to_the_device_current_where_mad
     reader.join()
     assert transfers.device == torch.device("cuda", 1)
     assert made == [("copy", torch.device("cuda", 1))]
+    assert recorded == [("compute", torch.device("cuda", 1))]  # on the compute stream
     assert Transfers(torch.device("cuda", 0)).device == torch.device("cuda", 0)  # as named
 
 
@@ -359,6 +368,27 @@ def test_resolve_device_refuses_devices_without_data_or_not_here(device):
         pytest.skip("this machine has xpu")
     with pytest.raises(ValueError, match=rf"device: '{device}'"):
         resolve_device(device)
+
+
+def test_float64_statistics_are_kept_on_the_cpu_for_a_device_without_float64(monkeypatch):
+    # Model Stock's Gram matrix and diff's sums are float64: on mps, torch's TypeError
+    # ("Cannot convert a MPS Tensor to float64 dtype") mid-pass (found by a static review).
+    from ladle.engine import float64_home
+
+    empty = torch.empty
+    asked = []
+
+    def without_float64(*size, dtype=None, device=None, **kwargs):
+        asked.append((dtype, torch.device(device)))
+        if dtype == torch.float64 and torch.device(device).type == "mps":
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype")
+        return empty(*size, dtype=dtype, device=device, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", without_float64)
+    assert float64_home(torch.device("mps")) == torch.device("cpu")
+    assert float64_home(torch.device("meta")) == torch.device("meta")  # it has float64
+    assert float64_home(torch.device("cpu")) == torch.device("cpu")  # known: nothing tried
+    assert asked == [(torch.float64, torch.device("mps")), (torch.float64, torch.device("meta"))]
 
 
 def test_models_whose_floating_tensors_are_all_empty_merge_in_any_float_dtype(tmp_path):
@@ -532,6 +562,9 @@ class _LateCopies:
         if check is not None:
             check(moved)
         return moved, type("Event", (), {"synchronize": lambda self: done.result()})()
+
+    def before_read(self):
+        pass  # the caller queued nothing on the device before the fold
 
     def arrived(self, copied):
         assert copied is not None  # the device would wait on it; the host goes on

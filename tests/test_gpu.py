@@ -278,6 +278,40 @@ def test_rows_a_source_gathers_on_cuda_are_ready_before_a_side_stream_reads_them
     assert_bit_for_bit(merged, expected)
 
 
+def test_inputs_the_callers_stream_is_still_writing_are_read_once_written():
+    # The caller queued the writes of its inputs on its stream, then merged in that stream's
+    # context (a training step on a side stream, then a soup of its state dicts). Reading
+    # threads gathered the rows of a strided tensor and copied the integer buffer to the host
+    # on their own (default) streams, which do not wait for the caller's: they read what the
+    # memory held before the writes (found by a static review of the CUDA path).
+    gen = torch.Generator().manual_seed(9)
+    models = [
+        {
+            "experts": torch.randn(2, 600, 64, generator=gen).transpose(1, 2),
+            "steps": torch.arange(2**20, dtype=torch.int64) + i,
+        }
+        for i in range(3)
+    ]
+    expected = ladle.uniform_soup(
+        [{k: v.contiguous() for k, v in m.items()} for m in models],
+        device="cuda",
+        chunk_bytes=2**16,
+    )
+    sources = [{k: v.cuda() for k, v in m.items()} for m in models]  # strides kept
+    held = [{k: torch.zeros_like(v) for k, v in m.items()} for m in sources]
+    assert not held[0]["experts"].is_contiguous()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(2 * 10**9)  # the writes below wait about a second on this stream
+        for source, target in zip(sources, held):
+            for key, tensor in source.items():
+                target[key].copy_(tensor)
+        merged = ladle.uniform_soup(held, device="cuda", chunk_bytes=2**16)
+    assert torch.equal(merged["steps"], models[0]["steps"])
+    assert_bit_for_bit(merged, expected)
+
+
 def test_rows_a_source_gathers_on_cuda_are_not_reused_while_the_copy_stream_converts_them():
     # Rows of a strided bfloat16 tensor are gathered on the reading thread's stream and
     # converted to float32 on the copy stream, held back here by the merge's busy stream.

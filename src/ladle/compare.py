@@ -16,6 +16,7 @@ from .engine import (
     Kernel,
     check_compatible,
     check_unpacked,
+    float64_home,
     fold,
     is_merged_dtype,
     open_models,
@@ -92,15 +93,21 @@ def _row(key: str, aa: float, bb: float, ab: float, dd: float) -> TensorDiff:
     return TensorDiff(key, math.sqrt(aa), math.sqrt(bb), math.sqrt(dd), cosine)
 
 
+def _float64(x: torch.Tensor) -> torch.Tensor:
+    """A float64 copy of ``x``, where float64 lives (:func:`~ladle.engine.float64_home`)."""
+    return x.to(float64_home(x.device), torch.float64, copy=True)
+
+
 def _stats_kernel() -> Kernel:
     """Per chunk: [Σa², Σb², Σab, Σ(a−b)²] in float64, a and b the task vectors with a base."""
 
     def init(key: str, rows: slice, base: torch.Tensor | None) -> list[Any]:
-        return [None if base is None else base.double(), None, None]  # base, a, b
+        # base, a, b; in float64 on the CPU for a device without it
+        return [None if base is None else _float64(base), None, None]
 
     def update(state: list[Any], index: int, x: torch.Tensor) -> list[Any]:
         # x is only valid during this call: keep an owned copy
-        state[1 + index] = x.to(torch.float64, copy=True) if state[0] is None else x - state[0]
+        state[1 + index] = _float64(x) if state[0] is None else _float64(x).sub_(state[0])
         return state
 
     def finalize(state: list[Any]) -> torch.Tensor:

@@ -590,6 +590,24 @@ def is_merged_dtype(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
+def float64_home(device: torch.device) -> torch.device:
+    """Where float64 statistics of work on ``device`` are kept: ``device`` itself, or the
+    CPU for an accelerator without float64 (Apple's ``mps``), where a float64 tensor is
+    torch's ``TypeError``. Model Stock's Gram matrix and ``diff``'s sums need float64.
+
+    Example:
+        >>> float64_home(torch.device("cpu"))
+        device(type='cpu')
+    """
+    if device.type in ("cpu", "cuda"):
+        return device
+    try:
+        torch.empty(0, dtype=torch.float64, device=device)
+    except (TypeError, RuntimeError):
+        return torch.device("cpu")
+    return device
+
+
 def real_view(tensor: torch.Tensor) -> torch.Tensor:
     """A complex tensor as its real and imaginary parts (:func:`torch.view_as_real`: a last
     dimension of 2, the same memory, but for a lazy conjugate's); any other tensor as it is.
@@ -1680,6 +1698,7 @@ def _reads(
         into = torch.empty(
             _rows_nbytes(reference, key, rows, shape=view), dtype=torch.uint8, device="cpu"
         )
+        transfers.before_read()
         chunk = reference.read_rows(key, rows, into, *_shaped(view))
         return _Chunk(chunk if _shares(chunk, into) else chunk.to("cpu", copy=True))
 
@@ -1710,6 +1729,7 @@ def _reads(
             if not hasattr(staging, "scratch"):
                 staging.scratch = Scratch()
             raw = staging.scratch.take((buffer.numel(),), torch.uint8, buffer.device)
+        transfers.before_read()
         chunk = checkpoint.read_rows(key, rows, raw, *_shaped(shape))
         if not on_cpu:  # copied on a side stream; the buffer is free once the copy is done
             checker = (
@@ -1767,6 +1787,21 @@ class Transfers:
         self._streams = threading.local()  # each reading thread's copy stream
         if self._cuda:
             self._compute = torch.cuda.current_stream(device)
+            # What the caller queued before the fold began: work that may still be writing
+            # the inputs it holds on the device (see :meth:`before_read`).
+            self._written = torch.cuda.Event()
+            self._written.record(self._compute)
+
+    def before_read(self) -> None:
+        """On CUDA, make this thread's current stream wait for the work the caller had queued
+        on the compute stream when this object was made: a source's tensors on the device may
+        be written there still (the merge running in ``torch.cuda.stream(s)`` right after a
+        step on ``s``), and reading them (rows a source gathers, integer buffers copied to
+        the host) runs on this thread's stream, which does not wait for ``s`` by itself (a
+        reading thread's is the default stream; PyTorch's other streams do not synchronise
+        with it). Only that work: the fold's own arithmetic writes no input."""
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_event(self._written)
 
     def _copy_stream(self) -> Any:
         stream = getattr(self._streams, "stream", None)

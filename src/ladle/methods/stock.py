@@ -25,6 +25,7 @@ from ..engine import (
     check_chunk_bytes,
     check_models,
     current_partition,
+    float64_home,
     fold,
     merge,
     resolve_device,
@@ -165,16 +166,19 @@ def gram_kernel(n: int) -> Kernel:
 
     def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
         assert base is not None  # model_stock always merges against a base
-        dtype = base.dtype if _exact_float32_matmul(base.device) else torch.float64
-        flat = base.reshape(-1).to(dtype)
-        return flat, scratch.take((n, flat.numel()), dtype, flat.device)
+        exact = _exact_float32_matmul(base.device)
+        dtype = base.dtype if exact else torch.float64
+        home = base.device if exact else float64_home(base.device)
+        flat = base.reshape(-1).to(home, dtype)
+        return flat, scratch.take((n, flat.numel()), dtype, home)
 
     def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
         base, taus = state
-        if x.dtype == taus.dtype:
-            torch.sub(x.reshape(-1), base, out=taus[index])
+        flat = x.reshape(-1).to(taus.device)  # the CPU's, for a device without float64
+        if flat.dtype == taus.dtype:
+            torch.sub(flat, base, out=taus[index])
         else:  # cast, then subtract in place: faster than a mixed-dtype subtraction
-            taus[index].copy_(x.reshape(-1)).sub_(base)
+            taus[index].copy_(flat).sub_(base)
         return state
 
     def finalize(state: tuple) -> torch.Tensor:
