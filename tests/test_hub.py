@@ -331,6 +331,7 @@ class LocalHub:
         from urllib.parse import unquote, urlsplit
 
         self.requests: list[tuple[str, str]] = []
+        self.raw_paths: list[str] = []  # as sent: "//api/..." for an endpoint ending in "/"
         self.repos = repos  # tests may add repositories
         hub = self
 
@@ -348,8 +349,12 @@ class LocalHub:
                     self.wfile.write(body)
 
             def do_GET(self) -> None:
+                # as requested: http.server collapses a leading "//" of self.path
+                hub.raw_paths.append(self.requestline.split(" ")[1])
                 path = unquote(urlsplit(self.path).path).strip("/").split("/")
                 hub.requests.append((self.command, "/".join(path)))
+                if path == ["xet-refresh"]:  # a Xet token route that leaves out its headers
+                    return self.reply(200, b"{}")
                 api = path[:2] == ["api", "models"]
                 repo_id = "/".join(path[2:4] if api else path[:2])
                 repo = repos.get(repo_id)
@@ -358,9 +363,9 @@ class LocalHub:
                         404, b'{"error": "not found"}', {"X-Error-Code": "RepoNotFound"}
                     )
                 if "refuse" in repo:  # a status to answer everything with (401, 403)
-                    return self.reply(
-                        repo["refuse"], b'{"error": "Access to this resource is disabled."}'
-                    )
+                    why = repo.get("why", "Access to this resource is disabled.")
+                    code = {"X-Error-Code": repo["code"]} if "code" in repo else None
+                    return self.reply(repo["refuse"], json.dumps({"error": why}).encode(), code)
                 tree = api and path[4] == "tree"  # /api/models/{repo}/tree/{commit}[/{folder}]
                 rev = path[5] if tree else "/".join(path[5:]) if api else path[3]
                 commit = repo["refs"].get(rev, rev)
@@ -406,7 +411,11 @@ class LocalHub:
                 if data is None:
                     return self.reply(404, b"", {"X-Error-Code": "EntryNotFound"})
                 etag = f'"{hashlib.sha1(data).hexdigest()}"'
-                return self.reply(200, data, {"X-Repo-Commit": commit, "ETag": etag})
+                headers = {"X-Repo-Commit": commit, "ETag": etag}
+                if repo.get("xet"):  # stored with Xet, as the Hub says in these headers
+                    refresh = f"http://127.0.0.1:{self.server.server_port}/xet-refresh"
+                    headers |= {"X-Xet-Hash": "0" * 64, "X-Xet-Refresh-Route": refresh}
+                return self.reply(200, data, headers)
 
             do_HEAD = do_GET
 
@@ -755,9 +764,12 @@ def test_parse_hf_url_refuses_a_dot_subfolder_and_a_revision_on_the_owner(url, m
     ("value", "offline"),
     [("1", True), (" yes ", True), ("On", True), ("TRUE", True), ("0", False), ("no", False)],
 )
-def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it_and_overrides_the_import(
+def test_hf_hub_offline_set_now_or_at_huggingface_hub_s_import_is_offline(
     monkeypatch, value, offline
 ):
+    # huggingface_hub reads it once, at import, and refuses every request while it was set
+    # then, whatever it says later: "0" set afterwards asked the Hub anyway, and failed for
+    # a source the cache held (found by a static review of the Hub's online paths).
     from huggingface_hub import constants
 
     from ladle.hub import _offline
@@ -765,9 +777,25 @@ def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it_and_overrides_the_im
     for at_import in (True, False):  # set (or not) when huggingface_hub was imported
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", at_import)
         monkeypatch.setenv("HF_HUB_OFFLINE", value)
-        assert _offline() is offline
+        assert _offline() is (offline or at_import)
         monkeypatch.delenv("HF_HUB_OFFLINE")
         assert _offline() is at_import
+
+
+def test_a_cached_source_opens_when_hf_hub_offline_is_unset_after_huggingface_hub_refused(
+    hub_cache, monkeypatch
+):
+    from huggingface_hub import constants
+
+    model = family(1, seed=4)[0]
+    write_cached_repo(
+        hub_cache, "org/m", COMMIT_A, {"model.safetensors": weights(model)}, refs={"main": COMMIT_A}
+    )
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # set when it was imported
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # unset since: huggingface_hub still refuses
+    loaded = ladle.load("hf://org/m")
+    assert loaded.keys() == model.keys()
+    assert all(torch.equal(loaded[key], model[key]) for key in model)
 
 
 def test_hub_cache_variables_expand_home_and_variables_and_take_precedence(tmp_path, monkeypatch):
@@ -1015,6 +1043,95 @@ def test_a_hub_that_cannot_be_reached_is_a_one_line_checkpoint_error(local_hub, 
     assert "\n" not in message
 
 
+def test_an_endpoint_ending_in_a_slash_asks_the_hub_s_own_paths(local_hub, monkeypatch):
+    # huggingface_hub strips the "/" from its default endpoint, not from endpoint=: ladle
+    # passed "https://hf-mirror.com/" on, and asked "//api/models/...", which mirrors answer
+    # 404 (found by a static review of the Hub's online paths).
+    hub, model = local_hub
+    monkeypatch.setenv("HF_ENDPOINT", hub.url + "/")
+    loaded = ladle.load("hf://org/m")
+    assert all(torch.equal(loaded[key], model[key]) for key in model)
+    assert hub.raw_paths and not [path for path in hub.raw_paths if path.startswith("//")]
+
+
+@pytest.mark.parametrize(("status", "reason"), [(503, "Service Unavailable"), (429, "Too Many")])
+def test_a_hub_that_answers_with_an_error_status_is_not_said_to_be_unreachable(
+    local_hub, status, reason
+):
+    # huggingface_hub falls back on the cache when the Hub answers 429 or 5xx, as when it
+    # cannot be reached, and says it cannot find the files: the message said "the Hub could
+    # not be reached" of a Hub that had answered.
+    hub, _ = local_hub
+    hub.repos["org/busy"] = {"refuse": status}
+    with pytest.raises(ladle.CheckpointError) as err:
+        ladle.open_checkpoint("hf://org/busy")
+    message = str(err.value)
+    assert re.fullmatch(
+        rf"hf://org/busy: org/busy is not in the Hugging Face cache \(.*\) and the Hub answered "
+        rf"{status} \(.*{status}.*{reason}.*\)",
+        message,
+    )
+    assert "could not be reached" not in message and "\n" not in message
+
+
+def test_a_gated_repository_says_to_ask_for_access_with_the_hub_s_words(local_hub):
+    # GatedRepoError is a RepositoryNotFoundError to huggingface_hub: it was said to be "not
+    # found", and the Hub's "Visit ... to ask for access" was dropped.
+    hub, _ = local_hub
+    why = "Access to model org/g is restricted. Visit https://hub.example/org/g to ask for access."
+    hub.repos["org/g"] = {"refuse": 403, "code": "GatedRepo", "why": why}
+    with pytest.raises(ladle.CheckpointError) as err:
+        ladle.open_checkpoint("hf://org/g")
+    message = str(err.value)
+    assert message.startswith(
+        "hf://org/g: org/g is gated: ask for access on its page on the Hub, then use an account "
+        "that has it (set HF_TOKEN or run `hf auth login`) ("
+    )
+    assert "Visit https://hub.example/org/g to ask for access." in message
+    assert "\n" not in message
+
+
+def test_a_download_s_own_failure_is_a_checkpoint_error_naming_the_source(local_hub):
+    # The Hub said the weights are stored with Xet, and its token route answered without the
+    # connection's headers: huggingface_hub raised a bare ValueError ("Xet headers have not
+    # been correctly set by the server."), hf_transfer and hf_xet raise RuntimeErrors; none
+    # named the source, and the CLI printed a traceback.
+    pytest.importorskip("hf_xet")  # without it, huggingface_hub downloads over HTTP instead
+    hub, model = local_hub
+    hub.repos["org/x"] = {
+        "refs": {"main": COMMIT_A},
+        "commits": {COMMIT_A: {"model.safetensors": weights(model)}},
+        "xet": True,
+    }
+    with pytest.raises(ladle.CheckpointError) as err:
+        ladle.open_checkpoint("hf://org/x")
+    expected = r"hf://org/x: cannot fetch from the Hub \(ValueError: .*Xet.*\)"
+    assert re.fullmatch(expected, str(err.value))
+    assert isinstance(err.value.__cause__, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("url", "revision"),
+    [
+        ("hf://org/m@%2Ftmp%2Fx", "/tmp/x"),
+        ("hf://org/m@..%2F..%2Fx", "../../x"),
+        ("hf://org/m@a%2F.%2Fb", "a/./b"),
+        ("hf://org/m@a%5Cb", "a\\b"),
+        ("hf://org/m@a%00b", "a\x00b"),
+        ("hf://org/m@a%0Ab", "a\nb"),
+    ],
+)
+def test_a_revision_no_git_ref_can_have_is_refused_before_the_cache_is_touched(url, revision):
+    # huggingface_hub joins the revision into the cache's refs/ folder unchecked: "/tmp/x" and
+    # "../../x" named files outside the cache (read offline, written once a server answered).
+    with pytest.raises(ladle.CheckpointError) as err:
+        parse_hf_url(url)
+    assert str(err.value) == (
+        f"{url}: revision {revision!r} is no branch, tag or commit (it has a '.' or '..' part, "
+        "a leading '/', a backslash or a control character)"
+    )
+
+
 def test_a_cache_that_cannot_be_written_is_a_checkpoint_error(local_hub, monkeypatch, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "file"))
@@ -1056,14 +1173,17 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_folder(tmp_path, monkeypat
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     monkeypatch.setattr(FakeHfApi, "calls", [])
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    # A mirror's address with a trailing "/" gave "//api/..." URLs, which mirrors answer 404.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/")
     url = push_to_hub(tmp_path, "org/merged", private=private)
     assert url == "https://hub.example/org/merged/commit/abc"
+    # private=None is left out: huggingface_hub before 0.27 sent it as JSON null
+    chosen = {} if private is None else {"private": private}
     assert FakeHfApi.calls == [
         ("HfApi", {"endpoint": "http://127.0.0.1:9", "library_name": "ladle"}),
         (
             "create_repo",
-            {"repo_id": "org/merged", "repo_type": "model", "private": private, "exist_ok": True},
+            {"repo_id": "org/merged", "repo_type": "model", **chosen, "exist_ok": True},
         ),
         ("list_repo_files", {"repo_id": "org/merged", "repo_type": "model"}),
         (

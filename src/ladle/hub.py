@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote
@@ -168,6 +169,7 @@ def parse_hf_url(url: str) -> HubSource:
             revision = unquote(encoded)
         if not revision:
             raise CheckpointError(f"{url}: empty revision after '@'; {usage}")
+        _check_revision(url, revision)
     if "@" in owner or not name:
         raise CheckpointError(f"{url}: malformed repository id; {usage}")
     subfolder = "/".join(part for part in tail.split("/") if part)
@@ -175,6 +177,27 @@ def parse_hf_url(url: str) -> HubSource:
         raise CheckpointError(f"{url}: subfolder may not contain '.' or '..'")
     _check_repo_id(url, f"{owner}/{name}")
     return HubSource(f"{owner}/{name}", revision, subfolder)
+
+
+def _check_revision(url: str, revision: str) -> None:
+    """A ``CheckpointError`` for a revision no branch, tag or commit can have: a ``.`` or
+    ``..`` part, a leading ``/``, a backslash or a control character (git refuses them in
+    ref names). huggingface_hub joins a revision into the cache's ``refs/`` folder unchecked:
+    ``@%2Ftmp%2Fx`` or ``@..%2F..%2Fx`` named a file outside the cache.
+
+    Example:
+        >>> _check_revision("hf://o/m@v1", "v1")
+        >>> _check_revision("hf://o/m@..%2Fx", "../x")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ladle.errors.CheckpointError: hf://o/m@..%2Fx: revision '../x' is no branch, tag or ...
+    """
+    odd = any(ord(c) < 32 or ord(c) == 127 or c == "\\" for c in revision)
+    dots = any(part in (".", "..") for part in revision.split("/"))
+    if odd or dots or revision.startswith("/"):
+        raise CheckpointError(
+            f"{url}: revision {revision!r} is no branch, tag or commit (it has a '.' or '..' "
+            "part, a leading '/', a backslash or a control character)"
+        )
 
 
 def _repo_id_problem(repo_id: str) -> str | None:
@@ -212,16 +235,24 @@ def _env_flag(name: str) -> bool | None:
 
 
 def _offline() -> bool:
-    """``HF_HUB_OFFLINE`` as set now, else as huggingface_hub read it at import.
+    """Whether ``HF_HUB_OFFLINE`` is set now, or was when huggingface_hub was imported.
 
-    Versions of huggingface_hub differ in when they read it: before 1.0 its HTTP layer
-    refused requests when the variable was set at its import, whatever it said later; 2.x
-    reads it at each request. ladle follows the variable as set now (and keeps no state).
+    huggingface_hub reads it (or ``TRANSFORMERS_OFFLINE``) once, at import, and from then on
+    refuses every request while it was set, whatever the variable says later: unsetting it
+    in a running program opens no connection, so ladle reads the cache alone then too
+    (asking the Hub failed even for a source the cache holds). Set later, it takes effect
+    when a source is opened (ladle keeps no state).
     """
     from huggingface_hub import constants
 
-    flag = _env_flag("HF_HUB_OFFLINE")
-    return bool(constants.HF_HUB_OFFLINE) if flag is None else flag
+    return _env_flag("HF_HUB_OFFLINE") is True or bool(constants.HF_HUB_OFFLINE)
+
+
+def _endpoint() -> str | None:
+    """``HF_ENDPOINT`` as set now, without the trailing ``/`` huggingface_hub strips from its
+    own default but not from an ``endpoint=`` argument (``https://hf-mirror.com/`` asked
+    ``https://hf-mirror.com//api/...``, which mirrors answer with 404); ``None`` if unset."""
+    return (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
 
 
 def _cache_dir() -> str:
@@ -249,7 +280,7 @@ def _listed(repo_id: str, commit: str, subfolder: str) -> list[str]:
     from huggingface_hub.hf_api import RepoFile, RepoFolder
 
     api = HfApi(
-        endpoint=os.environ.get("HF_ENDPOINT") or None,
+        endpoint=_endpoint(),
         library_name="ladle",
         library_version=__version__,
     )
@@ -287,22 +318,30 @@ def _weight_files(folder: Path, names: list[str], where: str) -> list[str]:
     return [chosen]
 
 
-def _check_access(err: BaseException, url: str, repo_id: str) -> None:
-    """A ``CheckpointError`` where the Hub answered ``err`` (or what caused it) with 401 or
-    403: it was reached, and refused this login (a fine-grained token without the repository,
-    a disabled repository); else nothing."""
+def _answers(err: BaseException) -> Iterator[tuple[int, BaseException]]:
+    """The HTTP statuses the Hub answered with, in ``err`` and what caused it, each with the
+    error that carries it (none where no answer came: a network failure)."""
     cause: BaseException | None = err
     for _ in range(8):  # the chain's first links (a cycle would never end)
         if cause is None:
             return
         status = getattr(getattr(cause, "response", None), "status_code", None)
+        if isinstance(status, int):
+            yield status, cause
+        cause = cause.__cause__ or cause.__context__
+
+
+def _check_access(err: BaseException, url: str, repo_id: str) -> None:
+    """A ``CheckpointError`` where the Hub answered ``err`` (or what caused it) with 401 or
+    403: it was reached, and refused this login (a fine-grained token without the repository,
+    a disabled repository); else nothing."""
+    for status, cause in _answers(err):
         if status in (401, 403):
             raise CheckpointError(
                 f"{url}: the Hub refused access to {repo_id} ({status}: "
                 f"{one_line(cause)}); set HF_TOKEN or run `hf auth login` with "
                 "an account that can read it"
             ) from err
-        cause = cause.__cause__ or cause.__context__
 
 
 def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
@@ -339,7 +378,7 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         (True, ['model.safetensors'])
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     source = parse_hf_url(url)
     # fnmatch patterns: a subfolder named "ckpt[1]" is no character class
@@ -358,7 +397,7 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
                     allow_patterns=allow,
                     # nothing from deeper folders, no optimizer or trainer state
                     ignore_patterns=[prefix + "*/" * depth + "*", *_patterns(prefix, NOT_WEIGHTS)],
-                    endpoint=os.environ.get("HF_ENDPOINT") or None,
+                    endpoint=_endpoint(),
                     library_name="ladle",
                     library_version=__version__,
                 )
@@ -371,6 +410,14 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             if partial is None:
                 raise
             return Path(partial)
+        except (RuntimeError, ValueError) as err:
+            if isinstance(err, HfHubHTTPError):  # a 400: the Hub's answer, told below
+                raise
+            # The download's own failures: hf_transfer's RuntimeError, a server's missing
+            # Xet headers (ValueError), hf_xet's integrity and configuration errors.
+            raise CheckpointError(
+                f"{url}: cannot fetch from the Hub ({type(err).__name__}: {one_line(err)})"
+            ) from err
 
     try:
         root = fetch(
@@ -427,13 +474,19 @@ def _fetch_failure(
     an error that is not the Hub's or the network's (a bug: raised as it is). A refusal of
     access (401/403) is raised here, naming the login to use."""
     from huggingface_hub.errors import (
+        GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    if isinstance(err, RepositoryNotFoundError):  # also gated repos
+    if isinstance(err, GatedRepoError):  # a RepositoryNotFoundError, but it was found
+        return CheckpointError(
+            f"{url}: {source.repo_id} is gated: ask for access on its page on the Hub, then "
+            f"use an account that has it (set HF_TOKEN or run `hf auth login`) ({one_line(err)})"
+        )
+    if isinstance(err, RepositoryNotFoundError):
         return CheckpointError(
             f"{url}: repository not found on the Hub, or private or gated and not accessible "
             "with the current login (set HF_TOKEN or run `hf auth login`)"
@@ -448,11 +501,14 @@ def _fetch_failure(
         revision = f" --revision {source.revision}" if source.revision else ""
         # `hf` came with huggingface_hub 0.34; `huggingface-cli` before it.
         fetch_first = f"`hf download {source.repo_id}{revision}`, or `huggingface-cli download`"
-        why = (
-            f"HF_HUB_OFFLINE is set: unset it, or fetch it first ({fetch_first})"
-            if offline
-            else f"the Hub could not be reached ({one_line(err)})"
-        )
+        # huggingface_hub wraps the Hub's answer (a 429, a 503) as it does a network failure
+        answer = next(_answers(err), None)
+        if offline:
+            why = f"HF_HUB_OFFLINE is set: unset it, or fetch it first ({fetch_first})"
+        elif answer is not None:
+            why = f"the Hub answered {answer[0]} ({one_line(answer[1])})"
+        else:
+            why = f"the Hub could not be reached ({one_line(err)})"
         what = f"revision {source.revision!r} of " if source.revision else ""
         return CheckpointError(
             f"{url}: {what}{source.repo_id} is not in the Hugging Face cache ({cache}) and {why}"
@@ -554,9 +610,12 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None
     problem = _repo_id_problem(repo_id)
     if problem is not None:
         raise ValueError(f"push_to_hub: repo_id: {problem}; nothing was sent")
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, library_name="ladle")
+    api = HfApi(endpoint=_endpoint(), library_name="ladle")
     try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if private is None:  # sent as JSON null before huggingface_hub 0.27: left out
+            api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        else:
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         # Weights an earlier upload left at the root and this output lacks go in the same
         # commit: a stale index beside new single-file weights would be read instead of them.
         stale = [
