@@ -17,7 +17,6 @@ DTensor machinery is looked at only when it was imported by the caller.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import numbers
 import os
@@ -54,7 +53,6 @@ from .methods.ties import ties
 from .recipe import ALIASES
 from .writer import (
     _ENDED,
-    INDEX_NAME,
     SafetensorsWriter,
     _plan_shards,
     _remove_stale_temporaries,
@@ -65,6 +63,7 @@ from .writer import (
     rename_into_place,
     single_file,
     write_extra_files,
+    write_index_file,
 )
 
 __all__ = ["average_", "merge", "split_by_bytes"]
@@ -756,11 +755,8 @@ def _finish(
         for _, _, weight_map in reports:
             where.update(weight_map)
         total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
-        index = {
-            "metadata": {"total_size": total},
-            "weight_map": {key: renamed[where[key]] for key in specs if key in where},
-        }
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        weight_map = {key: renamed[where[key]] for key in specs if key in where}
+        write_index_file(directory, total, weight_map)
     rename_into_place(directory, out, overwrite=overwrite)
 
 

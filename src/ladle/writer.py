@@ -496,19 +496,20 @@ def _create_reserved(path: Path, size: int, out: Path) -> None:
     A disk or quota that cannot hold it raises ``OutputError`` now, naming ``out``, rather than
     once the merge has run for as long as it takes to get there. The reservation also makes
     the writes cheaper: on ext4, 89 MiB were written in 9.6 ms instead of 15.6 ms. Where the
-    filesystem cannot reserve (no ``fallocate``), the writes allocate as they go.
+    system cannot reserve (no ``fallocate``: macOS), the writes allocate as they go, and a
+    file larger than the disk's free space is still refused now (a quota is not seen then).
     """
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        function = _fallocate()
-        if function is None or size == 0:
+        if size == 0:
             return
         # Refused first where the disk has not the room: a failed fallocate keeps what it got
         # (ext4), so the disk was full for every other writer until the file went.
         free = shutil.disk_usage(path.parent).free
         if size > free:
             _no_room(out, size, os.strerror(errno.ENOSPC), free)
-        if function(descriptor, _KEEP_SIZE, 0, size) == 0:
+        function = _fallocate()
+        if function is None or function(descriptor, _KEEP_SIZE, 0, size) == 0:
             return
         code = ctypes.get_errno()
         if code in _FULL:  # a quota, or a disk filled meanwhile
@@ -720,14 +721,37 @@ def _put_back(old: Path, out: Path) -> None:
 
 def write_extra_files(directory: Path, files: Mapping[str, bytes | str | os.PathLike]) -> None:
     """Write each ``name: content`` into ``directory``: bytes as they are, a file or a folder
-    copied (links followed: a Hub snapshot's files are links into its blobs)."""
+    copied (links followed: a Hub snapshot's files are links into its blobs); each flushed to
+    disk, as the weights are, before the folder is renamed into place."""
     for name, content in files.items():
+        target = directory / name
         if isinstance(content, bytes):
-            (directory / name).write_bytes(content)
-        elif Path(content).is_dir():
-            shutil.copytree(content, directory / name)
+            _write_flushed(target, content)
+            continue
+        if Path(content).is_dir():
+            shutil.copytree(content, target)
         else:
-            shutil.copyfile(content, directory / name)
+            shutil.copyfile(content, target)
+        for file in [p for p in target.rglob("*") if p.is_file()] if target.is_dir() else [target]:
+            with open(file, "rb") as handle:
+                _flush_to_disk(handle.fileno())
+
+
+def write_index_file(directory: Path, total_size: int, weight_map: Mapping[str, str]) -> None:
+    """Write ``model.safetensors.index.json`` into ``directory``, flushed to disk.
+
+    A file's data reaches the disk later than its name: without the flush, a power cut soon
+    after the folder was renamed into place could leave an empty index under the final name.
+    """
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(weight_map)}
+    _write_flushed(directory / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+
+
+def _write_flushed(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        _flush_to_disk(handle.fileno())
 
 
 def _checked_extra_files(
@@ -1148,8 +1172,7 @@ class SafetensorsWriter:
             return
         total = sum(_nbytes(spec) for spec in self._specs.values())
         weight_map = {key: self._files[shard].name for shard, key in self._queue}
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (self._temp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        write_index_file(self._temp, total, weight_map)
 
     def _verify(self) -> None:
         """Re-read every header: the keys, shapes and dtypes must be those planned, and each
