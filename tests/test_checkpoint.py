@@ -362,6 +362,45 @@ def test_reads_without_preadv_use_pread_and_find_a_file_cut_short(tmp_path, monk
         checkpoint.read_rows("w", slice(None), into)
 
 
+def test_reads_without_preadv_ask_pread_for_no_more_than_macos_reads_at_once(tmp_path, monkeypatch):
+    # macOS refuses a read of 2 GiB or more (EINVAL): a tensor that large, read in one call
+    # where Python has no os.preadv, was a CheckpointError "Invalid argument" (found by a
+    # static review for macOS). PREAD_MOST stands at 12 bytes here instead of 1 GiB.
+    import ladle.checkpoint
+
+    monkeypatch.delattr(os, "preadv")
+    monkeypatch.setattr(ladle.checkpoint, "PREAD_MOST", 12)
+    asked = []
+    pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, offset: asked.append(n) or pread(fd, n, offset))
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(12.0).reshape(6, 2)}, path)
+    into = torch.empty(48, dtype=torch.uint8)
+    rows = ladle.open_checkpoint(path).read_rows("w", slice(None), into)
+    assert rows.tolist() == torch.arange(12.0).reshape(6, 2).tolist()
+    assert asked[-4:] == [12, 12, 12, 12]  # the 48 bytes of the rows (the header's before)
+
+
+def test_macos_appledouble_files_beside_the_weights_are_no_weights(tmp_path):
+    # macOS writes "._NAME" (its metadata, no safetensors) beside each file it copies to an
+    # exFAT or SMB volume: the folder held "two weights files", or its "._" index was chosen
+    # and failed to parse (found by a static review for macOS).
+    model = {"a": torch.arange(4.0), "b": torch.ones(3)}
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file(model, single / "weights.safetensors")
+    (single / "._weights.safetensors").write_bytes(b"\x00\x05\x16\x07 Mac OS X")
+    sharded = tmp_path / "sharded"
+    ladle.save(model, sharded, max_shard_size=20)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    for name in [p.name for p in sharded.iterdir()]:
+        (sharded / f"._{name}").write_bytes(b"\x00\x05\x16\x07 Mac OS X")
+    for folder in (single, sharded):
+        loaded = ladle.load(folder)
+        assert loaded.keys() == model.keys(), folder
+        assert all(torch.equal(loaded[key], model[key]) for key in model)
+
+
 def test_a_read_returning_fewer_bytes_than_asked_resumes_where_it_stopped(tmp_path, monkeypatch):
     import ladle.checkpoint
 

@@ -168,6 +168,17 @@ def test_example_recipes_are_valid(tmp_path):
             '[steps.b]\nmethod = "soup"\nmodels = ["a"]\noutput = "o/b.safetensors"\n',
             r"steps\.a\.output: step 'b' writes .*o/b\.safetensors too",
         ),
+        (  # one file on a volume that ignores case (macOS): the second replaced the first
+            '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "Out.safetensors"\n'
+            '[steps.b]\nmethod = "soup"\nmodels = ["a"]\noutput = "out.safetensors"\n',
+            r"steps\.a\.output: step 'b' writes .*/out\.safetensors too \(one place where names "
+            r"ignore case, as on macOS\)$",
+        ),
+        (  # and a step writing into the other's folder
+            '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "Merged"\n'
+            '[steps.b]\nmethod = "soup"\nmodels = ["a"]\noutput = "merged/b.safetensors"\n',
+            r"steps\.a\.output: step 'b' writes .*/merged/b\.safetensors too \(one place",
+        ),
         (
             '[steps.x]\nmethod = "soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
             'output = "m2.safetensors"\n'

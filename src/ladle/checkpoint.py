@@ -298,7 +298,8 @@ def _merged_rows(
 def pread_into(descriptor: int, target: memoryview, offset: int) -> int:
     """Read into ``target`` from ``offset`` of an open file, as ``os.preadv`` does (straight
     into ``target``); the bytes read, fewer at the end of the file. Where Python has no
-    ``os.preadv`` (macOS before 11), ``os.pread`` and a copy.
+    ``os.preadv`` (macOS before 11), ``os.pread`` of at most :data:`PREAD_MOST` bytes and a
+    copy: fewer than asked there too, and the caller reads on.
 
     Example:
         >>> import os, tempfile
@@ -312,9 +313,14 @@ def pread_into(descriptor: int, target: memoryview, offset: int) -> int:
     preadv = getattr(os, "preadv", None)
     if preadv is not None:
         return int(preadv(descriptor, [target], offset))
-    data = os.pread(descriptor, target.nbytes, offset)
+    data = os.pread(descriptor, min(target.nbytes, PREAD_MOST), offset)
     target.cast("B")[: len(data)] = data
     return len(data)
+
+
+PREAD_MOST = 2**30
+"""Most bytes :func:`pread_into` asks of ``os.pread`` at once, where Python has no
+``os.preadv`` (macOS before 11): its kernel refuses reads of 2 GiB and more."""
 
 
 def not_a_dense_tensor(key: object, value: object) -> str | None:
@@ -1747,9 +1753,12 @@ def weights_layout(names: Iterable[str]) -> tuple[str | None, list[str]]:
     weights file with no ``*.safetensors`` beside it. Of several files (or indexes), the one
     named as :data:`DEFAULT_WEIGHTS` names it (or its index) counts as the single one; where
     one of those is there, variants (``model.fp16.safetensors``, its shards and index) are
-    not weights at all: ``from_pretrained`` reads the default beside them. Returns the chosen
-    name and the weights files seen, or ``None`` and those files where no single choice is
-    there. The Hub reader decides by it what to download.
+    not weights at all: ``from_pretrained`` reads the default beside them. Names that start
+    with ``._`` are none of these: macOS writes such AppleDouble files (its metadata) beside
+    every file it copies to a volume without extended attributes (exFAT, SMB), and
+    ``._model.safetensors`` was a second weights file, ``._x.safetensors.index.json`` the
+    index chosen. Returns the chosen name and the weights files seen, or ``None`` and those
+    files where no single choice is there. The Hub reader decides by it what to download.
 
     Example:
         >>> weights_layout(["config.json", "model.safetensors", "model.fp16.safetensors"])
@@ -1759,7 +1768,7 @@ def weights_layout(names: Iterable[str]) -> tuple[str | None, list[str]]:
         >>> weights_layout(["a.safetensors", "b.safetensors"])
         (None, ['a.safetensors', 'b.safetensors'])
     """
-    names = sorted(names)
+    names = sorted(name for name in names if not name.startswith("._"))
     if any(_is_default(name) for name in names):
         names = [name for name in names if not _VARIANT.fullmatch(name)]
     indexes = _preferred([name for name in names if name.endswith(".safetensors.index.json")])

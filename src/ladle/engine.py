@@ -1135,9 +1135,11 @@ def fold(
     depend on the number of models; chunks reach the kernel in order whichever thread read
     them. The default, ``None``, prefetches none on the CPU, where torch's threads use every
     core (a reading thread made no method faster on 2 cores, with the inputs in the page
-    cache or not: see docs/streaming.md), and on an accelerator as many chunks as there are
+    cache or not: see docs/streaming.md), and on CUDA as many chunks as there are
     reading threads: one thread's copies out of the page cache are slower than a
-    host-to-device copy. ``readers`` defaults to :func:`reading_threads` (1 on the CPU).
+    host-to-device copy. On other accelerators (``mps``, ``xpu``) it prefetches none: their
+    copies are synchronous, and MPS aborts on work queued from several threads. ``readers``
+    defaults to :func:`reading_threads` (1 on the CPU).
     Without reading threads, CPU chunks are views of the page cache
     (:meth:`Checkpoint.map_rows`), or converted from them into pooled buffers; with them,
     they are read with ``pread`` into pooled buffers (pinned for an accelerator), so that the
@@ -1176,7 +1178,7 @@ def fold(
     if threads < 1:
         raise ValueError(f"readers: expected a positive number of threads, found {threads}")
     if prefetch is None:
-        prefetch = 0 if device.type == "cpu" else threads
+        prefetch = _default_prefetch(device, threads)
     depth = max(prefetch, 0)
     threads = min(threads, depth)
     pool = _Pool(_largest_read(plan, sources), count=depth + 2, device=device)
@@ -1239,6 +1241,19 @@ def fold(
             if release and (step + 1 == len(plan) or plan[step + 1][0] != key):
                 for source in sources:  # the pass is done with this tensor
                     source.release(key)
+
+
+def _default_prefetch(device: torch.device, readers: int) -> int:
+    """Chunks a fold reads ahead by default: one per reading thread on CUDA; none on the CPU
+    (see :func:`fold`), nor on other accelerators, whose copies are synchronous (a reading
+    thread gains nothing) and where MPS aborts the process on work queued from several
+    threads at once (found by a static review; not run on such a device).
+
+    Example:
+        >>> [_default_prefetch(torch.device(kind), 3) for kind in ("cuda", "cpu", "mps")]
+        [3, 0, 0]
+    """
+    return readers if device.type == "cuda" else 0
 
 
 def reading_threads(device: torch.device) -> int:

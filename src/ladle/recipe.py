@@ -18,6 +18,7 @@ import inspect
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -374,9 +375,21 @@ def _check_type(value: object, annotation: object, where: str) -> None:
         raise ValueError(f"{where}: expected {kind}, found {value!r}")
 
 
+def _folded(path: Path) -> Path:
+    """``path`` as a file system that ignores case and Unicode normalization sees it (APFS
+    and HFS+, macOS's defaults): ``Out.safetensors`` and ``out.safetensors`` are one file.
+
+    Example:
+        >>> _folded(Path("/m/Out.safetensors")) == _folded(Path("/m/out.safetensors"))
+        True
+    """
+    return Path(unicodedata.normalize("NFD", str(path)).casefold())
+
+
 def _check_outputs(steps: Sequence[Step], single: bool) -> None:
     """No two steps write the same place, and no step writes over an input of any step
-    (paths compared resolved: ``out.safetensors`` and ``../here/out.safetensors`` are one)."""
+    (paths compared resolved: ``out.safetensors`` and ``../here/out.safetensors`` are one;
+    outputs also as names that ignore case, :func:`_folded`)."""
 
     def inputs(step: Step) -> list[str]:
         sources = [*step.models, *([step.base] if step.base is not None else [])]
@@ -388,13 +401,12 @@ def _check_outputs(steps: Sequence[Step], single: bool) -> None:
         where = "recipe" if single else f"steps.{step.name}"
         written = resolved_output(step.output)
         for later, other in enumerate(steps):
-            theirs = other.output
-            if (
-                other is not step
-                and theirs is not None
-                and overlapping(written, resolved_output(theirs))
-            ):
-                raise ValueError(f"{where}.output: step {other.name!r} writes {theirs} too")
+            theirs = None if other is step or other.output is None else other.output
+            place = None if theirs is None else resolved_output(theirs)
+            if place is not None and overlapping(_folded(written), _folded(place)):
+                differ = not overlapping(written, place)
+                same = " (one place where names ignore case, as on macOS)" if differ else ""
+                raise ValueError(f"{where}.output: step {other.name!r} writes {theirs} too{same}")
             for source in inputs(other):
                 if overlapping(written, Path(source).resolve()):
                     hint = (  # a later step reading this output by its path: by name instead
