@@ -407,6 +407,8 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             # these patterns match and the cache lacks (a README, a tokenizer) is refused
             # whole; what it holds is checked below, as a folder's would be.
             partial = getattr(err, "snapshot_path", None)
+            if partial is None and type(err).__name__ == "IncompleteSnapshotError":
+                partial = _cached_snapshot(cache, source.repo_id, revision)  # 1.22: no path
             if partial is None:
                 raise
             return Path(partial)
@@ -465,6 +467,28 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
     if not found:
         raise _no_weights(url, source, folder, commit, offline=offline, cache=cache)
     return folder, commit
+
+
+def _cached_snapshot(cache: str, repo_id: str, revision: str | None) -> Path | None:
+    """The snapshot folder of ``repo_id`` at ``revision`` (a commit, or a branch or tag the
+    cache's ``refs/`` resolve) in ``cache``, where huggingface_hub left it; ``None`` if none.
+    What ``IncompleteSnapshotError.snapshot_path`` says since huggingface_hub 1.23 or so;
+    1.22 raised it without.
+
+    Example:
+        >>> import tempfile
+        >>> _cached_snapshot(tempfile.mkdtemp(), "org/m", "main") is None
+        True
+    """
+    folder = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    commit = revision or "main"
+    if not _COMMIT.fullmatch(commit):
+        try:
+            commit = (folder / "refs" / commit).read_text().strip()
+        except OSError:
+            return None
+    snapshot = folder / "snapshots" / commit
+    return snapshot if _COMMIT.fullmatch(commit) and snapshot.is_dir() else None
 
 
 def _fetch_failure(
