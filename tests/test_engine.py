@@ -658,6 +658,7 @@ def test_pool_takers_racing_for_the_last_free_buffer_make_a_new_one_instead_of_w
     assert taken[0].data_ptr() != taken[1].data_ptr()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="reads /proc/self/fd (Linux)")
 def test_threads_opening_a_file_at_once_leave_no_descriptor_behind(tmp_path):
     import os
     import threading

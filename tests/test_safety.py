@@ -652,6 +652,7 @@ def test_an_input_cut_short_before_its_integer_tensor_is_read_is_an_error_not_a_
     assert not [p for p in os.listdir(tmp_path) if "out" in p]
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
 def test_a_failed_merge_holds_no_map_of_the_inputs_it_did_not_blame(tmp_path):
     paths = []
     for i in range(3):
@@ -764,6 +765,7 @@ def test_greedy_soups_that_would_saturate_float8_e4m3fn_are_an_error(tmp_path):
     assert saturated.state_dict["w"].float().tolist() == [448.0] * 4
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="reads /proc/self/fd (Linux)")
 def test_a_float8_overflow_stops_the_reading_threads_and_closes_the_inputs(tmp_path, monkeypatch):
     import functools
     import os

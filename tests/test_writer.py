@@ -999,6 +999,7 @@ def test_a_failed_rename_into_place_puts_the_replaced_output_back(tmp_path, monk
     assert os.listdir(tmp_path) == ["out"]
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="reads /proc/self/fd (Linux)")
 def test_a_merge_failing_after_amend_closes_what_it_patched_and_leaves_nothing(tmp_path):
     def descriptors() -> int:
         return len(os.listdir("/proc/self/fd"))
