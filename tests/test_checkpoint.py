@@ -401,6 +401,54 @@ def test_macos_appledouble_files_beside_the_weights_are_no_weights(tmp_path):
         assert all(torch.equal(loaded[key], model[key]) for key in model)
 
 
+def test_a_safetensors_file_larger_than_memory_opens_and_reads(tmp_path):
+    # safe_open(framework="pt") maps the whole file privately and writable, which Linux
+    # charges against RAM + swap: a file larger than those (a 30 GB model.safetensors on a
+    # 16 GB laptop) was "not a readable safetensors file (unable to mmap ... Cannot allocate
+    # memory)", and a single-file output that large was deleted when the writer read its
+    # header back. A sparse file of 1 TiB stands in for it (found by a review for scale).
+    path = tmp_path / "huge.safetensors"
+    size = 2**40
+    header = json.dumps({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}})
+    header += " " * (-len(header) % 8)
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(header)) + header.encode())
+        try:
+            file.truncate(8 + len(header) + size)
+        except OSError:
+            pytest.skip("this filesystem holds no sparse file of 1 TiB")
+        file.seek(8 + len(header) + size - 2)
+        file.write(b"\x07\x09")
+    with ladle.open_checkpoint(path) as checkpoint:
+        assert checkpoint.shape("w") == (size,) and checkpoint.dtype("w") == torch.uint8
+        assert checkpoint.get_rows("w", slice(size - 3, size)).tolist() == [0, 7, 9]
+
+
+def test_a_torch_file_larger_than_memory_is_said_to_be_so_not_unreadable(tmp_path, monkeypatch):
+    # torch.load(mmap=True) maps the file privately and writable, charged against RAM + swap:
+    # a larger file was "not a readable torch file (unable to mmap ...)", read as corruption.
+    path = tmp_path / "big.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    load = torch.load
+
+    def refused(*args, **kwargs):
+        if kwargs.get("mmap"):
+            raise RuntimeError(
+                f"unable to mmap {path.stat().st_size} bytes from file <{path}>: Cannot "
+                "allocate memory (12)"
+            )
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", refused)
+    with pytest.raises(MemoryError) as caught:
+        ladle.load(path)
+    assert str(caught.value).startswith(
+        f"{path}: torch cannot map its {path.stat().st_size} bytes, more than this machine's "
+        "memory and swap allow; convert it to safetensors, which ladle reads a piece at a time "
+        "(unable to mmap"
+    )
+
+
 def test_a_read_returning_fewer_bytes_than_asked_resumes_where_it_stopped(tmp_path, monkeypatch):
     import ladle.checkpoint
 

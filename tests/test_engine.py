@@ -391,6 +391,33 @@ def test_float64_statistics_are_kept_on_the_cpu_for_a_device_without_float64(mon
     assert asked == [(torch.float64, torch.device("mps")), (torch.float64, torch.device("meta"))]
 
 
+def test_a_device_without_a_dtype_the_merge_needs_is_refused_before_any_read(monkeypatch):
+    # mps has no float64: float64 models (or --dtype fp64 results) failed mid-merge with
+    # torch's TypeError, a traceback in the CLI (found by a static review for macOS). Here
+    # the meta device stands in for it, torch.empty refusing float64 there.
+    from ladle.engine import check_device_dtypes
+
+    empty = torch.empty
+
+    def without_float64(*size, dtype=None, device=None, **kwargs):
+        if dtype == torch.float64 and torch.device(device).type == "meta":
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype")
+        return empty(*size, dtype=dtype, device=device, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", without_float64)
+    models = [
+        ladle.open_checkpoint({"w": torch.ones(2, dtype=torch.float64), "b": torch.ones(2)})
+        for _ in range(2)
+    ]
+    with pytest.raises(ValueError) as caught:
+        next(fold(models, collect_kernel(), device=torch.device("meta")))
+    assert str(caught.value) == (
+        "device: 'meta' holds no torch.float64 tensors, which 'w' needs (Cannot convert a MPS "
+        "Tensor to float64 dtype); merge it on the CPU (device='cpu')"
+    )
+    check_device_dtypes(torch.device("meta"), {torch.float32: "b"})  # it has that one
+
+
 def test_models_whose_floating_tensors_are_all_empty_merge_in_any_float_dtype(tmp_path):
     base = {"w": torch.zeros(0), "n": torch.tensor(1)}
     model = {"w": torch.zeros(0, dtype=torch.float8_e4m3fn), "n": torch.tensor(2)}

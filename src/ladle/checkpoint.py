@@ -722,7 +722,7 @@ class SafetensorsCheckpoint(Checkpoint):
         and the header read may be the old file's, the bytes the new one's; tried again."""
         for _ in range(OPEN_ATTEMPTS):
             before = _identity(os.stat(file))
-            handle = safe_open(str(file), framework="pt")
+            handle = safe_open(str(file), framework="numpy")
             identity = _identity(os.stat(file))
             if identity == before:
                 self._identities[file] = identity
@@ -1147,6 +1147,14 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     except Exception as err:
         if _out_of_memory(err, file):  # torch's allocator says so, of what the file holds
             raise MemoryError(f"{file}: {one_line(err)}") from err
+        if mmap and "unable to mmap" in str(err) and "Cannot allocate memory" in str(err):
+            # torch maps the file privately and writable, which Linux charges against RAM
+            # and swap: larger than those, it cannot be mapped (nor loaded whole)
+            raise MemoryError(
+                f"{file}: torch cannot map its {file.stat().st_size} bytes, more than this "
+                "machine's memory and swap allow; convert it to safetensors, which ladle "
+                f"reads a piece at a time ({one_line(err)})"
+            ) from err
         # Unpickling corrupt bytes raises what it meets (EOFError, IndexError, KeyError,
         # struct.error, AssertionError, zipfile.BadZipFile...): each is the file's fault,
         # and says so naming it.

@@ -608,6 +608,27 @@ def float64_home(device: torch.device) -> torch.device:
     return device
 
 
+def check_device_dtypes(device: torch.device, dtypes: Mapping[torch.dtype, str]) -> None:
+    """A ``ValueError`` where ``device`` cannot hold one of ``dtypes`` (each with a key that
+    needs it), before any work: Apple's ``mps`` has no float64 (nor complex128, float8), and
+    torch refused them mid-merge with a ``TypeError`` of its own. The CPU and CUDA hold every
+    dtype ladle merges in, and are not asked.
+
+    Example:
+        >>> check_device_dtypes(torch.device("cpu"), {torch.float64: "w"})
+    """
+    if device.type in ("cpu", "cuda"):
+        return
+    for dtype, key in dtypes.items():
+        try:
+            torch.empty(0, dtype=dtype, device=device)
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(
+                f"device: {str(device)!r} holds no {dtype} tensors, which {key!r} needs "
+                f"({one_line(err)}); merge it on the CPU (device='cpu')"
+            ) from err
+
+
 def real_view(tensor: torch.Tensor) -> torch.Tensor:
     """A complex tensor as its real and imaginary parts (:func:`torch.view_as_real`: a last
     dimension of 2, the same memory, but for a lazy conjugate's); any other tensor as it is.
@@ -1174,6 +1195,7 @@ def fold(
     for source in sources:  # rewritten since the pass before (a trainer saving over it)?
         source.check_unchanged()
     plan = _plan(reference, sources, keys, chunk_bytes, copy_others)
+    check_device_dtypes(device, {dtype: key for key, _, dtype, _ in plan if dtype is not None})
     threads = reading_threads(device) if readers is None else readers
     if threads < 1:
         raise ValueError(f"readers: expected a positive number of threads, found {threads}")
@@ -2247,6 +2269,8 @@ def merge(
         label = _describe(None if base_ckpt is not None else 0, reference)
         check_output_dtypes(reference, dtype, label=label)
         specs = output_specs(reference, dtype)
+        # results are cast to the output dtypes on the device: before any pass
+        check_device_dtypes(target, {spec[1]: key for key, spec in specs.items()})
         if out is not None:  # a dtype safetensors has no code for: before any pass
             check_storable(out, specs)
         part = _PARTITION.get()

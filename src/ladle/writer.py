@@ -1182,7 +1182,7 @@ class SafetensorsWriter:
                 f"{self.out}: the written file {self.out.name if self._single_file else file.name}"
             )
             try:
-                with safe_open(str(file), framework="pt") as handle:
+                with safe_open(str(file), framework="numpy") as handle:
                     found = {key: _found_spec(handle, key) for key in handle.keys()}
             except (SafetensorError, OSError) as err:
                 raise LadleError(f"{where} does not read back ({err})") from err
