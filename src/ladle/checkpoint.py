@@ -1116,8 +1116,9 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
         records = _data_records(file) if mmap else None
         if records is None or any(r.compress_type != zipfile.ZIP_STORED for r in records.values()):
             mmap = False
-        # Raw pickles of other protocols are refused below if unsafe; the hint is noise.
-        with _ignoring("Detected pickle protocol"):
+        # Raw pickles of other protocols are refused below if unsafe; the hint is noise. So
+        # is torch 2.14's note that it validates sparse tensors: ladle refuses them anyway.
+        with _ignoring("Detected pickle protocol|Validating sparse tensor invariants"):
             loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
             if mmap and not _records_hold_storages(loaded, records):  # type: ignore[arg-type]
                 loaded = torch.load(file, map_location="cpu", weights_only=True)
