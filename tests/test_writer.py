@@ -1830,6 +1830,55 @@ def test_an_output_larger_than_the_free_disk_is_refused_where_nothing_can_be_res
     assert ladle.load(ladle.save({"a": torch.ones(3)}, tmp_path / out))["a"].tolist() == [1.0] * 3
 
 
+def test_containers_sharing_a_host_name_but_not_process_ids_have_tags_of_their_own(
+    tmp_path, monkeypatch
+):
+    # Containers with the host's network share its name, not its pids: a leftover of a writer
+    # running in another container carried this tag and a pid this namespace lacks, and the
+    # next write to the output deleted it mid-merge (found by a review for shared
+    # filesystems). The pid namespace now enters the tag.
+    import ladle.writer as writer
+
+    readlink = os.readlink
+    namespace = {"now": "pid:[4026532001]"}
+
+    def link(path, *args, **kwargs):
+        if str(path) == "/proc/self/ns/pid":
+            return namespace["now"]
+        return readlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "readlink", link)
+    theirs = writer._host_tag()
+    namespace["now"] = "pid:[4026532002]"
+    ours = writer._host_tag()
+    assert ours != theirs and len(ours) == len(theirs) == 8
+    out = tmp_path / "o.safetensors"
+    dead = next(pid for pid in range(writer._MAX_PID, 1, -1) if not writer._alive(pid))
+    running_elsewhere = tmp_path / f".o.safetensors.ladle-tmp-{dead}-{theirs}-x"
+    running_elsewhere.write_bytes(b"another container's merge")
+    ours_left = tmp_path / f".o.safetensors.ladle-tmp-{dead}-{ours}-x"  # a crash of ours
+    ours_left.write_bytes(b"left by a killed merge here")
+    ladle.save({"w": torch.ones(2)}, out)
+    assert running_elsewhere.read_bytes() == b"another container's merge"
+    assert not ours_left.exists()
+
+
+def test_an_output_deleted_while_checked_is_free(tmp_path, monkeypatch):
+    # On NFS a folder deleted by another client can still look present from cached
+    # attributes; reading it then finds it gone (FileNotFoundError), which counted as "taken":
+    # the merge refused an output that was free.
+    import ladle.writer as writer
+
+    out = tmp_path / "merged"
+    out.mkdir()
+
+    def gone(path):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(writer.os, "scandir", gone)
+    assert writer.output_taken(out) is False
+
+
 def test_an_output_exactly_as_large_as_the_free_disk_is_written(tmp_path, monkeypatch):
     # round 5 mutant V37
     import shutil as _shutil

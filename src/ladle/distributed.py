@@ -17,6 +17,7 @@ DTensor machinery is looked at only when it was imported by the caller.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import numbers
 import os
@@ -906,6 +907,10 @@ def merge(
         error = own = None
 
 
+GROUP_TIMEOUT = datetime.timedelta(hours=4)
+"""How long a rank of the group the CLI makes under ``torchrun`` waits in a collective."""
+
+
 @contextlib.contextmanager
 def _torchrun_group() -> Iterator[int]:
     """The process group of a ``torchrun`` launch (NCCL with CUDA, else gloo); yields the rank.
@@ -917,7 +922,9 @@ def _torchrun_group() -> Iterator[int]:
         return
     if torch.cuda.is_available():  # the GPU _take_device gives this rank (a process may see one)
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # Ranks that finish their share first wait in a collective for the slowest: longer than
+    # NCCL's default of 10 minutes (gloo's 30) where the storage is slower for some nodes.
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=GROUP_TIMEOUT)
     try:
         yield dist.get_rank()
     except BaseException as err:

@@ -172,6 +172,8 @@ def output_taken(out: str | os.PathLike) -> bool:
     try:
         with os.scandir(path) as entries:
             return any(True for _ in entries)
+    except FileNotFoundError:  # deleted meanwhile (or only just, by another NFS client)
+        return False
     except OSError:  # unreadable: not known to be empty
         return True
 
@@ -550,12 +552,20 @@ def _write_back(descriptor: int) -> None:
 
 
 def _host_tag() -> str:
-    """This host's tag in the names of temporary outputs: 8 hex digits of a hash of its name.
+    """This host's tag in the names of temporary outputs: 8 hex digits of a hash of its name
+    and, on Linux, of its process-id namespace.
 
     A process id names a process of its own host only; on a filesystem that several hosts
-    mount, the tag tells which host can judge whether the writer is still running.
+    mount, the tag tells which host can judge whether the writer is still running. Containers
+    on one host often share its name (host networking, or one ``--hostname`` for all) but
+    not its process ids: by name alone, one took another's running writer, whose pid its own
+    namespace lacks, for dead, and deleted its temporary output. The host's own namespace is
+    the same one across reboots, so a bare host's tag stays as it was.
     """
-    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+    name = socket.gethostname()
+    with contextlib.suppress(OSError):  # no /proc (macOS): the name alone
+        name += "\0" + os.readlink("/proc/self/ns/pid")
+    return hashlib.blake2b(name.encode(), digest_size=4).hexdigest()
 
 
 def _marked(path: Path, mark: str) -> Path:
