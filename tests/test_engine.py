@@ -415,7 +415,7 @@ def test_a_device_without_a_dtype_the_merge_needs_is_refused_before_any_read(mon
         "device: 'meta' holds no torch.float64 tensors, which 'w' needs (Cannot convert a MPS "
         "Tensor to float64 dtype); merge it on the CPU (device='cpu')"
     )
-    check_device_dtypes(torch.device("meta"), {torch.float32: "b"})  # it has that one
+    check_device_dtypes(torch.device("meta"), [(torch.float32, "b")])  # it has that one
 
 
 def test_models_whose_floating_tensors_are_all_empty_merge_in_any_float_dtype(tmp_path):

@@ -599,34 +599,42 @@ def float64_home(device: torch.device) -> torch.device:
         >>> float64_home(torch.device("cpu"))
         device(type='cpu')
     """
-    if device.type in ("cpu", "cuda"):
-        return device
-    try:
-        torch.empty(0, dtype=torch.float64, device=device)
-    except (TypeError, RuntimeError):
-        return torch.device("cpu")
-    return device
+    return device if _refusal(device, torch.float64) is None else torch.device("cpu")
 
 
-def check_device_dtypes(device: torch.device, dtypes: Mapping[torch.dtype, str]) -> None:
-    """A ``ValueError`` where ``device`` cannot hold one of ``dtypes`` (each with a key that
-    needs it), before any work: Apple's ``mps`` has no float64 (nor complex128, float8), and
-    torch refused them mid-merge with a ``TypeError`` of its own. The CPU and CUDA hold every
-    dtype ladle merges in, and are not asked.
+def check_device_dtypes(device: torch.device, needs: Iterable[tuple[torch.dtype, str]]) -> None:
+    """A ``ValueError`` where ``device`` cannot hold a dtype of ``needs`` (pairs of a dtype
+    and a key that needs it; the first key of each dtype is named), before any work: Apple's
+    ``mps`` has no float64 (nor complex128, float8), and torch refused them mid-merge with a
+    ``TypeError`` of its own. The CPU and CUDA hold every dtype ladle merges in: ``needs`` is
+    not even iterated there.
 
     Example:
-        >>> check_device_dtypes(torch.device("cpu"), {torch.float64: "w"})
+        >>> check_device_dtypes(torch.device("cpu"), [(torch.float64, "w")])
     """
     if device.type in ("cpu", "cuda"):
         return
-    for dtype, key in dtypes.items():
-        try:
-            torch.empty(0, dtype=dtype, device=device)
-        except (TypeError, RuntimeError) as err:
+    asked: set[torch.dtype] = set()
+    for dtype, key in needs:
+        err = None if dtype in asked else _refusal(device, dtype)
+        asked.add(dtype)
+        if err is not None:
             raise ValueError(
                 f"device: {str(device)!r} holds no {dtype} tensors, which {key!r} needs "
                 f"({one_line(err)}); merge it on the CPU (device='cpu')"
             ) from err
+
+
+def _refusal(device: torch.device, dtype: torch.dtype) -> Exception | None:
+    """torch's error making a tensor of ``dtype`` on ``device``, or ``None`` where it can: the
+    CPU and CUDA hold every dtype ladle merges in, and are not asked."""
+    if device.type in ("cpu", "cuda"):
+        return None
+    try:
+        torch.empty(0, dtype=dtype, device=device)
+    except (TypeError, RuntimeError) as err:
+        return err
+    return None
 
 
 def real_view(tensor: torch.Tensor) -> torch.Tensor:
@@ -1195,7 +1203,7 @@ def fold(
     for source in sources:  # rewritten since the pass before (a trainer saving over it)?
         source.check_unchanged()
     plan = _plan(reference, sources, keys, chunk_bytes, copy_others)
-    check_device_dtypes(device, {dtype: key for key, _, dtype, _ in plan if dtype is not None})
+    check_device_dtypes(device, ((dtype, key) for key, _, dtype, _ in plan if dtype is not None))
     threads = reading_threads(device) if readers is None else readers
     if threads < 1:
         raise ValueError(f"readers: expected a positive number of threads, found {threads}")
@@ -2270,7 +2278,7 @@ def merge(
         check_output_dtypes(reference, dtype, label=label)
         specs = output_specs(reference, dtype)
         # results are cast to the output dtypes on the device: before any pass
-        check_device_dtypes(target, {spec[1]: key for key, spec in specs.items()})
+        check_device_dtypes(target, ((spec[1], key) for key, spec in specs.items()))
         if out is not None:  # a dtype safetensors has no code for: before any pass
             check_storable(out, specs)
         part = _PARTITION.get()
