@@ -2153,3 +2153,33 @@ def test_a_reservation_failing_part_way_gives_back_what_it_got(tmp_path, monkeyp
     with pytest.raises(ladle.OutputError, match="cannot reserve"):
         ladle.save({"w": torch.ones(2**16)}, tmp_path / "o.safetensors")
     assert seen["blocks"] == 0
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_holding_only_the_finders_files_is_an_empty_output_folder(tmp_path, overwrite):
+    # `mkdir merged`, opened in macOS's Finder, holds a .DS_Store (and, on exFAT or SMB, its
+    # AppleDouble twin): without overwrite it was "already exists", with it "a folder
+    # without safetensors weights", so only deleting a hidden file let anything be written.
+    models = family(2, seed=6)
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / ".DS_Store").write_bytes(b"Bud1")
+    (out / "._.DS_Store").write_bytes(b"\x00\x05\x16\x07")
+    written = ladle.uniform_soup(models, out=out, overwrite=overwrite)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.safetensors"]
+    expected = (models[0]["layer.weight"] + models[1]["layer.weight"]) / 2
+    assert torch.equal(ladle.load(written)["layer.weight"], expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_folder_with_a_file_beside_the_finders_is_still_taken(tmp_path):
+    models = family(2, seed=6)
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / ".DS_Store").write_bytes(b"Bud1")
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ladle.LadleError, match="already exists"):
+        ladle.uniform_soup(models, out=out)
+    with pytest.raises(ladle.LadleError, match=r"without safetensors weights \(notes.txt\)"):
+        ladle.uniform_soup(models, out=out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [".DS_Store", "notes.txt"]

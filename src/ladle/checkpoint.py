@@ -1755,6 +1755,18 @@ def _preferred(names: list[str]) -> list[str]:
     return defaults if len(names) > 1 and len(defaults) == 1 else names
 
 
+def finder_metadata(name: str) -> bool:
+    """Whether ``name`` is a file macOS's Finder makes in the folders it shows, of no value
+    to anyone else: ``.DS_Store`` (the folder's view settings) and AppleDouble ``._*`` files
+    (a file's metadata, beside every file copied to a volume without extended attributes).
+
+    Example:
+        >>> [finder_metadata(n) for n in (".DS_Store", "._model.safetensors", "config.json")]
+        [True, True, False]
+    """
+    return name == ".DS_Store" or name.startswith("._")
+
+
 def weights_layout(names: Iterable[str]) -> tuple[str | None, list[str]]:
     """Which of a model folder's files (``names``) holds its weights, as a directory is read:
     the first there is of a safetensors shard index (the first by name), a single
@@ -1777,7 +1789,7 @@ def weights_layout(names: Iterable[str]) -> tuple[str | None, list[str]]:
         >>> weights_layout(["a.safetensors", "b.safetensors"])
         (None, ['a.safetensors', 'b.safetensors'])
     """
-    names = sorted(name for name in names if not name.startswith("._"))
+    names = sorted(name for name in names if not finder_metadata(name))
     if any(_is_default(name) for name in names):
         names = [name for name in names if not _VARIANT.fullmatch(name)]
     indexes = _preferred([name for name in names if name.endswith(".safetensors.index.json")])

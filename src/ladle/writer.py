@@ -36,6 +36,7 @@ from .checkpoint import (
     SAFETENSORS_DTYPES,
     TORCH_SUFFIXES,
     _some,
+    finder_metadata,
     not_a_dense_tensor,
     pread_into,
 )
@@ -154,7 +155,9 @@ def single_file(out: str | os.PathLike) -> bool:
 def output_taken(out: str | os.PathLike) -> bool:
     """Whether something stands at ``out`` that only ``overwrite`` may replace: anything but
     an empty directory where a directory output goes (``mkdir out`` first), which the output
-    replaces by a rename, as it replaces nothing.
+    replaces by a rename, as it replaces nothing. A directory holding only the Finder's
+    metadata (``.DS_Store``, once macOS showed it; see
+    :func:`~ladle.checkpoint.finder_metadata`) counts as empty: those files are deleted.
 
     Example:
         >>> import tempfile, pathlib
@@ -171,7 +174,7 @@ def output_taken(out: str | os.PathLike) -> bool:
         return True
     try:
         with os.scandir(path) as entries:
-            return any(True for _ in entries)
+            return any(not finder_metadata(entry.name) for entry in entries)
     except FileNotFoundError:  # deleted meanwhile (or only just, by another NFS client)
         return False
     except OSError:  # unreadable: not known to be empty
@@ -230,6 +233,7 @@ def _not_an_output(path: Path) -> str | None:
     except OSError as err:
         return f"is a folder that cannot be listed ({err.strerror or err})"
     # Empty: nothing to lose (also a replaced output emptied by its writer while listed).
+    names = [name for name in names if not finder_metadata(name)]
     if not names or any(
         name.endswith((".safetensors", ".safetensors.index.json")) for name in names
     ):
@@ -671,6 +675,7 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
         if output_taken(out):  # a symbolic link, even a dangling one, counts as there
             raise LadleError(appeared)
         try:  # replaces an empty directory too; fails if anything else appeared meanwhile
+            _clear_finder_metadata(out)
             os.replace(temp, out)
         except OSError as err:
             if err.errno in _TAKEN:
@@ -714,6 +719,16 @@ def rename_into_place(temp: Path, out: Path, *, overwrite: bool) -> None:
                 )
         return
     raise LadleError(f"{out}: other writers kept replacing it; the result is left unwritten")
+
+
+def _clear_finder_metadata(folder: Path) -> None:
+    """Delete the Finder's files (see :func:`~ladle.checkpoint.finder_metadata`) from
+    ``folder``, if it is one, so that a rename may replace it (only an empty one can be)."""
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if finder_metadata(entry.name) and not entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 def _put_back(old: Path, out: Path) -> None:
