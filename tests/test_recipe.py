@@ -678,6 +678,12 @@ def test_the_recipe_device_applies_to_every_step_and_the_device_argument_overrid
         recipe = write(folder, text)
         assert load_recipe(recipe).device == "cuda:99"
         assert run_recipe(recipe, device="cpu") == {name: folder / out}
+        # Without the override, the error says the device is the recipe's, and how to choose
+        # another (it read "device: 'cuda:99', but ...", as if the caller had passed it).
+        with pytest.raises(ValueError) as caught:
+            run_recipe(recipe)
+        assert str(caught.value).startswith(f"{recipe}: device: 'cuda:99', but ")
+        assert str(caught.value).endswith("; device= (--device) runs the recipe on another")
 
 
 def test_a_greedy_soup_step_kept_in_memory_feeds_its_state_dict_to_a_later_step(folder):

@@ -809,7 +809,15 @@ def run_recipe(
     def where(step: Step) -> str:
         return "recipe" if checked.single else f"steps.{step.name}"
 
-    resolve_device(device if device is not None else checked.device)  # a bad one fails now
+    try:  # a bad device fails now
+        resolve_device(device if device is not None else checked.device)
+    except ValueError as err:
+        if device is not None:
+            raise
+        # The recipe's own: the caller may not know it is set there, nor how to choose another.
+        raise ValueError(
+            f"{checked.path}: {err}; device= (--device) runs the recipe on another"
+        ) from None
     for step in checked.steps:  # none is written if one cannot be
         if step.output is not None:
             try:
