@@ -2871,3 +2871,85 @@ def test_a_refused_sharded_folder_leaves_no_shard_mapped(tmp_path):
     assert caught.value.__traceback__ is not None  # the error, and its frames, still held
     with open("/proc/self/maps") as maps:
         assert [line for line in maps if str(folder) in line] == []
+
+
+def _held_in_a_thread(message: str):
+    """A thread inside ``_ignoring(message)`` until the returned event is set."""
+    import threading
+
+    from ladle.checkpoint import _ignoring
+
+    entered, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _ignoring(message):
+            entered.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert entered.wait(10)
+    return thread, done
+
+
+def test_a_torch_file_read_in_a_thread_keeps_the_filters_other_threads_set_meanwhile():
+    # ladle ignores torch's "Detected pickle protocol" note while it loads; catch_warnings
+    # put back, when the load ended, the filters it found when it began: a training
+    # program's thread that set its own meanwhile lost them.
+    with warnings.catch_warnings():  # this test's filters back at its end
+        thread, done = _held_in_a_thread("Detected pickle protocol")
+        warnings.filterwarnings("ignore", message="the program's own")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn("Detected pickle protocol 3 in the checkpoint", stacklevel=1)
+        assert caught == []  # ignored while the load runs
+        done.set()
+        thread.join()
+        warnings.warn("the program's own warning", stacklevel=1)  # ignored still: no error
+        with pytest.warns(UserWarning, match="Detected pickle protocol"):  # ours is gone
+            warnings.warn("Detected pickle protocol 3 in the checkpoint", stacklevel=1)
+
+
+def test_overlapping_loads_ignore_torchs_note_until_the_last_is_done():
+    from ladle.checkpoint import _ignoring
+
+    with warnings.catch_warnings():
+        before = list(warnings.filters)
+        first, second = _ignoring("Detected pickle"), _ignoring("Detected pickle")
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        warnings.warn("Detected pickle protocol 3", stacklevel=1)  # still ignored: no error
+        second.__exit__(None, None, None)
+        assert warnings.filters == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_child_forked_while_a_thread_loads_a_torch_file_loads_torch_files(tmp_path):
+    # ladle held a lock for a whole torch.load; a child forked meanwhile (a DataLoader
+    # worker) inherited it held by a thread it does not have, and hung at its first load.
+    import time
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "m.pt")
+    thread, done = _held_in_a_thread("Detected pickle protocol")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 3
+            try:
+                torch.set_num_threads(1)
+                code = 0 if ladle.load(tmp_path / "m.pt")["w"].tolist() == [1.0, 1.0] else 1
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 30
+        while (ended := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung loading a torch file")
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(ended[1]) == 0
+    finally:
+        done.set()
+        thread.join()

@@ -1170,10 +1170,15 @@ def rank_1(monkeypatch):
 
 
 def test_under_torchrun_only_rank_0_pushes_the_output(tmp_path, monkeypatch, rank_1):
+    from huggingface_hub import constants
+
     import ladle.hub
 
     rank_1(lambda method, models, **kwargs: kwargs["out"])
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    # As huggingface_hub read it when first imported (by a test that set it, when this file
+    # runs alone, or in the caller's environment).
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     pushed = []
     monkeypatch.setattr(ladle.hub, "push_to_hub", lambda *args: pushed.append(args) or "url")
     assert main(["soup", "a", "b", "-o", str(tmp_path / "o"), "--push-to-hub", "me/m"]) == 0

@@ -1151,10 +1151,10 @@ def test_a_merge_without_preparation_shows_one_bar():
     assert [bar.desc for bar in _Bar.made] == ["merging"]
 
 
-def test_merges_overlapping_in_threads_give_torch_its_thread_count_back():
-    # Each merge with threads of its own lowers torch's (process-wide) count while it runs;
-    # two overlapping in two threads, each restoring the count it found, left the process
-    # with fewer threads once both were done.
+def test_merges_overlapping_in_one_thread_give_torch_its_thread_count_back():
+    # Each merge with threads of its own lowers torch's count while it runs; two overlapping
+    # (generators taken in turns), each restoring the count it found, left fewer threads once
+    # both were done.
     from ladle.engine import _threads_beside_readers
 
     original = torch.get_num_threads()
@@ -1171,6 +1171,47 @@ def test_merges_overlapping_in_threads_give_torch_its_thread_count_back():
         second.__exit__(None, None, None)
         assert torch.get_num_threads() == 4
     finally:
+        torch.set_num_threads(original)
+
+
+@pytest.mark.skipif(
+    "parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+    reason="torch's thread count is each thread's own with its OpenMP backend alone",
+)
+def test_a_merge_in_another_thread_leaves_this_threads_count_as_it_was():
+    # With OpenMP (torch's own builds) set_num_threads sets the calling thread's count. The
+    # count was kept as the process's: a training thread's merge that ended while another
+    # thread's ran left the training thread one thread short for good.
+    import threading
+
+    from ladle.engine import _threads_beside_readers
+
+    cpu = torch.device("cpu")
+    original = torch.get_num_threads()
+    torch.set_num_threads(4)
+    entered, done = threading.Event(), threading.Event()
+    seen = []
+
+    def other() -> None:
+        with _threads_beside_readers(cpu, 1):
+            entered.set()
+            assert done.wait(10)
+        seen.append(torch.get_num_threads())
+
+    try:
+        with _threads_beside_readers(cpu, 1):
+            assert torch.get_num_threads() == 3
+            thread = threading.Thread(target=other)
+            thread.start()
+            assert entered.wait(10)
+            assert torch.get_num_threads() == 3  # the other thread's took nothing off ours
+        assert torch.get_num_threads() == 4
+        done.set()
+        thread.join()
+        assert seen == [3]  # it began with the count this thread had just set: its own back
+        assert torch.get_num_threads() == 4
+    finally:
+        done.set()
         torch.set_num_threads(original)
 
 

@@ -18,6 +18,7 @@ import pickle
 import pickletools
 import re
 import struct
+import sys
 import threading
 import warnings
 import zipfile
@@ -1084,21 +1085,38 @@ def _not_a_torch_file(file: Path) -> str | None:
     return None
 
 
-_WARNING_FILTERS = threading.RLock()
-"""Held while ladle changes the warning filters (:func:`_ignoring`). ``catch_warnings``
-saves them on entry and puts them back on exit for the whole process, not one thread (before
-Python 3.14): threads loading torch files at once (the engine's readers, a user's threads)
-put back each other's changes, and an "ignore" of one was left in place for good."""
+_WARNING_FILTERS = threading.Lock()
+_IGNORED: dict[str, int] = {}
+"""How many of ladle's reads running now ignore each message (:func:`_ignoring`)."""
 
 
 @contextlib.contextmanager
 def _ignoring(message: str) -> Iterator[None]:
     """Inside, warnings whose text begins with a match of ``message`` (a regular expression)
-    are ignored; one thread at a time (:data:`_WARNING_FILTERS`), so the filters are as they
-    were once every thread is out."""
-    with _WARNING_FILTERS, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=message)
+    are ignored. Before Python 3.14's context-aware warnings the filters are the process's,
+    not a thread's: the first read to ask adds one filter and the last to finish removes it,
+    leaving the others as they are. ``catch_warnings`` put back on exit the filters it found
+    on entry, undoing those a program's other threads set meanwhile, and its lock, held for
+    a whole load, hung a child forked meanwhile at its first load of a torch file."""
+    if getattr(sys.flags, "context_aware_warnings", False):  # a thread's or task's own
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=message)
+            yield
+        return
+    with _WARNING_FILTERS:
+        if message not in _IGNORED:
+            warnings.filterwarnings("ignore", message=message)
+        _IGNORED[message] = _IGNORED.get(message, 0) + 1
+    try:
         yield
+    finally:
+        with _WARNING_FILTERS:
+            _IGNORED[message] -= 1
+            if not _IGNORED[message]:
+                del _IGNORED[message]
+                ours = ("ignore", re.compile(message, re.I), Warning, None, 0)  # as added
+                with contextlib.suppress(ValueError):  # gone: resetwarnings() meanwhile
+                    warnings.filters.remove(ours)  # type: ignore[attr-defined]
 
 
 def load_torch_file(file: Path) -> dict[str, torch.Tensor]:

@@ -157,7 +157,9 @@ class Kernel(NamedTuple):
     Inputs are borrowed: never modify them in place, and do not keep ``x_i`` past its
     ``update`` nor ``base`` past ``finalize`` (the engine reuses their memory for the next
     reads); accumulate into tensors the state owns. The engine writes or copies each result
-    before the next ``init``, so a kernel may reuse its own buffers (see :class:`Scratch`).
+    before the next ``init``, so a kernel may reuse its own buffers (see :class:`Scratch`):
+    a kernel serves one merge at a time; merges running at once (in threads) each need their
+    own, as the methods make one per call.
 
     ``propagates_nonfinite`` (see the field) lets the engine check results, not inputs, for
     NaN/Inf.
@@ -1294,35 +1296,59 @@ def reading_threads(device: torch.device) -> int:
     return max(1, min(READERS, (os.cpu_count() or 1) - 1))
 
 
+class _Beside:
+    """Threads that the merges running now asked torch to leave free
+    (:func:`_threads_beside_readers`), and torch's count before the first of them began."""
+
+    def __init__(self) -> None:
+        self.busy = 0
+        self.before = 0
+
+
+class _ThreadBeside(threading.local, _Beside):
+    """:class:`_Beside` of each thread: the merges running now in it."""
+
+
 _BESIDE_LOCK = threading.Lock()
-_BESIDE = {"busy": 0, "before": 0}
-"""Threads that merges running now asked torch to leave free (:func:`_threads_beside_readers`)
-and torch's count before the first of them: merges in several threads of one process
-overlap, and each restoring the count it found would leave the process with fewer threads."""
+_BESIDE: list[_Beside] = []
+
+
+def _beside() -> _Beside:
+    """Where :func:`_threads_beside_readers` counts: each thread's own where torch's thread
+    count is the thread's (its OpenMP backend, as in torch's own builds: ``set_num_threads``
+    sets the calling thread's count, and the one a thread takes when it first runs torch
+    work), else one for the process (the native thread pool, whose count all threads share).
+    """
+    with _BESIDE_LOCK:
+        if not _BESIDE:
+            per_thread = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+            _BESIDE.append(_ThreadBeside() if per_thread else _Beside())
+        return _BESIDE[0]
 
 
 @contextlib.contextmanager
 def _threads_beside_readers(device: torch.device, readers: int) -> Iterator[None]:
     """On the CPU, torch's intra-op threads fewer by ``readers`` (at least one) while reading
     threads run: a thread per core, not a reader fighting a team of torch threads for a core
-    (on 2 cores that fight made the soup 30% slower than computing on one thread). The count
-    is torch's, for the whole process: other threads that start torch work meanwhile get it
-    too. Merges running at once in several threads each take their readers off the count
-    torch had before the first began, which comes back when the last ends."""
+    (on 2 cores that fight made the soup 30% slower than computing on one thread). Merges
+    overlapping in one count (the thread's, or the process's: see :func:`_beside`) each take
+    their readers off the count it had before the first began, which comes back when the
+    last ends, whatever the order they end in."""
     if device.type != "cpu":
         yield
         return
+    state = _beside()
     with _BESIDE_LOCK:
-        if _BESIDE["busy"] == 0:
-            _BESIDE["before"] = torch.get_num_threads()
-        _BESIDE["busy"] += readers
-        torch.set_num_threads(max(1, _BESIDE["before"] - _BESIDE["busy"]))
+        if state.busy == 0:
+            state.before = torch.get_num_threads()
+        state.busy += readers
+        torch.set_num_threads(max(1, state.before - state.busy))
     try:
         yield
     finally:
         with _BESIDE_LOCK:
-            _BESIDE["busy"] -= readers
-            torch.set_num_threads(max(1, _BESIDE["before"] - _BESIDE["busy"]))
+            state.busy -= readers
+            torch.set_num_threads(max(1, state.before - state.busy))
 
 
 def _check_result(
