@@ -2617,3 +2617,57 @@ def test_a_number_given_as_a_tensor_on_the_meta_device_is_a_type_error_naming_it
         assert str(info.value) == f"{name}: expected a number, found a tensor on the meta device"
     with pytest.raises(ValueError, match=r"^evaluate: returned tensor\(\.\.\., device='meta'"):
         ladle.greedy_soup([a, b], lambda sd: meta)
+
+
+class _InterruptedBar:
+    """A progress bar whose second update is a Ctrl-C."""
+
+    def __init__(self, total: int, unit: str, desc: str, **_: object) -> None:
+        self.updates = 0
+
+    def update(self, n: int) -> None:
+        self.updates += 1
+        if self.updates == 2:
+            raise KeyboardInterrupt
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
+@pytest.mark.parametrize(
+    ("method", "error"),
+    [("uniform_soup", ladle.NonFiniteError), ("ties", KeyboardInterrupt), ("diff", None)],
+)
+def test_an_error_kept_after_a_failed_merge_holds_no_input_open(tmp_path, method, error):
+    # The chunks ladle's frames held when it failed are views of the inputs' memory maps:
+    # as long as the exception lived (kept by a training loop, a notebook, pytest.raises),
+    # every such input stayed mapped and its file open.
+    import traceback
+
+    paths = []
+    for i in range(3):
+        model = {f"k{j}": torch.randn(64, 256) for j in range(3)}
+        if i == 2:
+            model["k1"][5, 5] = math.nan
+        save_file(model, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    calls = {
+        "uniform_soup": lambda: ladle.uniform_soup(paths, device="cpu"),
+        "ties": lambda: ladle.ties(
+            paths[:2], paths[0], device="cpu", progress=_InterruptedBar, chunk_bytes=2**14
+        ),
+        "diff": lambda: ladle.diff(paths[0], paths[2], device="cpu"),
+    }
+    with pytest.raises(error or ladle.NonFiniteError) as caught:
+        calls[method]()
+    opened = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own, closed since
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            opened += [link] if str(tmp_path) in link else []
+    with open("/proc/self/maps") as maps:
+        mapped = [line.split()[-1] for line in maps if str(tmp_path) in line]
+    assert (opened, mapped) == ([], [])
+    shown = "".join(traceback.format_exception(caught.value))
+    assert "engine.py" in shown  # the traceback still says where it failed

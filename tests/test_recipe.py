@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -1153,3 +1154,48 @@ def test_a_module_imported_before_without_a_file_is_not_taken_for_one_in_the_fol
     monkeypatch.setitem(__import__("sys").modules, "evals_stale", stale)
     with pytest.raises(ValueError, match=r"already imported from None, not from .*evals_stale\.py"):
         load_callable("evals_stale:score", folder=tmp_path)
+
+
+def test_functions_imported_in_two_threads_at_once_import_modules_beside_them(
+    tmp_path, monkeypatch
+):
+    # Each import put the file's folder on sys.path and took it off after. One that found it
+    # there already (another thread's import running) took it as staying; the other, done
+    # first, took it off, and the first file's import of a module beside it failed.
+    import threading
+    import types
+
+    from ladle.recipe import load_callable
+
+    events = types.SimpleNamespace(
+        a_in=threading.Event(), b_in=threading.Event(), a_done=threading.Event()
+    )
+    monkeypatch.setitem(sys.modules, "_ladle_test_events", events)
+    (tmp_path / "a.py").write_text(
+        "import _ladle_test_events as ev\nev.a_in.set()\nev.b_in.wait(1)\n"
+        "def f(sd):\n    return 1.0\n"
+    )
+    (tmp_path / "b.py").write_text(
+        "import _ladle_test_events as ev\nev.b_in.set()\nev.a_done.wait(10)\n"
+        "import helper_beside_b\ndef f(sd):\n    return helper_beside_b.VALUE\n"
+    )
+    (tmp_path / "helper_beside_b.py").write_text("VALUE = 2.0\n")
+    found = {}
+
+    def load(name: str) -> None:
+        try:
+            found[name] = load_callable(f"{name}.py:f", folder=tmp_path)({})
+        except ValueError as err:
+            found[name] = str(err)
+
+    a = threading.Thread(target=load, args=("a",))
+    a.start()
+    assert events.a_in.wait(10)
+    b = threading.Thread(target=load, args=("b",))
+    b.start()
+    a.join()
+    events.a_done.set()
+    b.join()
+    sys.modules.pop("helper_beside_b", None)
+    assert found == {"a": 1.0, "b": 2.0}
+    assert str(tmp_path) not in sys.path

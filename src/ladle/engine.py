@@ -1079,7 +1079,9 @@ def check_numbers(name: str, values: object, count: int, each: str) -> list[floa
 def open_models(
     models: Sequence[StateDictLike], base: StateDictLike | None, stack: ExitStack
 ) -> tuple[list[Checkpoint], Checkpoint | None]:
-    """Open every source, closing on ``stack`` those that this call opened.
+    """Open every source, closing on ``stack`` those that this call opened. Where ``stack``
+    closes on an exception, ladle's frames in its traceback then forget their variables
+    (:func:`_forget_views`).
 
     Example:
         >>> import contextlib, torch
@@ -1093,6 +1095,7 @@ def open_models(
         check_source(f"model {index}", source)
     if base is not None:
         check_source("base", base)
+    stack.push(_forget_views)  # first in: runs once the inputs are closed
 
     def opened(source: StateDictLike, which: str) -> Checkpoint:
         try:
@@ -1115,6 +1118,24 @@ def open_models(
     if tied:
         opened_models = [m if m is reference else second_names(m, tied) for m in opened_models]
     return opened_models, opened_base
+
+
+def _forget_views(_: object, error: BaseException | None, __: object) -> None:
+    """Clear the variables of ladle's frames that ``error``'s traceback (and its causes')
+    keeps: chunks they held are views of the inputs' memory maps, which kept every input
+    mapped and its file open as long as the exception lived (a training loop keeping its
+    last error, a notebook its last traceback). The frames still say where it failed.
+    Frames still running (the caller's) are left as they are."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        trace = error.__traceback__
+        while trace is not None:
+            if str(trace.tb_frame.f_globals.get("__name__")).partition(".")[0] == "ladle":
+                with contextlib.suppress(RuntimeError):  # "cannot clear an executing frame"
+                    trace.tb_frame.clear()
+            trace = trace.tb_next
+        error = error.__cause__ or error.__context__
 
 
 def _bar(progress: Any, total: int, desc: str = "merging", unit: str = "B") -> Any:

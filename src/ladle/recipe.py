@@ -18,6 +18,7 @@ import inspect
 import os
 import re
 import sys
+import threading
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -587,13 +588,14 @@ def load_callable(reference: str, *, folder: str | os.PathLike | None = None) ->
         )
     here = Path(folder) if folder is not None else Path.cwd()
     try:
-        if module_name.endswith(".py"):
-            module = _import_file(here / os.path.expanduser(module_name))
-        else:
-            folders = [str(here), os.getcwd()]
-            _check_not_imported_elsewhere(module_name, folders)
-            with _searched(folders):
-                module = importlib.import_module(module_name)
+        with _IMPORTING:  # sys.path and the files' modules are the process's
+            if module_name.endswith(".py"):
+                module = _import_file(here / os.path.expanduser(module_name))
+            else:
+                folders = [str(here), os.getcwd()]
+                _check_not_imported_elsewhere(module_name, folders)
+                with _searched(folders):
+                    module = importlib.import_module(module_name)
     except Exception as err:  # the user's module may raise anything while importing
         raise ValueError(f"cannot import {reference!r}: {type(err).__name__}: {err}") from err
     target: Any = module
@@ -643,6 +645,14 @@ def reported(evaluate: Callable[..., Any], label: str) -> Callable[..., Any]:
             raise LadleError(f"{label}: raised {type(err).__name__}: {err}") from err
 
     return call
+
+
+_IMPORTING = threading.RLock()
+"""Held by :func:`load_callable` while it imports. Imports in several threads at once (two
+recipes run by one program) each put their folders on ``sys.path`` and took them off: one
+that found a folder there already took it as staying, and its module's imports of modules
+beside it failed once the other was done; one found a file's module registered but not yet
+run, without the function it names."""
 
 
 @contextlib.contextmanager
