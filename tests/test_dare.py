@@ -207,6 +207,31 @@ def test_consecutive_parts_draw_each_block_once_with_a_kept_block(monkeypatch, s
     assert torch.equal(other, uniform_numbers(1, 2, "v", numel=numel, start=step, count=5))
 
 
+@pytest.mark.parametrize("step", [1000, BLOCK // 3, BLOCK + 1])
+def test_parts_drawn_into_reused_memory_are_the_numbers_drawn_afresh(step):
+    # A merge with chunks smaller than a block reuses a model's spent block and its chunks'
+    # buffers (fresh ones, made on reading threads and freed on the merging one, grew the
+    # heap of a long merge by hundreds of MiB): the numbers stay the same.
+    numel = 3 * BLOCK + 5
+    whole = uniform_numbers(1, 2, "w", numel=numel, start=0, count=numel)
+    kept: dict = {}
+    spares: dict = {}
+    out = torch.full((step,), -1.0)
+    parts, blocks = [], set()
+    for start in range(0, numel, step):
+        count = min(step, numel - start)
+        part = uniform_numbers(
+            1, 2, "w", numel=numel, start=start, count=count, kept=kept, spares=spares, out=out
+        )
+        assert part.data_ptr() == out.data_ptr()  # the numbers lie in ``out``
+        parts.append(part.clone())
+        held = [*(b for blocks in spares.values() for b in blocks), *(b for _, b in kept.values())]
+        blocks |= {block.untyped_storage().data_ptr() for block in held}
+    assert torch.equal(torch.cat(parts), whole)
+    if step < BLOCK:  # blocks used in part: two blocks' memory served all four
+        assert len(blocks) == 2
+
+
 def test_a_block_draws_only_the_numbers_of_its_own_entries(monkeypatch):
     # L = min(BLOCK, numel − b·BLOCK) numbers per block (the module docs): a small tensor, or
     # the last block of a large one, draws its own entries' numbers, not a block's 2**20.

@@ -1838,7 +1838,10 @@ def _reads(
             return _Chunk(moved, None, copied)
         if _shares(chunk, buffer):  # read straight into the pool
             ready, held = chunk, buffer
-        elif _shares(chunk, raw):  # read, then converted into the pool
+        elif _shares(chunk, raw) or (chunk.device == buffer.device and chunk.dtype != dtype):
+            # Read, then converted into the pool; or a tensor in memory (a torch file's map)
+            # converted there: a fresh copy per chunk, freed between allocations kept longer
+            # (TIES's records of ties), grew the heap of a long merge by hundreds of MiB.
             ready, held = buffer.view(dtype)[: chunk.numel()].view(chunk.shape), buffer
             ready.copy_(chunk)
         else:  # a tensor in memory already (on whichever device its source holds it)

@@ -161,15 +161,23 @@ def uniform_numbers(
     count: int,
     threads: Executor | None = None,
     kept: dict[int, tuple[tuple[int, str, int, int], torch.Tensor]] | None = None,
+    spares: dict[int, list[torch.Tensor]] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The uniform numbers in [0, 1) that decide entries ``start .. start+count`` of flattened
-    tensor ``key`` (of ``numel`` entries) of model ``index``: a flat float32 CPU tensor.
+    tensor ``key`` (of ``numel`` entries) of model ``index``: a flat float32 CPU tensor, the
+    first ``count`` entries of ``out`` where given (a flat float32 CPU tensor at least that
+    long, which a caller drawing chunk after chunk reuses: fresh ones, freed on another
+    thread than the one that made them, grew the heap of a long merge by hundreds of MiB).
 
     With ``threads``, the blocks are drawn on them at once (each block has its own
     generator, and a CPU generator draws on one core): the same numbers, sooner. With
     ``kept`` (a dict owned by the caller), a block of which only a part was asked for is
     kept there for model ``index`` (one block per model, 4 MiB), so that asking for the
     next entries does not draw it again: chunks smaller than a block draw each block once.
+    With ``spares`` too (another dict of the caller's), blocks a model no longer needs are
+    kept there and their memory reused for the model's next blocks: two blocks per model at
+    most, kept and spare together.
 
     Example:
         >>> from ladle.methods.dare import uniform_numbers
@@ -178,7 +186,8 @@ def uniform_numbers(
         >>> bool((part == whole[4:7]).all()), bool(((0 <= whole) & (whole < 1)).all())
         (True, True)
     """
-    numbers = torch.empty(count, dtype=torch.float32, device="cpu")  # whatever torch's defaults
+    # Float32 on the CPU, whatever torch's defaults.
+    numbers = torch.empty(count, dtype=torch.float32, device="cpu") if out is None else out[:count]
     stop = start + count
 
     held = kept.get(index) if kept is not None else None
@@ -198,7 +207,12 @@ def uniform_numbers(
                     size, generator=seeded, device="cpu", out=numbers[low - start : high - start]
                 )
                 return
-            drawn = torch.rand(size, generator=seeded, dtype=torch.float32, device="cpu")
+            spare = _pop(spares.get(index, [])) if spares is not None else None
+            if spare is not None:  # a whole block's memory: this one's first ``size`` entries
+                drawn = spare
+                torch.rand(size, generator=seeded, device="cpu", out=spare[:size])
+            else:
+                drawn = torch.rand(size, generator=seeded, dtype=torch.float32, device="cpu")
         numbers[low - start : high - start] = drawn[low - first : high - first]
         partial[block] = drawn
 
@@ -208,11 +222,27 @@ def uniform_numbers(
     else:
         for block in blocks:
             draw(block)
-    if kept is not None and blocks and blocks[-1] in partial:  # the next chunk starts there
-        kept[index] = ((seed, key, numel, blocks[-1]), partial[blocks[-1]])
-    elif kept is not None:
+    if kept is None:
+        return numbers
+    now = partial.get(blocks[-1]) if blocks else None  # the next chunk starts there
+    if now is not None:
+        kept[index] = ((seed, key, numel, blocks[-1]), now)
+    else:
         kept.pop(index, None)
+    if spares is not None:  # fresh blocks, freed between allocations kept, grew the heap
+        keep = spares.setdefault(index, [])
+        for spent in {id(b): b for b in [*partial.values(), *([held[1]] if held else [])]}.values():
+            if spent is not now and spent.numel() == BLOCK and len(keep) + (now is not None) < 2:
+                keep.append(spent)
     return numbers
+
+
+def _pop(blocks: list[torch.Tensor]) -> torch.Tensor | None:
+    """The last of ``blocks``, taken out (``list.pop`` is atomic: drawing threads share it)."""
+    try:
+        return blocks.pop()
+    except IndexError:
+        return None
 
 
 def keep_mask(
@@ -251,11 +281,17 @@ def _dropper(
     the arithmetic. One chunk's numbers more are held (float32, a chunk's entries)."""
 
     kept: dict[int, tuple[tuple[int, str, int, int], torch.Tensor]] = {}  # per model: a block
+    spares: dict[int, list[torch.Tensor]] = {}  # per model: blocks' memory to draw the next in
     threshold = keep_below(density)
-    waiting: list[tuple[tuple[str, int, int, int], Future[torch.Tensor]]] = []
+    waiting: list[tuple[tuple[str, int, int, int], int, Future[torch.Tensor]]] = []
+    # The numbers of the chunk being dropped and of the next model's, drawn ahead: two
+    # buffers, taken in turns, as long as the longest chunk.
+    ring = [torch.empty(0, dtype=torch.float32, device="cpu") for _ in range(2)]
 
     def numbers(key: str, start: int, count: int, index: int) -> torch.Tensor:
-        def draw(index: int) -> torch.Tensor:
+        def draw(index: int, slot: int) -> torch.Tensor:
+            if ring[slot].numel() < count:
+                ring[slot] = torch.empty(count, dtype=torch.float32, device="cpu")
             return uniform_numbers(
                 seed,
                 index,
@@ -265,19 +301,22 @@ def _dropper(
                 count=count,
                 threads=threads,
                 kept=kept,
+                spares=spares,
+                out=ring[slot],
             )
 
-        drawn = None
+        drawn, slot = None, 0
         if waiting:
-            ((wanted, future),) = waiting
+            ((wanted, ahead_slot, future),) = waiting
             waiting.clear()
             ahead_of_time = future.result()  # also when not these: two draws would share kept
             if wanted == (key, start, count, index):
-                drawn = ahead_of_time
+                drawn, slot = ahead_of_time, ahead_slot
         if drawn is None:
-            drawn = draw(index)
-        if index + 1 < models:
-            waiting.append(((key, start, count, index + 1), ahead.submit(draw, index + 1)))
+            drawn = draw(index, slot)
+        if index + 1 < models:  # into the other buffer: this one is used until the next call
+            following = (key, start, count, index + 1)
+            waiting.append((following, 1 - slot, ahead.submit(draw, index + 1, 1 - slot)))
         return drawn
 
     def drop(

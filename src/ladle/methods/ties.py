@@ -665,8 +665,10 @@ class SignElection:
     two additions per model, against two comparisons and two additions for the positive and
     negative counts themselves: about 5% of the election's time), exact integers from which
     the counts of positive and negative entries follow once every model is in. The six
-    tensors come from ``buffers`` (six :class:`Scratch`, reused from chunk to chunk: fresh
-    memory costs page faults), or are new when it is ``None``.
+    tensors, and the mask :meth:`ties` finds, come from ``buffers`` (seven :class:`Scratch`,
+    reused from chunk to chunk: fresh memory costs page faults, and a fresh mask per chunk
+    between the small tie records kept to the end grew the heap of a long merge by tens of
+    MiB), or are new when it is ``None``.
 
     Example (the third entry's election is a tie, ``3 − 3 = 0``, which the majority breaks):
         >>> import torch
@@ -685,10 +687,12 @@ class SignElection:
         self, key: str, rows: slice, base: torch.Tensor, buffers: Sequence[Scratch] | None = None
     ) -> None:
         self.key, self.rows, self.base = key, rows, base
+        given = list(buffers) if buffers is not None else [None] * 7
         tensors = [
             torch.empty_like(base) if b is None else b.take(base.shape, base.dtype, base.device)
-            for b in (buffers if buffers is not None else [None] * 6)
+            for b in given[:6]
         ]
+        self._masks = given[6] if len(given) > 6 else None
         # signs: Σᵢ sign(τᵢ), then the positive count; nonzero: Σᵢ sign(τᵢ)², then the negative
         self.tau, self.scratch, self.pos_sum, self.neg_sum, self._signs, self._nonzero = tensors
         self._empty = True
@@ -739,8 +743,10 @@ class SignElection:
         (``Σᵢ τᵢ = 0`` while some ``τᵢ ≠ 0``): those the majority decides. Before ``merged``."""
         # A float mask (in scratch): zero mass times a positive count of positive values;
         # float comparisons are several times faster than bool ones.
-        tied = torch.eq(self._mass(), 0, out=self.scratch).mul_(self.counts()[0])
-        return _flat_nonzero(tied.flatten().bool())
+        tied = torch.eq(self._mass(), 0, out=self.scratch).mul_(self.counts()[0]).flatten()
+        masks = self._masks
+        mask = None if masks is None else masks.take(tied.shape, torch.bool, tied.device)
+        return _flat_nonzero(torch.ne(tied, 0, out=mask))
 
     def tie_values(self, index: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``base + scale·mean`` at flat ``index`` for a positive, then a negative majority:
@@ -787,7 +793,7 @@ def election_kernel(delta: Delta, finish: Callable[[SignElection], torch.Tensor]
         {'w': tensor([2., 3., 3.])}
     """
 
-    buffers = [Scratch() for _ in range(6)]  # the engine copies a result before the next init
+    buffers = [Scratch() for _ in range(7)]  # the engine copies a result before the next init
 
     def init(key: str, rows: slice, base: torch.Tensor | None) -> SignElection:
         assert base is not None  # task-vector methods always merge against a base
