@@ -2953,3 +2953,44 @@ def test_a_child_forked_while_a_thread_loads_a_torch_file_loads_torch_files(tmp_
     finally:
         done.set()
         thread.join()
+
+
+_FEW_FILES = """
+import glob, resource, sys, torch, ladle
+soft, hard = int(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+models = sorted(glob.glob(sys.argv[1] + "/m*"))
+try:
+    merged = ladle.uniform_soup(models, device="cpu")
+except ladle.CheckpointError as err:
+    print("error:", err)
+else:
+    expected = ladle.uniform_soup([ladle.load(m) for m in models], device="cpu")
+    same = all(torch.equal(merged[k], expected[k]) for k in expected)
+    print("merged", same, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="no RLIMIT_NOFILE")
+def test_a_merge_of_more_files_than_the_soft_limit_of_open_files_raises_it(tmp_path):
+    # Two descriptors per input file (the file and its map): 20 models of 5 shards need 200,
+    # past a soft limit of 64 (macOS's default is 256). The merge raises it, as any process
+    # may up to the hard limit; past that, the error says why, not "No such file" (what
+    # safetensors says where no file can be opened) nor a bare "Too many open files".
+    gen = torch.Generator().manual_seed(3)
+    for i in range(20):
+        model = {f"layer{j}.w": torch.randn(32, 32, generator=gen) for j in range(5)}
+        ladle.save(model, tmp_path / f"m{i:02d}", max_shard_size=5000)
+    assert len(list((tmp_path / "m00").glob("*.safetensors"))) == 5
+
+    def child(soft: int, hard: int) -> str:
+        argv = [sys.executable, "-c", _FEW_FILES, str(tmp_path), str(soft), str(hard)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert child(64, 4096) == "merged True 4096"
+    said = child(64, 64)
+    assert said.startswith("error: ") and "cannot open (Too many open files: " in said
+    assert "this process may open 64 files at once" in said and "ulimit -n" in said

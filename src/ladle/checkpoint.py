@@ -17,6 +17,7 @@ import os
 import pickle
 import pickletools
 import re
+import resource
 import struct
 import sys
 import threading
@@ -26,7 +27,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from functools import partial
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,6 +35,8 @@ from safetensors import SafetensorError, safe_open
 from .errors import CheckpointError, UnsafeCheckpointError, one_line, type_name
 
 __all__ = ["Checkpoint", "StateDict", "StateDictLike", "load", "open_checkpoint"]
+
+T = TypeVar("T")
 
 StateDict = dict[str, torch.Tensor]
 
@@ -723,6 +726,9 @@ class SafetensorsCheckpoint(Checkpoint):
         and the header read may be the old file's, the bytes the new one's; tried again."""
         for _ in range(OPEN_ATTEMPTS):
             before = _identity(os.stat(file))
+            # safe_open says "No such file" where the process may open no more files: a
+            # descriptor of ours first, which makes room (:func:`open_reading`) or says why.
+            os.close(open_reading(file))
             handle = safe_open(str(file), framework="numpy")
             identity = _identity(os.stat(file))
             if identity == before:
@@ -845,7 +851,9 @@ class SafetensorsCheckpoint(Checkpoint):
         mapped = self._maps.get(file)
         if mapped is None:
             try:
-                mapped = mmap.mmap(descriptor, 0, access=mmap.ACCESS_COPY)
+                mapped = _more_files_if_needed(
+                    lambda: mmap.mmap(descriptor, 0, access=mmap.ACCESS_COPY)
+                )
             except OSError:  # a filesystem that cannot map files (some FUSE ones): read them
                 self._unmappable.add(file)
                 return None
@@ -915,10 +923,7 @@ class SafetensorsCheckpoint(Checkpoint):
         of: shapes and dtypes come from that header, data from this descriptor."""
         if file not in self._descriptors:
             self._open(file)
-            try:
-                descriptor = os.open(file, os.O_RDONLY)
-            except OSError as err:
-                raise CheckpointError(f"{file}: cannot open ({err.strerror or err})") from err
+            descriptor = open_reading(file)
             if _identity(os.fstat(descriptor)) != self._identities[file]:
                 os.close(descriptor)
                 raise CheckpointError(f"{file}: {CHANGED}; its header no longer describes its data")
@@ -987,6 +992,51 @@ def _in_no_shard_but_two(index: Path, key: str, first: Path, second: Path) -> Ch
         f"{_shard(index, second)} hold "
         "it: which one to read is not known"
     )
+
+
+def open_reading(file: Path) -> int:
+    """A descriptor of ``file`` opened for reading. Where this process may open no more
+    files, its limit is raised first (:func:`_more_open_files`); past the hard limit, a
+    :class:`CheckpointError` says so."""
+    try:
+        return _more_files_if_needed(lambda: os.open(file, os.O_RDONLY))
+    except OSError as err:
+        why = err.strerror or str(err)
+        if err.errno == errno.EMFILE:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            why += (
+                f": this process may open {soft} files at once, and a merge keeps two open per "
+                "input file (the file and its map); raise the limit (ulimit -n) or merge in steps"
+            )
+        raise CheckpointError(f"{file}: cannot open ({why})") from err
+
+
+def _more_files_if_needed(opening: Callable[[], T]) -> T:
+    """``opening()``, once more after raising the limit of open files where it failed on it."""
+    try:
+        return opening()
+    except OSError as err:
+        if err.errno != errno.EMFILE or not _more_open_files():
+            raise
+    return opening()
+
+
+def _more_open_files() -> bool:
+    """Raise this process's soft limit of open files to its hard limit, as any process may:
+    a merge keeps two descriptors per input file (the file and its memory map), and 30
+    models of 5 shards are past macOS's default of 256. Whether the limit rose."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = math.inf if hard == resource.RLIM_INFINITY else hard
+    # Where the hard limit is unlimited, the system's own ceiling (Linux's nr_open, macOS's
+    # OPEN_MAX of 10240) refuses it: the largest of these that it takes.
+    for wanted in (hard, 2**20, 65536, 10240):
+        if wanted != resource.RLIM_INFINITY and soft < wanted <= ceiling:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            except (ValueError, OSError):
+                continue
+            return True
+    return False
 
 
 def _unopenable(file: Path) -> str | None:
