@@ -975,3 +975,15 @@ def test_integers_beyond_float64s_precision_are_judged_exactly_by_their_expected
     expected = 2**54 + 6
     actual = {"n": torch.tensor([expected - (2**52 + 2)])}
     message_of(actual, {"n": torch.tensor([expected])}, rtol=0.25, atol=0)
+
+
+def test_the_strategies_annotations_resolve_at_run_time():
+    # SearchStrategy was imported for type checkers alone: typing.get_type_hints (and the
+    # documentation and runtime type-checking tools built on it) failed with a NameError.
+    import typing
+
+    from hypothesis.strategies import SearchStrategy
+
+    for strategy in (ladle.testing.state_dicts, ladle.testing.model_families):
+        returned = typing.get_type_hints(strategy)["return"]
+        assert typing.get_origin(returned) is SearchStrategy

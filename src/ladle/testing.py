@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -21,7 +22,10 @@ from .checkpoint import StateDict, StateDictLike, check_source, load, not_a_dens
 from .engine import _few, check_number, is_packed, real_view
 from .errors import CheckpointError, check_flag, type_name
 
-if TYPE_CHECKING:
+# The strategies' return annotations name SearchStrategy: bound where hypothesis is imported
+# already (a test session), or once a strategy is made, so that typing.get_type_hints (and
+# the tools built on it) resolve them; ladle.testing itself never imports hypothesis.
+if TYPE_CHECKING or "hypothesis.strategies" in sys.modules:
     from hypothesis.strategies import SearchStrategy
 
 __all__ = [
@@ -392,6 +396,7 @@ def _hypothesis() -> Any:
         raise ImportError(
             "ladle.testing strategies need hypothesis: pip install hypothesis"
         ) from err
+    globals().setdefault("SearchStrategy", strategies.SearchStrategy)  # see the imports
     return strategies
 
 
