@@ -1029,18 +1029,23 @@ def test_a_cached_snapshot_not_named_by_a_commit_is_refused(hub_cache):
     assert str(err.value) == f"hf://org/m: resolved to {folder}, which is not a cached snapshot"
 
 
+def _one_line_refusal(source: str) -> str:
+    """The message of the ``CheckpointError`` that opening ``source`` raises: one line."""
+    with pytest.raises(ladle.CheckpointError) as err:
+        ladle.open_checkpoint(source)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
 def test_a_hub_that_cannot_be_reached_is_a_one_line_checkpoint_error(local_hub, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
-    with pytest.raises(ladle.CheckpointError) as err:
-        ladle.open_checkpoint("hf://org/m")
-    message = str(err.value)
     assert re.fullmatch(
         r"hf://org/m: org/m is not in the Hugging Face cache \(.*\) and the Hub could not be "
         # huggingface_hub's own words: before 1.0 "...check your internet connection..."
         r"reached \(.*(Connection refused|internet connection).*\)",
-        message,
+        _one_line_refusal("hf://org/m"),
     )
-    assert "\n" not in message
 
 
 def test_an_endpoint_ending_in_a_slash_asks_the_hub_s_own_paths(local_hub, monkeypatch):
@@ -1063,15 +1068,13 @@ def test_a_hub_that_answers_with_an_error_status_is_not_said_to_be_unreachable(
     # not be reached" of a Hub that had answered.
     hub, _ = local_hub
     hub.repos["org/busy"] = {"refuse": status}
-    with pytest.raises(ladle.CheckpointError) as err:
-        ladle.open_checkpoint("hf://org/busy")
-    message = str(err.value)
+    message = _one_line_refusal("hf://org/busy")
     assert re.fullmatch(
         rf"hf://org/busy: org/busy is not in the Hugging Face cache \(.*\) and the Hub answered "
         rf"{status} \(.*{status}.*{reason}.*\)",
         message,
     )
-    assert "could not be reached" not in message and "\n" not in message
+    assert "could not be reached" not in message
 
 
 def test_a_gated_repository_says_to_ask_for_access_with_the_hub_s_words(local_hub):
@@ -1080,15 +1083,12 @@ def test_a_gated_repository_says_to_ask_for_access_with_the_hub_s_words(local_hu
     hub, _ = local_hub
     why = "Access to model org/g is restricted. Visit https://hub.example/org/g to ask for access."
     hub.repos["org/g"] = {"refuse": 403, "code": "GatedRepo", "why": why}
-    with pytest.raises(ladle.CheckpointError) as err:
-        ladle.open_checkpoint("hf://org/g")
-    message = str(err.value)
+    message = _one_line_refusal("hf://org/g")
     assert message.startswith(
         "hf://org/g: org/g is gated: ask for access on its page on the Hub, then use an account "
         "that has it (set HF_TOKEN or run `hf auth login`) ("
     )
     assert "Visit https://hub.example/org/g to ask for access." in message
-    assert "\n" not in message
 
 
 def test_a_download_s_own_failure_is_a_checkpoint_error_naming_the_source(local_hub):
