@@ -187,13 +187,13 @@ def test_a_bool_scalar_is_a_type_error_naming_it(call, name):
 @pytest.mark.parametrize(
     ("call", "name"),
     [
-        (lambda a: ladle.scale(a, np.timedelta64(2)), "factor"),
-        (lambda a: ladle.lerp(a, a, np.timedelta64(1)), "t"),
-        (lambda a: ladle.weighted_sum([a, a], [1.0, np.timedelta64(1)]), "weights[1]"),
+        (lambda a: ladle.scale(a, np.timedelta64(2, "s")), "factor"),
+        (lambda a: ladle.lerp(a, a, np.timedelta64(1, "s")), "t"),
+        (lambda a: ladle.weighted_sum([a, a], [1.0, np.timedelta64(1, "s")]), "weights[1]"),
     ],
 )
 def test_a_numpy_duration_scalar_is_a_type_error_naming_it(call, name):
-    # Before: scale(a, np.timedelta64(2)) doubled a: numpy's durations are integers to Python.
+    # Before: scale(a, np.timedelta64(2, "s")) doubled a: numpy's durations are integers to Python.
     with pytest.raises(TypeError) as err:
         call({"w": torch.ones(2)})
     assert str(err.value) == f"{name}: expected a number, found timedelta64"

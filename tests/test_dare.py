@@ -412,7 +412,7 @@ def test_bad_arguments_are_value_errors_naming_the_parameter(kwargs, match):
         (None, "None"),
         (1j, "complex"),
         (True, "bool"),
-        (np.timedelta64(3), "timedelta64"),  # was a ValueError, as though a number
+        (np.timedelta64(3, "s"), "timedelta64"),  # was a ValueError, as though a number
         (torch.tensor(2.5), None),
     ],
 )

@@ -222,8 +222,12 @@ def one_rank(tmp_path):
         (["a"], TypeError, "weights[0]: expected a number, found str"),
         ([None], TypeError, "weights[0]: expected a number, found None"),
         ([True], TypeError, "weights[0]: expected a number, found bool"),  # was weight 1
-        (np.timedelta64(2), TypeError, "weights (rank 0): expected a number, found timedelta64"),
-        ([np.timedelta64(2)], TypeError, "weights[0]: expected a number, found timedelta64"),
+        (
+            np.timedelta64(2, "s"),
+            TypeError,
+            "weights (rank 0): expected a number, found timedelta64",
+        ),
+        ([np.timedelta64(2, "s")], TypeError, "weights[0]: expected a number, found timedelta64"),
         ([torch.ones(2)], TypeError, "weights[0]: expected a number, found list"),
         ([1, 2], ValueError, "weights: expected 1 per-rank weights (the group's size), found 2"),
         (  # was a bare OverflowError, on each rank apart

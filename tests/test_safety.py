@@ -971,10 +971,14 @@ def test_a_bool_where_a_number_is_expected_is_a_type_error_naming_it(method, kwa
 @pytest.mark.parametrize(
     ("method", "kwargs", "message"),
     [
-        ("task_arithmetic", {"scale": np.timedelta64(1)}, "scale: expected a number, found "),
+        ("task_arithmetic", {"scale": np.timedelta64(1, "s")}, "scale: expected a number, found "),
         ("ties", {"density": np.timedelta64(1, "D")}, "density: expected a number, found "),
-        ("uniform_soup", {"weights": [1.0, np.timedelta64(1)]}, "weights[1]: expected a number"),
-        ("dare", {"seed": np.timedelta64(3)}, "seed: expected an integer, found timedelta64"),
+        (
+            "uniform_soup",
+            {"weights": [1.0, np.timedelta64(1, "s")]},
+            "weights[1]: expected a number",
+        ),
+        ("dare", {"seed": np.timedelta64(3, "s")}, "seed: expected an integer, found timedelta64"),
     ],
 )
 def test_a_numpy_duration_where_a_number_is_expected_is_a_type_error_naming_it(

@@ -960,11 +960,11 @@ def check_number(name: str, value: object) -> float:
 def is_real(value: object) -> TypeGuard[numbers.Real]:
     """Whether ``value`` is a real number as ladle's parameters take one: an int, a float,
     numpy's real scalars; not a bool, nor numpy's ``timedelta64`` (a duration, which
-    Python's number classes count as an integer: ``scale=np.timedelta64(1)`` meant 1).
+    Python's number classes count as an integer: ``scale=np.timedelta64(1, "s")`` meant 1).
 
     Example:
         >>> import numpy as np
-        >>> is_real(2), is_real(np.float32(0.5)), is_real(True), is_real(np.timedelta64(1))
+        >>> is_real(2), is_real(np.float32(0.5)), is_real(True), is_real(np.timedelta64(1, "s"))
         (True, True, False, False)
     """
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.timedelta64))
