@@ -150,7 +150,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         except ImportError:
             raise LadleError(
                 f"{path}: reading recipes needs Python 3.11 or later (tomllib), or the "
-                "'tomli' package on Python 3.10 (pip install tomli)"
+                "'tomli' package on Python 3.10, which installing ladle brings (pip install tomli)"
             ) from None
     try:
         with path.open("rb") as handle:
