@@ -132,6 +132,11 @@ def test_merge_methods_return_a_state_dict_without_out_and_a_path_with_it(tmp_pa
     script = tmp_path / "user_script.py"
     script.write_text(textwrap.dedent(USER_SCRIPT) + textwrap.dedent(NUMBERS_SCRIPT))
     source = Path(ladle.__file__).resolve().parent.parent  # the ladle under test
+    env = dict(os.environ)
+    if source.name not in ("site-packages", "dist-packages"):
+        # A source tree (src/). An installed ladle mypy finds itself, and it refuses
+        # site-packages in MYPYPATH (tox and distributions test the installed package).
+        env["MYPYPATH"] = str(source)
     result = subprocess.run(
         [
             sys.executable,
@@ -147,7 +152,7 @@ def test_merge_methods_return_a_state_dict_without_out_and_a_path_with_it(tmp_pa
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "MYPYPATH": str(source)},
+        env=env,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
