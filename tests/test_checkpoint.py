@@ -1482,7 +1482,7 @@ def test_read_rows_of_a_file_cut_or_deleted_after_opening_name_file_key_and_byte
     save_file({"w": torch.arange(12.0).reshape(6, 2)}, path)
     deleted = ladle.open_checkpoint(path)
     os.remove(path)
-    with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors: cannot open \(No such file"):
+    with pytest.raises(ladle.CheckpointError, match=r"m\.safetensors: cannot read it \(No such"):
         deleted.read_rows("w", slice(0, 1), into)
 
 
@@ -2993,5 +2993,5 @@ def test_a_merge_of_more_files_than_the_soft_limit_of_open_files_raises_it(tmp_p
 
     assert child(64, 4096) == "merged True 4096"
     said = child(64, 64)
-    assert said.startswith("error: ") and "cannot open (Too many open files: " in said
+    assert said.startswith("error: ") and "cannot read it (Too many open files: " in said
     assert "this process may open 64 files at once" in said and "ulimit -n" in said

@@ -1008,7 +1008,7 @@ def open_reading(file: Path) -> int:
                 f": this process may open {soft} files at once, and a merge keeps two open per "
                 "input file (the file and its map); raise the limit (ulimit -n) or merge in steps"
             )
-        raise CheckpointError(f"{file}: cannot open ({why})") from err
+        raise CheckpointError(f"{file}: cannot read it ({why})") from err
 
 
 def _more_files_if_needed(opening: Callable[[], T]) -> T:
