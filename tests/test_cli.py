@@ -1033,6 +1033,15 @@ def test_keys_an_ascii_standard_output_cannot_encode_are_escaped(tmp_path):
     assert "\\u0432\\u0435\\u0441  float32" in result.stdout
 
 
+@pytest.mark.slow
+def test_help_on_an_ascii_standard_output_escapes_its_greek(tmp_path):
+    # "'ascii' codec can't encode character '\\u03bb'" and a traceback: --help printed
+    # before the output's errors were set to backslashreplace.
+    result = _ladle_shell("task-arithmetic --help", tmp_path, PYTHONIOENCODING="ascii")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "\\u03bb (default: 1.0)" in result.stdout
+
+
 def test_negative_numbers_in_scientific_notation_are_numbers(tmp_path, inputs):
     # "unrecognized arguments: -1e-3" (argparse before 3.13 took it for an option)
     base, *models = inputs

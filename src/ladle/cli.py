@@ -918,6 +918,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metadata format: pt
         0
     """
+    # What the terminal's encoding lacks is escaped: a key's name, and --help's λ and Σ (an
+    # ASCII locale without Python's UTF-8 mode raised UnicodeEncodeError there).
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     try:
         args = _parsed(argv)
     except BrokenPipeError:  # `ladle --help | head -1`
@@ -926,10 +932,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # --help or --version, and standard output cannot be written
         _stderr(f"ladle: error: {one_line(err)}")
         return 1
-    for stream in (sys.stdout, sys.stderr):  # a key in no encoding of a terminal's: escaped
-        reconfigure = getattr(stream, "reconfigure", None)
-        if reconfigure is not None:
-            reconfigure(errors="backslashreplace")
     run: Callable[[argparse.Namespace], None] = args.run
     command: argparse.ArgumentParser = args.command_parser  # usage errors show its usage
     push = getattr(args, "push_to_hub", None)
