@@ -29,7 +29,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_every_option_of_the_ladle_command_is_in_docs_cli_md():
-    text = (DOCS / "cli.md").read_text()
+    text = (DOCS / "cli.md").read_text(encoding="utf-8")
     synopsis = text.split("```text\n", 1)[1].split("```", 1)[0]
     missing = sorted(o for o in _options(build_parser()) if f"`{o}`" not in text)
     shared = _options(merge_options())
@@ -41,6 +41,6 @@ def test_every_option_of_the_ladle_command_is_in_docs_cli_md():
 
 
 def test_every_public_name_is_in_the_docs():
-    text = "\n".join(p.read_text() for p in sorted(DOCS.rglob("*.md")))
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(DOCS.rglob("*.md")))
     missing = [name for name in ladle.__all__ if not re.search(rf"\b{re.escape(name)}\b", text)]
     assert not missing, f"names in ladle.__all__ that no page of docs/ mentions: {missing}"

@@ -605,7 +605,7 @@ def test_a_recipe_nested_too_deeply_is_one_error_line(folder, capsys):
 
 
 def test_the_docs_name_a_one_step_recipes_step_as_it_is_named(folder, capsys):
-    docs = (Path(__file__).parent.parent / "docs" / "recipes.md").read_text()
+    docs = (Path(__file__).parent.parent / "docs" / "recipes.md").read_text(encoding="utf-8")
     recipe = write(folder, 'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "soup"\n')
     assert main(["run", str(recipe), "--device", "cpu"]) == 0
     name = load_recipe(recipe).steps[0].name
