@@ -287,6 +287,37 @@ def test_mapped_rows_equal_read_rows_and_writes_never_reach_the_file(tmp_path, d
     assert torch.equal(ladle.load(path)["w"], tensor)
 
 
+def test_a_mapped_input_file_keeps_one_descriptor_from_python_3_13(tmp_path):
+    # mmap keeps a duplicate of the descriptor it maps (for size() and resize(), which ladle
+    # never calls); Python 3.13+ maps without it (trackfd=False). Its views stay readable.
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("reads this process's open files in /proc/self/fd (Linux)")
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(6.0).reshape(3, 2)}, path)
+
+    def descriptors() -> int:
+        links = (os.path.join("/proc/self/fd", fd) for fd in os.listdir("/proc/self/fd"))
+        return sum(1 for link in links if _readlink(link) == str(path))
+
+    checkpoint = ladle.open_checkpoint(path)
+    mapped = checkpoint.map_rows("w", slice(1, 3))
+    assert descriptors() == (1 if sys.version_info >= (3, 13) else 2)
+    assert mapped.tolist() == [[2.0, 3.0], [4.0, 5.0]]
+    checkpoint.close()
+    assert mapped.tolist() == [[2.0, 3.0], [4.0, 5.0]]  # the map outlives ladle's descriptor
+    assert descriptors() == (0 if sys.version_info >= (3, 13) else 1)  # the map's own, before
+    del mapped  # the last view: unmapped
+    assert descriptors() == 0
+
+
+def _readlink(link: str) -> str | None:
+    """Where ``link`` of /proc/self/fd points, or ``None`` (closed meanwhile)."""
+    try:
+        return os.readlink(link)
+    except OSError:
+        return None
+
+
 def test_misaligned_tensors_are_read_instead_of_mapped(tmp_path):
     # Three uint8 entries before a float32 tensor leave its data at an odd offset (a file
     # other writers may produce; ladle's own lays out larger elements first); a memory map

@@ -647,6 +647,11 @@ class TensorMapCheckpoint(Checkpoint):
 
 
 OPEN_ATTEMPTS = 3
+
+# A memory map keeps a duplicate of its file's descriptor for size() and resize(), which
+# ladle never calls; Python 3.13+ can map without it: one descriptor per input file, not two.
+_UNTRACKED: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+_KEPT_PER_FILE = "one" if _UNTRACKED else "two (the file and its map)"
 """Times a safetensors file replaced while being opened is opened again before giving up."""
 
 
@@ -852,7 +857,7 @@ class SafetensorsCheckpoint(Checkpoint):
         if mapped is None:
             try:
                 mapped = _more_files_if_needed(
-                    lambda: mmap.mmap(descriptor, 0, access=mmap.ACCESS_COPY)
+                    lambda: mmap.mmap(descriptor, 0, access=mmap.ACCESS_COPY, **_UNTRACKED)
                 )
             except OSError:  # a filesystem that cannot map files (some FUSE ones): read them
                 self._unmappable.add(file)
@@ -1005,8 +1010,8 @@ def open_reading(file: Path) -> int:
         if err.errno == errno.EMFILE:
             soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
             why += (
-                f": this process may open {soft} files at once, and a merge keeps two open per "
-                "input file (the file and its map); raise the limit (ulimit -n) or merge in steps"
+                f": this process may open {soft} files at once, and a merge keeps {_KEPT_PER_FILE}"
+                " open per input file; raise the limit (ulimit -n) or merge in steps"
             )
         raise CheckpointError(f"{file}: cannot read it ({why})") from err
 
@@ -1023,8 +1028,8 @@ def _more_files_if_needed(opening: Callable[[], T]) -> T:
 
 def _more_open_files() -> bool:
     """Raise this process's soft limit of open files to its hard limit, as any process may:
-    a merge keeps two descriptors per input file (the file and its memory map), and 30
-    models of 5 shards are past macOS's default of 256. Whether the limit rose."""
+    a merge keeps one or two descriptors per input file (see `_UNTRACKED`), and 30 models
+    of 5 shards are past macOS's default of 256. Whether the limit rose."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     ceiling = math.inf if hard == resource.RLIM_INFINITY else hard
     # Where the hard limit is unlimited, the system's own ceiling (Linux's nr_open, macOS's
@@ -1436,7 +1441,7 @@ def _ends_early(file: Path) -> bool:
     (:class:`_Skimmed`): a plain pickle of a large tensor is parsed without copying it."""
     try:
         with open(file, "rb") as handle:
-            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ, **_UNTRACKED)
     except (OSError, ValueError):  # gone, or empty (nothing to map)
         return False
     # Not closed here: views of it that :class:`_Skimmed` gave may outlive this frame (in a
