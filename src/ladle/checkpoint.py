@@ -647,12 +647,12 @@ class TensorMapCheckpoint(Checkpoint):
 
 
 OPEN_ATTEMPTS = 3
+"""Times a safetensors file replaced while being opened is opened again before giving up."""
 
 # A memory map keeps a duplicate of its file's descriptor for size() and resize(), which
 # ladle never calls; Python 3.13+ can map without it: one descriptor per input file, not two.
 _UNTRACKED: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 _KEPT_PER_FILE = "one" if _UNTRACKED else "two (the file and its map)"
-"""Times a safetensors file replaced while being opened is opened again before giving up."""
 
 
 class SafetensorsCheckpoint(Checkpoint):
