@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import family
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 import ladle
+import ladle.testing
 from ladle.cli import main
 from ladle.recipe import StepRef, load_callable, load_recipe, run_recipe
 
@@ -1199,3 +1200,59 @@ def test_functions_imported_in_two_threads_at_once_import_modules_beside_them(
     sys.modules.pop("helper_beside_b", None)
     assert found == {"a": 1.0, "b": 2.0}
     assert str(tmp_path) not in sys.path
+
+
+def test_every_step_reads_the_commit_an_hf_input_resolved_to_before_the_first(
+    folder, tmp_path, monkeypatch
+):
+    # The repository's main moves while the recipe runs (after step one is written): step
+    # two still reads the commit that was checked, and the Hub is asked once for it.
+    from unittest import mock
+
+    from test_hub import COMMIT_A, COMMIT_B, write_cached_repo
+
+    import ladle.hub
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    old, new = family(2, seed=12)
+    write_cached_repo(
+        cache, "org/m", COMMIT_A, {"model.safetensors": save(old)}, refs={"main": COMMIT_A}
+    )
+
+    def moved(name: str, path: Path) -> None:
+        if name == "one":
+            write_cached_repo(
+                cache, "org/m", COMMIT_B, {"model.safetensors": save(new)}, refs={"main": COMMIT_B}
+            )
+
+    recipe = write(
+        folder,
+        '[steps.one]\nmethod = "soup"\nmodels = ["hf://org/m", "m0.safetensors"]\n'
+        'output = "one.safetensors"\n'
+        '[steps.two]\nmethod = "task_arithmetic"\nbase = "m1.safetensors"\n'
+        'models = ["hf://org/m"]\noutput = "two.safetensors"\n',
+    )
+    with mock.patch.object(ladle.hub, "snapshot", wraps=ladle.hub.snapshot) as fetched:
+        run_recipe(recipe, device="cpu", on_output=moved)
+    assert [call.args[0] for call in fetched.call_args_list] == ["hf://org/m"]
+    m0, m1 = (ladle.load(folder / f"m{i}.safetensors") for i in range(2))
+    with ladle.open_checkpoint(folder / "two.safetensors") as two:
+        assert two.metadata["ladle.inputs"] == f'["hf://org/m@{COMMIT_A}"]'
+    # (what the in-memory merges give: the point is which commit each step read)
+    expected = {
+        "one": ladle.uniform_soup([old, m0]),
+        "two": ladle.task_arithmetic([old], m1),
+    }
+    moved_two = ladle.task_arithmetic([new], m1)
+    for name, merged in expected.items():
+        ladle.testing.assert_state_dicts_close(
+            ladle.load(folder / f"{name}.safetensors"), merged, rtol=0, atol=0
+        )
+    assert not all(torch.equal(moved_two[k], expected["two"][k]) for k in old)
+    # Run again, the same recipe reads main's new commit.
+    run_recipe(recipe, device="cpu", overwrite=True)
+    ladle.testing.assert_state_dicts_close(
+        ladle.load(folder / "two.safetensors"), moved_two, rtol=0, atol=0
+    )

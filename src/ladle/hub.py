@@ -38,6 +38,7 @@ __all__ = [
     "LICENSE_FILES",
     "HubSource",
     "open_hub_checkpoint",
+    "open_snapshot",
     "parse_hf_url",
     "push_to_hub",
     "snapshot",
@@ -686,10 +687,30 @@ def open_hub_checkpoint(url: str, *, cache_dir: str | os.PathLike | None = None)
         (True, [1.0, 1.0])
         >>> checkpoint.close()
     """
+    folder, commit = snapshot(url, cache_dir=cache_dir)
+    return open_snapshot(folder, parse_hf_url(url).url(commit))
+
+
+def open_snapshot(folder: Path, name: str) -> Checkpoint:
+    """The weights of ``folder``, a snapshot :func:`snapshot` fetched, opened as a checkpoint
+    named ``name`` (its URL at the commit, as :func:`open_hub_checkpoint` names it), without
+    asking the Hub again: a recipe resolves each ``hf://`` input once and every step reads
+    that commit.
+
+    Raises:
+        CheckpointError: the weights cannot be read (the message names ``name``).
+
+    Example:
+        >>> import pathlib, tempfile, torch, ladle
+        >>> folder = pathlib.Path(tempfile.mkdtemp())  # as if fetched by snapshot()
+        >>> _ = ladle.save({"w": torch.ones(2)}, folder / "model.safetensors")
+        >>> checkpoint = open_snapshot(folder, "hf://org/name@" + "0" * 40)
+        >>> checkpoint.name.endswith("0" * 40), checkpoint.path == folder, checkpoint.keys()
+        (True, True, ['w'])
+        >>> checkpoint.close()
+    """
     from .checkpoint import _open_directory
 
-    folder, commit = snapshot(url, cache_dir=cache_dir)
-    name = parse_hf_url(url).url(commit)
     try:
         checkpoint = _open_directory(folder)
     except CheckpointError as err:

@@ -38,7 +38,7 @@ from .engine import (
     resolved_output,
 )
 from .errors import LadleError, type_name
-from .hub import PREFIX, parse_hf_url
+from .hub import PREFIX, open_snapshot, parse_hf_url
 from .writer import check_output_free, check_output_name, parse_size, single_file
 
 __all__ = ["Recipe", "Step", "StepRef", "load_callable", "load_recipe", "run_recipe"]
@@ -736,11 +736,19 @@ class _Naming:
                 raise named from err
 
 
-def _check_inputs_kept(steps: Sequence[Step], where: Callable[[Step], str]) -> None:
+def _check_inputs_kept(
+    steps: Sequence[Step], where: Callable[[Step], str]
+) -> dict[str, tuple[Path, str]]:
     """No step writes over a file that any step reads, found as the merges find them: each
     input opened (a folder's weights file may link elsewhere, an ``hf://`` input is a
-    snapshot in the Hub's cache), where :func:`load_recipe` compared the paths written."""
+    snapshot in the Hub's cache), where :func:`load_recipe` compared the paths written.
+
+    Returns each ``hf://`` input's snapshot folder and name at the commit it resolved to,
+    for the steps to open (:func:`~ladle.hub.open_snapshot`): every step reads one commit
+    of a repository, whatever its branch does meanwhile, with no second round of requests.
+    """
     writing = [step for step in steps if step.output is not None]
+    snapshots: dict[str, tuple[Path, str]] = {}
     seen: set[str] = set()
     for step in steps:
         for source in (*step.models, *([step.base] if step.base is not None else [])):
@@ -752,12 +760,16 @@ def _check_inputs_kept(steps: Sequence[Step], where: Callable[[Step], str]) -> N
             with _Naming(where(step)):
                 opened = open_checkpoint(source)
             with opened:
+                if source.startswith(PREFIX):
+                    assert opened.path is not None  # the snapshot folder
+                    snapshots[source] = (opened.path, opened.name)
                 for writer in writing:
                     assert writer.output is not None
                     try:
                         check_not_an_input(writer.output, [opened])
                     except LadleError as err:
                         raise LadleError(f"{where(writer)}.output: {err}") from None
+    return snapshots
 
 
 def run_recipe(
@@ -834,7 +846,7 @@ def run_recipe(
                 check_output_free(step.output, overwrite=overwrite)
             except LadleError as err:
                 raise LadleError(f"{where(step)}.output: {err}") from None
-    _check_inputs_kept(checked.steps, where)
+    snapshots = _check_inputs_kept(checked.steps, where)
     # Every evaluate function imported before the first step runs: a bad one leaves nothing.
     evaluators = {}
     for step in checked.steps:
@@ -847,8 +859,14 @@ def run_recipe(
             evaluators[step.name] = reported(function, f"evaluate {spec}")
     results: dict[str, StateDict | Path] = {}
 
-    def resolve(source: Input) -> Any:
-        return results[source.step] if isinstance(source, StepRef) else source
+    def resolve(source: Input, opened: contextlib.ExitStack) -> Any:
+        """An earlier step's result, an ``hf://`` input's snapshot (opened on ``opened``, at
+        the commit checked) or a path."""
+        if isinstance(source, StepRef):
+            return results[source.step]
+        if source in snapshots:
+            return opened.enter_context(open_snapshot(*snapshots[source]))
+        return source
 
     for step in checked.steps:
         function = _function(step.method)
@@ -856,8 +874,6 @@ def run_recipe(
         kwargs: dict[str, Any] = dict(step.parameters)
         if step.name in evaluators:
             kwargs["evaluate"] = evaluators[step.name]
-        if step.base is not None:
-            kwargs["base"] = resolve(step.base)
         options = {
             "out": step.output,
             "device": device if device is not None else checked.device,
@@ -867,8 +883,11 @@ def run_recipe(
             "max_shard_size": step.max_shard_size,
         }
         kwargs.update({k: v for k, v in options.items() if k in accepted and v is not None})
-        with _Naming(where(step)):  # the step's name on the one line the CLI prints
-            result = function([resolve(m) for m in step.models], **kwargs)
+        # The step's name on the one line the CLI prints; its hf:// inputs closed after it.
+        with contextlib.ExitStack() as opened, _Naming(where(step)):
+            if step.base is not None:
+                kwargs["base"] = resolve(step.base, opened)
+            result = function([resolve(m, opened) for m in step.models], **kwargs)
         if step.output is not None:
             results[step.name] = step.output
             if on_output is not None:
