@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 from conftest import assert_bit_for_bit, leftover
 from hypothesis import given
 from hypothesis import strategies as st
+from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
 import ladle
@@ -484,9 +485,9 @@ def _averages(rank: int) -> dict:
 _SHARED_TEMPORARY = distributed._shared_temporary
 
 
-def _elsewhere_on_rank_2(out: Path | None, group: object, problem: str | None) -> Path | str:
+def _elsewhere_on_rank_2(out: Path | None, *args: object) -> Path | str:
     """The shared temporary directory, as rank 2 would name it on a filesystem of its own."""
-    directory = _SHARED_TEMPORARY(out, group, problem)
+    directory = _SHARED_TEMPORARY(out, *args)
     if isinstance(directory, str) or dist.get_rank() != 2:
         return directory
     return directory.with_name(directory.name + "-elsewhere")
@@ -633,7 +634,27 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     found["file_out_error"] = _catch(
         merge, "uniform_soup", models, out=root / "m.safetensors", device="cpu"
     )
+    # hf:// sources, offline, each rank with a Hub cache of its own: rank 2's main is another
+    # commit than the others' (refused on every rank before anything is merged); a named
+    # commit, which every cache holds, is merged.
+    cache = root / ("hub-b" if rank == 2 else "hub-a")
+    with mock.patch.dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache)):
+        found["commits_error"] = _catch(
+            merge, "uniform_soup", ["hf://org/m", models[0]], out=root / "commits", device="cpu"
+        )
+        at = f"hf://org/m@{HUB_COMMITS[0]}"
+        merge("ties", [at, models[0]], base=base, out=root / "commit", device="cpu", density=0.5)
     return found
+
+
+HUB_COMMITS = ("a" * 40, "b" * 40)
+HUB_MODELS = [
+    {
+        **{k: torch.full(s, float(i + 1), dtype=d) for k, (s, d) in SHAPES.items()},
+        "bn.num_batches_tracked": torch.tensor(20 + i),
+    }
+    for i in range(2)
+]
 
 
 def _worker(rank: int, root: str) -> None:
@@ -682,6 +703,13 @@ def spawned(tmp_path_factory):
         torch.save(
             {"emb": embedding, "body": torch.tensor(body), "head": embedding}, root / f"tied{i}.pt"
         )
+    # org/m in two Hub caches: main is commit a in one, b in the other, which holds a too.
+    from test_hub import write_cached_repo
+
+    for commit, model in zip(HUB_COMMITS, HUB_MODELS):
+        files = {"model.safetensors": safetensors_bytes(model)}
+        write_cached_repo(root / "hub-a", "org/m", commit, files, refs={"main": HUB_COMMITS[0]})
+        write_cached_repo(root / "hub-b", "org/m", commit, files, refs={"main": commit})
     (root / "hosts").mkdir()
     theirs = leftover(root / "hosts" / "soup", host="node-b.example")
     theirs.mkdir()
@@ -1541,6 +1569,29 @@ def test_a_temporary_directory_a_rank_cannot_see_is_refused_on_every_rank(spawne
     )
     assert ranks[0]["unseen_error"] == ("LadleError", f"rank 2: {message}")
     assert not [p for p in os.listdir(root) if p.lstrip(".").startswith("unseen")]
+
+
+@pytest.mark.slow
+def test_ranks_that_found_other_commits_of_an_hf_source_are_refused_on_every_rank(spawned):
+    # Rank 2's main was another commit: a split merge would have mixed the two in one output.
+    root, *_, ranks = spawned
+    a, b = (f"hf://org/m@{commit}" for commit in HUB_COMMITS)
+    said = (
+        f"rank 2: hf://org/m is {b}, where rank 0 found {a} (the branch moved between their "
+        f"fetches, or their Hugging Face caches differ); name the commit to read: {a}"
+    )
+    assert [found["commits_error"] for found in ranks] == [("LadleError", said)] * WORLD
+    assert not [p for p in os.listdir(root) if p.lstrip(".").startswith("commits")]
+
+
+@pytest.mark.slow
+def test_a_split_merge_of_a_named_commit_reads_it_on_every_rank(spawned):
+    root, base, models, _ = spawned
+    a = f"hf://org/m@{HUB_COMMITS[0]}"
+    with ladle.open_checkpoint(root / "commit") as merged:
+        assert json.loads(merged.metadata["ladle.inputs"]) == [a, Path(models[0]).name]
+    expected = ladle.ties([HUB_MODELS[0], models[0]], base, density=0.5, device="cpu")
+    assert_bit_for_bit(ladle.load(root / "commit"), expected)
 
 
 def test_torchrun_group_uses_an_existing_group_as_is_and_leaves_it(one_rank):

@@ -36,6 +36,7 @@ from .checkpoint import Checkpoint, StateDictLike
 from .engine import (
     NumberLike,
     NumbersLike,
+    check_models,
     check_number,
     check_numbers,
     is_merged_dtype,
@@ -45,6 +46,7 @@ from .engine import (
     resolve_device,
 )
 from .errors import IncompatibleError, LadleError, one_line, type_name
+from .hub import fetched, open_snapshot
 from .methods.dare import dare
 from .methods.ratatouille import ratatouille
 from .methods.soup import greedy_soup, normalized_weights, uniform_soup
@@ -676,15 +678,21 @@ def _source(group: dist.ProcessGroup) -> int:
 
 
 def _shared_temporary(
-    out: Path | None, group: dist.ProcessGroup, problem: str | None
+    out: Path | None,
+    group: dist.ProcessGroup,
+    problem: str | None,
+    commits: Mapping[str, str] | None = None,
 ) -> Path | str:
     """Rank 0 makes the temporary directory beside ``out``; in one gather, every rank learns
-    its name and whether a rank failed before (its ``problem``: its own arguments, a device
-    it lacks), so that none waits for a rank that will not come.
+    its name, whether a rank failed before (its ``problem``: its own arguments, a device
+    it lacks, an ``hf://`` source it cannot fetch), so that none waits for a rank that will
+    not come, and whether every rank found the same commit of each ``hf://`` source
+    (``commits``: each URL's name at the commit this rank found).
 
     Returns the directory, or else, on every rank alike, ``"rank R: ..."`` naming the first
-    rank that failed (rank 0, should it fail to make the directory). Then, and should the
-    others not learn the name (a rank gone or timed out, Ctrl-C), rank 0 deletes it.
+    rank that failed (rank 0, should it fail to make the directory) or found another commit
+    than rank 0. Then, and should the others not learn the name (a rank gone or timed out,
+    Ctrl-C), rank 0 deletes it.
     """
     made: Path | None = None
     if dist.get_rank(group) == 0 and out is not None:  # None where this rank failed
@@ -698,17 +706,44 @@ def _shared_temporary(
             problem = f"{out}: cannot make the temporary directory beside it ({err})"
     given: list[Any] = [None] * dist.get_world_size(group)
     try:
-        dist.all_gather_object(given, (problem, None if made is None else str(made)), group=group)
+        mine = (problem, None if made is None else str(made), dict(commits or {}))
+        dist.all_gather_object(given, mine, group=group)
     except BaseException:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
         raise
-    for rank, (trouble, _) in enumerate(given):
-        if trouble is not None:
-            if made is not None:
-                shutil.rmtree(made, ignore_errors=True)
-            return f"rank {rank}: {trouble}"
+    troubles = [(rank, trouble) for rank, (trouble, _, _) in enumerate(given) if trouble]
+    if not troubles:
+        troubles = _other_commits([found for _, _, found in given])
+    if troubles:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        rank, trouble = troubles[0]
+        return f"rank {rank}: {trouble}"
     return Path(given[0][1])
+
+
+def _other_commits(found: Sequence[Mapping[str, str]]) -> list[tuple[int, str]]:
+    """Each rank that found another commit of an ``hf://`` source than rank 0 (``found``: each
+    rank's URL -> name at its commit), with what it found: where ranks read different commits
+    of one repository, a split merge would mix them in one output.
+
+    Example:
+        >>> a, b = "hf://org/m@" + "a" * 40, "hf://org/m@" + "b" * 40
+        >>> _other_commits([{"hf://org/m": a}, {"hf://org/m": a}, {"hf://org/m": b}])[0][0]
+        2
+    """
+    return [
+        (
+            rank,
+            f"{url} is {name}, where rank 0 found {found[0][url]} (the branch moved between "
+            "their fetches, or their Hugging Face caches differ); name the commit to read: "
+            f"{found[0][url]}",
+        )
+        for rank, names in enumerate(found)
+        for url, name in names.items()
+        if found[0].get(url, name) != name
+    ]
 
 
 def _check_out(out: str | os.PathLike | None, *, split: bool = False) -> None:
@@ -827,16 +862,20 @@ def merge(
     world = _world(group)
     rank, size = dist.get_rank(world), dist.get_world_size(world)
     early: Exception | None = None
-    try:  # this rank's own arguments and device, before the first collective
+    snapshots: dict[str, tuple[Path, str]] = {}
+    try:  # this rank's own arguments, device and hf:// sources, before the first collective
         function = _method(method, params)
         _check_out(out, split=True)
         _take_device(params)
+        check_models(models)  # iterable, then
+        snapshots = fetched([*models, params.get("base")])
     except Exception as err:  # this rank alone: the others must hear of it, not wait for it
         early = err
     if rank != 0:
         params["progress"] = None
     problem = None if early is None else one_line(early)
-    directory = _shared_temporary(Path(out) if early is None else None, world, problem)
+    commits = {url: name for url, (_, name) in snapshots.items()}
+    directory = _shared_temporary(Path(out) if early is None else None, world, problem, commits)
     if early is not None:
         try:
             raise early
@@ -853,8 +892,16 @@ def merge(
                 f"{out}: rank 0's temporary directory {directory} is not visible on rank "
                 f"{rank}; the output must be on a filesystem every rank sees"
             )
-        with partitioned(share):
-            function(models, out=out, **params)
+        with partitioned(share), contextlib.ExitStack() as opened:
+            # Every rank reads the commits compared above: no rank asks the Hub again.
+            def pinned(source: Any) -> Any:
+                if isinstance(source, str) and source in snapshots:
+                    return opened.enter_context(open_snapshot(*snapshots[source]))
+                return source
+
+            if "base" in params:
+                params["base"] = pinned(params["base"])
+            function([pinned(m) for m in models], out=out, **params)
         if not share.used:
             raise LadleError(
                 f"method: {getattr(function, '__name__', function)} did not write through "

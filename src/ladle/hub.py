@@ -15,7 +15,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote
@@ -37,6 +37,7 @@ __all__ = [
     "COMPANION_FOLDERS",
     "LICENSE_FILES",
     "HubSource",
+    "fetched",
     "open_hub_checkpoint",
     "open_snapshot",
     "parse_hf_url",
@@ -691,11 +692,36 @@ def open_hub_checkpoint(url: str, *, cache_dir: str | os.PathLike | None = None)
     return open_snapshot(folder, parse_hf_url(url).url(commit))
 
 
+def fetched(sources: Iterable[object]) -> dict[str, tuple[Path, str]]:
+    """Each ``hf://`` URL among ``sources`` (other sources are skipped), fetched once
+    (:func:`snapshot`): its folder, and its name at the commit found, for
+    :func:`open_snapshot`.
+
+    Example:
+        >>> import os, pathlib, tempfile, torch, ladle
+        >>> from unittest import mock
+        >>> cache = pathlib.Path(tempfile.mkdtemp())  # a Hub cache as huggingface_hub has it
+        >>> commit, repo = "0123456789abcdef" * 2 + "01234567", cache / "models--org--name"
+        >>> _ = ladle.save({"w": torch.ones(2)}, repo / "snapshots" / commit / "model.safetensors")
+        >>> (repo / "refs").mkdir(); _ = (repo / "refs" / "main").write_text(commit)
+        >>> with mock.patch.dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache)):
+        ...     found = fetched(["hf://org/name", "local.safetensors", "hf://org/name"])
+        >>> [(url, name == f"hf://org/name@{commit}") for url, (_, name) in found.items()]
+        [('hf://org/name', True)]
+    """
+    found: dict[str, tuple[Path, str]] = {}
+    for source in sources:
+        if isinstance(source, str) and source.startswith(PREFIX) and source not in found:
+            folder, commit = snapshot(source)
+            found[source] = (folder, parse_hf_url(source).url(commit))
+    return found
+
+
 def open_snapshot(folder: Path, name: str) -> Checkpoint:
     """The weights of ``folder``, a snapshot :func:`snapshot` fetched, opened as a checkpoint
     named ``name`` (its URL at the commit, as :func:`open_hub_checkpoint` names it), without
     asking the Hub again: a recipe resolves each ``hf://`` input once and every step reads
-    that commit.
+    that commit, and so does every rank of a split merge (:func:`fetched`).
 
     Raises:
         CheckpointError: the weights cannot be read (the message names ``name``).
