@@ -1424,3 +1424,23 @@ def test_offline_a_folder_named_like_a_weights_file_is_no_weights_file(hub_cache
     write_cached_repo(hub_cache, "org/name", COMMIT_A, files, refs={"main": COMMIT_A})
     with ladle.open_checkpoint("hf://org/name") as checkpoint:
         assert checkpoint.get("w").tolist() == [1.0, 1.0]
+
+
+def test_an_hf_source_given_twice_to_one_merge_is_fetched_once(hub_cache):
+    # Twice fetched, the two could be two commits (main moving between), and online each
+    # fetch is a round of requests.
+    from unittest import mock
+
+    import ladle.hub
+
+    _, model, other = family(3, seed=41)
+    write_cached_repo(
+        hub_cache, "org/m", COMMIT_A, {"model.safetensors": weights(model)}, refs={"main": COMMIT_A}
+    )
+    with mock.patch.object(ladle.hub, "snapshot", wraps=ladle.hub.snapshot) as fetched:
+        merged = ladle.task_arithmetic(["hf://org/m", "hf://org/m", other], "hf://org/m")
+    assert [call.args[0] for call in fetched.call_args_list] == ["hf://org/m"]
+    # base + 2·(model − model) + (other − model), in float32 as task arithmetic sums
+    expected = ladle.task_arithmetic([model, model, other], model)
+    for key in model:
+        assert torch.equal(merged[key], expected[key])

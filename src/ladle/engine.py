@@ -56,6 +56,7 @@ from .errors import (
     one_line,
     type_name,
 )
+from .hub import PREFIX as HUB_PREFIX
 from .modelcard import output_files
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -1096,8 +1097,11 @@ def open_models(
     if base is not None:
         check_source("base", base)
     stack.push(_forget_views)  # first in: runs once the inputs are closed
+    hub: dict[str, Checkpoint] = {}  # an hf:// URL given twice: one commit, fetched once
 
     def opened(source: StateDictLike, which: str) -> Checkpoint:
+        if isinstance(source, str) and source in hub:
+            return hub[source]
         try:
             checkpoint = open_checkpoint(source)
         except CheckpointError as err:  # "<state dict>: tensor 'w' is on the meta device"
@@ -1107,6 +1111,8 @@ def open_models(
             raise
         if checkpoint is not source:
             stack.callback(checkpoint.close)
+        if isinstance(source, str) and source.startswith(HUB_PREFIX):
+            hub[source] = checkpoint
         return checkpoint
 
     opened_models = [opened(m, f"model {i}") for i, m in enumerate(models)]
