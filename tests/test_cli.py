@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import family
 from safetensors.torch import save_file
+from test_hub import local_hub  # noqa: F401  (a fixture)
 
 import ladle
 from ladle.cli import main
@@ -1221,3 +1222,25 @@ def test_numbers_print_minus_zero_as_zero():
     from ladle.cli import _number
 
     assert (_number(-0.0), _number(0.0), _number(-1.5)) == ("0", "0", "-1.5")  # C36
+
+
+@pytest.mark.slow
+def test_no_bars_from_huggingface_hub_where_ladle_shows_none(local_hub, tmp_path):  # noqa: F811
+    # `--no-progress` (or standard error no terminal) printed huggingface_hub's "Fetching N
+    # files" bars of every download into the log all the same.
+    hub, model = local_hub
+    out = tmp_path / "soup.safetensors"
+    for quiet in (["--no-progress"], []):  # standard error is a pipe: no terminal either way
+        done = _ladle(["soup", "hf://org/m", "-o", str(out), "--overwrite", *quiet], None, True)
+        assert (done.returncode, done.stderr) == (0, "")
+        assert torch.equal(ladle.load(out)["layer.weight"], model["layer.weight"])
+    assert hub.downloaded() == {"config.json", "model.safetensors", "README.md", "LICENSE"}
+
+
+def test_huggingface_hub_bars_are_as_they_were_after_a_quiet_command(local_hub, tmp_path):  # noqa: F811
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    assert not are_progress_bars_disabled()
+    out = tmp_path / "soup.safetensors"
+    assert main(["soup", "hf://org/m", "-o", str(out), "--no-progress"]) == 0
+    assert not are_progress_bars_disabled()

@@ -28,6 +28,7 @@ from . import __version__
 from .checkpoint import Checkpoint, declared_quantization, is_adapter, open_checkpoint
 from .compare import TensorDiff, diff
 from .errors import LadleError, one_line
+from .hub import progress_bars_off
 from .methods.dare import check_dare_density, check_seed, dare
 from .methods.soup import greedy_soup, uniform_soup
 from .methods.stock import model_stock
@@ -247,7 +248,8 @@ def _print(*values: object, flush: bool = False) -> None:
 def _progress(args: argparse.Namespace) -> bool:
     """Progress bars: unless ``--no-progress``, where standard error is a terminal (closed,
     ``2>&-``, ``sys.stderr`` is ``None``)."""
-    return not args.no_progress and sys.stderr is not None and sys.stderr.isatty()
+    quiet = getattr(args, "no_progress", False)  # inspect and diff show bars of downloads alone
+    return not quiet and sys.stderr is not None and sys.stderr.isatty()
 
 
 def _stderr(line: str) -> None:
@@ -942,7 +944,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _terminate_like_interrupt(), warnings.catch_warnings():
             if not args.debug:
                 warnings.showwarning = _show_warning
-            with _torchrun(run, rank):
+            # huggingface_hub's bars (downloads, uploads) follow ladle's: rank 0's, if any
+            quiet = rank != 0 or not _progress(args)
+            with progress_bars_off() if quiet else contextlib.nullcontext(), _torchrun(run, rank):
                 run(args)
                 if push is not None and rank == 0:
                     from .hub import push_to_hub

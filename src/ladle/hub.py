@@ -12,6 +12,7 @@ opened; no token is ever printed.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -690,6 +691,35 @@ def open_hub_checkpoint(url: str, *, cache_dir: str | os.PathLike | None = None)
     """
     folder, commit = snapshot(url, cache_dir=cache_dir)
     return open_snapshot(folder, parse_hf_url(url).url(commit))
+
+
+@contextlib.contextmanager
+def progress_bars_off() -> Iterator[None]:
+    """Within the block, huggingface_hub shows no progress bars (its "Fetching N files",
+    downloads and uploads), as ``ladle --no-progress`` shows none of its own; then they are
+    as they were. ``HF_HUB_DISABLE_PROGRESS_BARS``, where set, decides instead.
+
+    Example:
+        >>> from huggingface_hub.utils import are_progress_bars_disabled
+        >>> with progress_bars_off():
+        ...     are_progress_bars_disabled()
+        True
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    if constants.HF_HUB_DISABLE_PROGRESS_BARS is not None or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
 
 
 def fetched(sources: Iterable[object]) -> dict[str, tuple[Path, str]]:
