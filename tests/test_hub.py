@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -1444,3 +1445,19 @@ def test_an_hf_source_given_twice_to_one_merge_is_fetched_once(hub_cache):
     expected = ladle.task_arithmetic([model, model, other], model)
     for key in model:
         assert torch.equal(merged[key], expected[key])
+
+
+def test_a_repository_of_weights_alone_is_fetched_without_a_warning(local_hub, caplog):
+    # huggingface_hub logged "No files matched allow_patterns=[...]" (on stderr, in the CLI)
+    # for ladle's fetch of the config, card and license files it did not have.
+    hub, model = local_hub
+    hub.repos["org/bare"] = {
+        "refs": {"main": COMMIT_A},
+        "commits": {COMMIT_A: {"model.safetensors": weights(model), ".gitattributes": b"*"}},
+    }
+    with caplog.at_level(logging.DEBUG):
+        loaded = ladle.load("hf://org/bare")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert hub.downloaded() == {"model.safetensors"}
+    for key in model:
+        assert torch.equal(loaded[key], model[key])

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -391,8 +393,8 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
 
     def fetch(revision: str | None, allow: list[str], depth: int = 1) -> Path:
         try:
-            return Path(
-                snapshot_download(
+            with _unmatched_patterns_unsaid():
+                found = snapshot_download(
                     source.repo_id,
                     revision=revision,
                     cache_dir=cache,
@@ -404,7 +406,7 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
                     library_name="ladle",
                     library_version=__version__,
                 )
-            )
+            return Path(found)
         except LocalEntryNotFoundError as err:
             # huggingface_hub ≥ 1: offline, a snapshot whose cached file list names files
             # these patterns match and the cache lacks (a README, a tokenizer) is refused
@@ -470,6 +472,25 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
     if not found:
         raise _no_weights(url, source, folder, commit, offline=offline, cache=cache)
     return folder, commit
+
+
+@contextlib.contextmanager
+def _unmatched_patterns_unsaid() -> Iterator[None]:
+    """Within the block, this thread's fetches do not log huggingface_hub's "No files
+    matched allow_patterns=[...]" warning: :func:`snapshot` asks for the config, card and
+    license files a repository may have, and one with its weights alone (as a training
+    script pushes them) has none, which is no problem to report."""
+    logger = logging.getLogger("huggingface_hub._snapshot_download")
+    thread = threading.get_ident()
+
+    def said(record: logging.LogRecord) -> bool:
+        return record.thread != thread or not str(record.msg).startswith("No files matched")
+
+    logger.addFilter(said)
+    try:
+        yield
+    finally:
+        logger.removeFilter(said)
 
 
 def _cached_snapshot(cache: str, repo_id: str, revision: str | None) -> Path | None:
