@@ -46,7 +46,7 @@ from .engine import (
     resolve_device,
 )
 from .errors import IncompatibleError, LadleError, one_line, type_name
-from .hub import fetched, open_snapshot
+from .hub import fetched, pinned
 from .methods.dare import dare
 from .methods.ratatouille import ratatouille
 from .methods.soup import greedy_soup, normalized_weights, uniform_soup
@@ -894,14 +894,9 @@ def merge(
             )
         with partitioned(share), contextlib.ExitStack() as opened:
             # Every rank reads the commits compared above: no rank asks the Hub again.
-            def pinned(source: Any) -> Any:
-                if isinstance(source, str) and source in snapshots:
-                    return opened.enter_context(open_snapshot(*snapshots[source]))
-                return source
-
             if "base" in params:
-                params["base"] = pinned(params["base"])
-            function([pinned(m) for m in models], out=out, **params)
+                params["base"] = pinned(params["base"], snapshots, opened)
+            function([pinned(m, snapshots, opened) for m in models], out=out, **params)
         if not share.used:
             raise LadleError(
                 f"method: {getattr(function, '__name__', function)} did not write through "

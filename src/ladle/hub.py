@@ -18,9 +18,9 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 from ._version import __version__
@@ -44,6 +44,7 @@ __all__ = [
     "open_hub_checkpoint",
     "open_snapshot",
     "parse_hf_url",
+    "pinned",
     "push_to_hub",
     "snapshot",
 ]
@@ -766,6 +767,16 @@ def fetched(sources: Iterable[object]) -> dict[str, tuple[Path, str]]:
             folder, commit = snapshot(source)
             found[source] = (folder, parse_hf_url(source).url(commit))
     return found
+
+
+def pinned(
+    source: object, snapshots: Mapping[str, tuple[Path, str]], stack: contextlib.ExitStack
+) -> Any:
+    """``source`` as it is, or, for an ``hf://`` URL of ``snapshots`` (from :func:`fetched`),
+    its snapshot opened (:func:`open_snapshot`) and closed with ``stack``."""
+    if isinstance(source, str) and source in snapshots:
+        return stack.enter_context(open_snapshot(*snapshots[source]))
+    return source
 
 
 def open_snapshot(folder: Path, name: str) -> Checkpoint:

@@ -38,7 +38,7 @@ from .engine import (
     resolved_output,
 )
 from .errors import LadleError, type_name
-from .hub import PREFIX, open_snapshot, parse_hf_url
+from .hub import PREFIX, parse_hf_url, pinned
 from .writer import check_output_free, check_output_name, parse_size, single_file
 
 __all__ = ["Recipe", "Step", "StepRef", "load_callable", "load_recipe", "run_recipe"]
@@ -864,9 +864,7 @@ def run_recipe(
         the commit checked) or a path."""
         if isinstance(source, StepRef):
             return results[source.step]
-        if source in snapshots:
-            return opened.enter_context(open_snapshot(*snapshots[source]))
-        return source
+        return pinned(source, snapshots, opened)
 
     for step in checked.steps:
         function = _function(step.method)
