@@ -2052,9 +2052,7 @@ def test_diff_compares_complex_tensors_as_their_parts_and_skips_integers_only():
 def _model_dir(path, config, seed):
     generator = torch.Generator().manual_seed(seed)
     tensors = {
-        "layer.qweight": torch.randint(
-            0, 2**31 - 1, (4, 8), dtype=torch.int32, generator=generator
-        ),
+        "layer.codes": torch.randint(0, 2**31 - 1, (4, 8), dtype=torch.int32, generator=generator),
         "layer.scales": torch.rand(1, 8, generator=generator).half(),
         "norm.weight": torch.rand(8, generator=generator),
     }
@@ -2120,7 +2118,7 @@ def test_model_directories_declaring_no_quantized_weights_merge(tmp_path, config
     models = [_model_dir(tmp_path / f"m{i}", config, i) for i in range(2)]
     merged = ladle.uniform_soup(models)
     loaded = [ladle.load(m) for m in models]
-    assert torch.equal(merged["layer.qweight"], loaded[0]["layer.qweight"])  # copied, as ever
+    assert torch.equal(merged["layer.codes"], loaded[0]["layer.codes"])  # copied, as ever
     assert torch.equal(
         merged["norm.weight"], (loaded[0]["norm.weight"] + loaded[1]["norm.weight"]) / 2
     )
@@ -2152,6 +2150,85 @@ def test_weights_files_of_a_quantized_model_or_an_adapter_named_on_their_own_are
     adapters = [_adapter_dir(tmp_path / f"a{i}", i) / "adapter_model.safetensors" for i in range(2)]
     with pytest.raises(ladle.CheckpointError, match=r"^model 0 \(.*\): a PEFT adapter"):
         ladle.uniform_soup(adapters)
+
+
+def _fp8(*shape):
+    return torch.rand(*shape).to(torch.float8_e4m3fn)
+
+
+# What quantizers store, by layer: where no config declares it (a file under another name, a
+# state dict or module in memory) the tensors themselves show it.
+STORED_QUANTIZATIONS = {  # made per test: tensors kept here count in test_greedy_soup's census
+    "gptq": (
+        lambda: {
+            "l.qweight": torch.ones(1, 8, dtype=torch.int32),
+            "l.qzeros": torch.ones(1, 1, dtype=torch.int32),
+            "l.scales": torch.ones(1, 8).half(),
+            "l.g_idx": torch.zeros(8, dtype=torch.int32),
+        },
+        "GPTQ or AWQ: packed integer weights ('l.qweight')",
+    ),
+    "bitsandbytes-8bit": (
+        lambda: {"l.weight": torch.ones(4, 8, dtype=torch.int8), "l.SCB": torch.ones(4)},
+        "bitsandbytes 8-bit: int8 weights and their scales ('l.SCB')",
+    ),
+    "bitsandbytes-4bit": (
+        lambda: {
+            "l.weight": torch.ones(32, 1, dtype=torch.uint8),
+            "l.weight.absmax": torch.ones(1),
+            "l.weight.quant_map": torch.ones(16),
+        },
+        "bitsandbytes 4-bit: packed weights and their scales ('l.weight.absmax')",
+    ),
+    "mxfp4": (
+        lambda: {
+            "e.up_proj_blocks": torch.ones(2, 8, dtype=torch.uint8),
+            "e.up_proj_scales": torch.ones(2, 1, dtype=torch.uint8),
+        },
+        "MXFP4: packed 4-bit weights and their scales ('e.up_proj_blocks')",
+    ),
+    "fp8-blocks": (
+        lambda: {"l.weight": _fp8(4, 4), "l.weight_scale_inv": torch.ones(1, 1)},
+        "float8 weights with block scales ('l.weight' beside 'l.weight_scale_inv')",
+    ),
+    "fp8-compressed-tensors": (
+        lambda: {
+            "l.weight": _fp8(4, 4),
+            "l.weight_scale": torch.ones(4, 1),
+            "l.input_scale": torch.ones(1),
+        },
+        "float8 weights with scales ('l.weight' beside 'l.weight_scale')",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(STORED_QUANTIZATIONS))
+def test_quantized_tensors_no_config_declares_are_refused(tmp_path, kind):
+    # Before: merged as given (codes copied from model 0, scales averaged apart): a model that
+    # loads and is wrong.
+    made, what = STORED_QUANTIZATIONS[kind]
+    tensors = made()
+    said = (
+        f"holds quantized weights, {what}: merging their codes and scales would merge no "
+        "weights; dequantize it to a floating dtype first"
+    )
+    with pytest.raises(ladle.CheckpointError) as caught:
+        ladle.uniform_soup([tensors, tensors])
+    assert str(caught.value) == f"model 0 (<state dict>): {said}"
+    file = ladle.save(tensors, tmp_path / "ft.safetensors")  # no config beside it
+    out = tmp_path / "out"
+    with pytest.raises(ladle.CheckpointError) as caught:
+        ladle.task_arithmetic([file], base=file, out=out)
+    assert str(caught.value) == f"base ({file}): {said}"
+    assert not out.exists()
+
+
+def test_float8_weights_without_scales_and_scales_of_float_weights_merge():
+    a = {"l.weight": _fp8(4, 4), "norm.layer_scale": torch.ones(4), "norm.layer": torch.ones(4)}
+    b = {k: v.float().mul(2).to(v.dtype) for k, v in a.items()}
+    merged = ladle.uniform_soup([a, b])
+    assert merged["l.weight"].dtype == torch.float8_e4m3fn
+    assert torch.equal(merged["norm.layer_scale"], torch.full((4,), 1.5))
 
 
 def test_the_cli_refuses_a_quantized_model_with_one_line(tmp_path, capsys):

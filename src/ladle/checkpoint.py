@@ -1947,6 +1947,52 @@ def declared_quantization(checkpoint: Checkpoint) -> str | None:
     return method
 
 
+_QUANTIZED_NAMES = (
+    (".qweight", "GPTQ or AWQ: packed integer weights"),
+    (".SCB", "bitsandbytes 8-bit: int8 weights and their scales"),
+    (".weight_format", "bitsandbytes 8-bit: int8 weights and their scales"),
+    (".absmax", "bitsandbytes 4-bit: packed weights and their scales"),
+    (".quant_map", "bitsandbytes 4-bit: packed weights and their scales"),
+)
+"""Key endings that only quantized layers store, and what they say."""
+
+
+def stored_quantization(checkpoint: Checkpoint) -> str | None:
+    """What in ``checkpoint``'s tensors shows quantized weights where no config declares
+    them (a weights file under another name, a state dict or module in memory): a key only
+    quantized layers store (GPTQ's and AWQ's ``qweight``, bitsandbytes' ``SCB`` and
+    ``absmax``, MXFP4's ``_blocks`` beside ``_scales``), or a float8 weight beside its scale
+    (``weight_scale_inv``, ``weight_scale``); ``None`` otherwise. Float8 weights without
+    scales are weights, and merge.
+
+    Example:
+        >>> import torch, ladle
+        >>> fp8 = {"l.weight": torch.ones(2, 2).to(torch.float8_e4m3fn),
+        ...        "l.weight_scale_inv": torch.ones(1, 1)}
+        >>> stored_quantization(ladle.open_checkpoint(fp8))
+        "float8 weights with block scales ('l.weight' beside 'l.weight_scale_inv')"
+        >>> stored_quantization(ladle.open_checkpoint({"l.weight": fp8["l.weight"]})) is None
+        True
+    """
+    keys = checkpoint.keys()
+    names = set(keys)
+    for key in keys:
+        for ending, what in _QUANTIZED_NAMES:
+            if key.endswith(ending):
+                return f"{what} ({key!r})"
+        if key.endswith("_blocks") and key.removesuffix("_blocks") + "_scales" in names:
+            return f"MXFP4: packed 4-bit weights and their scales ({key!r})"
+        for scale, kind in (("_scale_inv", "block scales"), ("_scale", "scales")):
+            weight = key.removesuffix(scale)
+            if weight != key and weight in names and _is_float8(checkpoint.dtype(weight)):
+                return f"float8 weights with {kind} ({weight!r} beside {key!r})"
+    return None
+
+
+def _is_float8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
 def is_adapter(checkpoint: Checkpoint) -> bool:
     """Whether a checkpoint is a PEFT adapter: weights read from ``adapter_model.*`` files of
     a directory that holds ``adapter_config.json`` (the directory, or such a file, named; a

@@ -44,6 +44,7 @@ from .checkpoint import (
     open_checkpoint,
     recorded_name,
     second_names,
+    stored_quantization,
     tied_names,
 )
 from .errors import (
@@ -765,6 +766,10 @@ def check_mergeable(models: Sequence[Checkpoint], base: Checkpoint | None = None
       (:func:`~ladle.checkpoint.declared_quantization`: GPTQ, AWQ, bitsandbytes, FP8 with
       scales, ...): its tensors are codes and scales, copied (integers) and averaged
       (floats) apart; the result would load, and be wrong.
+    - Tensors that show quantized weights where no config declares them
+      (:func:`~ladle.checkpoint.stored_quantization`: ``qweight``, bitsandbytes' ``SCB``,
+      float8 weights beside their scales, ...): a weights file under another name, a state
+      dict or module in memory.
     - A PEFT adapter directory (:func:`~ladle.checkpoint.is_adapter`): the mean of LoRA
       factors ``B`` and ``A`` taken apart is not the mean of the updates ``B·A``, and the
       output would be no adapter (no ``adapter_config.json``).
@@ -785,6 +790,13 @@ def check_mergeable(models: Sequence[Checkpoint], base: Checkpoint | None = None
                 f"{_describe(index, checkpoint)}: its config.json declares its weights "
                 f"quantized (quant_method {method!r}): merging their codes and scales would "
                 "merge no weights; dequantize it to a floating dtype first"
+            )
+        stored = stored_quantization(checkpoint)
+        if stored is not None:
+            raise CheckpointError(
+                f"{_describe(index, checkpoint)}: holds quantized weights, {stored}: merging "
+                "their codes and scales would merge no weights; dequantize it to a floating "
+                "dtype first"
             )
         if is_adapter(checkpoint):
             raise CheckpointError(
