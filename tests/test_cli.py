@@ -208,7 +208,11 @@ def test_inspect_json(inputs, capsys):
     assert report["bytes"] == sum(t.nbytes for t in family(1, seed=7)[0].values())
     assert (report["source"], report["path"], report["metadata"]) == (inputs[0], inputs[0], {})
     assert report["parameters"] == sum(t.numel() for t in family(1, seed=7)[0].values())
-    assert (report["quantization"], report["adapter"]) == (None, False)
+    assert (report["quantization"], report["stored_quantization"], report["adapter"]) == (
+        None,
+        None,
+        False,
+    )
 
 
 def test_inspect_json_lists_metadata_in_one_order_run_after_run(tmp_path, capsys):
@@ -243,6 +247,18 @@ def test_inspect_says_that_merges_refuse_a_quantized_model_or_an_adapter(tmp_pat
     report = json.loads(capsys.readouterr().out)
     expected = ("gptq", False) if kind == "quantized" else (None, True)
     assert (report["quantization"], report["adapter"]) == expected
+
+
+def test_inspect_says_that_merges_refuse_quantized_tensors_no_config_declares(tmp_path, capsys):
+    tensors = {"l.qweight": torch.ones(1, 8, dtype=torch.int32), "l.scales": torch.ones(8)}
+    path = str(ladle.save(tensors, tmp_path / "ft.safetensors"))
+    what = "GPTQ or AWQ: packed integer weights ('l.qweight')"
+    assert main(["inspect", path]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"quantized: {what}: merges refuse it; dequantize it first"
+    assert main(["inspect", path, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["quantization"], report["stored_quantization"]) == (None, what)
 
 
 def test_inspect_json_names_the_torch_file_holding_each_tensor(tmp_path, capsys):

@@ -25,7 +25,13 @@ from typing import Any, NamedTuple, TextIO, TypeVar, cast
 import torch
 
 from . import __version__
-from .checkpoint import Checkpoint, declared_quantization, is_adapter, open_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    declared_quantization,
+    is_adapter,
+    open_checkpoint,
+    stored_quantization,
+)
 from .compare import TensorDiff, diff
 from .errors import LadleError, one_line
 from .hub import progress_bars_off
@@ -366,7 +372,14 @@ def _run_inspect(args: argparse.Namespace) -> None:
         total = sum(nbytes for *_, nbytes in own)
         shards = _shards(ckpt, [key for key in keys if key not in tied])
         found = _Inventory(
-            rows, tied, params, total, shards, declared_quantization(ckpt), is_adapter(ckpt)
+            rows,
+            tied,
+            params,
+            total,
+            shards,
+            declared_quantization(ckpt),
+            stored_quantization(ckpt),
+            is_adapter(ckpt),
         )
         (_inspect_json if args.json else _inspect_table)(ckpt, found)
 
@@ -374,7 +387,7 @@ def _run_inspect(args: argparse.Namespace) -> None:
 class _Inventory(NamedTuple):
     """What ``ladle inspect`` reports of a checkpoint: its tensors (key, shape, dtype,
     bytes), tied names, parameters and bytes (a tied tensor counted once), its files, and
-    what a merge would refuse (a declared quantization, a PEFT adapter)."""
+    what a merge would refuse (a declared quantization, quantized tensors, a PEFT adapter)."""
 
     rows: list[tuple[str, tuple[int, ...], torch.dtype, int]]
     tied: dict[str, str]
@@ -382,6 +395,7 @@ class _Inventory(NamedTuple):
     total: int
     shards: list[dict[str, Any]]
     quantization: str | None
+    stored_quantization: str | None
     adapter: bool
 
 
@@ -409,6 +423,7 @@ def _inspect_json(ckpt: Checkpoint, found: _Inventory) -> None:
                 # sorted: safetensors hands the header's metadata out in a random order
                 "metadata": dict(sorted(ckpt.metadata.items())),
                 "quantization": found.quantization,
+                "stored_quantization": found.stored_quantization,
                 "adapter": found.adapter,
             },
             indent=2,
@@ -450,6 +465,8 @@ def _inspect_table(ckpt: Checkpoint, found: _Inventory) -> None:
         _print(f"metadata {_printable(name)}: {shown}")
     if found.quantization is not None:  # what a merge would refuse, and why (docs/sources.md)
         _print(f"quantized ({found.quantization!r}): merges refuse it; dequantize it first")
+    elif found.stored_quantization is not None:
+        _print(f"quantized: {found.stored_quantization}: merges refuse it; dequantize it first")
     if found.adapter:
         _print("a PEFT adapter: merges refuse it; merge it into its base model first")
 
