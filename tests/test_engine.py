@@ -2199,6 +2199,22 @@ STORED_QUANTIZATIONS = {  # made per test: tensors kept here count in test_greed
         },
         "float8 weights with scales ('l.weight' beside 'l.weight_scale')",
     ),
+    "int8-compressed-tensors": (
+        lambda: {
+            "l.weight": torch.ones(4, 4, dtype=torch.int8),
+            "l.weight_scale": torch.ones(4, 1),
+            "l.weight_zero_point": torch.zeros(4, 1, dtype=torch.int8),
+        },
+        "integer weights with scales ('l.weight' beside 'l.weight_scale')",
+    ),
+    "nvfp4": (  # two 4-bit codes a byte, float8 scales per block of 16
+        lambda: {
+            "l.weight": torch.ones(4, 8, dtype=torch.uint8),
+            "l.weight_scale": _fp8(4, 1),
+            "l.weight_scale_2": torch.ones(()),
+        },
+        "integer weights with scales ('l.weight' beside 'l.weight_scale')",
+    ),
 }
 
 
@@ -2224,7 +2240,13 @@ def test_quantized_tensors_no_config_declares_are_refused(tmp_path, kind):
 
 
 def test_float8_weights_without_scales_and_scales_of_float_weights_merge():
-    a = {"l.weight": _fp8(4, 4), "norm.layer_scale": torch.ones(4), "norm.layer": torch.ones(4)}
+    a = {
+        "l.weight": _fp8(4, 4),
+        "norm.layer_scale": torch.ones(4),
+        "norm.layer": torch.ones(4),
+        "mask": torch.ones(4, dtype=torch.bool),
+        "mask_scale": torch.ones(4),
+    }
     b = {k: v.float().mul(2).to(v.dtype) for k, v in a.items()}
     merged = ladle.uniform_soup([a, b])
     assert merged["l.weight"].dtype == torch.float8_e4m3fn

@@ -1961,9 +1961,10 @@ def stored_quantization(checkpoint: Checkpoint) -> str | None:
     """What in ``checkpoint``'s tensors shows quantized weights where no config declares
     them (a weights file under another name, a state dict or module in memory): a key only
     quantized layers store (GPTQ's and AWQ's ``qweight``, bitsandbytes' ``SCB`` and
-    ``absmax``, MXFP4's ``_blocks`` beside ``_scales``), or a float8 weight beside its scale
-    (``weight_scale_inv``, ``weight_scale``); ``None`` otherwise. Float8 weights without
-    scales are weights, and merge.
+    ``absmax``, MXFP4's ``_blocks`` beside ``_scales``), or float8 or integer weights beside
+    their scale (``weight_scale_inv``, ``weight_scale``: FP8 with block scales,
+    compressed-tensors' int8 and FP8, NVFP4's packed bytes); ``None`` otherwise. Float8
+    weights without scales are weights, and merge.
 
     Example:
         >>> import torch, ladle
@@ -1984,13 +1985,19 @@ def stored_quantization(checkpoint: Checkpoint) -> str | None:
             return f"MXFP4: packed 4-bit weights and their scales ({key!r})"
         for scale, kind in (("_scale_inv", "block scales"), ("_scale", "scales")):
             weight = key.removesuffix(scale)
-            if weight != key and weight in names and _is_float8(checkpoint.dtype(weight)):
-                return f"float8 weights with {kind} ({weight!r} beside {key!r})"
+            if weight != key and weight in names:
+                codes = _codes(checkpoint.dtype(weight))
+                if codes is not None:
+                    return f"{codes} weights with {kind} ({weight!r} beside {key!r})"
     return None
 
 
-def _is_float8(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point and dtype.itemsize == 1
+def _codes(dtype: torch.dtype) -> str | None:
+    """What a weight of ``dtype`` beside a scale is: float8 or integer codes (``None`` for
+    wider floats, which a scale beside them does not make codes)."""
+    if dtype.is_floating_point:
+        return "float8" if dtype.itemsize == 1 else None
+    return None if dtype.is_complex or dtype == torch.bool else "integer"
 
 
 def is_adapter(checkpoint: Checkpoint) -> bool:
