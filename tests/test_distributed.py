@@ -341,6 +341,14 @@ def test_ranks_passing_lists_of_weights_of_different_lengths_are_refused():
         _rank_weights([[1.0, 2.0], [1.0, 2.0, 3.0]], 2)
 
 
+def test_a_rank_s_early_failure_without_a_message_still_stops_the_merge(one_rank, tmp_path):
+    # An exception with no message (one_line gives "") was taken for no failure: the others
+    # went on to the merge, and waited for this rank in its first reduction.
+    out = tmp_path / "out"
+    assert distributed._shared_temporary(out, dist.group.WORLD, "", {}) == "rank 0: "
+    assert not [p for p in os.listdir(tmp_path) if p.lstrip(".").startswith("out")]
+
+
 def test_a_split_merge_s_share_is_its_output_alone(one_rank, tmp_path):
     # A method's own intermediate merge to another file runs whole (D66: it was split too,
     # each rank writing part of it).

@@ -712,7 +712,7 @@ def _shared_temporary(
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
         raise
-    troubles = [(rank, trouble) for rank, (trouble, _, _) in enumerate(given) if trouble]
+    troubles = [(r, trouble) for r, (trouble, _, _) in enumerate(given) if trouble is not None]
     if not troubles:
         troubles = _other_commits([found for _, _, found in given])
     if troubles:
