@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpoint import StateDict, StateDictLike, check_source, load, not_a_dense_tensor
-from .engine import _few, check_number, is_packed, real_view
+from .engine import OUTPUT_DTYPES, _few, check_number, is_packed, real_view
 from .errors import CheckpointError, check_flag, type_name
 
 # The strategies' return annotations name SearchStrategy: bound where hypothesis is imported
@@ -427,11 +427,13 @@ def _layouts(
     dtypes = _sequence_of("dtypes", dtypes, torch.dtype, "torch dtypes")
     if keys is not None:
         keys = _sequence_of("keys", keys, str, "names")
-    packed = [d for d in dtypes if is_packed(d)]  # floating, but no arithmetic
-    if not dtypes or packed or not all(d.is_floating_point or d in COMPLEX_DTYPES for d in dtypes):
+    # Floating dtypes a merge writes: not packed float4 (no arithmetic), nor the unsigned,
+    # scale-only float8_e8m0fnu (a drawn -3.0 stored as 4.0: no family, and every merge
+    # refuses it).
+    if not dtypes or not all(d in OUTPUT_DTYPES or d in COMPLEX_DTYPES for d in dtypes):
         raise ValueError(
-            f"dtypes: expected one or more floating dtypes (or complex64, complex128), found "
-            f"{dtypes}"
+            f"dtypes: expected one or more floating dtypes a merge writes (float32, bfloat16, "
+            f"float16, float64, a signed float8) or complex64, complex128, found {dtypes}"
         )
     limits = (("max_keys", max_keys), ("max_side", max_side))
     for limit, value in limits:
