@@ -4,6 +4,8 @@ import argparse
 import inspect
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -791,6 +793,68 @@ def test_a_bad_density_or_scale_is_a_usage_error_before_any_merging(
     assert f"usage: ladle {args[0]}" in err
     assert f"ladle {args[0]}: error: {message}" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["soup", "M0", "M1", "--weights", "1"], "--weights: expected 2 weights (one per model)"),
+        (["soup", "M0", "M1", "--weights", "1", "-1"], "--weights: expected finite weights with"),
+        (
+            ["task-arithmetic", "--base", "M0", "M1", "M2", "--weights", "1", "2", "3"],
+            "--weights: expected 2 weights (one per model), found 3",
+        ),
+        (["stock", "--base", "M0", "M1"], "Model Stock needs at least 2 models, found 1"),
+        (["slerp", "M0", "M1", "M2"], "slerp interpolates exactly 2 models, found 3"),
+        (["slerp", "M0"], "slerp interpolates exactly 2 models, found 1"),
+        (
+            ["greedy-soup", "M0", "M1", "--evaluate", "os:getcwd", "--scores", "1"],
+            "--scores: expected 2 scores (one per model), found 1",
+        ),
+        (
+            ["greedy-soup", "M0", "M1", "--evaluate", "os:getcwd", "--scores", "nan", "1"],
+            "--scores: expected numbers, found NaN",
+        ),
+    ],
+)
+def test_counts_the_command_line_shows_alone_are_usage_errors(
+    tmp_path, inputs, capsys, argv, message
+):
+    # They were merge errors (status 1, after opening every input): a wrong number of
+    # --weights or --scores, or of models for stock and slerp, is seen in the arguments.
+    out = tmp_path / "out"
+    argv = [inputs[int(a[1])] if re.fullmatch(r"M\d", a) else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "-o", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: ladle {argv[0]}" in err and f"ladle {argv[0]}: error: {message}" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("signal_name", "code", "said"),
+    [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")],
+)
+def test_interrupted_while_evaluate_s_module_imports_is_no_traceback(
+    tmp_path, inputs, capsys, signal_name, code, said
+):
+    # --evaluate imports the user's module while the arguments are parsed (a module that
+    # imports datasets takes seconds): Ctrl-C there printed KeyboardInterrupt's traceback,
+    # and SIGTERM killed the process without a word.
+    (tmp_path / "slow_eval.py").write_text(
+        "import os, signal\n"
+        f"os.kill(os.getpid(), signal.{signal_name})\n"
+        "def score(state_dict):\n    return 0.0\n"
+    )
+    before = signal.getsignal(signal.SIGTERM)
+    if before is not signal.SIG_DFL:  # ladle leaves a handler of the caller's own alone
+        pytest.skip("SIGTERM is handled by the test runner here")
+    evaluate = f"{tmp_path / 'slow_eval.py'}:score"
+    out = tmp_path / "out"
+    assert main(["greedy-soup", *inputs, "--evaluate", evaluate, "-o", str(out)]) == code
+    assert capsys.readouterr().err == f"ladle: {said}\n"
+    assert signal.getsignal(signal.SIGTERM) == before and not out.exists()
 
 
 # Gaps found by mutation testing: each test below fails on a small change to the code.

@@ -1108,17 +1108,20 @@ def test_the_passes_that_prepare_a_merge_show_progress_too(method):
 
 @pytest.mark.parametrize("out", ["out", "out.safetensors"])
 @pytest.mark.parametrize(
-    "method", ["ties", "model_stock", "dare", "task_arithmetic", "greedy_soup", "uniform_soup"]
+    "method",
+    ["ties", "model_stock", "dare", "task_arithmetic", "greedy_soup", "uniform_soup", "slerp"],
 )
 def test_a_bad_shard_size_is_refused_before_any_pass_over_the_inputs(method, out, tmp_path):
     # It was refused by the writer, after TIES's or Model Stock's preparing pass (minutes on
     # an LLM) or after every evaluation of a greedy soup; with a single-file output, whose
     # one file has no use for it, not at all.
     models, base = family(3, seed=1), family(1, seed=2)[0]
+    models = models[:2] if method == "slerp" else models
     evaluations: list[int] = []
     extra = {
         "greedy_soup": lambda: (lambda sd: evaluations.append(1) or 0.0,),
         "uniform_soup": lambda: (),
+        "slerp": lambda: (),
     }.get(method, lambda: (base,))()
     _Bar.made.clear()
     with pytest.raises(ValueError, match=r"^max_shard_size: expected e\.g\. '5GB'"):
@@ -1226,7 +1229,8 @@ def test_a_merge_in_another_thread_leaves_this_threads_count_as_it_was():
     ],
 )
 @pytest.mark.parametrize(
-    "method", ["uniform_soup", "task_arithmetic", "ties", "dare", "model_stock", "ratatouille"]
+    "method",
+    ["uniform_soup", "task_arithmetic", "ties", "dare", "model_stock", "ratatouille", "slerp"],
 )
 def test_chunk_bytes_that_is_no_positive_int_is_refused_naming_it(
     method, chunk_bytes, error, found
@@ -1262,6 +1266,7 @@ SEQUENCE_METHODS = {
     "ties": lambda models: ladle.ties(models, BASE, device="cpu"),
     "dare": lambda models: ladle.dare(models, BASE, device="cpu"),
     "model_stock": lambda models: ladle.model_stock(models, BASE, device="cpu"),
+    "slerp": lambda models: ladle.slerp(models, device="cpu"),
     "weighted_sum": lambda models: ladle.weighted_sum(models, [1, 1]),
 }
 BASE = {"w": torch.zeros(3), "b": torch.zeros(2)}
@@ -1944,6 +1949,7 @@ COMPLEX_METHODS = {
         models, base, density=0.3, combine="ties", **kw
     ),
     "model_stock": lambda models, base, **kw: ladle.model_stock(models, base, **kw),
+    "slerp": lambda models, base, **kw: ladle.slerp(models[:2], t=0.3, **kw),
 }
 
 

@@ -52,6 +52,7 @@ METHODS = {
     "ties tensor": lambda models, base, **kw: ladle.ties(models, base, trim="tensor", **kw),
     "dare": lambda models, base, **kw: ladle.dare(models, base, density=0.3, **kw),
     "model_stock": lambda models, base, **kw: ladle.model_stock(models, base, **kw),
+    "slerp": lambda models, base, **kw: ladle.slerp(models[:2], t=0.3, **kw),
 }
 
 

@@ -199,6 +199,7 @@ def _card_recipe(folder) -> str:
         "model_stock",
         "greedy_soup",
         "ratatouille",
+        "slerp",
     ],
 )
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
@@ -225,6 +226,8 @@ def test_every_methods_card_recipe_runs_and_gives_its_weights(tmp_path, method, 
         "ratatouille": lambda: ladle.ratatouille(
             model_paths, selection="greedy", evaluate=evaluate, **kw
         ),
+        # As Model Stock's: small chunks change the norms' rounding.
+        "slerp": lambda: ladle.slerp(model_paths[:2], t=0.3, chunk_bytes=64, **kw),
     }[method]
     call()
     # As the card says: saved beside the output, whose folder its paths are relative to.

@@ -760,7 +760,7 @@ def test_an_output_over_the_steps_own_input_gets_no_hint_to_name_the_step(folder
         (
             'method = "blend"\nmodels = ["m0.safetensors"]\noutput = "o"\n',
             "recipe.method: unknown method 'blend'; expected one of dare, greedy_soup, "
-            "model_stock, ratatouille, soup, stock, task_arithmetic, ties, uniform_soup",
+            "model_stock, ratatouille, slerp, soup, stock, task_arithmetic, ties, uniform_soup",
         ),
         (
             'method = "soup"\nmodels = "m0.safetensors"\noutput = "o"\n',

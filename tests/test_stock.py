@@ -342,8 +342,10 @@ def test_cli_stock_writes_the_merge_and_rejects_a_single_model(tmp_path, capsys)
     assert main([*args, a, b, "-o", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
     torch.testing.assert_close(ladle.load(out)["w"], t([4.0, 2.5]), rtol=0, atol=1e-6)
-    assert main([*args, a, "-o", str(tmp_path / "x.safetensors")]) == 1
-    assert "models" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a usage error: the command line shows it
+        main([*args, a, "-o", str(tmp_path / "x.safetensors")])
+    assert exit_info.value.code == 2
+    assert "Model Stock needs at least 2 models, found 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("rows", [1, 4, 5])

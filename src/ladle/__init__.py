@@ -39,6 +39,7 @@ from .errors import UnsafeCheckpointError as UnsafeCheckpointError
 from .methods.dare import dare as dare
 from .methods.ratatouille import ratatouille as ratatouille
 from .methods.ratatouille import ratatouille_init as ratatouille_init
+from .methods.slerp import slerp as slerp
 from .methods.soup import GreedySoupResult as GreedySoupResult
 from .methods.soup import GreedySoupStep as GreedySoupStep
 from .methods.soup import greedy_soup as greedy_soup
@@ -85,6 +86,7 @@ __all__ = [
     "run_recipe",
     "save",
     "scale",
+    "slerp",
     "sub",
     "task_arithmetic",
     "task_vector",

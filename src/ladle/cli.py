@@ -36,9 +36,10 @@ from .compare import TensorDiff, diff
 from .errors import LadleError, one_line
 from .hub import progress_bars_off
 from .methods.dare import check_dare_density, check_seed, dare
-from .methods.soup import greedy_soup, uniform_soup
+from .methods.slerp import check_t, slerp
+from .methods.soup import _checked_scores, greedy_soup, normalized_weights, uniform_soup
 from .methods.stock import model_stock
-from .methods.task_arithmetic import check_scale, task_arithmetic
+from .methods.task_arithmetic import check_scale, check_weights, task_arithmetic
 from .methods.ties import check_density, ties
 from .recipe import DTYPES, load_callable, reported, run_recipe
 from .writer import DEFAULT_MAX_SHARD_SIZE, parse_size, single_file
@@ -669,6 +670,25 @@ def _add_stock(commands: Any) -> None:
     )
 
 
+def _add_slerp(commands: Any) -> None:
+    """``ladle slerp``: spherical interpolation of two models."""
+    command = _merge_command(
+        commands,
+        "slerp",
+        "SLERP: per tensor, along the great circle from model A (t = 0) to B (t = 1)",
+        slerp,
+        ("t",),
+        models_help=f"two checkpoints, A and B: {_SOURCES}",
+        base=False,
+    )
+    command.add_argument(
+        "--t",
+        type=_checked(float, check_t),
+        default=0.5,
+        help="where to stop: 0 is A, 1 is B; outside [0, 1] extrapolates (default: 0.5)",
+    )
+
+
 def _add_greedy_soup(commands: Any) -> None:
     """``ladle greedy-soup``: models added best first while a score holds."""
     greedy = commands.add_parser(
@@ -769,6 +789,7 @@ _COMMANDS = (
     _add_ties,
     _add_dare,
     _add_stock,
+    _add_slerp,
     _add_greedy_soup,
     _add_demo,
     _add_inspect,
@@ -878,6 +899,7 @@ def _checked_usage(
     cannot find are refused through ``command`` (exit status 2, its usage shown): options
     for a directory output given a file, ``--push-to-hub`` offline, a file output of a
     merge split across processes, a bad ``RANK``."""
+    _check_counts(args, command)
     push = getattr(args, "push_to_hub", None)
     file = single_file(args.out) if getattr(args, "out", None) is not None else False
     if push is not None and file:
@@ -904,6 +926,32 @@ def _checked_usage(
     if rank < 0:
         command.error(f"RANK={os.environ.get('RANK')!r}: expected the process's rank (0, 1, ...)")
     return rank
+
+
+def _check_counts(args: argparse.Namespace, command: argparse.ArgumentParser) -> None:
+    """Usage errors (exit status 2) that the command line shows alone: a number of models
+    the method does not take (``stock``: two or more, ``slerp``: two), ``--weights`` or
+    ``--scores`` that are not one per model, or weights a soup cannot normalise."""
+    models = getattr(args, "models", None)
+    if models is None:
+        return
+    count, method = len(models), getattr(args, "method", None)
+    if method is model_stock and count < 2:
+        command.error(f"Model Stock needs at least 2 models, found {count}")
+    if method is slerp and count != 2:
+        command.error(f"slerp interpolates exactly 2 models, found {count}")
+    try:
+        weights = getattr(args, "weights", None)
+        if weights is not None:
+            if method is uniform_soup:
+                normalized_weights(weights, count)
+            else:
+                check_weights(weights, count)
+        scores = getattr(args, "scores", None)
+        if scores is not None:
+            _checked_scores(scores, count)
+    except ValueError as err:  # "weights: expected 3 weights (one per model), found 2"
+        command.error(f"--{err}")
 
 
 def _parsed(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -944,13 +992,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
     try:
-        args = _parsed(argv)
+        # --evaluate imports the user's module while parsing: it may take a while (torch,
+        # datasets), and Ctrl-C or SIGTERM then is what it is later, not a traceback.
+        with _terminate_like_interrupt():
+            args = _parsed(argv)
     except BrokenPipeError:  # `ladle --help | head -1`
         _discard_stdout()
         return 141
     except OSError as err:  # --help or --version, and standard output cannot be written
         _stderr(f"ladle: error: {one_line(err)}")
         return 1
+    except KeyboardInterrupt as err:
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        terminated = isinstance(err, _Terminated)
+        _stderr(f"ladle: {'terminated' if terminated else 'interrupted'}")
+        return 143 if terminated else 130
     run: Callable[[argparse.Namespace], None] = args.run
     command: argparse.ArgumentParser = args.command_parser  # usage errors show its usage
     push = getattr(args, "push_to_hub", None)

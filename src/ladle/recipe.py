@@ -48,6 +48,7 @@ METHODS = (
     "greedy_soup",
     "model_stock",
     "ratatouille",
+    "slerp",
     "task_arithmetic",
     "ties",
     "uniform_soup",
@@ -291,7 +292,7 @@ def _check_values(method: str, parameters: Mapping[str, Any], count: int, where:
     itself checks them when it runs: ranges, choices, one weight or score per model, and
     ratatouille's selection rules; ``count`` is the step's number of models. An error names
     the step and key (``steps.NAME.parameters.density: ...``)."""
-    from .methods import dare, ratatouille, soup, task_arithmetic, ties
+    from .methods import dare, ratatouille, slerp, soup, task_arithmetic, ties
 
     def check(key: str, rule: Callable[[Any], object]) -> None:
         if key not in parameters:
@@ -326,6 +327,10 @@ def _check_values(method: str, parameters: Mapping[str, Any], count: int, where:
         check("combine", choice(dare.COMBINES))
     elif method == "model_stock" and count < 2:
         raise ValueError(f"{where}.models: model_stock needs at least 2 models, found {count}")
+    elif method == "slerp":
+        check("t", slerp.check_t)
+        if count != 2:
+            raise ValueError(f"{where}.models: slerp interpolates exactly 2 models, found {count}")
     if method == "ratatouille":
         check("selection", choice(ratatouille.SELECTIONS))
         if parameters.get("selection", "uniform") == "uniform":

@@ -138,7 +138,8 @@ def _exact_float32_matmul(device: torch.device) -> bool:
 
 
 def gram_kernel(n: int) -> Kernel:
-    """Fold the Gram matrix ``⟨τᵢ, τⱼ⟩`` of one chunk of rows, one model at a time.
+    """Fold the Gram matrix ``⟨τᵢ, τⱼ⟩`` of one chunk of rows, one model at a time; with no
+    base (a fold without one), of the models themselves: ``⟨xᵢ, xⱼ⟩``.
 
     The state holds an N×rows matrix of the task vectors in the compute dtype; ``finalize``
     multiplies it by its transpose (:func:`_gram`) and returns the chunk's Gram matrix in
@@ -165,21 +166,26 @@ def gram_kernel(n: int) -> Kernel:
     scratch = Scratch()
 
     def init(key: str, rows: slice, base: torch.Tensor | None) -> tuple:
-        assert base is not None  # model_stock always merges against a base
-        exact = _exact_float32_matmul(base.device)
-        dtype = base.dtype if exact else torch.float64
-        home = base.device if exact else float64_home(base.device)
-        flat = base.reshape(-1).to(home, dtype)
-        return flat, scratch.take((n, flat.numel()), dtype, home)
+        return (base, None) if base is None else _matrix(base, base)
 
     def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
-        base, taus = state
+        base, taus = state if state[1] is not None else _matrix(x, None)
         flat = x.reshape(-1).to(taus.device)  # the CPU's, for a device without float64
-        if flat.dtype == taus.dtype:
+        if base is None:
+            taus[index].copy_(flat)
+        elif flat.dtype == taus.dtype:
             torch.sub(flat, base, out=taus[index])
         else:  # cast, then subtract in place: faster than a mixed-dtype subtraction
             taus[index].copy_(flat).sub_(base)
-        return state
+        return base, taus
+
+    def _matrix(like: torch.Tensor, base: torch.Tensor | None) -> tuple:
+        """The flat base (or ``None``) and the N × entries matrix, for chunks like ``like``."""
+        exact = _exact_float32_matmul(like.device)
+        dtype = like.dtype if exact else torch.float64
+        home = like.device if exact else float64_home(like.device)
+        flat = None if base is None else base.reshape(-1).to(home, dtype)
+        return flat, scratch.take((n, like.numel()), dtype, home)
 
     def finalize(state: tuple) -> torch.Tensor:
         taus = state[1]
