@@ -71,6 +71,7 @@ MERGES = {
     "stock": ("model_stock", {"base": True}),
     "soup": ("uniform_soup", {"weights": [1.0, 2.0, 3.0]}),
     "dare-ties": ("dare", {"base": True, "density": 0.5, "combine": "ties", "seed": 3}),
+    "slerp": ("slerp", {"t": 0.3}),  # of the first two models
 }
 
 
@@ -89,6 +90,11 @@ def _models(root: Path) -> tuple[str, list[str]]:
 
 def _kwargs(extra: dict, base: str) -> dict:
     return {**extra, "base": base} if "base" in extra else dict(extra)
+
+
+def _inputs(method: str, models: list[str]) -> list[str]:
+    """The models a method of :data:`MERGES` merges: SLERP interpolates the first two."""
+    return models[:2] if method == "slerp" else models
 
 
 # --- without a process group ------------------------------------------------------------------
@@ -143,12 +149,14 @@ def test_merge_rejects_unknown_names_and_greedy_selection(tmp_path):
         ("stock", "model_stock", {"base": True}),
         ("task-arithmetic", "task_arithmetic", {"base": True, "scale": 0.5}),
         ("model-stock", "model_stock", {"base": True}),
+        ("slerp", "slerp", {}),
     ],
 )
 def test_merge_accepts_the_names_recipes_and_the_cli_use(tmp_path, short, name, extra):
     base, models = _models(tmp_path)
     with warnings.catch_warnings():  # Model Stock's 0-dim key sits at t's clamp
         warnings.simplefilter("ignore", ladle.ModelStockWarning)
+        models = _inputs(name, models)
         out = merge(short, models, out=tmp_path / "out", device="cpu", **_kwargs(extra, base))
         expected = getattr(ladle, name)(models, device="cpu", **_kwargs(extra, base))
     merged = ladle.load(out)
@@ -526,7 +534,7 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     for name, (method, extra) in MERGES.items():
         out = merge(
             method,
-            models,
+            _inputs(method, models),
             out=root / name,
             device="cpu",
             chunk_bytes=CHUNK,
@@ -555,6 +563,14 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     # A failure on one rank (NaN in the last key, merged by the last rank) fails them all.
     found["nan_error"] = _catch(merge, "uniform_soup", [root / "nan.safetensors"], out=root / "nan")
     found["device_error"] = _catch(merge, "uniform_soup", models, out=root / "dev", device="tpu")
+    # Folders made above an output that is never written go with it, as in one process: a
+    # failed merge's, and those of an output refused inside an input's folder.
+    nan_deep = root / "made" / "deep" / "nan"
+    found["made_nan_error"] = _catch(
+        merge, "uniform_soup", [root / "nan.safetensors"], out=nan_deep
+    )
+    inside = root / "input_dir" / "made" / "merged"
+    found["inside_error"] = _catch(merge, "uniform_soup", [root / "input_dir", *models], out=inside)
     # Beside an output with leftovers of another host and of a process gone from this one.
     merge("uniform_soup", models, out=root / "hosts" / "soup", device="cpu")
     # Also where the others wait in a reduction (TIES's threshold pass, DARE's vote pass)
@@ -699,6 +715,8 @@ def spawned(tmp_path_factory):
         }
         save_file(tiny, root / f"tiny{i}.safetensors")
     save_file({"w": torch.arange(4.0)}, root / "one_key.safetensors")
+    (root / "input_dir").mkdir()
+    shutil.copy(models[0], root / "input_dir" / "model.safetensors")
     save_file({}, root / "no_keys.safetensors")
     nan_twice = {
         k: torch.tensor([1.0, v]) for k, v in (("x", 2.0), ("y", math.nan), ("z", math.nan))
@@ -729,6 +747,18 @@ def spawned(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_a_split_merge_that_writes_nothing_removes_the_folders_it_made(spawned):
+    # Rank 0 made the folders above out, and left them: new/deep/ after a failed merge, and
+    # made/ inside an input's folder (refused as inside an input, but made there first).
+    root, *_, ranks = spawned
+    for found in ranks:
+        assert "holds NaN or Inf" in found["made_nan_error"][1], found["made_nan_error"]
+        assert "inside input" in found["inside_error"][1], found["inside_error"]
+    assert not (root / "made").exists()
+    assert os.listdir(root / "input_dir") == ["model.safetensors"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MERGES))
 def test_split_merge_equals_single_process_merge_bit_for_bit(spawned, name):
     root, base, models, ranks = spawned
@@ -736,7 +766,7 @@ def test_split_merge_equals_single_process_merge_bit_for_bit(spawned, name):
     with warnings.catch_warnings():  # Model Stock's 0-dim key sits at t's clamp
         warnings.simplefilter("ignore", ladle.ModelStockWarning)
         expected = getattr(ladle, method)(
-            models, device="cpu", chunk_bytes=CHUNK, **_kwargs(extra, base)
+            _inputs(method, models), device="cpu", chunk_bytes=CHUNK, **_kwargs(extra, base)
         )
     assert all(found[name] == str(root / name) for found in ranks)
     merged = ladle.load(root / name)

@@ -49,6 +49,7 @@ from .errors import IncompatibleError, LadleError, one_line, type_name
 from .hub import fetched, pinned
 from .methods.dare import dare
 from .methods.ratatouille import ratatouille
+from .methods.slerp import slerp
 from .methods.soup import greedy_soup, normalized_weights, uniform_soup
 from .methods.stock import model_stock
 from .methods.task_arithmetic import task_arithmetic
@@ -83,6 +84,7 @@ METHODS: dict[str, Callable[..., Any]] = {
     "dare": dare,
     "model_stock": model_stock,
     "ratatouille": ratatouille,
+    "slerp": slerp,
     "task_arithmetic": task_arithmetic,
     "ties": ties,
     "uniform_soup": uniform_soup,
@@ -682,6 +684,7 @@ def _shared_temporary(
     group: dist.ProcessGroup,
     problem: str | None,
     commits: Mapping[str, str] | None = None,
+    folders: list[Path] | None = None,
 ) -> Path | str:
     """Rank 0 makes the temporary directory beside ``out``; in one gather, every rank learns
     its name, whether a rank failed before (its ``problem``: its own arguments, a device
@@ -692,16 +695,20 @@ def _shared_temporary(
     Returns the directory, or else, on every rank alike, ``"rank R: ..."`` naming the first
     rank that failed (rank 0, should it fail to make the directory) or found another commit
     than rank 0. Then, and should the others not learn the name (a rank gone or timed out,
-    Ctrl-C), rank 0 deletes it.
+    Ctrl-C), rank 0 deletes it, and the folders it made above ``out``. Those are put in
+    ``folders`` (deepest first), for rank 0 to remove should the merge write nothing.
     """
     made: Path | None = None
+    folders = [] if folders is None else folders
     if dist.get_rank(group) == 0 and out is not None:  # None where this rank failed
         try:
+            folders[:] = [f for f in (out.parent, *out.parent.parents) if not os.path.lexists(f)]
             out.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(out)
             made = _temporary_beside(out)
             made.mkdir()
         except OSError as err:
+            _discard(None, folders)
             made = None
             problem = f"{out}: cannot make the temporary directory beside it ({err})"
     given: list[Any] = [None] * dist.get_world_size(group)
@@ -709,18 +716,27 @@ def _shared_temporary(
         mine = (problem, None if made is None else str(made), dict(commits or {}))
         dist.all_gather_object(given, mine, group=group)
     except BaseException:
-        if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
+        _discard(made, folders)
         raise
     troubles = [(r, trouble) for r, (trouble, _, _) in enumerate(given) if trouble is not None]
     if not troubles:
         troubles = _other_commits([found for _, _, found in given])
     if troubles:
-        if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
+        _discard(made, folders)
         rank, trouble = troubles[0]
         return f"rank {rank}: {trouble}"
     return Path(given[0][1])
+
+
+def _discard(directory: Path | None, folders: Sequence[Path]) -> None:
+    """What rank 0 made for a split merge that writes nothing: the temporary ``directory``
+    (if any), then the ``folders`` made above the output, deepest first (one that something
+    else put a file in stays), as a merge in one process takes its own away."""
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _other_commits(found: Sequence[Mapping[str, str]]) -> list[tuple[int, str]]:
@@ -875,7 +891,10 @@ def merge(
         params["progress"] = None
     problem = None if early is None else one_line(early)
     commits = {url: name for url, (_, name) in snapshots.items()}
-    directory = _shared_temporary(Path(out) if early is None else None, world, problem, commits)
+    folders: list[Path] = []  # made above out by rank 0, removed should nothing be written
+    directory = _shared_temporary(
+        Path(out) if early is None else None, world, problem, commits, folders
+    )
     if early is not None:
         try:
             raise early
@@ -906,7 +925,7 @@ def merge(
         error = err
     except BaseException:  # Ctrl-C reaches every rank: rank 0 removes the shared output
         if rank == 0:
-            shutil.rmtree(directory, ignore_errors=True)
+            _discard(directory, folders)
         raise
     try:  # until every rank knows the outcome; then only rank 0 touches the output
         if not share.stopped:  # the flag the others' next reduction (or this one) waits for
@@ -920,17 +939,17 @@ def merge(
         if rank == 0:
             try:
                 if failed:
-                    shutil.rmtree(directory, ignore_errors=True)
+                    _discard(directory, folders)
                 else:
                     _finish(out, directory, share.specs, reports, bool(params.get("overwrite")))
             except Exception as err:
-                shutil.rmtree(directory, ignore_errors=True)
+                _discard(directory, folders)
                 finished[0] = one_line(err)
                 own = own or err
         dist.broadcast_object_list(finished, src=_source(world), group=world)
     except BaseException:  # Ctrl-C or a lost peer while waiting: no shards left behind
         if rank == 0:
-            shutil.rmtree(directory, ignore_errors=True)
+            _discard(directory, folders)
         error = own = None  # as below: no cycle through this frame holds the group
         raise
     try:
