@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import family
+from conftest import assert_bit_for_bit, family
 from safetensors.torch import save, save_file
 
 import ladle
@@ -583,6 +583,14 @@ def test_a_stop_iteration_from_a_step_is_named_and_stays_one(folder, monkeypatch
     with pytest.raises(StopIteration, match=r"^recipe: no data$") as caught:
         run_recipe(write(folder, SOUP), device="cpu")
     assert isinstance(caught.value.__cause__, StopIteration)
+
+
+def test_a_recipe_saved_with_a_byte_order_mark_runs_as_without(folder):
+    # tomllib refused it: "Invalid statement (at line 1, column 1)", of a line that looks right
+    (folder / "bom.toml").write_text("\ufeff" + SOUP, encoding="utf-8")
+    run_recipe(folder / "bom.toml", device="cpu")
+    expected = ladle.uniform_soup([folder / "m0.safetensors", folder / "m1.safetensors"])
+    assert_bit_for_bit(ladle.load(folder / "o"), expected)
 
 
 def test_a_binary_file_is_not_a_recipe_and_the_error_names_it(folder, capsys):

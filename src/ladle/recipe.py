@@ -9,6 +9,7 @@ Relative paths are relative to the recipe file. See ``docs/recipes.md``.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import importlib
@@ -155,7 +156,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
             ) from None
     try:
         with path.open("rb") as handle:
-            return tomllib.load(handle)
+            data = handle.read()
+        # A byte-order mark, as some editors write before UTF-8 text, is no TOML statement:
+        # tomllib said "Invalid statement (at line 1, column 1)" of a line that looks right.
+        return tomllib.loads(data.removeprefix(codecs.BOM_UTF8).decode("utf-8"))
     except OSError as err:
         raise ValueError(f"recipe: cannot read {path} ({err.strerror or err})") from err
     except tomllib.TOMLDecodeError as err:  # its message gives the line and column
