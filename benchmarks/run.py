@@ -5,11 +5,12 @@ model.safetensors) that mergekit can read too, one family in fp32 and one in bf1
 number is measured in this run:
 - time: wall seconds net of the tool's own start-up (interpreter and imports), as a ratio to
   the read floor (``cat`` of the run's own inputs, warm page cache: the N fine-tunes for the
-  soups, the base too for the methods that take one) and to ladle's uniform soup;
+  soups, the base too for the methods that take one, two fine-tunes for SLERP) and to
+  ladle's uniform soup;
 - memory: peak RssAnon (anonymous memory; mmap'd file pages excluded) above start-up, as a
   ratio to one checkpoint;
 - agreement: where ladle and mergekit compute the same thing (linear, task arithmetic, TIES
-  with per-tensor trim, Model Stock), the largest absolute difference of their outputs.
+  with per-tensor trim, Model Stock, SLERP), the largest absolute difference of their outputs.
 
 mergekit is never a dependency of ladle: install it in a separate venv (see
 docs/benchmarks.md) and pass ``--mergekit /path/to/venv/bin/mergekit-yaml``.
@@ -55,7 +56,11 @@ MERGEKIT = {  # ladle label -> mergekit merge_method and per-model parameters
     "task-arithmetic": ("task_arithmetic", {"weight": 1.0}, {"normalize": False}),
     "ties (trim=tensor)": ("ties", {"weight": 1.0, "density": 0.2}, {"normalize": True}),
     "stock": ("model_stock", {}, {}),
+    "slerp": ("slerp", {}, {"t": 0.5}),  # of the first two fine-tunes, the first as base
 }
+
+TWO_MODELS = ("slerp",)
+"""Methods of two models: they read the first two fine-tunes, and their floor is those two."""
 
 
 def ladle_commands(base: Path, models: list[Path]) -> dict[str, list[str]]:
@@ -69,6 +74,7 @@ def ladle_commands(base: Path, models: list[Path]) -> dict[str, list[str]]:
         "ties (trim=tensor)": ["ties", *b, *ms, "--density", "0.2", "--trim", "tensor", *common],
         "stock": ["stock", *b, *ms, *common],
         "dare": ["dare", *b, *ms, "--density", "0.1", "--seed", "0", *common],
+        "slerp": ["slerp", *ms[:2], "--t", "0.5", *common],
     }
 
 
@@ -80,6 +86,8 @@ def mergekit_config(method: str, base: Path, models: list[Path], dtype: str) -> 
     merge_method, per_model, parameters = MERGEKIT[method]
     out_dtype = "bfloat16" if dtype == "bf16" else "float32"
     lines = [f"merge_method: {merge_method}", "dtype: float32", f"out_dtype: {out_dtype}"]
+    if method in TWO_MODELS:  # mergekit's slerp starts from its base_model: ladle's model A
+        base, models = models[0], models[:2]
     if merge_method != "linear":
         lines.append(f"base_model: {base}")
     lines.append("models:")
@@ -170,6 +178,7 @@ def report(
     py = sys.executable
     cat = best_of(repeat, ["cat", *map(str, files)])
     cat_models = best_of(repeat, ["cat", *map(str, files[1:])])  # the soups read no base
+    cat_two = best_of(repeat, ["cat", *map(str, files[1:3])])  # SLERP reads two fine-tunes
     idle = {
         "ladle": best_of(repeat, [py, "-c", LADLE_SETUP]),
         "naive": best_of(repeat, [py, "-c", NAIVE_SETUP]),
@@ -190,14 +199,15 @@ def report(
     print(
         f"{count} fine-tunes + base, {name}, {one / MIB:.1f} MiB each; best of {repeat}; read "
         f"floor: cat of the {len(models)} fine-tunes {cat_models.seconds:.3f} s (the soups' "
-        f"floor), of all {len(files)} files {cat.seconds:.3f} s (the others'); times exclude "
-        "start-up"
+        f"floor), of all {len(files)} files {cat.seconds:.3f} s (the others'), of 2 "
+        f"{cat_two.seconds:.3f} s (SLERP's); times exclude start-up"
     )
     soup = results["ladle soup"][0].seconds
     print(f"{'run':<30}{'s':>8}{'x floor':>9}{'x soup':>8}{'extra RssAnon':>15}{'x ckpt':>8}")
     for label, (run, baseline) in results.items():
         extra = max(run.peak_anon - baseline.peak_anon, 0)
         floor = cat_models if label in ("naive load-all soup", "ladle soup") else cat
+        floor = cat_two if label.removeprefix("ladle ") in TWO_MODELS else floor
         print(
             f"{label:<30}{run.seconds:8.3f}{run.seconds / floor.seconds:9.2f}"
             f"{run.seconds / soup:8.2f}{extra / MIB:11.1f} MiB{extra / one:8.2f}"
