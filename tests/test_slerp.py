@@ -162,6 +162,44 @@ def test_output_dtypes():
     assert ladle.slerp([a, b], device="cpu", dtype=torch.float32)["h"].dtype == torch.float32
 
 
+def test_coefficients_float32_cannot_hold_are_applied_in_float64():
+    # torch refused a coefficient past float32's range ("value cannot be converted to type
+    # float without overflow", a traceback from the CLI), and rounded 1e-44 to a subnormal
+    # of four bits (2% off).
+    zero = {"w": t([0.0, 0.0])}
+    far = ladle.slerp([zero, {"w": t([1e-30, 0.0])}], t=1e39, device="cpu")["w"]
+    assert far.tolist() == pytest.approx([1e9, 0.0], rel=1e-6)
+    near = ladle.slerp([{"w": t([0.0])}, {"w": t([3e38])}], t=1e-44, device="cpu")["w"]
+    assert near.item() == torch.tensor(1e-44 * 3e38).item()  # 3e-6, rounded once
+    assert near.item() == ladle.lerp({"w": t([0.0])}, {"w": t([3e38])}, 1e-44)["w"].item()
+
+
+@pytest.mark.parametrize("scale", [1e-23, 1.0, 1e18])
+def test_the_angle_does_not_depend_on_the_tensors_scale(scale):
+    # Float32 products of entries near 1e-23 underflowed to 0: the key counted as a zero
+    # tensor and was interpolated linearly.
+    a, b = t([1.0, 1.0]) * scale, t([1.0, 2.0]) * scale
+    merged = ladle.slerp([{"w": a}, {"w": b}], device="cpu")["w"] / scale
+    expected = naive_slerp({"w": a.double()}, {"w": b.double()}, 0.5)["w"] / scale
+    torch.testing.assert_close(merged.double(), expected, rtol=1e-6, atol=0)
+    assert abs(float(merged[0]) - 1.0) > 0.01  # on the circle, not the line: [1.013, 1.520]
+
+
+def test_nearly_opposite_tensors_stay_near_the_float64_result():
+    # cos θ = -0.99925, just inside the circle's branch, where the angle is ill-conditioned:
+    # with float32 products in the norms the result was 88 float32 steps (of its largest
+    # entry) from a float64 computation (1281 on another such pair), now 13; mergekit's 690.
+    generator = torch.Generator().manual_seed(5)
+    a = torch.randn(28, generator=generator)
+    b = -(a + 0.03 * torch.randn(28, generator=generator))
+    cosine = float(a.double() @ b.double() / (a.double().norm() * b.double().norm()))
+    assert -0.9995 < cosine < -0.999
+    merged = ladle.slerp([{"w": a}, {"w": b}], t=0.519, device="cpu")["w"].double()
+    exact = naive_slerp({"w": a.double()}, {"w": b.double()}, 0.519)["w"]
+    step = float(exact.abs().max()) * 2**-23
+    assert float((merged - exact).abs().max()) < 32 * step
+
+
 def test_nonfinite_inputs_are_refused_or_interpolated_linearly():
     a, b = {"w": t([math.inf, 1.0, 0.0])}, {"w": t([1.0, 1.0, 2.0])}
     with pytest.raises(ladle.NonFiniteError, match="'w'"):

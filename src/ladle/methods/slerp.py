@@ -28,6 +28,7 @@ from ..engine import (
     NumberLike,
     Progress,
     Scratch,
+    beyond_float32,
     check_chunk_bytes,
     check_models,
     check_number,
@@ -35,6 +36,7 @@ from ..engine import (
     fold,
     merge,
     resolve_device,
+    scale_,
 )
 from ..writer import DEFAULT_MAX_SHARD_SIZE
 from .stock import GRAM_CHUNK_BYTES, gram_kernel
@@ -108,12 +110,18 @@ def slerp_kernel(coefficients: dict[str, tuple[float, float]], t: float) -> Kern
 
     def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
         weights, acc = state
-        if weights[index] == 0:
+        weight = weights[index]
+        if weight == 0:
             return state
+        wide = x.dtype == torch.float32 and beyond_float32(weight)  # t = 1e39, or 1e-44
         if acc is None:  # x may be a read-only view of a file: never write into it
             first = scratch.take(x.shape, x.dtype, x.device)
-            return weights, torch.mul(x, weights[index], out=first)
-        return weights, acc.add_(x, alpha=weights[index])
+            return weights, scale_(first.copy_(x), weight) if wide else torch.mul(
+                x, weight, out=first
+            )
+        if wide:  # a coefficient float32 cannot hold: this term in float64, rounded once
+            return weights, acc.copy_(x.double().mul_(weight).add_(acc))
+        return weights, acc.add_(x, alpha=weight)
 
     def finalize(state: tuple) -> torch.Tensor:
         acc = state[1]
@@ -227,7 +235,7 @@ def slerp(
         grams: dict[str, torch.Tensor] = {}
         for key, _, partial in fold(
             checkpoints,
-            gram_kernel(2),
+            gram_kernel(2, float64=True),
             keys=None if part is None else part.keys(checkpoints[0]),
             device=target,
             chunk_bytes=min(chunk_bytes, GRAM_CHUNK_BYTES),

@@ -137,9 +137,11 @@ def _exact_float32_matmul(device: torch.device) -> bool:
     return legacy == "highest" and getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
 
 
-def gram_kernel(n: int) -> Kernel:
+def gram_kernel(n: int, *, float64: bool = False) -> Kernel:
     """Fold the Gram matrix ``⟨τᵢ, τⱼ⟩`` of one chunk of rows, one model at a time; with no
-    base (a fold without one), of the models themselves: ``⟨xᵢ, xⱼ⟩``.
+    base (a fold without one), of the models themselves: ``⟨xᵢ, xⱼ⟩``. ``float64``: the
+    products in float64 wherever they run (SLERP's two tensors, whose angle near 0 or π
+    is ill-conditioned: float32 products put its results a thousand float32 steps off).
 
     The state holds an N×rows matrix of the task vectors in the compute dtype; ``finalize``
     multiplies it by its transpose (:func:`_gram`) and returns the chunk's Gram matrix in
@@ -181,7 +183,7 @@ def gram_kernel(n: int) -> Kernel:
 
     def _matrix(like: torch.Tensor, base: torch.Tensor | None) -> tuple:
         """The flat base (or ``None``) and the N × entries matrix, for chunks like ``like``."""
-        exact = _exact_float32_matmul(like.device)
+        exact = _exact_float32_matmul(like.device) and not float64
         dtype = like.dtype if exact else torch.float64
         home = like.device if exact else float64_home(like.device)
         flat = None if base is None else base.reshape(-1).to(home, dtype)
