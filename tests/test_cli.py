@@ -512,6 +512,18 @@ def test_inspect_prints_one_line_per_metadata_entry(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["metadata"] == metadata
 
 
+def test_inspect_escapes_every_line_break_and_control_in_a_metadata_value(tmp_path, capsys):
+    # JSON escapes only what lies below U+0020: NEL and U+2028 (line breaks to
+    # str.splitlines and many terminals) and C1's CSI went out raw.
+    value = "line1\x85line2\u2028line3\x9b31m é"
+    save_file({"w": torch.ones(2)}, tmp_path / "m.safetensors", metadata={"n": value})
+    assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert 'metadata n: "line1\\u0085line2\\u2028line3\\u009b31m é"\n' in out
+    assert out.splitlines() == out.split("\n")[:-1]  # no line breaks but "\n"
+    assert json.loads(out.splitlines()[-1].removeprefix("metadata n: ")) == value
+
+
 def test_inspect_escapes_keys_that_would_break_a_line_or_the_encoding(tmp_path):
     # A torch file's keys may hold line breaks and lone surrogates; stdout is strict UTF-8 as
     # on most terminals (C.UTF-8 would write the surrogate as a raw byte instead).

@@ -912,6 +912,33 @@ def test_a_source_name_shows_whole_in_its_own_cell_of_the_inputs_table(name):
     assert _table_cells(row) == ["model 0", name, "-"]
 
 
+def test_a_line_break_in_a_source_name_stays_in_its_row_of_the_inputs_table():
+    # The row was split at the line break: a malformed table.
+    card = model_card("soup", {}, ["ckpt\nA", "plain"])
+    rows = [line for line in card.splitlines() if line.startswith("| model ")]
+    assert [_table_cells(row) for row in rows] == [
+        ["model 0", "'ckpt\\nA'", "-"],
+        ["model 1", "plain", "-"],
+    ]
+
+
+def test_license_fields_keep_the_line_breaks_yaml_folds_inside_quoted_values(tmp_path):
+    # NEL, U+2028 and U+2029 were written raw inside a double-quoted value, which YAML reads
+    # as a space each: the card recorded another link than the input's.
+    from huggingface_hub import ModelCard
+
+    card = tmp_path / "README.md"
+    card.write_text(
+        '---\nlicense: other\nlicense_link: "https://x/\\Ny\\Lz\\Pw"\n---\n', encoding="utf-8"
+    )
+    fields = license_fields(card)
+    written = "".join(f"{field}: {value}\n" for field, value in fields.items())
+    assert ModelCard(f"---\n{written}---\n").data.to_dict() == {
+        "license": "other",
+        "license_link": "https://x/\x85y\u2028z\u2029w",
+    }
+
+
 def test_license_texts_and_card_license_come_from_the_input_whose_config_is_copied(tmp_path):
     base, model = family(2, seed=4)
     model_dir(tmp_path / "base", base)

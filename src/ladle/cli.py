@@ -363,6 +363,22 @@ def _printable(key: str) -> str:
     return key if key.isprintable() else repr(key)
 
 
+def _printable_value(value: str) -> str:
+    """A metadata ``value`` as it is, or where it holds what would break the line (a line
+    break, a control character, a lone surrogate) as a JSON string whose unprintable
+    characters are all escaped (JSON escapes those below U+0020 alone: NEL, U+2028 and a C1
+    control such as the terminal's CSI went out raw).
+
+    Example:
+        >>> print(_printable_value("pt"), _printable_value("a\\nb\\x85c\\u2028d"))
+        pt "a\\nb\\u0085c\\u2028d"
+    """
+    if value.isprintable():
+        return value
+    dumped = json.dumps(value, ensure_ascii=False)
+    return "".join(c if c.isprintable() or ord(c) > 0xFFFF else f"\\u{ord(c):04x}" for c in dumped)
+
+
 def _run_inspect(args: argparse.Namespace) -> None:
     with open_checkpoint(args.checkpoint) as ckpt:
         keys = ckpt.keys()
@@ -462,8 +478,7 @@ def _inspect_table(ckpt: Checkpoint, found: _Inventory) -> None:
         )
     for name, value in sorted(ckpt.metadata.items()):
         # A name or value from a downloaded file could hold line breaks: one line each.
-        shown = value if value.isprintable() else json.dumps(value, ensure_ascii=False)
-        _print(f"metadata {_printable(name)}: {shown}")
+        _print(f"metadata {_printable(name)}: {_printable_value(value)}")
     if found.quantization is not None:  # what a merge would refuse, and why (docs/sources.md)
         _print(f"quantized ({found.quantization!r}): merges refuse it; dequantize it first")
     elif found.stored_quantization is not None:

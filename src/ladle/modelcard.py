@@ -240,15 +240,17 @@ def model_card(
 
 
 def _code_cell(text: str) -> str:
-    """``text`` as a code span in a cell of a Markdown table, shown as it is: a ``|`` in it
-    escaped (else it ends the cell, even in a code span), and fenced by more backticks than
-    any run of them it holds (padded where it starts or ends with one).
+    """``text`` as a code span in a cell of a Markdown table, shown as it is: where it holds
+    a line break or another unprintable character (which would end the table's row), as
+    ``repr`` writes it; a ``|`` in it escaped (else it ends the cell, even in a code span);
+    fenced by more backticks than any run of them it holds (padded where it starts or ends
+    with one).
 
     Example:
-        >>> print(_code_cell("runs/a|b"), _code_cell("x`y"))
-        `runs/a\\|b` ``x`y``
+        >>> print(_code_cell("runs/a|b"), _code_cell("x`y"), _code_cell("ckpt\\nA"))
+        `runs/a\\|b` ``x`y`` `'ckpt\\nA'`
     """
-    text = text.replace("|", "\\|")
+    text = (text if text.isprintable() else repr(text)).replace("|", "\\|")
     longest = max((len(run) for run in re.findall("`+", text)), default=0)
     fence = "`" * (longest + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
@@ -433,8 +435,10 @@ def _yaml_value(value: object) -> str | None:
     return None
 
 
-_UNPRINTABLE = re.compile("[\x7f-\x84\x86-\x9f\ud800-\udfff\ufffe\uffff]")
-"""What YAML reads only escaped (JSON escapes the controls below U+0020 itself)."""
+_UNPRINTABLE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe\uffff]")
+"""What YAML reads only escaped (JSON escapes the controls below U+0020 itself), and the line
+breaks it reads raw but folds into a space inside a quoted value (NEL, U+2028, U+2029): a
+license link holding one was copied as another link."""
 
 
 def _unprintable_escaped(dumped: str) -> str:
