@@ -57,6 +57,16 @@ def test_permutation_invariance(models, rng):
             torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-2, atol=1e-5)
 
 
+def test_a_weight_float32_cannot_hold_is_applied_in_float64(tmp_path):
+    # Normalised weights [1, 1e-44]: float32 keeps 1e-44 as a subnormal of four bits, 2%
+    # off, and the soup of [0] and [3e38] was 2.9427e-06, not 3e-06.
+    models = [{"w": torch.tensor([0.0])}, {"w": torch.tensor([3e38])}]
+    expected = (torch.tensor([3e38]).double() * 1e-44).float()
+    assert torch.equal(ladle.uniform_soup(models, weights=[1, 1e-44], device="cpu")["w"], expected)
+    out = ladle.uniform_soup(models, weights=[1, 1e-44], out=tmp_path / "s.safetensors")
+    assert torch.equal(ladle.load(out)["w"], expected)
+
+
 @given(st.integers(1, 6), st.sampled_from([torch.bfloat16, torch.float16]), st.integers(0, 99))
 def test_soup_of_identical_low_precision_models_is_that_model_exactly(n, dtype, seed):
     model = family(1, seed=seed, dtype=dtype)[0]

@@ -568,6 +568,35 @@ def scale_(values: torch.Tensor, factor: float) -> torch.Tensor:
     return values.mul_(factor)
 
 
+def scaled(x: torch.Tensor, factor: float, out: torch.Tensor) -> torch.Tensor:
+    """``factor·x`` into ``out`` (a buffer of ``x``'s shape and dtype): ``torch.mul``, or
+    for float32 and a factor float32 cannot hold (:func:`beyond_float32`: torch refuses one
+    past its range, and rounds ``1e-44`` to a subnormal of four bits) :func:`scale_`'s
+    float64 product, rounded once.
+
+    Example:
+        >>> scaled(torch.tensor([3e38]), 1e-44, torch.empty(1)).item()  # 3e-6, not 2.94e-6
+        3.000000106112566e-06
+    """
+    if out.dtype == torch.float32 and beyond_float32(factor):
+        return scale_(out.copy_(x), factor)
+    return torch.mul(x, factor, out=out)
+
+
+def add_scaled_(acc: torch.Tensor, x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``acc += factor·x`` in place (``add_`` with ``alpha``), or for a float32 ``acc`` and a
+    factor float32 cannot hold (see :func:`scaled`), the product and the sum in float64,
+    rounded once.
+
+    Example:
+        >>> add_scaled_(torch.zeros(1), torch.tensor([1e-30]), 1e39).item()  # torch: overflow
+        1000000000.0
+    """
+    if acc.dtype == torch.float32 and beyond_float32(factor):
+        return acc.copy_(x.double().mul_(factor).add_(acc))
+    return acc.add_(x, alpha=factor)
+
+
 def compute_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     """float64 when any input is float64, else float32; for complex inputs complex128 when
     any is complex128, else complex64.

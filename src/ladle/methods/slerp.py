@@ -28,7 +28,7 @@ from ..engine import (
     NumberLike,
     Progress,
     Scratch,
-    beyond_float32,
+    add_scaled_,
     check_chunk_bytes,
     check_models,
     check_number,
@@ -36,7 +36,7 @@ from ..engine import (
     fold,
     merge,
     resolve_device,
-    scale_,
+    scaled,
 )
 from ..writer import DEFAULT_MAX_SHARD_SIZE
 from .stock import GRAM_CHUNK_BYTES, gram_kernel
@@ -110,18 +110,12 @@ def slerp_kernel(coefficients: dict[str, tuple[float, float]], t: float) -> Kern
 
     def update(state: tuple, index: int, x: torch.Tensor) -> tuple:
         weights, acc = state
-        weight = weights[index]
+        weight = weights[index]  # t = 1e39 or 1e-44 too, which float32 cannot hold
         if weight == 0:
             return state
-        wide = x.dtype == torch.float32 and beyond_float32(weight)  # t = 1e39, or 1e-44
         if acc is None:  # x may be a read-only view of a file: never write into it
-            first = scratch.take(x.shape, x.dtype, x.device)
-            return weights, scale_(first.copy_(x), weight) if wide else torch.mul(
-                x, weight, out=first
-            )
-        if wide:  # a coefficient float32 cannot hold: this term in float64, rounded once
-            return weights, acc.copy_(x.double().mul_(weight).add_(acc))
-        return weights, acc.add_(x, alpha=weight)
+            return weights, scaled(x, weight, scratch.take(x.shape, x.dtype, x.device))
+        return weights, add_scaled_(acc, x, weight)
 
     def finalize(state: tuple) -> torch.Tensor:
         acc = state[1]

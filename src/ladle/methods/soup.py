@@ -25,6 +25,7 @@ from ..engine import (
     _check_merged,
     _check_output,
     _check_saturating,
+    add_scaled_,
     cast,
     check_compatible,
     check_mergeable,
@@ -41,6 +42,7 @@ from ..engine import (
     resolve_device,
     resolve_dtype,
     saturation_limit,
+    scaled,
 )
 from ..errors import check_flag, type_name
 from ..writer import (
@@ -121,8 +123,8 @@ def weighted_mean_kernel(weights: Sequence[float]) -> Kernel:
 
     def update(acc: torch.Tensor | None, index: int, x: torch.Tensor) -> torch.Tensor:
         if acc is None:  # x may be a read-only view of a file: never write into it
-            return torch.mul(x, weights[index], out=scratch.take(x.shape, x.dtype, x.device))
-        return acc.add_(x, alpha=weights[index])
+            return scaled(x, weights[index], scratch.take(x.shape, x.dtype, x.device))
+        return add_scaled_(acc, x, weights[index])  # weights of 1e-44 too (see scaled)
 
     def finalize(acc: torch.Tensor) -> torch.Tensor:
         return acc
