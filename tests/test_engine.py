@@ -2805,3 +2805,115 @@ def test_bfloat16_torch_files_merge_as_their_safetensors_twins_chunk_by_chunk(tm
     from_pt = ladle.load(merges[method](pt, tmp_path / "pt.safetensors"))
     from_st = ladle.load(merges[method](st, tmp_path / "st.safetensors"))
     assert_bit_for_bit(from_pt, from_st)
+
+
+# --- a method of the user's own (ladle.engine.merge with a Kernel) ---------------------------
+
+
+def _max_kernel(finalize=lambda state: state) -> Kernel:
+    """The elementwise maximum of the models, finished by ``finalize``."""
+    return Kernel(
+        lambda key, rows, base: None,
+        lambda state, i, x: x.clone() if state is None else torch.maximum(state, x),
+        finalize,
+    )
+
+
+@pytest.mark.parametrize(
+    ("finalize", "chunk_bytes", "found"),
+    [
+        (lambda state: state.max(), 12, r"has shape \(\), expected 1 row of shape \(3,\)"),
+        (lambda state: state.amax(1, keepdim=True), 12, r"has shape \(1, 1\), expected 1 row"),
+        (lambda state: state.reshape(3, 8), 2**20, r"has shape \(3, 8\), expected \(8, 3\)"),
+    ],
+)
+@pytest.mark.parametrize("out", [None, "o.safetensors"])
+def test_a_kernel_result_of_the_wrong_shape_is_refused_in_memory_as_on_disk(
+    tmp_path, finalize, chunk_bytes, found, out
+):
+    # In memory, a 0-d or one-column result of a chunk was spread over the tensor's
+    # uninitialised memory (values like -4.4e+10 returned), and a whole tensor's result of
+    # another shape was reshaped; the file output refused them (the 0-d one only at the end:
+    # "closed before 'w' was written").
+    models = [{"w": torch.arange(24.0).reshape(8, 3)}, {"w": torch.arange(24.0).reshape(8, 3) + 1}]
+    target = None if out is None else tmp_path / out
+    message = found if out is None else r"expected the next rows of 'w'"
+    with pytest.raises(ladle.LadleError, match=message):
+        merge(
+            models,
+            _max_kernel(finalize),
+            method="max",
+            parameters={},
+            device="cpu",
+            chunk_bytes=chunk_bytes,
+            out=target,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("out", [None, "o.safetensors"])
+def test_an_amendment_s_index_must_be_flat_in_memory_as_on_disk(tmp_path, out):
+    # A 2-D index patched the right entries in memory; the writer failed with an IndexError,
+    # a searchsorted RuntimeError or a ValueError, depending on the shape.
+    def amend():
+        yield "w", torch.tensor([[4, 2], [5, 1]]), torch.zeros(2, 2)
+
+    kernel = _max_kernel()._replace(amend=amend)
+    models = [{"w": torch.arange(6.0)}, {"w": torch.arange(6.0) + 1}]
+    with pytest.raises(
+        ladle.LadleError, match=r"amend\('w'\) expected a 1-D index .* shape \(2, 2\)"
+    ):
+        merge(
+            models,
+            kernel,
+            method="max",
+            parameters={},
+            device="cpu",
+            out=None if out is None else tmp_path / out,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_user_checkpoint_whose_slice_misses_rows_is_named_not_broadcast():
+    # get_slice gave 1 row where 4 were asked: the arithmetic broadcast it, and the soup
+    # (and a user's kernel, to memory or to a file) returned row 0 four times.
+    class Short(DictCheckpoint):
+        def get_slice(self, key, rows):
+            return self.tensors[key][:1]
+
+    model = {"w": torch.arange(12.0).reshape(4, 3)}
+    with pytest.raises(
+        ladle.CheckpointError, match=r"^short: get_slice\('w', .*\(1, 3\), expected \(4, 3\)"
+    ):
+        ladle.uniform_soup([Short(model, "short"), model], device="cpu")
+    with pytest.raises(ladle.CheckpointError, match=r"^short: get_slice\('w'"):
+        ladle.load(Short(model, "short"))
+
+
+@pytest.mark.parametrize("method", ["elementwise_max", "arithmetic", "__version__"])
+def test_a_method_of_the_user_s_own_gets_a_card_saying_no_recipe_replays_it(tmp_path, method):
+    # The card said `ladle run recipe.toml` reproduces the merge, of a recipe naming a
+    # method `ladle run` refuses; a name of another ladle attribute (a module) made the
+    # directory output raise TypeError.
+    paths = [
+        ladle.save({"w": torch.full((4, 3), float(i))}, tmp_path / f"m{i}.safetensors")
+        for i in range(2)
+    ]
+    out = merge(
+        paths,
+        _max_kernel(),
+        method=method,
+        parameters={"how": "max"},
+        device="cpu",
+        out=tmp_path / "merged",
+    )
+    card = (out / "README.md").read_text()
+    assert f"`{method}` is no method of ladle's" in card and "```toml" not in card
+    assert torch.equal(ladle.load(out)["w"], torch.ones(4, 3))
+
+
+def test_nan_a_kernel_makes_from_finite_inputs_is_called_nan_not_an_overflow():
+    zero_by_zero = _max_kernel(lambda state: state * 0 / 0)
+    models = [{"w": torch.ones(3)}, {"w": torch.ones(3)}]
+    with pytest.raises(ladle.NonFiniteError, match=r"are not finite \(3 NaN\) although every"):
+        merge(models, zero_by_zero, method="nan", parameters={}, device="cpu")

@@ -160,7 +160,20 @@ class Checkpoint:
 
     def get(self, key: str, *, device: str | torch.device = "cpu") -> torch.Tensor:
         """The whole tensor ``key``, on ``device`` (checked as :func:`load` checks it)."""
-        return self.get_slice(key, slice(None)).to(_target(device))
+        return self._sliced(key, slice(None), tuple(self.shape(key))).to(_target(device))
+
+    def _sliced(self, key: str, rows: slice, stored: tuple[int, ...]) -> torch.Tensor:
+        """:meth:`get_slice`, checked to hold the rows asked for: a subclass's slice of too
+        few rows was broadcast by the merges' arithmetic (its first row, repeated)."""
+        tensor = self.get_slice(key, rows)
+        expected = (len(range(*rows.indices(stored[0]))), *stored[1:]) if stored else ()
+        found = tuple(getattr(tensor, "shape", ()))
+        if found != expected:
+            raise CheckpointError(
+                f"{self.name}: get_slice({key!r}, {rows}) gave a tensor of shape {found}, "
+                f"expected {expected} (rows of a tensor of shape {stored})"
+            )
+        return tensor
 
     def check_unchanged(self) -> None:
         """A ``CheckpointError`` where a file this checkpoint reads from changed since it was
@@ -182,9 +195,9 @@ class Checkpoint:
         check_rows(rows)
         stored = tuple(self.shape(key))  # a subclass may answer a list
         if shape is None or tuple(shape) == stored:
-            return self.get_slice(key, rows)
+            return self._sliced(key, rows, stored)
         check_reshape(key, stored, tuple(shape))
-        return _merged_rows(partial(self.get_slice, key), stored, rows, tuple(shape))
+        return _merged_rows(partial(self._sliced, key, stored=stored), stored, rows, tuple(shape))
 
     def read_rows(
         self, key: str, rows: slice, into: torch.Tensor, shape: tuple[int, ...] | None = None
@@ -2219,7 +2232,9 @@ def _read_whole(source: StateDictLike, device: str | torch.device, *, shared: bo
             tensors[key] = (
                 tensors[first]
                 if first is not None
-                else checkpoint.get_slice(key, slice(None)).to(device, copy=True)
+                else checkpoint._sliced(key, slice(None), tuple(checkpoint.shape(key))).to(
+                    device, copy=True
+                )
             )
         return tensors
     finally:

@@ -63,6 +63,7 @@ from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
     SafetensorsWriter,
     Spec,
+    _rows_of,
     aligned_order,
     check_amendment,
     check_output_free,
@@ -1504,7 +1505,8 @@ def _refuse_nonfinite(
     one saying the merge overflowed."""
     shape = _read_as(base if base is not None else models[0], key, rows, chunk)
     _blame_input(key, rows, models, base, shape)
-    _overflowed(where, key, rows, count, chunk.numel(), dtype, shape)
+    nan = int(torch.isnan(chunk.float() if chunk.dtype.itemsize == 1 else chunk).sum())
+    _overflowed(where, key, rows, count, chunk.numel(), dtype, shape, nan=nan)
 
 
 def _read_as(
@@ -1526,10 +1528,12 @@ def _overflowed(
     total: int,
     dtype: torch.dtype,
     shape: tuple[int, ...] | None,
+    *,
+    nan: int = 0,
 ) -> NoReturn:
     """Raise the :class:`NonFiniteError` of ``count`` of ``total`` merged values of ``key``
     (``rows`` of it read as ``shape``) that overflow ``dtype`` although every input is
-    finite."""
+    finite, ``nan`` of them NaN (said as such: a kernel's 0/0 was called an overflow)."""
     wider = (
         ""
         if dtype.itemsize >= 4
@@ -1542,11 +1546,18 @@ def _overflowed(
     else:  # rows of a merged view: say which entries of the flattened tensor
         width = math.prod(shape[1:])
         part = f" in (flat) entries {rows.start * width}–{rows.stop * width - 1}"
+    name = str(dtype).removeprefix("torch.")
+    what = (
+        f"are not finite ({nan} NaN) although every input is finite: the arithmetic made NaN "
+        f"(0/0, or an overflow of {name} followed by ∞ − ∞)"
+        if nan
+        else f"overflow {name} (largest finite value {torch.finfo(dtype).max:g}) although "
+        "every input is finite"
+    )
     raise NonFiniteError(
-        f"{where}: {count} of the {total} merged values of key {key!r}{part} overflow "
-        f"{str(dtype).removeprefix('torch.')} (largest finite value "
-        f"{torch.finfo(dtype).max:g}) although every input is finite; lower the scale "
-        f"or weights where the method has them{wider}; {ALLOW_NONFINITE} keeps them as they are"
+        f"{where}: {count} of the {total} merged values of key {key!r}{part} {what}; lower "
+        f"the scale or weights where the method has them{wider}; {ALLOW_NONFINITE} keeps "
+        "them as they are"
     )
 
 
@@ -2476,6 +2487,31 @@ def _first_names(
     return [view(m) for m in models], None if base is None else view(base)
 
 
+def _check_result_rows(key: str, rows: slice, chunk: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """A ``LadleError`` unless a kernel's result ``chunk`` holds exactly ``rows`` of ``key``'s
+    tensor of ``shape`` (of its own rows, or of a view with leading dimensions merged), as
+    the writer checks what it writes: returned in memory, a 0-d or one-column result was
+    spread over uninitialised memory, and a whole tensor's result of another shape with as
+    many entries was reshaped without a word.
+
+    Example:
+        >>> _check_result_rows("w", slice(None), torch.zeros(3), (2,))
+        Traceback (most recent call last):
+        ladle.errors.LadleError: merge: the result of 'w' (shape (2,)) has shape (3,), expected (2,)
+    """
+    whole = rows == slice(None)
+    count = math.prod(shape) if whole else (rows.stop - rows.start) * math.prod(chunk.shape[1:])
+    if _rows_of(chunk, shape) and chunk.numel() == count:
+        return
+    part = "" if whole else f" for rows {rows.start}–{rows.stop - 1}"
+    many = "row" if not whole and rows.stop - rows.start == 1 else "rows"
+    expected = f"{shape}" if whole else f"{rows.stop - rows.start} {many} of shape {shape[1:]}"
+    raise LadleError(
+        f"merge: the result{part} of {key!r} (shape {shape}) has shape {tuple(chunk.shape)}, "
+        f"expected {expected}"
+    )
+
+
 def _to_state_dict(
     results: Iterator[tuple[str, slice, torch.Tensor]],
     specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
@@ -2483,6 +2519,7 @@ def _to_state_dict(
     state: StateDict = {}
     for key, rows, chunk in results:
         shape, dtype = specs[key]
+        _check_result_rows(key, rows, chunk, shape)
         if rows == slice(None):
             # A copy: kernels may reuse the buffer of a result for the next chunk.
             state[key] = chunk.to("cpu", dtype, copy=True).view(shape)

@@ -223,11 +223,19 @@ def model_card(
     lines += [f"- `{key}`: `{json.dumps(value, default=str)}`" for key, value in parameters.items()]
     if not parameters:
         lines.append("None.")
-    recipe = _recipe(method, parameters, models, base, dtype, max_shard_size)
+    from .recipe import METHODS  # recipe imports this module's neighbours: imported here
+
     lines += ["", "## Recipe", ""]
-    if in_memory:
+    if method not in METHODS:  # a method of the user's own (ladle.engine.merge with a Kernel)
+        lines += [
+            f"`{method}` is no method of ladle's, which recipes name: no recipe can reproduce "
+            "this merge.",
+            "",
+        ]
+    elif in_memory:
         lines += ["Some inputs were in memory, not files: no recipe can reproduce this merge.", ""]
     else:
+        recipe = _recipe(method, parameters, models, base, dtype, max_shard_size)
         lines += [
             "To reproduce this merge, save this recipe as `recipe.toml` beside this model's",
             "folder (relative paths below are relative to the folder holding both; `~` is the",

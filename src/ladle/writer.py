@@ -288,6 +288,11 @@ def check_amendment(
             f"{owner}: amend({key!r}) expected an index of torch.int64 or torch.int32, got "
             f"{index.dtype}"
         )
+    if index.dim() != 1:  # flat indices: in memory a 2-D one indexed, the writer failed
+        raise LadleError(
+            f"{owner}: amend({key!r}) expected a 1-D index of flat positions, got one of shape "
+            f"{tuple(index.shape)}"
+        )
     dtype = spec[1].to_real()  # a complex tensor's parts
     if values.dtype != dtype or values.shape != index.shape:
         raise LadleError(
@@ -800,6 +805,8 @@ def _rows_of(chunk: torch.Tensor, shape: tuple[int, ...]) -> bool:
     """Whether ``chunk`` holds rows of a tensor of ``shape``: its own rows, or rows of it with
     leading dimensions merged (``engine.chunk_shape``, for a tensor one row of which exceeds a
     chunk), which never hold more than one of its own rows between them."""
+    if chunk.dim() == 0:  # a scalar: the whole of a 0-d tensor, no rows of any other
+        return len(shape) == 0
     rest, shape = tuple(chunk.shape[1:]), tuple(shape)
     if rest == shape[1:]:
         return True
