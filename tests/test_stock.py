@@ -272,8 +272,8 @@ def record_gram_chunks(monkeypatch):
     seen = []
     original = stock.gram_kernel
 
-    def recording(n):
-        kernel = original(n)
+    def recording(n, **options):
+        kernel = original(n, **options)
 
         def update(state, index, x):
             seen.append(x.numel())

@@ -32,14 +32,12 @@ from ..engine import (
     check_chunk_bytes,
     check_models,
     check_number,
-    current_partition,
-    fold,
     merge,
     resolve_device,
     scaled,
 )
 from ..writer import DEFAULT_MAX_SHARD_SIZE
-from .stock import GRAM_CHUNK_BYTES, gram_kernel
+from .stock import key_grams
 
 __all__ = ["DOT_THRESHOLD", "check_t", "slerp", "slerp_coefficients", "slerp_kernel"]
 
@@ -225,17 +223,14 @@ def slerp(
     chunk_bytes = check_chunk_bytes(chunk_bytes)  # recorded in the output's parameters
 
     def prepare(checkpoints: list[Checkpoint], base_checkpoint: Checkpoint | None) -> Kernel:
-        part = current_partition()  # a merge split across processes: its keys only
-        grams: dict[str, torch.Tensor] = {}
-        for key, _, partial in fold(
+        grams = key_grams(
             checkpoints,
-            gram_kernel(2, float64=True),
-            keys=None if part is None else part.keys(checkpoints[0]),
+            None,
             device=target,
-            chunk_bytes=min(chunk_bytes, GRAM_CHUNK_BYTES),
+            chunk_bytes=chunk_bytes,
             allow_nonfinite=allow_nonfinite,
-        ):
-            grams[key] = partial if key not in grams else grams[key] + partial
+            float64=True,  # the angle near 0 or π is ill-conditioned (see gram_kernel)
+        )
         coefficients = {key: slerp_coefficients(gram.tolist(), t) for key, gram in grams.items()}
         return slerp_kernel(coefficients, t)
 

@@ -40,6 +40,7 @@ __all__ = [
     "T_MIN",
     "ModelStockWarning",
     "gram_kernel",
+    "key_grams",
     "mean_cosine",
     "model_stock",
     "stock_kernel",
@@ -247,6 +248,45 @@ def _gram(taus: torch.Tensor) -> torch.Tensor:
     return gram.triu() + gram.triu(1).T
 
 
+def key_grams(
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    *,
+    device: torch.device,
+    chunk_bytes: int,
+    allow_nonfinite: bool,
+    float64: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Each floating key's Gram matrix (:func:`gram_kernel`: of the task vectors, or of the
+    models themselves without a ``base``), summed over its chunks in row order in float64;
+    the chunks at most ``chunk_bytes`` and :data:`GRAM_CHUNK_BYTES`; in a merge split across
+    processes, of this process's keys alone. Model Stock's and SLERP's first pass.
+
+    Example:
+        >>> import torch
+        >>> from ladle import open_checkpoint
+        >>> models = [open_checkpoint({"w": torch.tensor([3.0, 0.0])}),
+        ...           open_checkpoint({"w": torch.tensor([3.0, 4.0])})]
+        >>> key_grams(models, None, device=torch.device("cpu"), chunk_bytes=4,
+        ...           allow_nonfinite=False)["w"].tolist()  # one entry per chunk, summed
+        [[9.0, 9.0], [9.0, 25.0]]
+    """
+    part = current_partition()  # a merge split across processes: the statistics of its keys
+    reference = base if base is not None else models[0]
+    grams: dict[str, torch.Tensor] = {}
+    for key, _, partial in fold(
+        models,
+        gram_kernel(len(models), float64=float64),
+        base=base,
+        keys=None if part is None else part.keys(reference),
+        device=device,
+        chunk_bytes=min(chunk_bytes, GRAM_CHUNK_BYTES),
+        allow_nonfinite=allow_nonfinite,
+    ):
+        grams[key] = partial if key not in grams else grams[key] + partial
+    return grams
+
+
 def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``Σ_blocks a @ b.T`` over a batch of blocks, summed in float64."""
     return torch.bmm(a, b.transpose(1, 2)).sum(0, dtype=torch.float64)
@@ -383,18 +423,13 @@ def model_stock(
     def prepare(checkpoints: list[Checkpoint], base_checkpoint: Checkpoint | None) -> Kernel:
         assert base_checkpoint is not None
         n = len(checkpoints)
-        part = current_partition()  # a merge split across processes: ratios of its keys only
-        grams: dict[str, torch.Tensor] = {}
-        for key, _, partial in fold(
+        grams = key_grams(
             checkpoints,
-            gram_kernel(n),
-            base=base_checkpoint,
-            keys=None if part is None else part.keys(base_checkpoint),
+            base_checkpoint,
             device=target,
-            chunk_bytes=min(chunk_bytes, GRAM_CHUNK_BYTES),
+            chunk_bytes=chunk_bytes,
             allow_nonfinite=allow_nonfinite,
-        ):
-            grams[key] = partial if key not in grams else grams[key] + partial
+        )
         ratios = {
             key: stock_ratio(mean_cosine(gram.tolist()), n, key=key) for key, gram in grams.items()
         }
