@@ -1049,6 +1049,44 @@ def test_a_hub_that_cannot_be_reached_is_a_one_line_checkpoint_error(local_hub, 
     )
 
 
+@pytest.mark.parametrize(
+    ("body", "raised"),
+    [(b"{}", "KeyError: 'id'"), (b'{"id": "org/m"}', "AssertionError: ")],
+)
+def test_an_endpoint_answering_json_that_is_not_the_hub_s_is_a_checkpoint_error(
+    local_hub, monkeypatch, body, raised
+):
+    # huggingface_hub's KeyError or AssertionError reading the answers came out as they were:
+    # a traceback from the CLI (HF_ENDPOINT naming another service, a wrong mirror path).
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class Other(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_port}"
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        message = _one_line_refusal("hf://org/other")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert message.startswith(f"hf://org/other: cannot fetch from the Hub ({raised}")
+    assert message.endswith(
+        f"the answers of {endpoint} are not a Hugging Face Hub's; check HF_ENDPOINT"
+    )
+
+
 def test_an_endpoint_ending_in_a_slash_asks_the_hub_s_own_paths(local_hub, monkeypatch):
     # huggingface_hub strips the "/" from its default endpoint, not from endpoint=: ladle
     # passed "https://hf-mirror.com/" on, and asked "//api/models/...", which mirrors answer

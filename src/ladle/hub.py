@@ -426,6 +426,8 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             raise CheckpointError(
                 f"{url}: cannot fetch from the Hub ({type(err).__name__}: {one_line(err)})"
             ) from err
+        except _MALFORMED as err:
+            raise _not_the_hub(url, err) from err
 
     try:
         root = fetch(
@@ -447,6 +449,8 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             try:
                 names = _listed(source.repo_id, commit, source.subfolder)
             except Exception as err:  # snapshot_download fell back on the cache; this cannot
+                if isinstance(err, _MALFORMED):
+                    raise _not_the_hub(url, err) from err
                 if not _unreachable(err):
                     raise
                 raise CheckpointError(
@@ -514,6 +518,26 @@ def _cached_snapshot(cache: str, repo_id: str, revision: str | None) -> Path | N
             return None
     snapshot = folder / "snapshots" / commit
     return snapshot if _COMMIT.fullmatch(commit) and snapshot.is_dir() else None
+
+
+_MALFORMED = (KeyError, AssertionError, TypeError)
+"""What huggingface_hub raises reading answers that are JSON but not the Hub's (``{}``:
+``KeyError: 'id'``; no commit: its ``AssertionError``): an endpoint that is no Hub."""
+
+
+def _not_the_hub(url: str, err: Exception) -> CheckpointError:
+    """The error of an endpoint whose answers huggingface_hub could not read (:data:`_MALFORMED`):
+    a traceback of huggingface_hub's before, from the CLI too.
+
+    Example:
+        >>> print(_not_the_hub("hf://org/m", KeyError("id")))  # doctest: +ELLIPSIS
+        hf://org/m: cannot fetch from the Hub (KeyError: 'id'): the answers of ... HF_ENDPOINT
+    """
+    endpoint = _endpoint() or "https://huggingface.co"
+    return CheckpointError(
+        f"{url}: cannot fetch from the Hub ({type(err).__name__}: {one_line(err)}): the answers "
+        f"of {endpoint} are not a Hugging Face Hub's; check HF_ENDPOINT"
+    )
 
 
 def _fetch_failure(
