@@ -246,10 +246,39 @@ def test_diff_counts_a_tensor_every_input_ties_once_in_the_total():
 
 
 def test_identical_tensors_whose_squared_norm_overflows_still_have_cosine_exactly_1():
-    # ‖a‖² = 2e310 is inf in float64: ⟨a,b⟩ / (‖a‖·‖b‖) is inf / inf, NaN, for a == b.
+    # ‖a‖² = 2e310 is inf in float64: ⟨a,b⟩ / (‖a‖·‖b‖) was inf / inf, NaN, for a == b; and
+    # the norms were inf until the sums were scaled (below).
     a = {"w": torch.tensor([1e155, 1e155], dtype=torch.float64)}
-    report = ladle.diff(a, {"w": a["w"].clone()})
-    assert report.tensors == [ladle.TensorDiff("w", math.inf, math.inf, 0.0, 1.0)]
+    (row,) = ladle.diff(a, {"w": a["w"].clone()}).tensors
+    assert (row.norm_diff, row.cosine) == (0.0, 1.0)
+    assert row.norm_a == row.norm_b == pytest.approx(math.sqrt(2) * 1e155, rel=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ([1e200, 1e200], [1e200, -1e200], (math.sqrt(2) * 1e200, math.sqrt(2) * 1e200, 2e200, 0.0)),
+        ([1e-200, 0.0], [2e-200, 0.0], (1e-200, 2e-200, 1e-200, 1.0)),
+        ([3e-170, 4e-170], [0.0, 4e-170], (5e-170, 4e-170, 3e-170, 0.8)),
+    ],
+)
+def test_float64_entries_whose_squares_leave_float64_s_range_keep_their_figures(a, b, expected):
+    # Σa² overflowed past about 1e154 (norms inf, a NaN cosine) and underflowed below about
+    # 1e-154 (norms 0, a NaN cosine, and different tensors counted as identical).
+    a64, b64 = (torch.tensor(v, dtype=torch.float64) for v in (a, b))
+    report = ladle.diff({"w": a64}, {"w": b64})
+    (row,) = report.tensors
+    assert (row.norm_a, row.norm_b, row.norm_diff, row.cosine) == pytest.approx(expected, rel=1e-14)
+    assert report.total == row._replace(key="")
+
+
+def test_chunks_of_very_different_magnitudes_add_up_at_the_larger_scale():
+    # One chunk's sums scaled by 2^-666, another's as they are: the small one vanishes beside.
+    a = torch.tensor([[1e200, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([[0.0, 1e200], [1.0, 1.0]], dtype=torch.float64)
+    (row,) = ladle.diff({"w": a}, {"w": b}, chunk_bytes=16).tensors  # one row a chunk
+    assert (row.norm_a, row.norm_b, row.cosine) == pytest.approx((1e200, 1e200, 0.0), rel=1e-14)
+    assert row.norm_diff == pytest.approx(math.sqrt(2) * 1e200, rel=1e-14)
 
 
 def test_task_vectors_are_taken_in_float64_not_in_the_models_dtype():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Iterator
@@ -78,11 +79,14 @@ class DiffReport(NamedTuple):
     skipped: list[str]
 
 
-def _row(key: str, aa: float, bb: float, ab: float, dd: float) -> TensorDiff:
-    """The row of the sums Σa², Σb², Σab, Σ(a−b)²: identical tensors (Σ(a−b)² = 0) have
-    the same norm and a cosine of exactly 1 (NaN if both are 0)."""
+def _row(key: str, exponent: float, aa: float, bb: float, ab: float, dd: float) -> TensorDiff:
+    """The row of the sums Σa², Σb², Σab, Σ(a−b)², of the entries divided by 2^``exponent``
+    (:func:`_scaled_sums`): identical tensors (Σ(a−b)² = 0) have the same norm and a cosine of
+    exactly 1 (NaN if both are 0)."""
+    scale = math.ldexp(1.0, int(exponent))  # 1.0 but for entries past float64's squares
     if dd == 0.0:  # a == b: whatever order the dot products summed in
-        return TensorDiff(key, math.sqrt(aa), math.sqrt(aa), 0.0, 1.0 if aa > 0 else math.nan)
+        norm = math.sqrt(aa) * scale
+        return TensorDiff(key, norm, norm, 0.0, 1.0 if aa > 0 else math.nan)
     product = aa * bb  # √(aa·bb) rounds once: ±1 exactly for b = ±2ᵏ·a (√aa·√bb: 0.99...98)
     # (a subnormal product keeps too few bits: √aa·√bb then)
     normal = sys.float_info.min <= product < math.inf
@@ -90,7 +94,45 @@ def _row(key: str, aa: float, bb: float, ab: float, dd: float) -> TensorDiff:
     cosine = ab / denominator if denominator > 0 else math.nan
     if abs(cosine) > 1.0:  # rounding (1.0000000000000002): acos-safe
         cosine = math.copysign(1.0, cosine)
-    return TensorDiff(key, math.sqrt(aa), math.sqrt(bb), math.sqrt(dd), cosine)
+    norms = (math.sqrt(aa) * scale, math.sqrt(bb) * scale, math.sqrt(dd) * scale)
+    return TensorDiff(key, *norms, cosine)
+
+
+SCALED_BEYOND = 2.0**500
+"""Entries whose magnitude passes it (or all lie below its inverse) are summed divided by a
+power of two: their float64 squares would overflow (past about 1e154) or underflow (below
+about 1e-154). Others are summed as they are, so their figures keep every bit."""
+
+
+def _scaled_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[e, Σa², Σb², Σab, Σ(a−b)²]`` of the float64 ``a`` and ``b`` divided by 2^e, where
+    ``e`` is 0 unless their largest magnitude passes :data:`SCALED_BEYOND` (or is below its
+    inverse), then that magnitude's exponent: ``diff`` of entries near 1e200 gave infinite
+    norms and a NaN cosine, of entries near 1e-200 norms of 0.
+
+    Example:
+        >>> x = torch.tensor([3e200, 0.0], dtype=torch.float64)
+        >>> e, aa, *_ = _scaled_sums(x, x).tolist()
+        >>> e, math.sqrt(aa) * 2**e
+        (666.0, 3e+200)
+    """
+    largest = float(torch.maximum(a.abs().max(), b.abs().max())) if a.numel() else 0.0
+    exponent = 0
+    if math.isfinite(largest) and (largest > SCALED_BEYOND or 0 < largest < 1 / SCALED_BEYOND):
+        exponent = math.frexp(largest)[1]
+        a, b = torch.ldexp(a, torch.tensor(-exponent)), torch.ldexp(b, torch.tensor(-exponent))
+    d = a - b
+    sums = torch.stack([a.dot(a), b.dot(b), a.dot(b), d.dot(d)]).cpu()
+    return torch.cat([torch.tensor([float(exponent)], dtype=torch.float64), sums])
+
+
+def _added(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The sums of :func:`_scaled_sums` ``x`` and ``y``, at the larger of their exponents
+    (the other's sums divided by 4 to the difference: past float64's range, nothing)."""
+    if x[0] < y[0]:
+        x, y = y, x
+    shift = int(x[0] - y[0])
+    return torch.cat([x[:1], x[1:] + torch.ldexp(y[1:], torch.tensor(-2 * shift))])
 
 
 def _float64(x: torch.Tensor) -> torch.Tensor:
@@ -111,9 +153,7 @@ def _stats_kernel() -> Kernel:
         return state
 
     def finalize(state: list[Any]) -> torch.Tensor:
-        a, b = state[1].reshape(-1), state[2].reshape(-1)
-        d = a - b
-        return torch.stack([a.dot(a), b.dot(b), a.dot(b), d.dot(d)]).cpu()
+        return _scaled_sums(state[1].reshape(-1), state[2].reshape(-1))
 
     return Kernel(init, update, finalize)
 
@@ -223,9 +263,9 @@ def diff(
             chunk_bytes=chunk_bytes,
             allow_nonfinite=allow_nonfinite,
         ):
-            sums[key] = sums[key] + stats if key in sums else stats
+            sums[key] = _added(sums[key], stats) if key in sums else stats
         skipped = [key for key in keys if not is_merged_dtype(reference.dtype(key))]
     found = [(key, sums.get(tied.get(key, key))) for key in keys]
     tensors = [_row(key, *stats.tolist()) for key, stats in found if stats is not None]
-    total = torch.stack(list(sums.values())).sum(0).tolist() if sums else [0.0] * 4
+    total = functools.reduce(_added, sums.values()).tolist() if sums else [0.0] * 5
     return DiffReport(tensors, _row("", *total), skipped)
