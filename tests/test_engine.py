@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from contextlib import ExitStack
 from typing import ClassVar
@@ -2917,3 +2918,21 @@ def test_nan_a_kernel_makes_from_finite_inputs_is_called_nan_not_an_overflow():
     models = [{"w": torch.ones(3)}, {"w": torch.ones(3)}]
     with pytest.raises(ladle.NonFiniteError, match=r"are not finite \(3 NaN\) although every"):
         merge(models, zero_by_zero, method="nan", parameters={}, device="cpu")
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes came with Python 3.11")
+@pytest.mark.parametrize("where", ["init", "update", "finalize"])
+def test_an_error_in_a_kernel_of_one_s_own_is_noted_with_its_key_and_rows(where):
+    # It came out with the kernel's own message alone: which key it was at, nobody said.
+    def fail(*args):
+        raise ValueError("kernel bug")
+
+    kernel = _max_kernel()._replace(**{where: fail})
+    models = [{"w": torch.ones(8, 3)}, {"w": torch.ones(8, 3)}]
+    with pytest.raises(ValueError) as info:  # chunks of 2 rows (24 bytes)
+        merge(models, kernel, method="max", parameters={}, device="cpu", chunk_bytes=24)
+    assert str(info.value) == "kernel bug"  # the message, and the CLI's one line, as they were
+    assert info.value.__notes__ == ["ladle: while merging key 'w', rows 0–1"]
+    with pytest.raises(ValueError) as info:  # a tensor in one chunk: no rows said
+        merge([{"a": torch.ones(2)}] * 2, kernel, method="max", parameters={}, device="cpu")
+    assert info.value.__notes__ == ["ladle: while merging key 'a'"]

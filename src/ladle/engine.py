@@ -1325,12 +1325,17 @@ def fold(
                 pool.release(held)
             else:  # kernels see a complex chunk as its real and imaginary parts
                 base_rows, base_held = take() if base is not None else (None, None)
-                state = kernel.init(key, rows, None if base_rows is None else real_view(base_rows))
-                for index in range(len(models)):
-                    x, held = take()
-                    state = kernel.update(state, index, real_view(x))
-                    pool.release(held)
-                result = kernel.finalize(state)
+                try:
+                    init_base = None if base_rows is None else real_view(base_rows)
+                    state = kernel.init(key, rows, init_base)
+                    for index in range(len(models)):
+                        x, held = take()
+                        state = kernel.update(state, index, real_view(x))
+                        pool.release(held)
+                    result = kernel.finalize(state)
+                except Exception as err:  # a kernel of one's own says nothing of where it was
+                    _note_where(err, key, rows)
+                    raise
                 pool.release(base_held)
                 if check_results:
                     _check_result(result, key, rows, models, base, view, numbers)
@@ -1342,6 +1347,22 @@ def fold(
             if release and (step + 1 == len(plan) or plan[step + 1][0] != key):
                 for source in sources:  # the pass is done with this tensor
                     source.release(key)
+
+
+def _note_where(err: Exception, key: str, rows: slice) -> None:
+    """Add to ``err``'s traceback (a note: Python 3.11 and later) the key and rows the fold was
+    merging: an error raised in a kernel's ``init``, ``update`` or ``finalize`` named
+    neither. Its message, and so the CLI's one line, stays as it was.
+
+    Example:
+        >>> err = ValueError("boom"); _note_where(err, "w", slice(0, 4))
+        >>> getattr(err, "__notes__", ["ladle: while merging key 'w', rows 0–3"])  # 3.10: none
+        ["ladle: while merging key 'w', rows 0–3"]
+    """
+    add_note = getattr(err, "add_note", None)
+    if add_note is not None:
+        part = "" if rows == slice(None) else f", rows {rows.start}–{rows.stop - 1}"
+        add_note(f"ladle: while merging key {key!r}{part}")
 
 
 def _default_prefetch(device: torch.device, readers: int) -> int:
