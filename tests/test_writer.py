@@ -228,7 +228,7 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "5XB", "-1GB", "0"])
+@pytest.mark.parametrize("text", ["", "5XB", "-1GB", "0", "\u0665GB", "\uff15GB", "5\u3000GB"])
 def test_parse_size_rejects_nonsense(text):
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size(text)
