@@ -507,3 +507,35 @@ def test_an_argument_read_from_a_file_is_named_with_the_file(tmp_path):
     assert str(info.value) == f"b ({y}): key 'w' has shape (2, 3), a ({x}) has (3, 2)"
     with pytest.raises(ladle.IncompatibleError, match=r"^b: key 'w' has shape \(2, 3\), a \("):
         ladle.add(x, {"w": torch.zeros(2, 3)})  # in memory: the argument alone
+
+
+def test_quantized_weights_and_adapters_are_refused_as_the_merges_refuse_them(tmp_path):
+    # Before: added key by key (float8 codes scaled, integer codes copied, scales added apart;
+    # an adapter's LoRA factors each scaled): a state dict that loads and is wrong.
+    codes = torch.ones(2, 2).to(torch.float8_e4m3fn)
+    fp8 = {"l.weight": codes, "l.weight_scale_inv": torch.ones(1)}
+    said = (
+        "holds quantized weights, float8 weights with block scales ('l.weight' beside "
+        "'l.weight_scale_inv'): merging their codes and scales would merge no weights; "
+        "dequantize it to a floating dtype first"
+    )
+    plain = {"l.weight": torch.ones(2, 2), "l.weight_scale_inv": torch.ones(1)}
+    for call, name in [
+        (lambda: ladle.add(plain, fp8), "b"),
+        (lambda: ladle.scale(fp8, 2.0), "a"),
+        (lambda: ladle.task_vector(fp8, plain), "finetuned"),
+        (lambda: ladle.weighted_sum([plain, plain, fp8], [1, 1, 1]), "model 2"),
+    ]:
+        with pytest.raises(ladle.CheckpointError) as info:
+            call()
+        assert str(info.value) == f"{name}: {said}"
+    quantized = ladle.save({"w": torch.ones(2)}, tmp_path / "q")  # a folder declaring it
+    (quantized / "config.json").write_text('{"quantization_config": {"quant_method": "awq"}}')
+    with pytest.raises(ladle.CheckpointError, match=rf"^b \({quantized}\): its config.json"):
+        ladle.sub({"w": torch.ones(2)}, quantized)
+    adapter = tmp_path / "adapter"
+    ladle.save({"l.lora_A.weight": torch.ones(1, 2)}, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ladle.CheckpointError, match=rf"^a \({adapter}\): a PEFT adapter"):
+        ladle.scale(adapter, 0.5)
+    assert ladle.add(plain, plain)["l.weight"].tolist() == [[2.0, 2.0], [2.0, 2.0]]

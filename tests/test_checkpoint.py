@@ -3026,3 +3026,68 @@ def test_a_merge_of_more_files_than_the_soft_limit_of_open_files_raises_it(tmp_p
     said = child(64, 64)
     assert said.startswith("error: ") and "cannot read it (Too many open files: " in said
     assert "this process may open 64 files at once" in said and "ulimit -n" in said
+
+
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch):
+    # Path("") is ".": `ladle soup "$A" b` with A unset merged the model in the current folder.
+    monkeypatch.chdir(tmp_path)
+    ladle.save({"w": torch.full((2,), 10.0)}, "model.safetensors")
+    said = r"^expected a path to a checkpoint, found an empty one \(''\)$"
+    for source in ("", Path("")):
+        if source == Path(""):  # Path("") is Path("."): a directory, named so, reads
+            assert ladle.load(source)["w"].tolist() == [10.0, 10.0]
+            continue
+        with pytest.raises(ladle.CheckpointError, match=said):
+            ladle.load(source)
+    with pytest.raises(ladle.CheckpointError, match=said):
+        ladle.uniform_soup(["", {"w": torch.zeros(2)}])
+
+
+@pytest.mark.parametrize("kind", ["legacy", "zip", "legacy shards"])
+def test_a_torch_file_deleted_after_opening_is_a_checkpoint_error_or_read(tmp_path, kind):
+    # file_sizes stat'ed the file at each call: a raw FileNotFoundError from the merge (and
+    # from the check that `out` is no input), where a safetensors input's sizes were kept.
+    if kind == "legacy shards":
+        (tmp_path / "in").mkdir()  # the output beside it, not inside it
+        source = _torch_shards(tmp_path / "in", {"a": "s1.bin", "b": "s2.bin", "c": "s2.bin"})
+        for name in ("s1.bin", "s2.bin"):  # legacy format: read whole when loaded
+            tensors = torch.load(source / name, weights_only=True)
+            torch.save(tensors, source / name, _use_new_zipfile_serialization=False)
+        gone = source / "s1.bin"
+    else:
+        gone = source = tmp_path / "m.pt"
+        torch.save(
+            {"a": torch.arange(6.0).reshape(2, 3)},
+            source,
+            _use_new_zipfile_serialization=kind == "zip",
+        )
+    checkpoint = ladle.open_checkpoint(source)
+    if kind == "legacy shards":
+        checkpoint.get("a")  # loaded before the file goes
+    other = {
+        k: torch.zeros(checkpoint.shape(k), dtype=checkpoint.dtype(k)) for k in checkpoint.keys()
+    }
+    size = gone.stat().st_size
+    os.remove(gone)
+    assert checkpoint.file_sizes()[gone] == size
+    for out in (None, tmp_path / "out.safetensors"):
+        if kind == "zip":  # its tensors are read from the file: refused, naming it
+            with pytest.raises(ladle.CheckpointError, match=r"m\.pt: changed since it was opened"):
+                ladle.uniform_soup([checkpoint, other], out=out)
+            continue
+        merged = ladle.load(ladle.uniform_soup([checkpoint, other], out=out))
+        assert merged["a"].tolist() == [[0.0, 0.5, 1.0], [1.5, 2.0, 2.5]]
+
+
+def test_safetensors_shards_a_torch_index_lists_are_named_as_such(tmp_path):
+    # The message said "give it the .safetensors suffix" of a file that had it.
+    ladle.save({"a": torch.ones(2)}, tmp_path / "s1.safetensors")
+    ladle.save({"b": torch.ones(2)}, tmp_path / "s2.safetensors")
+    index = {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.load(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / 's1.safetensors'}: a safetensors file, which a torch index "
+        "(*.bin.index.json) lists as a shard"
+    )

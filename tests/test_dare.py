@@ -820,3 +820,15 @@ def test_a_tied_tensor_votes_once_in_the_majority_written_to_a_file_too(tmp_path
         merged = ladle.dare(models, base, density=1.0, combine="ties", out=out, device="cpu")
         t = ladle.load(merged)["t"] if out is not None else merged["t"]
         assert t.tolist() == [1.0]
+
+
+def test_a_density_just_below_the_floor_names_the_floor_in_full():
+    # "expected at least 2**-24 (5.96e-08) ...; found 5.96e-08": the floor rounded to the text
+    # of the density refused.
+    from ladle.methods.dare import check_dare_density
+
+    with pytest.raises(ValueError) as info:
+        check_dare_density(5.96e-08)
+    assert str(info.value).startswith("density: expected at least 2**-24 (5.960464477539063e-08)")
+    assert str(info.value).endswith("; found 5.96e-08")
+    assert check_dare_density(2**-24) == 2**-24

@@ -285,6 +285,49 @@ def test_a_cpu_reading_thread_leaves_torch_one_thread_fewer_and_restores_the_cou
         assert torch.get_num_threads() == 2
 
 
+def test_a_fold_closed_on_another_thread_leaves_that_thread_s_count_alone(tmp_path):
+    # Where torch's count is each thread's (OpenMP), the closing thread took the fold's
+    # thread-local state for its own: its count was set to 1, and every later merge on it
+    # pinned it there (a set_num_threads(2) of the user's undone by the next merge).
+    import threading
+
+    per_thread = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    ckpt = ladle.open_checkpoint({"w": torch.ones(64, 4)})
+    kernel, _ = _recording_thread_counts()
+    started, seen = threading.Event(), {}
+    box: dict = {}
+
+    def worker():
+        torch.set_num_threads(2)
+        box["fold"] = fold(
+            [ckpt, ckpt], kernel, device=resolve_device("cpu"), chunk_bytes=16, prefetch=2
+        )
+        next(box["fold"])
+        seen["during"] = torch.get_num_threads()
+        started.set()
+        box["closed"].wait(60)
+        seen["after"] = torch.get_num_threads()  # owed, where the count is the thread's
+        ladle.uniform_soup([ckpt, ckpt], device="cpu")  # its next merge sets what is owed
+        seen["next merge"] = torch.get_num_threads()
+
+    box["closed"] = threading.Event()
+    with _torch_threads(2):
+        thread = threading.Thread(target=worker, daemon=True)
+        thread.start()
+        try:
+            assert started.wait(60)
+            box["fold"].close()  # here, not on the thread that began it
+            assert torch.get_num_threads() == 2
+        finally:
+            box["closed"].set()
+            thread.join(60)
+        ladle.dare([{"w": torch.ones(4)}] * 3, {"w": torch.zeros(4)}, device="cpu")
+        assert torch.get_num_threads() == 2
+    assert seen["during"] == 1
+    assert seen["after"] == (1 if per_thread else 2)
+    assert seen["next merge"] == 2
+
+
 def _recording_thread_counts() -> tuple[Kernel, list[int]]:
     """A kernel whose result is each chunk, and the list of torch's thread count at each
     ``update`` it appends to."""
@@ -2936,3 +2979,63 @@ def test_an_error_in_a_kernel_of_one_s_own_is_noted_with_its_key_and_rows(where)
     with pytest.raises(ValueError) as info:  # a tensor in one chunk: no rows said
         merge([{"a": torch.ones(2)}] * 2, kernel, method="max", parameters={}, device="cpu")
     assert info.value.__notes__ == ["ladle: while merging key 'a'"]
+
+
+def _greedy(models, out, **kwargs):
+    result = ladle.greedy_soup(models, lambda sd: 0.0, out=out, **kwargs)
+    return result.state_dict if out is None else out  # written there too
+
+
+INFERENCE_METHODS = {
+    "uniform_soup": lambda m, b, **kw: ladle.uniform_soup(m, **kw),
+    "greedy_soup": lambda m, b, chunk_bytes, out=None, **kw: _greedy(m, out, **kw),
+    "ratatouille": lambda m, b, **kw: ladle.ratatouille(m, **kw),
+    "task_arithmetic": lambda m, b, **kw: ladle.task_arithmetic(m, b, **kw),
+    "ties": lambda m, b, **kw: ladle.ties(m, b, **kw),
+    "dare": lambda m, b, **kw: ladle.dare(m, b, density=0.5, **kw),
+    "dare ties": lambda m, b, **kw: ladle.dare(m, b, density=0.5, combine="ties", **kw),
+    "model_stock": lambda m, b, **kw: ladle.model_stock(m, b, **kw),
+    "slerp": lambda m, b, **kw: ladle.slerp(m[:2], **kw),
+}
+
+
+@pytest.mark.filterwarnings("ignore::ladle.ModelStockWarning")  # t clamped: random vectors
+@pytest.mark.parametrize("method", INFERENCE_METHODS.values(), ids=list(INFERENCE_METHODS))
+def test_every_method_under_inference_mode_gives_the_same_bits(tmp_path, method):
+    # DARE of three models or more raised "Inplace update to inference tensor outside
+    # InferenceMode": its numbers, drawn on a thread of its own, went into buffers the
+    # caller's thread had made under inference mode.
+    base, *models = family(4, seed=8)
+    kwargs = {"device": "cpu", "chunk_bytes": 64}
+    expected = method(models, base, **kwargs)
+    with torch.inference_mode():
+        in_memory = method(models, base, **kwargs)
+        written = method(models, base, out=tmp_path / "out.safetensors", **kwargs)
+    assert_bit_for_bit(in_memory, expected)
+    assert_bit_for_bit(ladle.load(written), expected)
+
+
+@pytest.mark.filterwarnings("ignore::ladle.ModelStockWarning")
+@pytest.mark.parametrize("chunk_bytes", [16, 100, 2**20])
+def test_expanded_tensors_merge_as_their_copies_do(tmp_path, chunk_bytes):
+    # torch's CPU add_ with alpha fuses a multiply-add in its vector loop only, for an
+    # operand of stride 0: a soup of expand()-ed tensors (or a torch file of them) had
+    # entries one rounding apart (from index 49 of 63), and its bits changed with chunk_bytes.
+    values = [0.1234567, -0.7654321, 0.3333333]
+    expanded = [{"e": torch.tensor([v]).expand(7, 9)} for v in values]
+    copies = [{"e": t["e"].contiguous()} for t in expanded]
+    paths = []
+    for i, model in enumerate(expanded):
+        torch.save(model, tmp_path / f"m{i}.pt")  # keeps the stride of 0
+        paths.append(tmp_path / f"m{i}.pt")
+    runs = {
+        "soup": lambda m: ladle.uniform_soup(m, device="cpu", chunk_bytes=chunk_bytes),
+        "stock": lambda m: ladle.model_stock(m[1:], m[0], device="cpu", chunk_bytes=chunk_bytes),
+        "weighted_sum": lambda m: ladle.weighted_sum(m, [1 / 3] * 3),
+        "add": lambda m: ladle.add(m[0], m[1], alpha=1 / 3),
+    }
+    for name, run in runs.items():
+        expected = run(copies)["e"]
+        assert expected.unique().numel() == 1, name
+        for models in (expanded, paths):
+            assert torch.equal(run(models)["e"], expected), name

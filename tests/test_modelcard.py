@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors
 import torch
-from conftest import family
+from conftest import assert_bit_for_bit, family
 from safetensors.torch import save_file
 from test_hub import COMMIT_A, write_cached_repo
 
@@ -231,7 +232,7 @@ def test_every_methods_card_recipe_runs_and_gives_its_weights(tmp_path, method, 
     }[method]
     call()
     # As the card says: saved beside the output, whose folder its paths are relative to.
-    (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"again"'))
+    (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"replayed"', '"again"'))
     run_recipe(tmp_path / "recipe.toml", device="cpu")
     original, again = ladle.load(out), ladle.load(tmp_path / "again")
     assert original.keys() == again.keys()
@@ -256,7 +257,7 @@ def test_a_card_recipe_gives_float64_weights_bit_for_bit_for_weights_given(tmp_p
         paths.append(ladle.save({"w": w}, tmp_path / f"m{i}.safetensors"))
     out = ladle.uniform_soup(paths, weights=[0.2, 1, 0.05, 1, 0.2], out=tmp_path / "merged")
     assert '"weights" = [0.2, 1.0, 0.05, 1.0, 0.2]' in _card_recipe(out)  # as given
-    (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"again"'))
+    (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"replayed"', '"again"'))
     run_recipe(tmp_path / "recipe.toml", device="cpu")
     assert torch.equal(ladle.load(tmp_path / "again")["w"], ladle.load(out)["w"])
 
@@ -277,7 +278,7 @@ def test_a_card_recipe_lets_through_the_nan_its_merge_let_through(tmp_path, meth
     }[method]()
     assert '"allow_nonfinite" = true' in _card_recipe(tmp_path / "merged")
     (tmp_path / "recipe.toml").write_text(
-        _card_recipe(tmp_path / "merged").replace('"merged"', '"again"')
+        _card_recipe(tmp_path / "merged").replace('"replayed"', '"again"')
     )
     run_recipe(tmp_path / "recipe.toml", device="cpu")
     again, original = ladle.load(tmp_path / "again"), ladle.load(tmp_path / "merged")
@@ -401,7 +402,7 @@ def test_a_single_file_model_folder_is_recorded_as_the_folder_and_its_recipe_cop
     # directory the merge ran from", as if a recipe.toml had been written there.
     assert "save this recipe as `recipe.toml` beside this model's\nfolder" in card
     assert "(no recipe file was written)" in card and not (tmp_path / "recipe.toml").exists()
-    (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"again"'))
+    (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"replayed"', '"again"'))
     run_recipe(tmp_path / "recipe.toml", device="cpu")
     assert (tmp_path / "again" / "config.json").is_file()  # the folders were the inputs
 
@@ -432,7 +433,7 @@ def test_inputs_in_the_home_folder_are_recorded_from_tilde_and_the_recipe_still_
     assert "alice" not in card
     assert "| model 0 | `~/models/a.safetensors` | - |" in card
     assert tomllib.loads(_card_recipe(out))["models"] == recorded
-    (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"again"'))
+    (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"replayed"', '"again"'))
     run_recipe(tmp_path / "recipe.toml", device="cpu")  # ~ is the home folder again
     again, merged = ladle.load(tmp_path / "again"), ladle.load(out)
     assert all(torch.equal(again[k], merged[k]) for k in merged)
@@ -488,13 +489,14 @@ def test_model_card_of_a_merge_with_a_hub_base_in_full():
             "",
             "To reproduce this merge, save this recipe as `recipe.toml` beside this model's",
             "folder (relative paths below are relative to the folder holding both; `~` is the",
-            "home folder) and run `ladle run recipe.toml` (no recipe file was written):",
+            "home folder) and run `ladle run recipe.toml` (no recipe file was written); it",
+            "writes `replayed` there:",
             "",
             "```toml",
             'method = "ties"',
             f'base = "hf://org/base@{commit}/unet"',
             f'models = ["hf://org/ft@{commit}", "models/local.safetensors"]',
-            'output = "merged"',
+            'output = "replayed"',
             'dtype = "bfloat16"',
             "",
             "[parameters]",
@@ -718,7 +720,7 @@ def test_a_cards_recipe_run_beside_the_output_rewrites_its_weights_byte_for_byte
         assert json.loads(ckpt.metadata["ladle.inputs"]) == recorded
     assert str(tmp_path) not in (out / "README.md").read_text()
 
-    (merges / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"again"'))
+    (merges / "recipe.toml").write_text(_card_recipe(out).replace('"replayed"', '"again"'))
     monkeypatch.chdir(ckpts)  # the recipe's folder, not the working one, anchors its paths
     assert main(["run", str(merges / "recipe.toml"), "--no-progress"]) == 0
     again = merges / "again"
@@ -745,7 +747,7 @@ def test_inputs_are_recorded_relative_to_the_output_folder_as_its_links_resolve(
     # A linked file is named as given (latest, not run7).
     expected = ["../../ckpts/latest.safetensors", "../../ckpts/b.safetensors"]
     assert tomllib.loads(_card_recipe(out))["models"] == expected
-    (tmp_path / "link" / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"r"'))
+    (tmp_path / "link" / "recipe.toml").write_text(_card_recipe(out).replace('"replayed"', '"r"'))
     run_recipe(tmp_path / "link" / "recipe.toml", device="cpu")
     again, merged = ladle.load(tmp_path / "link" / "r"), ladle.load(out)
     assert all(torch.equal(again[k], merged[k]) for k in merged)
@@ -788,7 +790,7 @@ def test_a_sharded_outputs_card_recipe_names_its_shard_size_and_rewrites_its_sha
     assert len(shards) > 1
     recipe = tomllib.loads(_card_recipe(out))
     assert recipe["max_shard_size"] == size  # it had none: the recipe wrote one file
-    (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"merged"', '"again"'))
+    (tmp_path / "recipe.toml").write_text(_card_recipe(out).replace('"replayed"', '"again"'))
     run_recipe(tmp_path / "recipe.toml", device="cpu")
     again = tmp_path / "again"
     assert sorted(p.name for p in again.glob("model-*.safetensors")) == shards
@@ -1183,7 +1185,7 @@ def test_a_greedy_soup_card_recipe_keeps_each_tensors_dtype_when_model_0_ranks_b
     ladle.greedy_soup(paths, lambda sd: 0.0, scores=[0.1, 0.2, 0.9], out=tmp_path / "merged")
     assert "dtype" not in _card_recipe(tmp_path / "merged")
     (tmp_path / "recipe.toml").write_text(
-        _card_recipe(tmp_path / "merged").replace('"merged"', '"again"')
+        _card_recipe(tmp_path / "merged").replace('"replayed"', '"again"')
     )
     run_recipe(tmp_path / "recipe.toml", device="cpu")
     again, original = ladle.load(tmp_path / "again"), ladle.load(tmp_path / "merged")
@@ -1201,6 +1203,63 @@ def test_a_card_names_an_input_whose_file_name_is_no_utf8_by_its_escape(tmp_path
     card = (tmp_path / "merged" / "README.md").read_text(encoding="utf-8")
     assert "m\\udce9.pt" in card
     assert torch.equal(ladle.load(tmp_path / "merged")["w"], torch.ones(2))
+
+
+def test_a_card_recipe_as_written_replays_beside_the_model_and_its_inputs(tmp_path):
+    # It always wrote `output = "merged"`: replaying the card of a model called merged was
+    # refused as existing (with --overwrite it replaced the model it was to reproduce), and
+    # so was that of a merge with an input called merged ("would overwrite ... an input").
+    from ladle.recipe import run_recipe
+
+    parts = [ladle.save(m, tmp_path / f"p{i}.safetensors") for i, m in enumerate(family(2))]
+    soup = ladle.uniform_soup(parts, out=tmp_path / "merged")
+    assert "(no recipe file was written); it\nwrites `replayed` there:" in _card(soup)
+    (tmp_path / "recipe.toml").write_text(_card_recipe(soup))
+    run_recipe(tmp_path / "recipe.toml", device="cpu")
+    assert_bit_for_bit(ladle.load(tmp_path / "replayed"), ladle.load(soup))
+    # A merge of that model and of one inside "replayed": the recipe writes elsewhere.
+    second = ladle.save(family(1, seed=4)[0], tmp_path / "replayed" / "b.safetensors")
+    final = ladle.uniform_soup([soup, second], out=tmp_path / "final")
+    assert "writes `replayed-2` there:" in _card(final)
+    (tmp_path / "recipe.toml").write_text(_card_recipe(final))
+    run_recipe(tmp_path / "recipe.toml", device="cpu")
+    assert_bit_for_bit(ladle.load(tmp_path / "replayed-2"), ladle.load(final))
+
+
+def _card(folder) -> str:
+    return (folder / "README.md").read_text()
+
+
+def test_a_card_says_an_input_named_in_no_utf8_must_be_renamed_to_replay_it(tmp_path):
+    # The recipe, with the name's escapes, is no TOML: `ladle run` refused it, while the
+    # card said to run it.
+    path = tmp_path / os.fsdecode(b"m\xe9.pt")
+    torch.save({"w": torch.ones(2)}, path)
+    ladle.uniform_soup([path, path], out=tmp_path / "merged")
+    card = (tmp_path / "merged" / "README.md").read_text(encoding="utf-8")
+    assert (
+        "An input's file name is no UTF-8 text, written below by its escapes, which\n"
+        "TOML cannot hold: rename that file, and the name in the recipe, to run it."
+    ) in card
+    plain = ladle.save({"w": torch.ones(2)}, tmp_path / "plain.safetensors")
+    ladle.uniform_soup([plain, plain], out=tmp_path / "other")
+    assert "no UTF-8" not in (tmp_path / "other" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("output", ["ta.safetensors", "ta"])
+def test_a_base_whose_file_name_is_no_utf8_is_recorded_by_its_escape(tmp_path, output):
+    # Its raw name went into the header's ladle.base, which safetensors refuses: every merge
+    # with such a base written to disk failed (a ValueError), the models' names being JSON.
+    folder = tmp_path / os.fsdecode(b"ckpts-\xe9")
+    base = ladle.save({"w": torch.ones(2)}, folder / "base.safetensors")
+    model = ladle.save({"w": torch.full((2,), 3.0)}, tmp_path / "ft.safetensors")
+    written = ladle.task_arithmetic([model], base=base, out=tmp_path / output)
+    file = written if output.endswith(".safetensors") else written / "model.safetensors"
+    with safetensors.safe_open(str(file), "pt") as handle:
+        meta = handle.metadata()
+    assert meta["ladle.base"] == "ckpts-\\udce9/base.safetensors"
+    assert json.loads(meta["ladle.inputs"]) == ["ft.safetensors"]
+    assert ladle.load(written)["w"].tolist() == [3.0, 3.0]
 
 
 # Found by mutation testing: license fields the card reader must quote, or leave out.

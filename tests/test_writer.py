@@ -2195,3 +2195,70 @@ def test_a_folder_with_a_file_beside_the_finders_is_still_taken(tmp_path):
     with pytest.raises(ladle.LadleError, match=r"without safetensors weights \(notes.txt\)"):
         ladle.uniform_soup(models, out=out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [".DS_Store", "notes.txt"]
+
+
+class _Counted:
+    """A progress class counting the bytes merged."""
+
+    merged = 0
+
+    def __init__(self, total: int, **_: object) -> None:
+        _Counted.merged = 0
+
+    def update(self, n: int) -> None:
+        _Counted.merged += n
+
+    def close(self) -> None:
+        pass
+
+
+def _model_dirs(tmp_path: Path, tokenizer: str) -> list[Path]:
+    folders = []
+    for i, model in enumerate(family(2, seed=7)):
+        folder = ladle.save(model, tmp_path / f"m{i}")
+        (folder / "tokenizer.json").write_text(tokenizer)
+        folders.append(folder)
+    return folders
+
+
+def test_a_disk_without_room_for_the_extra_files_fails_before_merging(tmp_path, monkeypatch):
+    # Only the shards were reserved: the tokenizer copied at the end met a full disk after
+    # the whole merge ("finishing the output failed: No space left on device").
+    import shutil
+
+    models = _model_dirs(tmp_path, "{" + " " * 50_000 + "}")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=20_000))
+    out = tmp_path / "merged"
+    with pytest.raises(ladle.OutputError) as caught:
+        ladle.uniform_soup(models, out=out, progress=_Counted)
+    found = re.fullmatch(
+        rf"{re.escape(str(out))}: no room for its index and extra files \((\d+) bytes, beside "
+        r"its weights' \d+ reserved\); 20000 bytes are free there",
+        str(caught.value),
+    )
+    assert found and int(found.group(1)) >= 50_002  # the tokenizer, the card
+    assert _Counted.merged == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1"]
+    monkeypatch.undo()  # with the room: written, the tokenizer copied
+    ladle.uniform_soup(models, out=out)
+    assert (out / "tokenizer.json").stat().st_size == 50_002
+
+
+def test_an_extra_file_gone_before_it_is_copied_is_named(tmp_path):
+    # "finishing the output failed: No such file or directory" named neither the file nor
+    # that it was an input's.
+    models = _model_dirs(tmp_path, "{}")
+
+    class Removing(_Counted):
+        def update(self, n: int) -> None:
+            (models[0] / "tokenizer.json").unlink(missing_ok=True)
+
+    out = tmp_path / "merged"
+    with pytest.raises(ladle.OutputError) as caught:
+        ladle.uniform_soup(models, out=out, progress=Removing)
+    assert str(caught.value) == (
+        f"{out}: copying {str(models[0] / 'tokenizer.json')!r} into it as 'tokenizer.json' "
+        "failed: No such file or directory"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1"]

@@ -10,6 +10,9 @@ tensors are moved there). Key sets and shapes must agree, else
 :class:`~ladle.IncompatibleError` names the argument, the key and both shapes. A result
 whose dtype cannot hold signed values one per element (``float8_e8m0fnu``, packed
 ``float4_e2m1fn_x2``) is a ``ValueError``, as in every merge method: convert it first.
+Quantized weights (codes and scales) and PEFT adapters (LoRA factors), which added entry by
+entry make a model that loads and is wrong, are a :class:`~ladle.CheckpointError`, as in
+every merge method (``docs/sources.md``).
 
 Tied weights (one tensor under two names, as a tied module's state dict, or a torch file of
 it, holds its embedding and head): a tensor that every argument names twice is computed
@@ -43,6 +46,7 @@ from .checkpoint import (
     TensorMapCheckpoint,
     check_source,
     load_tied,
+    open_checkpoint,
     second_names,
     tied_names,
     unwrap_averaged,
@@ -50,9 +54,11 @@ from .checkpoint import (
 from .engine import (
     NumberLike,
     NumbersLike,
+    _expanded,
     beyond_float32,
     cast,
     check_compatible,
+    check_mergeable,
     check_models,
     check_output_dtypes,
     check_sequence,
@@ -106,7 +112,7 @@ def _map(
     """
     for name, sd in named:
         check_source(name, sd)
-    opened = [TensorMapCheckpoint(_tensors(sd), name=_named(name, sd)) for name, sd in named]
+    opened = [_opened(_named(name, sd), sd) for name, sd in named]
     ref = opened[reference]
     # A tied tensor that the reference names twice and an argument stores once (a module
     # beside save_pretrained's safetensors): that argument answers the second name with it.
@@ -140,9 +146,16 @@ def _map(
             dtype = torch.float64 if wide else compute_dtype([t.dtype for t in tensors])
         # On the first argument's device: a module's state dict on a GPU beside a file
         # read to the CPU (torch refuses tensors of two devices in one operation).
-        widened = (t.to(ref_tensor.device, dtype) for t in tensors)
+        widened = (_copied_if_expanded(t.to(ref_tensor.device, dtype)) for t in tensors)
         result[key] = _cast(fn(*widened), ref_tensor.dtype)
     return {key: result[tied.get(key, key)] for key in ref.keys()}
+
+
+def _copied_if_expanded(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied where it repeats entries through a stride of 0: torch's CPU
+    arithmetic on such a tensor fuses a multiply-add in its vector loop only, so equal
+    entries came out a rounding apart (``add(a, b, alpha=1/3)`` of ``expand``-ed tensors)."""
+    return tensor.contiguous() if _expanded(tensor) else tensor
 
 
 def _cast(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -170,16 +183,28 @@ def _named(argument: str, source: object) -> str:
     return f"{argument} ({where})"
 
 
-def _tensors(source: object) -> Mapping[str, torch.Tensor]:
-    """A mapping as it is; a module's ``state_dict()``; anything else read whole, a tensor it
-    names twice (a torch file's tied weights) once, under both names (:func:`load_tied`), as
-    a mapping or module holds it. An ``AveragedModel``'s tensors are the averaged model's own
-    (:func:`unwrap_averaged`)."""
-    if isinstance(source, Mapping):
-        return unwrap_averaged(source)
-    if isinstance(source, torch.nn.Module):
-        return unwrap_averaged(source.state_dict())
-    return load_tied(source)  # type: ignore[arg-type]  # a path, hf:// repo or Checkpoint
+def _opened(name: str, source: object) -> TensorMapCheckpoint:
+    """The tensors of ``source``, called ``name``: a mapping as it is; a module's
+    ``state_dict()``; anything else read whole, a tensor it names twice (a torch file's tied
+    weights) once, under both names (:func:`load_tied`), as a mapping or module holds it. An
+    ``AveragedModel``'s tensors are the averaged model's own (:func:`unwrap_averaged`).
+
+    Tensors that are no weights to add entry by entry (quantized codes and scales, a PEFT
+    adapter's factors) are a :class:`~ladle.CheckpointError`, as in the merge methods
+    (:func:`~ladle.engine.check_mergeable`); a folder's config is read before its tensors.
+    """
+    if isinstance(source, (Mapping, torch.nn.Module)):
+        state = source if isinstance(source, Mapping) else source.state_dict()
+        opened = TensorMapCheckpoint(unwrap_averaged(state), name=name)
+        check_mergeable([opened], names=[name])
+        return opened
+    checkpoint = open_checkpoint(source)  # type: ignore[arg-type]  # a path, hf://, Checkpoint
+    try:
+        check_mergeable([checkpoint], names=[name])
+        return TensorMapCheckpoint(load_tied(checkpoint), name=name)
+    finally:
+        if checkpoint is not source:
+            checkpoint.close()
 
 
 def add(a: Tensors, b: Tensors, alpha: ComplexLike = 1.0) -> StateDict:

@@ -605,6 +605,7 @@ class TensorMapCheckpoint(Checkpoint):
         self.metadata = {}
         self._file = file  # the torch file the tensors were loaded from, if any
         self._mapped = None if file is None else _mapped_identity(file)
+        self._sizes = {} if file is None else _sizes_of([file])
         self._closed = False
         self._tied: dict[str, str] = {}  # the aliases, once closed
 
@@ -632,7 +633,9 @@ class TensorMapCheckpoint(Checkpoint):
         self._closed = True
 
     def file_sizes(self) -> dict[Path, int]:
-        return {} if self._file is None else {self._file: self._file.stat().st_size}
+        """The torch file's size when loaded (none for tensors in memory): one deleted or
+        moved since is no error here (a legacy file's tensors are all in memory)."""
+        return dict(self._sizes)
 
     def _tensor(self, key: str) -> torch.Tensor:
         try:
@@ -1075,6 +1078,17 @@ def _identity(stat: os.stat_result) -> tuple[int, ...]:
 CHANGED = "changed since it was opened (replaced or rewritten while being merged)"
 
 
+def _sizes_of(files: Sequence[Path]) -> dict[Path, int]:
+    """Each file's size now, or a ``CheckpointError`` naming one that cannot be asked."""
+    sizes = {}
+    for file in files:
+        try:
+            sizes[file] = file.stat().st_size
+        except OSError as err:
+            raise CheckpointError(f"{file}: cannot read it ({err.strerror or err})") from err
+    return sizes
+
+
 def _mapped_identity(file: Path) -> tuple[int, ...] | None:
     """The :func:`_identity` of a torch file that ``torch.load`` memory-maps (a zip archive:
     its tensors are read from the file while merging); ``None`` for one read whole."""
@@ -1142,6 +1156,8 @@ def _not_a_torch_file(file: Path) -> str | None:
     if head.startswith(LFS_POINTER):
         return FETCH_LFS
     if len(head) >= 10 and head[8:10] == b'{"':  # a header length, then a JSON header
+        if file.suffix == ".safetensors":  # read as a torch file: a torch index lists it
+            return "a safetensors file, which a torch index (*.bin.index.json) lists as a shard"
         return "a safetensors file under a torch suffix: give it the .safetensors suffix"
     if head.startswith(b"PK") and ZIP_MAGIC.startswith(head):  # torch would unpickle "PK"
         return f"not a readable torch file (a zip archive's signature alone: {ENDS_EARLY})"
@@ -1552,6 +1568,7 @@ class TorchShardsCheckpoint(Checkpoint):
         for key, file in self._files.items():
             self._listed.setdefault(file, []).append(key)
         self._shards = list(self._listed)
+        self._sizes = _sizes_of(self._shards)
         self._unlisted: dict[str, Path] = {}  # tensors the index lists in no shard: their shard
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
         self._mapped: dict[Path, tuple[int, ...] | None] = {}  # each loaded shard's identity
@@ -1614,7 +1631,9 @@ class TorchShardsCheckpoint(Checkpoint):
         return {**self._files, **dict(unlisted)}
 
     def file_sizes(self) -> dict[Path, int]:
-        return {file: file.stat().st_size for file in self._shards}
+        """Sizes as each shard was when the checkpoint was opened: one changed since is
+        refused when loaded or read (:func:`_check_same_file`)."""
+        return dict(self._sizes)
 
     def aliases(self) -> dict[str, str]:
         """Keys naming one tensor within a shard (:meth:`Checkpoint.aliases`; every shard is
@@ -2129,6 +2148,8 @@ def open_checkpoint(source: StateDictLike) -> Checkpoint:
             from .hub import open_hub_checkpoint  # huggingface_hub is imported only when needed
 
             return open_hub_checkpoint(text)
+        if not text:  # Path("") is the current directory: an unset "$MODEL" merged what is there
+            raise CheckpointError("expected a path to a checkpoint, found an empty one ('')")
         path = Path(text)
         try:
             mode = path.stat().st_mode

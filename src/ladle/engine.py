@@ -21,6 +21,7 @@ import operator
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import ExitStack
@@ -788,9 +789,16 @@ def _tied_hint(
     )
 
 
-def check_mergeable(models: Sequence[Checkpoint], base: Checkpoint | None = None) -> None:
+def check_mergeable(
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None = None,
+    *,
+    names: Sequence[str] | None = None,
+) -> None:
     """A :class:`CheckpointError` for an input whose tensors are no weights to merge
-    entry by entry, though their keys and shapes agree. Base first, then the models.
+    entry by entry, though their keys and shapes agree. Base first, then the models; with
+    ``names`` (one per model, no base), each model is called so (the arithmetic functions
+    name their arguments).
 
     - A model directory whose ``config.json`` declares its weights quantized
       (:func:`~ladle.checkpoint.declared_quantization`: GPTQ, AWQ, bitsandbytes, FP8 with
@@ -814,23 +822,24 @@ def check_mergeable(models: Sequence[Checkpoint], base: Checkpoint | None = None
         ladle.errors.CheckpointError: model 0 (...): its config.json ... (quant_method 'awq'): ...
     """
     for index, checkpoint in _labelled(models, base):
+        described = _describe(index, checkpoint) if names is None else names[index or 0]
         method = declared_quantization(checkpoint)
         if method is not None:
             raise CheckpointError(
-                f"{_describe(index, checkpoint)}: its config.json declares its weights "
+                f"{described}: its config.json declares its weights "
                 f"quantized (quant_method {method!r}): merging their codes and scales would "
                 "merge no weights; dequantize it to a floating dtype first"
             )
         stored = stored_quantization(checkpoint)
         if stored is not None:
             raise CheckpointError(
-                f"{_describe(index, checkpoint)}: holds quantized weights, {stored}: merging "
+                f"{described}: holds quantized weights, {stored}: merging "
                 "their codes and scales would merge no weights; dequantize it to a floating "
                 "dtype first"
             )
         if is_adapter(checkpoint):
             raise CheckpointError(
-                f"{_describe(index, checkpoint)}: a PEFT adapter (adapter_config.json): its "
+                f"{described}: a PEFT adapter (adapter_config.json): its "
                 "LoRA factors merged apart would not merge its weight updates (a mean of B·A "
                 "is not the mean of B times the mean of A), and the output would be no "
                 "adapter; merge each adapter into its base model first (peft: "
@@ -1245,7 +1254,9 @@ def fold(
     they are read with ``pread`` into pooled buffers (pinned for an accelerator), so that the
     readers do the copying from the page cache, and on the CPU torch computes on as many
     threads fewer meanwhile (:func:`_threads_beside_readers`). A model's chunk is valid until
-    ``update`` returns, the base's until ``finalize`` returns.
+    ``update`` returns, the base's until ``finalize`` returns. A result yielded is valid until
+    the next is taken: kernels may reuse their buffers (ladle's own do), so copy
+    (``result.clone()``) a result kept past that.
     An input holding NaN or Inf raises :class:`NonFiniteError` naming the model (by its
     position, or its number in ``numbers``) and key,
     unless ``allow_nonfinite``; with a kernel that ``propagates_nonfinite``, on the CPU, once
@@ -1316,8 +1327,9 @@ def fold(
                 for s in sources
             )
             on_bytes = preparation.reading(total)
-        if depth:  # before the reading threads start: they take the count set here
-            stack.enter_context(_threads_beside_readers(device, threads))
+        # Before the reading threads start: they take the count set here (none taken off
+        # without them; a count owed to this thread is set all the same).
+        stack.enter_context(_threads_beside_readers(device, threads if depth else 0))
         stack.callback(reads.close)
         for step, (key, rows, dtype, view) in enumerate(plan):
             if dtype is None:  # an integer (or bool) key, copied from the reference
@@ -1388,32 +1400,34 @@ def reading_threads(device: torch.device) -> int:
 
 class _Beside:
     """Threads that the merges running now asked torch to leave free
-    (:func:`_threads_beside_readers`), and torch's count before the first of them began."""
+    (:func:`_threads_beside_readers`), torch's count before the first of them began, and a
+    count owed to the thread whose count this is (set by it when it next begins a merge)."""
 
     def __init__(self) -> None:
         self.busy = 0
         self.before = 0
-
-
-class _ThreadBeside(threading.local, _Beside):
-    """:class:`_Beside` of each thread: the merges running now in it."""
+        self.owed: int | None = None
 
 
 _BESIDE_LOCK = threading.Lock()
-_BESIDE: list[_Beside] = []
+_PER_THREAD: list[bool] = []  # found once: whether torch's count is each thread's own
+_BESIDE: weakref.WeakKeyDictionary[threading.Thread, _Beside] = weakref.WeakKeyDictionary()
+_PROCESS = _Beside()
 
 
-def _beside() -> _Beside:
-    """Where :func:`_threads_beside_readers` counts: each thread's own where torch's thread
-    count is the thread's (its OpenMP backend, as in torch's own builds: ``set_num_threads``
-    sets the calling thread's count, and the one a thread takes when it first runs torch
-    work), else one for the process (the native thread pool, whose count all threads share).
-    """
+def _beside() -> tuple[_Beside, threading.Thread | None]:
+    """Where :func:`_threads_beside_readers` counts, and the thread whose count it is: each
+    thread's own where torch's thread count is the thread's (its OpenMP backend, as in
+    torch's own builds: ``set_num_threads`` sets the calling thread's count, and the one a
+    thread takes when it first runs torch work), else one for the process (``None``: the
+    native thread pool, whose count all threads share)."""
     with _BESIDE_LOCK:
-        if not _BESIDE:
-            per_thread = "parallel backend: OpenMP" in torch.__config__.parallel_info()
-            _BESIDE.append(_ThreadBeside() if per_thread else _Beside())
-        return _BESIDE[0]
+        if not _PER_THREAD:
+            _PER_THREAD.append("parallel backend: OpenMP" in torch.__config__.parallel_info())
+        if not _PER_THREAD[0]:
+            return _PROCESS, None
+        thread = threading.current_thread()
+        return _BESIDE.setdefault(thread, _Beside()), thread
 
 
 @contextlib.contextmanager
@@ -1423,22 +1437,49 @@ def _threads_beside_readers(device: torch.device, readers: int) -> Iterator[None
     (on 2 cores that fight made the soup 30% slower than computing on one thread). Merges
     overlapping in one count (the thread's, or the process's: see :func:`_beside`) each take
     their readers off the count it had before the first began, which comes back when the
-    last ends, whatever the order they end in."""
+    last ends, whatever the order they end in.
+
+    A merge ended on another thread than its own (a :func:`fold` generator closed there)
+    cannot set its thread's count, a thread's own: it leaves it owed, set when that thread
+    next begins a merge, and leaves the closing thread's count alone.
+    """
     if device.type != "cpu":
         yield
         return
-    state = _beside()
+    state, owner = _beside()
     with _BESIDE_LOCK:
-        if state.busy == 0:
-            state.before = torch.get_num_threads()
-        state.busy += readers
-        torch.set_num_threads(max(1, state.before - state.busy))
+        if state.owed is not None:  # a merge of this thread ended elsewhere
+            torch.set_num_threads(state.owed)
+            state.owed = None
+        if readers:
+            if state.busy == 0:
+                state.before = torch.get_num_threads()
+            state.busy += readers
+            torch.set_num_threads(max(1, state.before - state.busy))
+    if not readers:  # nothing taken off, nothing to give back
+        yield
+        return
     try:
         yield
     finally:
         with _BESIDE_LOCK:
             state.busy -= readers
-            torch.set_num_threads(max(1, state.before - state.busy))
+            count = max(1, state.before - state.busy)
+            if owner is None or owner is threading.current_thread():
+                torch.set_num_threads(count)
+            else:
+                state.owed = count
+
+
+def _expanded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` repeats entries through a stride of 0 (``expand``, or a torch file
+    of such a tensor): arithmetic on it differs, by a rounding, from that on a copy.
+
+    Example:
+        >>> _expanded(torch.ones(1).expand(3)), _expanded(torch.ones(3)), _expanded(torch.ones(1))
+        (True, False, False)
+    """
+    return tensor.numel() > 1 and 0 in tensor.stride()
 
 
 def _check_result(
@@ -1917,10 +1958,15 @@ def _reads(
             return _Chunk(moved, None, copied)
         if _shares(chunk, buffer):  # read straight into the pool
             ready, held = chunk, buffer
-        elif _shares(chunk, raw) or (chunk.device == buffer.device and chunk.dtype != dtype):
+        elif _shares(chunk, raw) or (
+            chunk.device == buffer.device and (chunk.dtype != dtype or _expanded(chunk))
+        ):
             # Read, then converted into the pool; or a tensor in memory (a torch file's map)
             # converted there: a fresh copy per chunk, freed between allocations kept longer
             # (TIES's records of ties), grew the heap of a long merge by hundreds of MiB.
+            # An expanded tensor (a stride of 0) is copied too: torch's CPU arithmetic on
+            # one fuses a multiply-add in its vector loop only, so entries of equal inputs
+            # came out one rounding apart depending on where the chunk ended.
             ready, held = buffer.view(dtype)[: chunk.numel()].view(chunk.shape), buffer
             ready.copy_(chunk)
         else:  # a tensor in memory already (on whichever device its source holds it)
@@ -2249,8 +2295,8 @@ def provenance(
         "ladle.parameters": json.dumps(dict(parameters), sort_keys=True, default=str),
         "ladle.inputs": json.dumps([recorded_name(m, out) for m in models]),
     }
-    if base is not None:
-        meta["ladle.base"] = recorded_name(base, out)
+    if base is not None:  # a name that is no UTF-8 (lone surrogates) by its escapes, as cards
+        meta["ladle.base"] = recorded_name(base, out).encode("utf-8", "backslashreplace").decode()
     return meta
 
 

@@ -235,16 +235,51 @@ def model_card(
     elif in_memory:
         lines += ["Some inputs were in memory, not files: no recipe can reproduce this merge.", ""]
     else:
-        recipe = _recipe(method, parameters, models, base, dtype, max_shard_size)
+        output = _replay_output(title, sources)
+        recipe = _recipe(method, parameters, models, base, dtype, max_shard_size, output)
         lines += [
             "To reproduce this merge, save this recipe as `recipe.toml` beside this model's",
             "folder (relative paths below are relative to the folder holding both; `~` is the",
-            "home folder) and run `ladle run recipe.toml` (no recipe file was written):",
+            "home folder) and run `ladle run recipe.toml` (no recipe file was written); it",
+            f"writes `{output}` there:",
             "",
-            "```toml",
         ]
-        lines += [*recipe, "```", ""]
+        if not all(_is_text(name) for name in sources):
+            lines += [
+                "An input's file name is no UTF-8 text, written below by its escapes, which",
+                "TOML cannot hold: rename that file, and the name in the recipe, to run it.",
+                "",
+            ]
+        lines += ["```toml", *recipe, "```", ""]
     return "\n".join(lines)
+
+
+def _is_text(name: str) -> bool:
+    """Whether ``name`` is text, not a path's undecodable bytes (lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _replay_output(title: str, sources: Sequence[str]) -> str:
+    """Where a card's recipe writes: ``replayed``, else ``replayed-2``, ...: a name that is
+    not the merge's own output (replaying would write over the model it reproduces) nor the
+    first folder of a local input's relative path (a recipe never writes over its inputs).
+
+    Example:
+        >>> _replay_output("merged", ["replayed/a", "b"]), _replay_output("out", ["a"])
+        ('replayed-2', 'replayed')
+    """
+    taken = {title} | {
+        Path(name).parts[0] for name in sources if name and not name.startswith(PREFIX)
+    }
+    name, number = "replayed", 1
+    while name in taken:
+        number += 1
+        name = f"replayed-{number}"
+    return name
 
 
 def _code_cell(text: str) -> str:
@@ -286,10 +321,11 @@ def _recipe(
     base: str | None,
     dtype: torch.dtype | None = None,
     max_shard_size: int | str | None = None,
+    output: str = "replayed",
 ) -> list[str]:
     """The lines of a recipe that ``ladle run`` accepts and that gives this merge's weights
-    (in ``dtype``, when the merge asked for one), in shards of ``max_shard_size`` unless it
-    is the default.
+    (in ``dtype``, when the merge asked for one) at ``output``, in shards of
+    ``max_shard_size`` unless it is the default.
 
     Only the method's own parameters go under ``[parameters]`` (provenance also records
     constants such as Model Stock's ``eps``), ``allow_nonfinite`` among them where the merge
@@ -316,7 +352,7 @@ def _recipe(
     recipe = [*comments, f"method = {_toml(method)}"]
     if base is not None:
         recipe.append(f"base = {_toml(base)}")
-    recipe += [f"models = {_toml(list(models))}", 'output = "merged"']
+    recipe += [f"models = {_toml(list(models))}", f"output = {_toml(output)}"]
     if dtype is not None:
         from .recipe import DTYPES  # recipe imports this module's neighbours: imported here
 

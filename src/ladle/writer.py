@@ -750,22 +750,35 @@ def _put_back(old: Path, out: Path) -> None:
         _remove(old)
 
 
-def write_extra_files(directory: Path, files: Mapping[str, bytes | str | os.PathLike]) -> None:
+def write_extra_files(
+    directory: Path, files: Mapping[str, bytes | str | os.PathLike], *, out: Path | None = None
+) -> None:
     """Write each ``name: content`` into ``directory``: bytes as they are, a file or a folder
     copied (links followed: a Hub snapshot's files are links into its blobs); each flushed to
-    disk, as the weights are, before the folder is renamed into place."""
+    disk, as the weights are, before the folder is renamed into place. A failure is an
+    :class:`OutputError` naming the output ``out`` (default ``directory``) and the file."""
     for name, content in files.items():
         target = directory / name
-        if isinstance(content, bytes):
-            _write_flushed(target, content)
-            continue
-        if Path(content).is_dir():
-            shutil.copytree(content, target)
-        else:
-            shutil.copyfile(content, target)
-        for file in [p for p in target.rglob("*") if p.is_file()] if target.is_dir() else [target]:
-            with open(file, "rb") as handle:
-                _flush_to_disk(handle.fileno())
+        what = (
+            f"writing {name!r}"
+            if isinstance(content, bytes)
+            else f"copying {os.fsdecode(content)!r} into it as {name!r}"  # an input's, say
+        )
+        with _output_errors(directory if out is None else out, what):
+            _write_extra(target, content)
+
+
+def _write_extra(target: Path, content: bytes | str | os.PathLike) -> None:
+    if isinstance(content, bytes):
+        _write_flushed(target, content)
+        return
+    if Path(content).is_dir():
+        shutil.copytree(content, target)
+    else:
+        shutil.copyfile(content, target)
+    for file in [p for p in target.rglob("*") if p.is_file()] if target.is_dir() else [target]:
+        with open(file, "rb") as handle:
+            _flush_to_disk(handle.fileno())
 
 
 def write_index_file(directory: Path, total_size: int, weight_map: Mapping[str, str]) -> None:
@@ -774,8 +787,13 @@ def write_index_file(directory: Path, total_size: int, weight_map: Mapping[str, 
     A file's data reaches the disk later than its name: without the flush, a power cut soon
     after the folder was renamed into place could leave an empty index under the final name.
     """
+    _write_flushed(directory / INDEX_NAME, index_bytes(total_size, weight_map))
+
+
+def index_bytes(total_size: int, weight_map: Mapping[str, str]) -> bytes:
+    """The text of ``model.safetensors.index.json``, as transformers writes it."""
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(weight_map)}
-    _write_flushed(directory / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+    return (json.dumps(index, indent=2) + "\n").encode()
 
 
 def _write_flushed(path: Path, data: bytes) -> None:
@@ -960,6 +978,14 @@ class SafetensorsWriter:
             self._temp.mkdir(parents=False)
         for shard, file in enumerate(self._files):  # before anything is merged
             _create_reserved(file, self._shard_bytes(shard), self.out)
+        if not self._single_file:  # room left for the index and extra files (not reserved)
+            needed, free = self._companion_bytes(), shutil.disk_usage(self._temp).free
+            if needed > free:
+                raise OutputError(
+                    f"{self.out}: no room for its index and extra files ({needed} bytes, "
+                    f"beside its weights' {sum(map(self._shard_bytes, range(len(self._files))))}"
+                    f" reserved); {free} bytes are free there"
+                )
 
     @property
     def order(self) -> list[str]:
@@ -1171,7 +1197,7 @@ class SafetensorsWriter:
         self._close_amended(sync=True)
         if not self._single_file:
             self._write_index()
-            write_extra_files(self._temp, self._extra)  # renamed into place with the weights
+            write_extra_files(self._temp, self._extra, out=self.out)  # renamed with the weights
         self._syncer.shutdown()
         self._verify()
         self._rename_into_place()
@@ -1200,12 +1226,35 @@ class SafetensorsWriter:
             with contextlib.suppress(OSError):
                 folder.rmdir()
 
-    def _write_index(self) -> None:
+    def _index(self) -> tuple[int, dict[str, str]] | None:
+        """The index's ``total_size`` and ``weight_map``; ``None`` for one file, which has none."""
         if len(self._files) == 1:
-            return
+            return None
         total = sum(_nbytes(spec) for spec in self._specs.values())
-        weight_map = {key: self._files[shard].name for shard, key in self._queue}
-        write_index_file(self._temp, total, weight_map)
+        return total, {key: self._files[shard].name for shard, key in self._queue}
+
+    def _write_index(self) -> None:
+        index = self._index()
+        if index is not None:
+            write_index_file(self._temp, *index)
+
+    def _companion_bytes(self) -> int:
+        """Disk the index and extra files will take, each rounded up to whole blocks of the
+        output's filesystem (a file being copied that cannot be asked counts as empty: its
+        copy fails later, naming it)."""
+        block = max(os.statvfs(self._temp).f_frsize, 1)
+        index = self._index()
+        sizes = [] if index is None else [len(index_bytes(*index))]
+        for content in self._extra.values():
+            if isinstance(content, bytes):
+                sizes.append(len(content))
+                continue
+            root = Path(content)
+            files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else [root]
+            for file in files:
+                with contextlib.suppress(OSError):
+                    sizes.append(file.stat().st_size)
+        return sum(-(-size // block) * block for size in sizes)
 
     def _verify(self) -> None:
         """Re-read every header: the keys, shapes and dtypes must be those planned, and each

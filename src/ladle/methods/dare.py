@@ -78,12 +78,12 @@ def check_dare_density(density: NumberLike) -> float:
         0.1
         >>> check_dare_density(1e-9)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        ValueError: density: expected at least 2**-24 (5.96e-08) for DARE, ... found 1e-09
+        ValueError: density: expected at least 2**-24 (5.960464477539063e-08) for DARE, ...e-09
     """
     density = check_density(density)
     if density < DENSITY_FLOOR:
         raise ValueError(
-            f"density: expected at least 2**-24 ({DENSITY_FLOOR:.3g}) for DARE, whose float32 "
+            f"density: expected at least 2**-24 ({DENSITY_FLOOR!r}) for DARE, whose float32 "
             f"random numbers keep an entry with probability at least that; found {density}"
         )
     return density
@@ -151,6 +151,9 @@ def block_seed(seed: int, index: int, key: str, block: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+# Normal tensors, never inference ones, under the caller's ``torch.inference_mode()``: the
+# drawing threads, outside it, write into them, which torch refuses for inference tensors.
+@torch.inference_mode(False)
 def uniform_numbers(
     seed: int,
     index: int,
@@ -289,6 +292,7 @@ def _dropper(
     ring = [torch.empty(0, dtype=torch.float32, device="cpu") for _ in range(2)]
 
     def numbers(key: str, start: int, count: int, index: int) -> torch.Tensor:
+        @torch.inference_mode(False)  # buffers both threads write: see uniform_numbers
         def draw(index: int, slot: int) -> torch.Tensor:
             if ring[slot].numel() < count:
                 ring[slot] = torch.empty(count, dtype=torch.float32, device="cpu")
