@@ -539,3 +539,14 @@ def test_quantized_weights_and_adapters_are_refused_as_the_merges_refuse_them(tm
     with pytest.raises(ladle.CheckpointError, match=rf"^a \({adapter}\): a PEFT adapter"):
         ladle.scale(adapter, 0.5)
     assert ladle.add(plain, plain)["l.weight"].tolist() == [[2.0, 2.0], [2.0, 2.0]]
+
+
+def test_lerp_of_two_negative_zeros_is_negative_zero_for_every_t():
+    # torch.lerp's a + t·(b − a) made +0.0 of two −0.0 for t < 0.5 (the formula gives −0.0),
+    # as the greedy soup's running mean already guarded against.
+    zeros = {"w": torch.tensor([-0.0, 0.0, -3.5])}
+    other = {"w": torch.tensor([-0.0, 0.0, -3.5])}
+    for t in (0.25, 0.5, 0.75, -2.0, 3.0):
+        merged = ladle.lerp(zeros, other, t)["w"]
+        assert torch.signbit(merged).tolist() == [True, False, True], t
+        assert merged.tolist() == [0.0, 0.0, -3.5]

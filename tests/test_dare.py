@@ -832,3 +832,18 @@ def test_a_density_just_below_the_floor_names_the_floor_in_full():
     assert str(info.value).startswith("density: expected at least 2**-24 (5.960464477539063e-08)")
     assert str(info.value).endswith("; found 5.96e-08")
     assert check_dare_density(2**-24) == 2**-24
+
+
+def test_a_scale_whose_quotient_by_density_overflows_is_refused_naming_both():
+    # scale/density was inf: 0·inf made every dropped entry (and a zero task vector) NaN,
+    # reported as "the arithmetic made NaN" of finite inputs.
+    model = {"w": torch.tensor([1.0, 2.0, 3.0])}
+    for combine in ("sum", "ties"):
+        with pytest.raises(ValueError) as info:
+            ladle.dare([model], model, density=1e-5, scale=1e305, combine=combine, device="cpu")
+        assert str(info.value) == (
+            "scale: 1e+305 / density 1e-05 is beyond float64's range, and DARE applies "
+            "scale/density as one factor; lower the scale"
+        )
+    merged = ladle.dare([model], model, density=1e-3, scale=1e300, device="cpu")
+    assert torch.equal(merged["w"], model["w"])

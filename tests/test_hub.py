@@ -1027,7 +1027,10 @@ def test_a_cached_snapshot_not_named_by_a_commit_is_refused(hub_cache):
     folder = write_cached_repo(hub_cache, "org/m", "latest", files, refs=refs)
     with pytest.raises(ladle.CheckpointError) as err:
         ladle.open_checkpoint("hf://org/m")
-    assert str(err.value) == f"hf://org/m: resolved to {folder}, which is not a cached snapshot"
+    assert str(err.value) == (
+        f"hf://org/m: resolved to {folder}, which is not a cached snapshot (the cache's refs "
+        "file for 'main' names no commit)"
+    )
 
 
 def _one_line_refusal(source: str) -> str:
@@ -1499,3 +1502,73 @@ def test_a_repository_of_weights_alone_is_fetched_without_a_warning(local_hub, c
     assert hub.downloaded() == {"model.safetensors"}
     for key in model:
         assert torch.equal(loaded[key], model[key])
+
+
+class _Payload:
+    """Unpickling this would create a marker file: code execution."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_an_unsafe_torch_file_of_a_hub_repo_is_an_unsafe_checkpoint_error(hub_cache, tmp_path):
+    # Re-raised by open_snapshot as a plain CheckpointError: `except UnsafeCheckpointError`,
+    # which catches the same file read locally, missed it.
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(2), "x": _Payload(marker)}, buffer)
+    write_cached_repo(
+        hub_cache,
+        "org/evil",
+        COMMIT_A,
+        {"pytorch_model.bin": buffer.getvalue()},
+        refs={"main": COMMIT_A},
+    )
+    for call in (
+        lambda: ladle.load("hf://org/evil"),
+        lambda: ladle.uniform_soup(["hf://org/evil", {"w": torch.ones(2)}]),
+    ):
+        with pytest.raises(ladle.UnsafeCheckpointError, match=rf"^hf://org/evil@{COMMIT_A}: "):
+            call()
+    assert not marker.exists()
+
+
+def test_a_snapshot_link_to_a_blob_the_cache_lost_is_named(hub_cache):
+    # "no weights ...; found config.json, model.safetensors": the missing file listed as found.
+    files = {"config.json": b"{}", "model.safetensors": weights({"w": torch.ones(2)})}
+    folder = write_cached_repo(hub_cache, "org/lost", COMMIT_A, files, refs={"main": COMMIT_A})
+    blob = (folder / "model.safetensors").resolve()
+    blob.unlink()
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.load("hf://org/lost")
+    assert str(info.value) == (
+        f"hf://org/lost@{COMMIT_A}: 'model.safetensors' (1 of its 1 weights files) is not in "
+        f"the Hugging Face cache ({hub_cache}): its snapshot's link leads to no file (a "
+        "download cut short, or the cache cleaned); HF_HUB_OFFLINE is set"
+    )
+
+
+def test_a_torch_shard_s_error_names_its_hub_source(hub_cache):
+    # The shards load lazily, after open_snapshot named its errors: only the cache's path.
+    shard = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, shard)
+    index = {"weight_map": {"w": "s1.bin", "v": "s1.bin"}}
+    files = {"pytorch_model.bin.index.json": json.dumps(index).encode(), "s1.bin": shard.getvalue()}
+    write_cached_repo(hub_cache, "org/badidx", COMMIT_A, files, refs={"main": COMMIT_A})
+    with pytest.raises(ladle.CheckpointError, match=rf"^hf://org/badidx@{COMMIT_A}: .*lists 'v'"):
+        ladle.load("hf://org/badidx")
+
+
+def test_a_revision_the_offline_cache_cannot_read_says_so_not_a_fetch(hub_cache):
+    # "cannot fetch from the Hub ([Errno 21] Is a directory: .../refs/release)" while offline.
+    files = {"model.safetensors": weights({"w": torch.ones(2)})}
+    write_cached_repo(hub_cache, "org/m", COMMIT_A, files, refs={"release/v2": COMMIT_A})
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.load("hf://org/m@release")
+    assert str(info.value).startswith(
+        "hf://org/m@release: cannot read the Hugging Face cache ([Errno 21] Is a directory"
+    )
+    assert ladle.load("hf://org/m@release%2Fv2")["w"].tolist() == [1.0, 1.0]

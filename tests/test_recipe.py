@@ -1264,3 +1264,63 @@ def test_every_step_reads_the_commit_an_hf_input_resolved_to_before_the_first(
     ladle.testing.assert_state_dicts_close(
         ladle.load(folder / "two.safetensors"), moved_two, rtol=0, atol=0
     )
+
+
+def test_a_recipe_loaded_from_a_relative_path_runs_from_another_folder(folder, monkeypatch):
+    # Recipe.path was kept relative: run from another working directory, `evaluate` was
+    # imported from that folder (another evals.py silently scored the soup), or not found.
+    (folder / "evals.py").write_text("def score(sd):\n    return float(sd['layer.bias'].sum())\n")
+    elsewhere = folder / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "evals.py").write_text("def score(sd):\n    raise AssertionError('wrong file')\n")
+    write(
+        folder,
+        'method = "greedy_soup"\nmodels = ["m0.safetensors", "m1.safetensors"]\n'
+        'output = "out.safetensors"\n[parameters]\nevaluate = "evals.py:score"\n',
+    )
+    monkeypatch.chdir(folder)
+    recipe = load_recipe("recipe.toml")
+    assert recipe.path == folder / "recipe.toml"
+    monkeypatch.chdir(elsewhere)
+    assert run_recipe(recipe, device="cpu") == {"main": folder / "out.safetensors"}
+
+
+def test_steps_run_in_the_order_of_their_headers_whatever_table_comes_first(folder):
+    # TOML lets [steps.final.parameters] come before [steps.final]; tomllib orders steps by
+    # the first table naming them: "steps.final.models[0]: step 'pair' comes later".
+    recipe = write(
+        folder,
+        """
+[steps.final.parameters]
+weights = [1, 3]
+
+[steps.pair]
+method = "uniform_soup"
+models = ["m0.safetensors", "m1.safetensors"]
+
+[steps."final"]
+method = "soup"
+models = ["pair", "m2.safetensors"]
+output = "out.safetensors"
+""",
+    )
+    assert [step.name for step in load_recipe(recipe).steps] == ["pair", "final"]
+    run_recipe(recipe, device="cpu")
+    models = [ladle.load(folder / f"m{i}.safetensors") for i in range(3)]
+    pair = ladle.uniform_soup(models[:2], device="cpu")
+    expected = ladle.uniform_soup([pair, models[2]], weights=[1, 3], device="cpu")
+    assert_bit_for_bit(ladle.load(folder / "out.safetensors"), expected)
+
+
+def test_an_integer_past_pythons_digit_limit_is_named_with_the_recipe(folder):
+    # tomllib's int() raised "Exceeds the limit (4300 digits) ...; use
+    # sys.set_int_max_str_digits()", naming no file.
+    recipe = write(
+        folder, f'method = "soup"\nmodels = ["m0.safetensors"]\nchunk_bytes = {"9" * 5000}\n'
+    )
+    with pytest.raises(ValueError) as info:
+        load_recipe(recipe)
+    assert str(info.value) == (
+        f"{recipe}: not a TOML recipe (Exceeds the limit (4300 digits) for integer string "
+        "conversion: value has 5000 digits)"
+    )

@@ -1183,3 +1183,30 @@ def test_a_dtype_no_merge_can_write_is_named_with_the_model_or_base_holding_it()
     ):
         with pytest.raises(ValueError, match=rf"^{named} \(<state dict>\): key 'w' is stored as"):
             call()
+
+
+def test_an_overflow_of_the_float32_arithmetic_is_named_as_such_not_the_output_s():
+    # float32 inputs merged into float64: the message said the values "overflow float64
+    # (largest finite value 1.79769e+308)", which holds 6e38, and advised lowering weights
+    # alone; bfloat16 ones (6e38 exactly 0 once scaled) were told to merge into float32.
+    base = {"w": torch.tensor([0.0, 1.0])}
+    models = [{"w": torch.tensor([3e38, 1.0])}] * 2
+    with pytest.raises(ladle.NonFiniteError) as info:
+        ladle.task_arithmetic(models, base, dtype=torch.float64, device="cpu")
+    assert str(info.value) == (
+        "the merged state dict: 1 of the 2 merged values of key 'w' overflow float32 (largest "
+        "finite value 3.40282e+38) although every input is finite; lower the scale or weights "
+        "where the method has them, or give the merge float64 inputs (it then computes in "
+        "float64); allow_nonfinite=True (--allow-nonfinite) keeps them as they are"
+    )
+    wide = [{"w": m["w"].double()} for m in models]  # as advised: finite
+    merged = ladle.task_arithmetic(wide, {"w": base["w"].double()}, device="cpu")
+    assert merged["w"].tolist() == [float(torch.tensor(3e38)) * 2, 1.0]
+    low, high = ({"w": torch.tensor([v], dtype=torch.bfloat16)} for v in (-3e38, 3e38))
+    with pytest.raises(ladle.NonFiniteError) as info:
+        ladle.task_arithmetic([high], low, scale=0.5, device="cpu")
+    assert (
+        "overflow bfloat16 (largest finite value 3.38953e+38) or float32, which the merge "
+        "computes in, although every input is finite" in str(info.value)
+    )
+    assert "wider dtype" not in str(info.value)

@@ -298,7 +298,8 @@ def lerp(a: Tensors, b: Tensors, t: ComplexLike) -> StateDict:
 def _lerp(x: torch.Tensor, y: torch.Tensor, t: Scalar) -> torch.Tensor:
     """``torch.lerp`` (exact at the ends, monotonic) where it is finite; elsewhere
     ``(1−t)·x + t·y``, which keeps infinities (``-inf`` mask entries) that ``lerp``'s
-    ``y − x`` turns into NaN, and does not overflow where ``y − x`` would."""
+    ``y − x`` turns into NaN, and does not overflow where ``y − x`` would; where ``x`` and
+    ``y`` are equal (real, with their signs), ``x``."""
     if t == 0:
         return x.clone()
     if t == 1:
@@ -307,6 +308,10 @@ def _lerp(x: torch.Tensor, y: torch.Tensor, t: Scalar) -> torch.Tensor:
     odd = ~torch.isfinite(merged)
     if bool(odd.any()):
         merged = torch.where(odd, (1 - t) * x + t * y, merged)
+    if not merged.is_complex():  # equal ends: that value, as the formula gives (lerp's
+        # x + t·(y − x) made +0.0 of two −0.0 for t < 0.5)
+        same = torch.eq(x, y).logical_and_(torch.signbit(x) == torch.signbit(y))
+        merged = torch.where(same, x, merged)
     return merged
 
 

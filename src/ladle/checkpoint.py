@@ -1584,8 +1584,13 @@ class TorchShardsCheckpoint(Checkpoint):
             with self._loading:
                 tensors = self._loaded.get(file)
                 if tensors is None:
-                    tensors = load_torch_file(file)
-                    self._match(file, tensors)
+                    try:
+                        tensors = load_torch_file(file)
+                        self._match(file, tensors)
+                    except CheckpointError as err:  # named by its source: an hf:// repo's
+                        if str(err).startswith(self.name):  # a local folder's files are
+                            raise
+                        raise type(err)(f"{self.name}: {err}") from err
                     self._mapped[file] = _mapped_identity(file)
                     self._loaded[file] = tensors
         return tensors

@@ -1568,7 +1568,9 @@ def _refuse_nonfinite(
     shape = _read_as(base if base is not None else models[0], key, rows, chunk)
     _blame_input(key, rows, models, base, shape)
     nan = int(torch.isnan(chunk.float() if chunk.dtype.itemsize == 1 else chunk).sum())
-    _overflowed(where, key, rows, count, chunk.numel(), dtype, shape, nan=nan)
+    inputs = [c.dtype(key) for c in [*models, *([base] if base is not None else [])]]
+    computed = compute_dtype(inputs).to_real()
+    _overflowed(where, key, rows, count, chunk.numel(), dtype, shape, nan=nan, computed=computed)
 
 
 def _read_as(
@@ -1592,14 +1594,29 @@ def _overflowed(
     shape: tuple[int, ...] | None,
     *,
     nan: int = 0,
+    computed: torch.dtype = torch.float32,
 ) -> NoReturn:
     """Raise the :class:`NonFiniteError` of ``count`` of ``total`` merged values of ``key``
     (``rows`` of it read as ``shape``) that overflow ``dtype`` although every input is
-    finite, ``nan`` of them NaN (said as such: a kernel's 0/0 was called an overflow)."""
-    wider = (
-        ""
-        if dtype.itemsize >= 4
-        else ", or merge into a wider dtype (dtype=torch.float32, --dtype float32)"
+    finite, ``nan`` of them NaN (said as such: a kernel's 0/0 was called an overflow).
+
+    The merge computed in ``computed``: where ``dtype`` holds all it can (float64 output of
+    a float32 merge), that is what overflowed, and float64 inputs are the remedy; where
+    ``dtype`` has its range (bfloat16 beside float32), either did; a narrower output (float16,
+    float8) overflowed in the cast, and a wider one is the remedy."""
+    limit, most = torch.finfo(dtype).max, torch.finfo(computed).max
+    if limit >= most:  # the cast cannot overflow
+        dtype, limit = computed, most
+    if limit * 2 < most:
+        wider = ", or merge into a wider dtype (dtype=torch.float32, --dtype float32)"
+    elif computed != torch.float64:
+        wider = ", or give the merge float64 inputs (it then computes in float64)"
+    else:
+        wider = ""
+    in_compute = (  # the range of what it computes in: either may have overflowed
+        f" or {str(computed).removeprefix('torch.')}, which the merge computes in,"
+        if dtype != computed and limit * 2 >= most
+        else ""
     )
     if rows.start is None or rows.stop is None:
         part = ""
@@ -1613,8 +1630,8 @@ def _overflowed(
         f"are not finite ({nan} NaN) although every input is finite: the arithmetic made NaN "
         f"(0/0, or an overflow of {name} followed by ∞ − ∞)"
         if nan
-        else f"overflow {name} (largest finite value {torch.finfo(dtype).max:g}) although "
-        "every input is finite"
+        else f"overflow {name} (largest finite value {limit:g}){in_compute} although every "
+        "input is finite"
     )
     raise NonFiniteError(
         f"{where}: {count} of the {total} merged values of key {key!r}{part} {what}; lower "

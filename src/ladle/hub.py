@@ -320,7 +320,7 @@ def _weight_files(folder: Path, names: list[str], where: str) -> list[str]:
         try:
             return sorted(set(shard_names(folder / chosen).values()))
         except CheckpointError as err:  # named by the source, not by the cache's path
-            raise CheckpointError(f"{where}: {err}") from err
+            raise type(err)(f"{where}: {err}") from err
     return [chosen]
 
 
@@ -429,6 +429,7 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         except _MALFORMED as err:
             raise _not_the_hub(url, err) from err
 
+    files: list[str] = []  # the weights files the snapshot's folder names
     try:
         root = fetch(
             source.revision,
@@ -472,8 +473,19 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         if error is None:
             raise
         raise error from err
-    if not _COMMIT.fullmatch(commit):
-        raise CheckpointError(f"{url}: resolved to {root}, which is not a cached snapshot")
+    if not _COMMIT.fullmatch(commit):  # a refs file holding no commit (cut short, say)
+        raise CheckpointError(
+            f"{url}: resolved to {root}, which is not a cached snapshot (the cache's refs "
+            f"file for {source.revision or 'main'!r} names no commit)"
+        )
+    broken = [n for n in files if (folder / n).is_symlink() and not (folder / n).is_file()]
+    if broken:  # in the snapshot, and no blob behind its link
+        raise CheckpointError(
+            f"{source.url(commit)}: {broken[0]!r} ({len(broken)} of its {len(files)} weights "
+            f"files) is not in the Hugging Face cache ({cache}): its snapshot's link leads to "
+            "no file (a download cut short, or the cache cleaned)"
+            + ("; HF_HUB_OFFLINE is set" if offline else "")
+        )
     if not found:
         raise _no_weights(url, source, folder, commit, offline=offline, cache=cache)
     return folder, commit
@@ -592,6 +604,8 @@ def _fetch_failure(
         return CheckpointError(f"{url}: the Hub could not be reached ({one_line(err)})")
     elif not isinstance(err, OSError):  # a disk error writing the cache is one
         return None
+    if offline:  # nothing was fetched: the cache itself could not be read
+        return CheckpointError(f"{url}: cannot read the Hugging Face cache ({one_line(err)})")
     return CheckpointError(f"{url}: cannot fetch from the Hub ({one_line(err)})")
 
 
@@ -810,7 +824,9 @@ def open_snapshot(folder: Path, name: str) -> Checkpoint:
     that commit, and so does every rank of a split merge (:func:`fetched`).
 
     Raises:
-        CheckpointError: the weights cannot be read (the message names ``name``).
+        CheckpointError: the weights cannot be read (the message names ``name``);
+            :class:`UnsafeCheckpointError` where a torch file would need arbitrary
+            unpickling, as for a local file.
 
     Example:
         >>> import pathlib, tempfile, torch, ladle
@@ -825,7 +841,7 @@ def open_snapshot(folder: Path, name: str) -> Checkpoint:
 
     try:
         checkpoint = _open_directory(folder)
-    except CheckpointError as err:
-        raise CheckpointError(f"{name}: {err}") from err
+    except CheckpointError as err:  # its own class: an UnsafeCheckpointError stays one
+        raise type(err)(f"{name}: {err}") from err
     checkpoint.name = name
     return checkpoint

@@ -143,17 +143,26 @@ class Recipe(NamedTuple):
     """A one-step recipe written at the top level (its errors say ``recipe.``)."""
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _toml_reader(path: Path) -> Any:
+    """tomllib, or on Python 3.10 tomli, its original (a LadleError naming ``path`` if it is
+    missing)."""
     if sys.version_info >= (3, 11):
         import tomllib
-    else:  # pragma: no cover - Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise LadleError(
-                f"{path}: reading recipes needs Python 3.11 or later (tomllib), or the "
-                "'tomli' package on Python 3.10, which installing ladle brings (pip install tomli)"
-            ) from None
+
+        return tomllib
+    try:  # pragma: no cover - Python 3.10
+        import tomli
+
+        return tomli
+    except ImportError:  # pragma: no cover
+        raise LadleError(
+            f"{path}: reading recipes needs Python 3.11 or later (tomllib), or the "
+            "'tomli' package on Python 3.10, which installing ladle brings (pip install tomli)"
+        ) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    tomllib = _toml_reader(path)
     try:
         with path.open("rb") as handle:
             data = handle.read()
@@ -171,6 +180,35 @@ def _read_toml(path: Path) -> dict[str, Any]:
         ) from err
     except RecursionError:  # tomllib recurses into arrays: "a = [[[[...]]]]" from a stranger
         raise ValueError(f"{path}: not a TOML recipe (nested too deeply)") from None
+    except ValueError as err:  # int() of a literal past Python's 4300 digits (after the
+        # UnicodeDecodeError above, a ValueError too)
+        said = str(err).split("; use sys.")[0]  # not Python's remedy: the file is wrong
+        raise ValueError(f"{path}: not a TOML recipe ({said})") from None
+
+
+def _in_file_order(names: list[str], file: Path) -> list[str]:
+    """Step ``names`` in the order of their ``[steps.NAME]`` headers in ``file``, where each
+    has one: tomllib orders them by the first table naming them, and TOML lets
+    ``[steps.NAME.parameters]`` come before ``[steps.NAME]``. Steps written otherwise
+    (inline tables, dotted keys) keep tomllib's order."""
+    tomllib = _toml_reader(file)
+    found: dict[str, int] = {}
+    text = file.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    for number, line in enumerate(text.splitlines()):
+        if not line.lstrip().startswith("[") or line.lstrip().startswith("[["):
+            continue
+        try:  # a header alone is a TOML document: tomllib reads its quoted names
+            header = tomllib.loads(line)
+        except (tomllib.TOMLDecodeError, ValueError):  # a line of a multi-line value
+            continue
+        steps = header.get("steps")
+        if isinstance(steps, dict) and len(steps) == 1:
+            (name, table), *_ = steps.items()
+            if table == {} and name in names:  # [steps.NAME] itself, not a sub-table
+                found.setdefault(name, number)
+    if len(found) < len(names):
+        return names
+    return sorted(names, key=found.__getitem__)
 
 
 def _function(method: str) -> Callable[..., Any]:
@@ -530,7 +568,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a str or os.PathLike path, found {type_name(path)}")
-    file = Path(path)
+    # Absolute: run later from another working directory, a Recipe finds its evaluate
+    # files where it was loaded (its inputs and outputs are resolved here already).
+    file = Path(path).absolute()
     data = _read_toml(file)
     root = file.resolve().parent
     device = data.get("device")
@@ -548,7 +588,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             raise ValueError("steps: expected one or more [steps.NAME] tables")
     else:
         tables = {"main": {k: v for k, v in data.items() if k != "device"}}
-    names = list(tables)
+    names = _in_file_order(list(tables), file) if "steps" in data else list(tables)
     steps: list[Step] = []
     written: dict[Path, str] = {}  # outputs of the steps so far, resolved, to their names
     for i, name in enumerate(names):
@@ -777,7 +817,7 @@ def _check_inputs_kept(
                     try:
                         check_not_an_input(writer.output, [opened])
                     except LadleError as err:
-                        raise LadleError(f"{where(writer)}.output: {err}") from None
+                        raise type(err)(f"{where(writer)}.output: {err}") from None
     return snapshots
 
 
@@ -854,7 +894,7 @@ def run_recipe(
             try:
                 check_output_free(step.output, overwrite=overwrite)
             except LadleError as err:
-                raise LadleError(f"{where(step)}.output: {err}") from None
+                raise type(err)(f"{where(step)}.output: {err}") from None
     snapshots = _check_inputs_kept(checked.steps, where)
     # Every evaluate function imported before the first step runs: a bad one leaves nothing.
     evaluators = {}

@@ -460,6 +460,11 @@ def dare(
     # own values: entries that cancel exactly elect 0 (the majority rule), where rounded
     # quotients τᵢ/density would leave a rounding error of either sign.
     rescaled = scale / density
+    if not math.isfinite(rescaled):  # one factor: an infinite one made 0·∞ = NaN of zeros
+        raise ValueError(
+            f"scale: {scale} / density {density} is beyond float64's range, and DARE applies "
+            "scale/density as one factor; lower the scale"
+        )
 
     # Threads that draw the random numbers' blocks, and one that has them draw the next
     # model's numbers while this model's chunk is computed, for this merge alone. Torch

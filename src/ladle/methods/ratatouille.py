@@ -149,7 +149,7 @@ def _opened(role: str, source: StateDictLike) -> Checkpoint:
     try:
         return open_checkpoint(source)
     except CheckpointError as err:
-        raise CheckpointError(f"{role}: {err}") from err
+        raise type(err)(f"{role}: {err}") from err  # an UnsafeCheckpointError stays one
 
 
 def _check_tied(
