@@ -85,6 +85,15 @@ def best_of(repeat: int, argv: list[str]) -> Run:
     return Run(min(r.seconds for r in runs), max(r.peak_anon for r in runs))
 
 
+def read_floor(repeat: int, paths: list[Path]) -> Run:
+    """The best time of ``cat`` reading ``paths``, net of a process's start-up (the best of
+    ``true``, timed the same way: fork, exec and the memory sampler's wait, about 1.5 ms),
+    as every other figure is net of its interpreter's."""
+    started = best_of(repeat, ["true"]).seconds
+    cat = best_of(repeat, ["cat", *map(str, paths)])
+    return Run(max(cat.seconds - started, 1e-6), cat.peak_anon)
+
+
 def warm(paths: list[Path]) -> None:
     """Read every input once so that timings see a warm page cache."""
     subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)

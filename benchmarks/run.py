@@ -37,6 +37,7 @@ from common import (
     fresh,
     llama_family,
     python_timed,
+    read_floor,
     warm,
     weights_file,
 )
@@ -100,11 +101,38 @@ def mergekit_config(method: str, base: Path, models: list[Path], dtype: str) -> 
     return "\n".join(lines).replace("'", "") + "\n"
 
 
-def difference(a: Path, b: Path) -> str:
+def term_magnitudes(label: str, base: Path, models: list[Path]) -> dict[str, torch.Tensor]:
+    """Per entry, the sum of the magnitudes of the terms ``label``'s float32 arithmetic adds
+    up (an upper bound where a method picks some): ``Σ|θᵢ|/n`` for the soup, ``|a| + |b|``
+    for SLERP, ``|θ_base| + Σ|θᵢ − θ_base|`` for the task-vector methods. Rounding in
+    another order moves an entry by a few float32 steps of this, whatever its neighbours."""
+    import ladle
+
+    if label in TWO_MODELS:
+        sources, origin = models[:2], None
+    else:
+        sources, origin = models, (None if label == "soup" else ladle.load(base))
+    sums: dict[str, torch.Tensor] = {}
+    for path in sources:
+        for key, value in ladle.load(path).items():
+            if not value.is_floating_point():
+                continue
+            term = value.double() if origin is None else value.double() - origin[key].double()
+            sums[key] = sums[key].add_(term.abs_()) if key in sums else term.abs_()
+    for key, total in sums.items():
+        if label == "soup":
+            total.div_(len(sources))
+        if origin is not None:
+            total.add_(origin[key].double().abs())
+    return sums
+
+
+def difference(a: Path, b: Path, terms: dict[str, torch.Tensor], count: int) -> str:
     """Largest absolute difference of two outputs, how many entries differ at all, and a
     verdict: they agree where no entry differs by more than rounding, one step of its dtype
-    (``eps · max(|a|, |b|)``) plus eight float32 steps of the tensor's largest magnitude
-    (float32 arithmetic in another order: a result near 0 from larger terms)."""
+    (``eps · max(|a|, |b|)``) plus ``count`` float32 steps of the magnitude its arithmetic
+    adds up (``terms``: :func:`term_magnitudes`; ``count``, the number of terms: float32
+    sums in another order); the keys of one output alone are named."""
     import ladle
 
     x, y = ladle.load(a), ladle.load(b)
@@ -114,8 +142,12 @@ def difference(a: Path, b: Path) -> str:
     for key in keys:
         p, q = x[key].double(), y[key].double()
         if p.shape != q.shape or x[key].dtype != y[key].dtype:  # nothing to compare: differ
-            count = max(p.numel(), q.numel(), 1)
-            differing, beyond, total = differing + count, beyond + count, total + count
+            count_here = max(p.numel(), q.numel(), 1)
+            differing, beyond, total = (
+                differing + count_here,
+                beyond + count_here,
+                total + count_here,
+            )
             continue
         if p.numel() == 0:
             continue
@@ -126,31 +158,42 @@ def difference(a: Path, b: Path) -> str:
         tolerance = torch.zeros_like(delta)
         if x[key].is_floating_point():
             magnitude = torch.maximum(p.abs(), q.abs()).where(finite, 0.0)
-            scale = float(magnitude.max()) * 8 * FLOAT32_EPS
-            tolerance = magnitude.mul_(torch.finfo(x[key].dtype).eps).add_(scale)
+            summed = terms[key].reshape(delta.shape) * (count * FLOAT32_EPS)
+            tolerance = magnitude.mul_(torch.finfo(x[key].dtype).eps).add_(summed)
         differing += int((delta > 0).sum()) + int(special.sum())
         beyond += int((delta > tolerance).sum()) + int(special.sum())
         total += delta.numel()
         largest = max(largest, float(delta.max()), math.inf if bool(special.any()) else 0.0)
-    verdict = "agree" if beyond == 0 and set(x) == set(y) else "DIFFER"
+    alone = [k for k in x if k not in y], [k for k in y if k not in x]
+    keys_differ = "".join(
+        f"; {len(names)} keys in {who}'s alone ({', '.join(names[:3])})"
+        for who, names in zip(("ladle", "mergekit"), alone)
+        if names
+    )
+    verdict = "agree" if beyond == 0 and not keys_differ else "DIFFER"
     return (
         f"{verdict}: {beyond} of {total} entries beyond rounding, {differing} differ at all; "
-        f"max |ladle - mergekit| = {largest:.3g}"
+        f"max |ladle - mergekit| = {largest:.3g}{keys_differ}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 small models, one repeat")
-    parser.add_argument("--models", type=int, default=12)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small models, 4 unless --models, one repeat unless --repeat",
+    )
+    parser.add_argument("--models", type=int, default=None, help="fine-tunes (default 12)")
+    parser.add_argument("--repeat", type=int, default=None, help="runs, best taken (default 3)")
     parser.add_argument("--mergekit", type=Path, default=None, help="path to mergekit-yaml")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument(
         "--dtypes", default="fp32,bf16", help="families to run, of fp32 and bf16 (default both)"
     )
     args = parser.parse_args()
-    count, repeat = (4, 1) if args.quick else (args.models, args.repeat)
+    count = args.models if args.models is not None else 4 if args.quick else 12
+    repeat = args.repeat if args.repeat is not None else 1 if args.quick else 3
     size = {"layers": 1, "vocab": 1024} if args.quick else {"layers": 1, "vocab": 5120}
 
     names = args.dtypes.split(",")
@@ -176,9 +219,9 @@ def report(
     one = files[0].stat().st_size
     warm(files)
     py = sys.executable
-    cat = best_of(repeat, ["cat", *map(str, files)])
-    cat_models = best_of(repeat, ["cat", *map(str, files[1:])])  # the soups read no base
-    cat_two = best_of(repeat, ["cat", *map(str, files[1:3])])  # SLERP reads two fine-tunes
+    cat = read_floor(repeat, files)
+    cat_models = read_floor(repeat, files[1:])  # the soups read no base
+    cat_two = read_floor(repeat, files[1:3])  # SLERP reads two fine-tunes
     idle = {
         "ladle": best_of(repeat, [py, "-c", LADLE_SETUP]),
         "naive": best_of(repeat, [py, "-c", NAIVE_SETUP]),
@@ -218,6 +261,17 @@ def report(
     mk_python = str(Path(mergekit).parent / "python")
     mk_setup = "import sys\nfrom mergekit.scripts.run_yaml import main"
     mk_idle = best_of(repeat, [mk_python, "-c", mk_setup])
+    found: dict[str, dict[str, torch.Tensor]] = {}  # one sum per kind of terms
+
+    def terms(label: str) -> dict[str, torch.Tensor]:
+        kind = label if label in ("soup", *TWO_MODELS) else "task vectors"
+        if kind not in found:
+            found[kind] = term_magnitudes(kind, base, models)
+        return found[kind]
+
+    def summed(label: str) -> int:  # the number of terms each entry's arithmetic adds up
+        return 2 if label in TWO_MODELS else len(models) + 1
+
     for label in MERGEKIT:
         method = MERGEKIT[label][0]
         config = workdir / f"mergekit-{method}.yml"
@@ -236,7 +290,7 @@ def report(
         print(
             f"mergekit {method:<16} {run.seconds:7.3f} s = {run.seconds / mine.seconds:5.2f}x "
             f"ladle; extra RssAnon {extra / MIB:6.1f} MiB = {extra / max(mine_extra, MIB):5.2f}x "
-            f"ladle; {difference(outputs[label], out)}"
+            f"ladle; {difference(outputs[label], out, terms(label), summed(label))}"
         )
 
 

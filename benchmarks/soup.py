@@ -21,7 +21,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import LADLE_MAIN, MIB, best_of, fresh, llama_family, python_timed, warm, weights_file
+from common import (
+    LADLE_MAIN,
+    MIB,
+    best_of,
+    fresh,
+    llama_family,
+    python_timed,
+    read_floor,
+    warm,
+    weights_file,
+)
 from safetensors import safe_open
 
 NAIVE_SETUP = "import sys, torch\nfrom safetensors.torch import load_file, save_file"
@@ -59,7 +69,7 @@ def main() -> None:
         one, largest = Path(files[0]).stat().st_size, largest_tensor(Path(files[0]))
         warm([Path(f) for f in files])
         py, r = sys.executable, args.repeat
-        cat = best_of(r, ["cat", *files])
+        cat = read_floor(r, [Path(f) for f in files])
         ladle_idle = best_of(r, [py, "-c", LADLE_SETUP])
         naive_idle = best_of(r, [py, "-c", NAIVE_SETUP])
         out = str(workdir / "soup.safetensors")

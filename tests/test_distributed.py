@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import json
 import math
@@ -1114,7 +1115,8 @@ def _alone_worker(rank: int, root: str) -> None:
         found["device"] = _catch(
             merge, "uniform_soup", models, out=Path(root) / "device", group=group, device=device
         )
-        # A model only rank 0 can read (a file on its node alone).
+        # Another model on rank 1: refused on every rank before any merging (a file on one
+        # node alone, named alike on every node, fails as it opens, on that rank).
         mine = models if rank == 0 else [*models[:2], str(Path(root) / "elsewhere.safetensors")]
         extra = {"base": base, "density": 0.3, "trim": "global", "device": "cpu"}
         found["missing"] = _catch(merge, "ties", mine, out=Path(root) / "missing", **extra)
@@ -1138,9 +1140,12 @@ def test_a_split_merge_failing_on_one_rank_before_any_collective_fails_on_every_
     expected = "device: 'meta' holds no data; merge on cpu, cuda or another device"
     assert found[1]["device"] == ("ValueError", expected)
     assert found[0]["device"] == ("LadleError", f"rank 1: {expected}")
-    missing = f"{tmp_path / 'elsewhere.safetensors'}: no such file or directory"
-    assert found[1]["missing"] == ("CheckpointError", missing)
-    assert found[0]["missing"] == ("LadleError", f"rank 1: {missing}")
+    other = (
+        f"rank 1: its arguments differ from rank 0's: models[2] is "
+        f"{tmp_path / 'elsewhere.safetensors'}, rank 0's {tmp_path / 'model3.safetensors'}; "
+        "every rank calls ladle.distributed.merge with the same arguments"
+    )
+    assert found[0]["missing"] == found[1]["missing"] == ("LadleError", other)
     assert found[0]["after"] is None and found[1]["after"] is None
     merged, single = ladle.load(tmp_path / "after"), ladle.uniform_soup(models, device="cpu")
     assert all(torch.equal(merged[k], single[k]) for k in single)
@@ -1701,3 +1706,86 @@ def test_average_weights_of_no_order_are_a_type_error_naming_them(one_rank, weig
     assert str(caught.value) == (
         f"weights: expected a number or a sequence of numbers, found {found}"
     )
+
+
+def _my_save(models, *, out, device=None):
+    """A method of one's own that writes ``out`` itself, not through ladle.engine.merge."""
+    return ladle.save(ladle.uniform_soup(models, device=device), out)
+
+
+def _my_soup(models, *, out, device=None):
+    """A method of one's own without a ``progress`` parameter."""
+    return ladle.uniform_soup(models, out=out, device=device)
+
+
+def _arguments_worker(rank: int, root: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2
+    )
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=20))
+    found: dict = {}
+    try:
+        base = str(Path(root) / "model0.safetensors")
+        models = [str(Path(root) / f"model{i}.safetensors") for i in range(1, 4)]
+        out = Path(root) / "out"
+        kw = {"group": group, "device": "cpu"}
+        found["save"] = _catch(merge, _my_save, models, out=out / "save", **kw)
+        greedy = functools.partial(ladle.greedy_soup, evaluate=lambda sd: 0.0)
+        found["greedy"] = _catch(merge, greedy, models, out=out / "greedy", **kw)
+        found["progress"] = _catch(merge, _my_soup, models, out=out / "progress", **kw)
+        density = 0.2 if rank == 0 else 0.9
+        found["density"] = _catch(
+            merge, "ties", models, base=base, density=density, out=out / "density", **kw
+        )
+        order = models if rank == 0 else models[::-1]
+        found["order"] = _catch(merge, "soup", order, out=out / "order", **kw)
+        found["out"] = _catch(merge, "soup", models, out=out / f"rank{rank}", **kw)
+    finally:
+        torch.save(found, Path(root) / f"arguments{rank}.pt")
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_split_merge_refuses_what_its_ranks_cannot_share(tmp_path):
+    # A method writing `out` itself had every rank write it (a full output left while every
+    # rank raised; a partial of greedy_soup was not recognised); a method without `progress`
+    # got one on rank 1; ranks given other arguments each merged their share of another
+    # merge into one output (another density, models in another order, another out).
+    _, models = _models(tmp_path)
+    context = mp.start_processes(_arguments_worker, args=(str(tmp_path),), nprocs=2, join=False)
+    _join_or_fail(context, 120)
+    found = [torch.load(tmp_path / f"arguments{r}.pt", weights_only=False) for r in range(2)]
+    out = tmp_path / "out"
+    written = (
+        f"{out / 'save'}: written whole by the method, not through ladle.engine.merge, while "
+        "the merge is split across processes: run it in one process"
+    )
+    assert found[0]["save"] == found[1]["save"] == ("LadleError", written)
+    greedy = (
+        "ValueError",
+        "method: greedy_soup with greedy selection evaluates whole soups "
+        "and cannot be split across processes; run it in one process",
+    )
+    assert found[0]["greedy"] == found[1]["greedy"] == greedy
+    assert found[0]["progress"] is None and found[1]["progress"] is None
+    single = ladle.uniform_soup(models, device="cpu")
+    assert_bit_for_bit(ladle.load(out / "progress"), single)
+    same = "; every rank calls ladle.distributed.merge with the same arguments"
+    differ = "rank 1: its arguments differ from rank 0's: "
+    assert (
+        found[0]["density"]
+        == found[1]["density"]
+        == ("LadleError", f"{differ}'density' is 0.9, rank 0's 0.2{same}")
+    )
+    assert (
+        found[0]["order"]
+        == found[1]["order"]
+        == ("LadleError", f"{differ}models[0] is {models[2]}, rank 0's {models[0]}{same}")
+    )
+    assert (
+        found[0]["out"]
+        == found[1]["out"]
+        == ("LadleError", f"{differ}out is {out / 'rank1'}, rank 0's {out / 'rank0'}{same}")
+    )
+    assert sorted(os.listdir(out)) == ["progress"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import math
 import numbers
 import os
@@ -666,7 +667,10 @@ def _method(method: str | Callable[..., Any], params: Mapping[str, object]) -> C
         method = named[name]
     if not callable(method):
         raise ValueError(f"method: expected a merge function or its name, found {method!r}")
-    name = getattr(method, "__name__", "")
+    inner = method
+    while isinstance(inner, functools.partial):  # partial(greedy_soup, evaluate=...)
+        inner = inner.func
+    name = getattr(inner, "__name__", "")
     if name == "greedy_soup" or (name == "ratatouille" and params.get("selection") == "greedy"):
         raise ValueError(
             f"method: {name} with greedy selection evaluates whole soups and cannot be split "
@@ -685,12 +689,14 @@ def _shared_temporary(
     problem: str | None,
     commits: Mapping[str, str] | None = None,
     folders: list[Path] | None = None,
+    arguments: Mapping[str, object] | None = None,
 ) -> Path | str:
     """Rank 0 makes the temporary directory beside ``out``; in one gather, every rank learns
     its name, whether a rank failed before (its ``problem``: its own arguments, a device
     it lacks, an ``hf://`` source it cannot fetch), so that none waits for a rank that will
     not come, and whether every rank found the same commit of each ``hf://`` source
-    (``commits``: each URL's name at the commit this rank found).
+    (``commits``: each URL's name at the commit this rank found), and whether every rank
+    was given the same ``arguments`` (:func:`_arguments`; ``None`` where this rank failed).
 
     Returns the directory, or else, on every rank alike, ``"rank R: ..."`` naming the first
     rank that failed (rank 0, should it fail to make the directory) or found another commit
@@ -713,19 +719,114 @@ def _shared_temporary(
             problem = f"{out}: cannot make the temporary directory beside it ({err})"
     given: list[Any] = [None] * dist.get_world_size(group)
     try:
-        mine = (problem, None if made is None else str(made), dict(commits or {}))
+        mine = (problem, None if made is None else str(made), dict(commits or {}), arguments)
         dist.all_gather_object(given, mine, group=group)
     except BaseException:
         _discard(made, folders)
         raise
-    troubles = [(r, trouble) for r, (trouble, _, _) in enumerate(given) if trouble is not None]
+    troubles = [(r, trouble) for r, (trouble, *_) in enumerate(given) if trouble is not None]
     if not troubles:
-        troubles = _other_commits([found for _, _, found in given])
+        troubles = _other_commits([found for _, _, found, _ in given])
+    if not troubles:
+        troubles = _other_arguments([theirs for *_, theirs in given])
     if troubles:
         _discard(made, folders)
         rank, trouble = troubles[0]
         return f"rank {rank}: {trouble}"
     return Path(given[0][1])
+
+
+def _arguments(
+    method: object, models: Sequence[object], out: object, params: Mapping[str, object]
+) -> dict[str, object]:
+    """What a split merge was asked, comparable across processes: the method, each model,
+    the output and each parameter (but ``device``, each rank's own, and ``progress``), as
+    :func:`_described`. Ranks given other arguments would each merge their share of
+    another merge into one output."""
+    described = {"method": _described(method), "out": _described(out)}
+    described |= {f"models[{i}]": _described(model) for i, model in enumerate(models)}
+    described |= {
+        repr(name): _described(value)
+        for name, value in sorted(params.items())
+        if name not in ("device", "progress")
+    }
+    return described
+
+
+def _described(value: object) -> object:
+    """``value`` as another process can compare it: a local path resolved (relative ones
+    differ with the working directory), a state dict or module by its keys, shapes and
+    dtypes (not its numbers), a function by its name, a small tensor by its values, numbers
+    as they are, anything else by its type.
+
+    Example:
+        >>> import torch
+        >>> _described({"w": torch.ones(2)}), _described([0.5, torch.tensor(0.5)])
+        (('state dict', (('w', (2,), 'torch.float32'),)), (0.5, ('tensor', 0.5)))
+    """
+    if isinstance(value, (str, os.PathLike)):
+        text = os.fsdecode(value)
+        return text if text.startswith("hf://") else os.path.realpath(text)
+    if isinstance(value, torch.nn.Module):
+        return (type(value).__name__, _described(value.state_dict()))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.tolist() if value.numel() <= 64 else tuple(value.shape))
+    if isinstance(value, Mapping):
+        if all(isinstance(v, torch.Tensor) for v in value.values()):
+            specs = ((str(k), tuple(v.shape), str(v.dtype)) for k, v in value.items())
+            return ("state dict", tuple(specs))
+        return tuple((str(k), _described(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_described(v) for v in value)
+    if isinstance(value, functools.partial):
+        return ("partial", _described(value.func), _described(value.args))
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    if value is None or isinstance(value, (bool, int, float, complex)):
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return type(value).__name__
+
+
+def _other_arguments(given: Sequence[Mapping[str, object] | None]) -> list[tuple[int, str]]:
+    """Each rank given other arguments than rank 0 (``given``: each rank's :func:`_arguments`),
+    with the first that differs.
+
+    Example:
+        >>> [(rank, said)] = _other_arguments([{"'density'": 0.2}, {"'density'": 0.9}])
+        >>> rank, said.split(";")[0]
+        (1, "its arguments differ from rank 0's: 'density' is 0.9, rank 0's 0.2")
+    """
+    if given[0] is None:
+        return []
+    first = given[0]
+    found = []
+    for rank, theirs in enumerate(given[1:], start=1):
+        if theirs is None or theirs == first:
+            continue
+        name = next(
+            (n for n in [*first, *theirs] if first.get(n, _ABSENT) != theirs.get(n, _ABSENT)),
+            "?",
+        )
+        found.append(
+            (
+                rank,
+                f"its arguments differ from rank 0's: {name} is "
+                f"{_shown(theirs.get(name, _ABSENT))}, rank 0's {_shown(first.get(name, _ABSENT))}"
+                "; every rank calls ladle.distributed.merge with the same arguments",
+            )
+        )
+    return found
+
+
+_ABSENT = "(not given)"
+
+
+def _shown(value: object) -> str:
+    """A described argument, shortened for a message."""
+    text = value if isinstance(value, str) else repr(value)  # a path whole, however long
+    return text if isinstance(value, str) or len(text) <= 200 else text[:197] + "..."
 
 
 def _discard(directory: Path | None, folders: Sequence[Path]) -> None:
@@ -887,13 +988,14 @@ def merge(
         snapshots = fetched([*models, params.get("base")])
     except Exception as err:  # this rank alone: the others must hear of it, not wait for it
         early = err
-    if rank != 0:
-        params["progress"] = None
+    if rank != 0 and "progress" in params:  # bars on rank 0 alone; a method of one's
+        params["progress"] = None  # own need not take the parameter
     problem = None if early is None else one_line(early)
     commits = {url: name for url, (_, name) in snapshots.items()}
     folders: list[Path] = []  # made above out by rank 0, removed should nothing be written
+    arguments = _arguments(method, models, out, params) if early is None else None
     directory = _shared_temporary(
-        Path(out) if early is None else None, world, problem, commits, folders
+        Path(out) if early is None else None, world, problem, commits, folders, arguments
     )
     if early is not None:
         try:

@@ -2339,14 +2339,20 @@ def _writer(
             overwrite=overwrite,
             extra_files=extra_files,
         )
-    return part.writer(
-        Path(out),
-        specs,
-        keys=list(specs) if keys is None else keys,
-        metadata=metadata,
-        extra_files=extra_files,
-        max_shard_size=max_shard_size,
-    )
+    # Outside the split: a partition's writer may write out whole, which the writer refuses
+    # to a method inside it (writer._check_not_split)
+    token = _PARTITION.set(None)
+    try:
+        return part.writer(
+            Path(out),
+            specs,
+            keys=list(specs) if keys is None else keys,
+            metadata=metadata,
+            extra_files=extra_files,
+            max_shard_size=max_shard_size,
+        )
+    finally:
+        _PARTITION.reset(token)
 
 
 def output_record(

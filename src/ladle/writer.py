@@ -106,6 +106,21 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+def _check_not_split(out: Path) -> None:
+    """A ``LadleError`` for ``out`` written whole while a merge to it is split across
+    processes (:func:`ladle.engine.partitioned`): a method that writes it itself, not
+    through :func:`ladle.engine.merge` (a greedy soup, ``ladle.save`` of a merge in memory),
+    would have every process write it, and replace the others' writes."""
+    from .engine import current_partition  # engine imports this module
+
+    part = current_partition()
+    if part is not None and part.writes(out):
+        raise LadleError(
+            f"{out}: written whole by the method, not through ladle.engine.merge, while the "
+            "merge is split across processes: run it in one process"
+        )
+
+
 def _nbytes(spec: Spec) -> int:
     shape, dtype = spec
     numel = 1
@@ -904,6 +919,7 @@ class SafetensorsWriter:
     ) -> None:
         check_output_name(out)
         self.out = Path(out)
+        _check_not_split(self.out)
         check_output_free(self.out, overwrite=overwrite)
         self._specs = {key: specs[key] for key in aligned_order(specs)}  # the write order
         if metadata is not None and not isinstance(metadata, Mapping):
