@@ -847,3 +847,15 @@ def test_a_scale_whose_quotient_by_density_overflows_is_refused_naming_both():
         )
     merged = ladle.dare([model], model, density=1e-3, scale=1e300, device="cpu")
     assert torch.equal(merged["w"], model["w"])
+
+
+def test_uniform_numbers_fill_a_caller_s_buffer_made_under_inference_mode():
+    # Decorated to run outside inference mode, it could not write into such a buffer.
+    from ladle.methods.dare import uniform_numbers
+
+    expected = uniform_numbers(0, 0, "w", numel=10, start=0, count=10)
+    with torch.inference_mode():
+        buffer = torch.empty(10)
+        filled = uniform_numbers(0, 0, "w", numel=10, start=0, count=10, out=buffer)
+        assert filled.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer, expected)

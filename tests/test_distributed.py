@@ -1741,6 +1741,16 @@ def _arguments_worker(rank: int, root: str) -> None:
         order = models if rank == 0 else models[::-1]
         found["order"] = _catch(merge, "soup", order, out=out / "order", **kw)
         found["out"] = _catch(merge, "soup", models, out=out / f"rank{rank}", **kw)
+        # Each in a folder of its own, the same arguments: strings that are no paths (the
+        # method's name, trim) were resolved as paths and refused as different.
+        own = Path(root) / f"cwd{rank}"
+        own.mkdir()
+        os.chdir(own)
+        found["cwd"] = _catch(
+            merge, "ties", models, base=base, trim="tensor", out=out / "cwd", **kw
+        )
+        # NaN is NaN on every rank: the method's own error, not "arguments differ".
+        found["nan"] = _catch(merge, "soup", models, weights=[math.nan, 1, 1], out=out / "n", **kw)
     finally:
         torch.save(found, Path(root) / f"arguments{rank}.pt")
         dist.destroy_process_group()
@@ -1752,7 +1762,7 @@ def test_a_split_merge_refuses_what_its_ranks_cannot_share(tmp_path):
     # rank raised; a partial of greedy_soup was not recognised); a method without `progress`
     # got one on rank 1; ranks given other arguments each merged their share of another
     # merge into one output (another density, models in another order, another out).
-    _, models = _models(tmp_path)
+    base, models = _models(tmp_path)
     context = mp.start_processes(_arguments_worker, args=(str(tmp_path),), nprocs=2, join=False)
     _join_or_fail(context, 120)
     found = [torch.load(tmp_path / f"arguments{r}.pt", weights_only=False) for r in range(2)]
@@ -1788,4 +1798,13 @@ def test_a_split_merge_refuses_what_its_ranks_cannot_share(tmp_path):
         == found[1]["out"]
         == ("LadleError", f"{differ}out is {out / 'rank1'}, rank 0's {out / 'rank0'}{same}")
     )
-    assert sorted(os.listdir(out)) == ["progress"]
+    assert found[0]["cwd"] is None and found[1]["cwd"] is None
+    assert_bit_for_bit(
+        ladle.load(out / "cwd"), ladle.ties(models, base, trim="tensor", device="cpu")
+    )
+    nan = (
+        "ValueError",
+        "weights: expected finite weights with a non-zero sum, found [nan, 1.0, 1.0]",
+    )
+    assert found[0]["nan"] == found[1]["nan"] == nan
+    assert sorted(os.listdir(out)) == ["cwd", "progress"]

@@ -3039,3 +3039,116 @@ def test_expanded_tensors_merge_as_their_copies_do(tmp_path, chunk_bytes):
         assert expected.unique().numel() == 1, name
         for models in (expanded, paths):
             assert torch.equal(run(models)["e"], expected), name
+
+
+def _mean_kernel(**extra) -> Kernel:
+    """The mean of the models, as a method of one's own writes it."""
+
+    def update(state, index, x):
+        return x.clone() if state is None else state.add_(x)
+
+    return Kernel(lambda key, rows, base: None, update, lambda s: s / 2, **extra)
+
+
+@pytest.mark.parametrize("out", [None, "m.safetensors"])
+def test_an_amendment_naming_an_entry_twice_is_refused(tmp_path, out):
+    # Torch's index_put_ (in memory) and the writer's unstable sort (on disk) each kept
+    # another of the repeated values: 17.0 in memory, 1.0 on disk.
+    models = [{"w": torch.zeros(6)}, {"w": torch.ones(6)}]
+    amend = lambda: iter([("w", torch.tensor([3, 1, 3]), torch.tensor([7.0, 8.0, 9.0]))])  # noqa: E731
+    with pytest.raises(ladle.LadleError, match=r"amend\('w'\) names entry 3 more than once"):
+        ladle.engine.merge(
+            models,
+            _mean_kernel(amend=amend),
+            method="m",
+            parameters={},
+            device="cpu",
+            out=None if out is None else tmp_path / out,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_of_one_s_own_needs_no_metadata_and_may_hand_out_tensors_needing_grad():
+    # Without `metadata` (the docs ask for four methods), a model beside a tied one raised
+    # AttributeError; tensors requiring grad (a subclass over a module's parameters) failed
+    # every merge with torch's "out=... don't support automatic differentiation".
+    class Live(ladle.Checkpoint):
+        def __init__(self, tensors):
+            self.tensors = tensors
+
+        def keys(self):
+            return list(self.tensors)
+
+        def shape(self, key):
+            return tuple(self.tensors[key].shape)
+
+        def dtype(self, key):
+            return self.tensors[key].dtype
+
+        def get_slice(self, key, rows):
+            return self.tensors[key][rows]
+
+    weight = torch.randn(8, 4)
+    tied = {"emb": weight, "head": weight}
+    live = Live({"emb": torch.nn.Parameter(torch.randn(8, 4))})
+    merged = ladle.uniform_soup([tied, live], device="cpu")
+    expected = (weight + live.tensors["emb"].detach()) / 2
+    assert torch.equal(merged["emb"], expected) and torch.equal(merged["head"], expected)
+    assert not ladle.load(live)["emb"].requires_grad
+
+
+def test_a_kernel_s_error_in_a_merged_view_names_flat_entries_and_bad_results_are_named():
+    # The note said "rows 0–249" of a tensor of one row (read as a view of 250-entry rows);
+    # a finalize that returned nothing failed with "'NoneType' object has no attribute".
+    def failing(state, index, x):
+        raise RuntimeError("boom")
+
+    models = [{"w": torch.ones(1, 3000)}, {"w": torch.ones(1, 3000)}]
+    kernel = Kernel(lambda key, rows, base: None, failing, lambda s: s)
+    with pytest.raises(RuntimeError, match="boom") as info:
+        ladle.engine.merge(
+            models, kernel, method="m", parameters={}, device="cpu", chunk_bytes=1000
+        )
+    if sys.version_info >= (3, 11):
+        assert info.value.__notes__ == ["ladle: while merging key 'w', (flat) entries 0–249"]
+    nothing = Kernel(lambda key, rows, base: None, lambda s, i, x: None, lambda s: None)
+    with pytest.raises(ladle.LadleError, match=r"^merge: the kernel's result of 'w' is None, "):
+        ladle.engine.merge(models, nothing, method="m", parameters={}, device="cpu")
+    meta = Kernel(
+        lambda key, rows, base: None,
+        lambda s, i, x: None,
+        lambda s: torch.empty(1, 3000, device="meta"),
+    )
+    with pytest.raises(ladle.LadleError, match=r"result of 'w' is on meta, the merge runs on cpu"):
+        ladle.engine.merge(models, meta, method="m", parameters={}, device="cpu")
+
+
+def test_a_count_owed_by_a_fold_closed_elsewhere_goes_when_the_thread_sets_its_own():
+    # Two folds on one thread, the first closed on another: the count it owed (1) stayed,
+    # and the thread's next merges set it again, for good.
+    import threading
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's thread count is the process's here: nothing is owed")
+    ckpt = ladle.open_checkpoint({"w": torch.ones(8), "v": torch.ones(8)})
+    kernel, _ = _recording_thread_counts()
+    seen: dict = {}
+
+    def owner():
+        torch.set_num_threads(2)
+        first = fold([ckpt], kernel, device=resolve_device("cpu"), prefetch=1)
+        second = fold([ckpt], kernel, device=resolve_device("cpu"), prefetch=1)
+        next(first), next(second)
+        closer = threading.Thread(target=first.close)
+        closer.start()
+        closer.join(60)
+        second.close()  # here: the count comes back, and nothing is owed any more
+        seen["ended"] = torch.get_num_threads()
+        list(fold([ckpt], kernel, device=resolve_device("cpu"), prefetch=1))
+        ladle.uniform_soup([ckpt, ckpt], device="cpu")
+        seen["later"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=owner, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert seen == {"ended": 2, "later": 2}

@@ -1324,3 +1324,32 @@ def test_an_integer_past_pythons_digit_limit_is_named_with_the_recipe(folder):
         f"{recipe}: not a TOML recipe (Exceeds the limit (4300 digits) for integer string "
         "conversion: value has 5000 digits)"
     )
+
+
+def test_a_dare_scale_whose_quotient_by_density_overflows_is_refused_before_any_step(folder):
+    # ladle.dare refused it when the step ran, after earlier steps had written their outputs.
+    recipe = write(
+        folder,
+        """
+[steps.first]
+method = "soup"
+models = ["m0.safetensors", "m1.safetensors"]
+output = "first"
+
+[steps.second]
+method = "dare"
+base = "m0.safetensors"
+models = ["first", "m2.safetensors"]
+output = "second"
+[steps.second.parameters]
+density = 1e-7
+scale = 1e308
+""",
+    )
+    with pytest.raises(ValueError) as info:
+        load_recipe(recipe)
+    assert str(info.value) == (
+        "steps.second.parameters.scale: 1e+308 / density 1e-07 is beyond float64's range, "
+        "and DARE applies scale/density as one factor; lower the scale"
+    )
+    assert not (folder / "first").exists()

@@ -1210,3 +1210,13 @@ def test_an_overflow_of_the_float32_arithmetic_is_named_as_such_not_the_output_s
         "computes in, although every input is finite" in str(info.value)
     )
     assert "wider dtype" not in str(info.value)
+
+
+def test_an_overflow_of_a_float32_output_of_a_float64_merge_advises_float64():
+    # "merge into a wider dtype (dtype=torch.float32)" of an output already float32.
+    base = {"w": torch.zeros(2, dtype=torch.float64)}
+    models = [{"w": torch.full((2,), 3e38, dtype=torch.float64)}] * 2
+    with pytest.raises(ladle.NonFiniteError) as info:
+        ladle.task_arithmetic(models, base, dtype=torch.float32, device="cpu")
+    assert "or merge into a wider dtype (dtype=torch.float64, --dtype float64)" in str(info.value)
+    assert "float32, which" not in str(info.value)

@@ -106,7 +106,8 @@ class Checkpoint:
     Attributes:
         name: how error messages refer to this checkpoint (a path, or a description).
         path: the file or directory it reads, or ``None`` for in-memory sources.
-        metadata: string metadata stored with the checkpoint (safetensors header), if any.
+        metadata: string metadata stored with the checkpoint (safetensors header), if any;
+            a subclass need not set it (none is read as ``{}``).
 
     Example:
         >>> import tempfile, torch, ladle
@@ -165,7 +166,11 @@ class Checkpoint:
     def _sliced(self, key: str, rows: slice, stored: tuple[int, ...]) -> torch.Tensor:
         """:meth:`get_slice`, checked to hold the rows asked for: a subclass's slice of too
         few rows was broadcast by the merges' arithmetic (its first row, repeated)."""
+        # Detached: a subclass over a live module's parameters hands out tensors that require
+        # grad, on which the merges' out= arithmetic raised torch's autograd error.
         tensor = self.get_slice(key, rows)
+        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+            tensor = tensor.detach()
         expected = (len(range(*rows.indices(stored[0]))), *stored[1:]) if stored else ()
         found = tuple(getattr(tensor, "shape", ()))
         if found != expected:
@@ -474,7 +479,9 @@ class _Renamed(Checkpoint):
     ) -> None:
         self._inner, self._names = checkpoint, dict(names or {})
         self._hidden = frozenset(hidden)
-        self.name, self.path, self.metadata = checkpoint.name, checkpoint.path, checkpoint.metadata
+        self.name, self.path = checkpoint.name, checkpoint.path
+        # a subclass of one's own may set none: the docs ask for the four methods alone
+        self.metadata = dict(getattr(checkpoint, "metadata", {}))
 
     def __getattr__(self, attribute: str) -> Any:  # what a source kind adds (a Hub commit)
         if attribute in ("_inner", "_names", "_hidden"):  # not set yet: no recursion

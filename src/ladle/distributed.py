@@ -743,21 +743,22 @@ def _arguments(
     the output and each parameter (but ``device``, each rank's own, and ``progress``), as
     :func:`_described`. Ranks given other arguments would each merge their share of
     another merge into one output."""
-    described = {"method": _described(method), "out": _described(out)}
-    described |= {f"models[{i}]": _described(model) for i, model in enumerate(models)}
+    described = {"method": _described(method), "out": _described(out, path=True)}
+    described |= {f"models[{i}]": _described(m, path=True) for i, m in enumerate(models)}
     described |= {
-        repr(name): _described(value)
+        repr(name): _described(value, path=name == "base")
         for name, value in sorted(params.items())
         if name not in ("device", "progress")
     }
     return described
 
 
-def _described(value: object) -> object:
-    """``value`` as another process can compare it: a local path resolved (relative ones
-    differ with the working directory), a state dict or module by its keys, shapes and
-    dtypes (not its numbers), a function by its name, a small tensor by its values, numbers
-    as they are, anything else by its type.
+def _described(value: object, *, path: bool = False) -> object:
+    """``value`` as another process can compare it (by its ``repr``): a model's, the base's
+    or the output's local ``path`` resolved (relative ones differ with the working
+    directory), a state dict or module by its keys, shapes and dtypes (not its numbers), a
+    function by its name, a small tensor by its values, other strings and numbers as they
+    are, anything else by its type.
 
     Example:
         >>> import torch
@@ -766,7 +767,7 @@ def _described(value: object) -> object:
     """
     if isinstance(value, (str, os.PathLike)):
         text = os.fsdecode(value)
-        return text if text.startswith("hf://") else os.path.realpath(text)
+        return os.path.realpath(text) if path and not text.startswith("hf://") else text
     if isinstance(value, torch.nn.Module):
         return (type(value).__name__, _described(value.state_dict()))
     if isinstance(value, torch.Tensor):
@@ -777,7 +778,7 @@ def _described(value: object) -> object:
             return ("state dict", tuple(specs))
         return tuple((str(k), _described(v)) for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        return tuple(_described(v) for v in value)
+        return tuple(_described(v, path=path) for v in value)
     if isinstance(value, functools.partial):
         return ("partial", _described(value.func), _described(value.args))
     if callable(value) and hasattr(value, "__qualname__"):
@@ -802,11 +803,15 @@ def _other_arguments(given: Sequence[Mapping[str, object] | None]) -> list[tuple
         return []
     first = given[0]
     found = []
-    for rank, theirs in enumerate(given[1:], start=1):
-        if theirs is None or theirs == first:
+    for rank, theirs in enumerate(given[1:], start=1):  # by repr: NaN is NaN here
+        if theirs is None or repr(theirs) == repr(first):
             continue
         name = next(
-            (n for n in [*first, *theirs] if first.get(n, _ABSENT) != theirs.get(n, _ABSENT)),
+            (
+                n
+                for n in [*first, *theirs]
+                if repr(first.get(n, _ABSENT)) != repr(theirs.get(n, _ABSENT))
+            ),
             "?",
         )
         found.append(

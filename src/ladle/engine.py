@@ -1345,8 +1345,9 @@ def fold(
                         state = kernel.update(state, index, real_view(x))
                         pool.release(held)
                     result = kernel.finalize(state)
+                    _check_result_kind(result, key, device)
                 except Exception as err:  # a kernel of one's own says nothing of where it was
-                    _note_where(err, key, rows)
+                    _note_where(err, key, rows, view)
                     raise
                 pool.release(base_held)
                 if check_results:
@@ -1361,10 +1362,12 @@ def fold(
                     source.release(key)
 
 
-def _note_where(err: Exception, key: str, rows: slice) -> None:
+def _note_where(err: Exception, key: str, rows: slice, view: tuple[int, ...] | None = None) -> None:
     """Add to ``err``'s traceback (a note: Python 3.11 and later) the key and rows the fold was
-    merging: an error raised in a kernel's ``init``, ``update`` or ``finalize`` named
-    neither. Its message, and so the CLI's one line, stays as it was.
+    merging (of a tensor read as ``view``, leading dimensions merged: the entries of the
+    flattened tensor, as the tensor has not those rows): an error raised in a kernel's
+    ``init``, ``update`` or ``finalize`` named neither. Its message, and so the CLI's one
+    line, stays as it was.
 
     Example:
         >>> err = ValueError("boom"); _note_where(err, "w", slice(0, 4))
@@ -1372,9 +1375,38 @@ def _note_where(err: Exception, key: str, rows: slice) -> None:
         ["ladle: while merging key 'w', rows 0–3"]
     """
     add_note = getattr(err, "add_note", None)
-    if add_note is not None:
-        part = "" if rows == slice(None) else f", rows {rows.start}–{rows.stop - 1}"
-        add_note(f"ladle: while merging key {key!r}{part}")
+    if add_note is None:
+        return
+    if rows == slice(None):
+        part = ""
+    elif view is None:
+        part = f", rows {rows.start}–{rows.stop - 1}"
+    else:
+        width = math.prod(view[1:])
+        part = f", (flat) entries {rows.start * width}–{rows.stop * width - 1}"
+    add_note(f"ladle: while merging key {key!r}{part}")
+
+
+def _check_result_kind(result: object, key: str, device: torch.device) -> None:
+    """A ``LadleError`` unless a kernel's ``finalize`` gave a tensor with data (not on
+    ``meta``, unless the merge's ``device`` is): a ``finalize`` that forgot to return, or a
+    result on ``meta``, failed later with torch's own words. A result on another device is
+    copied where it goes, as torch copies.
+
+    Example:
+        >>> _check_result_kind(None, "w", torch.device("cpu"))
+        Traceback (most recent call last):
+        ladle.errors.LadleError: merge: the kernel's result of 'w' is None, not a tensor
+    """
+    if not isinstance(result, torch.Tensor):
+        raise LadleError(
+            f"merge: the kernel's result of {key!r} is {type_name(result)}, not a tensor"
+        )
+    if result.device.type == "meta" and device.type != "meta":  # no data to write
+        raise LadleError(
+            f"merge: the kernel's result of {key!r} is on {result.device}, the merge runs on "
+            f"{device}"
+        )
 
 
 def _default_prefetch(device: torch.device, readers: int) -> int:
@@ -1407,6 +1439,7 @@ class _Beside:
         self.busy = 0
         self.before = 0
         self.owed: int | None = None
+        self.left = 0  # the count last set on the thread itself: a changed one is the user's
 
 
 _BESIDE_LOCK = threading.Lock()
@@ -1441,21 +1474,24 @@ def _threads_beside_readers(device: torch.device, readers: int) -> Iterator[None
 
     A merge ended on another thread than its own (a :func:`fold` generator closed there)
     cannot set its thread's count, a thread's own: it leaves it owed, set when that thread
-    next begins a merge, and leaves the closing thread's count alone.
+    next begins a merge (unless the thread's count changed since, the user's to keep, or a
+    merge of its own ended there first, setting it), and leaves the closing thread's alone.
     """
     if device.type != "cpu":
         yield
         return
     state, owner = _beside()
     with _BESIDE_LOCK:
-        if state.owed is not None:  # a merge of this thread ended elsewhere
-            torch.set_num_threads(state.owed)
+        if state.owed is not None:  # a merge of this thread ended elsewhere: its count is
+            if torch.get_num_threads() == state.left:  # owed, unless the user set another
+                torch.set_num_threads(state.owed)
             state.owed = None
         if readers:
             if state.busy == 0:
                 state.before = torch.get_num_threads()
             state.busy += readers
-            torch.set_num_threads(max(1, state.before - state.busy))
+            state.left = max(1, state.before - state.busy)
+            torch.set_num_threads(state.left)
     if not readers:  # nothing taken off, nothing to give back
         yield
         return
@@ -1467,6 +1503,7 @@ def _threads_beside_readers(device: torch.device, readers: int) -> Iterator[None
             count = max(1, state.before - state.busy)
             if owner is None or owner is threading.current_thread():
                 torch.set_num_threads(count)
+                state.left, state.owed = count, None  # set here: nothing owed any more
             else:
                 state.owed = count
 
@@ -1607,8 +1644,9 @@ def _overflowed(
     limit, most = torch.finfo(dtype).max, torch.finfo(computed).max
     if limit >= most:  # the cast cannot overflow
         dtype, limit = computed, most
-    if limit * 2 < most:
-        wider = ", or merge into a wider dtype (dtype=torch.float32, --dtype float32)"
+    if limit * 2 < most:  # the dtype the merge computes in holds them: write that
+        wide = str(computed).removeprefix("torch.")
+        wider = f", or merge into a wider dtype (dtype=torch.{wide}, --dtype {wide})"
     elif computed != torch.float64:
         wider = ", or give the merge float64 inputs (it then computes in float64)"
     else:

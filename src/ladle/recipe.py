@@ -367,6 +367,10 @@ def _check_values(method: str, parameters: Mapping[str, Any], count: int, where:
     elif method == "dare":
         check("density", dare.check_dare_density)
         check("combine", choice(dare.COMBINES))
+        density = parameters.get(
+            "density", inspect.signature(dare.dare).parameters["density"].default
+        )
+        check("scale", lambda value: dare.check_rescale(float(value), float(density)))
     elif method == "model_stock" and count < 2:
         raise ValueError(f"{where}.models: model_stock needs at least 2 models, found {count}")
     elif method == "slerp":

@@ -292,7 +292,8 @@ def check_amendment(
 ) -> None:
     """A ``LadleError`` (its message begun with ``owner``) unless ``index`` and ``values``
     are entries of a tensor of ``spec`` (its shape and dtype; ``None``: no such tensor),
-    flat indices into it (into its real view, for complex) and values of its dtype.
+    flat indices into it (into its real view, for complex), each once, and values of its
+    dtype.
 
     Example:
         >>> check_amendment("out", "w", torch.tensor([1]), torch.ones(1), ((2,), torch.float32))
@@ -323,6 +324,13 @@ def check_amendment(
         raise LadleError(
             f"{owner}: amend({key!r}) index {low if low < 0 else high} is outside the "
             f"tensor's {numel} entries"
+        )
+    ordered = index.sort().values
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if repeated.numel():  # which value lands was torch's choice, another in memory than here
+        raise LadleError(
+            f"{owner}: amend({key!r}) names entry {int(repeated[0])} more than once; one "
+            "value per entry"
         )
 
 

@@ -89,6 +89,27 @@ def check_dare_density(density: NumberLike) -> float:
     return density
 
 
+def check_rescale(scale: float, density: float) -> float:
+    """``scale / density``, the one factor DARE applies, or a ``ValueError`` naming both
+    where it is beyond float64's range (an infinite factor made ``0·∞`` = NaN of every
+    dropped entry). Both are checked already (``check_scale``, :func:`check_dare_density`).
+
+    Example:
+        >>> check_rescale(1.0, 0.5)
+        2.0
+        >>> check_rescale(1e305, 1e-5)
+        Traceback (most recent call last):
+        ValueError: scale: 1e+305 / density 1e-05 is beyond float64's range, ...
+    """
+    rescaled = scale / density
+    if not math.isfinite(rescaled):
+        raise ValueError(
+            f"scale: {scale} / density {density} is beyond float64's range, and DARE applies "
+            "scale/density as one factor; lower the scale"
+        )
+    return rescaled
+
+
 def check_seed(seed: object) -> int:
     """``seed`` as an int: any integer, negative or beyond 64 bits too (it is hashed into each
     block's generator seed by :func:`block_seed`, never given to a generator itself). A number
@@ -151,9 +172,6 @@ def block_seed(seed: int, index: int, key: str, block: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-# Normal tensors, never inference ones, under the caller's ``torch.inference_mode()``: the
-# drawing threads, outside it, write into them, which torch refuses for inference tensors.
-@torch.inference_mode(False)
 def uniform_numbers(
     seed: int,
     index: int,
@@ -189,8 +207,14 @@ def uniform_numbers(
         >>> bool((part == whole[4:7]).all()), bool(((0 <= whole) & (whole < 1)).all())
         (True, True)
     """
-    # Float32 on the CPU, whatever torch's defaults.
-    numbers = torch.empty(count, dtype=torch.float32, device="cpu") if out is None else out[:count]
+    # Float32 on the CPU, whatever torch's defaults. Memory made here is never an inference
+    # tensor (under the caller's torch.inference_mode()): the drawing threads, outside it,
+    # write into it, which torch refuses for inference tensors.
+    if out is None:
+        with torch.inference_mode(False):
+            numbers = torch.empty(count, dtype=torch.float32, device="cpu")
+    else:
+        numbers = out[:count]
     stop = start + count
 
     held = kept.get(index) if kept is not None else None
@@ -215,7 +239,8 @@ def uniform_numbers(
                 drawn = spare
                 torch.rand(size, generator=seeded, device="cpu", out=spare[:size])
             else:
-                drawn = torch.rand(size, generator=seeded, dtype=torch.float32, device="cpu")
+                with torch.inference_mode(False):  # kept for later calls, on other threads
+                    drawn = torch.rand(size, generator=seeded, dtype=torch.float32, device="cpu")
         numbers[low - start : high - start] = drawn[low - first : high - first]
         partial[block] = drawn
 
@@ -459,12 +484,7 @@ def dare(
     # δᵢ are those of the mᵢ⊙τᵢ, divided by density. The election then sums the task vectors'
     # own values: entries that cancel exactly elect 0 (the majority rule), where rounded
     # quotients τᵢ/density would leave a rounding error of either sign.
-    rescaled = scale / density
-    if not math.isfinite(rescaled):  # one factor: an infinite one made 0·∞ = NaN of zeros
-        raise ValueError(
-            f"scale: {scale} / density {density} is beyond float64's range, and DARE applies "
-            "scale/density as one factor; lower the scale"
-        )
+    rescaled = check_rescale(scale, density)
 
     # Threads that draw the random numbers' blocks, and one that has them draw the next
     # model's numbers while this model's chunk is computed, for this merge alone. Torch
