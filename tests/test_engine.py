@@ -3072,25 +3072,10 @@ def test_a_checkpoint_of_one_s_own_needs_no_metadata_and_may_hand_out_tensors_ne
     # Without `metadata` (the docs ask for four methods), a model beside a tied one raised
     # AttributeError; tensors requiring grad (a subclass over a module's parameters) failed
     # every merge with torch's "out=... don't support automatic differentiation".
-    class Live(ladle.Checkpoint):
-        def __init__(self, tensors):
-            self.tensors = tensors
-
-        def keys(self):
-            return list(self.tensors)
-
-        def shape(self, key):
-            return tuple(self.tensors[key].shape)
-
-        def dtype(self, key):
-            return self.tensors[key].dtype
-
-        def get_slice(self, key, rows):
-            return self.tensors[key][rows]
-
     weight = torch.randn(8, 4)
     tied = {"emb": weight, "head": weight}
-    live = Live({"emb": torch.nn.Parameter(torch.randn(8, 4))})
+    live = DictCheckpoint({"emb": torch.nn.Parameter(torch.randn(8, 4))})
+    del live.metadata  # the four methods alone
     merged = ladle.uniform_soup([tied, live], device="cpu")
     expected = (weight + live.tensors["emb"].detach()) / 2
     assert torch.equal(merged["emb"], expected) and torch.equal(merged["head"], expected)
