@@ -2026,6 +2026,31 @@ def test_a_subclass_implementing_only_the_documented_methods_merges():
     assert str(info.value) == (
         "model 1 (<checkpoint>): key 'w' has shape (3,), model 0 (<checkpoint>) has (2,)"
     )
+    # The docs: "a subclass need not set [metadata] (none is read as {})", for its users too.
+    assert a.metadata == {} and b.metadata == {}
+    a.metadata["note"] = "a's"  # its own dict, kept: b's and the class's stay empty
+    assert a.metadata == {"note": "a's"} and b.metadata == {} and Mine({}).metadata == {}
+    b.metadata = {"set": "b"}
+    assert b.metadata == {"set": "b"}
+
+
+def test_a_path_like_of_bytes_is_a_type_error_naming_the_argument(tmp_path):
+    # os.fspath gave bytes: "startswith first arg must be bytes or a tuple of bytes, not str"
+    path = ladle.save({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+
+    class BytesPath(os.PathLike):
+        def __fspath__(self):
+            return os.fsencode(path)
+
+    message = "expected a path of str, found BytesPath of bytes"
+    for read, name in [
+        (lambda: ladle.open_checkpoint(BytesPath()), "source"),
+        (lambda: ladle.load(BytesPath()), "source"),
+        (lambda: ladle.uniform_soup([path, BytesPath()]), "model 1"),
+        (lambda: ladle.task_arithmetic([path], BytesPath()), "base"),
+    ]:
+        with pytest.raises(TypeError, match=f"^{name}: {message}$"):
+            read()
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "torch"])

@@ -978,6 +978,14 @@ def test_each_merge_command_writes_what_its_method_returns_by_default_and_with_o
             assert not all(torch.equal(merged[k], default[k]) for k in merged), command
 
 
+def test_help_names_the_writers_default_shard_size(capsys):
+    from ladle.writer import DEFAULT_MAX_SHARD_SIZE
+
+    with pytest.raises(SystemExit):
+        main(["soup", "--help"])
+    assert f"(default: {DEFAULT_MAX_SHARD_SIZE})" in " ".join(capsys.readouterr().out.split())
+
+
 def test_the_shared_options_reach_the_merge_and_progress_shows_only_on_a_terminal(
     monkeypatch,
 ):
@@ -1012,7 +1020,7 @@ def test_the_shared_options_reach_the_merge_and_progress_shows_only_on_a_termina
 
 
 def test_run_passes_device_overwrite_and_progress_on_a_terminal_to_run_recipe(monkeypatch):
-    import ladle.cli
+    import ladle.recipe
 
     calls = []
 
@@ -1021,7 +1029,7 @@ def test_run_passes_device_overwrite_and_progress_on_a_terminal_to_run_recipe(mo
         on_output("step", Path("out"))  # printed as it comes
         return {}
 
-    monkeypatch.setattr(ladle.cli, "run_recipe", run_recipe)
+    monkeypatch.setattr(ladle.recipe, "run_recipe", run_recipe)
     for terminal, options in [(True, []), (False, []), (True, ["--no-progress"])]:
         monkeypatch.setattr(sys.stderr, "isatty", lambda terminal=terminal: terminal)
         assert main(["run", "r.toml", *options]) == 0
@@ -1062,12 +1070,12 @@ def test_under_torchrun_a_command_that_does_not_split_runs_on_rank_0_alone(
 
 
 def test_an_os_error_in_a_merge_is_one_line_with_exit_1(tmp_path, inputs, monkeypatch, capsys):
-    import ladle.cli
+    import ladle
 
     def unreadable(models, **kwargs):
         raise PermissionError(13, "Permission denied", models[1])
 
-    monkeypatch.setattr(ladle.cli, "uniform_soup", unreadable)
+    monkeypatch.setattr(ladle, "uniform_soup", unreadable)
     assert main(["soup", *inputs, "-o", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert err == f"ladle: error: [Errno 13] Permission denied: '{inputs[1]}'\n"

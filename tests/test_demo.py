@@ -96,12 +96,7 @@ def test_demo_is_deterministic_for_a_seed_and_leaves_the_callers_random_state(tm
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_rows_for_methods_with_a_base_appear_exactly_when_ladle_has_them(monkeypatch):
-    for name in ("model_stock", "task_arithmetic", "ties"):
-        monkeypatch.delattr(ladle, name, raising=False)
-    rows = run_demo(size="small", stream=io.StringIO())
-    assert [row.method for row in rows] == BASE_ROWS
-
+def test_rows_for_methods_with_a_base_follow_the_soups(monkeypatch):
     calls = []
 
     def fake(models, base, *, scale=1.0, **kwargs):  # a stand-in with the contract's signature

@@ -653,6 +653,28 @@ def test_leftovers_of_a_replaced_output_are_removed_once_their_process_is_gone(t
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+@pytest.mark.parametrize("given", ["folder", "file"])
+def test_an_output_set_aside_by_a_stopped_write_is_not_deleted_while_it_is_an_input(
+    tmp_path, given
+):
+    # A killed --overwrite leaves the output it replaced aside; merging that back into the
+    # same output deleted it before reading it (both outputs lost).
+    from ladle.writer import OLD_MARK
+
+    aside = leftover(tmp_path / "out", mark=OLD_MARK)
+    aside.mkdir()
+    earlier = {"w": torch.arange(4.0)}
+    ladle.save(earlier, aside / "model.safetensors")
+    source = aside if given == "folder" else aside / "model.safetensors"
+    with pytest.raises(ladle.LadleError, match=rf"input .* is or lies in {re.escape(aside.name)}"):
+        ladle.uniform_soup([source, {"w": torch.ones(4)}], out=tmp_path / "out")
+    assert torch.equal(ladle.load(aside)["w"], earlier["w"])
+    assert sorted(os.listdir(tmp_path)) == [aside.name]
+    elsewhere = tmp_path / "elsewhere"  # another output: the leftover is not its to delete
+    ladle.uniform_soup([source, {"w": torch.ones(4)}], out=elsewhere)
+    assert torch.equal(ladle.load(elsewhere)["w"], torch.tensor([0.5, 1.0, 1.5, 2.0]))
+
+
 @pytest.mark.parametrize("name", ["o.safetensors", "o"])
 def test_a_failure_to_delete_the_temporary_output_does_not_hide_the_error(
     tmp_path, monkeypatch, name
@@ -776,13 +798,13 @@ def test_an_output_that_is_no_str_path_is_a_type_error_naming_out(
     # bytes: "startswith first arg must be bytes or a tuple of bytes, not str"
     monkeypatch.chdir(tmp_path)
     model = {"w": torch.ones(2)}
-    for write in (
-        lambda: ladle.uniform_soup([model, model], out=out),
-        lambda: ladle.save(model, out),
+    for write, name in (
+        (lambda: ladle.uniform_soup([model, model], out=out), "out"),
+        (lambda: ladle.save(model, out), "path"),  # save's parameter
     ):
         with pytest.raises(TypeError) as info:
             write()
-        assert str(info.value) == f"out: expected a str or os.PathLike path, found {found}"
+        assert str(info.value) == f"{name}: expected a str or os.PathLike path, found {found}"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -2127,8 +2149,12 @@ def test_a_path_like_of_bytes_is_a_type_error(tmp_path):
         def __fspath__(self):
             return b""  # an empty path of bytes: refused as bytes, before its emptiness
 
-    with pytest.raises(TypeError, match="out: expected a str or os.PathLike path"):
+    with pytest.raises(TypeError, match="^path: expected a path of str, found BytesPath of bytes$"):
         ladle.save({"w": torch.ones(2)}, BytesPath())
+    with pytest.raises(TypeError, match="^out: expected a path of str, found BytesPath of bytes$"):
+        ladle.uniform_soup([{"w": torch.ones(2)}], out=BytesPath())
+    with pytest.raises(TypeError, match="^path: expected a str or os.PathLike path, found None$"):
+        ladle.save({"w": torch.ones(2)}, None)  # type: ignore[arg-type]
 
 
 def test_a_reservation_failing_part_way_gives_back_what_it_got(tmp_path, monkeypatch):

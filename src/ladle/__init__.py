@@ -10,47 +10,112 @@ Example:
     {'w': tensor([2., 3.])}
 """
 
-# ladle.distributed (average_, merge) is a submodule; cheap: torch loads torch.distributed.
-from . import distributed as distributed
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .arithmetic import add as add
-from .arithmetic import lerp as lerp
-from .arithmetic import scale as scale
-from .arithmetic import sub as sub
-from .arithmetic import task_vector as task_vector
-from .arithmetic import weighted_sum as weighted_sum
-from .checkpoint import Checkpoint as Checkpoint
-from .checkpoint import StateDict as StateDict
-from .checkpoint import StateDictLike as StateDictLike
-from .checkpoint import load as load
-from .checkpoint import open_checkpoint as open_checkpoint
-from .compare import DiffReport as DiffReport
-from .compare import TensorDiff as TensorDiff
-from .compare import diff as diff
-from .engine import IntegerLike as IntegerLike
-from .engine import NumberLike as NumberLike
-from .engine import NumbersLike as NumbersLike
-from .errors import CheckpointError as CheckpointError
-from .errors import IncompatibleError as IncompatibleError
-from .errors import LadleError as LadleError
-from .errors import NonFiniteError as NonFiniteError
-from .errors import OutputError as OutputError
-from .errors import UnsafeCheckpointError as UnsafeCheckpointError
-from .methods.dare import dare as dare
-from .methods.ratatouille import ratatouille as ratatouille
-from .methods.ratatouille import ratatouille_init as ratatouille_init
-from .methods.slerp import slerp as slerp
-from .methods.soup import GreedySoupResult as GreedySoupResult
-from .methods.soup import GreedySoupStep as GreedySoupStep
-from .methods.soup import greedy_soup as greedy_soup
-from .methods.soup import uniform_soup as uniform_soup
-from .methods.stock import ModelStockWarning as ModelStockWarning
-from .methods.stock import model_stock as model_stock
-from .methods.task_arithmetic import task_arithmetic as task_arithmetic
-from .methods.ties import ties as ties
-from .recipe import load_recipe as load_recipe
-from .recipe import run_recipe as run_recipe
-from .writer import save as save
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time, __getattr__ below
+    from . import distributed as distributed
+    from .arithmetic import add as add
+    from .arithmetic import lerp as lerp
+    from .arithmetic import scale as scale
+    from .arithmetic import sub as sub
+    from .arithmetic import task_vector as task_vector
+    from .arithmetic import weighted_sum as weighted_sum
+    from .checkpoint import Checkpoint as Checkpoint
+    from .checkpoint import StateDict as StateDict
+    from .checkpoint import StateDictLike as StateDictLike
+    from .checkpoint import load as load
+    from .checkpoint import open_checkpoint as open_checkpoint
+    from .compare import DiffReport as DiffReport
+    from .compare import TensorDiff as TensorDiff
+    from .compare import diff as diff
+    from .engine import IntegerLike as IntegerLike
+    from .engine import NumberLike as NumberLike
+    from .engine import NumbersLike as NumbersLike
+    from .errors import CheckpointError as CheckpointError
+    from .errors import IncompatibleError as IncompatibleError
+    from .errors import LadleError as LadleError
+    from .errors import NonFiniteError as NonFiniteError
+    from .errors import OutputError as OutputError
+    from .errors import UnsafeCheckpointError as UnsafeCheckpointError
+    from .methods.dare import dare as dare
+    from .methods.ratatouille import ratatouille as ratatouille
+    from .methods.ratatouille import ratatouille_init as ratatouille_init
+    from .methods.slerp import slerp as slerp
+    from .methods.soup import GreedySoupResult as GreedySoupResult
+    from .methods.soup import GreedySoupStep as GreedySoupStep
+    from .methods.soup import greedy_soup as greedy_soup
+    from .methods.soup import uniform_soup as uniform_soup
+    from .methods.stock import ModelStockWarning as ModelStockWarning
+    from .methods.stock import model_stock as model_stock
+    from .methods.task_arithmetic import task_arithmetic as task_arithmetic
+    from .methods.ties import ties as ties
+    from .recipe import load_recipe as load_recipe
+    from .recipe import run_recipe as run_recipe
+    from .writer import save as save
+
+_PUBLIC = {
+    "add": "arithmetic",
+    "lerp": "arithmetic",
+    "scale": "arithmetic",
+    "sub": "arithmetic",
+    "task_vector": "arithmetic",
+    "weighted_sum": "arithmetic",
+    "Checkpoint": "checkpoint",
+    "StateDict": "checkpoint",
+    "StateDictLike": "checkpoint",
+    "load": "checkpoint",
+    "open_checkpoint": "checkpoint",
+    "DiffReport": "compare",
+    "TensorDiff": "compare",
+    "diff": "compare",
+    "IntegerLike": "engine",
+    "NumberLike": "engine",
+    "NumbersLike": "engine",
+    "CheckpointError": "errors",
+    "IncompatibleError": "errors",
+    "LadleError": "errors",
+    "NonFiniteError": "errors",
+    "OutputError": "errors",
+    "UnsafeCheckpointError": "errors",
+    "dare": "methods.dare",
+    "ratatouille": "methods.ratatouille",
+    "ratatouille_init": "methods.ratatouille",
+    "slerp": "methods.slerp",
+    "GreedySoupResult": "methods.soup",
+    "GreedySoupStep": "methods.soup",
+    "greedy_soup": "methods.soup",
+    "uniform_soup": "methods.soup",
+    "ModelStockWarning": "methods.stock",
+    "model_stock": "methods.stock",
+    "task_arithmetic": "methods.task_arithmetic",
+    "ties": "methods.ties",
+    "load_recipe": "recipe",
+    "run_recipe": "recipe",
+    "save": "writer",
+}
+"""Where each public name but the submodule ``distributed`` lives: its module under ``ladle``."""
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, or a submodule (``ladle.engine``), imported when first used: ``import
+    ladle`` alone loads no torch, so that the ``ladle`` command parses its arguments
+    (``--help``, a usage error) at once."""
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value  # found directly from now on
+        return value
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)  # which sets it here
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "Checkpoint",

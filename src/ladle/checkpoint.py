@@ -122,7 +122,20 @@ class Checkpoint:
 
     name: str = "<checkpoint>"  # a subclass sets its own
     path: Path | None = None
-    metadata: dict[str, str]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """String metadata stored with the checkpoint; ``{}`` (its own) where none is set.
+
+        Example:
+            >>> Checkpoint().metadata
+            {}
+        """
+        return self.__dict__.setdefault("metadata", {})  # the property reads its own entry
+
+    @metadata.setter
+    def metadata(self, value: dict[str, str]) -> None:
+        self.__dict__["metadata"] = value
 
     def keys(self) -> list[str]:
         """The tensors' names, in the checkpoint's order (a subclass implements it).
@@ -2155,6 +2168,7 @@ def open_checkpoint(source: StateDictLike) -> Checkpoint:
     if isinstance(source, Mapping):
         return TensorMapCheckpoint(source)
     if isinstance(source, (str, os.PathLike)):
+        check_source("source", source)  # a path of bytes
         text = os.fspath(source)
         if text.startswith("hf://"):
             from .hub import open_hub_checkpoint  # huggingface_hub is imported only when needed
@@ -2197,6 +2211,8 @@ def check_source(name: str, source: object) -> None:
         raise TypeError(
             f"{name}: expected a mapping, nn.Module, path or Checkpoint, found {type_name(source)}"
         )
+    if isinstance(source, os.PathLike) and not isinstance(os.fspath(source), str):
+        raise TypeError(f"{name}: expected a path of str, found {type_name(source)} of bytes")
 
 
 def load(source: StateDictLike, *, device: str | torch.device = "cpu") -> StateDict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -20,34 +21,26 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TextIO, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO, TypeVar, cast
 
-import torch
-
-from . import __version__
-from .checkpoint import (
-    Checkpoint,
-    declared_quantization,
-    is_adapter,
-    open_checkpoint,
-    stored_quantization,
-)
-from .compare import TensorDiff, diff
+from ._version import __version__
 from .errors import LadleError, one_line
-from .hub import progress_bars_off
-from .methods.dare import check_dare_density, check_seed, dare
-from .methods.slerp import check_t, slerp
-from .methods.soup import _checked_scores, greedy_soup, normalized_weights, uniform_soup
-from .methods.stock import model_stock
-from .methods.task_arithmetic import check_scale, check_weights, task_arithmetic
-from .methods.ties import check_density, ties
-from .recipe import DTYPES, load_callable, reported, run_recipe
-from .writer import DEFAULT_MAX_SHARD_SIZE, parse_size, single_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from .checkpoint import Checkpoint
+    from .compare import TensorDiff
+
+# What needs torch (the methods, checkpoints, the writer) is imported where a command runs,
+# not here: parsing the command line (``ladle --help``, a usage error) takes no second.
 
 __all__ = ["main"]
 
 
 def _dtype(text: str) -> torch.dtype:
+    from .recipe import DTYPES
+
     try:
         return DTYPES[text.lower()]
     except KeyError:
@@ -68,6 +61,16 @@ def _repo_id(text: str) -> str:
     except HFValidationError as err:
         raise argparse.ArgumentTypeError(one_line(err)) from None
     return text
+
+
+def _later(module: str, name: str) -> Callable[..., Any]:
+    """``ladle.<module>.<name>``, imported when first called (building the parser imports
+    no torch)."""
+
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module(f".{module}", __package__), name)(*args)
+
+    return call
 
 
 def _checked(kind: Callable[[str], _N], check: Callable[[_N], _N]) -> Callable[[str], _N]:
@@ -102,6 +105,8 @@ def _demo_seed(seed: int) -> int:
 
 
 def _size(text: str) -> int:
+    from .writer import parse_size
+
     try:
         return parse_size(text)
     except ValueError as err:  # "max_shard_size: expected ...": argparse names the option
@@ -157,8 +162,8 @@ def merge_options() -> _Parser:
         type=_size,
         default=None,
         metavar="SIZE",
-        help=f"largest shard of a directory output: 500MB, 2GiB, ... "
-        f"(default: {DEFAULT_MAX_SHARD_SIZE})",
+        # writer.DEFAULT_MAX_SHARD_SIZE, which a test compares (the writer imports torch)
+        help="largest shard of a directory output: 500MB, 2GiB, ... (default: 5GB)",
     )
     parent.add_argument(
         "--overwrite",
@@ -185,6 +190,8 @@ def merge_options() -> _Parser:
 
 def merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for a merge function from the shared options."""
+    from .writer import DEFAULT_MAX_SHARD_SIZE
+
     return {
         "out": args.out,
         "device": args.device,
@@ -284,12 +291,15 @@ def _merge(method: Callable[..., Any], models: Sequence[str], **kwargs: Any) -> 
 def _run_method(args: argparse.Namespace) -> None:
     """A merge sub-command: its method with the parameters it declared, plus the shared ones."""
     params = {name: getattr(args, name) for name in args.params}
-    _print(_merge(args.method, args.models, **params, **merge_kwargs(args)))
+    method = getattr(importlib.import_module(__package__), args.method)  # ladle.ties, ...
+    _print(_merge(method, args.models, **params, **merge_kwargs(args)))
 
 
 def _callable(spec: str) -> Callable[..., Any]:
     """``pkg.module:function`` (or ``path/to/file.py:function``), imported; its exceptions
     become one ``LadleError`` line naming ``--evaluate SPEC``; else a usage error."""
+    from .recipe import load_callable, reported
+
     try:
         return reported(load_callable(spec), f"--evaluate {spec}")
     except ValueError as err:
@@ -297,6 +307,8 @@ def _callable(spec: str) -> Callable[..., Any]:
 
 
 def _run_greedy_soup(args: argparse.Namespace) -> None:
+    from .methods.soup import greedy_soup
+
     result = greedy_soup(
         args.models, args.evaluate, scores=args.scores, strict=args.strict, **merge_kwargs(args)
     )
@@ -380,6 +392,8 @@ def _printable_value(value: str) -> str:
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
+    from .checkpoint import declared_quantization, is_adapter, open_checkpoint, stored_quantization
+
     with open_checkpoint(args.checkpoint) as ckpt:
         keys = ckpt.keys()
         rows = [(key, ckpt.shape(key), ckpt.dtype(key), ckpt.nbytes(key)) for key in keys]
@@ -493,6 +507,8 @@ def _number(value: float) -> str:
 
 
 def _run_diff(args: argparse.Namespace) -> None:
+    from .compare import diff
+
     report = diff(
         args.a,
         args.b,
@@ -545,6 +561,8 @@ def _run_diff(args: argparse.Namespace) -> None:
 
 
 def _run_recipe(args: argparse.Namespace) -> None:
+    from .recipe import run_recipe
+
     # Each output as it is written: a later step's failure leaves the earlier ones on disk.
     run_recipe(
         args.recipe,
@@ -560,21 +578,21 @@ _SOURCES = "files, directories or hf://OWNER/REPO[@REVISION][/SUBFOLDER]"
 _FINETUNED = f"fine-tuned checkpoints: {_SOURCES}"
 
 
-_SCALE = _checked(float, check_scale)
+_SCALE = _checked(float, _later("methods.task_arithmetic", "check_scale"))
 
 
 def _merge_command(
     commands: Any,
     name: str,
     help: str,
-    method: Callable[..., Any],
+    method: str,
     params: tuple[str, ...],
     *,
     models_help: str = _FINETUNED,
     base: bool = True,
 ) -> argparse.ArgumentParser:
     """A merge sub-command: the shared options, the models, ``--base`` where the method takes
-    one; it runs ``method`` with ``params`` (:func:`_run_method`)."""
+    one; it runs ``method`` (its name in ``ladle``) with ``params`` (:func:`_run_method`)."""
     command = commands.add_parser(name, parents=[merge_options()], help=help)
     command.add_argument("models", nargs="+", metavar="MODEL", help=models_help)
     if base:
@@ -589,7 +607,7 @@ def _add_soup(commands: Any) -> None:
         commands,
         "soup",
         "uniform or weighted mean of models",
-        uniform_soup,
+        "uniform_soup",
         ("weights",),
         models_help=f"checkpoints: {_SOURCES}",
         base=False,
@@ -609,7 +627,7 @@ def _add_task_arithmetic(commands: Any) -> None:
         commands,
         "task-arithmetic",
         "task arithmetic: base + scale·Σ wᵢ·(modelᵢ − base)",
-        task_arithmetic,
+        "task_arithmetic",
         ("base", "scale", "weights"),
     )
     arithmetic.add_argument("--scale", type=_SCALE, default=1.0, help="λ (default: 1.0)")
@@ -628,12 +646,12 @@ def _add_ties(commands: Any) -> None:
         commands,
         "ties",
         "TIES-Merging: trim, elect signs, disjoint mean",
-        ties,
+        "ties",
         ("base", "density", "scale", "trim"),
     )
     ties_parser.add_argument(
         "--density",
-        type=_checked(float, check_density),
+        type=_checked(float, _later("methods.ties", "check_density")),
         default=0.2,
         help="fraction of entries kept, in (0, 1] (default: 0.2)",
     )
@@ -652,19 +670,19 @@ def _add_dare(commands: Any) -> None:
         commands,
         "dare",
         "DARE: drop and rescale task-vector entries, then sum or TIES-combine",
-        dare,
+        "dare",
         ("base", "density", "scale", "seed", "combine"),
     )
     dare_parser.add_argument(
         "--density",
-        type=_checked(float, check_dare_density),
+        type=_checked(float, _later("methods.dare", "check_dare_density")),
         default=0.1,
         help="probability of keeping an entry, in [2**-24, 1] (default: 0.1)",
     )
     dare_parser.add_argument("--scale", type=_SCALE, default=1.0, help="λ (default: 1.0)")
     dare_parser.add_argument(
         "--seed",
-        type=_checked(int, check_seed),
+        type=_checked(int, _later("methods.dare", "check_seed")),
         default=0,
         help="seed of the masks, any integer (default: 0)",
     )
@@ -679,7 +697,7 @@ def _add_stock(commands: Any) -> None:
         commands,
         "stock",
         "Model Stock: per tensor, t·mean + (1 − t)·base, t from the task vectors' angle",
-        model_stock,
+        "model_stock",
         ("base",),
         models_help=f"two or more {_FINETUNED}",
     )
@@ -691,14 +709,14 @@ def _add_slerp(commands: Any) -> None:
         commands,
         "slerp",
         "SLERP: per tensor, along the great circle from model A (t = 0) to B (t = 1)",
-        slerp,
+        "slerp",
         ("t",),
         models_help=f"two checkpoints, A and B: {_SOURCES}",
         base=False,
     )
     command.add_argument(
         "--t",
-        type=_checked(float, check_t),
+        type=_checked(float, _later("methods.slerp", "check_t")),
         default=0.5,
         help="where to stop: 0 is A, 1 is B; outside [0, 1] extrapolates (default: 0.5)",
     )
@@ -914,6 +932,8 @@ def _checked_usage(
     cannot find are refused through ``command`` (exit status 2, its usage shown): options
     for a directory output given a file, ``--push-to-hub`` offline, a file output of a
     merge split across processes, a bad ``RANK``."""
+    from .writer import single_file
+
     _check_counts(args, command)
     push = getattr(args, "push_to_hub", None)
     file = single_file(args.out) if getattr(args, "out", None) is not None else False
@@ -951,19 +971,25 @@ def _check_counts(args: argparse.Namespace, command: argparse.ArgumentParser) ->
     if models is None:
         return
     count, method = len(models), getattr(args, "method", None)
-    if method is model_stock and count < 2:
+    if method == "model_stock" and count < 2:
         command.error(f"Model Stock needs at least 2 models, found {count}")
-    if method is slerp and count != 2:
+    if method == "slerp" and count != 2:
         command.error(f"slerp interpolates exactly 2 models, found {count}")
     try:
         weights = getattr(args, "weights", None)
         if weights is not None:
-            if method is uniform_soup:
+            if method == "uniform_soup":
+                from .methods.soup import normalized_weights
+
                 normalized_weights(weights, count)
             else:
+                from .methods.task_arithmetic import check_weights
+
                 check_weights(weights, count)
         scores = getattr(args, "scores", None)
         if scores is not None:
+            from .methods.soup import _checked_scores
+
             _checked_scores(scores, count)
     except ValueError as err:  # "weights: expected 3 weights (one per model), found 2"
         command.error(f"--{err}")
@@ -1023,6 +1049,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         terminated = isinstance(err, _Terminated)
         _stderr(f"ladle: {'terminated' if terminated else 'interrupted'}")
         return 143 if terminated else 130
+    from .hub import progress_bars_off
+
     run: Callable[[argparse.Namespace], None] = args.run
     command: argparse.ArgumentParser = args.command_parser  # usage errors show its usage
     push = getattr(args, "push_to_hub", None)

@@ -539,11 +539,11 @@ def _merge_and_score(
             merged / "ratatouille-greedy.safetensors",
         )
     )
-    rows.extend(_optional_rows(soups, base, merged, device, val_accuracy, row))
+    rows.extend(_rows_with_base(soups, base, merged, device, val_accuracy, row))
     return rows
 
 
-def _optional_rows(
+def _rows_with_base(
     soups: list[Path],
     base: Path,
     merged: Path,
@@ -551,32 +551,25 @@ def _optional_rows(
     val_accuracy: Callable[[ladle.StateDict], float],
     row: Callable[[str, int, ladle.StateDictLike], DemoRow],
 ) -> list[DemoRow]:
-    """Rows for the methods with a base, when this ladle has them (the probe init is the base)."""
-    rows = []
-    model_stock = getattr(ladle, "model_stock", None)
-    if model_stock is not None:
-        out = model_stock(
-            soups, base, out=merged / "model-stock.safetensors", device=device, overwrite=True
-        )
-        rows.append(row("Model Stock", len(soups), out))
-    task_arithmetic = getattr(ladle, "task_arithmetic", None)
-    if task_arithmetic is not None:
-        grid = [round(0.1 * i, 1) for i in range(1, 11)]  # the paper's grid, on validation
-        chosen = max(
-            grid,
-            key=lambda s: val_accuracy(task_arithmetic(soups, base, scale=s, device=device)),
-        )
-        out = task_arithmetic(
-            soups,
-            base,
-            scale=chosen,
-            out=merged / "task-arithmetic.safetensors",
-            device=device,
-            overwrite=True,
-        )
-        rows.append(row(f"task arithmetic (scale {chosen})", len(soups), out))
-    ties = getattr(ladle, "ties", None)
-    if ties is not None:
-        out = ties(soups, base, out=merged / "ties.safetensors", device=device, overwrite=True)
-        rows.append(row("TIES (density 0.2, scale 1)", len(soups), out))
+    """Rows for the methods with a base (the probe init is the base)."""
+    out = ladle.model_stock(
+        soups, base, out=merged / "model-stock.safetensors", device=device, overwrite=True
+    )
+    rows = [row("Model Stock", len(soups), out)]
+    grid = [round(0.1 * i, 1) for i in range(1, 11)]  # the paper's grid, on validation
+    chosen = max(
+        grid,
+        key=lambda s: val_accuracy(ladle.task_arithmetic(soups, base, scale=s, device=device)),
+    )
+    out = ladle.task_arithmetic(
+        soups,
+        base,
+        scale=chosen,
+        out=merged / "task-arithmetic.safetensors",
+        device=device,
+        overwrite=True,
+    )
+    rows.append(row(f"task arithmetic (scale {chosen})", len(soups), out))
+    out = ladle.ties(soups, base, out=merged / "ties.safetensors", device=device, overwrite=True)
+    rows.append(row("TIES (density 0.2, scale 1)", len(soups), out))
     return rows

@@ -72,6 +72,7 @@ from .writer import (
     check_storable,
     parse_size,
     single_file,
+    stale_leftovers,
 )
 
 __all__ = [
@@ -2279,6 +2280,13 @@ def check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) ->
                 f"{out}: refusing to write over or inside input {checkpoint.name}; "
                 "choose another output path"
             )
+        for leftover in stale_leftovers(target):  # deleted by the write: an earlier output
+            if any(overlapping(leftover, p) for p in paths):  # a killed --overwrite set aside
+                raise LadleError(
+                    f"{out}: input {checkpoint.name} is or lies in {leftover.name}, an "
+                    f"earlier output that a stopped write set aside and that writing {out} "
+                    "deletes; move or rename it first"
+                )
 
 
 def overlapping(a: Path, b: Path) -> bool:

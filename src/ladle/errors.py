@@ -10,8 +10,6 @@ import sys
 import warnings
 from types import FrameType
 
-import numpy as np
-
 __all__ = [
     "CheckpointError",
     "IncompatibleError",
@@ -163,6 +161,7 @@ def check_flag(name: str, value: object) -> bool:
         Traceback (most recent call last):
         TypeError: overwrite: expected True or False, found str
     """
-    if isinstance(value, (bool, np.bool_)):
+    numpy = sys.modules.get("numpy")  # not imported, so no numpy bool (``import ladle`` is light)
+    if isinstance(value, bool) or (numpy is not None and isinstance(value, numpy.bool_)):
         return bool(value)
     raise TypeError(f"{name}: expected True or False, found {type_name(value)}")

@@ -334,8 +334,9 @@ def check_amendment(
         )
 
 
-def check_output_name(out: str | os.PathLike) -> None:
-    """A ``TypeError`` for an output that is no str or ``os.PathLike`` path (bytes); a
+def check_output_name(out: str | os.PathLike, name: str = "out") -> None:
+    """A ``TypeError`` naming parameter ``name`` for an output that is no path of ``str``
+    (bytes, or an ``os.PathLike`` whose ``os.fspath`` gives bytes); a
     ``LadleError`` for an output path that cannot mean what it says: empty, an ``hf://``
     URL (a local ``hf:/`` folder otherwise), ending in ``.`` or ``..`` (a folder's own name),
     in ``.safetensors`` not in lower case (a directory), in another weight format's suffix
@@ -351,10 +352,12 @@ def check_output_name(out: str | os.PathLike) -> None:
         ...     print(str(err).split(":")[:2])
         ['merged.pt', ' ladle writes safetensors']
     """
-    if not isinstance(out, (str, os.PathLike)) or not isinstance(os.fspath(out), str):
-        raise TypeError(f"out: expected a str or os.PathLike path, found {type_name(out)}")
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected a str or os.PathLike path, found {type_name(out)}")
+    if not isinstance(os.fspath(out), str):
+        raise TypeError(f"{name}: expected a path of str, found {type_name(out)} of bytes")
     if not os.fspath(out):
-        raise LadleError("out: expected a path, found an empty one")
+        raise LadleError(f"{name}: expected a path, found an empty one")
     if os.fspath(out).startswith(PREFIX):  # else written to the local folder hf:/owner/name
         raise LadleError(
             f"{out}: an output is a local path, not a Hub repo; write a directory and upload "
@@ -645,10 +648,11 @@ _MAX_PID = 2**31 - 1
 ``OverflowError`` past it)."""
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete leftovers of earlier writes to ``path`` whose process is gone (killed, crashed):
-    temporary outputs, and replaced outputs renamed aside. Only this host's are judged: the
-    process of another host's leftover may be running there (a filesystem several mount)."""
+def stale_leftovers(path: Path) -> Iterator[Path]:
+    """Leftovers of earlier writes to ``path`` whose process is gone (killed, crashed):
+    temporary outputs, and replaced outputs renamed aside, which the next write to ``path``
+    deletes. Only this host's are judged: the process of another host's leftover may be
+    running there (a filesystem several mount)."""
     host = _host_tag()
     for mark in (TEMP_MARK, OLD_MARK):
         for leftover in path.parent.glob(f".{glob.escape(_stem(path.name, mark))}{mark}*"):
@@ -657,7 +661,13 @@ def _remove_stale_temporaries(path: Path) -> None:
                 continue
             pid = int(fields[0])
             if 0 < pid <= _MAX_PID and not _alive(pid):  # others: no write of ours made them
-                _remove(leftover)
+                yield leftover
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the :func:`stale_leftovers` of earlier writes to ``path``."""
+    for leftover in list(stale_leftovers(path)):
+        _remove(leftover)
 
 
 def _remove(path: Path) -> None:
@@ -1352,7 +1362,7 @@ def save(
     Raises:
         TypeError: ``state_dict`` maps something other than strings to tensors, or
             ``metadata`` something other than strings to strings (naming the output),
-            ``out`` is no str or ``os.PathLike`` path (bytes, say), or (for a directory
+            ``path`` is no path of ``str`` (bytes, say), or (for a directory
             output) ``max_shard_size`` is neither an int nor a string.
         ValueError: a tensor is sparse or on the meta device (no data to write), ``metadata``
             gives a ``"format"`` other than ``"pt"`` (the default, which transformers reads),
@@ -1368,6 +1378,7 @@ def save(
         >>> sorted(p.name for p in out.iterdir())
         ['model.safetensors']
     """
+    check_output_name(path, "path")
     if not isinstance(state_dict, Mapping):  # a module: "'Linear' has no attribute 'items'"
         hint = "; pass its .state_dict()" if isinstance(state_dict, torch.nn.Module) else ""
         raise TypeError(
