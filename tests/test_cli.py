@@ -181,6 +181,27 @@ def test_inspect_lists_keys_and_totals(inputs, capsys):
     assert f"5 tensors, {params:,} parameters" in out
 
 
+def test_inspect_keeps_its_columns_aligned_for_long_dtypes_and_shapes(tmp_path, capsys):
+    path = ladle.save(
+        {
+            "a": torch.zeros(2, dtype=torch.float8_e4m3fn),
+            "bb": torch.zeros(2, 3, 4, 5, 6, 7, 1),  # "2x3x4x5x6x7x1": 13 characters
+            "c": torch.zeros(40000, 2, 3, 2, 2, dtype=torch.bfloat16),  # 17
+        },
+        tmp_path / "m.safetensors",
+    )
+    assert main(["inspect", str(path)]) == 0
+    rows = capsys.readouterr().out.splitlines()[:3]
+    assert [row.split()[:3] for row in rows] == [
+        ["a", "float8_e4m3fn", "2"],
+        ["bb", "float32", "2x3x4x5x6x7x1"],
+        ["c", "bfloat16", "40000x2x3x2x2"],
+    ]
+    starts = [re.match(r"(\S+ +)(\S+ +)(\S+ +)", row) for row in rows]
+    for column in (1, 2, 3):  # dtype, shape and size each start where the others' do
+        assert len({m.end(column) for m in starts if m}) == 1, rows
+
+
 def test_inspect_and_diff_count_one_tensor_or_parameter_in_the_singular(tmp_path, capsys):
     # They printed "1 tensors", "1 parameters", "shard ...: 1 tensors".
     save_file({"s": torch.tensor(2.0)}, tmp_path / "one.safetensors")  # no metadata lines

@@ -466,12 +466,13 @@ def _inspect_table(ckpt: Checkpoint, found: _Inventory) -> None:
     rows, tied, params, total = found.rows, found.tied, found.params, found.total
     printed = [_printable(key) for key, *_ in rows]
     width = max((len(k) for k in printed), default=3)
-    for key, (name, shape, dtype, nbytes) in zip(printed, rows):
-        dims = "x".join(map(str, shape)) or "scalar"
-        line = (
-            f"{key:<{width}}  {str(dtype).removeprefix('torch.'):<9} {dims:<16} "
-            f"{_format_bytes(nbytes)}"
-        )
+    dtypes = [str(dtype).removeprefix("torch.") for _, _, dtype, _ in rows]
+    shapes = ["x".join(map(str, shape)) or "scalar" for _, shape, _, _ in rows]
+    dtype_width = max([9, *map(len, dtypes)])  # float8_e4m3fn, 2x3x224x224x16: aligned too
+    dims_width = max([16, *map(len, shapes)])
+    for key, (name, *_, nbytes), dtype, dims in zip(printed, rows, dtypes, shapes):
+        size = _format_bytes(nbytes)
+        line = f"{key:<{width}}  {dtype:<{dtype_width}} {dims:<{dims_width}} {size}"
         original = tied.get(name)
         _print(line if original is None else f"{line}  (tied to {_printable(original)})")
     shared = f" ({len(tied)} tied to another)" if tied else ""

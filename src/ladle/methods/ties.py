@@ -608,6 +608,10 @@ def magnitude_thresholds(
     ``(d − ⌊d·density⌋)``-th smallest magnitude (``torch.kthvalue``'s rank, 1-based), ``d`` the
     number of entries: of the whole model (``trim="global"``: every key gets the same
     threshold) or of each tensor (``trim="tensor"``). Where nothing is trimmed it is 0.0.
+    Each key's threshold is given in the dtype its magnitudes are compared in (float32, or
+    float64 for float64 tensors): the least value of it at or above ``tᵢ``, which keeps the
+    same entries; so a model mixing float64 and float32 keys shows ``tᵢ`` for the first and
+    ``tᵢ`` rounded up to float32 for the others.
     Found by a radix select over the magnitudes' bit patterns, never holding a whole tensor.
 
     Args:
