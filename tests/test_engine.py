@@ -2963,6 +2963,26 @@ def test_nan_a_kernel_makes_from_finite_inputs_is_called_nan_not_an_overflow():
         merge(models, zero_by_zero, method="nan", parameters={}, device="cpu")
 
 
+def test_nan_in_a_dtype_without_infinity_may_be_an_overflow_and_is_said_so():
+    # torch 2.8 casts 1000 to float8_e4m3fn as NaN (later versions saturate to 448): the
+    # message blamed 0/0 or ∞ − ∞ alone for what was an overflow of the cast.
+    zero_by_zero = _max_kernel(lambda state: state * 0 / 0)
+    models = [{"w": torch.ones(3)}, {"w": torch.ones(3)}]
+    with pytest.raises(ladle.NonFiniteError) as info:
+        merge(
+            models, zero_by_zero, method="nan", parameters={}, device="cpu", dtype="float8_e4m3fn"
+        )
+    assert (
+        "are not finite (3 NaN) although every input is finite: they overflow float8_e4m3fn "
+        "(largest finite value 448), which holds no infinity, or the arithmetic made NaN (0/0)"
+    ) in str(info.value)
+    with pytest.raises(ladle.NonFiniteError) as info:  # float16 has an infinity
+        merge(models, zero_by_zero, method="nan", parameters={}, device="cpu", dtype="float16")
+    assert "the arithmetic made NaN (0/0, or an overflow of float16 followed by ∞ − ∞)" in str(
+        info.value
+    )
+
+
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes came with Python 3.11")
 @pytest.mark.parametrize("where", ["init", "update", "finalize"])
 def test_an_error_in_a_kernel_of_one_s_own_is_noted_with_its_key_and_rows(where):

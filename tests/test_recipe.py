@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -1320,10 +1321,11 @@ def test_an_integer_past_pythons_digit_limit_is_named_with_the_recipe(folder):
     )
     with pytest.raises(ValueError) as info:
         load_recipe(recipe)
-    assert str(info.value) == (
-        f"{recipe}: not a TOML recipe (Exceeds the limit (4300 digits) for integer string "
-        "conversion: value has 5000 digits)"
-    )
+    assert re.fullmatch(  # "(4300)" on Python 3.10, "(4300 digits)" from 3.11
+        rf"{re.escape(str(recipe))}: not a TOML recipe \(Exceeds the limit \(4300( digits)?\) for "
+        r"integer string conversion: value has 5000 digits\)",
+        str(info.value),
+    ), str(info.value)
 
 
 def test_a_dare_scale_whose_quotient_by_density_overflows_is_refused_before_any_step(folder):

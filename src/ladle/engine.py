@@ -1332,35 +1332,41 @@ def fold(
         # without them; a count owed to this thread is set all the same).
         stack.enter_context(_threads_beside_readers(device, threads if depth else 0))
         stack.callback(reads.close)
-        for step, (key, rows, dtype, view) in enumerate(plan):
-            if dtype is None:  # an integer (or bool) key, copied from the reference
-                result, held = take()
-                pool.release(held)
-            else:  # kernels see a complex chunk as its real and imaginary parts
-                base_rows, base_held = take() if base is not None else (None, None)
-                try:
-                    init_base = None if base_rows is None else real_view(base_rows)
-                    state = kernel.init(key, rows, init_base)
-                    for index in range(len(models)):
-                        x, held = take()
-                        state = kernel.update(state, index, real_view(x))
-                        pool.release(held)
-                    result = kernel.finalize(state)
-                    _check_result_kind(result, key, device)
-                except Exception as err:  # a kernel of one's own says nothing of where it was
-                    _note_where(err, key, rows, view)
-                    raise
-                pool.release(base_held)
-                if check_results:
-                    _check_result(result, key, rows, models, base, view, numbers)
-                if dtype.is_complex and copy_others:  # a model's tensors: complex again
-                    result = torch.view_as_complex(result.contiguous())
-            if on_bytes is not None:
-                on_bytes(sum(_rows_nbytes(s, key, rows, shape=view) for s in sources))
-            yield key, rows, result
-            if release and (step + 1 == len(plan) or plan[step + 1][0] != key):
-                for source in sources:  # the pass is done with this tensor
-                    source.release(key)
+        result = x = base_rows = init_base = state = None  # chunks: views of the inputs' maps
+        try:
+            for step, (key, rows, dtype, view) in enumerate(plan):
+                if dtype is None:  # an integer (or bool) key, copied from the reference
+                    result, held = take()
+                    pool.release(held)
+                else:  # kernels see a complex chunk as its real and imaginary parts
+                    base_rows, base_held = take() if base is not None else (None, None)
+                    try:
+                        init_base = None if base_rows is None else real_view(base_rows)
+                        state = kernel.init(key, rows, init_base)
+                        for index in range(len(models)):
+                            x, held = take()
+                            state = kernel.update(state, index, real_view(x))
+                            pool.release(held)
+                        result = kernel.finalize(state)
+                        _check_result_kind(result, key, device)
+                    except Exception as err:  # a kernel of one's own says nothing of where it was
+                        _note_where(err, key, rows, view)
+                        raise
+                    pool.release(base_held)
+                    if check_results:
+                        _check_result(result, key, rows, models, base, view, numbers)
+                    if dtype.is_complex and copy_others:  # a model's tensors: complex again
+                        result = torch.view_as_complex(result.contiguous())
+                if on_bytes is not None:
+                    on_bytes(sum(_rows_nbytes(s, key, rows, shape=view) for s in sources))
+                yield key, rows, result
+                if release and (step + 1 == len(plan) or plan[step + 1][0] != key):
+                    for source in sources:  # the pass is done with this tensor
+                        source.release(key)
+        finally:  # closed or failed: this frame may outlive the call (Python 3.10 keeps it in
+            # a cycle with the GeneratorExit of a close until the next collection); its
+            # chunks must not, else every input stays mapped and open until then
+            result = x = base_rows = init_base = state = None
 
 
 def _note_where(err: Exception, key: str, rows: slice, view: tuple[int, ...] | None = None) -> None:
@@ -1665,13 +1671,22 @@ def _overflowed(
         width = math.prod(shape[1:])
         part = f" in (flat) entries {rows.start * width}–{rows.stop * width - 1}"
     name = str(dtype).removeprefix("torch.")
-    what = (
-        f"are not finite ({nan} NaN) although every input is finite: the arithmetic made NaN "
-        f"(0/0, or an overflow of {name} followed by ∞ − ∞)"
-        if nan
-        else f"overflow {name} (largest finite value {limit:g}){in_compute} although every "
-        "input is finite"
-    )
+    if nan and not _holds_infinity(dtype):  # float8_e4m3fn: torch 2.8 casts an overflow to NaN
+        what = (
+            f"are not finite ({nan} NaN) although every input is finite: they overflow {name} "
+            f"(largest finite value {limit:g}), which holds no infinity, or the arithmetic "
+            "made NaN (0/0)"
+        )
+    elif nan:
+        what = (
+            f"are not finite ({nan} NaN) although every input is finite: the arithmetic made "
+            f"NaN (0/0, or an overflow of {name} followed by ∞ − ∞)"
+        )
+    else:
+        what = (
+            f"overflow {name} (largest finite value {limit:g}){in_compute} although every "
+            "input is finite"
+        )
     raise NonFiniteError(
         f"{where}: {count} of the {total} merged values of key {key!r}{part} {what}; lower "
         f"the scale or weights where the method has them{wider}; {ALLOW_NONFINITE} keeps "
@@ -1709,6 +1724,17 @@ def cast(values: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = No
     if out is None:
         return values.to(dtype)
     return out.copy_(values)
+
+
+def _holds_infinity(dtype: torch.dtype) -> bool:
+    """Whether floating ``dtype`` has an infinity (float8_e4m3fn and the fnuz dtypes have
+    none: an overflow saturates to the largest value, or becomes NaN, by torch's version).
+
+    Example:
+        >>> _holds_infinity(torch.float16), _holds_infinity(torch.float8_e4m3fn)
+        (True, False)
+    """
+    return math.isinf(torch.tensor([math.inf], device="cpu").to(dtype).float().item())
 
 
 def saturation_limit(dtype: torch.dtype) -> tuple[float, bool] | None:
