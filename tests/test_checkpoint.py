@@ -2034,6 +2034,33 @@ def test_a_subclass_implementing_only_the_documented_methods_merges():
     assert b.metadata == {"set": "b"}
 
 
+def test_a_dataclass_subclass_may_make_metadata_a_field():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Fields(ladle.Checkpoint):
+        metadata: dict[str, str]
+        tensors: dict[str, torch.Tensor]
+
+        def keys(self):
+            return list(self.tensors)
+
+        def shape(self, key):
+            return tuple(self.tensors[key].shape)
+
+        def dtype(self, key):
+            return self.tensors[key].dtype
+
+        def get_slice(self, key, rows):
+            return self.tensors[key][rows]
+
+    model = Fields({"note": "x"}, {"w": torch.arange(3.0)})
+    assert model.metadata == {"note": "x"}
+    assert torch.equal(ladle.uniform_soup([model, model])["w"], torch.arange(3.0))
+    with pytest.raises(TypeError, match="metadata"):  # a field: required, as declared
+        Fields(tensors={})  # type: ignore[call-arg]
+
+
 def test_a_path_like_of_bytes_is_a_type_error_naming_the_argument(tmp_path):
     # os.fspath gave bytes: "startswith first arg must be bytes or a tuple of bytes, not str"
     path = ladle.save({"w": torch.ones(2)}, tmp_path / "m.safetensors")

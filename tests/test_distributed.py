@@ -49,7 +49,7 @@ from ladle.distributed import (
     split_by_bytes,
 )
 from ladle.methods.soup import normalized_weights
-from ladle.writer import TEMP_MARK
+from ladle.writer import OLD_MARK, TEMP_MARK
 
 WORLD = 3
 CHUNK = 64  # bytes: tensors are read in several chunks of rows
@@ -659,6 +659,10 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     found["file_out_error"] = _catch(
         merge, "uniform_soup", models, out=root / "m.safetensors", device="cpu"
     )
+    (aside,) = root.glob(".remerged.ladle-old-*")  # an earlier output a stopped write left
+    found["leftover_input_error"] = _catch(
+        merge, "uniform_soup", [str(aside), models[0]], out=root / "remerged", device="cpu"
+    )
     # hf:// sources, offline, each rank with a Hub cache of its own: rank 2's main is another
     # commit than the others' (refused on every rank before anything is merged); a named
     # commit, which every cache holds, is merged.
@@ -742,6 +746,9 @@ def spawned(tmp_path_factory):
     theirs.mkdir()
     (theirs / "model.safetensors").write_bytes(b"being written on node-b")
     leftover(root / "hosts" / "soup").mkdir()
+    aside = leftover(root / "remerged", mark=OLD_MARK)
+    aside.mkdir()
+    shutil.copy(models[0], aside / "model.safetensors")
     mp.spawn(_worker, args=(str(root),), nprocs=WORLD)
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return root, base, models, ranks
@@ -1283,6 +1290,16 @@ def test_split_merge_index_total_size_is_the_bytes_of_the_tensors(spawned):
 
 
 @pytest.mark.slow
+def test_an_earlier_output_set_aside_is_refused_as_an_input_and_kept(spawned):
+    # Rank 0 deleted it, as a dead process's leftover, before any rank opened its inputs.
+    root, *_, ranks = spawned
+    (aside,) = root.glob(".remerged.ladle-old-*")
+    for found in ranks:
+        kind, message = found["leftover_input_error"]
+        assert kind == "LadleError" and f"is or lies in {aside.name}, an earlier output" in message
+    assert (aside / "model.safetensors").is_file() and not (root / "remerged").exists()
+
+
 def test_a_single_file_output_of_a_split_merge_is_refused_on_every_rank(spawned):
     root, *_, ranks = spawned
     for found in ranks:

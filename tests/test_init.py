@@ -42,6 +42,7 @@ def test_an_unknown_name_is_an_attribute_error_naming_it():
     with pytest.raises(ImportError, match="merge_all"):
         exec("from ladle import merge_all", {})
     assert not hasattr(ladle, "__wrapped__")  # inspect and doctest ask for such names
+    assert not hasattr(ladle, "a.b") and getattr(ladle, "cli.main", None) is None
 
 
 def test_importing_ladle_and_parsing_a_command_line_load_no_torch():
@@ -60,7 +61,11 @@ def test_importing_ladle_and_parsing_a_command_line_load_no_torch():
 def test_submodules_are_reached_from_a_plain_import():
     # As when the package imported them all: `import ladle` then `ladle.engine.fold`.
     out = _run(
-        "import ladle\n"
+        "import ladle\n"  # the methods first: other modules import them
+        "print(ladle.methods.ties.magnitude_thresholds.__module__, ladle.methods.soup.__name__)\n"
         "print(ladle.engine.__name__, ladle.distributed.merge.__module__, ladle.testing.__name__)"
     )
-    assert out == "ladle.engine ladle.distributed ladle.testing\n"
+    assert out.splitlines() == [
+        "ladle.methods.ties ladle.methods.soup",
+        "ladle.engine ladle.distributed ladle.testing",
+    ]

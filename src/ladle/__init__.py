@@ -108,7 +108,11 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
         globals()[name] = value  # found directly from now on
         return value
-    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+    if (
+        name.isidentifier()  # "a.b" names no submodule of ours
+        and not name.startswith("__")
+        and importlib.util.find_spec(f"{__name__}.{name}") is not None
+    ):
         return importlib.import_module(f".{name}", __name__)  # which sets it here
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

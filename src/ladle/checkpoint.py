@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from functools import partial
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -122,20 +122,23 @@ class Checkpoint:
 
     name: str = "<checkpoint>"  # a subclass sets its own
     path: Path | None = None
+    metadata: dict[str, str]  # annotated alone: a dataclass subclass may make it a field
 
-    @property
-    def metadata(self) -> dict[str, str]:
-        """String metadata stored with the checkpoint; ``{}`` (its own) where none is set.
+    if not TYPE_CHECKING:  # type checkers see the attributes above, and no others
 
-        Example:
-            >>> Checkpoint().metadata
-            {}
-        """
-        return self.__dict__.setdefault("metadata", {})  # the property reads its own entry
+        def __getattr__(self, name: str) -> Any:
+            """``metadata`` of a subclass that sets none: ``{}``, kept as its own.
 
-    @metadata.setter
-    def metadata(self, value: dict[str, str]) -> None:
-        self.__dict__["metadata"] = value
+            Example:
+                >>> Checkpoint().metadata
+                {}
+            """
+            if name != "metadata":
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            metadata: dict[str, str] = {}
+            with contextlib.suppress(AttributeError):  # __slots__ without it: not kept
+                object.__setattr__(self, "metadata", metadata)
+            return metadata
 
     def keys(self) -> list[str]:
         """The tensors' names, in the checkpoint's order (a subclass implements it).

@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, TypeVar, Union
@@ -38,6 +38,7 @@ from .engine import (
     NumberLike,
     NumbersLike,
     check_models,
+    check_not_a_leftover,
     check_number,
     check_numbers,
     is_merged_dtype,
@@ -47,6 +48,7 @@ from .engine import (
     resolve_device,
 )
 from .errors import IncompatibleError, LadleError, one_line, type_name
+from .hub import PREFIX as HUB_PREFIX
 from .hub import fetched, pinned
 from .methods.dare import dare
 from .methods.ratatouille import ratatouille
@@ -868,6 +870,16 @@ def _other_commits(found: Sequence[Mapping[str, str]]) -> list[tuple[int, str]]:
     ]
 
 
+def _local_paths(sources: Iterable[object]) -> list[tuple[str, list[Path]]]:
+    """The sources given as local paths (not ``hf://``): each named, with its path resolved."""
+    names = [os.fspath(s) for s in sources if isinstance(s, (str, os.PathLike))]
+    return [
+        (name, [Path(name).resolve()])
+        for name in names
+        if isinstance(name, str) and not name.startswith(HUB_PREFIX)
+    ]
+
+
 def _check_out(out: str | os.PathLike | None, *, split: bool = False) -> None:
     """Check ``out``: given, a name that means what it says, and, for a merge ``split``
     across processes, a directory (ranks write separate shards)."""
@@ -991,6 +1003,9 @@ def merge(
         _take_device(params)
         check_models(models)  # iterable, then
         snapshots = fetched([*models, params.get("base")])
+        # Before rank 0 deletes the leftovers beside out: no input among them (each rank
+        # checks again once the method opens its inputs).
+        check_not_a_leftover(out, _local_paths([*models, params.get("base")]))
     except Exception as err:  # this rank alone: the others must hear of it, not wait for it
         early = err
     if rank != 0 and "progress" in params:  # bars on rank 0 alone; a method of one's

@@ -2291,11 +2291,13 @@ def check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) ->
     target = resolved_output(out)
     around = _inodes_up(target)  # the output's own, where it exists, then its folders'
     own = _inode(target)  # None for a new output: then it holds no input
+    read: list[tuple[str, list[Path]]] = []
     for checkpoint in sources:
         # The files read too: a folder's weights file may be a link to a file elsewhere.
         paths = [file.resolve() for file in checkpoint.file_sizes()]
         if checkpoint.path is not None:
             paths.append(checkpoint.path.resolve())
+        read.append((checkpoint.name, paths))
         if any(
             overlapping(target, p)
             or _inode(p) in around  # the same file or folder by another path (a bind
@@ -2306,12 +2308,25 @@ def check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) ->
                 f"{out}: refusing to write over or inside input {checkpoint.name}; "
                 "choose another output path"
             )
-        for leftover in stale_leftovers(target):  # deleted by the write: an earlier output
-            if any(overlapping(leftover, p) for p in paths):  # a killed --overwrite set aside
+    check_not_a_leftover(out, read)
+
+
+def check_not_a_leftover(out: str | os.PathLike, inputs: Iterable[tuple[str, list[Path]]]) -> None:
+    """A ``LadleError`` where an input (its name, and the paths it reads, resolved) is or
+    lies in a leftover that writing ``out`` deletes (:func:`ladle.writer.stale_leftovers`):
+    an earlier output that a stopped ``overwrite`` set aside, merged back.
+
+    Example:
+        >>> check_not_a_leftover("merged", [("a.safetensors", [Path("a.safetensors").resolve()])])
+    """
+    leftovers = list(stale_leftovers(resolved_output(out)))
+    for name, paths in inputs if leftovers else ():
+        for leftover in leftovers:
+            if any(overlapping(leftover, p) for p in paths):
                 raise LadleError(
-                    f"{out}: input {checkpoint.name} is or lies in {leftover.name}, an "
-                    f"earlier output that a stopped write set aside and that writing {out} "
-                    "deletes; move or rename it first"
+                    f"{out}: input {name} is or lies in {leftover.name}, an earlier output "
+                    f"that a stopped write set aside and that writing {out} deletes; move or "
+                    "rename it first"
                 )
 
 
