@@ -659,9 +659,9 @@ def _merges(rank: int, root: Path, base: str, models: list[str]) -> dict:
     found["file_out_error"] = _catch(
         merge, "uniform_soup", models, out=root / "m.safetensors", device="cpu"
     )
-    (aside,) = root.glob(".remerged.ladle-old-*")  # an earlier output a stopped write left
-    found["leftover_input_error"] = _catch(
-        merge, "uniform_soup", [str(aside), models[0]], out=root / "remerged", device="cpu"
+    (aside,) = (root / "kept").glob(".remerged.ladle-old-*")  # an earlier output left
+    found["leftover_input_error"] = _catch(  # by a stopped write, merged back
+        merge, "uniform_soup", [str(aside), models[0]], out=root / "kept" / "remerged", device="cpu"
     )
     # hf:// sources, offline, each rank with a Hub cache of its own: rank 2's main is another
     # commit than the others' (refused on every rank before anything is merged); a named
@@ -746,8 +746,8 @@ def spawned(tmp_path_factory):
     theirs.mkdir()
     (theirs / "model.safetensors").write_bytes(b"being written on node-b")
     leftover(root / "hosts" / "soup").mkdir()
-    aside = leftover(root / "remerged", mark=OLD_MARK)
-    aside.mkdir()
+    aside = leftover(root / "kept" / "remerged", mark=OLD_MARK)
+    aside.mkdir(parents=True)
     shutil.copy(models[0], aside / "model.safetensors")
     mp.spawn(_worker, args=(str(root),), nprocs=WORLD)
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -1293,11 +1293,11 @@ def test_split_merge_index_total_size_is_the_bytes_of_the_tensors(spawned):
 def test_an_earlier_output_set_aside_is_refused_as_an_input_and_kept(spawned):
     # Rank 0 deleted it, as a dead process's leftover, before any rank opened its inputs.
     root, *_, ranks = spawned
-    (aside,) = root.glob(".remerged.ladle-old-*")
+    (aside,) = (root / "kept").glob(".remerged.ladle-old-*")
     for found in ranks:
         kind, message = found["leftover_input_error"]
         assert kind == "LadleError" and f"is or lies in {aside.name}, an earlier output" in message
-    assert (aside / "model.safetensors").is_file() and not (root / "remerged").exists()
+    assert (aside / "model.safetensors").is_file() and not (root / "kept" / "remerged").exists()
 
 
 def test_a_single_file_output_of_a_split_merge_is_refused_on_every_rank(spawned):

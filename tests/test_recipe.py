@@ -1313,6 +1313,41 @@ output = "out.safetensors"
     assert_bit_for_bit(ladle.load(folder / "out.safetensors"), expected)
 
 
+def test_checking_a_recipe_resolves_each_path_once_not_once_per_pair_of_steps(folder, monkeypatch):
+    # Each pair of steps resolved both outputs again, and each pair of input and output
+    # globbed the output's folder: 200 steps took 25 s of checks for 200 tiny merges.
+    import ladle.engine
+    import ladle.recipe
+    from ladle.recipe import _check_inputs_kept
+
+    steps = 40
+    lines = []
+    for i in range(steps):
+        ladle.save({"w": torch.full((2,), float(i))}, folder / f"in{i}.safetensors")
+        lines += [f"[steps.s{i}]", 'method = "soup"', f'models = ["in{i}.safetensors"]']
+        lines += [f'output = "out/s{i}.safetensors"', ""]
+    recipe = folder / "many.toml"
+    recipe.write_text("\n".join(lines), encoding="utf-8")
+    calls = {"resolved_output": 0, "stale_leftovers": 0}
+    for module, name in [
+        (ladle.engine, "resolved_output"),
+        (ladle.recipe, "resolved_output"),
+        (ladle.engine, "stale_leftovers"),
+    ]:
+        real = getattr(module, name)
+
+        def counted(*args, real=real, name=name):
+            calls[name] += 1
+            return real(*args)
+
+        monkeypatch.setattr(module, name, counted)
+    loaded = load_recipe(recipe)
+    assert calls["resolved_output"] <= 3 * steps  # a few per step (was 42 per step)
+    calls.update(resolved_output=0)
+    _check_inputs_kept(loaded.steps, lambda step: step.name)
+    assert calls == {"resolved_output": steps, "stale_leftovers": steps}  # was steps² each
+
+
 def test_an_integer_past_pythons_digit_limit_is_named_with_the_recipe(folder):
     # tomllib's int() raised "Exceeds the limit (4300 digits) ...; use
     # sys.set_int_max_str_digits()", naming no file.

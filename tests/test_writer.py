@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import re
+import struct
 import sys
 from pathlib import Path
 
@@ -651,6 +652,28 @@ def test_leftovers_of_a_replaced_output_are_removed_once_their_process_is_gone(t
     (dead / "model.safetensors").write_bytes(b"old")
     ladle.save({"w": torch.ones(1)}, tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_the_header_holds_names_and_metadata_as_utf8_as_safetensors_writes_them(tmp_path):
+    # json.dumps escaped every non-ASCII character (权 as \u6743, 3 bytes as 6): a model of
+    # long CJK names read from a 61 MB header was written as 121 MB, past safetensors' limit.
+    from safetensors.torch import save
+
+    tensors = {"权重." + "层" * 50: torch.ones(2), "emoji 🙂": torch.zeros(1)}
+    metadata = {"format": "pt", "note": "für ✓"}
+    path = ladle.save(tensors, tmp_path / "m.safetensors", metadata=metadata)
+    size = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    header = path.read_bytes()[8 : 8 + size]
+    assert "权重.".encode() in header and "für ✓".encode() in header and b"\\u" not in header
+    theirs = save(tensors, metadata=metadata)  # safetensors' own writer: the same length
+    assert size == struct.unpack("<Q", theirs[:8])[0]
+    ours, their_header = json.loads(header), json.loads(theirs[8 : 8 + size])
+    for entries in (ours, their_header):  # the data's order is each writer's own
+        for entry in entries.values():
+            entry.pop("data_offsets", None)
+    assert ours == their_header
+    loaded = ladle.load(path)
+    assert loaded.keys() == tensors.keys() and ladle.open_checkpoint(path).metadata == metadata
 
 
 @pytest.mark.parametrize("given", ["folder", "file"])

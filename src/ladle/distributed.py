@@ -35,15 +35,16 @@ import torch.distributed as dist
 
 from .checkpoint import Checkpoint, StateDictLike
 from .engine import (
+    Destination,
     NumberLike,
     NumbersLike,
     check_models,
-    check_not_a_leftover,
     check_number,
     check_numbers,
     is_merged_dtype,
     is_real,
     partitioned,
+    reads_of,
     real_view,
     resolve_device,
 )
@@ -1005,7 +1006,9 @@ def merge(
         snapshots = fetched([*models, params.get("base")])
         # Before rank 0 deletes the leftovers beside out: no input among them (each rank
         # checks again once the method opens its inputs).
-        check_not_a_leftover(out, _local_paths([*models, params.get("base")]))
+        destination = Destination(out)
+        for name, paths in _local_paths([*models, params.get("base")]):
+            destination.check(reads_of(name, paths))
     except Exception as err:  # this rank alone: the others must hear of it, not wait for it
         early = err
     if rank != 0 and "progress" in params:  # bars on rank 0 alone; a method of one's

@@ -2280,51 +2280,81 @@ def check_not_an_input(out: str | os.PathLike, sources: Sequence[Checkpoint]) ->
     """A ``LadleError`` where writing ``out`` would replace or delete a file of ``sources``:
     ``out`` is one of their files or folders, lies inside one, or holds one, compared as
     they resolve and by identity (a hard link, or a bind mount of an input's folder, is the
-    input).
+    input); or one of them is or lies in a leftover beside ``out`` that the write deletes
+    (:func:`ladle.writer.stale_leftovers`: an earlier output that a stopped ``overwrite``
+    set aside, merged back). See :class:`Destination` to check many inputs against an output.
 
     Example:
         >>> import torch
         >>> from ladle.checkpoint import open_checkpoint
         >>> check_not_an_input("merged.safetensors", [open_checkpoint({"w": torch.ones(2)})])
     """
-    check_output_name(out)
-    target = resolved_output(out)
-    around = _inodes_up(target)  # the output's own, where it exists, then its folders'
-    own = _inode(target)  # None for a new output: then it holds no input
-    read: list[tuple[str, list[Path]]] = []
+    destination = Destination(out)
     for checkpoint in sources:
-        # The files read too: a folder's weights file may be a link to a file elsewhere.
-        paths = [file.resolve() for file in checkpoint.file_sizes()]
-        if checkpoint.path is not None:
-            paths.append(checkpoint.path.resolve())
-        read.append((checkpoint.name, paths))
-        if any(
-            overlapping(target, p)
-            or _inode(p) in around  # the same file or folder by another path (a bind
-            or (own is not None and own in _inodes_up(p))  # mount, a hard link)
-            for p in paths
-        ):
-            raise LadleError(
-                f"{out}: refusing to write over or inside input {checkpoint.name}; "
-                "choose another output path"
-            )
-    check_not_a_leftover(out, read)
+        destination.check(reads(checkpoint))
 
 
-def check_not_a_leftover(out: str | os.PathLike, inputs: Iterable[tuple[str, list[Path]]]) -> None:
-    """A ``LadleError`` where an input (its name, and the paths it reads, resolved) is or
-    lies in a leftover that writing ``out`` deletes (:func:`ladle.writer.stale_leftovers`):
-    an earlier output that a stopped ``overwrite`` set aside, merged back.
+class Reads(NamedTuple):
+    """What an input reads, as :class:`Destination` compares it: its name, its files and
+    folder (resolved), their identities, and those of every folder above them."""
+
+    name: str
+    paths: list[Path]
+    inodes: set[tuple[int, int]]
+    above: set[tuple[int, int]]
+
+
+def reads(checkpoint: Checkpoint) -> Reads:
+    """The :class:`Reads` of ``checkpoint``: the files it reads (a folder's weights file may
+    link elsewhere) and its own path."""
+    paths = [file.resolve() for file in checkpoint.file_sizes()]
+    if checkpoint.path is not None:
+        paths.append(checkpoint.path.resolve())
+    return reads_of(checkpoint.name, paths)
+
+
+def reads_of(name: str, paths: list[Path]) -> Reads:
+    """The :class:`Reads` of an input named ``name`` that reads ``paths`` (resolved)."""
+    inodes = {inode for inode in map(_inode, paths) if inode is not None}
+    return Reads(name, paths, inodes, set().union(*map(_inodes_up, paths)))
+
+
+class Destination:
+    """Where writing ``out`` reaches, found once (its path resolved, its identity and its
+    folders', the leftovers beside it that the write deletes), to check inputs against
+    with :meth:`check`: a recipe checks every input against every output it writes.
 
     Example:
-        >>> check_not_a_leftover("merged", [("a.safetensors", [Path("a.safetensors").resolve()])])
+        >>> import torch
+        >>> from ladle.checkpoint import open_checkpoint
+        >>> Destination("merged").check(reads(open_checkpoint({"w": torch.ones(2)})))
     """
-    leftovers = list(stale_leftovers(resolved_output(out)))
-    for name, paths in inputs if leftovers else ():
-        for leftover in leftovers:
-            if any(overlapping(leftover, p) for p in paths):
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        check_output_name(out)
+        self.out = out
+        self.target = resolved_output(out)
+        self.around = _inodes_up(self.target)  # its own, where it exists, then its folders'
+        self.own = _inode(self.target)  # None for a new output: then it holds no input
+        self.leftovers = list(stale_leftovers(self.target))
+
+    def check(self, read: Reads) -> None:
+        """A ``LadleError`` where writing the output would replace or delete what ``read``
+        reads (:func:`check_not_an_input`)."""
+        out = self.out
+        if (
+            any(overlapping(self.target, p) for p in read.paths)
+            or read.inodes & self.around  # the same file or folder by another path (a bind
+            or (self.own is not None and self.own in read.above)  # mount, a hard link)
+        ):
+            raise LadleError(
+                f"{out}: refusing to write over or inside input {read.name}; "
+                "choose another output path"
+            )
+        for leftover in self.leftovers:
+            if any(overlapping(leftover, p) for p in read.paths):
                 raise LadleError(
-                    f"{out}: input {name} is or lies in {leftover.name}, an earlier output "
+                    f"{out}: input {read.name} is or lies in {leftover.name}, an earlier output "
                     f"that a stopped write set aside and that writing {out} deletes; move or "
                     "rename it first"
                 )
@@ -2339,7 +2369,8 @@ def overlapping(a: Path, b: Path) -> bool:
         ...     Path("/m/a"), Path("/m/b"))
         (True, False)
     """
-    return a == b or a in b.parents or b in a.parents
+    shorter, longer = sorted((a.parts, b.parts), key=len)  # POSIX paths: parts compare as
+    return longer[: len(shorter)] == shorter  # the paths do, and no parents are made
 
 
 def resolved_output(out: str | os.PathLike) -> Path:

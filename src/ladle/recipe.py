@@ -32,9 +32,10 @@ from .engine import (
     ALLOW_NONFINITE,
     DTYPE_NAMES,
     FOLD_CHUNK_BYTES,
+    Destination,
     check_chunk_bytes,
-    check_not_an_input,
     overlapping,
+    reads,
     resolve_device,
     resolved_output,
 )
@@ -447,20 +448,24 @@ def _check_outputs(steps: Sequence[Step], single: bool) -> None:
         sources = [*step.models, *([step.base] if step.base is not None else [])]
         return [s for s in sources if isinstance(s, str) and not s.startswith(PREFIX)]
 
+    # Each path resolved once (each a few system calls): S steps compare S² pairs.
+    places = {id(step): resolved_output(step.output) for step in steps if step.output is not None}
+    folded = {key: _folded(place) for key, place in places.items()}
+    read = {id(step): [(s, Path(s).resolve()) for s in inputs(step)] for step in steps}
     for position, step in enumerate(steps):
         if step.output is None:
             continue
         where = "recipe" if single else f"steps.{step.name}"
-        written = resolved_output(step.output)
+        written = places[id(step)]
         for later, other in enumerate(steps):
             theirs = None if other is step or other.output is None else other.output
-            place = None if theirs is None else resolved_output(theirs)
-            if place is not None and overlapping(_folded(written), _folded(place)):
+            place = None if theirs is None else places[id(other)]
+            if place is not None and overlapping(folded[id(step)], folded[id(other)]):
                 differ = not overlapping(written, place)
                 same = " (one place where names ignore case, as on macOS)" if differ else ""
                 raise ValueError(f"{where}.output: step {other.name!r} writes {theirs} too{same}")
-            for source in inputs(other):
-                if overlapping(written, Path(source).resolve()):
+            for source, resolved in read[id(other)]:
+                if overlapping(written, resolved):
                     hint = (  # a later step reading this output by its path: by name instead
                         f"; to use this step's output, name {step.name!r} in its models"
                         if later > position
@@ -800,7 +805,13 @@ def _check_inputs_kept(
     for the steps to open (:func:`~ladle.hub.open_snapshot`): every step reads one commit
     of a repository, whatever its branch does meanwhile, with no second round of requests.
     """
-    writing = [step for step in steps if step.output is not None]
+    writing = []  # each output's place found once: a recipe of S steps checks S² pairs
+    for step in steps:
+        if step.output is not None:
+            try:
+                writing.append((step, Destination(step.output)))
+            except LadleError as err:
+                raise type(err)(f"{where(step)}.output: {err}") from None
     snapshots: dict[str, tuple[Path, str]] = {}
     seen: set[str] = set()
     for step in steps:
@@ -816,10 +827,10 @@ def _check_inputs_kept(
                 if source.startswith(PREFIX):
                     assert opened.path is not None  # the snapshot folder
                     snapshots[source] = (opened.path, opened.name)
-                for writer in writing:
-                    assert writer.output is not None
+                read = reads(opened)
+                for writer, destination in writing:
                     try:
-                        check_not_an_input(writer.output, [opened])
+                        destination.check(read)
                     except LadleError as err:
                         raise type(err)(f"{where(writer)}.output: {err}") from None
     return snapshots

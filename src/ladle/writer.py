@@ -466,7 +466,9 @@ def _header(
             "data_offsets": [offset, end],
         }
         offset = end
-    text = json.dumps(entries, separators=(",", ":")).encode()
+    # As safetensors writes it: UTF-8 (names and metadata checked to be), not \uXXXX escapes,
+    # which made a header of CJK names twice the size of the one it was read from.
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-(8 + len(text)) % 8)  # data starts 8-byte aligned
     if len(text) > HEADER_LIMIT:
         raise LadleError(
