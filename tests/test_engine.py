@@ -1225,6 +1225,49 @@ def test_merges_overlapping_in_one_thread_give_torch_its_thread_count_back():
     "parallel backend: OpenMP" not in torch.__config__.parallel_info(),
     reason="torch's thread count is each thread's own with its OpenMP backend alone",
 )
+def test_a_merge_on_a_thread_leaves_the_count_other_threads_start_with_alone():
+    # torch.set_num_threads (OpenMP) also sets the count each thread takes when it first
+    # runs torch work: threads started during a merge elsewhere kept its lowered count for
+    # good, and a worker's merge ending undid the count the user had set meanwhile.
+    import threading
+
+    from ladle.engine import _threads_beside_readers
+
+    def fresh() -> int:  # the count of a thread starting now
+        found = []
+        thread = threading.Thread(target=lambda: found.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return found[0]
+
+    original = torch.get_num_threads()
+    torch.set_num_threads(4)
+    entered, done, seen = threading.Event(), threading.Event(), []
+
+    def merging() -> None:
+        with _threads_beside_readers(torch.device("cpu"), 1):
+            seen.append(torch.get_num_threads())
+            entered.set()
+            assert done.wait(10)
+
+    try:
+        worker = threading.Thread(target=merging)
+        worker.start()
+        assert entered.wait(10)
+        assert seen == [3] and fresh() == 4 and torch.get_num_threads() == 4
+        torch.set_num_threads(6)  # the user's, while the worker merges
+        done.set()
+        worker.join()
+        assert torch.get_num_threads() == 6 and fresh() == 6
+    finally:
+        done.set()
+        torch.set_num_threads(original)
+
+
+@pytest.mark.skipif(
+    "parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+    reason="torch's thread count is each thread's own with its OpenMP backend alone",
+)
 def test_a_merge_in_another_thread_leaves_this_threads_count_as_it_was():
     # With OpenMP (torch's own builds) set_num_threads sets the calling thread's count. The
     # count was kept as the process's: a training thread's merge that ended while another
@@ -1255,7 +1298,7 @@ def test_a_merge_in_another_thread_leaves_this_threads_count_as_it_was():
         assert torch.get_num_threads() == 4
         done.set()
         thread.join()
-        assert seen == [3]  # it began with the count this thread had just set: its own back
+        assert seen == [4]  # it began with the process's count, not this thread's lowered one
         assert torch.get_num_threads() == 4
     finally:
         done.set()

@@ -1455,17 +1455,63 @@ _BESIDE: weakref.WeakKeyDictionary[threading.Thread, _Beside] = weakref.WeakKeyD
 _PROCESS = _Beside()
 
 
+def _per_thread() -> bool:
+    """Whether torch's thread count is each thread's own (its OpenMP backend, as in torch's
+    own builds), found once (twice at worst, alike: no lock, as callers hold theirs); else
+    the native thread pool's, which all threads share."""
+    if not _PER_THREAD:
+        _PER_THREAD.append("parallel backend: OpenMP" in torch.__config__.parallel_info())
+    return _PER_THREAD[0]
+
+
+_SETTING = threading.Lock()  # one change of a thread's count at a time (see below)
+
+
+def _in_a_thread(work: Callable[[], T]) -> T:
+    """``work()`` run on a new thread, waited for."""
+    done: list[T] = []
+    thread = threading.Thread(target=lambda: done.append(work()), name="ladle-count")
+    thread.start()
+    thread.join()
+    return done[0]
+
+
+def set_own_threads(count: int) -> None:
+    """Set torch's thread count of the calling thread alone.
+
+    With torch's OpenMP backend, ``torch.set_num_threads`` sets the calling thread's count
+    and also the one every thread takes when it first runs torch work: a merge lowering its
+    own count left threads started meanwhile (a server's, a data loader's) on the lowered
+    count for good, and one restoring its count on a worker thread undid what the user had
+    set since. That second count is put back as it was, by a thread of its own (whose own
+    count the setting changes, and which then ends). With the native backend the count is
+    the process's: set as it is.
+
+    Example:
+        >>> before = torch.get_num_threads()
+        >>> set_own_threads(1); torch.get_num_threads()
+        1
+        >>> set_own_threads(before)
+    """
+    if not _per_thread():
+        torch.set_num_threads(count)
+        return
+    with _SETTING:
+        others = _in_a_thread(torch.get_num_threads)  # what a thread starting now takes
+        torch.set_num_threads(count)
+        if others != count:
+            _in_a_thread(lambda: torch.set_num_threads(others))
+
+
 def _beside() -> tuple[_Beside, threading.Thread | None]:
     """Where :func:`_threads_beside_readers` counts, and the thread whose count it is: each
     thread's own where torch's thread count is the thread's (its OpenMP backend, as in
     torch's own builds: ``set_num_threads`` sets the calling thread's count, and the one a
     thread takes when it first runs torch work), else one for the process (``None``: the
     native thread pool, whose count all threads share)."""
+    if not _per_thread():
+        return _PROCESS, None
     with _BESIDE_LOCK:
-        if not _PER_THREAD:
-            _PER_THREAD.append("parallel backend: OpenMP" in torch.__config__.parallel_info())
-        if not _PER_THREAD[0]:
-            return _PROCESS, None
         thread = threading.current_thread()
         return _BESIDE.setdefault(thread, _Beside()), thread
 
@@ -1491,14 +1537,14 @@ def _threads_beside_readers(device: torch.device, readers: int) -> Iterator[None
     with _BESIDE_LOCK:
         if state.owed is not None:  # a merge of this thread ended elsewhere: its count is
             if torch.get_num_threads() == state.left:  # owed, unless the user set another
-                torch.set_num_threads(state.owed)
+                set_own_threads(state.owed)
             state.owed = None
         if readers:
             if state.busy == 0:
                 state.before = torch.get_num_threads()
             state.busy += readers
             state.left = max(1, state.before - state.busy)
-            torch.set_num_threads(state.left)
+            set_own_threads(state.left)
     if not readers:  # nothing taken off, nothing to give back
         yield
         return
@@ -1509,7 +1555,7 @@ def _threads_beside_readers(device: torch.device, readers: int) -> Iterator[None
             state.busy -= readers
             count = max(1, state.before - state.busy)
             if owner is None or owner is threading.current_thread():
-                torch.set_num_threads(count)
+                set_own_threads(count)
                 state.left, state.owed = count, None  # set here: nothing owed any more
             else:
                 state.owed = count
@@ -2228,7 +2274,10 @@ def _prefetched(tasks: Iterator[Callable[[], T]], *, depth: int, threads: int = 
         return
     pending: collections.deque[concurrent.futures.Future[T]] = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(
-        max_workers=max(1, min(threads, depth)), thread_name_prefix="ladle-read"
+        max_workers=max(1, min(threads, depth)),
+        thread_name_prefix="ladle-read",
+        initializer=set_own_threads,  # a core each (they copy and check chunks)
+        initargs=(1,),
     ) as workers:
         try:
             for task in tasks:

@@ -38,6 +38,7 @@ from ..engine import (
     is_real,
     merge,
     resolve_device,
+    set_own_threads,
     unwrap_scalar,
 )
 from ..errors import type_name
@@ -493,8 +494,10 @@ def dare(
     # (on 2 cores: 0.86 s with two torch threads, 0.69–0.71 s with one, 12 fp32 models of
     # 89 MiB).
     drawers = min(8, os.cpu_count() or 1)
-    threads = ThreadPoolExecutor(drawers, thread_name_prefix="ladle-dare")
-    ahead = ThreadPoolExecutor(1, thread_name_prefix="ladle-dare-ahead")
+    # A core each: they drew on the lowered count of the merging thread, which torch (OpenMP)
+    # gave every thread starting meanwhile, and no longer does (set_own_threads).
+    threads = ThreadPoolExecutor(drawers, "ladle-dare", initializer=set_own_threads, initargs=(1,))
+    ahead = ThreadPoolExecutor(1, "ladle-dare-ahead", initializer=set_own_threads, initargs=(1,))
 
     def prepare(checkpoints: list[Checkpoint], base_ckpt: Checkpoint | None) -> Kernel:
         assert base_ckpt is not None
