@@ -1230,6 +1230,29 @@ def _card(folder) -> str:
     return (folder / "README.md").read_text()
 
 
+def test_inputs_in_folders_named_like_home_or_memory_are_recorded_so_the_recipe_reads_them(
+    tmp_path, monkeypatch
+):
+    # A folder "~" beside the output was recorded "~/x" (the recipe read the home folder),
+    # and one named "<a>" as "<a>", an input in memory: "no recipe can reproduce this merge".
+    import json
+
+    from ladle.recipe import run_recipe
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # which has an x of its own
+    for i, folder in enumerate(["~/x", "<a>", "home/x"]):
+        ladle.save(family(1, seed=i)[0], tmp_path / folder / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    merged = ladle.uniform_soup([tmp_path / "~" / "x", "<a>"], out=tmp_path / "merged")
+    recipe = _card_recipe(merged)
+    assert 'models = ["./~/x", "./<a>"]' in recipe and "no recipe can" not in _card(merged)
+    with ladle.open_checkpoint(merged) as written:
+        assert json.loads(written.metadata["ladle.inputs"]) == ["./~/x", "./<a>"]
+    (tmp_path / "recipe.toml").write_text(recipe)
+    run_recipe(tmp_path / "recipe.toml", device="cpu")
+    assert_bit_for_bit(ladle.load(tmp_path / "replayed"), ladle.load(merged))
+
+
 def test_a_card_says_an_input_named_in_no_utf8_must_be_renamed_to_replay_it(tmp_path):
     # The recipe, with the name's escapes, is no TOML: `ladle run` refused it, while the
     # card said to run it.

@@ -1792,13 +1792,27 @@ def recorded_name(checkpoint: Checkpoint, out: str | os.PathLike | None = None) 
     name = checkpoint.name
     if path is not None and Path(checkpoint.name).parent == path and path.is_dir():
         name = str(path)
-    if out is None or path is None or name.startswith(("hf://", "<")):
+    if path is None or name.startswith("hf://"):  # in memory ("<state dict>"), or the Hub
         return _home_as_tilde(name)
+    if out is None:
+        return _home_as_tilde(_unmistakable(name))
     absolute, folder = _home_as_tilde(os.path.abspath(name)), Path(out).parent
     if absolute.startswith("~") and not _home_as_tilde(os.path.abspath(folder)).startswith("~"):
         return absolute  # from a folder outside the home folder, "../NAME/..." names the user
     relative = _relative_to(name, folder)
-    return absolute if relative is None else relative
+    return absolute if relative is None else _unmistakable(relative)
+
+
+def _unmistakable(path: str) -> str:
+    """A local ``path`` as recorded: ``./`` before a relative one starting with ``~``, which a
+    recipe reads as a home folder (a folder named ``~`` beside the output), or ``<``, which
+    names an input in memory (``<state dict>``).
+
+    Example:
+        >>> _unmistakable("~/x"), _unmistakable("<a>/m.safetensors"), _unmistakable("a/~")
+        ('./~/x', './<a>/m.safetensors', 'a/~')
+    """
+    return f"./{path}" if path.startswith(("~", "<")) else path
 
 
 def _relative_to(name: str, folder: Path) -> str | None:
