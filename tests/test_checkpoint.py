@@ -2038,21 +2038,9 @@ def test_a_dataclass_subclass_may_make_metadata_a_field():
     import dataclasses
 
     @dataclasses.dataclass
-    class Fields(ladle.Checkpoint):
+    class Fields(DictCheckpoint):  # its methods, with a dataclass's __init__
         metadata: dict[str, str]
         tensors: dict[str, torch.Tensor]
-
-        def keys(self):
-            return list(self.tensors)
-
-        def shape(self, key):
-            return tuple(self.tensors[key].shape)
-
-        def dtype(self, key):
-            return self.tensors[key].dtype
-
-        def get_slice(self, key, rows):
-            return self.tensors[key][rows]
 
     model = Fields({"note": "x"}, {"w": torch.arange(3.0)})
     assert model.metadata == {"note": "x"}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
 import re
 import sys
+import threading
 import warnings
 from contextlib import ExitStack
 from typing import ClassVar
@@ -1221,6 +1223,80 @@ def test_merges_overlapping_in_one_thread_give_torch_its_thread_count_back():
         torch.set_num_threads(original)
 
 
+def test_a_process_holding_an_unfinished_fold_with_readers_exits():
+    # Closed at exit, the fold gave torch's count back through a thread of its own, which
+    # Python 3.11 never starts then: Thread.start() waited for good.
+    import subprocess
+
+    code = (
+        "import torch\n"
+        "from ladle.checkpoint import open_checkpoint\n"
+        "from ladle.engine import Kernel, fold\n"
+        "models = [open_checkpoint({'w': torch.ones(4), 'v': torch.ones(4)}) for _ in range(2)]\n"
+        "k = Kernel(lambda key, rows, base: 0, lambda t, i, x: t, lambda t: torch.zeros(1))\n"
+        "passes = fold(models, k, device=torch.device('cpu'), prefetch=1)\n"
+        "next(passes)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_ladle_s_own_threads_leave_a_shared_thread_count_alone(monkeypatch):
+    # With torch's native backend the count is the process's: a reading thread setting its
+    # own to 1 would have set everyone's.
+    import ladle.engine
+
+    original = torch.get_num_threads()
+    monkeypatch.setattr(ladle.engine, "_PER_THREAD", [False])
+    torch.set_num_threads(2)
+    try:
+        ladle.engine.one_thread_here()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
+
+
+@pytest.mark.parametrize("where", ["lowering", "restoring"])
+def test_ctrl_c_as_a_merge_changes_torch_s_count_leaves_no_count_lowered(monkeypatch, where):
+    # Ctrl-C just after the count was lowered left the merge's readers counted for good:
+    # that merge, and every later one on the thread, ended on the lowered count.
+    import ladle.engine
+
+    real, calls = ladle.engine.set_own_threads, []
+
+    here = threading.current_thread()
+
+    def interrupted(count: int) -> None:
+        if threading.current_thread() is not here:  # DARE's drawing threads set their own
+            real(count)
+            return
+        calls.append(count)
+        if where == "restoring" and len(calls) == 2:
+            raise KeyboardInterrupt  # as a signal: at a call, before it sets the count
+        real(count)
+        if where == "lowering" and len(calls) == 1:
+            raise KeyboardInterrupt  # at the return of the call that lowered it
+
+    models, base = family(3, seed=1), family(1, seed=2)[0]
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(ladle.engine, "set_own_threads", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ladle.dare(models, base, device="cpu")
+        monkeypatch.setattr(ladle.engine, "set_own_threads", real)
+        if where == "lowering":
+            assert torch.get_num_threads() == 2  # given back on the way out
+        else:  # cut short while giving it back: the next merge gives it
+            assert torch.get_num_threads() == 1
+        ladle.dare(models, base, device="cpu")
+        assert torch.get_num_threads() == 2
+        ladle.dare(models, base, device="cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
+
+
 @pytest.mark.skipif(
     "parallel backend: OpenMP" not in torch.__config__.parallel_info(),
     reason="torch's thread count is each thread's own with its OpenMP backend alone",
@@ -1731,6 +1807,7 @@ def test_a_merge_closes_the_files_it_opened_and_only_those(tmp_path):
     save_file({"w": torch.ones(2)}, tmp_path / "a.safetensors")
     save_file({"w": torch.zeros(2)}, tmp_path / "b.safetensors")
     paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    gc.collect()  # files an earlier test left to the collector: closed now, not meanwhile
     before = len(os.listdir("/proc/self/fd"))
     assert ladle.uniform_soup(paths, device="cpu")["w"].tolist() == [0.5, 0.5]
     assert len(os.listdir("/proc/self/fd")) == before

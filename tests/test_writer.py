@@ -654,6 +654,33 @@ def test_leftovers_of_a_replaced_output_are_removed_once_their_process_is_gone(t
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+@pytest.mark.parametrize("at", ["__enter__", "__exit__"])
+@pytest.mark.parametrize("name", ["o.safetensors", "o"])
+def test_ctrl_c_as_the_with_statement_takes_or_ends_the_writer_leaves_nothing(tmp_path, at, name):
+    # CPython raises a pending KeyboardInterrupt at a function's first instruction: there,
+    # __enter__ had not handed the writer to the with statement, and __exit__ ran neither
+    # its commit nor its abort; the reserved temporary output stayed on disk.
+    import gc
+
+    def interrupt(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == at and "writer" in frame.f_code.co_filename:
+            sys.settrace(None)
+            raise KeyboardInterrupt
+        return None
+
+    models = family(2)
+    sys.settrace(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ladle.uniform_soup(models, out=tmp_path / name)
+    finally:
+        sys.settrace(None)
+    gc.collect()  # a writer no with statement took is collected: what it made goes with it
+    assert os.listdir(tmp_path) == []
+    ladle.uniform_soup(models, out=tmp_path / name)  # and the same merge then succeeds
+    assert os.listdir(tmp_path) == [name]
+
+
 def test_the_header_holds_names_and_metadata_as_utf8_as_safetensors_writes_them(tmp_path):
     # json.dumps escaped every non-ASCII character (权 as \u6743, 3 bytes as 6): a model of
     # long CJK names read from a 61 MB header was written as 121 MB, past safetensors' limit.

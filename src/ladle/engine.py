@@ -20,6 +20,7 @@ import numbers
 import operator
 import os
 import queue
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -1493,14 +1494,23 @@ def set_own_threads(count: int) -> None:
         1
         >>> set_own_threads(before)
     """
-    if not _per_thread():
-        torch.set_num_threads(count)
+    if not _per_thread() or sys.is_finalizing():  # at exit no thread may start (3.11 hung
+        torch.set_num_threads(count)  # in Thread.start), and no count matters any more
         return
     with _SETTING:
         others = _in_a_thread(torch.get_num_threads)  # what a thread starting now takes
-        torch.set_num_threads(count)
-        if others != count:
-            _in_a_thread(lambda: torch.set_num_threads(others))
+        try:
+            torch.set_num_threads(count)
+        finally:
+            if others != count:
+                _in_a_thread(lambda: torch.set_num_threads(others))
+
+
+def one_thread_here() -> None:
+    """Give the calling thread, one of ladle's (reading, drawing), one torch thread where the
+    count is each thread's own; the native backend's count, the process's, is left alone."""
+    if _per_thread():
+        set_own_threads(1)
 
 
 def _beside() -> tuple[_Beside, threading.Thread | None]:
@@ -1534,31 +1544,31 @@ def _threads_beside_readers(device: torch.device, readers: int) -> Iterator[None
         yield
         return
     state, owner = _beside()
-    with _BESIDE_LOCK:
-        if state.owed is not None:  # a merge of this thread ended elsewhere: its count is
-            if torch.get_num_threads() == state.left:  # owed, unless the user set another
-                set_own_threads(state.owed)
-            state.owed = None
-        if readers:
-            if state.busy == 0:
-                state.before = torch.get_num_threads()
-            state.busy += readers
-            state.left = max(1, state.before - state.busy)
-            set_own_threads(state.left)
-    if not readers:  # nothing taken off, nothing to give back
-        yield
-        return
+    taken = 0  # readers counted in state.busy by this merge: what the finally gives back
     try:
+        with _BESIDE_LOCK:
+            if state.owed is not None:  # a merge of this thread ended elsewhere (or was cut
+                if torch.get_num_threads() == state.left:  # short): its count is owed, unless
+                    set_own_threads(state.owed)  # the user set another
+                state.owed = None
+            if readers:
+                if state.busy == 0:
+                    state.before = torch.get_num_threads()
+                # No call between these two: Ctrl-C, raised only at calls, splits neither.
+                taken = readers
+                state.busy += readers
+                state.left = max(1, state.before - state.busy)
+                set_own_threads(state.left)
         yield
     finally:
-        with _BESIDE_LOCK:
-            state.busy -= readers
-            count = max(1, state.before - state.busy)
-            if owner is None or owner is threading.current_thread():
-                set_own_threads(count)
-                state.left, state.owed = count, None  # set here: nothing owed any more
-            else:
-                state.owed = count
+        if taken:
+            with _BESIDE_LOCK:
+                count = max(1, state.before - (state.busy - taken))
+                state.busy -= taken  # no call between these: the count is owed from here
+                state.owed = count  # until set (Ctrl-C in what follows: the next merge sets it)
+                if owner is None or owner is threading.current_thread():
+                    set_own_threads(count)
+                    state.left, state.owed = count, None  # set here: nothing owed any more
 
 
 def _expanded(tensor: torch.Tensor) -> bool:
@@ -2276,8 +2286,7 @@ def _prefetched(tasks: Iterator[Callable[[], T]], *, depth: int, threads: int = 
     with concurrent.futures.ThreadPoolExecutor(
         max_workers=max(1, min(threads, depth)),
         thread_name_prefix="ladle-read",
-        initializer=set_own_threads,  # a core each (they copy and check chunks)
-        initargs=(1,),
+        initializer=one_thread_here,  # a core each (they copy and check chunks)
     ) as workers:
         try:
             for task in tasks:
@@ -2708,9 +2717,7 @@ def merge(
         # thread while the output is committed (its fsync waits on the disk).
         closing = threading.Thread(target=inputs.close, name="ladle-close-inputs")
         try:
-            # Made in the with statement: nothing runs between the temporary output's making
-            # and the with taking charge of it (Ctrl-C there left it on disk).
-            with _writer(
+            sink = _writer(
                 out,
                 specs,
                 part,
@@ -2719,12 +2726,19 @@ def merge(
                 extra_files=extra,
                 max_shard_size=max_shard_size,
                 overwrite=overwrite,
-            ) as writer:
-                for key, _, chunk in results:
-                    writer.write(key, chunk)
-                for key, index, values in amendments:
-                    writer.amend(key, index, values)
-                closing.start()
+            )
+            try:
+                with sink as writer:
+                    for key, _, chunk in results:
+                        writer.write(key, chunk)
+                    for key, index, values in amendments:
+                        writer.amend(key, index, values)
+                    closing.start()
+            except BaseException:  # Ctrl-C at the first instruction of __exit__ ran neither
+                abort = getattr(sink, "abort", None)  # its commit nor its abort (a second
+                if abort is not None:  # abort, or one after a commit, does nothing)
+                    abort()
+                raise
         finally:
             if closing.ident is not None:
                 closing.join()

@@ -23,6 +23,7 @@ import stat
 import struct
 import sys
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
@@ -672,6 +673,15 @@ def _remove_stale_temporaries(path: Path) -> None:
         _remove(leftover)
 
 
+def _discard(temp: Path, made: list[Path]) -> None:
+    """Delete a writer's temporary output ``temp`` and the folders ``made`` for it (deepest
+    first), as :meth:`SafetensorsWriter.abort` does, where nothing ended the writer."""
+    _remove(temp)
+    for folder in made:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def _remove(path: Path) -> None:
     """Delete a file, a link (never what it points to) or a directory tree, quietly (even
     where the name itself is refused, too long: it must not hide why we are here)."""
@@ -990,9 +1000,14 @@ class SafetensorsWriter:
         self._ended: str | None = None  # how it ended: a key of _ENDED
         # Everything abort() needs is set: from here, whatever stops the constructor (an
         # error, Ctrl-C) takes away what it made.
+        self._unfinished: weakref.finalize[[Path, list[Path]], SafetensorsWriter] | None = None
         try:
             with _output_errors(self.out, "creating the output"):
                 self._create()
+            # Ctrl-C before a with statement takes charge of the writer, or at the first
+            # instruction of its __exit__, runs neither commit nor abort: what was made then
+            # goes when the writer is collected, or at exit.
+            self._unfinished = weakref.finalize(self, _discard, self._temp, self._made)
         except BaseException:
             self.abort()
             raise
@@ -1219,6 +1234,8 @@ class SafetensorsWriter:
         with _output_errors(self.out, "finishing the output"):
             path = self._commit()
         self._ended = "committed"
+        if self._unfinished is not None:
+            self._unfinished.detach()
         return path
 
     def _commit(self) -> Path:
@@ -1245,6 +1262,8 @@ class SafetensorsWriter:
         if self._ended == "committed":
             return
         self._ended = "aborted"
+        if self._unfinished is not None:
+            self._unfinished.detach()  # done here
         self._close_amended(sync=False)
         if self._sync is not None:
             with contextlib.suppress(OSError):

@@ -37,8 +37,8 @@ from ..engine import (
     is_merged_dtype,
     is_real,
     merge,
+    one_thread_here,
     resolve_device,
-    set_own_threads,
     unwrap_scalar,
 )
 from ..errors import type_name
@@ -496,8 +496,8 @@ def dare(
     drawers = min(8, os.cpu_count() or 1)
     # A core each: they drew on the lowered count of the merging thread, which torch (OpenMP)
     # gave every thread starting meanwhile, and no longer does (set_own_threads).
-    threads = ThreadPoolExecutor(drawers, "ladle-dare", initializer=set_own_threads, initargs=(1,))
-    ahead = ThreadPoolExecutor(1, "ladle-dare-ahead", initializer=set_own_threads, initargs=(1,))
+    threads = ThreadPoolExecutor(drawers, "ladle-dare", initializer=one_thread_here)
+    ahead = ThreadPoolExecutor(1, "ladle-dare-ahead", initializer=one_thread_here)
 
     def prepare(checkpoints: list[Checkpoint], base_ckpt: Checkpoint | None) -> Kernel:
         assert base_ckpt is not None
