@@ -25,7 +25,7 @@ from ._version import __version__
 from .checkpoint import Checkpoint, model_folder, recorded_name
 from .errors import CheckpointError
 from .hub import COMPANION_FILES, COMPANION_FOLDERS, LICENSE_FILES, PREFIX, parse_hf_url
-from .writer import DEFAULT_MAX_SHARD_SIZE, parse_size
+from .writer import DEFAULT_MAX_SHARD_SIZE, _is_utf8, parse_size
 
 __all__ = ["LICENSE_FIELDS", "companion_files", "license_fields", "model_card", "output_files"]
 
@@ -244,7 +244,7 @@ def model_card(
             f"writes `{output}` there:",
             "",
         ]
-        if not all(_is_text(name) for name in sources):
+        if not all(_is_utf8(name) for name in sources):  # a path's undecodable bytes
             lines += [
                 "An input's file name is no UTF-8 text, written below by its escapes, which",
                 "TOML cannot hold: rename that file, and the name in the recipe, to run it.",
@@ -252,15 +252,6 @@ def model_card(
             ]
         lines += ["```toml", *recipe, "```", ""]
     return "\n".join(lines)
-
-
-def _is_text(name: str) -> bool:
-    """Whether ``name`` is text, not a path's undecodable bytes (lone surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _replay_output(title: str, sources: Sequence[str]) -> str:
