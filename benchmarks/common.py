@@ -15,7 +15,30 @@ import torch
 from safetensors.torch import save_file
 
 MIB = 2**20
-STARTUP = "import torch, safetensors, ladle"
+LADLE_SETUP = (
+    "import sys, torch, safetensors.torch, ladle, ladle.hub\n"
+    "for _name in ladle.__all__:  # `import ladle` is lazy: load every module before the clock\n"
+    "    getattr(ladle, _name)\n"
+    "with ladle.hub.progress_bars_off():  # what --no-progress imports of huggingface_hub\n"
+    "    pass\n"
+    "from ladle.cli import main"
+)
+"""Imports of a ladle run, all of them: ``import ladle`` alone loads none of its modules (nor
+torch) until a name is used, so a run timed after it alone counted the imports' 1.5–2 s
+(from ec23802, which made ``import ladle`` lazy, until this was found on 2026-12-02)."""
+
+
+def load_ladle() -> None:
+    """Import every module of ladle now, as :data:`LADLE_SETUP` does, for a benchmark that
+    times ladle in its own process (a first run would otherwise count the imports)."""
+    import ladle
+
+    for name in ladle.__all__:
+        getattr(ladle, name)
+
+
+SETTLED = ("ladle", "torch", "safetensors", "numpy", "huggingface_hub")
+"""Packages :func:`python_timed` refuses to see first imported while timed, for ladle runs."""
 
 
 @dataclass(frozen=True)
@@ -29,11 +52,19 @@ LADLE_MAIN = "_status = main(sys.argv[1:])\nif _status:\n    raise SystemExit(_s
 error on stderr) fails the benchmark instead of being timed as a run."""
 
 
-def python_timed(setup: str, work: str, *args: str) -> list[str]:
-    """A python command that times ``work`` alone, after ``setup`` (imports) has run."""
+def python_timed(setup: str, work: str, *args: str, settled: tuple[str, ...] = ()) -> list[str]:
+    """A python command that times ``work`` alone, after ``setup`` (imports) has run.
+
+    The command fails, naming them, where ``work`` imported modules of ``settled`` packages:
+    start-up the setup was meant to take out of the figure.
+    """
     code = (
-        f"{setup}\nimport os as _os, time as _time\n_t0 = _time.perf_counter()\n{work}\n"
-        "open(_os.environ['BENCH_SECONDS'], 'w').write(str(_time.perf_counter() - _t0))\n"
+        f"{setup}\nimport os as _os, sys as _sys, time as _time\n_loaded = set(_sys.modules)\n"
+        f"_t0 = _time.perf_counter()\n{work}\n_t1 = _time.perf_counter()\n"
+        f"_late = sorted(m for m in set(_sys.modules) - _loaded\n"
+        f"               if m.split('.')[0] in {settled!r})\n"
+        "if _late:\n    raise SystemExit(f'imported while timed, add to the setup: {_late}')\n"
+        "open(_os.environ['BENCH_SECONDS'], 'w').write(str(_t1 - _t0))\n"
     )
     return [sys.executable, "-c", code, *args]
 

@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import MIB, llama_family, warm, weights_file
+from common import MIB, llama_family, load_ladle, warm, weights_file
 
 import ladle
 from ladle.engine import FOLD_CHUNK_BYTES, fold, open_models, reading_threads
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    load_ladle()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs CUDA")
     workdir = Path(tempfile.mkdtemp(prefix="ladle-gpu-bench-"))

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from common import load_ladle
 
 import ladle
 
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="runs of each, best kept")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     args = parser.parse_args()
+    load_ladle()
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)

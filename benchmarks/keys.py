@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import best_of, python_timed, warm
+from common import LADLE_SETUP, SETTLED, best_of, python_timed, warm
 from safetensors.torch import save_file
 
 NAIVE_SETUP = "import sys, torch\nfrom safetensors.torch import load_file"
@@ -27,7 +27,6 @@ NAIVE_WORK = """
 models = [load_file(p) for p in sys.argv[1:]]
 out = {k: sum(m[k].float() for m in models) / len(models) for k in models[0]}
 """
-LADLE_SETUP = "import sys, ladle"
 METHODS = {
     "soup": "ladle.uniform_soup(sys.argv[2:], device='cpu')",
     "task arithmetic": "ladle.task_arithmetic(sys.argv[2:], sys.argv[1], device='cpu')",
@@ -79,7 +78,9 @@ def main() -> None:
         for label, work in METHODS.items():
             per_key = []  # microseconds per key and input file
             for paths, keys in ((few, args.keys // 4), (many, args.keys)):
-                seconds = best_of(r, python_timed(LADLE_SETUP, work, *paths)).seconds
+                seconds = best_of(
+                    r, python_timed(LADLE_SETUP, work, *paths, settled=SETTLED)
+                ).seconds
                 files = len(paths) - (label == "soup")  # the soup reads no base
                 per_key.append(1e6 * seconds / (max(keys, 1) * files))
             print(

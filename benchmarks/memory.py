@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import MIB, STARTUP, llama_family, run, weights_file
+from common import LADLE_SETUP, MIB, llama_family, run, weights_file
 from safetensors.torch import load_file
 
 CALLS = {
@@ -66,7 +66,7 @@ def as_torch_files(files: list[Path], folder: Path) -> list[Path]:
 def measure(method: str, base: Path, models: list[Path], chunk: int, out: Path) -> int:
     """Peak RssAnon of one merge's process, in bytes."""
     code = (
-        f"{STARTUP}\nbase, models = {str(base)!r}, {[str(m) for m in models]!r}\n"
+        f"{LADLE_SETUP}\nbase, models = {str(base)!r}, {[str(m) for m in models]!r}\n"
         f"out, chunk = {str(out)!r}, {chunk}\n{CALLS[method]}\n"
     )
     try:
@@ -93,7 +93,7 @@ def main() -> None:
         parser.error(f"--formats: expected safetensors and/or pt, found {args.formats!r}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ladle-memory-"))
     try:
-        idle = run([sys.executable, "-c", STARTUP]).peak_anon
+        idle = run([sys.executable, "-c", LADLE_SETUP]).peak_anon
         stored = family(workdir, args.models, args.layers)
         for kind in kinds:
             files = stored if kind == "safetensors" else as_torch_files(stored, workdir / "pt")

@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 from common import (
     LADLE_MAIN,
+    LADLE_SETUP,
     MIB,
+    SETTLED,
     Run,
     best_of,
     fresh,
@@ -49,7 +51,6 @@ out = {k: (sum(m[k].float() for m in models) / len(models)).to(models[0][k].dtyp
        for k in models[0]}
 save_file(out, sys.argv[1])
 """
-LADLE_SETUP = "import sys\nfrom ladle.cli import main"
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 MERGEKIT = {  # ladle label -> mergekit merge_method and per-model parameters
@@ -235,7 +236,9 @@ def report(
     )
     for label, args in ladle_commands(base, models).items():
         out = workdir / f"ladle-{len(outputs)}"  # deleted before each run: a new output
-        argv = python_timed(fresh(LADLE_SETUP, out), LADLE_MAIN, *args, "-o", str(out))
+        argv = python_timed(
+            fresh(LADLE_SETUP, out), LADLE_MAIN, *args, "-o", str(out), settled=SETTLED
+        )
         results[f"ladle {label}"] = (best_of(repeat, argv), idle["ladle"])
         outputs[label] = out
 

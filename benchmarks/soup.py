@@ -23,7 +23,9 @@ from pathlib import Path
 
 from common import (
     LADLE_MAIN,
+    LADLE_SETUP,
     MIB,
+    SETTLED,
     best_of,
     fresh,
     llama_family,
@@ -42,7 +44,6 @@ out = {k: (sum(m[k].float() for m in models) / len(models)).to(models[0][k].dtyp
 if sys.argv[1] != "-":
     save_file(out, sys.argv[1])
 """
-LADLE_SETUP = "import sys, ladle\nfrom ladle.cli import main"
 
 
 def largest_tensor(path: Path) -> int:
@@ -77,13 +78,17 @@ def main() -> None:
         soup = LADLE_MAIN
         # A new output (the previous one deleted before the clock starts), then the same
         # output replaced: the replaced file's pages are freed inside the timed rename.
-        ladle_run = best_of(r, python_timed(fresh(LADLE_SETUP, out), soup, *cli, *files))
-        replace_run = best_of(r, python_timed(LADLE_SETUP, soup, *cli, *files))
-        small_run = best_of(r, python_timed(fresh(LADLE_SETUP, out), soup, *cli, *files[:4]))
+        ladle_run = best_of(
+            r, python_timed(fresh(LADLE_SETUP, out), soup, *cli, *files, settled=SETTLED)
+        )
+        replace_run = best_of(r, python_timed(LADLE_SETUP, soup, *cli, *files, settled=SETTLED))
+        small_run = best_of(
+            r, python_timed(fresh(LADLE_SETUP, out), soup, *cli, *files[:4], settled=SETTLED)
+        )
         naive_run = best_of(r, python_timed(fresh(NAIVE_SETUP, out), NAIVE_WORK, out, *files))
         naive_replace_run = best_of(r, python_timed(NAIVE_SETUP, NAIVE_WORK, out, *files))
         in_memory = "ladle.uniform_soup(sys.argv[1:], device='cpu')"
-        memory_run = best_of(r, python_timed(LADLE_SETUP, in_memory, *files))
+        memory_run = best_of(r, python_timed(LADLE_SETUP, in_memory, *files, settled=SETTLED))
         naive_memory_run = best_of(r, python_timed(NAIVE_SETUP, NAIVE_WORK, "-", *files))
     finally:
         if not args.keep and before is None:
