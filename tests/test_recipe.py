@@ -265,6 +265,44 @@ def test_existing_output_is_refused_before_any_step_runs(folder):
     assert not (folder / "a.safetensors").exists()
 
 
+def test_an_output_below_a_file_is_refused_before_any_step_runs(folder):
+    (folder / "notes.txt").write_text("mine")
+    recipe = write(
+        folder,
+        '[steps.a]\nmethod = "soup"\nmodels = ["m0.safetensors"]\noutput = "a.safetensors"\n'
+        '[steps.b]\nmethod = "soup"\nmodels = ["a"]\noutput = "notes.txt/merged"\n',
+    )
+    with pytest.raises(
+        ladle.OutputError, match=r"^steps\.b\.output: .*notes\.txt/merged: .*notes\.txt is a file"
+    ):
+        run_recipe(recipe, device="cpu")
+    assert not (folder / "a.safetensors").exists()
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ('models = ["m0.safetensors", "m1\\u0000.safetensors"]', r"recipe\.models\[1\]: a path"),
+        ('models = ["m0.safetensors"]\nbase = "m1\\u0000"', r"recipe\.base: a path"),
+        (
+            'models = ["m0.safetensors"]\noutput = "o\\u0000.safetensors"',
+            r"recipe\.output: .*a path",
+        ),
+    ],
+)
+def test_a_nul_character_in_a_path_is_refused_naming_the_field(folder, fields, message):
+    method = "ties" if "base" in fields else "soup"
+    with pytest.raises(ValueError, match=message + " cannot hold a NUL character"):
+        load_recipe(write(folder, f'method = "{method}"\n{fields}\n'))
+
+
+def test_an_output_folder_name_too_long_is_refused_naming_the_field(folder):
+    text = f'method = "soup"\nmodels = ["m0.safetensors"]\noutput = "{"x" * 300}/merged"\n'
+    with pytest.raises(ValueError, match=r"recipe\.output: .*folder name x+… is 300 bytes long"):
+        load_recipe(write(folder, text))
+
+
 def test_overwrite_refuses_a_later_output_that_is_no_earlier_output_before_any_step(folder):
     (folder / "notes").write_text("mine")  # a file where a folder output goes
     recipe = write(

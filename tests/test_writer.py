@@ -533,6 +533,45 @@ def test_an_output_name_longer_than_a_file_name_may_be_is_refused_before_any_wor
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_output_folder_name_too_long_is_refused_before_any_work(tmp_path):
+    # It was the system's own "[Errno 36] File name too long", naming neither the output nor
+    # which name: raised by the search for an earlier write's leftovers beside it.
+    out = tmp_path / ("x" * 300) / "merged"
+    with pytest.raises(ladle.LadleError) as info:
+        ladle.uniform_soup([{"w": torch.ones(2)}], out=out)
+    assert str(info.value) == (
+        f"{out}: its folder name {'x' * 40}… is 300 bytes long; a name may have 255 at most"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_below_a_file_is_refused_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "merged"
+    monkeypatch.setattr(ladle.engine, "fold", None)  # a pass over the inputs would fail
+    with pytest.raises(ladle.OutputError) as info:
+        ladle.uniform_soup([{"w": torch.ones(2)}], out=out)
+    assert str(info.value) == f"{out}: {tmp_path / 'notes.txt'} is a file, not a directory"
+    assert isinstance(info.value, OSError)
+
+
+def test_a_nul_character_in_a_path_is_refused_naming_the_argument(tmp_path):
+    # Python's bare "embedded null byte" (an output) or "no such file" (an input) named
+    # neither the argument nor the character.
+    with pytest.raises(
+        ladle.LadleError, match=r"^out: a path cannot hold a NUL character, found 'o\\x00'$"
+    ):
+        ladle.uniform_soup([{"w": torch.ones(2)}], out="o\0")
+    path = ladle.save({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    for read, name in [
+        (lambda: ladle.uniform_soup([path, "m\0.safetensors"]), "model 1"),
+        (lambda: ladle.task_arithmetic([path], Path("b\0")), "base"),
+        (lambda: ladle.load("m\0.safetensors"), "source"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{name}: a path cannot hold a NUL character"):
+            read()
+
+
 def test_save_writes_the_values_of_conjugate_and_negative_views(tmp_path):
     # torch's lazy conjugate (x.conj()) and negative (x.conj().imag) views: view(uint8)
     # raised a RuntimeError; their values are written.

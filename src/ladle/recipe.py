@@ -249,6 +249,8 @@ def _source(
     the step asking, for the error's hint."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{field}: expected a path, hf:// URL or step name, found {value!r}")
+    if "\0" in value:  # else Python's "embedded null byte", naming nothing
+        raise ValueError(f"{field}: a path cannot hold a NUL character, found {value!r}")
     if value in earlier:
         return StepRef(value)
     if value in later:

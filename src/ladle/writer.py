@@ -203,7 +203,9 @@ def check_output_free(out: str | os.PathLike, *, overwrite: bool) -> None:
     not: without ``overwrite``, anything there (see :func:`output_taken`); with it, anything
     but an earlier output of the same kind (see :func:`_not_an_output`). So ``overwrite``
     never deletes a folder of other files (a project, a training run's logs) nor turns a file
-    into a folder or the reverse.
+    into a folder or the reverse. An :class:`OutputError` where a folder of ``out`` is a file
+    (the output could never be created: found before any work, not once a recipe's earlier
+    steps have written theirs).
 
     Example:
         >>> import tempfile, pathlib
@@ -216,6 +218,9 @@ def check_output_free(out: str | os.PathLike, *, overwrite: bool) -> None:
         is a folder without safetensors weights (main.py)
     """
     check_flag("overwrite", overwrite)
+    blocked = _not_a_folder(physical_path(out))
+    if blocked is not None:  # found now, not when the output is created
+        raise OutputError(f"{out}: {blocked}")
     if not output_taken(out):
         return
     if not overwrite:
@@ -226,6 +231,26 @@ def check_output_free(out: str | os.PathLike, *, overwrite: bool) -> None:
             f"{out}: {why}: overwrite replaces only an earlier output; move it away or choose "
             "another output"
         )
+
+
+def _not_a_folder(target: Path) -> str | None:
+    """What stands where a folder of ``target`` must be (the deepest of them that exists is
+    a file, or a broken symbolic link), or ``None``.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "notes.txt").write_text("not a folder")
+        >>> _not_a_folder(folder / "notes.txt" / "merged").endswith("is a file, not a directory")
+        True
+    """
+    for folder in target.parents:
+        if os.path.lexists(folder):
+            if folder.is_dir():
+                return None
+            what = "a broken symbolic link" if folder.is_symlink() else "a file"
+            return f"{folder} is {what}, not a directory"
+    return None
 
 
 def _not_an_output(path: Path) -> str | None:
@@ -359,6 +384,8 @@ def check_output_name(out: str | os.PathLike, name: str = "out") -> None:
         raise TypeError(f"{name}: expected a path of str, found {type_name(out)} of bytes")
     if not os.fspath(out):
         raise LadleError(f"{name}: expected a path, found an empty one")
+    if "\0" in os.fspath(out):  # else Python's "embedded null byte", naming nothing
+        raise LadleError(f"{name}: a path cannot hold a NUL character, found {os.fspath(out)!r}")
     if os.fspath(out).startswith(PREFIX):  # else written to the local folder hf:/owner/name
         raise LadleError(
             f"{out}: an output is a local path, not a Hub repo; write a directory and upload "
@@ -385,6 +412,13 @@ def check_output_name(out: str | os.PathLike, name: str = "out") -> None:
         raise LadleError(
             f"{out}: its name is {size} bytes long; a file name may have {_NAME_MAX} at most"
         )
+    for folder in Path(out).parent.parts:  # else the system's "File name too long"
+        size = len(os.fsencode(folder))
+        if size > _NAME_MAX:
+            raise LadleError(
+                f"{out}: its folder name {folder[:40]}… is {size} bytes long; a name may have "
+                f"{_NAME_MAX} at most"
+            )
 
 
 HEADER_LIMIT = 100_000_000
@@ -1014,12 +1048,9 @@ class SafetensorsWriter:
 
     def _create(self) -> None:
         """Make the output's folders, the temporary output and every shard's disk space."""
-        for folder in self._target.parents:  # the deepest that exists must be a directory
-            if os.path.lexists(folder):
-                if not folder.is_dir():
-                    what = "a broken symbolic link" if folder.is_symlink() else "a file"
-                    raise NotADirectoryError(errno.ENOTDIR, f"{folder} is {what}, not a directory")
-                break
+        blocked = _not_a_folder(self._target)
+        if blocked is not None:
+            raise NotADirectoryError(errno.ENOTDIR, blocked)
         # Folders made for the output go again with it, should it never be written.
         above = (self._target.parent, *self._target.parent.parents)
         self._made = [folder for folder in above if not os.path.lexists(folder)]
