@@ -773,6 +773,32 @@ def test_a_greedy_soup_s_config_says_the_dtype_it_wrote(tmp_path):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
 
 
+@pytest.mark.parametrize("scores", [[0.9, 0.1], [0.1, 0.9]])
+def test_a_greedy_soup_of_mixed_dtypes_keeps_the_config_when_every_model_stores_them_alike(
+    tmp_path, scores
+):
+    # A float32 norm beside bfloat16 weights, in every model: whichever ranks best, the
+    # config says bfloat16 (it said the first floating key's dtype, float32, when model 1
+    # ranked best). Where the best model stores them otherwise, the dtype of most bytes.
+    gen = torch.Generator().manual_seed(0)
+    for name in ("m0", "m1"):
+        state = {"a_norm": torch.randn(4, generator=gen), "w": torch.randn(8, 8, generator=gen)}
+        ladle.save({"a_norm": state["a_norm"], "w": state["w"].bfloat16()}, tmp_path / name)
+        (tmp_path / name / "config.json").write_text('{"torch_dtype": "bfloat16"}')
+    ladle.save({"a_norm": state["a_norm"].bfloat16(), "w": state["w"]}, tmp_path / "m2")
+    (tmp_path / "m2" / "config.json").write_text('{"torch_dtype": "bfloat16"}')
+    models = [tmp_path / "m0", tmp_path / "m1"]
+    out = tmp_path / "o"
+    ladle.greedy_soup(models, lambda sd: 0.0, scores=scores, out=out)
+    written = ladle.load(out)
+    assert (written["a_norm"].dtype, written["w"].dtype) == (torch.float32, torch.bfloat16)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    other = tmp_path / "o2"  # the best model stores the norm in bf16, the weights in float32
+    ladle.greedy_soup([*models, tmp_path / "m2"], lambda sd: 0.0, scores=[0.1, 0.2, 0.9], out=other)
+    assert ladle.load(other)["w"].dtype == torch.float32
+    assert json.loads((other / "config.json").read_text())["torch_dtype"] == "float32"
+
+
 def test_an_infinity_in_a_greedy_soup_stays_the_means_infinity():
     # lerp(inf, 1, 1/2) is inf − inf: NaN, where the uniform soup of the kept models is inf.
     models = [{"w": torch.tensor([math.inf, 1.0])}, {"w": torch.tensor([1.0, -math.inf])}]

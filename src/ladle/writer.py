@@ -870,7 +870,9 @@ def write_index_file(directory: Path, total_size: int, weight_map: Mapping[str, 
 
 
 def index_bytes(total_size: int, weight_map: Mapping[str, str]) -> bytes:
-    """The text of ``model.safetensors.index.json``, as transformers writes it."""
+    """The text of ``model.safetensors.index.json`` in transformers' format, its
+    ``weight_map`` in the output's order of keys (transformers sorts them; ladle reads a
+    sharded model's keys in its index's order, so a merge of this output keeps the order)."""
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(weight_map)}
     return (json.dumps(index, indent=2) + "\n").encode()
 

@@ -469,6 +469,37 @@ def _greedy(
     return GreedySoupResult(output(soup, best, to="cpu"), selected, score, history)
 
 
+def _config_dtype(
+    state: Mapping[str, torch.Tensor], best: Checkpoint, first: Checkpoint
+) -> torch.dtype | None:
+    """The dtype a greedy soup's config (model 0's) says: ``None`` (as model 0's config says)
+    where the best-ranked model stores every floating key as model 0 does, else the floating
+    dtype that holds the most of ``state``'s bytes (a float32 norm beside bfloat16 weights
+    is a bfloat16 model, as its config says).
+
+    Example:
+        >>> import torch, ladle
+        >>> half = torch.ones(8, dtype=torch.bfloat16)
+        >>> a = ladle.open_checkpoint({"n": torch.ones(2), "w": half})
+        >>> b = ladle.open_checkpoint({"n": torch.ones(2), "w": torch.ones(8)})
+        >>> _config_dtype({"n": torch.ones(2), "w": torch.ones(8)}, b, a)
+        torch.float32
+        >>> print(_config_dtype({}, a, a))
+        None
+    """
+
+    def floating(checkpoint: Checkpoint) -> dict[str, torch.dtype]:
+        return {k: d for k, (_, d) in output_specs(checkpoint, None).items() if d.is_floating_point}
+
+    if floating(best) == floating(first):
+        return None
+    sizes: dict[torch.dtype, int] = {}
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel() * tensor.itemsize
+    return max(sizes, key=sizes.__getitem__, default=None)
+
+
 def run_greedy(
     models: Sequence[StateDictLike],
     evaluate: Evaluate,
@@ -541,10 +572,12 @@ def run_greedy(
         if out is not None:
             state = result.state_dict
             # Model 0's config, with the dtype written (the best-ranked model's) where the
-            # best is another model: the config said model 0's. The card's recipe asks for no
-            # dtype: a soup of the kept models, best first, writes the best one's dtypes, key
-            # by key (the dtype of one key, asked for, was written for every key).
-            written = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+            # best is another model whose floating keys are stored otherwise: the config
+            # described model 0's. The card's recipe asks for no dtype: a soup of the kept
+            # models, best first, writes the best one's dtypes, key by key (the dtype of one
+            # key, asked for, was written for every key).
+            best = checkpoints[result.selected[0]]
+            written = _config_dtype(state, best, checkpoints[0])
             meta, extra = output_record(
                 method,
                 {**parameters, "selected": result.selected, "score": result.score},
@@ -554,7 +587,7 @@ def run_greedy(
                 dtype=dtype,
                 max_shard_size=max_shard_size,
                 allow_nonfinite=allow_nonfinite,
-                config_dtype=None if dtype is not None or result.selected[0] == 0 else written,
+                config_dtype=None if dtype is not None else written,
             )
             with SafetensorsWriter(
                 out,
