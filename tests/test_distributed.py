@@ -141,6 +141,16 @@ def test_merge_rejects_unknown_names_and_greedy_selection(tmp_path):
         merge(ladle.greedy_soup, [], out=tmp_path / "out")
     with pytest.raises(ValueError, match="greedy_soup .* cannot be split"):
         merge("greedy-soup", [], out=tmp_path / "out")
+    # A partial's own selection="greedy" was not read: the greedy ratatouille ran, wrote
+    # out, and merge then raised a bare TypeError on its GreedySoupResult.
+    greedy = functools.partial(ladle.ratatouille, selection="greedy", evaluate=lambda sd: 0.0)
+    for method in (greedy, functools.partial(greedy, strict=True)):
+        with pytest.raises(ValueError, match="ratatouille .* cannot be split"):
+            merge(method, [{"w": torch.ones(2)}] * 2, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    uniform = functools.partial(greedy, selection="uniform")  # the outer partial's choice
+    with pytest.raises(ValueError, match="^evaluate: used only with selection='greedy'"):
+        merge(uniform, [{"w": torch.ones(2)}] * 2, out=tmp_path / "out")  # ratatouille's own
 
 
 @pytest.mark.parametrize(

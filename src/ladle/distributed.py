@@ -670,11 +670,12 @@ def _method(method: str | Callable[..., Any], params: Mapping[str, object]) -> C
         method = named[name]
     if not callable(method):
         raise ValueError(f"method: expected a merge function or its name, found {method!r}")
-    inner = method
+    inner, keywords = method, dict(params)  # merge's keywords, then each partial's below them
     while isinstance(inner, functools.partial):  # partial(greedy_soup, evaluate=...)
+        keywords = {**inner.keywords, **keywords}
         inner = inner.func
     name = getattr(inner, "__name__", "")
-    if name == "greedy_soup" or (name == "ratatouille" and params.get("selection") == "greedy"):
+    if name == "greedy_soup" or (name == "ratatouille" and keywords.get("selection") == "greedy"):
         raise ValueError(
             f"method: {name} with greedy selection evaluates whole soups and cannot be split "
             "across processes; run it in one process"
