@@ -1231,6 +1231,15 @@ def test_a_closed_standard_error_neither_fails_a_merge_nor_sends_errors_to_stdou
     assert capsys.readouterr().out == f"{tmp_path / 'o'}\n"
     assert main(["soup", *inputs[:2], "-o", str(tmp_path / "o")]) == 1  # exists: refused
     assert capsys.readouterr().out == ""  # print(file=None) wrote the error line here
+    # A usage error: argparse printed its usage to standard output where stderr was None.
+    for argv in (
+        ["inspect", inputs[0], "--bogus"],
+        ["soup", *inputs[:2], "-o", "x", "--weights", "1"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().out == ""
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="Linux /dev/full")

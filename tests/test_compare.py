@@ -148,7 +148,7 @@ def test_cli_diff_table_and_summary(files, capsys):
     assert lines[-1].startswith(
         "2 tensors: |A| 3.31662, |B| 4.24264, |A-B| 5, cosine of the models"
     )
-    assert lines[-1].endswith("1 identical; 1 integer skipped")
+    assert lines[-1].endswith("1 identical; 1 integer or bool skipped")
 
 
 def test_cli_diff_json_with_base(files, capsys):
@@ -337,7 +337,7 @@ def test_cli_diff_with_base_labels_the_task_vectors(files, capsys):
     assert lines[0].split() == ["key", "|A-base|", "|B-base|", "|A-B|", "cosine"]
     assert lines[-1] == (
         "2 tensors: |A-base| 2.64575, |B-base| 3.4641, |A-B| 5, cosine of the task vectors "
-        "-0.327327; 1 identical; 1 integer skipped"
+        "-0.327327; 1 identical; 1 integer or bool skipped"
     )
     assert main(["diff", files["a"], files["b"], "--base", files["base"], "--json"]) == 0
     total = json.loads(capsys.readouterr().out)["total"]

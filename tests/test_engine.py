@@ -2658,7 +2658,7 @@ def test_a_max_shard_size_that_is_no_size_is_refused_in_memory_too(method):
     models = [{"w": torch.ones(2)}, {"w": torch.zeros(2)}]
     with pytest.raises(TypeError, match=r"max_shard_size: expected bytes .* found float"):
         method(models, max_shard_size=1.5)
-    with pytest.raises(ValueError, match=r"max_shard_size: must be positive, found 0"):
+    with pytest.raises(ValueError, match=r"max_shard_size: expected at least 1 byte, found 0"):
         method(models, max_shard_size=0)
 
 

@@ -411,7 +411,7 @@ def test_a_filesystem_that_cannot_reserve_still_gets_the_output(
 def test_an_output_that_cannot_be_created_is_an_output_error_naming_it(tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
     out = tmp_path / "a-file" / "o.safetensors"
-    failed = rf"{out}: creating the output failed: .*a-file is a file, not a directory"
+    failed = rf"^{out}: {tmp_path / 'a-file'} is a file, not a directory$"  # before any work
     with pytest.raises(ladle.OutputError, match=failed) as caught:
         ladle.save({"w": torch.ones(2)}, out)
     assert isinstance(caught.value, OSError) and isinstance(caught.value.__cause__, OSError)
@@ -421,7 +421,7 @@ def test_an_output_that_cannot_be_created_is_an_output_error_naming_it(tmp_path)
 def test_an_output_under_a_broken_link_says_the_link_is_broken(tmp_path):
     (tmp_path / "dl").symlink_to(tmp_path / "nowhere")  # was "dl is a file, not a directory"
     out = tmp_path / "dl" / "o.safetensors"
-    failed = rf"{out}: creating the output failed: .*dl is a broken symbolic link, not a dir"
+    failed = rf"^{out}: {tmp_path / 'dl'} is a broken symbolic link, not a directory$"
     with pytest.raises(ladle.OutputError, match=failed):
         ladle.save({"w": torch.ones(2)}, out)
     assert os.listdir(tmp_path) == ["dl"] and not (tmp_path / "nowhere").exists()
@@ -555,21 +555,15 @@ def test_an_output_below_a_file_is_refused_before_any_work(tmp_path, monkeypatch
     assert isinstance(info.value, OSError)
 
 
-def test_a_nul_character_in_a_path_is_refused_naming_the_argument(tmp_path):
-    # Python's bare "embedded null byte" (an output) or "no such file" (an input) named
-    # neither the argument nor the character.
+def test_a_nul_character_in_an_output_path_is_refused_naming_the_argument(tmp_path):
+    # Python's bare "embedded null byte" named neither the argument nor the character.
     with pytest.raises(
         ladle.LadleError, match=r"^out: a path cannot hold a NUL character, found 'o\\x00'$"
     ):
         ladle.uniform_soup([{"w": torch.ones(2)}], out="o\0")
-    path = ladle.save({"w": torch.ones(2)}, tmp_path / "m.safetensors")
-    for read, name in [
-        (lambda: ladle.uniform_soup([path, "m\0.safetensors"]), "model 1"),
-        (lambda: ladle.task_arithmetic([path], Path("b\0")), "base"),
-        (lambda: ladle.load("m\0.safetensors"), "source"),
-    ]:
-        with pytest.raises(ValueError, match=f"^{name}: a path cannot hold a NUL character"):
-            read()
+    # An input's NUL names no file, as Path.exists says (test_checkpoint).
+    with pytest.raises(ladle.CheckpointError, match="no such file"):
+        ladle.uniform_soup([{"w": torch.ones(2)}, tmp_path / "m\0.safetensors"])
 
 
 def test_save_writes_the_values_of_conjugate_and_negative_views(tmp_path):

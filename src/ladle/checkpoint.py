@@ -2217,8 +2217,7 @@ _SOURCE_KINDS = (Checkpoint, torch.nn.Module, Mapping, str, os.PathLike)
 
 def check_source(name: str, source: object) -> None:
     """A ``TypeError`` naming argument ``name`` unless ``source`` is of a kind
-    :func:`open_checkpoint` opens (it is not opened); a ``ValueError`` for a path holding a
-    NUL character, which no file's can.
+    :func:`open_checkpoint` opens (it is not opened).
 
     Example:
         >>> check_source("model 1", None)
@@ -2231,8 +2230,6 @@ def check_source(name: str, source: object) -> None:
         )
     if isinstance(source, os.PathLike) and not isinstance(os.fspath(source), str):
         raise TypeError(f"{name}: expected a path of str, found {type_name(source)} of bytes")
-    if isinstance(source, (str, os.PathLike)) and "\0" in os.fspath(source):
-        raise ValueError(f"{name}: a path cannot hold a NUL character, found {os.fspath(source)!r}")
 
 
 def load(source: StateDictLike, *, device: str | torch.device = "cpu") -> StateDict:

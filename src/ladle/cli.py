@@ -124,6 +124,14 @@ class _Parser(argparse.ArgumentParser):
             r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$|^-inf(?:inity)?$", re.IGNORECASE
         )
 
+    def print_usage(self, file: Any = None) -> None:
+        """As argparse, but nowhere where standard error is closed (``2>&-``): argparse's
+        ``error`` prints usage to ``sys.stderr``, and to standard output where that is
+        ``None``, among what the command prints."""
+        if file is None and sys.stderr is None:
+            return
+        super().print_usage(file)
+
     def _print_message(self, message: str, file: Any = None) -> None:
         """As argparse prints ``--help``, ``--version`` and usage, but a failure to write
         standard output raised, named as its (argparse ignores it: exit status 0, nothing
@@ -557,7 +565,7 @@ def _run_diff(args: argparse.Namespace) -> None:
         f"{a} {_number(total.norm_a)}, {b} "
         f"{_number(total.norm_b)}, |A-B| {_number(total.norm_diff)}, cosine of the {what} "
         f"{_number(total.cosine)}; {same} identical"
-        + (f"; {len(report.skipped)} integer skipped" if report.skipped else "")
+        + (f"; {len(report.skipped)} integer or bool skipped" if report.skipped else "")
     )
 
 

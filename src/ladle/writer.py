@@ -102,8 +102,8 @@ def parse_size(size: int | str) -> int:
             raise ValueError(f"max_shard_size: expected e.g. '5GB' or '500MiB', found {size!r}")
         # exact: float(...) overflowed for 400 digits and rounded 17 of them
         value = int(Fraction(match.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise ValueError(f"max_shard_size: must be positive, found {size!r}")
+    if value <= 0:  # "0.5B" too: a size below one byte
+        raise ValueError(f"max_shard_size: expected at least 1 byte, found {size!r}")
     return value
 
 
@@ -220,7 +220,7 @@ def check_output_free(out: str | os.PathLike, *, overwrite: bool) -> None:
     check_flag("overwrite", overwrite)
     blocked = _not_a_folder(physical_path(out))
     if blocked is not None:  # found now, not when the output is created
-        raise OutputError(f"{out}: {blocked}")
+        raise OutputError(f"{out}: {blocked}") from NotADirectoryError(errno.ENOTDIR, blocked)
     if not output_taken(out):
         return
     if not overwrite:
