@@ -260,6 +260,12 @@ def test_identical_tensors_whose_squared_norm_overflows_still_have_cosine_exactl
         ([1e200, 1e200], [1e200, -1e200], (math.sqrt(2) * 1e200, math.sqrt(2) * 1e200, 2e200, 0.0)),
         ([1e-200, 0.0], [2e-200, 0.0], (1e-200, 2e-200, 1e-200, 1.0)),
         ([3e-170, 4e-170], [0.0, 4e-170], (5e-170, 4e-170, 3e-170, 0.8)),
+        # One scale for a and b made the smaller's norm 0 and the cosine NaN; past 2**1023 the
+        # norms' power of two raised OverflowError (a traceback from `ladle diff`).
+        ([3e-201, 0.0], [-0.34, 0.0], (3e-201, 0.34, 0.34, -1.0)),
+        ([7.7e199, 0.0], [0.65, 0.0], (7.7e199, 0.65, 7.7e199, 1.0)),
+        ([1e308, 0.0], [1.0, 0.0], (1e308, 1.0, 1e308, 1.0)),
+        ([1e308, 0.0], [-1e308, 0.0], (1e308, 1e308, math.inf, -1.0)),
     ],
 )
 def test_float64_entries_whose_squares_leave_float64_s_range_keep_their_figures(a, b, expected):
@@ -279,6 +285,27 @@ def test_chunks_of_very_different_magnitudes_add_up_at_the_larger_scale():
     (row,) = ladle.diff({"w": a}, {"w": b}, chunk_bytes=16).tensors  # one row a chunk
     assert (row.norm_a, row.norm_b, row.cosine) == pytest.approx((1e200, 1e200, 0.0), rel=1e-14)
     assert row.norm_diff == pytest.approx(math.sqrt(2) * 1e200, rel=1e-14)
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 2**30])
+def test_tiny_entries_beside_zeros_keep_their_figures_whatever_the_chunks(chunk_bytes):
+    # A chunk (or key) of zeros summed at power 0 and the tiny chunk's sums, scaled by
+    # 2^-664, were divided by 4^664 when added: norms 0 and a NaN cosine with small chunks.
+    a = torch.zeros(64, 4, dtype=torch.float64)
+    a[:32] = 3e-200
+    b = (a / 3) * 4
+    expected = (math.sqrt(128) * 3e-200, math.sqrt(128) * 4e-200, math.sqrt(128) * 1e-200, 1.0)
+    (row,) = ladle.diff({"w": a}, {"w": b}, chunk_bytes=chunk_bytes).tensors
+    assert (row.norm_a, row.norm_b, row.norm_diff, row.cosine) == pytest.approx(expected, rel=1e-14)
+    for other in (torch.zeros(2, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)):
+        x, y = (
+            torch.tensor([3e-200], dtype=torch.float64),
+            torch.tensor([4e-200], dtype=torch.float64),
+        )
+        total = ladle.diff({"w": x, "z": other}, {"w": y, "z": other}).total
+        assert (total.norm_a, total.norm_b, total.norm_diff, total.cosine) == pytest.approx(
+            (3e-200, 4e-200, 1e-200, 1.0), rel=1e-14
+        )
 
 
 def test_task_vectors_are_taken_in_float64_not_in_the_models_dtype():
@@ -350,3 +377,9 @@ def test_cli_diff_counts_as_identical_only_tensors_that_are_equal(tmp_path, caps
     save_file({"w": torch.tensor([2.0, 2.0])}, tmp_path / "b.safetensors")
     assert main(["diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]) == 0
     assert capsys.readouterr().out.splitlines()[-1].endswith("cosine of the models 1; 0 identical")
+
+
+def test_a_packed_dtype_is_refused_naming_a_or_b():
+    packed = {"w": torch.ones(2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}
+    with pytest.raises(ValueError, match=r"^a \(<state dict>\): key 'w' is stored as float4"):
+        ladle.diff(packed, dict(packed))

@@ -996,3 +996,12 @@ def test_the_strategies_annotations_resolve_at_run_time():
     for strategy in (ladle.testing.state_dicts, ladle.testing.model_families):
         returned = typing.get_type_hints(strategy)["return"]
         assert typing.get_origin(returned) is SearchStrategy
+
+
+def test_complex_elements_with_an_equal_infinite_part_report_the_other_part_s_error():
+    # hypot(inf − inf, 1 − 2) was NaN: "max abs error nan" for elements holding no NaN.
+    inf = float("inf")
+    with pytest.raises(AssertionError, match=r"max abs error 1, max rel error 0 "):
+        assert_state_dicts_close(
+            {"w": torch.tensor([complex(inf, 1)])}, {"w": torch.tensor([complex(inf, 2)])}
+        )

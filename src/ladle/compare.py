@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, NamedTuple
 
@@ -79,23 +79,33 @@ class DiffReport(NamedTuple):
     skipped: list[str]
 
 
-def _row(key: str, exponent: float, aa: float, bb: float, ab: float, dd: float) -> TensorDiff:
-    """The row of the sums Σa², Σb², Σab, Σ(a−b)², of the entries divided by 2^``exponent``
-    (:func:`_scaled_sums`): identical tensors (Σ(a−b)² = 0) have the same norm and a cosine of
-    exactly 1 (NaN if both are 0)."""
-    scale = math.ldexp(1.0, int(exponent))  # 1.0 but for entries past float64's squares
+def _row(key: str, sums: Sequence[float]) -> TensorDiff:
+    """The row of the :func:`_scaled_sums` ``sums`` (Σa², Σb², Σab, Σ(a−b)², each with its
+    power of two): identical tensors (Σ(a−b)² = 0) have the same norm and a cosine of exactly
+    1 (NaN if both are 0)."""
+    (eaa, aa), (ebb, bb), (eab, ab), (edd, dd) = zip(sums[::2], sums[1::2])
+    root_a = _times_two_to(math.sqrt(aa), eaa / 2)  # the exponents of squares are even
     if dd == 0.0:  # a == b: whatever order the dot products summed in
-        norm = math.sqrt(aa) * scale
-        return TensorDiff(key, norm, norm, 0.0, 1.0 if aa > 0 else math.nan)
+        return TensorDiff(key, root_a, root_a, 0.0, 1.0 if aa > 0 else math.nan)
     product = aa * bb  # √(aa·bb) rounds once: ±1 exactly for b = ±2ᵏ·a (√aa·√bb: 0.99...98)
     # (a subnormal product keeps too few bits: √aa·√bb then)
     normal = sys.float_info.min <= product < math.inf
     denominator = math.sqrt(product) if normal else math.sqrt(aa) * math.sqrt(bb)
-    cosine = ab / denominator if denominator > 0 else math.nan
+    cosine = math.nan
+    if denominator > 0:  # |cos| ≤ 1: the power of two cannot overflow
+        cosine = _times_two_to(ab / denominator, eab - (eaa + ebb) / 2)
     if abs(cosine) > 1.0:  # rounding (1.0000000000000002): acos-safe
         cosine = math.copysign(1.0, cosine)
-    norms = (math.sqrt(aa) * scale, math.sqrt(bb) * scale, math.sqrt(dd) * scale)
+    norms = (root_a, _times_two_to(math.sqrt(bb), ebb / 2), _times_two_to(math.sqrt(dd), edd / 2))
     return TensorDiff(key, *norms, cosine)
+
+
+def _times_two_to(x: float, exponent: float) -> float:
+    """``x·2^exponent`` (an integer exponent), infinite where that passes float64's range."""
+    try:
+        return math.ldexp(x, int(exponent))
+    except OverflowError:  # math.ldexp raises where float arithmetic gives inf
+        return math.copysign(math.inf, x)
 
 
 SCALED_BEYOND = 2.0**500
@@ -104,35 +114,56 @@ power of two: their float64 squares would overflow (past about 1e154) or underfl
 about 1e-154). Others are summed as they are, so their figures keep every bit."""
 
 
+def _exponent(x: torch.Tensor) -> int:
+    """0 where the largest magnitude of ``x`` lies within :data:`SCALED_BEYOND` (or is 0 or
+    not finite), else that magnitude's binary exponent."""
+    largest = float(x.abs().max()) if x.numel() else 0.0
+    if math.isfinite(largest) and (largest > SCALED_BEYOND or 0 < largest < 1 / SCALED_BEYOND):
+        return math.frexp(largest)[1]
+    return 0
+
+
 def _scaled_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``[e, Σa², Σb², Σab, Σ(a−b)²]`` of the float64 ``a`` and ``b`` divided by 2^e, where
-    ``e`` is 0 unless their largest magnitude passes :data:`SCALED_BEYOND` (or is below its
-    inverse), then that magnitude's exponent: ``diff`` of entries near 1e200 gave infinite
-    norms and a NaN cosine, of entries near 1e-200 norms of 0.
+    """``[2p, Σa'², 2q, Σb'², p + q, Σa'b', 2r, Σ(a''−b'')²]`` of the float64 ``a`` and ``b``,
+    where ``a' = a/2^p``, ``b' = b/2^q`` and ``a'', b''`` are both divided by ``2^r``, ``r``
+    the larger of ``p`` and ``q``: each sum with the power of two it is to be multiplied by.
+    ``p`` is 0 unless the largest magnitude of ``a`` passes :data:`SCALED_BEYOND` (or is
+    below its inverse), then that magnitude's exponent; ``q`` likewise of ``b``: ``diff`` of
+    entries near 1e200 gave infinite norms and a NaN cosine, of entries near 1e-200 norms
+    of 0, and one shared scale made the smaller of two very different tensors' norm 0.
 
     Example:
         >>> x = torch.tensor([3e200, 0.0], dtype=torch.float64)
         >>> e, aa, *_ = _scaled_sums(x, x).tolist()
-        >>> e, math.sqrt(aa) * 2**e
-        (666.0, 3e+200)
+        >>> e, math.sqrt(aa) * 2 ** (e / 2)
+        (1332.0, 3e+200)
     """
-    largest = float(torch.maximum(a.abs().max(), b.abs().max())) if a.numel() else 0.0
-    exponent = 0
-    if math.isfinite(largest) and (largest > SCALED_BEYOND or 0 < largest < 1 / SCALED_BEYOND):
-        exponent = math.frexp(largest)[1]
-        a, b = torch.ldexp(a, torch.tensor(-exponent)), torch.ldexp(b, torch.tensor(-exponent))
-    d = a - b
-    sums = torch.stack([a.dot(a), b.dot(b), a.dot(b), d.dot(d)]).cpu()
-    return torch.cat([torch.tensor([float(exponent)], dtype=torch.float64), sums])
+    p, q = _exponent(a), _exponent(b)
+    r = max(p, q)
+    scaled_a, scaled_b = (torch.ldexp(x, torch.tensor(-e)) if e else x for x, e in ((a, p), (b, q)))
+    d = (
+        scaled_a - scaled_b
+        if p == q
+        else torch.ldexp(a, torch.tensor(-r)) - torch.ldexp(b, torch.tensor(-r))
+    )
+    sums = torch.stack(
+        [scaled_a.dot(scaled_a), scaled_b.dot(scaled_b), scaled_a.dot(scaled_b), d.dot(d)]
+    ).cpu()
+    exponents = torch.tensor([2 * p, 2 * q, p + q, 2 * r], dtype=torch.float64)
+    return torch.stack([exponents, sums], dim=1).flatten()
 
 
 def _added(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The sums of :func:`_scaled_sums` ``x`` and ``y``, at the larger of their exponents
-    (the other's sums divided by 4 to the difference: past float64's range, nothing)."""
-    if x[0] < y[0]:
-        x, y = y, x
-    shift = int(x[0] - y[0])
-    return torch.cat([x[:1], x[1:] + torch.ldexp(y[1:], torch.tensor(-2 * shift))])
+    """The :func:`_scaled_sums` ``x`` and ``y`` added, each sum at the larger of its two
+    powers of two (the other divided by 2 to the difference: past float64's range, nothing);
+    a sum of 0 (a part of zeros, or empty) takes the other's power, never lowering it."""
+    found = []
+    for (ex, sx), (ey, sy) in zip(x.view(-1, 2).tolist(), y.view(-1, 2).tolist()):
+        if sy == 0.0 or (sx != 0.0 and ex >= ey):
+            found += [ex, sx + _times_two_to(sy, ey - ex)] if sy != 0.0 else [ex, sx]
+        else:
+            found += [ey, sy + (_times_two_to(sx, ex - ey) if sx != 0.0 else 0.0)]
+    return torch.tensor(found, dtype=torch.float64)
 
 
 def _float64(x: torch.Tensor) -> torch.Tensor:
@@ -229,6 +260,8 @@ def diff(
         CheckpointError: a model cannot be read (or a state dict holds a tensor without
             data, named ``a`` or ``b`` as above).
         TypeError: ``a``, ``b`` or ``base`` is no model (named so).
+        ValueError: ``a`` or ``b`` stores a key in a dtype that packs several values per
+            element (``float4_e2m1fn_x2``), named so.
 
     Example:
         >>> import torch, ladle
@@ -246,8 +279,8 @@ def diff(
         (ckpt_a, ckpt_b), ckpt_base = open_models([a, b], base, stack)
         names += [ckpt_a.name, ckpt_b.name]
         check_compatible([ckpt_a, ckpt_b], ckpt_base)
-        for checkpoint in (ckpt_a, ckpt_b):  # a base agrees with them: checked with them
-            check_unpacked(checkpoint)
+        for label, checkpoint in (("a", ckpt_a), ("b", ckpt_b)):  # a base agrees with them
+            check_unpacked(checkpoint, f"{label} ({checkpoint.name})")
         reference = ckpt_base if ckpt_base is not None else ckpt_a
         keys = reference.keys()
         # A tensor that every input names twice (tied weights) is compared once, under its
@@ -266,6 +299,6 @@ def diff(
             sums[key] = _added(sums[key], stats) if key in sums else stats
         skipped = [key for key in keys if not is_merged_dtype(reference.dtype(key))]
     found = [(key, sums.get(tied.get(key, key))) for key in keys]
-    tensors = [_row(key, *stats.tolist()) for key, stats in found if stats is not None]
-    total = functools.reduce(_added, sums.values()).tolist() if sums else [0.0] * 5
-    return DiffReport(tensors, _row("", *total), skipped)
+    tensors = [_row(key, stats.tolist()) for key, stats in found if stats is not None]
+    total = functools.reduce(_added, sums.values()).tolist() if sums else [0.0] * 8
+    return DiffReport(tensors, _row("", total), skipped)

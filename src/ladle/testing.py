@@ -209,8 +209,15 @@ def _compare_numerically(
     a, e = a.to(wide), e.to(wide)
     # |a − e| of complex values from their parts: torch's complex subtraction makes NaN of
     # infinities (0 − (inf+infj)), and the magnitude of inf + NaNj is inf. An element with a
-    # NaN has no error: NaN, left out of the maximum.
-    diff = torch.hypot(a.real - e.real, a.imag - e.imag) if a.is_complex() else (a - e).abs()
+    # NaN has no error: NaN, left out of the maximum. Equal parts differ by 0, infinities too
+    # (inf+1j against inf+2j is 1 off, not NaN).
+    diff = (
+        torch.hypot(
+            *(torch.where(x == y, 0.0, x - y) for x, y in ((a.real, e.real), (a.imag, e.imag)))
+        )
+        if a.is_complex()
+        else (a - e).abs()
+    )
     diff, magnitude = diff.masked_fill(a.isnan() | e.isnan(), math.nan), e.abs()
     close = a.eq(e) | (a.isfinite() & e.isfinite() & (diff <= atol + rtol * magnitude))
     if equal_nan:
