@@ -644,6 +644,22 @@ def test_offline_without_cached_weights_says_the_cache_was_asked(hub_cache):
         ladle.open_checkpoint("hf://org/c")
 
 
+def test_transformers_offline_alone_is_named_and_the_revision_quoted(hub_cache, monkeypatch):
+    # huggingface_hub goes offline for TRANSFORMERS_OFFLINE too: "HF_HUB_OFFLINE is set:
+    # unset it" named a variable that was not set; "--revision main " lost its space.
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        ladle.CheckpointError,
+        match=r"TRANSFORMERS_OFFLINE is set: unset it, or fetch it first "
+        r"\(`hf download org/none --revision 'main '`",
+    ):
+        ladle.open_checkpoint("hf://org/none@main ")
+
+
 def test_offline_with_a_shard_missing_from_the_cache_says_the_cache_was_asked(hub_cache):
     # Was "...index.json: lists shard model-00002-of-00002.safetensors, which does not exist",
     # with no word of the cache or of HF_HUB_OFFLINE.
@@ -658,10 +674,12 @@ def test_offline_with_a_shard_missing_from_the_cache_says_the_cache_was_asked(hu
         "model-00001-of-00002.safetensors": weights({"a": torch.ones(2)}),
     }
     write_cached_repo(hub_cache, "org/part", COMMIT_A, files, refs={"main": COMMIT_A})
+    # Then "no weights in the repository root ... found model-00001-of-00002.safetensors, ..."
+    # (weights it had just listed), with no word of the shard missing: named now.
     with pytest.raises(
         ladle.CheckpointError,
-        match=r"no weights in the repository root in the Hugging Face cache .*HF_HUB_OFFLINE.*"
-        r"every shard of an index",
+        match=r"^hf://org/part@a{40}: 'model-00002-of-00002\.safetensors' \(1 of its 2 weights "
+        r"files\) is not in the Hugging Face cache \(.*\); HF_HUB_OFFLINE is set$",
     ):
         ladle.open_checkpoint("hf://org/part")
 

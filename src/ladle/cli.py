@@ -955,10 +955,10 @@ def _checked_usage(
             "is one file"
         )
     if push is not None:
-        from .hub import _offline
+        from .hub import _offline, _offline_variable
 
         if _offline():  # known now: refused before the merge, not after it
-            command.error("--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set")
+            command.error(f"--push-to-hub needs the Hub, but {_offline_variable()} is set")
     if _world_size() > 1 and run in _SPLIT_RUNS and file:
         # Every rank refuses it now: found in the merge, the first rank to fail could end
         # the others (torchrun stops them) before any printed why.

@@ -17,6 +17,7 @@ import glob
 import logging
 import os
 import re
+import shlex
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -254,6 +255,14 @@ def _offline() -> bool:
     return _env_flag("HF_HUB_OFFLINE") is True or bool(constants.HF_HUB_OFFLINE)
 
 
+def _offline_variable() -> str:
+    """The variable that makes huggingface_hub offline, for messages: ``TRANSFORMERS_OFFLINE``
+    where it alone is set (huggingface_hub honours either), else ``HF_HUB_OFFLINE``."""
+    if _env_flag("HF_HUB_OFFLINE") is not True and _env_flag("TRANSFORMERS_OFFLINE") is True:
+        return "TRANSFORMERS_OFFLINE"
+    return "HF_HUB_OFFLINE"
+
+
 def _endpoint() -> str | None:
     """``HF_ENDPOINT`` as set now, without the trailing ``/`` huggingface_hub strips from its
     own default but not from an ``endpoint=`` argument (``https://hf-mirror.com/`` asked
@@ -357,7 +366,7 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
     templates (``additional_chat_templates/*.jinja``), then only the weights files a local
     folder holding the same files would be read from (:func:`~ladle.checkpoint.weights_layout`):
     a shard index's shards, or the one weights file (``model.safetensors`` beside variants).
-    Files in other subfolders are never fetched.
+    Files in other subfolders are never fetched, but for shards an index places below it.
 
     Args:
         url: ``hf://owner/repo[@revision][/subfolder]``.
@@ -484,7 +493,14 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             f"{source.url(commit)}: {broken[0]!r} ({len(broken)} of its {len(files)} weights "
             f"files) is not in the Hugging Face cache ({cache}): its snapshot's link leads to "
             "no file (a download cut short, or the cache cleaned)"
-            + ("; HF_HUB_OFFLINE is set" if offline else "")
+            + (f"; {_offline_variable()} is set" if offline else "")
+        )
+    missing = [n for n in files if not (folder / n).is_file()]
+    if files and missing:  # an index's shard the cache lacks (offline), or the Hub's listing
+        raise CheckpointError(
+            f"{source.url(commit)}: {missing[0]!r} ({len(missing)} of its {len(files)} weights "
+            f"files) is not in the Hugging Face cache ({cache})"
+            + (f"; {_offline_variable()} is set" if offline else "")
         )
     if not found:
         raise _no_weights(url, source, folder, commit, offline=offline, cache=cache)
@@ -583,13 +599,14 @@ def _fetch_failure(
     if isinstance(err, LocalEntryNotFoundError):
         _check_access(err, url, source.repo_id)  # reached, and refused: not a network failure
         # huggingface_hub's own text advises `local_files_only=False`, which ladle has not.
-        revision = f" --revision {source.revision}" if source.revision else ""
+        revision = f" --revision {shlex.quote(source.revision)}" if source.revision else ""
         # `hf` came with huggingface_hub 0.34; `huggingface-cli` before it.
-        fetch_first = f"`hf download {source.repo_id}{revision}`, or `huggingface-cli download`"
+        repo = shlex.quote(source.repo_id)
+        fetch_first = f"`hf download {repo}{revision}`, or `huggingface-cli download`"
         # huggingface_hub wraps the Hub's answer (a 429, a 503) as it does a network failure
         answer = next(_answers(err), None)
         if offline:
-            why = f"HF_HUB_OFFLINE is set: unset it, or fetch it first ({fetch_first})"
+            why = f"{_offline_variable()} is set: unset it, or fetch it first ({fetch_first})"
         elif answer is not None:
             why = f"the Hub answered {answer[0]} ({one_line(answer[1])})"
         else:
@@ -625,7 +642,7 @@ def _no_weights(
     where = f"subfolder {source.subfolder!r}" if source.subfolder else "the repository root"
     names = sorted(p.name for p in folder.iterdir())[:5] if folder.is_dir() else []
     if offline:  # only the cache was asked: the Hub may well have them
-        where += f" in the Hugging Face cache ({cache}), and HF_HUB_OFFLINE is set"
+        where += f" in the Hugging Face cache ({cache}), and {_offline_variable()} is set"
     return CheckpointError(
         f"{source.url(commit)}: no weights in {where}: expected *.safetensors or a torch "
         f"file (*.bin, *.pt, *.pth, *.ckpt), or every shard of an index; found "
