@@ -76,6 +76,32 @@ def test_tensors_beside_a_state_dict_wrapper_are_refused_not_dropped(tmp_path):
     )
 
 
+def test_two_state_dict_wrappers_are_refused_not_one_dropped(tmp_path):
+    # {"state_dict": {...}, "model": {...}} read "state_dict" and dropped "model" silently.
+    two = {"state_dict": {"w": torch.ones(2)}, "model": {"w": torch.zeros(2)}}
+    torch.save(two, tmp_path / "two.pt")
+    with pytest.raises(ladle.CheckpointError, match=r"two\.pt: holds two state dicts"):
+        ladle.load(tmp_path / "two.pt")
+    # a "model" of no tensors (a config, say) is no second state dict
+    torch.save({"state_dict": {"w": torch.ones(2)}, "model": {"name": "x"}}, tmp_path / "one.pt")
+    assert ladle.load(tmp_path / "one.pt")["w"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(("suffix", "save"), [("safetensors", save_file), ("bin", torch.save)])
+def test_several_shard_indexes_none_the_default_are_refused_not_the_first_read(
+    tmp_path, suffix, save
+):
+    # model.bf16.*.index.json beside model.fp16.*.index.json: the bf16 one was read, as the
+    # first by name, where two such single files are refused.
+    for variant, value in (("bf16", 1.0), ("fp16", 2.0)):
+        shard = f"model.{variant}-00001-of-00001.{suffix}"
+        save({"w": torch.tensor([value])}, tmp_path / shard)
+        index = {"weight_map": {"w": shard}}
+        (tmp_path / f"model.{variant}.{suffix}.index.json").write_text(json.dumps(index))
+    with pytest.raises(ladle.CheckpointError, match="expected one weights file or a"):
+        ladle.load(tmp_path)
+
+
 class Payload:
     """Unpickling this would create a marker file: code execution."""
 
@@ -1705,13 +1731,14 @@ def test_tensors_a_torch_index_leaves_out_come_in_shard_order_whichever_was_read
         assert ckpt.keys() == ["a", "b", "x1", "x2"]
 
 
-def test_a_folder_opens_its_first_safetensors_index_by_name(tmp_path):
+def test_a_folder_of_two_safetensors_indexes_neither_the_default_is_no_checkpoint(tmp_path):
+    # It opened the first by name ("a"), which two single files never were.
     save_file({"w": torch.ones(1)}, tmp_path / "one.safetensors")
     save_file({"v": torch.ones(1)}, tmp_path / "two.safetensors")
     _index(tmp_path, {"w": "one.safetensors"}, name="a")
     _index(tmp_path, {"v": "two.safetensors"}, name="b")
-    with ladle.open_checkpoint(tmp_path) as ckpt:
-        assert ckpt.keys() == ["w"]
+    with pytest.raises(ladle.CheckpointError, match=r"found a\.safetensors\.index\.json, b\."):
+        ladle.open_checkpoint(tmp_path)
 
 
 def test_a_single_safetensors_file_wins_over_a_torch_index_beside_it(tmp_path):

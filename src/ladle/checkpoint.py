@@ -1360,7 +1360,19 @@ def _truncated(file: Path) -> CheckpointError:
 def _state_dict_in(file: Path, loaded: object) -> dict[str, torch.Tensor]:
     """The state dict that ``file`` unpickled to ``loaded``: itself, or the dict under a
     training checkpoint's ``state_dict`` or ``model``; refused unless a dict of dense
-    tensors, or where tensors lie beside the wrapper."""
+    tensors, or where tensors lie beside the wrapper or both wrappers hold tensors."""
+    wrappers = [
+        w
+        for w in ("state_dict", "model")
+        if isinstance(loaded, dict)
+        and isinstance(loaded.get(w), dict)
+        and any(isinstance(v, torch.Tensor) for v in loaded[w].values())
+    ]
+    if len(wrappers) == 2:  # which of them the model is, is unknown (the first was taken)
+        raise CheckpointError(
+            f"{file}: holds two state dicts, 'state_dict' and 'model'; expected a state dict, "
+            "or a training checkpoint with one of them: save the one to merge on its own"
+        )
     for wrapper in ("state_dict", "model"):  # common training-checkpoint layouts
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             beside = [k for k, v in loaded.items() if isinstance(v, torch.Tensor)]
@@ -1916,9 +1928,9 @@ def finder_metadata(name: str) -> bool:
 
 def weights_layout(names: Iterable[str]) -> tuple[str | None, list[str]]:
     """Which of a model folder's files (``names``) holds its weights, as a directory is read:
-    the first there is of a safetensors shard index (the first by name), a single
-    ``*.safetensors`` file, a torch shard index (``*.bin.index.json``), a single torch
-    weights file with no ``*.safetensors`` beside it. Of several files (or indexes), the one
+    the first there is of a safetensors shard index, a single ``*.safetensors`` file, a torch
+    shard index (``*.bin.index.json``), a single torch weights file with no ``*.safetensors``
+    beside it. Of several files (or indexes), the one
     named as :data:`DEFAULT_WEIGHTS` names it (or its index) counts as the single one; where
     one of those is there, variants (``model.fp16.safetensors``, its shards and index) are
     not weights at all: ``from_pretrained`` reads the default beside them. Names that start
@@ -1935,13 +1947,15 @@ def weights_layout(names: Iterable[str]) -> tuple[str | None, list[str]]:
         ('pytorch_model.bin', ['pytorch_model.bin'])
         >>> weights_layout(["a.safetensors", "b.safetensors"])
         (None, ['a.safetensors', 'b.safetensors'])
+        >>> weights_layout(["model.bf16.bin.index.json", "model.fp16.bin.index.json"])
+        (None, ['model.bf16.bin.index.json', 'model.fp16.bin.index.json'])
     """
     names = sorted(name for name in names if not finder_metadata(name))
     if any(_is_default(name) for name in names):
         names = [name for name in names if not _VARIANT.fullmatch(name)]
     indexes = _preferred([name for name in names if name.endswith(".safetensors.index.json")])
-    if indexes:
-        return indexes[0], indexes
+    if indexes:  # several, none the default's (variants alone): no choice, as of single files
+        return (indexes[0] if len(indexes) == 1 else None), indexes
     singles = _preferred([name for name in names if name.endswith(".safetensors")])
     torch_files = _preferred(
         [
@@ -1954,7 +1968,7 @@ def weights_layout(names: Iterable[str]) -> tuple[str | None, list[str]]:
     if len(singles) == 1:
         return singles[0], singles
     if torch_indexes:
-        return torch_indexes[0], torch_indexes
+        return (torch_indexes[0] if len(torch_indexes) == 1 else None), torch_indexes
     if not singles and len(torch_files) == 1:
         return torch_files[0], torch_files
     return None, singles or torch_files
