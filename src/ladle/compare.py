@@ -159,10 +159,9 @@ def _added(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     a sum of 0 (a part of zeros, or empty) takes the other's power, never lowering it."""
     found = []
     for (ex, sx), (ey, sy) in zip(x.view(-1, 2).tolist(), y.view(-1, 2).tolist()):
-        if sy == 0.0 or (sx != 0.0 and ex >= ey):
-            found += [ex, sx + _times_two_to(sy, ey - ex)] if sy != 0.0 else [ex, sx]
-        else:
-            found += [ey, sy + (_times_two_to(sx, ex - ey) if sx != 0.0 else 0.0)]
+        if sx == 0.0 or (sy != 0.0 and ey > ex):  # the larger power first, a 0 last
+            (ex, sx), (ey, sy) = (ey, sy), (ex, sx)
+        found += [ex, sx + (_times_two_to(sy, ey - ex) if sy != 0.0 else 0.0)]
     return torch.tensor(found, dtype=torch.float64)
 
 
