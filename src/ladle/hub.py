@@ -452,7 +452,7 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
         )
         commit = root.name  # snapshots/<commit hash>
         folder = root / source.subfolder if source.subfolder else root
-        if offline:  # what the cache holds; a shard missing there makes found False below
+        if offline:  # what the cache holds; a shard missing there is named below
             found_here = folder.iterdir() if folder.is_dir() else []
             names = [p.name + ("/" if p.is_dir() else "") for p in found_here]
         else:  # the Hub's own list: which files are the weights (the cache may hold a variant)
@@ -476,7 +476,6 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             # exact names, a shard in a folder below the index's too
             deepest = max(name.count("/") for name in files) + 1
             fetch(commit, [prefix + glob.escape(name) for name in files], depth=deepest)
-        found = bool(files) and all((folder / name).is_file() for name in files)
     except Exception as err:
         error = _fetch_failure(err, url, source, offline=offline, cache=cache)
         if error is None:
@@ -496,13 +495,13 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             + (f"; {_offline_variable()} is set" if offline else "")
         )
     missing = [n for n in files if not (folder / n).is_file()]
-    if files and missing:  # an index's shard the cache lacks (offline), or the Hub's listing
+    if missing:  # an index's shard the cache lacks (offline), or the Hub's listing
         raise CheckpointError(
             f"{source.url(commit)}: {missing[0]!r} ({len(missing)} of its {len(files)} weights "
             f"files) is not in the Hugging Face cache ({cache})"
             + (f"; {_offline_variable()} is set" if offline else "")
         )
-    if not found:
+    if not files:
         raise _no_weights(url, source, folder, commit, offline=offline, cache=cache)
     return folder, commit
 
