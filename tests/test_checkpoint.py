@@ -3158,3 +3158,25 @@ def test_safetensors_shards_a_torch_index_lists_are_named_as_such(tmp_path):
         f"{tmp_path / 's1.safetensors'}: a safetensors file, which a torch index "
         "(*.bin.index.json) lists as a shard"
     )
+
+
+def test_a_broken_link_for_weights_or_a_shard_is_named_with_where_it_leads(tmp_path):
+    # Both said "not a regular file" (true, but a lost Hub blob or a moved target is the news).
+    (tmp_path / "m").mkdir()
+    os.symlink("/nonexistent/x.safetensors", tmp_path / "m" / "model.safetensors")
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.load(tmp_path / "m")
+    assert str(info.value) == (
+        f"{tmp_path / 'm' / 'model.safetensors'}: a broken symbolic link "
+        "(to /nonexistent/x.safetensors); expected the weights"
+    )
+    (tmp_path / "s").mkdir()
+    os.symlink("/nonexistent/x.safetensors", tmp_path / "s" / "model-00001-of-00001.safetensors")
+    index = {"weight_map": {"w": "model-00001-of-00001.safetensors"}}
+    (tmp_path / "s" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        ladle.CheckpointError,
+        match=r"lists shard model-00001-of-00001\.safetensors, which is a broken symbolic link "
+        r"\(to /nonexistent/x\.safetensors\)$",
+    ):
+        ladle.load(tmp_path / "s")

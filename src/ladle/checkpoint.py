@@ -1771,7 +1771,7 @@ def _read_index(index: Path) -> dict[str, Path]:
     shards = {name: index.parent / name for name in dict.fromkeys(names.values())}
     for file in shards.values():
         if not file.is_file():
-            what = "is not a regular file" if os.path.lexists(file) else "does not exist"
+            what = f"is {_not_a_file(file)}" if os.path.lexists(file) else "does not exist"
             raise CheckpointError(f"{index}: lists shard {_shard(index, file)}, which {what}")
     return {key: shards[name] for key, name in names.items()}
 
@@ -2108,6 +2108,23 @@ def is_adapter(checkpoint: Checkpoint) -> bool:
     return any(file.name.startswith("adapter_model") for file in checkpoint.file_sizes())
 
 
+def _not_a_file(path: Path) -> str:
+    """What stands at ``path`` (which exists, or is a link) where a regular file was expected:
+    a broken symbolic link, named with where it leads (a Hub snapshot's link to a blob the
+    cache lost), or ``"not a regular file"`` (a folder, a FIFO).
+
+    Example:
+        >>> import os, tempfile
+        >>> link = Path(tempfile.mkdtemp()) / "model.safetensors"
+        >>> os.symlink("/nowhere/x.safetensors", link)
+        >>> _not_a_file(link), _not_a_file(link.parent)
+        ('a broken symbolic link (to /nowhere/x.safetensors)', 'not a regular file')
+    """
+    if path.is_symlink() and not path.exists():
+        return f"a broken symbolic link (to {os.readlink(path)})"
+    return "not a regular file"
+
+
 def _open_directory(directory: Path) -> Checkpoint:
     """The checkpoint of a model folder, read from the file :func:`weights_layout` chooses;
     else a ``CheckpointError`` naming the weights files there."""
@@ -2120,7 +2137,7 @@ def _open_directory(directory: Path) -> Checkpoint:
         )
     path = directory / chosen
     if not path.is_file():  # a FIFO would be waited on for ever, deaf to Ctrl-C
-        raise CheckpointError(f"{path}: not a regular file; expected the weights")
+        raise CheckpointError(f"{path}: {_not_a_file(path)}; expected the weights")
     checkpoint: Checkpoint
     if chosen.endswith(".safetensors.index.json"):
         sharded = SafetensorsCheckpoint(_read_index(path), name=name, path=directory)
