@@ -486,19 +486,20 @@ def snapshot(url: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
             f"{url}: resolved to {root}, which is not a cached snapshot (the cache's refs "
             f"file for {source.revision or 'main'!r} names no commit)"
         )
+    # Links in the snapshot with no blob behind them first (a download cut short, or the
+    # cache cleaned), else any weights file the cache lacks (an index's shard, offline).
     broken = [n for n in files if (folder / n).is_symlink() and not (folder / n).is_file()]
-    if broken:  # in the snapshot, and no blob behind its link
-        raise CheckpointError(
-            f"{source.url(commit)}: {broken[0]!r} ({len(broken)} of its {len(files)} weights "
-            f"files) is not in the Hugging Face cache ({cache}): its snapshot's link leads to "
-            "no file (a download cut short, or the cache cleaned)"
-            + (f"; {_offline_variable()} is set" if offline else "")
-        )
-    missing = [n for n in files if not (folder / n).is_file()]
-    if missing:  # an index's shard the cache lacks (offline), or the Hub's listing
+    missing = broken or [n for n in files if not (folder / n).is_file()]
+    if missing:
         raise CheckpointError(
             f"{source.url(commit)}: {missing[0]!r} ({len(missing)} of its {len(files)} weights "
             f"files) is not in the Hugging Face cache ({cache})"
+            + (
+                ": its snapshot's link leads to no file (a download cut short, or the cache "
+                "cleaned)"
+                if broken
+                else ""
+            )
             + (f"; {_offline_variable()} is set" if offline else "")
         )
     if not files:
