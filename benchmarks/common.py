@@ -15,26 +15,29 @@ import torch
 from safetensors.torch import save_file
 
 MIB = 2**20
-LADLE_SETUP = (
-    "import sys, torch, safetensors.torch, ladle, ladle.hub\n"
-    "for _name in ladle.__all__:  # `import ladle` is lazy: load every module before the clock\n"
-    "    getattr(ladle, _name)\n"
-    "with ladle.hub.progress_bars_off():  # what --no-progress imports of huggingface_hub\n"
-    "    pass\n"
-    "from ladle.cli import main"
-)
-"""Imports of a ladle run, all of them: ``import ladle`` alone loads none of its modules (nor
-torch) until a name is used, so a run timed after it alone counted the imports' 1.5–2 s
-(from ec23802, which made ``import ladle`` lazy, until this was found on 2026-12-02)."""
 
 
 def load_ladle() -> None:
-    """Import every module of ladle now, as :data:`LADLE_SETUP` does, for a benchmark that
-    times ladle in its own process (a first run would otherwise count the imports)."""
+    """Import every module of ladle now, and what ``--no-progress`` imports of
+    huggingface_hub: ``import ladle`` alone loads none of its modules (nor torch) until a name
+    is used, so a run timed after it alone counted the imports' 1.5–2 s (from ec23802, which
+    made ``import ladle`` lazy, until this was found on 2026-12-02). For benchmarks that time
+    ladle in their own process, and in child processes through :data:`LADLE_SETUP`."""
     import ladle
+    import ladle.hub
 
     for name in ladle.__all__:
         getattr(ladle, name)
+    with ladle.hub.progress_bars_off():
+        pass
+
+
+LADLE_SETUP = (
+    f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+    "from common import load_ladle\nload_ladle()\nimport ladle\nfrom ladle.cli import main"
+)
+"""The setup of a timed ladle run in a child process: every import of the run
+(:func:`load_ladle`), then ``ladle`` and the CLI's ``main`` for the timed work to call."""
 
 
 SETTLED = ("ladle", "torch", "safetensors", "numpy", "huggingface_hub")
