@@ -898,6 +898,21 @@ def test_a_safetensors_suffix_not_in_lower_case_is_refused(tmp_path, name):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_safetensors_name_followed_by_a_slash_is_refused(tmp_path):
+    # pathlib drops the slash: "m.safetensors/" (a directory, as written) became one file.
+    model = {"w": torch.ones(2)}
+    for out in (f"{tmp_path}/m.safetensors/", f"{tmp_path}/m.safetensors//"):
+        with pytest.raises(ladle.LadleError) as info:
+            ladle.uniform_soup([model, model], out=out)
+        assert str(info.value) == (
+            f"{out}: ends in '/' (a directory) but names a .safetensors file; write "
+            f"{tmp_path}/m.safetensors (one file) or a directory named without the suffix"
+        )
+    assert list(tmp_path.iterdir()) == []
+    ladle.uniform_soup([model, model], out=f"{tmp_path}/m/")  # a directory, as before
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
 def test_a_split_merge_checks_its_output_name_first(tmp_path):
     from ladle.distributed import merge
 

@@ -945,6 +945,11 @@ def _checked_usage(
 
     _check_counts(args, command)
     push = getattr(args, "push_to_hub", None)
+    if getattr(args, "out", None) == "-":  # else a directory named '-' in the working one
+        command.error(
+            "-o -: ladle writes files, not standard output; name a .safetensors file or a "
+            "directory (./- for a directory named '-')"
+        )
     file = single_file(args.out) if getattr(args, "out", None) is not None else False
     if push is not None and file:
         command.error("--push-to-hub needs a directory output (-o DIR), not a .safetensors file")

@@ -360,13 +360,17 @@ def check_amendment(
         )
 
 
+_SEPARATORS = tuple({os.sep, os.altsep or os.sep})
+
+
 def check_output_name(out: str | os.PathLike, name: str = "out") -> None:
     """A ``TypeError`` naming parameter ``name`` for an output that is no path of ``str``
     (bytes, or an ``os.PathLike`` whose ``os.fspath`` gives bytes); a
     ``LadleError`` for an output path that cannot mean what it says: empty, an ``hf://``
     URL (a local ``hf:/`` folder otherwise), ending in ``.`` or ``..`` (a folder's own name),
-    in ``.safetensors`` not in lower case (a directory), in another weight format's suffix
-    (:data:`MISLEADING_SUFFIXES`), or named with more bytes than a file name may have.
+    in ``.safetensors`` not in lower case (a directory) or followed by a slash, in another
+    weight format's suffix (:data:`MISLEADING_SUFFIXES`), or named with more bytes than a
+    file name may have.
 
     Example:
         >>> from ladle.writer import check_output_name
@@ -397,6 +401,12 @@ def check_output_name(out: str | os.PathLike, name: str = "out") -> None:
             "output, e.g. DIR/merged or DIR/merged.safetensors"
         )
     suffix = Path(out).suffix
+    if suffix.lower() == ".safetensors" and os.fspath(out).endswith(_SEPARATORS):
+        raise LadleError(  # else one file, the slash dropped as pathlib drops it
+            f"{os.fspath(out)}: ends in {os.fspath(out)[-1]!r} (a directory) but names a "
+            f".safetensors file; write {Path(out)} (one file) or a directory named without "
+            "the suffix"
+        )
     if suffix.lower() == ".safetensors" and suffix != ".safetensors":
         raise LadleError(
             f"{out}: only a lower-case .safetensors suffix writes one file (this would be a "
