@@ -1115,6 +1115,17 @@ def test_a_bad_max_shard_size_is_a_usage_error_saying_what_a_size_looks_like(
     assert not (tmp_path / "o").exists()
 
 
+def test_a_negative_max_shard_size_is_read_as_a_size_not_an_option(tmp_path, inputs, capsys):
+    # argparse took "-5GB" for an option: "expected one argument".
+    with pytest.raises(SystemExit) as exit_info:
+        main(["soup", *inputs, "-o", str(tmp_path / "o"), "--max-shard-size", "-5GB"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.splitlines()[-1] == (
+        "ladle soup: error: argument --max-shard-size: expected at least 1 byte, found '-5GB'"
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def test_main_called_from_a_thread_runs_without_touching_signals(inputs, capsys):
     # Signal handlers belong to the main thread: from another, SIGTERM is left as it is.
     import threading

@@ -223,6 +223,7 @@ def test_empty_and_scalar_tensors_round_trip(tmp_path):
         ("0.001KB", 1),
         ("5 GB", 5 * 10**9),  # spaces, as "--max-shard-size '5 GB'" gives them
         (" 500 MiB ", 500 * 2**20),
+        ("+5KB", 5000),
     ],
 )
 def test_parse_size(text, expected):
@@ -233,6 +234,13 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects_nonsense(text):
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size(text)
+
+
+@pytest.mark.parametrize("text", ["-1GB", "-0.5KB", "-1", "+0"])
+def test_a_size_below_one_byte_is_named_as_that(text):
+    with pytest.raises(ValueError) as info:
+        parse_size(text)
+    assert str(info.value) == f"max_shard_size: expected at least 1 byte, found {text!r}"
 
 
 def test_background_write_back_keeps_the_output_exact_and_leaves_no_threads(tmp_path, monkeypatch):

@@ -114,14 +114,16 @@ def _size(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's parser, reading ``-1e-3`` and ``-inf`` as the numbers they are: argparse
-    before Python 3.13 knows only ``-1`` and ``-0.5``, and took the others for options
-    (``--weights 1 -1e-3``: "unrecognized arguments")."""
+    """argparse's parser, reading ``-1e-3``, ``-inf`` and ``-5GB`` as the values they are:
+    argparse before Python 3.13 knows only ``-1`` and ``-0.5``, and took the others for
+    options (``--weights 1 -1e-3``: "unrecognized arguments"; ``--max-shard-size -5GB``:
+    "expected one argument")."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(
-            r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$|^-inf(?:inity)?$", re.IGNORECASE
+            r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?(?:[a-z]+)?$|^-inf(?:inity)?$",
+            re.IGNORECASE,
         )
 
     def print_usage(self, file: Any = None) -> None:

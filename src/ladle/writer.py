@@ -96,7 +96,7 @@ def parse_size(size: int | str) -> int:
         value = size
     else:
         # ASCII: "٥GB" (an Arabic-Indic five) or "５GB" is no size argparse users mean
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size, re.ASCII)
+        match = re.fullmatch(r"\s*([+-]?\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size, re.ASCII)
         unit = match.group(2).upper() if match else ""
         if not match or unit not in _UNITS:
             raise ValueError(f"max_shard_size: expected e.g. '5GB' or '500MiB', found {size!r}")
