@@ -659,6 +659,24 @@ def test_rows_with_a_step_and_unknown_keys_are_refused_clearly(tmp_path):
             ckpt.release("nope")
 
 
+@pytest.mark.parametrize("source", ["file", "memory"])
+def test_rows_that_are_no_slice_are_a_type_error_naming_rows_for_every_read(tmp_path, source):
+    # A file's read_rows and map_rows skipped the check: 'int' object has no attribute 'step',
+    # and in memory map_rows answered None.
+    tensors = {"w": torch.arange(6.0).reshape(3, 2)}
+    if source == "file":
+        tensors = save_file(tensors, tmp_path / "m.safetensors") or tmp_path / "m.safetensors"
+    into = torch.empty(64, dtype=torch.uint8)
+    with ladle.open_checkpoint(tensors) as ckpt:
+        for rows in (0, slice(0.5, 2), [0, 1]):
+            for read, more in ((ckpt.read_rows, (into,)), (ckpt.map_rows, ()), (ckpt.get_rows, ())):
+                with pytest.raises(TypeError) as info:
+                    read("w", rows, *more)
+                assert str(info.value) == (
+                    f"rows: expected a slice of int bounds (slice(0, 8)), found {rows!r}"
+                )
+
+
 DTYPES = [
     getattr(torch, name)
     for name in (

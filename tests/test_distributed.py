@@ -120,6 +120,25 @@ def test_split_by_bytes_puts_each_key_in_the_part_holding_its_midpoint():
     assert split_by_bytes({"a": 2, "b": 8, "c": 10}, 3) == [["a", "b"], [], ["c"]]
 
 
+@pytest.mark.parametrize(
+    ("sizes", "parts", "error", "message"),
+    [
+        ([100, 200], 2, TypeError, "sizes: expected a mapping of keys to bytes, found list"),
+        ({"a": "100"}, 2, TypeError, "sizes['a']: expected bytes (an int), found str"),
+        ({"a": True}, 2, TypeError, "sizes['a']: expected bytes (an int), found bool"),
+        ({"a": -1}, 2, ValueError, "sizes['a']: expected at least 0 bytes, found -1"),
+        ({"a": 1}, 2.0, TypeError, "parts: expected an int, found float"),
+        ({"a": 1}, "2", TypeError, "parts: expected an int, found str"),
+    ],
+)
+def test_split_by_bytes_names_what_is_wrong(sizes, parts, error, message):
+    # An AttributeError ('list' object has no attribute 'values') or torch-free TypeErrors
+    # naming neither argument.
+    with pytest.raises(error) as info:
+        split_by_bytes(sizes, parts)
+    assert str(info.value) == message
+
+
 def test_split_by_bytes_rejects_no_parts():
     with pytest.raises(ValueError, match="parts"):
         split_by_bytes({"a": 1}, 0)

@@ -1578,6 +1578,28 @@ def test_nested_tensors_and_lazy_parameters_are_refused_naming_model_and_key():
     )
 
 
+@pytest.mark.parametrize("name", ["uint4", "int4", "uint1", "int7", "bits16", "bits8"])
+def test_tensors_of_dtypes_without_kernels_are_refused_naming_model_and_key(name):
+    # torch's own NotImplementedError ("copy_kernel" not implemented for 'UInt4'), naming
+    # neither, from merges, the arithmetic and assert_state_dicts_close.
+    from ladle.testing import assert_state_dicts_close
+
+    dtype = getattr(torch, name, None)
+    if dtype is None:
+        pytest.skip(f"torch {torch.__version__} has no {name}")
+    odd = {"w": torch.ones(2), "q": torch.zeros(4, dtype=torch.uint8).view(dtype)}
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.uniform_soup([{"w": torch.ones(2), "q": torch.zeros(4)}, odd], device="cpu")
+    assert str(info.value) == (
+        f"model 1 (<state dict>): tensor 'q' is {dtype}, a dtype without torch kernels (no "
+        "sums, mostly no copies): convert it first; ladle merges dense tensors with data"
+    )
+    with pytest.raises(ladle.LadleError, match=rf"^a: tensor 'q' is {dtype}, a dtype without"):
+        ladle.add(odd, odd)
+    with pytest.raises(ladle.LadleError, match=rf"^actual: tensor 'q' is {dtype}, a dtype"):
+        assert_state_dicts_close(odd, odd)
+
+
 # --- tied weights in memory ----------------------------------------------------------------
 
 

@@ -1532,6 +1532,20 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
+def test_a_snapshot_folder_gone_or_no_folder_is_a_checkpoint_error_naming_the_url(tmp_path):
+    # A pruned cache: open_snapshot raised a bare FileNotFoundError (NotADirectoryError for
+    # a file) naming neither the URL nor as a LadleError, against its docstring.
+    from ladle.hub import open_snapshot
+
+    name = f"hf://org/name@{COMMIT_A}"
+    (tmp_path / "file").write_text("x")
+    for folder, why in ((tmp_path / "gone", "No such file"), (tmp_path / "file", "Not a dir")):
+        with pytest.raises(ladle.CheckpointError) as info:
+            open_snapshot(folder, name)
+        assert str(info.value).startswith(f"{name}: cannot read its snapshot {folder} ({why}")
+        assert str(info.value).endswith("); fetch it again")
+
+
 def test_an_unsafe_torch_file_of_a_hub_repo_is_an_unsafe_checkpoint_error(hub_cache, tmp_path):
     # Re-raised by open_snapshot as a plain CheckpointError: `except UnsafeCheckpointError`,
     # which catches the same file read locally, missed it.

@@ -236,6 +236,7 @@ class Checkpoint:
         """Rows ``rows`` of ``key`` (read as ``shape``, see :meth:`get_rows`) as a view of the
         file's pages in the page cache (no copy), or ``None`` where the source cannot give
         one. Never write to it."""
+        check_rows(rows)
         return None
 
     def release(self, key: str) -> None:
@@ -361,6 +362,15 @@ PREAD_MOST = 2**30
 ``os.preadv`` (macOS before 11): its kernel refuses reads of 2 GiB and more."""
 
 
+SHELL_DTYPES = frozenset(
+    [f"uint{bits}" for bits in range(1, 8)]
+    + [f"int{bits}" for bits in range(1, 8)]
+    + ["bits1x8", "bits2x4", "bits4x2", "bits8", "bits16"]
+)
+"""torch's dtypes without kernels (``torch.uint4``, ``torch.bits16``, ...), by name (some
+are missing from older torch): reached through ``view``, no ``clone`` or sum of them runs."""
+
+
 def not_a_dense_tensor(key: object, value: object) -> str | None:
     """Why ``key: value`` is no entry of a state dict that ladle reads or writes (a ``str`` key,
     a dense tensor holding data), or ``None`` where it is one.
@@ -384,6 +394,11 @@ def not_a_dense_tensor(key: object, value: object) -> str | None:
         return f"tensor {key!r} is quantized ({value.dtype}): dequantize it first"
     if value.is_nested:  # strided in layout, but no one shape
         return f"tensor {key!r} is a nested tensor"
+    if str(value.dtype).removeprefix("torch.") in SHELL_DTYPES:
+        return (
+            f"tensor {key!r} is {value.dtype}, a dtype without torch kernels (no sums, "
+            "mostly no copies): convert it first"
+        )
     if isinstance(value, (torch.nn.UninitializedParameter, torch.nn.UninitializedBuffer)):
         return f"tensor {key!r} is an uninitialized parameter of a lazy module: run it once first"
     return None
@@ -864,6 +879,7 @@ class SafetensorsCheckpoint(Checkpoint):
     ) -> tuple[Path, int, int, tuple[int, ...], torch.dtype]:
         """The file, byte offset and byte count of rows ``rows`` of ``key`` read as ``shape``
         (default its own), their shape and the tensor's dtype."""
+        check_rows(rows)
         if rows.step not in (None, 1):
             raise ValueError(f"rows: expected contiguous rows (step 1), found {rows}")
         stored, dtype = self.shape(key), self.dtype(key)

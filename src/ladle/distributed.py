@@ -499,9 +499,19 @@ def split_by_bytes(sizes: Mapping[str, int], parts: int) -> list[list[str]]:
         >>> split_by_bytes({"a": 100, "b": 100, "c": 50, "d": 150}, 2)
         [['a', 'b'], ['c', 'd']]
     """
+    if isinstance(parts, bool) or not isinstance(parts, numbers.Integral):
+        raise TypeError(f"parts: expected an int, found {type_name(parts)}")
     if parts < 1:
         raise ValueError(f"parts: expected at least 1, found {parts}")
-    counts = list(sizes.values())
+    if not isinstance(sizes, Mapping):
+        raise TypeError(f"sizes: expected a mapping of keys to bytes, found {type_name(sizes)}")
+    for key, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            raise TypeError(f"sizes[{key!r}]: expected bytes (an int), found {type_name(size)}")
+        if size < 0:
+            raise ValueError(f"sizes[{key!r}]: expected at least 0 bytes, found {size}")
+    parts = int(parts)
+    counts = [int(size) for size in sizes.values()]
     if sum(counts) == 0:  # only empty tensors: split by count instead
         counts = [1] * len(counts)
     total = sum(counts)

@@ -828,7 +828,18 @@ def pinned(
     source: object, snapshots: Mapping[str, tuple[Path, str]], stack: contextlib.ExitStack
 ) -> Any:
     """``source`` as it is, or, for an ``hf://`` URL of ``snapshots`` (from :func:`fetched`),
-    its snapshot opened (:func:`open_snapshot`) and closed with ``stack``."""
+    its snapshot opened (:func:`open_snapshot`) and closed with ``stack``.
+
+    Example:
+        >>> import contextlib, pathlib, tempfile, torch, ladle
+        >>> folder = pathlib.Path(tempfile.mkdtemp())  # as if fetched by snapshot()
+        >>> _ = ladle.save({"w": torch.ones(2)}, folder / "model.safetensors")
+        >>> snapshots = {"hf://org/name": (folder, "hf://org/name@" + "0" * 40)}
+        >>> with contextlib.ExitStack() as stack:
+        ...     opened = pinned("hf://org/name", snapshots, stack)
+        ...     print(opened.name[-8:], opened.keys(), pinned("local.pt", snapshots, stack))
+        00000000 ['w'] local.pt
+    """
     if isinstance(source, str) and source in snapshots:
         return stack.enter_context(open_snapshot(*snapshots[source]))
     return source
@@ -860,5 +871,9 @@ def open_snapshot(folder: Path, name: str) -> Checkpoint:
         checkpoint = _open_directory(folder)
     except CheckpointError as err:  # its own class: an UnsafeCheckpointError stays one
         raise type(err)(f"{name}: {err}") from err
+    except OSError as err:  # the folder gone (a pruned cache) or no folder
+        raise CheckpointError(
+            f"{name}: cannot read its snapshot {folder} ({err.strerror or err}); fetch it again"
+        ) from err
     checkpoint.name = name
     return checkpoint
