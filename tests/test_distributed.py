@@ -1787,6 +1787,13 @@ def _arguments_worker(rank: int, root: str) -> None:
         order = models if rank == 0 else models[::-1]
         found["order"] = _catch(merge, "soup", order, out=out / "order", **kw)
         found["out"] = _catch(merge, "soup", models, out=out / f"rank{rank}", **kw)
+        # Numpy scalars, opened checkpoints and a partial's keywords were compared by type.
+        t = np.float32(0.25 if rank == 0 else 0.75)
+        found["numpy"] = _catch(merge, "slerp", models[:2], t=t, out=out / "numpy", **kw)
+        opened = [ladle.open_checkpoint(m) for m in order]
+        found["opened"] = _catch(merge, "soup", opened, out=out / "opened", **kw)
+        slerp = functools.partial(ladle.slerp, t=float(t))
+        found["partial"] = _catch(merge, slerp, models[:2], out=out / "partial", **kw)
         # Each in a folder of its own, the same arguments: strings that are no paths (the
         # method's name, trim) were resolved as paths and refused as different.
         own = Path(root) / f"cwd{rank}"
@@ -1844,6 +1851,16 @@ def test_a_split_merge_refuses_what_its_ranks_cannot_share(tmp_path):
         == found[1]["out"]
         == ("LadleError", f"{differ}out is {out / 'rank1'}, rank 0's {out / 'rank0'}{same}")
     )
+    assert (
+        found[0]["numpy"]
+        == found[1]["numpy"]
+        == ("LadleError", f"{differ}'t' is 0.75, rank 0's 0.25{same}")
+    )
+    opened = f"models[0] is ('checkpoint', '{models[2]}'), rank 0's ('checkpoint', '{models[0]}')"
+    assert found[0]["opened"] == found[1]["opened"] == ("LadleError", f"{differ}{opened}{same}")
+    slerp = "('partial', 'ladle.methods.slerp.slerp', (), (('t', {}),))"
+    partial = f"method is {slerp.format(0.75)}, rank 0's {slerp.format(0.25)}"
+    assert found[0]["partial"] == found[1]["partial"] == ("LadleError", f"{differ}{partial}{same}")
     assert found[0]["cwd"] is None and found[1]["cwd"] is None
     assert_bit_for_bit(
         ladle.load(out / "cwd"), ladle.ties(models, base, trim="tensor", device="cpu")

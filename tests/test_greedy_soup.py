@@ -503,10 +503,13 @@ def test_an_evaluate_returning_no_number_is_a_value_error_naming_it(returned):
 
 def test_a_greedy_soup_that_overflows_its_output_dtype_is_an_error(tmp_path):
     models = [{"w": torch.tensor([1e5, 1.0])}, {"w": torch.tensor([1e5, 2.0])}]
+    seen = []  # evaluate was handed the overflowed soups (inf) first: an evaluation through a
+    # network made NaN of them, and "evaluate: returned NaN" hid the cause
     with pytest.raises(
         ladle.NonFiniteError, match=r"the greedy soup: 1 of the 2 .* overflow float16"
     ):
-        ladle.greedy_soup(models, lambda sd: 1.0, dtype=torch.float16, device="cpu")
+        ladle.greedy_soup(models, lambda sd: seen.append(sd) or 1.0, dtype="fp16", device="cpu")
+    assert seen == []
     with pytest.raises(ladle.NonFiniteError, match=r"o\.safetensors: .* overflow float16"):
         ladle.greedy_soup(
             models,
@@ -620,11 +623,13 @@ def test_a_model_of_a_dtype_results_cannot_be_written_in_is_refused_before_evalu
 def test_a_greedy_soup_that_saturates_float8_e4m3fn_is_an_error():
     # float8_e4m3fn has no Inf: the cast of 1000 gives 448 silently, so it is checked before.
     models = [{"w": torch.tensor([1000.0, 1.0])}, {"w": torch.tensor([1000.0, 2.0])}]
+    seen = []
     with pytest.raises(
         ladle.NonFiniteError,
         match=r"^the greedy soup: 1 of the 2 merged values of key 'w' overflow float8_e4m3fn",
     ):
-        ladle.greedy_soup(models, lambda sd: 1.0, dtype=torch.float8_e4m3fn, device="cpu")
+        ladle.greedy_soup(models, lambda sd: seen.append(sd) or 1.0, dtype=torch.float8_e4m3fn)
+    assert seen == []  # checked before evaluate saw 448 for 1000
     kept = ladle.greedy_soup(
         models, lambda sd: 1.0, dtype=torch.float8_e4m3fn, device="cpu", allow_nonfinite=True
     )
@@ -844,3 +849,18 @@ def test_a_running_mean_past_float32s_range_is_the_mean_of_every_model_kept():
     soup = ladle.greedy_soup(models, lambda sd: 1.0, device="cpu")
     assert soup.selected == [0, 1, 2]
     assert torch.equal(soup.state_dict["w"], torch.tensor([1e38]))
+
+
+def test_an_infinite_score_is_recorded_as_json_null(tmp_path):
+    # It was written as Infinity, which is no JSON: strict readers could not read the record.
+    out = tmp_path / "soup.safetensors"
+    models = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}]
+    result = ladle.greedy_soup(models, lambda sd: 0.5, scores=[math.inf, 0.1], out=out)
+    assert result.score == math.inf and result.selected == [0]
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    with ladle.open_checkpoint(out) as written:
+        recorded = json.loads(written.metadata["ladle.parameters"], parse_constant=refuse)
+    assert recorded == {"score": None, "selected": [0], "strict": False}

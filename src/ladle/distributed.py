@@ -30,6 +30,7 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -770,9 +771,11 @@ def _arguments(
 def _described(value: object, *, path: bool = False) -> object:
     """``value`` as another process can compare it (by its ``repr``): a model's, the base's
     or the output's local ``path`` resolved (relative ones differ with the working
-    directory), a state dict or module by its keys, shapes and dtypes (not its numbers), a
-    function by its name, a small tensor by its values, other strings and numbers as they
-    are, anything else by its type.
+    directory), an opened checkpoint by its resolved path (an in-memory one by its keys,
+    shapes and dtypes), a state dict or module by its keys, shapes and dtypes (not its
+    numbers), a function by its name (a ``functools.partial`` with its arguments), a small
+    tensor or array by its values, other strings and numbers (numpy scalars included) as
+    they are, anything else by its type.
 
     Example:
         >>> import torch
@@ -793,11 +796,21 @@ def _described(value: object, *, path: bool = False) -> object:
         return tuple((str(k), _described(v)) for k, v in value.items())
     if isinstance(value, (list, tuple)):
         return tuple(_described(v, path=path) for v in value)
+    if isinstance(value, Checkpoint):
+        if value.path is not None:
+            return ("checkpoint", os.path.realpath(value.path))
+        specs = ((k, tuple(value.shape(k)), str(value.dtype(k))) for k in value.keys())
+        return ("checkpoint", value.name, tuple(specs))
+    if isinstance(value, np.ndarray):
+        return ("array", value.tolist() if value.size <= 64 else tuple(value.shape))
+    if isinstance(value, np.generic):
+        return value.item()
     if isinstance(value, functools.partial):
-        return ("partial", _described(value.func), _described(value.args))
+        keywords = tuple((k, _described(v)) for k, v in sorted(value.keywords.items()))
+        return ("partial", _described(value.func), _described(value.args), keywords)
     if callable(value) and hasattr(value, "__qualname__"):
         return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
-    if value is None or isinstance(value, (bool, int, float, complex)):
+    if value is None or isinstance(value, numbers.Number):
         return value
     if isinstance(value, torch.dtype):
         return str(value)

@@ -2473,6 +2473,23 @@ def _inodes_up(path: Path) -> set[tuple[int, int]]:
     return {inode for inode in found if inode is not None}
 
 
+def _json_ready(value: object) -> object:
+    """``value`` with each float that is not finite, in lists, tuples and dicts too, as
+    ``None`` (JSON's ``null``).
+
+    Example:
+        >>> _json_ready({"score": float("inf"), "weights": [0.5, float("nan")], "t": 1})
+        {'score': None, 'weights': [0.5, None], 't': 1}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    return value
+
+
 def provenance(
     method: str,
     parameters: Mapping[str, object],
@@ -2481,11 +2498,14 @@ def provenance(
     out: str | os.PathLike | None = None,
 ) -> dict[str, str]:
     """Header metadata recording how the output ``out`` was made (local inputs relative to
-    the folder holding it: :func:`~ladle.checkpoint.recorded_name`)."""
+    the folder holding it: :func:`~ladle.checkpoint.recorded_name`). The parameters are
+    JSON, a number that is not finite (an infinite greedy-soup score) recorded as ``null``:
+    JSON has no ``Infinity``, and strict readers refuse it."""
+    recorded = json.dumps(_json_ready(dict(parameters)), sort_keys=True, default=str)
     meta = {
         "ladle.version": __version__,
         "ladle.method": method,
-        "ladle.parameters": json.dumps(dict(parameters), sort_keys=True, default=str),
+        "ladle.parameters": recorded,
         "ladle.inputs": json.dumps([recorded_name(m, out) for m in models]),
     }
     if base is not None:  # a name that is no UTF-8 (lone surrogates) by its escapes, as cards

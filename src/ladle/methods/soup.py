@@ -404,13 +404,15 @@ def _greedy(
     allow_nonfinite: bool,
     where: str = "the greedy soup",
 ) -> GreedySoupResult:
-    """The greedy rule over opened, checked checkpoints. Unless ``allow_nonfinite``, the
-    final soup is checked before its cast to a dtype whose casts saturate (see
-    :func:`~ladle.engine.saturation_limit`; other dtypes' overflow shows after the cast),
-    ``where`` naming it in the error. A tensor every model names twice (tied weights) is
-    averaged once, under its first name, and handed out under both, one tensor. Every
-    state dict handed out has model 0's keys, as every merge has its reference's: a second
-    name that model 0 lacks (it stores the tensor once) is read from no model."""
+    """The greedy rule over opened, checked checkpoints. Unless ``allow_nonfinite``, each
+    soup is checked as every merge's output is, before ``evaluate`` sees it and before it
+    is returned: no NaN or Inf, none made by the cast to the output dtype, and no value
+    past the range of a dtype whose casts saturate (see
+    :func:`~ladle.engine.saturation_limit`), ``where`` naming it in the error. A tensor
+    every model names twice (tied weights) is averaged once, under its first name, and
+    handed out under both, one tensor. Every state dict handed out has model 0's keys, as
+    every merge has its reference's: a second name that model 0 lacks (it stores the
+    tensor once) is read from no model."""
     count = len(checkpoints)
     tied = tied_names(checkpoints)
     names = checkpoints[0].keys()  # the reference's (open_models answers its second names)
@@ -425,10 +427,17 @@ def _greedy(
         soup: Mapping[str, torch.Tensor], reference: Checkpoint, to: torch.device | str = device
     ) -> StateDict:
         # On ``to`` (``device`` for evaluate): integer buffers come from the inputs as they are.
-        converted = {
-            key: cast(t.to(to), output_dtype(reference.dtype(key), dtype))  # rounded once
-            for key, t in soup.items()
-        }
+        # Checked before evaluate sees it: an overflow of the output dtype is the error, not
+        # the NaN an evaluation through it makes.
+        converted = {}
+        for key, tensor in soup.items():
+            target = output_dtype(reference.dtype(key), dtype)
+            if not allow_nonfinite and tensor.is_floating_point():
+                limit = saturation_limit(target)
+                _check_saturating(tensor, limit, target, key, slice(None), checkpoints, None, where)
+            converted[key] = cast(tensor.to(to), target)  # rounded once
+            if not allow_nonfinite:
+                _check_merged(converted[key], key, slice(None), checkpoints, None, where)
         return {key: converted[tied.get(key, key)] for key in names}
 
     try:
@@ -460,12 +469,6 @@ def _greedy(
     finally:
         if bar is not None:
             bar.close()
-    if not allow_nonfinite:
-        for key, tensor in soup.items():
-            if tensor.is_floating_point():
-                target = output_dtype(best.dtype(key), dtype)
-                limit = saturation_limit(target)
-                _check_saturating(tensor, limit, target, key, slice(None), checkpoints, None, where)
     return GreedySoupResult(output(soup, best, to="cpu"), selected, score, history)
 
 
@@ -566,9 +569,6 @@ def run_greedy(
             allow_nonfinite=allow_nonfinite,
             where=where,
         )
-        if not allow_nonfinite:  # as every merge's output: overflow of the dtype is an error
-            for key, tensor in result.state_dict.items():
-                _check_merged(tensor, key, slice(None), checkpoints, None, where)
         if out is not None:
             state = result.state_dict
             # Model 0's config, with the dtype written (the best-ranked model's) where the
