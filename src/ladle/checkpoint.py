@@ -1498,11 +1498,43 @@ def _load_failure(file: Path, err: Exception) -> str:
     """Why torch could not load ``file``: that it ends early where it does (a legacy pickle
     cut short raises a bare ``EOFError``, an ``IndexError`` or a ``struct.error``), else
     torch's message, with the exception's type where that alone would not say much."""
-    if isinstance(err, EOFError) or _ends_early(file):
+    if isinstance(err, EOFError) or _ends_early(file) or _zip_ends_early(file):
         return ENDS_EARLY
     if isinstance(err, (OSError, RuntimeError, ValueError)) and str(err):
         return str(err)
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+ZIP_END = b"PK\x05\x06"
+"""The signature of a zip archive's end record (22 bytes, then a comment of up to 65,535)."""
+
+
+def _zip_ends_early(file: Path) -> bool:
+    """Whether ``file``, a zip archive (torch's format since 1.6), lacks a whole end record
+    within its last 65,557 bytes, where every zip archive has one: cut short (torch's
+    reader says "[Errno 22] Invalid argument", or "failed finding central directory").
+
+    Example:
+        >>> import tempfile, torch
+        >>> path = Path(tempfile.mkdtemp()) / "model.pt"
+        >>> torch.save({"w": torch.ones(4)}, path)
+        >>> _zip_ends_early(path)
+        False
+        >>> _ = os.truncate(path, path.stat().st_size - 10)
+        >>> _zip_ends_early(path)
+        True
+    """
+    try:
+        with open(file, "rb") as handle:
+            if handle.read(2) != b"PK":
+                return False
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - 22 - 65535))
+            tail = handle.read()
+    except OSError:
+        return False
+    end = tail.rfind(ZIP_END)
+    return end < 0 or end + 22 > len(tail)
 
 
 LEGACY_PICKLES = 5
