@@ -172,11 +172,24 @@ class Checkpoint:
 
     def get_slice(self, key: str, rows: slice) -> torch.Tensor:
         """Rows ``rows`` (a slice along dimension 0) of tensor ``key``; for a 0-d tensor,
-        ``rows`` is ``slice(None)``, and the tensor itself is the answer."""
+        ``rows`` is ``slice(None)``, and the tensor itself is the answer.
+
+        Example:
+            >>> import torch, ladle
+            >>> ckpt = ladle.open_checkpoint({"w": torch.arange(6.0).reshape(3, 2)})
+            >>> ckpt.get_slice("w", slice(1, 3)).tolist()
+            [[2.0, 3.0], [4.0, 5.0]]
+        """
         raise NotImplementedError
 
     def get(self, key: str, *, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The whole tensor ``key``, on ``device`` (checked as :func:`load` checks it)."""
+        """The whole tensor ``key``, on ``device`` (checked as :func:`load` checks it).
+
+        Example:
+            >>> import torch, ladle
+            >>> ladle.open_checkpoint({"w": torch.arange(3.0)}).get("w")
+            tensor([0., 1., 2.])
+        """
         return self._sliced(key, slice(None), tuple(self.shape(key))).to(_target(device))
 
     def _sliced(self, key: str, rows: slice, stored: tuple[int, ...]) -> torch.Tensor:
@@ -201,7 +214,18 @@ class Checkpoint:
         opened (rewritten or replaced, even at the same size: a trainer saving over it).
         Merges call it before each pass over the inputs: a pass after a rewrite would read
         other numbers than the passes before it (TIES's thresholds), or stop the process
-        where the file was cut short. Tensors in memory never change."""
+        where the file was cut short. Tensors in memory never change.
+
+        Example:
+            >>> import tempfile, torch, ladle
+            >>> path = ladle.save({"w": torch.ones(2)}, tempfile.mkdtemp() + "/m.safetensors")
+            >>> with ladle.open_checkpoint(path) as ckpt:
+            ...     ckpt.check_unchanged()  # as opened: nothing to say
+            ...     _ = ladle.save({"w": torch.zeros(2)}, path, overwrite=True)
+            ...     ckpt.check_unchanged()  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ladle.errors.CheckpointError: ...m.safetensors: changed since it was opened...
+        """
 
     def get_rows(self, key: str, rows: slice, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """Rows ``rows`` of ``key`` read as ``shape``: its own shape (the default: what
@@ -212,7 +236,14 @@ class Checkpoint:
         merged (a transposed or permuted tensor in memory), only the rows asked for are
         copied, never the whole tensor. Safetensors files read the rows alone; a subclass
         whose ``get_slice`` reads from storage reads such a stored row once per chunk in it
-        unless it overrides this method."""
+        unless it overrides this method.
+
+        Example:
+            >>> import torch, ladle
+            >>> ckpt = ladle.open_checkpoint({"w": torch.arange(8.0).reshape(2, 2, 2)})
+            >>> ckpt.get_rows("w", slice(1, 3), (4, 2)).tolist()  # rows of a (4, 2) view
+            [[2.0, 3.0], [4.0, 5.0]]
+        """
         check_rows(rows)
         stored = tuple(self.shape(key))  # a subclass may answer a list
         if shape is None or tuple(shape) == stored:
@@ -227,7 +258,17 @@ class Checkpoint:
         bytes of ``into`` (a flat uint8 CPU tensor) where the source is a safetensors file;
         other sources (tensors in memory, torch files) return their own view and leave
         ``into`` untouched (the caller tells by comparing storages). ``into`` must hold the
-        rows."""
+        rows.
+
+        Example:
+            >>> import tempfile, torch, ladle
+            >>> path = ladle.save({"w": torch.arange(4.0)}, tempfile.mkdtemp() + "/m.safetensors")
+            >>> into = torch.empty(16, dtype=torch.uint8)
+            >>> with ladle.open_checkpoint(path) as ckpt:
+            ...     rows = ckpt.read_rows("w", slice(1, 3), into)
+            >>> rows.tolist(), rows.untyped_storage().data_ptr() == into.data_ptr()
+            ([1.0, 2.0], True)
+        """
         return self.get_rows(key, rows, shape)
 
     def map_rows(
@@ -235,22 +276,52 @@ class Checkpoint:
     ) -> torch.Tensor | None:
         """Rows ``rows`` of ``key`` (read as ``shape``, see :meth:`get_rows`) as a view of the
         file's pages in the page cache (no copy), or ``None`` where the source cannot give
-        one. Never write to it."""
+        one. Never write to it.
+
+        Example:
+            >>> import tempfile, torch, ladle
+            >>> path = ladle.save({"w": torch.arange(4.0)}, tempfile.mkdtemp() + "/m.safetensors")
+            >>> with ladle.open_checkpoint(path) as ckpt:
+            ...     print(ckpt.map_rows("w", slice(2, None)).tolist())
+            ...     ckpt.release("w")  # done with the view
+            [2.0, 3.0]
+            >>> print(ladle.open_checkpoint({"w": torch.ones(2)}).map_rows("w", slice(None)))
+            None
+        """
         check_rows(rows)
         return None
 
     def release(self, key: str) -> None:
         """Let go of this process's view of tensor ``key``'s pages (:meth:`map_rows`); a later
-        read maps them again. Sources without views ignore it."""
+        read maps them again. Sources without views ignore it.
+
+        Example:
+            >>> import torch, ladle
+            >>> ladle.open_checkpoint({"w": torch.ones(2)}).release("w")  # no view: nothing
+        """
 
     def files(self) -> dict[str, Path]:
-        """The file holding each tensor (shards of a sharded checkpoint); empty in memory."""
+        """The file holding each tensor (shards of a sharded checkpoint); empty in memory.
+
+        Example:
+            >>> import tempfile, torch, ladle
+            >>> path = ladle.save({"w": torch.ones(2)}, tempfile.mkdtemp() + "/m.safetensors")
+            >>> with ladle.open_checkpoint(path) as ckpt:
+            ...     ckpt.files() == {"w": path}, ckpt.file_sizes() == {path: path.stat().st_size}
+            (True, True)
+        """
         return {}
 
     def file_sizes(self) -> dict[Path, int]:
         """Each distinct file of :meth:`files` and its size in bytes. Subclasses answer
         without a pass over every key: a merge asks once per pass, and TIES's per-tensor trim
-        once per tensor (a pass over every key each time made that quadratic in the keys)."""
+        once per tensor (a pass over every key each time made that quadratic in the keys).
+
+        Example:
+            >>> import torch, ladle
+            >>> ladle.open_checkpoint({"w": torch.ones(2)}).file_sizes()  # in memory: no files
+            {}
+        """
         return {file: file.stat().st_size for file in dict.fromkeys(self.files().values())}
 
     def aliases(self) -> dict[str, str]:
@@ -258,11 +329,24 @@ class Checkpoint:
         strides and dtype: tied weights, such as ``lm_head.weight`` of a model with
         ``tie_word_embeddings``) -> the first key in :meth:`keys` order that names it; keys
         naming a tensor of their own are absent. This default finds none: a safetensors file
-        cannot hold one tensor twice (``save_model`` keeps one name of each)."""
+        cannot hold one tensor twice (``save_model`` keeps one name of each).
+
+        Example:
+            >>> import torch, ladle
+            >>> embed = torch.ones(4, 2)
+            >>> ladle.open_checkpoint({"embed": embed, "head": embed}).aliases()
+            {'head': 'embed'}
+        """
         return {}
 
     def nbytes(self, key: str) -> int:
-        """Bytes of tensor ``key`` as stored."""
+        """Bytes of tensor ``key`` as stored.
+
+        Example:
+            >>> import torch, ladle
+            >>> ladle.open_checkpoint({"w": torch.ones(3, dtype=torch.bfloat16)}).nbytes("w")
+            6
+        """
         numel = 1
         for size in self.shape(key):
             numel *= size
@@ -274,7 +358,17 @@ class Checkpoint:
     def close(self) -> None:
         """Release open files. Reading tensors afterwards is a ``CheckpointError`` for
         checkpoints of files (tensors in memory stay readable); views read before stay
-        valid."""
+        valid.
+
+        Example:
+            >>> import tempfile, torch, ladle
+            >>> path = ladle.save({"w": torch.ones(2)}, tempfile.mkdtemp() + "/m.safetensors")
+            >>> ckpt = ladle.open_checkpoint(path)
+            >>> kept = ckpt.get("w")
+            >>> ckpt.close()
+            >>> kept.tolist()
+            [1.0, 1.0]
+        """
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -116,7 +116,13 @@ class HubSource(NamedTuple):
     subfolder: str
 
     def url(self, revision: str | None = None) -> str:
-        """The ``hf://`` form, with ``revision`` (e.g. the resolved commit) in place of ours."""
+        """The ``hf://`` form, with ``revision`` (e.g. the resolved commit) in place of ours.
+
+        Example:
+            >>> source = parse_hf_url("hf://org/model@release%2Fv2/text")
+            >>> source.url(), source.url("0123abc")
+            ('hf://org/model@release%2Fv2/text', 'hf://org/model@0123abc/text')
+        """
         rev = self.revision if revision is None else revision
         text = PREFIX + self.repo_id
         if rev is not None:
