@@ -244,6 +244,21 @@ def test_offline_and_not_cached_is_a_checkpoint_error_naming_the_source(hub_cach
     ) as caught:
         ladle.open_checkpoint("hf://org/m@v9")  # a revision never fetched
     assert "local_files_only" not in str(caught.value)  # huggingface_hub's advice, not ours
+    # A revision holding '/' written as it is reads as a revision and a subfolder: said so.
+    write_cached_repo(
+        hub_cache,
+        "org/m",
+        COMMIT_B,
+        {"model.safetensors": weights({})},
+        refs={"release/v2": COMMIT_B},
+    )
+    assert ladle.open_checkpoint("hf://org/m@release%2Fv2").name == f"hf://org/m@{COMMIT_B}"
+    with pytest.raises(
+        ladle.CheckpointError,
+        match=r"^hf://org/m@release/v2: revision 'release' of org/m is not in the Hugging Face "
+        r"cache .*; for the revision 'release/v2', write hf://org/m@release%2Fv2$",
+    ):
+        ladle.open_checkpoint("hf://org/m@release/v2")
 
 
 def test_repo_without_weights_is_a_checkpoint_error(hub_cache):
@@ -1595,12 +1610,16 @@ def test_a_torch_shard_s_error_names_its_hub_source(hub_cache):
 
 
 def test_a_revision_the_offline_cache_cannot_read_says_so_not_a_fetch(hub_cache):
-    # "cannot fetch from the Hub ([Errno 21] Is a directory: .../refs/release)" while offline.
+    # "cannot fetch from the Hub ([Errno 21] Is a directory: .../refs/release)" while offline,
+    # then "cannot read the Hugging Face cache ([Errno 21] ...)": the revision is not cached.
     files = {"model.safetensors": weights({"w": torch.ones(2)})}
     write_cached_repo(hub_cache, "org/m", COMMIT_A, files, refs={"release/v2": COMMIT_A})
     with pytest.raises(ladle.CheckpointError) as info:
         ladle.load("hf://org/m@release")
-    assert str(info.value).startswith(
-        "hf://org/m@release: cannot read the Hugging Face cache ([Errno 21] Is a directory"
-    )
+    assert re.fullmatch(
+        r"hf://org/m@release: revision 'release' of org/m is not in the Hugging Face cache "
+        r"\(.*\) and HF_HUB_OFFLINE is set: .*; it holds the revision 'release/v2' beneath it: "
+        r"write hf://org/m@release%2Fv2",
+        str(info.value),
+    ), info.value
     assert ladle.load("hf://org/m@release%2Fv2")["w"].tolist() == [1.0, 1.0]

@@ -559,6 +559,37 @@ _MALFORMED = (KeyError, AssertionError, TypeError)
 ``KeyError: 'id'``; no commit: its ``AssertionError``): an endpoint that is no Hub."""
 
 
+def _slash_hint(source: HubSource) -> str:
+    """Where ``source``'s revision was not found and a subfolder follows it, how to write the
+    revision that holds the subfolder's first part (``release/v2``: its ``/`` is ``%2F`` in a
+    URL, as HfFileSystem writes it); else nothing.
+
+    Example:
+        >>> _slash_hint(parse_hf_url("hf://org/model@release/v2"))
+        "; for the revision 'release/v2', write hf://org/model@release%2Fv2"
+        >>> _slash_hint(parse_hf_url("hf://org/model@v2/unet/fp16"))
+        "; for the revision 'v2/unet', write hf://org/model@v2%2Funet/fp16"
+    """
+    if not source.revision or not source.subfolder or _COMMIT.fullmatch(source.revision):
+        return ""
+    first, _, rest = source.subfolder.partition("/")
+    meant = HubSource(source.repo_id, f"{source.revision}/{first}", rest)
+    return f"; for the revision {meant.revision!r}, write {meant.url()}"
+
+
+def _beneath_hint(ref: Path, source: HubSource) -> str:
+    """Where ``ref``, the cache's refs entry of ``source``'s revision, is a folder: the first
+    revision the cache holds beneath it (``release/v2`` beneath ``release``), written as a
+    URL; else nothing."""
+    assert source.revision is not None
+    refs = ref.parents[source.revision.count("/")]
+    held = sorted(p.relative_to(refs).as_posix() for p in ref.rglob("*") if p.is_file())
+    if not held:
+        return ""
+    meant = HubSource(source.repo_id, held[0], source.subfolder)
+    return f"; it holds the revision {held[0]!r} beneath it: write {meant.url()}"
+
+
 def _not_the_hub(url: str, err: Exception) -> CheckpointError:
     """The error of an endpoint whose answers huggingface_hub could not read (:data:`_MALFORMED`):
     a traceback of huggingface_hub's before, from the CLI too.
@@ -601,8 +632,17 @@ def _fetch_failure(
     if isinstance(err, RevisionNotFoundError):
         return CheckpointError(
             f"{url}: revision {source.revision or 'main'!r} not found in {source.repo_id}"
+            f"{_slash_hint(source)}"
         )
-    if isinstance(err, LocalEntryNotFoundError):
+    # Offline, the cache's refs file of a revision beneath which others lie (``release``,
+    # of ``release/v2``) is a folder: huggingface_hub's read of it fails so.
+    folder_ref = (
+        isinstance(err, IsADirectoryError)
+        and source.revision is not None
+        and Path(str(err.filename)).parts[-2 - source.revision.count("/") :]
+        == ("refs", *source.revision.split("/"))
+    )
+    if isinstance(err, LocalEntryNotFoundError) or folder_ref:
         _check_access(err, url, source.repo_id)  # reached, and refused: not a network failure
         # huggingface_hub's own text advises `local_files_only=False`, which ladle has not.
         revision = f" --revision {shlex.quote(source.revision)}" if source.revision else ""
@@ -618,8 +658,12 @@ def _fetch_failure(
         else:
             why = f"the Hub could not be reached ({one_line(err)})"
         what = f"revision {source.revision!r} of " if source.revision else ""
+        hint = _slash_hint(source)
+        if folder_ref and not hint:
+            hint = _beneath_hint(Path(str(err.filename)), source)
         return CheckpointError(
             f"{url}: {what}{source.repo_id} is not in the Hugging Face cache ({cache}) and {why}"
+            f"{hint}"
         )
     if isinstance(err, HfHubHTTPError):
         _check_access(err, url, source.repo_id)
