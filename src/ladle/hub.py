@@ -636,13 +636,12 @@ def _fetch_failure(
         )
     # Offline, the cache's refs file of a revision beneath which others lie (``release``,
     # of ``release/v2``) is a folder: huggingface_hub's read of it fails so.
-    folder_ref = (
-        isinstance(err, IsADirectoryError)
-        and source.revision is not None
-        and Path(str(err.filename)).parts[-2 - source.revision.count("/") :]
-        == ("refs", *source.revision.split("/"))
-    )
-    if isinstance(err, LocalEntryNotFoundError) or folder_ref:
+    folder_ref = None
+    if isinstance(err, IsADirectoryError) and source.revision is not None:
+        path = Path(str(err.filename))
+        if path.parts[-2 - source.revision.count("/") :] == ("refs", *source.revision.split("/")):
+            folder_ref = path
+    if isinstance(err, LocalEntryNotFoundError) or folder_ref is not None:
         _check_access(err, url, source.repo_id)  # reached, and refused: not a network failure
         # huggingface_hub's own text advises `local_files_only=False`, which ladle has not.
         revision = f" --revision {shlex.quote(source.revision)}" if source.revision else ""
@@ -659,8 +658,8 @@ def _fetch_failure(
             why = f"the Hub could not be reached ({one_line(err)})"
         what = f"revision {source.revision!r} of " if source.revision else ""
         hint = _slash_hint(source)
-        if folder_ref and not hint:
-            hint = _beneath_hint(Path(str(err.filename)), source)
+        if folder_ref is not None and not hint:
+            hint = _beneath_hint(folder_ref, source)
         return CheckpointError(
             f"{url}: {what}{source.repo_id} is not in the Hugging Face cache ({cache}) and {why}"
             f"{hint}"
