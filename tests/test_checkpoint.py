@@ -3201,3 +3201,23 @@ def test_a_broken_link_for_weights_or_a_shard_is_named_with_where_it_leads(tmp_p
         r"\(to /nonexistent/x\.safetensors\)$",
     ):
         ladle.load(tmp_path / "s")
+
+
+def test_a_hub_url_misspelt_as_a_path_says_how_to_write_it(tmp_path, monkeypatch):
+    # "HF:/org/m: no such file or directory": the scheme's case, or a Path of the URL (which
+    # collapses its "//"), made it a local path naming nothing.
+    hint = "; a Hugging Face Hub repository is written hf://org/m"
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.open_checkpoint("HF://org/m")
+    assert str(info.value) == f"HF:/org/m: no such file or directory{hint} (in lower case)"
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.open_checkpoint(Path("hf://org/m"))
+    assert str(info.value) == (
+        f"hf:/org/m: no such file or directory{hint}, as a str (a Path collapses //)"
+    )
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.open_checkpoint(tmp_path / "hf" / "m")  # "hf" without the colon: a plain path
+    assert str(info.value).endswith("m: no such file or directory")
+    monkeypatch.chdir(tmp_path)  # a local folder named "hf:" is read as one
+    ladle.save({"w": torch.ones(2)}, tmp_path / "hf:" / "org" / "m" / "model.safetensors")
+    assert ladle.load(Path("hf://org/m"))["w"].tolist() == [1.0, 1.0]

@@ -2371,7 +2371,9 @@ def open_checkpoint(source: StateDictLike) -> Checkpoint:
             mode = path.stat().st_mode
         except (OSError, ValueError) as err:  # ValueError: a NUL in the name, naming nothing
             if not isinstance(err, OSError) or err.errno in MISSING:
-                raise CheckpointError(f"{path}: no such file or directory") from None
+                raise CheckpointError(
+                    f"{path}: no such file or directory{_hub_hint(text)}"
+                ) from None
             raise CheckpointError(f"{path}: cannot read it ({err.strerror or err})") from err
         if S_ISDIR(mode):
             try:
@@ -2383,6 +2385,26 @@ def open_checkpoint(source: StateDictLike) -> Checkpoint:
         raise CheckpointError(f"{path}: neither a file nor a directory")
     check_source("source", source)
     raise AssertionError("unreachable: check_source accepts only the kinds above")
+
+
+def _hub_hint(text: str) -> str:
+    """How to write a Hub repository, where ``text``, a path that names nothing, looks like
+    one misspelt: ``HF://org/m`` (the scheme is lower case), or ``hf:/org/m`` (a ``Path`` of
+    the URL, which collapses its ``//``); else nothing.
+
+    Example:
+        >>> _hub_hint(str(Path("hf://org/m")))
+        '; a Hugging Face Hub repository is written hf://org/m, as a str (a Path collapses //)'
+        >>> _hub_hint("HF://org/m"), _hub_hint("models/m")
+        ('; a Hugging Face Hub repository is written hf://org/m (in lower case)', '')
+    """
+    match = re.match(r"hf:/+(?=[^/])", text, re.IGNORECASE)
+    if match is None:
+        return ""
+    url = f"hf://{text[match.end() :]}"
+    if not text.startswith("hf:"):
+        return f"; a Hugging Face Hub repository is written {url} (in lower case)"
+    return f"; a Hugging Face Hub repository is written {url}, as a str (a Path collapses //)"
 
 
 _SOURCE_KINDS = (Checkpoint, torch.nn.Module, Mapping, str, os.PathLike)
