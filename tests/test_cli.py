@@ -1386,3 +1386,32 @@ def test_huggingface_hub_bars_are_as_they_were_after_a_quiet_command(local_hub, 
     out = tmp_path / "soup.safetensors"
     assert main(["soup", "hf://org/m", "-o", str(out), "--no-progress"]) == 0
     assert not are_progress_bars_disabled()
+
+
+def test_inspect_and_diff_take_no_progress_for_their_download_bars(monkeypatch, tmp_path):
+    # Only the merges took --no-progress: a script passing it to every command stopped at
+    # inspect and diff, whose hf:// sources show huggingface_hub's bars on a terminal.
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    import ladle.checkpoint
+    import ladle.compare
+
+    path = ladle.save({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    seen = []
+    opened, diffed = ladle.checkpoint.open_checkpoint, ladle.compare.diff
+
+    def watched(run):
+        def call(*args, **kwargs):
+            seen.append(are_progress_bars_disabled())
+            return run(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(ladle.checkpoint, "open_checkpoint", watched(opened))
+    monkeypatch.setattr(ladle.compare, "diff", watched(diffed))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    for quiet in ([], ["--no-progress"]):
+        assert main(["inspect", str(path), *quiet]) == 0
+        assert main(["diff", str(path), str(path), *quiet]) == 0
+    assert seen == [False, False, True, True]
+    assert not are_progress_bars_disabled()  # as they were

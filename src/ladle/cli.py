@@ -791,11 +791,15 @@ def _add_demo(commands: Any) -> None:
     demo.set_defaults(run=_run_demo)
 
 
+_DOWNLOAD_BARS = "no progress bar of downloads (hf:// sources)"
+
+
 def _add_inspect(commands: Any) -> None:
     """``ladle inspect``: a checkpoint's keys, shapes, dtypes and size."""
     inspect = commands.add_parser("inspect", help="keys, shapes, dtypes and size of a checkpoint")
     inspect.add_argument("checkpoint", metavar="CKPT", help=f"a checkpoint: {_SOURCE}")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument("--no-progress", action="store_true", help=_DOWNLOAD_BARS)
     inspect.set_defaults(run=_run_inspect)
 
 
@@ -809,6 +813,7 @@ def _add_diff(commands: Any) -> None:
     compare.add_argument("--base", default=None, help="compare the task vectors A - BASE, B - BASE")
     compare.add_argument("--device", default=None, help="where the sums run (default: cpu)")
     compare.add_argument("--json", action="store_true", help="machine-readable output")
+    compare.add_argument("--no-progress", action="store_true", help=_DOWNLOAD_BARS)
     compare.add_argument(
         "--allow-nonfinite",
         action="store_true",
