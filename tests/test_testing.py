@@ -87,7 +87,7 @@ def test_failure_shows_the_worst_five_keys_with_max_abs_and_rel_error_worst_firs
         "  'k6': 1 of 3 elements differ; max abs error 6, max rel error 1.5 "
         "(rtol=1.3e-06, atol=1e-05); worst at index (2,): actual 10, expected 4"
     )
-    assert lines[7] == "  ... and 1 more keys"
+    assert lines[7] == "  ... and 1 more key"
 
 
 def test_integer_tensors_must_match_exactly_and_report_the_index():
@@ -635,6 +635,21 @@ def test_bad_fixed_shapes_are_value_errors_when_the_strategy_is_built(shapes, sh
     assert empty["w"].shape == (0, 3)
 
 
+@pytest.mark.parametrize("drawn", [2.0, True])
+def test_model_families_with_a_count_strategy_drawing_no_int_is_a_type_error(drawn):
+    # 2.0 raised range()'s bare TypeError, naming no argument; True drew one fine-tune.
+    from hypothesis import settings
+
+    @settings(max_examples=1, database=None)
+    @given(model_families(n=st.just(drawn)))
+    def check(family):
+        pass
+
+    with pytest.raises(TypeError) as info:
+        check()
+    assert str(info.value) == f"n: expected a strategy of ints, drew {drawn!r} from just({drawn!r})"
+
+
 def test_model_families_with_a_count_strategy_drawing_below_one_is_a_value_error():
     from hypothesis import settings
 
@@ -1005,3 +1020,35 @@ def test_complex_elements_with_an_equal_infinite_part_report_the_other_part_s_er
         assert_state_dicts_close(
             {"w": torch.tensor([complex(inf, 1)])}, {"w": torch.tensor([complex(inf, 2)])}
         )
+
+
+def test_an_error_beside_an_infinity_ranks_first_not_last():
+    # inf+0j against inf+1e6j fails, but its ratio to the tolerance (rtol·inf) was 0: the key
+    # ranked below every other failing key, past the five shown. Its relative error is 0 (1e6
+    # of inf): it fails as infinities do, unless equal.
+    inf = math.inf
+    actual = {f"k{i}": torch.tensor([1.0]) for i in range(5)}
+    expected = {f"k{i}": torch.tensor([1.0 + 2e-5 * (i + 1)]) for i in range(5)}
+    actual["z"] = torch.tensor([complex(inf, 0.0)])
+    expected["z"] = torch.tensor([complex(inf, 1e6)])
+    lines = message_of(actual, expected).splitlines()
+    assert lines[2] == (
+        "  'z': 1 of 1 elements differ; max abs error 1e+06, max rel error 0 "
+        "(rtol=1.3e-06, atol=1e-05); worst at index (0,): actual inf+0j, expected inf+1000000j"
+    )
+    assert lines[-1] == "  ... and 1 more key"
+
+
+def test_a_difference_past_float64s_range_fails_whatever_the_tolerance():
+    # |-1.5e308 − 1e308| = 2.5e308 > 1.8·1e308, but both were inf in float64, and inf ≤ inf.
+    actual, expected = (
+        {"w": torch.tensor([-1.5e308], dtype=torch.float64)},
+        {"w": torch.tensor([1e308], dtype=torch.float64)},
+    )
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(actual["w"], expected["w"], rtol=1.8, atol=0)  # as torch
+    assert message_of(actual, expected, rtol=1.8, atol=0).splitlines()[2] == (
+        "  'w': 1 of 1 elements differ; max abs error inf, max rel error inf (rtol=1.8, atol=0); "
+        "worst at index (0,): actual -1.5e+308, expected 1e+308"
+    )
+    assert_state_dicts_close(expected, expected, rtol=1.8, atol=0)

@@ -171,7 +171,10 @@ def _to_float64(halves: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 class _Compared:
     """Elementwise: which elements differ, ``|actual − expected|`` and ``|expected|`` (both in
     float64); the largest difference of those that differ (0 if none), and the exact values of
-    a selection of elements."""
+    a selection of elements; ``unbounded``: the elements that differ, hold no NaN, and where a
+    side is infinite or the difference overflows float64, which no tolerance covers: ranked
+    as infinitely far off (an error of 1e6 in the imaginary part of ``inf+0j`` is one, whose
+    ratio to a tolerance of ``rtol·inf`` is 0, and whose relative error is 0)."""
 
     bad: torch.Tensor
     diff: torch.Tensor
@@ -179,6 +182,7 @@ class _Compared:
     max_abs: int | float
     actual: Callable[[torch.Tensor], Sequence[Number]]
     expected: Callable[[torch.Tensor], Sequence[Number]]
+    unbounded: torch.Tensor | None = None
 
 
 def _compare_exactly(a: torch.Tensor, e: torch.Tensor, rtol: float, atol: float) -> _Compared:
@@ -219,12 +223,20 @@ def _compare_numerically(
         else (a - e).abs()
     )
     diff, magnitude = diff.masked_fill(a.isnan() | e.isnan(), math.nan), e.abs()
-    close = a.eq(e) | (a.isfinite() & e.isfinite() & (diff <= atol + rtol * magnitude))
+    # A difference past float64's range (-1.5e308 against 1e308) is inf: no tolerance holds it.
+    bounded = a.isfinite() & e.isfinite() & diff.isfinite()
+    close = a.eq(e) | (bounded & (diff <= atol + rtol * magnitude))
     if equal_nan:
         close |= a.isnan() & e.isnan()
     max_abs = _max_not_nan(diff[~close]) if not bool(close.all()) else 0.0
     return _Compared(
-        ~close, diff, magnitude, max_abs, lambda m: a[m].tolist(), lambda m: e[m].tolist()
+        ~close,
+        diff,
+        magnitude,
+        max_abs,
+        lambda m: a[m].tolist(),
+        lambda m: e[m].tolist(),
+        ~close & ~bounded & ~(a.isnan() | e.isnan()),  # a NaN: its own count, and ratio
     )
 
 
@@ -258,6 +270,8 @@ def _compare(
     if not bool(bad.any()):
         return None
     ratio = (diff / (atol + rtol * magnitude)).nan_to_num(nan=math.inf, posinf=math.inf)
+    unbounded = compared.unbounded if compared.unbounded is not None else torch.zeros_like(bad)
+    ratio = torch.where(unbounded, math.inf, ratio)
     ratio = torch.where(bad, ratio, -1.0).reshape(-1)
     # Of the elements of the largest ratio, the largest error: with no tolerance (integers,
     # atol=0 where 0 is expected) every failing ratio is inf, and the first was taken.
@@ -392,7 +406,8 @@ def assert_state_dicts_close(
         problems.append(f"  values differ in {len(mismatches)} {plural}, worst first:")
         problems.extend(m.describe() for m in mismatches[:_WORST])
         if len(mismatches) > _WORST:
-            problems.append(f"  ... and {len(mismatches) - _WORST} more keys")
+            more = len(mismatches) - _WORST
+            problems.append(f"  ... and {more} more key{'s' if more > 1 else ''}")
     raise AssertionError("\n".join(["state dicts are not close:", *problems]))
 
 
@@ -731,6 +746,8 @@ def model_families(
     def draw_family(draw: Any) -> tuple[StateDict, list[StateDict]]:
         layout, dtype = draw(layouts)
         count = draw(counts)
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"n: expected a strategy of ints, drew {count!r} from {n!r}")
         if count < 1:
             raise ValueError(f"n: expected at least 1 fine-tune, drew {count} from {n!r}")
         arrays = {
