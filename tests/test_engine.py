@@ -2197,6 +2197,19 @@ def test_complex_tensors_of_complex64_and_complex128_merge_in_complex128():
     assert merged.item() == complex(1 + 2**-41, 1)
 
 
+@pytest.mark.parametrize("entries", [30, 31, 32])
+def test_complex64_and_complex128_merge_beside_a_float32_key_of_any_size(entries):
+    # 30 float32 entries made pooled buffers of 120 bytes (rounded up to 8), which do not view
+    # as complex128: torch's RuntimeError, while merging key 'c'.
+    a = {"w": torch.ones(entries), "c": torch.tensor([1 + 2j, 3j], dtype=torch.complex128)}
+    b = {"w": torch.ones(entries), "c": torch.tensor([3 + 0j, 1j], dtype=torch.complex64)}
+    for models in ([a, b], [b, a]):
+        merged = ladle.uniform_soup(models, device="cpu")
+        assert merged["c"].dtype == models[0]["c"].dtype  # the reference's
+        assert merged["c"].tolist() == [2 + 1j, 2j]
+        assert merged["w"].tolist() == [1.0] * entries
+
+
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 def test_ties_sign_ties_of_complex_entries_are_patched_as_those_of_real_ones(dtype, tmp_path):
     # Parts that cancel exactly (1 and −1) tie; the model-wide vote decides them, after the

@@ -1962,14 +1962,15 @@ def _shaped(view: tuple[int, ...] | None) -> tuple[tuple[int, ...], ...]:
 
 def _largest_read(plan: Plan, sources: Sequence[Checkpoint]) -> int:
     """Bytes of the largest chunk in the compute dtype: the size of each pooled buffer,
-    rounded up to 8 so that it views as any dtype (12 bytes of a float32 key cannot hold the
-    one float64 entry of another)."""
+    rounded up to 16 so that it views as any dtype (12 bytes of a float32 key cannot hold the
+    one float64 entry of another; 120 bytes, of 30 float32 entries, do not view as
+    complex128, whose entries are 16 bytes)."""
     largest = 0
     for key, rows, dtype, view in plan:
         if dtype is not None:
             itemsize = max(dtype.itemsize, *(s.dtype(key).itemsize for s in sources))
             largest = max(largest, _rows_nbytes(sources[0], key, rows, itemsize, view))
-    return -(-largest // 8) * 8
+    return -(-largest // 16) * 16
 
 
 class _Pool:
