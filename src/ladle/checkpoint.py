@@ -1592,12 +1592,18 @@ def _load_failure(file: Path, err: Exception) -> str:
     """Why torch could not load ``file``: that it ends early where it does (a legacy pickle
     cut short raises a bare ``EOFError``, an ``IndexError`` or a ``struct.error``), else
     torch's message, with the exception's type where that alone would not say much."""
-    if isinstance(err, EOFError) or _ends_early(file) or _zip_ends_early(file):
+    if isinstance(err, EOFError) or _ends_early(file):
         return ENDS_EARLY
+    if _zip_ends_early(file):
+        return NO_ZIP_END
     if isinstance(err, (OSError, RuntimeError, ValueError)) and str(err):
         return str(err)
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
+
+NO_ZIP_END = "a zip archive without its end record: truncated, or corrupt"
+"""Why a torch file (a zip archive) cannot be read where :func:`_zip_ends_early` says so: the
+zip reader's own words were "[Errno 22] Invalid argument" or a paragraph about miniz."""
 
 ZIP_END = b"PK\x05\x06"
 """The signature of a zip archive's end record (22 bytes, then a comment of up to 65,535)."""
