@@ -729,6 +729,7 @@ def test_max_shard_size_with_a_single_file_output_is_a_usage_error(tmp_path, inp
         (["-o", "o.safetensors", "--push-to-hub", "me/m"], "0", "--push-to-hub needs a dir"),
         (["-o", "o", "--push-to-hub", "me/m"], "1", "--push-to-hub needs the Hub"),
         (["-o", "-"], "0", "-o -: ladle writes files, not standard output"),  # was a dir '-'
+        (["-o", ""], "0", "-o '': expected a path to write, found an empty one"),  # "out: ..."
     ],
 )
 def test_usage_errors_found_after_parsing_show_the_sub_commands_usage(

@@ -957,6 +957,8 @@ def _checked_usage(
             "-o -: ladle writes files, not standard output; name a .safetensors file or a "
             "directory (./- for a directory named '-')"
         )
+    if getattr(args, "out", None) == "":  # an unset "$OUT": the library's "out: ..." named no -o
+        command.error("-o '': expected a path to write, found an empty one")
     file = single_file(args.out) if getattr(args, "out", None) is not None else False
     if push is not None and file:
         command.error("--push-to-hub needs a directory output (-o DIR), not a .safetensors file")
