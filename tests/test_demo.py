@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -147,8 +148,51 @@ def test_a_workdir_or_merged_folder_that_is_a_file_is_one_error_line_before_trai
     monkeypatch.setattr(demo, "_save", None)  # the training's first save: never reached
     assert main(["demo", "--size", "small", "--workdir", str(workdir)]) == 1
     err = capsys.readouterr().err
-    assert err.endswith(f"{tmp_path / file}: the demo writes a directory there; this is a file\n")
+    assert err.endswith(f"{tmp_path / file}: the demo writes a directory there; found a file\n")
     assert (tmp_path / file).read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        # A folder where a checkpoint goes: refused after the training and 6 of the 7 merges.
+        ("merged/ties.safetensors", "the demo writes a checkpoint there; found a folder"),
+        ("pretrained.safetensors", "the demo writes a checkpoint there; found a folder"),
+        # "this is a file", of a FIFO or a link leading nowhere; a file above the workdir:
+        # "[Errno 20] Not a directory: '.../f/sub/merged'", naming not the file at fault.
+        (
+            "fifo",
+            "the demo writes a directory there; found a special file (a FIFO, socket or device)",
+        ),
+        (
+            "broken link",
+            "the demo writes a directory there; found a broken symbolic link (to {w}/nowhere)",
+        ),
+        ("file above", "the demo writes a directory there; {w}/f is a file, not a directory"),
+    ],
+)
+def test_what_stands_where_the_demo_writes_is_named_before_training(
+    tmp_path, capsys, monkeypatch, case, message
+):
+    from ladle import demo
+    from ladle.cli import main
+
+    workdir = tmp_path / "demo"
+    where = workdir
+    if case.endswith(".safetensors"):
+        (workdir / case).mkdir(parents=True)
+        where = workdir / case
+    elif case == "fifo":
+        os.mkfifo(workdir)
+    elif case == "broken link":
+        workdir.symlink_to(tmp_path / "nowhere")
+    else:
+        (tmp_path / "f").write_text("mine")
+        workdir = where = tmp_path / "f" / "sub"
+    monkeypatch.setattr(demo, "_save", None)  # the training's first save: never reached
+    assert main(["demo", "--size", "small", "--workdir", str(workdir)]) == 1
+    expected = f"ladle: error: {where}: {message.format(w=tmp_path)}\n"
+    assert capsys.readouterr().err == expected
 
 
 def test_the_table_is_as_wide_as_its_header_when_the_methods_are_shorter():
@@ -199,6 +243,8 @@ def test_a_rerun_in_a_workdir_replaces_the_files_of_the_names_the_demo_writes(tm
     assert ladle.load(workdir / "pretrained.safetensors")["head.weight"].shape == (16, 64)
     assert ladle.load(workdir / "merged" / "ties.safetensors")["head.weight"].shape == (5, 64)
     assert (workdir / "notes.txt").read_text() == "mine"
+    written = {p for p in workdir.rglob("*.safetensors")}
+    assert written == set(ladle.demo._outputs(workdir, ladle.demo.SIZES["small"]))  # checked
 
 
 class Training(NamedTuple):

@@ -40,6 +40,7 @@ import ladle
 from ladle.engine import resolve_device
 from ladle.errors import LadleError, type_name
 from ladle.methods.dare import check_seed
+from ladle.writer import _not_a_folder, physical_path
 
 __all__ = ["DemoRow", "check_demo_seed", "format_table", "run_demo"]
 
@@ -320,7 +321,7 @@ def _run(seed: int, size: Size, workdir: Path, device: torch.device, out: TextIO
     """Train, save, merge and score, in the order of the module's docstring; every random
     draw of the problem comes from one generator, in this order, so a seed is one table."""
     start = time.perf_counter()
-    _make_folders(workdir)
+    _make_folders(workdir, size)
     problem = _problem(seed)
     train, val, test, ood = _target_splits(problem, size, device)
     pretrained = _pretrain(problem, size, seed, device, workdir)
@@ -333,10 +334,56 @@ def _run(seed: int, size: Size, workdir: Path, device: torch.device, out: TextIO
     return rows
 
 
-def _make_folders(workdir: Path) -> None:
-    for folder in (workdir, workdir / "merged"):  # before the training, not after it
+MERGED = (
+    "uniform-soup",
+    "greedy-soup",
+    "ratatouille",
+    "ratatouille-greedy",
+    "model-stock",
+    "task-arithmetic",
+    "ties",
+)
+"""The names of the merges the demo writes into ``WORKDIR/merged`` (``.safetensors``)."""
+
+
+def _outputs(workdir: Path, size: Size) -> list[Path]:
+    """Every file the demo writes into ``workdir``, in the order it writes them.
+
+    Example:
+        >>> [p.stem for p in _outputs(Path("w"), SIZES["small"])][:6]
+        ['pretrained', 'aux-0', 'aux-1', 'probe', 'init-pretrained', 'init-aux-0']
+    """
+    aux = [f"aux-{task}" for task in range(size.aux_tasks)]
+    runs = [f"ft-pretrained-{j}" for j in range(size.pretrained_runs)]
+    runs += [f"ft-{name}-{j}" for name in aux for j in range(size.runs_per_aux)]
+    names = ["pretrained", *aux, "probe", *(f"init-{n}" for n in ["pretrained", *aux]), *runs]
+    return [workdir / f"{name}.safetensors" for name in names] + [
+        workdir / "merged" / f"{name}.safetensors" for name in MERGED
+    ]
+
+
+def _found(path: Path) -> str:
+    """What stands at ``path`` (which exists, or is a link), in words."""
+    if path.is_symlink() and not path.exists():
+        return f"a broken symbolic link (to {os.readlink(path)})"
+    if path.is_file():
+        return "a file"
+    return "a folder" if path.is_dir() else "a special file (a FIFO, socket or device)"
+
+
+def _make_folders(workdir: Path, size: Size) -> None:
+    """The demo's folders, made, and each name it will write checked, before the training,
+    not after it: a folder (or a FIFO) where a checkpoint goes stopped the demo once the
+    training and the merges before it were done."""
+    for folder in (workdir, workdir / "merged"):
         if os.path.lexists(folder) and not folder.is_dir():
-            raise LadleError(f"{folder}: the demo writes a directory there; this is a file")
+            raise LadleError(f"{folder}: the demo writes a directory there; found {_found(folder)}")
+        blocked = _not_a_folder(physical_path(folder))  # a file in the way, above it
+        if blocked is not None:
+            raise LadleError(f"{folder}: the demo writes a directory there; {blocked}")
+    for path in _outputs(workdir, size):  # replaced: a file, or a link (itself)
+        if os.path.lexists(path) and not (path.is_symlink() or path.is_file()):
+            raise LadleError(f"{path}: the demo writes a checkpoint there; found {_found(path)}")
     (workdir / "merged").mkdir(parents=True, exist_ok=True)
 
 
