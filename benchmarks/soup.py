@@ -59,6 +59,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = parser.parse_args()
+    if args.models <= 4:  # a row of 4 models is compared with N: N=2 gave it twice
+        parser.error(
+            f"--models: expected more than 4 (the memory of N and of 4 models), found {args.models}"
+        )
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ladle-bench-"))
     # What a given --workdir held before is never deleted, only what this run made there
