@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from unittest import mock
@@ -450,3 +451,87 @@ def test_drop_patterns_match_keys_case_sensitively():
     init = ladle.ratatouille_init(aux, {"head.w": torch.full((4,), 0.5)}, drop=["head.*"])
     assert sorted(init) == ["HEAD.b", "body", "head.w"]
     assert init["head.w"].tolist() == [0.5] * 4 and init["HEAD.b"].tolist() == [1.0, 1.0]
+
+
+# --- ratatouille_init takes every method's keywords (DESIGN.md) -------------------------------
+
+
+def _aux_and_probe():
+    aux = {
+        "body.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        "body.steps": torch.tensor(7),
+        "head.weight": torch.zeros(3, 2),
+    }
+    probe = {"head.weight": torch.tensor([[0.5, -0.5]])}
+    return aux, probe
+
+
+def test_ratatouille_init_takes_the_keywords_every_method_takes():
+    # It took drop= alone: out=, device=, dtype=, progress= were TypeErrors.
+    parameters = inspect.signature(ladle.ratatouille_init).parameters
+    for name in ("out", "device", "dtype", "progress"):
+        assert parameters[name].kind == inspect.Parameter.KEYWORD_ONLY
+        assert parameters[name].default is None
+
+
+def test_ratatouille_init_writes_what_it_returns(tmp_path):
+    aux, probe = _aux_and_probe()
+    folder = ladle.save(aux, tmp_path / "aux")
+    (folder / "config.json").write_text('{"num_labels": 3}')  # the auxiliary task's
+    init = ladle.ratatouille_init(folder, probe, drop=["head.*"])
+    path = ladle.ratatouille_init(folder, probe, drop=["head.*"], out=tmp_path / "init.safetensors")
+    assert path == tmp_path / "init.safetensors"
+    written = ladle.load(path)
+    assert sorted(written) == sorted(init) == ["body.steps", "body.weight", "head.weight"]
+    assert all(torch.equal(written[k], init[k]) and written[k].dtype == init[k].dtype for k in init)
+    directory = ladle.ratatouille_init(folder, probe, drop=["head.*"], out=tmp_path / "init")
+    assert sorted(p.name for p in directory.iterdir()) == ["model.safetensors"]  # no config
+    with pytest.raises(ladle.LadleError, match="already exists"):
+        ladle.ratatouille_init(folder, probe, drop=["head.*"], out=path)
+    with pytest.raises(ladle.LadleError, match="aux"):  # an input: never replaced
+        ladle.ratatouille_init(folder, probe, drop=["head.*"], out=folder, overwrite=True)
+    assert torch.equal(ladle.load(folder)["head.weight"], aux["head.weight"])
+
+
+def test_ratatouille_init_casts_floating_tensors_to_dtype_and_refuses_an_overflow():
+    aux, probe = _aux_and_probe()
+    init = ladle.ratatouille_init(aux, probe, drop=["head.*"], dtype="bf16")
+    assert {k: t.dtype for k, t in init.items()} == {
+        "body.weight": torch.bfloat16,
+        "body.steps": torch.int64,  # an integer buffer stays as it is
+        "head.weight": torch.bfloat16,
+    }
+    assert init["body.weight"].tolist() == aux["body.weight"].tolist()
+    aux["body.weight"][0, 0] = 1e5
+    with pytest.raises(ladle.NonFiniteError) as caught:
+        ladle.ratatouille_init(aux, probe, drop=["head.*"], dtype=torch.float16)
+    assert str(caught.value) == (
+        "the init: 1 of the 4 values of key 'body.weight' (<state dict>) are past the range of "
+        "float16 (largest finite value 65504); keep a wider dtype"
+    )
+
+
+def test_ratatouille_init_checks_device_and_counts_progress_in_bytes():
+    aux, probe = _aux_and_probe()
+    with pytest.raises(ValueError, match="device"):
+        ladle.ratatouille_init(aux, probe, drop=["head.*"], device="meta")
+    calls = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            calls.append(("init", total, kwargs["unit"]))
+
+        def update(self, n):
+            calls.append(("update", n))
+
+        def close(self):
+            calls.append(("close",))
+
+    ladle.ratatouille_init(aux, probe, drop=["head.*"], progress=Bar)
+    assert calls == [
+        ("init", 16 + 8 + 8, "B"),
+        ("update", 16),
+        ("update", 8),
+        ("update", 8),
+        ("close",),
+    ]

@@ -39,6 +39,8 @@ assert_type(ladle.model_stock(models, base), dict[str, torch.Tensor])
 assert_type(ladle.model_stock(models, base, out=folder / "model_stock"), Path)
 assert_type(ladle.ratatouille(models), dict[str, torch.Tensor])
 assert_type(ladle.ratatouille(models, out=folder / "ratatouille"), Path)
+assert_type(ladle.ratatouille_init(models[0], {"h": torch.ones(1)}), dict[str, torch.Tensor])
+assert_type(ladle.ratatouille_init(models[0], {"h": torch.ones(1)}, out="init"), Path)
 assert_type(
     ladle.ratatouille(models, selection="greedy", evaluate=lambda sd: 0.0),
     ladle.GreedySoupResult,
@@ -179,6 +181,7 @@ OVERLOADED = {  # each method, and the parameters that tell its overloads apart
     "dare": {"out"},
     "model_stock": {"out"},
     "ratatouille": {"selection", "evaluate", "scores", "out"},
+    "ratatouille_init": {"out"},
 }
 
 

@@ -8,6 +8,7 @@ fine-tunings (:func:`ratatouille`).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Collection, Mapping, Sequence
 from fnmatch import fnmatchcase
@@ -21,13 +22,22 @@ from ..engine import (
     FOLD_CHUNK_BYTES,
     NumbersLike,
     Progress,
+    _bar,
+    _check_output,
     _kind,
+    cast,
     check_chunk_bytes,
     check_models,
+    check_output_dtypes,
     merge,
+    output_dtype,
+    past_saturation,
+    resolve_device,
+    resolve_dtype,
+    saturation_limit,
 )
-from ..errors import CheckpointError, IncompatibleError, type_name
-from ..writer import DEFAULT_MAX_SHARD_SIZE
+from ..errors import CheckpointError, IncompatibleError, NonFiniteError, check_flag, type_name
+from ..writer import DEFAULT_MAX_SHARD_SIZE, save
 from .soup import Evaluate, GreedySoupResult, normalized_weights, run_greedy, weighted_mean_kernel
 
 __all__ = ["ratatouille", "ratatouille_init"]
@@ -35,12 +45,48 @@ __all__ = ["ratatouille", "ratatouille_init"]
 SELECTIONS = ("uniform", "greedy")
 
 
+@overload
+def ratatouille_init(
+    auxiliary: StateDictLike,
+    head: StateDictLike,
+    *,
+    drop: Sequence[str] = ...,
+    out: None = ...,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+) -> StateDict: ...
+
+
+@overload
+def ratatouille_init(
+    auxiliary: StateDictLike,
+    head: StateDictLike,
+    *,
+    drop: Sequence[str] = ...,
+    out: str | os.PathLike,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+) -> Path: ...
+
+
 def ratatouille_init(
     auxiliary: StateDictLike,
     head: StateDictLike,
     *,
     drop: Sequence[str] = (),
-) -> StateDict:
+    out: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    progress: Progress = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> StateDict | Path:
     """An initialisation for one target fine-tuning: auxiliary weights with the target's head.
 
     ``init = {k: auxiliary[k] for k not matching drop} | head``: the auxiliary model's weights,
@@ -59,18 +105,33 @@ def ratatouille_init(
     name one copy. A head key that is such a name while another stays the auxiliary's is
     refused: a model that ties them cannot hold both the probe and that tensor.
 
+    It takes the keywords every method takes: ``out`` writes the init (a ``.safetensors``
+    file, or a directory of weights alone: the auxiliary's ``config.json`` describes its own
+    task's head, so none is copied); ``dtype`` casts its floating tensors; ``device`` is
+    checked as every method checks it, and the init, which holds copies and computes
+    nothing, is put together on the CPU; ``progress`` shows the bytes copied.
+
     Args:
         auxiliary: the model fine-tuned on an auxiliary task (a mapping, module or path).
         head: the target task's head: names to tensors (a mapping, module or path).
         drop: glob patterns of auxiliary keys to remove (its task's head); each must match.
+        out: ``None`` to return the init; a ``.safetensors`` path or a directory to write it
+            to (atomically) and return its path. Never one of the inputs.
+        device: checked as the merges check it (``"cuda"`` without CUDA is a ``ValueError``).
+        dtype: dtype of the floating tensors (default: each its own).
+        progress: ``True`` for a tqdm bar over the bytes copied, or a tqdm-like class.
+        max_shard_size: largest shard of a directory output.
+        overwrite: replace an earlier output at ``out`` instead of refusing.
 
     Returns:
-        A new state dict on the CPU, ready to load into the target model.
+        A new state dict on the CPU, ready to load into the target model; with ``out``, the
+        path written.
 
     Raises:
         IncompatibleError: a pattern of ``drop`` matches no key, a head key disagrees in
             shape or dtype kind with a kept auxiliary key, or is tied to a kept auxiliary key
             (one tensor, two names) that the head does not replace.
+        NonFiniteError: a finite value past the range of ``dtype`` (1e5 in float16).
 
     Example:
         >>> import torch, ladle
@@ -81,6 +142,9 @@ def ratatouille_init(
         >>> {key: tuple(t.shape) for key, t in init.items()}
         {'body.weight': (4, 3), 'head.weight': (5, 4), 'head.bias': (5,)}
     """
+    check_flag("overwrite", overwrite)
+    resolve_device(device)  # checked as every method checks it; nothing runs there
+    dtype = resolve_dtype(dtype)
     if isinstance(drop, str):
         raise TypeError(f"drop: expected a sequence of patterns, found the string {drop!r}")
     if not isinstance(drop, Sequence) or not all(isinstance(p, str) for p in drop):
@@ -124,19 +188,33 @@ def ratatouille_init(
         head_keys = set(probe.keys())
         tied = aux.aliases()
         _check_tied(keys, kept_set, head_keys, tied, aux.name, probe.name)
-        init: StateDict = {}
-        copies: StateDict = {}  # tied weights the head takes none of: one copy, every name
-        for key in kept:
-            if key in head_keys:
-                init[key] = probe.get_slice(key, slice(None)).to("cpu", copy=True)
-                continue
-            first = tied.get(key, key)  # its first name, which drop may have removed
-            if first not in copies:
-                copies[first] = aux.get_slice(key, slice(None)).to("cpu", copy=True)
-            init[key] = copies[first]
-        for key in probe.keys():
-            if key not in init:
-                init[key] = probe.get_slice(key, slice(None)).to("cpu", copy=True)
+        for opened in (aux, probe):
+            check_output_dtypes(opened, dtype)
+        _check_output(out, [aux, probe], overwrite=overwrite, max_shard_size=max_shard_size)
+        where = "the init" if out is None else str(out)
+        shared = {key: tied.get(key, key) for key in kept if key not in head_keys}
+        total = sum(aux.nbytes(k) for k in set(shared.values())) + sum(map(probe.nbytes, head_keys))
+        bar = _bar(progress, total, desc="init")
+        try:
+            copy = functools.partial(_copied, dtype=dtype, where=where, bar=bar)
+            init: StateDict = {}
+            copies: StateDict = {}  # tied weights the head takes none of: one copy, every name
+            for key in kept:
+                if key in head_keys:
+                    init[key] = copy(probe, key)
+                    continue
+                first = shared[key]  # its first name, which drop may have removed
+                if first not in copies:
+                    copies[first] = copy(aux, key)
+                init[key] = copies[first]
+            for key in probe.keys():
+                if key not in init:
+                    init[key] = copy(probe, key)
+        finally:
+            if bar is not None:
+                bar.close()
+        if out is not None:
+            return save(init, out, max_shard_size=max_shard_size, overwrite=overwrite)
         return init
     finally:
         for checkpoint, source in ((aux, auxiliary), (probe, head)):
@@ -150,6 +228,32 @@ def _opened(role: str, source: StateDictLike) -> Checkpoint:
         return open_checkpoint(source)
     except CheckpointError as err:
         raise type(err)(f"{role}: {err}") from err  # an UnsafeCheckpointError stays one
+
+
+def _copied(
+    source: Checkpoint, key: str, *, dtype: torch.dtype | None, where: str, bar: object
+) -> torch.Tensor:
+    """A copy on the CPU of ``source``'s tensor ``key``, its floating values cast to
+    ``dtype`` (rounded once: :func:`~ladle.engine.cast`); a finite value that the cast would
+    make infinite, or saturate (``float8_e4m3fn``), is a :class:`NonFiniteError`."""
+    tensor = source.get_slice(key, slice(None)).to("cpu", copy=True)
+    if bar is not None:
+        bar.update(source.nbytes(key))  # type: ignore[attr-defined]
+    target = output_dtype(tensor.dtype, dtype)
+    if target == tensor.dtype:
+        return tensor
+    result = cast(tensor, target)
+    limit = saturation_limit(target)
+    finite = torch.isfinite(tensor)
+    lost = (past_saturation(tensor, limit) if limit is not None else ~result.isfinite()) & finite
+    if bool(lost.any()):
+        name = str(target).removeprefix("torch.")
+        raise NonFiniteError(
+            f"{where}: {int(lost.sum())} of the {tensor.numel()} values of key {key!r} "
+            f"({source.name}) are past the range of {name} (largest finite value "
+            f"{torch.finfo(target).max:g}); keep a wider dtype"
+        )
+    return result
 
 
 def _check_tied(
