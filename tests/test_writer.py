@@ -2397,3 +2397,26 @@ def test_an_extra_file_gone_before_it_is_copied_is_named(tmp_path):
         "failed: No such file or directory"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_amending_many_shards_keeps_few_files_open(tmp_path):
+    # One descriptor per patched shard, kept to the commit: "amending 'k00251' failed: Too
+    # many open files" past about 250 shards under a soft limit of 256.
+    import resource
+
+    base = {f"k{i:03d}": torch.zeros(16) for i in range(120)}
+    a = {k: torch.full((16,), 1.0) for k in base}
+    b = {k: torch.full((16,), -1.0) for k in base}  # cancel exactly: every entry a sign tie
+    a["k000"] = b["k000"] = torch.full((16,), 2.0)  # a positive majority: ties patched to +1
+    expected = ladle.ties([a, b], base, density=1.0, device="cpu")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 60, hard))
+    try:
+        out = ladle.ties([a, b], base, density=1.0, out=tmp_path / "m", max_shard_size=64)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(list(out.glob("model-*.safetensors"))) == 120  # one per key, each patched
+    written = ladle.load(out)
+    assert written["k001"].tolist() == [1.0] * 16 == expected["k001"].tolist()
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
