@@ -85,6 +85,23 @@ def assert_close_by_dtype(actual, expected, *, precise, low, precise_dtypes=(tor
             assert torch.equal(actual[key], value)
 
 
+def recording_bar(calls: list) -> type:
+    """A tqdm-like class (a method's ``progress``) that records into ``calls``: ``("init",
+    total, unit)`` when made, ``("update", n)``, then ``("close",)``."""
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            calls.append(("init", total, kwargs["unit"]))
+
+        def update(self, n):
+            calls.append(("update", n))
+
+        def close(self):
+            calls.append(("close",))
+
+    return Bar
+
+
 def assert_bit_for_bit(actual, expected):
     """Same key set, and every tensor equal in dtype and in every bit."""
     assert set(actual) == set(expected)

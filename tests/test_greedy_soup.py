@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import assert_bit_for_bit, family
+from conftest import assert_bit_for_bit, family, recording_bar
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -638,18 +638,9 @@ def test_a_greedy_soup_that_saturates_float8_e4m3fn_is_an_error():
 
 def test_progress_with_scores_given_counts_the_candidates_only():
     calls = []
-
-    class Bar:
-        def __init__(self, total, **kwargs):
-            calls.append(("init", total, kwargs["unit"]))
-
-        def update(self, n):
-            calls.append(("update", n))
-
-        def close(self):
-            calls.append(("close",))
-
-    ladle.greedy_soup(one_hot_family(3), lambda sd: 1.0, scores=[1, 2, 3], progress=Bar)
+    ladle.greedy_soup(
+        one_hot_family(3), lambda sd: 1.0, scores=[1, 2, 3], progress=recording_bar(calls)
+    )
     assert calls == [("init", 2, "eval"), ("update", 1), ("update", 1), ("close",)]
 
 

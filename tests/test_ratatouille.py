@@ -7,7 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import families, family
+from conftest import families, family, recording_bar
 from hypothesis import given
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -516,18 +516,7 @@ def test_ratatouille_init_checks_device_and_counts_progress_in_bytes():
     with pytest.raises(ValueError, match="device"):
         ladle.ratatouille_init(aux, probe, drop=["head.*"], device="meta")
     calls = []
-
-    class Bar:
-        def __init__(self, total, **kwargs):
-            calls.append(("init", total, kwargs["unit"]))
-
-        def update(self, n):
-            calls.append(("update", n))
-
-        def close(self):
-            calls.append(("close",))
-
-    ladle.ratatouille_init(aux, probe, drop=["head.*"], progress=Bar)
+    ladle.ratatouille_init(aux, probe, drop=["head.*"], progress=recording_bar(calls))
     assert calls == [
         ("init", 16 + 8 + 8, "B"),
         ("update", 16),
