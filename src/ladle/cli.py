@@ -528,13 +528,10 @@ def _run_diff(args: argparse.Namespace) -> None:
         allow_nonfinite=args.allow_nonfinite,
     )
     if args.json:
+        from .engine import json_ready
 
         def fields(row: TensorDiff) -> dict[str, Any]:
-            values = row._asdict()
-            return {  # JSON has no NaN or Infinity: null
-                k: None if isinstance(v, float) and not math.isfinite(v) else v
-                for k, v in values.items()
-            }
+            return json_ready(row._asdict())  # JSON has no NaN or Infinity: null
 
         _print(
             json.dumps(

@@ -2474,20 +2474,20 @@ def _inodes_up(path: Path) -> set[tuple[int, int]]:
     return {inode for inode in found if inode is not None}
 
 
-def _json_ready(value: object) -> object:
+def json_ready(value: object) -> Any:
     """``value`` with each float that is not finite, in lists, tuples and dicts too, as
     ``None`` (JSON's ``null``).
 
     Example:
-        >>> _json_ready({"score": float("inf"), "weights": [0.5, float("nan")], "t": 1})
+        >>> json_ready({"score": float("inf"), "weights": [0.5, float("nan")], "t": 1})
         {'score': None, 'weights': [0.5, None], 't': 1}
     """
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
+        return {k: json_ready(v) for k, v in value.items()}
     return value
 
 
@@ -2502,7 +2502,7 @@ def provenance(
     the folder holding it: :func:`~ladle.checkpoint.recorded_name`). The parameters are
     JSON, a number that is not finite (an infinite greedy-soup score) recorded as ``null``:
     JSON has no ``Infinity``, and strict readers refuse it."""
-    recorded = json.dumps(_json_ready(dict(parameters)), sort_keys=True, default=str)
+    recorded = json.dumps(json_ready(dict(parameters)), sort_keys=True, default=str)
     meta = {
         "ladle.version": __version__,
         "ladle.method": method,
