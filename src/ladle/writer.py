@@ -1200,12 +1200,7 @@ class SafetensorsWriter:
         shard, start = self._data_start(key)
         if shard not in self._amending:  # kept open, and flushed once, at commit
             if len(self._amending) >= AMEND_OPEN_FILES:  # the oldest, flushed and closed
-                oldest = next(iter(self._amending))
-                descriptor = self._amending.pop(oldest)
-                try:
-                    _flush_to_disk(descriptor)
-                finally:
-                    os.close(descriptor)
+                _close_descriptor(self._amending.pop(next(iter(self._amending))), sync=True)
             self._amending[shard] = os.open(self._files[shard], os.O_RDWR)
         fd = self._amending[shard]
         order = torch.argsort(index)
@@ -1239,12 +1234,7 @@ class SafetensorsWriter:
     def _close_amended(self, *, sync: bool) -> None:
         """Close the files ``amend`` patched, flushed to disk first with ``sync``."""
         while self._amending:
-            _, descriptor = self._amending.popitem()
-            try:
-                if sync:
-                    _flush_to_disk(descriptor)
-            finally:
-                os.close(descriptor)
+            _close_descriptor(self._amending.popitem()[1], sync=sync)
 
     def _skip_empty(self) -> None:
         """Zero-sized tensors take no bytes and need no write: move past them (to
@@ -1403,6 +1393,15 @@ class SafetensorsWriter:
         except BaseException:
             self.abort()
             raise
+
+
+def _close_descriptor(descriptor: int, *, sync: bool) -> None:
+    """Close ``descriptor``, its writes flushed to disk first with ``sync``."""
+    try:
+        if sync:
+            _flush_to_disk(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 AMEND_OPEN_FILES = 8
