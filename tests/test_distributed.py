@@ -354,6 +354,32 @@ def test_average_takes_numbers_numpy_scalars_and_tensors_as_weights(one_rank, we
     assert torch.equal(average_(state, weights=weights)["w"], torch.tensor([1.0, -2.5]))
 
 
+@pytest.mark.parametrize("placement", ["shard", "replicate"])
+def test_a_dtensor_state_dict_given_to_a_merge_is_refused_saying_how_to_gather_it(
+    one_rank, tmp_path, placement
+):
+    # FSDP2's model.state_dict(): DTensors, whose data pointer is an error. A merge raised
+    # torch's "Attempted to access the data pointer on an invalid python storage", save
+    # ".numpy() is not supported for tensor subclasses", and load returned the DTensors.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    where = Shard(0) if placement == "shard" else Replicate()
+    a = {"w": distribute_tensor(torch.tensor([1.0, 2.0]), mesh, [where]), "b": torch.ones(1)}
+    b = {"w": torch.tensor([3.0, 6.0]), "b": torch.ones(1)}
+    gather = r"tensor 'w' is a DTensor \(.*\): gather it first, with \.full_tensor\(\)"
+    with pytest.raises(ladle.CheckpointError, match=r"^model 1 \(<state dict>\): " + gather):
+        ladle.uniform_soup([b, a])
+    with pytest.raises(ladle.CheckpointError, match=r"^b: " + gather):
+        ladle.add(b, a)
+    with pytest.raises(ladle.CheckpointError, match=r"^<state dict>: " + gather):
+        ladle.load(a)
+    with pytest.raises(ValueError, match=r"^state_dict: " + gather):
+        ladle.save(a, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_a_group_that_is_no_process_group_is_a_type_error(tmp_path):
     a = {"w": torch.ones(2)}
     for group in (3, "world", -100.0):  # D03: any int (the outside marker is one) passed

@@ -486,6 +486,17 @@ def not_a_dense_tensor(key: object, value: object) -> str | None:
         return f"tensor {key!r} is {what}"
     if value.is_quantized:  # integer codes with scales: averaged entry by entry, a wrong model
         return f"tensor {key!r} is quantized ({value.dtype}): dequantize it first"
+    if hasattr(value, "__tensor_flatten__"):  # torch's mark of a subclass wrapping tensors
+        # No storage of its own: its data pointer is an error, its values not one array.
+        what = type(value).__name__
+        if hasattr(value, "full_tensor"):  # a DTensor (FSDP2's fully_shard, tensor parallel)
+            return (
+                f"tensor {key!r} is a {what} (a shard or replica of a distributed tensor): "
+                "gather it first, with .full_tensor() or torch.distributed.checkpoint's "
+                "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
+                "cpu_offload=True))"
+            )
+        return f"tensor {key!r} is a {what}, a tensor subclass wrapping other tensors"
     if value.is_nested:  # strided in layout, but no one shape
         return f"tensor {key!r} is a nested tensor"
     if str(value.dtype).removeprefix("torch.") in SHELL_DTYPES:
