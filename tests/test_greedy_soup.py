@@ -616,6 +616,40 @@ def test_a_model_of_a_dtype_results_cannot_be_written_in_is_refused_before_evalu
     assert calls == []
 
 
+def test_a_model_ranked_best_in_a_dtype_results_cannot_be_written_in_is_refused_before_soups():
+    # Without scores the ranking takes one evaluation per model; no soup is evaluated.
+    models = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 4.0])}]
+    models[1]["w"] = models[1]["w"].to(torch.float8_e8m0fnu)
+    calls: list[int] = []
+    message = r"^model 1 \(<state dict>\), ranked best: key 'w' is stored as float8_e8m0fnu"
+    with pytest.raises(ValueError, match=message):
+        ladle.greedy_soup(models, lambda sd: calls.append(1) or float(sd["w"][1]))
+    assert calls == [1, 1]
+
+
+def test_a_model_not_ranked_best_may_be_of_a_dtype_the_soup_is_not_written_in(tmp_path):
+    # The soup takes the best-ranked model's dtypes, as a uniform soup takes model 0's: a
+    # complex128 or float8_e8m0fnu key of another model refused the merge (the complex128
+    # one naming a dtype the output would not have).
+    best = {"c": torch.tensor([1 + 2j, 3 - 1j]), "w": torch.tensor([1.0, -2.0])}
+    other = {
+        "c": torch.tensor([2 + 2j, 1 - 1j], dtype=torch.complex128),
+        "w": torch.tensor([4.0, 8.0]).to(torch.float8_e8m0fnu),
+    }
+    expected = {"c": torch.tensor([1.5 + 2j, 2 - 1j]), "w": torch.tensor([2.5, 3.0])}
+    for scores in ([1.0, 0.5], None):  # model 0 ranks best; the soup scores as well: kept
+        result = ladle.greedy_soup([best, other], lambda sd: 1.0, scores=scores, device="cpu")
+        assert result.selected == [0, 1]
+        out = tmp_path / "g.safetensors"
+        ladle.greedy_soup([best, other], lambda sd: 1.0, scores=scores, out=out, overwrite=True)
+        for merged in (result.state_dict, ladle.load(out)):
+            assert {k: v.dtype for k, v in merged.items()} == {
+                "c": torch.complex64,
+                "w": torch.float32,
+            }
+            assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
 @pytest.mark.skipif(
     ladle.engine.saturation_limit(torch.float8_e4m3fn) is None,
     reason="this torch casts to float8_e4m3fn with NaN for an overflow (2.8): none saturates",

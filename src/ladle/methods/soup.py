@@ -33,6 +33,7 @@ from ..engine import (
     check_number,
     check_numbers,
     check_output_dtypes,
+    check_unpacked,
     fold,
     merge,
     open_models,
@@ -403,12 +404,16 @@ def _greedy(
     progress: Progress,
     allow_nonfinite: bool,
     where: str = "the greedy soup",
+    check_best: Callable[[int, Checkpoint], None] | None = None,
 ) -> GreedySoupResult:
     """The greedy rule over opened, checked checkpoints. Unless ``allow_nonfinite``, each
     soup is checked as every merge's output is, before ``evaluate`` sees it and before it
     is returned: no NaN or Inf, none made by the cast to the output dtype, and no value
     past the range of a dtype whose casts saturate (see
-    :func:`~ladle.engine.saturation_limit`), ``where`` naming it in the error. A tensor
+    :func:`~ladle.engine.saturation_limit`), ``where`` naming it in the error.
+    ``check_best(index, checkpoint)`` is called on the best-ranked model, whose dtypes the
+    soup takes, once the ranking is known: before any evaluation where ``scores`` are
+    given, else before the soups are evaluated. A tensor
     every model names twice (tied weights) is averaged once, under its first name, and
     handed out under both, one tensor. Every state dict handed out has model 0's keys, as
     every merge has its reference's: a second name that model 0 lacks (it stores the
@@ -450,6 +455,8 @@ def _greedy(
             values = _checked_scores(scores, count)
         ranked = sorted(range(count), key=lambda i: -values[i])  # stable: ties keep input order
         best = checkpoints[ranked[0]]
+        if check_best is not None:
+            check_best(ranked[0], best)
         soup = soup_of([best], ranked[:1], 0)
         selected, score = [ranked[0]], values[ranked[0]]
         history = [GreedySoupStep(ranked[0], score, True)]
@@ -550,13 +557,18 @@ def run_greedy(
         checkpoints, _ = open_models(models, None, stack)
         check_compatible(checkpoints)
         check_mergeable(checkpoints)
-        for i, checkpoint in enumerate(checkpoints):  # the best-ranked model's are the soup's
-            check_output_dtypes(checkpoint, dtype, label=f"model {i} ({checkpoint.name})")
+        for i, checkpoint in enumerate(checkpoints):  # torch computes nothing in these
+            check_unpacked(checkpoint, label=f"model {i} ({checkpoint.name})")
         # Refused before the (costly) evaluations, not after.
         _check_output(out, checkpoints, overwrite=overwrite, max_shard_size=max_shard_size)
-        if out is not None:
-            for checkpoint in checkpoints:  # whichever ranks best, its dtypes are written
-                check_storable(out, output_specs(checkpoint, dtype))
+
+        def check_best(index: int, best: Checkpoint) -> None:
+            # The soup is written in the best-ranked model's dtypes; another model's that no
+            # output can hold are no obstacle (a uniform soup takes model 0's too).
+            check_output_dtypes(best, dtype, label=f"model {index} ({best.name}), ranked best")
+            if out is not None:
+                check_storable(out, output_specs(best, dtype))
+
         where = "the greedy soup" if out is None else str(out)
         result = _greedy(
             checkpoints,
@@ -568,6 +580,7 @@ def run_greedy(
             progress=progress,
             allow_nonfinite=allow_nonfinite,
             where=where,
+            check_best=check_best,
         )
         if out is not None:
             state = result.state_dict
