@@ -45,7 +45,7 @@ from ..engine import (
     saturation_limit,
     scaled,
 )
-from ..errors import check_flag, type_name
+from ..errors import LadleError, check_flag, type_name
 from ..writer import (
     DEFAULT_MAX_SHARD_SIZE,
     SafetensorsWriter,
@@ -562,12 +562,23 @@ def run_greedy(
         # Refused before the (costly) evaluations, not after.
         _check_output(out, checkpoints, overwrite=overwrite, max_shard_size=max_shard_size)
 
-        def check_best(index: int, best: Checkpoint) -> None:
-            # The soup is written in the best-ranked model's dtypes; another model's that no
-            # output can hold are no obstacle (a uniform soup takes model 0's too).
-            check_output_dtypes(best, dtype, label=f"model {index} ({best.name}), ranked best")
+        def check_written(index: int, model: Checkpoint, ranked: str = "") -> None:
+            check_output_dtypes(model, dtype, label=f"model {index} ({model.name}){ranked}")
             if out is not None:
-                check_storable(out, output_specs(best, dtype))
+                check_storable(out, output_specs(model, dtype))
+
+        # The soup is written in the best-ranked model's dtypes; another model's that no
+        # output can hold are no obstacle (a uniform soup takes model 0's too). Where no
+        # model's can be written, refused before any evaluation.
+        refused = []
+        for i, checkpoint in enumerate(checkpoints):
+            try:
+                check_written(i, checkpoint)
+            except (ValueError, LadleError) as err:
+                refused.append(err)
+        if len(refused) == len(checkpoints):
+            raise refused[0]
+        check_best = functools.partial(check_written, ranked=", ranked best")
 
         where = "the greedy soup" if out is None else str(out)
         result = _greedy(
