@@ -524,3 +524,71 @@ def test_ratatouille_init_checks_device_and_counts_progress_in_bytes():
         ("update", 8),
         ("close",),
     ]
+
+
+class _RecordingRows(ladle.checkpoint.TensorMapCheckpoint):
+    """Tensors in memory, recording the number of entries of every read of rows."""
+
+    def __init__(self, tensors, reads):
+        super().__init__(tensors)
+        self.reads = reads
+
+    def get_rows(self, key, rows, shape=None):
+        found = super().get_rows(key, rows, shape)
+        self.reads.append((key, found.numel()))
+        return found
+
+
+def test_ratatouille_init_writes_a_chunk_of_rows_at_a_time_what_it_returns(tmp_path):
+    # Written with out=, the init was put together whole first (with dtype=, 3.25 times the
+    # auxiliary model in memory): DESIGN.md's "out=PATH never holds whole models".
+    chunk = ladle.engine.FOLD_CHUNK_BYTES // 4  # float32 entries
+    generator = torch.Generator().manual_seed(0)
+    embed = torch.randn(2 * chunk // 512 + 3, 512, generator=generator)  # three chunks of rows
+    aux = {
+        "embed.weight": embed,
+        "lm_head.weight": embed,  # tied: written under both names
+        "long": torch.randn(1, chunk + 5, generator=generator),  # a row past a chunk
+        "steps": torch.tensor(3),
+        "aux_head.weight": torch.zeros(4, 512),
+    }
+    probe = {"head.weight": torch.randn(2, 512, generator=generator)}
+    for dtype in (None, torch.bfloat16):
+        reads: list = []
+        out = tmp_path / f"init-{dtype}"
+        given = _RecordingRows(aux, reads)
+        path = ladle.ratatouille_init(given, probe, drop=["aux_head.*"], dtype=dtype, out=out)
+        assert max(numel for _, numel in reads) <= chunk
+        written, init = (
+            ladle.load(path),
+            ladle.ratatouille_init(aux, probe, drop=["aux_head.*"], dtype=dtype),
+        )
+        assert sorted(init) == ["embed.weight", "head.weight", "lm_head.weight", "long", "steps"]
+        for key in init:
+            assert written[key].dtype == init[key].dtype
+            assert torch.equal(written[key], init[key])
+        expected = embed if dtype is None else embed.to(dtype)
+        assert torch.equal(written["lm_head.weight"], expected)
+
+
+def test_ratatouille_init_counts_every_value_past_the_range_when_writing_chunks(tmp_path):
+    # Each chunk is cast and checked as it is written: the error, raised in the chunk of the
+    # first overflow, counts those of the whole key, and no output is left.
+    chunk = ladle.engine.FOLD_CHUNK_BYTES // 4
+    body = torch.zeros(2 * chunk // 256 + 1, 256)
+    body[-1, 0] = body[-1, 1] = 1e5  # in the last chunk
+    aux, probe = {"body": body, "aux_head": torch.zeros(2)}, {"head": torch.ones(2)}
+    out = tmp_path / "init.safetensors"
+    for first in (False, True):  # the error in the last chunk, or in the first
+        body[0, 5] = 1e5 if first else 0.0
+        for where, target in (("the init", None), (str(out), out)):
+            with pytest.raises(ladle.NonFiniteError) as caught:
+                ladle.ratatouille_init(
+                    aux, probe, drop=["aux_head"], dtype=torch.float16, out=target
+                )
+            assert str(caught.value) == (
+                f"{where}: {2 + first} of the {body.numel()} values of key 'body' (<state "
+                "dict>) are past the range of float16 (largest finite value 65504); keep a "
+                "wider dtype"
+            )
+            assert not out.exists() and os.listdir(tmp_path) == []

@@ -9,8 +9,9 @@ fine-tunings (:func:`ratatouille`).
 from __future__ import annotations
 
 import functools
+import math
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal, overload
@@ -29,15 +30,17 @@ from ..engine import (
     check_chunk_bytes,
     check_models,
     check_output_dtypes,
+    chunk_shape,
     merge,
     output_dtype,
     past_saturation,
     resolve_device,
     resolve_dtype,
+    row_chunks,
     saturation_limit,
 )
 from ..errors import CheckpointError, IncompatibleError, NonFiniteError, check_flag, type_name
-from ..writer import DEFAULT_MAX_SHARD_SIZE, save
+from ..writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter
 from .soup import Evaluate, GreedySoupResult, normalized_weights, run_greedy, weighted_mean_kernel
 
 __all__ = ["ratatouille", "ratatouille_init"]
@@ -192,29 +195,33 @@ def ratatouille_init(
             check_output_dtypes(opened, dtype)
         _check_output(out, [aux, probe], overwrite=overwrite, max_shard_size=max_shard_size)
         where = "the init" if out is None else str(out)
+        # Where each key of the init is read: the head's keys from it, the others from aux.
+        read = {key: probe if key in head_keys else aux for key in kept}
+        read.update({key: probe for key in probe.keys() if key not in read})
         shared = {key: tied.get(key, key) for key in kept if key not in head_keys}
-        total = sum(aux.nbytes(k) for k in set(shared.values())) + sum(map(probe.nbytes, head_keys))
+        if out is None:  # tied weights are one copy
+            total = sum(aux.nbytes(k) for k in set(shared.values()))
+            total += sum(map(probe.nbytes, head_keys))
+        else:  # and written under each name
+            total = sum(origin.nbytes(key) for key, origin in read.items())
         bar = _bar(progress, total, desc="init")
         try:
             copy = functools.partial(_copied, dtype=dtype, where=where, bar=bar)
+            if out is not None:
+                return _write_init(read, out, copy, dtype, max_shard_size, overwrite=overwrite)
             init: StateDict = {}
             copies: StateDict = {}  # tied weights the head takes none of: one copy, every name
-            for key in kept:
-                if key in head_keys:
-                    init[key] = copy(probe, key)
+            for key, origin in read.items():
+                first = shared.get(key)  # its first name, which drop may have removed
+                if first is None:  # the head's
+                    init[key] = copy(origin, key)
                     continue
-                first = shared[key]  # its first name, which drop may have removed
                 if first not in copies:
                     copies[first] = copy(aux, key)
                 init[key] = copies[first]
-            for key in probe.keys():
-                if key not in init:
-                    init[key] = copy(probe, key)
         finally:
             if bar is not None:
                 bar.close()
-        if out is not None:
-            return save(init, out, max_shard_size=max_shard_size, overwrite=overwrite)
         return init
     finally:
         for checkpoint, source in ((aux, auxiliary), (probe, head)):
@@ -230,30 +237,77 @@ def _opened(role: str, source: StateDictLike) -> Checkpoint:
         raise type(err)(f"{role}: {err}") from err  # an UnsafeCheckpointError stays one
 
 
+def _write_init(
+    read: Mapping[str, Checkpoint],
+    out: str | os.PathLike,
+    copy: Callable[..., torch.Tensor],
+    dtype: torch.dtype | None,
+    max_shard_size: int | str,
+    *,
+    overwrite: bool,
+) -> Path:
+    """Write the init to ``out``, each key read from ``read[key]`` and copied (``copy``: a
+    :func:`_copied` casting to ``dtype``) a chunk of rows at a time
+    (:data:`~ladle.engine.FOLD_CHUNK_BYTES`), so that no whole tensor, nor the model, is held
+    in memory."""
+    specs = {}
+    for key, source in read.items():
+        shape = tuple(source.shape(key))
+        specs[key] = (shape, output_dtype(source.dtype(key), dtype))
+    with SafetensorsWriter(out, specs, max_shard_size=max_shard_size, overwrite=overwrite) as sink:
+        for key in sink.order:
+            shape = specs[key][0]
+            view = chunk_shape(shape, FOLD_CHUNK_BYTES)
+            for rows in row_chunks(shape, FOLD_CHUNK_BYTES):
+                sink.write(key, copy(read[key], key, rows=rows, view=view))
+    return Path(out)
+
+
 def _copied(
-    source: Checkpoint, key: str, *, dtype: torch.dtype | None, where: str, bar: object
+    source: Checkpoint,
+    key: str,
+    *,
+    dtype: torch.dtype | None,
+    where: str,
+    bar: object,
+    rows: slice = slice(None),
+    view: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """A copy on the CPU of ``source``'s tensor ``key``, its floating values cast to
-    ``dtype`` (rounded once: :func:`~ladle.engine.cast`); a finite value that the cast would
-    make infinite, or saturate (``float8_e4m3fn``), is a :class:`NonFiniteError`."""
-    tensor = source.get_slice(key, slice(None)).to("cpu", copy=True)
+    """A copy on the CPU of ``rows`` of ``source``'s tensor ``key`` (of it read as ``view``:
+    :meth:`~ladle.Checkpoint.get_rows`), its floating values cast to ``dtype`` (rounded once:
+    :func:`~ladle.engine.cast`); a finite value that the cast would make infinite, or
+    saturate (``float8_e4m3fn``), is a :class:`NonFiniteError` counting every such value of
+    the key."""
+    tensor = source.get_rows(key, rows, view).to("cpu", copy=True)
     if bar is not None:
-        bar.update(source.nbytes(key))  # type: ignore[attr-defined]
+        bar.update(tensor.numel() * tensor.element_size())  # type: ignore[attr-defined]
     target = output_dtype(tensor.dtype, dtype)
     if target == tensor.dtype:
         return tensor
     result = cast(tensor, target)
-    limit = saturation_limit(target)
-    finite = torch.isfinite(tensor)
-    lost = (past_saturation(tensor, limit) if limit is not None else ~result.isfinite()) & finite
+    lost = _lost(tensor, result)
     if bool(lost.any()):
+        stored = tuple(source.shape(key))
+        count = int(lost.sum())
+        if rows != slice(None):  # the other rows of the key read again, on the way to an error
+            chunks = row_chunks(stored, FOLD_CHUNK_BYTES)
+            parts = (source.get_rows(key, part, view) for part in chunks if part != rows)
+            count += sum(int(_lost(part, cast(part, target)).sum()) for part in parts)
         name = str(target).removeprefix("torch.")
         raise NonFiniteError(
-            f"{where}: {int(lost.sum())} of the {tensor.numel()} values of key {key!r} "
+            f"{where}: {count} of the {math.prod(stored)} values of key {key!r} "
             f"({source.name}) are past the range of {name} (largest finite value "
             f"{torch.finfo(target).max:g}); keep a wider dtype"
         )
     return result
+
+
+def _lost(tensor: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """Where casting ``tensor`` to ``result`` lost a finite value: made it infinite, or
+    saturated it (``float8_e4m3fn``, which has no infinity)."""
+    limit = saturation_limit(result.dtype)
+    past = past_saturation(tensor, limit) if limit is not None else ~result.isfinite()
+    return past & torch.isfinite(tensor)
 
 
 def _check_tied(
