@@ -208,6 +208,21 @@ def test_nonfinite_inputs_are_refused_or_interpolated_linearly():
     assert merged["w"].tolist() == [math.inf, 1.0, 0.5]
 
 
+def test_an_end_leaves_the_other_model_out_its_signed_zeros_and_infinities_too():
+    # "t = 0 gives a and t = 1 gives b, both exactly": the other model's term, whose
+    # coefficient is 0, is left out, not added as 0·x (0·Inf is NaN, -0.0 + 0·x is +0.0).
+    a, b = {"w": t([1.0, 0.0, 3.0])}, {"w": t([-0.0, 1.0, -0.0])}
+    for first, second, at in ((a, b, 1.0), (b, a, 0.0)):
+        merged = ladle.slerp([first, second], t=at, device="cpu")["w"]
+        assert merged.tolist() == [0.0, 1.0, 0.0]
+        assert torch.signbit(merged).tolist() == [True, False, True]
+    infinite = {"w": t([math.inf, 1.0, -math.inf])}
+    for first, second, at in ((infinite, b, 1.0), (b, infinite, 0.0)):
+        merged = ladle.slerp([first, second], t=at, device="cpu", allow_nonfinite=True)["w"]
+        assert torch.signbit(merged).tolist() == [True, False, True]
+        assert merged.tolist() == [0.0, 1.0, 0.0]
+
+
 @pytest.mark.parametrize("count", [1, 3])
 def test_needs_exactly_two_models(count):
     with pytest.raises(ValueError, match=f"exactly 2 models, found {count}"):
@@ -287,3 +302,17 @@ def test_recipe_refuses_bad_steps(tmp_path, step, message):
     recipe.write_text(f'[steps.s]\nmethod = "slerp"\n{step}\noutput = "o.safetensors"\n')
     with pytest.raises(ValueError, match=message):
         ladle.load_recipe(recipe)
+
+
+def test_float64_coefficients_are_the_documented_sines_bit_for_bit():
+    # sin(θ − t·θ)/sin θ, mergekit's expression, not sin((1 − t)·θ)/sin θ: they differ in the
+    # last bit of float64 (0.45399049973954675 against 0.4539904997395468 at t = 0.7).
+    a = {"w": torch.tensor([1.0, 0.0], dtype=torch.float64)}
+    b = {"w": torch.tensor([0.0, 1.0], dtype=torch.float64)}
+    theta, at = math.pi / 2, 0.7
+    merged = ladle.slerp([a, b], t=at, device="cpu")["w"]
+    assert merged.dtype == torch.float64
+    assert merged.tolist() == [
+        math.sin(theta - at * theta) / math.sin(theta),
+        math.sin(at * theta) / math.sin(theta),
+    ]

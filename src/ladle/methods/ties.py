@@ -715,7 +715,7 @@ class SignElection:
         scratch = self.scratch
         self.pos_sum.add_(torch.clamp(delta, min=0, out=scratch))
         self.neg_sum.add_(torch.clamp(delta, max=0, out=scratch))
-        signs = torch.sign(delta, out=scratch)  # NaN for NaN: so are both masses then
+        signs = torch.sign(delta, out=scratch)  # 0 for NaN (torch on the CPU): both masses are NaN
         self._signs.add_(signs)
         self._nonzero.addcmul_(signs, signs)
         return self
