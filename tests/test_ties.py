@@ -726,6 +726,32 @@ def test_ties_remembered_or_merged_again_give_the_same_bits(
     assert_bit_for_bit(ladle.ties(models, base, **kwargs), in_memory)
 
 
+@pytest.mark.parametrize("trim", ["global", "tensor"])
+def test_keys_merged_again_patch_their_tied_entries_alone(monkeypatch, tmp_path, trim):
+    # Past TIE_RECORD_LIMIT every entry of a key merged again was rewritten through the
+    # writer's amend (an index per entry, sorted): 4 bf16 models of 48 M entries took 16.8 s
+    # instead of 5.0 s. The ties are the entries whose τ sum to 0 while some τ is not 0.
+    models, base = tied_family(seed=7)
+    taus = {key: torch.stack([m[key] - base[key] for m in models]) for key in base}
+    tied = {key: int(((t.sum(0) == 0) & (t != 0).any(0)).sum()) for key, t in taus.items()}
+    assert all(tied.values())
+    amended: dict[str, int] = {}
+    amend = ladle.writer.SafetensorsWriter.amend
+
+    def counting(self, key, index, values):
+        amended[key] = amended.get(key, 0) + index.numel()
+        return amend(self, key, index, values)
+
+    monkeypatch.setattr(ladle.writer.SafetensorsWriter, "amend", counting)
+    monkeypatch.setattr(ties_module, "TIE_RECORD_LIMIT", 0)
+    kwargs = dict(density=1.0, trim=trim, device="cpu", chunk_bytes=256)
+    written = ladle.ties(models, base, out=tmp_path / "out.safetensors", **kwargs)
+    # With trim="tensor" a tensor of one chunk ("b") breaks its ties in the pass, by its vote.
+    assert amended == (tied if trim == "global" else {"w": tied["w"]})
+    monkeypatch.undo()
+    assert_bit_for_bit(ladle.load(written), ladle.ties(models, base, **kwargs))
+
+
 def test_tied_family_has_ties_the_majority_decides():
     # The family above must exercise the amend path: some entries tie, and the vote is not 0.
     from ladle.methods.ties import SignElection
