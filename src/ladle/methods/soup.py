@@ -410,14 +410,13 @@ def _greedy(
     soup is checked as every merge's output is, before ``evaluate`` sees it and before it
     is returned: no NaN or Inf, none made by the cast to the output dtype, and no value
     past the range of a dtype whose casts saturate (see
-    :func:`~ladle.engine.saturation_limit`), ``where`` naming it in the error.
-    ``check_best(index, checkpoint)`` is called on the best-ranked model, whose dtypes the
-    soup takes, once the ranking is known: before any evaluation where ``scores`` are
-    given, else before the soups are evaluated. A tensor
+    :func:`~ladle.engine.saturation_limit`), ``where`` naming it in the error. A tensor
     every model names twice (tied weights) is averaged once, under its first name, and
     handed out under both, one tensor. Every state dict handed out has model 0's keys, as
     every merge has its reference's: a second name that model 0 lacks (it stores the
-    tensor once) is read from no model."""
+    tensor once) is read from no model. ``check_best(index, checkpoint)`` is called on the
+    best-ranked model, whose dtypes the soup takes, once the ranking is known: before any
+    evaluation where ``scores`` are given, else before the soups are evaluated."""
     count = len(checkpoints)
     tied = tied_names(checkpoints)
     names = checkpoints[0].keys()  # the reference's (open_models answers its second names)
