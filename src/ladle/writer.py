@@ -345,12 +345,15 @@ def check_amendment(
     if index.numel() == 0:
         return
     numel = _nbytes(spec) // dtype.itemsize  # parts, for complex
-    low, high = int(index.min()), int(index.max())
-    if low < 0 or high >= numel:
+    increasing = _increasing(index)  # as merges give them: no entry twice, and no sort
+    low, high = (index[0], index[-1]) if increasing else (index.min(), index.max())
+    if int(low) < 0 or int(high) >= numel:
         raise LadleError(
-            f"{owner}: amend({key!r}) index {low if low < 0 else high} is outside the "
-            f"tensor's {numel} entries"
+            f"{owner}: amend({key!r}) index {int(low) if low < 0 else int(high)} is outside "
+            f"the tensor's {numel} entries"
         )
+    if increasing:
+        return
     ordered = index.sort().values
     repeated = ordered[1:][ordered[1:] == ordered[:-1]]
     if repeated.numel():  # which value lands was torch's choice, another in memory than here
@@ -358,6 +361,18 @@ def check_amendment(
             f"{owner}: amend({key!r}) names entry {int(repeated[0])} more than once; one "
             "value per entry"
         )
+
+
+def _increasing(index: torch.Tensor) -> bool:
+    """Whether the flat ``index`` is strictly increasing: each entry once, in order, as the
+    merges' amendments come (a linear test: sorting each amendment, twice checked and once
+    to patch, took half of a TIES merge whose bf16 sign ties filled whole keys).
+
+    Example:
+        >>> _increasing(torch.tensor([1, 4, 9])), _increasing(torch.tensor([1, 1]))
+        (True, False)
+    """
+    return bool((index[1:] > index[:-1]).all())
 
 
 _SEPARATORS = tuple({os.sep, os.altsep or os.sep})
@@ -1203,8 +1218,10 @@ class SafetensorsWriter:
                 _close_descriptor(self._amending.pop(next(iter(self._amending))), sync=True)
             self._amending[shard] = os.open(self._files[shard], os.O_RDWR)
         fd = self._amending[shard]
-        order = torch.argsort(index)
-        index, values = index[order].cpu(), values[order].cpu()
+        if not _increasing(index):
+            order = torch.argsort(index)
+            index, values = index[order], values[order]
+        index, values = index.cpu(), values.cpu()
         # Patch a window of at most 1 MiB at a time: read it, change it, write it back.
         step = max(1, 2**20 // dtype.itemsize)
         first = 0
