@@ -281,12 +281,15 @@ def test_chunk_size_and_key_order_do_not_change_a_single_bit():
 def test_tensors_of_several_blocks_draw_the_documented_mask_and_leave_no_threads():
     gen = torch.Generator().manual_seed(1)
     numel = 2 * BLOCK + 3  # blocks drawn on the merge's threads
-    base = {"w": torch.randn(numel, generator=gen)}
-    models = [{"w": base["w"] + torch.randn(numel, generator=gen)} for _ in range(2)]
+    # Beside keys too small to draw the next model's numbers ahead (AHEAD_ENTRIES), in turns.
+    sizes = {"a": 10, "w": numel, "z": 1000}
+    base = {key: torch.randn(size, generator=gen) for key, size in sizes.items()}
+    models = [{k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in "12"]
     merged = ladle.dare(models, base, density=0.25, seed=5, device="cpu")
-    kept = [naive_mask(5, i, "w", numel, 0.25) for i in range(2)]
-    total = sum((m["w"] - base["w"]) * k for m, k in zip(models, kept))
-    torch.testing.assert_close(merged["w"], base["w"] + total / 0.25, rtol=0, atol=1e-5)
+    for key, size in sizes.items():
+        kept = [naive_mask(5, i, key, size, 0.25) for i in range(2)]
+        total = sum((m[key] - base[key]) * k for m, k in zip(models, kept))
+        torch.testing.assert_close(merged[key], base[key] + total / 0.25, rtol=0, atol=1e-5)
     assert not [t for t in threading.enumerate() if t.name.startswith("ladle-dare")]
 
 
