@@ -378,6 +378,12 @@ def test_a_dtensor_state_dict_given_to_a_merge_is_refused_saying_how_to_gather_i
     with pytest.raises(ValueError, match=r"^state_dict: " + gather):
         ladle.save(a, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+    # torch.save of such a state dict: "not a readable torch file (Attempted to access ...)".
+    torch.save(a, tmp_path / "fsdp.pt")
+    with pytest.raises(
+        ladle.CheckpointError, match=re.escape(f"{tmp_path / 'fsdp.pt'}: ") + gather
+    ):
+        ladle.uniform_soup([b, tmp_path / "fsdp.pt"])
 
 
 def test_a_group_that_is_no_process_group_is_a_type_error(tmp_path):

@@ -465,6 +465,12 @@ SHELL_DTYPES = frozenset(
 are missing from older torch): reached through ``view``, no ``clone`` or sum of them runs."""
 
 
+def _wraps_tensors(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a subclass wrapping other tensors (a DTensor), by torch's mark
+    of one: it has no storage of its own."""
+    return hasattr(tensor, "__tensor_flatten__")
+
+
 def not_a_dense_tensor(key: object, value: object) -> str | None:
     """Why ``key: value`` is no entry of a state dict that ladle reads or writes (a ``str`` key,
     a dense tensor holding data), or ``None`` where it is one.
@@ -486,7 +492,7 @@ def not_a_dense_tensor(key: object, value: object) -> str | None:
         return f"tensor {key!r} is {what}"
     if value.is_quantized:  # integer codes with scales: averaged entry by entry, a wrong model
         return f"tensor {key!r} is quantized ({value.dtype}): dequantize it first"
-    if hasattr(value, "__tensor_flatten__"):  # torch's mark of a subclass wrapping tensors
+    if _wraps_tensors(value):
         # No storage of its own: its data pointer is an error, its values not one array.
         what = type(value).__name__
         if hasattr(value, "full_tensor"):  # a DTensor (FSDP2's fully_shard, tensor parallel)
@@ -1539,8 +1545,9 @@ def _records_hold_storages(loaded: object, records: Mapping[int, zipfile.ZipInfo
     short record were read as its numbers."""
     storages: dict[int, tuple[str, int]] = {}
     for name, tensor in _nested_tensors(loaded):
-        if tensor.layout != torch.strided or tensor.is_quantized:  # refused once loaded,
-            return True  # whatever its bytes
+        # Refused once loaded, whatever its bytes (a DTensor's storage has no data pointer).
+        if tensor.layout != torch.strided or tensor.is_quantized or _wraps_tensors(tensor):
+            return True
         storage = tensor.untyped_storage()
         if storage.nbytes():
             storages.setdefault(storage.data_ptr(), (name, storage.nbytes()))
