@@ -293,6 +293,19 @@ def test_amend_patches_entries_in_the_written_output(tmp_path_factory, picks, dt
     assert all(torch.equal(loaded[key], expected[key]) for key in expected)
 
 
+@pytest.mark.parametrize("step", [1, -1])
+def test_amend_takes_an_index_that_is_a_strided_view_in_either_order(tmp_path, step):
+    # Increasing, it is not sorted (so not copied): torch.searchsorted warned of a
+    # non-contiguous boundary tensor, an error under -W error that left the writer failed.
+    held = torch.tensor([0, 99, 2, 99, 5, 99])
+    index = held[::2] if step == 1 else held.flip(0)[1::2]  # [0, 2, 5] or [5, 2, 0], strided
+    assert not index.is_contiguous()
+    with SafetensorsWriter(tmp_path / "o.safetensors", {"w": ((8,), torch.float32)}) as writer:
+        writer.write("w", torch.zeros(8))
+        writer.amend("w", index, index.float() + 1)
+    assert ladle.load(tmp_path / "o.safetensors")["w"].tolist() == [1, 0, 3, 0, 0, 6, 0, 0]
+
+
 def test_amend_of_a_complex_tensor_patches_parts_of_its_real_view(tmp_path):
     # Merges compute a complex tensor as its parts (torch.view_as_real): entry 2k is the real
     # part of entry k, 2k + 1 its imaginary part; values come in the real dtype.

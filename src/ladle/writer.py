@@ -1221,7 +1221,7 @@ class SafetensorsWriter:
         if not _increasing(index):
             order = torch.argsort(index)
             index, values = index[order], values[order]
-        index, values = index.cpu(), values.cpu()
+        index, values = index.cpu().contiguous(), values.cpu()  # a strided view: searched
         # Patch a window of at most 1 MiB at a time: read it, change it, write it back.
         step = max(1, 2**20 // dtype.itemsize)
         first = 0
