@@ -2534,7 +2534,7 @@ def test_a_complex128_merge_to_a_file_is_refused_before_any_pass(tmp_path, monke
     assert str(caught.value) == expected
     with pytest.raises(ladle.LadleError) as caught:
         ladle.greedy_soup(models, lambda sd: pytest.fail("evaluated"), out=out)
-    assert str(caught.value) == expected
+    assert str(caught.value) == expected + " (the soup takes the dtypes of model 0 (<state dict>))"
     assert not out.exists()
 
 

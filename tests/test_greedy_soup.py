@@ -627,6 +627,22 @@ def test_a_model_ranked_best_in_a_dtype_results_cannot_be_written_in_is_refused_
     assert calls == [1, 1]
 
 
+def test_a_dtype_safetensors_cannot_store_names_the_model_ranked_best(tmp_path):
+    # Model 0 alone could be written: the refusal is the ranking's, and says whose dtype.
+    models = [
+        {"w": torch.ones(4, dtype=torch.complex64)},
+        {"w": torch.ones(4).to(torch.complex128)},
+    ]
+    out = tmp_path / "soup.safetensors"
+    with pytest.raises(ladle.LadleError) as caught:
+        ladle.greedy_soup(models, lambda sd: pytest.fail("evaluated"), scores=[1.0, 2.0], out=out)
+    assert str(caught.value) == (
+        f"{out}: tensor 'w': safetensors cannot store dtype torch.complex128 (the soup takes "
+        "the dtypes of model 1 (<state dict>), ranked best)"
+    )
+    assert not out.exists()
+
+
 def test_a_model_not_ranked_best_may_be_of_a_dtype_the_soup_is_not_written_in(tmp_path):
     # The soup takes the best-ranked model's dtypes, as a uniform soup takes model 0's: a
     # complex128 or float8_e8m0fnu key of another model refused the merge (the complex128

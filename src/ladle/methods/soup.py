@@ -562,9 +562,13 @@ def run_greedy(
         _check_output(out, checkpoints, overwrite=overwrite, max_shard_size=max_shard_size)
 
         def check_written(index: int, model: Checkpoint, ranked: str = "") -> None:
-            check_output_dtypes(model, dtype, label=f"model {index} ({model.name}){ranked}")
+            label = f"model {index} ({model.name}){ranked}"
+            check_output_dtypes(model, dtype, label=label)
             if out is not None:
-                check_storable(out, output_specs(model, dtype))
+                try:
+                    check_storable(out, output_specs(model, dtype))
+                except LadleError as err:  # it names the output alone
+                    raise type(err)(f"{err} (the soup takes the dtypes of {label})") from None
 
         # The soup is written in the best-ranked model's dtypes; another model's that no
         # output can hold are no obstacle (a uniform soup takes model 0's too). Where no
