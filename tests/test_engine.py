@@ -3156,6 +3156,28 @@ def test_an_error_in_a_kernel_of_one_s_own_is_noted_with_its_key_and_rows(where)
     assert info.value.__notes__ == ["ladle: while merging key 'a'"]
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes came with Python 3.11")
+@pytest.mark.parametrize("fails", ["at once", "after one"])
+def test_an_error_in_a_kernel_s_own_amend_is_noted_as_the_amend_s(tmp_path, fails):
+    # Its other calls' errors were noted with the key; amend's came out bare.
+    def amend():
+        if fails == "after one":
+            yield "w", torch.tensor([0]), torch.tensor([5.0])
+        raise ValueError("amend bug")
+
+    kernel = _max_kernel()._replace(amend=amend)
+    models = [{"w": torch.ones(4), "v": torch.ones(2)}] * 2
+    after = "" if fails == "at once" else ", after key 'w'"
+    for out in (None, tmp_path / "m.safetensors"):
+        with pytest.raises(ValueError) as info:
+            merge(models, kernel, method="max", parameters={}, device="cpu", out=out)
+        assert str(info.value) == "amend bug"
+        assert info.value.__notes__ == [
+            f"ladle: in the kernel's amend(), once every chunk was merged{after}"
+        ]
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def _greedy(models, out, **kwargs):
     result = ladle.greedy_soup(models, lambda sd: 0.0, out=out, **kwargs)
     return result.state_dict if out is None else out  # written there too

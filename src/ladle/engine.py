@@ -1395,6 +1395,30 @@ def _note_where(err: Exception, key: str, rows: slice, view: tuple[int, ...] | N
     add_note(f"ladle: while merging key {key!r}{part}")
 
 
+def _noted_amend(kernel: Kernel) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``kernel.amend()``'s amendments (none without one); an exception raised in it gets a
+    note (Python 3.11 and later) naming ``amend`` and the key it yielded last."""
+    if kernel.amend is None:
+        return
+    amendments: Iterator[tuple[str, torch.Tensor, torch.Tensor]] | None = None
+    last = None
+    while True:
+        try:
+            if amendments is None:  # a plain function raises here, a generator below
+                amendments = iter(kernel.amend())
+            amendment = next(amendments, None)
+        except Exception as err:
+            add_note = getattr(err, "add_note", None)
+            if add_note is not None:
+                after = "" if last is None else f", after key {last!r}"
+                add_note(f"ladle: in the kernel's amend(), once every chunk was merged{after}")
+            raise
+        if amendment is None:
+            return
+        last = amendment[0]
+        yield amendment
+
+
 def _check_result_kind(result: object, key: str, device: torch.device) -> None:
     """A ``LadleError`` unless a kernel's ``finalize`` gave a tensor with data (not on
     ``meta``, unless the merge's ``device`` is): a ``finalize`` that forgot to return, or a
@@ -1896,8 +1920,9 @@ def _amendments(
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """``kernel``'s amendments, once the last chunk is out: each on the CPU in its key's
     output dtype (of a complex tensor: entries of its real view, real and imaginary parts),
-    checked as the merged chunks are."""
-    for key, index, values in kernel.amend() if kernel.amend is not None else ():
+    checked as the merged chunks are. An error the kernel's ``amend`` raises gets a note
+    saying so (and the key amended last), as :func:`_note_where` notes its other calls'."""
+    for key, index, values in _noted_amend(kernel):
         if key not in specs:  # before its limits are looked up
             check_amendment(where, key, index, values, None)
         dtype = specs[key][1]
