@@ -1400,23 +1400,17 @@ def _noted_amend(kernel: Kernel) -> Iterator[tuple[str, torch.Tensor, torch.Tens
     note (Python 3.11 and later) naming ``amend`` and the key it yielded last."""
     if kernel.amend is None:
         return
-    amendments: Iterator[tuple[str, torch.Tensor, torch.Tensor]] | None = None
     last = None
-    while True:
-        try:
-            if amendments is None:  # a plain function raises here, a generator below
-                amendments = iter(kernel.amend())
-            amendment = next(amendments, None)
-        except Exception as err:
-            add_note = getattr(err, "add_note", None)
-            if add_note is not None:
-                after = "" if last is None else f", after key {last!r}"
-                add_note(f"ladle: in the kernel's amend(), once every chunk was merged{after}")
-            raise
-        if amendment is None:
-            return
-        last = amendment[0]
-        yield amendment
+    try:
+        for amendment in kernel.amend():
+            last = amendment[0]
+            yield amendment  # the caller's errors stay its own: none is thrown in here
+    except Exception as err:
+        add_note = getattr(err, "add_note", None)
+        if add_note is not None:
+            after = "" if last is None else f", after key {last!r}"
+            add_note(f"ladle: in the kernel's amend(), once every chunk was merged{after}")
+        raise
 
 
 def _check_result_kind(result: object, key: str, device: torch.device) -> None:
