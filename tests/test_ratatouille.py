@@ -511,6 +511,34 @@ def test_ratatouille_init_casts_floating_tensors_to_dtype_and_refuses_an_overflo
     )
 
 
+@pytest.mark.parametrize(
+    ("stored", "target"),
+    [
+        (torch.float8_e4m3fn, torch.float16),
+        (torch.float8_e4m3fnuz, torch.bfloat16),
+        (torch.float8_e5m2fnuz, torch.float32),
+        (torch.float8_e5m2, torch.float8_e4m3fn),
+        (torch.float16, torch.float8_e5m2),
+    ],
+)
+def test_ratatouille_init_casts_float8_weights_and_refuses_their_overflow(tmp_path, stored, target):
+    # torch has no isfinite for e4m3fn and the fnuz types, and compares no e5m2 on the CPU:
+    # the cast's check raised torch's NotImplementedError where the merges cast them.
+    values = torch.tensor([[1.0, -2.0], [0.5, 3.0]]).to(stored)
+    aux, probe = {"w": values}, {"head.w": torch.zeros(2)}
+    init = ladle.ratatouille_init(aux, probe, dtype=target)
+    assert init["w"].dtype == target
+    assert init["w"].float().tolist() == [[1.0, -2.0], [0.5, 3.0]]  # exact in every dtype here
+    path = ladle.ratatouille_init(aux, probe, dtype=target, out=tmp_path / "init.safetensors")
+    assert torch.equal(ladle.load(path)["w"].view(torch.uint8), init["w"].view(torch.uint8))
+    largest = torch.finfo(target).max
+    if torch.finfo(stored).max > largest:  # one value past the target's range
+        past = min(2 * largest, torch.finfo(stored).max)
+        aux["w"] = torch.tensor([[1.0, past], [0.5, 3.0]]).to(stored)
+        with pytest.raises(ladle.NonFiniteError, match="1 of the 4 values of key 'w'"):
+            ladle.ratatouille_init(aux, probe, dtype=target)
+
+
 def test_ratatouille_init_checks_device_and_counts_progress_in_bytes():
     aux, probe = _aux_and_probe()
     with pytest.raises(ValueError, match="device"):

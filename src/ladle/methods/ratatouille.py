@@ -305,9 +305,13 @@ def _copied(
 def _lost(tensor: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """Where casting ``tensor`` to ``result`` lost a finite value: made it infinite, or
     saturated it (``float8_e4m3fn``, which has no infinity)."""
+
+    def wide(values: torch.Tensor) -> torch.Tensor:  # torch compares no float8 on the CPU
+        return values.float() if values.dtype.itemsize == 1 else values
+
     limit = saturation_limit(result.dtype)
-    past = past_saturation(tensor, limit) if limit is not None else ~result.isfinite()
-    return past & torch.isfinite(tensor)
+    past = past_saturation(wide(tensor), limit) if limit is not None else ~wide(result).isfinite()
+    return past & torch.isfinite(wide(tensor))
 
 
 def _check_tied(
