@@ -2200,20 +2200,97 @@ def test_a_torch_file_of_pickle_protocol_4_or_later_is_refused_for_what_it_is(tm
     )
 
 
-def test_a_side_past_what_torch_can_index_is_refused_naming_the_tensor(tmp_path):
-    # A 0-byte tensor of shape [2**63, 0]: a TypeError ("Overflow when unpacking long long")
-    # from a read, an OverflowError from a merge
+@pytest.mark.parametrize("shape", [(2**63, 0), (0, 2**63 - 1, 2), (0, 2**32, 0, 2**31)])
+def test_a_side_or_stride_past_what_torch_can_index_is_refused_naming_the_tensor(tmp_path, shape):
+    # 0-byte tensors: of a side 2**63, a TypeError ("Overflow when unpacking long long") from
+    # a read, an OverflowError from a merge; of sides whose product past the first is 2**63
+    # or more (a contiguous stride), torch's RuntimeError "Stride calculation overflowed"
     path = tmp_path / "big.safetensors"
-    header = json.dumps({"a": {"dtype": "F32", "shape": [2**63, 0], "data_offsets": [0, 0]}})
+    header = json.dumps({"a": {"dtype": "F32", "shape": list(shape), "data_offsets": [0, 0]}})
     data = header.encode() + b" " * (-len(header) % 8)
     path.write_bytes(struct.pack("<Q", len(data)) + data)
     expected = (
-        f"{path}: tensor 'a' has shape ({2**63}, 0), a side past what torch can index (2**63 - 1)"
+        f"{path}: tensor 'a' has shape {shape}, past what torch can index (2**63 - 1): a side "
+        "or the product of the sides after one"
     )
     for read in (lambda: ladle.load(path), lambda: ladle.uniform_soup([path, path])):
         with pytest.raises(ladle.CheckpointError) as info:
             read()
         assert str(info.value).endswith(expected)
+
+
+def test_a_torch_file_of_a_tensor_whose_stride_torch_cannot_index_is_refused(tmp_path):
+    # No entries and strides of its own, so torch saves and loads it; a copy of it (the
+    # meta tensor a closed checkpoint keeps, a merge's output) overflowed: a traceback from
+    # `ladle inspect` after its table, and from a thread closing a soup's inputs
+    path = tmp_path / "big.pt"
+    torch.save({"a": torch.empty(0).as_strided((0, 2**62, 4), (2, 4, 1)), "b": torch.ones(2)}, path)
+    expected = (
+        f"{path}: tensor 'a' has shape (0, {2**62}, 4), past what torch can index (2**63 - 1): "
+        "a side or the product of the sides after one; ladle merges dense tensors with data"
+    )
+    for read in (lambda: ladle.load(path), lambda: ladle.uniform_soup([path, path])):
+        with pytest.raises(ladle.CheckpointError) as info:
+            read()
+        assert str(info.value) == expected
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.uniform_soup([{"a": torch.empty(0).as_strided((0, 2**62, 4), (2, 4, 1))}] * 2)
+    assert "tensor 'a' has shape (0, 4611686018427387904, 4), past what" in str(info.value)
+
+
+def test_loading_a_tensor_past_the_memory_is_a_memory_error_naming_it(tmp_path):
+    # An expanded tensor is 4 bytes in a torch file and 2**60 bytes loaded (past any 57-bit
+    # address space, so no allocation can succeed): torch's allocator raised a RuntimeError
+    path = tmp_path / "expanded.pt"
+    torch.save({"b": torch.ones(2), "a": torch.ones(1).expand(2**58)}, path)
+    with pytest.raises(MemoryError) as info:
+        ladle.load(path)
+    assert str(info.value).startswith(
+        f"{path}: key 'a' (shape ({2**58},), torch.float32) does not fit in the memory of cpu: "
+    )
+    assert "can't allocate memory" in str(info.value)
+
+
+def test_a_torch_file_that_torch_refuses_in_cpp_is_refused_without_the_cpp_backtrace(tmp_path):
+    # A stride of 2**64 in the pickle: torch's error carried its C++ backtrace ("Exception
+    # raised from THPUtils_unpackLong ... frame #0: c10::Error::Error"), and the CLI's one
+    # line of error was 1,400 characters long
+    import collections
+    import io
+    import zipfile
+
+    class Storage:
+        pass
+
+    class Tensor:
+        def __reduce__(self):
+            size, stride = (4,), (2**64,)
+            arguments = (Storage(), 0, size, stride, False, collections.OrderedDict())
+            return torch._utils._rebuild_tensor_v2, arguments
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return (
+                ("storage", torch.FloatStorage, "0", "cpu", 4) if isinstance(obj, Storage) else None
+            )
+
+    template = io.BytesIO()
+    torch.save({"a": torch.ones(4)}, template)
+    pickled = io.BytesIO()
+    Pickler(pickled, protocol=2).dump({"a": Tensor()})
+    path = tmp_path / "bad.pt"
+    with zipfile.ZipFile(template) as source, zipfile.ZipFile(path, "w") as archive:
+        for info in source.infolist():
+            data = source.read(info)
+            archive.writestr(
+                info, pickled.getvalue() if info.filename.endswith("data.pkl") else data
+            )
+    with pytest.raises(ladle.CheckpointError) as info:
+        ladle.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a readable torch file (")
+    assert "Overflow when unpacking long long" in message
+    assert "Exception raised from" not in message and "\n" not in message
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes: Linux")

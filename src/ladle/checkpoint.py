@@ -471,6 +471,26 @@ def _wraps_tensors(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, "__tensor_flatten__")
 
 
+def past_int64(shape: Sequence[int]) -> str | None:
+    """Why torch cannot index a tensor of ``shape`` with int64 (a side, or a contiguous
+    stride, the product of the sides after one, of 2**63 or more, even with no entries: a
+    side of 0 counts 1 in a stride), or ``None`` where it can.
+
+    Example:
+        >>> past_int64((0, 2**62, 4)) is None  # no entries, but a stride of 2**64
+        False
+        >>> past_int64((0, 2**62)) is None
+        True
+    """
+    first_stride = math.prod(max(side, 1) for side in shape[1:])  # the largest
+    if any(side >= 2**63 for side in shape) or first_stride >= 2**63:
+        return (
+            f"has shape {tuple(shape)}, past what torch can index (2**63 - 1): a side or the "
+            "product of the sides after one"
+        )
+    return None
+
+
 def not_a_dense_tensor(key: object, value: object) -> str | None:
     """Why ``key: value`` is no entry of a state dict that ladle reads or writes (a ``str`` key,
     a dense tensor holding data), or ``None`` where it is one.
@@ -512,6 +532,8 @@ def not_a_dense_tensor(key: object, value: object) -> str | None:
         )
     if isinstance(value, (torch.nn.UninitializedParameter, torch.nn.UninitializedBuffer)):
         return f"tensor {key!r} is an uninitialized parameter of a lazy module: run it once first"
+    if past_int64(value.shape):  # no entries, or strides of its own: no copy of it can be made
+        return f"tensor {key!r} {past_int64(value.shape)}"
     return None
 
 
@@ -937,11 +959,8 @@ class SafetensorsCheckpoint(Checkpoint):
         if spec is None:
             view = self._slice(key)
             shape = tuple(view.get_shape())
-            if any(side >= 2**63 for side in shape):  # torch indexes with int64
-                raise CheckpointError(
-                    f"{self._files[key]}: tensor {key!r} has shape {shape}, a side past what "
-                    "torch can index (2**63 - 1)"
-                )
+            if past_int64(shape):
+                raise CheckpointError(f"{self._files[key]}: tensor {key!r} {past_int64(shape)}")
             spec = self._specs[key] = (shape, view.get_dtype())
         return spec
 
@@ -1614,9 +1633,12 @@ def _load_failure(file: Path, err: Exception) -> str:
         return ENDS_EARLY
     if _zip_ends_early(file):
         return NO_ZIP_END
-    if isinstance(err, (OSError, RuntimeError, ValueError)) and str(err):
-        return str(err)
-    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    # Some of torch's C++ errors carry their backtrace, "Exception raised from ... frame #0:
+    # c10::Error::Error ...": a thousand characters more of the one line a user reads.
+    message = str(err).split("\nException raised from ", 1)[0].rstrip()
+    if isinstance(err, (OSError, RuntimeError, ValueError)) and message:
+        return message
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
 NO_ZIP_END = "a zip archive without its end record: truncated, or corrupt"
@@ -2505,6 +2527,22 @@ def load_tied(source: StateDictLike) -> StateDict:
     return _read_whole(source, "cpu", shared=True)
 
 
+def _copied(checkpoint: Checkpoint, key: str, device: str | torch.device) -> torch.Tensor:
+    """``key`` of ``checkpoint`` copied whole to ``device``; torch's allocator out of memory
+    (a ``RuntimeError``: an input larger than the memory, or an expanded tensor of a torch
+    file that is a few bytes stored) a ``MemoryError`` naming the tensor."""
+    shape = tuple(checkpoint.shape(key))
+    try:
+        return checkpoint._sliced(key, slice(None), shape).to(device, copy=True)
+    except RuntimeError as err:
+        if "can't allocate memory" not in str(err) and "out of memory" not in str(err):
+            raise
+        raise MemoryError(
+            f"{checkpoint.name}: key {key!r} (shape {shape}, {checkpoint.dtype(key)}) does not "
+            f"fit in the memory of {device}: {one_line(err)}"
+        ) from err
+
+
 def _read_whole(source: StateDictLike, device: str | torch.device, *, shared: bool) -> StateDict:
     """Every tensor of ``source`` copied to ``device``; with ``shared``, a tensor it names
     twice (:meth:`Checkpoint.aliases`) read once, under each name."""
@@ -2514,13 +2552,7 @@ def _read_whole(source: StateDictLike, device: str | torch.device, *, shared: bo
         tensors: StateDict = {}
         for key in checkpoint.keys():
             first = tied.get(key)  # an earlier key: read already
-            tensors[key] = (
-                tensors[first]
-                if first is not None
-                else checkpoint._sliced(key, slice(None), tuple(checkpoint.shape(key))).to(
-                    device, copy=True
-                )
-            )
+            tensors[key] = tensors[first] if first is not None else _copied(checkpoint, key, device)
         return tensors
     finally:
         if checkpoint is not source:
