@@ -47,6 +47,13 @@ assert_type(
 )
 maybe: str | None = None
 assert_type(ladle.uniform_soup(models, out=maybe), dict[str, torch.Tensor] | Path)
+configured: str = "uniform"  # a selection known at run time alone: without evaluate, uniform
+assert_type(ladle.ratatouille(models, selection=configured), dict[str, torch.Tensor])
+assert_type(ladle.ratatouille(models, selection=configured, out=folder / "r2"), Path)
+from ladle.checkpoint import TensorMapCheckpoint
+
+with TensorMapCheckpoint(base) as opened:  # a subclass's with-statement: the subclass
+    assert_type(opened, TensorMapCheckpoint)
 torch.nn.Linear(2, 2).load_state_dict(ladle.uniform_soup([torch.nn.Linear(2, 2)]))
 """
 
@@ -97,6 +104,10 @@ same(ladle.add(pair[0], pair[1], alpha=np.float32(2)), ladle.add(pair[0], pair[1
 same(ladle.lerp(pair[0], pair[1], np.array(0.25)), ladle.lerp(pair[0], pair[1], 0.25))
 same(ladle.weighted_sum(pair, torch.tensor([0.5, 0.25])), ladle.weighted_sum(pair, [0.5, 0.25]))
 same(ladle.weighted_sum(pair, np.array([0.5, 0.25])), ladle.weighted_sum(pair, [0.5, 0.25]))
+from ladle.testing import assert_state_dicts_close, state_dicts
+
+assert_state_dicts_close(pair[0], pair[0], rtol=np.float32(1e-3), atol=torch.tensor(1e-5))
+state_dicts(bound=np.float32(1.0))
 greedy = ladle.greedy_soup(pair, score, scores=torch.tensor([1.0, 2.0]))
 assert greedy.selected == [1] and greedy.score == 2.0, greedy  # scores as given; 0 lowers it
 same(greedy.state_dict, pair[1])
@@ -130,9 +141,31 @@ dist.destroy_process_group()
 def test_merge_methods_return_a_state_dict_without_out_and_a_path_with_it(tmp_path):
     # Every method returned "dict[str, Tensor] | Path" to mypy, whatever out was:
     # model.load_state_dict(ladle.uniform_soup(models)) failed to type-check.
+    result = _mypy(tmp_path, textwrap.dedent(USER_SCRIPT) + textwrap.dedent(NUMBERS_SCRIPT))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_name_ladle_does_not_have_is_an_error_to_mypy_not_any(tmp_path):
+    # The lazy imports' module __getattr__ made every unknown name Any to a type checker:
+    # a typo passed mypy --strict and failed at run time.
+    result = _mypy(
+        tmp_path,
+        "import ladle\nfrom ladle import greedy_sup\nladle.unifrom_soup([])\n"
+        "import ladle.engine\nladle.engine.row_chunks((2, 3), 8)\n",  # a submodule, imported
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 2, result.stdout
+    assert 'Module "ladle" has no attribute "greedy_sup"' in errors[0]
+    assert 'Module has no attribute "unifrom_soup"; maybe "uniform_soup"?' in errors[1]
+
+
+def _mypy(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    """mypy --strict of a user's script holding ``text``, against the ladle under test."""
     pytest.importorskip("mypy")
     script = tmp_path / "user_script.py"
-    script.write_text(textwrap.dedent(USER_SCRIPT) + textwrap.dedent(NUMBERS_SCRIPT))
+    script.write_text(text)
     source = Path(ladle.__file__).resolve().parent.parent  # the ladle under test
     env = dict(os.environ)
     if source.name not in ("site-packages", "dist-packages"):
@@ -157,7 +190,7 @@ def test_merge_methods_return_a_state_dict_without_out_and_a_path_with_it(tmp_pa
         env=env,
         cwd=tmp_path,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    return result
 
 
 def test_the_user_scripts_run_and_numbers_given_as_tensors_or_arrays_merge_as_floats(
@@ -169,7 +202,7 @@ def test_the_user_scripts_run_and_numbers_given_as_tensors_or_arrays_merge_as_fl
     pytest.importorskip("typing_extensions")
     monkeypatch.chdir(tmp_path)
     exec(compile(textwrap.dedent(USER_SCRIPT), "user_script", "exec"), {})
-    written = ["dare", "model_stock", "ratatouille", "s.safetensors", "ties"]
+    written = ["dare", "model_stock", "r2", "ratatouille", "s.safetensors", "ties"]
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == written
     exec(compile(textwrap.dedent(NUMBERS_SCRIPT), "numbers_script", "exec"), {})
 

@@ -100,21 +100,24 @@ _PUBLIC = {
 """Where each public name but the submodule ``distributed`` lives: its module under ``ladle``."""
 
 
-def __getattr__(name: str) -> Any:
-    """A public name, or a submodule (``ladle.engine``), imported when first used: ``import
-    ladle`` alone loads no torch, so that the ``ladle`` command parses its arguments
-    (``--help``, a usage error) at once."""
-    if name in _PUBLIC:
-        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
-        globals()[name] = value  # found directly from now on
-        return value
-    if (
-        name.isidentifier()  # "a.b" names no submodule of ours
-        and not name.startswith("__")
-        and importlib.util.find_spec(f"{__name__}.{name}") is not None
-    ):
-        return importlib.import_module(f".{name}", __name__)  # which sets it here
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if not TYPE_CHECKING:  # a module __getattr__ makes every name a type checker does not know
+    # (a typo: ``ladle.unifrom_soup``) Any to it: it sees the imports above instead
+
+    def __getattr__(name: str) -> Any:
+        """A public name, or a submodule (``ladle.engine``), imported when first used:
+        ``import ladle`` alone loads no torch, so that the ``ladle`` command parses its
+        arguments (``--help``, a usage error) at once."""
+        if name in _PUBLIC:
+            value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+            globals()[name] = value  # found directly from now on
+            return value
+        if (
+            name.isidentifier()  # "a.b" names no submodule of ours
+            and not name.startswith("__")
+            and importlib.util.find_spec(f"{__name__}.{name}") is not None
+        ):
+            return importlib.import_module(f".{name}", __name__)  # which sets it here
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -37,6 +37,7 @@ from .errors import CheckpointError, UnsafeCheckpointError, one_line, type_name
 __all__ = ["Checkpoint", "StateDict", "StateDictLike", "load", "open_checkpoint"]
 
 T = TypeVar("T")
+C = TypeVar("C", bound="Checkpoint")  # a subclass's with-statement gives the subclass
 
 StateDict = dict[str, torch.Tensor]
 
@@ -370,7 +371,7 @@ class Checkpoint:
             [1.0, 1.0]
         """
 
-    def __enter__(self) -> Checkpoint:
+    def __enter__(self: C) -> C:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

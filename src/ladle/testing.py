@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpoint import StateDict, StateDictLike, check_source, load, not_a_dense_tensor
-from .engine import OUTPUT_DTYPES, _few, check_number, is_packed, real_view
+from .engine import OUTPUT_DTYPES, NumberLike, _few, check_number, is_packed, real_view
 from .errors import CheckpointError, check_flag, type_name
 
 # The strategies' return annotations name SearchStrategy: bound where hypothesis is imported
@@ -320,8 +320,8 @@ def assert_state_dicts_close(
     actual: Mapping[str, torch.Tensor] | StateDictLike,
     expected: Mapping[str, torch.Tensor] | StateDictLike,
     *,
-    rtol: float | None = None,
-    atol: float | None = None,
+    rtol: NumberLike | None = None,
+    atol: NumberLike | None = None,
     equal_nan: bool = False,
 ) -> None:
     """Assert that two state dicts have the same keys, dtypes, shapes and close values.
@@ -565,7 +565,7 @@ def _drawn_in(dtypes: Sequence[torch.dtype]) -> list[torch.dtype]:
 
 
 def _check_bound(
-    bound: float, dtypes: Sequence[torch.dtype], *, fine_tunes: bool = False
+    bound: NumberLike, dtypes: Sequence[torch.dtype], *, fine_tunes: bool = False
 ) -> dict[torch.dtype, float]:
     """Per dtype, ``bound`` rounded down to a value of that dtype and of float32.
 
@@ -616,7 +616,7 @@ def state_dicts(
     buffers: bool = True,
     max_keys: int = 4,
     max_side: int = 4,
-    bound: float = 10.0,
+    bound: NumberLike = 10.0,
 ) -> SearchStrategy[StateDict]:
     """A hypothesis strategy for small state dicts.
 
@@ -686,7 +686,7 @@ def model_families(
     buffers: bool = True,
     max_keys: int = 4,
     max_side: int = 4,
-    bound: float = 10.0,
+    bound: NumberLike = 10.0,
 ) -> SearchStrategy[tuple[StateDict, list[StateDict]]]:
     """A hypothesis strategy for a base and ``n`` fine-tunes of it: ``(base, [models])``.
 

@@ -401,6 +401,47 @@ def ratatouille(
 ) -> GreedySoupResult: ...
 
 
+# A selection known at run time alone (a config's, a command line's), without evaluate: the
+# uniform soup, as "greedy" needs evaluate. (With an Evaluate here, a greedy call passing a
+# lambda matched two overloads of different results, and mypy typed it Any.)
+@overload
+def ratatouille(
+    models: Sequence[StateDictLike],
+    *,
+    selection: str,
+    evaluate: None = ...,
+    scores: None = ...,
+    strict: bool = ...,
+    out: None = ...,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int = ...,
+    allow_nonfinite: bool = ...,
+) -> StateDict: ...
+
+
+@overload
+def ratatouille(
+    models: Sequence[StateDictLike],
+    *,
+    selection: str,
+    evaluate: None = ...,
+    scores: None = ...,
+    strict: bool = ...,
+    out: str | os.PathLike,
+    device: str | torch.device | None = ...,
+    dtype: torch.dtype | str | None = ...,
+    progress: Progress = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    chunk_bytes: int = ...,
+    allow_nonfinite: bool = ...,
+) -> Path: ...
+
+
 def ratatouille(
     models: Sequence[StateDictLike],
     *,
