@@ -892,6 +892,38 @@ def test_interrupted_while_evaluate_s_module_imports_is_no_traceback(
     assert signal.getsignal(signal.SIGTERM) == before and not out.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signal_name", "code", "said"),
+    [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")],
+)
+def test_a_signal_while_torch_imports_stops_the_command(tmp_path, inputs, signal_name, code, said):
+    # torch is imported once the arguments are parsed. Ctrl-C while torch imported numpy was
+    # swallowed by torch's C code: the merge ran to its end, status 0; SIGTERM between
+    # parsing and the merge killed the process without a word. The signal comes here the
+    # moment numpy's import starts (in a fresh process, where torch's import asks first).
+    hook = (
+        "import importlib.abc, os, signal, sys\n"
+        "class Hook(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'numpy':\n"
+        "            sys.meta_path.remove(self)\n"
+        f"            os.kill(os.getpid(), signal.{signal_name})\n"
+        "sys.meta_path.insert(0, Hook())\n"
+        "import ladle.cli\n"
+        "sys.exit(ladle.cli.main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "out.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-c", hook, "soup", *inputs, "-o", str(out), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (done.returncode, done.stderr) == (code, f"ladle: {said}\n")
+    assert not out.exists()
+
+
 # Gaps found by mutation testing: each test below fails on a small change to the code.
 
 

@@ -919,6 +919,34 @@ def _terminate_like_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM, where Python handles them (a ``KeyboardInterrupt``, or
+    :func:`_terminate_like_interrupt`'s), noted inside the block and acted on at its end.
+
+    For the import of torch: torch's C code swallows a ``KeyboardInterrupt`` raised while it
+    imports numpy (Ctrl-C a second into ``ladle soup`` was lost, and the merge ran to its
+    end, status 0), and a signal elsewhere in it made a traceback or an abort (SIGABRT).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    handlers: dict[int, Callable[[int, Any], Any]] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            handlers[signum] = handler
+            signal.signal(signum, lambda number, frame: noted.append(number))
+    try:
+        yield
+    finally:
+        for number, held in handlers.items():
+            signal.signal(number, held)
+    if noted:
+        handlers[noted[0]](noted[0], None)  # raises what the signal would have
+
+
 def _show_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
     """Warnings as one ``ladle: warning:`` line, like errors (no source line)."""
     _stderr(f"ladle: warning: {one_line(message)}")
@@ -1057,6 +1085,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # datasets), and Ctrl-C or SIGTERM then is what it is later, not a traceback.
         with _terminate_like_interrupt():
             args = _parsed(argv)
+            with _signals_held():  # torch is imported here, the longest part of start-up
+                from .hub import progress_bars_off
+
+            run: Callable[[argparse.Namespace], None] = args.run
+            command: argparse.ArgumentParser = args.command_parser  # usage errors: its usage
+            rank = _checked_usage(args, command, run)
     except BrokenPipeError:  # `ladle --help | head -1`
         _discard_stdout()
         return 141
@@ -1069,12 +1103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         terminated = isinstance(err, _Terminated)
         _stderr(f"ladle: {'terminated' if terminated else 'interrupted'}")
         return 143 if terminated else 130
-    from .hub import progress_bars_off
-
-    run: Callable[[argparse.Namespace], None] = args.run
-    command: argparse.ArgumentParser = args.command_parser  # usage errors show its usage
     push = getattr(args, "push_to_hub", None)
-    rank = _checked_usage(args, command, run)
     if rank != 0 and run not in _SPLIT_RUNS:
         return 0  # under torchrun, commands that do not split run on rank 0 alone
     try:
