@@ -354,6 +354,51 @@ def test_thresholds_among_subnormal_and_huge_magnitudes_are_exact(flush):
         torch.set_flush_denormal(False)
 
 
+@pytest.mark.parametrize("flush", [False, True])
+@pytest.mark.parametrize("rest", ["none", "subnormal", "normal"])
+def test_mostly_zero_task_vectors_count_their_zeros_apart_exactly(monkeypatch, flush, rest):
+    # Frozen layers, or a fine-tune equal to the base: most of τ is 0 and the threshold 0 or
+    # just above. A window from pattern 0 counts the zeros with a sum and gathers only the
+    # other patterns inside it: those of subnormal or, past the end of a wider window, of
+    # normal magnitudes (the window's end compared as patterns, then as a float).
+    gen = torch.Generator().manual_seed(13)
+    base = {"w": torch.zeros(64, 32), "v": torch.zeros(300)}  # τ this small stays whole
+    values = {
+        "none": lambda shape: torch.zeros(shape),
+        "subnormal": lambda shape: torch.randint(-9, 10, shape, generator=gen) * 2.0**-140,
+        "normal": lambda shape: torch.randn(shape, generator=gen) * 1e-30,
+    }[rest]
+    models = []
+    for share in (0.1, 0.3):  # of entries not frozen
+        model = {}
+        for key, value in base.items():
+            live = torch.rand(value.shape, generator=gen) < share
+            model[key] = value + torch.where(live, values(value.shape), 0.0)
+        models.append(model)
+    from_zero, radix = ties_module._from_zero, ties_module._radix_select
+    calls, fallbacks = [], []
+    monkeypatch.setattr(ties_module, "_from_zero", lambda *a: calls.append(a[2]) or from_zero(*a))
+    monkeypatch.setattr(
+        ties_module, "_radix_select", lambda *a, **k: fallbacks.append(1) or radix(*a, **k)
+    )
+    monkeypatch.setattr(ties_module, "SAMPLE", 2**8)  # fewer than the entries: a guess
+    monkeypatch.setattr(ties_module, "WINDOW", 2**31)  # windows up to normal magnitudes
+    supported = torch.set_flush_denormal(flush)
+    try:
+        if flush and not supported:
+            pytest.skip("flushing subnormals is not supported on this CPU")
+        for density in (0.05, 0.2, 0.75):
+            for trim in ("global", "tensor"):
+                check_thresholds(models, base, density, trim, chunk_bytes=512)
+    finally:
+        torch.set_flush_denormal(False)
+    assert calls  # the windows from 0 were counted so
+    # Wider than the zeros where τ has others (flushed, subnormal τ are zeros)
+    assert (max(calls) > 1) == (rest == "normal" or (rest == "subnormal" and not flush))
+    assert (max(calls) >= 2**23) == (rest == "normal")  # reaching normal magnitudes
+    assert fallbacks == []
+
+
 @given(
     st.lists(
         st.one_of(

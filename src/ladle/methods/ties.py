@@ -378,18 +378,22 @@ CPU's cache took 39 ms of the window pass on 12 fp32 models of 89 MiB; batches o
 class _WindowCounts:
     """Per model, a histogram of the magnitudes' bit patterns inside its window, one bin per
     pattern, made on the first batch counted, and the count of those below the window (those
-    above it are the rest: the search needs no count of them)."""
+    above it are the rest: the search needs no count of them). A window that starts at 0
+    also counts its zeros apart, added to its first bin when it is searched."""
 
     def __init__(self, windows: Sequence[tuple[int, int]]) -> None:
         self.windows = windows
         self.histograms: list[torch.Tensor | None] = [None] * len(windows)
         self.below = [0] * len(windows)
+        self.zeros = [0] * len(windows)
         self.pending: list[list[torch.Tensor]] = [[] for _ in windows]
         self.waiting = [0] * len(windows)
 
-    def add(self, index: int, below: int, inside: torch.Tensor) -> None:
-        """Count ``below`` the window, and ``inside``: offsets into it."""
+    def add(self, index: int, below: int, inside: torch.Tensor, zeros: int = 0) -> None:
+        """Count ``below`` the window, ``inside``: offsets into it, and ``zeros``: offsets 0
+        not among ``inside``."""
         self.below[index] += below
+        self.zeros[index] += zeros
         self.pending[index].append(inside)
         self.waiting[index] += inside.numel()
         if self.waiting[index] >= INSIDE_BATCH:
@@ -410,12 +414,42 @@ class _WindowCounts:
         window. Searched where the histogram is: only two numbers reach the host."""
         self._count(index)
         below, histogram = self.below[index], self.histograms[index]
+        if self.zeros[index]:
+            if histogram is None:
+                histogram = torch.zeros(self.windows[index][1], dtype=torch.int64)
+            histogram[0] += self.zeros[index]
         if histogram is None or rank <= below:
             return None
         cumulative = histogram.cumsum_(0)  # the histogram is done with
         if rank - below > int(cumulative[-1]):
             return None
         return int(torch.searchsorted(cumulative, rank - below))
+
+
+def _from_zero(
+    magnitudes: torch.Tensor,
+    bits: torch.Tensor,
+    span: int,
+    past: float | None,
+    buffers: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, int]:
+    """The bit patterns (``bits``, flat) of ``magnitudes`` inside a window ``(0, span)`` but
+    for the zeros, and the number of zeros. Where a task vector is mostly 0 (frozen layers,
+    a fine-tune that is the base) and the threshold is 0 or just above it, gathering every
+    zero into the histogram made the pass 1.7–2.3× as slow as on random task vectors.
+    Zeros are found by their pattern, exact where subnormal numbers flush to zero; the end
+    of the window by comparing floats where it is a normal ``past``, else patterns."""
+    scratch, mask = buffers
+    zero = torch.eq(bits, 0, out=scratch.flatten())  # 1.0 or 0.0
+    zeros = int(zero.sum(dtype=_exact_count_dtype(zero.numel())))
+    if span == 1:  # the window is the zeros alone
+        return bits[:0], zeros
+    if past is not None:
+        end = torch.lt(magnitudes, past, out=mask)
+    else:
+        end = torch.lt(bits.view_as(magnitudes), span, out=mask)
+    inside = end.flatten().sub_(zero).bool()
+    return bits.index_select(0, _flat_nonzero(inside)), zeros
 
 
 def _window_kernel(windows: Sequence[tuple[int, int]], counts: _WindowCounts) -> Kernel:
@@ -427,11 +461,14 @@ def _window_kernel(windows: Sequence[tuple[int, int]], counts: _WindowCounts) ->
     """
 
     buffers = Scratch(), Scratch(), Scratch()  # reused from chunk to chunk: no page faults
-    # Each window's first pattern as a float and, for a window between two normal floats,
-    # the float just past it (``None`` elsewhere): found once, not for every chunk.
+    # Each window's first pattern as a float and, for a window between two normal floats
+    # or from 0 to a normal float, the float just past it (``None`` elsewhere): found once,
+    # not for every chunk.
     lows = [_as_float(low) for low, _ in windows]
     pasts = [
-        _as_float(low + span) if low >= _NORMAL and low + span <= _INFINITY else None
+        _as_float(low + span)
+        if (low >= _NORMAL or low == 0) and _NORMAL <= low + span <= _INFINITY
+        else None
         for low, span in windows
     ]
 
@@ -450,6 +487,9 @@ def _window_kernel(windows: Sequence[tuple[int, int]], counts: _WindowCounts) ->
         below = int(under.sum(dtype=_exact_count_dtype(under.numel())))
         bits = magnitudes.view(torch.int32).flatten()
         past = pasts[index]
+        if low == 0:  # nothing below; zeros counted with one sum, not gathered one by one
+            counts.add(index, 0, *_from_zero(magnitudes, bits, span, past, (scratch, mask)))
+            return state
         if past is not None:
             # Between two normal floats, float order is bit-pattern order (flushing
             # subnormals to zero cannot change it); comparisons into float masks run several
