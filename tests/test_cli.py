@@ -924,6 +924,35 @@ def test_a_signal_while_torch_imports_stops_the_command(tmp_path, inputs, signal
     assert not out.exists()
 
 
+def test_a_torch_that_fails_to_import_is_one_line_and_debug_shows_its_traceback(tmp_path, inputs):
+    # A broken torch install raises an OSError (a missing shared library) where the command
+    # imports torch: --debug printed one line, not the traceback that it promises.
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "raise OSError('libtorch_cpu.so: cannot open shared object file')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), *sys.path])}
+    out = tmp_path / "out.safetensors"
+    for debug in ([], ["--debug"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "ladle", *debug, "soup", *inputs, "-o", str(out)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert done.returncode == 1
+        if debug:
+            assert done.stderr.startswith("Traceback (most recent call last):")
+            assert done.stderr.endswith(
+                "OSError: libtorch_cpu.so: cannot open shared object file\n"
+            )
+        else:
+            assert done.stderr == "ladle: error: libtorch_cpu.so: cannot open shared object file\n"
+    assert not out.exists()
+
+
 # Gaps found by mutation testing: each test below fails on a small change to the code.
 
 
@@ -973,10 +1002,12 @@ def test_diff_table_columns_line_up_under_the_header_for_a_short_key(tmp_path, c
     ]
 
 
-def test_a_world_size_that_is_not_a_number_means_one_process(tmp_path, inputs, monkeypatch):
+@pytest.mark.parametrize("size", ["auto", "²"])
+def test_a_world_size_that_is_not_a_number_means_one_process(tmp_path, inputs, monkeypatch, size):
     # Only torchrun's WORLD_SIZE (digits) splits a merge; anything else runs it here, so a
-    # single-file output is fine.
-    monkeypatch.setenv("WORLD_SIZE", "auto")
+    # single-file output is fine. "²" is a digit to str.isdigit(), not to int(): a
+    # ValueError traceback, even from `ladle --version`.
+    monkeypatch.setenv("WORLD_SIZE", size)
     out = tmp_path / "o.safetensors"
     assert main(["soup", *inputs, "-o", str(out), "--device", "cpu", "--no-progress"]) == 0
     assert out.is_file()
@@ -1236,11 +1267,12 @@ def test_an_empty_device_or_workdir_or_a_rank_that_is_no_number_is_refused(
         "m2.safetensors",
     ]
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "x")
-    with pytest.raises(SystemExit) as exited:
-        main(["inspect", inputs[0]])
-    assert exited.value.code == 2
-    assert "RANK='x': expected the process's rank (0, 1, ...)" in capsys.readouterr().err
+    for rank in ("x", "²"):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exited:
+            main(["inspect", inputs[0]])
+        assert exited.value.code == 2
+        assert f"RANK={rank!r}: expected the process's rank (0, 1, ...)" in capsys.readouterr().err
 
 
 def test_ladle_run_names_each_output_as_it_is_written_before_a_later_step_fails(

@@ -17,7 +17,21 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time, __getattr__ below
+    # The submodules, reached as ``ladle.methods.ties...`` after ``import ladle`` alone
+    from . import arithmetic as arithmetic
+    from . import checkpoint as checkpoint
+    from . import cli as cli
+    from . import compare as compare
+    from . import demo as demo
     from . import distributed as distributed
+    from . import engine as engine
+    from . import errors as errors
+    from . import hub as hub
+    from . import methods as methods
+    from . import modelcard as modelcard
+    from . import recipe as recipe
+    from . import testing as testing
+    from . import writer as writer
     from .arithmetic import add as add
     from .arithmetic import lerp as lerp
     from .arithmetic import scale as scale

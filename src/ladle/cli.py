@@ -219,7 +219,7 @@ def _rank() -> int:
     """This process's rank among those ``torchrun`` launched (its ``RANK``); -1 for a value
     that is none."""
     rank = os.environ.get("RANK", "0")
-    return int(rank) if rank.isdigit() else -1
+    return int(rank) if rank.isascii() and rank.isdigit() else -1  # not "²"
 
 
 def _flush_stdout() -> None:
@@ -286,7 +286,7 @@ def _stderr(line: str) -> None:
 def _world_size() -> int:
     """The number of processes ``torchrun`` launched together (its ``WORLD_SIZE``), else 1."""
     size = os.environ.get("WORLD_SIZE", "1")
-    return int(size) if size.isdigit() else 1
+    return int(size) if size.isascii() and size.isdigit() else 1  # not "²"
 
 
 def _merge(method: Callable[..., Any], models: Sequence[str], **kwargs: Any) -> Any:
@@ -1095,6 +1095,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _discard_stdout()
         return 141
     except OSError as err:  # --help or --version, and standard output cannot be written
+        if "--debug" in (sys.argv[1:] if argv is None else argv):  # or torch's import failed
+            raise
         _stderr(f"ladle: error: {one_line(err)}")
         return 1
     except KeyboardInterrupt as err:
