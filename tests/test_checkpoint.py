@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DictCheckpoint, family
+from conftest import DictCheckpoint, assert_bit_for_bit, family
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -2249,6 +2249,92 @@ def test_loading_a_tensor_past_the_memory_is_a_memory_error_naming_it(tmp_path):
         f"{path}: key 'a' (shape ({2**58},), torch.float32) does not fit in the memory of cpu: "
     )
     assert "can't allocate memory" in str(info.value)
+
+
+class _UsersStore(DictCheckpoint):
+    """A user's checkpoint with ``keys``, ``shape`` and ``name`` as its store gives them."""
+
+    def __init__(self, tensors, keys=None, shape=None, name="store", path=None):
+        super().__init__(tensors, name)
+        self._keys, self._shape, self.path = keys, shape, path
+
+    def keys(self):
+        return self._keys() if self._keys is not None else super().keys()
+
+    def shape(self, key):
+        return self._shape(key) if self._shape is not None else super().shape(key)
+
+
+def test_a_checkpoint_subclass_whose_keys_are_a_generator_or_repeat_one_is_refused():
+    # A generator (a zarr group's keys()) was empty the second time ladle read it: the
+    # greedy soup evaluated empty state dicts and returned one, the key check let an extra
+    # key through. A key listed twice was counted twice by diff (norms √2 too large).
+    tensors = {"w": torch.tensor([3.0, 0.0]), "v": torch.ones(2)}
+    generated = _UsersStore(tensors, keys=lambda: (key for key in tensors), name="zarr A")
+    with pytest.raises(TypeError) as info:
+        ladle.greedy_soup([generated, {"w": torch.zeros(2), "v": torch.ones(2)}], lambda sd: 0.0)
+    assert str(info.value) == (
+        "zarr A: keys() gave generator; expected a list of str (ladle reads the keys more "
+        "than once, which a generator cannot give)"
+    )
+    repeated = _UsersStore(tensors, keys=lambda: ["w", "v", "w"], name="zarr B")
+    with pytest.raises(
+        ladle.CheckpointError, match="^zarr B: keys\\(\\) lists 'w' more than once$"
+    ):
+        ladle.diff(repeated, tensors)
+    numbered = _UsersStore(tensors, keys=lambda: ["w", 1], name="zarr C")
+    with pytest.raises(TypeError, match="^zarr C: keys\\(\\) gave int 1, not a str$"):
+        ladle.load(numbered)
+    viewed = _UsersStore(tensors, keys=lambda: tensors.keys())  # a dict's view: reread freely
+    assert_bit_for_bit(ladle.load(viewed), tensors)
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        (lambda t: t.numpy(), "ndarray"),
+        (lambda t: t.to("meta"), "a meta tensor"),
+        (lambda t: t.to_sparse(), "a torch.sparse_coo tensor"),
+    ],
+)
+def test_a_checkpoint_subclass_giving_no_dense_tensor_is_refused_naming_it(given, said):
+    # A numpy array, a meta or a sparse tensor from get_slice failed deep in the merges'
+    # arithmetic (AttributeError 'untyped_storage', "Cannot copy out of meta tensor"), and
+    # load returned the sparse tensor that it refuses in a dict
+    class Giving(DictCheckpoint):
+        def get_slice(self, key, rows):
+            return given(super().get_slice(key, rows))
+
+    store = Giving({"w": torch.ones(2, 2)}, name="store")
+    expected = (
+        f"store: get_slice('w', slice(None, None, None)) gave {said}, expected a dense "
+        "torch.Tensor with data"
+    )
+    for call in (lambda: ladle.load(store), lambda: ladle.uniform_soup([store, store])):
+        with pytest.raises(ladle.CheckpointError) as info:
+            call()
+        assert str(info.value) == expected
+
+
+def test_a_checkpoint_subclass_named_by_a_path_with_numpy_sides_merges_to_a_file(tmp_path):
+    # name as a Path ("a path, or a description"): AttributeError 'PosixPath' object has no
+    # attribute 'startswith' where the output records its inputs; sides as numpy integers
+    # (a numpy-backed store's): json's TypeError writing the header
+    stores = [
+        _UsersStore(
+            {"w": torch.full((2, 3), float(i))},
+            shape=lambda key: tuple(np.int64(side) for side in (2, 3)),
+            name=tmp_path / f"{i}.zarr",
+            path=tmp_path / f"{i}.zarr",
+        )
+        for i in range(2)
+    ]
+    path = ladle.uniform_soup(stores, out=tmp_path / "out" / "m.safetensors")
+    assert_bit_for_bit(ladle.load(path), {"w": torch.full((2, 3), 0.5)})
+    assert json.loads(ladle.open_checkpoint(path).metadata["ladle.inputs"]) == [
+        "../0.zarr",
+        "../1.zarr",
+    ]
 
 
 def test_a_torch_file_that_torch_refuses_in_cpp_is_refused_without_the_cpp_backtrace(tmp_path):

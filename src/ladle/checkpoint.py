@@ -199,7 +199,17 @@ class Checkpoint:
         # Detached: a subclass over a live module's parameters hands out tensors that require
         # grad, on which the merges' out= arithmetic raised torch's autograd error.
         tensor = self.get_slice(key, rows)
-        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided or tensor.is_meta:
+            # a subclass's numpy array, meta or sparse tensor failed deep in a merge's arithmetic
+            if not isinstance(tensor, torch.Tensor):
+                what = type_name(tensor)
+            else:
+                what = "a meta tensor" if tensor.is_meta else f"a {tensor.layout} tensor"
+            raise CheckpointError(
+                f"{self.name}: get_slice({key!r}, {rows}) gave {what}, expected a dense "
+                "torch.Tensor with data"
+            )
+        if tensor.requires_grad:
             tensor = tensor.detach()
         expected = (len(range(*rows.indices(stored[0]))), *stored[1:]) if stored else ()
         found = tuple(getattr(tensor, "shape", ()))
@@ -1990,8 +2000,8 @@ def recorded_name(checkpoint: Checkpoint, out: str | os.PathLike | None = None) 
         (True, (True, 'a'))
     """
     path = checkpoint.path
-    name = checkpoint.name
-    if path is not None and Path(checkpoint.name).parent == path and path.is_dir():
+    name = str(checkpoint.name)  # a subclass's may be a Path
+    if path is not None and Path(name).parent == path and path.is_dir():
         name = str(path)
     if path is None or name.startswith("hf://"):  # in memory ("<state dict>"), or the Hub
         return _home_as_tilde(name)
@@ -2373,6 +2383,27 @@ def _open_file(file: Path) -> Checkpoint:
     )
 
 
+def _checked_keys(checkpoint: Checkpoint) -> Checkpoint:
+    """``checkpoint``, given as such (a subclass of the user's, maybe), once its ``keys()``
+    are known to be a collection of distinct ``str``: ladle reads them more than once (a
+    generator, as a zarr group's ``keys()``, was empty the second time: a greedy soup of
+    nothing, a key check passed), and a key listed twice was counted twice by ``diff``."""
+    keys = checkpoint.keys()
+    if isinstance(keys, Iterator) or not isinstance(keys, Collection):
+        raise TypeError(
+            f"{checkpoint.name}: keys() gave {type_name(keys)}; expected a list of str (ladle "
+            "reads the keys more than once, which a generator cannot give)"
+        )
+    seen: set[str] = set()
+    for key in keys:
+        if not isinstance(key, str):
+            raise TypeError(f"{checkpoint.name}: keys() gave {type_name(key)} {key!r}, not a str")
+        if key in seen:
+            raise CheckpointError(f"{checkpoint.name}: keys() lists {key!r} more than once")
+        seen.add(key)
+    return checkpoint
+
+
 def open_checkpoint(source: StateDictLike) -> Checkpoint:
     """Open ``source`` as a lazy, read-only :class:`Checkpoint`.
 
@@ -2399,7 +2430,7 @@ def open_checkpoint(source: StateDictLike) -> Checkpoint:
         (['w'], (2, 3), torch.float32)
     """
     if isinstance(source, Checkpoint):
-        return source
+        return _checked_keys(source)
     if isinstance(source, torch.nn.Module):
         return TensorMapCheckpoint(source.state_dict(), name=f"<{type(source).__name__}>")
     if isinstance(source, Mapping):

@@ -1012,7 +1012,11 @@ class SafetensorsWriter:
         self.out = Path(out)
         _check_not_split(self.out)
         check_output_free(self.out, overwrite=overwrite)
-        self._specs = {key: specs[key] for key in aligned_order(specs)}  # the write order
+        # In the write order; shapes as ints (a Checkpoint subclass's may be numpy's)
+        self._specs = {
+            key: (tuple(int(side) for side in specs[key][0]), specs[key][1])
+            for key in aligned_order(specs)
+        }
         if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(
                 f"metadata: expected a mapping of str to str, found {type_name(metadata)}"
