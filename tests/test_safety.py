@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import family
+from conftest import DictCheckpoint, assert_bit_for_bit, family, recording_bar
 from hypothesis import event, given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -1102,6 +1102,51 @@ def test_diff_of_packed_float4_tensors_is_refused_naming_the_key():
     packed = {"w": torch.ones(2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}
     with pytest.raises(ValueError, match=r"key 'w' is stored as float4_e2m1fn_x2, which packs"):
         ladle.diff(packed, packed)
+
+
+class _CountingReads(DictCheckpoint):
+    def __init__(self, tensors, reads):
+        super().__init__(tensors)
+        self.reads = reads
+
+    def get_slice(self, key, rows):
+        self.reads.append(key)
+        return super().get_slice(key, rows)
+
+
+@pytest.mark.parametrize("method", ["ties", "model_stock", "slerp", "dare"])
+@pytest.mark.parametrize("progress", [torch.ones(2), np.array([1, 0]), 0, [], ""])
+def test_a_progress_that_is_no_bar_is_refused_before_a_preparing_pass_reads(method, progress):
+    # ties, model_stock and slerp took progress's truth value in their preparing pass: a
+    # tensor or array raised torch's or numpy's "ambiguous" error, and 0, [] or "" was
+    # refused only once a whole pass had read every model
+    reads: list = []
+    base, *models = [_CountingReads(t, reads) for t in family(3)]
+    with pytest.raises(TypeError) as info:
+        if method == "slerp":
+            ladle.slerp(models, progress=progress)
+        else:
+            getattr(ladle, method)(models, base, progress=progress)
+    found = type(progress).__name__ if not isinstance(progress, np.ndarray) else "ndarray"
+    assert (
+        str(info.value)
+        == f"progress: expected True, False, None or a tqdm-like class, found {found}"
+    )
+    assert reads == []
+
+
+def test_progress_bars_of_numpy_bools_and_without_a_standard_error(monkeypatch):
+    # np.bool_(True) was refused ("found bool"); progress=True where sys.stderr is None
+    # (pythonw, daemons) raised tqdm's AttributeError writing to None
+    base, *models = family(3)
+    expected = ladle.ties(models, base)
+    calls: list = []
+    assert_bit_for_bit(ladle.ties(models, base, progress=np.bool_(False)), expected)
+    monkeypatch.setattr("tqdm.auto.tqdm", recording_bar(calls))
+    assert_bit_for_bit(ladle.ties(models, base, progress=np.bool_(True)), expected)
+    assert [call[0] for call in calls].count("init") == calls.count(("close",)) == 2  # 2 passes
+    monkeypatch.setattr(sys, "stderr", None)
+    assert_bit_for_bit(ladle.ties(models, base, progress=True), expected)
 
 
 def _checkpoint_get(device):

@@ -378,7 +378,8 @@ _PREPARING: contextvars.ContextVar[_Preparation | None] = contextvars.ContextVar
 def _preparing(progress: Any) -> Iterator[None]:
     """Within the block, :func:`fold` calls without ``on_bytes`` report to a "preparing" bar
     of ``progress`` (none when it is false)."""
-    preparation = _Preparation(progress) if progress else None
+    progress = check_progress(progress)
+    preparation = _Preparation(progress) if progress is not None else None
     token = _PREPARING.set(preparation)
     try:
         yield
@@ -1197,18 +1198,36 @@ def _forget_views(_: object, error: BaseException | None, __: object) -> None:
         error = error.__cause__ or error.__context__
 
 
+def check_progress(progress: Any) -> Any:
+    """``progress`` as ``True``, ``None`` (no bar: also for ``False``) or a tqdm-like class;
+    anything else (0, [], a tensor: no truth value to take) a ``TypeError``, before a merge
+    reads anything. numpy's bools count as bools.
+
+    Example:
+        >>> check_progress(False) is None, check_progress(np.bool_(True))
+        (True, True)
+    """
+    if progress is None or isinstance(progress, (bool, np.bool_)):
+        return True if progress else None
+    if not callable(progress):
+        found = type_name(progress)
+        raise TypeError(f"progress: expected True, False, None or a tqdm-like class, found {found}")
+    return progress
+
+
 def _bar(progress: Any, total: int, desc: str = "merging", unit: str = "B") -> Any:
-    """A progress bar of ``total`` ``unit`` (bytes: scaled by 1024): tqdm's for ``True``,
+    """A progress bar of ``total`` ``unit`` (bytes: scaled by 1024): tqdm's for ``True``
+    (disabled where there is no standard error to draw it on: ``sys.stderr`` is ``None``),
     ``progress`` itself called as tqdm is for a class; ``None`` for no bar."""
-    if progress is None or progress is False:
+    progress = check_progress(progress)
+    if progress is None:
         return None
     if progress is True:
         from tqdm.auto import tqdm
 
-        progress = tqdm
-    elif not callable(progress):  # 0, [], a tensor: no bar, and no truth value to take
-        found = type_name(progress)
-        raise TypeError(f"progress: expected True, False, None or a tqdm-like class, found {found}")
+        # pythonw, some daemons: tqdm would write to None
+        quiet = {"disable": True} if sys.stderr is None else {}
+        progress = partial(tqdm, **quiet)
     scaled = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
     return progress(total=total, unit=unit, desc=desc, **scaled)
 
@@ -2672,6 +2691,7 @@ def merge(
     target = resolve_device(device)
     chunk_bytes = check_chunk_bytes(chunk_bytes)
     check_flag("allow_nonfinite", allow_nonfinite)
+    progress = check_progress(progress)  # before a preparing pass reads every model
     with ExitStack() as stack:
         inputs = stack.enter_context(ExitStack())  # closed on a thread once read (see below)
         checkpoints, base_ckpt = open_models(models, base, inputs)
