@@ -953,6 +953,25 @@ def test_a_torch_that_fails_to_import_is_one_line_and_debug_shows_its_traceback(
     assert not out.exists()
 
 
+def test_a_warning_while_a_progress_bar_is_drawn_is_on_a_line_of_its_own(monkeypatch):
+    # Model Stock warns in its "preparing" pass: the warning was printed at the end of the
+    # bar's line, and a stale bar left above the one redrawn after it
+    import io
+
+    from tqdm import tqdm
+
+    from ladle.cli import _show_warning
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    with tqdm(total=10, file=stream, desc="preparing", ascii=True) as bar:
+        bar.update(1)
+        _show_warning("model_stock: key 'w': t clamped", UserWarning, "x.py", 1)
+    before, warning, after = stream.getvalue().partition("ladle: warning: model_stock: ")
+    assert warning and after.startswith("key 'w': t clamped\n")
+    assert before.startswith("\rpreparing:") and before.endswith("\r")  # the bar cleared first
+
+
 # Gaps found by mutation testing: each test below fails on a small change to the code.
 
 

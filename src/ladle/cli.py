@@ -948,8 +948,14 @@ def _signals_held() -> Iterator[None]:
 
 
 def _show_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
-    """Warnings as one ``ladle: warning:`` line, like errors (no source line)."""
-    _stderr(f"ladle: warning: {one_line(message)}")
+    """Warnings as one ``ladle: warning:`` line, like errors (no source line), on a line of
+    its own where a progress bar is drawn (Model Stock warns in its "preparing" pass: the
+    warning was printed at the end of the bar's line, and a stale bar left above)."""
+    if sys.stderr is None:
+        return
+    from tqdm import tqdm
+
+    tqdm.write(f"ladle: warning: {one_line(message)}", file=sys.stderr)  # clears the bars first
 
 
 def _discard_stdout() -> None:
