@@ -797,6 +797,40 @@ def test_keys_merged_again_patch_their_tied_entries_alone(monkeypatch, tmp_path,
     assert_bit_for_bit(ladle.load(written), ladle.ties(models, base, **kwargs))
 
 
+@pytest.mark.parametrize("out", [None, "out.safetensors"])
+def test_keys_merged_again_report_their_bytes_to_the_merging_bar(monkeypatch, tmp_path, out):
+    # The pass that merges keys again past TIE_RECORD_LIMIT read on no bar: "merging" sat at
+    # 100% for what was up to half of the merge's time. Its bytes grow the bar's total now.
+    models, base = tied_family(seed=7)
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.done, self.desc = total, 0, kwargs["desc"]
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ties_module, "TIE_RECORD_LIMIT", 0)
+    target = None if out is None else tmp_path / out
+    ladle.ties(models, base, density=1.0, device="cpu", out=target, progress=Bar)
+    merging = [bar for bar in bars if bar.desc == "merging"]
+    read = sum(v.numel() * v.element_size() for m in [base, *models] for v in m.values())
+    floating = sum(
+        v.numel() * v.element_size()
+        for m in [base, *models]
+        for v in m.values()
+        if v.is_floating_point()
+    )
+    assert len(merging) == 1
+    assert merging[0].done == merging[0].total == read + floating  # every floating key again
+
+
 def test_tied_family_has_ties_the_majority_decides():
     # The family above must exercise the amend path: some entries tie, and the vote is not 0.
     from ladle.methods.ties import SignElection

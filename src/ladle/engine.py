@@ -389,6 +389,24 @@ def _preparing(progress: Any) -> Iterator[None]:
             preparation.close()
 
 
+@contextlib.contextmanager
+def _amending_on(bar: Any) -> Iterator[None]:
+    """Within the block, :func:`fold` calls without ``on_bytes`` report to the merging
+    ``bar``, its total grown by their bytes: a kernel's ``amend()`` that reads the inputs
+    again (TIES past :data:`~ladle.methods.ties.TIE_RECORD_LIMIT` ties) was on no bar, which
+    showed 100% for what could be half of the merge's time."""
+    if bar is None:
+        yield
+        return
+    again = _Preparation(None)
+    again.bar = bar  # grown, never closed here
+    token = _PREPARING.set(again)
+    try:
+        yield
+    finally:
+        _PREPARING.reset(token)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device`` as a ``torch.device``; ``None`` means CUDA when available, else the CPU.
 
@@ -2760,8 +2778,9 @@ def merge(
         )
         if out is None:
             state = _to_state_dict(results, specs)
-            for key, index, values in amendments:
-                real_view(state[key]).view(-1)[index] = values
+            with _amending_on(bar):
+                for key, index, values in amendments:
+                    real_view(state[key]).view(-1)[index] = values
             return {key: state[tied.get(key, key)] for key in names if tied.get(key, key) in state}
         meta, extra = output_record(
             method,
@@ -2791,8 +2810,9 @@ def merge(
                 with sink as writer:
                     for key, _, chunk in results:
                         writer.write(key, chunk)
-                    for key, index, values in amendments:
-                        writer.amend(key, index, values)
+                    with _amending_on(bar):
+                        for key, index, values in amendments:
+                            writer.amend(key, index, values)
                     closing.start()
             except BaseException:  # Ctrl-C at the first instruction of __exit__ ran neither
                 abort = getattr(sink, "abort", None)  # its commit nor its abort (a second
