@@ -2289,6 +2289,24 @@ def test_a_checkpoint_subclass_whose_keys_are_a_generator_or_repeat_one_is_refus
     assert_bit_for_bit(ladle.load(viewed), tensors)
 
 
+def test_a_checkpoint_subclass_named_by_a_description_is_recorded_by_its_path(
+    tmp_path, monkeypatch
+):
+    # name "a path, or a description": a description ("zarr store A", or the default
+    # "<checkpoint>") was recorded as a file of the working folder, "../../<cwd>/zarr store A",
+    # in the output's ladle.inputs and its card's recipe: files that do not exist
+    monkeypatch.chdir(tmp_path / "..")
+    stores = [
+        _UsersStore({"w": torch.full((2,), float(i))}, name=name, path=tmp_path / f"{i}.zarr")
+        for i, name in enumerate(["zarr store A", "<checkpoint>"])
+    ]
+    path = ladle.uniform_soup(stores, out=tmp_path / "out" / "m.safetensors")
+    assert json.loads(ladle.open_checkpoint(path).metadata["ladle.inputs"]) == [
+        "../0.zarr",
+        "../1.zarr",
+    ]
+
+
 @pytest.mark.parametrize(
     ("given", "said"),
     [

@@ -2003,6 +2003,8 @@ def recorded_name(checkpoint: Checkpoint, out: str | os.PathLike | None = None) 
     name = str(checkpoint.name)  # a subclass's may be a Path
     if path is not None and Path(name).parent == path and path.is_dir():
         name = str(path)
+    elif path is not None and not name.startswith("hf://") and not _within(name, path):
+        name = str(path)  # a subclass's description ("zarr store A"): its path replays it
     if path is None or name.startswith("hf://"):  # in memory ("<state dict>"), or the Hub
         return _home_as_tilde(name)
     if out is None:
@@ -2012,6 +2014,13 @@ def recorded_name(checkpoint: Checkpoint, out: str | os.PathLike | None = None) 
         return absolute  # from a folder outside the home folder, "../NAME/..." names the user
     relative = _relative_to(name, folder)
     return absolute if relative is None else _unmistakable(relative)
+
+
+def _within(name: str, path: Path) -> bool:
+    """Whether ``name`` is ``path`` or a file below it (made absolute alike: either may be
+    relative to the working folder)."""
+    named, folder = Path(os.path.abspath(name)), Path(os.path.abspath(path))
+    return named == folder or folder in named.parents
 
 
 def _unmistakable(path: str) -> str:
