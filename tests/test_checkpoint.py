@@ -2288,6 +2288,13 @@ def test_a_checkpoint_subclass_whose_keys_are_a_generator_or_repeat_one_is_refus
     viewed = _UsersStore(tensors, keys=lambda: tensors.keys())  # a dict's view: reread freely
     assert_bit_for_bit(ladle.load(viewed), tensors)
 
+    class Named(DictCheckpoint):  # dtype() as a string: AttributeError deep in a merge
+        def dtype(self, key):
+            return "float32"
+
+    with pytest.raises(TypeError, match="^zarr D: dtype\\('w'\\) gave str 'float32', expected a"):
+        ladle.uniform_soup([Named(tensors, "zarr D")] * 2)
+
 
 def test_a_checkpoint_subclass_named_by_a_description_is_recorded_by_its_path(
     tmp_path, monkeypatch

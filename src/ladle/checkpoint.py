@@ -2394,9 +2394,10 @@ def _open_file(file: Path) -> Checkpoint:
 
 def _checked_keys(checkpoint: Checkpoint) -> Checkpoint:
     """``checkpoint``, given as such (a subclass of the user's, maybe), once its ``keys()``
-    are known to be a collection of distinct ``str``: ladle reads them more than once (a
-    generator, as a zarr group's ``keys()``, was empty the second time: a greedy soup of
-    nothing, a key check passed), and a key listed twice was counted twice by ``diff``."""
+    are known to be a collection of distinct ``str`` and its ``dtype()`` of each a
+    ``torch.dtype``: ladle reads the keys more than once (a generator, as a zarr group's
+    ``keys()``, was empty the second time: a greedy soup of nothing, a key check passed),
+    and a key listed twice was counted twice by ``diff``."""
     keys = checkpoint.keys()
     if isinstance(keys, Iterator) or not isinstance(keys, Collection):
         raise TypeError(
@@ -2410,6 +2411,12 @@ def _checked_keys(checkpoint: Checkpoint) -> Checkpoint:
         if key in seen:
             raise CheckpointError(f"{checkpoint.name}: keys() lists {key!r} more than once")
         seen.add(key)
+        dtype = checkpoint.dtype(key)  # "float32" failed deep in a merge (AttributeError)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(
+                f"{checkpoint.name}: dtype({key!r}) gave {type_name(dtype)} {dtype!r}, "
+                "expected a torch.dtype"
+            )
     return checkpoint
 
 
