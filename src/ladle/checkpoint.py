@@ -97,15 +97,17 @@ for _code, _name in (("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8
 class Checkpoint:
     """A lazy, read-only state dict.
 
-    Subclasses implement ``keys``, ``shape``, ``dtype`` and ``get_slice``; ``get`` reads a whole
-    tensor. Tensors returned may be views of a memory map of the file (a private one: a write
+    Subclasses implement ``keys`` (a list, or another collection that can be read more than
+    once, of distinct ``str``), ``shape``, ``dtype`` (a ``torch.dtype``) and ``get_slice`` (a
+    dense tensor of that dtype); ``get`` reads a whole tensor. Tensors returned may be views of a memory map of the file (a private one: a write
     changes this process's pages, not the file): treat them as inputs and never modify them
     in place. Merges on an accelerator (and on the CPU with ``prefetch``)
     call ``get_slice`` and ``read_rows`` from several reading threads at once: a subclass
     must allow that.
 
     Attributes:
-        name: how error messages refer to this checkpoint (a path, or a description).
+        name: how error messages refer to this checkpoint (a path, or a description; where
+            it is not ``path`` or a file below it, an output records ``path`` as its input).
         path: the file or directory it reads, or ``None`` for in-memory sources.
         metadata: string metadata stored with the checkpoint (safetensors header), if any;
             a subclass need not set it (none is read as ``{}``).
