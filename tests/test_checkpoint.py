@@ -2296,22 +2296,23 @@ def test_a_checkpoint_subclass_whose_keys_are_a_generator_or_repeat_one_is_refus
         ladle.uniform_soup([Named(tensors, "zarr D")] * 2)
 
 
-def test_a_checkpoint_subclass_named_by_a_description_is_recorded_by_its_path(
-    tmp_path, monkeypatch
+@pytest.mark.parametrize("working", [".", "0.zarr", "0.zarr/sub"])
+def test_a_checkpoint_subclass_named_by_a_description_is_recorded_as_given(
+    tmp_path, monkeypatch, working
 ):
-    # name "a path, or a description": a description ("zarr store A", or the default
+    # name "a path, or a description": a description ("zarr store A", the default
     # "<checkpoint>") was recorded as a file of the working folder, "../../<cwd>/zarr store A",
-    # in the output's ladle.inputs and its card's recipe: files that do not exist
-    monkeypatch.chdir(tmp_path / "..")
+    # in the output's ladle.inputs and its card's recipe. Not by its path either: a part of
+    # a file ("bundle.safetensors[a]") is not the file.
+    (tmp_path / working).mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(tmp_path / working)
+    names = ["zarr store A", "<checkpoint>", f"{tmp_path / 'bundle.safetensors'}[b]"]
     stores = [
         _UsersStore({"w": torch.full((2,), float(i))}, name=name, path=tmp_path / f"{i}.zarr")
-        for i, name in enumerate(["zarr store A", "<checkpoint>"])
+        for i, name in enumerate(names)
     ]
     path = ladle.uniform_soup(stores, out=tmp_path / "out" / "m.safetensors")
-    assert json.loads(ladle.open_checkpoint(path).metadata["ladle.inputs"]) == [
-        "../0.zarr",
-        "../1.zarr",
-    ]
+    assert json.loads(ladle.open_checkpoint(path).metadata["ladle.inputs"]) == names
 
 
 @pytest.mark.parametrize(
@@ -2354,6 +2355,8 @@ def test_a_checkpoint_subclass_named_by_a_path_with_numpy_sides_merges_to_a_file
         )
         for i in range(2)
     ]
+    for store in stores:
+        store.path.mkdir()  # a store's folder: recorded relative to the output's
     path = ladle.uniform_soup(stores, out=tmp_path / "out" / "m.safetensors")
     assert_bit_for_bit(ladle.load(path), {"w": torch.full((2, 3), 0.5)})
     assert json.loads(ladle.open_checkpoint(path).metadata["ladle.inputs"]) == [

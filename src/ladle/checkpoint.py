@@ -99,15 +99,15 @@ class Checkpoint:
 
     Subclasses implement ``keys`` (a list, or another collection that can be read more than
     once, of distinct ``str``), ``shape``, ``dtype`` (a ``torch.dtype``) and ``get_slice`` (a
-    dense tensor of that dtype); ``get`` reads a whole tensor. Tensors returned may be views of a memory map of the file (a private one: a write
-    changes this process's pages, not the file): treat them as inputs and never modify them
-    in place. Merges on an accelerator (and on the CPU with ``prefetch``)
-    call ``get_slice`` and ``read_rows`` from several reading threads at once: a subclass
-    must allow that.
+    dense tensor of that dtype); ``get`` reads a whole tensor. Tensors returned may be views
+    of a memory map of the file (a private one: a write changes this process's pages, not
+    the file): treat them as inputs and never modify them in place. Merges on an accelerator
+    (and on the CPU with ``prefetch``) call ``get_slice`` and ``read_rows`` from several
+    reading threads at once: a subclass must allow that.
 
     Attributes:
-        name: how error messages refer to this checkpoint (a path, or a description; where
-            it is not ``path`` or a file below it, an output records ``path`` as its input).
+        name: how error messages refer to this checkpoint (a path, or a description, which
+            an output records as its input as given).
         path: the file or directory it reads, or ``None`` for in-memory sources.
         metadata: string metadata stored with the checkpoint (safetensors header), if any;
             a subclass need not set it (none is read as ``{}``).
@@ -2005,8 +2005,10 @@ def recorded_name(checkpoint: Checkpoint, out: str | os.PathLike | None = None) 
     name = str(checkpoint.name)  # a subclass's may be a Path
     if path is not None and Path(name).parent == path and path.is_dir():
         name = str(path)
-    elif path is not None and not name.startswith("hf://") and not _within(name, path):
-        name = str(path)  # a subclass's description ("zarr store A"): its path replays it
+    elif path is not None and not name.startswith("hf://") and not os.path.lexists(name):
+        # A subclass's description ("zarr store A", "bundle.safetensors[a]"): as given, not
+        # a file of the working folder; its path alone may not replay it (a part of a file).
+        return name
     if path is None or name.startswith("hf://"):  # in memory ("<state dict>"), or the Hub
         return _home_as_tilde(name)
     if out is None:
@@ -2016,13 +2018,6 @@ def recorded_name(checkpoint: Checkpoint, out: str | os.PathLike | None = None) 
         return absolute  # from a folder outside the home folder, "../NAME/..." names the user
     relative = _relative_to(name, folder)
     return absolute if relative is None else _unmistakable(relative)
-
-
-def _within(name: str, path: Path) -> bool:
-    """Whether ``name`` is ``path`` or a file below it (made absolute alike: either may be
-    relative to the working folder)."""
-    named, folder = Path(os.path.abspath(name)), Path(os.path.abspath(path))
-    return named == folder or folder in named.parents
 
 
 def _unmistakable(path: str) -> str:
