@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -702,6 +703,11 @@ def test_warnings_are_one_line_like_errors(tmp_path, capsys):
     assert main([*argv, "-o", str(tmp_path / "o.safetensors"), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert err.startswith("ladle: warning: model_stock: key 'w'") and err.count("\n") == 1
+    with warnings.catch_warnings():  # `python -W error -m ladle ...`: a traceback was printed
+        warnings.simplefilter("error")
+        assert main([*argv, "-o", str(tmp_path / "e.safetensors"), "--no-progress"]) == 1
+    assert capsys.readouterr().err == err.replace("warning", "error", 1)
+    assert not (tmp_path / "e.safetensors").exists()
 
 
 def test_push_to_hub_while_offline_is_refused_before_merging(tmp_path, inputs, monkeypatch):

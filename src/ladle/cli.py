@@ -1130,7 +1130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout's reader left (`ladle inspect X | head`): stop quietly
         _discard_stdout()
         return 141  # 128 + SIGPIPE, as shells report a process the closed pipe stopped
-    except (LadleError, ValueError, OSError, MemoryError) as err:
+    # A Warning: one that `python -W error` (or a filter of the caller's) made an error.
+    except (LadleError, ValueError, OSError, MemoryError, Warning) as err:
         if args.debug:
             raise
         message = one_line(err) or "out of memory"  # a bare MemoryError says nothing
