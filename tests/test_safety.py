@@ -1149,6 +1149,29 @@ def test_progress_bars_of_numpy_bools_and_without_a_standard_error(monkeypatch):
     assert_bit_for_bit(ladle.ties(models, base, progress=True), expected)
 
 
+@pytest.mark.filterwarnings("ignore::ladle.ModelStockWarning")  # this family's scalar key
+@pytest.mark.parametrize("method", ["uniform_soup", "ties", "model_stock", "dare", "slerp"])
+def test_overwrite_and_max_shard_size_are_checked_alike_in_every_method(tmp_path, method):
+    # overwrite="no" was taken without out= by every method but ratatouille_init (which
+    # refused it); max_shard_size refused numpy and 0-d tensor integers that chunk_bytes takes
+    base, *models = family(3)
+
+    def run(**kwargs):
+        if method == "slerp":
+            return ladle.slerp(models, **kwargs)
+        if method == "uniform_soup":
+            return ladle.uniform_soup(models, **kwargs)
+        return getattr(ladle, method)(models, base, **kwargs)
+
+    with pytest.raises(TypeError, match="^overwrite: expected True or False, found str$"):
+        run(overwrite="no")
+    for size in (np.int64(300), torch.tensor(300)):
+        out = run(out=tmp_path / f"{method}-{type(size).__name__}", max_shard_size=size)
+        assert_bit_for_bit(ladle.load(out), run())
+    with pytest.raises(TypeError, match="^max_shard_size: expected bytes .* found Tensor$"):
+        run(out=tmp_path / "bool", max_shard_size=torch.tensor(True))
+
+
 def _checkpoint_get(device):
     return ladle.open_checkpoint({"w": torch.ones(2)}).get("w", device=device)
 

@@ -2384,8 +2384,9 @@ def _check_output(
     """Refuse ``out`` before any pass over the inputs, not once the merge is done: a bad name,
     an input's path (or a folder holding one, or inside one), an existing output without
     ``overwrite``, or a ``max_shard_size`` that is no size (of no use for a single file or
-    in memory, but a typo there is one too)."""
+    in memory, but a typo there is one too), or an ``overwrite`` that is no bool (likewise)."""
     parse_size(max_shard_size)
+    check_flag("overwrite", overwrite)
     if out is not None:
         check_not_an_input(out, sources)
         check_output_free(out, overwrite=overwrite)

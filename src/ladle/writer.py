@@ -15,6 +15,7 @@ import glob
 import hashlib
 import json
 import math
+import operator
 import os
 import re
 import shutil
@@ -87,13 +88,17 @@ def parse_size(size: int | str) -> int:
         Traceback (most recent call last):
         TypeError: max_shard_size: expected bytes (an int) or a string such as '5GB', found bool
     """
-    if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise TypeError(
-            "max_shard_size: expected bytes (an int) or a string such as '5GB', "
-            f"found {type_name(size)}"
-        )
-    if isinstance(size, int):
-        value = size
+    refused = TypeError(
+        "max_shard_size: expected bytes (an int) or a string such as '5GB', "
+        f"found {type_name(size)}"
+    )
+    if isinstance(size, bool) or (isinstance(size, torch.Tensor) and size.dtype == torch.bool):
+        raise refused
+    if not isinstance(size, str):
+        try:  # numpy's integers and 0-d integer tensors too, as chunk_bytes takes them
+            value = operator.index(size)
+        except TypeError:
+            raise refused from None
     else:
         # ASCII: "٥GB" (an Arabic-Indic five) or "５GB" is no size argparse users mean
         match = re.fullmatch(r"\s*([+-]?\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size, re.ASCII)
