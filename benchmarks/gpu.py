@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import MIB, llama_family, load_ladle, warm, weights_file
+from common import MIB, at_least, llama_family, load_ladle, warm, weights_file
 
 import ladle
 from ladle.engine import FOLD_CHUNK_BYTES, fold, open_models, reading_threads
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=at_least(1), default=3)
     args = parser.parse_args()
     load_ladle()
     if not torch.cuda.is_available():

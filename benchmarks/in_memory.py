@@ -1,6 +1,6 @@
 """Benchmark: merging state dicts already in memory, as training code does (no files).
 
-A family of ViT-B/16-shaped state dicts (86 M float32 parameters, 150 tensors) sits in
+A family of ViT-B/16-shaped state dicts (86 M float32 parameters, 151 tensors) sits in
 memory: a base and ``--models`` fine-tunes of it. Reported, measured in the same process and
 run: ladle's uniform soup, task arithmetic and TIES (``trim="global"``, the paper's rule)
 against the code a user would write instead: a dict comprehension for the soup and task
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import load_ladle
+from common import at_least, load_ladle
 
 import ladle
 
@@ -99,7 +99,7 @@ def largest_difference(a: StateDict, b: StateDict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=int, default=6, help="fine-tunes (default 6)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each, best kept")
+    parser.add_argument("--repeat", type=at_least(1), default=2, help="runs of each, best kept")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     args = parser.parse_args()
     load_ladle()

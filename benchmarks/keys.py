@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import LADLE_SETUP, SETTLED, best_of, python_timed, warm
+from common import LADLE_SETUP, SETTLED, at_least, best_of, python_timed, warm
 from safetensors.torch import save_file
 
 NAIVE_SETUP = "import sys, torch\nfrom safetensors.torch import load_file"
@@ -61,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=8)
     parser.add_argument("--keys", type=int, default=5000)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=at_least(1), default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ladle-keys-"))

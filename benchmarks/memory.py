@@ -38,8 +38,10 @@ CALLS = {
 
 
 def family(workdir: Path, count: int, layers: int) -> list[Path]:
-    """The base's and the fine-tunes' safetensors files (made again unless in ``workdir``)."""
-    folder = workdir / "safetensors"
+    """The base's and the fine-tunes' safetensors files (made again unless in ``workdir``,
+    in a folder named after ``layers``: a family of other layers was reused, and measured
+    as this one)."""
+    folder = workdir / f"safetensors-{layers}-layers"
     made = [
         folder / name / "model.safetensors"
         for name in ["base", *(f"ft{i:02d}" for i in range(count))]
@@ -96,7 +98,8 @@ def main() -> None:
         idle = run([sys.executable, "-c", LADLE_SETUP]).peak_anon
         stored = family(workdir, args.models, args.layers)
         for kind in kinds:
-            files = stored if kind == "safetensors" else as_torch_files(stored, workdir / "pt")
+            torch_files = workdir / f"pt-{args.layers}-layers"  # the family's, as above
+            files = stored if kind == "safetensors" else as_torch_files(stored, torch_files)
             base, models = files[0], files[1:]
             size = base.stat().st_size
             print(f"{kind}: base + {len(models)} bf16 models of {size / MIB:.0f} MiB")

@@ -35,6 +35,7 @@ from common import (
     MIB,
     SETTLED,
     Run,
+    at_least,
     best_of,
     fresh,
     llama_family,
@@ -185,8 +186,10 @@ def main() -> None:
         action="store_true",
         help="small models, 4 unless --models, one repeat unless --repeat",
     )
-    parser.add_argument("--models", type=int, default=None, help="fine-tunes (default 12)")
-    parser.add_argument("--repeat", type=int, default=None, help="runs, best taken (default 3)")
+    parser.add_argument("--models", type=at_least(2), default=None, help="fine-tunes (default 12)")
+    parser.add_argument(
+        "--repeat", type=at_least(1), default=None, help="runs, best taken (default 3)"
+    )
     parser.add_argument("--mergekit", type=Path, default=None, help="path to mergekit-yaml")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument(

@@ -26,6 +26,7 @@ from common import (
     LADLE_SETUP,
     MIB,
     SETTLED,
+    at_least,
     best_of,
     fresh,
     llama_family,
@@ -55,7 +56,7 @@ def largest_tensor(path: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=12)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=at_least(1), default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = parser.parse_args()
@@ -65,6 +66,8 @@ def main() -> None:
         )
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ladle-bench-"))
+    if args.keep:  # else they would be kept where no one could find them
+        print(f"inputs kept in {workdir}")
     # What a given --workdir held before is never deleted, only what this run made there
     before = set(workdir.iterdir()) if args.workdir is not None and workdir.is_dir() else None
     try:
