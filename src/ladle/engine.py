@@ -348,9 +348,9 @@ class _Preparation:
     reads, each later pass (TIES with ``trim="tensor"`` makes one per large tensor) adding
     its bytes to its total, closed when ``prepare`` returns."""
 
-    def __init__(self, progress: Any) -> None:
+    def __init__(self, progress: Any, bar: Any = None) -> None:
         self.progress = progress
-        self.bar: Any = None
+        self.bar: Any = bar  # given: a bar of the merge's own, grown, closed by the merge
 
     def reading(self, total: int) -> Callable[[int], object]:
         """The bar's ``update``, for a pass reading ``total`` bytes more."""
@@ -398,9 +398,7 @@ def _amending_on(bar: Any) -> Iterator[None]:
     if bar is None:
         yield
         return
-    again = _Preparation(None)
-    again.bar = bar  # grown, never closed here
-    token = _PREPARING.set(again)
+    token = _PREPARING.set(_Preparation(None, bar))
     try:
         yield
     finally:

@@ -88,17 +88,17 @@ def parse_size(size: int | str) -> int:
         Traceback (most recent call last):
         TypeError: max_shard_size: expected bytes (an int) or a string such as '5GB', found bool
     """
-    refused = TypeError(
-        "max_shard_size: expected bytes (an int) or a string such as '5GB', "
-        f"found {type_name(size)}"
-    )
-    if isinstance(size, bool) or (isinstance(size, torch.Tensor) and size.dtype == torch.bool):
-        raise refused
     if not isinstance(size, str):
+        boolean = isinstance(size, bool) or getattr(size, "dtype", None) == torch.bool
         try:  # numpy's integers and 0-d integer tensors too, as chunk_bytes takes them
-            value = operator.index(size)
+            value = operator.index(size) if not boolean else None
         except TypeError:
-            raise refused from None
+            value = None
+        if value is None:
+            raise TypeError(
+                "max_shard_size: expected bytes (an int) or a string such as '5GB', "
+                f"found {type_name(size)}"
+            )
     else:
         # ASCII: "٥GB" (an Arabic-Indic five) or "５GB" is no size argparse users mean
         match = re.fullmatch(r"\s*([+-]?\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size, re.ASCII)
