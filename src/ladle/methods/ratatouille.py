@@ -348,7 +348,7 @@ def _check_tied(
 def ratatouille(
     models: Sequence[StateDictLike],
     *,
-    selection: Literal["uniform"] = ...,
+    selection: str = ...,  # "uniform", or a str known at run time alone (a config's)
     evaluate: None = ...,
     scores: None = ...,
     strict: bool = ...,
@@ -367,7 +367,7 @@ def ratatouille(
 def ratatouille(
     models: Sequence[StateDictLike],
     *,
-    selection: Literal["uniform"] = ...,
+    selection: str = ...,  # "uniform", or a str known at run time alone (a config's)
     evaluate: None = ...,
     scores: None = ...,
     strict: bool = ...,
@@ -399,47 +399,6 @@ def ratatouille(
     chunk_bytes: int = ...,
     allow_nonfinite: bool = ...,
 ) -> GreedySoupResult: ...
-
-
-# A selection known at run time alone (a config's, a command line's), without evaluate: the
-# uniform soup, as "greedy" needs evaluate. (With an Evaluate here, a greedy call passing a
-# lambda matched two overloads of different results, and mypy typed it Any.)
-@overload
-def ratatouille(
-    models: Sequence[StateDictLike],
-    *,
-    selection: str,
-    evaluate: None = ...,
-    scores: None = ...,
-    strict: bool = ...,
-    out: None = ...,
-    device: str | torch.device | None = ...,
-    dtype: torch.dtype | str | None = ...,
-    progress: Progress = ...,
-    max_shard_size: int | str = ...,
-    overwrite: bool = ...,
-    chunk_bytes: int = ...,
-    allow_nonfinite: bool = ...,
-) -> StateDict: ...
-
-
-@overload
-def ratatouille(
-    models: Sequence[StateDictLike],
-    *,
-    selection: str,
-    evaluate: None = ...,
-    scores: None = ...,
-    strict: bool = ...,
-    out: str | os.PathLike,
-    device: str | torch.device | None = ...,
-    dtype: torch.dtype | str | None = ...,
-    progress: Progress = ...,
-    max_shard_size: int | str = ...,
-    overwrite: bool = ...,
-    chunk_bytes: int = ...,
-    allow_nonfinite: bool = ...,
-) -> Path: ...
 
 
 def ratatouille(
