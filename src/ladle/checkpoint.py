@@ -545,8 +545,9 @@ def not_a_dense_tensor(key: object, value: object) -> str | None:
         )
     if isinstance(value, (torch.nn.UninitializedParameter, torch.nn.UninitializedBuffer)):
         return f"tensor {key!r} is an uninitialized parameter of a lazy module: run it once first"
-    if past_int64(value.shape):  # no entries, or strides of its own: no copy of it can be made
-        return f"tensor {key!r} {past_int64(value.shape)}"
+    past = past_int64(value.shape)  # no entries, or strides of its own: no copy can be made
+    if past is not None:
+        return f"tensor {key!r} {past}"
     return None
 
 
@@ -972,8 +973,9 @@ class SafetensorsCheckpoint(Checkpoint):
         if spec is None:
             view = self._slice(key)
             shape = tuple(view.get_shape())
-            if past_int64(shape):
-                raise CheckpointError(f"{self._files[key]}: tensor {key!r} {past_int64(shape)}")
+            past = past_int64(shape)
+            if past is not None:
+                raise CheckpointError(f"{self._files[key]}: tensor {key!r} {past}")
             spec = self._specs[key] = (shape, view.get_dtype())
         return spec
 
