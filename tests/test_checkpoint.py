@@ -2151,6 +2151,21 @@ def test_load_checks_its_device_as_the_merges_do(tmp_path, device, message):
     assert str(info.value) == message
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available() or getattr(torch, "accelerator", torch.cuda).is_available(),
+    reason="an accelerator is here",
+)
+@pytest.mark.parametrize("index", [0, 2])
+def test_an_int_device_without_an_accelerator_says_there_is_none(index):
+    # torch reads an int as an accelerator's index; the message blamed the value itself
+    with pytest.raises(ValueError) as info:
+        ladle.uniform_soup([{"w": torch.ones(2)}, {"w": torch.ones(2)}], device=index)
+    assert str(info.value) == (
+        f"device: {index} is accelerator {index} to torch, but this machine has no "
+        "accelerator (CUDA is not available); use 'cpu'"
+    )
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")
 def test_load_onto_cuda_without_it_is_a_value_error_naming_the_device(tmp_path):
     path = ladle.save({"w": torch.ones(2)}, tmp_path / "m.safetensors")  # was AssertionError

@@ -229,7 +229,7 @@ def test_the_written_out_adamw_steps_as_torchs_on_the_same_minibatches(weight_de
 def test_a_device_the_demo_cannot_use_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError) as caught:
         run_demo(size="small", device="meta", workdir=tmp_path / "w", stream=io.StringIO())
-    assert str(caught.value) == "device: 'meta' holds no data; merge on cpu, cuda or another device"
+    assert str(caught.value) == "device: 'meta' holds no data; use cpu, cuda or another device"
     assert not (tmp_path / "w").exists()
 
 

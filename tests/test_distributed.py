@@ -1205,7 +1205,7 @@ def test_a_split_merge_failing_on_one_rank_before_any_collective_fails_on_every_
     context = mp.start_processes(_alone_worker, args=(str(tmp_path),), nprocs=2, join=False)
     _join_or_fail(context)
     found = [torch.load(tmp_path / f"alone{r}.pt", weights_only=False) for r in range(2)]
-    expected = "device: 'meta' holds no data; merge on cpu, cuda or another device"
+    expected = "device: 'meta' holds no data; use cpu, cuda or another device"
     assert found[1]["device"] == ("ValueError", expected)
     assert found[0]["device"] == ("LadleError", f"rank 1: {expected}")
     other = (

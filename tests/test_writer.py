@@ -243,6 +243,18 @@ def test_a_size_below_one_byte_is_named_as_that(text):
     assert str(info.value) == f"max_shard_size: expected at least 1 byte, found {text!r}"
 
 
+@pytest.mark.parametrize(("text", "bytes_"), [("1.5", "1.5"), ("2.0001KB", "2000.1")])
+def test_a_size_that_is_no_whole_number_of_bytes_is_refused(text, bytes_):
+    # "1.5" was 1 byte (the fraction dropped): a shard per tensor, where 1.5 GB was meant
+    with pytest.raises(ValueError) as info:
+        parse_size(text)
+    assert str(info.value) == (
+        f"max_shard_size: expected a whole number of bytes, found {text!r} ({bytes_} bytes; "
+        "a unit such as '1.5GB' names a larger size)"
+    )
+    assert parse_size("1.5KB") == 1500 and parse_size("2.0") == 2
+
+
 def test_background_write_back_keeps_the_output_exact_and_leaves_no_threads(tmp_path, monkeypatch):
     import threading
 

@@ -419,11 +419,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # 10**400: ValueError
+        if isinstance(device, int) and device >= 0 and not _has_accelerator():
+            raise ValueError(  # torch reads an int as an accelerator's index
+                f"device: {device!r} is accelerator {device} to torch, but this machine has "
+                "no accelerator (CUDA is not available); use 'cpu'"
+            ) from err
         raise ValueError(
             f"device: expected cpu, cuda, cuda:N or another torch device, found {device!r}"
         ) from err
     if resolved.type == "meta":
-        raise ValueError(f"device: {device!r} holds no data; merge on cpu, cuda or another device")
+        raise ValueError(f"device: {device!r} holds no data; use cpu, cuda or another device")
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -440,6 +445,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
                 f"device: {device!r} is not usable here ({type(err).__name__}: {why})"
             ) from err
     return resolved
+
+
+def _has_accelerator() -> bool:
+    """Whether torch sees an accelerator (``torch.accelerator``, torch 2.6 and later; CUDA
+    before)."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 DTYPE_NAMES = {

@@ -106,7 +106,13 @@ def parse_size(size: int | str) -> int:
         if not match or unit not in _UNITS:
             raise ValueError(f"max_shard_size: expected e.g. '5GB' or '500MiB', found {size!r}")
         # exact: float(...) overflowed for 400 digits and rounded 17 of them
-        value = int(Fraction(match.group(1)) * _UNITS[unit])
+        exact = Fraction(match.group(1)) * _UNITS[unit]
+        if exact >= 1 and exact.denominator != 1:  # "1.5" was 1 byte: every tensor a shard
+            raise ValueError(
+                f"max_shard_size: expected a whole number of bytes, found {size!r} "
+                f"({float(exact):g} bytes; a unit such as '1.5GB' names a larger size)"
+            )
+        value = int(exact)
     if value <= 0:  # "0.5B" too: a size below one byte
         raise ValueError(f"max_shard_size: expected at least 1 byte, found {size!r}")
     return value
