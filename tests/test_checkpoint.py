@@ -2573,7 +2573,7 @@ def test_a_zip_torch_file_past_pythons_zip_reader_is_a_checkpoint_error(tmp_path
 def test_a_compressed_torch_file_is_checked_against_the_memory_it_may_take(tmp_path):
     from ladle import checkpoint
 
-    room = checkpoint._memory_available()
+    room = checkpoint.memory_available()
     assert room is not None and room > 0  # Linux and macOS both say
     if Path("/proc/meminfo").exists():  # at most the memory and swap there are
         meminfo = Path("/proc/meminfo").read_text()
@@ -2905,7 +2905,7 @@ def test_stored_records_count_for_nothing_in_the_zip_bomb_check(tmp_path, monkey
     import ladle.checkpoint as checkpoint
 
     torch.save({"w": torch.ones(1000)}, tmp_path / "plain.pt")  # torch stores, never deflates
-    monkeypatch.setattr(checkpoint, "_memory_available", lambda: 100)
+    monkeypatch.setattr(checkpoint, "memory_available", lambda: 100)
     assert ladle.load(tmp_path / "plain.pt")["w"].shape == (1000,)
 
 
@@ -2974,10 +2974,10 @@ def test_compressed_records_declaring_just_more_than_memory_are_refused(tmp_path
     import ladle.checkpoint as checkpoint
 
     file, declared = _rezipped_torch_file(tmp_path)
-    monkeypatch.setattr(checkpoint, "_memory_available", lambda: declared - 1)
+    monkeypatch.setattr(checkpoint, "memory_available", lambda: declared - 1)
     with pytest.raises(MemoryError, match="decompress to"):
         ladle.open_checkpoint(file)
-    monkeypatch.setattr(checkpoint, "_memory_available", lambda: declared)
+    monkeypatch.setattr(checkpoint, "memory_available", lambda: declared)
     assert ladle.open_checkpoint(file).keys() == ["w"]
 
 

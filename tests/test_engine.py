@@ -3334,3 +3334,45 @@ def test_a_count_owed_by_a_fold_closed_elsewhere_goes_when_the_thread_sets_its_o
     thread.start()
     thread.join(60)
     assert seen == {"ended": 2, "later": 2}
+
+
+def test_an_in_memory_merge_past_the_memory_is_refused_before_any_pass(tmp_path):
+    # Two torch files of a few KB holding expanded tensors of 64 GiB each: the in-memory soup
+    # allocated its result as the first chunk came (torch's allocator error, a RuntimeError),
+    # and a result made of many smaller tensors ran until the kernel's OOM killer.
+    room = ladle.checkpoint.memory_available()
+    if room is None or room >= 2**36:
+        pytest.skip("this machine has 64 GiB of memory to spare, or says nothing of it")
+    paths = []
+    for value in (1.0, 2.0):
+        paths.append(tmp_path / f"{value}.pt")
+        torch.save({"w": torch.full((1,), value).expand(2**31, 8), "n": torch.ones(2)}, paths[-1])
+    with pytest.raises(MemoryError) as info:
+        ladle.uniform_soup(paths, device="cpu")
+    message = str(info.value)
+    assert message.startswith(
+        f"the merged state dict needs {2**36 + 8:,} bytes (the largest tensor, 'w', "
+        "[2147483648, 8] float32), more than the "
+    )
+    assert message.endswith(" bytes of memory available; pass out= to stream the merge to a file")
+
+
+def test_the_room_check_counts_every_tensor_in_its_output_dtype(monkeypatch):
+    models = [{"a": torch.ones(4, 2), "b": torch.ones(3, dtype=torch.float64)} for _ in range(2)]
+    # 8 float32 entries and 3 float64: 56 bytes; in bfloat16, 16 + 6 = 22 (float64 → bf16 too)
+    monkeypatch.setattr(ladle.engine, "memory_available", lambda: 55)
+    with pytest.raises(MemoryError, match=r"^the merged state dict needs 56 bytes \(the largest "):
+        ladle.uniform_soup(models, device="cpu")
+    merged = ladle.uniform_soup(models, device="cpu", dtype="bfloat16")  # 22 bytes fit
+    assert merged["a"].dtype == torch.bfloat16
+    monkeypatch.setattr(ladle.engine, "memory_available", lambda: 56)
+    assert torch.equal(ladle.uniform_soup(models, device="cpu")["a"], torch.ones(4, 2))
+    monkeypatch.setattr(ladle.engine, "memory_available", lambda: None)  # unknown: no check
+    assert torch.equal(ladle.uniform_soup(models, device="cpu")["b"], models[0]["b"])
+
+
+def test_a_merge_to_a_file_is_not_bound_by_the_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(ladle.engine, "memory_available", lambda: 1)
+    models = [{"w": torch.full((64,), float(i))} for i in range(3)]
+    out = ladle.uniform_soup(models, out=tmp_path / "m.safetensors", device="cpu")
+    assert torch.equal(ladle.load(out)["w"], torch.full((64,), 1.0))

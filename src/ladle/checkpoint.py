@@ -1464,7 +1464,7 @@ def _check_room_to_decompress(file: Path) -> None:
     except Exception:  # corrupt, or past Python's reader (NotImplementedError: zip version)
         return  # torch's own reader says what is wrong, as a CheckpointError
     declared = sum(r.file_size for r in records if r.compress_type != zipfile.ZIP_STORED)
-    room = _memory_available()
+    room = memory_available()
     if declared and room is not None and declared > room:
         raise MemoryError(
             f"{file}: its compressed records decompress to {declared:,} bytes, more than the "
@@ -1473,7 +1473,7 @@ def _check_room_to_decompress(file: Path) -> None:
         )
 
 
-def _memory_available() -> int | None:
+def memory_available() -> int | None:
     """Bytes of memory this process could take: the system's available memory and free swap
     (``/proc/meminfo``; the physical memory where there is none), at most a cgroup (v2)
     limit; ``None`` where none of them can be read."""

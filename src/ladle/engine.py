@@ -43,6 +43,7 @@ from .checkpoint import (
     declared_quantization,
     first_names,
     is_adapter,
+    memory_available,
     open_checkpoint,
     recorded_name,
     second_names,
@@ -2742,6 +2743,8 @@ def merge(
         label = _describe(None if base_ckpt is not None else 0, reference)
         check_output_dtypes(reference, dtype, label=label)
         specs = output_specs(reference, dtype)
+        if out is None:  # before any pass: a result past the memory ended in the OOM killer
+            check_room(specs)
         # results are cast to the output dtypes on the device: before any pass
         check_device_dtypes(target, ((spec[1], key) for key, spec in specs.items()))
         if out is not None:  # a dtype safetensors has no code for: before any pass
@@ -2836,6 +2839,31 @@ def merge(
             if closing.ident is not None:
                 closing.join()
         return Path(out)
+
+
+def check_room(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """Raise ``MemoryError`` if a state dict of ``specs`` (key: shape, dtype) needs more bytes
+    than this process could take (:func:`~ladle.checkpoint.memory_available`), before any
+    pass: the tensors of an in-memory merge are made one by one as their first chunks come,
+    so a result past the memory failed only after most of the merge (torch's allocator
+    refusing one tensor), or ended in the kernel's OOM killer. Nothing is checked where the
+    available memory cannot be read.
+
+    Example:
+        >>> import torch
+        >>> check_room({"w": ((2, 3), torch.float32)})  # 24 bytes fit
+    """
+    needed = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+    room = memory_available()
+    if room is None or needed <= room:
+        return
+    key = max(specs, key=lambda k: math.prod(specs[k][0]) * specs[k][1].itemsize)
+    shape, dtype = specs[key]
+    raise MemoryError(
+        f"the merged state dict needs {needed:,} bytes (the largest tensor, {key!r}, "
+        f"{list(shape)} {str(dtype).removeprefix('torch.')}), more than the {room:,} bytes of "
+        "memory available; pass out= to stream the merge to a file"
+    )
 
 
 def _first_names(
