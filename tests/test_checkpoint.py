@@ -2152,7 +2152,7 @@ def test_load_checks_its_device_as_the_merges_do(tmp_path, device, message):
 
 
 @pytest.mark.skipif(
-    torch.cuda.is_available() or getattr(torch, "accelerator", torch.cuda).is_available(),
+    torch.accelerator.is_available(),
     reason="an accelerator is here",
 )
 @pytest.mark.parametrize("index", [0, 2])

@@ -81,17 +81,16 @@ SAFETENSORS_DTYPES = {  # safetensors' dtype codes; the writer uses the inverse
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    # Codes of newer safetensors releases (0.8 reads and writes them); merges compute complex
+    # tensors as their real and imaginary parts.
+    "C64": torch.complex64,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
 }
-for _name in ("uint16", "uint32", "uint64"):  # torch >= 2.3 has them
-    SAFETENSORS_DTYPES["U" + _name[4:]] = getattr(torch, _name)
-# Codes of newer safetensors releases (0.8 reads and writes them); merges compute complex
-# tensors as their real and imaginary parts.
-SAFETENSORS_DTYPES["C64"] = torch.complex64
-if hasattr(torch, "float8_e8m0fnu"):
-    SAFETENSORS_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
-for _code, _name in (("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz")):
-    if hasattr(torch, _name):
-        SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
 
 
 class Checkpoint:
@@ -474,8 +473,8 @@ SHELL_DTYPES = frozenset(
     + [f"int{bits}" for bits in range(1, 8)]
     + ["bits1x8", "bits2x4", "bits4x2", "bits8", "bits16"]
 )
-"""torch's dtypes without kernels (``torch.uint4``, ``torch.bits16``, ...), by name (some
-are missing from older torch): reached through ``view``, no ``clone`` or sum of them runs."""
+"""torch's dtypes without kernels (``torch.uint4``, ``torch.bits16``, ...), by name: reached
+through ``view``, no ``clone`` or sum of them runs."""
 
 
 def _wraps_tensors(tensor: torch.Tensor) -> bool:

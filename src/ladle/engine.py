@@ -420,7 +420,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # 10**400: ValueError
-        if isinstance(device, int) and device >= 0 and not _has_accelerator():
+        if isinstance(device, int) and device >= 0 and not torch.accelerator.is_available():
             raise ValueError(  # torch reads an int as an accelerator's index
                 f"device: {device!r} is accelerator {device} to torch, but this machine has "
                 "no accelerator (CUDA is not available); use 'cpu'"
@@ -448,15 +448,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def _has_accelerator() -> bool:
-    """Whether torch sees an accelerator (``torch.accelerator``, torch 2.6 and later; CUDA
-    before)."""
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "is_available"):
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()
-
-
 DTYPE_NAMES = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
@@ -466,19 +457,15 @@ DTYPE_NAMES = {
 """Short names of output dtypes (the CLI's ``--dtype``), besides torch's own names."""
 
 
-OUTPUT_DTYPES = tuple(
-    getattr(torch, name)
-    for name in (
-        "float64",
-        "float32",
-        "bfloat16",
-        "float16",
-        "float8_e4m3fn",
-        "float8_e5m2",
-        "float8_e4m3fnuz",  # not in every torch this package allows
-        "float8_e5m2fnuz",
-    )
-    if hasattr(torch, name)
+OUTPUT_DTYPES = (
+    torch.float64,
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
 )
 """Dtypes a merge may write: signed floating types that hold one value per element (not
 the unsigned, scale-only ``float8_e8m0fnu``, which turned -2 into 2 and 0 into 5.9e-39, nor
@@ -1880,7 +1867,7 @@ def saturation_limit(dtype: torch.dtype) -> tuple[float, bool] | None:
         return None
     if not bool(torch.isfinite(torch.tensor([math.inf], device="cpu").to(dtype).float())):
         return None  # an overflow shows as Inf or NaN after the cast
-    if dtype == getattr(torch, "float8_e8m0fnu", None):  # powers of two: no halfway point
+    if dtype == torch.float8_e8m0fnu:  # powers of two: no halfway point
         return None
     largest = torch.tensor([torch.finfo(dtype).max], device="cpu").to(dtype)
     bits = largest.view(torch.uint8)

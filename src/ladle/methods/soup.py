@@ -527,7 +527,8 @@ def run_greedy(
 ) -> GreedySoupResult:
     """Open and check ``models``, run the greedy rule, write the soup to ``out`` if given.
 
-    The body of :func:`greedy_soup` and of ``greedy_ratatouille``, every parameter explicit.
+    The body of :func:`greedy_soup` and of ``ratatouille(..., selection="greedy")``, every
+    parameter explicit.
     ``method`` and ``parameters`` are what the output's provenance and model card record
     (with the selection and its score); the rest are :func:`greedy_soup`'s, and so are the
     result and the errors.
