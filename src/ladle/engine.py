@@ -420,7 +420,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # 10**400: ValueError
-        if isinstance(device, int) and device >= 0 and not torch.accelerator.is_available():
+        index = isinstance(device, int) and device >= 0 and isinstance(err, RuntimeError)
+        if index and not torch.accelerator.is_available():
             raise ValueError(  # torch reads an int as an accelerator's index
                 f"device: {device!r} is accelerator {device} to torch, but this machine has "
                 "no accelerator (CUDA is not available); use 'cpu'"
