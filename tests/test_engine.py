@@ -3376,3 +3376,39 @@ def test_a_merge_to_a_file_is_not_bound_by_the_memory(tmp_path, monkeypatch):
     models = [{"w": torch.full((64,), float(i))} for i in range(3)]
     out = ladle.uniform_soup(models, out=tmp_path / "m.safetensors", device="cpu")
     assert torch.equal(ladle.load(out)["w"], torch.full((64,), 1.0))
+
+
+@pytest.mark.parametrize("selection", ["greedy_soup", "ratatouille"])
+def test_the_greedy_rule_checks_room_for_its_two_soups_whatever_out_is(
+    tmp_path, monkeypatch, selection
+):
+    # greedy soups do not go through merge(): they hold the running soup and a candidate in
+    # memory (float32 for bfloat16 models), with or without out=, and were never checked
+    models = [{"w": torch.ones(4, 8, dtype=torch.bfloat16), "n": torch.ones(2)} for _ in range(3)]
+    needed = 2 * (4 * 8 * 4 + 2 * 4)  # two soups of float32 tensors: 2 × 136 bytes
+    calls = []
+
+    def greedy(out=None):
+        def evaluate(state):
+            calls.append(1)
+            return 1.0
+
+        if selection == "greedy_soup":
+            return ladle.greedy_soup(models, evaluate, out=out, device="cpu")
+        return ladle.ratatouille(
+            models, selection="greedy", evaluate=evaluate, out=out, device="cpu"
+        )
+
+    monkeypatch.setattr(ladle.engine, "memory_available", lambda: needed - 1)
+    for out in (None, tmp_path / "g.safetensors"):
+        with pytest.raises(MemoryError) as info:
+            greedy(out)
+        assert str(info.value) == (
+            f"the greedy soup (the running soup and a candidate, held in memory) needs "
+            f"{needed:,} bytes (the largest tensor, 'w', [4, 8] float32, 2 of each tensor), "
+            f"more than the {needed - 1:,} bytes of memory available; the greedy rule holds "
+            "them whatever out= is: fewer or smaller models, or a GPU"
+        )
+        assert not calls and not (tmp_path / "g.safetensors").exists()  # before evaluate
+    monkeypatch.setattr(ladle.engine, "memory_available", lambda: needed)
+    assert greedy().selected == [0, 1, 2]

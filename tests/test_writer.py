@@ -243,7 +243,16 @@ def test_a_size_below_one_byte_is_named_as_that(text):
     assert str(info.value) == f"max_shard_size: expected at least 1 byte, found {text!r}"
 
 
-@pytest.mark.parametrize(("text", "bytes_"), [("1.5", "1.5"), ("2.0001KB", "2000.1")])
+@pytest.mark.parametrize(
+    ("text", "bytes_"),
+    [
+        ("1.5", "1.5"),
+        ("2.0001KB", "2000.1"),
+        ("1.0000001", "1.0000001"),  # the size written exactly: float's :g showed "1"
+        ("1000000.5", "1000000.5"),
+        ("1.0000001KiB", "1024.0001024"),
+    ],
+)
 def test_a_size_that_is_no_whole_number_of_bytes_is_refused(text, bytes_):
     # "1.5" was 1 byte (the fraction dropped): a shard per tensor, where 1.5 GB was meant
     with pytest.raises(ValueError) as info:

@@ -2829,28 +2829,35 @@ def merge(
         return Path(out)
 
 
-def check_room(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
-    """Raise ``MemoryError`` if a state dict of ``specs`` (key: shape, dtype) needs more bytes
-    than this process could take (:func:`~ladle.checkpoint.memory_available`), before any
-    pass: the tensors of an in-memory merge are made one by one as their first chunks come,
-    so a result past the memory failed only after most of the merge (torch's allocator
-    refusing one tensor), or ended in the kernel's OOM killer. Nothing is checked where the
-    available memory cannot be read.
+def check_room(
+    specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    *,
+    copies: int = 1,
+    what: str = "the merged state dict",
+    hint: str = "pass out= to stream the merge to a file",
+) -> None:
+    """Raise ``MemoryError`` if ``copies`` state dicts of ``specs`` (key: shape, dtype) need
+    more bytes than this process could take (:func:`~ladle.checkpoint.memory_available`),
+    before any pass: the tensors of an in-memory merge are made one by one as their first
+    chunks come, so a result past the memory failed only after most of the merge (torch's
+    allocator refusing one tensor), or ended in the kernel's OOM killer. ``what`` and
+    ``hint`` word the error. Nothing is checked where the available memory cannot be read.
 
     Example:
         >>> import torch
         >>> check_room({"w": ((2, 3), torch.float32)})  # 24 bytes fit
     """
-    needed = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+    needed = copies * sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
     room = memory_available()
     if room is None or needed <= room:
         return
     key = max(specs, key=lambda k: math.prod(specs[k][0]) * specs[k][1].itemsize)
     shape, dtype = specs[key]
+    times = f", {copies} of each tensor" if copies > 1 else ""
     raise MemoryError(
-        f"the merged state dict needs {needed:,} bytes (the largest tensor, {key!r}, "
-        f"{list(shape)} {str(dtype).removeprefix('torch.')}), more than the {room:,} bytes of "
-        "memory available; pass out= to stream the merge to a file"
+        f"{what} needs {needed:,} bytes (the largest tensor, {key!r}, {list(shape)} "
+        f"{str(dtype).removeprefix('torch.')}{times}), more than the {room:,} bytes of memory "
+        f"available; {hint}"
     )
 
 

@@ -110,12 +110,28 @@ def parse_size(size: int | str) -> int:
         if exact >= 1 and exact.denominator != 1:  # "1.5" was 1 byte: every tensor a shard
             raise ValueError(
                 f"max_shard_size: expected a whole number of bytes, found {size!r} "
-                f"({float(exact):g} bytes; a unit such as '1.5GB' names a larger size)"
+                f"({_decimal(exact)} bytes; a unit such as '1.5GB' names a larger size)"
             )
         value = int(exact)
     if value <= 0:  # "0.5B" too: a size below one byte
         raise ValueError(f"max_shard_size: expected at least 1 byte, found {size!r}")
     return value
+
+
+def _decimal(value: Fraction) -> str:
+    """``value``, a fraction whose denominator divides a power of ten (a decimal size times a
+    unit of bytes), written out exactly: ``float`` showed ``1.0000001`` as ``1``.
+
+    Example:
+        >>> _decimal(Fraction(2000001, 2000))
+        '1000.0005'
+    """
+    whole, rest = divmod(value.numerator, value.denominator)
+    digits = ""
+    while rest:
+        whole_digit, rest = divmod(rest * 10, value.denominator)
+        digits += str(whole_digit)
+    return f"{whole}.{digits}" if digits else str(whole)
 
 
 def _check_not_split(out: Path) -> None:

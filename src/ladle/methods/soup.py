@@ -33,8 +33,11 @@ from ..engine import (
     check_number,
     check_numbers,
     check_output_dtypes,
+    check_room,
     check_unpacked,
+    compute_dtype,
     fold,
+    is_merged_dtype,
     merge,
     open_models,
     output_dtype,
@@ -478,6 +481,28 @@ def _greedy(
     return GreedySoupResult(output(soup, best, to="cpu"), selected, score, history)
 
 
+def _check_greedy_room(checkpoints: Sequence[Checkpoint]) -> None:
+    """:func:`~ladle.engine.check_room` for the greedy rule on the CPU, which holds two soups
+    in memory whatever ``out`` is: the running soup and a candidate, each floating tensor in
+    its compute dtype (float32, or float64), a tensor named twice (tied weights) once."""
+    tied = tied_names(checkpoints)
+    reference = checkpoints[0]
+    specs = {}
+    for key in reference.keys():
+        if key in tied:
+            continue
+        stored = reference.dtype(key)
+        floating = is_merged_dtype(stored)
+        held = compute_dtype([c.dtype(key) for c in checkpoints]) if floating else stored
+        specs[key] = (tuple(reference.shape(key)), held)
+    check_room(
+        specs,
+        copies=2,
+        what="the greedy soup (the running soup and a candidate, held in memory)",
+        hint="the greedy rule holds them whatever out= is: fewer or smaller models, or a GPU",
+    )
+
+
 def _config_dtype(
     state: Mapping[str, torch.Tensor], best: Checkpoint, first: Checkpoint
 ) -> torch.dtype | None:
@@ -584,13 +609,16 @@ def run_greedy(
             raise refused[0]
         check_best = functools.partial(check_written, ranked=", ranked best")
 
+        target = resolve_device(device)
+        if target.type == "cpu":  # before the (costly) evaluations
+            _check_greedy_room(checkpoints)
         where = "the greedy soup" if out is None else str(out)
         result = _greedy(
             checkpoints,
             evaluate,
             scores=scores,
             strict=strict,
-            device=resolve_device(device),
+            device=target,
             dtype=dtype,
             progress=progress,
             allow_nonfinite=allow_nonfinite,
