@@ -3,6 +3,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -603,3 +604,28 @@ def test_key_grams_are_symmetric_bit_for_bit():
     assert torch.equal(gram, gram.T)
     exact = [[math.fsum(x * y for x, y in zip(a.tolist(), b.tolist())) for b in taus] for a in taus]
     assert torch.allclose(gram, torch.tensor(exact, dtype=torch.float64), rtol=1e-12, atol=1e-9)
+
+
+def test_a_warning_during_a_progress_bar_starts_on_a_cleared_line(capsys):
+    # Python code (not the CLI, which writes through tqdm.write): Model Stock's warning in its
+    # "preparing" pass was printed at the end of the bar's line, glued to it
+    base = {"w": torch.zeros(2), "v": torch.zeros(3)}
+    models = [
+        {"w": torch.tensor([1.0, 0.0]), "v": torch.ones(3)},
+        {"w": torch.tensor([-1.0, 0.0]), "v": torch.ones(3)},
+    ]
+
+    def show(message, category, filename, lineno, file=None, line=None):  # Python's own print
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():  # pytest records warnings: print them, as Python does
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        merged = ladle.model_stock(models, base, device="cpu", progress=True)
+    assert torch.equal(merged["w"], torch.zeros(2))  # t clamped to -1: the base
+    err = capsys.readouterr().err
+    at = err.index("ModelStockWarning: model_stock: key 'w'")
+    line = err[max(err.rfind("\n", 0, at), err.rfind("\r", 0, at)) + 1 : at]
+    assert line.startswith(__file__) and line.endswith(": ")  # the warning's own line
+    assert "preparing" not in line and "\rpreparing:" in err[:at]  # the bar cleared before it
+    assert err.index("preparing: 100%") > at  # and redrawn after it

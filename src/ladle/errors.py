@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -146,7 +147,18 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     level = 2
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level if frame is not None else 2)
+    with _bars_cleared():
+        warnings.warn(message, category, stacklevel=level if frame is not None else 2)
+
+
+def _bars_cleared() -> contextlib.AbstractContextManager[None]:
+    """Where tqdm is loaded (a merge's ``progress`` bars), its bars on the standard streams
+    cleared while a warning prints and redrawn after it: printed on a bar's line, the warning
+    was glued to the bar. tqdm is not imported for this."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is None or sys.stderr is None:
+        return contextlib.nullcontext()
+    return tqdm.tqdm.external_write_mode(file=sys.stderr)
 
 
 def check_flag(name: str, value: object) -> bool:
