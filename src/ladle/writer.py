@@ -129,8 +129,8 @@ def _decimal(value: Fraction) -> str:
     whole, rest = divmod(value.numerator, value.denominator)
     digits = ""
     while rest:
-        whole_digit, rest = divmod(rest * 10, value.denominator)
-        digits += str(whole_digit)
+        digit, rest = divmod(rest * 10, value.denominator)
+        digits += str(digit)
     return f"{whole}.{digits}" if digits else str(whole)
 
 

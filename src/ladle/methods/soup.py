@@ -491,9 +491,9 @@ def _check_greedy_room(checkpoints: Sequence[Checkpoint]) -> None:
     for key in reference.keys():
         if key in tied:
             continue
-        stored = reference.dtype(key)
-        floating = is_merged_dtype(stored)
-        held = compute_dtype([c.dtype(key) for c in checkpoints]) if floating else stored
+        held = reference.dtype(key)  # an integer buffer: a copy of model 0's
+        if is_merged_dtype(held):
+            held = compute_dtype([c.dtype(key) for c in checkpoints])
         specs[key] = (tuple(reference.shape(key)), held)
     check_room(
         specs,
