@@ -2992,6 +2992,23 @@ def test_a_cgroup_limit_below_the_free_memory_bounds_the_room(tmp_path, monkeypa
         ladle.open_checkpoint(file)
 
 
+def test_the_available_memory_is_read_from_its_two_fields_of_meminfo(tmp_path):
+    import ladle.checkpoint as checkpoint
+
+    path = tmp_path / "meminfo"
+    path.write_text(
+        "MemTotal:       24522068 kB\nMemFree:        14813284 kB\n"
+        "MemAvailable:   23823800 kB\nSwapTotal:             0 kB\nSwapFree:           12 kB\n"
+        "HugePages_Total:       0\nHugepagesize:       2048 kB\nMemAvailable2: 5 kB\n"
+    )
+    assert checkpoint._meminfo_available(str(path)) == (23823800 + 12) * 1024
+    path.write_text("MemTotal: 5 kB\nSwapFree: 7 kB\n")  # a kernel before 3.14: no field
+    assert checkpoint._meminfo_available(str(path)) is None
+    path.write_text("MemAvailable: 5 MB\nSwapFree: x kB\n")  # no kB count: none read
+    assert checkpoint._meminfo_available(str(path)) is None
+    assert checkpoint._meminfo_available(str(tmp_path / "absent")) is None
+
+
 def test_free_swap_counts_as_room_to_decompress(tmp_path, monkeypatch):
     # round 6 mutant K62
     import builtins
@@ -3004,7 +3021,7 @@ def test_free_swap_counts_as_room_to_decompress(tmp_path, monkeypatch):
 
     def fake_open(name, *args, **kwargs):
         if str(name) == "/proc/meminfo":
-            return io.StringIO(meminfo)
+            return io.BytesIO(meminfo.encode())
         return builtins.open(name, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "open", fake_open, raising=False)

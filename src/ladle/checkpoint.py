@@ -1486,20 +1486,22 @@ def memory_available() -> int | None:
     return room
 
 
-def _meminfo_available() -> int | None:
-    """``MemAvailable`` + ``SwapFree`` of ``/proc/meminfo`` in bytes, or ``None``."""
-    fields: dict[str, int] = {}
+_MEMINFO_FIELD = re.compile(rb"^(MemAvailable|SwapFree):[ \t]+([0-9]+) kB$", re.MULTILINE)
+
+
+def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
+    """``MemAvailable`` + ``SwapFree`` of ``/proc/meminfo`` in bytes, or ``None``. The two
+    fields found by one regular expression: splitting every line took 120 µs, a tenth of a
+    small in-memory merge, which checks its room (:func:`~ladle.engine.check_room`)."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                name, _, value = line.partition(":")
-                if value.split()[1:] == ["kB"]:
-                    fields[name] = int(value.split()[0]) * 1024
-    except (OSError, ValueError):
+        with open(path, "rb") as meminfo:
+            text = meminfo.read()
+    except OSError:
         return None
-    if "MemAvailable" not in fields:
+    fields = {name: int(value) * 1024 for name, value in _MEMINFO_FIELD.findall(text)}
+    if b"MemAvailable" not in fields:
         return None
-    return fields["MemAvailable"] + fields.get("SwapFree", 0)
+    return fields[b"MemAvailable"] + fields.get(b"SwapFree", 0)
 
 
 def _cgroup_limit() -> int | None:
