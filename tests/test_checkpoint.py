@@ -2362,6 +2362,22 @@ def test_a_checkpoint_subclass_giving_no_dense_tensor_is_refused_naming_it(given
     assert read == [expected] * 2
 
 
+@pytest.mark.parametrize("given", [torch.float64, torch.bfloat16, torch.int32])
+def test_a_checkpoint_subclass_giving_another_dtype_than_it_declares_is_refused(given):
+    # dtype() said float32 and get_slice gave float64: the merges converted it to the
+    # declared dtype, load returned it as given (two answers for one key)
+    class Giving(DictCheckpoint):
+        def get_slice(self, key, rows):
+            return super().get_slice(key, rows).to(given)
+
+    store = Giving({"w": torch.ones(2, 2)}, name="store")
+    expected = (
+        f"store: get_slice('w', slice(None, None, None)) gave a tensor of dtype {given}, "
+        "expected torch.float32 (its dtype())"
+    )
+    assert _read_refusals(store) == [expected] * 2
+
+
 def test_a_checkpoint_subclass_named_by_a_path_with_numpy_sides_merges_to_a_file(tmp_path):
     # name as a Path ("a path, or a description"): AttributeError 'PosixPath' object has no
     # attribute 'startswith' where the output records its inputs; sides as numpy integers

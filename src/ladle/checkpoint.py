@@ -98,7 +98,8 @@ class Checkpoint:
 
     Subclasses implement ``keys`` (a list, or another collection that can be read more than
     once, of distinct ``str``), ``shape``, ``dtype`` (a ``torch.dtype``) and ``get_slice`` (a
-    dense tensor of that dtype); ``get`` reads a whole tensor. Tensors returned may be views
+    dense tensor of the rows asked for, in that dtype: another shape or dtype is a
+    :class:`~ladle.CheckpointError`); ``get`` reads a whole tensor. Tensors returned may be views
     of a memory map of the file (a private one: a write changes this process's pages, not
     the file): treat them as inputs and never modify them in place. Merges on an accelerator
     (and on the CPU with ``prefetch``) call ``get_slice`` and ``read_rows`` from several
@@ -218,6 +219,12 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.name}: get_slice({key!r}, {rows}) gave a tensor of shape {found}, "
                 f"expected {expected} (rows of a tensor of shape {stored})"
+            )
+        declared = self.dtype(key)
+        if tensor.dtype != declared:  # merged as declared, but load gave what get_slice did
+            raise CheckpointError(
+                f"{self.name}: get_slice({key!r}, {rows}) gave a tensor of dtype "
+                f"{tensor.dtype}, expected {declared} (its dtype())"
             )
         return tensor
 
