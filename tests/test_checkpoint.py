@@ -2260,9 +2260,11 @@ def test_a_torch_file_of_a_tensor_whose_stride_torch_cannot_index_is_refused(tmp
     assert "tensor 'a' has shape (0, 4611686018427387904, 4), past what" in str(info.value)
 
 
-def test_loading_a_tensor_past_the_memory_is_a_memory_error_naming_it(tmp_path):
+def test_loading_a_tensor_past_the_memory_is_a_memory_error_naming_it(tmp_path, monkeypatch):
     # An expanded tensor is 4 bytes in a torch file and 2**60 bytes loaded (past any 57-bit
-    # address space, so no allocation can succeed): torch's allocator raised a RuntimeError
+    # address space, so no allocation can succeed): torch's allocator raised a RuntimeError.
+    # Where the memory available is unknown (no room checked first), the allocator's error.
+    monkeypatch.setattr(ladle.checkpoint, "memory_available", lambda: None)
     path = tmp_path / "expanded.pt"
     torch.save({"b": torch.ones(2), "a": torch.ones(1).expand(2**58)}, path)
     with pytest.raises(MemoryError) as info:
@@ -2271,6 +2273,40 @@ def test_loading_a_tensor_past_the_memory_is_a_memory_error_naming_it(tmp_path):
         f"{path}: key 'a' (shape ({2**58},), torch.float32) does not fit in the memory of cpu: "
     )
     assert "can't allocate memory" in str(info.value)
+
+
+def test_loading_a_checkpoint_past_the_memory_is_refused_before_any_copy(tmp_path, monkeypatch):
+    # load copies every tensor: a model larger than the memory, of tensors that each fit,
+    # was copied until the kernel's OOM killer stopped the process
+    path = ladle.save(
+        {"a": torch.ones(6), "b": torch.ones(2, 2), "n": torch.ones(2).int()},
+        tmp_path / "m.safetensors",
+    )
+    copies = []
+    monkeypatch.setattr(ladle.checkpoint, "_copied", lambda *args: copies.append(args))
+    monkeypatch.setattr(ladle.checkpoint, "memory_available", lambda: 47)  # 24 + 16 + 8 bytes
+    for read in (lambda: ladle.load(path), lambda: ladle.add(path, path)):
+        with pytest.raises(MemoryError) as info:
+            read()
+        assert str(info.value) == (
+            f"{path}: reading it whole needs 48 bytes (the largest tensor, 'a', 24 bytes), "
+            "more than the 47 bytes of memory available; read it a tensor at a time "
+            "(ladle.open_checkpoint), or merge with out="
+        )
+    assert not copies
+    monkeypatch.undo()
+    monkeypatch.setattr(ladle.checkpoint, "memory_available", lambda: 48)
+    assert torch.equal(ladle.load(path)["a"], torch.ones(6))
+    assert ladle.load(path, device="meta")["a"].is_meta  # nothing read: nothing checked
+    monkeypatch.setattr(ladle.checkpoint, "memory_available", lambda: 0)
+    assert ladle.load(path, device="meta")["b"].shape == (2, 2)
+
+
+def test_a_tensor_read_twice_by_its_names_counts_once_in_the_room(monkeypatch):
+    w = torch.ones(4)  # tied: 16 bytes, read once under both names
+    monkeypatch.setattr(ladle.checkpoint, "memory_available", lambda: 16)
+    tensors = ladle.checkpoint.load_tied({"emb": w, "head": w})
+    assert tensors["emb"] is tensors["head"]
 
 
 class _UsersStore(DictCheckpoint):
@@ -2922,7 +2958,8 @@ def test_stored_records_count_for_nothing_in_the_zip_bomb_check(tmp_path, monkey
 
     torch.save({"w": torch.ones(1000)}, tmp_path / "plain.pt")  # torch stores, never deflates
     monkeypatch.setattr(checkpoint, "memory_available", lambda: 100)
-    assert ladle.load(tmp_path / "plain.pt")["w"].shape == (1000,)
+    with ladle.open_checkpoint(tmp_path / "plain.pt") as opened:  # load checks its own room
+        assert opened.get("w").shape == (1000,)
 
 
 def test_an_index_listing_a_folder_as_a_shard_is_refused_naming_it(tmp_path):

@@ -3360,21 +3360,22 @@ def test_an_in_memory_merge_past_the_memory_is_refused_before_any_pass(tmp_path)
 def test_the_room_check_counts_every_tensor_in_its_output_dtype(monkeypatch):
     models = [{"a": torch.ones(4, 2), "b": torch.ones(3, dtype=torch.float64)} for _ in range(2)]
     # 8 float32 entries and 3 float64: 56 bytes; in bfloat16, 16 + 6 = 22 (float64 → bf16 too)
-    monkeypatch.setattr(ladle.engine, "memory_available", lambda: 55)
+    monkeypatch.setattr(ladle.checkpoint, "memory_available", lambda: 55)
     with pytest.raises(MemoryError, match=r"^the merged state dict needs 56 bytes \(the largest "):
         ladle.uniform_soup(models, device="cpu")
     merged = ladle.uniform_soup(models, device="cpu", dtype="bfloat16")  # 22 bytes fit
     assert merged["a"].dtype == torch.bfloat16
-    monkeypatch.setattr(ladle.engine, "memory_available", lambda: 56)
+    monkeypatch.setattr(ladle.checkpoint, "memory_available", lambda: 56)
     assert torch.equal(ladle.uniform_soup(models, device="cpu")["a"], torch.ones(4, 2))
-    monkeypatch.setattr(ladle.engine, "memory_available", lambda: None)  # unknown: no check
+    monkeypatch.setattr(ladle.checkpoint, "memory_available", lambda: None)  # unknown: no check
     assert torch.equal(ladle.uniform_soup(models, device="cpu")["b"], models[0]["b"])
 
 
 def test_a_merge_to_a_file_is_not_bound_by_the_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr(ladle.engine, "memory_available", lambda: 1)
+    monkeypatch.setattr(ladle.checkpoint, "memory_available", lambda: 1)
     models = [{"w": torch.full((64,), float(i))} for i in range(3)]
     out = ladle.uniform_soup(models, out=tmp_path / "m.safetensors", device="cpu")
+    monkeypatch.undo()  # load checks room for what it reads
     assert torch.equal(ladle.load(out)["w"], torch.full((64,), 1.0))
 
 
@@ -3399,7 +3400,7 @@ def test_the_greedy_rule_checks_room_for_its_two_soups_whatever_out_is(
             models, selection="greedy", evaluate=evaluate, out=out, device="cpu"
         )
 
-    monkeypatch.setattr(ladle.engine, "memory_available", lambda: needed - 1)
+    monkeypatch.setattr(ladle.checkpoint, "memory_available", lambda: needed - 1)
     for out in (None, tmp_path / "g.safetensors"):
         with pytest.raises(MemoryError) as info:
             greedy(out)
@@ -3410,5 +3411,5 @@ def test_the_greedy_rule_checks_room_for_its_two_soups_whatever_out_is(
             "them whatever out= is: fewer or smaller models, or a GPU"
         )
         assert not calls and not (tmp_path / "g.safetensors").exists()  # before evaluate
-    monkeypatch.setattr(ladle.engine, "memory_available", lambda: needed)
+    monkeypatch.setattr(ladle.checkpoint, "memory_available", lambda: needed)
     assert greedy().selected == [0, 1, 2]

@@ -1496,6 +1496,22 @@ def memory_available() -> int | None:
 _MEMINFO_FIELD = re.compile(rb"^(MemAvailable|SwapFree):[ \t]+([0-9]+) kB$", re.MULTILINE)
 
 
+def refuse_past_room(needed: int, what: str, largest: str, hint: str) -> None:
+    """Raise ``MemoryError`` if ``needed`` bytes exceed :func:`memory_available` (nothing is
+    checked where it cannot be read): ``what`` needs them, ``largest`` describes its largest
+    tensor, ``hint`` says what to do instead.
+
+    Example:
+        >>> refuse_past_room(24, "the merged state dict", "'w', [2, 3] float32", "pass out=")
+    """
+    room = memory_available()
+    if room is not None and needed > room:
+        raise MemoryError(
+            f"{what} needs {needed:,} bytes (the largest tensor, {largest}), more than the "
+            f"{room:,} bytes of memory available; {hint}"
+        )
+
+
 def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
     """``MemAvailable`` + ``SwapFree`` of ``/proc/meminfo`` in bytes, or ``None``. The two
     fields found by one regular expression: splitting every line took 120 µs, a tenth of a
@@ -2604,6 +2620,17 @@ def _read_whole(source: StateDictLike, device: str | torch.device, *, shared: bo
     checkpoint = open_checkpoint(source)
     try:
         tied = checkpoint.aliases() if shared else {}
+        target = _target(device)
+        if torch.device(target).type == "cpu":  # before any copy: else the OOM killer's
+            sizes = {key: checkpoint.nbytes(key) for key in checkpoint.keys() if key not in tied}
+            if sizes:
+                key = max(sizes, key=sizes.__getitem__)
+                refuse_past_room(
+                    sum(sizes.values()),
+                    f"{checkpoint.name}: reading it whole",
+                    f"{key!r}, {sizes[key]:,} bytes",
+                    "read it a tensor at a time (ladle.open_checkpoint), or merge with out=",
+                )
         tensors: StateDict = {}
         for key in checkpoint.keys():
             first = tied.get(key)  # an earlier key: read already

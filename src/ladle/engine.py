@@ -43,9 +43,9 @@ from .checkpoint import (
     declared_quantization,
     first_names,
     is_adapter,
-    memory_available,
     open_checkpoint,
     recorded_name,
+    refuse_past_room,
     second_names,
     stored_quantization,
     tied_names,
@@ -2837,7 +2837,7 @@ def check_room(
     hint: str = "pass out= to stream the merge to a file",
 ) -> None:
     """Raise ``MemoryError`` if ``copies`` state dicts of ``specs`` (key: shape, dtype) need
-    more bytes than this process could take (:func:`~ladle.checkpoint.memory_available`),
+    more bytes than this process could take (:func:`~ladle.checkpoint.refuse_past_room`),
     before any pass: the tensors of an in-memory merge are made one by one as their first
     chunks come, so a result past the memory failed only after most of the merge (torch's
     allocator refusing one tensor), or ended in the kernel's OOM killer. ``what`` and
@@ -2847,18 +2847,14 @@ def check_room(
         >>> import torch
         >>> check_room({"w": ((2, 3), torch.float32)})  # 24 bytes fit
     """
-    needed = copies * sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
-    room = memory_available()
-    if room is None or needed <= room:
+    if not specs:
         return
+    needed = copies * sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
     key = max(specs, key=lambda k: math.prod(specs[k][0]) * specs[k][1].itemsize)
     shape, dtype = specs[key]
     times = f", {copies} of each tensor" if copies > 1 else ""
-    raise MemoryError(
-        f"{what} needs {needed:,} bytes (the largest tensor, {key!r}, {list(shape)} "
-        f"{str(dtype).removeprefix('torch.')}{times}), more than the {room:,} bytes of memory "
-        f"available; {hint}"
-    )
+    name = str(dtype).removeprefix("torch.")
+    refuse_past_room(needed, what, f"{key!r}, {list(shape)} {name}{times}", hint)
 
 
 def _first_names(
