@@ -1496,20 +1496,31 @@ def memory_available() -> int | None:
 _MEMINFO_FIELD = re.compile(rb"^(MemAvailable|SwapFree):[ \t]+([0-9]+) kB$", re.MULTILINE)
 
 
-def refuse_past_room(needed: int, what: str, largest: str, hint: str) -> None:
-    """Raise ``MemoryError`` if ``needed`` bytes exceed :func:`memory_available` (nothing is
-    checked where it cannot be read): ``what`` needs them, ``largest`` describes its largest
-    tensor, ``hint`` says what to do instead.
+def refuse_past_room(
+    sizes: Mapping[str, int],
+    what: str,
+    hint: str,
+    *,
+    describe: Callable[[str], str] = repr,
+    copies: int = 1,
+) -> None:
+    """Raise ``MemoryError`` if ``copies`` times the bytes of ``sizes`` (key: bytes) exceed
+    :func:`memory_available` (nothing is checked where it cannot be read): ``what`` needs
+    them, ``describe(key)`` names its largest tensor (found only then), ``hint`` says what
+    to do instead.
 
     Example:
-        >>> refuse_past_room(24, "the merged state dict", "'w', [2, 3] float32", "pass out=")
+        >>> refuse_past_room({"w": 24}, "the merged state dict", "pass out=")  # 24 bytes fit
     """
+    needed = copies * sum(sizes.values())
     room = memory_available()
-    if room is not None and needed > room:
-        raise MemoryError(
-            f"{what} needs {needed:,} bytes (the largest tensor, {largest}), more than the "
-            f"{room:,} bytes of memory available; {hint}"
-        )
+    if room is None or needed <= room:
+        return
+    largest = max(sizes, key=sizes.__getitem__)
+    raise MemoryError(
+        f"{what} needs {needed:,} bytes (the largest tensor, {describe(largest)}), more than "
+        f"the {room:,} bytes of memory available; {hint}"
+    )
 
 
 def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
@@ -2623,14 +2634,12 @@ def _read_whole(source: StateDictLike, device: str | torch.device, *, shared: bo
         target = _target(device)
         if torch.device(target).type == "cpu":  # before any copy: else the OOM killer's
             sizes = {key: checkpoint.nbytes(key) for key in checkpoint.keys() if key not in tied}
-            if sizes:
-                key = max(sizes, key=sizes.__getitem__)
-                refuse_past_room(
-                    sum(sizes.values()),
-                    f"{checkpoint.name}: reading it whole",
-                    f"{key!r}, {sizes[key]:,} bytes",
-                    "read it a tensor at a time (ladle.open_checkpoint), or merge with out=",
-                )
+            refuse_past_room(
+                sizes,
+                f"{checkpoint.name}: reading it whole",
+                "read it a tensor at a time (ladle.open_checkpoint), or merge with out=",
+                describe=lambda key: f"{key!r}, {sizes[key]:,} bytes",
+            )
         tensors: StateDict = {}
         for key in checkpoint.keys():
             first = tied.get(key)  # an earlier key: read already

@@ -2847,14 +2847,14 @@ def check_room(
         >>> import torch
         >>> check_room({"w": ((2, 3), torch.float32)})  # 24 bytes fit
     """
-    if not specs:
-        return
-    needed = copies * sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
-    key = max(specs, key=lambda k: math.prod(specs[k][0]) * specs[k][1].itemsize)
-    shape, dtype = specs[key]
     times = f", {copies} of each tensor" if copies > 1 else ""
-    name = str(dtype).removeprefix("torch.")
-    refuse_past_room(needed, what, f"{key!r}, {list(shape)} {name}{times}", hint)
+
+    def describe(key: str) -> str:
+        shape, dtype = specs[key]
+        return f"{key!r}, {list(shape)} {str(dtype).removeprefix('torch.')}{times}"
+
+    sizes = {key: math.prod(shape) * dtype.itemsize for key, (shape, dtype) in specs.items()}
+    refuse_past_room(sizes, what, hint, describe=describe, copies=copies)
 
 
 def _first_names(
