@@ -2626,13 +2626,13 @@ def _copied(checkpoint: Checkpoint, key: str, device: str | torch.device) -> tor
 
 
 def _read_whole(source: StateDictLike, device: str | torch.device, *, shared: bool) -> StateDict:
-    """Every tensor of ``source`` copied to ``device``; with ``shared``, a tensor it names
-    twice (:meth:`Checkpoint.aliases`) read once, under each name."""
+    """Every tensor of ``source`` copied to ``device`` (checked by the caller: :func:`_target`);
+    with ``shared``, a tensor it names twice (:meth:`Checkpoint.aliases`) read once, under
+    each name."""
     checkpoint = open_checkpoint(source)
     try:
         tied = checkpoint.aliases() if shared else {}
-        target = _target(device)
-        if torch.device(target).type == "cpu":  # before any copy: else the OOM killer's
+        if torch.device(device).type == "cpu":  # before any copy: else the OOM killer's
             sizes = {key: checkpoint.nbytes(key) for key in checkpoint.keys() if key not in tied}
             refuse_past_room(
                 sizes,
