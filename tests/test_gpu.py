@@ -8,6 +8,9 @@ rounding elsewhere (a GPU sums in another order).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import assert_bit_for_bit, save_all
@@ -179,6 +182,33 @@ def test_cuda_without_an_index_merges_on_the_current_device_alone(tmp_path):
     finally:
         torch.cuda.set_device(previous)
     assert_bit_for_bit(merged, expected)
+
+
+NO_CONTEXT_ON_DEVICE_0 = """
+import sys, torch, ladle
+paths = sys.argv[1:]
+assert not torch._C._cuda_hasPrimaryContext(0), "a context on device 0 before the merge"
+{setup}
+ladle.task_arithmetic(paths[1:], paths[0], device={device!r}, chunk_bytes=2**16)
+assert torch._C._cuda_hasPrimaryContext(1)
+assert not torch._C._cuda_hasPrimaryContext(0), "the merge made a CUDA context on device 0"
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize(
+    ("setup", "device"),
+    [("", "cuda:1"), ("torch.cuda.set_device(1)", "cuda")],  # the second: a torchrun rank's
+)
+def test_a_merge_on_device_1_makes_no_cuda_context_on_device_0(tmp_path, setup, device):
+    # In a new process (this one has contexts everywhere by now). Reading threads start on
+    # device 0; leaving torch.cuda.stream(copy) alone switched them back with
+    # cudaSetDevice(0), which made a context there (hundreds of MiB per process, and an
+    # error on GPUs in exclusive-process mode).
+    base, models = llama_like(3, dtype=torch.bfloat16, seed=3)
+    paths = [str(p) for p in save_all([base, *models], tmp_path)]
+    script = NO_CONTEXT_ON_DEVICE_0.format(setup=setup, device=device)
+    subprocess.run([sys.executable, "-c", script, *paths], check=True, timeout=600)
 
 
 def test_inputs_held_on_cuda_merge_on_the_cpu_and_beside_inputs_on_the_cpu():

@@ -2247,7 +2247,11 @@ class Transfers:
             # strided tensor) on this thread's current stream: wait for both
             copy.wait_stream(self._compute)
             copy.wait_stream(torch.cuda.current_stream(chunk.device))
-        with torch.cuda.stream(copy):
+        # The copy stream's device made current first: a reading thread starts on device 0,
+        # and leaving torch.cuda.stream alone would switch it back with cudaSetDevice(0),
+        # which creates a CUDA context on device 0 (hundreds of MiB) in a merge on another
+        # device; torch.cuda.device's exit switches back only to a device with a context.
+        with torch.cuda.device(self.device), torch.cuda.stream(copy):
             try:
                 moved = chunk.to(device=self.device, non_blocking=True).to(dtype)
                 if check is not None:
