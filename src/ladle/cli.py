@@ -137,11 +137,16 @@ class _Parser(argparse.ArgumentParser):
     def _print_message(self, message: str, file: Any = None) -> None:
         """As argparse prints ``--help``, ``--version`` and usage, but a failure to write
         standard output raised, named as its (argparse ignores it: exit status 0, nothing
-        printed)."""
-        if message and file is sys.stdout:
+        printed). Where standard error is closed (``2>&-``: ``None``) or fails, nothing, as
+        argparse does from Python 3.11 (3.10's raised ``AttributeError``: a usage error
+        exited with status 1 instead of 2)."""
+        if not message:
+            return
+        if file is sys.stdout:
             _STDOUT.write(message)
-        else:
-            super()._print_message(message, file)
+            return
+        with contextlib.suppress(AttributeError, OSError):
+            (file or sys.stderr).write(message)
 
 
 def merge_options() -> _Parser:

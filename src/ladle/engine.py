@@ -420,12 +420,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # 10**400: ValueError
-        index = isinstance(device, int) and device >= 0 and isinstance(err, RuntimeError)
-        if index and not torch.accelerator.is_available():
-            raise ValueError(  # torch reads an int as an accelerator's index
-                f"device: {device!r} is accelerator {device} to torch, but this machine has "
-                "no accelerator (CUDA is not available); use 'cpu'"
-            ) from err
+        index = device if isinstance(device, int) and isinstance(err, RuntimeError) else -1
+        if index >= 0 and not torch.accelerator.is_available():  # a CPU build of torch
+            raise ValueError(_no_accelerator(index)) from err
         raise ValueError(
             f"device: expected cpu, cuda, cuda:N or another torch device, found {device!r}"
         ) from err
@@ -433,6 +430,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ValueError(f"device: {device!r} holds no data; use cpu, cuda or another device")
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 and isinstance(device, int):  # a CUDA build of torch, without a GPU
+            raise ValueError(_no_accelerator(device))
         if count == 0:
             raise ValueError(f"device: {device!r}, but CUDA is not available on this machine")
         if resolved.index is not None and resolved.index >= count:
@@ -447,6 +446,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
                 f"device: {device!r} is not usable here ({type(err).__name__}: {why})"
             ) from err
     return resolved
+
+
+def _no_accelerator(index: int) -> str:
+    """What ``device=index`` (an int, which torch reads as an accelerator's index) is where
+    this machine has none: the same words whether torch was built for CUDA or not."""
+    return (
+        f"device: {index!r} is accelerator {index} to torch, but this machine has no "
+        "accelerator (CUDA is not available); use 'cpu'"
+    )
 
 
 DTYPE_NAMES = {
