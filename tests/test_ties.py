@@ -636,6 +636,42 @@ def test_chunk_size_does_not_change_a_single_bit(trim):
             assert torch.equal(whole[key], rows[key]), (chunk, key)
 
 
+@pytest.mark.parametrize("trim", ["global", "tensor"])
+def test_the_default_chunks_differ_by_pass_and_change_no_bit(monkeypatch, trim):
+    # By default the threshold passes read FOLD_CHUNK_BYTES and the merging pass
+    # MERGE_CHUNK_BYTES; shrunk here so that "big" (1,440 bytes) is one chunk of the first and
+    # four of the second. A tensor trimmed inside the merge kernel must be one merge chunk,
+    # else each chunk would be trimmed by its own rank (trim="tensor").
+    monkeypatch.setattr(ties_module, "FOLD_CHUNK_BYTES", 4000)
+    monkeypatch.setattr(ties_module, "MERGE_CHUNK_BYTES", 400)
+    seen: list[tuple[str, int]] = []
+
+    def spy(name):
+        called = getattr(ties_module, name)
+        monkeypatch.setattr(
+            ties_module,
+            name,
+            lambda *args, **kwargs: (
+                seen.append((name, kwargs["chunk_bytes"])) or called(*args, **kwargs)
+            ),
+        )
+
+    spy("_thresholds")
+    spy("merge")
+    base, *models = family(3, seed=8)
+    base["big"] = torch.randn(40, 9, generator=torch.Generator().manual_seed(8))
+    for i, model in enumerate(models):
+        model["big"] = base["big"] + torch.randn(40, 9, generator=torch.Generator().manual_seed(i))
+    merged = ladle.ties(models, base, density=0.3, trim=trim, device="cpu")
+    assert seen == [("merge", 400), ("_thresholds", 4000)]  # merge calls prepare
+    assert_close(merged, naive_ties(models, base, density=0.3, scale=1.0, trim=trim))
+    sizes = (400, 4000, 2**20)
+    for chunk in sizes:  # given, one size for every pass
+        rows = ladle.ties(models, base, density=0.3, trim=trim, device="cpu", chunk_bytes=chunk)
+        assert_bit_for_bit(rows, merged)
+    assert seen[2:] == [(name, size) for size in sizes for name in ("merge", "_thresholds")]
+
+
 # --- errors and the command line --------------------------------------------------------------
 
 

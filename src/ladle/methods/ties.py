@@ -61,6 +61,18 @@ __all__ = [
 ]
 
 TRIMS = ("global", "tensor")
+
+MERGE_CHUNK_BYTES = 2**20
+"""Chunk of TIES's merging pass (and of its vote pass, in a merge split across processes) by
+default, per model: 1 MiB, where its threshold passes take ``FOLD_CHUNK_BYTES`` (4 MiB). The
+sign election works through seven arrays of a chunk's size, about nine operations per model
+and value, which run faster on chunks that stay nearer the CPU's cores; the threshold passes'
+work per chunk (gathering and counting the magnitudes in each model's window) runs faster on
+larger ones. On 12 fp32 models of 89 MiB, in memory (2 cores, 2 MiB of L2 cache each,
+2026-12-03), TIES took 2.07-2.21 s against 2.31-2.53 s with 4 MiB chunks for both (five
+alternating runs each; the same bits), the merging pass alone 0.71-0.91 s against
+1.12-1.20 s; 2 MiB chunks gained less, 256 KiB ones lost. Soups, task arithmetic and Model
+Stock gained nothing from smaller chunks."""
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 """Sums a tensor over the processes of a split merge (``Partition.all_reduce``), in place."""
 _DIGIT = 16
@@ -1259,9 +1271,10 @@ def ties(
         max_shard_size: largest shard of a directory output.
         overwrite: replace an earlier output at ``out`` (atomically) instead of refusing.
         chunk_bytes: largest piece of one tensor processed at a time, per model; default
-            4 MiB (``FOLD_CHUNK_BYTES``: running sums that stay in the CPU's cache; on 12
-            fp32 models of 89 MiB about as fast as 64 MiB for both trims, with 65 MiB of
-            extra memory instead of 245 MiB for ``trim="tensor"``).
+            4 MiB for the threshold passes (``FOLD_CHUNK_BYTES``; on 12 fp32 models of
+            89 MiB about as fast as 64 MiB, with 65 MiB of extra memory instead of 245 MiB
+            for ``trim="tensor"``) and 1 MiB for the merging pass (:data:`MERGE_CHUNK_BYTES`,
+            about 10% faster in all); given, it is both.
         allow_nonfinite: merge inputs holding NaN or Inf, and keep merged values that
             overflow the output dtype, instead of raising NonFiniteError.
 
@@ -1282,7 +1295,8 @@ def ties(
         raise ValueError(f"trim: expected one of {TRIMS}, found {trim!r}")
     check_inputs(models, base)
     target = resolve_device(device)
-    chunk_bytes = FOLD_CHUNK_BYTES if chunk_bytes is None else check_chunk_bytes(chunk_bytes)
+    statistics = FOLD_CHUNK_BYTES if chunk_bytes is None else check_chunk_bytes(chunk_bytes)
+    chunk_bytes = MERGE_CHUNK_BYTES if chunk_bytes is None else statistics
 
     def prepare(checkpoints: list[Checkpoint], base_ckpt: Checkpoint | None) -> Kernel:
         assert base_ckpt is not None
@@ -1304,7 +1318,7 @@ def ties(
             density=density,
             trim=trim,
             device=target,
-            chunk_bytes=chunk_bytes,
+            chunk_bytes=statistics,
             allow_nonfinite=allow_nonfinite,
             reduce=reduce,
             tied=tied,
