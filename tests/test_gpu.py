@@ -114,6 +114,23 @@ def test_ties_thresholds_on_cuda_equal_the_cpu_exactly(tmp_path):
         assert gpu == cpu
 
 
+def test_ties_merging_pass_keeps_the_larger_chunks_on_cuda(monkeypatch):
+    # The 1 MiB chunks of TIES's merging pass suit the CPU's caches; on a GPU each chunk's
+    # copies and kernels cost a fixed few microseconds, so every pass keeps 4 MiB.
+    from ladle.engine import FOLD_CHUNK_BYTES
+    from ladle.methods import ties as ties_module
+
+    sizes = []
+    merge = ties_module.merge
+    monkeypatch.setattr(
+        ties_module, "merge", lambda *a, **k: sizes.append(k["chunk_bytes"]) or merge(*a, **k)
+    )
+    base, models = llama_like(2, dtype=torch.float32, seed=2)
+    ladle.ties(models, base, device="cuda")
+    ladle.ties(models, base, device="cpu")
+    assert sizes == [FOLD_CHUNK_BYTES, ties_module.MERGE_CHUNK_BYTES]
+
+
 def test_prefetch_depth_does_not_change_a_bit(tmp_path):
     from contextlib import ExitStack
 

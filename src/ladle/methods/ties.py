@@ -63,8 +63,10 @@ __all__ = [
 TRIMS = ("global", "tensor")
 
 MERGE_CHUNK_BYTES = 2**20
-"""Chunk of TIES's merging pass (and of its vote pass, in a merge split across processes) by
-default, per model: 1 MiB, where its threshold passes take ``FOLD_CHUNK_BYTES`` (4 MiB). The
+"""Chunk of TIES's merging pass (and of its vote pass, in a merge split across processes) on
+the CPU by default, per model: 1 MiB, where its threshold passes, and every pass on an
+accelerator (whose copies and kernels each cost a fixed few microseconds), take
+``FOLD_CHUNK_BYTES`` (4 MiB). The
 sign election works through seven arrays of a chunk's size, about nine operations per model
 and value, which run faster on chunks that stay nearer the CPU's cores; the threshold passes'
 work per chunk (gathering and counting the magnitudes in each model's window) runs faster on
@@ -73,6 +75,7 @@ larger ones. On 12 fp32 models of 89 MiB, in memory (2 cores, 2 MiB of L2 cache 
 alternating runs each; the same bits), the merging pass alone 0.71-0.91 s against
 1.12-1.20 s; 2 MiB chunks gained less, 256 KiB ones lost. Soups, task arithmetic and Model
 Stock gained nothing from smaller chunks."""
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 """Sums a tensor over the processes of a split merge (``Partition.all_reduce``), in place."""
 _DIGIT = 16
@@ -1273,8 +1276,8 @@ def ties(
         chunk_bytes: largest piece of one tensor processed at a time, per model; default
             4 MiB for the threshold passes (``FOLD_CHUNK_BYTES``; on 12 fp32 models of
             89 MiB about as fast as 64 MiB, with 65 MiB of extra memory instead of 245 MiB
-            for ``trim="tensor"``) and 1 MiB for the merging pass (:data:`MERGE_CHUNK_BYTES`,
-            about 10% faster in all); given, it is both.
+            for ``trim="tensor"``) and, on the CPU, 1 MiB for the merging pass
+            (:data:`MERGE_CHUNK_BYTES`, about 10% faster in all); given, it is both.
         allow_nonfinite: merge inputs holding NaN or Inf, and keep merged values that
             overflow the output dtype, instead of raising NonFiniteError.
 
@@ -1296,7 +1299,8 @@ def ties(
     check_inputs(models, base)
     target = resolve_device(device)
     statistics = FOLD_CHUNK_BYTES if chunk_bytes is None else check_chunk_bytes(chunk_bytes)
-    chunk_bytes = MERGE_CHUNK_BYTES if chunk_bytes is None else statistics
+    on_cpu = target.type == "cpu"  # an accelerator's copies and kernels favour large chunks
+    chunk_bytes = MERGE_CHUNK_BYTES if chunk_bytes is None and on_cpu else statistics
 
     def prepare(checkpoints: list[Checkpoint], base_ckpt: Checkpoint | None) -> Kernel:
         assert base_ckpt is not None
