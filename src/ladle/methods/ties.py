@@ -1256,7 +1256,7 @@ def ties(
     few chunks (``chunk_bytes``) per model whatever the model's size; the majority sign,
     known only at the end of the merge pass, is patched into the few sign-tied entries
     afterwards. ``trim="tensor"`` needs a threshold pass only for tensors larger than one
-    chunk.
+    chunk of the merging pass.
 
     Args:
         models: the fine-tuned models (mappings, modules, paths or checkpoints).
@@ -1310,7 +1310,7 @@ def ties(
         floating = [k for k in own if is_merged_dtype(base_ckpt.dtype(k))]
         if trim == "global":
             streamed = floating
-        else:  # tensors of one chunk are trimmed and voted on inside the merge kernel
+        else:  # tensors of one merging chunk are trimmed and voted on inside the merge kernel
             streamed = [k for k in floating if len(row_chunks(base_ckpt.shape(k), chunk_bytes)) > 1]
         # A tied tensor (a module's or torch file's head naming the embedding) counts once in
         # the model-wide ranking and vote, as when it is stored once.
