@@ -66,15 +66,14 @@ MERGE_CHUNK_BYTES = 2**20
 """Chunk of TIES's merging pass (and of its vote pass, in a merge split across processes) on
 the CPU by default, per model: 1 MiB, where its threshold passes, and every pass on an
 accelerator (whose copies and kernels each cost a fixed few microseconds), take
-``FOLD_CHUNK_BYTES`` (4 MiB). The
-sign election works through seven arrays of a chunk's size, about nine operations per model
-and value, which run faster on chunks that stay nearer the CPU's cores; the threshold passes'
-work per chunk (gathering and counting the magnitudes in each model's window) runs faster on
-larger ones. On 12 fp32 models of 89 MiB, in memory (2 cores, 2 MiB of L2 cache each,
-2026-12-03), TIES took 2.07-2.21 s against 2.31-2.53 s with 4 MiB chunks for both (five
-alternating runs each; the same bits), the merging pass alone 0.71-0.91 s against
-1.12-1.20 s; 2 MiB chunks gained less, 256 KiB ones lost. Soups, task arithmetic and Model
-Stock gained nothing from smaller chunks."""
+``FOLD_CHUNK_BYTES`` (4 MiB). The sign election works through seven arrays of a chunk's
+size, about nine operations per model and value, which run faster on chunks that stay nearer
+the CPU's cores; the threshold passes' work per chunk (gathering and counting the magnitudes
+in each model's window) runs faster on larger ones. On 12 fp32 models of 89 MiB, in memory
+(2 cores, 2 MiB of L2 cache each, 2026-12-03), TIES took 2.07-2.21 s against 2.31-2.53 s
+with 4 MiB chunks for both (five alternating runs each; the same bits), the merging pass
+alone 0.71-0.91 s against 1.12-1.20 s; 2 MiB chunks gained less, 256 KiB ones lost. Soups,
+task arithmetic and Model Stock gained nothing from smaller chunks."""
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 """Sums a tensor over the processes of a split merge (``Partition.all_reduce``), in place."""
